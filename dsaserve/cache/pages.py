@@ -1,0 +1,45 @@
+"""PageAllocator: a free list of page ids with refcounts. Page 0 is reserved (dummy rows, padding)."""
+from __future__ import annotations
+
+
+class OutOfPages(RuntimeError):
+    pass
+
+
+class PageAllocator:
+    def __init__(self, num_pages: int):
+        if num_pages < 2:
+            raise ValueError(f"the KV pool needs at least 2 pages (one is reserved), got {num_pages}")
+        self.num_pages = num_pages
+        self._free = list(range(num_pages - 1, 0, -1))  # pop() hands out low ids first
+        self._refs = [0] * num_pages
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def capacity(self) -> int:
+        """Pages a request may ever hold: all but the reserved page."""
+        return self.num_pages - 1
+
+    def alloc(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise OutOfPages(f"asked for {n} pages, {len(self._free)} free")
+        pages = [self._free.pop() for _ in range(n)]
+        for p in pages:
+            self._refs[p] = 1
+        return pages
+
+    def share(self, pages: list[int]) -> None:
+        """Another owner takes a reference (prefix sharing)."""
+        for p in pages:
+            assert self._refs[p] > 0, f"page {p} is not allocated"
+            self._refs[p] += 1
+
+    def free(self, pages: list[int]) -> None:
+        for p in pages:
+            assert self._refs[p] > 0, f"page {p} freed twice"
+            self._refs[p] -= 1
+            if self._refs[p] == 0:
+                self._free.append(p)

@@ -1,0 +1,81 @@
+"""dsaserve serve | generate | make-tiny-model | bench."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from dsaserve.server_args import ServerArgs
+
+
+def _generate(ns: argparse.Namespace) -> int:
+    from dsaserve.engine.request import RequestError, SamplingParams
+    from dsaserve.llm import LLM
+    args = ServerArgs.from_cli(ns)
+    llm = LLM(progress=True, **{k: v for k, v in vars(args).items()})
+    params = SamplingParams(max_tokens=ns.max_tokens, temperature=ns.temperature, top_p=ns.top_p,
+                            top_k=ns.top_k, seed=ns.sampling_seed)
+    try:
+        out = llm.generate(ns.prompt, params)[0]
+    except RequestError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(out.text)
+    print(f"[{len(out.token_ids)} tokens, finish_reason={out.finish_reason.kind}]", file=sys.stderr)
+    return 0
+
+
+def _make_tiny(ns: argparse.Namespace) -> int:
+    from dsaserve.tiny import make_tiny_model
+    path = make_tiny_model(ns.out, ns.arch, fp8=ns.fp8, layers=ns.layers, seed=ns.seed)
+    print(f"wrote a tiny {ns.arch} checkpoint to {path}")
+    return 0
+
+
+def _serve(ns: argparse.Namespace) -> int:
+    try:
+        from dsaserve.server.launch import serve
+    except ImportError:
+        print("error: the HTTP server is not part of this build yet (see README: what works)", file=sys.stderr)
+        return 2
+    return serve(ServerArgs.from_cli(ns))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dsaserve", description="Serve DeepSeek Sparse Attention models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    ServerArgs.add_cli_args(serve)
+    serve.set_defaults(func=_serve)
+
+    gen = sub.add_parser("generate", help="complete one prompt offline and print it")
+    ServerArgs.add_cli_args(gen, skip=("host", "port", "api_key", "served_model_name"))
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=-1)
+    gen.add_argument("--sampling-seed", type=int, default=None)
+    gen.set_defaults(func=_generate)
+
+    tiny = sub.add_parser("make-tiny-model", help="write a tiny random checkpoint in the official format")
+    tiny.add_argument("out")
+    tiny.add_argument("--arch", choices=["deepseek_v32", "glm_moe_dsa"], default="deepseek_v32")
+    tiny.add_argument("--fp8", action="store_true", help="store linear weights as e4m3 with 128x128 block scales")
+    tiny.add_argument("--layers", type=int, default=None)
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=_make_tiny)
+
+    ns = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(ns, "log_level", "info").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return ns.func(ns)
+    except ValueError as exc:  # configuration and checkpoint errors: one clear line, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""ModelConfig: every field of a DSA checkpoint's config.json that changes the math."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SUPPORTED_MODEL_TYPES = ("deepseek_v32", "glm_moe_dsa")
+
+
+class ConfigError(ValueError):
+    """A checkpoint's config.json cannot be served; the message names the field."""
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    theta: float
+    kind: str = "default"  # "default" or "yarn"
+    factor: float = 1.0
+    original_max_position: int = 0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 0.0
+    mscale_all_dim: float = 0.0
+    attention_factor: float | None = None
+    truncate: bool = True
+
+    @staticmethod
+    def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+    @property
+    def cos_sin_scale(self) -> float:
+        """Factor YaRN applies to cos/sin (1.0 for DeepSeek, whose mscale == mscale_all_dim)."""
+        if self.kind != "yarn":
+            return 1.0
+        if self.attention_factor is not None:
+            return self.attention_factor
+        if self.mscale and self.mscale_all_dim:
+            return self.yarn_mscale(self.factor, self.mscale) / self.yarn_mscale(self.factor, self.mscale_all_dim)
+        return self.yarn_mscale(self.factor)
+
+    @property
+    def softmax_mscale(self) -> float:
+        """Multiplier on the attention softmax scale: mscale(factor, mscale_all_dim)^2 under YaRN."""
+        if self.kind == "default" or not self.mscale_all_dim:
+            return 1.0
+        return self.yarn_mscale(self.factor, self.mscale_all_dim) ** 2
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    moe_intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    q_lora_rank: int
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    n_routed_experts: int
+    n_shared_experts: int
+    num_experts_per_tok: int
+    n_group: int
+    topk_group: int
+    routed_scaling_factor: float
+    norm_topk_prob: bool
+    mlp_layer_types: tuple[str, ...]  # "dense" | "sparse" per layer
+    indexer_types: tuple[str, ...]  # "full" | "shared" per layer (GLM cross-layer top-k sharing)
+    index_n_heads: int
+    index_head_dim: int
+    index_topk: int
+    indexer_rope_interleave: bool  # False: half-split (DeepSeek); True: interleaved pairs (GLM)
+    rms_norm_eps: float
+    rope: RopeConfig
+    max_position_embeddings: int
+    num_nextn_predict_layers: int
+    eos_token_ids: tuple[int, ...]
+    bos_token_id: int | None
+    tie_word_embeddings: bool
+    fp8_block: tuple[int, int] | None  # weight_scale_inv block shape when the checkpoint is FP8
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def latent_dim(self) -> int:
+        """Per-token width of the latent KV cache: normed latent | rope'd k_pe."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    @property
+    def softmax_scale(self) -> float:
+        return self.qk_head_dim ** -0.5 * self.rope.softmax_mscale
+
+    @property
+    def context_length(self) -> int:
+        return self.max_position_embeddings
+
+    @classmethod
+    def from_path(cls, model_path: str | Path) -> ModelConfig:
+        path = Path(model_path) / "config.json"
+        if not path.is_file():
+            raise ConfigError(f"no config.json in {model_path}")
+        return cls.from_dict(json.loads(path.read_text()))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
+        model_type = raw.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(
+                f"unsupported model_type {model_type!r}: dsaserve serves {', '.join(SUPPORTED_MODEL_TYPES)}")
+
+        def need(name: str) -> Any:
+            if raw.get(name) is None:
+                raise ConfigError(f"config.json ({model_type}) is missing required field {name!r}")
+            return raw[name]
+
+        layers = int(need("num_hidden_layers"))
+        act = raw.get("hidden_act", "silu")
+        if act != "silu":
+            raise ConfigError(f"hidden_act {act!r} is not supported (DSA models use 'silu')")
+        n_routed = int(need("n_routed_experts"))
+        n_group = int(raw.get("n_group") or 1)
+        if n_routed % n_group:
+            raise ConfigError(f"n_routed_experts={n_routed} is not divisible by n_group={n_group}")
+        topk_group = int(raw.get("topk_group") or 1)
+        if topk_group > n_group:
+            raise ConfigError(f"topk_group={topk_group} exceeds n_group={n_group}")
+        return cls(
+            model_type=model_type,
+            vocab_size=int(need("vocab_size")),
+            hidden_size=int(need("hidden_size")),
+            intermediate_size=int(need("intermediate_size")),
+            moe_intermediate_size=int(need("moe_intermediate_size")),
+            num_hidden_layers=layers,
+            num_attention_heads=int(need("num_attention_heads")),
+            q_lora_rank=int(need("q_lora_rank")),
+            kv_lora_rank=int(need("kv_lora_rank")),
+            qk_nope_head_dim=int(need("qk_nope_head_dim")),
+            qk_rope_head_dim=int(need("qk_rope_head_dim")),
+            v_head_dim=int(need("v_head_dim")),
+            n_routed_experts=n_routed,
+            n_shared_experts=int(raw.get("n_shared_experts") or 0),
+            num_experts_per_tok=int(need("num_experts_per_tok")),
+            n_group=n_group,
+            topk_group=topk_group,
+            routed_scaling_factor=float(raw.get("routed_scaling_factor", 1.0)),
+            norm_topk_prob=bool(raw.get("norm_topk_prob", True)),
+            mlp_layer_types=_mlp_layer_types(raw, layers),
+            indexer_types=_indexer_types(raw, layers),
+            index_n_heads=int(need("index_n_heads")),
+            index_head_dim=int(need("index_head_dim")),
+            index_topk=int(need("index_topk")),
+            indexer_rope_interleave=bool(raw.get("indexer_rope_interleave", model_type == "glm_moe_dsa")),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            rope=_rope_config(raw),
+            max_position_embeddings=int(need("max_position_embeddings")),
+            num_nextn_predict_layers=int(raw.get("num_nextn_predict_layers") or 0),
+            eos_token_ids=_token_ids(raw.get("eos_token_id")),
+            bos_token_id=raw.get("bos_token_id"),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            fp8_block=_fp8_block(raw.get("quantization_config")),
+            raw=raw,
+        )
+
+
+def _token_ids(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    return tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else (int(value),)
+
+
+def _mlp_layer_types(raw: dict[str, Any], layers: int) -> tuple[str, ...]:
+    types = raw.get("mlp_layer_types")
+    if types is None:
+        n_dense = min(int(raw.get("first_k_dense_replace", 3)), layers)
+        types = ["dense"] * n_dense + ["sparse"] * (layers - n_dense)
+    if len(types) != layers or set(types) - {"dense", "sparse"}:
+        raise ConfigError(f"mlp_layer_types must list 'dense'/'sparse' for {layers} layers, got {types}")
+    return tuple(types)
+
+
+def _indexer_types(raw: dict[str, Any], layers: int) -> tuple[str, ...]:
+    """Which layers run their own indexer ("full") or reuse the previous one's top-k ("shared")."""
+    types = raw.get("indexer_types")
+    if types is None and raw.get("index_topk_pattern") is not None:
+        pattern = raw["index_topk_pattern"]
+        types = [{"F": "full", "S": "shared"}[c] for c in pattern] if isinstance(pattern, str) else pattern
+    if types is None:
+        freq = max(int(raw.get("index_topk_freq", 1)), 1)
+        offset = int(raw.get("index_skip_topk_offset", 2))
+        types = ["full" if max(i - offset + 1, 0) % freq == 0 else "shared" for i in range(layers)]
+    if len(types) != layers or set(types) - {"full", "shared"} or (layers and types[0] != "full"):
+        raise ConfigError(f"indexer_types must list 'full'/'shared' for {layers} layers, starting 'full': {types}")
+    return tuple(types)
+
+
+def _rope_config(raw: dict[str, Any]) -> RopeConfig:
+    params = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
+    theta = params.get("rope_theta", raw.get("rope_theta"))
+    if theta is None:
+        raise ConfigError("config.json is missing 'rope_theta'")
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind not in ("default", "yarn"):
+        raise ConfigError(f"rope type {kind!r} is not supported (expected 'default' or 'yarn')")
+    if kind == "default":
+        return RopeConfig(theta=float(theta))
+    orig = params.get("original_max_position_embeddings")
+    if orig is None:
+        raise ConfigError("yarn rope_scaling is missing 'original_max_position_embeddings'")
+    factor = params.get("factor") or raw["max_position_embeddings"] / orig
+    return RopeConfig(
+        theta=float(theta), kind="yarn", factor=float(factor), original_max_position=int(orig),
+        beta_fast=float(params.get("beta_fast") or 32), beta_slow=float(params.get("beta_slow") or 1),
+        mscale=float(params.get("mscale") or 0), mscale_all_dim=float(params.get("mscale_all_dim") or 0),
+        attention_factor=params.get("attention_factor"), truncate=bool(params.get("truncate", True)))
+
+
+def _fp8_block(qcfg: dict[str, Any] | None) -> tuple[int, int] | None:
+    if not qcfg:
+        return None
+    if qcfg.get("quant_method") != "fp8":
+        raise ConfigError(f"quantization {qcfg.get('quant_method')!r} is not supported (only block fp8)")
+    block = qcfg.get("weight_block_size") or [128, 128]
+    return int(block[0]), int(block[1])

@@ -1,0 +1,153 @@
+"""Engine: scheduler + model runner + sampler + stop rules. The offline LLM and the rank processes
+both drive it with add_request / abort / step."""
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+from dsaserve.cache.pages import PageAllocator
+from dsaserve.engine.model_runner import ModelRunner
+from dsaserve.engine.request import FinishReason, Request, RequestError, RequestOutput, SamplingParams
+from dsaserve.engine.sampler import sample
+from dsaserve.engine.scheduler import Scheduler, SchedulerConfig
+from dsaserve.engine.tokenizer import Tokenizer
+from dsaserve.server_args import ServerArgs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    running: int
+    waiting: int
+    free_pages: int
+    total_pages: int
+    num_retractions: int
+    steps: int
+
+
+class Engine:
+    def __init__(self, args: ServerArgs, progress: bool = True):
+        from dsaserve.tiny import default_model_path
+        self.model_path = args.model_path or str(default_model_path())
+        self.args = args
+        self.runner = ModelRunner(args, self.model_path, progress=progress)
+        self.cfg = self.runner.cfg
+        self.tokenizer = Tokenizer(self.model_path)
+        self.context_length = args.context_length or self.cfg.context_length
+        self.allocator = PageAllocator(self.runner.num_pages)
+        self.scheduler = Scheduler(SchedulerConfig(
+            page_size=args.page_size, chunked_prefill_size=args.chunked_prefill_size,
+            max_running_requests=args.max_running_requests, max_queued_requests=args.max_queued_requests,
+            context_length=self.context_length), self.allocator)
+        eos = set(self.cfg.eos_token_ids)
+        if self.tokenizer.hf.eos_token_id is not None:
+            eos.add(self.tokenizer.hf.eos_token_id)
+        self.eos_ids = frozenset(eos)
+        self.requests: dict[str, Request] = {}
+        self._arrivals = itertools.count()
+        self._seeds = random.Random(args.seed)
+        self._finished_outside_step: list[RequestOutput] = []
+        self.steps = 0
+
+    # -- requests --------------------------------------------------------------------------
+
+    def add_request(self, rid: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Queue a request; bad input raises RequestError naming the problem (nothing is queued)."""
+        if rid in self.requests:
+            raise RequestError(f"request id {rid!r} is already in use")
+        params.validate()
+        bad = [t for t in prompt_ids if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise RequestError(f"token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
+        max_new = params.max_tokens if params.max_tokens is not None else self.context_length - len(prompt_ids)
+        req = Request(rid=rid, prompt_ids=list(prompt_ids), params=params, max_new_tokens=max_new,
+                      arrival=next(self._arrivals),
+                      seed=params.seed if params.seed is not None else self._seeds.getrandbits(63))
+        self.scheduler.add(req)
+        self.requests[rid] = req
+
+    def abort(self, rid: str, message: str = "aborted by the client") -> bool:
+        req = self.requests.get(rid)
+        if req is None:
+            return False
+        self._finish(req, FinishReason("abort", message=message))
+        self._finished_outside_step.append(self._output(req, [], []))
+        return True
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work() or bool(self._finished_outside_step)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.allocator.num_free,
+                           self.allocator.capacity, self.scheduler.num_retractions, self.steps)
+
+    # -- the step --------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        outputs, self._finished_outside_step = self._finished_outside_step, []
+        plan = self.scheduler.schedule()
+        if plan is None:
+            return outputs
+        layout = self.runner.layout(plan)
+        try:
+            logits = self.runner.forward(plan, layout)
+        except Exception as exc:  # a failed batch ends its requests with an error; the engine goes on
+            log.exception("step failed")
+            for rid in plan.rids:
+                req = self.requests[rid]
+                self._finish(req, FinishReason("error", message=f"the batch failed: {exc}"))
+                outputs.append(self._output(req, [], []))
+            return outputs
+        self.steps += 1
+        self.scheduler.advance(plan, self.requests)
+        samplers = [self.requests[rid] for rid, s in zip(plan.rids, plan.samples) if s]
+        tokens, logprobs = sample(logits, samplers)
+        for i, (req, token) in enumerate(zip(samplers, tokens)):
+            req.output_ids.append(token)
+            lp = [logprobs[i]] if logprobs is not None and req.params.logprobs is not None else []
+            req.output_logprobs += lp
+            reason = self._stop_reason(req, token)
+            if reason is not None:
+                self._finish(req, reason)
+            outputs.append(self._output(req, [token], lp))
+        return outputs
+
+    def _stop_reason(self, req: Request, token: int) -> FinishReason | None:
+        p = req.params
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids):
+            return FinishReason("stop", matched=token)
+        if p.stop:
+            window = max(len(s) for s in p.stop) + 8  # tokens: each decodes to >= 1 char or a byte piece
+            tail = self.tokenizer.decode(req.output_ids[-window:])
+            for s in p.stop:
+                if s in tail:
+                    text = self.tokenizer.decode(req.output_ids)
+                    req.stop_text = text[:text.find(s)]
+                    return FinishReason("stop", matched=s)
+        if len(req.output_ids) >= req.max_new_tokens or req.num_tokens >= self.context_length:
+            return FinishReason("length")
+        return None
+
+    def _finish(self, req: Request, reason: FinishReason) -> None:
+        req.finish = reason
+        self.scheduler.remove(req)
+        del self.requests[req.rid]
+
+    def _output(self, req: Request, new_ids: list[int], new_lps: list) -> RequestOutput:
+        return RequestOutput(rid=req.rid, new_token_ids=new_ids, new_logprobs=new_lps,
+                             prompt_tokens=len(req.prompt_ids), completion_tokens=len(req.output_ids),
+                             finish=req.finish, stop_text=req.stop_text)
+
+    def run_until_idle(self, max_steps: int = 1_000_000) -> list[RequestOutput]:
+        outputs: list[RequestOutput] = []
+        start = time.monotonic()
+        for _ in range(max_steps):
+            if not self.has_work():
+                break
+            outputs += self.step()
+        log.debug("ran %d steps in %.2fs", self.steps, time.monotonic() - start)
+        return outputs

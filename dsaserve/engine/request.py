@@ -1,0 +1,120 @@
+"""Request, SamplingParams, finish reasons and the request state machine."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class RequestError(ValueError):
+    """Bad input: the request is rejected with this message; the engine keeps serving."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int | None = 16  # None: up to the context length
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1 or 0: off
+    min_p: float = 0.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; 0: the chosen token's; n: plus the n best
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0 or self.top_k == 1
+
+    def validate(self) -> None:
+        checks = [
+            (self.max_tokens is None or self.max_tokens > 0, f"max_tokens must be > 0, got {self.max_tokens}"),
+            (self.temperature >= 0.0, f"temperature must be >= 0, got {self.temperature}"),
+            (0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}"),
+            (self.top_k >= -1, f"top_k must be -1 (off) or >= 0, got {self.top_k}"),
+            (0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}"),
+            (-2.0 <= self.frequency_penalty <= 2.0, f"frequency_penalty must be in [-2, 2], got "
+                                                    f"{self.frequency_penalty}"),
+            (-2.0 <= self.presence_penalty <= 2.0, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
+            (self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs must be in [0, 20], got {self.logprobs}"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise RequestError(message)
+
+
+@dataclass(frozen=True)
+class FinishReason:
+    kind: str  # "stop" | "length" | "abort" | "error"
+    matched: int | str | None = None  # the eos / stop token id or stop string that ended it
+    message: str | None = None  # why, for abort and error
+
+    @property
+    def openai(self) -> str:
+        return "stop" if self.kind == "stop" else ("length" if self.kind == "length" else self.kind)
+
+
+class RequestState(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Request:
+    rid: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_new_tokens: int
+    arrival: int  # admission order; retraction evicts the newest
+    seed: int
+    output_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
+    pages: list[int] = field(default_factory=list)
+    num_cached: int = 0  # tokens whose latent and index key are in the pool
+    state: RequestState = RequestState.WAITING
+    finish: FinishReason | None = None
+    num_retractions: int = 0
+    stop_text: str | None = None  # the completion text truncated before a matched stop string
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def pending(self) -> int:
+        """Tokens to feed before the next token can be sampled (1 when decoding)."""
+        return self.num_tokens - self.num_cached
+
+    @property
+    def finished(self) -> bool:
+        return self.state is RequestState.FINISHED
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What one step produced for one request (deltas; the final one carries `finish`)."""
+    rid: str
+    new_token_ids: list[int]
+    new_logprobs: list[tuple[float, list[tuple[int, float]]]]
+    prompt_tokens: int
+    completion_tokens: int
+    finish: FinishReason | None = None
+    stop_text: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish is not None

@@ -1,0 +1,78 @@
+"""Sampler: penalties, greedy / temperature / top-k / top-p / min-p, per-request reproducible seeds.
+
+A sampled token depends only on the request's logits, its seed and how many tokens it has produced
+(the noise generator is re-seeded from (seed, step)), never on the rest of the batch or on retraction.
+"""
+from __future__ import annotations
+
+import torch
+
+from dsaserve.engine.request import Request
+
+Tensor = torch.Tensor
+_MASK64 = (1 << 63) - 1
+
+
+def step_seed(seed: int, step: int) -> int:
+    """A well-mixed 63-bit seed for (request seed, output index) (splitmix64 finaliser)."""
+    x = (seed * 0x9E3779B97F4A7C15 + step + 1) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (x ^ (x >> 31)) & _MASK64
+
+
+def apply_penalties(logits: Tensor, reqs: list[Request]) -> Tensor:
+    rows = [i for i, r in enumerate(reqs) if r.params.frequency_penalty or r.params.presence_penalty]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    for i in rows:
+        p = reqs[i].params
+        if not reqs[i].output_ids:
+            continue
+        counts = torch.bincount(torch.tensor(reqs[i].output_ids, device=logits.device),
+                                minlength=logits.shape[1])[: logits.shape[1]].float()
+        logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+    return logits
+
+
+def filter_probs(logits: Tensor, reqs: list[Request]) -> Tensor:
+    """Probabilities after temperature, top-k, top-p and min-p, one row per request."""
+    dev = logits.device
+    temp = torch.tensor([max(r.params.temperature, 1e-5) for r in reqs], device=dev)[:, None]
+    probs = torch.softmax(logits / temp, dim=-1)
+    V = logits.shape[1]
+    top_k = torch.tensor([r.params.top_k if r.params.top_k > 0 else V for r in reqs], device=dev)
+    top_p = torch.tensor([r.params.top_p for r in reqs], device=dev)
+    min_p = torch.tensor([r.params.min_p for r in reqs], device=dev)
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    rank = torch.arange(V, device=dev)[None, :]
+    cum_before = sorted_p.cumsum(-1) - sorted_p
+    keep = (rank < top_k[:, None]) & (cum_before < top_p[:, None]) & (sorted_p >= min_p[:, None] * sorted_p[:, :1])
+    keep[:, 0] = True  # the best token always survives
+    filtered = torch.zeros_like(probs).scatter_(1, order, sorted_p * keep)
+    return filtered / filtered.sum(-1, keepdim=True)
+
+
+def sample(logits: Tensor, reqs: list[Request]) -> tuple[list[int], list[tuple[float, list[tuple[int, float]]]] | None]:
+    """logits [S, V] fp32 (one row per sampling request) -> tokens, and logprobs where asked."""
+    shaped = apply_penalties(logits, reqs)
+    tokens = shaped.argmax(-1)
+    random_rows = [i for i, r in enumerate(reqs) if not r.params.greedy]
+    if random_rows:
+        probs = filter_probs(shaped[random_rows], [reqs[i] for i in random_rows])
+        for j, i in enumerate(random_rows):
+            gen = torch.Generator(device=logits.device).manual_seed(step_seed(reqs[i].seed, len(reqs[i].output_ids)))
+            noise = torch.empty_like(probs[j]).exponential_(generator=gen)
+            tokens[i] = (probs[j] / noise).argmax()  # exponential race: an exact draw from probs
+    token_list = tokens.tolist()
+    if all(r.params.logprobs is None for r in reqs):
+        return token_list, None
+    logprobs = torch.log_softmax(logits, dim=-1)
+    out = []
+    for i, r in enumerate(reqs):
+        n = r.params.logprobs or 0
+        top = logprobs[i].topk(n) if n else None
+        best = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+        out.append((float(logprobs[i, token_list[i]]), best))
+    return token_list, out

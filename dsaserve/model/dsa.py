@@ -1,0 +1,235 @@
+"""The DSA decoder (DeepSeek-V3.2 / GLM-5): MLA in absorbed form, the lightning indexer, MoE, MTP.
+
+Module and parameter names follow the official checkpoints (minus the `model.` prefix), so the
+loader maps tensor names one to one; routed experts are stacked into [E, ...] tensors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsaserve.cache.pools import KVPools
+from dsaserve.config import ModelConfig
+from dsaserve.engine.layout import BatchLayout
+from dsaserve.model.rope import Rotary
+from dsaserve.ops.dispatch import DSAOps
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """Everything a layer reads during one step besides its input rows."""
+    layout: BatchLayout
+    pools: KVPools
+    ops: DSAOps
+    cos: Tensor  # [T, rope_dim / 2]
+    sin: Tensor
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def linear(in_features: int, out_features: int) -> nn.Linear:
+    return nn.Linear(in_features, out_features, bias=False)
+
+
+class Indexer(nn.Module):
+    """Lightning indexer: scores every visible key per query row and keeps the top index_topk slots."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.cfg, self.layer_id = cfg, layer_id
+        self.wq_b = linear(cfg.q_lora_rank, cfg.index_n_heads * cfg.index_head_dim)
+        self.wk = linear(cfg.hidden_size, cfg.index_head_dim)
+        self.k_norm = nn.LayerNorm(cfg.index_head_dim, eps=1e-6)
+        self.weights_proj = linear(cfg.hidden_size, cfg.index_n_heads)  # kept in fp32
+        self.weight_scale = cfg.index_n_heads ** -0.5 * cfg.index_head_dim ** -0.5
+
+    def forward(self, x: Tensor, q_lat: Tensor, ctx: StepContext) -> Tensor:
+        cfg, T = self.cfg, x.shape[0]
+        rope = cfg.qk_rope_head_dim
+        q = self.wq_b(q_lat).view(T, cfg.index_n_heads, cfg.index_head_dim)
+        k = self.k_norm(self.wk(x))
+        inter = cfg.indexer_rope_interleave
+        q = torch.cat([Rotary.apply(q[..., :rope], ctx.cos[:, None], ctx.sin[:, None], inter), q[..., rope:]], -1)
+        k = torch.cat([Rotary.apply(k[..., :rope], ctx.cos, ctx.sin, inter), k[..., rope:]], -1)
+        cache = ctx.pools.index_keys(self.layer_id)
+        cache[ctx.layout.out_slots.long()] = k.to(cache.dtype)
+        weights = F.linear(x.float(), self.weights_proj.weight.float()) * self.weight_scale
+        return ctx.ops.indexer_topk(q, weights, cache, ctx.layout, cfg.index_topk)
+
+
+class MLAttention(nn.Module):
+    """Multi-head latent attention over the paged latent cache, absorbed form for every row kind."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.cfg, self.layer_id = cfg, layer_id
+        self.num_heads = cfg.num_attention_heads
+        self.q_a_proj = linear(cfg.hidden_size, cfg.q_lora_rank)
+        self.q_a_layernorm = RMSNorm(cfg.q_lora_rank)
+        self.q_b_proj = linear(cfg.q_lora_rank, self.num_heads * cfg.qk_head_dim)
+        self.kv_a_proj_with_mqa = linear(cfg.hidden_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank)
+        self.kv_b_proj = linear(cfg.kv_lora_rank, self.num_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim))
+        self.o_proj = linear(self.num_heads * cfg.v_head_dim, cfg.hidden_size)
+        own_indexer = layer_id >= cfg.num_hidden_layers or cfg.indexer_types[layer_id] == "full"  # MTP: own
+        self.indexer = Indexer(cfg, layer_id) if own_indexer else None
+
+    def forward(self, x: Tensor, ctx: StepContext, prev_topk: Tensor | None) -> tuple[Tensor, Tensor]:
+        cfg, T, H = self.cfg, x.shape[0], self.num_heads
+        q_lat = self.q_a_layernorm(self.q_a_proj(x))
+        q = self.q_b_proj(q_lat).view(T, H, cfg.qk_head_dim)
+        q_nope, q_pe = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
+        q_pe = Rotary.apply(q_pe, ctx.cos[:, None], ctx.sin[:, None], interleaved=True)
+        k_pe = Rotary.apply(k_pe, ctx.cos, ctx.sin, interleaved=True)
+        cache = ctx.pools.latent(self.layer_id)
+        cache[ctx.layout.out_slots.long()] = torch.cat([self.kv_a_layernorm(latent), k_pe], -1).to(cache.dtype)
+
+        topk = self.indexer(x, q_lat, ctx) if self.indexer is not None else prev_topk
+        assert topk is not None, "a shared-indexer layer needs the previous layer's top-k"
+        w_kv = self.kv_b_proj.weight.view(H, cfg.qk_nope_head_dim + cfg.v_head_dim, cfg.kv_lora_rank)
+        w_uk, w_uv = w_kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=1)
+        q_abs = torch.einsum("thn,hnr->thr", q_nope, w_uk)  # fold W_UK into the query
+        q_full = torch.cat([q_abs, q_pe], dim=-1).to(cache.dtype)
+        o_lat = ctx.ops.sparse_mla(q_full, cache, topk, cfg.softmax_scale, cfg.kv_lora_rank, ctx.layout)
+        o = torch.einsum("thr,hvr->thv", o_lat.to(x.dtype), w_uv)  # W_UV applied after attention
+        return self.o_proj(o.reshape(T, H * cfg.v_head_dim)), topk
+
+
+class DenseMLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = linear(hidden, intermediate)
+        self.up_proj = linear(hidden, intermediate)
+        self.down_proj = linear(intermediate, hidden)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """Sigmoid scores; selection adds the correction bias and is limited to the best expert groups."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        self.e_score_correction_bias = nn.Parameter(torch.empty(cfg.n_routed_experts))  # kept in fp32
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        cfg, N = self.cfg, x.shape[0]
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        choice = scores + self.e_score_correction_bias.float()
+        if cfg.n_group > 1:
+            groups = choice.view(N, cfg.n_group, -1).topk(2, dim=-1).values.sum(-1)
+            keep = torch.zeros_like(groups).scatter_(1, groups.topk(cfg.topk_group, dim=-1).indices, 1.0)
+            choice = choice.masked_fill(~keep.bool().repeat_interleave(cfg.n_routed_experts // cfg.n_group, 1),
+                                        float("-inf"))
+        ids = choice.topk(cfg.num_experts_per_tok, dim=-1).indices
+        weights = scores.gather(1, ids)
+        if cfg.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return ids, weights * cfg.routed_scaling_factor
+
+
+class Experts(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E, I, Hd = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size
+        self.w13 = nn.Parameter(torch.empty(E, 2 * I, Hd))  # gate_proj rows, then up_proj rows
+        self.w2 = nn.Parameter(torch.empty(E, Hd, I))
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = Router(cfg)
+        self.experts = Experts(cfg)
+        shared = cfg.moe_intermediate_size * cfg.n_shared_experts
+        self.shared_experts = DenseMLP(cfg.hidden_size, shared) if shared else None
+
+    def forward(self, x: Tensor, num_tokens: int, ops: DSAOps) -> Tensor:
+        ids, weights = self.gate(x)
+        out = ops.moe(x, self.experts.w13, self.experts.w2, ids, weights, num_tokens)
+        return out + self.shared_experts(x) if self.shared_experts is not None else out
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.self_attn = MLAttention(cfg, layer_id)
+        dense = layer_id < cfg.num_hidden_layers and cfg.mlp_layer_types[layer_id] == "dense"
+        self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size) if dense else MoE(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, h: Tensor, ctx: StepContext, prev_topk: Tensor | None) -> tuple[Tensor, Tensor]:
+        attn, topk = self.self_attn(self.input_layernorm(h), ctx, prev_topk)
+        h = h + attn
+        x = self.post_attention_layernorm(h)
+        mlp = self.mlp(x) if isinstance(self.mlp, DenseMLP) else self.mlp(x, ctx.layout.num_tokens, ctx.ops)
+        return h + mlp, topk
+
+
+class SharedHead(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.head = linear(cfg.hidden_size, cfg.vocab_size)
+
+
+class MTPLayer(DecoderLayer):
+    """NextN block (checkpoint layer index num_hidden_layers): used by MTP speculative decoding."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg, cfg.num_hidden_layers)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.eh_proj = linear(2 * cfg.hidden_size, cfg.hidden_size)
+        self.shared_head = SharedHead(cfg)
+
+
+class DSAModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, load_mtp: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = linear(cfg.hidden_size, cfg.vocab_size)
+        self.mtp = MTPLayer(cfg) if load_mtp and cfg.num_nextn_predict_layers > 0 else None
+        self.rotary: Rotary | None = None
+
+    def fp32_parameter_names(self) -> set[str]:
+        """Parameters that stay in fp32 whatever the model dtype (as in the official inference code)."""
+        return {n for n, _ in self.named_parameters() if n.endswith(("weights_proj.weight", "e_score_correction_bias"))}
+
+    def forward(self, input_ids: Tensor, layout: BatchLayout, pools: KVPools, ops: DSAOps) -> Tensor:
+        """Final-normed hidden states [T, hidden] of every query row."""
+        if self.rotary is None:
+            self.rotary = Rotary(self.cfg.rope, self.cfg.qk_rope_head_dim, input_ids.device)
+        h = self.embed_tokens(input_ids)
+        cos, sin = self.rotary.cos_sin(layout.row_pos, h.dtype)
+        ctx = StepContext(layout, pools, ops, cos, sin)
+        topk = None
+        for layer in self.layers:
+            h, topk = layer(h, ctx, topk)
+        return self.norm(h)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        return F.linear(hidden, self.lm_head.weight).float()

@@ -1,0 +1,83 @@
+"""DSAOps: the op wrappers the model calls. Kernel constraints (head multiples, memory budgets) and
+checked-mode validation live here, so callers never know about them (invariants 4 and 8)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+
+from dsaserve.engine.layout import BatchLayout, LayoutError, checks_enabled
+from dsaserve.ops import reference
+
+Tensor = torch.Tensor
+
+
+def _backend(name: str) -> ModuleType:
+    if name == "torch":
+        return reference
+    if name == "triton":
+        from dsaserve.ops import triton as triton_ops  # imported lazily: needs CUDA + triton
+        return triton_ops
+    raise ValueError(f"unknown backend {name!r} (expected torch or triton)")
+
+
+@dataclass(frozen=True)
+class DSAOps:
+    attention_backend: str = "torch"
+    moe_backend: str = "torch"
+    max_logits_bytes: int = 512 << 20
+    head_multiple: int | None = None  # overrides the attention kernel's own requirement (tests)
+
+    @property
+    def checks(self) -> bool:
+        return checks_enabled()
+
+    def sparse_mla(self, q: Tensor, kv_cache: Tensor, indices: Tensor, sm_scale: float, v_dim: int,
+                   layout: BatchLayout | None = None) -> Tensor:
+        """[T, H, D] queries over their own selected slots -> [T, H, v_dim]."""
+        backend = _backend(self.attention_backend)
+        if self.checks:
+            if layout is not None:
+                layout.check_rows("query", q)
+                layout.check_rows("top-k indices", indices)
+            if indices.shape[0] != q.shape[0]:
+                raise LayoutError(f"top-k indices have {indices.shape[0]} rows, query has {q.shape[0]}")
+            if indices.numel() and int(indices.max()) >= kv_cache.shape[0]:
+                raise LayoutError(f"top-k slot {int(indices.max())} >= cache slots {kv_cache.shape[0]}")
+        heads = q.shape[1]
+        multiple = self.head_multiple or getattr(backend, "HEAD_MULTIPLE", 1)
+        padded = -heads % multiple
+        if padded:  # the kernel needs heads in multiples of `multiple`: pad with zeros, trim after
+            q = F.pad(q, (0, 0, 0, padded))
+        out, _ = backend.sparse_mla(q, kv_cache, indices, sm_scale, v_dim)
+        return out[:, :heads] if padded else out
+
+    def indexer_topk(self, q: Tensor, weights: Tensor, k_cache: Tensor, layout: BatchLayout, topk: int) -> Tensor:
+        """Top-k slot ids [T, topk] per query row; logits are made in row chunks under the memory budget."""
+        backend = _backend(self.attention_backend)
+        T = layout.num_tokens
+        if self.checks:
+            layout.check_rows("indexer query", q)
+            layout.check_rows("indexer weights", weights)
+        out = torch.empty(T, topk, dtype=torch.int32, device=q.device)
+        if T == 0:
+            return out
+        if layout.max_kv_len <= topk:  # every row sees <= topk keys: select them all, skip the logits
+            out.copy_(reference.first_positions_slots(layout.row_kv_len, layout.page_table, layout.row_req,
+                                                      layout.page_size, topk))
+            return out
+        num_keys = layout.max_kv_len
+        rows_per_chunk = max(1, self.max_logits_bytes // (num_keys * 4))
+        for start in range(0, T, rows_per_chunk):
+            rows = slice(start, min(start + rows_per_chunk, T))
+            kv_len, row_req = layout.row_kv_len[rows], layout.row_req[rows]
+            logits = backend.indexer_logits(q[rows], weights[rows], k_cache, layout.page_table, row_req,
+                                            kv_len, layout.page_size, num_keys)
+            out[rows] = backend.topk_slots(logits, kv_len, layout.page_table, row_req, layout.page_size, topk)
+        return out
+
+    def moe(self, x: Tensor, w13: Tensor, w2: Tensor, topk_ids: Tensor, topk_weights: Tensor,
+            num_tokens: int) -> Tensor:
+        return _backend(self.moe_backend).moe_experts(x, w13, w2, topk_ids, topk_weights, num_tokens)

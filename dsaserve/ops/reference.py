@@ -1,0 +1,130 @@
+"""Pure PyTorch reference ops (CPU and GPU). The Triton kernels in ops/triton/ share these signatures.
+
+Conventions
+* Cache slot of (request, position) = page_table[req, pos // page_size] * page_size + pos % page_size.
+* Index rows are grouped by request: `row_req` is non-decreasing.
+* Top-k rows hold `min(kv_len, topk)` valid slot ids, then -1 (invariant 5).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+def position_slots(page_table_rows: Tensor, positions: Tensor, page_size: int) -> Tensor:
+    """Slot ids of `positions` ([..., L]) for requests whose page-table rows are `page_table_rows` ([..., P])."""
+    pages = torch.gather(page_table_rows, -1, (positions // page_size).long())
+    return pages * page_size + positions % page_size
+
+
+def sparse_mla(q: Tensor, kv_cache: Tensor, indices: Tensor, sm_scale: float, v_dim: int,
+               max_rows: int = 256) -> tuple[Tensor, Tensor]:
+    """Absorbed-form sparse MLA.
+
+    q [T, H, D] (D = v_dim latent dims + rope dims), kv_cache [S, D], indices [T, K] int32 slot ids
+    (-1 = unused). Each row attends to its own selected slots; the value is the first v_dim dims.
+    Returns out [T, H, v_dim] in q's dtype and lse [T, H] fp32 (natural log; rows with no key: out 0,
+    lse -inf).
+    """
+    T, H, _ = q.shape
+    out = q.new_empty(T, H, v_dim)
+    lse = torch.empty(T, H, dtype=torch.float32, device=q.device)
+    for start in range(0, T, max_rows):
+        rows = slice(start, min(start + max_rows, T))
+        idx = indices[rows].long()
+        valid = idx >= 0
+        kv = kv_cache[idx.clamp(min=0)].float()  # [t, K, D]
+        scores = torch.einsum("thd,tkd->thk", q[rows].float(), kv) * sm_scale
+        scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+        row_lse = torch.logsumexp(scores, dim=-1)  # [t, H]
+        probs = torch.exp(scores - row_lse[..., None].clamp(min=-1e30)).nan_to_num(0.0)
+        out[rows] = torch.einsum("thk,tkd->thd", probs, kv[..., :v_dim]).to(q.dtype)
+        lse[rows] = row_lse
+    return out, lse
+
+
+def indexer_logits(q: Tensor, weights: Tensor, k_cache: Tensor, page_table: Tensor, row_req: Tensor,
+                   row_kv_len: Tensor, page_size: int, num_keys: int) -> Tensor:
+    """Indexer scores of every query row against the first `num_keys` positions of its request.
+
+    q [T, Hi, Di], weights [T, Hi] fp32 (already scaled by Hi^-0.5 and Di^-0.5), k_cache [S, Di],
+    page_table [B, P], row_req [T], row_kv_len [T, 1]. Returns fp32 [T, num_keys]:
+    sum_h weights[t, h] * relu(q[t, h] . k[pos]) for pos < kv_len, -inf after.
+    """
+    T = q.shape[0]
+    logits = torch.full((T, num_keys), float("-inf"), dtype=torch.float32, device=q.device)
+    if T == 0 or num_keys == 0:
+        return logits
+    reqs, counts = torch.unique_consecutive(row_req, return_counts=True)
+    positions = torch.arange(num_keys, device=q.device)
+    start = 0
+    for req, count in zip(reqs.tolist(), counts.tolist()):
+        rows = slice(start, start + count)
+        start += count
+        keys = k_cache[position_slots(page_table[req], positions, page_size)].float()  # [L, Di]
+        qf = q[rows].float()
+        scores = torch.zeros(count, num_keys, dtype=torch.float32, device=q.device)
+        for h in range(q.shape[1]):  # one head at a time keeps the intermediate output-sized
+            scores += weights[rows, h, None] * F.relu(qf[:, h] @ keys.T)
+        causal = positions[None, :] < row_kv_len[rows]
+        logits[rows] = scores.masked_fill(~causal, float("-inf"))
+    return logits
+
+
+def topk_slots(logits: Tensor, row_kv_len: Tensor, page_table: Tensor, row_req: Tensor, page_size: int,
+               topk: int) -> Tensor:
+    """Slot ids of the `topk` best positions per row: min(kv_len, topk) valid, then -1. [T, topk] int32."""
+    T, L = logits.shape
+    k = min(topk, L)
+    positions = logits.topk(k, dim=-1).indices if k > 0 else logits.new_zeros(T, 0, dtype=torch.long)
+    return _positions_to_slots(positions, row_kv_len, page_table, row_req, page_size, topk)
+
+
+def first_positions_slots(row_kv_len: Tensor, page_table: Tensor, row_req: Tensor, page_size: int,
+                          topk: int) -> Tensor:
+    """Fast path when every row sees <= topk keys: select them all, no logits needed."""
+    positions = torch.arange(topk, device=row_kv_len.device).expand(row_kv_len.shape[0], topk)
+    return _positions_to_slots(positions, row_kv_len, page_table, row_req, page_size, topk)
+
+
+def _positions_to_slots(positions: Tensor, row_kv_len: Tensor, page_table: Tensor, row_req: Tensor,
+                        page_size: int, topk: int) -> Tensor:
+    T, k = positions.shape
+    out = torch.full((T, topk), -1, dtype=torch.int32, device=positions.device)
+    if T == 0 or k == 0:
+        return out
+    valid = torch.arange(k, device=positions.device)[None, :] < row_kv_len.clamp(max=topk)
+    safe = torch.where(valid, positions, torch.zeros_like(positions))
+    slots = position_slots(page_table[row_req.long()], safe, page_size)
+    out[:, :k] = torch.where(valid, slots, torch.full_like(slots, -1)).to(torch.int32)
+    return out
+
+
+def moe_experts(x: Tensor, w13: Tensor, w2: Tensor, topk_ids: Tensor, topk_weights: Tensor,
+                num_tokens: int) -> Tensor:
+    """Routed experts: sum_k weight_k * down_e(silu(gate_e x) * up_e x) for the first num_tokens rows.
+
+    x [N, hidden], w13 [E, 2I, hidden] (gate rows then up rows), w2 [E, hidden, I], topk_ids [N, k],
+    topk_weights [N, k] fp32. Rows >= num_tokens (padding for DP sync) are skipped and come out 0.
+    """
+    out = torch.zeros_like(x)
+    ids = topk_ids[:num_tokens]
+    if num_tokens == 0:
+        return out
+    flat = ids.flatten()
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()
+    token_of = order // ids.shape[1]
+    weight_of = topk_weights[:num_tokens].flatten()[order]
+    start = 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        tokens = token_of[start:start + count]
+        gate, up = (x[tokens] @ w13[expert].T).chunk(2, dim=-1)
+        y = (F.silu(gate) * up) @ w2[expert].T
+        out.index_add_(0, tokens, (y * weight_of[start:start + count, None]).to(x.dtype))
+        start += count
+    return out

@@ -1,0 +1,88 @@
+"""ServerArgs: every flag and its default, in one frozen dataclass; the CLI is generated from it."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, get_type_hints
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass(frozen=True)
+class ServerArgs:
+    model_path: str | None = _opt(None, "checkpoint folder (config.json, safetensors, tokenizer); "
+                                        "omitted: the embedded tiny model")
+    served_model_name: str | None = _opt(None, "model name reported by the API (default: the folder name)")
+    host: str = _opt("127.0.0.1", "address to listen on")
+    port: int = _opt(30000, "port to listen on")
+    api_key: str | None = _opt(None, "require 'Authorization: Bearer KEY' on API calls")
+    device: str = _opt("auto", "cuda or cpu (auto: cuda when available)")
+    dtype: str = _opt("auto", "activation and weight dtype: auto (bf16 on cuda, fp32 on cpu), "
+                               "bfloat16, float16, float32")
+    tp: int = _opt(1, "tensor-parallel size (ranks on this machine x nnodes)")
+    dp: int = _opt(1, "data-parallel size (with --enable-dp-attention: DP attention groups)")
+    enable_dp_attention: bool = _opt(False, "attention runs data-parallel in --dp groups, MoE over all ranks")
+    nnodes: int = _opt(1, "number of machines")
+    node_rank: int = _opt(0, "rank of this machine")
+    dist_init_addr: str | None = _opt(None, "host:port of node 0 for torch.distributed")
+    page_size: int = _opt(64, "tokens per KV cache page (1 or 64 are tested)")
+    max_total_tokens: int | None = _opt(None, "KV cache capacity in tokens (default: from --mem-fraction)")
+    mem_fraction: float = _opt(0.85, "fraction of free device memory for weights' remainder: the KV pool")
+    max_running_requests: int = _opt(256, "most requests decoding at once")
+    max_queued_requests: int = _opt(4096, "most requests waiting; more get 503")
+    chunked_prefill_size: int = _opt(8192, "most prompt tokens prefilled in one step")
+    context_length: int | None = _opt(None, "longest prompt + completion (default: the model's)")
+    attention_backend: str = _opt("auto", "torch or triton (auto: triton on cuda, torch on cpu)")
+    moe_backend: str = _opt("auto", "torch or triton (auto: triton on cuda, torch on cpu)")
+    indexer_max_logits_mb: int = _opt(512, "memory budget of one indexer logits chunk, in MiB")
+    seed: int = _opt(0, "seed for requests that carry none")
+    log_level: str = _opt("info", "debug, info, warning, error")
+    checks: bool = _opt(False, "validate every BatchLayout and kernel input (also DSASERVE_CHECKS=1)")
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.page_size < 1:
+            problems.append(f"--page-size must be >= 1, got {self.page_size}")
+        if self.tp < 1 or self.dp < 1 or self.tp % self.dp:
+            problems.append(f"--dp ({self.dp}) must divide --tp ({self.tp})")
+        if self.dp > 1 and not self.enable_dp_attention:
+            problems.append("--dp > 1 needs --enable-dp-attention")
+        if self.chunked_prefill_size < 1:
+            problems.append(f"--chunked-prefill-size must be >= 1, got {self.chunked_prefill_size}")
+        if self.max_running_requests < 1:
+            problems.append(f"--max-running-requests must be >= 1, got {self.max_running_requests}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            problems.append(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
+            problems.append(f"--dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
+        for name in ("attention_backend", "moe_backend"):
+            if getattr(self, name) not in ("auto", "torch", "triton"):
+                problems.append(f"--{name.replace('_', '-')} must be auto, torch or triton")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def replace(self, **changes: Any) -> ServerArgs:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+        hints = get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in skip:
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            kind = hints[f.name]
+            if kind is bool:
+                parser.add_argument(flag, action="store_true", default=f.default, help=f.metadata["help"])
+                continue
+            base = next(t for t in (int, float, str) if t in getattr(kind, "__args__", (kind,)))
+            parser.add_argument(flag, type=base, default=f.default,
+                                help=f"{f.metadata['help']} (default: {f.default})")
+
+    @classmethod
+    def from_cli(cls, ns: argparse.Namespace) -> ServerArgs:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in vars(ns).items() if k in names})

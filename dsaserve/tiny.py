@@ -1,0 +1,192 @@
+"""`dsaserve make-tiny-model`: a tiny random DSA checkpoint in the official format, made in seconds.
+
+Deterministic for a given seed: config.json, sharded safetensors with an index, optional FP8 e4m3
+weights with 128x128 `weight_scale_inv` blocks, the MTP layer, and a byte-level BPE tokenizer with
+a chat template. Tests and the default `dsaserve serve` run on it.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+SPECIALS = ["<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>"]
+CORPUS = """The quick brown fox jumps over the lazy dog. Sparse attention selects the most relevant
+tokens for every query, so long contexts cost less. A serving engine batches requests, pages its
+cache and streams tokens back to clients. DeepSeek and GLM models route each token to a few experts.
+Hello world! How are you today? Tell me a story about a robot who learned to paint the sea.
+Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000. Code: def add(a, b): return a + b
+The capital of France is Paris. Water boils at one hundred degrees. Once upon a time there was a
+little model that could. It read every page, kept the best keys and answered in kind."""
+
+BASE = dict(vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+            num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=8, q_lora_rank=48,
+            kv_lora_rank=64, qk_rope_head_dim=32, n_routed_experts=8, n_shared_experts=1,
+            num_experts_per_tok=2, routed_scaling_factor=2.5, norm_topk_prob=True,
+            first_k_dense_replace=1, index_n_heads=32, index_head_dim=64, index_topk=16,
+            hidden_act="silu", num_nextn_predict_layers=1, bos_token_id=0, eos_token_id=1,
+            tie_word_embeddings=False, attention_bias=False, initializer_range=0.02)
+ARCHS: dict[str, dict[str, Any]] = {
+    "deepseek_v32": dict(
+        architectures=["DeepseekV32ForCausalLM"], model_type="deepseek_v32", qk_nope_head_dim=32,
+        v_head_dim=32, n_group=4, topk_group=2, rms_norm_eps=1e-6, max_position_embeddings=4096,
+        rope_theta=10000.0,
+        rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024,
+                      "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}),
+    "glm_moe_dsa": dict(
+        architectures=["GlmMoeDsaForCausalLM"], model_type="glm_moe_dsa", qk_nope_head_dim=48,
+        v_head_dim=40, n_group=1, topk_group=1, rms_norm_eps=1e-5, max_position_embeddings=4096,
+        rope_theta=1000000.0, index_topk_freq=2, eos_token_id=[1, 4]),
+}
+# Weights kept in high precision in official FP8 checkpoints.
+_NOT_FP8 = ("embed_tokens", "lm_head", "norm", "mlp.gate.weight", "weights_proj", "shared_head.head")
+
+
+def make_tiny_model(out: str | Path, arch: str = "deepseek_v32", fp8: bool = False, layers: int | None = None,
+                    seed: int = 0, fp8_block: int = 128, **overrides: Any) -> Path:
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}: choose from {', '.join(ARCHS)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {**BASE, **ARCHS[arch], **overrides}
+    if layers is not None:
+        config["num_hidden_layers"] = layers
+    if fp8:
+        config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                         "weight_block_size": [fp8_block, fp8_block]}
+    tensors = _random_weights(config, torch.Generator().manual_seed(seed))
+    if fp8:
+        tensors = _quantize(tensors, fp8_block)
+    _save_sharded(out, tensors, shards=config["num_hidden_layers"] + 2)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    (out / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}))
+    _save_tokenizer(out, config["vocab_size"])
+    return out
+
+
+def _random_weights(c: dict[str, Any], gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Unit-variance activations (std = fan_in^-0.5) so logits, routing and top-k have clear margins."""
+    def w(*shape: int, std: float | None = None) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen) * (std if std is not None else shape[-1] ** -0.5)
+
+    def norm(n: int) -> torch.Tensor:
+        return 1.0 + 0.1 * torch.randn(n, generator=gen)
+
+    H, heads, L = c["hidden_size"], c["num_attention_heads"], c["num_hidden_layers"]
+    qk = c["qk_nope_head_dim"] + c["qk_rope_head_dim"]
+    t: dict[str, torch.Tensor] = {"model.embed_tokens.weight": w(c["vocab_size"], H, std=1.0),
+                                  "model.norm.weight": norm(H), "lm_head.weight": w(c["vocab_size"], H)}
+    for i in range(L + c["num_nextn_predict_layers"]):
+        p = f"model.layers.{i}."
+        t |= {p + "input_layernorm.weight": norm(H), p + "post_attention_layernorm.weight": norm(H),
+              p + "self_attn.q_a_proj.weight": w(c["q_lora_rank"], H),
+              p + "self_attn.q_a_layernorm.weight": norm(c["q_lora_rank"]),
+              p + "self_attn.q_b_proj.weight": w(heads * qk, c["q_lora_rank"]),
+              p + "self_attn.kv_a_proj_with_mqa.weight": w(c["kv_lora_rank"] + c["qk_rope_head_dim"], H),
+              p + "self_attn.kv_a_layernorm.weight": norm(c["kv_lora_rank"]),
+              p + "self_attn.kv_b_proj.weight": w(heads * (c["qk_nope_head_dim"] + c["v_head_dim"]),
+                                                  c["kv_lora_rank"]),
+              p + "self_attn.o_proj.weight": w(H, heads * c["v_head_dim"])}
+        if i >= L or _indexer_types(c)[i] == "full":
+            t |= {p + "self_attn.indexer.wq_b.weight": w(c["index_n_heads"] * c["index_head_dim"], c["q_lora_rank"]),
+                  p + "self_attn.indexer.wk.weight": w(c["index_head_dim"], H),
+                  p + "self_attn.indexer.k_norm.weight": norm(c["index_head_dim"]),
+                  p + "self_attn.indexer.k_norm.bias": 0.1 * torch.randn(c["index_head_dim"], generator=gen),
+                  p + "self_attn.indexer.weights_proj.weight": w(c["index_n_heads"], H)}
+        if i < c["first_k_dense_replace"] and i < L:
+            t |= _mlp(p + "mlp.", H, c["intermediate_size"], w)
+        else:
+            E, inter = c["n_routed_experts"], c["moe_intermediate_size"]
+            t |= {p + "mlp.gate.weight": w(E, H), p + "mlp.gate.e_score_correction_bias": 0.1 * torch.randn(E, generator=gen)}
+            for e in range(E):
+                t |= _mlp(f"{p}mlp.experts.{e}.", H, inter, w)
+            t |= _mlp(p + "mlp.shared_experts.", H, inter * c["n_shared_experts"], w)
+        if i >= L:  # MTP block
+            t |= {p + "enorm.weight": norm(H), p + "hnorm.weight": norm(H), p + "eh_proj.weight": w(H, 2 * H),
+                  p + "shared_head.norm.weight": norm(H), p + "shared_head.head.weight": t["lm_head.weight"].clone(),
+                  p + "embed_tokens.weight": t["model.embed_tokens.weight"].clone()}
+    return t
+
+
+def _mlp(prefix: str, hidden: int, inter: int, w: Any) -> dict[str, torch.Tensor]:
+    return {prefix + "gate_proj.weight": w(inter, hidden), prefix + "up_proj.weight": w(inter, hidden),
+            prefix + "down_proj.weight": w(hidden, inter)}
+
+
+def _indexer_types(c: dict[str, Any]) -> list[str]:
+    freq, offset = max(int(c.get("index_topk_freq", 1)), 1), int(c.get("index_skip_topk_offset", 2))
+    return ["full" if max(i - offset + 1, 0) % freq == 0 else "shared" for i in range(c["num_hidden_layers"])]
+
+
+def _quantize(tensors: dict[str, torch.Tensor], block: int) -> dict[str, torch.Tensor]:
+    """e4m3 weights plus per-block fp32 multipliers (`weight_scale_inv`), as the official checkpoints store."""
+    out: dict[str, torch.Tensor] = {}
+    for name, x in tensors.items():
+        if x.dim() != 2 or any(k in name for k in _NOT_FP8):
+            out[name] = x
+            continue
+        rows, cols = x.shape
+        br, bc = math.ceil(rows / block), math.ceil(cols / block)
+        padded = torch.zeros(br * block, bc * block)
+        padded[:rows, :cols] = x
+        blocks = padded.view(br, block, bc, block)
+        scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
+        q = (blocks / scale[:, None, :, None]).view(br * block, bc * block)[:rows, :cols]
+        out[name] = q.to(torch.float8_e4m3fn)
+        out[name + "_scale_inv"] = scale.float()
+    return out
+
+
+def _save_sharded(out: Path, tensors: dict[str, torch.Tensor], shards: int) -> None:
+    names = list(tensors)
+    per = math.ceil(len(names) / shards)
+    weight_map, total = {}, 0
+    for s in range(shards):
+        part = names[s * per:(s + 1) * per]
+        if not part:
+            continue
+        file = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({n: tensors[n].contiguous() for n in part}, str(out / file), metadata={"format": "pt"})
+        for n in part:
+            weight_map[n] = file
+            total += tensors[n].numel() * tensors[n].element_size()
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+
+
+def _save_tokenizer(out: Path, vocab_size: int) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([CORPUS] * 4, trainer=trainer)
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|bos|>", "eos_token": "<|eos|>",
+        "pad_token": "<|eos|>", "model_max_length": 4096, "chat_template": CHAT_TEMPLATE,
+        "add_bos_token": False, "clean_up_tokenization_spaces": False}, indent=1))
+
+
+def default_model_path(arch: str = "deepseek_v32") -> Path:
+    """The embedded tiny model, made once into the user's cache (what runs when no model is given)."""
+    import os
+    root = Path(os.environ.get("DSASERVE_CACHE", Path.home() / ".cache" / "dsaserve"))
+    path = root / f"tiny-{arch}"
+    if not (path / "config.json").is_file():
+        tmp = root / f".tiny-{arch}-{os.getpid()}"
+        make_tiny_model(tmp, arch)
+        try:
+            tmp.rename(path)  # atomic: concurrent first runs never see a half-written model
+        except OSError:
+            pass  # another process won the race; its copy is identical
+    return path

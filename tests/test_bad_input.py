@@ -1,0 +1,104 @@
+"""Bad input: a clear error naming the problem, nothing leaks, and the engine serves the next request."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from dsaserve import LLM, SamplingParams
+from dsaserve.config import ConfigError, ModelConfig
+from dsaserve.engine.request import RequestError
+from dsaserve.model.loader import CheckpointError
+
+OK = SamplingParams(max_tokens=4, temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_ds: str) -> LLM:
+    return LLM(tiny_ds, page_size=4, max_total_tokens=1024, context_length=128)
+
+
+@pytest.mark.parametrize("prompt,params,message", [
+    ([], OK, "prompt is empty"),
+    ("", OK, "prompt is empty"),
+    ([7] * 200, OK, "200 tokens but the context length is 128"),
+    ([7] * 100, SamplingParams(max_tokens=40), "prompt (100 tokens) + max_tokens (40)"),
+    ([7, 8], SamplingParams(max_tokens=0), "max_tokens must be > 0"),
+    ([7, 8], SamplingParams(max_tokens=-3), "max_tokens must be > 0"),
+    ([7, 8], SamplingParams(top_p=0.0), "top_p"),
+    ([7, 8], SamplingParams(temperature=-1.0), "temperature"),
+    ([7, 99999], OK, "token id 99999 is outside the vocabulary"),
+])
+def test_bad_request_is_rejected_and_engine_keeps_serving(llm: LLM, prompt, params, message: str) -> None:
+    with pytest.raises(RequestError) as err:
+        llm.generate([prompt], params)
+    assert message in str(err.value)
+    stats = llm.engine.stats()
+    assert stats.free_pages == stats.total_pages and stats.running == stats.waiting == 0
+    assert len(llm.generate([[5, 6, 7]], OK)[0].token_ids) == 4
+
+
+def test_pool_too_small_for_one_request(tiny_ds: str) -> None:
+    llm = LLM(tiny_ds, page_size=4, max_total_tokens=16)
+    with pytest.raises(RequestError, match="more cache than the whole KV pool holds"):
+        llm.generate([[5] * 10], SamplingParams(max_tokens=10))
+    assert len(llm.generate([[5] * 4], SamplingParams(max_tokens=4))[0].token_ids) == 4
+
+
+def test_wrong_model_type(tmp_path: Path, tiny_ds: str) -> None:
+    shutil.copytree(tiny_ds, tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["model_type"] = "llama"
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="unsupported model_type 'llama'"):
+        LLM(str(tmp_path / "m"))
+
+
+def test_missing_config_field() -> None:
+    raw = json.loads(json.dumps({"model_type": "deepseek_v32", "num_hidden_layers": 2}))
+    with pytest.raises(ConfigError, match="missing required field"):
+        ModelConfig.from_dict(raw)
+
+
+def _rewrite_tensor(path: Path, name: str, replacement=None) -> None:
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    shard = path / index["weight_map"][name]
+    tensors = load_file(shard)
+    if replacement is None:
+        del tensors[name]
+    else:
+        tensors[name] = replacement
+    save_file(tensors, str(shard))
+
+
+def test_missing_tensor_is_named(tmp_path: Path, tiny_ds: str) -> None:
+    shutil.copytree(tiny_ds, tmp_path / "m")
+    _rewrite_tensor(tmp_path / "m", "model.layers.2.mlp.experts.5.up_proj.weight")
+    with pytest.raises(CheckpointError, match=r"model\.layers\.2\.mlp\.experts\.5\.up_proj\.weight"):
+        LLM(str(tmp_path / "m"))
+
+
+def test_wrong_shape_is_named(tmp_path: Path, tiny_ds: str) -> None:
+    import torch
+    shutil.copytree(tiny_ds, tmp_path / "m")
+    _rewrite_tensor(tmp_path / "m", "model.layers.1.self_attn.indexer.wk.weight", torch.zeros(3, 3))
+    with pytest.raises(CheckpointError, match=r"self_attn\.indexer\.wk\.weight has shape \[3, 3\], expected"):
+        LLM(str(tmp_path / "m"))
+
+
+def test_stop_rules(llm: LLM) -> None:
+    base = llm.generate([[9, 10, 11]], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))[0]
+    stop_id = base.token_ids[5]
+    first = base.token_ids.index(stop_id)
+    out = llm.generate([[9, 10, 11]], SamplingParams(max_tokens=12, temperature=0.0, stop_token_ids=(stop_id,)))[0]
+    assert out.token_ids == base.token_ids[:first + 1]
+    assert out.finish_reason.kind == "stop" and out.finish_reason.matched == stop_id
+    text = llm.tokenizer.decode(base.token_ids)
+    start = next(i for i in range(len(text) // 2, len(text) - 1) if text[i:i + 2].isprintable() and
+                 text[i:i + 2].strip() == text[i:i + 2] and "\ufffd" not in text[i:i + 2])
+    stop = text[start:start + 2]
+    out = llm.generate([[9, 10, 11]], SamplingParams(max_tokens=12, temperature=0.0, stop=stop))[0]
+    assert out.finish_reason.matched == stop and stop not in out.text and text.startswith(out.text)

@@ -1,0 +1,90 @@
+"""Config parsing of the official fields, the sampler's filters, and the two CLI entry points."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsaserve.config import ModelConfig
+from dsaserve.engine.request import Request, SamplingParams
+from dsaserve.engine.sampler import filter_probs, sample
+
+# Field values of the published DeepSeek-V3.2-Exp and GLM-5 config.json files (the math-relevant ones).
+DEEPSEEK_V32 = dict(model_type="deepseek_v32", vocab_size=129280, hidden_size=7168, intermediate_size=18432,
+                    moe_intermediate_size=2048, num_hidden_layers=61, num_attention_heads=128, q_lora_rank=1536,
+                    kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                    n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8, n_group=8, topk_group=4,
+                    routed_scaling_factor=2.5, norm_topk_prob=True, first_k_dense_replace=3, index_n_heads=64,
+                    index_head_dim=128, index_topk=2048, rms_norm_eps=1e-6, max_position_embeddings=163840,
+                    num_nextn_predict_layers=1, eos_token_id=1, bos_token_id=0, rope_theta=10000,
+                    rope_scaling={"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0,
+                                  "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096, "type": "yarn"})
+
+
+def test_deepseek_v32_fields() -> None:
+    cfg = ModelConfig.from_dict(DEEPSEEK_V32)
+    assert cfg.mlp_layer_types[:4] == ("dense", "dense", "dense", "sparse")
+    assert cfg.indexer_types == ("full",) * 61 and not cfg.indexer_rope_interleave
+    assert cfg.latent_dim == 576 and cfg.eos_token_ids == (1,)
+    mscale = 0.1 * 1.0 * torch.log(torch.tensor(40.0)).item() + 1.0
+    assert cfg.softmax_scale == pytest.approx(192 ** -0.5 * mscale ** 2)
+    assert cfg.rope.cos_sin_scale == 1.0
+
+
+def test_glm_fields() -> None:
+    raw = dict(DEEPSEEK_V32, model_type="glm_moe_dsa", eos_token_id=[154820, 154827], rope_scaling=None,
+               rope_theta=1000000, index_topk_freq=3)
+    cfg = ModelConfig.from_dict(raw)
+    assert cfg.indexer_rope_interleave and cfg.eos_token_ids == (154820, 154827)
+    assert cfg.rope.kind == "default" and cfg.softmax_scale == pytest.approx(192 ** -0.5)
+    assert cfg.indexer_types[:6] == ("full", "full", "shared", "shared", "full", "shared")
+
+
+def _req(params: SamplingParams, outputs: list[int] | None = None) -> Request:
+    return Request("r", [1], params, 8, 0, seed=3 if params.seed is None else params.seed, output_ids=outputs or [])
+
+
+def test_filters() -> None:
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert (filter_probs(logits, [_req(SamplingParams(top_k=2))])[0, 2:] == 0).all()
+    assert (filter_probs(logits, [_req(SamplingParams(top_p=0.7))])[0, 2:] == 0).all()
+    kept = filter_probs(logits, [_req(SamplingParams(min_p=0.4))])[0]
+    assert (kept[2:] == 0).all() and kept[1] > 0
+    tokens, _ = sample(logits.repeat(50, 1), [_req(SamplingParams(top_p=0.7, seed=s)) for s in range(50)])
+    assert set(tokens) == {0, 1}
+
+
+def test_penalties_change_choice() -> None:
+    logits = torch.tensor([[2.0, 1.9, 0.0]])
+    assert sample(logits, [_req(SamplingParams(temperature=0))])[0] == [0]
+    assert sample(logits, [_req(SamplingParams(temperature=0, presence_penalty=0.5), [0])])[0] == [1]
+    assert sample(logits, [_req(SamplingParams(temperature=0, frequency_penalty=0.06), [0, 0])])[0] == [1]
+
+
+def test_logprobs() -> None:
+    logits = torch.tensor([[1.0, 3.0, 2.0]])
+    _, lps = sample(logits, [_req(SamplingParams(temperature=0, logprobs=2))])
+    chosen, top = lps[0]
+    expected = torch.log_softmax(logits[0], -1)
+    assert chosen == pytest.approx(expected[1].item()) and [t for t, _ in top] == [1, 2]
+
+
+def test_cli_make_tiny_is_deterministic_and_generate_prints(tmp_path: Path) -> None:
+    run = [sys.executable, "-m", "dsaserve"]
+    for name in ("a", "b"):
+        subprocess.run(run + ["make-tiny-model", str(tmp_path / name), "--arch", "glm_moe_dsa"], check=True,
+                       capture_output=True)
+    shards = sorted(p.name for p in (tmp_path / "a").glob("*.safetensors"))
+    assert shards and all((tmp_path / "a" / s).read_bytes() == (tmp_path / "b" / s).read_bytes() for s in shards)
+    out = subprocess.run(run + ["generate", "--model-path", str(tmp_path / "a"), "--prompt", "Hello world",
+                                "--max-tokens", "6", "--max-total-tokens", "256"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "[6 tokens, finish_reason=length]" in out.stderr or "finish_reason=stop" in out.stderr
+    bad = subprocess.run(run + ["generate", "--model-path", str(tmp_path / "a"), "--prompt", "x",
+                                "--max-tokens", "0", "--max-total-tokens", "256"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "max_tokens must be > 0" in bad.stderr

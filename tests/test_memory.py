@@ -1,0 +1,27 @@
+"""Memory pressure: a pool for about two requests still serves ten, by waiting and retraction."""
+from __future__ import annotations
+
+from conftest import prompts_ids
+from dsaserve import LLM, SamplingParams
+
+
+def test_ten_requests_in_a_two_request_pool(tiny_ds: str) -> None:
+    prompts = prompts_ids(10, [20, 5, 31, 12, 8, 25, 3, 17, 28, 10], seed=6)
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    free_run = LLM(tiny_ds, page_size=4, max_total_tokens=8192).generate(prompts, params)
+    tight = LLM(tiny_ds, page_size=4, max_total_tokens=2 * (31 + 24) + 8)
+    outs = tight.generate(prompts, params)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in free_run]
+    assert all(o.finish_reason.kind == "length" and len(o.token_ids) == 24 for o in outs)
+    stats = tight.engine.stats()
+    assert stats.num_retractions > 0, "the test pool was meant to force retraction"
+    assert stats.free_pages == stats.total_pages
+
+
+def test_page_size_one_pressure(tiny_ds: str) -> None:
+    prompts = prompts_ids(6, [9, 14, 3, 22, 7, 11], seed=7)
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    free_run = LLM(tiny_ds, page_size=1, max_total_tokens=4096).generate(prompts, params)
+    tight = LLM(tiny_ds, page_size=1, max_total_tokens=60)
+    assert [o.token_ids for o in tight.generate(prompts, params)] == [o.token_ids for o in free_run]
+    assert tight.engine.stats().num_retractions > 0

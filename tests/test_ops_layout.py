@@ -1,0 +1,101 @@
+"""Invariants at the op and layout level: top-k shape, chunking, head padding, checked-mode errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsaserve.cache.pages import OutOfPages, PageAllocator
+from dsaserve.engine.layout import BatchLayout, LayoutError, StepMode, StepPlan
+from dsaserve.ops import reference
+from dsaserve.ops.dispatch import DSAOps
+
+
+def _layout(prefix: list[int], q: list[int], page_size: int) -> BatchLayout:
+    pages, next_page = [], 1
+    for p, n in zip(prefix, q):
+        count = -(-(p + n) // page_size)
+        pages.append(tuple(range(next_page, next_page + count)))
+        next_page += count
+    plan = StepPlan(StepMode.EXTEND, tuple(f"r{i}" for i in range(len(q))), tuple(pages), tuple(prefix), tuple(q),
+                    tuple(True for _ in q), tuple([1] * sum(q)))
+    return BatchLayout.build(plan, page_size, torch.device("cpu"))
+
+
+def _indexer_inputs(layout: BatchLayout, slots: int, heads: int = 8, dim: int = 16):
+    gen = torch.Generator().manual_seed(0)
+    T = layout.num_tokens
+    return (torch.randn(T, heads, dim, generator=gen), torch.rand(T, heads, generator=gen),
+            torch.randn(slots, dim, generator=gen))
+
+
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_topk_rows_hold_min_kvlen_topk_valid_then_minus_one(page_size: int) -> None:
+    layout = _layout([0, 30, 3], [5, 1, 12], page_size)
+    q, w, k = _indexer_inputs(layout, 64 * page_size + 64)
+    out = DSAOps().indexer_topk(q, w, k, layout, topk=8)
+    kv = layout.row_kv_len[:, 0]
+    for t in range(layout.num_tokens):
+        valid = min(int(kv[t]), 8)
+        assert (out[t, :valid] >= 0).all() and (out[t, valid:] == -1).all()
+        assert len(set(out[t, :valid].tolist())) == valid
+
+
+def test_indexer_chunking_matches_unchunked() -> None:
+    layout = _layout([0, 50, 7], [40, 1, 9], 4)
+    q, w, k = _indexer_inputs(layout, 4 * 64)
+    whole = DSAOps().indexer_topk(q, w, k, layout, topk=8)
+    chunked = DSAOps(max_logits_bytes=3 * layout.max_kv_len * 4).indexer_topk(q, w, k, layout, topk=8)  # 3 rows
+    assert torch.equal(whole.sort(-1).values, chunked.sort(-1).values)
+
+
+def test_head_padding_matches_unpadded() -> None:
+    gen = torch.Generator().manual_seed(1)
+    q, cache = torch.randn(6, 5, 24, generator=gen), torch.randn(40, 24, generator=gen)
+    idx = torch.randint(0, 40, (6, 7), generator=gen, dtype=torch.int32)
+    idx[2, 3:] = -1
+    plain = DSAOps().sparse_mla(q, cache, idx, 0.3, 16)
+    padded = DSAOps(head_multiple=64).sparse_mla(q, cache, idx, 0.3, 16)
+    assert padded.shape == plain.shape and torch.allclose(plain, padded, atol=1e-6)
+
+
+def test_sparse_mla_equals_dense_softmax() -> None:
+    gen = torch.Generator().manual_seed(2)
+    q, cache = torch.randn(3, 4, 12, generator=gen), torch.randn(20, 12, generator=gen)
+    idx = torch.tensor([[0, 5, 9, -1], [3, -1, -1, -1], [-1, -1, -1, -1]], dtype=torch.int32)
+    out, lse = reference.sparse_mla(q, cache, idx, 0.5, 8)
+    for t in range(2):
+        sel = idx[t][idx[t] >= 0].long()
+        probs = torch.softmax(q[t] @ cache[sel].T * 0.5, -1)
+        assert torch.allclose(out[t], probs @ cache[sel, :8], atol=1e-6)
+    assert (out[2] == 0).all() and torch.isinf(lse[2]).all()  # a row with no keys
+
+
+def test_checked_mode_rejects_row_mismatch_before_kernel() -> None:
+    layout = _layout([0], [6], 4)
+    q, cache = torch.randn(9, 2, 12), torch.randn(32, 12)
+    idx = torch.zeros(9, 4, dtype=torch.int32)
+    with pytest.raises(LayoutError, match="query has 9 rows but the layout describes 6 query rows"):
+        DSAOps().sparse_mla(q, cache, idx, 0.5, 8, layout)
+
+
+def test_validate_names_the_broken_field() -> None:
+    import dataclasses
+    layout = _layout([2, 0], [3, 4], 4)
+    bad = dataclasses.replace(layout, row_kv_len=layout.row_kv_len[:, 0])
+    with pytest.raises(LayoutError, match=r"row_kv_len must be \[num_tokens, 1\]"):
+        bad.validate()
+    with pytest.raises(LayoutError, match="out_slots reach"):
+        layout.validate(num_slots=8)
+
+
+def test_page_allocator_refcounts() -> None:
+    alloc = PageAllocator(5)
+    a = alloc.alloc(3)
+    assert 0 not in a and alloc.num_free == 1
+    alloc.share(a[:1])
+    alloc.free(a)
+    assert alloc.num_free == 3  # the shared page is still held once
+    alloc.free(a[:1])
+    assert alloc.num_free == 4
+    with pytest.raises(OutOfPages):
+        alloc.alloc(5)
