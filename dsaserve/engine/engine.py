@@ -9,11 +9,13 @@ import time
 from dataclasses import dataclass
 
 from dsaserve.cache.pages import PageAllocator
+from dsaserve.engine.layout import StepMode, StepPlan
 from dsaserve.engine.model_runner import ModelRunner
 from dsaserve.engine.request import FinishReason, Request, RequestError, RequestOutput, SamplingParams
 from dsaserve.engine.sampler import sample
 from dsaserve.engine.scheduler import Scheduler, SchedulerConfig
 from dsaserve.engine.tokenizer import Tokenizer
+from dsaserve.parallel.groups import Parallel
 from dsaserve.server_args import ServerArgs
 
 log = logging.getLogger(__name__)
@@ -29,12 +31,23 @@ class EngineStats:
     steps: int
 
 
+@dataclass(frozen=True)
+class StepSync:
+    """What all ranks agreed on before a step: rows per DP group, and whether anyone has work or stops."""
+    dp_sizes: list[int]
+    any_work: bool
+    any_stop: bool
+
+
 class Engine:
-    def __init__(self, args: ServerArgs, progress: bool = True):
+    """On a DP group leader (or a single device) the engine schedules and samples; on the other
+    ranks of the group it runs the leader's plans. Every rank calls step() in lockstep."""
+
+    def __init__(self, args: ServerArgs, progress: bool = True, par: Parallel | None = None):
         from dsaserve.tiny import default_model_path
         self.model_path = args.model_path or str(default_model_path())
-        self.args = args
-        self.runner = ModelRunner(args, self.model_path, progress=progress)
+        self.args, self.par = args, par or Parallel()
+        self.runner = ModelRunner(args, self.model_path, progress=progress, par=self.par)
         self.cfg = self.runner.cfg
         self.tokenizer = Tokenizer(self.model_path)
         self.context_length = args.context_length or self.cfg.context_length
@@ -52,6 +65,7 @@ class Engine:
         self._seeds = random.Random(args.seed)
         self._finished_outside_step: list[RequestOutput] = []
         self.steps = 0
+        self.last_sync = StepSync([0], False, False)
 
     # -- requests --------------------------------------------------------------------------
 
@@ -87,22 +101,41 @@ class Engine:
 
     # -- the step --------------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
+    def sync(self, plan: StepPlan | None, keep_alive: bool = False,
+             stop: bool = False) -> tuple[StepPlan | None, StepSync]:
+        """Leader's plan to its group; (rows, has work, stop) of every rank to every rank."""
+        plan = self.par.broadcast_from_leader(plan)
+        mine = [plan.num_tokens if plan else 0, int(keep_alive or self.scheduler.has_work()), int(stop)]
+        rows = self.par.exchange(mine)
+        attn_tp = self.par.cfg.attn_tp
+        dp_sizes = [rows[g * attn_tp][0] for g in range(self.par.cfg.dp)]
+        return plan, StepSync(dp_sizes, any(r[1] for r in rows), any(r[2] for r in rows))
+
+    def step(self, keep_alive: bool = False, stop: bool = False) -> list[RequestOutput]:
+        """One step of the whole deployment. `keep_alive`: the caller has requests still to add
+        (keeps the other ranks stepping); `stop`: ask every rank to leave its loop."""
         outputs, self._finished_outside_step = self._finished_outside_step, []
-        plan = self.scheduler.schedule()
-        if plan is None:
+        plan = self.scheduler.schedule() if self.par.cfg.is_leader else None
+        plan, self.last_sync = self.sync(plan, keep_alive, stop)
+        if sum(self.last_sync.dp_sizes) == 0:
             return outputs
+        if plan is None:  # this DP group is idle while another runs: zero rows, same collectives
+            plan = StepPlan(StepMode.IDLE, (), (), (), (), (), ())
         layout = self.runner.layout(plan)
         try:
-            logits = self.runner.forward(plan, layout)
+            logits = self.runner.forward(plan, layout, self.last_sync.dp_sizes)
         except Exception as exc:  # a failed batch ends its requests with an error; the engine goes on
             log.exception("step failed")
+            if self.par.tp > 1:
+                raise  # the other ranks are inside collectives of this step: stop them all
             for rid in plan.rids:
                 req = self.requests[rid]
                 self._finish(req, FinishReason("error", message=f"the batch failed: {exc}"))
                 outputs.append(self._output(req, [], []))
             return outputs
         self.steps += 1
+        if not self.par.cfg.is_leader or plan.mode is StepMode.IDLE:
+            return outputs
         self.scheduler.advance(plan, self.requests)
         samplers = [self.requests[rid] for rid, s in zip(plan.rids, plan.samples) if s]
         tokens, logprobs = sample(logits, samplers)

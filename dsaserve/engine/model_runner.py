@@ -10,18 +10,19 @@ from dsaserve.cache.pools import KVPools
 from dsaserve.engine.layout import BatchLayout, StepPlan
 from dsaserve.model.loader import build_model
 from dsaserve.ops.dispatch import DSAOps
+from dsaserve.parallel.groups import Parallel
 from dsaserve.server_args import ServerArgs
 
 log = logging.getLogger(__name__)
 _CPU_POOL_CAP_BYTES = 1 << 30  # on CPU the pool shares RAM with everything else: cap the default
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but CUDA is not available")
-    return torch.device(name)
+    return torch.device("cuda", local_rank % torch.cuda.device_count()) if name == "cuda" else torch.device(name)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -39,10 +40,11 @@ def resolve_backend(name: str, device: torch.device) -> str:
 
 
 class ModelRunner:
-    def __init__(self, args: ServerArgs, model_path: str, progress: bool = True):
-        self.device = resolve_device(args.device)
+    def __init__(self, args: ServerArgs, model_path: str, progress: bool = True, par: Parallel | None = None):
+        self.par = par or Parallel()
+        self.device = resolve_device(args.device, self.par.cfg.rank % max(args.tp // args.nnodes, 1))
         self.dtype = resolve_dtype(args.dtype, self.device)
-        self.model = build_model(model_path, self.device, self.dtype, progress=progress)
+        self.model = build_model(model_path, self.device, self.dtype, self.par, progress=progress)
         self.cfg = self.model.cfg
         self.page_size = args.page_size
         self.ops = DSAOps(attention_backend=resolve_backend(args.attention_backend, self.device),
@@ -73,10 +75,10 @@ class ModelRunner:
         return pages
 
     @torch.inference_mode()
-    def forward(self, plan: StepPlan, layout: BatchLayout) -> torch.Tensor:
+    def forward(self, plan: StepPlan, layout: BatchLayout, dp_sizes: list[int] | None = None) -> torch.Tensor:
         """Logits [S, vocab] fp32 for the layout's sampling rows."""
         input_ids = torch.tensor(plan.input_ids, dtype=torch.long, device=self.device)
-        hidden = self.model(input_ids, layout, self.pools, self.ops)
+        hidden = self.model(input_ids, layout, self.pools, self.ops, dp_sizes)
         return self.model.logits(hidden[layout.logit_rows.long()])
 
     def layout(self, plan: StepPlan) -> BatchLayout:

@@ -16,6 +16,7 @@ from dsaserve.config import ModelConfig
 from dsaserve.engine.layout import BatchLayout
 from dsaserve.model.rope import Rotary
 from dsaserve.ops.dispatch import DSAOps
+from dsaserve.parallel.groups import Parallel
 
 Tensor = torch.Tensor
 
@@ -26,6 +27,8 @@ class StepContext:
     layout: BatchLayout
     pools: KVPools
     ops: DSAOps
+    par: Parallel
+    dp_sizes: list[int]  # real rows of every DP group this step (the MLP sees all of them)
     cos: Tensor  # [T, rope_dim / 2]
     sin: Tensor
 
@@ -68,16 +71,19 @@ class Indexer(nn.Module):
         cache = ctx.pools.index_keys(self.layer_id)
         cache[ctx.layout.out_slots.long()] = k.to(cache.dtype)
         weights = F.linear(x.float(), self.weights_proj.weight.float()) * self.weight_scale
-        return ctx.ops.indexer_topk(q, weights, cache, ctx.layout, cfg.index_topk)
+        topk = ctx.ops.indexer_topk(q, weights, cache, ctx.layout, cfg.index_topk)
+        if ctx.ops.checks:  # the indexer is replicated: every rank of the group must select the same
+            ctx.par.check_same_in_attn_group(f"layer {self.layer_id} top-k", topk)
+        return topk
 
 
 class MLAttention(nn.Module):
     """Multi-head latent attention over the paged latent cache, absorbed form for every row kind."""
 
-    def __init__(self, cfg: ModelConfig, layer_id: int):
+    def __init__(self, cfg: ModelConfig, layer_id: int, attn_tp: int):
         super().__init__()
         self.cfg, self.layer_id = cfg, layer_id
-        self.num_heads = cfg.num_attention_heads
+        self.num_heads = cfg.num_attention_heads // attn_tp  # this rank's heads
         self.q_a_proj = linear(cfg.hidden_size, cfg.q_lora_rank)
         self.q_a_layernorm = RMSNorm(cfg.q_lora_rank)
         self.q_b_proj = linear(cfg.q_lora_rank, self.num_heads * cfg.qk_head_dim)
@@ -107,7 +113,7 @@ class MLAttention(nn.Module):
         q_full = torch.cat([q_abs, q_pe], dim=-1).to(cache.dtype)
         o_lat = ctx.ops.sparse_mla(q_full, cache, topk, cfg.softmax_scale, cfg.kv_lora_rank, ctx.layout)
         o = torch.einsum("thr,hvr->thv", o_lat.to(x.dtype), w_uv)  # W_UV applied after attention
-        return self.o_proj(o.reshape(T, H * cfg.v_head_dim)), topk
+        return ctx.par.all_reduce_attn(self.o_proj(o.reshape(T, H * cfg.v_head_dim))), topk
 
 
 class DenseMLP(nn.Module):
@@ -147,89 +153,122 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: int):
         super().__init__()
-        E, I, Hd = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size
+        E, I, Hd = cfg.n_routed_experts, cfg.moe_intermediate_size // tp, cfg.hidden_size
         self.w13 = nn.Parameter(torch.empty(E, 2 * I, Hd))  # gate_proj rows, then up_proj rows
         self.w2 = nn.Parameter(torch.empty(E, Hd, I))
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """Routed experts and shared experts, each split along the intermediate dim over all TP ranks:
+    the output is this rank's partial sum."""
+
+    def __init__(self, cfg: ModelConfig, tp: int):
         super().__init__()
         self.gate = Router(cfg)
-        self.experts = Experts(cfg)
-        shared = cfg.moe_intermediate_size * cfg.n_shared_experts
+        self.experts = Experts(cfg, tp)
+        shared = cfg.moe_intermediate_size * cfg.n_shared_experts // tp
         self.shared_experts = DenseMLP(cfg.hidden_size, shared) if shared else None
 
-    def forward(self, x: Tensor, num_tokens: int, ops: DSAOps) -> Tensor:
+    def forward(self, x: Tensor, ops: DSAOps) -> Tensor:
         ids, weights = self.gate(x)
-        out = ops.moe(x, self.experts.w13, self.experts.w2, ids, weights, num_tokens)
+        out = ops.moe(x, self.experts.w13, self.experts.w2, ids, weights, x.shape[0])
         return out + self.shared_experts(x) if self.shared_experts is not None else out
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int):
+    def __init__(self, cfg: ModelConfig, layer_id: int, par: Parallel):
         super().__init__()
-        self.self_attn = MLAttention(cfg, layer_id)
+        self.self_attn = MLAttention(cfg, layer_id, par.cfg.attn_tp)
         dense = layer_id < cfg.num_hidden_layers and cfg.mlp_layer_types[layer_id] == "dense"
-        self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size) if dense else MoE(cfg)
+        self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size // par.tp) if dense else MoE(cfg, par.tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, h: Tensor, ctx: StepContext, prev_topk: Tensor | None) -> tuple[Tensor, Tensor]:
         attn, topk = self.self_attn(self.input_layernorm(h), ctx, prev_topk)
         h = h + attn
-        x = self.post_attention_layernorm(h)
-        mlp = self.mlp(x) if isinstance(self.mlp, DenseMLP) else self.mlp(x, ctx.layout.num_tokens, ctx.ops)
-        return h + mlp, topk
+        # DP attention: the MLP sees every group's rows; each group takes exactly its rows back.
+        x = ctx.par.gather_dp_rows(self.post_attention_layernorm(h), ctx.dp_sizes)
+        mlp = self.mlp(x) if isinstance(self.mlp, DenseMLP) else self.mlp(x, ctx.ops)
+        return h + ctx.par.own_dp_rows(ctx.par.all_reduce_world(mlp), ctx.dp_sizes), topk
+
+
+class VocabEmbedding(nn.Module):
+    """Embedding rows split over the attention-TP group; ids outside this shard contribute zeros."""
+
+    def __init__(self, vocab: int, hidden: int, par: Parallel):
+        super().__init__()
+        self.shard = vocab // par.cfg.attn_tp
+        self.start = par.cfg.attn_rank * self.shard
+        self.weight = nn.Parameter(torch.empty(self.shard, hidden))
+
+    def forward(self, ids: Tensor, par: Parallel) -> Tensor:
+        local = ids - self.start
+        inside = (local >= 0) & (local < self.shard)
+        h = F.embedding(local.clamp(0, self.shard - 1), self.weight) * inside[:, None]
+        return par.all_reduce_attn(h)
 
 
 class SharedHead(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, par: Parallel):
         super().__init__()
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.head = linear(cfg.hidden_size, cfg.vocab_size)
+        self.head = linear(cfg.hidden_size, cfg.vocab_size // par.cfg.attn_tp)
 
 
 class MTPLayer(DecoderLayer):
     """NextN block (checkpoint layer index num_hidden_layers): used by MTP speculative decoding."""
 
-    def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg, cfg.num_hidden_layers)
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+    def __init__(self, cfg: ModelConfig, par: Parallel):
+        super().__init__(cfg, cfg.num_hidden_layers, par)
+        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, par)
         self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.eh_proj = linear(2 * cfg.hidden_size, cfg.hidden_size)
-        self.shared_head = SharedHead(cfg)
+        self.shared_head = SharedHead(cfg, par)
+
+
+def check_divisible(cfg: ModelConfig, par: Parallel) -> None:
+    rules = [(cfg.num_attention_heads, par.cfg.attn_tp, "num_attention_heads", "attention-TP size"),
+             (cfg.vocab_size, par.cfg.attn_tp, "vocab_size", "attention-TP size"),
+             (cfg.intermediate_size, par.tp, "intermediate_size", "--tp"),
+             (cfg.moe_intermediate_size * max(cfg.n_shared_experts, 1), par.tp, "moe_intermediate_size", "--tp")]
+    for value, size, name, what in rules:
+        if value % size:
+            raise ValueError(f"{name}={value} is not divisible by the {what} {size}")
 
 
 class DSAModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, load_mtp: bool = True):
+    def __init__(self, cfg: ModelConfig, par: Parallel | None = None, load_mtp: bool = True):
         super().__init__()
-        self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.cfg, self.par = cfg, par or Parallel()
+        check_divisible(cfg, self.par)
+        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, self.par)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, self.par) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = linear(cfg.hidden_size, cfg.vocab_size)
-        self.mtp = MTPLayer(cfg) if load_mtp and cfg.num_nextn_predict_layers > 0 else None
+        self.lm_head = linear(cfg.hidden_size, cfg.vocab_size // self.par.cfg.attn_tp)
+        self.mtp = MTPLayer(cfg, self.par) if load_mtp and cfg.num_nextn_predict_layers > 0 else None
         self.rotary: Rotary | None = None
 
     def fp32_parameter_names(self) -> set[str]:
         """Parameters that stay in fp32 whatever the model dtype (as in the official inference code)."""
         return {n for n, _ in self.named_parameters() if n.endswith(("weights_proj.weight", "e_score_correction_bias"))}
 
-    def forward(self, input_ids: Tensor, layout: BatchLayout, pools: KVPools, ops: DSAOps) -> Tensor:
-        """Final-normed hidden states [T, hidden] of every query row."""
+    def forward(self, input_ids: Tensor, layout: BatchLayout, pools: KVPools, ops: DSAOps,
+                dp_sizes: list[int] | None = None) -> Tensor:
+        """Final-normed hidden states [T, hidden] of every query row of this DP group."""
         if self.rotary is None:
             self.rotary = Rotary(self.cfg.rope, self.cfg.qk_rope_head_dim, input_ids.device)
-        h = self.embed_tokens(input_ids)
+        h = self.embed_tokens(input_ids, self.par)
         cos, sin = self.rotary.cos_sin(layout.row_pos, h.dtype)
-        ctx = StepContext(layout, pools, ops, cos, sin)
+        ctx = StepContext(layout, pools, ops, self.par, dp_sizes or [layout.num_tokens], cos, sin)
         topk = None
         for layer in self.layers:
             h, topk = layer(h, ctx, topk)
         return self.norm(h)
 
     def logits(self, hidden: Tensor) -> Tensor:
-        return F.linear(hidden, self.lm_head.weight).float()
+        """Full-vocabulary fp32 logits (vocab shards gathered over the attention-TP group)."""
+        return self.par.all_gather_attn(F.linear(hidden, self.lm_head.weight).float())

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from dsaserve.config import ModelConfig
 from dsaserve.model.dsa import DSAModel
+from dsaserve.parallel.groups import Parallel
 
 Tensor = torch.Tensor
 log = logging.getLogger(__name__)
@@ -52,7 +53,25 @@ def shard_files(model_path: Path) -> list[Path]:
     return files
 
 
-def map_name(cfg: ModelConfig, name: str, has_mtp: bool) -> Target | None:
+def shard_rule(param: str) -> tuple[int, str] | None:
+    """(dim, group) along which a parameter is split over ranks; None when replicated.
+
+    MLA heads and the vocabulary split over the attention-TP group; dense MLPs, shared and routed
+    experts split their intermediate dim over all TP ranks. The indexer is replicated.
+    """
+    if param.endswith(("q_b_proj.weight", "kv_b_proj.weight", "embed_tokens.weight", "lm_head.weight",
+                       "shared_head.head.weight")):
+        return 0, "attn"
+    if param.endswith(".o_proj.weight"):
+        return 1, "attn"
+    if param.endswith(("gate_proj.weight", "up_proj.weight", ".w13")):
+        return 0, "world"
+    if param.endswith(("down_proj.weight", ".w2")):
+        return 1, "world"
+    return None
+
+
+def map_name(cfg: ModelConfig, name: str, has_mtp: bool, inter: int) -> Target | None:
     """Checkpoint tensor name -> target parameter (None: not used by this model)."""
     if name == "lm_head.weight":
         return Target("lm_head.weight")
@@ -69,7 +88,6 @@ def map_name(cfg: ModelConfig, name: str, has_mtp: bool) -> Target | None:
     if expert is None:
         return Target(name)
     prefix, e, proj = expert.group(1), int(expert.group(2)), expert.group(3)
-    inter = cfg.moe_intermediate_size
     if proj == "down_proj":
         return Target(f"{prefix}.w2", e)
     rows = (0, inter) if proj == "gate_proj" else (inter, 2 * inter)
@@ -86,6 +104,7 @@ def dequantize_fp8(weight: Tensor, scale_inv: Tensor, block: tuple[int, int]) ->
 def load_weights(model: DSAModel, model_path: str | Path, progress: bool = True) -> None:
     cfg, path = model.cfg, Path(model_path)
     params = dict(model.named_parameters())
+    place = _Placer(model, params)
     expected = _expected_keys(model, params)
     loaded: set[str] = set()
     pending_weights: dict[str, Tensor] = {}  # fp8 weights whose scale is in a later shard
@@ -99,7 +118,7 @@ def load_weights(model: DSAModel, model_path: str | Path, progress: bool = True)
                     weight_name = name[: -len("_scale_inv")]
                     if weight_name in pending_weights:
                         tensor = dequantize_fp8(pending_weights.pop(weight_name), tensor, _block(cfg, name))
-                        _place(cfg, params, weight_name, tensor, model.mtp is not None, loaded)
+                        place(weight_name, tensor, loaded)
                     else:
                         pending_scales[weight_name] = tensor
                     continue
@@ -108,7 +127,7 @@ def load_weights(model: DSAModel, model_path: str | Path, progress: bool = True)
                         pending_weights[name] = tensor
                         continue
                     tensor = dequantize_fp8(tensor, pending_scales.pop(name), _block(cfg, name))
-                _place(cfg, params, name, tensor, model.mtp is not None, loaded)
+                place(name, tensor, loaded)
     if pending_weights:
         raise CheckpointError(f"fp8 tensor {next(iter(pending_weights))} has no weight_scale_inv")
     for key in _OPTIONAL:
@@ -130,29 +149,45 @@ def _block(cfg: ModelConfig, name: str) -> tuple[int, int]:
     return cfg.fp8_block
 
 
-def _place(cfg: ModelConfig, params: dict[str, torch.nn.Parameter], name: str, tensor: Tensor, has_mtp: bool,
-           loaded: set[str]) -> None:
-    target = map_name(cfg, name, has_mtp)
-    if target is None:
-        log.debug("ignoring checkpoint tensor %s", name)
-        return
-    param = params.get(target.param)
-    if param is None:
-        raise CheckpointError(f"unexpected tensor {name}: the model has no parameter {target.param}")
-    dest = param.data
-    if target.expert is not None:
-        dest = dest[target.expert]
-        if target.rows is not None:
-            dest = dest[target.rows[0]:target.rows[1]]
-    if tuple(tensor.shape) != tuple(dest.shape):
-        raise CheckpointError(f"tensor {name} has shape {list(tensor.shape)}, expected {list(dest.shape)}")
-    dest.copy_(tensor)
-    loaded.add(target.key)
+class _Placer:
+    """Copies one checkpoint tensor into its parameter: this rank's shard of it, checked for shape."""
+
+    def __init__(self, model: DSAModel, params: dict[str, torch.nn.Parameter]):
+        self.cfg, self.params, self.par = model.cfg, params, model.par
+        self.has_mtp = model.mtp is not None
+        self.inter = self.cfg.moe_intermediate_size // self.par.tp
+
+    def __call__(self, name: str, tensor: Tensor, loaded: set[str]) -> None:
+        target = map_name(self.cfg, name, self.has_mtp, self.inter)
+        if target is None:
+            log.debug("ignoring checkpoint tensor %s", name)
+            return
+        param = self.params.get(target.param)
+        if param is None:
+            raise CheckpointError(f"unexpected tensor {name}: the model has no parameter {target.param}")
+        dest = param.data
+        if target.expert is not None:
+            dest = dest[target.expert]
+            if target.rows is not None:
+                dest = dest[target.rows[0]:target.rows[1]]
+        rule = shard_rule(target.param)
+        expected = list(dest.shape)
+        if rule is not None:
+            dim, group = rule
+            ranks, index = ((self.par.cfg.attn_tp, self.par.cfg.attn_rank) if group == "attn"
+                            else (self.par.tp, self.par.cfg.rank))
+            expected[dim] *= ranks
+            if list(tensor.shape) == expected:
+                tensor = tensor.narrow(dim, index * dest.shape[dim], dest.shape[dim])
+        if list(tensor.shape) != list(dest.shape):
+            raise CheckpointError(f"tensor {name} has shape {list(tensor.shape)}, expected {expected}")
+        dest.copy_(tensor)
+        loaded.add(target.key)
 
 
 def _expected_keys(model: DSAModel, params: dict[str, torch.nn.Parameter]) -> set[str]:
     cfg, keys = model.cfg, set()
-    inter = cfg.moe_intermediate_size
+    inter = cfg.moe_intermediate_size // model.par.tp
     for name in params:
         if name.endswith(".experts.w13"):
             for e in range(cfg.n_routed_experts):
@@ -175,12 +210,12 @@ def _readable(key: str, cfg: ModelConfig) -> str:
     return key if key == "lm_head.weight" else f"model.{key}"
 
 
-def build_model(model_path: str | Path, device: torch.device, dtype: torch.dtype, load_mtp: bool = True,
-                progress: bool = True) -> DSAModel:
-    """Allocate the model uninitialised on `device` and fill it from the checkpoint."""
+def build_model(model_path: str | Path, device: torch.device, dtype: torch.dtype, par: Parallel | None = None,
+                load_mtp: bool = True, progress: bool = True) -> DSAModel:
+    """Allocate this rank's shard of the model uninitialised on `device` and fill it from the checkpoint."""
     cfg = ModelConfig.from_path(model_path)
     with torch.device("meta"):
-        model = DSAModel(cfg, load_mtp=load_mtp)
+        model = DSAModel(cfg, par, load_mtp=load_mtp)
     fp32 = model.fp32_parameter_names()
     for name, param in model.named_parameters():  # still on meta: dtype changes cost nothing
         param.requires_grad_(False)

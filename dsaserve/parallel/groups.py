@@ -1,0 +1,145 @@
+"""Process groups and the collectives the model uses: world (MLP/MoE TP), attention-TP (one DP group).
+
+With `--tp N --dp D --enable-dp-attention`, rank r belongs to DP group r // (N / D); heads of MLA
+are split over the N / D ranks of its group, the MLP and MoE over all N ranks. Without DP
+attention D = 1 and both groups are the world. A single device is the same object with size 1,
+where every collective is a no-op.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tp: int = 1
+    dp: int = 1
+    rank: int = 0
+
+    def __post_init__(self) -> None:
+        if self.tp % self.dp:
+            raise ValueError(f"--dp ({self.dp}) must divide --tp ({self.tp})")
+
+    @property
+    def attn_tp(self) -> int:
+        return self.tp // self.dp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.attn_tp
+
+    @property
+    def attn_rank(self) -> int:
+        return self.rank % self.attn_tp
+
+    @property
+    def is_leader(self) -> bool:
+        """The DP group's attention-TP rank 0: it owns the scheduler and receives requests."""
+        return self.attn_rank == 0
+
+    @property
+    def leader(self) -> int:
+        return self.dp_rank * self.attn_tp
+
+
+class Parallel:
+    """Collectives over the world and the attention-TP group. Tensors ride the device groups; step
+    plans and small ints ride gloo groups on the CPU."""
+
+    def __init__(self, cfg: ParallelConfig = ParallelConfig()):
+        self.cfg = cfg
+        self.world = self.world_cpu = self.attn = self.attn_cpu = None
+        if cfg.tp == 1:
+            return
+        self.world = dist.group.WORLD
+        self.world_cpu = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else self.world
+        for g in range(cfg.dp):  # every rank creates every group, in the same order
+            ranks = list(range(g * cfg.attn_tp, (g + 1) * cfg.attn_tp))
+            device_group = dist.new_group(ranks)
+            cpu_group = dist.new_group(ranks, backend="gloo")
+            if g == cfg.dp_rank:
+                self.attn, self.attn_cpu = device_group, cpu_group
+
+    @property
+    def tp(self) -> int:
+        return self.cfg.tp
+
+    # -- tensor collectives (device) -----------------------------------------------------
+
+    def all_reduce_world(self, x: Tensor) -> Tensor:
+        if self.cfg.tp > 1:
+            dist.all_reduce(x, group=self.world)
+        return x
+
+    def all_reduce_attn(self, x: Tensor) -> Tensor:
+        if self.cfg.attn_tp > 1:
+            dist.all_reduce(x, group=self.attn)
+        return x
+
+    def all_gather_attn(self, x: Tensor) -> Tensor:
+        """Concatenate the attention group's shards along the last dim (vocab-parallel logits)."""
+        if self.cfg.attn_tp == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.cfg.attn_tp)]
+        dist.all_gather(parts, x.contiguous(), group=self.attn)
+        return torch.cat(parts, dim=-1)
+
+    def gather_dp_rows(self, x: Tensor, dp_sizes: list[int]) -> Tensor:
+        """Every DP group's real rows, group after group: [sum(dp_sizes), hidden].
+
+        The transport pads each group's rows to max(dp_sizes) (collectives need one shape); the
+        padding is dropped before the MLP, so the MLP and MoE compute real rows only.
+        """
+        if self.cfg.dp == 1:
+            return x
+        pad_to = max(dp_sizes)
+        padded = x.new_zeros(pad_to, *x.shape[1:])
+        padded[: x.shape[0]] = x
+        parts = [torch.empty_like(padded) for _ in range(self.cfg.tp)]
+        dist.all_gather(parts, padded, group=self.world)
+        leaders = [parts[g * self.cfg.attn_tp][: dp_sizes[g]] for g in range(self.cfg.dp)]
+        return torch.cat(leaders, dim=0)
+
+    def own_dp_rows(self, x: Tensor, dp_sizes: list[int]) -> Tensor:
+        """This DP group's rows back out of the gathered batch."""
+        if self.cfg.dp == 1:
+            return x
+        start = sum(dp_sizes[: self.cfg.dp_rank])
+        return x[start:start + dp_sizes[self.cfg.dp_rank]]
+
+    # -- step synchronisation (CPU) -------------------------------------------------------
+
+    def broadcast_from_leader(self, obj: Any) -> Any:
+        """The DP group leader's object (the step plan) on every rank of its group."""
+        if self.cfg.attn_tp == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=self.cfg.leader, group=self.attn_cpu)
+        return box[0]
+
+    def exchange(self, values: list[int]) -> list[list[int]]:
+        """All ranks' small int vectors (same length), so every rank agrees on the step's shape."""
+        if self.cfg.tp == 1:
+            return [values]
+        mine = torch.tensor(values, dtype=torch.int64)
+        parts = [torch.empty_like(mine) for _ in range(self.cfg.tp)]
+        dist.all_gather(parts, mine, group=self.world_cpu)
+        return [p.tolist() for p in parts]
+
+    def check_same_in_attn_group(self, name: str, x: Tensor) -> None:
+        """Checked mode: replicated results (the indexer's top-k) must agree across the group."""
+        if self.cfg.attn_tp == 1:
+            return
+        flat = x.detach().long().cpu().flatten()
+        weights = torch.arange(1, flat.numel() + 1)
+        digest = torch.tensor([flat.numel(), int(flat.sum()), int((flat * weights).sum())], dtype=torch.int64)
+        parts = [torch.empty_like(digest) for _ in range(self.cfg.attn_tp)]
+        dist.all_gather(parts, digest, group=self.attn_cpu)
+        if any(not torch.equal(p, parts[0]) for p in parts):
+            raise AssertionError(f"{name} differs across the attention-TP ranks of DP group {self.cfg.dp_rank}")

@@ -1,0 +1,122 @@
+"""Rank processes: torch.distributed init (gloo on CPU, NCCL on CUDA), multi-node arguments, and
+an offline runner that drives every DP group leader with its own requests (tests, benchmarks)."""
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import queue
+import socket
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from dsaserve.engine.request import SamplingParams
+from dsaserve.parallel.groups import Parallel, ParallelConfig
+from dsaserve.server_args import ServerArgs
+
+log = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ranks_on_this_node(args: ServerArgs) -> range:
+    if args.tp % args.nnodes:
+        raise ValueError(f"--tp ({args.tp}) must be divisible by --nnodes ({args.nnodes})")
+    per_node = args.tp // args.nnodes
+    return range(args.node_rank * per_node, (args.node_rank + 1) * per_node)
+
+
+def init_distributed(args: ServerArgs, rank: int, init_addr: str) -> Parallel:
+    """Join the process group; returns the collectives for this rank (size 1: no process group)."""
+    cfg = ParallelConfig(args.tp, args.dp, rank)
+    if args.tp == 1:
+        return Parallel(cfg)
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // len(ranks_on_this_node(args))))
+    dist.init_process_group("nccl" if use_cuda else "gloo", init_method=f"tcp://{init_addr}",
+                            world_size=args.tp, rank=rank)
+    return Parallel(cfg)
+
+
+@dataclass(frozen=True)
+class OfflineRequest:
+    prompt_ids: list[int]
+    params: SamplingParams
+    dp_rank: int = 0
+    arrive_at_step: int = 0  # the leader adds it once its step counter reaches this
+
+
+@dataclass(frozen=True)
+class Job:
+    """One engine run: ServerArgs overrides (model_path, page_size, ...) and its requests."""
+    overrides: dict[str, Any]
+    requests: list[OfflineRequest] = field(default_factory=list)
+
+
+def _run_job(args: ServerArgs, par: Parallel, job: Job) -> dict[int, list[int]]:
+    from dsaserve.engine.engine import Engine
+    engine = Engine(args.replace(**job.overrides), progress=False, par=par)
+    mine = [(i, r) for i, r in enumerate(job.requests) if r.dp_rank == par.cfg.dp_rank] if par.cfg.is_leader else []
+    tokens: dict[int, list[int]] = {i: [] for i, _ in mine}
+    rid_to_index = {}
+    step = 0
+    while True:
+        for i, r in [(i, r) for i, r in mine if r.arrive_at_step == step]:
+            rid_to_index[f"job-{i}"] = i
+            engine.add_request(f"job-{i}", r.prompt_ids, r.params)
+        later = any(r.arrive_at_step > step for _, r in mine)
+        for out in engine.step(keep_alive=later):
+            tokens[rid_to_index[out.rid]] += out.new_token_ids
+        step += 1
+        if not engine.last_sync.any_work:
+            return tokens
+
+
+def _rank_main(args: ServerArgs, rank: int, init_addr: str, jobs: list[Job], results: Any) -> None:
+    try:
+        par = init_distributed(args, rank, init_addr)
+        for j, job in enumerate(jobs):
+            tokens = _run_job(args, par, job)
+            if par.cfg.is_leader:
+                results.put(("ok", j, tokens))
+        if args.tp > 1:
+            dist.destroy_process_group()
+    except BaseException:
+        results.put(("error", rank, traceback.format_exc()))
+        raise
+
+
+def run_jobs(args: ServerArgs, jobs: list[Job], timeout_s: float = 300.0) -> list[list[list[int]]]:
+    """Run the jobs on `args.tp` local rank processes; greedy/sampled token ids per request, per job."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    addr = f"127.0.0.1:{free_port()}"
+    procs = [ctx.Process(target=_rank_main, args=(args, r, addr, jobs, results), daemon=True)
+             for r in range(args.tp)]
+    for p in procs:
+        p.start()
+    merged: list[dict[int, list[int]]] = [{} for _ in jobs]
+    try:
+        for _ in range(len(jobs) * args.dp):
+            kind, key, payload = results.get(timeout=timeout_s)
+            if kind == "error":
+                raise RuntimeError(f"rank {key} failed:\n{payload}")
+            merged[key].update(payload)
+    except queue.Empty:
+        raise TimeoutError(f"rank processes gave no result within {timeout_s}s") from None
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    return [[merged[j][i] for i in range(len(job.requests))] for j, job in enumerate(jobs)]
