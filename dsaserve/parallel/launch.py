@@ -39,10 +39,13 @@ def init_distributed(args: ServerArgs, rank: int, init_addr: str) -> Parallel:
     cfg = ParallelConfig(args.tp, args.dp, rank)
     if args.tp == 1:
         return Parallel(cfg)
+    local = ranks_on_this_node(args)
+    if rank not in local:
+        raise ValueError(f"rank {rank} does not run on node {args.node_rank} (its ranks are {list(local)})")
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     if use_cuda:
-        torch.cuda.set_device(rank % torch.cuda.device_count())
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // len(ranks_on_this_node(args))))
+        torch.cuda.set_device(rank - local.start)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // len(local)))
     dist.init_process_group("nccl" if use_cuda else "gloo", init_method=f"tcp://{init_addr}",
                             world_size=args.tp, rank=rank)
     return Parallel(cfg)

@@ -1,0 +1,181 @@
+"""Lightning-indexer logits and top-k slot selection.
+
+indexer_logits: a program owns BLOCK_T consecutive query rows and a chunk of `iters` key blocks. Each key
+block (BLOCK_N keys, gathered through the page table) is loaded once and multiplied against every head of
+every row in the program at once (M = keys, N = rows x heads), then relu, head weights and the head sum are
+applied in registers, so no [T, H, L] intermediate ever reaches memory. Rows are grouped by request
+(row_req non-decreasing), so in prefill a block of rows shares its keys; a block that straddles requests
+runs one pass per request, storing only that request's rows. Decode uses BLOCK_T = 1.
+
+topk_slots: torch.topk (unsorted) picks the positions; one small kernel maps them to cache slots. Rows that
+see <= topk keys skip the top-k result and take their first kv_len positions, so the valid slots come first
+and the selected set equals the reference's.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dsaserve.ops.triton._common import dot_precision, new_empty, next_pow2, sm_count
+
+Tensor = torch.Tensor
+
+# Tuning override for benchmarks: dict with any of block_t, block_n, num_warps, num_stages, iters.
+CONFIG: dict[str, int] | None = None
+
+
+@triton.jit
+def _indexer_kernel(Q, W, KC, PT, REQ, LEN, OUT,
+                    stride_qt, stride_qh, stride_wt, stride_kc, stride_pt, stride_len, stride_ot,
+                    T, HI, DI, num_keys, page_size, iters,
+                    BLOCK_T: tl.constexpr, HP: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                    PRECISION: tl.constexpr):
+    t0 = tl.program_id(0) * BLOCK_T
+    chunk = tl.program_id(1)
+    # Queries as the N operand [BLOCK_D, BLOCK_T * HP], column j = (row j // HP, head j % HP).
+    j = tl.arange(0, BLOCK_T * HP)
+    j_row = t0 + j // HP
+    j_head = j % HP
+    j_mask = (j_row < T) & (j_head < HI)
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < DI
+    q_t = tl.load(Q + j_row.to(tl.int64)[None, :] * stride_qt + j_head[None, :] * stride_qh + d[:, None],
+                  mask=j_mask[None, :] & d_mask[:, None], other=0.0).to(KC.dtype.element_ty)
+    w = tl.load(W + j_row.to(tl.int64) * stride_wt + j_head, mask=j_mask, other=0.0)  # 0 for padded heads
+
+    rows = t0 + tl.arange(0, BLOCK_T)
+    r_mask = rows < T
+    reqs = tl.load(REQ + rows, mask=r_mask, other=-1)
+    lens = tl.minimum(tl.load(LEN + rows * stride_len, mask=r_mask, other=0), num_keys)
+    out_rows = OUT + rows.to(tl.int64)[None, :] * stride_ot
+    n = tl.arange(0, BLOCK_N)
+    chunk_start = chunk * BLOCK_N * iters
+    chunk_end = tl.minimum(chunk_start + BLOCK_N * iters, num_keys)
+
+    for i in tl.static_range(BLOCK_T):
+        row_i = tl.minimum(t0 + i, T - 1)
+        req_i = tl.load(REQ + row_i)
+        if i == 0:
+            first = t0 + i < T
+        else:
+            first = (t0 + i < T) & (req_i != tl.load(REQ + tl.maximum(row_i - 1, 0)))
+        if first:  # one pass per distinct request among the block's rows
+            sel = r_mask & (reqs == req_i)
+            len_max = tl.max(tl.where(sel, lens, 0), 0)
+            comp_end = tl.minimum(chunk_end, len_max)
+            pt_row = PT + req_i.to(tl.int64) * stride_pt
+            for n0 in range(chunk_start, comp_end, BLOCK_N):
+                pos = n0 + n
+                k_mask = pos < len_max
+                page = tl.load(pt_row + pos // page_size, mask=k_mask, other=0)
+                slot = page.to(tl.int64) * page_size + pos % page_size
+                k = tl.load(KC + slot[:, None] * stride_kc + d[None, :], mask=k_mask[:, None] & d_mask[None, :],
+                            other=0.0)
+                s = tl.dot(k, q_t, input_precision=PRECISION)  # [BLOCK_N, BLOCK_T * HP]
+                s = tl.maximum(s, 0.0) * w[None, :]
+                if BLOCK_T == 1:
+                    logit = tl.sum(s, 1)[:, None]
+                else:
+                    logit = tl.sum(tl.reshape(s, [BLOCK_N, BLOCK_T, HP]), 2)
+                logit = tl.where(pos[:, None] < lens[None, :], logit, float("-inf"))
+                tl.store(out_rows + pos[:, None], logit, mask=sel[None, :] & (pos[:, None] < num_keys))
+            # Key blocks past every selected row's kv_len: only -inf to write, no keys to read.
+            fill_start = chunk_start + tl.cdiv(tl.maximum(comp_end - chunk_start, 0), BLOCK_N) * BLOCK_N
+            neg = tl.full([BLOCK_N, BLOCK_T], float("-inf"), tl.float32)
+            for n0 in range(fill_start, chunk_end, BLOCK_N):
+                pos = n0 + n
+                tl.store(out_rows + pos[:, None], neg, mask=sel[None, :] & (pos[:, None] < chunk_end))
+
+
+@triton.jit
+def _slots_kernel(POS, LEN, PT, REQ, OUT, stride_pos, stride_len, stride_pt, stride_ot,
+                  L, topk, page_size, HAS_POS: tl.constexpr, BLOCK: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    j_mask = j < topk
+    kv_len = tl.minimum(tl.load(LEN + t * stride_len), L)
+    req = tl.load(REQ + t)
+    if HAS_POS:  # rows with more than topk keys take the top-k positions, the others their first kv_len
+        p = tl.load(POS + t * stride_pos + j, mask=j_mask & (kv_len > topk), other=0).to(tl.int32)
+        p = tl.where(kv_len > topk, p, j)
+    else:
+        p = j
+    valid = j_mask & (j < kv_len)
+    page = tl.load(PT + req.to(tl.int64) * stride_pt + p // page_size, mask=valid, other=0)
+    slot = tl.where(valid, page * page_size + p % page_size, -1)
+    tl.store(OUT + t * stride_ot + j, slot.to(tl.int32), mask=j_mask)
+
+
+def _config(T: int, num_keys: int, hp: int, sms: int) -> dict[str, int]:
+    cfg = dict(CONFIG or {})
+    block_t = cfg.get("block_t") or (max(1, 128 // hp) if T > 256 else 1)
+    block_n = cfg.get("block_n") or 64
+    blocks = triton.cdiv(T, block_t) * triton.cdiv(num_keys, block_n)
+    iters = cfg.get("iters") or max(1, min(16, blocks // (4 * sms)))  # reuse q over keys, keep SMs full
+    return dict(block_t=block_t, block_n=block_n, iters=iters, num_warps=cfg.get("num_warps") or 4,
+                num_stages=cfg.get("num_stages") or 4)
+
+
+def indexer_logits(q: Tensor, weights: Tensor, k_cache: Tensor, page_table: Tensor, row_req: Tensor,
+                   row_kv_len: Tensor, page_size: int, num_keys: int) -> Tensor:
+    """See reference.indexer_logits."""
+    T, HI, DI = q.shape
+    logits = new_empty((T, num_keys), torch.float32, q.device)
+    if T == 0 or num_keys == 0:
+        return logits
+    if q.stride(2) != 1:
+        q = q.contiguous()
+    weights = weights.float()
+    if weights.stride(1) != 1:
+        weights = weights.contiguous()
+    k_cache = k_cache.contiguous()
+    page_table = page_table.to(torch.int32)
+    row_req = row_req.to(torch.int32).contiguous()
+    row_kv_len = row_kv_len.to(torch.int32).reshape(T, -1)
+    hp = next_pow2(HI, 1)
+    block_d = next_pow2(DI)
+    cfg = _config(T, num_keys, hp, sm_count(q))
+    block_t = cfg["block_t"]
+    if block_t * hp < 16:  # the dot needs N >= 16
+        block_t = triton.cdiv(16, hp)
+    grid = (triton.cdiv(T, block_t), triton.cdiv(num_keys, cfg["block_n"] * cfg["iters"]))
+    _indexer_kernel[grid](
+        q, weights, k_cache, page_table, row_req, row_kv_len, logits,
+        q.stride(0), q.stride(1), weights.stride(0), k_cache.stride(0), page_table.stride(0),
+        row_kv_len.stride(0), logits.stride(0),
+        T, HI, DI, num_keys, page_size, cfg["iters"],
+        BLOCK_T=block_t, HP=hp, BLOCK_D=block_d, BLOCK_N=cfg["block_n"], PRECISION=dot_precision(k_cache.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return logits
+
+
+def topk_slots(logits: Tensor, row_kv_len: Tensor, page_table: Tensor, row_req: Tensor, page_size: int,
+               topk: int) -> Tensor:
+    """See reference.topk_slots (valid slots first, then -1; order among the valid ones unspecified)."""
+    T, L = logits.shape
+    out = new_empty((T, topk), torch.int32, logits.device)
+    if T == 0 or topk == 0:
+        return out
+    row_kv_len = row_kv_len.to(torch.int32).reshape(T, -1)
+    page_table = page_table.to(torch.int32)
+    row_req = row_req.to(torch.int32).contiguous()
+    has_pos = L > topk  # else every row keeps its first min(kv_len, L) positions
+    pos = torch.topk(logits, topk, dim=-1, sorted=False).indices if has_pos else out
+    block = min(1024, next_pow2(topk))
+    _slots_kernel[(T, triton.cdiv(topk, block))](
+        pos, row_kv_len, page_table, row_req, out, pos.stride(0), row_kv_len.stride(0), page_table.stride(0),
+        out.stride(0), L, topk, page_size, HAS_POS=has_pos, BLOCK=block, num_warps=4)
+    return out
+
+
+def flops(T: int, HI: int, DI: int, L: int) -> float:
+    return 2.0 * T * HI * DI * L
+
+
+def min_bytes(T: int, HI: int, DI: int, L: int, distinct_requests: int, elem: int = 2) -> float:
+    """Keys once per request, queries and weights, the logits written once."""
+    return float(distinct_requests * L * DI * elem + T * HI * (DI * elem + 4) + T * L * 4)
+
+
+__all__ = ["CONFIG", "flops", "indexer_logits", "min_bytes", "topk_slots"]

@@ -1,0 +1,182 @@
+"""Sparse MLA (absorbed form) over per-row selected cache slots, FlashMLA-style.
+
+One program owns one query row and a block of BLOCK_H heads: heads are the M dimension of both products,
+so each selected latent row is loaded once into shared memory and reused by every head of the block (and
+for both QK^T and PV). The D = v_dim + rope dims are split into a latent part (padded to BLOCK_V) and a
+rope part (padded to BLOCK_R) so that 576 = 512 + 64 costs no padding. Online softmax runs over blocks of
+BLOCK_N selected indices, in the exp2 domain, with fp32 accumulators.
+
+When rows x head-blocks cannot fill the GPU (decode), the selected indices are split across programs
+(flash-decoding) and a second kernel merges the normalized partial outputs by their log-sum-exp.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dsaserve.ops.triton._common import dot_precision, new_empty, next_pow2, sm_count
+
+Tensor = torch.Tensor
+LOG2E = 1.4426950408889634
+
+# Tuning override for benchmarks: dict with any of block_h, block_n, num_warps, num_stages, splits.
+CONFIG: dict[str, int] | None = None
+
+
+@triton.jit
+def _sparse_mla_kernel(Q, KV, IDX, O, LSE,
+                       stride_qt, stride_qh, stride_kv, stride_it,
+                       stride_ot, stride_oh, stride_os, stride_lt, stride_lh, stride_ls,
+                       H, K, V_DIM, R_DIM, keys_per_split, scale_log2,
+                       BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                       BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
+    pid_h = tl.program_id(0)
+    t = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
+    heads = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    dv = tl.arange(0, BLOCK_V)
+    dr = tl.arange(0, BLOCK_R)
+    hmask = heads < H
+    vmask = dv < V_DIM
+    rmask = dr < R_DIM
+    dtype = KV.dtype.element_ty
+
+    q_ptr = Q + t * stride_qt + heads[:, None] * stride_qh
+    q_lat = tl.load(q_ptr + dv[None, :], mask=hmask[:, None] & vmask[None, :], other=0.0).to(dtype)
+    q_rope = tl.load(q_ptr + V_DIM + dr[None, :], mask=hmask[:, None] & rmask[None, :], other=0.0).to(dtype)
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_V], tl.float32)
+    start = split * keys_per_split
+    end = tl.minimum(start + keys_per_split, K)
+    for n0 in range(start, end, BLOCK_N):
+        offs = n0 + tl.arange(0, BLOCK_N)
+        slot = tl.load(IDX + t * stride_it + offs, mask=offs < end, other=-1)
+        valid = slot >= 0
+        row = KV + slot.to(tl.int64)[:, None] * stride_kv
+        # Masked-off (-1) slots issue no memory traffic; their scores become -inf below.
+        kv = tl.load(row + dv[None, :], mask=valid[:, None] & vmask[None, :], other=0.0)
+        kr = tl.load(row + V_DIM + dr[None, :], mask=valid[:, None] & rmask[None, :], other=0.0)
+        s = tl.dot(q_lat, tl.trans(kv), input_precision=PRECISION)
+        s = tl.dot(q_rope, tl.trans(kr), s, input_precision=PRECISION)
+        s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no valid key yet: avoid -inf - -inf
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(dtype), kv, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+
+    has = l_i > 0.0
+    out = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None], 0.0)
+    lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+    o_ptr = O + t * stride_ot + heads[:, None] * stride_oh + split * stride_os + dv[None, :]
+    tl.store(o_ptr, out.to(O.dtype.element_ty), mask=hmask[:, None] & vmask[None, :])
+    tl.store(LSE + t * stride_lt + heads * stride_lh + split * stride_ls, lse, mask=hmask)
+
+
+@triton.jit
+def _combine_kernel(PO, PLSE, O, LSE,
+                    stride_pt, stride_ph, stride_ps, stride_lt, stride_lh,
+                    stride_ot, stride_oh, stride_ft, stride_fh,
+                    H, V_DIM, NUM_SPLITS,
+                    BLOCK_S: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Merge normalized split outputs: out = sum_s exp(lse_s - lse) * out_s, lse = logsumexp(lse_s)."""
+    h = tl.program_id(0)
+    t = tl.program_id(1).to(tl.int64)
+    s = tl.arange(0, BLOCK_S)
+    dv = tl.arange(0, BLOCK_V)
+    smask = s < NUM_SPLITS
+    vmask = dv < V_DIM
+    lse_s = tl.load(PLSE + t * stride_lt + h * stride_lh + s, mask=smask, other=float("-inf"))
+    m = tl.max(lse_s, 0)
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(lse_s - m_use)
+    total = tl.sum(w, 0)
+    has = total > 0.0
+    w = w / tl.where(has, total, 1.0)
+    part = tl.load(PO + t * stride_pt + h * stride_ph + s[:, None] * stride_ps + dv[None, :],
+                   mask=smask[:, None] & vmask[None, :], other=0.0).to(tl.float32)
+    out = tl.sum(part * w[:, None], 0)
+    tl.store(O + t * stride_ot + h * stride_oh + dv, out.to(O.dtype.element_ty), mask=vmask)
+    tl.store(LSE + t * stride_ft + h * stride_fh, tl.where(has, m_use + tl.log(tl.where(has, total, 1.0)),
+                                                           float("-inf")))
+
+
+def _config(T: int, H: int, K: int, block_v: int, sms: int) -> dict[str, int]:
+    cfg = dict(CONFIG or {})
+    block_h = cfg.get("block_h") or (16 if H <= 16 else 32 if H <= 32 else 64)
+    block_n = cfg.get("block_n") or 64
+    warps = cfg.get("num_warps") or 8
+    stages = cfg.get("num_stages") or (2 if block_v >= 512 else 3)  # 2 x 64 x 576 bf16 tiles + q fill smem
+    splits = cfg.get("splits")
+    if splits is None:
+        programs = T * triton.cdiv(H, block_h)
+        blocks = max(1, triton.cdiv(K, block_n))
+        if block_h <= 32:  # memory-bound: several programs per SM keep more gathered rows in flight
+            splits = min(triton.cdiv(3 * sms, programs), max(1, blocks // 2))
+        else:  # matrix-bound: split only when rows x head-blocks leave SMs idle, aiming at one full wave
+            splits = 1 if programs * 4 >= sms * 3 else min(sms // programs, max(1, blocks // 2))
+    return dict(block_h=block_h, block_n=block_n, num_warps=warps, num_stages=stages, splits=max(1, splits))
+
+
+def sparse_mla(q: Tensor, kv_cache: Tensor, indices: Tensor, sm_scale: float, v_dim: int,
+               max_rows: int = 256) -> tuple[Tensor, Tensor]:
+    """See reference.sparse_mla. `max_rows` (the reference's chunking) is accepted and ignored."""
+    T, H, D = q.shape
+    K = indices.shape[1]
+    rope_dim = D - v_dim
+    out = new_empty((T, H, v_dim), q.dtype, q.device)
+    lse = new_empty((T, H), torch.float32, q.device)
+    if T == 0 or H == 0:
+        return out, lse
+    if q.stride(2) != 1:
+        q = q.contiguous()
+    kv_cache = kv_cache.contiguous()
+    indices = indices.to(torch.int32).contiguous()
+    block_v = next_pow2(v_dim)
+    block_r = next_pow2(rope_dim)
+    cfg = _config(T, H, K, block_v, sm_count(q))
+    block_n, splits = cfg["block_n"], cfg["splits"]
+    keys_per_split = triton.cdiv(triton.cdiv(max(K, 1), splits), block_n) * block_n
+    splits = max(1, triton.cdiv(K, keys_per_split))
+    grid = (triton.cdiv(H, cfg["block_h"]), T, splits)
+    scale_log2 = float(sm_scale) * LOG2E
+    if splits == 1:
+        o_buf, l_buf, o_split, l_split = out, lse, 0, 0
+    else:
+        # Normalized partials in q's dtype: half the split traffic of fp32, one extra bf16 rounding.
+        o_buf = new_empty((T, H, splits, v_dim), q.dtype, q.device)
+        l_buf = new_empty((T, H, splits), torch.float32, q.device)
+        o_split, l_split = o_buf.stride(2), l_buf.stride(2)
+    _sparse_mla_kernel[grid](
+        q, kv_cache, indices, o_buf, l_buf,
+        q.stride(0), q.stride(1), kv_cache.stride(0), indices.stride(0),
+        o_buf.stride(0), o_buf.stride(1), o_split, l_buf.stride(0), l_buf.stride(1), l_split,
+        H, K, v_dim, rope_dim, keys_per_split, scale_log2,
+        BLOCK_H=cfg["block_h"], BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_R=block_r,
+        PRECISION=dot_precision(kv_cache.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if splits > 1:
+        _combine_kernel[(H, T)](
+            o_buf, l_buf, out, lse,
+            o_buf.stride(0), o_buf.stride(1), o_buf.stride(2), l_buf.stride(0), l_buf.stride(1),
+            out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
+            H, v_dim, splits, BLOCK_S=next_pow2(splits, 2), BLOCK_V=block_v, num_warps=4)
+    return out, lse
+
+
+def flops(T: int, H: int, K: int, D: int, v_dim: int) -> float:
+    """Matrix FLOPs of sparse_mla when all K indices are valid (QK^T over D, PV over v_dim)."""
+    return 2.0 * T * H * K * (D + v_dim)
+
+
+def min_bytes(T: int, H: int, K: int, D: int, v_dim: int, elem: int = 2) -> float:
+    """Fewest bytes: the selected rows once per query row, q, indices and outputs."""
+    return float(T * K * D * elem + T * H * D * elem + T * K * 4 + T * H * (v_dim * elem + 4))
+
+
+__all__ = ["CONFIG", "flops", "min_bytes", "sparse_mla"]

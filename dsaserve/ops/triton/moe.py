@@ -1,0 +1,221 @@
+"""Routed experts as a grouped GEMM.
+
+Token-expert pairs are sorted by expert and each expert's run is padded to a multiple of BLOCK_M, so every
+M block belongs to one expert (block_expert). All of this is built with device ops and an upper bound on
+the block count, so there is no host sync (the op can be captured in a CUDA graph). Then:
+  1. gate/up: one program computes a BLOCK_M x BLOCK_N tile of both gate and up (same A rows, two weight
+     tiles), applies silu(gate) * up in fp32 and writes the bf16 intermediate in sorted order;
+  2. down: intermediate @ w2[e]^T, scaled by the routing weight, written to a per-pair buffer indexed by
+     the original pair id (token * topk + j), so no atomics are needed;
+  3. reduce: out[token] = sum_j buffer[token * topk + j] in fp32; rows >= num_tokens are written as 0.
+Program ids are grouped (GROUP_M M blocks share each N sweep) so weight tiles and A rows stay in L2.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dsaserve.ops.triton._common import dot_precision, new_empty, next_pow2
+
+Tensor = torch.Tensor
+
+# Tuning override for benchmarks: dict with any of block_m, block_n, block_k, num_warps, num_stages,
+# down_block_n, down_block_k, down_num_warps, down_num_stages, group_m.
+CONFIG: dict[str, int] | None = None
+
+
+@triton.jit
+def _tile_ids(num_m_blocks, N, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_size = tl.minimum(num_m_blocks - first_m, GROUP_M)
+    m_blk = first_m + (pid % per_group) % group_size
+    n_blk = (pid % per_group) // group_size
+    return m_blk, n_blk
+
+
+@triton.jit
+def _gate_up_kernel(X, W13, INTER, SORTED, BLOCK_EXPERT,
+                    stride_x, stride_we, stride_wn, stride_i,
+                    num_pairs, topk, I, HIDDEN, num_m_blocks,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
+    m_blk, n_blk = _tile_ids(num_m_blocks, I, BLOCK_N, GROUP_M)
+    expert = tl.load(BLOCK_EXPERT + m_blk)
+    if expert < 0:  # past the last padded block: nothing to do
+        return
+    rows = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(SORTED + rows)
+    p_mask = pair < num_pairs  # padding entries hold num_pairs
+    token = tl.where(p_mask, pair // topk, 0).to(tl.int64)
+    cols = n_blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = cols < I
+    kk = tl.arange(0, BLOCK_K)
+    a_ptr = X + token[:, None] * stride_x + kk[None, :]
+    g_ptr = W13 + expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wn + kk[:, None]
+    u_ptr = g_ptr + I * stride_wn
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, HIDDEN, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptr, mask=p_mask[:, None], other=0.0)
+            g = tl.load(g_ptr, mask=n_mask[None, :], other=0.0)
+            u = tl.load(u_ptr, mask=n_mask[None, :], other=0.0)
+        else:
+            k_mask = k0 + kk < HIDDEN
+            a = tl.load(a_ptr, mask=p_mask[:, None] & k_mask[None, :], other=0.0)
+            g = tl.load(g_ptr, mask=n_mask[None, :] & k_mask[:, None], other=0.0)
+            u = tl.load(u_ptr, mask=n_mask[None, :] & k_mask[:, None], other=0.0)
+        acc_g = tl.dot(a, g, acc_g, input_precision=PRECISION)
+        acc_u = tl.dot(a, u, acc_u, input_precision=PRECISION)
+        a_ptr += BLOCK_K
+        g_ptr += BLOCK_K
+        u_ptr += BLOCK_K
+    h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+    out = INTER + rows.to(tl.int64)[:, None] * stride_i + cols[None, :]
+    tl.store(out, h.to(INTER.dtype.element_ty), mask=n_mask[None, :])
+
+
+@triton.jit
+def _down_kernel(INTER, W2, YBUF, SORTED, BLOCK_EXPERT, TOPW,
+                 stride_i, stride_we, stride_wn, stride_y, stride_tw,
+                 num_pairs, topk, I, HIDDEN, num_m_blocks,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
+    m_blk, n_blk = _tile_ids(num_m_blocks, HIDDEN, BLOCK_N, GROUP_M)
+    expert = tl.load(BLOCK_EXPERT + m_blk)
+    if expert < 0:
+        return
+    rows = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(SORTED + rows)
+    p_mask = pair < num_pairs
+    cols = n_blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = cols < HIDDEN
+    kk = tl.arange(0, BLOCK_K)
+    a_ptr = INTER + rows.to(tl.int64)[:, None] * stride_i + kk[None, :]
+    b_ptr = W2 + expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wn + kk[:, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, I, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptr)
+            b = tl.load(b_ptr, mask=n_mask[None, :], other=0.0)
+        else:
+            k_mask = k0 + kk < I
+            a = tl.load(a_ptr, mask=k_mask[None, :], other=0.0)
+            b = tl.load(b_ptr, mask=n_mask[None, :] & k_mask[:, None], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a_ptr += BLOCK_K
+        b_ptr += BLOCK_K
+    safe_pair = tl.where(p_mask, pair, 0)
+    weight = tl.load(TOPW + (safe_pair // topk).to(tl.int64) * stride_tw + safe_pair % topk, mask=p_mask, other=0.0)
+    y = acc * weight[:, None]
+    out = YBUF + safe_pair.to(tl.int64)[:, None] * stride_y + cols[None, :]
+    tl.store(out, y.to(YBUF.dtype.element_ty), mask=p_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _reduce_kernel(YBUF, OUT, stride_y, stride_o, num_tokens, topk, HIDDEN, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    c_mask = cols < HIDDEN
+    acc = tl.zeros([BLOCK], tl.float32)
+    if row < num_tokens:
+        for j in range(topk):
+            acc += tl.load(YBUF + (row * topk + j) * stride_y + cols, mask=c_mask, other=0.0).to(tl.float32)
+    tl.store(OUT + row * stride_o + cols, acc.to(OUT.dtype.element_ty), mask=c_mask)
+
+
+def _config(num_pairs: int, num_experts: int) -> dict[str, int]:
+    cfg = dict(CONFIG or {})
+    per_expert = num_pairs / max(1, min(num_experts, num_pairs))
+    if per_expert >= 96:  # prefill: compute-bound tiles
+        base = dict(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3,
+                    down_block_n=128, down_block_k=64, down_num_warps=8, down_num_stages=4, group_m=8)
+    elif per_expert >= 24:
+        base = dict(block_m=64, block_n=64, block_k=64, num_warps=4, num_stages=4,
+                    down_block_n=128, down_block_k=64, down_num_warps=4, down_num_stages=4, group_m=8)
+    else:  # decode: weight streaming; small M, long K steps, many N tiles in flight
+        base = dict(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3,
+                    down_block_n=64, down_block_k=128, down_num_warps=4, down_num_stages=4, group_m=1)
+    base.update(cfg)
+    return base
+
+
+def _align(ids: Tensor, num_experts: int, block_m: int) -> tuple[Tensor, Tensor, int]:
+    """Pair ids sorted by expert, each expert's run padded to block_m (pad = num_pairs); expert per block."""
+    P = ids.numel()
+    dev = ids.device
+    # scatter_add, not bincount: CUDA bincount reads the max back to the host (a sync that breaks graphs).
+    counts = torch.zeros(num_experts, dtype=torch.long, device=dev).scatter_add_(0, ids, torch.ones_like(ids))
+    padded = (counts + block_m - 1) // block_m * block_m
+    ends = torch.cumsum(padded, 0)
+    order = torch.argsort(ids, stable=True)
+    sorted_e = ids[order]
+    run_start = torch.cumsum(counts, 0) - counts
+    dest = (ends - padded)[sorted_e] + torch.arange(P, device=dev) - run_start[sorted_e]
+    max_blocks = triton.cdiv(P, block_m) + min(num_experts, P)  # each used expert pads < one block
+    sorted_ids = torch.full((max_blocks * block_m,), P, dtype=torch.int32, device=dev)
+    sorted_ids[dest] = order.to(torch.int32)
+    starts = torch.arange(max_blocks, device=dev) * block_m
+    block_expert = torch.searchsorted(ends, starts, right=True)
+    block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
+    return sorted_ids, block_expert, max_blocks
+
+
+def moe_experts(x: Tensor, w13: Tensor, w2: Tensor, topk_ids: Tensor, topk_weights: Tensor,
+                num_tokens: int) -> Tensor:
+    """See reference.moe_experts."""
+    N, hidden = x.shape
+    E, I2, _ = w13.shape
+    I = I2 // 2
+    k = topk_ids.shape[1]
+    out = new_empty((N, hidden), x.dtype, x.device)
+    if N == 0:
+        return out
+    x = x.contiguous()
+    w13 = w13.contiguous()
+    w2 = w2.contiguous()
+    topk_weights = topk_weights.float().contiguous()
+    P = num_tokens * k
+    block = min(1024, next_pow2(hidden))
+    if P == 0:
+        out.zero_()
+        return out
+    cfg = _config(P, E)
+    bm = cfg["block_m"]
+    sorted_ids, block_expert, max_blocks = _align(topk_ids[:num_tokens].reshape(-1).long(), E, bm)
+    inter = new_empty((max_blocks * bm, I), x.dtype, x.device)
+    _gate_up_kernel[(max_blocks * triton.cdiv(I, cfg["block_n"]),)](
+        x, w13, inter, sorted_ids, block_expert,
+        x.stride(0), w13.stride(0), w13.stride(1), inter.stride(0),
+        P, k, I, hidden, max_blocks,
+        BLOCK_M=bm, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], GROUP_M=cfg["group_m"],
+        PRECISION=dot_precision(x.dtype), EVEN_K=hidden % cfg["block_k"] == 0, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
+    ybuf = new_empty((P, hidden), x.dtype, x.device)
+    _down_kernel[(max_blocks * triton.cdiv(hidden, cfg["down_block_n"]),)](
+        inter, w2, ybuf, sorted_ids, block_expert, topk_weights,
+        inter.stride(0), w2.stride(0), w2.stride(1), ybuf.stride(0), topk_weights.stride(0),
+        P, k, I, hidden, max_blocks,
+        BLOCK_M=bm, BLOCK_N=cfg["down_block_n"], BLOCK_K=cfg["down_block_k"], GROUP_M=cfg["group_m"],
+        PRECISION=dot_precision(x.dtype), EVEN_K=I % cfg["down_block_k"] == 0, num_warps=cfg["down_num_warps"],
+        num_stages=cfg["down_num_stages"])
+    _reduce_kernel[(N, triton.cdiv(hidden, block))](ybuf, out, ybuf.stride(0), out.stride(0), num_tokens, k,
+                                                    hidden, BLOCK=block, num_warps=4)
+    return out
+
+
+def flops(num_tokens: int, topk: int, hidden: int, inter: int) -> float:
+    return 2.0 * num_tokens * topk * 3 * hidden * inter
+
+
+def weight_bytes(topk_ids: Tensor, num_tokens: int, hidden: int, inter: int, elem: int = 2) -> float:
+    """Bytes of the expert weights that must be read: every expert hit at least once, read once."""
+    used = int(torch.unique(topk_ids[:num_tokens]).numel())
+    return float(used * 3 * hidden * inter * elem)
+
+
+__all__ = ["CONFIG", "flops", "moe_experts", "weight_bytes"]

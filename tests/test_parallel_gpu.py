@@ -1,0 +1,30 @@
+"""TP and DP attention over NCCL on CUDA: greedy tokens equal the single-GPU run (fp32, torch ops)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import prompts_ids
+from dsaserve import LLM, SamplingParams
+from dsaserve.parallel.launch import Job, OfflineRequest, run_jobs
+from dsaserve.server_args import ServerArgs
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")]
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+COMMON = dict(device="cuda", dtype="float32", attention_backend="torch", moe_backend="torch",
+              max_total_tokens=4096)
+
+
+@pytest.mark.parametrize("dp", [1, 2])
+def test_nccl_tp2_matches_single_gpu(dp: int, tiny_models: dict[str, str]) -> None:
+    prompts = prompts_ids(4, [6, 33, 17, 2], seed=21)
+    jobs, expected = [], []
+    for model in tiny_models.values():
+        for page_size in (1, 64):
+            llm = LLM(model, page_size=page_size, **COMMON)
+            expected.append([c.token_ids for c in llm.generate(prompts, GREEDY)])
+            del llm
+            jobs.append(Job({"model_path": model, "page_size": page_size},
+                            [OfflineRequest(p, GREEDY, dp_rank=i % dp) for i, p in enumerate(prompts)]))
+    results = run_jobs(ServerArgs(tp=2, dp=dp, enable_dp_attention=dp > 1, **COMMON), jobs)
+    assert results == expected

@@ -1,0 +1,199 @@
+"""Triton kernels vs. the PyTorch reference ops (GPU only; skipped cleanly on CPU or without triton).
+
+Every kernel runs with outputs and intermediates poisoned (NaN / sentinel), on fresh random inputs, and is
+compared with the reference evaluated in fp32 on upcast inputs.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+if not torch.cuda.is_available():
+    pytest.skip("needs CUDA", allow_module_level=True)
+
+from dsaserve.ops import reference as ref  # noqa: E402
+from dsaserve.ops import triton as tops  # noqa: E402
+from dsaserve.ops.triton import _common  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+DEV = "cuda"
+BF16 = torch.bfloat16
+
+
+@pytest.fixture(autouse=True)
+def poison():
+    _common.POISON = True
+    tops.mla.CONFIG = tops.indexer.CONFIG = tops.moe.CONFIG = None
+    yield
+    _common.POISON = False
+    tops.mla.CONFIG = tops.indexer.CONFIG = tops.moe.CONFIG = None
+
+
+def rel_err(out: torch.Tensor, want: torch.Tensor) -> float:
+    assert not torch.isnan(out).any(), "NaN in output (unwritten element or bad math)"
+    out, want = out.double(), want.double()
+    return ((out - want).norm() / want.norm().clamp(min=1e-30)).item()
+
+
+# ---------------------------------------------------------------- sparse MLA
+def _mla_inputs(T: int, H: int, v_dim: int, rope: int, K: int, S: int, gen: torch.Generator):
+    q = torch.randn(T, H, v_dim + rope, device=DEV, generator=gen).to(BF16)
+    kv = torch.randn(S, v_dim + rope, device=DEV, generator=gen).to(BF16)
+    idx = torch.randint(0, S, (T, K), device=DEV, generator=gen, dtype=torch.int32)
+    valid = torch.randint(0, K + 1, (T,), device=DEV, generator=gen)  # ragged: valid prefix, then -1
+    if T > 1:
+        valid[0] = 0  # a row with no key at all
+    if T > 2:
+        valid[1] = 1
+    idx = torch.where(torch.arange(K, device=DEV)[None, :] < valid[:, None], idx, -1)
+    if T > 3:
+        idx[3, ::5] = -1  # holes in the middle
+    return q, kv, idx.to(torch.int32)
+
+
+@pytest.mark.parametrize("T,H,v_dim,rope,K,S,splits", [
+    (1, 16, 512, 64, 2048, 9000, None),
+    (7, 128, 512, 64, 2048, 20000, None),
+    (150, 64, 512, 64, 2048, 20000, None),  # rows x head-blocks fill the GPU: no split
+    (9, 20, 512, 64, 2048, 9000, 1),
+    (5, 7, 64, 32, 96, 500, None),  # tiny model dims, H not a multiple of 16
+    (33, 3, 32, 16, 40, 300, 4),
+    (4, 1, 64, 32, 200, 700, None),
+    (70, 128, 512, 64, 2048, 20000, None),
+    (3, 10, 64, 32, 300, 900, {"block_n": 16, "splits": 2}),
+])
+def test_sparse_mla(T, H, v_dim, rope, K, S, splits):
+    gen = torch.Generator(DEV).manual_seed(T * 1000 + H)
+    q, kv, idx = _mla_inputs(T, H, v_dim, rope, K, S, gen)
+    scale = (v_dim + rope) ** -0.5
+    if splits is not None:
+        tops.mla.CONFIG = splits if isinstance(splits, dict) else {"splits": splits}
+    out, lse = tops.sparse_mla(q, kv, idx, scale, v_dim)
+    want_out, want_lse = ref.sparse_mla(q.float(), kv.float(), idx, scale, v_dim)
+    assert out.dtype == q.dtype and out.shape == (T, H, v_dim) and lse.dtype == torch.float32
+    err = rel_err(out, want_out)
+    assert err < 1e-2, f"sparse_mla rel err {err:.2e} >= 1e-2"
+    empty = torch.isinf(want_lse)
+    assert torch.equal(torch.isneginf(lse), empty), "rows with no key must give lse -inf"
+    assert (out.float()[empty] == 0).all(), "rows with no key must give 0"
+    lse_err = (lse[~empty] - want_lse[~empty]).abs().max().item() if (~empty).any() else 0.0
+    assert lse_err < 1e-2, f"lse abs err {lse_err:.2e} >= 1e-2"
+
+
+def test_sparse_mla_dispatch_strided_q():
+    """Non-contiguous q (a slice) through the dispatcher, which trims any head padding."""
+    from dsaserve.ops.dispatch import DSAOps
+    gen = torch.Generator(DEV).manual_seed(7)
+    q, kv, idx = _mla_inputs(6, 24, 512, 64, 256, 3000, gen)
+    q_big = torch.randn(6, 24, 700, device=DEV, generator=gen).to(BF16)
+    q_big[..., :576] = q
+    out = DSAOps(attention_backend="triton").sparse_mla(q_big[..., :576], kv, idx, 0.05, 512)
+    want, _ = ref.sparse_mla(q.float(), kv.float(), idx, 0.05, 512)
+    err = rel_err(out, want)
+    assert err < 1e-2, f"dispatch sparse_mla rel err {err:.2e}"
+
+
+# ---------------------------------------------------------------- indexer
+def _layout(seq_lens: list[int], q_lens: list[int], page_size: int, gen: torch.Generator):
+    """Ragged requests with shuffled pages; row kv_len = position + 1 (causal within the new rows)."""
+    pages = [-(-s // page_size) for s in seq_lens]
+    P = max(pages) + 2
+    perm = torch.randperm(len(seq_lens) * P, device=DEV, generator=gen).to(torch.int32)
+    page_table = perm.reshape(len(seq_lens), P)
+    row_req, row_len = [], []
+    for b, (s, ql) in enumerate(zip(seq_lens, q_lens)):
+        row_req += [b] * ql
+        row_len += list(range(s - ql + 1, s + 1))
+    row_req_t = torch.tensor(row_req, dtype=torch.int32, device=DEV)
+    row_len_t = torch.tensor(row_len, dtype=torch.int32, device=DEV)[:, None]
+    return page_table, row_req_t, row_len_t, len(seq_lens) * P * page_size
+
+
+INDEXER_CASES = [  # seq_lens, q_lens, Hi, Di, page_size
+    ([5000, 40, 2100, 777], [1, 1, 1, 1], 64, 128, 64),  # decode, one row shorter than topk
+    ([3000, 600, 9], [2, 300, 9], 64, 128, 64),  # prefill mix: > 256 rows, blocks straddle requests
+    ([1500, 1200], [4, 3], 32, 128, 16),  # GLM head count, verify-like rows
+    ([300, 90, 260], [100, 30, 200], 4, 32, 16),  # tiny model dims
+]
+
+
+@pytest.mark.parametrize("case", range(len(INDEXER_CASES)))
+def test_indexer_logits(case):
+    seq_lens, q_lens, Hi, Di, page_size = INDEXER_CASES[case]
+    gen = torch.Generator(DEV).manual_seed(case)
+    page_table, row_req, row_len, S = _layout(seq_lens, q_lens, page_size, gen)
+    T = row_req.numel()
+    q = torch.randn(T, Hi, Di, device=DEV, generator=gen).to(BF16)
+    w = torch.randn(T, Hi, device=DEV, generator=gen) * (Hi * Di) ** -0.5
+    k_cache = torch.randn(S, Di, device=DEV, generator=gen).to(BF16)
+    num_keys = max(seq_lens) + 5  # columns past every kv_len too
+    got = tops.indexer_logits(q, w, k_cache, page_table, row_req, row_len, page_size, num_keys)
+    want = ref.indexer_logits(q.float(), w, k_cache.float(), page_table, row_req, row_len, page_size, num_keys)
+    assert got.shape == (T, num_keys) and got.dtype == torch.float32
+    assert torch.equal(torch.isneginf(got), torch.isneginf(want)), "-inf exactly at pos >= kv_len"
+    finite = torch.isfinite(want)
+    err = rel_err(got[finite], want[finite])
+    assert err < 1e-2, f"indexer_logits rel err {err:.2e} >= 1e-2"
+
+
+@pytest.mark.parametrize("case,topk", [(0, 2048), (1, 512), (2, 64), (3, 16), (0, 8192)])
+def test_topk_slots(case, topk):
+    seq_lens, q_lens, Hi, Di, page_size = INDEXER_CASES[case]
+    gen = torch.Generator(DEV).manual_seed(100 + case)
+    page_table, row_req, row_len, _ = _layout(seq_lens, q_lens, page_size, gen)
+    T = row_req.numel()
+    L = max(seq_lens)
+    pos = torch.arange(L, device=DEV)[None, :]
+    logits = torch.randn(T, L, device=DEV, generator=gen).masked_fill(pos >= row_len, float("-inf"))
+    got = tops.topk_slots(logits, row_len, page_table, row_req, page_size, topk)
+    want = ref.topk_slots(logits, row_len, page_table, row_req, page_size, topk)
+    assert got.shape == (T, topk) and got.dtype == torch.int32
+    n_valid = row_len[:, 0].clamp(max=topk)
+    first = torch.arange(topk, device=DEV)[None, :] < n_valid[:, None]
+    assert ((got >= 0) == first).all(), "valid slots first, then -1"
+    assert torch.equal(got.sort(dim=1).values, want.sort(dim=1).values), "selected sets differ"
+
+
+# ---------------------------------------------------------------- MoE
+@pytest.mark.parametrize("N,num_tokens,hidden,inter,E,k", [
+    (1, 1, 512, 256, 16, 4),  # decode
+    (33, 30, 512, 256, 16, 8),  # padding rows
+    (700, 700, 256, 128, 8, 4),  # ~350 pairs per expert: prefill tiles
+    (200, 200, 256, 192, 8, 2),  # mid tiles
+    (50, 47, 96, 48, 5, 3),  # tiny dims, not multiples of the K block
+    (8, 0, 128, 64, 4, 2),  # no real token
+])
+def test_moe_experts(N, num_tokens, hidden, inter, E, k):
+    gen = torch.Generator(DEV).manual_seed(N + hidden)
+    x = torch.randn(N, hidden, device=DEV, generator=gen).to(BF16)
+    w13 = (torch.randn(E, 2 * inter, hidden, device=DEV, generator=gen) * hidden ** -0.5).to(BF16)
+    w2 = (torch.randn(E, hidden, inter, device=DEV, generator=gen) * inter ** -0.5).to(BF16)
+    scores = torch.rand(N, E, device=DEV, generator=gen)
+    ids = scores.topk(k, dim=-1).indices.to(torch.int32)
+    tw = torch.rand(N, k, device=DEV, generator=gen)
+    got = tops.moe_experts(x, w13, w2, ids, tw, num_tokens)
+    want = ref.moe_experts(x.float(), w13.float(), w2.float(), ids.long(), tw, num_tokens)
+    assert got.shape == x.shape and got.dtype == x.dtype
+    assert (got[num_tokens:] == 0).all(), "padding rows must be 0"
+    if num_tokens:
+        err = rel_err(got[:num_tokens], want[:num_tokens])
+        assert err < 1e-2, f"moe_experts rel err {err:.2e} >= 1e-2"
+    else:
+        assert not torch.isnan(got).any()
+
+
+def test_moe_dispatch_forced_configs():
+    """Each tile family on the same inputs (prefill tiles on a small batch and decode tiles on a large one)."""
+    gen = torch.Generator(DEV).manual_seed(3)
+    N, hidden, inter, E, k = 90, 256, 128, 6, 3
+    x = torch.randn(N, hidden, device=DEV, generator=gen).to(BF16)
+    w13 = (torch.randn(E, 2 * inter, hidden, device=DEV, generator=gen) * hidden ** -0.5).to(BF16)
+    w2 = (torch.randn(E, hidden, inter, device=DEV, generator=gen) * inter ** -0.5).to(BF16)
+    ids = torch.rand(N, E, device=DEV, generator=gen).topk(k, dim=-1).indices
+    tw = torch.rand(N, k, device=DEV, generator=gen)
+    want = ref.moe_experts(x.float(), w13.float(), w2.float(), ids, tw, N)
+    for bm in (16, 64, 128):
+        tops.moe.CONFIG = {"block_m": bm}
+        err = rel_err(tops.moe_experts(x, w13, w2, ids, tw, N), want)
+        assert err < 1e-2, f"block_m={bm}: rel err {err:.2e}"
