@@ -1,4 +1,4 @@
-"""dsaserve serve | generate | make-tiny-model | bench."""
+"""dsaserve serve | generate | make-tiny-model | bench serving."""
 from __future__ import annotations
 
 import argparse
@@ -41,6 +41,20 @@ def _serve(ns: argparse.Namespace) -> int:
     return serve(ServerArgs.from_cli(ns))
 
 
+def _bench_serving(ns: argparse.Namespace) -> int:
+    from dsaserve.bench.serving import run
+    return run(ns)
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from dsaserve.bench.serving import add_cli_args
+    bench = sub.add_parser("bench", help="benchmarks against a live server")
+    kinds = bench.add_subparsers(dest="bench", required=True)
+    serving = kinds.add_parser("serving", help="load an OpenAI-compatible server; print throughput and latency")
+    add_cli_args(serving)
+    serving.set_defaults(func=_bench_serving)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dsaserve", description="Serve DeepSeek Sparse Attention models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -66,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     tiny.add_argument("--layers", type=int, default=None)
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=_make_tiny)
+
+    _add_bench(sub)
 
     ns = parser.parse_args(argv)
     logging.basicConfig(level=getattr(ns, "log_level", "info").upper(),

@@ -1,0 +1,222 @@
+"""`dsaserve bench serving`: load an OpenAI-compatible server with random token-id prompts.
+
+Streams /v1/completions (a list-of-int prompt, ignore_eos, greedy) and reports request and token
+throughput, TTFT, TPOT and ITL (mean, median, p99) as a table and as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import random
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import httpx
+from tqdm import tqdm
+
+FALLBACK_VOCAB = 1000  # when the server does not say (only dsaserve / sglang expose it)
+
+
+@dataclass
+class BenchConfig:
+    base_url: str = "http://127.0.0.1:30000"
+    model: str | None = None
+    api_key: str | None = None
+    input_len: int = 256
+    output_len: int = 128
+    range_ratio: float = 1.0
+    num_prompts: int = 100
+    request_rate: float = math.inf
+    max_concurrency: int | None = None
+    seed: int = 0
+    vocab_size: int | None = None
+    output_json: str | None = None
+    disable_tqdm: bool = False
+
+
+@dataclass
+class RequestResult:
+    ok: bool = False
+    error: str = ""
+    prompt_len: int = 0
+    output_tokens: int = 0
+    ttft: float = 0.0
+    latency: float = 0.0
+    itl: list[float] = field(default_factory=list)
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    d = BenchConfig()
+    parser.add_argument("--base-url", default=d.base_url, help="server address (with or without /v1)")
+    parser.add_argument("--model", default=None, help="model name (default: the first of /v1/models)")
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--input-len", type=int, default=d.input_len, help="prompt tokens per request")
+    parser.add_argument("--output-len", type=int, default=d.output_len, help="tokens to generate per request")
+    parser.add_argument("--range-ratio", type=float, default=d.range_ratio,
+                        help="lengths are uniform in [len * ratio, len] (1.0: fixed)")
+    parser.add_argument("--num-prompts", type=int, default=d.num_prompts)
+    parser.add_argument("--request-rate", type=float, default=d.request_rate,
+                        help="requests per second, Poisson arrivals (inf: all at once)")
+    parser.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight")
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--vocab-size", type=int, default=None, help="token ids are drawn below this "
+                        "(default: the server's /get_model_info, else 1000)")
+    parser.add_argument("--output-json", default=None, help="write the metrics here")
+    parser.add_argument("--disable-tqdm", action="store_true")
+
+
+def config_from_cli(ns: argparse.Namespace) -> BenchConfig:
+    return BenchConfig(**{k: getattr(ns, k) for k in BenchConfig.__dataclass_fields__ if hasattr(ns, k)})
+
+
+def make_requests(cfg: BenchConfig, vocab: int) -> list[tuple[list[int], int]]:
+    """(prompt ids, output length) per request; the same for the same seed."""
+    rng = random.Random(cfg.seed)
+    lo_tok = min(10, vocab - 1)  # skip the first ids: tiny and real tokenizers put specials there
+
+    def length(n: int) -> int:
+        return max(1, rng.randint(max(1, int(n * cfg.range_ratio)), n))
+
+    return [([rng.randrange(lo_tok, vocab) for _ in range(length(cfg.input_len))], length(cfg.output_len))
+            for _ in range(cfg.num_prompts)]
+
+
+async def _discover(client: httpx.AsyncClient, cfg: BenchConfig) -> tuple[str, int]:
+    model = cfg.model
+    if model is None:
+        r = await client.get("/v1/models")
+        r.raise_for_status()
+        model = r.json()["data"][0]["id"]
+    vocab = cfg.vocab_size
+    if vocab is None:
+        try:
+            r = await client.get("/get_model_info")
+            vocab = int(r.json()["vocab_size"]) if r.status_code == 200 else FALLBACK_VOCAB
+        except (httpx.HTTPError, KeyError, ValueError):
+            vocab = FALLBACK_VOCAB
+    return model, vocab
+
+
+async def _one(client: httpx.AsyncClient, model: str, prompt: list[int], out_len: int) -> RequestResult:
+    res = RequestResult(prompt_len=len(prompt))
+    body = {"model": model, "prompt": prompt, "max_tokens": out_len, "temperature": 0.0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    start = last = time.perf_counter()
+    try:
+        async with client.stream("POST", "/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                res.error = f"HTTP {r.status_code}: {(await r.aread()).decode(errors='replace')[:200]}"
+                return res
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    res.error = chunk["error"].get("message", "error")
+                    return res
+                now = time.perf_counter()
+                if chunk.get("choices"):
+                    if res.ttft == 0.0:
+                        res.ttft = now - start
+                    else:
+                        res.itl.append(now - last)
+                    last = now
+                if chunk.get("usage"):
+                    res.output_tokens = chunk["usage"]["completion_tokens"]
+                    res.prompt_len = chunk["usage"]["prompt_tokens"]
+        res.latency = time.perf_counter() - start
+        res.ok = True
+    except (httpx.HTTPError, json.JSONDecodeError) as exc:
+        res.error = f"{type(exc).__name__}: {exc}"
+    return res
+
+
+async def _drive(cfg: BenchConfig, client: httpx.AsyncClient, model: str,
+                 reqs: list[tuple[list[int], int]]) -> tuple[list[RequestResult], float]:
+    rng = random.Random(cfg.seed + 1)
+    limit = asyncio.Semaphore(cfg.max_concurrency or len(reqs) or 1)
+    bar = tqdm(total=len(reqs), disable=cfg.disable_tqdm, desc="requests")
+
+    async def limited(prompt: list[int], out_len: int) -> RequestResult:
+        async with limit:
+            result = await _one(client, model, prompt, out_len)
+        bar.update(1)
+        return result
+
+    start = time.perf_counter()
+    tasks = []
+    for prompt, out_len in reqs:
+        tasks.append(asyncio.create_task(limited(prompt, out_len)))
+        if math.isfinite(cfg.request_rate):
+            await asyncio.sleep(rng.expovariate(cfg.request_rate))  # Poisson arrivals
+    results = list(await asyncio.gather(*tasks))
+    bar.close()
+    return results, time.perf_counter() - start
+
+
+def _summary(values: list[float], name: str) -> dict[str, float]:
+    ms = sorted(v * 1000 for v in values) or [0.0]
+    p99 = ms[min(len(ms) - 1, max(0, math.ceil(0.99 * len(ms)) - 1))]
+    return {f"mean_{name}_ms": statistics.fmean(ms), f"median_{name}_ms": statistics.median(ms),
+            f"p99_{name}_ms": p99}
+
+
+def compute_metrics(cfg: BenchConfig, results: list[RequestResult], duration: float) -> dict[str, Any]:
+    ok = [r for r in results if r.ok]
+    total_in = sum(r.prompt_len for r in ok)
+    total_out = sum(r.output_tokens for r in ok)
+    tpot = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
+    metrics: dict[str, Any] = {
+        "backend": "openai-completions", "base_url": cfg.base_url, "duration_s": duration,
+        "completed": len(ok), "failed": len(results) - len(ok), "total_input_tokens": total_in,
+        "total_output_tokens": total_out, "request_throughput": len(ok) / duration,
+        "input_throughput": total_in / duration, "output_throughput": total_out / duration,
+        **_summary([r.ttft for r in ok], "ttft"), **_summary(tpot, "tpot"),
+        **_summary([x for r in ok for x in r.itl], "itl"), **_summary([r.latency for r in ok], "e2e_latency"),
+        "errors": sorted({r.error for r in results if not r.ok})[:10],
+        "config": {k: (v if not isinstance(v, float) or math.isfinite(v) else "inf")
+                   for k, v in asdict(cfg).items() if k != "api_key"}}
+    return metrics
+
+
+def format_table(m: dict[str, Any]) -> str:
+    rows = [("Successful requests", f"{m['completed']}"), ("Failed requests", f"{m['failed']}"),
+            ("Duration (s)", f"{m['duration_s']:.2f}"), ("Total input tokens", f"{m['total_input_tokens']}"),
+            ("Total output tokens", f"{m['total_output_tokens']}"),
+            ("Request throughput (req/s)", f"{m['request_throughput']:.2f}"),
+            ("Input token throughput (tok/s)", f"{m['input_throughput']:.2f}"),
+            ("Output token throughput (tok/s)", f"{m['output_throughput']:.2f}")]
+    for name, title in (("ttft", "TTFT"), ("tpot", "TPOT"), ("itl", "ITL"), ("e2e_latency", "E2E latency")):
+        for stat in ("mean", "median", "p99"):
+            rows.append((f"{stat.capitalize()} {title} (ms)", f"{m[f'{stat}_{name}_ms']:.2f}"))
+    width = max(len(k) for k, _ in rows) + 2
+    line = "=" * (width + 14)
+    body = "\n".join(f"{k:<{width}}{v:>14}" for k, v in rows)
+    return f"{line}\n{'Serving Benchmark Result':^{width + 14}}\n{line}\n{body}\n{line}"
+
+
+async def benchmark(cfg: BenchConfig) -> dict[str, Any]:
+    base = cfg.base_url.rstrip("/").removesuffix("/v1")
+    headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+    limits = httpx.Limits(max_connections=cfg.max_concurrency or 1000)
+    async with httpx.AsyncClient(base_url=base, headers=headers, timeout=httpx.Timeout(600.0),
+                                 limits=limits) as client:
+        model, vocab = await _discover(client, cfg)
+        results, duration = await _drive(cfg, client, model, make_requests(cfg, vocab))
+    return compute_metrics(cfg, results, duration)
+
+
+def run(ns: argparse.Namespace) -> int:
+    import logging
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would bury the bar
+    cfg = config_from_cli(ns)
+    metrics = asyncio.run(benchmark(cfg))
+    print(format_table(metrics))
+    if cfg.output_json:
+        with open(cfg.output_json, "w") as f:
+            json.dump(metrics, f, indent=2)
+    return 0 if metrics["completed"] else 1

@@ -1,0 +1,156 @@
+"""FastAPI app: OpenAI routes, native /generate, health, server info, abort and metrics."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import secrets
+import time
+from typing import Any, AsyncIterator
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+import dsaserve
+from dsaserve.engine.request import SamplingParams
+from dsaserve.server import protocol as p
+from dsaserve.server.errors import ApiError, bad_request, install_error_handlers
+from dsaserve.server.frontend import Frontend, RequestHandle
+from dsaserve.server.metrics import ServerMetrics
+from dsaserve.server.openai_api import OpenAIServing, openai_router
+from dsaserve.server.streaming import (DONE, AbortingStream, Result, aborter, checked, collect, error_event,
+                                       until_disconnect)
+from dsaserve.server_args import ServerArgs
+
+HEALTH_GENERATE_TIMEOUT_S = 60.0
+
+
+def create_app(args: ServerArgs, frontend: Frontend, metrics: ServerMetrics, served_name: str) -> FastAPI:
+    app = FastAPI(title="dsaserve", version=getattr(dsaserve, "__version__", "0"))
+    install_error_handlers(app)
+
+    async def require_key(request: Request) -> None:  # async: no thread pool hop per request
+        if args.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not secrets.compare_digest(given.encode(), f"Bearer {args.api_key}".encode()):
+            raise ApiError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
+                           code="invalid_api_key")
+
+    open_routes = APIRouter()  # health checks and metrics stay reachable without a key
+    _health_routes(open_routes, frontend, metrics)
+    app.include_router(open_routes)
+    app.include_router(openai_router(OpenAIServing(frontend, served_name)), dependencies=[Depends(require_key)])
+    app.include_router(_native_routes(args, frontend, served_name), dependencies=[Depends(require_key)])
+    return app
+
+
+def _health_routes(router: APIRouter, fe: Frontend, metrics: ServerMetrics) -> None:
+    @router.get("/health")
+    async def health() -> Response:
+        if not fe.healthy:
+            dead = [link.dead for link in fe.links if link.dead] or ["the server is shutting down"]
+            raise ApiError(503, "; ".join(dead))
+        return Response(status_code=200)
+
+    @router.get("/health_generate")
+    async def health_generate() -> Response:
+        """One greedy token on every DP rank proves that the whole path works."""
+        await health()
+        ids = fe.tokenizer.encode("Hello")
+        params = SamplingParams(max_tokens=1, temperature=0.0)
+
+        async def one(rank: int) -> Result:
+            handle = await fe.submit(ids, params, f"health-{rank}-{time.monotonic_ns()}", rank)
+            return await collect(handle)
+
+        try:
+            results = await asyncio.wait_for(asyncio.gather(*(one(link.rank) for link in fe.links)),
+                                             HEALTH_GENERATE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise ApiError(503, f"no token within {HEALTH_GENERATE_TIMEOUT_S:.0f} s") from None
+        if any(len(r.token_ids) != 1 for r in results):
+            raise ApiError(503, "a health generation ended without a token")
+        return Response(status_code=200)
+
+    @router.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(await fe.stats(timeout=2.0)), media_type=CONTENT_TYPE_LATEST)
+
+
+def _native_params(sp: p.NativeSamplingParams, logprobs: int | None) -> SamplingParams:
+    stop = (sp.stop,) if isinstance(sp.stop, str) else tuple(sp.stop or ())
+    return checked(SamplingParams(
+        max_tokens=sp.max_new_tokens, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k,
+        min_p=sp.min_p, frequency_penalty=sp.frequency_penalty, presence_penalty=sp.presence_penalty,
+        seed=sp.seed, stop=stop, stop_token_ids=tuple(sp.stop_token_ids or ()), ignore_eos=sp.ignore_eos,
+        logprobs=logprobs))
+
+
+def _meta(handle: RequestHandle, res: Result, body: p.GenerateRequest) -> dict[str, Any]:
+    finish = None
+    if res.finish is not None:
+        finish = {"type": res.finish.kind}
+        if res.finish.matched is not None:
+            finish["matched"] = res.finish.matched
+        if res.finish.message:
+            finish["message"] = res.finish.message
+    meta: dict[str, Any] = {"id": handle.rid, "finish_reason": finish, "prompt_tokens": res.prompt_tokens,
+                            "completion_tokens": res.completion_tokens,
+                            "e2e_latency": time.monotonic() - handle.created}
+    if body.return_logprob:
+        meta["output_token_logprobs"] = [[lp, t] for t, (lp, _) in zip(res.token_ids, res.logprobs)]
+        meta["output_top_logprobs"] = [[[v, t] for t, v in top] for _, top in res.logprobs]
+    return meta
+
+
+def _native_routes(args: ServerArgs, fe: Frontend, served_name: str) -> APIRouter:
+    router = APIRouter()
+
+    @router.post("/generate", response_model=None)
+    async def generate(body: p.GenerateRequest, request: Request) -> Any:
+        if (body.text is None) == (body.input_ids is None):
+            raise bad_request("give exactly one of text and input_ids", param="text")
+        ids = fe.tokenizer.encode(body.text) if body.text is not None else body.input_ids
+        params = _native_params(body.sampling_params, body.top_logprobs_num if body.return_logprob else None)
+        handle = await fe.submit(ids, params, body.rid, body.routed_dp_rank)
+        if body.stream:
+            return AbortingStream(_generate_stream(handle, body), aborter(fe, [handle]))
+        res = await until_disconnect(request, collect(handle), aborter(fe, [handle]))
+        return {"text": res.text, "output_ids": res.token_ids, "meta_info": _meta(handle, res, body)}
+
+    async def _generate_stream(handle: RequestHandle, body: p.GenerateRequest) -> AsyncIterator[str]:
+        res = Result()  # sglang's shape: every chunk carries the text and ids so far
+        try:
+            async for d in handle.deltas():
+                res.add(d)
+                if d.finish is not None and d.finish.kind == "error":
+                    raise ApiError(500, d.finish.message or "the request failed in the engine")
+                yield p.sse({"text": res.text, "output_ids": res.token_ids, "meta_info": _meta(handle, res, body)})
+        except Exception as exc:
+            yield error_event(exc)
+        yield DONE
+
+    @router.post("/abort_request")
+    async def abort_request(body: p.AbortRequest) -> dict[str, Any]:
+        if not fe.abort(body.rid, "aborted by /abort_request"):
+            raise ApiError(404, f"no running request with id {body.rid!r}", param="rid")
+        return {"rid": body.rid, "aborted": True}
+
+    @router.get("/get_model_info")
+    async def model_info() -> dict[str, Any]:
+        info = fe.info
+        return {"model_path": info["model_path"], "tokenizer_path": info["model_path"],
+                "served_model_name": served_name, "is_generation": True, "model_type": info.get("model_type"),
+                "context_length": info["context_length"], "vocab_size": info["vocab_size"]}
+
+    @router.get("/get_server_info")
+    async def server_info() -> JSONResponse:
+        fields = dataclasses.asdict(args)
+        if fields.get("api_key"):
+            fields["api_key"] = "<redacted>"
+        return JSONResponse({**fields, "served_model_name": served_name, "model_info": fe.info,
+                             "version": getattr(dsaserve, "__version__", "0"),
+                             "internal_states": await fe.stats()})
+
+    return router

@@ -1,0 +1,46 @@
+"""Prometheus metrics of one server (own registry: two servers in one process never share counters)."""
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                    7.5, 10.0, 20.0, 40.0, 80.0, 160.0)
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.running = Gauge("dsaserve_num_running_reqs", "requests decoding", ["dp_rank"], registry=r)
+        self.queued = Gauge("dsaserve_num_queue_reqs", "requests waiting", ["dp_rank"], registry=r)
+        self.token_usage = Gauge("dsaserve_token_usage", "fraction of KV pages in use", ["dp_rank"], registry=r)
+        self.prompt_tokens = Counter("dsaserve_prompt_tokens", "prompt tokens of finished requests", registry=r)
+        self.generation_tokens = Counter("dsaserve_generation_tokens", "generated tokens", registry=r)
+        self.requests = Counter("dsaserve_requests", "finished requests", ["finish_reason"], registry=r)
+        self.ttft = Histogram("dsaserve_time_to_first_token_seconds", "time to first token",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("dsaserve_inter_token_latency_seconds", "time between output tokens",
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("dsaserve_e2e_request_latency_seconds", "request latency, arrival to finish",
+                             buckets=_LATENCY_BUCKETS, registry=r)
+
+    def observe_tokens(self, n: int, since_last: float, first: bool) -> None:
+        self.generation_tokens.inc(n)
+        (self.ttft if first else self.itl).observe(since_last)
+
+    def observe_finish(self, reason: str, prompt_tokens: int, latency: float) -> None:
+        self.prompt_tokens.inc(prompt_tokens)
+        self.requests.labels(finish_reason=reason).inc()
+        self.e2e.observe(latency)
+
+    def render(self, states: list[dict[str, Any]]) -> bytes:
+        for s in states:
+            if "running" not in s:
+                continue  # a dead rank: its last values would be stale
+            rank = str(s["dp_rank"])
+            self.running.labels(dp_rank=rank).set(s["running"])
+            self.queued.labels(dp_rank=rank).set(s["waiting"])
+            self.token_usage.labels(dp_rank=rank).set(1.0 - s["free_pages"] / max(s["total_pages"], 1))
+        return generate_latest(self.registry)

@@ -1,0 +1,141 @@
+"""Helpers shared by the routes: collecting results, merging n streams, SSE with abort on disconnect."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Awaitable, Callable, TypeVar
+
+import anyio
+from fastapi import Request
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from dsaserve.engine.request import FinishReason, RequestError, SamplingParams
+from dsaserve.server.errors import ApiError, bad_request
+from dsaserve.server.frontend import Delta, EngineFailure, Frontend, RequestHandle
+from dsaserve.server.protocol import sse
+
+T = TypeVar("T")
+DONE = "data: [DONE]\n\n"
+
+
+@dataclass
+class Result:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
+    finish: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def add(self, d: Delta) -> None:
+        self.text += d.text
+        self.token_ids += d.token_ids
+        self.logprobs += d.logprobs
+        self.finish, self.prompt_tokens, self.completion_tokens = d.finish, d.prompt_tokens, d.completion_tokens
+
+
+def checked(params: SamplingParams) -> SamplingParams:
+    """Bad sampling values are a 400 before anything is queued."""
+    try:
+        params.validate()
+    except RequestError as exc:
+        raise bad_request(str(exc)) from None
+    return params
+
+
+async def collect(handle: RequestHandle) -> Result:
+    res = Result()
+    try:
+        async for d in handle.deltas():
+            res.add(d)
+    except EngineFailure as exc:
+        raise ApiError(503, str(exc)) from None
+    if res.finish is not None and res.finish.kind == "error":
+        raise ApiError(500, res.finish.message or "the request failed in the engine")
+    return res
+
+
+async def merged(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, Delta]]:
+    """Deltas of several requests as they arrive, tagged with the request's index."""
+    queue: asyncio.Queue[tuple[int, Delta | Exception | None]] = asyncio.Queue()
+
+    async def pump(i: int, handle: RequestHandle) -> None:
+        try:
+            async for d in handle.deltas():
+                queue.put_nowait((i, d))
+        except EngineFailure as exc:
+            queue.put_nowait((i, exc))
+        queue.put_nowait((i, None))
+
+    tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+def error_event(exc: Exception) -> str:
+    err = exc if isinstance(exc, ApiError) else ApiError(503 if isinstance(exc, EngineFailure) else 500, str(exc))
+    return sse(err.body())
+
+
+def aborter(frontend: Frontend, handles: list[RequestHandle]) -> Callable[[], None]:
+    def abort() -> None:
+        for h in handles:
+            if not h.finished:
+                frontend.abort(h.rid, "the client disconnected")
+    return abort
+
+
+class AbortingStream(StreamingResponse):
+    """An SSE response that watches for the client going away (even while no token flows) and
+    then aborts its requests, so their pages return to the pool."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]):
+        super().__init__(content, media_type="text/event-stream")
+        self.on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+                async def stream() -> None:
+                    with contextlib.suppress(OSError):  # the client went away mid-write
+                        await self.stream_response(send)
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(stream)
+                await self.listen_for_disconnect(receive)
+                tg.cancel_scope.cancel()
+        finally:
+            self.on_close()
+            with contextlib.suppress(Exception):
+                await self.body_iterator.aclose()  # type: ignore[attr-defined]
+
+
+async def until_disconnect(request: Request, work: Awaitable[T], on_disconnect: Callable[[], None]) -> T:
+    """Await `work`; if the client disconnects first, abort (the work then ends quickly)."""
+    work_task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.create_task(watch())
+    try:
+        await asyncio.wait({work_task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not work_task.done():
+        on_disconnect()
+    return await work_task

@@ -1,0 +1,116 @@
+"""The DP group leader's loop: an Engine driven by add / abort / stats messages from the frontend.
+
+It steps the engine while it has work (polling ZMQ without blocking), waits briefly for messages
+when idle, and exits on Shutdown or when its parent process is gone (so a killed server leaves no
+orphans behind).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from typing import Any
+
+import zmq
+
+from dsaserve.engine.scheduler import QueueFull
+from dsaserve.engine.request import RequestError
+from dsaserve.server import messages as m
+from dsaserve.server_args import ServerArgs
+
+log = logging.getLogger(__name__)
+IDLE_POLL_MS = 50  # how long an idle leader waits for messages before checking on its parent
+
+
+def run_worker(args: ServerArgs, dp_rank: int, endpoints: m.Endpoints, parent_pid: int) -> None:
+    """Process entry point (multiprocessing spawn)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
+    logging.basicConfig(level=args.log_level.upper(),
+                        format=f"%(asctime)s %(levelname)s dp{dp_rank} %(name)s: %(message)s")
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    pull.connect(endpoints.requests)
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 2000)
+    push.connect(endpoints.outputs)
+    try:
+        engine = _build_engine(args, push)
+        if engine is not None:
+            WorkerLoop(engine, pull, push, parent_pid).run()
+    finally:
+        pull.close(linger=0)
+        push.close()
+        ctx.term()
+
+
+def _build_engine(args: ServerArgs, push: zmq.Socket) -> Any:
+    from dsaserve.engine.engine import Engine
+    try:
+        engine = Engine(args, progress=False)
+    except Exception as exc:  # reported to the frontend, which prints it and exits
+        log.exception("engine start failed")
+        push.send_pyobj([m.StartupFailed(f"{type(exc).__name__}: {exc}")])
+        return None
+    stats = engine.stats()
+    push.send_pyobj([m.Ready({
+        "model_path": engine.model_path, "context_length": engine.context_length,
+        "vocab_size": engine.cfg.vocab_size, "model_type": getattr(engine.cfg, "model_type", None),
+        "total_pages": stats.total_pages, "page_size": args.page_size,
+        "eos_token_ids": sorted(engine.eos_ids)})])
+    return engine
+
+
+class WorkerLoop:
+    def __init__(self, engine: Any, pull: zmq.Socket, push: zmq.Socket, parent_pid: int):
+        self.engine, self.pull, self.push, self.parent_pid = engine, pull, push, parent_pid
+        self.stopping = False
+
+    def run(self) -> None:
+        while not self.stopping:
+            events = self._receive(0 if self.engine.has_work() else IDLE_POLL_MS)
+            if os.getppid() != self.parent_pid:
+                log.warning("the server process is gone; exiting")
+                return
+            if self.engine.has_work():
+                events += self.engine.step()
+            if events:
+                self.push.send_pyobj(events)
+
+    def _receive(self, timeout_ms: int) -> list[m.Event]:
+        events: list[m.Event] = []
+        if not self.pull.poll(timeout_ms):
+            return events
+        while True:
+            try:
+                msg = self.pull.recv_pyobj(zmq.NOBLOCK)
+            except zmq.Again:
+                return events
+            events += self._handle(msg)
+
+    def _handle(self, msg: Any) -> list[m.Event]:
+        if isinstance(msg, m.AddRequest):
+            return [self._add(msg)]
+        if isinstance(msg, m.AbortRequest):
+            self.engine.abort(msg.rid, msg.message)  # its final output comes from the next step
+            return []
+        if isinstance(msg, m.StatsRequest):
+            return [m.Stats(msg.token, self.engine.stats())]
+        if isinstance(msg, m.Shutdown):
+            for rid in list(self.engine.requests):
+                self.engine.abort(rid, msg.message)
+            self.stopping = True
+            return list(self.engine.step())  # the abort outputs, so no stream is left hanging
+        log.error("unknown message %r", type(msg).__name__)
+        return []
+
+    def _add(self, msg: m.AddRequest) -> m.Event:
+        try:
+            self.engine.add_request(msg.rid, msg.prompt_ids, msg.params)
+        except QueueFull as exc:
+            return m.Rejected(msg.rid, str(exc), 503)
+        except RequestError as exc:
+            return m.Rejected(msg.rid, str(exc), 400)
+        except Exception as exc:  # a bug must not take the leader down with it
+            log.exception("add_request failed")
+            return m.Rejected(msg.rid, f"{type(exc).__name__}: {exc}", 500)
+        return m.Accepted(msg.rid)

@@ -1,0 +1,110 @@
+"""Start a real `dsaserve serve` process on a free loopback port (tests, benchmarks, examples)."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+READY_PREFIX = "dsaserve ready on "
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below `pid` (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def is_running(pid: int) -> bool:
+    """True for a live process; a zombie (exited, not yet reaped) counts as gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+class ServerProcess:
+    """`with ServerProcess(model_path, page_size=4) as srv: srv.url ...`; output goes to a log file."""
+
+    def __init__(self, model_path: str, log_path: str | Path, startup_timeout: float = 120.0, **flags: object):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = Path(log_path)
+        self.startup_timeout = startup_timeout
+        self.cmd = [sys.executable, "-m", "dsaserve", "serve", "--model-path", model_path, "--port", str(self.port)]
+        for key, value in flags.items():
+            flag = "--" + key.replace("_", "-")
+            self.cmd += [flag] if value is True else [flag, str(value)]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> ServerProcess:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if READY_PREFIX in self.log():
+                return
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited with code {self.proc.returncode}:\n{self.log()[-3000:]}")
+            time.sleep(0.1)
+        self.stop()
+        raise TimeoutError(f"the server was not ready within {self.startup_timeout} s:\n{self.log()[-3000:]}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def ready_lines(self) -> list[str]:
+        return [line for line in self.log().splitlines() if line.startswith(READY_PREFIX)]
+
+    def server_info(self, api_key: str | None = None) -> dict:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        return httpx.get(f"{self.url}/get_server_info", headers=headers, timeout=30).json()
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM, then SIGKILL for the whole tree if it does not exit in time."""
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        tree = descendants(self.proc.pid)
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            for pid in [self.proc.pid, *tree]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            return self.proc.wait(timeout)

@@ -1,0 +1,38 @@
+"""`dsaserve bench serving` against a live server: every metric in its JSON, token counts exact."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dsaserve.bench.serving import BenchConfig, make_requests
+from server_process import ServerProcess
+
+pytestmark = pytest.mark.timeout(180)
+METRICS = ["completed", "failed", "duration_s", "total_input_tokens", "total_output_tokens", "request_throughput",
+           "input_throughput", "output_throughput"] + [
+    f"{stat}_{name}_ms" for name in ("ttft", "tpot", "itl", "e2e_latency") for stat in ("mean", "median", "p99")]
+
+
+def test_bench_serving(tiny_ds: str, tmp_path: Path) -> None:
+    with ServerProcess(tiny_ds, tmp_path / "server.log", page_size=4, max_total_tokens=4096) as server:
+        out = tmp_path / "bench.json"
+        args = ["--base-url", f"{server.url}/v1", "--num-prompts", "24", "--input-len", "32", "--output-len", "8",
+                "--range-ratio", "0.5", "--max-concurrency", "8", "--request-rate", "100", "--seed", "3",
+                "--output-json", str(out)]
+        run = subprocess.run([sys.executable, "-m", "dsaserve", "bench", "serving", *args], capture_output=True,
+                             text=True, timeout=120)
+        assert run.returncode == 0, run.stderr[-2000:]
+    metrics = json.loads(out.read_text())
+    assert not [k for k in METRICS if k not in metrics]
+    assert metrics["completed"] == 24 and metrics["failed"] == 0
+    reqs = make_requests(BenchConfig(input_len=32, output_len=8, range_ratio=0.5, num_prompts=24, seed=3), 512)
+    assert metrics["total_input_tokens"] == sum(len(p) for p, _ in reqs)
+    assert metrics["total_output_tokens"] == sum(n for _, n in reqs)
+    assert 0 < metrics["median_ttft_ms"] <= metrics["p99_ttft_ms"] and metrics["mean_itl_ms"] > 0
+    assert metrics["output_throughput"] > 0 and metrics["request_throughput"] > 0
+    for title in ("Request throughput", "Output token throughput", "Median TTFT", "P99 TPOT", "Mean ITL"):
+        assert title in run.stdout

@@ -1,0 +1,134 @@
+"""Every error case gets its status and a message naming the problem; the server serves the next request."""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from server_process import ServerProcess
+
+pytestmark = pytest.mark.timeout(180)
+KEY = "sekret"
+FLAGS = dict(page_size=4, max_total_tokens=4096, context_length=128, api_key=KEY,
+             max_running_requests=1, max_queued_requests=1)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_ds: str, tmp_path_factory: pytest.TempPathFactory):
+    with ServerProcess(tiny_ds, tmp_path_factory.mktemp("srv") / "server.log", **FLAGS) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def model(tiny_ds: str) -> str:
+    return Path(tiny_ds).name
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def post(server: ServerProcess, path: str, body: dict, key: str | None = KEY) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.post(f"{server.url}{path}", json=body, headers=headers, timeout=60)
+
+
+def assert_serves(client: openai.OpenAI, model: str) -> None:
+    r = client.completions.create(model=model, prompt="Hello", max_tokens=3, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 3
+
+
+BAD = [  # (path, body changes, status, words in the message)
+    ("/v1/completions", {"prompt": [7] * 200}, 400, "200 tokens but the context length is 128"),
+    ("/v1/completions", {"prompt": [7] * 100, "max_tokens": 40}, 400, "prompt (100 tokens) + max_tokens (40)"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi " * 150}]}, 400, "context length"),
+    ("/v1/completions", {"prompt": [], "max_tokens": 2}, 400, "prompt is empty"),
+    ("/v1/completions", {"temperature": -1}, 400, "temperature must be >= 0"),
+    ("/v1/completions", {"top_p": 0}, 400, "top_p must be in (0, 1]"),
+    ("/v1/completions", {"max_tokens": 0}, 400, "max_tokens must be > 0"),
+    ("/v1/completions", {"n": 0}, 400, "n"),
+    ("/v1/completions", {"logprobs": 50}, 400, "logprobs"),
+    ("/v1/completions", {"temperature": "hot"}, 400, "temperature"),
+    ("/v1/completions", {"prompt": [5, 99999]}, 400, "token id 99999 is outside the vocabulary"),
+    ("/v1/completions", {"routed_dp_rank": 3}, 400, "routed_dp_rank must be in [0, 1)"),
+    ("/v1/completions", {"stop": [""]}, 400, "stop strings must be non-empty"),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages"),
+    ("/v1/completions", {"model": "gpt-17"}, 404, "'gpt-17' does not exist"),
+    ("/generate", {"model": None, "sampling_params": {"max_new_tokens": 2, "temprature": 0.5}}, 400, "temprature"),
+    ("/generate", {"model": None, "sampling_params": {"max_new_tokens": 2}}, 400, "exactly one of text and input_ids"),
+]
+
+
+@pytest.mark.parametrize("path,changes,status,words", BAD)
+def test_bad_request(server: ServerProcess, client: openai.OpenAI, model: str, path: str, changes: dict,
+                     status: int, words: str) -> None:
+    body = {"model": model, "max_tokens": 4}
+    body.update({"messages": [{"role": "user", "content": "hi"}]} if "chat" in path else {"prompt": [5, 6]})
+    body.update(changes)
+    r = post(server, path, {k: v for k, v in body.items() if v is not None})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert words in err["message"] and err["type"] and "code" in err and "param" in err
+    assert_serves(client, model)
+
+
+def test_openai_client_raises_typed_errors(client: openai.OpenAI, model: str) -> None:
+    with pytest.raises(openai.BadRequestError, match="context length is 128"):
+        client.completions.create(model=model, prompt=[7] * 130, max_tokens=2)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="context length"):
+        client.completions.create(model=model, prompt=[7] * 130, max_tokens=2, stream=True)
+    assert_serves(client, model)
+
+
+def test_api_key(server: ServerProcess, client: openai.OpenAI, model: str) -> None:
+    for key in (None, "wrong"):
+        r = post(server, "/v1/completions", {"model": model, "prompt": "hi"}, key=key)
+        assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
+    bad = openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    assert httpx.get(f"{server.url}/health").status_code == 200  # health checks need no key
+    assert httpx.get(f"{server.url}/get_server_info").status_code == 401
+    info = httpx.get(f"{server.url}/get_server_info", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert info["api_key"] == "<redacted>"
+    assert_serves(client, model)
+
+
+def test_queue_full_is_503(server: ServerProcess, client: openai.OpenAI, model: str) -> None:
+    """One running (max_running_requests=1), one waiting (max_queued_requests=1): the third gets 503."""
+    started = [threading.Event(), threading.Event()]
+    stop = threading.Event()
+
+    def hold(i: int) -> None:
+        stream = client.completions.create(model=model, prompt=[5, 6, 7], max_tokens=120, temperature=0,
+                                           stream=True, extra_body={"ignore_eos": True})
+        started[i].set()  # the request was accepted (headers arrived)
+        for _ in stream:
+            if stop.is_set():
+                break
+        stream.close()
+
+    threads = [threading.Thread(target=hold, args=(i,), daemon=True) for i in range(2)]
+    threads[0].start()
+    assert started[0].wait(30)
+    threads[1].start()
+    assert started[1].wait(30)
+    try:
+        r = post(server, "/v1/completions", {"model": model, "prompt": [5, 6], "max_tokens": 2})
+        assert r.status_code == 503 and "queue is full" in r.json()["error"]["message"]
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    deadline = time.monotonic() + 30
+    while server.server_info(KEY)["internal_states"][0]["running"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert_serves(client, model)

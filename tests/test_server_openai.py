@@ -1,0 +1,195 @@
+"""The HTTP server with the official openai client: same greedy tokens as LLM.generate, streaming and
+not, sync and async; n / seed, stop strings, usage, 64 concurrent streams, native and info routes."""
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from dsaserve import LLM, SamplingParams
+from server_process import ServerProcess
+
+pytestmark = pytest.mark.timeout(180)
+FLAGS = dict(page_size=4, max_total_tokens=4096)
+PROMPTS = ["Hello world", "The quick brown fox", "Tell me a story about a robot"]
+AS_IDS = {"return_tokens_as_token_ids": True, "ignore_eos": True}
+MAX = 10
+
+
+def ids_of(tokens: list[str]) -> list[int]:
+    return [int(t.removeprefix("token_id:")) for t in tokens]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_ds: str, tmp_path_factory: pytest.TempPathFactory):
+    with ServerProcess(tiny_ds, tmp_path_factory.mktemp("srv") / "server.log", **FLAGS) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_ds: str) -> LLM:
+    return LLM(tiny_ds, **FLAGS)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_ds: str) -> str:
+    return Path(tiny_ds).name
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def greedy(llm: LLM, prompts: list, **kw) -> list:
+    return llm.generate(prompts, SamplingParams(max_tokens=MAX, temperature=0.0, ignore_eos=True, **kw))
+
+
+def test_ready_line_printed_once(server: ServerProcess, model: str) -> None:
+    assert server.ready_lines() == [f"dsaserve ready on {server.url} (model {model})"]
+
+
+def test_completions_match_llm(client: openai.OpenAI, llm: LLM, model: str) -> None:
+    for prompt, exp in zip(PROMPTS, greedy(llm, PROMPTS, logprobs=2)):
+        r = client.completions.create(model=model, prompt=prompt, max_tokens=MAX, temperature=0, logprobs=2,
+                                      extra_body=AS_IDS)
+        c = r.choices[0]
+        assert ids_of(c.logprobs.tokens) == exp.token_ids and c.text == exp.text
+        assert all(len(top) == 2 for top in c.logprobs.top_logprobs)
+        assert c.logprobs.token_logprobs[0] == pytest.approx(exp.logprobs[0][0], abs=1e-4)
+        assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (exp.prompt_tokens, MAX)
+        assert r.usage.total_tokens == exp.prompt_tokens + MAX and c.finish_reason == "length"
+
+        chunks = list(client.completions.create(model=model, prompt=prompt, max_tokens=MAX, temperature=0,
+                                                logprobs=0, stream=True, stream_options={"include_usage": True},
+                                                extra_body=AS_IDS))
+        body = [ch.choices[0] for ch in chunks if ch.choices]
+        assert ids_of([t for ch in body for t in ch.logprobs.tokens]) == exp.token_ids
+        assert "".join(ch.text for ch in body) == exp.text and body[-1].finish_reason == "length"
+        assert chunks[-1].usage.completion_tokens == MAX and chunks[-1].usage.prompt_tokens == exp.prompt_tokens
+
+
+def test_token_id_prompts_and_prompt_lists(client: openai.OpenAI, llm: LLM, model: str) -> None:
+    prompts = [[5, 6, 7, 8, 9], [40, 41, 42]]
+    expected = greedy(llm, prompts)
+    r = client.completions.create(model=model, prompt=prompts, max_tokens=MAX, temperature=0, logprobs=0,
+                                  extra_body=AS_IDS)
+    assert [ids_of(c.logprobs.tokens) for c in sorted(r.choices, key=lambda c: c.index)] == \
+        [e.token_ids for e in expected]
+    assert r.usage.prompt_tokens == 8 and r.usage.completion_tokens == 2 * MAX
+
+
+def test_chat_sync_matches_llm(client: openai.OpenAI, llm: LLM, model: str) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    exp = greedy(llm, [llm.tokenizer.chat(messages)])[0]
+    r = client.chat.completions.create(model=model, messages=messages, max_completion_tokens=MAX, temperature=0,
+                                       logprobs=True, top_logprobs=3, extra_body=AS_IDS)
+    c = r.choices[0]
+    assert ids_of([t.token for t in c.logprobs.content]) == exp.token_ids
+    assert c.message.content == exp.text and c.message.role == "assistant"
+    assert all(len(t.top_logprobs) == 3 for t in c.logprobs.content)
+    assert r.usage.prompt_tokens == exp.prompt_tokens and r.usage.completion_tokens == MAX
+
+
+def test_async_streaming_matches_llm(server: ServerProcess, llm: LLM, model: str) -> None:
+    messages = [{"role": "user", "content": "Tell me a story"}]
+    exp_chat = greedy(llm, [llm.tokenizer.chat(messages)])[0]
+    exp_cmpl = greedy(llm, PROMPTS)
+
+    async def chat(client: openai.AsyncOpenAI) -> tuple[str, list[int], int]:
+        stream = await client.chat.completions.create(
+            model=model, messages=messages, max_tokens=MAX, temperature=0, logprobs=True, stream=True,
+            stream_options={"include_usage": True}, extra_body=AS_IDS)
+        text, ids, usage = "", [], 0
+        async for ch in stream:
+            if ch.choices:
+                text += ch.choices[0].delta.content or ""
+                ids += ids_of([t.token for t in (ch.choices[0].logprobs.content if ch.choices[0].logprobs else [])])
+            if ch.usage:
+                usage = ch.usage.completion_tokens
+        return text, ids, usage
+
+    async def cmpl(client: openai.AsyncOpenAI, prompt: str) -> str:
+        r = await client.completions.create(model=model, prompt=prompt, max_tokens=MAX, temperature=0,
+                                            extra_body={"ignore_eos": True})
+        return r.choices[0].text
+
+    async def main() -> tuple:
+        async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0) as client:
+            return await asyncio.gather(chat(client), *(cmpl(client, p) for p in PROMPTS))
+
+    (text, ids, usage), *texts = asyncio.run(main())
+    assert (text, ids, usage) == (exp_chat.text, exp_chat.token_ids, MAX)
+    assert texts == [e.text for e in exp_cmpl]
+
+
+def test_n_with_seed_and_stop(client: openai.OpenAI, llm: LLM, model: str) -> None:
+    sampled = [llm.generate([[5, 6, 7]], SamplingParams(max_tokens=MAX, temperature=1.0, seed=s, ignore_eos=True))[0]
+               for s in (100, 101)]
+    r = client.completions.create(model=model, prompt=[5, 6, 7], n=2, seed=100, max_tokens=MAX, temperature=1.0,
+                                  logprobs=0, extra_body=AS_IDS)
+    got = [ids_of(c.logprobs.tokens) for c in sorted(r.choices, key=lambda c: c.index)]
+    assert got == [s.token_ids for s in sampled]
+    assert r.usage.prompt_tokens == 3 and r.usage.completion_tokens == 2 * MAX
+
+    full = greedy(llm, ["Hello world"])[0].text
+    stop = full[3:5]  # a stop string that appears in the greedy text
+    exp = llm.generate(["Hello world"], SamplingParams(max_tokens=MAX, temperature=0.0, stop=[stop]))[0]
+    for stream in (False, True):
+        r = client.completions.create(model=model, prompt="Hello world", max_tokens=MAX, temperature=0,
+                                      stop=[stop], stream=stream)
+        chunks = list(r) if stream else [r]
+        text = "".join(c.choices[0].text for c in chunks if c.choices)
+        assert text == exp.text and stop not in text
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+
+
+def test_64_concurrent_streams(server: ServerProcess, model: str) -> None:
+    async def one(client: openai.AsyncOpenAI, i: int) -> tuple[int, int, int]:
+        prompt = [10 + i % 50] * (3 + i % 7)
+        stream = await client.completions.create(model=model, prompt=prompt, max_tokens=4 + i % 5, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True},
+                                                 extra_body={"ignore_eos": True})
+        chunks = [ch async for ch in stream]
+        usage = chunks[-1].usage
+        n_tokens = sum(1 for ch in chunks if ch.choices)
+        return usage.prompt_tokens - len(prompt), usage.completion_tokens - (4 + i % 5), n_tokens - (4 + i % 5)
+
+    async def main() -> list:
+        limits = httpx.Limits(max_connections=100)
+        async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=120,
+                                      http_client=httpx.AsyncClient(limits=limits)) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(64)))
+
+    assert asyncio.run(main()) == [(0, 0, 0)] * 64
+
+
+def test_native_generate_and_info(server: ServerProcess, llm: LLM) -> None:
+    exp = greedy(llm, [[5, 6, 7]])[0]
+    r = httpx.post(f"{server.url}/generate", json={"input_ids": [5, 6, 7], "sampling_params": {
+        "max_new_tokens": MAX, "temperature": 0, "ignore_eos": True}}, timeout=60).json()
+    assert r["output_ids"] == exp.token_ids and r["text"] == exp.text
+    assert r["meta_info"]["finish_reason"]["type"] == "length"
+    assert (r["meta_info"]["prompt_tokens"], r["meta_info"]["completion_tokens"]) == (3, MAX)
+    with httpx.stream("POST", f"{server.url}/generate", timeout=60, json={
+            "text": "Hello", "stream": True, "sampling_params": {"max_new_tokens": 3, "temperature": 0}}) as s:
+        events = [line[6:] for line in s.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and len(events) >= 2
+
+    info = server.server_info()
+    assert info["page_size"] == 4 and info["internal_states"][0]["running"] == 0
+    assert set(info["internal_states"][0]) >= {"running", "waiting", "free_pages", "total_pages", "num_retractions"}
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    assert httpx.get(f"{server.url}/health_generate", timeout=60).status_code == 200
+    assert httpx.get(f"{server.url}/get_model_info").json()["vocab_size"] == llm.engine.cfg.vocab_size
+    models = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x").models.list()
+    assert [m.id for m in models.data] == [Path(llm.engine.model_path).name]
+    metrics = httpx.get(f"{server.url}/metrics").text
+    for name in ("dsaserve_num_running_reqs", "dsaserve_num_queue_reqs", "dsaserve_token_usage",
+                 "dsaserve_prompt_tokens_total", "dsaserve_generation_tokens_total",
+                 "dsaserve_time_to_first_token_seconds_bucket", "dsaserve_inter_token_latency_seconds_bucket",
+                 "dsaserve_e2e_request_latency_seconds_bucket"):
+        assert name in metrics
