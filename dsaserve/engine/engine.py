@@ -92,6 +92,11 @@ class Engine:
         self._finished_outside_step.append(self._output(req, [], []))
         return True
 
+    def take_finished(self) -> list[RequestOutput]:
+        """Final outputs of requests that ended outside a step (aborts), without stepping."""
+        outputs, self._finished_outside_step = self._finished_outside_step, []
+        return outputs
+
     def has_work(self) -> bool:
         return self.scheduler.has_work() or bool(self._finished_outside_step)
 
@@ -114,7 +119,7 @@ class Engine:
     def step(self, keep_alive: bool = False, stop: bool = False) -> list[RequestOutput]:
         """One step of the whole deployment. `keep_alive`: the caller has requests still to add
         (keeps the other ranks stepping); `stop`: ask every rank to leave its loop."""
-        outputs, self._finished_outside_step = self._finished_outside_step, []
+        outputs = self.take_finished()
         plan = self.scheduler.schedule() if self.par.cfg.is_leader else None
         plan, self.last_sync = self.sync(plan, keep_alive, stop)
         if sum(self.last_sync.dp_sizes) == 0:

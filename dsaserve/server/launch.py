@@ -24,7 +24,8 @@ from dsaserve.server.app import create_app
 from dsaserve.server.frontend import Frontend, StartupError, stop_process
 from dsaserve.server.messages import Endpoints
 from dsaserve.server.metrics import ServerMetrics
-from dsaserve.server.worker import run_worker
+from dsaserve.parallel.launch import free_port, ranks_on_this_node
+from dsaserve.server.worker import run_rank
 from dsaserve.server_args import ServerArgs
 
 GRACEFUL_SHUTDOWN_S = 5
@@ -62,9 +63,12 @@ def serve(args: ServerArgs) -> int:
     from dsaserve.tiny import default_model_path
     if args.model_path is None:
         args = args.replace(model_path=str(default_model_path()))  # made once here, not per rank
-    if args.tp > 1:  # the frontend routes over DP leaders already; multi-rank leaders come later
-        print("error: serving with --tp > 1 (and so --dp > 1) is not built yet", file=sys.stderr)
+    problem = _multi_node_problem(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
+    if args.node_rank > 0:
+        return _serve_other_node(args)
     try:
         return asyncio.run(_serve(args))
     except KeyboardInterrupt:  # Ctrl-C while the model was loading: children were stopped in _serve
@@ -75,14 +79,52 @@ def _ipc_endpoints(root: Path, dp: int) -> list[Endpoints]:
     return [Endpoints(f"ipc://{root}/req-{r}", f"ipc://{root}/out-{r}") for r in range(dp)]
 
 
+def _multi_node_problem(args: ServerArgs) -> str | None:
+    if args.nnodes == 1:
+        return None
+    if args.dist_init_addr is None:
+        return "--nnodes > 1 needs --dist-init-addr HOST:PORT (node 0's address)"
+    if args.tp % args.nnodes:
+        return f"--tp ({args.tp}) must be divisible by --nnodes ({args.nnodes})"
+    last_leader = (args.dp - 1) * (args.tp // args.dp)
+    if last_leader >= args.tp // args.nnodes:
+        return (f"every DP group leader must run on node 0 (it talks to the HTTP frontend), but rank "
+                f"{last_leader} leads DP group {args.dp - 1}: use fewer DP groups or fewer nodes")
+    return None
+
+
+def _rank_processes(args: ServerArgs, endpoints: list[Endpoints]) -> list[BaseProcess]:
+    init_addr = args.dist_init_addr or f"127.0.0.1:{free_port()}"
+    ctx = mp.get_context("spawn")
+    return [ctx.Process(target=run_rank, args=(args, r, endpoints, os.getpid(), init_addr), name=f"dsaserve-rank{r}")
+            for r in ranks_on_this_node(args)]
+
+
+def _serve_other_node(args: ServerArgs) -> int:
+    """Nodes other than 0 run ranks only (no DP leader, no HTTP); they end with node 0."""
+    procs = _rank_processes(args, [])
+    for proc in procs:
+        proc.start()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    print(f"dsaserve node {args.node_rank} running ranks {[p.name for p in procs]}", flush=True)
+    try:
+        for proc in procs:
+            proc.join()
+    except (KeyboardInterrupt, SystemExit):
+        pass
+    finally:
+        for proc in procs:
+            stop_process(proc)
+    return 0 if all(p.exitcode == 0 for p in procs) else 1
+
+
 async def _serve(args: ServerArgs) -> int:
     root = Path(tempfile.mkdtemp(prefix="dsaserve-"))
     endpoints = _ipc_endpoints(root, args.dp)
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=run_worker, args=(args, r, endpoints[r], os.getpid()), name=f"dsaserve-dp{r}")
-             for r in range(args.dp)]
+    procs = _rank_processes(args, endpoints)
+    leaders = [procs[g * (args.tp // args.dp)] for g in range(args.dp)]
     metrics = ServerMetrics()
-    frontend = Frontend(args, endpoints, procs, metrics)
+    frontend = Frontend(args, endpoints, leaders, metrics)
     early = _EarlyStop(asyncio.get_running_loop(), asyncio.current_task())
     signal.signal(signal.SIGTERM, early)  # loading can take minutes: stay stoppable until uvicorn takes over
     try:
@@ -138,7 +180,7 @@ async def _run_http(args: ServerArgs, frontend: Frontend, metrics: ServerMetrics
 
 async def _stop(frontend: Frontend, procs: list[BaseProcess]) -> None:
     try:
-        await asyncio.shield(frontend.close())
-    except BaseException:  # noqa: BLE001 - whatever happened, no child may outlive us
+        await asyncio.shield(frontend.close())  # the leaders; their followers stop in the same step
+    finally:  # whatever happened, no child may outlive us (a follower stuck in a collective included)
         for proc in procs:
             stop_process(proc)

@@ -1,8 +1,10 @@
-"""The DP group leader's loop: an Engine driven by add / abort / stats messages from the frontend.
+"""Rank processes: a DP group leader's loop (an Engine driven by add / abort / stats messages from
+the frontend) and the loop of the other ranks of its group (they run the leader's plans).
 
-It steps the engine while it has work (polling ZMQ without blocking), waits briefly for messages
-when idle, and exits on Shutdown or when its parent process is gone (so a killed server leaves no
-orphans behind).
+A leader steps the engine while it has work (polling ZMQ without blocking), waits briefly for
+messages when idle, and exits on Shutdown or when its parent process is gone (so a killed server
+leaves no orphans behind). With DP attention (dp > 1) the leaders step in lockstep even when idle,
+because another group's step needs every rank in its collectives.
 """
 from __future__ import annotations
 
@@ -20,13 +22,31 @@ from dsaserve.server_args import ServerArgs
 
 log = logging.getLogger(__name__)
 IDLE_POLL_MS = 50  # how long an idle leader waits for messages before checking on its parent
+LOCKSTEP_POLL_MS = 2  # idle DP leaders still step together: keep the shared step cadence short
 
 
-def run_worker(args: ServerArgs, dp_rank: int, endpoints: m.Endpoints, parent_pid: int) -> None:
-    """Process entry point (multiprocessing spawn)."""
+def run_rank(args: ServerArgs, rank: int, endpoints: list[m.Endpoints], parent_pid: int, init_addr: str) -> None:
+    """Process entry point (multiprocessing spawn) of one rank."""
+    from dsaserve.parallel.launch import init_distributed
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
     logging.basicConfig(level=args.log_level.upper(),
-                        format=f"%(asctime)s %(levelname)s dp{dp_rank} %(name)s: %(message)s")
+                        format=f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s")
+    par = init_distributed(args, rank, init_addr)
+    if par.cfg.is_leader:
+        run_worker(args, par, endpoints[par.cfg.dp_rank], parent_pid)
+    else:
+        _follow(args, par)
+
+
+def _follow(args: ServerArgs, par: Any) -> None:
+    """A non-leader rank: run the leader's plans until any rank asks every rank to stop."""
+    from dsaserve.engine.engine import Engine
+    engine = Engine(args, progress=False, par=par)
+    while not engine.last_sync.any_stop:
+        engine.step()
+
+
+def run_worker(args: ServerArgs, par: Any, endpoints: m.Endpoints, parent_pid: int) -> None:
     ctx = zmq.Context()
     pull = ctx.socket(zmq.PULL)
     pull.connect(endpoints.requests)
@@ -34,19 +54,19 @@ def run_worker(args: ServerArgs, dp_rank: int, endpoints: m.Endpoints, parent_pi
     push.setsockopt(zmq.LINGER, 2000)
     push.connect(endpoints.outputs)
     try:
-        engine = _build_engine(args, push)
+        engine = _build_engine(args, par, push)
         if engine is not None:
-            WorkerLoop(engine, pull, push, parent_pid).run()
+            WorkerLoop(engine, pull, push, parent_pid, lockstep=args.dp > 1).run()
     finally:
         pull.close(linger=0)
         push.close()
         ctx.term()
 
 
-def _build_engine(args: ServerArgs, push: zmq.Socket) -> Any:
+def _build_engine(args: ServerArgs, par: Any, push: zmq.Socket) -> Any:
     from dsaserve.engine.engine import Engine
     try:
-        engine = Engine(args, progress=False)
+        engine = Engine(args, progress=False, par=par)
     except Exception as exc:  # reported to the frontend, which prints it and exits
         log.exception("engine start failed")
         push.send_pyobj([m.StartupFailed(f"{type(exc).__name__}: {exc}")])
@@ -61,20 +81,30 @@ def _build_engine(args: ServerArgs, push: zmq.Socket) -> Any:
 
 
 class WorkerLoop:
-    def __init__(self, engine: Any, pull: zmq.Socket, push: zmq.Socket, parent_pid: int):
+    def __init__(self, engine: Any, pull: zmq.Socket, push: zmq.Socket, parent_pid: int, lockstep: bool = False):
         self.engine, self.pull, self.push, self.parent_pid = engine, pull, push, parent_pid
+        self.lockstep = lockstep
         self.stopping = False
 
     def run(self) -> None:
         while not self.stopping:
-            events = self._receive(0 if self.engine.has_work() else IDLE_POLL_MS)
+            busy = self.engine.has_work() or self.engine.last_sync.any_work
+            events = self._receive(0 if busy else (LOCKSTEP_POLL_MS if self.lockstep else IDLE_POLL_MS))
             if os.getppid() != self.parent_pid:
                 log.warning("the server process is gone; exiting")
                 return
-            if self.engine.has_work():
+            if self.engine.has_work() or self.lockstep:
                 events += self.engine.step()
+                if self.engine.last_sync.any_stop:  # another leader is shutting every rank down
+                    events += self._abort_all("the server is shutting down")
+                    self.stopping = True
             if events:
                 self.push.send_pyobj(events)
+
+    def _abort_all(self, message: str) -> list[m.Event]:
+        for rid in list(self.engine.requests):
+            self.engine.abort(rid, message)
+        return list(self.engine.take_finished())
 
     def _receive(self, timeout_ms: int) -> list[m.Event]:
         events: list[m.Event] = []
@@ -96,10 +126,10 @@ class WorkerLoop:
         if isinstance(msg, m.StatsRequest):
             return [m.Stats(msg.token, self.engine.stats())]
         if isinstance(msg, m.Shutdown):
-            for rid in list(self.engine.requests):
-                self.engine.abort(rid, msg.message)
             self.stopping = True
-            return list(self.engine.step())  # the abort outputs, so no stream is left hanging
+            events = self._abort_all(msg.message)  # the abort outputs, so no stream is left hanging
+            self.engine.step(stop=True)  # every other rank leaves its loop in this same step
+            return events
         log.error("unknown message %r", type(msg).__name__)
         return []
 

@@ -1,0 +1,71 @@
+"""Parallel serving through the live server: asymmetric routed_dp_rank load on partial DP attention,
+and pure TP; greedy tokens equal the single-device run; the server stays healthy and exits cleanly."""
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from conftest import prompts_ids
+from dsaserve import LLM, SamplingParams
+from server_process import ServerProcess, descendants, is_running
+
+pytestmark = pytest.mark.timeout(300)
+PROMPTS = prompts_ids(4, [5, 30, 12, 21], seed=31)  # below and above index_topk (16)
+MAX = 8
+EXTRA = {"return_tokens_as_token_ids": True, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_ds: str) -> list[list[int]]:
+    llm = LLM(tiny_ds, page_size=1, max_total_tokens=2048)
+    return [c.token_ids for c in llm.generate(PROMPTS, SamplingParams(max_tokens=MAX, temperature=0.0,
+                                                                      ignore_eos=True))]
+
+
+async def _routed(url: str, model: str, ranks: list[int]) -> list[list[int]]:
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+    async def one(prompt: list[int], rank: int) -> list[int]:
+        r = await client.completions.create(model=model, prompt=prompt, max_tokens=MAX, temperature=0, logprobs=0,
+                                            extra_body={**EXTRA, "routed_dp_rank": rank})
+        return [int(t.removeprefix("token_id:")) for t in r.choices[0].logprobs.tokens]
+
+    try:
+        return await asyncio.gather(*(one(p, r) for p, r in zip(PROMPTS, ranks)))
+    finally:
+        await client.close()
+
+
+def test_asymmetric_dp_routing(tiny_ds: str, expected: list[list[int]], tmp_path: Path) -> None:
+    flags = dict(tp=4, dp=2, enable_dp_attention=True, page_size=1, max_total_tokens=2048)
+    server = ServerProcess(tiny_ds, tmp_path / "server.log", **flags)
+    with server:
+        model = Path(tiny_ds).name
+        for ranks in ([0, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]):  # 1 vs 3, 3 vs 1, 0 vs 4, 4 vs 0
+            assert asyncio.run(_routed(server.url, model, ranks)) == expected, f"routed to {ranks}"
+        assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+        info = server.server_info()
+        ranks_info = info["internal_states"]  # one entry per DP rank
+        assert len(ranks_info) == 2 and all(r["running"] == 0 and r["waiting"] == 0 for r in ranks_info)
+        bad = httpx.post(f"{server.url}/v1/completions", timeout=30,
+                         json={"model": model, "prompt": [5, 6], "max_tokens": 2, "routed_dp_rank": 2})
+        assert bad.status_code == 400 and "routed_dp_rank" in bad.text
+        tree = descendants(server.proc.pid)
+        assert len(tree) >= 4  # one process per rank
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(10) == 0
+        deadline = time.monotonic() + 10
+        while any(is_running(pid) for pid in tree) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(is_running(pid) for pid in tree), "a rank process outlived the server"
+
+
+def test_pure_tp_server(tiny_ds: str, expected: list[list[int]], tmp_path: Path) -> None:
+    with ServerProcess(tiny_ds, tmp_path / "server.log", tp=2, page_size=1, max_total_tokens=2048) as server:
+        assert asyncio.run(_routed(server.url, Path(tiny_ds).name, [0, 0, 0, 0])) == expected
