@@ -30,7 +30,8 @@ class ServerArgs:
     dist_init_addr: str | None = _opt(None, "host:port of node 0 for torch.distributed")
     page_size: int = _opt(64, "tokens per KV cache page (1 or 64 are tested)")
     max_total_tokens: int | None = _opt(None, "KV cache capacity in tokens (default: from --mem-fraction)")
-    mem_fraction: float = _opt(0.85, "fraction of free device memory for weights' remainder: the KV pool")
+    mem_fraction: float = _opt(0.85, "share of the device memory still free after loading the weights that "
+                                       "the KV pool takes (CPU: of available RAM, at most 1 GiB)")
     max_running_requests: int = _opt(256, "most requests decoding at once")
     max_queued_requests: int = _opt(4096, "most requests waiting; more get 503")
     chunked_prefill_size: int = _opt(8192, "most prompt tokens prefilled in one step")
@@ -79,8 +80,8 @@ class ServerArgs:
                 parser.add_argument(flag, action="store_true", default=f.default, help=f.metadata["help"])
                 continue
             base = next(t for t in (int, float, str) if t in getattr(kind, "__args__", (kind,)))
-            parser.add_argument(flag, type=base, default=f.default,
-                                help=f"{f.metadata['help']} (default: {f.default})")
+            suffix = "" if f.default is None else f" (default: {f.default})"
+            parser.add_argument(flag, type=base, default=f.default, help=f.metadata["help"] + suffix)
 
     @classmethod
     def from_cli(cls, ns: argparse.Namespace) -> ServerArgs:
