@@ -50,7 +50,10 @@ _NOT_FP8 = ("embed_tokens", "lm_head", "norm", "mlp.gate.weight", "weights_proj"
 
 
 def make_tiny_model(out: str | Path, arch: str = "deepseek_v32", fp8: bool = False, layers: int | None = None,
-                    seed: int = 0, fp8_block: int = 128, **overrides: Any) -> Path:
+                    seed: int = 0, fp8_block: int = 128, dtype: torch.dtype = torch.float32,
+                    **overrides: Any) -> Path:
+    """`overrides` replace config.json fields (e.g. real DeepSeek dims for benchmarks); `dtype` is the
+    storage dtype of the high-precision tensors."""
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}: choose from {', '.join(ARCHS)}")
     out = Path(out)
@@ -62,6 +65,7 @@ def make_tiny_model(out: str | Path, arch: str = "deepseek_v32", fp8: bool = Fal
         config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                          "weight_block_size": [fp8_block, fp8_block]}
     tensors = _random_weights(config, torch.Generator().manual_seed(seed))
+    tensors = {n: t.to(dtype) if n.endswith("weight") and "weights_proj" not in n else t for n, t in tensors.items()}
     if fp8:
         tensors = _quantize(tensors, fp8_block)
     _save_sharded(out, tensors, shards=config["num_hidden_layers"] + 2)

@@ -1,0 +1,120 @@
+"""End-to-end engine benchmark: prefill throughput and decode step time of the offline engine.
+
+Builds a random checkpoint with DeepSeek-V3.2's per-layer shapes (hidden 7168, 128 MLA heads,
+latent 512 + 64, indexer 64 x 128 with top-k 2048, MoE 2048-wide experts, top-8 of n_group 8)
+but few layers and experts, so it fits one GPU and is made in seconds. Prints a table and writes
+JSON. Example (GPU):
+
+    python benchmarks/engine.py --out /tmp/bench-model --batch 1 16 64 --input-len 1024 --output-len 64
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from dsaserve import LLM, SamplingParams
+from dsaserve.tiny import make_tiny_model
+
+DEEPSEEK_V32_LAYER = dict(
+    vocab_size=32768, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+    num_attention_heads=128, num_key_value_heads=128, q_lora_rank=1536, kv_lora_rank=512,
+    qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128, n_shared_experts=1,
+    num_experts_per_tok=8, n_group=8, topk_group=4, index_n_heads=64, index_head_dim=128,
+    index_topk=2048, max_position_embeddings=163840, num_nextn_predict_layers=0,
+    rope_scaling={"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
+                  "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0})
+
+
+def run(llm: LLM, batch: int, input_len: int, output_len: int, vocab: int) -> dict[str, float]:
+    gen = torch.Generator().manual_seed(batch)
+    prompts = [torch.randint(10, vocab, (input_len,), generator=gen).tolist() for _ in range(batch)]
+    engine = llm.engine
+    for i, p in enumerate(prompts):
+        engine.add_request(f"b{batch}-{i}", p, SamplingParams(max_tokens=output_len, temperature=0.0,
+                                                              ignore_eos=True))
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    start, first, produced = time.perf_counter(), None, 0
+    while engine.has_work():
+        outs = engine.step()
+        produced += sum(len(o.new_token_ids) for o in outs)
+        if first is None and produced >= batch:  # every request has its first token: prefill done
+            sync()
+            first = time.perf_counter()
+    sync()
+    end = time.perf_counter()
+    decode_steps = output_len - 1
+    return dict(batch=batch, input_len=input_len, output_len=output_len, prefill_s=first - start,
+                prefill_tok_s=batch * input_len / (first - start),
+                decode_step_ms=1e3 * (end - first) / decode_steps,
+                decode_tok_s=batch * decode_steps / (end - first))
+
+
+def profile_decode(llm: LLM, batch: int, input_len: int, vocab: int) -> None:
+    """Top ops by device time and by host time over 8 decode steps (after prefill)."""
+    from torch.profiler import ProfilerActivity, profile
+    engine = llm.engine
+    gen = torch.Generator().manual_seed(0)
+    for i in range(batch):
+        engine.add_request(f"prof-{i}", torch.randint(10, vocab, (input_len,), generator=gen).tolist(),
+                           SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
+    while engine.steps == 0 or any(r.num_cached == 0 for r in engine.requests.values()):
+        engine.step()  # prefill
+    engine.step()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(8):
+            engine.step()
+        torch.cuda.synchronize()
+    for key in ("self_cuda_time_total", "self_cpu_time_total"):
+        print(prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=60))
+    engine.run_until_idle()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="/tmp/dsaserve-bench-model")
+    ap.add_argument("--layers", type=int, default=3, help="first is dense, the rest MoE")
+    ap.add_argument("--experts", type=int, default=16)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64])
+    ap.add_argument("--input-len", type=int, default=1024)
+    ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--backend", default="auto", help="torch or triton (auto: triton on cuda)")
+    ap.add_argument("--page-size", type=int, default=64)
+    ap.add_argument("--output-json", default=None)
+    ap.add_argument("--profile", action="store_true", help="print the top ops of 8 decode steps")
+    args = ap.parse_args()
+    path = Path(args.out)
+    if not (path / "config.json").is_file():
+        t = time.perf_counter()
+        make_tiny_model(path, "deepseek_v32", layers=args.layers, dtype=torch.bfloat16,
+                        n_routed_experts=args.experts, **DEEPSEEK_V32_LAYER)
+        print(f"made the benchmark checkpoint in {time.perf_counter() - t:.0f}s")
+    tokens = max(args.batch) * (args.input_len + args.output_len) + 4096
+    llm = LLM(str(path), page_size=args.page_size, max_total_tokens=tokens, attention_backend=args.backend,
+              moe_backend=args.backend, max_running_requests=max(args.batch),
+              chunked_prefill_size=max(8192, args.input_len))
+    vocab = DEEPSEEK_V32_LAYER["vocab_size"]
+    rows = []
+    for b in args.batch:  # Triton specialises kernels on shapes: compile outside the measured run
+        run(llm, b, args.input_len, 3, vocab)
+        rows.append(run(llm, b, args.input_len, args.output_len, vocab))
+    if args.profile:
+        profile_decode(llm, max(args.batch), args.input_len, vocab)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    print(f"\n{device}, {args.layers} layers ({args.experts} experts), backend {llm.engine.runner.ops.attention_backend}")
+    print(f"{'batch':>5} {'in':>6} {'out':>5} {'prefill s':>10} {'prefill tok/s':>14} {'decode ms/step':>15} "
+          f"{'decode tok/s':>13}")
+    for r in rows:
+        print(f"{r['batch']:>5} {r['input_len']:>6} {r['output_len']:>5} {r['prefill_s']:>10.3f} "
+              f"{r['prefill_tok_s']:>14.0f} {r['decode_step_ms']:>15.2f} {r['decode_tok_s']:>13.0f}")
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps({"device": device, "layers": args.layers,
+                                                      "experts": args.experts, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
