@@ -33,11 +33,7 @@ def _make_tiny(ns: argparse.Namespace) -> int:
 
 
 def _serve(ns: argparse.Namespace) -> int:
-    try:
-        from dsaserve.server.launch import serve
-    except ImportError:
-        print("error: the HTTP server is not part of this build yet (see README: what works)", file=sys.stderr)
-        return 2
+    from dsaserve.server.launch import serve
     return serve(ServerArgs.from_cli(ns))
 
 

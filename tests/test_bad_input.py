@@ -93,12 +93,39 @@ def test_stop_rules(llm: LLM) -> None:
     base = llm.generate([[9, 10, 11]], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))[0]
     stop_id = base.token_ids[5]
     first = base.token_ids.index(stop_id)
-    out = llm.generate([[9, 10, 11]], SamplingParams(max_tokens=12, temperature=0.0, stop_token_ids=(stop_id,)))[0]
+    out = llm.generate([[9, 10, 11]], SamplingParams(max_tokens=12, temperature=0.0, stop_token_ids=(stop_id,),
+                                                      ignore_eos=True))[0]
     assert out.token_ids == base.token_ids[:first + 1]
     assert out.finish_reason.kind == "stop" and out.finish_reason.matched == stop_id
     text = llm.tokenizer.decode(base.token_ids)
     start = next(i for i in range(len(text) // 2, len(text) - 1) if text[i:i + 2].isprintable() and
                  text[i:i + 2].strip() == text[i:i + 2] and "\ufffd" not in text[i:i + 2])
     stop = text[start:start + 2]
-    out = llm.generate([[9, 10, 11]], SamplingParams(max_tokens=12, temperature=0.0, stop=stop))[0]
+    out = llm.generate([[9, 10, 11]], SamplingParams(max_tokens=12, temperature=0.0, stop=stop, ignore_eos=True))[0]
     assert out.finish_reason.matched == stop and stop not in out.text and text.startswith(out.text)
+
+
+def test_failed_batch_ends_its_requests_and_engine_goes_on(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    runner = llm.engine.runner
+    real = runner.forward
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the first decode step of the batch fails
+            raise RuntimeError("simulated device fault")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "forward", flaky)
+    outs = llm.generate([[5, 6, 7], [8, 9]], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
+    assert [o.finish_reason.kind for o in outs] == ["error", "error"]
+    assert "simulated device fault" in outs[0].finish_reason.message and len(outs[0].token_ids) == 1
+    stats = llm.engine.stats()
+    assert stats.free_pages == stats.total_pages and stats.running == stats.waiting == 0
+    assert len(llm.generate([[5, 6, 7]], OK)[0].token_ids) == 4
+
+
+def test_max_tokens_omitted_fits_the_pool(tiny_ds: str) -> None:
+    llm = LLM(tiny_ds, page_size=4, max_total_tokens=64)  # the pool is far below the context length
+    out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=None, temperature=0.0, ignore_eos=True))[0]
+    assert out.finish_reason.kind == "length" and len(out.token_ids) == 64 - 3

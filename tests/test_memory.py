@@ -25,3 +25,31 @@ def test_page_size_one_pressure(tiny_ds: str) -> None:
     tight = LLM(tiny_ds, page_size=1, max_total_tokens=60)
     assert [o.token_ids for o in tight.generate(prompts, params)] == [o.token_ids for o in free_run]
     assert tight.engine.stats().num_retractions > 0
+
+
+def test_retraction_does_not_thrash() -> None:
+    """Scheduler alone: two requests that cannot both finish in a 40-token pool. A retracted request
+    must not be re-admitted while the pool is still over-committed (that loops prefill/retract)."""
+    from dsaserve.cache.pages import PageAllocator
+    from dsaserve.engine.request import Request, SamplingParams
+    from dsaserve.engine.scheduler import Scheduler, SchedulerConfig
+    sched = Scheduler(SchedulerConfig(page_size=1, chunked_prefill_size=8, max_running_requests=16,
+                                      max_queued_requests=100, context_length=1000), PageAllocator(41))
+    reqs = {r.rid: r for r in (Request("a", [1] * 10, SamplingParams(), 25, 0, 0),
+                               Request("b", [1] * 25, SamplingParams(), 5, 1, 0))}
+    for r in reqs.values():
+        sched.add(r)
+    forwarded = 0
+    for _ in range(1000):
+        if not sched.has_work():
+            break
+        plan = sched.schedule()
+        forwarded += plan.num_tokens
+        sched.advance(plan, reqs)
+        for rid, samples in zip(plan.rids, plan.samples):
+            if samples:
+                reqs[rid].output_ids.append(1)
+                if len(reqs[rid].output_ids) == reqs[rid].max_new_tokens:
+                    sched.remove(reqs[rid])
+    assert not sched.has_work() and sched.allocator.num_free == sched.allocator.capacity
+    assert sched.num_retractions <= 2 and forwarded <= 2 * (10 + 25 + 25 + 5), (sched.num_retractions, forwarded)

@@ -60,13 +60,18 @@ def test_heads_per_rank_1_8_16(head_models: dict[int, str]) -> None:
 
 def test_dp_groups_with_uneven_timing(tiny_ds: str) -> None:
     """DP rank 0 idle while rank 1 decodes; a request arriving on rank 0 mid-decode of rank 1 (its
-    prefill runs beside the other's decode); 1 vs 3 requests per rank."""
+    prefill runs beside the other's decode); 1 vs 3 requests per rank; unseeded sampling differs
+    between DP groups (each group draws its own seeds)."""
     late = [OfflineRequest(PROMPTS[0], GREEDY, dp_rank=0, arrive_at_step=6)]
     busy = [OfflineRequest(p, GREEDY, dp_rank=1) for p in PROMPTS[1:]]
     early = [OfflineRequest(PROMPTS[3], GREEDY, dp_rank=0, arrive_at_step=0),
              OfflineRequest(PROMPTS[1], GREEDY, dp_rank=1, arrive_at_step=3)]
+    unseeded = SamplingParams(max_tokens=8, temperature=1.0, ignore_eos=True)
+    same_prompt = [OfflineRequest(PROMPTS[1], unseeded, dp_rank=r) for r in (0, 1)]
     jobs = [Job({"model_path": tiny_ds, "page_size": 1}, late + busy),
-            Job({"model_path": tiny_ds, "page_size": 64}, early)]
+            Job({"model_path": tiny_ds, "page_size": 64}, early),
+            Job({"model_path": tiny_ds, "page_size": 64}, same_prompt)]
     results = run_jobs(ServerArgs(tp=4, dp=2, enable_dp_attention=True, max_total_tokens=2048), jobs)
     assert results[0] == single_device(tiny_ds, 1, PROMPTS[:1] + PROMPTS[1:])
     assert results[1] == single_device(tiny_ds, 64, [PROMPTS[3], PROMPTS[1]])
+    assert results[2][0] != results[2][1], "unseeded requests on two DP groups drew the same seed"

@@ -64,6 +64,7 @@ def test_asymmetric_dp_routing(tiny_ds: str, expected: list[list[int]], tmp_path
         while any(is_running(pid) for pid in tree) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not any(is_running(pid) for pid in tree), "a rank process outlived the server"
+    assert "Traceback" not in server.log(), server.log()[-3000:]  # every rank left its loop cleanly
 
 
 def test_pure_tp_server(tiny_ds: str, expected: list[list[int]], tmp_path: Path) -> None:

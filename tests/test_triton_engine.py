@@ -62,15 +62,15 @@ def test_triton_matches_torch_greedy(arch: str, tiny_models: dict[str, str]) -> 
     print(f"{arch}: chosen log-prob error vs fp32: torch bf16 {e_torch:.4f}, triton bf16 {e_triton:.4f} nats")
     assert e_triton <= 2 * e_torch + 0.02, f"{arch}: triton log-prob error {e_triton:.4f} vs torch {e_torch:.4f}"
     noise = max(e_torch, e_triton)
+    divergences = []  # (prompt, step, torch bf16 top-2 gap) wherever the two bf16 runs part
     for i, ((g, _), (w, w_lp)) in enumerate(zip(triton_bf16, torch_bf16)):
         d = _first_diff(g, w)
-        if d == len(w):
-            continue
-        top = sorted((lp for _, lp in w_lp[d][1]), reverse=True)
-        gap = top[0] - top[1]
-        print(f"{arch} prompt {i}: tokens diverge at step {d}; torch bf16 top-2 gap {gap:.4f} nats")
-        assert gap < 2 * noise, (f"{arch} prompt {i} (len {PROMPT_LENGTHS[i]}) diverges at step {d}, top-2 gap "
-                                 f"{gap:.4f} >= 2 x bf16 noise {noise:.4f}: triton {g} != torch {w}")
+        if d < len(w):
+            top = sorted((lp for _, lp in w_lp[d][1]), reverse=True)
+            divergences.append((i, d, top[0] - top[1]))
+    print(f"{arch}: divergences (prompt, step, top-2 gap): {divergences}")
+    assert all(gap < 2 * noise for _, _, gap in divergences), f"{arch}: a divergence is not a near-tie: " \
+        f"{divergences} (bf16 noise {noise:.4f} nats)"
 
 
 @pytest.mark.parametrize("arch", ["deepseek_v32", "glm_moe_dsa"])

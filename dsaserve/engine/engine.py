@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -45,11 +46,18 @@ class Engine:
 
     def __init__(self, args: ServerArgs, progress: bool = True, par: Parallel | None = None):
         from dsaserve.tiny import default_model_path
+        if args.checks:
+            os.environ["DSASERVE_CHECKS"] = "1"  # read by BatchLayout and the op wrappers, in this rank
+        if args.model_path is None:
+            log.warning("no --model-path: serving the embedded tiny model with random weights")
         self.model_path = args.model_path or str(default_model_path())
         self.args, self.par = args, par or Parallel()
         self.runner = ModelRunner(args, self.model_path, progress=progress, par=self.par)
         self.cfg = self.runner.cfg
         self.tokenizer = Tokenizer(self.model_path)
+        if self.par.cfg.rank == 0 and not getattr(self.tokenizer.hf, "chat_template", None):
+            log.warning("the tokenizer has no chat template: /v1/chat/completions will answer 400; "
+                        "use /v1/completions with your own prompt format")
         self.context_length = args.context_length or self.cfg.context_length
         self.allocator = PageAllocator(self.runner.num_pages)
         self.scheduler = Scheduler(SchedulerConfig(
@@ -62,10 +70,12 @@ class Engine:
         self.eos_ids = frozenset(eos)
         self.requests: dict[str, Request] = {}
         self._arrivals = itertools.count()
-        self._seeds = random.Random(args.seed)
+        # Seeds for requests that carry none: distinct per DP group (round-robin must not pair them).
+        self._seeds = random.Random(f"{args.seed}/{self.par.cfg.dp_rank}")
         self._finished_outside_step: list[RequestOutput] = []
         self.steps = 0
         self.last_sync = StepSync([0], False, False)
+        self.par.exchange([1])  # every rank built its engine: start-up failures surface before "ready"
 
     # -- requests --------------------------------------------------------------------------
 
@@ -77,7 +87,8 @@ class Engine:
         bad = [t for t in prompt_ids if not 0 <= t < self.cfg.vocab_size]
         if bad:
             raise RequestError(f"token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
-        max_new = params.max_tokens if params.max_tokens is not None else self.context_length - len(prompt_ids)
+        room = min(self.context_length, self.scheduler.capacity_tokens) - len(prompt_ids)
+        max_new = params.max_tokens if params.max_tokens is not None else room
         req = Request(rid=rid, prompt_ids=list(prompt_ids), params=params, max_new_tokens=max_new,
                       arrival=next(self._arrivals),
                       seed=params.seed if params.seed is not None else self._seeds.getrandbits(63))
@@ -124,23 +135,25 @@ class Engine:
         plan, self.last_sync = self.sync(plan, keep_alive, stop)
         if sum(self.last_sync.dp_sizes) == 0:
             return outputs
-        if plan is None:  # this DP group is idle while another runs: zero rows, same collectives
-            plan = StepPlan(StepMode.IDLE, (), (), (), (), (), ())
-        layout = self.runner.layout(plan)
+        plan = plan or StepPlan.idle()  # an idle DP group: zero rows, the same collectives
         try:
-            logits = self.runner.forward(plan, layout, self.last_sync.dp_sizes)
+            return outputs + self._run(plan)
         except Exception as exc:  # a failed batch ends its requests with an error; the engine goes on
             log.exception("step failed")
             if self.par.tp > 1:
-                raise  # the other ranks are inside collectives of this step: stop them all
+                raise  # the other ranks may be inside this step's collectives: the process must go
             for rid in plan.rids:
                 req = self.requests[rid]
                 self._finish(req, FinishReason("error", message=f"the batch failed: {exc}"))
                 outputs.append(self._output(req, [], []))
             return outputs
+
+    def _run(self, plan: StepPlan) -> list[RequestOutput]:
+        logits = self.runner.forward(plan, self.runner.layout(plan), self.last_sync.dp_sizes)
         self.steps += 1
         if not self.par.cfg.is_leader or plan.mode is StepMode.IDLE:
-            return outputs
+            return []
+        outputs = []
         self.scheduler.advance(plan, self.requests)
         samplers = [self.requests[rid] for rid, s in zip(plan.rids, plan.samples) if s]
         tokens, logprobs = sample(logits, samplers)
@@ -161,11 +174,12 @@ class Engine:
         if p.stop:
             window = max(len(s) for s in p.stop) + 8  # tokens: each decodes to >= 1 char or a byte piece
             tail = self.tokenizer.decode(req.output_ids[-window:])
-            for s in p.stop:
-                if s in tail:
-                    text = self.tokenizer.decode(req.output_ids)
-                    req.stop_text = text[:text.find(s)]
-                    return FinishReason("stop", matched=s)
+            matched = [s for s in p.stop if s in tail]
+            if matched:
+                text = self.tokenizer.decode(req.output_ids)
+                first = min(matched, key=lambda s: (text.find(s) if s in text else len(text)))
+                req.stop_text = text[:text.find(first)] if first in text else text
+                return FinishReason("stop", matched=first)
         if len(req.output_ids) >= req.max_new_tokens or req.num_tokens >= self.context_length:
             return FinishReason("length")
         return None

@@ -41,6 +41,11 @@ class StepPlan:
     def num_tokens(self) -> int:
         return sum(self.q_lens)
 
+    @staticmethod
+    def idle() -> StepPlan:
+        """The plan of a DP group with no work while another group runs: zero rows."""
+        return StepPlan(StepMode.IDLE, (), (), (), (), (), ())
+
 
 @dataclass(frozen=True)
 class BatchLayout:
@@ -56,7 +61,6 @@ class BatchLayout:
     page_table: Tensor  # [B, P] page ids; unused entries are page 0 (reserved)
     logit_rows: Tensor  # [S] rows whose logits are sampled (last row of each sampling request)
     num_tokens: int  # real query rows
-    padded_tokens: int  # rows the MLP/MoE sees (>= num_tokens): DP sync or graph bucket
     max_kv_len: int  # max(seq_lens), for sizing indexer logits
 
     @property
@@ -64,8 +68,7 @@ class BatchLayout:
         return int(self.q_lens.shape[0])
 
     @staticmethod
-    def build(plan: StepPlan, page_size: int, device: torch.device, padded_tokens: int | None = None
-              ) -> BatchLayout:
+    def build(plan: StepPlan, page_size: int, device: torch.device) -> BatchLayout:
         B = len(plan.rids)
         seq_lens = [p + q for p, q in zip(plan.prefix_lens, plan.q_lens)]
         width = max((len(p) for p in plan.pages), default=0)
@@ -90,16 +93,8 @@ class BatchLayout:
             q_lens=t(list(plan.q_lens)), seq_lens=t(seq_lens), row_req=rr, row_pos=rp,
             row_kv_len=t([p + 1 for p in row_pos], (T, 1)), out_slots=t(slots), page_table=pt,
             logit_rows=t(logit_rows), num_tokens=T,
-            padded_tokens=T if padded_tokens is None else padded_tokens,
             max_kv_len=max(seq_lens, default=0))
-        if checks_enabled():
-            layout.validate()
         return layout
-
-    @staticmethod
-    def idle(page_size: int, device: torch.device, padded_tokens: int = 0) -> BatchLayout:
-        plan = StepPlan(StepMode.IDLE, (), (), (), (), (), ())
-        return BatchLayout.build(plan, page_size, device, padded_tokens)
 
     def validate(self, num_slots: int | None = None) -> None:
         """Assert the invariants; raise LayoutError naming the tensors on any violation."""
@@ -119,7 +114,6 @@ class BatchLayout:
                                               f"got {list(self.row_kv_len.shape)}")
         need(int(self.q_lens.sum()) == T, f"sum(q_lens)={int(self.q_lens.sum())} != num_tokens={T}")
         need(bool((self.seq_lens == self.prefix_lens + self.q_lens).all()), "seq_lens != prefix_lens + q_lens")
-        need(self.padded_tokens >= T, f"padded_tokens={self.padded_tokens} < num_tokens={T}")
         need(self.page_table.shape[0] == B, f"page_table has {self.page_table.shape[0]} rows, batch is {B}")
         if B:
             need(bool((self.seq_lens <= self.page_table.shape[1] * self.page_size).all()),

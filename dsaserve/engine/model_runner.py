@@ -41,8 +41,9 @@ def resolve_backend(name: str, device: torch.device) -> str:
 
 class ModelRunner:
     def __init__(self, args: ServerArgs, model_path: str, progress: bool = True, par: Parallel | None = None):
+        from dsaserve.parallel.launch import ranks_on_this_node
         self.par = par or Parallel()
-        self.device = resolve_device(args.device, self.par.cfg.rank % max(args.tp // args.nnodes, 1))
+        self.device = resolve_device(args.device, self.par.cfg.rank - ranks_on_this_node(args).start)
         self.dtype = resolve_dtype(args.dtype, self.device)
         self.model = build_model(model_path, self.device, self.dtype, self.par, progress=progress)
         self.cfg = self.model.cfg
@@ -70,6 +71,8 @@ class ModelRunner:
             context = args.context_length or self.cfg.context_length
             tokens = min(tokens, args.max_running_requests * context)
         pages = tokens // args.page_size + 1  # + the reserved page 0
+        # Every rank must hold every page id its leader hands out: take the smallest pool of all ranks.
+        pages = min(row[0] for row in self.par.exchange([pages]))
         if pages < 2:
             raise ValueError(f"the KV pool holds {tokens} tokens: less than one page of {args.page_size}")
         return pages

@@ -83,7 +83,6 @@ class Request:
     num_cached: int = 0  # tokens whose latent and index key are in the pool
     state: RequestState = RequestState.WAITING
     finish: FinishReason | None = None
-    num_retractions: int = 0
     stop_text: str | None = None  # the completion text truncated before a matched stop string
 
     @property

@@ -34,6 +34,7 @@ class Scheduler:
         self.waiting: list[Request] = []  # by arrival
         self.running: list[Request] = []  # by arrival
         self.num_retractions = 0
+        self._hold_admission = False  # after a retraction: the pool is over-committed until one finishes
 
     @property
     def capacity_tokens(self) -> int:
@@ -68,6 +69,7 @@ class Scheduler:
         self.allocator.free(req.pages)
         req.pages = []
         req.state = RequestState.FINISHED
+        self._hold_admission = False
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -95,12 +97,15 @@ class Scheduler:
     def _prefill_plan(self) -> StepPlan | None:
         budget, chosen = self.cfg.chunked_prefill_size, []
         free = self.allocator.num_free
+        decoding = sum(1 for r in self.running if not self._prefilling(r))
         for req in [r for r in self.running if self._prefilling(r)] + list(self.waiting):
             admitting = req.state is RequestState.WAITING
-            if admitting and len(self.running) >= self.cfg.max_running_requests:
+            if admitting and (len(self.running) >= self.cfg.max_running_requests
+                              or (self._hold_admission and self.running)):
                 break
-            # Admission keeps a page per running request for its next decode step (avoids thrash).
-            usable = free - (len(self.running) + 1 if admitting else 0)
+            # Every chunk leaves a page per decoding request (and, when admitting, one for this request's
+            # first decode), so a prefill never takes the pages the next decode step needs (no thrash).
+            usable = free - decoding - (1 if admitting else 0)
             room = (len(req.pages) + max(usable, 0)) * self.cfg.page_size - req.num_cached
             chunk = min(req.pending, budget, room)
             if chunk <= 0:
@@ -144,8 +149,8 @@ class Scheduler:
         self.running.remove(req)
         self.allocator.free(req.pages)
         req.pages, req.num_cached = [], 0
-        req.num_retractions += 1
         self.num_retractions += 1
+        self._hold_admission = True
         self._enqueue(req)
 
     def _enqueue(self, req: Request) -> None:

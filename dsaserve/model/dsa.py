@@ -234,7 +234,7 @@ def check_divisible(cfg: ModelConfig, par: Parallel) -> None:
     rules = [(cfg.num_attention_heads, par.cfg.attn_tp, "num_attention_heads", "attention-TP size"),
              (cfg.vocab_size, par.cfg.attn_tp, "vocab_size", "attention-TP size"),
              (cfg.intermediate_size, par.tp, "intermediate_size", "--tp"),
-             (cfg.moe_intermediate_size * max(cfg.n_shared_experts, 1), par.tp, "moe_intermediate_size", "--tp")]
+             (cfg.moe_intermediate_size, par.tp, "moe_intermediate_size", "--tp")]
     for value, size, name, what in rules:
         if value % size:
             raise ValueError(f"{name}={value} is not divisible by the {what} {size}")

@@ -220,6 +220,22 @@ def build_model(model_path: str | Path, device: torch.device, dtype: torch.dtype
     for name, param in model.named_parameters():  # still on meta: dtype changes cost nothing
         param.requires_grad_(False)
         param.data = param.data.to(torch.float32 if name in fp32 else dtype)
+    _check_fits(model, device, dtype)
     model.to_empty(device=device)
     load_weights(model, model_path, progress=progress)
     return model.eval()
+
+
+def _check_fits(model: DSAModel, device: torch.device, dtype: torch.dtype) -> None:
+    """Fail before loading when this rank's weights cannot fit, instead of minutes later with an OOM."""
+    need = sum(p.numel() * p.element_size() for p in model.parameters())
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if need > free:
+            raise ValueError(
+                f"this rank's weights need {need / 2**30:.1f} GiB in {dtype} but {device} has {free / 2**30:.1f} GiB "
+                f"free; FP8 checkpoints are dequantized on load (native FP8 weights are not supported yet): "
+                f"use more ranks (--tp) or GPUs with more memory")
+    elif need > 32 * 2**30:
+        log.warning("loading %.0f GiB of weights into host memory: no CUDA device is in use (--device %s)",
+                    need / 2**30, device)

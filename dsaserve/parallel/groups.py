@@ -54,7 +54,7 @@ class Parallel:
 
     def __init__(self, cfg: ParallelConfig = ParallelConfig()):
         self.cfg = cfg
-        self.world = self.world_cpu = self.attn = self.attn_cpu = None
+        self.world = self.world_cpu = self.attn = self.attn_cpu = self.dp_peers = None
         if cfg.tp == 1:
             return
         self.world = dist.group.WORLD
@@ -65,6 +65,11 @@ class Parallel:
             cpu_group = dist.new_group(ranks, backend="gloo")
             if g == cfg.dp_rank:
                 self.attn, self.attn_cpu = device_group, cpu_group
+        if cfg.dp > 1:  # the same attention rank of every DP group: one copy of each group's rows
+            for k in range(cfg.attn_tp):
+                group = dist.new_group([g * cfg.attn_tp + k for g in range(cfg.dp)])
+                if k == cfg.attn_rank:
+                    self.dp_peers = group
 
     @property
     def tp(self) -> int:
@@ -101,10 +106,9 @@ class Parallel:
         pad_to = max(dp_sizes)
         padded = x.new_zeros(pad_to, *x.shape[1:])
         padded[: x.shape[0]] = x
-        parts = [torch.empty_like(padded) for _ in range(self.cfg.tp)]
-        dist.all_gather(parts, padded, group=self.world)
-        leaders = [parts[g * self.cfg.attn_tp][: dp_sizes[g]] for g in range(self.cfg.dp)]
-        return torch.cat(leaders, dim=0)
+        parts = [torch.empty_like(padded) for _ in range(self.cfg.dp)]
+        dist.all_gather(parts, padded, group=self.dp_peers)
+        return torch.cat([part[:size] for part, size in zip(parts, dp_sizes)], dim=0)
 
     def own_dp_rows(self, x: Tensor, dp_sizes: list[int]) -> Tensor:
         """This DP group's rows back out of the gathered batch."""

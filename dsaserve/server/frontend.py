@@ -264,7 +264,10 @@ class Frontend:
     async def _receive(self, link: RankLink) -> None:
         while True:
             for ev in await link.pull.recv_pyobj():
-                self._dispatch(link, ev)
+                try:
+                    self._dispatch(link, ev)
+                except Exception:  # one bad event must not stop this leader's outputs for everyone
+                    log.exception("could not deliver an event from DP rank %d", link.rank)
 
     def _dispatch(self, link: RankLink, ev: m.Event) -> None:
         if isinstance(ev, m.Stats):
@@ -276,11 +279,13 @@ class Frontend:
         if handle is None:
             return
         if isinstance(ev, m.Accepted):
-            handle.accepted.set_result(None)
+            if not handle.accepted.done():  # cancelled when the client left before the answer
+                handle.accepted.set_result(None)
         elif isinstance(ev, m.Rejected):
             self._forget(link, ev.rid)
             code = "queue_full" if ev.status == 503 else None
-            handle.accepted.set_exception(ApiError(ev.status, ev.message, code=code))
+            if not handle.accepted.done():
+                handle.accepted.set_exception(ApiError(ev.status, ev.message, code=code))
         elif isinstance(ev, RequestOutput):
             handle.on_output(ev, self.metrics)
             if ev.finished:

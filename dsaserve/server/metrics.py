@@ -37,9 +37,14 @@ class ServerMetrics:
 
     def render(self, states: list[dict[str, Any]]) -> bytes:
         for s in states:
-            if "running" not in s:
-                continue  # a dead rank: its last values would be stale
             rank = str(s["dp_rank"])
+            if "running" not in s:  # a dead rank: drop its series rather than report stale values
+                for gauge in (self.running, self.queued, self.token_usage):
+                    try:
+                        gauge.remove(rank)
+                    except KeyError:
+                        pass
+                continue
             self.running.labels(dp_rank=rank).set(s["running"])
             self.queued.labels(dp_rank=rank).set(s["waiting"])
             self.token_usage.labels(dp_rank=rank).set(1.0 - s["free_pages"] / max(s["total_pages"], 1))

@@ -66,7 +66,7 @@ def run_worker(args: ServerArgs, par: Any, endpoints: m.Endpoints, parent_pid: i
 def _build_engine(args: ServerArgs, par: Any, push: zmq.Socket) -> Any:
     from dsaserve.engine.engine import Engine
     try:
-        engine = Engine(args, progress=False, par=par)
+        engine = Engine(args, progress=par.cfg.rank == 0, par=par)  # rank 0 shows the load progress
     except Exception as exc:  # reported to the frontend, which prints it and exits
         log.exception("engine start failed")
         push.send_pyobj([m.StartupFailed(f"{type(exc).__name__}: {exc}")])
@@ -92,6 +92,9 @@ class WorkerLoop:
             events = self._receive(0 if busy else (LOCKSTEP_POLL_MS if self.lockstep else IDLE_POLL_MS))
             if os.getppid() != self.parent_pid:
                 log.warning("the server process is gone; exiting")
+                return
+            if self.stopping:  # Shutdown already ran the last, stopping step of every rank
+                self.push.send_pyobj(events)
                 return
             if self.engine.has_work() or self.lockstep:
                 events += self.engine.step()
