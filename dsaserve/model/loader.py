@@ -11,6 +11,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -113,6 +114,9 @@ def load_weights(model: DSAModel, model_path: str | Path, progress: bool = True)
     for file in tqdm(files, desc="Loading shards", unit="shard", disable=not progress):
         with safe_open(file, framework="pt") as f:
             for name in f.keys():
+                if not name.endswith("_scale_inv") and f.get_slice(name).get_dtype() != "F8_E4M3":
+                    place(name, f.get_slice(name), loaded)  # reads only this rank's part of the tensor
+                    continue
                 tensor = f.get_tensor(name)
                 if name.endswith("_scale_inv"):
                     weight_name = name[: -len("_scale_inv")]
@@ -122,12 +126,10 @@ def load_weights(model: DSAModel, model_path: str | Path, progress: bool = True)
                     else:
                         pending_scales[weight_name] = tensor
                     continue
-                if tensor.dtype == torch.float8_e4m3fn:
-                    if name not in pending_scales:
-                        pending_weights[name] = tensor
-                        continue
-                    tensor = dequantize_fp8(tensor, pending_scales.pop(name), _block(cfg, name))
-                place(name, tensor, loaded)
+                if name not in pending_scales:
+                    pending_weights[name] = tensor
+                    continue
+                place(name, dequantize_fp8(tensor, pending_scales.pop(name), _block(cfg, name)), loaded)
     if pending_weights:
         raise CheckpointError(f"fp8 tensor {next(iter(pending_weights))} has no weight_scale_inv")
     for key in _OPTIONAL:
@@ -150,14 +152,15 @@ def _block(cfg: ModelConfig, name: str) -> tuple[int, int]:
 
 
 class _Placer:
-    """Copies one checkpoint tensor into its parameter: this rank's shard of it, checked for shape."""
+    """Copies one checkpoint tensor into its parameter: this rank's shard of it, checked for shape.
+    The source is a tensor or a safetensors slice (then only the shard is read from disk)."""
 
     def __init__(self, model: DSAModel, params: dict[str, torch.nn.Parameter]):
         self.cfg, self.params, self.par = model.cfg, params, model.par
         self.has_mtp = model.mtp is not None
         self.inter = self.cfg.moe_intermediate_size // self.par.tp
 
-    def __call__(self, name: str, tensor: Tensor, loaded: set[str]) -> None:
+    def __call__(self, name: str, source: Any, loaded: set[str]) -> None:
         target = map_name(self.cfg, name, self.has_mtp, self.inter)
         if target is None:
             log.debug("ignoring checkpoint tensor %s", name)
@@ -172,13 +175,17 @@ class _Placer:
                 dest = dest[target.rows[0]:target.rows[1]]
         rule = shard_rule(target.param)
         expected = list(dest.shape)
+        shape = list(source.shape) if isinstance(source, Tensor) else list(source.get_shape())
+        part = tuple(slice(None) for _ in shape)
         if rule is not None:
             dim, group = rule
             ranks, index = ((self.par.cfg.attn_tp, self.par.cfg.attn_rank) if group == "attn"
                             else (self.par.tp, self.par.cfg.rank))
             expected[dim] *= ranks
-            if list(tensor.shape) == expected:
-                tensor = tensor.narrow(dim, index * dest.shape[dim], dest.shape[dim])
+            if shape == expected:
+                start = index * dest.shape[dim]
+                part = part[:dim] + (slice(start, start + dest.shape[dim]),) + part[dim + 1:]
+        tensor = source[part]
         if list(tensor.shape) != list(dest.shape):
             raise CheckpointError(f"tensor {name} has shape {list(tensor.shape)}, expected {expected}")
         dest.copy_(tensor)
