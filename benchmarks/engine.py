@@ -86,6 +86,7 @@ def main() -> None:
     ap.add_argument("--page-size", type=int, default=64)
     ap.add_argument("--output-json", default=None)
     ap.add_argument("--profile", action="store_true", help="print the top ops of 8 decode steps")
+    ap.add_argument("--cuda-graph-max-bs", type=int, default=0, help="replay decode from CUDA graphs")
     args = ap.parse_args()
     path = Path(args.out)
     if not (path / "config.json").is_file():
@@ -96,7 +97,7 @@ def main() -> None:
     tokens = max(args.batch) * (args.input_len + args.output_len) + 4096
     llm = LLM(str(path), page_size=args.page_size, max_total_tokens=tokens, attention_backend=args.backend,
               moe_backend=args.backend, max_running_requests=max(args.batch),
-              chunked_prefill_size=max(8192, args.input_len))
+              chunked_prefill_size=max(8192, args.input_len), cuda_graph_max_bs=args.cuda_graph_max_bs)
     vocab = DEEPSEEK_V32_LAYER["vocab_size"]
     rows = []
     for b in args.batch:  # Triton specialises kernels on shapes: compile outside the measured run
@@ -105,15 +106,18 @@ def main() -> None:
     if args.profile:
         profile_decode(llm, max(args.batch), args.input_len, vocab)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    print(f"\n{device}, {args.layers} layers ({args.experts} experts), backend {llm.engine.runner.ops.attention_backend}")
+    graphs = f", decode CUDA graphs up to batch {args.cuda_graph_max_bs}" if args.cuda_graph_max_bs else ""
+    print(f"\n{device}, {args.layers} layers ({args.experts} experts), "
+          f"backend {llm.engine.runner.ops.attention_backend}{graphs}")
     print(f"{'batch':>5} {'in':>6} {'out':>5} {'prefill s':>10} {'prefill tok/s':>14} {'decode ms/step':>15} "
           f"{'decode tok/s':>13}")
     for r in rows:
         print(f"{r['batch']:>5} {r['input_len']:>6} {r['output_len']:>5} {r['prefill_s']:>10.3f} "
               f"{r['prefill_tok_s']:>14.0f} {r['decode_step_ms']:>15.2f} {r['decode_tok_s']:>13.0f}")
     if args.output_json:
-        Path(args.output_json).write_text(json.dumps({"device": device, "layers": args.layers,
-                                                      "experts": args.experts, "rows": rows}, indent=1))
+        Path(args.output_json).write_text(json.dumps({"device": device, "layers": args.layers, "experts": args.experts,
+                                                      "cuda_graph_max_bs": args.cuda_graph_max_bs, "rows": rows},
+                                                     indent=1))
 
 
 if __name__ == "__main__":

@@ -39,6 +39,9 @@ class ServerArgs:
     attention_backend: str = _opt("auto", "torch or triton (auto: triton on cuda, torch on cpu)")
     moe_backend: str = _opt("auto", "torch or triton (auto: triton on cuda, torch on cpu)")
     indexer_max_logits_mb: int = _opt(512, "memory budget of one indexer logits chunk, in MiB")
+    cuda_graph_max_bs: int | None = _opt(None, "replay decode steps of up to this many requests from CUDA "
+                                               "graphs (default: 64 on cuda with --dp 1, else off; 0: off; on CPU "
+                                               "the same padded buckets run eagerly)")
     seed: int = _opt(0, "seed for requests that carry none")
     log_level: str = _opt("info", "debug, info, warning, error")
     checks: bool = _opt(False, "validate every BatchLayout and kernel input (also DSASERVE_CHECKS=1)")
@@ -53,6 +56,10 @@ class ServerArgs:
             problems.append("--dp > 1 needs --enable-dp-attention")
         if self.chunked_prefill_size < 1:
             problems.append(f"--chunked-prefill-size must be >= 1, got {self.chunked_prefill_size}")
+        if self.cuda_graph_max_bs is not None and self.cuda_graph_max_bs < 0:
+            problems.append(f"--cuda-graph-max-bs must be >= 0, got {self.cuda_graph_max_bs}")
+        if self.cuda_graph_max_bs and self.dp > 1:
+            problems.append("--cuda-graph-max-bs needs --dp 1 (DP-attention steps change shape every step)")
         if self.max_running_requests < 1:
             problems.append(f"--max-running-requests must be >= 1, got {self.max_running_requests}")
         if self.device not in ("auto", "cpu", "cuda"):

@@ -28,3 +28,12 @@ def test_nccl_tp2_matches_single_gpu(dp: int, tiny_models: dict[str, str]) -> No
                             [OfflineRequest(p, GREEDY, dp_rank=i % dp) for i, p in enumerate(prompts)]))
     results = run_jobs(ServerArgs(tp=2, dp=dp, enable_dp_attention=dp > 1, **COMMON), jobs)
     assert results == expected
+
+
+def test_nccl_tp2_with_cuda_graphs_matches_single_gpu(tiny_ds: str) -> None:
+    """All-reduces and the vocab all-gather captured inside decode graphs on both ranks."""
+    prompts = prompts_ids(5, [6, 33, 17, 2, 9], seed=22)
+    common = {**COMMON, "attention_backend": "triton", "moe_backend": "triton", "page_size": 64}
+    expected = [c.token_ids for c in LLM(tiny_ds, **common).generate(prompts, GREEDY)]
+    job = Job({"model_path": tiny_ds}, [OfflineRequest(p, GREEDY) for p in prompts])
+    assert run_jobs(ServerArgs(tp=2, cuda_graph_max_bs=8, **common), [job]) == [expected]

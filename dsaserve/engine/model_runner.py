@@ -53,6 +53,16 @@ class ModelRunner:
                           max_logits_bytes=args.indexer_max_logits_mb << 20)
         self.num_pages = self._pool_pages(args)
         self.pools = KVPools(self.cfg, self.num_pages, args.page_size, self.dtype, self.device)
+        self.graphs = None
+        capturable = self.ops.attention_backend == self.ops.moe_backend == "triton"  # torch ops read back values
+        max_bs = args.cuda_graph_max_bs
+        if max_bs is None:  # default: on where graphs can replay (CUDA, Triton ops, no DP attention)
+            max_bs = 64 if self.device.type == "cuda" and capturable and args.dp == 1 else 0
+        if max_bs and self.device.type == "cuda" and not capturable:
+            raise ValueError("--cuda-graph-max-bs needs --attention-backend triton and --moe-backend triton on cuda")
+        if max_bs:
+            from dsaserve.engine.cuda_graph import DecodeGraphs
+            self.graphs = DecodeGraphs(self, min(max_bs, args.max_running_requests), capture=self.device.type == "cuda")
         log.info("KV pool: %d pages x %d tokens (%.1f MiB) on %s, %s", self.num_pages, args.page_size,
                  self.num_pages * args.page_size * KVPools.bytes_per_token(self.cfg, self.dtype) / 2**20,
                  self.device, self.dtype)
@@ -80,6 +90,8 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, plan: StepPlan, layout: BatchLayout, dp_sizes: list[int] | None = None) -> torch.Tensor:
         """Logits [S, vocab] fp32 for the layout's sampling rows."""
+        if self.graphs is not None and self.graphs.fits(plan):
+            return self.graphs.forward(plan, layout)
         input_ids = torch.tensor(plan.input_ids, dtype=torch.long, device=self.device)
         hidden = self.model(input_ids, layout, self.pools, self.ops, dp_sizes)
         return self.model.logits(hidden[layout.logit_rows.long()])

@@ -32,7 +32,8 @@ class DSAOps:
 
     @property
     def checks(self) -> bool:
-        return checks_enabled()
+        """Checked mode, except while a CUDA graph is being captured (the checks read values back)."""
+        return checks_enabled() and not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
     def sparse_mla(self, q: Tensor, kv_cache: Tensor, indices: Tensor, sm_scale: float, v_dim: int,
                    layout: BatchLayout | None = None) -> Tensor:

@@ -93,6 +93,7 @@ def _rank_main(args: ServerArgs, rank: int, init_addr: str, jobs: list[Job], res
             if par.cfg.is_leader:
                 results.put(("ok", j, tokens))
         if args.tp > 1:
+            par.exchange([0])  # a barrier: rank 0 hosts the store and must not leave first
             dist.destroy_process_group()
     except BaseException:
         results.put(("error", rank, traceback.format_exc()))
