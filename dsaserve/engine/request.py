@@ -58,9 +58,7 @@ class FinishReason:
     matched: int | str | None = None  # the eos / stop token id or stop string that ended it
     message: str | None = None  # why, for abort and error
 
-    @property
-    def openai(self) -> str:
-        return "stop" if self.kind == "stop" else ("length" if self.kind == "length" else self.kind)
+
 
 
 class RequestState(enum.Enum):

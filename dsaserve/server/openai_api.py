@@ -85,7 +85,7 @@ class OpenAIServing:
         yield DONE
 
     def _chunk(self, kind: str, rid: str, body: p.SamplingFields, i: int, d: Delta, offsets: list[int]) -> str:
-        finish = d.finish.openai if d.finish is not None else None
+        finish = d.finish.kind if d.finish is not None else None
         if kind == "chat":
             lp = self._chat_logprobs(d.token_ids, d.logprobs, body) if body.logprobs else None
             choice = p.ChatStreamChoice(index=i, delta=p.ChatDelta(content=d.text), logprobs=lp, finish_reason=finish)
@@ -126,7 +126,7 @@ class OpenAIServing:
             lp = None
             if getattr(body, "logprobs", None) is not None:
                 lp = self._completion_logprobs(r.token_ids, r.logprobs, body, 0)
-            choices.append(p.CompletionChoice(index=i, text=r.text, logprobs=lp, finish_reason=r.finish.openai))
+            choices.append(p.CompletionChoice(index=i, text=r.text, logprobs=lp, finish_reason=r.finish.kind))
         return p.CompletionResponse(id=rid, model=self.served_name, choices=choices,
                                     usage=p.usage(prompt_tokens, sum(r.completion_tokens for r in results)))
 
@@ -160,7 +160,7 @@ class OpenAIServing:
         for i, r in enumerate(results):
             lp = self._chat_logprobs(r.token_ids, r.logprobs, body) if getattr(body, "logprobs", False) else None
             choices.append(p.ChatChoice(index=i, message=p.ChatMessageOut(content=r.text), logprobs=lp,
-                                        finish_reason=r.finish.openai))
+                                        finish_reason=r.finish.kind))
         return p.ChatCompletionResponse(id=rid, model=self.served_name, choices=choices,
                                         usage=p.usage(prompt_tokens, sum(r.completion_tokens for r in results)))
 
