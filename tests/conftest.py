@@ -24,6 +24,12 @@ def tiny_ds(tiny_models: dict[str, str]) -> str:
     return tiny_models["deepseek_v32"]
 
 
+@pytest.fixture(scope="session")
+def model(tiny_ds: str) -> str:
+    """The name the server reports for the tiny model (its folder name)."""
+    return os.path.basename(tiny_ds)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
         return

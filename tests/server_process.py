@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any, Iterator
 
 import httpx
 
@@ -108,3 +109,9 @@ class ServerProcess:
                 except ProcessLookupError:
                     pass
             return self.proc.wait(timeout)
+
+
+def module_server(model_path: str, tmp_path_factory: Any, **flags: object) -> Iterator[ServerProcess]:
+    """The body of a module-scoped server fixture: one live server for the module, stopped after it."""
+    with ServerProcess(model_path, tmp_path_factory.mktemp("srv") / "server.log", **flags) as srv:
+        yield srv

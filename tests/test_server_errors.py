@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from server_process import ServerProcess
+from server_process import ServerProcess, module_server
 
 pytestmark = pytest.mark.timeout(180)
 KEY = "sekret"
@@ -19,13 +18,7 @@ FLAGS = dict(page_size=4, max_total_tokens=4096, context_length=128, api_key=KEY
 
 @pytest.fixture(scope="module")
 def server(tiny_ds: str, tmp_path_factory: pytest.TempPathFactory):
-    with ServerProcess(tiny_ds, tmp_path_factory.mktemp("srv") / "server.log", **FLAGS) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def model(tiny_ds: str) -> str:
-    return Path(tiny_ds).name
+    yield from module_server(tiny_ds, tmp_path_factory, **FLAGS)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from server_process import ServerProcess, descendants, is_running
+from server_process import ServerProcess, module_server, descendants, is_running
 
 pytestmark = pytest.mark.timeout(180)
 FLAGS = dict(page_size=4, max_total_tokens=4096)
@@ -23,13 +23,7 @@ CLIENT_LONG = {"max_tokens": 3000, "temperature": 0, "extra_body": {"ignore_eos"
 
 @pytest.fixture(scope="module")
 def server(tiny_ds: str, tmp_path_factory: pytest.TempPathFactory):
-    with ServerProcess(tiny_ds, tmp_path_factory.mktemp("srv") / "server.log", **FLAGS) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def model(tiny_ds: str) -> str:
-    return Path(tiny_ds).name
+    yield from module_server(tiny_ds, tmp_path_factory, **FLAGS)
 
 
 def wait_idle(server: ServerProcess, timeout: float = 20.0) -> dict:

@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from dsaserve import LLM, SamplingParams
-from server_process import ServerProcess
+from server_process import ServerProcess, module_server
 
 pytestmark = pytest.mark.timeout(180)
 FLAGS = dict(page_size=4, max_total_tokens=4096)
@@ -25,18 +25,12 @@ def ids_of(tokens: list[str]) -> list[int]:
 
 @pytest.fixture(scope="module")
 def server(tiny_ds: str, tmp_path_factory: pytest.TempPathFactory):
-    with ServerProcess(tiny_ds, tmp_path_factory.mktemp("srv") / "server.log", **FLAGS) as srv:
-        yield srv
+    yield from module_server(tiny_ds, tmp_path_factory, **FLAGS)
 
 
 @pytest.fixture(scope="module")
 def llm(tiny_ds: str) -> LLM:
     return LLM(tiny_ds, **FLAGS)
-
-
-@pytest.fixture(scope="module")
-def model(tiny_ds: str) -> str:
-    return Path(tiny_ds).name
 
 
 @pytest.fixture(scope="module")
