@@ -99,3 +99,12 @@ def test_page_allocator_refcounts() -> None:
     assert alloc.num_free == 4
     with pytest.raises(OutOfPages):
         alloc.alloc(5)
+
+
+def test_request_token_slice_equals_concatenation() -> None:
+    from dsaserve.engine.request import Request, SamplingParams
+    req = Request("r", [11, 12, 13], SamplingParams(), 5, 0, 0, output_ids=[14, 15])
+    full = req.prompt_ids + req.output_ids
+    for start in range(len(full) + 1):
+        for end in range(start, len(full) + 1):
+            assert req.token_slice(start, end) == full[start:end], (start, end)

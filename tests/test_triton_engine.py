@@ -38,6 +38,11 @@ def _greedy(path: str, backend: str, dtype: str, prompts: list[list[int]]) -> Ru
         torch.cuda.empty_cache()
 
 
+def _prompts(seed: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(5, 500, (n,), generator=gen).tolist() for n in PROMPT_LENGTHS]
+
+
 def _first_diff(a: list[int], b: list[int]) -> int:
     return next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
@@ -53,8 +58,7 @@ def _lp_error(run: Run, truth: Run) -> float:
 
 @pytest.mark.parametrize("arch", ["deepseek_v32", "glm_moe_dsa"])
 def test_triton_matches_torch_greedy(arch: str, tiny_models: dict[str, str]) -> None:
-    gen = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(5, 500, (n,), generator=gen).tolist() for n in PROMPT_LENGTHS]
+    prompts = _prompts(1)
     truth = _greedy(tiny_models[arch], "torch", "float32", prompts)
     torch_bf16 = _greedy(tiny_models[arch], "torch", "bfloat16", prompts)
     triton_bf16 = _greedy(tiny_models[arch], "triton", "bfloat16", prompts)
@@ -75,8 +79,7 @@ def test_triton_matches_torch_greedy(arch: str, tiny_models: dict[str, str]) -> 
 
 @pytest.mark.parametrize("arch", ["deepseek_v32", "glm_moe_dsa"])
 def test_triton_fp32_greedy_identical_to_torch(arch: str, tiny_models: dict[str, str]) -> None:
-    gen = torch.Generator().manual_seed(2)
-    prompts = [torch.randint(5, 500, (n,), generator=gen).tolist() for n in PROMPT_LENGTHS]
+    prompts = _prompts(2)
     torch_run = _greedy(tiny_models[arch], "torch", "float32", prompts)
     triton_run = _greedy(tiny_models[arch], "triton", "float32", prompts)
     assert [t for t, _ in triton_run] == [t for t, _ in torch_run]

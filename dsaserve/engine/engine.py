@@ -160,7 +160,6 @@ class Engine:
         for i, (req, token) in enumerate(zip(samplers, tokens)):
             req.output_ids.append(token)
             lp = [logprobs[i]] if logprobs is not None and req.params.logprobs is not None else []
-            req.output_logprobs += lp
             reason = self._stop_reason(req, token)
             if reason is not None:
                 self._finish(req, reason)

@@ -76,16 +76,18 @@ class Request:
     arrival: int  # admission order; retraction evicts the newest
     seed: int
     output_ids: list[int] = field(default_factory=list)
-    output_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
     pages: list[int] = field(default_factory=list)
     num_cached: int = 0  # tokens whose latent and index key are in the pool
     state: RequestState = RequestState.WAITING
     finish: FinishReason | None = None
     stop_text: str | None = None  # the completion text truncated before a matched stop string
 
-    @property
-    def all_ids(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt + output, without building the concatenation (hot path)."""
+        n = len(self.prompt_ids)
+        if end <= n:
+            return self.prompt_ids[start:end]
+        return self.prompt_ids[start:] + self.output_ids[max(start - n, 0):end - n]
 
     @property
     def num_tokens(self) -> int:

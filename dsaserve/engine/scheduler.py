@@ -139,7 +139,7 @@ class Scheduler:
     def _plan(self, mode: StepMode, chosen: list[tuple[Request, int]]) -> StepPlan:
         input_ids: list[int] = []
         for req, q in chosen:
-            input_ids += req.all_ids[req.num_cached:req.num_cached + q]
+            input_ids += req.token_slice(req.num_cached, req.num_cached + q)
         return StepPlan(
             mode=mode, rids=tuple(r.rid for r, _ in chosen), pages=tuple(tuple(r.pages) for r, _ in chosen),
             prefix_lens=tuple(r.num_cached for r, _ in chosen), q_lens=tuple(q for _, q in chosen),
