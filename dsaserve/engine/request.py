@@ -81,6 +81,9 @@ class Request:
     state: RequestState = RequestState.WAITING
     finish: FinishReason | None = None
     stop_text: str | None = None  # the completion text truncated before a matched stop string
+    draft_ids: list[int] = field(default_factory=list)  # MTP drafts to verify in the next step
+    spec_verify_ct: int = 0  # verify steps this request took part in
+    spec_accepted: int = 0  # draft tokens accepted over those steps
 
     def token_slice(self, start: int, end: int) -> list[int]:
         """Tokens [start, end) of prompt + output, without building the concatenation (hot path)."""
@@ -113,6 +116,7 @@ class RequestOutput:
     completion_tokens: int
     finish: FinishReason | None = None
     stop_text: str | None = None
+    spec_verify_ct: int = 0
 
     @property
     def finished(self) -> bool:
