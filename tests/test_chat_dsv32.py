@@ -8,8 +8,8 @@ import openai
 import pytest
 
 from dsaserve.engine.tokenizer import Tokenizer
-from dsaserve.tiny import make_tiny_model, save_tokenizer
 from server_process import ServerProcess, module_server
+import chat_cases
 from test_chat_encoding import CASES, WEATHER
 
 pytestmark = pytest.mark.timeout(300)
@@ -19,8 +19,7 @@ AS_IDS = {"return_tokens_as_token_ids": True, "ignore_eos": True}
 
 @pytest.fixture(scope="module")
 def ds_path(tmp_path_factory: pytest.TempPathFactory) -> str:
-    path = make_tiny_model(tmp_path_factory.mktemp("ds32") / "tiny-ds32", "deepseek_v32")
-    return str(save_tokenizer(path, "deepseek_v32"))
+    return chat_cases.chat_checkpoint(tmp_path_factory, "deepseek_v32", "deepseek_v32")
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +29,7 @@ def server(ds_path: str, tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def client(server: ServerProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    return chat_cases.openai_client(server)
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +106,21 @@ def test_tokenize_prompt_and_bad_requests(server: ServerProcess, hf) -> None:
         assert httpx.post(f"{server.url}/tokenize", json=body).status_code == code
     bad = httpx.post(f"{server.url}/detokenize", json={"tokens": [1, 10**6]})
     assert bad.status_code == 400 and "1000000" in bad.json()["error"]["message"]
+
+
+# -- structured output and forced tool calls (the grammar makes even random weights valid) -----------
+
+def test_json_schema_answers_validate(client: openai.OpenAI) -> None:
+    chat_cases.check_json_schema(client, client.models.list().data[0].id, {})
+
+
+def test_regex_ebnf_json_object(client: openai.OpenAI, server: ServerProcess) -> None:
+    chat_cases.check_regex_ebnf_json_object(client, client.models.list().data[0].id, server.url, {})
+
+
+def test_tool_calling_loop(client: openai.OpenAI) -> None:
+    chat_cases.check_tool_loop(client, client.models.list().data[0].id, {})
+
+
+def test_streamed_named_tool_call(client: openai.OpenAI) -> None:
+    chat_cases.check_streamed_named_call(client, client.models.list().data[0].id, {})

@@ -7,8 +7,8 @@ import openai
 import pytest
 
 from dsaserve.engine.tokenizer import Tokenizer
-from dsaserve.tiny import make_tiny_model, save_tokenizer
 from server_process import ServerProcess, module_server
+import chat_cases
 from test_chat_encoding import WEATHER
 
 pytestmark = pytest.mark.timeout(300)
@@ -50,8 +50,7 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def glm_path(tmp_path_factory: pytest.TempPathFactory) -> str:
-    path = make_tiny_model(tmp_path_factory.mktemp("glm5") / "tiny-glm5", "glm_moe_dsa")
-    return str(save_tokenizer(path, "glm5"))
+    return chat_cases.chat_checkpoint(tmp_path_factory, "glm_moe_dsa", "glm5")
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +60,7 @@ def server(glm_path: str, tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def client(server: ServerProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    return chat_cases.openai_client(server)
 
 
 @pytest.fixture(scope="module")
@@ -91,3 +90,25 @@ def test_reasoning_split_follows_the_template_kwarg(client: openai.OpenAI, enabl
     text = msg.reasoning_content if enable_thinking else msg.content
     assert text and "</think>" not in text
     assert (msg.content or "", msg.reasoning_content) == (("", text) if enable_thinking else (text, None))
+
+
+# -- structured output and forced tool calls (thinking off: the reply is the constrained answer) ------
+NO_THINK = {"chat_template_kwargs": {"enable_thinking": False}}
+
+
+def test_json_schema_answers_validate(client: openai.OpenAI) -> None:
+    chat_cases.check_json_schema(client, client.models.list().data[0].id, NO_THINK)
+
+
+def test_regex_and_ebnf(client: openai.OpenAI, server: ServerProcess) -> None:
+    chat_cases.check_regex_ebnf_json_object(client, client.models.list().data[0].id, server.url, NO_THINK,
+                                            json_object=False)
+
+
+def test_tool_calling_loop(client: openai.OpenAI) -> None:
+    chat_cases.check_tool_loop(client, client.models.list().data[0].id, NO_THINK)
+
+
+def test_streamed_named_tool_call(client: openai.OpenAI) -> None:
+    chat_cases.check_streamed_named_call(client, client.models.list().data[0].id, NO_THINK)
+

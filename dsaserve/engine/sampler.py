@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from dsaserve.chat.grammar import commit_tokens, grammar_state
 from dsaserve.engine.request import Request
 
 Tensor = torch.Tensor
@@ -19,6 +20,18 @@ def step_seed(seed: int, step: int) -> int:
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
     return (x ^ (x >> 31)) & _MASK64
+
+
+def apply_grammars(logits: Tensor, reqs: list[Request]) -> Tensor:
+    """Tokens a request's grammar forbids get -inf (one [R, V] mask, one copy to the device)."""
+    rows = [i for i, r in enumerate(reqs) if r.params.grammar is not None]
+    if not rows:
+        return logits
+    mask = torch.stack([grammar_state(reqs[i], logits.shape[1]).allowed() for i in rows]).to(logits.device)
+    logits = logits.clone()
+    idx = torch.tensor(rows, device=logits.device)
+    logits[idx] = logits[idx].masked_fill(~mask, float("-inf"))
+    return logits
 
 
 def apply_penalties(logits: Tensor, reqs: list[Request]) -> Tensor:
@@ -55,8 +68,10 @@ def filter_probs(logits: Tensor, reqs: list[Request]) -> Tensor:
 
 
 def sample(logits: Tensor, reqs: list[Request]) -> tuple[list[int], list[tuple[float, list[tuple[int, float]]]] | None]:
-    """logits [S, V] fp32 (one row per sampling request) -> tokens, and logprobs where asked."""
-    shaped = apply_penalties(logits, reqs)
+    """logits [S, V] fp32 (one row per sampling request) -> tokens, and logprobs where asked.
+    Each sampled token is committed to its request's grammar here: today the engine commits every
+    token sample() returns (speculative decoding will commit at its acceptance point instead)."""
+    shaped = apply_penalties(apply_grammars(logits, reqs), reqs)
     tokens = shaped.argmax(-1)
     random_rows = [i for i, r in enumerate(reqs) if not r.params.greedy]
     if random_rows:
@@ -66,6 +81,8 @@ def sample(logits: Tensor, reqs: list[Request]) -> tuple[list[int], list[tuple[f
             noise = torch.empty_like(probs[j]).exponential_(generator=gen)
             tokens[i] = (probs[j] / noise).argmax()  # exponential race: an exact draw from probs
     token_list = tokens.tolist()
+    for r, t in zip(reqs, token_list):
+        commit_tokens(r, [t])
     if all(r.params.logprobs is None for r in reqs):
         return token_list, None
     logprobs = torch.log_softmax(logits, dim=-1)

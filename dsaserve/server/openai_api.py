@@ -8,6 +8,8 @@ from typing import Any, AsyncIterator, Callable
 
 from fastapi import APIRouter, Request
 
+from dsaserve.chat.constrain import MARKUP_TEXTS, Constraint, Markup, build_grammar, markup_for
+from dsaserve.chat.grammar import GrammarError, GrammarSpec, checked_spec, ll_tokenizer
 from dsaserve.chat.parsers import (DEFAULT_TOOL_PARSER, OutputParser, Parsed, ReasoningSplitter, ToolCall,
                                    tool_parser)
 from dsaserve.chat.render import ChatFormat, ChatFormatError, RenderedChat
@@ -28,6 +30,7 @@ class ChatPlan:
     prompt: RenderedChat
     tools: ToolPlan
     parser: ParserFactory | None  # one parser per choice; None: the text is the content
+    grammar: GrammarSpec | None
 
 
 class OpenAIServing:
@@ -38,6 +41,26 @@ class OpenAIServing:
     def chat_format(self) -> ChatFormat:  # the tokenizer exists once the frontend has started
         return ChatFormat(self.fe.tokenizer, self.fe.args.tokenizer_mode, self.fe.info.get("model_type"))
 
+    @functools.cached_property
+    def markup(self) -> Markup:
+        return markup_for(self.fe.tokenizer.hf, ll_tokenizer(*self._vocab()), MARKUP_TEXTS)
+
+    def _vocab(self) -> tuple[str, tuple[int, ...]]:
+        return self.fe.info["model_path"], tuple(self.fe.info["eos_token_ids"])
+
+    def grammar(self, c: Constraint, tool_format: str | None = None,
+                opens_reasoning: bool = False) -> GrammarSpec | None:
+        """The checked grammar of a request's constraint; a 400 naming the problem if it is invalid."""
+        param = "tool_choice" if c.forced_tools else ("regex" if c.regex else "ebnf" if c.ebnf else "response_format")
+        try:
+            if c.empty:
+                return None
+            if self.fe.args.grammar_backend == "none":
+                raise GrammarError("structured output is off on this server (--grammar-backend none)")
+            return checked_spec(build_grammar(c, tool_format, self.markup, opens_reasoning), *self._vocab())
+        except GrammarError as exc:
+            raise bad_request(f"{param}: {exc}", param=param) from None
+
     # -- shared ------------------------------------------------------------------------------
 
     def check_model(self, name: str) -> None:
@@ -46,7 +69,8 @@ class OpenAIServing:
                            param="model", code="model_not_found")
 
     @staticmethod
-    def params(body: p.SamplingFields, max_tokens: int | None, logprobs: int | None, index: int) -> SamplingParams:
+    def params(body: p.SamplingFields, max_tokens: int | None, logprobs: int | None, index: int,
+               grammar: GrammarSpec | None = None) -> SamplingParams:
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
         seed = None if body.seed is None else body.seed + index  # n > 1: seeds s, s+1, ...
         return checked(SamplingParams(
@@ -54,15 +78,16 @@ class OpenAIServing:
             top_p=1.0 if body.top_p is None else body.top_p, top_k=-1 if body.top_k is None else body.top_k,
             min_p=body.min_p or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
             presence_penalty=body.presence_penalty or 0.0, seed=seed, stop=stop,
-            stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos, logprobs=logprobs))
+            stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos, logprobs=logprobs,
+            grammar=grammar))
 
     def token_str(self, token: int, as_ids: bool) -> str:
         return f"token_id:{token}" if as_ids else self.fe.tokenizer.decode([token], skip_special_tokens=False)
 
     async def respond(self, request: Request, body: p.SamplingFields, prompts: list[list[int]],
                       max_tokens: int | None, logprobs: int | None, kind: str,
-                      parser: ParserFactory | None = None) -> Any:
-        params = [self.params(body, max_tokens, logprobs, i) for _ in prompts for i in range(body.n)]
+                      parser: ParserFactory | None = None, grammar: GrammarSpec | None = None) -> Any:
+        params = [self.params(body, max_tokens, logprobs, i, grammar) for _ in prompts for i in range(body.n)]
         flat = [ids for ids in prompts for _ in range(body.n)]
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         handles = await self.fe.submit_many(flat, params, rid, body.routed_dp_rank)
@@ -196,13 +221,16 @@ class OpenAIServing:
             if tool_parser_name is None:
                 raise bad_request(f"tools need a tool-call parser and model type {model_type!r} has no default: "
                                   "start the server with --tool-call-parser", param="tools")
+        constraint = Constraint(body.response_format, body.regex, body.ebnf, tools.forced,
+                                several_calls=tools.choice == "required" and body.parallel_tool_calls is not False)
+        grammar = self.grammar(constraint, tool_parser_name, prompt.opens_reasoning)
         if reasoning is None and tool_parser_name is None:
-            return ChatPlan(prompt, tools, None)
+            return ChatPlan(prompt, tools, None, grammar)
 
         def parser() -> OutputParser:
             return OutputParser(ReasoningSplitter(prompt.opens_reasoning) if reasoning else None,
                                 tool_parser(tool_parser_name, tools.tools) if tool_parser_name else None)
-        return ChatPlan(prompt, tools, parser)
+        return ChatPlan(prompt, tools, parser, grammar)
 
     def _chat_logprobs(self, ids: list[int], lps: LogprobList, body: p.SamplingFields) -> p.ChatLogprobs:
         as_ids = body.return_tokens_as_token_ids
@@ -290,7 +318,9 @@ def openai_router(serving: OpenAIServing) -> APIRouter:
         if body.echo:
             raise bad_request("echo is not supported", param="echo")
         prompts = serving.prompt_ids(body.prompt)
-        return await serving.respond(request, body, prompts, body.max_tokens, body.logprobs, "completion")
+        grammar = serving.grammar(Constraint(body.response_format, body.regex, body.ebnf))
+        return await serving.respond(request, body, prompts, body.max_tokens, body.logprobs, "completion",
+                                     grammar=grammar)
 
     @router.post("/v1/chat/completions", response_model=None)
     async def chat(body: p.ChatCompletionRequest, request: Request) -> Any:
@@ -298,7 +328,8 @@ def openai_router(serving: OpenAIServing) -> APIRouter:
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         plan = serving.plan_chat(body)
-        return await serving.respond(request, body, [plan.prompt.ids], max_tokens, logprobs, "chat", plan.parser)
+        return await serving.respond(request, body, [plan.prompt.ids], max_tokens, logprobs, "chat", plan.parser,
+                                     plan.grammar)
 
     @router.post("/tokenize")
     @router.post("/v1/tokenize")

@@ -36,6 +36,10 @@ class SamplingFields(_In):
     routed_dp_rank: int | None = None
     # vLLM's extension: logprob tokens as "token_id:N", so that clients get exact ids.
     return_tokens_as_token_ids: bool = False
+    # Structured output: OpenAI's response_format, and SGLang's regex / ebnf (extra_body).
+    response_format: dict[str, Any] | None = None
+    regex: str | None = None
+    ebnf: str | None = None
 
 
 class CompletionRequest(SamplingFields):
