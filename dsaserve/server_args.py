@@ -50,6 +50,14 @@ class ServerArgs:
     speculative_eagle_topk: int | None = _opt(None, "drafts per draft step (only 1 is supported)")
     speculative_num_draft_tokens: int | None = _opt(None, "tokens per verify step, S + 1 (the only value "
                                                           "supported with topk 1)")
+    tokenizer_mode: str = _opt("auto", "chat encoding: auto (the tokenizer's chat template; DeepSeek-V3.2's "
+                                       "published encoding for a deepseek_v32 model without one), hf, deepseek_v32")
+    reasoning_parser: str | None = _opt(None, "split reasoning into reasoning_content: deepseek-v3 or glm45 "
+                                              "(default: reasoning stays in content)")
+    tool_call_parser: str | None = _opt(None, "parse tool calls: deepseekv32, glm45 or glm47 (default: by "
+                                              "model type, deepseekv32 for deepseek_v32, glm47 for glm_moe_dsa)")
+    grammar_backend: str = _opt("llguidance", "constrained decoding for response_format / regex / ebnf and "
+                                              "forced tool calls: llguidance or none")
     seed: int = _opt(0, "seed for requests that carry none")
     log_level: str = _opt("info", "debug, info, warning, error")
     checks: bool = _opt(False, "validate every BatchLayout and kernel input (also DSASERVE_CHECKS=1)")
@@ -76,6 +84,7 @@ class ServerArgs:
         for name in ("attention_backend", "moe_backend"):
             if getattr(self, name) not in ("auto", "torch", "triton"):
                 problems.append(f"--{name.replace('_', '-')} must be auto, torch or triton")
+        problems += _chat_problems(self)
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -128,3 +137,13 @@ class ServerArgs:
     def from_cli(cls, ns: argparse.Namespace) -> ServerArgs:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in vars(ns).items() if k in names})
+
+
+def _chat_problems(args: ServerArgs) -> list[str]:
+    from dsaserve.chat.parsers import REASONING_PARSERS, TOOL_CALL_PARSERS
+    from dsaserve.chat.render import TOKENIZER_MODES
+    choices = [("tokenizer_mode", TOKENIZER_MODES, False), ("reasoning_parser", REASONING_PARSERS, True),
+               ("tool_call_parser", TOOL_CALL_PARSERS, True), ("grammar_backend", ("llguidance", "none"), False)]
+    return [f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(args, name)!r}"
+            for name, allowed, optional in choices
+            if getattr(args, name) not in allowed and not (optional and getattr(args, name) is None)]

@@ -136,7 +136,8 @@ def _with_drafter(model: str, steps: int, reference: list[list[int]], wrong: tup
 
     def override(req: Request, drafts: list[int]) -> list[int]:
         cont, n = conts[req.rid], len(req.output_ids)
-        return [(t + 1) % 512 if i in wrong else t for i, t in enumerate(cont[n:n + steps])]
+        known = (cont[n:n + steps] + drafts)[:steps]  # past the continuation's end: the MTP's own drafts
+        return [(t + 1) % 512 if i in wrong else t for i, t in enumerate(known)]
 
     llm.engine.draft_override = override
     return llm
@@ -268,3 +269,23 @@ def test_spec_flags_are_checked(tiny_ds: str, tmp_path: Path) -> None:
     no_mtp = make_tiny_model(tmp_path / "nomtp", "deepseek_v32", num_nextn_predict_layers=0)
     with pytest.raises(ValueError, match="num_nextn_predict_layers=0"):
         LLM(str(no_mtp), **spec(2))
+
+
+def test_structured_output_with_spec(tiny_ds: str) -> None:
+    """A grammar masks every verify row as if the drafts before it were already output, and advances
+    only by the tokens kept: speculation gives the non-speculative constrained tokens, which parse."""
+    from dsaserve.chat.grammar import checked_spec, json_grammar
+    schema = {"type": "object", "properties": {"n": {"type": "boolean"}, "w": {"enum": ["ab", "cd"]}},
+              "required": ["n", "w"], "additionalProperties": False}
+    grammar = checked_spec(json_grammar(schema), tiny_ds, (1,))
+    params = [SamplingParams(max_tokens=24, temperature=t, seed=7, grammar=grammar) for t in (0.0, 0.9)]
+    expected = plain(tiny_ds, PROMPTS[:2], params)
+    reference = plain(tiny_ds, PROMPTS[:2], [dataclasses.replace(p, max_tokens=40) for p in params])
+    for wrong in ((), (1,)):
+        llm = _with_drafter(tiny_ds, 3, reference, wrong)
+        outs = llm.generate(PROMPTS[:2], params)
+        assert [o.token_ids for o in outs] == expected
+        assert llm.engine.stats().avg_spec_accept_length > (3.0 if not wrong else 1.5)
+        for o in outs:
+            value = json.loads(o.text)
+            assert isinstance(value["n"], bool) and value["w"] in ("ab", "cd") and o.finish_reason.kind == "stop"

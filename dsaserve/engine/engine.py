@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from dsaserve.cache.pages import PageAllocator
+from dsaserve.chat.grammar import commit_tokens
 from dsaserve.engine.layout import StepMode, StepPlan
 from dsaserve.engine.model_runner import ModelRunner, StepShape
 from dsaserve.engine.request import FinishReason, Request, RequestError, RequestOutput, SamplingParams
@@ -67,7 +68,7 @@ class Engine:
         self.runner = ModelRunner(args, self.model_path, progress=progress, par=self.par)
         self.cfg = self.runner.cfg
         self.tokenizer = Tokenizer(self.model_path)
-        if self.par.cfg.rank == 0 and not getattr(self.tokenizer.hf, "chat_template", None):
+        if self.par.cfg.rank == 0 and not self.tokenizer.chat_format(args.tokenizer_mode).available:
             log.warning("the tokenizer has no chat template: /v1/chat/completions will answer 400; "
                         "use /v1/completions with your own prompt format")
         self.context_length = args.context_length or self.cfg.context_length
@@ -92,6 +93,7 @@ class Engine:
         self.steps = 0
         self._spec = [0, 0, 0]  # verify steps, drafts proposed, drafts accepted
         self.last_sync = StepShape((0,), (0,), None, StepMode.DECODE, 1)
+        self.runner.capture_graphs(self.par.cfg.dp, progress=progress and self.par.cfg.rank == 0)
         self.par.exchange([1])  # every rank built its engine: start-up failures surface before "ready"
 
     # -- requests --------------------------------------------------------------------------
@@ -263,6 +265,7 @@ class Engine:
                 reason = self._stop_reason(req, token)
                 if reason is not None:
                     break
+            commit_tokens(req, new)
             if reason is not None:
                 self._finish(req, reason)
             chosen = lps[:len(new)] if lps is not None and req.params.logprobs is not None else []

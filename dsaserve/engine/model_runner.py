@@ -131,20 +131,43 @@ class ModelRunner:
         fits = plan.mode is graph_mode and len(plan.rids) <= self.graphs.max_bs
         return len(plan.rids) if fits else -1
 
-    def prepare(self, plan: StepPlan, shape: StepShape) -> tuple[StepPlan, BatchLayout]:
+    def prepare(self, plan: StepPlan, shape: StepShape, min_keys: int = 0) -> tuple[StepPlan, BatchLayout]:
         """The step's plan (padded with dummy requests when it replays a graph) and its layout."""
         if shape.graph_batch is None:
             layout = BatchLayout.build(plan, self.page_size, self.device, dp_sizes=shape.dp_sizes)
         else:
             assert self.graphs is not None
             plan = plan.padded(shape.graph_batch, shape.rows_per_req, self.page_size, shape.mode)
-            keys = self.graphs.key_width(max(p + q for p, q in zip(plan.prefix_lens, plan.q_lens)))
+            keys = self.graphs.key_width(max([p + q for p, q in zip(plan.prefix_lens, plan.q_lens)] + [min_keys]))
             rows = shape.graph_batch * shape.rows_per_req
             layout = BatchLayout.build(plan, self.page_size, self.device, key_width=keys,
                                        dp_sizes=(rows,) * len(shape.dp_sizes), page_width=-(-keys // self.page_size))
         if self.ops.checks:
             layout.validate(num_slots=self.pools.num_slots)
         return plan, layout
+
+    def capture_graphs(self, dp: int, progress: bool) -> None:
+        """Capture every graph the server can replay (each batch bucket x key width, for decode or verify,
+        the MTP pass and draft steps) before it turns ready: requests never wait on a compile or a
+        capture. Every rank captures the same shapes in the same order (their collectives line up)."""
+        from tqdm import tqdm
+        if self.graphs is None or self.device.type != "cuda":
+            return
+        spec = self.spec_steps
+        mode, rows = (StepMode.VERIFY, spec + 1) if spec else (StepMode.DECODE, 1)
+        work = [(b, w) for b in self.graphs.buckets for w in self.graphs.key_widths()]
+        for batch, keys in tqdm(work, desc="Capturing CUDA graphs", disable=not progress):
+            shape = StepShape((0,) * dp, (0,) * dp, batch, mode, rows)
+            plan, layout = self.prepare(StepPlan.idle(), shape, min_keys=keys)
+            ids = torch.zeros(layout.num_tokens, dtype=torch.long, device=self.device)
+            states, _ = self.target(ids, layout, graphed=True)
+            if spec:
+                firsts = torch.arange(batch, dtype=torch.int32, device=self.device) * rows
+                self.draft(ids, states, layout.with_logit_rows(firsts), graphed=True)
+                _, one = self.prepare(StepPlan.idle(), shape.for_drafts(), min_keys=keys)
+                self.draft(ids[:batch], states[:batch], one, graphed=True)
+        self.graphs.frozen = True
+        torch.cuda.synchronize(self.device)
 
     # -- forwards ----------------------------------------------------------------------------
 

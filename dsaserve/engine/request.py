@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dsaserve.chat.grammar import GrammarSpec
 
 
 class RequestError(ValueError):
@@ -23,6 +27,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; 0: the chosen token's; n: plus the n best
+    grammar: GrammarSpec | None = None  # constrained decoding (structured output, forced tool calls)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -84,6 +89,7 @@ class Request:
     draft_ids: list[int] = field(default_factory=list)  # MTP drafts to verify in the next step
     spec_verify_ct: int = 0  # verify steps this request took part in
     spec_accepted: int = 0  # draft tokens accepted over those steps
+    grammar: Any = None  # GrammarState of params.grammar, made by the sampler on the leader
 
     def token_slice(self, start: int, end: int) -> list[int]:
         """Tokens [start, end) of prompt + output, without building the concatenation (hot path)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from dsaserve.chat.grammar import grammar_state
 from dsaserve.engine.request import Request
 
 Tensor = torch.Tensor
@@ -19,6 +20,19 @@ def step_seed(seed: int, step: int) -> int:
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
     return (x ^ (x >> 31)) & _MASK64
+
+
+def apply_grammars(logits: Tensor, reqs: list[Request], pending: list[list[int]]) -> Tensor:
+    """Tokens a request's grammar forbids get -inf (one [R, V] mask, one copy to the device). A verify
+    row's mask is the grammar's after the drafts before it (tentatively accepted, then rolled back)."""
+    rows = [i for i, r in enumerate(reqs) if r.params.grammar is not None]
+    if not rows:
+        return logits
+    mask = torch.stack([grammar_state(reqs[i], logits.shape[1]).allowed_after(pending[i]) for i in rows])
+    logits = logits.clone()
+    idx = torch.tensor(rows, device=logits.device)
+    logits[idx] = logits[idx].masked_fill(~mask.to(logits.device), float("-inf"))
+    return logits
 
 
 def apply_penalties(logits: Tensor, reqs: list[Request], pending: list[list[int]]) -> Tensor:
@@ -60,12 +74,13 @@ def sample(logits: Tensor, reqs: list[Request], pending: list[list[int]] | None 
     """logits [S, V] fp32, one row per entry of `reqs` -> tokens, and logprobs where asked.
 
     A request may own several consecutive rows (speculative verify): `pending[i]` are the tokens that
-    precede row i's token in the output (the drafts before it). They count for penalties and set the
-    output index that seeds the row's noise, so a row samples exactly what the non-speculative step at
-    that output index would have sampled.
+    precede row i's token in the output (the drafts before it). They count for grammars and penalties
+    and set the output index that seeds the row's noise, so a row samples exactly what the
+    non-speculative step at that output index would have sampled. Sampling commits nothing: the
+    engine advances grammars by the tokens it keeps (dsaserve.chat.grammar.commit_tokens).
     """
     pending = pending if pending is not None else [[] for _ in reqs]
-    shaped = apply_penalties(logits, reqs, pending)
+    shaped = apply_penalties(apply_grammars(logits, reqs, pending), reqs, pending)
     tokens = shaped.argmax(-1)
     random_rows = [i for i, r in enumerate(reqs) if not r.params.greedy]
     if random_rows:
