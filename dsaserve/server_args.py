@@ -34,7 +34,9 @@ class ServerArgs:
                                        "the KV pool takes (CPU: of available RAM, at most 1 GiB)")
     max_running_requests: int = _opt(256, "most requests decoding at once")
     max_queued_requests: int = _opt(4096, "most requests waiting; more get 503")
-    chunked_prefill_size: int = _opt(8192, "most prompt tokens prefilled in one step")
+    chunked_prefill_size: int = _opt(8192, "most tokens in one step (prompt chunks and, mixed, decode rows)")
+    enable_mixed_chunk: bool = _opt(True, "decode rows of running requests share steps with prefill chunks "
+                                          "(--no-enable-mixed-chunk: a step prefills or decodes)")
     context_length: int | None = _opt(None, "longest prompt + completion (default: the model's)")
     disable_radix_cache: bool = _opt(False, "do not reuse the cache of repeated prompt prefixes")
     attention_backend: str = _opt("auto", "torch or triton (auto: triton on cuda, torch on cpu)")
@@ -128,7 +130,8 @@ class ServerArgs:
             flag = "--" + f.name.replace("_", "-")
             kind = hints[f.name]
             if kind is bool:
-                parser.add_argument(flag, action="store_true", default=f.default, help=f.metadata["help"])
+                action = argparse.BooleanOptionalAction if f.default else "store_true"
+                parser.add_argument(flag, action=action, default=f.default, help=f.metadata["help"])
                 continue
             base = next(t for t in (int, float, str) if t in getattr(kind, "__args__", (kind,)))
             suffix = "" if f.default is None else f" (default: {f.default})"

@@ -88,7 +88,7 @@ class Engine:
         self.scheduler = Scheduler(SchedulerConfig(
             page_size=args.page_size, chunked_prefill_size=args.chunked_prefill_size,
             max_running_requests=args.max_running_requests, max_queued_requests=args.max_queued_requests,
-            context_length=self.context_length, spec_steps=self.spec_steps,
+            context_length=self.context_length, spec_steps=self.spec_steps, mixed_chunk=args.enable_mixed_chunk,
             max_logit_rows=max(1, _PROMPT_LOGITS_BYTES // (4 * self.cfg.vocab_size))), self.allocator,
             self.prefix_cache)
         eos = set(self.cfg.eos_token_ids)
@@ -216,9 +216,10 @@ class Engine:
         exactly the non-speculative ones; for top-1 drafts this is speculative rejection sampling, coupled
         (a draft is accepted with the target's probability of it)."""
         row_reqs, pending, rows, chains, row = [], [], [], [], 0
-        for rid, q, n, samples in zip(plan.rids[:real], plan.q_lens, plan.logit_counts, plan.samples):
+        for rid, q, n, samples, drafts in zip(plan.rids[:real], plan.q_lens, plan.logit_counts, plan.samples,
+                                              plan.num_drafts):
             req = self.requests[rid]
-            chain = n if plan.mode is StepMode.VERIFY else int(samples)  # rows that yield output tokens
+            chain = drafts + 1 if drafts else int(samples)  # rows that yield output tokens
             if n > chain:  # the rows before score the prompt (echo / prompt_logprobs)
                 self._score_prompt(req, logits[row:row + n - chain], plan.prefix_lens[len(chains)] + q - n)
             rows += range(row + n - chain, row + n)
@@ -256,7 +257,7 @@ class Engine:
             if b >= real:  # a dummy request
                 ids += [0] * q
                 last_rows.append(0)
-            elif plan.mode is StepMode.VERIFY:  # rows past the accepted run are overwritten by later steps
+            elif plan.num_drafts[b]:  # a verify request: rows past the accepted run are overwritten later
                 new = accepted[rid][0]
                 ids += new + [0] * (q - len(new))
                 last_rows.append(len(new) - 1)
@@ -278,12 +279,13 @@ class Engine:
 
     def _commit(self, plan: StepPlan, real: int, accepted: dict[str, tuple]) -> list[RequestOutput]:
         """Cache lengths, tokens and stop rules after the whole step; finished requests free their pages."""
-        verify = plan.mode is StepMode.VERIFY
-        self.scheduler.advance(plan, self.requests, [len(accepted[r][0]) for r in plan.rids[:real]] if verify else None)
+        kept = [len(accepted[r][0]) if d else q for r, q, d in zip(plan.rids[:real], plan.q_lens, plan.num_drafts)]
+        self.scheduler.advance(plan, self.requests, kept)
+        verifying = {r for r, d in zip(plan.rids[:real], plan.num_drafts) if d}
         outputs = []
         for rid, (tokens, lps) in accepted.items():
             req = self.requests[rid]
-            if verify:
+            if rid in verifying:
                 req.spec_verify_ct += 1
                 req.spec_accepted += len(tokens) - 1
                 self._spec = [self._spec[0] + 1, self._spec[1] + self.spec_steps, self._spec[2] + len(tokens) - 1]

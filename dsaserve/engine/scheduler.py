@@ -35,6 +35,7 @@ class SchedulerConfig:
     context_length: int
     spec_steps: int = 0  # S draft steps per verify; 0: no speculative decoding
     max_logit_rows: int = 1 << 30  # most rows of one chunk that scores its prompt (the logits' memory)
+    mixed_chunk: bool = False  # decode rows and prefill chunks in the same step
 
     @property
     def decode_lookahead(self) -> int:
@@ -89,11 +90,22 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> StepPlan | None:
+        """The next step: decode rows of running requests and prefill chunks under one token budget
+        (mixed chunk), or prefill first and decode when no chunk can run."""
         for _ in range(len(self.running) + 1):
-            plan = self._prefill_plan() or self._decode_plan()
-            if plan is not None or not self.running:
-                return plan
-            self._retract(self.running[-1])  # nothing can run: every running request waits on pages
+            budget = self.cfg.chunked_prefill_size
+            if self.cfg.mixed_chunk:
+                decode = self._decode_rows()
+                prefill = [] if decode is None else self._prefill_chunks(budget - sum(q for _, q in decode),
+                                                                         after_decode=True)
+            else:
+                prefill = self._prefill_chunks(budget, after_decode=False)
+                decode = [] if prefill else self._decode_rows()
+            if decode is not None and (decode or prefill):
+                return self._plan(decode, prefill)
+            if not self.running:
+                return None
+            self._retract(self.running[-1])  # the decoders' next pages do not fit: the newest waits again
         return None
 
     def advance(self, plan: StepPlan, requests: dict[str, Request], rows_kept: list[int] | None = None) -> None:
@@ -136,15 +148,18 @@ class Scheduler:
         self.allocator.free(req.pages)
         req.pages, req.num_cached = [], 0
 
-    def _prefill_plan(self) -> StepPlan | None:
-        budget, chosen = self.cfg.chunked_prefill_size, []
+    def _prefill_chunks(self, budget: int, after_decode: bool) -> list[tuple[Request, int]]:
+        chosen: list[tuple[Request, int]] = []
         drafts = max(self.cfg.spec_steps - 1, 0)
-        # Every chunk leaves the pages the next decode step of each decoding request needs (and, when
-        # admitting, one request's first decode), so a prefill never takes them (no thrash).
-        reserve = sum(self._pages_missing(r, r.num_cached + self.cfg.decode_lookahead)
-                      for r in self.running if not self._prefilling(r))
+        # A chunk leaves the pages the next decode step of each decoding request needs (already taken
+        # when the decode rows run in this step) and, when admitting, one request's first decode, so a
+        # prefill never takes pages a decode needs (no thrash).
+        reserve = 0 if after_decode else sum(self._pages_missing(r, r.num_cached + self.cfg.decode_lookahead)
+                                             for r in self.running if not self._prefilling(r))
         first_decode = self._pages_for(self.cfg.decode_lookahead)
         for req in [r for r in self.running if self._prefilling(r)] + list(self.waiting):
+            if budget <= 0:
+                break
             admitting = req.state is RequestState.WAITING
             if admitting and (len(self.running) >= self.cfg.max_running_requests
                               or (self._hold_admission and self.running)):
@@ -170,39 +185,39 @@ class Scheduler:
                 bisect.insort(self.running, req, key=lambda r: r.arrival)
             chosen.append((req, chunk))
             budget -= chunk
-            if budget == 0:
-                break
-        return self._plan(StepMode.EXTEND, chosen) if chosen else None
+        return chosen
 
-    def _decode_plan(self) -> StepPlan | None:
+    def _decode_rows(self) -> list[tuple[Request, int]] | None:
+        """Every decoding request's rows (its last token, and its drafts with speculation), with the pages
+        its step writes; None when those pages do not fit."""
         ahead = self.cfg.decode_lookahead
-        while True:
-            batch = [r for r in self.running if not self._prefilling(r)]
-            if not batch:
-                return None
-            need = sum(self._pages_missing(r, r.num_cached + ahead) for r in batch)
-            if need <= self._free_pages(need):
-                break
-            self._retract(self.running[-1])
+        batch = [r for r in self.running if not self._prefilling(r)]
+        need = sum(self._pages_missing(r, r.num_cached + ahead) for r in batch)
+        if need > self._free_pages(need):
+            return None
         for req in batch:
             req.pages += self.allocator.alloc(self._pages_missing(req, req.num_cached + ahead))
-        spec = self.cfg.spec_steps
-        return self._plan(StepMode.VERIFY if spec else StepMode.DECODE, [(r, 1 + spec) for r in batch])
+        return [(r, 1 + self.cfg.spec_steps) for r in batch]
 
-    def _plan(self, mode: StepMode, chosen: list[tuple[Request, int]]) -> StepPlan:
+    def _plan(self, decode: list[tuple[Request, int]], prefill: list[tuple[Request, int]]) -> StepPlan:
+        spec = self.cfg.spec_steps
         input_ids: list[int] = []
-        for req, q in chosen:
-            if mode is StepMode.VERIFY:  # the last accepted token, then the drafts of the last step
-                assert len(req.draft_ids) == q - 1, f"request {req.rid} has {len(req.draft_ids)} drafts, not {q - 1}"
-                input_ids += req.token_slice(req.num_cached, req.num_cached + 1) + req.draft_ids
-            else:
-                input_ids += req.token_slice(req.num_cached, req.num_cached + q)
-        samples = [mode is not StepMode.EXTEND or r.num_cached + q == r.num_tokens for r, q in chosen]
-        logits = [q if mode is StepMode.VERIFY or self._scores_prompt(r) else int(s) for (r, q), s in zip(chosen, samples)]
+        for req, q in decode:  # the last token (not cached yet), then the drafts of the last step
+            assert len(req.draft_ids) == spec, f"request {req.rid} has {len(req.draft_ids)} drafts, not {spec}"
+            input_ids += req.token_slice(req.num_cached, req.num_cached + 1) + req.draft_ids
+        for req, q in prefill:
+            input_ids += req.token_slice(req.num_cached, req.num_cached + q)
+        samples = [True] * len(decode) + [r.num_cached + q == r.num_tokens for r, q in prefill]
+        logits = [q for _, q in decode] + [q if self._scores_prompt(r) else int(s)
+                                           for (r, q), s in zip(prefill, samples[len(decode):])]
+        mode = (StepMode.MIXED if prefill else StepMode.VERIFY if spec else StepMode.DECODE) if decode \
+            else StepMode.EXTEND
+        chosen = decode + prefill
         return StepPlan(
             mode=mode, rids=tuple(r.rid for r, _ in chosen), pages=tuple(tuple(r.pages) for r, _ in chosen),
             prefix_lens=tuple(r.num_cached for r, _ in chosen), q_lens=tuple(q for _, q in chosen),
-            logit_counts=tuple(logits), samples=tuple(samples), input_ids=tuple(input_ids))
+            logit_counts=tuple(logits), samples=tuple(samples), input_ids=tuple(input_ids),
+            num_drafts=(spec,) * len(decode) + (0,) * len(prefill))
 
     @staticmethod
     def _scores_prompt(req: Request) -> bool:
