@@ -86,7 +86,8 @@ class ServerArgs:
             problems.append(f"--dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
         from dsaserve.cache.pools import KV_CACHE_DTYPES
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            problems.append(f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
+            problems.append(f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                            f"got {self.kv_cache_dtype!r}")
         for name in ("attention_backend", "moe_backend"):
             if getattr(self, name) not in ("auto", "torch", "triton"):
                 problems.append(f"--{name.replace('_', '-')} must be auto, torch or triton")
