@@ -11,18 +11,17 @@ nearest e4m3 errs by at most half an ulp: 2^-4 |x / s| for normals (3 mantissa b
 """
 from __future__ import annotations
 
-import dataclasses
 import struct
 
 import pytest
 import torch
 
-from conftest import ARCHS, prompts_ids
+from conftest import ARCHS, prefill_logits, prompts_ids
 from dsaserve import LLM, SamplingParams
 from dsaserve.cache import kv_format
 from dsaserve.cache.pools import KVPools
 from dsaserve.config import ModelConfig
-from dsaserve.engine.layout import BatchLayout, LayoutError, StepMode, StepPlan
+from dsaserve.engine.layout import LayoutError
 from dsaserve.ops import reference
 from dsaserve.ops.dispatch import DSAOps
 from dsaserve.server_args import ServerArgs
@@ -196,14 +195,7 @@ MIN_TOP1_AGREEMENT, MAX_MEAN_LP_ERR = 0.45, 0.5
 
 def _logprobs(llm: LLM, seq: list[int]) -> torch.Tensor:
     """Log-probs at every position of `seq`, prefilled in one step (every row reads the cache)."""
-    runner, ps = llm.engine.runner, llm.engine.runner.page_size
-    pages = tuple(llm.engine.allocator.alloc(-(-len(seq) // ps)))
-    plan = StepPlan(StepMode.EXTEND, ("r",), (pages,), (0,), (len(seq),), (1,), tuple(seq))
-    layout = BatchLayout.build(plan, ps, runner.device)
-    with torch.no_grad():
-        logits = runner.model.logits(runner.model(torch.tensor(seq), layout, runner.pools, runner.ops))
-    llm.engine.allocator.free(list(pages))
-    return logits.log_softmax(-1)
+    return prefill_logits(llm, seq).log_softmax(-1)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -229,3 +221,19 @@ def test_fp8_cache_accuracy(arch: str, tiny_models: dict[str, str]) -> None:
         seq = p + out.token_ids
         lp = _logprobs(fp8, seq)[torch.arange(len(p) - 1, len(seq) - 1), torch.tensor(out.token_ids)]
         assert (torch.tensor([x[0] for x in out.logprobs]) - lp).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_mtp_speculation_over_fp8_cache(arch: str, tiny_models: dict[str, str]) -> None:
+    """The MTP layer's own caches are FP8 too; verify/draft steps read the same rows as plain decoding, and
+    graph buckets pad them with dummy requests that read the reserved page 0 (all-zero FP8 rows)."""
+    prompts = prompts_ids(3, [5, 40, 17], seed=4)
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    kw = dict(kv_cache_dtype="fp8_e4m3", page_size=1, max_total_tokens=4096)
+    expected = [o.token_ids for o in LLM(tiny_models[arch], **kw).generate(prompts, params)]
+    llm = LLM(tiny_models[arch], chunked_prefill_size=7, cuda_graph_max_bs=4, speculative_algorithm="NEXTN",
+              speculative_num_steps=2, **kw)
+    assert llm.engine.runner.pools.latent(llm.engine.runner.cfg.num_hidden_layers).dtype == torch.uint8
+    assert [o.token_ids for o in llm.generate(prompts, params)] == expected
+    stats = llm.engine.stats()
+    assert stats.spec_verify_steps > 0 and stats.free_pages == stats.total_pages
