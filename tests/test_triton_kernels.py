@@ -117,6 +117,28 @@ def test_sparse_mla_dispatch_strided_q():
     assert err < 1e-2, f"dispatch sparse_mla rel err {err:.2e}"
 
 
+@pytest.mark.parametrize("n,rope", [(512, 64), (128, 0), (64, 32)])
+def test_fp8_cache_writer_equals_quantize(n, rope):
+    """The fused CUDA writer stores the bytes of kv_format.quantize_fp8 (the CPU path, checked against an
+    independent decoder in test_kv_fp8.py) at exactly the given slots."""
+    from dsaserve.ops.triton.kv_write import write_fp8_rows
+    gen = torch.Generator(DEV).manual_seed(n + rope)
+    T, S = 300, 1000
+    big = torch.randn(T, n + 40, device=DEV, generator=gen)
+    big *= torch.exp2(torch.randint(-20, 21, (T, 1), device=DEV, generator=gen).float())
+    x = big.to(BF16)[:, :n]  # a strided view, as the model's split outputs are
+    x[0] = 0.0  # an all-zero row: its scale is the smallest normal, values 0
+    x[1, :7] = 448.0 * 8  # amax / 448 an exact power of two
+    r = torch.randn(T, rope, device=DEV, generator=gen).to(BF16) if rope else None
+    slots = torch.randperm(S, device=DEV, generator=gen)[:T].to(torch.int32)
+    row = kv_format.row_bytes(n, rope, kv_format.FP8)
+    cache = torch.full((S, row), 0xAB, dtype=torch.uint8, device=DEV)  # rows not written keep this
+    want = cache.clone()
+    want[slots.long()] = kv_format.quantize_fp8(x, r)
+    write_fp8_rows(cache, slots, x, r)
+    assert torch.equal(cache, want), f"{int((cache != want).sum())} bytes differ"
+
+
 # ---------------------------------------------------------------- indexer
 def _layout(seq_lens: list[int], q_lens: list[int], page_size: int, gen: torch.Generator):
     """Ragged requests with shuffled pages; row kv_len = position + 1 (causal within the new rows)."""
