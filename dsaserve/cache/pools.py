@@ -99,5 +99,8 @@ class KVPools:
             cache[slots.long()] = kv_format.quantize_fp8(x, rope)
 
     def query_dtype(self, compute: torch.dtype) -> torch.dtype:
-        """The dtype attention queries take: the cache's, or the compute dtype over an FP8 cache."""
-        return compute if self.fp8 else self.dtype
+        """The dtype attention queries take: the cache's, or over an FP8 cache the compute dtype (bf16 for
+        fp16: the power-of-two scales can leave fp16's range, while e4m3 x scale is exact in bf16)."""
+        if not self.fp8:
+            return self.dtype
+        return torch.bfloat16 if compute == torch.float16 else compute
