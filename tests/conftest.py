@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-from typing import Any
 
 os.environ["DSASERVE_CHECKS"] = "1"  # invariant 8: layouts and kernel inputs are validated in tests
 
@@ -43,17 +42,3 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def prompts_ids(n: int, lengths: list[int], seed: int = 0, vocab: int = 500) -> list[list[int]]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(5, vocab, (length,), generator=gen).tolist() for length in lengths[:n]]
-
-
-def prefill_logits(llm: Any, ids: list[int]) -> torch.Tensor:
-    """fp32 logits [len(ids), vocab] of every position, prefilled in one EXTEND step on fresh pages of `llm`."""
-    from dsaserve.engine.layout import BatchLayout, StepMode, StepPlan
-    runner, page_size = llm.engine.runner, llm.engine.runner.page_size
-    pages = tuple(llm.engine.allocator.alloc(-(-len(ids) // page_size)))
-    plan = StepPlan(StepMode.EXTEND, ("r",), (pages,), (0,), (len(ids),), (1,), tuple(ids))
-    layout = BatchLayout.build(plan, page_size, runner.device)
-    try:
-        with torch.no_grad():
-            return runner.model.logits(runner.model(torch.tensor(ids), layout, runner.pools, runner.ops))
-    finally:
-        llm.engine.allocator.free(list(pages))

@@ -9,8 +9,9 @@ import pytest
 import torch
 import transformers
 
-from conftest import ARCHS, prefill_logits, prompts_ids
+from conftest import ARCHS, prompts_ids
 from dsaserve import LLM, SamplingParams
+from dsaserve.engine.layout import BatchLayout, StepMode, StepPlan
 
 LOGIT_TOL = 1e-4
 ORACLES = {"deepseek_v32": transformers.DeepseekV32ForCausalLM, "glm_moe_dsa": transformers.GlmMoeDsaForCausalLM}
@@ -40,10 +41,16 @@ def test_tiny_configs_exercise_selection(tiny_models: dict[str, str]) -> None:
 def test_prefill_logits_match_transformers(arch: str, page_size: int, tiny_models: dict[str, str],
                                            oracles: dict[str, torch.nn.Module]) -> None:
     llm = LLM(tiny_models[arch], page_size=page_size, max_total_tokens=4096)
+    runner = llm.engine.runner
     for ids in prompts_ids(3, [9, 16, 45], seed=1):  # below, at and above index_topk
         with torch.no_grad():
             expected = oracles[arch](torch.tensor([ids])).logits[0]
-        got = prefill_logits(llm, ids)
+        pages = tuple(llm.engine.allocator.alloc(-(-len(ids) // page_size)))
+        plan = StepPlan(StepMode.EXTEND, ("r",), (pages,), (0,), (len(ids),), (1,), tuple(ids))
+        layout = BatchLayout.build(plan, page_size, runner.device)
+        with torch.no_grad():
+            got = runner.model.logits(runner.model(torch.tensor(ids), layout, runner.pools, runner.ops))
+        llm.engine.allocator.free(list(pages))
         diff = (got - expected).abs().max().item()
         assert diff < LOGIT_TOL, f"{arch} len={len(ids)}: max logit diff {diff:.2e} >= {LOGIT_TOL}"
 
