@@ -39,6 +39,7 @@ class ServerArgs:
     max_queued_requests: int = _opt(4096, "most requests waiting; more get 503")
     chunked_prefill_size: int = _opt(8192, "most prompt tokens prefilled in one step")
     context_length: int | None = _opt(None, "longest prompt + completion (default: the model's)")
+    disable_radix_cache: bool = _opt(False, "do not reuse the cache of repeated prompt prefixes")
     attention_backend: str = _opt("auto", "torch or triton (auto: triton on cuda, torch on cpu)")
     moe_backend: str = _opt("auto", "torch or triton (auto: triton on cuda, torch on cpu)")
     indexer_max_logits_mb: int = _opt(512, "memory budget of one indexer logits chunk, in MiB")

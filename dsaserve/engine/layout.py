@@ -39,20 +39,17 @@ class StepPlan:
     prefix_lens: tuple[int, ...]
     q_lens: tuple[int, ...]
     logit_counts: tuple[int, ...]  # how many trailing rows of each request yield logits (0: none)
+    samples: tuple[bool, ...]  # whether the request's last row yields a new token (else only scores)
     input_ids: tuple[int, ...]  # the query tokens, request after request (empty when they live on the device)
 
     @property
     def num_tokens(self) -> int:
         return sum(self.q_lens)
 
-    @property
-    def samples(self) -> tuple[bool, ...]:
-        return tuple(c > 0 for c in self.logit_counts)
-
     @staticmethod
     def idle() -> StepPlan:
         """The plan of a DP group with no work while another group runs: zero rows."""
-        return StepPlan(StepMode.IDLE, (), (), (), (), (), ())
+        return StepPlan(StepMode.IDLE, (), (), (), (), (), (), ())
 
     def padded(self, batch: int, rows_per_req: int, page_size: int, mode: StepMode) -> StepPlan:
         """This plan plus dummy requests up to `batch` (an idle group's plan becomes all dummies): each
@@ -66,7 +63,7 @@ class StepPlan:
         ids_known = len(self.input_ids) == self.num_tokens
         return StepPlan(mode, self.rids + (DUMMY_RID,) * extra, self.pages + (pages,) * extra,
                         self.prefix_lens + (0,) * extra, self.q_lens + (rows_per_req,) * extra,
-                        self.logit_counts + (logits,) * extra,
+                        self.logit_counts + (logits,) * extra, self.samples + (True,) * extra,
                         self.input_ids + (0,) * (extra * rows_per_req) if ids_known else ())
 
 

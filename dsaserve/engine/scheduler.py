@@ -17,6 +17,7 @@ import bisect
 from dataclasses import dataclass
 
 from dsaserve.cache.pages import PageAllocator
+from dsaserve.cache.prefix import PrefixCache
 from dsaserve.engine.layout import DUMMY_RID, StepMode, StepPlan
 from dsaserve.engine.request import Request, RequestError, RequestState
 
@@ -33,6 +34,7 @@ class SchedulerConfig:
     max_queued_requests: int
     context_length: int
     spec_steps: int = 0  # S draft steps per verify; 0: no speculative decoding
+    max_logit_rows: int = 1 << 30  # most rows of one chunk that scores its prompt (the logits' memory)
 
     @property
     def decode_lookahead(self) -> int:
@@ -41,8 +43,8 @@ class SchedulerConfig:
 
 
 class Scheduler:
-    def __init__(self, cfg: SchedulerConfig, allocator: PageAllocator):
-        self.cfg, self.allocator = cfg, allocator
+    def __init__(self, cfg: SchedulerConfig, allocator: PageAllocator, cache: PrefixCache | None = None):
+        self.cfg, self.allocator, self.cache = cfg, allocator, cache
         self.waiting: list[Request] = []  # by arrival
         self.running: list[Request] = []  # by arrival
         self.num_retractions = 0
@@ -79,8 +81,7 @@ class Scheduler:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
-        self.allocator.free(req.pages)
-        req.pages = []
+        self._release(req)
         req.state = RequestState.FINISHED
         self._hold_admission = False
 
@@ -114,9 +115,30 @@ class Scheduler:
     def _pages_missing(self, req: Request, tokens: int) -> int:
         return max(self._pages_for(tokens) - len(req.pages), 0)
 
+    def _free_pages(self, wanted: int) -> int:
+        """Free pages, evicting cached prefixes no request uses while fewer than `wanted` are free."""
+        if self.cache is not None and self.allocator.num_free < wanted:
+            self.cache.evict(wanted - self.allocator.num_free)
+        return self.allocator.num_free
+
+    def _reuse_prefix(self, req: Request) -> None:
+        """An admitted request starts from the longest cached prefix of its tokens (at least its last
+        token is computed, to sample from)."""
+        if self.cache is None or req.pages or req.params.prompt_logprobs is not None:
+            return
+        req.pages = self.cache.match(req.token_slice(0, req.num_tokens), limit=req.num_tokens - 1)
+        req.num_cached = req.cached_tokens = len(req.pages) * self.cfg.page_size
+
+    def _release(self, req: Request) -> None:
+        """The request's pages go back; its full pages stay in the prefix cache for later requests."""
+        if self.cache is not None and req.num_cached:
+            self.cache.insert(req.token_slice(0, req.num_cached), req.pages)
+        self.allocator.free(req.pages)
+        req.pages, req.num_cached = [], 0
+
     def _prefill_plan(self) -> StepPlan | None:
         budget, chosen = self.cfg.chunked_prefill_size, []
-        free, drafts = self.allocator.num_free, max(self.cfg.spec_steps - 1, 0)
+        drafts = max(self.cfg.spec_steps - 1, 0)
         # Every chunk leaves the pages the next decode step of each decoding request needs (and, when
         # admitting, one request's first decode), so a prefill never takes them (no thrash).
         reserve = sum(self._pages_missing(r, r.num_cached + self.cfg.decode_lookahead)
@@ -127,16 +149,21 @@ class Scheduler:
             if admitting and (len(self.running) >= self.cfg.max_running_requests
                               or (self._hold_admission and self.running)):
                 break
-            usable = free - reserve - (first_decode if admitting else 0)
-            room = (len(req.pages) + max(usable, 0)) * self.cfg.page_size - req.num_cached
-            chunk = min(req.pending, budget, room)
+            if admitting:
+                self._reuse_prefix(req)
+            held = reserve + (first_decode if admitting else 0)
+            want = held + self._pages_missing(req, req.num_cached + min(req.pending, budget) + drafts)
+            free = self._free_pages(want)
+            room = (len(req.pages) + max(free - held, 0)) * self.cfg.page_size - req.num_cached
+            chunk = min(req.pending, budget, room, self.cfg.max_logit_rows if self._scores_prompt(req) else budget)
             if chunk == req.pending and room < chunk + drafts:
                 chunk = min(req.pending - 1, room)  # the last chunk also needs its first drafts' slots
             if chunk <= 0:
+                if admitting:
+                    self._release(req)  # give back the reused prefix until it is admitted
                 break
             new_pages = self._pages_missing(req, req.num_cached + chunk + (drafts if chunk == req.pending else 0))
             req.pages += self.allocator.alloc(new_pages)
-            free -= new_pages
             if admitting:
                 self.waiting.remove(req)
                 req.state = RequestState.RUNNING
@@ -153,7 +180,8 @@ class Scheduler:
             batch = [r for r in self.running if not self._prefilling(r)]
             if not batch:
                 return None
-            if sum(self._pages_missing(r, r.num_cached + ahead) for r in batch) <= self.allocator.num_free:
+            need = sum(self._pages_missing(r, r.num_cached + ahead) for r in batch)
+            if need <= self._free_pages(need):
                 break
             self._retract(self.running[-1])
         for req in batch:
@@ -169,16 +197,22 @@ class Scheduler:
                 input_ids += req.token_slice(req.num_cached, req.num_cached + 1) + req.draft_ids
             else:
                 input_ids += req.token_slice(req.num_cached, req.num_cached + q)
-        logits = [q if mode is StepMode.VERIFY else int(r.num_cached + q == r.num_tokens) for r, q in chosen]
+        samples = [mode is not StepMode.EXTEND or r.num_cached + q == r.num_tokens for r, q in chosen]
+        logits = [q if mode is StepMode.VERIFY or self._scores_prompt(r) else int(s) for (r, q), s in zip(chosen, samples)]
         return StepPlan(
             mode=mode, rids=tuple(r.rid for r, _ in chosen), pages=tuple(tuple(r.pages) for r, _ in chosen),
             prefix_lens=tuple(r.num_cached for r, _ in chosen), q_lens=tuple(q for _, q in chosen),
-            logit_counts=tuple(logits), input_ids=tuple(input_ids))
+            logit_counts=tuple(logits), samples=tuple(samples), input_ids=tuple(input_ids))
+
+    @staticmethod
+    def _scores_prompt(req: Request) -> bool:
+        """Prompt log-probabilities asked for and not all computed yet: every prefill row yields logits."""
+        return req.params.prompt_logprobs is not None and len(req.prompt_logprobs) < len(req.prompt_ids) - 1
 
     def _retract(self, req: Request) -> None:
         self.running.remove(req)
-        self.allocator.free(req.pages)
-        req.pages, req.num_cached, req.draft_ids = [], 0, []
+        self._release(req)  # its prefix stays cached: re-admission reuses what was not evicted meanwhile
+        req.draft_ids = []
         self.num_retractions += 1
         self._hold_admission = True
         self._enqueue(req)
