@@ -22,6 +22,9 @@ class ServerArgs:
     device: str = _opt("auto", "cuda or cpu (auto: cuda when available)")
     dtype: str = _opt("auto", "activation and weight dtype: auto (bf16 on cuda, fp32 on cpu), "
                                "bfloat16, float16, float32")
+    kv_cache_dtype: str = _opt("auto", "latent and index-key cache dtype: auto (the --dtype), bf16 (alias bfloat16), "
+                                       "fp8_e4m3 (FlashMLA's 656-byte latent rows: e4m3 + fp32 scales per 128 "
+                                       "values + bf16 rope; index keys e4m3 + one fp32 scale per 128)")
     tp: int = _opt(1, "tensor-parallel size (ranks on this machine x nnodes)")
     dp: int = _opt(1, "data-parallel size (with --enable-dp-attention: DP attention groups)")
     enable_dp_attention: bool = _opt(False, "attention runs data-parallel in --dp groups, MoE over all ranks")
@@ -84,6 +87,10 @@ class ServerArgs:
             problems.append(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             problems.append(f"--dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
+        from dsaserve.cache.pools import KV_CACHE_DTYPES
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            problems.append(f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                            f"got {self.kv_cache_dtype!r}")
         for name in ("attention_backend", "moe_backend"):
             if getattr(self, name) not in ("auto", "torch", "triton"):
                 problems.append(f"--{name.replace('_', '-')} must be auto, torch or triton")
