@@ -65,7 +65,8 @@ def main() -> None:
     if not (path / "config.json").is_file():
         make_tiny_model(path, "deepseek_v32", layers=args.layers, dtype=torch.bfloat16, n_routed_experts=args.experts,
                         **{**DEEPSEEK_V32_LAYER, "num_nextn_predict_layers": 1})
-    common = dict(page_size=args.page_size, max_running_requests=max(args.batch),
+    context = args.input_len + args.output_len + 4 * args.steps + 64  # few key-width buckets to capture
+    common = dict(page_size=args.page_size, max_running_requests=max(args.batch), context_length=context,
                   max_total_tokens=max(args.batch) * (args.input_len + args.output_len + 4 * args.steps) + 4096,
                   chunked_prefill_size=max(8192, args.input_len), cuda_graph_max_bs=max(args.batch))
     vocab = DEEPSEEK_V32_LAYER["vocab_size"]
