@@ -42,11 +42,15 @@ E4M3 = torch.tensor([_e4m3(b) for b in range(256)], dtype=torch.float64)
 
 
 def decode_row(row: torch.Tensor, n: int) -> tuple[torch.Tensor, list[float], torch.Tensor]:
-    """One uint8 row -> (dequantized values [n] fp64, the block scales, the rope values [r] fp64)."""
+    """One uint8 row -> (dequantized values [n] fp64, the block scales, the rope values [r] fp64). The rope
+    is a whole number of 16-byte groups; the rest of the row up to its 16-byte multiple is zero padding."""
     raw = bytes(row.tolist())
     b = -(-n // 128)
     scales = list(struct.unpack(f"<{b}f", raw[n:n + 4 * b]))
-    rope_bits = struct.unpack(f"<{(len(raw) - n - 4 * b) // 2}H", raw[n + 4 * b:])
+    assert len(raw) % 16 == 0, f"a {len(raw)}-byte row is not 16-byte aligned"
+    rope_bytes = (len(raw) - n - 4 * b) // 16 * 16
+    assert not any(raw[n + 4 * b + rope_bytes:]), "the padding is not zero"
+    rope_bits = struct.unpack(f"<{rope_bytes // 2}H", raw[n + 4 * b:n + 4 * b + rope_bytes])
     rope = torch.tensor([struct.unpack("<f", struct.pack("<I", h << 16))[0] for h in rope_bits], dtype=torch.float64)
     values = E4M3[row[:n].long()] * torch.tensor([scales[i // 128] for i in range(n)], dtype=torch.float64)
     return values, scales, rope
@@ -64,7 +68,7 @@ def _representable(rows: int, n: int, gen: torch.Generator) -> torch.Tensor:
     return (values * torch.exp2(exps).repeat_interleave(128, dim=1)[:, :n]).float()
 
 
-@pytest.mark.parametrize("n,rope,nbytes", [(512, 64, 656), (128, 0, 132), (64, 32, 132), (64, 0, 68)])
+@pytest.mark.parametrize("n,rope,nbytes", [(512, 64, 656), (128, 0, 144), (64, 32, 144), (64, 0, 80)])
 def test_layout_round_trips_representable_values_exactly(n: int, rope: int, nbytes: int) -> None:
     gen = torch.Generator().manual_seed(n + rope)
     x = _representable(6, n, gen)
@@ -107,7 +111,7 @@ def _cfg(arch: str, **dims: int) -> ModelConfig:
 
 def test_pool_sizing_and_page_zero() -> None:
     v32 = _cfg("deepseek_v32", kv_lora_rank=512, qk_rope_head_dim=64, index_head_dim=128, num_hidden_layers=61)
-    assert KVPools.bytes_per_token(v32, FP8) == 61 * 656 + 61 * 132
+    assert KVPools.bytes_per_token(v32, FP8) == 61 * 656 + 61 * 144  # index rows: 132 bytes, 16-aligned
     assert KVPools.bytes_per_token(v32, torch.bfloat16) == 61 * 576 * 2 + 61 * 128 * 2
     for arch in ARCHS:
         cfg = _cfg(arch)
@@ -170,8 +174,8 @@ def test_reference_ops_read_fp8_rows() -> None:
 def test_checked_mode_names_a_wrong_cache() -> None:
     q = torch.randn(2, 4, 160)
     idx = torch.zeros(2, 3, dtype=torch.int32)
-    bad = torch.zeros(10, 200, dtype=torch.uint8)  # not 128 + 4 + 2 * 32 = 196 bytes
-    with pytest.raises(LayoutError, match="latent cache is FP8 .* 200 bytes per row, expected 196"):
+    bad = torch.zeros(10, 200, dtype=torch.uint8)  # not 128 + 4 + 2 * 32 = 196 bytes, padded to 208
+    with pytest.raises(LayoutError, match="latent cache is FP8 .* 200 bytes per row, expected 208"):
         DSAOps().sparse_mla(q, bad, idx, 0.1, 128)
     with pytest.raises(LayoutError, match="latent cache rows have 150 values, expected 160"):
         DSAOps().sparse_mla(q, torch.zeros(10, 150), idx, 0.1, 128)

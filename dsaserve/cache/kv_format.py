@@ -5,8 +5,10 @@ An FP8 row holds n quantized values and r unquantized rope values (r = 0 for ind
     [0, n)                 n e4m3 values, x / scale of their block of 128
     [n, n + 4b)            b = ceil(n / 128) fp32 scales, multipliers: x ~= e4m3 * scale
     [n + 4b, n + 4b + 2r)  r bf16 values (rope'd k_pe), not quantized
+    then zero bytes up to a multiple of 16 (rows stay 16-byte aligned for the kernels' vector loads)
 
-The MLA latent (n = 512, r = 64) is FlashMLA's 656-byte row; an index key (n = 128) is 132 bytes.
+The MLA latent (n = 512, r = 64) is FlashMLA's 656-byte row; an index key (n = 128) holds 132 bytes of
+data in a 144-byte row (a 132-byte stride gave misaligned loads in the indexer kernel on an H200).
 A scale is the power of two 2^ceil(log2(amax / 448)) of its block: dividing by it is exact, so e4m3
 rounding is the only error, and the dequantized values are exact in bf16 as well as in fp32.
 
@@ -20,6 +22,7 @@ Tensor = torch.Tensor
 FP8 = torch.float8_e4m3fn  # the cache dtype name for this format (the storage is uint8)
 FP8_MAX = 448.0
 BLOCK = 128
+ROW_ALIGN = 16  # bytes
 
 
 def num_blocks(n: int) -> int:
@@ -29,7 +32,7 @@ def num_blocks(n: int) -> int:
 def row_bytes(n: int, rope: int, dtype: torch.dtype) -> int:
     """Bytes of one cache row of n (+ rope) values stored as `dtype` (FP8: this module's layout)."""
     if dtype == FP8:
-        return n + 4 * num_blocks(n) + 2 * rope
+        return -(-(n + 4 * num_blocks(n) + 2 * rope) // ROW_ALIGN) * ROW_ALIGN
     return (n + rope) * torch.empty((), dtype=dtype).element_size()
 
 
@@ -38,9 +41,11 @@ def storage_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def check_fp8_dims(n: int, rope: int) -> None:
-    """The scales and rope values must be aligned for the typed views the readers take."""
-    if n % 4 or rope % 2:
-        raise ValueError(f"FP8 cache rows need n % 4 == 0 and an even rope width, got n={n}, rope={rope}")
+    """The scales and rope values must be aligned for the typed views the readers take (a rope of whole
+    16-byte groups tells it apart from the row's padding)."""
+    if n % 4 or rope % 8:
+        raise ValueError(f"FP8 cache rows need n % 4 == 0 and a rope width that is a multiple of 8, got n={n}, "
+                         f"rope={rope}")
 
 
 def fp8_scales(x: Tensor) -> Tensor:
@@ -61,6 +66,8 @@ def quantize_fp8(x: Tensor, rope: Tensor | None = None) -> Tensor:
     parts = [(x.float() / expanded).to(FP8).view(torch.uint8), scales.contiguous().view(torch.uint8)]
     if rope is not None:
         parts.append(rope.to(torch.bfloat16).contiguous().view(torch.uint8))
+    pad = row_bytes(n, 0 if rope is None else rope.shape[-1], FP8) - sum(p.shape[-1] for p in parts)
+    parts.append(torch.zeros(T, pad, dtype=torch.uint8, device=x.device))
     return torch.cat(parts, dim=-1)
 
 
@@ -69,7 +76,8 @@ def fp8_views(rows: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
     b = num_blocks(n)
     values = rows[..., :n].view(FP8)
     scales = rows[..., n:n + 4 * b].view(torch.float32)
-    rope = rows[..., n + 4 * b:].view(torch.bfloat16)
+    rope_bytes = (rows.shape[-1] - n - 4 * b) // ROW_ALIGN * ROW_ALIGN  # the rest is padding (< 16 bytes)
+    rope = rows[..., n + 4 * b:n + 4 * b + rope_bytes].view(torch.bfloat16)
     return values, scales, rope
 
 

@@ -31,7 +31,7 @@ class KVPools:
     """latent[layer]: [slots, latent row] and index_keys[layer]: [slots, index-key row].
 
     Rows are kv_lora_rank + rope values (index keys: index_head_dim) in `dtype`, or with
-    dtype=kv_format.FP8 uint8 rows in the FP8 layout (656 and 132 bytes at DeepSeek-V3.2's sizes).
+    dtype=kv_format.FP8 uint8 rows in the FP8 layout (656 and 144 bytes at DeepSeek-V3.2's sizes).
     Slot = page * page_size + offset, the same slot in both pools. Layers that reuse the previous
     layer's top-k (GLM "shared" indexer layers) have no index-key pool. `num_layers` counts the
     MTP layer's caches too when it drafts.
