@@ -2,14 +2,14 @@
 
 Deterministic for a given seed: config.json, sharded safetensors with an index, optional FP8 e4m3
 weights with 128x128 `weight_scale_inv` blocks, the MTP layer, and a byte-level BPE tokenizer with
-a chat template. Tests and the default `dsaserve serve` run on it.
+a chat template. Tests run on it; the default `dsaserve serve` model is the trained one in assets/.
 """
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from safetensors.torch import save_file
@@ -68,11 +68,11 @@ def make_tiny_model(out: str | Path, arch: str = "deepseek_v32", fp8: bool = Fal
     tensors = {n: t.to(dtype) if n.endswith("weight") and "weights_proj" not in n else t for n, t in tensors.items()}
     if fp8:
         tensors = _quantize(tensors, fp8_block)
-    _save_sharded(out, tensors, shards=config["num_hidden_layers"] + 2)
+    save_sharded(out, tensors, shards=config["num_hidden_layers"] + 2)
     (out / "config.json").write_text(json.dumps(config, indent=2))
     (out / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}))
-    _save_tokenizer(out, config["vocab_size"])
+    save_tokenizer(out, config["vocab_size"])
     return out
 
 
@@ -149,7 +149,7 @@ def _quantize(tensors: dict[str, torch.Tensor], block: int) -> dict[str, torch.T
     return out
 
 
-def _save_sharded(out: Path, tensors: dict[str, torch.Tensor], shards: int) -> None:
+def save_sharded(out: Path, tensors: dict[str, torch.Tensor], shards: int) -> None:
     names = list(tensors)
     per = math.ceil(len(names) / shards)
     weight_map, total = {}, 0
@@ -166,31 +166,28 @@ def _save_sharded(out: Path, tensors: dict[str, torch.Tensor], shards: int) -> N
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
 
 
-def _save_tokenizer(out: Path, vocab_size: int) -> None:
+def save_tokenizer(out: Path, vocab_size: int, texts: Iterable[str] | None = None,
+                   max_length: int = 4096) -> None:
+    """A byte-level BPE tokenizer with the chat specials, trained on `texts` (default: a short sample)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([CORPUS] * 4, trainer=trainer)
+    tok.train_from_iterator([CORPUS] * 4 if texts is None else texts, trainer=trainer)
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|bos|>", "eos_token": "<|eos|>",
-        "pad_token": "<|eos|>", "model_max_length": 4096, "chat_template": CHAT_TEMPLATE,
+        "pad_token": "<|eos|>", "model_max_length": max_length, "chat_template": CHAT_TEMPLATE,
         "add_bos_token": False, "clean_up_tokenization_spaces": False}, indent=1))
 
 
-def default_model_path(arch: str = "deepseek_v32") -> Path:
-    """The embedded tiny model, made once into the user's cache (what runs when no model is given)."""
-    import os
-    root = Path(os.environ.get("DSASERVE_CACHE", Path.home() / ".cache" / "dsaserve"))
-    path = root / f"tiny-{arch}"
+def default_model_path() -> Path:
+    """The embedded default model (what runs when no model is given): a tiny DeepSeek-V3.2 model trained
+    on the standard library's docstrings by `dsaserve train-tiny`, shipped inside the package."""
+    path = Path(__file__).parent / "assets" / "tiny-dsa"
     if not (path / "config.json").is_file():
-        tmp = root / f".tiny-{arch}-{os.getpid()}"
-        make_tiny_model(tmp, arch)
-        try:
-            tmp.rename(path)  # atomic: concurrent first runs never see a half-written model
-        except OSError:
-            pass  # another process won the race; its copy is identical
+        raise FileNotFoundError(f"the embedded model is missing from {path}: reinstall dsaserve, "
+                                f"or rebuild it with `dsaserve train-tiny {path}`")
     return path
