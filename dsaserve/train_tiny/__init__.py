@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 
 from dsaserve.config import ModelConfig
-from dsaserve.tiny import SPECIALS, save_tokenizer
+from dsaserve.tiny import SPECIALS, _save_tokenizer
 from dsaserve.train_tiny.corpus import build_corpus, token_stream
 from dsaserve.train_tiny.evaluate import report, samples
 from dsaserve.train_tiny.export import round_to_stored, write_checkpoint
@@ -77,7 +77,7 @@ def train_tiny(out: str | Path, preset: str = "shipped", seed: int = 0, threads:
     out.mkdir(parents=True, exist_ok=True)
     corpus = build_corpus(p.limit_files)
     plain = [_strip_specials(d) for d in corpus.train]
-    save_tokenizer(out, p.config["vocab_size"], plain, max_length=p.config["max_position_embeddings"])
+    _save_tokenizer(out, p.config["vocab_size"], "generic", plain, max_length=p.config["max_position_embeddings"])
     from tokenizers import Tokenizer
     tok = Tokenizer.from_file(str(out / "tokenizer.json"))
     train_ids, held_ids = token_stream(corpus.train, tok), token_stream(corpus.held_out, tok)

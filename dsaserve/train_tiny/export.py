@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from dsaserve.config import ModelConfig
 from dsaserve.model.loader import shard_files
-from dsaserve.tiny import save_sharded
+from dsaserve.tiny import _save_sharded
 from dsaserve.train_tiny.model import TinyDSA
 
 Tensor = torch.Tensor
@@ -79,7 +79,7 @@ def write_checkpoint(model: TinyDSA, config: dict[str, Any], out: Path, shards: 
     tensors = official_tensors(model)
     for old in out.glob("model-*.safetensors"):
         old.unlink()  # a rerun with another shard count must not leave stale shards behind
-    save_sharded(out, tensors, shards=shards)
+    _save_sharded(out, tensors, shards=shards)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}, indent=2) + "\n")
