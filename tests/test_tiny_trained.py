@@ -3,6 +3,8 @@
 * The training script runs end to end at toy scale (every stage, export, report) and learns.
 * The shipped checkpoint equals transformers' DeepseekV32ForCausalLM like any other checkpoint
   (fp32 logits within LOGIT_TOL at prompts below and far above index_topk; greedy tokens equal).
+* MTP speculative decoding with one draft step accepts more than MTP_ACCEPT_FLOOR tokens per verify
+  step, and the engine's counts equal those of the training module replaying the same greedy run.
 * On held-out standard-library text, sparse attention (the trained indexer's top-64 keys) stays
   within SPARSE_MARGIN of dense attention at contexts 4x and 8x index_topk, measured by
   transformers (dense: the same model with index_topk >= the context) and by the training module.
@@ -28,6 +30,7 @@ LOGIT_TOL = 1e-4  # as tests/test_oracle.py
 SPARSE_MARGIN = 0.02  # sparse perplexity <= dense * (1 + margin); docs/tiny-model.md states the measured gap
 RANDOM_GAP = 0.10  # random top-64 selection is worse than the trained indexer's by more than this (ppl ratio)
 MTP_TOP1_FLOOR = 0.20  # next-next-token top-1 of the MTP layer on held-out text (measured: docs/tiny-model.md)
+MTP_ACCEPT_FLOOR = 1.6  # engine accept length at --speculative-num-steps 1 (measured 1.85 to 1.87)
 PPL_AGREEMENT = 1e-3  # relative: the training module vs transformers on the same windows
 CONTEXTS = (256, 512)  # 4x and 8x index_topk
 WINDOWS = 6
@@ -92,7 +95,7 @@ def test_shipped_logits_match_transformers(shipped: str, held_out: torch.Tensor,
     llm = LLM(shipped, page_size=64, max_total_tokens=4096)
     runner = llm.engine.runner
     pages = tuple(llm.engine.allocator.alloc(-(-length // 64)))
-    plan = StepPlan(StepMode.EXTEND, ("r",), (pages,), (0,), (length,), (True,), tuple(ids))
+    plan = StepPlan(StepMode.EXTEND, ("r",), (pages,), (0,), (length,), (1,), (True,), tuple(ids), (0,))
     with torch.no_grad():
         got = runner.model.logits(runner.model(torch.tensor(ids), BatchLayout.build(plan, 64, runner.device),
                                                runner.pools, runner.ops))
@@ -152,3 +155,25 @@ def test_indexer_selects_better_than_random_keys(shipped: str, held_out: torch.T
 def test_mtp_layer_predicts_the_next_next_token(shipped: str, held_out: torch.Tensor) -> None:
     acc = mtp_accuracy(load_checkpoint(shipped), windows(held_out, 257)[:WINDOWS])
     assert acc["mtp_top1"] > MTP_TOP1_FLOOR, acc
+
+
+def test_mtp_accept_length_at_one_step(shipped: str, held_out: torch.Tensor) -> None:
+    """Engine (NEXTN, S = 1) vs the training module replaying the same run: a verify step drafts at the
+    last accepted row r (MTP of h_r and token r+1 predicts token r+2) and moves r on by 2 if accepted."""
+    prompts = windows(held_out, 128)[:8].tolist()
+    llm = LLM(shipped, speculative_algorithm="NEXTN", speculative_num_steps=1, page_size=64, max_total_tokens=8192)
+    outs = llm.generate(prompts, SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True))
+    stats = llm.engine.stats()
+    module, verifies, accepted = load_checkpoint(shipped), 0, 0
+    with torch.no_grad():
+        for prompt, out in zip(prompts, outs):
+            seq = prompt + out.token_ids
+            draft = module(torch.tensor([seq]), "sparse").mtp_logits[0].argmax(-1).tolist()
+            row = len(prompt) - 1
+            while row + 2 < len(seq):
+                verifies, hit = verifies + 1, draft[row] == seq[row + 2]
+                accepted, row = accepted + hit, row + 1 + hit
+    assert abs(stats.spec_verify_steps - verifies) <= 2 and abs(stats.spec_accepted_tokens - accepted) <= 2, (
+        f"engine {stats.spec_verify_steps} verify steps / {stats.spec_accepted_tokens} accepted, "
+        f"module {verifies} / {accepted}")
+    assert stats.avg_spec_accept_length > MTP_ACCEPT_FLOOR, stats.avg_spec_accept_length

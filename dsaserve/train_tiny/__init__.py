@@ -58,8 +58,8 @@ PRESETS = {
                       Optim(), None, (128, 256, 512), 48, 25),
     # Seconds, for the test suite: every stage, the export and the report, at toy scale.
     "test": Preset({**SHIPPED_CONFIG, "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
-                    "moe_intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
-                    "q_lora_rank": 32, "kv_lora_rank": 32, "qk_nope_head_dim": 16, "v_head_dim": 16,
+                    "moe_intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                    "num_key_value_heads": 2, "q_lora_rank": 32, "kv_lora_rank": 32, "qk_nope_head_dim": 16, "v_head_dim": 16,
                     "index_n_heads": 4, "index_head_dim": 32, "index_topk": 16, "max_position_embeddings": 256},
                    (Stage("dense", 40, 8, 64), Stage("warmup", 15, 4, 64), Stage("sparse", 15, 4, 64)),
                    Optim(warmup_steps=5), 40, (64,), 8, 10),
@@ -75,16 +75,8 @@ def train_tiny(out: str | Path, preset: str = "shipped", seed: int = 0, threads:
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     out.mkdir(parents=True, exist_ok=True)
-    corpus = build_corpus(p.limit_files)
-    plain = [_strip_specials(d) for d in corpus.train]
-    _save_tokenizer(out, p.config["vocab_size"], "generic", plain, max_length=p.config["max_position_embeddings"])
-    from tokenizers import Tokenizer
-    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
-    train_ids, held_ids = token_stream(corpus.train, tok), token_stream(corpus.held_out, tok)
-    log(f"corpus: {corpus.files} stdlib files, {len(corpus.train)} train / {len(corpus.held_out)} held-out "
-        f"documents, {train_ids.numel()} / {held_ids.numel()} tokens")
-    cfg = ModelConfig.from_dict(p.config)
-    model = TinyDSA(cfg)
+    tok, train_ids, held_ids = _tokenized_corpus(p, out, log)
+    model = TinyDSA(ModelConfig.from_dict(p.config))
     model.init_weights(seed)
     history = train(model, train_ids, p.stages, p.optim, seed, p.log_every, log)
     round_to_stored(model)  # measure exactly what ships
@@ -96,6 +88,24 @@ def train_tiny(out: str | Path, preset: str = "shipped", seed: int = 0, threads:
               "samples": samples(model, tok, SAMPLE_PROMPTS),
               "seconds": round(time.monotonic() - start, 1), "cpu_seconds": round(time.process_time() - cpu, 1)}
     (out / "training_report.json").write_text(json.dumps(result, indent=1) + "\n")
+    _log_summary(result, out, log)
+    return result
+
+
+def _tokenized_corpus(p: Preset, out: Path, log: Callable[[str], None]) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """Train the tokenizer on the training documents (written to `out`); encode both splits."""
+    from tokenizers import Tokenizer
+    corpus = build_corpus(p.limit_files)
+    plain = [_strip_specials(d) for d in corpus.train]
+    _save_tokenizer(out, p.config["vocab_size"], "generic", plain, max_length=p.config["max_position_embeddings"])
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    train_ids, held_ids = token_stream(corpus.train, tok), token_stream(corpus.held_out, tok)
+    log(f"corpus: {corpus.files} stdlib files, {len(corpus.train)} train / {len(corpus.held_out)} held-out "
+        f"documents, {train_ids.numel()} / {held_ids.numel()} tokens")
+    return tok, train_ids, held_ids
+
+
+def _log_summary(result: dict[str, Any], out: Path, log: Callable[[str], None]) -> None:
     for row in result["perplexity"]:
         ppl = "  ".join(f"{k} {v:.2f}" for k, v in row["beyond_topk"].items())
         log(f"held-out ppl at {row['context']} tokens, positions >= index_topk: {ppl}  (sparse: by selector)")
@@ -106,9 +116,8 @@ def train_tiny(out: str | Path, preset: str = "shipped", seed: int = 0, threads:
         f"{result['mtp_accept_teacher_forced']:.3f} (held-out), {result['mtp_accept_greedy']:.3f} (own greedy output)")
     for prompt, text in result["samples"].items():
         log(f"sample: {prompt!r} -> {text!r}")
-    log(f"wrote {out} ({size / 2**20:.1f} MiB of tensors) in {result['seconds']:.0f}s "
+    log(f"wrote {out} ({result['checkpoint_bytes'] / 2**20:.1f} MiB of tensors) in {result['seconds']:.0f}s "
         f"({result['cpu_seconds']:.0f} CPU seconds)")
-    return result
 
 
 def _strip_specials(text: str) -> str:
