@@ -49,12 +49,16 @@ def _bench_serving(ns: argparse.Namespace) -> int:
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
-    from dsaserve.bench.serving import add_cli_args
-    bench = sub.add_parser("bench", help="benchmarks against a live server")
+    from dsaserve.bench import one_batch, serving
+    bench = sub.add_parser("bench", help="benchmarks: a live server, or one static batch offline")
     kinds = bench.add_subparsers(dest="bench", required=True)
-    serving = kinds.add_parser("serving", help="load an OpenAI-compatible server; print throughput and latency")
-    add_cli_args(serving)
-    serving.set_defaults(func=_bench_serving)
+    live = kinds.add_parser("serving", help="load an OpenAI-compatible server; print throughput and latency")
+    serving.add_cli_args(live)
+    live.set_defaults(func=_bench_serving)
+    static = kinds.add_parser("one-batch", help="one static batch without a server: prefill and decode latency, "
+                                                "throughput, and the decode step's HBM roofline fraction (CUDA)")
+    one_batch.add_cli_args(static)
+    static.set_defaults(func=one_batch.run)
 
 
 def main(argv: list[str] | None = None) -> int:

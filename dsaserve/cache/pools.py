@@ -72,6 +72,10 @@ class KVPools:
     def latent(self, layer: int) -> Tensor:
         return self._latent[layer]
 
+    def has_index_keys(self, layer: int) -> bool:
+        """False for a layer that reuses the previous layer's top-k (GLM's shared-indexer layers)."""
+        return layer in self._index_row
+
     def index_keys(self, layer: int) -> Tensor:
         return self._index[self._index_row[layer]]
 
