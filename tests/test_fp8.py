@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import prompts_ids
 from dsaserve import LLM, SamplingParams
-from dsaserve.model.loader import dequantize_fp8
+from dsaserve.ops.fp8 import dequantize
 from dsaserve.tiny import make_tiny_model
 
 
@@ -60,7 +60,7 @@ def test_dequantize_partial_blocks() -> None:
     w = torch.randn(40, 70)
     scale = torch.rand(3, 5) + 0.5
     q = w.to(torch.float8_e4m3fn)
-    got = dequantize_fp8(q, scale, (16, 16))
+    got = dequantize(q, scale, (16, 16))
     for i in range(40):
         for j in range(70):
             assert got[i, j] == q[i, j].float() * scale[i // 16, j // 16]
