@@ -41,18 +41,25 @@ def test_tiny_configs_exercise_selection(tiny_models: dict[str, str]) -> None:
 def test_prefill_logits_match_transformers(arch: str, page_size: int, tiny_models: dict[str, str],
                                            oracles: dict[str, torch.nn.Module]) -> None:
     llm = LLM(tiny_models[arch], page_size=page_size, max_total_tokens=4096)
-    runner = llm.engine.runner
     for ids in prompts_ids(3, [9, 16, 45], seed=1):  # below, at and above index_topk
         with torch.no_grad():
             expected = oracles[arch](torch.tensor([ids])).logits[0]
-        pages = tuple(llm.engine.allocator.alloc(-(-len(ids) // page_size)))
-        plan = StepPlan(StepMode.EXTEND, ("r",), (pages,), (0,), (len(ids),), (True,), tuple(ids))
-        layout = BatchLayout.build(plan, page_size, runner.device)
-        with torch.no_grad():
-            got = runner.model.logits(runner.model(torch.tensor(ids), layout, runner.pools, runner.ops))
-        llm.engine.allocator.free(list(pages))
-        diff = (got - expected).abs().max().item()
+        diff = (prefill_logits(llm, ids) - expected).abs().max().item()
         assert diff < LOGIT_TOL, f"{arch} len={len(ids)}: max logit diff {diff:.2e} >= {LOGIT_TOL}"
+
+
+def prefill_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
+    """Logits of every prompt position from one EXTEND step of the engine's model."""
+    runner, page_size = llm.engine.runner, llm.engine.runner.page_size
+    pages = tuple(llm.engine.allocator.alloc(-(-len(ids) // page_size)))
+    plan = StepPlan(StepMode.EXTEND, ("r",), (pages,), (0,), (len(ids),), (True,), tuple(ids))
+    layout = BatchLayout.build(plan, page_size, runner.device)
+    try:
+        with torch.no_grad():
+            return runner.model.logits(runner.model(torch.tensor(ids, device=runner.device), layout,
+                                                    runner.pools, runner.ops))
+    finally:
+        llm.engine.allocator.free(list(pages))
 
 
 @pytest.mark.parametrize("arch", ARCHS)
