@@ -301,7 +301,7 @@ def build_model(model_path: str | Path, device: torch.device, dtype: torch.dtype
         if isinstance(module, quant.Experts):
             module.zero_padding()
     load_weights(model, model_path, progress=progress, ckpt=ckpt)
-    quant.prepare(model, device, dtype, checks=checks_enabled())
+    quant.prepare(model, quant.default_mode(device), dtype, checks=checks_enabled())
     return model.eval()
 
 

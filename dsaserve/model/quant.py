@@ -4,8 +4,9 @@ Modules are built in the compute-dtype format; the loader switches a module to F
 the meta device, before any memory is allocated) when its checkpoint tensor is e4m3 with
 `weight_scale_inv` blocks. After loading, `prepare` fixes once how an FP8 module computes:
 
-* kernels (CUDA with Triton): the block-scaled FP8 GEMM / fused MoE read the e4m3 weights;
-* reference (CPU, or no Triton): the weight dequantized once into the compute dtype, so that CPU
+* kernels (CUDA with Triton): the block-scaled FP8 GEMM / fused MoE read the e4m3 weights, with
+  activations quantized per token and 128-channel group;
+* dequantized (CPU, or no Triton): the weight dequantized once into the compute dtype, so that CPU
   runs compute exactly what the transformers oracle computes on a dequantized checkpoint.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import nn
 
 from dsaserve.config import ModelConfig
 from dsaserve.ops.dispatch import DSAOps
+from dsaserve.ops import fp8
 from dsaserve.ops.fp8 import FP8, BlockFP8
 
 Tensor = torch.Tensor
@@ -40,7 +42,7 @@ class Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.block: tuple[int, int] | None = None
-        self.gemm: Gemm | None = None  # set by prepare(): the FP8 kernel, or None for the reference path
+        self.gemm: Gemm | None = None  # set by prepare(): the FP8 GEMM, or None for the dequantized weight
         self._dequantized: Tensor | None = None
 
     def to_fp8(self, block: tuple[int, int]) -> None:
@@ -87,7 +89,7 @@ class Experts(nn.Module):
         self.w13 = nn.Parameter(torch.empty(self.num_experts, 2 * self.inter, self.hidden))
         self.w2 = nn.Parameter(torch.empty(self.num_experts, self.hidden, self.inter))
         self.block: tuple[int, int] | None = None
-        self.kernels = False  # set by prepare(): FP8 weights to the fused MoE, or the dequantized copy
+        self.kernels = False  # set by prepare(): e4m3 weights to the MoE op, or the dequantized copy
         self._dequantized: tuple[Tensor, Tensor] | None = None
 
     def to_fp8(self, block: tuple[int, int]) -> None:
@@ -161,17 +163,35 @@ def fp8_kernels_available(device: torch.device) -> bool:
     return True
 
 
-def prepare(model: nn.Module, device: torch.device, dtype: torch.dtype, checks: bool) -> None:
-    """Fix how every FP8 module computes (once, after loading): kernels on CUDA with Triton, else the
-    reference path over a weight dequantized once into `dtype`."""
-    kernels = fp8_kernels_available(device)
+def _emulated_gemm(x: Tensor, w: BlockFP8) -> Tensor:
+    return fp8.linear(x, w).to(x.dtype)
+
+
+def prepare(model: nn.Module, mode: str, dtype: torch.dtype, checks: bool = False) -> None:
+    """Fix how every FP8 module computes, once, after loading:
+
+    * "kernels": the Triton FP8 GEMM; experts hand their e4m3 weights to the MoE op (Triton's fused
+      FP8 MoE, or the torch backend's emulation of it);
+    * "emulate": the kernels' function in plain PyTorch (ops/fp8.py), for tests against the kernels;
+    * "dequantized": the weight dequantized once into `dtype` (CPU: the oracle's function).
+    """
+    if mode not in ("kernels", "emulate", "dequantized"):
+        raise ValueError(f"unknown FP8 mode {mode!r}")
     gemm: Gemm | None = None
-    if kernels:
+    if mode == "kernels":
         from dsaserve.ops.triton.fp8_gemm import fp8_linear
         gemm = partial(fp8_linear, checks=checks)
-    fp8_modules = [m for m in model.modules() if isinstance(m, (Linear, Experts)) and m.block is not None]
-    if fp8_modules and not kernels:
-        where = "on CUDA without Triton: this keeps a dequantized copy of every weight" if device.type == "cuda" else ""
-        log.info("FP8 weights run through the reference path (dequantized once to %s) %s", dtype, where)
-    for m in fp8_modules:
-        m.prepare(gemm if isinstance(m, Linear) else kernels, dtype)  # type: ignore[arg-type]
+    elif mode == "emulate":
+        gemm = _emulated_gemm
+    modules = [m for m in model.modules() if isinstance(m, (Linear, Experts)) and m.block is not None]
+    for m in modules:
+        if isinstance(m, Linear):
+            m.prepare(gemm, dtype)
+        else:
+            m.prepare(mode != "dequantized", dtype)
+    if modules and mode == "dequantized" and any(p.is_cuda for p in model.parameters()):
+        log.warning("FP8 weights on CUDA without Triton: each is dequantized once to %s (no memory saved)", dtype)
+
+
+def default_mode(device: torch.device) -> str:
+    return "kernels" if fp8_kernels_available(device) else "dequantized"

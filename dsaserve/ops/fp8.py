@@ -45,6 +45,9 @@ class BlockFP8:
         if self.weight.dtype != FP8 or self.scale.dtype != torch.float32:
             raise ValueError(f"{what}: weight must be {FP8} and scale float32, got {self.weight.dtype}, "
                              f"{self.scale.dtype}")
+        if self.weight.stride(-1) != 1 or self.scale.stride(-1) != 1:
+            raise ValueError(f"{what}: weight and scale need unit column stride (got {self.weight.stride()}, "
+                             f"{self.scale.stride()})")
         if tuple(self.scale.shape) != want:
             raise ValueError(f"{what}: weight {list(self.weight.shape)} in blocks of {list(self.block)} needs "
                              f"a scale of {list(want)}, got {list(self.scale.shape)}")

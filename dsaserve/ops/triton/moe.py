@@ -9,6 +9,11 @@ the block count, so there is no host sync (the op can be captured in a CUDA grap
      the original pair id (token * topk + j), so no atomics are needed;
   3. reduce: out[token] = sum_j buffer[token * topk + j] in fp32; rows >= num_tokens are written as 0.
 Program ids are grouped (GROUP_M M blocks share each N sweep) so weight tiles and A rows stay in L2.
+
+Block-FP8 experts (dsaserve.ops.fp8.BlockFP8) run the same three steps on e4m3 operands: x is quantized
+once per token and 128-channel group; gate/up accumulate each K group's product times (activation scale x
+block scale) in fp32, and quantize silu(gate) * up per row in the epilogue (a BLOCK_N of one group), so
+the down GEMM reads e4m3 intermediates with their scales.
 """
 from __future__ import annotations
 
@@ -16,7 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
+from dsaserve.ops.fp8 import FP8, FP8_MAX, AMAX_FLOOR, BlockFP8
 from dsaserve.ops.triton._common import dot_precision, new_empty, next_pow2
+from dsaserve.ops.triton.fp8_gemm import K_BLOCKS, _quantize_rows, act_quant
 
 Tensor = torch.Tensor
 
@@ -117,6 +124,96 @@ def _down_kernel(INTER, W2, YBUF, SORTED, BLOCK_EXPERT, TOPW,
 
 
 @triton.jit
+def _gate_up_fp8_kernel(XQ, XS, W13, W13S, INTERQ, INTERS, SORTED, BLOCK_EXPERT,
+                        stride_x, stride_xs, stride_we, stride_wn, stride_se, stride_sn, stride_i, stride_is,
+                        num_pairs, topk, I, HIDDEN, num_m_blocks,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE_N: tl.constexpr,
+                        GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, FLOOR: tl.constexpr, QMAX: tl.constexpr):
+    m_blk, n_blk = _tile_ids(num_m_blocks, I, BLOCK_N, GROUP_M)
+    expert = tl.load(BLOCK_EXPERT + m_blk)
+    if expert < 0:
+        return
+    rows = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(SORTED + rows)
+    p_mask = pair < num_pairs
+    token = tl.where(p_mask, pair // topk, 0).to(tl.int64)
+    cols = n_blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = cols < I
+    kk = tl.arange(0, BLOCK_K)
+    a_ptr = XQ + token[:, None] * stride_x + kk[None, :]
+    as_ptr = XS + token * stride_xs
+    g_ptr = W13 + expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wn + kk[:, None]
+    u_ptr = g_ptr + I * stride_wn
+    gs_ptr = W13S + expert.to(tl.int64) * stride_se + (cols // SCALE_N) * stride_sn
+    us_ptr = W13S + expert.to(tl.int64) * stride_se + ((cols + I) // SCALE_N) * stride_sn
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, HIDDEN, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptr, mask=p_mask[:, None], other=0.0)
+            g = tl.load(g_ptr, mask=n_mask[None, :], other=0.0)
+            u = tl.load(u_ptr, mask=n_mask[None, :], other=0.0)
+        else:
+            k_mask = k0 + kk < HIDDEN
+            a = tl.load(a_ptr, mask=p_mask[:, None] & k_mask[None, :], other=0.0)
+            g = tl.load(g_ptr, mask=n_mask[None, :] & k_mask[:, None], other=0.0)
+            u = tl.load(u_ptr, mask=n_mask[None, :] & k_mask[:, None], other=0.0)
+        a_s = tl.load(as_ptr, mask=p_mask, other=0.0)
+        g_s = tl.load(gs_ptr, mask=n_mask, other=0.0)
+        u_s = tl.load(us_ptr, mask=n_mask, other=0.0)
+        acc_g += tl.dot(a, g) * (a_s[:, None] * g_s[None, :])
+        acc_u += tl.dot(a, u) * (a_s[:, None] * u_s[None, :])
+        a_ptr += BLOCK_K
+        g_ptr += BLOCK_K
+        u_ptr += BLOCK_K
+        as_ptr += 1
+        gs_ptr += 1
+        us_ptr += 1
+    h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u  # columns >= I are 0: they do not move the row's amax
+    q, scale = _quantize_rows(h, FLOOR, QMAX)  # BLOCK_N is one quantization group of the down GEMM
+    tl.store(INTERQ + rows.to(tl.int64)[:, None] * stride_i + cols[None, :], q, mask=n_mask[None, :])
+    tl.store(INTERS + rows.to(tl.int64) * stride_is + n_blk, scale)
+
+
+@triton.jit
+def _down_fp8_kernel(INTERQ, INTERS, W2, W2S, YBUF, SORTED, BLOCK_EXPERT, TOPW,
+                     stride_i, stride_is, stride_we, stride_wn, stride_se, stride_sn, stride_y, stride_tw,
+                     num_pairs, topk, I, HIDDEN, num_m_blocks,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE_N: tl.constexpr,
+                     GROUP_M: tl.constexpr):
+    m_blk, n_blk = _tile_ids(num_m_blocks, HIDDEN, BLOCK_N, GROUP_M)
+    expert = tl.load(BLOCK_EXPERT + m_blk)
+    if expert < 0:
+        return
+    rows = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(SORTED + rows)
+    p_mask = pair < num_pairs
+    cols = n_blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = cols < HIDDEN
+    kk = tl.arange(0, BLOCK_K)
+    a_ptr = INTERQ + rows.to(tl.int64)[:, None] * stride_i + kk[None, :]
+    as_ptr = INTERS + rows.to(tl.int64) * stride_is
+    b_ptr = W2 + expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wn + kk[:, None]
+    bs_ptr = W2S + expert.to(tl.int64) * stride_se + (cols // SCALE_N) * stride_sn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, I, BLOCK_K):  # I is a whole number of K groups (padded experts)
+        a = tl.load(a_ptr)
+        b = tl.load(b_ptr, mask=n_mask[None, :], other=0.0)
+        a_s = tl.load(as_ptr)
+        b_s = tl.load(bs_ptr, mask=n_mask, other=0.0)
+        acc += tl.dot(a, b) * (a_s[:, None] * b_s[None, :])
+        a_ptr += BLOCK_K
+        b_ptr += BLOCK_K
+        as_ptr += 1
+        bs_ptr += 1
+    safe_pair = tl.where(p_mask, pair, 0)
+    weight = tl.load(TOPW + (safe_pair // topk).to(tl.int64) * stride_tw + safe_pair % topk, mask=p_mask, other=0.0)
+    y = acc * weight[:, None]
+    out = YBUF + safe_pair.to(tl.int64)[:, None] * stride_y + cols[None, :]
+    tl.store(out, y.to(YBUF.dtype.element_ty), mask=p_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
 def _reduce_kernel(YBUF, OUT, stride_y, stride_o, num_tokens, topk, HIDDEN, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -128,8 +225,9 @@ def _reduce_kernel(YBUF, OUT, stride_y, stride_o, num_tokens, topk, HIDDEN, BLOC
     tl.store(OUT + row * stride_o + cols, acc.to(OUT.dtype.element_ty), mask=c_mask)
 
 
-def _config(num_pairs: int, num_experts: int) -> dict[str, int]:
-    cfg = dict(CONFIG or {})
+def _config(num_pairs: int, num_experts: int, fp8_block: tuple[int, int] | None = None) -> dict[str, int]:
+    """Tiles by rows per expert. FP8: the K steps are the weight's K blocks and the gate/up BLOCK_N is
+    one quantization group of the intermediate (so CONFIG cannot change those)."""
     per_expert = num_pairs / max(1, min(num_experts, num_pairs))
     if per_expert >= 96:  # prefill: compute-bound tiles
         base = dict(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3,
@@ -140,7 +238,9 @@ def _config(num_pairs: int, num_experts: int) -> dict[str, int]:
     else:  # decode: weight streaming; small M, long K steps, many N tiles in flight
         base = dict(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3,
                     down_block_n=64, down_block_k=128, down_num_warps=4, down_num_stages=4, group_m=1)
-    base.update(cfg)
+    base.update(CONFIG or {})
+    if fp8_block is not None:
+        base.update(block_n=fp8_block[1], block_k=fp8_block[1], down_block_k=fp8_block[1])
     return base
 
 
@@ -165,28 +265,41 @@ def _align(ids: Tensor, num_experts: int, block_m: int) -> tuple[Tensor, Tensor,
     return sorted_ids, block_expert, max_blocks
 
 
-def moe_experts(x: Tensor, w13: Tensor, w2: Tensor, topk_ids: Tensor, topk_weights: Tensor,
+def moe_experts(x: Tensor, w13: Tensor | BlockFP8, w2: Tensor | BlockFP8, topk_ids: Tensor, topk_weights: Tensor,
                 num_tokens: int) -> Tensor:
-    """See reference.moe_experts."""
+    """See reference.moe_experts: weights in x's dtype, or block FP8 (e4m3 + fp32 block scales)."""
     N, hidden = x.shape
     E, I2, _ = w13.shape
-    I = I2 // 2
     k = topk_ids.shape[1]
     out = new_empty((N, hidden), x.dtype, x.device)
     if N == 0:
         return out
-    x = x.contiguous()
-    w13 = w13.contiguous()
-    w2 = w2.contiguous()
-    topk_weights = topk_weights.float().contiguous()
     P = num_tokens * k
-    block = min(1024, next_pow2(hidden))
     if P == 0:
         out.zero_()
         return out
-    cfg = _config(P, E)
-    bm = cfg["block_m"]
-    sorted_ids, block_expert, max_blocks = _align(topk_ids[:num_tokens].reshape(-1).long(), E, bm)
+    x = x.contiguous()
+    topk_weights = topk_weights.float().contiguous()
+    fp8 = isinstance(w13, BlockFP8)
+    if fp8:
+        _check_fp8(w13, w2, hidden)
+    cfg = _config(P, E, w13.block if isinstance(w13, BlockFP8) else None)
+    sorted_ids, block_expert, max_blocks = _align(topk_ids[:num_tokens].reshape(-1).long(), E, cfg["block_m"])
+    ybuf = new_empty((P, hidden), x.dtype, x.device)
+    run = _experts_fp8 if fp8 else _experts
+    run(x, w13, w2, topk_weights, ybuf, sorted_ids, block_expert, max_blocks, num_tokens, k, cfg)
+    block = min(1024, next_pow2(hidden))
+    _reduce_kernel[(N, triton.cdiv(hidden, block))](ybuf, out, ybuf.stride(0), out.stride(0), num_tokens, k,
+                                                    hidden, BLOCK=block, num_warps=4)
+    return out
+
+
+def _experts(x: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor, ybuf: Tensor, sorted_ids: Tensor,
+             block_expert: Tensor, max_blocks: int, num_tokens: int, k: int, cfg: dict[str, int]) -> None:
+    """gate/up then down for weights in x's dtype: per-pair outputs into ybuf."""
+    hidden, I, P, bm = x.shape[1], w13.shape[1] // 2, num_tokens * k, cfg["block_m"]
+    w13 = w13.contiguous()
+    w2 = w2.contiguous()
     inter = new_empty((max_blocks * bm, I), x.dtype, x.device)
     _gate_up_kernel[(max_blocks * triton.cdiv(I, cfg["block_n"]),)](
         x, w13, inter, sorted_ids, block_expert,
@@ -195,7 +308,6 @@ def moe_experts(x: Tensor, w13: Tensor, w2: Tensor, topk_ids: Tensor, topk_weigh
         BLOCK_M=bm, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], GROUP_M=cfg["group_m"],
         PRECISION=dot_precision(x.dtype), EVEN_K=hidden % cfg["block_k"] == 0, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"])
-    ybuf = new_empty((P, hidden), x.dtype, x.device)
     _down_kernel[(max_blocks * triton.cdiv(hidden, cfg["down_block_n"]),)](
         inter, w2, ybuf, sorted_ids, block_expert, topk_weights,
         inter.stride(0), w2.stride(0), w2.stride(1), ybuf.stride(0), topk_weights.stride(0),
@@ -203,17 +315,54 @@ def moe_experts(x: Tensor, w13: Tensor, w2: Tensor, topk_ids: Tensor, topk_weigh
         BLOCK_M=bm, BLOCK_N=cfg["down_block_n"], BLOCK_K=cfg["down_block_k"], GROUP_M=cfg["group_m"],
         PRECISION=dot_precision(x.dtype), EVEN_K=I % cfg["down_block_k"] == 0, num_warps=cfg["down_num_warps"],
         num_stages=cfg["down_num_stages"])
-    _reduce_kernel[(N, triton.cdiv(hidden, block))](ybuf, out, ybuf.stride(0), out.stride(0), num_tokens, k,
-                                                    hidden, BLOCK=block, num_warps=4)
-    return out
+
+
+def _check_fp8(w13: BlockFP8, w2: BlockFP8, hidden: int) -> None:
+    """Shapes the FP8 kernels rely on (Python ints only: no device work)."""
+    E, I2, H = w13.shape
+    I = I2 // 2
+    w13.check("moe w13")
+    w2.check("moe w2")
+    bn, bk = w13.block
+    if w2.block != w13.block or tuple(w2.shape) != (E, hidden, I) or H != hidden:
+        raise ValueError(f"moe: w13 {list(w13.shape)} / w2 {list(w2.shape)} (blocks {w13.block}, {w2.block}) do "
+                         f"not fit hidden {hidden}")
+    if bk not in K_BLOCKS or I % bn or I % bk:
+        raise ValueError(f"moe: FP8 experts need K blocks in {K_BLOCKS} and an intermediate size ({I}) of whole "
+                         f"blocks {w13.block} (the model pads it)")
+
+
+def _experts_fp8(x: Tensor, w13: BlockFP8, w2: BlockFP8, topk_weights: Tensor, ybuf: Tensor, sorted_ids: Tensor,
+                 block_expert: Tensor, max_blocks: int, num_tokens: int, k: int, cfg: dict[str, int]) -> None:
+    """gate/up then down on e4m3 operands: x quantized once per token, the intermediate in the epilogue."""
+    hidden, I, P, bm = x.shape[1], w13.shape[1] // 2, num_tokens * k, cfg["block_m"]
+    bn, bk = w13.block
+    xq, xs = act_quant(x[:num_tokens], bk)
+    inter_q = new_empty((max_blocks * bm, I), FP8, x.device)
+    inter_s = new_empty((max_blocks * bm, I // bk), torch.float32, x.device)
+    _gate_up_fp8_kernel[(max_blocks * (I // bk),)](
+        xq, xs, w13.weight, w13.scale, inter_q, inter_s, sorted_ids, block_expert,
+        xq.stride(0), xs.stride(0), w13.weight.stride(0), w13.weight.stride(1), w13.scale.stride(0),
+        w13.scale.stride(1), inter_q.stride(0), inter_s.stride(0),
+        P, k, I, hidden, max_blocks,
+        BLOCK_M=bm, BLOCK_N=bk, BLOCK_K=bk, SCALE_N=bn, GROUP_M=cfg["group_m"], EVEN_K=hidden % bk == 0,
+        FLOOR=AMAX_FLOOR, QMAX=FP8_MAX, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    _down_fp8_kernel[(max_blocks * triton.cdiv(hidden, cfg["down_block_n"]),)](
+        inter_q, inter_s, w2.weight, w2.scale, ybuf, sorted_ids, block_expert, topk_weights,
+        inter_q.stride(0), inter_s.stride(0), w2.weight.stride(0), w2.weight.stride(1), w2.scale.stride(0),
+        w2.scale.stride(1), ybuf.stride(0), topk_weights.stride(0),
+        P, k, I, hidden, max_blocks,
+        BLOCK_M=bm, BLOCK_N=cfg["down_block_n"], BLOCK_K=bk, SCALE_N=bn, GROUP_M=cfg["group_m"],
+        num_warps=cfg["down_num_warps"], num_stages=cfg["down_num_stages"])
 
 
 def flops(num_tokens: int, topk: int, hidden: int, inter: int) -> float:
     return 2.0 * num_tokens * topk * 3 * hidden * inter
 
 
-def weight_bytes(topk_ids: Tensor, num_tokens: int, hidden: int, inter: int, elem: int = 2) -> float:
-    """Bytes of the expert weights that must be read: every expert hit at least once, read once."""
+def weight_bytes(topk_ids: Tensor, num_tokens: int, hidden: int, inter: int, elem: float = 2) -> float:
+    """Bytes of the expert weights that must be read: every expert hit at least once, read once
+    (FP8: elem 1 plus 4 / 128^2 for the block scales)."""
     used = int(torch.unique(topk_ids[:num_tokens]).numel())
     return float(used * 3 * hidden * inter * elem)
 
