@@ -9,29 +9,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("triton")
-if not torch.cuda.is_available():
-    pytest.skip("needs CUDA", allow_module_level=True)
+# Skips this module without triton or CUDA; `poison` (autouse) makes every output start as NaN / sentinel.
+from test_triton_kernels import BF16, DEV, poison, rel_err  # noqa: F401
 
 from dsaserve.ops import fp8 as ref  # noqa: E402
 from dsaserve.ops import reference  # noqa: E402
 from dsaserve.ops import triton as tops  # noqa: E402
-from dsaserve.ops.triton import _common, fp8_gemm  # noqa: E402
-from test_triton_kernels import rel_err  # noqa: E402
+from dsaserve.ops.triton import fp8_gemm  # noqa: E402
 
 pytestmark = pytest.mark.gpu
-DEV = "cuda"
-BF16 = torch.bfloat16
 TOL = {BF16: 5e-3, torch.float32: 1e-3}  # bf16 output rounding ~2e-3; fp32: accumulation order only
-
-
-@pytest.fixture(autouse=True)
-def poison():
-    _common.POISON = True
-    tops.moe.CONFIG = None
-    yield
-    _common.POISON = False
-    tops.moe.CONFIG = None
 
 
 def _weight(n: int, k: int, block: tuple[int, int], gen: torch.Generator, experts: int | None = None) -> ref.BlockFP8:

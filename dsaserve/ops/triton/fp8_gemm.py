@@ -18,34 +18,21 @@ import torch
 import triton
 import triton.language as tl
 
-from dsaserve.ops.fp8 import FP8, FP8_MAX, AMAX_FLOOR, BlockFP8
-from dsaserve.ops.triton._common import new_empty, next_pow2, sm_count
+from dsaserve.ops.fp8 import FP8, BlockFP8
+from dsaserve.ops.triton._common import new_empty, next_pow2, quantize_rows, sm_count, tile_ids
 
 Tensor = torch.Tensor
 K_BLOCKS = (16, 32, 64, 128, 256)  # weight K blocks the kernel takes (one K group per loop step)
 
 
 @triton.jit
-def _quantize_rows(x, FLOOR: tl.constexpr, QMAX: tl.constexpr):
-    """x [R, G] fp32, one quantization group per row -> (e4m3 values, fp32 scale [R])."""
-    amax = tl.max(tl.abs(x), axis=1)
-    # IEEE divisions (div_rn, which does not broadcast), so the values equal torch's bit for bit
-    scale = tl.math.div_rn(tl.maximum(amax, FLOOR), tl.full(amax.shape, QMAX, tl.float32))
-    xb, sb = tl.broadcast(x, scale[:, None])
-    q = tl.math.div_rn(xb, sb)
-    q = tl.minimum(tl.maximum(q, -QMAX), QMAX)
-    return q.to(tl.float8e4nv), scale
-
-
-@triton.jit
-def _act_quant_kernel(X, Q, S, M, K, stride_x, stride_q, stride_s,
-                      GROUP: tl.constexpr, GROUPS: tl.constexpr, FLOOR: tl.constexpr, QMAX: tl.constexpr):
+def _act_quant_kernel(X, Q, S, M, K, stride_x, stride_q, stride_s, GROUP: tl.constexpr, GROUPS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
     cols = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
     mask = cols < K
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    q, scale = _quantize_rows(x, FLOOR, QMAX)
+    q, scale = quantize_rows(x)
     tl.store(Q + row * stride_q + cols, q, mask=mask)
     tl.store(S + row * stride_s + g, scale, mask=g * GROUP < K)
 
@@ -54,16 +41,8 @@ def _act_quant_kernel(X, Q, S, M, K, stride_x, stride_q, stride_s,
 def _gemm_kernel(A, AS, W, WS, C, M, N, K, num_groups, groups_per_split,
                  stride_am, stride_asm, stride_wn, stride_wsn, stride_cs, stride_cm,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE_N: tl.constexpr,
-                 GROUP_M: tl.constexpr, A_QUANT: tl.constexpr, EVEN_K: tl.constexpr,
-                 FLOOR: tl.constexpr, QMAX: tl.constexpr):
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    group_size = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_size
-    pid_n = (pid % per_group) // group_size
+                 GROUP_M: tl.constexpr, A_QUANT: tl.constexpr, EVEN_K: tl.constexpr):
+    pid_m, pid_n = tile_ids(tl.cdiv(M, BLOCK_M), N, BLOCK_N, GROUP_M)
     split = tl.program_id(1)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -87,7 +66,7 @@ def _gemm_kernel(A, AS, W, WS, C, M, N, K, num_groups, groups_per_split,
             a_mask = m_mask[:, None] & k_ok[None, :]
             w_mask = n_mask[None, :] & k_ok[:, None]
         if A_QUANT:
-            a, a_s = _quantize_rows(tl.load(a_ptr, mask=a_mask, other=0.0).to(tl.float32), FLOOR, QMAX)
+            a, a_s = quantize_rows(tl.load(a_ptr, mask=a_mask, other=0.0).to(tl.float32))
         else:
             a = tl.load(a_ptr, mask=a_mask, other=0.0)
             a_s = tl.load(as_ptr, mask=m_mask, other=0.0)
@@ -123,8 +102,7 @@ def act_quant(x: Tensor, group: int) -> tuple[Tensor, Tensor]:
         return q, s
     groups = max(1, min(next_pow2(num_groups, 1), 4096 // group))  # ~4096 values per program
     _act_quant_kernel[(M, triton.cdiv(num_groups, groups))](
-        x, q, s, M, K, x.stride(0), q.stride(0), s.stride(0), GROUP=group, GROUPS=groups,
-        FLOOR=AMAX_FLOOR, QMAX=FP8_MAX, num_warps=4)
+        x, q, s, M, K, x.stride(0), q.stride(0), s.stride(0), GROUP=group, GROUPS=groups, num_warps=4)
     return q, s
 
 
@@ -182,7 +160,7 @@ def fp8_linear(x: Tensor, w: BlockFP8, checks: bool = False, config: dict[str, i
         a.stride(0), a_s.stride(0), w.weight.stride(0), w.scale.stride(0), dest.stride(0) if splits > 1 else 0,
         N, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=block_k, SCALE_N=w.block[0],
         GROUP_M=cfg["group_m"], A_QUANT=bool(cfg["a_quant"]), EVEN_K=K % block_k == 0,
-        FLOOR=AMAX_FLOOR, QMAX=FP8_MAX, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if splits > 1:
         block = 1024
         _sum_splits_kernel[(triton.cdiv(M * N, block),)](dest, out, M * N, splits, dest.stride(0), BLOCK=block,

@@ -21,9 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from dsaserve.ops.fp8 import FP8, FP8_MAX, AMAX_FLOOR, BlockFP8
-from dsaserve.ops.triton._common import dot_precision, new_empty, next_pow2
-from dsaserve.ops.triton.fp8_gemm import K_BLOCKS, _quantize_rows, act_quant
+from dsaserve.ops.fp8 import FP8, BlockFP8
+from dsaserve.ops.triton._common import dot_precision, new_empty, next_pow2, quantize_rows, tile_ids
+from dsaserve.ops.triton.fp8_gemm import K_BLOCKS, act_quant
 
 Tensor = torch.Tensor
 
@@ -33,24 +33,14 @@ CONFIG: dict[str, int] | None = None
 
 
 @triton.jit
-def _tile_ids(num_m_blocks, N, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    group_size = tl.minimum(num_m_blocks - first_m, GROUP_M)
-    m_blk = first_m + (pid % per_group) % group_size
-    n_blk = (pid % per_group) // group_size
-    return m_blk, n_blk
-
-
-@triton.jit
-def _gate_up_kernel(X, W13, INTER, SORTED, BLOCK_EXPERT,
-                    stride_x, stride_we, stride_wn, stride_i,
+def _gate_up_kernel(X, XS, W13, W13S, INTER, INTERS, SORTED, BLOCK_EXPERT,
+                    stride_x, stride_xs, stride_we, stride_wn, stride_se, stride_sn, stride_i, stride_is,
                     num_pairs, topk, I, HIDDEN, num_m_blocks,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
-    m_blk, n_blk = _tile_ids(num_m_blocks, I, BLOCK_N, GROUP_M)
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                    EVEN_K: tl.constexpr, PRECISION: tl.constexpr, FP8: tl.constexpr, SCALE_N: tl.constexpr):
+    """FP8: X, W13 e4m3 with scales XS (token, K group) and W13S (expert, row block, K group); the
+    epilogue quantizes each row's BLOCK_N values (one group of the down GEMM) into INTER + INTERS."""
+    m_blk, n_blk = tile_ids(num_m_blocks, I, BLOCK_N, GROUP_M)
     expert = tl.load(BLOCK_EXPERT + m_blk)
     if expert < 0:  # past the last padded block: nothing to do
         return
@@ -64,86 +54,7 @@ def _gate_up_kernel(X, W13, INTER, SORTED, BLOCK_EXPERT,
     a_ptr = X + token[:, None] * stride_x + kk[None, :]
     g_ptr = W13 + expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wn + kk[:, None]
     u_ptr = g_ptr + I * stride_wn
-    acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, HIDDEN, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptr, mask=p_mask[:, None], other=0.0)
-            g = tl.load(g_ptr, mask=n_mask[None, :], other=0.0)
-            u = tl.load(u_ptr, mask=n_mask[None, :], other=0.0)
-        else:
-            k_mask = k0 + kk < HIDDEN
-            a = tl.load(a_ptr, mask=p_mask[:, None] & k_mask[None, :], other=0.0)
-            g = tl.load(g_ptr, mask=n_mask[None, :] & k_mask[:, None], other=0.0)
-            u = tl.load(u_ptr, mask=n_mask[None, :] & k_mask[:, None], other=0.0)
-        acc_g = tl.dot(a, g, acc_g, input_precision=PRECISION)
-        acc_u = tl.dot(a, u, acc_u, input_precision=PRECISION)
-        a_ptr += BLOCK_K
-        g_ptr += BLOCK_K
-        u_ptr += BLOCK_K
-    h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
-    out = INTER + rows.to(tl.int64)[:, None] * stride_i + cols[None, :]
-    tl.store(out, h.to(INTER.dtype.element_ty), mask=n_mask[None, :])
-
-
-@triton.jit
-def _down_kernel(INTER, W2, YBUF, SORTED, BLOCK_EXPERT, TOPW,
-                 stride_i, stride_we, stride_wn, stride_y, stride_tw,
-                 num_pairs, topk, I, HIDDEN, num_m_blocks,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
-    m_blk, n_blk = _tile_ids(num_m_blocks, HIDDEN, BLOCK_N, GROUP_M)
-    expert = tl.load(BLOCK_EXPERT + m_blk)
-    if expert < 0:
-        return
-    rows = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(SORTED + rows)
-    p_mask = pair < num_pairs
-    cols = n_blk * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = cols < HIDDEN
-    kk = tl.arange(0, BLOCK_K)
-    a_ptr = INTER + rows.to(tl.int64)[:, None] * stride_i + kk[None, :]
-    b_ptr = W2 + expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wn + kk[:, None]
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, I, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptr)
-            b = tl.load(b_ptr, mask=n_mask[None, :], other=0.0)
-        else:
-            k_mask = k0 + kk < I
-            a = tl.load(a_ptr, mask=k_mask[None, :], other=0.0)
-            b = tl.load(b_ptr, mask=n_mask[None, :] & k_mask[:, None], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        a_ptr += BLOCK_K
-        b_ptr += BLOCK_K
-    safe_pair = tl.where(p_mask, pair, 0)
-    weight = tl.load(TOPW + (safe_pair // topk).to(tl.int64) * stride_tw + safe_pair % topk, mask=p_mask, other=0.0)
-    y = acc * weight[:, None]
-    out = YBUF + safe_pair.to(tl.int64)[:, None] * stride_y + cols[None, :]
-    tl.store(out, y.to(YBUF.dtype.element_ty), mask=p_mask[:, None] & n_mask[None, :])
-
-
-@triton.jit
-def _gate_up_fp8_kernel(XQ, XS, W13, W13S, INTERQ, INTERS, SORTED, BLOCK_EXPERT,
-                        stride_x, stride_xs, stride_we, stride_wn, stride_se, stride_sn, stride_i, stride_is,
-                        num_pairs, topk, I, HIDDEN, num_m_blocks,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE_N: tl.constexpr,
-                        GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, FLOOR: tl.constexpr, QMAX: tl.constexpr):
-    m_blk, n_blk = _tile_ids(num_m_blocks, I, BLOCK_N, GROUP_M)
-    expert = tl.load(BLOCK_EXPERT + m_blk)
-    if expert < 0:
-        return
-    rows = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(SORTED + rows)
-    p_mask = pair < num_pairs
-    token = tl.where(p_mask, pair // topk, 0).to(tl.int64)
-    cols = n_blk * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = cols < I
-    kk = tl.arange(0, BLOCK_K)
-    a_ptr = XQ + token[:, None] * stride_x + kk[None, :]
-    as_ptr = XS + token * stride_xs
-    g_ptr = W13 + expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wn + kk[:, None]
-    u_ptr = g_ptr + I * stride_wn
+    as_ptr = XS + token * stride_xs  # the scale pointers are unused (never loaded) without FP8
     gs_ptr = W13S + expert.to(tl.int64) * stride_se + (cols // SCALE_N) * stride_sn
     us_ptr = W13S + expert.to(tl.int64) * stride_se + ((cols + I) // SCALE_N) * stride_sn
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -158,30 +69,36 @@ def _gate_up_fp8_kernel(XQ, XS, W13, W13S, INTERQ, INTERS, SORTED, BLOCK_EXPERT,
             a = tl.load(a_ptr, mask=p_mask[:, None] & k_mask[None, :], other=0.0)
             g = tl.load(g_ptr, mask=n_mask[None, :] & k_mask[:, None], other=0.0)
             u = tl.load(u_ptr, mask=n_mask[None, :] & k_mask[:, None], other=0.0)
-        a_s = tl.load(as_ptr, mask=p_mask, other=0.0)
-        g_s = tl.load(gs_ptr, mask=n_mask, other=0.0)
-        u_s = tl.load(us_ptr, mask=n_mask, other=0.0)
-        acc_g += tl.dot(a, g) * (a_s[:, None] * g_s[None, :])
-        acc_u += tl.dot(a, u) * (a_s[:, None] * u_s[None, :])
+        if FP8:
+            a_s = tl.load(as_ptr, mask=p_mask, other=0.0)[:, None]
+            acc_g += tl.dot(a, g) * (a_s * tl.load(gs_ptr, mask=n_mask, other=0.0)[None, :])
+            acc_u += tl.dot(a, u) * (a_s * tl.load(us_ptr, mask=n_mask, other=0.0)[None, :])
+        else:
+            acc_g = tl.dot(a, g, acc_g, input_precision=PRECISION)
+            acc_u = tl.dot(a, u, acc_u, input_precision=PRECISION)
         a_ptr += BLOCK_K
         g_ptr += BLOCK_K
         u_ptr += BLOCK_K
         as_ptr += 1
         gs_ptr += 1
         us_ptr += 1
-    h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u  # columns >= I are 0: they do not move the row's amax
-    q, scale = _quantize_rows(h, FLOOR, QMAX)  # BLOCK_N is one quantization group of the down GEMM
-    tl.store(INTERQ + rows.to(tl.int64)[:, None] * stride_i + cols[None, :], q, mask=n_mask[None, :])
-    tl.store(INTERS + rows.to(tl.int64) * stride_is + n_blk, scale)
+    h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u  # columns >= I are 0
+    out = INTER + rows.to(tl.int64)[:, None] * stride_i + cols[None, :]
+    if FP8:
+        q, scale = quantize_rows(h)
+        tl.store(out, q, mask=n_mask[None, :])
+        tl.store(INTERS + rows.to(tl.int64) * stride_is + n_blk, scale)
+    else:
+        tl.store(out, h.to(INTER.dtype.element_ty), mask=n_mask[None, :])
 
 
 @triton.jit
-def _down_fp8_kernel(INTERQ, INTERS, W2, W2S, YBUF, SORTED, BLOCK_EXPERT, TOPW,
-                     stride_i, stride_is, stride_we, stride_wn, stride_se, stride_sn, stride_y, stride_tw,
-                     num_pairs, topk, I, HIDDEN, num_m_blocks,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE_N: tl.constexpr,
-                     GROUP_M: tl.constexpr):
-    m_blk, n_blk = _tile_ids(num_m_blocks, HIDDEN, BLOCK_N, GROUP_M)
+def _down_kernel(INTER, INTERS, W2, W2S, YBUF, SORTED, BLOCK_EXPERT, TOPW,
+                 stride_i, stride_is, stride_we, stride_wn, stride_se, stride_sn, stride_y, stride_tw,
+                 num_pairs, topk, I, HIDDEN, num_m_blocks,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                 EVEN_K: tl.constexpr, PRECISION: tl.constexpr, FP8: tl.constexpr, SCALE_N: tl.constexpr):
+    m_blk, n_blk = tile_ids(num_m_blocks, HIDDEN, BLOCK_N, GROUP_M)
     expert = tl.load(BLOCK_EXPERT + m_blk)
     if expert < 0:
         return
@@ -191,17 +108,23 @@ def _down_fp8_kernel(INTERQ, INTERS, W2, W2S, YBUF, SORTED, BLOCK_EXPERT, TOPW,
     cols = n_blk * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = cols < HIDDEN
     kk = tl.arange(0, BLOCK_K)
-    a_ptr = INTERQ + rows.to(tl.int64)[:, None] * stride_i + kk[None, :]
-    as_ptr = INTERS + rows.to(tl.int64) * stride_is
+    a_ptr = INTER + rows.to(tl.int64)[:, None] * stride_i + kk[None, :]
     b_ptr = W2 + expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wn + kk[:, None]
+    as_ptr = INTERS + rows.to(tl.int64) * stride_is
     bs_ptr = W2S + expert.to(tl.int64) * stride_se + (cols // SCALE_N) * stride_sn
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, I, BLOCK_K):  # I is a whole number of K groups (padded experts)
-        a = tl.load(a_ptr)
-        b = tl.load(b_ptr, mask=n_mask[None, :], other=0.0)
-        a_s = tl.load(as_ptr)
-        b_s = tl.load(bs_ptr, mask=n_mask, other=0.0)
-        acc += tl.dot(a, b) * (a_s[:, None] * b_s[None, :])
+    for k0 in range(0, I, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptr)
+            b = tl.load(b_ptr, mask=n_mask[None, :], other=0.0)
+        else:
+            k_mask = k0 + kk < I
+            a = tl.load(a_ptr, mask=k_mask[None, :], other=0.0)
+            b = tl.load(b_ptr, mask=n_mask[None, :] & k_mask[:, None], other=0.0)
+        if FP8:
+            acc += tl.dot(a, b) * (tl.load(as_ptr)[:, None] * tl.load(bs_ptr, mask=n_mask, other=0.0)[None, :])
+        else:
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
         a_ptr += BLOCK_K
         b_ptr += BLOCK_K
         as_ptr += 1
@@ -270,6 +193,7 @@ def moe_experts(x: Tensor, w13: Tensor | BlockFP8, w2: Tensor | BlockFP8, topk_i
     """See reference.moe_experts: weights in x's dtype, or block FP8 (e4m3 + fp32 block scales)."""
     N, hidden = x.shape
     E, I2, _ = w13.shape
+    I = I2 // 2
     k = topk_ids.shape[1]
     out = new_empty((N, hidden), x.dtype, x.device)
     if N == 0:
@@ -281,40 +205,41 @@ def moe_experts(x: Tensor, w13: Tensor | BlockFP8, w2: Tensor | BlockFP8, topk_i
     x = x.contiguous()
     topk_weights = topk_weights.float().contiguous()
     fp8 = isinstance(w13, BlockFP8)
-    if fp8:
-        _check_fp8(w13, w2, hidden)
     cfg = _config(P, E, w13.block if isinstance(w13, BlockFP8) else None)
-    sorted_ids, block_expert, max_blocks = _align(topk_ids[:num_tokens].reshape(-1).long(), E, cfg["block_m"])
+    bm = cfg["block_m"]
+    sorted_ids, block_expert, max_blocks = _align(topk_ids[:num_tokens].reshape(-1).long(), E, bm)
+    if isinstance(w13, BlockFP8) and isinstance(w2, BlockFP8):
+        _check_fp8(w13, w2, hidden)
+        a, a_s = act_quant(x[:num_tokens], w13.block[1])  # once per token; gathered per pair
+        w13_w, w13_s, w2_w, w2_s, scale_n = w13.weight, w13.scale, w2.weight, w2.scale, w13.block[0]
+        inter = new_empty((max_blocks * bm, I), FP8, x.device)
+        inter_s = new_empty((max_blocks * bm, I // cfg["block_n"]), torch.float32, x.device)
+    else:  # scale arguments are placeholders the kernels never read
+        a = a_s = x
+        w13_w = w13_s = w13.contiguous()
+        w2_w = w2_s = w2.contiguous()
+        scale_n = 1
+        inter = inter_s = new_empty((max_blocks * bm, I), x.dtype, x.device)
+    precision = dot_precision(x.dtype)
+    _gate_up_kernel[(max_blocks * triton.cdiv(I, cfg["block_n"]),)](
+        a, a_s, w13_w, w13_s, inter, inter_s, sorted_ids, block_expert,
+        a.stride(0), a_s.stride(0), w13_w.stride(0), w13_w.stride(1), w13_s.stride(0), w13_s.stride(1),
+        inter.stride(0), inter_s.stride(0), P, k, I, hidden, max_blocks,
+        BLOCK_M=bm, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], GROUP_M=cfg["group_m"],
+        EVEN_K=hidden % cfg["block_k"] == 0, PRECISION=precision, FP8=fp8, SCALE_N=scale_n,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     ybuf = new_empty((P, hidden), x.dtype, x.device)
-    run = _experts_fp8 if fp8 else _experts
-    run(x, w13, w2, topk_weights, ybuf, sorted_ids, block_expert, max_blocks, num_tokens, k, cfg)
+    _down_kernel[(max_blocks * triton.cdiv(hidden, cfg["down_block_n"]),)](
+        inter, inter_s, w2_w, w2_s, ybuf, sorted_ids, block_expert, topk_weights,
+        inter.stride(0), inter_s.stride(0), w2_w.stride(0), w2_w.stride(1), w2_s.stride(0), w2_s.stride(1),
+        ybuf.stride(0), topk_weights.stride(0), P, k, I, hidden, max_blocks,
+        BLOCK_M=bm, BLOCK_N=cfg["down_block_n"], BLOCK_K=cfg["down_block_k"], GROUP_M=cfg["group_m"],
+        EVEN_K=I % cfg["down_block_k"] == 0, PRECISION=precision, FP8=fp8, SCALE_N=scale_n,
+        num_warps=cfg["down_num_warps"], num_stages=cfg["down_num_stages"])
     block = min(1024, next_pow2(hidden))
     _reduce_kernel[(N, triton.cdiv(hidden, block))](ybuf, out, ybuf.stride(0), out.stride(0), num_tokens, k,
                                                     hidden, BLOCK=block, num_warps=4)
     return out
-
-
-def _experts(x: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor, ybuf: Tensor, sorted_ids: Tensor,
-             block_expert: Tensor, max_blocks: int, num_tokens: int, k: int, cfg: dict[str, int]) -> None:
-    """gate/up then down for weights in x's dtype: per-pair outputs into ybuf."""
-    hidden, I, P, bm = x.shape[1], w13.shape[1] // 2, num_tokens * k, cfg["block_m"]
-    w13 = w13.contiguous()
-    w2 = w2.contiguous()
-    inter = new_empty((max_blocks * bm, I), x.dtype, x.device)
-    _gate_up_kernel[(max_blocks * triton.cdiv(I, cfg["block_n"]),)](
-        x, w13, inter, sorted_ids, block_expert,
-        x.stride(0), w13.stride(0), w13.stride(1), inter.stride(0),
-        P, k, I, hidden, max_blocks,
-        BLOCK_M=bm, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], GROUP_M=cfg["group_m"],
-        PRECISION=dot_precision(x.dtype), EVEN_K=hidden % cfg["block_k"] == 0, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"])
-    _down_kernel[(max_blocks * triton.cdiv(hidden, cfg["down_block_n"]),)](
-        inter, w2, ybuf, sorted_ids, block_expert, topk_weights,
-        inter.stride(0), w2.stride(0), w2.stride(1), ybuf.stride(0), topk_weights.stride(0),
-        P, k, I, hidden, max_blocks,
-        BLOCK_M=bm, BLOCK_N=cfg["down_block_n"], BLOCK_K=cfg["down_block_k"], GROUP_M=cfg["group_m"],
-        PRECISION=dot_precision(x.dtype), EVEN_K=I % cfg["down_block_k"] == 0, num_warps=cfg["down_num_warps"],
-        num_stages=cfg["down_num_stages"])
 
 
 def _check_fp8(w13: BlockFP8, w2: BlockFP8, hidden: int) -> None:
@@ -330,30 +255,6 @@ def _check_fp8(w13: BlockFP8, w2: BlockFP8, hidden: int) -> None:
     if bk not in K_BLOCKS or I % bn or I % bk:
         raise ValueError(f"moe: FP8 experts need K blocks in {K_BLOCKS} and an intermediate size ({I}) of whole "
                          f"blocks {w13.block} (the model pads it)")
-
-
-def _experts_fp8(x: Tensor, w13: BlockFP8, w2: BlockFP8, topk_weights: Tensor, ybuf: Tensor, sorted_ids: Tensor,
-                 block_expert: Tensor, max_blocks: int, num_tokens: int, k: int, cfg: dict[str, int]) -> None:
-    """gate/up then down on e4m3 operands: x quantized once per token, the intermediate in the epilogue."""
-    hidden, I, P, bm = x.shape[1], w13.shape[1] // 2, num_tokens * k, cfg["block_m"]
-    bn, bk = w13.block
-    xq, xs = act_quant(x[:num_tokens], bk)
-    inter_q = new_empty((max_blocks * bm, I), FP8, x.device)
-    inter_s = new_empty((max_blocks * bm, I // bk), torch.float32, x.device)
-    _gate_up_fp8_kernel[(max_blocks * (I // bk),)](
-        xq, xs, w13.weight, w13.scale, inter_q, inter_s, sorted_ids, block_expert,
-        xq.stride(0), xs.stride(0), w13.weight.stride(0), w13.weight.stride(1), w13.scale.stride(0),
-        w13.scale.stride(1), inter_q.stride(0), inter_s.stride(0),
-        P, k, I, hidden, max_blocks,
-        BLOCK_M=bm, BLOCK_N=bk, BLOCK_K=bk, SCALE_N=bn, GROUP_M=cfg["group_m"], EVEN_K=hidden % bk == 0,
-        FLOOR=AMAX_FLOOR, QMAX=FP8_MAX, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    _down_fp8_kernel[(max_blocks * triton.cdiv(hidden, cfg["down_block_n"]),)](
-        inter_q, inter_s, w2.weight, w2.scale, ybuf, sorted_ids, block_expert, topk_weights,
-        inter_q.stride(0), inter_s.stride(0), w2.weight.stride(0), w2.weight.stride(1), w2.scale.stride(0),
-        w2.scale.stride(1), ybuf.stride(0), topk_weights.stride(0),
-        P, k, I, hidden, max_blocks,
-        BLOCK_M=bm, BLOCK_N=cfg["down_block_n"], BLOCK_K=bk, SCALE_N=bn, GROUP_M=cfg["group_m"],
-        num_warps=cfg["down_num_warps"], num_stages=cfg["down_num_stages"])
 
 
 def flops(num_tokens: int, topk: int, hidden: int, inter: int) -> float:
