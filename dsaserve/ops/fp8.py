@@ -5,8 +5,9 @@ multipliers `weight_scale_inv` [..., ceil(N / bn), ceil(K / bk)], one per block 
 
 Kernel semantics, which `linear` and `moe_experts`' FP8 path emulate exactly up to accumulation
 order: activations are quantized on the fly per row and per group of bk channels (the weight's K
-block, 128 in the checkpoints) to e4m3 with an fp32 scale amax / 448; every K group's product is
-accumulated in fp32 times (activation scale x weight block scale); the output is cast once.
+block, 128 in the checkpoints) to e4m3 values x * (448 / amax) with the fp32 scale amax / 448;
+every K group's product is accumulated in fp32 times (activation scale x weight block scale); the
+output is cast once.
 """
 from __future__ import annotations
 
@@ -82,8 +83,10 @@ def act_quant(x: Tensor, group: int) -> tuple[Tensor, Tensor]:
     k = x.shape[-1]
     groups = math.ceil(k / group)
     xf = torch.nn.functional.pad(x.float(), (0, groups * group - k)).view(*x.shape[:-1], groups, group)
-    scale = xf.abs().amax(dim=-1).clamp(min=AMAX_FLOOR) / FP8_MAX
-    q = (xf / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    amax = xf.abs().amax(dim=-1).clamp(min=AMAX_FLOOR)
+    qmax = torch.full_like(amax, FP8_MAX)  # tensor / tensor: IEEE division (a scalar would become a reciprocal)
+    scale = amax / qmax
+    q = (xf * (qmax / amax)[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)  # one multiply per value, as the kernels
     return q.view(*x.shape[:-1], groups * group)[..., :k], scale
 
 
