@@ -173,7 +173,8 @@ def main() -> None:
                     dict(block_n=256, num_stages=4, group_m=16)])
         if "moe" in a.only:
             bench_moe(peaks, a.experts, (1, 32, 4096), [dict(num_stages=4), dict(down_block_n=128),
-                                                        dict(block_m=64, num_warps=8), dict(group_m=16)])
+                                                        dict(block_m=128, num_warps=8), dict(block_m=32, num_warps=4),
+                                                        dict(group_m=16)])
     print_table(peaks)
     print(f"({time.perf_counter() - start:.0f} s)")
     if a.out:

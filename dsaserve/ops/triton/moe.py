@@ -149,9 +149,17 @@ def _reduce_kernel(YBUF, OUT, stride_y, stride_o, num_tokens, topk, HIDDEN, BLOC
 
 
 def _config(num_pairs: int, num_experts: int, fp8_block: tuple[int, int] | None = None) -> dict[str, int]:
-    """Tiles by rows per expert. FP8: the K steps are the weight's K blocks and the gate/up BLOCK_N is
-    one quantization group of the intermediate (so CONFIG cannot change those)."""
+    """Tiles by rows per expert (CONFIG overrides any of them, except FP8's fixed K steps and gate/up width)."""
     per_expert = num_pairs / max(1, min(num_experts, num_pairs))
+    if fp8_block is not None:
+        # gate/up keeps two accumulators plus each step's two dot results: BLOCK_M 64 over 8 warps fits
+        # the registers; BLOCK_N and the K steps are one quantization group / weight K block.
+        base = (dict(block_m=64, num_warps=8, num_stages=3, down_block_n=128, down_num_warps=8, down_num_stages=4,
+                     group_m=8) if per_expert >= 24 else
+                dict(block_m=16, num_warps=4, num_stages=3, down_block_n=64, down_num_warps=4, down_num_stages=4,
+                     group_m=1))
+        return {**base, **(CONFIG or {}), "block_n": fp8_block[1], "block_k": fp8_block[1],
+                "down_block_k": fp8_block[1]}
     if per_expert >= 96:  # prefill: compute-bound tiles
         base = dict(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3,
                     down_block_n=128, down_block_k=64, down_num_warps=8, down_num_stages=4, group_m=8)
@@ -162,8 +170,6 @@ def _config(num_pairs: int, num_experts: int, fp8_block: tuple[int, int] | None 
         base = dict(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3,
                     down_block_n=64, down_block_k=128, down_num_warps=4, down_num_stages=4, group_m=1)
     base.update(CONFIG or {})
-    if fp8_block is not None:
-        base.update(block_n=fp8_block[1], block_k=fp8_block[1], down_block_k=fp8_block[1])
     return base
 
 
