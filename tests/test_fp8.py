@@ -21,6 +21,7 @@ from dsaserve.parallel.groups import Parallel, ParallelConfig
 from dsaserve.parallel.launch import Job, OfflineRequest, run_jobs
 from dsaserve.server_args import ServerArgs
 from dsaserve.tiny import make_tiny_model
+from test_bad_input import _rewrite_tensor
 from test_oracle import LOGIT_TOL, ORACLES, prefill_logits
 from test_parallel import GREEDY, PROMPTS, single_device
 
@@ -134,10 +135,7 @@ def _rank_tensor(model: DSAModel, name: str) -> torch.Tensor:
     if "experts" in parts and parts[parts.index("experts") + 1].isdigit():
         i = parts.index("experts")
         experts, e, proj = model.get_submodule(".".join(parts[:i + 1])), int(parts[i + 1]), parts[i + 2]
-        w13, w2 = experts.w13, experts.w2
-        if experts.block is not None:
-            w13 = BlockFP8(w13, experts.w13_scale_inv, experts.block).dequantize()
-            w2 = BlockFP8(w2, experts.w2_scale_inv, experts.block).dequantize()
+        w13, w2 = (w.dequantize() for w in experts.fp8) if experts.block is not None else (experts.w13, experts.w2)
         inter, start = experts.inter, (experts.padded_inter if proj == "up_proj" else 0)
         return w2[e, :, :inter] if proj == "down_proj" else w13[e, start:start + inter]
     module = model.get_submodule(".".join(parts[:-1]))
@@ -181,6 +179,20 @@ def test_split_inside_a_block_of_a_dequantized_weight_is_exact(tmp_path: Path,
         for name, tensor in full.items():
             if "kv_b_proj" in name:
                 assert torch.equal(_rank_tensor(model, name), _expected_slice(name, tensor, cfg)), name
+
+
+@pytest.mark.parametrize("drop,message", [
+    ("model.layers.1.self_attn.q_b_proj.weight_scale_inv",
+     r"fp8 tensor model\.layers\.1\.self_attn\.q_b_proj\.weight has no model\.layers\.1\.self_attn\.q_b_proj\."
+     r"weight_scale_inv"),
+    ("model.layers.2.mlp.experts.3.down_proj.weight", r"missing 1 tensor\(s\), first: model\.layers\.2\.mlp\."
+                                                      r"experts\.3\.down_proj\.weight")])
+def test_fp8_checkpoint_errors_name_the_tensor(drop: str, message: str, tmp_path: Path,
+                                               fp8_models: dict[str, tuple[Path, Path]]) -> None:
+    shutil.copytree(fp8_models["deepseek_v32"][0], tmp_path / "m")
+    _rewrite_tensor(tmp_path / "m", drop)
+    with pytest.raises(CheckpointError, match=message):
+        build_model(tmp_path / "m", CPU, torch.float32, progress=False)
 
 
 def test_parallel_fp8_matches_single_device(small_block_models: dict[str, tuple[Path, Path]]) -> None:

@@ -177,6 +177,7 @@ class _Placer:
         self.model, self.cfg, self.params, self.par = model, model.cfg, params, model.par
         self.ckpt, self.handle = ckpt, handle
         self.has_mtp = model.mtp is not None
+        self.modules = dict(model.named_modules())
 
     def __call__(self, name: str, loaded: set[str]) -> None:
         key = map_name(self.cfg, name, self.has_mtp)
@@ -211,15 +212,15 @@ class _Placer:
     def _destination(self, name: str, key: str) -> tuple[Tensor, Tensor | None]:
         expert = _EXPERT.match(key)
         if expert is not None:
-            module = self.model.get_submodule(expert.group(1))
-            index = int(expert.group(2))
+            module, index = self.modules.get(expert.group(1)), int(expert.group(2))
             if not isinstance(module, quant.Experts) or index >= module.num_experts:
-                raise CheckpointError(f"unexpected tensor {name}: the model has {self.cfg.n_routed_experts} experts")
+                raise CheckpointError(f"unexpected tensor {name}: the model has no routed expert {index} there "
+                                      f"({self.cfg.n_routed_experts} experts, MoE layers per mlp_layer_types)")
             return module.slot(expert.group(3), index)
         param = self.params.get(key)
-        if param is None or key.endswith(_SCALE):
+        if param is None:
             raise CheckpointError(f"unexpected tensor {name}: the model has no parameter {key}")
-        owner = self.model.get_submodule(key.rsplit(".", 1)[0]) if "." in key else self.model
+        owner = self.modules[key.rsplit(".", 1)[0]] if "." in key else self.model
         if isinstance(owner, quant.Linear) and owner.block is not None:
             return param.data, owner.weight_scale_inv.data
         return param.data, None

@@ -15,18 +15,20 @@ import logging
 import math
 from collections.abc import Callable
 from functools import partial
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dsaserve.config import ModelConfig
-from dsaserve.ops.dispatch import DSAOps
 from dsaserve.ops import fp8
+from dsaserve.ops.dispatch import DSAOps
 from dsaserve.ops.fp8 import FP8, BlockFP8
 
 Tensor = torch.Tensor
 Gemm = Callable[[Tensor, BlockFP8], Tensor]
+Mode = Literal["kernels", "emulate", "dequantized"]
 log = logging.getLogger(__name__)
 
 # Weights the model reads as matrices rather than calling the module (absorbed MLA, fp32 indexer
@@ -130,23 +132,19 @@ class Experts(nn.Module):
 
     def prepare(self, kernels: bool, dtype: torch.dtype) -> None:
         self.kernels = kernels
-        self._dequantized = None if kernels else (self._w13.dequantize(dtype), self._w2.dequantize(dtype))
+        self._dequantized = None if kernels else tuple(w.dequantize(dtype) for w in self.fp8)  # type: ignore
 
     @property
-    def _w13(self) -> BlockFP8:
-        assert self.block is not None
-        return BlockFP8(self.w13, self.w13_scale_inv, self.block)
-
-    @property
-    def _w2(self) -> BlockFP8:
-        assert self.block is not None
-        return BlockFP8(self.w2, self.w2_scale_inv, self.block)
+    def fp8(self) -> tuple[BlockFP8, BlockFP8]:
+        """(w13, w2) with their block scales."""
+        assert self.block is not None, "not FP8 experts"
+        return BlockFP8(self.w13, self.w13_scale_inv, self.block), BlockFP8(self.w2, self.w2_scale_inv, self.block)
 
     def forward(self, x: Tensor, topk_ids: Tensor, topk_weights: Tensor, ops: DSAOps) -> Tensor:
         if self.block is None:
             w13, w2 = self.w13, self.w2
         elif self.kernels:
-            w13, w2 = self._w13, self._w2
+            w13, w2 = self.fp8
         else:
             assert self._dequantized is not None, "FP8 Experts used before prepare()"
             w13, w2 = self._dequantized
@@ -167,7 +165,7 @@ def _emulated_gemm(x: Tensor, w: BlockFP8) -> Tensor:
     return fp8.linear(x, w).to(x.dtype)
 
 
-def prepare(model: nn.Module, mode: str, dtype: torch.dtype, checks: bool = False) -> None:
+def prepare(model: nn.Module, mode: Mode, dtype: torch.dtype, checks: bool = False) -> None:
     """Fix how every FP8 module computes, once, after loading:
 
     * "kernels": the Triton FP8 GEMM; experts hand their e4m3 weights to the MoE op (Triton's fused
@@ -193,5 +191,5 @@ def prepare(model: nn.Module, mode: str, dtype: torch.dtype, checks: bool = Fals
         log.warning("FP8 weights on CUDA without Triton: each is dequantized once to %s (no memory saved)", dtype)
 
 
-def default_mode(device: torch.device) -> str:
+def default_mode(device: torch.device) -> Mode:
     return "kernels" if fp8_kernels_available(device) else "dequantized"
