@@ -22,7 +22,7 @@ from dsaserve.ops.fp8 import FP8, BlockFP8
 from dsaserve.ops.triton._common import new_empty, next_pow2, quantize_rows, sm_count, tile_ids
 
 Tensor = torch.Tensor
-K_BLOCKS = (16, 32, 64, 128, 256)  # weight K blocks the kernel takes (one K group per loop step)
+K_BLOCKS = (32, 64, 128, 256)  # weight K blocks the kernel takes: one K step each (e4m3 dots need K >= 32)
 
 
 @triton.jit
