@@ -211,6 +211,8 @@ def moe_experts(x: Tensor, w13: Tensor | BlockFP8, w2: Tensor | BlockFP8, topk_i
     x = x.contiguous()
     topk_weights = topk_weights.float().contiguous()
     fp8 = isinstance(w13, BlockFP8)
+    if fp8 != isinstance(w2, BlockFP8):
+        raise ValueError("moe: w13 and w2 must both be block FP8 or both plain tensors")
     cfg = _config(P, E, w13.block if isinstance(w13, BlockFP8) else None)
     bm = cfg["block_m"]
     sorted_ids, block_expert, max_blocks = _align(topk_ids[:num_tokens].reshape(-1).long(), E, bm)
