@@ -105,8 +105,8 @@ def bench_gemm(peaks: dict, shapes: dict[str, tuple[int, int]], rows: tuple[int,
             del want
 
 
-def bench_moe(peaks: dict, experts: int, tokens: tuple[int, ...], configs: list[dict | None]) -> None:
-    hidden, inter, k = 7168, 2048, 8
+def bench_moe(peaks: dict, experts: int, tokens: tuple[int, ...], configs: list[dict | None],
+              hidden: int = 7168, inter: int = 2048, k: int = 8) -> None:
     gen = torch.Generator(DEV).manual_seed(0)
     w13 = ref.BlockFP8(torch.empty(experts, 2 * inter, hidden, dtype=ref.FP8, device=DEV),
                        torch.rand(experts, 2 * inter // 128, hidden // 128, device=DEV, generator=gen) * 2e-3, BLOCK)
