@@ -14,6 +14,8 @@ Two shapes of work, one kernel:
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -106,8 +108,10 @@ def act_quant(x: Tensor, group: int) -> tuple[Tensor, Tensor]:
     return q, s
 
 
+@functools.lru_cache(maxsize=4096)
 def default_config(M: int, N: int, K: int, block_k: int, sms: int) -> dict[str, int]:
-    """Tile choice: weight streaming with split-K for decode rows, 128 x 128 tiles for prefill."""
+    """Tile choice: weight streaming with split-K for decode rows, 128 x 128 tiles for prefill.
+    Cached per shape (the decode hot path); callers copy before changing it."""
     groups = triton.cdiv(K, block_k)
     if M <= 64:
         cfg = dict(block_m=max(16, next_pow2(M)), block_n=64, num_warps=4, num_stages=4, group_m=1,
