@@ -22,6 +22,9 @@ class ServerArgs:
     device: str = _opt("auto", "cuda or cpu (auto: cuda when available)")
     dtype: str = _opt("auto", "activation and weight dtype: auto (bf16 on cuda, fp32 on cpu), "
                                "bfloat16, float16, float32")
+    kv_cache_dtype: str = _opt("auto", "latent and index-key cache dtype: auto (the --dtype), bf16 (alias bfloat16), "
+                                       "fp8_e4m3 (FlashMLA's 656-byte latent rows: e4m3 + fp32 scales per 128 "
+                                       "values + bf16 rope; index keys e4m3 + one fp32 scale per 128)")
     tp: int = _opt(1, "tensor-parallel size (ranks on this machine x nnodes)")
     dp: int = _opt(1, "data-parallel size (with --enable-dp-attention: DP attention groups)")
     enable_dp_attention: bool = _opt(False, "attention runs data-parallel in --dp groups, MoE over all ranks")
@@ -34,14 +37,33 @@ class ServerArgs:
                                        "the KV pool takes (CPU: of available RAM, at most 1 GiB)")
     max_running_requests: int = _opt(256, "most requests decoding at once")
     max_queued_requests: int = _opt(4096, "most requests waiting; more get 503")
-    chunked_prefill_size: int = _opt(8192, "most prompt tokens prefilled in one step")
+    chunked_prefill_size: int = _opt(8192, "most tokens in one step (prompt chunks and, mixed, decode rows)")
+    enable_mixed_chunk: bool = _opt(True, "decode rows of running requests share steps with prefill chunks "
+                                          "(--no-enable-mixed-chunk: a step prefills or decodes)")
     context_length: int | None = _opt(None, "longest prompt + completion (default: the model's)")
+    disable_radix_cache: bool = _opt(False, "do not reuse the cache of repeated prompt prefixes")
     attention_backend: str = _opt("auto", "torch or triton (auto: triton on cuda, torch on cpu)")
     moe_backend: str = _opt("auto", "torch or triton (auto: triton on cuda, torch on cpu)")
     indexer_max_logits_mb: int = _opt(512, "memory budget of one indexer logits chunk, in MiB")
-    cuda_graph_max_bs: int | None = _opt(None, "replay decode steps of up to this many requests from CUDA "
-                                               "graphs (default: 64 on cuda with --dp 1, else off; 0: off; on CPU "
-                                               "the same padded buckets run eagerly)")
+    cuda_graph_max_bs: int | None = _opt(None, "replay decode / verify / draft steps of up to this many "
+                                               "requests from CUDA graphs (default: 64 on cuda with the triton "
+                                               "backends, else off; 0: off; on CPU the same padded static layouts "
+                                               "run eagerly)")
+    speculative_algorithm: str | None = _opt(None, "NEXTN (EAGLE is an alias): MTP speculative decoding with the "
+                                                   "checkpoint's MTP layer as the draft model")
+    speculative_num_steps: int | None = _opt(None, "draft steps S per verify step (default 3 with "
+                                                   "--speculative-algorithm)")
+    speculative_eagle_topk: int | None = _opt(None, "drafts per draft step (only 1 is supported)")
+    speculative_num_draft_tokens: int | None = _opt(None, "tokens per verify step, S + 1 (the only value "
+                                                          "supported with topk 1)")
+    tokenizer_mode: str = _opt("auto", "chat encoding: auto (the tokenizer's chat template; DeepSeek-V3.2's "
+                                       "published encoding for a deepseek_v32 model without one), hf, deepseek_v32")
+    reasoning_parser: str | None = _opt(None, "split reasoning into reasoning_content: deepseek-v3 or glm45 "
+                                              "(default: reasoning stays in content)")
+    tool_call_parser: str | None = _opt(None, "parse tool calls: deepseekv32, glm45 or glm47 (default: by "
+                                              "model type, deepseekv32 for deepseek_v32, glm47 for glm_moe_dsa)")
+    grammar_backend: str = _opt("llguidance", "constrained decoding for response_format / regex / ebnf and "
+                                              "forced tool calls: llguidance or none")
     seed: int = _opt(0, "seed for requests that carry none")
     log_level: str = _opt("info", "debug, info, warning, error")
     checks: bool = _opt(False, "validate every BatchLayout and kernel input (also DSASERVE_CHECKS=1)")
@@ -58,19 +80,50 @@ class ServerArgs:
             problems.append(f"--chunked-prefill-size must be >= 1, got {self.chunked_prefill_size}")
         if self.cuda_graph_max_bs is not None and self.cuda_graph_max_bs < 0:
             problems.append(f"--cuda-graph-max-bs must be >= 0, got {self.cuda_graph_max_bs}")
-        if self.cuda_graph_max_bs and self.dp > 1:
-            problems.append("--cuda-graph-max-bs needs --dp 1 (DP-attention steps change shape every step)")
+        problems += self._speculative_problems()
         if self.max_running_requests < 1:
             problems.append(f"--max-running-requests must be >= 1, got {self.max_running_requests}")
         if self.device not in ("auto", "cpu", "cuda"):
             problems.append(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             problems.append(f"--dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
+        from dsaserve.cache.pools import KV_CACHE_DTYPES
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            problems.append(f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                            f"got {self.kv_cache_dtype!r}")
         for name in ("attention_backend", "moe_backend"):
             if getattr(self, name) not in ("auto", "torch", "triton"):
                 problems.append(f"--{name.replace('_', '-')} must be auto, torch or triton")
+        problems += _chat_problems(self)
         if problems:
             raise ValueError("; ".join(problems))
+
+    def _speculative_problems(self) -> list[str]:
+        if self.speculative_algorithm is None:
+            given = [n for n in ("speculative_num_steps", "speculative_eagle_topk", "speculative_num_draft_tokens")
+                     if getattr(self, n) is not None]
+            return [f"--{given[0].replace('_', '-')} needs --speculative-algorithm NEXTN"] if given else []
+        problems = []
+        if self.speculative_algorithm.upper() not in ("NEXTN", "EAGLE"):
+            problems.append(f"--speculative-algorithm must be NEXTN (or its alias EAGLE), got "
+                            f"{self.speculative_algorithm!r}")
+        steps = self.spec_steps
+        if not 1 <= steps <= 16:
+            problems.append(f"--speculative-num-steps must be in [1, 16], got {steps}")
+        if self.speculative_eagle_topk not in (None, 1):
+            problems.append(f"--speculative-eagle-topk {self.speculative_eagle_topk} is not supported: MTP drafts "
+                            f"one token per step (topk 1)")
+        if self.speculative_num_draft_tokens not in (None, steps + 1):
+            problems.append(f"--speculative-num-draft-tokens must be --speculative-num-steps + 1 = {steps + 1} with "
+                            f"topk 1, got {self.speculative_num_draft_tokens}")
+        return problems
+
+    @property
+    def spec_steps(self) -> int:
+        """Draft steps S per verify step; 0 without speculative decoding."""
+        if self.speculative_algorithm is None:
+            return 0
+        return 3 if self.speculative_num_steps is None else self.speculative_num_steps
 
     def replace(self, **changes: Any) -> ServerArgs:
         return dataclasses.replace(self, **changes)
@@ -84,7 +137,8 @@ class ServerArgs:
             flag = "--" + f.name.replace("_", "-")
             kind = hints[f.name]
             if kind is bool:
-                parser.add_argument(flag, action="store_true", default=f.default, help=f.metadata["help"])
+                action = argparse.BooleanOptionalAction if f.default else "store_true"
+                parser.add_argument(flag, action=action, default=f.default, help=f.metadata["help"])
                 continue
             base = next(t for t in (int, float, str) if t in getattr(kind, "__args__", (kind,)))
             suffix = "" if f.default is None else f" (default: {f.default})"
@@ -94,3 +148,13 @@ class ServerArgs:
     def from_cli(cls, ns: argparse.Namespace) -> ServerArgs:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in vars(ns).items() if k in names})
+
+
+def _chat_problems(args: ServerArgs) -> list[str]:
+    from dsaserve.chat.parsers import REASONING_PARSERS, TOOL_CALL_PARSERS
+    from dsaserve.chat.render import TOKENIZER_MODES
+    choices = [("tokenizer_mode", TOKENIZER_MODES, False), ("reasoning_parser", REASONING_PARSERS, True),
+               ("tool_call_parser", TOOL_CALL_PARSERS, True), ("grammar_backend", ("llguidance", "none"), False)]
+    return [f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(args, name)!r}"
+            for name, allowed, optional in choices
+            if getattr(args, name) not in allowed and not (optional and getattr(args, name) is None)]

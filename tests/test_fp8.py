@@ -22,7 +22,7 @@ from dsaserve.parallel.launch import Job, OfflineRequest, run_jobs
 from dsaserve.server_args import ServerArgs
 from dsaserve.tiny import make_tiny_model
 from test_bad_input import _rewrite_tensor
-from test_oracle import LOGIT_TOL, ORACLES, prefill_logits
+from test_oracle import LOGIT_TOL, ORACLES
 from test_parallel import GREEDY, PROMPTS, single_device
 
 CPU = torch.device("cpu")
@@ -99,18 +99,22 @@ def test_fp8_modules_match_oracle(arch: str, fp8_models: dict[str, tuple[Path, P
     assert model.layers[0].mlp.down_proj.weight.dtype == FP8
     oracle = ORACLES[arch].from_pretrained(str(deq), dtype=torch.float32, attn_implementation="eager").eval()
     transformers.logging.set_verbosity_error()
-    for ids in prompts_ids(2, [9, 45], seed=3):  # below and above index_topk
+    prompts = prompts_ids(3, [4, 19, 45], seed=5)  # below and above index_topk
+    for i, ids in enumerate(prompts):
+        llm.engine.add_request(f"p{i}", ids, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True,
+                                                            prompt_logprobs=1))
+    outs = list(llm.engine.run_until_idle())
+    scored = {o.rid: o.prompt_logprobs for o in outs if o.prompt_logprobs is not None}
+    tokens = {f"p{i}": [t for o in outs if o.rid == f"p{i}" for t in o.new_token_ids] for i in range(len(prompts))}
+    for i, ids in enumerate(prompts):
         with torch.no_grad():
-            expected = oracle(torch.tensor([ids])).logits[0]
-        diff = (prefill_logits(llm, ids) - expected).abs().max().item()
-        assert diff < LOGIT_TOL, f"{arch} len={len(ids)}: max logit diff {diff:.2e} >= {LOGIT_TOL}"
-    prompts = prompts_ids(3, [4, 19, 30], seed=5)
-    got = llm.generate(prompts, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
-    for ids, out in zip(prompts, got):
-        with torch.no_grad():
+            expected = torch.log_softmax(oracle(torch.tensor([ids])).logits[0, :-1], dim=-1)
             ref = oracle.generate(torch.tensor([ids]), max_new_tokens=16, min_new_tokens=16, do_sample=False,
                                   pad_token_id=0)[0, len(ids):].tolist()
-        assert out.token_ids == ref, f"{arch}: prompt of {len(ids)} tokens diverged from the oracle"
+        chosen = torch.tensor([lp for lp, _ in scored[f"p{i}"]])  # every prompt token after the first
+        diff = (chosen - expected.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]).abs().max().item()
+        assert diff < LOGIT_TOL, f"{arch} len={len(ids)}: prompt log-prob diff {diff:.2e} >= {LOGIT_TOL}"
+        assert tokens[f"p{i}"] == ref, f"{arch}: prompt of {len(ids)} tokens diverged from the oracle"
 
 
 # Which dim of each checkpoint tensor splits over which group (docs/architecture.md, "Parallelism").

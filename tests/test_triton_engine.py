@@ -28,9 +28,11 @@ PROMPT_LENGTHS = [5, 12, 40, 90, 23]
 Run = list[tuple[list[int], list]]
 
 
-def _greedy(path: str, backend: str, dtype: str, prompts: list[list[int]], fp8_mode: str | None = None) -> Run:
+def _greedy(path: str, backend: str, dtype: str, prompts: list[list[int]], kv_cache_dtype: str = "auto",
+            fp8_mode: str | None = None) -> Run:
     """Greedy tokens and top-2 log-probs; fp8_mode re-prepares an FP8 model's modules (model/quant.py)."""
-    llm = LLM(path, device="cuda", dtype=dtype, attention_backend=backend, moe_backend=backend, mem_fraction=0.3)
+    llm = LLM(path, device="cuda", dtype=dtype, attention_backend=backend, moe_backend=backend, mem_fraction=0.3,
+              kv_cache_dtype=kv_cache_dtype)
     try:
         if fp8_mode is not None:
             quant.prepare(llm.engine.runner.model, fp8_mode, llm.engine.runner.dtype)
@@ -78,19 +80,23 @@ def check_run(label: str, truth: Run, baseline: Run, candidate: Run) -> None:
         f"{divergences} (noise {noise:.4f} nats)"
 
 
+# fp8_e4m3: every run reads the same FP8 cache format (the kernels dequantize in place, the torch ops the
+# gathered rows), so the fp32 torch run over an FP8 cache is the truth for the bf16 runs over one.
+@pytest.mark.parametrize("kv", ["auto", "fp8_e4m3"])
 @pytest.mark.parametrize("arch", ["deepseek_v32", "glm_moe_dsa"])
-def test_triton_matches_torch_greedy(arch: str, tiny_models: dict[str, str]) -> None:
+def test_triton_matches_torch_greedy(arch: str, kv: str, tiny_models: dict[str, str]) -> None:
     prompts = _prompts(1)
-    truth = _greedy(tiny_models[arch], "torch", "float32", prompts)
-    torch_bf16 = _greedy(tiny_models[arch], "torch", "bfloat16", prompts)
-    triton_bf16 = _greedy(tiny_models[arch], "triton", "bfloat16", prompts)
-    check_run(f"{arch} triton bf16 vs torch bf16", truth, torch_bf16, triton_bf16)
+    truth = _greedy(tiny_models[arch], "torch", "float32", prompts, kv)
+    torch_bf16 = _greedy(tiny_models[arch], "torch", "bfloat16", prompts, kv)
+    triton_bf16 = _greedy(tiny_models[arch], "triton", "bfloat16", prompts, kv)
+    check_run(f"{arch} kv {kv}: triton bf16 vs torch bf16", truth, torch_bf16, triton_bf16)
 
 
+@pytest.mark.parametrize("kv", ["auto", "fp8_e4m3"])
 @pytest.mark.parametrize("arch", ["deepseek_v32", "glm_moe_dsa"])
-def test_triton_fp32_greedy_identical_to_torch(arch: str, tiny_models: dict[str, str]) -> None:
+def test_triton_fp32_greedy_identical_to_torch(arch: str, kv: str, tiny_models: dict[str, str]) -> None:
     prompts = _prompts(2)
-    torch_run = _greedy(tiny_models[arch], "torch", "float32", prompts)
-    triton_run = _greedy(tiny_models[arch], "triton", "float32", prompts)
+    torch_run = _greedy(tiny_models[arch], "torch", "float32", prompts, kv)
+    triton_run = _greedy(tiny_models[arch], "triton", "float32", prompts, kv)
     assert [t for t, _ in triton_run] == [t for t, _ in torch_run]
     assert _lp_error(triton_run, torch_run) < 1e-3

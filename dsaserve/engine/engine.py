@@ -2,24 +2,32 @@
 both drive it with add_request / abort / step."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
 import random
 import time
 from dataclasses import dataclass
+from typing import Callable
+
+import torch
 
 from dsaserve.cache.pages import PageAllocator
+from dsaserve.cache.prefix import PrefixCache
+from dsaserve.chat.grammar import commit_tokens
 from dsaserve.engine.layout import StepMode, StepPlan
-from dsaserve.engine.model_runner import ModelRunner
+from dsaserve.engine.model_runner import ModelRunner, StepShape
 from dsaserve.engine.request import FinishReason, Request, RequestError, RequestOutput, SamplingParams
-from dsaserve.engine.sampler import sample
+from dsaserve.engine.sampler import sample, token_logprobs
 from dsaserve.engine.scheduler import Scheduler, SchedulerConfig
+from dsaserve.spec.drafter import DraftInput, MTPDrafter
 from dsaserve.engine.tokenizer import Tokenizer
 from dsaserve.parallel.groups import Parallel
 from dsaserve.server_args import ServerArgs
 
 log = logging.getLogger(__name__)
+_PROMPT_LOGITS_BYTES = 256 << 20  # fp32 logits of one chunk that scores its prompt (echo / prompt_logprobs)
 
 
 @dataclass(frozen=True)
@@ -30,40 +38,59 @@ class EngineStats:
     total_pages: int
     num_retractions: int
     steps: int
+    spec_verify_steps: int = 0  # request-verify steps (one per request per verify step)
+    spec_draft_tokens: int = 0  # draft tokens proposed to verification
+    spec_accepted_tokens: int = 0  # of those, accepted
+    cached_pages: int = 0  # pages the prefix cache holds (free_pages counts those no request uses)
+    prefix_hit_tokens: int = 0  # prompt tokens served from the prefix cache
+    prefix_queried_tokens: int = 0
 
-
-@dataclass(frozen=True)
-class StepSync:
-    """What all ranks agreed on before a step: rows per DP group, and whether anyone has work or stops."""
-    dp_sizes: list[int]
-    any_work: bool
-    any_stop: bool
+    @property
+    def avg_spec_accept_length(self) -> float | None:
+        """Tokens a verify step yields per request: accepted drafts + the target's own token."""
+        if not self.spec_verify_steps:
+            return None
+        return (self.spec_accepted_tokens + self.spec_verify_steps) / self.spec_verify_steps
 
 
 class Engine:
     """On a DP group leader (or a single device) the engine schedules and samples; on the other
-    ranks of the group it runs the leader's plans. Every rank calls step() in lockstep."""
+    ranks of the group it runs the leader's plans. Every rank calls step() in lockstep.
+
+    With speculative decoding a step is: the target over the plan's rows (a prompt chunk, or each
+    request's last token and its S drafts), the leader's sampling and acceptance, then the MTP drafter
+    (spec/drafter.py) over the same rows and S - 1 chained draft steps. Requests finish only after
+    the whole step, so no page is freed while a sub-step of the step still writes it.
+    """
 
     def __init__(self, args: ServerArgs, progress: bool = True, par: Parallel | None = None):
         from dsaserve.tiny import default_model_path
         if args.checks:
             os.environ["DSASERVE_CHECKS"] = "1"  # read by BatchLayout and the op wrappers, in this rank
         if args.model_path is None:
-            log.warning("no --model-path: serving the embedded tiny model with random weights")
+            log.warning("no --model-path: serving the embedded tiny model")
         self.model_path = args.model_path or str(default_model_path())
         self.args, self.par = args, par or Parallel()
         self.runner = ModelRunner(args, self.model_path, progress=progress, par=self.par)
         self.cfg = self.runner.cfg
         self.tokenizer = Tokenizer(self.model_path)
-        if self.par.cfg.rank == 0 and not getattr(self.tokenizer.hf, "chat_template", None):
+        if self.par.cfg.rank == 0 and not self.tokenizer.chat_format(args.tokenizer_mode).available:
             log.warning("the tokenizer has no chat template: /v1/chat/completions will answer 400; "
                         "use /v1/completions with your own prompt format")
         self.context_length = args.context_length or self.cfg.context_length
+        self.spec_steps = args.spec_steps
+        self.drafter = MTPDrafter(self.runner, self.spec_steps) if self.spec_steps else None
+        # Tests and benchmarks: replace the MTP drafts of a request (e.g. with the known continuation).
+        self.draft_override: Callable[[Request, list[int]], list[int]] | None = None
         self.allocator = PageAllocator(self.runner.num_pages)
+        self.prefix_cache = None if args.disable_radix_cache else PrefixCache(
+            self.allocator, args.page_size, drop_last_page=self.spec_steps > 0)
         self.scheduler = Scheduler(SchedulerConfig(
             page_size=args.page_size, chunked_prefill_size=args.chunked_prefill_size,
             max_running_requests=args.max_running_requests, max_queued_requests=args.max_queued_requests,
-            context_length=self.context_length), self.allocator)
+            context_length=self.context_length, spec_steps=self.spec_steps, mixed_chunk=args.enable_mixed_chunk,
+            max_logit_rows=max(1, _PROMPT_LOGITS_BYTES // (4 * self.cfg.vocab_size))), self.allocator,
+            self.prefix_cache)
         eos = set(self.cfg.eos_token_ids)
         if self.tokenizer.hf.eos_token_id is not None:
             eos.add(self.tokenizer.hf.eos_token_id)
@@ -74,7 +101,9 @@ class Engine:
         self._seeds = random.Random(f"{args.seed}/{self.par.cfg.dp_rank}")
         self._finished_outside_step: list[RequestOutput] = []
         self.steps = 0
-        self.last_sync = StepSync([0], False, False)
+        self._spec = [0, 0, 0]  # verify steps, drafts proposed, drafts accepted
+        self.last_sync = StepShape((0,), (0,), None, StepMode.DECODE, 1)
+        self.runner.capture_graphs(self.par.cfg.dp, progress=progress and self.par.cfg.rank == 0)
         self.par.exchange([1])  # every rank built its engine: start-up failures surface before "ready"
 
     # -- requests --------------------------------------------------------------------------
@@ -87,8 +116,8 @@ class Engine:
         bad = [t for t in prompt_ids if not 0 <= t < self.cfg.vocab_size]
         if bad:
             raise RequestError(f"token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
-        room = min(self.context_length, self.scheduler.capacity_tokens) - len(prompt_ids)
-        max_new = params.max_tokens if params.max_tokens is not None else room
+        room = min(self.context_length, self.scheduler.capacity_tokens - self.scheduler.cfg.decode_lookahead + 1)
+        max_new = params.max_tokens if params.max_tokens is not None else room - len(prompt_ids)
         req = Request(rid=rid, prompt_ids=list(prompt_ids), params=params, max_new_tokens=max_new,
                       arrival=next(self._arrivals),
                       seed=params.seed if params.seed is not None else self._seeds.getrandbits(63))
@@ -112,20 +141,32 @@ class Engine:
         return self.scheduler.has_work() or bool(self._finished_outside_step)
 
     def stats(self) -> EngineStats:
-        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.allocator.num_free,
-                           self.allocator.capacity, self.scheduler.num_retractions, self.steps)
+        cache = self.prefix_cache
+        reclaimable = cache.reclaimable() if cache is not None else 0
+        hits = (cache.num_pages, cache.stats.hit_tokens, cache.stats.queried_tokens) if cache is not None else (0, 0, 0)
+        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting),
+                           self.allocator.num_free + reclaimable, self.allocator.capacity,
+                           self.scheduler.num_retractions, self.steps, *self._spec, *hits)
 
     # -- the step --------------------------------------------------------------------------
 
     def sync(self, plan: StepPlan | None, keep_alive: bool = False,
-             stop: bool = False) -> tuple[StepPlan | None, StepSync]:
-        """Leader's plan to its group; (rows, has work, stop) of every rank to every rank."""
+             stop: bool = False) -> tuple[StepPlan | None, StepShape]:
+        """Leader's plan to its group; every rank's (rows, drafting requests, graph vote, has work,
+        stop) to every rank, so all ranks agree on the step's shape before any kernel runs."""
         plan = self.par.broadcast_from_leader(plan)
-        mine = [plan.num_tokens if plan else 0, int(keep_alive or self.scheduler.has_work()), int(stop)]
-        rows = self.par.exchange(mine)
-        attn_tp = self.par.cfg.attn_tp
-        dp_sizes = [rows[g * attn_tp][0] for g in range(self.par.cfg.dp)]
-        return plan, StepSync(dp_sizes, any(r[1] for r in rows), any(r[2] for r in rows))
+        graph_mode = StepMode.VERIFY if self.spec_steps else StepMode.DECODE
+        drafting = sum(plan.samples) if plan is not None and self.spec_steps else 0  # requests that draft
+        mine = [plan.num_tokens if plan else 0, drafting, self.runner.graph_batch_of(plan, graph_mode),
+                int(keep_alive or self.scheduler.has_work()), int(stop)]
+        leaders = self.par.exchange(mine)[:: self.par.cfg.attn_tp]  # one row per DP group
+        rows = tuple(r[0] for r in leaders)
+        votes = [r[2] for r in leaders]
+        graph_batch = None
+        if min(votes) >= 0 and sum(rows) > 0:
+            graph_batch = self.runner.graphs.batch_bucket(max(votes))
+        return plan, StepShape(rows, tuple(r[1] for r in leaders), graph_batch, graph_mode, 1 + self.spec_steps,
+                               any(r[3] for r in leaders), any(r[4] for r in leaders))
 
     def step(self, keep_alive: bool = False, stop: bool = False) -> list[RequestOutput]:
         """One step of the whole deployment. `keep_alive`: the caller has requests still to add
@@ -135,35 +176,134 @@ class Engine:
         plan, self.last_sync = self.sync(plan, keep_alive, stop)
         if sum(self.last_sync.dp_sizes) == 0:
             return outputs
-        plan = plan or StepPlan.idle()  # an idle DP group: zero rows, the same collectives
+        plan = plan or StepPlan.idle()  # an idle DP group: zero rows (or dummies), the same collectives
         try:
-            return outputs + self._run(plan)
+            return outputs + self._run(plan, self.last_sync)
         except Exception as exc:  # a failed batch ends its requests with an error; the engine goes on
             log.exception("step failed")
             if self.par.tp > 1:
                 raise  # the other ranks may be inside this step's collectives: the process must go
             for rid in plan.rids:
-                req = self.requests[rid]
-                self._finish(req, FinishReason("error", message=f"the batch failed: {exc}"))
-                outputs.append(self._output(req, [], []))
+                req = self.requests.get(rid)
+                if req is not None:
+                    self._finish(req, FinishReason("error", message=f"the batch failed: {exc}"))
+                    outputs.append(self._output(req, [], []))
             return outputs
 
-    def _run(self, plan: StepPlan) -> list[RequestOutput]:
-        logits = self.runner.forward(plan, self.runner.layout(plan), self.last_sync.dp_sizes)
+    def _run(self, plan: StepPlan, shape: StepShape) -> list[RequestOutput]:
+        real = len(plan.rids)
+        plan, layout = self.runner.prepare(plan, shape)
+        ids = torch.tensor(plan.input_ids, dtype=torch.long).to(self.runner.device, non_blocking=True)
+        hidden, logits = self.runner.target(ids, layout, shape.graph_batch is not None)
         self.steps += 1
-        if not self.par.cfg.is_leader or plan.mode is StepMode.IDLE:
+        leader = self.par.cfg.is_leader
+        accepted = self._sample(plan, real, logits) if leader and real else {}
+        drafts = None
+        if self.drafter is not None:
+            given = self._draft_input(plan, real, accepted) if leader else None
+            drafts = self.drafter.run(plan, layout, hidden, given, shape)
+        if not (leader and real):
             return []
+        outputs = self._commit(plan, real, accepted)
+        if drafts is not None:
+            self._keep_drafts(plan, real, given, drafts.tolist())
+        return outputs
+
+    def _sample(self, plan: StepPlan, real: int, logits: torch.Tensor) -> dict[str, list]:
+        """Each real request's sampled rows -> its new tokens (and logprobs). A verify request keeps the
+        drafts up to the first row whose own sample differs, then that row's sample (the bonus token).
+        Each row samples with the (seed, output index) noise of a non-speculative step, so the tokens are
+        exactly the non-speculative ones; for top-1 drafts this is speculative rejection sampling, coupled
+        (a draft is accepted with the target's probability of it)."""
+        row_reqs, pending, rows, chains, row = [], [], [], [], 0
+        for rid, q, n, samples, drafts in zip(plan.rids[:real], plan.q_lens, plan.logit_counts, plan.samples,
+                                              plan.num_drafts):
+            req = self.requests[rid]
+            chain = drafts + 1 if drafts else int(samples)  # rows that yield output tokens
+            if n > chain:  # the rows before score the prompt (echo / prompt_logprobs)
+                self._score_prompt(req, logits[row:row + n - chain], plan.prefix_lens[len(chains)] + q - n)
+            rows += range(row + n - chain, row + n)
+            row_reqs += [req] * chain
+            pending += [req.draft_ids[:i] for i in range(chain)]
+            chains.append(chain)
+            row += n
+        tokens, logprobs = sample(logits[rows], row_reqs, pending)
+        accepted, row = {}, 0
+        for rid, n in zip(plan.rids[:real], chains):
+            if n == 0:
+                continue
+            drafts, k = self.requests[rid].draft_ids, 0
+            while k < n - 1 and tokens[row + k] == drafts[k]:
+                k += 1
+            accepted[rid] = (tokens[row:row + k + 1], logprobs[row:row + k + 1] if logprobs is not None else None)
+            row += n
+        return accepted
+
+    def _score_prompt(self, req: Request, logits: torch.Tensor, first_pos: int) -> None:
+        """Log-probabilities of prompt tokens from rows at positions first_pos.. (row i predicts the token
+        at first_pos + i + 1); each prompt token is scored once, retraction or not."""
+        start = len(req.prompt_logprobs) + 1 - (first_pos + 1)  # the first row not scored yet
+        end = min(len(req.prompt_ids) - 1 - first_pos, logits.shape[0])
+        if start < end:
+            targets = req.prompt_ids[first_pos + 1 + start:first_pos + 1 + end]
+            req.prompt_logprobs += token_logprobs(logits[start:end], targets, [req.params.prompt_logprobs] * len(targets))
+
+    def _draft_input(self, plan: StepPlan, real: int, accepted: dict[str, tuple]) -> DraftInput:
+        """Per row, the token at its position + 1 (the MTP pass's input); per request, the row offset of
+        its last accepted token, or -1 when it takes no draft (a prompt chunk that is not its last)."""
+        ids: list[int] = []
+        last_rows: list[int] = []
+        for b, (rid, prefix, q) in enumerate(zip(plan.rids, plan.prefix_lens, plan.q_lens)):
+            if b >= real:  # a dummy request
+                ids += [0] * q
+                last_rows.append(0)
+            elif plan.num_drafts[b]:  # a verify request: rows past the accepted run are overwritten later
+                new = accepted[rid][0]
+                ids += new + [0] * (q - len(new))
+                last_rows.append(len(new) - 1)
+            else:  # a prompt chunk: the following known tokens, then the sampled one if it finished
+                known = self.requests[rid].token_slice(prefix + 1, prefix + q + 1)
+                ids += known + accepted[rid][0] if rid in accepted else known
+                last_rows.append(q - 1 if rid in accepted else -1)
+        return DraftInput(tuple(ids), tuple(last_rows))
+
+    def _keep_drafts(self, plan: StepPlan, real: int, given: DraftInput, drafts: list[list[int]]) -> None:
+        rows = iter(drafts)
+        for b, (rid, last) in enumerate(zip(plan.rids, given.last_rows)):
+            if last < 0:
+                continue
+            row = next(rows)
+            req = self.requests.get(rid) if b < real else None
+            if req is not None:  # not finished in this step
+                req.draft_ids = row if self.draft_override is None else self.draft_override(req, row)
+
+    def _commit(self, plan: StepPlan, real: int, accepted: dict[str, tuple]) -> list[RequestOutput]:
+        """Cache lengths, tokens and stop rules after the whole step; finished requests free their pages."""
+        kept = [len(accepted[r][0]) if d else q for r, q, d in zip(plan.rids[:real], plan.q_lens, plan.num_drafts)]
+        self.scheduler.advance(plan, self.requests, kept)
+        verifying = {r for r, d in zip(plan.rids[:real], plan.num_drafts) if d}
         outputs = []
-        self.scheduler.advance(plan, self.requests)
-        samplers = [self.requests[rid] for rid, s in zip(plan.rids, plan.samples) if s]
-        tokens, logprobs = sample(logits, samplers)
-        for i, (req, token) in enumerate(zip(samplers, tokens)):
-            req.output_ids.append(token)
-            lp = [logprobs[i]] if logprobs is not None and req.params.logprobs is not None else []
-            reason = self._stop_reason(req, token)
+        for rid, (tokens, lps) in accepted.items():
+            req = self.requests[rid]
+            if rid in verifying:
+                req.spec_verify_ct += 1
+                req.spec_accepted += len(tokens) - 1
+                self._spec = [self._spec[0] + 1, self._spec[1] + self.spec_steps, self._spec[2] + len(tokens) - 1]
+            new, reason = [], None
+            for token in tokens:
+                req.output_ids.append(token)
+                new.append(token)
+                reason = self._stop_reason(req, token)
+                if reason is not None:
+                    break
+            commit_tokens(req, new)
             if reason is not None:
                 self._finish(req, reason)
-            outputs.append(self._output(req, [token], lp))
+            chosen = lps[:len(new)] if lps is not None and req.params.logprobs is not None else []
+            out = self._output(req, new, chosen)
+            if len(req.output_ids) == len(new) and req.params.prompt_logprobs is not None:  # its first tokens
+                out = dataclasses.replace(out, prompt_logprobs=req.prompt_logprobs)
+            outputs.append(out)
         return outputs
 
     def _stop_reason(self, req: Request, token: int) -> FinishReason | None:
@@ -191,7 +331,8 @@ class Engine:
     def _output(self, req: Request, new_ids: list[int], new_lps: list) -> RequestOutput:
         return RequestOutput(rid=req.rid, new_token_ids=new_ids, new_logprobs=new_lps,
                              prompt_tokens=len(req.prompt_ids), completion_tokens=len(req.output_ids),
-                             finish=req.finish, stop_text=req.stop_text)
+                             finish=req.finish, stop_text=req.stop_text, spec_verify_ct=req.spec_verify_ct,
+                             cached_tokens=req.cached_tokens)
 
     def run_until_idle(self, max_steps: int = 1_000_000) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []

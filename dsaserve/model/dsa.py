@@ -69,8 +69,8 @@ class Indexer(nn.Module):
         inter = cfg.indexer_rope_interleave
         q = torch.cat([Rotary.apply(q[..., :rope], ctx.cos[:, None], ctx.sin[:, None], inter), q[..., rope:]], -1)
         k = torch.cat([Rotary.apply(k[..., :rope], ctx.cos, ctx.sin, inter), k[..., rope:]], -1)
+        ctx.pools.write_index_keys(self.layer_id, ctx.layout.out_slots, k)
         cache = ctx.pools.index_keys(self.layer_id)
-        cache[ctx.layout.out_slots.long()] = k.to(cache.dtype)
         weights = F.linear(x.float(), self.weights_proj.weight.float()) * self.weight_scale
         topk = ctx.ops.indexer_topk(q, weights, cache, ctx.layout, cfg.index_topk)
         if ctx.ops.checks:  # the indexer is replicated: every rank of the group must select the same
@@ -103,15 +103,15 @@ class MLAttention(nn.Module):
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
         q_pe = Rotary.apply(q_pe, ctx.cos[:, None], ctx.sin[:, None], interleaved=True)
         k_pe = Rotary.apply(k_pe, ctx.cos, ctx.sin, interleaved=True)
+        ctx.pools.write_latent(self.layer_id, ctx.layout.out_slots, self.kv_a_layernorm(latent), k_pe)
         cache = ctx.pools.latent(self.layer_id)
-        cache[ctx.layout.out_slots.long()] = torch.cat([self.kv_a_layernorm(latent), k_pe], -1).to(cache.dtype)
 
         topk = self.indexer(x, q_lat, ctx) if self.indexer is not None else prev_topk
         assert topk is not None, "a shared-indexer layer needs the previous layer's top-k"
         w_kv = self.kv_b_proj.weight.view(H, cfg.qk_nope_head_dim + cfg.v_head_dim, cfg.kv_lora_rank)
         w_uk, w_uv = w_kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=1)
         q_abs = torch.einsum("thn,hnr->thr", q_nope, w_uk)  # fold W_UK into the query
-        q_full = torch.cat([q_abs, q_pe], dim=-1).to(cache.dtype)
+        q_full = torch.cat([q_abs, q_pe], dim=-1).to(ctx.pools.query_dtype(x.dtype))
         o_lat = ctx.ops.sparse_mla(q_full, cache, topk, cfg.softmax_scale, cfg.kv_lora_rank, ctx.layout)
         o = torch.einsum("thr,hvr->thv", o_lat.to(x.dtype), w_uv)  # W_UV applied after attention
         return ctx.par.all_reduce_attn(self.o_proj(o.reshape(T, H * cfg.v_head_dim))), topk
@@ -212,7 +212,9 @@ class SharedHead(nn.Module):
 
 
 class MTPLayer(DecoderLayer):
-    """NextN block (checkpoint layer index num_hidden_layers): used by MTP speculative decoding."""
+    """NextN block (checkpoint layer index num_hidden_layers), the draft model of MTP speculative decoding:
+    eh_proj([enorm(embed(next token)); hnorm(h)]) -> one DSA decoder layer (own indexer, own caches on the
+    target's page ids) -> shared_head.norm -> shared_head.head."""
 
     def __init__(self, cfg: ModelConfig, par: Parallel):
         super().__init__(cfg, cfg.num_hidden_layers, par)
@@ -221,6 +223,14 @@ class MTPLayer(DecoderLayer):
         self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.eh_proj = linear(2 * cfg.hidden_size, cfg.hidden_size)
         self.shared_head = SharedHead(cfg, par)
+
+    def draft(self, input_ids: Tensor, hidden: Tensor, ctx: StepContext) -> Tensor:
+        """Row t: the next token after position t and h_t -> the normed hidden state that predicts the
+        token after that (and feeds the next chained draft step)."""
+        e = self.enorm(self.embed_tokens(input_ids, ctx.par))
+        h = self.eh_proj(torch.cat([e, self.hnorm(hidden.to(e.dtype))], dim=-1))
+        h, _ = self(h, ctx, None)
+        return self.shared_head.norm(h)
 
 
 def check_divisible(cfg: ModelConfig, par: Parallel) -> None:
@@ -251,19 +261,30 @@ class DSAModel(nn.Module):
         return {n for n, _ in self.named_parameters()
                 if n.endswith(("weights_proj.weight", "e_score_correction_bias", "_scale_inv"))}
 
-    def forward(self, input_ids: Tensor, layout: BatchLayout, pools: KVPools, ops: DSAOps,
-                dp_sizes: list[int] | None = None) -> Tensor:
-        """Final-normed hidden states [T, hidden] of every query row of this DP group."""
+    def context(self, layout: BatchLayout, pools: KVPools, ops: DSAOps, dtype: torch.dtype) -> StepContext:
         if self.rotary is None:
-            self.rotary = Rotary(self.cfg.rope, self.cfg.qk_rope_head_dim, input_ids.device)
+            self.rotary = Rotary(self.cfg.rope, self.cfg.qk_rope_head_dim, layout.row_pos.device)
+        cos, sin = self.rotary.cos_sin(layout.row_pos, dtype)
+        return StepContext(layout, pools, ops, self.par, list(layout.dp_sizes), cos, sin)
+
+    def forward(self, input_ids: Tensor, layout: BatchLayout, pools: KVPools, ops: DSAOps) -> Tensor:
+        """Final-normed hidden states [T, hidden] of every query row of this DP group."""
         h = self.embed_tokens(input_ids, self.par)
-        cos, sin = self.rotary.cos_sin(layout.row_pos, h.dtype)
-        ctx = StepContext(layout, pools, ops, self.par, dp_sizes or [layout.num_tokens], cos, sin)
+        ctx = self.context(layout, pools, ops, h.dtype)
         topk = None
         for layer in self.layers:
             h, topk = layer(h, ctx, topk)
         return self.norm(h)
 
+    def draft(self, input_ids: Tensor, hidden: Tensor, layout: BatchLayout, pools: KVPools, ops: DSAOps) -> Tensor:
+        """The MTP layer over the layout's rows: [T, hidden] normed states (see MTPLayer.draft)."""
+        assert self.mtp is not None, "the model was built without its MTP layer"
+        return self.mtp.draft(input_ids, hidden, self.context(layout, pools, ops, hidden.dtype))
+
     def logits(self, hidden: Tensor) -> Tensor:
         """Full-vocabulary fp32 logits (vocab shards gathered over the attention-TP group)."""
         return self.par.all_gather_attn(F.linear(hidden, self.lm_head.weight).float())
+
+    def draft_logits(self, hidden: Tensor) -> Tensor:
+        assert self.mtp is not None
+        return self.par.all_gather_attn(F.linear(hidden, self.mtp.shared_head.head.weight).float())

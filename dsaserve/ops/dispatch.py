@@ -8,6 +8,7 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
+from dsaserve.cache.kv_format import check_cache
 from dsaserve.engine.layout import BatchLayout, LayoutError, checks_enabled
 from dsaserve.ops import reference
 from dsaserve.ops.fp8 import BlockFP8
@@ -24,6 +25,12 @@ def _backend(name: str) -> ModuleType:
     raise ValueError(f"unknown backend {name!r} (expected torch or triton)")
 
 
+def _check_cache(name: str, cache: Tensor, n: int, rope: int) -> None:
+    problem = check_cache(name, cache, n, rope)
+    if problem:
+        raise LayoutError(problem)
+
+
 @dataclass(frozen=True)
 class DSAOps:
     attention_backend: str = "torch"
@@ -38,7 +45,8 @@ class DSAOps:
 
     def sparse_mla(self, q: Tensor, kv_cache: Tensor, indices: Tensor, sm_scale: float, v_dim: int,
                    layout: BatchLayout | None = None) -> Tensor:
-        """[T, H, D] queries over their own selected slots -> [T, H, v_dim]."""
+        """[T, H, D] queries over their own selected slots -> [T, H, v_dim]. kv_cache: [S, D] rows, or the
+        uint8 FP8 rows of cache/kv_format.py."""
         backend = _backend(self.attention_backend)
         if self.checks:
             if layout is not None:
@@ -46,6 +54,7 @@ class DSAOps:
                 layout.check_rows("top-k indices", indices)
             if indices.shape[0] != q.shape[0]:
                 raise LayoutError(f"top-k indices have {indices.shape[0]} rows, query has {q.shape[0]}")
+            _check_cache("latent cache", kv_cache, v_dim, q.shape[2] - v_dim)
             if indices.numel() and int(indices.max()) >= kv_cache.shape[0]:
                 raise LayoutError(f"top-k slot {int(indices.max())} >= cache slots {kv_cache.shape[0]}")
         heads = q.shape[1]
@@ -63,14 +72,15 @@ class DSAOps:
         if self.checks:
             layout.check_rows("indexer query", q)
             layout.check_rows("indexer weights", weights)
+            _check_cache("index-key cache", k_cache, q.shape[2], 0)
         out = torch.empty(T, topk, dtype=torch.int32, device=q.device)
         if T == 0:
             return out
-        if layout.max_kv_len <= topk:  # every row sees <= topk keys: select them all, skip the logits
+        if layout.key_width <= topk:  # every row sees <= topk keys: select them all, skip the logits
             out.copy_(reference.first_positions_slots(layout.row_kv_len, layout.page_table, layout.row_req,
                                                       layout.page_size, topk))
             return out
-        num_keys = layout.max_kv_len
+        num_keys = layout.key_width
         rows_per_chunk = max(1, self.max_logits_bytes // (num_keys * 4))
         for start in range(0, T, rows_per_chunk):
             rows = slice(start, min(start + rows_per_chunk, T))
