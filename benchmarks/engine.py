@@ -91,6 +91,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="print the top ops of 8 decode steps")
     ap.add_argument("--cuda-graph-max-bs", type=int, default=0, help="replay decode from CUDA graphs")
     ap.add_argument("--fp8", action="store_true", help="an FP8 checkpoint (e4m3, 128x128 block scales)")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="auto, bf16 or fp8_e4m3 (the server flag)")
     args = ap.parse_args()
     path = Path(args.out + "-fp8" if args.fp8 and args.out == ap.get_default("out") else args.out)
     if not (path / "config.json").is_file():
@@ -103,7 +104,8 @@ def main() -> None:
     tokens = max(args.batch) * (args.input_len + args.output_len) + 4096
     llm = LLM(str(path), page_size=args.page_size, max_total_tokens=tokens, attention_backend=args.backend,
               moe_backend=args.backend, max_running_requests=max(args.batch),
-              chunked_prefill_size=max(8192, args.input_len), cuda_graph_max_bs=args.cuda_graph_max_bs)
+              chunked_prefill_size=max(8192, args.input_len), cuda_graph_max_bs=args.cuda_graph_max_bs,
+              kv_cache_dtype=args.kv_cache_dtype)
     vocab = DEEPSEEK_V32_LAYER["vocab_size"]
     rows = []
     for b in args.batch:  # Triton specialises kernels on shapes: compile outside the measured run
@@ -114,7 +116,7 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     graphs = f", decode CUDA graphs up to batch {args.cuda_graph_max_bs}" if args.cuda_graph_max_bs else ""
     weights = "FP8 weights" if args.fp8 else f"{llm.engine.runner.dtype} weights"
-    print(f"\n{device}, {args.layers} layers ({args.experts} experts), {weights}, "
+    print(f"\n{device}, {args.layers} layers ({args.experts} experts), {weights}, KV {llm.engine.runner.kv_dtype}, "
           f"backend {llm.engine.runner.ops.attention_backend}{graphs}")
     print(f"{'batch':>5} {'in':>6} {'out':>5} {'prefill s':>10} {'prefill tok/s':>14} {'decode ms/step':>15} "
           f"{'decode tok/s':>13}")
@@ -123,7 +125,7 @@ def main() -> None:
               f"{r['prefill_tok_s']:>14.0f} {r['decode_step_ms']:>15.2f} {r['decode_tok_s']:>13.0f}")
     if args.output_json:
         Path(args.output_json).write_text(json.dumps({"device": device, "layers": args.layers, "experts": args.experts,
-                                                      "fp8": args.fp8,
+                                                      "fp8": args.fp8, "kv_cache_dtype": args.kv_cache_dtype,
                                                       "cuda_graph_max_bs": args.cuda_graph_max_bs, "rows": rows},
                                                      indent=1))
 
