@@ -14,6 +14,8 @@ from typing import Any, Iterable
 import torch
 from safetensors.torch import save_file
 
+from dsaserve.ops.fp8 import quantize_weight
+
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}")
@@ -137,15 +139,7 @@ def _quantize(tensors: dict[str, torch.Tensor], block: int) -> dict[str, torch.T
         if x.dim() != 2 or any(k in name for k in _NOT_FP8):
             out[name] = x
             continue
-        rows, cols = x.shape
-        br, bc = math.ceil(rows / block), math.ceil(cols / block)
-        padded = torch.zeros(br * block, bc * block)
-        padded[:rows, :cols] = x
-        blocks = padded.view(br, block, bc, block)
-        scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
-        q = (blocks / scale[:, None, :, None]).view(br * block, bc * block)[:rows, :cols]
-        out[name] = q.to(torch.float8_e4m3fn)
-        out[name + "_scale_inv"] = scale.float()
+        out[name], out[name + "_scale_inv"] = quantize_weight(x, (block, block))
     return out
 
 

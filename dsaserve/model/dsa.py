@@ -14,6 +14,7 @@ from torch import nn
 from dsaserve.cache.pools import KVPools
 from dsaserve.config import ModelConfig
 from dsaserve.engine.layout import BatchLayout
+from dsaserve.model.quant import Experts, Linear
 from dsaserve.model.rope import Rotary
 from dsaserve.ops.dispatch import DSAOps
 from dsaserve.parallel.groups import Parallel
@@ -44,8 +45,8 @@ class RMSNorm(nn.Module):
         return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
-def linear(in_features: int, out_features: int) -> nn.Linear:
-    return nn.Linear(in_features, out_features, bias=False)
+def linear(in_features: int, out_features: int) -> Linear:
+    return Linear(in_features, out_features)  # compute dtype; the loader switches it to FP8 per checkpoint
 
 
 class Indexer(nn.Module):
@@ -152,14 +153,6 @@ class Router(nn.Module):
         return ids, weights * cfg.routed_scaling_factor
 
 
-class Experts(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: int):
-        super().__init__()
-        E, I, Hd = cfg.n_routed_experts, cfg.moe_intermediate_size // tp, cfg.hidden_size
-        self.w13 = nn.Parameter(torch.empty(E, 2 * I, Hd))  # gate_proj rows, then up_proj rows
-        self.w2 = nn.Parameter(torch.empty(E, Hd, I))
-
-
 class MoE(nn.Module):
     """Routed experts and shared experts, each split along the intermediate dim over all TP ranks:
     the output is this rank's partial sum."""
@@ -173,7 +166,7 @@ class MoE(nn.Module):
 
     def forward(self, x: Tensor, ops: DSAOps) -> Tensor:
         ids, weights = self.gate(x)
-        out = ops.moe(x, self.experts.w13, self.experts.w2, ids, weights, x.shape[0])
+        out = self.experts(x, ids, weights, ops)
         return out + self.shared_experts(x) if self.shared_experts is not None else out
 
 
@@ -263,8 +256,10 @@ class DSAModel(nn.Module):
         self.rotary: Rotary | None = None
 
     def fp32_parameter_names(self) -> set[str]:
-        """Parameters that stay in fp32 whatever the model dtype (as in the official inference code)."""
-        return {n for n, _ in self.named_parameters() if n.endswith(("weights_proj.weight", "e_score_correction_bias"))}
+        """Parameters that stay in fp32 whatever the model dtype (as in the official inference code), and
+        the FP8 block scales."""
+        return {n for n, _ in self.named_parameters()
+                if n.endswith(("weights_proj.weight", "e_score_correction_bias", "_scale_inv"))}
 
     def context(self, layout: BatchLayout, pools: KVPools, ops: DSAOps, dtype: torch.dtype) -> StepContext:
         if self.rotary is None:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from dsaserve.cache.kv_format import check_cache
 from dsaserve.engine.layout import BatchLayout, LayoutError, checks_enabled
 from dsaserve.ops import reference
+from dsaserve.ops.fp8 import BlockFP8
 
 Tensor = torch.Tensor
 
@@ -89,6 +90,7 @@ class DSAOps:
             out[rows] = backend.topk_slots(logits, kv_len, layout.page_table, row_req, layout.page_size, topk)
         return out
 
-    def moe(self, x: Tensor, w13: Tensor, w2: Tensor, topk_ids: Tensor, topk_weights: Tensor,
+    def moe(self, x: Tensor, w13: Tensor | BlockFP8, w2: Tensor | BlockFP8, topk_ids: Tensor, topk_weights: Tensor,
             num_tokens: int) -> Tensor:
+        """Routed experts; block-FP8 weights run the FP8 kernel (triton) or its emulation (torch)."""
         return _backend(self.moe_backend).moe_experts(x, w13, w2, topk_ids, topk_weights, num_tokens)

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from dsaserve.cache.kv_format import read_rows
+from dsaserve.ops import fp8
+from dsaserve.ops.fp8 import BlockFP8
 
 Tensor = torch.Tensor
 
@@ -105,17 +107,19 @@ def _positions_to_slots(positions: Tensor, row_kv_len: Tensor, page_table: Tenso
     return out
 
 
-def moe_experts(x: Tensor, w13: Tensor, w2: Tensor, topk_ids: Tensor, topk_weights: Tensor,
+def moe_experts(x: Tensor, w13: Tensor | BlockFP8, w2: Tensor | BlockFP8, topk_ids: Tensor, topk_weights: Tensor,
                 num_tokens: int) -> Tensor:
     """Routed experts: sum_k weight_k * down_e(silu(gate_e x) * up_e x) for the first num_tokens rows.
 
     x [N, hidden], w13 [E, 2I, hidden] (gate rows then up rows), w2 [E, hidden, I], topk_ids [N, k],
     topk_weights [N, k] fp32. Rows >= num_tokens (padding for DP sync) are skipped and come out 0.
+    Block-FP8 experts run the FP8 kernel's function (fp8.linear: activations quantized per group).
+    Each pair's output is rounded to x's dtype and the k pairs of a token are summed in fp32.
     """
-    out = torch.zeros_like(x)
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     ids = topk_ids[:num_tokens]
     if num_tokens == 0:
-        return out
+        return out.to(x.dtype)
     flat = ids.flatten()
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()
@@ -126,8 +130,12 @@ def moe_experts(x: Tensor, w13: Tensor, w2: Tensor, topk_ids: Tensor, topk_weigh
         if count == 0:
             continue
         tokens = token_of[start:start + count]
-        gate, up = (x[tokens] @ w13[expert].T).chunk(2, dim=-1)
-        y = (F.silu(gate) * up) @ w2[expert].T
-        out.index_add_(0, tokens, (y * weight_of[start:start + count, None]).to(x.dtype))
+        gate, up = _matmul_t(x[tokens], w13[expert]).chunk(2, dim=-1)
+        y = _matmul_t(F.silu(gate) * up, w2[expert])
+        out.index_add_(0, tokens, (y * weight_of[start:start + count, None]).to(x.dtype).float())
         start += count
-    return out
+    return out.to(x.dtype)
+
+
+def _matmul_t(a: Tensor, w: Tensor | BlockFP8) -> Tensor:
+    return fp8.linear(a, w) if isinstance(w, BlockFP8) else a @ w.T

@@ -71,6 +71,14 @@ class Parallel:
                 if k == cfg.attn_rank:
                     self.dp_peers = group
 
+    @classmethod
+    def without_groups(cls, cfg: ParallelConfig) -> Parallel:
+        """One rank's shapes and shard indices, with no process group (building or loading one rank of
+        a parallel model in a single process, e.g. to test its slices); collectives are unavailable."""
+        par = cls()
+        par.cfg = cfg
+        return par
+
     @property
     def tp(self) -> int:
         return self.cfg.tp
