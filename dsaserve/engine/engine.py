@@ -34,10 +34,16 @@ class EngineStats:
 
 @dataclass(frozen=True)
 class StepSync:
-    """What all ranks agreed on before a step: rows per DP group, and whether anyone has work or stops."""
+    """What all ranks agreed on before a step: rows per DP group, whether anyone has work or stops,
+    and the lowest wake-up epoch any DP leader has seen (server.worker: how idle leaders meet again)."""
     dp_sizes: list[int]
     any_work: bool
     any_stop: bool
+    epoch: int = 0
+
+
+class StepFailedOnSomeRanks(RuntimeError):
+    """A step raised on some ranks only: their states differ, the deployment must stop."""
 
 
 class Engine:
@@ -75,6 +81,7 @@ class Engine:
         self._finished_outside_step: list[RequestOutput] = []
         self.steps = 0
         self.last_sync = StepSync([0], False, False)
+        self._step_failed = False  # this rank's last step raised: told to every rank in the next exchange
         self.par.exchange([1])  # every rank built its engine: start-up failures surface before "ready"
 
     # -- requests --------------------------------------------------------------------------
@@ -117,33 +124,39 @@ class Engine:
 
     # -- the step --------------------------------------------------------------------------
 
-    def sync(self, plan: StepPlan | None, keep_alive: bool = False,
-             stop: bool = False) -> tuple[StepPlan | None, StepSync]:
-        """Leader's plan to its group; (rows, has work, stop) of every rank to every rank."""
+    def sync(self, plan: StepPlan | None, keep_alive: bool = False, stop: bool = False,
+             epoch: int = 0) -> tuple[StepPlan | None, StepSync]:
+        """Leader's plan to its group; (rows, has work, stop, last step failed, epoch) of every rank to
+        every rank. Raises StepFailedOnSomeRanks, on every rank, if the last step failed on some only."""
         plan = self.par.broadcast_from_leader(plan)
-        mine = [plan.num_tokens if plan else 0, int(keep_alive or self.scheduler.has_work()), int(stop)]
+        mine = [plan.num_tokens if plan else 0, int(keep_alive or self.scheduler.has_work()), int(stop),
+                int(self._step_failed), epoch]
         rows = self.par.exchange(mine)
-        attn_tp = self.par.cfg.attn_tp
-        dp_sizes = [rows[g * attn_tp][0] for g in range(self.par.cfg.dp)]
-        return plan, StepSync(dp_sizes, any(r[1] for r in rows), any(r[2] for r in rows))
+        failed = [rank for rank, r in enumerate(rows) if r[3]]
+        if failed and len(failed) < len(rows):
+            raise StepFailedOnSomeRanks(f"step {self.steps} failed on rank(s) {failed} only; the ranks no longer "
+                                        f"agree, so every rank stops (see the failing rank's log)")
+        self._step_failed = False
+        leaders = rows[::self.par.cfg.attn_tp]
+        return plan, StepSync([r[0] for r in leaders], any(r[1] for r in rows), any(r[2] for r in rows),
+                              min(r[4] for r in leaders))
 
-    def step(self, keep_alive: bool = False, stop: bool = False) -> list[RequestOutput]:
+    def step(self, keep_alive: bool = False, stop: bool = False, epoch: int = 0) -> list[RequestOutput]:
         """One step of the whole deployment. `keep_alive`: the caller has requests still to add
-        (keeps the other ranks stepping); `stop`: ask every rank to leave its loop."""
+        (keeps the other ranks stepping); `stop`: ask every rank to leave its loop; `epoch`: the
+        caller's wake-up counter (server.worker)."""
         outputs = self.take_finished()
         plan = self.scheduler.schedule() if self.par.cfg.is_leader else None
-        plan, self.last_sync = self.sync(plan, keep_alive, stop)
+        plan, self.last_sync = self.sync(plan, keep_alive, stop, epoch)
         if sum(self.last_sync.dp_sizes) == 0:
             return outputs
         plan = plan or StepPlan.idle()  # an idle DP group: zero rows, the same collectives
         try:
             return outputs + self._run(plan)
         except Exception as exc:  # a failed batch ends its requests with an error; the engine goes on
-            log.exception("step failed")
-            if self.par.tp > 1:
-                raise  # the other ranks may be inside this step's collectives: the process must go
-            for rid in plan.rids:
-                req = self.requests[rid]
+            log.exception("step failed")  # if it failed on every rank (the next exchange tells)
+            self._step_failed = True
+            for req in [self.requests[rid] for rid in plan.rids if rid in self.requests]:
                 self._finish(req, FinishReason("error", message=f"the batch failed: {exc}"))
                 outputs.append(self._output(req, [], []))
             return outputs

@@ -8,12 +8,15 @@ where every collective is a no-op.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 Tensor = torch.Tensor
+# The group a rank waits in for its leader's next plan: idle time has no deadline (gloo needs a finite one).
+WAIT_FOREVER = timedelta(days=3650)
 
 
 @dataclass(frozen=True)
@@ -50,24 +53,30 @@ class ParallelConfig:
 
 class Parallel:
     """Collectives over the world and the attention-TP group. Tensors ride the device groups; step
-    plans and small ints ride gloo groups on the CPU."""
+    plans and small ints ride gloo groups on the CPU.
 
-    def __init__(self, cfg: ParallelConfig = ParallelConfig()):
+    Every collective inside a step waits at most `timeout` (--dist-timeout) for the other ranks; only
+    the broadcast of the next plan, where a rank waits for work, has no deadline (`wait` groups). The
+    CPU groups are separate from the device groups even on CPU, so that a rank that left a step early
+    can never pair its next exchange with another rank's pending tensor collective.
+    """
+
+    def __init__(self, cfg: ParallelConfig = ParallelConfig(), timeout: timedelta | None = None):
         self.cfg = cfg
-        self.world = self.world_cpu = self.attn = self.attn_cpu = self.dp_peers = None
+        self.world = self.world_cpu = self.attn = self.attn_cpu = self.attn_wait = self.dp_peers = None
         if cfg.tp == 1:
             return
         self.world = dist.group.WORLD
-        self.world_cpu = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else self.world
+        self.world_cpu = dist.new_group(backend="gloo", timeout=timeout)
         for g in range(cfg.dp):  # every rank creates every group, in the same order
             ranks = list(range(g * cfg.attn_tp, (g + 1) * cfg.attn_tp))
-            device_group = dist.new_group(ranks)
-            cpu_group = dist.new_group(ranks, backend="gloo")
+            groups = (dist.new_group(ranks, timeout=timeout), dist.new_group(ranks, backend="gloo", timeout=timeout),
+                      dist.new_group(ranks, backend="gloo", timeout=WAIT_FOREVER))
             if g == cfg.dp_rank:
-                self.attn, self.attn_cpu = device_group, cpu_group
+                self.attn, self.attn_cpu, self.attn_wait = groups
         if cfg.dp > 1:  # the same attention rank of every DP group: one copy of each group's rows
             for k in range(cfg.attn_tp):
-                group = dist.new_group([g * cfg.attn_tp + k for g in range(cfg.dp)])
+                group = dist.new_group([g * cfg.attn_tp + k for g in range(cfg.dp)], timeout=timeout)
                 if k == cfg.attn_rank:
                     self.dp_peers = group
 
@@ -120,11 +129,12 @@ class Parallel:
     # -- step synchronisation (CPU) -------------------------------------------------------
 
     def broadcast_from_leader(self, obj: Any) -> Any:
-        """The DP group leader's object (the step plan) on every rank of its group."""
+        """The DP group leader's object (the step plan) on every rank of its group. The other ranks
+        wait here for their leader's next step, as long as it takes, blocked (no CPU)."""
         if self.cfg.attn_tp == 1:
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src=self.cfg.leader, group=self.attn_cpu)
+        dist.broadcast_object_list(box, src=self.cfg.leader, group=self.attn_wait)
         return box[0]
 
     def exchange(self, values: list[int]) -> list[list[int]]:

@@ -179,7 +179,7 @@ def openai_router(serving: OpenAIServing) -> APIRouter:
         serving.check_model(body.model)
         if body.echo:
             raise bad_request("echo is not supported", param="echo")
-        prompts = serving.prompt_ids(body.prompt)
+        prompts = await serving.fe.tokenize(serving.prompt_ids, body.prompt)
         return await serving.respond(request, body, prompts, body.max_tokens, body.logprobs, "completion")
 
     @router.post("/v1/chat/completions", response_model=None)
@@ -187,7 +187,8 @@ def openai_router(serving: OpenAIServing) -> APIRouter:
         serving.check_model(body.model)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        return await serving.respond(request, body, [serving.chat_ids(body)], max_tokens, logprobs, "chat")
+        ids = await serving.fe.tokenize(serving.chat_ids, body)  # off the event loop
+        return await serving.respond(request, body, [ids], max_tokens, logprobs, "chat")
 
     return router
 
