@@ -16,7 +16,7 @@ from dsaserve.engine.request import FinishReason, Request, RequestError, Request
 from dsaserve.engine.sampler import sample
 from dsaserve.engine.scheduler import Scheduler, SchedulerConfig
 from dsaserve.engine.tokenizer import Tokenizer
-from dsaserve.parallel.groups import Parallel
+from dsaserve.parallel.groups import CollectiveFailed, Parallel
 from dsaserve.server_args import ServerArgs
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,9 @@ class Engine:
         self._finished_outside_step: list[RequestOutput] = []
         self.steps = 0
         self.last_sync = StepSync([0], False, False)
-        self._step_failed = False  # this rank's last step raised: told to every rank in the next exchange
+        # 0, or 1 + the collectives this rank entered in its last step before it raised: told to every
+        # rank in the next exchange; the ranks go on only if every one failed at the same point.
+        self._failed_at = 0
         self.par.exchange([1])  # every rank built its engine: start-up failures surface before "ready"
 
     # -- requests --------------------------------------------------------------------------
@@ -126,17 +128,20 @@ class Engine:
 
     def sync(self, plan: StepPlan | None, keep_alive: bool = False, stop: bool = False,
              epoch: int = 0) -> tuple[StepPlan | None, StepSync]:
-        """Leader's plan to its group; (rows, has work, stop, last step failed, epoch) of every rank to
-        every rank. Raises StepFailedOnSomeRanks, on every rank, if the last step failed on some only."""
+        """Leader's plan to its group; (rows, has work, stop, where the last step failed, epoch) of every
+        rank to every rank. Raises StepFailedOnSomeRanks, on every rank, unless the last step failed on
+        no rank or on every rank at the same point."""
         plan = self.par.broadcast_from_leader(plan)
         mine = [plan.num_tokens if plan else 0, int(keep_alive or self.scheduler.has_work()), int(stop),
-                int(self._step_failed), epoch]
+                self._failed_at, epoch]
         rows = self.par.exchange(mine)
-        failed = [rank for rank, r in enumerate(rows) if r[3]]
-        if failed and len(failed) < len(rows):
-            raise StepFailedOnSomeRanks(f"step {self.steps} failed on rank(s) {failed} only; the ranks no longer "
+        failed_at = [r[3] for r in rows]
+        if len(set(failed_at)) > 1:
+            failed = [rank for rank, at in enumerate(failed_at) if at]
+            how = "only" if 0 in failed_at else f"after different collectives {[at - 1 for at in failed_at]}"
+            raise StepFailedOnSomeRanks(f"step {self.steps} failed on rank(s) {failed} {how}; the ranks no longer "
                                         f"agree, so every rank stops (see the failing rank's log)")
-        self._step_failed = False
+        self._failed_at = 0
         leaders = rows[::self.par.cfg.attn_tp]
         return plan, StepSync([r[0] for r in leaders], any(r[1] for r in rows), any(r[2] for r in rows),
                               min(r[4] for r in leaders))
@@ -151,11 +156,14 @@ class Engine:
         if sum(self.last_sync.dp_sizes) == 0:
             return outputs
         plan = plan or StepPlan.idle()  # an idle DP group: zero rows, the same collectives
+        issued = self.par.issued
         try:
             return outputs + self._run(plan)
+        except CollectiveFailed:
+            raise  # the groups' state is unknown: this rank must go (the supervisor names it)
         except Exception as exc:  # a failed batch ends its requests with an error; the engine goes on
-            log.exception("step failed")  # if it failed on every rank (the next exchange tells)
-            self._step_failed = True
+            log.exception("step failed")  # if it failed on every rank alike (the next exchange tells)
+            self._failed_at = 1 + self.par.issued - issued
             for req in [self.requests[rid] for rid in plan.rids if rid in self.requests]:
                 self._finish(req, FinishReason("error", message=f"the batch failed: {exc}"))
                 outputs.append(self._output(req, [], []))

@@ -51,6 +51,11 @@ class ParallelConfig:
         return self.dp_rank * self.attn_tp
 
 
+class CollectiveFailed(RuntimeError):
+    """A collective inside a step raised (--dist-timeout passed, a peer is gone): the group's state is
+    unknown, so this rank cannot go on."""
+
+
 class Parallel:
     """Collectives over the world and the attention-TP group. Tensors ride the device groups; step
     plans and small ints ride gloo groups on the CPU.
@@ -63,6 +68,7 @@ class Parallel:
 
     def __init__(self, cfg: ParallelConfig = ParallelConfig(), timeout: timedelta | None = None):
         self.cfg = cfg
+        self.issued = 0  # collectives this rank has entered inside steps (where a failed step stopped)
         self.world = self.world_cpu = self.attn = self.attn_cpu = self.attn_wait = self.dp_peers = None
         if cfg.tp == 1:
             return
@@ -86,14 +92,22 @@ class Parallel:
 
     # -- tensor collectives (device) -----------------------------------------------------
 
+    def _collective(self, op: Any, *args: Any, **kwargs: Any) -> None:
+        """Every collective of a step: counted, and a failure inside it is a CollectiveFailed."""
+        self.issued += 1
+        try:
+            op(*args, **kwargs)
+        except Exception as exc:
+            raise CollectiveFailed(f"{op.__name__} failed on rank {self.cfg.rank}: {exc}") from exc
+
     def all_reduce_world(self, x: Tensor) -> Tensor:
         if self.cfg.tp > 1:
-            dist.all_reduce(x, group=self.world)
+            self._collective(dist.all_reduce, x, group=self.world)
         return x
 
     def all_reduce_attn(self, x: Tensor) -> Tensor:
         if self.cfg.attn_tp > 1:
-            dist.all_reduce(x, group=self.attn)
+            self._collective(dist.all_reduce, x, group=self.attn)
         return x
 
     def all_gather_attn(self, x: Tensor) -> Tensor:
@@ -101,7 +115,7 @@ class Parallel:
         if self.cfg.attn_tp == 1:
             return x
         parts = [torch.empty_like(x) for _ in range(self.cfg.attn_tp)]
-        dist.all_gather(parts, x.contiguous(), group=self.attn)
+        self._collective(dist.all_gather, parts, x.contiguous(), group=self.attn)
         return torch.cat(parts, dim=-1)
 
     def gather_dp_rows(self, x: Tensor, dp_sizes: list[int]) -> Tensor:
@@ -116,7 +130,7 @@ class Parallel:
         padded = x.new_zeros(pad_to, *x.shape[1:])
         padded[: x.shape[0]] = x
         parts = [torch.empty_like(padded) for _ in range(self.cfg.dp)]
-        dist.all_gather(parts, padded, group=self.dp_peers)
+        self._collective(dist.all_gather, parts, padded, group=self.dp_peers)
         return torch.cat([part[:size] for part, size in zip(parts, dp_sizes)], dim=0)
 
     def own_dp_rows(self, x: Tensor, dp_sizes: list[int]) -> Tensor:
@@ -154,6 +168,6 @@ class Parallel:
         weights = torch.arange(1, flat.numel() + 1)
         digest = torch.tensor([flat.numel(), int(flat.sum()), int((flat * weights).sum())], dtype=torch.int64)
         parts = [torch.empty_like(digest) for _ in range(self.cfg.attn_tp)]
-        dist.all_gather(parts, digest, group=self.attn_cpu)
+        self._collective(dist.all_gather, parts, digest, group=self.attn_cpu)
         if any(not torch.equal(p, parts[0]) for p in parts):
             raise AssertionError(f"{name} differs across the attention-TP ranks of DP group {self.cfg.dp_rank}")

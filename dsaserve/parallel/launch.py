@@ -12,7 +12,7 @@ import struct
 import traceback
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -136,8 +136,11 @@ def _run_job(args: ServerArgs, par: Parallel, job: Job) -> dict[int, list[int]]:
             return tokens
 
 
-def _rank_main(args: ServerArgs, rank: int, init_addr: str, jobs: list[Job], results: Any) -> None:
+def _rank_main(args: ServerArgs, rank: int, init_addr: str, jobs: list[Job], results: Any,
+               setup: Callable[[int], None] | None) -> None:
     try:
+        if setup is not None:
+            setup(rank)
         par = init_distributed(args, rank, init_addr)
         for j, job in enumerate(jobs):
             tokens = _run_job(args, par, job)
@@ -151,12 +154,14 @@ def _rank_main(args: ServerArgs, rank: int, init_addr: str, jobs: list[Job], res
         raise
 
 
-def run_jobs(args: ServerArgs, jobs: list[Job], timeout_s: float = 300.0) -> list[list[list[int]]]:
-    """Run the jobs on `args.tp` local rank processes; greedy/sampled token ids per request, per job."""
+def run_jobs(args: ServerArgs, jobs: list[Job], timeout_s: float = 300.0,
+             setup: Callable[[int], None] | None = None) -> list[list[list[int]]]:
+    """Run the jobs on `args.tp` local rank processes; greedy/sampled token ids per request, per job.
+    `setup(rank)` (picklable) runs first in each rank process: fault injection in tests."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     addr = f"127.0.0.1:{free_port()}"
-    procs = [ctx.Process(target=_rank_main, args=(args, r, addr, jobs, results), daemon=True)
+    procs = [ctx.Process(target=_rank_main, args=(args, r, addr, jobs, results, setup), daemon=True)
              for r in range(args.tp)]
     for p in procs:
         p.start()

@@ -305,8 +305,8 @@ class Frontend:
         if isinstance(ev, m.Stats):
             self.engine_stats[link.rank] = ev.stats
             return
-        if isinstance(ev, m.Fatal):
-            self.fail_all(ev.message)
+        if isinstance(ev, m.Fatal):  # a rank killed before it is the cause, the leader's failure the effect
+            self.fail_all(self.ranks.killed() or ev.message)
             return
         handle = self.handles.get(ev.rid)
         if handle is None:

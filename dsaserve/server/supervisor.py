@@ -49,10 +49,17 @@ class RankProcesses:
         """(rank, exit code) of every started rank process that has exited (and is reaped)."""
         return [(r, p.exitcode) for r, p in zip(self.ranks, self.procs) if p.pid is not None and p.exitcode is not None]
 
-    def problem(self, hung_after: float | None = HUNG_AFTER_S) -> str | None:
-        """The first rank that exited or stopped beating, in words; None while all are well."""
+    def killed(self) -> str | None:
+        """The first rank killed by a signal, in words (the usual first cause: others fail after it)."""
         for rank, code in self.exited():
-            return f"the engine process of {self.name(rank)} exited ({describe_exit(code)})"
+            if code < 0:
+                return f"the engine process of {self.name(rank)} exited ({describe_exit(code)})"
+        return None
+
+    def problem(self, hung_after: float | None = HUNG_AFTER_S) -> str | None:
+        """The first rank that exited (killed ones first) or stopped beating, in words; None while all are well."""
+        for rank, code in self.exited():
+            return self.killed() or f"the engine process of {self.name(rank)} exited ({describe_exit(code)})"
         now = time.monotonic()
         for rank, beat in zip(self.ranks, self.beats):
             if hung_after is not None and beat and now - beat > hung_after:
@@ -78,7 +85,10 @@ class RankProcesses:
 
 def describe_exit(code: int | None) -> str:
     if code is not None and code < 0:
-        return f"killed by {signal.Signals(-code).name}"
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
     return f"code {code}"
 
 
