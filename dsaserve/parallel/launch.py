@@ -57,7 +57,7 @@ def init_distributed(args: ServerArgs, rank: int, init_addr: str) -> Parallel:
     host, port = split_host_port(init_addr) or (None, 0)
     if host is None:
         raise ValueError(f"--dist-init-addr must be HOST:PORT, got {init_addr!r}")
-    ifname = interface_for(host)
+    ifname = None if host in ("0.0.0.0", "::") else interface_for(host)  # all interfaces: as the user asked
     if ifname is not None:
         for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
             os.environ.setdefault(var, ifname)

@@ -91,7 +91,8 @@ class Frontend:
         self._flush_pending = False
         self._tokenize_pool = ThreadPoolExecutor(2, thread_name_prefix="tokenize")
         self._detokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="detokenize")
-        self._tasks: list[asyncio.Task[None]] = []  # receivers and the supervisor
+        self._receivers: list[asyncio.Task[None]] = []  # one per leader
+        self._watcher: asyncio.Task[None] | None = None  # the supervisor
         self._reaper: asyncio.Future[None] | None = None
 
     def _bind(self, rank: int, ep: m.Endpoints) -> RankLink:
@@ -111,8 +112,8 @@ class Frontend:
         for link in self.links:
             self.info = await self._wait_ready(link)
         self.tokenizer = ServerTokenizer(self.info["model_path"])
-        self._tasks = [asyncio.create_task(self._receive(link)) for link in self.links]
-        self._tasks.append(asyncio.create_task(watch(self.ranks, self.fail_all)))
+        self._receivers = [asyncio.create_task(self._receive(link)) for link in self.links]
+        self._watcher = asyncio.create_task(watch(self.ranks, self.fail_all))
 
     async def _wait_ready(self, link: RankLink) -> dict[str, Any]:
         while True:
@@ -147,16 +148,16 @@ class Frontend:
 
     async def close(self, timeout: float = 5.0) -> None:
         """Stop every rank (Shutdown first: they leave their loops in one step), reap them, close."""
-        for task in self._tasks[len(self.links):]:
-            task.cancel()  # the supervisor: ranks exiting now is expected
+        if self._watcher is not None:
+            self._watcher.cancel()  # ranks exiting now is expected
         if self.down is None:
             for link in self.links:
                 self._outbox[link.rank].append(m.Shutdown())
-            self._flush()
+            self._flush(closing=True)
         deadline = time.monotonic() + timeout
         while self.ranks.any_alive() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        for task in self._tasks:
+        for task in self._receivers:
             task.cancel()
         if self._reaper is not None:
             await self._reaper
@@ -269,8 +270,9 @@ class Frontend:
             self._flush_pending = True
             asyncio.get_running_loop().call_soon(self._flush)
 
-    def _flush(self) -> None:
-        """One envelope per leader (to every leader under DP attention: idle leaders wake together)."""
+    def _flush(self, closing: bool = False) -> None:
+        """One envelope per leader (to every leader under DP attention: idle leaders wake together).
+        A leader without a peer socket is gone (or, when `closing`, maybe not started: no failure)."""
         self._flush_pending = False
         if self.down is not None:
             return
@@ -281,7 +283,9 @@ class Frontend:
                 continue
             try:
                 link.push.send_pyobj(m.Envelope(self._epoch, commands), zmq.NOBLOCK)
-            except zmq.Again:  # no peer: the leader's process is gone
+            except zmq.Again:
+                if closing:
+                    continue
                 self.fail_all(self.ranks.problem() or f"the engine process of DP group {link.rank} is not reachable")
                 return
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import shutil
 import signal
 import socket
@@ -30,7 +29,6 @@ from dsaserve.server.preflight import bind_listener, check_model
 from dsaserve.server.supervisor import RankProcesses, wait_for_ranks
 from dsaserve.server_args import ServerArgs
 
-log = logging.getLogger(__name__)
 GRACEFUL_SHUTDOWN_S = 5
 
 

@@ -12,7 +12,6 @@ import multiprocessing.connection
 import os
 import signal
 import time
-from multiprocessing.process import BaseProcess
 from typing import Callable
 
 from dsaserve.parallel.launch import free_port, ranks_on_this_node
@@ -56,15 +55,19 @@ class RankProcesses:
                 return f"the engine process of {self.name(rank)} exited ({describe_exit(code)})"
         return None
 
+    def hung(self, after: float = HUNG_AFTER_S) -> str | None:
+        """The first rank whose heartbeat is older than `after` seconds, in words."""
+        now = time.monotonic()
+        for rank, beat in zip(self.ranks, self.beats):
+            if beat and now - beat > after:
+                return f"the engine process of {self.name(rank)} stopped responding (no heartbeat for {now - beat:.0f} s)"
+        return None
+
     def problem(self, hung_after: float | None = HUNG_AFTER_S) -> str | None:
         """The first rank that exited (killed ones first) or stopped beating, in words; None while all are well."""
         for rank, code in self.exited():
             return self.killed() or f"the engine process of {self.name(rank)} exited ({describe_exit(code)})"
-        now = time.monotonic()
-        for rank, beat in zip(self.ranks, self.beats):
-            if hung_after is not None and beat and now - beat > hung_after:
-                return f"the engine process of {self.name(rank)} stopped responding (no heartbeat for {now - beat:.0f} s)"
-        return None
+        return self.hung(hung_after) if hung_after is not None else None
 
     def any_alive(self) -> bool:
         return any(p.pid is not None and p.exitcode is None for p in self.procs)
@@ -132,6 +135,6 @@ def wait_for_ranks(ranks: RankProcesses, stopping: Callable[[], bool]) -> str | 
             clean_since = time.monotonic()
         if clean_since is not None and time.monotonic() - clean_since > STOP_GRACE_S:
             return "some ranks exited and the others did not follow"
-        problem = ranks.problem() if not exited else None
+        problem = ranks.hung() if not exited else None
         if problem is not None:
             return problem
