@@ -52,9 +52,25 @@ class ServerArgs:
     attention_backend: str = _opt("auto", "torch or triton (auto: triton on cuda, torch on cpu)")
     moe_backend: str = _opt("auto", "torch or triton (auto: triton on cuda, torch on cpu)")
     indexer_max_logits_mb: int = _opt(512, "memory budget of one indexer logits chunk, in MiB")
-    cuda_graph_max_bs: int | None = _opt(None, "replay decode steps of up to this many requests from CUDA "
-                                               "graphs (default: 64 on cuda with --dp 1, else off; 0: off; on CPU "
-                                               "the same padded buckets run eagerly)")
+    cuda_graph_max_bs: int | None = _opt(None, "replay decode / verify / draft steps of up to this many "
+                                               "requests from CUDA graphs (default: 64 on cuda with the triton "
+                                               "backends, else off; 0: off; on CPU the same padded static layouts "
+                                               "run eagerly)")
+    speculative_algorithm: str | None = _opt(None, "NEXTN (EAGLE is an alias): MTP speculative decoding with the "
+                                                   "checkpoint's MTP layer as the draft model")
+    speculative_num_steps: int | None = _opt(None, "draft steps S per verify step (default 3 with "
+                                                   "--speculative-algorithm)")
+    speculative_eagle_topk: int | None = _opt(None, "drafts per draft step (only 1 is supported)")
+    speculative_num_draft_tokens: int | None = _opt(None, "tokens per verify step, S + 1 (the only value "
+                                                          "supported with topk 1)")
+    tokenizer_mode: str = _opt("auto", "chat encoding: auto (the tokenizer's chat template; DeepSeek-V3.2's "
+                                       "published encoding for a deepseek_v32 model without one), hf, deepseek_v32")
+    reasoning_parser: str | None = _opt(None, "split reasoning into reasoning_content: deepseek-v3 or glm45 "
+                                              "(default: reasoning stays in content)")
+    tool_call_parser: str | None = _opt(None, "parse tool calls: deepseekv32, glm45 or glm47 (default: by "
+                                              "model type, deepseekv32 for deepseek_v32, glm47 for glm_moe_dsa)")
+    grammar_backend: str = _opt("llguidance", "constrained decoding for response_format / regex / ebnf and "
+                                              "forced tool calls: llguidance or none")
     max_request_bytes: int = _opt(16 * 2**20, "largest HTTP request body accepted; larger ones get 413 before "
                                                "they are parsed")
     seed: int = _opt(0, "seed for requests that carry none")
@@ -73,8 +89,7 @@ class ServerArgs:
             problems.append(f"--chunked-prefill-size must be >= 1, got {self.chunked_prefill_size}")
         if self.cuda_graph_max_bs is not None and self.cuda_graph_max_bs < 0:
             problems.append(f"--cuda-graph-max-bs must be >= 0, got {self.cuda_graph_max_bs}")
-        if self.cuda_graph_max_bs and self.dp > 1:
-            problems.append("--cuda-graph-max-bs needs --dp 1 (DP-attention steps change shape every step)")
+        problems += self._speculative_problems()
         if self.max_running_requests < 1:
             problems.append(f"--max-running-requests must be >= 1, got {self.max_running_requests}")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -84,7 +99,7 @@ class ServerArgs:
         for name in ("attention_backend", "moe_backend"):
             if getattr(self, name) not in ("auto", "torch", "triton"):
                 problems.append(f"--{name.replace('_', '-')} must be auto, torch or triton")
-        problems += self._serving_problems()
+        problems += _chat_problems(self) + self._serving_problems()
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -126,6 +141,33 @@ class ServerArgs:
                     f"{last_leader} leads DP group {self.dp - 1}: use fewer DP groups or fewer nodes"]
         return []
 
+    def _speculative_problems(self) -> list[str]:
+        if self.speculative_algorithm is None:
+            given = [n for n in ("speculative_num_steps", "speculative_eagle_topk", "speculative_num_draft_tokens")
+                     if getattr(self, n) is not None]
+            return [f"--{given[0].replace('_', '-')} needs --speculative-algorithm NEXTN"] if given else []
+        problems = []
+        if self.speculative_algorithm.upper() not in ("NEXTN", "EAGLE"):
+            problems.append(f"--speculative-algorithm must be NEXTN (or its alias EAGLE), got "
+                            f"{self.speculative_algorithm!r}")
+        steps = self.spec_steps
+        if not 1 <= steps <= 16:
+            problems.append(f"--speculative-num-steps must be in [1, 16], got {steps}")
+        if self.speculative_eagle_topk not in (None, 1):
+            problems.append(f"--speculative-eagle-topk {self.speculative_eagle_topk} is not supported: MTP drafts "
+                            f"one token per step (topk 1)")
+        if self.speculative_num_draft_tokens not in (None, steps + 1):
+            problems.append(f"--speculative-num-draft-tokens must be --speculative-num-steps + 1 = {steps + 1} with "
+                            f"topk 1, got {self.speculative_num_draft_tokens}")
+        return problems
+
+    @property
+    def spec_steps(self) -> int:
+        """Draft steps S per verify step; 0 without speculative decoding."""
+        if self.speculative_algorithm is None:
+            return 0
+        return 3 if self.speculative_num_steps is None else self.speculative_num_steps
+
     def replace(self, **changes: Any) -> ServerArgs:
         return dataclasses.replace(self, **changes)
 
@@ -148,3 +190,13 @@ class ServerArgs:
     def from_cli(cls, ns: argparse.Namespace) -> ServerArgs:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in vars(ns).items() if k in names})
+
+
+def _chat_problems(args: ServerArgs) -> list[str]:
+    from dsaserve.chat.parsers import REASONING_PARSERS, TOOL_CALL_PARSERS
+    from dsaserve.chat.render import TOKENIZER_MODES
+    choices = [("tokenizer_mode", TOKENIZER_MODES, False), ("reasoning_parser", REASONING_PARSERS, True),
+               ("tool_call_parser", TOOL_CALL_PARSERS, True), ("grammar_backend", ("llguidance", "none"), False)]
+    return [f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(args, name)!r}"
+            for name, allowed, optional in choices
+            if getattr(args, name) not in allowed and not (optional and getattr(args, name) is None)]

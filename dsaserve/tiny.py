@@ -166,19 +166,49 @@ def _save_sharded(out: Path, tensors: dict[str, torch.Tensor], shards: int) -> N
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
 
 
-def _save_tokenizer(out: Path, vocab_size: int) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+# Chat formats a tiny checkpoint's tokenizer can take (`save_tokenizer`): the generic template above, or
+# the official formats' special tokens, ids 0 and 1 always BOS and EOS as config.json says.
+# deepseek_v32: no chat template (DeepSeek publishes an encoding script), non-special markers as in
+# the real tokenizer; glm5: GLM's Jinja template, its role tokens special, its markup tokens not.
+_DS_SPECIAL = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"]
+_DS_MARKERS = ["<｜User｜>", "<｜Assistant｜>", "<think>", "</think>", "｜DSML｜"]
+_GLM_SPECIAL = ["[gMASK]", "<|endoftext|>", "<sop>", "<|system|>", "<|observation|>", "<|user|>", "<|assistant|>"]
+_GLM_MARKERS = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>",
+                "</arg_value>", "<tool_response>", "</tool_response>"]
+CHAT_FORMATS = ("generic", "deepseek_v32", "glm5")
+
+
+def save_tokenizer(out: str | Path, chat_format: str = "generic") -> Path:
+    """(Re)write the tokenizer of the tiny checkpoint at `out` in a chat format (ids 0 / 1 stay BOS / EOS)."""
+    out = Path(out)
+    vocab_size = json.loads((out / "config.json").read_text())["vocab_size"]
+    _save_tokenizer(out, vocab_size, chat_format)
+    return out
+
+
+def _save_tokenizer(out: Path, vocab_size: int, chat_format: str = "generic") -> None:
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    if chat_format not in CHAT_FORMATS:
+        raise ValueError(f"unknown chat format {chat_format!r}: choose from {', '.join(CHAT_FORMATS)}")
+    special, markers = {"generic": (SPECIALS, []), "deepseek_v32": (_DS_SPECIAL, _DS_MARKERS),
+                        "glm5": (_GLM_SPECIAL, _GLM_MARKERS)}[chat_format]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(markers), special_tokens=special, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator([CORPUS] * 4, trainer=trainer)
+    tok.add_tokens([AddedToken(m, special=False, normalized=False) for m in markers])
     tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|bos|>", "eos_token": "<|eos|>",
-        "pad_token": "<|eos|>", "model_max_length": 4096, "chat_template": CHAT_TEMPLATE,
-        "add_bos_token": False, "clean_up_tokenization_spaces": False}, indent=1))
+    config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": special[0],
+                              "eos_token": special[1], "pad_token": special[1], "model_max_length": 4096,
+                              "add_bos_token": False, "clean_up_tokenization_spaces": False}
+    if chat_format == "generic":
+        config["chat_template"] = CHAT_TEMPLATE
+    elif chat_format == "glm5":
+        from dsaserve.chat.glm_template import GLM_CHAT_TEMPLATE
+        config["chat_template"] = GLM_CHAT_TEMPLATE
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=1, ensure_ascii=False))
 
 
 def default_model_path(arch: str = "deepseek_v32") -> Path:

@@ -107,7 +107,7 @@ def test_stop_rules(llm: LLM) -> None:
 
 def test_failed_batch_ends_its_requests_and_engine_goes_on(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
     runner = llm.engine.runner
-    real = runner.forward
+    real = runner.target
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -116,7 +116,7 @@ def test_failed_batch_ends_its_requests_and_engine_goes_on(llm: LLM, monkeypatch
             raise RuntimeError("simulated device fault")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(runner, "forward", flaky)
+    monkeypatch.setattr(runner, "target", flaky)
     outs = llm.generate([[5, 6, 7], [8, 9]], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
     assert [o.finish_reason.kind for o in outs] == ["error", "error"]
     assert "simulated device fault" in outs[0].finish_reason.message and len(outs[0].token_ids) == 1

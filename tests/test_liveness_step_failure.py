@@ -22,18 +22,18 @@ PROMPTS = prompts_ids(4, [5, 30, 12, 21], seed=11)
 
 def _inject(rank: int, fail_ranks: tuple[int, ...], before_forward: bool = False) -> None:
     """In a rank process: the step with POISON's 37 rows raises on `fail_ranks`."""
-    original = ModelRunner.forward
+    original = ModelRunner.target
 
-    def forward(self: ModelRunner, plan, layout, dp_sizes):  # type: ignore[no-untyped-def]
-        poisoned = sum(dp_sizes) == len(POISON) and rank in fail_ranks
+    def target(self: ModelRunner, input_ids, layout, graphed=False):  # type: ignore[no-untyped-def]
+        poisoned = sum(layout.dp_sizes) == len(POISON) and rank in fail_ranks
         if poisoned and before_forward:
             raise RuntimeError(f"injected failure on rank {rank}, before the step's collectives")
-        logits = original(self, plan, layout, dp_sizes)
+        out = original(self, input_ids, layout, graphed)
         if poisoned:
             raise RuntimeError(f"injected failure on rank {rank}")
-        return logits
+        return out
 
-    ModelRunner.forward = forward  # type: ignore[method-assign]
+    ModelRunner.target = target  # type: ignore[method-assign]
 
 
 def _job(model: str, dp: int) -> Job:

@@ -17,7 +17,7 @@ def _layout(prefix: list[int], q: list[int], page_size: int) -> BatchLayout:
         pages.append(tuple(range(next_page, next_page + count)))
         next_page += count
     plan = StepPlan(StepMode.EXTEND, tuple(f"r{i}" for i in range(len(q))), tuple(pages), tuple(prefix), tuple(q),
-                    tuple(True for _ in q), tuple([1] * sum(q)))
+                    tuple(1 for _ in q), tuple([1] * sum(q)))
     return BatchLayout.build(plan, page_size, torch.device("cpu"))
 
 
@@ -44,7 +44,7 @@ def test_indexer_chunking_matches_unchunked() -> None:
     layout = _layout([0, 50, 7], [40, 1, 9], 4)
     q, w, k = _indexer_inputs(layout, 4 * 64)
     whole = DSAOps().indexer_topk(q, w, k, layout, topk=8)
-    chunked = DSAOps(max_logits_bytes=3 * layout.max_kv_len * 4).indexer_topk(q, w, k, layout, topk=8)  # 3 rows
+    chunked = DSAOps(max_logits_bytes=3 * layout.key_width * 4).indexer_topk(q, w, k, layout, topk=8)  # 3 rows
     assert torch.equal(whole.sort(-1).values, chunked.sort(-1).values)
 
 

@@ -46,7 +46,7 @@ def test_prefill_logits_match_transformers(arch: str, page_size: int, tiny_model
         with torch.no_grad():
             expected = oracles[arch](torch.tensor([ids])).logits[0]
         pages = tuple(llm.engine.allocator.alloc(-(-len(ids) // page_size)))
-        plan = StepPlan(StepMode.EXTEND, ("r",), (pages,), (0,), (len(ids),), (True,), tuple(ids))
+        plan = StepPlan(StepMode.EXTEND, ("r",), (pages,), (0,), (len(ids),), (1,), tuple(ids))
         layout = BatchLayout.build(plan, page_size, runner.device)
         with torch.no_grad():
             got = runner.model.logits(runner.model(torch.tensor(ids), layout, runner.pools, runner.ops))

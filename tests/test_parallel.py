@@ -1,4 +1,5 @@
-"""TP, DP attention and partial DP attention: greedy tokens identical to the single-device run.
+"""TP, DP attention and partial DP attention, with and without MTP speculative decoding and padded
+static (CUDA-graph) layouts: greedy tokens identical to the single-device, non-speculative run.
 
 Real rank processes over gloo (CPU), checked mode on (layouts validated, the replicated indexer's
 top-k compared across the attention-TP ranks every layer).
@@ -17,7 +18,6 @@ from dsaserve.tiny import make_tiny_model
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 PROMPTS = prompts_ids(4, [5, 30, 12, 21], seed=11)  # below and above index_topk (16)
-CONFIGS = [(2, 1), (4, 1), (2, 2), (4, 2), (4, 4)]  # (tp, dp): pure TP, DP attention, partial DP
 
 
 def single_device(model: str, page_size: int, prompts: list[list[int]] = PROMPTS) -> list[list[int]]:
@@ -25,22 +25,29 @@ def single_device(model: str, page_size: int, prompts: list[list[int]] = PROMPTS
     return [c.token_ids for c in llm.generate(prompts, GREEDY)]
 
 
-def _jobs(models: dict[str, str], dp: int) -> list[tuple[str, int, Job]]:
+def spec(steps: int, graphs: int | None = None) -> dict[str, object]:
+    return dict(speculative_algorithm="NEXTN", speculative_num_steps=steps, cuda_graph_max_bs=graphs)
+
+
+def _jobs(models: dict[str, str], dp: int, steps: int) -> list[tuple[str, int, Job]]:
+    """Both archs: page sizes 1 and 64 without speculation; speculation with S = `steps` at page size 64,
+    and S = 3 with graph buckets of 2 at page size 1 (the reported deployment's flags)."""
     jobs = []
     for arch in ARCHS:
-        for page_size in (1, 64):
+        for page_size, extra in ((1, {}), (64, {}), (64, spec(steps)), (1, spec(3, graphs=2))):
             reqs = [OfflineRequest(p, GREEDY, dp_rank=i % dp) for i, p in enumerate(PROMPTS)]
-            jobs.append((models[arch], page_size, Job({"model_path": models[arch], "page_size": page_size}, reqs)))
+            overrides = {"model_path": models[arch], "page_size": page_size, **extra}
+            jobs.append((models[arch], page_size, Job(overrides, reqs)))
     return jobs
 
 
-@pytest.mark.parametrize("tp,dp", CONFIGS)
-def test_parallel_matches_single_device(tp: int, dp: int, tiny_models: dict[str, str]) -> None:
-    jobs = _jobs(tiny_models, dp)
+@pytest.mark.parametrize("tp,dp,steps", [(2, 1, 1), (4, 1, 2), (2, 2, 3), (4, 2, 1), (4, 4, 2)])
+def test_parallel_matches_single_device(tp: int, dp: int, steps: int, tiny_models: dict[str, str]) -> None:
+    jobs = _jobs(tiny_models, dp, steps)
     args = ServerArgs(tp=tp, dp=dp, enable_dp_attention=dp > 1, max_total_tokens=2048)
     results = run_jobs(args, [j for _, _, j in jobs])
-    for (model, page_size, _), got in zip(jobs, results):
-        assert got == single_device(model, page_size), f"tp={tp} dp={dp} page={page_size} {model}"
+    for (model, page_size, job), got in zip(jobs, results):
+        assert got == single_device(model, page_size), f"tp={tp} dp={dp} {job.overrides}"
 
 
 @pytest.fixture(scope="module")
@@ -60,18 +67,23 @@ def test_heads_per_rank_1_8_16(head_models: dict[int, str]) -> None:
 
 def test_dp_groups_with_uneven_timing(tiny_ds: str) -> None:
     """DP rank 0 idle while rank 1 decodes; a request arriving on rank 0 mid-decode of rank 1 (its
-    prefill runs beside the other's decode); 1 vs 3 requests per rank; unseeded sampling differs
-    between DP groups (each group draws its own seeds)."""
+    prefill runs beside the other's decode); 1 vs 3 and 0 vs 4 requests per rank, also with speculation
+    and graph buckets (an idle group replays the agreed bucket with dummy requests); unseeded sampling
+    differs between DP groups (each group draws its own seeds)."""
     late = [OfflineRequest(PROMPTS[0], GREEDY, dp_rank=0, arrive_at_step=6)]
     busy = [OfflineRequest(p, GREEDY, dp_rank=1) for p in PROMPTS[1:]]
     early = [OfflineRequest(PROMPTS[3], GREEDY, dp_rank=0, arrive_at_step=0),
              OfflineRequest(PROMPTS[1], GREEDY, dp_rank=1, arrive_at_step=3)]
+    all_on_one = [OfflineRequest(p, GREEDY, dp_rank=1) for p in PROMPTS]
     unseeded = SamplingParams(max_tokens=8, temperature=1.0, ignore_eos=True)
     same_prompt = [OfflineRequest(PROMPTS[1], unseeded, dp_rank=r) for r in (0, 1)]
     jobs = [Job({"model_path": tiny_ds, "page_size": 1}, late + busy),
             Job({"model_path": tiny_ds, "page_size": 64}, early),
+            Job({"model_path": tiny_ds, "page_size": 1, **spec(3, graphs=2)}, late + busy),
+            Job({"model_path": tiny_ds, "page_size": 1, **spec(2, graphs=4)}, all_on_one),
             Job({"model_path": tiny_ds, "page_size": 64}, same_prompt)]
     results = run_jobs(ServerArgs(tp=4, dp=2, enable_dp_attention=True, max_total_tokens=2048), jobs)
-    assert results[0] == single_device(tiny_ds, 1, PROMPTS[:1] + PROMPTS[1:])
+    assert results[0] == results[2] == single_device(tiny_ds, 1, PROMPTS[:1] + PROMPTS[1:])
     assert results[1] == single_device(tiny_ds, 64, [PROMPTS[3], PROMPTS[1]])
-    assert results[2][0] != results[2][1], "unseeded requests on two DP groups drew the same seed"
+    assert results[3] == single_device(tiny_ds, 1)
+    assert results[4][0] != results[4][1], "unseeded requests on two DP groups drew the same seed"

@@ -37,3 +37,19 @@ def test_nccl_tp2_with_cuda_graphs_matches_single_gpu(tiny_ds: str) -> None:
     expected = [c.token_ids for c in LLM(tiny_ds, **common).generate(prompts, GREEDY)]
     job = Job({"model_path": tiny_ds}, [OfflineRequest(p, GREEDY) for p in prompts])
     assert run_jobs(ServerArgs(tp=2, cuda_graph_max_bs=8, **common), [job]) == [expected]
+
+
+def test_nccl_dp_attention_with_graphs_and_spec_matches_single_gpu(tiny_models: dict[str, str]) -> None:
+    """--tp 2 --dp 2 --enable-dp-attention with MTP (S = 3) and CUDA graphs (global buckets, an idle group
+    replaying dummies), requests 1:3 and 0:4 over the groups: tokens equal one GPU without speculation."""
+    prompts = prompts_ids(4, [6, 33, 17, 2], seed=23)
+    common = {**COMMON, "attention_backend": "triton", "moe_backend": "triton", "page_size": 1}
+    spec = dict(speculative_algorithm="NEXTN", speculative_num_steps=3, cuda_graph_max_bs=2)
+    jobs, expected = [], []
+    for model in tiny_models.values():
+        expected.append([c.token_ids for c in LLM(model, cuda_graph_max_bs=0, **common).generate(prompts, GREEDY)])
+        for ranks in ([0, 1, 1, 1], [1, 1, 1, 1]):
+            jobs.append(Job({"model_path": model, **spec},
+                            [OfflineRequest(p, GREEDY, dp_rank=r) for p, r in zip(prompts, ranks)]))
+    results = run_jobs(ServerArgs(tp=2, dp=2, enable_dp_attention=True, **common), jobs)
+    assert results == [e for e in expected for _ in range(2)]

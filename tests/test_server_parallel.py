@@ -1,5 +1,7 @@
-"""Parallel serving through the live server: asymmetric routed_dp_rank load on partial DP attention,
-and pure TP; greedy tokens equal the single-device run; the server stays healthy and exits cleanly."""
+"""Parallel serving through the live server: the reported deployment's flags (partial DP attention,
+MTP speculative decoding with S = 3, graph buckets of 2, page size 1) under asymmetric routed_dp_rank
+load, and pure TP; greedy tokens equal the single-device, non-speculative run; the server stays
+healthy and exits cleanly."""
 from __future__ import annotations
 
 import asyncio
@@ -43,7 +45,9 @@ async def _routed(url: str, model: str, ranks: list[int]) -> list[list[int]]:
 
 
 def test_asymmetric_dp_routing(tiny_ds: str, expected: list[list[int]], tmp_path: Path) -> None:
-    flags = dict(tp=4, dp=2, enable_dp_attention=True, page_size=1, max_total_tokens=2048)
+    flags = dict(tp=4, dp=2, enable_dp_attention=True, page_size=1, max_total_tokens=2048, cuda_graph_max_bs=2,
+                 speculative_algorithm="NEXTN", speculative_num_steps=3, speculative_eagle_topk=1,
+                 speculative_num_draft_tokens=4)
     server = ServerProcess(tiny_ds, tmp_path / "server.log", **flags)
     with server:
         model = Path(tiny_ds).name

@@ -1,34 +1,31 @@
-"""Decode CUDA graphs: the decode forward captured per (batch bucket, key-length bucket), replayed
-with each step's metadata copied in place into static buffers (invariant 2).
+"""CUDA graphs over static layouts, for every step mode that has a fixed shape: decode, verify, the
+MTP pass over verify rows, and chained draft steps.
 
-A decode step of B requests runs in the smallest batch bucket >= B. Rows B.. are whole dummy
-requests: token 0 at position 0 with one key, on the reserved page 0, present in the query rows
-and in the metadata alike (invariant 1). The key-length bucket fixes the indexer's logits width
-(the smallest power of two >= the longest sequence; index_topk when every row sees <= top-k keys,
-where the indexer selects all keys without logits). On CPU the same buckets and buffers run
-eagerly, which is how the tests check the padding on a machine without CUDA.
+A graphed step is an ordinary plan padded with dummy requests to a batch bucket (StepPlan.padded),
+built into a BatchLayout by the one builder with a bucketed `key_width`. The graph for that shape
+copies EVERY tensor field of the layout, and every input tensor, into its static buffers
+(dataclasses.fields: no field can go stale, invariant 2) and replays. Graphs are keyed by the
+function and the layout's non-tensor fields and tensor shapes (BatchLayout.static_key), so a replay
+never sees a layout of another shape. Outputs are copied into buffers shared by every graph of the
+same output shape, so captured graphs do not each keep their own logits alive.
+
+On CPU nothing is captured: the same static buffers are filled and the function runs eagerly on
+them, which is how the CPU tests cover the padding and the in-place copies that graphs replay.
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Callable
 
 import torch
 
-from dsaserve.engine.layout import BatchLayout, StepMode, StepPlan
-
-if TYPE_CHECKING:
-    from dsaserve.engine.model_runner import ModelRunner
+from dsaserve.engine.layout import BatchLayout
 
 Tensor = torch.Tensor
-
-
-@dataclass
-class _Bucket:
-    layout: BatchLayout  # views of the static buffers below, with the bucket's shapes baked in
-    input_ids: Tensor
-    graph: torch.cuda.CUDAGraph | None = None
-    logits: Tensor | None = None
+GraphFn = Callable[[dict[str, Tensor], BatchLayout], tuple[Tensor, ...]]
+log = logging.getLogger(__name__)
 
 
 def batch_buckets(max_bs: int) -> list[int]:
@@ -36,70 +33,98 @@ def batch_buckets(max_bs: int) -> list[int]:
     return sizes + [max_bs]
 
 
-class DecodeGraphs:
-    def __init__(self, runner: ModelRunner, max_bs: int, capture: bool):
-        self.runner, self.max_bs, self.capture = runner, max_bs, capture
+@dataclass
+class _Graph:
+    layout: BatchLayout  # static copies of one layout's tensors
+    inputs: dict[str, Tensor]
+    outputs: tuple[Tensor, ...] = ()
+    graph: torch.cuda.CUDAGraph | None = None
+
+    def fill(self, inputs: dict[str, Tensor], layout: BatchLayout) -> None:
+        for name in layout.tensor_fields():
+            getattr(self.layout, name).copy_(getattr(layout, name), non_blocking=True)
+        for name, value in inputs.items():
+            self.inputs[name].copy_(value, non_blocking=True)
+
+
+@dataclass
+class GraphStats:
+    captured: int = 0
+    eager_misses: int = 0  # steps that had to run eagerly because their shape was never captured
+
+
+class GraphRunner:
+    def __init__(self, device: torch.device, max_bs: int, page_size: int, topk: int, context_length: int,
+                 capture: bool):
+        self.device, self.max_bs, self.page_size, self.topk = device, max_bs, page_size, topk
+        self.capture = capture and device.type == "cuda"
         self.buckets = batch_buckets(max_bs)
-        self.topk = runner.cfg.index_topk
-        self.max_keys = -(-runner.cfg.context_length // runner.page_size) * runner.page_size
-        self.graphs: dict[tuple[int, int], _Bucket] = {}
-        self.pool = torch.cuda.graph_pool_handle() if capture else None
+        self.max_keys = -(-context_length // page_size) * page_size
+        self.graphs: dict[tuple, _Graph] = {}
+        self._shared_out: dict[tuple, Tensor] = {}
+        self.pool = torch.cuda.graph_pool_handle() if self.capture else None
+        self.stats = GraphStats()
+        self.frozen = False  # after start-up capture under DP attention: a miss must not capture
 
-    def fits(self, plan: StepPlan) -> bool:
-        return plan.mode is StepMode.DECODE and 0 < len(plan.rids) <= self.max_bs
+    def batch_bucket(self, batch: int) -> int | None:
+        return next((b for b in self.buckets if b >= batch), None)
 
-    def key_bucket(self, max_kv_len: int) -> int:
-        if max_kv_len <= self.topk:
+    def key_width(self, max_seq_len: int) -> int:
+        """The indexer's logits width for rows that see up to max_seq_len keys: top-k when every row
+        sees at most top-k keys (selection takes them all), else the next power of two, in pages."""
+        if max_seq_len <= self.topk:
             return self.topk
-        keys = 1 << (max_kv_len - 1).bit_length()
-        return min(-(-keys // self.runner.page_size) * self.runner.page_size, self.max_keys)
+        keys = 1 << (max_seq_len - 1).bit_length()
+        return min(-(-keys // self.page_size) * self.page_size, self.max_keys)
 
-    def forward(self, plan: StepPlan, layout: BatchLayout) -> Tensor:
-        B = len(plan.rids)
-        key = (next(b for b in self.buckets if b >= B), self.key_bucket(layout.max_kv_len))
-        bucket = self.graphs.get(key) or self._make(*key)
-        self._fill(bucket, plan, layout)
-        if bucket.graph is not None:
-            bucket.graph.replay()
-            return bucket.logits[:B]
-        return self._run(bucket)[:B]
+    def key_widths(self) -> list[int]:
+        widths, keys = [self.topk], self.topk
+        while keys < self.max_keys:
+            keys = self.key_width(keys + 1)
+            widths.append(keys)
+        return widths
 
-    def _make(self, batch: int, keys: int) -> _Bucket:
-        dev, ps = self.runner.device, self.runner.page_size
-        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.int32, device=dev)  # noqa: E731
-        ones, rows = torch.ones(batch, dtype=torch.int32, device=dev), torch.arange(batch, dtype=torch.int32,
-                                                                                    device=dev)
-        row_pos, row_kv_len = zeros(batch), torch.ones(batch, 1, dtype=torch.int32, device=dev)
-        layout = BatchLayout(mode=StepMode.DECODE, page_size=ps, prefix_lens=row_pos, q_lens=ones,
-                             seq_lens=row_kv_len[:, 0], row_req=rows, row_pos=row_pos, row_kv_len=row_kv_len,
-                             out_slots=zeros(batch), page_table=zeros(batch, -(-keys // ps)), logit_rows=rows,
-                             num_tokens=batch, max_kv_len=keys)
-        bucket = _Bucket(layout, torch.zeros(batch, dtype=torch.long, device=dev))
-        self._run(bucket)  # warm-up: Triton compiles and lazy buffers exist before capture
+    def shapes(self) -> set[tuple[str, int, int, int]]:
+        """(function, batch bucket, rows per request, key width) of every graph made so far."""
+        return {(key[0], g.layout.batch_size, g.layout.num_tokens // g.layout.batch_size, g.layout.key_width)
+                for key, g in self.graphs.items()}
+
+    def run(self, name: str, fn: GraphFn, inputs: dict[str, Tensor], layout: BatchLayout) -> tuple[Tensor, ...]:
+        key = (name, layout.static_key(), tuple((k, tuple(v.shape), v.dtype) for k, v in inputs.items()))
+        graph = self.graphs.get(key)
+        if graph is None:
+            if self.frozen:
+                self.stats.eager_misses += 1
+                log.warning("no CUDA graph for %s (batch %d, key width %d): running eagerly", name,
+                            layout.batch_size, layout.key_width)
+                return fn(inputs, layout)
+            graph = self._make(key, fn, inputs, layout)
+        graph.fill(inputs, layout)
+        if graph.graph is None:
+            return fn(graph.inputs, graph.layout)
+        graph.graph.replay()
+        return graph.outputs
+
+    def _make(self, key: tuple, fn: GraphFn, inputs: dict[str, Tensor], layout: BatchLayout) -> _Graph:
+        static = dataclasses.replace(layout, **{n: getattr(layout, n).clone() for n in layout.tensor_fields()})
+        graph = _Graph(static, {k: v.clone() for k, v in inputs.items()})
         if self.capture:
-            torch.cuda.synchronize(dev)
-            bucket.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(bucket.graph, pool=self.pool):
-                bucket.logits = self._run(bucket)
-        self.graphs[(batch, keys)] = bucket
-        return bucket
+            warm = fn(graph.inputs, graph.layout)  # Triton compiles, lazy buffers exist before capture
+            shared = [self._shared(key[0], i, o) for i, o in enumerate(warm)]
+            del warm
+            torch.cuda.synchronize(self.device)
+            graph.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph.graph, pool=self.pool):
+                for buf, out in zip(shared, fn(graph.inputs, graph.layout)):
+                    buf.copy_(out)
+            graph.outputs = tuple(shared)
+            self.stats.captured += 1
+        self.graphs[key] = graph
+        return graph
 
-    def _run(self, bucket: _Bucket) -> Tensor:
-        hidden = self.runner.model(bucket.input_ids, bucket.layout, self.runner.pools, self.runner.ops)
-        return self.runner.model.logits(hidden)
-
-    @staticmethod
-    def _fill(bucket: _Bucket, plan: StepPlan, layout: BatchLayout) -> None:
-        """This step's metadata into the static buffers, in place; the tail rows become dummies."""
-        B, P = len(plan.rids), layout.page_table.shape[1]
-        s = bucket.layout
-        bucket.input_ids[:B].copy_(torch.tensor(plan.input_ids, dtype=torch.long), non_blocking=True)
-        bucket.input_ids[B:].zero_()
-        s.row_pos[:B].copy_(layout.row_pos)
-        s.row_pos[B:].zero_()
-        s.row_kv_len[:B].copy_(layout.row_kv_len)
-        s.row_kv_len[B:].fill_(1)
-        s.out_slots[:B].copy_(layout.out_slots)
-        s.out_slots[B:].zero_()  # slot 0 of the reserved page
-        s.page_table.zero_()
-        s.page_table[:B, :P].copy_(layout.page_table)
+    def _shared(self, name: str, index: int, like: Tensor) -> Tensor:
+        """One output buffer per (function, output, shape): graphs of other key widths reuse it."""
+        key = (name, index, tuple(like.shape), like.dtype)
+        if key not in self._shared_out:
+            self._shared_out[key] = torch.empty_like(like)
+        return self._shared_out[key]

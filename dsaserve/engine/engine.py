@@ -8,13 +8,18 @@ import os
 import random
 import time
 from dataclasses import dataclass
+from typing import Callable
+
+import torch
 
 from dsaserve.cache.pages import PageAllocator
+from dsaserve.chat.grammar import commit_tokens
 from dsaserve.engine.layout import StepMode, StepPlan
-from dsaserve.engine.model_runner import ModelRunner
+from dsaserve.engine.model_runner import ModelRunner, StepShape
 from dsaserve.engine.request import FinishReason, Request, RequestError, RequestOutput, SamplingParams
 from dsaserve.engine.sampler import sample
 from dsaserve.engine.scheduler import Scheduler, SchedulerConfig
+from dsaserve.spec.drafter import DraftInput, MTPDrafter
 from dsaserve.engine.tokenizer import Tokenizer
 from dsaserve.parallel.groups import CollectiveFailed, Parallel
 from dsaserve.server_args import ServerArgs
@@ -30,46 +35,56 @@ class EngineStats:
     total_pages: int
     num_retractions: int
     steps: int
+    spec_verify_steps: int = 0  # request-verify steps (one per request per verify step)
+    spec_draft_tokens: int = 0  # draft tokens proposed to verification
+    spec_accepted_tokens: int = 0  # of those, accepted
 
-
-@dataclass(frozen=True)
-class StepSync:
-    """What all ranks agreed on before a step: rows per DP group, whether anyone has work or stops,
-    and the lowest wake-up epoch any DP leader has seen (server.worker: how idle leaders meet again)."""
-    dp_sizes: list[int]
-    any_work: bool
-    any_stop: bool
-    epoch: int = 0
+    @property
+    def avg_spec_accept_length(self) -> float | None:
+        """Tokens a verify step yields per request: accepted drafts + the target's own token."""
+        if not self.spec_verify_steps:
+            return None
+        return (self.spec_accepted_tokens + self.spec_verify_steps) / self.spec_verify_steps
 
 
 class StepFailedOnSomeRanks(RuntimeError):
-    """A step raised on some ranks only: their states differ, the deployment must stop."""
+    """A step raised on some ranks only (or at different points): their states differ, every rank stops."""
 
 
 class Engine:
     """On a DP group leader (or a single device) the engine schedules and samples; on the other
-    ranks of the group it runs the leader's plans. Every rank calls step() in lockstep."""
+    ranks of the group it runs the leader's plans. Every rank calls step() in lockstep.
+
+    With speculative decoding a step is: the target over the plan's rows (a prompt chunk, or each
+    request's last token and its S drafts), the leader's sampling and acceptance, then the MTP drafter
+    (spec/drafter.py) over the same rows and S - 1 chained draft steps. Requests finish only after
+    the whole step, so no page is freed while a sub-step of the step still writes it.
+    """
 
     def __init__(self, args: ServerArgs, progress: bool = True, par: Parallel | None = None):
         from dsaserve.tiny import default_model_path
         if args.checks:
             os.environ["DSASERVE_CHECKS"] = "1"  # read by BatchLayout and the op wrappers, in this rank
         if args.model_path is None:
-            log.warning("no --model-path: serving the embedded tiny model with random weights")
+            log.warning("no --model-path: serving the embedded tiny model")
         self.model_path = args.model_path or str(default_model_path())
         self.args, self.par = args, par or Parallel()
         self.runner = ModelRunner(args, self.model_path, progress=progress, par=self.par)
         self.cfg = self.runner.cfg
         self.tokenizer = Tokenizer(self.model_path)
-        if self.par.cfg.rank == 0 and not getattr(self.tokenizer.hf, "chat_template", None):
+        if self.par.cfg.rank == 0 and not self.tokenizer.chat_format(args.tokenizer_mode).available:
             log.warning("the tokenizer has no chat template: /v1/chat/completions will answer 400; "
                         "use /v1/completions with your own prompt format")
         self.context_length = args.context_length or self.cfg.context_length
+        self.spec_steps = args.spec_steps
+        self.drafter = MTPDrafter(self.runner, self.spec_steps) if self.spec_steps else None
+        # Tests and benchmarks: replace the MTP drafts of a request (e.g. with the known continuation).
+        self.draft_override: Callable[[Request, list[int]], list[int]] | None = None
         self.allocator = PageAllocator(self.runner.num_pages)
         self.scheduler = Scheduler(SchedulerConfig(
             page_size=args.page_size, chunked_prefill_size=args.chunked_prefill_size,
             max_running_requests=args.max_running_requests, max_queued_requests=args.max_queued_requests,
-            context_length=self.context_length), self.allocator)
+            context_length=self.context_length, spec_steps=self.spec_steps), self.allocator)
         eos = set(self.cfg.eos_token_ids)
         if self.tokenizer.hf.eos_token_id is not None:
             eos.add(self.tokenizer.hf.eos_token_id)
@@ -80,10 +95,12 @@ class Engine:
         self._seeds = random.Random(f"{args.seed}/{self.par.cfg.dp_rank}")
         self._finished_outside_step: list[RequestOutput] = []
         self.steps = 0
-        self.last_sync = StepSync([0], False, False)
+        self._spec = [0, 0, 0]  # verify steps, drafts proposed, drafts accepted
+        self.last_sync = StepShape((0,), (0,), None, StepMode.DECODE, 1)
         # 0, or 1 + the collectives this rank entered in its last step before it raised: told to every
         # rank in the next exchange; the ranks go on only if every one failed at the same point.
         self._failed_at = 0
+        self.runner.capture_graphs(self.par.cfg.dp, progress=progress and self.par.cfg.rank == 0)
         self.par.exchange([1])  # every rank built its engine: start-up failures surface before "ready"
 
     # -- requests --------------------------------------------------------------------------
@@ -96,8 +113,8 @@ class Engine:
         bad = [t for t in prompt_ids if not 0 <= t < self.cfg.vocab_size]
         if bad:
             raise RequestError(f"token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
-        room = min(self.context_length, self.scheduler.capacity_tokens) - len(prompt_ids)
-        max_new = params.max_tokens if params.max_tokens is not None else room
+        room = min(self.context_length, self.scheduler.capacity_tokens - self.scheduler.cfg.decode_lookahead + 1)
+        max_new = params.max_tokens if params.max_tokens is not None else room - len(prompt_ids)
         req = Request(rid=rid, prompt_ids=list(prompt_ids), params=params, max_new_tokens=max_new,
                       arrival=next(self._arrivals),
                       seed=params.seed if params.seed is not None else self._seeds.getrandbits(63))
@@ -122,29 +139,39 @@ class Engine:
 
     def stats(self) -> EngineStats:
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.allocator.num_free,
-                           self.allocator.capacity, self.scheduler.num_retractions, self.steps)
+                           self.allocator.capacity, self.scheduler.num_retractions, self.steps, *self._spec)
 
     # -- the step --------------------------------------------------------------------------
 
     def sync(self, plan: StepPlan | None, keep_alive: bool = False, stop: bool = False,
-             epoch: int = 0) -> tuple[StepPlan | None, StepSync]:
-        """Leader's plan to its group; (rows, has work, stop, where the last step failed, epoch) of every
-        rank to every rank. Raises StepFailedOnSomeRanks, on every rank, unless the last step failed on
-        no rank or on every rank at the same point."""
+             epoch: int = 0) -> tuple[StepPlan | None, StepShape]:
+        """Leader's plan to its group; every rank's (rows, drafting requests, graph vote, has work,
+        stop, where its last step failed, wake-up epoch) to every rank, so all ranks agree on the
+        step's shape before any kernel runs. Raises StepFailedOnSomeRanks, on every rank, unless the
+        last step failed on no rank or on every rank at the same point."""
         plan = self.par.broadcast_from_leader(plan)
-        mine = [plan.num_tokens if plan else 0, int(keep_alive or self.scheduler.has_work()), int(stop),
-                self._failed_at, epoch]
-        rows = self.par.exchange(mine)
-        failed_at = [r[3] for r in rows]
+        graph_mode = StepMode.VERIFY if self.spec_steps else StepMode.DECODE
+        drafting = sum(plan.samples) if plan is not None and self.spec_steps else 0
+        mine = [plan.num_tokens if plan else 0, drafting, self.runner.graph_batch_of(plan, graph_mode),
+                int(keep_alive or self.scheduler.has_work()), int(stop), self._failed_at, epoch]
+        everyone = self.par.exchange(mine)
+        self._check_failures([r[5] for r in everyone])
+        leaders = everyone[:: self.par.cfg.attn_tp]  # one row per DP group
+        rows = tuple(r[0] for r in leaders)
+        votes = [r[2] for r in leaders]
+        graph_batch = None
+        if min(votes) >= 0 and sum(rows) > 0:
+            graph_batch = self.runner.graphs.batch_bucket(max(votes))
+        return plan, StepShape(rows, tuple(r[1] for r in leaders), graph_batch, graph_mode, 1 + self.spec_steps,
+                               any(r[3] for r in leaders), any(r[4] for r in leaders), min(r[6] for r in leaders))
+
+    def _check_failures(self, failed_at: list[int]) -> None:
         if len(set(failed_at)) > 1:
             failed = [rank for rank, at in enumerate(failed_at) if at]
             how = "only" if 0 in failed_at else f"after different collectives {[at - 1 for at in failed_at]}"
             raise StepFailedOnSomeRanks(f"step {self.steps} failed on rank(s) {failed} {how}; the ranks no longer "
                                         f"agree, so every rank stops (see the failing rank's log)")
         self._failed_at = 0
-        leaders = rows[::self.par.cfg.attn_tp]
-        return plan, StepSync([r[0] for r in leaders], any(r[1] for r in rows), any(r[2] for r in rows),
-                              min(r[4] for r in leaders))
 
     def step(self, keep_alive: bool = False, stop: bool = False, epoch: int = 0) -> list[RequestOutput]:
         """One step of the whole deployment. `keep_alive`: the caller has requests still to add
@@ -155,36 +182,116 @@ class Engine:
         plan, self.last_sync = self.sync(plan, keep_alive, stop, epoch)
         if sum(self.last_sync.dp_sizes) == 0:
             return outputs
-        plan = plan or StepPlan.idle()  # an idle DP group: zero rows, the same collectives
+        plan = plan or StepPlan.idle()  # an idle DP group: zero rows (or dummies), the same collectives
         issued = self.par.issued
         try:
-            return outputs + self._run(plan)
+            return outputs + self._run(plan, self.last_sync)
         except CollectiveFailed:
             raise  # the groups' state is unknown: this rank must go (the supervisor names it)
         except Exception as exc:  # a failed batch ends its requests with an error; the engine goes on
             log.exception("step failed")  # if it failed on every rank alike (the next exchange tells)
             self._failed_at = 1 + self.par.issued - issued
-            for req in [self.requests[rid] for rid in plan.rids if rid in self.requests]:
-                self._finish(req, FinishReason("error", message=f"the batch failed: {exc}"))
-                outputs.append(self._output(req, [], []))
+            for rid in plan.rids:
+                req = self.requests.get(rid)
+                if req is not None:
+                    self._finish(req, FinishReason("error", message=f"the batch failed: {exc}"))
+                    outputs.append(self._output(req, [], []))
             return outputs
 
-    def _run(self, plan: StepPlan) -> list[RequestOutput]:
-        logits = self.runner.forward(plan, self.runner.layout(plan), self.last_sync.dp_sizes)
+    def _run(self, plan: StepPlan, shape: StepShape) -> list[RequestOutput]:
+        real = len(plan.rids)
+        plan, layout = self.runner.prepare(plan, shape)
+        ids = torch.tensor(plan.input_ids, dtype=torch.long).to(self.runner.device, non_blocking=True)
+        hidden, logits = self.runner.target(ids, layout, shape.graph_batch is not None)
         self.steps += 1
-        if not self.par.cfg.is_leader or plan.mode is StepMode.IDLE:
+        leader = self.par.cfg.is_leader
+        accepted = self._sample(plan, real, logits) if leader and real else {}
+        drafts = None
+        if self.drafter is not None:
+            given = self._draft_input(plan, real, accepted) if leader else None
+            drafts = self.drafter.run(plan, layout, hidden, given, shape)
+        if not (leader and real):
             return []
+        outputs = self._commit(plan, real, accepted)
+        if drafts is not None:
+            self._keep_drafts(plan, real, given, drafts.tolist())
+        return outputs
+
+    def _sample(self, plan: StepPlan, real: int, logits: torch.Tensor) -> dict[str, list]:
+        """Each real request's sampled rows -> its new tokens (and logprobs). A verify request keeps the
+        drafts up to the first row whose own sample differs, then that row's sample (the bonus token).
+        Each row samples with the (seed, output index) noise of a non-speculative step, so the tokens are
+        exactly the non-speculative ones; for top-1 drafts this is speculative rejection sampling, coupled
+        (a draft is accepted with the target's probability of it)."""
+        row_reqs, pending = [], []
+        for rid, n in zip(plan.rids[:real], plan.logit_counts[:real]):
+            req = self.requests[rid]
+            row_reqs += [req] * n
+            pending += [req.draft_ids[:i] for i in range(n)]
+        tokens, logprobs = sample(logits[:len(row_reqs)], row_reqs, pending)
+        accepted, row = {}, 0
+        for rid, n in zip(plan.rids[:real], plan.logit_counts[:real]):
+            if n == 0:
+                continue
+            drafts, k = self.requests[rid].draft_ids, 0
+            while k < n - 1 and tokens[row + k] == drafts[k]:
+                k += 1
+            accepted[rid] = (tokens[row:row + k + 1], logprobs[row:row + k + 1] if logprobs is not None else None)
+            row += n
+        return accepted
+
+    def _draft_input(self, plan: StepPlan, real: int, accepted: dict[str, tuple]) -> DraftInput:
+        """Per row, the token at its position + 1 (the MTP pass's input); per request, the row offset of
+        its last accepted token, or -1 when it takes no draft (a prompt chunk that is not its last)."""
+        ids: list[int] = []
+        last_rows: list[int] = []
+        for b, (rid, prefix, q) in enumerate(zip(plan.rids, plan.prefix_lens, plan.q_lens)):
+            if b >= real:  # a dummy request
+                ids += [0] * q
+                last_rows.append(0)
+            elif plan.mode is StepMode.VERIFY:  # rows past the accepted run are overwritten by later steps
+                new = accepted[rid][0]
+                ids += new + [0] * (q - len(new))
+                last_rows.append(len(new) - 1)
+            else:  # a prompt chunk: the following known tokens, then the sampled one if it finished
+                known = self.requests[rid].token_slice(prefix + 1, prefix + q + 1)
+                ids += known + accepted[rid][0] if rid in accepted else known
+                last_rows.append(q - 1 if rid in accepted else -1)
+        return DraftInput(tuple(ids), tuple(last_rows))
+
+    def _keep_drafts(self, plan: StepPlan, real: int, given: DraftInput, drafts: list[list[int]]) -> None:
+        rows = iter(drafts)
+        for b, (rid, last) in enumerate(zip(plan.rids, given.last_rows)):
+            if last < 0:
+                continue
+            row = next(rows)
+            req = self.requests.get(rid) if b < real else None
+            if req is not None:  # not finished in this step
+                req.draft_ids = row if self.draft_override is None else self.draft_override(req, row)
+
+    def _commit(self, plan: StepPlan, real: int, accepted: dict[str, tuple]) -> list[RequestOutput]:
+        """Cache lengths, tokens and stop rules after the whole step; finished requests free their pages."""
+        verify = plan.mode is StepMode.VERIFY
+        self.scheduler.advance(plan, self.requests, [len(accepted[r][0]) for r in plan.rids[:real]] if verify else None)
         outputs = []
-        self.scheduler.advance(plan, self.requests)
-        samplers = [self.requests[rid] for rid, s in zip(plan.rids, plan.samples) if s]
-        tokens, logprobs = sample(logits, samplers)
-        for i, (req, token) in enumerate(zip(samplers, tokens)):
-            req.output_ids.append(token)
-            lp = [logprobs[i]] if logprobs is not None and req.params.logprobs is not None else []
-            reason = self._stop_reason(req, token)
+        for rid, (tokens, lps) in accepted.items():
+            req = self.requests[rid]
+            if verify:
+                req.spec_verify_ct += 1
+                req.spec_accepted += len(tokens) - 1
+                self._spec = [self._spec[0] + 1, self._spec[1] + self.spec_steps, self._spec[2] + len(tokens) - 1]
+            new, reason = [], None
+            for token in tokens:
+                req.output_ids.append(token)
+                new.append(token)
+                reason = self._stop_reason(req, token)
+                if reason is not None:
+                    break
+            commit_tokens(req, new)
             if reason is not None:
                 self._finish(req, reason)
-            outputs.append(self._output(req, [token], lp))
+            chosen = lps[:len(new)] if lps is not None and req.params.logprobs is not None else []
+            outputs.append(self._output(req, new, chosen))
         return outputs
 
     def _stop_reason(self, req: Request, token: int) -> FinishReason | None:
@@ -212,7 +319,7 @@ class Engine:
     def _output(self, req: Request, new_ids: list[int], new_lps: list) -> RequestOutput:
         return RequestOutput(rid=req.rid, new_token_ids=new_ids, new_logprobs=new_lps,
                              prompt_tokens=len(req.prompt_ids), completion_tokens=len(req.output_ids),
-                             finish=req.finish, stop_text=req.stop_text)
+                             finish=req.finish, stop_text=req.stop_text, spec_verify_ct=req.spec_verify_ct)
 
     def run_until_idle(self, max_steps: int = 1_000_000) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []

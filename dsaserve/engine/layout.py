@@ -1,6 +1,8 @@
-"""BatchLayout: the single description of one forward step; every per-step tensor derives from it."""
+"""StepPlan and BatchLayout: the single description of one forward step; every per-step tensor
+derives from it, through one builder, for every step mode (extend, decode, verify, draft)."""
 from __future__ import annotations
 
+import dataclasses
 import enum
 import os
 from dataclasses import dataclass
@@ -8,13 +10,14 @@ from dataclasses import dataclass
 import torch
 
 Tensor = torch.Tensor
+DUMMY_RID = ""  # the request id of a dummy request (CUDA-graph padding): page 0 only, never sampled for real
 
 
 class StepMode(enum.Enum):
     EXTEND = "extend"
     DECODE = "decode"
-    VERIFY = "verify"
-    DRAFT_EXTEND = "draft_extend"
+    VERIFY = "verify"  # the target over the last accepted token and S drafts (q_len S + 1)
+    DRAFT = "draft"  # the MTP layer, one row per request (a chained draft step)
     IDLE = "idle"
 
 
@@ -28,23 +31,43 @@ def checks_enabled() -> bool:
 
 @dataclass(frozen=True)
 class StepPlan:
-    """What the scheduler decided, in Python lists: one entry per request in the step."""
+    """What the scheduler decided, in Python lists: one entry per request in the step. Dummy requests
+    (rid DUMMY_RID, pages all 0) may follow the real ones."""
     mode: StepMode
     rids: tuple[str, ...]
-    pages: tuple[tuple[int, ...], ...]  # page ids of each request, covering seq_len tokens
+    pages: tuple[tuple[int, ...], ...]  # page ids of each request, covering at least seq_len tokens
     prefix_lens: tuple[int, ...]
     q_lens: tuple[int, ...]
-    samples: tuple[bool, ...]  # whether the request's last row yields a token this step
-    input_ids: tuple[int, ...]  # the num_tokens query tokens, request after request
+    logit_counts: tuple[int, ...]  # how many trailing rows of each request yield logits (0: none)
+    input_ids: tuple[int, ...]  # the query tokens, request after request (empty when they live on the device)
 
     @property
     def num_tokens(self) -> int:
         return sum(self.q_lens)
 
+    @property
+    def samples(self) -> tuple[bool, ...]:
+        return tuple(c > 0 for c in self.logit_counts)
+
     @staticmethod
     def idle() -> StepPlan:
         """The plan of a DP group with no work while another group runs: zero rows."""
         return StepPlan(StepMode.IDLE, (), (), (), (), (), ())
+
+    def padded(self, batch: int, rows_per_req: int, page_size: int, mode: StepMode) -> StepPlan:
+        """This plan plus dummy requests up to `batch` (an idle group's plan becomes all dummies): each
+        has `rows_per_req` rows at positions 0.. on the reserved page 0 and as many logit rows as a real
+        request of `mode` (invariant 1: dummies are whole requests in the rows and the metadata alike)."""
+        if self.mode not in (mode, StepMode.IDLE):
+            raise LayoutError(f"cannot pad a {self.mode.value} plan as {mode.value}")
+        extra = batch - len(self.rids)
+        logits = self.logit_counts[0] if self.logit_counts else rows_per_req
+        pages = (0,) * -(-rows_per_req // page_size)
+        ids_known = len(self.input_ids) == self.num_tokens
+        return StepPlan(mode, self.rids + (DUMMY_RID,) * extra, self.pages + (pages,) * extra,
+                        self.prefix_lens + (0,) * extra, self.q_lens + (rows_per_req,) * extra,
+                        self.logit_counts + (logits,) * extra,
+                        self.input_ids + (0,) * (extra * rows_per_req) if ids_known else ())
 
 
 @dataclass(frozen=True)
@@ -54,47 +77,59 @@ class BatchLayout:
     prefix_lens: Tensor  # [B] tokens cached before this step
     q_lens: Tensor  # [B] query rows this step
     seq_lens: Tensor  # [B] prefix_lens + q_lens
-    row_req: Tensor  # [T] request (row of page_table) of every real query row
+    row_req: Tensor  # [T] request (row of page_table) of every query row
     row_pos: Tensor  # [T] position of every row
-    row_kv_len: Tensor  # [T, 1] keys each row may see: row_pos + 1
+    row_kv_len: Tensor  # [T, 1] keys each row may see: row_pos + 1 (verify rows are causal among themselves)
     out_slots: Tensor  # [T] cache slot of each row's new latent / index key
     page_table: Tensor  # [B, P] page ids; unused entries are page 0 (reserved)
-    logit_rows: Tensor  # [S] rows whose logits are sampled (last row of each sampling request)
-    num_tokens: int  # real query rows
-    max_kv_len: int  # max(seq_lens), for sizing indexer logits
+    logit_rows: Tensor  # [L] rows whose logits are computed (trailing logit_counts rows of each request)
+    num_tokens: int  # query rows (T)
+    key_width: int  # key positions the indexer scores per row (>= max(seq_lens); a bucket under graphs)
+    dp_sizes: tuple[int, ...]  # rows of every DP group this step (the MLP sees all of them)
 
     @property
     def batch_size(self) -> int:
         return int(self.q_lens.shape[0])
 
     @staticmethod
-    def build(plan: StepPlan, page_size: int, device: torch.device) -> BatchLayout:
+    def build(plan: StepPlan, page_size: int, device: torch.device, key_width: int | None = None,
+              dp_sizes: tuple[int, ...] | None = None, page_width: int | None = None) -> BatchLayout:
         B = len(plan.rids)
         seq_lens = [p + q for p, q in zip(plan.prefix_lens, plan.q_lens)]
-        width = max((len(p) for p in plan.pages), default=0)
+        width = max([len(p) for p in plan.pages] + [page_width or 0])
         table = [list(p) + [0] * (width - len(p)) for p in plan.pages]
         row_req, row_pos, logit_rows = [], [], []
         for b, (prefix, q) in enumerate(zip(plan.prefix_lens, plan.q_lens)):
             row_req += [b] * q
             row_pos += range(prefix, prefix + q)
-            if plan.samples[b]:
-                logit_rows.append(len(row_pos) - 1)
+            logit_rows += range(len(row_pos) - plan.logit_counts[b], len(row_pos))
 
         def t(values: list[int], shape: tuple[int, ...] | None = None) -> Tensor:
             x = torch.tensor(values, dtype=torch.int32)
             return (x.view(shape) if shape else x).to(device, non_blocking=True)
 
-        pt = t([v for row in table for v in row], (B, width))
-        rr, rp = t(row_req), t(row_pos)
         slots = [table[r][p // page_size] * page_size + p % page_size for r, p in zip(row_req, row_pos)]
         T = len(row_req)
-        layout = BatchLayout(
+        return BatchLayout(
             mode=plan.mode, page_size=page_size, prefix_lens=t(list(plan.prefix_lens)),
-            q_lens=t(list(plan.q_lens)), seq_lens=t(seq_lens), row_req=rr, row_pos=rp,
-            row_kv_len=t([p + 1 for p in row_pos], (T, 1)), out_slots=t(slots), page_table=pt,
-            logit_rows=t(logit_rows), num_tokens=T,
-            max_kv_len=max(seq_lens, default=0))
-        return layout
+            q_lens=t(list(plan.q_lens)), seq_lens=t(seq_lens), row_req=t(row_req), row_pos=t(row_pos),
+            row_kv_len=t([p + 1 for p in row_pos], (T, 1)), out_slots=t(slots),
+            page_table=t([v for row in table for v in row], (B, width)), logit_rows=t(logit_rows), num_tokens=T,
+            key_width=max(seq_lens, default=0) if key_width is None else key_width,
+            dp_sizes=(T,) if dp_sizes is None else tuple(dp_sizes))
+
+    def with_logit_rows(self, rows: Tensor) -> BatchLayout:
+        """The same step reading out other rows (the MTP pass samples the last accepted row)."""
+        return dataclasses.replace(self, logit_rows=rows)
+
+    def tensor_fields(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), Tensor)]
+
+    def static_key(self) -> tuple:
+        """Everything that is not a tensor: a replayed graph is valid only for layouts with this key."""
+        return tuple((f.name, getattr(self, f.name)) for f in dataclasses.fields(self)
+                     if not isinstance(getattr(self, f.name), Tensor)) + tuple(
+            (name, tuple(getattr(self, name).shape)) for name in self.tensor_fields())
 
     def validate(self, num_slots: int | None = None) -> None:
         """Assert the invariants; raise LayoutError naming the tensors on any violation."""
@@ -115,18 +150,24 @@ class BatchLayout:
         need(int(self.q_lens.sum()) == T, f"sum(q_lens)={int(self.q_lens.sum())} != num_tokens={T}")
         need(bool((self.seq_lens == self.prefix_lens + self.q_lens).all()), "seq_lens != prefix_lens + q_lens")
         need(self.page_table.shape[0] == B, f"page_table has {self.page_table.shape[0]} rows, batch is {B}")
+        real_req = (self.page_table != 0).any(1)  # a dummy request holds only the reserved page 0
         if B:
             need(bool((self.seq_lens <= self.page_table.shape[1] * self.page_size).all()),
                  "a request's seq_len exceeds the pages in its page_table row")
-            need(self.max_kv_len == int(self.seq_lens.max()), "max_kv_len != max(seq_lens)")
+            need(self.key_width >= int(self.seq_lens.max()), f"key_width={self.key_width} < max(seq_lens)="
+                                                             f"{int(self.seq_lens.max())}")
+            need(bool((real_req[1:] <= real_req[:-1]).all()), "a real request follows a dummy request")
         if T:
             need(bool((self.row_kv_len[:, 0] == self.row_pos + 1).all()), "row_kv_len != row_pos + 1")
             need(bool((self.row_req[1:] >= self.row_req[:-1]).all()), "row_req is not grouped by request")
-            need(bool((self.out_slots >= self.page_size).all()), "a row writes into reserved page 0")
+            real = real_req[self.row_req.long()]
+            need(bool((self.out_slots[real] >= self.page_size).all()), "a real row writes into reserved page 0")
+            need(bool((self.out_slots[~real] < self.page_size).all()), "a dummy row writes outside page 0")
             if num_slots is not None:
                 need(int(self.out_slots.max()) < num_slots, f"out_slots reach {int(self.out_slots.max())}, "
                                                             f"pool has {num_slots} slots")
-        need(self.logit_rows.numel() <= B, f"{self.logit_rows.numel()} logit rows for {B} requests")
+        if self.logit_rows.numel():
+            need(int(self.logit_rows.max()) < T and int(self.logit_rows.min()) >= 0, "a logit row is out of range")
 
     def check_rows(self, name: str, tensor: Tensor) -> None:
         """Kernel-wrapper check: a tensor handed to attention has exactly num_tokens rows."""

@@ -1,20 +1,41 @@
-"""ModelRunner: owns the weights and the KV pools; BatchLayout + token ids -> logits of sampling rows."""
+"""ModelRunner: owns the weights, the KV pools and the CUDA graphs; plans become layouts (padded to a
+graph bucket when the step replays a graph), layouts and token ids become hidden states and logits."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+from dataclasses import dataclass
 
 import torch
 
 from dsaserve.cache.pools import KVPools
-from dsaserve.engine.layout import BatchLayout, StepPlan
+from dsaserve.engine.cuda_graph import GraphRunner
+from dsaserve.engine.layout import BatchLayout, StepMode, StepPlan
 from dsaserve.model.loader import build_model
 from dsaserve.ops.dispatch import DSAOps
 from dsaserve.parallel.groups import Parallel
 from dsaserve.server_args import ServerArgs
 
 log = logging.getLogger(__name__)
+Tensor = torch.Tensor
 _CPU_POOL_CAP_BYTES = 1 << 30  # on CPU the pool shares RAM with everything else: cap the default
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """What every rank agreed on before a step (Engine.sync)."""
+    dp_sizes: tuple[int, ...]  # real query rows of every DP group
+    draft_sizes: tuple[int, ...]  # requests of every DP group that draft after this step (spec)
+    graph_batch: int | None  # the batch bucket every group pads to, when this step replays graphs
+    mode: StepMode  # the mode of a graphed step (what an idle group's dummies run)
+    rows_per_req: int  # query rows of each request in a graphed step
+    any_work: bool = False
+    any_stop: bool = False
+    epoch: int = 0  # the lowest wake-up epoch any DP leader has seen (server.worker: idle leaders meet again)
+
+    def for_drafts(self) -> StepShape:
+        return dataclasses.replace(self, dp_sizes=self.draft_sizes, mode=StepMode.DRAFT, rows_per_req=1)
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -45,27 +66,40 @@ class ModelRunner:
         self.par = par or Parallel()
         self.device = resolve_device(args.device, self.par.cfg.rank - ranks_on_this_node(args).start)
         self.dtype = resolve_dtype(args.dtype, self.device)
-        self.model = build_model(model_path, self.device, self.dtype, self.par, progress=progress)
+        self.spec_steps = args.spec_steps
+        self.model = build_model(model_path, self.device, self.dtype, self.par, load_mtp=self.spec_steps > 0,
+                                 progress=progress)
         self.cfg = self.model.cfg
+        if self.spec_steps and self.model.mtp is None:
+            raise ValueError(f"--speculative-algorithm {args.speculative_algorithm} needs the checkpoint's MTP "
+                             f"layer, but config.json has num_nextn_predict_layers="
+                             f"{self.cfg.num_nextn_predict_layers}")
         self.page_size = args.page_size
         self.ops = DSAOps(attention_backend=resolve_backend(args.attention_backend, self.device),
                           moe_backend=resolve_backend(args.moe_backend, self.device),
                           max_logits_bytes=args.indexer_max_logits_mb << 20)
+        self.cache_layers = self.cfg.num_hidden_layers + (1 if self.spec_steps else 0)  # + the MTP layer's caches
         self.num_pages = self._pool_pages(args)
-        self.pools = KVPools(self.cfg, self.num_pages, args.page_size, self.dtype, self.device)
-        self.graphs = None
+        self.pools = KVPools(self.cfg, self.num_pages, args.page_size, self.dtype, self.device, self.cache_layers)
+        self.graphs = self._graph_runner(args)
+        log.info("KV pool: %d pages x %d tokens (%.1f MiB) on %s, %s", self.num_pages, args.page_size,
+                 self.num_pages * args.page_size * self.bytes_per_token / 2**20, self.device, self.dtype)
+
+    @property
+    def bytes_per_token(self) -> int:
+        return KVPools.bytes_per_token(self.cfg, self.dtype, self.cache_layers)
+
+    def _graph_runner(self, args: ServerArgs) -> GraphRunner | None:
         capturable = self.ops.attention_backend == self.ops.moe_backend == "triton"  # torch ops read back values
         max_bs = args.cuda_graph_max_bs
-        if max_bs is None:  # default: on where graphs can replay (CUDA, Triton ops, no DP attention)
-            max_bs = 64 if self.device.type == "cuda" and capturable and args.dp == 1 else 0
+        if max_bs is None:  # default: on where graphs can replay (CUDA, Triton ops)
+            max_bs = 64 if self.device.type == "cuda" and capturable else 0
         if max_bs and self.device.type == "cuda" and not capturable:
             raise ValueError("--cuda-graph-max-bs needs --attention-backend triton and --moe-backend triton on cuda")
-        if max_bs:
-            from dsaserve.engine.cuda_graph import DecodeGraphs
-            self.graphs = DecodeGraphs(self, min(max_bs, args.max_running_requests), capture=self.device.type == "cuda")
-        log.info("KV pool: %d pages x %d tokens (%.1f MiB) on %s, %s", self.num_pages, args.page_size,
-                 self.num_pages * args.page_size * KVPools.bytes_per_token(self.cfg, self.dtype) / 2**20,
-                 self.device, self.dtype)
+        if not max_bs:
+            return None
+        return GraphRunner(self.device, min(max_bs, args.max_running_requests), self.page_size, self.cfg.index_topk,
+                           args.context_length or self.cfg.context_length, capture=True)
 
     def _pool_pages(self, args: ServerArgs) -> int:
         if args.max_total_tokens is not None:
@@ -77,7 +111,7 @@ class ModelRunner:
             else:
                 avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
                 budget = min(int(avail * args.mem_fraction), _CPU_POOL_CAP_BYTES)
-            tokens = budget // KVPools.bytes_per_token(self.cfg, self.dtype)
+            tokens = budget // self.bytes_per_token
             context = args.context_length or self.cfg.context_length
             tokens = min(tokens, args.max_running_requests * context)
         pages = tokens // args.page_size + 1  # + the reserved page 0
@@ -87,17 +121,80 @@ class ModelRunner:
             raise ValueError(f"the KV pool holds {tokens} tokens: less than one page of {args.page_size}")
         return pages
 
-    @torch.inference_mode()
-    def forward(self, plan: StepPlan, layout: BatchLayout, dp_sizes: list[int] | None = None) -> torch.Tensor:
-        """Logits [S, vocab] fp32 for the layout's sampling rows."""
-        if self.graphs is not None and self.graphs.fits(plan):
-            return self.graphs.forward(plan, layout)
-        input_ids = torch.tensor(plan.input_ids, dtype=torch.long, device=self.device)
-        hidden = self.model(input_ids, layout, self.pools, self.ops, dp_sizes)
-        return self.model.logits(hidden[layout.logit_rows.long()])
+    # -- plans -> layouts --------------------------------------------------------------------
 
-    def layout(self, plan: StepPlan) -> BatchLayout:
-        layout = BatchLayout.build(plan, self.page_size, self.device)
+    def graph_batch_of(self, plan: StepPlan | None, graph_mode: StepMode) -> int:
+        """This group's vote for a graphed step: its batch size, 0 when idle, -1 when it cannot be graphed."""
+        if self.graphs is None:
+            return -1
+        if plan is None or plan.mode is StepMode.IDLE:
+            return 0
+        fits = plan.mode is graph_mode and len(plan.rids) <= self.graphs.max_bs
+        return len(plan.rids) if fits else -1
+
+    def prepare(self, plan: StepPlan, shape: StepShape, min_keys: int = 0) -> tuple[StepPlan, BatchLayout]:
+        """The step's plan (padded with dummy requests when it replays a graph) and its layout."""
+        if shape.graph_batch is None:
+            layout = BatchLayout.build(plan, self.page_size, self.device, dp_sizes=shape.dp_sizes)
+        else:
+            assert self.graphs is not None
+            plan = plan.padded(shape.graph_batch, shape.rows_per_req, self.page_size, shape.mode)
+            keys = self.graphs.key_width(max([p + q for p, q in zip(plan.prefix_lens, plan.q_lens)] + [min_keys]))
+            rows = shape.graph_batch * shape.rows_per_req
+            layout = BatchLayout.build(plan, self.page_size, self.device, key_width=keys,
+                                       dp_sizes=(rows,) * len(shape.dp_sizes), page_width=-(-keys // self.page_size))
         if self.ops.checks:
             layout.validate(num_slots=self.pools.num_slots)
-        return layout
+        return plan, layout
+
+    def capture_graphs(self, dp: int, progress: bool) -> None:
+        """Capture every graph the server can replay (each batch bucket x key width, for decode or verify,
+        the MTP pass and draft steps) before it turns ready: requests never wait on a compile or a
+        capture. Every rank captures the same shapes in the same order (their collectives line up)."""
+        from tqdm import tqdm
+        if self.graphs is None or self.device.type != "cuda":
+            return
+        spec = self.spec_steps
+        mode, rows = (StepMode.VERIFY, spec + 1) if spec else (StepMode.DECODE, 1)
+        work = [(b, w) for b in self.graphs.buckets for w in self.graphs.key_widths()]
+        for batch, keys in tqdm(work, desc="Capturing CUDA graphs", disable=not progress):
+            shape = StepShape((0,) * dp, (0,) * dp, batch, mode, rows)
+            plan, layout = self.prepare(StepPlan.idle(), shape, min_keys=keys)
+            ids = torch.zeros(layout.num_tokens, dtype=torch.long, device=self.device)
+            states, _ = self.target(ids, layout, graphed=True)
+            if spec:
+                firsts = torch.arange(batch, dtype=torch.int32, device=self.device) * rows
+                self.draft(ids, states, layout.with_logit_rows(firsts), graphed=True)
+                _, one = self.prepare(StepPlan.idle(), shape.for_drafts(), min_keys=keys)
+                self.draft(ids[:batch], states[:batch], one, graphed=True)
+        self.graphs.frozen = True
+        torch.cuda.synchronize(self.device)
+
+    # -- forwards ----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def target(self, input_ids: Tensor, layout: BatchLayout, graphed: bool = False) -> tuple[Tensor, Tensor]:
+        """(hidden [T, H] of every row, fp32 logits of the layout's logit rows)."""
+        return self._run("target", self._target, {"input_ids": input_ids}, layout, graphed)
+
+    @torch.inference_mode()
+    def draft(self, input_ids: Tensor, hidden: Tensor, layout: BatchLayout,
+              graphed: bool = False) -> tuple[Tensor, Tensor]:
+        """The MTP layer: (its hidden states at the logit rows, fp32 logits there)."""
+        return self._run("draft", self._draft, {"input_ids": input_ids, "hidden": hidden}, layout, graphed)
+
+    def _run(self, name: str, fn, inputs: dict[str, Tensor], layout: BatchLayout,
+             graphed: bool) -> tuple[Tensor, Tensor]:
+        if graphed:
+            assert self.graphs is not None
+            return self.graphs.run(name, fn, inputs, layout)  # type: ignore[return-value]
+        return fn(inputs, layout)
+
+    def _target(self, inputs: dict[str, Tensor], layout: BatchLayout) -> tuple[Tensor, Tensor]:
+        hidden = self.model(inputs["input_ids"], layout, self.pools, self.ops)
+        return hidden, self.model.logits(hidden[layout.logit_rows.long()])
+
+    def _draft(self, inputs: dict[str, Tensor], layout: BatchLayout) -> tuple[Tensor, Tensor]:
+        hidden = self.model.draft(inputs["input_ids"], inputs["hidden"], layout, self.pools, self.ops)
+        rows = hidden[layout.logit_rows.long()]
+        return rows, self.model.draft_logits(rows)

@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dsaserve.chat.grammar import GrammarSpec
 
 
 class RequestError(ValueError):
@@ -23,6 +27,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; 0: the chosen token's; n: plus the n best
+    grammar: GrammarSpec | None = None  # constrained decoding (structured output, forced tool calls)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -81,6 +86,10 @@ class Request:
     state: RequestState = RequestState.WAITING
     finish: FinishReason | None = None
     stop_text: str | None = None  # the completion text truncated before a matched stop string
+    draft_ids: list[int] = field(default_factory=list)  # MTP drafts to verify in the next step
+    spec_verify_ct: int = 0  # verify steps this request took part in
+    spec_accepted: int = 0  # draft tokens accepted over those steps
+    grammar: Any = None  # GrammarState of params.grammar, made by the sampler on the leader
 
     def token_slice(self, start: int, end: int) -> list[int]:
         """Tokens [start, end) of prompt + output, without building the concatenation (hot path)."""
@@ -113,6 +122,7 @@ class RequestOutput:
     completion_tokens: int
     finish: FinishReason | None = None
     stop_text: str | None = None
+    spec_verify_ct: int = 0
 
     @property
     def finished(self) -> bool:

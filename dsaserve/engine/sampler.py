@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from dsaserve.chat.grammar import grammar_state
 from dsaserve.engine.request import Request
 
 Tensor = torch.Tensor
@@ -21,16 +22,30 @@ def step_seed(seed: int, step: int) -> int:
     return (x ^ (x >> 31)) & _MASK64
 
 
-def apply_penalties(logits: Tensor, reqs: list[Request]) -> Tensor:
+def apply_grammars(logits: Tensor, reqs: list[Request], pending: list[list[int]]) -> Tensor:
+    """Tokens a request's grammar forbids get -inf (one [R, V] mask, one copy to the device). A verify
+    row's mask is the grammar's after the drafts before it (tentatively accepted, then rolled back)."""
+    rows = [i for i, r in enumerate(reqs) if r.params.grammar is not None]
+    if not rows:
+        return logits
+    mask = torch.stack([grammar_state(reqs[i], logits.shape[1]).allowed_after(pending[i]) for i in rows])
+    logits = logits.clone()
+    idx = torch.tensor(rows, device=logits.device)
+    logits[idx] = logits[idx].masked_fill(~mask.to(logits.device), float("-inf"))
+    return logits
+
+
+def apply_penalties(logits: Tensor, reqs: list[Request], pending: list[list[int]]) -> Tensor:
     rows = [i for i, r in enumerate(reqs) if r.params.frequency_penalty or r.params.presence_penalty]
     if not rows:
         return logits
     logits = logits.clone()
     for i in rows:
         p = reqs[i].params
-        if not reqs[i].output_ids:
+        history = reqs[i].output_ids + pending[i]
+        if not history:
             continue
-        counts = torch.bincount(torch.tensor(reqs[i].output_ids, device=logits.device),
+        counts = torch.bincount(torch.tensor(history, device=logits.device),
                                 minlength=logits.shape[1])[: logits.shape[1]].float()
         logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
     return logits
@@ -54,15 +69,25 @@ def filter_probs(logits: Tensor, reqs: list[Request]) -> Tensor:
     return filtered / filtered.sum(-1, keepdim=True)
 
 
-def sample(logits: Tensor, reqs: list[Request]) -> tuple[list[int], list[tuple[float, list[tuple[int, float]]]] | None]:
-    """logits [S, V] fp32 (one row per sampling request) -> tokens, and logprobs where asked."""
-    shaped = apply_penalties(logits, reqs)
+def sample(logits: Tensor, reqs: list[Request], pending: list[list[int]] | None = None,
+           ) -> tuple[list[int], list[tuple[float, list[tuple[int, float]]]] | None]:
+    """logits [S, V] fp32, one row per entry of `reqs` -> tokens, and logprobs where asked.
+
+    A request may own several consecutive rows (speculative verify): `pending[i]` are the tokens that
+    precede row i's token in the output (the drafts before it). They count for grammars and penalties
+    and set the output index that seeds the row's noise, so a row samples exactly what the
+    non-speculative step at that output index would have sampled. Sampling commits nothing: the
+    engine advances grammars by the tokens it keeps (dsaserve.chat.grammar.commit_tokens).
+    """
+    pending = pending if pending is not None else [[] for _ in reqs]
+    shaped = apply_penalties(apply_grammars(logits, reqs, pending), reqs, pending)
     tokens = shaped.argmax(-1)
     random_rows = [i for i, r in enumerate(reqs) if not r.params.greedy]
     if random_rows:
         probs = filter_probs(shaped[random_rows], [reqs[i] for i in random_rows])
         for j, i in enumerate(random_rows):
-            gen = torch.Generator(device=logits.device).manual_seed(step_seed(reqs[i].seed, len(reqs[i].output_ids)))
+            index = len(reqs[i].output_ids) + len(pending[i])
+            gen = torch.Generator(device=logits.device).manual_seed(step_seed(reqs[i].seed, index))
             noise = torch.empty_like(probs[j]).exponential_(generator=gen)
             tokens[i] = (probs[j] / noise).argmax()  # exponential race: an exact draw from probs
     token_list = tokens.tolist()

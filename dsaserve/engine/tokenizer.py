@@ -1,14 +1,19 @@
 """HF tokenizer wrapper: encode, chat template, and incremental detokenization for streaming."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dsaserve.chat.render import ChatFormat
 
 
 class Tokenizer:
     def __init__(self, model_path: str | Path):
         from transformers import AutoTokenizer
-        self.hf = AutoTokenizer.from_pretrained(str(model_path))
+        self.path = str(model_path)
+        self.hf = AutoTokenizer.from_pretrained(self.path)
 
     def encode(self, text: str) -> list[int]:
         return list(self.hf.encode(text, add_special_tokens=True))
@@ -17,10 +22,17 @@ class Tokenizer:
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
-        if not getattr(self.hf, "chat_template", None):
-            raise ValueError("the model's tokenizer has no chat template")
-        ids = self.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        """Token ids of a conversation in the model's chat format (see dsaserve.chat.render)."""
+        return self.chat_format().render(messages, add_generation_prompt=add_generation_prompt).ids
+
+    def chat_format(self, mode: str = "auto") -> ChatFormat:
+        from dsaserve.chat.render import ChatFormat
+        return ChatFormat(self, mode, self.model_type)
+
+    @property
+    def model_type(self) -> str | None:
+        config = Path(self.path) / "config.json"
+        return json.loads(config.read_text()).get("model_type") if config.is_file() else None
 
 
 class IncrementalDetokenizer:

@@ -219,7 +219,9 @@ class SharedHead(nn.Module):
 
 
 class MTPLayer(DecoderLayer):
-    """NextN block (checkpoint layer index num_hidden_layers): used by MTP speculative decoding."""
+    """NextN block (checkpoint layer index num_hidden_layers), the draft model of MTP speculative decoding:
+    eh_proj([enorm(embed(next token)); hnorm(h)]) -> one DSA decoder layer (own indexer, own caches on the
+    target's page ids) -> shared_head.norm -> shared_head.head."""
 
     def __init__(self, cfg: ModelConfig, par: Parallel):
         super().__init__(cfg, cfg.num_hidden_layers, par)
@@ -228,6 +230,14 @@ class MTPLayer(DecoderLayer):
         self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.eh_proj = linear(2 * cfg.hidden_size, cfg.hidden_size)
         self.shared_head = SharedHead(cfg, par)
+
+    def draft(self, input_ids: Tensor, hidden: Tensor, ctx: StepContext) -> Tensor:
+        """Row t: the next token after position t and h_t -> the normed hidden state that predicts the
+        token after that (and feeds the next chained draft step)."""
+        e = self.enorm(self.embed_tokens(input_ids, ctx.par))
+        h = self.eh_proj(torch.cat([e, self.hnorm(hidden.to(e.dtype))], dim=-1))
+        h, _ = self(h, ctx, None)
+        return self.shared_head.norm(h)
 
 
 def check_divisible(cfg: ModelConfig, par: Parallel) -> None:
@@ -256,19 +266,30 @@ class DSAModel(nn.Module):
         """Parameters that stay in fp32 whatever the model dtype (as in the official inference code)."""
         return {n for n, _ in self.named_parameters() if n.endswith(("weights_proj.weight", "e_score_correction_bias"))}
 
-    def forward(self, input_ids: Tensor, layout: BatchLayout, pools: KVPools, ops: DSAOps,
-                dp_sizes: list[int] | None = None) -> Tensor:
-        """Final-normed hidden states [T, hidden] of every query row of this DP group."""
+    def context(self, layout: BatchLayout, pools: KVPools, ops: DSAOps, dtype: torch.dtype) -> StepContext:
         if self.rotary is None:
-            self.rotary = Rotary(self.cfg.rope, self.cfg.qk_rope_head_dim, input_ids.device)
+            self.rotary = Rotary(self.cfg.rope, self.cfg.qk_rope_head_dim, layout.row_pos.device)
+        cos, sin = self.rotary.cos_sin(layout.row_pos, dtype)
+        return StepContext(layout, pools, ops, self.par, list(layout.dp_sizes), cos, sin)
+
+    def forward(self, input_ids: Tensor, layout: BatchLayout, pools: KVPools, ops: DSAOps) -> Tensor:
+        """Final-normed hidden states [T, hidden] of every query row of this DP group."""
         h = self.embed_tokens(input_ids, self.par)
-        cos, sin = self.rotary.cos_sin(layout.row_pos, h.dtype)
-        ctx = StepContext(layout, pools, ops, self.par, dp_sizes or [layout.num_tokens], cos, sin)
+        ctx = self.context(layout, pools, ops, h.dtype)
         topk = None
         for layer in self.layers:
             h, topk = layer(h, ctx, topk)
         return self.norm(h)
 
+    def draft(self, input_ids: Tensor, hidden: Tensor, layout: BatchLayout, pools: KVPools, ops: DSAOps) -> Tensor:
+        """The MTP layer over the layout's rows: [T, hidden] normed states (see MTPLayer.draft)."""
+        assert self.mtp is not None, "the model was built without its MTP layer"
+        return self.mtp.draft(input_ids, hidden, self.context(layout, pools, ops, hidden.dtype))
+
     def logits(self, hidden: Tensor) -> Tensor:
         """Full-vocabulary fp32 logits (vocab shards gathered over the attention-TP group)."""
         return self.par.all_gather_attn(F.linear(hidden, self.lm_head.weight).float())
+
+    def draft_logits(self, hidden: Tensor) -> Tensor:
+        assert self.mtp is not None
+        return self.par.all_gather_attn(F.linear(hidden, self.mtp.shared_head.head.weight).float())

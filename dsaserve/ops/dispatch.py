@@ -65,11 +65,11 @@ class DSAOps:
         out = torch.empty(T, topk, dtype=torch.int32, device=q.device)
         if T == 0:
             return out
-        if layout.max_kv_len <= topk:  # every row sees <= topk keys: select them all, skip the logits
+        if layout.key_width <= topk:  # every row sees <= topk keys: select them all, skip the logits
             out.copy_(reference.first_positions_slots(layout.row_kv_len, layout.page_table, layout.row_req,
                                                       layout.page_size, topk))
             return out
-        num_keys = layout.max_kv_len
+        num_keys = layout.key_width
         rows_per_chunk = max(1, self.max_logits_bytes // (num_keys * 4))
         for start in range(0, T, rows_per_chunk):
             rows = slice(start, min(start + rows_per_chunk, T))

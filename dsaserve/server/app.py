@@ -16,6 +16,7 @@ from dsaserve.engine.request import SamplingParams
 from dsaserve.server import protocol as p
 from dsaserve.server.errors import ApiError, bad_request, install_error_handlers
 from dsaserve.server.frontend import Frontend, RequestHandle
+from dsaserve.server.guard import RequestGuard
 from dsaserve.server.metrics import ServerMetrics
 from dsaserve.server.openai_api import OpenAIServing, openai_router
 from dsaserve.server.streaming import (DONE, AbortingStream, Result, aborter, checked, collect, error_event,
@@ -27,7 +28,8 @@ HEALTH_GENERATE_TIMEOUT_S = 60.0
 
 def create_app(args: ServerArgs, frontend: Frontend, metrics: ServerMetrics, served_name: str) -> FastAPI:
     app = FastAPI(title="dsaserve", version=getattr(dsaserve, "__version__", "0"))
-    install_error_handlers(app, args.max_request_bytes)
+    install_error_handlers(app)
+    app.add_middleware(RequestGuard, limit=args.max_request_bytes)
 
     async def require_key(request: Request) -> None:  # async: no thread pool hop per request
         if args.api_key is None:

@@ -1,6 +1,6 @@
 """API errors: one exception type, rendered as an OpenAI-shaped body with the right status. Every
-error the server answers has that shape: validation errors, bodies that do not decode, bodies over
-the size limit (413, before they are parsed) and unexpected exceptions (500)."""
+error the server answers has that shape: validation errors, bodies that do not decode, bodies the
+guard refuses (server.guard) and unexpected exceptions (500)."""
 from __future__ import annotations
 
 import logging
@@ -9,7 +9,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dsaserve.server.protocol import ErrorInfo, ErrorResponse
 
@@ -36,43 +35,6 @@ def bad_request(message: str, param: str | None = None) -> ApiError:
     return ApiError(400, message, param=param, code=code)
 
 
-def _too_large(limit: int) -> ApiError:
-    return ApiError(413, f"the request body is larger than {limit} bytes (--max-request-bytes)",
-                    code="request_too_large")
-
-
-class _BodyTooLarge(StarletteHTTPException):
-    """Raised while the body streams in (no Content-Length); FastAPI passes HTTPExceptions through."""
-
-    def __init__(self, limit: int):
-        super().__init__(413, _too_large(limit).message)
-
-
-class BodyLimit:
-    """ASGI middleware: a body over `limit` bytes is a 413 before anyone parses it."""
-
-    def __init__(self, app: ASGIApp, limit: int):
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            return await _too_large(self.limit).response()(scope, receive, send)
-        seen = 0
-
-        async def counted() -> Message:
-            nonlocal seen
-            msg = await receive()
-            seen += len(msg.get("body", b""))
-            if seen > self.limit:
-                raise _BodyTooLarge(self.limit)
-            return msg
-
-        await self.app(scope, counted, send)
-
-
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     parts, param = [], None
     for err in exc.errors():
@@ -82,9 +44,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return "; ".join(parts) or "invalid request", param
 
 
-def install_error_handlers(app: FastAPI, max_request_bytes: int) -> None:
-    app.add_middleware(BodyLimit, limit=max_request_bytes)
-
+def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         return exc.response()

@@ -44,27 +44,6 @@ class StartupError(RuntimeError):
     pass
 
 
-class ServerTokenizer(Tokenizer):
-    """The server's tokenizer: text that is not valid Unicode is a 400, not a tokenizer crash."""
-
-    def encode(self, text: str) -> list[int]:
-        _check_text(text)
-        return super().encode(text)
-
-    def chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
-        for msg in messages:
-            _check_text(msg.get("content") if isinstance(msg.get("content"), str) else "")
-        return super().chat(messages, add_generation_prompt)
-
-
-def _check_text(text: str) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ApiError(400, f"the text holds a lone surrogate {text[exc.start]!r} at character {exc.start}: "
-                            "it is not valid Unicode", code="invalid_value") from None
-
-
 @dataclass
 class RankLink:
     rank: int  # DP group
@@ -82,7 +61,7 @@ class Frontend:
         self.groups: dict[str, list[str]] = {}  # response id of a batch / n > 1 call -> its engine rids
         self.info: dict[str, Any] = {}
         self.engine_stats: dict[int, EngineStats] = {}  # as last pushed by each DP leader
-        self.tokenizer: ServerTokenizer | None = None
+        self.tokenizer: Tokenizer | None = None
         self.shutting_down = False
         self.down: str | None = None  # why the deployment is gone
         self._rr = itertools.count()
@@ -111,7 +90,7 @@ class Frontend:
         self.ranks.start()
         for link in self.links:
             self.info = await self._wait_ready(link)
-        self.tokenizer = ServerTokenizer(self.info["model_path"])
+        self.tokenizer = Tokenizer(self.info["model_path"])
         self._receivers = [asyncio.create_task(self._receive(link)) for link in self.links]
         self._watcher = asyncio.create_task(watch(self.ranks, self.fail_all))
 

@@ -1,11 +1,19 @@
-"""OpenAI-compatible routes: /v1/completions, /v1/chat/completions, /v1/models."""
+"""OpenAI-compatible routes: /v1/completions, /v1/chat/completions, /v1/models, /tokenize, /detokenize."""
 from __future__ import annotations
 
+import functools
 import uuid
-from typing import Any, AsyncIterator
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import APIRouter, Request
 
+from dsaserve.chat.constrain import MARKUP_TEXTS, Constraint, Markup, build_grammar, markup_for
+from dsaserve.chat.grammar import GrammarError, GrammarSpec, checked_spec, ll_tokenizer
+from dsaserve.chat.parsers import (DEFAULT_TOOL_PARSER, OutputParser, Parsed, ReasoningSplitter, ToolCall,
+                                   tool_parser)
+from dsaserve.chat.render import ChatFormat, ChatFormatError, RenderedChat
+from dsaserve.chat.tools import ToolPlan, plan_tools
 from dsaserve.engine.request import SamplingParams
 from dsaserve.server import protocol as p
 from dsaserve.server.errors import ApiError, bad_request
@@ -14,11 +22,44 @@ from dsaserve.server.streaming import (DONE, AbortingStream, Result, aborter, ch
                                        merged, until_disconnect)
 
 LogprobList = list[tuple[float, list[tuple[int, float]]]]
+ParserFactory = Callable[[], OutputParser]
+
+
+@dataclass(frozen=True)
+class ChatPlan:
+    prompt: RenderedChat
+    tools: ToolPlan
+    parser: ParserFactory | None  # one parser per choice; None: the text is the content
+    grammar: GrammarSpec | None
 
 
 class OpenAIServing:
     def __init__(self, frontend: Frontend, served_name: str):
         self.fe, self.served_name = frontend, served_name
+
+    @functools.cached_property
+    def chat_format(self) -> ChatFormat:  # the tokenizer exists once the frontend has started
+        return ChatFormat(self.fe.tokenizer, self.fe.args.tokenizer_mode, self.fe.info.get("model_type"))
+
+    @functools.cached_property
+    def markup(self) -> Markup:
+        return markup_for(self.fe.tokenizer.hf, ll_tokenizer(*self._vocab()), MARKUP_TEXTS)
+
+    def _vocab(self) -> tuple[str, tuple[int, ...]]:
+        return self.fe.info["model_path"], tuple(self.fe.info["eos_token_ids"])
+
+    def grammar(self, c: Constraint, tool_format: str | None = None,
+                opens_reasoning: bool = False) -> GrammarSpec | None:
+        """The checked grammar of a request's constraint; a 400 naming the problem if it is invalid."""
+        param = "tool_choice" if c.forced_tools else ("regex" if c.regex else "ebnf" if c.ebnf else "response_format")
+        try:
+            if c.empty:
+                return None
+            if self.fe.args.grammar_backend == "none":
+                raise GrammarError("structured output is off on this server (--grammar-backend none)")
+            return checked_spec(build_grammar(c, tool_format, self.markup, opens_reasoning), *self._vocab())
+        except GrammarError as exc:
+            raise bad_request(f"{param}: {exc}", param=param) from None
 
     # -- shared ------------------------------------------------------------------------------
 
@@ -28,7 +69,8 @@ class OpenAIServing:
                            param="model", code="model_not_found")
 
     @staticmethod
-    def params(body: p.SamplingFields, max_tokens: int | None, logprobs: int | None, index: int) -> SamplingParams:
+    def params(body: p.SamplingFields, max_tokens: int | None, logprobs: int | None, index: int,
+               grammar: GrammarSpec | None = None) -> SamplingParams:
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
         seed = None if body.seed is None else body.seed + index  # n > 1: seeds s, s+1, ...
         return checked(SamplingParams(
@@ -36,34 +78,39 @@ class OpenAIServing:
             top_p=1.0 if body.top_p is None else body.top_p, top_k=-1 if body.top_k is None else body.top_k,
             min_p=body.min_p or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
             presence_penalty=body.presence_penalty or 0.0, seed=seed, stop=stop,
-            stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos, logprobs=logprobs))
+            stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos, logprobs=logprobs,
+            grammar=grammar))
 
     def token_str(self, token: int, as_ids: bool) -> str:
         return f"token_id:{token}" if as_ids else self.fe.tokenizer.decode([token], skip_special_tokens=False)
 
     async def respond(self, request: Request, body: p.SamplingFields, prompts: list[list[int]],
-                      max_tokens: int | None, logprobs: int | None, kind: str) -> Any:
-        params = [self.params(body, max_tokens, logprobs, i) for _ in prompts for i in range(body.n)]
+                      max_tokens: int | None, logprobs: int | None, kind: str,
+                      parser: ParserFactory | None = None, grammar: GrammarSpec | None = None) -> Any:
+        params = [self.params(body, max_tokens, logprobs, i, grammar) for _ in prompts for i in range(body.n)]
         flat = [ids for ids in prompts for _ in range(body.n)]
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         handles = await self.fe.submit_many(flat, params, rid, body.routed_dp_rank)
         prompt_tokens = sum(len(ids) for ids in prompts)  # each prompt once, however many choices
-        render = self._chat if kind == "chat" else self._completion
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            gen = self._stream(handles, rid, body, prompt_tokens, include_usage, kind)
+            parsers = [parser() if parser else None for _ in handles]
+            gen = self._stream(handles, rid, body, prompt_tokens, include_usage, kind, parsers)
             return AbortingStream(gen, aborter(self.fe, handles))
 
         async def gather() -> list[Result]:
             return [await collect(h) for h in handles]
 
         results = await until_disconnect(request, gather(), aborter(self.fe, handles))
-        return render(rid, body, results, prompt_tokens)
+        if kind == "chat":
+            return self._chat(rid, body, results, prompt_tokens, parser)
+        return self._completion(rid, body, results, prompt_tokens)
 
     async def _stream(self, handles: list[RequestHandle], rid: str, body: p.SamplingFields, prompt_tokens: int,
-                      include_usage: bool, kind: str) -> AsyncIterator[str]:
+                      include_usage: bool, kind: str, parsers: list[OutputParser | None]) -> AsyncIterator[str]:
         offsets = [0] * len(handles)
         completion_tokens = [0] * len(handles)
+        calls = [0] * len(handles)  # tool calls streamed so far, per choice
         if kind == "chat":
             for i in range(len(handles)):
                 choice = p.ChatStreamChoice(index=i, delta=p.ChatDelta(role="assistant", content=""))
@@ -73,7 +120,10 @@ class OpenAIServing:
                 if d.finish is not None and d.finish.kind == "error":
                     raise ApiError(500, d.finish.message or "the request failed in the engine")
                 completion_tokens[i] = d.completion_tokens
-                yield self._chunk(kind, rid, body, i, d, offsets)
+                if kind == "chat":
+                    yield self._chat_chunks(rid, body, i, d, parsers[i], calls)
+                else:
+                    yield self._completion_chunk(rid, body, i, d, offsets)
         except Exception as exc:  # an error mid-stream: the client gets it as an event, then [DONE]
             yield error_event(exc)
             yield DONE
@@ -84,12 +134,30 @@ class OpenAIServing:
             yield p.sse(chunk_cls(id=rid, model=self.served_name, choices=[], usage=use))
         yield DONE
 
-    def _chunk(self, kind: str, rid: str, body: p.SamplingFields, i: int, d: Delta, offsets: list[int]) -> str:
+    def _chat_chunks(self, rid: str, body: p.SamplingFields, i: int, d: Delta, parser: OutputParser | None,
+                     calls: list[int]) -> str:
+        """One chunk of text (and logprobs), then two per completed tool call (name, then arguments)."""
+        part = Parsed(content=d.text) if parser is None else parser.feed(d.text)
+        if parser is not None and d.finish is not None:
+            part.add(parser.finish())
+        lp = self._chat_logprobs(d.token_ids, d.logprobs, body) if body.logprobs else None
+        deltas = [p.ChatDelta(content=part.content, reasoning_content=part.reasoning or None)]
+        for call in part.calls:
+            head = p.ToolCallDelta(index=calls[i], id=call_id(), type="function",
+                                   function=p.FunctionCall(name=call.name, arguments=""))
+            args = p.ToolCallDelta(index=calls[i], function=p.FunctionCall(arguments=call.arguments))
+            deltas += [p.ChatDelta(tool_calls=[head]), p.ChatDelta(tool_calls=[args])]
+            calls[i] += 1
+        events = []
+        for k, delta in enumerate(deltas):
+            last = k == len(deltas) - 1
+            finish = finish_reason(d.finish.kind, calls[i] > 0) if last and d.finish is not None else None
+            choice = p.ChatStreamChoice(index=i, delta=delta, logprobs=lp if k == 0 else None, finish_reason=finish)
+            events.append(p.sse(p.ChatCompletionChunk(id=rid, model=self.served_name, choices=[choice])))
+        return "".join(events)
+
+    def _completion_chunk(self, rid: str, body: p.SamplingFields, i: int, d: Delta, offsets: list[int]) -> str:
         finish = d.finish.kind if d.finish is not None else None
-        if kind == "chat":
-            lp = self._chat_logprobs(d.token_ids, d.logprobs, body) if body.logprobs else None
-            choice = p.ChatStreamChoice(index=i, delta=p.ChatDelta(content=d.text), logprobs=lp, finish_reason=finish)
-            return p.sse(p.ChatCompletionChunk(id=rid, model=self.served_name, choices=[choice]))
         clp = None
         if body.logprobs is not None:  # text_offset runs on across chunks
             clp = self._completion_logprobs(d.token_ids, d.logprobs, body, offsets[i])
@@ -132,17 +200,37 @@ class OpenAIServing:
 
     # -- chat --------------------------------------------------------------------------------
 
-    def chat_ids(self, body: p.ChatCompletionRequest) -> list[int]:
-        messages = []
-        for msg in body.messages:
-            content = msg.content
-            if isinstance(content, list):
-                content = "".join(part.text or "" for part in content if part.type == "text")
-            messages.append({"role": msg.role, "content": content or ""})
+    def render(self, body: p.ChatInput, tools: list[dict[str, Any]] | None,
+               add_generation_prompt: bool = True) -> RenderedChat:
         try:
-            return self.fe.tokenizer.chat(messages)
-        except Exception as exc:  # a template that rejects the conversation is the client's problem
-            raise bad_request(f"cannot apply the chat template: {exc}", param="messages") from None
+            return self.chat_format.render([m.plain() for m in body.messages], tools, body.chat_template_kwargs,
+                                           add_generation_prompt)
+        except ChatFormatError as exc:
+            raise bad_request(str(exc), param="messages") from None
+
+    def plan_chat(self, body: p.ChatCompletionRequest) -> ChatPlan:
+        try:
+            tools = plan_tools(body.tools, body.tool_choice)
+        except ValueError as exc:
+            raise bad_request(str(exc), param="tools" if "tools[" in str(exc) else "tool_choice") from None
+        prompt = self.render(body, tools.tools)
+        reasoning, tool_parser_name = self.fe.args.reasoning_parser, None
+        if tools.parse:
+            model_type = self.fe.info.get("model_type")
+            tool_parser_name = self.fe.args.tool_call_parser or DEFAULT_TOOL_PARSER.get(model_type or "")
+            if tool_parser_name is None:
+                raise bad_request(f"tools need a tool-call parser and model type {model_type!r} has no default: "
+                                  "start the server with --tool-call-parser", param="tools")
+        constraint = Constraint(body.response_format, body.regex, body.ebnf, tools.forced,
+                                several_calls=tools.choice == "required" and body.parallel_tool_calls is not False)
+        grammar = self.grammar(constraint, tool_parser_name, prompt.opens_reasoning)
+        if reasoning is None and tool_parser_name is None:
+            return ChatPlan(prompt, tools, None, grammar)
+
+        def parser() -> OutputParser:
+            return OutputParser(ReasoningSplitter(prompt.opens_reasoning) if reasoning else None,
+                                tool_parser(tool_parser_name, tools.tools) if tool_parser_name else None)
+        return ChatPlan(prompt, tools, parser, grammar)
 
     def _chat_logprobs(self, ids: list[int], lps: LogprobList, body: p.SamplingFields) -> p.ChatLogprobs:
         as_ids = body.return_tokens_as_token_ids
@@ -154,15 +242,65 @@ class OpenAIServing:
             content.append(p.TokenLogprob(token=s, logprob=chosen, bytes=list(s.encode()), top_logprobs=tops))
         return p.ChatLogprobs(content=content)
 
-    def _chat(self, rid: str, body: p.SamplingFields, results: list[Result],
-              prompt_tokens: int) -> p.ChatCompletionResponse:
+    def _chat(self, rid: str, body: p.SamplingFields, results: list[Result], prompt_tokens: int,
+              parser: ParserFactory | None) -> p.ChatCompletionResponse:
         choices = []
         for i, r in enumerate(results):
             lp = self._chat_logprobs(r.token_ids, r.logprobs, body) if getattr(body, "logprobs", False) else None
-            choices.append(p.ChatChoice(index=i, message=p.ChatMessageOut(content=r.text), logprobs=lp,
-                                        finish_reason=r.finish.kind))
+            part = Parsed(content=r.text)
+            if parser is not None:
+                out = parser()
+                part = out.feed(r.text).add(out.finish())
+            message = p.ChatMessageOut(content=part.content if (part.content or not part.calls) else None,
+                                       reasoning_content=part.reasoning or None,
+                                       tool_calls=[tool_call_out(c) for c in part.calls] or None)
+            choices.append(p.ChatChoice(index=i, message=message, logprobs=lp,
+                                        finish_reason=finish_reason(r.finish.kind, bool(part.calls))))
         return p.ChatCompletionResponse(id=rid, model=self.served_name, choices=choices,
                                         usage=p.usage(prompt_tokens, sum(r.completion_tokens for r in results)))
+
+    # -- tokenizer endpoints -----------------------------------------------------------------
+
+    def tokenize(self, body: p.TokenizeRequest) -> p.TokenizeResponse:
+        if body.model is not None:
+            self.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise bad_request("give exactly one of prompt and messages", param="prompt")
+        if body.prompt is not None:
+            ids = list(self.fe.tokenizer.hf.encode(body.prompt, add_special_tokens=body.add_special_tokens))
+        else:
+            try:
+                tools = plan_tools(body.tools, None).tools
+            except ValueError as exc:
+                raise bad_request(str(exc), param="tools") from None
+            chat = p.ChatInput(messages=body.messages, tools=body.tools,
+                               chat_template_kwargs=body.chat_template_kwargs)
+            ids = self.render(chat, tools, body.add_generation_prompt).ids
+        strs = self.fe.tokenizer.hf.convert_ids_to_tokens(ids) if body.return_token_strs else None
+        return p.TokenizeResponse(count=len(ids), max_model_len=self.fe.info["context_length"], tokens=ids,
+                                  token_strs=strs)
+
+    def detokenize(self, body: p.DetokenizeRequest) -> p.DetokenizeResponse:
+        if body.model is not None:
+            self.check_model(body.model)
+        vocab = self.fe.info["vocab_size"]
+        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        if bad:
+            raise bad_request(f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param="tokens")
+        return p.DetokenizeResponse(prompt=self.fe.tokenizer.decode(body.tokens, skip_special_tokens=False))
+
+
+def call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def tool_call_out(call: ToolCall) -> p.ToolCallOut:
+    return p.ToolCallOut(id=call_id(), function=p.FunctionCall(name=call.name, arguments=call.arguments))
+
+
+def finish_reason(kind: str, called: bool) -> str:
+    """OpenAI's `tool_calls` when the model stopped after calling tools."""
+    return "tool_calls" if called and kind == "stop" else kind
 
 
 def openai_router(serving: OpenAIServing) -> APIRouter:
@@ -179,16 +317,29 @@ def openai_router(serving: OpenAIServing) -> APIRouter:
         serving.check_model(body.model)
         if body.echo:
             raise bad_request("echo is not supported", param="echo")
-        prompts = await serving.fe.tokenize(serving.prompt_ids, body.prompt)
-        return await serving.respond(request, body, prompts, body.max_tokens, body.logprobs, "completion")
+        prompts = await serving.fe.tokenize(serving.prompt_ids, body.prompt)  # off the event loop
+        grammar = serving.grammar(Constraint(body.response_format, body.regex, body.ebnf))
+        return await serving.respond(request, body, prompts, body.max_tokens, body.logprobs, "completion",
+                                     grammar=grammar)
 
     @router.post("/v1/chat/completions", response_model=None)
     async def chat(body: p.ChatCompletionRequest, request: Request) -> Any:
         serving.check_model(body.model)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        ids = await serving.fe.tokenize(serving.chat_ids, body)  # off the event loop
-        return await serving.respond(request, body, [ids], max_tokens, logprobs, "chat")
+        plan = await serving.fe.tokenize(serving.plan_chat, body)  # off the event loop
+        return await serving.respond(request, body, [plan.prompt.ids], max_tokens, logprobs, "chat", plan.parser,
+                                     plan.grammar)
+
+    @router.post("/tokenize")
+    @router.post("/v1/tokenize")
+    async def tokenize(body: p.TokenizeRequest) -> p.TokenizeResponse:
+        return await serving.fe.tokenize(serving.tokenize, body)
+
+    @router.post("/detokenize")
+    @router.post("/v1/detokenize")
+    async def detokenize(body: p.DetokenizeRequest) -> p.DetokenizeResponse:
+        return await serving.fe.tokenize(serving.detokenize, body)
 
     return router
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 
 class _In(BaseModel):
@@ -36,6 +36,10 @@ class SamplingFields(_In):
     routed_dp_rank: int | None = None
     # vLLM's extension: logprob tokens as "token_id:N", so that clients get exact ids.
     return_tokens_as_token_ids: bool = False
+    # Structured output: OpenAI's response_format, and SGLang's regex / ebnf (extra_body).
+    response_format: dict[str, Any] | None = None
+    regex: str | None = None
+    ebnf: str | None = None
 
 
 class CompletionRequest(SamplingFields):
@@ -53,13 +57,57 @@ class ContentPart(_In):
 class ChatMessage(_In):
     role: str
     content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None
+
+    def plain(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatInput(_In):
+    """What a chat prompt is made of (chat completions and /tokenize). Tools stay plain dicts: the
+    DeepSeek-V3.2 encoding writes them out with their keys in the client's order."""
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[dict[str, Any]] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class ChatCompletionRequest(ChatInput, SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None  # accepted; several calls are always allowed
+
+
+class TokenizeRequest(_In):
+    """vLLM's /tokenize: a prompt, or a conversation rendered as chat completions would render it."""
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    tools: list[dict[str, Any]] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = True  # prompts only: a rendered conversation carries its own
+    return_token_strs: bool = False
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(_In):
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class NativeSamplingParams(BaseModel):
@@ -137,9 +185,36 @@ class ChatLogprobs(BaseModel):
     content: list[TokenLogprob]
 
 
+class FunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ToolCallDelta(BaseModel):
+    """A streamed tool call: the first delta of a call has id, type and name; later ones arguments."""
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCall
+
+    @model_serializer(mode="wrap")
+    def _drop_none(self, handler: Any) -> dict[str, Any]:
+        out = handler(self)
+        out["function"] = {k: v for k, v in out["function"].items() if v is not None}
+        return {k: v for k, v in out.items() if v is not None}
+
+
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -161,6 +236,8 @@ class ChatCompletionResponse(BaseModel):
 class ChatDelta(BaseModel):
     role: str | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatStreamChoice(BaseModel):

@@ -1,0 +1,123 @@
+"""MTP speculative decoding: decode throughput with and without speculation on DeepSeek-V3.2-shaped
+layers (benchmarks/engine.py's model plus its MTP layer), CUDA graphs on (the engine's default).
+
+Drafters: `mtp` (the checkpoint's MTP layer; random weights here, so nearly every draft is
+rejected: this measures the cost of speculation) and `oracle` (each request's known greedy
+continuation: every draft is accepted, the upper bound for S steps). Each row checks that the
+tokens equal the non-speculative run before it is reported. Prints a table, writes JSON:
+
+    python benchmarks/spec_decode.py --batch 1 16 64 --steps 3 --output-json spec.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from dsaserve import LLM, SamplingParams
+from dsaserve.tiny import make_tiny_model
+
+from engine import DEEPSEEK_V32_LAYER  # noqa: E402  (benchmarks/ is the script's folder)
+
+
+def decode_run(llm: LLM, prompts: list[list[int]], output_len: int) -> tuple[list[list[int]], dict[str, float]]:
+    engine = llm.engine
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    rids = [f"r{time.monotonic_ns()}-{i}" for i in range(len(prompts))]
+    for rid, p in zip(rids, prompts):
+        engine.add_request(rid, p, params)
+    tokens: dict[str, list[int]] = {rid: [] for rid in rids}
+    torch.cuda.synchronize()
+    start = first = time.perf_counter()
+    prefilled = False
+    steps = 0
+    while engine.has_work():
+        for out in engine.step():
+            tokens[out.rid] += out.new_token_ids
+        if not prefilled and all(tokens[r] for r in rids):
+            torch.cuda.synchronize()
+            first, prefilled, steps = time.perf_counter(), True, 0
+        steps += 1
+    torch.cuda.synchronize()
+    end = time.perf_counter()
+    decoded = len(prompts) * (output_len - 1)
+    return [tokens[r] for r in rids], dict(decode_s=end - first, decode_tok_s=decoded / (end - first),
+                                           ms_per_token=1e3 * (end - first) / (output_len - 1),
+                                           ms_per_step=1e3 * (end - first) / max(steps, 1), prefill_s=first - start)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="/tmp/dsaserve-bench-mtp-model")
+    ap.add_argument("--layers", type=int, default=3)
+    ap.add_argument("--experts", type=int, default=16)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64])
+    ap.add_argument("--input-len", type=int, default=1024)
+    ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--page-size", type=int, default=64)
+    ap.add_argument("--output-json", default=None)
+    args = ap.parse_args()
+    path = Path(args.out)
+    if not (path / "config.json").is_file():
+        make_tiny_model(path, "deepseek_v32", layers=args.layers, dtype=torch.bfloat16, n_routed_experts=args.experts,
+                        **{**DEEPSEEK_V32_LAYER, "num_nextn_predict_layers": 1})
+    common = dict(page_size=args.page_size, max_running_requests=max(args.batch),
+                  max_total_tokens=max(args.batch) * (args.input_len + args.output_len + 4 * args.steps) + 4096,
+                  chunked_prefill_size=max(8192, args.input_len), cuda_graph_max_bs=max(args.batch))
+    vocab = DEEPSEEK_V32_LAYER["vocab_size"]
+    gen = torch.Generator().manual_seed(0)
+    prompts = {b: [torch.randint(10, vocab, (args.input_len,), generator=gen).tolist() for _ in range(b)]
+               for b in args.batch}
+    rows = []
+    t = time.perf_counter()
+    base = LLM(str(path), **common)
+    print(f"engine without speculation ready in {time.perf_counter() - t:.0f}s")
+    reference = {}
+    for b in args.batch:
+        decode_run(base, prompts[b][:1], 4)  # first use of every shape outside the measured run
+        reference[b], stats = decode_run(base, prompts[b], args.output_len + args.steps + 1)
+        _, stats = decode_run(base, prompts[b], args.output_len)
+        rows.append(dict(batch=b, drafter="none", accept_length=1.0, **stats))
+    del base
+    torch.cuda.empty_cache()
+    t = time.perf_counter()
+    llm = LLM(str(path), speculative_algorithm="NEXTN", speculative_num_steps=args.steps, **common)
+    print(f"engine with speculation (S={args.steps}) ready in {time.perf_counter() - t:.0f}s, "
+          f"{llm.engine.runner.graphs.stats.captured} graphs captured")
+    for drafter in ("mtp", "oracle"):
+        for b in args.batch:
+            conts = {}
+
+            def oracle(req, drafts):  # noqa: ANN001, ANN202
+                n = len(req.output_ids)
+                return (conts[tuple(req.prompt_ids[:8])][n:n + args.steps] + drafts)[:args.steps]
+
+            conts = {tuple(p[:8]): ref for p, ref in zip(prompts[b], reference[b])}
+            llm.engine.draft_override = oracle if drafter == "oracle" else None
+            before = llm.engine.stats()
+            tokens, stats = decode_run(llm, prompts[b], args.output_len)
+            after = llm.engine.stats()
+            assert tokens == [r[:args.output_len] for r in reference[b]], f"batch {b} {drafter}: tokens differ"
+            verifies = after.spec_verify_steps - before.spec_verify_steps
+            accepted = after.spec_accepted_tokens - before.spec_accepted_tokens
+            rows.append(dict(batch=b, drafter=drafter, accept_length=(accepted + verifies) / verifies, **stats))
+    misses = llm.engine.runner.graphs.stats.eager_misses
+    device = torch.cuda.get_device_name()
+    print(f"\n{device}, {args.layers} layers + MTP, S={args.steps}, in {args.input_len}, out {args.output_len}, "
+          f"graph misses after start-up: {misses}")
+    print(f"{'batch':>5} {'drafter':>7} {'accept':>7} {'ms/token':>9} {'ms/step':>8} {'tok/s':>8} {'speed-up':>9}")
+    base_rate = {r["batch"]: r["decode_tok_s"] for r in rows if r["drafter"] == "none"}
+    for r in rows:
+        print(f"{r['batch']:>5} {r['drafter']:>7} {r['accept_length']:>7.2f} {r['ms_per_token']:>9.2f} "
+              f"{r['ms_per_step']:>8.2f} {r['decode_tok_s']:>8.0f} {r['decode_tok_s'] / base_rate[r['batch']]:>8.2f}x")
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps({"device": device, "steps": args.steps, "rows": rows,
+                                                      "graph_misses": misses}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Chat formats: DeepSeek-V3.2's encoding and Jinja templates, tool-call and reasoning parsers, grammars."""

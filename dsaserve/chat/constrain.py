@@ -1,0 +1,141 @@
+"""Grammars for one request: response_format / regex / ebnf, or a forced tool call written in the model's
+own tool-call format (DSML for DeepSeek-V3.2, <tool_call> markup for GLM), so that even a random-weight
+model emits a call that parses and whose arguments fit the tool's parameter schema.
+
+Grammars are Lark text for llguidance. Fixed markup that the tokenizer holds as one special token (GLM's
+`<arg_key>`, `</think>`) is written `<[id]>`, which is how llguidance matches special tokens. When the
+prompt opens a reasoning block, the grammar first lets the reasoning run to `</think>`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from dsaserve.chat import dsv32
+from dsaserve.chat.grammar import JSON_STYLE, GrammarError, ebnf_grammar, schema_of
+
+THINK_END = "</think>"
+# Fixed markup that a tokenizer may hold as single special tokens.
+MARKUP_TEXTS = (THINK_END, "<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>")
+
+
+@dataclass(frozen=True)
+class Markup:
+    """How fixed text is written in a grammar for one tokenizer."""
+    special: dict[str, int]  # text -> id of the single special token that spells it
+
+    def lit(self, text: str) -> str:
+        return f"<[{self.special[text]}]>" if text in self.special else json.dumps(text, ensure_ascii=False)
+
+
+def markup_for(hf: Any, ll_tok: Any, texts: tuple[str, ...]) -> Markup:
+    special = {}
+    for text in texts:
+        tid = hf.convert_tokens_to_ids(text)
+        if isinstance(tid, int) and tid != hf.unk_token_id and hf.decode([tid]) == text and ll_tok.is_special_token(tid):
+            special[text] = tid
+    return Markup(special)
+
+
+def json_rule(schema: dict[str, Any]) -> str:
+    return "%json " + json.dumps({**schema, "x-guidance": JSON_STYLE}, ensure_ascii=False)
+
+
+def _text_value(schema: dict[str, Any], markup: Markup) -> str:
+    """A raw (unquoted) string argument: one of its enum values, else text without '<' (markup follows)."""
+    if isinstance(schema.get("enum"), list) and all(isinstance(v, str) for v in schema["enum"]):
+        return "(" + " | ".join(markup.lit(v) for v in schema["enum"]) + ")"
+    lo, hi = int(schema.get("minLength", 0)), schema.get("maxLength")
+    return f"/[^<]{{{lo},{int(hi)}}}/" if hi is not None else (f"/[^<]{{{lo},}}/" if lo else "/[^<]*/")
+
+
+def _params(params: dict[str, Any]) -> list[tuple[str, dict[str, Any], bool]]:
+    props = params.get("properties") or {}
+    required = set(params.get("required") or [])
+    return [(k, v if isinstance(v, dict) else {}, k in required) for k, v in props.items()]
+
+
+def _dsml_call(i: int, fn: dict[str, Any], markup: Markup, rules: list[str]) -> str:
+    parts = []
+    for j, (key, schema, required) in enumerate(_params(fn.get("parameters") or {})):
+        is_str = schema.get("type") == "string"
+        value = _text_value(schema, markup) if is_str else f"v{i}_{j}"
+        if not is_str:
+            rules.append(f"v{i}_{j}: {json_rule(schema)}")
+        head = f'<{dsv32.DSML}parameter name="{key}" string="{"true" if is_str else "false"}">'
+        rules.append(f"p{i}_{j}: {markup.lit(head)} {value} {markup.lit(dsv32.PARAM_END + chr(10))}")
+        parts.append(f"p{i}_{j}" + ("" if required else "?"))
+    body = " ".join(parts) if parts else markup.lit("\n")
+    return f'{markup.lit(f"<{dsv32.DSML}invoke name=" + json.dumps(fn["name"]) + ">" + chr(10))} {body} ' \
+           f'{markup.lit(dsv32.INVOKE_END)}'
+
+
+def _glm_call(i: int, fn: dict[str, Any], markup: Markup, rules: list[str]) -> str:
+    parts = []
+    for j, (key, schema, required) in enumerate(_params(fn.get("parameters") or {})):
+        if schema.get("type") == "string":
+            value = _text_value(schema, markup)
+        else:
+            value = f"v{i}_{j}"
+            rules.append(f"v{i}_{j}: {json_rule(schema)}")
+        rules.append(f"p{i}_{j}: {markup.lit('<arg_key>')} {markup.lit(key)} {markup.lit('</arg_key>')} "
+                     f"{markup.lit('<arg_value>')} {value} {markup.lit('</arg_value>')}")
+        parts.append(f"p{i}_{j}" + ("" if required else "?"))
+    return f"{markup.lit('<tool_call>')} {markup.lit(fn['name'])} {' '.join(parts)} {markup.lit('</tool_call>')}"
+
+
+def tool_call_grammar(tools: list[dict[str, Any]], tool_format: str, markup: Markup, several: bool) -> list[str]:
+    """Lark rules, `calls` first, for one (or, if `several`, one or more) calls of the given tools."""
+    rules: list[str] = []
+    write = _dsml_call if tool_format == "deepseekv32" else _glm_call
+    alternatives = [write(i, t["function"], markup, rules) for i, t in enumerate(tools)]
+    rules.insert(0, "call: " + "\n    | ".join(alternatives))
+    if tool_format == "deepseekv32":
+        sep = markup.lit("\n")
+        more = f" ({sep} call)*" if several else ""
+        calls = f"calls: {markup.lit(chr(10) * 2 + dsv32.CALLS_START + chr(10))} call{more} " \
+                f"{markup.lit(chr(10) + dsv32.CALLS_END)}"
+    else:
+        calls = "calls: call+" if several else "calls: call"
+    return [calls] + rules
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What one request asks to be constrained to (at most one of them)."""
+    response_format: dict[str, Any] | None = None
+    regex: str | None = None
+    ebnf: str | None = None
+    forced_tools: list[dict[str, Any]] | None = None  # tool_choice required / named: these tools
+    several_calls: bool = True
+
+    @property
+    def empty(self) -> bool:
+        schema = schema_of(self.response_format) if self.response_format else None
+        return schema is None and self.regex is None and self.ebnf is None and not self.forced_tools
+
+
+def build_grammar(c: Constraint, tool_format: str | None, markup: Markup, opens_reasoning: bool) -> str:
+    """The llguidance grammar for `c` (not empty). Forced tools win over response_format (that reply
+    must be a call); regex / ebnf / response_format are exclusive."""
+    from llguidance import LLMatcher
+    schema = schema_of(c.response_format) if c.response_format else None
+    if sum(x is not None for x in (schema, c.regex, c.ebnf)) > 1:
+        raise GrammarError("give at most one of response_format, regex and ebnf")
+    if c.ebnf is not None and not c.forced_tools:
+        return ebnf_grammar(c.ebnf)  # the whole reply, as the client wrote it
+    if c.forced_tools:
+        if tool_format is None:
+            raise GrammarError("a forced tool_choice needs a tool-call parser")
+        rules = tool_call_grammar(c.forced_tools, tool_format, markup, c.several_calls)
+        body = "calls"
+    elif schema is not None:
+        rules, body = [f"answer: {json_rule(schema)}"], "answer"
+    else:
+        rules, body = [], "/" + (c.regex or "").replace("/", "\\/") + "/"
+    prefix = ""
+    if opens_reasoning:  # let the reasoning run up to </think>
+        prefix = "/(?s:.*)/ " if THINK_END in markup.special else "/[^<]*/ "
+        prefix += markup.lit(THINK_END) + " "
+    return LLMatcher.grammar_from_lark("\n".join([f"start: {prefix}{body}", *rules]))

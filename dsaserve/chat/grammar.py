@@ -1,0 +1,162 @@
+"""Constrained decoding with llguidance: grammar specs (built and checked in the HTTP process) and the
+per-request grammar state (built on the DP leader, held on the Request).
+
+Why llguidance: MIT, a 3 MB abi3 wheel with no dependencies (xgrammar pulls triton into a CPU install),
+the same code on CPU and GPU hosts (masks are computed on the CPU and applied as a tensor op), JSON
+schema, regex, Lark and GBNF grammars, `rollback(n)` and draft-token masks for speculative decoding.
+
+Lifecycle of one request's state (`GrammarState`):
+  allowed()   bool [V] mask for the next position (EOS only once the grammar is complete)
+  accept(t)   advance by a committed token
+  rollback(n) undo the last n accepted tokens (rejected speculative drafts)
+  is_terminated  the grammar is complete: only EOS may follow
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from dsaserve.engine.request import Request
+
+log = logging.getLogger(__name__)
+# Fixed separators: a JSON answer has one spelling, so a model cannot pad it with whitespace forever.
+JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+class GrammarError(ValueError):
+    """The schema / regex / grammar is invalid (the message names the problem)."""
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    """What to constrain a request to: an llguidance grammar over the vocabulary of `tokenizer_path`,
+    ending in one of `eos_ids`. Plain data: it travels inside SamplingParams to the DP leaders."""
+    grammar: str
+    tokenizer_path: str
+    eos_ids: tuple[int, ...]
+
+
+@functools.lru_cache(maxsize=4)
+def ll_tokenizer(path: str, eos_ids: tuple[int, ...]) -> Any:
+    """The llguidance view of a tokenizer (~1 s for a 128K vocabulary): built once per process."""
+    import llguidance.hf
+    from transformers import AutoTokenizer
+    return llguidance.hf.from_tokenizer(AutoTokenizer.from_pretrained(path), eos_token=list(eos_ids))
+
+
+def checked_spec(grammar: str, tokenizer_path: str, eos_ids: tuple[int, ...]) -> GrammarSpec:
+    from llguidance import LLMatcher
+    problem = LLMatcher.validate_grammar(grammar, ll_tokenizer(tokenizer_path, eos_ids))
+    if problem:
+        raise GrammarError(problem.strip().splitlines()[0])
+    return GrammarSpec(grammar, tokenizer_path, eos_ids)
+
+
+def json_grammar(schema: dict[str, Any]) -> str:
+    from llguidance import LLMatcher
+    if not isinstance(schema, dict):
+        raise GrammarError("a JSON schema must be an object")
+    try:
+        return LLMatcher.grammar_from_json_schema(schema, overrides=JSON_STYLE)
+    except ValueError as exc:
+        raise GrammarError(f"invalid JSON schema: {exc}") from None
+
+
+def regex_grammar(pattern: str) -> str:
+    from llguidance import LLMatcher
+    return LLMatcher.grammar_from_regex(pattern)
+
+
+def ebnf_grammar(ebnf: str) -> str:
+    """SGLang's `ebnf` (GBNF: `root ::= ...`); a grammar in Lark syntax (`start: ...`) is taken as it is."""
+    from llguidance import LLMatcher
+    from llguidance.gbnf_to_lark import gbnf_to_lark
+    try:
+        lark = gbnf_to_lark(ebnf) if "::=" in ebnf else ebnf
+    except Exception as exc:  # the converter raises plain exceptions on syntax errors
+        raise GrammarError(f"invalid EBNF grammar: {exc}") from None
+    return LLMatcher.grammar_from_lark(lark)
+
+
+class GrammarState:
+    """One request's position in its grammar (leader process only)."""
+
+    def __init__(self, spec: GrammarSpec, vocab_size: int):
+        from llguidance import LLMatcher
+        self.vocab_size = vocab_size
+        self.eos_ids = spec.eos_ids
+        self.matcher = LLMatcher(ll_tokenizer(spec.tokenizer_path, spec.eos_ids), spec.grammar)
+        if self.matcher.is_error():
+            log.error("grammar rejected in the engine: %s", self.matcher.get_error())
+
+    def allowed(self) -> torch.Tensor:
+        """bool [vocab_size]: the tokens the grammar allows next; EOS alone if it allows nothing."""
+        import numpy as np
+        bits = np.unpackbits(np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
+        mask = torch.zeros(self.vocab_size, dtype=torch.bool)
+        n = min(len(bits), self.vocab_size)
+        mask[:n] = torch.from_numpy(bits[:n].astype(bool))
+        if not bool(mask.any()):  # an error state: let the request end
+            mask[list(self.eos_ids)] = True
+        return mask
+
+    def allowed_after(self, pending: list[int]) -> torch.Tensor:
+        """The mask after the tokens `pending` (speculative drafts), leaving the state as it was. Drafts
+        past the first one the grammar rejects are ignored: the verify row before it rejects it anyway."""
+        n = self.matcher.validate_tokens(pending) if pending else 0
+        if n:
+            self.matcher.consume_tokens(pending[:n])
+        mask = self.allowed()
+        self.rollback(n)
+        return mask
+
+    def accept(self, token: int) -> bool:
+        return self.matcher.consume_token(token)
+
+    def rollback(self, n: int) -> None:
+        if n > 0 and not self.matcher.rollback(n):
+            raise RuntimeError(f"grammar rollback of {n} tokens failed: {self.matcher.get_error()}")
+
+    @property
+    def is_terminated(self) -> bool:
+        return self.matcher.is_stopped()
+
+
+def grammar_state(req: Request, vocab_size: int) -> GrammarState:
+    """The request's grammar state, made on first use (so only the process that samples holds one)."""
+    if req.grammar is None:
+        req.grammar = GrammarState(req.params.grammar, vocab_size)
+    return req.grammar
+
+
+def commit_tokens(req: Request, tokens: list[int]) -> None:
+    """Advance the request's grammar by tokens the engine committed (call once per committed token)."""
+    if req.grammar is not None:
+        for t in tokens:
+            req.grammar.accept(t)
+
+
+def schema_of(response_format: dict[str, Any]) -> dict[str, Any] | None:
+    """The JSON schema an OpenAI response_format asks for (None for plain text)."""
+    kind = response_format.get("type")
+    if kind in (None, "text"):
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind == "json_schema":
+        spec = response_format.get("json_schema") or {}
+        schema = spec.get("schema", spec.get("schema_"))
+        if not isinstance(schema, dict):
+            raise GrammarError("response_format json_schema needs json_schema.schema (an object)")
+        return schema
+    raise GrammarError(f"response_format type must be text, json_object or json_schema, got {kind!r}")
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)

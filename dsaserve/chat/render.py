@@ -1,0 +1,102 @@
+"""Chat rendering: OpenAI messages (+ tools, + chat_template_kwargs) -> prompt text and token ids.
+
+Two encodings: the tokenizer's Jinja chat template (GLM-5 and most models), or DeepSeek-V3.2's
+published encoding (`deepseek_v32`), chosen automatically for a `deepseek_v32` model whose tokenizer
+has no template, or forced with `--tokenizer-mode deepseek_v32`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from dsaserve.chat import dsv32
+
+if TYPE_CHECKING:
+    from dsaserve.engine.tokenizer import Tokenizer
+
+TOKENIZER_MODES = ("auto", "hf", "deepseek_v32")
+THINK_START, THINK_END = "<think>", "</think>"
+# Variables the renderer sets itself: a chat_template_kwargs key may not replace them.
+RESERVED_KWARGS = frozenset({"messages", "tools", "add_generation_prompt", "tokenize", "documents",
+                             "continue_final_message", "return_dict", "chat_template"})
+
+
+class ChatFormatError(ValueError):
+    """The conversation cannot be rendered (the message names what is wrong)."""
+
+
+@dataclass(frozen=True)
+class RenderedChat:
+    text: str
+    ids: list[int]
+
+    @property
+    def opens_reasoning(self) -> bool:
+        """The prompt ends inside a reasoning block: the reply starts with reasoning."""
+        return self.text.rstrip().endswith(THINK_START)
+
+
+class ChatFormat:
+    def __init__(self, tokenizer: Tokenizer, mode: str = "auto", model_type: str | None = None):
+        if mode not in TOKENIZER_MODES:
+            raise ValueError(f"--tokenizer-mode must be one of {', '.join(TOKENIZER_MODES)}, got {mode!r}")
+        self.tok = tokenizer
+        has_template = bool(getattr(tokenizer.hf, "chat_template", None))
+        if mode == "auto":
+            mode = "deepseek_v32" if (model_type == "deepseek_v32" and not has_template) else "hf"
+        self.encoding = mode  # "hf" (the Jinja template) or "deepseek_v32"
+        self.available = mode == "deepseek_v32" or has_template
+
+    def render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+               kwargs: dict[str, Any] | None = None, add_generation_prompt: bool = True) -> RenderedChat:
+        kwargs = dict(kwargs or {})
+        bad = sorted(RESERVED_KWARGS & kwargs.keys())
+        if bad:
+            raise ChatFormatError(f"chat_template_kwargs may not set {', '.join(bad)}")
+        try:
+            text = self._text([normalize(m) for m in messages], tools or None, kwargs, add_generation_prompt)
+        except ChatFormatError:
+            raise
+        except Exception as exc:  # a template or encoding that rejects the conversation: the client's problem
+            raise ChatFormatError(f"cannot apply the chat template: {exc}") from None
+        return RenderedChat(text, list(self.tok.hf.encode(text, add_special_tokens=False)))
+
+    def _text(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, kwargs: dict[str, Any],
+              add_generation_prompt: bool) -> str:
+        if self.encoding == "deepseek_v32":
+            # The published encoding has no generation-prompt switch: a user turn always opens the reply.
+            thinking = bool(kwargs.get("thinking", kwargs.get("enable_thinking", False)))
+            return dsv32.encode_messages(messages, thinking=thinking, tools=tools)
+        if not self.available:
+            raise ChatFormatError("the model's tokenizer has no chat template (use /v1/completions, or "
+                                  "--tokenizer-mode deepseek_v32 for a DeepSeek-V3.2 checkpoint)")
+        for m in messages:  # templates iterate a tool call's arguments as a mapping
+            for call in m.get("tool_calls") or []:
+                fn = call.get("function", {})
+                if isinstance(fn.get("arguments"), str):
+                    fn["arguments"] = _json_object(fn["arguments"], fn.get("name"))
+        return self.tok.hf.apply_chat_template(messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                                               tokenize=False, **kwargs)
+
+
+def normalize(msg: dict[str, Any]) -> dict[str, Any]:
+    """A plain-dict copy: text parts joined, null content as "", tool calls copied (templates mutate them)."""
+    out = {k: v for k, v in msg.items() if v is not None}
+    content = msg.get("content")
+    if isinstance(content, list):
+        content = "".join(p.get("text") or "" for p in content if p.get("type") == "text")
+    out["content"] = content or ""
+    if msg.get("tool_calls"):
+        out["tool_calls"] = [{**c, "function": dict(c.get("function") or {})} for c in msg["tool_calls"]]
+    return out
+
+
+def _json_object(text: str, name: str | None) -> dict[str, Any]:
+    try:
+        value = json.loads(text or "{}")
+    except json.JSONDecodeError as exc:
+        raise ChatFormatError(f"tool call {name!r}: arguments are not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ChatFormatError(f"tool call {name!r}: arguments must be a JSON object")
+    return value

@@ -1,0 +1,73 @@
+"""The MTP drafter: after the target's step, the MTP layer runs over the same rows (its caches catch
+up: prompt chunks, or the verified rows), then S - 1 chained draft steps of one row per request.
+
+Every sub-step is an ordinary plan through the one layout builder: the MTP pass reuses the target
+step's layout with other logit rows (the last accepted row of each request), and each draft step is
+a plan of one row per request at the next position. Draft tokens never leave the device between
+draft steps; the leader reads all S of them once, at the end of the step.
+
+Positions: an MTP row at position p reads (h_p, the token at p + 1) and predicts the token at p + 2.
+If the last accepted row of a request is at p, the first draft is read there, and draft step j runs
+at position p + j with the previous draft token and the previous MTP output as its hidden state.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from dsaserve.engine.layout import BatchLayout, StepMode, StepPlan
+
+if TYPE_CHECKING:
+    from dsaserve.engine.model_runner import ModelRunner, StepShape
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class DraftInput:
+    """What the leader decided after sampling, for every rank of its group: the MTP pass's input token
+    of every row (the token at the row's position + 1) and, per request, the row offset of its last
+    accepted token (-1: the request takes no draft this step, e.g. a prompt chunk that is not its last)."""
+    input_ids: tuple[int, ...]
+    last_rows: tuple[int, ...]
+
+
+def draft_plan(plan: StepPlan, last_rows: tuple[int, ...], step: int) -> StepPlan:
+    """Chained draft step `step` (1..S-1): one row per drafting request at position p + step."""
+    chosen = [b for b, off in enumerate(last_rows) if off >= 0]
+    return StepPlan(StepMode.DRAFT, tuple(plan.rids[b] for b in chosen), tuple(plan.pages[b] for b in chosen),
+                    tuple(plan.prefix_lens[b] + last_rows[b] + step for b in chosen), (1,) * len(chosen),
+                    (1,) * len(chosen), ())
+
+
+def mtp_rows(plan: StepPlan, last_rows: tuple[int, ...]) -> list[int]:
+    rows, start = [], 0
+    for q, off in zip(plan.q_lens, last_rows):
+        if off >= 0:
+            rows.append(start + off)
+        start += q
+    return rows
+
+
+class MTPDrafter:
+    def __init__(self, runner: ModelRunner, steps: int):
+        self.runner, self.steps = runner, steps
+
+    def run(self, plan: StepPlan, layout: BatchLayout, hidden: Tensor, given: DraftInput | None,
+            shape: StepShape) -> Tensor:
+        """Draft tokens [requests with a draft, S] (device) after the target step `plan`/`layout`."""
+        runner = self.runner
+        given = runner.par.broadcast_from_leader(given)
+        dev = hidden.device
+        rows = torch.tensor(mtp_rows(plan, given.last_rows), dtype=torch.int32).to(dev, non_blocking=True)
+        ids = torch.tensor(given.input_ids, dtype=torch.long).to(dev, non_blocking=True)
+        h, logits = runner.draft(ids, hidden, layout.with_logit_rows(rows), shape.graph_batch is not None)
+        drafts = [logits.argmax(-1)]
+        if self.steps > 1 and sum(shape.draft_sizes) > 0:
+            for step in range(1, self.steps):
+                _, draft_layout = runner.prepare(draft_plan(plan, given.last_rows, step), shape.for_drafts())
+                h, logits = runner.draft(drafts[-1], h, draft_layout, shape.graph_batch is not None)
+                drafts.append(logits.argmax(-1))
+        return torch.stack(drafts, dim=1)

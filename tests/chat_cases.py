@@ -1,0 +1,113 @@
+"""Structured-output and tool-calling checks shared by the V3.2-format and GLM-5-format server tests.
+Random weights are fine: the grammar forces validity, so every answer must parse and validate."""
+from __future__ import annotations
+
+import json
+import re
+
+import httpx
+import jsonschema
+import openai
+import pytest
+
+from dsaserve.tiny import make_tiny_model, save_tokenizer
+from server_process import ServerProcess
+
+PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "ok", "tags"],
+          "properties": {"name": {"type": "string", "maxLength": 8}, "age": {"type": "integer", "minimum": 0,
+                                                                              "maximum": 120},
+                         "ok": {"type": "boolean"},
+                         "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2}}}
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather of a city",
+    "parameters": {"type": "object", "required": ["city", "days"], "properties": {
+        "city": {"type": "string", "enum": ["Paris", "Oslo"]},
+        "days": {"type": "integer", "minimum": 1, "maximum": 7},
+        "units": {"type": "string", "enum": ["C", "F"]}}}}}
+TIME_TOOL = {"type": "function", "function": {"name": "get_time", "description": "Current time",
+                                              "parameters": {"type": "object", "properties": {}}}}
+TOOLS = [WEATHER_TOOL, TIME_TOOL]
+ASK = [{"role": "user", "content": "What is the weather?"}]
+
+
+def chat_checkpoint(tmp_path_factory: pytest.TempPathFactory, arch: str, chat_format: str) -> str:
+    """A tiny checkpoint whose tokenizer is in an official chat format."""
+    return str(save_tokenizer(make_tiny_model(tmp_path_factory.mktemp(chat_format) / f"tiny-{chat_format}", arch),
+                              chat_format))
+
+
+def openai_client(server: ServerProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def check_json_schema(client: openai.OpenAI, model: str, extra: dict) -> None:
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+    for sampling in ({"temperature": 0}, {"temperature": 1.0, "seed": 7, "n": 2}):
+        r = client.chat.completions.create(model=model, messages=ASK, response_format=fmt, max_tokens=60,
+                                           extra_body=extra, **sampling)
+        assert len(r.choices) == sampling.get("n", 1)
+        for c in r.choices:
+            assert c.finish_reason == "stop", c
+            jsonschema.validate(json.loads(c.message.content), PERSON)
+    chunks = client.chat.completions.create(model=model, messages=ASK, response_format=fmt, max_tokens=60,
+                                            temperature=0, stream=True, extra_body=extra)
+    jsonschema.validate(json.loads("".join(c.choices[0].delta.content or "" for c in chunks if c.choices)), PERSON)
+
+
+def check_regex_ebnf_json_object(client: openai.OpenAI, model: str, server_url: str, extra: dict,
+                                 json_object: bool = True) -> None:
+    """json_object is unbounded: only where the tiny model's greedy object closes within max_tokens."""
+    r = client.chat.completions.create(model=model, messages=ASK, max_tokens=12, temperature=1.0, seed=1, n=2,
+                                       extra_body={**extra, "regex": "(yes|no)-[0-9]{3}"})
+    assert all(re.fullmatch("(yes|no)-[0-9]{3}", c.message.content) for c in r.choices), r.choices
+    r = client.chat.completions.create(model=model, messages=ASK, max_tokens=12, temperature=0,
+                                       extra_body={**extra, "ebnf": 'root ::= "answer: " ("up" | "down")'})
+    assert r.choices[0].message.content in ("answer: up", "answer: down")
+    if json_object:
+        r = client.chat.completions.create(model=model, messages=ASK, max_tokens=40, temperature=0,
+                                           response_format={"type": "json_object"}, extra_body=extra)
+        assert isinstance(json.loads(r.choices[0].message.content), dict) and r.choices[0].finish_reason == "stop"
+    text = client.completions.create(model=model, prompt="Numbers:", max_tokens=8, temperature=0,
+                                     extra_body={"regex": "[0-9]{4}"}).choices[0].text
+    assert re.fullmatch("[0-9]{4}", text), text
+    for body, problem in (({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "x"}}}},
+                           "response_format"), ({"regex": "a[b"}, "regex"), ({"ebnf": "root ::= ("}, "ebnf"),
+                          ({"regex": "a", "ebnf": 'root ::= "a"'}, "at most one")):
+        bad = httpx.post(f"{server_url}/v1/chat/completions", timeout=60,
+                         json={"model": model, "messages": ASK, "max_tokens": 4, **body, **extra})
+        assert bad.status_code == 400 and problem in bad.json()["error"]["message"], bad.text
+
+
+def _call_args(call) -> dict:
+    tool = next(t for t in TOOLS if t["function"]["name"] == call.function.name)
+    args = json.loads(call.function.arguments)
+    jsonschema.validate(args, tool["function"]["parameters"])
+    return args
+
+
+def check_tool_loop(client: openai.OpenAI, model: str, extra: dict) -> None:
+    """tool_choice required -> parsed calls with valid arguments; the result goes back; an answer."""
+    r = client.chat.completions.create(model=model, messages=ASK, tools=TOOLS, tool_choice="required",
+                                       parallel_tool_calls=False, max_tokens=250, temperature=0, extra_body=extra)
+    msg = r.choices[0].message
+    assert r.choices[0].finish_reason == "tool_calls" and len(msg.tool_calls) == 1 and not msg.content, r
+    _call_args(msg.tool_calls[0])
+    messages = ASK + [msg.model_dump(exclude_none=True)] + [
+        {"role": "tool", "tool_call_id": c.id, "content": "Sunny, 21 C"} for c in msg.tool_calls]
+    answer = client.chat.completions.create(model=model, messages=messages, tools=TOOLS, tool_choice="none",
+                                            max_tokens=8, temperature=0, extra_body=extra)
+    assert answer.choices[0].message.content and not answer.choices[0].message.tool_calls
+
+
+def check_streamed_named_call(client: openai.OpenAI, model: str, extra: dict) -> None:
+    """A named tool_choice, streamed: id / type / name first, then argument pieces; finish_reason tool_calls."""
+    chunks = list(client.chat.completions.create(
+        model=model, messages=ASK, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        max_tokens=250, temperature=1.0, seed=3, stream=True, extra_body=extra))
+    deltas = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert deltas and deltas[0].id.startswith("call_") and deltas[0].type == "function"
+    assert {d.function.name for d in deltas if d.function.name} == {"get_weather"}
+    assert all(d.id is None for d in deltas if not d.function.name)
+    calls = "".join(d.function.arguments or "" for d in deltas if not d.function.name)
+    jsonschema.validate(json.loads(calls), WEATHER_TOOL["function"]["parameters"])
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"

@@ -1,0 +1,126 @@
+"""A live server on a tiny checkpoint in DeepSeek-V3.2's format (no chat template: the published encoding
+is used automatically): /tokenize and chat completions see exactly the published prompt, reasoning goes
+to reasoning_content, bad tools / kwargs are 400s."""
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from dsaserve.engine.tokenizer import Tokenizer
+from server_process import ServerProcess, module_server
+import chat_cases
+from test_chat_encoding import CASES, WEATHER
+
+pytestmark = pytest.mark.timeout(300)
+FLAGS = dict(page_size=4, max_total_tokens=16384, reasoning_parser="deepseek-v3")
+AS_IDS = {"return_tokens_as_token_ids": True, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def ds_path(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return chat_cases.chat_checkpoint(tmp_path_factory, "deepseek_v32", "deepseek_v32")
+
+
+@pytest.fixture(scope="module")
+def server(ds_path: str, tmp_path_factory: pytest.TempPathFactory):
+    yield from module_server(ds_path, tmp_path_factory, **FLAGS)
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerProcess) -> openai.OpenAI:
+    return chat_cases.openai_client(server)
+
+
+@pytest.fixture(scope="module")
+def hf(ds_path: str):
+    return Tokenizer(ds_path).hf
+
+
+def ids_of(tokens: list[str]) -> list[int]:
+    return [int(t.removeprefix("token_id:")) for t in tokens]
+
+
+@pytest.mark.parametrize("name,messages,thinking,tools,expected", CASES, ids=[c[0] for c in CASES])
+def test_tokenize_gives_the_published_prompt(server: ServerProcess, hf, name: str, messages: list, thinking: bool,
+                                             tools: list | None, expected: str) -> None:
+    body = {"messages": messages, "tools": tools, "chat_template_kwargs": {"thinking": thinking}}
+    r = httpx.post(f"{server.url}/tokenize", json=body, timeout=30).json()
+    assert r["tokens"] == hf.encode(expected, add_special_tokens=False)
+    assert r["count"] == len(r["tokens"]) and r["max_model_len"] == 4096
+    back = httpx.post(f"{server.url}/detokenize", json={"tokens": r["tokens"]}, timeout=30).json()
+    assert back == {"prompt": expected}
+
+
+def test_chat_completion_sees_the_published_prompt(client: openai.OpenAI, hf) -> None:
+    """Greedy tokens of the chat equal those of /v1/completions on the published prompt's ids."""
+    _, messages, _, tools, expected = next(c for c in CASES if c[0] == "tools on the system message")
+    model = client.models.list().data[0].id
+    no_tools = "<｜begin▁of▁sentence｜>Be brief.<｜User｜>Weather in Paris?<｜Assistant｜></think>"
+    for tool_choice, prompt in (("auto", expected), ("none", no_tools)):  # "none" leaves the tools out
+        ids = hf.encode(prompt, add_special_tokens=False)
+        chat = client.chat.completions.create(model=model, messages=messages, tools=tools, tool_choice=tool_choice,
+                                              max_tokens=6, temperature=0, logprobs=True, extra_body=AS_IDS)
+        plain = client.completions.create(model=model, prompt=ids, max_tokens=6, temperature=0, logprobs=0,
+                                          extra_body=AS_IDS)
+        assert chat.usage.prompt_tokens == len(ids)
+        assert ids_of([t.token for t in chat.choices[0].logprobs.content]) == ids_of(plain.choices[0].logprobs.tokens)
+
+
+@pytest.mark.parametrize("thinking", [True, False])
+def test_reasoning_content_by_thinking_mode(client: openai.OpenAI, thinking: bool) -> None:
+    """Thinking on: the prompt opens <think>, so the (never closed) reply is all reasoning; off: all content."""
+    model = client.models.list().data[0].id
+    kw = dict(model=model, messages=[{"role": "user", "content": "2+2?"}], max_tokens=8, temperature=0,
+              extra_body={"chat_template_kwargs": {"thinking": thinking}, "ignore_eos": True})
+    msg = client.chat.completions.create(**kw).choices[0].message
+    chunks = list(client.chat.completions.create(stream=True, **kw))
+    reasoning = "".join(c.choices[0].delta.reasoning_content or "" for c in chunks if c.choices)
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    text = msg.reasoning_content if thinking else msg.content
+    assert text and "</think>" not in text
+    assert (reasoning, content) == ((text, "") if thinking else ("", text))
+    assert (msg.content or "", msg.reasoning_content) == (("", text) if thinking else (text, None))
+
+
+@pytest.mark.parametrize("body,problem", [
+    ({"tool_choice": {"type": "function", "function": {"name": "nope"}}, "tools": [WEATHER]}, "not in tools"),
+    ({"tool_choice": "required"}, "needs tools"),
+    ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools[0].function.name"),
+    ({"chat_template_kwargs": {"messages": []}}, "may not set messages"),
+    ({"messages": [{"role": "tool", "content": "orphan"}]}, "needs an earlier assistant"),
+])
+def test_bad_chat_input_is_a_400(client: openai.OpenAI, server: ServerProcess, body: dict, problem: str) -> None:
+    model = client.models.list().data[0].id
+    payload = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **body}
+    r = httpx.post(f"{server.url}/v1/chat/completions", json=payload, timeout=30)
+    assert r.status_code == 400 and problem in r.json()["error"]["message"], r.text
+    assert httpx.post(f"{server.url}/tokenize", json={"prompt": "still serving"}, timeout=30).status_code == 200
+
+
+def test_tokenize_prompt_and_bad_requests(server: ServerProcess, hf) -> None:
+    r = httpx.post(f"{server.url}/tokenize", json={"prompt": "Hello world", "return_token_strs": True}).json()
+    assert r["tokens"] == hf.encode("Hello world") and r["token_strs"] == hf.convert_ids_to_tokens(r["tokens"])
+    for body, code in (({}, 400), ({"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, 400),
+                       ({"prompt": "a", "model": "other"}, 404)):
+        assert httpx.post(f"{server.url}/tokenize", json=body).status_code == code
+    bad = httpx.post(f"{server.url}/detokenize", json={"tokens": [1, 10**6]})
+    assert bad.status_code == 400 and "1000000" in bad.json()["error"]["message"]
+
+
+# -- structured output and forced tool calls (the grammar makes even random weights valid) -----------
+
+def test_json_schema_answers_validate(client: openai.OpenAI) -> None:
+    chat_cases.check_json_schema(client, client.models.list().data[0].id, {})
+
+
+def test_regex_ebnf_json_object(client: openai.OpenAI, server: ServerProcess) -> None:
+    chat_cases.check_regex_ebnf_json_object(client, client.models.list().data[0].id, server.url, {})
+
+
+def test_tool_calling_loop(client: openai.OpenAI) -> None:
+    chat_cases.check_tool_loop(client, client.models.list().data[0].id, {})
+
+
+def test_streamed_named_tool_call(client: openai.OpenAI) -> None:
+    chat_cases.check_streamed_named_call(client, client.models.list().data[0].id, {})

@@ -1,0 +1,114 @@
+"""A live server on a tiny checkpoint in GLM-5's format (its published Jinja template): chat_template_kwargs
+reach the template, tools and tool results render as GLM writes them, reasoning splits at </think>."""
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from dsaserve.engine.tokenizer import Tokenizer
+from server_process import ServerProcess, module_server
+import chat_cases
+from test_chat_encoding import WEATHER
+
+pytestmark = pytest.mark.timeout(300)
+FLAGS = dict(page_size=4, max_total_tokens=16384, reasoning_parser="glm45")
+TOOLS_SYSTEM = (
+    "<|system|>\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
+    '{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city", "parameters": '
+    '{"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}, '
+    '"required": ["city"]}}}\n</tools>\n\n'
+    "For each function call, output the function name and arguments within the following XML format:\n"
+    "<tool_call>{function-name}<arg_key>{arg-key-1}</arg_key><arg_value>{arg-value-1}</arg_value><arg_key>"
+    "{arg-key-2}</arg_key><arg_value>{arg-value-2}</arg_value>...</tool_call>")
+HI = [{"role": "user", "content": "Hi"}]
+AGENT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather?"},
+         {"role": "assistant", "content": None, "reasoning_content": "r", "tool_calls": [
+             {"id": "1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris", "days": 3}'}}]},
+         {"role": "tool", "tool_call_id": "1", "content": "Sunny"}, {"role": "tool", "content": "Rain"}]
+# (name, messages, tools, chat_template_kwargs, expected prompt)
+CASES = [
+    ("thinking by default", HI, None, None, "[gMASK]<sop><|user|>Hi<|assistant|><think>"),
+    ("enable_thinking false", HI, None, {"enable_thinking": False}, "[gMASK]<sop><|user|>Hi<|assistant|></think>"),
+    ("tools", HI, [WEATHER], None, "[gMASK]<sop>" + TOOLS_SYSTEM + "<|user|>Hi<|assistant|><think>"),
+    ("tool call and two results", AGENT, None, None,
+     "[gMASK]<sop><|system|>Be brief.<|user|>Weather?<|assistant|><think>r</think><tool_call>get_weather<arg_key>city"
+     "</arg_key><arg_value>Paris</arg_value><arg_key>days</arg_key><arg_value>3</arg_value></tool_call>"
+     "<|observation|><tool_response>Sunny</tool_response><tool_response>Rain</tool_response><|assistant|><think>"),
+    ("earlier reasoning cleared", AGENT[:3] + [{"role": "user", "content": "More?"}], None, None,
+     "[gMASK]<sop><|system|>Be brief.<|user|>Weather?<|assistant|></think><tool_call>get_weather<arg_key>city"
+     "</arg_key><arg_value>Paris</arg_value><arg_key>days</arg_key><arg_value>3</arg_value></tool_call>"
+     "<|user|>More?<|assistant|><think>"),
+    ("clear_thinking false keeps it", AGENT[:3] + [{"role": "user", "content": "More?"}], None,
+     {"clear_thinking": False},
+     "[gMASK]<sop><|system|>Be brief.<|user|>Weather?<|assistant|><think>r</think><tool_call>get_weather<arg_key>"
+     "city</arg_key><arg_value>Paris</arg_value><arg_key>days</arg_key><arg_value>3</arg_value></tool_call>"
+     "<|user|>More?<|assistant|><think>"),
+]
+
+
+@pytest.fixture(scope="module")
+def glm_path(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return chat_cases.chat_checkpoint(tmp_path_factory, "glm_moe_dsa", "glm5")
+
+
+@pytest.fixture(scope="module")
+def server(glm_path: str, tmp_path_factory: pytest.TempPathFactory):
+    yield from module_server(glm_path, tmp_path_factory, **FLAGS)
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerProcess) -> openai.OpenAI:
+    return chat_cases.openai_client(server)
+
+
+@pytest.fixture(scope="module")
+def hf(glm_path: str):
+    return Tokenizer(glm_path).hf
+
+
+@pytest.mark.parametrize("name,messages,tools,kwargs,expected", CASES, ids=[c[0] for c in CASES])
+def test_template_and_kwargs_reach_the_prompt(server: ServerProcess, hf, name: str, messages: list,
+                                              tools: list | None, kwargs: dict | None, expected: str) -> None:
+    body = {"messages": messages, "tools": tools, "chat_template_kwargs": kwargs}
+    r = httpx.post(f"{server.url}/tokenize", json=body, timeout=30).json()
+    assert r["tokens"] == hf.encode(expected, add_special_tokens=False)
+
+
+def test_add_generation_prompt_false(server: ServerProcess, hf) -> None:
+    r = httpx.post(f"{server.url}/tokenize", json={"messages": HI, "add_generation_prompt": False}).json()
+    assert r["tokens"] == hf.encode("[gMASK]<sop><|user|>Hi", add_special_tokens=False)
+
+
+@pytest.mark.parametrize("enable_thinking", [True, False])
+def test_reasoning_split_follows_the_template_kwarg(client: openai.OpenAI, enable_thinking: bool) -> None:
+    model = client.models.list().data[0].id
+    kw = dict(model=model, messages=HI, max_tokens=8, temperature=0,
+              extra_body={"chat_template_kwargs": {"enable_thinking": enable_thinking}, "ignore_eos": True})
+    msg = client.chat.completions.create(**kw).choices[0].message
+    text = msg.reasoning_content if enable_thinking else msg.content
+    assert text and "</think>" not in text
+    assert (msg.content or "", msg.reasoning_content) == (("", text) if enable_thinking else (text, None))
+
+
+# -- structured output and forced tool calls (thinking off: the reply is the constrained answer) ------
+NO_THINK = {"chat_template_kwargs": {"enable_thinking": False}}
+
+
+def test_json_schema_answers_validate(client: openai.OpenAI) -> None:
+    chat_cases.check_json_schema(client, client.models.list().data[0].id, NO_THINK)
+
+
+def test_regex_and_ebnf(client: openai.OpenAI, server: ServerProcess) -> None:
+    chat_cases.check_regex_ebnf_json_object(client, client.models.list().data[0].id, server.url, NO_THINK,
+                                            json_object=False)
+
+
+def test_tool_calling_loop(client: openai.OpenAI) -> None:
+    chat_cases.check_tool_loop(client, client.models.list().data[0].id, NO_THINK)
+
+
+def test_streamed_named_tool_call(client: openai.OpenAI) -> None:
+    chat_cases.check_streamed_named_call(client, client.models.list().data[0].id, NO_THINK)
+

@@ -1,0 +1,143 @@
+"""Reasoning and tool-call parsers: known outputs parsed whole and split at every point (two and three
+pieces), malformed markup kept as content, and tool_choice resolution."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dsaserve.chat.parsers import (DsmlToolParser, GlmToolParser, OutputParser, Parsed, ReasoningSplitter,
+                                   ToolCall)
+from dsaserve.chat.tools import plan_tools
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"},
+                                     "code": {"type": "string"}}}}},
+         {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}]
+D = "｜DSML｜"
+
+
+def dsml(reasoning: bool) -> OutputParser:
+    return OutputParser(ReasoningSplitter(starts_inside=True) if reasoning else None, DsmlToolParser(TOOLS))
+
+
+def glm(reasoning: bool) -> OutputParser:
+    return OutputParser(ReasoningSplitter(starts_inside=True) if reasoning else None, GlmToolParser(TOOLS))
+
+
+def parse(make, text: str, cuts: tuple[int, ...] = ()) -> Parsed:
+    parser, out, prev = make(), Parsed(), 0
+    for cut in (*cuts, len(text)):
+        out.add(parser.feed(text[prev:cut]))
+        prev = cut
+    return out.add(parser.finish())
+
+
+DSML_TWO = (f'Checking two.</think>Let me look.\n\n<{D}function_calls>\n<{D}invoke name="get_weather">\n'
+            f'<{D}parameter name="city" string="true">Paris</{D}parameter>\n'
+            f'<{D}parameter name="days" string="false">3</{D}parameter>\n</{D}invoke>\n'
+            f'<{D}invoke name="get_time">\n\n</{D}invoke>\n</{D}function_calls>')
+GLM_TWO = ("Checking two.</think>Let me look.<tool_call>get_weather<arg_key>city</arg_key><arg_value>Paris"
+           "</arg_value><arg_key>days</arg_key><arg_value>3</arg_value><arg_key>code</arg_key><arg_value>007"
+           "</arg_value></tool_call>\n<tool_call>get_time</tool_call>")
+# (parser, raw output, expected reasoning, content, calls)
+KNOWN = [
+    (dsml, DSML_TWO, "Checking two.", "Let me look.",
+     [ToolCall("get_weather", '{"city": "Paris", "days": 3}'), ToolCall("get_time", "{}")]),
+    (glm, GLM_TWO, "Checking two.", "Let me look.\n",
+     [ToolCall("get_weather", '{"city": "Paris", "days": 3, "code": "007"}'), ToolCall("get_time", "{}")]),
+    (dsml, "No tools.</think>Just <think> text <｜DSML｜ and \n\n done", "No tools.",
+     "Just <think> text <｜DSML｜ and \n\n done", []),
+    (glm, "Unclosed reasoning <tool_call>get_time</tool_call>", "Unclosed reasoning <tool_call>get_time</tool_call>",
+     "", []),
+]
+
+
+@pytest.mark.parametrize("make,raw,reasoning,content,calls", KNOWN)
+def test_every_split_point_gives_the_same_message(make, raw: str, reasoning: str, content: str,
+                                                  calls: list[ToolCall]) -> None:
+    expected = Parsed(reasoning, content, calls)
+    assert parse(lambda: make(True), raw) == expected
+    for a in range(len(raw) + 1):
+        assert parse(lambda: make(True), raw, (a,)) == expected, a
+        for b in range(a, len(raw) + 1, 5):
+            assert parse(lambda: make(True), raw, (a, b)) == expected, (a, b)
+
+
+def test_one_character_pieces() -> None:
+    assert parse(lambda: dsml(True), DSML_TWO, tuple(range(len(DSML_TWO)))) == parse(lambda: dsml(True), DSML_TWO)
+
+
+MALFORMED_DSML = [
+    f'<{D}function_calls>\n<{D}invoke name="get_weather">\n<{D}parameter name="days" string="false">three'
+    f'</{D}parameter>\n</{D}invoke>\n</{D}function_calls>',  # a non-string value that is not JSON
+    f'<{D}function_calls>\n<{D}invoke name="launch_rockets">\n</{D}invoke>\n</{D}function_calls>',  # unknown tool
+    f'<{D}function_calls>\ngarbage</{D}function_calls>',
+    f'<{D}function_calls>\n<{D}invoke name="get_time">\n',  # cut short
+]
+
+
+@pytest.mark.parametrize("raw", MALFORMED_DSML)
+def test_malformed_dsml_stays_content(raw: str) -> None:
+    text = "Before. " + raw + " after"
+    expected = Parsed("", text, [])
+    for a in range(len(text) + 1):
+        assert parse(lambda: dsml(False), text, (a,)) == expected
+
+
+def test_valid_call_then_malformed_one() -> None:
+    bad = f'<{D}invoke name="get_weather">\n<{D}parameter name="x" string="maybe">1</{D}parameter>\n</{D}invoke>\n'
+    raw = f'\n\n<{D}function_calls>\n<{D}invoke name="get_time">\n\n</{D}invoke>\n{bad}</{D}function_calls>'
+    expected = Parsed("", "\n" + bad + f"</{D}function_calls>", [ToolCall("get_time", "{}")])  # text kept whole
+    for a in range(len(raw) + 1):
+        assert parse(lambda: dsml(False), raw, (a,)) == expected
+
+
+@pytest.mark.parametrize("raw", [
+    "<tool_call>get_weather<arg_value>1</arg_value></tool_call>",  # value without key
+    "<tool_call><arg_key>a</arg_key><arg_value>1</arg_value></tool_call>",  # no name
+    "<tool_call>get_weather<arg_key>a</arg_key><arg_value>1</arg_value>junk</tool_call>",
+    "<tool_call>nope</tool_call>",  # unknown tool
+    "<tool_call>get_weather<arg_key>city",  # cut short
+])
+def test_malformed_glm_stays_content(raw: str) -> None:
+    text = "a " + raw + " b"
+    for a in range(len(text) + 1):
+        assert parse(lambda: glm(False), text, (a,)) == Parsed("", text, [])
+
+
+def test_reasoning_opened_by_the_reply() -> None:
+    def make() -> OutputParser:
+        return OutputParser(ReasoningSplitter(starts_inside=False), None)
+    raw = "<think>plan</think>answer"
+    for a in range(len(raw) + 1):
+        assert parse(make, raw, (a,)) == Parsed("plan", "answer", [])
+    assert parse(make, "<thin") == Parsed("", "<thin", [])  # not a marker after all: content
+
+
+def test_arguments_are_json_objects() -> None:
+    out = parse(lambda: glm(False), GLM_TWO.split("</think>")[1])
+    assert [json.loads(c.arguments) for c in out.calls] == [{"city": "Paris", "days": 3, "code": "007"}, {}]
+
+
+@pytest.mark.parametrize("choice,expected", [
+    (None, ("auto", 2)), ("none", ("none", 0)), ("auto", ("auto", 2)), ("required", ("required", 2)),
+    ({"type": "function", "function": {"name": "get_time"}}, ("get_time", 2)),
+])
+def test_tool_choice(choice, expected) -> None:
+    plan = plan_tools(TOOLS, choice)
+    assert (plan.choice, len(plan.tools)) == expected
+    forced = {"required": 2, "get_time": 1}.get(plan.choice)
+    assert (len(plan.forced) if plan.forced is not None else None) == forced
+
+
+@pytest.mark.parametrize("tools,choice,problem", [
+    (TOOLS, "sometimes", "tool_choice must be"),
+    (TOOLS, {"type": "function", "function": {"name": "missing"}}, "not in tools"),
+    (None, "required", "needs tools"),
+    ([{"type": "function", "function": {}}], None, r"tools\[0\].function.name"),
+    (TOOLS + TOOLS[:1], None, "given twice"),
+])
+def test_bad_tools_name_the_problem(tools, choice, problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        plan_tools(tools, choice)

@@ -1,0 +1,291 @@
+"""MTP speculative decoding on one device: greedy tokens equal the non-speculative run and the
+transformers oracle; the MTP drafts equal an independent reference of the MTP layer; acceptance,
+rejection sampling, stop rules, retraction and aborts with speculation on."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+from conftest import ARCHS, prompts_ids
+from dsaserve import LLM, SamplingParams
+from dsaserve.engine.request import Request
+
+PROMPTS = prompts_ids(4, [5, 40, 17, 3], seed=51)  # below and above index_topk (16)
+GREEDY = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+ORACLES = {"deepseek_v32": transformers.DeepseekV32ForCausalLM, "glm_moe_dsa": transformers.GlmMoeDsaForCausalLM}
+
+
+def spec(steps: int, **kw: object) -> dict[str, object]:
+    return dict(speculative_algorithm="NEXTN", speculative_num_steps=steps, **kw)
+
+
+def plain(model: str, prompts: list[list[int]], params: SamplingParams, **kw: object) -> list[list[int]]:
+    return [o.token_ids for o in LLM(model, max_total_tokens=4096, **kw).generate(prompts, params)]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("page_size", [1, 64])
+def test_spec_greedy_equals_plain_and_oracle(arch: str, page_size: int, tiny_models: dict[str, str]) -> None:
+    model = tiny_models[arch]
+    expected = plain(model, PROMPTS, GREEDY, page_size=page_size)
+    oracle = ORACLES[arch].from_pretrained(model, dtype=torch.float32, attn_implementation="eager").eval()
+    for ids, out in zip(PROMPTS[:2], expected[:2]):
+        with torch.no_grad():
+            ref = oracle.generate(torch.tensor([ids]), max_new_tokens=20, min_new_tokens=20, do_sample=False,
+                                  pad_token_id=0)[0, len(ids):].tolist()
+        assert out == ref
+    for steps in (1, 2, 3):  # chunked prefill of 7: the MTP layer prefills every chunk of the prompt
+        llm = LLM(model, page_size=page_size, chunked_prefill_size=7, max_total_tokens=4096, **spec(steps))
+        assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == expected, f"S={steps}"
+        stats = llm.engine.stats()
+        assert stats.free_pages == stats.total_pages and stats.spec_verify_steps > 0
+
+
+# -- the MTP layer against an independent reference ----------------------------------------------
+
+def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+class ReferenceMTP:
+    """The checkpoint's MTP layer run by transformers: its decoder layer as layer 0 of a one-layer model
+    whose final norm is shared_head.norm and whose lm_head is shared_head.head; the input embedding
+    eh_proj([enorm(embed(t)); hnorm(h)]) computed here from the checkpoint tensors."""
+
+    def __init__(self, model: str, arch: str, tmp: Path):
+        config = json.loads((Path(model) / "config.json").read_text())
+        L, eps = config["num_hidden_layers"], config["rms_norm_eps"]
+        tensors: dict[str, torch.Tensor] = {}
+        for f in Path(model).glob("*.safetensors"):
+            tensors |= load_file(f)
+        mtp = {k[len(f"model.layers.{L}."):]: v for k, v in tensors.items() if k.startswith(f"model.layers.{L}.")}
+        self.enorm, self.hnorm, self.eh, self.eps = mtp.pop("enorm.weight"), mtp.pop("hnorm.weight"), \
+            mtp.pop("eh_proj.weight"), eps
+        self.embed = mtp.pop("embed_tokens.weight", tensors["model.embed_tokens.weight"])
+        one = {f"model.layers.0.{k}": v for k, v in mtp.items() if not k.startswith("shared_head.")}
+        one |= {"model.norm.weight": mtp["shared_head.norm.weight"], "lm_head.weight": mtp["shared_head.head.weight"],
+                "model.embed_tokens.weight": self.embed}
+        (tmp / "mtp").mkdir()
+        save_file(one, str(tmp / "mtp" / "model.safetensors"))
+        config |= dict(num_hidden_layers=1, num_nextn_predict_layers=0, first_k_dense_replace=0,
+                       mlp_layer_types=["sparse"], indexer_types=["full"])
+        (tmp / "mtp" / "config.json").write_text(json.dumps(config))
+        self.layer = ORACLES[arch].from_pretrained(str(tmp / "mtp"), dtype=torch.float32,
+                                                   attn_implementation="eager").eval()
+        self.main = ORACLES[arch].from_pretrained(model, dtype=torch.float32, attn_implementation="eager").eval()
+
+    @torch.no_grad()
+    def drafts(self, tokens: list[int], steps: int) -> list[int]:
+        """Drafts after `tokens` (the last one not yet cached): the MTP row at the last cached position
+        reads the target's final hidden state, then each chained step reads the previous MTP output."""
+        h = self.main.model(torch.tensor([tokens[:-1]])).last_hidden_state[0]
+        nxt, out = list(tokens[1:]), []
+        for _ in range(steps):
+            e = _rms(self.embed[torch.tensor(nxt)], self.enorm, self.eps)
+            x = torch.cat([e, _rms(h, self.hnorm, self.eps)], -1) @ self.eh.T
+            res = self.layer(inputs_embeds=x[None], output_hidden_states=True)
+            out.append(int(res.logits[0, -1].argmax()))
+            h = torch.cat([h, res.hidden_states[-1][0, -1:]])  # the MTP output after shared_head.norm
+            nxt.append(out[-1])
+        return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_mtp_drafts_match_reference(arch: str, tiny_models: dict[str, str], tmp_path: Path) -> None:
+    """Every step's drafts (after a prefill, and after verify steps that accepted all or none) equal the
+    reference MTP run over the whole sequence: the MTP caches stay consistent across steps."""
+    model, steps = tiny_models[arch], 3
+    ref = ReferenceMTP(model, arch, tmp_path)
+    prompts = PROMPTS[:2]
+    continuation = plain(model, prompts, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
+    for accept_all in (True, False):
+        llm = LLM(model, page_size=4, chunked_prefill_size=16, max_total_tokens=4096, **spec(steps))
+        seen: list[tuple[list[int], list[int]]] = []
+        conts = {}
+
+        def override(req: Request, drafts: list[int]) -> list[int]:
+            seen.append((req.prompt_ids + req.output_ids, list(drafts)))
+            cont, n = conts[req.rid], len(req.output_ids)
+            return cont[n:n + steps] if accept_all else [(t + 1) % 512 for t in cont[n:n + steps]]
+
+        llm.engine.draft_override = override
+        for i, (p, c) in enumerate(zip(prompts, continuation)):
+            llm.engine.add_request(f"r{i}", p, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))
+            conts[f"r{i}"] = c
+        llm.engine.run_until_idle()
+        assert len(seen) >= 4
+        for tokens, drafts in seen:
+            assert drafts == ref.drafts(tokens, steps), f"after {len(tokens)} tokens (accept_all={accept_all})"
+
+
+# -- acceptance ------------------------------------------------------------------------------------
+
+def _with_drafter(model: str, steps: int, reference: list[list[int]], wrong: tuple[int, ...] = (),
+                  **kw: object) -> LLM:
+    """An engine whose drafts are each request's known continuation, except drafts at the indices in
+    `wrong`, which never match it (0: the first draft, so nothing is accepted)."""
+    llm = LLM(model, max_total_tokens=4096, **spec(steps), **kw)
+    conts = {f"llm-{i}": ref for i, ref in enumerate(reference)}
+
+    def override(req: Request, drafts: list[int]) -> list[int]:
+        cont, n = conts[req.rid], len(req.output_ids)
+        known = (cont[n:n + steps] + drafts)[:steps]  # past the continuation's end: the MTP's own drafts
+        return [(t + 1) % 512 if i in wrong else t for i, t in enumerate(known)]
+
+    llm.engine.draft_override = override
+    return llm
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3])
+def test_always_and_never_accepting_drafters(steps: int, tiny_ds: str) -> None:
+    reference = plain(tiny_ds, PROMPTS, SamplingParams(max_tokens=24 + steps, temperature=0.0, ignore_eos=True),
+                      page_size=1)
+    for wrong, accept_length in (((), steps + 1), ((0,), 1.0)):
+        llm = _with_drafter(tiny_ds, steps, reference, wrong, page_size=1)
+        out = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
+        assert out == [r[:20] for r in reference]
+        assert llm.engine.stats().avg_spec_accept_length == accept_length
+
+
+def test_stop_rules_inside_an_accepted_run(tiny_ds: str) -> None:
+    """With every draft accepted, a step yields S + 1 = 4 tokens: token 0 comes from the prefill, tokens
+    1-4 from the first verify step. A stop token, a stop string and max_tokens at token 2 end there."""
+    prompt = PROMPTS[2:3]
+    reference = plain(tiny_ds, prompt, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
+    ref = reference[0]
+    tok = LLM(tiny_ds, max_total_tokens=64).tokenizer
+    piece = tok.decode(ref[2:3])
+    assert ref[2] not in ref[:2] and piece.strip() and piece not in tok.decode(ref[:2]), "pick another prompt"
+    for params in (SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, stop_token_ids=(ref[2],)),
+                   SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, stop=(piece,)),
+                   SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)):
+        llm = _with_drafter(tiny_ds, 3, reference)
+        out = llm.generate(prompt, params)[0]
+        assert out.token_ids == ref[:3], params
+        assert llm.engine.stats().spec_accepted_tokens == 3  # the whole first run was accepted, then cut
+        assert out.finish_reason.kind == ("length" if params.max_tokens == 3 else "stop")
+
+
+# -- sampling --------------------------------------------------------------------------------------
+
+def test_seeded_sampling_equals_non_speculative(tiny_ds: str) -> None:
+    """Each verify row samples with the noise of the non-speculative step at the same output index, so
+    a seeded request gives the same tokens with and without speculation. Drafts: the request's own
+    seeded continuation with its second draft corrupted, so every verify step accepts exactly one
+    draft and rejects the next (penalties count the accepted drafts)."""
+    prompts = PROMPTS * 3
+    params = [SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=s, ignore_eos=True,
+                             frequency_penalty=0.3 * (s % 2)) for s in range(len(prompts))]
+    longer = [dataclasses.replace(p, max_tokens=16) for p in params]
+    continuation = plain(tiny_ds, prompts, longer, page_size=4)
+    llm = _with_drafter(tiny_ds, 3, continuation, (1,), page_size=4)
+    assert [o.token_ids for o in llm.generate(prompts, params)] == [c[:12] for c in continuation]
+    assert llm.engine.stats().avg_spec_accept_length == 2.0
+
+
+def _chi_square_p(a: list[int], b: list[int]) -> float:
+    """p-value of a two-sample chi-square test of homogeneity (Wilson-Hilferty approximation)."""
+    cats = sorted(set(a) | set(b))
+    na, nb = len(a), len(b)
+    stat = 0.0
+    for c in cats:
+        oa, ob = a.count(c), b.count(c)
+        ea, eb = (oa + ob) * na / (na + nb), (oa + ob) * nb / (na + nb)
+        stat += (oa - ea) ** 2 / ea + (ob - eb) ** 2 / eb
+    k = len(cats) - 1
+    z = ((stat / k) ** (1 / 3) - (1 - 2 / (9 * k))) / math.sqrt(2 / (9 * k))
+    return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+def test_rejection_sampling_matches_target_distribution(tiny_ds: str) -> None:
+    """Over a small vocabulary (top_k 3), the second sampled token's histogram with speculation on
+    (drafts: the greedy continuation, so about half are accepted) matches speculation off with other
+    seeds. Two-sample chi-square at significance 1e-3: a correct sampler fails with probability 0.1%
+    over seed choices; the seeds are fixed, so the outcome is deterministic."""
+    n = 300
+    prompt = PROMPTS[2]
+    off = [SamplingParams(max_tokens=2, temperature=1.0, top_k=3, seed=10_000 + s, ignore_eos=True) for s in range(n)]
+    on = [SamplingParams(max_tokens=2, temperature=1.0, top_k=3, seed=s, ignore_eos=True) for s in range(n)]
+    greedy = plain(tiny_ds, [prompt], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))[0]
+    base = [t[1] for t in plain(tiny_ds, [prompt] * n, off, page_size=4)]
+    llm = _with_drafter(tiny_ds, 2, [greedy] * n, page_size=4)
+    specd = [o.token_ids[1] for o in llm.generate([prompt] * n, on)]
+    assert 1.0 < llm.engine.stats().avg_spec_accept_length  # the accept path was taken
+    assert _chi_square_p(base, specd) > 1e-3
+
+
+# -- memory pressure and aborts --------------------------------------------------------------------
+
+def test_retraction_with_spec(tiny_ds: str) -> None:
+    prompts = prompts_ids(8, [20, 5, 31, 12, 8, 25, 3, 17], seed=6)
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    expected = plain(tiny_ds, prompts, params, page_size=4)
+    tight = LLM(tiny_ds, page_size=4, max_total_tokens=2 * (31 + 16 + 6) + 8, **spec(3))
+    assert [o.token_ids for o in tight.generate(prompts, params)] == expected
+    stats = tight.engine.stats()
+    assert stats.num_retractions > 0 and stats.free_pages == stats.total_pages
+
+
+def test_abort_between_steps_frees_pages(tiny_ds: str) -> None:
+    """A request aborted after a verify step (its drafts made, not yet verified) frees every page and
+    leaves the others' tokens unchanged."""
+    expected = plain(tiny_ds, PROMPTS, GREEDY, page_size=1)
+    llm = LLM(tiny_ds, page_size=1, max_total_tokens=4096, **spec(3))
+    engine = llm.engine
+    for i, p in enumerate(PROMPTS):
+        engine.add_request(f"r{i}", p, GREEDY)
+    tokens: dict[str, list[int]] = {f"r{i}": [] for i in range(len(PROMPTS))}
+    for _ in range(3):
+        for out in engine.step():
+            tokens[out.rid] += out.new_token_ids
+    assert engine.requests["r1"].draft_ids and engine.requests["r1"].spec_verify_ct > 0
+    assert engine.abort("r1")
+    for out in engine.run_until_idle():
+        tokens[out.rid] += out.new_token_ids
+    assert [tokens[f"r{i}"] for i in (0, 2, 3)] == [expected[i] for i in (0, 2, 3)]
+    assert len(tokens["r1"]) < 20
+    stats = engine.stats()
+    assert stats.free_pages == stats.total_pages and stats.running == stats.waiting == 0
+
+
+def test_spec_flags_are_checked(tiny_ds: str, tmp_path: Path) -> None:
+    from dsaserve.server_args import ServerArgs
+    from dsaserve.tiny import make_tiny_model
+    for bad, flag in ((dict(speculative_eagle_topk=2), "--speculative-eagle-topk"),
+                      (dict(speculative_num_draft_tokens=3), "--speculative-num-draft-tokens"),
+                      (dict(speculative_algorithm="MEDUSA"), "--speculative-algorithm")):
+        with pytest.raises(ValueError, match=flag):
+            ServerArgs(**{"speculative_algorithm": "NEXTN", **bad})
+    with pytest.raises(ValueError, match="--speculative-algorithm"):
+        ServerArgs(speculative_num_steps=2)
+    assert ServerArgs(speculative_algorithm="EAGLE").spec_steps == 3
+    no_mtp = make_tiny_model(tmp_path / "nomtp", "deepseek_v32", num_nextn_predict_layers=0)
+    with pytest.raises(ValueError, match="num_nextn_predict_layers=0"):
+        LLM(str(no_mtp), **spec(2))
+
+
+def test_structured_output_with_spec(tiny_ds: str) -> None:
+    """A grammar masks every verify row as if the drafts before it were already output, and advances
+    only by the tokens kept: speculation gives the non-speculative constrained tokens, which parse."""
+    from dsaserve.chat.grammar import checked_spec, json_grammar
+    schema = {"type": "object", "properties": {"n": {"type": "boolean"}, "w": {"enum": ["ab", "cd"]}},
+              "required": ["n", "w"], "additionalProperties": False}
+    grammar = checked_spec(json_grammar(schema), tiny_ds, (1,))
+    params = [SamplingParams(max_tokens=24, temperature=t, seed=7, grammar=grammar) for t in (0.0, 0.9)]
+    expected = plain(tiny_ds, PROMPTS[:2], params)
+    reference = plain(tiny_ds, PROMPTS[:2], [dataclasses.replace(p, max_tokens=40) for p in params])
+    for wrong in ((), (1,)):
+        llm = _with_drafter(tiny_ds, 3, reference, wrong)
+        outs = llm.generate(PROMPTS[:2], params)
+        assert [o.token_ids for o in outs] == expected
+        assert llm.engine.stats().avg_spec_accept_length > (3.0 if not wrong else 1.5)
+        for o in outs:
+            value = json.loads(o.text)
+            assert isinstance(value["n"], bool) and value["w"] in ("ab", "cd") and o.finish_reason.kind == "stop"

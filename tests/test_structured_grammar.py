@@ -1,0 +1,67 @@
+"""Grammar state without a server: the forced-call grammar in each model's format accepts a valid call
+(after reasoning when the prompt opens it) and rejects a wrong one; rollback undoes accepted tokens."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from chat_cases import TOOLS
+from dsaserve.chat.constrain import MARKUP_TEXTS, Constraint, build_grammar, markup_for
+from dsaserve.chat.grammar import GrammarSpec, GrammarState, json_grammar, ll_tokenizer
+from dsaserve.engine.tokenizer import Tokenizer
+from dsaserve.tiny import make_tiny_model, save_tokenizer
+
+D = "｜DSML｜"
+DSML_CALL = (f'\n\n<{D}function_calls>\n<{D}invoke name="get_weather">\n<{D}parameter name="city" string="true">'
+             f'Oslo</{D}parameter>\n<{D}parameter name="days" string="false">3</{D}parameter>\n</{D}invoke>\n'
+             f'</{D}function_calls>')
+GLM_CALL = "<tool_call>get_weather<arg_key>city</arg_key><arg_value>Oslo</arg_value><arg_key>days</arg_key>" \
+           "<arg_value>3</arg_value></tool_call>"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("grammar")
+    return {fmt: str(save_tokenizer(make_tiny_model(root / fmt, arch), fmt))
+            for arch, fmt in (("deepseek_v32", "deepseek_v32"), ("glm_moe_dsa", "glm5"))}
+
+
+def state(path: str, constraint: Constraint, tool_format: str | None, opens_reasoning: bool) -> GrammarState:
+    tok = Tokenizer(path)
+    markup = markup_for(tok.hf, ll_tokenizer(path, (1,)), MARKUP_TEXTS)
+    return GrammarState(GrammarSpec(build_grammar(constraint, tool_format, markup, opens_reasoning), path, (1,)),
+                        len(tok.hf))
+
+
+def feed(st: GrammarState, ids: list[int]) -> bool:
+    for t in ids:
+        if not bool(st.allowed()[t]) or not st.accept(t):
+            return False
+    return True
+
+
+@pytest.mark.parametrize("fmt,tool_format,call,reasoning", [
+    ("deepseek_v32", "deepseekv32", DSML_CALL, ""), ("deepseek_v32", "deepseekv32", DSML_CALL, "Hmm <b>.</think>"),
+    ("glm5", "glm47", GLM_CALL, ""), ("glm5", "glm47", GLM_CALL, "Hmm <b>.</think>")])
+def test_forced_call_grammar(tiny: dict[str, str], fmt: str, tool_format: str, call: str, reasoning: str) -> None:
+    hf = Tokenizer(tiny[fmt]).hf
+    make = lambda: state(tiny[fmt], Constraint(forced_tools=TOOLS[:1], several_calls=False), tool_format,  # noqa: E731
+                         bool(reasoning))
+    st = make()
+    assert feed(st, hf.encode(reasoning + call, add_special_tokens=False)) and st.is_terminated
+    assert st.allowed().nonzero().flatten().tolist() == [1]  # complete: EOS only
+    wrong = make()  # a city outside the enum
+    assert not feed(wrong, hf.encode(reasoning + call.replace("Oslo", "Rome"), add_special_tokens=False))
+
+
+def test_rollback_restores_the_mask(tiny: dict[str, str]) -> None:
+    path = tiny["deepseek_v32"]
+    hf = Tokenizer(path).hf
+    st = GrammarState(GrammarSpec(json_grammar({"type": "object", "properties": {"a": {"type": "integer"}},
+                                                "required": ["a"]}), path, (1,)), len(hf))
+    first = st.allowed().clone()
+    ids = hf.encode('{"a": 4', add_special_tokens=False)
+    assert feed(st, ids) and not st.is_terminated
+    st.rollback(len(ids))
+    assert torch.equal(st.allowed(), first)
+    assert feed(st, hf.encode('{"a": 42}', add_special_tokens=False)) and st.is_terminated
