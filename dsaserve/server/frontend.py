@@ -236,7 +236,7 @@ class Frontend:
             if self.down is not None or st is None:
                 states.append({**base, "error": self.down or "no statistics yet"})
             else:
-                states.append({**base, **dataclasses.asdict(st)})
+                states.append({**base, **dataclasses.asdict(st), "avg_spec_accept_length": st.avg_spec_accept_length})
         return states
 
     # -- sending -----------------------------------------------------------------------------

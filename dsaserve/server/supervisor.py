@@ -60,7 +60,8 @@ class RankProcesses:
         now = time.monotonic()
         for rank, beat in zip(self.ranks, self.beats):
             if beat and now - beat > after:
-                return f"the engine process of {self.name(rank)} stopped responding (no heartbeat for {now - beat:.0f} s)"
+                return (f"the engine process of {self.name(rank)} stopped responding "
+                        f"(no heartbeat for {now - beat:.0f} s)")
         return None
 
     def problem(self, hung_after: float | None = HUNG_AFTER_S) -> str | None:

@@ -11,7 +11,6 @@ server process is gone.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import signal
@@ -28,7 +27,7 @@ from dsaserve.server_args import ServerArgs
 
 log = logging.getLogger(__name__)
 HEARTBEAT_S = 0.5
-STATS_INTERVAL_S = 1.0  # while stepping, statistics whose only change is the step count go out this often
+STATS_INTERVAL_S = 1.0  # statistics whose only change is a progress counter go out at most this often
 
 
 def run_rank(args: ServerArgs, rank: int, endpoints: list[m.Endpoints], parent_pid: int, init_addr: str,
@@ -175,15 +174,19 @@ class WorkerLoop:
 
 
 class _StatsPush:
-    """Engine statistics for the frontend: pushed when they change, so reading them never waits."""
+    """Engine statistics for the frontend: pushed when the requests or pages change, and at most once
+    a second when only progress counters (steps, speculative counts) moved. Reading never waits."""
 
     def __init__(self, sent: Any):
         self.last, self.at = sent, time.monotonic()
 
+    @staticmethod
+    def _state(stats: Any) -> tuple[int, ...]:
+        return stats.running, stats.waiting, stats.free_pages, stats.num_retractions
+
     def __call__(self, stats: Any) -> list[m.Event]:
         now = time.monotonic()
-        moved = dataclasses.replace(stats, steps=0) != dataclasses.replace(self.last, steps=0)
-        if not moved and (stats.steps == self.last.steps or now - self.at < STATS_INTERVAL_S):
+        if stats == self.last or (self._state(stats) == self._state(self.last) and now - self.at < STATS_INTERVAL_S):
             return []
         self.last, self.at = stats, now
         return [m.Stats(stats)]
