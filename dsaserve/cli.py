@@ -1,4 +1,4 @@
-"""dsaserve serve | generate | make-tiny-model | bench serving."""
+"""dsaserve serve | generate | make-tiny-model | train-tiny | bench serving."""
 from __future__ import annotations
 
 import argparse
@@ -29,6 +29,12 @@ def _make_tiny(ns: argparse.Namespace) -> int:
     from dsaserve.tiny import make_tiny_model
     path = make_tiny_model(ns.out, ns.arch, fp8=ns.fp8, layers=ns.layers, seed=ns.seed)
     print(f"wrote a tiny {ns.arch} checkpoint to {path}")
+    return 0
+
+
+def _train_tiny(ns: argparse.Namespace) -> int:
+    from dsaserve.train_tiny import train_tiny
+    train_tiny(ns.out, ns.preset, seed=ns.seed, threads=ns.threads)
     return 0
 
 
@@ -76,6 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     tiny.add_argument("--layers", type=int, default=None)
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=_make_tiny)
+
+    train = sub.add_parser("train-tiny", help="train the embedded default model on CPU (minutes); write its checkpoint")
+    train.add_argument("out", help="checkpoint folder (the shipped one is dsaserve/assets/tiny-dsa)")
+    train.add_argument("--preset", default="shipped", help="shipped (the embedded model) or test (seconds, toy scale)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--threads", type=int, default=2, help="torch threads (results depend on it slightly)")
+    train.set_defaults(func=_train_tiny)
 
     _add_bench(sub)
 

@@ -31,6 +31,9 @@ class ServerArgs:
     device: str = _opt("auto", "cuda or cpu (auto: cuda when available)")
     dtype: str = _opt("auto", "activation and weight dtype: auto (bf16 on cuda, fp32 on cpu), "
                                "bfloat16, float16, float32")
+    kv_cache_dtype: str = _opt("auto", "latent and index-key cache dtype: auto (the --dtype), bf16 (alias bfloat16), "
+                                       "fp8_e4m3 (FlashMLA's 656-byte latent rows: e4m3 + fp32 scales per 128 "
+                                       "values + bf16 rope; index keys e4m3 + one fp32 scale per 128)")
     tp: int = _opt(1, "tensor-parallel size (ranks on this machine x nnodes)")
     dp: int = _opt(1, "data-parallel size (with --enable-dp-attention: DP attention groups)")
     enable_dp_attention: bool = _opt(False, "attention runs data-parallel in --dp groups, MoE over all ranks")
@@ -47,8 +50,11 @@ class ServerArgs:
                                        "the KV pool takes (CPU: of available RAM, at most 1 GiB)")
     max_running_requests: int = _opt(256, "most requests decoding at once")
     max_queued_requests: int = _opt(4096, "most requests waiting; more get 503")
-    chunked_prefill_size: int = _opt(8192, "most prompt tokens prefilled in one step")
+    chunked_prefill_size: int = _opt(8192, "most tokens in one step (prompt chunks and, mixed, decode rows)")
+    enable_mixed_chunk: bool = _opt(True, "decode rows of running requests share steps with prefill chunks "
+                                          "(--no-enable-mixed-chunk: a step prefills or decodes)")
     context_length: int | None = _opt(None, "longest prompt + completion (default: the model's)")
+    disable_radix_cache: bool = _opt(False, "do not reuse the cache of repeated prompt prefixes")
     attention_backend: str = _opt("auto", "torch or triton (auto: triton on cuda, torch on cpu)")
     moe_backend: str = _opt("auto", "torch or triton (auto: triton on cuda, torch on cpu)")
     indexer_max_logits_mb: int = _opt(512, "memory budget of one indexer logits chunk, in MiB")
@@ -96,6 +102,10 @@ class ServerArgs:
             problems.append(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             problems.append(f"--dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
+        from dsaserve.cache.pools import KV_CACHE_DTYPES
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            problems.append(f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                            f"got {self.kv_cache_dtype!r}")
         for name in ("attention_backend", "moe_backend"):
             if getattr(self, name) not in ("auto", "torch", "triton"):
                 problems.append(f"--{name.replace('_', '-')} must be auto, torch or triton")
@@ -180,7 +190,8 @@ class ServerArgs:
             flag = "--" + f.name.replace("_", "-")
             kind = hints[f.name]
             if kind is bool:
-                parser.add_argument(flag, action="store_true", default=f.default, help=f.metadata["help"])
+                action = argparse.BooleanOptionalAction if f.default else "store_true"
+                parser.add_argument(flag, action=action, default=f.default, help=f.metadata["help"])
                 continue
             base = next(t for t in (int, float, str) if t in getattr(kind, "__args__", (kind,)))
             suffix = "" if f.default is None else f" (default: {f.default})"

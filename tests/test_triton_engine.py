@@ -27,8 +27,9 @@ PROMPT_LENGTHS = [5, 12, 40, 90, 23]
 Run = list[tuple[list[int], list]]
 
 
-def _greedy(path: str, backend: str, dtype: str, prompts: list[list[int]]) -> Run:
-    llm = LLM(path, device="cuda", dtype=dtype, attention_backend=backend, moe_backend=backend, mem_fraction=0.3)
+def _greedy(path: str, backend: str, dtype: str, prompts: list[list[int]], kv_cache_dtype: str = "auto") -> Run:
+    llm = LLM(path, device="cuda", dtype=dtype, attention_backend=backend, moe_backend=backend, mem_fraction=0.3,
+              kv_cache_dtype=kv_cache_dtype)
     try:
         params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=2)
         return [(o.token_ids, o.logprobs) for o in llm.generate(prompts, params)]
@@ -56,14 +57,17 @@ def _lp_error(run: Run, truth: Run) -> float:
     return worst
 
 
+# fp8_e4m3: every run reads the same FP8 cache format (the kernels dequantize in place, the torch ops the
+# gathered rows), so the fp32 torch run over an FP8 cache is the truth for the bf16 runs over one.
+@pytest.mark.parametrize("kv", ["auto", "fp8_e4m3"])
 @pytest.mark.parametrize("arch", ["deepseek_v32", "glm_moe_dsa"])
-def test_triton_matches_torch_greedy(arch: str, tiny_models: dict[str, str]) -> None:
+def test_triton_matches_torch_greedy(arch: str, kv: str, tiny_models: dict[str, str]) -> None:
     prompts = _prompts(1)
-    truth = _greedy(tiny_models[arch], "torch", "float32", prompts)
-    torch_bf16 = _greedy(tiny_models[arch], "torch", "bfloat16", prompts)
-    triton_bf16 = _greedy(tiny_models[arch], "triton", "bfloat16", prompts)
+    truth = _greedy(tiny_models[arch], "torch", "float32", prompts, kv)
+    torch_bf16 = _greedy(tiny_models[arch], "torch", "bfloat16", prompts, kv)
+    triton_bf16 = _greedy(tiny_models[arch], "triton", "bfloat16", prompts, kv)
     e_torch, e_triton = _lp_error(torch_bf16, truth), _lp_error(triton_bf16, truth)
-    print(f"{arch}: chosen log-prob error vs fp32: torch bf16 {e_torch:.4f}, triton bf16 {e_triton:.4f} nats")
+    print(f"{arch} kv {kv}: chosen log-prob error vs fp32: torch bf16 {e_torch:.4f}, triton bf16 {e_triton:.4f} nats")
     assert e_triton <= 2 * e_torch + 0.02, f"{arch}: triton log-prob error {e_triton:.4f} vs torch {e_torch:.4f}"
     noise = max(e_torch, e_triton)
     divergences = []  # (prompt, step, torch bf16 top-2 gap) wherever the two bf16 runs part
@@ -77,10 +81,11 @@ def test_triton_matches_torch_greedy(arch: str, tiny_models: dict[str, str]) -> 
         f"{divergences} (bf16 noise {noise:.4f} nats)"
 
 
+@pytest.mark.parametrize("kv", ["auto", "fp8_e4m3"])
 @pytest.mark.parametrize("arch", ["deepseek_v32", "glm_moe_dsa"])
-def test_triton_fp32_greedy_identical_to_torch(arch: str, tiny_models: dict[str, str]) -> None:
+def test_triton_fp32_greedy_identical_to_torch(arch: str, kv: str, tiny_models: dict[str, str]) -> None:
     prompts = _prompts(2)
-    torch_run = _greedy(tiny_models[arch], "torch", "float32", prompts)
-    triton_run = _greedy(tiny_models[arch], "triton", "float32", prompts)
+    torch_run = _greedy(tiny_models[arch], "torch", "float32", prompts, kv)
+    triton_run = _greedy(tiny_models[arch], "triton", "float32", prompts, kv)
     assert [t for t, _ in triton_run] == [t for t, _ in torch_run]
     assert _lp_error(triton_run, torch_run) < 1e-3

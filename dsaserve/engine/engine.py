@@ -2,6 +2,7 @@
 both drive it with add_request / abort / step."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
@@ -13,11 +14,12 @@ from typing import Callable
 import torch
 
 from dsaserve.cache.pages import PageAllocator
+from dsaserve.cache.prefix import PrefixCache
 from dsaserve.chat.grammar import commit_tokens
 from dsaserve.engine.layout import StepMode, StepPlan
 from dsaserve.engine.model_runner import ModelRunner, StepShape
 from dsaserve.engine.request import FinishReason, Request, RequestError, RequestOutput, SamplingParams
-from dsaserve.engine.sampler import sample
+from dsaserve.engine.sampler import sample, token_logprobs
 from dsaserve.engine.scheduler import Scheduler, SchedulerConfig
 from dsaserve.spec.drafter import DraftInput, MTPDrafter
 from dsaserve.engine.tokenizer import Tokenizer
@@ -25,6 +27,7 @@ from dsaserve.parallel.groups import CollectiveFailed, Parallel
 from dsaserve.server_args import ServerArgs
 
 log = logging.getLogger(__name__)
+_PROMPT_LOGITS_BYTES = 256 << 20  # fp32 logits of one chunk that scores its prompt (echo / prompt_logprobs)
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,9 @@ class EngineStats:
     spec_verify_steps: int = 0  # request-verify steps (one per request per verify step)
     spec_draft_tokens: int = 0  # draft tokens proposed to verification
     spec_accepted_tokens: int = 0  # of those, accepted
+    cached_pages: int = 0  # pages the prefix cache holds (free_pages counts those no request uses)
+    prefix_hit_tokens: int = 0  # prompt tokens served from the prefix cache
+    prefix_queried_tokens: int = 0
 
     @property
     def avg_spec_accept_length(self) -> float | None:
@@ -81,10 +87,14 @@ class Engine:
         # Tests and benchmarks: replace the MTP drafts of a request (e.g. with the known continuation).
         self.draft_override: Callable[[Request, list[int]], list[int]] | None = None
         self.allocator = PageAllocator(self.runner.num_pages)
+        self.prefix_cache = None if args.disable_radix_cache else PrefixCache(
+            self.allocator, args.page_size, drop_last_page=self.spec_steps > 0)
         self.scheduler = Scheduler(SchedulerConfig(
             page_size=args.page_size, chunked_prefill_size=args.chunked_prefill_size,
             max_running_requests=args.max_running_requests, max_queued_requests=args.max_queued_requests,
-            context_length=self.context_length, spec_steps=self.spec_steps), self.allocator)
+            context_length=self.context_length, spec_steps=self.spec_steps, mixed_chunk=args.enable_mixed_chunk,
+            max_logit_rows=max(1, _PROMPT_LOGITS_BYTES // (4 * self.cfg.vocab_size))), self.allocator,
+            self.prefix_cache)
         eos = set(self.cfg.eos_token_ids)
         if self.tokenizer.hf.eos_token_id is not None:
             eos.add(self.tokenizer.hf.eos_token_id)
@@ -138,8 +148,12 @@ class Engine:
         return self.scheduler.has_work() or bool(self._finished_outside_step)
 
     def stats(self) -> EngineStats:
-        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.allocator.num_free,
-                           self.allocator.capacity, self.scheduler.num_retractions, self.steps, *self._spec)
+        cache = self.prefix_cache
+        reclaimable = cache.reclaimable() if cache is not None else 0
+        hits = (cache.num_pages, cache.stats.hit_tokens, cache.stats.queried_tokens) if cache is not None else (0, 0, 0)
+        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting),
+                           self.allocator.num_free + reclaimable, self.allocator.capacity,
+                           self.scheduler.num_retractions, self.steps, *self._spec, *hits)
 
     # -- the step --------------------------------------------------------------------------
 
@@ -151,7 +165,7 @@ class Engine:
         last step failed on no rank or on every rank at the same point."""
         plan = self.par.broadcast_from_leader(plan)
         graph_mode = StepMode.VERIFY if self.spec_steps else StepMode.DECODE
-        drafting = sum(plan.samples) if plan is not None and self.spec_steps else 0
+        drafting = sum(plan.samples) if plan is not None and self.spec_steps else 0  # requests that draft
         mine = [plan.num_tokens if plan else 0, drafting, self.runner.graph_batch_of(plan, graph_mode),
                 int(keep_alive or self.scheduler.has_work()), int(stop), self._failed_at, epoch]
         everyone = self.par.exchange(mine)
@@ -223,14 +237,21 @@ class Engine:
         Each row samples with the (seed, output index) noise of a non-speculative step, so the tokens are
         exactly the non-speculative ones; for top-1 drafts this is speculative rejection sampling, coupled
         (a draft is accepted with the target's probability of it)."""
-        row_reqs, pending = [], []
-        for rid, n in zip(plan.rids[:real], plan.logit_counts[:real]):
+        row_reqs, pending, rows, chains, row = [], [], [], [], 0
+        for rid, q, n, samples, drafts in zip(plan.rids[:real], plan.q_lens, plan.logit_counts, plan.samples,
+                                              plan.num_drafts):
             req = self.requests[rid]
-            row_reqs += [req] * n
-            pending += [req.draft_ids[:i] for i in range(n)]
-        tokens, logprobs = sample(logits[:len(row_reqs)], row_reqs, pending)
+            chain = drafts + 1 if drafts else int(samples)  # rows that yield output tokens
+            if n > chain:  # the rows before score the prompt (echo / prompt_logprobs)
+                self._score_prompt(req, logits[row:row + n - chain], plan.prefix_lens[len(chains)] + q - n)
+            rows += range(row + n - chain, row + n)
+            row_reqs += [req] * chain
+            pending += [req.draft_ids[:i] for i in range(chain)]
+            chains.append(chain)
+            row += n
+        tokens, logprobs = sample(logits[rows], row_reqs, pending)
         accepted, row = {}, 0
-        for rid, n in zip(plan.rids[:real], plan.logit_counts[:real]):
+        for rid, n in zip(plan.rids[:real], chains):
             if n == 0:
                 continue
             drafts, k = self.requests[rid].draft_ids, 0
@@ -239,6 +260,15 @@ class Engine:
             accepted[rid] = (tokens[row:row + k + 1], logprobs[row:row + k + 1] if logprobs is not None else None)
             row += n
         return accepted
+
+    def _score_prompt(self, req: Request, logits: torch.Tensor, first_pos: int) -> None:
+        """Log-probabilities of prompt tokens from rows at positions first_pos.. (row i predicts the token
+        at first_pos + i + 1); each prompt token is scored once, retraction or not."""
+        start = len(req.prompt_logprobs) + 1 - (first_pos + 1)  # the first row not scored yet
+        end = min(len(req.prompt_ids) - 1 - first_pos, logits.shape[0])
+        if start < end:
+            targets = req.prompt_ids[first_pos + 1 + start:first_pos + 1 + end]
+            req.prompt_logprobs += token_logprobs(logits[start:end], targets, [req.params.prompt_logprobs] * len(targets))
 
     def _draft_input(self, plan: StepPlan, real: int, accepted: dict[str, tuple]) -> DraftInput:
         """Per row, the token at its position + 1 (the MTP pass's input); per request, the row offset of
@@ -249,7 +279,7 @@ class Engine:
             if b >= real:  # a dummy request
                 ids += [0] * q
                 last_rows.append(0)
-            elif plan.mode is StepMode.VERIFY:  # rows past the accepted run are overwritten by later steps
+            elif plan.num_drafts[b]:  # a verify request: rows past the accepted run are overwritten later
                 new = accepted[rid][0]
                 ids += new + [0] * (q - len(new))
                 last_rows.append(len(new) - 1)
@@ -271,12 +301,13 @@ class Engine:
 
     def _commit(self, plan: StepPlan, real: int, accepted: dict[str, tuple]) -> list[RequestOutput]:
         """Cache lengths, tokens and stop rules after the whole step; finished requests free their pages."""
-        verify = plan.mode is StepMode.VERIFY
-        self.scheduler.advance(plan, self.requests, [len(accepted[r][0]) for r in plan.rids[:real]] if verify else None)
+        kept = [len(accepted[r][0]) if d else q for r, q, d in zip(plan.rids[:real], plan.q_lens, plan.num_drafts)]
+        self.scheduler.advance(plan, self.requests, kept)
+        verifying = {r for r, d in zip(plan.rids[:real], plan.num_drafts) if d}
         outputs = []
         for rid, (tokens, lps) in accepted.items():
             req = self.requests[rid]
-            if verify:
+            if rid in verifying:
                 req.spec_verify_ct += 1
                 req.spec_accepted += len(tokens) - 1
                 self._spec = [self._spec[0] + 1, self._spec[1] + self.spec_steps, self._spec[2] + len(tokens) - 1]
@@ -291,7 +322,10 @@ class Engine:
             if reason is not None:
                 self._finish(req, reason)
             chosen = lps[:len(new)] if lps is not None and req.params.logprobs is not None else []
-            outputs.append(self._output(req, new, chosen))
+            out = self._output(req, new, chosen)
+            if len(req.output_ids) == len(new) and req.params.prompt_logprobs is not None:  # its first tokens
+                out = dataclasses.replace(out, prompt_logprobs=req.prompt_logprobs)
+            outputs.append(out)
         return outputs
 
     def _stop_reason(self, req: Request, token: int) -> FinishReason | None:
@@ -319,7 +353,8 @@ class Engine:
     def _output(self, req: Request, new_ids: list[int], new_lps: list) -> RequestOutput:
         return RequestOutput(rid=req.rid, new_token_ids=new_ids, new_logprobs=new_lps,
                              prompt_tokens=len(req.prompt_ids), completion_tokens=len(req.output_ids),
-                             finish=req.finish, stop_text=req.stop_text, spec_verify_ct=req.spec_verify_ct)
+                             finish=req.finish, stop_text=req.stop_text, spec_verify_ct=req.spec_verify_ct,
+                             cached_tokens=req.cached_tokens)
 
     def run_until_idle(self, max_steps: int = 1_000_000) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []

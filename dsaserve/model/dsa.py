@@ -68,8 +68,8 @@ class Indexer(nn.Module):
         inter = cfg.indexer_rope_interleave
         q = torch.cat([Rotary.apply(q[..., :rope], ctx.cos[:, None], ctx.sin[:, None], inter), q[..., rope:]], -1)
         k = torch.cat([Rotary.apply(k[..., :rope], ctx.cos, ctx.sin, inter), k[..., rope:]], -1)
+        ctx.pools.write_index_keys(self.layer_id, ctx.layout.out_slots, k)
         cache = ctx.pools.index_keys(self.layer_id)
-        cache[ctx.layout.out_slots.long()] = k.to(cache.dtype)
         weights = F.linear(x.float(), self.weights_proj.weight.float()) * self.weight_scale
         topk = ctx.ops.indexer_topk(q, weights, cache, ctx.layout, cfg.index_topk)
         if ctx.ops.checks:  # the indexer is replicated: every rank of the group must select the same
@@ -102,15 +102,15 @@ class MLAttention(nn.Module):
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
         q_pe = Rotary.apply(q_pe, ctx.cos[:, None], ctx.sin[:, None], interleaved=True)
         k_pe = Rotary.apply(k_pe, ctx.cos, ctx.sin, interleaved=True)
+        ctx.pools.write_latent(self.layer_id, ctx.layout.out_slots, self.kv_a_layernorm(latent), k_pe)
         cache = ctx.pools.latent(self.layer_id)
-        cache[ctx.layout.out_slots.long()] = torch.cat([self.kv_a_layernorm(latent), k_pe], -1).to(cache.dtype)
 
         topk = self.indexer(x, q_lat, ctx) if self.indexer is not None else prev_topk
         assert topk is not None, "a shared-indexer layer needs the previous layer's top-k"
         w_kv = self.kv_b_proj.weight.view(H, cfg.qk_nope_head_dim + cfg.v_head_dim, cfg.kv_lora_rank)
         w_uk, w_uv = w_kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=1)
         q_abs = torch.einsum("thn,hnr->thr", q_nope, w_uk)  # fold W_UK into the query
-        q_full = torch.cat([q_abs, q_pe], dim=-1).to(cache.dtype)
+        q_full = torch.cat([q_abs, q_pe], dim=-1).to(ctx.pools.query_dtype(x.dtype))
         o_lat = ctx.ops.sparse_mla(q_full, cache, topk, cfg.softmax_scale, cfg.kv_lora_rank, ctx.layout)
         o = torch.einsum("thr,hvr->thv", o_lat.to(x.dtype), w_uv)  # W_UV applied after attention
         return ctx.par.all_reduce_attn(self.o_proj(o.reshape(T, H * cfg.v_head_dim))), topk

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dsaserve.cache.kv_format import read_rows
+
 Tensor = torch.Tensor
 
 
@@ -23,7 +25,8 @@ def sparse_mla(q: Tensor, kv_cache: Tensor, indices: Tensor, sm_scale: float, v_
                max_rows: int = 256) -> tuple[Tensor, Tensor]:
     """Absorbed-form sparse MLA.
 
-    q [T, H, D] (D = v_dim latent dims + rope dims), kv_cache [S, D], indices [T, K] int32 slot ids
+    q [T, H, D] (D = v_dim latent dims + rope dims), kv_cache [S, D] (or uint8 FP8 rows, see
+    cache/kv_format.py: the selected rows are dequantized), indices [T, K] int32 slot ids
     (-1 = unused). Each row attends to its own selected slots; the value is the first v_dim dims.
     Returns out [T, H, v_dim] in q's dtype and lse [T, H] fp32 (natural log; rows with no key: out 0,
     lse -inf).
@@ -35,7 +38,7 @@ def sparse_mla(q: Tensor, kv_cache: Tensor, indices: Tensor, sm_scale: float, v_
         rows = slice(start, min(start + max_rows, T))
         idx = indices[rows].long()
         valid = idx >= 0
-        kv = kv_cache[idx.clamp(min=0)].float()  # [t, K, D]
+        kv = read_rows(kv_cache, idx.clamp(min=0), v_dim)  # [t, K, D]
         scores = torch.einsum("thd,tkd->thk", q[rows].float(), kv) * sm_scale
         scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
         row_lse = torch.logsumexp(scores, dim=-1)  # [t, H]
@@ -49,7 +52,7 @@ def indexer_logits(q: Tensor, weights: Tensor, k_cache: Tensor, page_table: Tens
                    row_kv_len: Tensor, page_size: int, num_keys: int) -> Tensor:
     """Indexer scores of every query row against the first `num_keys` positions of its request.
 
-    q [T, Hi, Di], weights [T, Hi] fp32 (already scaled by Hi^-0.5 and Di^-0.5), k_cache [S, Di],
+    q [T, Hi, Di], weights [T, Hi] fp32 (already scaled by Hi^-0.5 and Di^-0.5), k_cache [S, Di] (or uint8 FP8),
     page_table [B, P], row_req [T], row_kv_len [T, 1]. Returns fp32 [T, num_keys]:
     sum_h weights[t, h] * relu(q[t, h] . k[pos]) for pos < kv_len, -inf after.
     """
@@ -63,7 +66,7 @@ def indexer_logits(q: Tensor, weights: Tensor, k_cache: Tensor, page_table: Tens
     for req, count in zip(reqs.tolist(), counts.tolist()):
         rows = slice(start, start + count)
         start += count
-        keys = k_cache[position_slots(page_table[req], positions, page_size)].float()  # [L, Di]
+        keys = read_rows(k_cache, position_slots(page_table[req], positions, page_size), q.shape[-1])  # [L, Di]
         qf = q[rows].float()
         scores = torch.zeros(count, num_keys, dtype=torch.float32, device=q.device)
         for h in range(q.shape[1]):  # one head at a time keeps the intermediate output-sized
