@@ -23,7 +23,7 @@ from dsaserve.engine.sampler import sample, token_logprobs
 from dsaserve.engine.scheduler import Scheduler, SchedulerConfig
 from dsaserve.spec.drafter import DraftInput, MTPDrafter
 from dsaserve.engine.tokenizer import Tokenizer
-from dsaserve.parallel.groups import Parallel
+from dsaserve.parallel.groups import CollectiveFailed, Parallel
 from dsaserve.server_args import ServerArgs
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,10 @@ class EngineStats:
         if not self.spec_verify_steps:
             return None
         return (self.spec_accepted_tokens + self.spec_verify_steps) / self.spec_verify_steps
+
+
+class StepFailedOnSomeRanks(RuntimeError):
+    """A step raised on some ranks only (or at different points): their states differ, every rank stops."""
 
 
 class Engine:
@@ -103,6 +107,9 @@ class Engine:
         self.steps = 0
         self._spec = [0, 0, 0]  # verify steps, drafts proposed, drafts accepted
         self.last_sync = StepShape((0,), (0,), None, StepMode.DECODE, 1)
+        # 0, or 1 + the collectives this rank entered in its last step before it raised: told to every
+        # rank in the next exchange; the ranks go on only if every one failed at the same point.
+        self._failed_at = 0
         self.runner.capture_graphs(self.par.cfg.dp, progress=progress and self.par.cfg.rank == 0)
         self.par.exchange([1])  # every rank built its engine: start-up failures surface before "ready"
 
@@ -150,39 +157,54 @@ class Engine:
 
     # -- the step --------------------------------------------------------------------------
 
-    def sync(self, plan: StepPlan | None, keep_alive: bool = False,
-             stop: bool = False) -> tuple[StepPlan | None, StepShape]:
+    def sync(self, plan: StepPlan | None, keep_alive: bool = False, stop: bool = False,
+             epoch: int = 0) -> tuple[StepPlan | None, StepShape]:
         """Leader's plan to its group; every rank's (rows, drafting requests, graph vote, has work,
-        stop) to every rank, so all ranks agree on the step's shape before any kernel runs."""
+        stop, where its last step failed, wake-up epoch) to every rank, so all ranks agree on the
+        step's shape before any kernel runs. Raises StepFailedOnSomeRanks, on every rank, unless the
+        last step failed on no rank or on every rank at the same point."""
         plan = self.par.broadcast_from_leader(plan)
         graph_mode = StepMode.VERIFY if self.spec_steps else StepMode.DECODE
         drafting = sum(plan.samples) if plan is not None and self.spec_steps else 0  # requests that draft
         mine = [plan.num_tokens if plan else 0, drafting, self.runner.graph_batch_of(plan, graph_mode),
-                int(keep_alive or self.scheduler.has_work()), int(stop)]
-        leaders = self.par.exchange(mine)[:: self.par.cfg.attn_tp]  # one row per DP group
+                int(keep_alive or self.scheduler.has_work()), int(stop), self._failed_at, epoch]
+        everyone = self.par.exchange(mine)
+        self._check_failures([r[5] for r in everyone])
+        leaders = everyone[:: self.par.cfg.attn_tp]  # one row per DP group
         rows = tuple(r[0] for r in leaders)
         votes = [r[2] for r in leaders]
         graph_batch = None
         if min(votes) >= 0 and sum(rows) > 0:
             graph_batch = self.runner.graphs.batch_bucket(max(votes))
         return plan, StepShape(rows, tuple(r[1] for r in leaders), graph_batch, graph_mode, 1 + self.spec_steps,
-                               any(r[3] for r in leaders), any(r[4] for r in leaders))
+                               any(r[3] for r in leaders), any(r[4] for r in leaders), min(r[6] for r in leaders))
 
-    def step(self, keep_alive: bool = False, stop: bool = False) -> list[RequestOutput]:
+    def _check_failures(self, failed_at: list[int]) -> None:
+        if len(set(failed_at)) > 1:
+            failed = [rank for rank, at in enumerate(failed_at) if at]
+            how = "only" if 0 in failed_at else f"after different collectives {[at - 1 for at in failed_at]}"
+            raise StepFailedOnSomeRanks(f"step {self.steps} failed on rank(s) {failed} {how}; the ranks no longer "
+                                        f"agree, so every rank stops (see the failing rank's log)")
+        self._failed_at = 0
+
+    def step(self, keep_alive: bool = False, stop: bool = False, epoch: int = 0) -> list[RequestOutput]:
         """One step of the whole deployment. `keep_alive`: the caller has requests still to add
-        (keeps the other ranks stepping); `stop`: ask every rank to leave its loop."""
+        (keeps the other ranks stepping); `stop`: ask every rank to leave its loop; `epoch`: the
+        caller's wake-up counter (server.worker)."""
         outputs = self.take_finished()
         plan = self.scheduler.schedule() if self.par.cfg.is_leader else None
-        plan, self.last_sync = self.sync(plan, keep_alive, stop)
+        plan, self.last_sync = self.sync(plan, keep_alive, stop, epoch)
         if sum(self.last_sync.dp_sizes) == 0:
             return outputs
         plan = plan or StepPlan.idle()  # an idle DP group: zero rows (or dummies), the same collectives
+        issued = self.par.issued
         try:
             return outputs + self._run(plan, self.last_sync)
+        except CollectiveFailed:
+            raise  # the groups' state is unknown: this rank must go (the supervisor names it)
         except Exception as exc:  # a failed batch ends its requests with an error; the engine goes on
-            log.exception("step failed")
-            if self.par.tp > 1:
-                raise  # the other ranks may be inside this step's collectives: the process must go
+            log.exception("step failed")  # if it failed on every rank alike (the next exchange tells)
+            self._failed_at = 1 + self.par.issued - issued
             for rid in plan.rids:
                 req = self.requests.get(rid)
                 if req is not None:

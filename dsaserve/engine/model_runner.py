@@ -32,6 +32,7 @@ class StepShape:
     rows_per_req: int  # query rows of each request in a graphed step
     any_work: bool = False
     any_stop: bool = False
+    epoch: int = 0  # the lowest wake-up epoch any DP leader has seen (server.worker: idle leaders meet again)
 
     def for_drafts(self) -> StepShape:
         return dataclasses.replace(self, dp_sizes=self.draft_sizes, mode=StepMode.DRAFT, rows_per_req=1)

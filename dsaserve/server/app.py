@@ -16,6 +16,7 @@ from dsaserve.engine.request import SamplingParams
 from dsaserve.server import protocol as p
 from dsaserve.server.errors import ApiError, bad_request, install_error_handlers
 from dsaserve.server.frontend import Frontend, RequestHandle
+from dsaserve.server.guard import RequestGuard
 from dsaserve.server.metrics import ServerMetrics
 from dsaserve.server.openai_api import OpenAIServing, openai_router
 from dsaserve.server.streaming import (DONE, AbortingStream, Result, aborter, checked, collect, error_event,
@@ -28,6 +29,7 @@ HEALTH_GENERATE_TIMEOUT_S = 60.0
 def create_app(args: ServerArgs, frontend: Frontend, metrics: ServerMetrics, served_name: str) -> FastAPI:
     app = FastAPI(title="dsaserve", version=getattr(dsaserve, "__version__", "0"))
     install_error_handlers(app)
+    app.add_middleware(RequestGuard, limit=args.max_request_bytes)
 
     async def require_key(request: Request) -> None:  # async: no thread pool hop per request
         if args.api_key is None:
@@ -48,16 +50,15 @@ def create_app(args: ServerArgs, frontend: Frontend, metrics: ServerMetrics, ser
 def _health_routes(router: APIRouter, fe: Frontend, metrics: ServerMetrics) -> None:
     @router.get("/health")
     async def health() -> Response:
-        if not fe.healthy:
-            dead = [link.dead for link in fe.links if link.dead] or ["the server is shutting down"]
-            raise ApiError(503, "; ".join(dead))
+        if fe.problem is not None:
+            raise ApiError(503, fe.problem)
         return Response(status_code=200)
 
     @router.get("/health_generate")
     async def health_generate() -> Response:
         """One greedy token on every DP rank proves that the whole path works."""
         await health()
-        ids = fe.tokenizer.encode("Hello")
+        ids = await fe.encode("Hello")
         params = SamplingParams(max_tokens=1, temperature=0.0)
 
         async def one(rank: int) -> Result:
@@ -75,7 +76,7 @@ def _health_routes(router: APIRouter, fe: Frontend, metrics: ServerMetrics) -> N
 
     @router.get("/metrics")
     async def prometheus() -> Response:
-        return Response(metrics.render(await fe.stats(timeout=2.0)), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.render(fe.stats()), media_type=CONTENT_TYPE_LATEST)
 
 
 def _native_params(sp: p.NativeSamplingParams, logprobs: int | None) -> SamplingParams:
@@ -111,7 +112,7 @@ def _native_routes(args: ServerArgs, fe: Frontend, served_name: str) -> APIRoute
     async def generate(body: p.GenerateRequest, request: Request) -> Any:
         if (body.text is None) == (body.input_ids is None):
             raise bad_request("give exactly one of text and input_ids", param="text")
-        ids = fe.tokenizer.encode(body.text) if body.text is not None else body.input_ids
+        ids = await fe.encode(body.text) if body.text is not None else body.input_ids
         params = _native_params(body.sampling_params, body.top_logprobs_num if body.return_logprob else None)
         handle = await fe.submit(ids, params, body.rid, body.routed_dp_rank)
         if body.stream:
@@ -132,7 +133,7 @@ def _native_routes(args: ServerArgs, fe: Frontend, served_name: str) -> APIRoute
         yield DONE
 
     @router.post("/abort_request")
-    async def abort_request(body: p.AbortRequest) -> dict[str, Any]:
+    async def abort_request(body: p.AbortRequest) -> dict[str, Any]:  # rid: /generate's, or an OpenAI response id
         if not fe.abort(body.rid, "aborted by /abort_request"):
             raise ApiError(404, f"no running request with id {body.rid!r}", param="rid")
         return {"rid": body.rid, "aborted": True}
@@ -151,6 +152,6 @@ def _native_routes(args: ServerArgs, fe: Frontend, served_name: str) -> APIRoute
             fields["api_key"] = "<redacted>"
         return JSONResponse({**fields, "served_model_name": served_name, "model_info": fe.info,
                              "version": getattr(dsaserve, "__version__", "0"),
-                             "internal_states": await fe.stats()})
+                             "internal_states": fe.stats()})
 
     return router
