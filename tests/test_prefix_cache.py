@@ -92,3 +92,16 @@ def test_abort_of_a_request_holding_shared_pages(tiny_ds: str) -> None:
     assert tokens["b"] == expected and engine.allocator.refcount(shared) == 1
     stats = engine.stats()
     assert stats.free_pages == stats.total_pages
+
+
+def test_deep_tree_at_page_size_one() -> None:
+    """Page size 1 makes the tree as deep as the sequence: counting and evicting must not recurse."""
+    alloc = PageAllocator(6000)
+    cache = PrefixCache(alloc, page_size=1)
+    pages = alloc.alloc(5000)
+    cache.insert(list(range(5000)), pages)
+    hit = cache.match(list(range(3000)) + [7], limit=3000)
+    alloc.free(pages)
+    assert cache.reclaimable() == 2000  # the first 3000 pages are in use by the match
+    alloc.free(hit)
+    assert cache.reclaimable() == 5000 and cache.evict(5000) == 5000 and alloc.num_free == 5999

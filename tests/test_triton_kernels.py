@@ -119,8 +119,9 @@ def test_sparse_mla_dispatch_strided_q():
 
 @pytest.mark.parametrize("n,rope", [(512, 64), (128, 0), (64, 32)])
 def test_fp8_cache_writer_equals_quantize(n, rope):
-    """The fused CUDA writer stores the bytes of kv_format.quantize_fp8 (the CPU path, checked against an
-    independent decoder in test_kv_fp8.py) at exactly the given slots."""
+    """The fused CUDA writer stores the data bytes of kv_format.quantize_fp8 (the CPU path, checked against
+    an independent decoder in test_kv_fp8.py) at exactly the given slots, and leaves the padding bytes
+    of a row (zeroed once when the pool is made) alone."""
     from dsaserve.ops.triton.kv_write import write_fp8_rows
     gen = torch.Generator(DEV).manual_seed(n + rope)
     T, S = 300, 1000
@@ -134,7 +135,8 @@ def test_fp8_cache_writer_equals_quantize(n, rope):
     row = kv_format.row_bytes(n, rope, kv_format.FP8)
     cache = torch.full((S, row), 0xAB, dtype=torch.uint8, device=DEV)  # rows not written keep this
     want = cache.clone()
-    want[slots.long()] = kv_format.quantize_fp8(x, r)
+    data = n + 4 * kv_format.num_blocks(n) + 2 * rope
+    want[slots.long(), :data] = kv_format.quantize_fp8(x, r)[:, :data]
     write_fp8_rows(cache, slots, x, r)
     assert torch.equal(cache, want), f"{int((cache != want).sum())} bytes differ"
 

@@ -55,8 +55,12 @@ class KVPools:
         # Uninitialised (pages are written before they are read), except the reserved page 0 that
         # masked and dummy rows point at: it must hold finite values (all-zero bytes are 0.0 in every
         # format, scales included).
-        self._latent = torch.empty(layers, self.num_slots, latent_row, dtype=store, device=device)
-        self._index = torch.empty(len(full), self.num_slots, index_row, dtype=store, device=device)
+        # Plain rows start uninitialised (written before they are read) except the reserved page 0 that
+        # masked and dummy rows point at: it must hold finite values. FP8 rows start zeroed: the writers
+        # never touch a row's padding bytes, which stay zero (one memset at start-up).
+        alloc = torch.zeros if self.fp8 else torch.empty
+        self._latent = alloc(layers, self.num_slots, latent_row, dtype=store, device=device)
+        self._index = alloc(len(full), self.num_slots, index_row, dtype=store, device=device)
         self._latent[:, :page_size].zero_()
         self._index[:, :page_size].zero_()
         self._index_row = {layer: row for row, layer in enumerate(full)}

@@ -13,6 +13,7 @@ page). One DP group has one cache (its own scheduler and pool).
 """
 from __future__ import annotations
 
+import heapq
 import itertools
 from dataclasses import dataclass, field
 
@@ -79,32 +80,38 @@ class PrefixCache:
             node = child
 
     def evict(self, pages: int) -> int:
-        """Free up to `pages` pages that only the tree holds, least recently used leaves first."""
+        """Free up to `pages` pages that only the tree holds, least recently used leaves first (a parent
+        becomes a candidate once its last child is gone)."""
+        def evictable(node: _Node) -> bool:
+            return not node.children and self.allocator.refcount(node.page) == 1
+
+        heap = [(n.last_used, id(n), n) for n in self._nodes() if evictable(n)]
+        heapq.heapify(heap)
         freed = 0
-        while freed < pages:
-            leaves = [n for n in self._nodes() if not n.children and self.allocator.refcount(n.page) == 1]
-            if not leaves:
-                break
-            for leaf in sorted(leaves, key=lambda n: n.last_used)[:pages - freed]:
-                del leaf.parent.children[leaf.tokens]  # type: ignore[union-attr]
-                self.allocator.free([leaf.page])
-                freed += 1
+        while heap and freed < pages:
+            _, _, leaf = heapq.heappop(heap)
+            parent = leaf.parent
+            del parent.children[leaf.tokens]  # type: ignore[union-attr]
+            self.allocator.free([leaf.page])
+            freed += 1
+            if parent is not self.root and evictable(parent):  # type: ignore[arg-type]
+                heapq.heappush(heap, (parent.last_used, id(parent), parent))  # type: ignore[union-attr]
         self.num_pages -= freed
         self.stats.evicted_pages += freed
         return freed
 
     def reclaimable(self) -> int:
-        """Pages only the tree holds, in subtrees no request uses: what evict() could free now."""
-        def walk(node: _Node) -> tuple[int, bool]:
-            total, all_free = 0, True
-            for child in node.children.values():
-                n, free = walk(child)
-                total, all_free = total + n, all_free and free
-            mine = self.allocator.refcount(node.page) == 1
-            return (total + 1 if mine and all_free else total), mine and all_free
-        return sum(walk(child)[0] for child in self.root.children.values())
+        """Pages only the tree holds, in subtrees no request uses: what evict() could free now. (Iterative:
+        with page size 1 the tree is as deep as the longest cached sequence.)"""
+        nodes = self._nodes()  # parents before their children
+        free = {id(n): self.allocator.refcount(n.page) == 1 for n in nodes}
+        for node in reversed(nodes):  # children before their parents
+            if not free[id(node)] and node.parent is not None and node.parent is not self.root:
+                free[id(node.parent)] = False
+        return sum(free.values())
 
     def _nodes(self) -> list[_Node]:
+        """Every node, each after its parent."""
         out, todo = [], list(self.root.children.values())
         while todo:
             node = todo.pop()

@@ -76,7 +76,8 @@ def run_worker(args: ServerArgs, par: Any, endpoints: m.Endpoints) -> None:
             return
         try:
             WorkerLoop(engine, pull, push).run()
-        except Exception as exc:  # told to the frontend before the process exits with the traceback
+        except Exception as exc:  # logged, then told to the frontend (which takes the deployment down)
+            log.exception("rank %d failed", par.cfg.rank)
             push.send_pyobj([m.Fatal(f"rank {par.cfg.rank} (DP group {par.cfg.dp_rank}) failed: "
                                      f"{type(exc).__name__}: {exc}")])
             raise
