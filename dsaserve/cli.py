@@ -48,6 +48,13 @@ def _bench_serving(ns: argparse.Namespace) -> int:
     return run(ns)
 
 
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    from dsaserve import planner
+    plan = sub.add_parser("plan", help="per-rank weight and KV memory of a deployment, from config.json alone")
+    planner.add_cli_args(plan)
+    plan.set_defaults(func=planner.run)
+
+
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     from dsaserve.bench import one_batch, serving
     bench = sub.add_parser("bench", help="benchmarks: a live server, or one static batch offline")
@@ -95,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     train.set_defaults(func=_train_tiny)
 
     _add_bench(sub)
+    _add_plan(sub)
 
     ns = parser.parse_args(argv)
     logging.basicConfig(level=getattr(ns, "log_level", "info").upper(),
