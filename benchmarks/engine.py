@@ -89,7 +89,8 @@ def main() -> None:
     ap.add_argument("--page-size", type=int, default=64)
     ap.add_argument("--output-json", default=None)
     ap.add_argument("--profile", action="store_true", help="print the top ops of 8 decode steps")
-    ap.add_argument("--cuda-graph-max-bs", type=int, default=0, help="replay decode from CUDA graphs")
+    ap.add_argument("--cuda-graph-max-bs", type=int, default=None,
+                    help="replay decode from CUDA graphs (default: the engine's, 64 on CUDA; 0: off)")
     ap.add_argument("--fp8", action="store_true", help="an FP8 checkpoint (e4m3, 128x128 block scales)")
     ap.add_argument("--kv-cache-dtype", default="auto", help="auto, bf16 or fp8_e4m3 (the server flag)")
     args = ap.parse_args()
@@ -114,7 +115,8 @@ def main() -> None:
     if args.profile:
         profile_decode(llm, max(args.batch), args.input_len, vocab)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    graphs = f", decode CUDA graphs up to batch {args.cuda_graph_max_bs}" if args.cuda_graph_max_bs else ""
+    max_bs = llm.engine.runner.graphs.max_bs if llm.engine.runner.graphs else 0
+    graphs = f", decode CUDA graphs up to batch {max_bs}" if max_bs else ""
     weights = "FP8 weights" if args.fp8 else f"{llm.engine.runner.dtype} weights"
     print(f"\n{device}, {args.layers} layers ({args.experts} experts), {weights}, KV {llm.engine.runner.kv_dtype}, "
           f"backend {llm.engine.runner.ops.attention_backend}{graphs}")
