@@ -41,3 +41,12 @@ class KVPools:
 
     def index_keys(self, layer: int) -> Tensor:
         return self._index[self._index_row[layer]]
+
+    def page_buffers(self) -> list[Tensor]:
+        """Every cache buffer as raw bytes by page: one uint8 [num_pages, page_bytes] view per layer of each
+        pool (latent, then index keys). KV transfer moves pages of these, whatever the cache layout."""
+        out = []
+        for pool in (self._latent, self._index):
+            for layer in pool:
+                out.append(layer.view(torch.uint8).view(self.num_pages, -1))
+        return out

@@ -13,10 +13,11 @@ from typing import Callable
 import torch
 
 from dsaserve.cache.pages import PageAllocator
-from dsaserve.chat.grammar import commit_tokens
+from dsaserve.chat.grammar import commit_tokens, grammar_state
 from dsaserve.engine.layout import StepMode, StepPlan
 from dsaserve.engine.model_runner import ModelRunner, StepShape
-from dsaserve.engine.request import FinishReason, Request, RequestError, RequestOutput, SamplingParams
+from dsaserve.engine.request import (DisaggRoute, FinishReason, Request, RequestError, RequestOutput,
+                                     SamplingParams)
 from dsaserve.engine.sampler import sample
 from dsaserve.engine.scheduler import Scheduler, SchedulerConfig
 from dsaserve.spec.drafter import DraftInput, MTPDrafter
@@ -94,12 +95,20 @@ class Engine:
         self._spec = [0, 0, 0]  # verify steps, drafts proposed, drafts accepted
         self.last_sync = StepShape((0,), (0,), None, StepMode.DECODE, 1)
         self.runner.capture_graphs(self.par.cfg.dp, progress=progress and self.par.cfg.rank == 0)
+        # PD disaggregation (dsaserve/disagg): the leader's side of the KV transfer, None when serving whole requests
+        self.disagg = None
+        if args.disaggregation_mode != "null" and self.par.cfg.is_leader:
+            from dsaserve.disagg.sides import create_side
+            self.disagg = create_side(self)
         self.par.exchange([1])  # every rank built its engine: start-up failures surface before "ready"
 
     # -- requests --------------------------------------------------------------------------
 
-    def add_request(self, rid: str, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Queue a request; bad input raises RequestError naming the problem (nothing is queued)."""
+    def add_request(self, rid: str, prompt_ids: list[int], params: SamplingParams,
+                    route: DisaggRoute | None = None) -> None:
+        """Queue a request; bad input raises RequestError naming the problem (nothing is queued). With a
+        PD `route` a prefill server hands the request over after its first token, and a decode server
+        waits for its KV cache instead of prefilling it."""
         if rid in self.requests:
             raise RequestError(f"request id {rid!r} is already in use")
         params.validate()
@@ -110,14 +119,20 @@ class Engine:
         max_new = params.max_tokens if params.max_tokens is not None else room - len(prompt_ids)
         req = Request(rid=rid, prompt_ids=list(prompt_ids), params=params, max_new_tokens=max_new,
                       arrival=next(self._arrivals),
-                      seed=params.seed if params.seed is not None else self._seeds.getrandbits(63))
-        self.scheduler.add(req)
+                      seed=params.seed if params.seed is not None else self._seeds.getrandbits(63),
+                      disagg=route if self.disagg is not None else None)
+        if req.disagg is not None:
+            self.disagg.add(req)
+        else:
+            self.scheduler.add(req)
         self.requests[rid] = req
 
     def abort(self, rid: str, message: str = "aborted by the client") -> bool:
         req = self.requests.get(rid)
         if req is None:
             return False
+        if req.disagg is not None:
+            self.disagg.release(req)  # the other server learns; pages a write may still reach wait for it
         self._finish(req, FinishReason("abort", message=message))
         self._finished_outside_step.append(self._output(req, [], []))
         return True
@@ -128,7 +143,8 @@ class Engine:
         return outputs
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work() or bool(self._finished_outside_step)
+        return (self.scheduler.has_work() or bool(self._finished_outside_step)
+                or (self.disagg is not None and self.disagg.has_work()))
 
     def stats(self) -> EngineStats:
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.allocator.num_free,
@@ -158,6 +174,8 @@ class Engine:
         """One step of the whole deployment. `keep_alive`: the caller has requests still to add
         (keeps the other ranks stepping); `stop`: ask every rank to leave its loop."""
         outputs = self.take_finished()
+        if self.disagg is not None:  # transfers that ended: decode requests join the running ones
+            outputs += self.disagg.poll()
         plan = self.scheduler.schedule() if self.par.cfg.is_leader else None
         plan, self.last_sync = self.sync(plan, keep_alive, stop)
         if sum(self.last_sync.dp_sizes) == 0:
@@ -193,6 +211,8 @@ class Engine:
         outputs = self._commit(plan, real, accepted)
         if drafts is not None:
             self._keep_drafts(plan, real, given, drafts.tolist())
+        if self.disagg is not None:  # prefill side: requests with their first token (and drafts) go out
+            self.disagg.after_step(accepted)
         return outputs
 
     def _sample(self, plan: StepPlan, real: int, logits: torch.Tensor) -> dict[str, list]:
@@ -258,19 +278,39 @@ class Engine:
                 req.spec_verify_ct += 1
                 req.spec_accepted += len(tokens) - 1
                 self._spec = [self._spec[0] + 1, self._spec[1] + self.spec_steps, self._spec[2] + len(tokens) - 1]
-            new, reason = [], None
-            for token in tokens:
-                req.output_ids.append(token)
-                new.append(token)
-                reason = self._stop_reason(req, token)
-                if reason is not None:
-                    break
-            commit_tokens(req, new)
-            if reason is not None:
-                self._finish(req, reason)
-            chosen = lps[:len(new)] if lps is not None and req.params.logprobs is not None else []
-            outputs.append(self._output(req, new, chosen))
+            outputs.append(self._commit_tokens(req, tokens, lps))
         return outputs
+
+    def _commit_tokens(self, req: Request, tokens: list[int], lps: list | None) -> RequestOutput:
+        """Append tokens up to the first that stops the request. A prefill server's PD request never stops
+        here: the decode server applies the stop rules to the token it hands over."""
+        hands_over = req.disagg is not None and self.args.disaggregation_mode == "prefill"
+        new, reason = [], None
+        for token in tokens:
+            req.output_ids.append(token)
+            new.append(token)
+            reason = None if hands_over else self._stop_reason(req, token)
+            if reason is not None:
+                break
+        commit_tokens(req, new)
+        if reason is not None:
+            self._finish(req, reason)
+        chosen = lps[:len(new)] if lps is not None and req.params.logprobs is not None else []
+        return self._output(req, new, chosen)
+
+    def resume_prefilled(self, req: Request, token: int, logprob: tuple | None, drafts: list[int]) -> RequestOutput:
+        """Decode side: the prompt's KV cache arrived with the prefill server's first token (and its MTP
+        drafts): the request decodes on as if it had been prefilled here."""
+        req.draft_ids = list(drafts)
+        self.scheduler.resume(req, len(req.prompt_ids))
+        if req.params.grammar is not None:
+            grammar_state(req, self.cfg.vocab_size)
+        return self._commit_tokens(req, [token], [logprob] if logprob is not None else None)
+
+    def end_request(self, req: Request, reason: FinishReason) -> RequestOutput:
+        """Finish a request outside a step (PD transfers) and return its final output."""
+        self._finish(req, reason)
+        return self._output(req, [], [])
 
     def _stop_reason(self, req: Request, token: int) -> FinishReason | None:
         p = req.params

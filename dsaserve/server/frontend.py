@@ -19,7 +19,7 @@ from typing import Any, AsyncIterator
 import zmq
 import zmq.asyncio
 
-from dsaserve.engine.request import FinishReason, RequestOutput, SamplingParams
+from dsaserve.engine.request import DisaggRoute, FinishReason, RequestOutput, SamplingParams
 from dsaserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from dsaserve.server import messages as m
 from dsaserve.server.errors import ApiError
@@ -108,6 +108,7 @@ class RankLink:
     proc: BaseProcess
     dead: str | None = None  # why the leader is gone
     rids: set[str] = field(default_factory=set)
+    info: dict[str, Any] = field(default_factory=dict)  # the leader's Ready info
 
 
 class Frontend:
@@ -138,7 +139,7 @@ class Frontend:
     async def start(self) -> None:
         """Wait until every leader has loaded its engine; raise StartupError if one fails."""
         for link in self.links:
-            self.info = await self._wait_ready(link)
+            self.info = link.info = await self._wait_ready(link)
         self.tokenizer = Tokenizer(self.info["model_path"])
         self._tasks = [asyncio.create_task(self._receive(link)) for link in self.links]
         self._monitor_task = asyncio.create_task(self._monitor())
@@ -195,7 +196,7 @@ class Frontend:
         return alive[next(self._rr) % len(alive)]
 
     async def submit(self, prompt_ids: list[int], params: SamplingParams, rid: str | None = None,
-                     dp_rank: int | None = None) -> RequestHandle:
+                     dp_rank: int | None = None, route: DisaggRoute | None = None) -> RequestHandle:
         """Queue one request on a leader; raises ApiError if it is rejected."""
         if self.shutting_down:
             raise ApiError(503, "the server is shutting down")
@@ -209,7 +210,7 @@ class Frontend:
         self.handles[rid] = handle
         link.rids.add(rid)
         try:
-            await link.push.send_pyobj(m.AddRequest(rid, list(prompt_ids), params))
+            await link.push.send_pyobj(m.AddRequest(rid, list(prompt_ids), params, route))
             await handle.accepted
         except asyncio.CancelledError:  # the client left before the leader answered: nobody will read it
             self.abort(rid, "the client disconnected")
@@ -217,9 +218,11 @@ class Frontend:
         return handle
 
     async def submit_many(self, prompts: list[list[int]], params: list[SamplingParams], base_rid: str,
-                          dp_rank: int | None) -> list[RequestHandle]:
+                          dp_rank: int | None, route: DisaggRoute | None = None) -> list[RequestHandle]:
         """All or nothing: if one is rejected, the accepted ones are aborted."""
-        jobs = [self.submit(p, sp, f"{base_rid}-{i}", dp_rank) for i, (p, sp) in enumerate(zip(prompts, params))]
+        if route is not None and len(prompts) > 1:
+            raise ApiError(400, "a request with bootstrap_room must have one prompt and n = 1", param="n")
+        jobs = [self.submit(p, sp, f"{base_rid}-{i}", dp_rank, route) for i, (p, sp) in enumerate(zip(prompts, params))]
         results = await asyncio.gather(*jobs, return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:

@@ -20,6 +20,7 @@ from typing import Callable, Iterator
 
 import uvicorn
 
+from dsaserve.disagg.serving import start_bootstrap
 from dsaserve.server.app import create_app
 from dsaserve.server.frontend import Frontend, StartupError, stop_process
 from dsaserve.server.messages import Endpoints
@@ -165,6 +166,11 @@ async def _start(frontend: Frontend, procs: list[BaseProcess]) -> bool:
 async def _run_http(args: ServerArgs, frontend: Frontend, metrics: ServerMetrics) -> int:
     loop = asyncio.get_running_loop()
     served = args.served_model_name or Path(args.model_path).name
+    try:
+        bootstrap = start_bootstrap(args, frontend)  # PD prefill side only
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     app = create_app(args, frontend, metrics, served)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
                             access_log=args.log_level.lower() == "debug", lifespan="off",
@@ -175,6 +181,9 @@ async def _run_http(args: ServerArgs, frontend: Frontend, metrics: ServerMetrics
         await server.serve()
     except SystemExit as exc:  # uvicorn could not bind the port
         return int(exc.code or 1)
+    finally:
+        if bootstrap is not None:
+            bootstrap.close()
     return 0
 
 

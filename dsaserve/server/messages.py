@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dsaserve.engine.engine import EngineStats
-from dsaserve.engine.request import RequestOutput, SamplingParams
+from dsaserve.engine.request import DisaggRoute, RequestOutput, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,7 @@ class AddRequest:
     rid: str
     prompt_ids: list[int]
     params: SamplingParams
+    route: DisaggRoute | None = None  # PD disaggregation: the request's bootstrap room (and prefill leader)
 
 
 @dataclass(frozen=True)

@@ -76,7 +76,8 @@ def _build_engine(args: ServerArgs, par: Any, push: zmq.Socket) -> Any:
         "model_path": engine.model_path, "context_length": engine.context_length,
         "vocab_size": engine.cfg.vocab_size, "model_type": getattr(engine.cfg, "model_type", None),
         "total_pages": stats.total_pages, "page_size": args.page_size,
-        "eos_token_ids": sorted(engine.eos_ids)})])
+        "eos_token_ids": sorted(engine.eos_ids), "num_hidden_layers": engine.cfg.num_hidden_layers,
+        "disagg": engine.disagg.info() if engine.disagg is not None else None})])
     return engine
 
 
@@ -111,7 +112,7 @@ class WorkerLoop:
 
     def _receive(self, timeout_ms: int) -> list[m.Event]:
         events: list[m.Event] = []
-        if not self.pull.poll(timeout_ms):
+        if not self._wait(timeout_ms):
             return events
         while True:
             try:
@@ -119,6 +120,16 @@ class WorkerLoop:
             except zmq.Again:
                 return events
             events += self._handle(msg)
+
+    def _wait(self, timeout_ms: int) -> bool:
+        """Wait for a frontend message; PD control messages (engine.disagg) end the wait early too."""
+        extra = self.engine.disagg.sockets() if self.engine.disagg is not None else []
+        if not extra or timeout_ms == 0:
+            return bool(self.pull.poll(timeout_ms))
+        poller = zmq.Poller()
+        for sock in [self.pull, *extra]:
+            poller.register(sock, zmq.POLLIN)
+        return self.pull in dict(poller.poll(timeout_ms))
 
     def _handle(self, msg: Any) -> list[m.Event]:
         if isinstance(msg, m.AddRequest):
@@ -138,7 +149,7 @@ class WorkerLoop:
 
     def _add(self, msg: m.AddRequest) -> m.Event:
         try:
-            self.engine.add_request(msg.rid, msg.prompt_ids, msg.params)
+            self.engine.add_request(msg.rid, msg.prompt_ids, msg.params, msg.route)
         except QueueFull as exc:
             return m.Rejected(msg.rid, str(exc), 503)
         except RequestError as exc:

@@ -1,0 +1,79 @@
+"""The engine's side of PD disaggregation, on each DP group leader: create_side() builds the prefill or the
+decode side, with its transfer backend over the leader's KV pools and its ZMQ control socket.
+
+The engine calls (leader only): add(req) for a request that carries a route, after_step(accepted) after a
+step's tokens are committed, poll() at the start of every step, release(req) when a request holding
+pages in a transfer is aborted, has_work() and sockets() for its loop, info() for the frontend.
+"""
+from __future__ import annotations
+
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import zmq
+
+from dsaserve.disagg.transport import KVTransport, create_transport
+
+if TYPE_CHECKING:
+    from dsaserve.engine.engine import Engine
+
+FAILURE_PROB_ENV = "DSASERVE_DISAGG_TEST_FAILURE_PROB"
+
+
+@dataclass
+class Deadlines:
+    """Monotonic deadlines of a side's waits (every wait is bounded)."""
+    timeout_s: float
+    clock: Any = time.monotonic
+
+    def after(self, fraction: float = 1.0) -> float:
+        return self.clock() + self.timeout_s * fraction
+
+    def passed(self, deadline: float) -> bool:
+        return self.clock() >= deadline
+
+
+@dataclass
+class SideBase:
+    engine: Engine
+    transport: KVTransport
+    ctx: zmq.Context
+    deadlines: Deadlines
+    failure_prob: float = 0.0
+    rng: random.Random = field(default_factory=random.Random)
+
+    @property
+    def page_size(self) -> int:
+        return self.engine.args.page_size
+
+    def close(self) -> None:
+        self.transport.close()
+        self.ctx.destroy(linger=0)
+
+
+def failure_prob() -> float:
+    raw = os.environ.get(FAILURE_PROB_ENV, "0")
+    try:
+        p = float(raw)
+    except ValueError:
+        raise ValueError(f"{FAILURE_PROB_ENV} must be a probability, got {raw!r}") from None
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"{FAILURE_PROB_ENV} must be in [0, 1], got {p}")
+    return p
+
+
+def create_side(engine: Engine) -> Any:
+    from dsaserve.disagg.decode import DecodeSide
+    from dsaserve.disagg.prefill import PrefillSide
+    args = engine.args
+    if args.disaggregation_mode == "decode" and engine.par.cfg.attn_tp > 1:
+        raise ValueError(f"--disaggregation-mode decode needs attention TP 1 (each DP group leader holds its "
+                         f"group's whole cache): use --dp {args.tp} --enable-dp-attention with --tp {args.tp}")
+    transport = create_transport(args.disaggregation_transfer_backend, engine.runner.pools.page_buffers(),
+                                 args.disaggregation_ib_device)
+    base = dict(engine=engine, transport=transport, ctx=zmq.Context(),
+                deadlines=Deadlines(args.disaggregation_timeout_s), failure_prob=failure_prob())
+    return PrefillSide(**base) if args.disaggregation_mode == "prefill" else DecodeSide(**base)
