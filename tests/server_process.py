@@ -53,7 +53,8 @@ def is_running(pid: int) -> bool:
 class ServerProcess:
     """`with ServerProcess(model_path, page_size=4) as srv: srv.url ...`; output goes to a log file."""
 
-    def __init__(self, model_path: str, log_path: str | Path, startup_timeout: float = 120.0, **flags: object):
+    def __init__(self, model_path: str, log_path: str | Path, startup_timeout: float = 120.0,
+                 env: dict[str, str] | None = None, **flags: object):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path)
@@ -62,6 +63,7 @@ class ServerProcess:
         for key, value in flags.items():
             flag = "--" + key.replace("_", "-")
             self.cmd += [flag] if value is True else [flag, str(value)]
+        self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> ServerProcess:
@@ -73,7 +75,7 @@ class ServerProcess:
 
     def start(self) -> None:
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
+            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env)
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if READY_PREFIX in self.log():

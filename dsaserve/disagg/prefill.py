@@ -61,8 +61,8 @@ class PrefillSide(SideBase):
         return [self.sock]
 
     def has_work(self) -> bool:
-        return bool(self.sock.poll(0)) or any(o.handle is not None or self.deadlines.passed(o.deadline)
-                                              for o in self.out.values())
+        return bool(self.sock.poll(0)) or any(o.handle is not None or room in self.dests or room in self.ended
+                                              or self.deadlines.passed(o.deadline) for room, o in self.out.items())
 
     def add(self, req: Request) -> None:
         room = req.disagg.room
@@ -98,9 +98,11 @@ class PrefillSide(SideBase):
     # -- the loop ----------------------------------------------------------------------------
 
     def poll(self) -> list[RequestOutput]:
-        for ident, msg, blob in wire.recv_all(self.sock, routed=True):
-            self._on_message(ident, msg, blob)
         outputs: list[RequestOutput] = []
+        for ident, msg, blob in wire.recv_all(self.sock, routed=True):
+            out = self._on_message(ident, msg, blob)
+            if out is not None:
+                outputs.append(out)
         for room, o in list(self.out.items()):
             out = self._advance(room, o)
             if out is not None:
@@ -112,25 +114,35 @@ class PrefillSide(SideBase):
             del self.ended[room]
         return outputs
 
-    def _on_message(self, ident: bytes, msg: dict[str, Any], blob: bytes) -> None:
+    def _on_message(self, ident: bytes, msg: dict[str, Any], blob: bytes) -> RequestOutput | None:
         kind, room = msg.get("kind"), msg.get("room")
-        if kind == "dest" and isinstance(room, int):
+        if not isinstance(room, int):
+            return None
+        if kind == "dest":
             if room in self.ended:
                 wire.send(self.sock, {"kind": "failed", "room": room, "message": self.ended.pop(room)[0]}, to=ident)
-                return
-            self.dests[room] = Dest(ident, msg, blob, self.deadlines.after())
-        elif kind == "cancel" and isinstance(room, int):
+            else:
+                self.dests[room] = Dest(ident, msg, blob, self.deadlines.after())
+        elif kind == "cancel":
             self.dests.pop(room, None)
             o = self.out.get(room)
-            if o is not None and o.handle is None:  # not writing yet: end it here too
-                del self.out[room]
-                self._end(o, FinishReason("abort", message=f"the decode server cancelled it: {msg.get('reason')}"))
-            elif o is None:
-                self._ended(room, "cancelled")
+            if o is not None and o.handle is not None:
+                return None  # writing: the decode server frees its pages when `done` or `failed` comes
+            # nothing is written into the decode server's pages: it may free them now
+            wire.send(self.sock, {"kind": "failed", "room": room, "message": "cancelled"}, to=ident)
+            if o is None:
+                self.ended[room] = ("cancelled by the decode server", self.deadlines.after())
+                return None
+            del self.out[room]
+            return self._end(o, FinishReason("abort", message=f"the decode server cancelled it: {msg.get('reason')}"))
+        return None
 
     def _advance(self, room: int, o: Outgoing) -> RequestOutput | None:
         if o.dest is None:
             o.dest = self.dests.pop(room, None)
+            if o.dest is None and room in self.ended:  # the decode server cancelled before it was prefilled
+                del self.out[room]
+                return self._end(o, FinishReason("abort", message=self.ended.pop(room)[0]))
             if o.dest is None:
                 if self.deadlines.passed(o.deadline):
                     del self.out[room]
