@@ -55,6 +55,7 @@ class RouterProcess:
         return self.log_path.read_text(errors="replace")
 
 
-def pd_router(log_path: str | Path, prefill: ServerProcess, bootstrap_port: int, decode: ServerProcess) -> RouterProcess:
+def pd_router(log_path: str | Path, prefill: ServerProcess, bootstrap_port: int, decode: ServerProcess,
+              *extra: str) -> RouterProcess:
     return RouterProcess(log_path, "--pd-disaggregation", "--prefill", prefill.url, str(bootstrap_port),
-                         "--decode", decode.url)
+                         "--decode", decode.url, *extra)

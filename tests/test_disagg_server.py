@@ -71,45 +71,46 @@ def pd_servers(model: str, tmp: Path, prefill: dict[str, Any], decode: dict[str,
 PROMPTS_64 = prompts_ids(4, [63, 64, 65, 5], seed=3)  # one before, at and one after a page boundary
 
 
-class TestMixedTP:
-    @pytest.fixture(scope="class")
-    def deploy(self, tiny_ds: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
-        tmp = tmp_path_factory.mktemp("pd-tp")
-        p, d, port = pd_servers(tiny_ds, tmp, dict(tp=2, page_size=64),
-                                dict(page_size=64, disaggregation_timeout_s=TIMEOUT_S))
-        with p, d, pd_router(tmp / "router.log", p, port, d) as router:
-            yield p, d, router
+@pytest.fixture(scope="class")
+def mixed_tp(tiny_ds: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
+    tmp = tmp_path_factory.mktemp("pd-tp")
+    flags = dict(page_size=64, disaggregation_timeout_s=TIMEOUT_S)
+    p, d, port = pd_servers(tiny_ds, tmp, dict(tp=2, **flags), flags)
+    with p, d, pd_router(tmp / "router.log", p, port, d) as router:
+        yield p, d, router
 
-    def test_generate_equals_aggregated(self, deploy: tuple, tiny_ds: str) -> None:
-        p, d, router = deploy
+
+class TestMixedTP:
+    def test_generate_equals_aggregated(self, mixed_tp: tuple, tiny_ds: str) -> None:
+        p, d, router = mixed_tp
         want = expected(tiny_ds, PROMPTS_64, page_size=64)
         got = [generate(router.url, ids).json()["output_ids"] for ids in PROMPTS_64]
         assert got == want
         assert [stream_ids(generate(router.url, ids, stream=True)) for ids in PROMPTS_64[:2]] == want[:2]
         assert all(free == total for free, total in pools(p.url) + pools(d.url))
 
-    def test_openai_client_through_router(self, deploy: tuple, tiny_ds: str, model: str) -> None:
-        p, d, router = deploy
-        want = expected(tiny_ds, PROMPTS_64[:2], page_size=64)
-        asyncio.run(self._openai(router.url, d.url, model, want))
+    def test_openai_client_through_router(self, mixed_tp: tuple, model: str) -> None:
+        """The official client through the router (it takes text prompts) equals the decode server alone."""
+        p, d, router = mixed_tp
+        asyncio.run(self._openai(router.url, d.url, model))
 
     @staticmethod
-    async def _openai(router: str, aggregated: str, model: str, want: list[list[int]]) -> None:
+    async def _openai(router: str, aggregated: str, model: str) -> None:
         via = openai.AsyncOpenAI(base_url=f"{router}/v1", api_key="unused", max_retries=0, timeout=120)
         ref = openai.AsyncOpenAI(base_url=f"{aggregated}/v1", api_key="unused", max_retries=0, timeout=120)
         extra = {"return_tokens_as_token_ids": True, "ignore_eos": True}
         try:
-            for ids, tokens in zip(PROMPTS_64, want):
-                r = await via.completions.create(model=model, prompt=ids, max_tokens=MAX, temperature=0, logprobs=0,
-                                                 extra_body=extra)
-                assert [int(t.removeprefix("token_id:")) for t in r.choices[0].logprobs.tokens] == tokens
-                chunks = await via.completions.create(model=model, prompt=ids, max_tokens=MAX, temperature=0,
-                                                      stream=True, extra_body=extra)
+            for prompt in ("Hello there", "The quick brown fox jumps over the lazy dog " * 6):
+                args = dict(model=model, prompt=prompt, max_tokens=MAX, temperature=0, logprobs=0, extra_body=extra)
+                r, alone = await via.completions.create(**args), await ref.completions.create(**args)
+                assert r.choices[0].logprobs.tokens == alone.choices[0].logprobs.tokens
+                assert len(r.choices[0].logprobs.tokens) == MAX
+                chunks = await via.completions.create(**{**args, "logprobs": None}, stream=True)
                 text = "".join([c.choices[0].text async for c in chunks if c.choices])
-                assert text == r.choices[0].text
-            messages = [{"role": "user", "content": "Say hello"}]
-            chat = dict(model=model, messages=messages, max_tokens=MAX, temperature=0, extra_body={"ignore_eos": True})
-            alone = await ref.chat.completions.create(**chat)  # the decode server serving the whole request
+                assert text == alone.choices[0].text
+            chat = dict(model=model, messages=[{"role": "user", "content": "Say hello"}], max_tokens=MAX,
+                        temperature=0, extra_body={"ignore_eos": True})
+            alone = await ref.chat.completions.create(**chat)
             stream = await via.chat.completions.create(**chat, stream=True)
             text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
             assert text == alone.choices[0].message.content and text
@@ -117,11 +118,11 @@ class TestMixedTP:
             await via.close()
             await ref.close()
 
-    def test_decode_killed_prefill_frees_pages(self, deploy: tuple) -> None:
-        p, d, router = deploy
+    def test_decode_killed_prefill_frees_pages(self, mixed_tp: tuple) -> None:
+        p, d, router = mixed_tp
 
         async def flood() -> list[Any]:
-            async with httpx.AsyncClient(timeout=60) as client:
+            async with httpx.AsyncClient(timeout=3 * TIMEOUT_S) as client:
                 body = {"input_ids": PROMPTS_64[2], "sampling_params": {"max_new_tokens": 64, "ignore_eos": True}}
                 jobs = [client.post(f"{router.url}/generate", json=body) for _ in range(6)]
                 kill = asyncio.create_task(asyncio.to_thread(self._kill_when_busy, d))
@@ -165,17 +166,19 @@ class TestSpecDPAttention:
 
 # -- failures end requests, not servers ---------------------------------------------------------------
 
-class TestFailures:
-    @pytest.fixture(scope="class")
-    def deploy(self, tiny_ds: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
-        tmp = tmp_path_factory.mktemp("pd-fail")
-        flags = dict(page_size=1, disaggregation_timeout_s=TIMEOUT_S)
-        p, d, port = pd_servers(tiny_ds, tmp, flags, flags, prefill_env={"DSASERVE_DISAGG_TEST_FAILURE_PROB": "0.05"})
-        with p, d, pd_router(tmp / "router.log", p, port, d) as router:
-            yield p, d, router, port
+@pytest.fixture(scope="class")
+def failing(tiny_ds: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
+    tmp = tmp_path_factory.mktemp("pd-fail")
+    flags = dict(page_size=1, disaggregation_timeout_s=TIMEOUT_S)
+    p, d, port = pd_servers(tiny_ds, tmp, flags, flags, prefill_env={"DSASERVE_DISAGG_TEST_FAILURE_PROB": "0.05"})
+    # the router would retry a failed request (with a new room): without retries the client sees the error
+    with p, d, pd_router(tmp / "router.log", p, port, d, "--disable-retries") as router:
+        yield p, d, router, port
 
-    def test_injected_failures_end_requests(self, deploy: tuple) -> None:
-        p, d, router, _ = deploy
+
+class TestFailures:
+    def test_injected_failures_end_requests(self, failing: tuple) -> None:
+        p, d, router, _ = failing
         prompts = prompts_ids(60, [3 + i % 13 for i in range(60)], seed=9)
 
         async def run() -> list[httpx.Response]:
@@ -189,13 +192,14 @@ class TestFailures:
         failed = [r for r in results if r.status_code != 200]
         assert all(len(r.json()["output_ids"]) == 4 for r in ok)
         assert all("injected transfer failure" in r.text for r in failed), [r.text for r in failed][:3]
-        assert len(ok) + len(failed) == 60 and len(ok) >= 40  # p = 0.05: all 60 end, most succeed
+        # p = 0.05 with --seed 0: the prefill server's draws fail twice in the first 60 (and never first)
+        assert len(ok) + len(failed) == 60 and 1 <= len(failed) <= 5
         for url in (p.url, d.url):
             wait_pools_whole(url, 2 * TIMEOUT_S)
             assert httpx.get(f"{url}/health_generate", timeout=60).status_code == 200
 
-    def test_abort_while_waiting_for_the_cache(self, deploy: tuple) -> None:
-        p, d, _, port = deploy
+    def test_abort_while_waiting_for_the_cache(self, failing: tuple) -> None:
+        p, d, _, port = failing
         ids = prompts_ids(1, [9], seed=4)[0]
         for server, room in ((d, 77001), (p, 77002)):  # decode: pre-allocated; prefill: prefilled, no decode asks
             async def run() -> tuple[httpx.Response, httpx.Response]:
@@ -214,8 +218,8 @@ class TestFailures:
             assert answer.status_code == 200 and answer.json()["meta_info"]["finish_reason"]["type"] == "abort"
             wait_pools_whole(server.url, 2 * TIMEOUT_S)
 
-    def test_prefill_killed_decode_requests_fail(self, deploy: tuple) -> None:
-        p, d, _, port = deploy
+    def test_prefill_killed_decode_requests_fail(self, failing: tuple) -> None:
+        p, d, _, port = failing
         prompts = prompts_ids(3, [5, 6, 7], seed=8)
 
         async def run() -> list[httpx.Response]:  # sent to the decode server only: they wait on the prefill server
@@ -248,3 +252,22 @@ def test_worker_urls_routing(tiny_ds: str, tmp_path: Path) -> None:
         assert [generate(router.url, ids).json()["output_ids"] for ids in prompts] == want
         steps = [httpx.get(f"{s.url}/get_server_info", timeout=30).json()["internal_states"][0]["steps"] for s in (a, b)]
         assert min(steps) > 0  # round robin: both servers served
+
+
+@pytest.mark.gpu
+def test_gpu_prefill_on_gpu0_decode_on_gpu1(tiny_ds: str, tmp_path: Path) -> None:
+    """NIXL moving CUDA memory: prefill on GPU 0, decode on GPU 1, through the router; the decode server
+    serving the same prompts whole (its own prefill) is the reference."""
+    import torch
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    port = free_port()
+    flags = dict(max_total_tokens=4096, page_size=64, dtype="float32")
+    p = ServerProcess(tiny_ds, tmp_path / "prefill.log", env={"CUDA_VISIBLE_DEVICES": "0"},
+                      disaggregation_mode="prefill", disaggregation_bootstrap_port=port, **flags)
+    d = ServerProcess(tiny_ds, tmp_path / "decode.log", env={"CUDA_VISIBLE_DEVICES": "1"},
+                      disaggregation_mode="decode", **flags)
+    with p, d, pd_router(tmp_path / "router.log", p, port, d) as router:
+        for ids in PROMPTS_64:
+            assert generate(router.url, ids).json()["output_ids"] == generate(d.url, ids).json()["output_ids"]
+        assert all(free == total for free, total in pools(p.url) + pools(d.url))

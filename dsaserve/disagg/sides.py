@@ -43,7 +43,7 @@ class SideBase:
     ctx: zmq.Context
     deadlines: Deadlines
     failure_prob: float = 0.0
-    rng: random.Random = field(default_factory=random.Random)
+    rng: random.Random = field(default_factory=random.Random)  # draws the injected failures
 
     @property
     def page_size(self) -> int:
@@ -75,5 +75,6 @@ def create_side(engine: Engine) -> Any:
     transport = create_transport(args.disaggregation_transfer_backend, engine.runner.pools.page_buffers(),
                                  args.disaggregation_ib_device)
     base = dict(engine=engine, transport=transport, ctx=zmq.Context(),
-                deadlines=Deadlines(args.disaggregation_timeout_s), failure_prob=failure_prob())
+                deadlines=Deadlines(args.disaggregation_timeout_s), failure_prob=failure_prob(),
+                rng=random.Random(args.seed * 1009 + engine.par.cfg.dp_rank))  # injected failures repeat with --seed
     return PrefillSide(**base) if args.disaggregation_mode == "prefill" else DecodeSide(**base)
