@@ -81,13 +81,13 @@ def test_pd_greedy_equals_aggregated(arch: str, page_size: int, spec_steps: int,
     spec = dict(speculative_algorithm="NEXTN", speculative_num_steps=spec_steps) if spec_steps else {}
     prompts = prompts_ids(4, lengths(page_size), seed=7)
     expected = [c.token_ids for c in LLM(model, page_size=page_size, max_total_tokens=2048).generate(prompts, GREEDY)]
-    with pd_pair(model, page_size=page_size, **spec) as (pre, dec):
+    with pd_pair(model, page_size=page_size, chunked_prefill_size=7, **spec) as (pre, dec):  # prompts in chunks
         final, tokens = run_pd(pre, dec, prompts, GREEDY)
         assert [tokens[f"r{i}"] for i in range(len(prompts))] == expected
         assert all(final[f"r{i}"].finish.kind == "length" for i in range(len(prompts)))
         if spec_steps:  # the decode server's first step verified the prefill server's drafts
             assert dec.stats().spec_verify_steps > 0
-        assert pre.steps <= len(prompts)  # the prefill server ran prompts only, never a decode step
+        assert pre.steps <= sum(-(-len(ids) // 7) for ids in prompts)  # prompt chunks only, never a decode step
         assert_pools_whole(pre, dec)
 
 
@@ -133,3 +133,21 @@ def test_prefill_without_decode_times_out(tiny_ds: str) -> None:
     final = [o for o in outputs if o.finished]
     assert final and final[0].finish.kind == "error" and "no decode server asked" in final[0].finish.message
     assert_pools_whole(pre)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(disaggregation_mode="decode", tp=2), "decode needs attention TP 1"),
+    (dict(disaggregation_mode="both"), "--disaggregation-mode must be null, prefill or decode"),
+    (dict(disaggregation_mode="prefill", disaggregation_transfer_backend="mooncake"), "mooncake is not available"),
+    (dict(disaggregation_timeout_s=0), "--disaggregation-timeout-s must be > 0"),
+])
+def test_flags_refuse_what_cannot_work(flags: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ServerArgs(**flags)
+
+
+def test_failure_probability_must_be_a_probability(tiny_ds: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DSASERVE_DISAGG_TEST_FAILURE_PROB", "1.5")
+    with pytest.raises(ValueError, match=r"DSASERVE_DISAGG_TEST_FAILURE_PROB must be in \[0, 1\], got 1.5"):
+        Engine(ServerArgs(model_path=tiny_ds, max_total_tokens=256, disaggregation_mode="prefill",
+                          disaggregation_transfer_backend="fake"), progress=False)

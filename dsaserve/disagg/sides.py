@@ -69,12 +69,10 @@ def create_side(engine: Engine) -> Any:
     from dsaserve.disagg.decode import DecodeSide
     from dsaserve.disagg.prefill import PrefillSide
     args = engine.args
-    if args.disaggregation_mode == "decode" and engine.par.cfg.attn_tp > 1:
-        raise ValueError(f"--disaggregation-mode decode needs attention TP 1 (each DP group leader holds its "
-                         f"group's whole cache): use --dp {args.tp} --enable-dp-attention with --tp {args.tp}")
+    prob = failure_prob()  # before anything that would need closing
     transport = create_transport(args.disaggregation_transfer_backend, engine.runner.pools.page_buffers(),
                                  args.disaggregation_ib_device)
     base = dict(engine=engine, transport=transport, ctx=zmq.Context(),
-                deadlines=Deadlines(args.disaggregation_timeout_s), failure_prob=failure_prob(),
+                deadlines=Deadlines(args.disaggregation_timeout_s), failure_prob=prob,
                 rng=random.Random(args.seed * 1009 + engine.par.cfg.dp_rank))  # injected failures repeat with --seed
     return PrefillSide(**base) if args.disaggregation_mode == "prefill" else DecodeSide(**base)
