@@ -6,6 +6,9 @@ but few layers and experts, so it fits one GPU and is made in seconds. Prints a 
 JSON. Example (GPU):
 
     python benchmarks/engine.py --out /tmp/bench-model --batch 1 16 64 --input-len 1024 --output-len 64
+
+With --fp8 the checkpoint stores its linear and expert weights as e4m3 with 128x128 weight_scale_inv
+blocks (as the official one does), and the engine serves them as FP8 (default --out gets an -fp8 suffix).
 """
 from __future__ import annotations
 
@@ -87,17 +90,22 @@ def main() -> None:
     ap.add_argument("--output-json", default=None)
     ap.add_argument("--profile", action="store_true", help="print the top ops of 8 decode steps")
     ap.add_argument("--cuda-graph-max-bs", type=int, default=0, help="replay decode from CUDA graphs")
+    ap.add_argument("--fp8", action="store_true", help="an FP8 checkpoint (e4m3, 128x128 block scales)")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="auto, bf16 or fp8_e4m3 (the server flag)")
     args = ap.parse_args()
-    path = Path(args.out)
+    path = Path(args.out + "-fp8" if args.fp8 and args.out == ap.get_default("out") else args.out)
     if not (path / "config.json").is_file():
         t = time.perf_counter()
-        make_tiny_model(path, "deepseek_v32", layers=args.layers, dtype=torch.bfloat16,
+        make_tiny_model(path, "deepseek_v32", fp8=args.fp8, layers=args.layers, dtype=torch.bfloat16,
                         n_routed_experts=args.experts, **DEEPSEEK_V32_LAYER)
         print(f"made the benchmark checkpoint in {time.perf_counter() - t:.0f}s")
+    if ("quantization_config" in json.loads((path / "config.json").read_text())) != args.fp8:
+        raise SystemExit(f"{path} holds a checkpoint {'without' if args.fp8 else 'with'} FP8 weights: use another --out")
     tokens = max(args.batch) * (args.input_len + args.output_len) + 4096
     llm = LLM(str(path), page_size=args.page_size, max_total_tokens=tokens, attention_backend=args.backend,
               moe_backend=args.backend, max_running_requests=max(args.batch),
-              chunked_prefill_size=max(8192, args.input_len), cuda_graph_max_bs=args.cuda_graph_max_bs)
+              chunked_prefill_size=max(8192, args.input_len), cuda_graph_max_bs=args.cuda_graph_max_bs,
+              kv_cache_dtype=args.kv_cache_dtype)
     vocab = DEEPSEEK_V32_LAYER["vocab_size"]
     rows = []
     for b in args.batch:  # Triton specialises kernels on shapes: compile outside the measured run
@@ -107,7 +115,8 @@ def main() -> None:
         profile_decode(llm, max(args.batch), args.input_len, vocab)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     graphs = f", decode CUDA graphs up to batch {args.cuda_graph_max_bs}" if args.cuda_graph_max_bs else ""
-    print(f"\n{device}, {args.layers} layers ({args.experts} experts), "
+    weights = "FP8 weights" if args.fp8 else f"{llm.engine.runner.dtype} weights"
+    print(f"\n{device}, {args.layers} layers ({args.experts} experts), {weights}, KV {llm.engine.runner.kv_dtype}, "
           f"backend {llm.engine.runner.ops.attention_backend}{graphs}")
     print(f"{'batch':>5} {'in':>6} {'out':>5} {'prefill s':>10} {'prefill tok/s':>14} {'decode ms/step':>15} "
           f"{'decode tok/s':>13}")
@@ -116,6 +125,7 @@ def main() -> None:
               f"{r['prefill_tok_s']:>14.0f} {r['decode_step_ms']:>15.2f} {r['decode_tok_s']:>13.0f}")
     if args.output_json:
         Path(args.output_json).write_text(json.dumps({"device": device, "layers": args.layers, "experts": args.experts,
+                                                      "fp8": args.fp8, "kv_cache_dtype": args.kv_cache_dtype,
                                                       "cuda_graph_max_bs": args.cuda_graph_max_bs, "rows": rows},
                                                      indent=1))
 

@@ -1,12 +1,14 @@
 """Time the Triton kernels on DeepSeek-V3.2 shapes against the reference ops and the device's measured peaks.
 
-    python benchmarks/kernels.py [--quick] [--tune] [--output-json out.json]
+    python benchmarks/kernels.py [--quick] [--tune] [--kv-cache-dtype bf16|fp8_e4m3|both] [--output-json out.json]
 
 Peaks are measured in the same run: copy bandwidth (a 2 GiB device-to-device copy, bytes read + written)
 and the bf16 matrix rate (8192^3 torch.matmul on random data). Each row prints the median time
 (triton.testing.do_bench, which flushes L2 before every repetition), achieved TFLOP/s and GB/s (the
 fewest bytes the op must move), the fraction of the relevant peak and the relative error against the
 reference. The reference is timed where it is small enough; 'skip' says where it is not.
+--kv-cache-dtype fp8_e4m3 (or both) runs sparse MLA and the indexer over FP8 caches (rows 'mla-fp8', 'idx-fp8':
+656-byte latent rows, 132-byte index keys; GB/s counts those bytes) against the reference over the same cache.
 """
 from __future__ import annotations
 
@@ -20,11 +22,13 @@ import triton
 import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dsaserve.cache import kv_format  # noqa: E402
 from dsaserve.ops import reference as ref  # noqa: E402
 from dsaserve.ops import triton as tops  # noqa: E402
 
 DEV = "cuda"
 BF16 = torch.bfloat16
+FP8 = kv_format.FP8
 ROWS: list[dict] = []
 PROFILE = False
 
@@ -94,9 +98,13 @@ def record(kernel: str, shape: str, ms: float, flop: float, nbytes: float, peaks
 
 
 # ---------------------------------------------------------------- sparse MLA
-def bench_mla(peaks: dict, cases: list[tuple[int, int]], configs: list[dict | None], time_ref: bool = True) -> None:
+def bench_mla(peaks: dict, cases: list[tuple[int, int]], configs: list[dict | None], time_ref: bool = True,
+              fp8: bool = False) -> None:
     S, K, D, V = 1 << 17, 2048, 576, 512
     kv = torch.randn(S, D, device=DEV).to(BF16)
+    name, row_bytes = "mla", None
+    if fp8:  # 656-byte rows: e4m3 latent, fp32 scales, bf16 rope
+        kv, name, row_bytes = kv_format.quantize_fp8(kv[:, :V], kv[:, V:]), "mla-fp8", kv_format.row_bytes(V, 64, FP8)
     for T, H in cases:
         q = torch.randn(T, H, D, device=DEV).to(BF16)
         idx = torch.randint(0, S, (T, K), device=DEV, dtype=torch.int32)
@@ -114,8 +122,9 @@ def bench_mla(peaks: dict, cases: list[tuple[int, int]], configs: list[dict | No
                 fn = lambda: tops.sparse_mla(q, kv, idx, scale, V)  # noqa: E731
                 ms, eager = bench(fn, graph=True), bench(fn)
                 bound = "mem" if H <= 32 else "flop"
-                record("mla", f"T={T} H={H} K={K} D={D}", ms, tops.mla.flops(T, H, K, D, V),
-                       tops.mla.min_bytes(T, H, K, D, V), peaks, bound, ref_ms, err, str(cfg or ""), eager)
+                record(name, f"T={T} H={H} K={K} D={D}", ms, tops.mla.flops(T, H, K, D, V),
+                       tops.mla.min_bytes(T, H, K, D, V, row_bytes=row_bytes), peaks, bound, ref_ms, err,
+                       str(cfg or ""), eager)
             except Exception as exc:  # a tile config that does not fit: report, go on
                 print(f"mla      {cfg} failed: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
         tops.mla.CONFIG = None
@@ -123,13 +132,16 @@ def bench_mla(peaks: dict, cases: list[tuple[int, int]], configs: list[dict | No
 
 # ---------------------------------------------------------------- indexer + top-k
 def bench_indexer(peaks: dict, decode: list[tuple[int, int]], prefill: list[tuple[int, int]],
-                  configs: list[dict | None], topk: int = 2048, time_ref: bool = True) -> None:
+                  configs: list[dict | None], topk: int = 2048, time_ref: bool = True, fp8: bool = False) -> None:
     Hi, Di, page = 64, 128, 64
+    name, key_bytes = ("idx-fp8", kv_format.row_bytes(Di, 0, FP8)) if fp8 else ("indexer", None)
     for T, ctx, is_prefill in [(t, c, False) for t, c in decode] + [(t, c, True) for t, c in prefill]:
         B = 1 if is_prefill else T
         pages = ctx // page
         page_table = torch.randperm(B * pages, device=DEV, dtype=torch.int32).reshape(B, pages)
         k_cache = torch.randn(B * pages * page, Di, device=DEV).to(BF16)
+        if fp8:
+            k_cache = kv_format.quantize_fp8(k_cache)
         q = torch.randn(T, Hi, Di, device=DEV).to(BF16)
         w = torch.randn(T, Hi, device=DEV) * (Hi * Di) ** -0.5
         if is_prefill:  # the last T positions of one request, causal
@@ -140,7 +152,7 @@ def bench_indexer(peaks: dict, decode: list[tuple[int, int]], prefill: list[tupl
             row_req = torch.arange(T, dtype=torch.int32, device=DEV)
             row_len = torch.full((T, 1), ctx, dtype=torch.int32, device=DEV)
             flop = tops.indexer.flops(T, Hi, Di, ctx)
-        nbytes = tops.indexer.min_bytes(T, Hi, Di, ctx, B)
+        nbytes = tops.indexer.min_bytes(T, Hi, Di, ctx, B, key_bytes=key_bytes)
         args = (q, w, k_cache, page_table, row_req, row_len, page, ctx)
         ref_ms = err = None
         small = (not is_prefill) and T * ctx <= 32 * 32768
@@ -157,7 +169,7 @@ def bench_indexer(peaks: dict, decode: list[tuple[int, int]], prefill: list[tupl
                     err = rel(got[f], want[f])
                 fn = lambda: tops.indexer_logits(*args)  # noqa: E731
                 ms, eager = bench(fn, graph=True), bench(fn)
-                record("indexer", f"{kind} T={T} ctx={ctx} Hi={Hi}x{Di}", ms, flop, nbytes, peaks,
+                record(name, f"{kind} T={T} ctx={ctx} Hi={Hi}x{Di}", ms, flop, nbytes, peaks,
                        "flop" if is_prefill else "mem", ref_ms, err, str(cfg or ""), eager)
             except Exception as exc:  # a tile config that does not fit: report, go on
                 print(f"indexer  {cfg} failed: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
@@ -208,6 +220,8 @@ def main() -> None:
     ap.add_argument("--only", default="mla,indexer,moe")
     ap.add_argument("--output-json", default=None)
     ap.add_argument("--profile", action="store_true", help="per-kernel profiler tables for MoE decode")
+    ap.add_argument("--kv-cache-dtype", default="bf16", choices=["bf16", "fp8_e4m3", "both"],
+                    help="cache format of the sparse MLA and indexer rows")
     a = ap.parse_args()
     global PROFILE
     PROFILE = a.profile
@@ -218,12 +232,14 @@ def main() -> None:
     print(f"{'kernel':8s} {'shape':34s} {'ms':>9s} {'eager ms':>9s} {'ref ms':>9s} {'TFLOP/s':>7s} {'GB/s':>8s} bound "
           f"{'%peak':>6s} {'rel err':>8s} config")
     only = a.only.split(",")
+    kv_modes = {"bf16": [False], "fp8_e4m3": [True], "both": [False, True]}[a.kv_cache_dtype]
     if "mla" in only:
         cases = [(1, 16), (32, 16), (128, 16), (4096, 16), (128, 32), (128, 64), (64, 128), (128, 128),
                  (4096, 128)]
         if a.quick:
             cases = [(128, 16), (128, 128)]
-        bench_mla(peaks, cases, [None])
+        for fp8 in kv_modes:
+            bench_mla(peaks, cases, [None], fp8=fp8)
         if a.tune:
             bench_mla(peaks, [(64, 128), (128, 128)], [dict(block_n=32, num_stages=3), dict(block_n=128, num_stages=1)],
                       time_ref=False)
@@ -233,7 +249,8 @@ def main() -> None:
         prefill = [(4096, 32768)]
         if a.quick:
             decode, prefill = [(32, 32768)], []
-        bench_indexer(peaks, decode, prefill, [None])
+        for fp8 in kv_modes:
+            bench_indexer(peaks, decode, prefill, [None], fp8=fp8)
         if a.tune:
             bench_indexer(peaks, [(128, 32768)], [], [dict(block_n=128, num_stages=3), dict(num_warps=8)],
                           time_ref=False)

@@ -4,7 +4,10 @@ layers (benchmarks/engine.py's model plus its MTP layer), CUDA graphs on (the en
 Drafters: `mtp` (the checkpoint's MTP layer; random weights here, so nearly every draft is
 rejected: this measures the cost of speculation) and `oracle` (each request's known greedy
 continuation: every draft is accepted, the upper bound for S steps). Each row checks that the
-tokens equal the non-speculative run before it is reported. Prints a table, writes JSON:
+tokens are compared with the non-speculative run: in fp32 they are equal (tests/test_cuda_graph.py); in
+bf16 a verify step's rows round differently from one-row decode steps, so a near-tied argmax can flip
+and a request leave the reference; the table reports how many requests kept it. Prints a table,
+writes JSON:
 
     python benchmarks/spec_decode.py --batch 1 16 64 --steps 3 --output-json spec.json
 """
@@ -65,7 +68,8 @@ def main() -> None:
     if not (path / "config.json").is_file():
         make_tiny_model(path, "deepseek_v32", layers=args.layers, dtype=torch.bfloat16, n_routed_experts=args.experts,
                         **{**DEEPSEEK_V32_LAYER, "num_nextn_predict_layers": 1})
-    common = dict(page_size=args.page_size, max_running_requests=max(args.batch),
+    context = args.input_len + args.output_len + 4 * args.steps + 64  # few key-width buckets to capture
+    common = dict(page_size=args.page_size, max_running_requests=max(args.batch), context_length=context,
                   max_total_tokens=max(args.batch) * (args.input_len + args.output_len + 4 * args.steps) + 4096,
                   chunked_prefill_size=max(8192, args.input_len), cuda_graph_max_bs=max(args.batch))
     vocab = DEEPSEEK_V32_LAYER["vocab_size"]
@@ -81,7 +85,7 @@ def main() -> None:
         decode_run(base, prompts[b][:1], 4)  # first use of every shape outside the measured run
         reference[b], stats = decode_run(base, prompts[b], args.output_len + args.steps + 1)
         _, stats = decode_run(base, prompts[b], args.output_len)
-        rows.append(dict(batch=b, drafter="none", accept_length=1.0, **stats))
+        rows.append(dict(batch=b, drafter="none", accept_length=1.0, same_as_reference=f"{b}/{b}", **stats))
     del base
     torch.cuda.empty_cache()
     t = time.perf_counter()
@@ -101,19 +105,22 @@ def main() -> None:
             before = llm.engine.stats()
             tokens, stats = decode_run(llm, prompts[b], args.output_len)
             after = llm.engine.stats()
-            assert tokens == [r[:args.output_len] for r in reference[b]], f"batch {b} {drafter}: tokens differ"
+            same = sum(t == r[:args.output_len] for t, r in zip(tokens, reference[b]))
             verifies = after.spec_verify_steps - before.spec_verify_steps
             accepted = after.spec_accepted_tokens - before.spec_accepted_tokens
-            rows.append(dict(batch=b, drafter=drafter, accept_length=(accepted + verifies) / verifies, **stats))
+            rows.append(dict(batch=b, drafter=drafter, accept_length=(accepted + verifies) / verifies,
+                             same_as_reference=f"{same}/{b}", **stats))
     misses = llm.engine.runner.graphs.stats.eager_misses
     device = torch.cuda.get_device_name()
     print(f"\n{device}, {args.layers} layers + MTP, S={args.steps}, in {args.input_len}, out {args.output_len}, "
           f"graph misses after start-up: {misses}")
-    print(f"{'batch':>5} {'drafter':>7} {'accept':>7} {'ms/token':>9} {'ms/step':>8} {'tok/s':>8} {'speed-up':>9}")
+    print(f"{'batch':>5} {'drafter':>7} {'accept':>7} {'ms/token':>9} {'ms/step':>8} {'tok/s':>8} {'speed-up':>9} "
+          f"{'same':>6}")
     base_rate = {r["batch"]: r["decode_tok_s"] for r in rows if r["drafter"] == "none"}
     for r in rows:
         print(f"{r['batch']:>5} {r['drafter']:>7} {r['accept_length']:>7.2f} {r['ms_per_token']:>9.2f} "
-              f"{r['ms_per_step']:>8.2f} {r['decode_tok_s']:>8.0f} {r['decode_tok_s'] / base_rate[r['batch']]:>8.2f}x")
+              f"{r['ms_per_step']:>8.2f} {r['decode_tok_s']:>8.0f} {r['decode_tok_s'] / base_rate[r['batch']]:>8.2f}x "
+              f"{r['same_as_reference']:>6}")
     if args.output_json:
         Path(args.output_json).write_text(json.dumps({"device": device, "steps": args.steps, "rows": rows,
                                                       "graph_misses": misses}, indent=1))

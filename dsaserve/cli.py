@@ -1,4 +1,4 @@
-"""dsaserve serve | generate | make-tiny-model | bench serving | router."""
+"""dsaserve serve | generate | make-tiny-model | train-tiny | bench serving | router."""
 from __future__ import annotations
 
 import argparse
@@ -33,6 +33,12 @@ def _make_tiny(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _train_tiny(ns: argparse.Namespace) -> int:
+    from dsaserve.train_tiny import train_tiny
+    train_tiny(ns.out, ns.preset, seed=ns.seed, threads=ns.threads)
+    return 0
+
+
 def _serve(ns: argparse.Namespace) -> int:
     from dsaserve.server.launch import serve
     return serve(ServerArgs.from_cli(ns))
@@ -54,12 +60,16 @@ def _router(ns: argparse.Namespace) -> int:
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
-    from dsaserve.bench.serving import add_cli_args
-    bench = sub.add_parser("bench", help="benchmarks against a live server")
+    from dsaserve.bench import one_batch, serving
+    bench = sub.add_parser("bench", help="benchmarks: a live server, or one static batch offline")
     kinds = bench.add_subparsers(dest="bench", required=True)
-    serving = kinds.add_parser("serving", help="load an OpenAI-compatible server; print throughput and latency")
-    add_cli_args(serving)
-    serving.set_defaults(func=_bench_serving)
+    live = kinds.add_parser("serving", help="load an OpenAI-compatible server; print throughput and latency")
+    serving.add_cli_args(live)
+    live.set_defaults(func=_bench_serving)
+    static = kinds.add_parser("one-batch", help="one static batch without a server: prefill and decode latency, "
+                                                "throughput, and the decode step's HBM roofline fraction (CUDA)")
+    one_batch.add_cli_args(static)
+    static.set_defaults(func=one_batch.run)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,6 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     tiny.add_argument("--layers", type=int, default=None)
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=_make_tiny)
+
+    train = sub.add_parser("train-tiny", help="train the embedded default model on CPU (minutes); write its checkpoint")
+    train.add_argument("out", help="checkpoint folder (the shipped one is dsaserve/assets/tiny-dsa)")
+    train.add_argument("--preset", default="shipped", help="shipped (the embedded model) or test (seconds, toy scale)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--threads", type=int, default=2, help="torch threads (results depend on it slightly)")
+    train.set_defaults(func=_train_tiny)
 
     _add_bench(sub)
 

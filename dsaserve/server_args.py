@@ -7,6 +7,15 @@ from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
 
+def split_host_port(addr: str) -> tuple[str, int] | None:
+    """'host:port' or '[v6]:port' -> (host, port); None if it is not one."""
+    host, sep, port = addr.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        return None
+    return host, int(port)
+
+
 def _opt(default: Any, help: str, **extra: Any) -> Any:
     return field(default=default, metadata={"help": help, **extra})
 
@@ -22,20 +31,30 @@ class ServerArgs:
     device: str = _opt("auto", "cuda or cpu (auto: cuda when available)")
     dtype: str = _opt("auto", "activation and weight dtype: auto (bf16 on cuda, fp32 on cpu), "
                                "bfloat16, float16, float32")
+    kv_cache_dtype: str = _opt("auto", "latent and index-key cache dtype: auto (the --dtype), bf16 (alias bfloat16), "
+                                       "fp8_e4m3 (FlashMLA's 656-byte latent rows: e4m3 + fp32 scales per 128 "
+                                       "values + bf16 rope; index keys e4m3 + one fp32 scale per 128)")
     tp: int = _opt(1, "tensor-parallel size (ranks on this machine x nnodes)")
     dp: int = _opt(1, "data-parallel size (with --enable-dp-attention: DP attention groups)")
     enable_dp_attention: bool = _opt(False, "attention runs data-parallel in --dp groups, MoE over all ranks")
     nnodes: int = _opt(1, "number of machines")
     node_rank: int = _opt(0, "rank of this machine")
-    dist_init_addr: str | None = _opt(None, "host:port of node 0 for torch.distributed")
+    dist_init_addr: str | None = _opt(None, "host:port of node 0 for torch.distributed; its store listens on this "
+                                            "host only (default: 127.0.0.1 and a free port, one node)")
+    dist_timeout: int | None = _opt(None, "seconds a collective inside a step (or start-up) may wait for the other "
+                                          "ranks before the deployment fails (default: torch's, 30 min); ranks "
+                                          "waiting for work wait without a deadline")
     page_size: int = _opt(64, "tokens per KV cache page (1 or 64 are tested)")
     max_total_tokens: int | None = _opt(None, "KV cache capacity in tokens (default: from --mem-fraction)")
     mem_fraction: float = _opt(0.85, "share of the device memory still free after loading the weights that "
                                        "the KV pool takes (CPU: of available RAM, at most 1 GiB)")
     max_running_requests: int = _opt(256, "most requests decoding at once")
     max_queued_requests: int = _opt(4096, "most requests waiting; more get 503")
-    chunked_prefill_size: int = _opt(8192, "most prompt tokens prefilled in one step")
+    chunked_prefill_size: int = _opt(8192, "most tokens in one step (prompt chunks and, mixed, decode rows)")
+    enable_mixed_chunk: bool = _opt(True, "decode rows of running requests share steps with prefill chunks "
+                                          "(--no-enable-mixed-chunk: a step prefills or decodes)")
     context_length: int | None = _opt(None, "longest prompt + completion (default: the model's)")
+    disable_radix_cache: bool = _opt(False, "do not reuse the cache of repeated prompt prefixes")
     attention_backend: str = _opt("auto", "torch or triton (auto: triton on cuda, torch on cpu)")
     moe_backend: str = _opt("auto", "torch or triton (auto: triton on cuda, torch on cpu)")
     indexer_max_logits_mb: int = _opt(512, "memory budget of one indexer logits chunk, in MiB")
@@ -69,6 +88,8 @@ class ServerArgs:
                                                       "for nixl), e.g. mlx5_0:1")
     disaggregation_timeout_s: float = _opt(120.0, "a request waiting on the other server (its KV cache, or the "
                                                   "decode server's pages) fails after this many seconds")
+    max_request_bytes: int = _opt(16 * 2**20, "largest HTTP request body accepted; larger ones get 413 before "
+                                               "they are parsed")
     seed: int = _opt(0, "seed for requests that carry none")
     log_level: str = _opt("info", "debug, info, warning, error")
     checks: bool = _opt(False, "validate every BatchLayout and kernel input (also DSASERVE_CHECKS=1)")
@@ -92,13 +113,54 @@ class ServerArgs:
             problems.append(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             problems.append(f"--dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
+        from dsaserve.cache.pools import KV_CACHE_DTYPES
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            problems.append(f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                            f"got {self.kv_cache_dtype!r}")
         for name in ("attention_backend", "moe_backend"):
             if getattr(self, name) not in ("auto", "torch", "triton"):
                 problems.append(f"--{name.replace('_', '-')} must be auto, torch or triton")
-        problems += _chat_problems(self)
-        problems += _disaggregation_problems(self)
+        problems += _chat_problems(self) + self._serving_problems() + _disaggregation_problems(self)
         if problems:
             raise ValueError("; ".join(problems))
+
+    def _serving_problems(self) -> list[str]:
+        """Flags checked before anything loads: every message names its flag."""
+        problems = []
+        if not 0 < self.mem_fraction <= 1:
+            problems.append(f"--mem-fraction must be in (0, 1], got {self.mem_fraction}")
+        if not 1 <= self.port <= 65535:
+            problems.append(f"--port must be in [1, 65535], got {self.port}")
+        for name in ("context_length", "max_total_tokens", "dist_timeout"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                problems.append(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.max_queued_requests < 0:
+            problems.append(f"--max-queued-requests must be >= 0, got {self.max_queued_requests}")
+        if self.max_request_bytes < 1:
+            problems.append(f"--max-request-bytes must be >= 1, got {self.max_request_bytes}")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
+            problems.append(f"--log-level must be debug, info, warning or error, got {self.log_level!r}")
+        if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:
+            problems.append(f"--node-rank must be in [0, --nnodes) and --nnodes >= 1, got {self.node_rank} "
+                            f"and {self.nnodes}")
+        if self.dist_init_addr is not None and split_host_port(self.dist_init_addr) is None:
+            problems.append(f"--dist-init-addr must be HOST:PORT with a port in [1, 65535], got "
+                            f"{self.dist_init_addr!r}")
+        return problems + self._multi_node_problems()
+
+    def _multi_node_problems(self) -> list[str]:
+        if self.nnodes == 1:
+            return []
+        if self.dist_init_addr is None:
+            return ["--nnodes > 1 needs --dist-init-addr HOST:PORT (node 0's address)"]
+        if self.tp % self.nnodes:
+            return [f"--tp ({self.tp}) must be divisible by --nnodes ({self.nnodes})"]
+        last_leader = (self.dp - 1) * (self.tp // max(self.dp, 1))
+        if last_leader >= self.tp // self.nnodes:
+            return [f"every DP group leader must run on node 0 (it talks to the HTTP frontend), but rank "
+                    f"{last_leader} leads DP group {self.dp - 1}: use fewer DP groups or fewer nodes"]
+        return []
 
     def _speculative_problems(self) -> list[str]:
         if self.speculative_algorithm is None:
@@ -139,7 +201,8 @@ class ServerArgs:
             flag = "--" + f.name.replace("_", "-")
             kind = hints[f.name]
             if kind is bool:
-                parser.add_argument(flag, action="store_true", default=f.default, help=f.metadata["help"])
+                action = argparse.BooleanOptionalAction if f.default else "store_true"
+                parser.add_argument(flag, action=action, default=f.default, help=f.metadata["help"])
                 continue
             base = next(t for t in (int, float, str) if t in getattr(kind, "__args__", (kind,)))
             suffix = "" if f.default is None else f" (default: {f.default})"

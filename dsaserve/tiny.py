@@ -2,17 +2,19 @@
 
 Deterministic for a given seed: config.json, sharded safetensors with an index, optional FP8 e4m3
 weights with 128x128 `weight_scale_inv` blocks, the MTP layer, and a byte-level BPE tokenizer with
-a chat template. Tests and the default `dsaserve serve` run on it.
+a chat template. Tests run on it; the default `dsaserve serve` model is the trained one in assets/.
 """
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from safetensors.torch import save_file
+
+from dsaserve.ops.fp8 import quantize_weight
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
@@ -137,15 +139,7 @@ def _quantize(tensors: dict[str, torch.Tensor], block: int) -> dict[str, torch.T
         if x.dim() != 2 or any(k in name for k in _NOT_FP8):
             out[name] = x
             continue
-        rows, cols = x.shape
-        br, bc = math.ceil(rows / block), math.ceil(cols / block)
-        padded = torch.zeros(br * block, bc * block)
-        padded[:rows, :cols] = x
-        blocks = padded.view(br, block, bc, block)
-        scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
-        q = (blocks / scale[:, None, :, None]).view(br * block, bc * block)[:rows, :cols]
-        out[name] = q.to(torch.float8_e4m3fn)
-        out[name + "_scale_inv"] = scale.float()
+        out[name], out[name + "_scale_inv"] = quantize_weight(x, (block, block))
     return out
 
 
@@ -186,7 +180,9 @@ def save_tokenizer(out: str | Path, chat_format: str = "generic") -> Path:
     return out
 
 
-def _save_tokenizer(out: Path, vocab_size: int, chat_format: str = "generic") -> None:
+def _save_tokenizer(out: Path, vocab_size: int, chat_format: str = "generic", texts: Iterable[str] | None = None,
+                    max_length: int = 4096) -> None:
+    """A byte-level BPE tokenizer trained on `texts` (default: a short sample) with a chat format's specials."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     if chat_format not in CHAT_FORMATS:
         raise ValueError(f"unknown chat format {chat_format!r}: choose from {', '.join(CHAT_FORMATS)}")
@@ -197,11 +193,11 @@ def _save_tokenizer(out: Path, vocab_size: int, chat_format: str = "generic") ->
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(markers), special_tokens=special, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([CORPUS] * 4, trainer=trainer)
+    tok.train_from_iterator([CORPUS] * 4 if texts is None else texts, trainer=trainer)
     tok.add_tokens([AddedToken(m, special=False, normalized=False) for m in markers])
     tok.save(str(out / "tokenizer.json"))
     config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": special[0],
-                              "eos_token": special[1], "pad_token": special[1], "model_max_length": 4096,
+                              "eos_token": special[1], "pad_token": special[1], "model_max_length": max_length,
                               "add_bos_token": False, "clean_up_tokenization_spaces": False}
     if chat_format == "generic":
         config["chat_template"] = CHAT_TEMPLATE
@@ -211,16 +207,11 @@ def _save_tokenizer(out: Path, vocab_size: int, chat_format: str = "generic") ->
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=1, ensure_ascii=False))
 
 
-def default_model_path(arch: str = "deepseek_v32") -> Path:
-    """The embedded tiny model, made once into the user's cache (what runs when no model is given)."""
-    import os
-    root = Path(os.environ.get("DSASERVE_CACHE", Path.home() / ".cache" / "dsaserve"))
-    path = root / f"tiny-{arch}"
+def default_model_path() -> Path:
+    """The embedded default model (what runs when no model is given): a tiny DeepSeek-V3.2 model trained
+    on the standard library's docstrings by `dsaserve train-tiny`, shipped inside the package."""
+    path = Path(__file__).parent / "assets" / "tiny-dsa"
     if not (path / "config.json").is_file():
-        tmp = root / f".tiny-{arch}-{os.getpid()}"
-        make_tiny_model(tmp, arch)
-        try:
-            tmp.rename(path)  # atomic: concurrent first runs never see a half-written model
-        except OSError:
-            pass  # another process won the race; its copy is identical
+        raise FileNotFoundError(f"the embedded model is missing from {path}: reinstall dsaserve, "
+                                f"or rebuild it with `dsaserve train-tiny {path}`")
     return path

@@ -38,3 +38,30 @@ def test_seeded_sampling_is_batch_independent(tiny_ds: str) -> None:
     other_seed = llm.generate([prompts[2]], SamplingParams(max_tokens=12, temperature=0.9, top_p=0.95, seed=99,
                                                            ignore_eos=True))[0].token_ids
     assert other_seed != single  # the seed matters (12 tokens from a near-uniform tiny model)
+
+
+@pytest.mark.parametrize("steps", [0, 3])
+def test_decode_rows_progress_during_a_chunked_prefill(tiny_ds: str, steps: int) -> None:
+    """Mixed chunks: while a long prompt prefills in chunks of 8, a running request gains tokens in the
+    same steps; the tokens equal a run where a step either prefills or decodes."""
+    spec = dict(speculative_algorithm="NEXTN", speculative_num_steps=steps) if steps else {}
+    short, long = prompts_ids(2, [5, 40], seed=9)
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    expected = [o.token_ids for o in LLM(tiny_ds, page_size=4, chunked_prefill_size=8, max_total_tokens=4096,
+                                         enable_mixed_chunk=False, **spec).generate([short, long], params)]
+    llm = LLM(tiny_ds, page_size=4, chunked_prefill_size=8, max_total_tokens=4096, **spec)
+    engine = llm.engine
+    engine.add_request("short", short, params)
+    tokens = {"short": [], "long": []}
+    for out in engine.step():  # the short prompt's prefill: its first token
+        tokens[out.rid] += out.new_token_ids
+    engine.add_request("long", long, params)
+    mixed_steps = 0
+    while engine.has_work():
+        decoded = len(tokens["short"])
+        for out in engine.step():
+            tokens[out.rid] += out.new_token_ids
+        prefilling = "long" in engine.requests and engine.requests["long"].num_cached < len(long)
+        mixed_steps += prefilling and len(tokens["short"]) > decoded  # decoded while the other prefilled
+    assert [tokens["short"], tokens["long"]] == expected
+    assert mixed_steps >= 3  # 40 prompt tokens in chunks of 8 (minus the decode rows): several mixed steps

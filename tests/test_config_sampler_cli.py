@@ -88,3 +88,27 @@ def test_cli_make_tiny_is_deterministic_and_generate_prints(tmp_path: Path) -> N
                                 "--max-tokens", "0", "--max-total-tokens", "256"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "max_tokens must be > 0" in bad.stderr
+
+
+def test_bench_one_batch(tiny_ds: str, tmp_path: Path) -> None:
+    """`dsaserve bench one-batch` runs a static batch and writes its table; the decode step's byte count
+    grows with the context by exactly what each row must read per layer (latent top-k rows, all index keys)."""
+    import json
+
+    from dsaserve.bench.one_batch import decode_step_bytes
+    from dsaserve.cli import main
+    from dsaserve.engine.engine import Engine
+    from dsaserve.server_args import ServerArgs
+    out = tmp_path / "one.json"
+    assert main(["bench", "one-batch", "--model-path", tiny_ds, "--batch-size", "1", "3", "--input-len", "20",
+                 "--output-len", "4", "--page-size", "4", "--output-json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["batch"], r["input_len"]) for r in rows] == [(1, 20), (3, 20)]
+    assert all(r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 for r in rows)
+    cfg = ModelConfig.from_path(tiny_ds)
+    engine = Engine(ServerArgs(model_path=tiny_ds, max_total_tokens=512), progress=False)
+    latent_row = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4  # fp32 on CPU
+    index_layers = cfg.indexer_types.count("full")
+    grow = cfg.num_hidden_layers * (min(100, cfg.index_topk) - min(50, cfg.index_topk)) * latent_row \
+        + index_layers * 50 * cfg.index_head_dim * 4
+    assert decode_step_bytes(engine, 3, 100) - decode_step_bytes(engine, 3, 50) == 3 * grow

@@ -62,7 +62,7 @@ def test_reused_bucket_turns_stale_rows_into_dummies(tiny_ds: str) -> None:
     def step(n: int):
         pages = tuple((1 + 3 * i, 2 + 3 * i, 3 + 3 * i) for i in range(n))
         plan = StepPlan(StepMode.DECODE, tuple(f"r{i}" for i in range(n)), pages, (9,) * n, (1,) * n, (1,) * n,
-                        tuple(range(7, 7 + n)))
+                        (True,) * n, tuple(range(7, 7 + n)), (0,) * n)
         shape = StepShape((n,), (0,), 8, StepMode.DECODE, 1)
         plan, layout = runner.prepare(plan, shape)
         runner.target(torch.tensor(plan.input_ids), layout, graphed=True)

@@ -1,37 +1,55 @@
-"""FP8 e4m3 checkpoints with 128x128 weight_scale_inv blocks load and match their dequantized weights."""
+"""FP8 e4m3 checkpoints (weight_scale_inv blocks): the weights stay FP8 in the model, equal the oracle on
+an independently dequantized copy, and every rank loads exactly its slice of weights and scale blocks."""
 from __future__ import annotations
 
 import json
 import shutil
 from pathlib import Path
+from typing import Callable
 
+import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 
-from conftest import prompts_ids
+from conftest import ARCHS, prompts_ids
 from dsaserve import LLM, SamplingParams
-from dsaserve.model.loader import dequantize_fp8
+from dsaserve.model.dsa import DSAModel
+from dsaserve.model.loader import CheckpointError, build_model
+from dsaserve.ops.fp8 import FP8, BlockFP8, act_quant, dequantize, linear, quantize_weight
+from dsaserve.parallel.groups import Parallel, ParallelConfig
+from dsaserve.parallel.launch import Job, OfflineRequest, run_jobs
+from dsaserve.server_args import ServerArgs
 from dsaserve.tiny import make_tiny_model
+from test_bad_input import _rewrite_tensor
+from test_oracle import LOGIT_TOL, ORACLES
+from test_parallel import GREEDY, PROMPTS, single_device
+
+CPU = torch.device("cpu")
+SMALL_BLOCK = dict(fp8_block=8, moe_intermediate_size=64)  # every TP split up to 8 falls on whole blocks
 
 
-def _dequantize_checkpoint(src: Path, dst: Path) -> None:
-    """Independent dequantization: expand every scale over its 128x128 block with explicit loops."""
+def _dequantize_checkpoint(src: Path, dst: Path, keep: Callable[[str], bool] = lambda name: False) -> None:
+    """Independent dequantization: expand every scale over its block with explicit loops. Tensors for
+    which `keep(name)` holds stay FP8 (with their scales and the quantization config)."""
     dst.mkdir()
     for f in src.iterdir():
         if f.suffix != ".safetensors":
             shutil.copy(f, dst / f.name)
     config = json.loads((src / "config.json").read_text())
-    block = config.pop("quantization_config")["weight_block_size"]
-    (dst / "config.json").write_text(json.dumps(config))
+    block = config["quantization_config"]["weight_block_size"]
     shards = {f.name: load_file(f) for f in src.glob("*.safetensors")}
     scales = {n[: -len("_scale_inv")]: t for s in shards.values() for n, t in s.items() if n.endswith("_scale_inv")}
+    kept = False
     weight_map = {}
     for name, tensors in shards.items():
         out = {}
         for n, t in tensors.items():
-            if n.endswith("_scale_inv"):
+            if n.endswith("_scale_inv") and not keep(n[: -len("_scale_inv")]):
                 continue
-            if t.dtype == torch.float8_e4m3fn:
+            if t.dtype == torch.float8_e4m3fn and keep(n):
+                kept = True
+            elif t.dtype == torch.float8_e4m3fn:
                 w = t.float()
                 s = scales[n]
                 for i in range(s.shape[0]):
@@ -41,26 +59,193 @@ def _dequantize_checkpoint(src: Path, dst: Path) -> None:
             out[n] = t
             weight_map[n] = name
         save_file(out, str(dst / name))
-    (dst / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    if not kept:
+        config.pop("quantization_config")
+    (dst / "config.json").write_text(json.dumps(config))
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
-def test_fp8_checkpoint_matches_dequantized(tmp_path: Path) -> None:
-    fp8 = make_tiny_model(tmp_path / "fp8", "deepseek_v32", fp8=True)
-    index = json.loads((fp8 / "model.safetensors.index.json").read_text())["weight_map"]
-    assert any(n.endswith("weight_scale_inv") for n in index)
-    _dequantize_checkpoint(fp8, tmp_path / "deq")
-    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
-    prompts = prompts_ids(3, [4, 19, 30], seed=5)
-    a = LLM(str(fp8), page_size=4, max_total_tokens=2048).generate(prompts, params)
-    b = LLM(str(tmp_path / "deq"), page_size=4, max_total_tokens=2048).generate(prompts, params)
-    assert [x.token_ids for x in a] == [x.token_ids for x in b]
+@pytest.fixture(scope="module")
+def fp8_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
+    """arch -> (FP8 checkpoint with 128x128 blocks, its dequantized copy)."""
+    root = tmp_path_factory.mktemp("fp8")
+    out = {}
+    for arch in ARCHS:
+        fp8 = make_tiny_model(root / arch, arch, fp8=True)
+        _dequantize_checkpoint(fp8, root / f"{arch}-deq")
+        out[arch] = (fp8, root / f"{arch}-deq")
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_block_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
+    """arch -> (FP8 checkpoint with 8x8 blocks, its dequantized copy): TP splits on whole blocks."""
+    root = tmp_path_factory.mktemp("fp8-small")
+    out = {}
+    for arch in ARCHS:
+        fp8 = make_tiny_model(root / arch, arch, fp8=True, **SMALL_BLOCK)
+        _dequantize_checkpoint(fp8, root / f"{arch}-deq")
+        out[arch] = (fp8, root / f"{arch}-deq")
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fp8_modules_match_oracle(arch: str, fp8_models: dict[str, tuple[Path, Path]]) -> None:
+    fp8, deq = fp8_models[arch]
+    llm = LLM(str(fp8), page_size=4, max_total_tokens=2048)
+    model = llm.engine.runner.model
+    moe_layer = next(layer for layer in model.layers if hasattr(layer.mlp, "experts"))
+    assert model.layers[0].self_attn.q_b_proj.weight.dtype == FP8 and moe_layer.mlp.experts.w13.dtype == FP8
+    assert model.layers[0].mlp.down_proj.weight.dtype == FP8
+    oracle = ORACLES[arch].from_pretrained(str(deq), dtype=torch.float32, attn_implementation="eager").eval()
+    transformers.logging.set_verbosity_error()
+    prompts = prompts_ids(3, [4, 19, 45], seed=5)  # below and above index_topk
+    for i, ids in enumerate(prompts):
+        llm.engine.add_request(f"p{i}", ids, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True,
+                                                            prompt_logprobs=1))
+    outs = list(llm.engine.run_until_idle())
+    scored = {o.rid: o.prompt_logprobs for o in outs if o.prompt_logprobs is not None}
+    tokens = {f"p{i}": [t for o in outs if o.rid == f"p{i}" for t in o.new_token_ids] for i in range(len(prompts))}
+    for i, ids in enumerate(prompts):
+        with torch.no_grad():
+            expected = torch.log_softmax(oracle(torch.tensor([ids])).logits[0, :-1], dim=-1)
+            ref = oracle.generate(torch.tensor([ids]), max_new_tokens=16, min_new_tokens=16, do_sample=False,
+                                  pad_token_id=0)[0, len(ids):].tolist()
+        chosen = torch.tensor([lp for lp, _ in scored[f"p{i}"]])  # every prompt token after the first
+        diff = (chosen - expected.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]).abs().max().item()
+        assert diff < LOGIT_TOL, f"{arch} len={len(ids)}: prompt log-prob diff {diff:.2e} >= {LOGIT_TOL}"
+        assert tokens[f"p{i}"] == ref, f"{arch}: prompt of {len(ids)} tokens diverged from the oracle"
+
+
+# Which dim of each checkpoint tensor splits over which group (docs/architecture.md, "Parallelism").
+SPLITS = [("q_b_proj.weight", 0, "attn"), ("kv_b_proj.weight", 0, "attn"), ("o_proj.weight", 1, "attn"),
+          ("embed_tokens.weight", 0, "attn"), ("lm_head.weight", 0, "attn"), ("shared_head.head.weight", 0, "attn"),
+          ("gate_proj.weight", 0, "world"), ("up_proj.weight", 0, "world"), ("down_proj.weight", 1, "world")]
+
+
+def _expected_slice(name: str, full: torch.Tensor, cfg: ParallelConfig) -> torch.Tensor:
+    for suffix, dim, group in SPLITS:
+        if name.endswith(suffix):
+            parts, index = (cfg.attn_tp, cfg.attn_rank) if group == "attn" else (cfg.tp, cfg.rank)
+            return full.chunk(parts, dim=dim)[index]
+    return full
+
+
+def _rank_tensor(model: DSAModel, name: str) -> torch.Tensor:
+    """The rank's copy of checkpoint tensor `name`, dequantized if it is FP8 in the model."""
+    n = model.cfg.num_hidden_layers
+    key = name if name == "lm_head.weight" else name[len("model."):].replace(f"layers.{n}.", "mtp.")
+    parts = key.split(".")
+    if "experts" in parts and parts[parts.index("experts") + 1].isdigit():
+        i = parts.index("experts")
+        experts, e, proj = model.get_submodule(".".join(parts[:i + 1])), int(parts[i + 1]), parts[i + 2]
+        w13, w2 = (w.dequantize() for w in experts.fp8) if experts.block is not None else (experts.w13, experts.w2)
+        inter, start = experts.inter, (experts.padded_inter if proj == "up_proj" else 0)
+        return w2[e, :, :inter] if proj == "down_proj" else w13[e, start:start + inter]
+    module = model.get_submodule(".".join(parts[:-1]))
+    if getattr(module, "block", None) is not None:
+        return module.fp8.dequantize()
+    return getattr(module, parts[-1]).float()
+
+
+@pytest.mark.parametrize("tp,dp", [(2, 1), (4, 1), (8, 1), (4, 2)])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_rank_slices_equal_dequantized_slices(arch: str, tp: int, dp: int,
+                                              small_block_models: dict[str, tuple[Path, Path]]) -> None:
+    fp8, deq = small_block_models[arch]
+    full = {n: t for f in deq.glob("*.safetensors") for n, t in load_file(f).items()}
+    for rank in range(tp):
+        cfg = ParallelConfig(tp, dp, rank)
+        model = build_model(fp8, CPU, torch.float32, Parallel.without_groups(cfg), progress=False)
+        assert model.layers[0].self_attn.o_proj.weight.dtype == FP8
+        for name, tensor in full.items():
+            want = _expected_slice(name, tensor.float(), cfg)
+            got = _rank_tensor(model, name)
+            assert torch.equal(got, want), f"tp={tp} dp={dp} rank={rank}: {name} differs from its slice"
+
+
+def test_split_inside_a_block_is_refused(fp8_models: dict[str, tuple[Path, Path]]) -> None:
+    fp8, _ = fp8_models["deepseek_v32"]  # 128x128 blocks; the tiny MLPs split in halves of 64 rows
+    with pytest.raises(CheckpointError, match=r"tensor model\.layers\.\d+\.\S+\.weight: this rank's (rows|columns) "
+                                              r"\[\d+, \d+\) of \d+ split a 128x128 FP8 scale block"):
+        build_model(fp8, CPU, torch.float32, Parallel.without_groups(ParallelConfig(2, 1, 1)), progress=False)
+
+
+def test_split_inside_a_block_of_a_dequantized_weight_is_exact(tmp_path: Path,
+                                                               fp8_models: dict[str, tuple[Path, Path]]) -> None:
+    """kv_b_proj (read as a matrix, dequantized at load) splits into 64-row halves of 128-row blocks."""
+    fp8, deq = fp8_models["deepseek_v32"]
+    _dequantize_checkpoint(fp8, tmp_path / "mixed", keep=lambda name: "kv_b_proj" in name)
+    full = {n: t for f in deq.glob("*.safetensors") for n, t in load_file(f).items()}
+    for rank in (0, 3, 7):
+        cfg = ParallelConfig(8, 1, rank)
+        model = build_model(tmp_path / "mixed", CPU, torch.float32, Parallel.without_groups(cfg), progress=False)
+        for name, tensor in full.items():
+            if "kv_b_proj" in name:
+                assert torch.equal(_rank_tensor(model, name), _expected_slice(name, tensor, cfg)), name
+
+
+@pytest.mark.parametrize("drop,message", [
+    ("model.layers.1.self_attn.q_b_proj.weight_scale_inv",
+     r"fp8 tensor model\.layers\.1\.self_attn\.q_b_proj\.weight has no model\.layers\.1\.self_attn\.q_b_proj\."
+     r"weight_scale_inv"),
+    ("model.layers.2.mlp.experts.3.down_proj.weight", r"missing 1 tensor\(s\), first: model\.layers\.2\.mlp\."
+                                                      r"experts\.3\.down_proj\.weight")])
+def test_fp8_checkpoint_errors_name_the_tensor(drop: str, message: str, tmp_path: Path,
+                                               fp8_models: dict[str, tuple[Path, Path]]) -> None:
+    shutil.copytree(fp8_models["deepseek_v32"][0], tmp_path / "m")
+    _rewrite_tensor(tmp_path / "m", drop)
+    with pytest.raises(CheckpointError, match=message):
+        build_model(tmp_path / "m", CPU, torch.float32, progress=False)
+
+
+def test_parallel_fp8_matches_single_device(small_block_models: dict[str, tuple[Path, Path]]) -> None:
+    """Real rank processes (TP 4 with DP attention 2) on FP8 checkpoints equal the single-device run."""
+    jobs = [Job({"model_path": str(small_block_models[a][0]), "page_size": 64},
+                [OfflineRequest(p, GREEDY, dp_rank=i % 2) for i, p in enumerate(PROMPTS)]) for a in ARCHS]
+    results = run_jobs(ServerArgs(tp=4, dp=2, enable_dp_attention=True, max_total_tokens=2048), jobs)
+    for arch, got in zip(ARCHS, results):
+        assert got == single_device(str(small_block_models[arch][0]), 64), arch
 
 
 def test_dequantize_partial_blocks() -> None:
     w = torch.randn(40, 70)
     scale = torch.rand(3, 5) + 0.5
     q = w.to(torch.float8_e4m3fn)
-    got = dequantize_fp8(q, scale, (16, 16))
+    got = dequantize(q, scale, (16, 16))
     for i in range(40):
         for j in range(70):
             assert got[i, j] == q[i, j].float() * scale[i // 16, j // 16]
+    sliced = dequantize(q[5:30, 20:70], scale[0:2, 1:5], (16, 16), offset=(5, 4))
+    assert torch.equal(sliced, got[5:30, 20:70])
+
+
+def test_quantize_weight_round_trip() -> None:
+    w = torch.randn(40, 70) * torch.linspace(0.01, 10, 70)
+    q, s = quantize_weight(w, (16, 32))
+    assert q.dtype == FP8 and s.shape == (3, 3)
+    for i in range(3):
+        for j in range(3):
+            block = w[i * 16:(i + 1) * 16, j * 32:(j + 1) * 32]
+            assert torch.isclose(s[i, j] * 448, block.abs().max())
+    err = (dequantize(q, s, (16, 32)) - w).abs() / w.abs().clamp(min=1e-3)
+    assert err.max() < 2 ** -4 + 1e-6  # e4m3: 3 mantissa bits, relative rounding error <= 2^-4
+
+
+def test_fp8_linear_reference_is_the_blockwise_sum() -> None:
+    """fp8.linear (the kernels' reference) equals the per-group sum the kernels compute, from explicit loops."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 300, generator=gen)
+    w = BlockFP8(*quantize_weight(torch.randn(50, 300, generator=gen), (16, 128)), (16, 128))
+    xq, xs = act_quant(x, 128)
+    assert xq.shape == (3, 300) and xs.shape == (3, 3)
+    want = torch.zeros(3, 50, dtype=torch.float64)
+    for m in range(3):
+        for g in range(3):
+            cols = slice(g * 128, min((g + 1) * 128, 300))
+            amax = x[m, cols].abs().max()
+            assert xs[m, g] == amax / 448 and (xq[m, cols].float() - x[m, cols] * (448 / amax)).abs().max() <= 16
+            for n in range(50):
+                dot = (xq[m, cols].double() * w.weight[n, cols].double()).sum()
+                want[m, n] += dot * xs[m, g].double() * w.scale[n // 16, g].double()
+    assert torch.allclose(linear(x, w).double(), want, rtol=1e-5, atol=1e-5)

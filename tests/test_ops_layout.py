@@ -17,7 +17,7 @@ def _layout(prefix: list[int], q: list[int], page_size: int) -> BatchLayout:
         pages.append(tuple(range(next_page, next_page + count)))
         next_page += count
     plan = StepPlan(StepMode.EXTEND, tuple(f"r{i}" for i in range(len(q))), tuple(pages), tuple(prefix), tuple(q),
-                    tuple(1 for _ in q), tuple([1] * sum(q)))
+                    tuple(1 for _ in q), tuple(True for _ in q), tuple([1] * sum(q)), tuple(0 for _ in q))
     return BatchLayout.build(plan, page_size, torch.device("cpu"))
 
 

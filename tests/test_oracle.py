@@ -46,7 +46,7 @@ def test_prefill_logits_match_transformers(arch: str, page_size: int, tiny_model
         with torch.no_grad():
             expected = oracles[arch](torch.tensor([ids])).logits[0]
         pages = tuple(llm.engine.allocator.alloc(-(-len(ids) // page_size)))
-        plan = StepPlan(StepMode.EXTEND, ("r",), (pages,), (0,), (len(ids),), (1,), tuple(ids))
+        plan = StepPlan(StepMode.EXTEND, ("r",), (pages,), (0,), (len(ids),), (1,), (True,), tuple(ids), (0,))
         layout = BatchLayout.build(plan, page_size, runner.device)
         with torch.no_grad():
             got = runner.model.logits(runner.model(torch.tensor(ids), layout, runner.pools, runner.ops))
@@ -68,3 +68,25 @@ def test_greedy_continuation_matches_transformers(arch: str, page_size: int, chu
             ref = oracles[arch].generate(torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32,
                                          do_sample=False, pad_token_id=0)[0, len(ids):].tolist()
         assert out.token_ids == ref, f"{arch}: prompt of {len(ids)} tokens diverged from transformers"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prompt_logprobs_match_transformers(arch: str, tiny_models: dict[str, str],
+                                            oracles: dict[str, torch.nn.Module]) -> None:
+    """Every prompt token after the first is scored once (chunked prefill of 7, speculation on): its
+    log-probability and the top-2 equal transformers' log-softmax."""
+    llm = LLM(tiny_models[arch], page_size=4, chunked_prefill_size=7, max_total_tokens=4096,
+              speculative_algorithm="NEXTN", speculative_num_steps=2)
+    prompts = prompts_ids(2, [45, 9], seed=3)
+    for i, ids in enumerate(prompts):
+        llm.engine.add_request(f"p{i}", ids, SamplingParams(max_tokens=3, temperature=0.0, prompt_logprobs=2))
+    got = {o.rid: o.prompt_logprobs for o in llm.engine.run_until_idle() if o.prompt_logprobs is not None}
+    for i, ids in enumerate(prompts):
+        with torch.no_grad():
+            expected = torch.log_softmax(oracles[arch](torch.tensor([ids])).logits[0, :-1], dim=-1)
+        scored = got[f"p{i}"]
+        assert len(scored) == len(ids) - 1
+        chosen = torch.tensor([lp for lp, _ in scored])
+        assert (chosen - expected.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]).abs().max() < LOGIT_TOL
+        for (_, top), row in zip(scored, expected):
+            assert [t for t, _ in top] == row.topk(2).indices.tolist()

@@ -69,21 +69,25 @@ def test_dp_groups_with_uneven_timing(tiny_ds: str) -> None:
     """DP rank 0 idle while rank 1 decodes; a request arriving on rank 0 mid-decode of rank 1 (its
     prefill runs beside the other's decode); 1 vs 3 and 0 vs 4 requests per rank, also with speculation
     and graph buckets (an idle group replays the agreed bucket with dummy requests); unseeded sampling
-    differs between DP groups (each group draws its own seeds)."""
+    differs between DP groups (each group draws its own seeds); a prompt repeated on one group reuses
+    that group's prefix cache, and the other group's cache is its own."""
     late = [OfflineRequest(PROMPTS[0], GREEDY, dp_rank=0, arrive_at_step=6)]
     busy = [OfflineRequest(p, GREEDY, dp_rank=1) for p in PROMPTS[1:]]
     early = [OfflineRequest(PROMPTS[3], GREEDY, dp_rank=0, arrive_at_step=0),
              OfflineRequest(PROMPTS[1], GREEDY, dp_rank=1, arrive_at_step=3)]
     all_on_one = [OfflineRequest(p, GREEDY, dp_rank=1) for p in PROMPTS]
+    repeats = [OfflineRequest(PROMPTS[1], GREEDY, dp_rank=r, arrive_at_step=s) for r, s in ((0, 0), (0, 9), (1, 9))]
     unseeded = SamplingParams(max_tokens=8, temperature=1.0, ignore_eos=True)
     same_prompt = [OfflineRequest(PROMPTS[1], unseeded, dp_rank=r) for r in (0, 1)]
     jobs = [Job({"model_path": tiny_ds, "page_size": 1}, late + busy),
             Job({"model_path": tiny_ds, "page_size": 64}, early),
             Job({"model_path": tiny_ds, "page_size": 1, **spec(3, graphs=2)}, late + busy),
             Job({"model_path": tiny_ds, "page_size": 1, **spec(2, graphs=4)}, all_on_one),
-            Job({"model_path": tiny_ds, "page_size": 64}, same_prompt)]
+            Job({"model_path": tiny_ds, "page_size": 64}, same_prompt),
+            Job({"model_path": tiny_ds, "page_size": 1, **spec(3, graphs=2)}, repeats)]  # 2nd: after the 1st ended
     results = run_jobs(ServerArgs(tp=4, dp=2, enable_dp_attention=True, max_total_tokens=2048), jobs)
     assert results[0] == results[2] == single_device(tiny_ds, 1, PROMPTS[:1] + PROMPTS[1:])
     assert results[1] == single_device(tiny_ds, 64, [PROMPTS[3], PROMPTS[1]])
     assert results[3] == single_device(tiny_ds, 1)
     assert results[4][0] != results[4][1], "unseeded requests on two DP groups drew the same seed"
+    assert results[5] == single_device(tiny_ds, 1, [PROMPTS[1]]) * 3

@@ -152,6 +152,7 @@ def test_engine_exits_when_the_server_is_killed(tiny_ds: str, tmp_path: Path) ->
 
 def test_startup_failure_is_reported(tmp_path: Path) -> None:
     server = ServerProcess(str(tmp_path / "no-such-model"), tmp_path / "server.log", **FLAGS)
-    with pytest.raises(RuntimeError, match="exited with code 1") as err:
+    with pytest.raises(RuntimeError, match="exited with code 2") as err:  # checked before any rank starts
         server.start()
-    assert "error: DP rank 0:" in str(err.value) and "no-such-model" in str(err.value)
+    assert "error: no config.json in" in str(err.value) and "no-such-model" in str(err.value)
+    assert "Traceback" not in str(err.value)

@@ -20,6 +20,7 @@ if not torch.cuda.is_available():
 
 from dsaserve.engine.request import SamplingParams  # noqa: E402
 from dsaserve.llm import LLM  # noqa: E402
+from dsaserve.model import quant  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 # Shorter and longer than the tiny models' index_topk (16): both the select-all path and real top-k run.
@@ -27,9 +28,14 @@ PROMPT_LENGTHS = [5, 12, 40, 90, 23]
 Run = list[tuple[list[int], list]]
 
 
-def _greedy(path: str, backend: str, dtype: str, prompts: list[list[int]]) -> Run:
-    llm = LLM(path, device="cuda", dtype=dtype, attention_backend=backend, moe_backend=backend, mem_fraction=0.3)
+def _greedy(path: str, backend: str, dtype: str, prompts: list[list[int]], kv_cache_dtype: str = "auto",
+            fp8_mode: str | None = None) -> Run:
+    """Greedy tokens and top-2 log-probs; fp8_mode re-prepares an FP8 model's modules (model/quant.py)."""
+    llm = LLM(path, device="cuda", dtype=dtype, attention_backend=backend, moe_backend=backend, mem_fraction=0.3,
+              kv_cache_dtype=kv_cache_dtype)
     try:
+        if fp8_mode is not None:
+            quant.prepare(llm.engine.runner.model, fp8_mode, llm.engine.runner.dtype)
         params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=2)
         return [(o.token_ids, o.logprobs) for o in llm.generate(prompts, params)]
     finally:
@@ -56,31 +62,41 @@ def _lp_error(run: Run, truth: Run) -> float:
     return worst
 
 
-@pytest.mark.parametrize("arch", ["deepseek_v32", "glm_moe_dsa"])
-def test_triton_matches_torch_greedy(arch: str, tiny_models: dict[str, str]) -> None:
-    prompts = _prompts(1)
-    truth = _greedy(tiny_models[arch], "torch", "float32", prompts)
-    torch_bf16 = _greedy(tiny_models[arch], "torch", "bfloat16", prompts)
-    triton_bf16 = _greedy(tiny_models[arch], "triton", "bfloat16", prompts)
-    e_torch, e_triton = _lp_error(torch_bf16, truth), _lp_error(triton_bf16, truth)
-    print(f"{arch}: chosen log-prob error vs fp32: torch bf16 {e_torch:.4f}, triton bf16 {e_triton:.4f} nats")
-    assert e_triton <= 2 * e_torch + 0.02, f"{arch}: triton log-prob error {e_triton:.4f} vs torch {e_torch:.4f}"
-    noise = max(e_torch, e_triton)
-    divergences = []  # (prompt, step, torch bf16 top-2 gap) wherever the two bf16 runs part
-    for i, ((g, _), (w, w_lp)) in enumerate(zip(triton_bf16, torch_bf16)):
+def check_run(label: str, truth: Run, baseline: Run, candidate: Run) -> None:
+    """`candidate` is no less accurate than `baseline` against `truth` (within 2x + 0.02 nats), and its
+    greedy tokens equal the baseline's except where the baseline's top-2 gap is within twice the noise."""
+    e_base, e_cand = _lp_error(baseline, truth), _lp_error(candidate, truth)
+    print(f"{label}: chosen log-prob error vs truth: baseline {e_base:.4f}, candidate {e_cand:.4f} nats")
+    assert e_cand <= 2 * e_base + 0.02, f"{label}: candidate log-prob error {e_cand:.4f} vs baseline {e_base:.4f}"
+    noise = max(e_base, e_cand)
+    divergences = []  # (prompt, step, baseline top-2 gap) wherever the two runs part
+    for i, ((g, _), (w, w_lp)) in enumerate(zip(candidate, baseline)):
         d = _first_diff(g, w)
         if d < len(w):
             top = sorted((lp for _, lp in w_lp[d][1]), reverse=True)
             divergences.append((i, d, top[0] - top[1]))
-    print(f"{arch}: divergences (prompt, step, top-2 gap): {divergences}")
-    assert all(gap < 2 * noise for _, _, gap in divergences), f"{arch}: a divergence is not a near-tie: " \
-        f"{divergences} (bf16 noise {noise:.4f} nats)"
+    print(f"{label}: divergences (prompt, step, top-2 gap): {divergences}")
+    assert all(gap < 2 * noise for _, _, gap in divergences), f"{label}: a divergence is not a near-tie: " \
+        f"{divergences} (noise {noise:.4f} nats)"
 
 
+# fp8_e4m3: every run reads the same FP8 cache format (the kernels dequantize in place, the torch ops the
+# gathered rows), so the fp32 torch run over an FP8 cache is the truth for the bf16 runs over one.
+@pytest.mark.parametrize("kv", ["auto", "fp8_e4m3"])
 @pytest.mark.parametrize("arch", ["deepseek_v32", "glm_moe_dsa"])
-def test_triton_fp32_greedy_identical_to_torch(arch: str, tiny_models: dict[str, str]) -> None:
+def test_triton_matches_torch_greedy(arch: str, kv: str, tiny_models: dict[str, str]) -> None:
+    prompts = _prompts(1)
+    truth = _greedy(tiny_models[arch], "torch", "float32", prompts, kv)
+    torch_bf16 = _greedy(tiny_models[arch], "torch", "bfloat16", prompts, kv)
+    triton_bf16 = _greedy(tiny_models[arch], "triton", "bfloat16", prompts, kv)
+    check_run(f"{arch} kv {kv}: triton bf16 vs torch bf16", truth, torch_bf16, triton_bf16)
+
+
+@pytest.mark.parametrize("kv", ["auto", "fp8_e4m3"])
+@pytest.mark.parametrize("arch", ["deepseek_v32", "glm_moe_dsa"])
+def test_triton_fp32_greedy_identical_to_torch(arch: str, kv: str, tiny_models: dict[str, str]) -> None:
     prompts = _prompts(2)
-    torch_run = _greedy(tiny_models[arch], "torch", "float32", prompts)
-    triton_run = _greedy(tiny_models[arch], "triton", "float32", prompts)
+    torch_run = _greedy(tiny_models[arch], "torch", "float32", prompts, kv)
+    triton_run = _greedy(tiny_models[arch], "triton", "float32", prompts, kv)
     assert [t for t, _ in triton_run] == [t for t, _ in torch_run]
     assert _lp_error(triton_run, torch_run) < 1e-3

@@ -12,6 +12,7 @@ pytest.importorskip("triton")
 if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 
+from dsaserve.cache import kv_format  # noqa: E402
 from dsaserve.ops import reference as ref  # noqa: E402
 from dsaserve.ops import triton as tops  # noqa: E402
 from dsaserve.ops.triton import _common  # noqa: E402
@@ -52,7 +53,7 @@ def _mla_inputs(T: int, H: int, v_dim: int, rope: int, K: int, S: int, gen: torc
     return q, kv, idx.to(torch.int32)
 
 
-@pytest.mark.parametrize("T,H,v_dim,rope,K,S,splits", [
+MLA_CASES = [
     (1, 16, 512, 64, 2048, 9000, None),
     (7, 128, 512, 64, 2048, 20000, None),
     (150, 64, 512, 64, 2048, 20000, None),  # rows x head-blocks fill the GPU: no split
@@ -62,23 +63,45 @@ def _mla_inputs(T: int, H: int, v_dim: int, rope: int, K: int, S: int, gen: torc
     (4, 1, 64, 32, 200, 700, None),
     (70, 128, 512, 64, 2048, 20000, None),
     (3, 10, 64, 32, 300, 900, {"block_n": 16, "splits": 2}),
-])
-def test_sparse_mla(T, H, v_dim, rope, K, S, splits):
-    gen = torch.Generator(DEV).manual_seed(T * 1000 + H)
-    q, kv, idx = _mla_inputs(T, H, v_dim, rope, K, S, gen)
-    scale = (v_dim + rope) ** -0.5
+]
+
+
+def _check_mla(q, cache, idx, scale, v_dim, splits, tol=1e-2):
+    """Triton sparse_mla vs the reference (which dequantizes FP8 rows itself) on the same cache."""
     if splits is not None:
         tops.mla.CONFIG = splits if isinstance(splits, dict) else {"splits": splits}
-    out, lse = tops.sparse_mla(q, kv, idx, scale, v_dim)
-    want_out, want_lse = ref.sparse_mla(q.float(), kv.float(), idx, scale, v_dim)
+    T, H, _ = q.shape
+    out, lse = tops.sparse_mla(q, cache, idx, scale, v_dim)
+    want_out, want_lse = ref.sparse_mla(q.float(), cache if cache.dtype == torch.uint8 else cache.float(), idx,
+                                        scale, v_dim)
     assert out.dtype == q.dtype and out.shape == (T, H, v_dim) and lse.dtype == torch.float32
     err = rel_err(out, want_out)
-    assert err < 1e-2, f"sparse_mla rel err {err:.2e} >= 1e-2"
+    assert err < tol, f"sparse_mla rel err {err:.2e} >= {tol}"
     empty = torch.isinf(want_lse)
     assert torch.equal(torch.isneginf(lse), empty), "rows with no key must give lse -inf"
     assert (out.float()[empty] == 0).all(), "rows with no key must give 0"
     lse_err = (lse[~empty] - want_lse[~empty]).abs().max().item() if (~empty).any() else 0.0
-    assert lse_err < 1e-2, f"lse abs err {lse_err:.2e} >= 1e-2"
+    assert lse_err < tol, f"lse abs err {lse_err:.2e} >= {tol}"
+
+
+@pytest.mark.parametrize("T,H,v_dim,rope,K,S,splits", MLA_CASES)
+def test_sparse_mla(T, H, v_dim, rope, K, S, splits):
+    gen = torch.Generator(DEV).manual_seed(T * 1000 + H)
+    q, kv, idx = _mla_inputs(T, H, v_dim, rope, K, S, gen)
+    _check_mla(q, kv, idx, (v_dim + rope) ** -0.5, v_dim, splits)
+
+
+@pytest.mark.parametrize("T,H,v_dim,rope,K,S,splits", MLA_CASES)
+def test_sparse_mla_fp8_cache(T, H, v_dim, rope, K, S, splits):
+    """The 656-byte FP8 rows (e4m3 latent + fp32 scales + bf16 rope), read and dequantized in the kernel."""
+    gen = torch.Generator(DEV).manual_seed(T * 1000 + H + 1)
+    q, kv, idx = _mla_inputs(T, H, v_dim, rope, K, S, gen)
+    magnitude = torch.exp2(torch.randint(-6, 7, (S, 1), device=DEV, generator=gen).float())  # scales vary by row
+    cache = kv_format.quantize_fp8(kv[:, :v_dim].float() * magnitude, kv[:, v_dim:])
+    assert cache.dtype == torch.uint8 and cache.shape[1] == kv_format.row_bytes(v_dim, rope, kv_format.FP8)
+    _check_mla(q, cache, idx, (v_dim + rope) ** -0.5, v_dim, splits)
+    if T * H <= 128:  # fp32 queries: IEEE dots, the kernel's dequantization must be exact
+        _check_mla(q.float(), cache, idx, (v_dim + rope) ** -0.5, v_dim, splits, tol=1e-4)
 
 
 def test_sparse_mla_dispatch_strided_q():
@@ -92,6 +115,30 @@ def test_sparse_mla_dispatch_strided_q():
     want, _ = ref.sparse_mla(q.float(), kv.float(), idx, 0.05, 512)
     err = rel_err(out, want)
     assert err < 1e-2, f"dispatch sparse_mla rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("n,rope", [(512, 64), (128, 0), (64, 32)])
+def test_fp8_cache_writer_equals_quantize(n, rope):
+    """The fused CUDA writer stores the data bytes of kv_format.quantize_fp8 (the CPU path, checked against
+    an independent decoder in test_kv_fp8.py) at exactly the given slots, and leaves the padding bytes
+    of a row (zeroed once when the pool is made) alone."""
+    from dsaserve.ops.triton.kv_write import write_fp8_rows
+    gen = torch.Generator(DEV).manual_seed(n + rope)
+    T, S = 300, 1000
+    big = torch.randn(T, n + 40, device=DEV, generator=gen)
+    big *= torch.exp2(torch.randint(-20, 21, (T, 1), device=DEV, generator=gen).float())
+    x = big.to(BF16)[:, :n]  # a strided view, as the model's split outputs are
+    x[0] = 0.0  # an all-zero row: its scale is the smallest normal, values 0
+    x[1, :7] = 448.0 * 8  # amax / 448 an exact power of two
+    r = torch.randn(T, rope, device=DEV, generator=gen).to(BF16) if rope else None
+    slots = torch.randperm(S, device=DEV, generator=gen)[:T].to(torch.int32)
+    row = kv_format.row_bytes(n, rope, kv_format.FP8)
+    cache = torch.full((S, row), 0xAB, dtype=torch.uint8, device=DEV)  # rows not written keep this
+    want = cache.clone()
+    data = n + 4 * kv_format.num_blocks(n) + 2 * rope
+    want[slots.long(), :data] = kv_format.quantize_fp8(x, r)[:, :data]
+    write_fp8_rows(cache, slots, x, r)
+    assert torch.equal(cache, want), f"{int((cache != want).sum())} bytes differ"
 
 
 # ---------------------------------------------------------------- indexer
@@ -118,8 +165,9 @@ INDEXER_CASES = [  # seq_lens, q_lens, Hi, Di, page_size
 ]
 
 
+@pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("case", range(len(INDEXER_CASES)))
-def test_indexer_logits(case):
+def test_indexer_logits(case, fp8):
     seq_lens, q_lens, Hi, Di, page_size = INDEXER_CASES[case]
     gen = torch.Generator(DEV).manual_seed(case)
     page_table, row_req, row_len, S = _layout(seq_lens, q_lens, page_size, gen)
@@ -127,9 +175,13 @@ def test_indexer_logits(case):
     q = torch.randn(T, Hi, Di, device=DEV, generator=gen).to(BF16)
     w = torch.randn(T, Hi, device=DEV, generator=gen) * (Hi * Di) ** -0.5
     k_cache = torch.randn(S, Di, device=DEV, generator=gen).to(BF16)
+    if fp8:  # e4m3 + one fp32 scale per key (132 bytes at Di = 128), scales varying by key
+        k_cache = kv_format.quantize_fp8(k_cache.float() * torch.exp2(torch.randint(
+            -6, 7, (S, 1), device=DEV, generator=gen).float()))
     num_keys = max(seq_lens) + 5  # columns past every kv_len too
     got = tops.indexer_logits(q, w, k_cache, page_table, row_req, row_len, page_size, num_keys)
-    want = ref.indexer_logits(q.float(), w, k_cache.float(), page_table, row_req, row_len, page_size, num_keys)
+    want = ref.indexer_logits(q.float(), w, k_cache if fp8 else k_cache.float(), page_table, row_req, row_len,
+                              page_size, num_keys)
     assert got.shape == (T, num_keys) and got.dtype == torch.float32
     assert torch.equal(torch.isneginf(got), torch.isneginf(want)), "-inf exactly at pos >= kv_len"
     finite = torch.isfinite(want)

@@ -31,6 +31,9 @@ class PageAllocator:
             self._refs[p] = 1
         return pages
 
+    def refcount(self, page: int) -> int:
+        return self._refs[page]
+
     def share(self, pages: list[int]) -> None:
         """Another owner takes a reference (prefix sharing)."""
         for p in pages:

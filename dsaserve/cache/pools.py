@@ -1,46 +1,117 @@
-"""Per-layer paged pools: the latent KV cache and the indexer-key cache, sharing page ids."""
+"""Per-layer paged pools: the latent KV cache and the indexer-key cache, sharing page ids.
+
+The pools own the cache dtype and row layout (cache/kv_format.py): the model writes through
+`write_latent` / `write_index_keys`, the attention ops read the rows they select.
+"""
 from __future__ import annotations
 
 import torch
 
+from dsaserve.cache import kv_format
 from dsaserve.config import ModelConfig
 
 Tensor = torch.Tensor
+# --kv-cache-dtype names (SGLang's / vLLM's) -> cache dtype; None: the model's compute dtype.
+KV_CACHE_DTYPES: dict[str, torch.dtype | None] = {"auto": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+                                                   "fp8_e4m3": kv_format.FP8}
+
+
+def resolve_kv_cache_dtype(name: str, compute: torch.dtype) -> torch.dtype:
+    """The cache dtype for --kv-cache-dtype `name` (kv_format.FP8 stands for the FP8 row layout)."""
+    if name not in KV_CACHE_DTYPES:
+        raise ValueError(f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {name!r}")
+    return KV_CACHE_DTYPES[name] or compute
+
+
+def _full_indexer_layers(cfg: ModelConfig, layers: int) -> list[int]:
+    return [i for i in range(layers) if i >= cfg.num_hidden_layers or cfg.indexer_types[i] == "full"]
 
 
 class KVPools:
-    """latent[layer]: [slots, kv_lora_rank + rope] and index_keys[layer]: [slots, index_head_dim].
+    """latent[layer]: [slots, latent row] and index_keys[layer]: [slots, index-key row].
 
+    Rows are kv_lora_rank + rope values (index keys: index_head_dim) in `dtype`, or with
+    dtype=kv_format.FP8 uint8 rows in the FP8 layout (656 and 144 bytes at DeepSeek-V3.2's sizes).
     Slot = page * page_size + offset, the same slot in both pools. Layers that reuse the previous
-    layer's top-k (GLM "shared" indexer layers) have no index-key pool.
+    layer's top-k (GLM "shared" indexer layers) have no index-key pool. `num_layers` counts the
+    MTP layer's caches too when it drafts.
     """
 
     def __init__(self, cfg: ModelConfig, num_pages: int, page_size: int, dtype: torch.dtype,
                  device: torch.device, num_layers: int | None = None):
+        self.cfg, self.dtype = cfg, dtype
+        self.fp8 = dtype == kv_format.FP8
         self.page_size, self.num_pages = page_size, num_pages
         self.num_slots = num_pages * page_size
         layers = cfg.num_hidden_layers if num_layers is None else num_layers
-        full = [i for i in range(layers) if i >= cfg.num_hidden_layers or cfg.indexer_types[i] == "full"]
+        full = _full_indexer_layers(cfg, layers)
+        rope = cfg.qk_rope_head_dim
+        if self.fp8:
+            kv_format.check_fp8_dims(cfg.kv_lora_rank, rope)
+            kv_format.check_fp8_dims(cfg.index_head_dim, 0)
+        latent_row = kv_format.row_bytes(cfg.kv_lora_rank, rope, dtype) if self.fp8 else cfg.latent_dim
+        index_row = kv_format.row_bytes(cfg.index_head_dim, 0, dtype) if self.fp8 else cfg.index_head_dim
+        store = kv_format.storage_dtype(dtype)
         # Uninitialised (pages are written before they are read), except the reserved page 0 that
-        # masked and dummy rows point at: it must hold finite values.
-        self._latent = torch.empty(layers, self.num_slots, cfg.latent_dim, dtype=dtype, device=device)
-        self._index = torch.empty(len(full), self.num_slots, cfg.index_head_dim, dtype=dtype, device=device)
+        # masked and dummy rows point at: it must hold finite values (all-zero bytes are 0.0 in every
+        # format, scales included).
+        # Plain rows start uninitialised (written before they are read) except the reserved page 0 that
+        # masked and dummy rows point at: it must hold finite values. FP8 rows start zeroed: the writers
+        # never touch a row's padding bytes, which stay zero (one memset at start-up).
+        alloc = torch.zeros if self.fp8 else torch.empty
+        self._latent = alloc(layers, self.num_slots, latent_row, dtype=store, device=device)
+        self._index = alloc(len(full), self.num_slots, index_row, dtype=store, device=device)
         self._latent[:, :page_size].zero_()
         self._index[:, :page_size].zero_()
         self._index_row = {layer: row for row, layer in enumerate(full)}
 
     @staticmethod
     def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, num_layers: int | None = None) -> int:
+        """Cache bytes of one token over every layer: what the pool allocates per slot."""
         layers = cfg.num_hidden_layers if num_layers is None else num_layers
-        full = sum(1 for i in range(layers) if i >= cfg.num_hidden_layers or cfg.indexer_types[i] == "full")
-        item = torch.empty((), dtype=dtype).element_size()
-        return item * (layers * cfg.latent_dim + full * cfg.index_head_dim)
+        full = len(_full_indexer_layers(cfg, layers))
+        return (layers * kv_format.row_bytes(cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype)
+                + full * kv_format.row_bytes(cfg.index_head_dim, 0, dtype))
 
     def latent(self, layer: int) -> Tensor:
         return self._latent[layer]
 
+    def has_index_keys(self, layer: int) -> bool:
+        """False for a layer that reuses the previous layer's top-k (GLM's shared-indexer layers)."""
+        return layer in self._index_row
+
     def index_keys(self, layer: int) -> Tensor:
         return self._index[self._index_row[layer]]
+
+    def write_latent(self, layer: int, slots: Tensor, latent: Tensor, k_pe: Tensor) -> None:
+        """Cache the normed latent [T, kv_lora_rank] and rope'd k_pe [T, rope] of T tokens at `slots`."""
+        cache = self._latent[layer]
+        if self.fp8:
+            self._write_fp8(cache, slots, latent, k_pe)
+        else:
+            cache[slots.long()] = torch.cat([latent, k_pe], -1).to(cache.dtype)
+
+    def write_index_keys(self, layer: int, slots: Tensor, keys: Tensor) -> None:
+        cache = self.index_keys(layer)
+        if self.fp8:
+            self._write_fp8(cache, slots, keys, None)
+        else:
+            cache[slots.long()] = keys.to(cache.dtype)
+
+    @staticmethod
+    def _write_fp8(cache: Tensor, slots: Tensor, x: Tensor, rope: Tensor | None) -> None:
+        if cache.is_cuda:  # one fused kernel instead of ~15 small ones per layer (same bytes)
+            from dsaserve.ops.triton.kv_write import write_fp8_rows
+            write_fp8_rows(cache, slots, x, rope)
+        else:
+            cache[slots.long()] = kv_format.quantize_fp8(x, rope)
+
+    def query_dtype(self, compute: torch.dtype) -> torch.dtype:
+        """The dtype attention queries take: the cache's, or over an FP8 cache the compute dtype (bf16 for
+        fp16: the power-of-two scales can leave fp16's range, while e4m3 x scale is exact in bf16)."""
+        if not self.fp8:
+            return self.dtype
+        return torch.bfloat16 if compute == torch.float16 else compute
 
     def page_buffers(self) -> list[Tensor]:
         """Every cache buffer as raw bytes by page: one uint8 [num_pages, page_bytes] view per layer of each

@@ -42,13 +42,11 @@ class DecodeSide(SideBase):
     def sockets(self) -> list[zmq.Socket]:
         return list(self.peers.values())
 
-    def has_work(self) -> bool:
-        if any(s.poll(0) for s in self.peers.values()):
-            return True
-        free = self.engine.allocator.num_free
-        return any(i.done is not None or self.deadlines.passed(i.deadline)
-                   or (not i.sent and -(-len(i.req.prompt_ids) // self.page_size) <= free)
-                   for i in self.rooms.values())
+    def wait_ms(self) -> int | None:
+        """How long the leader may block (the control sockets wake it too): None with nothing incoming."""
+        if any(i.done is not None for i in self.rooms.values()):
+            return 1  # the write's arrival is seen by polling the backend
+        return self.deadlines.ms_until(min((i.deadline for i in self.rooms.values()), default=None))
 
     def add(self, req: Request) -> None:
         room = req.disagg.room

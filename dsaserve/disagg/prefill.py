@@ -60,9 +60,11 @@ class PrefillSide(SideBase):
     def sockets(self) -> list[zmq.Socket]:
         return [self.sock]
 
-    def has_work(self) -> bool:
-        return bool(self.sock.poll(0)) or any(o.handle is not None or room in self.dests or room in self.ended
-                                              or self.deadlines.passed(o.deadline) for room, o in self.out.items())
+    def wait_ms(self) -> int | None:
+        """How long the leader may block (its control socket wakes it too): None with nothing outgoing."""
+        if any(o.handle is not None or room in self.dests or room in self.ended for room, o in self.out.items()):
+            return 1  # a write in flight (NIXL progresses without a socket) or one ready to start
+        return self.deadlines.ms_until(min((o.deadline for o in self.out.values()), default=None))
 
     def add(self, req: Request) -> None:
         room = req.disagg.room

@@ -2,8 +2,9 @@
 decode side, with its transfer backend over the leader's KV pools and its ZMQ control socket.
 
 The engine calls (leader only): add(req) for a request that carries a route, after_step(accepted) after a
-step's tokens are committed, poll() at the start of every step, release(req) when a request holding
-pages in a transfer is aborted, has_work() and sockets() for its loop, info() for the frontend.
+step's tokens are committed, poll() before every step (and from the server's loop between steps),
+release(req) when a request holding pages in a transfer is aborted; the server's loop waits on
+sockets() for at most wait_ms(); info() goes to the frontend.
 """
 from __future__ import annotations
 
@@ -34,6 +35,9 @@ class Deadlines:
 
     def passed(self, deadline: float) -> bool:
         return self.clock() >= deadline
+
+    def ms_until(self, deadline: float | None) -> int | None:
+        return None if deadline is None else max(1, int((deadline - self.clock()) * 1000) + 1)
 
 
 @dataclass

@@ -2,6 +2,7 @@
 both drive it with add_request / abort / step."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
@@ -13,19 +14,21 @@ from typing import Callable
 import torch
 
 from dsaserve.cache.pages import PageAllocator
+from dsaserve.cache.prefix import PrefixCache
 from dsaserve.chat.grammar import commit_tokens, grammar_state
 from dsaserve.engine.layout import StepMode, StepPlan
 from dsaserve.engine.model_runner import ModelRunner, StepShape
 from dsaserve.engine.request import (DisaggRoute, FinishReason, Request, RequestError, RequestOutput,
                                      SamplingParams)
-from dsaserve.engine.sampler import sample
+from dsaserve.engine.sampler import sample, token_logprobs
 from dsaserve.engine.scheduler import Scheduler, SchedulerConfig
 from dsaserve.spec.drafter import DraftInput, MTPDrafter
 from dsaserve.engine.tokenizer import Tokenizer
-from dsaserve.parallel.groups import Parallel
+from dsaserve.parallel.groups import CollectiveFailed, Parallel
 from dsaserve.server_args import ServerArgs
 
 log = logging.getLogger(__name__)
+_PROMPT_LOGITS_BYTES = 256 << 20  # fp32 logits of one chunk that scores its prompt (echo / prompt_logprobs)
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,9 @@ class EngineStats:
     spec_verify_steps: int = 0  # request-verify steps (one per request per verify step)
     spec_draft_tokens: int = 0  # draft tokens proposed to verification
     spec_accepted_tokens: int = 0  # of those, accepted
+    cached_pages: int = 0  # pages the prefix cache holds (free_pages counts those no request uses)
+    prefix_hit_tokens: int = 0  # prompt tokens served from the prefix cache
+    prefix_queried_tokens: int = 0
 
     @property
     def avg_spec_accept_length(self) -> float | None:
@@ -46,6 +52,10 @@ class EngineStats:
         if not self.spec_verify_steps:
             return None
         return (self.spec_accepted_tokens + self.spec_verify_steps) / self.spec_verify_steps
+
+
+class StepFailedOnSomeRanks(RuntimeError):
+    """A step raised on some ranks only (or at different points): their states differ, every rank stops."""
 
 
 class Engine:
@@ -78,10 +88,14 @@ class Engine:
         # Tests and benchmarks: replace the MTP drafts of a request (e.g. with the known continuation).
         self.draft_override: Callable[[Request, list[int]], list[int]] | None = None
         self.allocator = PageAllocator(self.runner.num_pages)
+        self.prefix_cache = None if args.disable_radix_cache else PrefixCache(
+            self.allocator, args.page_size, drop_last_page=self.spec_steps > 0)
         self.scheduler = Scheduler(SchedulerConfig(
             page_size=args.page_size, chunked_prefill_size=args.chunked_prefill_size,
             max_running_requests=args.max_running_requests, max_queued_requests=args.max_queued_requests,
-            context_length=self.context_length, spec_steps=self.spec_steps), self.allocator)
+            context_length=self.context_length, spec_steps=self.spec_steps, mixed_chunk=args.enable_mixed_chunk,
+            max_logit_rows=max(1, _PROMPT_LOGITS_BYTES // (4 * self.cfg.vocab_size))), self.allocator,
+            self.prefix_cache)
         eos = set(self.cfg.eos_token_ids)
         if self.tokenizer.hf.eos_token_id is not None:
             eos.add(self.tokenizer.hf.eos_token_id)
@@ -94,6 +108,9 @@ class Engine:
         self.steps = 0
         self._spec = [0, 0, 0]  # verify steps, drafts proposed, drafts accepted
         self.last_sync = StepShape((0,), (0,), None, StepMode.DECODE, 1)
+        # 0, or 1 + the collectives this rank entered in its last step before it raised: told to every
+        # rank in the next exchange; the ranks go on only if every one failed at the same point.
+        self._failed_at = 0
         self.runner.capture_graphs(self.par.cfg.dp, progress=progress and self.par.cfg.rank == 0)
         # PD disaggregation (dsaserve/disagg): the leader's side of the KV transfer, None when serving whole requests
         self.disagg = None
@@ -143,50 +160,72 @@ class Engine:
         return outputs
 
     def has_work(self) -> bool:
-        return (self.scheduler.has_work() or bool(self._finished_outside_step)
-                or (self.disagg is not None and self.disagg.has_work()))
+        return self.scheduler.has_work() or bool(self._finished_outside_step)
+
+    def poll_transfers(self) -> list[RequestOutput]:
+        """PD (leader): advance this leader's KV transfers without a forward step; decode requests whose
+        cache arrived join the running ones (their first token is in the outputs)."""
+        return self.disagg.poll() if self.disagg is not None else []
 
     def stats(self) -> EngineStats:
-        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.allocator.num_free,
-                           self.allocator.capacity, self.scheduler.num_retractions, self.steps, *self._spec)
+        cache = self.prefix_cache
+        reclaimable = cache.reclaimable() if cache is not None else 0
+        hits = (cache.num_pages, cache.stats.hit_tokens, cache.stats.queried_tokens) if cache is not None else (0, 0, 0)
+        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting),
+                           self.allocator.num_free + reclaimable, self.allocator.capacity,
+                           self.scheduler.num_retractions, self.steps, *self._spec, *hits)
 
     # -- the step --------------------------------------------------------------------------
 
-    def sync(self, plan: StepPlan | None, keep_alive: bool = False,
-             stop: bool = False) -> tuple[StepPlan | None, StepShape]:
+    def sync(self, plan: StepPlan | None, keep_alive: bool = False, stop: bool = False,
+             epoch: int = 0) -> tuple[StepPlan | None, StepShape]:
         """Leader's plan to its group; every rank's (rows, drafting requests, graph vote, has work,
-        stop) to every rank, so all ranks agree on the step's shape before any kernel runs."""
+        stop, where its last step failed, wake-up epoch) to every rank, so all ranks agree on the
+        step's shape before any kernel runs. Raises StepFailedOnSomeRanks, on every rank, unless the
+        last step failed on no rank or on every rank at the same point."""
         plan = self.par.broadcast_from_leader(plan)
         graph_mode = StepMode.VERIFY if self.spec_steps else StepMode.DECODE
-        drafting = sum(plan.samples) if plan is not None and self.spec_steps else 0
+        drafting = sum(plan.samples) if plan is not None and self.spec_steps else 0  # requests that draft
         mine = [plan.num_tokens if plan else 0, drafting, self.runner.graph_batch_of(plan, graph_mode),
-                int(keep_alive or self.scheduler.has_work()), int(stop)]
-        leaders = self.par.exchange(mine)[:: self.par.cfg.attn_tp]  # one row per DP group
+                int(keep_alive or self.scheduler.has_work()), int(stop), self._failed_at, epoch]
+        everyone = self.par.exchange(mine)
+        self._check_failures([r[5] for r in everyone])
+        leaders = everyone[:: self.par.cfg.attn_tp]  # one row per DP group
         rows = tuple(r[0] for r in leaders)
         votes = [r[2] for r in leaders]
         graph_batch = None
         if min(votes) >= 0 and sum(rows) > 0:
             graph_batch = self.runner.graphs.batch_bucket(max(votes))
         return plan, StepShape(rows, tuple(r[1] for r in leaders), graph_batch, graph_mode, 1 + self.spec_steps,
-                               any(r[3] for r in leaders), any(r[4] for r in leaders))
+                               any(r[3] for r in leaders), any(r[4] for r in leaders), min(r[6] for r in leaders))
 
-    def step(self, keep_alive: bool = False, stop: bool = False) -> list[RequestOutput]:
+    def _check_failures(self, failed_at: list[int]) -> None:
+        if len(set(failed_at)) > 1:
+            failed = [rank for rank, at in enumerate(failed_at) if at]
+            how = "only" if 0 in failed_at else f"after different collectives {[at - 1 for at in failed_at]}"
+            raise StepFailedOnSomeRanks(f"step {self.steps} failed on rank(s) {failed} {how}; the ranks no longer "
+                                        f"agree, so every rank stops (see the failing rank's log)")
+        self._failed_at = 0
+
+    def step(self, keep_alive: bool = False, stop: bool = False, epoch: int = 0) -> list[RequestOutput]:
         """One step of the whole deployment. `keep_alive`: the caller has requests still to add
-        (keeps the other ranks stepping); `stop`: ask every rank to leave its loop."""
+        (keeps the other ranks stepping); `stop`: ask every rank to leave its loop; `epoch`: the
+        caller's wake-up counter (server.worker)."""
         outputs = self.take_finished()
-        if self.disagg is not None:  # transfers that ended: decode requests join the running ones
-            outputs += self.disagg.poll()
+        outputs += self.poll_transfers()  # decode requests whose KV cache arrived run in this step
         plan = self.scheduler.schedule() if self.par.cfg.is_leader else None
-        plan, self.last_sync = self.sync(plan, keep_alive, stop)
+        plan, self.last_sync = self.sync(plan, keep_alive, stop, epoch)
         if sum(self.last_sync.dp_sizes) == 0:
             return outputs
         plan = plan or StepPlan.idle()  # an idle DP group: zero rows (or dummies), the same collectives
+        issued = self.par.issued
         try:
             return outputs + self._run(plan, self.last_sync)
+        except CollectiveFailed:
+            raise  # the groups' state is unknown: this rank must go (the supervisor names it)
         except Exception as exc:  # a failed batch ends its requests with an error; the engine goes on
-            log.exception("step failed")
-            if self.par.tp > 1:
-                raise  # the other ranks may be inside this step's collectives: the process must go
+            log.exception("step failed")  # if it failed on every rank alike (the next exchange tells)
+            self._failed_at = 1 + self.par.issued - issued
             for rid in plan.rids:
                 req = self.requests.get(rid)
                 if req is not None:
@@ -221,14 +260,21 @@ class Engine:
         Each row samples with the (seed, output index) noise of a non-speculative step, so the tokens are
         exactly the non-speculative ones; for top-1 drafts this is speculative rejection sampling, coupled
         (a draft is accepted with the target's probability of it)."""
-        row_reqs, pending = [], []
-        for rid, n in zip(plan.rids[:real], plan.logit_counts[:real]):
+        row_reqs, pending, rows, chains, row = [], [], [], [], 0
+        for rid, q, n, samples, drafts in zip(plan.rids[:real], plan.q_lens, plan.logit_counts, plan.samples,
+                                              plan.num_drafts):
             req = self.requests[rid]
-            row_reqs += [req] * n
-            pending += [req.draft_ids[:i] for i in range(n)]
-        tokens, logprobs = sample(logits[:len(row_reqs)], row_reqs, pending)
+            chain = drafts + 1 if drafts else int(samples)  # rows that yield output tokens
+            if n > chain:  # the rows before score the prompt (echo / prompt_logprobs)
+                self._score_prompt(req, logits[row:row + n - chain], plan.prefix_lens[len(chains)] + q - n)
+            rows += range(row + n - chain, row + n)
+            row_reqs += [req] * chain
+            pending += [req.draft_ids[:i] for i in range(chain)]
+            chains.append(chain)
+            row += n
+        tokens, logprobs = sample(logits[rows], row_reqs, pending)
         accepted, row = {}, 0
-        for rid, n in zip(plan.rids[:real], plan.logit_counts[:real]):
+        for rid, n in zip(plan.rids[:real], chains):
             if n == 0:
                 continue
             drafts, k = self.requests[rid].draft_ids, 0
@@ -237,6 +283,15 @@ class Engine:
             accepted[rid] = (tokens[row:row + k + 1], logprobs[row:row + k + 1] if logprobs is not None else None)
             row += n
         return accepted
+
+    def _score_prompt(self, req: Request, logits: torch.Tensor, first_pos: int) -> None:
+        """Log-probabilities of prompt tokens from rows at positions first_pos.. (row i predicts the token
+        at first_pos + i + 1); each prompt token is scored once, retraction or not."""
+        start = len(req.prompt_logprobs) + 1 - (first_pos + 1)  # the first row not scored yet
+        end = min(len(req.prompt_ids) - 1 - first_pos, logits.shape[0])
+        if start < end:
+            targets = req.prompt_ids[first_pos + 1 + start:first_pos + 1 + end]
+            req.prompt_logprobs += token_logprobs(logits[start:end], targets, [req.params.prompt_logprobs] * len(targets))
 
     def _draft_input(self, plan: StepPlan, real: int, accepted: dict[str, tuple]) -> DraftInput:
         """Per row, the token at its position + 1 (the MTP pass's input); per request, the row offset of
@@ -247,7 +302,7 @@ class Engine:
             if b >= real:  # a dummy request
                 ids += [0] * q
                 last_rows.append(0)
-            elif plan.mode is StepMode.VERIFY:  # rows past the accepted run are overwritten by later steps
+            elif plan.num_drafts[b]:  # a verify request: rows past the accepted run are overwritten later
                 new = accepted[rid][0]
                 ids += new + [0] * (q - len(new))
                 last_rows.append(len(new) - 1)
@@ -269,12 +324,13 @@ class Engine:
 
     def _commit(self, plan: StepPlan, real: int, accepted: dict[str, tuple]) -> list[RequestOutput]:
         """Cache lengths, tokens and stop rules after the whole step; finished requests free their pages."""
-        verify = plan.mode is StepMode.VERIFY
-        self.scheduler.advance(plan, self.requests, [len(accepted[r][0]) for r in plan.rids[:real]] if verify else None)
+        kept = [len(accepted[r][0]) if d else q for r, q, d in zip(plan.rids[:real], plan.q_lens, plan.num_drafts)]
+        self.scheduler.advance(plan, self.requests, kept)
+        verifying = {r for r, d in zip(plan.rids[:real], plan.num_drafts) if d}
         outputs = []
         for rid, (tokens, lps) in accepted.items():
             req = self.requests[rid]
-            if verify:
+            if rid in verifying:
                 req.spec_verify_ct += 1
                 req.spec_accepted += len(tokens) - 1
                 self._spec = [self._spec[0] + 1, self._spec[1] + self.spec_steps, self._spec[2] + len(tokens) - 1]
@@ -296,7 +352,10 @@ class Engine:
         if reason is not None:
             self._finish(req, reason)
         chosen = lps[:len(new)] if lps is not None and req.params.logprobs is not None else []
-        return self._output(req, new, chosen)
+        out = self._output(req, new, chosen)
+        if len(req.output_ids) == len(new) and req.params.prompt_logprobs is not None:  # its first tokens
+            out = dataclasses.replace(out, prompt_logprobs=req.prompt_logprobs)
+        return out
 
     def resume_prefilled(self, req: Request, token: int, logprob: tuple | None, drafts: list[int]) -> RequestOutput:
         """Decode side: the prompt's KV cache arrived with the prefill server's first token (and its MTP
@@ -337,7 +396,8 @@ class Engine:
     def _output(self, req: Request, new_ids: list[int], new_lps: list) -> RequestOutput:
         return RequestOutput(rid=req.rid, new_token_ids=new_ids, new_logprobs=new_lps,
                              prompt_tokens=len(req.prompt_ids), completion_tokens=len(req.output_ids),
-                             finish=req.finish, stop_text=req.stop_text, spec_verify_ct=req.spec_verify_ct)
+                             finish=req.finish, stop_text=req.stop_text, spec_verify_ct=req.spec_verify_ct,
+                             cached_tokens=req.cached_tokens)
 
     def run_until_idle(self, max_steps: int = 1_000_000) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []

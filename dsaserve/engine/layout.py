@@ -17,6 +17,7 @@ class StepMode(enum.Enum):
     EXTEND = "extend"
     DECODE = "decode"
     VERIFY = "verify"  # the target over the last accepted token and S drafts (q_len S + 1)
+    MIXED = "mixed"  # decode or verify rows of running requests and prefill chunks of others
     DRAFT = "draft"  # the MTP layer, one row per request (a chained draft step)
     IDLE = "idle"
 
@@ -39,20 +40,18 @@ class StepPlan:
     prefix_lens: tuple[int, ...]
     q_lens: tuple[int, ...]
     logit_counts: tuple[int, ...]  # how many trailing rows of each request yield logits (0: none)
+    samples: tuple[bool, ...]  # whether the request's last row yields a new token (else only scores)
     input_ids: tuple[int, ...]  # the query tokens, request after request (empty when they live on the device)
+    num_drafts: tuple[int, ...]  # drafts a request verifies (its rows after the first); 0: extend / decode
 
     @property
     def num_tokens(self) -> int:
         return sum(self.q_lens)
 
-    @property
-    def samples(self) -> tuple[bool, ...]:
-        return tuple(c > 0 for c in self.logit_counts)
-
     @staticmethod
     def idle() -> StepPlan:
         """The plan of a DP group with no work while another group runs: zero rows."""
-        return StepPlan(StepMode.IDLE, (), (), (), (), (), ())
+        return StepPlan(StepMode.IDLE, (), (), (), (), (), (), (), ())
 
     def padded(self, batch: int, rows_per_req: int, page_size: int, mode: StepMode) -> StepPlan:
         """This plan plus dummy requests up to `batch` (an idle group's plan becomes all dummies): each
@@ -66,8 +65,9 @@ class StepPlan:
         ids_known = len(self.input_ids) == self.num_tokens
         return StepPlan(mode, self.rids + (DUMMY_RID,) * extra, self.pages + (pages,) * extra,
                         self.prefix_lens + (0,) * extra, self.q_lens + (rows_per_req,) * extra,
-                        self.logit_counts + (logits,) * extra,
-                        self.input_ids + (0,) * (extra * rows_per_req) if ids_known else ())
+                        self.logit_counts + (logits,) * extra, self.samples + (True,) * extra,
+                        self.input_ids + (0,) * (extra * rows_per_req) if ids_known else (),
+                        self.num_drafts + ((rows_per_req - 1 if mode is StepMode.VERIFY else 0),) * extra)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dsaserve.cache.pools import KVPools
+from dsaserve.cache.pools import KVPools, resolve_kv_cache_dtype
 from dsaserve.engine.cuda_graph import GraphRunner
 from dsaserve.engine.layout import BatchLayout, StepMode, StepPlan
 from dsaserve.model.loader import build_model
@@ -32,6 +32,7 @@ class StepShape:
     rows_per_req: int  # query rows of each request in a graphed step
     any_work: bool = False
     any_stop: bool = False
+    epoch: int = 0  # the lowest wake-up epoch any DP leader has seen (server.worker: idle leaders meet again)
 
     def for_drafts(self) -> StepShape:
         return dataclasses.replace(self, dp_sizes=self.draft_sizes, mode=StepMode.DRAFT, rows_per_req=1)
@@ -65,6 +66,7 @@ class ModelRunner:
         self.par = par or Parallel()
         self.device = resolve_device(args.device, self.par.cfg.rank - ranks_on_this_node(args).start)
         self.dtype = resolve_dtype(args.dtype, self.device)
+        self.kv_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, self.dtype)
         self.spec_steps = args.spec_steps
         self.model = build_model(model_path, self.device, self.dtype, self.par, load_mtp=self.spec_steps > 0,
                                  progress=progress)
@@ -79,14 +81,14 @@ class ModelRunner:
                           max_logits_bytes=args.indexer_max_logits_mb << 20)
         self.cache_layers = self.cfg.num_hidden_layers + (1 if self.spec_steps else 0)  # + the MTP layer's caches
         self.num_pages = self._pool_pages(args)
-        self.pools = KVPools(self.cfg, self.num_pages, args.page_size, self.dtype, self.device, self.cache_layers)
+        self.pools = KVPools(self.cfg, self.num_pages, args.page_size, self.kv_dtype, self.device, self.cache_layers)
         self.graphs = self._graph_runner(args)
         log.info("KV pool: %d pages x %d tokens (%.1f MiB) on %s, %s", self.num_pages, args.page_size,
-                 self.num_pages * args.page_size * self.bytes_per_token / 2**20, self.device, self.dtype)
+                 self.num_pages * args.page_size * self.bytes_per_token / 2**20, self.device, self.kv_dtype)
 
     @property
     def bytes_per_token(self) -> int:
-        return KVPools.bytes_per_token(self.cfg, self.dtype, self.cache_layers)
+        return KVPools.bytes_per_token(self.cfg, self.kv_dtype, self.cache_layers)
 
     def _graph_runner(self, args: ServerArgs) -> GraphRunner | None:
         capturable = self.ops.attention_backend == self.ops.moe_backend == "triton"  # torch ops read back values

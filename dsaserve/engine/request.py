@@ -27,6 +27,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; 0: the chosen token's; n: plus the n best
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first (echo)
     grammar: GrammarSpec | None = None  # constrained decoding (structured output, forced tool calls)
 
     def __post_init__(self) -> None:
@@ -50,6 +51,8 @@ class SamplingParams:
                                                     f"{self.frequency_penalty}"),
             (-2.0 <= self.presence_penalty <= 2.0, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs must be in [0, 20], got {self.logprobs}"),
+            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
+             f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
         ]
         for ok, message in checks:
@@ -92,9 +95,11 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     pages: list[int] = field(default_factory=list)
     num_cached: int = 0  # tokens whose latent and index key are in the pool
+    cached_tokens: int = 0  # of the prompt, served from the prefix cache at admission
     state: RequestState = RequestState.WAITING
     finish: FinishReason | None = None
     stop_text: str | None = None  # the completion text truncated before a matched stop string
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)  # prompt[1:]
     draft_ids: list[int] = field(default_factory=list)  # MTP drafts to verify in the next step
     spec_verify_ct: int = 0  # verify steps this request took part in
     spec_accepted: int = 0  # draft tokens accepted over those steps
@@ -133,6 +138,8 @@ class RequestOutput:
     finish: FinishReason | None = None
     stop_text: str | None = None
     spec_verify_ct: int = 0
+    cached_tokens: int = 0
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None  # with the first token
 
     @property
     def finished(self) -> bool:

@@ -93,11 +93,16 @@ def sample(logits: Tensor, reqs: list[Request], pending: list[list[int]] | None 
     token_list = tokens.tolist()
     if all(r.params.logprobs is None for r in reqs):
         return token_list, None
+    return token_list, token_logprobs(logits, token_list, [r.params.logprobs or 0 for r in reqs])
+
+
+def token_logprobs(logits: Tensor, tokens: list[int], tops: list[int]) -> list[tuple[float, list[tuple[int, float]]]]:
+    """Per row: the log-probability of `tokens[i]` under the raw logits and the `tops[i]` best
+    (token, log-probability) pairs. Sampled tokens and prompt tokens (echo) are scored alike."""
     logprobs = torch.log_softmax(logits, dim=-1)
+    chosen = logprobs.gather(1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0].tolist()
     out = []
-    for i, r in enumerate(reqs):
-        n = r.params.logprobs or 0
+    for i, n in enumerate(tops):
         top = logprobs[i].topk(n) if n else None
-        best = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
-        out.append((float(logprobs[i, token_list[i]]), best))
-    return token_list, out
+        out.append((chosen[i], list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []))
+    return out

@@ -17,6 +17,7 @@ import bisect
 from dataclasses import dataclass
 
 from dsaserve.cache.pages import PageAllocator
+from dsaserve.cache.prefix import PrefixCache
 from dsaserve.engine.layout import DUMMY_RID, StepMode, StepPlan
 from dsaserve.engine.request import Request, RequestError, RequestState
 
@@ -33,6 +34,8 @@ class SchedulerConfig:
     max_queued_requests: int
     context_length: int
     spec_steps: int = 0  # S draft steps per verify; 0: no speculative decoding
+    max_logit_rows: int = 1 << 30  # most rows of one chunk that scores its prompt (the logits' memory)
+    mixed_chunk: bool = False  # decode rows and prefill chunks in the same step
 
     @property
     def decode_lookahead(self) -> int:
@@ -41,8 +44,8 @@ class SchedulerConfig:
 
 
 class Scheduler:
-    def __init__(self, cfg: SchedulerConfig, allocator: PageAllocator):
-        self.cfg, self.allocator = cfg, allocator
+    def __init__(self, cfg: SchedulerConfig, allocator: PageAllocator, cache: PrefixCache | None = None):
+        self.cfg, self.allocator, self.cache = cfg, allocator, cache
         self.waiting: list[Request] = []  # by arrival
         self.running: list[Request] = []  # by arrival
         self.num_retractions = 0
@@ -79,8 +82,7 @@ class Scheduler:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
-        self.allocator.free(req.pages)
-        req.pages = []
+        self._release(req)
         req.state = RequestState.FINISHED
         self._hold_admission = False
 
@@ -95,7 +97,7 @@ class Scheduler:
         need = self._pages_for(tokens)
         reserve = sum(self._pages_missing(r, r.num_cached + self.cfg.decode_lookahead)
                       for r in self.running if not self._prefilling(r))
-        if self.allocator.num_free - reserve < need:
+        if self._free_pages(need + reserve) - reserve < need:  # evicts cached prefixes if it must
             return False
         req.pages = self.allocator.alloc(need)
         req.state = RequestState.TRANSFERRING
@@ -113,11 +115,22 @@ class Scheduler:
         req.state = RequestState.TRANSFERRING
 
     def schedule(self) -> StepPlan | None:
+        """The next step: decode rows of running requests and prefill chunks under one token budget
+        (mixed chunk), or prefill first and decode when no chunk can run."""
         for _ in range(len(self.running) + 1):
-            plan = self._prefill_plan() or self._decode_plan()
-            if plan is not None or not self.running:
-                return plan
-            self._retract(self.running[-1])  # nothing can run: every running request waits on pages
+            budget = self.cfg.chunked_prefill_size
+            if self.cfg.mixed_chunk:
+                decode = self._decode_rows()
+                prefill = [] if decode is None else self._prefill_chunks(budget - sum(q for _, q in decode),
+                                                                         after_decode=True)
+            else:
+                prefill = self._prefill_chunks(budget, after_decode=False)
+                decode = [] if prefill else self._decode_rows()
+            if decode is not None and (decode or prefill):
+                return self._plan(decode, prefill)
+            if not self.running:
+                return None
+            self._retract(self.running[-1])  # the decoders' next pages do not fit: the newest waits again
         return None
 
     def advance(self, plan: StepPlan, requests: dict[str, Request], rows_kept: list[int] | None = None) -> None:
@@ -139,71 +152,107 @@ class Scheduler:
     def _pages_missing(self, req: Request, tokens: int) -> int:
         return max(self._pages_for(tokens) - len(req.pages), 0)
 
-    def _prefill_plan(self) -> StepPlan | None:
-        budget, chosen = self.cfg.chunked_prefill_size, []
-        free, drafts = self.allocator.num_free, max(self.cfg.spec_steps - 1, 0)
-        # Every chunk leaves the pages the next decode step of each decoding request needs (and, when
-        # admitting, one request's first decode), so a prefill never takes them (no thrash).
-        reserve = sum(self._pages_missing(r, r.num_cached + self.cfg.decode_lookahead)
-                      for r in self.running if not self._prefilling(r))
+    def _free_pages(self, wanted: int) -> int:
+        """Free pages, evicting cached prefixes no request uses while fewer than `wanted` are free."""
+        if self.cache is not None and self.allocator.num_free < wanted:
+            self.cache.evict(wanted - self.allocator.num_free)
+        return self.allocator.num_free
+
+    def _reuse_prefix(self, req: Request) -> None:
+        """An admitted request starts from the longest cached prefix of its tokens (at least its last
+        token is computed, to sample from)."""
+        if self.cache is None or req.pages or req.params.prompt_logprobs is not None:
+            return
+        req.pages = self.cache.match(req.token_slice(0, req.num_tokens), limit=req.num_tokens - 1)
+        req.num_cached = req.cached_tokens = len(req.pages) * self.cfg.page_size
+
+    def _release(self, req: Request) -> None:
+        """The request's pages go back; its full pages stay in the prefix cache for later requests."""
+        if self.cache is not None and req.num_cached:
+            self.cache.insert(req.token_slice(0, req.num_cached), req.pages)
+        self.allocator.free(req.pages)
+        req.pages, req.num_cached = [], 0
+
+    def _prefill_chunks(self, budget: int, after_decode: bool) -> list[tuple[Request, int]]:
+        chosen: list[tuple[Request, int]] = []
+        drafts = max(self.cfg.spec_steps - 1, 0)
+        # A chunk leaves the pages the next decode step of each decoding request needs (already taken
+        # when the decode rows run in this step) and, when admitting, one request's first decode, so a
+        # prefill never takes pages a decode needs (no thrash).
+        reserve = 0 if after_decode else sum(self._pages_missing(r, r.num_cached + self.cfg.decode_lookahead)
+                                             for r in self.running if not self._prefilling(r))
         first_decode = self._pages_for(self.cfg.decode_lookahead)
         for req in [r for r in self.running if self._prefilling(r)] + list(self.waiting):
+            if budget <= 0:
+                break
             admitting = req.state is RequestState.WAITING
             if admitting and (len(self.running) >= self.cfg.max_running_requests
                               or (self._hold_admission and self.running)):
                 break
-            usable = free - reserve - (first_decode if admitting else 0)
-            room = (len(req.pages) + max(usable, 0)) * self.cfg.page_size - req.num_cached
-            chunk = min(req.pending, budget, room)
+            if admitting:
+                self._reuse_prefix(req)
+            held = reserve + (first_decode if admitting else 0)
+            want = held + self._pages_missing(req, req.num_cached + min(req.pending, budget) + drafts)
+            free = self._free_pages(want)
+            room = (len(req.pages) + max(free - held, 0)) * self.cfg.page_size - req.num_cached
+            chunk = min(req.pending, budget, room, self.cfg.max_logit_rows if self._scores_prompt(req) else budget)
             if chunk == req.pending and room < chunk + drafts:
                 chunk = min(req.pending - 1, room)  # the last chunk also needs its first drafts' slots
             if chunk <= 0:
+                if admitting:
+                    self._release(req)  # give back the reused prefix until it is admitted
                 break
             new_pages = self._pages_missing(req, req.num_cached + chunk + (drafts if chunk == req.pending else 0))
             req.pages += self.allocator.alloc(new_pages)
-            free -= new_pages
             if admitting:
                 self.waiting.remove(req)
                 req.state = RequestState.RUNNING
                 bisect.insort(self.running, req, key=lambda r: r.arrival)
             chosen.append((req, chunk))
             budget -= chunk
-            if budget == 0:
-                break
-        return self._plan(StepMode.EXTEND, chosen) if chosen else None
+        return chosen
 
-    def _decode_plan(self) -> StepPlan | None:
+    def _decode_rows(self) -> list[tuple[Request, int]] | None:
+        """Every decoding request's rows (its last token, and its drafts with speculation), with the pages
+        its step writes; None when those pages do not fit."""
         ahead = self.cfg.decode_lookahead
-        while True:
-            batch = [r for r in self.running if not self._prefilling(r)]
-            if not batch:
-                return None
-            if sum(self._pages_missing(r, r.num_cached + ahead) for r in batch) <= self.allocator.num_free:
-                break
-            self._retract(self.running[-1])
+        batch = [r for r in self.running if not self._prefilling(r)]
+        need = sum(self._pages_missing(r, r.num_cached + ahead) for r in batch)
+        if need > self._free_pages(need):
+            return None
         for req in batch:
             req.pages += self.allocator.alloc(self._pages_missing(req, req.num_cached + ahead))
-        spec = self.cfg.spec_steps
-        return self._plan(StepMode.VERIFY if spec else StepMode.DECODE, [(r, 1 + spec) for r in batch])
+        return [(r, 1 + self.cfg.spec_steps) for r in batch]
 
-    def _plan(self, mode: StepMode, chosen: list[tuple[Request, int]]) -> StepPlan:
+    def _plan(self, decode: list[tuple[Request, int]], prefill: list[tuple[Request, int]]) -> StepPlan:
+        spec = self.cfg.spec_steps
         input_ids: list[int] = []
-        for req, q in chosen:
-            if mode is StepMode.VERIFY:  # the last accepted token, then the drafts of the last step
-                assert len(req.draft_ids) == q - 1, f"request {req.rid} has {len(req.draft_ids)} drafts, not {q - 1}"
-                input_ids += req.token_slice(req.num_cached, req.num_cached + 1) + req.draft_ids
-            else:
-                input_ids += req.token_slice(req.num_cached, req.num_cached + q)
-        logits = [q if mode is StepMode.VERIFY else int(r.num_cached + q == r.num_tokens) for r, q in chosen]
+        for req, q in decode:  # the last token (not cached yet), then the drafts of the last step
+            assert len(req.draft_ids) == spec, f"request {req.rid} has {len(req.draft_ids)} drafts, not {spec}"
+            input_ids += req.token_slice(req.num_cached, req.num_cached + 1) + req.draft_ids
+        for req, q in prefill:
+            input_ids += req.token_slice(req.num_cached, req.num_cached + q)
+        samples = [True] * len(decode) + [r.num_cached + q == r.num_tokens for r, q in prefill]
+        logits = [q for _, q in decode] + [q if self._scores_prompt(r) else int(s)
+                                           for (r, q), s in zip(prefill, samples[len(decode):])]
+        mode = (StepMode.MIXED if prefill else StepMode.VERIFY if spec else StepMode.DECODE) if decode \
+            else StepMode.EXTEND
+        chosen = decode + prefill
         return StepPlan(
             mode=mode, rids=tuple(r.rid for r, _ in chosen), pages=tuple(tuple(r.pages) for r, _ in chosen),
             prefix_lens=tuple(r.num_cached for r, _ in chosen), q_lens=tuple(q for _, q in chosen),
-            logit_counts=tuple(logits), input_ids=tuple(input_ids))
+            logit_counts=tuple(logits), samples=tuple(samples), input_ids=tuple(input_ids),
+            num_drafts=(spec,) * len(decode) + (0,) * len(prefill))
+
+    @staticmethod
+    def _scores_prompt(req: Request) -> bool:
+        """Prompt log-probabilities asked for and not all computed yet: every prefill row yields logits."""
+        return req.params.prompt_logprobs is not None and len(req.prompt_logprobs) < len(req.prompt_ids) - 1
 
     def _retract(self, req: Request) -> None:
         self.running.remove(req)
-        self.allocator.free(req.pages)
-        req.pages, req.num_cached, req.draft_ids = [], 0, []
+        self._release(req)  # its prefix stays cached: re-admission reuses what was not evicted meanwhile
+        req.draft_ids = []
         self.num_retractions += 1
         self._hold_admission = True
         self._enqueue(req)

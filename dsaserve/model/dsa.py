@@ -14,6 +14,7 @@ from torch import nn
 from dsaserve.cache.pools import KVPools
 from dsaserve.config import ModelConfig
 from dsaserve.engine.layout import BatchLayout
+from dsaserve.model.quant import Experts, Linear
 from dsaserve.model.rope import Rotary
 from dsaserve.ops.dispatch import DSAOps
 from dsaserve.parallel.groups import Parallel
@@ -44,8 +45,8 @@ class RMSNorm(nn.Module):
         return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
-def linear(in_features: int, out_features: int) -> nn.Linear:
-    return nn.Linear(in_features, out_features, bias=False)
+def linear(in_features: int, out_features: int) -> Linear:
+    return Linear(in_features, out_features)  # compute dtype; the loader switches it to FP8 per checkpoint
 
 
 class Indexer(nn.Module):
@@ -68,8 +69,8 @@ class Indexer(nn.Module):
         inter = cfg.indexer_rope_interleave
         q = torch.cat([Rotary.apply(q[..., :rope], ctx.cos[:, None], ctx.sin[:, None], inter), q[..., rope:]], -1)
         k = torch.cat([Rotary.apply(k[..., :rope], ctx.cos, ctx.sin, inter), k[..., rope:]], -1)
+        ctx.pools.write_index_keys(self.layer_id, ctx.layout.out_slots, k)
         cache = ctx.pools.index_keys(self.layer_id)
-        cache[ctx.layout.out_slots.long()] = k.to(cache.dtype)
         weights = F.linear(x.float(), self.weights_proj.weight.float()) * self.weight_scale
         topk = ctx.ops.indexer_topk(q, weights, cache, ctx.layout, cfg.index_topk)
         if ctx.ops.checks:  # the indexer is replicated: every rank of the group must select the same
@@ -102,15 +103,15 @@ class MLAttention(nn.Module):
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
         q_pe = Rotary.apply(q_pe, ctx.cos[:, None], ctx.sin[:, None], interleaved=True)
         k_pe = Rotary.apply(k_pe, ctx.cos, ctx.sin, interleaved=True)
+        ctx.pools.write_latent(self.layer_id, ctx.layout.out_slots, self.kv_a_layernorm(latent), k_pe)
         cache = ctx.pools.latent(self.layer_id)
-        cache[ctx.layout.out_slots.long()] = torch.cat([self.kv_a_layernorm(latent), k_pe], -1).to(cache.dtype)
 
         topk = self.indexer(x, q_lat, ctx) if self.indexer is not None else prev_topk
         assert topk is not None, "a shared-indexer layer needs the previous layer's top-k"
         w_kv = self.kv_b_proj.weight.view(H, cfg.qk_nope_head_dim + cfg.v_head_dim, cfg.kv_lora_rank)
         w_uk, w_uv = w_kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=1)
         q_abs = torch.einsum("thn,hnr->thr", q_nope, w_uk)  # fold W_UK into the query
-        q_full = torch.cat([q_abs, q_pe], dim=-1).to(cache.dtype)
+        q_full = torch.cat([q_abs, q_pe], dim=-1).to(ctx.pools.query_dtype(x.dtype))
         o_lat = ctx.ops.sparse_mla(q_full, cache, topk, cfg.softmax_scale, cfg.kv_lora_rank, ctx.layout)
         o = torch.einsum("thr,hvr->thv", o_lat.to(x.dtype), w_uv)  # W_UV applied after attention
         return ctx.par.all_reduce_attn(self.o_proj(o.reshape(T, H * cfg.v_head_dim))), topk
@@ -152,14 +153,6 @@ class Router(nn.Module):
         return ids, weights * cfg.routed_scaling_factor
 
 
-class Experts(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: int):
-        super().__init__()
-        E, I, Hd = cfg.n_routed_experts, cfg.moe_intermediate_size // tp, cfg.hidden_size
-        self.w13 = nn.Parameter(torch.empty(E, 2 * I, Hd))  # gate_proj rows, then up_proj rows
-        self.w2 = nn.Parameter(torch.empty(E, Hd, I))
-
-
 class MoE(nn.Module):
     """Routed experts and shared experts, each split along the intermediate dim over all TP ranks:
     the output is this rank's partial sum."""
@@ -173,7 +166,7 @@ class MoE(nn.Module):
 
     def forward(self, x: Tensor, ops: DSAOps) -> Tensor:
         ids, weights = self.gate(x)
-        out = ops.moe(x, self.experts.w13, self.experts.w2, ids, weights, x.shape[0])
+        out = self.experts(x, ids, weights, ops)
         return out + self.shared_experts(x) if self.shared_experts is not None else out
 
 
@@ -263,8 +256,10 @@ class DSAModel(nn.Module):
         self.rotary: Rotary | None = None
 
     def fp32_parameter_names(self) -> set[str]:
-        """Parameters that stay in fp32 whatever the model dtype (as in the official inference code)."""
-        return {n for n, _ in self.named_parameters() if n.endswith(("weights_proj.weight", "e_score_correction_bias"))}
+        """Parameters that stay in fp32 whatever the model dtype (as in the official inference code), and
+        the FP8 block scales."""
+        return {n for n, _ in self.named_parameters()
+                if n.endswith(("weights_proj.weight", "e_score_correction_bias", "_scale_inv"))}
 
     def context(self, layout: BatchLayout, pools: KVPools, ops: DSAOps, dtype: torch.dtype) -> StepContext:
         if self.rotary is None:

@@ -1,11 +1,14 @@
 """Load official safetensors checkpoints into DSAModel, shard by shard, straight into device memory.
 
-Handles sharded (model.safetensors.index.json) and single-file checkpoints, FP8 e4m3 weights with
-block `weight_scale_inv` (dequantized on load), per-expert tensors stacked into [E, ...] params, and
-the MTP layer (checkpoint layer index num_hidden_layers) loaded into `model.mtp`.
+Handles sharded (model.safetensors.index.json) and single-file checkpoints, per-expert tensors
+stacked into [E, ...] params, and the MTP layer (checkpoint layer index num_hidden_layers) loaded
+into `model.mtp`. FP8 e4m3 weights with `weight_scale_inv` blocks stay FP8 (model/quant.py): each
+rank reads its slice of the weight and the matching scale blocks, nothing else; the few weights
+the model reads as matrices are dequantized slice by slice at load.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -18,12 +21,16 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from dsaserve.config import ModelConfig
+from dsaserve.engine.layout import checks_enabled
+from dsaserve.model import quant
 from dsaserve.model.dsa import DSAModel
+from dsaserve.ops.fp8 import FP8, dequantize
 from dsaserve.parallel.groups import Parallel
 
 Tensor = torch.Tensor
 log = logging.getLogger(__name__)
 _EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_SCALE = "_scale_inv"
 _OPTIONAL = ("mtp.embed_tokens.weight", "mtp.shared_head.head.weight")  # shared with the main model if absent
 
 
@@ -32,15 +39,28 @@ class CheckpointError(ValueError):
 
 
 @dataclass(frozen=True)
-class Target:
-    """Where one checkpoint tensor goes: a parameter, and for experts an index and row range."""
-    param: str
-    expert: int | None = None
-    rows: tuple[int, int] | None = None
+class TensorInfo:
+    file: Path
+    dtype: str  # safetensors' name: "BF16", "F32", "F8_E4M3", ...
+    shape: tuple[int, ...]
 
-    @property
-    def key(self) -> str:
-        return f"{self.param}[{self.expert},{self.rows}]" if self.expert is not None else self.param
+
+class Checkpoint:
+    """Every tensor's shard, dtype and shape, from the shard headers (no tensor data is read)."""
+
+    def __init__(self, model_path: str | Path):
+        self.path = Path(model_path)
+        self.files = shard_files(self.path)
+        self.tensors: dict[str, TensorInfo] = {}
+        for file in self.files:
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():
+                    part = f.get_slice(name)
+                    self.tensors[name] = TensorInfo(file, part.get_dtype(), tuple(part.get_shape()))
+
+    def is_fp8(self, name: str) -> bool:
+        info = self.tensors.get(name)
+        return info is not None and info.dtype == "F8_E4M3"
 
 
 def shard_files(model_path: Path) -> list[Path]:
@@ -65,17 +85,18 @@ def shard_rule(param: str) -> tuple[int, str] | None:
         return 0, "attn"
     if param.endswith(".o_proj.weight"):
         return 1, "attn"
-    if param.endswith(("gate_proj.weight", "up_proj.weight", ".w13")):
+    if param.endswith(("gate_proj.weight", "up_proj.weight")):
         return 0, "world"
-    if param.endswith(("down_proj.weight", ".w2")):
+    if param.endswith("down_proj.weight"):
         return 1, "world"
     return None
 
 
-def map_name(cfg: ModelConfig, name: str, has_mtp: bool, inter: int) -> Target | None:
-    """Checkpoint tensor name -> target parameter (None: not used by this model)."""
+def map_name(cfg: ModelConfig, name: str, has_mtp: bool) -> str | None:
+    """Checkpoint tensor name -> the model's key for it (None: not used by this model). Keys are
+    parameter names, except routed experts: `<...>.mlp.experts.<e>.<proj>.weight`, one per tensor."""
     if name == "lm_head.weight":
-        return Target("lm_head.weight")
+        return name
     if not name.startswith("model."):
         return None
     name = name[len("model."):]
@@ -85,53 +106,49 @@ def map_name(cfg: ModelConfig, name: str, has_mtp: bool, inter: int) -> Target |
         if layer > cfg.num_hidden_layers or (layer == cfg.num_hidden_layers and not has_mtp):
             return None
         name = f"mtp.{rest}" if layer == cfg.num_hidden_layers else name
-    expert = _EXPERT.match(name)
-    if expert is None:
-        return Target(name)
-    prefix, e, proj = expert.group(1), int(expert.group(2)), expert.group(3)
-    if proj == "down_proj":
-        return Target(f"{prefix}.w2", e)
-    rows = (0, inter) if proj == "gate_proj" else (inter, 2 * inter)
-    return Target(f"{prefix}.w13", e, rows)
+    return name
 
 
-def dequantize_fp8(weight: Tensor, scale_inv: Tensor, block: tuple[int, int]) -> Tensor:
-    """e4m3 weight x per-block multiplier (blocks of block[0] x block[1]) -> fp32."""
-    rows, cols = weight.shape
-    scale = scale_inv.float().repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
-    return weight.float() * scale
+def checkpoint_name(key: str, cfg: ModelConfig) -> str:
+    """A model key back to the checkpoint's tensor name (format choice, error messages)."""
+    if key.startswith("mtp."):
+        key = f"layers.{cfg.num_hidden_layers}.{key[len('mtp.'):]}"
+    return key if key == "lm_head.weight" else f"model.{key}"
 
 
-def load_weights(model: DSAModel, model_path: str | Path, progress: bool = True) -> None:
-    cfg, path = model.cfg, Path(model_path)
+def select_formats(model: DSAModel, ckpt: Checkpoint) -> None:
+    """Switch every module whose checkpoint weight is e4m3 to FP8 (on meta, before allocation)."""
+    for path, module in model.named_modules():
+        if isinstance(module, quant.Linear) and not path.endswith(quant.DEQUANTIZED_AT_LOAD):
+            name = checkpoint_name(f"{path}.weight", model.cfg)
+        elif isinstance(module, quant.Experts):
+            name = checkpoint_name(f"{path}.0.gate_proj.weight", model.cfg)
+        else:
+            continue
+        if ckpt.is_fp8(name):
+            module.to_fp8(_block(model.cfg, name))
+
+
+def load_weights(model: DSAModel, model_path: str | Path, progress: bool = True,
+                 ckpt: Checkpoint | None = None) -> None:
+    cfg = model.cfg
+    ckpt = ckpt or Checkpoint(model_path)
     params = dict(model.named_parameters())
-    place = _Placer(model, params)
     expected = _expected_keys(model, params)
     loaded: set[str] = set()
-    pending_weights: dict[str, Tensor] = {}  # fp8 weights whose scale is in a later shard
-    pending_scales: dict[str, Tensor] = {}
-    files = shard_files(path)
-    for file in tqdm(files, desc="Loading shards", unit="shard", disable=not progress):
-        with safe_open(file, framework="pt") as f:
-            for name in f.keys():
-                if not name.endswith("_scale_inv") and f.get_slice(name).get_dtype() != "F8_E4M3":
-                    place(name, f.get_slice(name), loaded)  # reads only this rank's part of the tensor
-                    continue
-                tensor = f.get_tensor(name)
-                if name.endswith("_scale_inv"):
-                    weight_name = name[: -len("_scale_inv")]
-                    if weight_name in pending_weights:
-                        tensor = dequantize_fp8(pending_weights.pop(weight_name), tensor, _block(cfg, name))
-                        place(weight_name, tensor, loaded)
-                    else:
-                        pending_scales[weight_name] = tensor
-                    continue
-                if name not in pending_scales:
-                    pending_weights[name] = tensor
-                    continue
-                place(name, dequantize_fp8(tensor, pending_scales.pop(name), _block(cfg, name)), loaded)
-    if pending_weights:
-        raise CheckpointError(f"fp8 tensor {next(iter(pending_weights))} has no weight_scale_inv")
+    with contextlib.ExitStack() as stack:
+        handles: dict[Path, Any] = {}
+
+        def handle(file: Path) -> Any:
+            if file not in handles:
+                handles[file] = stack.enter_context(safe_open(file, framework="pt"))
+            return handles[file]
+
+        place = _Placer(model, params, ckpt, handle)
+        for file in tqdm(ckpt.files, desc="Loading shards", unit="shard", disable=not progress):
+            for name in handle(file).keys():
+                if not name.endswith(_SCALE):  # scales are read with their weight
+                    place(name, loaded)
     for key in _OPTIONAL:
         if key in expected and key not in loaded:
             source = "embed_tokens.weight" if "embed" in key else "lm_head.weight"
@@ -142,94 +159,150 @@ def load_weights(model: DSAModel, model_path: str | Path, progress: bool = True)
         loaded.add("lm_head.weight")
     missing = sorted(expected - loaded)
     if missing:
-        raise CheckpointError(f"checkpoint {path} is missing {len(missing)} tensor(s), first: {_readable(missing[0], cfg)}")
+        raise CheckpointError(f"checkpoint {ckpt.path} is missing {len(missing)} tensor(s), first: "
+                              f"{checkpoint_name(missing[0], cfg)}")
 
 
 def _block(cfg: ModelConfig, name: str) -> tuple[int, int]:
     if cfg.fp8_block is None:
-        raise CheckpointError(f"{name}: fp8 scales present but config.json has no fp8 quantization_config")
+        raise CheckpointError(f"{name}: fp8 tensor present but config.json has no fp8 quantization_config")
     return cfg.fp8_block
 
 
 class _Placer:
-    """Copies one checkpoint tensor into its parameter: this rank's shard of it, checked for shape.
-    The source is a tensor or a safetensors slice (then only the shard is read from disk)."""
+    """Copies this rank's slice of one checkpoint tensor into its parameter, checked for shape, reading
+    only that slice from disk (and for FP8 only the scale blocks that cover it)."""
 
-    def __init__(self, model: DSAModel, params: dict[str, torch.nn.Parameter]):
-        self.cfg, self.params, self.par = model.cfg, params, model.par
+    def __init__(self, model: DSAModel, params: dict[str, torch.nn.Parameter], ckpt: Checkpoint, handle: Any):
+        self.model, self.cfg, self.params, self.par = model, model.cfg, params, model.par
+        self.ckpt, self.handle = ckpt, handle
         self.has_mtp = model.mtp is not None
-        self.inter = self.cfg.moe_intermediate_size // self.par.tp
+        self.modules = dict(model.named_modules())
 
-    def __call__(self, name: str, source: Any, loaded: set[str]) -> None:
-        target = map_name(self.cfg, name, self.has_mtp, self.inter)
-        if target is None:
+    def __call__(self, name: str, loaded: set[str]) -> None:
+        key = map_name(self.cfg, name, self.has_mtp)
+        if key is None:
             log.debug("ignoring checkpoint tensor %s", name)
             return
-        param = self.params.get(target.param)
+        dest, dest_scale = self._destination(name, key)
+        info = self.ckpt.tensors[name]
+        part = self._part(name, key, info.shape, dest.shape)
+        source = self.handle(info.file).get_slice(name)
+        if info.dtype != "F8_E4M3":
+            if dest_scale is not None:
+                raise CheckpointError(f"tensor {name} is {info.dtype}, but this model keeps the module in FP8 "
+                                      f"(its other weights are e4m3)")
+            dest.copy_(source[part])
+        else:
+            block = _block(self.cfg, name)
+            scale = self._scale(name, info.shape, block)
+            exact = dest_scale is not None
+            blocks, offset = _block_part(name, part, info.shape, block, exact)
+            if exact:  # stays FP8: the weight slice and its scale blocks, as stored
+                dest.copy_(source[part])
+                s = scale[blocks]
+                if tuple(s.shape) != tuple(dest_scale.shape):
+                    raise CheckpointError(f"tensor {name}{_SCALE}: this rank's blocks have shape {list(s.shape)}, "
+                                          f"expected {list(dest_scale.shape)}")
+                dest_scale.copy_(s)
+            else:  # read as a matrix by the model: dequantized here, once
+                dest.copy_(dequantize(source[part], scale[blocks], block, offset))
+        loaded.add(key)
+
+    def _destination(self, name: str, key: str) -> tuple[Tensor, Tensor | None]:
+        expert = _EXPERT.match(key)
+        if expert is not None:
+            module, index = self.modules.get(expert.group(1)), int(expert.group(2))
+            if not isinstance(module, quant.Experts) or index >= module.num_experts:
+                raise CheckpointError(f"unexpected tensor {name}: the model has no routed expert {index} there "
+                                      f"({self.cfg.n_routed_experts} experts, MoE layers per mlp_layer_types)")
+            return module.slot(expert.group(3), index)
+        param = self.params.get(key)
         if param is None:
-            raise CheckpointError(f"unexpected tensor {name}: the model has no parameter {target.param}")
-        dest = param.data
-        if target.expert is not None:
-            dest = dest[target.expert]
-            if target.rows is not None:
-                dest = dest[target.rows[0]:target.rows[1]]
-        rule = shard_rule(target.param)
-        expected = list(dest.shape)
-        shape = list(source.shape) if isinstance(source, Tensor) else list(source.get_shape())
-        part = tuple(slice(None) for _ in shape)
+            raise CheckpointError(f"unexpected tensor {name}: the model has no parameter {key}")
+        owner = self.modules[key.rsplit(".", 1)[0]] if "." in key else self.model
+        if isinstance(owner, quant.Linear) and owner.block is not None:
+            return param.data, owner.weight_scale_inv.data
+        return param.data, None
+
+    def _part(self, name: str, key: str, shape: tuple[int, ...], dest: torch.Size) -> tuple[slice, ...]:
+        """This rank's slice of a tensor of full `shape` whose shard is `dest`-shaped."""
+        rule = shard_rule(key)
+        expected = list(dest)
+        part = [slice(None)] * len(shape)
         if rule is not None:
             dim, group = rule
             ranks, index = ((self.par.cfg.attn_tp, self.par.cfg.attn_rank) if group == "attn"
                             else (self.par.tp, self.par.cfg.rank))
             expected[dim] *= ranks
-            if shape == expected:
-                start = index * dest.shape[dim]
-                part = part[:dim] + (slice(start, start + dest.shape[dim]),) + part[dim + 1:]
-        tensor = source[part]
-        if list(tensor.shape) != list(dest.shape):
-            raise CheckpointError(f"tensor {name} has shape {list(tensor.shape)}, expected {expected}")
-        dest.copy_(tensor)
-        loaded.add(target.key)
+            part[dim] = slice(index * dest[dim], (index + 1) * dest[dim])
+        if list(shape) != expected:
+            raise CheckpointError(f"tensor {name} has shape {list(shape)}, expected {expected}")
+        return tuple(part)
+
+    def _scale(self, name: str, shape: tuple[int, ...], block: tuple[int, int]) -> Any:
+        scale_name = name + _SCALE
+        info = self.ckpt.tensors.get(scale_name)
+        if info is None:
+            raise CheckpointError(f"fp8 tensor {name} has no {scale_name}")
+        want = [-(-n // b) for n, b in zip(shape, block)]
+        if list(info.shape) != want:
+            raise CheckpointError(f"tensor {scale_name} has shape {list(info.shape)}, expected {want} "
+                                  f"({list(shape)} in blocks of {list(block)})")
+        return self.handle(info.file).get_slice(scale_name)
+
+
+def _block_part(name: str, part: tuple[slice, ...], shape: tuple[int, ...], block: tuple[int, int],
+                exact: bool) -> tuple[tuple[slice, ...], tuple[int, int]]:
+    """The scale blocks covering a weight slice, and where the slice starts inside its first block.
+    exact: the slice must start and end on block boundaries (the tensor stays FP8 on this rank)."""
+    blocks, offset = [], []
+    for dim, (s, n, b) in enumerate(zip(part, shape, block)):
+        start, stop, _ = s.indices(n)
+        if exact and (start % b or (stop % b and stop != n)):
+            what = ("rows", "columns")[dim]
+            raise CheckpointError(
+                f"tensor {name}: this rank's {what} [{start}, {stop}) of {n} split a {block[0]}x{block[1]} FP8 "
+                f"scale block (weight_block_size): a TP split must fall on multiples of {b} {what}; choose a "
+                f"--tp / --dp that divides this dimension into whole blocks")
+        blocks.append(slice(start // b, -(-stop // b)))
+        offset.append(start % b)
+    return tuple(blocks), (offset[0], offset[1])
 
 
 def _expected_keys(model: DSAModel, params: dict[str, torch.nn.Parameter]) -> set[str]:
-    cfg, keys = model.cfg, set()
-    inter = cfg.moe_intermediate_size // model.par.tp
+    keys = set()
     for name in params:
         if name.endswith(".experts.w13"):
-            for e in range(cfg.n_routed_experts):
-                keys |= {Target(name, e, (0, inter)).key, Target(name, e, (inter, 2 * inter)).key}
-        elif name.endswith(".experts.w2"):
-            keys |= {Target(name, e).key for e in range(cfg.n_routed_experts)}
-        else:
+            prefix = name[: -len(".w13")]
+            keys |= {f"{prefix}.{e}.{proj}.weight" for e in range(model.cfg.n_routed_experts)
+                     for proj in ("gate_proj", "up_proj", "down_proj")}
+        elif not name.endswith((".experts.w2", _SCALE)):
             keys.add(name)
     return keys
 
 
-def _readable(key: str, cfg: ModelConfig) -> str:
-    """Turn an internal key back into the checkpoint's tensor name for error messages."""
-    match = re.match(r"^(.*)\.w(13|2)\[(\d+),(.*)\]$", key)
-    if match:
-        proj = "down_proj" if match.group(2) == "2" else ("gate_proj" if match.group(4).startswith("(0,") else "up_proj")
-        key = f"{match.group(1)}.{match.group(3)}.{proj}.weight"
-    if key.startswith("mtp."):
-        key = f"layers.{cfg.num_hidden_layers}.{key[len('mtp.'):]}"
-    return key if key == "lm_head.weight" else f"model.{key}"
-
-
 def build_model(model_path: str | Path, device: torch.device, dtype: torch.dtype, par: Parallel | None = None,
                 load_mtp: bool = True, progress: bool = True) -> DSAModel:
-    """Allocate this rank's shard of the model uninitialised on `device` and fill it from the checkpoint."""
+    """Allocate this rank's shard of the model uninitialised on `device` and fill it from the checkpoint.
+    FP8 weights stay e4m3 (+ fp32 scales); other parameters take `dtype` (or fp32 where the model says)."""
     cfg = ModelConfig.from_path(model_path)
+    ckpt = Checkpoint(model_path)
     with torch.device("meta"):
         model = DSAModel(cfg, par, load_mtp=load_mtp)
+    select_formats(model, ckpt)
     fp32 = model.fp32_parameter_names()
     for name, param in model.named_parameters():  # still on meta: dtype changes cost nothing
         param.requires_grad_(False)
-        param.data = param.data.to(torch.float32 if name in fp32 else dtype)
+        if param.dtype != FP8:
+            param.data = param.data.to(torch.float32 if name in fp32 else dtype)
     _check_fits(model, device, dtype)
     model.to_empty(device=device)
-    load_weights(model, model_path, progress=progress)
+    for module in model.modules():
+        if isinstance(module, quant.Experts):
+            module.zero_padding()
+    load_weights(model, model_path, progress=progress, ckpt=ckpt)
+    quant.prepare(model, quant.default_mode(device), dtype, checks=checks_enabled())
     return model.eval()
 
 
@@ -239,10 +312,11 @@ def _check_fits(model: DSAModel, device: torch.device, dtype: torch.dtype) -> No
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         if need > free:
+            fp8 = sum(p.numel() for p in model.parameters() if p.dtype == FP8)
             raise ValueError(
-                f"this rank's weights need {need / 2**30:.1f} GiB in {dtype} but {device} has {free / 2**30:.1f} GiB "
-                f"free; FP8 checkpoints are dequantized on load (native FP8 weights are not supported yet): "
-                f"use more ranks (--tp) or GPUs with more memory")
+                f"this rank's weights need {need / 2**30:.1f} GiB ({fp8 / 2**30:.1f} GiB of it FP8, the rest in "
+                f"{dtype} / fp32) but {device} has {free / 2**30:.1f} GiB free: use more ranks (--tp) or GPUs "
+                f"with more memory")
     elif need > 32 * 2**30:
         log.warning("loading %.0f GiB of weights into host memory: no CUDA device is in use (--device %s)",
                     need / 2**30, device)

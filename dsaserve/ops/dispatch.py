@@ -8,8 +8,10 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
+from dsaserve.cache.kv_format import check_cache
 from dsaserve.engine.layout import BatchLayout, LayoutError, checks_enabled
 from dsaserve.ops import reference
+from dsaserve.ops.fp8 import BlockFP8
 
 Tensor = torch.Tensor
 
@@ -21,6 +23,12 @@ def _backend(name: str) -> ModuleType:
         from dsaserve.ops import triton as triton_ops  # imported lazily: needs CUDA + triton
         return triton_ops
     raise ValueError(f"unknown backend {name!r} (expected torch or triton)")
+
+
+def _check_cache(name: str, cache: Tensor, n: int, rope: int) -> None:
+    problem = check_cache(name, cache, n, rope)
+    if problem:
+        raise LayoutError(problem)
 
 
 @dataclass(frozen=True)
@@ -37,7 +45,8 @@ class DSAOps:
 
     def sparse_mla(self, q: Tensor, kv_cache: Tensor, indices: Tensor, sm_scale: float, v_dim: int,
                    layout: BatchLayout | None = None) -> Tensor:
-        """[T, H, D] queries over their own selected slots -> [T, H, v_dim]."""
+        """[T, H, D] queries over their own selected slots -> [T, H, v_dim]. kv_cache: [S, D] rows, or the
+        uint8 FP8 rows of cache/kv_format.py."""
         backend = _backend(self.attention_backend)
         if self.checks:
             if layout is not None:
@@ -45,6 +54,7 @@ class DSAOps:
                 layout.check_rows("top-k indices", indices)
             if indices.shape[0] != q.shape[0]:
                 raise LayoutError(f"top-k indices have {indices.shape[0]} rows, query has {q.shape[0]}")
+            _check_cache("latent cache", kv_cache, v_dim, q.shape[2] - v_dim)
             if indices.numel() and int(indices.max()) >= kv_cache.shape[0]:
                 raise LayoutError(f"top-k slot {int(indices.max())} >= cache slots {kv_cache.shape[0]}")
         heads = q.shape[1]
@@ -62,6 +72,7 @@ class DSAOps:
         if self.checks:
             layout.check_rows("indexer query", q)
             layout.check_rows("indexer weights", weights)
+            _check_cache("index-key cache", k_cache, q.shape[2], 0)
         out = torch.empty(T, topk, dtype=torch.int32, device=q.device)
         if T == 0:
             return out
@@ -79,6 +90,7 @@ class DSAOps:
             out[rows] = backend.topk_slots(logits, kv_len, layout.page_table, row_req, layout.page_size, topk)
         return out
 
-    def moe(self, x: Tensor, w13: Tensor, w2: Tensor, topk_ids: Tensor, topk_weights: Tensor,
+    def moe(self, x: Tensor, w13: Tensor | BlockFP8, w2: Tensor | BlockFP8, topk_ids: Tensor, topk_weights: Tensor,
             num_tokens: int) -> Tensor:
+        """Routed experts; block-FP8 weights run the FP8 kernel (triton) or its emulation (torch)."""
         return _backend(self.moe_backend).moe_experts(x, w13, w2, topk_ids, topk_weights, num_tokens)

@@ -10,6 +10,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dsaserve.cache.kv_format import read_rows
+from dsaserve.ops import fp8
+from dsaserve.ops.fp8 import BlockFP8
+
 Tensor = torch.Tensor
 
 
@@ -23,7 +27,8 @@ def sparse_mla(q: Tensor, kv_cache: Tensor, indices: Tensor, sm_scale: float, v_
                max_rows: int = 256) -> tuple[Tensor, Tensor]:
     """Absorbed-form sparse MLA.
 
-    q [T, H, D] (D = v_dim latent dims + rope dims), kv_cache [S, D], indices [T, K] int32 slot ids
+    q [T, H, D] (D = v_dim latent dims + rope dims), kv_cache [S, D] (or uint8 FP8 rows, see
+    cache/kv_format.py: the selected rows are dequantized), indices [T, K] int32 slot ids
     (-1 = unused). Each row attends to its own selected slots; the value is the first v_dim dims.
     Returns out [T, H, v_dim] in q's dtype and lse [T, H] fp32 (natural log; rows with no key: out 0,
     lse -inf).
@@ -35,7 +40,7 @@ def sparse_mla(q: Tensor, kv_cache: Tensor, indices: Tensor, sm_scale: float, v_
         rows = slice(start, min(start + max_rows, T))
         idx = indices[rows].long()
         valid = idx >= 0
-        kv = kv_cache[idx.clamp(min=0)].float()  # [t, K, D]
+        kv = read_rows(kv_cache, idx.clamp(min=0), v_dim)  # [t, K, D]
         scores = torch.einsum("thd,tkd->thk", q[rows].float(), kv) * sm_scale
         scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
         row_lse = torch.logsumexp(scores, dim=-1)  # [t, H]
@@ -49,7 +54,7 @@ def indexer_logits(q: Tensor, weights: Tensor, k_cache: Tensor, page_table: Tens
                    row_kv_len: Tensor, page_size: int, num_keys: int) -> Tensor:
     """Indexer scores of every query row against the first `num_keys` positions of its request.
 
-    q [T, Hi, Di], weights [T, Hi] fp32 (already scaled by Hi^-0.5 and Di^-0.5), k_cache [S, Di],
+    q [T, Hi, Di], weights [T, Hi] fp32 (already scaled by Hi^-0.5 and Di^-0.5), k_cache [S, Di] (or uint8 FP8),
     page_table [B, P], row_req [T], row_kv_len [T, 1]. Returns fp32 [T, num_keys]:
     sum_h weights[t, h] * relu(q[t, h] . k[pos]) for pos < kv_len, -inf after.
     """
@@ -63,7 +68,7 @@ def indexer_logits(q: Tensor, weights: Tensor, k_cache: Tensor, page_table: Tens
     for req, count in zip(reqs.tolist(), counts.tolist()):
         rows = slice(start, start + count)
         start += count
-        keys = k_cache[position_slots(page_table[req], positions, page_size)].float()  # [L, Di]
+        keys = read_rows(k_cache, position_slots(page_table[req], positions, page_size), q.shape[-1])  # [L, Di]
         qf = q[rows].float()
         scores = torch.zeros(count, num_keys, dtype=torch.float32, device=q.device)
         for h in range(q.shape[1]):  # one head at a time keeps the intermediate output-sized
@@ -102,17 +107,19 @@ def _positions_to_slots(positions: Tensor, row_kv_len: Tensor, page_table: Tenso
     return out
 
 
-def moe_experts(x: Tensor, w13: Tensor, w2: Tensor, topk_ids: Tensor, topk_weights: Tensor,
+def moe_experts(x: Tensor, w13: Tensor | BlockFP8, w2: Tensor | BlockFP8, topk_ids: Tensor, topk_weights: Tensor,
                 num_tokens: int) -> Tensor:
     """Routed experts: sum_k weight_k * down_e(silu(gate_e x) * up_e x) for the first num_tokens rows.
 
     x [N, hidden], w13 [E, 2I, hidden] (gate rows then up rows), w2 [E, hidden, I], topk_ids [N, k],
     topk_weights [N, k] fp32. Rows >= num_tokens (padding for DP sync) are skipped and come out 0.
+    Block-FP8 experts run the FP8 kernel's function (fp8.linear: activations quantized per group).
+    Each pair's output is rounded to x's dtype and the k pairs of a token are summed in fp32.
     """
-    out = torch.zeros_like(x)
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     ids = topk_ids[:num_tokens]
     if num_tokens == 0:
-        return out
+        return out.to(x.dtype)
     flat = ids.flatten()
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()
@@ -123,8 +130,12 @@ def moe_experts(x: Tensor, w13: Tensor, w2: Tensor, topk_ids: Tensor, topk_weigh
         if count == 0:
             continue
         tokens = token_of[start:start + count]
-        gate, up = (x[tokens] @ w13[expert].T).chunk(2, dim=-1)
-        y = (F.silu(gate) * up) @ w2[expert].T
-        out.index_add_(0, tokens, (y * weight_of[start:start + count, None]).to(x.dtype))
+        gate, up = _matmul_t(x[tokens], w13[expert]).chunk(2, dim=-1)
+        y = _matmul_t(F.silu(gate) * up, w2[expert])
+        out.index_add_(0, tokens, (y * weight_of[start:start + count, None]).to(x.dtype).float())
         start += count
-    return out
+    return out.to(x.dtype)
+
+
+def _matmul_t(a: Tensor, w: Tensor | BlockFP8) -> Tensor:
+    return fp8.linear(a, w) if isinstance(w, BlockFP8) else a @ w.T

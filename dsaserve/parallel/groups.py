@@ -8,12 +8,15 @@ where every collective is a no-op.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 Tensor = torch.Tensor
+# The group a rank waits in for its leader's next plan: idle time has no deadline (gloo needs a finite one).
+WAIT_FOREVER = timedelta(days=3650)
 
 
 @dataclass(frozen=True)
@@ -48,28 +51,48 @@ class ParallelConfig:
         return self.dp_rank * self.attn_tp
 
 
+class CollectiveFailed(RuntimeError):
+    """A collective inside a step raised (--dist-timeout passed, a peer is gone): the group's state is
+    unknown, so this rank cannot go on."""
+
+
 class Parallel:
     """Collectives over the world and the attention-TP group. Tensors ride the device groups; step
-    plans and small ints ride gloo groups on the CPU."""
+    plans and small ints ride gloo groups on the CPU.
 
-    def __init__(self, cfg: ParallelConfig = ParallelConfig()):
+    Every collective inside a step waits at most `timeout` (--dist-timeout) for the other ranks; only
+    the broadcast of the next plan, where a rank waits for work, has no deadline (`wait` groups). The
+    CPU groups are separate from the device groups even on CPU, so that a rank that left a step early
+    can never pair its next exchange with another rank's pending tensor collective.
+    """
+
+    def __init__(self, cfg: ParallelConfig = ParallelConfig(), timeout: timedelta | None = None):
         self.cfg = cfg
-        self.world = self.world_cpu = self.attn = self.attn_cpu = self.dp_peers = None
+        self.issued = 0  # collectives this rank has entered inside steps (where a failed step stopped)
+        self.world = self.world_cpu = self.attn = self.attn_cpu = self.attn_wait = self.dp_peers = None
         if cfg.tp == 1:
             return
         self.world = dist.group.WORLD
-        self.world_cpu = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else self.world
+        self.world_cpu = dist.new_group(backend="gloo", timeout=timeout)
         for g in range(cfg.dp):  # every rank creates every group, in the same order
             ranks = list(range(g * cfg.attn_tp, (g + 1) * cfg.attn_tp))
-            device_group = dist.new_group(ranks)
-            cpu_group = dist.new_group(ranks, backend="gloo")
+            groups = (dist.new_group(ranks, timeout=timeout), dist.new_group(ranks, backend="gloo", timeout=timeout),
+                      dist.new_group(ranks, backend="gloo", timeout=WAIT_FOREVER))
             if g == cfg.dp_rank:
-                self.attn, self.attn_cpu = device_group, cpu_group
+                self.attn, self.attn_cpu, self.attn_wait = groups
         if cfg.dp > 1:  # the same attention rank of every DP group: one copy of each group's rows
             for k in range(cfg.attn_tp):
-                group = dist.new_group([g * cfg.attn_tp + k for g in range(cfg.dp)])
+                group = dist.new_group([g * cfg.attn_tp + k for g in range(cfg.dp)], timeout=timeout)
                 if k == cfg.attn_rank:
                     self.dp_peers = group
+
+    @classmethod
+    def without_groups(cls, cfg: ParallelConfig) -> Parallel:
+        """One rank's shapes and shard indices, with no process group (building or loading one rank of
+        a parallel model in a single process, e.g. to test its slices); collectives are unavailable."""
+        par = cls()
+        par.cfg = cfg
+        return par
 
     @property
     def tp(self) -> int:
@@ -77,14 +100,22 @@ class Parallel:
 
     # -- tensor collectives (device) -----------------------------------------------------
 
+    def _collective(self, op: Any, *args: Any, **kwargs: Any) -> None:
+        """Every collective of a step: counted, and a failure inside it is a CollectiveFailed."""
+        self.issued += 1
+        try:
+            op(*args, **kwargs)
+        except Exception as exc:
+            raise CollectiveFailed(f"{op.__name__} failed on rank {self.cfg.rank}: {exc}") from exc
+
     def all_reduce_world(self, x: Tensor) -> Tensor:
         if self.cfg.tp > 1:
-            dist.all_reduce(x, group=self.world)
+            self._collective(dist.all_reduce, x, group=self.world)
         return x
 
     def all_reduce_attn(self, x: Tensor) -> Tensor:
         if self.cfg.attn_tp > 1:
-            dist.all_reduce(x, group=self.attn)
+            self._collective(dist.all_reduce, x, group=self.attn)
         return x
 
     def all_gather_attn(self, x: Tensor) -> Tensor:
@@ -92,7 +123,7 @@ class Parallel:
         if self.cfg.attn_tp == 1:
             return x
         parts = [torch.empty_like(x) for _ in range(self.cfg.attn_tp)]
-        dist.all_gather(parts, x.contiguous(), group=self.attn)
+        self._collective(dist.all_gather, parts, x.contiguous(), group=self.attn)
         return torch.cat(parts, dim=-1)
 
     def gather_dp_rows(self, x: Tensor, dp_sizes: list[int]) -> Tensor:
@@ -107,7 +138,7 @@ class Parallel:
         padded = x.new_zeros(pad_to, *x.shape[1:])
         padded[: x.shape[0]] = x
         parts = [torch.empty_like(padded) for _ in range(self.cfg.dp)]
-        dist.all_gather(parts, padded, group=self.dp_peers)
+        self._collective(dist.all_gather, parts, padded, group=self.dp_peers)
         return torch.cat([part[:size] for part, size in zip(parts, dp_sizes)], dim=0)
 
     def own_dp_rows(self, x: Tensor, dp_sizes: list[int]) -> Tensor:
@@ -120,11 +151,12 @@ class Parallel:
     # -- step synchronisation (CPU) -------------------------------------------------------
 
     def broadcast_from_leader(self, obj: Any) -> Any:
-        """The DP group leader's object (the step plan) on every rank of its group."""
+        """The DP group leader's object (the step plan) on every rank of its group. The other ranks
+        wait here for their leader's next step, as long as it takes, blocked (no CPU)."""
         if self.cfg.attn_tp == 1:
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src=self.cfg.leader, group=self.attn_cpu)
+        dist.broadcast_object_list(box, src=self.cfg.leader, group=self.attn_wait)
         return box[0]
 
     def exchange(self, values: list[int]) -> list[list[int]]:
@@ -144,6 +176,6 @@ class Parallel:
         weights = torch.arange(1, flat.numel() + 1)
         digest = torch.tensor([flat.numel(), int(flat.sum()), int((flat * weights).sum())], dtype=torch.int64)
         parts = [torch.empty_like(digest) for _ in range(self.cfg.attn_tp)]
-        dist.all_gather(parts, digest, group=self.attn_cpu)
+        self._collective(dist.all_gather, parts, digest, group=self.attn_cpu)
         if any(not torch.equal(p, parts[0]) for p in parts):
             raise AssertionError(f"{name} differs across the attention-TP ranks of DP group {self.cfg.dp_rank}")

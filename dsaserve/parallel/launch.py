@@ -2,21 +2,24 @@
 an offline runner that drives every DP group leader with its own requests (tests, benchmarks)."""
 from __future__ import annotations
 
+import fcntl
 import logging
 import multiprocessing as mp
 import os
 import queue
 import socket
+import struct
 import traceback
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import timedelta
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
 from dsaserve.engine.request import SamplingParams
 from dsaserve.parallel.groups import Parallel, ParallelConfig
-from dsaserve.server_args import ServerArgs
+from dsaserve.server_args import ServerArgs, split_host_port
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +38,12 @@ def ranks_on_this_node(args: ServerArgs) -> range:
 
 
 def init_distributed(args: ServerArgs, rank: int, init_addr: str) -> Parallel:
-    """Join the process group; returns the collectives for this rank (size 1: no process group)."""
+    """Join the process group; returns the collectives for this rank (size 1: no process group).
+
+    The store (rank 0) listens on the host of `init_addr` only, and gloo / NCCL sockets bind to the
+    interface that reaches it (loopback on one node), unless GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME
+    say otherwise.
+    """
     cfg = ParallelConfig(args.tp, args.dp, rank)
     if args.tp == 1:
         return Parallel(cfg)
@@ -46,9 +54,52 @@ def init_distributed(args: ServerArgs, rank: int, init_addr: str) -> Parallel:
     if use_cuda:
         torch.cuda.set_device(rank - local.start)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // len(local)))
-    dist.init_process_group("nccl" if use_cuda else "gloo", init_method=f"tcp://{init_addr}",
-                            world_size=args.tp, rank=rank)
-    return Parallel(cfg)
+    host, port = split_host_port(init_addr) or (None, 0)
+    if host is None:
+        raise ValueError(f"--dist-init-addr must be HOST:PORT, got {init_addr!r}")
+    ifname = None if host in ("0.0.0.0", "::") else interface_for(host)  # all interfaces: as the user asked
+    if ifname is not None:
+        for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+            os.environ.setdefault(var, ifname)
+    timeout = timedelta(seconds=args.dist_timeout) if args.dist_timeout else None
+    store = _store(host, port, rank, args.tp, timeout or timedelta(minutes=30))
+    dist.init_process_group("nccl" if use_cuda else "gloo", store=store, world_size=args.tp, rank=rank,
+                            timeout=timeout)
+    return Parallel(cfg, timeout)
+
+
+def _store(host: str, port: int, rank: int, world: int, timeout: timedelta) -> dist.TCPStore:
+    if rank != 0:
+        return dist.TCPStore(host, port, world, is_master=False, timeout=timeout)
+    try:  # bound here, on this host only: torch's own store would listen on every interface
+        listener = socket.create_server((host, port), family=_family(host))
+    except OSError as exc:
+        raise ValueError(f"the torch.distributed store cannot listen on {host}:{port} (--dist-init-addr): "
+                         f"{exc.strerror}") from None
+    return dist.TCPStore(host, port, world, is_master=True, timeout=timeout, master_listen_fd=listener.detach())
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][0]
+
+
+def interface_for(host: str) -> str | None:
+    """The name of the local IPv4 interface whose address routes to `host` (None if unknown)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((host, 9))  # UDP connect sends nothing: it only picks the route
+            local = probe.getsockname()[0]
+    except OSError:
+        return None
+    for _, name in socket.if_nameindex():
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:
+                packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))  # SIOCGIFADDR
+            except OSError:
+                continue
+        if socket.inet_ntoa(packed[20:24]) == local:
+            return name
+    return None
 
 
 @dataclass(frozen=True)
@@ -85,8 +136,11 @@ def _run_job(args: ServerArgs, par: Parallel, job: Job) -> dict[int, list[int]]:
             return tokens
 
 
-def _rank_main(args: ServerArgs, rank: int, init_addr: str, jobs: list[Job], results: Any) -> None:
+def _rank_main(args: ServerArgs, rank: int, init_addr: str, jobs: list[Job], results: Any,
+               setup: Callable[[int], None] | None) -> None:
     try:
+        if setup is not None:
+            setup(rank)
         par = init_distributed(args, rank, init_addr)
         for j, job in enumerate(jobs):
             tokens = _run_job(args, par, job)
@@ -100,12 +154,14 @@ def _rank_main(args: ServerArgs, rank: int, init_addr: str, jobs: list[Job], res
         raise
 
 
-def run_jobs(args: ServerArgs, jobs: list[Job], timeout_s: float = 300.0) -> list[list[list[int]]]:
-    """Run the jobs on `args.tp` local rank processes; greedy/sampled token ids per request, per job."""
+def run_jobs(args: ServerArgs, jobs: list[Job], timeout_s: float = 300.0,
+             setup: Callable[[int], None] | None = None) -> list[list[list[int]]]:
+    """Run the jobs on `args.tp` local rank processes; greedy/sampled token ids per request, per job.
+    `setup(rank)` (picklable) runs first in each rank process: fault injection in tests."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     addr = f"127.0.0.1:{free_port()}"
-    procs = [ctx.Process(target=_rank_main, args=(args, r, addr, jobs, results), daemon=True)
+    procs = [ctx.Process(target=_rank_main, args=(args, r, addr, jobs, results, setup), daemon=True)
              for r in range(args.tp)]
     for p in procs:
         p.start()

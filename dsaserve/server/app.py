@@ -17,6 +17,7 @@ from dsaserve.engine.request import SamplingParams
 from dsaserve.server import protocol as p
 from dsaserve.server.errors import ApiError, bad_request, install_error_handlers
 from dsaserve.server.frontend import Frontend, RequestHandle
+from dsaserve.server.guard import RequestGuard
 from dsaserve.server.metrics import ServerMetrics
 from dsaserve.server.openai_api import OpenAIServing, openai_router
 from dsaserve.server.streaming import (DONE, AbortingStream, Result, aborter, checked, collect, error_event,
@@ -30,6 +31,7 @@ def create_app(args: ServerArgs, frontend: Frontend, metrics: ServerMetrics, ser
                pd: PDRouting | None = None) -> FastAPI:
     app = FastAPI(title="dsaserve", version=getattr(dsaserve, "__version__", "0"))
     install_error_handlers(app)
+    app.add_middleware(RequestGuard, limit=args.max_request_bytes)
 
     async def require_key(request: Request) -> None:  # async: no thread pool hop per request
         if args.api_key is None:
@@ -51,16 +53,15 @@ def create_app(args: ServerArgs, frontend: Frontend, metrics: ServerMetrics, ser
 def _health_routes(router: APIRouter, fe: Frontend, metrics: ServerMetrics) -> None:
     @router.get("/health")
     async def health() -> Response:
-        if not fe.healthy:
-            dead = [link.dead for link in fe.links if link.dead] or ["the server is shutting down"]
-            raise ApiError(503, "; ".join(dead))
+        if fe.problem is not None:
+            raise ApiError(503, fe.problem)
         return Response(status_code=200)
 
     @router.get("/health_generate")
     async def health_generate() -> Response:
         """One greedy token on every DP rank proves that the whole path works."""
         await health()
-        ids = fe.tokenizer.encode("Hello")
+        ids = await fe.encode("Hello")
         params = SamplingParams(max_tokens=1, temperature=0.0)
 
         async def one(rank: int) -> Result:
@@ -78,7 +79,7 @@ def _health_routes(router: APIRouter, fe: Frontend, metrics: ServerMetrics) -> N
 
     @router.get("/metrics")
     async def prometheus() -> Response:
-        return Response(metrics.render(await fe.stats(timeout=2.0)), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.render(fe.stats()), media_type=CONTENT_TYPE_LATEST)
 
 
 def _native_params(sp: p.NativeSamplingParams, logprobs: int | None) -> SamplingParams:
@@ -114,7 +115,7 @@ def _native_routes(args: ServerArgs, fe: Frontend, served_name: str, pd: PDRouti
     async def generate(body: p.GenerateRequest, request: Request) -> Any:
         if (body.text is None) == (body.input_ids is None):
             raise bad_request("give exactly one of text and input_ids", param="text")
-        ids = fe.tokenizer.encode(body.text) if body.text is not None else body.input_ids
+        ids = await fe.encode(body.text) if body.text is not None else body.input_ids
         params = _native_params(body.sampling_params, body.top_logprobs_num if body.return_logprob else None)
         route, dp_rank = await pd.route(body)
         handle = await fe.submit(ids, params, body.rid, dp_rank, route)
@@ -136,7 +137,7 @@ def _native_routes(args: ServerArgs, fe: Frontend, served_name: str, pd: PDRouti
         yield DONE
 
     @router.post("/abort_request")
-    async def abort_request(body: p.AbortRequest) -> dict[str, Any]:
+    async def abort_request(body: p.AbortRequest) -> dict[str, Any]:  # rid: /generate's, or an OpenAI response id
         if not fe.abort(body.rid, "aborted by /abort_request"):
             raise ApiError(404, f"no running request with id {body.rid!r}", param="rid")
         return {"rid": body.rid, "aborted": True}
@@ -157,6 +158,6 @@ def _native_routes(args: ServerArgs, fe: Frontend, served_name: str, pd: PDRouti
             fields["api_key"] = "<redacted>"
         return JSONResponse({**fields, "served_model_name": served_name, "model_info": fe.info,
                              "version": getattr(dsaserve, "__version__", "0"),
-                             "internal_states": await fe.stats()})
+                             "internal_states": fe.stats()})
 
     return router

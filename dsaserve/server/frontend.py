@@ -2,36 +2,42 @@
 
 Routes each request to a DP group leader (round-robin or the request's routed_dp_rank) over a ZMQ
 push/pull pair, waits for the leader to accept it (so rejections become HTTP errors before a stream
-starts), detokenizes outputs incrementally and hands them to the routes as `Delta`s. A leader
-process that dies fails its in-flight requests and makes `healthy` false.
+starts), and hands outputs, detokenized in a thread, to the routes as `Delta`s. Tokenization runs
+in a thread too, so the event loop (health checks, streams) never waits on it.
+
+Sends never block: commands collect in an outbox and go out once per event-loop turn as one
+envelope per leader (see server.messages). The supervisor (server.supervisor) watches every rank
+process; when one dies or hangs, the whole deployment is down: every request ends at once with a
+503 that names the rank, and so does every new one.
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing.process import BaseProcess
-from typing import Any, AsyncIterator
+from typing import Any, Callable, TypeVar
 
 import zmq
 import zmq.asyncio
 
-from dsaserve.engine.request import DisaggRoute, FinishReason, RequestOutput, SamplingParams
-from dsaserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from dsaserve.engine.engine import EngineStats
+from dsaserve.engine.request import DisaggRoute, RequestOutput, SamplingParams
+from dsaserve.engine.tokenizer import Tokenizer
 from dsaserve.server import messages as m
 from dsaserve.server.errors import ApiError
+from dsaserve.server.handles import Delta, EngineFailure, RequestHandle
 from dsaserve.server.metrics import ServerMetrics
+from dsaserve.server.supervisor import RankProcesses, watch
 from dsaserve.server_args import ServerArgs
 
+__all__ = ["Delta", "EngineFailure", "Frontend", "RequestHandle", "StartupError"]
 log = logging.getLogger(__name__)
-MONITOR_INTERVAL_S = 0.25
-
-
-class EngineFailure(Exception):
-    """The leader serving a request died: the request ends with this message."""
+T = TypeVar("T")
 
 
 class StartupError(RuntimeError):
@@ -39,122 +45,80 @@ class StartupError(RuntimeError):
 
 
 @dataclass
-class Delta:
-    text: str
-    token_ids: list[int]
-    logprobs: list[tuple[float, list[tuple[int, float]]]]
-    finish: FinishReason | None
-    prompt_tokens: int
-    completion_tokens: int
-
-
-class RequestHandle:
-    """One engine request as seen by a route: an accept future and a queue of outputs."""
-
-    def __init__(self, rid: str, rank: int, tokenizer: Tokenizer, stop: tuple[str, ...]):
-        self.rid, self.rank = rid, rank
-        self.accepted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.queue: asyncio.Queue[RequestOutput | EngineFailure] = asyncio.Queue()
-        self.finished = False
-        self.created = self._last = time.monotonic()
-        self._got_token = False
-        self._detok = IncrementalDetokenizer(tokenizer)
-        self._text, self._emitted = "", 0
-        # Text that might be the start of a stop string is held back until it cannot be.
-        self._hold = max((len(s) for s in stop), default=1) - 1
-
-    def on_output(self, out: RequestOutput, metrics: ServerMetrics) -> None:
-        now = time.monotonic()
-        if out.new_token_ids:
-            metrics.observe_tokens(len(out.new_token_ids), now - self._last, first=not self._got_token)
-            self._got_token, self._last = True, now
-        if out.finished:
-            self.finished = True
-            metrics.observe_finish(out.finish.kind, out.prompt_tokens, now - self.created)
-        self.queue.put_nowait(out)
-
-    def fail(self, message: str) -> None:
-        self.finished = True
-        if not self.accepted.done():
-            self.accepted.set_exception(ApiError(503, message))
-        self.queue.put_nowait(EngineFailure(message))
-
-    async def deltas(self) -> AsyncIterator[Delta]:
-        while True:
-            out = await self.queue.get()
-            if isinstance(out, EngineFailure):
-                raise out
-            yield Delta(self._text_delta(out), out.new_token_ids, out.new_logprobs, out.finish,
-                        out.prompt_tokens, out.completion_tokens)
-            if out.finished:
-                return
-
-    def _text_delta(self, out: RequestOutput) -> str:
-        self._text += self._detok.add(out.new_token_ids)
-        if out.finished:
-            final = out.stop_text if out.stop_text is not None else self._text + self._detok.flush()
-            piece, self._emitted = final[self._emitted:], len(final)
-            return piece
-        upto = max(self._emitted, len(self._text) - self._hold)
-        piece, self._emitted = self._text[self._emitted:upto], upto
-        return piece
-
-
-@dataclass
 class RankLink:
-    rank: int
-    push: zmq.asyncio.Socket
+    rank: int  # DP group
+    push: zmq.Socket  # plain socket: sends never wait
     pull: zmq.asyncio.Socket
-    proc: BaseProcess
-    dead: str | None = None  # why the leader is gone
-    rids: set[str] = field(default_factory=set)
     info: dict[str, Any] = field(default_factory=dict)  # the leader's Ready info
 
 
 class Frontend:
-    def __init__(self, args: ServerArgs, endpoints: list[m.Endpoints], procs: list[BaseProcess],
+    def __init__(self, args: ServerArgs, endpoints: list[m.Endpoints], ranks: RankProcesses,
                  metrics: ServerMetrics):
-        self.args, self.metrics = args, metrics
+        self.args, self.ranks, self.metrics = args, ranks, metrics
         self.ctx = zmq.asyncio.Context()
-        self.links = [self._bind(r, e, p) for r, (e, p) in enumerate(zip(endpoints, procs))]
+        self.links = [self._bind(r, e) for r, e in enumerate(endpoints)]
         self.handles: dict[str, RequestHandle] = {}
+        self.groups: dict[str, list[str]] = {}  # response id of a batch / n > 1 call -> its engine rids
         self.info: dict[str, Any] = {}
+        self.engine_stats: dict[int, EngineStats] = {}  # as last pushed by each DP leader
         self.tokenizer: Tokenizer | None = None
         self.shutting_down = False
+        self.down: str | None = None  # why the deployment is gone
         self._rr = itertools.count()
-        self._tokens = itertools.count()
-        self._stats: dict[int, tuple[int, asyncio.Future[m.Stats]]] = {}  # token -> (rank, answer)
-        self._tasks: list[asyncio.Task[None]] = []  # one receiver per leader
-        self._monitor_task: asyncio.Task[None] | None = None
+        self._epoch = 0
+        self._outbox: list[list[m.Command]] = [[] for _ in self.links]
+        self._flush_pending = False
+        self._tokenize_pool = ThreadPoolExecutor(2, thread_name_prefix="tokenize")
+        self._detokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="detokenize")
+        self._receivers: list[asyncio.Task[None]] = []  # one per leader
+        self._watcher: asyncio.Task[None] | None = None  # the supervisor
+        self._reaper: asyncio.Future[None] | None = None
 
-    def _bind(self, rank: int, ep: m.Endpoints, proc: BaseProcess) -> RankLink:
-        push, pull = self.ctx.socket(zmq.PUSH), self.ctx.socket(zmq.PULL)
+    def _bind(self, rank: int, ep: m.Endpoints) -> RankLink:
+        push = zmq.Context.shadow(self.ctx.underlying).socket(zmq.PUSH)
         push.setsockopt(zmq.SNDHWM, 0)  # never drop or block an abort
+        push.setsockopt(zmq.LINGER, 0)
         push.bind(ep.requests)
+        pull = self.ctx.socket(zmq.PULL)
         pull.bind(ep.outputs)
-        return RankLink(rank, push, pull, proc)
+        return RankLink(rank, push, pull)
 
     # -- start / stop ------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Wait until every leader has loaded its engine; raise StartupError if one fails."""
+        """Start the ranks and wait until every leader has loaded its engine (StartupError if not)."""
+        self.ranks.start()
         for link in self.links:
             self.info = link.info = await self._wait_ready(link)
         self.tokenizer = Tokenizer(self.info["model_path"])
-        self._tasks = [asyncio.create_task(self._receive(link)) for link in self.links]
-        self._monitor_task = asyncio.create_task(self._monitor())
+        self._receivers = [asyncio.create_task(self._receive(link)) for link in self.links]
+        self._watcher = asyncio.create_task(watch(self.ranks, self.fail_all))
 
     async def _wait_ready(self, link: RankLink) -> dict[str, Any]:
         while True:
-            if await link.pull.poll(200):
-                for ev in await link.pull.recv_pyobj():
-                    if isinstance(ev, m.StartupFailed):
-                        raise StartupError(f"DP rank {link.rank}: {ev.message}")
-                    if isinstance(ev, m.Ready):
-                        return ev.info
-            elif not link.proc.is_alive():
-                raise StartupError(f"the engine process of DP rank {link.rank} exited with code "
-                                   f"{link.proc.exitcode} while starting")
+            info = await self._startup_events(link, 200)
+            if info is not None:
+                return info
+            problem = self.ranks.problem(hung_after=None)
+            if problem is not None:  # a leader's own report says more than an exit code: wait for it briefly
+                for other in self.links:
+                    await self._startup_events(other, 500)
+                raise StartupError(f"{problem} while starting")
+
+    async def _startup_events(self, link: RankLink, timeout_ms: int) -> dict[str, Any] | None:
+        """Ready's info, or None; raises StartupError with the leader's message if its start failed."""
+        if not await link.pull.poll(timeout_ms):
+            return None
+        info = None
+        for ev in await link.pull.recv_pyobj():
+            if isinstance(ev, m.StartupFailed):
+                raise StartupError(f"{self.ranks.name(link.rank * self.ranks.attn_tp)}: {ev.message}")
+            if isinstance(ev, m.Stats):
+                self.engine_stats[link.rank] = ev.stats
+            if isinstance(ev, m.Ready):
+                info = ev.info
+        return info
 
     def begin_shutdown(self, message: str = "the server is shutting down") -> None:
         """Refuse new requests and abort the running ones (they end with finish reason abort)."""
@@ -163,28 +127,54 @@ class Frontend:
             self.abort(rid, message)
 
     async def close(self, timeout: float = 5.0) -> None:
-        if self._monitor_task is not None:
-            self._monitor_task.cancel()  # leaders exiting now is expected, not a failure
-        for link in self.links:
-            if link.dead is None and link.proc.is_alive():
-                try:  # a leader that is already exiting has no PULL peer: a blocking send would hang
-                    await link.push.send_pyobj(m.Shutdown(), flags=zmq.NOBLOCK)
-                except zmq.Again:
-                    pass
+        """Stop every rank (Shutdown first: they leave their loops in one step), reap them, close."""
+        if self._watcher is not None:
+            self._watcher.cancel()  # ranks exiting now is expected
+        if self.down is None:
+            for link in self.links:
+                self._outbox[link.rank].append(m.Shutdown())
+            self._flush(closing=True)
         deadline = time.monotonic() + timeout
-        while any(link.proc.is_alive() for link in self.links) and time.monotonic() < deadline:
+        while self.ranks.any_alive() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        for task in self._tasks:
+        for task in self._receivers:
             task.cancel()
+        if self._reaper is not None:
+            await self._reaper
+        await asyncio.to_thread(self.ranks.stop)
         for link in self.links:
-            stop_process(link.proc)
+            link.push.close(linger=0)  # made from a shadow of self.ctx: destroy() does not know them
         self.ctx.destroy(linger=0)
+        self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
+        self._detokenize_pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- failure -----------------------------------------------------------------------------
+
+    @property
+    def problem(self) -> str | None:
+        """Why the server cannot serve (None when it can)."""
+        return self.down or ("the server is shutting down" if self.shutting_down else None)
+
+    def fail_all(self, reason: str) -> None:
+        """The deployment is gone: every request ends now (503, the reason), new ones too; reap the ranks."""
+        if self.down is not None:
+            return
+        self.down = reason
+        log.error("%s; the deployment is down, failing its %d requests", reason, len(self.handles))
+        for handle in self.handles.values():
+            handle.fail(reason)
+        self.handles.clear()
+        self.groups.clear()
+        self._reaper = asyncio.ensure_future(asyncio.to_thread(self.ranks.stop))
 
     # -- requests ----------------------------------------------------------------------------
 
-    @property
-    def healthy(self) -> bool:
-        return not self.shutting_down and all(link.dead is None for link in self.links)
+    async def tokenize(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a tokenizer call (encode, a chat template) in the tokenizer threads."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, fn, *args)
+
+    async def encode(self, text: str) -> list[int]:
+        return await self.tokenize(self.tokenizer.encode, text)
 
     def route(self, dp_rank: int | None) -> int:
         n = len(self.links)
@@ -192,25 +182,22 @@ class Frontend:
             if not 0 <= dp_rank < n:
                 raise ApiError(400, f"routed_dp_rank must be in [0, {n}), got {dp_rank}", param="routed_dp_rank")
             return dp_rank
-        alive = [link.rank for link in self.links if link.dead is None] or [0]
-        return alive[next(self._rr) % len(alive)]
+        return next(self._rr) % n
 
     async def submit(self, prompt_ids: list[int], params: SamplingParams, rid: str | None = None,
-                     dp_rank: int | None = None, route: DisaggRoute | None = None) -> RequestHandle:
-        """Queue one request on a leader; raises ApiError if it is rejected."""
-        if self.shutting_down:
-            raise ApiError(503, "the server is shutting down")
-        link = self.links[self.route(dp_rank)]
-        if link.dead is not None:
-            raise ApiError(503, link.dead)
+                     dp_rank: int | None = None, group: str | None = None,
+                     route: DisaggRoute | None = None) -> RequestHandle:
+        """Queue one request on a leader; raises ApiError if it is rejected or the deployment fails."""
+        if self.problem is not None:
+            raise ApiError(503, self.problem)
+        rank = self.route(dp_rank)
         rid = rid or uuid.uuid4().hex
         if rid in self.handles:
             raise ApiError(400, f"request id {rid!r} is already in use", param="rid")
-        handle = RequestHandle(rid, link.rank, self.tokenizer, params.stop)
+        handle = RequestHandle(rid, rank, self.tokenizer, params.stop, group)
         self.handles[rid] = handle
-        link.rids.add(rid)
+        self._send(rank, m.AddRequest(rid, list(prompt_ids), params, route))
         try:
-            await link.push.send_pyobj(m.AddRequest(rid, list(prompt_ids), params, route))
             await handle.accepted
         except asyncio.CancelledError:  # the client left before the leader answered: nobody will read it
             self.abort(rid, "the client disconnected")
@@ -219,64 +206,99 @@ class Frontend:
 
     async def submit_many(self, prompts: list[list[int]], params: list[SamplingParams], base_rid: str,
                           dp_rank: int | None, route: DisaggRoute | None = None) -> list[RequestHandle]:
-        """All or nothing: if one is rejected, the accepted ones are aborted."""
+        """All or nothing: if one is rejected, the accepted ones are aborted. `base_rid` (the
+        response id) names them all for /abort_request."""
         if route is not None and len(prompts) > 1:
             raise ApiError(400, "a request with bootstrap_room must have one prompt and n = 1", param="n")
-        jobs = [self.submit(p, sp, f"{base_rid}-{i}", dp_rank, route) for i, (p, sp) in enumerate(zip(prompts, params))]
+        rids = [f"{base_rid}-{i}" for i in range(len(prompts))]
+        self.groups[base_rid] = rids
+        jobs = [self.submit(p, sp, rid, dp_rank, base_rid, route) for p, sp, rid in zip(prompts, params, rids)]
         results = await asyncio.gather(*jobs, return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             for r in results:
                 if isinstance(r, RequestHandle):
                     self.abort(r.rid, "another prompt of the same call was rejected")
+            self.groups.pop(base_rid, None)
             raise errors[0]
         return list(results)  # type: ignore[arg-type]
 
     def abort(self, rid: str, message: str = "aborted by the client") -> bool:
-        handle = self.handles.get(rid)
-        if handle is None or handle.finished:
-            return False
-        link = self.links[handle.rank]
-        if link.dead is None:
-            link.push.send_pyobj(m.AbortRequest(rid, message))  # the final output arrives as usual
-        return True
+        """Abort a request by its engine id or by the response id the client saw."""
+        live = [self.handles[r] for r in self.groups.get(rid, [rid]) if r in self.handles]
+        for handle in live:
+            if not handle.finished:
+                self._send(handle.rank, m.AbortRequest(handle.rid, message))  # the final output arrives as usual
+        return any(not h.finished for h in live)
 
-    async def stats(self, timeout: float = 5.0) -> list[dict[str, Any]]:
-        """One entry of internal state per DP rank."""
-        return list(await asyncio.gather(*(self._rank_stats(link, timeout) for link in self.links)))
+    def stats(self) -> list[dict[str, Any]]:
+        """Internal state per DP rank, as last pushed by its leader (never waits on an engine)."""
+        states = []
+        for link in self.links:
+            base: dict[str, Any] = {"dp_rank": link.rank, "alive": self.down is None}
+            st = self.engine_stats.get(link.rank)
+            if self.down is not None or st is None:
+                states.append({**base, "error": self.down or "no statistics yet"})
+            else:
+                states.append({**base, **dataclasses.asdict(st), "avg_spec_accept_length": st.avg_spec_accept_length})
+        return states
 
-    async def _rank_stats(self, link: RankLink, timeout: float) -> dict[str, Any]:
-        base: dict[str, Any] = {"dp_rank": link.rank, "alive": link.dead is None}
-        if link.dead is not None:
-            return {**base, "error": link.dead}
-        token = next(self._tokens)
-        fut: asyncio.Future[m.Stats] = asyncio.get_running_loop().create_future()
-        self._stats[token] = (link.rank, fut)
-        try:
-            await link.push.send_pyobj(m.StatsRequest(token))
-            st = (await asyncio.wait_for(fut, timeout)).stats
-        except (asyncio.TimeoutError, EngineFailure) as exc:
-            return {**base, "error": str(exc) or "no answer from the engine process"}
-        finally:
-            self._stats.pop(token, None)
-        return {**base, "running": st.running, "waiting": st.waiting, "free_pages": st.free_pages,
-                "total_pages": st.total_pages, "num_retractions": st.num_retractions, "steps": st.steps}
+    # -- sending -----------------------------------------------------------------------------
 
-    # -- background tasks --------------------------------------------------------------------
+    def _send(self, rank: int, command: m.Command) -> None:
+        if self.down is not None:
+            return
+        self._outbox[rank].append(command)
+        if not self._flush_pending:
+            self._flush_pending = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self, closing: bool = False) -> None:
+        """One envelope per leader (to every leader under DP attention: idle leaders wake together).
+        A leader without a peer socket is gone (or, when `closing`, maybe not started: no failure)."""
+        self._flush_pending = False
+        if self.down is not None:
+            return
+        self._epoch += 1
+        for link in self.links:
+            commands, self._outbox[link.rank] = self._outbox[link.rank], []
+            if not commands and len(self.links) == 1:
+                continue
+            try:
+                link.push.send_pyobj(m.Envelope(self._epoch, commands), zmq.NOBLOCK)
+            except zmq.Again:
+                if closing:
+                    continue
+                self.fail_all(self.ranks.problem() or f"the engine process of DP group {link.rank} is not reachable")
+                return
+
+    # -- receiving ---------------------------------------------------------------------------
 
     async def _receive(self, link: RankLink) -> None:
+        loop = asyncio.get_running_loop()
         while True:
-            for ev in await link.pull.recv_pyobj():
+            events = await link.pull.recv_pyobj()
+            outputs = [(ev, self.handles.get(ev.rid)) for ev in events if isinstance(ev, RequestOutput)]
+            outputs = [(ev, h) for ev, h in outputs if h is not None]
+            deltas = await loop.run_in_executor(self._detokenize_pool, _detokenize, outputs) if outputs else []
+            delta_of = {id(ev): d for (ev, _), d in zip(outputs, deltas)}
+            for ev in events:
                 try:
-                    self._dispatch(link, ev)
+                    self._dispatch(link, ev, delta_of.get(id(ev)))
                 except Exception:  # one bad event must not stop this leader's outputs for everyone
                     log.exception("could not deliver an event from DP rank %d", link.rank)
 
-    def _dispatch(self, link: RankLink, ev: m.Event) -> None:
+    def _dispatch(self, link: RankLink, ev: m.Event, delta: Delta | None) -> None:
         if isinstance(ev, m.Stats):
-            _, fut = self._stats.get(ev.token, (None, None))
-            if fut is not None and not fut.done():
-                fut.set_result(ev)
+            self.engine_stats[link.rank] = ev.stats
+            return
+        if isinstance(ev, m.Wake):  # PD: a leader's KV arrived; under DP attention every leader steps with it
+            if not self._flush_pending:
+                self._flush_pending = True
+                asyncio.get_running_loop().call_soon(self._flush)
+            return
+        if isinstance(ev, m.Fatal):  # a rank killed before it is the cause, the leader's failure the effect
+            self.fail_all(self.ranks.killed() or ev.message)
             return
         handle = self.handles.get(ev.rid)
         if handle is None:
@@ -285,46 +307,30 @@ class Frontend:
             if not handle.accepted.done():  # cancelled when the client left before the answer
                 handle.accepted.set_result(None)
         elif isinstance(ev, m.Rejected):
-            self._forget(link, ev.rid)
+            self._forget(ev.rid)
             code = "queue_full" if ev.status == 503 else None
             if not handle.accepted.done():
                 handle.accepted.set_exception(ApiError(ev.status, ev.message, code=code))
-        elif isinstance(ev, RequestOutput):
-            handle.on_output(ev, self.metrics)
+        elif isinstance(ev, RequestOutput) and delta is not None:
+            handle.on_output(delta, self.metrics)
             if ev.finished:
-                self._forget(link, ev.rid)
+                self._forget(ev.rid)
 
-    def _forget(self, link: RankLink, rid: str) -> None:
-        self.handles.pop(rid, None)
-        link.rids.discard(rid)
-
-    async def _monitor(self) -> None:
-        while True:
-            await asyncio.sleep(MONITOR_INTERVAL_S)
-            for link in self.links:
-                if link.dead is None and not link.proc.is_alive():
-                    self._rank_died(link)
-
-    def _rank_died(self, link: RankLink) -> None:
-        link.dead = f"the engine process of DP rank {link.rank} exited (code {link.proc.exitcode})"
-        log.error("%s; failing its %d requests", link.dead, len(link.rids))
-        for rid in list(link.rids):
-            handle = self.handles.pop(rid, None)
-            if handle is not None:
-                handle.fail(link.dead)
-        link.rids.clear()
-        for rank, fut in self._stats.values():
-            if rank == link.rank and not fut.done():
-                fut.set_exception(EngineFailure(link.dead))
+    def _forget(self, rid: str) -> None:
+        handle = self.handles.pop(rid, None)
+        if handle is not None and handle.group is not None:
+            if not any(r in self.handles for r in self.groups.get(handle.group, ())):
+                self.groups.pop(handle.group, None)
 
 
-def stop_process(proc: BaseProcess, timeout: float = 3.0) -> None:
-    """Terminate, then kill, a child that did not exit by itself; always reap it."""
-    if proc.pid is None:
-        return  # never started
-    if proc.is_alive():
-        proc.terminate()
-        proc.join(timeout)
-    if proc.is_alive():
-        proc.kill()
-    proc.join(timeout)
+def _detokenize(outputs: list[tuple[RequestOutput, RequestHandle]]) -> list[Delta]:
+    """In the detokenizer thread: each output's text delta (a failure costs that text, not the loop)."""
+    deltas = []
+    for out, handle in outputs:
+        try:
+            deltas.append(handle.detokenize(out))
+        except Exception:
+            log.exception("could not detokenize the output of %s", out.rid)
+            deltas.append(Delta("", out.new_token_ids, out.new_logprobs, out.finish, out.prompt_tokens,
+                                out.completion_tokens))
+    return deltas

@@ -1,20 +1,21 @@
-"""`dsaserve serve`: start one engine process per DP group leader, then FastAPI + uvicorn here.
+"""`dsaserve serve`: check the flags and the checkpoint, bind the port, start this node's rank
+processes, then FastAPI + uvicorn here (node 0) or just watch the ranks (other nodes).
 
-Shutdown (SIGTERM, Ctrl-C): refuse new requests, abort the running ones (they end with finish
-reason abort), let uvicorn drain, then stop and reap every child. Leaders also exit by themselves
-when this process dies.
+Shutdown (SIGTERM, Ctrl-C) at any moment: while starting, stop the ranks and exit 143 / 130; once
+serving, refuse new requests, abort the running ones (they end with finish reason abort), let
+uvicorn drain, then stop and reap every child and exit 0. Nothing cancels the main task, so the
+cleanup (children, the temporary folder) always runs. Ranks also exit by themselves when this
+process dies.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import multiprocessing as mp
-import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
-from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -22,22 +23,49 @@ import uvicorn
 
 from dsaserve.disagg.serving import start_bootstrap
 from dsaserve.server.app import create_app
-from dsaserve.server.frontend import Frontend, StartupError, stop_process
+from dsaserve.server.frontend import Frontend, StartupError
 from dsaserve.server.messages import Endpoints
 from dsaserve.server.metrics import ServerMetrics
-from dsaserve.parallel.launch import free_port, ranks_on_this_node
-from dsaserve.server.worker import run_rank
+from dsaserve.server.preflight import bind_listener, check_model
+from dsaserve.server.supervisor import RankProcesses, wait_for_ranks
 from dsaserve.server_args import ServerArgs
 
 GRACEFUL_SHUTDOWN_S = 5
 
 
+class _StopSignal:
+    """SIGTERM / SIGINT outside uvicorn's own handling: remembered, and it sets an event; it never
+    cancels a task (a cancelled main task would skip its cleanup)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.event: asyncio.Event | None = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self)
+
+    def __call__(self, sig: int, frame: object) -> None:
+        self.signum = self.signum or sig
+        if self.loop is not None and self.event is not None:
+            self.loop.call_soon_threadsafe(self.event.set)
+
+    def attach(self) -> asyncio.Event:
+        self.loop, self.event = asyncio.get_running_loop(), asyncio.Event()
+        if self.signum is not None:
+            self.event.set()
+        return self.event
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + (self.signum or signal.SIGTERM)
+
+
 class _Server(uvicorn.Server):
     """uvicorn that prints one ready line, aborts requests on a signal, and does not re-raise it."""
 
-    def __init__(self, config: uvicorn.Config, ready_line: str, on_exit: Callable[[], None]):
+    def __init__(self, config: uvicorn.Config, ready_line: str, on_exit: Callable[[], None], stop: _StopSignal):
         super().__init__(config)
-        self.ready_line, self.on_exit = ready_line, on_exit
+        self.ready_line, self.on_exit, self.stop = ready_line, on_exit, stop
 
     async def startup(self, sockets: list | None = None) -> None:  # type: ignore[override]
         await super().startup(sockets)
@@ -48,6 +76,8 @@ class _Server(uvicorn.Server):
     def capture_signals(self) -> Iterator[None]:
         # uvicorn re-raises the signal after its shutdown; we return an exit code instead.
         previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        if self.stop.signum is not None:  # it came just before these handlers
+            self.handle_exit(self.stop.signum, None)
         try:
             yield
         finally:
@@ -60,110 +90,79 @@ class _Server(uvicorn.Server):
 
 
 def serve(args: ServerArgs) -> int:
-    """Run the server until a signal; 0 on a clean shutdown, 1 if it could not start."""
+    """Run the server until a signal: 0 after a clean shutdown, 1 if it could not start, 2 for bad
+    flags or a checkpoint that cannot be served, 128 + the signal if stopped while starting."""
+    stop = _StopSignal()
     from dsaserve.tiny import default_model_path
     if args.model_path is None:
         args = args.replace(model_path=str(default_model_path()))  # made once here, not per rank
-    problem = _multi_node_problem(args)
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
-    if args.node_rank > 0:
-        return _serve_other_node(args)
     try:
-        return asyncio.run(_serve(args))
-    except KeyboardInterrupt:  # Ctrl-C while the model was loading: children were stopped in _serve
-        return 130
+        check_model(args)
+        listener = bind_listener(args.host, args.port) if args.node_rank == 0 else None
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if listener is None:
+        return _serve_other_node(args, stop)
+    try:
+        return asyncio.run(_serve(args, listener, stop))
+    finally:
+        listener.close()
 
 
 def _ipc_endpoints(root: Path, dp: int) -> list[Endpoints]:
     return [Endpoints(f"ipc://{root}/req-{r}", f"ipc://{root}/out-{r}") for r in range(dp)]
 
 
-def _multi_node_problem(args: ServerArgs) -> str | None:
-    if args.nnodes == 1:
-        return None
-    if args.dist_init_addr is None:
-        return "--nnodes > 1 needs --dist-init-addr HOST:PORT (node 0's address)"
-    if args.tp % args.nnodes:
-        return f"--tp ({args.tp}) must be divisible by --nnodes ({args.nnodes})"
-    last_leader = (args.dp - 1) * (args.tp // args.dp)
-    if last_leader >= args.tp // args.nnodes:
-        return (f"every DP group leader must run on node 0 (it talks to the HTTP frontend), but rank "
-                f"{last_leader} leads DP group {args.dp - 1}: use fewer DP groups or fewer nodes")
-    return None
-
-
-def _rank_processes(args: ServerArgs, endpoints: list[Endpoints]) -> list[BaseProcess]:
-    init_addr = args.dist_init_addr or f"127.0.0.1:{free_port()}"
-    ctx = mp.get_context("spawn")
-    return [ctx.Process(target=run_rank, args=(args, r, endpoints, os.getpid(), init_addr), name=f"dsaserve-rank{r}")
-            for r in ranks_on_this_node(args)]
-
-
-def _serve_other_node(args: ServerArgs) -> int:
+def _serve_other_node(args: ServerArgs, stop: _StopSignal) -> int:
     """Nodes other than 0 run ranks only (no DP leader, no HTTP); they end with node 0."""
-    procs = _rank_processes(args, [])
-    for proc in procs:
-        proc.start()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    print(f"dsaserve node {args.node_rank} running ranks {[p.name for p in procs]}", flush=True)
+    ranks = RankProcesses(args, [])
+    ranks.start()
+    print(f"dsaserve node {args.node_rank} running ranks {ranks.ranks}", flush=True)
     try:
-        for proc in procs:
-            proc.join()
-    except (KeyboardInterrupt, SystemExit):
-        pass
+        problem = wait_for_ranks(ranks, lambda: stop.signum is not None)
     finally:
-        for proc in procs:
-            stop_process(proc)
-    return 0 if all(p.exitcode == 0 for p in procs) else 1
+        ranks.stop()
+    if problem is None:
+        return 0
+    print(f"error: {problem}", file=sys.stderr)
+    return stop.exit_code if stop.signum is not None else 1
 
 
-async def _serve(args: ServerArgs) -> int:
+async def _serve(args: ServerArgs, listener: socket.socket, stop: _StopSignal) -> int:
     root = Path(tempfile.mkdtemp(prefix="dsaserve-"))
-    endpoints = _ipc_endpoints(root, args.dp)
-    procs = _rank_processes(args, endpoints)
-    leaders = [procs[g * (args.tp // args.dp)] for g in range(args.dp)]
-    metrics = ServerMetrics()
-    frontend = Frontend(args, endpoints, leaders, metrics)
-    early = _EarlyStop(asyncio.get_running_loop(), asyncio.current_task())
-    signal.signal(signal.SIGTERM, early)  # loading can take minutes: stay stoppable until uvicorn takes over
     try:
-        if not await _start(frontend, procs) or early.requested:
-            return 143 if early.requested else 1
-        return await _run_http(args, frontend, metrics)
-    except asyncio.CancelledError:  # SIGTERM before uvicorn took over
-        return 143
+        endpoints = _ipc_endpoints(root, args.dp)
+        metrics = ServerMetrics()
+        frontend = Frontend(args, endpoints, RankProcesses(args, endpoints), metrics)
+        try:
+            code = await _start(frontend, stop)
+            return await _run_http(args, frontend, metrics, listener, stop) if code is None else code
+        finally:
+            await frontend.close()
     finally:
-        await _stop(frontend, procs)
         shutil.rmtree(root, ignore_errors=True)
 
 
-class _EarlyStop:
-    """A SIGTERM handler for start-up: a plain signal handler (not the loop's, whose wakeup byte is
-    dropped if the handler is removed before the loop reads it), so no signal is ever lost."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task | None):
-        self.loop, self.task, self.requested = loop, task, False
-
-    def __call__(self, sig: int, frame: object) -> None:
-        self.requested = True
-        if self.task is not None:
-            self.loop.call_soon_threadsafe(self.task.cancel)
-
-
-async def _start(frontend: Frontend, procs: list[BaseProcess]) -> bool:
-    try:
-        for proc in procs:
-            proc.start()
-        await frontend.start()
-        return True
-    except StartupError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return False
+async def _start(frontend: Frontend, stop: _StopSignal) -> int | None:
+    """None once every leader is ready; else the exit code (1: it failed, 128 + signal: stopped)."""
+    starting = asyncio.ensure_future(frontend.start())
+    signalled = asyncio.ensure_future(stop.attach().wait())
+    await asyncio.wait({starting, signalled}, return_when=asyncio.FIRST_COMPLETED)
+    signalled.cancel()
+    if not starting.done():
+        starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
+    elif isinstance(starting.exception(), StartupError):
+        print(f"error: {starting.exception()}", file=sys.stderr)
+        return 1
+    else:
+        starting.result()  # anything else is a bug: raise it
+    return stop.exit_code if stop.signum is not None else None
 
 
-async def _run_http(args: ServerArgs, frontend: Frontend, metrics: ServerMetrics) -> int:
+async def _run_http(args: ServerArgs, frontend: Frontend, metrics: ServerMetrics, listener: socket.socket,
+                    stop: _StopSignal) -> int:
     loop = asyncio.get_running_loop()
     served = args.served_model_name or Path(args.model_path).name
     try:
@@ -172,24 +171,13 @@ async def _run_http(args: ServerArgs, frontend: Frontend, metrics: ServerMetrics
         print(f"error: {exc}", file=sys.stderr)
         return 1
     app = create_app(args, frontend, metrics, served)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
-                            access_log=args.log_level.lower() == "debug", lifespan="off",
-                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+    config = uvicorn.Config(app, log_level=args.log_level.lower(), access_log=args.log_level.lower() == "debug",
+                            lifespan="off", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
     ready = f"dsaserve ready on http://{args.host}:{args.port} (model {served})"
-    server = _Server(config, ready, lambda: loop.call_soon_threadsafe(frontend.begin_shutdown))
+    server = _Server(config, ready, lambda: loop.call_soon_threadsafe(frontend.begin_shutdown), stop)
     try:
-        await server.serve()
-    except SystemExit as exc:  # uvicorn could not bind the port
-        return int(exc.code or 1)
+        await server.serve(sockets=[listener])
     finally:
         if bootstrap is not None:
             bootstrap.close()
     return 0
-
-
-async def _stop(frontend: Frontend, procs: list[BaseProcess]) -> None:
-    try:
-        await asyncio.shield(frontend.close())  # the leaders; their followers stop in the same step
-    finally:  # whatever happened, no child may outlive us (a follower stuck in a collective included)
-        for proc in procs:
-            stop_process(proc)

@@ -1,11 +1,13 @@
 """Messages between the frontend and the DP group leaders (pickled over ZMQ push/pull pairs).
 
-Frontend -> leader: one message per send. Leader -> frontend: a list of events per loop turn, so a
-decode step over many requests costs one ZMQ message.
+Frontend -> leader: one `Envelope` per wake-up epoch. Every leader gets every epoch (an empty one
+when nothing is addressed to it) so that idle DP-attention leaders wake up together; the epoch
+decides when they step again (server.worker). Leader -> frontend: a list of events per loop turn,
+so a decode step over many requests costs one ZMQ message.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from dsaserve.engine.engine import EngineStats
@@ -35,13 +37,17 @@ class AbortRequest:
 
 
 @dataclass(frozen=True)
-class StatsRequest:
-    token: int
+class Shutdown:
+    message: str = "the server is shutting down"
+
+
+Command = AddRequest | AbortRequest | Shutdown
 
 
 @dataclass(frozen=True)
-class Shutdown:
-    message: str = "the server is shutting down"
+class Envelope:
+    epoch: int  # increases by one per send round; the same on every leader
+    commands: list[Command] = field(default_factory=list)
 
 
 # -- leader -> frontend ------------------------------------------------------------------------
@@ -53,6 +59,12 @@ class Ready:
 
 @dataclass(frozen=True)
 class StartupFailed:
+    message: str
+
+
+@dataclass(frozen=True)
+class Fatal:
+    """The leader's loop failed (e.g. the ranks disagree about a failed step): it exits after this."""
     message: str
 
 
@@ -70,8 +82,14 @@ class Rejected:
 
 @dataclass(frozen=True)
 class Stats:
-    token: int
+    """Pushed by the leader when its numbers change (and now and then while it steps)."""
     stats: EngineStats
 
 
-Event = Ready | StartupFailed | Accepted | Rejected | Stats | RequestOutput
+@dataclass(frozen=True)
+class Wake:
+    """PD: a request's KV cache arrived on this leader; under DP attention every leader must step with it,
+    so the frontend sends every leader an envelope (idle leaders wake together)."""
+
+
+Event = Ready | StartupFailed | Fatal | Accepted | Rejected | Stats | Wake | RequestOutput

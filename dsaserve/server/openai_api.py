@@ -319,7 +319,7 @@ def openai_router(serving: OpenAIServing) -> APIRouter:
         serving.check_model(body.model)
         if body.echo:
             raise bad_request("echo is not supported", param="echo")
-        prompts = serving.prompt_ids(body.prompt)
+        prompts = await serving.fe.tokenize(serving.prompt_ids, body.prompt)  # off the event loop
         grammar = serving.grammar(Constraint(body.response_format, body.regex, body.ebnf))
         return await serving.respond(request, body, prompts, body.max_tokens, body.logprobs, "completion",
                                      grammar=grammar)
@@ -329,19 +329,19 @@ def openai_router(serving: OpenAIServing) -> APIRouter:
         serving.check_model(body.model)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        plan = serving.plan_chat(body)
+        plan = await serving.fe.tokenize(serving.plan_chat, body)  # off the event loop
         return await serving.respond(request, body, [plan.prompt.ids], max_tokens, logprobs, "chat", plan.parser,
                                      plan.grammar)
 
     @router.post("/tokenize")
     @router.post("/v1/tokenize")
     async def tokenize(body: p.TokenizeRequest) -> p.TokenizeResponse:
-        return serving.tokenize(body)
+        return await serving.fe.tokenize(serving.tokenize, body)
 
     @router.post("/detokenize")
     @router.post("/v1/detokenize")
     async def detokenize(body: p.DetokenizeRequest) -> p.DetokenizeResponse:
-        return serving.detokenize(body)
+        return await serving.fe.tokenize(serving.detokenize, body)
 
     return router
 

@@ -1,41 +1,58 @@
-"""Rank processes: a DP group leader's loop (an Engine driven by add / abort / stats messages from
-the frontend) and the loop of the other ranks of its group (they run the leader's plans).
+"""Rank processes: a DP group leader's loop (an Engine driven by the frontend's envelopes) and the
+loop of the other ranks of its group (they run the leader's plans).
 
-A leader steps the engine while it has work (polling ZMQ without blocking), waits briefly for
-messages when idle, and exits on Shutdown or when its parent process is gone (so a killed server
-leaves no orphans behind). With DP attention (dp > 1) the leaders step in lockstep even when idle,
-because another group's step needs every rank in its collectives.
+Nobody spins and nobody's wait has a deadline. A leader steps while any rank has work; when every
+rank agreed that nobody has, it blocks on its ZMQ socket until the next envelope. The other ranks
+of its group block in the broadcast of the leader's next plan (a gloo group without a deadline).
+With DP attention the leaders must step together: every leader gets every envelope epoch, each
+exchange tells the lowest epoch any leader has seen, and a leader that has seen a later one steps
+(the others will see it too). Every rank beats a heartbeat for the supervisor and exits when the
+server process is gone.
 """
 from __future__ import annotations
 
 import logging
 import os
 import signal
+import threading
+import time
 from typing import Any
 
 import zmq
 
-from dsaserve.engine.scheduler import QueueFull
 from dsaserve.engine.request import RequestError
+from dsaserve.engine.scheduler import QueueFull
 from dsaserve.server import messages as m
 from dsaserve.server_args import ServerArgs
 
 log = logging.getLogger(__name__)
-IDLE_POLL_MS = 50  # how long an idle leader waits for messages before checking on its parent
-LOCKSTEP_POLL_MS = 2  # idle DP leaders still step together: keep the shared step cadence short
+HEARTBEAT_S = 0.5
+STATS_INTERVAL_S = 1.0  # statistics whose only change is a progress counter go out at most this often
 
 
-def run_rank(args: ServerArgs, rank: int, endpoints: list[m.Endpoints], parent_pid: int, init_addr: str) -> None:
+def run_rank(args: ServerArgs, rank: int, endpoints: list[m.Endpoints], parent_pid: int, init_addr: str,
+             beats: Any, slot: int) -> None:
     """Process entry point (multiprocessing spawn) of one rank."""
     from dsaserve.parallel.launch import init_distributed
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
     logging.basicConfig(level=args.log_level.upper(),
                         format=f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s")
+    threading.Thread(target=_heartbeat, args=(beats, slot, parent_pid), daemon=True, name="heartbeat").start()
     par = init_distributed(args, rank, init_addr)
     if par.cfg.is_leader:
-        run_worker(args, par, endpoints[par.cfg.dp_rank], parent_pid)
+        run_worker(args, par, endpoints[par.cfg.dp_rank])
     else:
         _follow(args, par)
+
+
+def _heartbeat(beats: Any, slot: int, parent_pid: int) -> None:
+    """Tell the supervisor this process is alive; leave when the server process is gone (no orphans)."""
+    while True:
+        if os.getppid() != parent_pid:
+            log.warning("the server process is gone; exiting")
+            os._exit(1)
+        beats[slot] = time.monotonic()
+        time.sleep(HEARTBEAT_S)
 
 
 def _follow(args: ServerArgs, par: Any) -> None:
@@ -46,7 +63,7 @@ def _follow(args: ServerArgs, par: Any) -> None:
         engine.step()
 
 
-def run_worker(args: ServerArgs, par: Any, endpoints: m.Endpoints, parent_pid: int) -> None:
+def run_worker(args: ServerArgs, par: Any, endpoints: m.Endpoints) -> None:
     ctx = zmq.Context()
     pull = ctx.socket(zmq.PULL)
     pull.connect(endpoints.requests)
@@ -55,8 +72,15 @@ def run_worker(args: ServerArgs, par: Any, endpoints: m.Endpoints, parent_pid: i
     push.connect(endpoints.outputs)
     try:
         engine = _build_engine(args, par, push)
-        if engine is not None:
-            WorkerLoop(engine, pull, push, parent_pid, lockstep=args.dp > 1).run()
+        if engine is None:
+            return
+        try:
+            WorkerLoop(engine, pull, push).run()
+        except Exception as exc:  # logged, then told to the frontend (which takes the deployment down)
+            log.exception("rank %d failed", par.cfg.rank)
+            push.send_pyobj([m.Fatal(f"rank {par.cfg.rank} (DP group {par.cfg.dp_rank}) failed: "
+                                     f"{type(exc).__name__}: {exc}")])
+            raise
     finally:
         pull.close(linger=0)
         push.close()
@@ -77,31 +101,31 @@ def _build_engine(args: ServerArgs, par: Any, push: zmq.Socket) -> Any:
         "vocab_size": engine.cfg.vocab_size, "model_type": getattr(engine.cfg, "model_type", None),
         "total_pages": stats.total_pages, "page_size": args.page_size,
         "eos_token_ids": sorted(engine.eos_ids), "num_hidden_layers": engine.cfg.num_hidden_layers,
-        "disagg": engine.disagg.info() if engine.disagg is not None else None})])
+        "disagg": engine.disagg.info() if engine.disagg is not None else None}), m.Stats(stats)])
     return engine
 
 
 class WorkerLoop:
-    def __init__(self, engine: Any, pull: zmq.Socket, push: zmq.Socket, parent_pid: int, lockstep: bool = False):
-        self.engine, self.pull, self.push, self.parent_pid = engine, pull, push, parent_pid
-        self.lockstep = lockstep
+    def __init__(self, engine: Any, pull: zmq.Socket, push: zmq.Socket):
+        self.engine, self.pull, self.push = engine, pull, push
+        self.seen = 0  # epoch of the last envelope received
         self.stopping = False
+        self._stats = _StatsPush(engine.stats())
+
+    def _should_step(self) -> bool:
+        agreed = self.engine.last_sync
+        return self.engine.has_work() or agreed.any_work or self.seen > agreed.epoch
 
     def run(self) -> None:
         while not self.stopping:
-            busy = self.engine.has_work() or self.engine.last_sync.any_work
-            events = self._receive(0 if busy else (LOCKSTEP_POLL_MS if self.lockstep else IDLE_POLL_MS))
-            if os.getppid() != self.parent_pid:
-                log.warning("the server process is gone; exiting")
-                return
-            if self.stopping:  # Shutdown already ran the last, stopping step of every rank
-                self.push.send_pyobj(events)
-                return
-            if self.engine.has_work() or self.lockstep:
-                events += self.engine.step()
+            events = self._receive(block=not self._should_step())
+            events += self._transfers()
+            if not self.stopping and self._should_step():
+                events += self.engine.step(epoch=self.seen)
                 if self.engine.last_sync.any_stop:  # another leader is shutting every rank down
                     events += self._abort_all("the server is shutting down")
                     self.stopping = True
+            events += self._stats(self.engine.stats())
             if events:
                 self.push.send_pyobj(events)
 
@@ -110,39 +134,52 @@ class WorkerLoop:
             self.engine.abort(rid, message)
         return list(self.engine.take_finished())
 
-    def _receive(self, timeout_ms: int) -> list[m.Event]:
+    def _receive(self, block: bool) -> list[m.Event]:
+        """Handle every envelope that is there; if `block`, first wait for one, however long."""
         events: list[m.Event] = []
-        if not self._wait(timeout_ms):
-            return events
-        while True:
+        if block:
+            self._wait()
+        while not self.stopping:
             try:
-                msg = self.pull.recv_pyobj(zmq.NOBLOCK)
+                envelope = self.pull.recv_pyobj(zmq.NOBLOCK)
             except zmq.Again:
-                return events
-            events += self._handle(msg)
+                break
+            self.seen = envelope.epoch
+            for command in envelope.commands:
+                events += self._handle(command)
+        return events
 
-    def _wait(self, timeout_ms: int) -> bool:
-        """Wait for a frontend message; PD control messages (engine.disagg) end the wait early too."""
-        extra = self.engine.disagg.sockets() if self.engine.disagg is not None else []
-        if not extra or timeout_ms == 0:
-            return bool(self.pull.poll(timeout_ms))
+    def _wait(self) -> None:
+        """Block until an envelope comes; with PD transfers pending, also until a control message from the
+        other server or the transfers' next deadline (a write in flight: soon)."""
+        disagg = self.engine.disagg
+        if disagg is None:
+            self.pull.poll()
+            return
         poller = zmq.Poller()
-        for sock in [self.pull, *extra]:
+        for sock in [self.pull, *disagg.sockets()]:
             poller.register(sock, zmq.POLLIN)
-        return self.pull in dict(poller.poll(timeout_ms))
+        poller.poll(disagg.wait_ms())
 
-    def _handle(self, msg: Any) -> list[m.Event]:
+    def _transfers(self) -> list[m.Event]:
+        """PD transfers advance without a step. A request whose KV cache arrived must decode: under DP
+        attention every leader steps together, so the frontend is asked to wake them all first."""
+        outputs = self.engine.poll_transfers()
+        if self.engine.args.dp > 1 and any(out.new_token_ids for out in outputs):
+            self.push.send_pyobj([*outputs, m.Wake()])
+            return []
+        return outputs
+
+    def _handle(self, msg: m.Command) -> list[m.Event]:
         if isinstance(msg, m.AddRequest):
             return [self._add(msg)]
         if isinstance(msg, m.AbortRequest):
             self.engine.abort(msg.rid, msg.message)  # its final output comes from the next step
             return []
-        if isinstance(msg, m.StatsRequest):
-            return [m.Stats(msg.token, self.engine.stats())]
         if isinstance(msg, m.Shutdown):
             self.stopping = True
             events = self._abort_all(msg.message)  # the abort outputs, so no stream is left hanging
-            self.engine.step(stop=True)  # every other rank leaves its loop in this same step
+            self.engine.step(stop=True, epoch=self.seen)  # every other rank leaves its loop in this same step
             return events
         log.error("unknown message %r", type(msg).__name__)
         return []
@@ -158,3 +195,22 @@ class WorkerLoop:
             log.exception("add_request failed")
             return m.Rejected(msg.rid, f"{type(exc).__name__}: {exc}", 500)
         return m.Accepted(msg.rid)
+
+
+class _StatsPush:
+    """Engine statistics for the frontend: pushed when the requests or pages change, and at most once
+    a second when only progress counters (steps, speculative counts) moved. Reading never waits."""
+
+    def __init__(self, sent: Any):
+        self.last, self.at = sent, time.monotonic()
+
+    @staticmethod
+    def _state(stats: Any) -> tuple[int, ...]:
+        return stats.running, stats.waiting, stats.free_pages, stats.num_retractions
+
+    def __call__(self, stats: Any) -> list[m.Event]:
+        now = time.monotonic()
+        if stats == self.last or (self._state(stats) == self._state(self.last) and now - self.at < STATS_INTERVAL_S):
+            return []
+        self.last, self.at = stats, now
+        return [m.Stats(stats)]

@@ -39,7 +39,7 @@ def draft_plan(plan: StepPlan, last_rows: tuple[int, ...], step: int) -> StepPla
     chosen = [b for b, off in enumerate(last_rows) if off >= 0]
     return StepPlan(StepMode.DRAFT, tuple(plan.rids[b] for b in chosen), tuple(plan.pages[b] for b in chosen),
                     tuple(plan.prefix_lens[b] + last_rows[b] + step for b in chosen), (1,) * len(chosen),
-                    (1,) * len(chosen), ())
+                    (1,) * len(chosen), (True,) * len(chosen), (), (0,) * len(chosen))
 
 
 def mtp_rows(plan: StepPlan, last_rows: tuple[int, ...]) -> list[int]:

@@ -1,9 +1,14 @@
-"""Shared helpers for the Triton kernels: output allocation (with a poison hook for tests) and device facts."""
+"""Shared helpers for the Triton kernels: output allocation (with a poison hook for tests), device facts,
+grouped tile order and FP8 row quantization."""
 from __future__ import annotations
 
 import functools
 
 import torch
+import triton
+import triton.language as tl
+
+from dsaserve.ops.fp8 import AMAX_FLOOR, FP8_MAX
 
 # Tests set this to True so every output and intermediate starts as NaN (floats) or a sentinel (ints):
 # any element a kernel forgets to write then shows up in the comparison with the reference.
@@ -34,3 +39,33 @@ def next_pow2(n: int, minimum: int = 16) -> int:
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs use exact IEEE products (Hopper would silently use TF32); bf16/fp16 ignore it."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def tile_ids(num_m_blocks, N, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(M block, N block) of this program: GROUP_M M blocks share each N sweep, so tiles stay in L2."""
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_size = tl.minimum(num_m_blocks - first_m, GROUP_M)
+    m_blk = first_m + (pid % per_group) % group_size
+    n_blk = (pid % per_group) // group_size
+    return m_blk, n_blk
+
+
+_FLOOR = tl.constexpr(AMAX_FLOOR)
+_QMAX = tl.constexpr(FP8_MAX)
+
+
+@triton.jit
+def quantize_rows(x):
+    """x [R, G] fp32, one quantization group per row -> (e4m3 values, fp32 scales [R]), bit-identical to
+    dsaserve.ops.fp8.act_quant: two IEEE divisions per row (div_rn, as torch divides; `/` would be the
+    approximate one), then one multiply per value."""
+    amax = tl.maximum(tl.max(tl.abs(x), axis=1), _FLOOR)
+    qmax = tl.full(amax.shape, _QMAX, tl.float32)
+    scale = tl.math.div_rn(amax, qmax)
+    inv = tl.math.div_rn(qmax, amax)
+    q = tl.minimum(tl.maximum(x * inv[:, None], -_QMAX), _QMAX)
+    return q.to(tl.float8e4nv), scale

@@ -6,6 +6,9 @@ every row in the program at once (M = keys, N = rows x heads), then relu, head w
 applied in registers, so no [T, H, L] intermediate ever reaches memory. Rows are grouped by request
 (row_req non-decreasing), so in prefill a block of rows shares its keys; a block that straddles requests
 runs one pass per request, storing only that request's rows. Decode uses BLOCK_T = 1.
+FP8 index keys (uint8 rows: 128 e4m3 values + one fp32 scale, cache/kv_format.py) are converted to the
+query's dtype after the gather (exact) and the key's scale multiplies its logit after the head sum: the
+scale is positive, so relu(s * q.k) = s * relu(q.k).
 
 topk_slots: torch.topk (unsorted) picks the positions; one small kernel maps them to cache slots. Rows that
 see <= topk keys skip the top-k result and take their first kv_len positions, so the valid slots come first
@@ -17,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dsaserve.cache.kv_format import fp8_views
 from dsaserve.ops.triton._common import dot_precision, new_empty, next_pow2, sm_count
 
 Tensor = torch.Tensor
@@ -26,11 +30,12 @@ CONFIG: dict[str, int] | None = None
 
 
 @triton.jit
-def _indexer_kernel(Q, W, KC, PT, REQ, LEN, OUT,
-                    stride_qt, stride_qh, stride_wt, stride_kc, stride_pt, stride_len, stride_ot,
+def _indexer_kernel(Q, W, KC, KS, PT, REQ, LEN, OUT,
+                    stride_qt, stride_qh, stride_wt, stride_kc, stride_ks, stride_pt, stride_len, stride_ot,
                     T, HI, DI, num_keys, page_size, iters,
                     BLOCK_T: tl.constexpr, HP: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                    PRECISION: tl.constexpr):
+                    PRECISION: tl.constexpr, FP8: tl.constexpr):
+    dtype = Q.dtype.element_ty if FP8 else KC.dtype.element_ty
     t0 = tl.program_id(0) * BLOCK_T
     chunk = tl.program_id(1)
     # Queries as the N operand [BLOCK_D, BLOCK_T * HP], column j = (row j // HP, head j % HP).
@@ -41,7 +46,7 @@ def _indexer_kernel(Q, W, KC, PT, REQ, LEN, OUT,
     d = tl.arange(0, BLOCK_D)
     d_mask = d < DI
     q_t = tl.load(Q + j_row.to(tl.int64)[None, :] * stride_qt + j_head[None, :] * stride_qh + d[:, None],
-                  mask=j_mask[None, :] & d_mask[:, None], other=0.0).to(KC.dtype.element_ty)
+                  mask=j_mask[None, :] & d_mask[:, None], other=0.0).to(dtype)
     w = tl.load(W + j_row.to(tl.int64) * stride_wt + j_head, mask=j_mask, other=0.0)  # 0 for padded heads
 
     rows = t0 + tl.arange(0, BLOCK_T)
@@ -72,12 +77,16 @@ def _indexer_kernel(Q, W, KC, PT, REQ, LEN, OUT,
                 slot = page.to(tl.int64) * page_size + pos % page_size
                 k = tl.load(KC + slot[:, None] * stride_kc + d[None, :], mask=k_mask[:, None] & d_mask[None, :],
                             other=0.0)
+                if FP8:
+                    k = k.to(dtype)
                 s = tl.dot(k, q_t, input_precision=PRECISION)  # [BLOCK_N, BLOCK_T * HP]
                 s = tl.maximum(s, 0.0) * w[None, :]
                 if BLOCK_T == 1:
                     logit = tl.sum(s, 1)[:, None]
                 else:
                     logit = tl.sum(tl.reshape(s, [BLOCK_N, BLOCK_T, HP]), 2)
+                if FP8:
+                    logit = logit * tl.load(KS + slot * stride_ks, mask=k_mask, other=0.0)[:, None]
                 logit = tl.where(pos[:, None] < lens[None, :], logit, float("-inf"))
                 tl.store(out_rows + pos[:, None], logit, mask=sel[None, :] & (pos[:, None] < num_keys))
             # Key blocks past every selected row's kv_len: only -inf to write, no keys to read.
@@ -119,7 +128,7 @@ def _config(T: int, num_keys: int, hp: int, sms: int) -> dict[str, int]:
 
 def indexer_logits(q: Tensor, weights: Tensor, k_cache: Tensor, page_table: Tensor, row_req: Tensor,
                    row_kv_len: Tensor, page_size: int, num_keys: int) -> Tensor:
-    """See reference.indexer_logits."""
+    """See reference.indexer_logits (k_cache: [S, Di] rows, or uint8 FP8 rows with Di <= 128: one scale)."""
     T, HI, DI = q.shape
     logits = new_empty((T, num_keys), torch.float32, q.device)
     if T == 0 or num_keys == 0:
@@ -129,7 +138,14 @@ def indexer_logits(q: Tensor, weights: Tensor, k_cache: Tensor, page_table: Tens
     weights = weights.float()
     if weights.stride(1) != 1:
         weights = weights.contiguous()
-    k_cache = k_cache.contiguous()
+    fp8 = k_cache.dtype == torch.uint8
+    if fp8:
+        if DI > 128 or q.dtype not in (torch.bfloat16, torch.float32):
+            raise ValueError(f"indexer_logits over FP8 keys needs head_dim <= 128 (one scale per key) and bf16 "
+                             f"or fp32 queries, got head_dim {DI}, {q.dtype}")
+        keys, scales, _ = fp8_views(k_cache, DI)  # typed views of the same rows: no copy
+    else:
+        keys = scales = k_cache.contiguous()
     page_table = page_table.to(torch.int32)
     row_req = row_req.to(torch.int32).contiguous()
     row_kv_len = row_kv_len.to(torch.int32).reshape(T, -1)
@@ -141,11 +157,12 @@ def indexer_logits(q: Tensor, weights: Tensor, k_cache: Tensor, page_table: Tens
         block_t = triton.cdiv(16, hp)
     grid = (triton.cdiv(T, block_t), triton.cdiv(num_keys, cfg["block_n"] * cfg["iters"]))
     _indexer_kernel[grid](
-        q, weights, k_cache, page_table, row_req, row_kv_len, logits,
-        q.stride(0), q.stride(1), weights.stride(0), k_cache.stride(0), page_table.stride(0),
+        q, weights, keys, scales, page_table, row_req, row_kv_len, logits,
+        q.stride(0), q.stride(1), weights.stride(0), keys.stride(0), scales.stride(0), page_table.stride(0),
         row_kv_len.stride(0), logits.stride(0),
         T, HI, DI, num_keys, page_size, cfg["iters"],
-        BLOCK_T=block_t, HP=hp, BLOCK_D=block_d, BLOCK_N=cfg["block_n"], PRECISION=dot_precision(k_cache.dtype),
+        BLOCK_T=block_t, HP=hp, BLOCK_D=block_d, BLOCK_N=cfg["block_n"],
+        PRECISION=dot_precision(q.dtype if fp8 else keys.dtype), FP8=fp8,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return logits
 
@@ -173,9 +190,11 @@ def flops(T: int, HI: int, DI: int, L: int) -> float:
     return 2.0 * T * HI * DI * L
 
 
-def min_bytes(T: int, HI: int, DI: int, L: int, distinct_requests: int, elem: int = 2) -> float:
-    """Keys once per request, queries and weights, the logits written once."""
-    return float(distinct_requests * L * DI * elem + T * HI * (DI * elem + 4) + T * L * 4)
+def min_bytes(T: int, HI: int, DI: int, L: int, distinct_requests: int, elem: int = 2,
+              key_bytes: int | None = None) -> float:
+    """Keys once per request (key_bytes each: DI * elem unless FP8), queries and weights, the logits written once."""
+    key = DI * elem if key_bytes is None else key_bytes
+    return float(distinct_requests * L * key + T * HI * (DI * elem + 4) + T * L * 4)
 
 
 __all__ = ["CONFIG", "flops", "indexer_logits", "min_bytes", "topk_slots"]

@@ -6,6 +6,10 @@ for both QK^T and PV). The D = v_dim + rope dims are split into a latent part (p
 rope part (padded to BLOCK_R) so that 576 = 512 + 64 costs no padding. Online softmax runs over blocks of
 BLOCK_N selected indices, in the exp2 domain, with fp32 accumulators.
 
+FP8 caches (uint8 rows, cache/kv_format.py) are read in place: the gathered e4m3 latent block is converted to
+the query's dtype and multiplied by its per-128 power-of-two scales (exact), the rope part is bf16; the dots
+then run as for a bf16 cache (FlashMLA's scheme).
+
 When rows x head-blocks cannot fill the GPU (decode), the selected indices are split across programs
 (flash-decoding) and a second kernel merges the normalized partial outputs by their log-sum-exp.
 """
@@ -15,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dsaserve.cache.kv_format import fp8_views
 from dsaserve.ops.triton._common import dot_precision, new_empty, next_pow2, sm_count
 
 Tensor = torch.Tensor
@@ -25,12 +30,13 @@ CONFIG: dict[str, int] | None = None
 
 
 @triton.jit
-def _sparse_mla_kernel(Q, KV, IDX, O, LSE,
-                       stride_qt, stride_qh, stride_kv, stride_it,
+def _sparse_mla_kernel(Q, KV, KR, KS, IDX, O, LSE,
+                       stride_qt, stride_qh, stride_kv, stride_kr, stride_ks, stride_it,
                        stride_ot, stride_oh, stride_os, stride_lt, stride_lh, stride_ls,
                        H, K, V_DIM, R_DIM, keys_per_split, scale_log2,
                        BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                       BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
+                       BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, FP8: tl.constexpr,
+                       SCALE_BLOCKS: tl.constexpr):
     pid_h = tl.program_id(0)
     t = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
@@ -40,7 +46,7 @@ def _sparse_mla_kernel(Q, KV, IDX, O, LSE,
     hmask = heads < H
     vmask = dv < V_DIM
     rmask = dr < R_DIM
-    dtype = KV.dtype.element_ty
+    dtype = Q.dtype.element_ty if FP8 else KV.dtype.element_ty
 
     q_ptr = Q + t * stride_qt + heads[:, None] * stride_qh
     q_lat = tl.load(q_ptr + dv[None, :], mask=hmask[:, None] & vmask[None, :], other=0.0).to(dtype)
@@ -55,10 +61,17 @@ def _sparse_mla_kernel(Q, KV, IDX, O, LSE,
         offs = n0 + tl.arange(0, BLOCK_N)
         slot = tl.load(IDX + t * stride_it + offs, mask=offs < end, other=-1)
         valid = slot >= 0
-        row = KV + slot.to(tl.int64)[:, None] * stride_kv
+        slot64 = slot.to(tl.int64)[:, None]
         # Masked-off (-1) slots issue no memory traffic; their scores become -inf below.
-        kv = tl.load(row + dv[None, :], mask=valid[:, None] & vmask[None, :], other=0.0)
-        kr = tl.load(row + V_DIM + dr[None, :], mask=valid[:, None] & rmask[None, :], other=0.0)
+        kv = tl.load(KV + slot64 * stride_kv + dv[None, :], mask=valid[:, None] & vmask[None, :], other=0.0)
+        kr = tl.load(KR + slot64 * stride_kr + dr[None, :], mask=valid[:, None] & rmask[None, :], other=0.0)
+        if FP8:  # dequantize after the gather: e4m3 x power-of-two scale is exact in bf16
+            sb = tl.arange(0, SCALE_BLOCKS)
+            sc = tl.load(KS + slot64 * stride_ks + sb[None, :], mask=valid[:, None] & (sb[None, :] * 128 < V_DIM),
+                         other=0.0).to(dtype)
+            kv = tl.reshape(kv.to(dtype), [BLOCK_N, SCALE_BLOCKS, BLOCK_V // SCALE_BLOCKS]) * sc[:, :, None]
+            kv = tl.reshape(kv, [BLOCK_N, BLOCK_V])
+            kr = kr.to(dtype)
         s = tl.dot(q_lat, tl.trans(kv), input_precision=PRECISION)
         s = tl.dot(q_rope, tl.trans(kr), s, input_precision=PRECISION)
         s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
@@ -125,7 +138,7 @@ def _config(T: int, H: int, K: int, block_v: int, sms: int) -> dict[str, int]:
 
 def sparse_mla(q: Tensor, kv_cache: Tensor, indices: Tensor, sm_scale: float, v_dim: int,
                max_rows: int = 256) -> tuple[Tensor, Tensor]:
-    """See reference.sparse_mla. `max_rows` (the reference's chunking) is accepted and ignored."""
+    """See reference.sparse_mla (kv_cache: [S, D] rows or uint8 FP8 rows). `max_rows` is accepted and ignored."""
     T, H, D = q.shape
     K = indices.shape[1]
     rope_dim = D - v_dim
@@ -135,7 +148,14 @@ def sparse_mla(q: Tensor, kv_cache: Tensor, indices: Tensor, sm_scale: float, v_
         return out, lse
     if q.stride(2) != 1:
         q = q.contiguous()
-    kv_cache = kv_cache.contiguous()
+    fp8 = kv_cache.dtype == torch.uint8
+    if fp8:
+        if q.dtype not in (torch.bfloat16, torch.float32):
+            raise ValueError(f"sparse_mla over an FP8 cache needs bf16 or fp32 queries, got {q.dtype}")
+        kv, scales, kr = fp8_views(kv_cache, v_dim)  # typed views of the same rows: no copy
+    else:
+        kv = scales = kv_cache.contiguous()
+        kr = kv[:, v_dim:]
     indices = indices.to(torch.int32).contiguous()
     block_v = next_pow2(v_dim)
     block_r = next_pow2(rope_dim)
@@ -153,12 +173,12 @@ def sparse_mla(q: Tensor, kv_cache: Tensor, indices: Tensor, sm_scale: float, v_
         l_buf = new_empty((T, H, splits), torch.float32, q.device)
         o_split, l_split = o_buf.stride(2), l_buf.stride(2)
     _sparse_mla_kernel[grid](
-        q, kv_cache, indices, o_buf, l_buf,
-        q.stride(0), q.stride(1), kv_cache.stride(0), indices.stride(0),
+        q, kv, kr, scales, indices, o_buf, l_buf,
+        q.stride(0), q.stride(1), kv.stride(0), kr.stride(0), scales.stride(0), indices.stride(0),
         o_buf.stride(0), o_buf.stride(1), o_split, l_buf.stride(0), l_buf.stride(1), l_split,
         H, K, v_dim, rope_dim, keys_per_split, scale_log2,
         BLOCK_H=cfg["block_h"], BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_R=block_r,
-        PRECISION=dot_precision(kv_cache.dtype),
+        PRECISION=dot_precision(q.dtype if fp8 else kv.dtype), FP8=fp8, SCALE_BLOCKS=max(1, block_v // 128),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if splits > 1:
         _combine_kernel[(H, T)](
@@ -174,9 +194,11 @@ def flops(T: int, H: int, K: int, D: int, v_dim: int) -> float:
     return 2.0 * T * H * K * (D + v_dim)
 
 
-def min_bytes(T: int, H: int, K: int, D: int, v_dim: int, elem: int = 2) -> float:
-    """Fewest bytes: the selected rows once per query row, q, indices and outputs."""
-    return float(T * K * D * elem + T * H * D * elem + T * K * 4 + T * H * (v_dim * elem + 4))
+def min_bytes(T: int, H: int, K: int, D: int, v_dim: int, elem: int = 2, row_bytes: int | None = None) -> float:
+    """Fewest bytes: the selected rows once per query row (row_bytes each: D * elem unless FP8), q, indices and
+    outputs."""
+    row = D * elem if row_bytes is None else row_bytes
+    return float(T * K * row + T * H * D * elem + T * K * 4 + T * H * (v_dim * elem + 4))
 
 
 __all__ = ["CONFIG", "flops", "min_bytes", "sparse_mla"]

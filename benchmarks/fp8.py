@@ -1,0 +1,191 @@
+"""Block-scaled FP8 GEMM and FP8 fused MoE on DeepSeek-V3.2 shapes, against the device's measured ceilings.
+
+    python benchmarks/fp8.py [--out fp8.json] [--tune] [--experts 256]
+
+Ceilings, measured in the same run: copy bandwidth (2 GiB device-to-device copy, bytes read + written)
+and the FP8 matmul rate of torch._scaled_mm (cuBLAS, per-tensor scales, 8192^3, bf16 out, the faster of
+fast and promoted accumulation); per prefill shape _scaled_mm is also timed on the same M, N, K ('vs mm'). Every kernel result is first checked against the
+plain-PyTorch reference (dsaserve.ops.fp8 / ops.reference); a failed check stops the run. Times are medians
+of CUDA-graph replays with L2 flushed before each (triton.testing.do_bench); 'eager ms' includes launches.
+Decode rows are bound by weight bytes (fraction of copy bandwidth, target >= 70%), prefill and 4096-token
+MoE rows by FLOPs (fraction of the _scaled_mm rate, target >= 60%). The table is printed last.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kernels import bench, measure_peaks, rel  # noqa: E402  (benchmarks/kernels.py)
+
+from dsaserve.ops import fp8 as ref  # noqa: E402
+from dsaserve.ops import reference  # noqa: E402
+from dsaserve.ops.triton import fp8_gemm, moe  # noqa: E402
+
+DEV = "cuda"
+BLOCK = (128, 128)
+# DeepSeek-V3.2 projections (N out, K in); TP-8 slices of the split ones (q_a and kv_a are replicated).
+SHAPES = {"q_a": (1536, 7168), "q_b": (24576, 1536), "kv_a": (576, 7168), "o_proj": (7168, 16384),
+          "gate/up": (18432, 7168), "down": (7168, 18432),
+          "q_b/8": (3072, 1536), "o_proj/8": (7168, 2048), "gate/up/8": (2304, 7168), "down/8": (7168, 2304)}
+DECODE_M = (1, 4, 16, 32, 64)
+PREFILL_M = (4096, 8192)
+ROWS: list[dict] = []
+
+
+def measure_ceilings() -> dict[str, float]:
+    peaks = measure_peaks()  # copy bandwidth and the bf16 matmul rate
+    n = 8192
+    a = torch.randn(n, n, device=DEV).to(ref.FP8)
+    b = torch.randn(n, n, device=DEV).to(ref.FP8)
+    one = torch.ones((), device=DEV)
+    for fast in (False, True):  # cuBLAS's FP8 accumulation: promoted (like our kernels) or fast
+        ms = bench(lambda: torch._scaled_mm(a, b.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16,
+                                            use_fast_accum=fast))
+        peaks[f"fp8_mm_{'fast' if fast else 'precise'}_TFLOPs"] = 2 * n ** 3 / ms / 1e9
+    peaks["fp8_mm_TFLOPs"] = max(peaks["fp8_mm_fast_TFLOPs"], peaks["fp8_mm_precise_TFLOPs"])  # the ceiling
+    return peaks
+
+
+def scaled_mm_ms(M: int, N: int, K: int) -> float:
+    a = torch.randn(M, K, device=DEV).to(ref.FP8)
+    b = torch.randn(N, K, device=DEV).to(ref.FP8)
+    one = torch.ones((), device=DEV)
+    return bench(lambda: torch._scaled_mm(a, b.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16,
+                                          use_fast_accum=True), graph=True)
+
+
+def record(kind: str, name: str, M: int, ms: float, eager: float, flop: float, nbytes: float, bound: str,
+           peaks: dict, err: float, note: str = "", mm_ms: float | None = None) -> None:
+    tflops, gbps = flop / ms / 1e9, nbytes / ms / 1e6
+    frac = gbps / peaks["copy_GBps"] if bound == "mem" else tflops / peaks["fp8_mm_TFLOPs"]
+    row = dict(kind=kind, shape=name, M=M, ms=ms, eager_ms=eager, TFLOPs=tflops, GBps=gbps, bound=bound,
+               frac=frac, rel_err=err, note=note, scaled_mm_same_shape_ms=mm_ms)
+    ROWS.append(row)
+    print(f"  {kind} {name} M={M}: {ms * 1e3:.1f} us, {frac:.0%} of the {bound} ceiling {note}", flush=True)
+
+
+def check(what: str, got: torch.Tensor, want: torch.Tensor, tol: float) -> float:
+    assert not torch.isnan(got).any(), f"{what}: NaN in the output"
+    err = rel(got, want)
+    assert err < tol, f"{what}: relative error {err:.2e} >= {tol} against the reference"
+    return err
+
+
+def bench_gemm(peaks: dict, shapes: dict[str, tuple[int, int]], rows: tuple[int, ...],
+               configs: list[dict | None]) -> None:
+    for name, (N, K) in shapes.items():
+        w = ref.BlockFP8(*ref.quantize_weight(torch.randn(N, K, device=DEV) * K ** -0.5, BLOCK), BLOCK)
+        wbytes = fp8_gemm.weight_bytes(N, K, BLOCK)
+        for M in rows:
+            x = torch.randn(M, K, device=DEV).to(torch.bfloat16)
+            want = ref.linear(x, w)
+            mm = scaled_mm_ms(M, N, K) if M >= 4096 and configs == [None] else None
+            for cfg in configs:
+                try:
+                    err = check(f"fp8_linear {name} M={M} {cfg}", fp8_gemm.fp8_linear(x, w, config=cfg), want, 5e-3)
+                    fn = lambda: fp8_gemm.fp8_linear(x, w, config=cfg)  # noqa: E731
+                    ms, eager = bench(fn, graph=True), bench(fn)
+                except AssertionError:
+                    raise
+                except Exception as exc:  # a tile config that does not fit (tuning): report, go on
+                    print(f"  {name} M={M} {cfg} failed: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
+                    continue
+                chosen = {**fp8_gemm.default_config(M, N, K, BLOCK[1], torch.cuda.get_device_properties(0)
+                                                    .multi_processor_count), **(cfg or {})}
+                note = ",".join(f"{k}={v}" for k, v in chosen.items())
+                record("gemm", f"{name} {K}->{N}", M, ms, eager, 2.0 * M * N * K, wbytes + 2 * M * (N + K),
+                       "mem" if M <= 64 else "flop", peaks, err, note, mm)
+            del want
+
+
+def bench_moe(peaks: dict, experts: int, tokens: tuple[int, ...], configs: list[dict | None],
+              hidden: int = 7168, inter: int = 2048, k: int = 8) -> None:
+    gen = torch.Generator(DEV).manual_seed(0)
+    w13 = ref.BlockFP8(torch.empty(experts, 2 * inter, hidden, dtype=ref.FP8, device=DEV),
+                       torch.rand(experts, 2 * inter // 128, hidden // 128, device=DEV, generator=gen) * 2e-3, BLOCK)
+    w2 = ref.BlockFP8(torch.empty(experts, hidden, inter, dtype=ref.FP8, device=DEV),
+                      torch.rand(experts, hidden // 128, inter // 128, device=DEV, generator=gen) * 2e-3, BLOCK)
+    for e in range(0, experts, 16):  # random e4m3 values, 16 experts at a time (bounded temporaries)
+        w13.weight[e:e + 16] = torch.randn(w13.weight[e:e + 16].shape, device=DEV, generator=gen).to(ref.FP8)
+        w2.weight[e:e + 16] = torch.randn(w2.weight[e:e + 16].shape, device=DEV, generator=gen).to(ref.FP8)
+    for n in tokens:
+        x = torch.randn(n, hidden, device=DEV, generator=gen).to(torch.bfloat16)
+        ids = torch.rand(n, experts, device=DEV, generator=gen).topk(k, dim=-1).indices.to(torch.int32)
+        tw = torch.rand(n, k, device=DEV, generator=gen)
+        want = reference.moe_experts(x, w13, w2, ids.long(), tw, n)
+        wbytes = moe.weight_bytes(ids, n, hidden, inter, elem=1 + 4 / 128 ** 2)
+        for cfg in configs:
+            moe.CONFIG = cfg
+            try:
+                err = check(f"moe fp8 N={n} {cfg}", moe.moe_experts(x, w13, w2, ids, tw, n), want, 1e-2)
+                fn = lambda: moe.moe_experts(x, w13, w2, ids, tw, n)  # noqa: E731
+                ms, eager = bench(fn, graph=True), bench(fn)
+            except AssertionError:
+                raise
+            except Exception as exc:
+                print(f"  moe N={n} {cfg} failed: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
+                continue
+            finally:
+                moe.CONFIG = None
+            record("moe", f"E={experts} top{k} {hidden}x{inter}", n, ms, eager, moe.flops(n, k, hidden, inter),
+                   wbytes + 2 * n * hidden * 2, "flop" if n >= 1024 else "mem", peaks, err, str(cfg or ""))
+        del want
+
+
+def print_table(peaks: dict) -> None:
+    print(f"\n{torch.cuda.get_device_name()}: copy {peaks['copy_GBps']:.0f} GB/s, torch._scaled_mm FP8 "
+          f"{peaks['fp8_mm_TFLOPs']:.0f} TFLOP/s (fast accumulation {peaks['fp8_mm_fast_TFLOPs']:.0f}, precise "
+          f"{peaks['fp8_mm_precise_TFLOPs']:.0f}; bf16 matmul {peaks['bf16_mm_TFLOPs']:.0f})")
+    print(f"{'kind':4s} {'shape':22s} {'M':>5s} {'us':>9s} {'eager us':>9s} {'TFLOP/s':>8s} {'GB/s':>7s} "
+          f"{'ceiling':>7s} {'frac':>5s} {'target':>6s} {'vs mm':>6s} {'rel err':>8s}  config")
+    for r in ROWS:
+        target = 0.7 if r["bound"] == "mem" else 0.6
+        vs_mm = f"{r['scaled_mm_same_shape_ms'] / r['ms']:6.0%}" if r["scaled_mm_same_shape_ms"] else "     -"
+        mark = "ok" if r["frac"] >= target else "below"
+        print(f"{r['kind']:4s} {r['shape']:22s} {r['M']:5d} {r['ms'] * 1e3:9.1f} {r['eager_ms'] * 1e3:9.1f} "
+              f"{r['TFLOPs']:8.1f} {r['GBps']:7.0f} {('copy' if r['bound'] == 'mem' else 'fp8 mm'):>7s} "
+              f"{r['frac']:5.0%} {mark:>6s} {vs_mm} {r['rel_err']:8.1e}  {r['note']}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=None, help="write the rows and ceilings as JSON")
+    ap.add_argument("--experts", type=int, default=256, help="routed experts in the MoE runs (memory: 44 MB each)")
+    ap.add_argument("--tune", action="store_true", help="also sweep tile configs on the TP-8 decode and prefill shapes")
+    ap.add_argument("--only", default="gemm,moe")
+    a = ap.parse_args()
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    peaks = measure_ceilings()
+    print(f"ceilings: copy {peaks['copy_GBps']:.0f} GB/s, _scaled_mm {peaks['fp8_mm_TFLOPs']:.0f} TFLOP/s", flush=True)
+    if "gemm" in a.only:
+        bench_gemm(peaks, SHAPES, DECODE_M + PREFILL_M, [None])
+    if "moe" in a.only:
+        bench_moe(peaks, a.experts, (1, 8, 32, 4096), [None])
+    if a.tune:
+        tp8 = {k: v for k, v in SHAPES.items() if k.endswith("/8") or k in ("q_a", "kv_a")}
+        bench_gemm(peaks, tp8, (1, 32), [dict(block_n=32), dict(block_n=128), dict(num_stages=6),
+                                         dict(num_stages=3, num_warps=8), dict(a_quant=0)])
+        bench_gemm(peaks, {"gate/up": SHAPES["gate/up"], "o_proj": SHAPES["o_proj"]}, (8192,),
+                   [dict(block_n=256), dict(num_stages=4), dict(block_m=64, num_warps=4, num_stages=4),
+                    dict(block_n=256, num_stages=4, group_m=16)])
+        if "moe" in a.only:
+            bench_moe(peaks, a.experts, (1, 32, 4096), [dict(num_stages=4), dict(down_block_n=128),
+                                                        dict(block_m=128, num_warps=8), dict(block_m=32, num_warps=4),
+                                                        dict(group_m=16)])
+    print_table(peaks)
+    print(f"({time.perf_counter() - start:.0f} s)")
+    if a.out:
+        Path(a.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                           "triton": triton.__version__, "ceilings": peaks, "rows": ROWS}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""`dsaserve bench one-batch`: one static batch through the offline engine, no server (as SGLang's
+bench_one_batch): prefill latency and throughput, decode step latency and throughput, and on CUDA the
+decode step as a fraction of the HBM roofline for the bytes it must read, against the copy bandwidth
+measured in the same run. The engine runs with its defaults (CUDA graphs, mixed chunks) unless the
+ServerArgs flags say otherwise. Prints a table and writes JSON (`--output-json`)."""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from dsaserve.engine.engine import Engine
+from dsaserve.engine.request import SamplingParams
+from dsaserve.server_args import ServerArgs
+
+
+@dataclass(frozen=True)
+class Row:
+    batch: int
+    input_len: int
+    output_len: int
+    prefill_s: float
+    prefill_tok_s: float
+    decode_step_ms: float
+    decode_tok_s: float
+    step_bytes: float  # the fewest bytes a decode step reads (weights it touches + KV it attends)
+    roofline: float | None  # step_bytes / step time / copy bandwidth (CUDA only)
+
+
+def add_cli_args(p: argparse.ArgumentParser) -> None:
+    ServerArgs.add_cli_args(p, skip=("host", "port", "api_key"))
+    p.add_argument("--batch-size", type=int, nargs="+", default=[1, 16, 64])
+    p.add_argument("--input-len", type=int, nargs="+", default=[1024])
+    p.add_argument("--output-len", type=int, default=32)
+    p.add_argument("--output-json", default=None)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Bytes per second of a device-to-device copy, counting bytes read and written (median of 10)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(13):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * nbytes / statistics.median(times[3:])
+
+
+def decode_step_bytes(engine: Engine, batch: int, context: int) -> float:
+    """Weights a decode step of `batch` rows reads (every dense weight, the routed experts the rows are
+    expected to hit, not the embedding table) plus the cache it attends: each row reads every index
+    key of its context and its top-k latent rows, in every layer with caches."""
+    cfg, model = engine.cfg, engine.runner.model
+    expected_experts = cfg.n_routed_experts * (1 - (1 - cfg.num_experts_per_tok / cfg.n_routed_experts) ** batch)
+    total = 0.0
+    for name, p in model.named_parameters():
+        nbytes = p.numel() * p.element_size()
+        if name.endswith("embed_tokens.weight"):
+            continue
+        total += nbytes * expected_experts / cfg.n_routed_experts if ".experts." in name else nbytes
+    pools = engine.runner.pools
+    latent_row = pools.latent(0).shape[-1] * pools.latent(0).element_size()
+    index_layers = [i for i in range(engine.runner.cache_layers) if pools.has_index_keys(i)]
+    index_row = pools.index_keys(index_layers[0]).shape[-1] * pools.index_keys(index_layers[0]).element_size()
+    kv = engine.runner.cache_layers * min(context, cfg.index_topk) * latent_row + len(index_layers) * context * index_row
+    return total + batch * kv
+
+
+def run_one(engine: Engine, batch: int, input_len: int, output_len: int, bandwidth: float | None) -> Row:
+    sync = torch.cuda.synchronize if engine.runner.device.type == "cuda" else (lambda: None)
+    gen = torch.Generator().manual_seed(batch * 7919 + input_len)
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    for i in range(batch):
+        prompt = torch.randint(10, engine.cfg.vocab_size, (input_len,), generator=gen).tolist()
+        engine.add_request(f"b{batch}-{input_len}-{i}-{time.monotonic_ns()}", prompt, params)
+    sync()
+    start = time.perf_counter()
+    produced = 0
+    while produced < batch:  # prefill: every request has its first token
+        produced += sum(len(o.new_token_ids) for o in engine.step())
+    sync()
+    prefill_s = time.perf_counter() - start
+    steps = []
+    while engine.has_work():
+        t = time.perf_counter()
+        engine.step()
+        sync()
+        steps.append(time.perf_counter() - t)
+    step = statistics.median(steps) if steps else float("nan")
+    nbytes = decode_step_bytes(engine, batch, input_len + output_len // 2)
+    return Row(batch, input_len, output_len, prefill_s, batch * input_len / prefill_s, 1e3 * step, batch / step,
+               nbytes, nbytes / step / bandwidth if bandwidth else None)
+
+
+def run(ns: argparse.Namespace) -> int:
+    args = ServerArgs.from_cli(ns)
+    longest = max(ns.input_len) + ns.output_len
+    args = args.replace(max_running_requests=max(max(ns.batch_size), args.max_running_requests),
+                        chunked_prefill_size=max(args.chunked_prefill_size, max(ns.batch_size) * max(ns.input_len)),
+                        max_total_tokens=args.max_total_tokens or max(ns.batch_size) * (longest + 64) + 4096)
+    t = time.perf_counter()
+    engine = Engine(args, progress=True)
+    print(f"engine ready in {time.perf_counter() - t:.1f}s")
+    device = engine.runner.device
+    bandwidth = copy_bandwidth(device) if device.type == "cuda" else None
+    rows = []
+    for input_len in ns.input_len:
+        for batch in ns.batch_size:
+            run_one(engine, batch, input_len, 4, bandwidth)  # every shape once before it is timed
+            rows.append(run_one(engine, batch, input_len, ns.output_len, bandwidth))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"\n{name}, {engine.model_path}, {engine.runner.dtype}, graphs up to batch "
+          f"{engine.runner.graphs.max_bs if engine.runner.graphs else 0}"
+          + (f", copy {bandwidth / 1e12:.2f} TB/s" if bandwidth else ""))
+    print(f"{'batch':>5} {'in':>6} {'out':>5} {'prefill s':>10} {'prefill tok/s':>14} {'decode ms':>10} "
+          f"{'decode tok/s':>13} {'step MB':>8} {'roofline':>9}")
+    for r in rows:
+        roof = f"{100 * r.roofline:.1f}%" if r.roofline is not None else "-"
+        print(f"{r.batch:>5} {r.input_len:>6} {r.output_len:>5} {r.prefill_s:>10.3f} {r.prefill_tok_s:>14.0f} "
+              f"{r.decode_step_ms:>10.2f} {r.decode_tok_s:>13.0f} {r.step_bytes / 1e6:>8.1f} {roof:>9}")
+    if ns.output_json:
+        Path(ns.output_json).write_text(json.dumps({"device": name, "model": engine.model_path,
+                                                    "copy_bytes_per_s": bandwidth,
+                                                    "rows": [asdict(r) for r in rows]}, indent=1))
+    return 0

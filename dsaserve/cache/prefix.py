@@ -1,0 +1,120 @@
+"""PrefixCache: a radix tree of full pages of tokens, so requests that repeat a prefix reuse its cache.
+
+Each node is one full page: its page_size tokens and the page that holds their latents and index keys
+(every layer, the MTP layer's too). The tree holds one reference on each page it caches
+(PageAllocator refcounts); a request that reuses a prefix takes another, and never writes into it
+(it computes from the first position after the shared pages). Pages only the tree holds are evicted
+least recently used first, leaves before their parents, when the pool runs short.
+
+With MTP speculation the MTP layer's entry at position p depends on the token at p + 1, which may
+differ between two requests that share the page holding p: a match then gives back one page less,
+so the last shared position always has the same next token (the first token of the next matched
+page). One DP group has one cache (its own scheduler and pool).
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+from dataclasses import dataclass, field
+
+from dsaserve.cache.pages import PageAllocator
+
+
+@dataclass(eq=False)
+class _Node:
+    tokens: tuple[int, ...]
+    page: int
+    parent: _Node | None
+    children: dict[tuple[int, ...], _Node] = field(default_factory=dict)
+    last_used: int = 0
+
+
+@dataclass
+class PrefixStats:
+    queried_tokens: int = 0  # prompt tokens of admitted requests
+    hit_tokens: int = 0  # of those, served from the cache
+    evicted_pages: int = 0
+
+
+class PrefixCache:
+    def __init__(self, allocator: PageAllocator, page_size: int, drop_last_page: bool = False):
+        self.allocator, self.page_size, self.drop_last_page = allocator, page_size, drop_last_page
+        self.root = _Node((), 0, None)
+        self.stats = PrefixStats()
+        self._clock = itertools.count(1)
+        self.num_pages = 0
+
+    def _chunks(self, tokens: list[int], pages: int) -> list[tuple[int, ...]]:
+        ps = self.page_size
+        return [tuple(tokens[i * ps:(i + 1) * ps]) for i in range(pages)]
+
+    def match(self, tokens: list[int], limit: int) -> list[int]:
+        """Pages of the longest cached prefix of `tokens` covering at most `limit` tokens, each with a new
+        reference for the caller (it must free them); [] on a miss."""
+        node, path, now = self.root, [], next(self._clock)
+        for chunk in self._chunks(tokens, limit // self.page_size):
+            node = node.children.get(chunk)
+            if node is None:
+                break
+            node.last_used = now
+            path.append(node.page)
+        if self.drop_last_page and path:
+            path.pop()
+        self.allocator.share(path)
+        self.stats.queried_tokens += len(tokens)
+        self.stats.hit_tokens += len(path) * self.page_size
+        return path
+
+    def insert(self, tokens: list[int], pages: list[int]) -> None:
+        """Cache the full pages of `tokens` (held in `pages`): new nodes take a reference on the caller's
+        page; where the tree already has the same tokens it keeps its own page."""
+        node, now = self.root, next(self._clock)
+        full = min(len(tokens) // self.page_size, len(pages))
+        for chunk, page in zip(self._chunks(tokens, full), pages):
+            child = node.children.get(chunk)
+            if child is None:
+                child = node.children[chunk] = _Node(chunk, page, node)
+                self.allocator.share([page])
+                self.num_pages += 1
+            child.last_used = now
+            node = child
+
+    def evict(self, pages: int) -> int:
+        """Free up to `pages` pages that only the tree holds, least recently used leaves first (a parent
+        becomes a candidate once its last child is gone)."""
+        def evictable(node: _Node) -> bool:
+            return not node.children and self.allocator.refcount(node.page) == 1
+
+        heap = [(n.last_used, id(n), n) for n in self._nodes() if evictable(n)]
+        heapq.heapify(heap)
+        freed = 0
+        while heap and freed < pages:
+            _, _, leaf = heapq.heappop(heap)
+            parent = leaf.parent
+            del parent.children[leaf.tokens]  # type: ignore[union-attr]
+            self.allocator.free([leaf.page])
+            freed += 1
+            if parent is not self.root and evictable(parent):  # type: ignore[arg-type]
+                heapq.heappush(heap, (parent.last_used, id(parent), parent))  # type: ignore[union-attr]
+        self.num_pages -= freed
+        self.stats.evicted_pages += freed
+        return freed
+
+    def reclaimable(self) -> int:
+        """Pages only the tree holds, in subtrees no request uses: what evict() could free now. (Iterative:
+        with page size 1 the tree is as deep as the longest cached sequence.)"""
+        nodes = self._nodes()  # parents before their children
+        free = {id(n): self.allocator.refcount(n.page) == 1 for n in nodes}
+        for node in reversed(nodes):  # children before their parents
+            if not free[id(node)] and node.parent is not None and node.parent is not self.root:
+                free[id(node.parent)] = False
+        return sum(free.values())
+
+    def _nodes(self) -> list[_Node]:
+        """Every node, each after its parent."""
+        out, todo = [], list(self.root.children.values())
+        while todo:
+            node = todo.pop()
+            out.append(node)
+            todo += node.children.values()
+        return out

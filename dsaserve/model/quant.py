@@ -1,0 +1,195 @@
+"""Linear and routed-expert modules that own their weight format: the compute dtype, or block FP8.
+
+Modules are built in the compute-dtype format; the loader switches a module to FP8 (`to_fp8`, on
+the meta device, before any memory is allocated) when its checkpoint tensor is e4m3 with
+`weight_scale_inv` blocks. After loading, `prepare` fixes once how an FP8 module computes:
+
+* kernels (CUDA with Triton): the block-scaled FP8 GEMM / fused MoE read the e4m3 weights, with
+  activations quantized per token and 128-channel group;
+* dequantized (CPU, or no Triton): the weight dequantized once into the compute dtype, so that CPU
+  runs compute exactly what the transformers oracle computes on a dequantized checkpoint.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from functools import partial
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsaserve.config import ModelConfig
+from dsaserve.ops import fp8
+from dsaserve.ops.dispatch import DSAOps
+from dsaserve.ops.fp8 import FP8, BlockFP8
+
+Tensor = torch.Tensor
+Gemm = Callable[[Tensor, BlockFP8], Tensor]
+Mode = Literal["kernels", "emulate", "dequantized"]
+log = logging.getLogger(__name__)
+
+# Weights the model reads as matrices rather than calling the module (absorbed MLA, fp32 indexer
+# weights, logits): they stay in the compute dtype, dequantized at load if the checkpoint has FP8.
+DEQUANTIZED_AT_LOAD = ("kv_b_proj", "weights_proj", "lm_head", "shared_head.head")
+
+
+class Linear(nn.Module):
+    """y = x W^T (no bias). W [out, in] is in the compute dtype, or e4m3 plus `weight_scale_inv`."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.block: tuple[int, int] | None = None
+        self.gemm: Gemm | None = None  # set by prepare(): the FP8 GEMM, or None for the dequantized weight
+        self._dequantized: Tensor | None = None
+
+    def to_fp8(self, block: tuple[int, int]) -> None:
+        """Switch to block FP8 (call on the meta device, before loading)."""
+        rows, cols = math.ceil(self.out_features / block[0]), math.ceil(self.in_features / block[1])
+        self.weight = nn.Parameter(torch.empty(self.out_features, self.in_features, dtype=FP8), requires_grad=False)
+        self.weight_scale_inv = nn.Parameter(torch.empty(rows, cols), requires_grad=False)
+        self.block = block
+
+    @property
+    def fp8(self) -> BlockFP8:
+        assert self.block is not None, "not an FP8 module"
+        return BlockFP8(self.weight, self.weight_scale_inv, self.block)
+
+    def prepare(self, gemm: Gemm | None, dtype: torch.dtype) -> None:
+        self.gemm = gemm
+        self._dequantized = self.fp8.dequantize(dtype) if gemm is None else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.block is None:
+            return F.linear(x, self.weight)
+        if self.gemm is not None:
+            return self.gemm(x, self.fp8)
+        assert self._dequantized is not None, "FP8 Linear used before prepare()"
+        return F.linear(x, self._dequantized)
+
+    def extra_repr(self) -> str:
+        fmt = f"fp8 blocks {self.block}" if self.block else str(self.weight.dtype)
+        return f"in_features={self.in_features}, out_features={self.out_features}, {fmt}"
+
+
+class Experts(nn.Module):
+    """Routed experts stacked over E: w13 [E, 2I', H] (gate rows at 0, up rows at I'), w2 [E, H, I'].
+
+    I' = I in the compute dtype. In FP8 I' is I rounded up to whole scale blocks, so that gate and
+    up each start a block (zero rows fill the gap; their outputs are silu(0) * 0 = 0): real
+    checkpoints split experts on block boundaries and have I' = I.
+    """
+
+    def __init__(self, cfg: ModelConfig, tp: int):
+        super().__init__()
+        self.num_experts, self.inter, self.hidden = cfg.n_routed_experts, cfg.moe_intermediate_size // tp, cfg.hidden_size
+        self.padded_inter = self.inter
+        self.w13 = nn.Parameter(torch.empty(self.num_experts, 2 * self.inter, self.hidden))
+        self.w2 = nn.Parameter(torch.empty(self.num_experts, self.hidden, self.inter))
+        self.block: tuple[int, int] | None = None
+        self.kernels = False  # set by prepare(): e4m3 weights to the MoE op, or the dequantized copy
+        self._dequantized: tuple[Tensor, Tensor] | None = None
+
+    def to_fp8(self, block: tuple[int, int]) -> None:
+        E, H = self.num_experts, self.hidden
+        Ip = self.padded_inter = -(-self.inter // math.lcm(*block)) * math.lcm(*block)
+        self.w13 = nn.Parameter(torch.empty(E, 2 * Ip, H, dtype=FP8), requires_grad=False)
+        self.w13_scale_inv = nn.Parameter(torch.empty(E, 2 * Ip // block[0], math.ceil(H / block[1])),
+                                          requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(E, H, Ip, dtype=FP8), requires_grad=False)
+        self.w2_scale_inv = nn.Parameter(torch.empty(E, math.ceil(H / block[0]), Ip // block[1]), requires_grad=False)
+        self.block = block
+
+    @property
+    def padded(self) -> bool:
+        return self.padded_inter != self.inter
+
+    def slot(self, proj: str, expert: int) -> tuple[Tensor, Tensor | None]:
+        """Where checkpoint tensor `experts.{expert}.{proj}.weight` goes: this rank's weight rows (and
+        their scale blocks in FP8)."""
+        I, Ip = self.inter, self.padded_inter
+        if proj == "down_proj":
+            weight = self.w2.data[expert, :, :I]
+            if self.block is None:
+                return weight, None
+            return weight, self.w2_scale_inv.data[expert, :, :math.ceil(I / self.block[1])]
+        start = 0 if proj == "gate_proj" else Ip
+        weight = self.w13.data[expert, start:start + I]
+        if self.block is None:
+            return weight, None
+        first = start // self.block[0]
+        return weight, self.w13_scale_inv.data[expert, first:first + math.ceil(I / self.block[0])]
+
+    def zero_padding(self) -> None:
+        """Padded FP8 experts: zero everything before loading, so the gap rows hold 0 (not garbage)."""
+        if self.padded:
+            for p in (self.w13, self.w13_scale_inv, self.w2, self.w2_scale_inv):
+                (p.data.view(torch.uint8) if p.dtype == FP8 else p.data).zero_()
+
+    def prepare(self, kernels: bool, dtype: torch.dtype) -> None:
+        self.kernels = kernels
+        self._dequantized = None if kernels else tuple(w.dequantize(dtype) for w in self.fp8)  # type: ignore
+
+    @property
+    def fp8(self) -> tuple[BlockFP8, BlockFP8]:
+        """(w13, w2) with their block scales."""
+        assert self.block is not None, "not FP8 experts"
+        return BlockFP8(self.w13, self.w13_scale_inv, self.block), BlockFP8(self.w2, self.w2_scale_inv, self.block)
+
+    def forward(self, x: Tensor, topk_ids: Tensor, topk_weights: Tensor, ops: DSAOps) -> Tensor:
+        if self.block is None:
+            w13, w2 = self.w13, self.w2
+        elif self.kernels:
+            w13, w2 = self.fp8
+        else:
+            assert self._dequantized is not None, "FP8 Experts used before prepare()"
+            w13, w2 = self._dequantized
+        return ops.moe(x, w13, w2, topk_ids, topk_weights, x.shape[0])
+
+
+def fp8_kernels_available(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _emulated_gemm(x: Tensor, w: BlockFP8) -> Tensor:
+    return fp8.linear(x, w).to(x.dtype)
+
+
+def prepare(model: nn.Module, mode: Mode, dtype: torch.dtype, checks: bool = False) -> None:
+    """Fix how every FP8 module computes, once, after loading:
+
+    * "kernels": the Triton FP8 GEMM; experts hand their e4m3 weights to the MoE op (Triton's fused
+      FP8 MoE, or the torch backend's emulation of it);
+    * "emulate": the kernels' function in plain PyTorch (ops/fp8.py), for tests against the kernels;
+    * "dequantized": the weight dequantized once into `dtype` (CPU: the oracle's function).
+    """
+    if mode not in ("kernels", "emulate", "dequantized"):
+        raise ValueError(f"unknown FP8 mode {mode!r}")
+    gemm: Gemm | None = None
+    if mode == "kernels":
+        from dsaserve.ops.triton.fp8_gemm import fp8_linear
+        gemm = partial(fp8_linear, checks=checks)
+    elif mode == "emulate":
+        gemm = _emulated_gemm
+    modules = [m for m in model.modules() if isinstance(m, (Linear, Experts)) and m.block is not None]
+    for m in modules:
+        if isinstance(m, Linear):
+            m.prepare(gemm, dtype)
+        else:
+            m.prepare(mode != "dequantized", dtype)
+    if modules and mode == "dequantized" and any(p.is_cuda for p in model.parameters()):
+        log.warning("FP8 weights on CUDA without Triton: each is dequantized once to %s (no memory saved)", dtype)
+
+
+def default_mode(device: torch.device) -> Mode:
+    return "kernels" if fp8_kernels_available(device) else "dequantized"

@@ -1,0 +1,179 @@
+"""Block-scaled FP8 GEMM: y = x W^T with W e4m3 in blocks of (bn x bk) fp32 multipliers.
+
+Semantics (dsaserve.ops.fp8.linear is the reference): x is quantized per row and per group of bk
+channels to e4m3 with scale amax / 448; each K group's e4m3 product is accumulated in fp32 and
+scaled by (activation scale x weight block scale); the output is cast once to x's dtype.
+
+Two shapes of work, one kernel:
+* decode (M <= 64): bandwidth-bound on the weight bytes. Few rows, so each program streams a
+  BLOCK_N-row strip of W over a range of K groups (split-K when N alone gives too few programs;
+  the fp32 partials are summed by a small second kernel). Up to 16 rows quantize x inside the
+  kernel (no extra launch); more rows are quantized once up front.
+* prefill (M > 64): compute-bound. x is quantized once by `act_quant` (one read of x), then
+  128 x 128 tiles, programs grouped along M so weight strips stay in L2.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from dsaserve.ops.fp8 import FP8, BlockFP8
+from dsaserve.ops.triton._common import new_empty, next_pow2, quantize_rows, sm_count, tile_ids
+
+Tensor = torch.Tensor
+K_BLOCKS = (32, 64, 128, 256)  # weight K blocks the kernel takes: one K step each (e4m3 dots need K >= 32)
+
+
+@triton.jit
+def _act_quant_kernel(X, Q, S, M, K, stride_x, stride_q, stride_s, GROUP: tl.constexpr, GROUPS: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
+    cols = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+    mask = cols < K
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    q, scale = quantize_rows(x)
+    tl.store(Q + row * stride_q + cols, q, mask=mask)
+    tl.store(S + row * stride_s + g, scale, mask=g * GROUP < K)
+
+
+@triton.jit
+def _gemm_kernel(A, AS, W, WS, C, M, N, K, num_groups, groups_per_split,
+                 stride_am, stride_asm, stride_wn, stride_wsn, stride_cs, stride_cm,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE_N: tl.constexpr,
+                 GROUP_M: tl.constexpr, A_QUANT: tl.constexpr, EVEN_K: tl.constexpr):
+    pid_m, pid_n = tile_ids(tl.cdiv(M, BLOCK_M), N, BLOCK_N, GROUP_M)
+    split = tl.program_id(1)
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = rows < M
+    n_mask = cols < N
+    kk = tl.arange(0, BLOCK_K)
+    g0 = split * groups_per_split
+    g1 = tl.minimum(g0 + groups_per_split, num_groups)
+    a_ptr = A + rows.to(tl.int64)[:, None] * stride_am + (g0 * BLOCK_K + kk)[None, :]
+    w_ptr = W + cols.to(tl.int64)[None, :] * stride_wn + (g0 * BLOCK_K + kk)[:, None]
+    as_ptr = AS + rows.to(tl.int64) * stride_asm + g0
+    ws_ptr = WS + (cols // SCALE_N).to(tl.int64) * stride_wsn + g0
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for g in range(g0, g1):
+        if EVEN_K:
+            a_mask = m_mask[:, None]
+            w_mask = n_mask[None, :]
+        else:
+            k_ok = g * BLOCK_K + kk < K
+            a_mask = m_mask[:, None] & k_ok[None, :]
+            w_mask = n_mask[None, :] & k_ok[:, None]
+        if A_QUANT:
+            a, a_s = quantize_rows(tl.load(a_ptr, mask=a_mask, other=0.0).to(tl.float32))
+        else:
+            a = tl.load(a_ptr, mask=a_mask, other=0.0)
+            a_s = tl.load(as_ptr, mask=m_mask, other=0.0)
+        w = tl.load(w_ptr, mask=w_mask, other=0.0)
+        w_s = tl.load(ws_ptr, mask=n_mask, other=0.0)
+        acc += tl.dot(a, w) * (a_s[:, None] * w_s[None, :])
+        a_ptr += BLOCK_K
+        w_ptr += BLOCK_K
+        as_ptr += 1
+        ws_ptr += 1
+    out = C + split.to(tl.int64) * stride_cs + rows.to(tl.int64)[:, None] * stride_cm + cols[None, :]
+    tl.store(out, acc.to(C.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _sum_splits_kernel(P, C, total, splits, stride_s, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < total
+    acc = tl.zeros([BLOCK], tl.float32)
+    for s in range(splits):
+        acc += tl.load(P + s * stride_s + offs, mask=mask, other=0.0)
+    tl.store(C + offs, acc.to(C.dtype.element_ty), mask=mask)
+
+
+def act_quant(x: Tensor, group: int) -> tuple[Tensor, Tensor]:
+    """x [M, K] (row stride free, unit column stride) -> e4m3 [M, K] and fp32 scales [M, ceil(K / group)].
+    Bit-identical to dsaserve.ops.fp8.act_quant."""
+    M, K = x.shape
+    num_groups = triton.cdiv(K, group)
+    q = new_empty((M, K), FP8, x.device)
+    s = new_empty((M, num_groups), torch.float32, x.device)
+    if M == 0:
+        return q, s
+    groups = max(1, min(next_pow2(num_groups, 1), 4096 // group))  # ~4096 values per program
+    _act_quant_kernel[(M, triton.cdiv(num_groups, groups))](
+        x, q, s, M, K, x.stride(0), q.stride(0), s.stride(0), GROUP=group, GROUPS=groups, num_warps=4)
+    return q, s
+
+
+@functools.lru_cache(maxsize=4096)
+def default_config(M: int, N: int, K: int, block_k: int, sms: int) -> dict[str, int]:
+    """Tile choice: weight streaming with split-K for decode rows, 128 x 128 tiles for prefill.
+    Cached per shape (the decode hot path); callers copy before changing it."""
+    groups = triton.cdiv(K, block_k)
+    if M <= 64:
+        cfg = dict(block_m=max(16, next_pow2(M)), block_n=64, num_warps=4, num_stages=4, group_m=1,
+                   a_quant=int(M <= 16))
+        tiles = triton.cdiv(N, cfg["block_n"])
+        cfg["splits"] = max(1, min(groups, round(2 * sms / tiles)))  # ~2 programs per SM in flight
+    elif M <= 512:
+        cfg = dict(block_m=64, block_n=128, num_warps=4, num_stages=4, group_m=8, a_quant=0, splits=1)
+    else:
+        cfg = dict(block_m=128, block_n=128, num_warps=8, num_stages=3, group_m=8, a_quant=0, splits=1)
+    return cfg
+
+
+def fp8_linear(x: Tensor, w: BlockFP8, checks: bool = False, config: dict[str, int] | None = None) -> Tensor:
+    """x [..., K] (bf16 / fp16 / fp32) times the block-FP8 weight [N, K] -> [..., N] in x's dtype.
+
+    Any M, N and K: rows, columns and the last K group are masked; the weight's K block must be one
+    of K_BLOCKS (the checkpoints' 128 is). `config` overrides default_config's fields (benchmarks)."""
+    N, K = w.weight.shape
+    lead = x.shape[:-1]
+    if checks:
+        w.check("fp8_linear weight")
+        if x.shape[-1] != K:
+            raise ValueError(f"fp8_linear: x has {x.shape[-1]} input features, the weight {K}")
+        if not (w.weight.device == x.device == w.scale.device and w.weight.stride(-1) == 1):
+            raise ValueError(f"fp8_linear: x on {x.device}, weight on {w.weight.device} (column stride "
+                             f"{w.weight.stride(-1)}, must be 1), scale on {w.scale.device}")
+    if w.block[1] not in K_BLOCKS:
+        raise ValueError(f"fp8_linear: weight K block {w.block[1]} is not one of {K_BLOCKS}")
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    out = new_empty((M, N), x.dtype, x.device)
+    if M == 0:
+        return out.view(*lead, N)
+    block_k = w.block[1]
+    cfg = {**default_config(M, N, K, block_k, sm_count(x2)), **(config or {})}
+    num_groups = triton.cdiv(K, block_k)
+    per_split = triton.cdiv(num_groups, cfg["splits"])
+    splits = triton.cdiv(num_groups, per_split)
+    if cfg["a_quant"]:
+        a, a_s = x2, x2  # a_s unused: the kernel quantizes each K group itself
+    else:
+        a, a_s = act_quant(x2, block_k)
+    dest = out if splits == 1 else new_empty((splits, M, N), torch.float32, x.device)
+    grid = (triton.cdiv(M, cfg["block_m"]) * triton.cdiv(N, cfg["block_n"]), splits)
+    _gemm_kernel[grid](
+        a, a_s, w.weight, w.scale, dest, M, N, K, num_groups, per_split,
+        a.stride(0), a_s.stride(0), w.weight.stride(0), w.scale.stride(0), dest.stride(0) if splits > 1 else 0,
+        N, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=block_k, SCALE_N=w.block[0],
+        GROUP_M=cfg["group_m"], A_QUANT=bool(cfg["a_quant"]), EVEN_K=K % block_k == 0,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if splits > 1:
+        block = 1024
+        _sum_splits_kernel[(triton.cdiv(M * N, block),)](dest, out, M * N, splits, dest.stride(0), BLOCK=block,
+                                                         num_warps=4)
+    return out.view(*lead, N)
+
+
+def weight_bytes(N: int, K: int, block: tuple[int, int]) -> int:
+    return N * K + 4 * triton.cdiv(N, block[0]) * triton.cdiv(K, block[1])
+
+
+__all__ = ["K_BLOCKS", "act_quant", "default_config", "fp8_linear", "weight_bytes"]

@@ -1,0 +1,86 @@
+"""Request bodies are checked before any route parses them: a body over --max-request-bytes is a
+413 as soon as the limit is passed (Content-Length or counted as it streams in), and JSON text
+holding a lone surrogate (an escape like \\ud800 that no tokenizer can take) is a 400 naming the
+field. Both answers are OpenAI-shaped (errors.ApiError)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from dsaserve.server.errors import ApiError
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # any surrogate escape, paired or not: look closer
+
+
+class RequestGuard:
+    """ASGI middleware: reads the body (at most `limit` bytes), checks it, then hands it on."""
+
+    def __init__(self, app: ASGIApp, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        too_large = ApiError(413, f"the request body is larger than {self.limit} bytes (--max-request-bytes)",
+                             code="request_too_large")
+        if length.isdigit() and int(length) > self.limit:
+            return await too_large.response()(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            msg = await receive()
+            if msg["type"] != "http.request":
+                return  # the client left before its body arrived
+            chunks.append(msg.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await too_large.response()(scope, receive, send)
+            if not msg.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        problem = await asyncio.to_thread(lone_surrogate, body) if _SURROGATE_ESCAPE.search(body) else None
+        if problem is not None:
+            return await problem.response()(scope, receive, send)
+        await self.app(scope, _replay(body, receive), send)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if sent:
+            return await receive()  # later messages (a disconnect) come from the connection
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+    return replay
+
+
+def lone_surrogate(body: bytes) -> ApiError | None:
+    """A 400 naming the first JSON string with a lone surrogate; None if there is none (or no JSON)."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return None  # not JSON: the route's own parsing answers that
+    return _find(data, "")
+
+
+def _find(value: Any, path: str) -> ApiError | None:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return ApiError(400, f"{path or 'the body'} holds a lone surrogate {value[exc.start]!r} at character "
+                                 f"{exc.start}: it is not valid Unicode", param=path or None, code="invalid_value")
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _find(key, path) if isinstance(key, str) else None
+        found = found or _find(item, f"{path}.{key}" if path else str(key))
+        if found is not None:
+            return found
+    return None

@@ -1,0 +1,84 @@
+"""One engine request as the routes see it: an accept future and a queue of text deltas.
+
+Detokenization runs in the frontend's detokenizer thread (`detokenize`), never on the event loop;
+only that thread touches a handle's detokenizer state.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from dsaserve.engine.request import FinishReason, RequestOutput
+from dsaserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from dsaserve.server.errors import ApiError
+from dsaserve.server.metrics import ServerMetrics
+
+
+class EngineFailure(Exception):
+    """The deployment serving a request failed: the request ends with this message (503)."""
+
+
+@dataclass
+class Delta:
+    text: str
+    token_ids: list[int]
+    logprobs: list[tuple[float, list[tuple[int, float]]]]
+    finish: FinishReason | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class RequestHandle:
+    def __init__(self, rid: str, rank: int, tokenizer: Tokenizer, stop: tuple[str, ...], group: str | None = None):
+        self.rid, self.rank, self.group = rid, rank, group  # group: the response id of an n > 1 / batch call
+        self.accepted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.queue: asyncio.Queue[Delta | EngineFailure] = asyncio.Queue()
+        self.finished = False
+        self.created = self._last = time.monotonic()
+        self._got_token = False
+        self._detok = IncrementalDetokenizer(tokenizer)
+        self._text, self._emitted = "", 0
+        # Text that might be the start of a stop string is held back until it cannot be.
+        self._hold = max((len(s) for s in stop), default=1) - 1
+
+    def detokenize(self, out: RequestOutput) -> Delta:
+        """The output as a text delta (called in the detokenizer thread, in output order)."""
+        return Delta(self._text_delta(out), out.new_token_ids, out.new_logprobs, out.finish,
+                     out.prompt_tokens, out.completion_tokens)
+
+    def on_output(self, delta: Delta, metrics: ServerMetrics) -> None:
+        now = time.monotonic()
+        if delta.token_ids:
+            metrics.observe_tokens(len(delta.token_ids), now - self._last, first=not self._got_token)
+            self._got_token, self._last = True, now
+        if delta.finish is not None:
+            self.finished = True
+            metrics.observe_finish(delta.finish.kind, delta.prompt_tokens, now - self.created)
+        self.queue.put_nowait(delta)
+
+    def fail(self, message: str) -> None:
+        self.finished = True
+        if not self.accepted.done():
+            self.accepted.set_exception(ApiError(503, message))
+        self.queue.put_nowait(EngineFailure(message))
+
+    async def deltas(self) -> AsyncIterator[Delta]:
+        while True:
+            delta = await self.queue.get()
+            if isinstance(delta, EngineFailure):
+                raise delta
+            yield delta
+            if delta.finish is not None:
+                return
+
+    def _text_delta(self, out: RequestOutput) -> str:
+        self._text += self._detok.add(out.new_token_ids)
+        if out.finished:
+            final = out.stop_text if out.stop_text is not None else self._text + self._detok.flush()
+            piece, self._emitted = final[self._emitted:], len(final)
+            return piece
+        upto = max(self._emitted, len(self._text) - self._hold)
+        piece, self._emitted = self._text[self._emitted:upto], upto
+        return piece

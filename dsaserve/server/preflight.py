@@ -1,0 +1,47 @@
+"""Checks that run in the server process before any rank loads the model: the checkpoint's files
+(config.json, the shard index, each shard's header) and the flags that depend on the model, and
+the HTTP port, bound here first and handed to uvicorn. Each failure names the file or the flag."""
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+from safetensors import safe_open
+
+from dsaserve.config import ConfigError, ModelConfig
+from dsaserve.model.loader import CheckpointError, shard_files
+from dsaserve.server_args import ServerArgs
+
+
+def check_model(args: ServerArgs) -> None:
+    """Raise ConfigError / CheckpointError / ValueError naming the file or flag that cannot be served."""
+    path = Path(args.model_path)
+    try:
+        cfg = ModelConfig.from_path(path)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path / 'config.json'} is not valid JSON: {exc}") from None
+    if args.context_length is not None and args.context_length > cfg.context_length:
+        raise ValueError(f"--context-length {args.context_length} is longer than the model's "
+                         f"{cfg.context_length} (max_position_embeddings in {path / 'config.json'})")
+    try:
+        files = shard_files(path)
+    except (json.JSONDecodeError, KeyError) as exc:
+        raise CheckpointError(f"{path / 'model.safetensors.index.json'} is not a valid shard index: {exc}") from None
+    for file in files:
+        if not file.is_file():
+            raise CheckpointError(f"{file} is listed in the shard index but does not exist")
+        try:
+            with safe_open(file, framework="pt"):  # reads and checks the header against the file size
+                pass
+        except Exception as exc:
+            raise CheckpointError(f"{file} is not a readable safetensors file (truncated?): {exc}") from None
+
+
+def bind_listener(host: str, port: int) -> socket.socket:
+    """The HTTP socket, bound before the model loads so that a taken port fails at once."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        return socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as exc:
+        raise ValueError(f"cannot listen on {host}:{port} (--host / --port): {exc.strerror or exc}") from None

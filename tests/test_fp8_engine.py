@@ -1,0 +1,73 @@
+"""The engine with FP8 weights on CUDA: e4m3 weights stay e4m3 in device memory, and the Triton FP8
+kernels (CUDA graphs on) give the tokens of the same FP8 function computed in plain PyTorch.
+
+FP8 activations (e4m3 per token and 128 channels) are part of that function, so the reference is the
+torch emulation of the kernels (model/quant.py "emulate"), not the dequantized checkpoint: on the tiny
+random models FP8 activations move logits far more than bf16 does. The criteria are those of
+test_triton_engine: log-prob error against an fp32 truth, greedy tokens equal except at near-ties.
+"""
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+if not torch.cuda.is_available():
+    pytest.skip("needs CUDA", allow_module_level=True)
+
+from dsaserve import LLM  # noqa: E402
+from dsaserve.model import quant  # noqa: E402
+from dsaserve.ops.fp8 import FP8  # noqa: E402
+from dsaserve.tiny import make_tiny_model  # noqa: E402
+from test_triton_engine import _first_diff, _greedy, _lp_error, _prompts, check_run  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+ARCHS = ["deepseek_v32", "glm_moe_dsa"]
+
+
+@pytest.fixture(scope="module")
+def fp8_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("fp8-gpu")
+    return {arch: str(make_tiny_model(Path(root) / arch, arch, fp8=True)) for arch in ARCHS}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fp8_weights_stay_fp8_on_cuda(arch: str, fp8_models: dict[str, str]) -> None:
+    llm = LLM(fp8_models[arch], device="cuda", dtype="bfloat16", mem_fraction=0.3)
+    try:
+        model = llm.engine.runner.model
+        linears = [m for m in model.modules() if isinstance(m, quant.Linear) and m.block is not None]
+        experts = [m for m in model.modules() if isinstance(m, quant.Experts)]
+        assert linears and experts
+        for m in linears:
+            assert m.weight.dtype == FP8 and m.weight.is_cuda and m.gemm is not None and m._dequantized is None
+        for m in experts:
+            assert m.w13.dtype == m.w2.dtype == FP8 and m.kernels and m._dequantized is None
+        for layer in model.layers:  # read as a matrix by the absorbed MLA: dequantized once at load
+            assert layer.self_attn.kv_b_proj.weight.dtype == torch.bfloat16
+    finally:
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fp8_kernels_match_torch_emulation(arch: str, fp8_models: dict[str, str]) -> None:
+    prompts = _prompts(3)
+    path = fp8_models[arch]
+    truth = _greedy(path, "torch", "float32", prompts, fp8_mode="emulate")
+    kernels_fp32 = _greedy(path, "triton", "float32", prompts)
+    error = _lp_error(kernels_fp32, truth)  # accumulation order only, and the e4m3 roundings it flips
+    print(f"{arch}: fp32 Triton FP8 vs torch emulation: chosen log-prob error {error:.2e} nats")
+    assert error < 0.05, f"{arch}: fp32 Triton FP8 log-prob error {error:.4f} nats vs the torch emulation"
+    for i, ((toks, _), (t_toks, t_lps)) in enumerate(zip(kernels_fp32, truth)):
+        d = _first_diff(toks, t_toks)
+        if d < len(t_toks):
+            top = sorted((lp for _, lp in t_lps[d][1]), reverse=True)
+            assert top[0] - top[1] < 2 * max(error, 1e-3), f"{arch} prompt {i}: fp32 tokens part at step {d}"
+    emulated_bf16 = _greedy(path, "torch", "bfloat16", prompts, fp8_mode="emulate")
+    kernels_bf16 = _greedy(path, "triton", "bfloat16", prompts)
+    check_run(f"{arch} FP8 Triton bf16 vs torch emulation bf16", truth, emulated_bf16, kernels_bf16)

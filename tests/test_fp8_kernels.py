@@ -1,0 +1,132 @@
+"""Triton FP8 kernels vs. their plain-PyTorch reference (dsaserve.ops.fp8), GPU only.
+
+Outputs and intermediates are poisoned (NaN / sentinel) before every run. Activation quantization must
+be bit-identical to the reference; GEMM and MoE outputs equal the reference (same quantized operands,
+fp32 math) up to accumulation order and the output dtype's rounding.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+# Skips this module without triton or CUDA; `poison` (autouse) makes every output start as NaN / sentinel.
+from test_triton_kernels import BF16, DEV, poison, rel_err  # noqa: F401
+
+from dsaserve.ops import fp8 as ref  # noqa: E402
+from dsaserve.ops import reference  # noqa: E402
+from dsaserve.ops import triton as tops  # noqa: E402
+from dsaserve.ops.triton import fp8_gemm  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+TOL = {BF16: 5e-3, torch.float32: 1e-3}  # bf16 output rounding ~2e-3; fp32: accumulation order only
+
+
+def _weight(n: int, k: int, block: tuple[int, int], gen: torch.Generator, experts: int | None = None) -> ref.BlockFP8:
+    shape = (n, k) if experts is None else (experts, n, k)
+    w = torch.randn(*shape, device=DEV, generator=gen) * k ** -0.5
+    w = w * torch.rand(shape[:-2] + (n, 1), device=DEV, generator=gen).mul(4)  # blocks of unequal scales
+    return ref.BlockFP8(*ref.quantize_weight(w, block), block)
+
+
+@pytest.mark.parametrize("M,K,group,dtype", [(1, 7168, 128, BF16), (5, 300, 128, BF16), (33, 48, 128, torch.float32),
+                                             (200, 1536, 128, torch.float32), (3, 1000, 64, BF16), (0, 256, 128, BF16)])
+def test_act_quant_bit_exact(M: int, K: int, group: int, dtype: torch.dtype) -> None:
+    gen = torch.Generator(DEV).manual_seed(M + K)
+    x = (torch.randn(M, K, device=DEV, generator=gen) * torch.rand(K, device=DEV, generator=gen) * 10).to(dtype)
+    if M > 2:
+        x[1] = 0  # an all-zero row: tiny scale, zero values, no NaN
+    q, s = fp8_gemm.act_quant(x, group)
+    want_q, want_s = ref.act_quant(x, group)
+    assert q.dtype == ref.FP8 and s.shape == (M, -(-K // group))
+    assert torch.equal(s, want_s), "scales differ from the reference"
+    assert torch.equal(q.view(torch.uint8), want_q.contiguous().view(torch.uint8)), "e4m3 values differ"
+
+
+GEMM_SHAPES = [  # M, N, K: decode and prefill rows; V3.2 projections; odd N / K; N below one tile
+    (1, 1536, 7168), (4, 576, 7168), (16, 3072, 1536), (17, 7168, 2048), (64, 2304, 7168), (65, 576, 7168),
+    (300, 1000, 1536), (1024, 1536, 7168), (3, 100, 300), (130, 257, 200), (2, 24, 64), (0, 128, 256),
+]
+
+
+@pytest.mark.parametrize("M,N,K", GEMM_SHAPES)
+@pytest.mark.parametrize("dtype", [BF16, torch.float32])
+def test_fp8_linear(M: int, N: int, K: int, dtype: torch.dtype) -> None:
+    gen = torch.Generator(DEV).manual_seed(M * 7 + N + K)
+    w = _weight(N, K, (128, 128), gen)
+    x = torch.randn(M, K, device=DEV, generator=gen).to(dtype)
+    out = fp8_gemm.fp8_linear(x, w, checks=True)
+    assert out.shape == (M, N) and out.dtype == dtype
+    if M:
+        err = rel_err(out, ref.linear(x, w))
+        assert err < TOL[dtype], f"fp8_linear M={M} N={N} K={K} {dtype}: rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("config", [{"splits": 1}, {"splits": 7}, {"a_quant": 0}, {"a_quant": 1},
+                                    {"block_m": 64, "block_n": 128, "splits": 3}, {"block_n": 32, "num_stages": 2},
+                                    {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3}])
+@pytest.mark.parametrize("M", [1, 12, 48, 200])
+def test_fp8_linear_forced_configs(config: dict[str, int], M: int) -> None:
+    """Every tile family and split on the same inputs (including tiles far from the default choice)."""
+    gen = torch.Generator(DEV).manual_seed(M)
+    w = _weight(700, 1100, (128, 128), gen)
+    x = torch.randn(M, 1100, device=DEV, generator=gen).to(BF16)
+    err = rel_err(fp8_gemm.fp8_linear(x, w, checks=True, config=config), ref.linear(x, w))
+    assert err < TOL[BF16], f"{config} M={M}: rel err {err:.2e}"
+
+
+def test_fp8_linear_blocks_strides_and_batch_dims() -> None:
+    gen = torch.Generator(DEV).manual_seed(11)
+    w = _weight(200, 256, (64, 32), gen)  # blocks other than 128 x 128
+    base = torch.randn(2, 5, 400, device=DEV, generator=gen).to(BF16)
+    x = base[..., 100:356]  # a strided view with two batch dims
+    out = fp8_gemm.fp8_linear(x, w, checks=True)
+    assert out.shape == (2, 5, 200)
+    err = rel_err(out, ref.linear(x.reshape(10, 256), w).view(2, 5, 200))
+    assert err < TOL[BF16], f"rel err {err:.2e}"
+    with pytest.raises(ValueError, match="K block 8"):
+        fp8_gemm.fp8_linear(x, ref.BlockFP8(w.weight, torch.ones(4, 32, device=DEV), (64, 8)))
+    with pytest.raises(ValueError, match="needs a scale of"):
+        fp8_gemm.fp8_linear(x, ref.BlockFP8(w.weight, w.scale[:, :3].contiguous(), w.block), checks=True)
+
+
+MOE_CASES = [  # N, num_tokens, hidden, inter, E, k
+    (1, 1, 7168, 256, 16, 8),  # decode at V3.2 width (TP-8 expert slice)
+    (32, 32, 1024, 256, 32, 8),
+    (33, 30, 512, 256, 16, 8),  # padding rows
+    (700, 700, 512, 128, 8, 4),  # prefill tiles
+    (200, 200, 384, 256, 8, 2),  # mid tiles
+    (50, 47, 200, 128, 5, 3),  # hidden not a multiple of 128
+    (8, 0, 256, 128, 4, 2),  # no real token
+]
+
+
+def _moe_inputs(N, hidden, inter, E, k, gen, dtype=BF16):
+    x = torch.randn(N, hidden, device=DEV, generator=gen).to(dtype)
+    w13 = _weight(2 * inter, hidden, (128, 128), gen, experts=E)
+    w2 = _weight(hidden, inter, (128, 128), gen, experts=E)
+    ids = torch.rand(N, E, device=DEV, generator=gen).topk(k, dim=-1).indices.to(torch.int32)
+    return x, w13, w2, ids, torch.rand(N, k, device=DEV, generator=gen)
+
+
+@pytest.mark.parametrize("N,num_tokens,hidden,inter,E,k", MOE_CASES)
+def test_moe_experts_fp8(N, num_tokens, hidden, inter, E, k):
+    gen = torch.Generator(DEV).manual_seed(N + hidden + inter)
+    x, w13, w2, ids, tw = _moe_inputs(N, hidden, inter, E, k, gen)
+    got = tops.moe_experts(x, w13, w2, ids, tw, num_tokens)
+    want = reference.moe_experts(x, w13, w2, ids.long(), tw, num_tokens)
+    assert got.shape == x.shape and got.dtype == x.dtype
+    assert (got[num_tokens:] == 0).all(), "padding rows must be 0"
+    if num_tokens:
+        err = rel_err(got[:num_tokens], want[:num_tokens])
+        assert err < 1e-2, f"moe fp8 rel err {err:.2e} >= 1e-2"  # intermediate e4m3 rounding may flip
+
+
+@pytest.mark.parametrize("block_m", [16, 64, 128])
+def test_moe_fp8_forced_tiles(block_m: int) -> None:
+    gen = torch.Generator(DEV).manual_seed(block_m)
+    x, w13, w2, ids, tw = _moe_inputs(90, 512, 256, 6, 3, gen, dtype=torch.float32)
+    want = reference.moe_experts(x, w13, w2, ids.long(), tw, 90)
+    for down_n in (64, 128):
+        tops.moe.CONFIG = {"block_m": block_m, "down_block_n": down_n}
+        err = rel_err(tops.moe_experts(x, w13, w2, ids, tw, 90), want)
+        assert err < 1e-2, f"block_m={block_m} down_block_n={down_n}: rel err {err:.2e}"

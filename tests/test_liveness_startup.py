@@ -1,0 +1,96 @@
+"""Start-up: every failure names the file or the flag (checked before any rank loads the model, ports
+by binding them first); a rank's own start-up failure names the rank; SIGTERM at any moment of the
+start exits 143 without a traceback and leaves no process and no temporary folder behind."""
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from server_process import ServerProcess, descendants, free_port, is_running
+
+pytestmark = pytest.mark.timeout(300)
+FLAGS = dict(page_size=4, max_total_tokens=1024)
+
+
+def serve(model: str, *flags: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "dsaserve", "serve", "--model-path", model, *flags]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def refused(out: subprocess.CompletedProcess[str], code: int = 2) -> str:
+    assert out.returncode == code, (out.returncode, out.stderr[-3000:])
+    assert "Traceback" not in out.stderr and "rank0" not in out.stderr, out.stderr[-3000:]  # no rank started
+    return out.stderr
+
+
+def test_flags_are_checked_before_anything_loads(tiny_ds: str) -> None:
+    err = refused(serve(tiny_ds, "--mem-fraction", "5", "--port", "99999", "--dist-init-addr", "nohost"))
+    assert "--mem-fraction must be in (0, 1], got 5.0" in err and "--port must be in [1, 65535], got 99999" in err
+    assert "--dist-init-addr must be HOST:PORT" in err
+    err = refused(serve(tiny_ds, "--context-length", "100000", "--port", str(free_port())))
+    assert "--context-length 100000 is longer than the model's 4096" in err
+
+
+def test_taken_port_fails_before_the_model_loads(tiny_ds: str) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        err = refused(serve(tiny_ds, "--port", str(port)))
+    assert f"cannot listen on 127.0.0.1:{port} (--host / --port)" in err
+
+
+def test_broken_checkpoint_files_are_named(tmp_path: Path, tiny_ds: str) -> None:
+    model = tmp_path / "m"
+    shutil.copytree(tiny_ds, model)
+    shard = sorted(model.glob("*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # truncated mid-tensor
+    assert f"{shard} is not a readable safetensors file" in refused(serve(str(model)))
+    (model / "config.json").write_text('{"model_type": "deepseek_v32",')
+    assert f"{model / 'config.json'} is not valid JSON" in refused(serve(str(model)))
+
+
+def test_a_rank_start_failure_names_the_rank(tmp_path: Path, tiny_ds: str) -> None:
+    model = tmp_path / "m"
+    shutil.copytree(tiny_ds, model)
+    name = "model.layers.1.mlp.experts.3.up_proj.weight"  # readable files, a tensor missing: the loader finds it
+    shard = model / json.loads((model / "model.safetensors.index.json").read_text())["weight_map"][name]
+    tensors = load_file(shard)
+    del tensors[name]
+    save_file(tensors, str(shard))
+    out = serve(str(model), "--port", str(free_port()), "--tp", "2", "--page-size", "4")
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "error: rank 0 (DP group 0): CheckpointError:" in out.stderr and "mlp.experts.3.up_proj" in out.stderr
+
+
+@pytest.mark.parametrize("moment", ["temporary folder made", "rank loading", "rank loaded"])
+def test_sigterm_while_starting_exits_cleanly(tmp_path: Path, tiny_ds: str, moment: str) -> None:
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    server = ServerProcess(tiny_ds, tmp_path / "server.log", env={"TMPDIR": str(tmp)}, **FLAGS)
+    server.launch()
+    reached = {"temporary folder made": lambda: any(tmp.iterdir()),
+               "rank loading": lambda: "Loading shards" in server.log(),
+               "rank loaded": lambda: "KV pool" in server.log()}[moment]
+    deadline = time.monotonic() + 120
+    while not reached() and server.proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    tree = descendants(server.proc.pid)
+    server.proc.send_signal(signal.SIGTERM)
+    code = server.proc.wait(30)
+    log = server.log()
+    # 0 only if it became ready within the instant after its last rank loaded (then it shut down as usual)
+    assert code == 143 or (moment == "rank loaded" and code == 0), log[-3000:]
+    assert "Traceback" not in log and "CancelledError" not in log, log[-3000:]
+    assert not list(tmp.iterdir()), "the temporary folder was left behind"
+    deadline = time.monotonic() + 10
+    while any(is_running(pid) for pid in tree) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in tree if is_running(pid)], "a child outlived the server"

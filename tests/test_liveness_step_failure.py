@@ -1,0 +1,65 @@
+"""A batch that raises on every rank ends that step's requests with an error and the ranks go on
+(TP and DP attention); a batch that raises on one rank only stops every rank, promptly, with a
+message naming it. The failure is injected into the real ModelRunner of each rank process."""
+from __future__ import annotations
+
+import functools
+import time
+
+import pytest
+
+from conftest import prompts_ids
+from dsaserve import LLM, SamplingParams
+from dsaserve.engine.model_runner import ModelRunner
+from dsaserve.parallel.launch import Job, OfflineRequest, run_jobs
+from dsaserve.server_args import ServerArgs
+
+pytestmark = pytest.mark.timeout(300)
+GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+POISON = prompts_ids(1, [37], seed=5)[0]  # the only step with 37 rows: it runs alone, first
+PROMPTS = prompts_ids(4, [5, 30, 12, 21], seed=11)
+
+
+def _inject(rank: int, fail_ranks: tuple[int, ...], before_forward: bool = False) -> None:
+    """In a rank process: the step with POISON's 37 rows raises on `fail_ranks`."""
+    original = ModelRunner.target
+
+    def target(self: ModelRunner, input_ids, layout, graphed=False):  # type: ignore[no-untyped-def]
+        poisoned = sum(layout.dp_sizes) == len(POISON) and rank in fail_ranks
+        if poisoned and before_forward:
+            raise RuntimeError(f"injected failure on rank {rank}, before the step's collectives")
+        out = original(self, input_ids, layout, graphed)
+        if poisoned:
+            raise RuntimeError(f"injected failure on rank {rank}")
+        return out
+
+    ModelRunner.target = target  # type: ignore[method-assign]
+
+
+def _job(model: str, dp: int) -> Job:
+    poison = OfflineRequest(POISON, GREEDY, dp_rank=0, arrive_at_step=0)
+    later = [OfflineRequest(p, GREEDY, dp_rank=i % dp, arrive_at_step=1) for i, p in enumerate(PROMPTS)]
+    return Job({"model_path": model, "page_size": 4}, [poison] + later)
+
+
+@pytest.mark.parametrize("tp,dp", [(2, 1), (2, 2)])
+def test_step_failing_on_every_rank_ends_its_requests_and_ranks_go_on(tiny_ds: str, tp: int, dp: int) -> None:
+    args = ServerArgs(tp=tp, dp=dp, enable_dp_attention=dp > 1, max_total_tokens=2048, dist_timeout=60)
+    [got] = run_jobs(args, [_job(tiny_ds, dp)], setup=functools.partial(_inject, fail_ranks=tuple(range(tp))))
+    expected = [c.token_ids for c in LLM(tiny_ds, page_size=4, max_total_tokens=2048).generate(PROMPTS, GREEDY)]
+    assert got[0] == [], "the poisoned request should have ended with an error, without tokens"
+    assert got[1:] == expected
+
+
+@pytest.mark.parametrize("before_forward", [False, True])
+def test_step_failing_on_one_rank_stops_every_rank(tiny_ds: str, before_forward: bool) -> None:
+    """After the step's collectives, the next exchange finds the disagreement at once; before them,
+    the other rank's collective gives up after --dist-timeout (2 s) instead of torch's 30 minutes."""
+    args = ServerArgs(tp=2, max_total_tokens=2048, dist_timeout=2)
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="failed") as err:
+        run_jobs(args, [_job(tiny_ds, 1)], timeout_s=120,
+                 setup=functools.partial(_inject, fail_ranks=(1,), before_forward=before_forward))
+    assert time.monotonic() - start < 120
+    if not before_forward:
+        assert "StepFailedOnSomeRanks" in str(err.value) and "failed on rank(s) [1] only" in str(err.value)

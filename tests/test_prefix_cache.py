@@ -1,0 +1,107 @@
+"""Prefix caching: repeated prefixes reuse their pages; outputs are exactly those without the cache (page
+sizes 1 and 64, speculation on), eviction under pressure loses nothing, aborts release shared pages."""
+from __future__ import annotations
+
+import pytest
+
+from conftest import prompts_ids
+from dsaserve import LLM, SamplingParams
+from dsaserve.cache.pages import PageAllocator
+from dsaserve.cache.prefix import PrefixCache
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+BASE = prompts_ids(3, [70, 9, 40], seed=61)
+
+
+def test_radix_tree_shares_counts_and_evicts() -> None:
+    alloc = PageAllocator(20)
+    cache = PrefixCache(alloc, page_size=4)
+    pages = alloc.alloc(3)  # a request that cached 11 tokens: two full pages and a partial one
+    tokens = list(range(100, 111))
+    cache.insert(tokens, pages)
+    alloc.free(pages)  # the request ends: the partial page is free, the full ones stay cached
+    assert alloc.num_free == 17 and cache.num_pages == 2 and cache.reclaimable() == 2
+    hit = cache.match(tokens[:8] + [1, 2, 3], limit=10)
+    assert hit == pages[:2] and alloc.refcount(pages[0]) == 2 and cache.reclaimable() == 0
+    assert cache.match(tokens[:4] + [7] * 7, limit=10) == pages[:1]  # diverges in the second page
+    alloc.free(pages[:1])
+    assert cache.evict(5) == 0  # both pages are in use by the first match
+    alloc.free(hit)
+    assert cache.evict(5) == 2 and alloc.num_free == 19 and cache.num_pages == 0
+    drop = PrefixCache(alloc, page_size=4, drop_last_page=True)  # MTP: one page less
+    more = alloc.alloc(2)
+    drop.insert(tokens[:8], more)
+    assert drop.match(tokens, limit=10) == more[:1]
+
+
+def _multi_turn(llm: LLM) -> list[list[int]]:
+    """Turn 2 repeats turn 1's prompt and answer: its prefix is cached after turn 1."""
+    first = [o.token_ids for o in llm.generate(BASE, GREEDY)]
+    second = [p + a + [7, 8, 9] for p, a in zip(BASE, first)]
+    return first + [o.token_ids for o in llm.generate(second + BASE, GREEDY)]
+
+
+@pytest.mark.parametrize("page_size", [1, 64])
+@pytest.mark.parametrize("steps", [0, 3])
+def test_cached_outputs_equal_uncached(page_size: int, steps: int, tiny_ds: str) -> None:
+    spec = dict(speculative_algorithm="NEXTN", speculative_num_steps=steps) if steps else {}
+    common = dict(page_size=page_size, max_total_tokens=4096, chunked_prefill_size=16, **spec)
+    expected = _multi_turn(LLM(tiny_ds, disable_radix_cache=True, **common))
+    llm = LLM(tiny_ds, **common)
+    assert _multi_turn(llm) == expected
+    stats = llm.engine.stats()
+    # Turn 1 cached its prompt and all but its last answer token (never fed back); a match leaves at
+    # least the last prompt token to compute, in full pages, one page less with MTP.
+    cached = [len(p) + 12 - 1 for p in BASE]
+    usable = [min(c, len(p) + 12 + 3 - 1) for c, p in zip(cached, BASE)]  # turn 2
+    usable += [min(c, len(p) - 1) for c, p in zip(cached, BASE)]  # the repeated prompts
+    drop = page_size if steps else 0
+    expected_hits = sum(max(n // page_size * page_size - drop, 0) for n in usable)
+    assert stats.prefix_hit_tokens == expected_hits
+    assert stats.free_pages == stats.total_pages and stats.running == 0
+
+
+def test_eviction_under_pressure_keeps_outputs(tiny_ds: str) -> None:
+    prompts = prompts_ids(8, [30, 22, 31, 12, 28, 25, 19, 17], seed=62)
+    expected = [o.token_ids for o in LLM(tiny_ds, page_size=4, max_total_tokens=4096,
+                                         disable_radix_cache=True).generate(prompts + prompts, GREEDY)]
+    tight = LLM(tiny_ds, page_size=4, max_total_tokens=2 * (31 + 12) + 8)
+    outs = [o.token_ids for o in tight.generate(prompts, GREEDY)]
+    outs += [o.token_ids for o in tight.generate(prompts, GREEDY)]
+    assert outs == expected
+    cache = tight.engine.prefix_cache
+    assert cache.stats.evicted_pages > 0 and cache.stats.hit_tokens > 0
+    stats = tight.engine.stats()
+    assert stats.free_pages == stats.total_pages
+
+
+def test_abort_of_a_request_holding_shared_pages(tiny_ds: str) -> None:
+    llm = LLM(tiny_ds, page_size=4, max_total_tokens=4096)
+    expected = llm.generate([BASE[0]], GREEDY)[0].token_ids  # caches BASE[0]'s pages
+    engine = llm.engine
+    engine.add_request("a", BASE[0], GREEDY)
+    engine.add_request("b", BASE[0], GREEDY)
+    tokens: dict[str, list[int]] = {"a": [], "b": []}
+    for out in engine.step() + engine.step():
+        tokens[out.rid] += out.new_token_ids
+    shared = engine.requests["a"].pages[0]
+    assert shared == engine.requests["b"].pages[0] and engine.allocator.refcount(shared) == 3
+    engine.abort("a")
+    for out in engine.run_until_idle():
+        tokens[out.rid] += out.new_token_ids
+    assert tokens["b"] == expected and engine.allocator.refcount(shared) == 1
+    stats = engine.stats()
+    assert stats.free_pages == stats.total_pages
+
+
+def test_deep_tree_at_page_size_one() -> None:
+    """Page size 1 makes the tree as deep as the sequence: counting and evicting must not recurse."""
+    alloc = PageAllocator(6000)
+    cache = PrefixCache(alloc, page_size=1)
+    pages = alloc.alloc(5000)
+    cache.insert(list(range(5000)), pages)
+    hit = cache.match(list(range(3000)) + [7], limit=3000)
+    alloc.free(pages)
+    assert cache.reclaimable() == 2000  # the first 3000 pages are in use by the match
+    alloc.free(hit)
+    assert cache.reclaimable() == 5000 and cache.evict(5000) == 5000 and alloc.num_free == 5999
