@@ -56,6 +56,10 @@ def wait_pools_whole(url: str, within_s: float) -> None:
     raise AssertionError(f"{url}: pages did not return to the pool within {within_s} s: {pools(url)}")
 
 
+def steps(url: str) -> int:
+    return sum(s["steps"] for s in httpx.get(f"{url}/get_server_info", timeout=30).json()["internal_states"])
+
+
 def pd_servers(model: str, tmp: Path, prefill: dict[str, Any], decode: dict[str, Any],
                prefill_env: dict[str, str] | None = None) -> tuple[ServerProcess, ServerProcess, int]:
     port = free_port()
@@ -84,8 +88,10 @@ class TestMixedTP:
     def test_generate_equals_aggregated(self, mixed_tp: tuple, tiny_ds: str) -> None:
         p, d, router = mixed_tp
         want = expected(tiny_ds, PROMPTS_64, page_size=64)
+        before = steps(p.url)
         got = [generate(router.url, ids).json()["output_ids"] for ids in PROMPTS_64]
         assert got == want
+        assert steps(p.url) - before == len(PROMPTS_64)  # the prefill server ran each prompt, decoded nothing
         assert [stream_ids(generate(router.url, ids, stream=True)) for ids in PROMPTS_64[:2]] == want[:2]
         assert all(free == total for free, total in pools(p.url) + pools(d.url))
 
@@ -154,7 +160,9 @@ class TestSpecDPAttention:
         p, d, port = pd_servers(model, tmp_path, spec, dict(tp=2, dp=2, enable_dp_attention=True, **spec))
         with p, d, pd_router(tmp_path / "router.log", p, port, d) as router:
             want = expected(model, prompts, page_size=1)
+            before = steps(p.url)
             assert [generate(router.url, ids).json()["output_ids"] for ids in prompts] == want
+            assert steps(p.url) - before == len(prompts)  # prompts only: the decode server decoded them
             assert [stream_ids(generate(router.url, ids, stream=True)) for ids in prompts[:2]] == want[:2]
             spec_mismatch = ServerProcess(model, tmp_path / "nospec.log", disaggregation_mode="decode", page_size=1,
                                           max_total_tokens=2048)

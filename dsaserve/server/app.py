@@ -118,7 +118,7 @@ def _native_routes(args: ServerArgs, fe: Frontend, served_name: str, pd: PDRouti
         ids = await fe.encode(body.text) if body.text is not None else body.input_ids
         params = _native_params(body.sampling_params, body.top_logprobs_num if body.return_logprob else None)
         route, dp_rank = await pd.route(body)
-        handle = await fe.submit(ids, params, body.rid, dp_rank, route)
+        handle = await fe.submit(ids, params, body.rid, dp_rank, route=route)
         if body.stream:
             return AbortingStream(_generate_stream(handle, body), aborter(fe, [handle]))
         res = await until_disconnect(request, collect(handle), aborter(fe, [handle]))
