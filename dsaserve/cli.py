@@ -1,4 +1,4 @@
-"""dsaserve serve | generate | make-tiny-model | train-tiny | bench serving | router."""
+"""dsaserve serve | generate | make-tiny-model | train-tiny | plan | bench | router."""
 from __future__ import annotations
 
 import argparse
@@ -59,6 +59,13 @@ def _router(ns: argparse.Namespace) -> int:
     return 0  # not reached
 
 
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    from dsaserve import planner
+    plan = sub.add_parser("plan", help="per-rank weight and KV memory of a deployment, from config.json alone")
+    planner.add_cli_args(plan)
+    plan.set_defaults(func=planner.run)
+
+
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     from dsaserve.bench import one_batch, serving
     bench = sub.add_parser("bench", help="benchmarks: a live server, or one static batch offline")
@@ -106,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     train.set_defaults(func=_train_tiny)
 
     _add_bench(sub)
+    _add_plan(sub)
 
     router = sub.add_parser("router", add_help=False, help="run sglang-router (PD pairs with --pd-disaggregation "
                                                            "--prefill URL BOOTSTRAP_PORT --decode URL, or --worker-urls)")

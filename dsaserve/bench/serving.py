@@ -190,6 +190,8 @@ def format_table(m: dict[str, Any]) -> str:
             ("Request throughput (req/s)", f"{m['request_throughput']:.2f}"),
             ("Input token throughput (tok/s)", f"{m['input_throughput']:.2f}"),
             ("Output token throughput (tok/s)", f"{m['output_throughput']:.2f}")]
+    if m.get("accept_length") is not None:
+        rows.append(("Accept length (MTP)", f"{m['accept_length']:.2f}"))
     for name, title in (("ttft", "TTFT"), ("tpot", "TPOT"), ("itl", "ITL"), ("e2e_latency", "E2E latency")):
         for stat in ("mean", "median", "p99"):
             rows.append((f"{stat.capitalize()} {title} (ms)", f"{m[f'{stat}_{name}_ms']:.2f}"))
@@ -206,8 +208,22 @@ async def benchmark(cfg: BenchConfig) -> dict[str, Any]:
     async with httpx.AsyncClient(base_url=base, headers=headers, timeout=httpx.Timeout(600.0),
                                  limits=limits) as client:
         model, vocab = await _discover(client, cfg)
+        before = await _spec_totals(client)
         results, duration = await _drive(cfg, client, model, make_requests(cfg, vocab))
-    return compute_metrics(cfg, results, duration)
+        after = await _spec_totals(client)
+    metrics = compute_metrics(cfg, results, duration)
+    verifies, accepted = after[0] - before[0], after[1] - before[1]
+    metrics["accept_length"] = (accepted + verifies) / verifies if verifies else None  # this run's, all DP ranks
+    return metrics
+
+
+async def _spec_totals(client: httpx.AsyncClient) -> tuple[int, int]:
+    """(verify steps, accepted drafts) summed over DP ranks from /get_server_info; (0, 0) without it."""
+    try:
+        states = (await client.get("/get_server_info")).json().get("internal_states", [])
+    except (httpx.HTTPError, ValueError):
+        return 0, 0
+    return (sum(s.get("spec_verify_steps", 0) for s in states), sum(s.get("spec_accepted_tokens", 0) for s in states))
 
 
 def run(ns: argparse.Namespace) -> int:

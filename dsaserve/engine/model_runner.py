@@ -15,6 +15,7 @@ from dsaserve.engine.layout import BatchLayout, StepMode, StepPlan
 from dsaserve.model.loader import build_model
 from dsaserve.ops.dispatch import DSAOps
 from dsaserve.parallel.groups import Parallel
+from dsaserve.planner import kv_pool_tokens, weight_bytes
 from dsaserve.server_args import ServerArgs
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,10 @@ class ModelRunner:
                           moe_backend=resolve_backend(args.moe_backend, self.device),
                           max_logits_bytes=args.indexer_max_logits_mb << 20)
         self.cache_layers = self.cfg.num_hidden_layers + (1 if self.spec_steps else 0)  # + the MTP layer's caches
+        if self.par.cfg.rank == 0:
+            parts = sorted(weight_bytes(self.model).items(), key=lambda kv: -kv[1])
+            log.info("weights on this rank: %.2f GiB (%s)", sum(b for _, b in parts) / 2**30,
+                     ", ".join(f"{name} {b / 2**30:.2f}" for name, b in parts))
         self.num_pages = self._pool_pages(args)
         self.pools = KVPools(self.cfg, self.num_pages, args.page_size, self.kv_dtype, self.device, self.cache_layers)
         self.graphs = self._graph_runner(args)
@@ -106,13 +111,13 @@ class ModelRunner:
         if args.max_total_tokens is not None:
             tokens = args.max_total_tokens
         else:
-            if self.device.type == "cuda":
+            if self.device.type == "cuda":  # the memory still free after the weights (as dsaserve plan counts)
                 free, _ = torch.cuda.mem_get_info(self.device)
-                budget = int(free * args.mem_fraction)
+                tokens = kv_pool_tokens(free, args.mem_fraction, self.bytes_per_token)
             else:
                 avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-                budget = min(int(avail * args.mem_fraction), _CPU_POOL_CAP_BYTES)
-            tokens = budget // self.bytes_per_token
+                tokens = kv_pool_tokens(min(avail, int(_CPU_POOL_CAP_BYTES / args.mem_fraction)), args.mem_fraction,
+                                        self.bytes_per_token)
             context = args.context_length or self.cfg.context_length
             tokens = min(tokens, args.max_running_requests * context)
         pages = tokens // args.page_size + 1  # + the reserved page 0

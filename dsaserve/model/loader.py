@@ -14,7 +14,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import safe_open
@@ -116,8 +116,9 @@ def checkpoint_name(key: str, cfg: ModelConfig) -> str:
     return key if key == "lm_head.weight" else f"model.{key}"
 
 
-def select_formats(model: DSAModel, ckpt: Checkpoint) -> None:
-    """Switch every module whose checkpoint weight is e4m3 to FP8 (on meta, before allocation)."""
+def select_formats(model: DSAModel, is_fp8: Callable[[str], bool]) -> None:
+    """Switch every module whose checkpoint weight is e4m3 (`is_fp8(checkpoint tensor name)`) to FP8, on
+    meta, before allocation."""
     for path, module in model.named_modules():
         if isinstance(module, quant.Linear) and not path.endswith(quant.DEQUANTIZED_AT_LOAD):
             name = checkpoint_name(f"{path}.weight", model.cfg)
@@ -125,7 +126,7 @@ def select_formats(model: DSAModel, ckpt: Checkpoint) -> None:
             name = checkpoint_name(f"{path}.0.gate_proj.weight", model.cfg)
         else:
             continue
-        if ckpt.is_fp8(name):
+        if is_fp8(name):
             module.to_fp8(_block(model.cfg, name))
 
 
@@ -282,20 +283,28 @@ def _expected_keys(model: DSAModel, params: dict[str, torch.nn.Parameter]) -> se
     return keys
 
 
+def meta_model(cfg: ModelConfig, par: Parallel | None, dtype: torch.dtype, load_mtp: bool,
+               is_fp8: Callable[[str], bool]) -> DSAModel:
+    """One rank's model on the meta device with every parameter in its final format and dtype: what
+    build_model allocates and what the memory planner counts (one accounting, dsaserve/planner.py)."""
+    with torch.device("meta"):
+        model = DSAModel(cfg, par, load_mtp=load_mtp)
+    select_formats(model, is_fp8)
+    fp32 = model.fp32_parameter_names()
+    for name, param in model.named_parameters():  # on meta: dtype changes cost nothing
+        param.requires_grad_(False)
+        if param.dtype != FP8:
+            param.data = param.data.to(torch.float32 if name in fp32 else dtype)
+    return model
+
+
 def build_model(model_path: str | Path, device: torch.device, dtype: torch.dtype, par: Parallel | None = None,
                 load_mtp: bool = True, progress: bool = True) -> DSAModel:
     """Allocate this rank's shard of the model uninitialised on `device` and fill it from the checkpoint.
     FP8 weights stay e4m3 (+ fp32 scales); other parameters take `dtype` (or fp32 where the model says)."""
     cfg = ModelConfig.from_path(model_path)
     ckpt = Checkpoint(model_path)
-    with torch.device("meta"):
-        model = DSAModel(cfg, par, load_mtp=load_mtp)
-    select_formats(model, ckpt)
-    fp32 = model.fp32_parameter_names()
-    for name, param in model.named_parameters():  # still on meta: dtype changes cost nothing
-        param.requires_grad_(False)
-        if param.dtype != FP8:
-            param.data = param.data.to(torch.float32 if name in fp32 else dtype)
+    model = meta_model(cfg, par, dtype, load_mtp, ckpt.is_fp8)
     _check_fits(model, device, dtype)
     model.to_empty(device=device)
     for module in model.modules():

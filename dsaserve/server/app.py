@@ -82,16 +82,16 @@ def _health_routes(router: APIRouter, fe: Frontend, metrics: ServerMetrics) -> N
         return Response(metrics.render(fe.stats()), media_type=CONTENT_TYPE_LATEST)
 
 
-def _native_params(sp: p.NativeSamplingParams, logprobs: int | None) -> SamplingParams:
+def _native_params(sp: p.NativeSamplingParams, logprobs: int | None, prompt_logprobs: int | None) -> SamplingParams:
     stop = (sp.stop,) if isinstance(sp.stop, str) else tuple(sp.stop or ())
     return checked(SamplingParams(
         max_tokens=sp.max_new_tokens, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k,
         min_p=sp.min_p, frequency_penalty=sp.frequency_penalty, presence_penalty=sp.presence_penalty,
         seed=sp.seed, stop=stop, stop_token_ids=tuple(sp.stop_token_ids or ()), ignore_eos=sp.ignore_eos,
-        logprobs=logprobs))
+        logprobs=logprobs, prompt_logprobs=prompt_logprobs))
 
 
-def _meta(handle: RequestHandle, res: Result, body: p.GenerateRequest) -> dict[str, Any]:
+def _meta(handle: RequestHandle, res: Result, body: p.GenerateRequest, ids: list[int]) -> dict[str, Any]:
     finish = None
     if res.finish is not None:
         finish = {"type": res.finish.kind}
@@ -100,11 +100,16 @@ def _meta(handle: RequestHandle, res: Result, body: p.GenerateRequest) -> dict[s
         if res.finish.message:
             finish["message"] = res.finish.message
     meta: dict[str, Any] = {"id": handle.rid, "finish_reason": finish, "prompt_tokens": res.prompt_tokens,
-                            "completion_tokens": res.completion_tokens,
-                            "e2e_latency": time.monotonic() - handle.created}
+                            "completion_tokens": res.completion_tokens, "cached_tokens": res.cached_tokens,
+                            "spec_verify_ct": res.spec_verify_ct, "e2e_latency": time.monotonic() - handle.created}
     if body.return_logprob:
         meta["output_token_logprobs"] = [[lp, t] for t, (lp, _) in zip(res.token_ids, res.logprobs)]
         meta["output_top_logprobs"] = [[[v, t] for t, v in top] for _, top in res.logprobs]
+        if res.prompt_logprobs is not None:  # logprob_start_len >= 0: the prompt's, from that position
+            scored = [(None, [])] + list(res.prompt_logprobs)
+            start = max(body.logprob_start_len, 0)
+            meta["input_token_logprobs"] = [[lp, t] for t, (lp, _) in zip(ids[start:], scored[start:])]
+            meta["input_top_logprobs"] = [[[v, t] for t, v in top] or None for _, top in scored[start:]]
     return meta
 
 
@@ -116,22 +121,23 @@ def _native_routes(args: ServerArgs, fe: Frontend, served_name: str, pd: PDRouti
         if (body.text is None) == (body.input_ids is None):
             raise bad_request("give exactly one of text and input_ids", param="text")
         ids = await fe.encode(body.text) if body.text is not None else body.input_ids
-        params = _native_params(body.sampling_params, body.top_logprobs_num if body.return_logprob else None)
+        logprobs = body.top_logprobs_num if body.return_logprob else None
+        params = _native_params(body.sampling_params, logprobs, logprobs if body.logprob_start_len >= 0 else None)
         route, dp_rank = await pd.route(body)
         handle = await fe.submit(ids, params, body.rid, dp_rank, route=route)
         if body.stream:
-            return AbortingStream(_generate_stream(handle, body), aborter(fe, [handle]))
+            return AbortingStream(_generate_stream(handle, body, ids), aborter(fe, [handle]))
         res = await until_disconnect(request, collect(handle), aborter(fe, [handle]))
-        return {"text": res.text, "output_ids": res.token_ids, "meta_info": _meta(handle, res, body)}
+        return {"text": res.text, "output_ids": res.token_ids, "meta_info": _meta(handle, res, body, ids)}
 
-    async def _generate_stream(handle: RequestHandle, body: p.GenerateRequest) -> AsyncIterator[str]:
+    async def _generate_stream(handle: RequestHandle, body: p.GenerateRequest, ids: list[int]) -> AsyncIterator[str]:
         res = Result()  # sglang's shape: every chunk carries the text and ids so far
         try:
             async for d in handle.deltas():
                 res.add(d)
                 if d.finish is not None and d.finish.kind == "error":
                     raise ApiError(500, d.finish.message or "the request failed in the engine")
-                yield p.sse({"text": res.text, "output_ids": res.token_ids, "meta_info": _meta(handle, res, body)})
+                yield p.sse({"text": res.text, "output_ids": res.token_ids, "meta_info": _meta(handle, res, body, ids)})
         except Exception as exc:
             yield error_event(exc)
         yield DONE

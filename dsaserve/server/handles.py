@@ -28,6 +28,9 @@ class Delta:
     finish: FinishReason | None
     prompt_tokens: int
     completion_tokens: int
+    spec_verify_ct: int = 0  # verify steps so far (MTP speculative decoding)
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None  # once, with the first tokens
 
 
 class RequestHandle:
@@ -46,7 +49,8 @@ class RequestHandle:
     def detokenize(self, out: RequestOutput) -> Delta:
         """The output as a text delta (called in the detokenizer thread, in output order)."""
         return Delta(self._text_delta(out), out.new_token_ids, out.new_logprobs, out.finish,
-                     out.prompt_tokens, out.completion_tokens)
+                     out.prompt_tokens, out.completion_tokens, out.spec_verify_ct, out.cached_tokens,
+                     out.prompt_logprobs)
 
     def on_output(self, delta: Delta, metrics: ServerMetrics) -> None:
         now = time.monotonic()

@@ -16,6 +16,15 @@ class ServerMetrics:
         self.running = Gauge("dsaserve_num_running_reqs", "requests decoding", ["dp_rank"], registry=r)
         self.queued = Gauge("dsaserve_num_queue_reqs", "requests waiting", ["dp_rank"], registry=r)
         self.token_usage = Gauge("dsaserve_token_usage", "fraction of KV pages in use", ["dp_rank"], registry=r)
+        # Engine totals since start (gauges: the engine counts, this process only reports them)
+        self.totals = {name: Gauge(f"dsaserve_{name}", doc, ["dp_rank"], registry=r) for name, doc in (
+            ("spec_verify_steps", "request-verify steps of MTP speculative decoding"),
+            ("spec_draft_tokens", "draft tokens proposed to verification"),
+            ("spec_accepted_tokens", "draft tokens accepted"),
+            ("prefix_hit_tokens", "prompt tokens served from the prefix cache"),
+            ("prefix_queried_tokens", "prompt tokens of admitted requests"))}
+        self.accept_length = Gauge("dsaserve_spec_accept_length", "tokens per verify step per request (accepted "
+                                   "drafts + 1)", ["dp_rank"], registry=r)
         self.prompt_tokens = Counter("dsaserve_prompt_tokens", "prompt tokens of finished requests", registry=r)
         self.generation_tokens = Counter("dsaserve_generation_tokens", "generated tokens", registry=r)
         self.requests = Counter("dsaserve_requests", "finished requests", ["finish_reason"], registry=r)
@@ -39,7 +48,7 @@ class ServerMetrics:
         for s in states:
             rank = str(s["dp_rank"])
             if "running" not in s:  # a dead rank: drop its series rather than report stale values
-                for gauge in (self.running, self.queued, self.token_usage):
+                for gauge in (self.running, self.queued, self.token_usage, self.accept_length, *self.totals.values()):
                     try:
                         gauge.remove(rank)
                     except KeyError:
@@ -48,4 +57,8 @@ class ServerMetrics:
             self.running.labels(dp_rank=rank).set(s["running"])
             self.queued.labels(dp_rank=rank).set(s["waiting"])
             self.token_usage.labels(dp_rank=rank).set(1.0 - s["free_pages"] / max(s["total_pages"], 1))
+            for name, gauge in self.totals.items():
+                gauge.labels(dp_rank=rank).set(s.get(name, 0))
+            if s.get("avg_spec_accept_length") is not None:
+                self.accept_length.labels(dp_rank=rank).set(s["avg_spec_accept_length"])
         return generate_latest(self.registry)

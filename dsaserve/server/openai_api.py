@@ -71,7 +71,7 @@ class OpenAIServing:
 
     @staticmethod
     def params(body: p.SamplingFields, max_tokens: int | None, logprobs: int | None, index: int,
-               grammar: GrammarSpec | None = None) -> SamplingParams:
+               grammar: GrammarSpec | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
         seed = None if body.seed is None else body.seed + index  # n > 1: seeds s, s+1, ...
         return checked(SamplingParams(
@@ -80,15 +80,19 @@ class OpenAIServing:
             min_p=body.min_p or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
             presence_penalty=body.presence_penalty or 0.0, seed=seed, stop=stop,
             stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos, logprobs=logprobs,
-            grammar=grammar))
+            grammar=grammar, prompt_logprobs=prompt_logprobs))
 
     def token_str(self, token: int, as_ids: bool) -> str:
         return f"token_id:{token}" if as_ids else self.fe.tokenizer.decode([token], skip_special_tokens=False)
 
     async def respond(self, request: Request, body: p.SamplingFields, prompts: list[list[int]],
                       max_tokens: int | None, logprobs: int | None, kind: str,
-                      parser: ParserFactory | None = None, grammar: GrammarSpec | None = None) -> Any:
-        params = [self.params(body, max_tokens, logprobs, i, grammar) for _ in prompts for i in range(body.n)]
+                      parser: ParserFactory | None = None, grammar: GrammarSpec | None = None,
+                      echo: list[str] | None = None) -> Any:
+        """`echo`: each prompt's text, returned before its completion (with its tokens' log-probabilities
+        when logprobs are asked for)."""
+        scored = logprobs if echo is not None else None
+        params = [self.params(body, max_tokens, logprobs, i, grammar, scored) for _ in prompts for i in range(body.n)]
         flat = [ids for ids in prompts for _ in range(body.n)]
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         route, dp_rank = await self.pd.route(body)
@@ -97,7 +101,7 @@ class OpenAIServing:
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             parsers = [parser() if parser else None for _ in handles]
-            gen = self._stream(handles, rid, body, prompt_tokens, include_usage, kind, parsers)
+            gen = self._stream(handles, rid, body, prompts, include_usage, kind, parsers, echo)
             return AbortingStream(gen, aborter(self.fe, handles))
 
         async def gather() -> list[Result]:
@@ -106,12 +110,13 @@ class OpenAIServing:
         results = await until_disconnect(request, gather(), aborter(self.fe, handles))
         if kind == "chat":
             return self._chat(rid, body, results, prompt_tokens, parser)
-        return self._completion(rid, body, results, prompt_tokens)
+        return self._completion(rid, body, results, prompts, echo)
 
-    async def _stream(self, handles: list[RequestHandle], rid: str, body: p.SamplingFields, prompt_tokens: int,
-                      include_usage: bool, kind: str, parsers: list[OutputParser | None]) -> AsyncIterator[str]:
+    async def _stream(self, handles: list[RequestHandle], rid: str, body: p.SamplingFields, prompts: list[list[int]],
+                      include_usage: bool, kind: str, parsers: list[OutputParser | None],
+                      echo: list[str] | None) -> AsyncIterator[str]:
         offsets = [0] * len(handles)
-        completion_tokens = [0] * len(handles)
+        completion_tokens, cached = [0] * len(handles), [0] * len(handles)
         calls = [0] * len(handles)  # tool calls streamed so far, per choice
         if kind == "chat":
             for i in range(len(handles)):
@@ -121,17 +126,18 @@ class OpenAIServing:
             async for i, d in merged(handles):
                 if d.finish is not None and d.finish.kind == "error":
                     raise ApiError(500, d.finish.message or "the request failed in the engine")
-                completion_tokens[i] = d.completion_tokens
+                completion_tokens[i], cached[i] = d.completion_tokens, d.cached_tokens
                 if kind == "chat":
                     yield self._chat_chunks(rid, body, i, d, parsers[i], calls)
                 else:
-                    yield self._completion_chunk(rid, body, i, d, offsets)
+                    first = echo is not None and d.completion_tokens == len(d.token_ids)  # its first delta
+                    yield self._completion_chunk(rid, body, i, d, offsets, prompts, echo if first else None)
         except Exception as exc:  # an error mid-stream: the client gets it as an event, then [DONE]
             yield error_event(exc)
             yield DONE
             return
         if include_usage:
-            use = p.usage(prompt_tokens, sum(completion_tokens))
+            use = p.usage(sum(len(ids) for ids in prompts), sum(completion_tokens), _cached(cached, body.n))
             chunk_cls = p.ChatCompletionChunk if kind == "chat" else p.CompletionResponse
             yield p.sse(chunk_cls(id=rid, model=self.served_name, choices=[], usage=use))
         yield DONE
@@ -158,13 +164,17 @@ class OpenAIServing:
             events.append(p.sse(p.ChatCompletionChunk(id=rid, model=self.served_name, choices=[choice])))
         return "".join(events)
 
-    def _completion_chunk(self, rid: str, body: p.SamplingFields, i: int, d: Delta, offsets: list[int]) -> str:
+    def _completion_chunk(self, rid: str, body: p.SamplingFields, i: int, d: Delta, offsets: list[int],
+                          prompts: list[list[int]], echo: list[str] | None) -> str:
         finish = d.finish.kind if d.finish is not None else None
+        ids, lps, text = d.token_ids, d.logprobs, d.text
+        if echo is not None:  # the first delta of the choice starts with its prompt
+            ids, lps, text = *self._with_prompt(prompts[i // body.n], d.prompt_logprobs, ids, lps), echo[i // body.n] + text
         clp = None
         if body.logprobs is not None:  # text_offset runs on across chunks
-            clp = self._completion_logprobs(d.token_ids, d.logprobs, body, offsets[i])
+            clp = self._completion_logprobs(ids, lps, body, offsets[i])
             offsets[i] = clp.text_offset[-1] + len(clp.tokens[-1]) if clp.tokens else offsets[i]
-        choice = p.CompletionChoice(index=i, text=d.text, logprobs=clp, finish_reason=finish)
+        choice = p.CompletionChoice(index=i, text=text, logprobs=clp, finish_reason=finish)
         return p.sse(p.CompletionResponse(id=rid, model=self.served_name, choices=[choice]))
 
     # -- completions -------------------------------------------------------------------------
@@ -176,6 +186,12 @@ class OpenAIServing:
             return [list(prompt)]  # type: ignore[arg-type]
         return [self.fe.tokenizer.encode(x) if isinstance(x, str) else list(x) for x in prompt]
 
+    def prompt_texts(self, prompt: str | list[int] | list[str] | list[list[int]], ids: list[list[int]]) -> list[str]:
+        """The prompts as given (text), or decoded (token ids): what `echo` returns before each completion."""
+        items = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else list(prompt)
+        return [x if isinstance(x, str) else self.fe.tokenizer.decode(t, skip_special_tokens=False)
+                for x, t in zip(items, ids)]
+
     def _completion_logprobs(self, ids: list[int], lps: LogprobList, body: p.SamplingFields,
                              offset: int) -> p.CompletionLogprobs:
         out = p.CompletionLogprobs()
@@ -184,21 +200,31 @@ class OpenAIServing:
             s = self.token_str(token, as_ids)
             out.tokens.append(s)
             out.token_logprobs.append(chosen)
-            out.top_logprobs.append({self.token_str(t, as_ids): lp for t, lp in top})
+            out.top_logprobs.append({self.token_str(t, as_ids): lp for t, lp in top} if chosen is not None else None)
             out.text_offset.append(offset)
             offset += len(s)
         return out
 
-    def _completion(self, rid: str, body: p.SamplingFields, results: list[Result],
-                    prompt_tokens: int) -> p.CompletionResponse:
+    @staticmethod
+    def _with_prompt(prompt: list[int], scored: LogprobList | None, ids: list[int],
+                     lps: LogprobList) -> tuple[list[int], list]:
+        """Echo: the prompt's tokens before the completion's; the first prompt token has no log-probability."""
+        prompt_lps = [(None, [])] + list(scored) if scored is not None else [(None, [])] * len(prompt)
+        return prompt + ids, prompt_lps + list(lps)
+
+    def _completion(self, rid: str, body: p.SamplingFields, results: list[Result], prompts: list[list[int]],
+                    echo: list[str] | None) -> p.CompletionResponse:
         choices = []
         for i, r in enumerate(results):
-            lp = None
-            if getattr(body, "logprobs", None) is not None:
-                lp = self._completion_logprobs(r.token_ids, r.logprobs, body, 0)
-            choices.append(p.CompletionChoice(index=i, text=r.text, logprobs=lp, finish_reason=r.finish.kind))
-        return p.CompletionResponse(id=rid, model=self.served_name, choices=choices,
-                                    usage=p.usage(prompt_tokens, sum(r.completion_tokens for r in results)))
+            ids, lps, text = r.token_ids, r.logprobs, r.text
+            if echo is not None:
+                ids, lps = self._with_prompt(prompts[i // body.n], r.prompt_logprobs, ids, lps)
+                text = echo[i // body.n] + text
+            lp = self._completion_logprobs(ids, lps, body, 0) if getattr(body, "logprobs", None) is not None else None
+            choices.append(p.CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=r.finish.kind))
+        use = p.usage(sum(len(ids) for ids in prompts), sum(r.completion_tokens for r in results),
+                      _cached([r.cached_tokens for r in results], body.n))
+        return p.CompletionResponse(id=rid, model=self.served_name, choices=choices, usage=use)
 
     # -- chat --------------------------------------------------------------------------------
 
@@ -259,7 +285,8 @@ class OpenAIServing:
             choices.append(p.ChatChoice(index=i, message=message, logprobs=lp,
                                         finish_reason=finish_reason(r.finish.kind, bool(part.calls))))
         return p.ChatCompletionResponse(id=rid, model=self.served_name, choices=choices,
-                                        usage=p.usage(prompt_tokens, sum(r.completion_tokens for r in results)))
+                                        usage=p.usage(prompt_tokens, sum(r.completion_tokens for r in results),
+                                                      _cached([r.cached_tokens for r in results], body.n)))
 
     # -- tokenizer endpoints -----------------------------------------------------------------
 
@@ -305,6 +332,11 @@ def finish_reason(kind: str, called: bool) -> str:
     return "tool_calls" if called and kind == "stop" else kind
 
 
+def _cached(per_choice: list[int], n: int) -> int:
+    """Prompt tokens served from the prefix cache, each prompt counted once (its best of n choices)."""
+    return sum(max(per_choice[i:i + n]) for i in range(0, len(per_choice), n))
+
+
 def openai_router(serving: OpenAIServing) -> APIRouter:
     router = APIRouter()
 
@@ -317,12 +349,11 @@ def openai_router(serving: OpenAIServing) -> APIRouter:
     @router.post("/v1/completions", response_model=None)
     async def completions(body: p.CompletionRequest, request: Request) -> Any:
         serving.check_model(body.model)
-        if body.echo:
-            raise bad_request("echo is not supported", param="echo")
         prompts = await serving.fe.tokenize(serving.prompt_ids, body.prompt)  # off the event loop
         grammar = serving.grammar(Constraint(body.response_format, body.regex, body.ebnf))
+        echo = serving.prompt_texts(body.prompt, prompts) if body.echo else None
         return await serving.respond(request, body, prompts, body.max_tokens, body.logprobs, "completion",
-                                     grammar=grammar)
+                                     grammar=grammar, echo=echo)
 
     @router.post("/v1/chat/completions", response_model=None)
     async def chat(body: p.ChatCompletionRequest, request: Request) -> Any:

@@ -28,12 +28,18 @@ class Result:
     finish: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    spec_verify_ct: int = 0
+    cached_tokens: int = 0
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
 
     def add(self, d: Delta) -> None:
         self.text += d.text
         self.token_ids += d.token_ids
         self.logprobs += d.logprobs
         self.finish, self.prompt_tokens, self.completion_tokens = d.finish, d.prompt_tokens, d.completion_tokens
+        self.spec_verify_ct, self.cached_tokens = d.spec_verify_ct, d.cached_tokens
+        if d.prompt_logprobs is not None:
+            self.prompt_logprobs = d.prompt_logprobs
 
 
 def checked(params: SamplingParams) -> SamplingParams:

@@ -1,0 +1,98 @@
+"""Memory planning: one rank's weight bytes by component, KV bytes per token, and the KV tokens that fit.
+
+`dsaserve plan` reads only config.json; the engine uses the same functions at start-up on the model it
+actually built (`weight_bytes` of the loaded model, `kv_pool_tokens` for the pool), and logs the same
+numbers. FP8 checkpoints keep their block-quantized linear and expert weights in e4m3 plus fp32 scales
+(the official checkpoints quantize every such weight; the model keeps the matrices it reads directly,
+`quant.DEQUANTIZED_AT_LOAD`, in the compute dtype).
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dsaserve.cache.pools import KVPools, resolve_kv_cache_dtype
+from dsaserve.config import ModelConfig
+from dsaserve.parallel.groups import Parallel, ParallelConfig
+from dsaserve.server_args import ServerArgs
+
+# Components, matched in order against parameter names (the first match wins).
+COMPONENTS = (("mtp", "mtp."), ("routed experts", ".experts."), ("shared experts", ".shared_experts."),
+              ("indexer", ".indexer."), ("attention", ".self_attn."), ("dense MLP", ".mlp."),
+              ("embedding", "embed_tokens"), ("lm_head", "lm_head"), ("norms", "norm"))
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    weights: dict[str, int]  # bytes per component, on one rank
+    kv_bytes_per_token: int
+    device_bytes: int
+    kv_tokens: int  # tokens the KV pool holds (0 when the weights do not fit)
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(self.weights.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.weight_bytes < self.device_bytes and self.kv_tokens > 0
+
+
+def weight_bytes(model: torch.nn.Module) -> dict[str, int]:
+    """Bytes of every parameter by component (works on the meta device: shapes and dtypes only)."""
+    out: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        part = next((c for c, key in COMPONENTS if key in name), "other")
+        out[part] = out.get(part, 0) + p.numel() * p.element_size()
+    return out
+
+
+def kv_pool_tokens(free_bytes: int, mem_fraction: float, bytes_per_token: int) -> int:
+    """The KV pool takes `mem_fraction` of the memory still free after the weights."""
+    return max(int(free_bytes * mem_fraction), 0) // bytes_per_token
+
+
+def plan(cfg: ModelConfig, args: ServerArgs, device_bytes: int, rank: int = 0) -> MemoryPlan:
+    """One rank of the deployment `args` on a device of `device_bytes`, from the config alone."""
+    from dsaserve.model.loader import meta_model
+    dtype = torch.bfloat16 if args.dtype == "auto" else getattr(torch, args.dtype)
+    par = Parallel.without_groups(ParallelConfig(args.tp, args.dp, rank))
+    model = meta_model(cfg, par, dtype, args.spec_steps > 0, lambda name: cfg.fp8_block is not None)
+    weights = weight_bytes(model)
+    layers = cfg.num_hidden_layers + (1 if args.spec_steps else 0)
+    per_token = KVPools.bytes_per_token(cfg, resolve_kv_cache_dtype(args.kv_cache_dtype, dtype), layers)
+    free = device_bytes - sum(weights.values())
+    return MemoryPlan(weights, per_token, device_bytes, kv_pool_tokens(free, args.mem_fraction, per_token))
+
+
+def describe(p: MemoryPlan) -> str:
+    gib = 2 ** 30
+    rows = [f"  {name:<16} {b / gib:9.2f} GiB" for name, b in sorted(p.weights.items(), key=lambda kv: -kv[1])]
+    return "\n".join([f"weights per rank: {p.weight_bytes / gib:.2f} GiB", *rows,
+                      f"KV cache: {p.kv_bytes_per_token} bytes per token; {p.kv_tokens} tokens fit "
+                      f"({p.device_bytes / gib:.1f} GiB device)"])
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    ServerArgs.add_cli_args(parser)
+    parser.add_argument("--gpu-memory-gb", type=float, default=141.0, help="memory of one GPU, in GB (1e9)")
+
+
+def run(ns: argparse.Namespace) -> int:
+    args = ServerArgs.from_cli(ns)
+    if args.model_path is None:
+        print("error: dsaserve plan needs --model-path (a folder with config.json)")
+        return 2
+    cfg = ModelConfig.from_path(Path(args.model_path))
+    result = plan(cfg, args, int(ns.gpu_memory_gb * 1e9))
+    print(f"{args.model_path}: --tp {args.tp} --dp {args.dp}"
+          f"{' --enable-dp-attention' if args.enable_dp_attention else ''}, kv {args.kv_cache_dtype}")
+    print(describe(result))
+    if not result.fits:
+        print(f"error: this rank's weights need {result.weight_bytes / 1e9:.1f} GB but a GPU has "
+              f"{result.device_bytes / 1e9:.1f} GB (with room for no KV cache): use more GPUs (--tp)")
+        return 1
+    return 0

@@ -1,0 +1,65 @@
+"""`dsaserve plan`: the official DeepSeek-V3.2 and GLM-5 configs (FP8) on one 8 x H200 node, and the
+planner counting exactly what the engine allocates."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from dsaserve.cli import main
+from dsaserve.config import ModelConfig
+from dsaserve.planner import plan, weight_bytes
+from dsaserve.server_args import ServerArgs
+
+CONFIGS = Path(__file__).parent / "configs"
+GIB = 2 ** 30
+
+
+def _model(tmp_path: Path, name: str) -> str:
+    (tmp_path / name).mkdir()
+    shutil.copy(CONFIGS / f"{name}.json", tmp_path / name / "config.json")
+    return str(tmp_path / name)
+
+
+@pytest.mark.parametrize("flags", [["--tp", "8"], ["--tp", "8", "--dp", "8", "--enable-dp-attention"],
+                                   ["--tp", "8", "--speculative-algorithm", "NEXTN", "--kv-cache-dtype", "fp8_e4m3"]])
+@pytest.mark.parametrize("name", ["deepseek_v32", "glm_moe_dsa"])
+def test_fp8_models_fit_one_8x141gb_node(name: str, flags: list[str], tmp_path: Path, capsys) -> None:
+    assert main(["plan", "--model-path", _model(tmp_path, name), "--gpu-memory-gb", "141", *flags]) == 0
+    out = capsys.readouterr().out
+    assert "weights per rank" in out and "tokens fit" in out
+
+
+def test_v32_does_not_fit_4x80gb(tmp_path: Path, capsys) -> None:
+    assert main(["plan", "--model-path", _model(tmp_path, "deepseek_v32"), "--tp", "4", "--gpu-memory-gb", "80"]) == 1
+    out = capsys.readouterr().out
+    assert "need 170.3 GB but a GPU has 80.0 GB" in out
+
+
+def test_v32_routed_experts_by_hand() -> None:
+    """At --tp 8 each rank holds 1/8 of every expert's intermediate dim, in e4m3 plus one fp32 scale per
+    128 x 128 block: 58 MoE layers x 256 experts (the MTP layer's experts are counted under mtp)."""
+    cfg = ModelConfig.from_dict(__import__("json").loads((CONFIGS / "deepseek_v32.json").read_text()))
+    inter, hidden = 2048 // 8, 7168
+    w13 = 2 * inter * hidden + 4 * (2 * inter // 128) * (hidden // 128)
+    w2 = hidden * inter + 4 * (hidden // 128) * (inter // 128)
+    p = plan(cfg, ServerArgs(tp=8), int(141e9))
+    assert p.weights["routed experts"] == (61 - 3) * 256 * (w13 + w2)
+    latent, index = 512 + 64, 128  # bf16 cache: 2 bytes a value, every layer has its own indexer
+    assert p.kv_bytes_per_token == 61 * 2 * (latent + index)
+
+
+def test_planner_counts_what_the_engine_allocates(tmp_path: Path) -> None:
+    """One accounting: the plan of a tiny FP8 checkpoint (config only) equals weight_bytes of the model the
+    engine loaded, component by component, and the KV bytes per token the engine sized its pool with."""
+    from dsaserve.engine.engine import Engine
+    from dsaserve.tiny import make_tiny_model
+    ckpt = make_tiny_model(tmp_path / "fp8", "deepseek_v32", fp8=True)
+    args = ServerArgs(model_path=str(ckpt), dtype="float32", max_total_tokens=256, speculative_algorithm="NEXTN",
+                      speculative_num_steps=2)
+    engine = Engine(args, progress=False)
+    planned = plan(engine.cfg, args, int(1e9))
+    assert planned.weights == weight_bytes(engine.runner.model)
+    assert planned.kv_bytes_per_token == engine.runner.bytes_per_token
+    assert planned.weights["mtp"] > 0 and sum(planned.weights.values()) > 0
