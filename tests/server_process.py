@@ -90,6 +90,7 @@ class ServerProcess:
     def __init__(self, model_path: str, log_path: str | Path, startup_timeout: float = 120.0,
                  env: dict[str, str] | None = None, **flags: object):
         self.port = flags.pop("port", None) or free_port()
+        self.env = {**os.environ, **(env or {})}
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path)
         self.startup_timeout = startup_timeout
@@ -97,7 +98,6 @@ class ServerProcess:
         for key, value in flags.items():
             flag = "--" + key.replace("_", "-")
             self.cmd += [flag] if value is True else [flag, str(value)]
-        self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> ServerProcess:
