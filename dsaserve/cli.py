@@ -1,8 +1,9 @@
-"""dsaserve serve | generate | make-tiny-model | train-tiny | bench serving."""
+"""dsaserve serve | generate | make-tiny-model | train-tiny | plan | bench | router."""
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from dsaserve.server_args import ServerArgs
@@ -46,6 +47,16 @@ def _serve(ns: argparse.Namespace) -> int:
 def _bench_serving(ns: argparse.Namespace) -> int:
     from dsaserve.bench.serving import run
     return run(ns)
+
+
+def _router(ns: argparse.Namespace) -> int:
+    """sglang-router, with the arguments as given (its --help lists them): exec, so signals reach it."""
+    import importlib.util
+    if importlib.util.find_spec("sglang_router") is None:
+        print("error: dsaserve router needs sglang-router: pip install sglang-router", file=sys.stderr)
+        return 2
+    os.execv(sys.executable, [sys.executable, "-m", "sglang_router.launch_router", *ns.router_args])
+    return 0  # not reached
 
 
 def _add_plan(sub: argparse._SubParsersAction) -> None:
@@ -104,6 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     _add_bench(sub)
     _add_plan(sub)
 
+    router = sub.add_parser("router", add_help=False, help="run sglang-router (PD pairs with --pd-disaggregation "
+                                                           "--prefill URL BOOTSTRAP_PORT --decode URL, or --worker-urls)")
+    router.add_argument("router_args", nargs=argparse.REMAINDER)
+    router.set_defaults(func=_router)
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["router"]:  # every argument is sglang-router's (argparse would take --help and the like)
+        return _router(argparse.Namespace(router_args=argv[1:]))
     ns = parser.parse_args(argv)
     logging.basicConfig(level=getattr(ns, "log_level", "info").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -77,6 +77,17 @@ class ServerArgs:
                                               "model type, deepseekv32 for deepseek_v32, glm47 for glm_moe_dsa)")
     grammar_backend: str = _opt("llguidance", "constrained decoding for response_format / regex / ebnf and "
                                               "forced tool calls: llguidance or none")
+    disaggregation_mode: str = _opt("null", "prefill/decode disaggregation role: null (serve whole requests), "
+                                            "prefill or decode (requests that carry bootstrap_room move their KV "
+                                            "cache from the prefill server to the decode server)")
+    disaggregation_transfer_backend: str = _opt("nixl", "KV transfer backend: nixl, or fake (no data moves; "
+                                                        "scheduler tests); mooncake is not available yet")
+    disaggregation_bootstrap_port: int = _opt(8998, "prefill side: port of the bootstrap server that decode "
+                                                    "servers ask where a request's KV cache lives")
+    disaggregation_ib_device: str | None = _opt(None, "network devices the transfer backend uses (UCX_NET_DEVICES "
+                                                      "for nixl), e.g. mlx5_0:1")
+    disaggregation_timeout_s: float = _opt(120.0, "a request waiting on the other server (its KV cache, or the "
+                                                  "decode server's pages) fails after this many seconds")
     max_request_bytes: int = _opt(16 * 2**20, "largest HTTP request body accepted; larger ones get 413 before "
                                                "they are parsed")
     seed: int = _opt(0, "seed for requests that carry none")
@@ -109,7 +120,7 @@ class ServerArgs:
         for name in ("attention_backend", "moe_backend"):
             if getattr(self, name) not in ("auto", "torch", "triton"):
                 problems.append(f"--{name.replace('_', '-')} must be auto, torch or triton")
-        problems += _chat_problems(self) + self._serving_problems()
+        problems += _chat_problems(self) + self._serving_problems() + _disaggregation_problems(self)
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -211,3 +222,22 @@ def _chat_problems(args: ServerArgs) -> list[str]:
     return [f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(args, name)!r}"
             for name, allowed, optional in choices
             if getattr(args, name) not in allowed and not (optional and getattr(args, name) is None)]
+
+
+def _disaggregation_problems(args: ServerArgs) -> list[str]:
+    problems = []
+    if args.disaggregation_mode not in ("null", "prefill", "decode"):
+        problems.append(f"--disaggregation-mode must be null, prefill or decode, got {args.disaggregation_mode!r}")
+    if args.disaggregation_transfer_backend not in ("nixl", "mooncake", "fake"):
+        problems.append(f"--disaggregation-transfer-backend must be nixl, mooncake or fake, got "
+                        f"{args.disaggregation_transfer_backend!r}")
+    elif args.disaggregation_transfer_backend == "mooncake" and args.disaggregation_mode != "null":
+        problems.append("--disaggregation-transfer-backend mooncake is not available in dsaserve yet: use nixl")
+    if not 0 < args.disaggregation_bootstrap_port < 65536:
+        problems.append(f"--disaggregation-bootstrap-port must be a TCP port, got {args.disaggregation_bootstrap_port}")
+    if args.disaggregation_mode == "decode" and args.dp >= 1 and args.tp // args.dp > 1:
+        problems.append(f"--disaggregation-mode decode needs attention TP 1 (each DP group leader receives its "
+                        f"group's whole cache): use --dp {args.tp} --enable-dp-attention with --tp {args.tp}")
+    if args.disaggregation_timeout_s <= 0:
+        problems.append(f"--disaggregation-timeout-s must be > 0, got {args.disaggregation_timeout_s}")
+    return problems

@@ -112,3 +112,12 @@ class KVPools:
         if not self.fp8:
             return self.dtype
         return torch.bfloat16 if compute == torch.float16 else compute
+
+    def page_buffers(self) -> list[Tensor]:
+        """Every cache buffer as raw bytes by page: one uint8 [num_pages, page_bytes] view per layer of each
+        pool (latent, then index keys). KV transfer moves pages of these, whatever the cache layout."""
+        out = []
+        for pool in (self._latent, self._index):
+            for layer in pool:
+                out.append(layer.view(torch.uint8).view(self.num_pages, -1))
+        return out

@@ -15,10 +15,11 @@ import torch
 
 from dsaserve.cache.pages import PageAllocator
 from dsaserve.cache.prefix import PrefixCache
-from dsaserve.chat.grammar import commit_tokens
+from dsaserve.chat.grammar import commit_tokens, grammar_state
 from dsaserve.engine.layout import StepMode, StepPlan
 from dsaserve.engine.model_runner import ModelRunner, StepShape
-from dsaserve.engine.request import FinishReason, Request, RequestError, RequestOutput, SamplingParams
+from dsaserve.engine.request import (DisaggRoute, FinishReason, Request, RequestError, RequestOutput,
+                                     SamplingParams)
 from dsaserve.engine.sampler import sample, token_logprobs
 from dsaserve.engine.scheduler import Scheduler, SchedulerConfig
 from dsaserve.spec.drafter import DraftInput, MTPDrafter
@@ -111,12 +112,20 @@ class Engine:
         # rank in the next exchange; the ranks go on only if every one failed at the same point.
         self._failed_at = 0
         self.runner.capture_graphs(self.par.cfg.dp, progress=progress and self.par.cfg.rank == 0)
+        # PD disaggregation (dsaserve/disagg): the leader's side of the KV transfer, None when serving whole requests
+        self.disagg = None
+        if args.disaggregation_mode != "null" and self.par.cfg.is_leader:
+            from dsaserve.disagg.sides import create_side
+            self.disagg = create_side(self)
         self.par.exchange([1])  # every rank built its engine: start-up failures surface before "ready"
 
     # -- requests --------------------------------------------------------------------------
 
-    def add_request(self, rid: str, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Queue a request; bad input raises RequestError naming the problem (nothing is queued)."""
+    def add_request(self, rid: str, prompt_ids: list[int], params: SamplingParams,
+                    route: DisaggRoute | None = None) -> None:
+        """Queue a request; bad input raises RequestError naming the problem (nothing is queued). With a
+        PD `route` a prefill server hands the request over after its first token, and a decode server
+        waits for its KV cache instead of prefilling it."""
         if rid in self.requests:
             raise RequestError(f"request id {rid!r} is already in use")
         params.validate()
@@ -127,14 +136,20 @@ class Engine:
         max_new = params.max_tokens if params.max_tokens is not None else room - len(prompt_ids)
         req = Request(rid=rid, prompt_ids=list(prompt_ids), params=params, max_new_tokens=max_new,
                       arrival=next(self._arrivals),
-                      seed=params.seed if params.seed is not None else self._seeds.getrandbits(63))
-        self.scheduler.add(req)
+                      seed=params.seed if params.seed is not None else self._seeds.getrandbits(63),
+                      disagg=route if self.disagg is not None else None)
+        if req.disagg is not None:
+            self.disagg.add(req)
+        else:
+            self.scheduler.add(req)
         self.requests[rid] = req
 
     def abort(self, rid: str, message: str = "aborted by the client") -> bool:
         req = self.requests.get(rid)
         if req is None:
             return False
+        if req.disagg is not None:
+            self.disagg.release(req)  # the other server learns; pages a write may still reach wait for it
         self._finish(req, FinishReason("abort", message=message))
         self._finished_outside_step.append(self._output(req, [], []))
         return True
@@ -146,6 +161,11 @@ class Engine:
 
     def has_work(self) -> bool:
         return self.scheduler.has_work() or bool(self._finished_outside_step)
+
+    def poll_transfers(self) -> list[RequestOutput]:
+        """PD (leader): advance this leader's KV transfers without a forward step; decode requests whose
+        cache arrived join the running ones (their first token is in the outputs)."""
+        return self.disagg.poll() if self.disagg is not None else []
 
     def stats(self) -> EngineStats:
         cache = self.prefix_cache
@@ -192,6 +212,7 @@ class Engine:
         (keeps the other ranks stepping); `stop`: ask every rank to leave its loop; `epoch`: the
         caller's wake-up counter (server.worker)."""
         outputs = self.take_finished()
+        outputs += self.poll_transfers()  # decode requests whose KV cache arrived run in this step
         plan = self.scheduler.schedule() if self.par.cfg.is_leader else None
         plan, self.last_sync = self.sync(plan, keep_alive, stop, epoch)
         if sum(self.last_sync.dp_sizes) == 0:
@@ -229,6 +250,8 @@ class Engine:
         outputs = self._commit(plan, real, accepted)
         if drafts is not None:
             self._keep_drafts(plan, real, given, drafts.tolist())
+        if self.disagg is not None:  # prefill side: requests with their first token (and drafts) go out
+            self.disagg.after_step(accepted)
         return outputs
 
     def _sample(self, plan: StepPlan, real: int, logits: torch.Tensor) -> dict[str, list]:
@@ -311,22 +334,42 @@ class Engine:
                 req.spec_verify_ct += 1
                 req.spec_accepted += len(tokens) - 1
                 self._spec = [self._spec[0] + 1, self._spec[1] + self.spec_steps, self._spec[2] + len(tokens) - 1]
-            new, reason = [], None
-            for token in tokens:
-                req.output_ids.append(token)
-                new.append(token)
-                reason = self._stop_reason(req, token)
-                if reason is not None:
-                    break
-            commit_tokens(req, new)
-            if reason is not None:
-                self._finish(req, reason)
-            chosen = lps[:len(new)] if lps is not None and req.params.logprobs is not None else []
-            out = self._output(req, new, chosen)
-            if len(req.output_ids) == len(new) and req.params.prompt_logprobs is not None:  # its first tokens
-                out = dataclasses.replace(out, prompt_logprobs=req.prompt_logprobs)
-            outputs.append(out)
+            outputs.append(self._commit_tokens(req, tokens, lps))
         return outputs
+
+    def _commit_tokens(self, req: Request, tokens: list[int], lps: list | None) -> RequestOutput:
+        """Append tokens up to the first that stops the request. A prefill server's PD request never stops
+        here: the decode server applies the stop rules to the token it hands over."""
+        hands_over = req.disagg is not None and self.args.disaggregation_mode == "prefill"
+        new, reason = [], None
+        for token in tokens:
+            req.output_ids.append(token)
+            new.append(token)
+            reason = None if hands_over else self._stop_reason(req, token)
+            if reason is not None:
+                break
+        commit_tokens(req, new)
+        if reason is not None:
+            self._finish(req, reason)
+        chosen = lps[:len(new)] if lps is not None and req.params.logprobs is not None else []
+        out = self._output(req, new, chosen)
+        if len(req.output_ids) == len(new) and req.params.prompt_logprobs is not None:  # its first tokens
+            out = dataclasses.replace(out, prompt_logprobs=req.prompt_logprobs)
+        return out
+
+    def resume_prefilled(self, req: Request, token: int, logprob: tuple | None, drafts: list[int]) -> RequestOutput:
+        """Decode side: the prompt's KV cache arrived with the prefill server's first token (and its MTP
+        drafts): the request decodes on as if it had been prefilled here."""
+        req.draft_ids = list(drafts)
+        self.scheduler.resume(req, len(req.prompt_ids))
+        if req.params.grammar is not None:
+            grammar_state(req, self.cfg.vocab_size)
+        return self._commit_tokens(req, [token], [logprob] if logprob is not None else None)
+
+    def end_request(self, req: Request, reason: FinishReason) -> RequestOutput:
+        """Finish a request outside a step (PD transfers) and return its final output."""
+        self._finish(req, reason)
+        return self._output(req, [], [])
 
     def _stop_reason(self, req: Request, token: int) -> FinishReason | None:
         p = req.params

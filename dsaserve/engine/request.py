@@ -72,7 +72,16 @@ class FinishReason:
 class RequestState(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    TRANSFERRING = "transferring"  # PD: holds pages while its KV cache moves (prefill: out, decode: in)
     FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class DisaggRoute:
+    """A request's prefill/decode pairing: the router's bootstrap room and, on the decode side, the
+    control endpoint of the prefill DP leader that holds it (None on the prefill side)."""
+    room: int
+    prefill_control: str | None = None
 
 
 @dataclass
@@ -95,6 +104,7 @@ class Request:
     spec_verify_ct: int = 0  # verify steps this request took part in
     spec_accepted: int = 0  # draft tokens accepted over those steps
     grammar: Any = None  # GrammarState of params.grammar, made by the sampler on the leader
+    disagg: DisaggRoute | None = None  # PD: the request's KV cache moves between servers
 
     def token_slice(self, start: int, end: int) -> list[int]:
         """Tokens [start, end) of prompt + output, without building the concatenation (hot path)."""

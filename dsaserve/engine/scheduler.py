@@ -89,6 +89,31 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    # -- PD disaggregation: requests whose KV cache moves between servers ----------------------
+
+    def preallocate(self, req: Request, tokens: int) -> bool:
+        """Decode side: give a request pages for `tokens` (its prompt) that a prefill server will fill,
+        leaving what the running requests' next decode step needs. False when they do not fit now."""
+        need = self._pages_for(tokens)
+        reserve = sum(self._pages_missing(r, r.num_cached + self.cfg.decode_lookahead)
+                      for r in self.running if not self._prefilling(r))
+        if self._free_pages(need + reserve) - reserve < need:  # evicts cached prefixes if it must
+            return False
+        req.pages = self.allocator.alloc(need)
+        req.state = RequestState.TRANSFERRING
+        return True
+
+    def resume(self, req: Request, num_cached: int) -> None:
+        """Decode side: the request's KV cache arrived; it decodes from num_cached on."""
+        req.num_cached = num_cached
+        req.state = RequestState.RUNNING
+        bisect.insort(self.running, req, key=lambda r: r.arrival)
+
+    def park(self, req: Request) -> None:
+        """Prefill side: the request stops running but keeps its pages while they are sent."""
+        self.running.remove(req)
+        req.state = RequestState.TRANSFERRING
+
     def schedule(self) -> StepPlan | None:
         """The next step: decode rows of running requests and prefill chunks under one token budget
         (mixed chunk), or prefill first and decode when no chunk can run."""

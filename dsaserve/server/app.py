@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 import dsaserve
+from dsaserve.disagg.serving import PDRouting
 from dsaserve.engine.request import SamplingParams
 from dsaserve.server import protocol as p
 from dsaserve.server.errors import ApiError, bad_request, install_error_handlers
@@ -26,7 +27,8 @@ from dsaserve.server_args import ServerArgs
 HEALTH_GENERATE_TIMEOUT_S = 60.0
 
 
-def create_app(args: ServerArgs, frontend: Frontend, metrics: ServerMetrics, served_name: str) -> FastAPI:
+def create_app(args: ServerArgs, frontend: Frontend, metrics: ServerMetrics, served_name: str,
+               pd: PDRouting | None = None) -> FastAPI:
     app = FastAPI(title="dsaserve", version=getattr(dsaserve, "__version__", "0"))
     install_error_handlers(app)
     app.add_middleware(RequestGuard, limit=args.max_request_bytes)
@@ -42,8 +44,9 @@ def create_app(args: ServerArgs, frontend: Frontend, metrics: ServerMetrics, ser
     open_routes = APIRouter()  # health checks and metrics stay reachable without a key
     _health_routes(open_routes, frontend, metrics)
     app.include_router(open_routes)
-    app.include_router(openai_router(OpenAIServing(frontend, served_name)), dependencies=[Depends(require_key)])
-    app.include_router(_native_routes(args, frontend, served_name), dependencies=[Depends(require_key)])
+    pd = pd or PDRouting(args, frontend.info, len(frontend.links))
+    app.include_router(openai_router(OpenAIServing(frontend, served_name, pd)), dependencies=[Depends(require_key)])
+    app.include_router(_native_routes(args, frontend, served_name, pd), dependencies=[Depends(require_key)])
     return app
 
 
@@ -110,7 +113,7 @@ def _meta(handle: RequestHandle, res: Result, body: p.GenerateRequest, ids: list
     return meta
 
 
-def _native_routes(args: ServerArgs, fe: Frontend, served_name: str) -> APIRouter:
+def _native_routes(args: ServerArgs, fe: Frontend, served_name: str, pd: PDRouting) -> APIRouter:
     router = APIRouter()
 
     @router.post("/generate", response_model=None)
@@ -120,7 +123,8 @@ def _native_routes(args: ServerArgs, fe: Frontend, served_name: str) -> APIRoute
         ids = await fe.encode(body.text) if body.text is not None else body.input_ids
         logprobs = body.top_logprobs_num if body.return_logprob else None
         params = _native_params(body.sampling_params, logprobs, logprobs if body.logprob_start_len >= 0 else None)
-        handle = await fe.submit(ids, params, body.rid, body.routed_dp_rank)
+        route, dp_rank = await pd.route(body)
+        handle = await fe.submit(ids, params, body.rid, dp_rank, route=route)
         if body.stream:
             return AbortingStream(_generate_stream(handle, body, ids), aborter(fe, [handle]))
         res = await until_disconnect(request, collect(handle), aborter(fe, [handle]))
@@ -145,6 +149,7 @@ def _native_routes(args: ServerArgs, fe: Frontend, served_name: str) -> APIRoute
         return {"rid": body.rid, "aborted": True}
 
     @router.get("/get_model_info")
+    @router.get("/model_info")  # sglang-router asks here
     async def model_info() -> dict[str, Any]:
         info = fe.info
         return {"model_path": info["model_path"], "tokenizer_path": info["model_path"],
@@ -152,6 +157,7 @@ def _native_routes(args: ServerArgs, fe: Frontend, served_name: str) -> APIRoute
                 "context_length": info["context_length"], "vocab_size": info["vocab_size"]}
 
     @router.get("/get_server_info")
+    @router.get("/server_info")  # sglang-router asks here
     async def server_info() -> JSONResponse:
         fields = dataclasses.asdict(args)
         if fields.get("api_key"):

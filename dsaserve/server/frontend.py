@@ -19,14 +19,14 @@ import logging
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
 import zmq
 import zmq.asyncio
 
 from dsaserve.engine.engine import EngineStats
-from dsaserve.engine.request import RequestOutput, SamplingParams
+from dsaserve.engine.request import DisaggRoute, RequestOutput, SamplingParams
 from dsaserve.engine.tokenizer import Tokenizer
 from dsaserve.server import messages as m
 from dsaserve.server.errors import ApiError
@@ -49,6 +49,7 @@ class RankLink:
     rank: int  # DP group
     push: zmq.Socket  # plain socket: sends never wait
     pull: zmq.asyncio.Socket
+    info: dict[str, Any] = field(default_factory=dict)  # the leader's Ready info
 
 
 class Frontend:
@@ -89,7 +90,7 @@ class Frontend:
         """Start the ranks and wait until every leader has loaded its engine (StartupError if not)."""
         self.ranks.start()
         for link in self.links:
-            self.info = await self._wait_ready(link)
+            self.info = link.info = await self._wait_ready(link)
         self.tokenizer = Tokenizer(self.info["model_path"])
         self._receivers = [asyncio.create_task(self._receive(link)) for link in self.links]
         self._watcher = asyncio.create_task(watch(self.ranks, self.fail_all))
@@ -184,7 +185,8 @@ class Frontend:
         return next(self._rr) % n
 
     async def submit(self, prompt_ids: list[int], params: SamplingParams, rid: str | None = None,
-                     dp_rank: int | None = None, group: str | None = None) -> RequestHandle:
+                     dp_rank: int | None = None, group: str | None = None,
+                     route: DisaggRoute | None = None) -> RequestHandle:
         """Queue one request on a leader; raises ApiError if it is rejected or the deployment fails."""
         if self.problem is not None:
             raise ApiError(503, self.problem)
@@ -194,7 +196,7 @@ class Frontend:
             raise ApiError(400, f"request id {rid!r} is already in use", param="rid")
         handle = RequestHandle(rid, rank, self.tokenizer, params.stop, group)
         self.handles[rid] = handle
-        self._send(rank, m.AddRequest(rid, list(prompt_ids), params))
+        self._send(rank, m.AddRequest(rid, list(prompt_ids), params, route))
         try:
             await handle.accepted
         except asyncio.CancelledError:  # the client left before the leader answered: nobody will read it
@@ -203,12 +205,14 @@ class Frontend:
         return handle
 
     async def submit_many(self, prompts: list[list[int]], params: list[SamplingParams], base_rid: str,
-                          dp_rank: int | None) -> list[RequestHandle]:
+                          dp_rank: int | None, route: DisaggRoute | None = None) -> list[RequestHandle]:
         """All or nothing: if one is rejected, the accepted ones are aborted. `base_rid` (the
         response id) names them all for /abort_request."""
+        if route is not None and len(prompts) > 1:
+            raise ApiError(400, "a request with bootstrap_room must have one prompt and n = 1", param="n")
         rids = [f"{base_rid}-{i}" for i in range(len(prompts))]
         self.groups[base_rid] = rids
-        jobs = [self.submit(p, sp, rid, dp_rank, base_rid) for p, sp, rid in zip(prompts, params, rids)]
+        jobs = [self.submit(p, sp, rid, dp_rank, base_rid, route) for p, sp, rid in zip(prompts, params, rids)]
         results = await asyncio.gather(*jobs, return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
@@ -287,6 +291,11 @@ class Frontend:
     def _dispatch(self, link: RankLink, ev: m.Event, delta: Delta | None) -> None:
         if isinstance(ev, m.Stats):
             self.engine_stats[link.rank] = ev.stats
+            return
+        if isinstance(ev, m.Wake):  # PD: a leader's KV arrived; under DP attention every leader steps with it
+            if not self._flush_pending:
+                self._flush_pending = True
+                asyncio.get_running_loop().call_soon(self._flush)
             return
         if isinstance(ev, m.Fatal):  # a rank killed before it is the cause, the leader's failure the effect
             self.fail_all(self.ranks.killed() or ev.message)

@@ -21,6 +21,7 @@ from typing import Callable, Iterator
 
 import uvicorn
 
+from dsaserve.disagg.serving import start_bootstrap
 from dsaserve.server.app import create_app
 from dsaserve.server.frontend import Frontend, StartupError
 from dsaserve.server.messages import Endpoints
@@ -164,10 +165,19 @@ async def _run_http(args: ServerArgs, frontend: Frontend, metrics: ServerMetrics
                     stop: _StopSignal) -> int:
     loop = asyncio.get_running_loop()
     served = args.served_model_name or Path(args.model_path).name
+    try:
+        bootstrap = start_bootstrap(args, frontend)  # PD prefill side only
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     app = create_app(args, frontend, metrics, served)
     config = uvicorn.Config(app, log_level=args.log_level.lower(), access_log=args.log_level.lower() == "debug",
                             lifespan="off", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
     ready = f"dsaserve ready on http://{args.host}:{args.port} (model {served})"
     server = _Server(config, ready, lambda: loop.call_soon_threadsafe(frontend.begin_shutdown), stop)
-    await server.serve(sockets=[listener])
+    try:
+        await server.serve(sockets=[listener])
+    finally:
+        if bootstrap is not None:
+            bootstrap.close()
     return 0

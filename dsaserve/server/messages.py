@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dsaserve.engine.engine import EngineStats
-from dsaserve.engine.request import RequestOutput, SamplingParams
+from dsaserve.engine.request import DisaggRoute, RequestOutput, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,7 @@ class AddRequest:
     rid: str
     prompt_ids: list[int]
     params: SamplingParams
+    route: DisaggRoute | None = None  # PD disaggregation: the request's bootstrap room (and prefill leader)
 
 
 @dataclass(frozen=True)
@@ -85,4 +86,10 @@ class Stats:
     stats: EngineStats
 
 
-Event = Ready | StartupFailed | Fatal | Accepted | Rejected | Stats | RequestOutput
+@dataclass(frozen=True)
+class Wake:
+    """PD: a request's KV cache arrived on this leader; under DP attention every leader must step with it,
+    so the frontend sends every leader an envelope (idle leaders wake together)."""
+
+
+Event = Ready | StartupFailed | Fatal | Accepted | Rejected | Stats | Wake | RequestOutput

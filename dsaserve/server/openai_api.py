@@ -14,6 +14,7 @@ from dsaserve.chat.parsers import (DEFAULT_TOOL_PARSER, OutputParser, Parsed, Re
                                    tool_parser)
 from dsaserve.chat.render import ChatFormat, ChatFormatError, RenderedChat
 from dsaserve.chat.tools import ToolPlan, plan_tools
+from dsaserve.disagg.serving import PDRouting
 from dsaserve.engine.request import SamplingParams
 from dsaserve.server import protocol as p
 from dsaserve.server.errors import ApiError, bad_request
@@ -34,8 +35,8 @@ class ChatPlan:
 
 
 class OpenAIServing:
-    def __init__(self, frontend: Frontend, served_name: str):
-        self.fe, self.served_name = frontend, served_name
+    def __init__(self, frontend: Frontend, served_name: str, pd: PDRouting):
+        self.fe, self.served_name, self.pd = frontend, served_name, pd
 
     @functools.cached_property
     def chat_format(self) -> ChatFormat:  # the tokenizer exists once the frontend has started
@@ -94,7 +95,8 @@ class OpenAIServing:
         params = [self.params(body, max_tokens, logprobs, i, grammar, scored) for _ in prompts for i in range(body.n)]
         flat = [ids for ids in prompts for _ in range(body.n)]
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
-        handles = await self.fe.submit_many(flat, params, rid, body.routed_dp_rank)
+        route, dp_rank = await self.pd.route(body)
+        handles = await self.fe.submit_many(flat, params, rid, dp_rank, route)
         prompt_tokens = sum(len(ids) for ids in prompts)  # each prompt once, however many choices
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)

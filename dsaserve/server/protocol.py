@@ -16,7 +16,14 @@ class StreamOptions(_In):
     include_usage: bool = False
 
 
-class SamplingFields(_In):
+class Bootstrap(_In):
+    """PD disaggregation: sglang-router adds these to a request it sends to a prefill and a decode server."""
+    bootstrap_host: str | None = None
+    bootstrap_port: int | None = None
+    bootstrap_room: int | None = None
+
+
+class SamplingFields(Bootstrap):
     """Fields shared by completions and chat completions."""
     model: str
     n: int = Field(1, ge=1, le=128)
@@ -125,7 +132,7 @@ class NativeSamplingParams(BaseModel):
     ignore_eos: bool = False
 
 
-class GenerateRequest(_In):
+class GenerateRequest(Bootstrap):
     text: str | None = None
     input_ids: list[int] | None = None
     sampling_params: NativeSamplingParams = Field(default_factory=NativeSamplingParams)

@@ -100,7 +100,8 @@ def _build_engine(args: ServerArgs, par: Any, push: zmq.Socket) -> Any:
         "model_path": engine.model_path, "context_length": engine.context_length,
         "vocab_size": engine.cfg.vocab_size, "model_type": getattr(engine.cfg, "model_type", None),
         "total_pages": stats.total_pages, "page_size": args.page_size,
-        "eos_token_ids": sorted(engine.eos_ids)}), m.Stats(stats)])
+        "eos_token_ids": sorted(engine.eos_ids), "num_hidden_layers": engine.cfg.num_hidden_layers,
+        "disagg": engine.disagg.info() if engine.disagg is not None else None}), m.Stats(stats)])
     return engine
 
 
@@ -118,6 +119,7 @@ class WorkerLoop:
     def run(self) -> None:
         while not self.stopping:
             events = self._receive(block=not self._should_step())
+            events += self._transfers()
             if not self.stopping and self._should_step():
                 events += self.engine.step(epoch=self.seen)
                 if self.engine.last_sync.any_stop:  # another leader is shutting every rank down
@@ -136,7 +138,7 @@ class WorkerLoop:
         """Handle every envelope that is there; if `block`, first wait for one, however long."""
         events: list[m.Event] = []
         if block:
-            self.pull.poll()
+            self._wait()
         while not self.stopping:
             try:
                 envelope = self.pull.recv_pyobj(zmq.NOBLOCK)
@@ -146,6 +148,27 @@ class WorkerLoop:
             for command in envelope.commands:
                 events += self._handle(command)
         return events
+
+    def _wait(self) -> None:
+        """Block until an envelope comes; with PD transfers pending, also until a control message from the
+        other server or the transfers' next deadline (a write in flight: soon)."""
+        disagg = self.engine.disagg
+        if disagg is None:
+            self.pull.poll()
+            return
+        poller = zmq.Poller()
+        for sock in [self.pull, *disagg.sockets()]:
+            poller.register(sock, zmq.POLLIN)
+        poller.poll(disagg.wait_ms())
+
+    def _transfers(self) -> list[m.Event]:
+        """PD transfers advance without a step. A request whose KV cache arrived must decode: under DP
+        attention every leader steps together, so the frontend is asked to wake them all first."""
+        outputs = self.engine.poll_transfers()
+        if self.engine.args.dp > 1 and any(out.new_token_ids for out in outputs):
+            self.push.send_pyobj([*outputs, m.Wake()])
+            return []
+        return outputs
 
     def _handle(self, msg: m.Command) -> list[m.Event]:
         if isinstance(msg, m.AddRequest):
@@ -163,7 +186,7 @@ class WorkerLoop:
 
     def _add(self, msg: m.AddRequest) -> m.Event:
         try:
-            self.engine.add_request(msg.rid, msg.prompt_ids, msg.params)
+            self.engine.add_request(msg.rid, msg.prompt_ids, msg.params, msg.route)
         except QueueFull as exc:
             return m.Rejected(msg.rid, str(exc), 503)
         except RequestError as exc:

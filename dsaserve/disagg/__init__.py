@@ -1,0 +1,1 @@
+"""Prefill/decode disaggregation: roles, the bootstrap server, KV transfer backends, page runs."""

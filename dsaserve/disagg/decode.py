@@ -1,0 +1,152 @@
+"""Decode side: pre-allocate pages for the prompt, hand their ids to the prefill DP leader that holds the
+room, and wait (bounded) for its `done`: the first token, its drafts, and the pages written. The request
+then joins the running batch with its prompt cached, exactly as if it had been prefilled here.
+
+Pages that a prefill server may still write are never reused early: a request aborted or timed out
+while its pages are out keeps them until the prefill server answers or the timeout has passed.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from dsaserve.disagg import protocol as wire
+from dsaserve.disagg.pages import prompt_pages
+from dsaserve.disagg.sides import SideBase
+from dsaserve.engine.request import FinishReason, Request, RequestError, RequestOutput
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Incoming:
+    req: Request
+    peer: str  # the prefill DP leader's control endpoint
+    deadline: float
+    sent: bool = False  # the prefill server has this request's page ids
+    done: dict[str, Any] | None = None  # its `done`, until the data is seen to have landed
+    pages: list[int] = field(default_factory=list)  # an ended request's pages, held until no write can come
+
+
+@dataclass
+class DecodeSide(SideBase):
+    rooms: dict[int, Incoming] = field(default_factory=dict)  # by arrival
+    peers: dict[str, zmq.Socket] = field(default_factory=dict)
+
+    def info(self) -> dict[str, Any]:
+        return {}
+
+    def sockets(self) -> list[zmq.Socket]:
+        return list(self.peers.values())
+
+    def wait_ms(self) -> int | None:
+        """How long the leader may block (the control sockets wake it too): None with nothing incoming."""
+        if any(i.done is not None for i in self.rooms.values()):
+            return 1  # the write's arrival is seen by polling the backend
+        return self.deadlines.ms_until(min((i.deadline for i in self.rooms.values()), default=None))
+
+    def add(self, req: Request) -> None:
+        room = req.disagg.room
+        if req.disagg.prefill_control is None:
+            raise RequestError("a decode server needs the prefill server's address for bootstrap room "
+                               f"{room} (bootstrap_host and bootstrap_port)")
+        if room in self.rooms:
+            raise RequestError(f"bootstrap_room {room} is already in use on this decode server")
+        self.engine.scheduler.check_fits(len(req.prompt_ids), req.max_new_tokens)
+        self.rooms[room] = Incoming(req, req.disagg.prefill_control, self.deadlines.after())
+        self._try_send(room, self.rooms[room])
+
+    def after_step(self, accepted: dict[str, tuple]) -> None:
+        pass
+
+    def release(self, req: Request) -> None:
+        """The client aborted: the prefill server is told; pages it may be writing are held until it answers."""
+        room = req.disagg.room
+        inc = self.rooms.get(room)
+        if inc is None or inc.req is not req:
+            return
+        if not inc.sent:
+            del self.rooms[room]
+            return
+        self._send(inc.peer, {"kind": "cancel", "room": room, "reason": "aborted on the decode server"})
+        inc.pages, req.pages = req.pages, []
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def poll(self) -> list[RequestOutput]:
+        for sock in self.peers.values():
+            for _, msg, _ in wire.recv_all(sock, routed=False):
+                self._on_message(msg)
+        outputs = []
+        for room, inc in list(self.rooms.items()):
+            out = self._advance(room, inc)
+            if out is not None:
+                outputs.append(out)
+        return outputs
+
+    def _on_message(self, msg: dict[str, Any]) -> None:
+        inc = self.rooms.get(msg.get("room"))
+        if inc is None or not inc.sent:
+            return
+        if msg.get("kind") == "done":
+            inc.done = msg
+        elif msg.get("kind") == "failed":
+            inc.done = {"failed": msg.get("message") or "the prefill server gave no reason"}
+
+    def _advance(self, room: int, inc: Incoming) -> RequestOutput | None:
+        ended = inc.req.rid not in self.engine.requests  # aborted by the client: only its pages are left
+        if not inc.sent and not ended:
+            self._try_send(room, inc)
+        if inc.done is not None and "failed" in inc.done:
+            return self._close(room, inc, f"KV transfer from the prefill server failed: {inc.done['failed']}")
+        if inc.done is not None and self.transport.arrived(inc.done.get("agent", ""), wire.room_tag(room)):
+            del self.rooms[room]
+            if ended:
+                self._free(inc)
+                return None
+            d = inc.done
+            lp = d.get("logprob")
+            logprob = (lp[0], [tuple(x) for x in lp[1]]) if lp else None
+            return self.engine.resume_prefilled(inc.req, int(d["token"]), logprob, [int(t) for t in d["drafts"]])
+        if self.deadlines.passed(inc.deadline):
+            if inc.sent and inc.done is None:
+                self._send(inc.peer, {"kind": "cancel", "room": room, "reason": "timed out on the decode server"})
+            where = "no KV cache from the prefill server" if inc.sent else "no free pages for the prompt"
+            return self._close(room, inc, f"{where} within {self.deadlines.timeout_s:.0f} s")
+        return None
+
+    def _try_send(self, room: int, inc: Incoming) -> None:
+        req = inc.req
+        if not self.engine.scheduler.preallocate(req, len(req.prompt_ids)):
+            return
+        header, blob = self.transport.descriptor()
+        pages = prompt_pages(req.pages, len(req.prompt_ids), self.page_size)
+        self._send(inc.peer, {"kind": "dest", "room": room, "prompt_len": len(req.prompt_ids),
+                              "prompt_crc": wire.prompt_crc(req.prompt_ids), "pages": pages,
+                              "page_size": self.page_size, "spec_steps": self.engine.spec_steps,
+                              "transport": header}, blob)
+        inc.sent = True
+
+    def _close(self, room: int, inc: Incoming, message: str) -> RequestOutput | None:
+        del self.rooms[room]
+        self._free(inc)
+        if inc.req.rid not in self.engine.requests:
+            return None
+        log.warning("bootstrap room %d: %s", room, message)
+        return self.engine.end_request(inc.req, FinishReason("error", message=message))
+
+    def _free(self, inc: Incoming) -> None:
+        if inc.pages:
+            self.engine.allocator.free(inc.pages)
+            inc.pages = []
+
+    def _send(self, peer: str, msg: dict[str, Any], blob: bytes = b"") -> None:
+        sock = self.peers.get(peer)
+        if sock is None:
+            sock = self.peers[peer] = self.ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(peer)
+        wire.send(sock, msg, blob)

@@ -1,0 +1,128 @@
+"""PD disaggregation in the HTTP process: the prefill server's bootstrap server, and the decode server's
+lookup of the prefill DP leader that holds a request's room (the router sends the same request, with
+bootstrap_host / bootstrap_port / bootstrap_room, to both servers).
+
+A room belongs to prefill DP group room % dp on both sides, so no per-request registration is needed:
+the bootstrap server only tells a decode server the prefill server's settings and its leaders' control
+ports; the decode server refuses to pair with a prefill server whose settings differ.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from dsaserve.disagg.protocol import BootstrapInfo
+from dsaserve.engine.request import DisaggRoute
+from dsaserve.server.errors import ApiError
+from dsaserve.server_args import ServerArgs
+
+log = logging.getLogger(__name__)
+BOOTSTRAP_TIMEOUT_S = 5.0
+INFO_TTL_S = 10.0  # a restarted prefill server has new control ports: look them up again after this
+
+
+def local_info(args: ServerArgs, info: dict[str, Any], control_ports: list[int]) -> BootstrapInfo:
+    return BootstrapInfo(model_type=str(info.get("model_type")), num_hidden_layers=int(info["num_hidden_layers"]),
+                         vocab_size=int(info["vocab_size"]), page_size=args.page_size, spec_steps=args.spec_steps,
+                         backend=args.disaggregation_transfer_backend, control_ports=tuple(control_ports))
+
+
+class BootstrapServer:
+    """Prefill side: answers `info` on tcp://host:--disaggregation-bootstrap-port."""
+
+    def __init__(self, args: ServerArgs, info: BootstrapInfo):
+        self.info = info
+        self.ctx = zmq.asyncio.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        addr = f"tcp://{args.host}:{args.disaggregation_bootstrap_port}"
+        try:
+            self.sock.bind(addr)
+        except zmq.ZMQError as exc:
+            self.ctx.destroy(linger=0)
+            raise ValueError(f"the bootstrap server cannot listen on {addr}: {exc} "
+                             f"(--disaggregation-bootstrap-port)") from None
+        self.task = asyncio.create_task(self._serve())
+
+    async def _serve(self) -> None:
+        reply = json.dumps(self.info.to_json()).encode()
+        while True:
+            frames = await self.sock.recv_multipart()
+            if len(frames) >= 2 and frames[-1] == b"info":
+                await self.sock.send_multipart([frames[0], reply])
+
+    def close(self) -> None:
+        self.task.cancel()
+        self.ctx.destroy(linger=0)
+
+
+class PDRouting:
+    """Turns a request's bootstrap fields into its DisaggRoute (and prefill DP group)."""
+
+    def __init__(self, args: ServerArgs, info: dict[str, Any], dp: int):
+        self.args, self.dp = args, dp
+        self.mine = local_info(args, info, []) if args.disaggregation_mode == "decode" else None
+        self.ctx = zmq.asyncio.Context()
+        self._cache: dict[tuple[str, int], tuple[BootstrapInfo, float]] = {}
+
+    async def route(self, body: Any) -> tuple[DisaggRoute | None, int | None]:
+        """(route, DP rank) of a request body (protocol.Bootstrap fields and routed_dp_rank); no route for
+        a request without a room or on a null-mode server."""
+        host, port, room, dp_rank = body.bootstrap_host, body.bootstrap_port, body.bootstrap_room, body.routed_dp_rank
+        if room is None or self.args.disaggregation_mode == "null":
+            return None, dp_rank
+        if not 0 <= room < 2**63:
+            raise ApiError(400, f"bootstrap_room must be in [0, 2^63), got {room}", param="bootstrap_room")
+        if self.args.disaggregation_mode == "prefill":
+            return DisaggRoute(room), room % self.dp if dp_rank is None else dp_rank
+        if host is None or port is None:
+            raise ApiError(400, "a request with bootstrap_room needs bootstrap_host and bootstrap_port on a "
+                                "decode server", param="bootstrap_host")
+        info = await self._info(host, port)
+        problem = info.mismatch(self.mine)
+        if problem is not None:
+            raise ApiError(500, f"cannot decode for the prefill server at {host}:{port}: {problem}")
+        ports = info.control_ports
+        return DisaggRoute(room, f"tcp://{_bracket(host)}:{ports[room % len(ports)]}"), dp_rank
+
+    async def _info(self, host: str, port: int) -> BootstrapInfo:
+        cached = self._cache.get((host, port))
+        if cached is not None and time.monotonic() - cached[1] < INFO_TTL_S:
+            return cached[0]
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            sock.connect(f"tcp://{_bracket(host)}:{port}")
+            await sock.send_multipart([b"", b"info"])
+            if not await sock.poll(int(BOOTSTRAP_TIMEOUT_S * 1000)):
+                raise ApiError(503, f"the prefill bootstrap server at {host}:{port} did not answer within "
+                                    f"{BOOTSTRAP_TIMEOUT_S:.0f} s")
+            frames = await sock.recv_multipart()
+            info = BootstrapInfo.from_json(json.loads(frames[-1]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ApiError(503, f"the bootstrap server at {host}:{port} sent a bad answer: {exc}") from None
+        finally:
+            sock.close()
+        self._cache[(host, port)] = (info, time.monotonic())
+        return info
+
+    def close(self) -> None:
+        self.ctx.destroy(linger=0)
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def start_bootstrap(args: ServerArgs, frontend: Any) -> BootstrapServer | None:
+    """The prefill server's bootstrap server (None in other modes), once every leader reported its port."""
+    if args.disaggregation_mode != "prefill":
+        return None
+    ports = [link.info["disagg"]["control_port"] for link in frontend.links]
+    return BootstrapServer(args, local_info(args, frontend.info, ports))

@@ -1,0 +1,181 @@
+"""KV transfer backends behind one interface: the receiving side describes its page buffers, the sending
+side writes page runs of every buffer into the receiver's and tags the write, and the receiver checks
+that the tagged write has landed.
+
+`nixl`: NIXL's Python API (UCX). DRAM buffers on CPU, VRAM on GPU; the same calls either way.
+`fake`: no data moves (scheduler and failure tests); every write lands at once.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+
+from dsaserve.disagg.pages import PageRun
+
+log = logging.getLogger(__name__)
+Tensor = torch.Tensor
+
+
+class TransferFailed(RuntimeError):
+    """A transfer could not start or did not complete: the request ends with this message."""
+
+
+class KVTransport(ABC):
+    """One per DP group leader, over its pools' page buffers (uint8 [num_pages, page_bytes] each)."""
+
+    name = "base"
+
+    def __init__(self, buffers: list[Tensor]):
+        self.buffers = buffers
+        self.page_bytes = [int(b.shape[1]) for b in buffers]
+
+    def descriptor(self) -> tuple[dict[str, Any], bytes]:
+        """What a sender needs to write into this side's buffers: a JSON-able header and a binary blob."""
+        return {"backend": self.name, "page_bytes": self.page_bytes}, b""
+
+    def check_peer(self, header: dict[str, Any]) -> str | None:
+        """Why this side cannot write into the peer's buffers (None: it can)."""
+        if header.get("backend") != self.name:
+            return f"the decode server uses transfer backend {header.get('backend')!r}, this server {self.name!r}"
+        if header.get("page_bytes") != self.page_bytes:
+            theirs = header.get("page_bytes") or []
+            return (f"the KV cache layouts differ: the decode server has {len(theirs)} page buffers of "
+                    f"{sorted(set(theirs))} bytes per page, this server {len(self.page_bytes)} of "
+                    f"{sorted(set(self.page_bytes))} (same model, dtype and page size on both sides?)")
+        return None
+
+    @abstractmethod
+    def write(self, header: dict[str, Any], blob: bytes, runs: list[PageRun], tag: bytes) -> Any:
+        """Start writing `runs` of every buffer into the peer's; returns a handle for poll()."""
+
+    @abstractmethod
+    def poll(self, handle: Any) -> bool:
+        """True once the write is complete at the receiver; raises TransferFailed."""
+
+    def cancel(self, handle: Any) -> None:
+        """Stop a write that is no longer wanted (best effort)."""
+
+    def arrived(self, sender: str, tag: bytes) -> bool:
+        """Receiver side: the write tagged `tag` by agent `sender` has landed."""
+        return True
+
+    @property
+    def agent(self) -> str:
+        return ""
+
+    def close(self) -> None:
+        pass
+
+
+class FakeTransport(KVTransport):
+    name = "fake"
+
+    def write(self, header: dict[str, Any], blob: bytes, runs: list[PageRun], tag: bytes) -> Any:
+        return tag
+
+    def poll(self, handle: Any) -> bool:
+        return True
+
+
+class NixlTransport(KVTransport):
+    name = "nixl"
+
+    def __init__(self, buffers: list[Tensor], ib_device: str | None = None):
+        super().__init__(buffers)
+        if ib_device:
+            os.environ["UCX_NET_DEVICES"] = ib_device  # read by UCX when the agent creates its backend
+        api = _nixl_api()
+        self._name = f"dsaserve-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.nixl = api.nixl_agent(self._name, api.nixl_agent_config(backends=["UCX"]))
+        cuda = bool(buffers) and buffers[0].is_cuda
+        self.mem = "VRAM" if cuda else "DRAM"
+        self.dev = (buffers[0].device.index or 0) if cuda else 0
+        regions = [(b.data_ptr(), b.numel(), self.dev, "") for b in buffers]
+        self._registered = self.nixl.register_memory(regions, self.mem)
+        self._remotes: set[str] = set()
+
+    @property
+    def agent(self) -> str:
+        return self._name
+
+    def descriptor(self) -> tuple[dict[str, Any], bytes]:
+        header, _ = super().descriptor()
+        header.update(agent=self._name, bases=[b.data_ptr() for b in self.buffers], dev=self.dev, mem=self.mem)
+        return header, self.nixl.get_agent_metadata()
+
+    def write(self, header: dict[str, Any], blob: bytes, runs: list[PageRun], tag: bytes) -> Any:
+        try:
+            peer = header["agent"]
+            if peer not in self._remotes:
+                self.nixl.add_remote_agent(blob)
+                self._remotes.add(peer)
+            local, remote = [], []
+            for buf, pb, base in zip(self.buffers, self.page_bytes, header["bases"]):
+                for run in runs:
+                    local.append((buf.data_ptr() + run.src * pb, run.length * pb, self.dev))
+                    remote.append((base + run.dst * pb, run.length * pb, header["dev"]))
+            handle = self.nixl.initialize_xfer("WRITE", self.nixl.get_xfer_descs(local, self.mem),
+                                               self.nixl.get_xfer_descs(remote, header["mem"]), peer, tag)
+            if self.nixl.transfer(handle) == "ERR":
+                self._release(handle)
+                raise TransferFailed(f"NIXL could not start the write to {peer}")
+            return handle
+        except TransferFailed:
+            raise
+        except Exception as exc:  # NIXL raises its own errors (peer gone, bad descriptors)
+            raise TransferFailed(f"NIXL write failed: {type(exc).__name__}: {exc}") from exc
+
+    def poll(self, handle: Any) -> bool:
+        try:
+            state = self.nixl.check_xfer_state(handle)
+        except Exception as exc:
+            self._release(handle)
+            raise TransferFailed(f"NIXL transfer failed: {type(exc).__name__}: {exc}") from exc
+        if state == "PROC":
+            return False
+        self._release(handle)
+        if state != "DONE":
+            raise TransferFailed(f"NIXL transfer ended in state {state}")
+        return True
+
+    def cancel(self, handle: Any) -> None:
+        self._release(handle)
+
+    def _release(self, handle: Any) -> None:
+        try:
+            self.nixl.release_xfer_handle(handle)
+        except Exception:  # an active transfer that cannot be cancelled: NIXL keeps the handle
+            log.warning("NIXL could not release a transfer handle", exc_info=True)
+
+    def arrived(self, sender: str, tag: bytes) -> bool:
+        return self.nixl.check_remote_xfer_done(sender, tag)  # tags end with ';': a prefix names one room
+
+    def close(self) -> None:
+        try:
+            self.nixl.deregister_memory(self._registered)
+        except Exception:
+            log.warning("NIXL could not deregister the KV pools", exc_info=True)
+
+
+def _nixl_api() -> Any:
+    """NIXL's Python API: the `nixl` meta package when installed, else the CUDA 12 or 13 build directly."""
+    for module in ("nixl._api", "nixl_cu13._api", "nixl_cu12._api"):
+        try:
+            return __import__(module, fromlist=["nixl_agent"])
+        except ImportError:
+            continue
+    raise ValueError("--disaggregation-transfer-backend nixl needs NIXL's Python API: pip install nixl-cu12 "
+                     "(or nixl-cu13)")
+
+
+def create_transport(backend: str, buffers: list[Tensor], ib_device: str | None) -> KVTransport:
+    if backend == "nixl":
+        return NixlTransport(buffers, ib_device)
+    if backend == "fake":
+        return FakeTransport(buffers)
+    raise ValueError(f"transfer backend {backend!r} is not available")

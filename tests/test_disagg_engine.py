@@ -1,0 +1,153 @@
+"""PD disaggregation inside one process: a prefill engine and a decode engine with real NIXL agents (UCX on
+loopback) and real ZMQ control sockets, driven step by step. Greedy tokens equal the aggregated engine's
+for prompts ending one token before, exactly at and one token after a page boundary, at page sizes 1 and
+64, with MTP speculation off and on, for both architectures; failures end requests and return pages."""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import time
+from typing import Iterator
+
+import pytest
+
+from conftest import ARCHS, prompts_ids
+from dsaserve import LLM, SamplingParams
+from dsaserve.engine.engine import Engine
+from dsaserve.engine.request import DisaggRoute, RequestOutput
+from dsaserve.server_args import ServerArgs
+
+pytestmark = pytest.mark.timeout(300)
+GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+_rooms = itertools.count(1000)
+
+
+def lengths(page_size: int) -> list[int]:
+    edge = 64 if page_size == 64 else 16  # page size 1: every token opens a page; 16 = index_topk
+    return [edge - 1, edge, edge + 1, 3]
+
+
+@contextlib.contextmanager
+def pd_pair(model: str, backend: str = "nixl", **kw: object) -> Iterator[tuple[Engine, Engine]]:
+    """A prefill and a decode engine; their transfer agents and sockets are closed afterwards (a NIXL agent
+    or a ZMQ context left to the garbage collector can block it)."""
+    common = dict(model_path=model, max_total_tokens=2048, disaggregation_transfer_backend=backend, **kw)
+    engines = [Engine(ServerArgs(disaggregation_mode=mode, **common), progress=False)
+               for mode in ("prefill", "decode")]
+    try:
+        yield engines[0], engines[1]
+    finally:
+        for e in engines:
+            e.disagg.close()
+
+
+def run_pd(pre: Engine, dec: Engine, prompts: list[list[int]], params: SamplingParams,
+           max_steps: int = 20000) -> tuple[dict[str, RequestOutput], dict[str, list[int]]]:
+    """Send every prompt to both engines (as the router does) and step both until idle; the decode engine's
+    final outputs and tokens by request id."""
+    peer = f"tcp://127.0.0.1:{pre.disagg.port}"
+    for i, ids in enumerate(prompts):
+        room = next(_rooms)
+        pre.add_request(f"r{i}", ids, params, DisaggRoute(room))
+        dec.add_request(f"r{i}", ids, params, DisaggRoute(room, peer))
+    final: dict[str, RequestOutput] = {}
+    tokens: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
+    for _ in range(max_steps):
+        pre.step()
+        for out in dec.step():
+            tokens[out.rid] += out.new_token_ids
+            if out.finished:
+                final[out.rid] = out
+        if len(final) == len(prompts) and not (pre.has_work() or dec.has_work()):
+            break
+        if not (pre.has_work() or dec.has_work()):
+            time.sleep(0.002)  # a control message is on its way between the engines
+    return final, tokens
+
+
+def assert_pools_whole(*engines: Engine) -> None:
+    for e in engines:
+        stats = e.stats()
+        assert stats.free_pages == stats.total_pages, "pages leaked"
+        assert not e.requests
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("page_size", [1, 64])
+@pytest.mark.parametrize("spec_steps", [0, 2])
+def test_pd_greedy_equals_aggregated(arch: str, page_size: int, spec_steps: int,
+                                     tiny_models: dict[str, str]) -> None:
+    model = tiny_models[arch]
+    spec = dict(speculative_algorithm="NEXTN", speculative_num_steps=spec_steps) if spec_steps else {}
+    prompts = prompts_ids(4, lengths(page_size), seed=7)
+    expected = [c.token_ids for c in LLM(model, page_size=page_size, max_total_tokens=2048).generate(prompts, GREEDY)]
+    with pd_pair(model, page_size=page_size, chunked_prefill_size=7, **spec) as (pre, dec):  # prompts in chunks
+        final, tokens = run_pd(pre, dec, prompts, GREEDY)
+        assert [tokens[f"r{i}"] for i in range(len(prompts))] == expected
+        assert all(final[f"r{i}"].finish.kind == "length" for i in range(len(prompts)))
+        if spec_steps:  # the decode server's first step verified the prefill server's drafts
+            assert dec.stats().spec_verify_steps > 0
+        assert pre.steps <= sum(-(-len(ids) // 7) for ids in prompts)  # prompt chunks only, never a decode step
+        assert_pools_whole(pre, dec)
+
+
+def test_injected_failures_end_requests_and_free_pages(tiny_ds: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DSASERVE_DISAGG_TEST_FAILURE_PROB", "1")
+    with pd_pair(tiny_ds, backend="fake", page_size=4) as (pre, dec):
+        final, tokens = run_pd(pre, dec, prompts_ids(3, [4, 9, 2], seed=1), GREEDY)
+        assert len(final) == 3 and not any(tokens.values())
+        for out in final.values():
+            assert out.finish.kind == "error" and "injected transfer failure" in out.finish.message
+        assert_pools_whole(pre, dec)
+
+
+def test_decode_abort_while_waiting_frees_both_sides(tiny_ds: str) -> None:
+    with pd_pair(tiny_ds, backend="fake", page_size=4) as (pre, dec):
+        peer = f"tcp://127.0.0.1:{pre.disagg.port}"
+        ids = prompts_ids(1, [9], seed=2)[0]
+        dec.add_request("d", ids, GREEDY, DisaggRoute(5, peer))  # the prefill server has not got it yet
+        assert dec.stats().free_pages < dec.stats().total_pages  # pre-allocated
+        assert dec.abort("d")
+        assert [o.finish.kind for o in dec.step()] == ["abort"]
+        pre.add_request("p", ids, GREEDY, DisaggRoute(5))
+        deadline = time.monotonic() + 30
+        outputs: list[RequestOutput] = []
+        while (pre.requests or dec.stats().free_pages < dec.stats().total_pages) and time.monotonic() < deadline:
+            outputs += pre.step()  # the prefill server learns of the cancel, the decode server of its answer
+            dec.step()
+            time.sleep(0.002)
+        assert any(o.finished and o.finish.kind == "abort" for o in outputs)
+        assert_pools_whole(pre, dec)
+
+
+def test_prefill_without_decode_times_out(tiny_ds: str) -> None:
+    pre = Engine(ServerArgs(model_path=tiny_ds, max_total_tokens=512, disaggregation_mode="prefill",
+                            disaggregation_transfer_backend="fake", disaggregation_timeout_s=0.5), progress=False)
+    pre.add_request("p", [5, 6, 7], GREEDY, DisaggRoute(9))
+    outputs: list[RequestOutput] = []
+    deadline = time.monotonic() + 30
+    while not any(o.finished for o in outputs) and time.monotonic() < deadline:
+        outputs += pre.step()
+        time.sleep(0.01)
+    pre.disagg.close()
+    final = [o for o in outputs if o.finished]
+    assert final and final[0].finish.kind == "error" and "no decode server asked" in final[0].finish.message
+    assert_pools_whole(pre)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(disaggregation_mode="decode", tp=2), "decode needs attention TP 1"),
+    (dict(disaggregation_mode="both"), "--disaggregation-mode must be null, prefill or decode"),
+    (dict(disaggregation_mode="prefill", disaggregation_transfer_backend="mooncake"), "mooncake is not available"),
+    (dict(disaggregation_timeout_s=0), "--disaggregation-timeout-s must be > 0"),
+])
+def test_flags_refuse_what_cannot_work(flags: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ServerArgs(**flags)
+
+
+def test_failure_probability_must_be_a_probability(tiny_ds: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DSASERVE_DISAGG_TEST_FAILURE_PROB", "1.5")
+    with pytest.raises(ValueError, match=r"DSASERVE_DISAGG_TEST_FAILURE_PROB must be in \[0, 1\], got 1.5"):
+        Engine(ServerArgs(model_path=tiny_ds, max_total_tokens=256, disaggregation_mode="prefill",
+                          disaggregation_transfer_backend="fake"), progress=False)

@@ -1,0 +1,283 @@
+"""PD disaggregation with real processes on loopback: dsaserve prefill and decode servers (real NIXL over
+UCX), the real sglang-router in front, the official openai client. Greedy output through the router
+equals the aggregated run; injected transfer failures, aborts and a dead peer end requests (never
+servers) and every page returns to its pool."""
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import openai
+import pytest
+
+from conftest import prompts_ids
+from dsaserve import LLM, SamplingParams
+from router_process import RouterProcess, pd_router
+from server_process import ServerProcess, free_port
+
+pytestmark = pytest.mark.timeout(300)
+MAX = 8
+GREEDY = SamplingParams(max_tokens=MAX, temperature=0.0, ignore_eos=True)
+TIMEOUT_S = 10  # --disaggregation-timeout-s of the servers that lose a peer
+
+
+def expected(model: str, prompts: list[list[int]], **kw: Any) -> list[list[int]]:
+    return [c.token_ids for c in LLM(model, max_total_tokens=2048, **kw).generate(prompts, GREEDY)]
+
+
+def generate(url: str, ids: list[int], stream: bool = False, **fields: Any) -> httpx.Response:
+    body = {"input_ids": ids, "stream": stream, **fields,
+            "sampling_params": {"max_new_tokens": MAX, "temperature": 0, "ignore_eos": True}}
+    return httpx.post(f"{url}/generate", json=body, timeout=120)
+
+
+def stream_ids(r: httpx.Response) -> list[int]:
+    events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return json.loads(events[-2])["output_ids"]
+
+
+def pools(url: str) -> list[tuple[int, int]]:
+    states = httpx.get(f"{url}/get_server_info", timeout=30).json()["internal_states"]
+    return [(s["free_pages"], s["total_pages"]) for s in states]
+
+
+def wait_pools_whole(url: str, within_s: float) -> None:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if all(free == total for free, total in pools(url)):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{url}: pages did not return to the pool within {within_s} s: {pools(url)}")
+
+
+def steps(url: str) -> int:
+    return sum(s["steps"] for s in httpx.get(f"{url}/get_server_info", timeout=30).json()["internal_states"])
+
+
+def pd_servers(model: str, tmp: Path, prefill: dict[str, Any], decode: dict[str, Any],
+               prefill_env: dict[str, str] | None = None) -> tuple[ServerProcess, ServerProcess, int]:
+    port = free_port()
+    common = dict(max_total_tokens=2048)
+    p = ServerProcess(model, tmp / "prefill.log", env=prefill_env, disaggregation_mode="prefill",
+                      disaggregation_bootstrap_port=port, **common, **prefill)
+    d = ServerProcess(model, tmp / "decode.log", disaggregation_mode="decode", **common, **decode)
+    return p, d, port
+
+
+# -- prefill --tp 2, decode --tp 1, page size 64 ------------------------------------------------------
+
+PROMPTS_64 = prompts_ids(4, [63, 64, 65, 5], seed=3)  # one before, at and one after a page boundary
+
+
+@pytest.fixture(scope="class")
+def mixed_tp(tiny_ds: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
+    tmp = tmp_path_factory.mktemp("pd-tp")
+    flags = dict(page_size=64, disaggregation_timeout_s=TIMEOUT_S)
+    p, d, port = pd_servers(tiny_ds, tmp, dict(tp=2, **flags), flags)
+    with p, d, pd_router(tmp / "router.log", p, port, d) as router:
+        yield p, d, router
+
+
+class TestMixedTP:
+    def test_generate_equals_aggregated(self, mixed_tp: tuple, tiny_ds: str) -> None:
+        p, d, router = mixed_tp
+        want = expected(tiny_ds, PROMPTS_64, page_size=64)
+        before = steps(p.url)
+        got = [generate(router.url, ids).json()["output_ids"] for ids in PROMPTS_64]
+        assert got == want
+        assert steps(p.url) - before == len(PROMPTS_64)  # the prefill server ran each prompt, decoded nothing
+        assert [stream_ids(generate(router.url, ids, stream=True)) for ids in PROMPTS_64[:2]] == want[:2]
+        assert all(free == total for free, total in pools(p.url) + pools(d.url))
+
+    def test_openai_client_through_router(self, mixed_tp: tuple, model: str) -> None:
+        """The official client through the router (it takes text prompts) equals the decode server alone."""
+        p, d, router = mixed_tp
+        asyncio.run(self._openai(router.url, d.url, model))
+
+    @staticmethod
+    async def _openai(router: str, aggregated: str, model: str) -> None:
+        via = openai.AsyncOpenAI(base_url=f"{router}/v1", api_key="unused", max_retries=0, timeout=120)
+        ref = openai.AsyncOpenAI(base_url=f"{aggregated}/v1", api_key="unused", max_retries=0, timeout=120)
+        extra = {"return_tokens_as_token_ids": True, "ignore_eos": True}
+        try:
+            for prompt in ("Hello there", "The quick brown fox jumps over the lazy dog " * 6):
+                args = dict(model=model, prompt=prompt, max_tokens=MAX, temperature=0, logprobs=0, extra_body=extra)
+                r, alone = await via.completions.create(**args), await ref.completions.create(**args)
+                assert r.choices[0].logprobs.tokens == alone.choices[0].logprobs.tokens
+                assert len(r.choices[0].logprobs.tokens) == MAX
+                chunks = await via.completions.create(**{**args, "logprobs": None}, stream=True)
+                text = "".join([c.choices[0].text async for c in chunks if c.choices])
+                assert text == alone.choices[0].text
+            chat = dict(model=model, messages=[{"role": "user", "content": "Say hello"}], max_tokens=MAX,
+                        temperature=0, extra_body={"ignore_eos": True})
+            alone = await ref.chat.completions.create(**chat)
+            stream = await via.chat.completions.create(**chat, stream=True)
+            text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+            assert text == alone.choices[0].message.content and text
+        finally:
+            await via.close()
+            await ref.close()
+
+    def test_decode_killed_prefill_frees_pages(self, mixed_tp: tuple) -> None:
+        p, d, router = mixed_tp
+
+        async def flood() -> list[Any]:
+            async with httpx.AsyncClient(timeout=3 * TIMEOUT_S) as client:
+                body = {"input_ids": PROMPTS_64[2], "sampling_params": {"max_new_tokens": 64, "ignore_eos": True}}
+                jobs = [client.post(f"{router.url}/generate", json=body) for _ in range(6)]
+                kill = asyncio.create_task(asyncio.to_thread(self._kill_when_busy, d))
+                results = await asyncio.gather(*jobs, return_exceptions=True)
+                await kill
+                return results
+
+        asyncio.run(flood())
+        assert d.proc.poll() is not None
+        wait_pools_whole(p.url, 4 * TIMEOUT_S)  # the prefill server's held pages came back
+        assert httpx.get(f"{p.url}/health_generate", timeout=60).status_code == 200
+
+    @staticmethod
+    def _kill_when_busy(d: ServerProcess) -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and all(f == t for f, t in pools(d.url)):
+            time.sleep(0.05)
+        d.proc.send_signal(signal.SIGKILL)
+        d.proc.wait(10)
+
+
+# -- MTP speculation, page size 1, DP attention on the decode side, GLM-5 ---------------------------
+
+class TestSpecDPAttention:
+    def test_generate_equals_aggregated(self, tiny_models: dict[str, str], tmp_path: Path) -> None:
+        model = tiny_models["glm_moe_dsa"]
+        spec = dict(page_size=1, speculative_algorithm="NEXTN", speculative_num_steps=2)
+        prompts = prompts_ids(4, [15, 16, 17, 3], seed=5)  # around index_topk (16)
+        p, d, port = pd_servers(model, tmp_path, spec, dict(tp=2, dp=2, enable_dp_attention=True, **spec))
+        with p, d, pd_router(tmp_path / "router.log", p, port, d) as router:
+            want = expected(model, prompts, page_size=1)
+            before = steps(p.url)
+            assert [generate(router.url, ids).json()["output_ids"] for ids in prompts] == want
+            assert steps(p.url) - before == len(prompts)  # prompts only: the decode server decoded them
+            assert [stream_ids(generate(router.url, ids, stream=True)) for ids in prompts[:2]] == want[:2]
+            spec_mismatch = ServerProcess(model, tmp_path / "nospec.log", disaggregation_mode="decode", page_size=1,
+                                          max_total_tokens=2048)
+            with spec_mismatch:  # a decode server without speculation refuses to pair, naming the setting
+                r = generate(spec_mismatch.url, prompts[0], bootstrap_host="127.0.0.1", bootstrap_port=port,
+                             bootstrap_room=12345)
+                assert r.status_code == 500 and "speculative draft steps" in r.text, r.text
+
+
+# -- failures end requests, not servers ---------------------------------------------------------------
+
+@pytest.fixture(scope="class")
+def failing(tiny_ds: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
+    tmp = tmp_path_factory.mktemp("pd-fail")
+    flags = dict(page_size=1, disaggregation_timeout_s=TIMEOUT_S)
+    prefill = dict(tp=2, dp=2, enable_dp_attention=True, **flags)  # rooms go to prefill DP group room % 2
+    p, d, port = pd_servers(tiny_ds, tmp, prefill, flags, prefill_env={"DSASERVE_DISAGG_TEST_FAILURE_PROB": "0.05"})
+    # the router would retry a failed request (with a new room): without retries the client sees the error
+    with p, d, pd_router(tmp / "router.log", p, port, d, "--disable-retries") as router:
+        yield p, d, router, port
+
+
+class TestFailures:
+    def test_injected_failures_end_requests(self, failing: tuple) -> None:
+        p, d, router, _ = failing
+        prompts = prompts_ids(60, [3 + i % 13 for i in range(60)], seed=9)
+
+        async def run() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=120) as client:
+                return await asyncio.gather(*(client.post(f"{router.url}/generate", json={
+                    "input_ids": ids, "sampling_params": {"max_new_tokens": 4, "ignore_eos": True}})
+                    for ids in prompts))
+
+        results = asyncio.run(run())
+        ok = [r for r in results if r.status_code == 200]
+        failed = [r for r in results if r.status_code != 200]
+        assert all(len(r.json()["output_ids"]) == 4 for r in ok)
+        assert all("injected transfer failure" in r.text for r in failed), [r.text for r in failed][:3]
+        # p = 0.05, --seed 0: the two prefill leaders draw from Random(0) and Random(1), whose first 60 draws
+        # fail at [35, 40] and [9, 13, 19, 20, 26, 35, 56]: 4 to 7 failures however the rooms split
+        assert len(ok) + len(failed) == 60 and 1 <= len(failed) <= 8
+        for url in (p.url, d.url):
+            wait_pools_whole(url, 2 * TIMEOUT_S)
+            assert httpx.get(f"{url}/health_generate", timeout=60).status_code == 200
+
+    def test_abort_while_waiting_for_the_cache(self, failing: tuple) -> None:
+        p, d, _, port = failing
+        ids = prompts_ids(1, [9], seed=4)[0]
+        for server, room in ((d, 77001), (p, 77002)):  # decode: pre-allocated; prefill: prefilled, no decode asks
+            async def run() -> tuple[httpx.Response, httpx.Response]:
+                async with httpx.AsyncClient(timeout=60) as client:
+                    job = asyncio.create_task(client.post(f"{server.url}/generate", json={
+                        "input_ids": ids, "rid": f"abort-{room}", "bootstrap_host": "127.0.0.1",
+                        "bootstrap_port": port, "bootstrap_room": room, "sampling_params": {"max_new_tokens": 4}}))
+                    deadline = time.monotonic() + 30
+                    while all(f == t for f, t in pools(server.url)) and time.monotonic() < deadline:
+                        await asyncio.sleep(0.05)  # until the request holds its pages
+                    abort = await client.post(f"{server.url}/abort_request", json={"rid": f"abort-{room}"})
+                    return await job, abort
+
+            answer, abort = asyncio.run(run())
+            assert abort.status_code == 200
+            assert answer.status_code == 200 and answer.json()["meta_info"]["finish_reason"]["type"] == "abort"
+            wait_pools_whole(server.url, 2 * TIMEOUT_S)
+
+    def test_prefill_killed_decode_requests_fail(self, failing: tuple) -> None:
+        p, d, _, port = failing
+        prompts = prompts_ids(3, [5, 6, 7], seed=8)
+
+        async def run() -> list[httpx.Response]:  # sent to the decode server only: they wait on the prefill server
+            async with httpx.AsyncClient(timeout=120) as client:
+                jobs = [asyncio.create_task(client.post(f"{d.url}/generate", json={
+                    "input_ids": ids, "bootstrap_host": "127.0.0.1", "bootstrap_port": port,
+                    "bootstrap_room": 88000 + i, "sampling_params": {"max_new_tokens": 4}}))
+                    for i, ids in enumerate(prompts)]
+                deadline = time.monotonic() + 30
+                while all(f == t for f, t in pools(d.url)) and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+                p.proc.send_signal(signal.SIGKILL)
+                return await asyncio.gather(*jobs)
+
+        start = time.monotonic()
+        results = asyncio.run(run())
+        assert time.monotonic() - start < 3 * TIMEOUT_S
+        assert all(r.status_code == 500 and "no KV cache from the prefill server" in r.text for r in results)
+        wait_pools_whole(d.url, 2 * TIMEOUT_S)
+        assert httpx.get(f"{d.url}/health_generate", timeout=60).status_code == 200
+
+
+def test_worker_urls_routing(tiny_ds: str, tmp_path: Path) -> None:
+    """Plain sglang-router load balancing over two aggregated dsaserve servers."""
+    prompts = prompts_ids(4, [5, 9, 13, 17], seed=12)
+    want = expected(tiny_ds, prompts, page_size=64)
+    a = ServerProcess(tiny_ds, tmp_path / "a.log", max_total_tokens=2048)
+    b = ServerProcess(tiny_ds, tmp_path / "b.log", max_total_tokens=2048)
+    with a, b, RouterProcess(tmp_path / "router.log", "--worker-urls", a.url, b.url) as router:
+        assert [generate(router.url, ids).json()["output_ids"] for ids in prompts] == want
+        steps = [httpx.get(f"{s.url}/get_server_info", timeout=30).json()["internal_states"][0]["steps"] for s in (a, b)]
+        assert min(steps) > 0  # round robin: both servers served
+
+
+@pytest.mark.gpu
+def test_gpu_prefill_on_gpu0_decode_on_gpu1(tiny_ds: str, tmp_path: Path) -> None:
+    """NIXL moving CUDA memory: prefill on GPU 0, decode on GPU 1, through the router; the decode server
+    serving the same prompts whole (its own prefill) is the reference."""
+    import torch
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    port = free_port()
+    flags = dict(max_total_tokens=4096, page_size=64, dtype="float32")
+    p = ServerProcess(tiny_ds, tmp_path / "prefill.log", env={"CUDA_VISIBLE_DEVICES": "0"},
+                      disaggregation_mode="prefill", disaggregation_bootstrap_port=port, **flags)
+    d = ServerProcess(tiny_ds, tmp_path / "decode.log", env={"CUDA_VISIBLE_DEVICES": "1"},
+                      disaggregation_mode="decode", **flags)
+    with p, d, pd_router(tmp_path / "router.log", p, port, d) as router:
+        for ids in PROMPTS_64:
+            assert generate(router.url, ids).json()["output_ids"] == generate(d.url, ids).json()["output_ids"]
+        assert all(free == total for free, total in pools(p.url) + pools(d.url))
