@@ -62,6 +62,8 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--page-size", type=int, default=64)
+    ap.add_argument("--dtype", default="auto", help="float32: tokens equal to the reference (the oracle drafter "
+                                                "is then accepted every time)")
     ap.add_argument("--output-json", default=None)
     args = ap.parse_args()
     path = Path(args.out)
@@ -70,6 +72,7 @@ def main() -> None:
                         **{**DEEPSEEK_V32_LAYER, "num_nextn_predict_layers": 1})
     context = args.input_len + args.output_len + 4 * args.steps + 64  # few key-width buckets to capture
     common = dict(page_size=args.page_size, max_running_requests=max(args.batch), context_length=context,
+                  dtype=args.dtype,
                   max_total_tokens=max(args.batch) * (args.input_len + args.output_len + 4 * args.steps) + 4096,
                   chunked_prefill_size=max(8192, args.input_len), cuda_graph_max_bs=max(args.batch))
     vocab = DEEPSEEK_V32_LAYER["vocab_size"]
