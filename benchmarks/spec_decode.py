@@ -2,8 +2,10 @@
 layers (benchmarks/engine.py's model plus its MTP layer), CUDA graphs on (the engine's default).
 
 Drafters: `mtp` (the checkpoint's MTP layer; random weights here, so nearly every draft is
-rejected: this measures the cost of speculation) and `oracle` (each request's known greedy
-continuation: every draft is accepted, the upper bound for S steps). Each row checks that the
+rejected: this measures the cost of speculation), `oracle` (each request's greedy continuation from
+the run without speculation) and `self` (the previous speculative run's tokens, run twice: its verify
+rows round as the measured run's, so bf16 near-ties do not part them; this approaches the upper bound
+of S + 1 tokens per step; `--self-runs` replays). Each row checks that the
 tokens are compared with the non-speculative run: in fp32 they are equal (tests/test_cuda_graph.py); in
 bf16 a verify step's rows round differently from one-row decode steps, so a near-tied argmax can flip
 and a request leave the reference; the table reports how many requests kept it. Prints a table,
@@ -64,6 +66,8 @@ def main() -> None:
     ap.add_argument("--page-size", type=int, default=64)
     ap.add_argument("--dtype", default="auto", help="float32: tokens equal to the reference (the oracle drafter "
                                                 "is then accepted every time)")
+    ap.add_argument("--self-runs", type=int, default=2, help="replays of the previous speculative run's tokens "
+                                                            "(each agrees with the last over a longer prefix)")
     ap.add_argument("--output-json", default=None)
     args = ap.parse_args()
     path = Path(args.out)
@@ -97,20 +101,24 @@ def main() -> None:
           f"{llm.engine.runner.graphs.stats.captured} graphs captured")
     for b in args.batch:
         decode_run(llm, prompts[b], 4)  # the speculative engine's shapes compile outside the measured runs
-    for drafter in ("mtp", "oracle"):
+    spec_tokens: dict[int, list[list[int]]] = {}
+    for drafter in ("mtp", "oracle") + ("self",) * args.self_runs:
         for b in args.batch:
-            conts = {}
+            # oracle: the non-speculative continuation; self: the previous speculative run's tokens, whose
+            # verify rows round as the measured run's do (bf16 near-ties then cannot part them).
+            source = reference[b] if drafter == "oracle" else spec_tokens.get(b, reference[b])
+            conts = {tuple(p[:8]): ref for p, ref in zip(prompts[b], source)}
 
-            def oracle(req, drafts):  # noqa: ANN001, ANN202
+            def oracle(req, drafts, conts=conts):  # noqa: ANN001, ANN202
                 n = len(req.output_ids)
                 return (conts[tuple(req.prompt_ids[:8])][n:n + args.steps] + drafts)[:args.steps]
 
-            conts = {tuple(p[:8]): ref for p, ref in zip(prompts[b], reference[b])}
-            llm.engine.draft_override = oracle if drafter == "oracle" else None
+            llm.engine.draft_override = None if drafter == "mtp" else oracle
             before = llm.engine.stats()
-            tokens, stats = decode_run(llm, prompts[b], args.output_len)
+            tokens, stats = decode_run(llm, prompts[b], args.output_len + args.steps + 1)
             after = llm.engine.stats()
-            same = sum(t == r[:args.output_len] for t, r in zip(tokens, reference[b]))
+            spec_tokens[b] = tokens
+            same = sum(t[:args.output_len] == r[:args.output_len] for t, r in zip(tokens, reference[b]))
             verifies = after.spec_verify_steps - before.spec_verify_steps
             accepted = after.spec_accepted_tokens - before.spec_accepted_tokens
             rows.append(dict(batch=b, drafter=drafter, accept_length=(accepted + verifies) / verifies,

@@ -115,10 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     _add_bench(sub)
     _add_plan(sub)
 
-    router = sub.add_parser("router", add_help=False, help="run sglang-router (PD pairs with --pd-disaggregation "
-                                                           "--prefill URL BOOTSTRAP_PORT --decode URL, or --worker-urls)")
-    router.add_argument("router_args", nargs=argparse.REMAINDER)
-    router.set_defaults(func=_router)
+    # Listed for --help only: main() hands every argument after "router" to sglang-router itself.
+    sub.add_parser("router", add_help=False, help="run sglang-router (PD pairs with --pd-disaggregation "
+                                                  "--prefill URL BOOTSTRAP_PORT --decode URL, or --worker-urls)")
 
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["router"]:  # every argument is sglang-router's (argparse would take --help and the like)

@@ -131,6 +131,9 @@ class ModelConfig:
         n_group = int(raw.get("n_group") or 1)
         if n_routed % n_group:
             raise ConfigError(f"n_routed_experts={n_routed} is not divisible by n_group={n_group}")
+        if n_group > 1 and n_routed // n_group < 2:  # a group's score is the sum of its two best experts
+            raise ConfigError(f"n_routed_experts={n_routed} over n_group={n_group} leaves fewer than 2 experts "
+                              f"per group (group-limited routing scores a group by its top 2)")
         topk_group = int(raw.get("topk_group") or 1)
         if topk_group > n_group:
             raise ConfigError(f"topk_group={topk_group} exceeds n_group={n_group}")

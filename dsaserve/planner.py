@@ -50,6 +50,11 @@ def weight_bytes(model: torch.nn.Module) -> dict[str, int]:
     return out
 
 
+def cache_layers(cfg: ModelConfig, spec_steps: int) -> int:
+    """Layers with KV caches: the model's, plus the MTP layer's when it drafts."""
+    return cfg.num_hidden_layers + (1 if spec_steps else 0)
+
+
 def kv_pool_tokens(free_bytes: int, mem_fraction: float, bytes_per_token: int) -> int:
     """The KV pool takes `mem_fraction` of the memory still free after the weights."""
     return max(int(free_bytes * mem_fraction), 0) // bytes_per_token
@@ -57,13 +62,14 @@ def kv_pool_tokens(free_bytes: int, mem_fraction: float, bytes_per_token: int) -
 
 def plan(cfg: ModelConfig, args: ServerArgs, device_bytes: int, rank: int = 0) -> MemoryPlan:
     """One rank of the deployment `args` on a device of `device_bytes`, from the config alone."""
+    from dsaserve.engine.model_runner import resolve_dtype
     from dsaserve.model.loader import meta_model
-    dtype = torch.bfloat16 if args.dtype == "auto" else getattr(torch, args.dtype)
+    dtype = resolve_dtype(args.dtype, torch.device("cuda"))  # the GPU's compute dtype
     par = Parallel.without_groups(ParallelConfig(args.tp, args.dp, rank))
     model = meta_model(cfg, par, dtype, args.spec_steps > 0, lambda name: cfg.fp8_block is not None)
     weights = weight_bytes(model)
-    layers = cfg.num_hidden_layers + (1 if args.spec_steps else 0)
-    per_token = KVPools.bytes_per_token(cfg, resolve_kv_cache_dtype(args.kv_cache_dtype, dtype), layers)
+    per_token = KVPools.bytes_per_token(cfg, resolve_kv_cache_dtype(args.kv_cache_dtype, dtype),
+                                        cache_layers(cfg, args.spec_steps))
     free = device_bytes - sum(weights.values())
     return MemoryPlan(weights, per_token, device_bytes, kv_pool_tokens(free, args.mem_fraction, per_token))
 

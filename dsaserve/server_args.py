@@ -235,9 +235,6 @@ def _disaggregation_problems(args: ServerArgs) -> list[str]:
         problems.append("--disaggregation-transfer-backend mooncake is not available in dsaserve yet: use nixl")
     if not 0 < args.disaggregation_bootstrap_port < 65536:
         problems.append(f"--disaggregation-bootstrap-port must be a TCP port, got {args.disaggregation_bootstrap_port}")
-    if args.disaggregation_mode == "decode" and args.dp >= 1 and args.tp // args.dp > 1:
-        problems.append(f"--disaggregation-mode decode needs attention TP 1 (each DP group leader receives its "
-                        f"group's whole cache): use --dp {args.tp} --enable-dp-attention with --tp {args.tp}")
     if args.disaggregation_timeout_s <= 0:
         problems.append(f"--disaggregation-timeout-s must be > 0, got {args.disaggregation_timeout_s}")
     return problems

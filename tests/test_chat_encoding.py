@@ -3,6 +3,8 @@
 mode, earlier reasoning dropped, the "## Tools" system block, DSML tool calls, <function_results>)."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 
 from dsaserve.chat.dsv32 import encode_messages
@@ -97,9 +99,10 @@ def test_encoding_matches_published_format(name: str, messages: list, thinking: 
 
 
 def test_messages_are_not_mutated() -> None:
-    messages = [{"role": "system", "content": "Be brief."}, ASK]
-    encode_messages(messages, tools=[WEATHER])
-    assert messages == [{"role": "system", "content": "Be brief."}, ASK]
+    messages, tools = [{"role": "system", "content": "Be brief."}, ASK], [WEATHER]
+    before = copy.deepcopy((messages, tools))
+    encode_messages(messages, tools=tools)
+    assert (messages, tools) == before
 
 
 @pytest.mark.parametrize("messages,problem", [

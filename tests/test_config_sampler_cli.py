@@ -10,7 +10,7 @@ import torch
 
 from dsaserve.config import ModelConfig
 from dsaserve.engine.request import Request, SamplingParams
-from dsaserve.engine.sampler import filter_probs, sample
+from dsaserve.engine.sampler import draw, filter_probs, row_uniform, sample
 
 # Field values of the published DeepSeek-V3.2-Exp and GLM-5 config.json files (the math-relevant ones).
 DEEPSEEK_V32 = dict(model_type="deepseek_v32", vocab_size=129280, hidden_size=7168, intermediate_size=18432,
@@ -55,6 +55,42 @@ def test_filters() -> None:
     assert (kept[2:] == 0).all() and kept[1] > 0
     tokens, _ = sample(logits.repeat(50, 1), [_req(SamplingParams(top_p=0.7, seed=s)) for s in range(50)])
     assert set(tokens) == {0, 1}
+
+
+def _chi_square_fit_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """p-value of a chi-square goodness-of-fit test of `counts` against `probs` (zero-probability
+    cells must be empty and are left out)."""
+    expected = probs * counts.sum()
+    cells = probs > 0
+    stat = (((counts - expected) ** 2)[cells] / expected[cells]).sum()
+    return torch.special.gammaincc(torch.tensor((int(cells.sum()) - 1) / 2.0), stat / 2).item()
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_k=4),
+                                    SamplingParams(temperature=1.0, top_p=0.8)])
+def test_sampled_tokens_follow_the_distribution(params: SamplingParams) -> None:
+    """6000 rows with distinct seeds, sampled in one batch, against the filtered distribution that
+    filter_probs computes independently of the noise. Chi-square at 1e-3: with fixed seeds the
+    outcome is deterministic; a correct sampler over random seeds fails it with probability 0.1%."""
+    logits = torch.log(torch.tensor([0.3, 0.2, 0.15, 0.12, 0.1, 0.08, 0.05]))
+    rows = 6000
+    reqs = [_req(SamplingParams(**{**params.__dict__, "seed": s})) for s in range(rows)]
+    tokens, _ = sample(logits.repeat(rows, 1), reqs)
+    want = filter_probs(logits[None], reqs[:1])[0]
+    counts = torch.bincount(torch.tensor(tokens), minlength=7).float()
+    assert (counts[want == 0] == 0).all(), "a filtered-out token was sampled"
+    assert _chi_square_fit_p(counts, want) > 1e-3, f"histogram {counts.tolist()} vs {want.tolist()}"
+
+
+def test_draw_is_exact_at_the_boundaries() -> None:
+    """Inverse CDF: u = 0 gives the first token of positive probability, u -> 1 the last; zero-probability
+    tokens (masked or filtered) are never drawn, even where u x total rounds up to the total."""
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0], [0.25, 0.25, 0.25, 0.25, 0.0]])
+    assert draw(probs, [0.0, 0.0]).tolist() == [1, 0]
+    assert draw(probs, [1 - 2 ** -53, 1 - 2 ** -53]).tolist() == [3, 3]
+    assert draw(probs, [0.49, 0.51]).tolist() == [1, 2]
+    assert row_uniform(1, 0) != row_uniform(1, 1) != row_uniform(2, 1)
+    assert all(0.0 <= row_uniform(s, i) < 1.0 for s in range(50) for i in range(50))
 
 
 def test_penalties_change_choice() -> None:
@@ -109,6 +145,9 @@ def test_bench_one_batch(tiny_ds: str, tmp_path: Path) -> None:
     engine = Engine(ServerArgs(model_path=tiny_ds, max_total_tokens=512), progress=False)
     latent_row = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4  # fp32 on CPU
     index_layers = cfg.indexer_types.count("full")
-    grow = cfg.num_hidden_layers * (min(100, cfg.index_topk) - min(50, cfg.index_topk)) * latent_row \
-        + index_layers * 50 * cfg.index_head_dim * 4
-    assert decode_step_bytes(engine, 3, 100) - decode_step_bytes(engine, 3, 50) == 3 * grow
+    def grow(short: int, long: int) -> int:  # per row: top-k latent rows in every layer, every index key
+        return cfg.num_hidden_layers * (min(long, cfg.index_topk) - min(short, cfg.index_topk)) * latent_row \
+            + index_layers * (long - short) * cfg.index_head_dim * 4
+    assert cfg.index_topk == 16  # 4 -> 12 keys grow the latent rows read; 50 -> 100 only the index keys
+    for short, long in ((4, 12), (50, 100)):
+        assert decode_step_bytes(engine, 3, long) - decode_step_bytes(engine, 3, short) == 3 * grow(short, long)

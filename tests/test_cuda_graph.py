@@ -53,6 +53,24 @@ def test_padded_verify_and_draft_buckets_match_plain(arch: str, tiny_models: dic
     assert {("target", 8, 4), ("draft", 8, 4), ("draft", 8, 1)} <= {s[:3] for s in shapes}, shapes
 
 
+def test_graph_counters_in_stats(tiny_ds: str) -> None:
+    """/get_server_info's graph counters (EngineStats): static layouts appear on first use of a shape
+    (on CPU nothing is made at start-up) and repeat runs of the same shapes make none; without graphs
+    all stay 0."""
+    llm = LLM(tiny_ds, page_size=4, max_total_tokens=4096, cuda_graph_max_bs=8)
+    before = llm.engine.stats()
+    llm.generate(SHORT, GREEDY)
+    warmed = llm.engine.stats()
+    llm.generate(SHORT, GREEDY)
+    again = llm.engine.stats()
+    assert before.graph_shapes == 0 < warmed.graph_shapes == again.graph_shapes
+    assert again.graph_captures == again.graph_eager_misses == 0  # CPU: nothing captured, nothing frozen
+    off = LLM(tiny_ds, page_size=4, max_total_tokens=4096, cuda_graph_max_bs=0)
+    off.generate(SHORT, GREEDY)
+    stats = off.engine.stats()
+    assert stats.graph_shapes == stats.graph_captures == stats.graph_eager_misses == 0
+
+
 def test_reused_bucket_turns_stale_rows_into_dummies(tiny_ds: str) -> None:
     """Invariant 1 for graphs: rows past the batch are whole dummy requests on the reserved page 0
     (token 0, position 0, one key, writing slot 0), whatever the bucket held before."""

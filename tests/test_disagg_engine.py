@@ -91,6 +91,28 @@ def test_pd_greedy_equals_aggregated(arch: str, page_size: int, spec_steps: int,
         assert_pools_whole(pre, dec)
 
 
+@pytest.mark.parametrize("spec_steps", [0, 2])
+def test_decode_side_prefix_cache_skips_cached_pages(spec_steps: int, tiny_ds: str) -> None:
+    """A prompt that shares full pages with one the decode server served before takes them from its prefix
+    cache: the prefill server sends only the pages after them (a full-prompt write into the shorter page
+    list would fail as a page-count mismatch), usage reports them as cached, and the greedy tokens equal
+    the aggregated engine's. With MTP the last shared page is not reused (prefix.py)."""
+    spec = dict(speculative_algorithm="NEXTN", speculative_num_steps=spec_steps) if spec_steps else {}
+    first = prompts_ids(1, [30], seed=9)[0]
+    second = first[:24] + prompts_ids(1, [7], seed=10)[0]  # 6 full pages of 4 shared
+    expected = [c.token_ids for c in LLM(tiny_ds, page_size=4, max_total_tokens=2048, **spec).generate(
+        [first, second], GREEDY)]
+    with pd_pair(tiny_ds, page_size=4, **spec) as (pre, dec):
+        _, tokens = run_pd(pre, dec, [first], GREEDY)
+        assert tokens["r0"] == expected[0]
+        hits = dec.stats().prefix_hit_tokens
+        final, tokens = run_pd(pre, dec, [second], GREEDY)
+        shared = 24 - 4 * bool(spec_steps)
+        assert tokens["r0"] == expected[1]
+        assert final["r0"].cached_tokens == shared and dec.stats().prefix_hit_tokens - hits == shared
+        assert_pools_whole(pre, dec)
+
+
 def test_injected_failures_end_requests_and_free_pages(tiny_ds: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DSASERVE_DISAGG_TEST_FAILURE_PROB", "1")
     with pd_pair(tiny_ds, backend="fake", page_size=4) as (pre, dec):
@@ -136,7 +158,6 @@ def test_prefill_without_decode_times_out(tiny_ds: str) -> None:
 
 
 @pytest.mark.parametrize("flags, message", [
-    (dict(disaggregation_mode="decode", tp=2), "decode needs attention TP 1"),
     (dict(disaggregation_mode="both"), "--disaggregation-mode must be null, prefill or decode"),
     (dict(disaggregation_mode="prefill", disaggregation_transfer_backend="mooncake"), "mooncake is not available"),
     (dict(disaggregation_timeout_s=0), "--disaggregation-timeout-s must be > 0"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dsaserve.cache.pages import PageAllocator
-from dsaserve.disagg.pages import PageCountMismatch, PageRun, page_runs, prompt_pages
+from dsaserve.disagg.pages import PageCountMismatch, PageRun, page_runs, prompt_pages, transfer_pages
 from dsaserve.engine.request import Request, SamplingParams
 from dsaserve.engine.scheduler import Scheduler, SchedulerConfig
 
@@ -16,8 +16,7 @@ def test_runs_contiguous_and_broken() -> None:
     assert page_runs([3, 4, 9, 10], [1, 2, 3, 4]) == [PageRun(3, 1, 2), PageRun(9, 3, 2)]
     assert page_runs([3, 4, 5, 6], [1, 2, 7, 8]) == [PageRun(3, 1, 2), PageRun(5, 7, 2)]
     assert page_runs([5, 4], [1, 2]) == [PageRun(5, 1, 1), PageRun(4, 2, 1)]  # descending is not a run
-    runs = page_runs([7, 1, 2, 3], [4, 5, 6, 9])
-    assert sum(r.length for r in runs) == 4
+    assert page_runs([7, 1, 2, 3], [4, 5, 6, 9]) == [PageRun(7, 4, 1), PageRun(1, 5, 2), PageRun(3, 9, 1)]
 
 
 def test_empty_sides_are_nothing_to_transfer() -> None:
@@ -62,12 +61,22 @@ def test_sampled_token_opening_a_page_cannot_skew_the_lists(spec_steps: int, pag
     with pytest.raises(PageCountMismatch, match=rf"source has {len(decode_side) + 1} pages but the destination "
                                                  rf"has {len(decode_side)}"):
         page_runs(over_tokens, decode_side)
-    # both sides enumerate over the prompt length: the lists match whatever the prefill side holds beyond it
+    # both servers enumerate with transfer_pages (over the prompt length): the lists match whatever the
+    # prefill side holds beyond the prompt
     assert len(src.pages) > len(decode_side)
-    runs = page_runs(prompt_pages(src.pages, prompt_len, page_size), decode_side)
-    assert sum(r.length for r in runs) == prompt_len // page_size == len(dst.pages)
+    src_pages, dst_pages = transfer_pages(src, page_size), transfer_pages(dst, page_size)
+    runs = page_runs(src_pages, dst_pages)
+    assert sum(r.length for r in runs) == prompt_len // page_size == len(dst.pages) == len(src_pages)
 
 
 def test_prompt_pages_refuses_too_few() -> None:
     with pytest.raises(PageCountMismatch, match="needs 3 pages of 4 tokens, but the request holds 2"):
         prompt_pages([1, 2], 9, 4)
+
+
+def test_transfer_pages_skip_the_decode_servers_cached_prefix() -> None:
+    req = Request("r", list(range(5, 15)), SamplingParams(), 8, 0, 0)  # 10 tokens: 3 pages of 4
+    req.pages = [7, 8, 9, 12]  # the prefill side may hold more than the prompt's pages
+    assert transfer_pages(req, 4) == [7, 8, 9] and transfer_pages(req, 4, skip=2) == [9]
+    with pytest.raises(PageCountMismatch, match="skips 3 of the prompt's 3 pages"):
+        transfer_pages(req, 4, skip=3)

@@ -70,7 +70,7 @@ def pd_servers(model: str, tmp: Path, prefill: dict[str, Any], decode: dict[str,
     return p, d, port
 
 
-# -- prefill --tp 2, decode --tp 1, page size 64 ------------------------------------------------------
+# -- prefill --tp 2, decode --tp 2 (attention TP 2: the leader receives, its group copies), page 64 ----
 
 PROMPTS_64 = prompts_ids(4, [63, 64, 65, 5], seed=3)  # one before, at and one after a page boundary
 
@@ -79,7 +79,7 @@ PROMPTS_64 = prompts_ids(4, [63, 64, 65, 5], seed=3)  # one before, at and one a
 def mixed_tp(tiny_ds: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
     tmp = tmp_path_factory.mktemp("pd-tp")
     flags = dict(page_size=64, disaggregation_timeout_s=TIMEOUT_S)
-    p, d, port = pd_servers(tiny_ds, tmp, dict(tp=2, **flags), flags)
+    p, d, port = pd_servers(tiny_ds, tmp, dict(tp=2, **flags), dict(tp=2, **flags))
     with p, d, pd_router(tmp / "router.log", p, port, d) as router:
         yield p, d, router
 
@@ -229,6 +229,10 @@ class TestFailures:
             wait_pools_whole(server.url, 2 * TIMEOUT_S)
 
     def test_prefill_killed_decode_requests_fail(self, failing: tuple) -> None:
+        """Decode requests whose KV cache never comes end within the timeout with a clear error, the
+        decode pool returns whole and the server keeps serving, also once the prefill server is dead.
+        (The requests go to the decode server only, so this is the path of a prefill side that never
+        answers; a prefill server killed in the middle of a write is not reproduced deterministically.)"""
         p, d, _, port = failing
         prompts = prompts_ids(3, [5, 6, 7], seed=8)
 

@@ -4,7 +4,8 @@ kernels (CUDA graphs on) give the tokens of the same FP8 function computed in pl
 FP8 activations (e4m3 per token and 128 channels) are part of that function, so the reference is the
 torch emulation of the kernels (model/quant.py "emulate"), not the dequantized checkpoint: on the tiny
 random models FP8 activations move logits far more than bf16 does. The criteria are those of
-test_triton_engine: log-prob error against an fp32 truth, greedy tokens equal except at near-ties.
+test_triton_engine: against the fp32 emulation as truth, the kernels (in fp32 and in bf16) are no less
+accurate than the emulation run in bf16, and their tokens part from it only at near-ties.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from dsaserve import LLM  # noqa: E402
 from dsaserve.model import quant  # noqa: E402
 from dsaserve.ops.fp8 import FP8  # noqa: E402
 from dsaserve.tiny import make_tiny_model  # noqa: E402
-from test_triton_engine import _first_diff, _greedy, _lp_error, _prompts, check_run  # noqa: E402
+from test_triton_engine import _greedy, _prompts, check_run  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 ARCHS = ["deepseek_v32", "glm_moe_dsa"]
@@ -59,15 +60,10 @@ def test_fp8_kernels_match_torch_emulation(arch: str, fp8_models: dict[str, str]
     prompts = _prompts(3)
     path = fp8_models[arch]
     truth = _greedy(path, "torch", "float32", prompts, fp8_mode="emulate")
-    kernels_fp32 = _greedy(path, "triton", "float32", prompts)
-    error = _lp_error(kernels_fp32, truth)  # accumulation order only, and the e4m3 roundings it flips
-    print(f"{arch}: fp32 Triton FP8 vs torch emulation: chosen log-prob error {error:.2e} nats")
-    assert error < 0.05, f"{arch}: fp32 Triton FP8 log-prob error {error:.4f} nats vs the torch emulation"
-    for i, ((toks, _), (t_toks, t_lps)) in enumerate(zip(kernels_fp32, truth)):
-        d = _first_diff(toks, t_toks)
-        if d < len(t_toks):
-            top = sorted((lp for _, lp in t_lps[d][1]), reverse=True)
-            assert top[0] - top[1] < 2 * max(error, 1e-3), f"{arch} prompt {i}: fp32 tokens part at step {d}"
     emulated_bf16 = _greedy(path, "torch", "bfloat16", prompts, fp8_mode="emulate")
-    kernels_bf16 = _greedy(path, "triton", "bfloat16", prompts)
-    check_run(f"{arch} FP8 Triton bf16 vs torch emulation bf16", truth, emulated_bf16, kernels_bf16)
+    # Hopper's FP8 tensor cores accumulate each 128-wide group in less than fp32 precision, and the
+    # next layer's e4m3 activation rounding amplifies that: even in fp32 the kernels are held to the
+    # noise of the same function in bf16, not to fp32 agreement.
+    for dtype in ("float32", "bfloat16"):
+        kernels = _greedy(path, "triton", dtype, prompts)
+        check_run(f"{arch} FP8 Triton {dtype} vs torch emulation bf16", truth, emulated_bf16, kernels)

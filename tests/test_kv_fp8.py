@@ -85,7 +85,7 @@ def test_layout_round_trips_representable_values_exactly(n: int, rope: int, nbyt
             assert amax == 0 or 224 < amax / s <= 448
         if rope:
             assert torch.equal(rope_values, r[i].double()), "rope values must be stored exactly in bf16"
-    assert torch.equal(kv_format.dequantize_fp8(rows, n), decode_cache(rows, n))
+    assert torch.equal(kv_format.dequantize_fp8(rows, n, rope), decode_cache(rows, n))
 
 
 def test_round_trip_error_within_derived_bound() -> None:

@@ -82,7 +82,9 @@ def test_sigterm_while_starting_exits_cleanly(tmp_path: Path, tiny_ds: str, mome
     deadline = time.monotonic() + 120
     while not reached() and server.proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
+    assert reached(), f"the server never reached '{moment}':\n{server.log()[-3000:]}"
     tree = descendants(server.proc.pid)
+    assert tree or moment == "temporary folder made", "no rank process to outlive the server"
     server.proc.send_signal(signal.SIGTERM)
     code = server.proc.wait(30)
     log = server.log()

@@ -69,8 +69,8 @@ def test_dp_groups_with_uneven_timing(tiny_ds: str) -> None:
     """DP rank 0 idle while rank 1 decodes; a request arriving on rank 0 mid-decode of rank 1 (its
     prefill runs beside the other's decode); 1 vs 3 and 0 vs 4 requests per rank, also with speculation
     and graph buckets (an idle group replays the agreed bucket with dummy requests); unseeded sampling
-    differs between DP groups (each group draws its own seeds); a prompt repeated on one group reuses
-    that group's prefix cache, and the other group's cache is its own."""
+    differs between DP groups (each group draws its own seeds); a prompt repeated on one group after
+    the first one ended, and on the other group (each with its own prefix cache), gives the same tokens."""
     late = [OfflineRequest(PROMPTS[0], GREEDY, dp_rank=0, arrive_at_step=6)]
     busy = [OfflineRequest(p, GREEDY, dp_rank=1) for p in PROMPTS[1:]]
     early = [OfflineRequest(PROMPTS[3], GREEDY, dp_rank=0, arrive_at_step=0),

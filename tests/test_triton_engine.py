@@ -4,8 +4,9 @@ In fp32 (the kernels' dots in IEEE precision) the two backends compute the same 
 summation order, and greedy tokens must be identical. In bf16 kernels round and sum in a different order than the torch ops, so a step whose two best tokens are
 nearly tied may flip. The test therefore also runs the torch ops in fp32 as the truth and measures each
 bf16 run's chosen-token log-prob error against it (the bf16 noise level). It asserts: the Triton run is
-no less accurate than the torch bf16 run (within 2x + 0.02 nats), and Triton's greedy tokens equal the
-torch bf16 tokens except at a step whose top-2 gap is within twice that noise (a tie, not a kernel bug).
+no less accurate than the torch bf16 run (mean error within 2x + 0.01 nats), and Triton's greedy tokens
+equal the torch bf16 tokens except at a step whose top-2 gap is within twice the noise (a tie, not a
+kernel bug).
 """
 from __future__ import annotations
 
@@ -29,10 +30,11 @@ Run = list[tuple[list[int], list]]
 
 
 def _greedy(path: str, backend: str, dtype: str, prompts: list[list[int]], kv_cache_dtype: str = "auto",
-            fp8_mode: str | None = None) -> Run:
-    """Greedy tokens and top-2 log-probs; fp8_mode re-prepares an FP8 model's modules (model/quant.py)."""
-    llm = LLM(path, device="cuda", dtype=dtype, attention_backend=backend, moe_backend=backend, mem_fraction=0.3,
-              kv_cache_dtype=kv_cache_dtype)
+            fp8_mode: str | None = None, moe_backend: str | None = None) -> Run:
+    """Greedy tokens and top-2 log-probs; fp8_mode re-prepares an FP8 model's modules (model/quant.py);
+    moe_backend defaults to the attention backend."""
+    llm = LLM(path, device="cuda", dtype=dtype, attention_backend=backend, moe_backend=moe_backend or backend,
+              mem_fraction=0.3, kv_cache_dtype=kv_cache_dtype)
     try:
         if fp8_mode is not None:
             quant.prepare(llm.engine.runner.model, fp8_mode, llm.engine.runner.dtype)
@@ -53,22 +55,30 @@ def _first_diff(a: list[int], b: list[int]) -> int:
     return next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
+def _lp_errors(run: Run, truth: Run) -> list[float]:
+    """|chosen log-prob - truth's| at every step before the run leaves the truth's tokens."""
+    return [abs(lps[j][0] - t_lps[j][0]) for (toks, lps), (t_toks, t_lps) in zip(run, truth)
+            for j in range(_first_diff(toks, t_toks))]
+
+
 def _lp_error(run: Run, truth: Run) -> float:
-    """Max |chosen log-prob - truth's| over the steps before the run leaves the truth's tokens."""
-    worst = 0.0
-    for (toks, lps), (t_toks, t_lps) in zip(run, truth):
-        for j in range(_first_diff(toks, t_toks)):
-            worst = max(worst, abs(lps[j][0] - t_lps[j][0]))
-    return worst
+    return max(_lp_errors(run, truth), default=0.0)
 
 
 def check_run(label: str, truth: Run, baseline: Run, candidate: Run) -> None:
-    """`candidate` is no less accurate than `baseline` against `truth` (within 2x + 0.02 nats), and its
-    greedy tokens equal the baseline's except where the baseline's top-2 gap is within twice the noise."""
-    e_base, e_cand = _lp_error(baseline, truth), _lp_error(candidate, truth)
-    print(f"{label}: chosen log-prob error vs truth: baseline {e_base:.4f}, candidate {e_cand:.4f} nats")
-    assert e_cand <= 2 * e_base + 0.02, f"{label}: candidate log-prob error {e_cand:.4f} vs baseline {e_base:.4f}"
-    noise = max(e_base, e_cand)
+    """`candidate` is no less accurate than `baseline` against `truth`: mean chosen log-prob error within
+    2x + 0.01 nats (the mean: with FP8 activations or an FP8 cache one flipped e4m3 rounding moves a
+    single step's error a lot, so the max is too noisy to compare). Its greedy tokens equal the
+    baseline's except where the baseline's top-2 gap is within twice the noise (the larger max error)."""
+    def mean(errors: list[float]) -> float:
+        return sum(errors) / max(len(errors), 1)
+
+    e_base, e_cand = _lp_errors(baseline, truth), _lp_errors(candidate, truth)
+    print(f"{label}: chosen log-prob error vs truth (mean / max): baseline {mean(e_base):.4f} / "
+          f"{max(e_base, default=0):.4f}, candidate {mean(e_cand):.4f} / {max(e_cand, default=0):.4f} nats")
+    assert mean(e_cand) <= 2 * mean(e_base) + 0.01, f"{label}: candidate mean log-prob error {mean(e_cand):.4f} " \
+        f"vs baseline {mean(e_base):.4f}"
+    noise = max(e_base + e_cand, default=0.0)
     divergences = []  # (prompt, step, baseline top-2 gap) wherever the two runs part
     for i, ((g, _), (w, w_lp)) in enumerate(zip(candidate, baseline)):
         d = _first_diff(g, w)
@@ -85,7 +95,9 @@ def check_run(label: str, truth: Run, baseline: Run, candidate: Run) -> None:
 @pytest.mark.parametrize("kv", ["auto", "fp8_e4m3"])
 @pytest.mark.parametrize("arch", ["deepseek_v32", "glm_moe_dsa"])
 def test_triton_matches_torch_greedy(arch: str, kv: str, tiny_models: dict[str, str]) -> None:
-    prompts = _prompts(1)
+    # An FP8 cache re-rounds every latent to e4m3, so bf16 noise moves steps more: three prompt sets
+    # (15 prompts) keep the mean error comparison steady.
+    prompts = _prompts(1) if kv == "auto" else _prompts(1) + _prompts(5) + _prompts(6)
     truth = _greedy(tiny_models[arch], "torch", "float32", prompts, kv)
     torch_bf16 = _greedy(tiny_models[arch], "torch", "bfloat16", prompts, kv)
     triton_bf16 = _greedy(tiny_models[arch], "triton", "bfloat16", prompts, kv)

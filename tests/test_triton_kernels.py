@@ -91,6 +91,16 @@ def test_sparse_mla(T, H, v_dim, rope, K, S, splits):
     _check_mla(q, kv, idx, (v_dim + rope) ** -0.5, v_dim, splits)
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+def test_sparse_mla_fp32_full_width(fp8: bool) -> None:
+    """fp32 rows are twice as wide as bf16 ones: at DeepSeek-V3.2's 128 heads x (512 + 64) the wrapper
+    must shrink the key block to fit shared memory (it once launched 304 KiB tiles and failed)."""
+    gen = torch.Generator(DEV).manual_seed(11)
+    q, kv, idx = _mla_inputs(3, 128, 512, 64, 2048, 9000, gen)
+    cache = kv_format.quantize_fp8(kv[:, :512], kv[:, 512:]) if fp8 else kv.float()
+    _check_mla(q.float(), cache, idx, 576 ** -0.5, 512, None, tol=1e-4)
+
+
 @pytest.mark.parametrize("T,H,v_dim,rope,K,S,splits", MLA_CASES)
 def test_sparse_mla_fp8_cache(T, H, v_dim, rope, K, S, splits):
     """The 656-byte FP8 rows (e4m3 latent + fp32 scales + bf16 rope), read and dequantized in the kernel."""

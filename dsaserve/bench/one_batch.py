@@ -16,6 +16,7 @@ import torch
 
 from dsaserve.engine.engine import Engine
 from dsaserve.engine.request import SamplingParams
+from dsaserve.planner import weight_bytes
 from dsaserve.server_args import ServerArgs
 
 
@@ -56,17 +57,12 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
 
 
 def decode_step_bytes(engine: Engine, batch: int, context: int) -> float:
-    """Weights a decode step of `batch` rows reads (every dense weight, the routed experts the rows are
-    expected to hit, not the embedding table) plus the cache it attends: each row reads every index
-    key of its context and its top-k latent rows, in every layer with caches."""
-    cfg, model = engine.cfg, engine.runner.model
-    expected_experts = cfg.n_routed_experts * (1 - (1 - cfg.num_experts_per_tok / cfg.n_routed_experts) ** batch)
-    total = 0.0
-    for name, p in model.named_parameters():
-        nbytes = p.numel() * p.element_size()
-        if name.endswith("embed_tokens.weight"):
-            continue
-        total += nbytes * expected_experts / cfg.n_routed_experts if ".experts." in name else nbytes
+    """Weights a decode step of `batch` rows reads (planner.weight_bytes without the embedding table, the
+    routed experts scaled to the share the rows are expected to hit) plus the cache it attends: each row
+    reads every index key of its context and its top-k latent rows, in every layer with caches."""
+    cfg, weights = engine.cfg, weight_bytes(engine.runner.model)
+    hit = 1 - (1 - cfg.num_experts_per_tok / cfg.n_routed_experts) ** batch  # expected share of experts hit
+    total = sum(weights.values()) - weights.get("embedding", 0) - weights.get("routed experts", 0) * (1 - hit)
     pools = engine.runner.pools
     latent_row = pools.latent(0).shape[-1] * pools.latent(0).element_size()
     index_layers = [i for i in range(engine.runner.cache_layers) if pools.has_index_keys(i)]

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import torch
 
+from dsaserve.ops.fp8 import FP8, FP8_MAX  # FP8 also names this cache format (its storage is uint8)
+
 Tensor = torch.Tensor
-FP8 = torch.float8_e4m3fn  # the cache dtype name for this format (the storage is uint8)
-FP8_MAX = 448.0
 BLOCK = 128
 ROW_ALIGN = 16  # bytes
 
@@ -41,11 +41,9 @@ def storage_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def check_fp8_dims(n: int, rope: int) -> None:
-    """The scales and rope values must be aligned for the typed views the readers take (a rope of whole
-    16-byte groups tells it apart from the row's padding)."""
-    if n % 4 or rope % 8:
-        raise ValueError(f"FP8 cache rows need n % 4 == 0 and a rope width that is a multiple of 8, got n={n}, "
-                         f"rope={rope}")
+    """The scales and rope values must be aligned for the typed views the readers take."""
+    if n % 4 or rope % 2:
+        raise ValueError(f"FP8 cache rows need n % 4 == 0 and an even rope width, got n={n}, rope={rope}")
 
 
 def fp8_scales(x: Tensor) -> Tensor:
@@ -71,27 +69,26 @@ def quantize_fp8(x: Tensor, rope: Tensor | None = None) -> Tensor:
     return torch.cat(parts, dim=-1)
 
 
-def fp8_views(rows: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Typed views of uint8 rows [..., bytes]: values e4m3 [..., n], scales fp32 [..., b], rope bf16 [..., r]."""
+def fp8_views(rows: Tensor, n: int, rope: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Typed views of uint8 rows [..., bytes]: values e4m3 [..., n], scales fp32 [..., b], rope bf16 [..., rope]
+    (the rest of a row is padding)."""
     b = num_blocks(n)
     values = rows[..., :n].view(FP8)
     scales = rows[..., n:n + 4 * b].view(torch.float32)
-    rope_bytes = (rows.shape[-1] - n - 4 * b) // ROW_ALIGN * ROW_ALIGN  # the rest is padding (< 16 bytes)
-    rope = rows[..., n + 4 * b:n + 4 * b + rope_bytes].view(torch.bfloat16)
-    return values, scales, rope
+    return values, scales, rows[..., n + 4 * b:n + 4 * b + 2 * rope].view(torch.bfloat16)
 
 
-def dequantize_fp8(rows: Tensor, n: int) -> Tensor:
-    """uint8 rows [..., bytes] -> fp32 [..., n + r] (exact: e4m3 times a power of two, bf16 rope)."""
-    values, scales, rope = fp8_views(rows, n)
+def dequantize_fp8(rows: Tensor, n: int, rope: int) -> Tensor:
+    """uint8 rows [..., bytes] -> fp32 [..., n + rope] (exact: e4m3 times a power of two, bf16 rope)."""
+    values, scales, rope_values = fp8_views(rows, n, rope)
     x = values.float() * scales.repeat_interleave(BLOCK, dim=-1)[..., :n]
-    return torch.cat([x, rope.float()], dim=-1)
+    return torch.cat([x, rope_values.float()], dim=-1)
 
 
-def read_rows(cache: Tensor, index: Tensor, n: int) -> Tensor:
+def read_rows(cache: Tensor, index: Tensor, n: int, rope: int) -> Tensor:
     """cache[index] in fp32: gathered first, so only the selected FP8 rows are dequantized."""
     rows = cache[index]
-    return dequantize_fp8(rows, n) if cache.dtype == torch.uint8 else rows.float()
+    return dequantize_fp8(rows, n, rope) if cache.dtype == torch.uint8 else rows.float()
 
 
 def check_cache(name: str, cache: Tensor, n: int, rope: int) -> str | None:

@@ -13,6 +13,7 @@ class PageAllocator:
         self.num_pages = num_pages
         self._free = list(range(num_pages - 1, 0, -1))  # pop() hands out low ids first
         self._refs = [0] * num_pages
+        self.changes = 0  # bumped by every alloc / share / free: a cheap "did ownership move" signal
 
     @property
     def num_free(self) -> int:
@@ -26,6 +27,7 @@ class PageAllocator:
     def alloc(self, n: int) -> list[int]:
         if n > len(self._free):
             raise OutOfPages(f"asked for {n} pages, {len(self._free)} free")
+        self.changes += 1
         pages = [self._free.pop() for _ in range(n)]
         for p in pages:
             self._refs[p] = 1
@@ -36,11 +38,13 @@ class PageAllocator:
 
     def share(self, pages: list[int]) -> None:
         """Another owner takes a reference (prefix sharing)."""
+        self.changes += 1
         for p in pages:
             assert self._refs[p] > 0, f"page {p} is not allocated"
             self._refs[p] += 1
 
     def free(self, pages: list[int]) -> None:
+        self.changes += 1
         for p in pages:
             assert self._refs[p] > 0, f"page {p} freed twice"
             self._refs[p] -= 1

@@ -5,6 +5,8 @@ The pools own the cache dtype and row layout (cache/kv_format.py): the model wri
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from dsaserve.cache import kv_format
@@ -39,7 +41,7 @@ class KVPools:
 
     def __init__(self, cfg: ModelConfig, num_pages: int, page_size: int, dtype: torch.dtype,
                  device: torch.device, num_layers: int | None = None):
-        self.cfg, self.dtype = cfg, dtype
+        self.dtype = dtype
         self.fp8 = dtype == kv_format.FP8
         self.page_size, self.num_pages = page_size, num_pages
         self.num_slots = num_pages * page_size
@@ -52,17 +54,15 @@ class KVPools:
         latent_row = kv_format.row_bytes(cfg.kv_lora_rank, rope, dtype) if self.fp8 else cfg.latent_dim
         index_row = kv_format.row_bytes(cfg.index_head_dim, 0, dtype) if self.fp8 else cfg.index_head_dim
         store = kv_format.storage_dtype(dtype)
-        # Uninitialised (pages are written before they are read), except the reserved page 0 that
-        # masked and dummy rows point at: it must hold finite values (all-zero bytes are 0.0 in every
-        # format, scales included).
         # Plain rows start uninitialised (written before they are read) except the reserved page 0 that
-        # masked and dummy rows point at: it must hold finite values. FP8 rows start zeroed: the writers
-        # never touch a row's padding bytes, which stay zero (one memset at start-up).
+        # masked and dummy rows point at: it must hold finite values (all-zero bytes are 0.0 in every
+        # format). FP8 rows start zeroed: the writers never touch a row's padding bytes (one memset).
         alloc = torch.zeros if self.fp8 else torch.empty
         self._latent = alloc(layers, self.num_slots, latent_row, dtype=store, device=device)
         self._index = alloc(len(full), self.num_slots, index_row, dtype=store, device=device)
-        self._latent[:, :page_size].zero_()
-        self._index[:, :page_size].zero_()
+        if not self.fp8:
+            self._latent[:, :page_size].zero_()
+            self._index[:, :page_size].zero_()
         self._index_row = {layer: row for row, layer in enumerate(full)}
 
     @staticmethod
@@ -112,6 +112,17 @@ class KVPools:
         if not self.fp8:
             return self.dtype
         return torch.bfloat16 if compute == torch.float16 else compute
+
+    def copy_pages_from_leader(self, pages: list[int], broadcast: Callable[[Tensor], Tensor]) -> None:
+        """Give the attention group's other ranks the leader's content of `pages` (every layer of both
+        pools, one collective): a prefill server wrote them into the leader's pool only."""
+        index = torch.tensor(pages, dtype=torch.long, device=self._latent[0].device)
+        buffers = self.page_buffers()
+        rows = broadcast(torch.cat([b.index_select(0, index) for b in buffers], dim=1))
+        start = 0
+        for b in buffers:
+            b.index_copy_(0, index, rows[:, start:start + b.shape[1]])
+            start += b.shape[1]
 
     def page_buffers(self) -> list[Tensor]:
         """Every cache buffer as raw bytes by page: one uint8 [num_pages, page_bytes] view per layer of each

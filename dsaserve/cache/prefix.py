@@ -48,9 +48,10 @@ class PrefixCache:
         ps = self.page_size
         return [tuple(tokens[i * ps:(i + 1) * ps]) for i in range(pages)]
 
-    def match(self, tokens: list[int], limit: int) -> list[int]:
+    def match(self, tokens: list[int], limit: int, count: bool = True) -> list[int]:
         """Pages of the longest cached prefix of `tokens` covering at most `limit` tokens, each with a new
-        reference for the caller (it must free them); [] on a miss."""
+        reference for the caller (it must free them); [] on a miss. count=False leaves the hit statistics
+        to the caller (`count`), for a match it may still give back."""
         node, path, now = self.root, [], next(self._clock)
         for chunk in self._chunks(tokens, limit // self.page_size):
             node = node.children.get(chunk)
@@ -61,9 +62,13 @@ class PrefixCache:
         if self.drop_last_page and path:
             path.pop()
         self.allocator.share(path)
-        self.stats.queried_tokens += len(tokens)
-        self.stats.hit_tokens += len(path) * self.page_size
+        if count:
+            self.count(len(tokens), len(path))
         return path
+
+    def count(self, queried_tokens: int, hit_pages: int) -> None:
+        self.stats.queried_tokens += queried_tokens
+        self.stats.hit_tokens += hit_pages * self.page_size
 
     def insert(self, tokens: list[int], pages: list[int]) -> None:
         """Cache the full pages of `tokens` (held in `pages`): new nodes take a reference on the caller's

@@ -14,7 +14,6 @@ Lifecycle of one request's state (`GrammarState`):
 from __future__ import annotations
 
 import functools
-import json
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -67,10 +66,6 @@ def json_grammar(schema: dict[str, Any]) -> str:
     except ValueError as exc:
         raise GrammarError(f"invalid JSON schema: {exc}") from None
 
-
-def regex_grammar(pattern: str) -> str:
-    from llguidance import LLMatcher
-    return LLMatcher.grammar_from_regex(pattern)
 
 
 def ebnf_grammar(ebnf: str) -> str:
@@ -157,6 +152,3 @@ def schema_of(response_format: dict[str, Any]) -> dict[str, Any] | None:
         return schema
     raise GrammarError(f"response_format type must be text, json_object or json_schema, got {kind!r}")
 
-
-def dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False)

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from dsaserve.engine.tokenizer import Tokenizer
 
 TOKENIZER_MODES = ("auto", "hf", "deepseek_v32")
-THINK_START, THINK_END = "<think>", "</think>"
+THINK_START, THINK_END = dsv32.THINK_START, dsv32.THINK_END
 # Variables the renderer sets itself: a chat_template_kwargs key may not replace them.
 RESERVED_KWARGS = frozenset({"messages", "tools", "add_generation_prompt", "tokenize", "documents",
                              "continue_final_message", "return_dict", "chat_template"})

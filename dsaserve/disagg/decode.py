@@ -14,7 +14,7 @@ from typing import Any
 import zmq
 
 from dsaserve.disagg import protocol as wire
-from dsaserve.disagg.pages import prompt_pages
+from dsaserve.disagg.pages import transfer_pages
 from dsaserve.disagg.sides import SideBase
 from dsaserve.engine.request import FinishReason, Request, RequestError, RequestOutput
 
@@ -123,9 +123,10 @@ class DecodeSide(SideBase):
         if not self.engine.scheduler.preallocate(req, len(req.prompt_ids)):
             return
         header, blob = self.transport.descriptor()
-        pages = prompt_pages(req.pages, len(req.prompt_ids), self.page_size)
+        skip = req.cached_tokens // self.page_size  # pages this server's prefix cache already holds
+        pages = transfer_pages(req, self.page_size, skip)
         self._send(inc.peer, {"kind": "dest", "room": room, "prompt_len": len(req.prompt_ids),
-                              "prompt_crc": wire.prompt_crc(req.prompt_ids), "pages": pages,
+                              "prompt_crc": wire.prompt_crc(req.prompt_ids), "pages": pages, "skip_pages": skip,
                               "page_size": self.page_size, "spec_steps": self.engine.spec_steps,
                               "transport": header}, blob)
         inc.sent = True

@@ -8,7 +8,7 @@ decode side pre-allocates exactly the prompt's. `prompt_pages` is that enumerati
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 
 class PageCountMismatch(ValueError):
@@ -33,6 +33,17 @@ def prompt_pages(pages: Sequence[int], prompt_len: int, page_size: int) -> list[
         raise PageCountMismatch(f"a prompt of {prompt_len} tokens needs {n} pages of {page_size} tokens, "
                                 f"but the request holds {len(pages)}")
     return list(pages[:n])
+
+
+def transfer_pages(req: Any, page_size: int, skip: int = 0) -> list[int]:
+    """The pages of a request that move between the servers: its prompt's after the first `skip` (those
+    the decode server's prefix cache already holds), on either side (invariant 6); never what the
+    prefill side holds past the prompt (the sampled token's page, the drafts' slots)."""
+    pages = prompt_pages(req.pages, len(req.prompt_ids), page_size)
+    if not 0 <= skip < len(pages):
+        raise PageCountMismatch(f"the decode server skips {skip} of the prompt's {len(pages)} pages (at least "
+                                f"the last must move)")
+    return pages[skip:]
 
 
 def page_runs(src: Sequence[int], dst: Sequence[int]) -> list[PageRun]:

@@ -16,7 +16,7 @@ from typing import Any
 import zmq
 
 from dsaserve.disagg import protocol as wire
-from dsaserve.disagg.pages import PageCountMismatch, page_runs, prompt_pages
+from dsaserve.disagg.pages import PageCountMismatch, page_runs, transfer_pages
 from dsaserve.disagg.sides import FAILURE_PROB_ENV, SideBase
 from dsaserve.disagg.transport import TransferFailed
 from dsaserve.engine.request import FinishReason, Request, RequestError, RequestOutput, RequestState
@@ -179,7 +179,7 @@ class PrefillSide(SideBase):
             raise TransferFailed("the decode server's pages are too old to write safely (it may have given up)")
         if self.failure_prob and self.rng.random() < self.failure_prob:
             raise TransferFailed(f"injected transfer failure ({FAILURE_PROB_ENV}={self.failure_prob})")
-        src = prompt_pages(req.pages, len(req.prompt_ids), self.page_size)
+        src = transfer_pages(req, self.page_size, int(msg.get("skip_pages", 0)))
         runs = page_runs(src, msg["pages"])
         o.handle = self.transport.write(msg["transport"], o.dest.blob, runs, wire.room_tag(room))
         o.deadline = self.deadlines.after(0.25)

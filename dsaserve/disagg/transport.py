@@ -98,15 +98,18 @@ class NixlTransport(KVTransport):
         regions = [(b.data_ptr(), b.numel(), self.dev, "") for b in buffers]
         self._registered = self.nixl.register_memory(regions, self.mem)
         self._remotes: set[str] = set()
+        self._descriptor: tuple[dict[str, Any], bytes] | None = None
 
     @property
     def agent(self) -> str:
         return self._name
 
     def descriptor(self) -> tuple[dict[str, Any], bytes]:
-        header, _ = super().descriptor()
-        header.update(agent=self._name, bases=[b.data_ptr() for b in self.buffers], dev=self.dev, mem=self.mem)
-        return header, self.nixl.get_agent_metadata()
+        if self._descriptor is None:  # the buffers and the agent never change: made once, sent with each request
+            header, _ = super().descriptor()
+            header.update(agent=self._name, bases=[b.data_ptr() for b in self.buffers], dev=self.dev, mem=self.mem)
+            self._descriptor = header, self.nixl.get_agent_metadata()
+        return self._descriptor
 
     def write(self, header: dict[str, Any], blob: bytes, runs: list[PageRun], tag: bytes) -> Any:
         try:

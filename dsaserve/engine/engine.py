@@ -16,6 +16,7 @@ import torch
 from dsaserve.cache.pages import PageAllocator
 from dsaserve.cache.prefix import PrefixCache
 from dsaserve.chat.grammar import commit_tokens, grammar_state
+from dsaserve.disagg.pages import transfer_pages
 from dsaserve.engine.layout import StepMode, StepPlan
 from dsaserve.engine.model_runner import ModelRunner, StepShape
 from dsaserve.engine.request import (DisaggRoute, FinishReason, Request, RequestError, RequestOutput,
@@ -45,6 +46,9 @@ class EngineStats:
     cached_pages: int = 0  # pages the prefix cache holds (free_pages counts those no request uses)
     prefix_hit_tokens: int = 0  # prompt tokens served from the prefix cache
     prefix_queried_tokens: int = 0
+    graph_shapes: int = 0  # static layouts (CUDA graphs on a GPU) made so far: constant once warmed up
+    graph_captures: int = 0  # CUDA graph captures; one after the server is ready is a stall
+    graph_eager_misses: int = 0  # steps that ran eagerly because no graph had their shape
 
     @property
     def avg_spec_accept_length(self) -> float | None:
@@ -111,6 +115,7 @@ class Engine:
         # 0, or 1 + the collectives this rank entered in its last step before it raised: told to every
         # rank in the next exchange; the ranks go on only if every one failed at the same point.
         self._failed_at = 0
+        self._arrived_pages: list[int] = []  # PD decode leader: pages written here, not yet on the group's ranks
         self.runner.capture_graphs(self.par.cfg.dp, progress=progress and self.par.cfg.rank == 0)
         # PD disaggregation (dsaserve/disagg): the leader's side of the KV transfer, None when serving whole requests
         self.disagg = None
@@ -167,13 +172,21 @@ class Engine:
         cache arrived join the running ones (their first token is in the outputs)."""
         return self.disagg.poll() if self.disagg is not None else []
 
+    def activity(self) -> tuple[int, int, int, int]:
+        """Cheap counters that change when stats() would report other requests or pages (a request that
+        frees pages the prefix cache shares changes no free count, only the allocator's change counter)."""
+        return (len(self.scheduler.running), len(self.scheduler.waiting), self.allocator.changes,
+                self.scheduler.num_retractions)
+
     def stats(self) -> EngineStats:
         cache = self.prefix_cache
         reclaimable = cache.reclaimable() if cache is not None else 0
         hits = (cache.num_pages, cache.stats.hit_tokens, cache.stats.queried_tokens) if cache is not None else (0, 0, 0)
+        graphs = self.runner.graphs
+        graph = (len(graphs.graphs), graphs.stats.captured, graphs.stats.eager_misses) if graphs else (0, 0, 0)
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting),
                            self.allocator.num_free + reclaimable, self.allocator.capacity,
-                           self.scheduler.num_retractions, self.steps, *self._spec, *hits)
+                           self.scheduler.num_retractions, self.steps, *self._spec, *hits, *graph)
 
     # -- the step --------------------------------------------------------------------------
 
@@ -183,7 +196,9 @@ class Engine:
         stop, where its last step failed, wake-up epoch) to every rank, so all ranks agree on the
         step's shape before any kernel runs. Raises StepFailedOnSomeRanks, on every rank, unless the
         last step failed on no rank or on every rank at the same point."""
-        plan = self.par.broadcast_from_leader(plan)
+        plan, arrived = self.par.broadcast_from_leader((plan, self._take_arrived_pages()))
+        if arrived:  # a prefill server wrote these into the group leader's pool only
+            self.runner.pools.copy_pages_from_leader(arrived, self.par.broadcast_attn)
         graph_mode = StepMode.VERIFY if self.spec_steps else StepMode.DECODE
         drafting = sum(plan.samples) if plan is not None and self.spec_steps else 0  # requests that draft
         mine = [plan.num_tokens if plan else 0, drafting, self.runner.graph_batch_of(plan, graph_mode),
@@ -257,16 +272,16 @@ class Engine:
     def _sample(self, plan: StepPlan, real: int, logits: torch.Tensor) -> dict[str, list]:
         """Each real request's sampled rows -> its new tokens (and logprobs). A verify request keeps the
         drafts up to the first row whose own sample differs, then that row's sample (the bonus token).
-        Each row samples with the (seed, output index) noise of a non-speculative step, so the tokens are
+        Each row samples with the (seed, output index) uniform of a non-speculative step, so the tokens are
         exactly the non-speculative ones; for top-1 drafts this is speculative rejection sampling, coupled
         (a draft is accepted with the target's probability of it)."""
         row_reqs, pending, rows, chains, row = [], [], [], [], 0
-        for rid, q, n, samples, drafts in zip(plan.rids[:real], plan.q_lens, plan.logit_counts, plan.samples,
-                                              plan.num_drafts):
+        for rid, prefix, q, n, samples, drafts in zip(plan.rids[:real], plan.prefix_lens, plan.q_lens,
+                                                      plan.logit_counts, plan.samples, plan.num_drafts):
             req = self.requests[rid]
             chain = drafts + 1 if drafts else int(samples)  # rows that yield output tokens
             if n > chain:  # the rows before score the prompt (echo / prompt_logprobs)
-                self._score_prompt(req, logits[row:row + n - chain], plan.prefix_lens[len(chains)] + q - n)
+                self._score_prompt(req, logits[row:row + n - chain], prefix + q - n)
             rows += range(row + n - chain, row + n)
             row_reqs += [req] * chain
             pending += [req.draft_ids[:i] for i in range(chain)]
@@ -287,7 +302,7 @@ class Engine:
     def _score_prompt(self, req: Request, logits: torch.Tensor, first_pos: int) -> None:
         """Log-probabilities of prompt tokens from rows at positions first_pos.. (row i predicts the token
         at first_pos + i + 1); each prompt token is scored once, retraction or not."""
-        start = len(req.prompt_logprobs) + 1 - (first_pos + 1)  # the first row not scored yet
+        start = len(req.prompt_logprobs) - first_pos  # the first row whose target is not scored yet
         end = min(len(req.prompt_ids) - 1 - first_pos, logits.shape[0])
         if start < end:
             targets = req.prompt_ids[first_pos + 1 + start:first_pos + 1 + end]
@@ -361,10 +376,17 @@ class Engine:
         """Decode side: the prompt's KV cache arrived with the prefill server's first token (and its MTP
         drafts): the request decodes on as if it had been prefilled here."""
         req.draft_ids = list(drafts)
+        if self.par.cfg.attn_tp > 1:  # the rest of the group copies them before the request's first step
+            page_size = self.scheduler.cfg.page_size
+            self._arrived_pages += transfer_pages(req, page_size, req.cached_tokens // page_size)
         self.scheduler.resume(req, len(req.prompt_ids))
         if req.params.grammar is not None:
             grammar_state(req, self.cfg.vocab_size)
         return self._commit_tokens(req, [token], [logprob] if logprob is not None else None)
+
+    def _take_arrived_pages(self) -> list[int]:
+        pages, self._arrived_pages = self._arrived_pages, []
+        return pages
 
     def end_request(self, req: Request, reason: FinishReason) -> RequestOutput:
         """Finish a request outside a step (PD transfers) and return its final output."""

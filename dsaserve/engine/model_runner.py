@@ -15,7 +15,7 @@ from dsaserve.engine.layout import BatchLayout, StepMode, StepPlan
 from dsaserve.model.loader import build_model
 from dsaserve.ops.dispatch import DSAOps
 from dsaserve.parallel.groups import Parallel
-from dsaserve.planner import kv_pool_tokens, weight_bytes
+from dsaserve.planner import cache_layers, kv_pool_tokens, weight_bytes
 from dsaserve.server_args import ServerArgs
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class ModelRunner:
         self.ops = DSAOps(attention_backend=resolve_backend(args.attention_backend, self.device),
                           moe_backend=resolve_backend(args.moe_backend, self.device),
                           max_logits_bytes=args.indexer_max_logits_mb << 20)
-        self.cache_layers = self.cfg.num_hidden_layers + (1 if self.spec_steps else 0)  # + the MTP layer's caches
+        self.cache_layers = cache_layers(self.cfg, self.spec_steps)
         if self.par.cfg.rank == 0:
             parts = sorted(weight_bytes(self.model).items(), key=lambda kv: -kv[1])
             log.info("weights on this rank: %.2f GiB (%s)", sum(b for _, b in parts) / 2**30,
@@ -203,4 +203,4 @@ class ModelRunner:
     def _draft(self, inputs: dict[str, Tensor], layout: BatchLayout) -> tuple[Tensor, Tensor]:
         hidden = self.model.draft(inputs["input_ids"], inputs["hidden"], layout, self.pools, self.ops)
         rows = hidden[layout.logit_rows.long()]
-        return rows, self.model.draft_logits(rows)
+        return rows, self.model.logits(rows, draft=True)

@@ -1,14 +1,16 @@
 """Sampler: penalties, greedy / temperature / top-k / top-p / min-p, per-request reproducible seeds.
 
-A sampled token depends only on the request's logits, its seed and how many tokens it has produced
-(the noise generator is re-seeded from (seed, step)), never on the rest of the batch or on retraction.
+A sampled token depends only on the request's logits, its seed and how many tokens it has produced,
+never on the rest of the batch or on retraction: each sampled row is one inverse-CDF draw with a
+uniform hashed from (seed, output index) on the host, all rows at once (no per-row generators or
+kernels). Rows that ask for no top-k / top-p / min-p skip the full-vocabulary sort.
 """
 from __future__ import annotations
 
 import torch
 
 from dsaserve.chat.grammar import grammar_state
-from dsaserve.engine.request import Request
+from dsaserve.engine.request import Request, SamplingParams
 
 Tensor = torch.Tensor
 _MASK64 = (1 << 63) - 1
@@ -20,6 +22,22 @@ def step_seed(seed: int, step: int) -> int:
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
     return (x ^ (x >> 31)) & _MASK64
+
+
+def row_uniform(seed: int, index: int) -> float:
+    """The uniform in [0, 1) (53 bits) that draws output `index` of a request with `seed`."""
+    return (step_seed(seed, index) >> 10) * 2.0 ** -53
+
+
+def draw(probs: Tensor, uniforms: list[float]) -> Tensor:
+    """Inverse-CDF draw, one row per uniform: the first token whose cumulative probability passes
+    u x (the row's total). Cumulated in fp64, so the small tail of a 129K vocabulary keeps its mass;
+    a token of probability 0 is never drawn."""
+    cdf = probs.double().cumsum(-1)
+    u = torch.tensor(uniforms, dtype=torch.float64, device=probs.device)
+    picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
+    last_positive = probs.shape[1] - 1 - (probs.flip(-1) > 0).to(torch.int8).argmax(-1)
+    return torch.minimum(picked, last_positive)  # u x total can round up to the total itself
 
 
 def apply_grammars(logits: Tensor, reqs: list[Request], pending: list[list[int]]) -> Tensor:
@@ -51,12 +69,25 @@ def apply_penalties(logits: Tensor, reqs: list[Request], pending: list[list[int]
     return logits
 
 
+def filters_off(p: SamplingParams) -> bool:
+    return p.top_k <= 0 and p.top_p >= 1.0 and p.min_p <= 0.0
+
+
 def filter_probs(logits: Tensor, reqs: list[Request]) -> Tensor:
-    """Probabilities after temperature, top-k, top-p and min-p, one row per request."""
+    """Probabilities after temperature, top-k, top-p and min-p, one row per request. Rows without
+    filters are a softmax; only the others pay for sorting the vocabulary."""
     dev = logits.device
     temp = torch.tensor([max(r.params.temperature, 1e-5) for r in reqs], device=dev)[:, None]
     probs = torch.softmax(logits / temp, dim=-1)
-    V = logits.shape[1]
+    rows = [i for i, r in enumerate(reqs) if not filters_off(r.params)]
+    if rows:
+        idx = torch.tensor(rows, device=dev)
+        probs[idx] = _top_filtered(probs[idx], [reqs[i] for i in rows])
+    return probs
+
+
+def _top_filtered(probs: Tensor, reqs: list[Request]) -> Tensor:
+    dev, V = probs.device, probs.shape[1]
     top_k = torch.tensor([r.params.top_k if r.params.top_k > 0 else V for r in reqs], device=dev)
     top_p = torch.tensor([r.params.top_p for r in reqs], device=dev)
     min_p = torch.tensor([r.params.min_p for r in reqs], device=dev)
@@ -75,7 +106,7 @@ def sample(logits: Tensor, reqs: list[Request], pending: list[list[int]] | None 
 
     A request may own several consecutive rows (speculative verify): `pending[i]` are the tokens that
     precede row i's token in the output (the drafts before it). They count for grammars and penalties
-    and set the output index that seeds the row's noise, so a row samples exactly what the
+    and set the output index that draws the row's uniform, so a row samples exactly what the
     non-speculative step at that output index would have sampled. Sampling commits nothing: the
     engine advances grammars by the tokens it keeps (dsaserve.chat.grammar.commit_tokens).
     """
@@ -85,11 +116,8 @@ def sample(logits: Tensor, reqs: list[Request], pending: list[list[int]] | None 
     random_rows = [i for i, r in enumerate(reqs) if not r.params.greedy]
     if random_rows:
         probs = filter_probs(shaped[random_rows], [reqs[i] for i in random_rows])
-        for j, i in enumerate(random_rows):
-            index = len(reqs[i].output_ids) + len(pending[i])
-            gen = torch.Generator(device=logits.device).manual_seed(step_seed(reqs[i].seed, index))
-            noise = torch.empty_like(probs[j]).exponential_(generator=gen)
-            tokens[i] = (probs[j] / noise).argmax()  # exponential race: an exact draw from probs
+        uniforms = [row_uniform(reqs[i].seed, len(reqs[i].output_ids) + len(pending[i])) for i in random_rows]
+        tokens[torch.tensor(random_rows, device=logits.device)] = draw(probs, uniforms)
     token_list = tokens.tolist()
     if all(r.params.logprobs is None for r in reqs):
         return token_list, None

@@ -93,13 +93,20 @@ class Scheduler:
 
     def preallocate(self, req: Request, tokens: int) -> bool:
         """Decode side: give a request pages for `tokens` (its prompt) that a prefill server will fill,
-        leaving what the running requests' next decode step needs. False when they do not fit now."""
-        need = self._pages_for(tokens)
+        leaving what the running requests' next decode step needs. False when they do not fit now.
+        Full pages of the prompt that this server's prefix cache holds are shared, not sent again:
+        req.cached_tokens says how many tokens the transfer skips."""
+        cached = self.cache.match(req.prompt_ids, limit=tokens - 1, count=False) if self.cache is not None else []
+        need = self._pages_for(tokens) - len(cached)
         reserve = sum(self._pages_missing(r, r.num_cached + self.cfg.decode_lookahead)
                       for r in self.running if not self._prefilling(r))
-        if self._free_pages(need + reserve) - reserve < need:  # evicts cached prefixes if it must
+        if self._free_pages(need + reserve) - reserve < need:  # evicts cached prefixes no request uses
+            self.allocator.free(cached)
             return False
-        req.pages = self.allocator.alloc(need)
+        if self.cache is not None:
+            self.cache.count(tokens, len(cached))
+        req.pages = cached + self.allocator.alloc(need)
+        req.cached_tokens = len(cached) * self.cfg.page_size
         req.state = RequestState.TRANSFERRING
         return True
 

@@ -29,7 +29,6 @@ class StepContext:
     pools: KVPools
     ops: DSAOps
     par: Parallel
-    dp_sizes: list[int]  # real rows of every DP group this step (the MLP sees all of them)
     cos: Tensor  # [T, rope_dim / 2]
     sin: Tensor
 
@@ -183,9 +182,9 @@ class DecoderLayer(nn.Module):
         attn, topk = self.self_attn(self.input_layernorm(h), ctx, prev_topk)
         h = h + attn
         # DP attention: the MLP sees every group's rows; each group takes exactly its rows back.
-        x = ctx.par.gather_dp_rows(self.post_attention_layernorm(h), ctx.dp_sizes)
+        x = ctx.par.gather_dp_rows(self.post_attention_layernorm(h), ctx.layout.dp_sizes)
         mlp = self.mlp(x) if isinstance(self.mlp, DenseMLP) else self.mlp(x, ctx.ops)
-        return h + ctx.par.own_dp_rows(ctx.par.all_reduce_world(mlp), ctx.dp_sizes), topk
+        return h + ctx.par.own_dp_rows(ctx.par.all_reduce_world(mlp), ctx.layout.dp_sizes), topk
 
 
 class VocabEmbedding(nn.Module):
@@ -265,7 +264,7 @@ class DSAModel(nn.Module):
         if self.rotary is None:
             self.rotary = Rotary(self.cfg.rope, self.cfg.qk_rope_head_dim, layout.row_pos.device)
         cos, sin = self.rotary.cos_sin(layout.row_pos, dtype)
-        return StepContext(layout, pools, ops, self.par, list(layout.dp_sizes), cos, sin)
+        return StepContext(layout, pools, ops, self.par, cos, sin)
 
     def forward(self, input_ids: Tensor, layout: BatchLayout, pools: KVPools, ops: DSAOps) -> Tensor:
         """Final-normed hidden states [T, hidden] of every query row of this DP group."""
@@ -281,10 +280,8 @@ class DSAModel(nn.Module):
         assert self.mtp is not None, "the model was built without its MTP layer"
         return self.mtp.draft(input_ids, hidden, self.context(layout, pools, ops, hidden.dtype))
 
-    def logits(self, hidden: Tensor) -> Tensor:
-        """Full-vocabulary fp32 logits (vocab shards gathered over the attention-TP group)."""
-        return self.par.all_gather_attn(F.linear(hidden, self.lm_head.weight).float())
-
-    def draft_logits(self, hidden: Tensor) -> Tensor:
-        assert self.mtp is not None
-        return self.par.all_gather_attn(F.linear(hidden, self.mtp.shared_head.head.weight).float())
+    def logits(self, hidden: Tensor, draft: bool = False) -> Tensor:
+        """Full-vocabulary fp32 logits (vocab shards gathered over the attention-TP group), of the target's
+        head or (`draft`) the MTP layer's shared_head.head."""
+        head = self.mtp.shared_head.head if draft else self.lm_head  # type: ignore[union-attr]
+        return self.par.all_gather_attn(F.linear(hidden, head.weight).float())

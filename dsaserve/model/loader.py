@@ -130,10 +130,8 @@ def select_formats(model: DSAModel, is_fp8: Callable[[str], bool]) -> None:
             module.to_fp8(_block(model.cfg, name))
 
 
-def load_weights(model: DSAModel, model_path: str | Path, progress: bool = True,
-                 ckpt: Checkpoint | None = None) -> None:
+def load_weights(model: DSAModel, ckpt: Checkpoint, progress: bool = True) -> None:
     cfg = model.cfg
-    ckpt = ckpt or Checkpoint(model_path)
     params = dict(model.named_parameters())
     expected = _expected_keys(model, params)
     loaded: set[str] = set()
@@ -310,14 +308,15 @@ def build_model(model_path: str | Path, device: torch.device, dtype: torch.dtype
     for module in model.modules():
         if isinstance(module, quant.Experts):
             module.zero_padding()
-    load_weights(model, model_path, progress=progress, ckpt=ckpt)
+    load_weights(model, ckpt, progress=progress)
     quant.prepare(model, quant.default_mode(device), dtype, checks=checks_enabled())
     return model.eval()
 
 
 def _check_fits(model: DSAModel, device: torch.device, dtype: torch.dtype) -> None:
     """Fail before loading when this rank's weights cannot fit, instead of minutes later with an OOM."""
-    need = sum(p.numel() * p.element_size() for p in model.parameters())
+    from dsaserve.planner import weight_bytes
+    need = sum(weight_bytes(model).values())
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         if need > free:

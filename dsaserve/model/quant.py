@@ -45,6 +45,7 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.block: tuple[int, int] | None = None
         self.gemm: Gemm | None = None  # set by prepare(): the FP8 GEMM, or None for the dequantized weight
+        self._gemm_weight: BlockFP8 | None = None  # made once by prepare(), not per forward
         self._dequantized: Tensor | None = None
 
     def to_fp8(self, block: tuple[int, int]) -> None:
@@ -61,13 +62,15 @@ class Linear(nn.Module):
 
     def prepare(self, gemm: Gemm | None, dtype: torch.dtype) -> None:
         self.gemm = gemm
+        self._gemm_weight = self.fp8 if gemm is not None else None
         self._dequantized = self.fp8.dequantize(dtype) if gemm is None else None
 
     def forward(self, x: Tensor) -> Tensor:
         if self.block is None:
             return F.linear(x, self.weight)
         if self.gemm is not None:
-            return self.gemm(x, self.fp8)
+            assert self._gemm_weight is not None
+            return self.gemm(x, self._gemm_weight)
         assert self._dequantized is not None, "FP8 Linear used before prepare()"
         return F.linear(x, self._dequantized)
 

@@ -40,7 +40,7 @@ def sparse_mla(q: Tensor, kv_cache: Tensor, indices: Tensor, sm_scale: float, v_
         rows = slice(start, min(start + max_rows, T))
         idx = indices[rows].long()
         valid = idx >= 0
-        kv = read_rows(kv_cache, idx.clamp(min=0), v_dim)  # [t, K, D]
+        kv = read_rows(kv_cache, idx.clamp(min=0), v_dim, q.shape[-1] - v_dim)  # [t, K, D]
         scores = torch.einsum("thd,tkd->thk", q[rows].float(), kv) * sm_scale
         scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
         row_lse = torch.logsumexp(scores, dim=-1)  # [t, H]
@@ -68,7 +68,7 @@ def indexer_logits(q: Tensor, weights: Tensor, k_cache: Tensor, page_table: Tens
     for req, count in zip(reqs.tolist(), counts.tolist()):
         rows = slice(start, start + count)
         start += count
-        keys = read_rows(k_cache, position_slots(page_table[req], positions, page_size), q.shape[-1])  # [L, Di]
+        keys = read_rows(k_cache, position_slots(page_table[req], positions, page_size), q.shape[-1], 0)  # [L, Di]
         qf = q[rows].float()
         scores = torch.zeros(count, num_keys, dtype=torch.float32, device=q.device)
         for h in range(q.shape[1]):  # one head at a time keeps the intermediate output-sized

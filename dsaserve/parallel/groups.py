@@ -118,6 +118,12 @@ class Parallel:
             self._collective(dist.all_reduce, x, group=self.attn)
         return x
 
+    def broadcast_attn(self, x: Tensor) -> Tensor:
+        """The attention-group leader's `x` on every rank of the group (in place)."""
+        if self.cfg.attn_tp > 1:
+            self._collective(dist.broadcast, x, src=self.cfg.leader, group=self.attn)
+        return x
+
     def all_gather_attn(self, x: Tensor) -> Tensor:
         """Concatenate the attention group's shards along the last dim (vocab-parallel logits)."""
         if self.cfg.attn_tp == 1:
@@ -126,7 +132,7 @@ class Parallel:
         self._collective(dist.all_gather, parts, x.contiguous(), group=self.attn)
         return torch.cat(parts, dim=-1)
 
-    def gather_dp_rows(self, x: Tensor, dp_sizes: list[int]) -> Tensor:
+    def gather_dp_rows(self, x: Tensor, dp_sizes: tuple[int, ...]) -> Tensor:
         """Every DP group's real rows, group after group: [sum(dp_sizes), hidden].
 
         The transport pads each group's rows to max(dp_sizes) (collectives need one shape); the
@@ -141,7 +147,7 @@ class Parallel:
         self._collective(dist.all_gather, parts, padded, group=self.dp_peers)
         return torch.cat([part[:size] for part, size in zip(parts, dp_sizes)], dim=0)
 
-    def own_dp_rows(self, x: Tensor, dp_sizes: list[int]) -> Tensor:
+    def own_dp_rows(self, x: Tensor, dp_sizes: tuple[int, ...]) -> Tensor:
         """This DP group's rows back out of the gathered batch."""
         if self.cfg.dp == 1:
             return x

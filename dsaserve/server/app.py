@@ -21,14 +21,14 @@ from dsaserve.server.guard import RequestGuard
 from dsaserve.server.metrics import ServerMetrics
 from dsaserve.server.openai_api import OpenAIServing, openai_router
 from dsaserve.server.streaming import (DONE, AbortingStream, Result, aborter, checked, collect, error_event,
-                                       until_disconnect)
+                                       prompt_token_logprobs, until_disconnect)
 from dsaserve.server_args import ServerArgs
 
 HEALTH_GENERATE_TIMEOUT_S = 60.0
 
 
 def create_app(args: ServerArgs, frontend: Frontend, metrics: ServerMetrics, served_name: str,
-               pd: PDRouting | None = None) -> FastAPI:
+               pd: PDRouting) -> FastAPI:
     app = FastAPI(title="dsaserve", version=getattr(dsaserve, "__version__", "0"))
     install_error_handlers(app)
     app.add_middleware(RequestGuard, limit=args.max_request_bytes)
@@ -44,7 +44,6 @@ def create_app(args: ServerArgs, frontend: Frontend, metrics: ServerMetrics, ser
     open_routes = APIRouter()  # health checks and metrics stay reachable without a key
     _health_routes(open_routes, frontend, metrics)
     app.include_router(open_routes)
-    pd = pd or PDRouting(args, frontend.info, len(frontend.links))
     app.include_router(openai_router(OpenAIServing(frontend, served_name, pd)), dependencies=[Depends(require_key)])
     app.include_router(_native_routes(args, frontend, served_name, pd), dependencies=[Depends(require_key)])
     return app
@@ -106,7 +105,7 @@ def _meta(handle: RequestHandle, res: Result, body: p.GenerateRequest, ids: list
         meta["output_token_logprobs"] = [[lp, t] for t, (lp, _) in zip(res.token_ids, res.logprobs)]
         meta["output_top_logprobs"] = [[[v, t] for t, v in top] for _, top in res.logprobs]
         if res.prompt_logprobs is not None:  # logprob_start_len >= 0: the prompt's, from that position
-            scored = [(None, [])] + list(res.prompt_logprobs)
+            scored = prompt_token_logprobs(res.prompt_logprobs, len(ids))
             start = max(body.logprob_start_len, 0)
             meta["input_token_logprobs"] = [[lp, t] for t, (lp, _) in zip(ids[start:], scored[start:])]
             meta["input_top_logprobs"] = [[[v, t] for t, v in top] or None for _, top in scored[start:]]

@@ -249,6 +249,9 @@ class Frontend:
         if self.down is not None:
             return
         self._outbox[rank].append(command)
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
         if not self._flush_pending:
             self._flush_pending = True
             asyncio.get_running_loop().call_soon(self._flush)
@@ -293,9 +296,7 @@ class Frontend:
             self.engine_stats[link.rank] = ev.stats
             return
         if isinstance(ev, m.Wake):  # PD: a leader's KV arrived; under DP attention every leader steps with it
-            if not self._flush_pending:
-                self._flush_pending = True
-                asyncio.get_running_loop().call_soon(self._flush)
+            self._schedule_flush()
             return
         if isinstance(ev, m.Fatal):  # a rank killed before it is the cause, the leader's failure the effect
             self.fail_all(self.ranks.killed() or ev.message)
@@ -331,6 +332,5 @@ def _detokenize(outputs: list[tuple[RequestOutput, RequestHandle]]) -> list[Delt
             deltas.append(handle.detokenize(out))
         except Exception:
             log.exception("could not detokenize the output of %s", out.rid)
-            deltas.append(Delta("", out.new_token_ids, out.new_logprobs, out.finish, out.prompt_tokens,
-                                out.completion_tokens))
+            deltas.append(Delta.of(out, ""))
     return deltas

@@ -13,7 +13,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dsaserve.server.errors import ApiError
 
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # any surrogate escape, paired or not: look closer
+# A high-surrogate escape not followed by a low one, or a low one not after a high one: look closer
+# (valid pairs, e.g. every emoji that json.dumps escapes, are not parsed twice).
+_LONE_SURROGATE_ESCAPE = re.compile(
+    rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F])|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F]")
 
 
 class RequestGuard:
@@ -42,7 +45,7 @@ class RequestGuard:
             if not msg.get("more_body", False):
                 break
         body = b"".join(chunks)
-        problem = await asyncio.to_thread(lone_surrogate, body) if _SURROGATE_ESCAPE.search(body) else None
+        problem = await asyncio.to_thread(lone_surrogate, body) if _LONE_SURROGATE_ESCAPE.search(body) else None
         if problem is not None:
             return await problem.response()(scope, receive, send)
         await self.app(scope, _replay(body, receive), send)

@@ -32,6 +32,11 @@ class Delta:
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
     prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None  # once, with the first tokens
 
+    @staticmethod
+    def of(out: RequestOutput, text: str) -> Delta:
+        return Delta(text, out.new_token_ids, out.new_logprobs, out.finish, out.prompt_tokens,
+                     out.completion_tokens, out.spec_verify_ct, out.cached_tokens, out.prompt_logprobs)
+
 
 class RequestHandle:
     def __init__(self, rid: str, rank: int, tokenizer: Tokenizer, stop: tuple[str, ...], group: str | None = None):
@@ -48,9 +53,7 @@ class RequestHandle:
 
     def detokenize(self, out: RequestOutput) -> Delta:
         """The output as a text delta (called in the detokenizer thread, in output order)."""
-        return Delta(self._text_delta(out), out.new_token_ids, out.new_logprobs, out.finish,
-                     out.prompt_tokens, out.completion_tokens, out.spec_verify_ct, out.cached_tokens,
-                     out.prompt_logprobs)
+        return Delta.of(out, self._text_delta(out))
 
     def on_output(self, delta: Delta, metrics: ServerMetrics) -> None:
         now = time.monotonic()

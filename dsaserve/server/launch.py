@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 
 import uvicorn
 
-from dsaserve.disagg.serving import start_bootstrap
+from dsaserve.disagg.serving import PDRouting, start_bootstrap
 from dsaserve.server.app import create_app
 from dsaserve.server.frontend import Frontend, StartupError
 from dsaserve.server.messages import Endpoints
@@ -170,7 +170,8 @@ async def _run_http(args: ServerArgs, frontend: Frontend, metrics: ServerMetrics
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    app = create_app(args, frontend, metrics, served)
+    pd = PDRouting(args, frontend.info, len(frontend.links))
+    app = create_app(args, frontend, metrics, served, pd)
     config = uvicorn.Config(app, log_level=args.log_level.lower(), access_log=args.log_level.lower() == "debug",
                             lifespan="off", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
     ready = f"dsaserve ready on http://{args.host}:{args.port} (model {served})"
@@ -178,6 +179,7 @@ async def _run_http(args: ServerArgs, frontend: Frontend, metrics: ServerMetrics
     try:
         await server.serve(sockets=[listener])
     finally:
+        pd.close()
         if bootstrap is not None:
             bootstrap.close()
     return 0

@@ -22,7 +22,9 @@ class ServerMetrics:
             ("spec_draft_tokens", "draft tokens proposed to verification"),
             ("spec_accepted_tokens", "draft tokens accepted"),
             ("prefix_hit_tokens", "prompt tokens served from the prefix cache"),
-            ("prefix_queried_tokens", "prompt tokens of admitted requests"))}
+            ("prefix_queried_tokens", "prompt tokens of admitted requests"),
+            ("graph_captures", "CUDA graph captures (after start-up: a request waited on one)"),
+            ("graph_eager_misses", "steps run eagerly because no CUDA graph had their shape"))}
         self.accept_length = Gauge("dsaserve_spec_accept_length", "tokens per verify step per request (accepted "
                                    "drafts + 1)", ["dp_rank"], registry=r)
         self.prompt_tokens = Counter("dsaserve_prompt_tokens", "prompt tokens of finished requests", registry=r)

@@ -20,7 +20,7 @@ from dsaserve.server import protocol as p
 from dsaserve.server.errors import ApiError, bad_request
 from dsaserve.server.frontend import Delta, Frontend, RequestHandle
 from dsaserve.server.streaming import (DONE, AbortingStream, Result, aborter, checked, collect, error_event,
-                                       merged, until_disconnect)
+                                       merged, prompt_token_logprobs, until_disconnect)
 
 LogprobList = list[tuple[float, list[tuple[int, float]]]]
 ParserFactory = Callable[[], OutputParser]
@@ -186,6 +186,13 @@ class OpenAIServing:
             return [list(prompt)]  # type: ignore[arg-type]
         return [self.fe.tokenizer.encode(x) if isinstance(x, str) else list(x) for x in prompt]
 
+    def prepare_completion(self, body: p.CompletionRequest) -> tuple[list[list[int]], GrammarSpec | None,
+                                                                      list[str] | None]:
+        """Token ids, grammar and echoed texts of a completion request (tokenizer work: off the event loop)."""
+        prompts = self.prompt_ids(body.prompt)
+        grammar = self.grammar(Constraint(body.response_format, body.regex, body.ebnf))
+        return prompts, grammar, self.prompt_texts(body.prompt, prompts) if body.echo else None
+
     def prompt_texts(self, prompt: str | list[int] | list[str] | list[list[int]], ids: list[list[int]]) -> list[str]:
         """The prompts as given (text), or decoded (token ids): what `echo` returns before each completion."""
         items = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else list(prompt)
@@ -209,8 +216,7 @@ class OpenAIServing:
     def _with_prompt(prompt: list[int], scored: LogprobList | None, ids: list[int],
                      lps: LogprobList) -> tuple[list[int], list]:
         """Echo: the prompt's tokens before the completion's; the first prompt token has no log-probability."""
-        prompt_lps = [(None, [])] + list(scored) if scored is not None else [(None, [])] * len(prompt)
-        return prompt + ids, prompt_lps + list(lps)
+        return prompt + ids, prompt_token_logprobs(scored, len(prompt)) + list(lps)
 
     def _completion(self, rid: str, body: p.SamplingFields, results: list[Result], prompts: list[list[int]],
                     echo: list[str] | None) -> p.CompletionResponse:
@@ -349,9 +355,7 @@ def openai_router(serving: OpenAIServing) -> APIRouter:
     @router.post("/v1/completions", response_model=None)
     async def completions(body: p.CompletionRequest, request: Request) -> Any:
         serving.check_model(body.model)
-        prompts = await serving.fe.tokenize(serving.prompt_ids, body.prompt)  # off the event loop
-        grammar = serving.grammar(Constraint(body.response_format, body.regex, body.ebnf))
-        echo = serving.prompt_texts(body.prompt, prompts) if body.echo else None
+        prompts, grammar, echo = await serving.fe.tokenize(serving.prepare_completion, body)  # off the event loop
         return await serving.respond(request, body, prompts, body.max_tokens, body.logprobs, "completion",
                                      grammar=grammar, echo=echo)
 

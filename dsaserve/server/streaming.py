@@ -42,6 +42,12 @@ class Result:
             self.prompt_logprobs = d.prompt_logprobs
 
 
+def prompt_token_logprobs(scored: list | None, prompt_len: int) -> list:
+    """One (log-probability, top) entry per prompt token: the first token has none; the others are the
+    engine's prompt log-probabilities, or none when they were not asked for."""
+    return [(None, [])] + list(scored) if scored is not None else [(None, [])] * prompt_len
+
+
 def checked(params: SamplingParams) -> SamplingParams:
     """Bad sampling values are a 400 before anything is queued."""
     try:

@@ -110,7 +110,7 @@ class WorkerLoop:
         self.engine, self.pull, self.push = engine, pull, push
         self.seen = 0  # epoch of the last envelope received
         self.stopping = False
-        self._stats = _StatsPush(engine.stats())
+        self._stats = _StatsPush(engine)
 
     def _should_step(self) -> bool:
         agreed = self.engine.last_sync
@@ -125,7 +125,7 @@ class WorkerLoop:
                 if self.engine.last_sync.any_stop:  # another leader is shutting every rank down
                     events += self._abort_all("the server is shutting down")
                     self.stopping = True
-            events += self._stats(self.engine.stats())
+            events += self._stats()
             if events:
                 self.push.send_pyobj(events)
 
@@ -199,18 +199,16 @@ class WorkerLoop:
 
 class _StatsPush:
     """Engine statistics for the frontend: pushed when the requests or pages change, and at most once
-    a second when only progress counters (steps, speculative counts) moved. Reading never waits."""
+    a second when only progress counters (steps, speculative counts) moved. Reading never waits. The
+    decision reads cheap counters; the full statistics (a prefix-cache walk) are made only to send."""
 
-    def __init__(self, sent: Any):
-        self.last, self.at = sent, time.monotonic()
+    def __init__(self, engine: Any):
+        self.engine = engine
+        self.key, self.steps, self.at = engine.activity(), -1, 0.0
 
-    @staticmethod
-    def _state(stats: Any) -> tuple[int, ...]:
-        return stats.running, stats.waiting, stats.free_pages, stats.num_retractions
-
-    def __call__(self, stats: Any) -> list[m.Event]:
-        now = time.monotonic()
-        if stats == self.last or (self._state(stats) == self._state(self.last) and now - self.at < STATS_INTERVAL_S):
+    def __call__(self) -> list[m.Event]:
+        now, key, steps = time.monotonic(), self.engine.activity(), self.engine.steps
+        if key == self.key and (steps == self.steps or now - self.at < STATS_INTERVAL_S):
             return []
-        self.last, self.at = stats, now
-        return [m.Stats(stats)]
+        self.key, self.steps, self.at = key, steps, now
+        return [m.Stats(self.engine.stats())]

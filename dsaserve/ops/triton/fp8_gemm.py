@@ -113,11 +113,16 @@ def default_config(M: int, N: int, K: int, block_k: int, sms: int) -> dict[str, 
     """Tile choice: weight streaming with split-K for decode rows, 128 x 128 tiles for prefill.
     Cached per shape (the decode hot path); callers copy before changing it."""
     groups = triton.cdiv(K, block_k)
+    # Decode rules from an H200 sweep (benchmarks/fp8_decode.py --sweep): ~2 programs per SM through
+    # split-K, strips of 128 columns for wide weights at up to 16 rows, and no split when the tiles
+    # alone fill a wave and each program's K range is short.
     if M <= 64:
-        cfg = dict(block_m=max(16, next_pow2(M)), block_n=64, num_warps=4, num_stages=4, group_m=1,
+        block_n = 128 if M <= 16 and N >= 4096 else 64
+        cfg = dict(block_m=max(16, next_pow2(M)), block_n=block_n, num_warps=4, num_stages=4, group_m=1,
                    a_quant=int(M <= 16))
-        tiles = triton.cdiv(N, cfg["block_n"])
-        cfg["splits"] = max(1, min(groups, round(2 * sms / tiles)))  # ~2 programs per SM in flight
+        tiles = triton.cdiv(N, block_n)
+        one_wave = M > 16 and 4 * tiles >= 3 * sms and groups <= 16
+        cfg["splits"] = 1 if one_wave else max(1, min(groups, round(2 * sms / tiles)))
     elif M <= 512:
         cfg = dict(block_m=64, block_n=128, num_warps=4, num_stages=4, group_m=8, a_quant=0, splits=1)
     else:

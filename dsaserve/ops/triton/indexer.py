@@ -143,7 +143,7 @@ def indexer_logits(q: Tensor, weights: Tensor, k_cache: Tensor, page_table: Tens
         if DI > 128 or q.dtype not in (torch.bfloat16, torch.float32):
             raise ValueError(f"indexer_logits over FP8 keys needs head_dim <= 128 (one scale per key) and bf16 "
                              f"or fp32 queries, got head_dim {DI}, {q.dtype}")
-        keys, scales, _ = fp8_views(k_cache, DI)  # typed views of the same rows: no copy
+        keys, scales, _ = fp8_views(k_cache, DI, 0)  # typed views of the same rows: no copy
     else:
         keys = scales = k_cache.contiguous()
     page_table = page_table.to(torch.int32)

@@ -48,7 +48,7 @@ def write_fp8_rows(cache: Tensor, slots: Tensor, x: Tensor, rope: Tensor | None 
     T, n = x.shape
     if T == 0:
         return
-    values, scales, rope_out = fp8_views(cache, n)
+    values, scales, rope_out = fp8_views(cache, n, rope.shape[1] if rope is not None else 0)
     if x.stride(1) != 1:
         x = x.contiguous()
     has_rope = rope is not None and rope.shape[1] > 0

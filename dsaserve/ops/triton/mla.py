@@ -119,12 +119,18 @@ def _combine_kernel(PO, PLSE, O, LSE,
                                                            float("-inf")))
 
 
-def _config(T: int, H: int, K: int, block_v: int, sms: int) -> dict[str, int]:
+SMEM_TILE_BUDGET = 160 << 10  # bytes of pipelined key tiles; Hopper has 227 KiB per block, q and scratch need the rest
+
+
+def _config(T: int, H: int, K: int, block_v: int, row_bytes: int, sms: int) -> dict[str, int]:
+    """row_bytes: one gathered key row in the dot dtype (576 bf16 values: 1152; fp32 twice that)."""
     cfg = dict(CONFIG or {})
     block_h = cfg.get("block_h") or (16 if H <= 16 else 32 if H <= 32 else 64)
-    block_n = cfg.get("block_n") or 64
     warps = cfg.get("num_warps") or 8
     stages = cfg.get("num_stages") or (2 if block_v >= 512 else 3)  # 2 x 64 x 576 bf16 tiles + q fill smem
+    block_n = cfg.get("block_n") or 64
+    while "block_n" not in cfg and block_n > 16 and stages * block_n * row_bytes > SMEM_TILE_BUDGET:
+        block_n //= 2  # fp32 rows are twice as wide: halve the key block rather than exceed shared memory
     splits = cfg.get("splits")
     if splits is None:
         programs = T * triton.cdiv(H, block_h)
@@ -152,14 +158,18 @@ def sparse_mla(q: Tensor, kv_cache: Tensor, indices: Tensor, sm_scale: float, v_
     if fp8:
         if q.dtype not in (torch.bfloat16, torch.float32):
             raise ValueError(f"sparse_mla over an FP8 cache needs bf16 or fp32 queries, got {q.dtype}")
-        kv, scales, kr = fp8_views(kv_cache, v_dim)  # typed views of the same rows: no copy
+        kv, scales, kr = fp8_views(kv_cache, v_dim, q.shape[2] - v_dim)  # typed views of the same rows: no copy
     else:
         kv = scales = kv_cache.contiguous()
         kr = kv[:, v_dim:]
     indices = indices.to(torch.int32).contiguous()
     block_v = next_pow2(v_dim)
     block_r = next_pow2(rope_dim)
-    cfg = _config(T, H, K, block_v, sm_count(q))
+    dot_dtype = q.dtype if fp8 else kv.dtype
+    row_bytes = (block_v + block_r) * dot_dtype.itemsize
+    if fp8 and dot_dtype.itemsize == 4:  # H200: the e4m3 tile staged beside fp32 ones needs 238 KB at 32 keys
+        row_bytes += row_bytes // 4
+    cfg = _config(T, H, K, block_v, row_bytes, sm_count(q))
     block_n, splits = cfg["block_n"], cfg["splits"]
     keys_per_split = triton.cdiv(triton.cdiv(max(K, 1), splits), block_n) * block_n
     splits = max(1, triton.cdiv(K, keys_per_split))
@@ -178,7 +188,7 @@ def sparse_mla(q: Tensor, kv_cache: Tensor, indices: Tensor, sm_scale: float, v_
         o_buf.stride(0), o_buf.stride(1), o_split, l_buf.stride(0), l_buf.stride(1), l_split,
         H, K, v_dim, rope_dim, keys_per_split, scale_log2,
         BLOCK_H=cfg["block_h"], BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_R=block_r,
-        PRECISION=dot_precision(q.dtype if fp8 else kv.dtype), FP8=fp8, SCALE_BLOCKS=max(1, block_v // 128),
+        PRECISION=dot_precision(dot_dtype), FP8=fp8, SCALE_BLOCKS=max(1, block_v // 128),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if splits > 1:
         _combine_kernel[(H, T)](

@@ -1,0 +1,110 @@
+"""FP8 GEMM at decode rows, timed the way the engine runs it: one CUDA graph of back-to-back calls over
+distinct weight copies (more bytes than L2 holds, so every call reads its weight from HBM), time per call.
+
+    python benchmarks/fp8_decode.py [--sweep] [--out fp8_decode.json]
+
+Ceilings measured in the same run: copy bandwidth (benchmarks/kernels.py) and, as a reference kernel on the
+same shapes, cuBLAS bf16 `F.linear` timed the same way (it reads twice the bytes). Every config is checked
+against the plain-PyTorch reference first. `--sweep` also times a grid of tile configs per shape and reports
+the best (how fp8_gemm.default_config's decode rules were chosen). The table is printed last.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernels import measure_peaks  # noqa: E402
+
+from dsaserve.ops import fp8 as ref  # noqa: E402
+from dsaserve.ops.triton import fp8_gemm  # noqa: E402
+
+BLOCK = (128, 128)
+SHAPES = {"q_a": (1536, 7168), "kv_a": (576, 7168), "q_b/8": (3072, 1536), "o_proj/8": (7168, 2048),
+          "gate/up/8": (2304, 7168), "down/8": (7168, 2304), "o_proj": (7168, 16384), "gate/up": (18432, 7168)}
+ROWS = (1, 16, 64)
+
+
+def chain_us(calls: list[Callable[[], object]]) -> float:
+    """Microseconds per call of one graph replaying every call in order."""
+    for call in calls:
+        call()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    return 1e3 * triton.testing.do_bench(graph.replay, warmup=10, rep=60, return_mode="median") / len(calls)
+
+
+def sweep_configs(N: int, K: int, sms: int) -> list[dict[str, int]]:
+    out = []
+    for block_n, warps, per_sm in itertools.product((32, 64, 128), (2, 4), (1, 2, 4)):
+        splits = max(1, min(triton.cdiv(K, BLOCK[1]), round(per_sm * sms / triton.cdiv(N, block_n))))
+        out.append(dict(block_n=block_n, num_warps=warps, num_stages=4, splits=splits))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sweep", action="store_true", help="also time a grid of tile configs per shape")
+    ap.add_argument("--out", default=None, help="write the rows and ceilings as JSON")
+    args = ap.parse_args()
+    copy = measure_peaks()["copy_GBps"]
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows = []
+    for name, (N, K) in SHAPES.items():
+        wbytes = fp8_gemm.weight_bytes(N, K, BLOCK)
+        copies = max(4, min(48, (400 << 20) // wbytes))
+        weights = [ref.BlockFP8(*ref.quantize_weight(torch.randn(N, K, device="cuda") * K ** -0.5, BLOCK), BLOCK)
+                   for _ in range(copies)]
+        bf16 = [(torch.randn(N, K, device="cuda") * K ** -0.5).to(torch.bfloat16) for _ in range(max(4, copies // 2))]
+        for M in ROWS:
+            x = torch.randn(M, K, device="cuda").to(torch.bfloat16)
+            want = ref.linear(x, weights[0]).float()
+            cublas = chain_us([lambda w=w: F.linear(x, w) for w in bf16])
+            timed: list[tuple[float, dict | None]] = []
+            for cfg in [None] + (sweep_configs(N, K, sms) if args.sweep else []):
+                try:
+                    got = fp8_gemm.fp8_linear(x, weights[0], config=cfg).float()
+                    err = ((got - want).norm() / want.norm()).item()
+                    assert err < 5e-3, f"{name} M={M} {cfg}: relative error {err:.1e} against the reference"
+                    timed.append((chain_us([lambda w=w: fp8_gemm.fp8_linear(x, w, config=cfg) for w in weights]), cfg))
+                except triton.runtime.errors.OutOfResources as exc:  # a sweep tile that does not fit
+                    print(f"  {name} M={M} {cfg}: {exc}")
+            default_us = timed[0][0]
+            best_us, best_cfg = min(timed, key=lambda t: t[0])
+            rows.append(dict(shape=name, N=N, K=K, M=M, us=default_us, frac_copy=wbytes / default_us / 1e3 / copy,
+                             cublas_bf16_us=cublas, speedup_vs_cublas_bf16=cublas / default_us,
+                             config=fp8_gemm.default_config(M, N, K, BLOCK[1], sms), best_us=best_us,
+                             best_config=best_cfg))
+        del weights, bf16
+        torch.cuda.empty_cache()
+    print(f"\n{torch.cuda.get_device_name()}: copy {copy:.0f} GB/s; FP8 GEMM us per call in a graph of back-to-back "
+          f"calls")
+    print(f"{'shape':10s} {'N x K':>12s} {'M':>3s} {'us':>7s} {'of copy':>8s} {'bf16 cuBLAS us':>15s} {'speed-up':>9s}"
+          + ("  best us (config)" if args.sweep else ""))
+    for r in rows:
+        best = f"  {r['best_us']:.1f} ({r['best_config'] or 'default'})" if args.sweep else ""
+        print(f"{r['shape']:10s} {r['N']:>5d} x {r['K']:<5d} {r['M']:>3d} {r['us']:7.1f} {r['frac_copy']:8.0%} "
+              f"{r['cublas_bf16_us']:15.1f} {r['speedup_vs_cublas_bf16']:8.2f}x{best}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(dict(device=torch.cuda.get_device_name(), copy_GBps=copy, rows=rows),
+                                             indent=1))
+
+
+if __name__ == "__main__":
+    main()
