@@ -90,6 +90,8 @@ class ServerArgs:
                                                   "decode server's pages) fails after this many seconds")
     max_request_bytes: int = _opt(16 * 2**20, "largest HTTP request body accepted; larger ones get 413 before "
                                                "they are parsed")
+    skip_server_warmup: bool = _opt(False, "serve at once, without first running a few prompts through the engine "
+                                           "(they compile the prefill-shaped kernels on a GPU)")
     seed: int = _opt(0, "seed for requests that carry none")
     log_level: str = _opt("info", "debug, info, warning, error")
     checks: bool = _opt(False, "validate every BatchLayout and kernel input (also DSASERVE_CHECKS=1)")

@@ -1,6 +1,8 @@
 """Batch invariance: greedy outputs are the same alone or batched, for any chunk and page size."""
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from conftest import prompts_ids
@@ -65,3 +67,23 @@ def test_decode_rows_progress_during_a_chunked_prefill(tiny_ds: str, steps: int)
         mixed_steps += prefilling and len(tokens["short"]) > decoded  # decoded while the other prefilled
     assert [tokens["short"], tokens["long"]] == expected
     assert mixed_steps >= 3  # 40 prompt tokens in chunks of 8 (minus the decode rows): several mixed steps
+
+
+@pytest.mark.parametrize("spec_steps", [0, 2])
+def test_warm_up_leaves_a_fresh_engine(tiny_ds: str, spec_steps: int, caplog: pytest.LogCaptureFixture) -> None:
+    """The start-up warm-up runs its prompts through the whole engine (logged), then the engine is as new:
+    no requests, every page free, an empty prefix cache, counters at zero; outputs equal an engine's that
+    skipped it (`--skip-server-warmup`)."""
+    common = dict(page_size=4, max_total_tokens=4096, cuda_graph_max_bs=4)
+    if spec_steps:
+        common |= dict(speculative_algorithm="NEXTN", speculative_num_steps=spec_steps)
+    with caplog.at_level(logging.INFO, logger="dsaserve.engine.warmup"):
+        warm = LLM(tiny_ds, **common)
+    assert "warm-up: prompts of [17, 32] tokens" in caplog.text
+    s = warm.engine.stats()
+    assert s.steps == s.spec_verify_steps == s.prefix_queried_tokens == s.cached_pages == 0
+    assert s.free_pages == s.total_pages and not warm.engine.requests and not warm.engine.has_work()
+    cold = LLM(tiny_ds, skip_server_warmup=True, **common)
+    prompts = prompts_ids(4, [17, 5, 32, 9], seed=12)
+    assert [c.token_ids for c in warm.generate(prompts, GREEDY)] == [c.token_ids for c in cold.generate(prompts, GREEDY)]
+    assert cold.engine.stats().steps == warm.engine.stats().steps  # the warm engine's count started at zero

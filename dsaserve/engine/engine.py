@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from dsaserve.cache.pages import PageAllocator
-from dsaserve.cache.prefix import PrefixCache
+from dsaserve.cache.prefix import PrefixCache, PrefixStats
 from dsaserve.chat.grammar import commit_tokens, grammar_state
 from dsaserve.disagg.pages import transfer_pages
 from dsaserve.engine.layout import StepMode, StepPlan
@@ -25,6 +25,7 @@ from dsaserve.engine.sampler import sample, token_logprobs
 from dsaserve.engine.scheduler import Scheduler, SchedulerConfig
 from dsaserve.spec.drafter import DraftInput, MTPDrafter
 from dsaserve.engine.tokenizer import Tokenizer
+from dsaserve.engine.warmup import warm_up
 from dsaserve.parallel.groups import CollectiveFailed, Parallel
 from dsaserve.server_args import ServerArgs
 
@@ -123,6 +124,8 @@ class Engine:
             from dsaserve.disagg.sides import create_side
             self.disagg = create_side(self)
         self.par.exchange([1])  # every rank built its engine: start-up failures surface before "ready"
+        if not args.skip_server_warmup:
+            warm_up(self)
 
     # -- requests --------------------------------------------------------------------------
 
@@ -163,6 +166,12 @@ class Engine:
         """Final outputs of requests that ended outside a step (aborts), without stepping."""
         outputs, self._finished_outside_step = self._finished_outside_step, []
         return outputs
+
+    def reset_counters(self) -> None:
+        """Statistics from zero (after the start-up warm-up): steps, speculation, retractions, prefix hits."""
+        self.steps, self._spec, self.scheduler.num_retractions = 0, [0, 0, 0], 0
+        if self.prefix_cache is not None:
+            self.prefix_cache.stats = PrefixStats()
 
     def has_work(self) -> bool:
         return self.scheduler.has_work() or bool(self._finished_outside_step)
