@@ -150,14 +150,14 @@ class TestMixedTP:
         d.proc.wait(10)
 
 
-# -- MTP speculation, page size 1, DP attention on the decode side, GLM-5 ---------------------------
+# -- MTP speculation, page size 1, partial DP attention on the decode side (2 groups of attention TP 2), GLM-5 --
 
 class TestSpecDPAttention:
     def test_generate_equals_aggregated(self, tiny_models: dict[str, str], tmp_path: Path) -> None:
         model = tiny_models["glm_moe_dsa"]
         spec = dict(page_size=1, speculative_algorithm="NEXTN", speculative_num_steps=2)
         prompts = prompts_ids(4, [15, 16, 17, 3], seed=5)  # around index_topk (16)
-        p, d, port = pd_servers(model, tmp_path, spec, dict(tp=2, dp=2, enable_dp_attention=True, **spec))
+        p, d, port = pd_servers(model, tmp_path, spec, dict(tp=4, dp=2, enable_dp_attention=True, **spec))
         with p, d, pd_router(tmp_path / "router.log", p, port, d) as router:
             want = expected(model, prompts, page_size=1)
             before = steps(p.url)
