@@ -63,10 +63,10 @@ def kv_pool_tokens(free_bytes: int, mem_fraction: float, bytes_per_token: int) -
 def plan(cfg: ModelConfig, args: ServerArgs, device_bytes: int, rank: int = 0) -> MemoryPlan:
     """One rank of the deployment `args` on a device of `device_bytes`, from the config alone."""
     from dsaserve.engine.model_runner import resolve_dtype
-    from dsaserve.model.loader import meta_model
+    from dsaserve.model.loader import fp8_by_config, meta_model
     dtype = resolve_dtype(args.dtype, torch.device("cuda"))  # the GPU's compute dtype
     par = Parallel.without_groups(ParallelConfig(args.tp, args.dp, rank))
-    model = meta_model(cfg, par, dtype, args.spec_steps > 0, lambda name: cfg.fp8_block is not None)
+    model = meta_model(cfg, par, dtype, args.spec_steps > 0, fp8_by_config(cfg))
     weights = weight_bytes(model)
     per_token = KVPools.bytes_per_token(cfg, resolve_kv_cache_dtype(args.kv_cache_dtype, dtype),
                                         cache_layers(cfg, args.spec_steps))

@@ -55,6 +55,8 @@ class ServerArgs:
                                           "(--no-enable-mixed-chunk: a step prefills or decodes)")
     context_length: int | None = _opt(None, "longest prompt + completion (default: the model's)")
     disable_radix_cache: bool = _opt(False, "do not reuse the cache of repeated prompt prefixes")
+    load_format: str = _opt("auto", "auto (the checkpoint's safetensors) or dummy (random weights in the formats the "
+                                    "config.json implies, FP8 included: benchmark a real config without its weights)")
     attention_backend: str = _opt("auto", "torch or triton (auto: triton on cuda, torch on cpu)")
     moe_backend: str = _opt("auto", "torch or triton (auto: triton on cuda, torch on cpu)")
     indexer_max_logits_mb: int = _opt(512, "memory budget of one indexer logits chunk, in MiB")
@@ -122,6 +124,8 @@ class ServerArgs:
         for name in ("attention_backend", "moe_backend"):
             if getattr(self, name) not in ("auto", "torch", "triton"):
                 problems.append(f"--{name.replace('_', '-')} must be auto, torch or triton")
+        if self.load_format not in ("auto", "dummy"):
+            problems.append(f"--load-format must be auto or dummy, got {self.load_format!r}")
         problems += _chat_problems(self) + self._serving_problems() + _disaggregation_problems(self)
         if problems:
             raise ValueError("; ".join(problems))

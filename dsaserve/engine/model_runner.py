@@ -70,7 +70,7 @@ class ModelRunner:
         self.kv_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, self.dtype)
         self.spec_steps = args.spec_steps
         self.model = build_model(model_path, self.device, self.dtype, self.par, load_mtp=self.spec_steps > 0,
-                                 progress=progress)
+                                 progress=progress, load_format=args.load_format)
         self.cfg = self.model.cfg
         if self.spec_steps and self.model.mtp is None:
             raise ValueError(f"--speculative-algorithm {args.speculative_algorithm} needs the checkpoint's MTP "

@@ -296,19 +296,30 @@ def meta_model(cfg: ModelConfig, par: Parallel | None, dtype: torch.dtype, load_
     return model
 
 
+def fp8_by_config(cfg: ModelConfig) -> Callable[[str], bool]:
+    """Which tensors a checkpoint of this config has in FP8, from config.json alone (the planner, and
+    `--load-format dummy`): every linear layer the loader may keep in FP8, when the config quantizes."""
+    return lambda name: cfg.fp8_block is not None
+
+
 def build_model(model_path: str | Path, device: torch.device, dtype: torch.dtype, par: Parallel | None = None,
-                load_mtp: bool = True, progress: bool = True) -> DSAModel:
-    """Allocate this rank's shard of the model uninitialised on `device` and fill it from the checkpoint.
-    FP8 weights stay e4m3 (+ fp32 scales); other parameters take `dtype` (or fp32 where the model says)."""
+                load_mtp: bool = True, progress: bool = True, load_format: str = "auto") -> DSAModel:
+    """Allocate this rank's shard of the model uninitialised on `device` and fill it from the checkpoint
+    (load_format "dummy": with random weights, config.json only). FP8 weights stay e4m3 (+ fp32 scales);
+    other parameters take `dtype` (or fp32 where the model says)."""
     cfg = ModelConfig.from_path(model_path)
-    ckpt = Checkpoint(model_path)
-    model = meta_model(cfg, par, dtype, load_mtp, ckpt.is_fp8)
+    ckpt = Checkpoint(model_path) if load_format != "dummy" else None
+    model = meta_model(cfg, par, dtype, load_mtp, ckpt.is_fp8 if ckpt is not None else fp8_by_config(cfg))
     _check_fits(model, device, dtype)
     model.to_empty(device=device)
-    for module in model.modules():
-        if isinstance(module, quant.Experts):
-            module.zero_padding()
-    load_weights(model, ckpt, progress=progress)
+    if ckpt is None:
+        from dsaserve.model.dummy import init_dummy_weights
+        init_dummy_weights(model)
+    else:
+        for module in model.modules():
+            if isinstance(module, quant.Experts):
+                module.zero_padding()
+        load_weights(model, ckpt, progress=progress)
     quant.prepare(model, quant.default_mode(device), dtype, checks=checks_enabled())
     return model.eval()
 

@@ -1,0 +1,74 @@
+"""Host time of a decode step outside the model forward: Engine.step minus ModelRunner.target (scheduling,
+the layout build, sampling, committing tokens), what overlapped scheduling would hide. The embedded model
+on the given device, static-layout (CUDA-graph) path on, decode steps only:
+
+    python benchmarks/host_overhead.py --batch 1 16 64 [--device cpu] [--output-json host.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from dsaserve import LLM, SamplingParams
+from dsaserve.tiny import default_model_path
+
+
+def measure(llm: LLM, batch: int, steps: int) -> dict[str, float]:
+    engine, runner = llm.engine, llm.engine.runner
+    forward = [0.0]
+    target = runner.target
+
+    def timed(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        start = time.perf_counter()
+        out = target(*args, **kwargs)
+        if engine.runner.device.type == "cuda":
+            torch.cuda.synchronize()
+        forward[0] += time.perf_counter() - start
+        return out
+
+    runner.target = timed
+    try:
+        params = SamplingParams(max_tokens=steps + 20, temperature=0.0, ignore_eos=True)
+        for i in range(batch):
+            engine.add_request(f"host-{batch}-{i}", [5 + (i * 7 + j) % 500 for j in range(20)], params)
+        while any(not r.output_ids for r in engine.requests.values()):
+            engine.step()
+        for _ in range(5):
+            engine.step()
+        forward[0], n, start = 0.0, 0, time.perf_counter()
+        while engine.has_work() and n < steps:
+            engine.step()
+            n += 1
+        total, inside = (time.perf_counter() - start) / n, forward[0] / n
+        while engine.has_work():
+            engine.step()
+    finally:
+        runner.target = target
+    return dict(batch=batch, step_ms=1e3 * total, forward_ms=1e3 * inside, host_ms=1e3 * (total - inside))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64])
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--output-json", default=None)
+    args = ap.parse_args()
+    llm = LLM(str(default_model_path()), device=args.device, page_size=64, max_total_tokens=64 * 600,
+              cuda_graph_max_bs=max(args.batch))
+    rows = [measure(llm, b, args.steps) for b in args.batch]
+    print(f"\n{llm.engine.runner.device}, threads {torch.get_num_threads()}")
+    print(f"{'batch':>5} {'step ms':>8} {'forward ms':>11} {'host ms':>8} {'host share':>11}")
+    for r in rows:
+        print(f"{r['batch']:>5} {r['step_ms']:>8.2f} {r['forward_ms']:>11.2f} {r['host_ms']:>8.2f} "
+              f"{r['host_ms'] / r['step_ms']:>10.0%}")
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
