@@ -8,7 +8,6 @@ import logging
 import os
 import random
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -23,6 +22,7 @@ from dsaserve.engine.request import (DisaggRoute, FinishReason, Request, Request
                                      SamplingParams)
 from dsaserve.engine.sampler import sample, token_logprobs
 from dsaserve.engine.scheduler import Scheduler, SchedulerConfig
+from dsaserve.engine.stats import EngineStats
 from dsaserve.spec.drafter import DraftInput, MTPDrafter
 from dsaserve.engine.tokenizer import Tokenizer
 from dsaserve.engine.warmup import warm_up
@@ -31,32 +31,6 @@ from dsaserve.server_args import ServerArgs
 
 log = logging.getLogger(__name__)
 _PROMPT_LOGITS_BYTES = 256 << 20  # fp32 logits of one chunk that scores its prompt (echo / prompt_logprobs)
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    running: int
-    waiting: int
-    free_pages: int
-    total_pages: int
-    num_retractions: int
-    steps: int
-    spec_verify_steps: int = 0  # request-verify steps (one per request per verify step)
-    spec_draft_tokens: int = 0  # draft tokens proposed to verification
-    spec_accepted_tokens: int = 0  # of those, accepted
-    cached_pages: int = 0  # pages the prefix cache holds (free_pages counts those no request uses)
-    prefix_hit_tokens: int = 0  # prompt tokens served from the prefix cache
-    prefix_queried_tokens: int = 0
-    graph_shapes: int = 0  # static layouts (CUDA graphs on a GPU) made so far: constant once warmed up
-    graph_captures: int = 0  # CUDA graph captures; one after the server is ready is a stall
-    graph_eager_misses: int = 0  # steps that ran eagerly because no graph had their shape
-
-    @property
-    def avg_spec_accept_length(self) -> float | None:
-        """Tokens a verify step yields per request: accepted drafts + the target's own token."""
-        if not self.spec_verify_steps:
-            return None
-        return (self.spec_accepted_tokens + self.spec_verify_steps) / self.spec_verify_steps
 
 
 class StepFailedOnSomeRanks(RuntimeError):

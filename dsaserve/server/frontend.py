@@ -25,7 +25,7 @@ from typing import Any, Callable, TypeVar
 import zmq
 import zmq.asyncio
 
-from dsaserve.engine.engine import EngineStats
+from dsaserve.engine.stats import EngineStats
 from dsaserve.engine.request import DisaggRoute, RequestOutput, SamplingParams
 from dsaserve.engine.tokenizer import Tokenizer
 from dsaserve.server import messages as m

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from dsaserve.engine.engine import EngineStats
+from dsaserve.engine.stats import EngineStats
 from dsaserve.engine.request import DisaggRoute, RequestOutput, SamplingParams
 
 
