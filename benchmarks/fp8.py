@@ -158,7 +158,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None, help="write the rows and ceilings as JSON")
     ap.add_argument("--experts", type=int, default=256, help="routed experts in the MoE runs (memory: 44 MB each)")
-    ap.add_argument("--tune", action="store_true", help="also sweep tile configs on the TP-8 decode and prefill shapes")
+    ap.add_argument("--tune", action="store_true", help="also sweep prefill and MoE tile configs (decode: fp8_decode.py --sweep)")
     ap.add_argument("--only", default="gemm,moe")
     a = ap.parse_args()
     start = time.perf_counter()
@@ -170,9 +170,7 @@ def main() -> None:
     if "moe" in a.only:
         bench_moe(peaks, a.experts, (1, 8, 32, 4096), [None])
     if a.tune:
-        tp8 = {k: v for k, v in SHAPES.items() if k.endswith("/8") or k in ("q_a", "kv_a")}
-        bench_gemm(peaks, tp8, (1, 32), [dict(block_n=32), dict(block_n=128), dict(num_stages=6),
-                                         dict(num_stages=3, num_warps=8), dict(a_quant=0)])
+        # decode tiles: benchmarks/fp8_decode.py --sweep (timed as the decode graph runs them)
         bench_gemm(peaks, {"gate/up": SHAPES["gate/up"], "o_proj": SHAPES["o_proj"]}, (8192,),
                    [dict(block_n=256), dict(num_stages=4), dict(block_m=64, num_warps=4, num_stages=4),
                     dict(block_n=256, num_stages=4, group_m=16)])

@@ -48,10 +48,10 @@ class PrefixCache:
         ps = self.page_size
         return [tuple(tokens[i * ps:(i + 1) * ps]) for i in range(pages)]
 
-    def match(self, tokens: list[int], limit: int, count: bool = True) -> list[int]:
+    def match(self, tokens: list[int], limit: int, record_hits: bool = True) -> list[int]:
         """Pages of the longest cached prefix of `tokens` covering at most `limit` tokens, each with a new
-        reference for the caller (it must free them); [] on a miss. count=False leaves the hit statistics
-        to the caller (`count`), for a match it may still give back."""
+        reference for the caller (it must free them); [] on a miss. record_hits=False leaves the hit
+        statistics to the caller (`count`), for a match it may still give back."""
         node, path, now = self.root, [], next(self._clock)
         for chunk in self._chunks(tokens, limit // self.page_size):
             node = node.children.get(chunk)
@@ -62,7 +62,7 @@ class PrefixCache:
         if self.drop_last_page and path:
             path.pop()
         self.allocator.share(path)
-        if count:
+        if record_hits:
             self.count(len(tokens), len(path))
         return path
 

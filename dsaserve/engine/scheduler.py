@@ -96,7 +96,7 @@ class Scheduler:
         leaving what the running requests' next decode step needs. False when they do not fit now.
         Full pages of the prompt that this server's prefix cache holds are shared, not sent again:
         req.cached_tokens says how many tokens the transfer skips."""
-        cached = self.cache.match(req.prompt_ids, limit=tokens - 1, count=False) if self.cache is not None else []
+        cached = self.cache.match(req.prompt_ids, limit=tokens - 1, record_hits=False) if self.cache is not None else []
         need = self._pages_for(tokens) - len(cached)
         reserve = sum(self._pages_missing(r, r.num_cached + self.cfg.decode_lookahead)
                       for r in self.running if not self._prefilling(r))
