@@ -2,7 +2,7 @@
 emulation of the FP8 model, on the tiny models of both architectures; then the FP8 KV cache runs against
 the fp32 torch run over the same cache. Prints max chosen log-prob errors (nats) and where tokens part.
 
-    python benchmarks/fp8_engine_diagnosis.py        (CUDA; about 3 minutes on an H200)
+    python benchmarks/fp8_engine_diagnosis.py [--kv-only]       (CUDA; about 3 minutes on an H200)
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_triton_engine import Run, _first_diff, _greedy, _lp_error, _prompts  # noqa: E402
+from test_triton_engine import Run, _first_diff, _greedy, _lp_errors, _prompts  # noqa: E402
 
 from dsaserve.tiny import make_tiny_model  # noqa: E402
 
@@ -28,13 +28,15 @@ def run(path: str, attention: str, moe: str, dtype: str, prompts: list[list[int]
 
 def report(label: str, candidate: Run, truth: Run) -> None:
     parts = [_first_diff(a[0], b[0]) for a, b in zip(candidate, truth)]
-    print(f"  {label:40s} max error {_lp_error(candidate, truth):.4f}  tokens part at steps {parts}", flush=True)
+    errors = _lp_errors(candidate, truth)
+    print(f"  {label:40s} error mean {sum(errors) / max(len(errors), 1):.4f} max {max(errors, default=0):.4f}  "
+          f"tokens part at steps {parts}", flush=True)
 
 
 def main() -> None:
     root = Path("/tmp/dsaserve-fp8-diagnosis")
     start = time.perf_counter()
-    for arch in ARCHS:
+    for arch in ARCHS if "--kv-only" not in sys.argv else ():
         path = str(make_tiny_model(root / f"{arch}-fp8", arch, fp8=True))
         for seed in (3, 4):
             prompts = _prompts(seed)
@@ -58,6 +60,7 @@ def main() -> None:
             report("torch, bf16", run(path, "torch", "torch", "bfloat16", prompts, "fp8_e4m3"), truth)
             report("all Triton, bf16", run(path, "triton", "triton", "bfloat16", prompts, "fp8_e4m3"), truth)
             report("Triton attention only, bf16", run(path, "triton", "torch", "bfloat16", prompts, "fp8_e4m3"), truth)
+            report("Triton MoE only, bf16", run(path, "torch", "triton", "bfloat16", prompts, "fp8_e4m3"), truth)
             report("torch, bf16, bf16 cache", run(path, "torch", "torch", "bfloat16", prompts), truth)
     print(f"done in {time.perf_counter() - start:.0f} s")
 

@@ -7,7 +7,9 @@ on the given device, static-layout (CUDA-graph) path on, decode steps only:
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import time
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from dsaserve import LLM, SamplingParams
 from dsaserve.tiny import default_model_path
 
 
-def measure(llm: LLM, batch: int, steps: int) -> dict[str, float]:
+def measure(llm: LLM, batch: int, steps: int, profile: bool = False) -> dict[str, float]:
     engine, runner = llm.engine, llm.engine.runner
     forward = [0.0]
     target = runner.target
@@ -44,6 +46,11 @@ def measure(llm: LLM, batch: int, steps: int) -> dict[str, float]:
             engine.step()
             n += 1
         total, inside = (time.perf_counter() - start) / n, forward[0] / n
+        if profile:  # where the host time goes, by Python function (cumulative, 10 steps)
+            prof = cProfile.Profile()
+            prof.runcall(lambda: [engine.step() for _ in range(10)])
+            print(f"batch {batch}, 10 steps:")
+            pstats.Stats(prof).sort_stats("cumulative").print_stats(30)
         while engine.has_work():
             engine.step()
     finally:
@@ -56,11 +63,15 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--model-path", default=None, help="default: the embedded model (e.g. benchmarks/engine.py's "
+                                                      "V3.2-width checkpoint instead)")
+    ap.add_argument("--profile", action="store_true", help="print cProfile's top functions of 10 steps")
     ap.add_argument("--output-json", default=None)
     args = ap.parse_args()
-    llm = LLM(str(default_model_path()), device=args.device, page_size=64, max_total_tokens=64 * 600,
+    llm = LLM(args.model_path or str(default_model_path()), device=args.device, page_size=64,
+              max_total_tokens=max(args.batch) * (args.steps + 120) + 4096,
               cuda_graph_max_bs=max(args.batch))
-    rows = [measure(llm, b, args.steps) for b in args.batch]
+    rows = [measure(llm, b, args.steps, args.profile) for b in args.batch]
     print(f"\n{llm.engine.runner.device}, threads {torch.get_num_threads()}")
     print(f"{'batch':>5} {'step ms':>8} {'forward ms':>11} {'host ms':>8} {'host share':>11}")
     for r in rows:

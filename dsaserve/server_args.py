@@ -64,6 +64,9 @@ class ServerArgs:
                                                "requests from CUDA graphs (default: 64 on cuda with the triton "
                                                "backends, else off; 0: off; on CPU the same padded static layouts "
                                                "run eagerly)")
+    cuda_graph_bs: tuple[int, ...] | None = _opt(None, "the batch sizes to capture graphs for (default: 1, 2, 4, 8 "
+                                                       "and multiples of 16 up to --cuda-graph-max-bs, which "
+                                                       "defaults to their largest); a step pads to the next one")
     speculative_algorithm: str | None = _opt(None, "NEXTN (EAGLE is an alias): MTP speculative decoding with the "
                                                    "checkpoint's MTP layer as the draft model")
     speculative_num_steps: int | None = _opt(None, "draft steps S per verify step (default 3 with "
@@ -110,6 +113,8 @@ class ServerArgs:
             problems.append(f"--chunked-prefill-size must be >= 1, got {self.chunked_prefill_size}")
         if self.cuda_graph_max_bs is not None and self.cuda_graph_max_bs < 0:
             problems.append(f"--cuda-graph-max-bs must be >= 0, got {self.cuda_graph_max_bs}")
+        if self.cuda_graph_bs is not None and (not self.cuda_graph_bs or min(self.cuda_graph_bs) < 1):
+            problems.append(f"--cuda-graph-bs must list batch sizes >= 1, got {list(self.cuda_graph_bs)}")
         problems += self._speculative_problems()
         if self.max_running_requests < 1:
             problems.append(f"--max-running-requests must be >= 1, got {self.max_running_requests}")
@@ -210,14 +215,17 @@ class ServerArgs:
                 action = argparse.BooleanOptionalAction if f.default else "store_true"
                 parser.add_argument(flag, action=action, default=f.default, help=f.metadata["help"])
                 continue
-            base = next(t for t in (int, float, str) if t in getattr(kind, "__args__", (kind,)))
+            kinds = getattr(kind, "__args__", (kind,))
+            many = any(getattr(k, "__origin__", None) is tuple for k in kinds)  # tuple[int, ...]: a list flag
+            base = int if many else next(t for t in (int, float, str) if t in kinds)
             suffix = "" if f.default is None else f" (default: {f.default})"
-            parser.add_argument(flag, type=base, default=f.default, help=f.metadata["help"] + suffix)
+            parser.add_argument(flag, type=base, default=f.default, help=f.metadata["help"] + suffix,
+                                **({"nargs": "+"} if many else {}))
 
     @classmethod
     def from_cli(cls, ns: argparse.Namespace) -> ServerArgs:
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in vars(ns).items() if k in names})
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(ns).items() if k in names})
 
 
 def _chat_problems(args: ServerArgs) -> list[str]:

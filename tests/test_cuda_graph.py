@@ -24,6 +24,24 @@ SHORT = prompts_ids(3, [2, 5, 4], seed=42)  # every row starts below index_topk
 def test_batch_buckets() -> None:
     assert batch_buckets(1) == [1] and batch_buckets(5) == [1, 2, 4, 5]
     assert batch_buckets(48) == [1, 2, 4, 8, 16, 32, 48]
+    assert batch_buckets(64, (64,)) == [64] and batch_buckets(6, (2, 3, 32)) == [2, 3, 6]
+
+
+def test_cuda_graph_bs_flag_sets_the_buckets(tiny_ds: str) -> None:
+    """--cuda-graph-bs (SGLang's flag): only the listed sizes are made, every smaller batch pads to them;
+    tokens unchanged. Parsed from the command line as a list."""
+    import argparse
+    from dsaserve.server_args import ServerArgs
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    assert ServerArgs.from_cli(parser.parse_args(["--cuda-graph-bs", "4", "8"])).cuda_graph_bs == (4, 8)
+    with pytest.raises(ValueError, match="--cuda-graph-bs must list batch sizes >= 1"):
+        LLM(tiny_ds, cuda_graph_bs=(0, 4))
+    expected = [o.token_ids for o in LLM(tiny_ds, page_size=4, max_total_tokens=4096).generate(SHORT, GREEDY)]
+    llm = LLM(tiny_ds, page_size=4, max_total_tokens=4096, cuda_graph_bs=(4,))
+    assert llm.engine.runner.graphs.buckets == [4]
+    assert [o.token_ids for o in llm.generate(SHORT, GREEDY)] == expected
+    assert {b for _, b, _, _ in llm.engine.runner.graphs.shapes()} == {4}  # 3 requests, then fewer: all in 4
 
 
 @pytest.mark.parametrize("arch", ARCHS)

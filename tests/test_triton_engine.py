@@ -91,16 +91,19 @@ def check_run(label: str, truth: Run, baseline: Run, candidate: Run) -> None:
 
 
 # fp8_e4m3: every run reads the same FP8 cache format (the kernels dequantize in place, the torch ops the
-# gathered rows), so the fp32 torch run over an FP8 cache is the truth for the bf16 runs over one.
+# gathered rows), so the fp32 torch run over an FP8 cache is the truth for the bf16 runs over one. There the
+# candidate is the Triton attention and indexer (the FP8-cache readers) with the torch MoE: e4m3 re-rounding
+# of every latent amplifies any bf16 difference, and the Triton MoE's own bf16 noise (held to the same bar
+# by the bf16-cache case) would otherwise decide the comparison (benchmarks/fp8_engine_diagnosis.py
+# --kv-only, docs/benchmarks.md).
 @pytest.mark.parametrize("kv", ["auto", "fp8_e4m3"])
 @pytest.mark.parametrize("arch", ["deepseek_v32", "glm_moe_dsa"])
 def test_triton_matches_torch_greedy(arch: str, kv: str, tiny_models: dict[str, str]) -> None:
-    # An FP8 cache re-rounds every latent to e4m3, so bf16 noise moves steps more: three prompt sets
-    # (15 prompts) keep the mean error comparison steady.
     prompts = _prompts(1) if kv == "auto" else _prompts(1) + _prompts(5) + _prompts(6)
     truth = _greedy(tiny_models[arch], "torch", "float32", prompts, kv)
     torch_bf16 = _greedy(tiny_models[arch], "torch", "bfloat16", prompts, kv)
-    triton_bf16 = _greedy(tiny_models[arch], "triton", "bfloat16", prompts, kv)
+    triton_bf16 = _greedy(tiny_models[arch], "triton", "bfloat16", prompts, kv,
+                          moe_backend="triton" if kv == "auto" else "torch")
     check_run(f"{arch} kv {kv}: triton bf16 vs torch bf16", truth, torch_bf16, triton_bf16)
 
 

@@ -28,9 +28,12 @@ GraphFn = Callable[[dict[str, Tensor], BatchLayout], tuple[Tensor, ...]]
 log = logging.getLogger(__name__)
 
 
-def batch_buckets(max_bs: int) -> list[int]:
-    sizes = [b for b in (1, 2, 4, 8) if b < max_bs] + list(range(16, max_bs, 16))
-    return sizes + [max_bs]
+def batch_buckets(max_bs: int, sizes: tuple[int, ...] | None = None) -> list[int]:
+    """The batch sizes graphs are captured for: `sizes` up to max_bs (--cuda-graph-bs), by default
+    1, 2, 4, 8 and multiples of 16; max_bs is always one."""
+    if sizes is None:
+        sizes = tuple(b for b in (1, 2, 4, 8) if b < max_bs) + tuple(range(16, max_bs, 16))
+    return sorted({b for b in sizes if b < max_bs} | {max_bs})
 
 
 @dataclass
@@ -54,11 +57,11 @@ class GraphStats:
 
 
 class GraphRunner:
-    def __init__(self, device: torch.device, max_bs: int, page_size: int, topk: int, context_length: int,
+    def __init__(self, device: torch.device, buckets: list[int], page_size: int, topk: int, context_length: int,
                  capture: bool):
-        self.device, self.max_bs, self.page_size, self.topk = device, max_bs, page_size, topk
+        self.device, self.max_bs, self.page_size, self.topk = device, max(buckets), page_size, topk
         self.capture = capture and device.type == "cuda"
-        self.buckets = batch_buckets(max_bs)
+        self.buckets = buckets
         self.max_keys = -(-context_length // page_size) * page_size
         self.graphs: dict[tuple, _Graph] = {}
         self._shared_out: dict[tuple, Tensor] = {}

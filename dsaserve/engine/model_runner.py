@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from dsaserve.cache.pools import KVPools, resolve_kv_cache_dtype
-from dsaserve.engine.cuda_graph import GraphRunner
+from dsaserve.engine.cuda_graph import GraphRunner, batch_buckets
 from dsaserve.engine.layout import BatchLayout, StepMode, StepPlan
 from dsaserve.model.loader import build_model
 from dsaserve.ops.dispatch import DSAOps
@@ -98,13 +98,16 @@ class ModelRunner:
     def _graph_runner(self, args: ServerArgs) -> GraphRunner | None:
         capturable = self.ops.attention_backend == self.ops.moe_backend == "triton"  # torch ops read back values
         max_bs = args.cuda_graph_max_bs
+        if max_bs is None and args.cuda_graph_bs:
+            max_bs = max(args.cuda_graph_bs)
         if max_bs is None:  # default: on where graphs can replay (CUDA, Triton ops)
             max_bs = 64 if self.device.type == "cuda" and capturable else 0
         if max_bs and self.device.type == "cuda" and not capturable:
             raise ValueError("--cuda-graph-max-bs needs --attention-backend triton and --moe-backend triton on cuda")
         if not max_bs:
             return None
-        return GraphRunner(self.device, min(max_bs, args.max_running_requests), self.page_size, self.cfg.index_topk,
+        buckets = batch_buckets(min(max_bs, args.max_running_requests), args.cuda_graph_bs)
+        return GraphRunner(self.device, buckets, self.page_size, self.cfg.index_topk,
                            args.context_length or self.cfg.context_length, capture=True)
 
     def _pool_pages(self, args: ServerArgs) -> int:
