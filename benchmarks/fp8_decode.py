@@ -29,7 +29,8 @@ from dsaserve.ops.triton import fp8_gemm  # noqa: E402
 
 BLOCK = (128, 128)
 SHAPES = {"q_a": (1536, 7168), "kv_a": (576, 7168), "q_b/8": (3072, 1536), "o_proj/8": (7168, 2048),
-          "gate/up/8": (2304, 7168), "down/8": (7168, 2304), "o_proj": (7168, 16384), "gate/up": (18432, 7168)}
+          "gate/up/8": (2304, 7168), "down/8": (7168, 2304), "o_proj": (7168, 16384), "gate/up": (18432, 7168),
+          "wk": (128, 7168), "q_a+wk+kv_a": (2240, 7168), "gate+up/8": (4608, 7168)}  # the last two: fused GEMMs
 ROWS = (1, 16, 64)
 
 
@@ -62,11 +63,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sweep", action="store_true", help="also time a grid of tile configs per shape")
     ap.add_argument("--out", default=None, help="write the rows and ceilings as JSON")
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     args = ap.parse_args()
     copy = measure_peaks()["copy_GBps"]
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
-    for name, (N, K) in SHAPES.items():
+    for name in args.shapes:
+        N, K = SHAPES[name]
         wbytes = fp8_gemm.weight_bytes(N, K, BLOCK)
         copies = max(4, min(48, (400 << 20) // wbytes))
         weights = [ref.BlockFP8(*ref.quantize_weight(torch.randn(N, K, device="cuda") * K ** -0.5, BLOCK), BLOCK)

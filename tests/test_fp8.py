@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from conftest import ARCHS, prompts_ids
 from dsaserve import LLM, SamplingParams
 from dsaserve.model.dsa import DSAModel
-from dsaserve.model.loader import CheckpointError, build_model
+from dsaserve.model.loader import CheckpointError, build_model, fused_sources
 from dsaserve.ops.fp8 import FP8, BlockFP8, act_quant, dequantize, linear, quantize_weight
 from dsaserve.parallel.groups import Parallel, ParallelConfig
 from dsaserve.parallel.launch import Job, OfflineRequest, run_jobs
@@ -134,6 +134,9 @@ def _expected_slice(name: str, full: torch.Tensor, cfg: ParallelConfig) -> torch
 def _rank_tensor(model: DSAModel, name: str) -> torch.Tensor:
     """The rank's copy of checkpoint tensor `name`, dequantized if it is FP8 in the model."""
     n = model.cfg.num_hidden_layers
+    shared = {f"model.layers.{n}.embed_tokens.weight": "model.embed_tokens.weight",
+              f"model.layers.{n}.shared_head.head.weight": "lm_head.weight"}
+    name = shared.get(name, name)  # the MTP layer reads the target's embedding and head (equal in the checkpoint)
     key = name if name == "lm_head.weight" else name[len("model."):].replace(f"layers.{n}.", "mtp.")
     parts = key.split(".")
     if "experts" in parts and parts[parts.index("experts") + 1].isdigit():
@@ -142,6 +145,11 @@ def _rank_tensor(model: DSAModel, name: str) -> torch.Tensor:
         w13, w2 = (w.dequantize() for w in experts.fp8) if experts.block is not None else (experts.w13, experts.w2)
         inter, start = experts.inter, (experts.padded_inter if proj == "up_proj" else 0)
         return w2[e, :, :inter] if proj == "down_proj" else w13[e, start:start + inter]
+    fused = fused_sources(model).get(key)
+    if fused is not None:  # rows of a fused module (q_a + wk + kv_a, gate + up)
+        _, module, start, rows = fused
+        full = module.fp8.dequantize() if module.block is not None else module.weight.float()
+        return full[start:start + rows]
     module = model.get_submodule(".".join(parts[:-1]))
     if getattr(module, "block", None) is not None:
         return module.fp8.dequantize()
@@ -249,3 +257,15 @@ def test_fp8_linear_reference_is_the_blockwise_sum() -> None:
                 dot = (xq[m, cols].double() * w.weight[n, cols].double()).sum()
                 want[m, n] += dot * xs[m, g].double() * w.scale[n // 16, g].double()
     assert torch.allclose(linear(x, w).double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_projections_fuse_where_blocks_allow(fp8_models: dict[str, tuple[Path, Path]],
+                                             small_block_models: dict[str, tuple[Path, Path]]) -> None:
+    """q_a, the indexer's wk and kv_a load into one GEMM (rows side by side, scale blocks too) when every part
+    but the last fills whole blocks; the slices test above proves each part's rows are its tensor's."""
+    small = build_model(small_block_models["deepseek_v32"][0], CPU, torch.float32, progress=False)
+    attn = small.layers[0].self_attn
+    assert [name for name, _, _ in attn.input_proj.sources] == ["q_a_proj", "indexer.wk", "kv_a_proj_with_mqa"]
+    assert attn.input_proj.weight.dtype == FP8 and not hasattr(attn, "q_a_proj")
+    wide = build_model(fp8_models["deepseek_v32"][0], CPU, torch.float32, progress=False)
+    assert wide.cfg.q_lora_rank % 128 and wide.layers[0].self_attn.input_proj is None  # would straddle a block

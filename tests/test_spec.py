@@ -97,6 +97,16 @@ class ReferenceMTP:
         return out
 
 
+def test_mtp_layer_shares_the_targets_embedding_and_head(tiny_ds: str) -> None:
+    """One vocabulary-sized embedding and one head per rank: the MTP layer reads the target's (the
+    checkpoint's copies under the MTP layer are not loaded); the drafts above prove they are the right ones."""
+    model = LLM(tiny_ds, speculative_algorithm="NEXTN", speculative_num_steps=1).engine.runner.model
+    names = [n for n, _ in model.named_parameters()]
+    assert model.mtp is not None and "mtp.shared_head.norm.weight" in names
+    assert [n for n in names if "embed_tokens" in n or n.endswith("head.weight")] == ["embed_tokens.weight",
+                                                                                      "lm_head.weight"]
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_mtp_drafts_match_reference(arch: str, tiny_models: dict[str, str], tmp_path: Path) -> None:
     """Every step's drafts (after a prefill, and after verify steps that accepted all or none) equal the

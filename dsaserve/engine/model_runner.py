@@ -206,4 +206,4 @@ class ModelRunner:
     def _draft(self, inputs: dict[str, Tensor], layout: BatchLayout) -> tuple[Tensor, Tensor]:
         hidden = self.model.draft(inputs["input_ids"], inputs["hidden"], layout, self.pools, self.ops)
         rows = hidden[layout.logit_rows.long()]
-        return rows, self.model.logits(rows, draft=True)
+        return rows, self.model.logits(rows)

@@ -14,7 +14,7 @@ from torch import nn
 from dsaserve.cache.pools import KVPools
 from dsaserve.config import ModelConfig
 from dsaserve.engine.layout import BatchLayout
-from dsaserve.model.quant import Experts, Linear
+from dsaserve.model.quant import Experts, Linear, concat_rows
 from dsaserve.model.rope import Rotary
 from dsaserve.ops.dispatch import DSAOps
 from dsaserve.parallel.groups import Parallel
@@ -60,11 +60,12 @@ class Indexer(nn.Module):
         self.weights_proj = linear(cfg.hidden_size, cfg.index_n_heads)  # kept in fp32
         self.weight_scale = cfg.index_n_heads ** -0.5 * cfg.index_head_dim ** -0.5
 
-    def forward(self, x: Tensor, q_lat: Tensor, ctx: StepContext) -> Tensor:
+    def forward(self, x: Tensor, q_lat: Tensor, k_proj: Tensor, ctx: StepContext) -> Tensor:
+        """k_proj: wk(x), made by the attention's input projection (fused with q_a and kv_a)."""
         cfg, T = self.cfg, x.shape[0]
         rope = cfg.qk_rope_head_dim
         q = self.wq_b(q_lat).view(T, cfg.index_n_heads, cfg.index_head_dim)
-        k = self.k_norm(self.wk(x))
+        k = self.k_norm(k_proj)
         inter = cfg.indexer_rope_interleave
         q = torch.cat([Rotary.apply(q[..., :rope], ctx.cos[:, None], ctx.sin[:, None], inter), q[..., rope:]], -1)
         k = torch.cat([Rotary.apply(k[..., :rope], ctx.cos, ctx.sin, inter), k[..., rope:]], -1)
@@ -93,19 +94,39 @@ class MLAttention(nn.Module):
         self.o_proj = linear(self.num_heads * cfg.v_head_dim, cfg.hidden_size)
         own_indexer = layer_id >= cfg.num_hidden_layers or cfg.indexer_types[layer_id] == "full"  # MTP: own
         self.indexer = Indexer(cfg, layer_id) if own_indexer else None
+        self.input_proj: Linear | None = None  # q_a, the indexer's wk and kv_a as one GEMM (fuse_projections)
+
+    def fuse_input_projections(self) -> None:
+        """q_a, wk and kv_a read the same rows: one GEMM (kv_a last: its 576 rows end inside a scale block)."""
+        parts = [("q_a_proj", self.q_a_proj)] + ([("indexer.wk", self.indexer.wk)] if self.indexer else []) + \
+            [("kv_a_proj_with_mqa", self.kv_a_proj_with_mqa)]
+        self.input_proj = concat_rows(parts)
+        if self.input_proj is not None:
+            del self.q_a_proj, self.kv_a_proj_with_mqa
+            if self.indexer is not None:
+                del self.indexer.wk
+
+    def _project_input(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+        """(q_a(x), wk(x) or None without an own indexer, kv_a(x))."""
+        if self.input_proj is None:
+            return (self.q_a_proj(x), self.indexer.wk(x) if self.indexer is not None else None,
+                    self.kv_a_proj_with_mqa(x))
+        parts = self.input_proj(x).split([rows for _, _, rows in self.input_proj.sources], dim=-1)
+        return parts[0], parts[1] if self.indexer is not None else None, parts[-1]
 
     def forward(self, x: Tensor, ctx: StepContext, prev_topk: Tensor | None) -> tuple[Tensor, Tensor]:
         cfg, T, H = self.cfg, x.shape[0], self.num_heads
-        q_lat = self.q_a_layernorm(self.q_a_proj(x))
+        q_a, k_proj, kv_a = self._project_input(x)
+        q_lat = self.q_a_layernorm(q_a)
         q = self.q_b_proj(q_lat).view(T, H, cfg.qk_head_dim)
         q_nope, q_pe = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
-        latent, k_pe = self.kv_a_proj_with_mqa(x).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
+        latent, k_pe = kv_a.split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
         q_pe = Rotary.apply(q_pe, ctx.cos[:, None], ctx.sin[:, None], interleaved=True)
         k_pe = Rotary.apply(k_pe, ctx.cos, ctx.sin, interleaved=True)
         ctx.pools.write_latent(self.layer_id, ctx.layout.out_slots, self.kv_a_layernorm(latent), k_pe)
         cache = ctx.pools.latent(self.layer_id)
 
-        topk = self.indexer(x, q_lat, ctx) if self.indexer is not None else prev_topk
+        topk = self.indexer(x, q_lat, k_proj, ctx) if self.indexer is not None else prev_topk
         assert topk is not None, "a shared-indexer layer needs the previous layer's top-k"
         w_kv = self.kv_b_proj.weight.view(H, cfg.qk_nope_head_dim + cfg.v_head_dim, cfg.kv_lora_rank)
         w_uk, w_uv = w_kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=1)
@@ -122,9 +143,29 @@ class DenseMLP(nn.Module):
         self.gate_proj = linear(hidden, intermediate)
         self.up_proj = linear(hidden, intermediate)
         self.down_proj = linear(intermediate, hidden)
+        self.gate_up_proj: Linear | None = None  # gate and up as one GEMM (fuse_projections)
+
+    def fuse_gate_up(self) -> None:
+        self.gate_up_proj = concat_rows([("gate_proj", self.gate_proj), ("up_proj", self.up_proj)])
+        if self.gate_up_proj is not None:
+            del self.gate_proj, self.up_proj
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+def fuse_projections(model: nn.Module) -> None:
+    """GEMMs that read the same rows become one (quant.concat_rows): fewer launches per decode step. Call on
+    the meta model, after formats and dtypes are chosen; the loader fills each part's rows."""
+    for module in list(model.modules()):
+        if isinstance(module, MLAttention):
+            module.fuse_input_projections()
+        elif isinstance(module, DenseMLP):
+            module.fuse_gate_up()
 
 
 class Router(nn.Module):
@@ -204,29 +245,33 @@ class VocabEmbedding(nn.Module):
 
 
 class SharedHead(nn.Module):
-    def __init__(self, cfg: ModelConfig, par: Parallel):
+    """The MTP layer's final norm. Its `head` is the target's lm_head (DSAModel.logits)."""
+
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.head = linear(cfg.hidden_size, cfg.vocab_size // par.cfg.attn_tp)
 
 
 class MTPLayer(DecoderLayer):
     """NextN block (checkpoint layer index num_hidden_layers), the draft model of MTP speculative decoding:
     eh_proj([enorm(embed(next token)); hnorm(h)]) -> one DSA decoder layer (own indexer, own caches on the
-    target's page ids) -> shared_head.norm -> shared_head.head."""
+    target's page ids) -> shared_head.norm -> head.
+
+    The embedding and the head are the target's: DeepSeek-V3's MTP modules share them (the checkpoint's
+    copies under the MTP layer are equal to the target's and are not loaded) and GLM-5 ships no head.
+    One copy saves 2 x vocabulary x hidden per rank (3.5 GiB for DeepSeek-V3.2 under DP attention)."""
 
     def __init__(self, cfg: ModelConfig, par: Parallel):
         super().__init__(cfg, cfg.num_hidden_layers, par)
-        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, par)
         self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.eh_proj = linear(2 * cfg.hidden_size, cfg.hidden_size)
-        self.shared_head = SharedHead(cfg, par)
+        self.shared_head = SharedHead(cfg)
 
-    def draft(self, input_ids: Tensor, hidden: Tensor, ctx: StepContext) -> Tensor:
+    def draft(self, input_ids: Tensor, hidden: Tensor, ctx: StepContext, embed: VocabEmbedding) -> Tensor:
         """Row t: the next token after position t and h_t -> the normed hidden state that predicts the
         token after that (and feeds the next chained draft step)."""
-        e = self.enorm(self.embed_tokens(input_ids, ctx.par))
+        e = self.enorm(embed(input_ids, ctx.par))
         h = self.eh_proj(torch.cat([e, self.hnorm(hidden.to(e.dtype))], dim=-1))
         h, _ = self(h, ctx, None)
         return self.shared_head.norm(h)
@@ -278,10 +323,9 @@ class DSAModel(nn.Module):
     def draft(self, input_ids: Tensor, hidden: Tensor, layout: BatchLayout, pools: KVPools, ops: DSAOps) -> Tensor:
         """The MTP layer over the layout's rows: [T, hidden] normed states (see MTPLayer.draft)."""
         assert self.mtp is not None, "the model was built without its MTP layer"
-        return self.mtp.draft(input_ids, hidden, self.context(layout, pools, ops, hidden.dtype))
+        return self.mtp.draft(input_ids, hidden, self.context(layout, pools, ops, hidden.dtype), self.embed_tokens)
 
-    def logits(self, hidden: Tensor, draft: bool = False) -> Tensor:
-        """Full-vocabulary fp32 logits (vocab shards gathered over the attention-TP group), of the target's
-        head or (`draft`) the MTP layer's shared_head.head."""
-        head = self.mtp.shared_head.head if draft else self.lm_head  # type: ignore[union-attr]
-        return self.par.all_gather_attn(F.linear(hidden, head.weight).float())
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Full-vocabulary fp32 logits (vocab shards gathered over the attention-TP group); the MTP layer's
+        states take the same head."""
+        return self.par.all_gather_attn(F.linear(hidden, self.lm_head.weight).float())

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from dsaserve.config import ModelConfig
 from dsaserve.engine.layout import checks_enabled
 from dsaserve.model import quant
-from dsaserve.model.dsa import DSAModel
+from dsaserve.model.dsa import DSAModel, fuse_projections
 from dsaserve.ops.fp8 import FP8, dequantize
 from dsaserve.parallel.groups import Parallel
 
@@ -31,7 +31,7 @@ Tensor = torch.Tensor
 log = logging.getLogger(__name__)
 _EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _SCALE = "_scale_inv"
-_OPTIONAL = ("mtp.embed_tokens.weight", "mtp.shared_head.head.weight")  # shared with the main model if absent
+_MTP_SHARED = ("embed_tokens.weight", "shared_head.head.weight")  # the MTP layer uses the target's (dsa.MTPLayer)
 
 
 class CheckpointError(ValueError):
@@ -105,7 +105,10 @@ def map_name(cfg: ModelConfig, name: str, has_mtp: bool) -> str | None:
         layer, rest = int(match.group(1)), match.group(2)
         if layer > cfg.num_hidden_layers or (layer == cfg.num_hidden_layers and not has_mtp):
             return None
-        name = f"mtp.{rest}" if layer == cfg.num_hidden_layers else name
+        if layer == cfg.num_hidden_layers:
+            if rest in _MTP_SHARED:
+                return None
+            name = f"mtp.{rest}"
     return name
 
 
@@ -148,11 +151,6 @@ def load_weights(model: DSAModel, ckpt: Checkpoint, progress: bool = True) -> No
             for name in handle(file).keys():
                 if not name.endswith(_SCALE):  # scales are read with their weight
                     place(name, loaded)
-    for key in _OPTIONAL:
-        if key in expected and key not in loaded:
-            source = "embed_tokens.weight" if "embed" in key else "lm_head.weight"
-            params[key].data.copy_(params[source].data)
-            loaded.add(key)
     if cfg.tie_word_embeddings and "lm_head.weight" not in loaded:
         params["lm_head.weight"].data.copy_(params["embed_tokens.weight"].data)
         loaded.add("lm_head.weight")
@@ -177,6 +175,7 @@ class _Placer:
         self.ckpt, self.handle = ckpt, handle
         self.has_mtp = model.mtp is not None
         self.modules = dict(model.named_modules())
+        self.fused = fused_sources(model)
 
     def __call__(self, name: str, loaded: set[str]) -> None:
         key = map_name(self.cfg, name, self.has_mtp)
@@ -216,6 +215,13 @@ class _Placer:
                 raise CheckpointError(f"unexpected tensor {name}: the model has no routed expert {index} there "
                                       f"({self.cfg.n_routed_experts} experts, MoE layers per mlp_layer_types)")
             return module.slot(expert.group(3), index)
+        if key in self.fused:  # this tensor's rows of a fused module (and their scale blocks)
+            _, fused, start, rows = self.fused[key]
+            weight = fused.weight.data[start:start + rows]
+            if fused.block is None:
+                return weight, None
+            first = start // fused.block[0]
+            return weight, fused.weight_scale_inv.data[first:first + -(-rows // fused.block[0])]
         param = self.params.get(key)
         if param is None:
             raise CheckpointError(f"unexpected tensor {name}: the model has no parameter {key}")
@@ -270,8 +276,12 @@ def _block_part(name: str, part: tuple[slice, ...], shape: tuple[int, ...], bloc
 
 
 def _expected_keys(model: DSAModel, params: dict[str, torch.nn.Parameter]) -> set[str]:
-    keys = set()
+    fused = fused_sources(model)
+    keys = set(fused)
+    fused_params = {f"{path}.weight" for path, *_ in fused.values()}
     for name in params:
+        if name in fused_params:
+            continue
         if name.endswith(".experts.w13"):
             prefix = name[: -len(".w13")]
             keys |= {f"{prefix}.{e}.{proj}.weight" for e in range(model.cfg.n_routed_experts)
@@ -293,7 +303,21 @@ def meta_model(cfg: ModelConfig, par: Parallel | None, dtype: torch.dtype, load_
         param.requires_grad_(False)
         if param.dtype != FP8:
             param.data = param.data.to(torch.float32 if name in fp32 else dtype)
+    with torch.device("meta"):
+        fuse_projections(model)
     return model
+
+
+def fused_sources(model: torch.nn.Module) -> dict[str, tuple[str, quant.Linear, int, int]]:
+    """Model keys of checkpoint tensors that load into rows of a fused Linear (quant.concat_rows):
+    key -> (the fused module's path, the module, first row, rows)."""
+    out = {}
+    for path, module in model.named_modules():
+        if isinstance(module, quant.Linear):
+            parent = path.rsplit(".", 1)[0]
+            for name, start, rows in module.sources:
+                out[f"{parent}.{name}.weight"] = (path, module, start, rows)
+    return out
 
 
 def fp8_by_config(cfg: ModelConfig) -> Callable[[str], bool]:

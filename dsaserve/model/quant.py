@@ -47,6 +47,8 @@ class Linear(nn.Module):
         self.gemm: Gemm | None = None  # set by prepare(): the FP8 GEMM, or None for the dequantized weight
         self._gemm_weight: BlockFP8 | None = None  # made once by prepare(), not per forward
         self._dequantized: Tensor | None = None
+        # A fused module (concat_rows): (checkpoint name relative to the owner, first row, rows) per part.
+        self.sources: tuple[tuple[str, int, int], ...] = ()
 
     def to_fp8(self, block: tuple[int, int]) -> None:
         """Switch to block FP8 (call on the meta device, before loading)."""
@@ -77,6 +79,27 @@ class Linear(nn.Module):
     def extra_repr(self) -> str:
         fmt = f"fp8 blocks {self.block}" if self.block else str(self.weight.dtype)
         return f"in_features={self.in_features}, out_features={self.out_features}, {fmt}"
+
+
+def concat_rows(parts: list[tuple[str, Linear]]) -> Linear | None:
+    """One Linear computing the outputs of every (name, part) side by side, their weights stacked by rows,
+    for parts that read the same input: one GEMM launch instead of len(parts), and in FP8 one activation
+    quantization. Made on the meta device, after formats are chosen and before loading: the loader fills
+    each part's rows from its own checkpoint tensor (`sources`). None when the formats differ, or an FP8
+    part before the last ends inside a scale block (its blocks would straddle two weights)."""
+    first = parts[0][1]
+    if any(p.block != first.block or p.weight.dtype != first.weight.dtype or p.in_features != first.in_features
+           for _, p in parts):
+        return None
+    if first.block is not None and any(p.out_features % first.block[0] for _, p in parts[:-1]):
+        return None
+    fused = Linear(first.in_features, sum(p.out_features for _, p in parts))
+    fused.weight = nn.Parameter(torch.empty_like(fused.weight, dtype=first.weight.dtype), requires_grad=False)
+    if first.block is not None:
+        fused.to_fp8(first.block)
+    starts = [sum(p.out_features for _, p in parts[:i]) for i in range(len(parts))]
+    fused.sources = tuple((name, start, p.out_features) for (name, p), start in zip(parts, starts))
+    return fused
 
 
 class Experts(nn.Module):
