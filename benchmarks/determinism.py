@@ -75,14 +75,16 @@ def main() -> None:
     first, tokens_a = record(llm, prompts, args.steps, args.output_len)
     second, tokens_b = record(llm, prompts, args.steps, args.output_len)
     same = sum(a == b for a, b in zip(tokens_a, tokens_b))
-    parted = sorted(next(j for j, (x, y) in enumerate(zip(a, b)) if x != y) for a, b in zip(tokens_a, tokens_b) if a != b)
-    print(f"batch {args.batch}: {same}/{args.batch} requests with equal tokens (others part at {parted}); {len(first)} vs {len(second)} "
-          f"module calls recorded")
+    parted = sorted(next(j for j, (x, y) in enumerate(zip(a, b)) if x != y)
+                    for a, b in zip(tokens_a, tokens_b) if a != b)
+    print(f"batch {args.batch}: {same}/{args.batch} requests with equal tokens (others part at {parted}); "
+          f"{len(first)} vs {len(second)} module calls recorded")
     for i, ((name, a), (name_b, b)) in enumerate(zip(first, second)):
         if name != name_b or a.shape != b.shape or not torch.equal(a, b):
             rows = (a != b).flatten(1).any(1).nonzero().flatten().tolist() if a.shape == b.shape else "shape"
+            diff = (a.float() - b.float()).abs().max().item() if a.shape == b.shape else "-"
             print(f"first difference: call {i}, module {name!r} (vs {name_b!r}), shape {tuple(a.shape)}, "
-                  f"rows {rows}; max |diff| {(a.float() - b.float()).abs().max().item() if a.shape == b.shape else '-'}")
+                  f"rows {rows}; max |diff| {diff}")
             prev = [n for n, _ in first[max(0, i - 4):i]]
             print(f"  the calls before it agreed: {prev}")
             return

@@ -1,8 +1,10 @@
 """Host time of a decode step outside the model forward: Engine.step minus ModelRunner.target (scheduling,
-the layout build, sampling, committing tokens), what overlapped scheduling would hide. The embedded model
-on the given device, static-layout (CUDA-graph) path on, decode steps only:
+the layout build, sampling, committing tokens), measured without overlapped scheduling (timing the
+forward synchronizes); then the step time of the same engine settings with overlap on (nothing timed
+inside the step), so the table shows what overlap hides. The embedded model on the given device,
+static-layout (CUDA-graph) path on, decode steps only:
 
-    python benchmarks/host_overhead.py --batch 1 16 64 [--device cpu] [--output-json host.json]
+    python benchmarks/host_overhead.py --batch 1 16 64 [--device cpu] [--model-path DIR] [--output-json host.json]
 """
 from __future__ import annotations
 
@@ -17,6 +19,26 @@ import torch
 
 from dsaserve import LLM, SamplingParams
 from dsaserve.tiny import default_model_path
+
+
+def step_ms(llm: LLM, batch: int, steps: int) -> float:
+    """Decode ms per step, untimed inside (overlap stays overlapped)."""
+    engine = llm.engine
+    params = SamplingParams(max_tokens=steps + 20, temperature=0.0, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(f"step-{batch}-{i}", [5 + (i * 7 + j) % 500 for j in range(20)], params)
+    for _ in range(8):  # prefill, then decode shapes warm
+        engine.step()
+    if engine.runner.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    if engine.runner.device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    engine.run_until_idle()
+    return 1e3 * elapsed / steps
 
 
 def measure(llm: LLM, batch: int, steps: int, profile: bool = False) -> dict[str, float]:
@@ -68,15 +90,20 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="print cProfile's top functions of 10 steps")
     ap.add_argument("--output-json", default=None)
     args = ap.parse_args()
-    llm = LLM(args.model_path or str(default_model_path()), device=args.device, page_size=64,
-              max_total_tokens=max(args.batch) * (args.steps + 120) + 4096,
-              cuda_graph_max_bs=max(args.batch))
+    common = dict(device=args.device, page_size=64, max_total_tokens=max(args.batch) * (args.steps + 120) + 4096,
+                  cuda_graph_max_bs=max(args.batch))
+    path = args.model_path or str(default_model_path())
+    llm = LLM(path, disable_overlap_schedule=True, **common)
     rows = [measure(llm, b, args.steps, args.profile) for b in args.batch]
-    print(f"\n{llm.engine.runner.device}, threads {torch.get_num_threads()}")
-    print(f"{'batch':>5} {'step ms':>8} {'forward ms':>11} {'host ms':>8} {'host share':>11}")
+    del llm
+    overlapped = LLM(path, **common)
+    for r in rows:
+        r["overlap_step_ms"] = step_ms(overlapped, r["batch"], args.steps)
+    print(f"\n{overlapped.engine.runner.device}, threads {torch.get_num_threads()}")
+    print(f"{'batch':>5} {'step ms':>8} {'forward ms':>11} {'host ms':>8} {'host share':>11} {'overlap step ms':>16}")
     for r in rows:
         print(f"{r['batch']:>5} {r['step_ms']:>8.2f} {r['forward_ms']:>11.2f} {r['host_ms']:>8.2f} "
-              f"{r['host_ms'] / r['step_ms']:>10.0%}")
+              f"{r['host_ms'] / r['step_ms']:>10.0%} {r['overlap_step_ms']:>16.2f}")
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(rows, indent=1))
 

@@ -53,6 +53,9 @@ class ServerArgs:
     chunked_prefill_size: int = _opt(8192, "most tokens in one step (prompt chunks and, mixed, decode rows)")
     enable_mixed_chunk: bool = _opt(True, "decode rows of running requests share steps with prefill chunks "
                                           "(--no-enable-mixed-chunk: a step prefills or decodes)")
+    disable_overlap_schedule: bool = _opt(False, "schedule each step after the previous one's tokens are "
+                                                 "committed (overlap is on for one rank without speculation "
+                                                 "or PD: the host schedules and commits while the GPU runs)")
     context_length: int | None = _opt(None, "longest prompt + completion (default: the model's)")
     disable_radix_cache: bool = _opt(False, "do not reuse the cache of repeated prompt prefixes")
     load_format: str = _opt("auto", "auto (the checkpoint's safetensors) or dummy (random weights in the formats the "

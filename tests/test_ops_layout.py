@@ -108,3 +108,26 @@ def test_request_token_slice_equals_concatenation() -> None:
     for start in range(len(full) + 1):
         for end in range(start, len(full) + 1):
             assert req.token_slice(start, end) == full[start:end], (start, end)
+
+
+def test_packed_layout_views_one_buffer_and_copies_in_one() -> None:
+    """build() packs every tensor field into one buffer (one upload per step); a graph's static copy
+    (cloned) takes a layout of the same shape in one copy and then equals it field by field; a layout
+    whose logit rows were replaced is copied field by field."""
+    a, b = _layout([0, 30, 3], [5, 1, 12], 4), _layout([2, 30, 1], [5, 1, 12], 4)
+    assert a.static_key() == b.static_key()
+    base, end = a.storage.data_ptr(), a.storage.data_ptr() + a.storage.numel() * 4
+    assert all(base <= getattr(a, n).data_ptr() < end for n in a.tensor_fields() if getattr(a, n).numel())
+    assert all((getattr(a, n).data_ptr() - base) % 16 == 0 for n in a.tensor_fields())  # aligned for Triton
+    static = a.cloned()
+    assert static.storage.data_ptr() != a.storage.data_ptr()
+    static.copy_from(b)
+    for name in b.tensor_fields():
+        assert torch.equal(getattr(static, name), getattr(b, name)), name
+        assert not torch.equal(getattr(static, name), getattr(a, name)) or torch.equal(getattr(a, name),
+                                                                                     getattr(b, name))
+    rows = torch.tensor([0, 6, 17], dtype=torch.int32)
+    moved = b.with_logit_rows(rows)
+    assert moved.storage is None
+    static.copy_from(moved)
+    assert torch.equal(static.logit_rows, rows) and torch.equal(static.row_pos, b.row_pos)

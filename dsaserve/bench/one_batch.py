@@ -102,7 +102,8 @@ def run(ns: argparse.Namespace) -> int:
     longest = max(ns.input_len) + ns.output_len
     args = args.replace(max_running_requests=max(max(ns.batch_size), args.max_running_requests),
                         chunked_prefill_size=max(args.chunked_prefill_size, max(ns.batch_size) * max(ns.input_len)),
-                        max_total_tokens=args.max_total_tokens or max(ns.batch_size) * (longest + 64) + 4096)
+                        max_total_tokens=args.max_total_tokens or max(ns.batch_size) * (longest + 64) + 4096,
+                        disable_overlap_schedule=True)  # a static batch's step latencies, as bench_one_batch
     t = time.perf_counter()
     engine = Engine(args, progress=True)
     print(f"engine ready in {time.perf_counter() - t:.1f}s")

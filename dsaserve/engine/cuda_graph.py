@@ -3,8 +3,8 @@ MTP pass over verify rows, and chained draft steps.
 
 A graphed step is an ordinary plan padded with dummy requests to a batch bucket (StepPlan.padded),
 built into a BatchLayout by the one builder with a bucketed `key_width`. The graph for that shape
-copies EVERY tensor field of the layout, and every input tensor, into its static buffers
-(dataclasses.fields: no field can go stale, invariant 2) and replays. Graphs are keyed by the
+copies EVERY tensor field of the layout (the layout's one packed buffer, or field by field: no field
+can go stale, invariant 2), and every input tensor, into its static buffers and replays. Graphs are keyed by the
 function and the layout's non-tensor fields and tensor shapes (BatchLayout.static_key), so a replay
 never sees a layout of another shape. Outputs are copied into buffers shared by every graph of the
 same output shape, so captured graphs do not each keep their own logits alive.
@@ -14,7 +14,6 @@ them, which is how the CPU tests cover the padding and the in-place copies that 
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Callable
@@ -44,8 +43,7 @@ class _Graph:
     graph: torch.cuda.CUDAGraph | None = None
 
     def fill(self, inputs: dict[str, Tensor], layout: BatchLayout) -> None:
-        for name in layout.tensor_fields():
-            getattr(self.layout, name).copy_(getattr(layout, name), non_blocking=True)
+        self.layout.copy_from(layout)
         for name, value in inputs.items():
             self.inputs[name].copy_(value, non_blocking=True)
 
@@ -109,7 +107,7 @@ class GraphRunner:
         return graph.outputs
 
     def _make(self, key: tuple, fn: GraphFn, inputs: dict[str, Tensor], layout: BatchLayout) -> _Graph:
-        static = dataclasses.replace(layout, **{n: getattr(layout, n).clone() for n in layout.tensor_fields()})
+        static = layout.cloned()
         graph = _Graph(static, {k: v.clone() for k, v in inputs.items()})
         if self.capture:
             warm = fn(graph.inputs, graph.layout)  # Triton compiles, lazy buffers exist before capture

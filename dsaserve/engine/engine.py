@@ -16,11 +16,12 @@ from dsaserve.cache.pages import PageAllocator
 from dsaserve.cache.prefix import PrefixCache, PrefixStats
 from dsaserve.chat.grammar import commit_tokens, grammar_state
 from dsaserve.disagg.pages import transfer_pages
+from dsaserve.engine.acceptance import accept
 from dsaserve.engine.layout import StepMode, StepPlan
 from dsaserve.engine.model_runner import ModelRunner, StepShape
+from dsaserve.engine.overlap import Overlap
 from dsaserve.engine.request import (DisaggRoute, FinishReason, Request, RequestError, RequestOutput,
                                      SamplingParams)
-from dsaserve.engine.sampler import sample, token_logprobs
 from dsaserve.engine.scheduler import Scheduler, SchedulerConfig
 from dsaserve.engine.stats import EngineStats
 from dsaserve.spec.drafter import DraftInput, MTPDrafter
@@ -97,6 +98,9 @@ class Engine:
         if args.disaggregation_mode != "null" and self.par.cfg.is_leader:
             from dsaserve.disagg.sides import create_side
             self.disagg = create_side(self)
+        # One rank without speculation or PD: schedule and commit on the host while the device runs a step.
+        alone = self.par.cfg.tp == 1 and not self.spec_steps and args.disaggregation_mode == "null"
+        self.overlap = Overlap(self) if alone and not args.disable_overlap_schedule else None
         self.par.exchange([1])  # every rank built its engine: start-up failures surface before "ready"
         if not args.skip_server_warmup:
             warm_up(self)
@@ -148,7 +152,8 @@ class Engine:
             self.prefix_cache.stats = PrefixStats()
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work() or bool(self._finished_outside_step)
+        return (self.scheduler.has_work() or bool(self._finished_outside_step)
+                or (self.overlap is not None and self.overlap.busy))
 
     def poll_transfers(self) -> list[RequestOutput]:
         """PD (leader): advance this leader's KV transfers without a forward step; decode requests whose
@@ -209,6 +214,8 @@ class Engine:
         """One step of the whole deployment. `keep_alive`: the caller has requests still to add
         (keeps the other ranks stepping); `stop`: ask every rank to leave its loop; `epoch`: the
         caller's wake-up counter (server.worker)."""
+        if self.overlap is not None:
+            return self.overlap.step()
         outputs = self.take_finished()
         outputs += self.poll_transfers()  # decode requests whose KV cache arrived run in this step
         plan = self.scheduler.schedule() if self.par.cfg.is_leader else None
@@ -219,17 +226,23 @@ class Engine:
         issued = self.par.issued
         try:
             return outputs + self._run(plan, self.last_sync)
-        except CollectiveFailed:
-            raise  # the groups' state is unknown: this rank must go (the supervisor names it)
         except Exception as exc:  # a failed batch ends its requests with an error; the engine goes on
-            log.exception("step failed")  # if it failed on every rank alike (the next exchange tells)
-            self._failed_at = 1 + self.par.issued - issued
-            for rid in plan.rids:
-                req = self.requests.get(rid)
-                if req is not None:
-                    self._finish(req, FinishReason("error", message=f"the batch failed: {exc}"))
-                    outputs.append(self._output(req, [], []))
-            return outputs
+            return outputs + self.fail_step(plan, exc, issued)
+
+    def fail_step(self, plan: StepPlan, exc: Exception, issued: int) -> list[RequestOutput]:
+        """End the plan's requests with the step's error (if it failed on every rank alike: the next
+        exchange tells). `issued`: the rank's collective count when the step began."""
+        if isinstance(exc, CollectiveFailed):
+            raise exc  # the groups' state is unknown: this rank must go (the supervisor names it)
+        log.exception("step failed", exc_info=exc)
+        self._failed_at = 1 + self.par.issued - issued
+        outputs = []
+        for rid in plan.rids:
+            req = self.requests.get(rid)
+            if req is not None:
+                self._finish(req, FinishReason("error", message=f"the batch failed: {exc}"))
+                outputs.append(self._output(req, [], []))
+        return outputs
 
     def _run(self, plan: StepPlan, shape: StepShape) -> list[RequestOutput]:
         real = len(plan.rids)
@@ -238,7 +251,7 @@ class Engine:
         hidden, logits = self.runner.target(ids, layout, shape.graph_batch is not None)
         self.steps += 1
         leader = self.par.cfg.is_leader
-        accepted = self._sample(plan, real, logits) if leader and real else {}
+        accepted = accept(self.requests, plan, real, logits) if leader and real else {}
         drafts = None
         if self.drafter is not None:
             given = self._draft_input(plan, real, accepted) if leader else None
@@ -251,45 +264,6 @@ class Engine:
         if self.disagg is not None:  # prefill side: requests with their first token (and drafts) go out
             self.disagg.after_step(accepted)
         return outputs
-
-    def _sample(self, plan: StepPlan, real: int, logits: torch.Tensor) -> dict[str, list]:
-        """Each real request's sampled rows -> its new tokens (and logprobs). A verify request keeps the
-        drafts up to the first row whose own sample differs, then that row's sample (the bonus token).
-        Each row samples with the (seed, output index) uniform of a non-speculative step, so the tokens are
-        exactly the non-speculative ones; for top-1 drafts this is speculative rejection sampling, coupled
-        (a draft is accepted with the target's probability of it)."""
-        row_reqs, pending, rows, chains, row = [], [], [], [], 0
-        for rid, prefix, q, n, samples, drafts in zip(plan.rids[:real], plan.prefix_lens, plan.q_lens,
-                                                      plan.logit_counts, plan.samples, plan.num_drafts):
-            req = self.requests[rid]
-            chain = drafts + 1 if drafts else int(samples)  # rows that yield output tokens
-            if n > chain:  # the rows before score the prompt (echo / prompt_logprobs)
-                self._score_prompt(req, logits[row:row + n - chain], prefix + q - n)
-            rows += range(row + n - chain, row + n)
-            row_reqs += [req] * chain
-            pending += [req.draft_ids[:i] for i in range(chain)]
-            chains.append(chain)
-            row += n
-        tokens, logprobs = sample(logits[rows], row_reqs, pending)
-        accepted, row = {}, 0
-        for rid, n in zip(plan.rids[:real], chains):
-            if n == 0:
-                continue
-            drafts, k = self.requests[rid].draft_ids, 0
-            while k < n - 1 and tokens[row + k] == drafts[k]:
-                k += 1
-            accepted[rid] = (tokens[row:row + k + 1], logprobs[row:row + k + 1] if logprobs is not None else None)
-            row += n
-        return accepted
-
-    def _score_prompt(self, req: Request, logits: torch.Tensor, first_pos: int) -> None:
-        """Log-probabilities of prompt tokens from rows at positions first_pos.. (row i predicts the token
-        at first_pos + i + 1); each prompt token is scored once, retraction or not."""
-        start = len(req.prompt_logprobs) - first_pos  # the first row whose target is not scored yet
-        end = min(len(req.prompt_ids) - 1 - first_pos, logits.shape[0])
-        if start < end:
-            targets = req.prompt_ids[first_pos + 1 + start:first_pos + 1 + end]
-            req.prompt_logprobs += token_logprobs(logits[start:end], targets, [req.params.prompt_logprobs] * len(targets))
 
     def _draft_input(self, plan: StepPlan, real: int, accepted: dict[str, tuple]) -> DraftInput:
         """Per row, the token at its position + 1 (the MTP pass's input); per request, the row offset of
@@ -332,10 +306,10 @@ class Engine:
                 req.spec_verify_ct += 1
                 req.spec_accepted += len(tokens) - 1
                 self._spec = [self._spec[0] + 1, self._spec[1] + self.spec_steps, self._spec[2] + len(tokens) - 1]
-            outputs.append(self._commit_tokens(req, tokens, lps))
+            outputs.append(self.commit_new_tokens(req, tokens, lps))
         return outputs
 
-    def _commit_tokens(self, req: Request, tokens: list[int], lps: list | None) -> RequestOutput:
+    def commit_new_tokens(self, req: Request, tokens: list[int], lps: list | None) -> RequestOutput:
         """Append tokens up to the first that stops the request. A prefill server's PD request never stops
         here: the decode server applies the stop rules to the token it hands over."""
         hands_over = req.disagg is not None and self.args.disaggregation_mode == "prefill"
@@ -365,7 +339,7 @@ class Engine:
         self.scheduler.resume(req, len(req.prompt_ids))
         if req.params.grammar is not None:
             grammar_state(req, self.cfg.vocab_size)
-        return self._commit_tokens(req, [token], [logprob] if logprob is not None else None)
+        return self.commit_new_tokens(req, [token], [logprob] if logprob is not None else None)
 
     def _take_arrived_pages(self) -> list[int]:
         pages, self._arrived_pages = self._arrived_pages, []

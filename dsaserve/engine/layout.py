@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import itertools
+import math
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 Tensor = torch.Tensor
+_ALIGN = 4  # int32 values: 16 bytes
+IN_FLIGHT = -1  # a plan's input id for a token still being sampled on the device (overlapped scheduling)
 DUMMY_RID = ""  # the request id of a dummy request (CUDA-graph padding): page 0 only, never sampled for real
 
 
@@ -86,6 +91,9 @@ class BatchLayout:
     num_tokens: int  # query rows (T)
     key_width: int  # key positions the indexer scores per row (>= max(seq_lens); a bucket under graphs)
     dp_sizes: tuple[int, ...]  # rows of every DP group this step (the MLP sees all of them)
+    # One int32 buffer every tensor field above is a view of (build() uploads it in one copy; a graph fills
+    # its static copy in one copy); None once a field was replaced by another tensor (with_logit_rows).
+    storage: Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -97,33 +105,65 @@ class BatchLayout:
         B = len(plan.rids)
         seq_lens = [p + q for p, q in zip(plan.prefix_lens, plan.q_lens)]
         width = max([len(p) for p in plan.pages] + [page_width or 0])
-        table = [list(p) + [0] * (width - len(p)) for p in plan.pages]
         row_req, row_pos, logit_rows = [], [], []
         for b, (prefix, q) in enumerate(zip(plan.prefix_lens, plan.q_lens)):
             row_req += [b] * q
             row_pos += range(prefix, prefix + q)
             logit_rows += range(len(row_pos) - plan.logit_counts[b], len(row_pos))
-
-        def t(values: list[int], shape: tuple[int, ...] | None = None) -> Tensor:
-            x = torch.tensor(values, dtype=torch.int32)
-            return (x.view(shape) if shape else x).to(device, non_blocking=True)
-
-        slots = [table[r][p // page_size] * page_size + p % page_size for r, p in zip(row_req, row_pos)]
+        pages = plan.pages
+        slots = [pages[r][p // page_size] * page_size + p % page_size for r, p in zip(row_req, row_pos)]
         T = len(row_req)
+        table = itertools.chain.from_iterable(itertools.chain(p, itertools.repeat(0, width - len(p))) for p in pages)
+        fields = {"prefix_lens": (plan.prefix_lens, (B,)), "q_lens": (plan.q_lens, (B,)), "seq_lens": (seq_lens, (B,)),
+                  "row_req": (row_req, (T,)), "row_pos": (row_pos, (T,)),
+                  "row_kv_len": ((p + 1 for p in row_pos), (T, 1)), "out_slots": (slots, (T,)),
+                  "page_table": (table, (B, width)), "logit_rows": (logit_rows, (len(logit_rows),))}
+        sizes = [math.prod(shape) for _, shape in fields.values()]
+        # Every field starts 16-byte aligned (Triton specializes kernels on pointer alignment: a field's
+        # alignment must not depend on the batch). numpy.fromiter: one pass, no intermediate lists
+        # (torch.tensor(list) costs ~4x as much per value).
+        spans = [-(-n // _ALIGN) * _ALIGN for n in sizes]
+        values = itertools.chain.from_iterable(itertools.chain(v, itertools.repeat(0, span - n))
+                                               for (v, _), n, span in zip(fields.values(), sizes, spans))
+        host = torch.from_numpy(np.fromiter(values, dtype=np.int32, count=sum(spans)))
+        storage = host.to(device, non_blocking=True)  # one upload per step (it was one per field)
+        views, start = {}, 0
+        for (name, (_, shape)), size, span in zip(fields.items(), sizes, spans):
+            views[name] = storage[start:start + size].view(shape)
+            start += span
         return BatchLayout(
-            mode=plan.mode, page_size=page_size, prefix_lens=t(list(plan.prefix_lens)),
-            q_lens=t(list(plan.q_lens)), seq_lens=t(seq_lens), row_req=t(row_req), row_pos=t(row_pos),
-            row_kv_len=t([p + 1 for p in row_pos], (T, 1)), out_slots=t(slots),
-            page_table=t([v for row in table for v in row], (B, width)), logit_rows=t(logit_rows), num_tokens=T,
+            mode=plan.mode, page_size=page_size, num_tokens=T,
             key_width=max(seq_lens, default=0) if key_width is None else key_width,
-            dp_sizes=(T,) if dp_sizes is None else tuple(dp_sizes))
+            dp_sizes=(T,) if dp_sizes is None else tuple(dp_sizes), storage=storage, **views)
 
     def with_logit_rows(self, rows: Tensor) -> BatchLayout:
         """The same step reading out other rows (the MTP pass samples the last accepted row)."""
-        return dataclasses.replace(self, logit_rows=rows)
+        return dataclasses.replace(self, logit_rows=rows, storage=None)
 
     def tensor_fields(self) -> list[str]:
-        return [f.name for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), Tensor)]
+        return [f.name for f in dataclasses.fields(self)
+                if f.name != "storage" and isinstance(getattr(self, f.name), Tensor)]
+
+    def cloned(self) -> BatchLayout:
+        """The same layout in tensors of its own (a graph's static buffers), packed like this one."""
+        if self.storage is None:
+            return dataclasses.replace(self, **{n: getattr(self, n).clone() for n in self.tensor_fields()})
+        storage, base = self.storage.clone(), self.storage.data_ptr()
+        views = {}
+        for name in self.tensor_fields():
+            t = getattr(self, name)
+            start = (t.data_ptr() - base) // t.element_size()
+            views[name] = storage[start:start + t.numel()].view(t.shape)
+        return dataclasses.replace(self, storage=storage, **views)
+
+    def copy_from(self, other: BatchLayout) -> None:
+        """Fill this layout's tensors in place from a layout of the same static_key (one copy when both are
+        packed alike)."""
+        if self.storage is not None and other.storage is not None and self.storage.shape == other.storage.shape:
+            self.storage.copy_(other.storage, non_blocking=True)
+            return
+        for name in self.tensor_fields():
+            getattr(self, name).copy_(getattr(other, name), non_blocking=True)
 
     def static_key(self) -> tuple:
         """Everything that is not a tensor: a replayed graph is valid only for layouts with this key."""

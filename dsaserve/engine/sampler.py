@@ -100,6 +100,19 @@ def _top_filtered(probs: Tensor, reqs: list[Request]) -> Tensor:
     return filtered / filtered.sum(-1, keepdim=True)
 
 
+def sample_tokens(logits: Tensor, reqs: list[Request], pending: list[list[int]] | None = None) -> Tensor:
+    """The sampled token of every row, on the device (no host sync for greedy rows); see sample()."""
+    pending = pending if pending is not None else [[] for _ in reqs]
+    shaped = apply_penalties(apply_grammars(logits, reqs, pending), reqs, pending)
+    tokens = shaped.argmax(-1)
+    random_rows = [i for i, r in enumerate(reqs) if not r.params.greedy]
+    if random_rows:
+        probs = filter_probs(shaped[random_rows], [reqs[i] for i in random_rows])
+        uniforms = [row_uniform(reqs[i].seed, len(reqs[i].output_ids) + len(pending[i])) for i in random_rows]
+        tokens[torch.tensor(random_rows, device=logits.device)] = draw(probs, uniforms)
+    return tokens
+
+
 def sample(logits: Tensor, reqs: list[Request], pending: list[list[int]] | None = None,
            ) -> tuple[list[int], list[tuple[float, list[tuple[int, float]]]] | None]:
     """logits [S, V] fp32, one row per entry of `reqs` -> tokens, and logprobs where asked.
@@ -110,15 +123,7 @@ def sample(logits: Tensor, reqs: list[Request], pending: list[list[int]] | None 
     non-speculative step at that output index would have sampled. Sampling commits nothing: the
     engine advances grammars by the tokens it keeps (dsaserve.chat.grammar.commit_tokens).
     """
-    pending = pending if pending is not None else [[] for _ in reqs]
-    shaped = apply_penalties(apply_grammars(logits, reqs, pending), reqs, pending)
-    tokens = shaped.argmax(-1)
-    random_rows = [i for i, r in enumerate(reqs) if not r.params.greedy]
-    if random_rows:
-        probs = filter_probs(shaped[random_rows], [reqs[i] for i in random_rows])
-        uniforms = [row_uniform(reqs[i].seed, len(reqs[i].output_ids) + len(pending[i])) for i in random_rows]
-        tokens[torch.tensor(random_rows, device=logits.device)] = draw(probs, uniforms)
-    token_list = tokens.tolist()
+    token_list = sample_tokens(logits, reqs, pending).tolist()
     if all(r.params.logprobs is None for r in reqs):
         return token_list, None
     return token_list, token_logprobs(logits, token_list, [r.params.logprobs or 0 for r in reqs])

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from dsaserve.cache.pages import PageAllocator
 from dsaserve.cache.prefix import PrefixCache
-from dsaserve.engine.layout import DUMMY_RID, StepMode, StepPlan
+from dsaserve.engine.layout import DUMMY_RID, IN_FLIGHT, StepMode, StepPlan
 from dsaserve.engine.request import Request, RequestError, RequestState
 
 
@@ -192,6 +192,8 @@ class Scheduler:
         for req in [r for r in self.running if self._prefilling(r)] + list(self.waiting):
             if budget <= 0:
                 break
+            if req.inflight:  # retracted with a token in flight: it is fed again once that is committed
+                continue
             admitting = req.state is RequestState.WAITING
             if admitting and (len(self.running) >= self.cfg.max_running_requests
                               or (self._hold_admission and self.running)):
@@ -223,12 +225,15 @@ class Scheduler:
         """Every decoding request's rows (its last token, and its drafts with speculation), with the pages
         its step writes; None when those pages do not fit."""
         ahead = self.cfg.decode_lookahead
-        batch = [r for r in self.running if not self._prefilling(r)]
-        need = sum(self._pages_missing(r, r.num_cached + ahead) for r in batch)
+        batch = [r for r in self.running  # (one whose in-flight token is its last takes no more rows)
+                 if not self._prefilling(r) and not r.ends_with_inflight(self.cfg.context_length)]
+        missing = [self._pages_missing(r, r.num_cached + ahead) for r in batch]
+        need = sum(missing)
         if need > self._free_pages(need):
             return None
-        for req in batch:
-            req.pages += self.allocator.alloc(self._pages_missing(req, req.num_cached + ahead))
+        for req, n in zip(batch, missing):
+            if n:
+                req.pages += self.allocator.alloc(n)
         return [(r, 1 + self.cfg.spec_steps) for r in batch]
 
     def _plan(self, decode: list[tuple[Request, int]], prefill: list[tuple[Request, int]]) -> StepPlan:
@@ -236,7 +241,8 @@ class Scheduler:
         input_ids: list[int] = []
         for req, q in decode:  # the last token (not cached yet), then the drafts of the last step
             assert len(req.draft_ids) == spec, f"request {req.rid} has {len(req.draft_ids)} drafts, not {spec}"
-            input_ids += req.token_slice(req.num_cached, req.num_cached + 1) + req.draft_ids
+            last = [IN_FLIGHT] if req.inflight else req.token_slice(req.num_cached, req.num_cached + 1)
+            input_ids += last + req.draft_ids
         for req, q in prefill:
             input_ids += req.token_slice(req.num_cached, req.num_cached + q)
         samples = [True] * len(decode) + [r.num_cached + q == r.num_tokens for r, q in prefill]
