@@ -54,7 +54,7 @@ class ServerArgs:
     enable_mixed_chunk: bool = _opt(True, "decode rows of running requests share steps with prefill chunks "
                                           "(--no-enable-mixed-chunk: a step prefills or decodes)")
     disable_overlap_schedule: bool = _opt(False, "schedule each step after the previous one's tokens are "
-                                                 "committed (overlap is on for one rank without speculation "
+                                                 "committed (overlap is on without speculation "
                                                  "or PD: the host schedules and commits while the GPU runs)")
     context_length: int | None = _opt(None, "longest prompt + completion (default: the model's)")
     disable_radix_cache: bool = _opt(False, "do not reuse the cache of repeated prompt prefixes")

@@ -98,9 +98,9 @@ class Engine:
         if args.disaggregation_mode != "null" and self.par.cfg.is_leader:
             from dsaserve.disagg.sides import create_side
             self.disagg = create_side(self)
-        # One rank without speculation or PD: schedule and commit on the host while the device runs a step.
-        alone = self.par.cfg.tp == 1 and not self.spec_steps and args.disaggregation_mode == "null"
-        self.overlap = Overlap(self) if alone and not args.disable_overlap_schedule else None
+        # A group leader without speculation or PD schedules and commits while the device runs a step.
+        leads = self.par.cfg.is_leader and not self.spec_steps and args.disaggregation_mode == "null"
+        self.overlap = Overlap(self) if leads and not args.disable_overlap_schedule else None
         self.par.exchange([1])  # every rank built its engine: start-up failures surface before "ready"
         if not args.skip_server_warmup:
             warm_up(self)
@@ -190,7 +190,7 @@ class Engine:
         graph_mode = StepMode.VERIFY if self.spec_steps else StepMode.DECODE
         drafting = sum(plan.samples) if plan is not None and self.spec_steps else 0  # requests that draft
         mine = [plan.num_tokens if plan else 0, drafting, self.runner.graph_batch_of(plan, graph_mode),
-                int(keep_alive or self.scheduler.has_work()), int(stop), self._failed_at, epoch]
+                int(keep_alive or self.has_work()), int(stop), self._failed_at, epoch]
         everyone = self.par.exchange(mine)
         self._check_failures([r[5] for r in everyone])
         leaders = everyone[:: self.par.cfg.attn_tp]  # one row per DP group
@@ -215,7 +215,7 @@ class Engine:
         (keeps the other ranks stepping); `stop`: ask every rank to leave its loop; `epoch`: the
         caller's wake-up counter (server.worker)."""
         if self.overlap is not None:
-            return self.overlap.step()
+            return self.overlap.step(keep_alive, stop, epoch)
         outputs = self.take_finished()
         outputs += self.poll_transfers()  # decode requests whose KV cache arrived run in this step
         plan = self.scheduler.schedule() if self.par.cfg.is_leader else None

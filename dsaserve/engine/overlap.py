@@ -1,5 +1,6 @@
-"""Overlapped scheduling (one rank, no speculation, no PD): the host schedules step N + 1 while the
-device runs step N, and commits step N's tokens while the device runs step N + 1.
+"""Overlapped scheduling (no speculation, no PD; on every DP group leader, TP and DP attention included):
+the host schedules step N + 1 while the device runs step N, and commits step N's tokens while the device
+runs step N + 1.
 
 A step's sampled tokens stay on the device until the next step needs them. The scheduler plans the
 next step with the next row of each request whose token is in flight (`Request.inflight`, input id
@@ -48,24 +49,28 @@ class Overlap:
     def busy(self) -> bool:
         return self.inflight is not None
 
-    def step(self) -> list[RequestOutput]:
+    def step(self, keep_alive: bool = False, stop: bool = False, epoch: int = 0) -> list[RequestOutput]:
+        """Engine.step on a DP group leader (the group's other ranks run Engine.step as ever: they get
+        the plan with its tokens filled in)."""
         engine = self.engine
         outputs = engine.take_finished()
         plan = engine.scheduler.schedule()  # the device may still run the previous step
         prev, self.inflight = self.inflight, None
         tokens = prev.read() if prev is not None else []  # waits for the previous step's tokens
-        logits, error, issued = None, None, engine.par.issued
         if plan is not None:
             plan = with_inflight_ids(plan, {r.rid: t for r, t in zip(prev.requests, tokens)} if prev else {})
+        plan, engine.last_sync = engine.sync(plan, keep_alive, stop, epoch)
+        logits, error, issued = None, None, engine.par.issued
+        if sum(engine.last_sync.dp_sizes) > 0:
             try:
-                logits = self._launch(plan)
+                logits = self._launch(plan or StepPlan.idle())  # an idle group joins the others' collectives
             except Exception as exc:  # noqa: BLE001 - its requests end with the error once the last tokens are in
                 error = exc
         if prev is not None:
             outputs += self._commit(prev, tokens)
         if error is not None:
-            outputs += engine.fail_step(plan, error, issued)
-        elif logits is not None:
+            outputs += engine.fail_step(plan or StepPlan.idle(), error, issued)
+        elif logits is not None and plan is not None:
             self.inflight, failed = self._sample(plan, logits)
             outputs += failed
         return outputs
@@ -73,7 +78,6 @@ class Overlap:
     def _launch(self, plan: StepPlan) -> torch.Tensor:
         """Run the plan's forward (asynchronously on a GPU); the logits of its logit rows."""
         engine = self.engine
-        plan, engine.last_sync = engine.sync(plan)
         run, layout = engine.runner.prepare(plan, engine.last_sync)
         ids = torch.tensor(run.input_ids, dtype=torch.long).to(engine.runner.device, non_blocking=True)
         _, logits = engine.runner.target(ids, layout, engine.last_sync.graph_batch is not None)
