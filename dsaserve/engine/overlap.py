@@ -15,6 +15,7 @@ that row may still be written: every later step runs after it on the same stream
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -122,5 +123,4 @@ def with_inflight_ids(plan: StepPlan, tokens: dict[str, int]) -> StepPlan:
         if ids[row] == IN_FLIGHT:
             ids[row] = tokens[rid]
         row += q
-    return StepPlan(plan.mode, plan.rids, plan.pages, plan.prefix_lens, plan.q_lens, plan.logit_counts,
-                    plan.samples, tuple(ids), plan.num_drafts)
+    return dataclasses.replace(plan, input_ids=tuple(ids))
