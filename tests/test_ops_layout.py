@@ -70,6 +70,25 @@ def test_sparse_mla_equals_dense_softmax() -> None:
     assert (out[2] == 0).all() and torch.isinf(lse[2]).all()  # a row with no keys
 
 
+def test_sparse_mla_lengths_bound_the_read_slots() -> None:
+    """`lengths` reads a row's first lengths[t] indices only: equal to the same indices cut to -1 there;
+    checked mode refuses a layout whose rows select slots past their keys (the kernels would skip them)."""
+    gen = torch.Generator().manual_seed(3)
+    q, cache = torch.randn(3, 4, 12, generator=gen), torch.randn(20, 12, generator=gen)
+    idx = torch.tensor([[0, 5, 9, 2], [3, 7, 1, 4], [6, 8, 10, 11]], dtype=torch.int32)
+    lengths = torch.tensor([[2], [4], [0]], dtype=torch.int32)
+    cut = torch.where(torch.arange(4)[None, :] < lengths, idx, -1)
+    out, lse = reference.sparse_mla(q, cache, idx, 0.5, 8, lengths)
+    want, want_lse = reference.sparse_mla(q, cache, cut, 0.5, 8)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
+    layout = _layout([0, 1], [2, 1], 4)  # rows see 1, 2 and 2 keys
+    rows = torch.tensor([[3, -1], [3, 4], [5, 9]], dtype=torch.int32)
+    DSAOps().sparse_mla(torch.randn(3, 2, 12), torch.randn(32, 12), rows, 0.5, 8, layout)
+    rows[0, 1] = 7
+    with pytest.raises(LayoutError, match="top-k row 0 selects a slot past its 1 keys"):
+        DSAOps().sparse_mla(torch.randn(3, 2, 12), torch.randn(32, 12), rows, 0.5, 8, layout)
+
+
 def test_checked_mode_rejects_row_mismatch_before_kernel() -> None:
     layout = _layout([0], [6], 4)
     q, cache = torch.randn(9, 2, 12), torch.randn(32, 12)

@@ -114,6 +114,26 @@ def test_sparse_mla_fp8_cache(T, H, v_dim, rope, K, S, splits):
         _check_mla(q.float(), cache, idx, (v_dim + rope) ** -0.5, v_dim, splits, tol=1e-4)
 
 
+@pytest.mark.parametrize("T,H,K,splits", [(64, 128, 2048, None), (5, 16, 2048, None), (9, 20, 300, 3)])
+def test_sparse_mla_lengths_skip_the_padding(T: int, H: int, K: int, splits: int | None) -> None:
+    """Rows whose valid slots come first, `lengths` bounding them (the engine's row_kv_len): equal to the
+    reference, which reads every index; rows of 0, 1, one block and all keys, and a bound past K."""
+    gen = torch.Generator(DEV).manual_seed(T + K)
+    q, kv, idx = _mla_inputs(T, H, 512, 64, K, 9000, gen)
+    lengths = torch.randint(0, K + 50, (T, 1), device=DEV, generator=gen, dtype=torch.int32)
+    lengths[:4, 0] = torch.tensor([0, 1, 64, K])[:T]
+    idx = torch.randint(0, 9000, (T, K), device=DEV, generator=gen, dtype=torch.int32)
+    idx[torch.arange(K, device=DEV)[None, :] >= lengths] = -1
+    if splits is not None:
+        tops.mla.CONFIG = {"splits": splits}
+    out, lse = tops.sparse_mla(q, kv, idx, 576 ** -0.5, 512, lengths)
+    want, want_lse = ref.sparse_mla(q.float(), kv.float(), idx, 576 ** -0.5, 512)
+    assert rel_err(out, want) < 1e-2
+    empty = torch.isinf(want_lse)
+    assert torch.equal(torch.isneginf(lse), empty) and (out.float()[empty] == 0).all()
+    assert (lse[~empty] - want_lse[~empty]).abs().max().item() < 1e-2
+
+
 def test_sparse_mla_dispatch_strided_q():
     """Non-contiguous q (a slice) through the dispatcher, which trims any head padding."""
     from dsaserve.ops.dispatch import DSAOps

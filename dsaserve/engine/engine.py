@@ -10,8 +10,6 @@ import random
 import time
 from typing import Callable
 
-import torch
-
 from dsaserve.cache.pages import PageAllocator
 from dsaserve.cache.prefix import PrefixCache, PrefixStats
 from dsaserve.chat.grammar import commit_tokens, grammar_state
@@ -19,7 +17,7 @@ from dsaserve.disagg.pages import transfer_pages
 from dsaserve.engine.acceptance import accept
 from dsaserve.engine.layout import StepMode, StepPlan
 from dsaserve.engine.model_runner import ModelRunner, StepShape
-from dsaserve.engine.overlap import Overlap
+from dsaserve.engine.overlap import Overlap, input_ids
 from dsaserve.engine.request import (DisaggRoute, FinishReason, Request, RequestError, RequestOutput,
                                      SamplingParams)
 from dsaserve.engine.scheduler import Scheduler, SchedulerConfig
@@ -247,7 +245,7 @@ class Engine:
     def _run(self, plan: StepPlan, shape: StepShape) -> list[RequestOutput]:
         real = len(plan.rids)
         plan, layout = self.runner.prepare(plan, shape)
-        ids = torch.tensor(plan.input_ids, dtype=torch.long).to(self.runner.device, non_blocking=True)
+        ids = input_ids(plan, self.runner.device, self.par)  # a group leader's overlap fills ids in flight
         hidden, logits = self.runner.target(ids, layout, shape.graph_batch is not None)
         self.steps += 1
         leader = self.par.cfg.is_leader

@@ -1,13 +1,15 @@
 """Overlapped scheduling (no speculation, no PD; on every DP group leader, TP and DP attention included):
-the host schedules step N + 1 while the device runs step N, and commits step N's tokens while the device
-runs step N + 1.
+the host schedules and launches step N + 1 while the device runs step N, and commits step N's tokens
+while the device runs step N + 1.
 
-A step's sampled tokens stay on the device until the next step needs them. The scheduler plans the
-next step with the next row of each request whose token is in flight (`Request.inflight`, input id
-IN_FLIGHT); the host then waits for those tokens (the one host sync per step), writes them into the
-plan, launches it, and commits the previous tokens (stop rules, outputs, freed pages) while it runs.
-The new step's sampling is enqueued after that commit, so grammars, penalties and seeded uniforms
-see every earlier token, and the tokens are those of the engine without overlap.
+A step's sampled tokens stay on the device. The scheduler plans the next step with the next row of each
+request whose token is in flight (`Request.inflight`, input id IN_FLIGHT); the launch gathers those ids
+on the device from the previous step's tokens (the group leader's; its group receives the filled ids by
+broadcast), so nothing waits for them. Then the host waits for the previous step's tokens (an event on
+their copy to pinned memory, the one host sync per step: it does not wait for the step just launched)
+and commits them (stop rules, outputs, freed pages) while the new step runs. The new step's sampling is
+enqueued after that commit, so grammars, penalties and seeded uniforms see every earlier token, and the
+tokens are those of the engine without overlap.
 
 The cost: a request that stops on a token (EOS, a stop string) or is aborted computes one more row,
 thrown away; a request that ends by length is known ahead and takes none. Its pages are freed while
@@ -15,7 +17,6 @@ that row may still be written: every later step runs after it on the same stream
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -28,17 +29,34 @@ from dsaserve.engine.sampler import sample, sample_tokens
 
 if TYPE_CHECKING:
     from dsaserve.engine.engine import Engine
+    from dsaserve.parallel.groups import Parallel
 
 
 @dataclass
 class InFlight:
-    """The tokens of one launched step, one per request that samples."""
+    """The tokens of one launched step, one per request that samples: on the device (the next step's
+    input ids are gathered from them) and on their way to pinned host memory (`ready` marks the copy)."""
     requests: list[Request]
-    tokens: torch.Tensor | list[int]  # on the device; a host list when logprobs were asked (read at once)
+    tokens: torch.Tensor
+    host: torch.Tensor
+    ready: torch.cuda.Event | None
     logprobs: list | None = None
 
+    @staticmethod
+    def of(requests: list[Request], tokens: torch.Tensor, logprobs: list | None = None) -> InFlight:
+        if not tokens.is_cuda:
+            return InFlight(requests, tokens, tokens, None, logprobs)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return InFlight(requests, tokens, host, ready, logprobs)
+
     def read(self) -> list[int]:
-        return self.tokens.tolist() if isinstance(self.tokens, torch.Tensor) else self.tokens
+        """Waits for this step's sampling only, not for any step launched after it."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.host.tolist()
 
 
 class Overlap:
@@ -57,18 +75,15 @@ class Overlap:
         outputs = engine.take_finished()
         plan = engine.scheduler.schedule()  # the device may still run the previous step
         prev, self.inflight = self.inflight, None
-        tokens = prev.read() if prev is not None else []  # waits for the previous step's tokens
-        if plan is not None:
-            plan = with_inflight_ids(plan, {r.rid: t for r, t in zip(prev.requests, tokens)} if prev else {})
         plan, engine.last_sync = engine.sync(plan, keep_alive, stop, epoch)
         logits, error, issued = None, None, engine.par.issued
         if sum(engine.last_sync.dp_sizes) > 0:
             try:
-                logits = self._launch(plan or StepPlan.idle())  # an idle group joins the others' collectives
+                logits = self._launch(plan or StepPlan.idle(), prev)  # an idle group joins the others' collectives
             except Exception as exc:  # noqa: BLE001 - its requests end with the error once the last tokens are in
                 error = exc
         if prev is not None:
-            outputs += self._commit(prev, tokens)
+            outputs += self._commit(prev, prev.read())  # waits for the previous step; the new one runs
         if error is not None:
             outputs += engine.fail_step(plan or StepPlan.idle(), error, issued)
         elif logits is not None and plan is not None:
@@ -76,11 +91,11 @@ class Overlap:
             outputs += failed
         return outputs
 
-    def _launch(self, plan: StepPlan) -> torch.Tensor:
+    def _launch(self, plan: StepPlan, prev: InFlight | None) -> torch.Tensor:
         """Run the plan's forward (asynchronously on a GPU); the logits of its logit rows."""
         engine = self.engine
         run, layout = engine.runner.prepare(plan, engine.last_sync)
-        ids = torch.tensor(run.input_ids, dtype=torch.long).to(engine.runner.device, non_blocking=True)
+        ids = input_ids(run, engine.runner.device, engine.par, prev)
         _, logits = engine.runner.target(ids, layout, engine.last_sync.graph_batch is not None)
         engine.steps += 1
         engine.scheduler.advance(plan, engine.requests)  # the rows' caches are written, whatever is sampled
@@ -98,8 +113,8 @@ class Overlap:
                 return None, []
             if any(r.params.logprobs is not None for r in reqs):  # the logits are read now
                 tokens, logprobs = sample(rows, reqs, pending)
-                return InFlight(reqs, tokens, logprobs), []
-            return InFlight(reqs, sample_tokens(rows, reqs, pending)), []
+                return InFlight.of(reqs, torch.tensor(tokens).to(logits.device), logprobs), []
+            return InFlight.of(reqs, sample_tokens(rows, reqs, pending)), []
         except Exception as exc:  # noqa: BLE001 - the plan's requests end with the error
             return None, engine.fail_step(plan, exc, issued)
 
@@ -114,13 +129,29 @@ class Overlap:
         return outputs
 
 
-def with_inflight_ids(plan: StepPlan, tokens: dict[str, int]) -> StepPlan:
-    """The plan with each IN_FLIGHT input id (a decode row's token, sampled by the previous step) filled in."""
-    if IN_FLIGHT not in plan.input_ids:
-        return plan
-    ids, row = list(plan.input_ids), 0
+def inflight_rows(plan: StepPlan) -> list[tuple[int, str]]:
+    """(row, rid) of each input id still in flight: a decode row's token sampled by the previous step."""
+    found, row = [], 0
     for rid, q in zip(plan.rids, plan.q_lens):
-        if ids[row] == IN_FLIGHT:
-            ids[row] = tokens[rid]
+        if q and plan.input_ids[row] == IN_FLIGHT:
+            found.append((row, rid))
         row += q
-    return dataclasses.replace(plan, input_ids=tuple(ids))
+    return found
+
+
+def input_ids(plan: StepPlan, device: torch.device, par: Parallel, prev: InFlight | None = None) -> torch.Tensor:
+    """The step's input ids on the device, without waiting for any. Ids in flight are gathered from the
+    previous step's tokens on the device by the group leader (`prev`), whose group receives them by
+    broadcast (the other ranks hold no tokens)."""
+    rows = inflight_rows(plan)
+    ids = list(plan.input_ids)
+    if rows and prev is not None:
+        index = {req.rid: i for i, req in enumerate(prev.requests)}
+        for row, rid in rows:
+            ids[row] = -1 - index[rid]  # which of the previous step's tokens
+    out = torch.tensor(ids, dtype=torch.long).to(device, non_blocking=True)
+    if rows:
+        if prev is not None:
+            out = torch.where(out < 0, prev.tokens.to(torch.long)[(-1 - out).clamp_(min=0)], out)
+        par.broadcast_attn(out)
+    return out

@@ -31,6 +31,14 @@ def _check_cache(name: str, cache: Tensor, n: int, rope: int) -> None:
         raise LayoutError(problem)
 
 
+def _check_slots_within_lengths(indices: Tensor, row_kv_len: Tensor) -> None:
+    """The kernels read a row's first row_kv_len indices only: every slot past them must be -1."""
+    past = torch.arange(indices.shape[1], device=indices.device)[None, :] >= row_kv_len.reshape(-1, 1).long()
+    if bool((indices[past] >= 0).any()):
+        row = int(((indices >= 0) & past).any(dim=1).nonzero()[0])
+        raise LayoutError(f"top-k row {row} selects a slot past its {int(row_kv_len.reshape(-1)[row])} keys")
+
+
 @dataclass(frozen=True)
 class DSAOps:
     attention_backend: str = "torch"
@@ -57,12 +65,16 @@ class DSAOps:
             _check_cache("latent cache", kv_cache, v_dim, q.shape[2] - v_dim)
             if indices.numel() and int(indices.max()) >= kv_cache.shape[0]:
                 raise LayoutError(f"top-k slot {int(indices.max())} >= cache slots {kv_cache.shape[0]}")
+            if layout is not None:
+                _check_slots_within_lengths(indices, layout.row_kv_len)
         heads = q.shape[1]
         multiple = self.head_multiple or getattr(backend, "HEAD_MULTIPLE", 1)
         padded = -heads % multiple
         if padded:  # the kernel needs heads in multiples of `multiple`: pad with zeros, trim after
             q = F.pad(q, (0, 0, 0, padded))
-        out, _ = backend.sparse_mla(q, kv_cache, indices, sm_scale, v_dim)
+        # A row's selected slots come first and number at most its keys: the kernels stop there.
+        lengths = layout.row_kv_len if layout is not None else None
+        out, _ = backend.sparse_mla(q, kv_cache, indices, sm_scale, v_dim, lengths)
         return out[:, :heads] if padded else out
 
     def indexer_topk(self, q: Tensor, weights: Tensor, k_cache: Tensor, layout: BatchLayout, topk: int) -> Tensor:

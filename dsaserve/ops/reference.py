@@ -24,12 +24,14 @@ def position_slots(page_table_rows: Tensor, positions: Tensor, page_size: int) -
 
 
 def sparse_mla(q: Tensor, kv_cache: Tensor, indices: Tensor, sm_scale: float, v_dim: int,
-               max_rows: int = 256) -> tuple[Tensor, Tensor]:
+               lengths: Tensor | None = None, max_rows: int = 256) -> tuple[Tensor, Tensor]:
     """Absorbed-form sparse MLA.
 
     q [T, H, D] (D = v_dim latent dims + rope dims), kv_cache [S, D] (or uint8 FP8 rows, see
     cache/kv_format.py: the selected rows are dequantized), indices [T, K] int32 slot ids
     (-1 = unused). Each row attends to its own selected slots; the value is the first v_dim dims.
+    lengths [T] (or [T, 1]), optional: row t reads only its first lengths[t] indices (a bound for the
+    kernels: the engine's rows keep their valid slots first and at most row_kv_len of them).
     Returns out [T, H, v_dim] in q's dtype and lse [T, H] fp32 (natural log; rows with no key: out 0,
     lse -inf).
     """
@@ -40,6 +42,8 @@ def sparse_mla(q: Tensor, kv_cache: Tensor, indices: Tensor, sm_scale: float, v_
         rows = slice(start, min(start + max_rows, T))
         idx = indices[rows].long()
         valid = idx >= 0
+        if lengths is not None:
+            valid &= torch.arange(idx.shape[1], device=idx.device) < lengths.reshape(T, 1)[rows].long()
         kv = read_rows(kv_cache, idx.clamp(min=0), v_dim, q.shape[-1] - v_dim)  # [t, K, D]
         scores = torch.einsum("thd,tkd->thk", q[rows].float(), kv) * sm_scale
         scores = scores.masked_fill(~valid[:, None, :], float("-inf"))

@@ -30,13 +30,13 @@ CONFIG: dict[str, int] | None = None
 
 
 @triton.jit
-def _sparse_mla_kernel(Q, KV, KR, KS, IDX, O, LSE,
-                       stride_qt, stride_qh, stride_kv, stride_kr, stride_ks, stride_it,
+def _sparse_mla_kernel(Q, KV, KR, KS, IDX, LEN, O, LSE,
+                       stride_qt, stride_qh, stride_kv, stride_kr, stride_ks, stride_it, stride_len,
                        stride_ot, stride_oh, stride_os, stride_lt, stride_lh, stride_ls,
                        H, K, V_DIM, R_DIM, keys_per_split, scale_log2,
                        BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                        BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, FP8: tl.constexpr,
-                       SCALE_BLOCKS: tl.constexpr):
+                       SCALE_BLOCKS: tl.constexpr, HAS_LEN: tl.constexpr):
     pid_h = tl.program_id(0)
     t = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
@@ -57,6 +57,8 @@ def _sparse_mla_kernel(Q, KV, KR, KS, IDX, O, LSE,
     acc = tl.zeros([BLOCK_H, BLOCK_V], tl.float32)
     start = split * keys_per_split
     end = tl.minimum(start + keys_per_split, K)
+    if HAS_LEN:  # the row's selected slots end here (the rest are -1): no blocks of padding
+        end = tl.minimum(end, tl.load(LEN + t * stride_len))
     for n0 in range(start, end, BLOCK_N):
         offs = n0 + tl.arange(0, BLOCK_N)
         slot = tl.load(IDX + t * stride_it + offs, mask=offs < end, other=-1)
@@ -143,7 +145,7 @@ def _config(T: int, H: int, K: int, block_v: int, row_bytes: int, sms: int) -> d
 
 
 def sparse_mla(q: Tensor, kv_cache: Tensor, indices: Tensor, sm_scale: float, v_dim: int,
-               max_rows: int = 256) -> tuple[Tensor, Tensor]:
+               lengths: Tensor | None = None, max_rows: int = 256) -> tuple[Tensor, Tensor]:
     """See reference.sparse_mla (kv_cache: [S, D] rows or uint8 FP8 rows). `max_rows` is accepted and ignored."""
     T, H, D = q.shape
     K = indices.shape[1]
@@ -163,6 +165,7 @@ def sparse_mla(q: Tensor, kv_cache: Tensor, indices: Tensor, sm_scale: float, v_
         kv = scales = kv_cache.contiguous()
         kr = kv[:, v_dim:]
     indices = indices.to(torch.int32).contiguous()
+    lens = indices if lengths is None else lengths.reshape(T, -1)
     block_v = next_pow2(v_dim)
     block_r = next_pow2(rope_dim)
     dot_dtype = q.dtype if fp8 else kv.dtype
@@ -183,12 +186,12 @@ def sparse_mla(q: Tensor, kv_cache: Tensor, indices: Tensor, sm_scale: float, v_
         l_buf = new_empty((T, H, splits), torch.float32, q.device)
         o_split, l_split = o_buf.stride(2), l_buf.stride(2)
     _sparse_mla_kernel[grid](
-        q, kv, kr, scales, indices, o_buf, l_buf,
-        q.stride(0), q.stride(1), kv.stride(0), kr.stride(0), scales.stride(0), indices.stride(0),
+        q, kv, kr, scales, indices, lens, o_buf, l_buf,
+        q.stride(0), q.stride(1), kv.stride(0), kr.stride(0), scales.stride(0), indices.stride(0), lens.stride(0),
         o_buf.stride(0), o_buf.stride(1), o_split, l_buf.stride(0), l_buf.stride(1), l_split,
         H, K, v_dim, rope_dim, keys_per_split, scale_log2,
         BLOCK_H=cfg["block_h"], BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_R=block_r,
-        PRECISION=dot_precision(dot_dtype), FP8=fp8, SCALE_BLOCKS=max(1, block_v // 128),
+        PRECISION=dot_precision(dot_dtype), FP8=fp8, SCALE_BLOCKS=max(1, block_v // 128), HAS_LEN=lengths is not None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if splits > 1:
         _combine_kernel[(H, T)](
