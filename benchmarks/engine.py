@@ -33,7 +33,7 @@ DEEPSEEK_V32_LAYER = dict(
 
 
 def run(llm: LLM, batch: int, input_len: int, output_len: int, vocab: int) -> dict[str, float]:
-    gen = torch.Generator().manual_seed(batch)
+    gen = torch.Generator().manual_seed(batch * 1000 + output_len)  # the warm-up run's prompts are not cached
     prompts = [torch.randint(10, vocab, (input_len,), generator=gen).tolist() for _ in range(batch)]
     engine = llm.engine
     for i, p in enumerate(prompts):

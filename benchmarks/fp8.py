@@ -1,6 +1,6 @@
 """Block-scaled FP8 GEMM and FP8 fused MoE on DeepSeek-V3.2 shapes, against the device's measured ceilings.
 
-    python benchmarks/fp8.py [--out fp8.json] [--tune] [--experts 256]
+    python benchmarks/fp8.py [--out fp8.json] [--only gemm,moe,tune-gemm,tune-moe] [--experts 256]
 
 Ceilings, measured in the same run: copy bandwidth (2 GiB device-to-device copy, bytes read + written)
 and the FP8 matmul rate of torch._scaled_mm (cuBLAS, per-tensor scales, 8192^3, bf16 out, the faster of
@@ -34,6 +34,13 @@ BLOCK = (128, 128)
 SHAPES = {"q_a": (1536, 7168), "q_b": (24576, 1536), "kv_a": (576, 7168), "o_proj": (7168, 16384),
           "gate/up": (18432, 7168), "down": (7168, 18432),
           "q_b/8": (3072, 1536), "o_proj/8": (7168, 2048), "gate/up/8": (2304, 7168), "down/8": (7168, 2304)}
+# Prefill tiles tried by --only tune-gemm (overrides of default_config's M > 512 choice: 128 x 128, 8 warps).
+PREFILL_TUNE = [None, dict(num_stages=4), dict(block_n=256), dict(block_n=256, num_stages=4),
+                dict(block_m=64, block_n=256, num_warps=4, num_stages=4), dict(block_m=64, block_n=256, num_stages=4),
+                dict(num_warps=4, num_stages=4), dict(block_m=64, num_warps=4, num_stages=5), dict(group_m=16),
+                dict(block_m=64, num_warps=4, num_stages=3, group_m=32), dict(block_n=64, num_warps=4, num_stages=5)]
+MOE_TUNE = [None, dict(num_stages=4), dict(down_block_n=128), dict(block_m=128, num_warps=8),
+            dict(block_m=32, num_warps=4), dict(group_m=16), dict(block_m=128, num_warps=8, num_stages=4)]
 DECODE_M = (1, 4, 16, 32, 64)
 PREFILL_M = (4096, 8192)
 ROWS: list[dict] = []
@@ -86,7 +93,7 @@ def bench_gemm(peaks: dict, shapes: dict[str, tuple[int, int]], rows: tuple[int,
         for M in rows:
             x = torch.randn(M, K, device=DEV).to(torch.bfloat16)
             want = ref.linear(x, w)
-            mm = scaled_mm_ms(M, N, K) if M >= 4096 and configs == [None] else None
+            mm = scaled_mm_ms(M, N, K) if M >= 4096 else None
             for cfg in configs:
                 try:
                     err = check(f"fp8_linear {name} M={M} {cfg}", fp8_gemm.fp8_linear(x, w, config=cfg), want, 5e-3)
@@ -139,6 +146,19 @@ def bench_moe(peaks: dict, experts: int, tokens: tuple[int, ...], configs: list[
         del want
 
 
+def print_best() -> None:
+    """The fastest config of each tuned shape."""
+    best: dict[tuple, dict] = {}
+    for r in ROWS:
+        key = (r["kind"], r["shape"], r["M"])
+        if key not in best or r["ms"] < best[key]["ms"]:
+            best[key] = r
+    print("\nfastest config per shape:")
+    for (kind, shape, M), r in best.items():
+        vs_mm = f", {r['scaled_mm_same_shape_ms'] / r['ms']:.0%} of _scaled_mm" if r["scaled_mm_same_shape_ms"] else ""
+        print(f"  {kind} {shape} M={M}: {r['ms'] * 1e3:.1f} us, {r['frac']:.0%} of its ceiling{vs_mm}; {r['note']}")
+
+
 def print_table(peaks: dict) -> None:
     print(f"\n{torch.cuda.get_device_name()}: copy {peaks['copy_GBps']:.0f} GB/s, torch._scaled_mm FP8 "
           f"{peaks['fp8_mm_TFLOPs']:.0f} TFLOP/s (fast accumulation {peaks['fp8_mm_fast_TFLOPs']:.0f}, precise "
@@ -158,27 +178,24 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None, help="write the rows and ceilings as JSON")
     ap.add_argument("--experts", type=int, default=256, help="routed experts in the MoE runs (memory: 44 MB each)")
-    ap.add_argument("--tune", action="store_true", help="also sweep prefill and MoE tile configs (decode: fp8_decode.py --sweep)")
-    ap.add_argument("--only", default="gemm,moe")
+    ap.add_argument("--only", default="gemm,moe", help="any of gemm, moe, tune-gemm, tune-moe (the tune-* sweep "
+                                                      "prefill and 4096-token MoE tiles; decode: fp8_decode.py --sweep)")
     a = ap.parse_args()
     start = time.perf_counter()
     torch.manual_seed(0)
     peaks = measure_ceilings()
     print(f"ceilings: copy {peaks['copy_GBps']:.0f} GB/s, _scaled_mm {peaks['fp8_mm_TFLOPs']:.0f} TFLOP/s", flush=True)
-    if "gemm" in a.only:
+    only = set(a.only.split(","))
+    if "gemm" in only:
         bench_gemm(peaks, SHAPES, DECODE_M + PREFILL_M, [None])
-    if "moe" in a.only:
+    if "moe" in only:
         bench_moe(peaks, a.experts, (1, 8, 32, 4096), [None])
-    if a.tune:
-        # decode tiles: benchmarks/fp8_decode.py --sweep (timed as the decode graph runs them)
-        bench_gemm(peaks, {"gate/up": SHAPES["gate/up"], "o_proj": SHAPES["o_proj"]}, (8192,),
-                   [dict(block_n=256), dict(num_stages=4), dict(block_m=64, num_warps=4, num_stages=4),
-                    dict(block_n=256, num_stages=4, group_m=16)])
-        if "moe" in a.only:
-            bench_moe(peaks, a.experts, (1, 32, 4096), [dict(num_stages=4), dict(down_block_n=128),
-                                                        dict(block_m=128, num_warps=8), dict(block_m=32, num_warps=4),
-                                                        dict(group_m=16)])
-    print_table(peaks)
+    if "tune-gemm" in only:
+        prefill = {k: SHAPES[k] for k in ("q_a", "q_b", "kv_a", "o_proj", "gate/up", "down", "gate/up/8", "down/8")}
+        bench_gemm(peaks, prefill, (4096,), PREFILL_TUNE)
+    if "tune-moe" in only:
+        bench_moe(peaks, a.experts, (4096,), MOE_TUNE)
+    print_best() if only & {"tune-gemm", "tune-moe"} else print_table(peaks)
     print(f"({time.perf_counter() - start:.0f} s)")
     if a.out:
         Path(a.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
