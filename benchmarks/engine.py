@@ -41,11 +41,11 @@ def run(llm: LLM, batch: int, input_len: int, output_len: int, vocab: int) -> di
                                                               ignore_eos=True))
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     sync()
-    start, first, produced = time.perf_counter(), None, 0
+    start, first, started = time.perf_counter(), None, set()
     while engine.has_work():
         outs = engine.step()
-        produced += sum(len(o.new_token_ids) for o in outs)
-        if first is None and produced >= batch:  # every request has its first token: prefill done
+        started.update(o.rid for o in outs if o.new_token_ids)
+        if first is None and len(started) == batch:  # every request has its first token: prefill done
             sync()
             first = time.perf_counter()
     sync()

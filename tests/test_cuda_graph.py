@@ -89,6 +89,28 @@ def test_graph_counters_in_stats(tiny_ds: str) -> None:
     assert stats.graph_shapes == stats.graph_captures == stats.graph_eager_misses == 0
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ARCHS)
+def test_nothing_compiles_or_captures_after_the_warm_up(arch: str, tiny_models: dict[str, str]) -> None:
+    """The start-up warm-up leaves no Triton kernel variant and no graph to the served requests: under
+    staggered arrivals (mixed steps: running requests decode beside prompt chunks of many lengths, decode
+    batches of every size) the counters /get_server_info reports stay where they were when it was ready."""
+    llm = LLM(tiny_models[arch], page_size=64, max_total_tokens=40_000, chunked_prefill_size=2048)
+    engine = llm.engine
+    ready = engine.stats()
+    assert ready.kernel_compiles > 0 and ready.graph_captures > 0  # the counters count (Triton, graphs)
+    lengths = [3, 17, 40, 64, 100, 129, 300, 517, 1000, 1500, 2500, 7, 2047, 33, 3000, 1]
+    for i, ids in enumerate(prompts_ids(len(lengths), lengths, seed=43)):
+        engine.add_request(f"load-{i}", ids, SamplingParams(max_tokens=20 + 7 * i, temperature=0.0, ignore_eos=True))
+        for _ in range(i % 4):
+            engine.step()
+    engine.run_until_idle()
+    after = engine.stats()
+    assert after.steps > ready.steps and after.free_pages == after.total_pages
+    assert (after.kernel_compiles, after.graph_captures, after.graph_eager_misses) == \
+        (ready.kernel_compiles, ready.graph_captures, ready.graph_eager_misses)
+
+
 def test_reused_bucket_turns_stale_rows_into_dummies(tiny_ds: str) -> None:
     """Invariant 1 for graphs: rows past the batch are whole dummy requests on the reserved page 0
     (token 0, position 0, one key, writing slot 0), whatever the bucket held before."""

@@ -84,3 +84,18 @@ def test_abort_with_a_token_in_flight(tiny_ds: str) -> None:
     assert [t for o in outputs if o.rid == "b" for t in o.new_token_ids] == expected
     stats = engine.stats()
     assert stats.free_pages == stats.total_pages
+
+
+def test_tokens_in_flight_are_waited_for_not_retracted(tiny_ds: str) -> None:
+    """When the only work left is tokens in flight (each request's last, by length), the scheduler waits
+    for their commit: in a pool with room nothing is retracted (it once sent every finishing request
+    back to wait), and the outputs equal the engine without overlap."""
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    roomy = dict(page_size=4, max_total_tokens=2048)
+    plain = LLM(tiny_ds, disable_overlap_schedule=True, **roomy).generate(PROMPTS, params)
+    llm = LLM(tiny_ds, **roomy)
+    assert llm.engine.overlap is not None
+    assert [o.token_ids for o in llm.generate(PROMPTS, params)] == [o.token_ids for o in plain]
+    stats = llm.engine.stats()
+    assert stats.num_retractions == 0 and stats.running == stats.waiting == 0
+    assert stats.free_pages == stats.total_pages

@@ -41,10 +41,10 @@ def test_accept_length_is_reported_everywhere(server, tmp_path: Path) -> None:
     assert -(-23 // (STEPS + 1)) <= meta["spec_verify_ct"] <= 23
     states = httpx.get(f"{server.url}/get_server_info", timeout=30).json()["internal_states"]
     assert states[0]["spec_verify_steps"] >= meta["spec_verify_ct"] and states[0]["avg_spec_accept_length"] > 1.2
-    assert {"graph_shapes", "graph_captures", "graph_eager_misses"} <= states[0].keys()
+    assert {"graph_shapes", "graph_captures", "graph_eager_misses", "kernel_compiles"} <= states[0].keys()
     metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
     assert 'dsaserve_spec_accept_length{dp_rank="0"}' in metrics and "dsaserve_spec_draft_tokens" in metrics
-    assert 'dsaserve_graph_captures{dp_rank="0"}' in metrics
+    assert 'dsaserve_graph_captures{dp_rank="0"}' in metrics and 'dsaserve_kernel_compiles{dp_rank="0"}' in metrics
     out = tmp_path / "bench.json"
     run = subprocess.run([sys.executable, "-m", "dsaserve", "bench", "serving", "--base-url", server.url,
                           "--num-prompts", "8", "--input-len", "16", "--output-len", "16", "--max-concurrency", "4",

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from dsaserve.engine.compiles import kernel_compiles
 from dsaserve.engine.engine import Engine
 from dsaserve.engine.request import SamplingParams
 from dsaserve.planner import weight_bytes
@@ -32,6 +33,8 @@ class Row:
     decode_tok_s: float
     step_bytes: float  # the fewest bytes a decode step reads (weights it touches + KV it attends)
     roofline: float | None  # step_bytes / step time / copy bandwidth (CUDA only)
+    compiles: int  # Triton compilations during the run (0 once warmed up: a compile stalls the steps)
+    retractions: int  # requests sent back to wait for pages during the run (each is prefilled again)
 
 
 def add_cli_args(p: argparse.ArgumentParser) -> None:
@@ -81,10 +84,11 @@ def run_one(engine: Engine, batch: int, input_len: int, output_len: int, bandwid
         prompt = torch.randint(10, engine.cfg.vocab_size, (input_len,), generator=gen).tolist()
         engine.add_request(f"b{batch}-{input_len}-{i}-{time.monotonic_ns()}", prompt, params)
     sync()
+    compiles0, retractions0 = kernel_compiles(), engine.scheduler.num_retractions
     start = time.perf_counter()
-    produced = 0
-    while produced < batch:  # prefill: every request has its first token
-        produced += sum(len(o.new_token_ids) for o in engine.step())
+    started: set[str] = set()
+    while len(started) < batch:  # prefill: every request has its first token (others decode meanwhile)
+        started.update(o.rid for o in engine.step() if o.new_token_ids)
     sync()
     prefill_s = time.perf_counter() - start
     # Decode as the engine runs it (overlapped scheduling: no sync per step): the mean over the steps
@@ -97,7 +101,8 @@ def run_one(engine: Engine, batch: int, input_len: int, output_len: int, bandwid
     step = (time.perf_counter() - start) / launched if launched else float("nan")
     nbytes = decode_step_bytes(engine, batch, input_len + output_len // 2)
     return Row(batch, input_len, output_len, prefill_s, batch * input_len / prefill_s, 1e3 * step, batch / step,
-               nbytes, nbytes / step / bandwidth if bandwidth else None)
+               nbytes, nbytes / step / bandwidth if bandwidth else None, kernel_compiles() - compiles0,
+               engine.scheduler.num_retractions - retractions0)
 
 
 def run(ns: argparse.Namespace) -> int:
@@ -121,11 +126,12 @@ def run(ns: argparse.Namespace) -> int:
           f"{engine.runner.graphs.max_bs if engine.runner.graphs else 0}"
           + (f", copy {bandwidth / 1e12:.2f} TB/s" if bandwidth else ""))
     print(f"{'batch':>5} {'in':>6} {'out':>5} {'prefill s':>10} {'prefill tok/s':>14} {'decode ms':>10} "
-          f"{'decode tok/s':>13} {'step MB':>8} {'roofline':>9}")
+          f"{'decode tok/s':>13} {'step MB':>8} {'roofline':>9} {'compiles':>9} {'retracted':>10}")
     for r in rows:
         roof = f"{100 * r.roofline:.1f}%" if r.roofline is not None else "-"
         print(f"{r.batch:>5} {r.input_len:>6} {r.output_len:>5} {r.prefill_s:>10.3f} {r.prefill_tok_s:>14.0f} "
-              f"{r.decode_step_ms:>10.2f} {r.decode_tok_s:>13.0f} {r.step_bytes / 1e6:>8.1f} {roof:>9}")
+              f"{r.decode_step_ms:>10.2f} {r.decode_tok_s:>13.0f} {r.step_bytes / 1e6:>8.1f} {roof:>9} "
+              f"{r.compiles:>9} {r.retractions:>10}")
     if ns.output_json:
         Path(ns.output_json).write_text(json.dumps({"device": name, "model": engine.model_path,
                                                     "copy_bytes_per_s": bandwidth,

@@ -14,6 +14,7 @@ from dsaserve.cache.pages import PageAllocator
 from dsaserve.cache.prefix import PrefixCache, PrefixStats
 from dsaserve.chat.grammar import commit_tokens, grammar_state
 from dsaserve.disagg.pages import transfer_pages
+from dsaserve.engine import compiles
 from dsaserve.engine.acceptance import accept
 from dsaserve.engine.layout import StepMode, StepPlan
 from dsaserve.engine.model_runner import ModelRunner, StepShape
@@ -54,6 +55,7 @@ class Engine:
             log.warning("no --model-path: serving the embedded tiny model")
         self.model_path = args.model_path or str(default_model_path())
         self.args, self.par = args, par or Parallel()
+        compiles.starting()  # counted from the start (EngineStats.kernel_compiles)
         self.runner = ModelRunner(args, self.model_path, progress=progress, par=self.par)
         self.cfg = self.runner.cfg
         self.tokenizer = Tokenizer(self.model_path)
@@ -172,7 +174,8 @@ class Engine:
         graph = (len(graphs.graphs), graphs.stats.captured, graphs.stats.eager_misses) if graphs else (0, 0, 0)
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting),
                            self.allocator.num_free + reclaimable, self.allocator.capacity,
-                           self.scheduler.num_retractions, self.steps, *self._spec, *hits, *graph)
+                           self.scheduler.num_retractions, self.steps, *self._spec, *hits, *graph,
+                           compiles.kernel_compiles())
 
     # -- the step --------------------------------------------------------------------------
 

@@ -135,8 +135,8 @@ class Scheduler:
                 decode = [] if prefill else self._decode_rows()
             if decode is not None and (decode or prefill):
                 return self._plan(decode, prefill)
-            if not self.running:
-                return None
+            if not self.running or (decode is not None and any(r.inflight for r in self.running)):
+                return None  # (overlap) tokens in flight end or feed their requests once committed: wait
             self._retract(self.running[-1])  # the decoders' next pages do not fit: the newest waits again
         return None
 

@@ -21,6 +21,7 @@ class EngineStats:
     graph_shapes: int = 0  # static layouts (CUDA graphs on a GPU) made so far: constant once warmed up
     graph_captures: int = 0  # CUDA graph captures; one after the server is ready is a stall
     graph_eager_misses: int = 0  # steps that ran eagerly because no graph had their shape
+    kernel_compiles: int = 0  # Triton compilations in this process; constant once the server is ready
 
     @property
     def avg_spec_accept_length(self) -> float | None:

@@ -8,6 +8,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from dsaserve.engine import compiles
 from dsaserve.engine.request import SamplingParams
 
 if TYPE_CHECKING:
@@ -42,8 +43,10 @@ def warm_up(engine: Engine) -> None:
             if not engine.last_sync.any_work:
                 break
     _reset(engine)
+    compiles.warmed_up()
     if lengths and engine.par.cfg.rank == 0:
-        log.info("warm-up: prompts of %s tokens in %.1f s", lengths, time.perf_counter() - start)
+        log.info("warm-up: prompts of %s tokens in %.1f s (%d kernel compilations so far)", lengths,
+                 time.perf_counter() - start, compiles.kernel_compiles())
 
 
 def _reset(engine: Engine) -> None:

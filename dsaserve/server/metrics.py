@@ -24,7 +24,8 @@ class ServerMetrics:
             ("prefix_hit_tokens", "prompt tokens served from the prefix cache"),
             ("prefix_queried_tokens", "prompt tokens of admitted requests"),
             ("graph_captures", "CUDA graph captures (after start-up: a request waited on one)"),
-            ("graph_eager_misses", "steps run eagerly because no CUDA graph had their shape"))}
+            ("graph_eager_misses", "steps run eagerly because no CUDA graph had their shape"),
+            ("kernel_compiles", "Triton kernel compilations (after start-up: a request waited on one)"))}
         self.accept_length = Gauge("dsaserve_spec_accept_length", "tokens per verify step per request (accepted "
                                    "drafts + 1)", ["dp_rank"], registry=r)
         self.prompt_tokens = Counter("dsaserve_prompt_tokens", "prompt tokens of finished requests", registry=r)

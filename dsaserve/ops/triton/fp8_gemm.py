@@ -27,7 +27,7 @@ Tensor = torch.Tensor
 K_BLOCKS = (32, 64, 128, 256)  # weight K blocks the kernel takes: one K step each (e4m3 dots need K >= 32)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _act_quant_kernel(X, Q, S, M, K, stride_x, stride_q, stride_s, GROUP: tl.constexpr, GROUPS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
@@ -39,7 +39,7 @@ def _act_quant_kernel(X, Q, S, M, K, stride_x, stride_q, stride_s, GROUP: tl.con
     tl.store(S + row * stride_s + g, scale, mask=g * GROUP < K)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "groups_per_split", "stride_cs"])
 def _gemm_kernel(A, AS, W, WS, C, M, N, K, num_groups, groups_per_split,
                  stride_am, stride_asm, stride_wn, stride_wsn, stride_cs, stride_cm,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE_N: tl.constexpr,
@@ -83,7 +83,7 @@ def _gemm_kernel(A, AS, W, WS, C, M, N, K, num_groups, groups_per_split,
     tl.store(out, acc.to(C.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["total", "splits", "stride_s"])
 def _sum_splits_kernel(P, C, total, splits, stride_s, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < total

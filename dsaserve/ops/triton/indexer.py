@@ -29,7 +29,7 @@ Tensor = torch.Tensor
 CONFIG: dict[str, int] | None = None
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_pt", "stride_ot", "T", "num_keys", "iters"])
 def _indexer_kernel(Q, W, KC, KS, PT, REQ, LEN, OUT,
                     stride_qt, stride_qh, stride_wt, stride_kc, stride_ks, stride_pt, stride_len, stride_ot,
                     T, HI, DI, num_keys, page_size, iters,
@@ -97,7 +97,7 @@ def _indexer_kernel(Q, W, KC, KS, PT, REQ, LEN, OUT,
                 tl.store(out_rows + pos[:, None], neg, mask=sel[None, :] & (pos[:, None] < chunk_end))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_pos", "stride_pt", "L"])
 def _slots_kernel(POS, LEN, PT, REQ, OUT, stride_pos, stride_len, stride_pt, stride_ot,
                   L, topk, page_size, HAS_POS: tl.constexpr, BLOCK: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)

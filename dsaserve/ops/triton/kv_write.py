@@ -17,7 +17,7 @@ from dsaserve.ops.triton._common import next_pow2
 Tensor = torch.Tensor
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _write_fp8_kernel(X, R, SLOTS, VALUES, SCALES, ROPE,
                       stride_x, stride_r, stride_v, stride_s, stride_rope, N, R_DIM,
                       QBLOCK: tl.constexpr, BLOCK_R: tl.constexpr, HAS_ROPE: tl.constexpr,

@@ -32,7 +32,7 @@ Tensor = torch.Tensor
 CONFIG: dict[str, int] | None = None
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "num_m_blocks"])
 def _gate_up_kernel(X, XS, W13, W13S, INTER, INTERS, SORTED, BLOCK_EXPERT,
                     stride_x, stride_xs, stride_we, stride_wn, stride_se, stride_sn, stride_i, stride_is,
                     num_pairs, topk, I, HIDDEN, num_m_blocks,
@@ -92,7 +92,7 @@ def _gate_up_kernel(X, XS, W13, W13S, INTER, INTERS, SORTED, BLOCK_EXPERT,
         tl.store(out, h.to(INTER.dtype.element_ty), mask=n_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "num_m_blocks"])
 def _down_kernel(INTER, INTERS, W2, W2S, YBUF, SORTED, BLOCK_EXPERT, TOPW,
                  stride_i, stride_is, stride_we, stride_wn, stride_se, stride_sn, stride_y, stride_tw,
                  num_pairs, topk, I, HIDDEN, num_m_blocks,
@@ -136,7 +136,7 @@ def _down_kernel(INTER, INTERS, W2, W2S, YBUF, SORTED, BLOCK_EXPERT, TOPW,
     tl.store(out, y.to(YBUF.dtype.element_ty), mask=p_mask[:, None] & n_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])
 def _reduce_kernel(YBUF, OUT, stride_y, stride_o, num_tokens, topk, HIDDEN, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
