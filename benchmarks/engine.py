@@ -15,11 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from dsaserve import LLM, SamplingParams
+from dsaserve.bench.one_batch import copy_bandwidth, run_one
 from dsaserve.tiny import make_tiny_model
 
 DEEPSEEK_V32_LAYER = dict(
@@ -30,31 +32,6 @@ DEEPSEEK_V32_LAYER = dict(
     index_topk=2048, max_position_embeddings=163840, num_nextn_predict_layers=0,
     rope_scaling={"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
                   "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0})
-
-
-def run(llm: LLM, batch: int, input_len: int, output_len: int, vocab: int) -> dict[str, float]:
-    gen = torch.Generator().manual_seed(batch * 1000 + output_len)  # the warm-up run's prompts are not cached
-    prompts = [torch.randint(10, vocab, (input_len,), generator=gen).tolist() for _ in range(batch)]
-    engine = llm.engine
-    for i, p in enumerate(prompts):
-        engine.add_request(f"b{batch}-{i}", p, SamplingParams(max_tokens=output_len, temperature=0.0,
-                                                              ignore_eos=True))
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    sync()
-    start, first, started = time.perf_counter(), None, set()
-    while engine.has_work():
-        outs = engine.step()
-        started.update(o.rid for o in outs if o.new_token_ids)
-        if first is None and len(started) == batch:  # every request has its first token: prefill done
-            sync()
-            first = time.perf_counter()
-    sync()
-    end = time.perf_counter()
-    decode_steps = output_len - 1
-    return dict(batch=batch, input_len=input_len, output_len=output_len, prefill_s=first - start,
-                prefill_tok_s=batch * input_len / (first - start),
-                decode_step_ms=1e3 * (end - first) / decode_steps,
-                decode_tok_s=batch * decode_steps / (end - first))
 
 
 def profile_decode(llm: LLM, batch: int, input_len: int, vocab: int) -> None:
@@ -109,9 +86,10 @@ def main() -> None:
               kv_cache_dtype=args.kv_cache_dtype)
     vocab = DEEPSEEK_V32_LAYER["vocab_size"]
     rows = []
-    for b in args.batch:  # Triton specialises kernels on shapes: compile outside the measured run
-        run(llm, b, args.input_len, 3, vocab)
-        rows.append(run(llm, b, args.input_len, args.output_len, vocab))
+    bandwidth = copy_bandwidth(llm.engine.runner.device) if torch.cuda.is_available() else None
+    for b in args.batch:  # the same timing as `dsaserve bench one-batch`; each shape once before it is timed
+        run_one(llm.engine, b, args.input_len, 4, bandwidth)
+        rows.append(asdict(run_one(llm.engine, b, args.input_len, args.output_len, bandwidth)))
     if args.profile:
         profile_decode(llm, max(args.batch), args.input_len, vocab)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
@@ -121,10 +99,11 @@ def main() -> None:
     print(f"\n{device}, {args.layers} layers ({args.experts} experts), {weights}, KV {llm.engine.runner.kv_dtype}, "
           f"backend {llm.engine.runner.ops.attention_backend}{graphs}")
     print(f"{'batch':>5} {'in':>6} {'out':>5} {'prefill s':>10} {'prefill tok/s':>14} {'decode ms/step':>15} "
-          f"{'decode tok/s':>13}")
+          f"{'decode tok/s':>13} {'roofline':>9}")
     for r in rows:
+        roof = f"{100 * r['roofline']:.1f}%" if r["roofline"] is not None else "-"
         print(f"{r['batch']:>5} {r['input_len']:>6} {r['output_len']:>5} {r['prefill_s']:>10.3f} "
-              f"{r['prefill_tok_s']:>14.0f} {r['decode_step_ms']:>15.2f} {r['decode_tok_s']:>13.0f}")
+              f"{r['prefill_tok_s']:>14.0f} {r['decode_step_ms']:>15.2f} {r['decode_tok_s']:>13.0f} {roof:>9}")
     if args.output_json:
         Path(args.output_json).write_text(json.dumps({"device": device, "layers": args.layers, "experts": args.experts,
                                                       "fp8": args.fp8, "kv_cache_dtype": args.kv_cache_dtype,

@@ -1,8 +1,8 @@
 """`dsaserve bench one-batch`: one static batch through the offline engine, no server (as SGLang's
 bench_one_batch): prefill latency and throughput, decode step latency and throughput, and on CUDA the
 decode step as a fraction of the HBM roofline for the bytes it must read, against the copy bandwidth
-measured in the same run. Decode time is the mean step over the decode phase, as the engine runs it
-(overlapped scheduling, no sync per step). The engine runs with its defaults (CUDA graphs, mixed chunks) unless the
+measured in the same run. Decode time is the mean step while every request of the batch decodes, as the
+engine runs it (overlapped scheduling, no sync per step). The engine runs with its defaults (CUDA graphs, mixed chunks) unless the
 ServerArgs flags say otherwise. Prints a table and writes JSON (`--output-json`)."""
 from __future__ import annotations
 
@@ -87,18 +87,21 @@ def run_one(engine: Engine, batch: int, input_len: int, output_len: int, bandwid
     compiles0, retractions0 = kernel_compiles(), engine.scheduler.num_retractions
     start = time.perf_counter()
     started: set[str] = set()
-    while len(started) < batch:  # prefill: every request has its first token (others decode meanwhile)
+    while len(started) < batch:  # prefill: every request has its first token (early ones decode meanwhile)
+        if not engine.has_work():
+            raise RuntimeError(f"only {len(started)} of {batch} requests produced a token")
         started.update(o.rid for o in engine.step() if o.new_token_ids)
-    sync()
+    sync()  # (with overlap this includes one decode step, launched before the last first token was read)
     prefill_s = time.perf_counter() - start
-    # Decode as the engine runs it (overlapped scheduling: no sync per step): the mean over the steps
-    # launched from here on (with overlap one decode step was already launched above; it is not counted).
-    first, start = engine.steps, time.perf_counter()
-    while engine.has_work():
-        engine.step()
+    # Decode: the steps launched while every request still runs (with mixed steps the first prompts also
+    # finish first), timed as the engine runs them (overlapped scheduling: no sync per step).
+    first, start, finished = engine.steps, time.perf_counter(), False
+    while engine.has_work() and not finished:
+        finished = any(o.finish is not None for o in engine.step())
     sync()
-    launched = engine.steps - first
-    step = (time.perf_counter() - start) / launched if launched else float("nan")
+    launched, elapsed = engine.steps - first, time.perf_counter() - start
+    engine.run_until_idle()
+    step = elapsed / launched if launched else float("nan")
     nbytes = decode_step_bytes(engine, batch, input_len + output_len // 2)
     return Row(batch, input_len, output_len, prefill_s, batch * input_len / prefill_s, 1e3 * step, batch / step,
                nbytes, nbytes / step / bandwidth if bandwidth else None, kernel_compiles() - compiles0,

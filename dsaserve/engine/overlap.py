@@ -49,7 +49,7 @@ class InFlight:
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
         host.copy_(tokens, non_blocking=True)
         ready = torch.cuda.Event()
-        ready.record()
+        ready.record(torch.cuda.current_stream(tokens.device))  # the stream the copy was queued on
         return InFlight(requests, tokens, host, ready, logprobs)
 
     def read(self) -> list[int]:

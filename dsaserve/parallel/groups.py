@@ -154,6 +154,15 @@ class Parallel:
         start = sum(dp_sizes[: self.cfg.dp_rank])
         return x[start:start + dp_sizes[self.cfg.dp_rank]]
 
+    def close(self) -> None:
+        """Leave the process groups together, after a stop every rank agreed on: a CPU barrier, then each
+        rank tears its groups down, so no rank exits while a peer still talks to it (an exit that cut a
+        peer's gloo connections mid-teardown once aborted that peer's process)."""
+        if self.cfg.tp == 1 or not dist.is_initialized():
+            return
+        dist.barrier(group=self.world_cpu)
+        dist.destroy_process_group()
+
     # -- step synchronisation (CPU) -------------------------------------------------------
 
     def broadcast_from_leader(self, obj: Any) -> Any:

@@ -40,9 +40,11 @@ def run_rank(args: ServerArgs, rank: int, endpoints: list[m.Endpoints], parent_p
     threading.Thread(target=_heartbeat, args=(beats, slot, parent_pid), daemon=True, name="heartbeat").start()
     par = init_distributed(args, rank, init_addr)
     if par.cfg.is_leader:
-        run_worker(args, par, endpoints[par.cfg.dp_rank])
+        stopped = run_worker(args, par, endpoints[par.cfg.dp_rank])
     else:
-        _follow(args, par)
+        stopped = _follow(args, par)
+    if stopped:  # every rank left its loop in the same step
+        par.close()
 
 
 def _heartbeat(beats: Any, slot: int, parent_pid: int) -> None:
@@ -55,15 +57,17 @@ def _heartbeat(beats: Any, slot: int, parent_pid: int) -> None:
         time.sleep(HEARTBEAT_S)
 
 
-def _follow(args: ServerArgs, par: Any) -> None:
+def _follow(args: ServerArgs, par: Any) -> bool:
     """A non-leader rank: run the leader's plans until any rank asks every rank to stop."""
     from dsaserve.engine.engine import Engine
     engine = Engine(args, progress=False, par=par)
     while not engine.last_sync.any_stop:
         engine.step()
+    return True
 
 
-def run_worker(args: ServerArgs, par: Any, endpoints: m.Endpoints) -> None:
+def run_worker(args: ServerArgs, par: Any, endpoints: m.Endpoints) -> bool:
+    """A DP group leader's loop; True once it stopped with every other rank (False: it never started)."""
     ctx = zmq.Context()
     pull = ctx.socket(zmq.PULL)
     pull.connect(endpoints.requests)
@@ -73,7 +77,7 @@ def run_worker(args: ServerArgs, par: Any, endpoints: m.Endpoints) -> None:
     try:
         engine = _build_engine(args, par, push)
         if engine is None:
-            return
+            return False
         try:
             WorkerLoop(engine, pull, push).run()
         except Exception as exc:  # logged, then told to the frontend (which takes the deployment down)
@@ -81,6 +85,7 @@ def run_worker(args: ServerArgs, par: Any, endpoints: m.Endpoints) -> None:
             push.send_pyobj([m.Fatal(f"rank {par.cfg.rank} (DP group {par.cfg.dp_rank}) failed: "
                                      f"{type(exc).__name__}: {exc}")])
             raise
+        return True
     finally:
         pull.close(linger=0)
         push.close()

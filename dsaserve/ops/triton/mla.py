@@ -29,7 +29,7 @@ LOG2E = 1.4426950408889634
 CONFIG: dict[str, int] | None = None
 
 
-@triton.jit(do_not_specialize=["stride_ot", "stride_oh", "stride_lt", "stride_lh", "keys_per_split"])
+@triton.jit(do_not_specialize=["stride_lt", "stride_lh"])  # H x splits; o strides are v_dim multiples
 def _sparse_mla_kernel(Q, KV, KR, KS, IDX, LEN, O, LSE,
                        stride_qt, stride_qh, stride_kv, stride_kr, stride_ks, stride_it, stride_len,
                        stride_ot, stride_oh, stride_os, stride_lt, stride_lh, stride_ls,
@@ -93,7 +93,7 @@ def _sparse_mla_kernel(Q, KV, KR, KS, IDX, LEN, O, LSE,
     tl.store(LSE + t * stride_lt + heads * stride_lh + split * stride_ls, lse, mask=hmask)
 
 
-@triton.jit(do_not_specialize=["stride_pt", "stride_ph", "stride_lt", "stride_lh", "NUM_SPLITS"])
+@triton.jit(do_not_specialize=["stride_lt", "stride_lh", "NUM_SPLITS"])
 def _combine_kernel(PO, PLSE, O, LSE,
                     stride_pt, stride_ph, stride_ps, stride_lt, stride_lh,
                     stride_ot, stride_oh, stride_ft, stride_fh,
