@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import queue
 import time
 
 import torch
@@ -33,7 +34,14 @@ def receiver(device: str, pages: int, inbox: mp.Queue, outbox: mp.Queue) -> None
     bufs = buffers(pages, device, fill=0)
     t = NixlTransport(bufs)
     outbox.put(t.descriptor())
-    while (job := inbox.get()) is not None:
+    while True:
+        try:
+            job = inbox.get(timeout=0.001)
+        except queue.Empty:
+            t.progress()  # a write may be coming: the receiver drives NIXL's progress, as the engine does
+            continue
+        if job is None:
+            break
         sender, room, dst = job
         deadline = time.monotonic() + 120
         while not t.arrived(sender, room_tag(room)) and time.monotonic() < deadline:

@@ -18,7 +18,7 @@ import pytest
 from conftest import prompts_ids
 from dsaserve import LLM, SamplingParams
 from router_process import RouterProcess, pd_router
-from server_process import ServerProcess, free_port
+from server_process import ServerProcess, cpu_seconds, descendants, free_port
 
 pytestmark = pytest.mark.timeout(300)
 MAX = 8
@@ -85,6 +85,16 @@ def mixed_tp(tiny_ds: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 
 class TestMixedTP:
+    def test_idle_servers_do_not_spin(self, mixed_tp: tuple) -> None:
+        """Idle prefill and decode servers block (no NIXL progress thread polling at full speed: the
+        engine drives transfers while one is in flight); CPU time, not wall time."""
+        p, d, _ = mixed_tp
+        pids = [pid for server in (p, d) for pid in (server.proc.pid, *descendants(server.proc.pid))]
+        before = {pid: cpu_seconds(pid) for pid in pids}
+        time.sleep(2.0)
+        used = {pid: (cpu_seconds(pid) - before[pid]) / 2.0 for pid in pids}
+        assert all(u < 0.1 for u in used.values()), f"idle processes used CPU (share of a core): {used}"
+
     def test_generate_equals_aggregated(self, mixed_tp: tuple, tiny_ds: str) -> None:
         p, d, router = mixed_tp
         want = expected(tiny_ds, PROMPTS_64, page_size=64)

@@ -44,8 +44,8 @@ class DecodeSide(SideBase):
 
     def wait_ms(self) -> int | None:
         """How long the leader may block (the control sockets wake it too): None with nothing incoming."""
-        if any(i.done is not None for i in self.rooms.values()):
-            return 1  # the write's arrival is seen by polling the backend
+        if any(i.sent for i in self.rooms.values()):
+            return 1  # a write may be coming: the backend progresses and its arrival is seen by polling
         return self.deadlines.ms_until(min((i.deadline for i in self.rooms.values()), default=None))
 
     def add(self, req: Request) -> None:
@@ -80,6 +80,8 @@ class DecodeSide(SideBase):
         for sock in self.peers.values():
             for _, msg, _ in wire.recv_all(sock, routed=False):
                 self._on_message(msg)
+        if any(inc.sent and inc.done is None for inc in self.rooms.values()):
+            self.transport.progress()
         outputs = []
         for room, inc in list(self.rooms.items()):
             out = self._advance(room, inc)

@@ -64,6 +64,9 @@ class KVTransport(ABC):
         """Receiver side: the write tagged `tag` by agent `sender` has landed."""
         return True
 
+    def progress(self) -> None:
+        """Receiver side, while writes may be coming: let them advance (the backend runs no thread of its own)."""
+
     @property
     def agent(self) -> str:
         return ""
@@ -91,7 +94,10 @@ class NixlTransport(KVTransport):
             os.environ["UCX_NET_DEVICES"] = ib_device  # read by UCX when the agent creates its backend
         api = _nixl_api()
         self._name = f"dsaserve-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.nixl = api.nixl_agent(self._name, api.nixl_agent_config(backends=["UCX"]))
+        # No progress thread: NIXL's spins a core per rank even when idle (its poll delay is 0). The engine
+        # drives progress instead, every millisecond while a write is in flight (sender: poll; receiver:
+        # progress), and blocks when none is.
+        self.nixl = api.nixl_agent(self._name, api.nixl_agent_config(enable_prog_thread=False, backends=["UCX"]))
         cuda = bool(buffers) and buffers[0].is_cuda
         self.mem = "VRAM" if cuda else "DRAM"
         self.dev = (buffers[0].device.index or 0) if cuda else 0
@@ -157,6 +163,9 @@ class NixlTransport(KVTransport):
 
     def arrived(self, sender: str, tag: bytes) -> bool:
         return self.nixl.check_remote_xfer_done(sender, tag)  # tags end with ';': a prefix names one room
+
+    def progress(self) -> None:
+        self.nixl.update_notifs()  # progresses the UCX worker (and keeps the notifications for arrived())
 
     def close(self) -> None:
         try:
