@@ -144,9 +144,10 @@ def input_ids(plan: StepPlan, device: torch.device, par: Parallel, prev: InFligh
     previous step's tokens on the device by the group leader (`prev`), whose group receives them by
     broadcast (the other ranks hold no tokens)."""
     rows = inflight_rows(plan)
-    ids = list(plan.input_ids)
+    ids: tuple[int, ...] | list[int] = plan.input_ids
     if rows and prev is not None:
         index = {req.rid: i for i, req in enumerate(prev.requests)}
+        ids = list(ids)
         for row, rid in rows:
             ids[row] = -1 - index[rid]  # which of the previous step's tokens
     out = torch.tensor(ids, dtype=torch.long).to(device, non_blocking=True)
