@@ -4,7 +4,9 @@
 
 Ceilings, measured in the same run: copy bandwidth (2 GiB device-to-device copy, bytes read + written)
 and the FP8 matmul rate of torch._scaled_mm (cuBLAS, per-tensor scales, 8192^3, bf16 out, the faster of
-fast and promoted accumulation); per prefill shape _scaled_mm is also timed on the same M, N, K ('vs mm'). Every kernel result is first checked against the
+fast and promoted accumulation); per prefill shape _scaled_mm is also timed on the same M, N, K ('vs mm'), and
+the GEMM runs both ways: the default (cuBLAS's block-scaled GEMM where it applies) and the Triton kernel
+(cublas=0). Every kernel result is first checked against the
 plain-PyTorch reference (dsaserve.ops.fp8 / ops.reference); a failed check stops the run. Times are medians
 of CUDA-graph replays with L2 flushed before each (triton.testing.do_bench); 'eager ms' includes launches.
 Decode rows are bound by weight bytes (fraction of copy bandwidth, target >= 70%), prefill and 4096-token
@@ -42,7 +44,7 @@ PREFILL_TUNE = [None, dict(num_stages=4), dict(block_n=256), dict(block_n=256, n
 MOE_TUNE = [None, dict(num_stages=4), dict(down_block_n=128), dict(block_m=128, num_warps=8),
             dict(block_m=32, num_warps=4), dict(group_m=16), dict(block_m=128, num_warps=8, num_stages=4)]
 DECODE_M = (1, 4, 16, 32, 64)
-PREFILL_M = (4096, 8192)
+PREFILL_M = (256, 1024, 4096, 8192)  # each timed on both paths where cuBLAS's block-scaled GEMM applies
 ROWS: list[dict] = []
 
 
@@ -93,11 +95,11 @@ def bench_gemm(peaks: dict, shapes: dict[str, tuple[int, int]], rows: tuple[int,
         for M in rows:
             x = torch.randn(M, K, device=DEV).to(torch.bfloat16)
             want = ref.linear(x, w)
-            mm = scaled_mm_ms(M, N, K) if M >= 4096 else None
+            mm = scaled_mm_ms(M, N, K) if M > 64 else None
             for cfg in configs:
                 try:
-                    err = check(f"fp8_linear {name} M={M} {cfg}", fp8_gemm.fp8_linear(x, w, config=cfg), want, 5e-3)
                     fn = lambda: fp8_gemm.fp8_linear(x, w, config=cfg)  # noqa: E731
+                    err = check(f"fp8_linear {name} M={M} {cfg}", fn(), want, 5e-3)
                     ms, eager = bench(fn, graph=True), bench(fn)
                 except AssertionError:
                     raise
@@ -106,7 +108,8 @@ def bench_gemm(peaks: dict, shapes: dict[str, tuple[int, int]], rows: tuple[int,
                     continue
                 chosen = {**fp8_gemm.default_config(M, N, K, BLOCK[1], torch.cuda.get_device_properties(0)
                                                     .multi_processor_count), **(cfg or {})}
-                note = ",".join(f"{k}={v}" for k, v in chosen.items())
+                cublas = chosen["cublas"] and fp8_gemm.cublas_applies(x, w)
+                note = "cuBLAS block-scaled" if cublas else ",".join(f"{k}={v}" for k, v in chosen.items())
                 record("gemm", f"{name} {K}->{N}", M, ms, eager, 2.0 * M * N * K, wbytes + 2 * M * (N + K),
                        "mem" if M <= 64 else "flop", peaks, err, note, mm)
             del want
@@ -180,6 +183,8 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=256, help="routed experts in the MoE runs (memory: 44 MB each)")
     ap.add_argument("--only", default="gemm,moe", help="any of gemm, moe, tune-gemm, tune-moe (the tune-* sweep "
                                                       "prefill and 4096-token MoE tiles; decode: fp8_decode.py --sweep)")
+    ap.add_argument("--prefill-rows", type=int, nargs="+", default=list(PREFILL_M),
+                    help="rows of the prefill-shaped GEMMs (each timed on both paths)")
     a = ap.parse_args()
     start = time.perf_counter()
     torch.manual_seed(0)
@@ -187,7 +192,8 @@ def main() -> None:
     print(f"ceilings: copy {peaks['copy_GBps']:.0f} GB/s, _scaled_mm {peaks['fp8_mm_TFLOPs']:.0f} TFLOP/s", flush=True)
     only = set(a.only.split(","))
     if "gemm" in only:
-        bench_gemm(peaks, SHAPES, DECODE_M + PREFILL_M, [None])
+        bench_gemm(peaks, SHAPES, DECODE_M, [None])
+        bench_gemm(peaks, SHAPES, tuple(a.prefill_rows), [None, {"cublas": 0}])
     if "moe" in only:
         bench_moe(peaks, a.experts, (1, 8, 32, 4096), [None])
     if "tune-gemm" in only:

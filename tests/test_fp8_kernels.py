@@ -74,6 +74,25 @@ def test_fp8_linear_forced_configs(config: dict[str, int], M: int) -> None:
     assert err < TOL[BF16], f"{config} M={M}: rel err {err:.2e}"
 
 
+@pytest.mark.parametrize("M,N,K", [(256, 1536, 7168), (301, 576, 7168), (300, 1008, 1536), (1030, 24576, 1536),
+                                   (4096, 7168, 2048)])
+@pytest.mark.parametrize("dtype", [BF16, torch.float32])
+def test_fp8_linear_cublas_block_scaled(M: int, N: int, K: int, dtype: torch.dtype) -> None:
+    """Prefill rows on Hopper run cuBLAS's block-scaled GEMM: the reference's function, as the Triton kernel's."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("cuBLAS block-scaled FP8 is the Hopper prefill path")
+    gen = torch.Generator(DEV).manual_seed(M + N + K)
+    w = _weight(N, K, (128, 128), gen)
+    x = torch.randn(M, K, device=DEV, generator=gen).to(dtype)
+    assert M >= fp8_gemm.CUBLAS_MIN_M and fp8_gemm.cublas_applies(x, w), "this shape must take the cuBLAS path"
+    want = ref.linear(x, w)
+    out = fp8_gemm.fp8_linear(x, w, checks=True)
+    assert out.shape == (M, N) and out.dtype == dtype
+    assert rel_err(out, want) < TOL[dtype], f"cuBLAS path: rel err {rel_err(out, want):.2e}"
+    triton_out = fp8_gemm.fp8_linear(x, w, checks=True, config={"cublas": 0})
+    assert rel_err(triton_out, want) < TOL[dtype], f"Triton path: rel err {rel_err(triton_out, want):.2e}"
+
+
 def test_fp8_linear_blocks_strides_and_batch_dims() -> None:
     gen = torch.Generator(DEV).manual_seed(11)
     w = _weight(200, 256, (64, 32), gen)  # blocks other than 128 x 128

@@ -10,25 +10,33 @@ Two shapes of work, one kernel:
   the fp32 partials are summed by a small second kernel). Up to 16 rows quantize x inside the
   kernel (no extra launch); more rows are quantized once up front.
 * prefill (M > 64): compute-bound. x is quantized once by `act_quant` (one read of x), then
-  128 x 128 tiles, programs grouped along M so weight strips stay in L2.
+  128 x 128 tiles, programs grouped along M so weight strips stay in L2. From CUBLAS_MIN_M rows on,
+  where torch offers it, cuBLAS's block-scaled FP8 GEMM (1 x 128 activation and 128 x 128 weight
+  scales: the same function) runs the product instead: it overlaps each K group's scaling with the
+  next group's MMAs (warp specialization), which a Triton 3.6 loop on Hopper cannot
+  (docs/benchmarks.md: the same loop without the scaling runs at 80-96% of the FP8 rate).
 """
 from __future__ import annotations
 
 import functools
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from dsaserve.ops import fp8 as fp8_ref
 from dsaserve.ops.fp8 import FP8, BlockFP8
 from dsaserve.ops.triton._common import new_empty, next_pow2, quantize_rows, sm_count, tile_ids
 
 Tensor = torch.Tensor
 K_BLOCKS = (32, 64, 128, 256)  # weight K blocks the kernel takes: one K step each (e4m3 dots need K >= 32)
+CUBLAS_MIN_M = 96  # rows from which cuBLAS's block-scaled GEMM runs where it applies (1.2-2x faster from 96 on, H200)
 
 
-@triton.jit(do_not_specialize=["M"])
-def _act_quant_kernel(X, Q, S, M, K, stride_x, stride_q, stride_s, GROUP: tl.constexpr, GROUPS: tl.constexpr):
+@triton.jit(do_not_specialize=["M", "stride_sg"])
+def _act_quant_kernel(X, Q, S, M, K, stride_x, stride_q, stride_s, stride_sg,
+                      GROUP: tl.constexpr, GROUPS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
     cols = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
@@ -36,7 +44,7 @@ def _act_quant_kernel(X, Q, S, M, K, stride_x, stride_q, stride_s, GROUP: tl.con
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     q, scale = quantize_rows(x)
     tl.store(Q + row * stride_q + cols, q, mask=mask)
-    tl.store(S + row * stride_s + g, scale, mask=g * GROUP < K)
+    tl.store(S + row * stride_s + g * stride_sg, scale, mask=g * GROUP < K)
 
 
 @triton.jit(do_not_specialize=["M", "groups_per_split", "stride_cs"])
@@ -97,15 +105,63 @@ def act_quant(x: Tensor, group: int) -> tuple[Tensor, Tensor]:
     """x [M, K] (row stride free, unit column stride) -> e4m3 [M, K] and fp32 scales [M, ceil(K / group)].
     Bit-identical to dsaserve.ops.fp8.act_quant."""
     M, K = x.shape
-    num_groups = triton.cdiv(K, group)
     q = new_empty((M, K), FP8, x.device)
-    s = new_empty((M, num_groups), torch.float32, x.device)
+    s = new_empty((M, triton.cdiv(K, group)), torch.float32, x.device)
+    _quantize_into(x, q, s, group)
+    return q, s
+
+
+def _quantize_into(x: Tensor, q: Tensor, s: Tensor, group: int) -> None:
+    """act_quant's values into q [>= M, K] and scales into s [>= M, groups] of any strides (cuBLAS wants
+    them group-major)."""
+    M, K = x.shape
+    num_groups = triton.cdiv(K, group)
     if M == 0:
-        return q, s
+        return
     groups = max(1, min(next_pow2(num_groups, 1), 4096 // group))  # ~4096 values per program
     _act_quant_kernel[(M, triton.cdiv(num_groups, groups))](
-        x, q, s, M, K, x.stride(0), q.stride(0), s.stride(0), GROUP=group, GROUPS=groups, num_warps=4)
-    return q, s
+        x, q, s, M, K, x.stride(0), q.stride(0), s.stride(0), s.stride(1), GROUP=group, GROUPS=groups, num_warps=4)
+
+
+@functools.lru_cache(maxsize=None)
+def cublas_blockwise_works(device_index: int) -> bool:
+    """Whether torch runs cuBLAS's 1x128 x 128x128 block-scaled FP8 GEMM on this device (Hopper with
+    CUDA >= 12.9) and it agrees with the reference on a small product: checked once per device."""
+    if not hasattr(F, "scaled_mm") or torch.cuda.get_device_capability(device_index)[0] != 9:
+        return False
+    dev = torch.device("cuda", device_index)
+    gen = torch.Generator(dev).manual_seed(0)
+    w = torch.randn(256, 512, device=dev, generator=gen)
+    weight = BlockFP8(*fp8_ref.quantize_weight(w, (128, 128)), (128, 128))
+    x = torch.randn(6, 512, device=dev, generator=gen).to(torch.bfloat16)
+    try:
+        got = _cublas_linear(x, weight).float()
+    except (RuntimeError, NotImplementedError, ValueError, TypeError):
+        return False
+    want = fp8_ref.linear(x, weight)
+    return bool(((got - want).norm() / want.norm()) < 1e-2)
+
+
+def cublas_applies(x: Tensor, w: BlockFP8) -> bool:
+    """cuBLAS takes 128 x 128 weight blocks, whole K blocks, scale leading dimensions of 16 bytes (the
+    weight's K-block count a multiple of 4) and N a multiple of 16."""
+    N, K = w.weight.shape
+    return (x.is_cuda and w.block == (128, 128) and K % 512 == 0 and N % 16 == 0 and w.scale.stride(0) % 4 == 0
+            and x.dtype in (torch.bfloat16, torch.float16, torch.float32) and cublas_blockwise_works(x.device.index or 0))
+
+
+def _cublas_linear(x2: Tensor, w: BlockFP8) -> Tensor:
+    """x2 [M, K] -> [M, N] through torch's block-scaled scaled_mm: our bit-exact activation quantization
+    (rows padded to a multiple of 4, scales stored group-major as cuBLAS reads them), the weight as
+    it is (its transpose is the column-major operand cuBLAS wants)."""
+    M, K = x2.shape
+    rows = -(-M // 4) * 4  # the padding rows' outputs are computed from whatever is there and dropped
+    q = new_empty((rows, K), FP8, x2.device)
+    s = new_empty((K // 128, rows), torch.float32, x2.device)
+    _quantize_into(x2, q, s.t(), 128)
+    out = F.scaled_mm(q, w.weight.t(), s.t(), F.ScalingType.BlockWise1x128, w.scale.t(),
+                      F.ScalingType.BlockWise128x128, output_dtype=x2.dtype)
+    return out[:M]
 
 
 @functools.lru_cache(maxsize=4096)
@@ -127,6 +183,7 @@ def default_config(M: int, N: int, K: int, block_k: int, sms: int) -> dict[str, 
         cfg = dict(block_m=64, block_n=128, num_warps=4, num_stages=4, group_m=8, a_quant=0, splits=1)
     else:
         cfg = dict(block_m=128, block_n=128, num_warps=8, num_stages=3, group_m=8, a_quant=0, splits=1)
+    cfg["cublas"] = int(M >= CUBLAS_MIN_M)  # where cublas_applies; 0 forces the Triton kernel
     return cfg
 
 
@@ -155,6 +212,8 @@ def fp8_linear(x: Tensor, w: BlockFP8, checks: bool = False, config: dict[str, i
         return out.view(*lead, N)
     block_k = w.block[1]
     cfg = {**default_config(M, N, K, block_k, sm_count(x2)), **(config or {})}
+    if cfg["cublas"] and cublas_applies(x2, w):
+        return _cublas_linear(x2, w).view(*lead, N)
     num_groups = triton.cdiv(K, block_k)
     per_split = triton.cdiv(num_groups, cfg["splits"])
     splits = triton.cdiv(num_groups, per_split)
@@ -181,4 +240,5 @@ def weight_bytes(N: int, K: int, block: tuple[int, int]) -> int:
     return N * K + 4 * triton.cdiv(N, block[0]) * triton.cdiv(K, block[1])
 
 
-__all__ = ["K_BLOCKS", "act_quant", "default_config", "fp8_linear", "weight_bytes"]
+__all__ = ["CUBLAS_MIN_M", "K_BLOCKS", "act_quant", "cublas_applies", "cublas_blockwise_works", "default_config",
+           "fp8_linear", "weight_bytes"]
