@@ -44,7 +44,8 @@ def test_indexer_chunking_matches_unchunked() -> None:
     layout = _layout([0, 50, 7], [40, 1, 9], 4)
     q, w, k = _indexer_inputs(layout, 4 * 64)
     whole = DSAOps().indexer_topk(q, w, k, layout, topk=8)
-    chunked = DSAOps(max_logits_bytes=3 * layout.key_width * 4).indexer_topk(q, w, k, layout, topk=8)  # 3 rows
+    # a 3-row budget: chunks of 16 rows (the least, so that chunk starts stay 16-byte aligned): 16, 16, 16, 2
+    chunked = DSAOps(max_logits_bytes=3 * layout.key_width * 4).indexer_topk(q, w, k, layout, topk=8)
     assert torch.equal(whole.sort(-1).values, chunked.sort(-1).values)
 
 

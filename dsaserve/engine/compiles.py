@@ -34,8 +34,9 @@ class _CompileHook:
     def __call__(self, **kwargs: Any) -> Any:
         self.count += 1
         if self.serving:
-            log.warning("Triton compiled a kernel after the warm-up (a step waited on it): %s",
-                        kwargs.get("repr", "?"))
+            name = getattr(kwargs.get("fn"), "name", None) or str(kwargs.get("repr", "?")).split("[")[0]
+            key = " ".join(str(kwargs.get("key", "?")).split())  # the specialization: what the warm-up missed
+            log.warning("Triton compiled a kernel after the warm-up (a step waited on it): %s %s", name, key[:3000])
         return self.previous(**kwargs) if self.previous is not None else False
 
 

@@ -14,6 +14,7 @@ them, which is how the CPU tests cover the padding and the in-place copies that 
 """
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import dataclass
 from typing import Callable
@@ -115,9 +116,15 @@ class GraphRunner:
             del warm
             torch.cuda.synchronize(self.device)
             graph.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph.graph, pool=self.pool):
-                for buf, out in zip(shared, fn(graph.inputs, graph.layout)):
-                    buf.copy_(out)
+            collecting = gc.isenabled()
+            gc.disable()  # a collection mid-capture could free another engine's graph: illegal while capturing
+            try:
+                with torch.cuda.graph(graph.graph, pool=self.pool):  # (which collects once before it begins)
+                    for buf, out in zip(shared, fn(graph.inputs, graph.layout)):
+                        buf.copy_(out)
+            finally:
+                if collecting:
+                    gc.enable()
             graph.outputs = tuple(shared)
             self.stats.captured += 1
         self.graphs[key] = graph

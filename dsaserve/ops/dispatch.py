@@ -93,7 +93,9 @@ class DSAOps:
                                                       layout.page_size, topk))
             return out
         num_keys = layout.key_width
-        rows_per_chunk = max(1, self.max_logits_bytes // (num_keys * 4))
+        # Whole multiples of 16 rows: every chunk's row slices start 16-byte aligned, as the warm-up's did
+        # (Triton specializes kernels on pointer alignment: an odd chunk start compiled new variants).
+        rows_per_chunk = max(16, self.max_logits_bytes // (num_keys * 4) // 16 * 16)
         for start in range(0, T, rows_per_chunk):
             rows = slice(start, min(start + rows_per_chunk, T))
             kv_len, row_req = layout.row_kv_len[rows], layout.row_req[rows]
