@@ -60,7 +60,8 @@ class ServerArgs:
     disable_radix_cache: bool = _opt(False, "do not reuse the cache of repeated prompt prefixes")
     load_format: str = _opt("auto", "auto (the checkpoint's safetensors) or dummy (random weights in the formats the "
                                     "config.json implies, FP8 included: benchmark a real config without its weights)")
-    attention_backend: str = _opt("auto", "torch or triton (auto: triton on cuda, torch on cpu)")
+    attention_backend: str = _opt("auto", "torch, triton or flashmla (FlashMLA's sparse MLA kernels where its module "
+                                          "is built, Hopper; auto: triton on cuda, torch on cpu)")
     moe_backend: str = _opt("auto", "torch or triton (auto: triton on cuda, torch on cpu)")
     indexer_max_logits_mb: int = _opt(512, "memory budget of one indexer logits chunk, in MiB")
     cuda_graph_max_bs: int | None = _opt(None, "replay decode / verify / draft steps of up to this many "
@@ -129,9 +130,10 @@ class ServerArgs:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             problems.append(f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
                             f"got {self.kv_cache_dtype!r}")
-        for name in ("attention_backend", "moe_backend"):
-            if getattr(self, name) not in ("auto", "torch", "triton"):
-                problems.append(f"--{name.replace('_', '-')} must be auto, torch or triton")
+        if self.attention_backend not in ("auto", "torch", "triton", "flashmla"):
+            problems.append("--attention-backend must be auto, torch, triton or flashmla")
+        if self.moe_backend not in ("auto", "torch", "triton"):
+            problems.append("--moe-backend must be auto, torch or triton")
         if self.load_format not in ("auto", "dummy"):
             problems.append(f"--load-format must be auto or dummy, got {self.load_format!r}")
         problems += _chat_problems(self) + self._serving_problems() + _disaggregation_problems(self)

@@ -151,3 +151,16 @@ def test_bench_one_batch(tiny_ds: str, tmp_path: Path) -> None:
     assert cfg.index_topk == 16  # 4 -> 12 keys grow the latent rows read; 50 -> 100 only the index keys
     for short, long in ((4, 12), (50, 100)):
         assert decode_step_bytes(engine, 3, long) - decode_step_bytes(engine, 3, short) == 3 * grow(short, long)
+
+
+def test_attention_backend_flashmla_is_chosen_and_checked() -> None:
+    """flashmla is never the automatic choice; asked for where it cannot run, it says why."""
+    from dsaserve.engine.model_runner import resolve_attention_backend
+    from dsaserve.server_args import ServerArgs
+
+    cfg = ModelConfig.from_dict(DEEPSEEK_V32)
+    assert resolve_attention_backend("auto", torch.device("cpu"), cfg) == "torch"
+    with pytest.raises(ValueError, match="flashmla needs --device cuda"):
+        resolve_attention_backend("flashmla", torch.device("cpu"), cfg)
+    with pytest.raises(ValueError, match="--attention-backend must be auto, torch, triton or flashmla"):
+        ServerArgs(model_path="x", attention_backend="flashinfer")

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from dsaserve.cache.pools import KVPools, resolve_kv_cache_dtype
+from dsaserve.config import ModelConfig
 from dsaserve.engine.cuda_graph import GraphRunner, batch_buckets
 from dsaserve.engine.layout import BatchLayout, StepMode, StepPlan
 from dsaserve.model.loader import build_model
@@ -61,6 +62,21 @@ def resolve_backend(name: str, device: torch.device) -> str:
     return name
 
 
+def resolve_attention_backend(name: str, device: torch.device, cfg: ModelConfig) -> str:
+    """flashmla is chosen, never automatic (its greedy tokens differ from Triton's at near-ties; see
+    docs/benchmarks.md): checked here against the device and the model's shapes."""
+    if name != "flashmla":
+        return resolve_backend(name, device)
+    if device.type != "cuda":
+        raise ValueError("--attention-backend flashmla needs --device cuda")
+    from dsaserve.ops import flashmla
+    why = flashmla.available(device.index or 0) or flashmla.unsupported(
+        cfg.latent_dim, cfg.kv_lora_rank, cfg.num_attention_heads, cfg.index_topk)
+    if why is not None:
+        raise ValueError(f"--attention-backend flashmla: {why}")
+    return "flashmla"
+
+
 class ModelRunner:
     def __init__(self, args: ServerArgs, model_path: str, progress: bool = True, par: Parallel | None = None):
         from dsaserve.parallel.launch import ranks_on_this_node
@@ -77,7 +93,7 @@ class ModelRunner:
                              f"layer, but config.json has num_nextn_predict_layers="
                              f"{self.cfg.num_nextn_predict_layers}")
         self.page_size = args.page_size
-        self.ops = DSAOps(attention_backend=resolve_backend(args.attention_backend, self.device),
+        self.ops = DSAOps(attention_backend=resolve_attention_backend(args.attention_backend, self.device, self.cfg),
                           moe_backend=resolve_backend(args.moe_backend, self.device),
                           max_logits_bytes=args.indexer_max_logits_mb << 20)
         self.cache_layers = cache_layers(self.cfg, self.spec_steps)
@@ -86,6 +102,8 @@ class ModelRunner:
             log.info("weights on this rank: %.2f GiB (%s)", sum(b for _, b in parts) / 2**30,
                      ", ".join(f"{name} {b / 2**30:.2f}" for name, b in parts))
         self.num_pages = self._pool_pages(args)
+        if self.ops.attention_backend == "flashmla":  # its FP8 kernel sees the cache as pages of 64 slots
+            self.num_pages -= self.num_pages % max(1, 64 // args.page_size)
         self.pools = KVPools(self.cfg, self.num_pages, args.page_size, self.kv_dtype, self.device, self.cache_layers)
         self.graphs = self._graph_runner(args)
         log.info("KV pool: %d pages x %d tokens (%.1f MiB) on %s, %s", self.num_pages, args.page_size,
@@ -96,7 +114,8 @@ class ModelRunner:
         return KVPools.bytes_per_token(self.cfg, self.kv_dtype, self.cache_layers)
 
     def _graph_runner(self, args: ServerArgs) -> GraphRunner | None:
-        capturable = self.ops.attention_backend == self.ops.moe_backend == "triton"  # torch ops read back values
+        # torch ops read back values
+        capturable = self.ops.attention_backend in ("triton", "flashmla") and self.ops.moe_backend == "triton"
         max_bs = args.cuda_graph_max_bs
         if max_bs is None and args.cuda_graph_bs:
             max_bs = max(args.cuda_graph_bs)

@@ -22,7 +22,10 @@ def _backend(name: str) -> ModuleType:
     if name == "triton":
         from dsaserve.ops import triton as triton_ops  # imported lazily: needs CUDA + triton
         return triton_ops
-    raise ValueError(f"unknown backend {name!r} (expected torch or triton)")
+    if name == "flashmla":
+        from dsaserve.ops import flashmla  # FlashMLA's sparse MLA, Triton's other ops
+        return flashmla
+    raise ValueError(f"unknown backend {name!r} (expected torch, triton or flashmla)")
 
 
 def _check_cache(name: str, cache: Tensor, n: int, rope: int) -> None:
@@ -55,7 +58,6 @@ class DSAOps:
                    layout: BatchLayout | None = None) -> Tensor:
         """[T, H, D] queries over their own selected slots -> [T, H, v_dim]. kv_cache: [S, D] rows, or the
         uint8 FP8 rows of cache/kv_format.py."""
-        backend = _backend(self.attention_backend)
         if self.checks:
             if layout is not None:
                 layout.check_rows("query", q)
@@ -67,13 +69,19 @@ class DSAOps:
                 raise LayoutError(f"top-k slot {int(indices.max())} >= cache slots {kv_cache.shape[0]}")
             if layout is not None:
                 _check_slots_within_lengths(indices, layout.row_kv_len)
+        # A row's selected slots come first and number at most its keys: the kernels stop there.
+        return self.sparse_mla_rows(q, kv_cache, indices, sm_scale, v_dim,
+                                    layout.row_kv_len if layout is not None else None)
+
+    def sparse_mla_rows(self, q: Tensor, kv_cache: Tensor, indices: Tensor, sm_scale: float, v_dim: int,
+                        lengths: Tensor | None) -> Tensor:
+        """sparse_mla without checks; `lengths` [T, 1]: each row reads its first lengths[t] indices at most."""
+        backend = _backend(self.attention_backend)
         heads = q.shape[1]
         multiple = self.head_multiple or getattr(backend, "HEAD_MULTIPLE", 1)
         padded = -heads % multiple
         if padded:  # the kernel needs heads in multiples of `multiple`: pad with zeros, trim after
             q = F.pad(q, (0, 0, 0, padded))
-        # A row's selected slots come first and number at most its keys: the kernels stop there.
-        lengths = layout.row_kv_len if layout is not None else None
         out, _ = backend.sparse_mla(q, kv_cache, indices, sm_scale, v_dim, lengths)
         return out[:, :heads] if padded else out
 

@@ -1,0 +1,82 @@
+"""`--attention-backend flashmla` (FlashMLA's sparse MLA kernels) against the Triton kernel and the reference:
+bf16 and FP8 caches, 16 (padded to 64), 64 and 128 heads, rows shorter than top-k, CUDA-graph replays.
+GPU only, and only where `flash_mla` is built (benchmarks/build_flashmla.sh)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+pytest.importorskip("triton")
+if not torch.cuda.is_available():
+    pytest.skip("needs CUDA", allow_module_level=True)
+
+from dsaserve.cache import kv_format  # noqa: E402
+from dsaserve.ops import flashmla, reference  # noqa: E402
+from dsaserve.ops.dispatch import DSAOps  # noqa: E402
+
+if flashmla.available() is not None:
+    pytest.skip(str(flashmla.available()), allow_module_level=True)
+
+DEV = "cuda"
+SLOTS, TOPK, SCALE = 8192, 512, 576 ** -0.5
+
+
+def _inputs(T: int, H: int, fp8: bool, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    q = torch.randn(T, H, 576, device=DEV, generator=gen).to(torch.bfloat16)
+    rows = torch.randn(SLOTS, 576, device=DEV, generator=gen).to(torch.bfloat16)
+    cache = kv_format.quantize_fp8(rows[:, :512], rows[:, 512:]) if fp8 else rows
+    # distinct slots per row; the first `lengths` are real, the rest -1 (as the engine lays them out)
+    idx = torch.rand(T, SLOTS, device=DEV, generator=gen).argsort(dim=1)[:, :TOPK].to(torch.int32)
+    lengths = torch.randint(1, TOPK + 200, (T, 1), device=DEV, generator=gen, dtype=torch.int32)
+    idx = torch.where(torch.arange(TOPK, device=DEV)[None, :] < lengths, idx, -1)
+    return q, cache, idx, lengths
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("H", [16, 64, 128])
+@pytest.mark.parametrize("T", [1, 7, 300])
+def test_flashmla_equals_triton_and_reference(T: int, H: int, fp8: bool) -> None:
+    gen = torch.Generator(DEV).manual_seed(T * 3 + H + fp8)
+    q, cache, idx, lengths = _inputs(T, H, fp8, gen)
+    lengths_only = lengths.clamp(max=TOPK)
+    got = DSAOps("flashmla").sparse_mla_rows(q, cache, idx, SCALE, 512, lengths)
+    triton_out = DSAOps("triton").sparse_mla_rows(q, cache, idx, SCALE, 512, lengths)
+    plain = kv_format.dequantize_fp8(cache, 512, 64).to(torch.bfloat16) if fp8 else cache
+    want, _ = reference.sparse_mla(q.float(), plain.float(), idx, SCALE, 512, lengths_only)
+    assert got.shape == (T, H, 512) and not got.isnan().any()
+    assert _rel(got, want) < 1e-2, f"FlashMLA vs reference: {_rel(got, want):.2e}"
+    assert _rel(got, triton_out) < 1e-2, f"FlashMLA vs Triton: {_rel(got, triton_out):.2e}"
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_flashmla_replays_in_a_cuda_graph(fp8: bool) -> None:
+    """Scheduler metadata is made inside each call: a replay with other rows and lengths equals eager."""
+    gen = torch.Generator(DEV).manual_seed(5)
+    q, cache, idx, lengths = _inputs(16, 128, fp8, gen)
+    ops = DSAOps("flashmla")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        ops.sparse_mla_rows(q, cache, idx, SCALE, 512, lengths)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = ops.sparse_mla_rows(q, cache, idx, SCALE, 512, lengths)
+    for step in range(3):
+        q2, _, idx2, lengths2 = _inputs(16, 128, fp8, torch.Generator(DEV).manual_seed(100 + step))
+        q.copy_(q2)
+        idx.copy_(idx2)
+        lengths.copy_(lengths2)
+        graph.replay()
+        assert torch.equal(static_out, ops.sparse_mla_rows(q, cache, idx, SCALE, 512, lengths))
+
+
+def test_flashmla_refuses_shapes_it_cannot_run() -> None:
+    assert flashmla.unsupported(576, 512, 128, 2048) is None
+    assert "576" in flashmla.unsupported(192, 128, 16, 64)
+    assert "multiple of 64" in flashmla.unsupported(576, 512, 128, 100)
