@@ -198,7 +198,7 @@ def main() -> None:
         bench_moe(peaks, a.experts, (1, 8, 32, 4096), [None])
     if "tune-gemm" in only:
         prefill = {k: SHAPES[k] for k in ("q_a", "q_b", "kv_a", "o_proj", "gate/up", "down", "gate/up/8", "down/8")}
-        bench_gemm(peaks, prefill, (4096,), PREFILL_TUNE)
+        bench_gemm(peaks, prefill, (4096,), [{**(c or {}), "cublas": 0} for c in PREFILL_TUNE])  # the Triton tiles
     if "tune-moe" in only:
         bench_moe(peaks, a.experts, (4096,), MOE_TUNE)
     print_best() if only & {"tune-gemm", "tune-moe"} else print_table(peaks)

@@ -63,7 +63,8 @@ class ServerArgs:
     attention_backend: str = _opt("auto", "torch, triton or flashmla (FlashMLA's sparse MLA kernels where its module "
                                           "is built, Hopper; auto: triton on cuda, torch on cpu)")
     moe_backend: str = _opt("auto", "torch or triton (auto: triton on cuda, torch on cpu)")
-    indexer_max_logits_mb: int = _opt(512, "memory budget of one indexer logits chunk, in MiB")
+    indexer_max_logits_mb: int = _opt(512, "memory budget of one indexer logits chunk, in MiB (at least 16 rows "
+                                           "per chunk whatever the budget)")
     cuda_graph_max_bs: int | None = _opt(None, "replay decode / verify / draft steps of up to this many "
                                                "requests from CUDA graphs (default: 64 on cuda with the triton "
                                                "backends, else off; 0: off; on CPU the same padded static layouts "

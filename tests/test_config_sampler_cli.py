@@ -155,12 +155,14 @@ def test_bench_one_batch(tiny_ds: str, tmp_path: Path) -> None:
 
 def test_attention_backend_flashmla_is_chosen_and_checked() -> None:
     """flashmla is never the automatic choice; asked for where it cannot run, it says why."""
-    from dsaserve.engine.model_runner import resolve_attention_backend
+    from dsaserve.engine.model_runner import resolve_attention_backend, whole_pages
     from dsaserve.server_args import ServerArgs
 
     cfg = ModelConfig.from_dict(DEEPSEEK_V32)
-    assert resolve_attention_backend("auto", torch.device("cpu"), cfg) == "torch"
-    with pytest.raises(ValueError, match="flashmla needs --device cuda"):
-        resolve_attention_backend("flashmla", torch.device("cpu"), cfg)
+    assert resolve_attention_backend("auto", torch.device("cpu"), cfg, torch.bfloat16) == "torch"
+    with pytest.raises(ValueError, match="flashmla needs --device cuda and --dtype bfloat16"):
+        resolve_attention_backend("flashmla", torch.device("cpu"), cfg, torch.bfloat16)
+    # its FP8 kernel views the pool as pages of 64 slots: pools are cut to whole multiples of 64 slots
+    assert [whole_pages(n, size, 64) for n, size in ((1217, 64), (100, 1), (101, 48), (30, 1))] == [1217, 64, 100, 0]
     with pytest.raises(ValueError, match="--attention-backend must be auto, torch, triton or flashmla"):
         ServerArgs(model_path="x", attention_backend="flashinfer")

@@ -116,10 +116,12 @@ class GraphRunner:
             del warm
             torch.cuda.synchronize(self.device)
             graph.graph = torch.cuda.CUDAGraph()
+            # A collection mid-capture could free another engine's graph, which is illegal while capturing:
+            # none until the capture ends (garbage waits for the next collection).
             collecting = gc.isenabled()
-            gc.disable()  # a collection mid-capture could free another engine's graph: illegal while capturing
+            gc.disable()
             try:
-                with torch.cuda.graph(graph.graph, pool=self.pool):  # (which collects once before it begins)
+                with torch.cuda.graph(graph.graph, pool=self.pool):
                     for buf, out in zip(shared, fn(graph.inputs, graph.layout)):
                         buf.copy_(out)
             finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from dataclasses import dataclass
 
@@ -62,13 +63,20 @@ def resolve_backend(name: str, device: torch.device) -> str:
     return name
 
 
-def resolve_attention_backend(name: str, device: torch.device, cfg: ModelConfig) -> str:
+def whole_pages(pages: int, page_size: int, slot_multiple: int) -> int:
+    """The most pages, up to `pages`, whose slots number a multiple of `slot_multiple`."""
+    step = slot_multiple // math.gcd(slot_multiple, page_size)
+    return pages - pages % step
+
+
+def resolve_attention_backend(name: str, device: torch.device, cfg: ModelConfig, dtype: torch.dtype) -> str:
     """flashmla is chosen, never automatic (its greedy tokens differ from Triton's at near-ties; see
     docs/benchmarks.md): checked here against the device and the model's shapes."""
     if name != "flashmla":
         return resolve_backend(name, device)
-    if device.type != "cuda":
-        raise ValueError("--attention-backend flashmla needs --device cuda")
+    if device.type != "cuda" or dtype != torch.bfloat16:
+        raise ValueError(f"--attention-backend flashmla needs --device cuda and --dtype bfloat16 (got {device.type}, "
+                         f"{dtype})")
     from dsaserve.ops import flashmla
     why = flashmla.available(device.index or 0) or flashmla.unsupported(
         cfg.latent_dim, cfg.kv_lora_rank, cfg.num_attention_heads, cfg.index_topk)
@@ -93,7 +101,8 @@ class ModelRunner:
                              f"layer, but config.json has num_nextn_predict_layers="
                              f"{self.cfg.num_nextn_predict_layers}")
         self.page_size = args.page_size
-        self.ops = DSAOps(attention_backend=resolve_attention_backend(args.attention_backend, self.device, self.cfg),
+        self.ops = DSAOps(attention_backend=resolve_attention_backend(args.attention_backend, self.device, self.cfg,
+                                                                      self.dtype),
                           moe_backend=resolve_backend(args.moe_backend, self.device),
                           max_logits_bytes=args.indexer_max_logits_mb << 20)
         self.cache_layers = cache_layers(self.cfg, self.spec_steps)
@@ -102,8 +111,6 @@ class ModelRunner:
             log.info("weights on this rank: %.2f GiB (%s)", sum(b for _, b in parts) / 2**30,
                      ", ".join(f"{name} {b / 2**30:.2f}" for name, b in parts))
         self.num_pages = self._pool_pages(args)
-        if self.ops.attention_backend == "flashmla":  # its FP8 kernel sees the cache as pages of 64 slots
-            self.num_pages -= self.num_pages % max(1, 64 // args.page_size)
         self.pools = KVPools(self.cfg, self.num_pages, args.page_size, self.kv_dtype, self.device, self.cache_layers)
         self.graphs = self._graph_runner(args)
         log.info("KV pool: %d pages x %d tokens (%.1f MiB) on %s, %s", self.num_pages, args.page_size,
@@ -143,6 +150,9 @@ class ModelRunner:
             context = args.context_length or self.cfg.context_length
             tokens = min(tokens, args.max_running_requests * context)
         pages = tokens // args.page_size + 1  # + the reserved page 0
+        if self.ops.attention_backend == "flashmla":  # its FP8 kernel sees the cache as pages of 64 slots
+            from dsaserve.ops.flashmla import VIEW_PAGE
+            pages = whole_pages(pages, args.page_size, VIEW_PAGE)
         # Every rank must hold every page id its leader hands out: take the smallest pool of all ranks.
         pages = min(row[0] for row in self.par.exchange([pages]))
         if pages < 2:

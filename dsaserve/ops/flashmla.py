@@ -49,7 +49,7 @@ def unsupported(qk_dim: int, v_dim: int, heads: int, topk: int) -> str | None:
     if (qk_dim, v_dim) != (QK_DIM, V_DIM):
         return f"FlashMLA needs query/key dims {QK_DIM} and value dims {V_DIM}, the model has {qk_dim} and {v_dim}"
     if heads > max(HEADS):
-        return f"FlashMLA takes at most {max(HEADS)} query heads per rank, the model has {heads}"
+        return f"FlashMLA takes at most {max(HEADS)} query heads, the model has {heads}"
     if topk % 64:
         return f"FlashMLA needs index_topk to be a multiple of 64, the model has {topk}"
     return None
@@ -57,7 +57,8 @@ def unsupported(qk_dim: int, v_dim: int, heads: int, topk: int) -> str | None:
 
 def sparse_mla(q: Tensor, kv_cache: Tensor, indices: Tensor, sm_scale: float, v_dim: int,
                lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """See reference.sparse_mla: [T, H, 576] bf16 queries over their selected slots -> ([T, H, 512], lse)."""
+    """See reference.sparse_mla: [T, H, 576] bf16 queries over their selected slots -> ([T, H, 512], lse).
+    The lse is FlashMLA's (its own base and empty-row value), which DSAOps does not use."""
     import flash_mla
 
     T, H, D = q.shape

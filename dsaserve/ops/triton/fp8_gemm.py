@@ -144,10 +144,12 @@ def cublas_blockwise_works(device_index: int) -> bool:
 
 def cublas_applies(x: Tensor, w: BlockFP8) -> bool:
     """cuBLAS takes 128 x 128 weight blocks, whole K blocks, scale leading dimensions of 16 bytes (the
-    weight's K-block count a multiple of 4) and N a multiple of 16."""
+    weight's K-block count a multiple of 4), N a multiple of 16 and a dense weight and scale; the output
+    dtypes tested on the GPU are bf16 and fp32."""
     N, K = w.weight.shape
-    return (x.is_cuda and w.block == (128, 128) and K % 512 == 0 and N % 16 == 0 and w.scale.stride(0) % 4 == 0
-            and x.dtype in (torch.bfloat16, torch.float16, torch.float32) and cublas_blockwise_works(x.device.index or 0))
+    return (x.is_cuda and w.block == (128, 128) and K % 512 == 0 and N % 16 == 0 and w.weight.is_contiguous()
+            and w.scale.is_contiguous() and x.dtype in (torch.bfloat16, torch.float32)
+            and cublas_blockwise_works(x.device.index or 0))
 
 
 def _cublas_linear(x2: Tensor, w: BlockFP8) -> Tensor:
@@ -207,13 +209,13 @@ def fp8_linear(x: Tensor, w: BlockFP8, checks: bool = False, config: dict[str, i
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M = x2.shape[0]
-    out = new_empty((M, N), x.dtype, x.device)
     if M == 0:
-        return out.view(*lead, N)
+        return new_empty((M, N), x.dtype, x.device).view(*lead, N)
     block_k = w.block[1]
     cfg = {**default_config(M, N, K, block_k, sm_count(x2)), **(config or {})}
     if cfg["cublas"] and cublas_applies(x2, w):
         return _cublas_linear(x2, w).view(*lead, N)
+    out = new_empty((M, N), x.dtype, x.device)
     num_groups = triton.cdiv(K, block_k)
     per_split = triton.cdiv(num_groups, cfg["splits"])
     splits = triton.cdiv(num_groups, per_split)
