@@ -1,4 +1,5 @@
-"""`dsaserve bench serving` against a live server: every metric in its JSON, token counts exact."""
+"""`dsaserve bench serving` against a live server: every metric in its JSON, token counts exact, and the
+prefix-cache hit rate of each run (a repeat of the same prompts finds them cached)."""
 from __future__ import annotations
 
 import json
@@ -19,14 +20,18 @@ METRICS = ["completed", "failed", "duration_s", "total_input_tokens", "total_out
 
 def test_bench_serving(tiny_ds: str, tmp_path: Path) -> None:
     with ServerProcess(tiny_ds, tmp_path / "server.log", page_size=4, max_total_tokens=4096) as server:
-        out = tmp_path / "bench.json"
-        args = ["--base-url", f"{server.url}/v1", "--num-prompts", "24", "--input-len", "32", "--output-len", "8",
-                "--range-ratio", "0.5", "--max-concurrency", "8", "--request-rate", "100", "--seed", "3",
-                "--output-json", str(out)]
-        run = subprocess.run([sys.executable, "-m", "dsaserve", "bench", "serving", *args], capture_output=True,
-                             text=True, timeout=120)
-        assert run.returncode == 0, run.stderr[-2000:]
+        out, again = tmp_path / "bench.json", tmp_path / "again.json"
+        for path in (out, again):
+            args = ["--base-url", f"{server.url}/v1", "--num-prompts", "24", "--input-len", "32", "--output-len",
+                    "8", "--range-ratio", "0.5", "--max-concurrency", "8", "--request-rate", "100", "--seed", "3",
+                    "--output-json", str(path)]
+            run = subprocess.run([sys.executable, "-m", "dsaserve", "bench", "serving", *args], capture_output=True,
+                                 text=True, timeout=120)
+            assert run.returncode == 0, run.stderr[-2000:]
     metrics = json.loads(out.read_text())
+    # random prompts share no prefix; the repeat finds every full page of each prompt cached
+    assert metrics["prefix_hit_rate"] < 0.05 < 0.5 < json.loads(again.read_text())["prefix_hit_rate"]
+    assert "Prefix cache hit rate" in run.stdout
     assert not [k for k in METRICS if k not in metrics]
     assert metrics["completed"] == 24 and metrics["failed"] == 0
     reqs = make_requests(BenchConfig(input_len=32, output_len=8, range_ratio=0.5, num_prompts=24, seed=3), 512)

@@ -1,7 +1,9 @@
 """`dsaserve bench serving`: load an OpenAI-compatible server with random token-id prompts.
 
 Streams /v1/completions (a list-of-int prompt, ignore_eos, greedy) and reports request and token
-throughput, TTFT, TPOT and ITL (mean, median, p99) as a table and as JSON.
+throughput, TTFT, TPOT and ITL (mean, median, p99) as a table and as JSON, with this run's MTP accept
+length and prefix-cache hit rate where the server reports them (/get_server_info): the same seed draws
+the same prompts, so a second run on one server finds them cached and measures a lighter load.
 """
 from __future__ import annotations
 
@@ -192,6 +194,8 @@ def format_table(m: dict[str, Any]) -> str:
             ("Output token throughput (tok/s)", f"{m['output_throughput']:.2f}")]
     if m.get("accept_length") is not None:
         rows.append(("Accept length (MTP)", f"{m['accept_length']:.2f}"))
+    if m.get("prefix_hit_rate") is not None:
+        rows.append(("Prefix cache hit rate", f"{m['prefix_hit_rate']:.1%}"))
     for name, title in (("ttft", "TTFT"), ("tpot", "TPOT"), ("itl", "ITL"), ("e2e_latency", "E2E latency")):
         for stat in ("mean", "median", "p99"):
             rows.append((f"{stat.capitalize()} {title} (ms)", f"{m[f'{stat}_{name}_ms']:.2f}"))
@@ -208,22 +212,27 @@ async def benchmark(cfg: BenchConfig) -> dict[str, Any]:
     async with httpx.AsyncClient(base_url=base, headers=headers, timeout=httpx.Timeout(600.0),
                                  limits=limits) as client:
         model, vocab = await _discover(client, cfg)
-        before = await _spec_totals(client)
+        before = await _server_totals(client)
         results, duration = await _drive(cfg, client, model, make_requests(cfg, vocab))
-        after = await _spec_totals(client)
+        after = await _server_totals(client)
     metrics = compute_metrics(cfg, results, duration)
-    verifies, accepted = after[0] - before[0], after[1] - before[1]
-    metrics["accept_length"] = (accepted + verifies) / verifies if verifies else None  # this run's, all DP ranks
+    run = {k: after[k] - before[k] for k in COUNTERS}  # this run's, all DP ranks
+    verifies, queried = run["spec_verify_steps"], run["prefix_queried_tokens"]
+    metrics["accept_length"] = (run["spec_accepted_tokens"] + verifies) / verifies if verifies else None
+    metrics["prefix_hit_rate"] = run["prefix_hit_tokens"] / queried if queried else None
     return metrics
 
 
-async def _spec_totals(client: httpx.AsyncClient) -> tuple[int, int]:
-    """(verify steps, accepted drafts) summed over DP ranks from /get_server_info; (0, 0) without it."""
+COUNTERS = ("spec_verify_steps", "spec_accepted_tokens", "prefix_hit_tokens", "prefix_queried_tokens")
+
+
+async def _server_totals(client: httpx.AsyncClient) -> dict[str, int]:
+    """COUNTERS summed over DP ranks from /get_server_info; zeros where the server has none."""
     try:
         states = (await client.get("/get_server_info")).json().get("internal_states", [])
     except (httpx.HTTPError, ValueError):
-        return 0, 0
-    return (sum(s.get("spec_verify_steps", 0) for s in states), sum(s.get("spec_accepted_tokens", 0) for s in states))
+        states = []
+    return {k: sum(s.get(k) or 0 for s in states) for k in COUNTERS}
 
 
 def run(ns: argparse.Namespace) -> int:
