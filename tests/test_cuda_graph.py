@@ -75,7 +75,7 @@ def test_graph_counters_in_stats(tiny_ds: str) -> None:
     """/get_server_info's graph counters (EngineStats): static layouts appear on first use of a shape
     (on CPU nothing is made at start-up) and repeat runs of the same shapes make none; without graphs
     all stay 0."""
-    llm = LLM(tiny_ds, page_size=4, max_total_tokens=4096, cuda_graph_max_bs=8)
+    llm = LLM(tiny_ds, device="cpu", page_size=4, max_total_tokens=4096, cuda_graph_max_bs=8)  # (GPU: captured)
     before = llm.engine.stats()
     llm.generate(SHORT, GREEDY)
     warmed = llm.engine.stats()
@@ -83,7 +83,7 @@ def test_graph_counters_in_stats(tiny_ds: str) -> None:
     again = llm.engine.stats()
     assert before.graph_shapes == 0 < warmed.graph_shapes == again.graph_shapes
     assert again.graph_captures == again.graph_eager_misses == 0  # CPU: nothing captured, nothing frozen
-    off = LLM(tiny_ds, page_size=4, max_total_tokens=4096, cuda_graph_max_bs=0)
+    off = LLM(tiny_ds, device="cpu", page_size=4, max_total_tokens=4096, cuda_graph_max_bs=0)
     off.generate(SHORT, GREEDY)
     stats = off.engine.stats()
     assert stats.graph_shapes == stats.graph_captures == stats.graph_eager_misses == 0
@@ -114,7 +114,7 @@ def test_nothing_compiles_or_captures_after_the_warm_up(arch: str, tiny_models: 
 def test_reused_bucket_turns_stale_rows_into_dummies(tiny_ds: str) -> None:
     """Invariant 1 for graphs: rows past the batch are whole dummy requests on the reserved page 0
     (token 0, position 0, one key, writing slot 0), whatever the bucket held before."""
-    llm = LLM(tiny_ds, page_size=4, max_total_tokens=4096, cuda_graph_max_bs=8)
+    llm = LLM(tiny_ds, device="cpu", page_size=4, max_total_tokens=4096, cuda_graph_max_bs=8)
     runner = llm.engine.runner
 
     def step(n: int):
