@@ -11,6 +11,8 @@ pytest.importorskip("triton")
 if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 
+from test_triton_kernels import rel_err  # noqa: E402
+
 from dsaserve.cache import kv_format  # noqa: E402
 from dsaserve.ops import flashmla, reference  # noqa: E402
 from dsaserve.ops.dispatch import DSAOps  # noqa: E402
@@ -33,10 +35,6 @@ def _inputs(T: int, H: int, fp8: bool, gen: torch.Generator) -> tuple[torch.Tens
     return q, cache, idx, lengths
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
-
-
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("H", [16, 64, 128])
 @pytest.mark.parametrize("T", [1, 7, 300])
@@ -49,8 +47,8 @@ def test_flashmla_equals_triton_and_reference(T: int, H: int, fp8: bool) -> None
     plain = kv_format.dequantize_fp8(cache, 512, 64).to(torch.bfloat16) if fp8 else cache
     want, _ = reference.sparse_mla(q.float(), plain.float(), idx, SCALE, 512, lengths_only)
     assert got.shape == (T, H, 512) and not got.isnan().any()
-    assert _rel(got, want) < 1e-2, f"FlashMLA vs reference: {_rel(got, want):.2e}"
-    assert _rel(got, triton_out) < 1e-2, f"FlashMLA vs Triton: {_rel(got, triton_out):.2e}"
+    assert rel_err(got, want) < 1e-2, f"FlashMLA vs reference: {rel_err(got, want):.2e}"
+    assert rel_err(got, triton_out) < 1e-2, f"FlashMLA vs Triton: {rel_err(got, triton_out):.2e}"
 
 
 @pytest.mark.parametrize("fp8", [False, True])
