@@ -1,6 +1,7 @@
 """Greedy tokens of one model under two attention backends, and how close each divergence was.
 
-    python benchmarks/attention_parity.py --model-path /tmp/m3 [--backends triton flashmla] [--kv-cache-dtype bf16 fp8_e4m3]
+    python benchmarks/attention_parity.py --model-path /tmp/m3 [--backends triton flashmla] \
+        [--kv-cache-dtype bf16 fp8_e4m3]
 
 Runs the first backend twice (run-to-run determinism) and the second once, on the same prompts (100-5000
 tokens, so that top-k selection is active), 24 greedy tokens each. For every prompt where the two backends

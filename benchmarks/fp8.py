@@ -181,8 +181,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None, help="write the rows and ceilings as JSON")
     ap.add_argument("--experts", type=int, default=256, help="routed experts in the MoE runs (memory: 44 MB each)")
-    ap.add_argument("--only", default="gemm,moe", help="any of gemm, moe, tune-gemm, tune-moe (the tune-* sweep "
-                                                      "prefill and 4096-token MoE tiles; decode: fp8_decode.py --sweep)")
+    ap.add_argument("--only", default="gemm,moe",
+                    help="any of gemm, moe, tune-gemm, tune-moe (the tune-* sweep the Triton prefill and 4096-token "
+                         "MoE tiles; decode: fp8_decode.py --sweep)")
     ap.add_argument("--prefill-rows", type=int, nargs="+", default=list(PREFILL_M),
                     help="rows of the prefill-shaped GEMMs (each timed on both paths)")
     a = ap.parse_args()

@@ -2,8 +2,8 @@
 bench_one_batch): prefill latency and throughput, decode step latency and throughput, and on CUDA the
 decode step as a fraction of the HBM roofline for the bytes it must read, against the copy bandwidth
 measured in the same run. Decode time is the mean step while every request of the batch decodes, as the
-engine runs it (overlapped scheduling, no sync per step). The engine runs with its defaults (CUDA graphs, mixed chunks) unless the
-ServerArgs flags say otherwise. Prints a table and writes JSON (`--output-json`)."""
+engine runs it (overlapped scheduling, no sync per step). The engine runs with its defaults (CUDA graphs,
+mixed chunks) unless the ServerArgs flags say otherwise. Prints a table and writes JSON (`--output-json`)."""
 from __future__ import annotations
 
 import argparse
