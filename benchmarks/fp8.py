@@ -1,12 +1,13 @@
 """Block-scaled FP8 GEMM and FP8 fused MoE on DeepSeek-V3.2 shapes, against the device's measured ceilings.
 
-    python benchmarks/fp8.py [--out fp8.json] [--only gemm,moe,tune-gemm,tune-moe] [--experts 256]
+    python benchmarks/fp8.py [--out fp8.json] [--only gemm,moe,wgmma,tune-gemm,tune-moe] [--experts 256]
 
 Ceilings, measured in the same run: copy bandwidth (2 GiB device-to-device copy, bytes read + written)
 and the FP8 matmul rate of torch._scaled_mm (cuBLAS, per-tensor scales, 8192^3, bf16 out, the faster of
 fast and promoted accumulation); per prefill shape _scaled_mm is also timed on the same M, N, K ('vs mm'), and
-the GEMM runs both ways: the default (cuBLAS's block-scaled GEMM where it applies) and the Triton kernel
-(cublas=0). Every kernel result is first checked against the
+the GEMM runs three ways: the default (cuBLAS's block-scaled GEMM where it applies, else the Gluon wgmma
+kernel), the Gluon kernel (cublas=0) and the Triton kernel (both off); `--only wgmma` times the Gluon
+kernel's tiles and the MoE with and without it. Every kernel result is first checked against the
 plain-PyTorch reference (dsaserve.ops.fp8 / ops.reference); a failed check stops the run. Times are medians
 of CUDA-graph replays with L2 flushed before each (triton.testing.do_bench); 'eager ms' includes launches.
 Decode rows are bound by weight bytes (fraction of copy bandwidth, target >= 70%), prefill and 4096-token
@@ -43,6 +44,8 @@ PREFILL_TUNE = [None, dict(num_stages=4), dict(block_n=256), dict(block_n=256, n
                 dict(block_m=64, num_warps=4, num_stages=3, group_m=32), dict(block_n=64, num_warps=4, num_stages=5)]
 MOE_TUNE = [None, dict(num_stages=4), dict(down_block_n=128), dict(block_m=128, num_warps=8),
             dict(block_m=32, num_warps=4), dict(group_m=16), dict(block_m=128, num_warps=8, num_stages=4)]
+TRITON = {"cublas": 0, "wgmma": 0}  # forces fp8_linear's Triton kernel
+WGMMA_TUNE = [{"cublas": 0, "wgmma_block_m": m, "wgmma_stages": s} for m, s in ((64, 3), (64, 4), (128, 3), (128, 4))]
 DECODE_M = (1, 4, 16, 32, 64)
 PREFILL_M = (256, 1024, 4096, 8192)  # each timed on both paths where cuBLAS's block-scaled GEMM applies
 ROWS: list[dict] = []
@@ -110,6 +113,8 @@ def bench_gemm(peaks: dict, shapes: dict[str, tuple[int, int]], rows: tuple[int,
                                                     .multi_processor_count), **(cfg or {})}
                 cublas = chosen["cublas"] and fp8_gemm.cublas_applies(x, w)
                 note = "cuBLAS block-scaled" if cublas else ",".join(f"{k}={v}" for k, v in chosen.items())
+                if not cublas and chosen["wgmma"] and fp8_gemm.fp8_wgmma.applies(x, w):
+                    note = f"Gluon wgmma block_m={chosen['wgmma_block_m']} stages={chosen['wgmma_stages']}"
                 record("gemm", f"{name} {K}->{N}", M, ms, eager, 2.0 * M * N * K, wbytes + 2 * M * (N + K),
                        "mem" if M <= 64 else "flop", peaks, err, note, mm)
             del want
@@ -182,8 +187,8 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write the rows and ceilings as JSON")
     ap.add_argument("--experts", type=int, default=256, help="routed experts in the MoE runs (memory: 44 MB each)")
     ap.add_argument("--only", default="gemm,moe",
-                    help="any of gemm, moe, tune-gemm, tune-moe (the tune-* sweep the Triton prefill and 4096-token "
-                         "MoE tiles; decode: fp8_decode.py --sweep)")
+                    help="any of gemm, moe, wgmma, tune-gemm, tune-moe (wgmma: the Gluon kernel's tiles side by side; "
+                         "tune-*: the Triton prefill and 4096-token MoE tiles; decode: fp8_decode.py --sweep)")
     ap.add_argument("--prefill-rows", type=int, nargs="+", default=list(PREFILL_M),
                     help="rows of the prefill-shaped GEMMs (each timed on both paths)")
     a = ap.parse_args()
@@ -194,12 +199,16 @@ def main() -> None:
     only = set(a.only.split(","))
     if "gemm" in only:
         bench_gemm(peaks, SHAPES, DECODE_M, [None])
-        bench_gemm(peaks, SHAPES, tuple(a.prefill_rows), [None, {"cublas": 0}])
+        bench_gemm(peaks, SHAPES, tuple(a.prefill_rows), [None, {"cublas": 0}, TRITON])
     if "moe" in only:
         bench_moe(peaks, a.experts, (1, 8, 32, 4096), [None])
     if "tune-gemm" in only:
         prefill = {k: SHAPES[k] for k in ("q_a", "q_b", "kv_a", "o_proj", "gate/up", "down", "gate/up/8", "down/8")}
-        bench_gemm(peaks, prefill, (4096,), [{**(c or {}), "cublas": 0} for c in PREFILL_TUNE])  # the Triton tiles
+        bench_gemm(peaks, prefill, (4096,), [{**(c or {}), **TRITON} for c in PREFILL_TUNE])  # the Triton tiles
+    if "wgmma" in only:  # the Gluon wgmma kernel against cuBLAS and the Triton kernel, and its grouped MoE
+        bench_gemm(peaks, SHAPES, tuple(a.prefill_rows), [None, TRITON] + WGMMA_TUNE)
+        bench_moe(peaks, a.experts, (2048, 4096), [None, {"wgmma": 0}, {"wgmma_block_m": 128},
+                                                   {"wgmma_stages": 3}, {"wgmma_stages": 5}])
     if "tune-moe" in only:
         bench_moe(peaks, a.experts, (4096,), MOE_TUNE)
     print_best() if only & {"tune-gemm", "tune-moe"} else print_table(peaks)

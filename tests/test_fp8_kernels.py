@@ -15,7 +15,7 @@ from test_triton_kernels import BF16, DEV, poison, rel_err  # noqa: F401
 from dsaserve.ops import fp8 as ref  # noqa: E402
 from dsaserve.ops import reference  # noqa: E402
 from dsaserve.ops import triton as tops  # noqa: E402
-from dsaserve.ops.triton import fp8_gemm  # noqa: E402
+from dsaserve.ops.triton import fp8_gemm, fp8_wgmma  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 TOL = {BF16: 5e-3, torch.float32: 1e-3}  # bf16 output rounding ~2e-3; fp32: accumulation order only
@@ -89,8 +89,26 @@ def test_fp8_linear_cublas_block_scaled(M: int, N: int, K: int, dtype: torch.dty
     out = fp8_gemm.fp8_linear(x, w, checks=True)
     assert out.shape == (M, N) and out.dtype == dtype
     assert rel_err(out, want) < TOL[dtype], f"cuBLAS path: rel err {rel_err(out, want):.2e}"
-    triton_out = fp8_gemm.fp8_linear(x, w, checks=True, config={"cublas": 0})
+    triton_out = fp8_gemm.fp8_linear(x, w, checks=True, config={"cublas": 0, "wgmma": 0})
     assert rel_err(triton_out, want) < TOL[dtype], f"Triton path: rel err {rel_err(triton_out, want):.2e}"
+
+
+@pytest.mark.parametrize("M,N,K", [(96, 1536, 7168), (301, 576, 7168), (300, 1000, 1536), (1030, 24576, 1536),
+                                   (4096, 7168, 2304)])
+@pytest.mark.parametrize("dtype", [BF16, torch.float32])
+def test_fp8_linear_wgmma(M: int, N: int, K: int, dtype: torch.dtype) -> None:
+    """The pipelined Gluon kernel (Hopper): the reference's function, row and column tails included."""
+    gen = torch.Generator(DEV).manual_seed(M + N + K)
+    w = _weight(N, K, (128, 128), gen)
+    x = torch.randn(M, K, device=DEV, generator=gen).to(dtype)
+    if not fp8_wgmma.applies(x, w):
+        pytest.skip("the Gluon wgmma kernel is the Hopper prefill path")
+    want = ref.linear(x, w)
+    for tiles in ({"wgmma_block_m": 64, "wgmma_stages": 4}, {"wgmma_block_m": 128, "wgmma_stages": 3}):
+        out = fp8_gemm.fp8_linear(x, w, checks=True, config={"cublas": 0, **tiles})
+        assert out.shape == (M, N) and out.dtype == dtype
+        err = rel_err(out, want)
+        assert err < TOL[dtype], f"wgmma path {tiles}: rel err {err:.2e}"
 
 
 def test_fp8_linear_blocks_strides_and_batch_dims() -> None:
@@ -112,7 +130,8 @@ MOE_CASES = [  # N, num_tokens, hidden, inter, E, k
     (1, 1, 7168, 256, 16, 8),  # decode at V3.2 width (TP-8 expert slice)
     (32, 32, 1024, 256, 32, 8),
     (33, 30, 512, 256, 16, 8),  # padding rows
-    (700, 700, 512, 128, 8, 4),  # prefill tiles
+    (700, 700, 512, 128, 8, 4),  # prefill tiles (the Gluon wgmma path on Hopper)
+    (300, 290, 1024, 256, 4, 2),  # the wgmma path with padding rows and tokens
     (200, 200, 384, 256, 8, 2),  # mid tiles
     (50, 47, 200, 128, 5, 3),  # hidden not a multiple of 128
     (8, 0, 256, 128, 4, 2),  # no real token
@@ -149,3 +168,47 @@ def test_moe_fp8_forced_tiles(block_m: int) -> None:
         tops.moe.CONFIG = {"block_m": block_m, "down_block_n": down_n}
         err = rel_err(tops.moe_experts(x, w13, w2, ids, tw, 90), want)
         assert err < 1e-2, f"block_m={block_m} down_block_n={down_n}: rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("block_m", [64, 128])
+def test_moe_fp8_wgmma_forced(block_m: int) -> None:
+    """The Gluon grouped GEMM at both row tiles equals the reference, as the Triton kernels do."""
+    gen = torch.Generator(DEV).manual_seed(block_m + 1)
+    x, w13, w2, ids, tw = _moe_inputs(600, 768, 384, 6, 3, gen)
+    if not (fp8_wgmma.applies(x, w13) and fp8_wgmma.applies(x, w2)):
+        pytest.skip("the Gluon wgmma kernel is the Hopper prefill path")
+    want = reference.moe_experts(x, w13, w2, ids.long(), tw, 590)
+    for cfg in ({"wgmma_block_m": block_m}, {"wgmma": 0}):
+        tops.moe.CONFIG = cfg
+        got = tops.moe_experts(x, w13, w2, ids, tw, 590)
+        assert (got[590:] == 0).all(), "padding rows must be 0"
+        err = rel_err(got[:590], want[:590])
+        assert err < 1e-2, f"{cfg}: rel err {err:.2e}"
+
+
+def test_prefill_paths_replay_in_cuda_graphs() -> None:
+    """cuBLAS's block-scaled GEMM, the Gluon kernel and the Gluon MoE captured in CUDA graphs (MTP verify
+    steps of 96+ rows do this) give their eager results on new inputs."""
+    if not fp8_wgmma.hopper(torch.cuda.current_device()):
+        pytest.skip("the cuBLAS / Gluon prefill paths are Hopper's")
+    gen = torch.Generator(DEV).manual_seed(5)
+    w = _weight(1536, 1024, (128, 128), gen)  # 8 K blocks: cuBLAS applies
+    w_odd = _weight(1024, 1152, (128, 128), gen)  # 9 K blocks: the Gluon kernel
+    x = torch.randn(128, 1024, device=DEV, generator=gen).to(BF16)
+    x_odd = torch.randn(128, 1152, device=DEV, generator=gen).to(BF16)
+    mx, w13, w2, ids, tw = _moe_inputs(256, 768, 256, 4, 2, gen)
+    assert fp8_gemm.cublas_applies(x, w) and not fp8_gemm.cublas_applies(x_odd, w_odd)
+
+    def step():
+        return (fp8_gemm.fp8_linear(x, w), fp8_gemm.fp8_linear(x_odd, w_odd),
+                tops.moe_experts(mx, w13, w2, ids, tw, 256))
+
+    step()  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    for t in (x, x_odd, mx):
+        t.copy_(torch.randn(t.shape, device=DEV, generator=gen))
+    graph.replay()
+    for got, want in zip(outs, step()):
+        assert torch.equal(got, want), "a replay differs from the eager run"

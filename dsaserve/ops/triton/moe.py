@@ -23,6 +23,7 @@ import triton.language as tl
 
 from dsaserve.ops.fp8 import FP8, BlockFP8
 from dsaserve.ops.triton._common import dot_precision, new_empty, next_pow2, quantize_rows, tile_ids
+from dsaserve.ops.triton import fp8_wgmma
 from dsaserve.ops.triton.fp8_gemm import K_BLOCKS, act_quant
 
 Tensor = torch.Tensor
@@ -30,6 +31,7 @@ Tensor = torch.Tensor
 # Tuning override for benchmarks: dict with any of block_m, block_n, block_k, num_warps, num_stages,
 # down_block_n, down_block_k, down_num_warps, down_num_stages, group_m.
 CONFIG: dict[str, int] | None = None
+WGMMA_MIN_ROWS = 64  # rows per expert on average from which FP8 experts run the pipelined wgmma GEMM (Hopper)
 
 
 @triton.jit(do_not_specialize=["num_pairs", "num_m_blocks"])
@@ -136,15 +138,33 @@ def _down_kernel(INTER, INTERS, W2, W2S, YBUF, SORTED, BLOCK_EXPERT, TOPW,
     tl.store(out, y.to(YBUF.dtype.element_ty), mask=p_mask[:, None] & n_mask[None, :])
 
 
+@triton.jit(do_not_specialize=["R", "stride_sg"])
+def _silu_mul_quant_kernel(GU, Q, S, R, I, stride_gu, stride_q, stride_sg, GROUP: tl.constexpr,
+                           GROUPS: tl.constexpr):
+    """GU [R, 2I] (gate | up) -> e4m3 silu(gate) * up [R, I] with per-128 scales S group-major [I / G, R]."""
+    row = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
+    cols = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+    mask = cols < I
+    gate = tl.load(GU + row * stride_gu + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(GU + row * stride_gu + I + cols, mask=mask, other=0.0).to(tl.float32)
+    q, scale = quantize_rows(gate / (1.0 + tl.exp(-gate)) * up)
+    tl.store(Q + row * stride_q + cols, q, mask=mask)
+    tl.store(S + g * stride_sg + row, scale, mask=g * GROUP < I)
+
+
 @triton.jit(do_not_specialize=["num_tokens"])
-def _reduce_kernel(YBUF, OUT, stride_y, stride_o, num_tokens, topk, HIDDEN, BLOCK: tl.constexpr):
+def _reduce_kernel(YBUF, POS, OUT, stride_y, stride_o, num_tokens, topk, HIDDEN, BLOCK: tl.constexpr,
+                   INDEXED: tl.constexpr):
+    """INDEXED: pair p's row of YBUF is POS[p] (YBUF in sorted order), else p."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     c_mask = cols < HIDDEN
     acc = tl.zeros([BLOCK], tl.float32)
     if row < num_tokens:
         for j in range(topk):
-            acc += tl.load(YBUF + (row * topk + j) * stride_y + cols, mask=c_mask, other=0.0).to(tl.float32)
+            y_row = tl.load(POS + row * topk + j).to(tl.int64) if INDEXED else row * topk + j
+            acc += tl.load(YBUF + y_row * stride_y + cols, mask=c_mask, other=0.0).to(tl.float32)
     tl.store(OUT + row * stride_o + cols, acc.to(OUT.dtype.element_ty), mask=c_mask)
 
 
@@ -213,6 +233,9 @@ def moe_experts(x: Tensor, w13: Tensor | BlockFP8, w2: Tensor | BlockFP8, topk_i
     fp8 = isinstance(w13, BlockFP8)
     if fp8 != isinstance(w2, BlockFP8):
         raise ValueError("moe: w13 and w2 must both be block FP8 or both plain tensors")
+    if isinstance(w13, BlockFP8) and isinstance(w2, BlockFP8) and _wgmma_applies(x, w13, w2, P, E):
+        _check_fp8(w13, w2, hidden)
+        return _moe_fp8_wgmma(x, w13, w2, topk_ids, topk_weights, num_tokens, out)
     cfg = _config(P, E, w13.block if isinstance(w13, BlockFP8) else None)
     bm = cfg["block_m"]
     sorted_ids, block_expert, max_blocks = _align(topk_ids[:num_tokens].reshape(-1).long(), E, bm)
@@ -244,9 +267,59 @@ def moe_experts(x: Tensor, w13: Tensor | BlockFP8, w2: Tensor | BlockFP8, topk_i
         BLOCK_M=bm, BLOCK_N=cfg["down_block_n"], BLOCK_K=cfg["down_block_k"], GROUP_M=cfg["group_m"],
         EVEN_K=I % cfg["down_block_k"] == 0, PRECISION=precision, FP8=fp8, SCALE_N=scale_n,
         num_warps=cfg["down_num_warps"], num_stages=cfg["down_num_stages"])
+    _reduce(ybuf, None, out, num_tokens, k)
+    return out
+
+
+def _reduce(ybuf: Tensor, pos: Tensor | None, out: Tensor, num_tokens: int, topk: int) -> None:
+    hidden = out.shape[1]
     block = min(1024, next_pow2(hidden))
-    _reduce_kernel[(N, triton.cdiv(hidden, block))](ybuf, out, ybuf.stride(0), out.stride(0), num_tokens, k,
-                                                    hidden, BLOCK=block, num_warps=4)
+    _reduce_kernel[(out.shape[0], triton.cdiv(hidden, block))](
+        ybuf, ybuf if pos is None else pos, out, ybuf.stride(0), out.stride(0), num_tokens, topk, hidden,
+        BLOCK=block, INDEXED=pos is not None, num_warps=4)
+
+
+def _wgmma_applies(x: Tensor, w13: BlockFP8, w2: BlockFP8, pairs: int, experts: int) -> bool:
+    """Prefill-sized FP8 MoE on Hopper: the pipelined wgmma GEMM (fp8_wgmma) from WGMMA_MIN_ROWS rows per
+    expert on average (CONFIG's "wgmma" 0 forces the Triton kernels)."""
+    if not (CONFIG or {}).get("wgmma", 1) or pairs < WGMMA_MIN_ROWS * min(experts, pairs):
+        return False
+    return fp8_wgmma.applies(x, w13) and fp8_wgmma.applies(x, w2)
+
+
+def _moe_fp8_wgmma(x: Tensor, w13: BlockFP8, w2: BlockFP8, topk_ids: Tensor, topk_weights: Tensor,
+                   num_tokens: int, out: Tensor) -> Tensor:
+    """The same three steps in sorted row order: x's quantized rows gathered per pair, gate/up to bf16,
+    silu(gate) * up quantized, down times the routing weight, then each token's rows summed by position."""
+    hidden = x.shape[1]
+    E, I2, _ = w13.shape
+    k = topk_ids.shape[1]
+    P = num_tokens * k
+    bm = (CONFIG or {}).get("wgmma_block_m", 64)
+    sorted_ids, block_expert, max_blocks = _align(topk_ids[:num_tokens].reshape(-1).long(), E, bm)
+    R = max_blocks * bm
+    valid = sorted_ids < P
+    pair = torch.where(valid, sorted_ids, 0).long()
+    a, a_s = act_quant(x[:num_tokens], 128)
+    a_rows = a.view(torch.uint8)[pair // k].view(FP8)  # gathered per pair: TMA reads rows in place
+    a_s_gm = a_s[pair // k].t().contiguous()
+    # fp32, as the reference quantizes silu(gate) * up from fp32 (bf16 here moved 1.3-1.5% of the output)
+    gate_up = new_empty((R, I2), torch.float32, x.device)
+    stages = (CONFIG or {}).get("wgmma_stages", 4)
+    fp8_wgmma.block_scaled_mm(a_rows, a_s_gm, w13, gate_up, block_m=bm, block_expert=block_expert, stages=stages)
+    inter = new_empty((R, I2 // 2), FP8, x.device)
+    inter_s = new_empty((I2 // 2 // 128, R), torch.float32, x.device)
+    groups = 8
+    _silu_mul_quant_kernel[(R, triton.cdiv(I2 // 2 // 128, groups))](
+        gate_up, inter, inter_s, R, I2 // 2, gate_up.stride(0), inter.stride(0), inter_s.stride(0), GROUP=128,
+        GROUPS=groups, num_warps=4)
+    row_weight = torch.where(valid, topk_weights.reshape(-1)[pair], 0.0)
+    y = new_empty((R, hidden), x.dtype, x.device)
+    fp8_wgmma.block_scaled_mm(inter, inter_s, w2, y, block_m=bm, block_expert=block_expert, row_weight=row_weight,
+                              stages=stages)
+    pos = torch.empty(P + 1, dtype=torch.int32, device=x.device)  # slot P takes the padding rows' writes
+    pos.scatter_(0, sorted_ids.long(), torch.arange(R, dtype=torch.int32, device=x.device))
+    _reduce(y, pos, out, num_tokens, k)
     return out
 
 
