@@ -54,6 +54,23 @@ def profile_decode(llm: LLM, batch: int, input_len: int, vocab: int) -> None:
     engine.run_until_idle()
 
 
+def compare_moe_paths(llm: LLM, batch: int, input_len: int, rounds: int) -> None:
+    """Prefill throughput with each MoE path in turn, in one process (each run draws its own prompts: the
+    output length seeds them, so nothing is a prefix-cache hit)."""
+    from dsaserve.ops.triton import moe
+    run_one(llm.engine, batch, input_len, 2, None)  # compiles both shapes' kernels of the default path
+    results: dict[str, list[float]] = {"gluon (default)": [], "triton (wgmma 0)": []}
+    for i in range(2 * rounds):
+        name = list(results)[i % 2]
+        moe.CONFIG = None if i % 2 == 0 else {"wgmma": 0}
+        try:
+            results[name].append(run_one(llm.engine, batch, input_len, 3 + i, None).prefill_tok_s)
+        finally:
+            moe.CONFIG = None
+    for name, tok_s in results.items():
+        print(f"MoE path {name:17s} prefill tok/s: {' '.join(f'{t:,.0f}' for t in tok_s)}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="/tmp/dsaserve-bench-model")
@@ -70,6 +87,9 @@ def main() -> None:
                     help="replay decode from CUDA graphs (default: the engine's, 64 on CUDA; 0: off)")
     ap.add_argument("--fp8", action="store_true", help="an FP8 checkpoint (e4m3, 128x128 block scales)")
     ap.add_argument("--kv-cache-dtype", default="auto", help="auto, bf16 or fp8_e4m3 (the server flag)")
+    ap.add_argument("--compare-moe-paths", type=int, default=0, metavar="ROUNDS",
+                    help="instead: prefill tok/s with the FP8 MoE's Gluon path and without (moe CONFIG wgmma 0), "
+                         "alternating for ROUNDS rounds at the largest --batch (uncached prompts)")
     args = ap.parse_args()
     path = Path(args.out + "-fp8" if args.fp8 and args.out == ap.get_default("out") else args.out)
     if not (path / "config.json").is_file():
@@ -87,6 +107,9 @@ def main() -> None:
     vocab = DEEPSEEK_V32_LAYER["vocab_size"]
     rows = []
     bandwidth = copy_bandwidth(llm.engine.runner.device) if torch.cuda.is_available() else None
+    if args.compare_moe_paths:
+        compare_moe_paths(llm, max(args.batch), args.input_len, args.compare_moe_paths)
+        return
     for b in args.batch:  # the same timing as `dsaserve bench one-batch`; each shape once before it is timed
         run_one(llm.engine, b, args.input_len, 4, bandwidth)
         rows.append(asdict(run_one(llm.engine, b, args.input_len, args.output_len, bandwidth)))

@@ -45,9 +45,10 @@ PREFILL_TUNE = [None, dict(num_stages=4), dict(block_n=256), dict(block_n=256, n
 MOE_TUNE = [None, dict(num_stages=4), dict(down_block_n=128), dict(block_m=128, num_warps=8),
             dict(block_m=32, num_warps=4), dict(group_m=16), dict(block_m=128, num_warps=8, num_stages=4)]
 TRITON = {"cublas": 0, "wgmma": 0}  # forces fp8_linear's Triton kernel
-WGMMA_TUNE = [{"cublas": 0, "wgmma_block_m": m, "wgmma_stages": s} for m, s in ((64, 3), (64, 4), (128, 3), (128, 4))]
+WGMMA_TUNE = [{"cublas": 0, "wgmma": 1, "wgmma_block_m": m, "wgmma_stages": s}
+              for m, s in ((64, 3), (64, 4), (128, 3), (128, 4))]
 DECODE_M = (1, 4, 16, 32, 64)
-PREFILL_M = (256, 1024, 4096, 8192)  # each timed on both paths where cuBLAS's block-scaled GEMM applies
+PREFILL_M = (256, 1024, 4096, 8192)  # each timed on every path that applies (cuBLAS, Gluon, Triton)
 ROWS: list[dict] = []
 
 
@@ -190,7 +191,7 @@ def main() -> None:
                     help="any of gemm, moe, wgmma, tune-gemm, tune-moe (wgmma: the Gluon kernel's tiles side by side; "
                          "tune-*: the Triton prefill and 4096-token MoE tiles; decode: fp8_decode.py --sweep)")
     ap.add_argument("--prefill-rows", type=int, nargs="+", default=list(PREFILL_M),
-                    help="rows of the prefill-shaped GEMMs (each timed on both paths)")
+                    help="rows of the prefill-shaped GEMMs (each timed on every path)")
     a = ap.parse_args()
     start = time.perf_counter()
     torch.manual_seed(0)

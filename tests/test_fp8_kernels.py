@@ -105,7 +105,7 @@ def test_fp8_linear_wgmma(M: int, N: int, K: int, dtype: torch.dtype) -> None:
         pytest.skip("the Gluon wgmma kernel is the Hopper prefill path")
     want = ref.linear(x, w)
     for tiles in ({"wgmma_block_m": 64, "wgmma_stages": 4}, {"wgmma_block_m": 128, "wgmma_stages": 3}):
-        out = fp8_gemm.fp8_linear(x, w, checks=True, config={"cublas": 0, **tiles})
+        out = fp8_gemm.fp8_linear(x, w, checks=True, config={"cublas": 0, "wgmma": 1, **tiles})
         assert out.shape == (M, N) and out.dtype == dtype
         err = rel_err(out, want)
         assert err < TOL[dtype], f"wgmma path {tiles}: rel err {err:.2e}"
@@ -130,8 +130,8 @@ MOE_CASES = [  # N, num_tokens, hidden, inter, E, k
     (1, 1, 7168, 256, 16, 8),  # decode at V3.2 width (TP-8 expert slice)
     (32, 32, 1024, 256, 32, 8),
     (33, 30, 512, 256, 16, 8),  # padding rows
-    (700, 700, 512, 128, 8, 4),  # prefill tiles (the Gluon wgmma path on Hopper)
-    (300, 290, 1024, 256, 4, 2),  # the wgmma path with padding rows and tokens
+    (700, 700, 512, 128, 8, 4),  # prefill tiles
+    (300, 290, 1024, 256, 4, 2),  # padding rows and tokens
     (200, 200, 384, 256, 8, 2),  # mid tiles
     (50, 47, 200, 128, 5, 3),  # hidden not a multiple of 128
     (8, 0, 256, 128, 4, 2),  # no real token
@@ -170,15 +170,15 @@ def test_moe_fp8_forced_tiles(block_m: int) -> None:
         assert err < 1e-2, f"block_m={block_m} down_block_n={down_n}: rel err {err:.2e}"
 
 
-@pytest.mark.parametrize("block_m", [64, 128])
-def test_moe_fp8_wgmma_forced(block_m: int) -> None:
+@pytest.mark.parametrize("block_m,dtype", [(64, BF16), (128, BF16), (64, torch.float32)])
+def test_moe_fp8_wgmma_forced(block_m: int, dtype: torch.dtype) -> None:
     """The Gluon grouped GEMM at both row tiles equals the reference, as the Triton kernels do."""
     gen = torch.Generator(DEV).manual_seed(block_m + 1)
-    x, w13, w2, ids, tw = _moe_inputs(600, 768, 384, 6, 3, gen)
+    x, w13, w2, ids, tw = _moe_inputs(600, 768, 384, 6, 3, gen, dtype=dtype)
     if not (fp8_wgmma.applies(x, w13) and fp8_wgmma.applies(x, w2)):
         pytest.skip("the Gluon wgmma kernel is the Hopper prefill path")
     want = reference.moe_experts(x, w13, w2, ids.long(), tw, 590)
-    for cfg in ({"wgmma_block_m": block_m}, {"wgmma": 0}):
+    for cfg in ({"wgmma": 1, "wgmma_block_m": block_m}, {"wgmma": 0}):
         tops.moe.CONFIG = cfg
         got = tops.moe_experts(x, w13, w2, ids, tw, 590)
         assert (got[590:] == 0).all(), "padding rows must be 0"
@@ -189,7 +189,7 @@ def test_moe_fp8_wgmma_forced(block_m: int) -> None:
 def test_prefill_paths_replay_in_cuda_graphs() -> None:
     """cuBLAS's block-scaled GEMM, the Gluon kernel and the Gluon MoE captured in CUDA graphs (MTP verify
     steps of 96+ rows do this) give their eager results on new inputs."""
-    if not fp8_wgmma.hopper(torch.cuda.current_device()):
+    if not fp8_wgmma.works(torch.cuda.current_device()):
         pytest.skip("the cuBLAS / Gluon prefill paths are Hopper's")
     gen = torch.Generator(DEV).manual_seed(5)
     w = _weight(1536, 1024, (128, 128), gen)  # 8 K blocks: cuBLAS applies
@@ -199,10 +199,11 @@ def test_prefill_paths_replay_in_cuda_graphs() -> None:
     mx, w13, w2, ids, tw = _moe_inputs(256, 768, 256, 4, 2, gen)
     assert fp8_gemm.cublas_applies(x, w) and not fp8_gemm.cublas_applies(x_odd, w_odd)
 
-    def step():
-        return (fp8_gemm.fp8_linear(x, w), fp8_gemm.fp8_linear(x_odd, w_odd),
+    def step() -> tuple[torch.Tensor, ...]:  # small shapes: the Gluon paths are forced
+        return (fp8_gemm.fp8_linear(x, w), fp8_gemm.fp8_linear(x_odd, w_odd, config={"wgmma": 1}),
                 tops.moe_experts(mx, w13, w2, ids, tw, 256))
 
+    tops.moe.CONFIG = {"wgmma": 1}
     step()  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

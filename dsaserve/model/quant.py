@@ -204,12 +204,15 @@ def prepare(model: nn.Module, mode: Mode, dtype: torch.dtype, checks: bool = Fal
     modules = [m for m in model.modules() if isinstance(m, (Linear, Experts)) and m.block is not None]
     gemm: Gemm | None = None
     if mode == "kernels":
+        from dsaserve.ops.triton import fp8_wgmma
         from dsaserve.ops.triton.fp8_gemm import CUBLAS_MIN_M, cublas_blockwise_works, fp8_linear
         gemm = partial(fp8_linear, checks=checks)
         device = modules[0].weight.device if modules else torch.device("cpu")
         if device.type == "cuda":  # probed now: never inside a CUDA graph capture
-            log.info("FP8 GEMMs of %d+ rows: %s", CUBLAS_MIN_M, "cuBLAS block-scaled" if
-                     cublas_blockwise_works(device.index or 0) else "Triton (no cuBLAS block scaling here)")
+            index = device.index or 0
+            log.info("FP8 GEMMs of %d+ rows: %s; where it refuses and for prefill-sized experts: %s", CUBLAS_MIN_M,
+                     "cuBLAS block-scaled" if cublas_blockwise_works(index) else "Triton (no cuBLAS block scaling)",
+                     "the Gluon wgmma kernel" if fp8_wgmma.works(index) else "Triton (no Gluon wgmma here)")
     elif mode == "emulate":
         gemm = _emulated_gemm
     for m in modules:

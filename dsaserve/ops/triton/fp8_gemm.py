@@ -4,7 +4,7 @@ Semantics (dsaserve.ops.fp8.linear is the reference): x is quantized per row and
 channels to e4m3 with scale amax / 448; each K group's e4m3 product is accumulated in fp32 and
 scaled by (activation scale x weight block scale); the output is cast once to x's dtype.
 
-Two shapes of work, one kernel:
+Two shapes of work, one Triton kernel (and two faster paths for prefill rows):
 * decode (M <= 64): bandwidth-bound on the weight bytes. Few rows, so each program streams a
   BLOCK_N-row strip of W over a range of K groups (split-K when N alone gives too few programs;
   the fp32 partials are summed by a small second kernel). Up to 16 rows quantize x inside the
@@ -14,7 +14,9 @@ Two shapes of work, one kernel:
   where torch offers it, cuBLAS's block-scaled FP8 GEMM (1 x 128 activation and 128 x 128 weight
   scales: the same function) runs the product instead: it overlaps each K group's scaling with the
   next group's MMAs (warp specialization), which a Triton 3.6 loop on Hopper cannot
-  (docs/benchmarks.md: the same loop without the scaling runs at 80-96% of the FP8 rate).
+  (docs/benchmarks.md: the same loop without the scaling runs at 80-96% of the FP8 rate). Where cuBLAS
+  refuses the shape (K blocks not a multiple of 4, ...) and the product is large, fp8_wgmma's Gluon
+  kernel does the same overlap in software (1.2-1.35x the Triton kernel at 4096 rows).
 """
 from __future__ import annotations
 
@@ -153,15 +155,22 @@ def cublas_applies(x: Tensor, w: BlockFP8) -> bool:
             and cublas_blockwise_works(x.device.index or 0))
 
 
+def _quantize_group_major(x2: Tensor, q_rows: int, s_rows: int) -> tuple[Tensor, Tensor]:
+    """x2 [M, K] -> e4m3 [q_rows, K] and fp32 scales group-major [K / 128, s_rows] (rows >= M unwritten)."""
+    K = x2.shape[1]
+    q = new_empty((q_rows, K), FP8, x2.device)
+    s = new_empty((K // 128, s_rows), torch.float32, x2.device)
+    _quantize_into(x2, q, s.t(), 128)
+    return q, s
+
+
 def _cublas_linear(x2: Tensor, w: BlockFP8) -> Tensor:
     """x2 [M, K] -> [M, N] through torch's block-scaled scaled_mm: our bit-exact activation quantization
     (rows padded to a multiple of 4, scales stored group-major as cuBLAS reads them), the weight as
     it is (its transpose is the column-major operand cuBLAS wants)."""
     M, K = x2.shape
     rows = -(-M // 4) * 4  # the padding rows' outputs are computed from whatever is there and dropped
-    q = new_empty((rows, K), FP8, x2.device)
-    s = new_empty((K // 128, rows), torch.float32, x2.device)
-    _quantize_into(x2, q, s.t(), 128)
+    q, s = _quantize_group_major(x2, rows, rows)
     out = F.scaled_mm(q, w.weight.t(), s.t(), F.ScalingType.BlockWise1x128, w.scale.t(),
                       F.ScalingType.BlockWise128x128, output_dtype=x2.dtype)
     return out[:M]
@@ -169,10 +178,8 @@ def _cublas_linear(x2: Tensor, w: BlockFP8) -> Tensor:
 
 def _wgmma_linear(x2: Tensor, w: BlockFP8, block_m: int, stages: int) -> Tensor:
     """x2 [M, K] -> [M, N] through fp8_wgmma: scales group-major over rows rounded up to block_m."""
-    M, K = x2.shape
-    q = new_empty((M, K), FP8, x2.device)
-    s = new_empty((K // 128, -(-M // block_m) * block_m), torch.float32, x2.device)
-    _quantize_into(x2, q, s.t(), 128)
+    M = x2.shape[0]
+    q, s = _quantize_group_major(x2, M, -(-M // block_m) * block_m)  # TMA reads rows past M as zeros
     out = new_empty((M, w.weight.shape[0]), x2.dtype, x2.device)
     return fp8_wgmma.block_scaled_mm(q, s, w, out, block_m=block_m, stages=stages)
 
@@ -196,10 +203,12 @@ def default_config(M: int, N: int, K: int, block_k: int, sms: int) -> dict[str, 
         cfg = dict(block_m=64, block_n=128, num_warps=4, num_stages=4, group_m=8, a_quant=0, splits=1)
     else:
         cfg = dict(block_m=128, block_n=128, num_warps=8, num_stages=3, group_m=8, a_quant=0, splits=1)
-    # From CUBLAS_MIN_M rows: cuBLAS where cublas_applies, else the pipelined Gluon kernel (fp8_wgmma) where
-    # it applies (1.2-1.35x the Triton kernel, 0.65-0.75x cuBLAS at 4096 rows; its fastest tiles), else
+    # From CUBLAS_MIN_M rows: cuBLAS where cublas_applies, else for products of fp8_wgmma.MIN_FLOP or more
+    # the pipelined Gluon kernel where it applies (1.2-1.35x the Triton kernel at 4096 rows, 0.65-0.75x
+    # cuBLAS; 64-row tiles and 4 stages were fastest at 96-256 rows, within 2% of 3 stages at 4096), else
     # Triton. 0 turns a path off.
-    cfg.update(cublas=int(M >= CUBLAS_MIN_M), wgmma=int(M >= CUBLAS_MIN_M), wgmma_block_m=64, wgmma_stages=4)
+    wgmma = M >= CUBLAS_MIN_M and 2.0 * M * N * K >= fp8_wgmma.MIN_FLOP
+    cfg.update(cublas=int(M >= CUBLAS_MIN_M), wgmma=int(wgmma), wgmma_block_m=64, wgmma_stages=4)
     return cfg
 
 

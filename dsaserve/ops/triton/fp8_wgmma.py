@@ -21,10 +21,12 @@ caller checks `applies` first.
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 import triton
 
+from dsaserve.ops import fp8 as fp8_ref
 from dsaserve.ops.fp8 import FP8, BlockFP8
 from dsaserve.ops.triton._common import tile_ids
 
@@ -37,8 +39,13 @@ try:  # Gluon ships with recent Triton (3.6 here); without it this path is off
 except ImportError:  # pragma: no cover - depends on the Triton build
     gluon = None
 
+log = logging.getLogger(__name__)
 Tensor = torch.Tensor
 BLOCK = 128  # N and K tile = the checkpoints' weight block
+# A call costs ~110-120 us of host time against ~50 us for the Triton kernel (H200 eager timings: three
+# tensor descriptors per launch), so callers use it only for products of at least this many FLOP
+# (~150+ us of GPU time at the rates measured), where the GPU time, not the launch, is the cost.
+MIN_FLOP = 1e11
 
 
 if gluon is not None:
@@ -119,21 +126,41 @@ if gluon is not None:
 
 
 @functools.lru_cache(maxsize=None)
-def hopper(device_index: int) -> bool:
-    return gluon is not None and torch.cuda.get_device_capability(device_index)[0] == 9
+def works(device_index: int) -> bool:
+    """Gluon is there, the device is Hopper, and the kernel compiles and agrees with the reference on a
+    small product: checked once per device (at load, never inside a graph capture). Gluon is an
+    experimental API: a Triton it no longer fits turns this path off, not the server."""
+    if gluon is None or torch.cuda.get_device_capability(device_index)[0] != 9:
+        return False
+    dev = torch.device("cuda", device_index)
+    gen = torch.Generator(dev).manual_seed(0)
+    w = BlockFP8(*fp8_ref.quantize_weight(torch.randn(256, 512, device=dev, generator=gen), (BLOCK, BLOCK)),
+                 (BLOCK, BLOCK))
+    x = torch.randn(70, 512, device=dev, generator=gen).to(torch.bfloat16)
+    q, s = fp8_ref.act_quant(x, BLOCK)
+    scales = torch.zeros(512 // BLOCK, 128, device=dev)  # group-major, rows rounded up to the 64-row tile
+    scales[:, :70] = s.t()
+    out = torch.empty(70, 256, dtype=torch.bfloat16, device=dev)
+    try:
+        block_scaled_mm(q.contiguous(), scales, w, out, block_m=64)
+    except Exception as exc:  # noqa: BLE001 - any compile or launch failure means: do not use it
+        log.warning("the Gluon FP8 GEMM does not run here (%s: %s); prefill GEMMs cuBLAS refuses use Triton",
+                    type(exc).__name__, str(exc)[:200])
+        return False
+    want = fp8_ref.linear(x, w)
+    return bool(((out.float() - want).norm() / want.norm()) < 1e-2)
 
 
 def applies(x: Tensor, w: BlockFP8) -> bool:
-    """Hopper, 128 x 128 blocks, whole K blocks, output rows TMA can store (N a multiple of 8; bf16 / fp16
-    / fp32)."""
+    """Hopper, 128 x 128 blocks, whole K blocks, output rows TMA can store (N a multiple of 8), the output
+    dtypes tested on the GPU (bf16, fp32), and a kernel that `works` here."""
     N, K = w.weight.shape[-2:]
     return (x.is_cuda and w.block == (BLOCK, BLOCK) and K % BLOCK == 0 and N % 8 == 0 and w.weight.is_contiguous()
-            and w.scale.is_contiguous() and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
-            and hopper(x.device.index or 0))
+            and w.scale.is_contiguous() and x.dtype in (torch.bfloat16, torch.float32)
+            and works(x.device.index or 0))
 
 
-_GL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32",
-              FP8: "float8e4nv"}
+_GL_DTYPES = {torch.bfloat16: "bfloat16", torch.float32: "float32", FP8: "float8e4nv"}
 
 
 def _descriptor(t: Tensor, block: list[int]) -> TensorDescriptor:
@@ -141,7 +168,7 @@ def _descriptor(t: Tensor, block: list[int]) -> TensorDescriptor:
     return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
 
 
-def block_scaled_mm(a: Tensor, a_scale_gm: Tensor, w: BlockFP8, out: Tensor, *, block_m: int = 128,
+def block_scaled_mm(a: Tensor, a_scale_gm: Tensor, w: BlockFP8, out: Tensor, *, block_m: int = 64,
                     block_expert: Tensor | None = None, row_weight: Tensor | None = None, stages: int = 4,
                     group_m: int = 8) -> Tensor:
     """out [M, N] = the block-scaled product of a (e4m3 [M, K]) and w ([N, K], or [E, N, K] with
@@ -150,6 +177,8 @@ def block_scaled_mm(a: Tensor, a_scale_gm: Tensor, w: BlockFP8, out: Tensor, *, 
     a_scale_gm: the activation scales group-major, [K / 128, >= M rounded up to block_m]. Rows of a
     tile past M read scale and row_weight entries up to the next multiple of block_m: callers size them
     so (out-of-range A rows read as zeros through TMA and their outputs are not stored)."""
+    if block_m not in (64, 128) or stages < 2:  # one or two warpgroups; a ring of one slot would deadlock
+        raise ValueError(f"block_scaled_mm: block_m must be 64 or 128 and stages >= 2, got {block_m}, {stages}")
     M, K = a.shape
     N = w.weight.shape[-2]
     grouped = block_expert is not None
@@ -165,4 +194,4 @@ def block_scaled_mm(a: Tensor, a_scale_gm: Tensor, w: BlockFP8, out: Tensor, *, 
     return out
 
 
-__all__ = ["applies", "block_scaled_mm", "hopper"]
+__all__ = ["MIN_FLOP", "applies", "block_scaled_mm", "works"]

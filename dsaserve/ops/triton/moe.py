@@ -14,6 +14,11 @@ Block-FP8 experts (dsaserve.ops.fp8.BlockFP8) run the same three steps on e4m3 o
 once per token and 128-channel group; gate/up accumulate each K group's product times (activation scale x
 block scale) in fp32, and quantize silu(gate) * up per row in the epilogue (a BLOCK_N of one group), so
 the down GEMM reads e4m3 intermediates with their scales.
+
+Prefill-sized FP8 experts on Hopper (WGMMA_MIN_ROWS rows per expert on average, fp8_wgmma.MIN_FLOP) take
+fp8_wgmma's pipelined Gluon GEMM in grouped mode instead: x's quantized rows gathered into sorted order,
+gate/up written in fp32, silu(gate) * up quantized by a small kernel, down times the routing weight in
+sorted order, and the reduce reads each pair's row through its position (1.08-1.15x at 2048-4096 tokens).
 """
 from __future__ import annotations
 
@@ -22,14 +27,15 @@ import triton
 import triton.language as tl
 
 from dsaserve.ops.fp8 import FP8, BlockFP8
-from dsaserve.ops.triton._common import dot_precision, new_empty, next_pow2, quantize_rows, tile_ids
 from dsaserve.ops.triton import fp8_wgmma
+from dsaserve.ops.triton._common import dot_precision, new_empty, next_pow2, quantize_rows, tile_ids
 from dsaserve.ops.triton.fp8_gemm import K_BLOCKS, act_quant
 
 Tensor = torch.Tensor
 
 # Tuning override for benchmarks: dict with any of block_m, block_n, block_k, num_warps, num_stages,
-# down_block_n, down_block_k, down_num_warps, down_num_stages, group_m.
+# down_block_n, down_block_k, down_num_warps, down_num_stages, group_m (the Triton kernels), and wgmma (0:
+# never the Gluon path, 1: wherever it applies, whatever the size), wgmma_block_m (64 or 128), wgmma_stages.
 CONFIG: dict[str, int] | None = None
 WGMMA_MIN_ROWS = 64  # rows per expert on average from which FP8 experts run the pipelined wgmma GEMM (Hopper)
 
@@ -139,10 +145,13 @@ def _down_kernel(INTER, INTERS, W2, W2S, YBUF, SORTED, BLOCK_EXPERT, TOPW,
 
 
 @triton.jit(do_not_specialize=["R", "stride_sg"])
-def _silu_mul_quant_kernel(GU, Q, S, R, I, stride_gu, stride_q, stride_sg, GROUP: tl.constexpr,
-                           GROUPS: tl.constexpr):
-    """GU [R, 2I] (gate | up) -> e4m3 silu(gate) * up [R, I] with per-128 scales S group-major [I / G, R]."""
+def _silu_mul_quant_kernel(GU, Q, S, BLOCK_EXPERT, R, I, stride_gu, stride_q, stride_sg, BLOCK_M: tl.constexpr,
+                           GROUP: tl.constexpr, GROUPS: tl.constexpr):
+    """GU [R, 2I] (gate | up) -> e4m3 silu(gate) * up [R, I] with per-128 scales S group-major [I / G, R];
+    rows of the blocks past the last expert's (BLOCK_EXPERT -1: never computed, never read) are skipped."""
     row = tl.program_id(0).to(tl.int64)
+    if tl.load(BLOCK_EXPERT + row // BLOCK_M) < 0:
+        return
     g = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
     cols = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
     mask = cols < I
@@ -233,14 +242,14 @@ def moe_experts(x: Tensor, w13: Tensor | BlockFP8, w2: Tensor | BlockFP8, topk_i
     fp8 = isinstance(w13, BlockFP8)
     if fp8 != isinstance(w2, BlockFP8):
         raise ValueError("moe: w13 and w2 must both be block FP8 or both plain tensors")
-    if isinstance(w13, BlockFP8) and isinstance(w2, BlockFP8) and _wgmma_applies(x, w13, w2, P, E):
+    if fp8:
         _check_fp8(w13, w2, hidden)
-        return _moe_fp8_wgmma(x, w13, w2, topk_ids, topk_weights, num_tokens, out)
-    cfg = _config(P, E, w13.block if isinstance(w13, BlockFP8) else None)
+        if _wgmma_applies(x, w13, w2, P, E):
+            return _moe_fp8_wgmma(x, w13, w2, topk_ids, topk_weights, num_tokens, out)
+    cfg = _config(P, E, w13.block if fp8 else None)
     bm = cfg["block_m"]
     sorted_ids, block_expert, max_blocks = _align(topk_ids[:num_tokens].reshape(-1).long(), E, bm)
-    if isinstance(w13, BlockFP8) and isinstance(w2, BlockFP8):
-        _check_fp8(w13, w2, hidden)
+    if fp8:
         a, a_s = act_quant(x[:num_tokens], w13.block[1])  # once per token; gathered per pair
         w13_w, w13_s, w2_w, w2_s, scale_n = w13.weight, w13.scale, w2.weight, w2.scale, w13.block[0]
         inter = new_empty((max_blocks * bm, I), FP8, x.device)
@@ -279,23 +288,31 @@ def _reduce(ybuf: Tensor, pos: Tensor | None, out: Tensor, num_tokens: int, topk
         BLOCK=block, INDEXED=pos is not None, num_warps=4)
 
 
+def _override(key: str, default: int | None) -> int | None:
+    return (CONFIG or {}).get(key, default)
+
+
 def _wgmma_applies(x: Tensor, w13: BlockFP8, w2: BlockFP8, pairs: int, experts: int) -> bool:
     """Prefill-sized FP8 MoE on Hopper: the pipelined wgmma GEMM (fp8_wgmma) from WGMMA_MIN_ROWS rows per
-    expert on average (CONFIG's "wgmma" 0 forces the Triton kernels)."""
-    if not (CONFIG or {}).get("wgmma", 1) or pairs < WGMMA_MIN_ROWS * min(experts, pairs):
+    expert on average and fp8_wgmma.MIN_FLOP (CONFIG's "wgmma" 0 forces the Triton kernels)."""
+    _, I2, hidden = w13.shape
+    forced = _override("wgmma", None)
+    large = pairs >= WGMMA_MIN_ROWS * min(experts, pairs) and 3.0 * pairs * hidden * I2 >= fp8_wgmma.MIN_FLOP
+    if not (forced if forced is not None else large):  # (3 x pairs x hidden x 2I = flops())
         return False
     return fp8_wgmma.applies(x, w13) and fp8_wgmma.applies(x, w2)
 
 
 def _moe_fp8_wgmma(x: Tensor, w13: BlockFP8, w2: BlockFP8, topk_ids: Tensor, topk_weights: Tensor,
                    num_tokens: int, out: Tensor) -> Tensor:
-    """The same three steps in sorted row order: x's quantized rows gathered per pair, gate/up to bf16,
-    silu(gate) * up quantized, down times the routing weight, then each token's rows summed by position."""
+    """The same three steps in sorted row order: x's quantized rows gathered per pair, gate/up to fp32,
+    silu(gate) * up quantized, down times the routing weight, then each token's rows summed by position.
+    The temporaries are dropped as soon as they are read, so the next ones reuse their memory."""
     hidden = x.shape[1]
     E, I2, _ = w13.shape
     k = topk_ids.shape[1]
     P = num_tokens * k
-    bm = (CONFIG or {}).get("wgmma_block_m", 64)
+    bm, stages = _override("wgmma_block_m", 64), _override("wgmma_stages", 4)
     sorted_ids, block_expert, max_blocks = _align(topk_ids[:num_tokens].reshape(-1).long(), E, bm)
     R = max_blocks * bm
     valid = sorted_ids < P
@@ -305,19 +322,21 @@ def _moe_fp8_wgmma(x: Tensor, w13: BlockFP8, w2: BlockFP8, topk_ids: Tensor, top
     a_s_gm = a_s[pair // k].t().contiguous()
     # fp32, as the reference quantizes silu(gate) * up from fp32 (bf16 here moved 1.3-1.5% of the output)
     gate_up = new_empty((R, I2), torch.float32, x.device)
-    stages = (CONFIG or {}).get("wgmma_stages", 4)
     fp8_wgmma.block_scaled_mm(a_rows, a_s_gm, w13, gate_up, block_m=bm, block_expert=block_expert, stages=stages)
+    del a, a_s, a_rows, a_s_gm
     inter = new_empty((R, I2 // 2), FP8, x.device)
     inter_s = new_empty((I2 // 2 // 128, R), torch.float32, x.device)
     groups = 8
     _silu_mul_quant_kernel[(R, triton.cdiv(I2 // 2 // 128, groups))](
-        gate_up, inter, inter_s, R, I2 // 2, gate_up.stride(0), inter.stride(0), inter_s.stride(0), GROUP=128,
-        GROUPS=groups, num_warps=4)
+        gate_up, inter, inter_s, block_expert, R, I2 // 2, gate_up.stride(0), inter.stride(0), inter_s.stride(0),
+        BLOCK_M=bm, GROUP=128, GROUPS=groups, num_warps=4)
+    del gate_up
     row_weight = torch.where(valid, topk_weights.reshape(-1)[pair], 0.0)
     y = new_empty((R, hidden), x.dtype, x.device)
     fp8_wgmma.block_scaled_mm(inter, inter_s, w2, y, block_m=bm, block_expert=block_expert, row_weight=row_weight,
                               stages=stages)
-    pos = torch.empty(P + 1, dtype=torch.int32, device=x.device)  # slot P takes the padding rows' writes
+    # slot P takes the padding rows' writes and is never read: every other slot is written once
+    pos = torch.empty(P + 1, dtype=torch.int32, device=x.device)
     pos.scatter_(0, sorted_ids.long(), torch.arange(R, dtype=torch.int32, device=x.device))
     _reduce(y, pos, out, num_tokens, k)
     return out
