@@ -3,12 +3,14 @@ grouped tile order and FP8 row quantization."""
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import triton
 import triton.language as tl
 
-from dsaserve.ops.fp8 import AMAX_FLOOR, FP8_MAX
+from dsaserve.ops import fp8 as fp8_ref
+from dsaserve.ops.fp8 import AMAX_FLOOR, FP8_MAX, BlockFP8
 
 # Tests set this to True so every output and intermediate starts as NaN (floats) or a sentinel (ints):
 # any element a kernel forgets to write then shows up in the comparison with the reference.
@@ -30,6 +32,20 @@ def num_sms(device_index: int) -> int:
 
 def sm_count(t: torch.Tensor) -> int:
     return num_sms(t.device.index or 0) if t.is_cuda else 8  # CPU: the Triton interpreter (debugging)
+
+
+def agrees_with_reference(device_index: int, rows: int,
+                          product: Callable[[torch.Tensor, BlockFP8], torch.Tensor]) -> bool:
+    """Capability probe of an FP8 GEMM path: `product` of a small random bf16 x [rows, 512] and a 256 x 512
+    weight in 128 x 128 blocks is the reference's (relative error < 1e-2). Exceptions propagate: the caller
+    knows which ones mean "not on this device"."""
+    dev = torch.device("cuda", device_index)
+    gen = torch.Generator(dev).manual_seed(0)
+    w = BlockFP8(*fp8_ref.quantize_weight(torch.randn(256, 512, device=dev, generator=gen), (128, 128)), (128, 128))
+    x = torch.randn(rows, 512, device=dev, generator=gen).to(torch.bfloat16)
+    got = product(x, w).float()
+    want = fp8_ref.linear(x, w)
+    return bool(((got - want).norm() / want.norm()) < 1e-2)
 
 
 def next_pow2(n: int, minimum: int = 16) -> int:

@@ -27,10 +27,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from dsaserve.ops import fp8 as fp8_ref
 from dsaserve.ops.fp8 import FP8, BlockFP8
 from dsaserve.ops.triton import fp8_wgmma
-from dsaserve.ops.triton._common import new_empty, next_pow2, quantize_rows, sm_count, tile_ids
+from dsaserve.ops.triton._common import (agrees_with_reference, new_empty, next_pow2, quantize_rows, sm_count,
+                                         tile_ids)
 
 Tensor = torch.Tensor
 K_BLOCKS = (32, 64, 128, 256)  # weight K blocks the kernel takes: one K step each (e4m3 dots need K >= 32)
@@ -132,17 +132,10 @@ def cublas_blockwise_works(device_index: int) -> bool:
     CUDA >= 12.9) and it agrees with the reference on a small product: checked once per device."""
     if not hasattr(F, "scaled_mm") or torch.cuda.get_device_capability(device_index)[0] != 9:
         return False
-    dev = torch.device("cuda", device_index)
-    gen = torch.Generator(dev).manual_seed(0)
-    w = torch.randn(256, 512, device=dev, generator=gen)
-    weight = BlockFP8(*fp8_ref.quantize_weight(w, (128, 128)), (128, 128))
-    x = torch.randn(6, 512, device=dev, generator=gen).to(torch.bfloat16)
     try:
-        got = _cublas_linear(x, weight).float()
+        return agrees_with_reference(device_index, 6, _cublas_linear)
     except (RuntimeError, NotImplementedError, ValueError, TypeError):
         return False
-    want = fp8_ref.linear(x, weight)
-    return bool(((got - want).norm() / want.norm()) < 1e-2)
 
 
 def cublas_applies(x: Tensor, w: BlockFP8) -> bool:

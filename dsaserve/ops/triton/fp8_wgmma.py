@@ -28,7 +28,7 @@ import triton
 
 from dsaserve.ops import fp8 as fp8_ref
 from dsaserve.ops.fp8 import FP8, BlockFP8
-from dsaserve.ops.triton._common import tile_ids
+from dsaserve.ops.triton._common import agrees_with_reference, tile_ids
 
 try:  # Gluon ships with recent Triton (3.6 here); without it this path is off
     from triton.experimental import gluon
@@ -132,23 +132,22 @@ def works(device_index: int) -> bool:
     experimental API: a Triton it no longer fits turns this path off, not the server."""
     if gluon is None or torch.cuda.get_device_capability(device_index)[0] != 9:
         return False
-    dev = torch.device("cuda", device_index)
-    gen = torch.Generator(dev).manual_seed(0)
-    w = BlockFP8(*fp8_ref.quantize_weight(torch.randn(256, 512, device=dev, generator=gen), (BLOCK, BLOCK)),
-                 (BLOCK, BLOCK))
-    x = torch.randn(70, 512, device=dev, generator=gen).to(torch.bfloat16)
-    q, s = fp8_ref.act_quant(x, BLOCK)
-    scales = torch.zeros(512 // BLOCK, 128, device=dev)  # group-major, rows rounded up to the 64-row tile
-    scales[:, :70] = s.t()
-    out = torch.empty(70, 256, dtype=torch.bfloat16, device=dev)
     try:
-        block_scaled_mm(q.contiguous(), scales, w, out, block_m=64)
+        return agrees_with_reference(device_index, 70, _reference_quantized_mm)
     except Exception as exc:  # noqa: BLE001 - any compile or launch failure means: do not use it
         log.warning("the Gluon FP8 GEMM does not run here (%s: %s); prefill GEMMs cuBLAS refuses use Triton",
                     type(exc).__name__, str(exc)[:200])
         return False
-    want = fp8_ref.linear(x, w)
-    return bool(((out.float() - want).norm() / want.norm()) < 1e-2)
+
+
+def _reference_quantized_mm(x: Tensor, w: BlockFP8) -> Tensor:
+    """x quantized by the reference, scales group-major over rows rounded up to the 64-row tile."""
+    M, K = x.shape
+    q, s = fp8_ref.act_quant(x, BLOCK)
+    scales = torch.zeros(K // BLOCK, triton.cdiv(M, 64) * 64, device=x.device)
+    scales[:, :M] = s.t()
+    out = torch.empty(M, w.weight.shape[0], dtype=x.dtype, device=x.device)
+    return block_scaled_mm(q.contiguous(), scales, w, out, block_m=64)
 
 
 def applies(x: Tensor, w: BlockFP8) -> bool:
