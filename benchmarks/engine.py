@@ -45,12 +45,21 @@ def profile_decode(llm: LLM, batch: int, input_len: int, vocab: int) -> None:
     while engine.steps == 0 or any(r.num_cached == 0 for r in engine.requests.values()):
         engine.step()  # prefill
     engine.step()
+    steps = 8
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(8):
+        for _ in range(steps):
             engine.step()
         torch.cuda.synchronize()
-    for key in ("self_cuda_time_total", "self_cpu_time_total"):
-        print(prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=60))
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels.sort(key=lambda e: -e.self_device_time_total)
+    total = sum(e.self_device_time_total for e in kernels) / steps
+    count = sum(e.count for e in kernels) / steps
+    print(f"\ndevice kernels per decode step at batch {batch}: {count:.0f} launches, {total:.0f} us of kernel time")
+    print(f"{'us/step':>8} {'share':>6} {'n/step':>6} {'us each':>8}  kernel")
+    for e in kernels[:40]:
+        us = e.self_device_time_total / steps
+        print(f"{us:8.1f} {100 * us / total:5.1f}% {e.count / steps:6.1f} {us * steps / e.count:8.2f}  {e.key[:90]}")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
     engine.run_until_idle()
 
 
@@ -82,7 +91,7 @@ def main() -> None:
     ap.add_argument("--backend", default="auto", help="torch or triton (auto: triton on cuda)")
     ap.add_argument("--page-size", type=int, default=64)
     ap.add_argument("--output-json", default=None)
-    ap.add_argument("--profile", action="store_true", help="print the top ops of 8 decode steps")
+    ap.add_argument("--profile", action="store_true", help="print the kernels of 8 decode steps at each --batch")
     ap.add_argument("--cuda-graph-max-bs", type=int, default=None,
                     help="replay decode from CUDA graphs (default: the engine's, 64 on CUDA; 0: off)")
     ap.add_argument("--fp8", action="store_true", help="an FP8 checkpoint (e4m3, 128x128 block scales)")
@@ -113,8 +122,8 @@ def main() -> None:
     for b in args.batch:  # the same timing as `dsaserve bench one-batch`; each shape once before it is timed
         run_one(llm.engine, b, args.input_len, 4, bandwidth)
         rows.append(asdict(run_one(llm.engine, b, args.input_len, args.output_len, bandwidth)))
-    if args.profile:
-        profile_decode(llm, max(args.batch), args.input_len, vocab)
+    for b in args.batch if args.profile else []:
+        profile_decode(llm, b, args.input_len, vocab)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     max_bs = llm.engine.runner.graphs.max_bs if llm.engine.runner.graphs else 0
     graphs = f", decode CUDA graphs up to batch {max_bs}" if max_bs else ""

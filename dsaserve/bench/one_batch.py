@@ -62,11 +62,15 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
 
 def decode_step_bytes(engine: Engine, batch: int, context: int) -> float:
     """Weights a decode step of `batch` rows reads (planner.weight_bytes without the embedding table, the
-    routed experts scaled to the share the rows are expected to hit) plus the cache it attends: each row
+    routed experts scaled to the share the rows are expected to hit, the indexer's query side only when it
+    runs: past index_topk keys) plus the cache it attends: each row
     reads every index key of its context and its top-k latent rows, in every layer with caches."""
     cfg, weights = engine.cfg, weight_bytes(engine.runner.model)
     hit = 1 - (1 - cfg.num_experts_per_tok / cfg.n_routed_experts) ** batch  # expected share of experts hit
     total = sum(weights.values()) - weights.get("embedding", 0) - weights.get("routed experts", 0) * (1 - hit)
+    if context <= cfg.index_topk:  # every key is selected: the indexer's query side does not run
+        total -= sum(p.numel() * p.element_size() for n, p in engine.runner.model.named_parameters()
+                     if ".indexer.wq_b." in n or ".indexer.weights_proj." in n)
     pools = engine.runner.pools
     latent_row = pools.latent(0).shape[-1] * pools.latent(0).element_size()
     index_layers = [i for i in range(engine.runner.cache_layers) if pools.has_index_keys(i)]

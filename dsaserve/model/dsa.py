@@ -17,6 +17,7 @@ from dsaserve.engine.layout import BatchLayout
 from dsaserve.model.quant import Experts, Linear, concat_rows
 from dsaserve.model.rope import Rotary
 from dsaserve.ops.dispatch import DSAOps
+from dsaserve.ops.fused import rms_norm, rope_, route
 from dsaserve.parallel.groups import Parallel
 
 Tensor = torch.Tensor
@@ -40,8 +41,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def linear(in_features: int, out_features: int) -> Linear:
@@ -60,16 +60,19 @@ class Indexer(nn.Module):
         self.weights_proj = linear(cfg.hidden_size, cfg.index_n_heads)  # kept in fp32
         self.weight_scale = cfg.index_n_heads ** -0.5 * cfg.index_head_dim ** -0.5
 
-    def forward(self, x: Tensor, q_lat: Tensor, k_proj: Tensor, ctx: StepContext) -> Tensor:
+    def forward(self, x: Tensor, q_lat: Tensor, k_proj: Tensor, ctx: StepContext,
+                prev_topk: Tensor | None) -> Tensor:
         """k_proj: wk(x), made by the attention's input projection (fused with q_a and kv_a)."""
         cfg, T = self.cfg, x.shape[0]
-        rope = cfg.qk_rope_head_dim
-        q = self.wq_b(q_lat).view(T, cfg.index_n_heads, cfg.index_head_dim)
+        rope, inter = cfg.qk_rope_head_dim, cfg.indexer_rope_interleave
         k = self.k_norm(k_proj)
-        inter = cfg.indexer_rope_interleave
-        q = torch.cat([Rotary.apply(q[..., :rope], ctx.cos[:, None], ctx.sin[:, None], inter), q[..., rope:]], -1)
-        k = torch.cat([Rotary.apply(k[..., :rope], ctx.cos, ctx.sin, inter), k[..., rope:]], -1)
+        rope_(k[..., :rope], ctx.cos, ctx.sin, inter)
         ctx.pools.write_index_keys(self.layer_id, ctx.layout.out_slots, k)
+        if ctx.layout.key_width <= cfg.index_topk:  # every row selects all its keys: no scores needed, and
+            # the previous layer's selection (same layout) is this one's
+            return prev_topk if prev_topk is not None else ctx.ops.all_slots(ctx.layout, cfg.index_topk)
+        q = self.wq_b(q_lat).view(T, cfg.index_n_heads, cfg.index_head_dim)
+        rope_(q[..., :rope], ctx.cos, ctx.sin, inter)
         cache = ctx.pools.index_keys(self.layer_id)
         weights = F.linear(x.float(), self.weights_proj.weight.float()) * self.weight_scale
         topk = ctx.ops.indexer_topk(q, weights, cache, ctx.layout, cfg.index_topk)
@@ -121,12 +124,12 @@ class MLAttention(nn.Module):
         q = self.q_b_proj(q_lat).view(T, H, cfg.qk_head_dim)
         q_nope, q_pe = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
         latent, k_pe = kv_a.split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
-        q_pe = Rotary.apply(q_pe, ctx.cos[:, None], ctx.sin[:, None], interleaved=True)
-        k_pe = Rotary.apply(k_pe, ctx.cos, ctx.sin, interleaved=True)
+        rope_(q_pe, ctx.cos, ctx.sin, interleaved=True)
+        rope_(k_pe, ctx.cos, ctx.sin, interleaved=True)
         ctx.pools.write_latent(self.layer_id, ctx.layout.out_slots, self.kv_a_layernorm(latent), k_pe)
         cache = ctx.pools.latent(self.layer_id)
 
-        topk = self.indexer(x, q_lat, k_proj, ctx) if self.indexer is not None else prev_topk
+        topk = self.indexer(x, q_lat, k_proj, ctx, prev_topk) if self.indexer is not None else prev_topk
         assert topk is not None, "a shared-indexer layer needs the previous layer's top-k"
         w_kv = self.kv_b_proj.weight.view(H, cfg.qk_nope_head_dim + cfg.v_head_dim, cfg.kv_lora_rank)
         w_uk, w_uv = w_kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=1)
@@ -178,19 +181,10 @@ class Router(nn.Module):
         self.e_score_correction_bias = nn.Parameter(torch.empty(cfg.n_routed_experts))  # kept in fp32
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        cfg, N = self.cfg, x.shape[0]
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()
-        choice = scores + self.e_score_correction_bias.float()
-        if cfg.n_group > 1:
-            groups = choice.view(N, cfg.n_group, -1).topk(2, dim=-1).values.sum(-1)
-            keep = torch.zeros_like(groups).scatter_(1, groups.topk(cfg.topk_group, dim=-1).indices, 1.0)
-            choice = choice.masked_fill(~keep.bool().repeat_interleave(cfg.n_routed_experts // cfg.n_group, 1),
-                                        float("-inf"))
-        ids = choice.topk(cfg.num_experts_per_tok, dim=-1).indices
-        weights = scores.gather(1, ids)
-        if cfg.norm_topk_prob:
-            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-        return ids, weights * cfg.routed_scaling_factor
+        cfg = self.cfg
+        logits = F.linear(x.float(), self.weight.float())  # the weight is fp32 already (fp32_parameter_names)
+        return route(logits, self.e_score_correction_bias.float(), cfg.n_group, cfg.topk_group,
+                     cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.routed_scaling_factor)
 
 
 class MoE(nn.Module):
@@ -300,10 +294,10 @@ class DSAModel(nn.Module):
         self.rotary: Rotary | None = None
 
     def fp32_parameter_names(self) -> set[str]:
-        """Parameters that stay in fp32 whatever the model dtype (as in the official inference code), and
-        the FP8 block scales."""
+        """Parameters that stay in fp32 whatever the model dtype (as in the official inference code; the
+        router's weight because its product is taken in fp32: no step converts it), and the FP8 block scales."""
         return {n for n, _ in self.named_parameters()
-                if n.endswith(("weights_proj.weight", "e_score_correction_bias", "_scale_inv"))}
+                if n.endswith(("weights_proj.weight", "mlp.gate.weight", "e_score_correction_bias", "_scale_inv"))}
 
     def context(self, layout: BatchLayout, pools: KVPools, ops: DSAOps, dtype: torch.dtype) -> StepContext:
         if self.rotary is None:

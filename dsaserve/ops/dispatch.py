@@ -97,8 +97,7 @@ class DSAOps:
         if T == 0:
             return out
         if layout.key_width <= topk:  # every row sees <= topk keys: select them all, skip the logits
-            out.copy_(reference.first_positions_slots(layout.row_kv_len, layout.page_table, layout.row_req,
-                                                      layout.page_size, topk))
+            out.copy_(self.all_slots(layout, topk))
             return out
         num_keys = layout.key_width
         # Whole multiples of 16 rows: every chunk's row slices start 16-byte aligned, as the warm-up's did
@@ -111,6 +110,11 @@ class DSAOps:
                                             kv_len, layout.page_size, num_keys)
             out[rows] = backend.topk_slots(logits, kv_len, layout.page_table, row_req, layout.page_size, topk)
         return out
+
+    def all_slots(self, layout: BatchLayout, topk: int) -> Tensor:
+        """The selection when every row sees at most `topk` keys: all of them, first to last, then -1."""
+        return reference.first_positions_slots(layout.row_kv_len, layout.page_table, layout.row_req,
+                                               layout.page_size, topk)
 
     def moe(self, x: Tensor, w13: Tensor | BlockFP8, w2: Tensor | BlockFP8, topk_ids: Tensor, topk_weights: Tensor,
             num_tokens: int) -> Tensor:

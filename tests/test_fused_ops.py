@@ -1,0 +1,96 @@
+"""The row glue of dsaserve.ops.fused: the CPU reference path (in-place rotary on strided views) and the
+Triton kernels against it on GPU (RMSNorm, rotary, grouped top-k routing), at the model's shapes."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsaserve.model.rope import Rotary
+from dsaserve.ops import fused
+
+BF16 = torch.bfloat16
+gpu = pytest.mark.gpu
+
+
+def _rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """The model's former code: rotate the first rope dims, concatenate the rest unchanged."""
+    rope = 2 * cos.shape[-1]
+    if x.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]
+    return torch.cat([Rotary.apply(x[..., :rope], cos, sin, interleaved), x[..., rope:]], -1)
+
+
+def _rope_inputs(T: int, H: int | None, dim: int, rope: int, dtype: torch.dtype, device: str):
+    gen = torch.Generator(device).manual_seed(T * 31 + dim)
+    shape = (T, H, dim) if H else (T, dim)
+    x = torch.randn(*shape, generator=gen, device=device).to(dtype)
+    angles = torch.rand(T, rope // 2, generator=gen, device=device) * 6.3
+    return x, angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize("H", [None, 4])
+def test_rope_in_place_on_a_strided_view_cpu(interleaved: bool, H: int | None):
+    x, cos, sin = _rope_inputs(5, H, 128, 64, torch.float32, "cpu")
+    want = _rope_reference(x, cos, sin, interleaved)
+    out = fused.rope_(x[..., :64], cos, sin, interleaved)
+    assert out.data_ptr() == x.data_ptr()
+    torch.testing.assert_close(x, want, rtol=0, atol=0)  # the dims past the rope part are untouched
+
+
+def _route_inputs(N: int, E: int, device: str, seed: int = 0):
+    gen = torch.Generator(device).manual_seed(seed)
+    logits = torch.randn(N, E, generator=gen, device=device)
+    bias = torch.randn(E, generator=gen, device=device) * 0.1
+    return logits, bias
+
+
+@gpu
+@pytest.mark.parametrize("shape", [(1, 7168), (64, 7168), (300, 1536), (17, 512), (3, 100)])
+@pytest.mark.parametrize("dtype", [BF16, torch.float32])
+def test_rms_norm_kernel(shape: tuple[int, int], dtype: torch.dtype):
+    T, n = shape
+    gen = torch.Generator("cuda").manual_seed(n)
+    wide = torch.randn(T, n + 64, generator=gen, device="cuda").to(dtype) * 3
+    x = wide[:, :n]  # a strided view, as the latent slice of kv_a is
+    weight = (torch.rand(n, generator=gen, device="cuda") + 0.5).to(dtype)
+    out = fused.rms_norm(x, weight, 1e-6)
+    want = fused.rms_norm_reference(x, weight, 1e-6)
+    assert out.dtype == want.dtype and out.shape == want.shape
+    # The fp32 sum's order differs from torch's mean: a row's 1 / rms may differ in its last bit, which
+    # moves every fp32 value of the row by an ulp and, in bf16, flips only values next to a rounding tie.
+    torch.testing.assert_close(out, want, rtol=2 ** -7 if dtype == BF16 else 1e-6, atol=0)
+    if dtype == BF16:
+        assert (out != want).float().mean() < 0.01
+
+
+@gpu
+@pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize("case", [(1, None, 576), (64, None, 128), (3, 128, 192), (40, 64, 128), (2, 5, 64)])
+@pytest.mark.parametrize("dtype", [BF16, torch.float32])
+def test_rope_kernel_equals_reference(case: tuple[int, int | None, int], interleaved: bool, dtype: torch.dtype):
+    T, H, dim = case
+    x, cos, sin = _rope_inputs(T, H, dim, 64, dtype, "cuda")
+    view = x[..., dim - 64:] if dim == 576 else x[..., :64]  # k_pe sits at the end of kv_a, q's rope first
+    want = x.clone()
+    want_view = want[..., dim - 64:] if dim == 576 else want[..., :64]
+    want_view.copy_(_rope_reference(want_view, cos, sin, interleaved))
+    fused.rope_(view, cos, sin, interleaved)
+    if dtype == BF16:
+        assert torch.equal(x, want)  # every product rounds to bf16 where the reference's ops round
+    else:  # fp32: the compiler contracts a product and the sum into one FMA (one rounding fewer)
+        torch.testing.assert_close(x, want, rtol=1e-6, atol=1e-6)
+
+
+@gpu
+@pytest.mark.parametrize("case", [(1, 256, 8, 4, 8), (64, 256, 8, 4, 8), (500, 256, 8, 4, 8), (9, 256, 1, 1, 8),
+                                  (33, 16, 4, 2, 4), (5, 64, 1, 1, 6)])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_route_kernel_equals_reference(case: tuple[int, int, int, int, int], normalize: bool):
+    N, E, n_group, topk_group, k = case
+    logits, bias = _route_inputs(N, E, "cuda", seed=N + E)
+    ids, weights = fused.route(logits, bias, n_group, topk_group, k, normalize, 2.5)
+    want_ids, want_weights = fused.route_reference(logits, bias, n_group, topk_group, k, normalize, 2.5)
+    assert ids.dtype == want_ids.dtype == torch.int64
+    assert torch.equal(ids, want_ids)  # the same experts in the same (descending) order
+    torch.testing.assert_close(weights, want_weights, rtol=1e-5, atol=1e-7)
