@@ -94,3 +94,39 @@ def test_route_kernel_equals_reference(case: tuple[int, int, int, int, int], nor
     assert ids.dtype == want_ids.dtype == torch.int64
     assert torch.equal(ids, want_ids)  # the same experts in the same (descending) order
     torch.testing.assert_close(weights, want_weights, rtol=1e-5, atol=1e-7)
+
+
+def _align_reference(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pair ids grouped by expert (stable), each run padded to block_m with P; the expert of each row block."""
+    P = ids.numel()
+    max_blocks = -(-P // block_m) + min(num_experts, P)
+    sorted_ids = torch.full((max_blocks * block_m,), P, dtype=torch.int32)
+    block_expert = torch.full((max_blocks,), -1, dtype=torch.int32)
+    row = 0
+    for e in range(num_experts):
+        pairs = (ids.cpu() == e).nonzero().flatten()
+        if len(pairs):
+            sorted_ids[row:row + len(pairs)] = pairs.to(torch.int32)
+            blocks = -(-len(pairs) // block_m)
+            block_expert[row // block_m:row // block_m + blocks] = e
+            row += blocks * block_m
+    return sorted_ids, block_expert
+
+
+@gpu
+@pytest.mark.parametrize("case", [(1, 16, 16), (16, 256, 64), (512, 256, 16), (3000, 8, 64), (65536, 256, 64)])
+def test_moe_align_kernel(case: tuple[int, int, int]):
+    from dsaserve.ops.triton.moe_align import align
+    P, E, block_m = case
+    gen = torch.Generator("cuda").manual_seed(P)
+    ids = torch.randint(0, E, (P,), generator=gen, device="cuda")
+    if P > 100:
+        ids[: P // 4] = 3  # one crowded expert, as real routing has
+    sorted_ids, block_expert, max_blocks = align(ids, E, block_m)
+    want_ids, want_blocks = _align_reference(ids, E, block_m)
+    assert max_blocks == len(want_blocks) and torch.equal(block_expert.cpu(), want_blocks)
+    # within a run the order is the atomics' (any order gives the same outputs): compare each run as a set
+    got, want = sorted_ids.cpu().view(-1, block_m), want_ids.view(-1, block_m)
+    for e in range(-1, E):
+        run = want_blocks == e
+        assert torch.equal(got[run].flatten().sort().values, want[run].flatten().sort().values), f"expert {e}"

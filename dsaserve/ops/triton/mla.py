@@ -137,10 +137,13 @@ def _config(T: int, H: int, K: int, block_v: int, row_bytes: int, sms: int) -> d
     if splits is None:
         programs = T * triton.cdiv(H, block_h)
         blocks = max(1, triton.cdiv(K, block_n))
+        # Up to one key block per split: decode rows usually end well before K (the engine's rows hold
+        # their valid slots first), so later splits are empty; at one row, 32 splits of 64 keys took 23 us
+        # where 16 of 128 took 29 (FP8 cache, 128 heads, 1,040 keys; docs/benchmarks.md, seventh session).
         if block_h <= 32:  # memory-bound: several programs per SM keep more gathered rows in flight
-            splits = min(triton.cdiv(3 * sms, programs), max(1, blocks // 2))
+            splits = min(triton.cdiv(3 * sms, programs), blocks)
         else:  # matrix-bound: split only when rows x head-blocks leave SMs idle, aiming at one full wave
-            splits = 1 if programs * 4 >= sms * 3 else min(sms // programs, max(1, blocks // 2))
+            splits = 1 if programs * 4 >= sms * 3 else min(sms // programs, blocks)
     return dict(block_h=block_h, block_n=block_n, num_warps=warps, num_stages=stages, splits=max(1, splits))
 
 

@@ -1,8 +1,8 @@
 """Routed experts as a grouped GEMM.
 
 Token-expert pairs are sorted by expert and each expert's run is padded to a multiple of BLOCK_M, so every
-M block belongs to one expert (block_expert). All of this is built with device ops and an upper bound on
-the block count, so there is no host sync (the op can be captured in a CUDA graph). Then:
+M block belongs to one expert (block_expert). moe_align.align builds this in three launches with an upper
+bound on the block count, so there is no host sync (the op can be captured in a CUDA graph). Then:
   1. gate/up: one program computes a BLOCK_M x BLOCK_N tile of both gate and up (same A rows, two weight
      tiles), applies silu(gate) * up in fp32 and writes the bf16 intermediate in sorted order;
   2. down: intermediate @ w2[e]^T, scaled by the routing weight, written to a per-pair buffer indexed by
@@ -30,6 +30,7 @@ from dsaserve.ops.fp8 import FP8, BlockFP8
 from dsaserve.ops.triton import fp8_wgmma
 from dsaserve.ops.triton._common import dot_precision, new_empty, next_pow2, quantize_rows, tile_ids
 from dsaserve.ops.triton.fp8_gemm import K_BLOCKS, act_quant
+from dsaserve.ops.triton.moe_align import align
 
 Tensor = torch.Tensor
 
@@ -202,27 +203,6 @@ def _config(num_pairs: int, num_experts: int, fp8_block: tuple[int, int] | None 
     return base
 
 
-def _align(ids: Tensor, num_experts: int, block_m: int) -> tuple[Tensor, Tensor, int]:
-    """Pair ids sorted by expert, each expert's run padded to block_m (pad = num_pairs); expert per block."""
-    P = ids.numel()
-    dev = ids.device
-    # scatter_add, not bincount: CUDA bincount reads the max back to the host (a sync that breaks graphs).
-    counts = torch.zeros(num_experts, dtype=torch.long, device=dev).scatter_add_(0, ids, torch.ones_like(ids))
-    padded = (counts + block_m - 1) // block_m * block_m
-    ends = torch.cumsum(padded, 0)
-    order = torch.argsort(ids, stable=True)
-    sorted_e = ids[order]
-    run_start = torch.cumsum(counts, 0) - counts
-    dest = (ends - padded)[sorted_e] + torch.arange(P, device=dev) - run_start[sorted_e]
-    max_blocks = triton.cdiv(P, block_m) + min(num_experts, P)  # each used expert pads < one block
-    sorted_ids = torch.full((max_blocks * block_m,), P, dtype=torch.int32, device=dev)
-    sorted_ids[dest] = order.to(torch.int32)
-    starts = torch.arange(max_blocks, device=dev) * block_m
-    block_expert = torch.searchsorted(ends, starts, right=True)
-    block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
-    return sorted_ids, block_expert, max_blocks
-
-
 def moe_experts(x: Tensor, w13: Tensor | BlockFP8, w2: Tensor | BlockFP8, topk_ids: Tensor, topk_weights: Tensor,
                 num_tokens: int) -> Tensor:
     """See reference.moe_experts: weights in x's dtype, or block FP8 (e4m3 + fp32 block scales)."""
@@ -248,7 +228,7 @@ def moe_experts(x: Tensor, w13: Tensor | BlockFP8, w2: Tensor | BlockFP8, topk_i
             return _moe_fp8_wgmma(x, w13, w2, topk_ids, topk_weights, num_tokens, out)
     cfg = _config(P, E, w13.block if fp8 else None)
     bm = cfg["block_m"]
-    sorted_ids, block_expert, max_blocks = _align(topk_ids[:num_tokens].reshape(-1).long(), E, bm)
+    sorted_ids, block_expert, max_blocks = align(topk_ids[:num_tokens].reshape(-1).long(), E, bm)
     if fp8:
         a, a_s = act_quant(x[:num_tokens], w13.block[1])  # once per token; gathered per pair
         w13_w, w13_s, w2_w, w2_s, scale_n = w13.weight, w13.scale, w2.weight, w2.scale, w13.block[0]
@@ -313,7 +293,7 @@ def _moe_fp8_wgmma(x: Tensor, w13: BlockFP8, w2: BlockFP8, topk_ids: Tensor, top
     k = topk_ids.shape[1]
     P = num_tokens * k
     bm, stages = _override("wgmma_block_m", 64), _override("wgmma_stages", 4)
-    sorted_ids, block_expert, max_blocks = _align(topk_ids[:num_tokens].reshape(-1).long(), E, bm)
+    sorted_ids, block_expert, max_blocks = align(topk_ids[:num_tokens].reshape(-1).long(), E, bm)
     R = max_blocks * bm
     valid = sorted_ids < P
     pair = torch.where(valid, sorted_ids, 0).long()
