@@ -64,6 +64,80 @@ def test_rms_norm_kernel(shape: tuple[int, int], dtype: torch.dtype):
         assert (out != want).float().mean() < 0.01
 
 
+def test_add_rms_norm_is_the_add_then_the_norm_cpu():
+    gen = torch.Generator().manual_seed(0)
+    x, delta = (torch.randn(4, 96, generator=gen).to(BF16) for _ in range(2))
+    weight = torch.rand(96, generator=gen).to(BF16) + 0.5
+    normed, total = fused.add_rms_norm(x, delta, weight, 1e-6)
+    assert torch.equal(total, x + delta) and torch.equal(normed, fused.rms_norm(x + delta, weight, 1e-6))
+    normed, same = fused.add_rms_norm(x, None, weight, 1e-6)
+    assert same is x and torch.equal(normed, fused.rms_norm(x, weight, 1e-6))
+
+
+@gpu
+@pytest.mark.parametrize("shape", [(1, 7168), (64, 7168), (300, 1536), (3, 100)])
+@pytest.mark.parametrize("dtype", [BF16, torch.float32])
+def test_add_rms_norm_kernel(shape: tuple[int, int], dtype: torch.dtype):
+    T, n = shape
+    gen = torch.Generator("cuda").manual_seed(n + T)
+    x = (torch.randn(T, n, generator=gen, device="cuda") * 3).to(dtype)
+    delta = torch.randn(T, n + 8, generator=gen, device="cuda").to(dtype)[:, :n]  # strided, as a split output
+    weight = (torch.rand(n, generator=gen, device="cuda") + 0.5).to(dtype)
+    normed, total = fused.add_rms_norm(x, delta, weight, 1e-6)
+    assert torch.equal(total, x + delta)  # the residual rounds as torch's add
+    want = fused.rms_norm_reference(x + delta, weight, 1e-6)
+    torch.testing.assert_close(normed, want, rtol=2 ** -7 if dtype == BF16 else 1e-6, atol=0)  # see above
+    if dtype == BF16:
+        assert (normed != want).float().mean() < 0.01
+
+
+@gpu
+@pytest.mark.parametrize("shape", [(1, 129280), (64, 154880), (3, 100), (2, 4097)])
+def test_argmax_kernel(shape: tuple[int, int]):
+    """torch.argmax's index, the first of equal maxima included (ties planted across chunks)."""
+    B, V = shape
+    gen = torch.Generator("cuda").manual_seed(V)
+    x = torch.randn(B, V, generator=gen, device="cuda")
+    x[0, V // 3] = x[0, V - 1] = 50.0  # equal maxima in different chunks: the first wins
+    if B > 1:
+        x[1] = float("-inf")  # a fully masked row (grammar): index 0, as torch
+        x[-1, 5:9] = 60.0  # equal maxima inside one chunk
+    assert torch.equal(fused.argmax(x), x.argmax(-1))
+
+
+@gpu
+@pytest.mark.parametrize("start", [0, 300])
+@pytest.mark.parametrize("T", [1, 16, 257])
+def test_embed_kernel(start: int, T: int):
+    """A vocabulary shard's rows; ids of other shards (below and above) give zero rows."""
+    gen = torch.Generator("cuda").manual_seed(T + start)
+    weight = torch.randn(300, 7168, generator=gen, device="cuda").to(BF16)
+    ids = torch.randint(0, 900, (T,), generator=gen, device="cuda")
+    ids[0] = start  # the shard's first and last rows
+    ids[-1] = start + 299
+    want = torch.zeros(T, 7168, dtype=BF16, device="cuda")
+    own = (ids >= start) & (ids < start + 300)
+    want[own] = weight[ids[own] - start]
+    assert torch.equal(fused.embed(ids, weight, start), want)
+    assert torch.equal(fused.embed(ids.int(), weight, start), want)
+
+
+@gpu
+@pytest.mark.parametrize("shape", [(1, 2048), (16, 4608), (130, 18432), (5, 100)])
+@pytest.mark.parametrize("dtype", [BF16, torch.float32])
+def test_silu_mul_kernel(shape: tuple[int, int], dtype: torch.dtype):
+    T, n = shape
+    gen = torch.Generator("cuda").manual_seed(n + T)
+    gate_up = (torch.randn(T, 2 * n, generator=gen, device="cuda") * 4).to(dtype)
+    gate, up = gate_up.chunk(2, dim=-1)  # the halves of a fused gate/up GEMM: strided rows
+    out = fused.silu_mul(gate, up)
+    want = torch.nn.functional.silu(gate) * up
+    if dtype == BF16:
+        assert torch.equal(out, want)  # torch's expf and IEEE division, rounding where torch rounds
+    else:
+        torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+
+
 @gpu
 @pytest.mark.parametrize("interleaved", [True, False])
 @pytest.mark.parametrize("case", [(1, None, 576), (64, None, 128), (3, 128, 192), (40, 64, 128), (2, 5, 64)])

@@ -171,6 +171,22 @@ def test_fp8_cache_writer_equals_quantize(n, rope):
     assert torch.equal(cache, want), f"{int((cache != want).sum())} bytes differ"
 
 
+@pytest.mark.parametrize("n,rope,dtype", [(512, 64, BF16), (128, 0, BF16), (64, 32, torch.float32)])
+def test_cache_row_writer_equals_index_put(n, rope, dtype):
+    """A plain cache's fused writer stores cat([x, rope]) at exactly the given slots, nothing else."""
+    from dsaserve.ops.triton.kv_write import write_rows
+    gen = torch.Generator(DEV).manual_seed(n + rope)
+    T, S = 300, 1000
+    x = torch.randn(T, n + rope + 8, device=DEV, generator=gen).to(dtype)[:, :n]  # strided, as split outputs
+    r = torch.randn(T, rope, device=DEV, generator=gen).to(dtype) if rope else None
+    slots = torch.randperm(S, device=DEV, generator=gen)[:T].to(torch.int32)
+    cache = torch.randn(S, n + rope, device=DEV, generator=gen).to(dtype)
+    want = cache.clone()
+    want[slots.long()] = torch.cat([x, r], -1) if rope else x
+    write_rows(cache, slots, x, r)
+    assert torch.equal(cache, want)
+
+
 # ---------------------------------------------------------------- indexer
 def _layout(seq_lens: list[int], q_lens: list[int], page_size: int, gen: torch.Generator):
     """Ragged requests with shuffled pages; row kv_len = position + 1 (causal within the new rows)."""

@@ -88,6 +88,9 @@ class KVPools:
         cache = self._latent[layer]
         if self.fp8:
             self._write_fp8(cache, slots, latent, k_pe)
+        elif cache.is_cuda and latent.stride(-1) == k_pe.stride(-1) == 1:  # one kernel instead of four
+            from dsaserve.ops.triton.kv_write import write_rows
+            write_rows(cache, slots, latent, k_pe)
         else:
             cache[slots.long()] = torch.cat([latent, k_pe], -1).to(cache.dtype)
 
@@ -95,6 +98,9 @@ class KVPools:
         cache = self.index_keys(layer)
         if self.fp8:
             self._write_fp8(cache, slots, keys, None)
+        elif cache.is_cuda and keys.stride(-1) == 1:
+            from dsaserve.ops.triton.kv_write import write_rows
+            write_rows(cache, slots, keys)
         else:
             cache[slots.long()] = keys.to(cache.dtype)
 

@@ -11,6 +11,7 @@ import torch
 
 from dsaserve.chat.grammar import grammar_state
 from dsaserve.engine.request import Request, SamplingParams
+from dsaserve.ops.fused import argmax
 
 Tensor = torch.Tensor
 _MASK64 = (1 << 63) - 1
@@ -104,7 +105,7 @@ def sample_tokens(logits: Tensor, reqs: list[Request], pending: list[list[int]] 
     """The sampled token of every row, on the device (no host sync for greedy rows); see sample()."""
     pending = pending if pending is not None else [[] for _ in reqs]
     shaped = apply_penalties(apply_grammars(logits, reqs, pending), reqs, pending)
-    tokens = shaped.argmax(-1)
+    tokens = argmax(shaped)
     random_rows = [i for i, r in enumerate(reqs) if not r.params.greedy]
     if random_rows:
         probs = filter_probs(shaped[random_rows], [reqs[i] for i in random_rows])

@@ -17,7 +17,7 @@ from dsaserve.engine.layout import BatchLayout
 from dsaserve.model.quant import Experts, Linear, concat_rows
 from dsaserve.model.rope import Rotary
 from dsaserve.ops.dispatch import DSAOps
-from dsaserve.ops.fused import rms_norm, rope_, route
+from dsaserve.ops.fused import add_rms_norm, embed, rms_norm, rope_, route, silu_mul
 from dsaserve.parallel.groups import Parallel
 
 Tensor = torch.Tensor
@@ -42,6 +42,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return rms_norm(x, self.weight, self.eps)
+
+    def add_forward(self, x: Tensor, delta: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(norm(x + delta), x + delta): the residual add fused into the norm (delta None: (norm(x), x))."""
+        return add_rms_norm(x, delta, self.weight, self.eps)
 
 
 def linear(in_features: int, out_features: int) -> Linear:
@@ -124,7 +128,6 @@ class MLAttention(nn.Module):
         q = self.q_b_proj(q_lat).view(T, H, cfg.qk_head_dim)
         q_nope, q_pe = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
         latent, k_pe = kv_a.split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
-        rope_(q_pe, ctx.cos, ctx.sin, interleaved=True)
         rope_(k_pe, ctx.cos, ctx.sin, interleaved=True)
         ctx.pools.write_latent(self.layer_id, ctx.layout.out_slots, self.kv_a_layernorm(latent), k_pe)
         cache = ctx.pools.latent(self.layer_id)
@@ -133,11 +136,16 @@ class MLAttention(nn.Module):
         assert topk is not None, "a shared-indexer layer needs the previous layer's top-k"
         w_kv = self.kv_b_proj.weight.view(H, cfg.qk_nope_head_dim + cfg.v_head_dim, cfg.kv_lora_rank)
         w_uk, w_uv = w_kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=1)
-        q_abs = torch.einsum("thn,hnr->thr", q_nope, w_uk)  # fold W_UK into the query
-        q_full = torch.cat([q_abs, q_pe], dim=-1).to(ctx.pools.query_dtype(x.dtype))
+        # The query [latent part | rope part]: W_UK folded into q_nope by one batched GEMM and the rotated
+        # q_pe, each written into its own slice (no concatenation copy).
+        q_full = x.new_empty(T, H, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+        torch.bmm(q_nope.transpose(0, 1), w_uk, out=q_full[..., :cfg.kv_lora_rank].transpose(0, 1))
+        rope_(q_pe, ctx.cos, ctx.sin, interleaved=True, out=q_full[..., cfg.kv_lora_rank:])
+        q_full = q_full.to(ctx.pools.query_dtype(x.dtype))
         o_lat = ctx.ops.sparse_mla(q_full, cache, topk, cfg.softmax_scale, cfg.kv_lora_rank, ctx.layout)
-        o = torch.einsum("thr,hvr->thv", o_lat.to(x.dtype), w_uv)  # W_UV applied after attention
-        return ctx.par.all_reduce_attn(self.o_proj(o.reshape(T, H * cfg.v_head_dim))), topk
+        o = x.new_empty(T, H, cfg.v_head_dim)  # W_UV applied after attention, into [T, H, v] rows directly
+        torch.bmm(o_lat.to(x.dtype).transpose(0, 1), w_uv.transpose(1, 2), out=o.transpose(0, 1))
+        return ctx.par.all_reduce_attn(self.o_proj(o.view(T, H * cfg.v_head_dim))), topk
 
 
 class DenseMLP(nn.Module):
@@ -158,7 +166,7 @@ class DenseMLP(nn.Module):
             gate, up = self.gate_proj(x), self.up_proj(x)
         else:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_mul(gate, up))
 
 
 def fuse_projections(model: nn.Module) -> None:
@@ -213,13 +221,17 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, h: Tensor, ctx: StepContext, prev_topk: Tensor | None) -> tuple[Tensor, Tensor]:
-        attn, topk = self.self_attn(self.input_layernorm(h), ctx, prev_topk)
-        h = h + attn
+    def forward(self, h: Tensor, delta: Tensor | None, ctx: StepContext,
+                prev_topk: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """The layer's input is h + delta (delta: the previous layer's MLP output, or None) -> (h, this layer's
+        MLP output, top-k). Each residual add happens inside the next norm (one launch for both)."""
+        x, h = self.input_layernorm.add_forward(h, delta)
+        attn, topk = self.self_attn(x, ctx, prev_topk)
+        x, h = self.post_attention_layernorm.add_forward(h, attn)
         # DP attention: the MLP sees every group's rows; each group takes exactly its rows back.
-        x = ctx.par.gather_dp_rows(self.post_attention_layernorm(h), ctx.layout.dp_sizes)
+        x = ctx.par.gather_dp_rows(x, ctx.layout.dp_sizes)
         mlp = self.mlp(x) if isinstance(self.mlp, DenseMLP) else self.mlp(x, ctx.ops)
-        return h + ctx.par.own_dp_rows(ctx.par.all_reduce_world(mlp), ctx.layout.dp_sizes), topk
+        return h, ctx.par.own_dp_rows(ctx.par.all_reduce_world(mlp), ctx.layout.dp_sizes), topk
 
 
 class VocabEmbedding(nn.Module):
@@ -232,10 +244,7 @@ class VocabEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.shard, hidden))
 
     def forward(self, ids: Tensor, par: Parallel) -> Tensor:
-        local = ids - self.start
-        inside = (local >= 0) & (local < self.shard)
-        h = F.embedding(local.clamp(0, self.shard - 1), self.weight) * inside[:, None]
-        return par.all_reduce_attn(h)
+        return par.all_reduce_attn(embed(ids, self.weight, self.start))
 
 
 class SharedHead(nn.Module):
@@ -267,8 +276,8 @@ class MTPLayer(DecoderLayer):
         token after that (and feeds the next chained draft step)."""
         e = self.enorm(embed(input_ids, ctx.par))
         h = self.eh_proj(torch.cat([e, self.hnorm(hidden.to(e.dtype))], dim=-1))
-        h, _ = self(h, ctx, None)
-        return self.shared_head.norm(h)
+        h, delta, _ = self(h, None, ctx, None)
+        return self.shared_head.norm.add_forward(h, delta)[0]
 
 
 def check_divisible(cfg: ModelConfig, par: Parallel) -> None:
@@ -309,10 +318,10 @@ class DSAModel(nn.Module):
         """Final-normed hidden states [T, hidden] of every query row of this DP group."""
         h = self.embed_tokens(input_ids, self.par)
         ctx = self.context(layout, pools, ops, h.dtype)
-        topk = None
+        delta = topk = None
         for layer in self.layers:
-            h, topk = layer(h, ctx, topk)
-        return self.norm(h)
+            h, delta, topk = layer(h, delta, ctx, topk)
+        return self.norm.add_forward(h, delta)[0]
 
     def draft(self, input_ids: Tensor, hidden: Tensor, layout: BatchLayout, pools: KVPools, ops: DSAOps) -> Tensor:
         """The MTP layer over the layout's rows: [T, hidden] normed states (see MTPLayer.draft)."""

@@ -1,4 +1,5 @@
-"""Row glue the model calls: RMSNorm, in-place rotary, grouped top-k routing.
+"""Row glue the model calls: RMSNorm (with the residual add fused), rotary, grouped top-k routing,
+SiLU-and-multiply, the embedding lookup, greedy argmax.
 
 Each function is the reference math, and on CUDA one Triton kernel (dsaserve.ops.triton.fused) where its
 shape constraints hold; the kernel rounds where this code rounds (tests/test_fused_ops.py holds them equal).
@@ -6,6 +7,7 @@ shape constraints hold; the kernel rounds where this code rounds (tests/test_fus
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from dsaserve.model.rope import Rotary
 
@@ -25,18 +27,31 @@ def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """weight * (x / rms(x)) over the last dim: fp32 statistics, the normed value rounded to x's dtype."""
     if x.is_cuda:
-        return _kernels().rms_norm(x, weight, eps)
+        return _kernels().rms_norm(x, weight, eps)[0]
     return rms_norm_reference(x, weight, eps)
 
 
-def rope_(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> Tensor:
-    """Rotate x [T, D] or [T, H, D] in place (Rotary.apply's values and half-split output order) with
-    cos/sin [T, D / 2] of each row's position; returns x."""
-    if x.is_cuda and _kernels().rope_applies(x, cos, sin):
-        return _kernels().rope_(x, cos, sin, interleaved)
+def add_rms_norm(x: Tensor, delta: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(rms_norm(s), s) with s = x + delta, the residual add (in x's dtype, as torch adds) fused into the norm
+    on CUDA: one launch instead of two. delta None: (rms_norm(x), x)."""
+    if delta is None:
+        return rms_norm(x, weight, eps), x
+    if x.is_cuda and delta.dtype == x.dtype and delta.shape == x.shape:
+        return _kernels().rms_norm(x, weight, eps, delta)
+    total = x + delta
+    return rms_norm_reference(total, weight, eps), total
+
+
+def rope_(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, out: Tensor | None = None) -> Tensor:
+    """Rotate x [T, D] or [T, H, D] (Rotary.apply's values and half-split output order) with cos/sin
+    [T, D / 2] of each row's position, in place or into `out` (x's shape: a slice of a wider tensor
+    saves the copy a concatenation would make); returns the rotated tensor."""
+    dest = x if out is None else out
+    if x.is_cuda and _kernels().rope_applies(x, cos, sin, dest):
+        return _kernels().rope(x, cos, sin, interleaved, dest)
     if x.dim() == 3:
         cos, sin = cos[:, None], sin[:, None]
-    return x.copy_(Rotary.apply(x, cos, sin, interleaved))
+    return dest.copy_(Rotary.apply(x, cos, sin, interleaved))
 
 
 def route_reference(logits: Tensor, bias: Tensor, n_group: int, topk_group: int, k: int, normalize: bool,
@@ -63,3 +78,28 @@ def route(logits: Tensor, bias: Tensor, n_group: int, topk_group: int, k: int, n
     if logits.is_cuda and _kernels().route_applies(logits, bias, n_group, k):
         return _kernels().route(logits, bias, n_group, topk_group, k, normalize, scale)
     return route_reference(logits, bias, n_group, topk_group, k, normalize, scale)
+
+
+def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
+    """F.silu(gate) * up, each op rounding to gate's dtype as torch's do; one launch on CUDA instead of two."""
+    if gate.is_cuda and _kernels().silu_mul_applies(gate, up):
+        return _kernels().silu_mul(gate, up)
+    return F.silu(gate) * up
+
+
+def embed(ids: Tensor, weight: Tensor, start: int) -> Tensor:
+    """Embedding rows of a vocabulary shard [shard, hidden] starting at token `start`: ids [T] outside the
+    shard give zero rows (the attention-TP group sums the shards). One launch on CUDA instead of seven."""
+    if ids.is_cuda and weight.stride(-1) == 1 and ids.dim() == 1:
+        return _kernels().embed(ids, weight, start)
+    local = ids - start
+    inside = (local >= 0) & (local < weight.shape[0])
+    return F.embedding(local.clamp(0, weight.shape[0] - 1), weight) * inside[:, None]
+
+
+def argmax(x: Tensor) -> Tensor:
+    """x.argmax(-1) of [B, V] rows (greedy sampling); on CUDA for fp32 rows, two small launches that split each
+    row (torch's reduction runs one block per row)."""
+    if x.is_cuda and x.dim() == 2 and x.dtype == torch.float32 and x.stride(-1) == 1 and x.shape[1] > 0:
+        return _kernels().argmax(x)
+    return x.argmax(-1)

@@ -1,4 +1,5 @@
-"""Fused row glue of the DSA layer: RMSNorm, in-place rotary and grouped top-k routing, one launch each.
+"""Fused row glue of the DSA layer: RMSNorm (optionally after the residual add), in-place rotary, grouped top-k
+routing and SiLU-and-multiply, one launch each.
 
 In eager torch each is 7-20 small kernels (a decode step of the 3-layer benchmark model launched about
 490 kernels, a third of its time on ones under 3 us). Each kernel here rounds where the reference
@@ -9,6 +10,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from dsaserve.ops.triton._common import next_pow2
 
@@ -28,11 +30,15 @@ def _round(x, DT: tl.constexpr):
 
 
 @triton.jit
-def _rms_norm_kernel(X, W, OUT, stride_x, stride_o, N, eps, BLOCK: tl.constexpr):
+def _rms_norm_kernel(X, DELTA, SUM, W, OUT, stride_x, stride_d, stride_s, stride_o, N, eps,
+                     BLOCK: tl.constexpr, ADD: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     d = tl.arange(0, BLOCK)
     mask = d < N
     x = tl.load(X + row * stride_x + d, mask=mask, other=0.0).to(tl.float32)
+    if ADD:  # the residual sum first, rounded to x's dtype as torch's add rounds, then normed
+        x = _round(x + tl.load(DELTA + row * stride_d + d, mask=mask, other=0.0).to(tl.float32), X.dtype.element_ty)
+        tl.store(SUM + row * stride_s + d, x.to(SUM.dtype.element_ty), mask=mask)
     inv_rms = tl.math.rsqrt(tl.sum(x * x, 0) / N + eps)
     normed = _round(x * inv_rms, X.dtype.element_ty)  # the reference rounds here (.to(x.dtype))
     w = tl.load(W + d, mask=mask, other=0.0).to(tl.float32)
@@ -40,20 +46,31 @@ def _rms_norm_kernel(X, W, OUT, stride_x, stride_o, N, eps, BLOCK: tl.constexpr)
     tl.store(OUT + row * stride_o + d, out, mask=mask)
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """weight * (x / rms(x)) over the last dim, in fp32, as dsaserve.ops.fused.rms_norm_reference."""
+def _rows(x: Tensor) -> Tensor:
     n = x.shape[-1]
-    rows = x.reshape(-1, n) if x.stride(-1) == 1 else x.contiguous().reshape(-1, n)
+    return x.reshape(-1, n) if x.stride(-1) == 1 else x.contiguous().reshape(-1, n)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float, delta: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(weight * (s / rms(s)), s) over the last dim with s = x, or x + delta (rounded to x's dtype) when delta
+    is given, in fp32 statistics: dsaserve.ops.fused.rms_norm_reference / add_rms_norm."""
+    n = x.shape[-1]
+    rows = _rows(x)
     out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    if delta is None:
+        deltas, total = rows, x
+    else:
+        deltas, total = _rows(delta), torch.empty_like(x, memory_format=torch.contiguous_format)
     if rows.shape[0]:
         block = next_pow2(n)
-        _rms_norm_kernel[(rows.shape[0],)](rows, weight.contiguous(), out, rows.stride(0), n, n, eps,
-                                           BLOCK=block, num_warps=max(1, min(16, block // 512)))
-    return out
+        _rms_norm_kernel[(rows.shape[0],)](rows, deltas, total, weight.contiguous(), out, rows.stride(0),
+                                           deltas.stride(0), n, n, n, eps, BLOCK=block, ADD=delta is not None,
+                                           num_warps=max(1, min(16, block // 512)))
+    return out, total
 
 
 @triton.jit
-def _rope_kernel(X, COS, SIN, stride_t, stride_h, stride_c, stride_s, H,
+def _rope_kernel(X, OUT, COS, SIN, stride_t, stride_h, stride_ot, stride_oh, stride_c, stride_s, H,
                  HALF: tl.constexpr, BLOCK_H: tl.constexpr, INTERLEAVED: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -61,6 +78,7 @@ def _rope_kernel(X, COS, SIN, stride_t, stride_h, stride_c, stride_s, H,
     cos = tl.load(COS + t * stride_c + i).to(tl.float32)[None, :]
     sin = tl.load(SIN + t * stride_s + i).to(tl.float32)[None, :]
     base = X + t * stride_t + h[:, None].to(tl.int64) * stride_h
+    out = OUT + t * stride_ot + h[:, None].to(tl.int64) * stride_oh
     mask = (h < H)[:, None]
     if INTERLEAVED:
         first, second = base + 2 * i[None, :], base + 2 * i[None, :] + 1
@@ -71,27 +89,30 @@ def _rope_kernel(X, COS, SIN, stride_t, stride_h, stride_c, stride_s, H,
     dt = X.dtype.element_ty  # every product and sum rounds to x's dtype, as the reference's ops do
     y1 = _round(_round(x1 * cos, dt) - _round(x2 * sin, dt), dt).to(dt)
     y2 = _round(_round(x2 * cos, dt) + _round(x1 * sin, dt), dt).to(dt)
-    tl.store(base + i[None, :], y1, mask=mask)  # half-split order (Rotary.apply)
-    tl.store(base + HALF + i[None, :], y2, mask=mask)
+    tl.store(out + i[None, :], y1, mask=mask)  # half-split order (Rotary.apply)
+    tl.store(out + HALF + i[None, :], y2, mask=mask)
 
 
-def rope_(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> Tensor:
-    """Rotate x [T, D] or [T, H, D] (last dim contiguous) in place with cos/sin [T, D/2]; see
-    dsaserve.ops.fused.rope_. Returns x."""
+def rope(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, out: Tensor) -> Tensor:
+    """Rotate x [T, D] or [T, H, D] into out (x itself, or a tensor of x's shape; last dims contiguous) with
+    cos/sin [T, D/2]; see dsaserve.ops.fused.rope_. Returns out."""
     rows = x if x.dim() == 3 else x[:, None]
+    dest = out if out.dim() == 3 else out[:, None]
     T, H, D = rows.shape
     if T:
         block_h = min(next_pow2(H, 1), 16)
-        _rope_kernel[(T, triton.cdiv(H, block_h))](rows, cos, sin, rows.stride(0), rows.stride(1), cos.stride(0),
-                                                   sin.stride(0), H, HALF=D // 2, BLOCK_H=block_h,
-                                                   INTERLEAVED=interleaved, num_warps=1 if H < 8 else 4)
-    return x
+        _rope_kernel[(T, triton.cdiv(H, block_h))](rows, dest, cos, sin, rows.stride(0), rows.stride(1), dest.stride(0),
+                                                   dest.stride(1), cos.stride(0), sin.stride(0), H, HALF=D // 2,
+                                                   BLOCK_H=block_h, INTERLEAVED=interleaved,
+                                                   num_warps=1 if H < 8 else 4)
+    return out
 
 
-def rope_applies(x: Tensor, cos: Tensor, sin: Tensor) -> bool:
+def rope_applies(x: Tensor, cos: Tensor, sin: Tensor, out: Tensor) -> bool:
     D = x.shape[-1]
-    return (x.dim() in (2, 3) and x.stride(-1) == 1 and D >= 2 and D & (D - 1) == 0 and x.dtype == cos.dtype
-            == sin.dtype and cos.shape == sin.shape == (x.shape[0], D // 2) and cos.stride(-1) == sin.stride(-1) == 1)
+    return (x.dim() in (2, 3) and x.stride(-1) == out.stride(-1) == 1 and out.shape == x.shape and D >= 2
+            and D & (D - 1) == 0 and x.dtype == cos.dtype == sin.dtype == out.dtype
+            and cos.shape == sin.shape == (x.shape[0], D // 2) and cos.stride(-1) == sin.stride(-1) == 1)
 
 
 @triton.jit
@@ -158,4 +179,89 @@ def route_applies(logits: Tensor, bias: Tensor, n_group: int, k: int) -> bool:
             and per_group & (per_group - 1) == 0 and k <= E)
 
 
-__all__ = ["rms_norm", "rope_", "rope_applies", "route", "route_applies"]
+@triton.jit
+def _silu_mul_kernel(G, U, OUT, stride_g, stride_u, stride_o, N, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    d = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = d < N
+    g = tl.load(G + row * stride_g + d, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + row * stride_u + d, mask=mask, other=0.0).to(tl.float32)
+    dt = OUT.dtype.element_ty
+    silu = _round(tl.math.div_rn(g, 1.0 + libdevice.exp(-g)), dt)  # torch's silu: x / (1 + expf(-x)), rounded
+    tl.store(OUT + row * stride_o + d, (silu * u).to(dt), mask=mask)
+
+
+def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
+    """F.silu(gate) * up for [T, N] rows of unit column stride (the halves of a fused gate/up output)."""
+    T, N = gate.shape
+    out = torch.empty((T, N), dtype=gate.dtype, device=gate.device)
+    if T:
+        block = min(2048, next_pow2(N))
+        _silu_mul_kernel[(T, triton.cdiv(N, block))](gate, up, out, gate.stride(0), up.stride(0), N, N,
+                                                     BLOCK=block, num_warps=4)
+    return out
+
+
+def silu_mul_applies(gate: Tensor, up: Tensor) -> bool:
+    return (gate.dim() == 2 and gate.shape == up.shape and gate.dtype == up.dtype
+            and gate.stride(-1) == up.stride(-1) == 1)
+
+
+@triton.jit
+def _embed_kernel(IDS, W, OUT, start, shard, N, stride_w, stride_o, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    d = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    local = tl.load(IDS + row).to(tl.int64) - start
+    inside = (local >= 0) & (local < shard)
+    x = tl.load(W + tl.where(inside, local, 0) * stride_w + d, mask=(d < N) & inside, other=0.0)
+    tl.store(OUT + row * stride_o + d, x, mask=d < N)
+
+
+def embed(ids: Tensor, weight: Tensor, start: int) -> Tensor:
+    """Rows of this shard's embedding [shard, N] for token ids [T]; ids outside [start, start + shard) -> 0."""
+    shard, N = weight.shape
+    out = torch.empty((ids.shape[0], N), dtype=weight.dtype, device=weight.device)
+    if ids.shape[0]:
+        block = min(4096, next_pow2(N))
+        _embed_kernel[(ids.shape[0], triton.cdiv(N, block))](ids, weight, out, start, shard, N, weight.stride(0),
+                                                             out.stride(0), BLOCK=block, num_warps=4)
+    return out
+
+
+@triton.jit(do_not_specialize=["V", "chunks"])
+def _argmax_chunk_kernel(X, VAL, IDX, stride_x, V, chunks, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    offs = c * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(X + row * stride_x + offs, mask=offs < V, other=float("-inf"))
+    best = tl.max(x, 0)
+    tl.store(VAL + row * chunks + c, best)
+    tl.store(IDX + row * chunks + c, tl.min(tl.where(x == best, offs, V), 0))  # the first of equal maxima
+
+
+@triton.jit(do_not_specialize=["chunks"])
+def _argmax_final_kernel(VAL, IDX, OUT, chunks, BLOCK_C: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, BLOCK_C)
+    v = tl.load(VAL + row * chunks + c, mask=c < chunks, other=float("-inf"))
+    i = tl.load(IDX + row * chunks + c, mask=c < chunks, other=2147483647)
+    tl.store(OUT + row, tl.min(tl.where(v == tl.max(v, 0), i, 2147483647), 0).to(tl.int64))
+
+
+def argmax(x: Tensor) -> Tensor:
+    """torch.argmax(x, -1) of fp32 rows [B, V] (the first index of equal maxima; rows without NaN): chunks
+    of every row in parallel, then one pass over the chunks' winners. torch's kernel runs one block per
+    row: 10 us for one row of a 129K vocabulary on the H200."""
+    B, V = x.shape
+    block = 4096
+    chunks = triton.cdiv(V, block)
+    out = torch.empty(B, dtype=torch.int64, device=x.device)
+    if B and V:
+        val = torch.empty(B, chunks, dtype=torch.float32, device=x.device)
+        idx = torch.empty(B, chunks, dtype=torch.int32, device=x.device)
+        _argmax_chunk_kernel[(B, chunks)](x, val, idx, x.stride(0), V, chunks, BLOCK=block, num_warps=8)
+        _argmax_final_kernel[(B,)](val, idx, out, chunks, BLOCK_C=next_pow2(chunks, 2), num_warps=1)
+    return out
+
+
+__all__ = ["argmax", "embed", "rms_norm", "rope", "rope_applies", "route", "route_applies", "silu_mul", "silu_mul_applies"]

@@ -1,4 +1,4 @@
-"""Fused FP8 cache writes: quantize rows and scatter them into their cache slots in one kernel.
+"""Fused cache writes: rows (quantized to FP8, or as they are) scattered into their cache slots in one kernel.
 
 One program owns one token row and one block of 128 values: the block's max, its power-of-two scale
 (2^ceil(log2(amax / 448)), from the fp32 exponent bits), the e4m3 values and the scale land in the row's
@@ -61,4 +61,32 @@ def write_fp8_rows(cache: Tensor, slots: Tensor, x: Tensor, rope: Tensor | None 
         QBLOCK=BLOCK, BLOCK_R=next_pow2(max(r_dim, 1), 1), HAS_ROPE=has_rope, FP8_MAX_C=FP8_MAX, num_warps=1)
 
 
-__all__ = ["write_fp8_rows"]
+@triton.jit(do_not_specialize=["N", "R_DIM"])
+def _write_rows_kernel(X, R, SLOTS, CACHE, stride_x, stride_r, stride_c, N, R_DIM,
+                       BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, HAS_ROPE: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(SLOTS + t).to(tl.int64)
+    d = tl.arange(0, BLOCK)
+    x = tl.load(X + t * stride_x + d, mask=d < N, other=0.0)
+    tl.store(CACHE + slot * stride_c + d, x.to(CACHE.dtype.element_ty), mask=d < N)
+    if HAS_ROPE:
+        dr = tl.arange(0, BLOCK_R)
+        rope = tl.load(R + t * stride_r + dr, mask=dr < R_DIM, other=0.0)
+        tl.store(CACHE + slot * stride_c + N + dr, rope.to(CACHE.dtype.element_ty), mask=dr < R_DIM)
+
+
+def write_rows(cache: Tensor, slots: Tensor, x: Tensor, rope: Tensor | None = None) -> None:
+    """cache[slots] = cat([x, rope], -1) in the cache's dtype, one launch (index_put needed a cat and int64
+    slots: four launches per layer)."""
+    T, n = x.shape
+    if T == 0:
+        return
+    has_rope = rope is not None and rope.shape[1] > 0
+    r = rope if has_rope else x
+    r_dim = r.shape[1] if has_rope else 0
+    _write_rows_kernel[(T,)](x, r, slots.to(torch.int32), cache, x.stride(0), r.stride(0), cache.stride(0), n, r_dim,
+                             BLOCK=next_pow2(n, 1), BLOCK_R=next_pow2(max(r_dim, 1), 1), HAS_ROPE=has_rope,
+                             num_warps=4 if n >= 512 else 1)
+
+
+__all__ = ["write_fp8_rows", "write_rows"]

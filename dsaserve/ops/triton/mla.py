@@ -29,11 +29,11 @@ LOG2E = 1.4426950408889634
 CONFIG: dict[str, int] | None = None
 
 
-@triton.jit(do_not_specialize=["stride_lt", "stride_lh"])  # H x splits; o strides are v_dim multiples
+@triton.jit(do_not_specialize=["stride_lt", "stride_lh", "num_splits"])  # H x splits; o strides: v_dim multiples
 def _sparse_mla_kernel(Q, KV, KR, KS, IDX, LEN, O, LSE,
                        stride_qt, stride_qh, stride_kv, stride_kr, stride_ks, stride_it, stride_len,
                        stride_ot, stride_oh, stride_os, stride_lt, stride_lh, stride_ls,
-                       H, K, V_DIM, R_DIM, keys_per_split, scale_log2,
+                       H, K, V_DIM, R_DIM, num_splits, scale_log2,
                        BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                        BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, FP8: tl.constexpr,
                        SCALE_BLOCKS: tl.constexpr, HAS_LEN: tl.constexpr):
@@ -55,10 +55,13 @@ def _sparse_mla_kernel(Q, KV, KR, KS, IDX, LEN, O, LSE,
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_V], tl.float32)
-    start = split * keys_per_split
-    end = tl.minimum(start + keys_per_split, K)
+    row_end = K
     if HAS_LEN:  # the row's selected slots end here (the rest are -1): no blocks of padding
-        end = tl.minimum(end, tl.load(LEN + t * stride_len))
+        row_end = tl.minimum(row_end, tl.load(LEN + t * stride_len))
+    # The splits share the row's own keys, not K's: decode rows often hold far fewer than index_topk.
+    per_split = tl.cdiv(tl.cdiv(row_end, num_splits), BLOCK_N) * BLOCK_N
+    start = split * per_split
+    end = tl.minimum(start + per_split, row_end)
     for n0 in range(start, end, BLOCK_N):
         offs = n0 + tl.arange(0, BLOCK_N)
         slot = tl.load(IDX + t * stride_it + offs, mask=offs < end, other=-1)
@@ -122,24 +125,28 @@ def _combine_kernel(PO, PLSE, O, LSE,
 
 
 SMEM_TILE_BUDGET = 160 << 10  # bytes of pipelined key tiles; Hopper has 227 KiB per block, q and scratch need the rest
+# Except 3 stages of 64 bf16 rows of 576 values (compiled: 217 KiB): 5-7% faster than 2 stages at 64-1024 rows
+# and 64 heads per program over a bf16 cache (H200, 2026-12-01). An FP8 cache's tiles pass through registers to
+# be dequantized: 2 stages there.
+BF16_THREE_STAGES = 3 * 64 * 1152
 
 
-def _config(T: int, H: int, K: int, block_v: int, row_bytes: int, sms: int) -> dict[str, int]:
+def _config(T: int, H: int, K: int, block_v: int, row_bytes: int, sms: int, fp8: bool) -> dict[str, int]:
     """row_bytes: one gathered key row in the dot dtype (576 bf16 values: 1152; fp32 twice that)."""
     cfg = dict(CONFIG or {})
     block_h = cfg.get("block_h") or (16 if H <= 16 else 32 if H <= 32 else 64)
     warps = cfg.get("num_warps") or 8
-    stages = cfg.get("num_stages") or (2 if block_v >= 512 else 3)  # 2 x 64 x 576 bf16 tiles + q fill smem
     block_n = cfg.get("block_n") or 64
-    while "block_n" not in cfg and block_n > 16 and stages * block_n * row_bytes > SMEM_TILE_BUDGET:
+    three = block_v < 512 or (block_h == 64 and not fp8 and 3 * block_n * row_bytes <= BF16_THREE_STAGES)
+    stages = cfg.get("num_stages") or (3 if three else 2)
+    budget = BF16_THREE_STAGES if stages == 3 and not fp8 else SMEM_TILE_BUDGET
+    while "block_n" not in cfg and block_n > 16 and stages * block_n * row_bytes > budget:
         block_n //= 2  # fp32 rows are twice as wide: halve the key block rather than exceed shared memory
     splits = cfg.get("splits")
     if splits is None:
         programs = T * triton.cdiv(H, block_h)
         blocks = max(1, triton.cdiv(K, block_n))
-        # Up to one key block per split: decode rows usually end well before K (the engine's rows hold
-        # their valid slots first), so later splits are empty; at one row, 32 splits of 64 keys took 23 us
-        # where 16 of 128 took 29 (FP8 cache, 128 heads, 1,040 keys; docs/benchmarks.md, seventh session).
+        # Up to one key block per split (of K's blocks); the kernel divides each row's own keys among them.
         if block_h <= 32:  # memory-bound: several programs per SM keep more gathered rows in flight
             splits = min(triton.cdiv(3 * sms, programs), blocks)
         else:  # matrix-bound: split only when rows x head-blocks leave SMs idle, aiming at one full wave
@@ -175,10 +182,9 @@ def sparse_mla(q: Tensor, kv_cache: Tensor, indices: Tensor, sm_scale: float, v_
     row_bytes = (block_v + block_r) * dot_dtype.itemsize
     if fp8 and dot_dtype.itemsize == 4:  # H200: the e4m3 tile staged beside fp32 ones needs 238 KB at 32 keys
         row_bytes += row_bytes // 4
-    cfg = _config(T, H, K, block_v, row_bytes, sm_count(q))
-    block_n, splits = cfg["block_n"], cfg["splits"]
-    keys_per_split = triton.cdiv(triton.cdiv(max(K, 1), splits), block_n) * block_n
-    splits = max(1, triton.cdiv(K, keys_per_split))
+    cfg = _config(T, H, K, block_v, row_bytes, sm_count(q), fp8)
+    block_n = cfg["block_n"]
+    splits = max(1, min(cfg["splits"], triton.cdiv(K, block_n)))
     grid = (triton.cdiv(H, cfg["block_h"]), T, splits)
     scale_log2 = float(sm_scale) * LOG2E
     if splits == 1:
@@ -192,7 +198,7 @@ def sparse_mla(q: Tensor, kv_cache: Tensor, indices: Tensor, sm_scale: float, v_
         q, kv, kr, scales, indices, lens, o_buf, l_buf,
         q.stride(0), q.stride(1), kv.stride(0), kr.stride(0), scales.stride(0), indices.stride(0), lens.stride(0),
         o_buf.stride(0), o_buf.stride(1), o_split, l_buf.stride(0), l_buf.stride(1), l_split,
-        H, K, v_dim, rope_dim, keys_per_split, scale_log2,
+        H, K, v_dim, rope_dim, splits, scale_log2,
         BLOCK_H=cfg["block_h"], BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_R=block_r,
         PRECISION=dot_precision(dot_dtype), FP8=fp8, SCALE_BLOCKS=max(1, block_v // 128), HAS_LEN=lengths is not None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
