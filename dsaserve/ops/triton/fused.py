@@ -1,7 +1,8 @@
-"""Fused row glue of the DSA layer: RMSNorm (optionally after the residual add), in-place rotary, grouped top-k
-routing and SiLU-and-multiply, one launch each.
+"""Fused row glue of the decode step: RMSNorm (optionally after the residual add), rotary (in place or into a
+slice), grouped top-k routing, SiLU-and-multiply, the embedding lookup and greedy argmax, one launch each (two for
+argmax).
 
-In eager torch each is 7-20 small kernels (a decode step of the 3-layer benchmark model launched about
+In eager torch each is 2-20 small kernels (a decode step of the 3-layer benchmark model launched about
 490 kernels, a third of its time on ones under 3 us). Each kernel here rounds where the reference
 (dsaserve.ops.fused) rounds, so its output equals the reference's up to the order of one fp32 sum.
 """
@@ -264,4 +265,5 @@ def argmax(x: Tensor) -> Tensor:
     return out
 
 
-__all__ = ["argmax", "embed", "rms_norm", "rope", "rope_applies", "route", "route_applies", "silu_mul", "silu_mul_applies"]
+__all__ = ["argmax", "embed", "rms_norm", "rope", "rope_applies", "route", "route_applies", "silu_mul",
+           "silu_mul_applies"]
