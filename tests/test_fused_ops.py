@@ -64,6 +64,17 @@ def test_rms_norm_kernel(shape: tuple[int, int], dtype: torch.dtype):
         assert (out != want).float().mean() < 0.01
 
 
+def test_rope_into_a_slice_leaves_the_input_cpu():
+    """The query's rope part is rotated into its slice of the attention query (no concatenation)."""
+    x, cos, sin = _rope_inputs(5, 4, 64, 64, torch.float32, "cpu")
+    before = x.clone()
+    wide = torch.zeros(5, 4, 96)
+    out = fused.rope_(x, cos, sin, True, out=wide[..., 32:])
+    assert out.data_ptr() == wide[..., 32:].data_ptr() and torch.equal(x, before)
+    torch.testing.assert_close(wide[..., 32:], _rope_reference(x, cos, sin, True), rtol=0, atol=0)
+    assert not wide[..., :32].any()
+
+
 def test_add_rms_norm_is_the_add_then_the_norm_cpu():
     gen = torch.Generator().manual_seed(0)
     x, delta = (torch.randn(4, 96, generator=gen).to(BF16) for _ in range(2))
