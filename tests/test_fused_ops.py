@@ -96,6 +96,9 @@ def test_add_rms_norm_kernel(shape: tuple[int, int], dtype: torch.dtype):
     weight = (torch.rand(n, generator=gen, device="cuda") + 0.5).to(dtype)
     normed, total = fused.add_rms_norm(x, delta, weight, 1e-6)
     assert torch.equal(total, x + delta)  # the residual rounds as torch's add
+    bad = delta.clone()
+    bad[0, 1] = float("nan")
+    assert fused.add_rms_norm(x, bad, weight, 1e-6)[1][0, 1].isnan()  # a NaN stays NaN, as in torch
     want = fused.rms_norm_reference(x + delta, weight, 1e-6)
     torch.testing.assert_close(normed, want, rtol=2 ** -7 if dtype == BF16 else 1e-6, atol=0)  # see above
     if dtype == BF16:
@@ -114,6 +117,10 @@ def test_argmax_kernel(shape: tuple[int, int]):
         x[1] = float("-inf")  # a fully masked row (grammar): index 0, as torch
         x[-1, 5:9] = 60.0  # equal maxima inside one chunk
     assert torch.equal(fused.argmax(x), x.argmax(-1))
+    if B > 2:  # NaN (an overflowed model) counts as the largest in torch: its first index, never past V
+        x[0, V // 2] = x[0, V - 2] = float("nan")
+        x[2] = float("nan")
+        assert torch.equal(fused.argmax(x), x.argmax(-1))
 
 
 @gpu
@@ -131,6 +138,8 @@ def test_embed_kernel(start: int, T: int):
     want[own] = weight[ids[own] - start]
     assert torch.equal(fused.embed(ids, weight, start), want)
     assert torch.equal(fused.embed(ids.int(), weight, start), want)
+    strided = torch.stack([ids, ids + 7], dim=1)[:, 0]  # a column of a wider id tensor
+    assert torch.equal(fused.embed(strided, weight, start), want)
 
 
 @gpu

@@ -34,6 +34,16 @@ def sm_count(t: torch.Tensor) -> int:
     return num_sms(t.device.index or 0) if t.is_cuda else 8  # CPU: the Triton interpreter (debugging)
 
 
+@functools.lru_cache(maxsize=None)
+def _major(device_index: int) -> int:
+    return torch.cuda.get_device_capability(device_index)[0]
+
+
+def is_hopper(t: torch.Tensor) -> bool:
+    """SM90: 227 KiB of shared memory per block, which the largest tile choices assume."""
+    return t.is_cuda and _major(t.device.index or 0) == 9
+
+
 def agrees_with_reference(device_index: int, rows: int,
                           product: Callable[[torch.Tensor, BlockFP8], torch.Tensor]) -> bool:
     """Capability probe of an FP8 GEMM path: `product` of a small random bf16 x [rows, 512] and a 256 x 512

@@ -25,7 +25,7 @@ def _round(x, DT: tl.constexpr):
     if DT == tl.bfloat16:
         bits = x.to(tl.int32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536  # round to nearest even in the top 16 bits
-        return bits.to(tl.float32, bitcast=True)
+        return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))  # NaN stays NaN (its bits would carry)
     else:
         return x.to(DT).to(tl.float32)
 
@@ -209,10 +209,10 @@ def silu_mul_applies(gate: Tensor, up: Tensor) -> bool:
 
 
 @triton.jit
-def _embed_kernel(IDS, W, OUT, start, shard, N, stride_w, stride_o, BLOCK: tl.constexpr):
+def _embed_kernel(IDS, W, OUT, start, shard, N, stride_i, stride_w, stride_o, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    local = tl.load(IDS + row).to(tl.int64) - start
+    local = tl.load(IDS + row * stride_i).to(tl.int64) - start
     inside = (local >= 0) & (local < shard)
     x = tl.load(W + tl.where(inside, local, 0) * stride_w + d, mask=(d < N) & inside, other=0.0)
     tl.store(OUT + row * stride_o + d, x, mask=d < N)
@@ -224,9 +224,23 @@ def embed(ids: Tensor, weight: Tensor, start: int) -> Tensor:
     out = torch.empty((ids.shape[0], N), dtype=weight.dtype, device=weight.device)
     if ids.shape[0]:
         block = min(4096, next_pow2(N))
-        _embed_kernel[(ids.shape[0], triton.cdiv(N, block))](ids, weight, out, start, shard, N, weight.stride(0),
-                                                             out.stride(0), BLOCK=block, num_warps=4)
+        _embed_kernel[(ids.shape[0], triton.cdiv(N, block))](ids, weight, out, start, shard, N, ids.stride(0),
+                                                             weight.stride(0), out.stride(0), BLOCK=block,
+                                                             num_warps=4)
     return out
+
+
+@triton.jit
+def _first_max(x, index, NONE):
+    """(max, its first index) as torch.argmax orders values: NaN above everything (the first NaN wins), then
+    the first of equal maxima. A found NaN is returned as the max, so a second pass keeps preferring it."""
+    nan = x != x
+    first_nan = tl.min(tl.where(nan, index, NONE), 0)
+    clean = tl.where(nan, float("-inf"), x)
+    best = tl.max(clean, 0)
+    first_best = tl.min(tl.where(clean == best, index, NONE), 0)
+    has_nan = first_nan < NONE
+    return tl.where(has_nan, float("nan"), best), tl.where(has_nan, first_nan, first_best)
 
 
 @triton.jit(do_not_specialize=["V", "chunks"])
@@ -235,9 +249,9 @@ def _argmax_chunk_kernel(X, VAL, IDX, stride_x, V, chunks, BLOCK: tl.constexpr):
     c = tl.program_id(1)
     offs = c * BLOCK + tl.arange(0, BLOCK)
     x = tl.load(X + row * stride_x + offs, mask=offs < V, other=float("-inf"))
-    best = tl.max(x, 0)
+    best, first = _first_max(x, offs, V)
     tl.store(VAL + row * chunks + c, best)
-    tl.store(IDX + row * chunks + c, tl.min(tl.where(x == best, offs, V), 0))  # the first of equal maxima
+    tl.store(IDX + row * chunks + c, first)
 
 
 @triton.jit(do_not_specialize=["chunks"])
@@ -246,12 +260,12 @@ def _argmax_final_kernel(VAL, IDX, OUT, chunks, BLOCK_C: tl.constexpr):
     c = tl.arange(0, BLOCK_C)
     v = tl.load(VAL + row * chunks + c, mask=c < chunks, other=float("-inf"))
     i = tl.load(IDX + row * chunks + c, mask=c < chunks, other=2147483647)
-    tl.store(OUT + row, tl.min(tl.where(v == tl.max(v, 0), i, 2147483647), 0).to(tl.int64))
+    tl.store(OUT + row, _first_max(v, i, 2147483647)[1].to(tl.int64))
 
 
 def argmax(x: Tensor) -> Tensor:
-    """torch.argmax(x, -1) of fp32 rows [B, V] (the first index of equal maxima; rows without NaN): chunks
-    of every row in parallel, then one pass over the chunks' winners. torch's kernel runs one block per
+    """torch.argmax(x, -1) of fp32 rows [B, V] (the first index of equal maxima; NaN counts as the largest):
+    chunks of every row in parallel, then one pass over the chunks' winners. torch's kernel runs one block per
     row: 10 us for one row of a 129K vocabulary on the H200."""
     B, V = x.shape
     block = 4096

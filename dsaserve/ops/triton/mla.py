@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from dsaserve.cache.kv_format import fp8_views
-from dsaserve.ops.triton._common import dot_precision, new_empty, next_pow2, sm_count
+from dsaserve.ops.triton._common import dot_precision, is_hopper, new_empty, next_pow2, sm_count
 
 Tensor = torch.Tensor
 LOG2E = 1.4426950408889634
@@ -125,21 +125,22 @@ def _combine_kernel(PO, PLSE, O, LSE,
 
 
 SMEM_TILE_BUDGET = 160 << 10  # bytes of pipelined key tiles; Hopper has 227 KiB per block, q and scratch need the rest
-# Except 3 stages of 64 bf16 rows of 576 values (compiled: 217 KiB): 5-7% faster than 2 stages at 64-1024 rows
-# and 64 heads per program over a bf16 cache (H200, 2026-12-01). An FP8 cache's tiles pass through registers to
-# be dequantized: 2 stages there.
+# Except on Hopper 3 stages of 64 bf16 rows of 576 values (compiled: 217 KiB): 5-7% faster than 2 stages at
+# 64-1024 rows and 64 heads per program over a bf16 cache (H200, 2026-12-01). An FP8 cache's tiles pass through
+# registers to be dequantized: 2 stages there.
 BF16_THREE_STAGES = 3 * 64 * 1152
 
 
-def _config(T: int, H: int, K: int, block_v: int, row_bytes: int, sms: int, fp8: bool) -> dict[str, int]:
+def _config(T: int, H: int, K: int, block_v: int, row_bytes: int, sms: int, fp8: bool,
+            hopper: bool) -> dict[str, int]:
     """row_bytes: one gathered key row in the dot dtype (576 bf16 values: 1152; fp32 twice that)."""
     cfg = dict(CONFIG or {})
     block_h = cfg.get("block_h") or (16 if H <= 16 else 32 if H <= 32 else 64)
     warps = cfg.get("num_warps") or 8
     block_n = cfg.get("block_n") or 64
-    three = block_v < 512 or (block_h == 64 and not fp8 and 3 * block_n * row_bytes <= BF16_THREE_STAGES)
+    three = block_v < 512 or (hopper and block_h == 64 and not fp8 and 3 * block_n * row_bytes <= BF16_THREE_STAGES)
     stages = cfg.get("num_stages") or (3 if three else 2)
-    budget = BF16_THREE_STAGES if stages == 3 and not fp8 else SMEM_TILE_BUDGET
+    budget = BF16_THREE_STAGES if hopper and stages == 3 and not fp8 else SMEM_TILE_BUDGET
     while "block_n" not in cfg and block_n > 16 and stages * block_n * row_bytes > budget:
         block_n //= 2  # fp32 rows are twice as wide: halve the key block rather than exceed shared memory
     splits = cfg.get("splits")
@@ -182,7 +183,7 @@ def sparse_mla(q: Tensor, kv_cache: Tensor, indices: Tensor, sm_scale: float, v_
     row_bytes = (block_v + block_r) * dot_dtype.itemsize
     if fp8 and dot_dtype.itemsize == 4:  # H200: the e4m3 tile staged beside fp32 ones needs 238 KB at 32 keys
         row_bytes += row_bytes // 4
-    cfg = _config(T, H, K, block_v, row_bytes, sm_count(q), fp8)
+    cfg = _config(T, H, K, block_v, row_bytes, sm_count(q), fp8, is_hopper(q))
     block_n = cfg["block_n"]
     splits = max(1, min(cfg["splits"], triton.cdiv(K, block_n)))
     grid = (triton.cdiv(H, cfg["block_h"]), T, splits)
