@@ -77,12 +77,17 @@ def test_rope_into_a_slice_leaves_the_input_cpu():
 
 def test_add_rms_norm_is_the_add_then_the_norm_cpu():
     gen = torch.Generator().manual_seed(0)
-    x, delta = (torch.randn(4, 96, generator=gen).to(BF16) for _ in range(2))
-    weight = torch.rand(96, generator=gen).to(BF16) + 0.5
+    x, delta = (torch.randn(4, 96, generator=gen) for _ in range(2))
+    weight = torch.rand(96, generator=gen) + 0.5
     normed, total = fused.add_rms_norm(x, delta, weight, 1e-6)
-    assert torch.equal(total, x + delta) and torch.equal(normed, fused.rms_norm(x + delta, weight, 1e-6))
-    normed, same = fused.add_rms_norm(x, None, weight, 1e-6)
-    assert same is x and torch.equal(normed, fused.rms_norm(x, weight, 1e-6))
+    s = x.double() + delta.double()  # an independent float64 reference of the layer's two steps
+    want = weight.double() * s / (s.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()
+    torch.testing.assert_close(total.double(), s, rtol=1e-7, atol=1e-7)
+    torch.testing.assert_close(normed.double(), want, rtol=1e-5, atol=1e-6)
+    normed, same = fused.add_rms_norm(x, None, weight, 1e-6)  # the first layer: nothing to add
+    want = weight.double() * x.double() / (x.double().pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()
+    assert same is x
+    torch.testing.assert_close(normed.double(), want, rtol=1e-5, atol=1e-6)
 
 
 @gpu
