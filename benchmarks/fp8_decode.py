@@ -52,10 +52,17 @@ def chain_us(calls: list[Callable[[], object]]) -> float:
 
 
 def sweep_configs(N: int, K: int, sms: int) -> list[dict[str, int]]:
+    """Strips of 64 / 128 / 256 columns, 3 or 4 stages, and every distinct split-K count (at least 2 K groups
+    per split, at most 6 programs per SM): what default_config's decode rules were read from."""
+    groups = triton.cdiv(K, BLOCK[1])
     out = []
-    for block_n, warps, per_sm in itertools.product((32, 64, 128), (2, 4), (1, 2, 4)):
-        splits = max(1, min(triton.cdiv(K, BLOCK[1]), round(per_sm * sms / triton.cdiv(N, block_n))))
-        out.append(dict(block_n=block_n, num_warps=warps, num_stages=4, splits=splits))
+    for block_n, stages in itertools.product((64, 128, 256), (3, 4)):
+        tiles = triton.cdiv(N, block_n)
+        for per in sorted({triton.cdiv(groups, s) for s in range(1, groups + 1)}, reverse=True):
+            splits = triton.cdiv(groups, per)
+            if (per >= 2 or groups == 1) and tiles * splits <= 6 * sms:
+                out.append(dict(block_n=block_n, num_warps=8 if block_n == 256 else 4, num_stages=stages,
+                                splits=splits))
     return out
 
 

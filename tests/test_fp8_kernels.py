@@ -45,6 +45,7 @@ def test_act_quant_bit_exact(M: int, K: int, group: int, dtype: torch.dtype) -> 
 GEMM_SHAPES = [  # M, N, K: decode and prefill rows; V3.2 projections; odd N / K; N below one tile
     (1, 1536, 7168), (4, 576, 7168), (16, 3072, 1536), (17, 7168, 2048), (64, 2304, 7168), (65, 576, 7168),
     (300, 1000, 1536), (1024, 1536, 7168), (3, 100, 300), (130, 257, 200), (2, 24, 64), (0, 128, 256),
+    (1, 7168, 16384), (9, 2240, 7168),  # decode splits of unequal length (o_proj: 7 of 19, 19, ..., 14 groups)
 ]
 
 

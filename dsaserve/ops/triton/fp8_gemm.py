@@ -177,20 +177,43 @@ def _wgmma_linear(x2: Tensor, w: BlockFP8, block_m: int, stages: int) -> Tensor:
     return fp8_wgmma.block_scaled_mm(q, s, w, out, block_m=block_m, stages=stages)
 
 
+def balanced_splits(tiles: int, groups: int, sms: int, max_programs: int) -> int:
+    """Split-K count for few-row GEMMs: the one whose programs (tiles x splits) spread most evenly over the
+    SMs (the busiest SM's share, ceil(P / sms), sets the time), at least 4 K groups per split (shorter ones
+    spend their time filling the pipeline: 2-group splits were 25% slower on TP-8 shapes) and at most
+    max_programs; near-ties go to fewer programs (fewer partials to sum). At least 1.5 programs per SM when
+    any split gives that: one 3-stage strip per SM keeps too few bytes in flight."""
+    options = []
+    for per in range(groups, min(4, groups) - 1, -1):
+        programs = tiles * -(-groups // per)
+        if programs <= max_programs:
+            options.append((programs / sms / -(-programs // sms), programs, per))
+    if not options:
+        return 1
+    options = [o for o in options if 2 * o[1] >= 3 * sms] or options
+    best = max(o[0] for o in options)
+    per = min((o for o in options if o[0] >= best - 0.02), key=lambda o: o[1])[2]
+    return -(-groups // per)
+
+
 @functools.lru_cache(maxsize=4096)
 def default_config(M: int, N: int, K: int, block_k: int, sms: int) -> dict[str, int]:
     """Tile choice: weight streaming with split-K for decode rows, 128 x 128 tiles for prefill.
     Cached per shape (the decode hot path); callers copy before changing it."""
     groups = triton.cdiv(K, block_k)
-    # Decode rules from an H200 sweep (benchmarks/fp8_decode.py --sweep): ~2 programs per SM through
-    # split-K, strips of 128 columns for wide weights at up to 16 rows, and no split when the tiles
-    # alone fill a wave and each program's K range is short.
-    if M <= 64:
-        block_n = 128 if M <= 16 and N >= 4096 else 64
-        cfg = dict(block_m=max(16, next_pow2(M)), block_n=block_n, num_warps=4, num_stages=4, group_m=1,
-                   a_quant=int(M <= 16))
-        tiles = triton.cdiv(N, block_n)
-        one_wave = M > 16 and 4 * tiles >= 3 * sms and groups <= 16
+    # Decode rules from H200 sweeps (benchmarks/fp8_decode.py --sweep; docs/benchmarks.md). Up to 16 rows:
+    # strips of 128 columns for wide weights, 3 stages (45 KiB of shared memory) and the split that
+    # spreads the programs most evenly (o_proj 7168 x 16384: 7 splits, 392 programs, 58% -> 68% of
+    # copy bandwidth). From 17 rows: ~2 programs per SM through split-K, and no split when the tiles alone
+    # fill a wave and each program's K range is short (partials of 64 rows cost bytes).
+    if M <= 16:
+        block_n = 128 if N >= 4096 else 64
+        cfg = dict(block_m=16, block_n=block_n, num_warps=4, num_stages=3, group_m=1, a_quant=1,
+                   splits=balanced_splits(triton.cdiv(N, block_n), groups, sms, 6 * sms))
+    elif M <= 64:
+        cfg = dict(block_m=next_pow2(M), block_n=64, num_warps=4, num_stages=4, group_m=1, a_quant=0)
+        tiles = triton.cdiv(N, 64)
+        one_wave = 4 * tiles >= 3 * sms and groups <= 16
         cfg["splits"] = 1 if one_wave else max(1, min(groups, round(2 * sms / tiles)))
     elif M <= 512:
         cfg = dict(block_m=64, block_n=128, num_warps=4, num_stages=4, group_m=8, a_quant=0, splits=1)
