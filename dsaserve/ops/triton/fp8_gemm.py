@@ -203,7 +203,7 @@ def default_config(M: int, N: int, K: int, block_k: int, sms: int) -> dict[str, 
     groups = triton.cdiv(K, block_k)
     # Decode rules from H200 sweeps (benchmarks/fp8_decode.py --sweep; docs/benchmarks.md). Up to 16 rows:
     # strips of 128 columns for wide weights, 3 stages (45 KiB of shared memory) and the split that
-    # spreads the programs most evenly (o_proj 7168 x 16384: 7 splits, 392 programs, 58% -> 68% of
+    # spreads the programs most evenly (o_proj 7168 x 16384: 7 splits, 392 programs, 58% -> 67% of
     # copy bandwidth). From 17 rows: ~2 programs per SM through split-K, and no split when the tiles alone
     # fill a wave and each program's K range is short (partials of 64 rows cost bytes).
     if M <= 16:
