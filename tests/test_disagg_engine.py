@@ -11,7 +11,7 @@ from typing import Iterator
 
 import pytest
 
-from conftest import ARCHS, prompts_ids
+from conftest import ARCHS, prompts_ids, sampling_features
 from dsaserve import LLM, SamplingParams
 from dsaserve.engine.engine import Engine
 from dsaserve.engine.request import DisaggRoute, RequestOutput
@@ -41,21 +41,26 @@ def pd_pair(model: str, backend: str = "nixl", **kw: object) -> Iterator[tuple[E
             e.disagg.close()
 
 
-def run_pd(pre: Engine, dec: Engine, prompts: list[list[int]], params: SamplingParams,
-           max_steps: int = 20000) -> tuple[dict[str, RequestOutput], dict[str, list[int]]]:
+def run_pd(pre: Engine, dec: Engine, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+           max_steps: int = 20000, logprobs: dict[str, list] | None = None,
+           ) -> tuple[dict[str, RequestOutput], dict[str, list[int]]]:
     """Send every prompt to both engines (as the router does) and step both until idle; the decode engine's
-    final outputs and tokens by request id."""
+    final outputs and tokens by request id (and its log-probabilities into `logprobs` when given). One
+    SamplingParams for all prompts or one per prompt."""
     peer = f"tcp://127.0.0.1:{pre.disagg.port}"
-    for i, ids in enumerate(prompts):
+    per_prompt = params if isinstance(params, list) else [params] * len(prompts)
+    for i, (ids, p) in enumerate(zip(prompts, per_prompt)):
         room = next(_rooms)
-        pre.add_request(f"r{i}", ids, params, DisaggRoute(room))
-        dec.add_request(f"r{i}", ids, params, DisaggRoute(room, peer))
+        pre.add_request(f"r{i}", ids, p, DisaggRoute(room))
+        dec.add_request(f"r{i}", ids, p, DisaggRoute(room, peer))
     final: dict[str, RequestOutput] = {}
     tokens: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
     for _ in range(max_steps):
         pre.step()
         for out in dec.step():
             tokens[out.rid] += out.new_token_ids
+            if logprobs is not None:
+                logprobs.setdefault(out.rid, []).extend(out.new_logprobs)
             if out.finished:
                 final[out.rid] = out
         if len(final) == len(prompts) and not (pre.has_work() or dec.has_work()):
@@ -88,6 +93,48 @@ def test_pd_greedy_equals_aggregated(arch: str, page_size: int, spec_steps: int,
         if spec_steps:  # the decode server's first step verified the prefill server's drafts
             assert dec.stats().spec_verify_steps > 0
         assert pre.steps <= sum(-(-len(ids) // 7) for ids in prompts)  # prompt chunks only, never a decode step
+        assert_pools_whole(pre, dec)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("page_size,spec_steps", [(1, 2), (64, 0)])
+def test_pd_over_fp8_cache_equals_aggregated(arch: str, page_size: int, spec_steps: int,
+                                             tiny_models: dict[str, str]) -> None:
+    """`--kv-cache-dtype fp8_e4m3` on both servers: the pages move as their 656-byte latent rows and 132-byte
+    index-key rows, and decoding over them gives the aggregated FP8-cache engine's tokens."""
+    model = tiny_models[arch]
+    flags = dict(page_size=page_size, kv_cache_dtype="fp8_e4m3")
+    if spec_steps:
+        flags.update(speculative_algorithm="NEXTN", speculative_num_steps=spec_steps)
+    prompts = prompts_ids(4, lengths(page_size), seed=8)
+    expected = [c.token_ids for c in LLM(model, max_total_tokens=2048, **flags).generate(prompts, GREEDY)]
+    with pd_pair(model, chunked_prefill_size=7, **flags) as (pre, dec):
+        _, tokens = run_pd(pre, dec, prompts, GREEDY)
+        assert [tokens[f"r{i}"] for i in range(len(prompts))] == expected
+        assert_pools_whole(pre, dec)
+
+
+@pytest.mark.parametrize("spec_steps", [0, 2])
+def test_pd_sampling_features_equal_aggregated(spec_steps: int, tiny_ds: str) -> None:
+    """The prefill server samples the first token, the decode server the rest: seeded top-p sampling, penalties,
+    log-probabilities, a JSON-schema grammar (greedy and sampled) and a stop string give the aggregated
+    engine's tokens, log-probabilities and finish reasons, with MTP off and on."""
+    spec = dict(speculative_algorithm="NEXTN", speculative_num_steps=spec_steps) if spec_steps else {}
+    features = sampling_features(tiny_ds, prompts_ids(3, [5, 20, 9], seed=2))
+    all_prompts, all_params = [p for p, _ in features], [k for _, k in features]
+    want = LLM(tiny_ds, max_total_tokens=2048, page_size=4, **spec).generate(all_prompts, all_params)
+    assert want[-3].finish_reason.kind == "stop"  # the stop string ends the first prompt's output
+    logprobs: dict[str, list] = {}
+    with pd_pair(tiny_ds, page_size=4, **spec) as (pre, dec):
+        final, tokens = run_pd(pre, dec, all_prompts, all_params, logprobs=logprobs)
+        for i, (w, p) in enumerate(zip(want, all_params)):
+            assert tokens[f"r{i}"] == w.token_ids, p
+            assert final[f"r{i}"].finish.kind == w.finish_reason.kind, p
+            if p.logprobs:
+                got = logprobs[f"r{i}"]
+                assert len(got) == len(w.logprobs)
+                for (lp, top), (want_lp, want_top) in zip(got, w.logprobs):
+                    assert abs(lp - want_lp) < 1e-5 and [t for t, _ in top] == [t for t, _ in want_top]
         assert_pools_whole(pre, dec)
 
 

@@ -1,6 +1,8 @@
 """Memory pressure: a pool for about two requests still serves ten, by waiting and retraction."""
 from __future__ import annotations
 
+import pytest
+
 from conftest import prompts_ids
 from dsaserve import LLM, SamplingParams
 
@@ -16,6 +18,22 @@ def test_ten_requests_in_a_two_request_pool(tiny_ds: str) -> None:
     stats = tight.engine.stats()
     assert stats.num_retractions > 0, "the test pool was meant to force retraction"
     assert stats.free_pages == stats.total_pages
+
+
+@pytest.mark.parametrize("steps", [0, 2])
+def test_retraction_over_the_fp8_cache(steps: int, tiny_ds: str) -> None:
+    """Retracted requests recompute their e4m3 rows (decode-written ones by a prefill), with MTP off and on:
+    the tokens of a roomy FP8-cache pool."""
+    prompts = prompts_ids(10, [20, 5, 31, 12, 8, 25, 3, 17, 28, 10], seed=6)
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    flags = dict(page_size=4, kv_cache_dtype="fp8_e4m3")
+    if steps:
+        flags.update(speculative_algorithm="NEXTN", speculative_num_steps=steps)
+    free_run = LLM(tiny_ds, max_total_tokens=8192, **flags).generate(prompts, params)
+    tight = LLM(tiny_ds, max_total_tokens=2 * (31 + 24) + 16, **flags)
+    assert [o.token_ids for o in tight.generate(prompts, params)] == [o.token_ids for o in free_run]
+    stats = tight.engine.stats()
+    assert stats.num_retractions > 0 and stats.free_pages == stats.total_pages
 
 
 def test_page_size_one_pressure(tiny_ds: str) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ARCHS, prompts_ids
+from conftest import ARCHS, prompts_ids, sampling_features
 from dsaserve import LLM, SamplingParams
 from dsaserve.parallel.launch import Job, OfflineRequest, run_jobs
 from dsaserve.server_args import ServerArgs
@@ -77,7 +77,9 @@ def test_dp_groups_with_uneven_timing(tiny_ds: str) -> None:
     prefill runs beside the other's decode); 1 vs 3 and 0 vs 4 requests per rank, also with speculation
     and graph buckets (an idle group replays the agreed bucket with dummy requests); unseeded sampling
     differs between DP groups (each group draws its own seeds); a prompt repeated on one group after
-    the first one ended, and on the other group (each with its own prefix cache), gives the same tokens."""
+    the first one ended, and on the other group (each with its own prefix cache), gives the same tokens; seeded
+    top-p sampling, penalties, a JSON-schema grammar (greedy and sampled) and a stop string on both groups, with
+    and without MTP, give the single-device tokens (the sampling state lives on each group's leader)."""
     late = [OfflineRequest(PROMPTS[0], GREEDY, dp_rank=0, arrive_at_step=6)]
     busy = [OfflineRequest(p, GREEDY, dp_rank=1) for p in PROMPTS[1:]]
     early = [OfflineRequest(PROMPTS[3], GREEDY, dp_rank=0, arrive_at_step=0),
@@ -92,9 +94,17 @@ def test_dp_groups_with_uneven_timing(tiny_ds: str) -> None:
             Job({"model_path": tiny_ds, "page_size": 1, **spec(2, graphs=4)}, all_on_one),
             Job({"model_path": tiny_ds, "page_size": 64}, same_prompt),
             Job({"model_path": tiny_ds, "page_size": 1, **spec(3, graphs=2)}, repeats)]  # 2nd: after the 1st ended
+    features = sampling_features(tiny_ds, PROMPTS[:3])
+    jobs += [Job({"model_path": tiny_ds, "page_size": 1, **extra},
+                 [OfflineRequest(p, k, dp_rank=i % 2) for i, (p, k) in enumerate(features)])
+             for extra in ({}, spec(2, graphs=2))]
     results = run_jobs(ServerArgs(tp=4, dp=2, enable_dp_attention=True, max_total_tokens=2048), jobs)
     assert results[0] == results[2] == single_device(tiny_ds, 1, PROMPTS[:1] + PROMPTS[1:])
     assert results[1] == single_device(tiny_ds, 64, [PROMPTS[3], PROMPTS[1]])
     assert results[3] == single_device(tiny_ds, 1)
     assert results[4][0] != results[4][1], "unseeded requests on two DP groups drew the same seed"
     assert results[5] == single_device(tiny_ds, 1, [PROMPTS[1]]) * 3
+    alone = LLM(tiny_ds, page_size=1, max_total_tokens=2048).generate([p for p, _ in features], [k for _, k in features])
+    assert alone[-3].finish_reason.kind == "stop"  # the stop string ends the first prompt's output
+    assert results[6] == results[7] == [list(c.token_ids) for c in alone]
+

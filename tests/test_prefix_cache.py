@@ -41,11 +41,14 @@ def _multi_turn(llm: LLM) -> list[list[int]]:
     return first + [o.token_ids for o in llm.generate(second + BASE, GREEDY)]
 
 
+@pytest.mark.parametrize("kv", ["auto", "fp8_e4m3"])
 @pytest.mark.parametrize("page_size", [1, 64])
 @pytest.mark.parametrize("steps", [0, 3])
-def test_cached_outputs_equal_uncached(page_size: int, steps: int, tiny_ds: str) -> None:
+def test_cached_outputs_equal_uncached(page_size: int, steps: int, kv: str, tiny_ds: str) -> None:
+    """Also over the FP8 cache: shared pages hold the e4m3 rows turn 1 wrote (by decode steps too), which
+    must be the rows a fresh prefill writes."""
     spec = dict(speculative_algorithm="NEXTN", speculative_num_steps=steps) if steps else {}
-    common = dict(page_size=page_size, max_total_tokens=4096, chunked_prefill_size=16, **spec)
+    common = dict(page_size=page_size, max_total_tokens=4096, chunked_prefill_size=16, kv_cache_dtype=kv, **spec)
     expected = _multi_turn(LLM(tiny_ds, disable_radix_cache=True, **common))
     llm = LLM(tiny_ds, **common)
     assert _multi_turn(llm) == expected
