@@ -46,22 +46,28 @@ def prompts_ids(n: int, lengths: list[int], seed: int = 0, vocab: int = 500) -> 
 
 
 def sampling_features(model: str, prompts: list[list[int]]) -> list[tuple[list[int], SamplingParams]]:
-    """Every prompt under each of: seeded top-p, penalties, log-probabilities, a JSON-schema grammar greedy and
-    sampled, and a stop string (3 characters of the first prompt's greedy text, so that it does stop it): the
-    request features whose state must follow a request across ranks, groups and servers."""
+    """Every prompt under each of: seeded top-p, penalties, the repetition penalty, log-probabilities, a
+    JSON-schema grammar greedy and sampled, a logit bias (sampled), min_tokens before a stop token, and last a
+    stop string (3 characters of the first prompt's greedy text, so that it does stop it): the request
+    features whose state must follow a request across ranks, groups and servers."""
     from dsaserve import LLM
     from dsaserve.chat.grammar import checked_spec, json_grammar
     schema = {"type": "object", "properties": {"n": {"type": "boolean"}, "w": {"enum": ["ab", "cd"]}},
               "required": ["n", "w"], "additionalProperties": False}
     grammar = checked_spec(json_grammar(schema), model, (1,))
     greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-    stop = LLM(model, max_total_tokens=2048).generate(prompts[:1], greedy)[0].text[3:6]
+    first = LLM(model, max_total_tokens=2048).generate(prompts[:1], greedy)[0]
+    stop, g0, g1 = first.text[3:6], first.token_ids[0], first.token_ids[1]
     assert len(stop) == 3
     kinds = [SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, seed=5, ignore_eos=True),
              SamplingParams(max_tokens=12, temperature=0.0, frequency_penalty=1.5, presence_penalty=0.7,
                             ignore_eos=True),
+             SamplingParams(max_tokens=12, temperature=0.0, repetition_penalty=1.4, ignore_eos=True),
              SamplingParams(max_tokens=6, temperature=0.0, logprobs=2, ignore_eos=True),
              SamplingParams(max_tokens=24, temperature=0.0, grammar=grammar),
              SamplingParams(max_tokens=24, temperature=0.9, seed=3, grammar=grammar),
+             SamplingParams(max_tokens=12, temperature=0.9, seed=4, logit_bias=((g0, -100.0), (g1, 4.0)),
+                            ignore_eos=True),
+             SamplingParams(max_tokens=12, temperature=0.0, min_tokens=4, stop_token_ids=(g0,)),
              SamplingParams(max_tokens=12, temperature=0.0, stop=(stop,), ignore_eos=True)]
     return [(p, k) for k in kinds for p in prompts]

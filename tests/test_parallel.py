@@ -104,7 +104,8 @@ def test_dp_groups_with_uneven_timing(tiny_ds: str) -> None:
     assert results[3] == single_device(tiny_ds, 1)
     assert results[4][0] != results[4][1], "unseeded requests on two DP groups drew the same seed"
     assert results[5] == single_device(tiny_ds, 1, [PROMPTS[1]]) * 3
-    alone = LLM(tiny_ds, page_size=1, max_total_tokens=2048).generate([p for p, _ in features], [k for _, k in features])
+    alone = LLM(tiny_ds, page_size=1, max_total_tokens=2048).generate([p for p, _ in features],
+                                                                      [k for _, k in features])
     assert alone[-3].finish_reason.kind == "stop"  # the stop string ends the first prompt's output
     assert results[6] == results[7] == [list(c.token_ids) for c in alone]
 

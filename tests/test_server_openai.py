@@ -141,6 +141,26 @@ def test_n_with_seed_and_stop(client: openai.OpenAI, llm: LLM, model: str) -> No
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
 
 
+def test_logit_bias_repetition_penalty_min_tokens(server: ServerProcess, client: openai.OpenAI, llm: LLM,
+                                                  model: str) -> None:
+    """OpenAI's logit_bias through the official client, vLLM's repetition_penalty and min_tokens in extra_body,
+    SGLang's names on /generate: the tokens of LLM with the same SamplingParams."""
+    base = greedy(llm, [[5, 6, 7]])[0].token_ids
+    shaped = SamplingParams(max_tokens=MAX, temperature=0.0, repetition_penalty=1.5, min_tokens=3,
+                            stop_token_ids=(base[1],), logit_bias={str(base[0]): -100.0, "9": 3.0})
+    exp = llm.generate([[5, 6, 7]], shaped)[0]
+    assert exp.token_ids != base
+    r = client.completions.create(model=model, prompt=[5, 6, 7], max_tokens=MAX, temperature=0, logprobs=0,
+                                  logit_bias={str(base[0]): -100, "9": 3},
+                                  extra_body={**AS_IDS, "repetition_penalty": 1.5, "min_tokens": 3,
+                                              "stop_token_ids": [base[1]]})
+    assert ids_of(r.choices[0].logprobs.tokens) == exp.token_ids
+    native = httpx.post(f"{server.url}/generate", timeout=60, json={"input_ids": [5, 6, 7], "sampling_params": {
+        "max_new_tokens": MAX, "temperature": 0, "repetition_penalty": 1.5, "min_new_tokens": 3,
+        "stop_token_ids": [base[1]], "logit_bias": {str(base[0]): -100, "9": 3}}}).json()
+    assert native["output_ids"] == exp.token_ids
+
+
 def test_64_concurrent_streams(server: ServerProcess, model: str) -> None:
     async def one(client: openai.AsyncOpenAI, i: int) -> tuple[int, int, int]:
         prompt = [10 + i % 50] * (3 + i % 7)

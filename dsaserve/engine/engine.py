@@ -116,6 +116,7 @@ class Engine:
             raise RequestError(f"request id {rid!r} is already in use")
         params.validate()
         bad = [t for t in prompt_ids if not 0 <= t < self.cfg.vocab_size]
+        bad += [t for t, _ in params.logit_bias if t >= self.cfg.vocab_size]
         if bad:
             raise RequestError(f"token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
         room = min(self.context_length, self.scheduler.capacity_tokens - self.scheduler.cfg.decode_lookahead + 1)
@@ -124,6 +125,9 @@ class Engine:
                       arrival=next(self._arrivals),
                       seed=params.seed if params.seed is not None else self._seeds.getrandbits(63),
                       disagg=route if self.disagg is not None else None)
+        if params.min_tokens:
+            ends = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_ids))
+            req.min_tokens_banned = tuple(sorted(t for t in ends if t < self.cfg.vocab_size))
         if req.disagg is not None:
             self.disagg.add(req)
         else:

@@ -22,6 +22,9 @@ class SamplingParams:
     min_p: float = 0.0
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # > 1 discourages every token of the prompt and output (HF / vLLM's rule)
+    min_tokens: int = 0  # EOS and stop_token_ids cannot be sampled before this many output tokens
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit): OpenAI's logit_bias
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
@@ -35,6 +38,8 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
+        object.__setattr__(self, "logit_bias", tuple(sorted((int(t), float(b)) for t, b in bias)))
 
     @property
     def greedy(self) -> bool:
@@ -50,6 +55,12 @@ class SamplingParams:
             (-2.0 <= self.frequency_penalty <= 2.0, f"frequency_penalty must be in [-2, 2], got "
                                                     f"{self.frequency_penalty}"),
             (-2.0 <= self.presence_penalty <= 2.0, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
+            (0.0 < self.repetition_penalty <= 2.0,
+             f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}"),
+            (self.min_tokens >= 0 and (self.max_tokens is None or self.min_tokens <= self.max_tokens),
+             f"min_tokens must be in [0, max_tokens], got {self.min_tokens}"),
+            (all(t >= 0 and -100.0 <= b <= 100.0 for t, b in self.logit_bias),
+             "logit_bias maps token ids >= 0 to biases in [-100, 100]"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs must be in [0, 20], got {self.logprobs}"),
             (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
              f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}"),
@@ -104,6 +115,8 @@ class Request:
     spec_verify_ct: int = 0  # verify steps this request took part in
     spec_accepted: int = 0  # draft tokens accepted over those steps
     grammar: Any = None  # GrammarState of params.grammar, made by the sampler on the leader
+    min_tokens_banned: tuple[int, ...] = ()  # EOS and stop token ids, masked before params.min_tokens
+    prompt_vocab: Any = None  # the prompt's distinct token ids (a tensor), made once for the repetition penalty
     disagg: DisaggRoute | None = None  # PD: the request's KV cache moves between servers
     inflight: int = 0  # overlapped scheduling: tokens sampled on the device, not committed yet
 

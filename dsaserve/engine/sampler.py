@@ -1,4 +1,5 @@
-"""Sampler: penalties, greedy / temperature / top-k / top-p / min-p, per-request reproducible seeds.
+"""Sampler: grammar masks, logit bias, min_tokens, penalties (repetition, frequency, presence), greedy /
+temperature / top-k / top-p / min-p, per-request reproducible seeds.
 
 A sampled token depends only on the request's logits, its seed and how many tokens it has produced,
 never on the rest of the batch or on retraction: each sampled row is one inverse-CDF draw with a
@@ -54,15 +55,43 @@ def apply_grammars(logits: Tensor, reqs: list[Request], pending: list[list[int]]
     return logits
 
 
+def apply_logit_bias(logits: Tensor, reqs: list[Request], pending: list[list[int]]) -> Tensor:
+    """OpenAI's logit_bias (added to the raw logits), and -inf for EOS and stop tokens while a request has
+    fewer than min_tokens output tokens (a verify row counts the drafts before it)."""
+    bias_rows = [i for i, r in enumerate(reqs) if r.params.logit_bias]
+    banned_rows = [i for i, r in enumerate(reqs) if r.min_tokens_banned
+                   and len(r.output_ids) + len(pending[i]) < r.params.min_tokens]
+    if not (bias_rows or banned_rows):
+        return logits
+    logits = logits.clone()
+    for i in bias_rows:
+        ids, bias = zip(*reqs[i].params.logit_bias)
+        logits[i, torch.tensor(ids, device=logits.device)] += torch.tensor(bias, device=logits.device)
+    for i in banned_rows:
+        logits[i, torch.tensor(reqs[i].min_tokens_banned, device=logits.device)] = float("-inf")
+    return logits
+
+
 def apply_penalties(logits: Tensor, reqs: list[Request], pending: list[list[int]]) -> Tensor:
-    rows = [i for i, r in enumerate(reqs) if r.params.frequency_penalty or r.params.presence_penalty]
+    """Repetition penalty over the prompt and output tokens (a positive logit divided by it, a negative one
+    multiplied, as transformers and vLLM do), then frequency and presence penalties over the output."""
+    rows = [i for i, r in enumerate(reqs) if r.params.frequency_penalty or r.params.presence_penalty
+            or r.params.repetition_penalty != 1.0]
     if not rows:
         return logits
     logits = logits.clone()
     for i in rows:
         p = reqs[i].params
         history = reqs[i].output_ids + pending[i]
-        if not history:
+        if p.repetition_penalty != 1.0:
+            req = reqs[i]
+            if req.prompt_vocab is None or req.prompt_vocab.device != logits.device:
+                req.prompt_vocab = torch.tensor(sorted(set(req.prompt_ids)), device=logits.device)
+            seen = torch.cat([req.prompt_vocab, torch.tensor(history, dtype=torch.long, device=logits.device)])
+            seen = seen.unique()
+            score = logits[i, seen]
+            logits[i, seen] = torch.where(score > 0, score / p.repetition_penalty, score * p.repetition_penalty)
+        if not history or not (p.frequency_penalty or p.presence_penalty):
             continue
         counts = torch.bincount(torch.tensor(history, device=logits.device),
                                 minlength=logits.shape[1])[: logits.shape[1]].float()
@@ -104,7 +133,7 @@ def _top_filtered(probs: Tensor, reqs: list[Request]) -> Tensor:
 def sample_tokens(logits: Tensor, reqs: list[Request], pending: list[list[int]] | None = None) -> Tensor:
     """The sampled token of every row, on the device (no host sync for greedy rows); see sample()."""
     pending = pending if pending is not None else [[] for _ in reqs]
-    shaped = apply_penalties(apply_grammars(logits, reqs, pending), reqs, pending)
+    shaped = apply_penalties(apply_logit_bias(apply_grammars(logits, reqs, pending), reqs, pending), reqs, pending)
     tokens = argmax(shaped)
     random_rows = [i for i, r in enumerate(reqs) if not r.params.greedy]
     if random_rows:

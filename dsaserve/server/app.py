@@ -20,8 +20,8 @@ from dsaserve.server.frontend import Frontend, RequestHandle
 from dsaserve.server.guard import RequestGuard
 from dsaserve.server.metrics import ServerMetrics
 from dsaserve.server.openai_api import OpenAIServing, openai_router
-from dsaserve.server.streaming import (DONE, AbortingStream, Result, aborter, checked, collect, error_event,
-                                       prompt_token_logprobs, until_disconnect)
+from dsaserve.server.streaming import (DONE, AbortingStream, Result, aborter, bias_pairs, checked, collect,
+                                       error_event, prompt_token_logprobs, until_disconnect)
 from dsaserve.server_args import ServerArgs
 
 HEALTH_GENERATE_TIMEOUT_S = 60.0
@@ -86,6 +86,7 @@ def _native_params(sp: p.NativeSamplingParams, logprobs: int | None, prompt_logp
     return checked(SamplingParams(
         max_tokens=sp.max_new_tokens, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k,
         min_p=sp.min_p, frequency_penalty=sp.frequency_penalty, presence_penalty=sp.presence_penalty,
+        repetition_penalty=sp.repetition_penalty, min_tokens=sp.min_new_tokens, logit_bias=bias_pairs(sp.logit_bias),
         seed=sp.seed, stop=stop, stop_token_ids=tuple(sp.stop_token_ids or ()), ignore_eos=sp.ignore_eos,
         logprobs=logprobs, prompt_logprobs=prompt_logprobs))
 

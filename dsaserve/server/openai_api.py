@@ -19,8 +19,8 @@ from dsaserve.engine.request import SamplingParams
 from dsaserve.server import protocol as p
 from dsaserve.server.errors import ApiError, bad_request
 from dsaserve.server.frontend import Delta, Frontend, RequestHandle
-from dsaserve.server.streaming import (DONE, AbortingStream, Result, aborter, checked, collect, error_event,
-                                       merged, prompt_token_logprobs, until_disconnect)
+from dsaserve.server.streaming import (DONE, AbortingStream, Result, aborter, bias_pairs, checked, collect,
+                                       error_event, merged, prompt_token_logprobs, until_disconnect)
 
 LogprobList = list[tuple[float, list[tuple[int, float]]]]
 ParserFactory = Callable[[], OutputParser]
@@ -78,7 +78,9 @@ class OpenAIServing:
             max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p, top_k=-1 if body.top_k is None else body.top_k,
             min_p=body.min_p or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
-            presence_penalty=body.presence_penalty or 0.0, seed=seed, stop=stop,
+            presence_penalty=body.presence_penalty or 0.0,
+            repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+            min_tokens=body.min_tokens or 0, logit_bias=bias_pairs(body.logit_bias), seed=seed, stop=stop,
             stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos, logprobs=logprobs,
             grammar=grammar, prompt_logprobs=prompt_logprobs))
 

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 
 class _In(BaseModel):
-    # OpenAI clients send fields we do not use (user, logit_bias, ...): accept and ignore them.
+    # OpenAI clients send fields we do not use (user, ...): accept and ignore them.
     model_config = ConfigDict(extra="ignore")
 
 
@@ -35,6 +35,9 @@ class SamplingFields(Bootstrap):
     seed: int | None = None
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
+    repetition_penalty: float | None = None  # vLLM's and SGLang's extension
+    min_tokens: int | None = None  # vLLM's extension (SGLang's native min_new_tokens)
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
@@ -126,6 +129,9 @@ class NativeSamplingParams(BaseModel):
     min_p: float = 0.0
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_new_tokens: int = 0
+    logit_bias: dict[str, float] | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None

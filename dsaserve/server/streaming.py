@@ -48,6 +48,17 @@ def prompt_token_logprobs(scored: list | None, prompt_len: int) -> list:
     return [(None, [])] + list(scored) if scored is not None else [(None, [])] * prompt_len
 
 
+def bias_pairs(logit_bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    """OpenAI's logit_bias (token ids as JSON keys) as (id, bias) pairs; a key that is not an id is a 400."""
+    pairs = []
+    for key, bias in (logit_bias or {}).items():
+        try:
+            pairs.append((int(key), float(bias)))
+        except ValueError:
+            raise bad_request(f"logit_bias keys must be token ids, got {key!r}", param="logit_bias") from None
+    return tuple(pairs)
+
+
 def checked(params: SamplingParams) -> SamplingParams:
     """Bad sampling values are a 400 before anything is queued."""
     try:

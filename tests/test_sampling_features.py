@@ -1,0 +1,82 @@
+"""Logit shaping beyond temperature and top-k / top-p: the repetition penalty (against transformers'
+processor), OpenAI's logit_bias, min_tokens; their checks, and their effect through the engine (with and
+without MTP). PD and DP attention run them in tests/test_disagg_engine.py and tests/test_parallel.py."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+from conftest import prompts_ids
+from dsaserve import LLM, SamplingParams
+from dsaserve.engine.request import Request, RequestError
+from dsaserve.engine.sampler import apply_logit_bias, apply_penalties
+
+V = 64
+
+
+def _req(params: SamplingParams, prompt: list[int], output: list[int], banned: tuple[int, ...] = ()) -> Request:
+    return Request(rid="r", prompt_ids=prompt, params=params, max_new_tokens=16, arrival=0, seed=1,
+                   output_ids=list(output), min_tokens_banned=banned)
+
+
+@pytest.mark.parametrize("penalty", [1.3, 0.7])
+def test_repetition_penalty_equals_transformers(penalty: float) -> None:
+    """Over the prompt, the output and a verify row's pending drafts, as transformers' processor rules."""
+    logits = torch.randn(1, V, generator=torch.Generator().manual_seed(3)) * 3
+    prompt, output, pending = [3, 4, 4, 9, 60], [7, 3], [11, 9]
+    got = apply_penalties(logits, [_req(SamplingParams(repetition_penalty=penalty), prompt, output)], [pending])
+    want = RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor([prompt + output + pending]), logits.clone())
+    assert torch.equal(got, want)
+    assert not torch.equal(got, logits)
+
+
+def test_logit_bias_and_min_tokens_shape_the_logits() -> None:
+    logits = torch.randn(2, V, generator=torch.Generator().manual_seed(4))
+    biased = SamplingParams(logit_bias={"5": 2.5, "9": -100.0})
+    assert biased.logit_bias == ((5, 2.5), (9, -100.0))
+    early = SamplingParams(min_tokens=3)
+    reqs = [_req(biased, [1], []), _req(early, [1], [8], banned=(2, 6))]
+    got = apply_logit_bias(logits, reqs, [[], [4]])  # request 2: 1 output + 1 pending = 2 < 3
+    want = logits.clone()
+    want[0, 5] += 2.5
+    want[0, 9] -= 100.0
+    want[1, 2] = want[1, 6] = float("-inf")
+    assert torch.equal(got, want)
+    assert torch.equal(apply_logit_bias(logits[1:], reqs[1:], [[4, 4]]), logits[1:])  # 3 tokens: no longer masked
+
+
+@pytest.mark.parametrize("params,words", [
+    (SamplingParams(repetition_penalty=0.0), "repetition_penalty must be in (0, 2]"),
+    (SamplingParams(max_tokens=3, min_tokens=5), "min_tokens must be in [0, max_tokens]"),
+    (SamplingParams(logit_bias={"3": 150.0}), "logit_bias maps token ids >= 0 to biases in [-100, 100]"),
+    (SamplingParams(logit_bias={"-2": 1.0}), "logit_bias maps token ids >= 0"),
+])
+def test_bad_values_are_named(params: SamplingParams, words: str) -> None:
+    with pytest.raises(RequestError, match=words.replace("(", r"\(").replace("[", r"\[").replace("]", r"\]")):
+        params.validate()
+
+
+@pytest.mark.parametrize("steps", [0, 2])
+def test_through_the_engine(steps: int, tiny_ds: str) -> None:
+    """A +100 bias makes greedy decoding repeat that token; a -100 bias bans the greedy choice; min_tokens
+    holds a stop token back for that many tokens; the same with MTP; a biased id past the vocabulary is
+    refused by name."""
+    spec = dict(speculative_algorithm="NEXTN", speculative_num_steps=steps) if steps else {}
+    llm = LLM(tiny_ds, max_total_tokens=2048, **spec)
+    prompt = prompts_ids(1, [9], seed=5)[0]
+    base = llm.generate(prompt, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))[0].token_ids
+    forced = next(t for t in range(5, 400) if t not in base)
+    out = llm.generate(prompt, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True,
+                                              logit_bias={str(forced): 100.0}))[0].token_ids
+    assert out == [forced] * 8
+    banned = llm.generate(prompt, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True,
+                                                 logit_bias={str(base[0]): -100.0}))[0].token_ids
+    assert base[0] not in banned and banned != base
+    stops = llm.generate(prompt, SamplingParams(max_tokens=8, temperature=0.0, stop_token_ids=(base[0],)))[0]
+    assert stops.token_ids == [base[0]] and stops.finish_reason.kind == "stop"
+    held = llm.generate(prompt, SamplingParams(max_tokens=8, temperature=0.0, stop_token_ids=(base[0],),
+                                               min_tokens=4))[0]
+    assert len(held.token_ids) >= 4 and base[0] not in held.token_ids[:4]
+    with pytest.raises(RequestError, match="token id 100000 is outside the vocabulary"):
+        llm.engine.add_request("x", prompt, SamplingParams(logit_bias={"100000": 1.0}))
