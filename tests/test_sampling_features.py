@@ -3,6 +3,8 @@ processor), OpenAI's logit_bias, min_tokens; their checks, and their effect thro
 without MTP). PD and DP attention run them in tests/test_disagg_engine.py and tests/test_parallel.py."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
@@ -44,6 +46,10 @@ def test_logit_bias_and_min_tokens_shape_the_logits() -> None:
     want[1, 2] = want[1, 6] = float("-inf")
     assert torch.equal(got, want)
     assert torch.equal(apply_logit_bias(logits[1:], reqs[1:], [[4, 4]]), logits[1:])  # 3 tokens: no longer masked
+    only_ends = torch.full((1, V), float("-inf"))
+    only_ends[0, 6] = 1.0  # a finished grammar allows only EOS: min_tokens must not leave no token at all
+    assert torch.equal(apply_logit_bias(only_ends, reqs[1:], [[]]), only_ends)
+    assert SamplingParams(logit_bias={"5": 1.0, "05": 2.0}).logit_bias == ((5, 3.0),)  # one token: biases add
 
 
 @pytest.mark.parametrize("params,words", [
@@ -75,8 +81,33 @@ def test_through_the_engine(steps: int, tiny_ds: str) -> None:
     assert base[0] not in banned and banned != base
     stops = llm.generate(prompt, SamplingParams(max_tokens=8, temperature=0.0, stop_token_ids=(base[0],)))[0]
     assert stops.token_ids == [base[0]] and stops.finish_reason.kind == "stop"
-    held = llm.generate(prompt, SamplingParams(max_tokens=8, temperature=0.0, stop_token_ids=(base[0],),
-                                               min_tokens=4))[0]
+    hold = SamplingParams(max_tokens=8, temperature=0.0, stop_token_ids=(base[0],), min_tokens=4)
+    held = llm.generate(prompt, hold)[0]
     assert len(held.token_ids) >= 4 and base[0] not in held.token_ids[:4]
+    if steps:  # speculation keeps the tokens of plain decoding
+        assert held.token_ids == LLM(tiny_ds, max_total_tokens=2048).generate(prompt, hold)[0].token_ids
+    text = llm.generate(prompt, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))[0].text
+    early = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, stop=(text[:2],))
+    assert len(llm.generate(prompt, early)[0].token_ids) <= 2  # the stop string opens the text
+    late = llm.generate(prompt, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, stop=(text[:2],),
+                                               min_tokens=4))[0]
+    assert len(late.token_ids) >= 4  # a match inside the first min_tokens tokens does not count (vLLM's rule)
     with pytest.raises(RequestError, match="token id 100000 is outside the vocabulary"):
         llm.engine.add_request("x", prompt, SamplingParams(logit_bias={"100000": 1.0}))
+    llm.engine.add_request("neg", prompt, SamplingParams(min_tokens=2, stop_token_ids=(-1, 7)))
+    assert -1 not in llm.engine.requests["neg"].min_tokens_banned and 7 in llm.engine.requests["neg"].min_tokens_banned
+    llm.engine.abort("neg")
+
+
+def test_min_tokens_never_breaks_a_grammar(tiny_ds: str) -> None:
+    """min_tokens past the end of a JSON object: once the grammar allows only EOS, EOS is sampled anyway, and
+    the output is the object the grammar describes."""
+    from dsaserve.chat.grammar import checked_spec, json_grammar
+    schema = {"type": "object", "properties": {"n": {"type": "boolean"}}, "required": ["n"],
+              "additionalProperties": False}
+    grammar = checked_spec(json_grammar(schema), tiny_ds, (1,))
+    llm = LLM(tiny_ds, max_total_tokens=2048)
+    for temperature in (0.0, 0.9):
+        out = llm.generate(prompts_ids(1, [6], seed=8)[0], SamplingParams(
+            max_tokens=40, temperature=temperature, seed=2, min_tokens=40, grammar=grammar))[0]
+        assert isinstance(json.loads(out.text)["n"], bool) and out.finish_reason.kind == "stop"

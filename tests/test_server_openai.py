@@ -146,18 +146,20 @@ def test_logit_bias_repetition_penalty_min_tokens(server: ServerProcess, client:
     """OpenAI's logit_bias through the official client, vLLM's repetition_penalty and min_tokens in extra_body,
     SGLang's names on /generate: the tokens of LLM with the same SamplingParams."""
     base = greedy(llm, [[5, 6, 7]])[0].token_ids
-    shaped = SamplingParams(max_tokens=MAX, temperature=0.0, repetition_penalty=1.5, min_tokens=3,
-                            stop_token_ids=(base[1],), logit_bias={str(base[0]): -100.0, "9": 3.0})
-    exp = llm.generate([[5, 6, 7]], shaped)[0]
-    assert exp.token_ids != base
+    shaping = dict(max_tokens=MAX, temperature=0.0, ignore_eos=True, repetition_penalty=1.5,
+                   logit_bias={str(base[0]): -100.0, "9": 3.0})
+    free = llm.generate([[5, 6, 7]], SamplingParams(**shaping))[0].token_ids
+    assert free != base
+    exp = llm.generate([[5, 6, 7]], SamplingParams(**shaping, min_tokens=3, stop_token_ids=(free[0],)))[0]
+    assert len(exp.token_ids) >= 3  # without min_tokens, free[0] would end it after one token
     r = client.completions.create(model=model, prompt=[5, 6, 7], max_tokens=MAX, temperature=0, logprobs=0,
                                   logit_bias={str(base[0]): -100, "9": 3},
                                   extra_body={**AS_IDS, "repetition_penalty": 1.5, "min_tokens": 3,
-                                              "stop_token_ids": [base[1]]})
+                                              "stop_token_ids": [free[0]]})
     assert ids_of(r.choices[0].logprobs.tokens) == exp.token_ids
     native = httpx.post(f"{server.url}/generate", timeout=60, json={"input_ids": [5, 6, 7], "sampling_params": {
-        "max_new_tokens": MAX, "temperature": 0, "repetition_penalty": 1.5, "min_new_tokens": 3,
-        "stop_token_ids": [base[1]], "logit_bias": {str(base[0]): -100, "9": 3}}}).json()
+        "max_new_tokens": MAX, "temperature": 0, "ignore_eos": True, "repetition_penalty": 1.5,
+        "min_new_tokens": 3, "stop_token_ids": [free[0]], "logit_bias": {str(base[0]): -100, "9": 3}}}).json()
     assert native["output_ids"] == exp.token_ids
 
 

@@ -127,7 +127,7 @@ class Engine:
                       disagg=route if self.disagg is not None else None)
         if params.min_tokens:
             ends = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_ids))
-            req.min_tokens_banned = tuple(sorted(t for t in ends if t < self.cfg.vocab_size))
+            req.min_tokens_banned = tuple(sorted(t for t in ends if 0 <= t < self.cfg.vocab_size))
         if req.disagg is not None:
             self.disagg.add(req)
         else:
@@ -359,15 +359,23 @@ class Engine:
         p = req.params
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids):
             return FinishReason("stop", matched=token)
-        if p.stop:
+        if p.stop and len(req.output_ids) >= p.min_tokens:
             window = max(len(s) for s in p.stop) + 8  # tokens: each decodes to >= 1 char or a byte piece
             tail = self.tokenizer.decode(req.output_ids[-window:])
             matched = [s for s in p.stop if s in tail]
             if matched:
                 text = self.tokenizer.decode(req.output_ids)
-                first = min(matched, key=lambda s: (text.find(s) if s in text else len(text)))
-                req.stop_text = text[:text.find(first)] if first in text else text
-                return FinishReason("stop", matched=first)
+                # with min_tokens (vLLM's rule) only a match that ends after the first min_tokens tokens counts
+                floor = len(self.tokenizer.decode(req.output_ids[:p.min_tokens])) if p.min_tokens else 0
+                hits = {s: text.find(s, max(0, floor - len(s) + 1)) for s in matched}
+                hits = {s: i for s, i in hits.items() if i >= 0}
+                if hits:
+                    first = min(hits, key=lambda s: hits[s])
+                    req.stop_text = text[:hits[first]]
+                    return FinishReason("stop", matched=first)
+                if not p.min_tokens:  # in the tail's decoding only: stop there, keep the text
+                    req.stop_text = text
+                    return FinishReason("stop", matched=matched[0])
         if len(req.output_ids) >= req.max_new_tokens or req.num_tokens >= self.context_length:
             return FinishReason("length")
         return None

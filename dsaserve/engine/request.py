@@ -38,8 +38,10 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
-        object.__setattr__(self, "logit_bias", tuple(sorted((int(t), float(b)) for t, b in bias)))
+        merged: dict[int, float] = {}  # keys "5" and "05" are one token: their biases add up
+        for t, b in (self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias):
+            merged[int(t)] = merged.get(int(t), 0.0) + float(b)
+        object.__setattr__(self, "logit_bias", tuple(sorted(merged.items())))
 
     @property
     def greedy(self) -> bool:
@@ -116,7 +118,7 @@ class Request:
     spec_accepted: int = 0  # draft tokens accepted over those steps
     grammar: Any = None  # GrammarState of params.grammar, made by the sampler on the leader
     min_tokens_banned: tuple[int, ...] = ()  # EOS and stop token ids, masked before params.min_tokens
-    prompt_vocab: Any = None  # the prompt's distinct token ids (a tensor), made once for the repetition penalty
+    prompt_vocab: Any = None  # [V] bool mask of the prompt's tokens, made once for the repetition penalty
     disagg: DisaggRoute | None = None  # PD: the request's KV cache moves between servers
     inflight: int = 0  # overlapped scheduling: tokens sampled on the device, not committed yet
 

@@ -57,7 +57,8 @@ def apply_grammars(logits: Tensor, reqs: list[Request], pending: list[list[int]]
 
 def apply_logit_bias(logits: Tensor, reqs: list[Request], pending: list[list[int]]) -> Tensor:
     """OpenAI's logit_bias (added to the raw logits), and -inf for EOS and stop tokens while a request has
-    fewer than min_tokens output tokens (a verify row counts the drafts before it)."""
+    fewer than min_tokens output tokens (a verify row counts the drafts before it), unless that would leave
+    no token at all (a finished grammar allows only EOS): then the row is left as it was, on the device."""
     bias_rows = [i for i, r in enumerate(reqs) if r.params.logit_bias]
     banned_rows = [i for i, r in enumerate(reqs) if r.min_tokens_banned
                    and len(r.output_ids) + len(pending[i]) < r.params.min_tokens]
@@ -68,7 +69,8 @@ def apply_logit_bias(logits: Tensor, reqs: list[Request], pending: list[list[int
         ids, bias = zip(*reqs[i].params.logit_bias)
         logits[i, torch.tensor(ids, device=logits.device)] += torch.tensor(bias, device=logits.device)
     for i in banned_rows:
-        logits[i, torch.tensor(reqs[i].min_tokens_banned, device=logits.device)] = float("-inf")
+        row = logits[i].index_fill(0, torch.tensor(reqs[i].min_tokens_banned, device=logits.device), float("-inf"))
+        logits[i] = torch.where((row > float("-inf")).any(), row, logits[i])
     return logits
 
 
@@ -83,14 +85,17 @@ def apply_penalties(logits: Tensor, reqs: list[Request], pending: list[list[int]
     for i in rows:
         p = reqs[i].params
         history = reqs[i].output_ids + pending[i]
-        if p.repetition_penalty != 1.0:
-            req = reqs[i]
+        if p.repetition_penalty != 1.0:  # a [V] mask of the tokens seen: no host sync (no unique / nonzero)
+            req, V = reqs[i], logits.shape[1]
             if req.prompt_vocab is None or req.prompt_vocab.device != logits.device:
-                req.prompt_vocab = torch.tensor(sorted(set(req.prompt_ids)), device=logits.device)
-            seen = torch.cat([req.prompt_vocab, torch.tensor(history, dtype=torch.long, device=logits.device)])
-            seen = seen.unique()
-            score = logits[i, seen]
-            logits[i, seen] = torch.where(score > 0, score / p.repetition_penalty, score * p.repetition_penalty)
+                req.prompt_vocab = torch.zeros(V, dtype=torch.bool, device=logits.device)
+                req.prompt_vocab[torch.tensor(req.prompt_ids, device=logits.device)] = True
+            seen = req.prompt_vocab.clone()
+            if history:
+                seen[torch.tensor(history, device=logits.device)] = True
+            score = logits[i]
+            penalized = torch.where(score > 0, score / p.repetition_penalty, score * p.repetition_penalty)
+            logits[i] = torch.where(seen, penalized, score)
         if not history or not (p.frequency_penalty or p.presence_penalty):
             continue
         counts = torch.bincount(torch.tensor(history, device=logits.device),
