@@ -28,12 +28,13 @@ def lengths(page_size: int) -> list[int]:
 
 
 @contextlib.contextmanager
-def pd_pair(model: str, backend: str = "nixl", **kw: object) -> Iterator[tuple[Engine, Engine]]:
-    """A prefill and a decode engine; their transfer agents and sockets are closed afterwards (a NIXL agent
-    or a ZMQ context left to the garbage collector can block it)."""
+def pd_pair(model: str, backend: str = "nixl", prefill: dict | None = None, decode: dict | None = None,
+            **kw: object) -> Iterator[tuple[Engine, Engine]]:
+    """A prefill and a decode engine (`prefill` / `decode`: flags of one side only); their transfer agents and
+    sockets are closed afterwards (a NIXL agent or a ZMQ context left to the garbage collector can block it)."""
     common = dict(model_path=model, max_total_tokens=2048, disaggregation_transfer_backend=backend, **kw)
-    engines = [Engine(ServerArgs(disaggregation_mode=mode, **common), progress=False)
-               for mode in ("prefill", "decode")]
+    engines = [Engine(ServerArgs(disaggregation_mode=mode, **common, **(own or {})), progress=False)
+               for mode, own in (("prefill", prefill), ("decode", decode))]
     try:
         yield engines[0], engines[1]
     finally:
@@ -157,6 +158,21 @@ def test_decode_side_prefix_cache_skips_cached_pages(spec_steps: int, tiny_ds: s
         shared = 24 - 4 * bool(spec_steps)
         assert tokens["r0"] == expected[1]
         assert final["r0"].cached_tokens == shared and dec.stats().prefix_hit_tokens - hits == shared
+        assert_pools_whole(pre, dec)
+
+
+@pytest.mark.parametrize("prefill,decode,words", [
+    ({"kv_cache_dtype": "fp8_e4m3"}, {}, "the KV cache layouts differ"),
+    ({"page_size": 64}, {"page_size": 1}, "page sizes differ: decode 1, prefill 64")])
+def test_mismatched_servers_end_requests_with_the_reason(prefill: dict, decode: dict, words: str,
+                                                         tiny_ds: str) -> None:
+    """A prefill and a decode server whose caches cannot exchange pages (cache dtype, page size): every request
+    ends with an error naming the difference, and both pools are whole."""
+    with pd_pair(tiny_ds, prefill=prefill, decode=decode) as (pre, dec):
+        final, tokens = run_pd(pre, dec, prompts_ids(2, [5, 9], seed=1), GREEDY)
+        for rid, out in final.items():
+            assert out.finish.kind == "error" and words in out.finish.message and not tokens[rid]
+        assert len(final) == 2
         assert_pools_whole(pre, dec)
 
 
