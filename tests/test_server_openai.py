@@ -120,7 +120,7 @@ def test_async_streaming_matches_llm(server: ServerProcess, llm: LLM, model: str
     assert texts == [e.text for e in exp_cmpl]
 
 
-def test_n_with_seed_and_stop(client: openai.OpenAI, llm: LLM, model: str) -> None:
+def test_n_with_seed_and_stop(server: ServerProcess, client: openai.OpenAI, llm: LLM, model: str) -> None:
     sampled = [llm.generate([[5, 6, 7]], SamplingParams(max_tokens=MAX, temperature=1.0, seed=s, ignore_eos=True))[0]
                for s in (100, 101)]
     r = client.completions.create(model=model, prompt=[5, 6, 7], n=2, seed=100, max_tokens=MAX, temperature=1.0,
@@ -132,13 +132,19 @@ def test_n_with_seed_and_stop(client: openai.OpenAI, llm: LLM, model: str) -> No
     full = greedy(llm, ["Hello world"])[0].text
     stop = full[3:5]  # a stop string that appears in the greedy text
     exp = llm.generate(["Hello world"], SamplingParams(max_tokens=MAX, temperature=0.0, stop=[stop]))[0]
-    for stream in (False, True):
+    kept = llm.generate(["Hello world"], SamplingParams(max_tokens=MAX, temperature=0.0, stop=[stop],
+                                                        include_stop_str=True))[0]
+    assert kept.text == exp.text + stop
+    for stream, keep in ((False, False), (True, False), (False, True), (True, True)):
         r = client.completions.create(model=model, prompt="Hello world", max_tokens=MAX, temperature=0,
-                                      stop=[stop], stream=stream)
+                                      stop=[stop], stream=stream, extra_body={"include_stop_str_in_output": keep})
         chunks = list(r) if stream else [r]
         text = "".join(c.choices[0].text for c in chunks if c.choices)
-        assert text == exp.text and stop not in text
+        assert text == (kept.text if keep else exp.text) and (stop in text) == keep
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    native = httpx.post(f"{server.url}/generate", timeout=60, json={"text": "Hello world", "sampling_params": {
+        "max_new_tokens": MAX, "temperature": 0, "stop": [stop], "no_stop_trim": True}}).json()
+    assert native["text"] == kept.text
 
 
 def test_logit_bias_repetition_penalty_min_tokens(server: ServerProcess, client: openai.OpenAI, llm: LLM,

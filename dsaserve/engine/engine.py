@@ -371,7 +371,7 @@ class Engine:
                 hits = {s: i for s, i in hits.items() if i >= 0}
                 if hits:
                     first = min(hits, key=lambda s: hits[s])
-                    req.stop_text = text[:hits[first]]
+                    req.stop_text = text[:hits[first] + (len(first) if p.include_stop_str else 0)]
                     return FinishReason("stop", matched=first)
                 if not p.min_tokens:  # in the tail's decoding only: stop there, keep the text
                     req.stop_text = text

@@ -27,6 +27,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit): OpenAI's logit_bias
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    include_stop_str: bool = False  # keep a matched stop string in the text (vLLM's, SGLang's no_stop_trim)
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; 0: the chosen token's; n: plus the n best
@@ -111,7 +112,7 @@ class Request:
     cached_tokens: int = 0  # of the prompt, served from the prefix cache at admission
     state: RequestState = RequestState.WAITING
     finish: FinishReason | None = None
-    stop_text: str | None = None  # the completion text truncated before a matched stop string
+    stop_text: str | None = None  # the completion text truncated before (or after) a matched stop string
     prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)  # prompt[1:]
     draft_ids: list[int] = field(default_factory=list)  # MTP drafts to verify in the next step
     spec_verify_ct: int = 0  # verify steps this request took part in

@@ -87,8 +87,8 @@ def _native_params(sp: p.NativeSamplingParams, logprobs: int | None, prompt_logp
         max_tokens=sp.max_new_tokens, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k,
         min_p=sp.min_p, frequency_penalty=sp.frequency_penalty, presence_penalty=sp.presence_penalty,
         repetition_penalty=sp.repetition_penalty, min_tokens=sp.min_new_tokens, logit_bias=bias_pairs(sp.logit_bias),
-        seed=sp.seed, stop=stop, stop_token_ids=tuple(sp.stop_token_ids or ()), ignore_eos=sp.ignore_eos,
-        logprobs=logprobs, prompt_logprobs=prompt_logprobs))
+        seed=sp.seed, stop=stop, include_stop_str=sp.no_stop_trim, stop_token_ids=tuple(sp.stop_token_ids or ()),
+        ignore_eos=sp.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs))
 
 
 def _meta(handle: RequestHandle, res: Result, body: p.GenerateRequest, ids: list[int]) -> dict[str, Any]:

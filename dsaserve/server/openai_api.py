@@ -81,6 +81,7 @@ class OpenAIServing:
             presence_penalty=body.presence_penalty or 0.0,
             repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
             min_tokens=body.min_tokens or 0, logit_bias=bias_pairs(body.logit_bias), seed=seed, stop=stop,
+            include_stop_str=body.include_stop_str_in_output,
             stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos, logprobs=logprobs,
             grammar=grammar, prompt_logprobs=prompt_logprobs))
 

@@ -39,6 +39,7 @@ class SamplingFields(Bootstrap):
     min_tokens: int | None = None  # vLLM's extension (SGLang's native min_new_tokens)
     logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
     stop: str | list[str] | None = None
+    include_stop_str_in_output: bool = False  # vLLM's extension
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     stream: bool = False
@@ -134,6 +135,7 @@ class NativeSamplingParams(BaseModel):
     logit_bias: dict[str, float] | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
+    no_stop_trim: bool = False
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
 
