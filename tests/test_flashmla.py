@@ -74,6 +74,18 @@ def test_flashmla_replays_in_a_cuda_graph(fp8: bool) -> None:
         assert torch.equal(static_out, ops.sparse_mla_rows(q, cache, idx, SCALE, 512, lengths))
 
 
+def test_flashmla_fp8_takes_more_rows_than_its_scheduler_holds() -> None:
+    """A prefill chunk of more rows than the FP8 decode kernel's scheduler takes in one call (11,622 on
+    Hopper; it failed with "invalid argument") runs in pieces and equals the Triton kernel row for row."""
+    T = 12_000
+    q, cache, idx, lengths = _inputs(T, 64, True, torch.Generator(DEV).manual_seed(9))
+    got = DSAOps("flashmla").sparse_mla_rows(q, cache, idx, SCALE, 512, lengths)
+    want = DSAOps("triton").sparse_mla_rows(q, cache, idx, SCALE, 512, lengths)
+    assert T > flashmla.FP8_MAX_ROWS and got.shape == (T, 64, 512)
+    for part in (slice(0, flashmla.FP8_MAX_ROWS), slice(flashmla.FP8_MAX_ROWS, T)):
+        assert rel_err(got[part], want[part]) < 1e-2, f"rows {part}: {rel_err(got[part], want[part]):.2e}"
+
+
 def test_flashmla_refuses_shapes_it_cannot_run() -> None:
     assert flashmla.unsupported(576, 512, 128, 2048) is None
     assert "576" in flashmla.unsupported(192, 128, 16, 64)

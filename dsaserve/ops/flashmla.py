@@ -1,9 +1,10 @@
 """`--attention-backend flashmla`: FlashMLA's SM90 sparse attention kernels for sparse MLA, Triton for the rest.
 
-FlashMLA (github.com/deepseek-ai/FlashMLA) is optional and chosen by the flag, never automatically: its
-`flash_mla` module must be importable on a Hopper GPU (benchmarks/build_flashmla.sh) and the model must
-have its shapes (576 = 512 latent + 64 rope query/key dims, 512 value dims). Its kernels take 64 or 128
-query heads; DSAOps pads fewer heads (pure TP) to 64 through HEAD_MULTIPLE.
+FlashMLA (github.com/deepseek-ai/FlashMLA) is optional: its `flash_mla` module must be importable on a Hopper
+GPU (benchmarks/build_flashmla.sh) and the model must have its shapes (576 = 512 latent + 64 rope query/key
+dims, 512 value dims). `--attention-backend auto` takes it over an FP8 cache where it can run
+(model_runner.resolve_attention_backend), the flag over a bf16 cache. Its kernels take 64 or 128 query
+heads; DSAOps pads fewer heads (pure TP) to 64 through HEAD_MULTIPLE.
 
 * bf16 cache: the sparse prefill kernel for every step (each query row is one of its s_q rows, the cache
   rows its kv rows, our slot ids its indices).
@@ -28,6 +29,10 @@ HEADS = (64, 128)
 QK_DIM, V_DIM = 576, 512
 FP8_ROW = 656
 VIEW_PAGE = 64  # rows per page of the FP8 cache as the decode kernel sees it
+# Query rows per call of the FP8 decode kernel: its scheduler keeps 5 ints per batch entry in one block's shared
+# memory (227 KiB on Hopper: at most 11,622 entries; more fail with "invalid argument"), so longer prefill
+# chunks run in pieces.
+FP8_MAX_ROWS = 8192
 
 
 @functools.lru_cache(maxsize=None)
@@ -75,11 +80,17 @@ def sparse_mla(q: Tensor, kv_cache: Tensor, indices: Tensor, sm_scale: float, v_
             raise ValueError(f"flashmla sparse_mla: the FP8 cache must be [a multiple of {VIEW_PAGE} slots, "
                              f"{FP8_ROW} bytes], got {list(kv_cache.shape)}")
         pages = kv_cache.view(slots // VIEW_PAGE, VIEW_PAGE, 1, FP8_ROW)
-        meta, _ = flash_mla.get_mla_metadata()
-        out, lse = flash_mla.flash_mla_with_kvcache(
-            q.view(T, 1, H, D), pages, None, None, v_dim, meta, softmax_scale=sm_scale, is_fp8_kvcache=True,
-            indices=indices.view(T, 1, topk))
-        return out.view(T, H, v_dim), lse.view(T, H)
+        outs = []
+        for start in range(0, T, FP8_MAX_ROWS):
+            rows = min(FP8_MAX_ROWS, T - start)
+            meta, _ = flash_mla.get_mla_metadata()
+            out, lse = flash_mla.flash_mla_with_kvcache(
+                q[start:start + rows].view(rows, 1, H, D), pages, None, None, v_dim, meta, softmax_scale=sm_scale,
+                is_fp8_kvcache=True, indices=indices[start:start + rows].view(rows, 1, topk))
+            outs.append((out.view(rows, H, v_dim), lse.view(rows, H)))
+        if len(outs) == 1:
+            return outs[0]
+        return torch.cat([o for o, _ in outs]), torch.cat([lse for _, lse in outs])
     # The engine puts a row's selected slots first: the prefill kernel stops at min(keys, topk) of them.
     counts = None if lengths is None else lengths.reshape(T).clamp(max=topk).to(torch.int32)
     if kv_cache.dtype != torch.bfloat16:
