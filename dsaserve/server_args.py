@@ -61,7 +61,8 @@ class ServerArgs:
     load_format: str = _opt("auto", "auto (the checkpoint's safetensors) or dummy (random weights in the formats the "
                                     "config.json implies, FP8 included: benchmark a real config without its weights)")
     attention_backend: str = _opt("auto", "torch, triton or flashmla (FlashMLA's sparse MLA kernels where its module "
-                                          "is built, Hopper; auto: triton on cuda, torch on cpu)")
+                                          "is built, Hopper; auto: flashmla over an FP8 cache where it can run, "
+                                          "else triton on cuda, torch on cpu)")
     moe_backend: str = _opt("auto", "torch or triton (auto: triton on cuda, torch on cpu)")
     indexer_max_logits_mb: int = _opt(512, "memory budget of one indexer logits chunk, in MiB (at least 16 rows "
                                            "per chunk whatever the budget)")

@@ -154,14 +154,24 @@ def test_bench_one_batch(tiny_ds: str, tmp_path: Path) -> None:
 
 
 def test_attention_backend_flashmla_is_chosen_and_checked() -> None:
-    """flashmla is never the automatic choice; asked for where it cannot run, it says why."""
-    from dsaserve.engine.model_runner import resolve_attention_backend, whole_pages
+    """auto takes flashmla only over an FP8 cache where it can run (else triton on cuda, torch on cpu); asked
+    for where it cannot run, flashmla says why."""
+    from dsaserve.cache.kv_format import FP8
+    from dsaserve.engine.model_runner import flashmla_blocker, resolve_attention_backend, whole_pages
     from dsaserve.server_args import ServerArgs
 
     cfg = ModelConfig.from_dict(DEEPSEEK_V32)
-    assert resolve_attention_backend("auto", torch.device("cpu"), cfg, torch.bfloat16) == "torch"
-    with pytest.raises(ValueError, match="flashmla needs --device cuda and --dtype bfloat16"):
-        resolve_attention_backend("flashmla", torch.device("cpu"), cfg, torch.bfloat16)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    for kv in (torch.bfloat16, FP8):
+        assert resolve_attention_backend("auto", cpu, cfg, torch.bfloat16, kv) == "torch"
+        assert resolve_attention_backend("triton", cuda, cfg, torch.bfloat16, kv) == "triton"
+        # auto on cuda is flashmla exactly when its module runs here and the cache is FP8
+        runs = flashmla_blocker(cuda, cfg, torch.bfloat16) is None
+        assert resolve_attention_backend("auto", cuda, cfg, torch.bfloat16, kv) == (
+            "flashmla" if runs and kv == FP8 else "triton")
+    assert resolve_attention_backend("auto", cuda, cfg, torch.float32, FP8) == "triton"  # FlashMLA takes bf16 only
+    with pytest.raises(ValueError, match="flashmla cannot run here: it needs --device cuda and --dtype bfloat16"):
+        resolve_attention_backend("flashmla", cpu, cfg, torch.bfloat16, FP8)
     # its FP8 kernel views the pool as pages of 64 slots: pools are cut to whole multiples of 64 slots
     assert [whole_pages(n, size, 64) for n, size in ((1217, 64), (100, 1), (101, 48), (30, 1))] == [1217, 64, 100, 0]
     with pytest.raises(ValueError, match="--attention-backend must be auto, torch, triton or flashmla"):

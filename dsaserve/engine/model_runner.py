@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dsaserve.cache.kv_format import FP8 as FP8_ROWS
 from dsaserve.cache.pools import KVPools, resolve_kv_cache_dtype
 from dsaserve.config import ModelConfig
 from dsaserve.engine.cuda_graph import GraphRunner, batch_buckets
@@ -69,19 +70,30 @@ def whole_pages(pages: int, page_size: int, slot_multiple: int) -> int:
     return pages - pages % step
 
 
-def resolve_attention_backend(name: str, device: torch.device, cfg: ModelConfig, dtype: torch.dtype) -> str:
-    """flashmla is chosen, never automatic (its greedy tokens differ from Triton's at near-ties; see
-    docs/benchmarks.md): checked here against the device and the model's shapes."""
+def flashmla_blocker(device: torch.device, cfg: ModelConfig, dtype: torch.dtype) -> str | None:
+    """None when FlashMLA's kernels can serve this model here, else why not."""
+    if device.type != "cuda" or dtype != torch.bfloat16:
+        return f"it needs --device cuda and --dtype bfloat16 (got {device.type}, {dtype})"
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    from dsaserve.ops import flashmla  # imports Triton: only where CUDA is
+    return flashmla.available(device.index or 0) or flashmla.unsupported(
+        cfg.latent_dim, cfg.kv_lora_rank, cfg.num_attention_heads, cfg.index_topk)
+
+
+def resolve_attention_backend(name: str, device: torch.device, cfg: ModelConfig, dtype: torch.dtype,
+                              kv_dtype: torch.dtype) -> str:
+    """auto takes FlashMLA over an FP8 cache wherever it can run: as accurate as ours against the fp32 run,
+    about even at 1K context and faster from 4K on, where every selected slot is real (docs/benchmarks.md).
+    Over a bf16 cache it has only its prefill kernel, slower than ours at few rows: there flashmla is the
+    flag's choice. Asked for where it cannot run, flashmla says why."""
+    if name == "auto" and kv_dtype == FP8_ROWS and flashmla_blocker(device, cfg, dtype) is None:
+        return "flashmla"
     if name != "flashmla":
         return resolve_backend(name, device)
-    if device.type != "cuda" or dtype != torch.bfloat16:
-        raise ValueError(f"--attention-backend flashmla needs --device cuda and --dtype bfloat16 (got {device.type}, "
-                         f"{dtype})")
-    from dsaserve.ops import flashmla
-    why = flashmla.available(device.index or 0) or flashmla.unsupported(
-        cfg.latent_dim, cfg.kv_lora_rank, cfg.num_attention_heads, cfg.index_topk)
+    why = flashmla_blocker(device, cfg, dtype)
     if why is not None:
-        raise ValueError(f"--attention-backend flashmla: {why}")
+        raise ValueError(f"--attention-backend flashmla cannot run here: {why}")
     return "flashmla"
 
 
@@ -102,7 +114,7 @@ class ModelRunner:
                              f"{self.cfg.num_nextn_predict_layers}")
         self.page_size = args.page_size
         self.ops = DSAOps(attention_backend=resolve_attention_backend(args.attention_backend, self.device, self.cfg,
-                                                                      self.dtype),
+                                                                      self.dtype, self.kv_dtype),
                           moe_backend=resolve_backend(args.moe_backend, self.device),
                           max_logits_bytes=args.indexer_max_logits_mb << 20)
         self.cache_layers = cache_layers(self.cfg, self.spec_steps)
@@ -113,8 +125,9 @@ class ModelRunner:
         self.num_pages = self._pool_pages(args)
         self.pools = KVPools(self.cfg, self.num_pages, args.page_size, self.kv_dtype, self.device, self.cache_layers)
         self.graphs = self._graph_runner(args)
-        log.info("KV pool: %d pages x %d tokens (%.1f MiB) on %s, %s", self.num_pages, args.page_size,
-                 self.num_pages * args.page_size * self.bytes_per_token / 2**20, self.device, self.kv_dtype)
+        log.info("KV pool: %d pages x %d tokens (%.1f MiB) on %s, %s; attention %s, MoE %s", self.num_pages,
+                 args.page_size, self.num_pages * args.page_size * self.bytes_per_token / 2**20, self.device,
+                 self.kv_dtype, self.ops.attention_backend, self.ops.moe_backend)
 
     @property
     def bytes_per_token(self) -> int:
