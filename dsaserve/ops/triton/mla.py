@@ -127,8 +127,10 @@ def _combine_kernel(PO, PLSE, O, LSE,
 SMEM_TILE_BUDGET = 160 << 10  # bytes of pipelined key tiles; Hopper has 227 KiB per block, q and scratch need the rest
 # Except on Hopper 3 stages of 64 bf16 rows of 576 values (compiled: 217 KiB): 5-7% faster than 2 stages at
 # 64-1024 rows and 64 heads per program over a bf16 cache (H200, 2026-12-01). An FP8 cache's tiles pass through
-# registers to be dequantized: 2 stages there.
+# registers to be dequantized: 2 stages there, and none (loads issued in the loop) for 64-head programs from
+# 8 rows on: 3-6% faster at 8-1024 rows, 1-5% slower at one row and for 16-head programs (H200, 2026-12-01).
 BF16_THREE_STAGES = 3 * 64 * 1152
+FP8_UNPIPELINED_MIN_ROWS = 8
 
 
 def _config(T: int, H: int, K: int, block_v: int, row_bytes: int, sms: int, fp8: bool,
@@ -139,7 +141,8 @@ def _config(T: int, H: int, K: int, block_v: int, row_bytes: int, sms: int, fp8:
     warps = cfg.get("num_warps") or 8
     block_n = cfg.get("block_n") or 64
     three = block_v < 512 or (hopper and block_h == 64 and not fp8 and 3 * block_n * row_bytes <= BF16_THREE_STAGES)
-    stages = cfg.get("num_stages") or (3 if three else 2)
+    unpipelined = fp8 and block_h == 64 and T >= FP8_UNPIPELINED_MIN_ROWS
+    stages = cfg.get("num_stages") or (3 if three else 1 if unpipelined else 2)
     budget = BF16_THREE_STAGES if hopper and stages == 3 and not fp8 else SMEM_TILE_BUDGET
     while "block_n" not in cfg and block_n > 16 and stages * block_n * row_bytes > budget:
         block_n //= 2  # fp32 rows are twice as wide: halve the key block rather than exceed shared memory
