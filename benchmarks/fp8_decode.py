@@ -26,6 +26,7 @@ from kernels import measure_peaks  # noqa: E402
 
 from dsaserve.ops import fp8 as ref  # noqa: E402
 from dsaserve.ops.triton import fp8_gemm  # noqa: E402
+from dsaserve.ops.triton._common import next_pow2  # noqa: E402
 
 BLOCK = (128, 128)
 SHAPES = {"q_a": (1536, 7168), "kv_a": (576, 7168), "q_b/8": (3072, 1536), "o_proj/8": (7168, 2048),
@@ -51,18 +52,24 @@ def chain_us(calls: list[Callable[[], object]]) -> float:
     return 1e3 * triton.testing.do_bench(graph.replay, warmup=10, rep=60, return_mode="median") / len(calls)
 
 
-def sweep_configs(N: int, K: int, sms: int) -> list[dict[str, int]]:
+def sweep_configs(M: int, N: int, K: int, sms: int) -> list[dict[str, int]]:
     """Strips of 64 / 128 / 256 columns, 3 or 4 stages, and every distinct split-K count (at least 2 K groups
-    per split, at most 6 programs per SM): what default_config's decode rules were read from."""
+    per split, at most 6 programs per SM): what default_config's decode rules were read from. Above 16 rows
+    also row tiles of 16 / 32 / 64 (smaller ones re-read the weight strip from L2), quantizing x inside the
+    GEMM or in a launch before it, and 8 warps."""
     groups = triton.cdiv(K, BLOCK[1])
+    tiles_m = (16,) if M <= 16 else (16, next_pow2(M))
+    quant = (1,) if M <= 16 else (0, 1)
     out = []
-    for block_n, stages in itertools.product((64, 128, 256), (3, 4)):
-        tiles = triton.cdiv(N, block_n)
+    for block_n, stages, block_m, a_quant in itertools.product((64, 128, 256), (3, 4), tiles_m, quant):
+        tiles = triton.cdiv(N, block_n) * triton.cdiv(M, block_m)
+        warps = (8,) if block_n == 256 else (4, 8) if block_m >= 64 and block_n == 128 else (4,)
         for per in sorted({triton.cdiv(groups, s) for s in range(1, groups + 1)}, reverse=True):
             splits = triton.cdiv(groups, per)
-            if (per >= 2 or groups == 1) and tiles * splits <= 6 * sms:
-                out.append(dict(block_n=block_n, num_warps=8 if block_n == 256 else 4, num_stages=stages,
-                                splits=splits))
+            few = M <= 16 or sms <= tiles * splits <= 3 * sms or splits == 1
+            if (per >= 2 or groups == 1) and tiles * splits <= 6 * sms and few:
+                out += [dict(block_n=block_n, block_m=block_m, a_quant=a_quant, num_warps=w, num_stages=stages,
+                             splits=splits) for w in warps]
     return out
 
 
@@ -71,6 +78,7 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="also time a grid of tile configs per shape")
     ap.add_argument("--out", default=None, help="write the rows and ceilings as JSON")
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--rows", nargs="+", type=int, default=list(ROWS), help="activation rows (M) to time")
     args = ap.parse_args()
     copy = measure_peaks()["copy_GBps"]
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -82,12 +90,12 @@ def main() -> None:
         weights = [ref.BlockFP8(*ref.quantize_weight(torch.randn(N, K, device="cuda") * K ** -0.5, BLOCK), BLOCK)
                    for _ in range(copies)]
         bf16 = [(torch.randn(N, K, device="cuda") * K ** -0.5).to(torch.bfloat16) for _ in range(max(4, copies // 2))]
-        for M in ROWS:
+        for M in args.rows:
             x = torch.randn(M, K, device="cuda").to(torch.bfloat16)
             want = ref.linear(x, weights[0]).float()
             cublas = chain_us([lambda w=w: F.linear(x, w) for w in bf16])
             timed: list[tuple[float, dict | None]] = []
-            for cfg in [None] + (sweep_configs(N, K, sms) if args.sweep else []):
+            for cfg in [None] + (sweep_configs(M, N, K, sms) if args.sweep else []):
                 try:
                     got = fp8_gemm.fp8_linear(x, weights[0], config=cfg).float()
                     err = ((got - want).norm() / want.norm()).item()
@@ -100,7 +108,7 @@ def main() -> None:
             rows.append(dict(shape=name, N=N, K=K, M=M, us=default_us, frac_copy=wbytes / default_us / 1e3 / copy,
                              cublas_bf16_us=cublas, speedup_vs_cublas_bf16=cublas / default_us,
                              config=fp8_gemm.default_config(M, N, K, BLOCK[1], sms), best_us=best_us,
-                             best_config=best_cfg))
+                             best_config=best_cfg, swept=[dict(us=t, **c) for t, c in timed[1:]]))
         del weights, bf16
         torch.cuda.empty_cache()
     print(f"\n{torch.cuda.get_device_name()}: copy {copy:.0f} GB/s; FP8 GEMM us per call in a graph of back-to-back "
