@@ -30,7 +30,7 @@ def free_port() -> int:
     except (OSError, ValueError, IndexError):
         low = 0
     span = min(8192, low - 1024)
-    for _ in range(span if span > 0 else 0):
+    for _ in range(max(span, 0)):
         port = low - 1 - next(_PORTS) % span
         with socket.socket() as s:
             try:
