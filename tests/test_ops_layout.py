@@ -59,6 +59,19 @@ def test_head_padding_matches_unpadded() -> None:
     assert padded.shape == plain.shape and torch.allclose(plain, padded, atol=1e-6)
 
 
+def test_query_rows_in_pieces_match_one_call() -> None:
+    """A kernel that takes few query rows per call (FlashMLA's FP8 decode kernel: 8,192) gets the rows in pieces
+    written into one output; with head padding and per-row lengths, equal to one call."""
+    gen = torch.Generator().manual_seed(3)
+    q, cache = torch.randn(7, 5, 24, generator=gen), torch.randn(40, 24, generator=gen)
+    idx = torch.randint(0, 40, (7, 6), generator=gen, dtype=torch.int32)
+    lengths = torch.tensor([[6], [2], [0], [6], [5], [1], [3]], dtype=torch.int32)
+    whole = DSAOps().sparse_mla_rows(q, cache, idx, 0.3, 16, lengths)
+    pieces = DSAOps(head_multiple=8, max_query_rows=3).sparse_mla_rows(q, cache, idx, 0.3, 16, lengths)
+    assert pieces.shape == whole.shape == (7, 5, 16) and torch.allclose(whole, pieces, atol=1e-6)
+    assert not torch.equal(whole[1], whole[0])  # rows differ: a piece written to the wrong rows would show
+
+
 def test_sparse_mla_equals_dense_softmax() -> None:
     gen = torch.Generator().manual_seed(2)
     q, cache = torch.randn(3, 4, 12, generator=gen), torch.randn(20, 12, generator=gen)

@@ -48,6 +48,7 @@ class DSAOps:
     moe_backend: str = "torch"
     max_logits_bytes: int = 512 << 20
     head_multiple: int | None = None  # overrides the attention kernel's own requirement (tests)
+    max_query_rows: int | None = None  # overrides the attention kernel's rows per call (tests)
 
     @property
     def checks(self) -> bool:
@@ -77,13 +78,22 @@ class DSAOps:
                         lengths: Tensor | None) -> Tensor:
         """sparse_mla without checks; `lengths` [T, 1]: each row reads its first lengths[t] indices at most."""
         backend = _backend(self.attention_backend)
-        heads = q.shape[1]
+        T, heads = q.shape[:2]
         multiple = self.head_multiple or getattr(backend, "HEAD_MULTIPLE", 1)
         padded = -heads % multiple
         if padded:  # the kernel needs heads in multiples of `multiple`: pad with zeros, trim after
             q = F.pad(q, (0, 0, 0, padded))
-        out, _ = backend.sparse_mla(q, kv_cache, indices, sm_scale, v_dim, lengths)
-        return out[:, :heads] if padded else out
+        limit = self.max_query_rows or getattr(backend, "max_query_rows", lambda cache: None)(kv_cache)
+        if limit is None or T <= limit:
+            out, _ = backend.sparse_mla(q, kv_cache, indices, sm_scale, v_dim, lengths)
+            return out[:, :heads] if padded else out
+        out = q.new_empty(T, heads, v_dim)  # the kernel takes at most `limit` rows per call: in pieces
+        for start in range(0, T, limit):
+            rows = slice(start, start + limit)
+            part, _ = backend.sparse_mla(q[rows], kv_cache, indices[rows], sm_scale, v_dim,
+                                         None if lengths is None else lengths[rows])
+            out[rows] = part[:, :heads]
+        return out
 
     def indexer_topk(self, q: Tensor, weights: Tensor, k_cache: Tensor, layout: BatchLayout, topk: int) -> Tensor:
         """Top-k slot ids [T, topk] per query row; logits are made in row chunks under the memory budget."""

@@ -30,9 +30,14 @@ QK_DIM, V_DIM = 576, 512
 FP8_ROW = 656
 VIEW_PAGE = 64  # rows per page of the FP8 cache as the decode kernel sees it
 # Query rows per call of the FP8 decode kernel: its scheduler keeps 5 ints per batch entry in one block's shared
-# memory (227 KiB on Hopper: at most 11,622 entries; more fail with "invalid argument"), so longer prefill
-# chunks run in pieces.
+# memory (227 KiB on Hopper: at most 11,622 entries; more fail with "invalid argument"), so DSAOps runs longer
+# prefill chunks in pieces (max_query_rows).
 FP8_MAX_ROWS = 8192
+
+
+def max_query_rows(kv_cache: Tensor) -> int | None:
+    """The most query rows one sparse_mla call over this cache takes (None: any)."""
+    return FP8_MAX_ROWS if kv_cache.dtype == torch.uint8 else None
 
 
 @functools.lru_cache(maxsize=None)
@@ -79,18 +84,15 @@ def sparse_mla(q: Tensor, kv_cache: Tensor, indices: Tensor, sm_scale: float, v_
         if kv_cache.shape[1] != FP8_ROW or slots % VIEW_PAGE:
             raise ValueError(f"flashmla sparse_mla: the FP8 cache must be [a multiple of {VIEW_PAGE} slots, "
                              f"{FP8_ROW} bytes], got {list(kv_cache.shape)}")
+        if T > FP8_MAX_ROWS:
+            raise ValueError(f"flashmla sparse_mla: the FP8 decode kernel takes at most {FP8_MAX_ROWS} query rows "
+                             f"per call, got {T} (DSAOps.sparse_mla_rows splits them)")
         pages = kv_cache.view(slots // VIEW_PAGE, VIEW_PAGE, 1, FP8_ROW)
-        outs = []
-        for start in range(0, T, FP8_MAX_ROWS):
-            rows = min(FP8_MAX_ROWS, T - start)
-            meta, _ = flash_mla.get_mla_metadata()
-            out, lse = flash_mla.flash_mla_with_kvcache(
-                q[start:start + rows].view(rows, 1, H, D), pages, None, None, v_dim, meta, softmax_scale=sm_scale,
-                is_fp8_kvcache=True, indices=indices[start:start + rows].view(rows, 1, topk))
-            outs.append((out.view(rows, H, v_dim), lse.view(rows, H)))
-        if len(outs) == 1:
-            return outs[0]
-        return torch.cat([o for o, _ in outs]), torch.cat([lse for _, lse in outs])
+        meta, _ = flash_mla.get_mla_metadata()
+        out, lse = flash_mla.flash_mla_with_kvcache(
+            q.view(T, 1, H, D), pages, None, None, v_dim, meta, softmax_scale=sm_scale, is_fp8_kvcache=True,
+            indices=indices.view(T, 1, topk))
+        return out.view(T, H, v_dim), lse.view(T, H)
     # The engine puts a row's selected slots first: the prefill kernel stops at min(keys, topk) of them.
     counts = None if lengths is None else lengths.reshape(T).clamp(max=topk).to(torch.int32)
     if kv_cache.dtype != torch.bfloat16:
@@ -100,4 +102,5 @@ def sparse_mla(q: Tensor, kv_cache: Tensor, indices: Tensor, sm_scale: float, v_
     return out, lse
 
 
-__all__ = ["HEAD_MULTIPLE", "available", "indexer_logits", "moe_experts", "sparse_mla", "topk_slots", "unsupported"]
+__all__ = ["HEAD_MULTIPLE", "available", "indexer_logits", "max_query_rows", "moe_experts", "sparse_mla", "topk_slots",
+           "unsupported"]
