@@ -1,9 +1,7 @@
 """Start a real `dsaserve serve` process on a free loopback port (tests, benchmarks, examples)."""
 from __future__ import annotations
 
-import itertools
 import os
-import random
 import signal
 import socket
 import subprocess
@@ -14,33 +12,9 @@ from typing import Any, Iterator
 
 import httpx
 
+from dsaserve.parallel.launch import free_port  # noqa: F401 - tests import it from here
+
 READY_PREFIX = "dsaserve ready on "
-
-
-_PORTS = itertools.count(random.Random(os.getpid() ^ time.time_ns()).randrange(4096))
-
-
-def free_port() -> int:
-    """A loopback port that binds now, below the kernel's ephemeral range: a port the kernel hands out for a
-    bind to port 0 (a server's internal sockets, an outgoing connection) could be taken by another process
-    between this check and the server's own bind ("Address already in use"), one below that range cannot.
-    Successive calls step through the range, so two servers started together never get the same port."""
-    try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 0
-    span = min(8192, low - 1024)
-    for _ in range(max(span, 0)):
-        port = low - 1 - next(_PORTS) % span
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return port
-    with socket.socket() as s:  # no range known (not Linux) or all taken: any port the kernel gives
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def descendants(pid: int) -> list[int]:
