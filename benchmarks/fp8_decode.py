@@ -55,8 +55,8 @@ def chain_us(calls: list[Callable[[], object]]) -> float:
 def sweep_configs(M: int, N: int, K: int, sms: int) -> list[dict[str, int]]:
     """Strips of 64 / 128 / 256 columns, 3 or 4 stages, and every distinct split-K count (at least 2 K groups
     per split, at most 6 programs per SM): what default_config's decode rules were read from. Above 16 rows
-    also row tiles of 16 / 32 / 64 (smaller ones re-read the weight strip from L2), quantizing x inside the
-    GEMM or in a launch before it, and 8 warps."""
+    also row tiles of 16 (each re-reads the weight strip from L2) or the whole batch, quantizing x inside the
+    GEMM or in a launch before it, and 8 warps, with split counts that give 1-3 programs per SM."""
     groups = triton.cdiv(K, BLOCK[1])
     tiles_m = (16,) if M <= 16 else (16, next_pow2(M))
     quant = (1,) if M <= 16 else (0, 1)

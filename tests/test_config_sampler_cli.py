@@ -153,23 +153,30 @@ def test_bench_one_batch(tiny_ds: str, tmp_path: Path) -> None:
         assert decode_step_bytes(engine, 3, long) - decode_step_bytes(engine, 3, short) == 3 * grow(short, long)
 
 
-def test_attention_backend_flashmla_is_chosen_and_checked() -> None:
+def test_attention_backend_flashmla_is_chosen_and_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     """auto takes flashmla only over an FP8 cache where it can run (else triton on cuda, torch on cpu); asked
     for where it cannot run, flashmla says why."""
     from dsaserve.cache.kv_format import FP8
-    from dsaserve.engine.model_runner import flashmla_blocker, resolve_attention_backend, whole_pages
+    from dsaserve.engine import model_runner
+    from dsaserve.engine.model_runner import resolve_attention_backend, whole_pages
     from dsaserve.server_args import ServerArgs
 
     cfg = ModelConfig.from_dict(DEEPSEEK_V32)
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert "needs --device cuda and --dtype bfloat16" in model_runner.flashmla_blocker(cuda, cfg, torch.float32)
+    for runs_here in (True, False):  # whether flash_mla imports and takes the model (this machine may lack both)
+        monkeypatch.setattr(model_runner, "flashmla_blocker",
+                            lambda *a, runs=runs_here: None if runs else "flash_mla is not importable")
+        for kv in (torch.bfloat16, FP8):
+            assert resolve_attention_backend("auto", cuda, cfg, torch.bfloat16, kv) == (
+                "flashmla" if runs_here and kv == FP8 else "triton")
+            assert resolve_attention_backend("triton", cuda, cfg, torch.bfloat16, kv) == "triton"
+        if not runs_here:
+            with pytest.raises(ValueError, match="flashmla cannot run here: flash_mla is not importable"):
+                resolve_attention_backend("flashmla", cuda, cfg, torch.bfloat16, FP8)
+    monkeypatch.undo()
     for kv in (torch.bfloat16, FP8):
         assert resolve_attention_backend("auto", cpu, cfg, torch.bfloat16, kv) == "torch"
-        assert resolve_attention_backend("triton", cuda, cfg, torch.bfloat16, kv) == "triton"
-        # auto on cuda is flashmla exactly when its module runs here and the cache is FP8
-        runs = flashmla_blocker(cuda, cfg, torch.bfloat16) is None
-        assert resolve_attention_backend("auto", cuda, cfg, torch.bfloat16, kv) == (
-            "flashmla" if runs and kv == FP8 else "triton")
-    assert resolve_attention_backend("auto", cuda, cfg, torch.float32, FP8) == "triton"  # FlashMLA takes bf16 only
     with pytest.raises(ValueError, match="flashmla cannot run here: it needs --device cuda and --dtype bfloat16"):
         resolve_attention_backend("flashmla", cpu, cfg, torch.bfloat16, FP8)
     # its FP8 kernel views the pool as pages of 64 slots: pools are cut to whole multiples of 64 slots

@@ -163,13 +163,15 @@ class ModelRunner:
             context = args.context_length or self.cfg.context_length
             tokens = min(tokens, args.max_running_requests * context)
         pages = tokens // args.page_size + 1  # + the reserved page 0
+        whole = ""
         if self.ops.attention_backend == "flashmla":  # its FP8 kernel sees the cache as pages of 64 slots
             from dsaserve.ops.flashmla import VIEW_PAGE
             pages = whole_pages(pages, args.page_size, VIEW_PAGE)
+            whole = f" (FlashMLA's kernels take the pool in whole multiples of {VIEW_PAGE} slots)"
         # Every rank must hold every page id its leader hands out: take the smallest pool of all ranks.
         pages = min(row[0] for row in self.par.exchange([pages]))
         if pages < 2:
-            raise ValueError(f"the KV pool holds {tokens} tokens: less than one page of {args.page_size}")
+            raise ValueError(f"the KV pool holds {tokens} tokens: less than one page of {args.page_size}{whole}")
         return pages
 
     # -- plans -> layouts --------------------------------------------------------------------

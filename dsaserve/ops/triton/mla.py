@@ -141,7 +141,7 @@ def _config(T: int, H: int, K: int, block_v: int, row_bytes: int, sms: int, fp8:
     warps = cfg.get("num_warps") or 8
     block_n = cfg.get("block_n") or 64
     three = block_v < 512 or (hopper and block_h == 64 and not fp8 and 3 * block_n * row_bytes <= BF16_THREE_STAGES)
-    unpipelined = fp8 and block_h == 64 and T >= FP8_UNPIPELINED_MIN_ROWS
+    unpipelined = hopper and fp8 and block_h == 64 and T >= FP8_UNPIPELINED_MIN_ROWS  # measured on an H200 only
     stages = cfg.get("num_stages") or (3 if three else 1 if unpipelined else 2)
     budget = BF16_THREE_STAGES if hopper and stages == 3 and not fp8 else SMEM_TILE_BUDGET
     while "block_n" not in cfg and block_n > 16 and stages * block_n * row_bytes > budget:
