@@ -63,6 +63,17 @@ def test_bad_values_are_named(params: SamplingParams, words: str) -> None:
         params.validate()
 
 
+def test_bad_logit_bias_is_named() -> None:
+    """From the Python API too: a key that is no token id or a value that is no number is a RequestError naming
+    it; an out-of-range bias names its token and the (summed) value."""
+    with pytest.raises(RequestError, match="logit_bias keys must be token ids, got 'the'"):
+        SamplingParams(logit_bias={"the": 1.0})
+    with pytest.raises(RequestError, match="logit_bias values must be numbers, got 'x' for token 4"):
+        SamplingParams(logit_bias={"4": "x"})
+    with pytest.raises(RequestError, match="add up\\), got 5: 160.0"):
+        SamplingParams(logit_bias={"5": 80.0, "05": 80.0}).validate()
+
+
 @pytest.mark.parametrize("steps", [0, 2])
 def test_through_the_engine(steps: int, tiny_ds: str) -> None:
     """A +100 bias makes greedy decoding repeat that token; a -100 bias bans the greedy choice; min_tokens
@@ -91,7 +102,8 @@ def test_through_the_engine(steps: int, tiny_ds: str) -> None:
     assert len(llm.generate(prompt, early)[0].token_ids) <= 2  # the stop string opens the text
     late = llm.generate(prompt, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, stop=(text[:2],),
                                                min_tokens=4))[0]
-    assert len(late.token_ids) >= 4  # a match inside the first min_tokens tokens does not count (vLLM's rule)
+    # a match inside the first min_tokens tokens does not count (vLLM's rule): the text keeps its opening
+    assert len(late.token_ids) >= 4 and late.text.startswith(text[:2]) and len(late.text) > 2, late.text
     with pytest.raises(RequestError, match="token id 100000 is outside the vocabulary"):
         llm.engine.add_request("x", prompt, SamplingParams(logit_bias={"100000": 1.0}))
     llm.engine.add_request("neg", prompt, SamplingParams(min_tokens=2, stop_token_ids=(-1, 7)))

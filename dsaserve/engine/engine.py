@@ -115,10 +115,10 @@ class Engine:
         if rid in self.requests:
             raise RequestError(f"request id {rid!r} is already in use")
         params.validate()
-        bad = [t for t in prompt_ids if not 0 <= t < self.cfg.vocab_size]
-        bad += [t for t, _ in params.logit_bias if t >= self.cfg.vocab_size]
-        if bad:
-            raise RequestError(f"token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
+        for where, ids in (("", prompt_ids), ("logit_bias ", [t for t, _ in params.logit_bias])):
+            bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
+            if bad:
+                raise RequestError(f"{where}token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
         room = min(self.context_length, self.scheduler.capacity_tokens - self.scheduler.cfg.decode_lookahead + 1)
         max_new = params.max_tokens if params.max_tokens is not None else room - len(prompt_ids)
         req = Request(rid=rid, prompt_ids=list(prompt_ids), params=params, max_new_tokens=max_new,

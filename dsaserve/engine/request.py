@@ -13,6 +13,22 @@ class RequestError(ValueError):
     """Bad input: the request is rejected with this message; the engine keeps serving."""
 
 
+def logit_bias_pairs(bias: Any) -> tuple[tuple[int, float], ...]:
+    """OpenAI's logit_bias ({token id or its string: bias}, or (id, bias) pairs) as sorted (id, bias) pairs;
+    keys naming the same token ("5", "05") add up."""
+    merged: dict[int, float] = {}
+    for key, value in (bias.items() if isinstance(bias, dict) else bias):
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            raise RequestError(f"logit_bias keys must be token ids, got {key!r}") from None
+        try:
+            merged[token] = merged.get(token, 0.0) + float(value)
+        except (TypeError, ValueError):
+            raise RequestError(f"logit_bias values must be numbers, got {value!r} for token {token}") from None
+    return tuple(sorted(merged.items()))
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int | None = 16  # None: up to the context length
@@ -39,16 +55,14 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        merged: dict[int, float] = {}  # keys "5" and "05" are one token: their biases add up
-        for t, b in (self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias):
-            merged[int(t)] = merged.get(int(t), 0.0) + float(b)
-        object.__setattr__(self, "logit_bias", tuple(sorted(merged.items())))
+        object.__setattr__(self, "logit_bias", logit_bias_pairs(self.logit_bias))
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0 or self.top_k == 1
 
     def validate(self) -> None:
+        bad_bias = [(t, b) for t, b in self.logit_bias if t < 0 or not -100.0 <= b <= 100.0]
         checks = [
             (self.max_tokens is None or self.max_tokens > 0, f"max_tokens must be > 0, got {self.max_tokens}"),
             (self.temperature >= 0.0, f"temperature must be >= 0, got {self.temperature}"),
@@ -61,9 +75,10 @@ class SamplingParams:
             (0.0 < self.repetition_penalty <= 2.0,
              f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}"),
             (self.min_tokens >= 0 and (self.max_tokens is None or self.min_tokens <= self.max_tokens),
-             f"min_tokens must be in [0, max_tokens], got {self.min_tokens}"),
-            (all(t >= 0 and -100.0 <= b <= 100.0 for t, b in self.logit_bias),
-             "logit_bias maps token ids >= 0 to biases in [-100, 100]"),
+             f"min_tokens must be in [0, max_tokens] (/generate: min_new_tokens, max_new_tokens), got "
+             f"{self.min_tokens} with max_tokens {self.max_tokens}"),
+            (not bad_bias, "logit_bias maps token ids >= 0 to biases in [-100, 100] (keys naming one token add "
+                           f"up), got {bad_bias[0][0]}: {bad_bias[0][1]}" if bad_bias else ""),
             (self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs must be in [0, 20], got {self.logprobs}"),
             (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
              f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}"),
@@ -119,7 +134,7 @@ class Request:
     spec_accepted: int = 0  # draft tokens accepted over those steps
     grammar: Any = None  # GrammarState of params.grammar, made by the sampler on the leader
     min_tokens_banned: tuple[int, ...] = ()  # EOS and stop token ids, masked before params.min_tokens
-    prompt_vocab: Any = None  # [V] bool mask of the prompt's tokens, made once for the repetition penalty
+    sampling_tensors: dict[str, Any] = field(default_factory=dict)  # the sampler's fixed per-request tensors
     disagg: DisaggRoute | None = None  # PD: the request's KV cache moves between servers
     inflight: int = 0  # overlapped scheduling: tokens sampled on the device, not committed yet
 

@@ -8,6 +8,8 @@ kernels). Rows that ask for no top-k / top-p / min-p skip the full-vocabulary so
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from dsaserve.chat.grammar import grammar_state
@@ -64,14 +66,25 @@ def apply_logit_bias(logits: Tensor, reqs: list[Request], pending: list[list[int
                    and len(r.output_ids) + len(pending[i]) < r.params.min_tokens]
     if not (bias_rows or banned_rows):
         return logits
-    logits = logits.clone()
+    logits, dev = logits.clone(), logits.device
     for i in bias_rows:
-        ids, bias = zip(*reqs[i].params.logit_bias)
-        logits[i, torch.tensor(ids, device=logits.device)] += torch.tensor(bias, device=logits.device)
+        pairs = reqs[i].params.logit_bias
+        ids = _fixed(reqs[i], "bias_ids", dev, lambda: torch.tensor([t for t, _ in pairs]))
+        logits[i, ids] += _fixed(reqs[i], "bias_values", dev, lambda: torch.tensor([b for _, b in pairs]))
     for i in banned_rows:
-        row = logits[i].index_fill(0, torch.tensor(reqs[i].min_tokens_banned, device=logits.device), float("-inf"))
+        banned = _fixed(reqs[i], "min_tokens_banned", dev, lambda: torch.tensor(reqs[i].min_tokens_banned))
+        row = logits[i].index_fill(0, banned, float("-inf"))
         logits[i] = torch.where((row > float("-inf")).any(), row, logits[i])
     return logits
+
+
+def _fixed(req: Request, name: str, device: torch.device, make: Callable[[], Tensor]) -> Tensor:
+    """A tensor of the request that never changes (bias ids, banned ids, the prompt's token mask): made and
+    copied to the device once, not every step."""
+    t = req.sampling_tensors.get(name)
+    if t is None or t.device != device:
+        t = req.sampling_tensors[name] = make().to(device)
+    return t
 
 
 def apply_penalties(logits: Tensor, reqs: list[Request], pending: list[list[int]]) -> Tensor:
@@ -81,27 +94,29 @@ def apply_penalties(logits: Tensor, reqs: list[Request], pending: list[list[int]
             or r.params.repetition_penalty != 1.0]
     if not rows:
         return logits
-    logits = logits.clone()
+    logits, dev, V = logits.clone(), logits.device, logits.shape[1]
     for i in rows:
-        p = reqs[i].params
-        history = reqs[i].output_ids + pending[i]
+        req, p = reqs[i], reqs[i].params
+        ids = req.output_ids + pending[i]
+        history = torch.tensor(ids, dtype=torch.long, device=dev) if ids else None  # one copy for both uses
         if p.repetition_penalty != 1.0:  # a [V] mask of the tokens seen: no host sync (no unique / nonzero)
-            req, V = reqs[i], logits.shape[1]
-            if req.prompt_vocab is None or req.prompt_vocab.device != logits.device:
-                req.prompt_vocab = torch.zeros(V, dtype=torch.bool, device=logits.device)
-                req.prompt_vocab[torch.tensor(req.prompt_ids, device=logits.device)] = True
-            seen = req.prompt_vocab.clone()
-            if history:
-                seen[torch.tensor(history, device=logits.device)] = True
+            seen = _fixed(req, "prompt_vocab", dev, lambda: _vocab_mask(req.prompt_ids, V)).clone()
+            if history is not None:
+                seen[history] = True
             score = logits[i]
             penalized = torch.where(score > 0, score / p.repetition_penalty, score * p.repetition_penalty)
             logits[i] = torch.where(seen, penalized, score)
-        if not history or not (p.frequency_penalty or p.presence_penalty):
+        if history is None or not (p.frequency_penalty or p.presence_penalty):
             continue
-        counts = torch.bincount(torch.tensor(history, device=logits.device),
-                                minlength=logits.shape[1])[: logits.shape[1]].float()
+        counts = torch.bincount(history, minlength=V)[:V].float()
         logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
     return logits
+
+
+def _vocab_mask(ids: list[int], vocab: int) -> Tensor:
+    mask = torch.zeros(vocab, dtype=torch.bool)
+    mask[torch.tensor(ids, dtype=torch.long)] = True
+    return mask
 
 
 def filters_off(p: SamplingParams) -> bool:

@@ -11,7 +11,7 @@ from fastapi import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from dsaserve.engine.request import FinishReason, RequestError, SamplingParams
+from dsaserve.engine.request import FinishReason, RequestError, SamplingParams, logit_bias_pairs
 from dsaserve.server.errors import ApiError, bad_request
 from dsaserve.server.frontend import Delta, EngineFailure, Frontend, RequestHandle
 from dsaserve.server.protocol import sse
@@ -50,13 +50,10 @@ def prompt_token_logprobs(scored: list | None, prompt_len: int) -> list:
 
 def bias_pairs(logit_bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
     """OpenAI's logit_bias (token ids as JSON keys) as (id, bias) pairs; a key that is not an id is a 400."""
-    pairs = []
-    for key, bias in (logit_bias or {}).items():
-        try:
-            pairs.append((int(key), float(bias)))
-        except ValueError:
-            raise bad_request(f"logit_bias keys must be token ids, got {key!r}", param="logit_bias") from None
-    return tuple(pairs)
+    try:
+        return logit_bias_pairs(logit_bias or {})
+    except RequestError as exc:
+        raise bad_request(str(exc), param="logit_bias") from None
 
 
 def checked(params: SamplingParams) -> SamplingParams:
