@@ -366,7 +366,9 @@ class Engine:
             if matched:
                 text = self.tokenizer.decode(req.output_ids)
                 # with min_tokens (vLLM's rule) only a match that ends after the first min_tokens tokens counts
-                floor = len(self.tokenizer.decode(req.output_ids[:p.min_tokens])) if p.min_tokens else 0
+                if p.min_tokens and req.min_tokens_chars is None:  # those tokens never change: decode them once
+                    req.min_tokens_chars = len(self.tokenizer.decode(req.output_ids[:p.min_tokens]))
+                floor = req.min_tokens_chars or 0
                 hits = {s: text.find(s, max(0, floor - len(s) + 1)) for s in matched}
                 hits = {s: i for s, i in hits.items() if i >= 0}
                 if hits:

@@ -134,6 +134,7 @@ class Request:
     spec_accepted: int = 0  # draft tokens accepted over those steps
     grammar: Any = None  # GrammarState of params.grammar, made by the sampler on the leader
     min_tokens_banned: tuple[int, ...] = ()  # EOS and stop token ids, masked before params.min_tokens
+    min_tokens_chars: int | None = None  # characters of the first params.min_tokens output tokens, once known
     sampling_tensors: dict[str, Any] = field(default_factory=dict)  # the sampler's fixed per-request tensors
     disagg: DisaggRoute | None = None  # PD: the request's KV cache moves between servers
     inflight: int = 0  # overlapped scheduling: tokens sampled on the device, not committed yet
