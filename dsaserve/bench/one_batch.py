@@ -1,20 +1,24 @@
 """`dsaserve bench one-batch`: one static batch through the offline engine, no server (as SGLang's
 bench_one_batch): prefill latency and throughput, decode step latency and throughput, and on CUDA the
 decode step as a fraction of the HBM roofline for the bytes it must read, against the copy bandwidth
-measured in the same run. Decode time is the mean step while every request of the batch decodes, as the
-engine runs it (overlapped scheduling, no sync per step). The engine runs with its defaults (CUDA graphs,
-mixed chunks) unless the ServerArgs flags say otherwise. Prints a table and writes JSON (`--output-json`)."""
+measured in the same run; prefill's model FLOPs per second (bench/flops.py: the matmuls the model math
+needs, one rank's share) and on CUDA their fraction of the bf16 GEMM rate measured in the same run. Decode
+time is the mean step while every request of the batch decodes, as the engine runs it (overlapped
+scheduling, no sync per step). The engine runs with its defaults (CUDA graphs, mixed chunks) unless the
+ServerArgs flags say otherwise. Prints a table and writes JSON (`--output-json`)."""
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from dsaserve.bench.flops import prefill_flops
 from dsaserve.engine.compiles import kernel_compiles
 from dsaserve.engine.engine import Engine
 from dsaserve.engine.request import SamplingParams
@@ -29,6 +33,8 @@ class Row:
     output_len: int
     prefill_s: float
     prefill_tok_s: float
+    prefill_flops: float  # batch x bench.flops.prefill_flops: matmul FLOPs of the prompts (one rank's share)
+    prefill_matmul_fraction: float | None  # prefill FLOP/s over the measured bf16 GEMM rate (CUDA only)
     decode_step_ms: float
     decode_tok_s: float
     step_bytes: float  # the fewest bytes a decode step reads (weights it touches + KV it attends)
@@ -45,19 +51,32 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-json", default=None)
 
 
+def median_seconds(work: Callable[[], object], runs: int = 10, warmup: int = 3) -> float:
+    """Median device time of `work` over `runs` timed calls, after `warmup` untimed ones (clocks, caches)."""
+    times = []
+    for _ in range(warmup + runs):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        work()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times[warmup:])
+
+
 def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
     """Bytes per second of a device-to-device copy, counting bytes read and written (median of 10)."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    times = []
-    for _ in range(13):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return 2 * nbytes / statistics.median(times[3:])
+    return 2 * nbytes / median_seconds(lambda: dst.copy_(src))
+
+
+def matmul_rate(device: torch.device, n: int = 8192) -> float:
+    """FLOP/s of an n x n x n bf16 GEMM (median of 10): what this device's matmuls reach when large, the
+    yardstick for prefill (issue 13). Random operands, as activations are (zeros can run faster)."""
+    a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
+    b, out = torch.randn_like(a), torch.empty_like(a)
+    return 2 * n ** 3 / median_seconds(lambda: torch.mm(a, b, out=out))
 
 
 def decode_step_bytes(engine: Engine, batch: int, context: int) -> float:
@@ -79,7 +98,8 @@ def decode_step_bytes(engine: Engine, batch: int, context: int) -> float:
     return total + batch * kv
 
 
-def run_one(engine: Engine, batch: int, input_len: int, output_len: int, bandwidth: float | None) -> Row:
+def run_one(engine: Engine, batch: int, input_len: int, output_len: int, bandwidth: float | None,
+            matmul: float | None = None) -> Row:
     sync = torch.cuda.synchronize if engine.runner.device.type == "cuda" else (lambda: None)
     # The warm-up run (other output length) draws other prompts: the measured prefill finds no cached prefix.
     gen = torch.Generator().manual_seed(batch * 7919 + input_len * 31 + output_len)
@@ -107,8 +127,10 @@ def run_one(engine: Engine, batch: int, input_len: int, output_len: int, bandwid
     engine.run_until_idle()
     step = elapsed / launched if launched else float("nan")
     nbytes = decode_step_bytes(engine, batch, input_len + output_len // 2)
-    return Row(batch, input_len, output_len, prefill_s, batch * input_len / prefill_s, 1e3 * step, batch / step,
-               nbytes, nbytes / step / bandwidth if bandwidth else None, kernel_compiles() - compiles0,
+    flops = batch * prefill_flops(engine.runner.model, input_len, engine.spec_steps)
+    return Row(batch, input_len, output_len, prefill_s, batch * input_len / prefill_s, flops,
+               flops / prefill_s / matmul if matmul else None, 1e3 * step, batch / step, nbytes,
+               nbytes / step / bandwidth if bandwidth else None, kernel_compiles() - compiles0,
                engine.scheduler.num_retractions - retractions0)
 
 
@@ -123,24 +145,29 @@ def run(ns: argparse.Namespace) -> int:
     print(f"engine ready in {time.perf_counter() - t:.1f}s")
     device = engine.runner.device
     bandwidth = copy_bandwidth(device) if device.type == "cuda" else None
+    matmul = matmul_rate(device) if device.type == "cuda" else None
     rows = []
     for input_len in ns.input_len:
         for batch in ns.batch_size:
-            run_one(engine, batch, input_len, 4, bandwidth)  # every shape once before it is timed
-            rows.append(run_one(engine, batch, input_len, ns.output_len, bandwidth))
+            run_one(engine, batch, input_len, 4, bandwidth, matmul)  # every shape once before it is timed
+            rows.append(run_one(engine, batch, input_len, ns.output_len, bandwidth, matmul))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"\n{name}, {engine.model_path}, {engine.runner.dtype}, graphs up to batch "
           f"{engine.runner.graphs.max_bs if engine.runner.graphs else 0}"
-          + (f", copy {bandwidth / 1e12:.2f} TB/s" if bandwidth else ""))
-    print(f"{'batch':>5} {'in':>6} {'out':>5} {'prefill s':>10} {'prefill tok/s':>14} {'decode ms':>10} "
+          + (f", copy {bandwidth / 1e12:.2f} TB/s" if bandwidth else "")
+          + (f", bf16 matmul {matmul / 1e12:.0f} TFLOP/s" if matmul else ""))
+    print(f"{'batch':>5} {'in':>6} {'out':>5} {'prefill s':>10} {'prefill tok/s':>14} {'prefill TF/s':>13} "
+          f"{'of matmul':>10} {'decode ms':>10} "
           f"{'decode tok/s':>13} {'step MB':>8} {'roofline':>9} {'compiles':>9} {'retracted':>10}")
     for r in rows:
         roof = f"{100 * r.roofline:.1f}%" if r.roofline is not None else "-"
+        mm = f"{100 * r.prefill_matmul_fraction:.1f}%" if r.prefill_matmul_fraction is not None else "-"
         print(f"{r.batch:>5} {r.input_len:>6} {r.output_len:>5} {r.prefill_s:>10.3f} {r.prefill_tok_s:>14.0f} "
-              f"{r.decode_step_ms:>10.2f} {r.decode_tok_s:>13.0f} {r.step_bytes / 1e6:>8.1f} {roof:>9} "
+              f"{r.prefill_flops / r.prefill_s / 1e12:>13.2f} {mm:>10} {r.decode_step_ms:>10.2f} "
+              f"{r.decode_tok_s:>13.0f} {r.step_bytes / 1e6:>8.1f} {roof:>9} "
               f"{r.compiles:>9} {r.retractions:>10}")
     if ns.output_json:
         Path(ns.output_json).write_text(json.dumps({"device": name, "model": engine.model_path,
-                                                    "copy_bytes_per_s": bandwidth,
+                                                    "copy_bytes_per_s": bandwidth, "matmul_flop_per_s": matmul,
                                                     "rows": [asdict(r) for r in rows]}, indent=1))
     return 0
