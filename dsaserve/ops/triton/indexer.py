@@ -118,12 +118,23 @@ def _slots_kernel(POS, LEN, PT, REQ, OUT, stride_pos, stride_len, stride_pt, str
 
 def _config(T: int, num_keys: int, hp: int, sms: int) -> dict[str, int]:
     cfg = dict(CONFIG or {})
-    block_t = cfg.get("block_t") or (max(1, 128 // hp) if T > 256 else 1)
+    decode = T <= 256  # one row per program; prefill rows share each key block in groups of block_t
+    block_t = cfg.get("block_t") or (1 if decode else max(1, 128 // hp))
     block_n = cfg.get("block_n") or 64
-    blocks = triton.cdiv(T, block_t) * triton.cdiv(num_keys, block_n)
-    iters = cfg.get("iters") or max(1, min(16, blocks // (4 * sms)))  # reuse q over keys, keep SMs full
-    return dict(block_t=block_t, block_n=block_n, iters=iters, num_warps=cfg.get("num_warps") or 4,
-                num_stages=cfg.get("num_stages") or 4)
+    if decode:
+        # The rows end in (num_keys / 2, num_keys] (key widths are power-of-two buckets); programs past a
+        # row's end only write -inf. The longest key range per program that leaves ~3.5 working programs
+        # per SM, 2 stages: in an H200 sweep of 1-64 rows over 4K and 32K keys (docs/benchmarks.md) 787 us
+        # over 20 cases against 845 for 15-16 blocks per program and 767 for each case's best config.
+        working = T * num_keys / 2 / block_n
+        iters = next((i for i in (16, 8, 4, 2) if working / i >= 3.5 * sms), 1)
+        stages = 2
+    else:
+        blocks = triton.cdiv(T, block_t) * triton.cdiv(num_keys, block_n)
+        iters = max(1, min(16, blocks // (4 * sms)))  # reuse q over keys, keep SMs full
+        stages = 4
+    return dict(block_t=block_t, block_n=block_n, iters=cfg.get("iters") or iters,
+                num_warps=cfg.get("num_warps") or 4, num_stages=cfg.get("num_stages") or stages)
 
 
 def indexer_logits(q: Tensor, weights: Tensor, k_cache: Tensor, page_table: Tensor, row_req: Tensor,
