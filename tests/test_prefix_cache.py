@@ -108,3 +108,81 @@ def test_deep_tree_at_page_size_one() -> None:
     assert cache.reclaimable() == 2000  # the first 3000 pages are in use by the match
     alloc.free(hit)
     assert cache.reclaimable() == 5000 and cache.evict(5000) == 5000 and alloc.num_free == 5999
+
+
+def _tree(cache: PrefixCache) -> dict[int, tuple[int | None, int, int]]:
+    """page -> (parent page or None, children, last_used), by walking the tree."""
+    out, todo = {}, [(n, None) for n in cache.root.children.values()]
+    while todo:
+        node, parent = todo.pop()
+        out[node.page] = (parent, len(node.children), node.last_used)
+        todo += [(c, node.page) for c in node.children.values()]
+    return out
+
+
+def _brute_reclaimable(tree: dict[int, tuple[int | None, int, int]], alloc: PageAllocator) -> int:
+    """Pages in subtrees where every page has refcount 1 (no request holds it), by walking the tree."""
+    busy = {p for p in tree if alloc.refcount(p) > 1}
+    for page in list(busy):
+        while (page := tree[page][0]) is not None:
+            busy.add(page)
+    return len(tree) - len(busy)
+
+
+def _brute_evicted(tree: dict[int, tuple[int | None, int, int]], alloc: PageAllocator, want: int) -> set[int]:
+    """The pages LRU leaf-first eviction frees: repeatedly the least recently used leaf no request holds."""
+    children = {p: c for p, (_, c, _) in tree.items()}
+    gone: set[int] = set()
+    while len(gone) < want:
+        leaves = [(tree[p][2], p) for p in tree if p not in gone and not children[p] and alloc.refcount(p) == 1]
+        if not leaves:
+            break
+        _, page = min(leaves)
+        gone.add(page)
+        if tree[page][0] is not None:
+            children[tree[page][0]] -= 1
+    return gone
+
+
+def test_incremental_reclaim_and_eviction_equal_a_tree_walk() -> None:
+    """The allocator's count of cached-only pages and the heap of leaves (nothing walks the tree per step)
+    against a walk of the whole tree, over random requests that share prefixes, finish, and evictions."""
+    import random
+    rng = random.Random(5)
+    alloc = PageAllocator(400)
+    cache = PrefixCache(alloc, page_size=2)
+    bases = [[rng.randrange(3) for _ in range(40)] for _ in range(4)]
+    running: list[tuple[list[int], list[int]]] = []
+    walks, walk = [0], cache._nodes
+
+    def counted_walk() -> list:
+        walks[0] += 1
+        return walk()
+
+    cache._nodes = counted_walk  # type: ignore[method-assign]
+    for step in range(600):
+        op = rng.random()
+        if op < 0.45 and len(running) < 6:  # a request arrives: its cached prefix, then pages of its own
+            tokens = rng.choice(bases)[:rng.randrange(2, 40)] + [rng.randrange(3) for _ in range(rng.randrange(6))]
+            pages = cache.match(tokens, limit=len(tokens) - 1)
+            need = -(-len(tokens) // 2) - len(pages)
+            if need > alloc.num_free:
+                cache.evict(need - alloc.num_free)
+            if need > alloc.num_free:
+                alloc.free(pages)
+                continue
+            running.append((tokens, pages + alloc.alloc(need)))
+        elif op < 0.85 and running:  # a request ends: its full pages stay cached
+            tokens, pages = running.pop(rng.randrange(len(running)))
+            cache.insert(tokens, pages)
+            alloc.free(pages)
+        else:
+            tree = _tree(cache)
+            want = rng.randrange(1, 12)
+            expected = _brute_evicted(tree, alloc, want)
+            assert cache.evict(want) == len(expected), step
+            assert set(tree) - set(_tree(cache)) == expected, step
+        tree = _tree(cache)
+        assert cache.reclaimable() == _brute_reclaimable(tree, alloc) and cache.num_pages == len(tree), step
+    assert cache.stats.evicted_pages > 50 and len(cache._leaves) <= 2 * cache.num_pages + 64
+    assert walks[0] < 20  # the heap's rebuilds at most (each eviction and count used to walk it: hundreds)

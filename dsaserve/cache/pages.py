@@ -13,6 +13,8 @@ class PageAllocator:
         self.num_pages = num_pages
         self._free = list(range(num_pages - 1, 0, -1))  # pop() hands out low ids first
         self._refs = [0] * num_pages
+        self._cached = bytearray(num_pages)  # 1: the prefix cache holds one of the page's references
+        self.cached_only = 0  # cached pages no one else holds: what evicting the cache could free
         self.changes = 0  # bumped by every alloc / share / free: a cheap "did ownership move" signal
 
     @property
@@ -43,6 +45,8 @@ class PageAllocator:
         self.changes += 1
         for p in pages:
             assert self._refs[p] > 0, f"page {p} is not allocated"
+            if self._cached[p] and self._refs[p] == 1:
+                self.cached_only -= 1
             self._refs[p] += 1
 
     def free(self, pages: list[int]) -> None:
@@ -50,5 +54,23 @@ class PageAllocator:
         for p in pages:
             assert self._refs[p] > 0, f"page {p} freed twice"
             self._refs[p] -= 1
+            if self._cached[p] and self._refs[p] == 1:
+                self.cached_only += 1
             if self._refs[p] == 0:
                 self._free.append(p)
+
+    def share_cached(self, page: int) -> None:
+        """The prefix cache takes its reference on a page (counted in cached_only while no one else holds it)."""
+        assert not self._cached[page], f"page {page} is cached twice"
+        self.share([page])
+        self._cached[page] = 1
+        if self._refs[page] == 1:
+            self.cached_only += 1
+
+    def free_cached(self, page: int) -> None:
+        """The prefix cache drops its reference (eviction)."""
+        assert self._cached[page], f"page {page} is not cached"
+        if self._refs[page] == 1:
+            self.cached_only -= 1
+        self._cached[page] = 0
+        self.free([page])

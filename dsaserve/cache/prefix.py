@@ -6,6 +6,12 @@ Each node is one full page: its page_size tokens and the page that holds their l
 (it computes from the first position after the shared pages). Pages only the tree holds are evicted
 least recently used first, leaves before their parents, when the pool runs short.
 
+Steps never walk the tree (it holds every cached page of the pool: with page size 1, a node per token).
+Requests hold tree pages only along paths from the root (a match shares its whole path), so the pages
+eviction could free are exactly the cached pages no request holds: the allocator counts them as
+references move. Eviction pops a heap of leaves by last use; an entry goes stale when its node is touched
+again, gains a child or leaves the tree, and is skipped (the heap is rebuilt once it holds twice the tree).
+
 With MTP speculation the MTP layer's entry at position p depends on the token at p + 1, which may
 differ between two requests that share the page holding p: a match then gives back one page less,
 so the last shared position always has the same next token (the first token of the next matched
@@ -27,6 +33,7 @@ class _Node:
     parent: _Node | None
     children: dict[tuple[int, ...], _Node] = field(default_factory=dict)
     last_used: int = 0
+    cached: bool = True  # False once evicted: its heap entries are stale
 
 
 @dataclass
@@ -43,6 +50,8 @@ class PrefixCache:
         self.stats = PrefixStats()
         self._clock = itertools.count(1)
         self.num_pages = 0
+        self._leaves: list[tuple[int, int, _Node]] = []  # heap (last_used, tie-break, node): eviction candidates
+        self._ticket = itertools.count()
 
     def _chunks(self, tokens: list[int], pages: int) -> list[tuple[int, ...]]:
         ps = self.page_size
@@ -54,11 +63,14 @@ class PrefixCache:
         statistics to the caller (`count`), for a match it may still give back."""
         node, path, now = self.root, [], next(self._clock)
         for chunk in self._chunks(tokens, limit // self.page_size):
-            node = node.children.get(chunk)
-            if node is None:
+            child = node.children.get(chunk)
+            if child is None:
                 break
+            node = child
             node.last_used = now
             path.append(node.page)
+        if path and not node.children:  # only a path's last node can be a leaf
+            self._push(node)
         if self.drop_last_page and path:
             path.pop()
         self.allocator.share(path)
@@ -79,41 +91,46 @@ class PrefixCache:
             child = node.children.get(chunk)
             if child is None:
                 child = node.children[chunk] = _Node(chunk, page, node)
-                self.allocator.share([page])
+                self.allocator.share_cached(page)
                 self.num_pages += 1
             child.last_used = now
             node = child
+        if node is not self.root and not node.children:
+            self._push(node)
 
     def evict(self, pages: int) -> int:
         """Free up to `pages` pages that only the tree holds, least recently used leaves first (a parent
         becomes a candidate once its last child is gone)."""
-        def evictable(node: _Node) -> bool:
-            return not node.children and self.allocator.refcount(node.page) == 1
-
-        heap = [(n.last_used, id(n), n) for n in self._nodes() if evictable(n)]
-        heapq.heapify(heap)
-        freed = 0
-        while heap and freed < pages:
-            _, _, leaf = heapq.heappop(heap)
+        freed, held, pages = 0, [], min(pages, self.allocator.cached_only)
+        while self._leaves and freed < pages:
+            used, _, leaf = heapq.heappop(self._leaves)
+            if not leaf.cached or leaf.children or used != leaf.last_used:
+                continue  # stale: evicted, no longer a leaf, or touched since (a newer entry exists)
+            if self.allocator.refcount(leaf.page) > 1:
+                held.append(leaf)  # a request holds it: a candidate again once it lets go
+                continue
             parent = leaf.parent
             del parent.children[leaf.tokens]  # type: ignore[union-attr]
-            self.allocator.free([leaf.page])
+            leaf.cached = False
+            self.allocator.free_cached(leaf.page)
             freed += 1
-            if parent is not self.root and evictable(parent):  # type: ignore[arg-type]
-                heapq.heappush(heap, (parent.last_used, id(parent), parent))  # type: ignore[union-attr]
+            if parent is not self.root and not parent.children:  # type: ignore[union-attr]
+                self._push(parent)  # type: ignore[arg-type]
+        for leaf in held:
+            self._push(leaf)
         self.num_pages -= freed
         self.stats.evicted_pages += freed
         return freed
 
     def reclaimable(self) -> int:
-        """Pages only the tree holds, in subtrees no request uses: what evict() could free now. (Iterative:
-        with page size 1 the tree is as deep as the longest cached sequence.)"""
-        nodes = self._nodes()  # parents before their children
-        free = {id(n): self.allocator.refcount(n.page) == 1 for n in nodes}
-        for node in reversed(nodes):  # children before their parents
-            if not free[id(node)] and node.parent is not None and node.parent is not self.root:
-                free[id(node.parent)] = False
-        return sum(free.values())
+        """Pages only the tree holds: what evict() could free now (module doc: held pages are root paths)."""
+        return self.allocator.cached_only
+
+    def _push(self, node: _Node) -> None:
+        heapq.heappush(self._leaves, (node.last_used, next(self._ticket), node))
+        if len(self._leaves) > 2 * self.num_pages + 64:  # mostly stale entries: keep the current leaves
+            self._leaves = [(n.last_used, next(self._ticket), n) for n in self._nodes() if not n.children]
+            heapq.heapify(self._leaves)
 
     def _nodes(self) -> list[_Node]:
         """Every node, each after its parent."""
