@@ -12,7 +12,7 @@ from transformers.generation.logits_process import RepetitionPenaltyLogitsProces
 from conftest import prompts_ids
 from dsaserve import LLM, SamplingParams
 from dsaserve.engine.request import Request, RequestError
-from dsaserve.engine.sampler import apply_logit_bias, apply_penalties
+from dsaserve.engine.sampler import shape_logits
 
 V = 64
 
@@ -27,7 +27,7 @@ def test_repetition_penalty_equals_transformers(penalty: float) -> None:
     """Over the prompt, the output and a verify row's pending drafts, as transformers' processor rules."""
     logits = torch.randn(1, V, generator=torch.Generator().manual_seed(3)) * 3
     prompt, output, pending = [3, 4, 4, 9, 60], [7, 3], [11, 9]
-    got = apply_penalties(logits, [_req(SamplingParams(repetition_penalty=penalty), prompt, output)], [pending])
+    got = shape_logits(logits, [_req(SamplingParams(repetition_penalty=penalty), prompt, output)], [pending])
     want = RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor([prompt + output + pending]), logits.clone())
     assert torch.equal(got, want)
     assert not torch.equal(got, logits)
@@ -39,17 +39,24 @@ def test_logit_bias_and_min_tokens_shape_the_logits() -> None:
     assert biased.logit_bias == ((5, 2.5), (9, -100.0))
     early = SamplingParams(min_tokens=3)
     reqs = [_req(biased, [1], []), _req(early, [1], [8], banned=(2, 6))]
-    got = apply_logit_bias(logits, reqs, [[], [4]])  # request 2: 1 output + 1 pending = 2 < 3
+    raw = logits.clone()
+    got = shape_logits(logits, reqs, [[], [4]])  # request 2: 1 output + 1 pending = 2 < 3
     want = logits.clone()
     want[0, 5] += 2.5
     want[0, 9] -= 100.0
     want[1, 2] = want[1, 6] = float("-inf")
-    assert torch.equal(got, want)
-    assert torch.equal(apply_logit_bias(logits[1:], reqs[1:], [[4, 4]]), logits[1:])  # 3 tokens: no longer masked
+    assert torch.equal(got, want) and torch.equal(logits, raw)  # the raw logits (logprobs) are left as they were
+    assert torch.equal(shape_logits(logits[1:], reqs[1:], [[4, 4]]), logits[1:])  # 3 tokens: no longer masked
     only_ends = torch.full((1, V), float("-inf"))
     only_ends[0, 6] = 1.0  # a finished grammar allows only EOS: min_tokens must not leave no token at all
-    assert torch.equal(apply_logit_bias(only_ends, reqs[1:], [[]]), only_ends)
+    assert torch.equal(shape_logits(only_ends, reqs[1:], [[]]), only_ends)
     assert SamplingParams(logit_bias={"5": 1.0, "05": 2.0}).logit_bias == ((5, 3.0),)  # one token: biases add
+    both = _req(SamplingParams(logit_bias={"5": 2.5}, repetition_penalty=1.3), [5, 7], [])
+    want = logits[:1].clone()
+    want[0, 5] += 2.5  # bias first, then the penalty over the biased logit (the stages' order)
+    for t in (5, 7):
+        want[0, t] = want[0, t] / 1.3 if want[0, t] > 0 else want[0, t] * 1.3
+    assert torch.equal(shape_logits(logits[:1], [both], [[]]), want) and torch.equal(logits, raw)
 
 
 @pytest.mark.parametrize("params,words", [
@@ -106,9 +113,12 @@ def test_through_the_engine(steps: int, tiny_ds: str) -> None:
     assert len(late.token_ids) >= 4 and late.text.startswith(text[:2]) and len(late.text) > 2, late.text
     with pytest.raises(RequestError, match="token id 100000 is outside the vocabulary"):
         llm.engine.add_request("x", prompt, SamplingParams(logit_bias={"100000": 1.0}))
-    llm.engine.add_request("neg", prompt, SamplingParams(min_tokens=2, stop_token_ids=(-1, 7)))
-    assert -1 not in llm.engine.requests["neg"].min_tokens_banned and 7 in llm.engine.requests["neg"].min_tokens_banned
-    llm.engine.abort("neg")
+    for bad in (-1, 100000):  # a stop token that can never be sampled is a client's mistake: say so
+        with pytest.raises(RequestError, match=f"stop_token_ids token id {bad} is outside the vocabulary"):
+            llm.engine.add_request("x", prompt, SamplingParams(min_tokens=2, stop_token_ids=(7, bad)))
+    llm.engine.add_request("held", prompt, SamplingParams(min_tokens=2, stop_token_ids=(7,)))
+    assert 7 in llm.engine.requests["held"].min_tokens_banned
+    llm.engine.abort("held")
 
 
 def test_min_tokens_never_breaks_a_grammar(tiny_ds: str) -> None:

@@ -115,7 +115,8 @@ class Engine:
         if rid in self.requests:
             raise RequestError(f"request id {rid!r} is already in use")
         params.validate()
-        for where, ids in (("", prompt_ids), ("logit_bias ", [t for t, _ in params.logit_bias])):
+        for where, ids in (("", prompt_ids), ("logit_bias ", [t for t, _ in params.logit_bias]),
+                           ("stop_token_ids ", params.stop_token_ids)):
             bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
             if bad:
                 raise RequestError(f"{where}token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")

@@ -44,20 +44,41 @@ def draw(probs: Tensor, uniforms: list[float]) -> Tensor:
     return torch.minimum(picked, last_positive)  # u x total can round up to the total itself
 
 
-def apply_grammars(logits: Tensor, reqs: list[Request], pending: list[list[int]]) -> Tensor:
+def shape_logits(logits: Tensor, reqs: list[Request], pending: list[list[int]]) -> Tensor:
+    """Grammar masks, then logit bias and min_tokens, then penalties, in one copy of the logits when any
+    row asks for one (the raw logits stay as they are: logprobs are read from them)."""
+    shaped = _Shaped(logits)
+    _apply_grammars(shaped, reqs, pending)
+    _apply_logit_bias(shaped, reqs, pending)
+    _apply_penalties(shaped, reqs, pending)
+    return shaped.logits
+
+
+class _Shaped:
+    """The logits, copied the first time a stage writes them."""
+
+    def __init__(self, logits: Tensor):
+        self.logits, self._copied = logits, False
+
+    def writable(self) -> Tensor:
+        if not self._copied:
+            self.logits, self._copied = self.logits.clone(), True
+        return self.logits
+
+
+def _apply_grammars(shaped: _Shaped, reqs: list[Request], pending: list[list[int]]) -> None:
     """Tokens a request's grammar forbids get -inf (one [R, V] mask, one copy to the device). A verify
     row's mask is the grammar's after the drafts before it (tentatively accepted, then rolled back)."""
     rows = [i for i, r in enumerate(reqs) if r.params.grammar is not None]
     if not rows:
-        return logits
+        return
+    logits = shaped.writable()
     mask = torch.stack([grammar_state(reqs[i], logits.shape[1]).allowed_after(pending[i]) for i in rows])
-    logits = logits.clone()
     idx = torch.tensor(rows, device=logits.device)
     logits[idx] = logits[idx].masked_fill(~mask.to(logits.device), float("-inf"))
-    return logits
 
 
-def apply_logit_bias(logits: Tensor, reqs: list[Request], pending: list[list[int]]) -> Tensor:
+def _apply_logit_bias(shaped: _Shaped, reqs: list[Request], pending: list[list[int]]) -> None:
     """OpenAI's logit_bias (added to the raw logits), and -inf for EOS and stop tokens while a request has
     fewer than min_tokens output tokens (a verify row counts the drafts before it), unless that would leave
     no token at all (a finished grammar allows only EOS): then the row is left as it was, on the device."""
@@ -65,8 +86,9 @@ def apply_logit_bias(logits: Tensor, reqs: list[Request], pending: list[list[int
     banned_rows = [i for i, r in enumerate(reqs) if r.min_tokens_banned
                    and len(r.output_ids) + len(pending[i]) < r.params.min_tokens]
     if not (bias_rows or banned_rows):
-        return logits
-    logits, dev = logits.clone(), logits.device
+        return
+    logits = shaped.writable()
+    dev = logits.device
     for i in bias_rows:
         pairs = reqs[i].params.logit_bias
         ids = _fixed(reqs[i], "bias_ids", dev, lambda: torch.tensor([t for t, _ in pairs]))
@@ -75,7 +97,6 @@ def apply_logit_bias(logits: Tensor, reqs: list[Request], pending: list[list[int
         banned = _fixed(reqs[i], "min_tokens_banned", dev, lambda: torch.tensor(reqs[i].min_tokens_banned))
         row = logits[i].index_fill(0, banned, float("-inf"))
         logits[i] = torch.where((row > float("-inf")).any(), row, logits[i])
-    return logits
 
 
 def _fixed(req: Request, name: str, device: torch.device, make: Callable[[], Tensor]) -> Tensor:
@@ -87,14 +108,15 @@ def _fixed(req: Request, name: str, device: torch.device, make: Callable[[], Ten
     return t
 
 
-def apply_penalties(logits: Tensor, reqs: list[Request], pending: list[list[int]]) -> Tensor:
+def _apply_penalties(shaped: _Shaped, reqs: list[Request], pending: list[list[int]]) -> None:
     """Repetition penalty over the prompt and output tokens (a positive logit divided by it, a negative one
     multiplied, as transformers and vLLM do), then frequency and presence penalties over the output."""
     rows = [i for i, r in enumerate(reqs) if r.params.frequency_penalty or r.params.presence_penalty
             or r.params.repetition_penalty != 1.0]
     if not rows:
-        return logits
-    logits, dev, V = logits.clone(), logits.device, logits.shape[1]
+        return
+    logits = shaped.writable()
+    dev, V = logits.device, logits.shape[1]
     for i in rows:
         req, p = reqs[i], reqs[i].params
         ids = req.output_ids + pending[i]
@@ -110,7 +132,6 @@ def apply_penalties(logits: Tensor, reqs: list[Request], pending: list[list[int]
             continue
         counts = torch.bincount(history, minlength=V)[:V].float()
         logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
-    return logits
 
 
 def _vocab_mask(ids: list[int], vocab: int) -> Tensor:
@@ -153,7 +174,7 @@ def _top_filtered(probs: Tensor, reqs: list[Request]) -> Tensor:
 def sample_tokens(logits: Tensor, reqs: list[Request], pending: list[list[int]] | None = None) -> Tensor:
     """The sampled token of every row, on the device (no host sync for greedy rows); see sample()."""
     pending = pending if pending is not None else [[] for _ in reqs]
-    shaped = apply_penalties(apply_logit_bias(apply_grammars(logits, reqs, pending), reqs, pending), reqs, pending)
+    shaped = shape_logits(logits, reqs, pending)
     tokens = argmax(shaped)
     random_rows = [i for i, r in enumerate(reqs) if not r.params.greedy]
     if random_rows:
