@@ -4,7 +4,7 @@ forward synchronizes); then the step time of the same engine settings with overl
 inside the step), so the table shows what overlap hides. The embedded model on the given device,
 static-layout (CUDA-graph) path on, decode steps only:
 
-    python benchmarks/host_overhead.py --batch 1 16 64 [--device cpu] [--model-path DIR] [--output-json host.json]
+    python benchmarks/host_overhead.py --batch 1 16 64 [--input-len 20] [--device cpu] [--model-path DIR] [--output-json host.json]
 """
 from __future__ import annotations
 
@@ -21,12 +21,16 @@ from dsaserve import LLM, SamplingParams
 from dsaserve.tiny import default_model_path
 
 
-def step_ms(llm: LLM, batch: int, steps: int) -> float:
+def prompt(i: int, input_len: int) -> list[int]:
+    return [5 + (i * 7 + j) % 500 for j in range(input_len)]
+
+
+def step_ms(llm: LLM, batch: int, steps: int, input_len: int) -> float:
     """Decode ms per step, untimed inside (overlap stays overlapped)."""
     engine = llm.engine
     params = SamplingParams(max_tokens=steps + 20, temperature=0.0, ignore_eos=True)
     for i in range(batch):
-        engine.add_request(f"step-{batch}-{i}", [5 + (i * 7 + j) % 500 for j in range(20)], params)
+        engine.add_request(f"step-{batch}-{i}", prompt(i, input_len), params)
     for _ in range(8):  # prefill, then decode shapes warm
         engine.step()
     if engine.runner.device.type == "cuda":
@@ -41,7 +45,7 @@ def step_ms(llm: LLM, batch: int, steps: int) -> float:
     return 1e3 * elapsed / steps
 
 
-def measure(llm: LLM, batch: int, steps: int, profile: bool = False) -> dict[str, float]:
+def measure(llm: LLM, batch: int, steps: int, input_len: int, profile: bool = False) -> dict[str, float]:
     engine, runner = llm.engine, llm.engine.runner
     forward = [0.0]
     target = runner.target
@@ -58,7 +62,7 @@ def measure(llm: LLM, batch: int, steps: int, profile: bool = False) -> dict[str
     try:
         params = SamplingParams(max_tokens=steps + 20, temperature=0.0, ignore_eos=True)
         for i in range(batch):
-            engine.add_request(f"host-{batch}-{i}", [5 + (i * 7 + j) % 500 for j in range(20)], params)
+            engine.add_request(f"host-{batch}-{i}", prompt(i, input_len), params)
         while any(not r.output_ids for r in engine.requests.values()):
             engine.step()
         for _ in range(5):
@@ -84,21 +88,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--input-len", type=int, default=20, help="prompt tokens (the context the steps decode at)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--model-path", default=None, help="default: the embedded model (e.g. benchmarks/engine.py's "
                                                       "V3.2-width checkpoint instead)")
     ap.add_argument("--profile", action="store_true", help="print cProfile's top functions of 10 steps")
     ap.add_argument("--output-json", default=None)
     args = ap.parse_args()
-    common = dict(device=args.device, page_size=64, max_total_tokens=max(args.batch) * (args.steps + 120) + 4096,
+    common = dict(device=args.device, page_size=64, max_total_tokens=max(args.batch) * (args.input_len + args.steps + 100) + 4096,
                   cuda_graph_max_bs=max(args.batch))
     path = args.model_path or str(default_model_path())
     llm = LLM(path, disable_overlap_schedule=True, **common)
-    rows = [measure(llm, b, args.steps, args.profile) for b in args.batch]
+    rows = [measure(llm, b, args.steps, args.input_len, args.profile) for b in args.batch]
     del llm
     overlapped = LLM(path, **common)
     for r in rows:
-        r["overlap_step_ms"] = step_ms(overlapped, r["batch"], args.steps)
+        r["overlap_step_ms"] = step_ms(overlapped, r["batch"], args.steps, args.input_len)
     print(f"\n{overlapped.engine.runner.device}, threads {torch.get_num_threads()}")
     print(f"{'batch':>5} {'step ms':>8} {'forward ms':>11} {'host ms':>8} {'host share':>11} {'overlap step ms':>16}")
     for r in rows:
