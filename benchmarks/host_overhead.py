@@ -4,7 +4,8 @@ forward synchronizes); then the step time of the same engine settings with overl
 inside the step), so the table shows what overlap hides. The embedded model on the given device,
 static-layout (CUDA-graph) path on, decode steps only:
 
-    python benchmarks/host_overhead.py --batch 1 16 64 [--input-len 20] [--device cpu] [--model-path DIR] [--output-json host.json]
+    python benchmarks/host_overhead.py --batch 1 16 64 [--input-len 20] [--device cpu] [--model-path DIR]
+        [--output-json host.json]
 """
 from __future__ import annotations
 
@@ -31,7 +32,9 @@ def step_ms(llm: LLM, batch: int, steps: int, input_len: int) -> float:
     params = SamplingParams(max_tokens=steps + 20, temperature=0.0, ignore_eos=True)
     for i in range(batch):
         engine.add_request(f"step-{batch}-{i}", prompt(i, input_len), params)
-    for _ in range(8):  # prefill, then decode shapes warm
+    while any(not r.output_ids for r in engine.requests.values()):  # prefill (every request decodes after)
+        engine.step()
+    for _ in range(5):  # decode shapes warm
         engine.step()
     if engine.runner.device.type == "cuda":
         torch.cuda.synchronize()
@@ -95,7 +98,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="print cProfile's top functions of 10 steps")
     ap.add_argument("--output-json", default=None)
     args = ap.parse_args()
-    common = dict(device=args.device, page_size=64, max_total_tokens=max(args.batch) * (args.input_len + args.steps + 100) + 4096,
+    tokens = max(args.batch) * (args.input_len + args.steps + 100) + 4096
+    common = dict(device=args.device, page_size=64, max_total_tokens=tokens,
                   cuda_graph_max_bs=max(args.batch))
     path = args.model_path or str(default_model_path())
     llm = LLM(path, disable_overlap_schedule=True, **common)

@@ -6,8 +6,8 @@ engine computes them: the yardstick for prefill against the measured bf16 matmul
   projections are one Linear), the router's [E, H] product, and `num_experts_per_tok` routed experts
   (3 x intermediate x hidden each, padding of FP8 expert blocks left out: it multiplies zeros). The absorbed
   MLA's W_UK / W_UV products per head together have exactly kv_b_proj's shape, so it counts as a Linear.
-  The indexer's query side (wq_b, weights_proj) runs only when a row sees more than index_topk keys
-  (Indexer.forward); its wk always runs (fused with q_a and kv_a).
+  The indexer's query side (wq_b, weights_proj) runs for every row of a step whose key width is past
+  index_topk (Indexer.forward); its wk always runs (fused with q_a and kv_a).
 * Sparse attention, closed form over positions: row p attends min(p + 1, index_topk) latent rows, per
   head scoring over kv_lora_rank + qk_rope_head_dim and summing values over kv_lora_rank.
 * Indexer scores, only in layers with their own indexer ("full"; "shared" layers reuse the previous
@@ -16,10 +16,13 @@ engine computes them: the yardstick for prefill against the measured bf16 matmul
 * With MTP speculation (spec_steps > 0) the prefill step also runs the MTP layer over the prompt's rows
   and spec_steps - 1 chained draft rows at positions prompt_len .. prompt_len + spec_steps - 2 (drafter.py).
 
-The prompt is taken as one chunk from position 0 (no cached prefix), as `bench one-batch` runs it.
-Under tensor parallelism this is what one rank computes: its heads and weight shards, and whole the
-weights every rank holds (q_a, kv_a, the indexer, the router). Under DP attention a rank's MLP also runs the other groups' rows: a batch of B prompts over
-D groups costs a rank B/D prompts of the attention side and B of the MLP side, so B x this is an upper bound.
+The prompt is taken as one chunk from position 0 (no cached prefix), as `bench one-batch` runs it; a
+first chunk of a chunked prefill that ends within index_topk keys runs no indexer, which this counts (a
+small over-count), and one-batch's prefill time also holds the decode rows of mixed steps. Under tensor
+parallelism this is what one rank computes: its heads and weight shards, and all of the weights every
+rank holds (q_a, kv_a, the indexer, the router). Under DP attention a rank's MLP also runs the other
+groups' rows: B prompts over D groups cost a rank B/D prompts of the attention side and B of the MLP side,
+so B x this is an upper bound.
 """
 from __future__ import annotations
 

@@ -60,12 +60,12 @@ class PageAllocator:
                 self._free.append(p)
 
     def share_cached(self, page: int) -> None:
-        """The prefix cache takes its reference on a page (counted in cached_only while no one else holds it)."""
+        """The prefix cache takes its reference on a page the caller holds: the page counts in cached_only
+        once every other owner lets go (free)."""
         assert not self._cached[page], f"page {page} is cached twice"
         self.share([page])
+        assert self._refs[page] >= 2, f"page {page} is cached without an owner"
         self._cached[page] = 1
-        if self._refs[page] == 1:
-            self.cached_only += 1
 
     def free_cached(self, page: int) -> None:
         """The prefix cache drops its reference (eviction)."""

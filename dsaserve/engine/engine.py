@@ -20,7 +20,7 @@ from dsaserve.engine.layout import StepMode, StepPlan
 from dsaserve.engine.model_runner import ModelRunner, StepShape
 from dsaserve.engine.overlap import Overlap, input_ids
 from dsaserve.engine.request import (DisaggRoute, FinishReason, Request, RequestError, RequestOutput,
-                                     SamplingParams)
+                                     SamplingParams, check_token_ids)
 from dsaserve.engine.scheduler import Scheduler, SchedulerConfig
 from dsaserve.engine.stats import EngineStats
 from dsaserve.spec.drafter import DraftInput, MTPDrafter
@@ -115,11 +115,7 @@ class Engine:
         if rid in self.requests:
             raise RequestError(f"request id {rid!r} is already in use")
         params.validate()
-        for where, ids in (("", prompt_ids), ("logit_bias ", [t for t, _ in params.logit_bias]),
-                           ("stop_token_ids ", params.stop_token_ids)):
-            bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
-            if bad:
-                raise RequestError(f"{where}token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
+        check_token_ids(prompt_ids, params, self.cfg.vocab_size)
         room = min(self.context_length, self.scheduler.capacity_tokens - self.scheduler.cfg.decode_lookahead + 1)
         max_new = params.max_tokens if params.max_tokens is not None else room - len(prompt_ids)
         req = Request(rid=rid, prompt_ids=list(prompt_ids), params=params, max_new_tokens=max_new,

@@ -89,6 +89,16 @@ class SamplingParams:
                 raise RequestError(message)
 
 
+def check_token_ids(prompt_ids: list[int], params: SamplingParams, vocab_size: int) -> None:
+    """Every token id a request names (prompt, logit_bias, stop_token_ids) is in [0, vocab_size): an id
+    outside it is a client's mistake (another tokenizer's ids), said by name."""
+    for where, ids in (("", prompt_ids), ("logit_bias ", [t for t, _ in params.logit_bias]),
+                       ("stop_token_ids ", params.stop_token_ids)):
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise RequestError(f"{where}token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+
+
 @dataclass(frozen=True)
 class FinishReason:
     kind: str  # "stop" | "length" | "abort" | "error"

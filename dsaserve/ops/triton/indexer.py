@@ -118,14 +118,15 @@ def _slots_kernel(POS, LEN, PT, REQ, OUT, stride_pos, stride_len, stride_pt, str
 
 def _config(T: int, num_keys: int, hp: int, sms: int) -> dict[str, int]:
     cfg = dict(CONFIG or {})
-    decode = T <= 256  # one row per program; prefill rows share each key block in groups of block_t
+    decode = T <= 256  # one row per program (16 / hp when heads are few); prefill rows share key blocks
     block_t = cfg.get("block_t") or (1 if decode else max(1, 128 // hp))
     block_n = cfg.get("block_n") or 64
     if decode:
-        # The rows end in (num_keys / 2, num_keys] (key widths are power-of-two buckets); programs past a
-        # row's end only write -inf. The longest key range per program that leaves ~3.5 working programs
-        # per SM, 2 stages: in an H200 sweep of 1-64 rows over 4K and 32K keys (docs/benchmarks.md) 787 us
-        # over 20 cases against 845 for 15-16 blocks per program and 767 for each case's best config.
+        # Under graphs the key width is a power-of-two bucket: the longest row ends in (num_keys / 2,
+        # num_keys], and programs past a row's end only write -inf. Taking half the width as live, the
+        # longest key range per program that leaves ~3.5 working programs per SM, 2 stages: in an H200
+        # sweep of 1-64 rows over 4K and 32K keys (docs/benchmarks.md) 787 us over 20 cases against 845
+        # for 15-16 blocks per program and 767 for each case's best config.
         working = T * num_keys / 2 / block_n
         iters = next((i for i in (16, 8, 4, 2) if working / i >= 3.5 * sms), 1)
         stages = 2
