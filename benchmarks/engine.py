@@ -60,7 +60,33 @@ def profile_decode(llm: LLM, batch: int, input_len: int, vocab: int) -> None:
         us = e.self_device_time_total / steps
         print(f"{us:8.1f} {100 * us / total:5.1f}% {e.count / steps:6.1f} {us * steps / e.count:8.2f}  {e.key[:90]}")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
+    spans = [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+             if e.device_type == torch.autograd.DeviceType.CUDA]
+    if spans:
+        busy, wall, gaps = device_gaps(spans)
+        print(f"device busy {busy / steps:.0f} us of {wall / steps:.0f} us per step; idle between kernels, by "
+              f"the kernels around it (us per step, times per step):")
+        for (before, after), (us, n) in gaps[:8]:
+            print(f"{us / steps:8.1f} {n / steps:6.1f}  after {before[:50]}  before {after[:50]}")
     engine.run_until_idle()
+
+
+def device_gaps(spans: list[tuple[float, float, str]]) -> tuple[float, float, list]:
+    """Busy and wall time of device intervals (start, end, kernel) and their idle gaps summed by the pair
+    of kernels around them, widest total first: where in a step the device waits for the host."""
+    spans = sorted(spans)
+    busy, end, last = 0.0, spans[0][0], spans[0][2]
+    gaps: dict[tuple[str, str], list[float]] = {}
+    for start, stop, name in spans:
+        if start > end:
+            total = gaps.setdefault((last, name), [0.0, 0])
+            total[0] += start - end
+            total[1] += 1
+        busy += max(0.0, stop - max(start, end))
+        if stop > end:
+            end, last = stop, name
+    ranked = sorted(((k, (v[0], v[1])) for k, v in gaps.items()), key=lambda kv: -kv[1][0])
+    return busy, end - spans[0][0], ranked
 
 
 def compare_moe_paths(llm: LLM, batch: int, input_len: int, rounds: int) -> None:
