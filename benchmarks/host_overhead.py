@@ -22,20 +22,22 @@ from dsaserve import LLM, SamplingParams
 from dsaserve.tiny import default_model_path
 
 
-def prompt(i: int, input_len: int) -> list[int]:
-    return [5 + (i * 7 + j) % 500 for j in range(input_len)]
+def start_decoding(llm: LLM, tag: str, batch: int, steps: int, input_len: int) -> None:
+    """`batch` requests of `input_len` prompt tokens, prefilled, then a few decode steps (shapes warm)."""
+    engine = llm.engine
+    params = SamplingParams(max_tokens=steps + 20, temperature=0.0, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(f"{tag}-{batch}-{i}", [5 + (i * 7 + j) % 500 for j in range(input_len)], params)
+    while any(not r.output_ids for r in engine.requests.values()):  # prefill (every request decodes after)
+        engine.step()
+    for _ in range(5):
+        engine.step()
 
 
 def step_ms(llm: LLM, batch: int, steps: int, input_len: int) -> float:
     """Decode ms per step, untimed inside (overlap stays overlapped)."""
     engine = llm.engine
-    params = SamplingParams(max_tokens=steps + 20, temperature=0.0, ignore_eos=True)
-    for i in range(batch):
-        engine.add_request(f"step-{batch}-{i}", prompt(i, input_len), params)
-    while any(not r.output_ids for r in engine.requests.values()):  # prefill (every request decodes after)
-        engine.step()
-    for _ in range(5):  # decode shapes warm
-        engine.step()
+    start_decoding(llm, "step", batch, steps, input_len)
     if engine.runner.device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -63,13 +65,7 @@ def measure(llm: LLM, batch: int, steps: int, input_len: int, profile: bool = Fa
 
     runner.target = timed
     try:
-        params = SamplingParams(max_tokens=steps + 20, temperature=0.0, ignore_eos=True)
-        for i in range(batch):
-            engine.add_request(f"host-{batch}-{i}", prompt(i, input_len), params)
-        while any(not r.output_ids for r in engine.requests.values()):
-            engine.step()
-        for _ in range(5):
-            engine.step()
+        start_decoding(llm, "host", batch, steps, input_len)
         forward[0], n, start = 0.0, 0, time.perf_counter()
         while engine.has_work() and n < steps:
             engine.step()

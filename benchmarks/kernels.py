@@ -2,9 +2,9 @@
 
     python benchmarks/kernels.py [--quick] [--tune] [--kv-cache-dtype bf16|fp8_e4m3|both] [--output-json out.json]
 
-Peaks are measured in the same run: copy bandwidth (a 2 GiB device-to-device copy, bytes read + written)
-and the bf16 matrix rate (8192^3 torch.matmul on random data). Each row prints the median time
-(triton.testing.do_bench, which flushes L2 before every repetition), achieved TFLOP/s and GB/s (the
+Peaks are measured in the same run, as `dsaserve bench one-batch` measures them (dsaserve/bench/one_batch.py:
+a 1 GiB device-to-device copy, bytes read + written, and the bf16 8192^3 GEMM rate). Each row prints the median
+time (triton.testing.do_bench, which flushes L2 before every repetition), achieved TFLOP/s and GB/s (the
 fewest bytes the op must move), the fraction of the relevant peak and the relative error against the
 reference. The reference is timed where it is small enough; 'skip' says where it is not.
 --kv-cache-dtype fp8_e4m3 (or both) runs sparse MLA and the indexer over FP8 caches (rows 'mla-fp8', 'idx-fp8':
@@ -22,6 +22,7 @@ import triton
 import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dsaserve.bench.one_batch import copy_bandwidth, matmul_rate  # noqa: E402
 from dsaserve.cache import kv_format  # noqa: E402
 from dsaserve.ops import reference as ref  # noqa: E402
 from dsaserve.ops import triton as tops  # noqa: E402
@@ -68,17 +69,9 @@ def rel(out: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def measure_peaks() -> dict[str, float]:
-    n = 1 << 30
-    a = torch.empty(n, dtype=BF16, device=DEV).normal_()
-    b = torch.empty_like(a)
-    ms = bench(lambda: b.copy_(a))
-    copy_gbs = 2 * a.numel() * 2 / ms / 1e6
-    del a, b
-    x = torch.randn(8192, 8192, device=DEV, dtype=BF16)
-    y = torch.randn(8192, 8192, device=DEV, dtype=BF16)
-    ms = bench(lambda: x @ y)
-    mm_tflops = 2 * 8192 ** 3 / ms / 1e9
-    return {"copy_GBps": copy_gbs, "bf16_mm_TFLOPs": mm_tflops}
+    """The ceilings `dsaserve bench one-batch` measures: copy bandwidth and the bf16 8192^3 GEMM rate."""
+    device = torch.device(DEV)
+    return {"copy_GBps": copy_bandwidth(device) / 1e9, "bf16_mm_TFLOPs": matmul_rate(device) / 1e12}
 
 
 def record(kernel: str, shape: str, ms: float, flop: float, nbytes: float, peaks: dict, bound: str,
