@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from dsaserve import LLM, SamplingParams
-from dsaserve.bench.one_batch import copy_bandwidth, run_one
+from dsaserve.bench.one_batch import copy_bandwidth, decode_lead, run_one
 from dsaserve.tiny import make_tiny_model
 
 DEEPSEEK_V32_LAYER = dict(
@@ -134,11 +134,12 @@ def main() -> None:
         print(f"made the benchmark checkpoint in {time.perf_counter() - t:.0f}s")
     if ("quantization_config" in json.loads((path / "config.json").read_text())) != args.fp8:
         raise SystemExit(f"{path} holds a checkpoint {'without' if args.fp8 else 'with'} FP8 weights: use another --out")
-    tokens = max(args.batch) * (args.input_len + args.output_len) + 4096
+    batch, chunk = max(args.batch), max(8192, args.input_len)
+    longest = args.input_len + args.output_len + decode_lead(batch, args.input_len, chunk)
+    tokens = batch * (longest + args.page_size) + 4096
     llm = LLM(str(path), page_size=args.page_size, max_total_tokens=tokens, attention_backend=args.backend,
-              moe_backend=args.backend, max_running_requests=max(args.batch),
-              chunked_prefill_size=max(8192, args.input_len), cuda_graph_max_bs=args.cuda_graph_max_bs,
-              kv_cache_dtype=args.kv_cache_dtype)
+              moe_backend=args.backend, max_running_requests=batch, chunked_prefill_size=chunk,
+              cuda_graph_max_bs=args.cuda_graph_max_bs, kv_cache_dtype=args.kv_cache_dtype)
     vocab = DEEPSEEK_V32_LAYER["vocab_size"]
     rows = []
     bandwidth = copy_bandwidth(llm.engine.runner.device) if torch.cuda.is_available() else None

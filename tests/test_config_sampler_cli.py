@@ -136,18 +136,22 @@ def test_bench_one_batch(tiny_ds: str, tmp_path: Path) -> None:
     from dsaserve.engine.engine import Engine
     from dsaserve.server_args import ServerArgs
     out = tmp_path / "one.json"
+    # Chunks of 20 tokens: 3 prompts prefill over 3+ steps, the first ones decoding meanwhile (mixed steps);
+    # the timed decode steps are still --output-len steps of the whole batch.
     assert main(["bench", "one-batch", "--model-path", tiny_ds, "--batch-size", "1", "3", "--input-len", "20",
-                 "--output-len", "4", "--page-size", "4", "--output-json", str(out)]) == 0
+                 "--output-len", "4", "--page-size", "4", "--chunked-prefill-size", "20",
+                 "--output-json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["batch"], r["input_len"]) for r in rows] == [(1, 20), (3, 20)]
+    assert [(r["batch"], r["input_len"], r["decode_steps"]) for r in rows] == [(1, 20, 4), (3, 20, 4)]
     assert all(r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 for r in rows)
     cfg = ModelConfig.from_path(tiny_ds)
     engine = Engine(ServerArgs(model_path=tiny_ds, max_total_tokens=512), progress=False)
-    latent_row = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4  # fp32 on CPU
+    elem = engine.runner.pools.latent(0).element_size()  # fp32 on CPU, bf16 on CUDA
     index_layers = cfg.indexer_types.count("full")
     def grow(short: int, long: int) -> int:  # per row: top-k latent rows in every layer, every index key
-        return cfg.num_hidden_layers * (min(long, cfg.index_topk) - min(short, cfg.index_topk)) * latent_row \
-            + index_layers * (long - short) * cfg.index_head_dim * 4
+        return cfg.num_hidden_layers * (min(long, cfg.index_topk) - min(short, cfg.index_topk)) \
+            * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * elem \
+            + index_layers * (long - short) * cfg.index_head_dim * elem
     assert cfg.index_topk == 16  # 4 -> 12 keys grow the latent rows read; 50 -> 100 only the index keys
     for short, long in ((4, 12), (50, 100)):
         assert decode_step_bytes(engine, 3, long) - decode_step_bytes(engine, 3, short) == 3 * grow(short, long)

@@ -7,7 +7,7 @@ import pytest
 from conftest import prompts_ids
 from dsaserve import LLM, SamplingParams
 from dsaserve.cache.pages import PageAllocator
-from dsaserve.cache.prefix import PrefixCache
+from dsaserve.cache.prefix import ROOT, PrefixCache
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 BASE = prompts_ids(3, [70, 9, 40], seed=61)
@@ -111,12 +111,15 @@ def test_deep_tree_at_page_size_one() -> None:
 
 
 def _tree(cache: PrefixCache) -> dict[int, tuple[int | None, int, int]]:
-    """page -> (parent page or None, children, last_used), by walking the tree."""
-    out, todo = {}, [(n, None) for n in cache.root.children.values()]
+    """page -> (parent page or None, children, last use), by walking the tree from the root."""
+    children: dict[int, list[int]] = {}
+    for (parent, _), node in cache._child.items():
+        children.setdefault(parent, []).append(node)
+    out, todo = {}, [(n, None) for n in children.get(ROOT, [])]
     while todo:
         node, parent = todo.pop()
-        out[node.page] = (parent, len(node.children), node.last_used)
-        todo += [(c, node.page) for c in node.children.values()]
+        out[cache._page[node]] = (parent, len(children.get(node, [])), cache._used[node])
+        todo += [(c, cache._page[node]) for c in children.get(node, [])]
     return out
 
 
@@ -153,13 +156,13 @@ def test_incremental_reclaim_and_eviction_equal_a_tree_walk() -> None:
     cache = PrefixCache(alloc, page_size=2)
     bases = [[rng.randrange(3) for _ in range(40)] for _ in range(4)]
     running: list[tuple[list[int], list[int]]] = []
-    walks, walk = [0], cache._nodes
+    walks, walk = [0], cache._current_leaves
 
     def counted_walk() -> list:
         walks[0] += 1
         return walk()
 
-    cache._nodes = counted_walk  # type: ignore[method-assign]
+    cache._current_leaves = counted_walk  # type: ignore[method-assign]
     for step in range(600):
         op = rng.random()
         if op < 0.45 and len(running) < 6:  # a request arrives: its cached prefix, then pages of its own
@@ -186,3 +189,19 @@ def test_incremental_reclaim_and_eviction_equal_a_tree_walk() -> None:
         assert cache.reclaimable() == _brute_reclaimable(tree, alloc) and cache.num_pages == len(tree), step
     assert cache.stats.evicted_pages > 50 and len(cache._leaves) <= 2 * cache.num_pages + 64
     assert walks[0] < 20  # the heap's rebuilds at most (each eviction and count used to walk it: hundreds)
+
+
+def test_cached_pages_add_no_objects_for_the_garbage_collector() -> None:
+    """A full pool caches a node per page (per token at page size 1): the tree must not hand the cyclic
+    collector an object per node, or every full collection walks them all (a pause inside a step)."""
+    import gc
+    alloc = PageAllocator(9000)
+    cache = PrefixCache(alloc, page_size=1)
+    prompts = [[(i * 7 + j * 13) % 5000 for j in range(2000)] for i in range(4)]
+    pages = [alloc.alloc(2000) for _ in prompts]
+    gc.collect()
+    before = len(gc.get_objects())
+    for tokens, held in zip(prompts, pages):
+        cache.insert(tokens, held)
+    gc.collect()
+    assert cache.num_pages == 8000 and len(gc.get_objects()) - before < 50

@@ -3,12 +3,14 @@ bench_one_batch): prefill latency and throughput, decode step latency and throug
 decode step as a fraction of the HBM roofline for the bytes it must read, against the copy bandwidth
 measured in the same run; prefill's model FLOPs per second (bench/flops.py: the matmuls the model math
 needs, one rank's share) and on CUDA their fraction of the bf16 GEMM rate measured in the same run. Decode
-time is the mean step while every request of the batch decodes, as the engine runs it (overlapped
-scheduling, no sync per step). The engine runs with its defaults (CUDA graphs, mixed chunks) unless the
-ServerArgs flags say otherwise. Prints a table and writes JSON (`--output-json`)."""
+time is the mean of --output-len steps while every request of the batch decodes (mixed steps decode
+the first requests while later prompts prefill: they run on past the window, untimed), as the engine
+runs them (overlapped scheduling, no sync per step). The engine runs with its defaults (CUDA graphs,
+mixed chunks) unless the ServerArgs flags say otherwise. Prints a table and writes JSON (`--output-json`)."""
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import time
@@ -22,6 +24,7 @@ from dsaserve.bench.flops import prefill_flops
 from dsaserve.engine.compiles import kernel_compiles
 from dsaserve.engine.engine import Engine
 from dsaserve.engine.request import SamplingParams
+from dsaserve.engine.warmup import freeze_startup_heap
 from dsaserve.planner import weight_bytes
 from dsaserve.server_args import ServerArgs
 
@@ -35,6 +38,7 @@ class Row:
     prefill_tok_s: float
     prefill_flops: float  # batch x bench.flops.prefill_flops: matmul FLOPs of the prompts (one rank's share)
     prefill_matmul_fraction: float | None  # prefill FLOP/s over the measured bf16 GEMM rate (CUDA only)
+    decode_steps: int  # steps timed, every request of the batch decoding in each
     decode_step_ms: float
     decode_tok_s: float
     step_bytes: float  # the fewest bytes a decode step reads (weights it touches + KV it attends)
@@ -98,15 +102,23 @@ def decode_step_bytes(engine: Engine, batch: int, context: int) -> float:
     return total + batch * kv
 
 
+def decode_lead(batch: int, input_len: int, chunk: int) -> int:
+    """Most tokens a request decodes before the batch's last prompt is prefilled: with mixed steps each
+    early request has a decode row in every later prefill step (rows that share the step's token budget)."""
+    return -(-batch * input_len // max(chunk - batch, 1)) + 1
+
+
 def run_one(engine: Engine, batch: int, input_len: int, output_len: int, bandwidth: float | None,
             matmul: float | None = None) -> Row:
     sync = torch.cuda.synchronize if engine.runner.device.type == "cuda" else (lambda: None)
     # The warm-up run (other output length) draws other prompts: the measured prefill finds no cached prefix.
     gen = torch.Generator().manual_seed(batch * 7919 + input_len * 31 + output_len)
-    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
-    for i in range(batch):
-        prompt = torch.randint(10, engine.cfg.vocab_size, (input_len,), generator=gen).tolist()
-        engine.add_request(f"b{batch}-{input_len}-{i}-{time.monotonic_ns()}", prompt, params)
+    lead = decode_lead(batch, input_len, engine.scheduler.cfg.chunked_prefill_size)
+    params = SamplingParams(max_tokens=output_len + lead, temperature=0.0, ignore_eos=True)
+    rids = [f"b{batch}-{input_len}-{i}-{time.monotonic_ns()}" for i in range(batch)]
+    for rid in rids:
+        engine.add_request(rid, torch.randint(10, engine.cfg.vocab_size, (input_len,), generator=gen).tolist(),
+                           params)
     sync()
     compiles0, retractions0 = kernel_compiles(), engine.scheduler.num_retractions
     start = time.perf_counter()
@@ -117,32 +129,42 @@ def run_one(engine: Engine, batch: int, input_len: int, output_len: int, bandwid
         started.update(o.rid for o in engine.step() if o.new_token_ids)
     sync()  # (with overlap this includes one decode step, launched before the last first token was read)
     prefill_s = time.perf_counter() - start
-    # Decode: the steps launched while every request still runs (with mixed steps the first prompts also
-    # finish first), timed as the engine runs them (overlapped scheduling: no sync per step).
-    first, start, finished = engine.steps, time.perf_counter(), False
-    while engine.has_work() and not finished:
-        finished = any(o.finish is not None for o in engine.step())
+    # Decode: output_len steps while every request runs (none can reach max_tokens: the early ones are at
+    # most `lead` tokens ahead), timed as the engine runs them (overlapped scheduling: no sync per step).
+    context = sum(engine.requests[rid].num_tokens for rid in rids) / batch + output_len / 2
+    first, start = engine.steps, time.perf_counter()
+    for _ in range(output_len):
+        if any(o.finish is not None for o in engine.step()):
+            raise RuntimeError(f"a request ended inside the decode window (more than {lead} tokens ahead)")
     sync()
     launched, elapsed = engine.steps - first, time.perf_counter() - start
     engine.run_until_idle()
     step = elapsed / launched if launched else float("nan")
-    nbytes = decode_step_bytes(engine, batch, input_len + output_len // 2)
+    nbytes = decode_step_bytes(engine, batch, round(context))
     flops = batch * prefill_flops(engine.runner.model, input_len, engine.spec_steps)
     return Row(batch, input_len, output_len, prefill_s, batch * input_len / prefill_s, flops,
-               flops / prefill_s / matmul if matmul else None, 1e3 * step, batch / step, nbytes,
+               flops / prefill_s / matmul if matmul else None, launched, 1e3 * step, batch / step, nbytes,
                nbytes / step / bandwidth if bandwidth else None, kernel_compiles() - compiles0,
                engine.scheduler.num_retractions - retractions0)
 
 
 def run(ns: argparse.Namespace) -> int:
     args = ServerArgs.from_cli(ns)
-    longest = max(ns.input_len) + ns.output_len
-    args = args.replace(max_running_requests=max(max(ns.batch_size), args.max_running_requests),
-                        chunked_prefill_size=max(args.chunked_prefill_size, max(ns.input_len)),
-                        max_total_tokens=args.max_total_tokens or max(ns.batch_size) * (longest + 64) + 4096)
+    batch, chunk = max(ns.batch_size), max(args.chunked_prefill_size, max(ns.input_len))
+    longest = max(ns.input_len) + ns.output_len + decode_lead(batch, max(ns.input_len), chunk)
+    args = args.replace(max_running_requests=max(batch, args.max_running_requests), chunked_prefill_size=chunk,
+                        max_total_tokens=args.max_total_tokens or batch * (longest + args.page_size) + 4096)
     t = time.perf_counter()
     engine = Engine(args, progress=True)
-    print(f"engine ready in {time.perf_counter() - t:.1f}s")
+    freeze_startup_heap()  # as the server does
+    try:
+        return _run(ns, engine, time.perf_counter() - t)
+    finally:
+        gc.unfreeze()  # (a caller's process: its objects collect as before)
+
+
+def _run(ns: argparse.Namespace, engine: Engine, startup_s: float) -> int:
+    print(f"engine ready in {startup_s:.1f}s")
     device = engine.runner.device
     bandwidth = copy_bandwidth(device) if device.type == "cuda" else None
     matmul = matmul_rate(device) if device.type == "cuda" else None

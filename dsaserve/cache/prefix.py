@@ -12,6 +12,11 @@ eviction could free are exactly the cached pages no request holds: the allocator
 references move. Eviction pops a heap of leaves by last use; an entry goes stale when its node is touched
 again, gains a child or leaves the tree, and is skipped (the heap is rebuilt once it holds twice the tree).
 
+Nodes are ids into flat lists and children one dict keyed by (parent id, tokens), not an object per node:
+the cyclic garbage collector tracks no object per cached page. With an object (and a dict) per node a full
+pool held hundreds of thousands of tracked objects, and each full collection walked them all, stalling
+a decode step for tens to hundreds of milliseconds.
+
 With MTP speculation the MTP layer's entry at position p depends on the token at p + 1, which may
 differ between two requests that share the page holding p: a match then gives back one page less,
 so the last shared position always has the same next token (the first token of the next matched
@@ -21,19 +26,9 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from dsaserve.cache.pages import PageAllocator
-
-
-@dataclass(eq=False)
-class _Node:
-    tokens: tuple[int, ...]
-    page: int
-    parent: _Node | None
-    children: dict[tuple[int, ...], _Node] = field(default_factory=dict)
-    last_used: int = 0
-    cached: bool = True  # False once evicted: its heap entries are stale
 
 
 @dataclass
@@ -43,14 +38,21 @@ class PrefixStats:
     evicted_pages: int = 0
 
 
+ROOT = 0  # node id of the root (no tokens, no page)
+
+
 class PrefixCache:
     def __init__(self, allocator: PageAllocator, page_size: int, drop_last_page: bool = False):
         self.allocator, self.page_size, self.drop_last_page = allocator, page_size, drop_last_page
-        self.root = _Node((), 0, None)
+        # Node i: its page, parent, tokens, last use (-1: evicted, the id is spare) and number of children.
+        self._page, self._parent, self._tokens = [0], [-1], [()]
+        self._used, self._kids = [0], [0]
+        self._child: dict[tuple[int, tuple[int, ...]], int] = {}  # (parent, tokens) -> node
+        self._spare: list[int] = []  # ids of evicted nodes, for reuse
         self.stats = PrefixStats()
         self._clock = itertools.count(1)
         self.num_pages = 0
-        self._leaves: list[tuple[int, int, _Node]] = []  # heap (last_used, tie-break, node): eviction candidates
+        self._leaves: list[tuple[int, int, int]] = []  # heap (last use, tie-break, node): eviction candidates
         self._ticket = itertools.count()
 
     def _chunks(self, tokens: list[int], pages: int) -> list[tuple[int, ...]]:
@@ -61,15 +63,15 @@ class PrefixCache:
         """Pages of the longest cached prefix of `tokens` covering at most `limit` tokens, each with a new
         reference for the caller (it must free them); [] on a miss. record_hits=False leaves the hit
         statistics to the caller (`count`), for a match it may still give back."""
-        node, path, now = self.root, [], next(self._clock)
+        node, path, now = ROOT, [], next(self._clock)
         for chunk in self._chunks(tokens, limit // self.page_size):
-            child = node.children.get(chunk)
+            child = self._child.get((node, chunk))
             if child is None:
                 break
             node = child
-            node.last_used = now
-            path.append(node.page)
-        if path and not node.children:  # only a path's last node can be a leaf
+            self._used[node] = now
+            path.append(self._page[node])
+        if path and not self._kids[node]:  # only a path's last node can be a leaf
             self._push(node)
         if self.drop_last_page and path:
             path.pop()
@@ -85,18 +87,31 @@ class PrefixCache:
     def insert(self, tokens: list[int], pages: list[int]) -> None:
         """Cache the full pages of `tokens` (held in `pages`): new nodes take a reference on the caller's
         page; where the tree already has the same tokens it keeps its own page."""
-        node, now = self.root, next(self._clock)
+        node, now = ROOT, next(self._clock)
         full = min(len(tokens) // self.page_size, len(pages))
         for chunk, page in zip(self._chunks(tokens, full), pages):
-            child = node.children.get(chunk)
+            child = self._child.get((node, chunk))
             if child is None:
-                child = node.children[chunk] = _Node(chunk, page, node)
+                child = self._add(node, chunk, page)
                 self.allocator.share_cached(page)
-                self.num_pages += 1
-            child.last_used = now
+            self._used[child] = now
             node = child
-        if node is not self.root and not node.children:
+        if node != ROOT and not self._kids[node]:
             self._push(node)
+
+    def _add(self, parent: int, tokens: tuple[int, ...], page: int) -> int:
+        if self._spare:
+            node = self._spare.pop()
+            self._page[node], self._parent[node], self._tokens[node], self._kids[node] = page, parent, tokens, 0
+        else:
+            node = len(self._page)
+            for column, value in ((self._page, page), (self._parent, parent), (self._tokens, tokens),
+                                  (self._used, 0), (self._kids, 0)):
+                column.append(value)
+        self._child[(parent, tokens)] = node
+        self._kids[parent] += 1
+        self.num_pages += 1
+        return node
 
     def evict(self, pages: int) -> int:
         """Free up to `pages` pages that only the tree holds, least recently used leaves first (a parent
@@ -104,18 +119,20 @@ class PrefixCache:
         freed, held, pages = 0, [], min(pages, self.allocator.cached_only)
         while self._leaves and freed < pages:
             used, _, leaf = heapq.heappop(self._leaves)
-            if not leaf.cached or leaf.children or used != leaf.last_used:
-                continue  # stale: evicted, no longer a leaf, or touched since (a newer entry exists)
-            if self.allocator.refcount(leaf.page) > 1:
+            if used != self._used[leaf] or self._kids[leaf]:
+                continue  # stale: evicted (and maybe reused), no longer a leaf, or touched since (a newer entry)
+            if self.allocator.refcount(self._page[leaf]) > 1:
                 held.append(leaf)  # a request holds it: a candidate again once it lets go
                 continue
-            parent = leaf.parent
-            del parent.children[leaf.tokens]  # type: ignore[union-attr]
-            leaf.cached = False
-            self.allocator.free_cached(leaf.page)
+            parent = self._parent[leaf]
+            del self._child[(parent, self._tokens[leaf])]
+            self._kids[parent] -= 1
+            self._used[leaf], self._tokens[leaf] = -1, ()
+            self._spare.append(leaf)
+            self.allocator.free_cached(self._page[leaf])
             freed += 1
-            if parent is not self.root and not parent.children:  # type: ignore[union-attr]
-                self._push(parent)  # type: ignore[arg-type]
+            if parent != ROOT and not self._kids[parent]:
+                self._push(parent)
         for leaf in held:
             self._push(leaf)
         self.num_pages -= freed
@@ -126,17 +143,13 @@ class PrefixCache:
         """Pages only the tree holds: what evict() could free now (module doc: held pages are root paths)."""
         return self.allocator.cached_only
 
-    def _push(self, node: _Node) -> None:
-        heapq.heappush(self._leaves, (node.last_used, next(self._ticket), node))
+    def _push(self, node: int) -> None:
+        heapq.heappush(self._leaves, (self._used[node], next(self._ticket), node))
         if len(self._leaves) > 2 * self.num_pages + 64:  # mostly stale entries: keep the current leaves
-            self._leaves = [(n.last_used, next(self._ticket), n) for n in self._nodes() if not n.children]
+            self._leaves = self._current_leaves()
             heapq.heapify(self._leaves)
 
-    def _nodes(self) -> list[_Node]:
-        """Every node, each after its parent."""
-        out, todo = [], list(self.root.children.values())
-        while todo:
-            node = todo.pop()
-            out.append(node)
-            todo += node.children.values()
-        return out
+    def _current_leaves(self) -> list[tuple[int, int, int]]:
+        """Heap entries of every cached leaf (a pass over all node ids)."""
+        return [(used, next(self._ticket), node) for node, used in enumerate(self._used)
+                if used > 0 and not self._kids[node]]

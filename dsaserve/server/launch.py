@@ -22,6 +22,7 @@ from typing import Callable, Iterator
 import uvicorn
 
 from dsaserve.disagg.serving import PDRouting, start_bootstrap
+from dsaserve.engine.warmup import freeze_startup_heap
 from dsaserve.server.app import create_app
 from dsaserve.server.frontend import Frontend, StartupError
 from dsaserve.server.messages import Endpoints
@@ -70,6 +71,7 @@ class _Server(uvicorn.Server):
     async def startup(self, sockets: list | None = None) -> None:  # type: ignore[override]
         await super().startup(sockets)
         if self.started:
+            freeze_startup_heap()
             print(self.ready_line, flush=True)
 
     @contextlib.contextmanager

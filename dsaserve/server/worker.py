@@ -22,6 +22,7 @@ import zmq
 
 from dsaserve.engine.request import RequestError
 from dsaserve.engine.scheduler import QueueFull
+from dsaserve.engine.warmup import freeze_startup_heap
 from dsaserve.server import messages as m
 from dsaserve.server_args import ServerArgs
 
@@ -61,6 +62,7 @@ def _follow(args: ServerArgs, par: Any) -> bool:
     """A non-leader rank: run the leader's plans until any rank asks every rank to stop."""
     from dsaserve.engine.engine import Engine
     engine = Engine(args, progress=False, par=par)
+    freeze_startup_heap()
     while not engine.last_sync.any_stop:
         engine.step()
     return True
@@ -100,6 +102,7 @@ def _build_engine(args: ServerArgs, par: Any, push: zmq.Socket) -> Any:
         log.exception("engine start failed")
         push.send_pyobj([m.StartupFailed(f"{type(exc).__name__}: {exc}")])
         return None
+    freeze_startup_heap()
     stats = engine.stats()
     push.send_pyobj([m.Ready({
         "model_path": engine.model_path, "context_length": engine.context_length,
