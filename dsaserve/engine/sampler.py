@@ -4,7 +4,8 @@ temperature / top-k / top-p / min-p, per-request reproducible seeds.
 A sampled token depends only on the request's logits, its seed and how many tokens it has produced,
 never on the rest of the batch or on retraction: each sampled row is one inverse-CDF draw with a
 uniform hashed from (seed, output index) on the host, all rows at once (no per-row generators or
-kernels). Rows that ask for no top-k / top-p / min-p skip the full-vocabulary sort.
+kernels). On CUDA one Triton launch filters and draws every sampled row (no sort: a bisection for the
+threshold); elsewhere the reference here sorts the rows that ask for top-k / top-p / min-p.
 """
 from __future__ import annotations
 
@@ -145,8 +146,11 @@ def filters_off(p: SamplingParams) -> bool:
 
 
 def filter_probs(logits: Tensor, reqs: list[Request]) -> Tensor:
-    """Probabilities after temperature, top-k, top-p and min-p, one row per request. Rows without
-    filters are a softmax; only the others pay for sorting the vocabulary."""
+    """Probabilities after temperature, top-k, top-p and min-p, one row per request. A filtered row keeps
+    the tokens of probability >= its threshold: the largest value with at least top_k tokens, or top_p of
+    the mass, at or above it, raised to min_p x the largest probability (every token at the threshold
+    stays, ties included; the best token always does). Rows without filters are a softmax; only the others
+    pay for sorting the vocabulary (on CUDA sample_tokens runs dsaserve.ops.triton.sampling instead)."""
     dev = logits.device
     temp = torch.tensor([max(r.params.temperature, 1e-5) for r in reqs], device=dev)[:, None]
     probs = torch.softmax(logits / temp, dim=-1)
@@ -159,15 +163,17 @@ def filter_probs(logits: Tensor, reqs: list[Request]) -> Tensor:
 
 def _top_filtered(probs: Tensor, reqs: list[Request]) -> Tensor:
     dev, V = probs.device, probs.shape[1]
-    top_k = torch.tensor([r.params.top_k if r.params.top_k > 0 else V for r in reqs], device=dev)
-    top_p = torch.tensor([r.params.top_p for r in reqs], device=dev)
+    top_k = torch.tensor([min(r.params.top_k, V) if r.params.top_k > 0 else 0 for r in reqs], device=dev)
+    top_p = torch.tensor([r.params.top_p for r in reqs], dtype=torch.float64, device=dev)
     min_p = torch.tensor([r.params.min_p for r in reqs], device=dev)
-    sorted_p, order = probs.sort(dim=-1, descending=True)
-    rank = torch.arange(V, device=dev)[None, :]
-    cum_before = sorted_p.cumsum(-1) - sorted_p
-    keep = (rank < top_k[:, None]) & (cum_before < top_p[:, None]) & (sorted_p >= min_p[:, None] * sorted_p[:, :1])
-    keep[:, 0] = True  # the best token always survives
-    filtered = torch.zeros_like(probs).scatter_(1, order, sorted_p * keep)
+    sorted_p = probs.sort(dim=-1, descending=True).values
+    zero = torch.zeros_like(sorted_p[:, 0])
+    by_k = torch.where(top_k > 0, sorted_p.gather(1, (top_k - 1).clamp(min=0)[:, None])[:, 0], zero)
+    cum = sorted_p.double().cumsum(-1)
+    reach = (cum < top_p[:, None] * cum[:, -1:]).sum(-1).clamp(max=V - 1)  # the rank whose mass reaches top_p
+    by_p = torch.where(top_p < 1, sorted_p.gather(1, reach[:, None])[:, 0], zero)
+    threshold = torch.maximum(torch.maximum(by_k, by_p), min_p * sorted_p[:, 0])
+    filtered = torch.where(probs >= threshold[:, None], probs, 0.0)
     return filtered / filtered.sum(-1, keepdim=True)
 
 
@@ -175,13 +181,28 @@ def sample_tokens(logits: Tensor, reqs: list[Request], pending: list[list[int]] 
     """The sampled token of every row, on the device (no host sync for greedy rows); see sample()."""
     pending = pending if pending is not None else [[] for _ in reqs]
     shaped = shape_logits(logits, reqs, pending)
-    tokens = argmax(shaped)
     random_rows = [i for i, r in enumerate(reqs) if not r.params.greedy]
+    if len(random_rows) < len(reqs):
+        tokens = argmax(shaped)
+    else:  # every row is drawn below
+        tokens = torch.empty(len(reqs), dtype=torch.long, device=logits.device)
     if random_rows:
-        probs = filter_probs(shaped[random_rows], [reqs[i] for i in random_rows])
         uniforms = [row_uniform(reqs[i].seed, len(reqs[i].output_ids) + len(pending[i])) for i in random_rows]
-        tokens[torch.tensor(random_rows, device=logits.device)] = draw(probs, uniforms)
+        if shaped.is_cuda and shaped.dtype == torch.float32 and shaped.stride(-1) == 1:
+            _sample_on_device(shaped, [reqs[i].params for i in random_rows], random_rows, uniforms, tokens)
+        else:
+            probs = filter_probs(shaped[random_rows], [reqs[i] for i in random_rows])
+            tokens[torch.tensor(random_rows, device=logits.device)] = draw(probs, uniforms)
     return tokens
+
+
+def _sample_on_device(logits: Tensor, params: list[SamplingParams], rows: list[int], uniforms: list[float],
+                      tokens: Tensor) -> None:
+    """filter_probs + draw in one Triton launch (the same kept set; no sort, no fp64 scan)."""
+    from dsaserve.ops.triton.sampling import row_params, sample_rows
+    sample_rows(logits, row_params(rows, [max(p.temperature, 1e-5) for p in params], [p.top_k for p in params],
+                                   [p.top_p for p in params], [p.min_p for p in params], uniforms, logits.device),
+                tokens)
 
 
 def sample(logits: Tensor, reqs: list[Request], pending: list[list[int]] | None = None,
