@@ -66,16 +66,19 @@ def _chi_square_fit_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
     return torch.special.gammaincc(torch.tensor((int(cells.sum()) - 1) / 2.0), stat / 2).item()
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("params", [SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_k=4),
-                                    SamplingParams(temperature=1.0, top_p=0.8)])
-def test_sampled_tokens_follow_the_distribution(params: SamplingParams) -> None:
+                                    SamplingParams(temperature=1.0, top_p=0.8),
+                                    SamplingParams(temperature=1.0, min_p=0.3)])
+def test_sampled_tokens_follow_the_distribution(params: SamplingParams, device: str) -> None:
     """6000 rows with distinct seeds, sampled in one batch, against the filtered distribution that
-    filter_probs computes independently of the noise. Chi-square at 1e-3: with fixed seeds the
-    outcome is deterministic; a correct sampler over random seeds fails it with probability 0.1%."""
+    filter_probs computes independently of the noise (on CUDA the rows go through the Triton sampler).
+    Chi-square at 1e-3: with fixed seeds the outcome is deterministic; a correct sampler over random seeds
+    fails it with probability 0.1%."""
     logits = torch.log(torch.tensor([0.3, 0.2, 0.15, 0.12, 0.1, 0.08, 0.05]))
     rows = 6000
     reqs = [_req(SamplingParams(**{**params.__dict__, "seed": s})) for s in range(rows)]
-    tokens, _ = sample(logits.repeat(rows, 1), reqs)
+    tokens, _ = sample(logits.repeat(rows, 1).to(device), reqs)
     want = filter_probs(logits[None], reqs[:1])[0]
     counts = torch.bincount(torch.tensor(tokens), minlength=7).float()
     assert (counts[want == 0] == 0).all(), "a filtered-out token was sampled"

@@ -19,6 +19,7 @@ from dsaserve.ops.fused import argmax
 
 Tensor = torch.Tensor
 _MASK64 = (1 << 63) - 1
+MIN_TEMPERATURE = 1e-5  # a sampled row's temperature floor (temperature 0 is greedy: argmax)
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -152,7 +153,7 @@ def filter_probs(logits: Tensor, reqs: list[Request]) -> Tensor:
     stays, ties included; the best token always does). Rows without filters are a softmax; only the others
     pay for sorting the vocabulary (on CUDA sample_tokens runs dsaserve.ops.triton.sampling instead)."""
     dev = logits.device
-    temp = torch.tensor([max(r.params.temperature, 1e-5) for r in reqs], device=dev)[:, None]
+    temp = torch.tensor([max(r.params.temperature, MIN_TEMPERATURE) for r in reqs], device=dev)[:, None]
     probs = torch.softmax(logits / temp, dim=-1)
     rows = [i for i, r in enumerate(reqs) if not filters_off(r.params)]
     if rows:
@@ -200,9 +201,9 @@ def _sample_on_device(logits: Tensor, params: list[SamplingParams], rows: list[i
                       tokens: Tensor) -> None:
     """filter_probs + draw in one Triton launch (the same kept set; no sort, no fp64 scan)."""
     from dsaserve.ops.triton.sampling import row_params, sample_rows
-    sample_rows(logits, row_params(rows, [max(p.temperature, 1e-5) for p in params], [p.top_k for p in params],
-                                   [p.top_p for p in params], [p.min_p for p in params], uniforms, logits.device),
-                tokens)
+    temperatures = [max(p.temperature, MIN_TEMPERATURE) for p in params]
+    sample_rows(logits, row_params(rows, temperatures, [p.top_k for p in params], [p.top_p for p in params],
+                                   [p.min_p for p in params], uniforms, logits.device), tokens)
 
 
 def sample(logits: Tensor, reqs: list[Request], pending: list[list[int]] | None = None,
