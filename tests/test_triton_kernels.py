@@ -235,22 +235,60 @@ def test_indexer_logits(case, fp8):
     assert err < 1e-2, f"indexer_logits rel err {err:.2e} >= 1e-2"
 
 
-@pytest.mark.parametrize("case,topk", [(0, 2048), (1, 512), (2, 64), (3, 16), (0, 8192)])
-def test_topk_slots(case, topk):
+def _selected_values(slots: torch.Tensor, logits: torch.Tensor, page_table: torch.Tensor, row_req: torch.Tensor,
+                     page_size: int) -> torch.Tensor:
+    """Each row's selected logits, sorted (-inf for -1): equal for two selections that differ only among ties."""
+    S = (int(page_table.max()) + 1) * page_size
+    pos_of = torch.zeros(page_table.shape[0], S, dtype=torch.long, device=DEV)
+    cols = torch.arange(page_table.shape[1] * page_size, device=DEV)
+    slots_of = page_table.long()[:, cols // page_size] * page_size + cols % page_size
+    pos_of.scatter_(1, slots_of, cols.expand_as(slots_of).contiguous())
+    pos = pos_of[row_req.long()[:, None], slots.clamp(min=0).long()]
+    vals = logits.gather(1, pos.clamp(max=logits.shape[1] - 1)).masked_fill(slots < 0, float("-inf"))
+    return vals.sort(dim=1).values
+
+
+@pytest.mark.parametrize("method", ["auto", "torch"])
+@pytest.mark.parametrize("case,topk,ties", [(0, 2048, False), (1, 512, False), (2, 64, False), (3, 16, False),
+                                            (0, 8192, False), (0, 2048, True), (1, 512, True), (3, 16, True)])
+def test_topk_slots(case, topk, ties, method):
+    """auto: rows up to topk.ROW_LIMIT keys select in one launch, wider ones through torch.topk; ties: logits
+    of a few distinct values, so the kernel's choice among equal values may differ from torch's."""
     seq_lens, q_lens, Hi, Di, page_size = INDEXER_CASES[case]
     gen = torch.Generator(DEV).manual_seed(100 + case)
     page_table, row_req, row_len, _ = _layout(seq_lens, q_lens, page_size, gen)
     T = row_req.numel()
     L = max(seq_lens)
     pos = torch.arange(L, device=DEV)[None, :]
-    logits = torch.randn(T, L, device=DEV, generator=gen).masked_fill(pos >= row_len, float("-inf"))
-    got = tops.topk_slots(logits, row_len, page_table, row_req, page_size, topk)
+    logits = torch.randn(T, L, device=DEV, generator=gen)
+    if ties:
+        logits = logits.mul(2).round()
+    logits = logits.masked_fill(pos >= row_len, float("-inf"))
+    select = tops.topk_slots if method == "auto" else tops.indexer.torch_topk_slots
+    got = select(logits, row_len, page_table, row_req, page_size, topk)
     want = ref.topk_slots(logits, row_len, page_table, row_req, page_size, topk)
     assert got.shape == (T, topk) and got.dtype == torch.int32
     n_valid = row_len[:, 0].clamp(max=topk)
     first = torch.arange(topk, device=DEV)[None, :] < n_valid[:, None]
     assert ((got >= 0) == first).all(), "valid slots first, then -1"
-    assert torch.equal(got.sort(dim=1).values, want.sort(dim=1).values), "selected sets differ"
+    assert all(len(set(r[r >= 0].tolist())) == int(n) for r, n in zip(got, n_valid)), "a slot chosen twice"
+    if ties:
+        assert torch.equal(_selected_values(got, logits, page_table, row_req, page_size),
+                           _selected_values(want, logits, page_table, row_req, page_size)), "selected values differ"
+    else:
+        assert torch.equal(got.sort(dim=1).values, want.sort(dim=1).values), "selected sets differ"
+
+
+@pytest.mark.parametrize("width", [tops.topk.ROW_LIMIT, tops.topk.ROW_LIMIT + 1])
+def test_topk_slots_at_the_row_limit(width):
+    """The widest row the one-launch kernel takes, and one key more (torch.topk), select the same set."""
+    gen = torch.Generator(DEV).manual_seed(width)
+    page_table, row_req, row_len, _ = _layout([width, width - 3000, 2000], [1, 1, 1], 64, gen)
+    logits = torch.randn(3, width, device=DEV, generator=gen)
+    logits = logits.masked_fill(torch.arange(width, device=DEV)[None, :] >= row_len, float("-inf"))
+    got = tops.topk_slots(logits, row_len, page_table, row_req, 64, 2048)
+    want = ref.topk_slots(logits, row_len, page_table, row_req, 64, 2048)
+    assert torch.equal(got.sort(dim=1).values, want.sort(dim=1).values)
 
 
 # ---------------------------------------------------------------- MoE

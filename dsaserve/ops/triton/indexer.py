@@ -10,9 +10,10 @@ FP8 index keys (uint8 rows: 128 e4m3 values + one fp32 scale, cache/kv_format.py
 query's dtype after the gather (exact) and the key's scale multiplies its logit after the head sum: the
 scale is positive, so relu(s * q.k) = s * relu(q.k).
 
-topk_slots: torch.topk (unsorted) picks the positions; one small kernel maps them to cache slots. Rows that
-see <= topk keys skip the top-k result and take their first kv_len positions, so the valid slots come first
-and the selected set equals the reference's.
+topk_slots: rows of at most topk.ROW_LIMIT keys select in one launch (topk.py: the row in registers, positions
+straight to slots; `topk.fits` says where that wins); others through torch.topk (unsorted) and one small kernel that maps positions to cache
+slots. Rows that see <= topk keys skip the selection and take their first kv_len positions, so the valid
+slots come first and the selected set equals the reference's.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import triton
 import triton.language as tl
 
 from dsaserve.cache.kv_format import fp8_views
+from dsaserve.ops.triton import topk as row_topk
 from dsaserve.ops.triton._common import dot_precision, new_empty, next_pow2, sm_count
 
 Tensor = torch.Tensor
@@ -182,13 +184,19 @@ def indexer_logits(q: Tensor, weights: Tensor, k_cache: Tensor, page_table: Tens
 def topk_slots(logits: Tensor, row_kv_len: Tensor, page_table: Tensor, row_req: Tensor, page_size: int,
                topk: int) -> Tensor:
     """See reference.topk_slots (valid slots first, then -1; order among the valid ones unspecified)."""
+    if logits.shape[1] > topk and row_topk.fits(*logits.shape):
+        return row_topk.row_topk_slots(logits, row_kv_len, page_table, row_req, page_size, topk)
+    return torch_topk_slots(logits, row_kv_len, page_table, row_req, page_size, topk)
+
+
+def torch_topk_slots(logits: Tensor, row_kv_len: Tensor, page_table: Tensor, row_req: Tensor, page_size: int,
+                     topk: int) -> Tensor:
+    """topk_slots through torch.topk, for rows of any width."""
     T, L = logits.shape
     out = new_empty((T, topk), torch.int32, logits.device)
     if T == 0 or topk == 0:
         return out
-    row_kv_len = row_kv_len.to(torch.int32).reshape(T, -1)
-    page_table = page_table.to(torch.int32)
-    row_req = row_req.to(torch.int32).contiguous()
+    row_kv_len, page_table, row_req = row_topk.slot_inputs(T, row_kv_len, page_table, row_req)
     has_pos = L > topk  # else every row keeps its first min(kv_len, L) positions
     pos = torch.topk(logits, topk, dim=-1, sorted=False).indices if has_pos else out
     block = min(1024, next_pow2(topk))
@@ -209,4 +217,4 @@ def min_bytes(T: int, HI: int, DI: int, L: int, distinct_requests: int, elem: in
     return float(distinct_requests * L * key + T * HI * (DI * elem + 4) + T * L * 4)
 
 
-__all__ = ["CONFIG", "flops", "indexer_logits", "min_bytes", "topk_slots"]
+__all__ = ["CONFIG", "flops", "indexer_logits", "min_bytes", "topk_slots", "torch_topk_slots"]

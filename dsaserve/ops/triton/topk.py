@@ -1,0 +1,117 @@
+"""Exact top-k cache slots per indexer row in one launch: one program per row, the row held in registers.
+
+A row of at most ROW_LIMIT logits (every decode step up to 8-16K context, and prefill rows there) is loaded
+once as order-preserving uint32 keys. The k-th largest key is found two bits per pass: three candidate
+thresholds are counted at once in one packed int64 sum (16 block reductions for 32 bits). The keys above
+it, and its ties lowest position first, are compacted in position order with one packed prefix sum, and
+their positions mapped to cache slots through the page table. The selected set is torch.topk's, up to the
+choice among equal values (-0.0 ranks below +0.0). Rows that see at most k keys keep their first kv_len
+positions, as the reference does. Wider rows no longer fit a program's registers, and many rows of 8K+
+keys select faster in torch.topk (`fits`; indexer.topk_slots takes torch there).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dsaserve.ops.triton._common import new_empty, next_pow2
+
+Tensor = torch.Tensor
+
+# Widest logits row this kernel takes (its key width, a power of two under CUDA graphs), and the most rows
+# at which it still beats torch.topk on rows wider than PREFILL_WIDTH (H200: 1.07x at 1024 x 8192 keys, 0.96x
+# at 4096 x 8192; 1.8x at 4096 x 4096; docs/benchmarks.md).
+ROW_LIMIT = 16384
+PREFILL_WIDTH = 4096
+MANY_ROWS = 1024
+
+
+@triton.jit
+def _order_keys(x):
+    """fp32 -> uint32 with the same order: non-negatives get the sign bit, negatives flip every bit."""
+    bits = x.to(tl.int32, bitcast=True)
+    flip = (bits >> 31) | -2147483648  # arithmetic shift: all ones for negatives
+    return (bits ^ flip).to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def _kth_largest(key, K):
+    """The K-th largest of `key` (uint32; padding holds 0, below every real key), two bits per pass."""
+    v = tl.zeros([], tl.uint32)
+    FIELD: tl.constexpr = 21  # counts < 2**21 per packed field
+    for s in tl.static_range(15, -1, -1):
+        step = tl.full([], 1, tl.uint32) << (2 * s)
+        c1, c2, c3 = v | step, v | (2 * step), v | (3 * step)
+        packed = ((key >= c1).to(tl.int64) + ((key >= c2).to(tl.int64) << FIELD)
+                  + ((key >= c3).to(tl.int64) << (2 * FIELD)))
+        total = tl.sum(packed, 0)
+        n1 = total & ((1 << FIELD) - 1)
+        n2 = (total >> FIELD) & ((1 << FIELD) - 1)
+        n3 = total >> (2 * FIELD)
+        v = tl.where(n3 >= K, c3, tl.where(n2 >= K, c2, tl.where(n1 >= K, c1, v)))
+    return v
+
+
+@triton.jit(do_not_specialize=["stride_x", "stride_len", "stride_pt", "stride_o", "L"])
+def _row_topk_slots_kernel(X, LEN, PT, REQ, OUT, stride_x, stride_len, stride_pt, stride_o, L, page_size,
+                           K: tl.constexpr, KB: tl.constexpr, W: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    kv_len = tl.minimum(tl.load(LEN + t * stride_len), L)
+    pt_row = PT + tl.load(REQ + t).to(tl.int64) * stride_pt
+    out_row = OUT + t * stride_o
+    if kv_len > K:
+        offs = tl.arange(0, W)
+        live = offs < kv_len
+        key = _order_keys(tl.load(X + t * stride_x + offs, mask=live, other=0.0))
+        key = tl.where(live, key, tl.zeros_like(key))
+        v = _kth_largest(key, K)
+        gt = (key > v).to(tl.int32)
+        eq = (key == v).to(tl.int32)  # v > 0: padding is never a tie
+        need = K - tl.sum(gt, 0)
+        both = gt + (eq << 16)  # one scan counts both (W < 2**16)
+        before = tl.cumsum(both, 0) - both
+        eq_before = before >> 16
+        sel = (gt != 0) | ((eq != 0) & (eq_before < need))
+        dest = (before & 0xFFFF) + tl.minimum(eq_before, need)
+        page = tl.load(pt_row + offs // page_size, mask=sel, other=0)
+        tl.store(out_row + dest, page * page_size + offs % page_size, mask=sel)
+    else:  # at most K keys: all of them, first to last, then -1
+        j = tl.arange(0, KB)
+        seen = j < kv_len
+        seen_page = tl.load(pt_row + j // page_size, mask=seen, other=0)
+        tl.store(out_row + j, tl.where(seen, seen_page * page_size + j % page_size, -1), mask=j < K)
+
+
+def fits(rows: int, num_keys: int) -> bool:
+    """Whether this kernel selects faster than torch.topk for `rows` rows of `num_keys` logits."""
+    return num_keys <= ROW_LIMIT and (num_keys <= PREFILL_WIDTH or rows <= MANY_ROWS)
+
+
+def slot_inputs(rows: int, row_kv_len: Tensor, page_table: Tensor, row_req: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The layout's row lengths [T, 1], page table and row requests as the slot-writing kernels read them."""
+    return (row_kv_len.to(torch.int32).reshape(rows, -1), page_table.to(torch.int32),
+            row_req.to(torch.int32).contiguous())
+
+
+def row_topk_slots(logits: Tensor, row_kv_len: Tensor, page_table: Tensor, row_req: Tensor, page_size: int,
+                   topk: int) -> Tensor:
+    """See reference.topk_slots; logits [T, L] fp32 with L <= ROW_LIMIT (positions >= kv_len are ignored)."""
+    T, L = logits.shape
+    if L > ROW_LIMIT:
+        raise ValueError(f"row_topk_slots takes rows of at most {ROW_LIMIT} logits, got {L}")
+    if logits.dtype != torch.float32 or logits.stride(1) != 1:
+        raise ValueError(f"row_topk_slots needs unit-stride fp32 logits, got {logits.dtype}, {logits.stride()}")
+    out = new_empty((T, topk), torch.int32, logits.device)
+    if T == 0 or topk == 0:
+        return out
+    row_kv_len, page_table, row_req = slot_inputs(T, row_kv_len, page_table, row_req)
+    width = next_pow2(L)
+    _row_topk_slots_kernel[(T,)](
+        logits, row_kv_len, page_table, row_req, out, logits.stride(0), row_kv_len.stride(0),
+        page_table.stride(0), out.stride(0), L, page_size, K=topk, KB=next_pow2(topk), W=width,
+        num_warps=max(4, min(16, width // 512)))
+    return out
+
+
+__all__ = ["MANY_ROWS", "PREFILL_WIDTH", "ROW_LIMIT", "fits", "row_topk_slots", "slot_inputs"]
