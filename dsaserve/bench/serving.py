@@ -11,10 +11,13 @@ import argparse
 import asyncio
 import json
 import math
+import multiprocessing
+import os
 import random
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import httpx
@@ -38,6 +41,10 @@ class BenchConfig:
     vocab_size: int | None = None
     output_json: str | None = None
     disable_tqdm: bool = False
+    num_clients: int | None = None  # client processes; None: one per CLIENT_SHARE concurrent requests
+
+
+CLIENT_SHARE = 16  # concurrent streams per client process: one Python process parses ~10K SSE events/s
 
 
 @dataclass
@@ -69,6 +76,10 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                         "(default: the server's /get_model_info, else 1000)")
     parser.add_argument("--output-json", default=None, help="write the metrics here")
     parser.add_argument("--disable-tqdm", action="store_true")
+    parser.add_argument("--num-clients", type=int, default=None,
+                        help=f"client processes sharing the requests and the concurrency (default: one per "
+                             f"{CLIENT_SHARE} concurrent requests, at most half the CPUs), so that parsing the "
+                             f"streams does not delay the timestamps")
 
 
 def config_from_cli(ns: argparse.Namespace) -> BenchConfig:
@@ -135,6 +146,47 @@ async def _one(client: httpx.AsyncClient, model: str, prompt: list[int], out_len
     except (httpx.HTTPError, json.JSONDecodeError) as exc:
         res.error = f"{type(exc).__name__}: {exc}"
     return res
+
+
+def client_processes(cfg: BenchConfig) -> int:
+    if cfg.num_clients is not None:
+        return max(1, min(cfg.num_clients, cfg.num_prompts))
+    streams = min(cfg.max_concurrency or cfg.num_prompts, cfg.num_prompts)
+    return max(1, min(math.ceil(streams / CLIENT_SHARE), (os.cpu_count() or 2) // 2))
+
+
+def _drive_in_processes(cfg: BenchConfig, model: str, reqs: list[tuple[list[int], int]],
+                        n: int) -> tuple[list[RequestResult], float]:
+    """The requests dealt round-robin to n client processes, each with its share of the concurrency and of
+    the request rate (merged Poisson arrivals stay Poisson). perf_counter is CLOCK_MONOTONIC, one clock for
+    every process on the machine: the duration runs from the first start to the last end."""
+    conc = cfg.max_concurrency
+    parts = [(replace(cfg, max_concurrency=None if conc is None else max(1, conc // n + (i < conc % n)),
+                      request_rate=cfg.request_rate / n, seed=cfg.seed + 1000 * i, disable_tqdm=True),
+              reqs[i::n]) for i in range(n)]
+    with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
+        done = list(pool.map(_client_process, [c for c, _ in parts], [model] * n, [r for _, r in parts]))
+    results: list[RequestResult] = [RequestResult()] * len(reqs)
+    for i in range(n):  # back to the requests' order
+        results[i::n] = done[i][0]
+    return results, max(end for _, _, end in done) - min(start for _, start, _ in done)
+
+
+def _client_process(cfg: BenchConfig, model: str,
+                    reqs: list[tuple[list[int], int]]) -> tuple[list[RequestResult], float, float]:
+    async def go() -> tuple[list[RequestResult], float, float]:
+        async with _client(cfg) as client:
+            results, duration = await _drive(cfg, client, model, reqs)
+        end = time.perf_counter()
+        return results, end - duration, end
+    return asyncio.run(go())
+
+
+def _client(cfg: BenchConfig) -> httpx.AsyncClient:
+    base = cfg.base_url.rstrip("/").removesuffix("/v1")
+    headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+    limits = httpx.Limits(max_connections=cfg.max_concurrency or 1000)
+    return httpx.AsyncClient(base_url=base, headers=headers, timeout=httpx.Timeout(600.0), limits=limits)
 
 
 async def _drive(cfg: BenchConfig, client: httpx.AsyncClient, model: str,
@@ -206,14 +258,16 @@ def format_table(m: dict[str, Any]) -> str:
 
 
 async def benchmark(cfg: BenchConfig) -> dict[str, Any]:
-    base = cfg.base_url.rstrip("/").removesuffix("/v1")
-    headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
-    limits = httpx.Limits(max_connections=cfg.max_concurrency or 1000)
-    async with httpx.AsyncClient(base_url=base, headers=headers, timeout=httpx.Timeout(600.0),
-                                 limits=limits) as client:
+    n = client_processes(cfg)
+    cfg = replace(cfg, num_clients=n)  # the JSON records how many ran
+    async with _client(cfg) as client:
         model, vocab = await _discover(client, cfg)
         before = await _server_totals(client)
-        results, duration = await _drive(cfg, client, model, make_requests(cfg, vocab))
+        reqs = make_requests(cfg, vocab)
+        if n == 1:
+            results, duration = await _drive(cfg, client, model, reqs)
+        else:
+            results, duration = await asyncio.to_thread(_drive_in_processes, cfg, model, reqs, n)
         after = await _server_totals(client)
     metrics = compute_metrics(cfg, results, duration)
     run = {k: after[k] - before[k] for k in COUNTERS}  # this run's, all DP ranks
