@@ -50,7 +50,7 @@ def check(got: torch.Tensor, logits: torch.Tensor, kv_len: torch.Tensor, page_ta
     assert torch.equal(vals, want), "selected values differ from torch.topk's"
 
 
-def run_case(rows: int, width: int, gen: torch.Generator) -> dict:
+def run_case(rows: int, width: int, gen: torch.Generator, warp_sweep: list[int]) -> dict:
     dev = torch.device("cuda")
     # The longest row ends in the upper half of the bucket, as under CUDA graphs; the others anywhere.
     kv_len = torch.randint(K // 2, width + 1, (rows,), device=dev, generator=gen)
@@ -67,16 +67,20 @@ def run_case(rows: int, width: int, gen: torch.Generator) -> dict:
     for name, fn in methods.items():
         check(fn(logits, kv, page_table, row_req, PAGE, K), logits, kv_len, page_table)
         row[name] = 1e3 * bench(lambda: fn(logits, kv, page_table, row_req, PAGE, K), graph=True)
+    for warps in warp_sweep if width <= row_topk.ROW_LIMIT else []:
+        row[f"{warps} warps"] = 1e3 * bench(lambda: row_topk.row_topk_slots(
+            logits, kv, page_table, row_req, PAGE, K, num_warps=warps), graph=True)
     return row
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", nargs="+", default=DEFAULT_CASES, help="ROWSxWIDTH")
+    ap.add_argument("--warps", type=int, nargs="*", default=[], help="also time the row kernel at these warp counts")
     ap.add_argument("--output-json", default=None)
     args = ap.parse_args()
     gen = torch.Generator("cuda").manual_seed(0)
-    results = [run_case(*map(int, c.split("x")), gen) for c in args.cases]
+    results = [run_case(*map(int, c.split("x")), gen, args.warps) for c in args.cases]
     print(f"{torch.cuda.get_device_name()}; k = {K}; us per call (CUDA graph replay, median)")
     print(f"{'rows':>5} {'width':>6} {'torch.topk':>11} {'row kernel':>11} {'speed-up':>9} {'engine uses':>12}")
     for r in results:
@@ -84,7 +88,7 @@ def main() -> None:
         used = "row kernel" if row_topk.fits(r["rows"], r["width"]) else "torch.topk"
         print(f"{r['rows']:>5} {r['width']:>6} {r['torch.topk']:>11.1f} "
               + (f"{mine:>11.1f} {r['torch.topk'] / mine:>8.2f}x" if mine else f"{'-':>11} {'-':>9}")
-              + f" {used:>12}")
+              + f" {used:>12}" + "".join(f"  {w}w {r[f'{w} warps']:.1f}" for w in args.warps if f"{w} warps" in r))
     if args.output_json:
         Path(args.output_json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "k": K,
                                                       "cases": results}, indent=1))
