@@ -2,6 +2,7 @@
 requests and /health, SIGTERM under load ends every stream and leaves no process behind."""
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -34,6 +35,23 @@ def wait_idle(server: ServerProcess, timeout: float = 20.0) -> dict:
             return state
         assert time.monotonic() < deadline, f"pages not freed: {state}"
         time.sleep(0.1)
+
+
+def test_idle_connection_outlives_client_keep_alive(server: ServerProcess) -> None:
+    """A connection idle past the 5 s that httpx / the openai SDK keep theirs (uvicorn's default timeout too)
+    still takes a request: no reset for a client that reuses it just then."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        conn.request("GET", "/health")
+        assert conn.getresponse().read() is not None
+        sock = conn.sock
+        time.sleep(6.0)
+        conn.request("GET", "/health")
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 200 and conn.sock is sock, "the idle connection was closed"
+    finally:
+        conn.close()
 
 
 def assert_gone(pids: list[int], timeout: float = 5.0) -> None:

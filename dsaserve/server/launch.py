@@ -32,6 +32,10 @@ from dsaserve.server.supervisor import RankProcesses, wait_for_ranks
 from dsaserve.server_args import ServerArgs
 
 GRACEFUL_SHUTDOWN_S = 5
+# An idle keep-alive connection stays open longer than clients keep theirs (httpx and the openai SDK: 5 s,
+# aiohttp: 15 s) and than load balancers' idle timeouts (60 s): at uvicorn's 5 s a client reusing a connection
+# just as the server closed it got a reset (`ReadError`) for a request the server never read.
+KEEP_ALIVE_S = 75
 
 
 class _StopSignal:
@@ -175,7 +179,8 @@ async def _run_http(args: ServerArgs, frontend: Frontend, metrics: ServerMetrics
     pd = PDRouting(args, frontend.info, len(frontend.links))
     app = create_app(args, frontend, metrics, served, pd)
     config = uvicorn.Config(app, log_level=args.log_level.lower(), access_log=args.log_level.lower() == "debug",
-                            lifespan="off", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+                            lifespan="off", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+                            timeout_keep_alive=KEEP_ALIVE_S)
     ready = f"dsaserve ready on http://{args.host}:{args.port} (model {served})"
     server = _Server(config, ready, lambda: loop.call_soon_threadsafe(frontend.begin_shutdown), stop)
     try:
