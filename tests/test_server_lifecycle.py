@@ -37,6 +37,11 @@ def wait_idle(server: ServerProcess, timeout: float = 20.0) -> dict:
         time.sleep(0.1)
 
 
+def test_http_runs_on_httptools_and_uvloop(server: ServerProcess) -> None:
+    """Both are dependencies: the server must pick them up (it builds its own event loop)."""
+    assert "HTTP: HttpToolsProtocol on the uvloop event loop" in server.log()
+
+
 def test_idle_connection_outlives_client_keep_alive(server: ServerProcess) -> None:
     """A connection idle past the 5 s that httpx / the openai SDK keep theirs (uvicorn's default timeout too)
     still takes a request: no reset for a client that reuses it just then."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import shutil
 import signal
 import socket
@@ -31,6 +32,7 @@ from dsaserve.server.preflight import bind_listener, check_model
 from dsaserve.server.supervisor import RankProcesses, wait_for_ranks
 from dsaserve.server_args import ServerArgs
 
+log = logging.getLogger(__name__)
 GRACEFUL_SHUTDOWN_S = 5
 # An idle keep-alive connection stays open longer than clients keep theirs (httpx and the openai SDK: 5 s,
 # aiohttp: 15 s) and than load balancers' idle timeouts (60 s): at uvicorn's 5 s a client reusing a connection
@@ -76,6 +78,8 @@ class _Server(uvicorn.Server):
         await super().startup(sockets)
         if self.started:
             freeze_startup_heap()
+            log.info("HTTP: %s on the %s event loop", self.config.http_protocol_class.__name__,
+                     type(asyncio.get_running_loop()).__module__.split(".")[0])
             print(self.ready_line, flush=True)
 
     @contextlib.contextmanager
@@ -111,9 +115,20 @@ def serve(args: ServerArgs) -> int:
     if listener is None:
         return _serve_other_node(args, stop)
     try:
-        return asyncio.run(_serve(args, listener, stop))
+        with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+            return runner.run(_serve(args, listener, stop))
     finally:
         listener.close()
+
+
+def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop where it is installed (the frontend's per-token work is mostly the loop's and
+    the HTTP writer's), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 def _ipc_endpoints(root: Path, dp: int) -> list[Endpoints]:

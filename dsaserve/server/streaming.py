@@ -79,6 +79,10 @@ async def collect(handle: RequestHandle) -> Result:
 
 async def merged(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, Delta]]:
     """Deltas of several requests as they arrive, tagged with the request's index."""
+    if len(handles) == 1:  # the common case: no pump task and second queue per token
+        async for d in handles[0].deltas():
+            yield 0, d
+        return
     queue: asyncio.Queue[tuple[int, Delta | Exception | None]] = asyncio.Queue()
 
     async def pump(i: int, handle: RequestHandle) -> None:
