@@ -23,6 +23,8 @@ from typing import Any
 import httpx
 from tqdm import tqdm
 
+from dsaserve.server.launch import event_loop_factory
+
 FALLBACK_VOCAB = 1000  # when the server does not say (only dsaserve / sglang expose it)
 
 
@@ -179,7 +181,8 @@ def _client_process(cfg: BenchConfig, model: str,
             results, duration = await _drive(cfg, client, model, reqs)
         end = time.perf_counter()
         return results, end - duration, end
-    return asyncio.run(go())
+    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+        return runner.run(go())
 
 
 def _client(cfg: BenchConfig) -> httpx.AsyncClient:
@@ -293,7 +296,8 @@ def run(ns: argparse.Namespace) -> int:
     import logging
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would bury the bar
     cfg = config_from_cli(ns)
-    metrics = asyncio.run(benchmark(cfg))
+    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+        metrics = runner.run(benchmark(cfg))
     print(format_table(metrics))
     if cfg.output_json:
         with open(cfg.output_json, "w") as f:
