@@ -21,9 +21,12 @@ METRICS = ["completed", "failed", "duration_s", "total_input_tokens", "total_out
 def test_bench_serving(tiny_ds: str, tmp_path: Path) -> None:
     with ServerProcess(tiny_ds, tmp_path / "server.log", page_size=4, max_total_tokens=4096) as server:
         out, again = tmp_path / "bench.json", tmp_path / "again.json"
-        for path, clients in ((out, "1"), (again, "2")):  # the repeat from two client processes
-            args = ["--num-clients", clients, "--base-url", f"{server.url}/v1", "--num-prompts", "24", "--input-len", "32", "--output-len",
-                    "8", "--range-ratio", "0.5", "--max-concurrency", "8", "--request-rate", "100", "--seed", "3",
+        # the repeat from two client processes, with SGLang's names for the length flags
+        sglang_names = ("--random-input-len", "--random-output-len", "--random-range-ratio")
+        for path, clients, names in ((out, "1", ("--input-len", "--output-len", "--range-ratio")),
+                                     (again, "2", sglang_names)):
+            args = ["--num-clients", clients, "--base-url", f"{server.url}/v1", "--num-prompts", "24", names[0], "32",
+                    names[1], "8", names[2], "0.5", "--max-concurrency", "8", "--request-rate", "100", "--seed", "3",
                     "--output-json", str(path)]
             run = subprocess.run([sys.executable, "-m", "dsaserve", "bench", "serving", *args], capture_output=True,
                                  text=True, timeout=120)
@@ -34,6 +37,7 @@ def test_bench_serving(tiny_ds: str, tmp_path: Path) -> None:
     assert metrics["prefix_hit_rate"] < 0.05 < 0.5 < repeat["prefix_hit_rate"]
     assert repeat["config"]["num_clients"] == 2 and repeat["completed"] == 24 and repeat["failed"] == 0
     assert repeat["total_output_tokens"] == metrics["total_output_tokens"] and repeat["mean_itl_ms"] > 0
+    assert repeat["total_input_tokens"] == metrics["total_input_tokens"]  # the same lengths by either name
     assert "Prefix cache hit rate" in run.stdout
     assert not [k for k in METRICS if k not in metrics]
     assert metrics["completed"] == 24 and metrics["failed"] == 0

@@ -65,10 +65,15 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-url", default=d.base_url, help="server address (with or without /v1)")
     parser.add_argument("--model", default=None, help="model name (default: the first of /v1/models)")
     parser.add_argument("--api-key", default=None)
-    parser.add_argument("--input-len", type=int, default=d.input_len, help="prompt tokens per request")
-    parser.add_argument("--output-len", type=int, default=d.output_len, help="tokens to generate per request")
-    parser.add_argument("--range-ratio", type=float, default=d.range_ratio,
-                        help="lengths are uniform in [len * ratio, len] (1.0: fixed)")
+    # SGLang's bench_serving names (--random-*) are accepted too: the prompts are random token ids either way.
+    parser.add_argument("--input-len", "--random-input-len", dest="input_len", type=int, default=d.input_len,
+                        help="prompt tokens per request")
+    parser.add_argument("--output-len", "--random-output-len", dest="output_len", type=int, default=d.output_len,
+                        help="tokens to generate per request")
+    parser.add_argument("--range-ratio", "--random-range-ratio", dest="range_ratio", type=float,
+                        default=d.range_ratio, help="lengths are uniform in [len * ratio, len] (1.0: fixed)")
+    parser.add_argument("--dataset-name", choices=["random"], default="random",
+                        help="random token-id prompts (the only dataset: no network, no files)")
     parser.add_argument("--num-prompts", type=int, default=d.num_prompts)
     parser.add_argument("--request-rate", type=float, default=d.request_rate,
                         help="requests per second, Poisson arrivals (inf: all at once)")
