@@ -20,8 +20,8 @@ from dsaserve.ops.triton import indexer, topk as row_topk
 
 K = 2048
 PAGE = 64
-DEFAULT_CASES = ["1x4096", "1x8192", "16x8192", "64x8192", "8x16384", "64x16384", "8x65536", "256x8192",
-                 "1024x8192", "4096x4096", "4096x8192"]
+DEFAULT_CASES = ["1x4096", "1x8192", "16x8192", "64x8192", "8x16384", "64x16384", "256x16384", "8x65536",
+                 "256x8192", "1024x8192", "4096x4096", "4096x8192"]
 
 
 def logits_like_indexer(rows: int, width: int, kv_len: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -68,8 +68,10 @@ def run_case(rows: int, width: int, gen: torch.Generator, warp_sweep: list[int])
         check(fn(logits, kv, page_table, row_req, PAGE, K), logits, kv_len, page_table)
         row[name] = 1e3 * bench(lambda: fn(logits, kv, page_table, row_req, PAGE, K), graph=True)
     for warps in warp_sweep if width <= row_topk.ROW_LIMIT else []:
-        row[f"{warps} warps"] = 1e3 * bench(lambda: row_topk.row_topk_slots(
-            logits, kv, page_table, row_req, PAGE, K, num_warps=warps), graph=True)
+        def select() -> torch.Tensor:
+            return row_topk.row_topk_slots(logits, kv, page_table, row_req, PAGE, K, num_warps=warps)
+        check(select(), logits, kv_len, page_table)
+        row[f"{warps} warps"] = 1e3 * bench(select, graph=True)
     return row
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dsaserve.bench.serving import BenchConfig, make_requests
+from dsaserve.bench.serving import BenchConfig, client_processes, make_requests
 from server_process import ServerProcess
 
 pytestmark = pytest.mark.timeout(180)
@@ -48,3 +48,12 @@ def test_bench_serving(tiny_ds: str, tmp_path: Path) -> None:
     assert metrics["output_throughput"] > 0 and metrics["request_throughput"] > 0
     for title in ("Request throughput", "Output token throughput", "Median TTFT", "P99 TPOT", "Mean ITL"):
         assert title in run.stdout
+
+
+def test_client_processes_never_exceed_the_streams() -> None:
+    """Each client process runs at least one stream: more would raise the concurrency asked for."""
+    assert client_processes(BenchConfig(num_prompts=24, max_concurrency=4, num_clients=8)) == 4
+    assert client_processes(BenchConfig(num_prompts=3, max_concurrency=64, num_clients=8)) == 3
+    assert client_processes(BenchConfig(num_prompts=640, max_concurrency=64, num_clients=2)) == 2
+    assert client_processes(BenchConfig(num_prompts=640, max_concurrency=8)) == 1  # 16 streams per process
+

@@ -48,7 +48,9 @@ def test_idle_connection_outlives_client_keep_alive(server: ServerProcess) -> No
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
     try:
         conn.request("GET", "/health")
-        assert conn.getresponse().read() is not None
+        first = conn.getresponse()
+        first.read()
+        assert first.status == 200
         sock = conn.sock
         time.sleep(6.0)
         conn.request("GET", "/health")

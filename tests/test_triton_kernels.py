@@ -250,7 +250,8 @@ def _selected_values(slots: torch.Tensor, logits: torch.Tensor, page_table: torc
 
 @pytest.mark.parametrize("method", ["auto", "torch"])
 @pytest.mark.parametrize("case,topk,ties", [(0, 2048, False), (1, 512, False), (2, 64, False), (3, 16, False),
-                                            (0, 8192, False), (0, 2048, True), (1, 512, True), (3, 16, True)])
+                                            (0, 8192, False), (0, 2048, True), (1, 512, True), (3, 16, True),
+                                            (2, 100, False), (3, 37, True)])  # k not a power of two
 def test_topk_slots(case, topk, ties, method):
     """auto: rows up to topk.ROW_LIMIT keys select in one launch, wider ones through torch.topk; ties: logits
     of a few distinct values, so the kernel's choice among equal values may differ from torch's."""
@@ -279,16 +280,24 @@ def test_topk_slots(case, topk, ties, method):
         assert torch.equal(got.sort(dim=1).values, want.sort(dim=1).values), "selected sets differ"
 
 
+@pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("width", [tops.topk.ROW_LIMIT, tops.topk.ROW_LIMIT + 1])
-def test_topk_slots_at_the_row_limit(width):
-    """The widest row the one-launch kernel takes, and one key more (torch.topk), select the same set."""
+def test_topk_slots_at_the_row_limit(width, ties):
+    """The widest row the one-launch kernel takes (its counts at their largest), and one key more (torch.topk),
+    select the same set, or with ties the same values."""
     gen = torch.Generator(DEV).manual_seed(width)
     page_table, row_req, row_len, _ = _layout([width, width - 3000, 2000], [1, 1, 1], 64, gen)
     logits = torch.randn(3, width, device=DEV, generator=gen)
+    if ties:
+        logits = logits.mul(2).round()
     logits = logits.masked_fill(torch.arange(width, device=DEV)[None, :] >= row_len, float("-inf"))
     got = tops.topk_slots(logits, row_len, page_table, row_req, 64, 2048)
     want = ref.topk_slots(logits, row_len, page_table, row_req, 64, 2048)
-    assert torch.equal(got.sort(dim=1).values, want.sort(dim=1).values)
+    if ties:
+        assert torch.equal(_selected_values(got, logits, page_table, row_req, 64),
+                           _selected_values(want, logits, page_table, row_req, 64))
+    else:
+        assert torch.equal(got.sort(dim=1).values, want.sort(dim=1).values)
 
 
 # ---------------------------------------------------------------- MoE

@@ -13,17 +13,18 @@ import json
 import math
 import multiprocessing
 import os
+import queue
 import random
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, Callable
 
 import httpx
 from tqdm import tqdm
 
-from dsaserve.server.launch import event_loop_factory
+from dsaserve import event_loop
 
 FALLBACK_VOCAB = 1000  # when the server does not say (only dsaserve / sglang expose it)
 
@@ -156,38 +157,49 @@ async def _one(client: httpx.AsyncClient, model: str, prompt: list[int], out_len
 
 
 def client_processes(cfg: BenchConfig) -> int:
-    if cfg.num_clients is not None:
-        return max(1, min(cfg.num_clients, cfg.num_prompts))
+    """How many client processes share the load: never more than the requests or the concurrency."""
     streams = min(cfg.max_concurrency or cfg.num_prompts, cfg.num_prompts)
-    return max(1, min(math.ceil(streams / CLIENT_SHARE), (os.cpu_count() or 2) // 2))
+    wanted = cfg.num_clients if cfg.num_clients is not None else min(math.ceil(streams / CLIENT_SHARE),
+                                                                       (os.cpu_count() or 2) // 2)
+    return max(1, min(wanted, streams))
 
 
 def _drive_in_processes(cfg: BenchConfig, model: str, reqs: list[tuple[list[int], int]],
                         n: int) -> tuple[list[RequestResult], float]:
     """The requests dealt round-robin to n client processes, each with its share of the concurrency and of
-    the request rate (merged Poisson arrivals stay Poisson). perf_counter is CLOCK_MONOTONIC, one clock for
-    every process on the machine: the duration runs from the first start to the last end."""
+    the request rate (merged Poisson arrivals stay Poisson). They start together after their imports (a
+    barrier); perf_counter is CLOCK_MONOTONIC, one clock for every process on the machine, so the duration
+    runs from the first start to the last end. Progress is counted here, from their completions."""
     conc = cfg.max_concurrency
-    parts = [(replace(cfg, max_concurrency=None if conc is None else max(1, conc // n + (i < conc % n)),
+    parts = [(replace(cfg, max_concurrency=None if conc is None else conc // n + (i < conc % n),
                       request_rate=cfg.request_rate / n, seed=cfg.seed + 1000 * i, disable_tqdm=True),
               reqs[i::n]) for i in range(n)]
-    with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
-        done = list(pool.map(_client_process, [c for c, _ in parts], [model] * n, [r for _, r in parts]))
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Manager() as manager, ProcessPoolExecutor(n, mp_context=ctx) as pool:
+        start, finished = manager.Barrier(n), manager.Queue()
+        futures = [pool.submit(_client_process, c, model, r, start, finished) for c, r in parts]
+        with tqdm(total=len(reqs), disable=cfg.disable_tqdm, desc="requests") as bar:
+            while not all(f.done() for f in futures) or not finished.empty():
+                try:
+                    bar.update(finished.get(timeout=0.2))
+                except queue.Empty:
+                    pass
+        done = [f.result() for f in futures]  # a client that failed (not a request) raises here
     results: list[RequestResult] = [RequestResult()] * len(reqs)
     for i in range(n):  # back to the requests' order
         results[i::n] = done[i][0]
-    return results, max(end for _, _, end in done) - min(start for _, start, _ in done)
+    return results, max(end for _, _, end in done) - min(begin for _, begin, _ in done)
 
 
-def _client_process(cfg: BenchConfig, model: str,
-                    reqs: list[tuple[list[int], int]]) -> tuple[list[RequestResult], float, float]:
+def _client_process(cfg: BenchConfig, model: str, reqs: list[tuple[list[int], int]], start: Any,
+                    finished: Any) -> tuple[list[RequestResult], float, float]:
     async def go() -> tuple[list[RequestResult], float, float]:
         async with _client(cfg) as client:
-            results, duration = await _drive(cfg, client, model, reqs)
+            start.wait(300)  # every client imported and connected-ready: begin together
+            results, duration = await _drive(cfg, client, model, reqs, on_done=lambda: finished.put(1))
         end = time.perf_counter()
         return results, end - duration, end
-    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
-        return runner.run(go())
+    return event_loop.run(go())
 
 
 def _client(cfg: BenchConfig) -> httpx.AsyncClient:
@@ -197,8 +209,8 @@ def _client(cfg: BenchConfig) -> httpx.AsyncClient:
     return httpx.AsyncClient(base_url=base, headers=headers, timeout=httpx.Timeout(600.0), limits=limits)
 
 
-async def _drive(cfg: BenchConfig, client: httpx.AsyncClient, model: str,
-                 reqs: list[tuple[list[int], int]]) -> tuple[list[RequestResult], float]:
+async def _drive(cfg: BenchConfig, client: httpx.AsyncClient, model: str, reqs: list[tuple[list[int], int]],
+                 on_done: Callable[[], object] | None = None) -> tuple[list[RequestResult], float]:
     rng = random.Random(cfg.seed + 1)
     limit = asyncio.Semaphore(cfg.max_concurrency or len(reqs) or 1)
     bar = tqdm(total=len(reqs), disable=cfg.disable_tqdm, desc="requests")
@@ -207,6 +219,8 @@ async def _drive(cfg: BenchConfig, client: httpx.AsyncClient, model: str,
         async with limit:
             result = await _one(client, model, prompt, out_len)
         bar.update(1)
+        if on_done is not None:
+            on_done()
         return result
 
     start = time.perf_counter()
@@ -301,8 +315,7 @@ def run(ns: argparse.Namespace) -> int:
     import logging
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would bury the bar
     cfg = config_from_cli(ns)
-    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
-        metrics = runner.run(benchmark(cfg))
+    metrics = event_loop.run(benchmark(cfg))
     print(format_table(metrics))
     if cfg.output_json:
         with open(cfg.output_json, "w") as f:

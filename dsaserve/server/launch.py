@@ -22,6 +22,7 @@ from typing import Callable, Iterator
 
 import uvicorn
 
+from dsaserve import event_loop
 from dsaserve.disagg.serving import PDRouting, start_bootstrap
 from dsaserve.engine.warmup import freeze_startup_heap
 from dsaserve.server.app import create_app
@@ -115,20 +116,9 @@ def serve(args: ServerArgs) -> int:
     if listener is None:
         return _serve_other_node(args, stop)
     try:
-        with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
-            return runner.run(_serve(args, listener, stop))
+        return event_loop.run(_serve(args, listener, stop))
     finally:
         listener.close()
-
-
-def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop's event loop where it is installed (the frontend's per-token work is mostly the loop's and
-    the HTTP writer's), else asyncio's."""
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.new_event_loop
 
 
 def _ipc_endpoints(root: Path, dp: int) -> list[Endpoints]:

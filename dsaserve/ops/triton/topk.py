@@ -5,9 +5,10 @@ once as order-preserving uint32 keys. The k-th largest key is found two bits per
 thresholds are counted at once in one packed int64 sum (16 block reductions for 32 bits). The keys above
 it, and its ties lowest position first, are compacted in position order with one packed prefix sum, and
 their positions mapped to cache slots through the page table. The selected set is torch.topk's, up to the
-choice among equal values (-0.0 ranks below +0.0). Rows that see at most k keys keep their first kv_len
-positions, as the reference does. Wider rows no longer fit a program's registers, and many rows of 8K+
-keys select faster in torch.topk (`fits`; indexer.topk_slots takes torch there).
+choice among equal values (-0.0 ranks below +0.0; NaN above everything, as in torch). Rows that see at
+most k keys keep their first kv_len positions, as the reference does. Wider rows no longer fit a program's
+registers, and many rows of 8K+ keys select faster in torch.topk (`fits`, MOST_ROWS; indexer.topk_slots
+takes torch there).
 """
 from __future__ import annotations
 
@@ -19,20 +20,22 @@ from dsaserve.ops.triton._common import new_empty, next_pow2
 
 Tensor = torch.Tensor
 
-# Widest logits row this kernel takes (its key width, a power of two under CUDA graphs), and the most rows
-# at which it still beats torch.topk on rows wider than PREFILL_WIDTH (H200: 1.07x at 1024 x 8192 keys, 0.96x
-# at 4096 x 8192; 1.8x at 4096 x 4096; docs/benchmarks.md).
-ROW_LIMIT = 16384
-PREFILL_WIDTH = 4096
-MANY_ROWS = 1024
+# The most rows per call at which this kernel was measured faster than torch.topk, by key width (a power of
+# two under CUDA graphs); None: any. H200, docs/benchmarks.md: 1.8x at 4096 x 4096 keys; at 8K 1.07x at
+# 1024 rows, 0.96x at 4096; at 16K 1.2-1.5x at 8 and 64 rows (more not measured). Wider rows do not fit a
+# program's registers.
+MOST_ROWS: dict[int, int | None] = {4096: None, 8192: 1024, 16384: 64}
+ROW_LIMIT = max(MOST_ROWS)
 
 
 @triton.jit
 def _order_keys(x):
-    """fp32 -> uint32 with the same order: non-negatives get the sign bit, negatives flip every bit."""
+    """fp32 -> uint32 with the same order: non-negatives get the sign bit, negatives flip every bit; NaN
+    ranks above everything, as in torch.topk."""
     bits = x.to(tl.int32, bitcast=True)
     flip = (bits >> 31) | -2147483648  # arithmetic shift: all ones for negatives
-    return (bits ^ flip).to(tl.uint32, bitcast=True)
+    key = (bits ^ flip).to(tl.uint32, bitcast=True)
+    return tl.where(x != x, tl.full(key.shape, 0xFFFFFFFF, tl.uint32), key)
 
 
 @triton.jit
@@ -69,7 +72,7 @@ def _row_topk_slots_kernel(X, LEN, PT, REQ, OUT, stride_x, stride_len, stride_pt
         gt = (key > v).to(tl.int32)
         eq = (key == v).to(tl.int32)  # v > 0: padding is never a tie
         need = K - tl.sum(gt, 0)
-        both = gt + (eq << 16)  # one scan counts both (W < 2**16)
+        both = gt + (eq << 16)  # one scan counts both (W <= 2**15 keeps the int32 positive)
         before = tl.cumsum(both, 0) - both
         eq_before = before >> 16
         sel = (gt != 0) | ((eq != 0) & (eq_before < need))
@@ -85,7 +88,10 @@ def _row_topk_slots_kernel(X, LEN, PT, REQ, OUT, stride_x, stride_len, stride_pt
 
 def fits(rows: int, num_keys: int) -> bool:
     """Whether this kernel selects faster than torch.topk for `rows` rows of `num_keys` logits."""
-    return num_keys <= ROW_LIMIT and (num_keys <= PREFILL_WIDTH or rows <= MANY_ROWS)
+    if num_keys > ROW_LIMIT:
+        return False
+    most = MOST_ROWS[max(next_pow2(num_keys), min(MOST_ROWS))]
+    return most is None or rows <= most
 
 
 def slot_inputs(rows: int, row_kv_len: Tensor, page_table: Tensor, row_req: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -116,4 +122,4 @@ def row_topk_slots(logits: Tensor, row_kv_len: Tensor, page_table: Tensor, row_r
     return out
 
 
-__all__ = ["MANY_ROWS", "PREFILL_WIDTH", "ROW_LIMIT", "fits", "row_topk_slots", "slot_inputs"]
+__all__ = ["MOST_ROWS", "ROW_LIMIT", "fits", "row_topk_slots", "slot_inputs"]
