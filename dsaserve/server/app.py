@@ -134,7 +134,7 @@ def _native_routes(args: ServerArgs, fe: Frontend, served_name: str, pd: PDRouti
         res = Result()  # sglang's shape: every chunk carries the text and ids so far
         try:
             async for d in handle.deltas():
-                res.add(d)
+                res.absorb(d)
                 if d.finish is not None and d.finish.kind == "error":
                     raise ApiError(500, d.finish.message or "the request failed in the engine")
                 yield p.sse({"text": res.text, "output_ids": res.token_ids, "meta_info": _meta(handle, res, body, ids)})

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from dsaserve.engine.request import FinishReason, RequestOutput
@@ -22,20 +22,33 @@ class EngineFailure(Exception):
 
 @dataclass
 class Delta:
-    text: str
-    token_ids: list[int]
-    logprobs: list[tuple[float, list[tuple[int, float]]]]
-    finish: FinishReason | None
-    prompt_tokens: int
-    completion_tokens: int
+    """New output of one request, or (absorbing the later ones in order) all of it so far."""
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
+    finish: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
     spec_verify_ct: int = 0  # verify steps so far (MTP speculative decoding)
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
     prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None  # once, with the first tokens
 
     @staticmethod
     def of(out: RequestOutput, text: str) -> Delta:
-        return Delta(text, out.new_token_ids, out.new_logprobs, out.finish, out.prompt_tokens,
+        return Delta(text, list(out.new_token_ids), list(out.new_logprobs), out.finish, out.prompt_tokens,
                      out.completion_tokens, out.spec_verify_ct, out.cached_tokens, out.prompt_logprobs)
+
+    def absorb(self, later: Delta) -> None:
+        """Append a later delta of the same request: its text, tokens and log-probabilities; its counters and
+        finish replace these."""
+        self.text += later.text
+        self.token_ids += later.token_ids
+        self.logprobs += later.logprobs
+        self.finish, self.prompt_tokens = later.finish, later.prompt_tokens
+        self.completion_tokens = later.completion_tokens
+        self.spec_verify_ct, self.cached_tokens = later.spec_verify_ct, later.cached_tokens
+        if later.prompt_logprobs is not None:
+            self.prompt_logprobs = later.prompt_logprobs
 
 
 class RequestHandle:
@@ -72,11 +85,22 @@ class RequestHandle:
         self.queue.put_nowait(EngineFailure(message))
 
     async def deltas(self) -> AsyncIterator[Delta]:
+        """The request's deltas in order; those already waiting when one is taken come merged into it, so a
+        consumer that fell behind (a busy frontend, a slow client) catches up in one event, not one per step."""
+        failure: EngineFailure | None = None
         while True:
             delta = await self.queue.get()
             if isinstance(delta, EngineFailure):
                 raise delta
+            while delta.finish is None and not self.queue.empty():
+                later = self.queue.get_nowait()
+                if isinstance(later, EngineFailure):
+                    failure = later  # after what came before it
+                    break
+                delta.absorb(later)
             yield delta
+            if failure is not None:
+                raise failure
             if delta.finish is not None:
                 return
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
 import anyio
@@ -11,7 +10,7 @@ from fastapi import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from dsaserve.engine.request import FinishReason, RequestError, SamplingParams, logit_bias_pairs
+from dsaserve.engine.request import RequestError, SamplingParams, logit_bias_pairs
 from dsaserve.server.errors import ApiError, bad_request
 from dsaserve.server.frontend import Delta, EngineFailure, Frontend, RequestHandle
 from dsaserve.server.protocol import sse
@@ -20,26 +19,7 @@ T = TypeVar("T")
 DONE = "data: [DONE]\n\n"
 
 
-@dataclass
-class Result:
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
-    finish: FinishReason | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    spec_verify_ct: int = 0
-    cached_tokens: int = 0
-    prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
-
-    def add(self, d: Delta) -> None:
-        self.text += d.text
-        self.token_ids += d.token_ids
-        self.logprobs += d.logprobs
-        self.finish, self.prompt_tokens, self.completion_tokens = d.finish, d.prompt_tokens, d.completion_tokens
-        self.spec_verify_ct, self.cached_tokens = d.spec_verify_ct, d.cached_tokens
-        if d.prompt_logprobs is not None:
-            self.prompt_logprobs = d.prompt_logprobs
+Result = Delta  # a request's whole output: its deltas absorbed in order
 
 
 def prompt_token_logprobs(scored: list | None, prompt_len: int) -> list:
@@ -69,7 +49,7 @@ async def collect(handle: RequestHandle) -> Result:
     res = Result()
     try:
         async for d in handle.deltas():
-            res.add(d)
+            res.absorb(d)
     except EngineFailure as exc:
         raise ApiError(503, str(exc)) from None
     if res.finish is not None and res.finish.kind == "error":

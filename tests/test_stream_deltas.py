@@ -1,0 +1,50 @@
+"""A request's deltas as the routes read them: what waits in its queue comes merged into one event (a consumer
+that fell behind catches up at once), in order, and a deployment failure ends the stream after them."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from dsaserve.engine.request import FinishReason
+from dsaserve.server.handles import Delta, EngineFailure, RequestHandle
+
+
+def _delta(i: int, finish: FinishReason | None = None) -> Delta:
+    return Delta(f"t{i} ", [i], [(-0.5 * i, [])], finish, prompt_tokens=7, completion_tokens=i + 1)
+
+
+async def _read(handle: RequestHandle, feed: list[Delta | EngineFailure], then: list[Delta]) -> list[Delta]:
+    """Queue `feed` before reading; queue `then` one at a time, each after the previous event was read."""
+    for item in feed:
+        handle.queue.put_nowait(item)
+    got, pending = [], list(then)
+    async for d in handle.deltas():
+        got.append(Delta(**vars(d)))  # a copy: the handle may absorb into the delta it yielded
+        if pending:
+            handle.queue.put_nowait(pending.pop(0))
+    return got
+
+
+def test_waiting_deltas_come_merged_in_order() -> None:
+    async def go() -> list[Delta]:
+        handle = RequestHandle("r", 0, None, stop=())  # type: ignore[arg-type]  (no detokenization here)
+        return await _read(handle, [_delta(0), _delta(1), _delta(2)], [_delta(3), _delta(4, FinishReason("length"))])
+    got = asyncio.run(go())
+    assert [d.text for d in got] == ["t0 t1 t2 ", "t3 ", "t4 "]
+    assert [d.token_ids for d in got] == [[0, 1, 2], [3], [4]]
+    assert got[0].logprobs == [(0.0, []), (-0.5, []), (-1.0, [])] and got[0].completion_tokens == 3
+    assert got[-1].finish is not None and got[-1].completion_tokens == 5
+
+
+def test_a_failure_ends_the_stream_after_the_deltas_before_it() -> None:
+    async def go() -> list[str]:
+        handle = RequestHandle("r", 0, None, stop=())  # type: ignore[arg-type]
+        for item in (_delta(0), _delta(1), EngineFailure("rank 1 died")):
+            handle.queue.put_nowait(item)
+        seen: list[str] = []
+        with pytest.raises(EngineFailure, match="rank 1"):
+            async for d in handle.deltas():
+                seen.append(d.text)
+        return seen
+    assert asyncio.run(go()) == ["t0 t1 "]
