@@ -112,9 +112,7 @@ def _slots_kernel(POS, LEN, PT, REQ, OUT, stride_pos, stride_len, stride_pt, str
         p = tl.where(kv_len > topk, p, j)
     else:
         p = j
-    valid = j_mask & (j < kv_len)
-    page = tl.load(PT + req.to(tl.int64) * stride_pt + p // page_size, mask=valid, other=0)
-    slot = tl.where(valid, page * page_size + p % page_size, -1)
+    slot = row_topk.position_slots(PT + req.to(tl.int64) * stride_pt, p, page_size, j_mask & (j < kv_len))
     tl.store(OUT + t * stride_ot + j, slot.to(tl.int32), mask=j_mask)
 
 

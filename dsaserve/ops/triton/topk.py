@@ -56,6 +56,13 @@ def _kth_largest(key, K):
     return v
 
 
+@triton.jit
+def position_slots(pt_row, pos, page_size, mask):
+    """Cache slots of a request's key positions through its page-table row; -1 where not `mask`."""
+    page = tl.load(pt_row + pos // page_size, mask=mask, other=0)
+    return tl.where(mask, page * page_size + pos % page_size, -1)
+
+
 @triton.jit(do_not_specialize=["stride_x", "stride_len", "stride_pt", "stride_o", "L"])
 def _row_topk_slots_kernel(X, LEN, PT, REQ, OUT, stride_x, stride_len, stride_pt, stride_o, L, page_size,
                            K: tl.constexpr, KB: tl.constexpr, W: tl.constexpr):
@@ -77,13 +84,10 @@ def _row_topk_slots_kernel(X, LEN, PT, REQ, OUT, stride_x, stride_len, stride_pt
         eq_before = before >> 16
         sel = (gt != 0) | ((eq != 0) & (eq_before < need))
         dest = (before & 0xFFFF) + tl.minimum(eq_before, need)
-        page = tl.load(pt_row + offs // page_size, mask=sel, other=0)
-        tl.store(out_row + dest, page * page_size + offs % page_size, mask=sel)
+        tl.store(out_row + dest, position_slots(pt_row, offs, page_size, sel), mask=sel)
     else:  # at most K keys: all of them, first to last, then -1
         j = tl.arange(0, KB)
-        seen = j < kv_len
-        seen_page = tl.load(pt_row + j // page_size, mask=seen, other=0)
-        tl.store(out_row + j, tl.where(seen, seen_page * page_size + j % page_size, -1), mask=j < K)
+        tl.store(out_row + j, position_slots(pt_row, j, page_size, j < kv_len), mask=j < K)
 
 
 def fits(rows: int, num_keys: int) -> bool:
@@ -122,4 +126,4 @@ def row_topk_slots(logits: Tensor, row_kv_len: Tensor, page_table: Tensor, row_r
     return out
 
 
-__all__ = ["MOST_ROWS", "ROW_LIMIT", "fits", "row_topk_slots", "slot_inputs"]
+__all__ = ["MOST_ROWS", "ROW_LIMIT", "fits", "position_slots", "row_topk_slots", "slot_inputs"]
