@@ -130,7 +130,7 @@ def test_cli_make_tiny_is_deterministic_and_generate_prints(tmp_path: Path) -> N
 
 
 def test_bench_one_batch(tiny_ds: str, tmp_path: Path) -> None:
-    """`dsaserve bench one-batch` runs a static batch and writes its table; the decode step's byte count
+    """`dsaserve bench one-batch` runs a static batch (here sampled) and writes its table; the decode step's byte count
     grows with the context by exactly what each row must read per layer (latent top-k rows, all index keys)."""
     import json
 
@@ -143,8 +143,10 @@ def test_bench_one_batch(tiny_ds: str, tmp_path: Path) -> None:
     # the timed decode steps are still --output-len steps of the whole batch.
     assert main(["bench", "one-batch", "--model-path", tiny_ds, "--batch-size", "1", "3", "--input-len", "20",
                  "--output-len", "4", "--page-size", "4", "--chunked-prefill-size", "20",
-                 "--output-json", str(out)]) == 0
-    rows = json.loads(out.read_text())["rows"]
+                 "--temperature", "0.7", "--top-p", "0.9", "--output-json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["sampling"] == {"temperature": 0.7, "top_p": 0.9, "top_k": 0}
+    rows = report["rows"]
     assert [(r["batch"], r["input_len"], r["decode_steps"]) for r in rows] == [(1, 20, 4), (3, 20, 4)]
     assert all(r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 for r in rows)
     cfg = ModelConfig.from_path(tiny_ds)

@@ -52,6 +52,9 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--input-len", type=int, nargs="+", default=[1024])
     p.add_argument("--output-len", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="decode by sampling (0: greedy)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--output-json", default=None)
 
 
@@ -109,12 +112,13 @@ def decode_lead(batch: int, input_len: int, chunk: int) -> int:
 
 
 def run_one(engine: Engine, batch: int, input_len: int, output_len: int, bandwidth: float | None,
-            matmul: float | None = None) -> Row:
+            matmul: float | None = None, sampling: dict[str, float] | None = None) -> Row:
+    """sampling: SamplingParams fields (temperature, top_p, top_k); greedy without."""
     sync = torch.cuda.synchronize if engine.runner.device.type == "cuda" else (lambda: None)
     # The warm-up run (other output length) draws other prompts: the measured prefill finds no cached prefix.
     gen = torch.Generator().manual_seed(batch * 7919 + input_len * 31 + output_len)
     lead = decode_lead(batch, input_len, engine.scheduler.cfg.chunked_prefill_size)
-    params = SamplingParams(max_tokens=output_len + lead, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=output_len + lead, ignore_eos=True, **{"temperature": 0.0, **(sampling or {})})
     rids = [f"b{batch}-{input_len}-{i}-{time.monotonic_ns()}" for i in range(batch)]
     for rid in rids:
         engine.add_request(rid, torch.randint(10, engine.cfg.vocab_size, (input_len,), generator=gen).tolist(),
@@ -169,15 +173,17 @@ def _run(ns: argparse.Namespace, engine: Engine, startup_s: float) -> int:
     bandwidth = copy_bandwidth(device) if device.type == "cuda" else None
     matmul = matmul_rate(device) if device.type == "cuda" else None
     rows = []
+    sampling = dict(temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k)
     for input_len in ns.input_len:
         for batch in ns.batch_size:
-            run_one(engine, batch, input_len, 4, bandwidth, matmul)  # every shape once before it is timed
-            rows.append(run_one(engine, batch, input_len, ns.output_len, bandwidth, matmul))
+            run_one(engine, batch, input_len, 4, bandwidth, matmul, sampling)  # every shape once before it is timed
+            rows.append(run_one(engine, batch, input_len, ns.output_len, bandwidth, matmul, sampling))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"\n{name}, {engine.model_path}, {engine.runner.dtype}, graphs up to batch "
           f"{engine.runner.graphs.max_bs if engine.runner.graphs else 0}"
           + (f", copy {bandwidth / 1e12:.2f} TB/s" if bandwidth else "")
-          + (f", bf16 matmul {matmul / 1e12:.0f} TFLOP/s" if matmul else ""))
+          + (f", bf16 matmul {matmul / 1e12:.0f} TFLOP/s" if matmul else "")
+          + (", greedy" if not ns.temperature else f", sampled ({', '.join(f'{k} {v}' for k, v in sampling.items())})"))
     print(f"{'batch':>5} {'in':>6} {'out':>5} {'prefill s':>10} {'prefill tok/s':>14} {'prefill TF/s':>13} "
           f"{'of matmul':>10} {'decode ms':>10} "
           f"{'decode tok/s':>13} {'step MB':>8} {'roofline':>9} {'compiles':>9} {'retracted':>10}")
@@ -191,5 +197,6 @@ def _run(ns: argparse.Namespace, engine: Engine, startup_s: float) -> int:
     if ns.output_json:
         Path(ns.output_json).write_text(json.dumps({"device": name, "model": engine.model_path,
                                                     "copy_bytes_per_s": bandwidth, "matmul_flop_per_s": matmul,
+                                                    "sampling": sampling,
                                                     "rows": [asdict(r) for r in rows]}, indent=1))
     return 0

@@ -22,9 +22,9 @@ Tensor = torch.Tensor
 
 # The most rows per call at which this kernel was measured faster than torch.topk, by key width (a power of
 # two under CUDA graphs); None: any. H200, docs/benchmarks.md: 1.8x at 4096 x 4096 keys; at 8K 1.07x at
-# 1024 rows, 0.96x at 4096; at 16K 1.2-1.5x at 8 and 64 rows (more not measured). Wider rows do not fit a
+# 1024 rows, 0.96x at 4096; at 16K 1.2-1.9x at 8-256 rows (more not measured). Wider rows do not fit a
 # program's registers.
-MOST_ROWS: dict[int, int | None] = {4096: None, 8192: 1024, 16384: 64}
+MOST_ROWS: dict[int, int | None] = {4096: None, 8192: 1024, 16384: 256}
 ROW_LIMIT = max(MOST_ROWS)
 
 
