@@ -4,8 +4,8 @@ temperature / top-k / top-p / min-p, per-request reproducible seeds.
 A sampled token depends only on the request's logits, its seed and how many tokens it has produced,
 never on the rest of the batch or on retraction: each sampled row is one inverse-CDF draw with a
 uniform hashed from (seed, output index) on the host, all rows at once (no per-row generators or
-kernels). On CUDA a few Triton launches filter and draw every sampled row (no sort: a search on the
-threshold's float bits); elsewhere the reference here sorts the rows that ask for top-k / top-p / min-p.
+kernels). On CUDA one Triton launch filters and draws every sampled row (no sort: a bisection for the
+threshold); elsewhere the reference here sorts the rows that ask for top-k / top-p / min-p.
 """
 from __future__ import annotations
 
@@ -199,12 +199,11 @@ def sample_tokens(logits: Tensor, reqs: list[Request], pending: list[list[int]] 
 
 def _sample_on_device(logits: Tensor, params: list[SamplingParams], rows: list[int], uniforms: list[float],
                       tokens: Tensor) -> None:
-    """filter_probs + draw in a few Triton launches over the whole GPU (the same kept set; no sort)."""
+    """filter_probs + draw in one Triton launch (the same kept set; no sort, no fp64 scan)."""
     from dsaserve.ops.triton.sampling import row_params, sample_rows
     temperatures = [max(p.temperature, MIN_TEMPERATURE) for p in params]
     sample_rows(logits, row_params(rows, temperatures, [p.top_k for p in params], [p.top_p for p in params],
-                                   [p.min_p for p in params], uniforms, logits.device), tokens,
-                search=any(p.top_k > 0 or p.top_p < 1.0 for p in params))
+                                   [p.min_p for p in params], uniforms, logits.device), tokens)
 
 
 def sample(logits: Tensor, reqs: list[Request], pending: list[list[int]] | None = None,
