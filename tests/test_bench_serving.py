@@ -28,14 +28,24 @@ def test_bench_serving(tiny_ds: str, tmp_path: Path) -> None:
             args = ["--num-clients", clients, "--base-url", f"{server.url}/v1", "--num-prompts", "24", names[0], "32",
                     names[1], "8", names[2], "0.5", "--max-concurrency", "8", "--request-rate", "100", "--seed", "3",
                     "--output-json", str(path)]
+            if clients == "2":  # sampled, as deployments run (SGLang's flag)
+                args += ["--extra-request-body", '{"temperature": 0.7, "top_p": 0.9}']
             run = subprocess.run([sys.executable, "-m", "dsaserve", "bench", "serving", *args], capture_output=True,
                                  text=True, timeout=120)
             assert run.returncode == 0, run.stderr[-2000:]
+        # the extra fields reach the server: one it refuses fails every request, with its reason
+        refused = tmp_path / "refused.json"
+        subprocess.run([sys.executable, "-m", "dsaserve", "bench", "serving", "--base-url", server.url, "--num-prompts",
+                        "2", "--input-len", "8", "--output-len", "2", "--num-clients", "1", "--extra-request-body",
+                        '{"temperature": -1}', "--output-json", str(refused)], capture_output=True, timeout=120)
+    refusal = json.loads(refused.read_text())
+    assert refusal["failed"] == 2 and "temperature must be >= 0" in refusal["errors"][0]
     metrics = json.loads(out.read_text())
     # random prompts share no prefix; the repeat finds every full page of each prompt cached
     repeat = json.loads(again.read_text())
     assert metrics["prefix_hit_rate"] < 0.05 < 0.5 < repeat["prefix_hit_rate"]
     assert repeat["config"]["num_clients"] == 2 and repeat["completed"] == 24 and repeat["failed"] == 0
+    assert repeat["config"]["extra_request_body"] == {"temperature": 0.7, "top_p": 0.9}
     assert repeat["total_output_tokens"] == metrics["total_output_tokens"] and repeat["mean_itl_ms"] > 0
     assert repeat["total_input_tokens"] == metrics["total_input_tokens"]  # the same lengths by either name
     assert "Prefix cache hit rate" in run.stdout
@@ -48,6 +58,14 @@ def test_bench_serving(tiny_ds: str, tmp_path: Path) -> None:
     assert metrics["output_throughput"] > 0 and metrics["request_throughput"] > 0
     for title in ("Request throughput", "Output token throughput", "Median TTFT", "P99 TPOT", "Mean ITL"):
         assert title in run.stdout
+
+
+def test_extra_request_body_must_be_a_json_object(capsys: pytest.CaptureFixture[str]) -> None:
+    from dsaserve.cli import main
+    for bad, says in (("[1]", "must be a JSON object"), ("{temperature: 1}", "not JSON")):
+        with pytest.raises(SystemExit):
+            main(["bench", "serving", "--extra-request-body", bad])
+        assert says in capsys.readouterr().err
 
 
 def test_client_processes_never_exceed_the_streams() -> None:

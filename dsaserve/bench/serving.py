@@ -1,6 +1,7 @@
 """`dsaserve bench serving`: load an OpenAI-compatible server with random token-id prompts.
 
-Streams /v1/completions (a list-of-int prompt, ignore_eos, greedy) and reports request and token
+Streams /v1/completions (a list-of-int prompt, ignore_eos, greedy unless --extra-request-body says
+otherwise) and reports request and token
 throughput, TTFT, TPOT and ITL (mean, median, p99) as a table and as JSON, with this run's MTP accept
 length and prefix-cache hit rate where the server reports them (/get_server_info): the same seed draws
 the same prompts, so a second run on one server finds them cached and measures a lighter load.
@@ -45,6 +46,7 @@ class BenchConfig:
     output_json: str | None = None
     disable_tqdm: bool = False
     num_clients: int | None = None  # client processes; None: one per CLIENT_SHARE concurrent requests
+    extra_request_body: dict[str, Any] = field(default_factory=dict)  # merged into every request (SGLang's flag)
 
 
 CLIENT_SHARE = 16  # concurrent streams per client process: one Python process parses ~10K SSE events/s
@@ -84,10 +86,22 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                         "(default: the server's /get_model_info, else 1000)")
     parser.add_argument("--output-json", default=None, help="write the metrics here")
     parser.add_argument("--disable-tqdm", action="store_true")
+    parser.add_argument("--extra-request-body", type=_json_object, default={}, metavar="JSON",
+                        help='fields merged into every request, e.g. \'{"temperature": 0.6, "top_p": 0.95}\'')
     parser.add_argument("--num-clients", type=int, default=None,
                         help=f"client processes sharing the requests and the concurrency (default: one per "
                              f"{CLIENT_SHARE} concurrent requests, at most half the CPUs), so that parsing the "
                              f"streams does not delay the timestamps")
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
+    return value
 
 
 def config_from_cli(ns: argparse.Namespace) -> BenchConfig:
@@ -122,10 +136,11 @@ async def _discover(client: httpx.AsyncClient, cfg: BenchConfig) -> tuple[str, i
     return model, vocab
 
 
-async def _one(client: httpx.AsyncClient, model: str, prompt: list[int], out_len: int) -> RequestResult:
+async def _one(client: httpx.AsyncClient, model: str, prompt: list[int], out_len: int,
+               extra: dict[str, Any]) -> RequestResult:
     res = RequestResult(prompt_len=len(prompt))
     body = {"model": model, "prompt": prompt, "max_tokens": out_len, "temperature": 0.0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}}
+            **extra, "stream": True, "stream_options": {"include_usage": True}}
     start = last = time.perf_counter()
     try:
         async with client.stream("POST", "/v1/completions", json=body) as r:
@@ -217,7 +232,7 @@ async def _drive(cfg: BenchConfig, client: httpx.AsyncClient, model: str, reqs: 
 
     async def limited(prompt: list[int], out_len: int) -> RequestResult:
         async with limit:
-            result = await _one(client, model, prompt, out_len)
+            result = await _one(client, model, prompt, out_len, cfg.extra_request_body)
         bar.update(1)
         if on_done is not None:
             on_done()
