@@ -129,9 +129,10 @@ def test_cli_make_tiny_is_deterministic_and_generate_prints(tmp_path: Path) -> N
     assert bad.returncode == 2 and "max_tokens must be > 0" in bad.stderr
 
 
-def test_bench_one_batch(tiny_ds: str, tmp_path: Path) -> None:
-    """`dsaserve bench one-batch` runs a static batch (here sampled) and writes its table; the decode step's byte count
-    grows with the context by exactly what each row must read per layer (latent top-k rows, all index keys)."""
+def test_bench_one_batch(tiny_ds: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`dsaserve bench one-batch` runs a static batch (here sampled: the flags reach every request) and writes its
+    table; the decode step's byte count grows with the context by exactly what each row must read per layer
+    (latent top-k rows, all index keys)."""
     import json
 
     from dsaserve.bench.one_batch import decode_step_bytes
@@ -139,13 +140,19 @@ def test_bench_one_batch(tiny_ds: str, tmp_path: Path) -> None:
     from dsaserve.engine.engine import Engine
     from dsaserve.server_args import ServerArgs
     out = tmp_path / "one.json"
+    asked = []  # the sampling flags reach every request
+    add_request = Engine.add_request
+    monkeypatch.setattr(Engine, "add_request", lambda self, rid, ids, params, *rest, **kw: (
+        asked.append((rid, params)), add_request(self, rid, ids, params, *rest, **kw))[1])
     # Chunks of 20 tokens: 3 prompts prefill over 3+ steps, the first ones decoding meanwhile (mixed steps);
     # the timed decode steps are still --output-len steps of the whole batch.
     assert main(["bench", "one-batch", "--model-path", tiny_ds, "--batch-size", "1", "3", "--input-len", "20",
                  "--output-len", "4", "--page-size", "4", "--chunked-prefill-size", "20",
                  "--temperature", "0.7", "--top-p", "0.9", "--output-json", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert report["sampling"] == {"temperature": 0.7, "top_p": 0.9, "top_k": 0}
+    assert report["sampling"] == {"temperature": 0.7, "top_p": 0.9, "top_k": -1}
+    timed = [p for rid, p in asked if rid.startswith("b")]  # (the engine's start-up warm-up adds its own)
+    assert len(timed) == 2 * (1 + 3) and all(p.temperature == 0.7 and p.top_p == 0.9 for p in timed)
     rows = report["rows"]
     assert [(r["batch"], r["input_len"], r["decode_steps"]) for r in rows] == [(1, 20, 4), (3, 20, 4)]
     assert all(r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 for r in rows)

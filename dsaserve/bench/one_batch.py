@@ -54,7 +54,7 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="decode by sampling (0: greedy)")
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-k", type=int, default=-1)
     p.add_argument("--output-json", default=None)
 
 
