@@ -220,11 +220,11 @@ def default_config(M: int, N: int, K: int, block_k: int, sms: int) -> dict[str, 
     else:
         cfg = dict(block_m=128, block_n=128, num_warps=8, num_stages=3, group_m=8, a_quant=0, splits=1)
     # From CUBLAS_MIN_M rows: cuBLAS where cublas_applies, else for products of fp8_wgmma.MIN_FLOP or more
-    # the pipelined Gluon kernel where it applies (1.2-1.35x the Triton kernel at 4096 rows, 0.65-0.75x
-    # cuBLAS; 64-row tiles and 4 stages were fastest at 96-256 rows, 3 stages 0-5% faster at 4096), else
-    # Triton. 0 turns a path off.
+    # the pipelined Gluon kernel where it applies (H200, 4096 rows: 51-62% of the FP8 rate, kv_a 30%;
+    # Triton 20-47%; 64-row tiles and 3 stages, three CTAs per SM, fastest on the shapes cuBLAS refuses),
+    # else Triton. 0 turns a path off.
     wgmma = M >= CUBLAS_MIN_M and 2.0 * M * N * K >= fp8_wgmma.MIN_FLOP
-    cfg.update(cublas=int(M >= CUBLAS_MIN_M), wgmma=int(wgmma), wgmma_block_m=64, wgmma_stages=4)
+    cfg.update(cublas=int(M >= CUBLAS_MIN_M), wgmma=int(wgmma), wgmma_block_m=64, wgmma_stages=3)
     return cfg
 
 

@@ -2,13 +2,13 @@
 overlapped with the tensor cores.
 
 Same function as fp8_gemm's kernel: C = sum over K groups g of (A_g W_g^T) x a_scale[row, g] x
-w_scale[col block, g], fp32 accumulation, one cast at the end. A Triton loop must finish each group's
-MMA before it can scale and add it (docs/benchmarks.md: 44-48% of the FP8 rate, against 80-96% for the
-same loop without the scaling). Here each group's MMA is issued asynchronously into a fresh register
-tile, and the previous group's tile is scaled into the accumulator while it runs (wgmma wait(1)); TMA
-fills a ring of STAGES shared-memory slots, each refilled once the MMA that read it has retired.
-On an H200 at 4096 rows: 1.2-1.35x the Triton kernel, 0.65-0.75x cuBLAS's block-scaled GEMM (which
-fp8_gemm prefers where it applies).
+w_scale[col block, g], fp32 accumulation, one cast at the end. Each group's MMA goes into a fresh register
+tile that is scaled into the accumulator once it retires; TMA fills a ring of STAGES shared-memory slots,
+each refilled as soon as its MMA has retired. The overlap of the tensor cores with the scaling comes from
+the other CTAs on the SM (64-row tiles: 149 registers and 74 KB at 3 stages, so three per SM), not from
+within a warpgroup: an earlier loop that issued group g before scaling group g - 1 carried an in-flight
+tile across the loop's back-edge, which ptxas serializes (warning C7514), and was 2-20% slower (H200,
+docs/benchmarks.md). On an H200 at 4096 rows: 51-62% of the FP8 matmul rate (kv_a, 576 columns: 30%).
 
 Grouped (MoE) mode: M blocks of BLOCK_M rows each belong to one expert (BLOCK_EXPERT, -1 past the
 end); the weight is the experts' stack seen as [E * N, K] and its scales [E, N / 128, K / 128]. An
@@ -95,24 +95,16 @@ if gluon is not None:
         rows = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma))
         zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma)
         acc = zero
-        mbarrier.wait(bars.index(0), 0)
-        prod = warpgroup_mma(a_bufs.index(0), w_bufs.index(0).permute((1, 0)), zero, use_acc=False,
-                             is_async=True)
-        scale = _group_scale(AS, stride_asg, w_scale_ptr, rows, 0)
-        for g in range(1, groups):
+        for g in range(0, groups):
             slot = g % STAGES
             mbarrier.wait(bars.index(slot), (g // STAGES) & 1)
-            nxt = warpgroup_mma(a_bufs.index(slot), w_bufs.index(slot).permute((1, 0)), zero, use_acc=False,
-                                is_async=True)
-            done = warpgroup_mma_wait(num_outstanding=1, deps=(prod,))  # group g - 1 has retired
-            acc = acc + done * scale
-            scale = _group_scale(AS, stride_asg, w_scale_ptr, rows, g)
-            refill = (g - 1) % STAGES  # its MMA is done: load group g - 1 + STAGES there
-            _load_group(a_desc, w_desc, bars.index(refill), a_bufs.index(refill), w_bufs.index(refill),
-                        off_m, w_row, g - 1 + STAGES, g - 1 + STAGES < groups)
-            prod = nxt
-        done = warpgroup_mma_wait(num_outstanding=0, deps=(prod,))
-        acc = acc + done * scale
+            product = warpgroup_mma(a_bufs.index(slot), w_bufs.index(slot).permute((1, 0)), zero, use_acc=False,
+                                    is_async=True)
+            scale = _group_scale(AS, stride_asg, w_scale_ptr, rows, g)  # its latency hides behind the MMA
+            product = warpgroup_mma_wait(num_outstanding=0, deps=(product,))
+            _load_group(a_desc, w_desc, bars.index(slot), a_bufs.index(slot), w_bufs.index(slot), off_m, w_row,
+                        g + STAGES, g + STAGES < groups)  # the slot is free: group g + STAGES goes there
+            acc = acc + product * scale
         for s in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(s))
 
@@ -168,7 +160,7 @@ def _descriptor(t: Tensor, block: list[int]) -> TensorDescriptor:
 
 
 def block_scaled_mm(a: Tensor, a_scale_gm: Tensor, w: BlockFP8, out: Tensor, *, block_m: int = 64,
-                    block_expert: Tensor | None = None, row_weight: Tensor | None = None, stages: int = 4,
+                    block_expert: Tensor | None = None, row_weight: Tensor | None = None, stages: int = 3,
                     group_m: int = 8) -> Tensor:
     """out [M, N] = the block-scaled product of a (e4m3 [M, K]) and w ([N, K], or [E, N, K] with
     block_expert naming each block_m-row block's expert, -1 = skip).

@@ -292,7 +292,7 @@ def _moe_fp8_wgmma(x: Tensor, w13: BlockFP8, w2: BlockFP8, topk_ids: Tensor, top
     E, I2, _ = w13.shape
     k = topk_ids.shape[1]
     P = num_tokens * k
-    bm, stages = _override("wgmma_block_m", 64), _override("wgmma_stages", 4)
+    bm, stages = _override("wgmma_block_m", 64), _override("wgmma_stages", 3)
     sorted_ids, block_expert, max_blocks = align(topk_ids[:num_tokens].reshape(-1).long(), E, bm)
     R = max_blocks * bm
     valid = sorted_ids < P

@@ -1,0 +1,60 @@
+"""The Gluon FP8 GEMM's machine code for Hopper: compiled for sm_90a and assembled by Triton's own ptxas
+(no GPU needed), then checked for what silently costs speed: ptxas serializing the asynchronous wgmma
+(warning C7514: the committed loop until 2026-12-01 lost 2-20% to it, docs/benchmarks.md), register
+spills, and more than 168 registers per thread (three CTAs of 128 threads per SM need it)."""
+from __future__ import annotations
+
+import re
+import subprocess
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+pytest.importorskip("triton.experimental.gluon")
+
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
+from triton.experimental.gluon import language as gl  # noqa: E402
+from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor  # noqa: E402
+from triton.runtime.jit import mangle_type  # noqa: E402
+
+from dsaserve.ops.triton import fp8_wgmma  # noqa: E402
+
+FP8 = torch.float8_e4m3fn
+
+
+def _descriptor(rows: int, cols: int, dtype: torch.dtype, block: list[int], gl_dtype) -> TensorDescriptor:
+    t = torch.empty(rows, cols, dtype=dtype)  # host memory: only its shape, strides and alignment matter
+    return TensorDescriptor(t, [rows, cols], list(t.stride()), block, gl.NVMMASharedLayout.get_default_for(block, gl_dtype))
+
+
+def _ptxas_report(block_m: int, stages: int, grouped: bool, tmp_path) -> str:
+    args = dict(a_desc=_descriptor(4096, 7168, FP8, [block_m, 128], gl.float8e4nv),
+                w_desc=_descriptor(2048, 7168, FP8, [128, 128], gl.float8e4nv),
+                c_desc=_descriptor(4096, 2048, torch.bfloat16, [block_m, 128], gl.bfloat16),
+                AS="*fp32", WS="*fp32", ROW_W="*fp32", BLOCK_EXPERT="*i32", N="i32", K="i32", stride_asg="i32",
+                stride_wse="i32", stride_wsn="i32", num_m_blocks="i32")
+    constexprs = dict(GROUPED=grouped, ROW_WEIGHT=grouped, STAGES=stages, GROUP_M=8, num_warps=block_m // 16)
+    signature = {name: v if isinstance(v, str) else mangle_type(v) for name, v in args.items()}
+    signature.update({name: "constexpr" for name in constexprs})
+    aligned = {(i,): [["tt.divisibility", 16]] for i, v in enumerate(args.values()) if v in ("*fp32", "*i32")}
+    source = GluonASTSource(fp8_wgmma._wgmma_kernel, signature, constexprs=constexprs, attrs=aligned)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": block_m // 16})
+    ptx = tmp_path / "kernel.ptx"
+    ptx.write_text(compiled.asm["ptx"])
+    done = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name", "sm_90a", str(ptx), "-o", str(tmp_path / "k.cubin")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stderr
+
+
+@pytest.mark.skipif(fp8_wgmma.gluon is None, reason="this Triton has no Gluon")
+@pytest.mark.parametrize("block_m,stages,grouped", [(64, 3, False), (64, 3, True), (128, 3, False), (64, 4, True)])
+def test_wgmma_gemm_is_not_serialized_and_does_not_spill(block_m: int, stages: int, grouped: bool, tmp_path) -> None:
+    report = _ptxas_report(block_m, stages, grouped, tmp_path)
+    assert "C7514" not in report and "serialized" not in report, report
+    assert re.search(r"\b0 bytes spill stores, 0 bytes spill loads", report), report
+    registers = int(re.search(r"Used (\d+) registers", report).group(1))
+    assert registers <= 168, f"{registers} registers: fewer than three 128-thread CTAs fit an SM\n{report}"
