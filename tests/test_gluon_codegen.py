@@ -1,7 +1,7 @@
-"""The Gluon FP8 GEMM's machine code for Hopper: compiled for sm_90a and assembled by Triton's own ptxas
-(no GPU needed), then checked for what silently costs speed: ptxas serializing the asynchronous wgmma
-(warning C7514: the committed loop until 2026-12-01 lost 2-20% to it, docs/benchmarks.md), register
-spills, and more than 168 registers per thread (three CTAs of 128 threads per SM need it)."""
+"""The Gluon kernels' machine code for Hopper: compiled for sm_90a and assembled by Triton's own ptxas (no GPU
+needed), then checked for what silently costs speed: ptxas serializing the asynchronous wgmma (warning C7514:
+the FP8 GEMM's loop until 2026-12-01 lost 2-20% to it, docs/benchmarks.md), register spills, and for the
+FP8 GEMM more than 168 registers per thread (three CTAs of 128 threads per SM need it)."""
 from __future__ import annotations
 
 import re
@@ -20,7 +20,7 @@ from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor  # noqa: E402
 from triton.runtime.jit import mangle_type  # noqa: E402
 
-from dsaserve.ops.triton import fp8_wgmma  # noqa: E402
+from dsaserve.ops.triton import fp8_wgmma, mla_gluon  # noqa: E402
 
 FP8 = torch.float8_e4m3fn
 
@@ -30,31 +30,49 @@ def _descriptor(rows: int, cols: int, dtype: torch.dtype, block: list[int], gl_d
     return TensorDescriptor(t, [rows, cols], list(t.stride()), block, gl.NVMMASharedLayout.get_default_for(block, gl_dtype))
 
 
-def _ptxas_report(block_m: int, stages: int, grouped: bool, tmp_path) -> str:
+def _ptxas_report(kernel, args: dict, constexprs: dict, num_warps: int, tmp_path) -> str:
+    """args: name -> a TensorDescriptor or a type string ("*fp32" pointers are taken as 16-byte aligned, as
+    the launches' tensors are, and "i32:16" integers as multiples of 16, as the launches' strides are)."""
+    signature = {name: v.split(":")[0] if isinstance(v, str) else mangle_type(v) for name, v in args.items()}
+    signature.update({name: "constexpr" for name in constexprs})
+    aligned = {(i,): [["tt.divisibility", 16]] for i, v in enumerate(args.values())
+               if isinstance(v, str) and (v.startswith("*") or v.endswith(":16"))}
+    source = GluonASTSource(kernel, signature, constexprs=constexprs, attrs=aligned)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    ptx = tmp_path / "kernel.ptx"
+    ptx.write_text(compiled.asm["ptx"])
+    done = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name", "sm_90a", str(ptx), "-o", str(tmp_path / "k.cubin")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = done.stderr
+    assert "C7514" not in report and "serialized" not in report, report
+    assert re.search(r"\b0 bytes spill stores, 0 bytes spill loads", report), report
+    return report
+
+
+@pytest.mark.skipif(fp8_wgmma.gluon is None, reason="this Triton has no Gluon")
+@pytest.mark.parametrize("block_m,stages,grouped", [(64, 3, False), (64, 3, True), (128, 3, False), (64, 4, True)])
+def test_wgmma_gemm_is_not_serialized_and_does_not_spill(block_m: int, stages: int, grouped: bool, tmp_path) -> None:
     args = dict(a_desc=_descriptor(4096, 7168, FP8, [block_m, 128], gl.float8e4nv),
                 w_desc=_descriptor(2048, 7168, FP8, [128, 128], gl.float8e4nv),
                 c_desc=_descriptor(4096, 2048, torch.bfloat16, [block_m, 128], gl.bfloat16),
                 AS="*fp32", WS="*fp32", ROW_W="*fp32", BLOCK_EXPERT="*i32", N="i32", K="i32", stride_asg="i32",
                 stride_wse="i32", stride_wsn="i32", num_m_blocks="i32")
     constexprs = dict(GROUPED=grouped, ROW_WEIGHT=grouped, STAGES=stages, GROUP_M=8, num_warps=block_m // 16)
-    signature = {name: v if isinstance(v, str) else mangle_type(v) for name, v in args.items()}
-    signature.update({name: "constexpr" for name in constexprs})
-    aligned = {(i,): [["tt.divisibility", 16]] for i, v in enumerate(args.values()) if v in ("*fp32", "*i32")}
-    source = GluonASTSource(fp8_wgmma._wgmma_kernel, signature, constexprs=constexprs, attrs=aligned)
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": block_m // 16})
-    ptx = tmp_path / "kernel.ptx"
-    ptx.write_text(compiled.asm["ptx"])
-    done = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name", "sm_90a", str(ptx), "-o", str(tmp_path / "k.cubin")],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    return done.stderr
-
-
-@pytest.mark.skipif(fp8_wgmma.gluon is None, reason="this Triton has no Gluon")
-@pytest.mark.parametrize("block_m,stages,grouped", [(64, 3, False), (64, 3, True), (128, 3, False), (64, 4, True)])
-def test_wgmma_gemm_is_not_serialized_and_does_not_spill(block_m: int, stages: int, grouped: bool, tmp_path) -> None:
-    report = _ptxas_report(block_m, stages, grouped, tmp_path)
-    assert "C7514" not in report and "serialized" not in report, report
-    assert re.search(r"\b0 bytes spill stores, 0 bytes spill loads", report), report
+    report = _ptxas_report(fp8_wgmma._wgmma_kernel, args, constexprs, block_m // 16, tmp_path)
     registers = int(re.search(r"Used (\d+) registers", report).group(1))
     assert registers <= 168, f"{registers} registers: fewer than three 128-thread CTAs fit an SM\n{report}"
+
+
+@pytest.mark.skipif(mla_gluon.gluon is None, reason="this Triton has no Gluon")
+@pytest.mark.parametrize("has_len", [False, True])
+def test_sparse_mla_is_not_serialized_and_does_not_spill(has_len: bool, tmp_path) -> None:
+    strides = ["stride_qt", "stride_qh", "stride_kv", "stride_it", "stride_len", "stride_ot", "stride_oh",
+               "stride_os", "stride_lt", "stride_lh", "stride_ls"]
+    unaligned = {"stride_len", "stride_os", "stride_ls", "stride_lt", "stride_lh"}  # per-step or odd values
+    args = dict(Q="*bf16", KV="*bf16", IDX="*i32", LEN="*i32", O="*bf16", LSE="*fp32",
+                **{n: "i32" if n in unaligned else "i32:16" for n in strides}, H="i32", K="i32:16",
+                num_splits="i32", scale_log2="fp32")
+    constexprs = dict(BLOCK_H=mla_gluon.BLOCK_H, BLOCK_N=mla_gluon.BLOCK_N, V_DIM=mla_gluon.V_DIM,
+                      R_DIM=mla_gluon.R_DIM, HAS_LEN=has_len, num_warps=8)
+    _ptxas_report(mla_gluon._sparse_mla_kernel, args, constexprs, 8, tmp_path)

@@ -117,6 +117,7 @@ class ModelRunner:
                                                                       self.dtype, self.kv_dtype),
                           moe_backend=resolve_backend(args.moe_backend, self.device),
                           max_logits_bytes=args.indexer_max_logits_mb << 20)
+        self._log_sparse_mla_kernel()
         self.cache_layers = cache_layers(self.cfg, self.spec_steps)
         if self.par.cfg.rank == 0:
             parts = sorted(weight_bytes(self.model).items(), key=lambda kv: -kv[1])
@@ -148,6 +149,14 @@ class ModelRunner:
         buckets = batch_buckets(min(max_bs, args.max_running_requests), args.cuda_graph_bs)
         return GraphRunner(self.device, buckets, self.page_size, self.cfg.index_topk,
                            args.context_length or self.cfg.context_length, capture=True)
+
+    def _log_sparse_mla_kernel(self) -> None:
+        """Which kernel runs sparse MLA over a bf16 cache on CUDA: probed now, never inside a graph capture."""
+        if self.ops.attention_backend != "triton" or self.device.type != "cuda" or self.kv_dtype == FP8_ROWS:
+            return
+        from dsaserve.ops.triton import mla_gluon
+        log.info("sparse MLA over the bf16 cache: %s", "the Gluon kernel (Hopper)" if mla_gluon.works(
+            self.device.index or 0) else "Triton's kernel")
 
     def _pool_pages(self, args: ServerArgs) -> int:
         if args.max_total_tokens is not None:

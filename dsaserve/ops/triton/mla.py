@@ -20,12 +20,14 @@ import triton
 import triton.language as tl
 
 from dsaserve.cache.kv_format import fp8_views
+from dsaserve.ops.triton import mla_gluon
 from dsaserve.ops.triton._common import dot_precision, is_hopper, new_empty, next_pow2, sm_count
 
 Tensor = torch.Tensor
 LOG2E = 1.4426950408889634
 
-# Tuning override for benchmarks: dict with any of block_h, block_n, num_warps, num_stages, splits.
+# Tuning override for benchmarks: dict with any of block_h, block_n, num_warps, num_stages, splits, and gluon
+# (0: Triton's kernel even where mla_gluon applies).
 CONFIG: dict[str, int] | None = None
 
 
@@ -158,6 +160,21 @@ def _config(T: int, H: int, K: int, block_v: int, row_bytes: int, sms: int, fp8:
     return dict(block_h=block_h, block_n=block_n, num_warps=warps, num_stages=stages, splits=max(1, splits))
 
 
+def _launch_triton(q: Tensor, kv: Tensor, kr: Tensor, scales: Tensor, indices: Tensor, lens: Tensor, has_len: bool,
+                   o_buf: Tensor, l_buf: Tensor, o_split: int, l_split: int, splits: int, scale_log2: float,
+                   v_dim: int, cfg: dict[str, int], block_n: int, dot_dtype: torch.dtype, fp8: bool) -> None:
+    T, H, D = q.shape
+    block_v, block_r = next_pow2(v_dim), next_pow2(D - v_dim)
+    _sparse_mla_kernel[(triton.cdiv(H, cfg["block_h"]), T, splits)](
+        q, kv, kr, scales, indices, lens, o_buf, l_buf,
+        q.stride(0), q.stride(1), kv.stride(0), kr.stride(0), scales.stride(0), indices.stride(0), lens.stride(0),
+        o_buf.stride(0), o_buf.stride(1), o_split, l_buf.stride(0), l_buf.stride(1), l_split,
+        H, indices.shape[1], v_dim, D - v_dim, splits, scale_log2,
+        BLOCK_H=cfg["block_h"], BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_R=block_r,
+        PRECISION=dot_precision(dot_dtype), FP8=fp8, SCALE_BLOCKS=max(1, block_v // 128), HAS_LEN=has_len,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
 def sparse_mla(q: Tensor, kv_cache: Tensor, indices: Tensor, sm_scale: float, v_dim: int,
                lengths: Tensor | None = None, max_rows: int = 256) -> tuple[Tensor, Tensor]:
     """See reference.sparse_mla (kv_cache: [S, D] rows or uint8 FP8 rows). `max_rows` is accepted and ignored."""
@@ -187,9 +204,9 @@ def sparse_mla(q: Tensor, kv_cache: Tensor, indices: Tensor, sm_scale: float, v_
     if fp8 and dot_dtype.itemsize == 4:  # H200: the e4m3 tile staged beside fp32 ones needs 238 KB at 32 keys
         row_bytes += row_bytes // 4
     cfg = _config(T, H, K, block_v, row_bytes, sm_count(q), fp8, is_hopper(q))
-    block_n = cfg["block_n"]
+    gluon = not fp8 and (CONFIG or {}).get("gluon", 1) and mla_gluon.applies(q, kv, v_dim)
+    block_n = mla_gluon.BLOCK_N if gluon else cfg["block_n"]
     splits = max(1, min(cfg["splits"], triton.cdiv(K, block_n)))
-    grid = (triton.cdiv(H, cfg["block_h"]), T, splits)
     scale_log2 = float(sm_scale) * LOG2E
     if splits == 1:
         o_buf, l_buf, o_split, l_split = out, lse, 0, 0
@@ -198,14 +215,12 @@ def sparse_mla(q: Tensor, kv_cache: Tensor, indices: Tensor, sm_scale: float, v_
         o_buf = new_empty((T, H, splits, v_dim), q.dtype, q.device)
         l_buf = new_empty((T, H, splits), torch.float32, q.device)
         o_split, l_split = o_buf.stride(2), l_buf.stride(2)
-    _sparse_mla_kernel[grid](
-        q, kv, kr, scales, indices, lens, o_buf, l_buf,
-        q.stride(0), q.stride(1), kv.stride(0), kr.stride(0), scales.stride(0), indices.stride(0), lens.stride(0),
-        o_buf.stride(0), o_buf.stride(1), o_split, l_buf.stride(0), l_buf.stride(1), l_split,
-        H, K, v_dim, rope_dim, splits, scale_log2,
-        BLOCK_H=cfg["block_h"], BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_R=block_r,
-        PRECISION=dot_precision(dot_dtype), FP8=fp8, SCALE_BLOCKS=max(1, block_v // 128), HAS_LEN=lengths is not None,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if gluon:  # Hopper, bf16: both warpgroups share the work (mla_gluon's docstring)
+        mla_gluon.launch(q, kv, indices, lens, lengths is not None, o_buf, l_buf, o_split, l_split, splits,
+                         scale_log2)
+    else:
+        _launch_triton(q, kv, kr, scales, indices, lens, lengths is not None, o_buf, l_buf, o_split, l_split,
+                       splits, scale_log2, v_dim, cfg, block_n, dot_dtype, fp8)
     if splits > 1:
         _combine_kernel[(H, T)](
             o_buf, l_buf, out, lse,

@@ -1,0 +1,196 @@
+"""Sparse MLA over a bf16 cache in Gluon for Hopper: the two warpgroups share the work instead of duplicating it.
+
+Same function and partial-output contract as mla._sparse_mla_kernel (which calls this where `applies`), for
+DeepSeek-V3.2 / GLM-5's 512 latent + 64 rope dims and 64 heads per program. Triton lays a chained dot's
+warps along its rows only, so with 64 head rows and 8 warps both warpgroups compute the same QK^T: a third
+of the tensor-core work wasted. Here each warpgroup computes QK^T for 32 of the block's 64 keys, the row
+statistics meet through shared memory, P reaches both, and each warpgroup multiplies it into 256 of the
+512 value columns. Keys are gathered by cp.async into a two-slot ring (rows of -1 read as zeros) while the
+previous block is multiplied. H200: 1.47-1.49x the Triton kernel at 64-4096 rows x 128 heads, 1.17-1.19x at
+8-16 rows (docs/benchmarks.md). Over an FP8 cache, in fp32, or at other head dims Triton's kernel runs.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+import triton
+
+from dsaserve.ops import reference
+
+try:  # Gluon ships with recent Triton (3.6 here); without it this path is off
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
+    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+except ImportError:  # pragma: no cover - depends on the Triton build
+    gluon = None
+
+log = logging.getLogger(__name__)
+Tensor = torch.Tensor
+BLOCK_H = 64  # heads per program: the rows of both products
+BLOCK_N = 64  # keys per step, 32 per warpgroup in QK^T
+V_DIM, R_DIM = 512, 64
+
+if gluon is not None:
+    # [rows, 512] and [rows, 64] bf16 tiles for 8 warps: 16-byte vectors along each row
+    _LAT = gl.constexpr(gl.BlockedLayout([1, 8], [1, 32], [8, 1], [1, 0]))
+    _ROPE = gl.constexpr(gl.BlockedLayout([1, 8], [4, 8], [8, 1], [1, 0]))
+
+    @gluon.jit
+    def _gather_part(KV, IDX, t, stride_it, stride_kv, n0, end, dest, col0: gl.constexpr, width: gl.constexpr,
+                     rows: gl.constexpr, layout: gl.constexpr):
+        offs = n0 + gl.arange(0, rows, layout=gl.SliceLayout(1, layout))
+        slot = gl.load(IDX + t * stride_it + offs, mask=offs < end, other=-1)
+        cols = col0 + gl.arange(0, width, layout=gl.SliceLayout(0, layout))
+        ptrs = gl.expand_dims(KV + slot.to(gl.int64) * stride_kv, 1) + gl.expand_dims(cols, 0)
+        cp.async_copy_global_to_shared(dest, ptrs, mask=gl.expand_dims(slot >= 0, 1))
+
+    @gluon.jit
+    def _gather(KV, IDX, t, stride_it, stride_kv, n0, end, dest_lat, dest_rope,
+                BLOCK_N: gl.constexpr, V_DIM: gl.constexpr, R_DIM: gl.constexpr):
+        """cp.async the selected rows n0 .. n0 + BLOCK_N (below `end`, slot >= 0; others zero-filled)."""
+        _gather_part(KV, IDX, t, stride_it, stride_kv, n0, end, dest_lat, 0, V_DIM, BLOCK_N, _LAT)
+        _gather_part(KV, IDX, t, stride_it, stride_kv, n0, end, dest_rope, V_DIM, R_DIM, BLOCK_N, _ROPE)
+        cp.commit_group()
+
+    @gluon.jit
+    def _query_tile(Q, t, stride_qt, stride_qh, heads_start, H, col0: gl.constexpr, width: gl.constexpr,
+                    rows: gl.constexpr, layout: gl.constexpr):
+        heads = heads_start + gl.arange(0, rows, layout=gl.SliceLayout(1, layout))
+        cols = col0 + gl.arange(0, width, layout=gl.SliceLayout(0, layout))
+        ptrs = Q + t * stride_qt + gl.expand_dims(heads, 1) * stride_qh + gl.expand_dims(cols, 0)
+        return gl.load(ptrs, mask=gl.expand_dims(heads < H, 1), other=0.0)
+
+    @gluon.jit(do_not_specialize=["stride_lt", "stride_lh", "num_splits"])  # H x splits change per step
+    def _sparse_mla_kernel(Q, KV, IDX, LEN, O, LSE,
+                           stride_qt, stride_qh, stride_kv, stride_it, stride_len,
+                           stride_ot, stride_oh, stride_os, stride_lt, stride_lh, stride_ls,
+                           H, K, num_splits, scale_log2, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr,
+                           V_DIM: gl.constexpr, R_DIM: gl.constexpr, HAS_LEN: gl.constexpr, num_warps: gl.constexpr):
+        t = gl.program_id(1).to(gl.int64)
+        split = gl.program_id(2)
+        heads_start = gl.program_id(0) * BLOCK_H
+        dtype: gl.constexpr = Q.dtype.element_ty
+        s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
+                                                      instr_shape=[16, BLOCK_N // 2, 16])  # keys split in two
+        o_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
+                                                      instr_shape=[16, V_DIM // 2, 16])  # values split in two
+        q_lat = gl.allocate_shared_memory(dtype, [BLOCK_H, V_DIM],
+                                          gl.NVMMASharedLayout.get_default_for([BLOCK_H, V_DIM], dtype),
+                                          _query_tile(Q, t, stride_qt, stride_qh, heads_start, H, 0, V_DIM, BLOCK_H, _LAT))
+        q_rope = gl.allocate_shared_memory(dtype, [BLOCK_H, R_DIM],
+                                           gl.NVMMASharedLayout.get_default_for([BLOCK_H, R_DIM], dtype),
+                                           _query_tile(Q, t, stride_qt, stride_qh, heads_start, H, V_DIM, R_DIM,
+                                                       BLOCK_H, _ROPE))
+        k_lat = gl.allocate_shared_memory(dtype, [2, BLOCK_N, V_DIM],
+                                          gl.NVMMASharedLayout.get_default_for([BLOCK_N, V_DIM], dtype))
+        k_rope = gl.allocate_shared_memory(dtype, [2, BLOCK_N, R_DIM],
+                                           gl.NVMMASharedLayout.get_default_for([BLOCK_N, R_DIM], dtype))
+
+        row_end = K
+        if HAS_LEN:  # the row's selected slots end here (the rest are -1)
+            row_end = gl.minimum(row_end, gl.load(LEN + t * stride_len))
+        per_split = gl.cdiv(gl.cdiv(row_end, num_splits), BLOCK_N) * BLOCK_N
+        start = split * per_split
+        end = gl.minimum(start + per_split, row_end)
+        blocks = gl.cdiv(gl.maximum(end - start, 0), BLOCK_N)
+
+        m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_l))
+        l_i = gl.full([BLOCK_H], 0.0, gl.float32, layout=gl.SliceLayout(1, s_l))
+        acc = gl.zeros([BLOCK_H, V_DIM], gl.float32, o_l)
+        s_zero = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, s_l)
+        if blocks > 0:
+            _gather(KV, IDX, t, stride_it, stride_kv, start, end, k_lat.index(0), k_rope.index(0), BLOCK_N, V_DIM,
+                    R_DIM)
+        for i in range(blocks):
+            slot = i % 2
+            n0 = start + i * BLOCK_N
+            gl.thread_barrier()  # every warp is done with the slot the next gather overwrites
+            if i + 1 < blocks:
+                _gather(KV, IDX, t, stride_it, stride_kv, n0 + BLOCK_N, end, k_lat.index(1 - slot),
+                        k_rope.index(1 - slot), BLOCK_N, V_DIM, R_DIM)
+                cp.wait_group(1)
+            else:
+                cp.wait_group(0)
+            fence_async_shared()  # cp.async's writes before the wgmma's reads, in every warp
+            gl.thread_barrier()
+            keys = k_lat.index(slot)
+            s = warpgroup_mma(q_lat, keys.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            s = warpgroup_mma(q_rope, k_rope.index(slot).permute((1, 0)), s, is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+            offs = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_l))
+            valid = gl.load(IDX + t * stride_it + offs, mask=offs < end, other=-1) >= 0
+            s = gl.where(gl.expand_dims(valid, 0), s * scale_log2, float("-inf"))
+            m_new = gl.maximum(m_i, gl.max(s, axis=1))
+            m_use = gl.where(m_new == float("-inf"), 0.0, m_new)  # no valid key yet: avoid -inf - -inf
+            alpha = gl.exp2(m_i - m_use)
+            p = gl.exp2(s - gl.expand_dims(m_use, 1))
+            l_i = l_i * alpha + gl.sum(p, axis=1)
+            m_i = m_new
+            p_op = gl.convert_layout(p.to(dtype), gl.DotOperandLayout(operand_index=0, parent=o_l, k_width=2))
+            rescale = gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_l)), 1)
+            acc = warpgroup_mma(p_op, keys, acc * rescale, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+
+        has = l_i > 0.0
+        inv = gl.where(has, 1.0 / gl.where(has, l_i, 1.0), 0.0)
+        lse = gl.where(has, (m_i + gl.log2(gl.where(has, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+        out = acc * gl.expand_dims(gl.convert_layout(inv, gl.SliceLayout(1, o_l)), 1)
+        heads = heads_start + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, o_l))
+        dv = gl.arange(0, V_DIM, layout=gl.SliceLayout(0, o_l))
+        o_ptr = O + t * stride_ot + gl.expand_dims(heads, 1) * stride_oh + split * stride_os + gl.expand_dims(dv, 0)
+        gl.store(o_ptr, out.to(O.dtype.element_ty), mask=gl.expand_dims(heads < H, 1))
+        heads_s = heads_start + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, s_l))
+        gl.store(LSE + t * stride_lt + heads_s * stride_lh + split * stride_ls, lse, mask=heads_s < H)
+
+
+def launch(q: Tensor, kv: Tensor, indices: Tensor, lens: Tensor, has_len: bool, o_buf: Tensor, l_buf: Tensor,
+           o_split: int, l_split: int, splits: int, scale_log2: float) -> None:
+    """Fill o_buf / l_buf as mla._sparse_mla_kernel does (splits > 1: normalized partials for the combine)."""
+    T, H, _ = q.shape
+    _sparse_mla_kernel[(triton.cdiv(H, BLOCK_H), T, splits)](
+        q, kv, indices, lens, o_buf, l_buf,
+        q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), lens.stride(0),
+        o_buf.stride(0), o_buf.stride(1), o_split, l_buf.stride(0), l_buf.stride(1), l_split,
+        H, indices.shape[1], splits, scale_log2, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, V_DIM=V_DIM, R_DIM=R_DIM,
+        HAS_LEN=has_len, num_warps=8)
+
+
+@functools.lru_cache(maxsize=None)
+def works(device_index: int) -> bool:
+    """Gluon is there, the device is Hopper, and the kernel agrees with the reference on a small case: checked
+    once per device (at start-up, never inside a graph capture). A Triton the experimental API no longer
+    fits turns this path off, not the server."""
+    if gluon is None or torch.cuda.get_device_capability(device_index)[0] != 9:
+        return False
+    try:
+        dev = torch.device("cuda", device_index)
+        gen = torch.Generator(dev).manual_seed(0)
+        q = torch.randn(3, 80, V_DIM + R_DIM, device=dev, generator=gen).to(torch.bfloat16)
+        kv = torch.randn(500, V_DIM + R_DIM, device=dev, generator=gen).to(torch.bfloat16)
+        idx = torch.randint(0, 500, (3, 150), device=dev, generator=gen, dtype=torch.int32)
+        idx[:, 100:] = -1
+        out = torch.empty(3, 80, V_DIM, dtype=torch.bfloat16, device=dev)
+        lse = torch.empty(3, 80, device=dev)
+        launch(q, kv, idx, idx, False, out, lse, 0, 0, 1, 1.4426950408889634 / 24.0)
+        want, want_lse = reference.sparse_mla(q.float(), kv.float(), idx, 1 / 24.0, V_DIM)
+        return bool((out.float() - want).norm() / want.norm() < 1e-2 and (lse - want_lse).abs().max() < 1e-2)
+    except Exception as exc:  # noqa: BLE001 - any compile or launch failure means: do not use it
+        log.warning("the Gluon sparse MLA does not run here (%s: %s); Triton's kernel runs instead",
+                    type(exc).__name__, str(exc)[:200])
+        return False
+
+
+def applies(q: Tensor, kv: Tensor, v_dim: int) -> bool:
+    """bf16 queries and cache rows of 512 + 64, more than 32 heads (below, Triton's 16- and 32-head programs
+    waste less), 16-byte aligned rows for cp.async, and a kernel that `works` here."""
+    T, H, D = q.shape
+    return (q.is_cuda and q.dtype == kv.dtype == torch.bfloat16 and v_dim == V_DIM and D == V_DIM + R_DIM
+            and kv.shape[1] >= D and H > 32 and q.stride(2) == 1 and kv.stride(1) == 1
+            and q.stride(1) % 8 == 0 and q.stride(0) % 8 == 0 and kv.stride(0) % 8 == 0
+            and q.data_ptr() % 16 == 0 and kv.data_ptr() % 16 == 0 and works(q.device.index or 0))
+
+
+__all__ = ["BLOCK_N", "applies", "launch", "works"]
