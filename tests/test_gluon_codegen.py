@@ -65,14 +65,15 @@ def test_wgmma_gemm_is_not_serialized_and_does_not_spill(block_m: int, stages: i
 
 
 @pytest.mark.skipif(mla_gluon.gluon is None, reason="this Triton has no Gluon")
-@pytest.mark.parametrize("has_len", [False, True])
-def test_sparse_mla_is_not_serialized_and_does_not_spill(has_len: bool, tmp_path) -> None:
-    strides = ["stride_qt", "stride_qh", "stride_kv", "stride_it", "stride_len", "stride_ot", "stride_oh",
-               "stride_os", "stride_lt", "stride_lh", "stride_ls"]
-    unaligned = {"stride_len", "stride_os", "stride_ls", "stride_lt", "stride_lh"}  # per-step or odd values
-    args = dict(Q="*bf16", KV="*bf16", IDX="*i32", LEN="*i32", O="*bf16", LSE="*fp32",
+@pytest.mark.parametrize("fp8,has_len", [(False, False), (False, True), (True, True)])
+def test_sparse_mla_is_not_serialized_and_does_not_spill(fp8: bool, has_len: bool, tmp_path) -> None:
+    strides = ["stride_qt", "stride_qh", "stride_kv", "stride_kr8", "stride_ks", "stride_it", "stride_len",
+               "stride_ot", "stride_oh", "stride_os", "stride_lt", "stride_lh", "stride_ls"]
+    unaligned = {"stride_kr8", "stride_ks", "stride_len", "stride_os", "stride_ls", "stride_lt", "stride_lh"}
+    args = dict(Q="*bf16", KV="*fp8e4nv" if fp8 else "*bf16", KR="*bf16", KS="*fp32" if fp8 else "*bf16",
+                IDX="*i32", LEN="*i32", O="*bf16", LSE="*fp32",
                 **{n: "i32" if n in unaligned else "i32:16" for n in strides}, H="i32", K="i32:16",
                 num_splits="i32", scale_log2="fp32")
     constexprs = dict(BLOCK_H=mla_gluon.BLOCK_H, BLOCK_N=mla_gluon.BLOCK_N, V_DIM=mla_gluon.V_DIM,
-                      R_DIM=mla_gluon.R_DIM, HAS_LEN=has_len, num_warps=8)
+                      R_DIM=mla_gluon.R_DIM, HAS_LEN=has_len, FP8=fp8, num_warps=8)
     _ptxas_report(mla_gluon._sparse_mla_kernel, args, constexprs, 8, tmp_path)

@@ -1,5 +1,5 @@
-"""The Gluon sparse MLA (Hopper, bf16 cache, 512 + 64 dims) against the reference and Triton's kernel, eager and
-replayed from a CUDA graph; outputs poisoned. GPU only (skipped off Hopper)."""
+"""The Gluon sparse MLA (Hopper, bf16 queries over bf16 or FP8 cache rows, 512 + 64 dims) against the reference
+and Triton's kernel, eager and replayed from a CUDA graph; outputs poisoned. GPU only (skipped off Hopper)."""
 from __future__ import annotations
 
 import pytest
@@ -8,6 +8,7 @@ import torch
 # Skips this module without triton or CUDA; `poison` (autouse) makes every output start as NaN / sentinel.
 from test_triton_kernels import DEV, _mla_inputs, poison, rel_err  # noqa: F401
 
+from dsaserve.cache import kv_format  # noqa: E402
 from dsaserve.ops import reference as ref  # noqa: E402
 from dsaserve.ops import triton as tops  # noqa: E402
 from dsaserve.ops.triton import mla_gluon  # noqa: E402
@@ -37,15 +38,25 @@ def _bound(idx: torch.Tensor) -> torch.Tensor:
     return ((idx >= 0) * pos).amax(1).to(torch.int32)[:, None]
 
 
+def _cache(kv: torch.Tensor, fp8: bool, gen: torch.Generator) -> torch.Tensor:
+    """bf16 rows, or FP8 rows whose scales vary by row (powers of two from 2^-6 to 2^6)."""
+    if not fp8:
+        return kv
+    magnitude = torch.exp2(torch.randint(-6, 7, (kv.shape[0], 1), device=DEV, generator=gen).float())
+    return kv_format.quantize_fp8(kv[:, :512].float() * magnitude, kv[:, 512:])
+
+
+@pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("T,H,K,splits,bounded", [
     (1, 128, 2048, None, False), (7, 128, 2048, None, True), (64, 128, 2048, None, True),
     (150, 64, 2048, None, False), (9, 48, 300, 3, True), (64, 128, 2048, 1, False), (300, 128, 1000, None, True)])
-def test_gluon_sparse_mla_matches_the_reference(launches, T: int, H: int, K: int, splits: int | None,
+def test_gluon_sparse_mla_matches_the_reference(launches, fp8: bool, T: int, H: int, K: int, splits: int | None,
                                                  bounded: bool) -> None:
     """Ragged rows, a row of no key, holes inside the valid prefix (from _mla_inputs), head counts that are
     not a multiple of 64, forced and automatic splits: as accurate as Triton's kernel on the same inputs."""
     gen = torch.Generator(DEV).manual_seed(T * 7 + H)
     q, kv, idx = _mla_inputs(T, H, 512, 64, K, 20000, gen)
+    kv = _cache(kv, fp8, gen)
     lengths = _bound(idx) if bounded else None
     assert mla_gluon.applies(q, kv, 512)
     tops.mla.CONFIG = {"splits": splits} if splits else None
@@ -54,7 +65,7 @@ def test_gluon_sparse_mla_matches_the_reference(launches, T: int, H: int, K: int
     tops.mla.CONFIG = {"gluon": 0, **({"splits": splits} if splits else {})}
     triton_out, _ = tops.sparse_mla(q, kv, idx, SCALE, 512, lengths)
     assert len(launches) == 1
-    want, want_lse = ref.sparse_mla(q.float(), kv.float(), idx, SCALE, 512)
+    want, want_lse = ref.sparse_mla(q.float(), kv if fp8 else kv.float(), idx, SCALE, 512)
     err, triton_err = rel_err(out, want), rel_err(triton_out, want)
     assert err < 1e-2 and err <= 1.2 * triton_err + 1e-4, f"Gluon {err:.2e}, Triton {triton_err:.2e}"
     empty = torch.isinf(want_lse)
@@ -62,10 +73,12 @@ def test_gluon_sparse_mla_matches_the_reference(launches, T: int, H: int, K: int
     assert (lse[~empty] - want_lse[~empty]).abs().max().item() < 1e-3
 
 
-def test_gluon_sparse_mla_replays_in_a_cuda_graph(launches) -> None:
+@pytest.mark.parametrize("fp8", [False, True])
+def test_gluon_sparse_mla_replays_in_a_cuda_graph(launches, fp8: bool) -> None:
     """Captured once (splits and all), replayed on new queries, slots and bounds: the eager result, bit for bit."""
     gen = torch.Generator(DEV).manual_seed(3)
     q, kv, idx = _mla_inputs(16, 128, 512, 64, 2048, 20000, gen)
+    kv = _cache(kv, fp8, gen)
     lengths = _bound(idx)
     tops.sparse_mla(q, kv, idx, SCALE, 512, lengths)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
@@ -79,4 +92,4 @@ def test_gluon_sparse_mla_replays_in_a_cuda_graph(launches) -> None:
     want, want_lse = tops.sparse_mla(q, kv, idx, SCALE, 512, lengths)
     assert len(launches) == 3
     assert torch.equal(out, want) and torch.equal(lse, want_lse)
-    assert rel_err(out, ref.sparse_mla(q.float(), kv.float(), idx, SCALE, 512)[0]) < 1e-2
+    assert rel_err(out, ref.sparse_mla(q.float(), kv if fp8 else kv.float(), idx, SCALE, 512)[0]) < 1e-2

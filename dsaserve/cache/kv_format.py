@@ -78,6 +78,14 @@ def fp8_views(rows: Tensor, n: int, rope: int) -> tuple[Tensor, Tensor, Tensor]:
     return values, scales, rows[..., n + 4 * b:n + 4 * b + 2 * rope].view(torch.bfloat16)
 
 
+def row_views(rows: Tensor, n: int, rope: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(values [..., n], scales, rope values [..., rope]) of latent cache rows: an FP8 row's typed views
+    (fp8_views), or bf16 / fp32 rows themselves (no scales: the rows stand in) and their rope slice."""
+    if rows.dtype == torch.uint8:
+        return fp8_views(rows, n, rope)
+    return rows, rows, rows[..., n:n + rope]
+
+
 def dequantize_fp8(rows: Tensor, n: int, rope: int) -> Tensor:
     """uint8 rows [..., bytes] -> fp32 [..., n + rope] (exact: e4m3 times a power of two, bf16 rope)."""
     values, scales, rope_values = fp8_views(rows, n, rope)

@@ -151,11 +151,12 @@ class ModelRunner:
                            args.context_length or self.cfg.context_length, capture=True)
 
     def _log_sparse_mla_kernel(self) -> None:
-        """Which kernel runs sparse MLA over a bf16 cache on CUDA: probed now, never inside a graph capture."""
-        if self.ops.attention_backend != "triton" or self.device.type != "cuda" or self.kv_dtype == FP8_ROWS:
+        """Which kernel runs sparse MLA on CUDA (attention backend triton): probed now, never inside a graph
+        capture (the model's dims and head count decide per call, mla_gluon.applies)."""
+        if self.ops.attention_backend != "triton" or self.device.type != "cuda":
             return
         from dsaserve.ops.triton import mla_gluon
-        log.info("sparse MLA over the bf16 cache: %s", "the Gluon kernel (Hopper)" if mla_gluon.works(
+        log.info("sparse MLA: %s", "the Gluon kernel (Hopper)" if mla_gluon.works(
             self.device.index or 0) else "Triton's kernel")
 
     def _pool_pages(self, args: ServerArgs) -> int:

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsaserve.cache.kv_format import fp8_views
+from dsaserve.cache.kv_format import row_views
 from dsaserve.ops.triton import mla_gluon
 from dsaserve.ops.triton._common import dot_precision, is_hopper, new_empty, next_pow2, sm_count
 
@@ -188,13 +188,9 @@ def sparse_mla(q: Tensor, kv_cache: Tensor, indices: Tensor, sm_scale: float, v_
     if q.stride(2) != 1:
         q = q.contiguous()
     fp8 = kv_cache.dtype == torch.uint8
-    if fp8:
-        if q.dtype not in (torch.bfloat16, torch.float32):
-            raise ValueError(f"sparse_mla over an FP8 cache needs bf16 or fp32 queries, got {q.dtype}")
-        kv, scales, kr = fp8_views(kv_cache, v_dim, q.shape[2] - v_dim)  # typed views of the same rows: no copy
-    else:
-        kv = scales = kv_cache.contiguous()
-        kr = kv[:, v_dim:]
+    if fp8 and q.dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"sparse_mla over an FP8 cache needs bf16 or fp32 queries, got {q.dtype}")
+    kv, scales, kr = row_views(kv_cache if fp8 else kv_cache.contiguous(), v_dim, rope_dim)  # typed views: no copy
     indices = indices.to(torch.int32).contiguous()
     lens = indices if lengths is None else lengths.reshape(T, -1)
     block_v = next_pow2(v_dim)
@@ -204,7 +200,7 @@ def sparse_mla(q: Tensor, kv_cache: Tensor, indices: Tensor, sm_scale: float, v_
     if fp8 and dot_dtype.itemsize == 4:  # H200: the e4m3 tile staged beside fp32 ones needs 238 KB at 32 keys
         row_bytes += row_bytes // 4
     cfg = _config(T, H, K, block_v, row_bytes, sm_count(q), fp8, is_hopper(q))
-    gluon = not fp8 and (CONFIG or {}).get("gluon", 1) and mla_gluon.applies(q, kv, v_dim)
+    gluon = (CONFIG or {}).get("gluon", 1) and mla_gluon.applies(q, kv_cache, v_dim)
     block_n = mla_gluon.BLOCK_N if gluon else cfg["block_n"]
     splits = max(1, min(cfg["splits"], triton.cdiv(K, block_n)))
     scale_log2 = float(sm_scale) * LOG2E
@@ -215,9 +211,9 @@ def sparse_mla(q: Tensor, kv_cache: Tensor, indices: Tensor, sm_scale: float, v_
         o_buf = new_empty((T, H, splits, v_dim), q.dtype, q.device)
         l_buf = new_empty((T, H, splits), torch.float32, q.device)
         o_split, l_split = o_buf.stride(2), l_buf.stride(2)
-    if gluon:  # Hopper, bf16: both warpgroups share the work (mla_gluon's docstring)
-        mla_gluon.launch(q, kv, indices, lens, lengths is not None, o_buf, l_buf, o_split, l_split, splits,
-                         scale_log2)
+    if gluon:  # Hopper, bf16 queries: both warpgroups share the work (mla_gluon's docstring)
+        mla_gluon.launch(q, kv, scales, kr, fp8, indices, lens, lengths is not None, o_buf, l_buf, o_split, l_split,
+                         splits, scale_log2)
     else:
         _launch_triton(q, kv, kr, scales, indices, lens, lengths is not None, o_buf, l_buf, o_split, l_split,
                        splits, scale_log2, v_dim, cfg, block_n, dot_dtype, fp8)

@@ -1,13 +1,16 @@
-"""Sparse MLA over a bf16 cache in Gluon for Hopper: the two warpgroups share the work instead of duplicating it.
+"""Sparse MLA in Gluon for Hopper: the two warpgroups share the work instead of duplicating it.
 
 Same function and partial-output contract as mla._sparse_mla_kernel (which calls this where `applies`), for
-DeepSeek-V3.2 / GLM-5's 512 latent + 64 rope dims and 64 heads per program. Triton lays a chained dot's
-warps along its rows only, so with 64 head rows and 8 warps both warpgroups compute the same QK^T: a third
-of the tensor-core work wasted. Here each warpgroup computes QK^T for 32 of the block's 64 keys, the row
-statistics meet through shared memory, P reaches both, and each warpgroup multiplies it into 256 of the
-512 value columns. Keys are gathered by cp.async into a two-slot ring (rows of -1 read as zeros) while the
-previous block is multiplied. H200: 1.47-1.49x the Triton kernel at 64-4096 rows x 128 heads, 1.17-1.19x at
-8-16 rows (docs/benchmarks.md). Over an FP8 cache, in fp32, or at other head dims Triton's kernel runs.
+DeepSeek-V3.2 / GLM-5's 512 latent + 64 rope dims, bf16 queries and 64 heads per program. Triton lays a
+chained dot's warps along its rows only, so with 64 head rows and 8 warps both warpgroups compute the same
+QK^T: a third of the tensor-core work wasted. Here each warpgroup computes QK^T for 32 of the block's 64
+keys, the row statistics meet through shared memory, P reaches both, and each warpgroup multiplies it into
+256 of the 512 value columns. bf16 rows are gathered by cp.async into a two-slot ring (slots of -1 read as
+zeros) while the previous block is multiplied; FP8 rows (kv_format) load the next block's e4m3 values and
+scales into registers during the products and store them dequantized (exact: power-of-two scales) into the
+other slot, their bf16 rope by cp.async. H200: 1.42-1.49x the Triton kernel at 64-4096 rows x 128 heads,
+1.07-1.29x at 1-16 rows, with either cache (docs/benchmarks.md). In fp32, at other head dims or 32 heads
+and fewer, Triton's kernel runs.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import logging
 import torch
 import triton
 
+from dsaserve.cache import kv_format
 from dsaserve.ops import reference
 
 try:  # Gluon ships with recent Triton (3.6 here); without it this path is off
@@ -48,12 +52,39 @@ if gluon is not None:
         cp.async_copy_global_to_shared(dest, ptrs, mask=gl.expand_dims(slot >= 0, 1))
 
     @gluon.jit
-    def _gather(KV, IDX, t, stride_it, stride_kv, n0, end, dest_lat, dest_rope,
-                BLOCK_N: gl.constexpr, V_DIM: gl.constexpr, R_DIM: gl.constexpr):
-        """cp.async the selected rows n0 .. n0 + BLOCK_N (below `end`, slot >= 0; others zero-filled)."""
-        _gather_part(KV, IDX, t, stride_it, stride_kv, n0, end, dest_lat, 0, V_DIM, BLOCK_N, _LAT)
-        _gather_part(KV, IDX, t, stride_it, stride_kv, n0, end, dest_rope, V_DIM, R_DIM, BLOCK_N, _ROPE)
+    def _gather(KV, KR, IDX, t, stride_it, stride_kv, stride_kr8, n0, end, dest_lat, dest_rope,
+                BLOCK_N: gl.constexpr, V_DIM: gl.constexpr, R_DIM: gl.constexpr, FP8: gl.constexpr):
+        """cp.async the selected rows n0 .. n0 + BLOCK_N (below `end`, slot >= 0; others zero-filled); of an
+        FP8 cache only the bf16 rope part (its values go through registers, _load_fp8)."""
+        if not FP8:
+            _gather_part(KV, IDX, t, stride_it, stride_kv, n0, end, dest_lat, 0, V_DIM, BLOCK_N, _LAT)
+        # the rope rows' stride comes in units of 8 (16 bytes), so that cp.async may copy 16-byte vectors
+        _gather_part(KR, IDX, t, stride_it, stride_kr8 * 8, n0, end, dest_rope, 0, R_DIM, BLOCK_N, _ROPE)
         cp.commit_group()
+
+    # [keys, 4, 128] e4m3 values of an FP8 row, 16 bytes per thread; the scales [keys, 4] in its dim-2 slice
+    _FP8_VALUES = gl.constexpr(gl.BlockedLayout([1, 1, 16], [1, 4, 8], [8, 1, 1], [2, 1, 0]))
+
+    @gluon.jit
+    def _load_fp8(KV, KS, IDX, t, stride_it, stride_kv, stride_ks, n0, end, BLOCK_N: gl.constexpr):
+        """The e4m3 latent values and their 4 fp32 scales of rows n0 .. n0 + BLOCK_N (others: zeros)."""
+        scales_l: gl.constexpr = gl.SliceLayout(2, _FP8_VALUES)
+        offs = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, scales_l))
+        slot = gl.load(IDX + t * stride_it + offs, mask=offs < end, other=-1)
+        valid = gl.expand_dims(slot >= 0, 1)
+        slot = slot.to(gl.int64)
+        group = gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, scales_l)), 0)
+        scales = gl.load(KS + gl.expand_dims(slot * stride_ks, 1) + group, mask=valid, other=0.0)
+        cols = gl.arange(0, 128, layout=gl.SliceLayout(0, gl.SliceLayout(1, _FP8_VALUES)))
+        ptrs = (gl.expand_dims(KV + gl.expand_dims(slot * stride_kv, 1) + group * 128, 2)
+                + gl.expand_dims(gl.expand_dims(cols, 0), 1))
+        return gl.load(ptrs, mask=gl.expand_dims(valid, 2), other=0.0), scales
+
+    @gluon.jit
+    def _store_fp8(dest, values, scales, BLOCK_N: gl.constexpr, V_DIM: gl.constexpr):
+        """Dequantized into bf16 shared memory: e4m3 x a power-of-two scale is exact in bf16."""
+        rows = values.to(gl.float32) * gl.expand_dims(scales, 2)
+        dest.store(gl.reshape(rows.to(dest.dtype), [BLOCK_N, V_DIM]))
 
     @gluon.jit
     def _query_tile(Q, t, stride_qt, stride_qh, heads_start, H, col0: gl.constexpr, width: gl.constexpr,
@@ -64,11 +95,12 @@ if gluon is not None:
         return gl.load(ptrs, mask=gl.expand_dims(heads < H, 1), other=0.0)
 
     @gluon.jit(do_not_specialize=["stride_lt", "stride_lh", "num_splits"])  # H x splits change per step
-    def _sparse_mla_kernel(Q, KV, IDX, LEN, O, LSE,
-                           stride_qt, stride_qh, stride_kv, stride_it, stride_len,
+    def _sparse_mla_kernel(Q, KV, KR, KS, IDX, LEN, O, LSE,
+                           stride_qt, stride_qh, stride_kv, stride_kr8, stride_ks, stride_it, stride_len,
                            stride_ot, stride_oh, stride_os, stride_lt, stride_lh, stride_ls,
                            H, K, num_splits, scale_log2, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr,
-                           V_DIM: gl.constexpr, R_DIM: gl.constexpr, HAS_LEN: gl.constexpr, num_warps: gl.constexpr):
+                           V_DIM: gl.constexpr, R_DIM: gl.constexpr, HAS_LEN: gl.constexpr, FP8: gl.constexpr,
+                           num_warps: gl.constexpr):
         t = gl.program_id(1).to(gl.int64)
         split = gl.program_id(2)
         heads_start = gl.program_id(0) * BLOCK_H
@@ -102,15 +134,21 @@ if gluon is not None:
         acc = gl.zeros([BLOCK_H, V_DIM], gl.float32, o_l)
         s_zero = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, s_l)
         if blocks > 0:
-            _gather(KV, IDX, t, stride_it, stride_kv, start, end, k_lat.index(0), k_rope.index(0), BLOCK_N, V_DIM,
-                    R_DIM)
+            _gather(KV, KR, IDX, t, stride_it, stride_kv, stride_kr8, start, end, k_lat.index(0), k_rope.index(0),
+                    BLOCK_N, V_DIM, R_DIM, FP8)
+            if FP8:
+                values, scales = _load_fp8(KV, KS, IDX, t, stride_it, stride_kv, stride_ks, start, end, BLOCK_N)
+                _store_fp8(k_lat.index(0), values, scales, BLOCK_N, V_DIM)
         for i in range(blocks):
             slot = i % 2
             n0 = start + i * BLOCK_N
             gl.thread_barrier()  # every warp is done with the slot the next gather overwrites
+            if FP8:  # the next block's values load while this one multiplies (past the end: no traffic)
+                values, scales = _load_fp8(KV, KS, IDX, t, stride_it, stride_kv, stride_ks, n0 + BLOCK_N, end,
+                                           BLOCK_N)
             if i + 1 < blocks:
-                _gather(KV, IDX, t, stride_it, stride_kv, n0 + BLOCK_N, end, k_lat.index(1 - slot),
-                        k_rope.index(1 - slot), BLOCK_N, V_DIM, R_DIM)
+                _gather(KV, KR, IDX, t, stride_it, stride_kv, stride_kr8, n0 + BLOCK_N, end, k_lat.index(1 - slot),
+                        k_rope.index(1 - slot), BLOCK_N, V_DIM, R_DIM, FP8)
                 cp.wait_group(1)
             else:
                 cp.wait_group(0)
@@ -133,6 +171,8 @@ if gluon is not None:
             rescale = gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_l)), 1)
             acc = warpgroup_mma(p_op, keys, acc * rescale, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            if FP8:  # the other slot's readers finished before this iteration's first barrier
+                _store_fp8(k_lat.index(1 - slot), values, scales, BLOCK_N, V_DIM)
 
         has = l_i > 0.0
         inv = gl.where(has, 1.0 / gl.where(has, l_i, 1.0), 0.0)
@@ -146,51 +186,62 @@ if gluon is not None:
         gl.store(LSE + t * stride_lt + heads_s * stride_lh + split * stride_ls, lse, mask=heads_s < H)
 
 
-def launch(q: Tensor, kv: Tensor, indices: Tensor, lens: Tensor, has_len: bool, o_buf: Tensor, l_buf: Tensor,
-           o_split: int, l_split: int, splits: int, scale_log2: float) -> None:
-    """Fill o_buf / l_buf as mla._sparse_mla_kernel does (splits > 1: normalized partials for the combine)."""
+def launch(q: Tensor, kv: Tensor, scales: Tensor, kr: Tensor, fp8: bool, indices: Tensor, lens: Tensor,
+           has_len: bool, o_buf: Tensor, l_buf: Tensor, o_split: int, l_split: int, splits: int,
+           scale_log2: float) -> None:
+    """Fill o_buf / l_buf as mla._sparse_mla_kernel does (splits > 1: normalized partials for the combine).
+    kv / scales / kr: the latent values, (FP8) scales and rope values: kv_format.row_views of the cache."""
     T, H, _ = q.shape
     _sparse_mla_kernel[(triton.cdiv(H, BLOCK_H), T, splits)](
-        q, kv, indices, lens, o_buf, l_buf,
-        q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), lens.stride(0),
+        q, kv, kr, scales, indices, lens, o_buf, l_buf,
+        q.stride(0), q.stride(1), kv.stride(0), kr.stride(0) // 8, scales.stride(0), indices.stride(0), lens.stride(0),
         o_buf.stride(0), o_buf.stride(1), o_split, l_buf.stride(0), l_buf.stride(1), l_split,
         H, indices.shape[1], splits, scale_log2, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, V_DIM=V_DIM, R_DIM=R_DIM,
-        HAS_LEN=has_len, num_warps=8)
+        HAS_LEN=has_len, FP8=fp8, num_warps=8)
 
 
 @functools.lru_cache(maxsize=None)
 def works(device_index: int) -> bool:
-    """Gluon is there, the device is Hopper, and the kernel agrees with the reference on a small case: checked
-    once per device (at start-up, never inside a graph capture). A Triton the experimental API no longer
-    fits turns this path off, not the server."""
+    """Gluon is there, the device is Hopper, and the kernel agrees with the reference over a bf16 and an FP8
+    cache on a small case: checked once per device (at start-up, never inside a graph capture). A Triton the
+    experimental API no longer fits turns this path off, not the server."""
     if gluon is None or torch.cuda.get_device_capability(device_index)[0] != 9:
         return False
     try:
         dev = torch.device("cuda", device_index)
         gen = torch.Generator(dev).manual_seed(0)
         q = torch.randn(3, 80, V_DIM + R_DIM, device=dev, generator=gen).to(torch.bfloat16)
-        kv = torch.randn(500, V_DIM + R_DIM, device=dev, generator=gen).to(torch.bfloat16)
+        rows = torch.randn(500, V_DIM + R_DIM, device=dev, generator=gen).to(torch.bfloat16)
         idx = torch.randint(0, 500, (3, 150), device=dev, generator=gen, dtype=torch.int32)
         idx[:, 100:] = -1
-        out = torch.empty(3, 80, V_DIM, dtype=torch.bfloat16, device=dev)
-        lse = torch.empty(3, 80, device=dev)
-        launch(q, kv, idx, idx, False, out, lse, 0, 0, 1, 1.4426950408889634 / 24.0)
-        want, want_lse = reference.sparse_mla(q.float(), kv.float(), idx, 1 / 24.0, V_DIM)
-        return bool((out.float() - want).norm() / want.norm() < 1e-2 and (lse - want_lse).abs().max() < 1e-2)
+        for cache in (rows, kv_format.quantize_fp8(rows[:, :V_DIM], rows[:, V_DIM:])):
+            out = torch.empty(3, 80, V_DIM, dtype=torch.bfloat16, device=dev)
+            lse = torch.empty(3, 80, device=dev)
+            launch(q, *kv_format.row_views(cache, V_DIM, R_DIM), cache.dtype == torch.uint8, idx, idx, False, out,
+                   lse, 0, 0, 1, 1.4426950408889634 / 24.0)
+            want, want_lse = reference.sparse_mla(q.float(), cache if cache.dtype == torch.uint8 else cache.float(),
+                                                  idx, 1 / 24.0, V_DIM)
+            if not ((out.float() - want).norm() / want.norm() < 1e-2 and (lse - want_lse).abs().max() < 1e-2):
+                log.warning("the Gluon sparse MLA disagrees with the reference here; Triton's kernel runs instead")
+                return False
+        return True
     except Exception as exc:  # noqa: BLE001 - any compile or launch failure means: do not use it
         log.warning("the Gluon sparse MLA does not run here (%s: %s); Triton's kernel runs instead",
                     type(exc).__name__, str(exc)[:200])
         return False
 
 
-def applies(q: Tensor, kv: Tensor, v_dim: int) -> bool:
-    """bf16 queries and cache rows of 512 + 64, more than 32 heads (below, Triton's 16- and 32-head programs
-    waste less), 16-byte aligned rows for cp.async, and a kernel that `works` here."""
+def applies(q: Tensor, cache: Tensor, v_dim: int) -> bool:
+    """bf16 queries over bf16 rows of 512 + 64 or FP8 rows of 656 bytes, more than 32 heads (below, Triton's 16-
+    and 32-head programs waste less), 16-byte aligned rows for cp.async, and a kernel that `works` here."""
     T, H, D = q.shape
-    return (q.is_cuda and q.dtype == kv.dtype == torch.bfloat16 and v_dim == V_DIM and D == V_DIM + R_DIM
-            and kv.shape[1] >= D and H > 32 and q.stride(2) == 1 and kv.stride(1) == 1
-            and q.stride(1) % 8 == 0 and q.stride(0) % 8 == 0 and kv.stride(0) % 8 == 0
-            and q.data_ptr() % 16 == 0 and kv.data_ptr() % 16 == 0 and works(q.device.index or 0))
+    row_ok = (cache.dtype == torch.bfloat16 and cache.shape[1] >= D and cache.stride(0) % 8 == 0) or (
+        cache.dtype == torch.uint8 and cache.shape[1] == kv_format.row_bytes(V_DIM, R_DIM, kv_format.FP8)
+        and cache.stride(0) % 16 == 0)
+    return (q.is_cuda and q.dtype == torch.bfloat16 and v_dim == V_DIM and D == V_DIM + R_DIM and row_ok
+            and H > 32 and q.stride(2) == 1 and cache.stride(1) == 1 and q.stride(1) % 8 == 0
+            and q.stride(0) % 8 == 0 and q.data_ptr() % 16 == 0 and cache.data_ptr() % 16 == 0
+            and works(q.device.index or 0))
 
 
 __all__ = ["BLOCK_N", "applies", "launch", "works"]
