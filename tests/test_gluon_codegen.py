@@ -27,7 +27,8 @@ FP8 = torch.float8_e4m3fn
 
 def _descriptor(rows: int, cols: int, dtype: torch.dtype, block: list[int], gl_dtype) -> TensorDescriptor:
     t = torch.empty(rows, cols, dtype=dtype)  # host memory: only its shape, strides and alignment matter
-    return TensorDescriptor(t, [rows, cols], list(t.stride()), block, gl.NVMMASharedLayout.get_default_for(block, gl_dtype))
+    layout = gl.NVMMASharedLayout.get_default_for(block, gl_dtype)
+    return TensorDescriptor(t, [rows, cols], list(t.stride()), block, layout)
 
 
 def _ptxas_report(kernel, args: dict, constexprs: dict, num_warps: int, tmp_path) -> str:

@@ -111,7 +111,8 @@ if gluon is not None:
                                                       instr_shape=[16, V_DIM // 2, 16])  # values split in two
         q_lat = gl.allocate_shared_memory(dtype, [BLOCK_H, V_DIM],
                                           gl.NVMMASharedLayout.get_default_for([BLOCK_H, V_DIM], dtype),
-                                          _query_tile(Q, t, stride_qt, stride_qh, heads_start, H, 0, V_DIM, BLOCK_H, _LAT))
+                                          _query_tile(Q, t, stride_qt, stride_qh, heads_start, H, 0, V_DIM, BLOCK_H,
+                                                      _LAT))
         q_rope = gl.allocate_shared_memory(dtype, [BLOCK_H, R_DIM],
                                            gl.NVMMASharedLayout.get_default_for([BLOCK_H, R_DIM], dtype),
                                            _query_tile(Q, t, stride_qt, stride_qh, heads_start, H, V_DIM, R_DIM,
