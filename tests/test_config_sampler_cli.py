@@ -169,6 +169,20 @@ def test_bench_one_batch(tiny_ds: str, tmp_path: Path, monkeypatch: pytest.Monke
         assert decode_step_bytes(engine, 3, long) - decode_step_bytes(engine, 3, short) == 3 * grow(short, long)
 
 
+def test_bench_runs_prefill_uncached(tiny_ds: str) -> None:
+    """Every timed prefill is a real one: the same shape twice (the warm-up and the timed run of `--output-len 4`
+    draw the same prompts) finds no cached prefix, though the engine caches prefixes (pages of 4 tokens)."""
+    from dsaserve.bench.one_batch import run_one
+    from dsaserve.engine.engine import Engine
+    from dsaserve.server_args import ServerArgs
+    engine = Engine(ServerArgs(model_path=tiny_ds, max_total_tokens=512, page_size=4), progress=False)
+    assert engine.prefix_cache is not None
+    rows = [run_one(engine, 2, 20, 4, None) for _ in range(2)]
+    stats = engine.prefix_cache.stats
+    assert stats.queried_tokens >= 2 * 2 * 20 and stats.hit_tokens == 0, stats
+    assert all(r.prefill_tok_s > 0 for r in rows)
+
+
 def test_attention_backend_flashmla_is_chosen_and_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     """auto takes flashmla only over an FP8 cache where it can run (else triton on cuda, torch on cpu); asked
     for where it cannot run, flashmla says why."""

@@ -115,7 +115,9 @@ def run_one(engine: Engine, batch: int, input_len: int, output_len: int, bandwid
             matmul: float | None = None, sampling: dict[str, float] | None = None) -> Row:
     """sampling: SamplingParams fields (temperature, top_p, top_k); greedy without."""
     sync = torch.cuda.synchronize if engine.runner.device.type == "cuda" else (lambda: None)
-    # The warm-up run (other output length) draws other prompts: the measured prefill finds no cached prefix.
+    # The measured prefill must find no cached prefix: an earlier run may have drawn the same prompts (the
+    # warm-up of the same shape does, at output_len 4).
+    engine.evict_prefix_cache()
     gen = torch.Generator().manual_seed(batch * 7919 + input_len * 31 + output_len)
     lead = decode_lead(batch, input_len, engine.scheduler.cfg.chunked_prefill_size)
     params = SamplingParams(max_tokens=output_len + lead, ignore_eos=True, **{"temperature": 0.0, **(sampling or {})})

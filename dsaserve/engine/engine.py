@@ -146,6 +146,11 @@ class Engine:
         outputs, self._finished_outside_step = self._finished_outside_step, []
         return outputs
 
+    def evict_prefix_cache(self) -> None:
+        """Drop every cached prefix that no request holds (after the warm-up; before a benchmark's uncached run)."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.evict(self.allocator.capacity)
+
     def reset_counters(self) -> None:
         """Statistics from zero (after the start-up warm-up): steps, speculation, retractions, prefix hits."""
         self.steps, self._spec, self.scheduler.num_retractions = 0, [0, 0, 0], 0

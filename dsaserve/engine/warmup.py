@@ -52,8 +52,7 @@ def warm_up(engine: Engine) -> None:
 
 def _reset(engine: Engine) -> None:
     engine.take_finished()
-    if engine.prefix_cache is not None:  # the warm-up prompts are nobody's prefix
-        engine.prefix_cache.evict(engine.allocator.capacity)
+    engine.evict_prefix_cache()  # the warm-up prompts are nobody's prefix
     engine.reset_counters()
 
 
