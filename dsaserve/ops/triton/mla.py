@@ -160,21 +160,6 @@ def _config(T: int, H: int, K: int, block_v: int, row_bytes: int, sms: int, fp8:
     return dict(block_h=block_h, block_n=block_n, num_warps=warps, num_stages=stages, splits=max(1, splits))
 
 
-def _launch_triton(q: Tensor, kv: Tensor, kr: Tensor, scales: Tensor, indices: Tensor, lens: Tensor, has_len: bool,
-                   o_buf: Tensor, l_buf: Tensor, o_split: int, l_split: int, splits: int, scale_log2: float,
-                   v_dim: int, cfg: dict[str, int], block_n: int, dot_dtype: torch.dtype, fp8: bool) -> None:
-    T, H, D = q.shape
-    block_v, block_r = next_pow2(v_dim), next_pow2(D - v_dim)
-    _sparse_mla_kernel[(triton.cdiv(H, cfg["block_h"]), T, splits)](
-        q, kv, kr, scales, indices, lens, o_buf, l_buf,
-        q.stride(0), q.stride(1), kv.stride(0), kr.stride(0), scales.stride(0), indices.stride(0), lens.stride(0),
-        o_buf.stride(0), o_buf.stride(1), o_split, l_buf.stride(0), l_buf.stride(1), l_split,
-        H, indices.shape[1], v_dim, D - v_dim, splits, scale_log2,
-        BLOCK_H=cfg["block_h"], BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_R=block_r,
-        PRECISION=dot_precision(dot_dtype), FP8=fp8, SCALE_BLOCKS=max(1, block_v // 128), HAS_LEN=has_len,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-
-
 def sparse_mla(q: Tensor, kv_cache: Tensor, indices: Tensor, sm_scale: float, v_dim: int,
                lengths: Tensor | None = None, max_rows: int = 256) -> tuple[Tensor, Tensor]:
     """See reference.sparse_mla (kv_cache: [S, D] rows or uint8 FP8 rows). `max_rows` is accepted and ignored."""
@@ -215,8 +200,14 @@ def sparse_mla(q: Tensor, kv_cache: Tensor, indices: Tensor, sm_scale: float, v_
         mla_gluon.launch(q, kv, scales, kr, fp8, indices, lens, lengths is not None, o_buf, l_buf, o_split, l_split,
                          splits, scale_log2)
     else:
-        _launch_triton(q, kv, kr, scales, indices, lens, lengths is not None, o_buf, l_buf, o_split, l_split,
-                       splits, scale_log2, v_dim, cfg, block_n, dot_dtype, fp8)
+        _sparse_mla_kernel[(triton.cdiv(H, cfg["block_h"]), T, splits)](
+            q, kv, kr, scales, indices, lens, o_buf, l_buf,
+            q.stride(0), q.stride(1), kv.stride(0), kr.stride(0), scales.stride(0), indices.stride(0), lens.stride(0),
+            o_buf.stride(0), o_buf.stride(1), o_split, l_buf.stride(0), l_buf.stride(1), l_split,
+            H, K, v_dim, rope_dim, splits, scale_log2,
+            BLOCK_H=cfg["block_h"], BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_R=block_r,
+            PRECISION=dot_precision(dot_dtype), FP8=fp8, SCALE_BLOCKS=max(1, block_v // 128),
+            HAS_LEN=lengths is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if splits > 1:
         _combine_kernel[(H, T)](
             o_buf, l_buf, out, lse,
