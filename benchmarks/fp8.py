@@ -1,6 +1,7 @@
 """Block-scaled FP8 GEMM and FP8 fused MoE on DeepSeek-V3.2 shapes, against the device's measured ceilings.
 
     python benchmarks/fp8.py [--out fp8.json] [--only gemm,moe,wgmma,tune-gemm,tune-moe] [--experts 256]
+                             [--moe-inter 2048 256]
 
 Ceilings, measured in the same run: copy bandwidth (2 GiB device-to-device copy, bytes read + written)
 and the FP8 matmul rate of torch._scaled_mm (cuBLAS, per-tensor scales, 8192^3, bf16 out, the faster of
@@ -192,6 +193,9 @@ def main() -> None:
                          "tune-*: the Triton prefill and 4096-token MoE tiles; decode: fp8_decode.py --sweep)")
     ap.add_argument("--prefill-rows", type=int, nargs="+", default=list(PREFILL_M),
                     help="rows of the prefill-shaped GEMMs (each timed on every path)")
+    ap.add_argument("--moe-inter", type=int, nargs="+", default=[2048],
+                    help="the experts' intermediate widths in the MoE runs: 2048 whole (one GPU, or expert parallel), "
+                         "256 DeepSeek-V3.2's TP-8 slice, 512 its TP-4 slice")
     a = ap.parse_args()
     start = time.perf_counter()
     torch.manual_seed(0)
@@ -202,7 +206,8 @@ def main() -> None:
         bench_gemm(peaks, SHAPES, DECODE_M, [None])
         bench_gemm(peaks, SHAPES, tuple(a.prefill_rows), [None, {"cublas": 0}, TRITON])
     if "moe" in only:
-        bench_moe(peaks, a.experts, (1, 8, 32, 4096), [None])
+        for inter in a.moe_inter:
+            bench_moe(peaks, a.experts, (1, 8, 32, 4096), [None], inter=inter)
     if "tune-gemm" in only:
         prefill = {k: SHAPES[k] for k in ("q_a", "q_b", "kv_a", "o_proj", "gate/up", "down", "gate/up/8", "down/8")}
         bench_gemm(peaks, prefill, (4096,), [{**(c or {}), **TRITON} for c in PREFILL_TUNE])  # the Triton tiles

@@ -165,10 +165,28 @@ def test_moe_fp8_forced_tiles(block_m: int) -> None:
     gen = torch.Generator(DEV).manual_seed(block_m)
     x, w13, w2, ids, tw = _moe_inputs(90, 512, 256, 6, 3, gen, dtype=torch.float32)
     want = reference.moe_experts(x, w13, w2, ids.long(), tw, 90)
-    for down_n in (64, 128):
-        tops.moe.CONFIG = {"block_m": block_m, "down_block_n": down_n}
+    for down_n, splits in ((64, 1), (128, 1), (64, 3)):
+        tops.moe.CONFIG = {"block_m": block_m, "down_block_n": down_n, "gate_up_splits": splits}
         err = rel_err(tops.moe_experts(x, w13, w2, ids, tw, 90), want)
-        assert err < 1e-2, f"block_m={block_m} down_block_n={down_n}: rel err {err:.2e}"
+        assert err < 1e-2, f"block_m={block_m} down_block_n={down_n} splits={splits}: rel err {err:.2e}"
+
+
+def test_moe_fp8_decode_gate_up_split_k() -> None:
+    """Batch 1 on a TP-8 slice of DeepSeek-V3.2's experts (7168 -> 256): the gate/up GEMM would run 16 programs,
+    so it splits K; the partial sums equal the reference like the one-launch path, for any split count."""
+    sms = torch.cuda.get_device_properties(DEV).multi_processor_count
+    assert tops.moe.gate_up_splits(8, 16, 256, 7168, 128, sms) > 1
+    assert tops.moe.gate_up_splits(4096, 16, 256, 7168, 128, sms) == 1
+    gen = torch.Generator(DEV).manual_seed(11)
+    x, w13, w2, ids, tw = _moe_inputs(2, 7168, 256, 16, 8, gen)
+    want = reference.moe_experts(x, w13, w2, ids.long(), tw, 2)
+    outs = []
+    for cfg in (None, {"gate_up_splits": 1}, {"gate_up_splits": 5}):
+        tops.moe.CONFIG = cfg
+        outs.append(tops.moe_experts(x, w13, w2, ids, tw, 2))
+        err = rel_err(outs[-1], want)
+        assert err < 1e-2, f"{cfg}: rel err {err:.2e}"
+    assert rel_err(outs[0], outs[1]) < 1e-2  # split sums vs one accumulator: only fp32 order and e4m3 flips
 
 
 @pytest.mark.parametrize("block_m,dtype", [(64, BF16), (128, BF16), (64, torch.float32)])

@@ -13,7 +13,9 @@ Program ids are grouped (GROUP_M M blocks share each N sweep) so weight tiles an
 Block-FP8 experts (dsaserve.ops.fp8.BlockFP8) run the same three steps on e4m3 operands: x is quantized
 once per token and 128-channel group; gate/up accumulate each K group's product times (activation scale x
 block scale) in fp32, and quantize silu(gate) * up per row in the epilogue (a BLOCK_N of one group), so
-the down GEMM reads e4m3 intermediates with their scales.
+the down GEMM reads e4m3 intermediates with their scales. At decode rows on narrow expert slices (TP-4/8:
+2-4 strips of 128 columns per expert) gate/up splits K (gate_up_splits) and writes fp32 partials that
+moe_glue.silu_mul_quant sums before the same quantization: 1.5-1.9x at 1 token on an H200.
 
 Prefill-sized FP8 experts on Hopper (WGMMA_MIN_ROWS rows per expert on average, fp8_wgmma.MIN_FLOP) take
 fp8_wgmma's pipelined Gluon GEMM in grouped mode instead: x's quantized rows gathered into sorted order,
@@ -28,27 +30,37 @@ import triton.language as tl
 
 from dsaserve.ops.fp8 import FP8, BlockFP8
 from dsaserve.ops.triton import fp8_wgmma
-from dsaserve.ops.triton._common import dot_precision, new_empty, next_pow2, quantize_rows, tile_ids
-from dsaserve.ops.triton.fp8_gemm import K_BLOCKS, act_quant
+from dsaserve.ops.triton._common import dot_precision, new_empty, quantize_rows, sm_count, tile_ids
+from dsaserve.ops.triton.fp8_gemm import K_BLOCKS, act_quant, balanced_splits
 from dsaserve.ops.triton.moe_align import align
+from dsaserve.ops.triton.moe_glue import reduce_pairs, silu_mul_quant
 
 Tensor = torch.Tensor
 
 # Tuning override for benchmarks: dict with any of block_m, block_n, block_k, num_warps, num_stages,
-# down_block_n, down_block_k, down_num_warps, down_num_stages, group_m (the Triton kernels), and wgmma (0:
-# never the Gluon path, 1: wherever it applies, whatever the size), wgmma_block_m (64 or 128), wgmma_stages.
+# down_block_n, down_block_k, down_num_warps, down_num_stages, group_m, gate_up_splits (FP8, the Triton kernels),
+# and wgmma (0: never the Gluon path, 1: wherever it applies, whatever the size), wgmma_block_m (64 or 128),
+# wgmma_stages.
 CONFIG: dict[str, int] | None = None
+# Up to this many pairs FP8 gate/up quantizes x in every program (one launch fewer: 1-4% faster at 1-4 tokens);
+# from 16 tokens on TP-4/8 expert slices that made the kernel 4-8% slower than quantizing once (H200).
+A_QUANT_MAX_PAIRS = 32
 WGMMA_MIN_ROWS = 64  # rows per expert on average from which FP8 experts run the pipelined wgmma GEMM (Hopper)
 
 
-@triton.jit(do_not_specialize=["num_pairs", "num_m_blocks"])
+@triton.jit(do_not_specialize=["num_pairs", "num_m_blocks", "stride_split"])
 def _gate_up_kernel(X, XS, W13, W13S, INTER, INTERS, SORTED, BLOCK_EXPERT,
                     stride_x, stride_xs, stride_we, stride_wn, stride_se, stride_sn, stride_i, stride_is,
-                    num_pairs, topk, I, HIDDEN, num_m_blocks,
+                    num_pairs, topk, I, HIDDEN, num_m_blocks, groups_per_split, stride_split,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                    EVEN_K: tl.constexpr, PRECISION: tl.constexpr, FP8: tl.constexpr, SCALE_N: tl.constexpr):
+                    EVEN_K: tl.constexpr, PRECISION: tl.constexpr, FP8: tl.constexpr, SCALE_N: tl.constexpr,
+                    SPLIT_K: tl.constexpr, A_QUANT: tl.constexpr):
     """FP8: X, W13 e4m3 with scales XS (token, K group) and W13S (expert, row block, K group); the
-    epilogue quantizes each row's BLOCK_N values (one group of the down GEMM) into INTER + INTERS."""
+    epilogue quantizes each row's BLOCK_N values (one group of the down GEMM) into INTER + INTERS.
+    SPLIT_K (FP8, whole K blocks): program_id(1)'s groups_per_split K groups only, gate | up written in fp32
+    to INTER + split * stride_split (rows of 2I) for moe_glue.silu_mul_quant to sum. A_QUANT (FP8, decode rows):
+    X holds the unquantized rows and each K step quantizes its [BLOCK_M, 128] slice (bit-identical to
+    act_quant), which saves a launch where few programs share a row."""
     m_blk, n_blk = tile_ids(num_m_blocks, I, BLOCK_N, GROUP_M)
     expert = tl.load(BLOCK_EXPERT + m_blk)
     if expert < 0:  # past the last padded block: nothing to do
@@ -59,16 +71,19 @@ def _gate_up_kernel(X, XS, W13, W13S, INTER, INTERS, SORTED, BLOCK_EXPERT,
     token = tl.where(p_mask, pair // topk, 0).to(tl.int64)
     cols = n_blk * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = cols < I
+    g0 = tl.program_id(1) * groups_per_split if SPLIT_K else 0  # first K group
+    k_start = g0 * BLOCK_K
+    k_end = tl.minimum(HIDDEN, k_start + groups_per_split * BLOCK_K) if SPLIT_K else HIDDEN
     kk = tl.arange(0, BLOCK_K)
-    a_ptr = X + token[:, None] * stride_x + kk[None, :]
-    g_ptr = W13 + expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wn + kk[:, None]
+    a_ptr = X + token[:, None] * stride_x + (k_start + kk)[None, :]
+    g_ptr = W13 + expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wn + (k_start + kk)[:, None]
     u_ptr = g_ptr + I * stride_wn
-    as_ptr = XS + token * stride_xs  # the scale pointers are unused (never loaded) without FP8
-    gs_ptr = W13S + expert.to(tl.int64) * stride_se + (cols // SCALE_N) * stride_sn
-    us_ptr = W13S + expert.to(tl.int64) * stride_se + ((cols + I) // SCALE_N) * stride_sn
+    as_ptr = XS + token * stride_xs + g0  # the scale pointers are unused (never loaded) without FP8
+    gs_ptr = W13S + expert.to(tl.int64) * stride_se + (cols // SCALE_N) * stride_sn + g0
+    us_ptr = W13S + expert.to(tl.int64) * stride_se + ((cols + I) // SCALE_N) * stride_sn + g0
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, HIDDEN, BLOCK_K):
+    for k0 in range(k_start, k_end, BLOCK_K):
         if EVEN_K:
             a = tl.load(a_ptr, mask=p_mask[:, None], other=0.0)
             g = tl.load(g_ptr, mask=n_mask[None, :], other=0.0)
@@ -79,7 +94,11 @@ def _gate_up_kernel(X, XS, W13, W13S, INTER, INTERS, SORTED, BLOCK_EXPERT,
             g = tl.load(g_ptr, mask=n_mask[None, :] & k_mask[:, None], other=0.0)
             u = tl.load(u_ptr, mask=n_mask[None, :] & k_mask[:, None], other=0.0)
         if FP8:
-            a_s = tl.load(as_ptr, mask=p_mask, other=0.0)[:, None]
+            if A_QUANT:
+                a, a_s = quantize_rows(a.to(tl.float32))
+                a_s = a_s[:, None]
+            else:
+                a_s = tl.load(as_ptr, mask=p_mask, other=0.0)[:, None]
             acc_g += tl.dot(a, g) * (a_s * tl.load(gs_ptr, mask=n_mask, other=0.0)[None, :])
             acc_u += tl.dot(a, u) * (a_s * tl.load(us_ptr, mask=n_mask, other=0.0)[None, :])
         else:
@@ -91,6 +110,11 @@ def _gate_up_kernel(X, XS, W13, W13S, INTER, INTERS, SORTED, BLOCK_EXPERT,
         as_ptr += 1
         gs_ptr += 1
         us_ptr += 1
+    if SPLIT_K:  # partial sums: gate | up of this K range
+        part = INTER + tl.program_id(1).to(tl.int64) * stride_split + rows.to(tl.int64)[:, None] * stride_i
+        tl.store(part + cols[None, :], acc_g, mask=n_mask[None, :])
+        tl.store(part + I + cols[None, :], acc_u, mask=n_mask[None, :])
+        return
     h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u  # columns >= I are 0
     out = INTER + rows.to(tl.int64)[:, None] * stride_i + cols[None, :]
     if FP8:
@@ -145,49 +169,29 @@ def _down_kernel(INTER, INTERS, W2, W2S, YBUF, SORTED, BLOCK_EXPERT, TOPW,
     tl.store(out, y.to(YBUF.dtype.element_ty), mask=p_mask[:, None] & n_mask[None, :])
 
 
-@triton.jit(do_not_specialize=["R", "stride_sg"])
-def _silu_mul_quant_kernel(GU, Q, S, BLOCK_EXPERT, R, I, stride_gu, stride_q, stride_sg, BLOCK_M: tl.constexpr,
-                           GROUP: tl.constexpr, GROUPS: tl.constexpr):
-    """GU [R, 2I] (gate | up) -> e4m3 silu(gate) * up [R, I] with per-128 scales S group-major [I / G, R];
-    rows of the blocks past the last expert's (BLOCK_EXPERT -1: never computed, never read) are skipped."""
-    row = tl.program_id(0).to(tl.int64)
-    if tl.load(BLOCK_EXPERT + row // BLOCK_M) < 0:
-        return
-    g = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
-    cols = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
-    mask = cols < I
-    gate = tl.load(GU + row * stride_gu + cols, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(GU + row * stride_gu + I + cols, mask=mask, other=0.0).to(tl.float32)
-    q, scale = quantize_rows(gate / (1.0 + tl.exp(-gate)) * up)
-    tl.store(Q + row * stride_q + cols, q, mask=mask)
-    tl.store(S + g * stride_sg + row, scale, mask=g * GROUP < I)
+def gate_up_splits(pairs: int, experts: int, inter: int, hidden: int, block: int, sms: int, block_m: int = 16) -> int:
+    """Split-K count of the FP8 gate/up GEMM at decode rows. Its programs are the row blocks (about one per hit
+    expert) x block-wide column strips: 16 at batch 1 on a TP-8 slice of DeepSeek-V3.2 (inter 256), too few to
+    stream the weights (14% of copy bandwidth on an H200), so its K groups split as the dense decode GEMM's do
+    (fp8_gemm.balanced_splits) until the programs fill the SMs."""
+    tiles = max(min(pairs, experts), triton.cdiv(pairs, block_m)) * triton.cdiv(inter, block)
+    if 2 * tiles >= 3 * sms:
+        return 1
+    return balanced_splits(tiles, triton.cdiv(hidden, block), sms, max_programs=4 * sms)
 
 
-@triton.jit(do_not_specialize=["num_tokens"])
-def _reduce_kernel(YBUF, POS, OUT, stride_y, stride_o, num_tokens, topk, HIDDEN, BLOCK: tl.constexpr,
-                   INDEXED: tl.constexpr):
-    """INDEXED: pair p's row of YBUF is POS[p] (YBUF in sorted order), else p."""
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    c_mask = cols < HIDDEN
-    acc = tl.zeros([BLOCK], tl.float32)
-    if row < num_tokens:
-        for j in range(topk):
-            y_row = tl.load(POS + row * topk + j).to(tl.int64) if INDEXED else row * topk + j
-            acc += tl.load(YBUF + y_row * stride_y + cols, mask=c_mask, other=0.0).to(tl.float32)
-    tl.store(OUT + row * stride_o + cols, acc.to(OUT.dtype.element_ty), mask=c_mask)
-
-
-def _config(num_pairs: int, num_experts: int, fp8_block: tuple[int, int] | None = None) -> dict[str, int]:
+def _config(num_pairs: int, num_experts: int, fp8_block: tuple[int, int] | None = None, inter: int = 0,
+            hidden: int = 0, sms: int = 1) -> dict[str, int]:
     """Tiles by rows per expert (CONFIG overrides any of them, except FP8's fixed K steps and gate/up width)."""
     per_expert = num_pairs / max(1, min(num_experts, num_pairs))
     if fp8_block is not None:
         # gate/up keeps two accumulators plus each step's two dot results: BLOCK_M 64 over 8 warps fits
         # the registers; BLOCK_N and the K steps are one quantization group / weight K block.
         base = (dict(block_m=64, num_warps=8, num_stages=3, down_block_n=128, down_num_warps=8, down_num_stages=4,
-                     group_m=8) if per_expert >= 24 else
+                     group_m=8, gate_up_splits=1) if per_expert >= 24 else
                 dict(block_m=16, num_warps=4, num_stages=3, down_block_n=64, down_num_warps=4, down_num_stages=4,
-                     group_m=1))
+                     group_m=1, gate_up_splits=gate_up_splits(num_pairs, num_experts, inter, hidden, fp8_block[1],
+                                                              sms)))
         return {**base, **(CONFIG or {}), "block_n": fp8_block[1], "block_k": fp8_block[1],
                 "down_block_k": fp8_block[1]}
     if per_expert >= 96:  # prefill: compute-bound tiles
@@ -226,11 +230,12 @@ def moe_experts(x: Tensor, w13: Tensor | BlockFP8, w2: Tensor | BlockFP8, topk_i
         _check_fp8(w13, w2, hidden)
         if _wgmma_applies(x, w13, w2, P, E):
             return _moe_fp8_wgmma(x, w13, w2, topk_ids, topk_weights, num_tokens, out)
-    cfg = _config(P, E, w13.block if fp8 else None)
+    cfg = _config(P, E, w13.block if fp8 else None, I, hidden, sm_count(x))
     bm = cfg["block_m"]
-    sorted_ids, block_expert, max_blocks = align(topk_ids[:num_tokens].reshape(-1).long(), E, bm)
+    sorted_ids, block_expert, max_blocks = align(topk_ids[:num_tokens].reshape(-1), E, bm)
     if fp8:
-        a, a_s = act_quant(x[:num_tokens], w13.block[1])  # once per token; gathered per pair
+        # once per token, gathered per pair; for a few pairs gate/up quantizes its slices of x itself
+        a, a_s = (x, x) if bm <= 16 and P <= A_QUANT_MAX_PAIRS else act_quant(x[:num_tokens], w13.block[1])
         w13_w, w13_s, w2_w, w2_s, scale_n = w13.weight, w13.scale, w2.weight, w2.scale, w13.block[0]
         inter = new_empty((max_blocks * bm, I), FP8, x.device)
         inter_s = new_empty((max_blocks * bm, I // cfg["block_n"]), torch.float32, x.device)
@@ -241,13 +246,7 @@ def moe_experts(x: Tensor, w13: Tensor | BlockFP8, w2: Tensor | BlockFP8, topk_i
         scale_n = 1
         inter = inter_s = new_empty((max_blocks * bm, I), x.dtype, x.device)
     precision = dot_precision(x.dtype)
-    _gate_up_kernel[(max_blocks * triton.cdiv(I, cfg["block_n"]),)](
-        a, a_s, w13_w, w13_s, inter, inter_s, sorted_ids, block_expert,
-        a.stride(0), a_s.stride(0), w13_w.stride(0), w13_w.stride(1), w13_s.stride(0), w13_s.stride(1),
-        inter.stride(0), inter_s.stride(0), P, k, I, hidden, max_blocks,
-        BLOCK_M=bm, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], GROUP_M=cfg["group_m"],
-        EVEN_K=hidden % cfg["block_k"] == 0, PRECISION=precision, FP8=fp8, SCALE_N=scale_n,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    _gate_up(a, a_s, w13_w, w13_s, inter, inter_s, sorted_ids, block_expert, max_blocks, P, k, cfg, fp8, scale_n)
     ybuf = new_empty((P, hidden), x.dtype, x.device)
     _down_kernel[(max_blocks * triton.cdiv(hidden, cfg["down_block_n"]),)](
         inter, inter_s, w2_w, w2_s, ybuf, sorted_ids, block_expert, topk_weights,
@@ -256,16 +255,30 @@ def moe_experts(x: Tensor, w13: Tensor | BlockFP8, w2: Tensor | BlockFP8, topk_i
         BLOCK_M=bm, BLOCK_N=cfg["down_block_n"], BLOCK_K=cfg["down_block_k"], GROUP_M=cfg["group_m"],
         EVEN_K=I % cfg["down_block_k"] == 0, PRECISION=precision, FP8=fp8, SCALE_N=scale_n,
         num_warps=cfg["down_num_warps"], num_stages=cfg["down_num_stages"])
-    _reduce(ybuf, None, out, num_tokens, k)
+    reduce_pairs(ybuf, None, out, num_tokens, k)
     return out
 
 
-def _reduce(ybuf: Tensor, pos: Tensor | None, out: Tensor, num_tokens: int, topk: int) -> None:
-    hidden = out.shape[1]
-    block = min(1024, next_pow2(hidden))
-    _reduce_kernel[(out.shape[0], triton.cdiv(hidden, block))](
-        ybuf, ybuf if pos is None else pos, out, ybuf.stride(0), out.stride(0), num_tokens, topk, hidden,
-        BLOCK=block, INDEXED=pos is not None, num_warps=4)
+def _gate_up(a: Tensor, a_s: Tensor, w13: Tensor, w13_s: Tensor, inter: Tensor, inter_s: Tensor, sorted_ids: Tensor,
+             block_expert: Tensor, max_blocks: int, P: int, k: int, cfg: dict[str, int], fp8: bool,
+             scale_n: int) -> None:
+    """inter (and FP8 scales) = silu(gate) * up of each sorted pair: one launch, or at FP8 decode rows
+    cfg["gate_up_splits"] launches' worth of K ranges whose fp32 partials moe_glue.silu_mul_quant sums."""
+    I, hidden, bm = w13.shape[1] // 2, a.shape[1], cfg["block_m"]
+    groups = triton.cdiv(hidden, cfg["block_k"])
+    per_split = triton.cdiv(groups, cfg["gate_up_splits"] if fp8 and hidden % cfg["block_k"] == 0 else 1)
+    splits = triton.cdiv(groups, per_split)
+    out = new_empty((splits, max_blocks * bm, 2 * I), torch.float32, a.device) if splits > 1 else inter
+    _gate_up_kernel[(max_blocks * triton.cdiv(I, cfg["block_n"]), splits)](
+        a, a_s, w13, w13_s, out, inter_s, sorted_ids, block_expert,
+        a.stride(0), a_s.stride(0), w13.stride(0), w13.stride(1), w13_s.stride(0), w13_s.stride(1),
+        out.stride(-2), inter_s.stride(0), P, k, I, hidden, max_blocks, per_split, out.stride(0),
+        BLOCK_M=bm, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], GROUP_M=cfg["group_m"],
+        EVEN_K=hidden % cfg["block_k"] == 0, PRECISION=dot_precision(a.dtype),
+        FP8=fp8, SCALE_N=scale_n, SPLIT_K=splits > 1, A_QUANT=fp8 and a.dtype != FP8, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
+    if splits > 1:
+        silu_mul_quant(out, inter, inter_s, 1, inter_s.stride(0), block_expert, bm)
 
 
 def _override(key: str, default: int | None) -> int | None:
@@ -293,7 +306,7 @@ def _moe_fp8_wgmma(x: Tensor, w13: BlockFP8, w2: BlockFP8, topk_ids: Tensor, top
     k = topk_ids.shape[1]
     P = num_tokens * k
     bm, stages = _override("wgmma_block_m", 64), _override("wgmma_stages", 3)
-    sorted_ids, block_expert, max_blocks = align(topk_ids[:num_tokens].reshape(-1).long(), E, bm)
+    sorted_ids, block_expert, max_blocks = align(topk_ids[:num_tokens].reshape(-1), E, bm)
     R = max_blocks * bm
     valid = sorted_ids < P
     pair = torch.where(valid, sorted_ids, 0).long()
@@ -307,10 +320,7 @@ def _moe_fp8_wgmma(x: Tensor, w13: BlockFP8, w2: BlockFP8, topk_ids: Tensor, top
     del a, a_s, a_rows, a_s_gm
     inter = new_empty((R, I2 // 2), FP8, x.device)
     inter_s = new_empty((I2 // 2 // 128, R), torch.float32, x.device)
-    groups = 8
-    _silu_mul_quant_kernel[(R, triton.cdiv(I2 // 2 // 128, groups))](
-        gate_up, inter, inter_s, block_expert, R, I2 // 2, gate_up.stride(0), inter.stride(0), inter_s.stride(0),
-        BLOCK_M=bm, GROUP=128, GROUPS=groups, num_warps=4)
+    silu_mul_quant(gate_up.unsqueeze(0), inter, inter_s, inter_s.stride(0), 1, block_expert, bm)
     del gate_up
     row_weight = torch.where(valid, topk_weights.reshape(-1)[pair], 0.0)
     y = new_empty((R, hidden), x.dtype, x.device)
@@ -319,7 +329,7 @@ def _moe_fp8_wgmma(x: Tensor, w13: BlockFP8, w2: BlockFP8, topk_ids: Tensor, top
     # slot P takes the padding rows' writes and is never read: every other slot is written once
     pos = torch.empty(P + 1, dtype=torch.int32, device=x.device)
     pos.scatter_(0, sorted_ids.long(), torch.arange(R, dtype=torch.int32, device=x.device))
-    _reduce(y, pos, out, num_tokens, k)
+    reduce_pairs(y, pos, out, num_tokens, k)
     return out
 
 
