@@ -213,9 +213,10 @@ def _align_reference(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple
 
 
 @gpu
-@pytest.mark.parametrize("case", [(1, 16, 16), (16, 256, 64), (512, 256, 16), (3000, 8, 64), (65536, 256, 64)])
+@pytest.mark.parametrize("case", [(1, 16, 16), (16, 256, 64), (37, 5, 16), (255, 5, 16), (256, 256, 16),
+                                  (512, 256, 16), (3000, 8, 64), (65536, 256, 64)])
 def test_moe_align_kernel(case: tuple[int, int, int]):
-    from dsaserve.ops.triton.moe_align import align
+    from dsaserve.ops.triton.moe_align import SMALL_PAIRS, align
     P, E, block_m = case
     gen = torch.Generator("cuda").manual_seed(P)
     ids = torch.randint(0, E, (P,), generator=gen, device="cuda")
@@ -224,6 +225,8 @@ def test_moe_align_kernel(case: tuple[int, int, int]):
     sorted_ids, block_expert, max_blocks = align(ids, E, block_m)
     want_ids, want_blocks = _align_reference(ids, E, block_m)
     assert max_blocks == len(want_blocks) and torch.equal(block_expert.cpu(), want_blocks)
+    if P <= SMALL_PAIRS:  # one program, a sort: the runs in pair order
+        assert torch.equal(sorted_ids.cpu(), want_ids)
     # within a run the order is the atomics' (any order gives the same outputs): compare each run as a set
     got, want = sorted_ids.cpu().view(-1, block_m), want_ids.view(-1, block_m)
     for e in range(-1, E):

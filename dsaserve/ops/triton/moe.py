@@ -33,7 +33,7 @@ from dsaserve.ops.triton import fp8_wgmma
 from dsaserve.ops.triton._common import dot_precision, new_empty, quantize_rows, sm_count, tile_ids
 from dsaserve.ops.triton.fp8_gemm import K_BLOCKS, act_quant, balanced_splits
 from dsaserve.ops.triton.moe_align import align
-from dsaserve.ops.triton.moe_glue import reduce_pairs, silu_mul_quant
+from dsaserve.ops.triton.moe_glue import MAX_SPLITS, reduce_pairs, silu_mul_quant
 
 Tensor = torch.Tensor
 
@@ -48,7 +48,7 @@ A_QUANT_MAX_PAIRS = 32
 WGMMA_MIN_ROWS = 64  # rows per expert on average from which FP8 experts run the pipelined wgmma GEMM (Hopper)
 
 
-@triton.jit(do_not_specialize=["num_pairs", "num_m_blocks", "stride_split"])
+@triton.jit(do_not_specialize=["num_pairs", "num_m_blocks", "groups_per_split", "stride_split"])
 def _gate_up_kernel(X, XS, W13, W13S, INTER, INTERS, SORTED, BLOCK_EXPERT,
                     stride_x, stride_xs, stride_we, stride_wn, stride_se, stride_sn, stride_i, stride_is,
                     num_pairs, topk, I, HIDDEN, num_m_blocks, groups_per_split, stride_split,
@@ -266,7 +266,8 @@ def _gate_up(a: Tensor, a_s: Tensor, w13: Tensor, w13_s: Tensor, inter: Tensor, 
     cfg["gate_up_splits"] launches' worth of K ranges whose fp32 partials moe_glue.silu_mul_quant sums."""
     I, hidden, bm = w13.shape[1] // 2, a.shape[1], cfg["block_m"]
     groups = triton.cdiv(hidden, cfg["block_k"])
-    per_split = triton.cdiv(groups, cfg["gate_up_splits"] if fp8 and hidden % cfg["block_k"] == 0 else 1)
+    splits = cfg["gate_up_splits"] if fp8 and hidden % cfg["block_k"] == 0 else 1
+    per_split = max(triton.cdiv(groups, splits), triton.cdiv(groups, MAX_SPLITS))
     splits = triton.cdiv(groups, per_split)
     out = new_empty((splits, max_blocks * bm, 2 * I), torch.float32, a.device) if splits > 1 else inter
     _gate_up_kernel[(max_blocks * triton.cdiv(I, cfg["block_n"]), splits)](

@@ -9,6 +9,7 @@ import triton.language as tl
 from dsaserve.ops.triton._common import next_pow2, quantize_rows
 
 Tensor = torch.Tensor
+MAX_SPLITS = 16  # split-K partial sums silu_mul_quant adds (moe's gate/up never makes more)
 
 
 @triton.jit(do_not_specialize=["R", "stride_sg", "stride_sr", "splits", "stride_split"])
@@ -54,7 +55,9 @@ def silu_mul_quant(gate_up: Tensor, inter: Tensor, inter_s: Tensor, stride_sg: i
     """gate_up [splits, R, 2I] fp32 partial sums -> inter (e4m3 [R, I]) and its per-128 scales at
     inter_s[group * stride_sg + row * stride_sr]."""
     splits, R, I2 = gate_up.shape
-    split_block = next_pow2(splits, 1)
+    if splits > MAX_SPLITS:
+        raise ValueError(f"silu_mul_quant: {splits} partial sums, at most {MAX_SPLITS}")
+    split_block = 1 if splits == 1 else MAX_SPLITS  # two variants whatever the batch: none after the warm-up
     groups = max(1, min(16 // split_block, 8, next_pow2(I2 // 2 // 128, 1)))  # <= 16 x 128 loads of gate and of up
     _silu_mul_quant_kernel[(R, triton.cdiv(I2 // 2 // 128, groups))](
         gate_up, inter, inter_s, block_expert, R, I2 // 2, gate_up.stride(1), inter.stride(0), stride_sg, stride_sr,
@@ -69,4 +72,4 @@ def reduce_pairs(ybuf: Tensor, pos: Tensor | None, out: Tensor, num_tokens: int,
         BLOCK=block, INDEXED=pos is not None, num_warps=4)
 
 
-__all__ = ["reduce_pairs", "silu_mul_quant"]
+__all__ = ["MAX_SPLITS", "reduce_pairs", "silu_mul_quant"]
