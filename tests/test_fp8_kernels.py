@@ -165,7 +165,7 @@ def test_moe_fp8_forced_tiles(block_m: int) -> None:
     gen = torch.Generator(DEV).manual_seed(block_m)
     x, w13, w2, ids, tw = _moe_inputs(90, 512, 256, 6, 3, gen, dtype=torch.float32)
     want = reference.moe_experts(x, w13, w2, ids.long(), tw, 90)
-    for down_n, splits in ((64, 1), (128, 1), (64, 3)):
+    for down_n, splits in ((64, 1), (128, 1), (64, 4)):  # hidden 512: 4 K groups, one per split
         tops.moe.CONFIG = {"block_m": block_m, "down_block_n": down_n, "gate_up_splits": splits}
         err = rel_err(tops.moe_experts(x, w13, w2, ids, tw, 90), want)
         assert err < 1e-2, f"block_m={block_m} down_block_n={down_n} splits={splits}: rel err {err:.2e}"
@@ -175,8 +175,8 @@ def test_moe_fp8_decode_gate_up_split_k() -> None:
     """Batch 1 on a TP-8 slice of DeepSeek-V3.2's experts (7168 -> 256): the gate/up GEMM would run 16 programs,
     so it splits K; the partial sums equal the reference like the one-launch path, for any split count."""
     sms = torch.cuda.get_device_properties(DEV).multi_processor_count
-    assert tops.moe.gate_up_splits(8, 16, 256, 7168, 128, sms) > 1
-    assert tops.moe.gate_up_splits(4096, 16, 256, 7168, 128, sms) == 1
+    assert tops.moe.gate_up_splits(16, 16, 256, 7168, 128, sms, 16) > 1
+    assert tops.moe.gate_up_splits(4096, 16, 256, 7168, 128, sms, 16) == 1
     gen = torch.Generator(DEV).manual_seed(11)
     x, w13, w2, ids, tw = _moe_inputs(2, 7168, 256, 16, 8, gen)
     want = reference.moe_experts(x, w13, w2, ids.long(), tw, 2)
@@ -187,6 +187,19 @@ def test_moe_fp8_decode_gate_up_split_k() -> None:
         err = rel_err(outs[-1], want)
         assert err < 1e-2, f"{cfg}: rel err {err:.2e}"
     assert rel_err(outs[0], outs[1]) < 1e-2  # split sums vs one accumulator: only fp32 order and e4m3 flips
+
+
+def test_moe_fp8_quantizes_x_in_gate_up_bit_identically() -> None:
+    """Up to A_QUANT_MAX_PAIRS pairs gate/up quantizes x itself: the same e4m3 values and scales as act_quant,
+    so the output equals the act_quant launch's bit for bit."""
+    gen = torch.Generator(DEV).manual_seed(12)
+    x, w13, w2, ids, tw = _moe_inputs(3, 1152, 256, 16, 8, gen)  # 24 pairs, 9 K groups
+    assert 3 * 8 <= tops.moe.A_QUANT_MAX_PAIRS
+    outs = []
+    for a_quant in (1, 0):
+        tops.moe.CONFIG = {"a_quant": a_quant, "gate_up_splits": 1}
+        outs.append(tops.moe_experts(x, w13, w2, ids, tw, 3))
+    assert torch.equal(outs[0], outs[1])
 
 
 @pytest.mark.parametrize("block_m,dtype", [(64, BF16), (128, BF16), (64, torch.float32)])

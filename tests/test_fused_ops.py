@@ -213,7 +213,7 @@ def _align_reference(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple
 
 
 @gpu
-@pytest.mark.parametrize("case", [(1, 16, 16), (16, 256, 64), (37, 5, 16), (255, 5, 16), (256, 256, 16),
+@pytest.mark.parametrize("case", [(1, 16, 16), (16, 256, 64), (37, 5, 16), (100, 8, 128), (255, 5, 16), (256, 256, 16),
                                   (512, 256, 16), (3000, 8, 64), (65536, 256, 64)])
 def test_moe_align_kernel(case: tuple[int, int, int]):
     from dsaserve.ops.triton.moe_align import SMALL_PAIRS, align

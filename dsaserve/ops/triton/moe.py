@@ -38,7 +38,8 @@ from dsaserve.ops.triton.moe_glue import MAX_SPLITS, reduce_pairs, silu_mul_quan
 Tensor = torch.Tensor
 
 # Tuning override for benchmarks: dict with any of block_m, block_n, block_k, num_warps, num_stages,
-# down_block_n, down_block_k, down_num_warps, down_num_stages, group_m, gate_up_splits (FP8, the Triton kernels),
+# down_block_n, down_block_k, down_num_warps, down_num_stages, group_m, a_quant and gate_up_splits (FP8: x quantized
+# inside gate/up, its split-K count; the Triton kernels),
 # and wgmma (0: never the Gluon path, 1: wherever it applies, whatever the size), wgmma_block_m (64 or 128),
 # wgmma_stages.
 CONFIG: dict[str, int] | None = None
@@ -169,7 +170,7 @@ def _down_kernel(INTER, INTERS, W2, W2S, YBUF, SORTED, BLOCK_EXPERT, TOPW,
     tl.store(out, y.to(YBUF.dtype.element_ty), mask=p_mask[:, None] & n_mask[None, :])
 
 
-def gate_up_splits(pairs: int, experts: int, inter: int, hidden: int, block: int, sms: int, block_m: int = 16) -> int:
+def gate_up_splits(pairs: int, experts: int, inter: int, hidden: int, block: int, sms: int, block_m: int) -> int:
     """Split-K count of the FP8 gate/up GEMM at decode rows. Its programs are the row blocks (about one per hit
     expert) x block-wide column strips: 16 at batch 1 on a TP-8 slice of DeepSeek-V3.2 (inter 256), too few to
     stream the weights (14% of copy bandwidth on an H200), so its K groups split as the dense decode GEMM's do
@@ -180,18 +181,18 @@ def gate_up_splits(pairs: int, experts: int, inter: int, hidden: int, block: int
     return balanced_splits(tiles, triton.cdiv(hidden, block), sms, max_programs=4 * sms)
 
 
-def _config(num_pairs: int, num_experts: int, fp8_block: tuple[int, int] | None = None, inter: int = 0,
-            hidden: int = 0, sms: int = 1) -> dict[str, int]:
+def _config(num_pairs: int, num_experts: int, fp8_block: tuple[int, int] | None, inter: int, hidden: int,
+            sms: int) -> dict[str, int]:
     """Tiles by rows per expert (CONFIG overrides any of them, except FP8's fixed K steps and gate/up width)."""
     per_expert = num_pairs / max(1, min(num_experts, num_pairs))
     if fp8_block is not None:
         # gate/up keeps two accumulators plus each step's two dot results: BLOCK_M 64 over 8 warps fits
         # the registers; BLOCK_N and the K steps are one quantization group / weight K block.
         base = (dict(block_m=64, num_warps=8, num_stages=3, down_block_n=128, down_num_warps=8, down_num_stages=4,
-                     group_m=8, gate_up_splits=1) if per_expert >= 24 else
+                     group_m=8, a_quant=0, gate_up_splits=1) if per_expert >= 24 else
                 dict(block_m=16, num_warps=4, num_stages=3, down_block_n=64, down_num_warps=4, down_num_stages=4,
-                     group_m=1, gate_up_splits=gate_up_splits(num_pairs, num_experts, inter, hidden, fp8_block[1],
-                                                              sms)))
+                     group_m=1, a_quant=int(num_pairs <= A_QUANT_MAX_PAIRS),
+                     gate_up_splits=gate_up_splits(num_pairs, num_experts, inter, hidden, fp8_block[1], sms, 16)))
         return {**base, **(CONFIG or {}), "block_n": fp8_block[1], "block_k": fp8_block[1],
                 "down_block_k": fp8_block[1]}
     if per_expert >= 96:  # prefill: compute-bound tiles
@@ -235,7 +236,7 @@ def moe_experts(x: Tensor, w13: Tensor | BlockFP8, w2: Tensor | BlockFP8, topk_i
     sorted_ids, block_expert, max_blocks = align(topk_ids[:num_tokens].reshape(-1), E, bm)
     if fp8:
         # once per token, gathered per pair; for a few pairs gate/up quantizes its slices of x itself
-        a, a_s = (x, x) if bm <= 16 and P <= A_QUANT_MAX_PAIRS else act_quant(x[:num_tokens], w13.block[1])
+        a, a_s = (x, x) if cfg["a_quant"] else act_quant(x[:num_tokens], w13.block[1])
         w13_w, w13_s, w2_w, w2_s, scale_n = w13.weight, w13.scale, w2.weight, w2.scale, w13.block[0]
         inter = new_empty((max_blocks * bm, I), FP8, x.device)
         inter_s = new_empty((max_blocks * bm, I // cfg["block_n"]), torch.float32, x.device)
@@ -360,4 +361,4 @@ def weight_bytes(topk_ids: Tensor, num_tokens: int, hidden: int, inter: int, ele
     return float(used * 3 * hidden * inter * elem)
 
 
-__all__ = ["CONFIG", "flops", "moe_experts", "weight_bytes"]
+__all__ = ["A_QUANT_MAX_PAIRS", "CONFIG", "flops", "gate_up_splits", "moe_experts", "weight_bytes"]

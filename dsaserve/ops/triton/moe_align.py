@@ -100,4 +100,4 @@ def align(ids: Tensor, num_experts: int, block_m: int) -> tuple[Tensor, Tensor, 
     return sorted_ids, block_expert, max_blocks
 
 
-__all__ = ["align"]
+__all__ = ["SMALL_PAIRS", "align"]
