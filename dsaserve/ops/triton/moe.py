@@ -1,8 +1,8 @@
 """Routed experts as a grouped GEMM.
 
 Token-expert pairs are sorted by expert and each expert's run is padded to a multiple of BLOCK_M, so every
-M block belongs to one expert (block_expert). moe_align.align builds this in three launches with an upper
-bound on the block count, so there is no host sync (the op can be captured in a CUDA graph). Then:
+M block belongs to one expert (block_expert). moe_align.align builds this in one launch (decode) or three,
+with an upper bound on the block count, so there is no host sync (the op can be captured in a CUDA graph). Then:
   1. gate/up: one program computes a BLOCK_M x BLOCK_N tile of both gate and up (same A rows, two weight
      tiles), applies silu(gate) * up in fp32 and writes the bf16 intermediate in sorted order;
   2. down: intermediate @ w2[e]^T, scaled by the routing weight, written to a per-pair buffer indexed by

@@ -2,10 +2,11 @@
 the expert of every row block. Up to SMALL_PAIRS pairs (decode) one program does it all; above, three launches.
 
 The torch version took about 17 small kernels per MoE layer (scatter-add, cumsums, an argsort, a
-searchsorted, ...), which at decode cost more than the routing itself. Here: zero two counters, count
-pairs per expert (and fill every row with the pad id), then place each pair at its expert's run start
-plus an atomic ticket. Within a run the order is whatever the atomics give: every row of the expert GEMMs
-is computed on its own and results go back by pair id, so the order does not change any output bit.
+searchsorted, ...), which at decode cost more than the routing itself. Above SMALL_PAIRS: zero two
+counters, count pairs per expert (and fill every row with the pad id), then place each pair at its expert's
+run start plus an atomic ticket; within a run the order is whatever the atomics give (the one-program path's
+is pair order). Every row of the expert GEMMs is computed on its own and results go back by pair id, so the
+order does not change any output bit.
 """
 from __future__ import annotations
 
