@@ -108,8 +108,9 @@ def test_pd_over_fp8_cache_equals_aggregated(arch: str, page_size: int, spec_ste
     if spec_steps:
         flags.update(speculative_algorithm="NEXTN", speculative_num_steps=spec_steps)
     prompts = prompts_ids(4, lengths(page_size), seed=8)
+    flags.update(chunked_prefill_size=7)  # both sides chunk alike: e4m3 rounding amplifies a GEMM's last bit
     expected = [c.token_ids for c in LLM(model, max_total_tokens=2048, **flags).generate(prompts, GREEDY)]
-    with pd_pair(model, chunked_prefill_size=7, **flags) as (pre, dec):
+    with pd_pair(model, **flags) as (pre, dec):
         _, tokens = run_pd(pre, dec, prompts, GREEDY)
         assert [tokens[f"r{i}"] for i in range(len(prompts))] == expected
         assert_pools_whole(pre, dec)
