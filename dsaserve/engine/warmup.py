@@ -1,7 +1,9 @@
 """Start-up warm-up: a few prompts through the whole engine before it serves, so the first requests find
 the prefill-shaped Triton kernels compiled (kernels specialize on row-count buckets and on whether
-counts are multiples of 16; CUDA graphs cover only decode, verify and draft steps). The statistics and
-the prefix cache are reset afterwards, so the served requests see a fresh engine."""
+counts are multiples of 16; CUDA graphs cover only decode, verify and draft steps). Without graphs on a
+GPU the decode-shaped variants are warmed too: requests that end one decode step apart take the batch
+through every size from DECODE_BATCHES down to 1. The statistics and the prefix cache are reset afterwards, so
+the served requests see a fresh engine."""
 from __future__ import annotations
 
 import gc
@@ -19,6 +21,8 @@ log = logging.getLogger(__name__)
 GPU_LENGTHS = (17, 32, 100, 128, 600, 1024, 4096)  # around the kernels' row buckets (16, 64, 512, ...)
 CPU_LENGTHS = (17, 32)  # nothing compiles on CPU: the path runs, briefly
 MAX_STEPS_PER_PROMPT = 10_000  # a bound, far above the chunks of the longest prompt
+DECODE_BATCHES = 64  # without graphs: decode batches of 64 down to 1 row (the default graph buckets' range)
+DECODE_PROMPT = 17
 
 
 def warmup_lengths(on_gpu: bool, chunk: int, longest: int) -> list[int]:
@@ -33,21 +37,56 @@ def warm_up(engine: Engine) -> None:
     sched = engine.scheduler
     longest = min(engine.context_length, sched.capacity_tokens - sched.cfg.decode_lookahead) - 1
     lengths = warmup_lengths(engine.runner.device.type == "cuda", sched.cfg.chunked_prefill_size, longest)
+    if sched.cfg.max_queued_requests < 1:  # no request may wait: nothing can run through the engine
+        lengths = []
     start = time.perf_counter()
     params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, seed=0)
-    vocab = engine.cfg.vocab_size
     for i, n in enumerate(lengths):
-        if engine.par.cfg.is_leader:  # a first token of its own: no prompt reuses another's cached prefix
-            engine.add_request(f"dsaserve-warm-up-{i}", [(7 + i + 13 * j) % vocab for j in range(n)], params)
-        for _ in range(MAX_STEPS_PER_PROMPT):
-            engine.step()
-            if not engine.last_sync.any_work:
-                break
+        _run(engine, [(f"dsaserve-warm-up-{i}", _prompt(engine, i, n), params)])
+    batches, lead = _decode_batches(engine, longest)
+    if batches:  # request b ends one decode step after request b - 1, once all of them decode
+        _run(engine, [(f"dsaserve-warm-up-decode-{b}", _prompt(engine, len(lengths) + b, DECODE_PROMPT),
+                       SamplingParams(max_tokens=lead + b, temperature=0.0, ignore_eos=True, seed=0))
+                      for b in range(batches)])
     _reset(engine)
     compiles.warmed_up()
     if lengths and engine.par.cfg.rank == 0:
-        log.info("warm-up: prompts of %s tokens in %.1f s (%d kernel compilations so far)", lengths,
+        decode = f", decode batches of {batches} down to 1" if batches > 0 else ""
+        log.info("warm-up: prompts of %s tokens%s in %.1f s (%d kernel compilations so far)", lengths, decode,
                  time.perf_counter() - start, compiles.kernel_compiles())
+
+
+def _prompt(engine: Engine, i: int, n: int) -> list[int]:
+    """A first token of its own: no warm-up prompt reuses another's cached prefix."""
+    return [(7 + i + 13 * j) % engine.cfg.vocab_size for j in range(n)]
+
+
+def _decode_batches(engine: Engine, longest: int) -> tuple[int, int]:
+    """(requests, lead) that warm the decode shapes: none with CUDA graphs (their capture ran every bucket) or
+    off a GPU; else up to DECODE_BATCHES, as many as run, queue and fit the pool and the context together.
+    Each takes `lead` tokens more than the prefill steps of all of them (chunks shared with decode rows) could
+    give it, so the batch starts whole and loses one request per step. Verify steps that accept several
+    tokens may end several at once (skipping sizes), and decode contexts stay short (the indexer's selection
+    at contexts beyond index_topk is not warmed: without graphs its key width is not bucketed)."""
+    runner, cfg = engine.runner, engine.scheduler.cfg
+    if runner.graphs is not None or runner.device.type != "cuda":
+        return 0, 0
+    batches = min(DECODE_BATCHES, cfg.max_running_requests, cfg.max_queued_requests)
+    lead = -(-batches * DECODE_PROMPT // max(cfg.chunked_prefill_size - batches, 1)) + 2
+    per_request = DECODE_PROMPT + lead + batches + cfg.decode_lookahead + cfg.page_size
+    batches = min(batches, engine.scheduler.capacity_tokens // per_request, longest - DECODE_PROMPT - lead)
+    return max(batches, 0), lead
+
+
+def _run(engine: Engine, requests: list[tuple[str, list[int], SamplingParams]]) -> None:
+    """DP group leaders add the requests; every rank steps until no group has work."""
+    if engine.par.cfg.is_leader:
+        for rid, ids, params in requests:
+            engine.add_request(rid, ids, params)
+    for _ in range(MAX_STEPS_PER_PROMPT):
+        engine.step()
+        if not engine.last_sync.any_work:
+            break
 
 
 def _reset(engine: Engine) -> None:
