@@ -45,6 +45,12 @@ def prompts_ids(n: int, lengths: list[int], seed: int = 0, vocab: int = 500) -> 
     return [torch.randint(5, vocab, (length,), generator=gen).tolist() for length in lengths[:n]]
 
 
+def hadamard_matrix(n: int) -> torch.Tensor:
+    """The normalized Hadamard matrix from its closed form: H[i, j] = (-1)^popcount(i & j) / sqrt(n), float64."""
+    return torch.tensor([[(-1.0) ** bin(i & j).count("1") for j in range(n)] for i in range(n)],
+                        dtype=torch.float64) / n ** 0.5
+
+
 def sampling_features(model: str, prompts: list[list[int]]) -> list[tuple[list[int], SamplingParams]]:
     """Every prompt under each of: seeded top-p, penalties, the repetition penalty, log-probabilities, a
     JSON-schema grammar greedy and sampled, a logit bias (sampled), min_tokens before a stop token, and last a

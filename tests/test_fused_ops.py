@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import hadamard_matrix
 from dsaserve.model.rope import Rotary
 from dsaserve.ops import fused
 
@@ -232,3 +233,42 @@ def test_moe_align_kernel(case: tuple[int, int, int]):
     for e in range(-1, E):
         run = want_blocks == e
         assert torch.equal(got[run].flatten().sort().values, want[run].flatten().sort().values), f"expert {e}"
+
+
+@pytest.mark.parametrize("n", [2, 32, 128])
+def test_hadamard_reference_is_x_times_thehadamard_matrix(n: int):
+    x = torch.randn(6, 3, n, generator=torch.Generator().manual_seed(n))
+    got = fused.hadamard_reference(x)
+    want = x.double() @ hadamard_matrix(n)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5 * want.abs().max().item())
+    assert torch.equal(fused.hadamard_reference(x[2:3, 1]), got[2:3, 1]), "a row alone rotates as in a batch"
+    assert fused.hadamard_reference(x.to(BF16)).dtype == BF16
+    with pytest.raises(ValueError, match="power-of-two width, got 96"):
+        fused.hadamard_reference(torch.zeros(2, 96))
+
+
+@pytest.mark.parametrize("H", [None, 4])
+def test_rope_hadamard_is_rope_then_the_rotation_cpu(H: int | None):
+    x, cos, sin = _rope_inputs(5, H, 128, 64, torch.float32, "cpu")
+    want = _rope_reference(x, cos, sin, False).double() @ hadamard_matrix(128)
+    got = fused.rope_hadamard_(x, 64, cos, sin, False)
+    assert got.data_ptr() == x.data_ptr()
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5 * want.abs().max().item())
+
+
+@gpu
+@pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize("case", [(1, 64), (3, 64), (17, None), (1, None), (40, 8), (2, 20)])
+@pytest.mark.parametrize("dtype", [BF16, torch.float32, torch.float16])
+def test_rope_hadamard_kernel_equals_reference(case: tuple[int, int | None], interleaved: bool, dtype: torch.dtype):
+    """The indexer's query [T, 64, 128] and key [T, 128] rows (and a partial block of 20 heads): one launch, bit
+    for bit the rotary kernel then hadamard_reference."""
+    T, H = case
+    x, cos, sin = _rope_inputs(T, H, 128, 64, dtype, "cuda")
+    kernels = fused._kernels()
+    assert kernels.hadamard_applies(x) and kernels.rope_applies(x[..., :64], cos, sin, x[..., :64])  # one launch
+    want = x.clone()
+    fused.rope_(want[..., :64], cos, sin, interleaved)  # the rotary kernel (held to its reference above)
+    want = fused.hadamard_reference(want.cpu())
+    got = fused.rope_hadamard_(x, 64, cos, sin, interleaved)
+    assert got.data_ptr() == x.data_ptr() and torch.equal(got.cpu(), want)

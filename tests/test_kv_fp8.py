@@ -16,13 +16,13 @@ import struct
 import pytest
 import torch
 
-from conftest import ARCHS, prompts_ids
+from conftest import ARCHS, hadamard_matrix, prompts_ids
 from dsaserve import LLM, SamplingParams
 from dsaserve.cache import kv_format
 from dsaserve.cache.pools import KVPools
 from dsaserve.config import ModelConfig
 from dsaserve.engine.layout import LayoutError
-from dsaserve.ops import reference
+from dsaserve.ops import fused, reference
 from dsaserve.ops.dispatch import DSAOps
 from dsaserve.server_args import ServerArgs
 from dsaserve.tiny import ARCHS as TINY_ARCHS, BASE
@@ -145,6 +145,69 @@ def test_pool_writers_land_at_their_slots() -> None:
     assert torch.equal(pools.latent(0)[others], before[others]), "only the written slots change"
 
 
+def test_rotated_fp8_index_keys_keep_the_scores() -> None:
+    """Keys stored rotated (k' = k H) and queries rotated alike score as the unrotated fp32 pair does, within the
+    e4m3 bound of k' (module docstring: |dk'_i| <= 2^-4 |k'_i| + 2^-9 amax' / 448), so q.k errs by at most
+    sum_i |q'_i| |dk'_i| (q' = q H, H orthogonal), and each logit by sum_h |w_h| times that (relu is
+    1-Lipschitz). Unrotated queries against the same cache miss: the stored keys are in the rotated basis."""
+    cfg = _cfg("deepseek_v32", index_head_dim=128)
+    pools = KVPools(cfg, num_pages=4, page_size=4, dtype=FP8, device=torch.device("cpu"))
+    assert pools.rotates_index_keys
+    with pytest.raises(ValueError, match="power-of-two index_head_dim, got 96"):
+        KVPools(_cfg("deepseek_v32", index_head_dim=96), num_pages=4, page_size=4, dtype=FP8,
+                device=torch.device("cpu"))
+    gen = torch.Generator().manual_seed(7)
+    S, T, H, Di = 16, 3, 4, 128
+    keys = torch.randn(S, Di, generator=gen)
+    keys[:, 5] *= 40.0  # an outlier channel
+    pools.write_index_keys(0, torch.arange(S, dtype=torch.int32), fused.hadamard_reference(keys))
+    q, w = torch.randn(T, H, Di, generator=gen), torch.rand(T, H, generator=gen)
+    table, req = torch.arange(4, dtype=torch.int32)[None], torch.zeros(T, dtype=torch.int32)
+    kv_len = torch.full((T, 1), S)
+    got = reference.indexer_logits(fused.hadamard_reference(q), w, pools.index_keys(0), table, req, kv_len, 4, S)
+    want = reference.indexer_logits(q, w, keys, table, req, kv_len, 4, S)
+    k_rot, q_rot = keys.double() @ hadamard_matrix(Di), q.double() @ hadamard_matrix(Di)
+    dk = 2.0 ** -4 * k_rot.abs() + 2.0 ** -9 * k_rot.abs().amax(-1, keepdim=True) / 448  # [S, Di]
+    bound = (w.double()[:, :, None] * (q_rot.abs() @ dk.T)).sum(1)  # [T, S]
+    assert ((got - want).abs() <= bound).all()
+    unrotated = reference.indexer_logits(q, w, pools.index_keys(0), table, req, kv_len, 4, S)
+    assert not ((unrotated - want).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_indexer_rotates_keys_and_queries_over_an_fp8_cache(arch: str, tiny_models: dict[str, str],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Layer 0's index keys and queries (computed alike over either cache: nothing read from it yet) are the
+    plain run's times H (closed form): the FP8 cache holds the keys quantized in the rotated basis, and the
+    queries that score them are rotated alike."""
+    queries: list[torch.Tensor] = []
+    scored = DSAOps.indexer_topk
+
+    def spy(self: DSAOps, q: torch.Tensor, *args: object) -> torch.Tensor:
+        queries.append(q.clone())
+        return scored(self, q, *args)
+
+    monkeypatch.setattr(DSAOps, "indexer_topk", spy)
+    prompt = prompts_ids(1, [30], seed=5)
+    params = SamplingParams(max_tokens=1, temperature=0.0)
+    plain = LLM(tiny_models[arch], device="cpu", max_total_tokens=1024, page_size=1)
+    queries.clear()  # the warm-up's
+    plain.generate(prompt, params)
+    plain_q = queries[0]
+    fp8 = LLM(tiny_models[arch], device="cpu", max_total_tokens=1024, page_size=1, kv_cache_dtype="fp8_e4m3")
+    queries.clear()
+    fp8.generate(prompt, params)
+    assert queries[0].shape[0] == plain_q.shape[0] == 30
+    n = plain.engine.runner.cfg.index_head_dim
+    rotated_q = plain_q.double() @ hadamard_matrix(n)
+    torch.testing.assert_close(queries[0].double(), rotated_q, rtol=0, atol=1e-5 * rotated_q.abs().max().item())
+    slots = torch.arange(1, 31)  # page 0 is reserved; one request's tokens fill the next slots in order
+    keys = plain.engine.runner.pools.index_keys(0)[slots]
+    got = fp8.engine.runner.pools.index_keys(0)[slots]
+    assert torch.equal(got, kv_format.quantize_fp8((keys.double() @ hadamard_matrix(n)).float()))
+    assert (got != kv_format.quantize_fp8(keys)).any(-1).sum() > 20  # (a last-bit difference could flip one row)
+
+
 def test_reference_ops_read_fp8_rows() -> None:
     """The readers dequantize the selected rows: equal to the ops over the independently decoded cache."""
     gen = torch.Generator().manual_seed(3)
@@ -191,9 +254,10 @@ def test_flag_names() -> None:
 N_TOKENS = 32
 PROMPT_LENGTHS = [20, 40, 33, 70]  # all longer than index_topk (16): selection is active
 # Measured (teacher-forced over 4 x 32 positions, against the fp32 cache): top-1 agreement and mean chosen-token
-# |d log p| -- fp8_e4m3: deepseek_v32 76/128, 0.31 nats; glm_moe_dsa 87/128, 0.23 nats. bf16: 120/128, 0.028;
-# 126/128, 0.010. The random tiny models have near-tied indexer scores and top-2 logits, so e4m3 key noise flips
-# selections (FP8 index keys alone: 80/128, 0.29 and 82/128, 0.26). Bounds: about 1.6x margin on the error.
+# |d log p| -- fp8_e4m3 (index keys Hadamard-rotated): deepseek_v32 80/128, 0.30 nats; glm_moe_dsa 76/128, 0.35
+# nats (unrotated: 76/128, 0.31 and 87/128, 0.23). bf16: 120/128, 0.028; 126/128, 0.010. The random tiny models
+# have near-tied indexer scores and top-2 logits, so e4m3 key noise flips selections (FP8 index keys alone,
+# unrotated: 80/128, 0.29 and 82/128, 0.26). Bounds: at least 1.4x margin on the error.
 # Decode and prefill steps round the same rows (bf16's finer grid flips more roundings): |d log p| <= tol.
 BOUNDS = {"fp8_e4m3": (0.45, 0.5, 1e-3), "bf16": (0.85, 0.06, 1e-2)}  # (top-1 agreement, mean error, tol)
 

@@ -12,6 +12,12 @@ data in a 144-byte row (a 132-byte stride gave misaligned loads in the indexer k
 A scale is the power of two 2^ceil(log2(amax / 448)) of its block: dividing by it is exact, so e4m3
 rounding is the only error, and the dequantized values are exact in bf16 as well as in fp32.
 
+FP8 index keys are stored rotated by the normalized Hadamard matrix H, and the indexer's queries are rotated by
+the same H before they meet them (model.dsa.Indexer, ops.fused.rope_hadamard_), as the official indexer does
+(its rotate_activation before FP8 quantization): H is orthogonal, so q H . k H = q . k, while an outlier channel
+is spread over the block before e4m3 rounding. Plain (bf16 / fp32) index keys are not rotated: there it would
+change nothing.
+
 A uint8 cache tensor means the FP8 format; any float dtype means plain rows of n + r values.
 """
 from __future__ import annotations

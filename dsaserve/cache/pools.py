@@ -43,6 +43,8 @@ class KVPools:
                  device: torch.device, num_layers: int | None = None):
         self.dtype = dtype
         self.fp8 = dtype == kv_format.FP8
+        # FP8 index keys are stored Hadamard-rotated (kv_format): the indexer rotates its keys and queries
+        self.rotates_index_keys = self.fp8
         self.page_size, self.num_pages = page_size, num_pages
         self.num_slots = num_pages * page_size
         layers = cfg.num_hidden_layers if num_layers is None else num_layers
@@ -51,6 +53,9 @@ class KVPools:
         if self.fp8:
             kv_format.check_fp8_dims(cfg.kv_lora_rank, rope)
             kv_format.check_fp8_dims(cfg.index_head_dim, 0)
+            if cfg.index_head_dim & (cfg.index_head_dim - 1):
+                raise ValueError(f"an FP8 index-key cache is Hadamard-rotated, which needs a power-of-two "
+                                 f"index_head_dim, got {cfg.index_head_dim}")
         latent_row = kv_format.row_bytes(cfg.kv_lora_rank, rope, dtype) if self.fp8 else cfg.latent_dim
         index_row = kv_format.row_bytes(cfg.index_head_dim, 0, dtype) if self.fp8 else cfg.index_head_dim
         store = kv_format.storage_dtype(dtype)
@@ -95,6 +100,7 @@ class KVPools:
             cache[slots.long()] = torch.cat([latent, k_pe], -1).to(cache.dtype)
 
     def write_index_keys(self, layer: int, slots: Tensor, keys: Tensor) -> None:
+        """Cache the index keys [T, index_head_dim] of T tokens (Hadamard-rotated when rotates_index_keys)."""
         cache = self.index_keys(layer)
         if self.fp8:
             self._write_fp8(cache, slots, keys, None)

@@ -17,7 +17,7 @@ from dsaserve.engine.layout import BatchLayout
 from dsaserve.model.quant import Experts, Linear, concat_rows
 from dsaserve.model.rope import Rotary
 from dsaserve.ops.dispatch import DSAOps
-from dsaserve.ops.fused import add_rms_norm, embed, rms_norm, rope_, route, silu_mul
+from dsaserve.ops.fused import add_rms_norm, embed, rms_norm, rope_, rope_hadamard_, route, silu_mul
 from dsaserve.parallel.groups import Parallel
 
 Tensor = torch.Tensor
@@ -68,21 +68,27 @@ class Indexer(nn.Module):
                 prev_topk: Tensor | None) -> Tensor:
         """k_proj: wk(x), made by the attention's input projection (fused with q_a and kv_a)."""
         cfg, T = self.cfg, x.shape[0]
-        rope, inter = cfg.qk_rope_head_dim, cfg.indexer_rope_interleave
-        k = self.k_norm(k_proj)
-        rope_(k[..., :rope], ctx.cos, ctx.sin, inter)
+        k = self._rope(self.k_norm(k_proj), ctx)
         ctx.pools.write_index_keys(self.layer_id, ctx.layout.out_slots, k)
         if ctx.layout.key_width <= cfg.index_topk:  # every row selects all its keys: no scores needed, and
             # the previous layer's selection (same layout) is this one's
             return prev_topk if prev_topk is not None else ctx.ops.all_slots(ctx.layout, cfg.index_topk)
-        q = self.wq_b(q_lat).view(T, cfg.index_n_heads, cfg.index_head_dim)
-        rope_(q[..., :rope], ctx.cos, ctx.sin, inter)
+        q = self._rope(self.wq_b(q_lat).view(T, cfg.index_n_heads, cfg.index_head_dim), ctx)
         cache = ctx.pools.index_keys(self.layer_id)
         weights = F.linear(x.float(), self.weights_proj.weight.float()) * self.weight_scale
         topk = ctx.ops.indexer_topk(q, weights, cache, ctx.layout, cfg.index_topk)
         if ctx.ops.checks:  # the indexer is replicated: every rank of the group must select the same
             ctx.par.check_same_in_attn_group(f"layer {self.layer_id} top-k", topk)
         return topk
+
+    def _rope(self, x: Tensor, ctx: StepContext) -> Tensor:
+        """Rotary on the first rope dims, in place; over an FP8 index cache then the Hadamard rotation of each
+        whole row, the basis its keys are stored in (kv_format), fused into the same launch on CUDA."""
+        rope, inter = self.cfg.qk_rope_head_dim, self.cfg.indexer_rope_interleave
+        if ctx.pools.rotates_index_keys:
+            return rope_hadamard_(x, rope, ctx.cos, ctx.sin, inter)
+        rope_(x[..., :rope], ctx.cos, ctx.sin, inter)
+        return x
 
 
 class MLAttention(nn.Module):

@@ -1,5 +1,5 @@
 """Row glue the model calls: RMSNorm (with the residual add fused), rotary, grouped top-k routing,
-SiLU-and-multiply, the embedding lookup, greedy argmax.
+SiLU-and-multiply, the Hadamard rotation, the embedding lookup, greedy argmax.
 
 Each function is the reference math, and on CUDA one Triton kernel (dsaserve.ops.triton.fused) where its
 shape constraints hold; the kernel rounds where this code rounds (tests/test_fused_ops.py holds them equal).
@@ -40,6 +40,18 @@ def add_rms_norm(x: Tensor, delta: Tensor | None, weight: Tensor, eps: float) ->
         return _kernels().rms_norm(x, weight, eps, delta)
     total = x + delta
     return rms_norm_reference(total, weight, eps), total
+
+
+def rope_hadamard_(x: Tensor, rope: int, cos: Tensor, sin: Tensor, interleaved: bool) -> Tensor:
+    """In place: rope_ on x[..., :rope], then every whole row [..., n] times H (hadamard_reference): one launch on
+    CUDA, bit for bit the rotary kernel followed by hadamard_reference (the same fp32 adds per row)."""
+    n = x.shape[-1]
+    if x.is_cuda and x.stride(-1) == 1 and _kernels().hadamard_applies(x) and \
+            _kernels().rope_applies(x[..., :rope], cos, sin, x[..., :rope]):
+        _kernels().rope(x[..., :rope], cos, sin, interleaved, x[..., :rope], row=n)
+        return x
+    rope_(x[..., :rope], cos, sin, interleaved)
+    return x.copy_(hadamard_reference(x))
 
 
 def rope_(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, out: Tensor | None = None) -> Tensor:
@@ -103,3 +115,20 @@ def argmax(x: Tensor) -> Tensor:
     if x.is_cuda and x.dim() == 2 and x.dtype == torch.float32 and x.stride(-1) == 1 and x.shape[1] > 0:
         return _kernels().argmax(x)
     return x.argmax(-1)
+
+
+def hadamard_reference(x: Tensor) -> Tensor:
+    """x H over the last dim, H the normalized Hadamard matrix of Sylvester's construction (n a power of two):
+    log2(n) fp32 butterfly stages (stage h maps the pair i, i + h to their sum and difference), the scale
+    n^-0.5, one rounding to x's dtype. Each row takes the same adds in the same order whatever the batch (a
+    GEMM's reduction order may change with its row count, and an FP8 rounding after it amplifies a last bit)."""
+    n = x.shape[-1]
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"a Hadamard rotation needs a power-of-two width, got {n}")
+    y = x.float().reshape(-1, n)
+    h = 1
+    while h < n:
+        pairs = y.view(-1, n // (2 * h), 2, h)
+        y = torch.stack((pairs[:, :, 0] + pairs[:, :, 1], pairs[:, :, 0] - pairs[:, :, 1]), dim=2).view(-1, n)
+        h *= 2
+    return (y * n ** -0.5).to(x.dtype).view(x.shape)

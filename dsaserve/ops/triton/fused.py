@@ -1,6 +1,6 @@
 """Fused row glue of the decode step: RMSNorm (optionally after the residual add), rotary (in place or into a
-slice), grouped top-k routing, SiLU-and-multiply, the embedding lookup and greedy argmax, one launch each (two for
-argmax).
+slice), grouped top-k routing, SiLU-and-multiply, the Hadamard rotation, the embedding lookup and greedy argmax,
+one launch each (two for argmax).
 
 In eager torch each is 2-20 small kernels (a decode step of the 3-layer benchmark model launched about
 490 kernels, a third of its time on ones under 3 us). Each kernel here rounds where the reference
@@ -71,8 +71,20 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, delta: Tensor | None = None)
 
 
 @triton.jit
-def _rope_kernel(X, OUT, COS, SIN, stride_t, stride_h, stride_ot, stride_oh, stride_c, stride_s, H,
-                 HALF: tl.constexpr, BLOCK_H: tl.constexpr, INTERLEAVED: tl.constexpr):
+def _hadamard_rows(x, R: tl.constexpr, N: tl.constexpr, LOG_N: tl.constexpr):
+    """x [R, N] fp32 -> x H unscaled: the reference's butterflies in its order (stage s pairs i with i + 2^s)."""
+    for stage in tl.static_range(LOG_N):  # [R, N / 2^(s + 1), 2^s, 2]: the pairs last
+        pairs = tl.permute(tl.reshape(x, [R, N >> (stage + 1), 2, 1 << stage]), [0, 1, 3, 2])
+        a, b = tl.split(pairs)
+        x = tl.reshape(tl.permute(tl.join(a + b, a - b), [0, 1, 3, 2]), [R, N])
+    return x
+
+
+@triton.jit
+def _rope_kernel(X, OUT, COS, SIN, stride_t, stride_h, stride_ot, stride_oh, stride_c, stride_s, H, scale,
+                 HALF: tl.constexpr, BLOCK_H: tl.constexpr, INTERLEAVED: tl.constexpr,
+                 ROW: tl.constexpr, LOG_ROW: tl.constexpr):
+    """ROW > 0 (in place, rows of ROW values with the rotary dims first): then each whole row times H."""
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     i = tl.arange(0, HALF)
@@ -92,20 +104,29 @@ def _rope_kernel(X, OUT, COS, SIN, stride_t, stride_h, stride_ot, stride_oh, str
     y2 = _round(_round(x2 * cos, dt) + _round(x1 * sin, dt), dt).to(dt)
     tl.store(out + i[None, :], y1, mask=mask)  # half-split order (Rotary.apply)
     tl.store(out + HALF + i[None, :], y2, mask=mask)
+    if ROW > 0:  # the block's stores are visible to its threads after the barrier
+        tl.debug_barrier()
+        d = tl.arange(0, ROW)
+        row = _hadamard_rows(tl.load(out + d[None, :], mask=mask, other=0.0).to(tl.float32), BLOCK_H, ROW, LOG_ROW)
+        tl.store(out + d[None, :], (row * scale).to(dt), mask=mask)
 
 
-def rope(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, out: Tensor) -> Tensor:
+def rope(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, out: Tensor, row: int = 0) -> Tensor:
     """Rotate x [T, D] or [T, H, D] into out (x itself, or a tensor of x's shape; last dims contiguous) with
-    cos/sin [T, D/2]; see dsaserve.ops.fused.rope_. Returns out."""
+    cos/sin [T, D/2]; see dsaserve.ops.fused.rope_. row > 0 (in place): x is the first D of rows of `row`
+    values, and each whole row is then multiplied by H (fused.rope_hadamard_). Returns out."""
+    assert not row or out.data_ptr() == x.data_ptr(), "the rotation of whole rows runs in place only"
     rows = x if x.dim() == 3 else x[:, None]
     dest = out if out.dim() == 3 else out[:, None]
     T, H, D = rows.shape
     if T:
         block_h = min(next_pow2(H, 1), 16)
         _rope_kernel[(T, triton.cdiv(H, block_h))](rows, dest, cos, sin, rows.stride(0), rows.stride(1), dest.stride(0),
-                                                   dest.stride(1), cos.stride(0), sin.stride(0), H, HALF=D // 2,
-                                                   BLOCK_H=block_h, INTERLEAVED=interleaved,
-                                                   num_warps=1 if H < 8 else 4)
+                                                   dest.stride(1), cos.stride(0), sin.stride(0), H,
+                                                   row ** -0.5 if row else 1.0, HALF=D // 2, BLOCK_H=block_h,
+                                                   INTERLEAVED=interleaved, ROW=row,
+                                                   LOG_ROW=max(row, 1).bit_length() - 1,
+                                                   num_warps=1 if H < 8 and not row else 4)
     return out
 
 
@@ -114,6 +135,11 @@ def rope_applies(x: Tensor, cos: Tensor, sin: Tensor, out: Tensor) -> bool:
     return (x.dim() in (2, 3) and x.stride(-1) == out.stride(-1) == 1 and out.shape == x.shape and D >= 2
             and D & (D - 1) == 0 and x.dtype == cos.dtype == sin.dtype == out.dtype
             and cos.shape == sin.shape == (x.shape[0], D // 2) and cos.stride(-1) == sin.stride(-1) == 1)
+
+
+def hadamard_applies(x: Tensor) -> bool:
+    n = x.shape[-1]
+    return 2 <= n <= 1024 and n & (n - 1) == 0 and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
