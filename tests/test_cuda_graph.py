@@ -96,12 +96,16 @@ def test_nothing_compiles_or_captures_after_the_warm_up(arch: str, graphs: int |
     """The start-up warm-up leaves no Triton kernel variant and no graph to the served requests: under
     staggered arrivals (mixed steps: running requests decode beside prompt chunks of many lengths, decode
     batches of every size) the counters /get_server_info reports stay where they were when it was ready.
-    Without CUDA graphs (`--cuda-graph-max-bs 0`) the warm-up's own decode batches compile the decode shapes."""
+    Without CUDA graphs (`--cuda-graph-max-bs 0`) the warm-up's own decode batches compile the decode shapes,
+    and dummy steps the indexer's selection widths."""
     llm = LLM(tiny_models[arch], page_size=64, max_total_tokens=40_000, chunked_prefill_size=2048,
               cuda_graph_max_bs=graphs)
     engine = llm.engine
     ready = engine.stats()
     assert ready.kernel_compiles > 0 and (ready.graph_captures > 0) == (graphs is None)  # the counters count
+    # alone, prompt and decode rows 300-330 keys wide: a selection width (512) no warm-up prompt reaches
+    engine.add_request("alone", prompts_ids(1, [300], seed=44)[0], SamplingParams(max_tokens=30, temperature=0.0))
+    engine.run_until_idle()
     lengths = [3, 17, 40, 64, 100, 129, 300, 517, 1000, 1500, 2500, 7, 2047, 33, 3000, 1]
     for i, ids in enumerate(prompts_ids(len(lengths), lengths, seed=43)):
         engine.add_request(f"load-{i}", ids, SamplingParams(max_tokens=20 + 7 * i, temperature=0.0, ignore_eos=True))

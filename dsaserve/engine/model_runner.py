@@ -42,6 +42,18 @@ class StepShape:
         return dataclasses.replace(self, dp_sizes=self.draft_sizes, mode=StepMode.DRAFT, rows_per_req=1)
 
 
+def selection_widths(topk: int, context_length: int) -> list[int]:
+    """Key widths whose rows select on every variant the indexer's top-k compiles (ops/triton/topk.py: one per
+    power of two of the width up to its ROW_LIMIT, torch.topk past it): eager steps are as wide as their
+    longest row, so without graphs these widths are what a warm-up must run."""
+    from dsaserve.ops.triton.topk import ROW_LIMIT
+    widths, width = [], 1 << topk.bit_length()  # the first power of two above topk
+    while width <= min(2 * ROW_LIMIT, 1 << (context_length - 1).bit_length()):
+        widths.append(width)
+        width *= 2
+    return widths
+
+
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -113,6 +125,7 @@ class ModelRunner:
                              f"layer, but config.json has num_nextn_predict_layers="
                              f"{self.cfg.num_nextn_predict_layers}")
         self.page_size = args.page_size
+        self.context_length = args.context_length or self.cfg.context_length
         self.ops = DSAOps(attention_backend=resolve_attention_backend(args.attention_backend, self.device, self.cfg,
                                                                       self.dtype, self.kv_dtype),
                           moe_backend=resolve_backend(args.moe_backend, self.device),
@@ -147,8 +160,8 @@ class ModelRunner:
         if not max_bs:
             return None
         buckets = batch_buckets(min(max_bs, args.max_running_requests), args.cuda_graph_bs)
-        return GraphRunner(self.device, buckets, self.page_size, self.cfg.index_topk,
-                           args.context_length or self.cfg.context_length, capture=True)
+        return GraphRunner(self.device, buckets, self.page_size, self.cfg.index_topk, self.context_length,
+                           capture=True)
 
     def _log_sparse_mla_kernel(self) -> None:
         """Which kernel runs sparse MLA on CUDA (attention backend triton): probed now, never inside a graph
@@ -170,8 +183,7 @@ class ModelRunner:
                 avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
                 tokens = kv_pool_tokens(min(avail, int(_CPU_POOL_CAP_BYTES / args.mem_fraction)), args.mem_fraction,
                                         self.bytes_per_token)
-            context = args.context_length or self.cfg.context_length
-            tokens = min(tokens, args.max_running_requests * context)
+            tokens = min(tokens, args.max_running_requests * self.context_length)
         pages = tokens // args.page_size + 1  # + the reserved page 0
         whole = ""
         if self.ops.attention_backend == "flashmla":  # its FP8 kernel sees the cache as pages of 64 slots
@@ -198,40 +210,60 @@ class ModelRunner:
     def prepare(self, plan: StepPlan, shape: StepShape, min_keys: int = 0) -> tuple[StepPlan, BatchLayout]:
         """The step's plan (padded with dummy requests when it replays a graph) and its layout."""
         if shape.graph_batch is None:
-            layout = BatchLayout.build(plan, self.page_size, self.device, dp_sizes=shape.dp_sizes)
-        else:
-            assert self.graphs is not None
-            plan = plan.padded(shape.graph_batch, shape.rows_per_req, self.page_size, shape.mode)
-            keys = self.graphs.key_width(max([p + q for p, q in zip(plan.prefix_lens, plan.q_lens)] + [min_keys]))
-            rows = shape.graph_batch * shape.rows_per_req
-            layout = BatchLayout.build(plan, self.page_size, self.device, key_width=keys,
-                                       dp_sizes=(rows,) * len(shape.dp_sizes), page_width=-(-keys // self.page_size))
+            return plan, self._checked(BatchLayout.build(plan, self.page_size, self.device, dp_sizes=shape.dp_sizes))
+        assert self.graphs is not None
+        seq = max([p + q for p, q in zip(plan.prefix_lens, plan.q_lens)] + [min_keys])
+        return self._padded(plan, shape, self.graphs.key_width(seq))
+
+    def _padded(self, plan: StepPlan, shape: StepShape, keys: int) -> tuple[StepPlan, BatchLayout]:
+        """The plan padded with dummy requests to shape.graph_batch, its layout `keys` wide."""
+        assert shape.graph_batch is not None
+        plan = plan.padded(shape.graph_batch, shape.rows_per_req, self.page_size, shape.mode)
+        rows = shape.graph_batch * shape.rows_per_req
+        return plan, self._checked(BatchLayout.build(plan, self.page_size, self.device, key_width=keys,
+                                                     dp_sizes=(rows,) * len(shape.dp_sizes),
+                                                     page_width=-(-keys // self.page_size)))
+
+    def _checked(self, layout: BatchLayout) -> BatchLayout:
         if self.ops.checks:
             layout.validate(num_slots=self.pools.num_slots)
-        return plan, layout
+        return layout
 
     def capture_graphs(self, dp: int, progress: bool) -> None:
         """Capture every graph the server can replay (each batch bucket x key width, for decode or verify,
         the MTP pass and draft steps) before it turns ready: requests never wait on a compile or a
-        capture. Every rank captures the same shapes in the same order (their collectives line up)."""
+        capture. Without graphs on a GPU, run the same dummy steps eagerly at batch 1 over every key-width
+        tier the indexer's selection compiles for (selection_widths), which real prompts of the warm-up
+        (engine/warmup.py) may not reach. Every rank runs the same shapes in the same order (their
+        collectives line up)."""
         from tqdm import tqdm
-        if self.graphs is None or self.device.type != "cuda":
+        if self.device.type != "cuda":
             return
+        if self.graphs is None:
+            work = [(1, w) for w in selection_widths(self.cfg.index_topk, self.context_length)]
+        else:
+            work = [(b, w) for b in self.graphs.buckets for w in self.graphs.key_widths()]
+        graphed = self.graphs is not None
+        for batch, keys in tqdm(work, desc="Capturing CUDA graphs" if graphed else "Warming the selection widths",
+                                disable=not progress):
+            self._dummy_step(dp, batch, keys, graphed)
+        if self.graphs is not None:
+            self.graphs.frozen = True
+        torch.cuda.synchronize(self.device)
+
+    def _dummy_step(self, dp: int, batch: int, keys: int, graphed: bool) -> None:
+        """A decode (or verify, then the MTP pass and a draft step) of `batch` dummy requests, `keys` wide."""
         spec = self.spec_steps
         mode, rows = (StepMode.VERIFY, spec + 1) if spec else (StepMode.DECODE, 1)
-        work = [(b, w) for b in self.graphs.buckets for w in self.graphs.key_widths()]
-        for batch, keys in tqdm(work, desc="Capturing CUDA graphs", disable=not progress):
-            shape = StepShape((0,) * dp, (0,) * dp, batch, mode, rows)
-            plan, layout = self.prepare(StepPlan.idle(), shape, min_keys=keys)
-            ids = torch.zeros(layout.num_tokens, dtype=torch.long, device=self.device)
-            states, _ = self.target(ids, layout, graphed=True)
-            if spec:
-                firsts = torch.arange(batch, dtype=torch.int32, device=self.device) * rows
-                self.draft(ids, states, layout.with_logit_rows(firsts), graphed=True)
-                _, one = self.prepare(StepPlan.idle(), shape.for_drafts(), min_keys=keys)
-                self.draft(ids[:batch], states[:batch], one, graphed=True)
-        self.graphs.frozen = True
-        torch.cuda.synchronize(self.device)
+        shape = StepShape((0,) * dp, (0,) * dp, batch, mode, rows)
+        _, layout = self._padded(StepPlan.idle(), shape, keys)
+        ids = torch.zeros(layout.num_tokens, dtype=torch.long, device=self.device)
+        states, _ = self.target(ids, layout, graphed=graphed)
+        if spec:
+            firsts = torch.arange(batch, dtype=torch.int32, device=self.device) * rows
+            self.draft(ids, states, layout.with_logit_rows(firsts), graphed=graphed)
+            _, one = self._padded(StepPlan.idle(), shape.for_drafts(), keys)
+            self.draft(ids[:batch], states[:batch], one, graphed=graphed)
 
     # -- forwards ----------------------------------------------------------------------------
 

@@ -66,8 +66,8 @@ def _decode_batches(engine: Engine, longest: int) -> tuple[int, int]:
     off a GPU; else up to DECODE_BATCHES, as many as run, queue and fit the pool and the context together.
     Each takes `lead` tokens more than the prefill steps of all of them (chunks shared with decode rows) could
     give it, so the batch starts whole and loses one request per step. Verify steps that accept several
-    tokens may end several at once (skipping sizes), and decode contexts stay short (the indexer's selection
-    at contexts beyond index_topk is not warmed: without graphs its key width is not bucketed)."""
+    tokens may end several at once (skipping sizes). Contexts stay short: the selection's key widths are
+    warmed by dummy steps at start-up (ModelRunner.capture_graphs)."""
     runner, cfg = engine.runner, engine.scheduler.cfg
     if runner.graphs is not None or runner.device.type != "cuda":
         return 0, 0
