@@ -164,11 +164,13 @@ def test_decode_side_prefix_cache_skips_cached_pages(spec_steps: int, tiny_ds: s
 
 @pytest.mark.parametrize("prefill,decode,words", [
     ({"kv_cache_dtype": "fp8_e4m3"}, {}, "the KV cache layouts differ"),
-    ({"page_size": 64}, {"page_size": 1}, "page sizes differ: decode 1, prefill 64")])
+    ({"page_size": 64}, {"page_size": 1}, "page sizes differ: decode 1, prefill 64"),
+    ({"dtype": "float16"}, {"dtype": "bfloat16"},  # rows of equal bytes that mean different numbers
+     "the KV cache formats differ: the decode server holds bfloat16 rows, this server float16 rows")])
 def test_mismatched_servers_end_requests_with_the_reason(prefill: dict, decode: dict, words: str,
                                                          tiny_ds: str) -> None:
-    """A prefill and a decode server whose caches cannot exchange pages (cache dtype, page size): every request
-    ends with an error naming the difference, and both pools are whole."""
+    """A prefill and a decode server whose caches cannot exchange pages (cache dtype, page size, row format):
+    every request ends with an error naming the difference, and both pools are whole."""
     with pd_pair(tiny_ds, prefill=prefill, decode=decode) as (pre, dec):
         final, tokens = run_pd(pre, dec, prompts_ids(2, [5, 9], seed=1), GREEDY)
         for rid, out in final.items():

@@ -78,6 +78,13 @@ class KVPools:
         return (layers * kv_format.row_bytes(cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype)
                 + full * kv_format.row_bytes(cfg.index_head_dim, 0, dtype))
 
+    @property
+    def row_format(self) -> str:
+        """What the rows' bytes mean, which a PD peer must share (bf16 and fp16 rows have equal sizes)."""
+        if self.fp8:
+            return "fp8_e4m3 rows with Hadamard-rotated index keys"
+        return f"{str(self.dtype).removeprefix('torch.')} rows"
+
     def latent(self, layer: int) -> Tensor:
         return self._latent[layer]
 

@@ -74,7 +74,8 @@ def create_side(engine: Engine) -> Any:
     from dsaserve.disagg.prefill import PrefillSide
     args = engine.args
     prob = failure_prob()  # before anything that would need closing
-    transport = create_transport(args.disaggregation_transfer_backend, engine.runner.pools.page_buffers(),
+    pools = engine.runner.pools
+    transport = create_transport(args.disaggregation_transfer_backend, pools.page_buffers(), pools.row_format,
                                  args.disaggregation_ib_device)
     base = dict(engine=engine, transport=transport, ctx=zmq.Context(),
                 deadlines=Deadlines(args.disaggregation_timeout_s), failure_prob=prob,

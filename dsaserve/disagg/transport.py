@@ -30,13 +30,14 @@ class KVTransport(ABC):
 
     name = "base"
 
-    def __init__(self, buffers: list[Tensor]):
+    def __init__(self, buffers: list[Tensor], cache_format: str):
         self.buffers = buffers
         self.page_bytes = [int(b.shape[1]) for b in buffers]
+        self.cache_format = cache_format  # KVPools.row_format: what the bytes mean (equal sizes may differ)
 
     def descriptor(self) -> tuple[dict[str, Any], bytes]:
         """What a sender needs to write into this side's buffers: a JSON-able header and a binary blob."""
-        return {"backend": self.name, "page_bytes": self.page_bytes}, b""
+        return {"backend": self.name, "page_bytes": self.page_bytes, "cache_format": self.cache_format}, b""
 
     def check_peer(self, header: dict[str, Any]) -> str | None:
         """Why this side cannot write into the peer's buffers (None: it can)."""
@@ -47,6 +48,9 @@ class KVTransport(ABC):
             return (f"the KV cache layouts differ: the decode server has {len(theirs)} page buffers of "
                     f"{sorted(set(theirs))} bytes per page, this server {len(self.page_bytes)} of "
                     f"{sorted(set(self.page_bytes))} (same model, dtype and page size on both sides?)")
+        if header.get("cache_format") != self.cache_format:
+            return (f"the KV cache formats differ: the decode server holds {header.get('cache_format')}, this server "
+                    f"{self.cache_format} (same --dtype and --kv-cache-dtype on both sides?)")
         return None
 
     @abstractmethod
@@ -88,8 +92,8 @@ class FakeTransport(KVTransport):
 class NixlTransport(KVTransport):
     name = "nixl"
 
-    def __init__(self, buffers: list[Tensor], ib_device: str | None = None):
-        super().__init__(buffers)
+    def __init__(self, buffers: list[Tensor], cache_format: str, ib_device: str | None = None):
+        super().__init__(buffers, cache_format)
         if ib_device:
             os.environ["UCX_NET_DEVICES"] = ib_device  # read by UCX when the agent creates its backend
         api = _nixl_api()
@@ -185,9 +189,9 @@ def _nixl_api() -> Any:
                      "(or nixl-cu13)")
 
 
-def create_transport(backend: str, buffers: list[Tensor], ib_device: str | None) -> KVTransport:
+def create_transport(backend: str, buffers: list[Tensor], cache_format: str, ib_device: str | None) -> KVTransport:
     if backend == "nixl":
-        return NixlTransport(buffers, ib_device)
+        return NixlTransport(buffers, cache_format, ib_device)
     if backend == "fake":
-        return FakeTransport(buffers)
+        return FakeTransport(buffers, cache_format)
     raise ValueError(f"transfer backend {backend!r} is not available")
