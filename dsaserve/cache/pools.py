@@ -43,8 +43,6 @@ class KVPools:
                  device: torch.device, num_layers: int | None = None):
         self.dtype = dtype
         self.fp8 = dtype == kv_format.FP8
-        # FP8 index keys are stored Hadamard-rotated (kv_format): the indexer rotates its keys and queries
-        self.rotates_index_keys = self.fp8
         self.page_size, self.num_pages = page_size, num_pages
         self.num_slots = num_pages * page_size
         layers = cfg.num_hidden_layers if num_layers is None else num_layers
@@ -77,6 +75,11 @@ class KVPools:
         full = len(_full_indexer_layers(cfg, layers))
         return (layers * kv_format.row_bytes(cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype)
                 + full * kv_format.row_bytes(cfg.index_head_dim, 0, dtype))
+
+    @property
+    def rotates_index_keys(self) -> bool:
+        """FP8 index keys are stored Hadamard-rotated (kv_format): the indexer rotates its keys and queries."""
+        return self.fp8
 
     @property
     def row_format(self) -> str:
