@@ -236,7 +236,7 @@ def test_moe_align_kernel(case: tuple[int, int, int]):
 
 
 @pytest.mark.parametrize("n", [2, 32, 128])
-def test_hadamard_reference_is_x_times_thehadamard_matrix(n: int):
+def test_hadamard_reference_is_x_times_the_hadamard_matrix(n: int):
     x = torch.randn(6, 3, n, generator=torch.Generator().manual_seed(n))
     got = fused.hadamard_reference(x)
     want = x.double() @ hadamard_matrix(n)
