@@ -202,6 +202,32 @@ def test_moe_fp8_quantizes_x_in_gate_up_bit_identically() -> None:
     assert torch.equal(outs[0], outs[1])
 
 
+@pytest.mark.parametrize("N,num_tokens,hidden,E,k", [
+    (1, 1, 7168, 16, 8),  # batch 1 on a TP-8 slice: split-K gate/up
+    (4, 3, 1152, 4, 3),  # padding row, experts shared between tokens, 9 K groups
+    (8, 8, 200, 5, 8),  # hidden not a multiple of 128; 40 pairs, above DIRECT_MAX_PAIRS
+])
+def test_moe_fp8_direct_equals_grouped_bit_for_bit(N: int, num_tokens: int, hidden: int, E: int, k: int,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The layout-free decode path (both GEMMs one M block per pair, in pair order) computes each pair's row as the
+    grouped path does: the same bits, with and without split-K, and the reference's values."""
+    gen = torch.Generator(DEV).manual_seed(N + hidden)
+    x, w13, w2, ids, tw = _moe_inputs(N, hidden, 256, E, min(k, E), gen)
+    want = reference.moe_experts(x, w13, w2, ids.long(), tw, num_tokens)
+    for splits in (1, 3):
+        outs = []
+        for direct in (1, 0):
+            tops.moe.CONFIG = {"direct": direct, "gate_up_splits": splits, "block_m": 16}
+            with monkeypatch.context() as m:
+                if direct:  # the direct path builds no routing layout
+                    m.setattr(tops.moe, "align", None)
+                outs.append(tops.moe_experts(x, w13, w2, ids, tw, num_tokens))
+        assert torch.equal(outs[0], outs[1]), f"splits={splits}: direct and grouped paths differ"
+        assert (outs[0][num_tokens:] == 0).all(), "padding rows must be 0"
+        err = rel_err(outs[0][:num_tokens], want[:num_tokens])
+        assert err < 1e-2, f"splits={splits}: rel err {err:.2e}"
+
+
 @pytest.mark.parametrize("block_m,dtype", [(64, BF16), (128, BF16), (64, torch.float32)])
 def test_moe_fp8_wgmma_forced(block_m: int, dtype: torch.dtype) -> None:
     """The Gluon grouped GEMM at both row tiles equals the reference, as the Triton kernels do."""

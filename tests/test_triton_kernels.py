@@ -301,6 +301,16 @@ def test_topk_slots_at_the_row_limit(width, ties):
 
 
 # ---------------------------------------------------------------- MoE
+def _moe_inputs(N: int, hidden: int, inter: int, E: int, k: int, seed: int, dtype: torch.dtype = BF16):
+    """x, w13, w2 in dtype, top-k ids (int64) of random scores, routing weights."""
+    gen = torch.Generator(DEV).manual_seed(seed)
+    x = torch.randn(N, hidden, device=DEV, generator=gen).to(dtype)
+    w13 = (torch.randn(E, 2 * inter, hidden, device=DEV, generator=gen) * hidden ** -0.5).to(dtype)
+    w2 = (torch.randn(E, hidden, inter, device=DEV, generator=gen) * inter ** -0.5).to(dtype)
+    ids = torch.rand(N, E, device=DEV, generator=gen).topk(k, dim=-1).indices
+    return x, w13, w2, ids, torch.rand(N, k, device=DEV, generator=gen)
+
+
 @pytest.mark.parametrize("N,num_tokens,hidden,inter,E,k", [
     (1, 1, 512, 256, 16, 4),  # decode
     (33, 30, 512, 256, 16, 8),  # padding rows
@@ -310,13 +320,8 @@ def test_topk_slots_at_the_row_limit(width, ties):
     (8, 0, 128, 64, 4, 2),  # no real token
 ])
 def test_moe_experts(N, num_tokens, hidden, inter, E, k):
-    gen = torch.Generator(DEV).manual_seed(N + hidden)
-    x = torch.randn(N, hidden, device=DEV, generator=gen).to(BF16)
-    w13 = (torch.randn(E, 2 * inter, hidden, device=DEV, generator=gen) * hidden ** -0.5).to(BF16)
-    w2 = (torch.randn(E, hidden, inter, device=DEV, generator=gen) * inter ** -0.5).to(BF16)
-    scores = torch.rand(N, E, device=DEV, generator=gen)
-    ids = scores.topk(k, dim=-1).indices.to(torch.int32)
-    tw = torch.rand(N, k, device=DEV, generator=gen)
+    x, w13, w2, ids, tw = _moe_inputs(N, hidden, inter, E, k, N + hidden)
+    ids = ids.to(torch.int32)
     got = tops.moe_experts(x, w13, w2, ids, tw, num_tokens)
     want = ref.moe_experts(x.float(), w13.float(), w2.float(), ids.long(), tw, num_tokens)
     assert got.shape == x.shape and got.dtype == x.dtype
@@ -328,15 +333,30 @@ def test_moe_experts(N, num_tokens, hidden, inter, E, k):
         assert not torch.isnan(got).any()
 
 
+@pytest.mark.parametrize("dtype", [BF16, torch.float32])
+def test_moe_direct_equals_grouped_bit_for_bit(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decode rows skip the routing layout (both GEMMs one M block per pair, in pair order): the same bits as
+    the grouped path."""
+    N, num_tokens = 5, 4  # shared experts (3 for 8 pairs), a padding row, ragged K and N (200, 96)
+    x, w13, w2, ids, tw = _moe_inputs(N, 200, 96, 3, 2, 7, dtype)
+    want = ref.moe_experts(x.float(), w13.float(), w2.float(), ids, tw, num_tokens)
+    outs = []
+    for direct in (1, 0):
+        tops.moe.CONFIG = {"direct": direct, "block_m": 16}
+        with monkeypatch.context() as m:
+            if direct:  # the direct path builds no routing layout
+                m.setattr(tops.moe, "align", None)
+            outs.append(tops.moe_experts(x, w13, w2, ids, tw, num_tokens))
+    assert torch.equal(outs[0], outs[1])
+    assert (outs[0][num_tokens:] == 0).all(), "padding rows must be 0"
+    err = rel_err(outs[0][:num_tokens], want[:num_tokens])
+    assert err < (1e-2 if dtype == BF16 else 1e-5), f"rel err {err:.2e}"
+
+
 def test_moe_dispatch_forced_configs():
     """Each tile family on the same inputs (prefill tiles on a small batch and decode tiles on a large one)."""
-    gen = torch.Generator(DEV).manual_seed(3)
-    N, hidden, inter, E, k = 90, 256, 128, 6, 3
-    x = torch.randn(N, hidden, device=DEV, generator=gen).to(BF16)
-    w13 = (torch.randn(E, 2 * inter, hidden, device=DEV, generator=gen) * hidden ** -0.5).to(BF16)
-    w2 = (torch.randn(E, hidden, inter, device=DEV, generator=gen) * inter ** -0.5).to(BF16)
-    ids = torch.rand(N, E, device=DEV, generator=gen).topk(k, dim=-1).indices
-    tw = torch.rand(N, k, device=DEV, generator=gen)
+    N = 90
+    x, w13, w2, ids, tw = _moe_inputs(N, 256, 128, 6, 3, 3)
     want = ref.moe_experts(x.float(), w13.float(), w2.float(), ids, tw, N)
     for bm in (16, 64, 128):
         tops.moe.CONFIG = {"block_m": bm}

@@ -9,6 +9,7 @@ with an upper bound on the block count, so there is no host sync (the op can be 
      the original pair id (token * topk + j), so no atomics are needed;
   3. reduce: out[token] = sum_j buffer[token * topk + j] in fp32; rows >= num_tokens are written as 0.
 Program ids are grouped (GROUP_M M blocks share each N sweep) so weight tiles and A rows stay in L2.
+Up to DIRECT_MAX_PAIRS pairs (decode) there is no layout: M block m is pair m, its row 0 the only one used.
 
 Block-FP8 experts (dsaserve.ops.fp8.BlockFP8) run the same three steps on e4m3 operands: x is quantized
 once per token and 128-channel group; gate/up accumulate each K group's product times (activation scale x
@@ -40,12 +41,16 @@ Tensor = torch.Tensor
 # Tuning override for benchmarks: dict with any of block_m, block_n, block_k, num_warps, num_stages,
 # down_block_n, down_block_k, down_num_warps, down_num_stages, group_m, a_quant and gate_up_splits (FP8: x quantized
 # inside gate/up, its split-K count; the Triton kernels),
+# direct (0: never the layout-free decode path; 1: whenever the decode tiles apply),
 # and wgmma (0: never the Gluon path, 1: wherever it applies, whatever the size), wgmma_block_m (64 or 128),
 # wgmma_stages.
 CONFIG: dict[str, int] | None = None
 # Up to this many pairs FP8 gate/up quantizes x in every program (one launch fewer: 1-4% faster at 1-4 tokens);
 # from 16 tokens on TP-4/8 expert slices that made the kernel 4-8% slower than quantizing once (H200).
 A_QUANT_MAX_PAIRS = 32
+# Up to this many pairs (decode rows) the GEMMs take the pairs in their own order (BY_PAIR): no routing layout,
+# one launch fewer (1-6% faster at 1-4 tokens on an H200; token-major down GEMMs without the reduce were slower).
+DIRECT_MAX_PAIRS = 32
 WGMMA_MIN_ROWS = 64  # rows per expert on average from which FP8 experts run the pipelined wgmma GEMM (Hopper)
 
 
@@ -55,20 +60,28 @@ def _gate_up_kernel(X, XS, W13, W13S, INTER, INTERS, SORTED, BLOCK_EXPERT,
                     num_pairs, topk, I, HIDDEN, num_m_blocks, groups_per_split, stride_split,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                     EVEN_K: tl.constexpr, PRECISION: tl.constexpr, FP8: tl.constexpr, SCALE_N: tl.constexpr,
-                    SPLIT_K: tl.constexpr, A_QUANT: tl.constexpr):
+                    SPLIT_K: tl.constexpr, A_QUANT: tl.constexpr, BY_PAIR: tl.constexpr):
     """FP8: X, W13 e4m3 with scales XS (token, K group) and W13S (expert, row block, K group); the
     epilogue quantizes each row's BLOCK_N values (one group of the down GEMM) into INTER + INTERS.
     SPLIT_K (FP8, whole K blocks): program_id(1)'s groups_per_split K groups only, gate | up written in fp32
     to INTER + split * stride_split (rows of 2I) for moe_glue.silu_mul_quant to sum. A_QUANT (FP8, decode rows):
     X holds the unquantized rows and each K step quantizes its [BLOCK_M, 128] slice (bit-identical to
-    act_quant), which saves a launch where few programs share a row."""
+    act_quant), which saves a launch where few programs share a row. BY_PAIR (decode rows): M block m is pair m
+    in its original order (BLOCK_EXPERT the flat top-k ids, SORTED unused), its row 0 the only one computed."""
     m_blk, n_blk = tile_ids(num_m_blocks, I, BLOCK_N, GROUP_M)
     expert = tl.load(BLOCK_EXPERT + m_blk)
     if expert < 0:  # past the last padded block: nothing to do
         return
-    rows = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(SORTED + rows)
-    p_mask = pair < num_pairs  # padding entries hold num_pairs
+    if BY_PAIR:
+        rows = m_blk + tl.zeros([BLOCK_M], tl.int32)
+        pair = rows
+        p_mask = tl.arange(0, BLOCK_M) == 0
+        keep = p_mask  # rows stored
+    else:
+        rows = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
+        pair = tl.load(SORTED + rows)
+        p_mask = pair < num_pairs  # padding entries hold num_pairs
+        keep = rows >= 0  # every row, padding too (silu_mul_quant reads whole blocks)
     token = tl.where(p_mask, pair // topk, 0).to(tl.int64)
     cols = n_blk * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = cols < I
@@ -113,17 +126,17 @@ def _gate_up_kernel(X, XS, W13, W13S, INTER, INTERS, SORTED, BLOCK_EXPERT,
         us_ptr += 1
     if SPLIT_K:  # partial sums: gate | up of this K range
         part = INTER + tl.program_id(1).to(tl.int64) * stride_split + rows.to(tl.int64)[:, None] * stride_i
-        tl.store(part + cols[None, :], acc_g, mask=n_mask[None, :])
-        tl.store(part + I + cols[None, :], acc_u, mask=n_mask[None, :])
+        tl.store(part + cols[None, :], acc_g, mask=n_mask[None, :] & keep[:, None])
+        tl.store(part + I + cols[None, :], acc_u, mask=n_mask[None, :] & keep[:, None])
         return
     h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u  # columns >= I are 0
     out = INTER + rows.to(tl.int64)[:, None] * stride_i + cols[None, :]
     if FP8:
         q, scale = quantize_rows(h)
-        tl.store(out, q, mask=n_mask[None, :])
-        tl.store(INTERS + rows.to(tl.int64) * stride_is + n_blk, scale)
+        tl.store(out, q, mask=n_mask[None, :] & keep[:, None])
+        tl.store(INTERS + rows.to(tl.int64) * stride_is + n_blk, scale, mask=keep)
     else:
-        tl.store(out, h.to(INTER.dtype.element_ty), mask=n_mask[None, :])
+        tl.store(out, h.to(INTER.dtype.element_ty), mask=n_mask[None, :] & keep[:, None])
 
 
 @triton.jit(do_not_specialize=["num_pairs", "num_m_blocks"])
@@ -131,14 +144,20 @@ def _down_kernel(INTER, INTERS, W2, W2S, YBUF, SORTED, BLOCK_EXPERT, TOPW,
                  stride_i, stride_is, stride_we, stride_wn, stride_se, stride_sn, stride_y, stride_tw,
                  num_pairs, topk, I, HIDDEN, num_m_blocks,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                 EVEN_K: tl.constexpr, PRECISION: tl.constexpr, FP8: tl.constexpr, SCALE_N: tl.constexpr):
+                 EVEN_K: tl.constexpr, PRECISION: tl.constexpr, FP8: tl.constexpr, SCALE_N: tl.constexpr,
+                 BY_PAIR: tl.constexpr):
     m_blk, n_blk = tile_ids(num_m_blocks, HIDDEN, BLOCK_N, GROUP_M)
     expert = tl.load(BLOCK_EXPERT + m_blk)
     if expert < 0:
         return
-    rows = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(SORTED + rows)
-    p_mask = pair < num_pairs
+    if BY_PAIR:  # as in _gate_up_kernel
+        rows = m_blk + tl.zeros([BLOCK_M], tl.int32)
+        pair = rows
+        p_mask = tl.arange(0, BLOCK_M) == 0
+    else:
+        rows = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
+        pair = tl.load(SORTED + rows)
+        p_mask = pair < num_pairs
     cols = n_blk * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = cols < HIDDEN
     kk = tl.arange(0, BLOCK_K)
@@ -233,54 +252,73 @@ def moe_experts(x: Tensor, w13: Tensor | BlockFP8, w2: Tensor | BlockFP8, topk_i
             return _moe_fp8_wgmma(x, w13, w2, topk_ids, topk_weights, num_tokens, out)
     cfg = _config(P, E, w13.block if fp8 else None, I, hidden, sm_count(x))
     bm = cfg["block_m"]
-    sorted_ids, block_expert, max_blocks = align(topk_ids[:num_tokens].reshape(-1), E, bm)
+    # decode rows: both GEMMs take one M block per pair in pair order (block m's expert is the flat top-k ids'
+    # entry m), so no routing layout is built; the same products and reduce, bit for bit
+    by_pair = bool(_override("direct", int(P <= DIRECT_MAX_PAIRS))) and bm == 16
+    if by_pair:
+        sorted_ids = block_expert = topk_ids[:num_tokens].reshape(-1).contiguous()
+        max_blocks, rows = P, P
+    else:
+        sorted_ids, block_expert, max_blocks = align(topk_ids[:num_tokens].reshape(-1), E, bm)
+        rows = max_blocks * bm
     if fp8:
         # once per token, gathered per pair; for a few pairs gate/up quantizes its slices of x itself
         a, a_s = (x, x) if cfg["a_quant"] else act_quant(x[:num_tokens], w13.block[1])
         w13_w, w13_s, w2_w, w2_s, scale_n = w13.weight, w13.scale, w2.weight, w2.scale, w13.block[0]
-        inter = new_empty((max_blocks * bm, I), FP8, x.device)
-        inter_s = new_empty((max_blocks * bm, I // cfg["block_n"]), torch.float32, x.device)
+        inter = new_empty((rows, I), FP8, x.device)
+        inter_s = new_empty((rows, I // cfg["block_n"]), torch.float32, x.device)
     else:  # scale arguments are placeholders the kernels never read
         a = a_s = x
         w13_w = w13_s = w13.contiguous()
         w2_w = w2_s = w2.contiguous()
         scale_n = 1
-        inter = inter_s = new_empty((max_blocks * bm, I), x.dtype, x.device)
-    precision = dot_precision(x.dtype)
-    _gate_up(a, a_s, w13_w, w13_s, inter, inter_s, sorted_ids, block_expert, max_blocks, P, k, cfg, fp8, scale_n)
+        inter = inter_s = new_empty((rows, I), x.dtype, x.device)
+    _gate_up(a, a_s, w13_w, w13_s, inter, inter_s, sorted_ids, block_expert, max_blocks, P, k, cfg, fp8, scale_n,
+             by_pair)
     ybuf = new_empty((P, hidden), x.dtype, x.device)
-    _down_kernel[(max_blocks * triton.cdiv(hidden, cfg["down_block_n"]),)](
-        inter, inter_s, w2_w, w2_s, ybuf, sorted_ids, block_expert, topk_weights,
-        inter.stride(0), inter_s.stride(0), w2_w.stride(0), w2_w.stride(1), w2_s.stride(0), w2_s.stride(1),
-        ybuf.stride(0), topk_weights.stride(0), P, k, I, hidden, max_blocks,
-        BLOCK_M=bm, BLOCK_N=cfg["down_block_n"], BLOCK_K=cfg["down_block_k"], GROUP_M=cfg["group_m"],
-        EVEN_K=I % cfg["down_block_k"] == 0, PRECISION=precision, FP8=fp8, SCALE_N=scale_n,
-        num_warps=cfg["down_num_warps"], num_stages=cfg["down_num_stages"])
+    _down(inter, inter_s, w2_w, w2_s, ybuf, sorted_ids, block_expert, topk_weights, max_blocks, P, k, cfg, fp8, scale_n,
+          dot_precision(x.dtype), by_pair)
     reduce_pairs(ybuf, None, out, num_tokens, k)
     return out
 
 
+def _down(inter: Tensor, inter_s: Tensor, w2: Tensor, w2_s: Tensor, ybuf: Tensor, sorted_ids: Tensor,
+          block_expert: Tensor, topk_weights: Tensor, max_blocks: int, P: int, k: int, cfg: dict[str, int], fp8: bool,
+          scale_n: int, precision: str, by_pair: bool) -> None:
+    """ybuf[pair] = routing weight x (inter @ w2[expert]^T) of each sorted pair (by_pair: block m pair m)."""
+    hidden, I = w2.shape[1], w2.shape[2]
+    _down_kernel[(max_blocks * triton.cdiv(hidden, cfg["down_block_n"]),)](
+        inter, inter_s, w2, w2_s, ybuf, sorted_ids, block_expert, topk_weights,
+        inter.stride(0), inter_s.stride(0), w2.stride(0), w2.stride(1), w2_s.stride(0), w2_s.stride(1),
+        ybuf.stride(0), topk_weights.stride(0), P, k, I, hidden, max_blocks,
+        BLOCK_M=cfg["block_m"], BLOCK_N=cfg["down_block_n"], BLOCK_K=cfg["down_block_k"],
+        GROUP_M=cfg["group_m"], EVEN_K=I % cfg["down_block_k"] == 0, PRECISION=precision, FP8=fp8,
+        SCALE_N=scale_n, BY_PAIR=by_pair, num_warps=cfg["down_num_warps"], num_stages=cfg["down_num_stages"])
+
+
 def _gate_up(a: Tensor, a_s: Tensor, w13: Tensor, w13_s: Tensor, inter: Tensor, inter_s: Tensor, sorted_ids: Tensor,
              block_expert: Tensor, max_blocks: int, P: int, k: int, cfg: dict[str, int], fp8: bool,
-             scale_n: int) -> None:
+             scale_n: int, by_pair: bool) -> None:
     """inter (and FP8 scales) = silu(gate) * up of each sorted pair: one launch, or at FP8 decode rows
-    cfg["gate_up_splits"] launches' worth of K ranges whose fp32 partials moe_glue.silu_mul_quant sums."""
+    cfg["gate_up_splits"] launches' worth of K ranges whose fp32 partials moe_glue.silu_mul_quant sums.
+    by_pair: max_blocks = P blocks, block m pair m (block_expert the flat top-k ids), inter in pair order."""
     I, hidden, bm = w13.shape[1] // 2, a.shape[1], cfg["block_m"]
     groups = triton.cdiv(hidden, cfg["block_k"])
     splits = cfg["gate_up_splits"] if fp8 and hidden % cfg["block_k"] == 0 else 1
     per_split = max(triton.cdiv(groups, splits), triton.cdiv(groups, MAX_SPLITS))
     splits = triton.cdiv(groups, per_split)
-    out = new_empty((splits, max_blocks * bm, 2 * I), torch.float32, a.device) if splits > 1 else inter
+    rows = max_blocks if by_pair else max_blocks * bm
+    out = new_empty((splits, rows, 2 * I), torch.float32, a.device) if splits > 1 else inter
     _gate_up_kernel[(max_blocks * triton.cdiv(I, cfg["block_n"]), splits)](
         a, a_s, w13, w13_s, out, inter_s, sorted_ids, block_expert,
         a.stride(0), a_s.stride(0), w13.stride(0), w13.stride(1), w13_s.stride(0), w13_s.stride(1),
         out.stride(-2), inter_s.stride(0), P, k, I, hidden, max_blocks, per_split, out.stride(0),
         BLOCK_M=bm, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], GROUP_M=cfg["group_m"],
         EVEN_K=hidden % cfg["block_k"] == 0, PRECISION=dot_precision(a.dtype),
-        FP8=fp8, SCALE_N=scale_n, SPLIT_K=splits > 1, A_QUANT=fp8 and a.dtype != FP8, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"])
+        FP8=fp8, SCALE_N=scale_n, SPLIT_K=splits > 1, A_QUANT=fp8 and a.dtype != FP8, BY_PAIR=by_pair,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if splits > 1:
-        silu_mul_quant(out, inter, inter_s, 1, inter_s.stride(0), block_expert, bm)
+        silu_mul_quant(out, inter, inter_s, 1, inter_s.stride(0), block_expert, 1 if by_pair else bm)
 
 
 def _override(key: str, default: int | None) -> int | None:
@@ -361,4 +399,4 @@ def weight_bytes(topk_ids: Tensor, num_tokens: int, hidden: int, inter: int, ele
     return float(used * 3 * hidden * inter * elem)
 
 
-__all__ = ["A_QUANT_MAX_PAIRS", "CONFIG", "flops", "gate_up_splits", "moe_experts", "weight_bytes"]
+__all__ = ["A_QUANT_MAX_PAIRS", "CONFIG", "DIRECT_MAX_PAIRS", "flops", "gate_up_splits", "moe_experts", "weight_bytes"]
