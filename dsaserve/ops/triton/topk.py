@@ -41,9 +41,9 @@ def _order_keys(x):
 @triton.jit
 def _kth_largest(key, K):
     """The K-th largest of `key` (uint32; padding holds 0, below every real key), two bits per pass. The
-    counts of keys >= c1 and >= c2 share one int32 sum (16-bit fields: rows hold at most ROW_LIMIT keys);
-    int32 instead of one packed int64 sum made the kernel 2-10% faster (H200)."""
-    tl.static_assert(key.shape[0] < 65536)
+    counts of keys >= c1 and >= c2 share one int32 sum (16-bit fields; fewer than 2**15 keys keep it
+    positive); int32 instead of one packed int64 sum made the kernel 2-10% faster (H200)."""
+    tl.static_assert(key.shape[0] < 32768)
     v = tl.zeros([], tl.uint32)
     for s in tl.static_range(15, -1, -1):
         step = tl.full([], 1, tl.uint32) << (2 * s)
