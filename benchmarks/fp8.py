@@ -1,7 +1,7 @@
 """Block-scaled FP8 GEMM and FP8 fused MoE on DeepSeek-V3.2 shapes, against the device's measured ceilings.
 
     python benchmarks/fp8.py [--out fp8.json] [--only gemm,moe,wgmma,tune-gemm,tune-moe] [--experts 256]
-                             [--moe-inter 2048 256]
+                             [--moe-inter 2048 256] [--moe-tokens 1 8 32 4096] [--moe-configs '[null]']
 
 Ceilings, measured in the same run: copy bandwidth (2 GiB device-to-device copy, bytes read + written)
 and the FP8 matmul rate of torch._scaled_mm (cuBLAS, per-tensor scales, 8192^3, bf16 out, the faster of
@@ -196,6 +196,10 @@ def main() -> None:
     ap.add_argument("--moe-inter", type=int, nargs="+", default=[2048],
                     help="the experts' intermediate widths in the MoE runs: 2048 whole (one GPU, or expert parallel), "
                          "256 DeepSeek-V3.2's TP-8 slice, 512 its TP-4 slice")
+    ap.add_argument("--moe-tokens", type=int, nargs="+", default=[1, 8, 32, 4096], help="token counts of the MoE runs")
+    ap.add_argument("--moe-configs", default="[null]",
+                    help='JSON list of moe.CONFIG overrides timed side by side, null the defaults, e.g. '
+                         '\'[null, {"direct": 0}]\' (the grouped path at decode rows too)')
     a = ap.parse_args()
     start = time.perf_counter()
     torch.manual_seed(0)
@@ -207,7 +211,7 @@ def main() -> None:
         bench_gemm(peaks, SHAPES, tuple(a.prefill_rows), [None, {"cublas": 0}, TRITON])
     if "moe" in only:
         for inter in a.moe_inter:
-            bench_moe(peaks, a.experts, (1, 8, 32, 4096), [None], inter=inter)
+            bench_moe(peaks, a.experts, tuple(a.moe_tokens), json.loads(a.moe_configs), inter=inter)
     if "tune-gemm" in only:
         prefill = {k: SHAPES[k] for k in ("q_a", "q_b", "kv_a", "o_proj", "gate/up", "down", "gate/up/8", "down/8")}
         bench_gemm(peaks, prefill, (4096,), [{**(c or {}), **TRITON} for c in PREFILL_TUNE])  # the Triton tiles
