@@ -210,22 +210,25 @@ def test_moe_fp8_quantizes_x_in_gate_up_bit_identically() -> None:
 def test_moe_fp8_direct_equals_grouped_bit_for_bit(N: int, num_tokens: int, hidden: int, E: int, k: int,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """The layout-free decode path (both GEMMs one M block per pair, in pair order) computes each pair's row as the
-    grouped path does: the same bits, with and without split-K, and the reference's values."""
+    grouped path does: the same bits, with and without split-K, x quantized inside gate/up or before it, and the
+    reference's values. int64 ids (torch.topk's, as the router passes them) for one case."""
     gen = torch.Generator(DEV).manual_seed(N + hidden)
     x, w13, w2, ids, tw = _moe_inputs(N, hidden, 256, E, min(k, E), gen)
+    ids = ids.long() if N == 4 else ids
     want = reference.moe_experts(x, w13, w2, ids.long(), tw, num_tokens)
-    for splits in (1, 3):
+    for splits, a_quant in ((1, 1), (3, 1), (3, 0)):
         outs = []
         for direct in (1, 0):
-            tops.moe.CONFIG = {"direct": direct, "gate_up_splits": splits, "block_m": 16}
+            tops.moe.CONFIG = {"direct": direct, "gate_up_splits": splits, "a_quant": a_quant, "block_m": 16}
             with monkeypatch.context() as m:
                 if direct:  # the direct path builds no routing layout
                     m.setattr(tops.moe, "align", None)
                 outs.append(tops.moe_experts(x, w13, w2, ids, tw, num_tokens))
-        assert torch.equal(outs[0], outs[1]), f"splits={splits}: direct and grouped paths differ"
+        case = f"splits={splits} a_quant={a_quant}"
+        assert torch.equal(outs[0], outs[1]), f"{case}: direct and grouped paths differ"
         assert (outs[0][num_tokens:] == 0).all(), "padding rows must be 0"
         err = rel_err(outs[0][:num_tokens], want[:num_tokens])
-        assert err < 1e-2, f"splits={splits}: rel err {err:.2e}"
+        assert err < 1e-2, f"{case}: rel err {err:.2e}"
 
 
 @pytest.mark.parametrize("block_m,dtype", [(64, BF16), (128, BF16), (64, torch.float32)])
