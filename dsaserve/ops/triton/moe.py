@@ -307,8 +307,7 @@ def _gate_up(a: Tensor, a_s: Tensor, w13: Tensor, w13_s: Tensor, inter: Tensor, 
     splits = cfg["gate_up_splits"] if fp8 and hidden % cfg["block_k"] == 0 else 1
     per_split = max(triton.cdiv(groups, splits), triton.cdiv(groups, MAX_SPLITS))
     splits = triton.cdiv(groups, per_split)
-    rows = max_blocks if by_pair else max_blocks * bm
-    out = new_empty((splits, rows, 2 * I), torch.float32, a.device) if splits > 1 else inter
+    out = new_empty((splits, inter.shape[0], 2 * I), torch.float32, a.device) if splits > 1 else inter
     _gate_up_kernel[(max_blocks * triton.cdiv(I, cfg["block_n"]), splits)](
         a, a_s, w13, w13_s, out, inter_s, sorted_ids, block_expert,
         a.stride(0), a_s.stride(0), w13.stride(0), w13.stride(1), w13_s.stride(0), w13_s.stride(1),
