@@ -1,6 +1,8 @@
 """Invariants at the op and layout level: top-k shape, chunking, head padding, checked-mode errors."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -112,7 +114,6 @@ def test_checked_mode_rejects_row_mismatch_before_kernel() -> None:
 
 
 def test_validate_names_the_broken_field() -> None:
-    import dataclasses
     layout = _layout([2, 0], [3, 4], 4)
     bad = dataclasses.replace(layout, row_kv_len=layout.row_kv_len[:, 0])
     with pytest.raises(LayoutError, match=r"row_kv_len must be \[num_tokens, 1\]"):
@@ -165,3 +166,27 @@ def test_packed_layout_views_one_buffer_and_copies_in_one() -> None:
     assert moved.storage is None
     static.copy_from(moved)
     assert torch.equal(static.logit_rows, rows) and torch.equal(static.row_pos, b.row_pos)
+
+
+def test_build_matches_the_per_row_definition() -> None:
+    """Ragged rows (cached prefixes, a decode row, zero to all logit rows, a dummy on page 0): every field
+    equals its definition written row by row, and a request short of pages is refused by name."""
+    page_size = 4
+    prefix, q, logits = [0, 9, 5, 0], [6, 1, 7, 2], [1, 1, 3, 0]
+    pages = ((3, 4), (7, 1, 9), (2, 8, 5), (0,))
+    plan = StepPlan(StepMode.MIXED, ("a", "b", "c", ""), pages, tuple(prefix), tuple(q), tuple(logits),
+                    (True,) * 4, (1,) * sum(q), (0,) * 4)
+    layout = BatchLayout.build(plan, page_size, torch.device("cpu"))
+    row_req = [b for b in range(4) for _ in range(q[b])]
+    row_pos = [prefix[b] + j for b in range(4) for j in range(q[b])]
+    ends = [sum(q[:b + 1]) for b in range(4)]
+    want = {"row_req": row_req, "row_pos": row_pos, "row_kv_len": [[p + 1] for p in row_pos],
+            "out_slots": [pages[b][p // page_size] * page_size + p % page_size for b, p in zip(row_req, row_pos)],
+            "logit_rows": [r for b in range(4) for r in range(ends[b] - logits[b], ends[b])],
+            "seq_lens": [p + n for p, n in zip(prefix, q)],
+            "page_table": [list(p) + [0] * (3 - len(p)) for p in pages]}
+    for name, values in want.items():
+        assert getattr(layout, name).tolist() == values, name
+    short = dataclasses.replace(plan, pages=((3, 4), (7, 1), (2, 8, 5), (0,)))
+    with pytest.raises(LayoutError, match="request 'b' has 10 tokens but 2 pages of 4"):
+        BatchLayout.build(short, page_size, torch.device("cpu"))
