@@ -6,7 +6,8 @@ chained dot's warps along its rows only, so with 64 head rows and 8 warps both w
 QK^T: a third of the tensor-core work wasted. Here each warpgroup computes QK^T for 32 of the block's 64
 keys, the row statistics meet through shared memory, P reaches both, and each warpgroup multiplies it into
 256 of the 512 value columns. bf16 rows are gathered by cp.async into a two-slot ring (slots of -1 read as
-zeros) while the previous block is multiplied; FP8 rows (kv_format) load the next block's e4m3 values and
+zeros) while the previous block is multiplied, and one block's PV runs while the next block's QK^T queues
+behind it (_bf16_loop); FP8 rows (kv_format) load the next block's e4m3 values and
 scales into registers during the products and store them dequantized (exact: power-of-two scales) into the
 other slot, their bf16 rope by cp.async. H200: 1.42-1.49x the Triton kernel at 64-4096 rows x 128 heads,
 1.07-1.29x at 1-16 rows, with either cache (docs/benchmarks.md). In fp32, at other head dims or 32 heads
@@ -94,6 +95,113 @@ if gluon is not None:
         ptrs = Q + t * stride_qt + gl.expand_dims(heads, 1) * stride_qh + gl.expand_dims(cols, 0)
         return gl.load(ptrs, mask=gl.expand_dims(heads < H, 1), other=0.0)
 
+    @gluon.jit
+    def _scores(q_lat, q_rope, k_lat, k_rope, s_zero):
+        """QK^T of one gathered block, issued asynchronously (two wgmma groups)."""
+        s = warpgroup_mma(q_lat, k_lat.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        return warpgroup_mma(q_rope, k_rope.permute((1, 0)), s, is_async=True)
+
+    @gluon.jit
+    def _valid(IDX, t, stride_it, n0, end, BLOCK_N: gl.constexpr, s_l: gl.constexpr):
+        offs = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_l))
+        return gl.load(IDX + t * stride_it + offs, mask=offs < end, other=-1) >= 0
+
+    @gluon.jit
+    def _softmax_step(s, valid, m_i, l_i, scale_log2, dtype: gl.constexpr, o_l: gl.constexpr):
+        """Online softmax over one block's scores: P as PV's register operand, the accumulator's rescale,
+        and the new row max and sum."""
+        s = gl.where(gl.expand_dims(valid, 0), s * scale_log2, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, axis=1))
+        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)  # no valid key yet: avoid -inf - -inf
+        alpha = gl.exp2(m_i - m_use)
+        p = gl.exp2(s - gl.expand_dims(m_use, 1))
+        l_i = l_i * alpha + gl.sum(p, axis=1)
+        p_op = gl.convert_layout(p.to(dtype), gl.DotOperandLayout(operand_index=0, parent=o_l, k_width=2))
+        rescale = gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_l)), 1)
+        return p_op, rescale, m_new, l_i
+
+    @gluon.jit
+    def _bf16_loop(q_lat, q_rope, k_lat, k_rope, KV, KR, IDX, t, stride_it, stride_kv, stride_kr8, start, end,
+                   blocks, scale_log2, m_i, l_i, acc, s_zero, BLOCK_N: gl.constexpr, V_DIM: gl.constexpr,
+                   R_DIM: gl.constexpr, s_l: gl.constexpr, o_l: gl.constexpr):
+        """Block i's PV stays in flight while block i + 1's gather lands and its QK^T is issued behind it;
+        once the PV is done its slot takes block i + 2. Every wgmma is waited for in the iteration that
+        issues it (an accumulator in flight across the back-edge makes ptxas serialize them, C7514).
+        2.7% faster than waiting for each product in turn at 1024-4096 rows (docs/benchmarks.md)."""
+        dtype: gl.constexpr = q_lat.dtype
+        s = s_zero
+        valid = gl.zeros([BLOCK_N], gl.int1, gl.SliceLayout(0, s_l))
+        if blocks > 0:  # block 0's scores before the loop, block 1 gathered meanwhile
+            _gather(KV, KR, IDX, t, stride_it, stride_kv, stride_kr8, start, end, k_lat.index(0), k_rope.index(0),
+                    BLOCK_N, V_DIM, R_DIM, False)
+            if blocks > 1:
+                _gather(KV, KR, IDX, t, stride_it, stride_kv, stride_kr8, start + BLOCK_N, end, k_lat.index(1),
+                        k_rope.index(1), BLOCK_N, V_DIM, R_DIM, False)
+                cp.wait_group(1)
+            else:
+                cp.wait_group(0)
+            fence_async_shared()
+            gl.thread_barrier()
+            s = _scores(q_lat, q_rope, k_lat.index(0), k_rope.index(0), s_zero)
+            valid = _valid(IDX, t, stride_it, start, end, BLOCK_N, s_l)
+            s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+        for i in range(blocks):  # s: block i's scores; block i + 1 in the other slot or landing there
+            slot = i % 2
+            n0 = start + i * BLOCK_N
+            p_op, rescale, m_i, l_i = _softmax_step(s, valid, m_i, l_i, scale_log2, dtype, o_l)
+            pv = warpgroup_mma(p_op, k_lat.index(slot), acc * rescale, is_async=True)
+            if i + 1 < blocks:
+                cp.wait_group(0)  # block i + 1, the only gather in flight
+                fence_async_shared()  # cp.async's writes before the wgmma's reads, in every warp
+                gl.thread_barrier()
+                s = _scores(q_lat, q_rope, k_lat.index(1 - slot), k_rope.index(1 - slot), s_zero)
+                valid = _valid(IDX, t, stride_it, n0 + BLOCK_N, end, BLOCK_N, s_l)
+                acc = warpgroup_mma_wait(num_outstanding=2, deps=(pv,))  # this PV: its slot is free
+                gl.thread_barrier()  # in both warpgroups
+                if i + 2 < blocks:
+                    _gather(KV, KR, IDX, t, stride_it, stride_kv, stride_kr8, n0 + 2 * BLOCK_N, end,
+                            k_lat.index(slot), k_rope.index(slot), BLOCK_N, V_DIM, R_DIM, False)
+                s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+            else:
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(pv,))
+        return acc, m_i, l_i
+
+    @gluon.jit
+    def _fp8_loop(q_lat, q_rope, k_lat, k_rope, KV, KS, KR, IDX, t, stride_it, stride_kv, stride_ks, stride_kr8,
+                  start, end, blocks, scale_log2, m_i, l_i, acc, s_zero, BLOCK_N: gl.constexpr,
+                  V_DIM: gl.constexpr, R_DIM: gl.constexpr, s_l: gl.constexpr, o_l: gl.constexpr):
+        """The next block's e4m3 values load into registers while this one multiplies, then are stored
+        dequantized into the other slot (its rope by cp.async)."""
+        dtype: gl.constexpr = q_lat.dtype
+        if blocks > 0:
+            _gather(KV, KR, IDX, t, stride_it, stride_kv, stride_kr8, start, end, k_lat.index(0), k_rope.index(0),
+                    BLOCK_N, V_DIM, R_DIM, True)
+            values, scales = _load_fp8(KV, KS, IDX, t, stride_it, stride_kv, stride_ks, start, end, BLOCK_N)
+            _store_fp8(k_lat.index(0), values, scales, BLOCK_N, V_DIM)
+        for i in range(blocks):
+            slot = i % 2
+            n0 = start + i * BLOCK_N
+            gl.thread_barrier()  # every warp is done with the slot the next gather overwrites
+            # the next block's values load while this one multiplies (past the end: no traffic)
+            values, scales = _load_fp8(KV, KS, IDX, t, stride_it, stride_kv, stride_ks, n0 + BLOCK_N, end, BLOCK_N)
+            if i + 1 < blocks:
+                _gather(KV, KR, IDX, t, stride_it, stride_kv, stride_kr8, n0 + BLOCK_N, end, k_lat.index(1 - slot),
+                        k_rope.index(1 - slot), BLOCK_N, V_DIM, R_DIM, True)
+                cp.wait_group(1)
+            else:
+                cp.wait_group(0)
+            fence_async_shared()  # the stores and cp.async's writes before the wgmma's reads, in every warp
+            gl.thread_barrier()
+            s = _scores(q_lat, q_rope, k_lat.index(slot), k_rope.index(slot), s_zero)
+            valid = _valid(IDX, t, stride_it, n0, end, BLOCK_N, s_l)
+            s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+            p_op, rescale, m_i, l_i = _softmax_step(s, valid, m_i, l_i, scale_log2, dtype, o_l)
+            acc = warpgroup_mma(p_op, k_lat.index(slot), acc * rescale, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            # the other slot's readers finished before this iteration's first barrier
+            _store_fp8(k_lat.index(1 - slot), values, scales, BLOCK_N, V_DIM)
+        return acc, m_i, l_i
+
     @gluon.jit(do_not_specialize=["stride_lt", "stride_lh", "num_splits"])  # H x splits change per step
     def _sparse_mla_kernel(Q, KV, KR, KS, IDX, LEN, O, LSE,
                            stride_qt, stride_qh, stride_kv, stride_kr8, stride_ks, stride_it, stride_len,
@@ -134,46 +242,14 @@ if gluon is not None:
         l_i = gl.full([BLOCK_H], 0.0, gl.float32, layout=gl.SliceLayout(1, s_l))
         acc = gl.zeros([BLOCK_H, V_DIM], gl.float32, o_l)
         s_zero = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, s_l)
-        if blocks > 0:
-            _gather(KV, KR, IDX, t, stride_it, stride_kv, stride_kr8, start, end, k_lat.index(0), k_rope.index(0),
-                    BLOCK_N, V_DIM, R_DIM, FP8)
-            if FP8:
-                values, scales = _load_fp8(KV, KS, IDX, t, stride_it, stride_kv, stride_ks, start, end, BLOCK_N)
-                _store_fp8(k_lat.index(0), values, scales, BLOCK_N, V_DIM)
-        for i in range(blocks):
-            slot = i % 2
-            n0 = start + i * BLOCK_N
-            gl.thread_barrier()  # every warp is done with the slot the next gather overwrites
-            if FP8:  # the next block's values load while this one multiplies (past the end: no traffic)
-                values, scales = _load_fp8(KV, KS, IDX, t, stride_it, stride_kv, stride_ks, n0 + BLOCK_N, end,
-                                           BLOCK_N)
-            if i + 1 < blocks:
-                _gather(KV, KR, IDX, t, stride_it, stride_kv, stride_kr8, n0 + BLOCK_N, end, k_lat.index(1 - slot),
-                        k_rope.index(1 - slot), BLOCK_N, V_DIM, R_DIM, FP8)
-                cp.wait_group(1)
-            else:
-                cp.wait_group(0)
-            fence_async_shared()  # cp.async's writes before the wgmma's reads, in every warp
-            gl.thread_barrier()
-            keys = k_lat.index(slot)
-            s = warpgroup_mma(q_lat, keys.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            s = warpgroup_mma(q_rope, k_rope.index(slot).permute((1, 0)), s, is_async=True)
-            s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
-            offs = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_l))
-            valid = gl.load(IDX + t * stride_it + offs, mask=offs < end, other=-1) >= 0
-            s = gl.where(gl.expand_dims(valid, 0), s * scale_log2, float("-inf"))
-            m_new = gl.maximum(m_i, gl.max(s, axis=1))
-            m_use = gl.where(m_new == float("-inf"), 0.0, m_new)  # no valid key yet: avoid -inf - -inf
-            alpha = gl.exp2(m_i - m_use)
-            p = gl.exp2(s - gl.expand_dims(m_use, 1))
-            l_i = l_i * alpha + gl.sum(p, axis=1)
-            m_i = m_new
-            p_op = gl.convert_layout(p.to(dtype), gl.DotOperandLayout(operand_index=0, parent=o_l, k_width=2))
-            rescale = gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_l)), 1)
-            acc = warpgroup_mma(p_op, keys, acc * rescale, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-            if FP8:  # the other slot's readers finished before this iteration's first barrier
-                _store_fp8(k_lat.index(1 - slot), values, scales, BLOCK_N, V_DIM)
+        if FP8:
+            acc, m_i, l_i = _fp8_loop(q_lat, q_rope, k_lat, k_rope, KV, KS, KR, IDX, t, stride_it, stride_kv,
+                                      stride_ks, stride_kr8, start, end, blocks, scale_log2, m_i, l_i, acc, s_zero,
+                                      BLOCK_N, V_DIM, R_DIM, s_l, o_l)
+        else:
+            acc, m_i, l_i = _bf16_loop(q_lat, q_rope, k_lat, k_rope, KV, KR, IDX, t, stride_it, stride_kv,
+                                       stride_kr8, start, end, blocks, scale_log2, m_i, l_i, acc, s_zero, BLOCK_N,
+                                       V_DIM, R_DIM, s_l, o_l)
 
         has = l_i > 0.0
         inv = gl.where(has, 1.0 / gl.where(has, l_i, 1.0), 0.0)
