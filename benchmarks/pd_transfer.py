@@ -10,9 +10,11 @@ sender uses cuda:0 and the receiver cuda:1; on CPU both use DRAM. Checks the byt
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
 import queue
 import time
+from pathlib import Path
 
 import torch
 
@@ -20,6 +22,7 @@ from dsaserve.disagg.pages import page_runs
 from dsaserve.disagg.protocol import room_tag
 
 LAYERS, PAGE = 62, 64
+CACHE_FORMAT = "bench-bf16"  # what the bytes mean: both sides must name the same format
 PAGE_BYTES = (PAGE * 576 * 2, PAGE * 128 * 2)  # latent, index keys (bf16)
 
 
@@ -32,7 +35,7 @@ def buffers(pages: int, device: str, fill: int) -> list[torch.Tensor]:
 def receiver(device: str, pages: int, inbox: mp.Queue, outbox: mp.Queue) -> None:
     from dsaserve.disagg.transport import NixlTransport
     bufs = buffers(pages, device, fill=0)
-    t = NixlTransport(bufs)
+    t = NixlTransport(bufs, CACHE_FORMAT)
     outbox.put(t.descriptor())
     while True:
         try:
@@ -56,6 +59,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, nargs="+", default=[1024, 4096])
     ap.add_argument("--fragmented", action="store_true", help="every other page (runs of one page)")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", default=None, help="write the rows as JSON here")
     ns = ap.parse_args()
     from dsaserve.disagg.transport import NixlTransport
     gpu = torch.cuda.device_count() >= 2
@@ -67,7 +71,7 @@ def main() -> None:
     proc.start()
     header, blob = outbox.get(timeout=120)
     bufs = buffers(pages, src_dev, fill=1)
-    sender = NixlTransport(bufs)
+    sender = NixlTransport(bufs, CACHE_FORMAT)
     rows, room = [], 0
     for prompt in ns.prompt:
         n = -(-prompt // PAGE)
@@ -103,6 +107,10 @@ def main() -> None:
     print(f"{'prompt':>8} {'runs':>6} {'MiB':>9} {'ms':>9} {'NIXL GB/s':>10} {'copy GB/s':>10}")
     for r in rows:
         print(f"{r[0]:>8} {r[1]:>6} {r[2]:>9.1f} {r[3]:>9.2f} {r[4]:>10.2f} {r[5]:>10.2f}")
+    if ns.out:
+        keys = ("prompt", "runs", "MiB", "ms", "nixl_GBps", "copy_GBps")
+        Path(ns.out).write_text(json.dumps({"src": src_dev, "dst": dst_dev, "fragmented": ns.fragmented,
+                                            "rows": [dict(zip(keys, r)) for r in rows]}, indent=1))
 
 
 if __name__ == "__main__":
