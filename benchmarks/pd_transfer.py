@@ -6,6 +6,7 @@ layers 128 x bf16, + the MTP layer's), as a prefill -> decode transfer of PROMPT
 sender uses cuda:0 and the receiver cuda:1; on CPU both use DRAM. Checks the bytes that arrived.
 
     python benchmarks/pd_transfer.py --prompt 4096 8192 --fragmented
+    python benchmarks/pd_transfer.py --devices cuda:0 cuda:0   # one GPU: two processes, GPU memory both sides
 """
 from __future__ import annotations
 
@@ -49,8 +50,8 @@ def receiver(device: str, pages: int, inbox: mp.Queue, outbox: mp.Queue) -> None
         deadline = time.monotonic() + 120
         while not t.arrived(sender, room_tag(room)) and time.monotonic() < deadline:
             time.sleep(0.0001)
-        digest = sum(int(b[dst].sum()) for b in bufs)
-        outbox.put(digest)
+        outbox.put(time.monotonic() < deadline)  # the sender's clock stops here, before the check below
+        outbox.put(sum(int(b[dst].sum()) for b in bufs))
     t.close()
 
 
@@ -60,10 +61,16 @@ def main() -> None:
     ap.add_argument("--fragmented", action="store_true", help="every other page (runs of one page)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
+    ap.add_argument("--devices", nargs=2, default=None, metavar=("SRC", "DST"),
+                    help="sender and receiver devices (default: cuda:0 cuda:1 with two GPUs, else cpu cpu); "
+                         "cuda:0 cuda:0 moves GPU memory between two processes on one GPU")
     ns = ap.parse_args()
     from dsaserve.disagg.transport import NixlTransport
-    gpu = torch.cuda.device_count() >= 2
-    src_dev, dst_dev = ("cuda:0", "cuda:1") if gpu else ("cpu", "cpu")
+    if ns.devices:
+        src_dev, dst_dev = ns.devices
+    else:
+        src_dev, dst_dev = ("cuda:0", "cuda:1") if torch.cuda.device_count() >= 2 else ("cpu", "cpu")
+    gpu = src_dev.startswith("cuda")
     pages = 2 * max(-(-p // PAGE) for p in ns.prompt) + 2
     ctx = mp.get_context("spawn")
     inbox, outbox = ctx.Queue(), ctx.Queue()
@@ -87,8 +94,10 @@ def main() -> None:
             while not sender.poll(handle):
                 pass
             inbox.put((sender.agent, room, dst))
-            digest = outbox.get(timeout=120)
+            if not outbox.get(timeout=150):
+                raise SystemExit(f"the write of {prompt} tokens did not arrive within 120 s")
             times.append(time.perf_counter() - start)
+            digest = outbox.get(timeout=120)
         want = sum(int(b[src].sum()) for b in bufs)
         assert digest == want, f"the bytes that arrived differ ({digest} != {want})"
         copy_bufs = [torch.empty_like(b, device=dst_dev) for b in bufs]

@@ -19,6 +19,24 @@ def test_runs_contiguous_and_broken() -> None:
     assert page_runs([7, 1, 2, 3], [4, 5, 6, 9]) == [PageRun(7, 4, 1), PageRun(1, 5, 2), PageRun(3, 9, 1)]
 
 
+def test_freed_pages_come_back_as_runs() -> None:
+    """After requests come and go, a freed request's pages are handed out again in their order, so the next
+    prompt's pages form runs on both sides of a transfer (reversed, each page would be a descriptor of its own)."""
+    prefill, decode = PageAllocator(40), PageAllocator(40)
+    a, b = prefill.alloc(6), prefill.alloc(4)
+    decode.alloc(5)
+    d = decode.alloc(6)
+    prefill.free(a)
+    decode.free(d)
+    src, dst = prefill.alloc(6), decode.alloc(6)
+    assert src == a and dst == d
+    assert page_runs(src, dst) == [PageRun(a[0], d[0], 6)]
+    shared = prefill.alloc(3)
+    prefill.share(shared)
+    prefill.free(shared + b)  # the shared pages stay held: only b is released, in order
+    assert prefill.alloc(4) == b
+
+
 def test_empty_sides_are_nothing_to_transfer() -> None:
     assert page_runs([], []) == []
     assert page_runs([1, 2], []) == []
