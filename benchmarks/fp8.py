@@ -17,6 +17,7 @@ MoE rows by FLOPs (fraction of the _scaled_mm rate, target >= 60%). The table is
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import time
@@ -25,7 +26,8 @@ from pathlib import Path
 import torch
 import triton
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if importlib.util.find_spec("dsaserve") is None:  # PYTHONPATH's dsaserve wins (an A/B against a base package)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels import bench, measure_peaks, rel  # noqa: E402  (benchmarks/kernels.py)
 
 from dsaserve.ops import fp8 as ref  # noqa: E402

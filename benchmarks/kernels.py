@@ -13,6 +13,7 @@ reference. The reference is timed where it is small enough; 'skip' says where it
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -21,7 +22,8 @@ import torch
 import triton
 import triton.testing
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if importlib.util.find_spec("dsaserve") is None:  # PYTHONPATH's dsaserve wins (an A/B against a base package)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dsaserve.bench.one_batch import copy_bandwidth, matmul_rate  # noqa: E402
 from dsaserve.cache import kv_format  # noqa: E402
 from dsaserve.ops import reference as ref  # noqa: E402
