@@ -158,3 +158,19 @@ def test_cuda_graph_replay_matches_eager(arch: str, spec: int, tiny_models: dict
     assert [o.token_ids for o in replayed] == [o.token_ids for o in eager]
     graphs = llm.engine.runner.graphs
     assert graphs.stats.captured == len(graphs.graphs) > 0
+
+
+def test_lookahead_pages_do_not_widen_a_graph_layout(tiny_ds: str) -> None:
+    """With MTP a request holds pages for 2S tokens past its cache while a verify step's keys end S + 1 past
+    it, so near a key-width boundary it holds a page more than that width's page table. The graphed layout
+    keeps the width's table (those pages are not read in the step): one graph per (function, batch, rows,
+    key width). A wider second one meant a step run eagerly on a GPU once the start-up capture was frozen."""
+    llm = LLM(tiny_ds, device="cpu", page_size=4, max_total_tokens=4096, cuda_graph_max_bs=4,
+              speculative_algorithm="NEXTN", speculative_num_steps=3)
+    topk = llm.engine.runner.cfg.index_topk
+    llm.generate(prompts_ids(4, [topk - 9, topk - 8, topk - 7, topk - 6], seed=45), GREEDY)
+    graphs = llm.engine.runner.graphs
+    shapes = [(key[0], g.layout.batch_size, g.layout.num_tokens // g.layout.batch_size, g.layout.key_width)
+              for key, g in graphs.graphs.items()]
+    assert any(width > topk for *_, width in shapes)  # the rows crossed a key-width boundary
+    assert len(shapes) == len(set(shapes)), sorted(shapes)

@@ -133,6 +133,10 @@ def test_page_allocator_refcounts() -> None:
     assert alloc.num_free == 4
     with pytest.raises(OutOfPages):
         alloc.alloc(5)
+    b = alloc.alloc(2)
+    with pytest.raises(AssertionError, match="freed twice"):
+        alloc.free([b[1], b[1]])  # a double free: the page released before it still returns
+    assert alloc.num_free == 3 and alloc.alloc(1) == [b[1]]
 
 
 def test_request_token_slice_equals_concatenation() -> None:

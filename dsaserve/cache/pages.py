@@ -52,17 +52,19 @@ class PageAllocator:
     def free(self, pages: list[int]) -> None:
         self.changes += 1
         released = []
-        for p in pages:
-            assert self._refs[p] > 0, f"page {p} freed twice"
-            self._refs[p] -= 1
-            if self._cached[p] and self._refs[p] == 1:
-                self.cached_only += 1
-            if self._refs[p] == 0:
-                released.append(p)
-        # pushed last-first so that the next alloc pops them in the order they were held: a request's run of
-        # pages comes back as a run, which a PD transfer moves as one descriptor per buffer (a page handed out
-        # in reverse is a descriptor of its own: about 8 us each over NIXL, docs/benchmarks.md)
-        self._free.extend(reversed(released))
+        try:
+            for p in pages:
+                assert self._refs[p] > 0, f"page {p} freed twice"
+                self._refs[p] -= 1
+                if self._cached[p] and self._refs[p] == 1:
+                    self.cached_only += 1
+                if self._refs[p] == 0:
+                    released.append(p)
+        finally:  # (a double free stops the loop: the pages released before it still return)
+            # pushed last-first so that the next alloc pops them in the order they were held: a request's run
+            # of pages comes back as a run, which a PD transfer moves as one descriptor per buffer (a page
+            # handed out in reverse is a descriptor of its own: about 8 us each over NIXL, docs/benchmarks.md)
+            self._free.extend(reversed(released))
 
     def share_cached(self, page: int) -> None:
         """The prefix cache takes its reference on a page the caller holds: the page counts in cached_only

@@ -28,7 +28,8 @@ class StepMode(enum.Enum):
 
 
 class LayoutError(AssertionError):
-    """A layout or kernel input violates an invariant (raised only in checked mode)."""
+    """A layout or kernel input violates an invariant: the checks of validate() and the kernel wrappers run in
+    checked mode; build() and padded() refuse a plan they cannot describe always."""
 
 
 def checks_enabled() -> bool:
@@ -104,16 +105,24 @@ class BatchLayout:
               dp_sizes: tuple[int, ...] | None = None, page_width: int | None = None) -> BatchLayout:
         B = len(plan.rids)
         seq_lens = [p + q for p, q in zip(plan.prefix_lens, plan.q_lens)]
-        width = max([len(p) for p in plan.pages] + [page_width or 0])
-        table = np.zeros((B, width), dtype=np.int32)
-        _fill_table(table, plan.pages)
-        row_req, row_pos, logit_rows = _rows(plan)
-        T = len(row_req)
         covered = np.fromiter((len(p) for p in plan.pages), dtype=np.int64, count=B) * page_size
         if B and (short := np.flatnonzero(np.asarray(seq_lens, dtype=np.int64) > covered)).size:
             b = int(short[0])
             raise LayoutError(f"request {plan.rids[b]!r} has {seq_lens[b]} tokens but {len(plan.pages[b])} pages "
                               f"of {page_size}")
+        pages = plan.pages
+        if page_width is None:
+            width = max((len(p) for p in pages), default=0)
+        else:  # a graph's table is its key width's, whatever pages a request holds past its keys (MTP's lookahead)
+            width = page_width
+            if B and max(seq_lens) > width * page_size:
+                raise LayoutError(f"a request has {max(seq_lens)} tokens, past the page table's {width} pages of "
+                                  f"{page_size}")
+            pages = tuple(p[:width] for p in pages)
+        table = np.zeros((B, width), dtype=np.int32)
+        _fill_table(table, pages)
+        row_req, row_pos, logit_rows = _rows(plan)
+        T = len(row_req)
         slots = table[row_req, row_pos // page_size].astype(np.int64) * page_size + row_pos % page_size
         fields = {"prefix_lens": (plan.prefix_lens, (B,)), "q_lens": (plan.q_lens, (B,)), "seq_lens": (seq_lens, (B,)),
                   "row_req": (row_req, (T,)), "row_pos": (row_pos, (T,)),
