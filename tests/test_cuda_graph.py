@@ -158,6 +158,7 @@ def test_cuda_graph_replay_matches_eager(arch: str, spec: int, tiny_models: dict
     assert [o.token_ids for o in replayed] == [o.token_ids for o in eager]
     graphs = llm.engine.runner.graphs
     assert graphs.stats.captured == len(graphs.graphs) > 0
+    assert graphs.stats.eager_misses == 0  # rows crossing key widths (with MTP's lookahead pages) found a graph
 
 
 def test_lookahead_pages_do_not_widen_a_graph_layout(tiny_ds: str) -> None:
