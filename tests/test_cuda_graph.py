@@ -175,3 +175,17 @@ def test_lookahead_pages_do_not_widen_a_graph_layout(tiny_ds: str) -> None:
               for key, g in graphs.graphs.items()]
     assert any(width > topk for *_, width in shapes)  # the rows crossed a key-width boundary
     assert len(shapes) == len(set(shapes)), sorted(shapes)
+
+
+def test_mtp_runs_to_the_context_length_on_graphs(tiny_ds: str) -> None:
+    """With MTP a request decoding up to the context length has verify and draft rows whose keys reach up to 2S
+    past its last token: the graphs' key widths cover them, so the run ends at the context length as the
+    eager one does (the widths stopped at the context length, and the step failed)."""
+    common = dict(device="cpu", page_size=4, max_total_tokens=4096, context_length=64,
+                  speculative_algorithm="NEXTN", speculative_num_steps=3)
+    prompts = prompts_ids(2, [30, 33], seed=3)
+    to_the_end = SamplingParams(max_tokens=None, temperature=0.0, ignore_eos=True)
+    eager = LLM(tiny_ds, cuda_graph_max_bs=0, **common).generate(prompts, to_the_end)
+    graphed = LLM(tiny_ds, cuda_graph_max_bs=4, **common).generate(prompts, to_the_end)
+    assert [o.finish_reason.kind for o in graphed] == ["length", "length"]
+    assert [o.token_ids for o in graphed] == [o.token_ids for o in eager]

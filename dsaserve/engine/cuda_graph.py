@@ -56,12 +56,14 @@ class GraphStats:
 
 
 class GraphRunner:
-    def __init__(self, device: torch.device, buckets: list[int], page_size: int, topk: int, context_length: int,
+    def __init__(self, device: torch.device, buckets: list[int], page_size: int, topk: int, most_keys: int,
                  capture: bool):
+        """most_keys: the most keys a graphed step's row may see (the context length; with MTP verify rows and
+        chained drafts reach past a request's last token, up to 2S more)."""
         self.device, self.max_bs, self.page_size, self.topk = device, max(buckets), page_size, topk
         self.capture = capture and device.type == "cuda"
         self.buckets = buckets
-        self.max_keys = -(-context_length // page_size) * page_size
+        self.max_keys = -(-most_keys // page_size) * page_size
         self.graphs: dict[tuple, _Graph] = {}
         self._shared_out: dict[tuple, Tensor] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None

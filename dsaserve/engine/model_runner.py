@@ -147,6 +147,12 @@ class ModelRunner:
     def bytes_per_token(self) -> int:
         return KVPools.bytes_per_token(self.cfg, self.kv_dtype, self.cache_layers)
 
+    @property
+    def most_keys(self) -> int:
+        """The most keys one row of a step may see: the context length, and with MTP up to 2S more (verify rows
+        and chained drafts run past a request's last token)."""
+        return self.context_length + 2 * self.spec_steps
+
     def _graph_runner(self, args: ServerArgs) -> GraphRunner | None:
         # torch ops read back values
         capturable = self.ops.attention_backend in ("triton", "flashmla") and self.ops.moe_backend == "triton"
@@ -160,8 +166,7 @@ class ModelRunner:
         if not max_bs:
             return None
         buckets = batch_buckets(min(max_bs, args.max_running_requests), args.cuda_graph_bs)
-        return GraphRunner(self.device, buckets, self.page_size, self.cfg.index_topk, self.context_length,
-                           capture=True)
+        return GraphRunner(self.device, buckets, self.page_size, self.cfg.index_topk, self.most_keys, capture=True)
 
     def _log_sparse_mla_kernel(self) -> None:
         """Which kernel runs sparse MLA on CUDA (attention backend triton): probed now, never inside a graph
@@ -240,7 +245,7 @@ class ModelRunner:
         if self.device.type != "cuda":
             return
         if self.graphs is None:
-            work = [(1, w) for w in selection_widths(self.cfg.index_topk, self.context_length)]
+            work = [(1, w) for w in selection_widths(self.cfg.index_topk, self.most_keys)]
         else:
             work = [(b, w) for b in self.graphs.buckets for w in self.graphs.key_widths()]
         graphed = self.graphs is not None
