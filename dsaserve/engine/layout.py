@@ -231,7 +231,7 @@ class BatchLayout:
 
 def _rows(plan: StepPlan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per query row its request and position, and the rows that yield logits (each request's trailing
-    logit_counts rows), vectorized: a 8K-token prefill chunk built them in Python in milliseconds."""
+    logit_counts rows), vectorized: an 8K-token prefill chunk built them in Python in milliseconds."""
     q = np.asarray(plan.q_lens, dtype=np.int64)
     ends = np.cumsum(q)
     row_req = np.repeat(np.arange(len(q)), q)
