@@ -41,12 +41,23 @@ class MemoryPlan:
         return self.weight_bytes < self.device_bytes and self.kv_tokens > 0
 
 
+def _component(name: str) -> str:
+    return next((c for c, key in COMPONENTS if key in name), "other")
+
+
 def weight_bytes(model: torch.nn.Module) -> dict[str, int]:
-    """Bytes of every parameter by component (works on the meta device: shapes and dtypes only)."""
+    """Bytes of every parameter by component (works on the meta device: shapes and dtypes only). A shared
+    expert stacked with the routed ones (quant.Experts.shared_slot) counts as shared: one slot's share."""
+    from dsaserve.model.quant import Experts
     out: dict[str, int] = {}
     for name, p in model.named_parameters():
-        part = next((c for c, key in COMPONENTS if key in name), "other")
+        part = _component(name)
         out[part] = out.get(part, 0) + p.numel() * p.element_size()
+    for path, m in model.named_modules():
+        if isinstance(m, Experts) and m.shared_slot is not None and _component(f"{path}.") == "routed experts":
+            shared = sum(p.numel() * p.element_size() for p in m.parameters()) // m.slots
+            out["routed experts"] -= shared
+            out["shared experts"] = out.get("shared experts", 0) + shared
     return out
 
 

@@ -139,6 +139,10 @@ def _rank_tensor(model: DSAModel, name: str) -> torch.Tensor:
     name = shared.get(name, name)  # the MTP layer reads the target's embedding and head (equal in the checkpoint)
     key = name if name == "lm_head.weight" else name[len("model."):].replace(f"layers.{n}.", "mtp.")
     parts = key.split(".")
+    if "shared_experts" in parts:  # stacked after the routed experts (MoE.fuse_shared_expert)
+        i = parts.index("shared_experts")
+        slot = model.get_submodule(".".join(parts[:i] + ["experts"])).shared_slot
+        parts = parts[:i] + ["experts", str(slot)] + parts[i + 1:]
     if "experts" in parts and parts[parts.index("experts") + 1].isdigit():
         i = parts.index("experts")
         experts, e, proj = model.get_submodule(".".join(parts[:i + 1])), int(parts[i + 1]), parts[i + 2]

@@ -186,12 +186,13 @@ def test_rope_kernel_equals_reference(case: tuple[int, int | None, int], interle
 @pytest.mark.parametrize("case", [(1, 256, 8, 4, 8), (64, 256, 8, 4, 8), (500, 256, 8, 4, 8), (9, 256, 1, 1, 8),
                                   (33, 16, 4, 2, 4), (5, 64, 1, 1, 6)])
 @pytest.mark.parametrize("normalize", [True, False])
-def test_route_kernel_equals_reference(case: tuple[int, int, int, int, int], normalize: bool):
+@pytest.mark.parametrize("shared", [False, True])
+def test_route_kernel_equals_reference(case: tuple[int, int, int, int, int], normalize: bool, shared: bool):
     N, E, n_group, topk_group, k = case
     logits, bias = _route_inputs(N, E, "cuda", seed=N + E)
-    ids, weights = fused.route(logits, bias, n_group, topk_group, k, normalize, 2.5)
-    want_ids, want_weights = fused.route_reference(logits, bias, n_group, topk_group, k, normalize, 2.5)
-    assert ids.dtype == want_ids.dtype == torch.int64
+    ids, weights = fused.route(logits, bias, n_group, topk_group, k, normalize, 2.5, shared)
+    want_ids, want_weights = fused.route_reference(logits, bias, n_group, topk_group, k, normalize, 2.5, shared)
+    assert ids.shape == (N, k + shared) and ids.dtype == want_ids.dtype == torch.int64
     assert torch.equal(ids, want_ids)  # the same experts in the same (descending) order
     torch.testing.assert_close(weights, want_weights, rtol=1e-5, atol=1e-7)
 

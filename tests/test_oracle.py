@@ -5,6 +5,8 @@ Prompts are shorter and longer than index_topk (16), so sparse selection is acti
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import transformers
@@ -12,6 +14,8 @@ import transformers
 from conftest import ARCHS, prompts_ids
 from dsaserve import LLM, SamplingParams
 from dsaserve.engine.layout import BatchLayout, StepMode, StepPlan
+from dsaserve.model.dsa import MoE
+from dsaserve.tiny import make_tiny_model
 
 LOGIT_TOL = 1e-4
 ORACLES = {"deepseek_v32": transformers.DeepseekV32ForCausalLM, "glm_moe_dsa": transformers.GlmMoeDsaForCausalLM}
@@ -36,23 +40,47 @@ def test_tiny_configs_exercise_selection(tiny_models: dict[str, str]) -> None:
     assert glm.indexer_rope_interleave and "shared" in glm.indexer_types  # cross-layer top-k sharing
 
 
+def _prefill_logit_diff(llm: LLM, oracle: torch.nn.Module, ids: list[int], page_size: int) -> float:
+    """Max |logit difference| of one prompt's prefill against the oracle's, every position."""
+    runner = llm.engine.runner
+    with torch.no_grad():
+        expected = oracle(torch.tensor([ids])).logits[0]
+    pages = tuple(llm.engine.allocator.alloc(-(-len(ids) // page_size)))
+    plan = StepPlan(StepMode.EXTEND, ("r",), (pages,), (0,), (len(ids),), (1,), (True,), tuple(ids), (0,))
+    layout = BatchLayout.build(plan, page_size, runner.device)
+    with torch.no_grad():
+        got = runner.model.logits(runner.model(torch.tensor(ids), layout, runner.pools, runner.ops))
+    llm.engine.allocator.free(list(pages))
+    return (got - expected).abs().max().item()
+
+
+def _moe_layers(llm: LLM) -> list[MoE]:
+    return [m for m in llm.engine.runner.model.modules() if isinstance(m, MoE)]
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("page_size", [1, 64])
 def test_prefill_logits_match_transformers(arch: str, page_size: int, tiny_models: dict[str, str],
                                            oracles: dict[str, torch.nn.Module]) -> None:
     llm = LLM(tiny_models[arch], page_size=page_size, max_total_tokens=4096)
-    runner = llm.engine.runner
+    # the one shared expert runs stacked with the routed ones (MoE.fuse_shared_expert)
+    assert all(m.shared_experts is None and m.experts.shared_slot == 8 for m in _moe_layers(llm))
     for ids in prompts_ids(3, [9, 16, 45], seed=1):  # below, at and above index_topk
-        with torch.no_grad():
-            expected = oracles[arch](torch.tensor([ids])).logits[0]
-        pages = tuple(llm.engine.allocator.alloc(-(-len(ids) // page_size)))
-        plan = StepPlan(StepMode.EXTEND, ("r",), (pages,), (0,), (len(ids),), (1,), (True,), tuple(ids), (0,))
-        layout = BatchLayout.build(plan, page_size, runner.device)
-        with torch.no_grad():
-            got = runner.model.logits(runner.model(torch.tensor(ids), layout, runner.pools, runner.ops))
-        llm.engine.allocator.free(list(pages))
-        diff = (got - expected).abs().max().item()
+        diff = _prefill_logit_diff(llm, oracles[arch], ids, page_size)
         assert diff < LOGIT_TOL, f"{arch} len={len(ids)}: max logit diff {diff:.2e} >= {LOGIT_TOL}"
+
+
+def test_two_shared_experts_stay_a_dense_mlp(tmp_path: Path) -> None:
+    """Two shared experts (twice a routed expert's width) are not stacked: they run as a dense MLP beside the
+    routed experts, and the model still gives transformers' logits."""
+    path = make_tiny_model(tmp_path / "two_shared", "deepseek_v32", n_shared_experts=2)
+    oracle = ORACLES["deepseek_v32"].from_pretrained(str(path), dtype=torch.float32,
+                                                      attn_implementation="eager").eval()
+    llm = LLM(str(path), page_size=1, max_total_tokens=4096)
+    assert all(m.shared_experts is not None and m.experts.shared_slot is None for m in _moe_layers(llm))
+    ids = prompts_ids(1, [45], seed=1)[0]
+    diff = _prefill_logit_diff(llm, oracle, ids, 1)
+    assert diff < LOGIT_TOL, f"max logit diff {diff:.2e} >= {LOGIT_TOL}"
 
 
 @pytest.mark.parametrize("arch", ARCHS)

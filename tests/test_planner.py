@@ -51,6 +51,7 @@ def test_v32_routed_experts_by_hand() -> None:
     w2 = hidden * inter + 4 * (hidden // 128) * (inter // 128)
     p = plan(cfg, ServerArgs(tp=8), int(141e9))
     assert p.weights["routed experts"] == (61 - 3) * 256 * (w13 + w2)
+    assert p.weights["shared experts"] == (61 - 3) * (w13 + w2)  # one more stacked expert of the same width
     latent, index = 512 + 64, 128  # bf16 cache: 2 bytes a value, every layer has its own indexer
     assert p.kv_bytes_per_token == 61 * 2 * (latent + index)
 

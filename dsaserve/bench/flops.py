@@ -3,7 +3,7 @@ engine computes them: the yardstick for prefill against the measured bf16 matmul
 
 * Weight products, from the built model's modules (so both architectures, FP8 and tensor-parallel shards
   come out right): every `Linear` once per row by its logical [out, in] shape (FP8 weights included; fused
-  projections are one Linear), the router's [E, H] product, and `num_experts_per_tok` routed experts
+  projections are one Linear), the router's [E, H] product, and `num_experts_per_tok` routed experts (and a stacked shared expert)
   (3 x intermediate x hidden each, padding of FP8 expert blocks left out: it multiplies zeros). The absorbed
   MLA's W_UK / W_UV products per head together have exactly kv_b_proj's shape, so it counts as a Linear.
   The indexer's query side (wq_b, weights_proj) runs for every row of a step whose key width is past
@@ -44,7 +44,8 @@ def _row_macs(model: DSAModel) -> Counter[tuple[bool, bool]]:
         elif isinstance(m, Router):
             n = m.weight.shape[0] * m.weight.shape[1]
         elif isinstance(m, Experts):
-            n = k * 3 * m.inter * m.hidden  # gate, up, down of each selected expert, logical width
+            shared = m.slots - m.num_experts  # a stacked shared expert runs for every row too
+            n = (k + shared) * 3 * m.inter * m.hidden  # gate, up, down of each selected expert, logical width
         else:
             continue
         macs[name.startswith("mtp."), name.endswith(QUERY_SIDE)] += n

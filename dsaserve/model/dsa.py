@@ -176,8 +176,12 @@ class DenseMLP(nn.Module):
 
 
 def fuse_projections(model: nn.Module) -> None:
-    """GEMMs that read the same rows become one (quant.concat_rows): fewer launches per decode step. Call on
-    the meta model, after formats and dtypes are chosen; the loader fills each part's rows."""
+    """GEMMs that read the same rows become one (quant.concat_rows) and a shared expert joins the routed ones
+    (MoE.fuse_shared_expert): fewer launches per decode step. Call on the meta model, after formats and dtypes
+    are chosen; the loader fills each part's rows."""
+    for module in list(model.modules()):
+        if isinstance(module, MoE):
+            module.fuse_shared_expert()
     for module in list(model.modules()):
         if isinstance(module, MLAttention):
             module.fuse_input_projections()
@@ -193,12 +197,13 @@ class Router(nn.Module):
         self.cfg = cfg
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
         self.e_score_correction_bias = nn.Parameter(torch.empty(cfg.n_routed_experts))  # kept in fp32
+        self.shared = False  # every row also picks expert n_routed_experts, weight 1 (MoE.fuse_shared_expert)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         cfg = self.cfg
         logits = F.linear(x.float(), self.weight.float())  # the weight is fp32 already (fp32_parameter_names)
         return route(logits, self.e_score_correction_bias.float(), cfg.n_group, cfg.topk_group,
-                     cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.routed_scaling_factor)
+                     cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.routed_scaling_factor, self.shared)
 
 
 class MoE(nn.Module):
@@ -211,6 +216,17 @@ class MoE(nn.Module):
         self.experts = Experts(cfg, tp)
         shared = cfg.moe_intermediate_size * cfg.n_shared_experts // tp
         self.shared_experts = DenseMLP(cfg.hidden_size, shared) if shared else None
+
+    def fuse_shared_expert(self) -> None:
+        """One shared expert (DeepSeek-V3.2, GLM-5) is as wide as a routed one: stacked after them as expert
+        E, which every row picks with weight 1, it runs inside the fused MoE (no dense MLP's three launches
+        and add). Kept apart when there are several or the formats differ."""
+        mlp = self.shared_experts
+        if mlp is None or self.gate.cfg.n_shared_experts != 1 or not self.experts.can_stack(mlp.gate_proj):
+            return
+        self.experts.add_shared_slot()
+        self.gate.shared = True
+        self.shared_experts = None
 
     def forward(self, x: Tensor, ops: DSAOps) -> Tensor:
         ids, weights = self.gate(x)

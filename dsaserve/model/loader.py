@@ -30,6 +30,7 @@ from dsaserve.parallel.groups import Parallel
 Tensor = torch.Tensor
 log = logging.getLogger(__name__)
 _EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_SHARED_EXPERT = re.compile(r"^(.*\.mlp)\.shared_experts\.(gate_proj|up_proj|down_proj)\.weight$")
 _SCALE = "_scale_inv"
 _MTP_SHARED = ("embed_tokens.weight", "shared_head.head.weight")  # the MTP layer uses the target's (dsa.MTPLayer)
 
@@ -215,6 +216,10 @@ class _Placer:
                 raise CheckpointError(f"unexpected tensor {name}: the model has no routed expert {index} there "
                                       f"({self.cfg.n_routed_experts} experts, MoE layers per mlp_layer_types)")
             return module.slot(expert.group(3), index)
+        shared = _SHARED_EXPERT.match(key)
+        module = self.modules.get(f"{shared.group(1)}.experts") if shared is not None else None
+        if isinstance(module, quant.Experts) and module.shared_slot is not None:  # stacked after the routed ones
+            return module.slot(shared.group(2), module.shared_slot)
         if key in self.fused:  # this tensor's rows of a fused module (and their scale blocks)
             _, fused, start, rows = self.fused[key]
             weight = fused.weight.data[start:start + rows]
@@ -286,6 +291,9 @@ def _expected_keys(model: DSAModel, params: dict[str, torch.nn.Parameter]) -> se
             prefix = name[: -len(".w13")]
             keys |= {f"{prefix}.{e}.{proj}.weight" for e in range(model.cfg.n_routed_experts)
                      for proj in ("gate_proj", "up_proj", "down_proj")}
+            if params[name].shape[0] > model.cfg.n_routed_experts:  # the shared expert, stacked
+                keys |= {f"{prefix[: -len('.experts')]}.shared_experts.{proj}.weight"
+                         for proj in ("gate_proj", "up_proj", "down_proj")}
         elif not name.endswith((".experts.w2", _SCALE)):
             keys.add(name)
     return keys

@@ -107,36 +107,62 @@ class Experts(nn.Module):
 
     I' = I in the compute dtype. In FP8 I' is I rounded up to whole scale blocks, so that gate and
     up each start a block (zero rows fill the gap; their outputs are silu(0) * 0 = 0): real
-    checkpoints split experts on block boundaries and have I' = I.
+    checkpoints split experts on block boundaries and have I' = I. A shared expert of the same width
+    may follow as expert E (`shared_slot`, add_shared_slot): the router then gives every row that one too.
     """
 
     def __init__(self, cfg: ModelConfig, tp: int):
         super().__init__()
         self.num_experts, self.inter, self.hidden = cfg.n_routed_experts, cfg.moe_intermediate_size // tp, cfg.hidden_size
+        self.slots = self.num_experts  # stacked experts: the routed ones, then the shared one if added
         self.padded_inter = self.inter
-        self.w13 = nn.Parameter(torch.empty(self.num_experts, 2 * self.inter, self.hidden))
-        self.w2 = nn.Parameter(torch.empty(self.num_experts, self.hidden, self.inter))
         self.block: tuple[int, int] | None = None
+        self._allocate(torch.get_default_dtype())
         self.kernels = False  # set by prepare(): e4m3 weights to the MoE op, or the dequantized copy
         self._dequantized: tuple[Tensor, Tensor] | None = None
 
-    def to_fp8(self, block: tuple[int, int]) -> None:
-        E, H = self.num_experts, self.hidden
-        Ip = self.padded_inter = -(-self.inter // math.lcm(*block)) * math.lcm(*block)
+    def _allocate(self, dtype: torch.dtype) -> None:
+        """(Re)make the parameters for `slots` experts in the current format (on the meta device)."""
+        E, H, Ip, block = self.slots, self.hidden, self.padded_inter, self.block
+        if block is None:
+            self.w13 = nn.Parameter(torch.empty(E, 2 * Ip, H, dtype=dtype), requires_grad=False)
+            self.w2 = nn.Parameter(torch.empty(E, H, Ip, dtype=dtype), requires_grad=False)
+            return
         self.w13 = nn.Parameter(torch.empty(E, 2 * Ip, H, dtype=FP8), requires_grad=False)
         self.w13_scale_inv = nn.Parameter(torch.empty(E, 2 * Ip // block[0], math.ceil(H / block[1])),
                                           requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(E, H, Ip, dtype=FP8), requires_grad=False)
         self.w2_scale_inv = nn.Parameter(torch.empty(E, math.ceil(H / block[0]), Ip // block[1]), requires_grad=False)
+
+    def to_fp8(self, block: tuple[int, int]) -> None:
+        self.padded_inter = -(-self.inter // math.lcm(*block)) * math.lcm(*block)
         self.block = block
+        self._allocate(FP8)
+
+    @property
+    def shared_slot(self) -> int | None:
+        """The shared expert's index (after the routed experts), None when it runs as a dense MLP."""
+        return self.num_experts if self.slots > self.num_experts else None
+
+    def can_stack(self, shared_gate: Linear) -> bool:
+        """Whether a shared expert whose gate_proj is `shared_gate` can join as one more expert: same width
+        on this rank, same format."""
+        return (shared_gate.out_features == self.inter and shared_gate.block == self.block
+                and shared_gate.weight.dtype == self.w13.dtype)
+
+    def add_shared_slot(self) -> None:
+        """One more stacked expert, the shared one (call on the meta device, before loading)."""
+        assert self.shared_slot is None, "the shared expert is stacked already"
+        self.slots += 1
+        self._allocate(self.w13.dtype)
 
     @property
     def padded(self) -> bool:
         return self.padded_inter != self.inter
 
     def slot(self, proj: str, expert: int) -> tuple[Tensor, Tensor | None]:
-        """Where checkpoint tensor `experts.{expert}.{proj}.weight` goes: this rank's weight rows (and
-        their scale blocks in FP8)."""
+        """Where checkpoint tensor `experts.{expert}.{proj}.weight` (or the shared expert's, at shared_slot)
+        goes: this rank's weight rows (and their scale blocks in FP8)."""
         I, Ip = self.inter, self.padded_inter
         if proj == "down_proj":
             weight = self.w2.data[expert, :, :I]
@@ -207,7 +233,7 @@ def prepare(model: nn.Module, mode: Mode, dtype: torch.dtype, checks: bool = Fal
         from dsaserve.ops.triton import fp8_wgmma
         from dsaserve.ops.triton.fp8_gemm import CUBLAS_MIN_M, cublas_blockwise_works, fp8_linear
         gemm = partial(fp8_linear, checks=checks)
-        device = modules[0].weight.device if modules else torch.device("cpu")
+        device = next(modules[0].parameters()).device if modules else torch.device("cpu")
         if device.type == "cuda":  # probed now: never inside a CUDA graph capture
             index = device.index or 0
             log.info("FP8 GEMMs of %d+ rows: %s; where it refuses and for prefill-sized experts: %s", CUBLAS_MIN_M,

@@ -67,7 +67,7 @@ def rope_(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, out: Tensor | 
 
 
 def route_reference(logits: Tensor, bias: Tensor, n_group: int, topk_group: int, k: int, normalize: bool,
-                    scale: float) -> tuple[Tensor, Tensor]:
+                    scale: float, shared: bool = False) -> tuple[Tensor, Tensor]:
     N, E = logits.shape
     scores = logits.sigmoid()
     choice = scores + bias
@@ -79,17 +79,22 @@ def route_reference(logits: Tensor, bias: Tensor, n_group: int, topk_group: int,
     weights = scores.gather(1, ids)
     if normalize:
         weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-    return ids, weights * scale
+    weights = weights * scale
+    if shared:
+        ids = torch.cat([ids, ids.new_full((N, 1), E)], dim=1)
+        weights = torch.cat([weights, weights.new_ones(N, 1)], dim=1)
+    return ids, weights
 
 
 def route(logits: Tensor, bias: Tensor, n_group: int, topk_group: int, k: int, normalize: bool,
-          scale: float) -> tuple[Tensor, Tensor]:
+          scale: float, shared: bool = False) -> tuple[Tensor, Tensor]:
     """Sigmoid scores of fp32 router logits [N, E]; experts are chosen by score + bias among the
     `topk_group` best groups (a group's value: its two best choices) -> (ids [N, k] int64, weights [N, k]
-    fp32: the chosen scores, normalized to sum 1 if `normalize`, times `scale`)."""
+    fp32: the chosen scores, normalized to sum 1 if `normalize`, times `scale`). shared: one more column,
+    expert E with weight 1 (the shared expert stacked after the routed ones: quant.Experts.shared_slot)."""
     if logits.is_cuda and _kernels().route_applies(logits, bias, n_group, k):
-        return _kernels().route(logits, bias, n_group, topk_group, k, normalize, scale)
-    return route_reference(logits, bias, n_group, topk_group, k, normalize, scale)
+        return _kernels().route(logits, bias, n_group, topk_group, k, normalize, scale, shared)
+    return route_reference(logits, bias, n_group, topk_group, k, normalize, scale, shared)
 
 
 def silu_mul(gate: Tensor, up: Tensor) -> Tensor:

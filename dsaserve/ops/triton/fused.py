@@ -152,7 +152,7 @@ def _argmax_2d(x, index, NONE: tl.constexpr):
 @triton.jit
 def _route_kernel(LOGITS, BIAS, IDS, WEIGHTS, stride_l, scale,
                   GROUPS: tl.constexpr, PER_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, K: tl.constexpr,
-                  K_POW2: tl.constexpr, NORMALIZE: tl.constexpr):
+                  K_POW2: tl.constexpr, NORMALIZE: tl.constexpr, SHARED: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     g = tl.arange(0, GROUPS)
     j = tl.arange(0, PER_GROUP)
@@ -181,20 +181,25 @@ def _route_kernel(LOGITS, BIAS, IDS, WEIGHTS, stride_l, scale,
         choice = tl.where(expert == pick, float("-inf"), choice)
     if NORMALIZE:
         weights = weights / (tl.sum(weights, 0) + 1e-20)
-    tl.store(IDS + row * K + slot, ids, mask=slot < K)
-    tl.store(WEIGHTS + row * K + slot, weights * scale, mask=slot < K)
+    weights = weights * scale
+    if SHARED:  # the shared expert (id E, weight 1) in column K
+        ids = tl.where(slot == K, E, ids)
+        weights = tl.where(slot == K, 1.0, weights)
+    WIDTH: tl.constexpr = K + SHARED
+    tl.store(IDS + row * WIDTH + slot, ids, mask=slot < WIDTH)
+    tl.store(WEIGHTS + row * WIDTH + slot, weights, mask=slot < WIDTH)
 
 
 def route(logits: Tensor, bias: Tensor, n_group: int, topk_group: int, k: int, normalize: bool,
-          scale: float) -> tuple[Tensor, Tensor]:
+          scale: float, shared: bool = False) -> tuple[Tensor, Tensor]:
     """Grouped top-k routing of fp32 router logits [N, E]; see dsaserve.ops.fused.route_reference."""
     N, E = logits.shape
-    ids = torch.empty(N, k, dtype=torch.int64, device=logits.device)
-    weights = torch.empty(N, k, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(N, k + shared, dtype=torch.int64, device=logits.device)
+    weights = torch.empty(N, k + shared, dtype=torch.float32, device=logits.device)
     if N:
         _route_kernel[(N,)](logits, bias, ids, weights, logits.stride(0), scale, GROUPS=n_group,
-                            PER_GROUP=E // n_group, TOPK_GROUP=topk_group, K=k, K_POW2=next_pow2(k, 2),
-                            NORMALIZE=normalize, num_warps=4)
+                            PER_GROUP=E // n_group, TOPK_GROUP=topk_group, K=k, K_POW2=next_pow2(k + shared, 2),
+                            NORMALIZE=normalize, SHARED=int(shared), num_warps=4)
     return ids, weights
 
 
