@@ -17,7 +17,7 @@ from dsaserve.engine.layout import BatchLayout
 from dsaserve.model.quant import Experts, Linear, concat_rows
 from dsaserve.model.rope import Rotary
 from dsaserve.ops.dispatch import DSAOps
-from dsaserve.ops.fused import add_rms_norm, embed, rms_norm, rope_, rope_hadamard_, route, silu_mul
+from dsaserve.ops.fused import add_rms_norm, embed, linear_fp32, rms_norm, rope_, rope_hadamard_, route, silu_mul
 from dsaserve.parallel.groups import Parallel
 
 Tensor = torch.Tensor
@@ -75,7 +75,7 @@ class Indexer(nn.Module):
             return prev_topk if prev_topk is not None else ctx.ops.all_slots(ctx.layout, cfg.index_topk)
         q = self._rope(self.wq_b(q_lat).view(T, cfg.index_n_heads, cfg.index_head_dim), ctx)
         cache = ctx.pools.index_keys(self.layer_id)
-        weights = F.linear(x.float(), self.weights_proj.weight.float()) * self.weight_scale
+        weights = linear_fp32(x, self.weights_proj.weight, self.weight_scale)  # kept in fp32
         topk = ctx.ops.indexer_topk(q, weights, cache, ctx.layout, cfg.index_topk)
         if ctx.ops.checks:  # the indexer is replicated: every rank of the group must select the same
             ctx.par.check_same_in_attn_group(f"layer {self.layer_id} top-k", topk)
@@ -201,7 +201,7 @@ class Router(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         cfg = self.cfg
-        logits = F.linear(x.float(), self.weight.float())  # the weight is fp32 already (fp32_parameter_names)
+        logits = linear_fp32(x, self.weight)  # the weight is fp32 already (fp32_parameter_names)
         return route(logits, self.e_score_correction_bias.float(), cfg.n_group, cfg.topk_group,
                      cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.routed_scaling_factor, self.shared)
 

@@ -1,5 +1,5 @@
-"""Row glue the model calls: RMSNorm (with the residual add fused), rotary, grouped top-k routing,
-SiLU-and-multiply, the Hadamard rotation, the embedding lookup, greedy argmax.
+"""Row glue the model calls: RMSNorm (with the residual add fused), rotary, fp32 products (router, indexer
+head weights), grouped top-k routing, SiLU-and-multiply, the Hadamard rotation, the embedding lookup, greedy argmax.
 
 Each function is the reference math, and on CUDA one Triton kernel (dsaserve.ops.triton.fused) where its
 shape constraints hold; the kernel rounds where this code rounds (tests/test_fused_ops.py holds them equal).
@@ -64,6 +64,15 @@ def rope_(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, out: Tensor | 
     if x.dim() == 3:
         cos, sin = cos[:, None], sin[:, None]
     return dest.copy_(Rotary.apply(x, cos, sin, interleaved))
+
+
+def linear_fp32(x: Tensor, weight: Tensor, scale: float = 1.0) -> Tensor:
+    """F.linear(x.float(), weight) * scale with an fp32 weight [N, K] (the router's logits, the indexer's head
+    weights); on CUDA for a few rows one launch (the same fp32 products, summed in another order)."""
+    if x.is_cuda and _kernels().linear_fp32_applies(x, weight):
+        return _kernels().linear_fp32(x, weight, scale)
+    out = F.linear(x.float(), weight.float())
+    return out * scale if scale != 1.0 else out
 
 
 def route_reference(logits: Tensor, bias: Tensor, n_group: int, topk_group: int, k: int, normalize: bool,
