@@ -16,7 +16,7 @@ from dsaserve.chat.grammar import commit_tokens, grammar_state
 from dsaserve.disagg.pages import transfer_pages
 from dsaserve.engine import compiles
 from dsaserve.engine.acceptance import accept
-from dsaserve.engine.layout import StepMode, StepPlan
+from dsaserve.engine.layout import DUMMY_RID, StepMode, StepPlan
 from dsaserve.engine.model_runner import ModelRunner, StepShape
 from dsaserve.engine.overlap import Overlap, input_ids
 from dsaserve.engine.request import (DisaggRoute, FinishReason, Request, RequestError, RequestOutput,
@@ -210,9 +210,14 @@ class Engine:
                                any(r[3] for r in leaders), any(r[4] for r in leaders), min(r[6] for r in leaders))
 
     def _check_failures(self, failed_at: list[int]) -> None:
-        if len(set(failed_at)) > 1:
+        """failed_at per rank: 0, or 1 + the collectives it entered before its last step raised, negative when
+        its group then stood in for its rows. The ranks of a group must agree, and the groups that did not
+        stand in too."""
+        tp = self.par.cfg.attn_tp
+        groups = [failed_at[g:g + tp] for g in range(0, len(failed_at), tp)]
+        if any(len(set(g)) > 1 for g in groups) or len({g[0] for g in groups if g[0] >= 0}) > 1:
             failed = [rank for rank, at in enumerate(failed_at) if at]
-            how = "only" if 0 in failed_at else f"after different collectives {[at - 1 for at in failed_at]}"
+            how = "only" if 0 in failed_at else f"after different collectives {[abs(at) - 1 for at in failed_at]}"
             raise StepFailedOnSomeRanks(f"step {self.steps} failed on rank(s) {failed} {how}; the ranks no longer "
                                         f"agree, so every rank stops (see the failing rank's log)")
         self._failed_at = 0
@@ -230,19 +235,24 @@ class Engine:
         if sum(self.last_sync.dp_sizes) == 0:
             return outputs
         plan = plan or StepPlan.idle()  # an idle DP group: zero rows (or dummies), the same collectives
-        issued = self.par.issued
+        issued, shared = self.par.issued, self.par.shared
         try:
             return outputs + self._run(plan, self.last_sync)
         except Exception as exc:  # a failed batch ends its requests with an error; the engine goes on
-            return outputs + self.fail_step(plan, exc, issued)
+            return outputs + self.fail_step(plan, exc, issued, shared)
 
-    def fail_step(self, plan: StepPlan, exc: Exception, issued: int) -> list[RequestOutput]:
+    def fail_step(self, plan: StepPlan, exc: Exception, issued: int, shared: int | None = None) -> list[RequestOutput]:
         """End the plan's requests with the step's error (if it failed on every rank alike: the next
-        exchange tells). `issued`: the rank's collective count when the step began."""
+        exchange tells). `issued` / `shared`: the rank's collective counts when the step began (shared
+        None: the failure came after the step's forward). A DP group that failed before any collective the
+        other groups join stands in for its rows first (_stand_in), so that they lose nothing."""
         if isinstance(exc, CollectiveFailed):
             raise exc  # the groups' state is unknown: this rank must go (the supervisor names it)
         log.exception("step failed", exc_info=exc)
         self._failed_at = 1 + self.par.issued - issued
+        if self.par.cfg.dp > 1 and shared == self.par.shared:
+            self._stand_in(self.last_sync)  # if this raises too, the rank goes (as above)
+            self._failed_at = -self._failed_at
         outputs = []
         for rid in plan.rids:
             req = self.requests.get(rid)
@@ -251,8 +261,16 @@ class Engine:
                 outputs.append(self._output(req, [], []))
         return outputs
 
+    def _stand_in(self, shape: StepShape) -> None:
+        """This step's collectives on dummy rows, as many as the group announced: an idle group's dummies
+        when the step replays a graph, else dummy requests (one per announced draft, StepPlan.stand_in)."""
+        rows = shape.dp_sizes[self.par.cfg.dp_rank]
+        plan = StepPlan.idle() if shape.graph_batch is not None or rows == 0 else StepPlan.stand_in(
+            rows, shape.draft_sizes[self.par.cfg.dp_rank], self.runner.page_size, self.spec_steps)
+        self._run(plan, shape)
+
     def _run(self, plan: StepPlan, shape: StepShape) -> list[RequestOutput]:
-        real = len(plan.rids)
+        real = sum(rid != DUMMY_RID for rid in plan.rids)  # dummies (a stand-in's, the graph's) follow them
         plan, layout = self.runner.prepare(plan, shape)
         ids = input_ids(plan, self.runner.device, self.par)  # a group leader's overlap fills ids in flight
         hidden, logits = self.runner.target(ids, layout, shape.graph_batch is not None)

@@ -59,6 +59,17 @@ class StepPlan:
         """The plan of a DP group with no work while another group runs: zero rows."""
         return StepPlan(StepMode.IDLE, (), (), (), (), (), (), (), ())
 
+    @staticmethod
+    def stand_in(rows: int, requests: int, page_size: int, lookahead: int) -> StepPlan:
+        """Dummy requests with `rows` rows in all, standing in for a DP group's plan that failed before the
+        step's shared collectives (Engine.fail_step): `requests` of them (at least 1; the last takes the
+        remaining rows), each sampling its last row, on the reserved page 0 with `lookahead` more positions."""
+        n = max(1, min(requests, rows))
+        q_lens = (1,) * (n - 1) + (rows - n + 1,)
+        pages = tuple((0,) * -(-(q + lookahead) // page_size) for q in q_lens)
+        return StepPlan(StepMode.EXTEND, (DUMMY_RID,) * n, pages, (0,) * n, q_lens, (1,) * n, (True,) * n,
+                        (0,) * rows, (0,) * n)
+
     def padded(self, batch: int, rows_per_req: int, page_size: int, mode: StepMode) -> StepPlan:
         """This plan plus dummy requests up to `batch` (an idle group's plan becomes all dummies): each
         has `rows_per_req` rows at positions 0.. on the reserved page 0 and as many logit rows as a real

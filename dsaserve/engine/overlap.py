@@ -76,7 +76,7 @@ class Overlap:
         plan = engine.scheduler.schedule()  # the device may still run the previous step
         prev, self.inflight = self.inflight, None
         plan, engine.last_sync = engine.sync(plan, keep_alive, stop, epoch)
-        logits, error, issued = None, None, engine.par.issued
+        logits, error, issued, shared = None, None, engine.par.issued, engine.par.shared
         if sum(engine.last_sync.dp_sizes) > 0:
             try:
                 logits = self._launch(plan or StepPlan.idle(), prev)  # an idle group joins the others' collectives
@@ -85,7 +85,7 @@ class Overlap:
         if prev is not None:
             outputs += self._commit(prev, prev.read())  # waits for the previous step; the new one runs
         if error is not None:
-            outputs += engine.fail_step(plan or StepPlan.idle(), error, issued)
+            outputs += engine.fail_step(plan or StepPlan.idle(), error, issued, shared)
         elif logits is not None and plan is not None:
             self.inflight, failed = self._sample(plan, logits)
             outputs += failed

@@ -69,6 +69,8 @@ class Parallel:
     def __init__(self, cfg: ParallelConfig = ParallelConfig(), timeout: timedelta | None = None):
         self.cfg = cfg
         self.issued = 0  # collectives this rank has entered inside steps (where a failed step stopped)
+        self.shared = 0  # of those, the ones the other DP groups join (Engine.fail_step: before the first, a
+        # failed group can still stand in for its rows)
         self.world = self.world_cpu = self.attn = self.attn_cpu = self.attn_wait = self.dp_peers = None
         if cfg.tp == 1:
             return
@@ -100,9 +102,10 @@ class Parallel:
 
     # -- tensor collectives (device) -----------------------------------------------------
 
-    def _collective(self, op: Any, *args: Any, **kwargs: Any) -> None:
+    def _collective(self, op: Any, *args: Any, across_groups: bool = False, **kwargs: Any) -> None:
         """Every collective of a step: counted, and a failure inside it is a CollectiveFailed."""
         self.issued += 1
+        self.shared += across_groups
         try:
             op(*args, **kwargs)
         except Exception as exc:
@@ -110,7 +113,7 @@ class Parallel:
 
     def all_reduce_world(self, x: Tensor) -> Tensor:
         if self.cfg.tp > 1:
-            self._collective(dist.all_reduce, x, group=self.world)
+            self._collective(dist.all_reduce, x, group=self.world, across_groups=True)
         return x
 
     def all_reduce_attn(self, x: Tensor) -> Tensor:
@@ -144,7 +147,7 @@ class Parallel:
         padded = x.new_zeros(pad_to, *x.shape[1:])
         padded[: x.shape[0]] = x
         parts = [torch.empty_like(padded) for _ in range(self.cfg.dp)]
-        self._collective(dist.all_gather, parts, padded, group=self.dp_peers)
+        self._collective(dist.all_gather, parts, padded, group=self.dp_peers, across_groups=True)
         return torch.cat([part[:size] for part, size in zip(parts, dp_sizes)], dim=0)
 
     def own_dp_rows(self, x: Tensor, dp_sizes: tuple[int, ...]) -> Tensor:
