@@ -20,7 +20,7 @@ from dsaserve.engine.layout import DUMMY_RID, StepMode, StepPlan
 from dsaserve.engine.model_runner import ModelRunner, StepShape
 from dsaserve.engine.overlap import Overlap, input_ids
 from dsaserve.engine.request import (DisaggRoute, FinishReason, Request, RequestError, RequestOutput,
-                                     SamplingParams, check_token_ids)
+                                     SamplingParams, check_token_ids, stop_reason)
 from dsaserve.engine.scheduler import Scheduler, SchedulerConfig
 from dsaserve.engine.stats import EngineStats
 from dsaserve.spec.drafter import DraftInput, MTPDrafter
@@ -342,7 +342,7 @@ class Engine:
         for token in tokens:
             req.output_ids.append(token)
             new.append(token)
-            reason = None if hands_over else self._stop_reason(req, token)
+            reason = None if hands_over else stop_reason(req, token, self.tokenizer, self.eos_ids, self.context_length)
             if reason is not None:
                 break
         commit_tokens(req, new)
@@ -374,33 +374,6 @@ class Engine:
         """Finish a request outside a step (PD transfers) and return its final output."""
         self._finish(req, reason)
         return self._output(req, [], [])
-
-    def _stop_reason(self, req: Request, token: int) -> FinishReason | None:
-        p = req.params
-        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids):
-            return FinishReason("stop", matched=token)
-        if p.stop and len(req.output_ids) >= p.min_tokens:
-            window = max(len(s) for s in p.stop) + 8  # tokens: each decodes to >= 1 char or a byte piece
-            tail = self.tokenizer.decode(req.output_ids[-window:])
-            matched = [s for s in p.stop if s in tail]
-            if matched:
-                text = self.tokenizer.decode(req.output_ids)
-                # with min_tokens (vLLM's rule) only a match that ends after the first min_tokens tokens counts
-                if p.min_tokens and req.min_tokens_chars is None:  # those tokens never change: decode them once
-                    req.min_tokens_chars = len(self.tokenizer.decode(req.output_ids[:p.min_tokens]))
-                floor = req.min_tokens_chars or 0
-                hits = {s: text.find(s, max(0, floor - len(s) + 1)) for s in matched}
-                hits = {s: i for s, i in hits.items() if i >= 0}
-                if hits:
-                    first = min(hits, key=lambda s: hits[s])
-                    req.stop_text = text[:hits[first] + (len(first) if p.include_stop_str else 0)]
-                    return FinishReason("stop", matched=first)
-                if not p.min_tokens:  # in the tail's decoding only: stop there, keep the text
-                    req.stop_text = text
-                    return FinishReason("stop", matched=matched[0])
-        if len(req.output_ids) >= req.max_new_tokens or req.num_tokens >= self.context_length:
-            return FinishReason("length")
-        return None
 
     def _finish(self, req: Request, reason: FinishReason) -> None:
         req.finish = reason

@@ -1,4 +1,4 @@
-"""Request, SamplingParams, finish reasons and the request state machine."""
+"""Request, SamplingParams, finish reasons (the stop rules: stop_reason) and the request state machine."""
 from __future__ import annotations
 
 import enum
@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from dsaserve.chat.grammar import GrammarSpec
+    from dsaserve.engine.tokenizer import Tokenizer
 
 
 class RequestError(ValueError):
@@ -193,3 +194,34 @@ class RequestOutput:
     @property
     def finished(self) -> bool:
         return self.finish is not None
+
+
+def stop_reason(req: Request, token: int, tokenizer: Tokenizer, eos_ids: frozenset[int],
+                context_length: int) -> FinishReason | None:
+    """Why `req` stops after its newest token `token` (already in output_ids), or None: a stop token or EOS, a
+    stop string (req.stop_text: the text up to it, or through it with include_stop_str), its length."""
+    p = req.params
+    if token in p.stop_token_ids or (not p.ignore_eos and token in eos_ids):
+        return FinishReason("stop", matched=token)
+    if p.stop and len(req.output_ids) >= p.min_tokens:
+        window = max(len(s) for s in p.stop) + 8  # tokens: each decodes to >= 1 char or a byte piece
+        tail = tokenizer.decode(req.output_ids[-window:])
+        matched = [s for s in p.stop if s in tail]
+        if matched:
+            text = tokenizer.decode(req.output_ids)
+            # with min_tokens (vLLM's rule) only a match that ends after the first min_tokens tokens counts
+            if p.min_tokens and req.min_tokens_chars is None:  # those tokens never change: decode them once
+                req.min_tokens_chars = len(tokenizer.decode(req.output_ids[:p.min_tokens]))
+            floor = req.min_tokens_chars or 0
+            hits = {s: text.find(s, max(0, floor - len(s) + 1)) for s in matched}
+            hits = {s: i for s, i in hits.items() if i >= 0}
+            if hits:
+                first = min(hits, key=lambda s: hits[s])
+                req.stop_text = text[:hits[first] + (len(first) if p.include_stop_str else 0)]
+                return FinishReason("stop", matched=first)
+            if not p.min_tokens:  # in the tail's decoding only: stop there, keep the text
+                req.stop_text = text
+                return FinishReason("stop", matched=matched[0])
+    if len(req.output_ids) >= req.max_new_tokens or req.num_tokens >= context_length:
+        return FinishReason("length")
+    return None
