@@ -1,5 +1,5 @@
 """A batch that raises on every rank ends that step's requests with an error and the ranks go on
-(TP and DP attention), as does one that raises in one DP group before the collectives the groups share;
+(TP and DP attention), as does one that raises in one DP group before the collectives the groups share
 a batch that raises on one rank only stops every rank, promptly, with a message naming it. The failure
 is injected into the real ModelRunner of each rank process."""
 from __future__ import annotations
@@ -16,19 +16,24 @@ from dsaserve.server_args import ServerArgs
 
 pytestmark = pytest.mark.timeout(300)
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
-POISON = prompts_ids(1, [37], seed=5)[0]  # the only step with 37 rows: it runs alone, first
 PROMPTS = prompts_ids(4, [5, 30, 12, 21], seed=11)
+# A poison prompt's step is the only one with its row count (it runs alone, first): 37 rows fail on the ranks
+# `fail_ranks` names after the forward, 41 and 45 on DP group 0's rank before it (the DP test's other jobs).
+POISON = {n: prompts_ids(1, [n], seed=5)[0] for n in (37, 41, 45)}
 
 
 def _inject(rank: int, fail_ranks: tuple[int, ...], before_forward: bool = False) -> None:
-    """In a rank process: the step with POISON's 37 rows raises on `fail_ranks`."""
+    """In a rank process: the step of 37 poison rows raises on `fail_ranks` (before its forward if
+    `before_forward`); the steps of 41 and 45 raise on rank 0 before their forward."""
     original = ModelRunner.target
 
     def target(self: ModelRunner, input_ids, layout, graphed=False):  # type: ignore[no-untyped-def]
-        # POISON's step (on an idle group too), not a stand-in for it: rows of dummies on the reserved page 0 only
+        # a poison step (on an idle group too), not a stand-in for it: rows of dummies on the reserved page 0 only
         stand_in = layout.row_pos.numel() > 0 and not bool(layout.page_table.any())
-        poisoned = sum(layout.dp_sizes) == len(POISON) and rank in fail_ranks and not stand_in
-        if poisoned and before_forward:
+        rows = sum(layout.dp_sizes) if not stand_in else 0
+        early = (rows == 37 and before_forward) or rows in (41, 45)
+        poisoned = (rows == 37 and rank in fail_ranks) or (rows in (41, 45) and rank == 0)
+        if poisoned and early:
             raise RuntimeError(f"injected failure on rank {rank}, before the step's collectives")
         out = original(self, input_ids, layout, graphed)
         if poisoned:
@@ -38,34 +43,38 @@ def _inject(rank: int, fail_ranks: tuple[int, ...], before_forward: bool = False
     ModelRunner.target = target  # type: ignore[method-assign]
 
 
-def _job(model: str, dp: int) -> Job:
-    poison = OfflineRequest(POISON, GREEDY, dp_rank=0, arrive_at_step=0)
+def _job(model: str, dp: int, poison: int = 37, **overrides: object) -> Job:
+    first = OfflineRequest(POISON[poison], GREEDY, dp_rank=0, arrive_at_step=0)
     later = [OfflineRequest(p, GREEDY, dp_rank=i % dp, arrive_at_step=1) for i, p in enumerate(PROMPTS)]
-    return Job({"model_path": model, "page_size": 4}, [poison] + later)
+    return Job({"model_path": model, "page_size": 4, **overrides}, [first] + later)
 
 
-@pytest.mark.parametrize("tp,dp", [(2, 1), (2, 2)])
-def test_step_failing_on_every_rank_ends_its_requests_and_ranks_go_on(tiny_ds: str, tp: int, dp: int) -> None:
-    args = ServerArgs(tp=tp, dp=dp, enable_dp_attention=dp > 1, max_total_tokens=2048, dist_timeout=60)
-    [got] = run_jobs(args, [_job(tiny_ds, dp)], setup=functools.partial(_inject, fail_ranks=tuple(range(tp))))
-    expected = [c.token_ids for c in LLM(tiny_ds, page_size=4, max_total_tokens=2048).generate(PROMPTS, GREEDY)]
+def _single_device(model: str) -> list[list[int]]:
+    return [c.token_ids for c in LLM(model, page_size=4, max_total_tokens=2048).generate(PROMPTS, GREEDY)]
+
+
+def test_step_failing_on_every_rank_ends_its_requests_and_ranks_go_on(tiny_ds: str) -> None:
+    args = ServerArgs(tp=2, max_total_tokens=2048, dist_timeout=60)
+    [got] = run_jobs(args, [_job(tiny_ds, 1)], setup=functools.partial(_inject, fail_ranks=(0, 1)))
     assert got[0] == [], "the poisoned request should have ended with an error, without tokens"
-    assert got[1:] == expected
+    assert got[1:] == _single_device(tiny_ds)
 
 
-@pytest.mark.parametrize("spec", [0, 2])
-def test_step_failing_in_one_dp_group_before_shared_collectives_ends_its_requests(tiny_ds: str, spec: int) -> None:
-    """DP attention, two groups of one rank: group 0's step raises before its forward while group 1 (no rows
-    of its own) waits in the MLP's gather for group 0's rows. Group 0 stands in with dummy rows, its request
-    ends with an error, and both groups go on: the later prompts give the single-device tokens (spec 2: MTP,
-    whose draft steps the stand-in's dummies join too; spec 0: the overlapped scheduler's path)."""
-    args = ServerArgs(tp=2, dp=2, enable_dp_attention=True, max_total_tokens=2048, dist_timeout=60,
-                      speculative_algorithm="NEXTN" if spec else None, speculative_num_steps=spec or None)
-    [got] = run_jobs(args, [_job(tiny_ds, 2)], timeout_s=120,
-                     setup=functools.partial(_inject, fail_ranks=(0,), before_forward=True))
-    expected = [c.token_ids for c in LLM(tiny_ds, page_size=4, max_total_tokens=2048).generate(PROMPTS, GREEDY)]
-    assert got[0] == [], "the poisoned request should have ended with an error, without tokens"
-    assert got[1:] == expected
+def test_dp_attention_step_failures_end_their_requests_and_ranks_go_on(tiny_ds: str) -> None:
+    """TP 2 + DP 2 (two groups of one rank), three jobs on the same ranks. 37 rows: the step raises on every
+    rank after its forward. 41 rows, and 45 with MTP: group 0's step raises before its forward while group 1
+    (no rows of its own) waits in the MLP's gather for group 0's rows; group 0 stands in with dummy rows (for
+    MTP's draft steps too; without MTP through the overlapped scheduler's path). Each poisoned request ends
+    with an error and the ranks go on: the later prompts give the single-device tokens. Without the stand-in
+    the second job's gather times out after --dist-timeout and every rank stops."""
+    args = ServerArgs(tp=2, dp=2, enable_dp_attention=True, max_total_tokens=2048, dist_timeout=60)
+    jobs = [_job(tiny_ds, 2, 37), _job(tiny_ds, 2, 41),
+            _job(tiny_ds, 2, 45, speculative_algorithm="NEXTN", speculative_num_steps=2)]
+    results = run_jobs(args, jobs, timeout_s=180, setup=functools.partial(_inject, fail_ranks=(0, 1)))
+    expected = _single_device(tiny_ds)
+    for job, got in zip(jobs, results):
+        assert got[0] == [], f"the poisoned request of {len(job.requests[0].prompt_ids)} tokens should have failed"
+        assert got[1:] == expected
 
 
 @pytest.mark.parametrize("before_forward", [False, True])
