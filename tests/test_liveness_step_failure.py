@@ -1,5 +1,5 @@
 """A batch that raises on every rank ends that step's requests with an error and the ranks go on
-(TP and DP attention), as does one that raises in one DP group before the collectives the groups share
+(TP and DP attention), as does one that raises in one DP group before the collectives the groups share;
 a batch that raises on one rank only stops every rank, promptly, with a message naming it. The failure
 is injected into the real ModelRunner of each rank process."""
 from __future__ import annotations
