@@ -1,5 +1,6 @@
 """Row glue the model calls: RMSNorm (with the residual add fused), rotary, fp32 products (router, indexer
-head weights), grouped top-k routing, SiLU-and-multiply, the Hadamard rotation, the embedding lookup, greedy argmax.
+head weights), grouped top-k routing, SiLU-and-multiply, the Hadamard rotation, the embedding lookup, greedy
+argmax.
 
 Each function is the reference math, and on CUDA one Triton kernel (dsaserve.ops.triton.fused) where its
 shape constraints hold; the kernel rounds where this code rounds (tests/test_fused_ops.py holds them equal).
