@@ -55,22 +55,19 @@ def build(cfg: ModelConfig, tp: int, fp8: bool, stacked: bool, device: str = "cu
 
 
 def copy_weights(dense: MoE, stacked: MoE) -> None:
-    """The dense layer's weights into the stacked one: routed experts, router, and the shared MLP as the last slot."""
-    e, experts, mlp = stacked.experts.shared_slot, stacked.experts, dense.shared_experts
+    """The dense layer's weights into the stacked one: routed experts, router, and the shared MLP's projections
+    into the last slot (Experts.slot, where the loader writes them)."""
+    experts, mlp = stacked.experts, dense.shared_experts
     for name, p in dense.named_parameters():
         if not name.startswith("shared_experts."):
             stacked.get_parameter(name).data[: p.shape[0]].copy_(p.data)
-    inter, padded = experts.inter, experts.padded_inter
-    gate, up = mlp.gate_up_proj.weight.data[:inter], mlp.gate_up_proj.weight.data[inter:]
-    experts.w13.data[e, :inter].copy_(gate)
-    experts.w13.data[e, padded:padded + inter].copy_(up)
-    experts.w2.data[e, :, :inter].copy_(mlp.down_proj.weight.data)
-    if experts.block is not None:
-        rows = inter // 128
-        scale = mlp.gate_up_proj.weight_scale_inv.data
-        experts.w13_scale_inv.data[e, :rows].copy_(scale[:rows])
-        experts.w13_scale_inv.data[e, padded // 128:padded // 128 + rows].copy_(scale[rows:])
-        experts.w2_scale_inv.data[e, :, :rows].copy_(mlp.down_proj.weight_scale_inv.data)
+    parts = [(proj, mlp.gate_up_proj, start) for proj, start, _ in mlp.gate_up_proj.sources]
+    for proj, linear, start in parts + [("down_proj", mlp.down_proj, 0)]:
+        weight, scale = experts.slot(proj, experts.shared_slot)
+        weight.copy_(linear.weight.data[start:start + weight.shape[0]])
+        if scale is not None:
+            first = start // linear.block[0]
+            scale.copy_(linear.weight_scale_inv.data[first:first + scale.shape[0]])
 
 
 def layer_bytes(layer: MoE, x: torch.Tensor) -> float:

@@ -16,7 +16,7 @@ from dsaserve.chat.grammar import commit_tokens, grammar_state
 from dsaserve.disagg.pages import transfer_pages
 from dsaserve.engine import compiles
 from dsaserve.engine.acceptance import accept
-from dsaserve.engine.layout import DUMMY_RID, StepMode, StepPlan
+from dsaserve.engine.layout import StepMode, StepPlan
 from dsaserve.engine.model_runner import ModelRunner, StepShape
 from dsaserve.engine.overlap import Overlap, input_ids
 from dsaserve.engine.request import (DisaggRoute, FinishReason, Request, RequestError, RequestOutput,
@@ -267,10 +267,11 @@ class Engine:
         rows = shape.dp_sizes[self.par.cfg.dp_rank]
         plan = StepPlan.idle() if shape.graph_batch is not None or rows == 0 else StepPlan.stand_in(
             rows, shape.draft_sizes[self.par.cfg.dp_rank], self.runner.page_size, self.spec_steps)
-        self._run(plan, shape)
+        self._run(plan, shape, real=0)
 
-    def _run(self, plan: StepPlan, shape: StepShape) -> list[RequestOutput]:
-        real = sum(rid != DUMMY_RID for rid in plan.rids)  # dummies (a stand-in's, the graph's) follow them
+    def _run(self, plan: StepPlan, shape: StepShape, real: int | None = None) -> list[RequestOutput]:
+        """`real`: the plan's real requests (a stand-in's are all dummies); by default every one."""
+        real = len(plan.rids) if real is None else real
         plan, layout = self.runner.prepare(plan, shape)
         ids = input_ids(plan, self.runner.device, self.par)  # a group leader's overlap fills ids in flight
         hidden, logits = self.runner.target(ids, layout, shape.graph_batch is not None)

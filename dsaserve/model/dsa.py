@@ -220,9 +220,9 @@ class MoE(nn.Module):
     def fuse_shared_expert(self) -> None:
         """One shared expert (DeepSeek-V3.2, GLM-5) is as wide as a routed one: stacked after them as expert
         E, which every row picks with weight 1, it runs inside the fused MoE (no dense MLP's three launches
-        and add). Kept apart when there are several or the formats differ."""
+        and add). Kept apart when there are several (wider than one expert) or the formats differ."""
         mlp = self.shared_experts
-        if mlp is None or self.gate.cfg.n_shared_experts != 1 or not self.experts.can_stack(mlp.gate_proj):
+        if mlp is None or not self.experts.can_stack(mlp.gate_proj):
             return
         self.experts.add_shared_slot()
         self.gate.shared = True

@@ -291,7 +291,7 @@ def _expected_keys(model: DSAModel, params: dict[str, torch.nn.Parameter]) -> se
             prefix = name[: -len(".w13")]
             keys |= {f"{prefix}.{e}.{proj}.weight" for e in range(model.cfg.n_routed_experts)
                      for proj in ("gate_proj", "up_proj", "down_proj")}
-            if params[name].shape[0] > model.cfg.n_routed_experts:  # the shared expert, stacked
+            if model.get_submodule(prefix).shared_slot is not None:  # the shared expert, stacked
                 keys |= {f"{prefix[: -len('.experts')]}.shared_experts.{proj}.weight"
                          for proj in ("gate_proj", "up_proj", "down_proj")}
         elif not name.endswith((".experts.w2", _SCALE)):
