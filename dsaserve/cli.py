@@ -66,13 +66,16 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     plan.set_defaults(func=planner.run)
 
 
-def _add_bench(sub: argparse._SubParsersAction) -> None:
-    from dsaserve.bench import one_batch, serving
+def _add_bench(sub: argparse._SubParsersAction, client_only: bool) -> None:
+    from dsaserve.bench import serving
     bench = sub.add_parser("bench", help="benchmarks: a live server, or one static batch offline")
     kinds = bench.add_subparsers(dest="bench", required=True)
     live = kinds.add_parser("serving", help="load an OpenAI-compatible server; print throughput and latency")
     serving.add_cli_args(live)
     live.set_defaults(func=_bench_serving)
+    if client_only:  # `bench serving`: the client never imports torch
+        return
+    from dsaserve.bench import one_batch
     static = kinds.add_parser("one-batch", help="one static batch without a server: prefill and decode latency, "
                                                 "throughput, and the decode step's HBM roofline fraction (CUDA)")
     one_batch.add_cli_args(static)
@@ -112,14 +115,20 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--threads", type=int, default=2, help="torch threads (results depend on it slightly)")
     train.set_defaults(func=_train_tiny)
 
-    _add_bench(sub)
-    _add_plan(sub)
+    argv = sys.argv[1:] if argv is None else argv
+    # `bench one-batch` and `plan` import torch: their parsers are built only when asked for (or for --help and
+    # typos), so `dsaserve serve` starts its ranks and `bench serving` its clients without waiting for it.
+    first = argv[0] if argv else ""
+    others = first not in ("serve", "generate", "make-tiny-model", "train-tiny", "bench", "plan")
+    if first == "bench" or others:
+        _add_bench(sub, client_only=argv[:2] == ["bench", "serving"])
+    if first == "plan" or others:
+        _add_plan(sub)
 
     # Listed for --help only: main() hands every argument after "router" to sglang-router itself.
     sub.add_parser("router", add_help=False, help="run sglang-router (PD pairs with --pd-disaggregation "
                                                   "--prefill URL BOOTSTRAP_PORT --decode URL, or --worker-urls)")
 
-    argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["router"]:  # every argument is sglang-router's (argparse would take --help and the like)
         return _router(argparse.Namespace(router_args=argv[1:]))
     ns = parser.parse_args(argv)

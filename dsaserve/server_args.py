@@ -6,6 +6,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
+# --kv-cache-dtype names (SGLang's / vLLM's): auto (the compute dtype), bf16 / bfloat16, fp8_e4m3 (cache/pools.py)
+KV_CACHE_DTYPE_NAMES = ("auto", "bf16", "bfloat16", "fp8_e4m3")
+
 
 def split_host_port(addr: str) -> tuple[str, int] | None:
     """'host:port' or '[v6]:port' -> (host, port); None if it is not one."""
@@ -128,9 +131,8 @@ class ServerArgs:
             problems.append(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             problems.append(f"--dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
-        from dsaserve.cache.pools import KV_CACHE_DTYPES
-        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            problems.append(f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+        if self.kv_cache_dtype not in KV_CACHE_DTYPE_NAMES:
+            problems.append(f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPE_NAMES)}, "
                             f"got {self.kv_cache_dtype!r}")
         if self.attention_backend not in ("auto", "torch", "triton", "flashmla"):
             problems.append("--attention-backend must be auto, torch, triton or flashmla")

@@ -14,6 +14,7 @@ from typing import Any, Iterable
 import torch
 from safetensors.torch import save_file
 
+from dsaserve.model.checkpoint import default_model_path  # noqa: F401 - its historical home
 from dsaserve.ops.fp8 import quantize_weight
 
 CHAT_TEMPLATE = (
@@ -205,13 +206,3 @@ def _save_tokenizer(out: Path, vocab_size: int, chat_format: str = "generic", te
         from dsaserve.chat.glm_template import GLM_CHAT_TEMPLATE
         config["chat_template"] = GLM_CHAT_TEMPLATE
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=1, ensure_ascii=False))
-
-
-def default_model_path() -> Path:
-    """The embedded default model (what runs when no model is given): a tiny DeepSeek-V3.2 model trained
-    on the standard library's docstrings by `dsaserve train-tiny`, shipped inside the package."""
-    path = Path(__file__).parent / "assets" / "tiny-dsa"
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"the embedded model is missing from {path}: reinstall dsaserve, "
-                                f"or rebuild it with `dsaserve train-tiny {path}`")
-    return path

@@ -1,6 +1,7 @@
 """Start a real `dsaserve serve` process on a free loopback port (tests, benchmarks, examples)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -12,7 +13,7 @@ from typing import Any, Iterator
 
 import httpx
 
-from dsaserve.parallel.launch import free_port  # noqa: F401 - tests import it from here
+from dsaserve.parallel.nodes import free_port  # noqa: F401 - tests import it from here
 
 READY_PREFIX = "dsaserve ready on "
 
@@ -154,3 +155,15 @@ def module_server(model_path: str, tmp_path_factory: Any, **flags: object) -> It
     """The body of a module-scoped server fixture: one live server for the module, stopped after it."""
     with ServerProcess(model_path, tmp_path_factory.mktemp("srv") / "server.log", **flags) as srv:
         yield srv
+
+
+@contextlib.contextmanager
+def started(*servers: ServerProcess) -> Iterator[tuple[ServerProcess, ...]]:
+    """Start the servers side by side (their start-ups overlap), stop every one of them after."""
+    with contextlib.ExitStack() as stack:
+        for server in servers:
+            stack.callback(server.stop)
+            server.launch()
+        for server in servers:
+            server.wait_ready()
+        yield servers

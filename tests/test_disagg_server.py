@@ -18,7 +18,7 @@ import pytest
 from conftest import prompts_ids
 from dsaserve import LLM, SamplingParams
 from router_process import RouterProcess, pd_router
-from server_process import ServerProcess, cpu_seconds, descendants, free_port
+from server_process import ServerProcess, cpu_seconds, descendants, free_port, started
 
 pytestmark = pytest.mark.timeout(300)
 MAX = 8
@@ -80,7 +80,7 @@ def mixed_tp(tiny_ds: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     tmp = tmp_path_factory.mktemp("pd-tp")
     flags = dict(page_size=64, disaggregation_timeout_s=TIMEOUT_S)
     p, d, port = pd_servers(tiny_ds, tmp, dict(tp=2, **flags), dict(tp=2, **flags))
-    with p, d, pd_router(tmp / "router.log", p, port, d) as router:
+    with started(p, d), pd_router(tmp / "router.log", p, port, d) as router:
         yield p, d, router
 
 
@@ -168,7 +168,7 @@ class TestSpecDPAttention:
         spec = dict(page_size=1, speculative_algorithm="NEXTN", speculative_num_steps=2)
         prompts = prompts_ids(4, [15, 16, 17, 3], seed=5)  # around index_topk (16)
         p, d, port = pd_servers(model, tmp_path, spec, dict(tp=4, dp=2, enable_dp_attention=True, **spec))
-        with p, d, pd_router(tmp_path / "router.log", p, port, d) as router:
+        with started(p, d), pd_router(tmp_path / "router.log", p, port, d) as router:
             want = expected(model, prompts, page_size=1)
             before = steps(p.url)
             assert [generate(router.url, ids).json()["output_ids"] for ids in prompts] == want
@@ -191,7 +191,7 @@ def failing(tiny_ds: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     prefill = dict(tp=2, dp=2, enable_dp_attention=True, **flags)  # rooms go to prefill DP group room % 2
     p, d, port = pd_servers(tiny_ds, tmp, prefill, flags, prefill_env={"DSASERVE_DISAGG_TEST_FAILURE_PROB": "0.05"})
     # the router would retry a failed request (with a new room): without retries the client sees the error
-    with p, d, pd_router(tmp / "router.log", p, port, d, "--disable-retries") as router:
+    with started(p, d), pd_router(tmp / "router.log", p, port, d, "--disable-retries") as router:
         yield p, d, router, port
 
 
@@ -272,7 +272,7 @@ def test_worker_urls_routing(tiny_ds: str, tmp_path: Path) -> None:
     want = expected(tiny_ds, prompts, page_size=64)
     a = ServerProcess(tiny_ds, tmp_path / "a.log", max_total_tokens=2048)
     b = ServerProcess(tiny_ds, tmp_path / "b.log", max_total_tokens=2048)
-    with a, b, RouterProcess(tmp_path / "router.log", "--worker-urls", a.url, b.url) as router:
+    with started(a, b), RouterProcess(tmp_path / "router.log", "--worker-urls", a.url, b.url) as router:
         assert [generate(router.url, ids).json()["output_ids"] for ids in prompts] == want
         steps = [httpx.get(f"{s.url}/get_server_info", timeout=30).json()["internal_states"][0]["steps"] for s in (a, b)]
         assert min(steps) > 0  # round robin: both servers served
@@ -291,7 +291,7 @@ def test_gpu_prefill_on_gpu0_decode_on_gpu1(tiny_ds: str, tmp_path: Path) -> Non
                       disaggregation_mode="prefill", disaggregation_bootstrap_port=port, **flags)
     d = ServerProcess(tiny_ds, tmp_path / "decode.log", env={"CUDA_VISIBLE_DEVICES": "1"},
                       disaggregation_mode="decode", **flags)
-    with p, d, pd_router(tmp_path / "router.log", p, port, d) as router:
+    with started(p, d), pd_router(tmp_path / "router.log", p, port, d) as router:
         for ids in PROMPTS_64:
             assert generate(router.url, ids).json()["output_ids"] == generate(d.url, ids).json()["output_ids"]
         assert all(free == total for free, total in pools(p.url) + pools(d.url))

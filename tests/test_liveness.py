@@ -22,7 +22,7 @@ from server_process import ServerProcess, cpu_seconds, descendants, free_port, l
 
 pytestmark = pytest.mark.timeout(300)
 DIST_TIMEOUT_S = 3
-IDLE_S = 10.0  # longer than --dist-timeout
+IDLE_S = 6.0  # twice --dist-timeout
 CPU_BOUND = 0.05  # of one core: an idle rank sleeps (a spinning one uses ~1.0)
 PROMPT = [5, 9, 14, 3, 77, 21]
 FLAGS = dict(page_size=4, max_total_tokens=2048, dist_timeout=DIST_TIMEOUT_S)

@@ -32,6 +32,21 @@ def refused(out: subprocess.CompletedProcess[str], code: int = 2) -> str:
     return out.stderr
 
 
+def test_the_main_process_starts_ranks_before_torch_loads(tiny_ds: str) -> None:
+    """`dsaserve serve`'s main process parses its flags and checks the checkpoint without torch (or transformers,
+    which imports it): it starts the ranks seconds earlier, and loads its tokenizer while they load."""
+    code = ("import contextlib, sys\n"
+            "from dsaserve.cli import main\n"
+            "from dsaserve.server import launch, preflight\n"
+            "from dsaserve.server_args import ServerArgs\n"
+            "with contextlib.redirect_stdout(None), contextlib.suppress(SystemExit):\n"
+            "    main(['serve', '--help'])\n"
+            f"preflight.check_model(ServerArgs(model_path={tiny_ds!r}))\n"
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", (out.stdout, out.stderr[-3000:])
+
+
 def test_flags_are_checked_before_anything_loads(tiny_ds: str) -> None:
     err = refused(serve(tiny_ds, "--mem-fraction", "5", "--port", "99999", "--dist-init-addr", "nohost"))
     assert "--mem-fraction must be in (0, 1], got 5.0" in err and "--port must be in [1, 65535], got 99999" in err

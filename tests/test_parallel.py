@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -49,12 +50,25 @@ def _jobs(models: dict[str, str], dp: int, steps: int) -> list[tuple[str, int, J
 
 
 @pytest.mark.parametrize("tp,dp,steps", [(2, 1, 1), (4, 1, 2), (2, 2, 3), (4, 2, 1), (4, 4, 2)])
-def test_parallel_matches_single_device(tp: int, dp: int, steps: int, tiny_models: dict[str, str]) -> None:
-    jobs = _jobs(tiny_models, dp, steps)
+def test_parallel_matches_single_device(tp: int, dp: int, steps: int, tiny_models: dict[str, str], tiny_ds: str,
+                                        head_models: dict[int, str]) -> None:
+    """Both archs in four configurations each; the --tp 2 launch also serves 1, 8 and 16 heads per rank and
+    the --tp 4 --dp 2 launch the uneven DP timings (one launch each: rank processes cost seconds to start)."""
+    jobs = [j for _, _, j in _jobs(tiny_models, dp, steps)]
+    extra, check_extra = {(2, 1): _heads_per_rank, (4, 2): _uneven_timing}.get((tp, dp), _nothing)(
+        tiny_ds, head_models)
     args = ServerArgs(tp=tp, dp=dp, enable_dp_attention=dp > 1, max_total_tokens=2048)
-    results = run_jobs(args, [j for _, _, j in jobs])
-    for (model, page_size, job), got in zip(jobs, results):
+    results = run_jobs(args, jobs + extra)
+    for (model, page_size, job), got in zip(_jobs(tiny_models, dp, steps), results):
         assert got == single_device(model, page_size), f"tp={tp} dp={dp} {job.overrides}"
+    check_extra(results[len(jobs):])
+
+
+Check = Callable[[list], None]
+
+
+def _nothing(tiny_ds: str, head_models: dict[int, str]) -> tuple[list[Job], Check]:
+    return [], lambda results: None
 
 
 @pytest.fixture(scope="module")
@@ -64,15 +78,18 @@ def head_models(tmp_path_factory: pytest.TempPathFactory) -> dict[int, str]:
             for h in (2, 16, 32)}
 
 
-def test_heads_per_rank_1_8_16(head_models: dict[int, str]) -> None:
+def _heads_per_rank(tiny_ds: str, head_models: dict[int, str]) -> tuple[list[Job], Check]:
+    """At --tp 2: 1, 8 and 16 heads per rank."""
     jobs = [Job({"model_path": m, "page_size": 64}, [OfflineRequest(p, GREEDY) for p in PROMPTS[:2]])
             for m in head_models.values()]
-    results = run_jobs(ServerArgs(tp=2, max_total_tokens=2048), jobs)
-    for model, got in zip(head_models.values(), results):
-        assert got == single_device(model, 64, PROMPTS[:2]), model
+
+    def check(results: list) -> None:
+        for model, got in zip(head_models.values(), results):
+            assert got == single_device(model, 64, PROMPTS[:2]), model
+    return jobs, check
 
 
-def test_dp_groups_with_uneven_timing(tiny_ds: str) -> None:
+def _uneven_timing(tiny_ds: str, head_models: dict[int, str]) -> tuple[list[Job], Check]:
     """DP rank 0 idle while rank 1 decodes; a request arriving on rank 0 mid-decode of rank 1 (its
     prefill runs beside the other's decode); 1 vs 3 and 0 vs 4 requests per rank, also with speculation
     and graph buckets (an idle group replays the agreed bucket with dummy requests); unseeded sampling
@@ -98,7 +115,10 @@ def test_dp_groups_with_uneven_timing(tiny_ds: str) -> None:
     jobs += [Job({"model_path": tiny_ds, "page_size": 1, **extra},
                  [OfflineRequest(p, k, dp_rank=i % 2) for i, (p, k) in enumerate(features)])
              for extra in ({}, spec(2, graphs=2))]
-    results = run_jobs(ServerArgs(tp=4, dp=2, enable_dp_attention=True, max_total_tokens=2048), jobs)
+    return jobs, lambda results: _check_uneven(tiny_ds, features, results)
+
+
+def _check_uneven(tiny_ds: str, features: list, results: list) -> None:
     assert results[0] == results[2] == single_device(tiny_ds, 1, PROMPTS[:1] + PROMPTS[1:])
     assert results[1] == single_device(tiny_ds, 64, [PROMPTS[3], PROMPTS[1]])
     assert results[3] == single_device(tiny_ds, 1)

@@ -11,11 +11,12 @@ import torch
 
 from dsaserve.cache import kv_format
 from dsaserve.config import ModelConfig
+from dsaserve.server_args import KV_CACHE_DTYPE_NAMES
 
 Tensor = torch.Tensor
-# --kv-cache-dtype names (SGLang's / vLLM's) -> cache dtype; None: the model's compute dtype.
-KV_CACHE_DTYPES: dict[str, torch.dtype | None] = {"auto": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-                                                   "fp8_e4m3": kv_format.FP8}
+# --kv-cache-dtype names -> cache dtype; None: the model's compute dtype.
+KV_CACHE_DTYPES: dict[str, torch.dtype | None] = dict(zip(KV_CACHE_DTYPE_NAMES, (None, torch.bfloat16, torch.bfloat16,
+                                                                                 kv_format.FP8), strict=True))
 
 
 def resolve_kv_cache_dtype(name: str, compute: torch.dtype) -> torch.dtype:

@@ -18,9 +18,9 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 if TYPE_CHECKING:
+    import torch
+
     from dsaserve.engine.request import Request
 
 log = logging.getLogger(__name__)
@@ -93,6 +93,7 @@ class GrammarState:
     def allowed(self) -> torch.Tensor:
         """bool [vocab_size]: the tokens the grammar allows next; EOS alone if it allows nothing."""
         import numpy as np
+        import torch  # here: the HTTP process builds specs without torch (it starts faster)
         bits = np.unpackbits(np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
         mask = torch.zeros(self.vocab_size, dtype=torch.bool)
         n = min(len(bits), self.vocab_size)

@@ -48,7 +48,7 @@ class Engine:
     """
 
     def __init__(self, args: ServerArgs, progress: bool = True, par: Parallel | None = None):
-        from dsaserve.tiny import default_model_path
+        from dsaserve.model.checkpoint import default_model_path
         if args.checks:
             os.environ["DSASERVE_CHECKS"] = "1"  # read by BatchLayout and the op wrappers, in this rank
         if args.model_path is None:

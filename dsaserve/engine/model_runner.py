@@ -111,7 +111,7 @@ def resolve_attention_backend(name: str, device: torch.device, cfg: ModelConfig,
 
 class ModelRunner:
     def __init__(self, args: ServerArgs, model_path: str, progress: bool = True, par: Parallel | None = None):
-        from dsaserve.parallel.launch import ranks_on_this_node
+        from dsaserve.parallel.nodes import ranks_on_this_node
         self.par = par or Parallel()
         self.device = resolve_device(args.device, self.par.cfg.rank - ranks_on_this_node(args).start)
         self.dtype = resolve_dtype(args.dtype, self.device)

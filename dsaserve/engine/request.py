@@ -14,6 +14,10 @@ class RequestError(ValueError):
     """Bad input: the request is rejected with this message; the engine keeps serving."""
 
 
+class QueueFull(RequestError):
+    """The scheduler's queue holds --max-queued-requests already (the server answers 503)."""
+
+
 def logit_bias_pairs(bias: Any) -> tuple[tuple[int, float], ...]:
     """OpenAI's logit_bias ({token id or its string: bias}, or (id, bias) pairs) as sorted (id, bias) pairs;
     keys naming the same token ("5", "05") add up."""

@@ -19,11 +19,7 @@ from dataclasses import dataclass
 from dsaserve.cache.pages import PageAllocator
 from dsaserve.cache.prefix import PrefixCache
 from dsaserve.engine.layout import DUMMY_RID, IN_FLIGHT, StepMode, StepPlan
-from dsaserve.engine.request import Request, RequestError, RequestState
-
-
-class QueueFull(RequestError):
-    pass
+from dsaserve.engine.request import QueueFull, Request, RequestError, RequestState
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,8 @@ the model reads as matrices are dequantized slice by slice at load.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,6 +19,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from dsaserve.config import ModelConfig
+from dsaserve.model.checkpoint import Checkpoint, CheckpointError, shard_files  # noqa: F401 - importers use them here
 from dsaserve.engine.layout import checks_enabled
 from dsaserve.model import quant
 from dsaserve.model.dsa import DSAModel, fuse_projections
@@ -33,46 +32,6 @@ _EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)
 _SHARED_EXPERT = re.compile(r"^(.*\.mlp)\.shared_experts\.(gate_proj|up_proj|down_proj)\.weight$")
 _SCALE = "_scale_inv"
 _MTP_SHARED = ("embed_tokens.weight", "shared_head.head.weight")  # the MTP layer uses the target's (dsa.MTPLayer)
-
-
-class CheckpointError(ValueError):
-    """The checkpoint does not match the model its config.json describes; the message names the tensor."""
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    file: Path
-    dtype: str  # safetensors' name: "BF16", "F32", "F8_E4M3", ...
-    shape: tuple[int, ...]
-
-
-class Checkpoint:
-    """Every tensor's shard, dtype and shape, from the shard headers (no tensor data is read)."""
-
-    def __init__(self, model_path: str | Path):
-        self.path = Path(model_path)
-        self.files = shard_files(self.path)
-        self.tensors: dict[str, TensorInfo] = {}
-        for file in self.files:
-            with safe_open(file, framework="pt") as f:
-                for name in f.keys():
-                    part = f.get_slice(name)
-                    self.tensors[name] = TensorInfo(file, part.get_dtype(), tuple(part.get_shape()))
-
-    def is_fp8(self, name: str) -> bool:
-        info = self.tensors.get(name)
-        return info is not None and info.dtype == "F8_E4M3"
-
-
-def shard_files(model_path: Path) -> list[Path]:
-    index = model_path / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [model_path / f for f in sorted(set(weight_map.values()))]
-    files = sorted(model_path.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"no *.safetensors files in {model_path}")
-    return files
 
 
 def shard_rule(param: str) -> tuple[int, str] | None:

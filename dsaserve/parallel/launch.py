@@ -3,19 +3,15 @@ an offline runner that drives every DP group leader with its own requests (tests
 from __future__ import annotations
 
 import fcntl
-import itertools
 import logging
 import multiprocessing as mp
 import os
 import queue
-import random
 import socket
 import struct
-import time
 import traceback
 from dataclasses import dataclass, field
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -23,44 +19,10 @@ import torch.distributed as dist
 
 from dsaserve.engine.request import SamplingParams
 from dsaserve.parallel.groups import Parallel, ParallelConfig
+from dsaserve.parallel.nodes import free_port, ranks_on_this_node
 from dsaserve.server_args import ServerArgs, split_host_port
 
 log = logging.getLogger(__name__)
-
-
-# Where successive free_port calls of this process look next (a random start per process): not engine state,
-# only which free port is tried first.
-_NEXT_PORT = itertools.count(random.Random(os.getpid() ^ time.time_ns()).randrange(1 << 16))
-
-
-def free_port() -> int:
-    """A loopback port that binds now, below the kernel's ephemeral range: a port the kernel hands out for a
-    bind to port 0 (another process's sockets, an outgoing connection) could be taken between this check and
-    its user's bind ("Address already in use"), one below that range cannot. Successive calls step through
-    the range, so ports handed out together by one process differ."""
-    try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 0
-    span = min(8192, low - 1024)
-    for _ in range(max(span, 0)):
-        port = low - 1 - next(_NEXT_PORT) % span
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return port
-    with socket.socket() as s:  # no range known (not Linux) or all taken: any port the kernel gives
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def ranks_on_this_node(args: ServerArgs) -> range:
-    if args.tp % args.nnodes:
-        raise ValueError(f"--tp ({args.tp}) must be divisible by --nnodes ({args.nnodes})")
-    per_node = args.tp // args.nnodes
-    return range(args.node_rank * per_node, (args.node_rank + 1) * per_node)
 
 
 def init_distributed(args: ServerArgs, rank: int, init_addr: str) -> Parallel:

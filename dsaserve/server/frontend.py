@@ -89,9 +89,15 @@ class Frontend:
     async def start(self) -> None:
         """Start the ranks and wait until every leader has loaded its engine (StartupError if not)."""
         self.ranks.start()
-        for link in self.links:
-            self.info = link.info = await self._wait_ready(link)
-        self.tokenizer = Tokenizer(self.info["model_path"])
+        # The tokenizer loads while the ranks load their engines (seconds each; the model path is resolved).
+        tokenizer = asyncio.get_running_loop().run_in_executor(self._tokenize_pool, Tokenizer, self.args.model_path)
+        try:
+            for link in self.links:
+                self.info = link.info = await self._wait_ready(link)
+        except BaseException:  # the ranks' error is the one to report: the tokenizer's, if any, is retrieved
+            tokenizer.add_done_callback(lambda f: f.cancelled() or f.exception())
+            raise
+        self.tokenizer = await tokenizer
         self._receivers = [asyncio.create_task(self._receive(link)) for link in self.links]
         self._watcher = asyncio.create_task(watch(self.ranks, self.fail_all))
 

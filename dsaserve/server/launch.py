@@ -104,7 +104,7 @@ def serve(args: ServerArgs) -> int:
     """Run the server until a signal: 0 after a clean shutdown, 1 if it could not start, 2 for bad
     flags or a checkpoint that cannot be served, 128 + the signal if stopped while starting."""
     stop = _StopSignal()
-    from dsaserve.tiny import default_model_path
+    from dsaserve.model.checkpoint import default_model_path
     if args.model_path is None:
         args = args.replace(model_path=str(default_model_path()))  # made once here, not per rank
     try:

@@ -10,7 +10,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from dsaserve.config import ConfigError, ModelConfig
-from dsaserve.model.loader import CheckpointError, shard_files
+from dsaserve.model.checkpoint import CheckpointError, shard_files
 from dsaserve.server_args import ServerArgs
 
 
@@ -32,7 +32,7 @@ def check_model(args: ServerArgs) -> None:
         if not file.is_file():
             raise CheckpointError(f"{file} is listed in the shard index but does not exist")
         try:
-            with safe_open(file, framework="pt"):  # reads and checks the header against the file size
+            with safe_open(file, framework="numpy"):  # reads and checks the header against the file size
                 pass
         except Exception as exc:
             raise CheckpointError(f"{file} is not a readable safetensors file (truncated?): {exc}") from None

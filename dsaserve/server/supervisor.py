@@ -14,7 +14,7 @@ import signal
 import time
 from typing import Callable
 
-from dsaserve.parallel.launch import free_port, ranks_on_this_node
+from dsaserve.parallel.nodes import free_port, ranks_on_this_node
 from dsaserve.server.messages import Endpoints
 from dsaserve.server.worker import run_rank
 from dsaserve.server_args import ServerArgs

@@ -20,8 +20,7 @@ from typing import Any
 
 import zmq
 
-from dsaserve.engine.request import RequestError
-from dsaserve.engine.scheduler import QueueFull
+from dsaserve.engine.request import QueueFull, RequestError
 from dsaserve.engine.warmup import freeze_startup_heap
 from dsaserve.server import messages as m
 from dsaserve.server_args import ServerArgs

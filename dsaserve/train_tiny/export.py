@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from dsaserve.config import ModelConfig
-from dsaserve.model.loader import shard_files
+from dsaserve.model.checkpoint import shard_files
 from dsaserve.tiny import _save_sharded
 from dsaserve.train_tiny.model import TinyDSA
 

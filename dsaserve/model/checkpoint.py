@@ -1,0 +1,60 @@
+"""A checkpoint's files and tensor headers, and the embedded default model's folder: what the server's front
+process checks before it starts its ranks, kept free of torch (headers are read through safetensors'
+numpy binding; no tensor data is read)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from safetensors import safe_open
+
+
+def default_model_path() -> Path:
+    """The embedded default model (what runs when no model is given): a tiny DeepSeek-V3.2 model trained
+    on the standard library's docstrings by `dsaserve train-tiny`, shipped inside the package."""
+    path = Path(__file__).parents[1] / "assets" / "tiny-dsa"
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"the embedded model is missing from {path}: reinstall dsaserve, "
+                                f"or rebuild it with `dsaserve train-tiny {path}`")
+    return path
+
+
+class CheckpointError(ValueError):
+    """The checkpoint does not match the model its config.json describes; the message names the tensor."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: Path
+    dtype: str  # safetensors' name: "BF16", "F32", "F8_E4M3", ...
+    shape: tuple[int, ...]
+
+
+class Checkpoint:
+    """Every tensor's shard, dtype and shape, from the shard headers (no tensor data is read)."""
+
+    def __init__(self, model_path: str | Path):
+        self.path = Path(model_path)
+        self.files = shard_files(self.path)
+        self.tensors: dict[str, TensorInfo] = {}
+        for file in self.files:  # headers only, through the numpy binding: no torch in the front process
+            with safe_open(file, framework="numpy") as f:
+                for name in f.keys():
+                    part = f.get_slice(name)
+                    self.tensors[name] = TensorInfo(file, part.get_dtype(), tuple(part.get_shape()))
+
+    def is_fp8(self, name: str) -> bool:
+        info = self.tensors.get(name)
+        return info is not None and info.dtype == "F8_E4M3"
+
+
+def shard_files(model_path: Path) -> list[Path]:
+    index = model_path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [model_path / f for f in sorted(set(weight_map.values()))]
+    files = sorted(model_path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no *.safetensors files in {model_path}")
+    return files
