@@ -200,13 +200,14 @@ def test_route_kernel_equals_reference(case: tuple[int, int, int, int, int], nor
 @gpu
 @pytest.mark.parametrize("rows,n,k", [(1, 256, 7168), (4, 64, 7168), (3, 17, 6144), (2, 8, 100)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_linear_fp32_kernel_equals_float64(rows: int, n: int, k: int, dtype: torch.dtype):
-    """The router's logits and the indexer's head weights: fp32 products of the rows with an fp32 weight, times
-    a scale, against float64; each row's value does not depend on the rows beside it (batch-invariant)."""
+@pytest.mark.parametrize("w_dtype", [torch.bfloat16, torch.float32])
+def test_linear_fp32_kernel_equals_float64(rows: int, n: int, k: int, dtype: torch.dtype, w_dtype: torch.dtype):
+    """The router's logits (bf16 weight) and the indexer's head weights (fp32 weight): fp32 products of the rows,
+    times a scale, against float64; each row's value does not depend on the rows beside it (batch-invariant)."""
     from dsaserve.ops.triton import fused as kernels
     gen = torch.Generator("cuda").manual_seed(rows * n)
     x = torch.randn(rows, k, device="cuda", generator=gen).to(dtype)
-    w = torch.randn(n, k, device="cuda", generator=gen)
+    w = torch.randn(n, k, device="cuda", generator=gen).to(w_dtype)
     assert kernels.linear_fp32_applies(x, w) and not kernels.linear_fp32_applies(x.repeat(17, 1), w)
     got = fused.linear_fp32(x, w, 0.125)
     torch.testing.assert_close(got.double(), (x.double() @ w.double().T) * 0.125, rtol=1e-5, atol=1e-4)

@@ -201,7 +201,7 @@ class Router(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         cfg = self.cfg
-        logits = linear_fp32(x, self.weight)  # the weight is fp32 already (fp32_parameter_names)
+        logits = linear_fp32(x, self.weight)  # the product in fp32 (the weight in the checkpoint's bf16)
         return route(logits, self.e_score_correction_bias.float(), cfg.n_group, cfg.topk_group,
                      cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.routed_scaling_factor, self.shared)
 
@@ -325,10 +325,11 @@ class DSAModel(nn.Module):
         self.rotary: Rotary | None = None
 
     def fp32_parameter_names(self) -> set[str]:
-        """Parameters that stay in fp32 whatever the model dtype (as in the official inference code; the
-        router's weight because its product is taken in fp32: no step converts it), and the FP8 block scales."""
+        """Parameters that stay in fp32 whatever the model dtype (as in the official inference code), and the
+        FP8 block scales. The router's weight is not one of them: its product is taken in fp32 (linear_fp32
+        converts each value exactly) from the model dtype, as transformers holds it, at half the bytes."""
         return {n for n, _ in self.named_parameters()
-                if n.endswith(("weights_proj.weight", "mlp.gate.weight", "e_score_correction_bias", "_scale_inv"))}
+                if n.endswith(("weights_proj.weight", "e_score_correction_bias", "_scale_inv"))}
 
     def context(self, layout: BatchLayout, pools: KVPools, ops: DSAOps, dtype: torch.dtype) -> StepContext:
         if self.rotary is None:
