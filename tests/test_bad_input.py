@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from dsaserve import LLM, SamplingParams
 from dsaserve.config import ConfigError, ModelConfig
 from dsaserve.engine.request import RequestError
-from dsaserve.model.loader import CheckpointError
+from dsaserve.model.checkpoint import CheckpointError
 
 OK = SamplingParams(max_tokens=4, temperature=0.0)
 

@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 from conftest import ARCHS, prompts_ids
 from dsaserve import LLM, SamplingParams
 from dsaserve.model.dsa import DSAModel
-from dsaserve.model.loader import CheckpointError, build_model, fused_sources
+from dsaserve.model.checkpoint import CheckpointError
+from dsaserve.model.loader import build_model, fused_sources
 from dsaserve.ops.fp8 import FP8, BlockFP8, act_quant, dequantize, linear, quantize_weight
 from dsaserve.parallel.groups import Parallel, ParallelConfig
 from dsaserve.parallel.launch import Job, OfflineRequest, run_jobs

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from dsaserve.config import ModelConfig
-from dsaserve.model.checkpoint import Checkpoint, CheckpointError, shard_files  # noqa: F401 - importers use them here
+from dsaserve.model.checkpoint import Checkpoint, CheckpointError
 from dsaserve.engine.layout import checks_enabled
 from dsaserve.model import quant
 from dsaserve.model.dsa import DSAModel, fuse_projections
