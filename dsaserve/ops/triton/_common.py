@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from dsaserve.ops import fp8 as fp8_ref
 from dsaserve.ops.fp8 import AMAX_FLOOR, FP8_MAX, BlockFP8
@@ -37,6 +38,24 @@ def sm_count(t: torch.Tensor) -> int:
 @functools.lru_cache(maxsize=None)
 def _major(device_index: int) -> int:
     return torch.cuda.get_device_capability(device_index)[0]
+
+
+def pdl(t: torch.Tensor) -> dict[str, bool]:
+    """Launch options of a kernel that starts with pdl_start, for the device of t: programmatic dependent
+    launch on SM90 and later (its programs are scheduled while the previous kernel finishes: a decode step
+    of short kernels loses most of each launch's latency), a plain launch elsewhere."""
+    on = t.is_cuda and _major(t.device.index or 0) >= 9
+    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
+
+
+@triton.jit
+def pdl_start(PDL: tl.constexpr):
+    """First statement of every kernel launched with pdl(): wait until the previous kernel has finished and
+    its writes are visible (nothing may be read or written before this), then let the next kernel's
+    programs be scheduled. Every program runs it, so the chain of waits stays transitive."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
 
 
 def is_hopper(t: torch.Tensor) -> bool:

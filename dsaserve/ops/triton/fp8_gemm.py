@@ -29,8 +29,8 @@ import triton.language as tl
 
 from dsaserve.ops.fp8 import FP8, BlockFP8
 from dsaserve.ops.triton import fp8_wgmma
-from dsaserve.ops.triton._common import (agrees_with_reference, new_empty, next_pow2, quantize_rows, sm_count,
-                                         tile_ids)
+from dsaserve.ops.triton._common import (agrees_with_reference, new_empty, next_pow2, pdl, pdl_start, quantize_rows,
+                                         sm_count, tile_ids)
 
 Tensor = torch.Tensor
 K_BLOCKS = (32, 64, 128, 256)  # weight K blocks the kernel takes: one K step each (e4m3 dots need K >= 32)
@@ -39,7 +39,8 @@ CUBLAS_MIN_M = 96  # rows from which cuBLAS's block-scaled GEMM runs where it ap
 
 @triton.jit(do_not_specialize=["M", "stride_sg"])
 def _act_quant_kernel(X, Q, S, M, K, stride_x, stride_q, stride_s, stride_sg,
-                      GROUP: tl.constexpr, GROUPS: tl.constexpr):
+                      GROUP: tl.constexpr, GROUPS: tl.constexpr, PDL: tl.constexpr):
+    pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
     cols = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
@@ -54,7 +55,8 @@ def _act_quant_kernel(X, Q, S, M, K, stride_x, stride_q, stride_s, stride_sg,
 def _gemm_kernel(A, AS, W, WS, C, M, N, K, num_groups, groups_per_split,
                  stride_am, stride_asm, stride_wn, stride_wsn, stride_cs, stride_cm,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE_N: tl.constexpr,
-                 GROUP_M: tl.constexpr, A_QUANT: tl.constexpr, EVEN_K: tl.constexpr):
+                 GROUP_M: tl.constexpr, A_QUANT: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr):
+    pdl_start(PDL)
     pid_m, pid_n = tile_ids(tl.cdiv(M, BLOCK_M), N, BLOCK_N, GROUP_M)
     split = tl.program_id(1)
 
@@ -95,7 +97,8 @@ def _gemm_kernel(A, AS, W, WS, C, M, N, K, num_groups, groups_per_split,
 
 
 @triton.jit(do_not_specialize=["total", "splits", "stride_s"])
-def _sum_splits_kernel(P, C, total, splits, stride_s, BLOCK: tl.constexpr):
+def _sum_splits_kernel(P, C, total, splits, stride_s, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_start(PDL)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < total
     acc = tl.zeros([BLOCK], tl.float32)
@@ -123,7 +126,8 @@ def _quantize_into(x: Tensor, q: Tensor, s: Tensor, group: int) -> None:
         return
     groups = max(1, min(next_pow2(num_groups, 1), 4096 // group))  # ~4096 values per program
     _act_quant_kernel[(M, triton.cdiv(num_groups, groups))](
-        x, q, s, M, K, x.stride(0), q.stride(0), s.stride(0), s.stride(1), GROUP=group, GROUPS=groups, num_warps=4)
+        x, q, s, M, K, x.stride(0), q.stride(0), s.stride(0), s.stride(1), GROUP=group, GROUPS=groups,
+        num_warps=4, **pdl(x))
 
 
 @functools.lru_cache(maxsize=None)
@@ -271,11 +275,11 @@ def fp8_linear(x: Tensor, w: BlockFP8, checks: bool = False, config: dict[str, i
         a.stride(0), a_s.stride(0), w.weight.stride(0), w.scale.stride(0), dest.stride(0) if splits > 1 else 0,
         N, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=block_k, SCALE_N=w.block[0],
         GROUP_M=cfg["group_m"], A_QUANT=bool(cfg["a_quant"]), EVEN_K=K % block_k == 0,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl(a))
     if splits > 1:
         block = 1024
         _sum_splits_kernel[(triton.cdiv(M * N, block),)](dest, out, M * N, splits, dest.stride(0), BLOCK=block,
-                                                         num_warps=4)
+                                                         num_warps=4, **pdl(dest))
     return out.view(*lead, N)
 
 

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from dsaserve.ops.triton._common import next_pow2
+from dsaserve.ops.triton._common import next_pow2, pdl, pdl_start
 
 Tensor = torch.Tensor
 
@@ -32,7 +32,8 @@ def _round(x, DT: tl.constexpr):
 
 @triton.jit
 def _rms_norm_kernel(X, DELTA, SUM, W, OUT, stride_x, stride_d, stride_s, stride_o, N, eps,
-                     BLOCK: tl.constexpr, ADD: tl.constexpr):
+                     BLOCK: tl.constexpr, ADD: tl.constexpr, PDL: tl.constexpr):
+    pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     d = tl.arange(0, BLOCK)
     mask = d < N
@@ -66,7 +67,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, delta: Tensor | None = None)
         block = next_pow2(n)
         _rms_norm_kernel[(rows.shape[0],)](rows, deltas, total, weight.contiguous(), out, rows.stride(0),
                                            deltas.stride(0), n, n, n, eps, BLOCK=block, ADD=delta is not None,
-                                           num_warps=max(1, min(16, block // 512)))
+                                           num_warps=max(1, min(16, block // 512)), **pdl(rows))
     return out, total
 
 
@@ -83,8 +84,9 @@ def _hadamard_rows(x, R: tl.constexpr, N: tl.constexpr, LOG_N: tl.constexpr):
 @triton.jit
 def _rope_kernel(X, OUT, COS, SIN, stride_t, stride_h, stride_ot, stride_oh, stride_c, stride_s, H, scale,
                  HALF: tl.constexpr, BLOCK_H: tl.constexpr, INTERLEAVED: tl.constexpr,
-                 ROW: tl.constexpr, LOG_ROW: tl.constexpr):
+                 ROW: tl.constexpr, LOG_ROW: tl.constexpr, PDL: tl.constexpr):
     """ROW > 0 (in place, rows of ROW values with the rotary dims first): then each whole row times H."""
+    pdl_start(PDL)
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     i = tl.arange(0, HALF)
@@ -126,7 +128,7 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, out: Tensor, ro
                                                    row ** -0.5 if row else 1.0, HALF=D // 2, BLOCK_H=block_h,
                                                    INTERLEAVED=interleaved, ROW=row,
                                                    LOG_ROW=max(row, 1).bit_length() - 1,
-                                                   num_warps=1 if H < 8 and not row else 4)
+                                                   num_warps=1 if H < 8 and not row else 4, **pdl(rows))
     return out
 
 
@@ -152,7 +154,8 @@ def _argmax_2d(x, index, NONE: tl.constexpr):
 @triton.jit
 def _route_kernel(LOGITS, BIAS, IDS, WEIGHTS, stride_l, scale,
                   GROUPS: tl.constexpr, PER_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, K: tl.constexpr,
-                  K_POW2: tl.constexpr, NORMALIZE: tl.constexpr, SHARED: tl.constexpr):
+                  K_POW2: tl.constexpr, NORMALIZE: tl.constexpr, SHARED: tl.constexpr, PDL: tl.constexpr):
+    pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     g = tl.arange(0, GROUPS)
     j = tl.arange(0, PER_GROUP)
@@ -200,7 +203,8 @@ def route(logits: Tensor, bias: Tensor, n_group: int, topk_group: int, k: int, n
         _route_kernel[(N,)](logits, bias, ids, weights, logits.stride(0), scale, GROUPS=n_group,
                             PER_GROUP=E // n_group, TOPK_GROUP=topk_group, K=k, K_POW2=next_pow2(k + shared, 2),
                             NORMALIZE=normalize, SHARED=int(shared),
-                            num_warps=1 if N <= 16 else 4)  # one warp per row: 7.8-8.2 us vs 9.4-9.9 (H200)
+                            num_warps=1 if N <= 16 else 4,  # one warp per row: 7.8-8.2 us vs 9.4-9.9 (H200)
+                            **pdl(logits))
     return ids, weights
 
 
@@ -219,9 +223,10 @@ FP32_LINEAR_MAX_IN = 8192
 
 
 @triton.jit
-def _linear_fp32_kernel(X, W, OUT, stride_x, stride_w, stride_o, K, scale, BLOCK_K: tl.constexpr):
+def _linear_fp32_kernel(X, W, OUT, stride_x, stride_w, stride_o, K, scale, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """One program per (output column, row): the fp32 product of the row and the column's weight row (any
     float dtypes, converted exactly), times scale; the whole weight row is loaded at once (in registers)."""
+    pdl_start(PDL)
     n = tl.program_id(0).to(tl.int64)
     row = tl.program_id(1).to(tl.int64)
     k = tl.arange(0, BLOCK_K)
@@ -241,7 +246,7 @@ def linear_fp32(x: Tensor, weight: Tensor, scale: float = 1.0) -> Tensor:
     out = torch.empty(T, N, dtype=torch.float32, device=x.device)
     if T:
         _linear_fp32_kernel[(N, T)](x, weight, out, x.stride(0), weight.stride(0), out.stride(0), K, scale,
-                                    BLOCK_K=next_pow2(K), num_warps=8)
+                                    BLOCK_K=next_pow2(K), num_warps=8, **pdl(x))
     return out
 
 
@@ -252,7 +257,8 @@ def linear_fp32_applies(x: Tensor, weight: Tensor) -> bool:
 
 
 @triton.jit
-def _silu_mul_kernel(G, U, OUT, stride_g, stride_u, stride_o, N, BLOCK: tl.constexpr):
+def _silu_mul_kernel(G, U, OUT, stride_g, stride_u, stride_o, N, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = d < N
@@ -270,7 +276,7 @@ def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
     if T:
         block = min(2048, next_pow2(N))
         _silu_mul_kernel[(T, triton.cdiv(N, block))](gate, up, out, gate.stride(0), up.stride(0), N, N,
-                                                     BLOCK=block, num_warps=4)
+                                                     BLOCK=block, num_warps=4, **pdl(gate))
     return out
 
 
@@ -280,7 +286,8 @@ def silu_mul_applies(gate: Tensor, up: Tensor) -> bool:
 
 
 @triton.jit
-def _embed_kernel(IDS, W, OUT, start, shard, N, stride_i, stride_w, stride_o, BLOCK: tl.constexpr):
+def _embed_kernel(IDS, W, OUT, start, shard, N, stride_i, stride_w, stride_o, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     local = tl.load(IDS + row * stride_i).to(tl.int64) - start
@@ -297,7 +304,7 @@ def embed(ids: Tensor, weight: Tensor, start: int) -> Tensor:
         block = min(4096, next_pow2(N))
         _embed_kernel[(ids.shape[0], triton.cdiv(N, block))](ids, weight, out, start, shard, N, ids.stride(0),
                                                              weight.stride(0), out.stride(0), BLOCK=block,
-                                                             num_warps=4)
+                                                             num_warps=4, **pdl(ids))
     return out
 
 
@@ -315,7 +322,8 @@ def _first_max(x, index, NONE):
 
 
 @triton.jit(do_not_specialize=["V", "chunks"])
-def _argmax_chunk_kernel(X, VAL, IDX, stride_x, V, chunks, BLOCK: tl.constexpr):
+def _argmax_chunk_kernel(X, VAL, IDX, stride_x, V, chunks, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     offs = c * BLOCK + tl.arange(0, BLOCK)
@@ -326,7 +334,8 @@ def _argmax_chunk_kernel(X, VAL, IDX, stride_x, V, chunks, BLOCK: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["chunks"])
-def _argmax_final_kernel(VAL, IDX, OUT, chunks, BLOCK_C: tl.constexpr):
+def _argmax_final_kernel(VAL, IDX, OUT, chunks, BLOCK_C: tl.constexpr, PDL: tl.constexpr):
+    pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, BLOCK_C)
     v = tl.load(VAL + row * chunks + c, mask=c < chunks, other=float("-inf"))
@@ -345,8 +354,8 @@ def argmax(x: Tensor) -> Tensor:
     if B and V:
         val = torch.empty(B, chunks, dtype=torch.float32, device=x.device)
         idx = torch.empty(B, chunks, dtype=torch.int32, device=x.device)
-        _argmax_chunk_kernel[(B, chunks)](x, val, idx, x.stride(0), V, chunks, BLOCK=block, num_warps=8)
-        _argmax_final_kernel[(B,)](val, idx, out, chunks, BLOCK_C=next_pow2(chunks, 2), num_warps=1)
+        _argmax_chunk_kernel[(B, chunks)](x, val, idx, x.stride(0), V, chunks, BLOCK=block, num_warps=8, **pdl(x))
+        _argmax_final_kernel[(B,)](val, idx, out, chunks, BLOCK_C=next_pow2(chunks, 2), num_warps=1, **pdl(val))
     return out
 
 

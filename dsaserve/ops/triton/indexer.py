@@ -23,7 +23,7 @@ import triton.language as tl
 
 from dsaserve.cache.kv_format import fp8_views
 from dsaserve.ops.triton import topk as row_topk
-from dsaserve.ops.triton._common import dot_precision, new_empty, next_pow2, sm_count
+from dsaserve.ops.triton._common import dot_precision, new_empty, next_pow2, pdl, pdl_start, sm_count
 
 Tensor = torch.Tensor
 
@@ -36,7 +36,8 @@ def _indexer_kernel(Q, W, KC, KS, PT, REQ, LEN, OUT,
                     stride_qt, stride_qh, stride_wt, stride_kc, stride_ks, stride_pt, stride_len, stride_ot,
                     T, HI, DI, num_keys, page_size, iters,
                     BLOCK_T: tl.constexpr, HP: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                    PRECISION: tl.constexpr, FP8: tl.constexpr):
+                    PRECISION: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr):
+    pdl_start(PDL)
     dtype = Q.dtype.element_ty if FP8 else KC.dtype.element_ty
     t0 = tl.program_id(0) * BLOCK_T
     chunk = tl.program_id(1)
@@ -101,7 +102,8 @@ def _indexer_kernel(Q, W, KC, KS, PT, REQ, LEN, OUT,
 
 @triton.jit(do_not_specialize=["stride_pos", "stride_pt", "L"])
 def _slots_kernel(POS, LEN, PT, REQ, OUT, stride_pos, stride_len, stride_pt, stride_ot,
-                  L, topk, page_size, HAS_POS: tl.constexpr, BLOCK: tl.constexpr):
+                  L, topk, page_size, HAS_POS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_start(PDL)
     t = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     j_mask = j < topk
@@ -175,7 +177,7 @@ def indexer_logits(q: Tensor, weights: Tensor, k_cache: Tensor, page_table: Tens
         T, HI, DI, num_keys, page_size, cfg["iters"],
         BLOCK_T=block_t, HP=hp, BLOCK_D=block_d, BLOCK_N=cfg["block_n"],
         PRECISION=dot_precision(q.dtype if fp8 else keys.dtype), FP8=fp8,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl(q))
     return logits
 
 
@@ -200,7 +202,7 @@ def torch_topk_slots(logits: Tensor, row_kv_len: Tensor, page_table: Tensor, row
     block = min(1024, next_pow2(topk))
     _slots_kernel[(T, triton.cdiv(topk, block))](
         pos, row_kv_len, page_table, row_req, out, pos.stride(0), row_kv_len.stride(0), page_table.stride(0),
-        out.stride(0), L, topk, page_size, HAS_POS=has_pos, BLOCK=block, num_warps=4)
+        out.stride(0), L, topk, page_size, HAS_POS=has_pos, BLOCK=block, num_warps=4, **pdl(pos))
     return out
 
 

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from dsaserve.cache.kv_format import BLOCK, FP8_MAX, fp8_views, num_blocks
-from dsaserve.ops.triton._common import next_pow2
+from dsaserve.ops.triton._common import next_pow2, pdl, pdl_start
 
 Tensor = torch.Tensor
 
@@ -21,7 +21,8 @@ Tensor = torch.Tensor
 def _write_fp8_kernel(X, R, SLOTS, VALUES, SCALES, ROPE,
                       stride_x, stride_r, stride_v, stride_s, stride_rope, N, R_DIM,
                       QBLOCK: tl.constexpr, BLOCK_R: tl.constexpr, HAS_ROPE: tl.constexpr,
-                      FP8_MAX_C: tl.constexpr):
+                      FP8_MAX_C: tl.constexpr, PDL: tl.constexpr):
+    pdl_start(PDL)
     t = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1)
     slot = tl.load(SLOTS + t).to(tl.int64)
@@ -58,12 +59,13 @@ def write_fp8_rows(cache: Tensor, slots: Tensor, x: Tensor, rope: Tensor | None 
     _write_fp8_kernel[(T, num_blocks(n))](
         x, r, slots, values, scales, rope_out,
         x.stride(0), r.stride(0), values.stride(0), scales.stride(0), rope_out.stride(0), n, r_dim,
-        QBLOCK=BLOCK, BLOCK_R=next_pow2(max(r_dim, 1), 1), HAS_ROPE=has_rope, FP8_MAX_C=FP8_MAX, num_warps=1)
+        QBLOCK=BLOCK, BLOCK_R=next_pow2(max(r_dim, 1), 1), HAS_ROPE=has_rope, FP8_MAX_C=FP8_MAX, num_warps=1, **pdl(x))
 
 
 @triton.jit(do_not_specialize=["N", "R_DIM"])
 def _write_rows_kernel(X, R, SLOTS, CACHE, stride_x, stride_r, stride_c, N, R_DIM,
-                       BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, HAS_ROPE: tl.constexpr):
+                       BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, HAS_ROPE: tl.constexpr, PDL: tl.constexpr):
+    pdl_start(PDL)
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(SLOTS + t).to(tl.int64)
     d = tl.arange(0, BLOCK)
@@ -86,7 +88,7 @@ def write_rows(cache: Tensor, slots: Tensor, x: Tensor, rope: Tensor | None = No
     r_dim = r.shape[1] if has_rope else 0
     _write_rows_kernel[(T,)](x, r, slots.to(torch.int32), cache, x.stride(0), r.stride(0), cache.stride(0), n, r_dim,
                              BLOCK=next_pow2(n, 1), BLOCK_R=next_pow2(max(r_dim, 1), 1), HAS_ROPE=has_rope,
-                             num_warps=4 if n >= 512 else 1)
+                             num_warps=4 if n >= 512 else 1, **pdl(x))
 
 
 __all__ = ["write_fp8_rows", "write_rows"]

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from dsaserve.cache.kv_format import row_views
 from dsaserve.ops.triton import mla_gluon
-from dsaserve.ops.triton._common import dot_precision, is_hopper, new_empty, next_pow2, sm_count
+from dsaserve.ops.triton._common import dot_precision, is_hopper, new_empty, next_pow2, pdl, pdl_start, sm_count
 
 Tensor = torch.Tensor
 LOG2E = 1.4426950408889634
@@ -38,7 +38,8 @@ def _sparse_mla_kernel(Q, KV, KR, KS, IDX, LEN, O, LSE,
                        H, K, V_DIM, R_DIM, num_splits, scale_log2,
                        BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                        BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, FP8: tl.constexpr,
-                       SCALE_BLOCKS: tl.constexpr, HAS_LEN: tl.constexpr):
+                       SCALE_BLOCKS: tl.constexpr, HAS_LEN: tl.constexpr, PDL: tl.constexpr):
+    pdl_start(PDL)
     pid_h = tl.program_id(0)
     t = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
@@ -103,8 +104,9 @@ def _combine_kernel(PO, PLSE, O, LSE,
                     stride_pt, stride_ph, stride_ps, stride_lt, stride_lh,
                     stride_ot, stride_oh, stride_ft, stride_fh,
                     H, V_DIM, NUM_SPLITS,
-                    BLOCK_S: tl.constexpr, BLOCK_V: tl.constexpr):
+                    BLOCK_S: tl.constexpr, BLOCK_V: tl.constexpr, PDL: tl.constexpr):
     """Merge normalized split outputs: out = sum_s exp(lse_s - lse) * out_s, lse = logsumexp(lse_s)."""
+    pdl_start(PDL)
     h = tl.program_id(0)
     t = tl.program_id(1).to(tl.int64)
     s = tl.arange(0, BLOCK_S)
@@ -207,13 +209,13 @@ def sparse_mla(q: Tensor, kv_cache: Tensor, indices: Tensor, sm_scale: float, v_
             H, K, v_dim, rope_dim, splits, scale_log2,
             BLOCK_H=cfg["block_h"], BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_R=block_r,
             PRECISION=dot_precision(dot_dtype), FP8=fp8, SCALE_BLOCKS=max(1, block_v // 128),
-            HAS_LEN=lengths is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            HAS_LEN=lengths is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl(q))
     if splits > 1:
         _combine_kernel[(H, T)](
             o_buf, l_buf, out, lse,
             o_buf.stride(0), o_buf.stride(1), o_buf.stride(2), l_buf.stride(0), l_buf.stride(1),
             out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
-            H, v_dim, splits, BLOCK_S=next_pow2(splits, 2), BLOCK_V=block_v, num_warps=4)
+            H, v_dim, splits, BLOCK_S=next_pow2(splits, 2), BLOCK_V=block_v, num_warps=4, **pdl(o_buf))
     return out, lse
 
 

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from dsaserve.ops.fp8 import FP8, BlockFP8
 from dsaserve.ops.triton import fp8_wgmma
-from dsaserve.ops.triton._common import dot_precision, new_empty, quantize_rows, sm_count, tile_ids
+from dsaserve.ops.triton._common import dot_precision, new_empty, pdl, pdl_start, quantize_rows, sm_count, tile_ids
 from dsaserve.ops.triton.fp8_gemm import K_BLOCKS, act_quant, balanced_splits
 from dsaserve.ops.triton.moe_align import align
 from dsaserve.ops.triton.moe_glue import MAX_SPLITS, reduce_pairs, silu_mul_quant
@@ -60,7 +60,7 @@ def _gate_up_kernel(X, XS, W13, W13S, INTER, INTERS, SORTED, BLOCK_EXPERT,
                     num_pairs, topk, I, HIDDEN, num_m_blocks, groups_per_split, stride_split,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                     EVEN_K: tl.constexpr, PRECISION: tl.constexpr, FP8: tl.constexpr, SCALE_N: tl.constexpr,
-                    SPLIT_K: tl.constexpr, A_QUANT: tl.constexpr, BY_PAIR: tl.constexpr):
+                    SPLIT_K: tl.constexpr, A_QUANT: tl.constexpr, BY_PAIR: tl.constexpr, PDL: tl.constexpr):
     """FP8: X, W13 e4m3 with scales XS (token, K group) and W13S (expert, row block, K group); the
     epilogue quantizes each row's BLOCK_N values (one group of the down GEMM) into INTER + INTERS.
     SPLIT_K (FP8, whole K blocks): program_id(1)'s groups_per_split K groups only, gate | up written in fp32
@@ -68,6 +68,7 @@ def _gate_up_kernel(X, XS, W13, W13S, INTER, INTERS, SORTED, BLOCK_EXPERT,
     X holds the unquantized rows and each K step quantizes its [BLOCK_M, 128] slice (bit-identical to
     act_quant), which saves a launch where few programs share a row. BY_PAIR (decode rows): M block m is pair m
     in its original order (BLOCK_EXPERT the flat top-k ids, SORTED unused), its row 0 the only one computed."""
+    pdl_start(PDL)
     m_blk, n_blk = tile_ids(num_m_blocks, I, BLOCK_N, GROUP_M)
     expert = tl.load(BLOCK_EXPERT + m_blk)
     if expert < 0:  # past the last padded block: nothing to do
@@ -145,7 +146,8 @@ def _down_kernel(INTER, INTERS, W2, W2S, YBUF, SORTED, BLOCK_EXPERT, TOPW,
                  num_pairs, topk, I, HIDDEN, num_m_blocks,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                  EVEN_K: tl.constexpr, PRECISION: tl.constexpr, FP8: tl.constexpr, SCALE_N: tl.constexpr,
-                 BY_PAIR: tl.constexpr):
+                 BY_PAIR: tl.constexpr, PDL: tl.constexpr):
+    pdl_start(PDL)
     m_blk, n_blk = tile_ids(num_m_blocks, HIDDEN, BLOCK_N, GROUP_M)
     expert = tl.load(BLOCK_EXPERT + m_blk)
     if expert < 0:
@@ -295,7 +297,8 @@ def _down(inter: Tensor, inter_s: Tensor, w2: Tensor, w2_s: Tensor, ybuf: Tensor
         ybuf.stride(0), topk_weights.stride(0), P, k, I, hidden, max_blocks,
         BLOCK_M=cfg["block_m"], BLOCK_N=cfg["down_block_n"], BLOCK_K=cfg["down_block_k"],
         GROUP_M=cfg["group_m"], EVEN_K=I % cfg["down_block_k"] == 0, PRECISION=precision, FP8=fp8,
-        SCALE_N=scale_n, BY_PAIR=by_pair, num_warps=cfg["down_num_warps"], num_stages=cfg["down_num_stages"])
+        SCALE_N=scale_n, BY_PAIR=by_pair, num_warps=cfg["down_num_warps"], num_stages=cfg["down_num_stages"],
+        **pdl(inter))
 
 
 def _gate_up(a: Tensor, a_s: Tensor, w13: Tensor, w13_s: Tensor, inter: Tensor, inter_s: Tensor, sorted_ids: Tensor,
@@ -317,7 +320,7 @@ def _gate_up(a: Tensor, a_s: Tensor, w13: Tensor, w13_s: Tensor, inter: Tensor, 
         BLOCK_M=bm, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], GROUP_M=cfg["group_m"],
         EVEN_K=hidden % cfg["block_k"] == 0, PRECISION=dot_precision(a.dtype),
         FP8=fp8, SCALE_N=scale_n, SPLIT_K=splits > 1, A_QUANT=fp8 and a.dtype != FP8, BY_PAIR=by_pair,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl(a))
     if splits > 1:
         silu_mul_quant(out, inter, inter_s, 1, inter_s.stride(0), block_expert, 1 if by_pair else bm)
 

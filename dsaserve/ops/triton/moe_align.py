@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsaserve.ops.triton._common import next_pow2
+from dsaserve.ops.triton._common import next_pow2, pdl, pdl_start
 
 Tensor = torch.Tensor
 _BLOCK = 256  # pairs per program
@@ -23,7 +23,8 @@ SMALL_PAIRS = 256  # up to this many pairs (32 tokens at top-8) one launch build
 
 
 @triton.jit(do_not_specialize=["P", "rows"])
-def _count_kernel(IDS, COUNTS, SORTED, P, rows, BLOCK: tl.constexpr):
+def _count_kernel(IDS, COUNTS, SORTED, P, rows, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_start(PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     expert = tl.load(IDS + offs, mask=offs < P, other=0)
     tl.atomic_add(COUNTS + expert, 1, mask=offs < P)
@@ -32,7 +33,8 @@ def _count_kernel(IDS, COUNTS, SORTED, P, rows, BLOCK: tl.constexpr):
 
 @triton.jit(do_not_specialize=["P", "num_blocks"])
 def _place_kernel(IDS, COUNTS, TICKETS, SORTED, BLOCK_EXPERT, P, num_blocks, E, BLOCK_M,
-                  E_POW2: tl.constexpr, BLOCK: tl.constexpr, BLOCKS: tl.constexpr):
+                  E_POW2: tl.constexpr, BLOCK: tl.constexpr, BLOCKS: tl.constexpr, PDL: tl.constexpr):
+    pdl_start(PDL)
     pid = tl.program_id(0)
     experts = tl.arange(0, E_POW2)
     counts = tl.load(COUNTS + experts, mask=experts < E, other=0)
@@ -52,11 +54,12 @@ def _place_kernel(IDS, COUNTS, TICKETS, SORTED, BLOCK_EXPERT, P, num_blocks, E, 
 
 @triton.jit(do_not_specialize=["P", "num_blocks"])
 def _align_small_kernel(IDS, SORTED, BLOCK_EXPERT, P, num_blocks, BLOCK_M, PB: tl.constexpr, E_POW2: tl.constexpr,
-                        FILL: tl.constexpr):
+                        FILL: tl.constexpr, PDL: tl.constexpr):
     """The whole layout in one program for up to PB pairs (decode): counts by a histogram, each pair's place
     by a sort of (expert, pair) keys, so the runs come out in pair order (stable) and nothing needs zeroed
     counters. BLOCK_M (16, 64 or 128: one specialization) is not a constexpr in either path: which of them a
     row tier takes depends on P, and the warm-up compiles each path once, not once per tier."""
+    pdl_start(PDL)
     offs = tl.arange(0, PB)
     valid = offs < P
     expert = tl.load(IDS + offs, mask=valid, other=0).to(tl.int32)
@@ -91,13 +94,14 @@ def align(ids: Tensor, num_experts: int, block_m: int) -> tuple[Tensor, Tensor, 
     if 0 < P <= SMALL_PAIRS:
         # PB fixed (not P's power of two): no batch size after the warm-up compiles a new variant
         _align_small_kernel[(1,)](ids, sorted_ids, block_expert, P, max_blocks, block_m, PB=SMALL_PAIRS,
-                                  E_POW2=next_pow2(num_experts, 2), FILL=1024, num_warps=4)
+                                  E_POW2=next_pow2(num_experts, 2), FILL=1024, num_warps=4, **pdl(ids))
         return sorted_ids, block_expert, max_blocks
     counters = torch.zeros(2 * num_experts, dtype=torch.int32, device=ids.device)
-    _count_kernel[(triton.cdiv(max(P, rows), _BLOCK),)](ids, counters, sorted_ids, P, rows, BLOCK=_BLOCK)
+    _count_kernel[(triton.cdiv(max(P, rows), _BLOCK),)](ids, counters, sorted_ids, P, rows, BLOCK=_BLOCK, **pdl(ids))
     grid = max(triton.cdiv(P, _BLOCK), triton.cdiv(max_blocks, _BLOCKS))
     _place_kernel[(grid,)](ids, counters, counters[num_experts:], sorted_ids, block_expert, P, max_blocks,
-                           num_experts, block_m, E_POW2=next_pow2(num_experts, 2), BLOCK=_BLOCK, BLOCKS=_BLOCKS)
+                           num_experts, block_m, E_POW2=next_pow2(num_experts, 2), BLOCK=_BLOCK,
+                           BLOCKS=_BLOCKS, **pdl(ids))
     return sorted_ids, block_expert, max_blocks
 
 

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsaserve.ops.triton._common import next_pow2, quantize_rows
+from dsaserve.ops.triton._common import next_pow2, pdl, pdl_start, quantize_rows
 
 Tensor = torch.Tensor
 MAX_SPLITS = 16  # split-K partial sums silu_mul_quant adds (moe's gate/up never makes more)
@@ -15,11 +15,12 @@ MAX_SPLITS = 16  # split-K partial sums silu_mul_quant adds (moe's gate/up never
 @triton.jit(do_not_specialize=["R", "stride_sg", "stride_sr", "splits", "stride_split"])
 def _silu_mul_quant_kernel(GU, Q, S, BLOCK_EXPERT, R, I, stride_gu, stride_q, stride_sg, stride_sr, splits,
                            stride_split, BLOCK_M: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr,
-                           SPLITS: tl.constexpr):
+                           SPLITS: tl.constexpr, PDL: tl.constexpr):
     """GU [splits, R, 2I] (gate | up partial sums; SPLITS >= splits, a power of two: all loaded at once, not in
     a chain of dependent loads) -> e4m3 silu(gate) * up [R, I] with per-128 scales S[group * stride_sg + row *
     stride_sr]; rows of the blocks past the last expert's (BLOCK_EXPERT -1: never computed, never read) are
     skipped."""
+    pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     if tl.load(BLOCK_EXPERT + row // BLOCK_M) < 0:
         return
@@ -37,8 +38,9 @@ def _silu_mul_quant_kernel(GU, Q, S, BLOCK_EXPERT, R, I, stride_gu, stride_q, st
 
 @triton.jit(do_not_specialize=["num_tokens"])
 def _reduce_kernel(YBUF, POS, OUT, stride_y, stride_o, num_tokens, topk, HIDDEN, BLOCK: tl.constexpr,
-                   INDEXED: tl.constexpr):
+                   INDEXED: tl.constexpr, PDL: tl.constexpr):
     """INDEXED: pair p's row of YBUF is POS[p] (YBUF in sorted order), else p."""
+    pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     c_mask = cols < HIDDEN
@@ -61,7 +63,8 @@ def silu_mul_quant(gate_up: Tensor, inter: Tensor, inter_s: Tensor, stride_sg: i
     groups = max(1, min(16 // split_block, 8, next_pow2(I2 // 2 // 128, 1)))  # <= 16 x 128 loads of gate and of up
     _silu_mul_quant_kernel[(R, triton.cdiv(I2 // 2 // 128, groups))](
         gate_up, inter, inter_s, block_expert, R, I2 // 2, gate_up.stride(1), inter.stride(0), stride_sg, stride_sr,
-        splits, gate_up.stride(0), BLOCK_M=block_m, GROUP=128, GROUPS=groups, SPLITS=split_block, num_warps=4)
+        splits, gate_up.stride(0), BLOCK_M=block_m, GROUP=128, GROUPS=groups, SPLITS=split_block,
+        num_warps=4, **pdl(gate_up))
 
 
 def reduce_pairs(ybuf: Tensor, pos: Tensor | None, out: Tensor, num_tokens: int, topk: int) -> None:
@@ -69,7 +72,7 @@ def reduce_pairs(ybuf: Tensor, pos: Tensor | None, out: Tensor, num_tokens: int,
     block = min(1024, next_pow2(hidden))
     _reduce_kernel[(out.shape[0], triton.cdiv(hidden, block))](
         ybuf, ybuf if pos is None else pos, out, ybuf.stride(0), out.stride(0), num_tokens, topk, hidden,
-        BLOCK=block, INDEXED=pos is not None, num_warps=4)
+        BLOCK=block, INDEXED=pos is not None, num_warps=4, **pdl(ybuf))
 
 
 __all__ = ["MAX_SPLITS", "reduce_pairs", "silu_mul_quant"]

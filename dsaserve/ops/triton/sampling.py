@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dsaserve.ops.triton._common import pdl, pdl_start
+
 Tensor = torch.Tensor
 BLOCK = 4096
 _LOG2E = 1.4426950408889634
@@ -36,7 +38,8 @@ def _kept_stats(W, V, v, BLOCK: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["V", "stride_x"])
-def _sample_kernel(X, stride_x, PARAMS, W, OUT, V, BLOCK: tl.constexpr):
+def _sample_kernel(X, stride_x, PARAMS, W, OUT, V, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_start(PDL)
     i = tl.program_id(0).to(tl.int64)
     row = tl.load(PARAMS + i * 6).to(tl.int64)  # params: row, log2(e) / T, top_k (0: off), top_p, min_p, u
     scale = tl.load(PARAMS + i * 6 + 1).to(tl.float32)
@@ -100,7 +103,7 @@ def sample_rows(logits: Tensor, params: Tensor, out: Tensor) -> None:
     if R == 0:
         return
     scratch = torch.empty(R, V, dtype=torch.float32, device=logits.device)
-    _sample_kernel[(R,)](logits, logits.stride(0), params, scratch, out, V, BLOCK=BLOCK, num_warps=8)
+    _sample_kernel[(R,)](logits, logits.stride(0), params, scratch, out, V, BLOCK=BLOCK, num_warps=8, **pdl(logits))
 
 
 def row_params(rows: list[int], temperature: list[float], top_k: list[int], top_p: list[float],

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsaserve.ops.triton._common import new_empty, next_pow2
+from dsaserve.ops.triton._common import new_empty, next_pow2, pdl, pdl_start
 
 Tensor = torch.Tensor
 
@@ -65,7 +65,8 @@ def position_slots(pt_row, pos, page_size, mask):
 
 @triton.jit(do_not_specialize=["stride_x", "stride_len", "stride_pt", "stride_o", "L"])
 def _row_topk_slots_kernel(X, LEN, PT, REQ, OUT, stride_x, stride_len, stride_pt, stride_o, L, page_size,
-                           K: tl.constexpr, KB: tl.constexpr, W: tl.constexpr):
+                           K: tl.constexpr, KB: tl.constexpr, W: tl.constexpr, PDL: tl.constexpr):
+    pdl_start(PDL)
     t = tl.program_id(0).to(tl.int64)
     kv_len = tl.minimum(tl.load(LEN + t * stride_len), L)
     pt_row = PT + tl.load(REQ + t).to(tl.int64) * stride_pt
@@ -122,7 +123,7 @@ def row_topk_slots(logits: Tensor, row_kv_len: Tensor, page_table: Tensor, row_r
     _row_topk_slots_kernel[(T,)](
         logits, row_kv_len, page_table, row_req, out, logits.stride(0), row_kv_len.stride(0),
         page_table.stride(0), out.stride(0), L, page_size, K=topk, KB=next_pow2(topk), W=width,
-        num_warps=num_warps or max(4, min(32, width // 512)))
+        num_warps=num_warps or max(4, min(32, width // 512)), **pdl(logits))
     return out
 
 
