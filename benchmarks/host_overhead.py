@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from dsaserve import LLM, SamplingParams
-from dsaserve.tiny import default_model_path
+from dsaserve.model.checkpoint import default_model_path
 
 
 def start_decoding(llm: LLM, tag: str, batch: int, steps: int, input_len: int, sampling: dict[str, float]) -> None:

@@ -16,7 +16,7 @@ import time
 from tokenizers import Tokenizer
 
 from dsaserve import LLM, SamplingParams
-from dsaserve.tiny import default_model_path
+from dsaserve.model.checkpoint import default_model_path
 from dsaserve.train_tiny.corpus import build_corpus, token_stream, windows
 
 

@@ -14,7 +14,6 @@ from typing import Any, Iterable
 import torch
 from safetensors.torch import save_file
 
-from dsaserve.model.checkpoint import default_model_path  # noqa: F401 - its historical home
 from dsaserve.ops.fp8 import quantize_weight
 
 CHAT_TEMPLATE = (

@@ -14,9 +14,10 @@ import torch
 from dsaserve import LLM, SamplingParams
 from dsaserve.config import ModelConfig
 from dsaserve.model import quant
+from dsaserve.model.checkpoint import default_model_path
 from dsaserve.planner import plan, weight_bytes
 from dsaserve.server_args import ServerArgs
-from dsaserve.tiny import default_model_path, make_tiny_model
+from dsaserve.tiny import make_tiny_model
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 

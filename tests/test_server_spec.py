@@ -14,7 +14,7 @@ import pytest
 import torch
 import transformers
 
-from dsaserve.tiny import default_model_path
+from dsaserve.model.checkpoint import default_model_path
 from server_process import module_server
 
 pytestmark = pytest.mark.timeout(300)

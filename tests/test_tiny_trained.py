@@ -20,7 +20,7 @@ import transformers
 from dsaserve import LLM, SamplingParams
 from dsaserve.config import ModelConfig
 from dsaserve.engine.layout import BatchLayout, StepMode, StepPlan
-from dsaserve.tiny import default_model_path
+from dsaserve.model.checkpoint import default_model_path
 from dsaserve.train_tiny import train_tiny
 from dsaserve.train_tiny.corpus import build_corpus, token_stream, windows
 from dsaserve.train_tiny.evaluate import mtp_accuracy, selector
