@@ -11,8 +11,8 @@ __all__ = ["LLM", "SamplingParams"]
 
 
 def __getattr__(name: str) -> Any:
-    """LLM and SamplingParams import on first use: the server's front process (HTTP, tokenizer) never
-    loads torch, so it starts its ranks seconds earlier."""
+    """LLM and SamplingParams import on first use: the server's front process (HTTP, tokenizer) starts its
+    ranks before anything loads torch, seconds earlier."""
     if name == "LLM":
         from dsaserve.llm import LLM
         return LLM
