@@ -75,6 +75,42 @@ def test_fp8_linear_forced_configs(config: dict[str, int], M: int) -> None:
     assert err < TOL[BF16], f"{config} M={M}: rel err {err:.2e}"
 
 
+@pytest.mark.parametrize("M,N,K,splits", [(1, 7168, 16384, 7), (16, 2240, 7168, 4), (48, 700, 1100, 3),
+                                          (5, 96, 1000, 8)])
+def test_fp8_linear_split_k_sums_the_partials_in_order(M: int, N: int, K: int, splits: int) -> None:
+    """Split-K in one launch: the last program of each tile sums the splits' fp32 partials in split order,
+    so the output equals, bit for bit, the unsplit products of each K range added in that order; launch
+    after launch (every ticket back at 0) and in CUDA graph replays."""
+    gen = torch.Generator(DEV).manual_seed(M + N + splits)
+    w = _weight(N, K, (128, 128), gen)
+    x = torch.randn(M, K, device=DEV, generator=gen).to(BF16)
+    cfg = dict(block_m=16 if M <= 16 else 64, block_n=128, num_warps=4, num_stages=3, group_m=1,
+               a_quant=int(M <= 16), cublas=0, wgmma=0)
+    groups = -(-K // 128)
+    per = -(-groups // splits)
+    want = torch.zeros(M, N, device=DEV)
+    for g in range(0, groups, per):
+        ks = slice(g * 128, min((g + per) * 128, K))
+        part = ref.BlockFP8(w.weight[:, ks], w.scale[:, g:g + per], w.block)
+        want += fp8_gemm.fp8_linear(x[:, ks].float(), part, config={**cfg, "splits": 1})
+    want = want.to(BF16)
+
+    def gemm() -> torch.Tensor:
+        return fp8_gemm.fp8_linear(x, w, checks=True, config={**cfg, "splits": splits})
+
+    for _ in range(3):
+        assert torch.equal(gemm(), want), "split-K output differs from the in-order sum of the partials"
+        assert not fp8_gemm._tickets(x.device).any(), "a split-K ticket was not put back to 0"
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = gemm()
+    for _ in range(3):
+        out.fill_(float("nan"))
+        graph.replay()
+        assert torch.equal(out, want), "a CUDA graph replay of split-K differs"
+    assert not fp8_gemm._tickets(x.device).any()
+
+
 @pytest.mark.parametrize("M,N,K", [(256, 1536, 7168), (301, 576, 7168), (300, 1008, 1536), (1030, 24576, 1536),
                                    (4096, 7168, 2048)])
 @pytest.mark.parametrize("dtype", [BF16, torch.float32])

@@ -7,8 +7,8 @@ scaled by (activation scale x weight block scale); the output is cast once to x'
 Two shapes of work, one Triton kernel (and two faster paths for prefill rows):
 * decode (M <= 64): bandwidth-bound on the weight bytes. Few rows, so each program streams a
   BLOCK_N-row strip of W over a range of K groups (split-K when N alone gives too few programs;
-  the fp32 partials are summed by a small second kernel). Up to 16 rows quantize x inside the
-  kernel (no extra launch); more rows are quantized once up front.
+  the last program of each tile sums the fp32 partials: one launch). Up to 16 rows quantize x inside
+  the kernel (no extra launch); more rows are quantized once up front.
 * prefill (M > 64): compute-bound. x is quantized once by `act_quant` (one read of x), then
   128 x 128 tiles, programs grouped along M so weight strips stay in L2. From CUBLAS_MIN_M rows on,
   where torch offers it, cuBLAS's block-scaled FP8 GEMM (1 x 128 activation and 128 x 128 weight
@@ -51,11 +51,23 @@ def _act_quant_kernel(X, Q, S, M, K, stride_x, stride_q, stride_s, stride_sg,
     tl.store(S + row * stride_s + g * stride_sg, scale, mask=g * GROUP < K)
 
 
-@triton.jit(do_not_specialize=["M", "groups_per_split", "stride_cs"])
-def _gemm_kernel(A, AS, W, WS, C, M, N, K, num_groups, groups_per_split,
-                 stride_am, stride_asm, stride_wn, stride_wsn, stride_cs, stride_cm,
+MAX_TILES = 16384  # output tiles a split-K launch may have: one int32 ticket each (64 KiB per device)
+
+
+@functools.lru_cache(maxsize=None)
+def _tickets(device: torch.device) -> Tensor:
+    """The split-K tickets of a device, all 0 between launches (each launch's last programs reset theirs).
+    Allocated once, by the first split-K GEMM of the warm-up (before any CUDA graph capture), and shared by
+    every launch on the device: GEMMs run one after another on one stream."""
+    return torch.zeros(MAX_TILES, dtype=torch.int32, device=device)
+
+
+@triton.jit(do_not_specialize=["M", "groups_per_split"])
+def _gemm_kernel(A, AS, W, WS, C, P, TICKETS, M, N, K, num_groups, groups_per_split,
+                 stride_am, stride_asm, stride_wn, stride_wsn, stride_cm,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE_N: tl.constexpr,
-                 GROUP_M: tl.constexpr, A_QUANT: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr):
+                 GROUP_M: tl.constexpr, A_QUANT: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                 PDL: tl.constexpr):
     pdl_start(PDL)
     pid_m, pid_n = tile_ids(tl.cdiv(M, BLOCK_M), N, BLOCK_N, GROUP_M)
     split = tl.program_id(1)
@@ -92,19 +104,32 @@ def _gemm_kernel(A, AS, W, WS, C, M, N, K, num_groups, groups_per_split,
         w_ptr += BLOCK_K
         as_ptr += 1
         ws_ptr += 1
-    out = C + split.to(tl.int64) * stride_cs + rows.to(tl.int64)[:, None] * stride_cm + cols[None, :]
-    tl.store(out, acc.to(C.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K:
+        _finish_split(acc, P, C, TICKETS + tl.program_id(0), rows, cols, mask, M, N, stride_cm)
+    else:
+        tl.store(C + rows.to(tl.int64)[:, None] * stride_cm + cols[None, :], acc.to(C.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["total", "splits", "stride_s"])
-def _sum_splits_kernel(P, C, total, splits, stride_s, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    pdl_start(PDL)
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < total
-    acc = tl.zeros([BLOCK], tl.float32)
-    for s in range(splits):
-        acc += tl.load(P + s * stride_s + offs, mask=mask, other=0.0)
-    tl.store(C + offs, acc.to(C.dtype.element_ty), mask=mask)
+@triton.jit
+def _finish_split(acc, P, C, ticket, rows, cols, mask, M, N, stride_cm):
+    """Split-K without a second launch: every program stores its fp32 partial and takes a ticket for its
+    tile; the last to arrive sums the tile's partials in split order (the same sum, bit for bit, whichever
+    program is last) into C and puts the ticket back to 0 for the next launch (CUDA graph replays included).
+    The barrier and the acq_rel ticket publish this program's partial before the count shows it (as a
+    CUTLASS semaphore does); .cg loads read the others' from L2, never a stale L1 line of an earlier use."""
+    split, splits = tl.program_id(1), tl.num_programs(1)
+    stride_s = M.to(tl.int64) * N
+    tile = rows.to(tl.int64)[:, None] * N + cols[None, :]
+    tl.store(P + split * stride_s + tile, acc, mask=mask)
+    tl.debug_barrier()
+    if tl.atomic_add(ticket, 1, sem="acq_rel") == splits - 1:
+        total = tl.zeros_like(acc)
+        for s in range(splits):
+            total += tl.load(P + s * stride_s + tile, mask=mask, other=0.0, cache_modifier=".cg")
+        out = C + rows.to(tl.int64)[:, None] * stride_cm + cols[None, :]
+        tl.store(out, total.to(C.dtype.element_ty), mask=mask)
+        tl.store(ticket, 0)
 
 
 def act_quant(x: Tensor, group: int) -> tuple[Tensor, Tensor]:
@@ -268,18 +293,18 @@ def fp8_linear(x: Tensor, w: BlockFP8, checks: bool = False, config: dict[str, i
         a, a_s = x2, x2  # a_s unused: the kernel quantizes each K group itself
     else:
         a, a_s = act_quant(x2, block_k)
-    dest = out if splits == 1 else new_empty((splits, M, N), torch.float32, x.device)
     grid = (triton.cdiv(M, cfg["block_m"]) * triton.cdiv(N, cfg["block_n"]), splits)
+    if grid[0] > MAX_TILES:
+        grid = (grid[0], 1)  # more tiles than tickets: no split (wide enough to fill the SMs anyway)
+        per_split = num_groups
+    split_k = grid[1] > 1
+    partials = new_empty((grid[1], M, N), torch.float32, x.device) if split_k else out
     _gemm_kernel[grid](
-        a, a_s, w.weight, w.scale, dest, M, N, K, num_groups, per_split,
-        a.stride(0), a_s.stride(0), w.weight.stride(0), w.scale.stride(0), dest.stride(0) if splits > 1 else 0,
-        N, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=block_k, SCALE_N=w.block[0],
-        GROUP_M=cfg["group_m"], A_QUANT=bool(cfg["a_quant"]), EVEN_K=K % block_k == 0,
+        a, a_s, w.weight, w.scale, out, partials, _tickets(x.device) if split_k else out, M, N, K, num_groups,
+        per_split, a.stride(0), a_s.stride(0), w.weight.stride(0), w.scale.stride(0), N,
+        BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=block_k, SCALE_N=w.block[0],
+        GROUP_M=cfg["group_m"], A_QUANT=bool(cfg["a_quant"]), EVEN_K=K % block_k == 0, SPLIT_K=split_k,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl(a))
-    if splits > 1:
-        block = 1024
-        _sum_splits_kernel[(triton.cdiv(M * N, block),)](dest, out, M * N, splits, dest.stride(0), BLOCK=block,
-                                                         num_warps=4, **pdl(dest))
     return out.view(*lead, N)
 
 
