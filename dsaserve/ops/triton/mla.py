@@ -105,27 +105,41 @@ def _combine_kernel(PO, PLSE, O, LSE,
                     stride_ot, stride_oh, stride_ft, stride_fh,
                     H, V_DIM, NUM_SPLITS,
                     BLOCK_S: tl.constexpr, BLOCK_V: tl.constexpr, PDL: tl.constexpr):
-    """Merge normalized split outputs: out = sum_s exp(lse_s - lse) * out_s, lse = logsumexp(lse_s)."""
+    """Merge normalized split outputs: out = sum_s exp(lse_s - lse) * out_s, lse = logsumexp(lse_s), over the
+    splits in blocks of BLOCK_S (a constant: one compiled variant whatever the split count, which follows the
+    rows and the key width of each step)."""
     pdl_start(PDL)
     h = tl.program_id(0)
     t = tl.program_id(1).to(tl.int64)
-    s = tl.arange(0, BLOCK_S)
     dv = tl.arange(0, BLOCK_V)
-    smask = s < NUM_SPLITS
     vmask = dv < V_DIM
-    lse_s = tl.load(PLSE + t * stride_lt + h * stride_lh + s, mask=smask, other=float("-inf"))
-    m = tl.max(lse_s, 0)
+    lse_ptr = PLSE + t * stride_lt + h * stride_lh
+    m = tl.full([], float("-inf"), tl.float32)
+    for s0 in range(0, NUM_SPLITS, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        m = tl.maximum(m, tl.max(tl.load(lse_ptr + s, mask=s < NUM_SPLITS, other=float("-inf")), 0))
     m_use = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp(lse_s - m_use)
-    total = tl.sum(w, 0)
+    total = tl.full([], 0.0, tl.float32)
+    for s0 in range(0, NUM_SPLITS, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        total += tl.sum(tl.exp(tl.load(lse_ptr + s, mask=s < NUM_SPLITS, other=float("-inf")) - m_use), 0)
     has = total > 0.0
-    w = w / tl.where(has, total, 1.0)
-    part = tl.load(PO + t * stride_pt + h * stride_ph + s[:, None] * stride_ps + dv[None, :],
-                   mask=smask[:, None] & vmask[None, :], other=0.0).to(tl.float32)
-    out = tl.sum(part * w[:, None], 0)
-    tl.store(O + t * stride_ot + h * stride_oh + dv, out.to(O.dtype.element_ty), mask=vmask)
+    acc = tl.zeros([BLOCK_V], tl.float32)
+    for s0 in range(0, NUM_SPLITS, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        smask = s < NUM_SPLITS
+        w = tl.exp(tl.load(lse_ptr + s, mask=smask, other=float("-inf")) - m_use) / tl.where(has, total, 1.0)
+        part = tl.load(PO + t * stride_pt + h * stride_ph + s[:, None] * stride_ps + dv[None, :],
+                       mask=smask[:, None] & vmask[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(part * w[:, None], 0)
+    tl.store(O + t * stride_ot + h * stride_oh + dv, acc.to(O.dtype.element_ty), mask=vmask)
     tl.store(LSE + t * stride_ft + h * stride_fh, tl.where(has, m_use + tl.log(tl.where(has, total, 1.0)),
                                                            float("-inf")))
+
+
+# Splits merged per step of _combine_kernel: the most a row gets with index_topk 2048 and 64-key blocks (32),
+# so a step merges every split at once, and one compiled variant serves every split count.
+COMBINE_SPLITS = 32
 
 
 SMEM_TILE_BUDGET = 160 << 10  # bytes of pipelined key tiles; Hopper has 227 KiB per block, q and scratch need the rest
@@ -215,7 +229,7 @@ def sparse_mla(q: Tensor, kv_cache: Tensor, indices: Tensor, sm_scale: float, v_
             o_buf, l_buf, out, lse,
             o_buf.stride(0), o_buf.stride(1), o_buf.stride(2), l_buf.stride(0), l_buf.stride(1),
             out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
-            H, v_dim, splits, BLOCK_S=next_pow2(splits, 2), BLOCK_V=block_v, num_warps=4, **pdl(o_buf))
+            H, v_dim, splits, BLOCK_S=COMBINE_SPLITS, BLOCK_V=block_v, num_warps=4, **pdl(o_buf))
     return out, lse
 
 
