@@ -187,6 +187,33 @@ def test_cache_row_writer_equals_index_put(n, rope, dtype):
     assert torch.equal(cache, want)
 
 
+@pytest.mark.parametrize("fp8", [True, False])
+def test_latent_write_prologue_equals_the_unfused_kernels(fp8: bool) -> None:
+    """The latent write with its prologue (kv_a_layernorm, k_pe's interleaved rotary) stores, bit for bit, what
+    the RMSNorm and rotary kernels followed by the plain write store (bf16 rows, strided as the split outputs)."""
+    from dsaserve.cache.pools import LatentPrologue
+    from dsaserve.ops.fused import rms_norm, rope_
+    from dsaserve.ops.triton.kv_write import prologue_applies, write_fp8_rows, write_rows
+    gen = torch.Generator(DEV).manual_seed(int(fp8))
+    T, S, n, r = 300, 1000, 512, 64
+    kv_a = (torch.randn(T, n + r, device=DEV, generator=gen) * 3).to(BF16)
+    latent, k_pe = kv_a.split([n, r], dim=-1)
+    weight = (1 + 0.1 * torch.randn(n, device=DEV, generator=gen)).to(BF16)
+    angle = torch.rand(T, r // 2, device=DEV, generator=gen) * 6.3
+    prologue = LatentPrologue(weight, 1e-6, angle.cos().to(BF16), angle.sin().to(BF16))
+    assert prologue_applies(latent, k_pe, prologue)
+    slots = torch.randperm(S, device=DEV, generator=gen)[:T].to(torch.int32)
+    row = kv_format.row_bytes(n, r, kv_format.FP8) if fp8 else n + r
+    dtype = torch.uint8 if fp8 else BF16
+    fused, unfused = torch.zeros(S, row, dtype=dtype, device=DEV), torch.zeros(S, row, dtype=dtype, device=DEV)
+    write = write_fp8_rows if fp8 else write_rows
+    normed = rms_norm(latent, weight, 1e-6)
+    rotated = rope_(k_pe, prologue.cos, prologue.sin, True, out=torch.empty_like(k_pe))
+    write(unfused, slots, normed, rotated)
+    write(fused, slots, latent, k_pe, prologue)
+    assert torch.equal(fused, unfused), f"{int((fused != unfused).sum())} elements differ"
+
+
 # ---------------------------------------------------------------- indexer
 def _layout(seq_lens: list[int], q_lens: list[int], page_size: int, gen: torch.Generator):
     """Ragged requests with shuffled pages; row kv_len = position + 1 (causal within the new rows)."""

@@ -6,6 +6,7 @@ The pools own the cache dtype and row layout (cache/kv_format.py): the model wri
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -24,6 +25,21 @@ def resolve_kv_cache_dtype(name: str, compute: torch.dtype) -> torch.dtype:
     if name not in KV_CACHE_DTYPES:
         raise ValueError(f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {name!r}")
     return KV_CACHE_DTYPES[name] or compute
+
+
+@dataclass(frozen=True)
+class LatentPrologue:
+    """What a latent write applies first: the latent's RMSNorm (weight, eps) and k_pe's interleaved rotary
+    (cos / sin [T, rope / 2] of each row's position)."""
+    norm_weight: Tensor
+    eps: float
+    cos: Tensor
+    sin: Tensor
+
+
+def _kernels():  # imported lazily: needs CUDA + Triton
+    from dsaserve.ops.triton import kv_write
+    return kv_write
 
 
 def _full_indexer_layers(cfg: ModelConfig, layers: int) -> list[int]:
@@ -99,14 +115,20 @@ class KVPools:
     def index_keys(self, layer: int) -> Tensor:
         return self._index[self._index_row[layer]]
 
-    def write_latent(self, layer: int, slots: Tensor, latent: Tensor, k_pe: Tensor) -> None:
-        """Cache the normed latent [T, kv_lora_rank] and rope'd k_pe [T, rope] of T tokens at `slots`."""
+    def write_latent(self, layer: int, slots: Tensor, latent: Tensor, k_pe: Tensor,
+                     prologue: LatentPrologue | None = None) -> None:
+        """Cache the latent [T, kv_lora_rank] and k_pe [T, rope] of T tokens at `slots`: as given, or RMS-normed
+        and rotated first by `prologue` (on CUDA inside the write: one launch instead of three)."""
         cache = self._latent[layer]
+        if prologue is not None and not (cache.is_cuda and _kernels().prologue_applies(latent, k_pe, prologue)):
+            from dsaserve.ops.fused import rms_norm, rope_  # the prologue's own ops (the reference on CPU)
+            latent = rms_norm(latent, prologue.norm_weight, prologue.eps)
+            k_pe = rope_(k_pe, prologue.cos, prologue.sin, True, out=torch.empty_like(k_pe))
+            prologue = None
         if self.fp8:
-            self._write_fp8(cache, slots, latent, k_pe)
-        elif cache.is_cuda and latent.stride(-1) == k_pe.stride(-1) == 1:  # one kernel instead of four
-            from dsaserve.ops.triton.kv_write import write_rows
-            write_rows(cache, slots, latent, k_pe)
+            self._write_fp8(cache, slots, latent, k_pe, prologue)
+        elif cache.is_cuda:  # one kernel instead of four
+            _kernels().write_rows(cache, slots, latent, k_pe, prologue)
         else:
             cache[slots.long()] = torch.cat([latent, k_pe], -1).to(cache.dtype)
 
@@ -115,17 +137,16 @@ class KVPools:
         cache = self.index_keys(layer)
         if self.fp8:
             self._write_fp8(cache, slots, keys, None)
-        elif cache.is_cuda and keys.stride(-1) == 1:
-            from dsaserve.ops.triton.kv_write import write_rows
-            write_rows(cache, slots, keys)
+        elif cache.is_cuda:
+            _kernels().write_rows(cache, slots, keys)
         else:
             cache[slots.long()] = keys.to(cache.dtype)
 
     @staticmethod
-    def _write_fp8(cache: Tensor, slots: Tensor, x: Tensor, rope: Tensor | None) -> None:
+    def _write_fp8(cache: Tensor, slots: Tensor, x: Tensor, rope: Tensor | None,
+                   prologue: LatentPrologue | None = None) -> None:
         if cache.is_cuda:  # one fused kernel instead of ~15 small ones per layer (same bytes)
-            from dsaserve.ops.triton.kv_write import write_fp8_rows
-            write_fp8_rows(cache, slots, x, rope)
+            _kernels().write_fp8_rows(cache, slots, x, rope, prologue)
         else:
             cache[slots.long()] = kv_format.quantize_fp8(x, rope)
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsaserve.cache.pools import KVPools
+from dsaserve.cache.pools import KVPools, LatentPrologue
 from dsaserve.config import ModelConfig
 from dsaserve.engine.layout import BatchLayout
 from dsaserve.model.quant import Experts, Linear, concat_rows
@@ -134,8 +134,9 @@ class MLAttention(nn.Module):
         q = self.q_b_proj(q_lat).view(T, H, cfg.qk_head_dim)
         q_nope, q_pe = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
         latent, k_pe = kv_a.split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
-        rope_(k_pe, ctx.cos, ctx.sin, interleaved=True)
-        ctx.pools.write_latent(self.layer_id, ctx.layout.out_slots, self.kv_a_layernorm(latent), k_pe)
+        norm = self.kv_a_layernorm  # applied by the write, with k_pe's rotary (one launch on CUDA)
+        ctx.pools.write_latent(self.layer_id, ctx.layout.out_slots, latent, k_pe,
+                               LatentPrologue(norm.weight, norm.eps, ctx.cos, ctx.sin))
         cache = ctx.pools.latent(self.layer_id)
 
         topk = self.indexer(x, q_lat, k_proj, ctx, prev_topk) if self.indexer is not None else prev_topk

@@ -81,6 +81,12 @@ def next_pow2(n: int, minimum: int = 16) -> int:
     return max(minimum, 1 << max(0, n - 1).bit_length())
 
 
+def norm_warps(block: int) -> int:
+    """Warps of a one-row-per-program kernel that norms a row of `block` values: every kernel that RMS-norms
+    takes this count, so their fp32 sums reduce in the same order (bit-identical rows)."""
+    return max(1, min(16, block // 512))
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs use exact IEEE products (Hopper would silently use TF32); bf16/fp16 ignore it."""
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -97,6 +103,34 @@ def tile_ids(num_m_blocks, N, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     m_blk = first_m + (pid % per_group) % group_size
     n_blk = (pid % per_group) // group_size
     return m_blk, n_blk
+
+
+@triton.jit
+def round_as(x, DT: tl.constexpr):
+    """x (fp32) rounded to DT and back, as a torch op with DT output rounds. bf16 rounds in integer
+    arithmetic: the compiler folds a plain fp32 -> bf16 -> fp32 round trip away (found on the H200)."""
+    if DT == tl.bfloat16:
+        bits = x.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536  # round to nearest even in the top 16 bits
+        return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))  # NaN stays NaN (its bits would carry)
+    else:
+        return x.to(DT).to(tl.float32)
+
+
+@triton.jit
+def rms_normed(x, w, N, eps, X_DT: tl.constexpr, OUT_DT: tl.constexpr):
+    """w * (x / rms(x)) of one row x [BLOCK] fp32 (masked lanes 0) over its N values: fp32 statistics, the
+    normed value rounded to X_DT and the product to OUT_DT, as dsaserve.ops.fused.rms_norm_reference rounds."""
+    inv_rms = tl.math.rsqrt(tl.sum(x * x, 0) / N + eps)
+    return round_as(w * round_as(x * inv_rms, X_DT), OUT_DT)
+
+
+@triton.jit
+def rotate(x1, x2, cos, sin, DT: tl.constexpr):
+    """Rotary of the pairs (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), fp32 values of DT with every product
+    and sum rounded to DT, as Rotary.apply's torch ops round."""
+    return (round_as(round_as(x1 * cos, DT) - round_as(x2 * sin, DT), DT),
+            round_as(round_as(x2 * cos, DT) + round_as(x1 * sin, DT), DT))
 
 
 _FLOOR = tl.constexpr(AMAX_FLOOR)

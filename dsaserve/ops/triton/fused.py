@@ -13,21 +13,9 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from dsaserve.ops.triton._common import next_pow2, pdl, pdl_start
+from dsaserve.ops.triton._common import next_pow2, norm_warps, pdl, pdl_start, rms_normed, rotate, round_as
 
 Tensor = torch.Tensor
-
-
-@triton.jit
-def _round(x, DT: tl.constexpr):
-    """x (fp32) rounded to DT and back, as a torch op with DT output rounds. bf16 rounds in integer
-    arithmetic: the compiler folds a plain fp32 -> bf16 -> fp32 round trip away (found on the H200)."""
-    if DT == tl.bfloat16:
-        bits = x.to(tl.int32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536  # round to nearest even in the top 16 bits
-        return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))  # NaN stays NaN (its bits would carry)
-    else:
-        return x.to(DT).to(tl.float32)
 
 
 @triton.jit
@@ -39,13 +27,11 @@ def _rms_norm_kernel(X, DELTA, SUM, W, OUT, stride_x, stride_d, stride_s, stride
     mask = d < N
     x = tl.load(X + row * stride_x + d, mask=mask, other=0.0).to(tl.float32)
     if ADD:  # the residual sum first, rounded to x's dtype as torch's add rounds, then normed
-        x = _round(x + tl.load(DELTA + row * stride_d + d, mask=mask, other=0.0).to(tl.float32), X.dtype.element_ty)
+        x = round_as(x + tl.load(DELTA + row * stride_d + d, mask=mask, other=0.0).to(tl.float32), X.dtype.element_ty)
         tl.store(SUM + row * stride_s + d, x.to(SUM.dtype.element_ty), mask=mask)
-    inv_rms = tl.math.rsqrt(tl.sum(x * x, 0) / N + eps)
-    normed = _round(x * inv_rms, X.dtype.element_ty)  # the reference rounds here (.to(x.dtype))
-    w = tl.load(W + d, mask=mask, other=0.0).to(tl.float32)
-    out = _round(w * normed, OUT.dtype.element_ty).to(OUT.dtype.element_ty)
-    tl.store(OUT + row * stride_o + d, out, mask=mask)
+    out = rms_normed(x, tl.load(W + d, mask=mask, other=0.0).to(tl.float32), N, eps, X.dtype.element_ty,
+                     OUT.dtype.element_ty)
+    tl.store(OUT + row * stride_o + d, out.to(OUT.dtype.element_ty), mask=mask)
 
 
 def _rows(x: Tensor) -> Tensor:
@@ -67,7 +53,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, delta: Tensor | None = None)
         block = next_pow2(n)
         _rms_norm_kernel[(rows.shape[0],)](rows, deltas, total, weight.contiguous(), out, rows.stride(0),
                                            deltas.stride(0), n, n, n, eps, BLOCK=block, ADD=delta is not None,
-                                           num_warps=max(1, min(16, block // 512)), **pdl(rows))
+                                           num_warps=norm_warps(block), **pdl(rows))
     return out, total
 
 
@@ -101,11 +87,10 @@ def _rope_kernel(X, OUT, COS, SIN, stride_t, stride_h, stride_ot, stride_oh, str
         first, second = base + i[None, :], base + HALF + i[None, :]
     x1 = tl.load(first, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(second, mask=mask, other=0.0).to(tl.float32)
-    dt = X.dtype.element_ty  # every product and sum rounds to x's dtype, as the reference's ops do
-    y1 = _round(_round(x1 * cos, dt) - _round(x2 * sin, dt), dt).to(dt)
-    y2 = _round(_round(x2 * cos, dt) + _round(x1 * sin, dt), dt).to(dt)
-    tl.store(out + i[None, :], y1, mask=mask)  # half-split order (Rotary.apply)
-    tl.store(out + HALF + i[None, :], y2, mask=mask)
+    dt = X.dtype.element_ty
+    y1, y2 = rotate(x1, x2, cos, sin, dt)
+    tl.store(out + i[None, :], y1.to(dt), mask=mask)  # half-split order (Rotary.apply)
+    tl.store(out + HALF + i[None, :], y2.to(dt), mask=mask)
     if ROW > 0:  # the block's stores are visible to its threads after the barrier
         tl.debug_barrier()
         d = tl.arange(0, ROW)
@@ -265,7 +250,7 @@ def _silu_mul_kernel(G, U, OUT, stride_g, stride_u, stride_o, N, BLOCK: tl.const
     g = tl.load(G + row * stride_g + d, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + row * stride_u + d, mask=mask, other=0.0).to(tl.float32)
     dt = OUT.dtype.element_ty
-    silu = _round(tl.math.div_rn(g, 1.0 + libdevice.exp(-g)), dt)  # torch's silu: x / (1 + expf(-x)), rounded
+    silu = round_as(tl.math.div_rn(g, 1.0 + libdevice.exp(-g)), dt)  # torch's silu: x / (1 + expf(-x)), rounded
     tl.store(OUT + row * stride_o + d, (silu * u).to(dt), mask=mask)
 
 

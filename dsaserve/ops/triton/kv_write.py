@@ -1,9 +1,11 @@
 """Fused cache writes: rows (quantized to FP8, or as they are) scattered into their cache slots in one kernel.
 
-One program owns one token row and one block of 128 values: the block's max, its power-of-two scale
-(2^ceil(log2(amax / 448)), from the fp32 exponent bits), the e4m3 values and the scale land in the row's
-slot; the program of block 0 also copies the rope values as bf16. The bytes equal
-cache.kv_format.quantize_fp8 (round to nearest even), which the CPU path and the tests use.
+One program owns one token row. Optionally the row is first RMS-normed (the latent's kv_a_layernorm) and
+its rope values rotated (k_pe's rotary), with the roundings of the unfused kernels (_common.rms_normed,
+_common.rotate): the latent write then replaces three launches per layer. FP8 rows: each block of 128
+values gets its max, its power-of-two scale (2^ceil(log2(amax / 448)), from the fp32 exponent bits), the
+e4m3 values and the scale; the rope values are copied as bf16. The bytes equal cache.kv_format.quantize_fp8
+(round to nearest even), which the CPU path and the tests use.
 """
 from __future__ import annotations
 
@@ -12,83 +14,133 @@ import triton
 import triton.language as tl
 
 from dsaserve.cache.kv_format import BLOCK, FP8_MAX, fp8_views, num_blocks
-from dsaserve.ops.triton._common import next_pow2, pdl, pdl_start
+from dsaserve.cache.pools import LatentPrologue
+from dsaserve.ops.triton._common import next_pow2, norm_warps, pdl, pdl_start, rms_normed, rotate
 
 Tensor = torch.Tensor
 
 
-@triton.jit(do_not_specialize=["N"])
-def _write_fp8_kernel(X, R, SLOTS, VALUES, SCALES, ROPE,
-                      stride_x, stride_r, stride_v, stride_s, stride_rope, N, R_DIM,
-                      QBLOCK: tl.constexpr, BLOCK_R: tl.constexpr, HAS_ROPE: tl.constexpr,
-                      FP8_MAX_C: tl.constexpr, PDL: tl.constexpr):
+@triton.jit
+def _row_and_rope(X, R, W, COS, SIN, t, stride_x, stride_r, stride_cos, stride_sin, N, R_DIM, eps,
+                  BLOCK_X: tl.constexpr, BLOCK_R: tl.constexpr, HAS_ROPE: tl.constexpr, NORM: tl.constexpr,
+                  ROTARY: tl.constexpr):
+    """Row t's values [BLOCK_X] and rope values [BLOCK_R] in fp32 (masked lanes 0), after the prologue."""
+    d = tl.arange(0, BLOCK_X)
+    x = tl.load(X + t * stride_x + d, mask=d < N, other=0.0).to(tl.float32)
+    if NORM:
+        x = rms_normed(x, tl.load(W + d, mask=d < N, other=0.0).to(tl.float32), N, eps, X.dtype.element_ty,
+                       X.dtype.element_ty)
+    rope = tl.zeros([BLOCK_R], tl.float32)
+    if HAS_ROPE:
+        if ROTARY:  # interleaved pairs in, half-split order out (Rotary.apply)
+            i = tl.arange(0, BLOCK_R // 2)
+            imask = i < R_DIM // 2
+            cos = tl.load(COS + t * stride_cos + i, mask=imask, other=0.0).to(tl.float32)
+            sin = tl.load(SIN + t * stride_sin + i, mask=imask, other=0.0).to(tl.float32)
+            x1 = tl.load(R + t * stride_r + 2 * i, mask=imask, other=0.0).to(tl.float32)
+            x2 = tl.load(R + t * stride_r + 2 * i + 1, mask=imask, other=0.0).to(tl.float32)
+            y1, y2 = rotate(x1, x2, cos, sin, R.dtype.element_ty)
+            rope = tl.reshape(tl.permute(tl.join(y1, y2), (1, 0)), [BLOCK_R])  # [y1 | y2]: half-split order
+        else:
+            dr = tl.arange(0, BLOCK_R)
+            rope = tl.load(R + t * stride_r + dr, mask=dr < R_DIM, other=0.0).to(tl.float32)
+    return x, rope
+
+
+@triton.jit(do_not_specialize=["N", "R_DIM"])
+def _write_fp8_kernel(X, R, W, COS, SIN, SLOTS, VALUES, SCALES, ROPE,
+                      stride_x, stride_r, stride_cos, stride_sin, stride_v, stride_s, stride_rope, N, R_DIM, eps,
+                      QBLOCK: tl.constexpr, BLOCKS: tl.constexpr, BLOCK_R: tl.constexpr, HAS_ROPE: tl.constexpr,
+                      NORM: tl.constexpr, ROTARY: tl.constexpr, FP8_MAX_C: tl.constexpr, PDL: tl.constexpr):
     pdl_start(PDL)
     t = tl.program_id(0).to(tl.int64)
-    b = tl.program_id(1)
     slot = tl.load(SLOTS + t).to(tl.int64)
-    d = b * QBLOCK + tl.arange(0, QBLOCK)
-    mask = d < N
-    x = tl.load(X + t * stride_x + d, mask=mask, other=0.0).to(tl.float32)
-    ratio = tl.maximum(tl.max(tl.abs(x), 0) / FP8_MAX_C, 1.1754943508222875e-38)  # >= the smallest normal
+    x, rope = _row_and_rope(X, R, W, COS, SIN, t, stride_x, stride_r, stride_cos, stride_sin, N, R_DIM, eps,
+                            BLOCKS * QBLOCK, BLOCK_R, HAS_ROPE, NORM, ROTARY)
+    x = tl.reshape(x, [BLOCKS, QBLOCK])
+    ratio = tl.maximum(tl.max(tl.abs(x), 1) / FP8_MAX_C, 1.1754943508222875e-38)  # >= the smallest normal
     bits = ratio.to(tl.int32, bitcast=True)
     exponent = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)  # ceil to a power of two
     scale = (exponent << 23).to(tl.float32, bitcast=True)
     inverse = ((254 - exponent) << 23).to(tl.float32, bitcast=True)  # 1 / scale, exact: x * inverse is x / scale
-    tl.store(VALUES + slot * stride_v + d, (x * inverse).to(VALUES.dtype.element_ty), mask=mask)
-    tl.store(SCALES + slot * stride_s + b, scale)
+    b = tl.arange(0, BLOCKS)
+    d = b[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
+    tl.store(VALUES + slot * stride_v + d, (x * inverse[:, None]).to(VALUES.dtype.element_ty), mask=d < N)
+    tl.store(SCALES + slot * stride_s + b, scale, mask=b * QBLOCK < N)
     if HAS_ROPE:
-        if b == 0:
-            dr = tl.arange(0, BLOCK_R)
-            rmask = dr < R_DIM
-            rope = tl.load(R + t * stride_r + dr, mask=rmask, other=0.0)
-            tl.store(ROPE + slot * stride_rope + dr, rope.to(ROPE.dtype.element_ty), mask=rmask)
+        dr = tl.arange(0, BLOCK_R)
+        tl.store(ROPE + slot * stride_rope + dr, rope.to(ROPE.dtype.element_ty), mask=dr < R_DIM)
 
 
-def write_fp8_rows(cache: Tensor, slots: Tensor, x: Tensor, rope: Tensor | None = None) -> None:
-    """cache[slots] = quantize_fp8(x, rope) for a uint8 FP8 cache [S, bytes]; x [T, n], rope [T, r]."""
+def _launch_args(x: Tensor, rope: Tensor | None, prologue: LatentPrologue | None) -> tuple:
+    """(x, rope source, norm weight, cos, sin, rope dims, flags) with unit last strides; unused pointers are x."""
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    has_rope = rope is not None and rope.shape[1] > 0
+    r = (rope if rope.stride(1) == 1 else rope.contiguous()) if has_rope else x
+    p = prologue
+    w, cos, sin = (p.norm_weight.contiguous(), p.cos, p.sin) if p is not None else (x, x, x)
+    return x, r, w, cos, sin, r.shape[1] if has_rope else 0, has_rope
+
+
+def write_fp8_rows(cache: Tensor, slots: Tensor, x: Tensor, rope: Tensor | None = None,
+                   prologue: LatentPrologue | None = None) -> None:
+    """cache[slots] = quantize_fp8(x, rope) for a uint8 FP8 cache [S, bytes]; x [T, n], rope [T, r]; with a
+    prologue x is RMS-normed and the rope rotated first (prologue_applies)."""
     T, n = x.shape
     if T == 0:
         return
     values, scales, rope_out = fp8_views(cache, n, rope.shape[1] if rope is not None else 0)
-    if x.stride(1) != 1:
-        x = x.contiguous()
-    has_rope = rope is not None and rope.shape[1] > 0
-    r = rope if has_rope and rope.stride(1) == 1 else (rope.contiguous() if has_rope else x)
-    r_dim = r.shape[1] if has_rope else 0
+    x, r, w, cos, sin, r_dim, has_rope = _launch_args(x, rope, prologue)
     slots = slots.to(torch.int32).contiguous()
-    _write_fp8_kernel[(T, num_blocks(n))](
-        x, r, slots, values, scales, rope_out,
-        x.stride(0), r.stride(0), values.stride(0), scales.stride(0), rope_out.stride(0), n, r_dim,
-        QBLOCK=BLOCK, BLOCK_R=next_pow2(max(r_dim, 1), 1), HAS_ROPE=has_rope, FP8_MAX_C=FP8_MAX, num_warps=1, **pdl(x))
+    _write_fp8_kernel[(T,)](
+        x, r, w, cos, sin, slots, values, scales, rope_out, x.stride(0), r.stride(0), cos.stride(0), sin.stride(0),
+        values.stride(0), scales.stride(0), rope_out.stride(0), n, r_dim, prologue.eps if prologue else 0.0,
+        QBLOCK=BLOCK, BLOCKS=next_pow2(num_blocks(n), 1), BLOCK_R=next_pow2(max(r_dim, 2), 2), HAS_ROPE=has_rope,
+        NORM=prologue is not None, ROTARY=prologue is not None and has_rope, FP8_MAX_C=FP8_MAX,
+        num_warps=norm_warps(BLOCK * next_pow2(num_blocks(n), 1)), **pdl(x))
 
 
 @triton.jit(do_not_specialize=["N", "R_DIM"])
-def _write_rows_kernel(X, R, SLOTS, CACHE, stride_x, stride_r, stride_c, N, R_DIM,
-                       BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, HAS_ROPE: tl.constexpr, PDL: tl.constexpr):
+def _write_rows_kernel(X, R, W, COS, SIN, SLOTS, CACHE, stride_x, stride_r, stride_cos, stride_sin, stride_c,
+                       N, R_DIM, eps, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, HAS_ROPE: tl.constexpr,
+                       NORM: tl.constexpr, ROTARY: tl.constexpr, PDL: tl.constexpr):
     pdl_start(PDL)
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(SLOTS + t).to(tl.int64)
+    x, rope = _row_and_rope(X, R, W, COS, SIN, t, stride_x, stride_r, stride_cos, stride_sin, N, R_DIM, eps,
+                            BLOCK, BLOCK_R, HAS_ROPE, NORM, ROTARY)
     d = tl.arange(0, BLOCK)
-    x = tl.load(X + t * stride_x + d, mask=d < N, other=0.0)
     tl.store(CACHE + slot * stride_c + d, x.to(CACHE.dtype.element_ty), mask=d < N)
     if HAS_ROPE:
         dr = tl.arange(0, BLOCK_R)
-        rope = tl.load(R + t * stride_r + dr, mask=dr < R_DIM, other=0.0)
         tl.store(CACHE + slot * stride_c + N + dr, rope.to(CACHE.dtype.element_ty), mask=dr < R_DIM)
 
 
-def write_rows(cache: Tensor, slots: Tensor, x: Tensor, rope: Tensor | None = None) -> None:
+def write_rows(cache: Tensor, slots: Tensor, x: Tensor, rope: Tensor | None = None,
+               prologue: LatentPrologue | None = None) -> None:
     """cache[slots] = cat([x, rope], -1) in the cache's dtype, one launch (index_put needed a cat and int64
-    slots: four launches per layer)."""
+    slots: four launches per layer); with a prologue x is RMS-normed and the rope rotated first."""
     T, n = x.shape
     if T == 0:
         return
-    has_rope = rope is not None and rope.shape[1] > 0
-    r = rope if has_rope else x
-    r_dim = r.shape[1] if has_rope else 0
-    _write_rows_kernel[(T,)](x, r, slots.to(torch.int32), cache, x.stride(0), r.stride(0), cache.stride(0), n, r_dim,
-                             BLOCK=next_pow2(n, 1), BLOCK_R=next_pow2(max(r_dim, 1), 1), HAS_ROPE=has_rope,
-                             num_warps=4 if n >= 512 else 1, **pdl(x))
+    x, r, w, cos, sin, r_dim, has_rope = _launch_args(x, rope, prologue)
+    _write_rows_kernel[(T,)](x, r, w, cos, sin, slots.to(torch.int32), cache, x.stride(0), r.stride(0),
+                             cos.stride(0), sin.stride(0), cache.stride(0), n, r_dim,
+                             prologue.eps if prologue else 0.0, BLOCK=next_pow2(n, 1),
+                             BLOCK_R=next_pow2(max(r_dim, 2), 2), HAS_ROPE=has_rope, NORM=prologue is not None,
+                             ROTARY=prologue is not None and has_rope, num_warps=norm_warps(next_pow2(n, 1)),
+                             **pdl(x))
 
 
-__all__ = ["write_fp8_rows", "write_rows"]
+def prologue_applies(x: Tensor, rope: Tensor, prologue: LatentPrologue) -> bool:
+    """The kernels' prologue: the norm rounds to x's dtype (weight of that dtype, as rms_norm's output dtype
+    is then x's), the rotary in the rope's dtype over a power-of-two number of dims."""
+    T, r = rope.shape
+    p = prologue
+    return (p.norm_weight.dtype == x.dtype and p.norm_weight.shape == (x.shape[1],) and r >= 2 and r & (r - 1) == 0
+            and p.cos.dtype == p.sin.dtype == rope.dtype and p.cos.shape == p.sin.shape == (T, r // 2)
+            and p.cos.stride(-1) == p.sin.stride(-1) == 1)
+
+
+__all__ = ["prologue_applies", "write_fp8_rows", "write_rows"]
