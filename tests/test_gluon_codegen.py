@@ -1,4 +1,4 @@
-"""The Gluon kernels' machine code for Hopper: compiled for sm_90a and assembled by Triton's own ptxas (no GPU
+"""The Gluon kernels' (and the decode FP8 GEMM's) machine code for Hopper: compiled for sm_90a and assembled by Triton's own ptxas (no GPU
 needed), then checked for what silently costs speed: ptxas serializing the asynchronous wgmma (warning C7514:
 the FP8 GEMM's loop until 2026-12-01 lost 2-20% to it, docs/benchmarks.md), register spills, and for the
 FP8 GEMM more than 168 registers per thread (three CTAs of 128 threads per SM need it)."""
@@ -16,11 +16,12 @@ pytest.importorskip("triton.experimental.gluon")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.experimental.gluon import language as gl  # noqa: E402
-from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.experimental.gluon._runtime import GluonASTSource, GluonJITFunction  # noqa: E402
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor  # noqa: E402
 from triton.runtime.jit import mangle_type  # noqa: E402
 
-from dsaserve.ops.triton import fp8_wgmma, mla_gluon  # noqa: E402
+from dsaserve.ops.triton import fp8_gemm, fp8_wgmma, mla_gluon  # noqa: E402
 
 FP8 = torch.float8_e4m3fn
 
@@ -31,15 +32,18 @@ def _descriptor(rows: int, cols: int, dtype: torch.dtype, block: list[int], gl_d
     return TensorDescriptor(t, [rows, cols], list(t.stride()), block, layout)
 
 
-def _ptxas_report(kernel, args: dict, constexprs: dict, num_warps: int, tmp_path) -> str:
+def _ptxas_report(kernel, args: dict, constexprs: dict, num_warps: int, tmp_path, num_stages: int = 3) -> str:
     """args: name -> a TensorDescriptor or a type string ("*fp32" pointers are taken as 16-byte aligned, as
-    the launches' tensors are, and "i32:16" integers as multiples of 16, as the launches' strides are)."""
+    the launches' tensors are, and "i32:16" integers as multiples of 16, as the launches' strides are).
+    A Gluon kernel, or a plain Triton one (compiled with num_stages)."""
     signature = {name: v.split(":")[0] if isinstance(v, str) else mangle_type(v) for name, v in args.items()}
     signature.update({name: "constexpr" for name in constexprs})
     aligned = {(i,): [["tt.divisibility", 16]] for i, v in enumerate(args.values())
                if isinstance(v, str) and (v.startswith("*") or v.endswith(":16"))}
-    source = GluonASTSource(kernel, signature, constexprs=constexprs, attrs=aligned)
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    gluon = isinstance(kernel, GluonJITFunction)
+    source = (GluonASTSource if gluon else ASTSource)(kernel, signature, constexprs=constexprs, attrs=aligned)
+    options = {"num_warps": num_warps} if gluon else {"num_warps": num_warps, "num_stages": num_stages}
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
     ptx = tmp_path / "kernel.ptx"
     ptx.write_text(compiled.asm["ptx"])
     done = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name", "sm_90a", str(ptx), "-o", str(tmp_path / "k.cubin")],
@@ -78,3 +82,18 @@ def test_sparse_mla_is_not_serialized_and_does_not_spill(fp8: bool, has_len: boo
     constexprs = dict(BLOCK_H=mla_gluon.BLOCK_H, BLOCK_N=mla_gluon.BLOCK_N, V_DIM=mla_gluon.V_DIM,
                       R_DIM=mla_gluon.R_DIM, HAS_LEN=has_len, FP8=fp8, num_warps=8)
     _ptxas_report(mla_gluon._sparse_mla_kernel, args, constexprs, 8, tmp_path)
+
+
+@pytest.mark.parametrize("split_k", [True, False])
+def test_decode_fp8_gemm_fits_three_ctas_per_sm(split_k: bool, tmp_path) -> None:
+    """The decode FP8 GEMM as fp8_gemm.default_config runs it up to 16 rows (16-row tiles, 128-column strips,
+    4 warps, 3 stages): 168 registers at most, or fewer than three CTAs fit an SM and o_proj's 392 programs
+    at one row take two waves (int64 split-K tile offsets made it 171)."""
+    args = dict(A="*bf16", AS="*bf16", W="*fp8e4nv", WS="*fp32", C="*bf16", P="*fp32", TICKETS="*i32", M="i32",
+                N="i32:16", K="i32:16", num_groups="i32", groups_per_split="i32", stride_am="i32:16",
+                stride_asm="i32:16", stride_wn="i32:16", stride_wsn="i32", stride_cm="i32:16")
+    constexprs = dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, SCALE_N=128, GROUP_M=1, A_QUANT=True, EVEN_K=True,
+                      SPLIT_K=split_k, PDL=True)
+    report = _ptxas_report(fp8_gemm._gemm_kernel, args, constexprs, 4, tmp_path, num_stages=3)
+    registers = int(re.search(r"Used (\d+) registers", report).group(1))
+    assert registers <= 168, f"{registers} registers: fewer than three 128-thread CTAs fit an SM\n{report}"

@@ -120,8 +120,8 @@ def _finish_split(acc, P, C, ticket, rows, cols, mask, M, N, stride_cm):
     CUTLASS semaphore does); .cg loads read the others' from L2, never a stale L1 line of an earlier use."""
     split, splits = tl.program_id(1), tl.num_programs(1)
     stride_s = M.to(tl.int64) * N
-    tile = rows.to(tl.int64)[:, None] * N + cols[None, :]
-    tl.store(P + split * stride_s + tile, acc, mask=mask)
+    tile = rows[:, None] * N + cols[None, :]  # int32 (fp8_linear keeps M x N below 2^31): int64 offsets held
+    tl.store(P + split * stride_s + tile, acc, mask=mask)  # 32 more registers, past three CTAs per SM
     tl.debug_barrier()
     if tl.atomic_add(ticket, 1, sem="acq_rel") == splits - 1:
         total = tl.zeros_like(acc)
@@ -294,8 +294,8 @@ def fp8_linear(x: Tensor, w: BlockFP8, checks: bool = False, config: dict[str, i
     else:
         a, a_s = act_quant(x2, block_k)
     grid = (triton.cdiv(M, cfg["block_m"]) * triton.cdiv(N, cfg["block_n"]), splits)
-    if grid[0] > MAX_TILES:
-        grid = (grid[0], 1)  # more tiles than tickets: no split (wide enough to fill the SMs anyway)
+    if grid[0] > MAX_TILES or M * N >= 2**31:
+        grid = (grid[0], 1)  # more tiles than tickets (or int32 tile offsets): no split (the tiles fill the SMs)
         per_split = num_groups
     split_k = grid[1] > 1
     partials = new_empty((grid[1], M, N), torch.float32, x.device) if split_k else out
