@@ -1,7 +1,8 @@
-"""The Gluon kernels' (and the decode FP8 GEMM's) machine code for Hopper: compiled for sm_90a and assembled by Triton's own ptxas (no GPU
-needed), then checked for what silently costs speed: ptxas serializing the asynchronous wgmma (warning C7514:
-the FP8 GEMM's loop until 2026-12-01 lost 2-20% to it, docs/benchmarks.md), register spills, and for the
-FP8 GEMM more than 168 registers per thread (three CTAs of 128 threads per SM need it)."""
+"""The Gluon kernels' (and the decode FP8 GEMM's) machine code for Hopper: compiled for sm_90a and assembled
+by Triton's own ptxas (no GPU needed), then checked for what silently costs speed: ptxas serializing the
+asynchronous wgmma (warning C7514: the FP8 GEMM's loop until 2026-12-01 lost 2-20% to it,
+docs/benchmarks.md), register spills, and for the FP8 GEMMs more than 168 registers per thread (three CTAs of
+128 threads per SM need it)."""
 from __future__ import annotations
 
 import re
