@@ -12,6 +12,7 @@ import torch
 
 from dsaserve.cache import kv_format
 from dsaserve.config import ModelConfig
+from dsaserve.ops.fused import rms_norm, rope_
 from dsaserve.server_args import KV_CACHE_DTYPE_NAMES
 
 Tensor = torch.Tensor
@@ -121,7 +122,7 @@ class KVPools:
         and rotated first by `prologue` (on CUDA inside the write: one launch instead of three)."""
         cache = self._latent[layer]
         if prologue is not None and not (cache.is_cuda and _kernels().prologue_applies(latent, k_pe, prologue)):
-            from dsaserve.ops.fused import rms_norm, rope_  # the prologue's own ops (the reference on CPU)
+            # the prologue's own ops (the reference math on CPU)
             latent = rms_norm(latent, prologue.norm_weight, prologue.eps)
             k_pe = rope_(k_pe, prologue.cos, prologue.sin, True, out=torch.empty_like(k_pe))
             prologue = None
