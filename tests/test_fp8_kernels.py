@@ -94,6 +94,7 @@ def test_fp8_linear_split_k_sums_the_partials_in_order(M: int, N: int, K: int, s
         part = ref.BlockFP8(w.weight[:, ks], w.scale[:, g:g + per], w.block)
         want += fp8_gemm.fp8_linear(x[:, ks].float(), part, config={**cfg, "splits": 1})
     want = want.to(BF16)
+    assert rel_err(want, ref.linear(x, w)) < TOL[BF16]  # the partials themselves against the reference
 
     def gemm() -> torch.Tensor:
         return fp8_gemm.fp8_linear(x, w, checks=True, config={**cfg, "splits": splits})

@@ -19,9 +19,9 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from dsaserve.config import ModelConfig
-from dsaserve.model.checkpoint import Checkpoint, CheckpointError
 from dsaserve.engine.layout import checks_enabled
 from dsaserve.model import quant
+from dsaserve.model.checkpoint import Checkpoint, CheckpointError
 from dsaserve.model.dsa import DSAModel, fuse_projections
 from dsaserve.ops.fp8 import FP8, dequantize
 from dsaserve.parallel.groups import Parallel

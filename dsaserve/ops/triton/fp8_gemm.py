@@ -57,8 +57,9 @@ MAX_TILES = 16384  # output tiles a split-K launch may have: one int32 ticket ea
 @functools.lru_cache(maxsize=None)
 def _tickets(device: torch.device) -> Tensor:
     """The split-K tickets of a device, all 0 between launches (each launch's last programs reset theirs).
-    Allocated once, by the first split-K GEMM of the warm-up (before any CUDA graph capture), and shared by
-    every launch on the device: GEMMs run one after another on one stream."""
+    Allocated once, normally by the warm-up's first split-K GEMM (were it inside a CUDA graph capture, the graph
+    would also zero them on replay: harmless), and shared by every launch on the device: GEMMs run one after
+    another on one stream."""
     return torch.zeros(MAX_TILES, dtype=torch.int32, device=device)
 
 
