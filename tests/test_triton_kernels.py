@@ -214,6 +214,49 @@ def test_latent_write_prologue_equals_the_unfused_kernels(fp8: bool) -> None:
     assert torch.equal(fused, unfused), f"{int((fused != unfused).sum())} elements differ"
 
 
+@pytest.mark.parametrize("n", [128, 64])  # V3.2's index head, and the tiny models' (under one FP8 block)
+@pytest.mark.parametrize("fp8", [True, False])
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_index_key_write_with_its_prologue(fp8: bool, interleaved: bool, n: int) -> None:
+    """The index-key write with its prologue (LayerNorm, the indexer's rotary, over an FP8 cache the Hadamard
+    rotation) stores what torch's LayerNorm followed by the rotary (+ Hadamard) kernel and the plain write
+    store: bit for bit in the rows where the two LayerNorms round alike (their fp32 sums run in different
+    orders: at least 90% of them), and the normed keys within a bf16 step of the row's largest value anywhere."""
+    import torch.nn.functional as F
+
+    from dsaserve.cache.pools import IndexKeyPrologue
+    from dsaserve.ops.fused import rope_index_
+    from dsaserve.ops.triton.kv_write import index_prologue_applies, write_fp8_rows, write_index_keys
+    gen = torch.Generator(DEV).manual_seed(2 * fp8 + interleaved + n)
+    T, S, r = 300, 1000, 64
+    k_proj = (torch.randn(T, 2240, device=DEV, generator=gen) * 2 + 0.3).to(BF16)[:, 1536:1536 + n]  # a slice
+    weight = (1 + 0.1 * torch.randn(n, device=DEV, generator=gen)).to(BF16)
+    bias = (0.1 * torch.randn(n, device=DEV, generator=gen)).to(BF16)
+    angle = torch.rand(T, r // 2, device=DEV, generator=gen) * 6.3
+    prologue = IndexKeyPrologue(weight, bias, 1e-6, angle.cos().to(BF16), angle.sin().to(BF16), r, interleaved)
+    assert index_prologue_applies(k_proj, prologue)
+    slots = torch.randperm(S, device=DEV, generator=gen)[:T].to(torch.int32)
+    normed = F.layer_norm(k_proj, (n,), weight, bias, 1e-6)
+    want_keys = rope_index_(normed.clone(), r, prologue.cos, prologue.sin, interleaved, fp8)
+    row = kv_format.row_bytes(n, 0, kv_format.FP8) if fp8 else n
+    dtype = torch.uint8 if fp8 else BF16
+    got, want = torch.zeros(S, row, dtype=dtype, device=DEV), torch.zeros(S, row, dtype=dtype, device=DEV)
+    if fp8:
+        write_fp8_rows(want, slots, want_keys)
+    else:
+        want[slots.long()] = want_keys
+    scratch = k_proj.clone()
+    write_index_keys(got, slots, scratch, prologue)
+    ours = scratch.float()  # the scratch holds the normed, rotated row (before the Hadamard)
+    rotated_ref = rope_index_(normed.clone(), r, prologue.cos, prologue.sin, interleaved, False).float()
+    step = rotated_ref.abs().amax(dim=1, keepdim=True) * 2 ** -7  # a bf16 step at the row's largest value
+    assert ((ours - rotated_ref).abs() <= step).all(), "normed keys off by more than a bf16 step"
+    same_rows = (ours == rotated_ref).all(dim=1)
+    assert same_rows.float().mean() > 0.9, f"only {int(same_rows.sum())} of {T} rows round alike"
+    sel = slots.long()[same_rows]
+    assert torch.equal(got[sel], want[sel]), "a row whose normed key rounds alike is stored differently"
+
+
 # ---------------------------------------------------------------- indexer
 def _layout(seq_lens: list[int], q_lens: list[int], page_size: int, gen: torch.Generator):
     """Ragged requests with shuffled pages; row kv_len = position + 1 (causal within the new rows)."""

@@ -9,10 +9,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from dsaserve.cache import kv_format
 from dsaserve.config import ModelConfig
-from dsaserve.ops.fused import rms_norm, rope_
+from dsaserve.ops.fused import rms_norm, rope_, rope_index_
 from dsaserve.server_args import KV_CACHE_DTYPE_NAMES
 
 Tensor = torch.Tensor
@@ -36,6 +37,19 @@ class LatentPrologue:
     eps: float
     cos: Tensor
     sin: Tensor
+
+
+@dataclass(frozen=True)
+class IndexKeyPrologue:
+    """What an index-key write applies first: the key's LayerNorm (weight, bias, eps) and the indexer's rotary
+    of its first rope_dims values (cos / sin [T, rope_dims / 2]); an FP8 cache then rotates the whole row."""
+    weight: Tensor
+    bias: Tensor
+    eps: float
+    cos: Tensor
+    sin: Tensor
+    rope_dims: int
+    interleaved: bool
 
 
 def _kernels():  # imported lazily: needs CUDA + Triton
@@ -133,9 +147,18 @@ class KVPools:
         else:
             cache[slots.long()] = torch.cat([latent, k_pe], -1).to(cache.dtype)
 
-    def write_index_keys(self, layer: int, slots: Tensor, keys: Tensor) -> None:
-        """Cache the index keys [T, index_head_dim] of T tokens (Hadamard-rotated when rotates_index_keys)."""
+    def write_index_keys(self, layer: int, slots: Tensor, keys: Tensor,
+                         prologue: IndexKeyPrologue | None = None) -> None:
+        """Cache the index keys [T, index_head_dim] of T tokens: as given (Hadamard-rotated already when
+        rotates_index_keys), or the raw keys after `prologue` (on CUDA one launch, `keys` its scratch)."""
         cache = self.index_keys(layer)
+        if prologue is not None:
+            if cache.is_cuda and _kernels().index_prologue_applies(keys, prologue):
+                _kernels().write_index_keys(cache, slots, keys, prologue)
+                return
+            p = prologue  # the prologue's own ops (the reference math on CPU)
+            keys = F.layer_norm(keys, (keys.shape[-1],), p.weight, p.bias, p.eps)
+            keys = rope_index_(keys, p.rope_dims, p.cos, p.sin, p.interleaved, self.rotates_index_keys)
         if self.fp8:
             self._write_fp8(cache, slots, keys, None)
         elif cache.is_cuda:

@@ -11,13 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsaserve.cache.pools import KVPools, LatentPrologue
+from dsaserve.cache.pools import IndexKeyPrologue, KVPools, LatentPrologue
 from dsaserve.config import ModelConfig
 from dsaserve.engine.layout import BatchLayout
 from dsaserve.model.quant import Experts, Linear, concat_rows
 from dsaserve.model.rope import Rotary
 from dsaserve.ops.dispatch import DSAOps
-from dsaserve.ops.fused import add_rms_norm, embed, linear_fp32, rms_norm, rope_, rope_hadamard_, route, silu_mul
+from dsaserve.ops.fused import add_rms_norm, embed, linear_fp32, rms_norm, rope_, rope_index_, route, silu_mul
 from dsaserve.parallel.groups import Parallel
 
 Tensor = torch.Tensor
@@ -68,8 +68,9 @@ class Indexer(nn.Module):
                 prev_topk: Tensor | None) -> Tensor:
         """k_proj: wk(x), made by the attention's input projection (fused with q_a and kv_a)."""
         cfg, T = self.cfg, x.shape[0]
-        k = self._rope(self.k_norm(k_proj), ctx)
-        ctx.pools.write_index_keys(self.layer_id, ctx.layout.out_slots, k)
+        norm = self.k_norm  # applied by the write with the rotary (one launch on CUDA; k_proj its scratch)
+        ctx.pools.write_index_keys(self.layer_id, ctx.layout.out_slots, k_proj, IndexKeyPrologue(
+            norm.weight, norm.bias, norm.eps, ctx.cos, ctx.sin, cfg.qk_rope_head_dim, cfg.indexer_rope_interleave))
         if ctx.layout.key_width <= cfg.index_topk:  # every row selects all its keys: no scores needed, and
             # the previous layer's selection (same layout) is this one's
             return prev_topk if prev_topk is not None else ctx.ops.all_slots(ctx.layout, cfg.index_topk)
@@ -82,13 +83,9 @@ class Indexer(nn.Module):
         return topk
 
     def _rope(self, x: Tensor, ctx: StepContext) -> Tensor:
-        """Rotary on the first rope dims, in place; over an FP8 index cache then the Hadamard rotation of each
-        whole row, the basis its keys are stored in (kv_format), fused into the same launch on CUDA."""
-        rope, inter = self.cfg.qk_rope_head_dim, self.cfg.indexer_rope_interleave
-        if ctx.pools.rotates_index_keys:
-            return rope_hadamard_(x, rope, ctx.cos, ctx.sin, inter)
-        rope_(x[..., :rope], ctx.cos, ctx.sin, inter)
-        return x
+        """The queries' rotary (and, over an FP8 index cache, the Hadamard basis its keys are stored in)."""
+        return rope_index_(x, self.cfg.qk_rope_head_dim, ctx.cos, ctx.sin, self.cfg.indexer_rope_interleave,
+                           ctx.pools.rotates_index_keys)
 
 
 class MLAttention(nn.Module):

@@ -55,6 +55,15 @@ def rope_hadamard_(x: Tensor, rope: int, cos: Tensor, sin: Tensor, interleaved: 
     return x.copy_(hadamard_reference(x))
 
 
+def rope_index_(x: Tensor, rope: int, cos: Tensor, sin: Tensor, interleaved: bool, hadamard: bool) -> Tensor:
+    """In place: the indexer's rotary of x[..., :rope]; with `hadamard` then each whole row times H, the basis
+    an FP8 index cache stores its keys in (KVPools.rotates_index_keys), fused into one launch on CUDA."""
+    if hadamard:
+        return rope_hadamard_(x, rope, cos, sin, interleaved)
+    rope_(x[..., :rope], cos, sin, interleaved)
+    return x
+
+
 def rope_(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, out: Tensor | None = None) -> Tensor:
     """Rotate x [T, D] or [T, H, D] (Rotary.apply's values and half-split output order) with cos/sin
     [T, D / 2] of each row's position, in place or into `out` (x's shape: a slice of a wider tensor

@@ -133,6 +133,25 @@ def rotate(x1, x2, cos, sin, DT: tl.constexpr):
             round_as(round_as(x2 * cos, DT) + round_as(x1 * sin, DT), DT))
 
 
+@triton.jit
+def layer_normed(x, w, b, mask, N, eps, DT: tl.constexpr):
+    """(x - mean) / sqrt(var + eps) * w + b of one row x [BLOCK] fp32 over its N values (mask: those lanes; the
+    biased variance, as torch's), in fp32 with one rounding to DT, as torch's LayerNorm rounds."""
+    mean = tl.sum(x, 0) / N
+    centered = tl.where(mask, x - mean, 0.0)
+    return round_as(centered * tl.math.rsqrt(tl.sum(centered * centered, 0) / N + eps) * w + b, DT)
+
+
+@triton.jit
+def hadamard_rows(x, R: tl.constexpr, N: tl.constexpr, LOG_N: tl.constexpr):
+    """x [R, N] fp32 -> x H unscaled: the reference's butterflies in its order (stage s pairs i with i + 2^s)."""
+    for stage in tl.static_range(LOG_N):  # [R, N / 2^(s + 1), 2^s, 2]: the pairs last
+        pairs = tl.permute(tl.reshape(x, [R, N >> (stage + 1), 2, 1 << stage]), [0, 1, 3, 2])
+        a, b = tl.split(pairs)
+        x = tl.reshape(tl.permute(tl.join(a + b, a - b), [0, 1, 3, 2]), [R, N])
+    return x
+
+
 _FLOOR = tl.constexpr(AMAX_FLOOR)
 _QMAX = tl.constexpr(FP8_MAX)
 

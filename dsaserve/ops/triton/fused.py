@@ -13,7 +13,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from dsaserve.ops.triton._common import next_pow2, norm_warps, pdl, pdl_start, rms_normed, rotate, round_as
+from dsaserve.ops.triton._common import (hadamard_rows, next_pow2, norm_warps, pdl, pdl_start, rms_normed, rotate,
+                                         round_as)
 
 Tensor = torch.Tensor
 
@@ -58,16 +59,6 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, delta: Tensor | None = None)
 
 
 @triton.jit
-def _hadamard_rows(x, R: tl.constexpr, N: tl.constexpr, LOG_N: tl.constexpr):
-    """x [R, N] fp32 -> x H unscaled: the reference's butterflies in its order (stage s pairs i with i + 2^s)."""
-    for stage in tl.static_range(LOG_N):  # [R, N / 2^(s + 1), 2^s, 2]: the pairs last
-        pairs = tl.permute(tl.reshape(x, [R, N >> (stage + 1), 2, 1 << stage]), [0, 1, 3, 2])
-        a, b = tl.split(pairs)
-        x = tl.reshape(tl.permute(tl.join(a + b, a - b), [0, 1, 3, 2]), [R, N])
-    return x
-
-
-@triton.jit
 def _rope_kernel(X, OUT, COS, SIN, stride_t, stride_h, stride_ot, stride_oh, stride_c, stride_s, H, scale,
                  HALF: tl.constexpr, BLOCK_H: tl.constexpr, INTERLEAVED: tl.constexpr,
                  ROW: tl.constexpr, LOG_ROW: tl.constexpr, PDL: tl.constexpr):
@@ -94,7 +85,7 @@ def _rope_kernel(X, OUT, COS, SIN, stride_t, stride_h, stride_ot, stride_oh, str
     if ROW > 0:  # the block's stores are visible to its threads after the barrier
         tl.debug_barrier()
         d = tl.arange(0, ROW)
-        row = _hadamard_rows(tl.load(out + d[None, :], mask=mask, other=0.0).to(tl.float32), BLOCK_H, ROW, LOG_ROW)
+        row = hadamard_rows(tl.load(out + d[None, :], mask=mask, other=0.0).to(tl.float32), BLOCK_H, ROW, LOG_ROW)
         tl.store(out + d[None, :], (row * scale).to(dt), mask=mask)
 
 
