@@ -19,9 +19,10 @@ the down GEMM reads e4m3 intermediates with their scales. At decode rows on narr
 moe_glue.silu_mul_quant sums before the same quantization: 1.5-1.9x at 1 token on an H200.
 
 Prefill-sized FP8 experts on Hopper (WGMMA_MIN_ROWS rows per expert on average, fp8_wgmma.MIN_FLOP) take
-fp8_wgmma's pipelined Gluon GEMM in grouped mode instead: x's quantized rows gathered into sorted order,
-gate/up written in fp32, silu(gate) * up quantized by a small kernel, down times the routing weight in
-sorted order, and the reduce reads each pair's row through its position (1.08-1.15x at 2048-4096 tokens).
+fp8_wgmma's pipelined Gluon GEMM in grouped mode instead (moe_wgmma.py): x's quantized rows gathered into
+sorted order, gate/up written in fp32, silu(gate) * up quantized by a small kernel, down times the routing
+weight in sorted order, and the reduce reads each pair's row through its position (1.08-1.15x at 2048-4096
+tokens).
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from dsaserve.ops.triton._common import dot_precision, new_empty, pdl, pdl_start
 from dsaserve.ops.triton.fp8_gemm import K_BLOCKS, act_quant, balanced_splits
 from dsaserve.ops.triton.moe_align import align
 from dsaserve.ops.triton.moe_glue import MAX_SPLITS, reduce_pairs, silu_mul_quant
+from dsaserve.ops.triton.moe_wgmma import moe_fp8_wgmma
 
 Tensor = torch.Tensor
 
@@ -253,7 +255,8 @@ def moe_experts(x: Tensor, w13: Tensor | BlockFP8, w2: Tensor | BlockFP8, topk_i
     if fp8:
         _check_fp8(w13, w2, hidden)
         if _wgmma_applies(x, w13, w2, P, E):
-            return _moe_fp8_wgmma(x, w13, w2, topk_ids, topk_weights, num_tokens, out)
+            return moe_fp8_wgmma(x, w13, w2, topk_ids, topk_weights, num_tokens, out,
+                                 _override("wgmma_block_m", 64), _override("wgmma_stages", 3))
     cfg = _config(P, E, w13.block if fp8 else None, I, hidden, sm_count(x))
     bm = cfg["block_m"]
     # decode rows: both GEMMs take one M block per pair in pair order (block m's expert is the flat top-k ids'
@@ -338,43 +341,6 @@ def _wgmma_applies(x: Tensor, w13: BlockFP8, w2: BlockFP8, pairs: int, experts: 
     if not (forced if forced is not None else large):  # (3 x pairs x hidden x 2I = flops())
         return False
     return fp8_wgmma.applies(x, w13) and fp8_wgmma.applies(x, w2)
-
-
-def _moe_fp8_wgmma(x: Tensor, w13: BlockFP8, w2: BlockFP8, topk_ids: Tensor, topk_weights: Tensor,
-                   num_tokens: int, out: Tensor) -> Tensor:
-    """The same three steps in sorted row order: x's quantized rows gathered per pair, gate/up to fp32,
-    silu(gate) * up quantized, down times the routing weight, then each token's rows summed by position.
-    The temporaries are dropped as soon as they are read, so the next ones reuse their memory."""
-    hidden = x.shape[1]
-    E, I2, _ = w13.shape
-    k = topk_ids.shape[1]
-    P = num_tokens * k
-    bm, stages = _override("wgmma_block_m", 64), _override("wgmma_stages", 3)
-    sorted_ids, block_expert, max_blocks = align(topk_ids[:num_tokens].reshape(-1), E, bm)
-    R = max_blocks * bm
-    valid = sorted_ids < P
-    pair = torch.where(valid, sorted_ids, 0).long()
-    token = pair // k
-    a, a_s = act_quant(x[:num_tokens], 128)
-    a_rows = a.view(torch.uint8)[token].view(FP8)  # gathered per pair: TMA reads rows in place
-    a_s_gm = a_s[token].t().contiguous()
-    # fp32, as the reference quantizes silu(gate) * up from fp32 (bf16 here moved 1.3-1.5% of the output)
-    gate_up = new_empty((R, I2), torch.float32, x.device)
-    fp8_wgmma.block_scaled_mm(a_rows, a_s_gm, w13, gate_up, block_m=bm, block_expert=block_expert, stages=stages)
-    del a, a_s, a_rows, a_s_gm
-    inter = new_empty((R, I2 // 2), FP8, x.device)
-    inter_s = new_empty((I2 // 2 // 128, R), torch.float32, x.device)
-    silu_mul_quant(gate_up.unsqueeze(0), inter, inter_s, inter_s.stride(0), 1, block_expert, bm)
-    del gate_up
-    row_weight = torch.where(valid, topk_weights.reshape(-1)[pair], 0.0)
-    y = new_empty((R, hidden), x.dtype, x.device)
-    fp8_wgmma.block_scaled_mm(inter, inter_s, w2, y, block_m=bm, block_expert=block_expert, row_weight=row_weight,
-                              stages=stages)
-    # slot P takes the padding rows' writes and is never read: every other slot is written once
-    pos = torch.empty(P + 1, dtype=torch.int32, device=x.device)
-    pos.scatter_(0, sorted_ids.long(), torch.arange(R, dtype=torch.int32, device=x.device))
-    reduce_pairs(y, pos, out, num_tokens, k)
-    return out
 
 
 def _check_fp8(w13: BlockFP8, w2: BlockFP8, hidden: int) -> None:
