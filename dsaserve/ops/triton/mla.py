@@ -111,7 +111,7 @@ def _combine_kernel(PO, PLSE, O, LSE,
     pdl_start(PDL)
     h = tl.program_id(0)
     t = tl.program_id(1).to(tl.int64)
-    dv = tl.arange(0, BLOCK_V)
+    dv = tl.program_id(2) * BLOCK_V + tl.arange(0, BLOCK_V)
     vmask = dv < V_DIM
     lse_ptr = PLSE + t * stride_lt + h * stride_lh
     m = tl.full([], float("-inf"), tl.float32)
@@ -133,13 +133,16 @@ def _combine_kernel(PO, PLSE, O, LSE,
                        mask=smask[:, None] & vmask[None, :], other=0.0).to(tl.float32)
         acc += tl.sum(part * w[:, None], 0)
     tl.store(O + t * stride_ot + h * stride_oh + dv, acc.to(O.dtype.element_ty), mask=vmask)
-    tl.store(LSE + t * stride_ft + h * stride_fh, tl.where(has, m_use + tl.log(tl.where(has, total, 1.0)),
-                                                           float("-inf")))
+    if tl.program_id(2) == 0:
+        tl.store(LSE + t * stride_ft + h * stride_fh, tl.where(has, m_use + tl.log(tl.where(has, total, 1.0)),
+                                                               float("-inf")))
 
 
-# Splits merged per step of _combine_kernel: the most a row gets with index_topk 2048 and 64-key blocks (32),
-# so a step merges every split at once, and one compiled variant serves every split count.
+# Splits merged per step of _combine_kernel (more splits loop): one compiled variant serves every split count.
 COMBINE_SPLITS = 32
+# Columns per combine program when rows x heads are few (one row of 16 heads: 16 programs of 512 columns
+# leave the GPU idle; 64 columns: 2 us faster per call, H200). More rows fill it with whole rows.
+COMBINE_FEW_COLUMNS = 64
 
 
 SMEM_TILE_BUDGET = 160 << 10  # bytes of pipelined key tiles; Hopper has 227 KiB per block, q and scratch need the rest
@@ -156,8 +159,11 @@ def _config(T: int, H: int, K: int, block_v: int, row_bytes: int, sms: int, fp8:
     """row_bytes: one gathered key row in the dot dtype (576 bf16 values: 1152; fp32 twice that)."""
     cfg = dict(CONFIG or {})
     block_h = cfg.get("block_h") or (16 if H <= 16 else 32 if H <= 32 else 64)
-    warps = cfg.get("num_warps") or 8
-    block_n = cfg.get("block_n") or 64
+    # 16-head programs (a --tp 8 rank of 128 heads) over an FP8 cache: 32 keys and 4 warps 1.0-1.25x faster than
+    # 64 keys and 8 warps at 1-64 rows (H200, 2026-12-03, docs/benchmarks.md; a bf16 cache was not measured)
+    narrow = fp8 and block_h <= 16
+    warps = cfg.get("num_warps") or (4 if narrow else 8)
+    block_n = cfg.get("block_n") or (32 if narrow else 64)
     three = block_v < 512 or (hopper and block_h == 64 and not fp8 and 3 * block_n * row_bytes <= BF16_THREE_STAGES)
     unpipelined = hopper and fp8 and block_h == 64 and T >= FP8_UNPIPELINED_MIN_ROWS  # measured on an H200 only
     stages = cfg.get("num_stages") or (3 if three else 1 if unpipelined else 2)
@@ -225,11 +231,13 @@ def sparse_mla(q: Tensor, kv_cache: Tensor, indices: Tensor, sm_scale: float, v_
             PRECISION=dot_precision(dot_dtype), FP8=fp8, SCALE_BLOCKS=max(1, block_v // 128),
             HAS_LEN=lengths is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl(q))
     if splits > 1:
-        _combine_kernel[(H, T)](
+        block_c = (CONFIG or {}).get("combine_block_v") or (min(COMBINE_FEW_COLUMNS, block_v) if T * H <= 32
+                                                             else block_v)
+        _combine_kernel[(H, T, triton.cdiv(v_dim, block_c))](
             o_buf, l_buf, out, lse,
             o_buf.stride(0), o_buf.stride(1), o_buf.stride(2), l_buf.stride(0), l_buf.stride(1),
             out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
-            H, v_dim, splits, BLOCK_S=COMBINE_SPLITS, BLOCK_V=block_v, num_warps=4, **pdl(o_buf))
+            H, v_dim, splits, BLOCK_S=COMBINE_SPLITS, BLOCK_V=block_c, num_warps=4, **pdl(o_buf))
     return out, lse
 
 
