@@ -17,7 +17,8 @@ from dsaserve.engine.layout import BatchLayout
 from dsaserve.model.quant import Experts, Linear, concat_rows
 from dsaserve.model.rope import Rotary
 from dsaserve.ops.dispatch import DSAOps
-from dsaserve.ops.fused import add_rms_norm, embed, linear_fp32, rms_norm, rope_, rope_index_, route, silu_mul
+from dsaserve.ops.fused import (absorb_output, absorb_query, add_rms_norm, embed, linear_fp32, rms_norm, rope_index_,
+                                route, silu_mul)
 from dsaserve.parallel.groups import Parallel
 
 Tensor = torch.Tensor
@@ -129,7 +130,6 @@ class MLAttention(nn.Module):
         q_a, k_proj, kv_a = self._project_input(x)
         q_lat = self.q_a_layernorm(q_a)
         q = self.q_b_proj(q_lat).view(T, H, cfg.qk_head_dim)
-        q_nope, q_pe = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
         latent, k_pe = kv_a.split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
         norm = self.kv_a_layernorm  # applied by the write, with k_pe's rotary (one launch on CUDA)
         ctx.pools.write_latent(self.layer_id, ctx.layout.out_slots, latent, k_pe,
@@ -140,15 +140,11 @@ class MLAttention(nn.Module):
         assert topk is not None, "a shared-indexer layer needs the previous layer's top-k"
         w_kv = self.kv_b_proj.weight.view(H, cfg.qk_nope_head_dim + cfg.v_head_dim, cfg.kv_lora_rank)
         w_uk, w_uv = w_kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=1)
-        # The query [latent part | rope part]: W_UK folded into q_nope by one batched GEMM and the rotated
-        # q_pe, each written into its own slice (no concatenation copy).
-        q_full = x.new_empty(T, H, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
-        torch.bmm(q_nope.transpose(0, 1), w_uk, out=q_full[..., :cfg.kv_lora_rank].transpose(0, 1))
-        rope_(q_pe, ctx.cos, ctx.sin, interleaved=True, out=q_full[..., cfg.kv_lora_rank:])
+        # The query [latent part | rope part]: W_UK folded into q_nope, and the rotated q_pe
+        q_full = absorb_query(q, w_uk, ctx.cos, ctx.sin, x.new_empty(T, H, cfg.kv_lora_rank + cfg.qk_rope_head_dim))
         q_full = q_full.to(ctx.pools.query_dtype(x.dtype))
         o_lat = ctx.ops.sparse_mla(q_full, cache, topk, cfg.softmax_scale, cfg.kv_lora_rank, ctx.layout)
-        o = x.new_empty(T, H, cfg.v_head_dim)  # W_UV applied after attention, into [T, H, v] rows directly
-        torch.bmm(o_lat.to(x.dtype).transpose(0, 1), w_uv.transpose(1, 2), out=o.transpose(0, 1))
+        o = absorb_output(o_lat.to(x.dtype), w_uv)  # W_UV applied after attention
         return ctx.par.all_reduce_attn(self.o_proj(o.view(T, H * cfg.v_head_dim))), topk
 
 

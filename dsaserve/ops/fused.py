@@ -1,6 +1,6 @@
 """Row glue the model calls: RMSNorm (with the residual add fused), rotary, fp32 products (router, indexer
 head weights), grouped top-k routing, SiLU-and-multiply, the Hadamard rotation, the embedding lookup, greedy
-argmax.
+argmax, the absorbed MLA's per-head products.
 
 Each function is the reference math, and on CUDA one Triton kernel (dsaserve.ops.triton.fused) where its
 shape constraints hold; the kernel rounds where this code rounds (tests/test_fused_ops.py holds them equal).
@@ -18,6 +18,11 @@ Tensor = torch.Tensor
 def _kernels():  # imported lazily: needs CUDA + Triton
     from dsaserve.ops.triton import fused
     return fused
+
+
+def _absorb():
+    from dsaserve.ops.triton import absorb
+    return absorb
 
 
 def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -74,6 +79,28 @@ def rope_(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, out: Tensor | 
     if x.dim() == 3:
         cos, sin = cos[:, None], sin[:, None]
     return dest.copy_(Rotary.apply(x, cos, sin, interleaved))
+
+
+def absorb_query(q: Tensor, w_uk: Tensor, cos: Tensor, sin: Tensor, out: Tensor) -> Tensor:
+    """The absorbed MLA's query into out [T, H, latent + rope]: q [T, H, nope + rope]'s nope part times each
+    head's W_UK [H, nope, latent], then its rope part rotated (interleaved pairs, as q_pe is). One launch on CUDA
+    for decode rows; otherwise a batched GEMM and the rotary kernel, each into its slice (no concatenation)."""
+    if q.is_cuda and _absorb().query_applies(q, w_uk, cos, out):
+        return _absorb().absorb_query(q, w_uk, cos, sin, out)
+    nope, latent = w_uk.shape[1:]
+    torch.bmm(q[..., :nope].transpose(0, 1), w_uk, out=out[..., :latent].transpose(0, 1))
+    rope_(q[..., nope:], cos, sin, interleaved=True, out=out[..., latent:])
+    return out
+
+
+def absorb_output(x: Tensor, w_uv: Tensor) -> Tensor:
+    """x [T, H, latent] times each head's W_UV [H, v, latent] transposed -> [T, H, v]: one launch on CUDA for
+    decode rows, a batched GEMM writing the [T, H, v] rows directly otherwise."""
+    out = x.new_empty(x.shape[0], x.shape[1], w_uv.shape[1])
+    if x.is_cuda and _absorb().output_applies(x, w_uv, out):
+        return _absorb().absorb_output(x, w_uv, out)
+    torch.bmm(x.transpose(0, 1), w_uv.transpose(1, 2), out=out.transpose(0, 1))
+    return out
 
 
 def linear_fp32(x: Tensor, weight: Tensor, scale: float = 1.0) -> Tensor:
