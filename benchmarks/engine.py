@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from dsaserve import LLM, SamplingParams
+from dsaserve import LLM
 from dsaserve.bench.one_batch import copy_bandwidth, decode_lead, run_one
+from dsaserve.bench.profile import print_decode_profile
 from dsaserve.tiny import make_tiny_model
 
 DEEPSEEK_V32_LAYER = dict(
@@ -32,61 +33,6 @@ DEEPSEEK_V32_LAYER = dict(
     index_topk=2048, max_position_embeddings=163840, num_nextn_predict_layers=0,
     rope_scaling={"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
                   "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0})
-
-
-def profile_decode(llm: LLM, batch: int, input_len: int, vocab: int) -> None:
-    """Top ops by device time and by host time over 8 decode steps (after prefill)."""
-    from torch.profiler import ProfilerActivity, profile
-    engine = llm.engine
-    gen = torch.Generator().manual_seed(0)
-    for i in range(batch):
-        engine.add_request(f"prof-{i}", torch.randint(10, vocab, (input_len,), generator=gen).tolist(),
-                           SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
-    while engine.steps == 0 or any(r.num_cached == 0 for r in engine.requests.values()):
-        engine.step()  # prefill
-    engine.step()
-    steps = 8
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            engine.step()
-        torch.cuda.synchronize()
-    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-    kernels.sort(key=lambda e: -e.self_device_time_total)
-    total = sum(e.self_device_time_total for e in kernels) / steps
-    count = sum(e.count for e in kernels) / steps
-    print(f"\ndevice kernels per decode step at batch {batch}: {count:.0f} launches, {total:.0f} us of kernel time")
-    print(f"{'us/step':>8} {'share':>6} {'n/step':>6} {'us each':>8}  kernel")
-    for e in kernels[:40]:
-        us = e.self_device_time_total / steps
-        print(f"{us:8.1f} {100 * us / total:5.1f}% {e.count / steps:6.1f} {us * steps / e.count:8.2f}  {e.key[:90]}")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
-    spans = [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
-             if e.device_type == torch.autograd.DeviceType.CUDA]
-    if spans:
-        busy, wall, gaps = device_gaps(spans)
-        print(f"device busy {busy / steps:.0f} us of {wall / steps:.0f} us per step; idle between kernels, by "
-              f"the kernels around it (us per step, times per step):")
-        for (before, after), (us, n) in gaps[:8]:
-            print(f"{us / steps:8.1f} {n / steps:6.1f}  after {before[:50]}  before {after[:50]}")
-    engine.run_until_idle()
-
-
-def device_gaps(spans: list[tuple[float, float, str]]) -> tuple[float, float, list]:
-    """Busy and wall time of device intervals (start, end, kernel) and their idle gaps summed by the pair
-    of kernels around them, widest total first: where in a step the device waits for the host."""
-    spans = sorted(spans)
-    busy, end, last = 0.0, spans[0][0], spans[0][2]
-    gaps: dict[tuple[str, str], list[float]] = {}
-    for start, stop, name in spans:
-        if start > end:
-            total = gaps.setdefault((last, name), [0.0, 0])
-            total[0] += start - end
-            total[1] += 1
-        busy += max(0.0, stop - max(start, end))
-        if stop > end:
-            end, last = stop, name
-    ranked = sorted(((k, (v[0], v[1])) for k, v in gaps.items()), key=lambda kv: -kv[1][0])
-    return busy, end - spans[0][0], ranked
 
 
 def compare_moe_paths(llm: LLM, batch: int, input_len: int, rounds: int) -> None:
@@ -140,7 +86,6 @@ def main() -> None:
     llm = LLM(str(path), page_size=args.page_size, max_total_tokens=tokens, attention_backend=args.backend,
               moe_backend=args.backend, max_running_requests=batch, chunked_prefill_size=chunk,
               cuda_graph_max_bs=args.cuda_graph_max_bs, kv_cache_dtype=args.kv_cache_dtype)
-    vocab = DEEPSEEK_V32_LAYER["vocab_size"]
     rows = []
     bandwidth = copy_bandwidth(llm.engine.runner.device) if torch.cuda.is_available() else None
     if args.compare_moe_paths:
@@ -150,7 +95,7 @@ def main() -> None:
         run_one(llm.engine, b, args.input_len, 4, bandwidth)
         rows.append(asdict(run_one(llm.engine, b, args.input_len, args.output_len, bandwidth)))
     for b in args.batch if args.profile else []:
-        profile_decode(llm, b, args.input_len, vocab)
+        print_decode_profile(llm.engine, b, args.input_len)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     max_bs = llm.engine.runner.graphs.max_bs if llm.engine.runner.graphs else 0
     graphs = f", decode CUDA graphs up to batch {max_bs}" if max_bs else ""

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from dsaserve.bench.flops import prefill_flops
+from dsaserve.bench.profile import print_decode_profile
 from dsaserve.engine.compiles import kernel_compiles
 from dsaserve.engine.engine import Engine
 from dsaserve.engine.request import SamplingParams
@@ -56,6 +57,9 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=-1)
     p.add_argument("--output-json", default=None)
+    p.add_argument("--profile", type=int, nargs="+", default=[], metavar="BATCH",
+                   help="then profile decode steps at these batch sizes (the first --input-len): kernels per step, "
+                        "idle gaps and one layer's kernels in order (operators on CPU)")
 
 
 def median_seconds(work: Callable[[], object], runs: int = 10, warmup: int = 3) -> float:
@@ -156,7 +160,7 @@ def run_one(engine: Engine, batch: int, input_len: int, output_len: int, bandwid
 
 def run(ns: argparse.Namespace) -> int:
     args = ServerArgs.from_cli(ns)
-    batch, chunk = max(ns.batch_size), max(args.chunked_prefill_size, max(ns.input_len))
+    batch, chunk = max(ns.batch_size + ns.profile), max(args.chunked_prefill_size, max(ns.input_len))
     longest = max(ns.input_len) + ns.output_len + decode_lead(batch, max(ns.input_len), chunk)
     args = args.replace(max_running_requests=max(batch, args.max_running_requests), chunked_prefill_size=chunk,
                         max_total_tokens=args.max_total_tokens or batch * (longest + args.page_size) + 4096)
@@ -201,4 +205,6 @@ def _run(ns: argparse.Namespace, engine: Engine, startup_s: float) -> int:
                                                     "copy_bytes_per_s": bandwidth, "matmul_flop_per_s": matmul,
                                                     "sampling": sampling,
                                                     "rows": [asdict(r) for r in rows]}, indent=1))
+    for batch in ns.profile:
+        print_decode_profile(engine, batch, ns.input_len[0])
     return 0

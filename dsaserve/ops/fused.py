@@ -85,7 +85,7 @@ def absorb_query(q: Tensor, w_uk: Tensor, cos: Tensor, sin: Tensor, out: Tensor)
     """The absorbed MLA's query into out [T, H, latent + rope]: q [T, H, nope + rope]'s nope part times each
     head's W_UK [H, nope, latent], then its rope part rotated (interleaved pairs, as q_pe is). One launch on CUDA
     for decode rows; otherwise a batched GEMM and the rotary kernel, each into its slice (no concatenation)."""
-    if q.is_cuda and _absorb().query_applies(q, w_uk, cos, out):
+    if q.is_cuda and _absorb().query_applies(q, w_uk, cos, sin, out):
         return _absorb().absorb_query(q, w_uk, cos, sin, out)
     nope, latent = w_uk.shape[1:]
     torch.bmm(q[..., :nope].transpose(0, 1), w_uk, out=out[..., :latent].transpose(0, 1))

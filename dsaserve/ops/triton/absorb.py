@@ -8,8 +8,9 @@ kernel to drain and paid its launch in full, and q_pe's rotary was a third launc
 head and one block of output columns and does the whole reduction (128 or 512 values) in one dot, its rows
 padded to 16: a decode step's few rows read each weight once, spread over H x column-block programs. Used for
 decode rows of a few heads (`decode_shape`), where they were measured faster.
-The products accumulate in fp32 and round once to the output dtype (cuBLAS's sums, in another order); the
-rotary rounds as Rotary.apply does (the rotary kernel's `rotate`), bit for bit.
+The products accumulate in fp32 and round once to the output dtype (cuBLAS's sums, in another order; fp32 inputs
+multiply exactly, not in TF32); the rotary rounds as Rotary.apply does (the rotary kernel's `rotate`): bit for bit
+in bf16, within fused multiply-adds' difference in fp32.
 """
 from __future__ import annotations
 
@@ -17,12 +18,14 @@ import torch
 import triton
 import triton.language as tl
 
-from dsaserve.ops.triton._common import next_pow2, pdl, pdl_start, rotate
+from dsaserve.ops.triton._common import dot_precision, next_pow2, pdl, pdl_start, rotate
 
 Tensor = torch.Tensor
 # Where these launches beat cuBLAS's batched GEMM (+ the rotary kernel) in a graph of back-to-back calls (H200,
 # 2026-12-03, docs/benchmarks.md): 16 heads (a --tp 8 rank) up to 32 rows, 32 heads up to 16. At 64 rows, or
-# 128 heads (a DP-attention rank reads 16 MB of W_UV per call), cuBLAS streams the weights faster.
+# 128 heads (a DP-attention rank reads 16 MB of W_UV per call), cuBLAS streams the weights faster. One program
+# holds all the rows: never more than MAX_ROWS (fewer heads were not measured).
+MAX_ROWS = 32
 MAX_HEADS = 32
 MAX_ROW_HEADS = 512
 QUERY_COLUMNS = 64  # output columns per program of absorb_query (512 latent columns: 8 programs per head)
@@ -31,13 +34,13 @@ OUTPUT_COLUMNS = 16  # output columns per program of absorb_output (128 value co
 
 def decode_shape(T: int, H: int) -> bool:
     """Whether T rows of H heads run here (measured faster) rather than through cuBLAS."""
-    return 0 < T and H <= MAX_HEADS and T * H <= MAX_ROW_HEADS
+    return 0 < T <= MAX_ROWS and H <= MAX_HEADS and T * H <= MAX_ROW_HEADS
 
 
 @triton.jit
 def _absorb_query_kernel(Q, W, COS, SIN, OUT, T, stride_qt, stride_qh, stride_wh, stride_wd, stride_ot, stride_oh,
                          stride_c, stride_s, NOPE: tl.constexpr, HALF: tl.constexpr, LATENT: tl.constexpr,
-                         BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr):
+                         BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
     pdl_start(PDL)
     h = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
@@ -49,7 +52,7 @@ def _absorb_query_kernel(Q, W, COS, SIN, OUT, T, stride_qt, stride_qh, stride_wh
     out_row = OUT + t.to(tl.int64)[:, None] * stride_ot + h * stride_oh
     q = tl.load(q_row + d[None, :], mask=rows, other=0.0)
     w = tl.load(W + h * stride_wh + d[:, None] * stride_wd + c[None, :])
-    tl.store(out_row + c[None, :], tl.dot(q, w).to(OUT.dtype.element_ty), mask=rows)
+    tl.store(out_row + c[None, :], tl.dot(q, w, input_precision=PRECISION).to(OUT.dtype.element_ty), mask=rows)
     if block == 0:  # q_pe's rotary (interleaved pairs in, half-split order out) into the last 2 * HALF values
         i = tl.arange(0, HALF)
         cos = tl.load(COS + t[:, None] * stride_c + i[None, :], mask=rows, other=0.0).to(tl.float32)
@@ -64,7 +67,8 @@ def _absorb_query_kernel(Q, W, COS, SIN, OUT, T, stride_qt, stride_qh, stride_wh
 
 @triton.jit
 def _absorb_output_kernel(X, W, OUT, T, stride_xt, stride_xh, stride_wh, stride_wv, stride_ot, stride_oh,
-                          LATENT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, PDL: tl.constexpr):
+                          LATENT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, PRECISION: tl.constexpr,
+                          PDL: tl.constexpr):
     pdl_start(PDL)
     h = tl.program_id(0).to(tl.int64)
     v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -73,25 +77,26 @@ def _absorb_output_kernel(X, W, OUT, T, stride_xt, stride_xh, stride_wh, stride_
     c = tl.arange(0, LATENT)
     x = tl.load(X + t.to(tl.int64)[:, None] * stride_xt + h * stride_xh + c[None, :], mask=rows, other=0.0)
     w = tl.load(W + h * stride_wh + v[:, None] * stride_wv + c[None, :])
-    out = tl.dot(x, tl.trans(w))
+    out = tl.dot(x, tl.trans(w), input_precision=PRECISION)
     tl.store(OUT + t.to(tl.int64)[:, None] * stride_ot + h * stride_oh + v[None, :], out.to(OUT.dtype.element_ty),
              mask=rows)
 
 
-def _pow2(n: int) -> bool:
+def _dot_dim(n: int) -> bool:
+    """A power of two of at least 16 (a tl.dot dimension, loaded whole)."""
     return n >= 16 and n & (n - 1) == 0
 
 
-def query_applies(q: Tensor, w_uk: Tensor, cos: Tensor, out: Tensor) -> bool:
-    """q [T, H, nope + rope] (rows of unit stride), w_uk [H, nope, latent] (unit column stride), cos [T, rope / 2],
-    out [T, H, latent + rope] of q's dtype; nope and latent powers of two, a decode_shape."""
+def query_applies(q: Tensor, w_uk: Tensor, cos: Tensor, sin: Tensor, out: Tensor) -> bool:
+    """q [T, H, nope + rope] (rows of unit stride), w_uk [H, nope, latent] (unit column stride), cos / sin
+    [T, rope / 2], out [T, H, latent + rope] of q's dtype; nope and latent powers of two, a decode_shape."""
     T, H, D = q.shape
     nope, latent = w_uk.shape[1:]
     rope = D - nope
-    return (decode_shape(T, H) and _pow2(nope) and _pow2(latent) and latent % QUERY_COLUMNS == 0 and rope >= 2
+    return (decode_shape(T, H) and _dot_dim(nope) and _dot_dim(latent) and latent % QUERY_COLUMNS == 0 and rope >= 2
             and rope & (rope - 1) == 0 and w_uk.shape[0] == H and q.dtype == w_uk.dtype == cos.dtype == out.dtype
-            and out.shape == (T, H, latent + rope) and cos.shape == (T, rope // 2) and q.stride(2) == 1
-            and w_uk.stride(2) == 1 and out.stride(2) == 1 and cos.stride(1) == 1)
+            and sin.dtype == q.dtype and out.shape == (T, H, latent + rope) and cos.shape == sin.shape == (T, rope // 2)
+            and q.stride(2) == 1 and w_uk.stride(2) == 1 and out.stride(2) == 1 and cos.stride(1) == sin.stride(1) == 1)
 
 
 def absorb_query(q: Tensor, w_uk: Tensor, cos: Tensor, sin: Tensor, out: Tensor) -> Tensor:
@@ -101,7 +106,7 @@ def absorb_query(q: Tensor, w_uk: Tensor, cos: Tensor, sin: Tensor, out: Tensor)
     _absorb_query_kernel[(H, latent // QUERY_COLUMNS)](
         q, w_uk, cos, sin, out, T, q.stride(0), q.stride(1), w_uk.stride(0), w_uk.stride(1), out.stride(0),
         out.stride(1), cos.stride(0), sin.stride(0), NOPE=nope, HALF=(D - nope) // 2, LATENT=latent,
-        BLOCK_T=next_pow2(T), BLOCK_C=QUERY_COLUMNS, num_warps=4, **pdl(q))
+        BLOCK_T=next_pow2(T), BLOCK_C=QUERY_COLUMNS, PRECISION=dot_precision(q.dtype), num_warps=4, **pdl(q))
     return out
 
 
@@ -109,7 +114,7 @@ def output_applies(x: Tensor, w_uv: Tensor, out: Tensor) -> bool:
     """x [T, H, latent], w_uv [H, v, latent] (unit column strides), out [T, H, v] of x's dtype; latent a power of
     two, v a multiple of OUTPUT_COLUMNS, a decode_shape."""
     T, H, latent = x.shape
-    return (decode_shape(T, H) and _pow2(latent) and w_uv.shape[0] == H and w_uv.shape[2] == latent
+    return (decode_shape(T, H) and _dot_dim(latent) and w_uv.shape[0] == H and w_uv.shape[2] == latent
             and w_uv.shape[1] % OUTPUT_COLUMNS == 0 and x.dtype == w_uv.dtype == out.dtype
             and out.shape == (T, H, w_uv.shape[1]) and x.stride(2) == w_uv.stride(2) == out.stride(2) == 1)
 
@@ -119,8 +124,10 @@ def absorb_output(x: Tensor, w_uv: Tensor, out: Tensor) -> Tensor:
     T, H, latent = x.shape
     _absorb_output_kernel[(H, w_uv.shape[1] // OUTPUT_COLUMNS)](
         x, w_uv, out, T, x.stride(0), x.stride(1), w_uv.stride(0), w_uv.stride(1), out.stride(0), out.stride(1),
-        LATENT=latent, BLOCK_T=next_pow2(T), BLOCK_V=OUTPUT_COLUMNS, num_warps=4, **pdl(x))
+        LATENT=latent, BLOCK_T=next_pow2(T), BLOCK_V=OUTPUT_COLUMNS, PRECISION=dot_precision(x.dtype), num_warps=4,
+        **pdl(x))
     return out
 
 
-__all__ = ["MAX_HEADS", "MAX_ROW_HEADS", "decode_shape", "absorb_output", "absorb_query", "output_applies", "query_applies"]
+__all__ = ["MAX_HEADS", "MAX_ROWS", "MAX_ROW_HEADS", "absorb_output", "absorb_query", "decode_shape", "output_applies",
+           "query_applies"]

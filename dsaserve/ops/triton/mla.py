@@ -26,8 +26,8 @@ from dsaserve.ops.triton._common import dot_precision, is_hopper, new_empty, nex
 Tensor = torch.Tensor
 LOG2E = 1.4426950408889634
 
-# Tuning override for benchmarks: dict with any of block_h, block_n, num_warps, num_stages, splits, and gluon
-# (0: Triton's kernel even where mla_gluon applies).
+# Tuning override for benchmarks: dict with any of block_h, block_n, num_warps, num_stages, splits,
+# combine_block_v (the combine's columns per program) and gluon (0: Triton's kernel even where mla_gluon applies).
 CONFIG: dict[str, int] | None = None
 
 
@@ -107,7 +107,8 @@ def _combine_kernel(PO, PLSE, O, LSE,
                     BLOCK_S: tl.constexpr, BLOCK_V: tl.constexpr, PDL: tl.constexpr):
     """Merge normalized split outputs: out = sum_s exp(lse_s - lse) * out_s, lse = logsumexp(lse_s), over the
     splits in blocks of BLOCK_S (a constant: one compiled variant whatever the split count, which follows the
-    rows and the key width of each step)."""
+    rows and the key width of each step). Program (head, row, column block): BLOCK_V of the value columns; every
+    block computes the row's weights, block 0 alone stores its lse."""
     pdl_start(PDL)
     h = tl.program_id(0)
     t = tl.program_id(1).to(tl.int64)
@@ -143,6 +144,7 @@ COMBINE_SPLITS = 32
 # Columns per combine program when rows x heads are few (one row of 16 heads: 16 programs of 512 columns
 # leave the GPU idle; 64 columns: 2 us faster per call, H200). More rows fill it with whole rows.
 COMBINE_FEW_COLUMNS = 64
+COMBINE_FEW_ROW_HEADS = 32
 
 
 SMEM_TILE_BUDGET = 160 << 10  # bytes of pipelined key tiles; Hopper has 227 KiB per block, q and scratch need the rest
@@ -231,8 +233,8 @@ def sparse_mla(q: Tensor, kv_cache: Tensor, indices: Tensor, sm_scale: float, v_
             PRECISION=dot_precision(dot_dtype), FP8=fp8, SCALE_BLOCKS=max(1, block_v // 128),
             HAS_LEN=lengths is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl(q))
     if splits > 1:
-        block_c = (CONFIG or {}).get("combine_block_v") or (min(COMBINE_FEW_COLUMNS, block_v) if T * H <= 32
-                                                             else block_v)
+        block_c = (CONFIG or {}).get("combine_block_v") or (min(COMBINE_FEW_COLUMNS, block_v)
+                                                             if T * H <= COMBINE_FEW_ROW_HEADS else block_v)
         _combine_kernel[(H, T, triton.cdiv(v_dim, block_c))](
             o_buf, l_buf, out, lse,
             o_buf.stride(0), o_buf.stride(1), o_buf.stride(2), l_buf.stride(0), l_buf.stride(1),
