@@ -1,5 +1,5 @@
 """The indexer's top-k slot selection: the one-launch row kernel (ops/triton/topk.py) against torch.topk + the
-slot-mapping kernel, on indexer-like logits (sums over 64 heads of weighted relu(q.k)), -inf past each row's
+slot-mapping kernel and the split top-k (ops/triton/topk_split.py: few long rows over many programs), on indexer-like logits (sums over 64 heads of weighted relu(q.k)), -inf past each row's
 kv_len as the indexer writes them, k = 2048 (DeepSeek-V3.2). Key widths are the power-of-two buckets a CUDA
 graph sees. Each selection is checked first (the selected values equal torch.topk's as multisets, valid
 slots first); times are CUDA-graph replays (no host launch cost), median, L2 flushed.
@@ -16,12 +16,13 @@ import torch
 
 from kernels import bench
 
-from dsaserve.ops.triton import indexer, topk as row_topk
+from dsaserve.ops.triton import indexer, topk as row_topk, topk_split
 
 K = 2048
 PAGE = 64
-DEFAULT_CASES = ["1x4096", "1x8192", "16x8192", "64x8192", "8x16384", "64x16384", "256x16384", "8x65536",
-                 "256x8192", "1024x8192", "4096x4096", "4096x8192"]
+DEFAULT_CASES = ["1x4096", "1x8192", "16x8192", "64x8192", "1x16384", "8x16384", "64x16384", "256x16384", "1x32768",
+                 "1x65536", "8x65536", "16x65536", "64x65536", "1x131072", "8x131072", "256x8192", "1024x8192",
+                 "4096x4096", "4096x8192"]
 
 
 def logits_like_indexer(rows: int, width: int, kv_len: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -64,6 +65,8 @@ def run_case(rows: int, width: int, gen: torch.Generator, warp_sweep: list[int])
     methods = {"torch.topk": indexer.torch_topk_slots}
     if width <= row_topk.ROW_LIMIT:
         methods["row kernel"] = row_topk.row_topk_slots
+    if rows <= topk_split.MAX_ROWS:
+        methods["split"] = topk_split.split_topk_slots
     for name, fn in methods.items():
         check(fn(logits, kv, page_table, row_req, PAGE, K), logits, kv_len, page_table)
         row[name] = 1e3 * bench(lambda: fn(logits, kv, page_table, row_req, PAGE, K), graph=True)
@@ -84,12 +87,12 @@ def main() -> None:
     gen = torch.Generator("cuda").manual_seed(0)
     results = [run_case(*map(int, c.split("x")), gen, args.warps) for c in args.cases]
     print(f"{torch.cuda.get_device_name()}; k = {K}; us per call (CUDA graph replay, median)")
-    print(f"{'rows':>5} {'width':>6} {'torch.topk':>11} {'row kernel':>11} {'speed-up':>9} {'engine uses':>12}")
+    print(f"{'rows':>5} {'width':>6} {'torch.topk':>11} {'row kernel':>11} {'split':>8} {'engine uses':>12}")
     for r in results:
-        mine = r.get("row kernel")
-        used = "row kernel" if row_topk.fits(r["rows"], r["width"]) else "torch.topk"
+        used = ("split" if topk_split.fits(r["rows"], r["width"]) else
+                "row kernel" if row_topk.fits(r["rows"], r["width"]) else "torch.topk")
         print(f"{r['rows']:>5} {r['width']:>6} {r['torch.topk']:>11.1f} "
-              + (f"{mine:>11.1f} {r['torch.topk'] / mine:>8.2f}x" if mine else f"{'-':>11} {'-':>9}")
+              + "".join(f"{r[m]:>{w}.1f}" if m in r else f"{'-':>{w}}" for m, w in (("row kernel", 12), ("split", 9)))
               + f" {used:>12}" + "".join(f"  {w}w {r[f'{w} warps']:.1f}" for w in args.warps if f"{w} warps" in r))
     if args.output_json:
         Path(args.output_json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "k": K,

@@ -31,8 +31,7 @@ def _within_one_rounding(got: torch.Tensor, want: torch.Tensor, magnitude: torch
     rounding of an fp32 sum near a midpoint may go either way), plus the fp32 sum's error bound (terms x 2^-24
     x the sum of the products' magnitudes: it dominates where the products cancel to near 0). fp32 inputs must
     multiply exactly (TF32 products would miss this bound)."""
-    mantissa = torch.finfo(got.dtype).nmant
-    ulp = torch.exp2(torch.floor(torch.log2(want.abs().clamp(min=1e-30))) - mantissa)
+    ulp = torch.exp2(torch.floor(torch.log2(want.abs().clamp(min=1e-30)))) * torch.finfo(got.dtype).eps
     return bool(((got.double() - want).abs() <= ulp + terms * 2.0 ** -24 * magnitude).all())
 
 

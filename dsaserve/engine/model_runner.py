@@ -239,11 +239,15 @@ class ModelRunner:
         the MTP pass and draft steps) before it turns ready: requests never wait on a compile or a
         capture. Without graphs on a GPU, run the same dummy steps eagerly at batch 1 over every key-width
         tier the indexer's selection compiles for (selection_widths), which real prompts of the warm-up
-        (engine/warmup.py) may not reach. Every rank runs the same shapes in the same order (their
+        (engine/warmup.py) may not reach. First the selection's kernels alone at the row counts where its
+        path changes (indexer.warm_selection). Every rank runs the same shapes in the same order (their
         collectives line up)."""
         from tqdm import tqdm
         if self.device.type != "cuda":
             return
+        if self.ops.attention_backend in ("triton", "flashmla") and self.cfg.index_topk:
+            from dsaserve.ops.triton.indexer import warm_selection
+            warm_selection(self.device, self.cfg.index_topk, self.page_size, self.most_keys)
         if self.graphs is None:
             work = [(1, w) for w in selection_widths(self.cfg.index_topk, self.most_keys)]
         else:

@@ -103,23 +103,22 @@ class DSAOps:
             layout.check_rows("indexer query", q)
             layout.check_rows("indexer weights", weights)
             _check_cache("index-key cache", k_cache, q.shape[2], 0)
-        out = torch.empty(T, topk, dtype=torch.int32, device=q.device)
         if T == 0:
-            return out
+            return torch.empty(T, topk, dtype=torch.int32, device=q.device)
         if layout.key_width <= topk:  # every row sees <= topk keys: select them all, skip the logits
-            out.copy_(self.all_slots(layout, topk))
-            return out
+            return self.all_slots(layout, topk)
         num_keys = layout.key_width
         # Whole multiples of 16 rows: every chunk's row slices start 16-byte aligned, as the warm-up's did
         # (Triton specializes kernels on pointer alignment: an odd chunk start compiled new variants).
         rows_per_chunk = max(16, self.max_logits_bytes // (num_keys * 4) // 16 * 16)
+        parts = []
         for start in range(0, T, rows_per_chunk):
             rows = slice(start, min(start + rows_per_chunk, T))
             kv_len, row_req = layout.row_kv_len[rows], layout.row_req[rows]
             logits = backend.indexer_logits(q[rows], weights[rows], k_cache, layout.page_table, row_req,
                                             kv_len, layout.page_size, num_keys)
-            out[rows] = backend.topk_slots(logits, kv_len, layout.page_table, row_req, layout.page_size, topk)
-        return out
+            parts.append(backend.topk_slots(logits, kv_len, layout.page_table, row_req, layout.page_size, topk))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)  # one chunk (every decode step): no copy
 
     def all_slots(self, layout: BatchLayout, topk: int) -> Tensor:
         """The selection when every row sees at most `topk` keys: all of them, first to last, then -1."""

@@ -10,9 +10,10 @@ FP8 index keys (uint8 rows: 128 e4m3 values + one fp32 scale, cache/kv_format.py
 query's dtype after the gather (exact) and the key's scale multiplies its logit after the head sum: the
 scale is positive, so relu(s * q.k) = s * relu(q.k).
 
-topk_slots: rows of at most topk.ROW_LIMIT keys select in one launch (topk.py: the row in registers,
-positions straight to slots; `topk.fits` says where that wins); others through torch.topk (unsorted) and
-one small kernel that maps positions to cache slots. Rows that see <= topk keys skip the selection and take
+topk_slots: few long rows (decode at long context) spread each row over many programs in three launches
+(topk_split.py; `topk_split.fits` says where); other rows of at most topk.ROW_LIMIT keys select in one launch
+(topk.py: the row in registers, positions straight to slots; `topk.fits` says where that wins); the rest
+through torch.topk (unsorted) and one small kernel that maps positions to cache slots. Rows that see <= topk keys skip the selection and take
 their first kv_len positions, so the valid slots come first and the selected set equals the reference's.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ import triton
 import triton.language as tl
 
 from dsaserve.cache.kv_format import fp8_views
-from dsaserve.ops.triton import topk as row_topk
+from dsaserve.ops.triton import topk as row_topk, topk_split
 from dsaserve.ops.triton._common import dot_precision, new_empty, next_pow2, pdl, pdl_start, sm_count
 
 Tensor = torch.Tensor
@@ -184,9 +185,35 @@ def indexer_logits(q: Tensor, weights: Tensor, k_cache: Tensor, page_table: Tens
 def topk_slots(logits: Tensor, row_kv_len: Tensor, page_table: Tensor, row_req: Tensor, page_size: int,
                topk: int) -> Tensor:
     """See reference.topk_slots (valid slots first, then -1; order among the valid ones unspecified)."""
+    if logits.shape[1] > topk and topk_split.fits(*logits.shape):
+        return topk_split.split_topk_slots(logits, row_kv_len, page_table, row_req, page_size, topk)
     if logits.shape[1] > topk and row_topk.fits(*logits.shape):
         return row_topk.row_topk_slots(logits, row_kv_len, page_table, row_req, page_size, topk)
     return torch_topk_slots(logits, row_kv_len, page_table, row_req, page_size, topk)
+
+
+def selection_shapes(topk: int, max_keys: int) -> list[tuple[int, int]]:
+    """(rows, key width) pairs whose selections compile every kernel variant topk_slots uses for rows of up to
+    max_keys keys: each power-of-two width past topk up to the row kernel's widest tier (the split path has no
+    width variant; torch.topk compiles nothing but the slot kernel, which the last tier's many rows reach), at
+    one row and where the path or the split path's rank block changes with the row count."""
+    shapes, width = [], 1 << topk.bit_length()
+    while width <= min(2 * row_topk.ROW_LIMIT, next_pow2(max_keys)):
+        rows = {1, topk_split.FEW_ROWS + 1, max(topk_split.MOST_ROWS.values()) + 1}
+        shapes += [(r, width) for r in sorted(rows)]
+        width *= 2
+    return shapes
+
+
+def warm_selection(device: torch.device, topk: int, page_size: int, max_keys: int) -> None:
+    """Compile every selection variant a server of this context can take (selection_shapes) on dummy logits
+    (equal keys: the split path's passes share its ranking kernel), so that no step waits on a compile: some
+    row counts never occur in the warm-up's steps (the graphs' batch buckets, eager steps at batch 1)."""
+    for rows, width in selection_shapes(topk, max_keys):
+        logits = torch.zeros(rows, width, device=device)
+        kv_len = torch.full((rows, 1), width, dtype=torch.int32, device=device)
+        page_table = torch.zeros(1, -(-width // page_size), dtype=torch.int32, device=device)
+        topk_slots(logits, kv_len, page_table, torch.zeros(rows, dtype=torch.int32, device=device), page_size, topk)
 
 
 def torch_topk_slots(logits: Tensor, row_kv_len: Tensor, page_table: Tensor, row_req: Tensor, page_size: int,
@@ -217,4 +244,5 @@ def min_bytes(T: int, HI: int, DI: int, L: int, distinct_requests: int, elem: in
     return float(distinct_requests * L * key + T * HI * (DI * elem + 4) + T * L * 4)
 
 
-__all__ = ["CONFIG", "flops", "indexer_logits", "min_bytes", "topk_slots", "torch_topk_slots"]
+__all__ = ["CONFIG", "flops", "indexer_logits", "min_bytes", "selection_shapes", "topk_slots", "torch_topk_slots",
+           "warm_selection"]

@@ -105,6 +105,16 @@ def slot_inputs(rows: int, row_kv_len: Tensor, page_table: Tensor, row_req: Tens
             row_req.to(torch.int32).contiguous())
 
 
+def selection_inputs(name: str, logits: Tensor, row_kv_len: Tensor, page_table: Tensor, row_req: Tensor,
+                     topk: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A selection kernel's output [T, topk] int32 (unwritten) and its slot inputs (slot_inputs), after
+    checking its logits: unit-stride fp32."""
+    if logits.dtype != torch.float32 or logits.stride(1) != 1:
+        raise ValueError(f"{name} needs unit-stride fp32 logits, got {logits.dtype}, {logits.stride()}")
+    T = logits.shape[0]
+    return (new_empty((T, topk), torch.int32, logits.device), *slot_inputs(T, row_kv_len, page_table, row_req))
+
+
 def row_topk_slots(logits: Tensor, row_kv_len: Tensor, page_table: Tensor, row_req: Tensor, page_size: int,
                    topk: int, num_warps: int | None = None) -> Tensor:
     """See reference.topk_slots; logits [T, L] fp32 with L <= ROW_LIMIT (positions >= kv_len are ignored).
@@ -113,12 +123,10 @@ def row_topk_slots(logits: Tensor, row_kv_len: Tensor, page_table: Tensor, row_r
     T, L = logits.shape
     if L > ROW_LIMIT:
         raise ValueError(f"row_topk_slots takes rows of at most {ROW_LIMIT} logits, got {L}")
-    if logits.dtype != torch.float32 or logits.stride(1) != 1:
-        raise ValueError(f"row_topk_slots needs unit-stride fp32 logits, got {logits.dtype}, {logits.stride()}")
-    out = new_empty((T, topk), torch.int32, logits.device)
+    out, row_kv_len, page_table, row_req = selection_inputs("row_topk_slots", logits, row_kv_len, page_table,
+                                                            row_req, topk)
     if T == 0 or topk == 0:
         return out
-    row_kv_len, page_table, row_req = slot_inputs(T, row_kv_len, page_table, row_req)
     width = next_pow2(L)
     _row_topk_slots_kernel[(T,)](
         logits, row_kv_len, page_table, row_req, out, logits.stride(0), row_kv_len.stride(0),
@@ -127,4 +135,4 @@ def row_topk_slots(logits: Tensor, row_kv_len: Tensor, page_table: Tensor, row_r
     return out
 
 
-__all__ = ["MOST_ROWS", "ROW_LIMIT", "fits", "position_slots", "row_topk_slots", "slot_inputs"]
+__all__ = ["MOST_ROWS", "ROW_LIMIT", "fits", "position_slots", "row_topk_slots", "selection_inputs", "slot_inputs"]
