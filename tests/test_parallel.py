@@ -129,3 +129,32 @@ def _check_uneven(tiny_ds: str, features: list, results: list) -> None:
     assert alone[-3].finish_reason.kind == "stop"  # the stop string ends the first prompt's output
     assert results[6] == results[7] == [list(c.token_ids) for c in alone]
 
+
+
+@pytest.mark.parametrize("tp", [2, 3, 4, 8])
+def test_a_prefill_splits_the_indexer_rows_over_the_attention_group(tp: int) -> None:
+    """Indexer._row_share: extend and mixed steps of at least INDEXER_SPLIT_ROWS rows per rank give every rank
+    every attn_tp-th row from its rank (causal rows load the ranks evenly), together each row once, in the
+    order all_gather_attn_rows interleaves them back; decode, verify and shorter steps score every row on every
+    rank. The equality tests above take the split: their first prefill step has 68 rows (51 in one DP group
+    of the --tp 4 --dp 2 launch)."""
+    from types import SimpleNamespace
+
+    from dsaserve.engine.layout import StepMode
+    from dsaserve.model.dsa import INDEXER_SPLIT_ROWS, Indexer
+    from dsaserve.parallel.groups import Parallel, ParallelConfig
+
+    def share(rank: int, rows: int, mode: StepMode) -> slice | None:
+        par = Parallel.without_groups(ParallelConfig(tp=tp, rank=rank))
+        return Indexer._row_share(SimpleNamespace(par=par, layout=SimpleNamespace(mode=mode)), rows)
+
+    least = INDEXER_SPLIT_ROWS * tp
+    for rows in (least, least + 1, least + tp - 1, 3 * least + 7, 8192 + 3):
+        for mode in (StepMode.EXTEND, StepMode.MIXED):
+            shares = [range(rows)[share(r, rows, mode)] for r in range(tp)]
+            assert all(len(s) >= INDEXER_SPLIT_ROWS for s in shares)
+            interleaved = [s[j] for j in range(len(shares[0])) for s in shares if j < len(s)]
+            assert interleaved == list(range(rows))  # row j * tp + r is rank r's j-th
+        assert share(0, rows, StepMode.DECODE) is None and share(0, rows, StepMode.VERIFY) is None
+    assert share(0, least - 1, StepMode.EXTEND) is None
+    assert tp != 2 or share(1, 68, StepMode.EXTEND) == slice(1, 68, 2)

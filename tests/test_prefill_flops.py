@@ -103,7 +103,8 @@ def test_prefill_flops_match_a_counted_prefill(engine_spec: tuple[LLM, int], pro
 
 def test_fp8_counts_logical_shapes_and_tp_counts_one_rank(tiny_ds: str) -> None:
     """FP8 weights (e4m3, experts padded to whole 128-blocks on the tiny model) count as their bf16 shapes;
-    under --tp 2 one rank holds half of the heads (attention halves) but the whole indexer (unchanged)."""
+    under --tp 2 one rank holds half of the heads (attention halves) and scores the even rows of a 40-row
+    prompt (the indexer's rows are split over the attention group: its scores and query side by row)."""
     cfg = ModelConfig.from_path(tiny_ds)
     fp8_cfg = ModelConfig.from_dict({**cfg.raw, "quantization_config": {"quant_method": "fp8"}})
 
@@ -114,5 +115,7 @@ def test_fp8_counts_logical_shapes_and_tp_counts_one_rank(tiny_ds: str) -> None:
     assert any(getattr(m, "padded", False) for m in fp8.modules())
     assert prefill_flop_parts(fp8, 40) == prefill_flop_parts(one, 40)
     full, half = prefill_flop_parts(one, 40), prefill_flop_parts(model(cfg, 2), 40)
-    assert half["attention"] == full["attention"] / 2 and half["indexer"] == full["indexer"]
+    keys = sum(p + 1 for p in range(40))  # one layer's indexer (row, key) pairs, each row p seeing p + 1 keys
+    assert half["attention"] == full["attention"] / 2
+    assert half["indexer"] == full["indexer"] * sum(p + 1 for p in range(0, 40, 2)) / keys
     assert half["lm_head"] == full["lm_head"] / 2 and full["linear"] / 2 < half["linear"] < full["linear"]

@@ -21,7 +21,8 @@ The prompt is taken as one chunk from position 0 (no cached prefix), as `bench o
 first chunk of a chunked prefill that ends within index_topk keys runs no indexer, which this counts (a
 small over-count), and one-batch's prefill time also holds the decode rows of mixed steps. Under tensor
 parallelism this is what one rank computes: its heads and weight shards, and all of the weights every
-rank holds (q_a, kv_a, the indexer, the router). Under DP attention a rank's MLP also runs the other
+rank holds (q_a, kv_a, the indexer, the router); a prompt's indexer rows are split over the attention group
+(rank 0's share counted: every attn_tp-th row from the first). Under DP attention a rank's MLP also runs the other
 groups' rows: B prompts over D groups cost a rank B/D prompts of the attention side and B of the MLP side,
 so B x this is an upper bound.
 """
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from dsaserve.model.dsa import DSAModel, MLAttention, Router
+from dsaserve.model.dsa import INDEXER_SPLIT_ROWS, DSAModel, MLAttention, Router
 from dsaserve.model.quant import Experts, Linear
 
 QUERY_SIDE = (".indexer.wq_b", ".indexer.weights_proj")  # indexer products that run only past index_topk keys
@@ -82,11 +83,16 @@ def prefill_flop_parts(model: DSAModel, prompt_len: int, spec_steps: int = 0) ->
     if spec_steps:
         passes += [(True, 0, prompt_len)] + [(True, prompt_len + j - 1, prompt_len + j) for j in range(1, spec_steps)]
     macs = dict.fromkeys(("linear", "attention", "indexer", "lm_head"), 0)
+    tp = model.par.cfg.attn_tp
     for mtp, first, end in passes:
         scores = end > topk  # the layout's key width is `end`: past index_topk the indexer scores keys
-        macs["linear"] += (end - first) * (rows[mtp, False] + scores * rows[mtp, True])
+        # The indexer's rows: every row, or under attention TP in a prompt's step of enough rows rank 0's
+        # share, every tp-th row from the first (Indexer._row_share; chained draft rows are single-row steps).
+        step = tp if tp > 1 and end - first >= INDEXER_SPLIT_ROWS * tp else 1
+        scored = range(first, end, step)
+        macs["linear"] += (end - first) * rows[mtp, False] + scores * len(scored) * rows[mtp, True]
         macs["attention"] += attn[mtp] * (_selected(end, topk) - _selected(first, topk))
-        macs["indexer"] += scores * index[mtp] * (end * (end + 1) - first * (first + 1)) // 2
+        macs["indexer"] += scores * index[mtp] * (len(scored) * (scored[0] + scored[-1] + 2) // 2 if scored else 0)
         macs["lm_head"] += head
     return {part: 2.0 * n for part, n in macs.items()}
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from dsaserve.cache.pools import IndexKeyPrologue, KVPools, LatentPrologue
 from dsaserve.config import ModelConfig
-from dsaserve.engine.layout import BatchLayout
+from dsaserve.engine.layout import BatchLayout, StepMode
 from dsaserve.model.quant import Experts, Linear, concat_rows
 from dsaserve.model.rope import Rotary
 from dsaserve.ops.dispatch import DSAOps
@@ -53,6 +53,9 @@ def linear(in_features: int, out_features: int) -> Linear:
     return Linear(in_features, out_features)  # compute dtype; the loader switches it to FP8 per checkpoint
 
 
+INDEXER_SPLIT_ROWS = 16  # rows per attention-TP rank from which a prefill step's indexer rows are split
+
+
 class Indexer(nn.Module):
     """Lightning indexer: scores every visible key per query row and keeps the top index_topk slots."""
 
@@ -75,18 +78,34 @@ class Indexer(nn.Module):
         if ctx.layout.key_width <= cfg.index_topk:  # every row selects all its keys: no scores needed, and
             # the previous layer's selection (same layout) is this one's
             return prev_topk if prev_topk is not None else ctx.ops.all_slots(ctx.layout, cfg.index_topk)
-        q = self._rope(self.wq_b(q_lat).view(T, cfg.index_n_heads, cfg.index_head_dim), ctx)
+        own = self._row_share(ctx, T)
+
+        def mine(t: Tensor) -> Tensor:  # this rank's rows of a per-row tensor
+            return t if own is None else t[own].contiguous()
+
+        q = self.wq_b(mine(q_lat)).view(-1, cfg.index_n_heads, cfg.index_head_dim)
+        q = rope_index_(q, cfg.qk_rope_head_dim, mine(ctx.cos), mine(ctx.sin), cfg.indexer_rope_interleave,
+                        ctx.pools.rotates_index_keys)  # (over an FP8 cache also its keys' Hadamard basis)
         cache = ctx.pools.index_keys(self.layer_id)
-        weights = linear_fp32(x, self.weights_proj.weight, self.weight_scale)  # kept in fp32
-        topk = ctx.ops.indexer_topk(q, weights, cache, ctx.layout, cfg.index_topk)
+        weights = linear_fp32(mine(x), self.weights_proj.weight, self.weight_scale)  # kept in fp32
+        topk = ctx.ops.indexer_topk(q, weights, cache, ctx.layout, cfg.index_topk, own)
+        if own is not None:
+            topk = ctx.par.all_gather_attn_rows(topk, T)
         if ctx.ops.checks:  # the indexer is replicated: every rank of the group must select the same
             ctx.par.check_same_in_attn_group(f"layer {self.layer_id} top-k", topk)
         return topk
 
-    def _rope(self, x: Tensor, ctx: StepContext) -> Tensor:
-        """The queries' rotary (and, over an FP8 index cache, the Hadamard basis its keys are stored in)."""
-        return rope_index_(x, self.cfg.qk_rope_head_dim, ctx.cos, ctx.sin, self.cfg.indexer_rope_interleave,
-                           ctx.pools.rotates_index_keys)
+    @staticmethod
+    def _row_share(ctx: StepContext, T: int) -> slice | None:
+        """The rows this rank scores when the attention group splits a prefill's rows (each rank selects for its
+        share, every attn_tp-th row, then the group gathers the slot ids: under TP the 64 index heads are not
+        sharded, and at long prompts they are about half a rank's prefill FLOPs); None: every rank scores every
+        row (decode and verify steps, whose few rows a gather would only delay, and steps of fewer than
+        INDEXER_SPLIT_ROWS rows per rank)."""
+        tp = ctx.par.cfg.attn_tp
+        if tp == 1 or ctx.layout.mode not in (StepMode.EXTEND, StepMode.MIXED) or T < INDEXER_SPLIT_ROWS * tp:
+            return None
+        return ctx.par.attn_row_share(T)
 
 
 class MLAttention(nn.Module):

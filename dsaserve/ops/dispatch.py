@@ -95,29 +95,39 @@ class DSAOps:
             out[rows] = part[:, :heads]
         return out
 
-    def indexer_topk(self, q: Tensor, weights: Tensor, k_cache: Tensor, layout: BatchLayout, topk: int) -> Tensor:
-        """Top-k slot ids [T, topk] per query row; logits are made in row chunks under the memory budget."""
+    def indexer_topk(self, q: Tensor, weights: Tensor, k_cache: Tensor, layout: BatchLayout, topk: int,
+                     rows: slice | None = None) -> Tensor:
+        """Top-k slot ids [T, topk] per query row (of the layout's `rows` only when given, a slice that may
+        stride: q and weights then hold those rows); logits are made in row chunks under the memory budget."""
         backend = _backend(self.attention_backend)
-        T = layout.num_tokens
+        row_kv_len, row_req = layout.row_kv_len, layout.row_req
+        if rows is not None:  # fresh tensors: aligned as the kernels were compiled for
+            row_kv_len, row_req = row_kv_len[rows].contiguous(), row_req[rows].contiguous()
+        T = row_req.shape[0]
         if self.checks:
-            layout.check_rows("indexer query", q)
-            layout.check_rows("indexer weights", weights)
+            if rows is None:
+                layout.check_rows("indexer query", q)
+                layout.check_rows("indexer weights", weights)
+            elif not q.shape[0] == weights.shape[0] == T:
+                raise LayoutError(f"indexer rows {rows} of {layout.num_tokens} ({T}): query {tuple(q.shape)}, "
+                                  f"weights {tuple(weights.shape)}")
             _check_cache("index-key cache", k_cache, q.shape[2], 0)
         if T == 0:
             return torch.empty(T, topk, dtype=torch.int32, device=q.device)
         if layout.key_width <= topk:  # every row sees <= topk keys: select them all, skip the logits
-            return self.all_slots(layout, topk)
+            slots = self.all_slots(layout, topk)
+            return slots if rows is None else slots[rows]
         num_keys = layout.key_width
         # Whole multiples of 16 rows: every chunk's row slices start 16-byte aligned, as the warm-up's did
         # (Triton specializes kernels on pointer alignment: an odd chunk start compiled new variants).
         rows_per_chunk = max(16, self.max_logits_bytes // (num_keys * 4) // 16 * 16)
         parts = []
         for start in range(0, T, rows_per_chunk):
-            rows = slice(start, min(start + rows_per_chunk, T))
-            kv_len, row_req = layout.row_kv_len[rows], layout.row_req[rows]
-            logits = backend.indexer_logits(q[rows], weights[rows], k_cache, layout.page_table, row_req,
-                                            kv_len, layout.page_size, num_keys)
-            parts.append(backend.topk_slots(logits, kv_len, layout.page_table, row_req, layout.page_size, topk))
+            part = slice(start, min(start + rows_per_chunk, T))
+            kv_len, req = row_kv_len[part], row_req[part]
+            logits = backend.indexer_logits(q[part], weights[part], k_cache, layout.page_table, req, kv_len,
+                                            layout.page_size, num_keys)
+            parts.append(backend.topk_slots(logits, kv_len, layout.page_table, req, layout.page_size, topk))
         return parts[0] if len(parts) == 1 else torch.cat(parts)  # one chunk (every decode step): no copy
 
     def all_slots(self, layout: BatchLayout, topk: int) -> Tensor:

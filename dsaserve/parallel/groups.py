@@ -135,6 +135,20 @@ class Parallel:
         self._collective(dist.all_gather, parts, x.contiguous(), group=self.attn)
         return torch.cat(parts, dim=-1)
 
+    def attn_row_share(self, rows: int) -> slice:
+        """This rank's share of `rows` rows that the attention group splits: every attn_tp-th row from its rank.
+        Strided, so that causal rows (later ones see more keys) load the ranks evenly."""
+        return slice(self.cfg.attn_rank, rows, self.cfg.attn_tp)
+
+    def all_gather_attn_rows(self, x: Tensor, rows: int) -> Tensor:
+        """The whole [rows, ...] from every rank's attn_row_share(rows) of it (x: this rank's)."""
+        tp = self.cfg.attn_tp
+        padded = x.new_zeros(-(-rows // tp), *x.shape[1:])  # the first ranks' shares are one row longer
+        padded[: x.shape[0]] = x
+        parts = [torch.empty_like(padded) for _ in range(tp)]
+        self._collective(dist.all_gather, parts, padded, group=self.attn)
+        return torch.stack(parts, dim=1).flatten(0, 1)[:rows]  # row j * tp + r is rank r's j-th
+
     def gather_dp_rows(self, x: Tensor, dp_sizes: tuple[int, ...]) -> Tensor:
         """Every DP group's real rows, group after group: [sum(dp_sizes), hidden].
 
