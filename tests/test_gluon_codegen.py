@@ -22,7 +22,7 @@ from triton.experimental.gluon._runtime import GluonASTSource, GluonJITFunction 
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor  # noqa: E402
 from triton.runtime.jit import mangle_type  # noqa: E402
 
-from dsaserve.ops.triton import fp8_gemm, fp8_wgmma, mla_gluon  # noqa: E402
+from dsaserve.ops.triton import fp8_gemm, fp8_wgmma, mla_gluon, topk_split  # noqa: E402
 
 FP8 = torch.float8_e4m3fn
 
@@ -98,3 +98,25 @@ def test_decode_fp8_gemm_fits_three_ctas_per_sm(split_k: bool, tmp_path) -> None
     report = _ptxas_report(fp8_gemm._gemm_kernel, args, constexprs, 4, tmp_path, num_stages=3)
     registers = int(re.search(r"Used (\d+) registers", report).group(1))
     assert registers <= 168, f"{registers} registers: fewer than three 128-thread CTAs fit an SM\n{report}"
+
+
+@pytest.mark.parametrize("rank_block", [16, 32])
+def test_split_topk_ranking_keeps_its_registers(rank_block: int, tmp_path) -> None:
+    """The split top-k's rank kernel: its ranking programs (the common path) set its registers, not the passes
+    beside them for many equal keys (with the passes holding 4,096 candidates in registers it took 229, so
+    two of its 128-thread CTAs fit an SM where the ranking needs 72-125); the counts kernel's scan of the
+    histogram copies stays at most 128."""
+    i32 = "i32"
+    rank_args = dict(CAND_POS="*i32", CAND_KEY="*i32", LEN="*i32", PT="*i32", REQ="*i32", HIST="*i32", OUT="*i32",
+                     STATE="*i32", stride_len=i32, stride_pt=i32, stride_o=i32, stride_c=i32, L=i32, page_size=i32)
+    rank_consts = dict(K=2048, CAP=topk_split.CAP, RB=rank_block, JB=topk_split.RANK_SWEEP,
+                       PASS_CHUNK=topk_split.PASS_CHUNK, BIN_BITS=topk_split.BIN_BITS, COPIES=topk_split.HIST_COPIES,
+                       FIELD=21, PDL=True)
+    report = _ptxas_report(topk_split._rank_kernel, rank_args, rank_consts, 4, tmp_path)
+    assert int(re.search(r"Used (\d+) registers", report).group(1)) <= 128, report
+    count_args = dict(X="*fp32", LEN="*i32", HIST="*i32", COUNTS="*i32", STATE="*i32", stride_x=i32, stride_len=i32,
+                      L=i32)
+    count_consts = dict(K=2048, CHUNK=topk_split.CHUNK, BIN_BITS=topk_split.BIN_BITS, COPIES=topk_split.HIST_COPIES,
+                        PDL=True)
+    report = _ptxas_report(topk_split._count_kernel, count_args, count_consts, 4, tmp_path)
+    assert int(re.search(r"Used (\d+) registers", report).group(1)) <= 128, report

@@ -42,6 +42,7 @@ CAP = 4096  # candidates ranked by comparison (RANK_BLOCK per program, RANK_SWEE
 RANK_BLOCK = 32  # candidates per ranking program; 16 up to FEW_ROWS rows (more programs where few rows leave SMs idle:
 FEW_ROWS = 8  # 20.1 -> 17.8 us at one 64K-key row, 30.9 -> 27.6 at 8; slower from 32 rows)
 RANK_SWEEP = 256
+PASS_CHUNK = 1024  # candidates per step of the passes past CAP
 MAX_ROWS = 64  # rows per call (the persistent histograms: 4 MiB per device)
 # Where this path is taken (`fits`): rows of at least 8192 keys, at most MOST_ROWS of them by key width (H200,
 # CUDA graphs of back-to-back calls, docs/benchmarks.md: at one row 14.0 / 14.5 / 17.7 us at 8K / 16K / 64K
@@ -79,8 +80,9 @@ def _histogram_kernel(X, LEN, HIST, stride_x, stride_len, L, K: tl.constexpr, CH
 def _threshold_bin(HIST, t, K: tl.constexpr, BIN_BITS: tl.constexpr, COPIES: tl.constexpr):
     """(b, keys above bin b, keys in bin b) of row t: b is the highest bin with at least K keys at or above."""
     bins = tl.arange(0, 1 << BIN_BITS)
-    copies = tl.arange(0, COPIES)
-    h = tl.sum(tl.load(HIST + (t * COPIES + copies[:, None]) * (1 << BIN_BITS) + bins[None, :]), 0)
+    h = tl.load(HIST + t * (COPIES << BIN_BITS) + bins)
+    for c in tl.static_range(1, COPIES):  # one copy at a time: 4096 counts in registers, not 4 x 4096
+        h += tl.load(HIST + (t * COPIES + c) * (1 << BIN_BITS) + bins)
     at_or_above = tl.sum(h, 0) - tl.cumsum(h, 0) + h
     b = tl.max(tl.where(at_or_above >= K, bins, -1), 0)
     in_b = tl.sum(tl.where(bins == b, h, 0), 0)
@@ -168,34 +170,34 @@ def _candidate_keys(CAND_KEY, base, s, count, CAP: tl.constexpr):
 
 
 @triton.jit
-def _select_by_passes(CAND_POS, CAND_KEY, base, count, need, v, out_row, pt_row, page_size, CAP: tl.constexpr,
+def _select_by_passes(CAND_POS, CAND_KEY, base, count, need, v, out_row, pt_row, page_size, CHUNK: tl.constexpr,
                       BIN_BITS: tl.constexpr, FIELD: tl.constexpr):
     """More candidates than the ranking takes (many equal keys): the need-th largest candidate key by two bits
     per pass over the low bits (v holds the top ones), then the candidates above it and its ties lowest
-    position first, in position order. Reads the candidates again on every pass past the first CAP."""
-    first = _candidate_keys(CAND_KEY, base, 0, count, CAP)
+    position first, in position order. Each pass reads the candidates in chunks of CHUNK (a rare path: few
+    registers, so that the ranking beside it in the kernel keeps its occupancy)."""
     mask = (1 << FIELD) - 1
     for s in tl.static_range((32 - BIN_BITS) // 2 - 1, -1, -1):
         step = tl.full([], 1, tl.uint32) << (2 * s)
         c1, c2, c3 = v | step, v | (2 * step), v | (3 * step)
-        acc = _counts_at_or_above(first, c1, c2, c3, FIELD)
-        for r in range(CAP, count, CAP):
-            acc += _counts_at_or_above(_candidate_keys(CAND_KEY, base, r, count, CAP), c1, c2, c3, FIELD)
+        acc = tl.zeros([CHUNK], tl.int64)
+        for r in range(0, count, CHUNK):
+            acc += _counts_at_or_above(_candidate_keys(CAND_KEY, base, r, count, CHUNK), c1, c2, c3, FIELD)
         n = tl.sum(acc, 0)
         v = tl.where((n >> (2 * FIELD)) >= need, c3,
                      tl.where(((n >> FIELD) & mask) >= need, c2, tl.where((n & mask) >= need, c1, v)))
-    gt_all = tl.sum((first > v).to(tl.int32), 0)
-    for r in range(CAP, count, CAP):
-        gt_all += tl.sum((_candidate_keys(CAND_KEY, base, r, count, CAP) > v).to(tl.int32), 0)
+    gt_all = tl.zeros([], tl.int32)
+    for r in range(0, count, CHUNK):
+        gt_all += tl.sum((_candidate_keys(CAND_KEY, base, r, count, CHUNK) > v).to(tl.int32), 0)
     ties = need - gt_all
     gt_before = tl.zeros([], tl.int32)
     eq_before = tl.zeros([], tl.int32)
-    for r in range(0, count, CAP):
-        key = _candidate_keys(CAND_KEY, base, r, count, CAP)
-        i = r + tl.arange(0, CAP)
+    for r in range(0, count, CHUNK):
+        key = _candidate_keys(CAND_KEY, base, r, count, CHUNK)
+        i = r + tl.arange(0, CHUNK)
         gt = key > v
         eq = (key == v) & (i < count)
-        both = gt.to(tl.int32) + (eq.to(tl.int32) << 16)  # CAP < 2**15
+        both = gt.to(tl.int32) + (eq.to(tl.int32) << 16)  # CHUNK < 2**15
         before = tl.cumsum(both, 0) - both
         eq_rank = eq_before + (before >> 16)
         sel = gt | (eq & (eq_rank < ties))
@@ -209,6 +211,7 @@ def _select_by_passes(CAND_POS, CAND_KEY, base, count, need, v, out_row, pt_row,
 @triton.jit(do_not_specialize=["stride_len", "stride_pt", "stride_o", "stride_c", "L"])
 def _rank_kernel(CAND_POS, CAND_KEY, LEN, PT, REQ, HIST, OUT, STATE, stride_len, stride_pt, stride_o, stride_c,
                  L, page_size, K: tl.constexpr, CAP: tl.constexpr, RB: tl.constexpr, JB: tl.constexpr,
+                 PASS_CHUNK: tl.constexpr,
                  BIN_BITS: tl.constexpr, COPIES: tl.constexpr, FIELD: tl.constexpr, PDL: tl.constexpr):
     """Per block of RB candidates: each one's rank among the row's candidates (larger keys, then equal keys at
     lower positions, before it); ranks below need take slot `above + rank`. Past CAP candidates block 0
@@ -240,7 +243,7 @@ def _rank_kernel(CAND_POS, CAND_KEY, LEN, PT, REQ, HIST, OUT, STATE, stride_len,
                 tl.store(out_row + rank, position_slots(pt_row, pos, page_size, sel), mask=sel)
         elif blk == 0:
             _select_by_passes(CAND_POS, CAND_KEY, base, count, need, b.to(tl.uint32) << (32 - BIN_BITS), out_row,
-                              pt_row, page_size, CAP, BIN_BITS, FIELD)
+                              pt_row, page_size, PASS_CHUNK, BIN_BITS, FIELD)
         if blk == 0:
             tl.store(HIST + t * (COPIES << BIN_BITS) + tl.arange(0, COPIES << BIN_BITS), 0)
 
@@ -281,6 +284,7 @@ def split_topk_slots(logits: Tensor, row_kv_len: Tensor, page_table: Tensor, row
     _rank_kernel[(T, CAP // rank_block)](cand_pos, cand_key, row_kv_len, page_table, row_req, hist, out, state,
                                          row_kv_len.stride(0), page_table.stride(0), out.stride(0), cand_pos.stride(0),
                                          L, page_size, K=topk, CAP=CAP, RB=rank_block, JB=RANK_SWEEP,
+                                         PASS_CHUNK=PASS_CHUNK,
                                          BIN_BITS=BIN_BITS, COPIES=HIST_COPIES, FIELD=_FIELD, num_warps=4,
                                          **launch)
     return out
