@@ -42,18 +42,6 @@ class StepShape:
         return dataclasses.replace(self, dp_sizes=self.draft_sizes, mode=StepMode.DRAFT, rows_per_req=1)
 
 
-def selection_widths(topk: int, context_length: int) -> list[int]:
-    """Key widths whose rows select on every variant the indexer's top-k compiles (ops/triton/topk.py: one per
-    power of two of the width up to its ROW_LIMIT, torch.topk past it): eager steps are as wide as their
-    longest row, so without graphs these widths are what a warm-up must run."""
-    from dsaserve.ops.triton.topk import ROW_LIMIT
-    widths, width = [], 1 << topk.bit_length()  # the first power of two above topk
-    while width <= min(2 * ROW_LIMIT, 1 << (context_length - 1).bit_length()):
-        widths.append(width)
-        width *= 2
-    return widths
-
-
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -245,8 +233,8 @@ class ModelRunner:
         from tqdm import tqdm
         if self.device.type != "cuda":
             return
+        from dsaserve.ops.triton.indexer import selection_widths, warm_selection
         if self.ops.attention_backend in ("triton", "flashmla") and self.cfg.index_topk:
-            from dsaserve.ops.triton.indexer import warm_selection
             warm_selection(self.device, self.cfg.index_topk, self.page_size, self.most_keys)
         if self.graphs is None:
             work = [(1, w) for w in selection_widths(self.cfg.index_topk, self.most_keys)]

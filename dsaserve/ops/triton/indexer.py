@@ -192,17 +192,24 @@ def topk_slots(logits: Tensor, row_kv_len: Tensor, page_table: Tensor, row_req: 
     return torch_topk_slots(logits, row_kv_len, page_table, row_req, page_size, topk)
 
 
+def selection_widths(topk: int, max_keys: int) -> list[int]:
+    """Key widths whose rows select on every width variant topk_slots compiles for rows of up to max_keys keys:
+    each power of two past topk up to the row kernel's widest tier (its variants are per power of two; the split
+    path has none; past ROW_LIMIT torch.topk compiles nothing but the slot kernel). Eager steps are as wide as
+    their longest row, so without graphs these widths are what a warm-up must run."""
+    widths, width = [], 1 << topk.bit_length()  # the first power of two above topk
+    while width <= min(2 * row_topk.ROW_LIMIT, next_pow2(max_keys)):
+        widths.append(width)
+        width *= 2
+    return widths
+
+
 def selection_shapes(topk: int, max_keys: int) -> list[tuple[int, int]]:
     """(rows, key width) pairs whose selections compile every kernel variant topk_slots uses for rows of up to
-    max_keys keys: each power-of-two width past topk up to the row kernel's widest tier (the split path has no
-    width variant; torch.topk compiles nothing but the slot kernel, which the last tier's many rows reach), at
-    one row and where the path or the split path's rank block changes with the row count."""
-    shapes, width = [], 1 << topk.bit_length()
-    while width <= min(2 * row_topk.ROW_LIMIT, next_pow2(max_keys)):
-        rows = {1, topk_split.FEW_ROWS + 1, max(topk_split.MOST_ROWS.values()) + 1}
-        shapes += [(r, width) for r in sorted(rows)]
-        width *= 2
-    return shapes
+    max_keys keys: each of selection_widths at one row and where the path or the split path's rank block
+    changes with the row count (the widest width's many rows reach torch.topk's slot kernel)."""
+    rows = sorted({1, topk_split.FEW_ROWS + 1, max(topk_split.MOST_ROWS.values()) + 1})
+    return [(r, width) for width in selection_widths(topk, max_keys) for r in rows]
 
 
 def warm_selection(device: torch.device, topk: int, page_size: int, max_keys: int) -> None:
@@ -244,5 +251,5 @@ def min_bytes(T: int, HI: int, DI: int, L: int, distinct_requests: int, elem: in
     return float(distinct_requests * L * key + T * HI * (DI * elem + 4) + T * L * 4)
 
 
-__all__ = ["CONFIG", "flops", "indexer_logits", "min_bytes", "selection_shapes", "topk_slots", "torch_topk_slots",
-           "warm_selection"]
+__all__ = ["CONFIG", "flops", "indexer_logits", "min_bytes", "selection_shapes", "selection_widths", "topk_slots",
+           "torch_topk_slots", "warm_selection"]
