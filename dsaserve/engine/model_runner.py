@@ -114,10 +114,10 @@ class ModelRunner:
                              f"{self.cfg.num_nextn_predict_layers}")
         self.page_size = args.page_size
         self.context_length = args.context_length or self.cfg.context_length
-        self.ops = DSAOps(attention_backend=resolve_attention_backend(args.attention_backend, self.device, self.cfg,
-                                                                      self.dtype, self.kv_dtype),
-                          moe_backend=resolve_backend(args.moe_backend, self.device),
-                          max_logits_bytes=args.indexer_max_logits_mb << 20)
+        attention = resolve_attention_backend(args.attention_backend, self.device, self.cfg, self.dtype, self.kv_dtype)
+        self.ops = DSAOps(attention_backend=attention, moe_backend=resolve_backend(args.moe_backend, self.device),
+                          max_logits_bytes=args.indexer_max_logits_mb << 20,
+                          side_stream=torch.cuda.Stream(self.device) if attention in ("triton", "flashmla") else None)
         self._log_sparse_mla_kernel()
         self.cache_layers = cache_layers(self.cfg, self.spec_steps)
         if self.par.cfg.rank == 0:

@@ -54,6 +54,7 @@ def linear(in_features: int, out_features: int) -> Linear:
 
 
 INDEXER_SPLIT_ROWS = 16  # rows per attention-TP rank from which a prefill step's indexer rows are split
+SIDE_STREAM_ROWS = 256  # steps of at most this many rows run the indexer on DSAOps.side_stream
 
 
 class Indexer(nn.Module):
@@ -148,6 +149,11 @@ class MLAttention(nn.Module):
         cfg, T, H = self.cfg, x.shape[0], self.num_heads
         q_a, k_proj, kv_a = self._project_input(x)
         q_lat = self.q_a_layernorm(q_a)
+        side = self._side_stream(ctx, T)
+        if side is not None:  # the indexer's chain beside the query path; joined before the attention
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                topk = self.indexer(x, q_lat, k_proj, ctx, prev_topk)
         q = self.q_b_proj(q_lat).view(T, H, cfg.qk_head_dim)
         latent, k_pe = kv_a.split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
         norm = self.kv_a_layernorm  # applied by the write, with k_pe's rotary (one launch on CUDA)
@@ -155,16 +161,32 @@ class MLAttention(nn.Module):
                                LatentPrologue(norm.weight, norm.eps, ctx.cos, ctx.sin))
         cache = ctx.pools.latent(self.layer_id)
 
-        topk = self.indexer(x, q_lat, k_proj, ctx, prev_topk) if self.indexer is not None else prev_topk
+        if side is None:
+            topk = self.indexer(x, q_lat, k_proj, ctx, prev_topk) if self.indexer is not None else prev_topk
         assert topk is not None, "a shared-indexer layer needs the previous layer's top-k"
         w_kv = self.kv_b_proj.weight.view(H, cfg.qk_nope_head_dim + cfg.v_head_dim, cfg.kv_lora_rank)
         w_uk, w_uv = w_kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=1)
         # The query [latent part | rope part]: W_UK folded into q_nope, and the rotated q_pe
         q_full = absorb_query(q, w_uk, ctx.cos, ctx.sin, x.new_empty(T, H, cfg.kv_lora_rank + cfg.qk_rope_head_dim))
         q_full = q_full.to(ctx.pools.query_dtype(x.dtype))
+        if side is not None:
+            torch.cuda.current_stream().wait_stream(side)
         o_lat = ctx.ops.sparse_mla(q_full, cache, topk, cfg.softmax_scale, cfg.kv_lora_rank, ctx.layout)
         o = absorb_output(o_lat.to(x.dtype), w_uv)  # W_UV applied after attention
         return ctx.par.all_reduce_attn(self.o_proj(o.view(T, H * cfg.v_head_dim))), topk
+
+
+    def _side_stream(self, ctx: StepContext, T: int) -> torch.cuda.Stream | None:
+        """The stream this layer's indexer runs on, or None (in order on the caller's). In decode-sized steps
+        whose keys outnumber index_topk the indexer's chain of small kernels (its query GEMM, scores, top-k)
+        is the longest part of the layer and does not read the query path's results (q_b, the latent write,
+        W_UK): on two streams the two chains overlap. Not where the indexer runs collectives (a prefill's row
+        split) or reads values back (checked mode)."""
+        side = ctx.ops.side_stream
+        if (side is None or self.indexer is None or T > SIDE_STREAM_ROWS or ctx.ops.checks
+                or ctx.layout.key_width <= self.cfg.index_topk or Indexer._row_share(ctx, T) is not None):
+            return None
+        return side
 
 
 class DenseMLP(nn.Module):

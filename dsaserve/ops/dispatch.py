@@ -49,6 +49,9 @@ class DSAOps:
     max_logits_bytes: int = 512 << 20
     head_multiple: int | None = None  # overrides the attention kernel's own requirement (tests)
     max_query_rows: int | None = None  # overrides the attention kernel's rows per call (tests)
+    # A second CUDA stream on which a layer's indexer runs beside its query path (model/dsa.py MLAttention);
+    # None: every op on the caller's stream.
+    side_stream: torch.cuda.Stream | None = None
 
     @property
     def checks(self) -> bool:

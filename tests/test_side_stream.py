@@ -1,0 +1,64 @@
+"""The indexer on a second CUDA stream (model/dsa.py MLAttention._side_stream) changes no result.
+
+The two streams run the same kernels on the same inputs; only their order on the GPU differs. A race (the
+attention reading a top-k the side stream has not finished, a buffer reused while the other stream reads it)
+would change tokens or log-probs, so the runs must agree exactly: greedy tokens and top-2 log-probs of every
+step, with CUDA graphs (decode) and eagerly (checked mode off, so eager steps take the side stream too),
+prompts longer than the tiny models' index_topk (16) so that the indexer scores keys.
+"""
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+if not torch.cuda.is_available():
+    pytest.skip("needs CUDA", allow_module_level=True)
+
+from dsaserve.engine.request import SamplingParams  # noqa: E402
+from dsaserve.llm import LLM  # noqa: E402
+from dsaserve.model import dsa  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+PROMPT_LENGTHS = [40, 90, 23, 200, 7, 130]
+
+
+def _run(path: str, kv: str, graphs: bool, taken: list[bool]) -> list[tuple[list[int], list]]:
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(5, 500, (n,), generator=gen).tolist() for n in PROMPT_LENGTHS]
+    taken.clear()  # graphs are captured while the engine starts
+    llm = LLM(path, device="cuda", dtype="bfloat16", mem_fraction=0.3, kv_cache_dtype=kv,
+              cuda_graph_max_bs=None if graphs else 0)
+    try:
+        params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, logprobs=2)
+        return [(o.token_ids, o.logprobs) for o in llm.generate(prompts, params)]
+    finally:
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("arch,kv,graphs", [("deepseek_v32", "auto", True), ("glm_moe_dsa", "fp8_e4m3", True),
+                                             ("deepseek_v32", "fp8_e4m3", False)])
+def test_the_indexer_on_a_side_stream_changes_nothing(arch: str, kv: str, graphs: bool, tiny_models: dict[str, str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DSASERVE_CHECKS", "0")  # checked mode keeps eager steps on one stream
+    taken: list[bool] = []
+    choose = dsa.MLAttention._side_stream
+
+    def spy(self: dsa.MLAttention, ctx: dsa.StepContext, T: int) -> torch.cuda.Stream | None:
+        side = choose(self, ctx, T)
+        taken.append(side is not None)
+        return side
+
+    monkeypatch.setattr(dsa.MLAttention, "_side_stream", spy)
+    overlapped = _run(tiny_models[arch], kv, graphs, taken)
+    assert any(taken), "no layer ran its indexer on the side stream"
+    monkeypatch.setattr(dsa, "SIDE_STREAM_ROWS", 0)  # every step on one stream
+    in_order = _run(tiny_models[arch], kv, graphs, taken)
+    assert not any(taken)
+    for i, ((toks, lps), (ref_toks, ref_lps)) in enumerate(zip(overlapped, in_order)):
+        assert toks == ref_toks, f"prompt {i}: tokens differ at step {next(j for j, (a, b) in enumerate(zip(toks, ref_toks)) if a != b)}"
+        assert lps == ref_lps, f"prompt {i}: log-probs differ"
