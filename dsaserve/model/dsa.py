@@ -150,31 +150,43 @@ class MLAttention(nn.Module):
         q_a, k_proj, kv_a = self._project_input(x)
         q_lat = self.q_a_layernorm(q_a)
         side = self._side_stream(ctx, T)
-        if side is not None:  # the indexer's chain beside the query path; joined before the attention
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                topk = self.indexer(x, q_lat, k_proj, ctx, prev_topk)
+        if side is None:
+            q_full = self._query(x, q_lat, kv_a, ctx)
+            topk = self.indexer(x, q_lat, k_proj, ctx, prev_topk) if self.indexer is not None else prev_topk
+        else:  # the indexer's chain beside the query path, joined before the attention even when one raises
+            main = torch.cuda.current_stream()  # (the failed step's pages go back to the pool)
+            side.wait_stream(main)
+            try:
+                with torch.cuda.stream(side):
+                    topk = self.indexer(x, q_lat, k_proj, ctx, prev_topk)
+                q_full = self._query(x, q_lat, kv_a, ctx)
+            finally:
+                main.wait_stream(side)
+        assert topk is not None, "a shared-indexer layer needs the previous layer's top-k"
+        o_lat = ctx.ops.sparse_mla(q_full, ctx.pools.latent(self.layer_id), topk, cfg.softmax_scale,
+                                   cfg.kv_lora_rank, ctx.layout)
+        o = absorb_output(o_lat.to(x.dtype), self._absorbed()[1])  # W_UV applied after attention
+        return ctx.par.all_reduce_attn(self.o_proj(o.view(T, H * cfg.v_head_dim))), topk
+
+    def _absorbed(self) -> tuple[Tensor, Tensor]:
+        """(W_UK [H, nope, latent], W_UV [H, v, latent]): kv_b_proj's two parts."""
+        cfg = self.cfg
+        w_kv = self.kv_b_proj.weight.view(self.num_heads, cfg.qk_nope_head_dim + cfg.v_head_dim, cfg.kv_lora_rank)
+        w_uk, w_uv = w_kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=1)
+        return w_uk, w_uv
+
+    def _query(self, x: Tensor, q_lat: Tensor, kv_a: Tensor, ctx: StepContext) -> Tensor:
+        """The attention's query path: q_b, this step's latent rows into the cache, and the absorbed query
+        [T, H, latent | rope] (W_UK folded into q_nope, q_pe rotated) in the cache's query dtype."""
+        cfg, T, H = self.cfg, x.shape[0], self.num_heads
         q = self.q_b_proj(q_lat).view(T, H, cfg.qk_head_dim)
         latent, k_pe = kv_a.split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
         norm = self.kv_a_layernorm  # applied by the write, with k_pe's rotary (one launch on CUDA)
         ctx.pools.write_latent(self.layer_id, ctx.layout.out_slots, latent, k_pe,
                                LatentPrologue(norm.weight, norm.eps, ctx.cos, ctx.sin))
-        cache = ctx.pools.latent(self.layer_id)
-
-        if side is None:
-            topk = self.indexer(x, q_lat, k_proj, ctx, prev_topk) if self.indexer is not None else prev_topk
-        assert topk is not None, "a shared-indexer layer needs the previous layer's top-k"
-        w_kv = self.kv_b_proj.weight.view(H, cfg.qk_nope_head_dim + cfg.v_head_dim, cfg.kv_lora_rank)
-        w_uk, w_uv = w_kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=1)
-        # The query [latent part | rope part]: W_UK folded into q_nope, and the rotated q_pe
-        q_full = absorb_query(q, w_uk, ctx.cos, ctx.sin, x.new_empty(T, H, cfg.kv_lora_rank + cfg.qk_rope_head_dim))
-        q_full = q_full.to(ctx.pools.query_dtype(x.dtype))
-        if side is not None:
-            torch.cuda.current_stream().wait_stream(side)
-        o_lat = ctx.ops.sparse_mla(q_full, cache, topk, cfg.softmax_scale, cfg.kv_lora_rank, ctx.layout)
-        o = absorb_output(o_lat.to(x.dtype), w_uv)  # W_UV applied after attention
-        return ctx.par.all_reduce_attn(self.o_proj(o.view(T, H * cfg.v_head_dim))), topk
-
+        q_full = absorb_query(q, self._absorbed()[0], ctx.cos, ctx.sin,
+                              x.new_empty(T, H, cfg.kv_lora_rank + cfg.qk_rope_head_dim))
+        return q_full.to(ctx.pools.query_dtype(x.dtype))
 
     def _side_stream(self, ctx: StepContext, T: int) -> torch.cuda.Stream | None:
         """The stream this layer's indexer runs on, or None (in order on the caller's). In decode-sized steps
