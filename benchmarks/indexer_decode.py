@@ -1,0 +1,128 @@
+"""The indexer's logits at decode rows as a decode step runs them: a CUDA graph of back-to-back
+`indexer_logits` calls, each over its own FP8 index-key cache (132-byte rows, page 64, pages in random order),
+as the model's layers are; key widths are the power-of-two buckets the graphs see (the longest row ends just
+past half of its width, the other rows between half and all of the context). Prints us per call and the
+fraction of copy bandwidth measured in the same run on the key bytes read; every swept config's logits are
+checked against the default's, the default's against the reference.
+
+    python benchmarks/indexer_decode.py [--cases 1x32768 4x32768 ...] [--sweep] [--output-json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+import triton.testing
+
+if importlib.util.find_spec("dsaserve") is None:  # PYTHONPATH's dsaserve wins (an A/B against a base package)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dsaserve.bench.one_batch import copy_bandwidth  # noqa: E402
+from dsaserve.cache import kv_format  # noqa: E402
+from dsaserve.ops import reference as ref  # noqa: E402
+from dsaserve.ops.triton import indexer  # noqa: E402
+
+HEADS, DIM, PAGE, LAYERS = 64, 128, 64, 24
+DEFAULT_CASES = ["1x1040", "16x1040", "1x8208", "1x32784", "4x32784", "16x32784"]
+ROW_BYTES = kv_format.row_bytes(DIM, 0, kv_format.FP8)
+
+
+def width_of(context: int) -> int:
+    """The graphs' key-width bucket for a context: the next power of two above it."""
+    return 1 << context.bit_length()
+
+
+def layers(rows: int, context: int, gen: torch.Generator) -> list[tuple]:
+    """LAYERS argument tuples of indexer_logits, one cache each."""
+    dev, width = "cuda", width_of(context)
+    pages = width // PAGE  # the page table spans the key width, as the engine's does
+    out = []
+    for _ in range(LAYERS):
+        table = torch.randperm(rows * pages, device=dev, generator=gen, dtype=torch.int32).reshape(rows, pages)
+        keys = torch.randn(rows * pages * PAGE, DIM, device=dev, generator=gen).to(torch.bfloat16)
+        q = torch.randn(rows, HEADS, DIM, device=dev, generator=gen).to(torch.bfloat16)
+        weights = torch.randn(rows, HEADS, device=dev, generator=gen) * (HEADS * DIM) ** -0.5
+        lengths = torch.randint(context // 2, context + 1, (rows, 1), device=dev, generator=gen, dtype=torch.int32)
+        lengths[0] = context
+        out.append((q, weights, kv_format.quantize_fp8(keys), table, torch.arange(rows, dtype=torch.int32,
+                                                                                    device=dev), lengths, PAGE, width))
+    return out
+
+
+def time_graph(calls: list[tuple]) -> float:
+    """us per call of one graph of every call."""
+    def run() -> None:
+        for args in calls:
+            indexer.indexer_logits(*args)
+    run()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    return triton.testing.do_bench(graph.replay, warmup=10, rep=60, return_mode="median") * 1e3 / len(calls)
+
+
+def run_case(rows: int, context: int, configs: list[dict | None], copy_Bps: float, gen: torch.Generator) -> dict:
+    calls = layers(rows, context, gen)
+    indexer.CONFIG = None
+    base = indexer.indexer_logits(*calls[0])
+    if rows * context <= 16 * 32784:
+        want = ref.indexer_logits(*calls[0])
+        finite = torch.isfinite(want)
+        assert torch.equal(finite, torch.isfinite(base)), "the default's -inf layout differs from the reference's"
+        err = ((base[finite] - want[finite]).norm() / want[finite].norm()).item()
+        assert err < 2e-3, f"the default's logits are off the reference by {err:.2e}"
+    key_bytes = int(calls[0][5].sum()) * ROW_BYTES
+    results = []
+    for cfg in configs:
+        indexer.CONFIG = cfg
+        try:
+            got = indexer.indexer_logits(*calls[0])
+            finite = torch.isfinite(base)
+            assert torch.equal(finite, torch.isfinite(got)) and torch.allclose(got[finite], base[finite], rtol=1e-4,
+                                                                                atol=1e-5), "logits differ"
+            us = time_graph(calls)
+        except Exception as exc:  # a tile config that does not fit: report, go on
+            print(f"{rows}x{context} {cfg}: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
+            continue
+        finally:
+            indexer.CONFIG = None
+        results.append({"config": cfg, "us": us, "of_copy": key_bytes / (us * 1e-6) / copy_Bps})
+    default = next(r for r in results if r["config"] is None)
+    best = min(results, key=lambda r: r["us"])
+    return {"rows": rows, "context": context, "width": width_of(context), "key_MB": key_bytes / 1e6,
+            "default_us": default["us"], "default_of_copy": default["of_copy"], "best_us": best["us"],
+            "best_config": best["config"], "swept": results}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", nargs="+", default=DEFAULT_CASES, help="ROWSxCONTEXT")
+    ap.add_argument("--sweep", action="store_true", help="also time key blocks of 64 / 128, 1-8 blocks per "
+                                                        "program, 4 / 8 warps, 2 / 3 stages")
+    ap.add_argument("--output-json", default=None)
+    args = ap.parse_args()
+    configs: list[dict | None] = [None]
+    if args.sweep:
+        configs += [dict(block_n=bn, iters=it, num_warps=nw, num_stages=ns)
+                    for bn, it, nw, ns in itertools.product((64, 128), (1, 2, 4, 8), (4, 8), (2, 3))]
+    copy_Bps = copy_bandwidth(torch.device("cuda"))
+    gen = torch.Generator("cuda").manual_seed(0)
+    results = [run_case(*map(int, c.split("x")), configs, copy_Bps, gen) for c in args.cases]
+    print(f"{torch.cuda.get_device_name()}; copy {copy_Bps / 1e12:.2f} TB/s; FP8 keys; us per call "
+          f"(a graph of {LAYERS} calls, median)")
+    print(f"{'rows':>5} {'context':>8} {'width':>7} {'key MB':>7} {'default us':>11} {'of copy':>8} {'best us':>8}  best")
+    for r in results:
+        print(f"{r['rows']:>5} {r['context']:>8} {r['width']:>7} {r['key_MB']:>7.2f} {r['default_us']:>11.2f} "
+              f"{r['default_of_copy']:>8.1%} {r['best_us']:>8.2f}  {r['best_config'] or 'default'}")
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps({"device": torch.cuda.get_device_name(),
+                                                      "copy_Bps": copy_Bps, "cases": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
