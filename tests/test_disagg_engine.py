@@ -43,11 +43,12 @@ def pd_pair(model: str, backend: str = "nixl", prefill: dict | None = None, deco
 
 
 def run_pd(pre: Engine, dec: Engine, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
-           max_steps: int = 20000, logprobs: dict[str, list] | None = None,
+           limit_s: float = 240.0, logprobs: dict[str, list] | None = None,
            ) -> tuple[dict[str, RequestOutput], dict[str, list[int]]]:
     """Send every prompt to both engines (as the router does) and step both until idle; the decode engine's
     final outputs and tokens by request id (and its log-probabilities into `logprobs` when given). One
-    SamplingParams for all prompts or one per prompt."""
+    SamplingParams for all prompts or one per prompt. A run unfinished after `limit_s` fails with both sides'
+    state (a liveness bound: these runs take seconds)."""
     peer = f"tcp://127.0.0.1:{pre.disagg.port}"
     per_prompt = params if isinstance(params, list) else [params] * len(prompts)
     for i, (ids, p) in enumerate(zip(prompts, per_prompt)):
@@ -56,7 +57,8 @@ def run_pd(pre: Engine, dec: Engine, prompts: list[list[int]], params: SamplingP
         dec.add_request(f"r{i}", ids, p, DisaggRoute(room, peer))
     final: dict[str, RequestOutput] = {}
     tokens: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
-    for _ in range(max_steps):
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
         pre.step()
         for out in dec.step():
             tokens[out.rid] += out.new_token_ids
@@ -65,10 +67,20 @@ def run_pd(pre: Engine, dec: Engine, prompts: list[list[int]], params: SamplingP
             if out.finished:
                 final[out.rid] = out
         if len(final) == len(prompts) and not (pre.has_work() or dec.has_work()):
-            break
+            return final, tokens
         if not (pre.has_work() or dec.has_work()):
             time.sleep(0.002)  # a control message is on its way between the engines
-    return final, tokens
+    raise AssertionError(f"the PD run did not finish in {limit_s:.0f} s: {pd_state(pre, dec, final)}")
+
+
+def pd_state(pre: Engine, dec: Engine, final: dict[str, RequestOutput]) -> str:
+    """Where each side's requests are: what a hung run's failure shows."""
+    rooms = {room: ("sent" if inc.sent else "unsent") + (", done seen" if inc.done is not None else "")
+             for room, inc in dec.disagg.rooms.items()}
+    out = {room: ("writing" if o.handle is not None else "dest known" if o.dest is not None else "awaiting dest")
+           for room, o in pre.disagg.out.items()}
+    return (f"finished {sorted(final)}; decode: work {dec.has_work()}, requests {sorted(dec.requests)}, rooms "
+            f"{rooms}; prefill: work {pre.has_work()}, requests {sorted(pre.requests)}, outgoing {out}")
 
 
 def assert_pools_whole(*engines: Engine) -> None:
