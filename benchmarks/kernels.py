@@ -47,7 +47,7 @@ def bench(fn, rep: int = 100, graph: bool = False) -> float:
             fn()
         torch.cuda.current_stream().wait_stream(stream)
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
+        with torch.cuda.graph(g, stream=stream):  # the stream the warm-up made the kernels' scratch for
             fn()
         fn = g.replay
     return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median")

@@ -101,15 +101,49 @@ def test_fp8_linear_split_k_sums_the_partials_in_order(M: int, N: int, K: int, s
 
     for _ in range(3):
         assert torch.equal(gemm(), want), "split-K output differs from the in-order sum of the partials"
-        assert not fp8_gemm._tickets(x.device).any(), "a split-K ticket was not put back to 0"
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+        assert not _tickets(torch.cuda.current_stream()).any(), "a split-K ticket was not put back to 0"
+    graph, capture = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    capture.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(capture):  # the capturing stream's tickets are made outside the graph
+        gemm()
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph, stream=capture):
         out = gemm()
     for _ in range(3):
         out.fill_(float("nan"))
         graph.replay()
         assert torch.equal(out, want), "a CUDA graph replay of split-K differs"
-    assert not fp8_gemm._tickets(x.device).any()
+    torch.cuda.synchronize()
+    assert not _tickets(capture).any()
+
+
+def _tickets(stream: torch.cuda.Stream) -> torch.Tensor:
+    with torch.cuda.stream(stream):
+        return fp8_gemm._tickets(torch.device(DEV, torch.cuda.current_device()))
+
+
+def test_split_k_gemms_on_two_streams_keep_their_own_tickets() -> None:
+    """Split-K GEMMs running at once on two streams (the indexer's query GEMM on DSAOps.side_stream beside the
+    attention's q_b, at decode rows): each stream counts its tiles' partials in tickets of its own, so every
+    output equals, bit for bit, the same GEMM run alone (shared tickets let one GEMM's last program sum before
+    the other's partials, or never, and leave tiles unwritten)."""
+    gen = torch.Generator(DEV).manual_seed(5)
+    q_b, wq_b = _weight(3072, 1536, (128, 128), gen), _weight(8192, 1536, (128, 128), gen)  # a TP-8 rank's
+    x = torch.randn(1, 1536, device=DEV, generator=gen).to(BF16)
+    cfg = dict(splits=6, cublas=0, wgmma=0)
+    want_q, want_i = fp8_gemm.fp8_linear(x, q_b, config=cfg), fp8_gemm.fp8_linear(x, wq_b, config=cfg)
+    main, side = torch.cuda.current_stream(), torch.cuda.Stream()
+    outs = []
+    for _ in range(50):
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            index_q = fp8_gemm.fp8_linear(x, wq_b, config=cfg)
+        outs.append((fp8_gemm.fp8_linear(x, q_b, config=cfg), index_q))
+        main.wait_stream(side)
+    torch.cuda.synchronize()
+    for i, (q, index_q) in enumerate(outs):
+        assert torch.equal(q, want_q) and torch.equal(index_q, want_i), f"round {i}: a GEMM's output differs"
+    assert not _tickets(main).any() and not _tickets(side).any()
 
 
 @pytest.mark.parametrize("M,N,K", [(256, 1536, 7168), (301, 576, 7168), (300, 1008, 1536), (1030, 24576, 1536),

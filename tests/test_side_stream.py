@@ -3,8 +3,10 @@
 The two streams run the same kernels on the same inputs; only their order on the GPU differs. A race (the
 attention reading a top-k the side stream has not finished, a buffer reused while the other stream reads it)
 would change tokens or log-probs, so the runs must agree exactly: greedy tokens and top-2 log-probs of every
-step, with CUDA graphs (decode) and eagerly (checked mode off, so eager steps take the side stream too),
-prompts longer than the tiny models' index_topk (16) so that the indexer scores keys.
+step, with CUDA graphs (decode) and eagerly (checked mode off: its value reads would sync the streams),
+prompts longer than the tiny models' index_topk (16) so that the indexer scores keys. (The tiny models' GEMMs
+never split K: scratch that two streams' kernels must not share is tested at the kernels,
+test_fp8_kernels.py::test_split_k_gemms_on_two_streams_keep_their_own_tickets.)
 """
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ def _run(path: str, kv: str, graphs: bool, taken: list[bool]) -> list[tuple[list
                                              ("deepseek_v32", "fp8_e4m3", False)])
 def test_the_indexer_on_a_side_stream_changes_nothing(arch: str, kv: str, graphs: bool, tiny_models: dict[str, str],
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("DSASERVE_CHECKS", "0")  # checked mode keeps eager steps on one stream
+    monkeypatch.setenv("DSASERVE_CHECKS", "0")  # its value reads would sync the streams: less overlap to test
     taken: list[bool] = []
     choose = dsa.MLAttention._side_stream
 

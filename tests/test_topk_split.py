@@ -77,7 +77,8 @@ def test_split_topk_slots(case):
     want = _rule_slots(x, kv, page_table, page, k)
     for r in range(len(lens)):
         assert set(got[r, : int(n_valid[r])].tolist()) == want[r], f"row {r}: selected set differs from the rule"
-    assert not topk_split._histograms(x.device).any(), "the histograms are not cleared for the next call"
+    hist = topk_split._histograms(x.device, torch.cuda.current_stream().cuda_stream)
+    assert not hist.any(), "the histograms are not cleared for the next call"
     if kind == "normal":  # distinct values: the reference's set too
         ref_slots = ref.topk_slots(x, kv, page_table, row_req, page, k)
         assert torch.equal(got.sort(dim=1).values, ref_slots.sort(dim=1).values)
@@ -89,9 +90,13 @@ def test_split_topk_in_a_cuda_graph_and_the_dispatch():
     lens, width, k = [30000, 20000], 32768, 2048
     x, kv, page_table, row_req = _rows(lens, width, 64, 0, "normal")
     assert topk_split.fits(len(lens), width)
-    topk_split.split_topk_slots(x, kv, page_table, row_req, 64, k)  # allocates the histograms outside the graph
+    capture = torch.cuda.Stream()  # the histograms are made outside the graph, for the capturing stream
+    capture.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(capture):
+        topk_split.split_topk_slots(x, kv, page_table, row_req, 64, k)
+    torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=capture):
         out = tindexer.topk_slots(x, kv, page_table, row_req, 64, k)
     for seed in range(3):
         fresh, *_ = _rows(lens, width, 64, 10 + seed, "ties" if seed == 1 else "normal")

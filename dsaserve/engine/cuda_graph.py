@@ -67,6 +67,9 @@ class GraphRunner:
         self.graphs: dict[tuple, _Graph] = {}
         self._shared_out: dict[tuple, Tensor] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
+        # Each graph's warm-up call and its capture run on this stream: kernels' per-stream scratch
+        # (ops/triton/_common.stream_scratch) is made and zeroed by the warm-up, never inside a capture.
+        self.stream = torch.cuda.Stream(device) if self.capture else None
         self.stats = GraphStats()
         self.frozen = False  # after start-up capture under DP attention: a miss must not capture
 
@@ -113,8 +116,10 @@ class GraphRunner:
         static = layout.cloned()
         graph = _Graph(static, {k: v.clone() for k, v in inputs.items()})
         if self.capture:
-            warm = fn(graph.inputs, graph.layout)  # Triton compiles, lazy buffers exist before capture
-            shared = [self._shared(key[0], i, o) for i, o in enumerate(warm)]
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.stream):  # Triton compiles, lazy buffers exist before capture
+                warm = fn(graph.inputs, graph.layout)
+                shared = [self._shared(key[0], i, o) for i, o in enumerate(warm)]
             del warm
             torch.cuda.synchronize(self.device)
             graph.graph = torch.cuda.CUDAGraph()
@@ -123,7 +128,7 @@ class GraphRunner:
             collecting = gc.isenabled()
             gc.disable()
             try:
-                with torch.cuda.graph(graph.graph, pool=self.pool):
+                with torch.cuda.graph(graph.graph, pool=self.pool, stream=self.stream):
                     for buf, out in zip(shared, fn(graph.inputs, graph.layout)):
                         buf.copy_(out)
             finally:

@@ -192,10 +192,10 @@ class MLAttention(nn.Module):
         """The stream this layer's indexer runs on, or None (in order on the caller's). In decode-sized steps
         whose keys outnumber index_topk the indexer's chain of small kernels (its query GEMM, scores, top-k)
         is the longest part of the layer and does not read the query path's results (q_b, the latent write,
-        W_UK): on two streams the two chains overlap. Not where the indexer runs collectives (a prefill's row
-        split) or reads values back (checked mode)."""
+        W_UK): on two streams the two chains overlap. Not in a prefill's row split (its gather). In checked mode
+        too: a graph's eager warm-up call and its capture must take the same streams (per-stream scratch)."""
         side = ctx.ops.side_stream
-        if (side is None or self.indexer is None or T > SIDE_STREAM_ROWS or ctx.ops.checks
+        if (side is None or self.indexer is None or T > SIDE_STREAM_ROWS
                 or ctx.layout.key_width <= self.cfg.index_topk or Indexer._row_share(ctx, T) is not None):
             return None
         return side

@@ -26,6 +26,24 @@ def new_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) 
     return out
 
 
+def stream_scratch(kind: str, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """int32 zeros that kernels keep between launches and leave zeroed (split-K tickets, top-k histograms): one
+    buffer per (kind, device, current stream), since kernels on two streams can run at once
+    (DSAOps.side_stream) while the launches on one stream run one after another."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    return _scratch(kind, shape, device, stream)
+
+
+@functools.lru_cache(maxsize=None)
+def _scratch(kind: str, shape: tuple[int, ...], device: torch.device, stream: int) -> torch.Tensor:
+    # Made in a capture, a buffer's zeroing would only be recorded (and its memory would come from the graph
+    # pool, which other graphs' temporaries share): the graph runner warms every step on its capture stream.
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"the {kind} of stream {stream:#x} would be made inside a CUDA graph capture: run the "
+                           f"captured function once eagerly on the capturing stream first")
+    return torch.zeros(shape, dtype=torch.int32, device=device)
+
+
 @functools.lru_cache(maxsize=None)
 def num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count

@@ -30,7 +30,7 @@ import triton.language as tl
 from dsaserve.ops.fp8 import FP8, BlockFP8
 from dsaserve.ops.triton import fp8_wgmma
 from dsaserve.ops.triton._common import (agrees_with_reference, new_empty, next_pow2, pdl, pdl_start, quantize_rows,
-                                         sm_count, tile_ids)
+                                         sm_count, stream_scratch, tile_ids)
 
 Tensor = torch.Tensor
 K_BLOCKS = (32, 64, 128, 256)  # weight K blocks the kernel takes: one K step each (e4m3 dots need K >= 32)
@@ -51,16 +51,13 @@ def _act_quant_kernel(X, Q, S, M, K, stride_x, stride_q, stride_s, stride_sg,
     tl.store(S + row * stride_s + g * stride_sg, scale, mask=g * GROUP < K)
 
 
-MAX_TILES = 16384  # output tiles a split-K launch may have: one int32 ticket each (64 KiB per device)
+MAX_TILES = 16384  # output tiles a split-K launch may have: one int32 ticket each (64 KiB per stream)
 
 
-@functools.lru_cache(maxsize=None)
 def _tickets(device: torch.device) -> Tensor:
-    """The split-K tickets of a device, all 0 between launches (each launch's last programs reset theirs).
-    Allocated once, normally by the warm-up's first split-K GEMM (were it inside a CUDA graph capture, the graph
-    would also zero them on replay: harmless), and shared by every launch on the device: GEMMs run one after
-    another on one stream."""
-    return torch.zeros(MAX_TILES, dtype=torch.int32, device=device)
+    """The split-K tickets of the current stream, all 0 between launches (each launch's last programs reset
+    theirs)."""
+    return stream_scratch("split-K tickets", (MAX_TILES,), device)
 
 
 @triton.jit(do_not_specialize=["M", "groups_per_split"])
@@ -300,8 +297,9 @@ def fp8_linear(x: Tensor, w: BlockFP8, checks: bool = False, config: dict[str, i
         per_split = num_groups
     split_k = grid[1] > 1
     partials = new_empty((grid[1], M, N), torch.float32, x.device) if split_k else out
+    tickets = _tickets(x.device) if split_k else out
     _gemm_kernel[grid](
-        a, a_s, w.weight, w.scale, out, partials, _tickets(x.device) if split_k else out, M, N, K, num_groups,
+        a, a_s, w.weight, w.scale, out, partials, tickets, M, N, K, num_groups,
         per_split, a.stride(0), a_s.stride(0), w.weight.stride(0), w.scale.stride(0), N,
         BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=block_k, SCALE_N=w.block[0],
         GROUP_M=cfg["group_m"], A_QUANT=bool(cfg["a_quant"]), EVEN_K=K % block_k == 0, SPLIT_K=split_k,

@@ -22,13 +22,11 @@ positions; NaN ranks above everything). Within a row the slots come as [keys abo
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from dsaserve.ops.triton._common import new_empty, next_pow2, pdl, pdl_start
+from dsaserve.ops.triton._common import new_empty, next_pow2, pdl, pdl_start, stream_scratch
 from dsaserve.ops.triton.topk import _order_keys, position_slots, selection_inputs
 
 Tensor = torch.Tensor
@@ -52,12 +50,10 @@ MOST_ROWS: dict[int, int] = {8192: 16, 16384: 32, 32768: 32}  # wider: as the wi
 _FIELD = 21  # the passes of step 4 count three thresholds in one int64 sum, 21 bits each: rows of < 2**21 keys
 
 
-@functools.lru_cache(maxsize=None)
 def _histograms(device: torch.device) -> Tensor:
-    """Per-row key histograms of a device, all 0 between calls (each call's step 4 clears the rows it used).
-    Allocated once, by the warm-up's first call (inside a CUDA graph capture the graph would also zero them on
-    replay: harmless); calls run one after another on one stream."""
-    return torch.zeros(MAX_ROWS, HIST_COPIES << BIN_BITS, dtype=torch.int32, device=device)
+    """Per-row key histograms of the current stream, all 0 between calls (each call's step 4 clears the rows
+    it used)."""
+    return stream_scratch("top-k histograms", (MAX_ROWS, HIST_COPIES << BIN_BITS), device)
 
 
 @triton.jit(do_not_specialize=["stride_x", "stride_len", "L"])
