@@ -135,6 +135,8 @@ def test_split_k_gemms_on_two_streams_keep_their_own_tickets() -> None:
     main, side = torch.cuda.current_stream(), torch.cuda.Stream()
     outs = []
     for _ in range(50):
+        torch.cuda._sleep(1_000_000)  # both GEMMs queue behind it and start together: launched one by one from
+        # the host, the first would finish before the second starts
         side.wait_stream(main)
         with torch.cuda.stream(side):
             index_q = fp8_gemm.fp8_linear(x, wq_b, config=cfg)

@@ -68,7 +68,8 @@ class GraphRunner:
         self._shared_out: dict[tuple, Tensor] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
         # Each graph's warm-up call and its capture run on this stream: kernels' per-stream scratch
-        # (ops/triton/_common.stream_scratch) is made and zeroed by the warm-up, never inside a capture.
+        # (ops/triton/_common.stream_scratch) is made and zeroed by the warm-up, never inside a capture. The
+        # graphs replay on the caller's stream with this stream's scratch: nothing else runs on this stream.
         self.stream = torch.cuda.Stream(device) if self.capture else None
         self.stats = GraphStats()
         self.frozen = False  # after start-up capture under DP attention: a miss must not capture

@@ -41,7 +41,7 @@ RANK_BLOCK = 32  # candidates per ranking program; 16 up to FEW_ROWS rows (more 
 FEW_ROWS = 8  # 20.1 -> 17.8 us at one 64K-key row, 30.9 -> 27.6 at 8; slower from 32 rows)
 RANK_SWEEP = 256
 PASS_CHUNK = 1024  # candidates per step of the passes past CAP
-MAX_ROWS = 64  # rows per call (the persistent histograms: 4 MiB per device)
+MAX_ROWS = 64  # rows per call (the persistent histograms: 4 MiB per stream)
 # Where this path is taken (`fits`): rows of at least 8192 keys, at most MOST_ROWS of them by key width (H200,
 # CUDA graphs of back-to-back calls, docs/benchmarks.md: at one row 14.0 / 14.5 / 17.7 us at 8K / 16K / 64K
 # keys against the row kernel's 19.3 / 38.2 and torch.topk's 53.9 at 64K; 65.9 against 78.2 at 32 x 64K;
