@@ -47,12 +47,6 @@ def _indexer_kernel(Q, W, KC, KS, PT, REQ, LEN, OUT,
     j_row = t0 + j // HP
     j_head = j % HP
     j_mask = (j_row < T) & (j_head < HI)
-    d = tl.arange(0, BLOCK_D)
-    d_mask = d < DI
-    q_t = tl.load(Q + j_row.to(tl.int64)[None, :] * stride_qt + j_head[None, :] * stride_qh + d[:, None],
-                  mask=j_mask[None, :] & d_mask[:, None], other=0.0).to(dtype)
-    w = tl.load(W + j_row.to(tl.int64) * stride_wt + j_head, mask=j_mask, other=0.0)  # 0 for padded heads
-
     rows = t0 + tl.arange(0, BLOCK_T)
     r_mask = rows < T
     reqs = tl.load(REQ + rows, mask=r_mask, other=-1)
@@ -61,6 +55,14 @@ def _indexer_kernel(Q, W, KC, KS, PT, REQ, LEN, OUT,
     n = tl.arange(0, BLOCK_N)
     chunk_start = chunk * BLOCK_N * iters
     chunk_end = tl.minimum(chunk_start + BLOCK_N * iters, num_keys)
+    # A chunk past every row's keys only writes -inf: it reads no queries (under graphs the key width is a
+    # power-of-two bucket, so up to half of a decode row's programs are such chunks).
+    live = chunk_start < tl.max(lens, 0)
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < DI
+    q_t = tl.load(Q + j_row.to(tl.int64)[None, :] * stride_qt + j_head[None, :] * stride_qh + d[:, None],
+                  mask=j_mask[None, :] & d_mask[:, None] & live, other=0.0).to(dtype)
+    w = tl.load(W + j_row.to(tl.int64) * stride_wt + j_head, mask=j_mask & live, other=0.0)  # 0 for padded heads
 
     for i in tl.static_range(BLOCK_T):
         row_i = tl.minimum(t0 + i, T - 1)
