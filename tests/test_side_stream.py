@@ -10,8 +10,6 @@ test_fp8_kernels.py::test_split_k_gemms_on_two_streams_keep_their_own_tickets.)
 """
 from __future__ import annotations
 
-import gc
-
 import pytest
 import torch
 
@@ -19,8 +17,8 @@ pytest.importorskip("triton")
 if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 
-from dsaserve.engine.request import SamplingParams  # noqa: E402
-from dsaserve.llm import LLM  # noqa: E402
+from test_triton_engine import _greedy  # noqa: E402
+
 from dsaserve.model import dsa  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -31,15 +29,7 @@ def _run(path: str, kv: str, graphs: bool, taken: list[bool]) -> list[tuple[list
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(5, 500, (n,), generator=gen).tolist() for n in PROMPT_LENGTHS]
     taken.clear()  # graphs are captured while the engine starts
-    llm = LLM(path, device="cuda", dtype="bfloat16", mem_fraction=0.3, kv_cache_dtype=kv,
-              cuda_graph_max_bs=None if graphs else 0)
-    try:
-        params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, logprobs=2)
-        return [(o.token_ids, o.logprobs) for o in llm.generate(prompts, params)]
-    finally:
-        del llm
-        gc.collect()
-        torch.cuda.empty_cache()
+    return _greedy(path, "triton", "bfloat16", prompts, kv, cuda_graph_max_bs=None if graphs else 0)
 
 
 @pytest.mark.parametrize("arch,kv,graphs", [("deepseek_v32", "auto", True), ("glm_moe_dsa", "fp8_e4m3", True),

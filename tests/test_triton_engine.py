@@ -30,11 +30,11 @@ Run = list[tuple[list[int], list]]
 
 
 def _greedy(path: str, backend: str, dtype: str, prompts: list[list[int]], kv_cache_dtype: str = "auto",
-            fp8_mode: str | None = None, moe_backend: str | None = None) -> Run:
+            fp8_mode: str | None = None, moe_backend: str | None = None, **flags: object) -> Run:
     """Greedy tokens and top-2 log-probs; fp8_mode re-prepares an FP8 model's modules (model/quant.py);
-    moe_backend defaults to the attention backend."""
+    moe_backend defaults to the attention backend; flags: other ServerArgs fields."""
     llm = LLM(path, device="cuda", dtype=dtype, attention_backend=backend, moe_backend=moe_backend or backend,
-              mem_fraction=0.3, kv_cache_dtype=kv_cache_dtype)
+              mem_fraction=0.3, kv_cache_dtype=kv_cache_dtype, **flags)
     try:
         if fp8_mode is not None:
             quant.prepare(llm.engine.runner.model, fp8_mode, llm.engine.runner.dtype)
