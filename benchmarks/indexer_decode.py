@@ -10,6 +10,7 @@ checked against the default's, the default's against the reference.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import itertools
 import json
@@ -17,7 +18,6 @@ import sys
 from pathlib import Path
 
 import torch
-import triton.testing
 
 if importlib.util.find_spec("dsaserve") is None:  # PYTHONPATH's dsaserve wins (an A/B against a base package)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -25,6 +25,7 @@ from dsaserve.bench.one_batch import copy_bandwidth  # noqa: E402
 from dsaserve.cache import kv_format  # noqa: E402
 from dsaserve.ops import reference as ref  # noqa: E402
 from dsaserve.ops.triton import indexer  # noqa: E402
+from fp8_decode import chain_us  # noqa: E402  (a graph of the calls, us per call)
 
 HEADS, DIM, PAGE, LAYERS = 64, 128, 64, 24
 DEFAULT_CASES = ["1x1040", "16x1040", "1x8208", "1x32784", "4x32784", "16x32784"]
@@ -53,19 +54,6 @@ def layers(rows: int, context: int, gen: torch.Generator) -> list[tuple]:
     return out
 
 
-def time_graph(calls: list[tuple]) -> float:
-    """us per call of one graph of every call."""
-    def run() -> None:
-        for args in calls:
-            indexer.indexer_logits(*args)
-    run()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
-    return triton.testing.do_bench(graph.replay, warmup=10, rep=60, return_mode="median") * 1e3 / len(calls)
-
-
 def run_case(rows: int, context: int, configs: list[dict | None], copy_Bps: float, gen: torch.Generator) -> dict:
     calls = layers(rows, context, gen)
     indexer.CONFIG = None
@@ -85,7 +73,7 @@ def run_case(rows: int, context: int, configs: list[dict | None], copy_Bps: floa
             finite = torch.isfinite(base)
             assert torch.equal(finite, torch.isfinite(got)) and torch.allclose(got[finite], base[finite], rtol=1e-4,
                                                                                 atol=1e-5), "logits differ"
-            us = time_graph(calls)
+            us = chain_us([functools.partial(indexer.indexer_logits, *args) for args in calls])
         except Exception as exc:  # a tile config that does not fit: report, go on
             print(f"{rows}x{context} {cfg}: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
             continue
