@@ -10,11 +10,12 @@ FP8 index keys (uint8 rows: 128 e4m3 values + one fp32 scale, cache/kv_format.py
 query's dtype after the gather (exact) and the key's scale multiplies its logit after the head sum: the
 scale is positive, so relu(s * q.k) = s * relu(q.k).
 
-topk_slots: few long rows (decode at long context) spread each row over many programs in three launches
+topk_slots: few long rows (decode at long context) spread each row over many programs in four launches
 (topk_split.py; `topk_split.fits` says where); other rows of at most topk.ROW_LIMIT keys select in one launch
 (topk.py: the row in registers, positions straight to slots; `topk.fits` says where that wins); the rest
-through torch.topk (unsorted) and one small kernel that maps positions to cache slots. Rows that see <= topk keys skip the selection and take
-their first kv_len positions, so the valid slots come first and the selected set equals the reference's.
+through torch.topk (unsorted) and one small kernel that maps positions to cache slots. Rows that see <= topk
+keys skip the selection and take their first kv_len positions, so the valid slots come first and the selected
+set equals the reference's.
 """
 from __future__ import annotations
 
