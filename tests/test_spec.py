@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import ARCHS, prompts_ids
 from dsaserve import LLM, SamplingParams
+from dsaserve.engine.layout import IN_FLIGHT
 from dsaserve.engine.request import Request
 
 PROMPTS = prompts_ids(4, [5, 40, 17, 3], seed=51)  # below and above index_topk (16)
@@ -263,6 +264,25 @@ def test_abort_between_steps_frees_pages(tiny_ds: str) -> None:
     assert len(tokens["r1"]) < 20
     stats = engine.stats()
     assert stats.free_pages == stats.total_pages and stats.running == stats.waiting == 0
+
+
+def test_verify_steps_launch_before_the_host_reads_the_drafts(tiny_ds: str) -> None:
+    """The host schedules and lays out a verify step while the device drafts: at every verify launch the
+    drafts of the step before are still on the device (their requests hold IN_FLIGHT; the launch gathers
+    them there), and the tokens are the plain run's."""
+    expected = plain(tiny_ds, PROMPTS, GREEDY)
+    llm = LLM(tiny_ds, max_total_tokens=4096, **spec(3))
+    engine, launches = llm.engine, []
+    target = engine.runner.target
+
+    def spy(ids: torch.Tensor, layout: object, *args: object, **kw: object) -> object:
+        launches.append({tuple(r.draft_ids) for r in engine.requests.values() if r.draft_ids})
+        return target(ids, layout, *args, **kw)
+
+    engine.runner.target = spy
+    assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == expected
+    assert launches[0] == set() and len(launches) > 3  # the prompts' step, then verify steps
+    assert all(drafts == {(IN_FLIGHT,) * 3} for drafts in launches[1:])
 
 
 def test_spec_flags_are_checked(tiny_ds: str, tmp_path: Path) -> None:

@@ -10,20 +10,22 @@ import random
 import time
 from typing import Callable
 
+from torch import Tensor
+
 from dsaserve.cache.pages import PageAllocator
 from dsaserve.cache.prefix import PrefixCache, PrefixStats
 from dsaserve.chat.grammar import commit_tokens, grammar_state
 from dsaserve.disagg.pages import transfer_pages
 from dsaserve.engine import compiles
 from dsaserve.engine.acceptance import accept
-from dsaserve.engine.layout import StepMode, StepPlan
+from dsaserve.engine.layout import IN_FLIGHT, StepMode, StepPlan
 from dsaserve.engine.model_runner import ModelRunner, StepShape
-from dsaserve.engine.overlap import Overlap, input_ids
+from dsaserve.engine.overlap import InFlight, Overlap, input_ids
 from dsaserve.engine.request import (DisaggRoute, FinishReason, Request, RequestError, RequestOutput,
                                      SamplingParams, check_token_ids, stop_reason)
 from dsaserve.engine.scheduler import Scheduler, SchedulerConfig
 from dsaserve.engine.stats import EngineStats
-from dsaserve.spec.drafter import DraftInput, MTPDrafter
+from dsaserve.spec.drafter import DraftInput, MTPDrafter, draft_input, drafts_in_flight
 from dsaserve.engine.tokenizer import Tokenizer
 from dsaserve.engine.warmup import warm_up
 from dsaserve.parallel.groups import CollectiveFailed, Parallel
@@ -67,6 +69,7 @@ class Engine:
         self.drafter = MTPDrafter(self.runner, self.spec_steps) if self.spec_steps else None
         # Tests and benchmarks: replace the MTP drafts of a request (e.g. with the known continuation).
         self.draft_override: Callable[[Request, list[int]], list[int]] | None = None
+        self._drafts: InFlight | None = None  # the last step's drafts, on the device until the next launch
         self.allocator = PageAllocator(self.runner.num_pages)
         self.prefix_cache = None if args.disable_radix_cache else PrefixCache(
             self.allocator, args.page_size, drop_last_page=self.spec_steps > 0)
@@ -233,12 +236,14 @@ class Engine:
         plan = self.scheduler.schedule() if self.par.cfg.is_leader else None
         plan, self.last_sync = self.sync(plan, keep_alive, stop, epoch)
         if sum(self.last_sync.dp_sizes) == 0:
+            self._fill_drafts()
             return outputs
         plan = plan or StepPlan.idle()  # an idle DP group: zero rows (or dummies), the same collectives
         issued, shared = self.par.issued, self.par.shared
         try:
             return outputs + self._run(plan, self.last_sync)
         except Exception as exc:  # a failed batch ends its requests with an error; the engine goes on
+            self._fill_drafts()
             return outputs + self.fail_step(plan, exc, issued, shared)
 
     def fail_step(self, plan: StepPlan, exc: Exception, issued: int, shared: int | None = None) -> list[RequestOutput]:
@@ -273,51 +278,40 @@ class Engine:
         """`real`: the plan's real requests (a stand-in's are all dummies); by default every one."""
         real = len(plan.rids) if real is None else real
         plan, layout = self.runner.prepare(plan, shape)
-        ids = input_ids(plan, self.runner.device, self.par)  # a group leader's overlap fills ids in flight
+        ids = input_ids(plan, self.runner.device, self.par, self._drafts)  # verify rows gather drafts in flight
         hidden, logits = self.runner.target(ids, layout, shape.graph_batch is not None)
+        self._fill_drafts()
         self.steps += 1
         leader = self.par.cfg.is_leader
         accepted = accept(self.requests, plan, real, logits) if leader and real else {}
         drafts = None
         if self.drafter is not None:
-            given = self._draft_input(plan, real, accepted) if leader else None
+            given = draft_input(self.requests, plan, real, accepted) if leader else None
             drafts = self.drafter.run(plan, layout, hidden, given, shape)
         if not (leader and real):
             return []
         outputs = self._commit(plan, real, accepted)
         if drafts is not None:
-            self._keep_drafts(plan, real, given, drafts.tolist())
+            self._keep_drafts(plan, real, given, drafts)
         if self.disagg is not None:  # prefill side: requests with their first token (and drafts) go out
             self.disagg.after_step(accepted)
         return outputs
 
-    def _draft_input(self, plan: StepPlan, real: int, accepted: dict[str, tuple]) -> DraftInput:
-        """Per row, the token at its position + 1 (the MTP pass's input); per request, the row offset of
-        its last accepted token, or -1 when it takes no draft (a prompt chunk that is not its last)."""
-        ids: list[int] = []
-        last_rows: list[int] = []
-        for b, (rid, prefix, q) in enumerate(zip(plan.rids, plan.prefix_lens, plan.q_lens)):
-            if b >= real:  # a dummy request
-                ids += [0] * q
-                last_rows.append(0)
-            elif plan.num_drafts[b]:  # a verify request: rows past the accepted run are overwritten later
-                new = accepted[rid][0]
-                ids += new + [0] * (q - len(new))
-                last_rows.append(len(new) - 1)
-            else:  # a prompt chunk: the following known tokens, then the sampled one if it finished
-                known = self.requests[rid].token_slice(prefix + 1, prefix + q + 1)
-                ids += known + accepted[rid][0] if rid in accepted else known
-                last_rows.append(q - 1 if rid in accepted else -1)
-        return DraftInput(tuple(ids), tuple(last_rows))
+    def _keep_drafts(self, plan: StepPlan, real: int, given: DraftInput, drafts: Tensor) -> None:
+        """The drafts stay on the device until the next step has launched (its verify rows gather them there):
+        the host schedules and lays out that step while the device drafts. Read at once where the host needs
+        them after this step (a prefill server hands them over; tests and benchmarks override them)."""
+        self._drafts = drafts_in_flight(self.requests, plan, real, given, drafts)
+        if self.draft_override is not None or self.args.disaggregation_mode == "prefill":
+            self._fill_drafts()
 
-    def _keep_drafts(self, plan: StepPlan, real: int, given: DraftInput, drafts: list[list[int]]) -> None:
-        rows = iter(drafts)
-        for b, (rid, last) in enumerate(zip(plan.rids, given.last_rows)):
-            if last < 0:
-                continue
-            row = next(rows)
-            req = self.requests.get(rid) if b < real else None
-            if req is not None:  # not finished in this step
+    def _fill_drafts(self) -> None:
+        """The last step's drafts into their requests (waits for the drafter, not for a step launched since)."""
+        drafts, self._drafts = self._drafts, None
+        if drafts is None:
+            return
+        for req, row in zip(drafts.requests, drafts.read()):
+            if req is not None and self.requests.get(req.rid) is req and req.draft_ids[:1] == [IN_FLIGHT]:
                 req.draft_ids = row if self.draft_override is None else self.draft_override(req, row)
 
     def _commit(self, plan: StepPlan, real: int, accepted: dict[str, tuple]) -> list[RequestOutput]:

@@ -34,16 +34,17 @@ if TYPE_CHECKING:
 
 @dataclass
 class InFlight:
-    """The tokens of one launched step, one per request that samples: on the device (the next step's
-    input ids are gathered from them) and on their way to pinned host memory (`ready` marks the copy)."""
-    requests: list[Request]
+    """The tokens of one launched step, one per request that samples (or a row of MTP drafts per drafting
+    request; None: a dummy's): on the device (the next step's input ids are gathered from them) and on their
+    way to pinned host memory (`ready` marks the copy)."""
+    requests: list[Request | None]
     tokens: torch.Tensor
     host: torch.Tensor
     ready: torch.cuda.Event | None
     logprobs: list | None = None
 
     @staticmethod
-    def of(requests: list[Request], tokens: torch.Tensor, logprobs: list | None = None) -> InFlight:
+    def of(requests: list[Request | None], tokens: torch.Tensor, logprobs: list | None = None) -> InFlight:
         if not tokens.is_cuda:
             return InFlight(requests, tokens, tokens, None, logprobs)
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
@@ -129,30 +130,39 @@ class Overlap:
         return outputs
 
 
-def inflight_rows(plan: StepPlan) -> list[tuple[int, str]]:
-    """(row, rid) of each input id still in flight: a decode row's token sampled by the previous step."""
-    found, row = [], 0
-    for rid, q in zip(plan.rids, plan.q_lens):
-        if q and plan.input_ids[row] == IN_FLIGHT:
-            found.append((row, rid))
+def inflight_rows(plan: StepPlan) -> list[tuple[int, str, int]]:
+    """(row, rid, k) of each input id still in flight, k counting a request's such rows: a decode row's token
+    sampled by the previous step (overlapped scheduling), or a verify row's MTP draft (Engine._drafts)."""
+    found: list[tuple[int, str, int]] = []
+    if IN_FLIGHT not in plan.input_ids:
+        return found
+    row = 0
+    for rid, q, drafts in zip(plan.rids, plan.q_lens, plan.num_drafts):
+        if q <= 1 + drafts:  # a decode or verify request (prompt chunks take known tokens)
+            k = 0
+            for r in range(row, row + q):
+                if plan.input_ids[r] == IN_FLIGHT:
+                    found.append((r, rid, k))
+                    k += 1
         row += q
     return found
 
 
 def input_ids(plan: StepPlan, device: torch.device, par: Parallel, prev: InFlight | None = None) -> torch.Tensor:
-    """The step's input ids on the device, without waiting for any. Ids in flight are gathered from the
-    previous step's tokens on the device by the group leader (`prev`), whose group receives them by
-    broadcast (the other ranks hold no tokens)."""
+    """The step's input ids on the device, without waiting for any. Ids in flight are gathered on the device
+    by the group leader from `prev` (the k-th in-flight id of a request from its row of prev.tokens), whose
+    group receives them by broadcast (the other ranks hold no tokens)."""
     rows = inflight_rows(plan)
     ids: tuple[int, ...] | list[int] = plan.input_ids
     if rows and prev is not None:
-        index = {req.rid: i for i, req in enumerate(prev.requests)}
+        width = prev.tokens[0].numel() if prev.tokens.numel() else 1  # 1 sampled token, or S drafts, per request
+        index = {req.rid: i for i, req in enumerate(prev.requests) if req is not None}
         ids = list(ids)
-        for row, rid in rows:
-            ids[row] = -1 - index[rid]  # which of the previous step's tokens
+        for row, rid, k in rows:
+            ids[row] = -1 - (index[rid] * width + k)  # which of prev's tokens
     out = torch.tensor(ids, dtype=torch.long).to(device, non_blocking=True)
     if rows:
         if prev is not None:
-            out = torch.where(out < 0, prev.tokens.to(torch.long)[(-1 - out).clamp_(min=0)], out)
+            out = torch.where(out < 0, prev.tokens.reshape(-1).to(torch.long)[(-1 - out).clamp_(min=0)], out)
         par.broadcast_attn(out)
     return out

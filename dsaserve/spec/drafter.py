@@ -4,7 +4,8 @@ up: prompt chunks, or the verified rows), then S - 1 chained draft steps of one 
 Every sub-step is an ordinary plan through the one layout builder: the MTP pass reuses the target
 step's layout with other logit rows (the last accepted row of each request), and each draft step is
 a plan of one row per request at the next position. Draft tokens never leave the device between
-draft steps; the leader reads all S of them once, at the end of the step.
+draft steps, nor before the next step's launch: the next verify plan names them IN_FLIGHT, its launch
+gathers them on the device (overlap.input_ids), and the leader reads them once that step runs.
 
 Positions: an MTP row at position p reads (h_p, the token at p + 1) and predicts the token at p + 2.
 If the last accepted row of a request is at p, the first draft is read there, and draft step j runs
@@ -17,7 +18,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from dsaserve.engine.layout import BatchLayout, StepMode, StepPlan
+from dsaserve.engine.layout import IN_FLIGHT, BatchLayout, StepMode, StepPlan
+from dsaserve.engine.overlap import InFlight
+from dsaserve.engine.request import Request
 
 if TYPE_CHECKING:
     from dsaserve.engine.model_runner import ModelRunner, StepShape
@@ -32,6 +35,40 @@ class DraftInput:
     accepted token (-1: the request takes no draft this step, e.g. a prompt chunk that is not its last)."""
     input_ids: tuple[int, ...]
     last_rows: tuple[int, ...]
+
+
+def draft_input(requests: dict[str, Request], plan: StepPlan, real: int, accepted: dict[str, tuple]) -> DraftInput:
+    """Per row, the token at its position + 1 (the MTP pass's input); per request, the row offset of its
+    last accepted token, or -1 when it takes no draft (a prompt chunk that is not its last)."""
+    ids: list[int] = []
+    last_rows: list[int] = []
+    for b, (rid, prefix, q) in enumerate(zip(plan.rids, plan.prefix_lens, plan.q_lens)):
+        if b >= real:  # a dummy request
+            ids += [0] * q
+            last_rows.append(0)
+        elif plan.num_drafts[b]:  # a verify request: rows past the accepted run are overwritten later
+            new = accepted[rid][0]
+            ids += new + [0] * (q - len(new))
+            last_rows.append(len(new) - 1)
+        else:  # a prompt chunk: the following known tokens, then the sampled one if it finished
+            known = requests[rid].token_slice(prefix + 1, prefix + q + 1)
+            ids += known + accepted[rid][0] if rid in accepted else known
+            last_rows.append(q - 1 if rid in accepted else -1)
+    return DraftInput(tuple(ids), tuple(last_rows))
+
+
+def drafts_in_flight(requests: dict[str, Request], plan: StepPlan, real: int, given: DraftInput,
+                     drafts: Tensor) -> InFlight:
+    """The step's drafts [drafting requests, S] (device) as the next step's tokens in flight: each drafting
+    request still running takes S IN_FLIGHT drafts (rows of dummies and finished requests: None)."""
+    owners: list[Request | None] = []
+    for b, (rid, last) in enumerate(zip(plan.rids, given.last_rows)):
+        if last >= 0:
+            req = requests.get(rid) if b < real else None
+            if req is not None:
+                req.draft_ids = [IN_FLIGHT] * drafts.shape[1]
+            owners.append(req)
+    return InFlight.of(owners, drafts)
 
 
 def draft_plan(plan: StepPlan, last_rows: tuple[int, ...], step: int) -> StepPlan:
