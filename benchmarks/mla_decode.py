@@ -1,0 +1,110 @@
+"""Sparse MLA at decode and MTP-verify rows as a step runs it: a CUDA graph of back-to-back `sparse_mla` calls,
+each over its own FP8 latent cache (656-byte rows: e4m3 latent, fp32 scales, bf16 rope), a 2,048-wide selection
+with each row's valid slots first (`context` of them, the rest -1) and per-row lengths, as the model's layers
+are. Cases ROWSxHEADSxCONTEXT: a `--tp 8` rank holds 16 of V3.2's 128 heads; an MTP verify step at batch B has
+B x (S + 1) rows. Prints us per call (split-KV kernel and its combine) and the fraction of copy bandwidth
+measured in the same run on the latent bytes read; every swept config's output is checked against the
+default's, the default's against the reference.
+
+    python benchmarks/mla_decode.py [--cases 1x16x1040 4x16x1040 ...] [--sweep] [--output-json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.util
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+if importlib.util.find_spec("dsaserve") is None:  # PYTHONPATH's dsaserve wins (an A/B against a base package)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dsaserve.bench.one_batch import copy_bandwidth  # noqa: E402
+from dsaserve.cache import kv_format  # noqa: E402
+from dsaserve.ops import reference as ref  # noqa: E402
+from dsaserve.ops.triton import mla  # noqa: E402
+from fp8_decode import chain_us  # noqa: E402  (a graph of the calls, us per call)
+
+V_DIM, ROPE, WIDTH, LAYERS = 512, 64, 2048, 61
+# decode at batch 1 / 4 / 16 and MTP verify (S = 3) at batch 1 / 2 / 4 on a --tp 8 rank; 128 heads: one device
+DEFAULT_CASES = ["1x16x1040", "4x16x1040", "8x16x1040", "16x16x1040", "64x16x1040", "1x128x1040", "4x128x1040"]
+ROW_BYTES = kv_format.row_bytes(V_DIM, ROPE, kv_format.FP8)
+
+
+def layers(rows: int, heads: int, context: int, gen: torch.Generator, count: int = LAYERS) -> list[tuple]:
+    """`count` argument tuples of sparse_mla, one cache each (slots: rows x context, random order)."""
+    dev, slots = gen.device, rows * context
+    out = []
+    for _ in range(count):
+        latent = torch.randn(slots, V_DIM + ROPE, device=dev, generator=gen).to(torch.bfloat16)
+        cache = kv_format.quantize_fp8(latent[:, :V_DIM], latent[:, V_DIM:])
+        indices = torch.full((rows, WIDTH), -1, dtype=torch.int32, device=dev)
+        keys = min(context, WIDTH)
+        indices[:, :keys] = torch.randperm(slots, device=dev, generator=gen, dtype=torch.int32)[:rows * keys].reshape(
+            rows, keys)
+        q = torch.randn(rows, heads, V_DIM + ROPE, device=dev, generator=gen).to(torch.bfloat16)
+        lengths = torch.full((rows, 1), keys, dtype=torch.int32, device=dev)
+        out.append((q, cache, indices, (V_DIM + ROPE) ** -0.5, V_DIM, lengths))
+    return out
+
+
+def run_case(rows: int, heads: int, context: int, configs: list[dict | None], copy_Bps: float,
+             gen: torch.Generator) -> dict:
+    calls = layers(rows, heads, context, gen)
+    mla.CONFIG = None
+    base, _ = mla.sparse_mla(*calls[0])
+    want, _ = ref.sparse_mla(*calls[0])
+    err = ((base.float() - want.float()).norm() / want.float().norm()).item()
+    assert err < 2e-2, f"the default's output is off the reference by {err:.2e}"
+    latent_bytes = rows * min(context, WIDTH) * ROW_BYTES
+    results = []
+    for cfg in configs:
+        mla.CONFIG = cfg
+        try:
+            got, _ = mla.sparse_mla(*calls[0])
+            assert torch.allclose(got.float(), base.float(), rtol=2e-2, atol=2e-2), "outputs differ"
+            us = chain_us([functools.partial(mla.sparse_mla, *args) for args in calls])
+        except Exception as exc:  # a tile config that does not fit: report, go on
+            print(f"{rows}x{heads}x{context} {cfg}: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
+            continue
+        finally:
+            mla.CONFIG = None
+        results.append({"config": cfg, "us": us, "of_copy": latent_bytes / (us * 1e-6) / copy_Bps})
+    default = next(r for r in results if r["config"] is None)
+    best = min(results, key=lambda r: r["us"])
+    return {"rows": rows, "heads": heads, "context": context, "latent_MB": latent_bytes / 1e6,
+            "default_us": default["us"], "default_of_copy": default["of_copy"], "best_us": best["us"],
+            "best_config": best["config"], "swept": results}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", nargs="+", default=DEFAULT_CASES, help="ROWSxHEADSxCONTEXT")
+    ap.add_argument("--sweep", action="store_true", help="also time the combine over 64 / 128 / 512 columns "
+                                                        "at the default and at 16 / 32 / 64 splits")
+    ap.add_argument("--output-json", default=None)
+    args = ap.parse_args()
+    configs: list[dict | None] = [None]
+    if args.sweep:
+        configs += [{k: v for k, v in dict(combine_block_v=c, splits=s).items() if v is not None}
+                    for c, s in itertools.product((64, 128, 512), (None, 16, 32, 64))]
+    copy_Bps = copy_bandwidth(torch.device("cuda"))
+    gen = torch.Generator("cuda").manual_seed(0)
+    results = [run_case(*map(int, c.split("x")), configs, copy_Bps, gen) for c in args.cases]
+    print(f"{torch.cuda.get_device_name()}; copy {copy_Bps / 1e12:.2f} TB/s; FP8 latent cache; us per call "
+          f"(a graph of {LAYERS} calls, median)")
+    print(f"{'rows':>5} {'heads':>6} {'context':>8} {'latent MB':>10} {'default us':>11} {'of copy':>8} "
+          f"{'best us':>8}  best")
+    for r in results:
+        print(f"{r['rows']:>5} {r['heads']:>6} {r['context']:>8} {r['latent_MB']:>10.2f} {r['default_us']:>11.2f} "
+              f"{r['default_of_copy']:>8.1%} {r['best_us']:>8.2f}  {r['best_config'] or 'default'}")
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps({"device": torch.cuda.get_device_name(),
+                                                      "copy_Bps": copy_Bps, "cases": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
