@@ -266,23 +266,46 @@ def test_abort_between_steps_frees_pages(tiny_ds: str) -> None:
     assert stats.free_pages == stats.total_pages and stats.running == stats.waiting == 0
 
 
-def test_verify_steps_launch_before_the_host_reads_the_drafts(tiny_ds: str) -> None:
+def test_verify_steps_launch_before_the_host_reads_the_drafts(tiny_ds: str,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """The host schedules and lays out a verify step while the device drafts: at every verify launch the
-    drafts of the step before are still on the device (their requests hold IN_FLIGHT; the launch gathers
-    them there), and the tokens are the plain run's."""
+    drafts of the step before are still on the device (their requests hold IN_FLIGHT), the ids the launch
+    gathers there are the drafts the host reads after it, and the tokens are the plain run's."""
+    from dsaserve.engine import engine as engine_module
     expected = plain(tiny_ds, PROMPTS, GREEDY)
     llm = LLM(tiny_ds, max_total_tokens=4096, **spec(3))
-    engine, launches = llm.engine, []
-    target = engine.runner.target
+    engine, launches, gathered = llm.engine, [], []
+    target, fill, gather = engine.runner.target, engine._fill_drafts, engine_module.input_ids
 
-    def spy(ids: torch.Tensor, layout: object, *args: object, **kw: object) -> object:
+    def spy_target(ids: torch.Tensor, layout: object, *args: object, **kw: object) -> object:
         launches.append({tuple(r.draft_ids) for r in engine.requests.values() if r.draft_ids})
         return target(ids, layout, *args, **kw)
 
-    engine.runner.target = spy
+    def spy_gather(plan: object, *args: object) -> torch.Tensor:
+        out = gather(plan, *args)
+        gathered.append((plan, out.tolist()))
+        return out
+
+    def spy_fill(*args: object) -> None:  # the gathered verify rows are the drafts the host reads now
+        pending = engine._drafts is not None
+        fill(*args)
+        if not pending:
+            return
+        plan, ids = gathered[-1]
+        row = 0
+        for rid, q, drafts in zip(plan.rids, plan.q_lens, plan.num_drafts):
+            if drafts and rid in engine.requests:
+                checked.append(ids[row + 1:row + q] == engine.requests[rid].draft_ids)
+            row += q
+
+    checked: list[bool] = []
+    engine.runner.target = spy_target
+    monkeypatch.setattr(engine_module, "input_ids", spy_gather)
+    monkeypatch.setattr(engine, "_fill_drafts", spy_fill)
     assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == expected
     assert launches[0] == set() and len(launches) > 3  # the prompts' step, then verify steps
     assert all(drafts == {(IN_FLIGHT,) * 3} for drafts in launches[1:])
+    assert len(checked) > 10 and all(checked)
 
 
 def test_spec_flags_are_checked(tiny_ds: str, tmp_path: Path) -> None:

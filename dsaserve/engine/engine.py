@@ -243,7 +243,8 @@ class Engine:
         try:
             return outputs + self._run(plan, self.last_sync)
         except Exception as exc:  # a failed batch ends its requests with an error; the engine goes on
-            self._fill_drafts()
+            if not isinstance(exc, CollectiveFailed):  # (that one ends this rank: nothing to wait for)
+                self._fill_drafts()
             return outputs + self.fail_step(plan, exc, issued, shared)
 
     def fail_step(self, plan: StepPlan, exc: Exception, issued: int, shared: int | None = None) -> list[RequestOutput]:
@@ -303,16 +304,24 @@ class Engine:
         them after this step (a prefill server hands them over; tests and benchmarks override them)."""
         self._drafts = drafts_in_flight(self.requests, plan, real, given, drafts)
         if self.draft_override is not None or self.args.disaggregation_mode == "prefill":
-            self._fill_drafts()
+            self._fill_drafts(self.draft_override)
 
-    def _fill_drafts(self) -> None:
-        """The last step's drafts into their requests (waits for the drafter, not for a step launched since)."""
+    def _fill_drafts(self, override: Callable[[Request, list[int]], list[int]] | None = None) -> None:
+        """The last step's drafts into their requests (waits for the drafter, not for a step launched since).
+        If that fails, the requests drop their drafts (and draft again, as after a retraction)."""
         drafts, self._drafts = self._drafts, None
         if drafts is None:
             return
-        for req, row in zip(drafts.requests, drafts.read()):
-            if req is not None and self.requests.get(req.rid) is req and req.draft_ids[:1] == [IN_FLIGHT]:
-                req.draft_ids = row if self.draft_override is None else self.draft_override(req, row)
+        owners = [r for r in drafts.requests
+                  if r is not None and self.requests.get(r.rid) is r and r.draft_ids[:1] == [IN_FLIGHT]]
+        try:
+            rows = dict(zip((id(r) for r in drafts.requests), drafts.read()))
+            for req in owners:
+                req.draft_ids = rows[id(req)] if override is None else override(req, rows[id(req)])
+        finally:
+            for req in owners:
+                if req.draft_ids[:1] == [IN_FLIGHT]:
+                    req.draft_ids = []
 
     def _commit(self, plan: StepPlan, real: int, accepted: dict[str, tuple]) -> list[RequestOutput]:
         """Cache lengths, tokens and stop rules after the whole step; finished requests free their pages."""

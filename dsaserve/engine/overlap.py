@@ -122,7 +122,7 @@ class Overlap:
     def _commit(self, prev: InFlight, tokens: list[int]) -> list[RequestOutput]:
         engine = self.engine
         outputs = []
-        for i, req in enumerate(prev.requests):
+        for i, req in enumerate(prev.requests):  # every entry a request here (None only among MTP drafts)
             req.inflight -= 1
             if engine.requests.get(req.rid) is req:  # not aborted or failed meanwhile
                 lps = [prev.logprobs[i]] if prev.logprobs is not None else None
@@ -139,7 +139,7 @@ def inflight_rows(plan: StepPlan) -> list[tuple[int, str, int]]:
     row = 0
     for rid, q, drafts in zip(plan.rids, plan.q_lens, plan.num_drafts):
         if q <= 1 + drafts:  # a decode or verify request (prompt chunks take known tokens)
-            k = 0
+            k = 0  # (overlap runs without MTP: a request's in-flight ids are its token or its drafts, never both)
             for r in range(row, row + q):
                 if plan.input_ids[r] == IN_FLIGHT:
                     found.append((r, rid, k))
