@@ -4,7 +4,8 @@
 * The shipped checkpoint equals transformers' DeepseekV32ForCausalLM like any other checkpoint
   (fp32 logits within LOGIT_TOL at prompts below and far above index_topk; greedy tokens equal).
 * MTP speculative decoding with one draft step accepts more than MTP_ACCEPT_FLOOR tokens per verify
-  step, and the engine's counts equal those of the training module replaying the same greedy run.
+  step, and the engine's counts equal those of the training module replaying the same greedy run; with
+  three draft steps it accepts more than MTP3_ACCEPT_FLOOR and its tokens are the non-speculative run's.
 * On held-out standard-library text, sparse attention (the trained indexer's top-64 keys) stays
   within SPARSE_MARGIN of dense attention at contexts 4x and 8x index_topk, measured by
   transformers (dense: the same model with index_topk >= the context) and by the training module.
@@ -31,6 +32,7 @@ SPARSE_MARGIN = 0.02  # sparse perplexity <= dense * (1 + margin); docs/tiny-mod
 RANDOM_GAP = 0.10  # random top-64 selection is worse than the trained indexer's by more than this (ppl ratio)
 MTP_TOP1_FLOOR = 0.20  # next-next-token top-1 of the MTP layer on held-out text (measured: docs/tiny-model.md)
 MTP_ACCEPT_FLOOR = 1.6  # engine accept length at --speculative-num-steps 1 (measured 1.85 to 1.87)
+MTP3_ACCEPT_FLOOR = 2.5  # at --speculative-num-steps 3 (measured 3.27 on the prompts below, CPU)
 PPL_AGREEMENT = 1e-3  # relative: the training module vs transformers on the same windows
 CONTEXTS = (256, 512)  # 4x and 8x index_topk
 WINDOWS = 6
@@ -177,3 +179,14 @@ def test_mtp_accept_length_at_one_step(shipped: str, held_out: torch.Tensor) -> 
         f"engine {stats.spec_verify_steps} verify steps / {stats.spec_accepted_tokens} accepted, "
         f"module {verifies} / {accepted}")
     assert stats.avg_spec_accept_length > MTP_ACCEPT_FLOOR, stats.avg_spec_accept_length
+
+
+def test_mtp_three_steps_accept_chains_and_equal_plain(shipped: str, held_out: torch.Tensor) -> None:
+    """S = 3 with the trained drafter: chains of accepted drafts (carried into each verify step on the
+    device, engine._fill_drafts) leave the greedy tokens those of the run without speculation."""
+    prompts = windows(held_out, 128)[:8].tolist()
+    params = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
+    plain = [o.token_ids for o in LLM(shipped, page_size=64, max_total_tokens=8192).generate(prompts, params)]
+    llm = LLM(shipped, speculative_algorithm="NEXTN", speculative_num_steps=3, page_size=64, max_total_tokens=8192)
+    assert [o.token_ids for o in llm.generate(prompts, params)] == plain
+    assert llm.engine.stats().avg_spec_accept_length > MTP3_ACCEPT_FLOOR, llm.engine.stats().avg_spec_accept_length
