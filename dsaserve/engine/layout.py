@@ -153,7 +153,8 @@ class BatchLayout:
         storage = host.to(device, non_blocking=True)  # one upload per step (it was one per field)
         views, start = {}, 0
         for (name, (_, shape)), size, span in zip(fields.items(), sizes, spans):
-            views[name] = storage[start:start + size].view(shape)
+            flat = storage[start:start + size]
+            views[name] = flat if len(shape) == 1 else flat.view(shape)  # a view call costs ~4 us of host time
             start += span
         return BatchLayout(
             mode=plan.mode, page_size=page_size, num_tokens=T,
