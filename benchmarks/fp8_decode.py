@@ -52,6 +52,32 @@ def chain_us(calls: list[Callable[[], object]]) -> float:
     return 1e3 * triton.testing.do_bench(graph.replay, warmup=10, rep=60, return_mode="median") / len(calls)
 
 
+def time_configs(label: str, module: object, configs: list[dict | None], first: Callable[[], torch.Tensor],
+                 check: Callable[[torch.Tensor, torch.Tensor], None], calls: list[Callable[[], object]],
+                 nbytes: float, copy_Bps: float) -> dict:
+    """Each config (None: the kernel's default) set as module.CONFIG: `first()`'s output checked against the
+    default's (`check(got, default)` raises where they differ), then us per call of a graph of `calls` and
+    the fraction of copy bandwidth on `nbytes`; a config that fails or differs is reported and skipped."""
+    module.CONFIG = None
+    base = first()
+    results = []
+    for cfg in configs:
+        module.CONFIG = cfg
+        try:
+            check(first(), base)
+            us = chain_us(calls)
+        except Exception as exc:  # a tile config that does not fit: report, go on
+            print(f"{label} {cfg}: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
+            continue
+        finally:
+            module.CONFIG = None
+        results.append({"config": cfg, "us": us, "of_copy": nbytes / (us * 1e-6) / copy_Bps})
+    default = next(r for r in results if r["config"] is None)
+    best = min(results, key=lambda r: r["us"])
+    return {"default_us": default["us"], "default_of_copy": default["of_copy"], "best_us": best["us"],
+            "best_config": best["config"], "swept": results}
+
+
 def sweep_configs(M: int, N: int, K: int, sms: int) -> list[dict[str, int]]:
     """Strips of 64 / 128 / 256 columns, 3 or 4 stages, and every distinct split-K count (at least 2 K groups
     per split, at most 6 programs per SM): what default_config's decode rules were read from. Above 16 rows

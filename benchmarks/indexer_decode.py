@@ -25,7 +25,7 @@ from dsaserve.bench.one_batch import copy_bandwidth  # noqa: E402
 from dsaserve.cache import kv_format  # noqa: E402
 from dsaserve.ops import reference as ref  # noqa: E402
 from dsaserve.ops.triton import indexer  # noqa: E402
-from fp8_decode import chain_us  # noqa: E402  (a graph of the calls, us per call)
+from fp8_decode import time_configs  # noqa: E402  (each config: a graph of the calls, us per call)
 
 HEADS, DIM, PAGE, LAYERS = 64, 128, 64, 24
 DEFAULT_CASES = ["1x1040", "16x1040", "1x8208", "1x32784", "4x32784", "16x32784"]
@@ -39,7 +39,7 @@ def width_of(context: int) -> int:
 
 def layers(rows: int, context: int, gen: torch.Generator) -> list[tuple]:
     """LAYERS argument tuples of indexer_logits, one cache each."""
-    dev, width = "cuda", width_of(context)
+    dev, width = gen.device, width_of(context)
     pages = width // PAGE  # the page table spans the key width, as the engine's does
     out = []
     for _ in range(LAYERS):
@@ -65,26 +65,15 @@ def run_case(rows: int, context: int, configs: list[dict | None], copy_Bps: floa
         err = ((base[finite] - want[finite]).norm() / want[finite].norm()).item()
         assert err < 2e-3, f"the default's logits are off the reference by {err:.2e}"
     key_bytes = int(calls[0][5].sum()) * ROW_BYTES
-    results = []
-    for cfg in configs:
-        indexer.CONFIG = cfg
-        try:
-            got = indexer.indexer_logits(*calls[0])
-            finite = torch.isfinite(base)
-            assert torch.equal(finite, torch.isfinite(got)) and torch.allclose(got[finite], base[finite], rtol=1e-4,
-                                                                                atol=1e-5), "logits differ"
-            us = chain_us([functools.partial(indexer.indexer_logits, *args) for args in calls])
-        except Exception as exc:  # a tile config that does not fit: report, go on
-            print(f"{rows}x{context} {cfg}: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
-            continue
-        finally:
-            indexer.CONFIG = None
-        results.append({"config": cfg, "us": us, "of_copy": key_bytes / (us * 1e-6) / copy_Bps})
-    default = next(r for r in results if r["config"] is None)
-    best = min(results, key=lambda r: r["us"])
-    return {"rows": rows, "context": context, "width": width_of(context), "key_MB": key_bytes / 1e6,
-            "default_us": default["us"], "default_of_copy": default["of_copy"], "best_us": best["us"],
-            "best_config": best["config"], "swept": results}
+
+    def check(got: torch.Tensor, base: torch.Tensor) -> None:
+        finite = torch.isfinite(base)
+        assert torch.equal(finite, torch.isfinite(got)) and torch.allclose(got[finite], base[finite], rtol=1e-4,
+                                                                            atol=1e-5), "logits differ"
+
+    timed = time_configs(f"{rows}x{context}", indexer, configs, lambda: indexer.indexer_logits(*calls[0]), check,
+                         [functools.partial(indexer.indexer_logits, *args) for args in calls], key_bytes, copy_Bps)
+    return {"rows": rows, "context": context, "width": width_of(context), "key_MB": key_bytes / 1e6, **timed}
 
 
 def main() -> None:

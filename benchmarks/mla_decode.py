@@ -26,7 +26,7 @@ from dsaserve.bench.one_batch import copy_bandwidth  # noqa: E402
 from dsaserve.cache import kv_format  # noqa: E402
 from dsaserve.ops import reference as ref  # noqa: E402
 from dsaserve.ops.triton import mla  # noqa: E402
-from fp8_decode import chain_us  # noqa: E402  (a graph of the calls, us per call)
+from fp8_decode import time_configs  # noqa: E402  (each config: a graph of the calls, us per call)
 
 V_DIM, ROPE, WIDTH, LAYERS = 512, 64, 2048, 61
 # decode at batch 1 / 4 / 16 and MTP verify (S = 3) at batch 1 / 2 / 4 on a --tp 8 rank; 128 heads: one device
@@ -60,24 +60,13 @@ def run_case(rows: int, heads: int, context: int, configs: list[dict | None], co
     err = ((base.float() - want.float()).norm() / want.float().norm()).item()
     assert err < 2e-2, f"the default's output is off the reference by {err:.2e}"
     latent_bytes = rows * min(context, WIDTH) * ROW_BYTES
-    results = []
-    for cfg in configs:
-        mla.CONFIG = cfg
-        try:
-            got, _ = mla.sparse_mla(*calls[0])
-            assert torch.allclose(got.float(), base.float(), rtol=2e-2, atol=2e-2), "outputs differ"
-            us = chain_us([functools.partial(mla.sparse_mla, *args) for args in calls])
-        except Exception as exc:  # a tile config that does not fit: report, go on
-            print(f"{rows}x{heads}x{context} {cfg}: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
-            continue
-        finally:
-            mla.CONFIG = None
-        results.append({"config": cfg, "us": us, "of_copy": latent_bytes / (us * 1e-6) / copy_Bps})
-    default = next(r for r in results if r["config"] is None)
-    best = min(results, key=lambda r: r["us"])
-    return {"rows": rows, "heads": heads, "context": context, "latent_MB": latent_bytes / 1e6,
-            "default_us": default["us"], "default_of_copy": default["of_copy"], "best_us": best["us"],
-            "best_config": best["config"], "swept": results}
+
+    def check(got: torch.Tensor, base: torch.Tensor) -> None:
+        assert torch.allclose(got.float(), base.float(), rtol=2e-2, atol=2e-2), "outputs differ"
+
+    timed = time_configs(f"{rows}x{heads}x{context}", mla, configs, lambda: mla.sparse_mla(*calls[0])[0], check,
+                         [functools.partial(mla.sparse_mla, *args) for args in calls], latent_bytes, copy_Bps)
+    return {"rows": rows, "heads": heads, "context": context, "latent_MB": latent_bytes / 1e6, **timed}
 
 
 def main() -> None:
