@@ -78,6 +78,28 @@ def time_configs(label: str, module: object, configs: list[dict | None], first: 
             "best_config": best["config"], "swept": results}
 
 
+def run_cases(cases: list[str], run_case: Callable[..., dict], configs: list[dict | None], title: str,
+              columns: list[tuple[str, str, str]], output_json: str | None) -> list[dict]:
+    """run_case(*the ints of an 'AxBxC' case, configs, copy_Bps, generator) per case, the copy bandwidth measured
+    first; then a table (columns: result key, header, format spec) and the JSON of every result."""
+    from dsaserve.bench.one_batch import copy_bandwidth
+    copy_Bps = copy_bandwidth(torch.device("cuda"))
+    gen = torch.Generator("cuda").manual_seed(0)
+    results = [run_case(*map(int, c.split("x")), configs, copy_Bps, gen) for c in cases]
+    print(f"{torch.cuda.get_device_name()}; copy {copy_Bps / 1e12:.2f} TB/s; {title}")
+    columns = columns + [("default_us", "default us", ".2f"), ("default_of_copy", "of copy", ".1%"),
+                         ("best_us", "best us", ".2f")]
+    widths = [max(len(header), 7) for _, header, _ in columns]
+    print(" ".join(f"{header:>{w}}" for (_, header, _), w in zip(columns, widths)) + "  best")
+    for r in results:
+        print(" ".join(f"{r[key]:>{w}{fmt}}" for (key, _, fmt), w in zip(columns, widths))
+              + f"  {r['best_config'] or 'default'}")
+    if output_json:
+        Path(output_json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "copy_Bps": copy_Bps,
+                                                 "cases": results}, indent=1))
+    return results
+
+
 def sweep_configs(M: int, N: int, K: int, sms: int) -> list[dict[str, int]]:
     """Strips of 64 / 128 / 256 columns, 3 or 4 stages, and every distinct split-K count (at least 2 K groups
     per split, at most 6 programs per SM): what default_config's decode rules were read from. Above 16 rows

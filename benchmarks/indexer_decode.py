@@ -13,7 +13,6 @@ import argparse
 import functools
 import importlib.util
 import itertools
-import json
 import sys
 from pathlib import Path
 
@@ -21,11 +20,10 @@ import torch
 
 if importlib.util.find_spec("dsaserve") is None:  # PYTHONPATH's dsaserve wins (an A/B against a base package)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dsaserve.bench.one_batch import copy_bandwidth  # noqa: E402
 from dsaserve.cache import kv_format  # noqa: E402
 from dsaserve.ops import reference as ref  # noqa: E402
 from dsaserve.ops.triton import indexer  # noqa: E402
-from fp8_decode import time_configs  # noqa: E402  (each config: a graph of the calls, us per call)
+from fp8_decode import run_cases, time_configs  # noqa: E402  (each config: a graph of the calls, us per call)
 
 HEADS, DIM, PAGE, LAYERS = 64, 128, 64, 24
 DEFAULT_CASES = ["1x1040", "16x1040", "1x8208", "1x32784", "4x32784", "16x32784"]
@@ -35,6 +33,9 @@ ROW_BYTES = kv_format.row_bytes(DIM, 0, kv_format.FP8)
 def width_of(context: int) -> int:
     """The graphs' key-width bucket for a context: the next power of two above it."""
     return 1 << context.bit_length()
+
+# The table's columns before the timings: result key, header, format.
+COLUMNS = [("rows", "rows", "d"), ("context", "context", "d"), ("width", "width", "d"), ("key_MB", "key MB", ".2f")]
 
 
 def layers(rows: int, context: int, gen: torch.Generator) -> list[tuple]:
@@ -87,18 +88,8 @@ def main() -> None:
     if args.sweep:
         configs += [dict(block_n=bn, iters=it, num_warps=nw, num_stages=ns)
                     for bn, it, nw, ns in itertools.product((64, 128), (1, 2, 4, 8), (4, 8), (2, 3))]
-    copy_Bps = copy_bandwidth(torch.device("cuda"))
-    gen = torch.Generator("cuda").manual_seed(0)
-    results = [run_case(*map(int, c.split("x")), configs, copy_Bps, gen) for c in args.cases]
-    print(f"{torch.cuda.get_device_name()}; copy {copy_Bps / 1e12:.2f} TB/s; FP8 keys; us per call "
-          f"(a graph of {LAYERS} calls, median)")
-    print(f"{'rows':>5} {'context':>8} {'width':>7} {'key MB':>7} {'default us':>11} {'of copy':>8} {'best us':>8}  best")
-    for r in results:
-        print(f"{r['rows']:>5} {r['context']:>8} {r['width']:>7} {r['key_MB']:>7.2f} {r['default_us']:>11.2f} "
-              f"{r['default_of_copy']:>8.1%} {r['best_us']:>8.2f}  {r['best_config'] or 'default'}")
-    if args.output_json:
-        Path(args.output_json).write_text(json.dumps({"device": torch.cuda.get_device_name(),
-                                                      "copy_Bps": copy_Bps, "cases": results}, indent=1))
+    run_cases(args.cases, run_case, configs, f"FP8 keys; us per call (a graph of {LAYERS} calls, median)",
+              COLUMNS, args.output_json)
 
 
 if __name__ == "__main__":

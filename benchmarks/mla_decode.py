@@ -14,7 +14,6 @@ import argparse
 import functools
 import importlib.util
 import itertools
-import json
 import sys
 from pathlib import Path
 
@@ -22,16 +21,19 @@ import torch
 
 if importlib.util.find_spec("dsaserve") is None:  # PYTHONPATH's dsaserve wins (an A/B against a base package)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dsaserve.bench.one_batch import copy_bandwidth  # noqa: E402
 from dsaserve.cache import kv_format  # noqa: E402
 from dsaserve.ops import reference as ref  # noqa: E402
 from dsaserve.ops.triton import mla  # noqa: E402
-from fp8_decode import time_configs  # noqa: E402  (each config: a graph of the calls, us per call)
+from fp8_decode import run_cases, time_configs  # noqa: E402  (each config: a graph of the calls, us per call)
 
 V_DIM, ROPE, WIDTH, LAYERS = 512, 64, 2048, 61
 # decode at batch 1 / 4 / 16 and MTP verify (S = 3) at batch 1 / 2 / 4 on a --tp 8 rank; 128 heads: one device
 DEFAULT_CASES = ["1x16x1040", "4x16x1040", "8x16x1040", "16x16x1040", "64x16x1040", "1x128x1040", "4x128x1040"]
 ROW_BYTES = kv_format.row_bytes(V_DIM, ROPE, kv_format.FP8)
+
+# The table's columns before the timings: result key, header, format.
+COLUMNS = [("rows", "rows", "d"), ("heads", "heads", "d"), ("context", "context", "d"),
+           ("latent_MB", "latent MB", ".2f")]
 
 
 def layers(rows: int, heads: int, context: int, gen: torch.Generator, count: int = LAYERS) -> list[tuple]:
@@ -80,19 +82,8 @@ def main() -> None:
     if args.sweep:
         configs += [{k: v for k, v in dict(combine_block_v=c, splits=s).items() if v is not None}
                     for c, s in itertools.product((64, 128, 512), (None, 16, 32, 64))]
-    copy_Bps = copy_bandwidth(torch.device("cuda"))
-    gen = torch.Generator("cuda").manual_seed(0)
-    results = [run_case(*map(int, c.split("x")), configs, copy_Bps, gen) for c in args.cases]
-    print(f"{torch.cuda.get_device_name()}; copy {copy_Bps / 1e12:.2f} TB/s; FP8 latent cache; us per call "
-          f"(a graph of {LAYERS} calls, median)")
-    print(f"{'rows':>5} {'heads':>6} {'context':>8} {'latent MB':>10} {'default us':>11} {'of copy':>8} "
-          f"{'best us':>8}  best")
-    for r in results:
-        print(f"{r['rows']:>5} {r['heads']:>6} {r['context']:>8} {r['latent_MB']:>10.2f} {r['default_us']:>11.2f} "
-              f"{r['default_of_copy']:>8.1%} {r['best_us']:>8.2f}  {r['best_config'] or 'default'}")
-    if args.output_json:
-        Path(args.output_json).write_text(json.dumps({"device": torch.cuda.get_device_name(),
-                                                      "copy_Bps": copy_Bps, "cases": results}, indent=1))
+    run_cases(args.cases, run_case, configs, f"FP8 latent cache; us per call (a graph of {LAYERS} calls, median)",
+              COLUMNS, args.output_json)
 
 
 if __name__ == "__main__":
