@@ -64,6 +64,10 @@ def pd_servers(model: str, tmp: Path, prefill: dict[str, Any], decode: dict[str,
                prefill_env: dict[str, str] | None = None) -> tuple[ServerProcess, ServerProcess, int]:
     port = free_port()
     common = dict(max_total_tokens=2048)
+    # Rank rendezvous ports from this process's sequence too: one a server drew itself could be the other's
+    # bootstrap port before that is bound.
+    prefill, decode = ({"dist_init_addr": f"127.0.0.1:{free_port()}", **f} if int(f.get("tp", 1)) > 1 else f
+                       for f in (prefill, decode))
     p = ServerProcess(model, tmp / "prefill.log", env=prefill_env, disaggregation_mode="prefill",
                       disaggregation_bootstrap_port=port, **common, **prefill)
     d = ServerProcess(model, tmp / "decode.log", disaggregation_mode="decode", **common, **decode)

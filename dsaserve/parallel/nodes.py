@@ -7,6 +7,7 @@ import os
 import random
 import socket
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 from dsaserve.server_args import ServerArgs
@@ -17,11 +18,12 @@ from dsaserve.server_args import ServerArgs
 _NEXT_PORT = itertools.count(random.Random(os.getpid() ^ time.time_ns()).randrange(1 << 16))
 
 
-def free_port() -> int:
+def free_port(avoid: Collection[int] = ()) -> int:
     """A loopback port that binds now, below the kernel's ephemeral range: a port the kernel hands out for a
     bind to port 0 (another process's sockets, an outgoing connection) could be taken between this check and
     its user's bind ("Address already in use"), one below that range cannot. Successive calls step through
-    the range, so ports handed out together by one process differ."""
+    the range, so ports handed out together by one process differ; `avoid`: ports the caller will bind
+    later (free now, so the check alone would not skip them)."""
     try:
         low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
@@ -29,6 +31,8 @@ def free_port() -> int:
     span = min(8192, low - 1024)
     for _ in range(max(span, 0)):
         port = low - 1 - next(_NEXT_PORT) % span
+        if port in avoid:
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))

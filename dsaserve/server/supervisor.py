@@ -28,7 +28,9 @@ class RankProcesses:
     """This node's rank processes (spawned, not yet started) and their heartbeats."""
 
     def __init__(self, args: ServerArgs, endpoints: list[Endpoints]):
-        init_addr = args.dist_init_addr or f"127.0.0.1:{free_port()}"
+        # Not a port this server binds later (HTTP, the PD bootstrap server): free now, taken then.
+        own = (args.port, args.disaggregation_bootstrap_port)
+        init_addr = args.dist_init_addr or f"127.0.0.1:{free_port(avoid=own)}"
         ctx = mp.get_context("spawn")
         self.ranks = list(ranks_on_this_node(args))
         self.attn_tp = args.tp // args.dp
