@@ -142,9 +142,11 @@ def _combine_kernel(PO, PLSE, O, LSE,
 # Splits merged per step of _combine_kernel (more splits loop): one compiled variant serves every split count.
 COMBINE_SPLITS = 32
 # Columns per combine program when rows x heads are few (one row of 16 heads: 16 programs of 512 columns
-# leave the GPU idle; 64 columns: 2 us faster per call, H200). More rows fill it with whole rows.
+# leave the GPU idle). 64 columns against 512 at 16 heads, 1K context (H200, 2026-12-03, benchmarks/mla_decode.py
+# --sweep): 4 rows (an MTP verify row group at S = 3) 20.9 us vs 25.6, 8 rows 22.6 vs 24.1, 16 rows equal; 4 rows of
+# 128 heads 35.4 vs 28.0. More rows fill the GPU with whole rows.
 COMBINE_FEW_COLUMNS = 64
-COMBINE_FEW_ROW_HEADS = 32
+COMBINE_FEW_ROW_HEADS = 128
 
 
 SMEM_TILE_BUDGET = 160 << 10  # bytes of pipelined key tiles; Hopper has 227 KiB per block, q and scratch need the rest
