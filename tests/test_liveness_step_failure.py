@@ -1,10 +1,11 @@
 """A batch that raises on every rank ends that step's requests with an error and the ranks go on
 (TP and DP attention), as does one that raises in one DP group before the collectives the groups share;
-a batch that raises on one rank only stops every rank, promptly, with a message naming it. The failure
-is injected into the real ModelRunner of each rank process."""
+a batch that raises on one rank only stops every rank, promptly, with a message naming it; a rank that dies
+without a word fails the run at once. The failure is injected into the real ModelRunner of each rank process."""
 from __future__ import annotations
 
 import functools
+import os
 
 import pytest
 
@@ -90,3 +91,17 @@ def test_step_failing_on_one_rank_stops_every_rank(tiny_ds: str, before_forward:
         assert "rank 0 failed" in str(err.value) or "StepFailedOnSomeRanks" in str(err.value), str(err.value)
     else:
         assert "StepFailedOnSomeRanks" in str(err.value) and "failed on rank(s) [1] only" in str(err.value)
+
+
+def _exit_in(rank: int, dying: int) -> None:
+    if rank == dying:
+        os._exit(3)
+
+
+def test_a_rank_dying_without_a_word_fails_the_run_at_once(tiny_ds: str) -> None:
+    """A rank process that dies before it can report (os._exit in its setup: no traceback reaches the queue) fails
+    run_jobs with its rank and exit code at once, not after the result timeout (300 s, this file's test timeout);
+    the other rank, waiting for it at the rendezvous, is killed rather than left to the dist timeout."""
+    args = ServerArgs(tp=2, max_total_tokens=2048, dist_timeout=60)
+    with pytest.raises(RuntimeError, match="rank 1 exited with code 3 and no result"):
+        run_jobs(args, [_job(tiny_ds, 1)], setup=functools.partial(_exit_in, dying=1))

@@ -9,6 +9,7 @@ import os
 import queue
 import socket
 import struct
+import time
 import traceback
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -23,6 +24,12 @@ from dsaserve.parallel.nodes import free_port, ranks_on_this_node
 from dsaserve.server_args import ServerArgs, split_host_port
 
 log = logging.getLogger(__name__)
+
+# run_jobs' rank processes fork from one forkserver that imported these once: torch, the engine and the
+# tokenizer's transformers modules take about 7 s per process to import on a 2-core machine, and a test process
+# launches dozens of rank groups. The forkserver never touches CUDA, so its children may. (A server starts its
+# ranks once, by spawn: dsaserve/server/supervisor.py.)
+RANK_PRELOAD = ("dsaserve.engine.engine", "transformers.models.auto.tokenization_auto")
 
 
 def init_distributed(args: ServerArgs, rank: int, init_addr: str) -> Parallel:
@@ -146,7 +153,8 @@ def run_jobs(args: ServerArgs, jobs: list[Job], timeout_s: float = 300.0,
              setup: Callable[[int], None] | None = None) -> list[list[list[int]]]:
     """Run the jobs on `args.tp` local rank processes; greedy/sampled token ids per request, per job.
     `setup(rank)` (picklable) runs first in each rank process: fault injection in tests."""
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(list(RANK_PRELOAD))  # no effect once this process's forkserver runs
     results = ctx.Queue()
     addr = f"127.0.0.1:{free_port()}"
     procs = [ctx.Process(target=_rank_main, args=(args, r, addr, jobs, results, setup), daemon=True)
@@ -154,17 +162,35 @@ def run_jobs(args: ServerArgs, jobs: list[Job], timeout_s: float = 300.0,
     for p in procs:
         p.start()
     merged: list[dict[int, list[int]]] = [{} for _ in jobs]
+    done = False
     try:
         for _ in range(len(jobs) * args.dp):
-            kind, key, payload = results.get(timeout=timeout_s)
+            kind, key, payload = _next_result(results, procs, timeout_s)
             if kind == "error":
                 raise RuntimeError(f"rank {key} failed:\n{payload}")
             merged[key].update(payload)
-    except queue.Empty:
-        raise TimeoutError(f"rank processes gave no result within {timeout_s}s") from None
+        done = True
     finally:
-        for p in procs:
-            p.join(timeout=10)
+        for p in procs:  # after a failure the others may wait in a collective for the dist timeout: not for them
+            p.join(timeout=10 if done else 0.5)
             if p.is_alive():
                 p.kill()
     return [[merged[j][i] for i in range(len(job.requests))] for j, job in enumerate(jobs)]
+
+
+def _next_result(results: Any, procs: list, timeout_s: float) -> tuple:
+    """The next rank message; a rank that died without one (killed, or failed before its `try`) raises at once
+    rather than after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return results.get(timeout=1.0)
+        except queue.Empty:
+            dead = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+            if dead:
+                try:  # its error message may have arrived since
+                    return results.get(timeout=1.0)
+                except queue.Empty:
+                    raise RuntimeError(f"rank {dead[0][0]} exited with code {dead[0][1]} and no result") from None
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rank processes gave no result within {timeout_s}s") from None
