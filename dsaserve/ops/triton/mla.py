@@ -105,37 +105,40 @@ def _combine_kernel(PO, PLSE, O, LSE,
                     stride_ot, stride_oh, stride_ft, stride_fh,
                     H, V_DIM, NUM_SPLITS,
                     BLOCK_S: tl.constexpr, BLOCK_V: tl.constexpr, PDL: tl.constexpr):
-    """Merge normalized split outputs: out = sum_s exp(lse_s - lse) * out_s, lse = logsumexp(lse_s), over the
-    splits in blocks of BLOCK_S (a constant: one compiled variant whatever the split count, which follows the
-    rows and the key width of each step). Program (head, row, column block): BLOCK_V of the value columns; every
-    block computes the row's weights, block 0 alone stores its lse."""
+    """Merge normalized split outputs: out = sum_s exp(lse_s - lse) * out_s, lse = logsumexp(lse_s), in one pass
+    over the splits in blocks of BLOCK_S (a constant: one compiled variant whatever the split count, which follows
+    the rows and the key width of each step), rescaling the running sums by the running max as a block raises it:
+    each block's lse and outputs load together, not lse three times before the outputs (at a few rows the combine
+    is a chain of dependent loads). Program (head, row, column block): BLOCK_V of the value columns; every block
+    computes the row's weights, block 0 alone stores its lse."""
     pdl_start(PDL)
     h = tl.program_id(0)
     t = tl.program_id(1).to(tl.int64)
     dv = tl.program_id(2) * BLOCK_V + tl.arange(0, BLOCK_V)
     vmask = dv < V_DIM
     lse_ptr = PLSE + t * stride_lt + h * stride_lh
-    m = tl.full([], float("-inf"), tl.float32)
-    for s0 in range(0, NUM_SPLITS, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        m = tl.maximum(m, tl.max(tl.load(lse_ptr + s, mask=s < NUM_SPLITS, other=float("-inf")), 0))
-    m_use = tl.where(m == float("-inf"), 0.0, m)
-    total = tl.full([], 0.0, tl.float32)
-    for s0 in range(0, NUM_SPLITS, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        total += tl.sum(tl.exp(tl.load(lse_ptr + s, mask=s < NUM_SPLITS, other=float("-inf")) - m_use), 0)
-    has = total > 0.0
-    acc = tl.zeros([BLOCK_V], tl.float32)
+    out_ptr = PO + t * stride_pt + h * stride_ph + dv[None, :]
+    m = tl.full([], float("-inf"), tl.float32)  # the largest split lse so far
+    total = tl.full([], 0.0, tl.float32)  # sum of exp(lse_s - m) so far
+    acc = tl.zeros([BLOCK_V], tl.float32)  # sum of exp(lse_s - m) * out_s so far
     for s0 in range(0, NUM_SPLITS, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         smask = s < NUM_SPLITS
-        w = tl.exp(tl.load(lse_ptr + s, mask=smask, other=float("-inf")) - m_use) / tl.where(has, total, 1.0)
-        part = tl.load(PO + t * stride_pt + h * stride_ph + s[:, None] * stride_ps + dv[None, :],
-                       mask=smask[:, None] & vmask[None, :], other=0.0).to(tl.float32)
-        acc += tl.sum(part * w[:, None], 0)
+        lse = tl.load(lse_ptr + s, mask=smask, other=float("-inf"))
+        part = tl.load(out_ptr + s[:, None] * stride_ps, mask=smask[:, None] & vmask[None, :], other=0.0)
+        m_new = tl.maximum(m, tl.max(lse, 0))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: weights exp(-inf) = 0, no NaN
+        scale = tl.exp(m - m_use)
+        w = tl.exp(lse - m_use)
+        total = total * scale + tl.sum(w, 0)
+        acc = acc * scale + tl.sum(part.to(tl.float32) * w[:, None], 0)
+        m = m_new
+    has = total > 0.0
+    acc = acc / tl.where(has, total, 1.0)
     tl.store(O + t * stride_ot + h * stride_oh + dv, acc.to(O.dtype.element_ty), mask=vmask)
     if tl.program_id(2) == 0:
-        tl.store(LSE + t * stride_ft + h * stride_fh, tl.where(has, m_use + tl.log(tl.where(has, total, 1.0)),
+        m_fin = tl.where(m == float("-inf"), 0.0, m)
+        tl.store(LSE + t * stride_ft + h * stride_fh, tl.where(has, m_fin + tl.log(tl.where(has, total, 1.0)),
                                                                float("-inf")))
 
 
