@@ -1,7 +1,8 @@
 """A batch that raises on every rank ends that step's requests with an error and the ranks go on
 (TP and DP attention), as does one that raises in one DP group before the collectives the groups share;
 a batch that raises on one rank only stops every rank, promptly, with a message naming it; a rank that dies
-without a word fails the run at once. The failure is injected into the real ModelRunner of each rank process."""
+without a word fails the run at once; ranks see the environment of their launch. The failure is injected into the
+real ModelRunner of each rank process."""
 from __future__ import annotations
 
 import functools
@@ -105,3 +106,20 @@ def test_a_rank_dying_without_a_word_fails_the_run_at_once(tiny_ds: str) -> None
     args = ServerArgs(tp=2, max_total_tokens=2048, dist_timeout=60)
     with pytest.raises(RuntimeError, match="rank 1 exited with code 3 and no result"):
         run_jobs(args, [_job(tiny_ds, 1)], setup=functools.partial(_exit_in, dying=1))
+
+
+def _expect_env(rank: int, value: str) -> None:
+    seen = os.environ.get("DSASERVE_TEST_LAUNCH_ENV")
+    if seen != value:
+        raise RuntimeError(f"rank {rank} sees DSASERVE_TEST_LAUNCH_ENV={seen!r}, the caller set {value!r}")
+
+
+def test_ranks_see_the_callers_environment_of_each_launch(tiny_ds: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """run_jobs' ranks fork from one long-lived forkserver; each launch still hands them the caller's environment
+    as it is at that launch (fault-injection variables, DSASERVE_CHECKS)."""
+    args = ServerArgs(tp=2, max_total_tokens=2048)
+    for value in ("a", "b"):
+        monkeypatch.setenv("DSASERVE_TEST_LAUNCH_ENV", value)
+        job = Job({"model_path": tiny_ds, "page_size": 4}, [OfflineRequest(PROMPTS[0], GREEDY)])
+        [got] = run_jobs(args, [job], setup=functools.partial(_expect_env, value=value))
+        assert got == _single_device(tiny_ds)[:1]

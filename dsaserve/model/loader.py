@@ -302,8 +302,8 @@ def build_model(model_path: str | Path, device: torch.device, dtype: torch.dtype
     ckpt = Checkpoint(model_path) if load_format != "dummy" else None
     model = meta_model(cfg, par, dtype, load_mtp, ckpt.is_fp8 if ckpt is not None else fp8_by_config(cfg))
     _check_fits(model, device, dtype)
-    # Module.to_empty's empty_like on meta tensors imports sympy (0.7 s per process): allocate by shape instead
-    model._apply(lambda t: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device))
+    # Module.to_empty's empty_like on meta tensors imports sympy (0.7 s per process): dense tensors by shape instead
+    model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
     if ckpt is None:
         from dsaserve.model.dummy import init_dummy_weights
         init_dummy_weights(model)

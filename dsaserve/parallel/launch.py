@@ -132,7 +132,9 @@ def _run_job(args: ServerArgs, par: Parallel, job: Job) -> dict[int, list[int]]:
 
 
 def _rank_main(args: ServerArgs, rank: int, init_addr: str, jobs: list[Job], results: Any,
-               setup: Callable[[int], None] | None) -> None:
+               setup: Callable[[int], None] | None, env: dict[str, str]) -> None:
+    os.environ.clear()  # the caller's environment now, not the forkserver's from its start
+    os.environ.update(env)
     try:
         if setup is not None:
             setup(rank)
@@ -157,7 +159,8 @@ def run_jobs(args: ServerArgs, jobs: list[Job], timeout_s: float = 300.0,
     ctx.set_forkserver_preload(list(RANK_PRELOAD))  # no effect once this process's forkserver runs
     results = ctx.Queue()
     addr = f"127.0.0.1:{free_port()}"
-    procs = [ctx.Process(target=_rank_main, args=(args, r, addr, jobs, results, setup), daemon=True)
+    procs = [ctx.Process(target=_rank_main, args=(args, r, addr, jobs, results, setup, dict(os.environ)),
+                          daemon=True)
              for r in range(args.tp)]
     for p in procs:
         p.start()
