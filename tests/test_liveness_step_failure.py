@@ -104,7 +104,7 @@ def test_a_rank_dying_without_a_word_fails_the_run_at_once(tiny_ds: str) -> None
     run_jobs with its rank and exit code at once, not after the result timeout (300 s, this file's test timeout);
     the other rank, waiting for it at the rendezvous, is killed rather than left to the dist timeout."""
     args = ServerArgs(tp=2, max_total_tokens=2048, dist_timeout=60)
-    with pytest.raises(RuntimeError, match="rank 1 exited with code 3 and no result"):
+    with pytest.raises(RuntimeError, match=r"rank 1 exited \(code 3\) and no result"):
         run_jobs(args, [_job(tiny_ds, 1)], setup=functools.partial(_exit_in, dying=1))
 
 

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from dsaserve.engine.request import SamplingParams
 from dsaserve.parallel.groups import Parallel, ParallelConfig
-from dsaserve.parallel.nodes import free_port, ranks_on_this_node
+from dsaserve.parallel.nodes import describe_exit, free_port, ranks_on_this_node
 from dsaserve.server_args import ServerArgs, split_host_port
 
 log = logging.getLogger(__name__)
@@ -194,6 +194,6 @@ def _next_result(results: Any, procs: list, timeout_s: float) -> tuple:
                 try:  # its error message may have arrived since
                     return results.get(timeout=1.0)
                 except queue.Empty:
-                    raise RuntimeError(f"rank {dead[0][0]} exited with code {dead[0][1]} and no result") from None
+                    raise RuntimeError(f"rank {dead[0][0]} exited ({describe_exit(dead[0][1])}) and no result") from None
             if time.monotonic() > deadline:
                 raise TimeoutError(f"rank processes gave no result within {timeout_s}s") from None

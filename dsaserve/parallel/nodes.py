@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import signal
 import socket
 import time
 from collections.abc import Collection
@@ -49,3 +50,13 @@ def ranks_on_this_node(args: ServerArgs) -> range:
         raise ValueError(f"--tp ({args.tp}) must be divisible by --nnodes ({args.nnodes})")
     per_node = args.tp // args.nnodes
     return range(args.node_rank * per_node, (args.node_rank + 1) * per_node)
+
+
+def describe_exit(code: int | None) -> str:
+    """A process's exit code in words: "code 3", "killed by SIGKILL"."""
+    if code is not None and code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"code {code}"

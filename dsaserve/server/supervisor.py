@@ -10,11 +10,10 @@ import asyncio
 import multiprocessing as mp
 import multiprocessing.connection
 import os
-import signal
 import time
 from typing import Callable
 
-from dsaserve.parallel.nodes import free_port, ranks_on_this_node
+from dsaserve.parallel.nodes import describe_exit, free_port, ranks_on_this_node
 from dsaserve.server.messages import Endpoints
 from dsaserve.server.worker import run_rank
 from dsaserve.server_args import ServerArgs
@@ -87,15 +86,6 @@ class RankProcesses:
             if proc.exitcode is None:
                 proc.kill()
                 proc.join(timeout)
-
-
-def describe_exit(code: int | None) -> str:
-    if code is not None and code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"code {code}"
 
 
 async def watch(ranks: RankProcesses, on_problem: Callable[[str], None]) -> None:
