@@ -27,8 +27,10 @@ from dsaserve.ops.triton import mla  # noqa: E402
 from fp8_decode import run_cases, time_configs  # noqa: E402  (each config: a graph of the calls, us per call)
 
 V_DIM, ROPE, WIDTH, LAYERS = 512, 64, 2048, 61
-# decode at batch 1 / 4 / 16 and MTP verify (S = 3) at batch 1 / 2 / 4 on a --tp 8 rank; 128 heads: one device
-DEFAULT_CASES = ["1x16x1040", "4x16x1040", "8x16x1040", "16x16x1040", "64x16x1040", "1x128x1040", "4x128x1040"]
+# decode at batch 1 / 4 / 16 and MTP verify (S = 3) at batch 1 / 2 / 4 on a --tp 8 rank; 64 heads: a --tp 2 rank;
+# 128 heads: one device
+DEFAULT_CASES = ["1x16x1040", "4x16x1040", "8x16x1040", "16x16x1040", "64x16x1040", "2x64x1040", "1x128x1040",
+                 "4x128x1040"]
 ROW_BYTES = kv_format.row_bytes(V_DIM, ROPE, kv_format.FP8)
 
 # The table's columns before the timings: result key, header, format.
