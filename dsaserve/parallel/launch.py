@@ -194,6 +194,7 @@ def _next_result(results: Any, procs: list, timeout_s: float) -> tuple:
                 try:  # its error message may have arrived since
                     return results.get(timeout=1.0)
                 except queue.Empty:
-                    raise RuntimeError(f"rank {dead[0][0]} exited ({describe_exit(dead[0][1])}) and no result") from None
+                    rank, code = dead[0]
+                    raise RuntimeError(f"rank {rank} exited ({describe_exit(code)}) and no result") from None
             if time.monotonic() > deadline:
                 raise TimeoutError(f"rank processes gave no result within {timeout_s}s") from None
