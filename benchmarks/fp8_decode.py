@@ -100,6 +100,18 @@ def run_cases(cases: list[str], run_case: Callable[..., dict], configs: list[dic
     return results
 
 
+def decode_main(doc: str, cases: list[str], case_form: str, sweep: list[dict], sweep_help: str,
+                run_case: Callable[..., dict], title: str, columns: list[tuple[str, str, str]]) -> None:
+    """The command line of a decode-kernel benchmark (indexer_decode, mla_decode): --cases in `case_form`,
+    --sweep (the default config, then `sweep`), --output-json; then run_cases."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", nargs="+", default=cases, help=case_form)
+    ap.add_argument("--sweep", action="store_true", help=sweep_help)
+    ap.add_argument("--output-json", default=None)
+    args = ap.parse_args()
+    run_cases(args.cases, run_case, [None] + (sweep if args.sweep else []), title, columns, args.output_json)
+
+
 def sweep_configs(M: int, N: int, K: int, sms: int) -> list[dict[str, int]]:
     """Strips of 64 / 128 / 256 columns, 3 or 4 stages, and every distinct split-K count (at least 2 K groups
     per split, at most 6 programs per SM): what default_config's decode rules were read from. Above 16 rows

@@ -9,7 +9,6 @@ checked against the default's, the default's against the reference.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import importlib.util
 import itertools
@@ -23,7 +22,7 @@ if importlib.util.find_spec("dsaserve") is None:  # PYTHONPATH's dsaserve wins (
 from dsaserve.cache import kv_format  # noqa: E402
 from dsaserve.ops import reference as ref  # noqa: E402
 from dsaserve.ops.triton import indexer  # noqa: E402
-from fp8_decode import run_cases, time_configs  # noqa: E402  (each config: a graph of the calls, us per call)
+from fp8_decode import decode_main, time_configs  # noqa: E402  (each config: a graph of the calls, us per call)
 
 HEADS, DIM, PAGE, LAYERS = 64, 128, 64, 24
 DEFAULT_CASES = ["1x1040", "16x1040", "1x8208", "1x32784", "4x32784", "16x32784"]
@@ -77,19 +76,15 @@ def run_case(rows: int, context: int, configs: list[dict | None], copy_Bps: floa
     return {"rows": rows, "context": context, "width": width_of(context), "key_MB": key_bytes / 1e6, **timed}
 
 
+# --sweep: key blocks of 64 / 128, 1-8 blocks per program, 4 / 8 warps, 2 / 3 stages
+SWEEP = [dict(block_n=bn, iters=it, num_warps=nw, num_stages=ns)
+         for bn, it, nw, ns in itertools.product((64, 128), (1, 2, 4, 8), (4, 8), (2, 3))]
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cases", nargs="+", default=DEFAULT_CASES, help="ROWSxCONTEXT")
-    ap.add_argument("--sweep", action="store_true", help="also time key blocks of 64 / 128, 1-8 blocks per "
-                                                        "program, 4 / 8 warps, 2 / 3 stages")
-    ap.add_argument("--output-json", default=None)
-    args = ap.parse_args()
-    configs: list[dict | None] = [None]
-    if args.sweep:
-        configs += [dict(block_n=bn, iters=it, num_warps=nw, num_stages=ns)
-                    for bn, it, nw, ns in itertools.product((64, 128), (1, 2, 4, 8), (4, 8), (2, 3))]
-    run_cases(args.cases, run_case, configs, f"FP8 keys; us per call (a graph of {LAYERS} calls, median)",
-              COLUMNS, args.output_json)
+    decode_main(__doc__, DEFAULT_CASES, "ROWSxCONTEXT", SWEEP, "also time key blocks of 64 / 128, 1-8 blocks per "
+                "program, 4 / 8 warps, 2 / 3 stages", run_case,
+                f"FP8 keys; us per call (a graph of {LAYERS} calls, median)", COLUMNS)
 
 
 if __name__ == "__main__":

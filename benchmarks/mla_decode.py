@@ -10,7 +10,6 @@ default's, the default's against the reference.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import importlib.util
 import itertools
@@ -24,7 +23,7 @@ if importlib.util.find_spec("dsaserve") is None:  # PYTHONPATH's dsaserve wins (
 from dsaserve.cache import kv_format  # noqa: E402
 from dsaserve.ops import reference as ref  # noqa: E402
 from dsaserve.ops.triton import mla  # noqa: E402
-from fp8_decode import run_cases, time_configs  # noqa: E402  (each config: a graph of the calls, us per call)
+from fp8_decode import decode_main, time_configs  # noqa: E402  (each config: a graph of the calls, us per call)
 
 V_DIM, ROPE, WIDTH, LAYERS = 512, 64, 2048, 61
 # decode at batch 1 / 4 / 16 and MTP verify (S = 3) at batch 1 / 2 / 4 on a --tp 8 rank; 64 heads: a --tp 2 rank;
@@ -73,19 +72,15 @@ def run_case(rows: int, heads: int, context: int, configs: list[dict | None], co
     return {"rows": rows, "heads": heads, "context": context, "latent_MB": latent_bytes / 1e6, **timed}
 
 
+# --sweep: the combine over 64 / 128 / 512 columns at the default split count and at 16 / 32 / 64 splits
+SWEEP = [{k: v for k, v in dict(combine_block_v=c, splits=s).items() if v is not None}
+         for c, s in itertools.product((64, 128, 512), (None, 16, 32, 64))]
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cases", nargs="+", default=DEFAULT_CASES, help="ROWSxHEADSxCONTEXT")
-    ap.add_argument("--sweep", action="store_true", help="also time the combine over 64 / 128 / 512 columns "
-                                                        "at the default and at 16 / 32 / 64 splits")
-    ap.add_argument("--output-json", default=None)
-    args = ap.parse_args()
-    configs: list[dict | None] = [None]
-    if args.sweep:
-        configs += [{k: v for k, v in dict(combine_block_v=c, splits=s).items() if v is not None}
-                    for c, s in itertools.product((64, 128, 512), (None, 16, 32, 64))]
-    run_cases(args.cases, run_case, configs, f"FP8 latent cache; us per call (a graph of {LAYERS} calls, median)",
-              COLUMNS, args.output_json)
+    decode_main(__doc__, DEFAULT_CASES, "ROWSxHEADSxCONTEXT", SWEEP, "also time the combine over 64 / 128 / 512 "
+                "columns at the default and at 16 / 32 / 64 splits", run_case,
+                f"FP8 latent cache; us per call (a graph of {LAYERS} calls, median)", COLUMNS)
 
 
 if __name__ == "__main__":
