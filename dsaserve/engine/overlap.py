@@ -155,7 +155,7 @@ def input_ids(plan: StepPlan, device: torch.device, par: Parallel, prev: InFligh
     rows = inflight_rows(plan)
     ids: tuple[int, ...] | list[int] = plan.input_ids
     if rows and prev is not None:
-        width = prev.tokens[0].numel() if prev.tokens.numel() else 1  # 1 sampled token, or S drafts, per request
+        width = prev.tokens.shape[1] if prev.tokens.dim() == 2 else 1  # 1 sampled token, or S drafts, per request
         index = {req.rid: i for i, req in enumerate(prev.requests) if req is not None}
         ids = list(ids)
         for row, rid, k in rows:
