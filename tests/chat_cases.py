@@ -71,7 +71,7 @@ def check_regex_ebnf_json_object(client: openai.OpenAI, model: str, server_url: 
                                      extra_body={"regex": "[0-9]{4}"}).choices[0].text
     assert re.fullmatch("[0-9]{4}", text), text
     for body, problem in (({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "x"}}}},
-                           "response_format"), ({"regex": "a[b"}, "regex"), ({"ebnf": "root ::= ("}, "ebnf"),
+                           "response_format"), ({"regex": "a[b"}, "unclosed character class"), ({"ebnf": "root ::= ("}, "ebnf"),
                           ({"regex": "a", "ebnf": 'root ::= "a"'}, "at most one")):
         bad = httpx.post(f"{server_url}/v1/chat/completions", timeout=60,
                          json={"model": model, "messages": ASK, "max_tokens": 4, **body, **extra})

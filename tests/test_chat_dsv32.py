@@ -3,6 +3,9 @@ is used automatically): /tokenize and chat completions see exactly the published
 to reasoning_content, bad tools / kwargs are 400s."""
 from __future__ import annotations
 
+import json
+import re
+
 import httpx
 import openai
 import pytest
@@ -83,12 +86,27 @@ def test_reasoning_content_by_thinking_mode(client: openai.OpenAI, thinking: boo
     assert (msg.content or "", msg.reasoning_content) == (("", text) if thinking else (text, None))
 
 
+def _tool(name: str, **parameters) -> dict:
+    return {"type": "function", "function": {"name": name, "parameters": {"type": "object", **parameters}}}
+
+
 @pytest.mark.parametrize("body,problem", [
     ({"tool_choice": {"type": "function", "function": {"name": "nope"}}, "tools": [WEATHER]}, "not in tools"),
     ({"tool_choice": "required"}, "needs tools"),
     ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools[0].function.name"),
     ({"chat_template_kwargs": {"messages": []}}, "may not set messages"),
     ({"messages": [{"role": "tool", "content": "orphan"}]}, "needs an earlier assistant"),
+    ({"response_format": {"type": "json_schema", "json_schema": "a schema"}}, "needs json_schema.schema"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": "get_weather"}}, "a named tool_choice is"),
+    ({"tools": [_tool("f", properties=["a"])], "tool_choice": "required"}, "properties must be an object"),
+    ({"tools": [_tool("f", required=5)], "tool_choice": "required"}, "required must be a list of property names"),
+    ({"tools": [_tool("f", properties={"a": {"type": "string", "minLength": "x"}})], "tool_choice": "required"},
+     "minLength and maxLength must be non-negative integers"),
+    ({"tools": [_tool("f", properties={"a": {"type": "string", "minLength": 5, "maxLength": 2}})]},
+     "minLength 5 is above maxLength 2"),
+    ({"tools": [_tool('say"hi')]}, "which the model's tool-call markup cannot carry"),
+    ({"ebnf": ""}, "ebnf: "),
+    ({"tools": [_tool("f", properties={"<a>": {"type": "string"}})]}, "which the model's tool-call markup cannot"),
 ])
 def test_bad_chat_input_is_a_400(client: openai.OpenAI, server: ServerProcess, body: dict, problem: str) -> None:
     model = client.models.list().data[0].id
@@ -102,7 +120,7 @@ def test_tokenize_prompt_and_bad_requests(server: ServerProcess, hf) -> None:
     r = httpx.post(f"{server.url}/tokenize", json={"prompt": "Hello world", "return_token_strs": True}).json()
     assert r["tokens"] == hf.encode("Hello world") and r["token_strs"] == hf.convert_ids_to_tokens(r["tokens"])
     for body, code in (({}, 400), ({"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, 400),
-                       ({"prompt": "a", "model": "other"}, 404)):
+                       ({"prompt": "a", "model": "other"}, 404), ({"messages": []}, 400)):
         assert httpx.post(f"{server.url}/tokenize", json=body).status_code == code
     bad = httpx.post(f"{server.url}/detokenize", json={"tokens": [1, 10**6]})
     assert bad.status_code == 400 and "1000000" in bad.json()["error"]["message"]
@@ -124,3 +142,26 @@ def test_tool_calling_loop(client: openai.OpenAI) -> None:
 
 def test_streamed_named_tool_call(client: openai.OpenAI) -> None:
     chat_cases.check_streamed_named_call(client, client.models.list().data[0].id, {})
+
+
+def test_forced_call_of_a_tool_with_a_non_ascii_name(client: openai.OpenAI) -> None:
+    """The forced-call grammar writes the name as the prompt does (not JSON-escaped), so the call parses."""
+    tool = _tool("météo", properties={"ville": {"type": "string", "enum": ["Paris", "Oslo"]}}, required=["ville"])
+    r = client.chat.completions.create(model=client.models.list().data[0].id, messages=chat_cases.ASK, tools=[tool],
+                                       tool_choice={"type": "function", "function": {"name": "météo"}},
+                                       max_tokens=120, temperature=0)
+    calls = r.choices[0].message.tool_calls
+    assert r.choices[0].finish_reason == "tool_calls" and [c.function.name for c in calls] == ["météo"], r
+    assert json.loads(calls[0].function.arguments)["ville"] in ("Paris", "Oslo")
+
+
+def test_a_constraint_the_matcher_gives_up_on_is_a_400(client: openai.OpenAI, server: ServerProcess) -> None:
+    """llguidance accepts a{1000000} but its lexer stops at its first token: the request ends in an error that says
+    so (it used to end as a plain stop with text outside the regex), and the server serves on."""
+    model = client.models.list().data[0].id
+    r = httpx.post(f"{server.url}/v1/completions", timeout=60,
+                   json={"model": model, "prompt": "Letters:", "max_tokens": 8, "regex": "a{1000000}"})
+    assert r.status_code == 400 and "the output constraint failed" in r.json()["error"]["message"], r.text
+    text = client.completions.create(model=model, prompt="Numbers:", max_tokens=8, temperature=0,
+                                     extra_body={"regex": "[0-9]{4}"}).choices[0].text
+    assert re.fullmatch("[0-9]{4}", text), text

@@ -59,6 +59,14 @@ BAD = [  # (path, body changes, status, words in the message)
      400, "min_tokens must be in [0, max_tokens]"),
     ("/v1/completions", {"routed_dp_rank": 3}, 400, "routed_dp_rank must be in [0, 1)"),
     ("/v1/completions", {"stop": [""]}, 400, "stop strings must be non-empty"),
+    ("/v1/completions", {"temperature": "inf"}, 400, "temperature must be >= 0 and finite"),
+    ("/v1/completions", {"n": 2}, 400, "asks for 2 completions (1 prompt(s) x n = 2) and the server queues at most 1"),
+    ("/v1/completions", {"prompt": [[5, 6], [7]]}, 400, "asks for 2 completions (2 prompt(s) x n = 1)"),
+    ("/v1/chat/completions", {"n": 2}, 400, "asks for 2 completions"),
+    ("/v1/chat/completions", {"top_logprobs": 2}, 400, "top_logprobs needs logprobs: true"),
+    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "role must be one of"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     400, "content parts of type 'image_url' are not supported"),
     ("/v1/chat/completions", {"messages": []}, 400, "messages"),
     ("/v1/completions", {"model": "gpt-17"}, 404, "'gpt-17' does not exist"),
     ("/generate", {"model": None, "sampling_params": {"max_new_tokens": 2, "temprature": 0.5}}, 400, "temprature"),
@@ -76,6 +84,25 @@ def test_bad_request(server: ServerProcess, client: openai.OpenAI, model: str, p
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert words in err["message"] and err["type"] and "code" in err and "param" in err
+    assert_serves(client, model)
+
+
+def test_a_body_that_is_not_json_is_named_so(server: ServerProcess, client: openai.OpenAI, model: str) -> None:
+    r = httpx.post(f"{server.url}/v1/completions", content=b'{"model": ', timeout=60,
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["message"].startswith("the body is not valid JSON (at character")
+    assert err["param"] is None, err
+    assert_serves(client, model)
+
+
+def test_engine_refusals_carry_openai_codes(server: ServerProcess, client: openai.OpenAI, model: str) -> None:
+    """A prompt past the context length is OpenAI's context_length_exceeded, however the engine found it."""
+    for body in ({"prompt": [7] * 200}, {"prompt": [7] * 100, "max_tokens": 40}):
+        err = post(server, "/v1/completions", {"model": model, "max_tokens": 4, **body}).json()["error"]
+        assert err["code"] == "context_length_exceeded", err
+    assert post(server, "/v1/completions", {"model": model, "prompt": [5, 99999]}).json()["error"]["code"] == \
+        "invalid_value"
     assert_serves(client, model)
 
 

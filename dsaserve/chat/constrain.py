@@ -67,8 +67,8 @@ def _dsml_call(i: int, fn: dict[str, Any], markup: Markup, rules: list[str]) -> 
         rules.append(f"p{i}_{j}: {markup.lit(head)} {value} {markup.lit(dsv32.PARAM_END + chr(10))}")
         parts.append(f"p{i}_{j}" + ("" if required else "?"))
     body = " ".join(parts) if parts else markup.lit("\n")
-    return f'{markup.lit(f"<{dsv32.DSML}invoke name=" + json.dumps(fn["name"]) + ">" + chr(10))} {body} ' \
-           f'{markup.lit(dsv32.INVOKE_END)}'
+    invoke = f'<{dsv32.DSML}invoke name="{fn["name"]}">\n'  # as the prompt writes it (checked: no '"' in it)
+    return f"{markup.lit(invoke)} {body} {markup.lit(dsv32.INVOKE_END)}"
 
 
 def _glm_call(i: int, fn: dict[str, Any], markup: Markup, rules: list[str]) -> str:

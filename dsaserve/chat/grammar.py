@@ -53,7 +53,7 @@ def checked_spec(grammar: str, tokenizer_path: str, eos_ids: tuple[int, ...]) ->
     from llguidance import LLMatcher
     problem = LLMatcher.validate_grammar(grammar, ll_tokenizer(tokenizer_path, eos_ids))
     if problem:
-        raise GrammarError(problem.strip().splitlines()[0])
+        raise GrammarError(" ".join(line.strip() for line in problem.strip().splitlines())[:1000])
     return GrammarSpec(grammar, tokenizer_path, eos_ids)
 
 
@@ -123,6 +123,11 @@ class GrammarState:
     def is_terminated(self) -> bool:
         return self.matcher.is_stopped()
 
+    @property
+    def error(self) -> str | None:
+        """Why the matcher stopped following the grammar (a limit it hit), or None."""
+        return self.matcher.get_error().strip().splitlines()[0] if self.matcher.is_error() else None
+
 
 def grammar_state(req: Request, vocab_size: int) -> GrammarState:
     """The request's grammar state, made on first use (so only the process that samples holds one)."""
@@ -147,7 +152,7 @@ def schema_of(response_format: dict[str, Any]) -> dict[str, Any] | None:
         return {"type": "object"}
     if kind == "json_schema":
         spec = response_format.get("json_schema") or {}
-        schema = spec.get("schema", spec.get("schema_"))
+        schema = spec.get("schema", spec.get("schema_")) if isinstance(spec, dict) else None
         if not isinstance(schema, dict):
             raise GrammarError("response_format json_schema needs json_schema.schema (an object)")
         return schema

@@ -41,11 +41,43 @@ def check_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
             raise ValueError(f"tools[{i}].function.name must be a non-empty string")
         if name in seen:
             raise ValueError(f"tools[{i}]: the function name {name!r} is given twice")
+        _check_markup_text(name, f"tools[{i}].function.name")
         params = fn.get("parameters")
         if params is not None and (not isinstance(params, dict) or params.get("type", "object") != "object"):
             raise ValueError(f"tools[{i}].function.parameters must be a JSON schema of type object")
+        _check_parameters(params or {}, f"tools[{i}].function.parameters")
         seen.add(name)
     return list(tools or [])
+
+
+def _check_markup_text(text: str, where: str) -> None:
+    """Names the tool-call markup writes between quotes or tags (DSML's name="...", GLM's <arg_key>...)."""
+    bad = [c for c in '"<>\n' if c in text]
+    if bad:
+        raise ValueError(f"{where} {text!r} contains {bad[0]!r}, which the model's tool-call markup cannot carry")
+
+
+def _check_parameters(params: dict[str, Any], where: str) -> None:
+    """What the forced-call grammar reads from a parameter schema, checked: properties an object of schemas,
+    required a list of names, and a string's minLength <= maxLength as non-negative integers. The rest of each
+    property's schema is checked when its grammar is built."""
+    props = params.get("properties", {})
+    if not isinstance(props, dict):
+        raise ValueError(f"{where}.properties must be an object (name -> JSON schema)")
+    required = params.get("required", [])
+    if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+        raise ValueError(f"{where}.required must be a list of property names")
+    for key, schema in props.items():
+        _check_markup_text(key, f"{where}.properties key")
+        if isinstance(schema, bool):  # JSON Schema's true / false
+            continue
+        if not isinstance(schema, dict):
+            raise ValueError(f"{where}.properties.{key} must be a JSON schema (an object or a boolean)")
+        lengths = [schema.get(k) for k in ("minLength", "maxLength")]
+        if any(v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0) for v in lengths):
+            raise ValueError(f"{where}.properties.{key}: minLength and maxLength must be non-negative integers")
+        if None not in lengths and lengths[0] > lengths[1]:
+            raise ValueError(f"{where}.properties.{key}: minLength {lengths[0]} is above maxLength {lengths[1]}")
 
 
 def plan_tools(tools: list[dict[str, Any]] | None, tool_choice: str | dict[str, Any] | None) -> ToolPlan:
@@ -63,7 +95,8 @@ def _choice(tool_choice: str | dict[str, Any] | None, tools: list[dict[str, Any]
         if tool_choice == "required" and not tools:
             raise ValueError("tool_choice 'required' needs tools")
         return tool_choice if tools else "none"
-    name = (tool_choice.get("function") or {}).get("name") if tool_choice.get("type") == "function" else None
+    fn = tool_choice.get("function") if tool_choice.get("type") == "function" else None
+    name = fn.get("name") if isinstance(fn, dict) else None
     if not isinstance(name, str):
         raise ValueError("a named tool_choice is {'type': 'function', 'function': {'name': ...}}")
     if name not in {name_of(t) for t in tools}:

@@ -350,6 +350,9 @@ class Engine:
             if reason is not None:
                 break
         commit_tokens(req, new)
+        if reason is None and req.grammar is not None and req.grammar.error is not None:
+            reason = FinishReason("error", message=f"the output constraint failed: {req.grammar.error}",
+                                  client_error=True)  # (llguidance gave up, e.g. a lexer limit: not a silent stop)
         if reason is not None:
             self._finish(req, reason)
         chosen = lps[:len(new)] if lps is not None and req.params.logprobs is not None else []

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -70,7 +71,7 @@ class SamplingParams:
         bad_bias = [(t, b) for t, b in self.logit_bias if t < 0 or not -100.0 <= b <= 100.0]
         checks = [
             (self.max_tokens is None or self.max_tokens > 0, f"max_tokens must be > 0, got {self.max_tokens}"),
-            (self.temperature >= 0.0, f"temperature must be >= 0, got {self.temperature}"),
+            (0.0 <= self.temperature < math.inf, f"temperature must be >= 0 and finite, got {self.temperature}"),
             (0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}"),
             (self.top_k >= -1, f"top_k must be -1 (off) or >= 0, got {self.top_k}"),
             (0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}"),
@@ -109,6 +110,7 @@ class FinishReason:
     kind: str  # "stop" | "length" | "abort" | "error"
     matched: int | str | None = None  # the eos / stop token id or stop string that ended it
     message: str | None = None  # why, for abort and error
+    client_error: bool = False  # an error the request caused (its constraint): a 400, not a 500
 
 
 

@@ -21,7 +21,7 @@ from dsaserve.server.guard import RequestGuard
 from dsaserve.server.metrics import ServerMetrics
 from dsaserve.server.openai_api import OpenAIServing, openai_router
 from dsaserve.server.streaming import (DONE, AbortingStream, Result, aborter, bias_pairs, checked, collect,
-                                       error_event, prompt_token_logprobs, until_disconnect)
+                                       error_event, finish_error, prompt_token_logprobs, until_disconnect)
 from dsaserve.server_args import ServerArgs
 
 HEALTH_GENERATE_TIMEOUT_S = 60.0
@@ -136,7 +136,7 @@ def _native_routes(args: ServerArgs, fe: Frontend, served_name: str, pd: PDRouti
             async for d in handle.deltas():
                 res.absorb(d)
                 if d.finish is not None and d.finish.kind == "error":
-                    raise ApiError(500, d.finish.message or "the request failed in the engine")
+                    raise finish_error(d.finish)
                 yield p.sse({"text": res.text, "output_ids": res.token_ids, "meta_info": _meta(handle, res, body, ids)})
         except Exception as exc:
             yield error_event(exc)

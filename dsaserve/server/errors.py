@@ -38,6 +38,11 @@ def bad_request(message: str, param: str | None = None) -> ApiError:
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     parts, param = [], None
     for err in exc.errors():
+        if err.get("type") == "json_invalid":  # loc holds the character position, not a field
+            where = err.get("loc", ("body", "?"))[-1]
+            detail = (err.get("ctx") or {}).get("error", "")
+            parts.append(f"the body is not valid JSON (at character {where}{': ' + detail if detail else ''})")
+            continue
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
         param = param or (".".join(loc) or None)
         parts.append(f"{'.'.join(loc) or 'body'}: {err.get('msg', 'invalid')}")

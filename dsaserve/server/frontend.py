@@ -29,7 +29,7 @@ from dsaserve.engine.stats import EngineStats
 from dsaserve.engine.request import DisaggRoute, RequestOutput, SamplingParams
 from dsaserve.engine.tokenizer import Tokenizer
 from dsaserve.server import messages as m
-from dsaserve.server.errors import ApiError
+from dsaserve.server.errors import ApiError, bad_request
 from dsaserve.server.handles import Delta, EngineFailure, RequestHandle
 from dsaserve.server.metrics import ServerMetrics
 from dsaserve.server.supervisor import RankProcesses, watch
@@ -315,9 +315,10 @@ class Frontend:
                 handle.accepted.set_result(None)
         elif isinstance(ev, m.Rejected):
             self._forget(ev.rid)
-            code = "queue_full" if ev.status == 503 else None
+            error = bad_request(ev.message) if ev.status == 400 else ApiError(  # (400: OpenAI's codes)
+                ev.status, ev.message, code="queue_full" if ev.status == 503 else None)
             if not handle.accepted.done():
-                handle.accepted.set_exception(ApiError(ev.status, ev.message, code=code))
+                handle.accepted.set_exception(error)
         elif isinstance(ev, RequestOutput) and delta is not None:
             handle.on_output(delta, self.metrics)
             if ev.finished:

@@ -20,7 +20,7 @@ from dsaserve.server import protocol as p
 from dsaserve.server.errors import ApiError, bad_request
 from dsaserve.server.frontend import Delta, Frontend, RequestHandle
 from dsaserve.server.streaming import (DONE, AbortingStream, Result, aborter, bias_pairs, checked, collect,
-                                       error_event, merged, prompt_token_logprobs, until_disconnect)
+                                       error_event, finish_error, merged, prompt_token_logprobs, until_disconnect)
 
 LogprobList = list[tuple[float, list[tuple[int, float]]]]
 ParserFactory = Callable[[], OutputParser]
@@ -52,7 +52,8 @@ class OpenAIServing:
     def grammar(self, c: Constraint, tool_format: str | None = None,
                 opens_reasoning: bool = False) -> GrammarSpec | None:
         """The checked grammar of a request's constraint; a 400 naming the problem if it is invalid."""
-        param = "tool_choice" if c.forced_tools else ("regex" if c.regex else "ebnf" if c.ebnf else "response_format")
+        param = "tool_choice" if c.forced_tools else (
+            "regex" if c.regex is not None else "ebnf" if c.ebnf is not None else "response_format")
         try:
             if c.empty:
                 return None
@@ -68,6 +69,15 @@ class OpenAIServing:
         if name != self.served_name:
             raise ApiError(404, f"the model {name!r} does not exist (this server serves {self.served_name!r})",
                            param="model", code="model_not_found")
+
+    def check_choices(self, prompts: int, n: int) -> None:
+        """A request's completions are queued all at once: more than the queue holds is never admitted (a 400
+        before any tokenizing, not a 503 that retrying cannot cure)."""
+        limit = self.fe.args.max_queued_requests
+        if prompts * n > max(1, limit):
+            raise bad_request(f"the request asks for {prompts * n} completions ({prompts} prompt(s) x n = {n}) and "
+                              f"the server queues at most {limit} (--max-queued-requests)",
+                              param="n" if prompts == 1 else "prompt")
 
     @staticmethod
     def params(body: p.SamplingFields, max_tokens: int | None, logprobs: int | None, index: int,
@@ -128,7 +138,7 @@ class OpenAIServing:
         try:
             async for i, d in merged(handles):
                 if d.finish is not None and d.finish.kind == "error":
-                    raise ApiError(500, d.finish.message or "the request failed in the engine")
+                    raise finish_error(d.finish)
                 completion_tokens[i], cached[i] = d.completion_tokens, d.cached_tokens
                 if kind == "chat":
                     yield self._chat_chunks(rid, body, i, d, parsers[i], calls)
@@ -358,6 +368,7 @@ def openai_router(serving: OpenAIServing) -> APIRouter:
     @router.post("/v1/completions", response_model=None)
     async def completions(body: p.CompletionRequest, request: Request) -> Any:
         serving.check_model(body.model)
+        serving.check_choices(body.prompt_count, body.n)
         prompts, grammar, echo = await serving.fe.tokenize(serving.prepare_completion, body)  # off the event loop
         return await serving.respond(request, body, prompts, body.max_tokens, body.logprobs, "completion",
                                      grammar=grammar, echo=echo)
@@ -365,6 +376,7 @@ def openai_router(serving: OpenAIServing) -> APIRouter:
     @router.post("/v1/chat/completions", response_model=None)
     async def chat(body: p.ChatCompletionRequest, request: Request) -> Any:
         serving.check_model(body.model)
+        serving.check_choices(1, body.n)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         plan = await serving.fe.tokenize(serving.plan_chat, body)  # off the event loop

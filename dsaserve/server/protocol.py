@@ -68,6 +68,12 @@ class CompletionRequest(SamplingFields):
             raise ValueError("fill-in-the-middle (a suffix) is not supported")
         return suffix
 
+    @property
+    def prompt_count(self) -> int:
+        """Prompts in the request (a string or a list of token ids is one), counted before tokenizing."""
+        one = isinstance(self.prompt, str) or not self.prompt or isinstance(self.prompt[0], int)
+        return 1 if one else len(self.prompt)
+
     @model_validator(mode="after")
     def _best_of_is_n(self) -> CompletionRequest:
         if self.best_of is not None and self.best_of != self.n:
@@ -75,9 +81,19 @@ class CompletionRequest(SamplingFields):
         return self
 
 
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
 class ContentPart(_In):
     type: str
     text: str | None = None
+
+    @field_validator("type")
+    @classmethod
+    def _text_only(cls, kind: str) -> str:
+        if kind != "text":  # dropping an image or audio part would answer a different question
+            raise ValueError(f"content parts of type {kind!r} are not supported: this model reads text")
+        return kind
 
 
 class ChatMessage(_In):
@@ -87,6 +103,13 @@ class ChatMessage(_In):
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
     reasoning_content: str | None = None
+
+    @field_validator("role")
+    @classmethod
+    def _known_role(cls, role: str) -> str:
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+        return role
 
     def plain(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True)
@@ -107,12 +130,18 @@ class ChatCompletionRequest(ChatInput, SamplingFields):
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None  # accepted; several calls are always allowed
 
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:  # silently no log-probabilities would surprise
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
 
 class TokenizeRequest(_In):
     """vLLM's /tokenize: a prompt, or a conversation rendered as chat completions would render it."""
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
     tools: list[dict[str, Any]] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True

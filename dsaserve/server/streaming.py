@@ -10,7 +10,7 @@ from fastapi import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from dsaserve.engine.request import RequestError, SamplingParams, logit_bias_pairs
+from dsaserve.engine.request import FinishReason, RequestError, SamplingParams, logit_bias_pairs
 from dsaserve.server.errors import ApiError, bad_request
 from dsaserve.server.frontend import Delta, EngineFailure, Frontend, RequestHandle
 from dsaserve.server.protocol import sse
@@ -53,7 +53,7 @@ async def collect(handle: RequestHandle) -> Result:
     except EngineFailure as exc:
         raise ApiError(503, str(exc)) from None
     if res.finish is not None and res.finish.kind == "error":
-        raise ApiError(500, res.finish.message or "the request failed in the engine")
+        raise finish_error(res.finish)
     return res
 
 
@@ -87,6 +87,11 @@ async def merged(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, Delta
     finally:
         for t in tasks:
             t.cancel()
+
+
+def finish_error(finish: FinishReason) -> ApiError:
+    """The API error of a request that ended in an error: 400 where the request caused it."""
+    return ApiError(400 if finish.client_error else 500, finish.message or "the request failed in the engine")
 
 
 def error_event(exc: Exception) -> str:
