@@ -1,6 +1,7 @@
 """HF tokenizer wrapper: encode, chat template, and incremental detokenization for streaming."""
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,12 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(self.hf.encode(text, add_special_tokens=True))
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The most characters one token can stand for: its vocabulary string's length (byte-level tokens
+        spell one byte per character, and a character takes at least one byte)."""
+        return max(map(len, self.hf.get_vocab()), default=1)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)

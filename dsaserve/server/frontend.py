@@ -180,7 +180,16 @@ class Frontend:
         return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, fn, *args)
 
     async def encode(self, text: str) -> list[int]:
+        self.check_prompt_chars(len(text))
         return await self.tokenize(self.tokenizer.encode, text)
+
+    def check_prompt_chars(self, chars: int) -> None:
+        """A prompt longer than the context length could hold, at the most characters one token spells, is too
+        long for certain: a 400 before a tokenizer thread spends seconds on megabytes of text."""
+        context, per_token = self.info["context_length"], self.tokenizer.max_token_chars
+        if chars > context * per_token:
+            raise bad_request(f"the prompt has {chars} characters, more than the context length ({context} tokens) "
+                              f"can hold at {per_token} characters per token at most", param="prompt")
 
     def route(self, dp_rank: int | None) -> int:
         n = len(self.links)

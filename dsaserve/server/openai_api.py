@@ -194,9 +194,12 @@ class OpenAIServing:
 
     def prompt_ids(self, prompt: str | list[int] | list[str] | list[list[int]]) -> list[list[int]]:
         if isinstance(prompt, str):
-            return [self.fe.tokenizer.encode(prompt)]
-        if not prompt or isinstance(prompt[0], int):
+            prompt = [prompt]
+        elif not prompt or isinstance(prompt[0], int):
             return [list(prompt)]  # type: ignore[arg-type]
+        for text in prompt:
+            if isinstance(text, str):
+                self.fe.check_prompt_chars(len(text))
         return [self.fe.tokenizer.encode(x) if isinstance(x, str) else list(x) for x in prompt]
 
     def prepare_completion(self, body: p.CompletionRequest) -> tuple[list[list[int]], GrammarSpec | None,
@@ -256,6 +259,8 @@ class OpenAIServing:
             raise bad_request(str(exc), param="messages") from None
 
     def plan_chat(self, body: p.ChatCompletionRequest) -> ChatPlan:
+        self.fe.check_prompt_chars(sum(len(m.content) if isinstance(m.content, str) else
+                                       sum(len(part.text or "") for part in m.content or []) for m in body.messages))
         try:
             tools = plan_tools(body.tools, body.tool_choice)
         except ValueError as exc:
