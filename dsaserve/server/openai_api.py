@@ -70,14 +70,16 @@ class OpenAIServing:
             raise ApiError(404, f"the model {name!r} does not exist (this server serves {self.served_name!r})",
                            param="model", code="model_not_found")
 
-    def check_choices(self, prompts: int, n: int) -> None:
-        """A request's completions are queued all at once: more than the queue holds is never admitted (a 400
-        before any tokenizing, not a 503 that retrying cannot cure)."""
-        limit = self.fe.args.max_queued_requests
-        if prompts * n > max(1, limit):
-            raise bad_request(f"the request asks for {prompts * n} completions ({prompts} prompt(s) x n = {n}) and "
-                              f"the server queues at most {limit} (--max-queued-requests)",
-                              param="n" if prompts == 1 else "prompt")
+    def check_choices(self, prompts: int, body: p.SamplingFields) -> None:
+        """A request's completions are queued all at once (round robin over the DP groups unless routed to
+        one): more than the queues hold is never admitted (a 400 before any tokenizing, not a 503 that
+        retrying cannot cure)."""
+        queues = 1 if body.routed_dp_rank is not None else len(self.fe.links)
+        limit = self.fe.args.max_queued_requests * queues
+        if prompts * body.n > max(1, limit):
+            raise bad_request(f"the request asks for {prompts * body.n} completions ({prompts} prompt(s) x n = "
+                              f"{body.n}) and the server queues at most {limit} (--max-queued-requests x "
+                              f"{queues} DP group(s))", param="n" if prompts == 1 else "prompt")
 
     @staticmethod
     def params(body: p.SamplingFields, max_tokens: int | None, logprobs: int | None, index: int,
@@ -373,7 +375,7 @@ def openai_router(serving: OpenAIServing) -> APIRouter:
     @router.post("/v1/completions", response_model=None)
     async def completions(body: p.CompletionRequest, request: Request) -> Any:
         serving.check_model(body.model)
-        serving.check_choices(body.prompt_count, body.n)
+        serving.check_choices(body.prompt_count, body)
         prompts, grammar, echo = await serving.fe.tokenize(serving.prepare_completion, body)  # off the event loop
         return await serving.respond(request, body, prompts, body.max_tokens, body.logprobs, "completion",
                                      grammar=grammar, echo=echo)
@@ -381,7 +383,7 @@ def openai_router(serving: OpenAIServing) -> APIRouter:
     @router.post("/v1/chat/completions", response_model=None)
     async def chat(body: p.ChatCompletionRequest, request: Request) -> Any:
         serving.check_model(body.model)
-        serving.check_choices(1, body.n)
+        serving.check_choices(1, body)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         plan = await serving.fe.tokenize(serving.plan_chat, body)  # off the event loop
