@@ -132,8 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["router"]:  # every argument is sglang-router's (argparse would take --help and the like)
         return _router(argparse.Namespace(router_args=argv[1:]))
     ns = parser.parse_args(argv)
-    logging.basicConfig(level=getattr(ns, "log_level", "info").upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = getattr(ns, "log_level", "info").upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):  # before logging is set up with it
+        print(f"error: --log-level must be debug, info, warning or error, got {ns.log_level!r}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return ns.func(ns)
     except ValueError as exc:  # configuration and checkpoint errors: one clear line, no traceback

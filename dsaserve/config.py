@@ -124,6 +124,8 @@ class ModelConfig:
             return raw[name]
 
         layers = int(need("num_hidden_layers"))
+        if layers < 1:
+            raise ConfigError(f"config.json ({model_type}) has num_hidden_layers={layers}: a model needs at least 1")
         act = raw.get("hidden_act", "silu")
         if act != "silu":
             raise ConfigError(f"hidden_act {act!r} is not supported (DSA models use 'silu')")

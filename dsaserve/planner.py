@@ -9,6 +9,7 @@ numbers. FP8 checkpoints keep their block-quantized linear and expert weights in
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,6 +103,9 @@ def run(ns: argparse.Namespace) -> int:
     args = ServerArgs.from_cli(ns)
     if args.model_path is None:
         print("error: dsaserve plan needs --model-path (a folder with config.json)")
+        return 2
+    if not 0 < ns.gpu_memory_gb < math.inf:
+        print(f"error: --gpu-memory-gb must be a positive number of GB, got {ns.gpu_memory_gb}")
         return 2
     cfg = ModelConfig.from_path(Path(args.model_path))
     result = plan(cfg, args, int(ns.gpu_memory_gb * 1e9))

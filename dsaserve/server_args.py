@@ -114,7 +114,9 @@ class ServerArgs:
         problems = []
         if self.page_size < 1:
             problems.append(f"--page-size must be >= 1, got {self.page_size}")
-        if self.tp < 1 or self.dp < 1 or self.tp % self.dp:
+        if self.tp < 1 or self.dp < 1:
+            problems.append(f"--tp and --dp must be >= 1, got {self.tp} and {self.dp}")
+        elif self.tp % self.dp:
             problems.append(f"--dp ({self.dp}) must divide --tp ({self.tp})")
         if self.dp > 1 and not self.enable_dp_attention:
             problems.append("--dp > 1 needs --enable-dp-attention")
@@ -155,8 +157,10 @@ class ServerArgs:
             value = getattr(self, name)
             if value is not None and value < 1:
                 problems.append(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-        if self.max_queued_requests < 0:
-            problems.append(f"--max-queued-requests must be >= 0, got {self.max_queued_requests}")
+        if self.max_queued_requests < 1:  # 0 would refuse every request (each waits in the queue first)
+            problems.append(f"--max-queued-requests must be >= 1, got {self.max_queued_requests}")
+        if self.api_key is not None and not self.api_key.strip():
+            problems.append("--api-key must not be empty (leave it out to serve without a key)")
         if self.max_request_bytes < 1:
             problems.append(f"--max-request-bytes must be >= 1, got {self.max_request_bytes}")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):

@@ -58,6 +58,8 @@ def make_tiny_model(out: str | Path, arch: str = "deepseek_v32", fp8: bool = Fal
     storage dtype of the high-precision tensors."""
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}: choose from {', '.join(ARCHS)}")
+    if layers is not None and layers < 1:
+        raise ValueError(f"--layers must be >= 1, got {layers}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config = {**BASE, **ARCHS[arch], **overrides}

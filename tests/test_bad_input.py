@@ -12,6 +12,7 @@ from dsaserve import LLM, SamplingParams
 from dsaserve.config import ConfigError, ModelConfig
 from dsaserve.engine.request import RequestError
 from dsaserve.model.checkpoint import CheckpointError
+from dsaserve.tiny import make_tiny_model
 
 OK = SamplingParams(max_tokens=4, temperature=0.0)
 
@@ -48,6 +49,13 @@ def test_pool_too_small_for_one_request(tiny_ds: str) -> None:
     assert len(llm.generate([[5] * 4], SamplingParams(max_tokens=4))[0].token_ids) == 4
 
 
+def test_a_pool_of_one_page_refuses_requests_instead_of_waiting(tiny_ds: str) -> None:
+    """Admission holds a page for the first decode beside the first chunk's: one page can start nothing."""
+    llm = LLM(tiny_ds, page_size=4, max_total_tokens=4)
+    with pytest.raises(RequestError, match=r"holds 1 page\(s\) of 4 tokens and a request needs 2 free to start"):
+        llm.generate([[5, 6]], SamplingParams(max_tokens=1))
+
+
 def test_wrong_model_type(tmp_path: Path, tiny_ds: str) -> None:
     shutil.copytree(tiny_ds, tmp_path / "m")
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
@@ -55,6 +63,15 @@ def test_wrong_model_type(tmp_path: Path, tiny_ds: str) -> None:
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConfigError, match="unsupported model_type 'llama'"):
         LLM(str(tmp_path / "m"))
+
+
+def test_a_config_without_layers_is_refused(tmp_path: Path) -> None:
+    raw = json.loads((make_tiny_model(tmp_path / "m") / "config.json").read_text())
+    with pytest.raises(ConfigError, match="has num_hidden_layers=0: a model needs at least 1"):
+        ModelConfig.from_dict({**raw, "num_hidden_layers": 0})
+    with pytest.raises(ValueError, match="--layers must be >= 1, got 0"):
+        make_tiny_model(tmp_path / "none", layers=0)
+    assert not (tmp_path / "none").exists()
 
 
 def test_missing_config_field() -> None:

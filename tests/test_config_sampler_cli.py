@@ -129,6 +129,13 @@ def test_cli_make_tiny_is_deterministic_and_generate_prints(tmp_path: Path) -> N
     assert bad.returncode == 2 and "max_tokens must be > 0" in bad.stderr
 
 
+def test_bench_one_batch_sizes_are_checked_first(tiny_ds: str, capsys: pytest.CaptureFixture) -> None:
+    from dsaserve.cli import main
+    assert main(["bench", "one-batch", "--model-path", tiny_ds, "--batch-size", "0", "--output-len", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--batch-size must be >= 1, got 0" in err and "--output-len must be >= 1, got 0" in err
+
+
 def test_bench_one_batch(tiny_ds: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`dsaserve bench one-batch` runs a static batch (here sampled: the flags reach every request) and writes its
     table; the decode step's byte count grows with the context by exactly what each row must read per layer

@@ -53,6 +53,11 @@ def test_flags_are_checked_before_anything_loads(tiny_ds: str) -> None:
     assert "--dist-init-addr must be HOST:PORT" in err
     err = refused(serve(tiny_ds, "--context-length", "100000", "--port", str(free_port())))
     assert "--context-length 100000 is longer than the model's 4096" in err
+    err = refused(serve(tiny_ds, "--tp", "0", "--max-queued-requests", "0", "--api-key", " "))
+    assert "--tp and --dp must be >= 1, got 0 and 1" in err and "--max-queued-requests must be >= 1, got 0" in err
+    assert "--api-key must not be empty" in err
+    assert "--log-level must be debug, info, warning or error, got 'bogus'" in refused(serve(tiny_ds, "--log-level",
+                                                                                            "bogus"))
 
 
 def test_taken_port_fails_before_the_model_loads(tiny_ds: str) -> None:

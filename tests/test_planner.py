@@ -42,6 +42,12 @@ def test_v32_does_not_fit_4x80gb(tmp_path: Path, capsys) -> None:
     assert need * 1e9 >= experts > 80e9
 
 
+@pytest.mark.parametrize("gb", ["0", "-5", "nan", "inf"])
+def test_gpu_memory_must_be_a_positive_number(gb: str, tmp_path: Path, capsys) -> None:
+    assert main(["plan", "--model-path", _model(tmp_path, "deepseek_v32"), "--gpu-memory-gb", gb]) == 2
+    assert f"--gpu-memory-gb must be a positive number of GB, got {float(gb)}" in capsys.readouterr().out
+
+
 def test_v32_routed_experts_by_hand() -> None:
     """At --tp 8 each rank holds 1/8 of every expert's intermediate dim, in e4m3 plus one fp32 scale per
     128 x 128 block: 58 MoE layers x 256 experts (the MTP layer's experts are counted under mtp)."""

@@ -160,6 +160,10 @@ def run_one(engine: Engine, batch: int, input_len: int, output_len: int, bandwid
 
 def run(ns: argparse.Namespace) -> int:
     args = ServerArgs.from_cli(ns)
+    sizes = {"--batch-size": min(ns.batch_size), "--input-len": min(ns.input_len), "--output-len": ns.output_len}
+    bad = [f"{flag} must be >= 1, got {value}" for flag, value in sizes.items() if value < 1]
+    if bad:
+        raise ValueError("; ".join(bad))  # (cli.main prints it as one line, exit code 2)
     batch, chunk = max(ns.batch_size + ns.profile), max(args.chunked_prefill_size, max(ns.input_len))
     longest = max(ns.input_len) + ns.output_len + decode_lead(batch, max(ns.input_len), chunk)
     args = args.replace(max_running_requests=max(batch, args.max_running_requests), chunked_prefill_size=chunk,
