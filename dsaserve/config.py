@@ -104,6 +104,16 @@ class ModelConfig:
     def context_length(self) -> int:
         return self.max_position_embeddings
 
+    def check_parallel(self, tp: int, attn_tp: int) -> None:
+        """The shards each rank holds must be whole: ConfigError naming the field and the flags."""
+        rules = [(self.num_attention_heads, attn_tp, "num_attention_heads", "attention-TP size (--tp / --dp)"),
+                 (self.vocab_size, attn_tp, "vocab_size", "attention-TP size (--tp / --dp)"),
+                 (self.intermediate_size, tp, "intermediate_size", "--tp"),
+                 (self.moe_intermediate_size, tp, "moe_intermediate_size", "--tp")]
+        for value, size, name, what in rules:
+            if value % size:
+                raise ConfigError(f"{name}={value} is not divisible by the {what} {size}")
+
     @classmethod
     def from_path(cls, model_path: str | Path) -> ModelConfig:
         path = Path(model_path) / "config.json"

@@ -60,6 +60,22 @@ def test_flags_are_checked_before_anything_loads(tiny_ds: str) -> None:
                                                                                             "bogus"))
 
 
+def test_model_dependent_flags_are_checked_before_the_ranks_start(tmp_path: Path, tiny_ds: str) -> None:
+    """What config.json and the folder already say: a --tp that splits the heads unevenly, NEXTN without an MTP
+    layer, no tokenizer. (Each used to surface as a traceback from every rank.) A dummy load needs no shards."""
+    heads = json.loads((Path(tiny_ds) / "config.json").read_text())["num_attention_heads"]
+    assert f"num_attention_heads={heads} is not divisible by the attention-TP size (--tp / --dp) 3" in refused(
+        serve(tiny_ds, "--tp", "3"))
+    no_mtp, bare = tmp_path / "no-mtp", tmp_path / "bare"
+    shutil.copytree(tiny_ds, no_mtp)
+    cfg = json.loads((no_mtp / "config.json").read_text())
+    (no_mtp / "config.json").write_text(json.dumps({**cfg, "num_nextn_predict_layers": 0}))
+    assert "has num_nextn_predict_layers=0" in refused(serve(str(no_mtp), "--speculative-algorithm", "NEXTN"))
+    bare.mkdir()
+    shutil.copy(Path(tiny_ds) / "config.json", bare / "config.json")  # a config alone: dummy weights
+    assert "has no tokenizer (none of tokenizer.json" in refused(serve(str(bare), "--load-format", "dummy"))
+
+
 def test_taken_port_fails_before_the_model_loads(tiny_ds: str) -> None:
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]

@@ -349,21 +349,11 @@ class MTPLayer(DecoderLayer):
         return self.shared_head.norm.add_forward(h, delta)[0]
 
 
-def check_divisible(cfg: ModelConfig, par: Parallel) -> None:
-    rules = [(cfg.num_attention_heads, par.cfg.attn_tp, "num_attention_heads", "attention-TP size"),
-             (cfg.vocab_size, par.cfg.attn_tp, "vocab_size", "attention-TP size"),
-             (cfg.intermediate_size, par.tp, "intermediate_size", "--tp"),
-             (cfg.moe_intermediate_size, par.tp, "moe_intermediate_size", "--tp")]
-    for value, size, name, what in rules:
-        if value % size:
-            raise ValueError(f"{name}={value} is not divisible by the {what} {size}")
-
-
 class DSAModel(nn.Module):
     def __init__(self, cfg: ModelConfig, par: Parallel | None = None, load_mtp: bool = True):
         super().__init__()
         self.cfg, self.par = cfg, par or Parallel()
-        check_divisible(cfg, self.par)
+        cfg.check_parallel(self.par.tp, self.par.cfg.attn_tp)
         self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, self.par)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, self.par) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

@@ -13,6 +13,8 @@ from dsaserve.config import ConfigError, ModelConfig
 from dsaserve.model.checkpoint import CheckpointError, shard_files
 from dsaserve.server_args import ServerArgs
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")  # one of them: AutoTokenizer
+
 
 def check_model(args: ServerArgs) -> None:
     """Raise ConfigError / CheckpointError / ValueError naming the file or flag that cannot be served."""
@@ -24,6 +26,14 @@ def check_model(args: ServerArgs) -> None:
     if args.context_length is not None and args.context_length > cfg.context_length:
         raise ValueError(f"--context-length {args.context_length} is longer than the model's "
                          f"{cfg.context_length} (max_position_embeddings in {path / 'config.json'})")
+    cfg.check_parallel(args.tp, args.tp // args.dp)
+    if args.speculative_algorithm is not None and cfg.num_nextn_predict_layers < 1:
+        raise ValueError(f"--speculative-algorithm {args.speculative_algorithm} drafts with the checkpoint's MTP "
+                         f"layer, and {path / 'config.json'} has num_nextn_predict_layers=0")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
+    if args.load_format == "dummy":  # random weights of this config: no shards to check
+        return
     try:
         files = shard_files(path)
     except (json.JSONDecodeError, KeyError) as exc:
