@@ -76,7 +76,7 @@ class OpenAIServing:
         retrying cannot cure)."""
         queues = 1 if body.routed_dp_rank is not None else len(self.fe.links)
         limit = self.fe.args.max_queued_requests * queues
-        if prompts * body.n > max(1, limit):
+        if prompts * body.n > limit:  # (--max-queued-requests >= 1)
             raise bad_request(f"the request asks for {prompts * body.n} completions ({prompts} prompt(s) x n = "
                               f"{body.n}) and the server queues at most {limit} (--max-queued-requests x "
                               f"{queues} DP group(s))", param="n" if prompts == 1 else "prompt")
