@@ -35,6 +35,22 @@ def fp8_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return {arch: str(make_tiny_model(Path(root) / arch, arch, fp8=True)) for arch in ARCHS}
 
 
+def _check_norms_hand_over_quantized_rows(model: torch.nn.Module) -> None:
+    """Decode-sized steps: the norms before the FP8 GEMMs write their rows quantized too, and the GEMMs read them
+    (flipped signs give minus the product); prefill-sized steps do not ask."""
+    layer = model.layers[0]
+    attn = layer.self_attn
+    for consumer in (attn, attn.q_b_proj, layer.mlp):
+        assert consumer.input_group(1) == consumer.input_group(64) == 128 and consumer.input_group(65) == 0
+    h = torch.randn(4, model.cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
+    x, _, xq = layer.input_layernorm.add_forward(h, None, attn.input_group(4))
+    assert xq is not None and xq.values.shape == x.shape
+    flipped = quant.fp8.QuantizedRows((-xq.values.float()).to(FP8), xq.scales, xq.group)
+    projection = attn.input_proj or attn.q_a_proj
+    assert torch.equal(projection(x, flipped), -projection(x, xq))
+    assert torch.equal(projection(x, xq), projection(x))
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_fp8_weights_stay_fp8_on_cuda(arch: str, fp8_models: dict[str, str]) -> None:
     llm = LLM(fp8_models[arch], device="cuda", dtype="bfloat16", mem_fraction=0.3)
@@ -49,6 +65,7 @@ def test_fp8_weights_stay_fp8_on_cuda(arch: str, fp8_models: dict[str, str]) -> 
             assert m.w13.dtype == m.w2.dtype == FP8 and m.kernels and m._dequantized is None
         for layer in model.layers:  # read as a matrix by the absorbed MLA: dequantized once at load
             assert layer.self_attn.kv_b_proj.weight.dtype == torch.bfloat16
+        _check_norms_hand_over_quantized_rows(model)
     finally:
         del llm
         gc.collect()

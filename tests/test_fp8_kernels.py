@@ -62,6 +62,27 @@ def test_fp8_linear(M: int, N: int, K: int, dtype: torch.dtype) -> None:
         assert err < TOL[dtype], f"fp8_linear M={M} N={N} K={K} {dtype}: rel err {err:.2e}"
 
 
+def _flipped(xq: ref.QuantizedRows) -> ref.QuantizedRows:
+    """xq with every value's sign flipped: a GEMM that reads it gives minus the product."""
+    return ref.QuantizedRows((-xq.values.float()).to(ref.FP8), xq.scales, xq.group)
+
+
+@pytest.mark.parametrize("M,N,K", [(1, 2240, 7168), (9, 3072, 1536), (16, 7168, 2048), (40, 576, 7168),
+                                   (64, 2304, 7168), (3, 100, 300), (2, 64, 64)])
+def test_fp8_linear_reads_rows_quantized_by_their_producer(M: int, N: int, K: int) -> None:
+    """Rows handed over quantized (act_quant's values, as the RMSNorm kernel writes them) give the bits of the
+    kernel quantizing x itself, and are really read: the same rows with flipped signs give minus the result."""
+    gen = torch.Generator(DEV).manual_seed(M + N + K)
+    w = _weight(N, K, (128, 128), gen)
+    x = torch.randn(M, K, device=DEV, generator=gen).to(BF16)
+    xq = ref.QuantizedRows(*fp8_gemm.act_quant(x, 128), 128)
+    out = fp8_gemm.fp8_linear(x, w, checks=True, xq=xq)
+    assert torch.equal(out, fp8_gemm.fp8_linear(x, w, checks=True))
+    assert torch.equal(fp8_gemm.fp8_linear(x, w, checks=True, xq=_flipped(xq)), -out)
+    with pytest.raises(ValueError, match="quantized rows"):
+        fp8_gemm.fp8_linear(x[:, :-1], ref.BlockFP8(w.weight[:, :-1], w.scale, w.block), checks=True, xq=xq)
+
+
 @pytest.mark.parametrize("config", [{"splits": 1}, {"splits": 7}, {"a_quant": 0}, {"a_quant": 1},
                                     {"block_m": 64, "block_n": 128, "splits": 3}, {"block_n": 32, "num_stages": 2},
                                     {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3}])
@@ -273,6 +294,19 @@ def test_moe_fp8_quantizes_x_in_gate_up_bit_identically() -> None:
         tops.moe.CONFIG = {"a_quant": a_quant, "gate_up_splits": 1}
         outs.append(tops.moe_experts(x, w13, w2, ids, tw, 3))
     assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("N,num_tokens,hidden", [(1, 1, 7168), (3, 3, 1152), (8, 6, 200), (40, 40, 512)])
+def test_moe_fp8_reads_x_quantized_by_its_producer(N: int, num_tokens: int, hidden: int) -> None:
+    """As for fp8_linear: x handed over quantized gives the same bits (1-40 tokens: direct and grouped layouts,
+    split-K gate/up), and is read (flipped signs: silu(-g) * -u differs, so only inequality is certain)."""
+    gen = torch.Generator(DEV).manual_seed(N + hidden)
+    x, w13, w2, ids, tw = _moe_inputs(N, hidden, 256, 16, 8, gen)
+    xq = ref.QuantizedRows(*fp8_gemm.act_quant(x, 128), 128)
+    out = tops.moe_experts(x, w13, w2, ids, tw, num_tokens, xq)
+    assert torch.equal(out, tops.moe_experts(x, w13, w2, ids, tw, num_tokens))
+    assert not torch.equal(tops.moe_experts(x, w13, w2, ids, tw, num_tokens, _flipped(xq))[:num_tokens],
+                           out[:num_tokens])
 
 
 @pytest.mark.parametrize("N,num_tokens,hidden,E,k", [

@@ -7,6 +7,7 @@ import torch
 
 from conftest import hadamard_matrix
 from dsaserve.model.rope import Rotary
+from dsaserve.ops import fp8 as fp8_ref
 from dsaserve.ops import fused
 
 BF16 = torch.bfloat16
@@ -80,12 +81,13 @@ def test_add_rms_norm_is_the_add_then_the_norm_cpu():
     gen = torch.Generator().manual_seed(0)
     x, delta = (torch.randn(4, 96, generator=gen) for _ in range(2))
     weight = torch.rand(96, generator=gen) + 0.5
-    normed, total = fused.add_rms_norm(x, delta, weight, 1e-6)
+    normed, total, fp8 = fused.add_rms_norm(x, delta, weight, 1e-6, quant_group=32)
+    assert fp8 is None  # on CPU the FP8 GEMM's reference quantizes its input itself
     s = x.double() + delta.double()  # an independent float64 reference of the layer's two steps
     want = weight.double() * s / (s.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()
     torch.testing.assert_close(total.double(), s, rtol=1e-7, atol=1e-7)
     torch.testing.assert_close(normed.double(), want, rtol=1e-5, atol=1e-6)
-    normed, same = fused.add_rms_norm(x, None, weight, 1e-6)  # the first layer: nothing to add
+    normed, same, _ = fused.add_rms_norm(x, None, weight, 1e-6)  # the first layer: nothing to add
     want = weight.double() * x.double() / (x.double().pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()
     assert same is x
     torch.testing.assert_close(normed.double(), want, rtol=1e-5, atol=1e-6)
@@ -100,7 +102,7 @@ def test_add_rms_norm_kernel(shape: tuple[int, int], dtype: torch.dtype):
     x = (torch.randn(T, n, generator=gen, device="cuda") * 3).to(dtype)
     delta = torch.randn(T, n + 8, generator=gen, device="cuda").to(dtype)[:, :n]  # strided, as a split output
     weight = (torch.rand(n, generator=gen, device="cuda") + 0.5).to(dtype)
-    normed, total = fused.add_rms_norm(x, delta, weight, 1e-6)
+    normed, total, _ = fused.add_rms_norm(x, delta, weight, 1e-6)
     assert torch.equal(total, x + delta)  # the residual rounds as torch's add
     bad = delta.clone()
     bad[0, 1] = float("nan")
@@ -109,6 +111,31 @@ def test_add_rms_norm_kernel(shape: tuple[int, int], dtype: torch.dtype):
     torch.testing.assert_close(normed, want, rtol=2 ** -7 if dtype == BF16 else 1e-6, atol=0)  # see above
     if dtype == BF16:
         assert (normed != want).float().mean() < 0.01
+
+
+@gpu
+@pytest.mark.parametrize("shape,group", [((1, 7168), 128), ((64, 7168), 128), ((5, 1536), 128), ((3, 96), 32),
+                                         ((2, 100), 32), ((4, 64), 128), ((1, 48), 12)])
+@pytest.mark.parametrize("add", [True, False])
+def test_rms_norm_writes_its_rows_quantized(shape: tuple[int, int], group: int, add: bool):
+    """Asked for, the norm also writes its stored rows quantized: bit for bit act_quant of what it stored (the
+    FP8 GEMM reading them must compute what it computes from the bf16 rows), a last partial group included (the
+    tiny models' 64 channels in one 128-block); a group the kernel cannot split its row into: None."""
+    T, n = shape
+    gen = torch.Generator("cuda").manual_seed(n + T)
+    x = (torch.randn(T, n + 8, generator=gen, device="cuda") * 3).to(BF16)[:, :n]  # strided, as q_a's split
+    x[0, :group] = 0  # an all-zero group: the amax floor
+    delta = torch.randn(T, n, generator=gen, device="cuda").to(BF16) if add else None
+    weight = (torch.rand(n, generator=gen, device="cuda") + 0.5).to(BF16)
+    normed, _, fp8 = fused.add_rms_norm(x, delta, weight, 1e-6, quant_group=group)
+    if group & (group - 1):
+        assert fp8 is None
+        return
+    assert torch.equal(normed, fused.add_rms_norm(x, delta, weight, 1e-6)[0])  # the same normed rows
+    want_q, want_s = fp8_ref.act_quant(normed, group)
+    assert fp8 is not None and fp8.group == group
+    assert torch.equal(fp8.values.view(torch.uint8), want_q.view(torch.uint8))
+    assert torch.equal(fp8.scales, want_s)
 
 
 @gpu

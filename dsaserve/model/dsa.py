@@ -17,6 +17,7 @@ from dsaserve.engine.layout import BatchLayout, StepMode
 from dsaserve.model.quant import Experts, Linear, concat_rows
 from dsaserve.model.rope import Rotary
 from dsaserve.ops.dispatch import DSAOps
+from dsaserve.ops.fp8 import QuantizedRows
 from dsaserve.ops.fused import (absorb_output, absorb_query, add_rms_norm, embed, linear_fp32, rms_norm, rope_index_,
                                 route, silu_mul)
 from dsaserve.parallel.groups import Parallel
@@ -44,9 +45,12 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return rms_norm(x, self.weight, self.eps)
 
-    def add_forward(self, x: Tensor, delta: Tensor | None) -> tuple[Tensor, Tensor]:
-        """(norm(x + delta), x + delta): the residual add fused into the norm (delta None: (norm(x), x))."""
-        return add_rms_norm(x, delta, self.weight, self.eps)
+    def add_forward(self, x: Tensor, delta: Tensor | None,
+                    quant_group: int = 0) -> tuple[Tensor, Tensor, QuantizedRows | None]:
+        """(norm(x + delta), x + delta, fp8): the residual add fused into the norm (delta None: x alone); fp8: the
+        normed rows quantized for the FP8 GEMM that reads them when quant_group > 0 and the kernel can (else
+        None; ops.fused.add_rms_norm)."""
+        return add_rms_norm(x, delta, self.weight, self.eps, quant_group)
 
 
 def linear(in_features: int, out_features: int) -> Linear:
@@ -69,9 +73,10 @@ class Indexer(nn.Module):
         self.weights_proj = linear(cfg.hidden_size, cfg.index_n_heads)  # kept in fp32
         self.weight_scale = cfg.index_n_heads ** -0.5 * cfg.index_head_dim ** -0.5
 
-    def forward(self, x: Tensor, q_lat: Tensor, k_proj: Tensor, ctx: StepContext,
-                prev_topk: Tensor | None) -> Tensor:
-        """k_proj: wk(x), made by the attention's input projection (fused with q_a and kv_a)."""
+    def forward(self, x: Tensor, q_lat: Tensor, k_proj: Tensor, ctx: StepContext, prev_topk: Tensor | None,
+                q_lat_fp8: QuantizedRows | None = None) -> Tensor:
+        """k_proj: wk(x), made by the attention's input projection (fused with q_a and kv_a); q_lat_fp8: q_lat's rows
+        quantized by its norm, for wq_b."""
         cfg, T = self.cfg, x.shape[0]
         norm = self.k_norm  # applied by the write with the rotary (one launch on CUDA; k_proj its scratch)
         ctx.pools.write_index_keys(self.layer_id, ctx.layout.out_slots, k_proj, IndexKeyPrologue(
@@ -84,7 +89,7 @@ class Indexer(nn.Module):
         def mine(t: Tensor) -> Tensor:  # this rank's rows of a per-row tensor
             return t if own is None else t[own].contiguous()
 
-        q = self.wq_b(mine(q_lat)).view(-1, cfg.index_n_heads, cfg.index_head_dim)
+        q = self.wq_b(mine(q_lat), q_lat_fp8 if own is None else None).view(-1, cfg.index_n_heads, cfg.index_head_dim)
         q = rope_index_(q, cfg.qk_rope_head_dim, mine(ctx.cos), mine(ctx.sin), cfg.indexer_rope_interleave,
                         ctx.pools.rotates_index_keys)  # (over an FP8 cache also its keys' Hadamard basis)
         cache = ctx.pools.index_keys(self.layer_id)
@@ -137,29 +142,35 @@ class MLAttention(nn.Module):
             if self.indexer is not None:
                 del self.indexer.wk
 
-    def _project_input(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+    def input_group(self, rows: int) -> int:
+        """The group in which the input projection takes `rows` rows quantized by the input norm, or 0."""
+        return (self.input_proj or self.q_a_proj).input_group(rows)
+
+    def _project_input(self, x: Tensor, xq: QuantizedRows | None) -> tuple[Tensor, Tensor | None, Tensor]:
         """(q_a(x), wk(x) or None without an own indexer, kv_a(x))."""
         if self.input_proj is None:
-            return (self.q_a_proj(x), self.indexer.wk(x) if self.indexer is not None else None,
-                    self.kv_a_proj_with_mqa(x))
-        parts = self.input_proj(x).split([rows for _, _, rows in self.input_proj.sources], dim=-1)
+            return (self.q_a_proj(x, xq), self.indexer.wk(x, xq) if self.indexer is not None else None,
+                    self.kv_a_proj_with_mqa(x, xq))
+        parts = self.input_proj(x, xq).split([rows for _, _, rows in self.input_proj.sources], dim=-1)
         return parts[0], parts[1] if self.indexer is not None else None, parts[-1]
 
-    def forward(self, x: Tensor, ctx: StepContext, prev_topk: Tensor | None) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, ctx: StepContext, prev_topk: Tensor | None,
+                xq: QuantizedRows | None = None) -> tuple[Tensor, Tensor]:
+        """xq: x's rows quantized by the input norm (input_group), or None."""
         cfg, T, H = self.cfg, x.shape[0], self.num_heads
-        q_a, k_proj, kv_a = self._project_input(x)
-        q_lat = self.q_a_layernorm(q_a)
+        q_a, k_proj, kv_a = self._project_input(x, xq)
+        q_lat, _, q_lat_fp8 = self.q_a_layernorm.add_forward(q_a, None, self.q_b_proj.input_group(T))
         side = self._side_stream(ctx, T)
         if side is None:
-            q_full = self._query(x, q_lat, kv_a, ctx)
-            topk = self.indexer(x, q_lat, k_proj, ctx, prev_topk) if self.indexer is not None else prev_topk
+            q_full = self._query(x, q_lat, q_lat_fp8, kv_a, ctx)
+            topk = self.indexer(x, q_lat, k_proj, ctx, prev_topk, q_lat_fp8) if self.indexer is not None else prev_topk
         else:  # the indexer's chain beside the query path, joined before the attention even when one raises
             main = torch.cuda.current_stream()  # (the failed step's pages go back to the pool)
             side.wait_stream(main)
             try:
                 with torch.cuda.stream(side):
-                    topk = self.indexer(x, q_lat, k_proj, ctx, prev_topk)
-                q_full = self._query(x, q_lat, kv_a, ctx)
+                    topk = self.indexer(x, q_lat, k_proj, ctx, prev_topk, q_lat_fp8)
+                q_full = self._query(x, q_lat, q_lat_fp8, kv_a, ctx)
             finally:
                 main.wait_stream(side)
         assert topk is not None, "a shared-indexer layer needs the previous layer's top-k"
@@ -175,11 +186,12 @@ class MLAttention(nn.Module):
         w_uk, w_uv = w_kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=1)
         return w_uk, w_uv
 
-    def _query(self, x: Tensor, q_lat: Tensor, kv_a: Tensor, ctx: StepContext) -> Tensor:
+    def _query(self, x: Tensor, q_lat: Tensor, q_lat_fp8: QuantizedRows | None, kv_a: Tensor,
+               ctx: StepContext) -> Tensor:
         """The attention's query path: q_b, this step's latent rows into the cache, and the absorbed query
         [T, H, latent | rope] (W_UK folded into q_nope, q_pe rotated) in the cache's query dtype."""
         cfg, T, H = self.cfg, x.shape[0], self.num_heads
-        q = self.q_b_proj(q_lat).view(T, H, cfg.qk_head_dim)
+        q = self.q_b_proj(q_lat, q_lat_fp8).view(T, H, cfg.qk_head_dim)
         latent, k_pe = kv_a.split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
         norm = self.kv_a_layernorm  # applied by the write, with k_pe's rotary (one launch on CUDA)
         ctx.pools.write_latent(self.layer_id, ctx.layout.out_slots, latent, k_pe,
@@ -214,11 +226,14 @@ class DenseMLP(nn.Module):
         if self.gate_up_proj is not None:
             del self.gate_proj, self.up_proj
 
-    def forward(self, x: Tensor) -> Tensor:
+    def input_group(self, rows: int) -> int:
+        return (self.gate_up_proj or self.gate_proj).input_group(rows)
+
+    def forward(self, x: Tensor, xq: QuantizedRows | None = None) -> Tensor:
         if self.gate_up_proj is None:
-            gate, up = self.gate_proj(x), self.up_proj(x)
+            gate, up = self.gate_proj(x, xq), self.up_proj(x, xq)
         else:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            gate, up = self.gate_up_proj(x, xq).chunk(2, dim=-1)
         return self.down_proj(silu_mul(gate, up))
 
 
@@ -275,10 +290,13 @@ class MoE(nn.Module):
         self.gate.shared = True
         self.shared_experts = None
 
-    def forward(self, x: Tensor, ops: DSAOps) -> Tensor:
+    def input_group(self, rows: int) -> int:
+        return self.experts.input_group(rows)
+
+    def forward(self, x: Tensor, ops: DSAOps, xq: QuantizedRows | None = None) -> Tensor:
         ids, weights = self.gate(x)
-        out = self.experts(x, ids, weights, ops)
-        return out + self.shared_experts(x) if self.shared_experts is not None else out
+        out = self.experts(x, ids, weights, ops, xq)
+        return out + self.shared_experts(x, xq) if self.shared_experts is not None else out
 
 
 class DecoderLayer(nn.Module):
@@ -294,12 +312,14 @@ class DecoderLayer(nn.Module):
                 prev_topk: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         """The layer's input is h + delta (delta: the previous layer's MLP output, or None) -> (h, this layer's
         MLP output, top-k). Each residual add happens inside the next norm (one launch for both)."""
-        x, h = self.input_layernorm.add_forward(h, delta)
-        attn, topk = self.self_attn(x, ctx, prev_topk)
-        x, h = self.post_attention_layernorm.add_forward(h, attn)
+        T = h.shape[0]
+        x, h, xq = self.input_layernorm.add_forward(h, delta, self.self_attn.input_group(T))
+        attn, topk = self.self_attn(x, ctx, prev_topk, xq)
+        group = self.mlp.input_group(T) if ctx.par.cfg.dp == 1 else 0  # DP: gathered rows come unquantized
+        x, h, xq = self.post_attention_layernorm.add_forward(h, attn, group)
         # DP attention: the MLP sees every group's rows; each group takes exactly its rows back.
         x = ctx.par.gather_dp_rows(x, ctx.layout.dp_sizes)
-        mlp = self.mlp(x) if isinstance(self.mlp, DenseMLP) else self.mlp(x, ctx.ops)
+        mlp = self.mlp(x, xq) if isinstance(self.mlp, DenseMLP) else self.mlp(x, ctx.ops, xq)
         return h, ctx.par.own_dp_rows(ctx.par.all_reduce_world(mlp), ctx.layout.dp_sizes), topk
 
 

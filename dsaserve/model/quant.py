@@ -24,10 +24,10 @@ from torch import nn
 from dsaserve.config import ModelConfig
 from dsaserve.ops import fp8
 from dsaserve.ops.dispatch import DSAOps
-from dsaserve.ops.fp8 import FP8, BlockFP8
+from dsaserve.ops.fp8 import FP8, BlockFP8, QuantizedRows
 
 Tensor = torch.Tensor
-Gemm = Callable[[Tensor, BlockFP8], Tensor]
+Gemm = Callable[..., Tensor]  # (x, weight, xq=QuantizedRows | None) -> x W^T
 Mode = Literal["kernels", "emulate", "dequantized"]
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ class Linear(nn.Module):
         self.gemm: Gemm | None = None  # set by prepare(): the FP8 GEMM, or None for the dequantized weight
         self._gemm_weight: BlockFP8 | None = None  # made once by prepare(), not per forward
         self._dequantized: Tensor | None = None
+        self.quantized_rows = 0  # set by prepare(): up to how many rows forward() uses x quantized by its producer
         # A fused module (concat_rows): (checkpoint name relative to the owner, first row, rows) per part.
         self.sources: tuple[tuple[str, int, int], ...] = ()
 
@@ -62,16 +63,25 @@ class Linear(nn.Module):
         assert self.block is not None, "not an FP8 module"
         return BlockFP8(self.weight, self.weight_scale_inv, self.block)
 
-    def prepare(self, gemm: Gemm | None, dtype: torch.dtype) -> None:
+    def prepare(self, gemm: Gemm | None, dtype: torch.dtype, quantized_rows: int = 0) -> None:
         self.gemm = gemm
         self._gemm_weight = self.fp8 if gemm is not None else None
         self._dequantized = self.fp8.dequantize(dtype) if gemm is None else None
+        self.quantized_rows = quantized_rows
 
-    def forward(self, x: Tensor) -> Tensor:
+    def input_group(self, rows: int) -> int:
+        """The group in which this module's FP8 GEMM would quantize `rows` input rows when their producer can
+        hand them over quantized (forward's xq); 0 when it would not use them."""
+        return self.block[1] if self.block is not None and 0 < rows <= self.quantized_rows else 0
+
+    def forward(self, x: Tensor, xq: QuantizedRows | None = None) -> Tensor:
+        """xq: x's rows quantized by their producer (asked for through input_group), else None."""
         if self.block is None:
             return F.linear(x, self.weight)
         if self.gemm is not None:
             assert self._gemm_weight is not None
+            if xq is not None and xq.group == self.input_group(x.shape[0]):
+                return self.gemm(x, self._gemm_weight, xq=xq)
             return self.gemm(x, self._gemm_weight)
         assert self._dequantized is not None, "FP8 Linear used before prepare()"
         return F.linear(x, self._dequantized)
@@ -121,6 +131,7 @@ class Experts(nn.Module):
         self._allocate(torch.get_default_dtype())
         self.kernels = False  # set by prepare(): e4m3 weights to the MoE op, or the dequantized copy
         self._dequantized: tuple[Tensor, Tensor] | None = None
+        self.quantized_rows = 0  # as Linear.quantized_rows
 
     def _allocate(self, dtype: torch.dtype) -> None:
         """(Re)make the parameters for `slots` experts in the current format (on the meta device)."""
@@ -183,9 +194,14 @@ class Experts(nn.Module):
             for p in (self.w13, self.w13_scale_inv, self.w2, self.w2_scale_inv):
                 (p.data.view(torch.uint8) if p.dtype == FP8 else p.data).zero_()
 
-    def prepare(self, kernels: bool, dtype: torch.dtype) -> None:
+    def prepare(self, kernels: bool, dtype: torch.dtype, quantized_rows: int = 0) -> None:
         self.kernels = kernels
         self._dequantized = None if kernels else tuple(w.dequantize(dtype) for w in self.fp8)  # type: ignore
+        self.quantized_rows = quantized_rows if kernels else 0
+
+    def input_group(self, rows: int) -> int:
+        """As Linear.input_group: the FP8 MoE's activation group for `rows` tokens handed over quantized, or 0."""
+        return self.block[1] if self.block is not None and 0 < rows <= self.quantized_rows else 0
 
     @property
     def fp8(self) -> tuple[BlockFP8, BlockFP8]:
@@ -193,7 +209,10 @@ class Experts(nn.Module):
         assert self.block is not None, "not FP8 experts"
         return BlockFP8(self.w13, self.w13_scale_inv, self.block), BlockFP8(self.w2, self.w2_scale_inv, self.block)
 
-    def forward(self, x: Tensor, topk_ids: Tensor, topk_weights: Tensor, ops: DSAOps) -> Tensor:
+    def forward(self, x: Tensor, topk_ids: Tensor, topk_weights: Tensor, ops: DSAOps,
+                xq: QuantizedRows | None = None) -> Tensor:
+        if xq is not None and xq.group != self.input_group(x.shape[0]):
+            xq = None
         if self.block is None:
             w13, w2 = self.w13, self.w2
         elif self.kernels:
@@ -201,7 +220,7 @@ class Experts(nn.Module):
         else:
             assert self._dequantized is not None, "FP8 Experts used before prepare()"
             w13, w2 = self._dequantized
-        return ops.moe(x, w13, w2, topk_ids, topk_weights, x.shape[0])
+        return ops.moe(x, w13, w2, topk_ids, topk_weights, x.shape[0], xq)
 
 
 def fp8_kernels_available(device: torch.device) -> bool:
@@ -214,15 +233,16 @@ def fp8_kernels_available(device: torch.device) -> bool:
     return True
 
 
-def _emulated_gemm(x: Tensor, w: BlockFP8) -> Tensor:
-    return fp8.linear(x, w).to(x.dtype)
+def _emulated_gemm(x: Tensor, w: BlockFP8, xq: QuantizedRows | None = None) -> Tensor:
+    return fp8.linear(x, w).to(x.dtype)  # quantizes x itself: xq holds the same values
 
 
 def prepare(model: nn.Module, mode: Mode, dtype: torch.dtype, checks: bool = False) -> None:
     """Fix how every FP8 module computes, once, after loading:
 
     * "kernels": the Triton FP8 GEMM; experts hand their e4m3 weights to the MoE op (Triton's fused
-      FP8 MoE, or the torch backend's emulation of it);
+      FP8 MoE, or the torch backend's emulation of it); up to QUANTIZED_INPUT_MAX_M rows both take their
+      input quantized by the RMSNorm that writes it (input_group, forward's xq);
     * "emulate": the kernels' function in plain PyTorch (ops/fp8.py), for tests against the kernels;
     * "dequantized": the weight dequantized once into `dtype` (CPU: the oracle's function).
     """
@@ -230,12 +250,14 @@ def prepare(model: nn.Module, mode: Mode, dtype: torch.dtype, checks: bool = Fal
         raise ValueError(f"unknown FP8 mode {mode!r}")
     modules = [m for m in model.modules() if isinstance(m, (Linear, Experts)) and m.block is not None]
     gemm: Gemm | None = None
+    quantized_rows = 0
     if mode == "kernels":
         from dsaserve.ops.triton import fp8_wgmma
-        from dsaserve.ops.triton.fp8_gemm import CUBLAS_MIN_M, cublas_blockwise_works, fp8_linear
+        from dsaserve.ops.triton.fp8_gemm import CUBLAS_MIN_M, QUANTIZED_INPUT_MAX_M, cublas_blockwise_works, fp8_linear
         gemm = partial(fp8_linear, checks=checks)
         device = next(modules[0].parameters()).device if modules else torch.device("cpu")
         if device.type == "cuda":  # probed now: never inside a CUDA graph capture
+            quantized_rows = QUANTIZED_INPUT_MAX_M
             index = device.index or 0
             log.info("FP8 GEMMs of %d+ rows: %s; where it refuses and for prefill-sized experts: %s", CUBLAS_MIN_M,
                      "cuBLAS block-scaled" if cublas_blockwise_works(index) else "Triton (no cuBLAS block scaling)",
@@ -244,9 +266,9 @@ def prepare(model: nn.Module, mode: Mode, dtype: torch.dtype, checks: bool = Fal
         gemm = _emulated_gemm
     for m in modules:
         if isinstance(m, Linear):
-            m.prepare(gemm, dtype)
+            m.prepare(gemm, dtype, quantized_rows)
         else:
-            m.prepare(mode != "dequantized", dtype)
+            m.prepare(mode != "dequantized", dtype, quantized_rows)
     if modules and mode == "dequantized" and any(p.is_cuda for p in model.parameters()):
         log.warning("FP8 weights on CUDA without Triton: each is dequantized once to %s (no memory saved)", dtype)
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from dsaserve.cache.kv_format import check_cache
 from dsaserve.engine.layout import BatchLayout, LayoutError, checks_enabled
 from dsaserve.ops import reference
-from dsaserve.ops.fp8 import BlockFP8
+from dsaserve.ops.fp8 import BlockFP8, QuantizedRows
 
 Tensor = torch.Tensor
 
@@ -139,6 +139,7 @@ class DSAOps:
                                                layout.page_size, topk)
 
     def moe(self, x: Tensor, w13: Tensor | BlockFP8, w2: Tensor | BlockFP8, topk_ids: Tensor, topk_weights: Tensor,
-            num_tokens: int) -> Tensor:
-        """Routed experts; block-FP8 weights run the FP8 kernel (triton) or its emulation (torch)."""
-        return _backend(self.moe_backend).moe_experts(x, w13, w2, topk_ids, topk_weights, num_tokens)
+            num_tokens: int, xq: QuantizedRows | None = None) -> Tensor:
+        """Routed experts; block-FP8 weights run the FP8 kernel (triton) or its emulation (torch). xq: x's rows
+        quantized by the norm that wrote them (fp8.QuantizedRows), or None."""
+        return _backend(self.moe_backend).moe_experts(x, w13, w2, topk_ids, topk_weights, num_tokens, xq)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from dsaserve.model.rope import Rotary
+from dsaserve.ops.fp8 import QuantizedRows
 
 Tensor = torch.Tensor
 
@@ -37,15 +38,18 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return rms_norm_reference(x, weight, eps)
 
 
-def add_rms_norm(x: Tensor, delta: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """(rms_norm(s), s) with s = x + delta, the residual add (in x's dtype, as torch adds) fused into the norm
-    on CUDA: one launch instead of two. delta None: (rms_norm(x), x)."""
-    if delta is None:
-        return rms_norm(x, weight, eps), x
-    if x.is_cuda and delta.dtype == x.dtype and delta.shape == x.shape:
-        return _kernels().rms_norm(x, weight, eps, delta)
-    total = x + delta
-    return rms_norm_reference(total, weight, eps), total
+def add_rms_norm(x: Tensor, delta: Tensor | None, weight: Tensor, eps: float,
+                 quant_group: int = 0) -> tuple[Tensor, Tensor, QuantizedRows | None]:
+    """(rms_norm(s), s, fp8) with s = x + delta, the residual add (in x's dtype, as torch adds) fused into the norm
+    on CUDA: one launch instead of two. delta None: s = x.
+
+    quant_group > 0 asks for the normed rows quantized as act_quant(rows, quant_group) quantizes them, for the FP8
+    GEMM that reads them: written by the same kernel on CUDA; None where it cannot (the GEMM quantizes itself)."""
+    if x.is_cuda and (delta is None or (delta.dtype == x.dtype and delta.shape == x.shape)):
+        group = quant_group if quant_group and _kernels().quantizes_rows_of(quant_group) else 0
+        return _kernels().rms_norm(x, weight, eps, delta, group)
+    total = x if delta is None else x + delta
+    return rms_norm_reference(total, weight, eps), total, None
 
 
 def rope_hadamard_(x: Tensor, rope: int, cos: Tensor, sin: Tensor, interleaved: bool) -> Tensor:

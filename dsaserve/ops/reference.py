@@ -112,12 +112,13 @@ def _positions_to_slots(positions: Tensor, row_kv_len: Tensor, page_table: Tenso
 
 
 def moe_experts(x: Tensor, w13: Tensor | BlockFP8, w2: Tensor | BlockFP8, topk_ids: Tensor, topk_weights: Tensor,
-                num_tokens: int) -> Tensor:
+                num_tokens: int, xq: QuantizedRows | None = None) -> Tensor:
     """Routed experts: sum_k weight_k * down_e(silu(gate_e x) * up_e x) for the first num_tokens rows.
 
     x [N, hidden], w13 [E, 2I, hidden] (gate rows then up rows), w2 [E, hidden, I], topk_ids [N, k],
     topk_weights [N, k] fp32. Rows >= num_tokens (padding for DP sync) are skipped and come out 0.
-    Block-FP8 experts run the FP8 kernel's function (fp8.linear: activations quantized per group).
+    Block-FP8 experts run the FP8 kernel's function (fp8.linear: activations quantized per group; x's rows
+    quantized by their producer, xq, are act_quant's values and so ignored here).
     Each pair's output is rounded to x's dtype and the k pairs of a token are summed in fp32.
     """
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)

@@ -137,9 +137,13 @@ def round_as(x, DT: tl.constexpr):
 
 @triton.jit
 def rms_normed(x, w, N, eps, X_DT: tl.constexpr, OUT_DT: tl.constexpr):
-    """w * (x / rms(x)) of one row x [BLOCK] fp32 (masked lanes 0) over its N values: fp32 statistics, the
-    normed value rounded to X_DT and the product to OUT_DT, as dsaserve.ops.fused.rms_norm_reference rounds."""
-    inv_rms = tl.math.rsqrt(tl.sum(x * x, 0) / N + eps)
+    """w * (x / rms(x)) of one row x [BLOCK] or [BLOCK / C, C] fp32 (masked lanes 0) over its N values: fp32
+    statistics, the normed value rounded to X_DT and the product to OUT_DT, as
+    dsaserve.ops.fused.rms_norm_reference rounds."""
+    squares = x * x
+    if len(x.shape) == 2:
+        squares = tl.sum(squares, 1)
+    inv_rms = tl.math.rsqrt(tl.sum(squares, 0) / N + eps)
     return round_as(w * round_as(x * inv_rms, X_DT), OUT_DT)
 
 

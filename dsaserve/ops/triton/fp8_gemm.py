@@ -27,13 +27,14 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from dsaserve.ops.fp8 import FP8, BlockFP8
+from dsaserve.ops.fp8 import FP8, BlockFP8, QuantizedRows
 from dsaserve.ops.triton import fp8_wgmma
 from dsaserve.ops.triton._common import (agrees_with_reference, new_empty, next_pow2, pdl, pdl_start, quantize_rows,
                                          sm_count, stream_scratch, tile_ids)
 
 Tensor = torch.Tensor
 K_BLOCKS = (32, 64, 128, 256)  # weight K blocks the kernel takes: one K step each (e4m3 dots need K >= 32)
+QUANTIZED_INPUT_MAX_M = 64  # rows up to which producers hand fp8_linear / the MoE their rows quantized (xq)
 CUBLAS_MIN_M = 96  # rows from which cuBLAS's block-scaled GEMM runs where it applies (1.2-2x faster from 96 on, H200)
 
 
@@ -255,11 +256,14 @@ def default_config(M: int, N: int, K: int, block_k: int, sms: int) -> dict[str, 
     return cfg
 
 
-def fp8_linear(x: Tensor, w: BlockFP8, checks: bool = False, config: dict[str, int] | None = None) -> Tensor:
+def fp8_linear(x: Tensor, w: BlockFP8, checks: bool = False, config: dict[str, int] | None = None,
+               xq: QuantizedRows | None = None) -> Tensor:
     """x [..., K] (bf16 / fp16 / fp32) times the block-FP8 weight [N, K] -> [..., N] in x's dtype.
 
     Any M, N and K: rows, columns and the last K group are masked; the weight's K block must be one
-    of K_BLOCKS (the checkpoints' 128 is). `config` overrides default_config's fields (benchmarks)."""
+    of K_BLOCKS (the checkpoints' 128 is). `config` overrides default_config's fields (benchmarks).
+    xq: x's rows already quantized (act_quant's values, by the kernel that wrote x): the Triton kernel reads
+    them instead of quantizing x (the cuBLAS and wgmma paths, for prefill rows, quantize x themselves)."""
     N, K = w.weight.shape
     lead = x.shape[:-1]
     if checks:
@@ -275,6 +279,8 @@ def fp8_linear(x: Tensor, w: BlockFP8, checks: bool = False, config: dict[str, i
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M = x2.shape[0]
+    if checks and xq is not None:
+        xq.check("fp8_linear xq", M, K, w.block[1])
     if M == 0:
         return new_empty((M, N), x.dtype, x.device).view(*lead, N)
     block_k = w.block[1]
@@ -287,7 +293,9 @@ def fp8_linear(x: Tensor, w: BlockFP8, checks: bool = False, config: dict[str, i
     num_groups = triton.cdiv(K, block_k)
     per_split = triton.cdiv(num_groups, cfg["splits"])
     splits = triton.cdiv(num_groups, per_split)
-    if cfg["a_quant"]:
+    if xq is not None:
+        a, a_s = xq.values, xq.scales
+    elif cfg["a_quant"]:
         a, a_s = x2, x2  # a_s unused: the kernel quantizes each K group itself
     else:
         a, a_s = act_quant(x2, block_k)
@@ -302,7 +310,7 @@ def fp8_linear(x: Tensor, w: BlockFP8, checks: bool = False, config: dict[str, i
         a, a_s, w.weight, w.scale, out, partials, tickets, M, N, K, num_groups,
         per_split, a.stride(0), a_s.stride(0), w.weight.stride(0), w.scale.stride(0), N,
         BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=block_k, SCALE_N=w.block[0],
-        GROUP_M=cfg["group_m"], A_QUANT=bool(cfg["a_quant"]), EVEN_K=K % block_k == 0, SPLIT_K=split_k,
+        GROUP_M=cfg["group_m"], A_QUANT=a.dtype != FP8, EVEN_K=K % block_k == 0, SPLIT_K=split_k,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl(a))
     return out.view(*lead, N)
 
@@ -311,5 +319,5 @@ def weight_bytes(N: int, K: int, block: tuple[int, int]) -> int:
     return N * K + 4 * triton.cdiv(N, block[0]) * triton.cdiv(K, block[1])
 
 
-__all__ = ["CUBLAS_MIN_M", "K_BLOCKS", "act_quant", "cublas_applies", "cublas_blockwise_works", "default_config",
-           "fp8_linear", "weight_bytes"]
+__all__ = ["CUBLAS_MIN_M", "K_BLOCKS", "QUANTIZED_INPUT_MAX_M", "act_quant", "cublas_applies", "cublas_blockwise_works",
+           "default_config", "fp8_linear", "weight_bytes"]

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsaserve.ops.fp8 import FP8, BlockFP8
+from dsaserve.ops.fp8 import FP8, BlockFP8, QuantizedRows
 from dsaserve.ops.triton import fp8_wgmma
 from dsaserve.ops.triton._common import dot_precision, new_empty, pdl, pdl_start, quantize_rows, sm_count, tile_ids
 from dsaserve.ops.triton.fp8_gemm import K_BLOCKS, act_quant, balanced_splits
@@ -234,8 +234,9 @@ def _config(num_pairs: int, num_experts: int, fp8_block: tuple[int, int] | None,
 
 
 def moe_experts(x: Tensor, w13: Tensor | BlockFP8, w2: Tensor | BlockFP8, topk_ids: Tensor, topk_weights: Tensor,
-                num_tokens: int) -> Tensor:
-    """See reference.moe_experts: weights in x's dtype, or block FP8 (e4m3 + fp32 block scales)."""
+                num_tokens: int, xq: QuantizedRows | None = None) -> Tensor:
+    """See reference.moe_experts: weights in x's dtype, or block FP8 (e4m3 + fp32 block scales). xq: x's rows
+    already quantized (act_quant's values): FP8 gate/up reads them (the wgmma path quantizes x itself)."""
     N, hidden = x.shape
     E, I2, _ = w13.shape
     I = I2 // 2
@@ -270,7 +271,10 @@ def moe_experts(x: Tensor, w13: Tensor | BlockFP8, w2: Tensor | BlockFP8, topk_i
         rows = max_blocks * bm
     if fp8:
         # once per token, gathered per pair; for a few pairs gate/up quantizes its slices of x itself
-        a, a_s = (x, x) if cfg["a_quant"] else act_quant(x[:num_tokens], w13.block[1])
+        if xq is not None:
+            a, a_s = xq.values, xq.scales
+        else:
+            a, a_s = (x, x) if cfg["a_quant"] else act_quant(x[:num_tokens], w13.block[1])
         w13_w, w13_s, w2_w, w2_s, scale_n = w13.weight, w13.scale, w2.weight, w2.scale, w13.block[0]
         inter = new_empty((rows, I), FP8, x.device)
         inter_s = new_empty((rows, I // cfg["block_n"]), torch.float32, x.device)
