@@ -12,7 +12,8 @@ from dsaserve.server_args import ServerArgs
 def _generate(ns: argparse.Namespace) -> int:
     from dsaserve.engine.request import RequestError, SamplingParams
     from dsaserve.llm import LLM
-    args = ServerArgs.from_cli(ns)
+    from dsaserve.server.preflight import checked_args
+    args = checked_args(ServerArgs.from_cli(ns))  # serve's checks: no traceback from the engine's load
     llm = LLM(progress=True, **{k: v for k, v in vars(args).items()})
     params = SamplingParams(max_tokens=ns.max_tokens, temperature=ns.temperature, top_p=ns.top_p,
                             top_k=ns.top_k, seed=ns.sampling_seed)

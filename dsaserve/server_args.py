@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
@@ -262,6 +263,6 @@ def _disaggregation_problems(args: ServerArgs) -> list[str]:
         problems.append("--disaggregation-transfer-backend mooncake is not available in dsaserve yet: use nixl")
     if not 0 < args.disaggregation_bootstrap_port < 65536:
         problems.append(f"--disaggregation-bootstrap-port must be a TCP port, got {args.disaggregation_bootstrap_port}")
-    if args.disaggregation_timeout_s <= 0:
-        problems.append(f"--disaggregation-timeout-s must be > 0, got {args.disaggregation_timeout_s}")
+    if not 0 < args.disaggregation_timeout_s < math.inf:  # nan passes `<= 0`; inf breaks the deadlines' waits
+        problems.append(f"--disaggregation-timeout-s must be > 0 and finite, got {args.disaggregation_timeout_s}")
     return problems

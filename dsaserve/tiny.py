@@ -60,8 +60,7 @@ def make_tiny_model(out: str | Path, arch: str = "deepseek_v32", fp8: bool = Fal
         raise ValueError(f"unknown arch {arch!r}: choose from {', '.join(ARCHS)}")
     if layers is not None and layers < 1:
         raise ValueError(f"--layers must be >= 1, got {layers}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = checkpoint_folder(out)
     config = {**BASE, **ARCHS[arch], **overrides}
     if layers is not None:
         config["num_hidden_layers"] = layers
@@ -77,6 +76,18 @@ def make_tiny_model(out: str | Path, arch: str = "deepseek_v32", fp8: bool = Fal
     (out / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}))
     _save_tokenizer(out, config["vocab_size"])
+    return out
+
+
+def checkpoint_folder(out: str | Path) -> Path:
+    """`out`, made if new: ValueError (one line from the CLI) where it cannot be a folder."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file: the checkpoint goes in a folder (a new or an existing one)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a parent that is a file, no permission
+        raise ValueError(f"cannot make the checkpoint folder {out}: {exc.strerror or exc}") from None
     return out
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from dsaserve.bench.serving import BenchConfig, client_processes, make_requests
-from server_process import ServerProcess
+from server_process import ServerProcess, free_port
 
 pytestmark = pytest.mark.timeout(180)
 METRICS = ["completed", "failed", "duration_s", "total_input_tokens", "total_output_tokens", "request_throughput",
@@ -66,6 +66,34 @@ def test_extra_request_body_must_be_a_json_object(capsys: pytest.CaptureFixture[
         with pytest.raises(SystemExit):
             main(["bench", "serving", "--extra-request-body", bad])
         assert says in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--request-rate", "0"], "--request-rate must be > 0 requests per second (inf: all at once), got 0.0"),
+    (["--request-rate", "-2"], "--request-rate must be > 0 requests per second (inf: all at once), got -2.0"),
+    (["--request-rate", "nan"], "--request-rate must be > 0 requests per second (inf: all at once), got nan"),
+    (["--input-len", "0", "--output-len", "-3"], "--input-len must be >= 1, got 0; --output-len must be >= 1, got -3"),
+    (["--range-ratio", "1.5"], "--range-ratio must be in [0, 1], got 1.5"),
+])
+def test_bad_flags_are_refused_before_connecting(flags: list[str], says: str,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """Each used to end in a traceback: from the connection (no server here), else from the arrivals or the
+    prompt lengths. Exit code 2, like every flag check."""
+    from dsaserve.cli import main
+    assert main(["bench", "serving", "--base-url", f"http://127.0.0.1:{free_port()}", *flags]) == 2
+    assert f"error: {says}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [[], ["--model", "m", "--vocab-size", "100"], ["--request-rate", "inf"]])
+def test_no_server_is_one_line(flags: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """Whether or not the model and vocabulary need asking for (given: every request used to fail on its own);
+    --request-rate inf is valid (all at once, the default)."""
+    from dsaserve.cli import main
+    url = f"http://127.0.0.1:{free_port()}"
+    assert main(["bench", "serving", "--base-url", url, "--num-prompts", "2", "--disable-tqdm", *flags]) == 1
+    captured = capsys.readouterr()
+    assert f"error: could not reach the server at {url}" in captured.err and "Traceback" not in captured.err
+    assert "Serving Benchmark Result" not in captured.out
 
 
 def test_client_processes_never_exceed_the_streams() -> None:

@@ -129,6 +129,27 @@ def test_cli_make_tiny_is_deterministic_and_generate_prints(tmp_path: Path) -> N
     assert bad.returncode == 2 and "max_tokens must be > 0" in bad.stderr
 
 
+@pytest.mark.parametrize("threads", ["0", "-2"])
+def test_train_tiny_threads_must_be_positive(threads: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from dsaserve.cli import main
+    assert main(["train-tiny", str(tmp_path / "out"), "--preset", "test", "--threads", threads]) == 2
+    assert f"error: --threads must be >= 1, got {threads}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_folder_that_is_a_file_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from dsaserve.cli import main
+    file = tmp_path / "file"
+    file.write_text("x")
+    assert main(["make-tiny-model", str(file)]) == 2
+    assert f"error: {file} is a file: the checkpoint goes in a folder" in capsys.readouterr().err
+    assert main(["make-tiny-model", str(file / "sub")]) == 2
+    assert f"error: cannot make the checkpoint folder {file / 'sub'}: " in capsys.readouterr().err
+    assert main(["train-tiny", str(file), "--preset", "test"]) == 2  # the same check, before any training
+    assert f"error: {file} is a file" in capsys.readouterr().err
+    assert file.read_text() == "x"
+
+
 def test_bench_one_batch_sizes_are_checked_first(tiny_ds: str, capsys: pytest.CaptureFixture) -> None:
     from dsaserve.cli import main
     assert main(["bench", "one-batch", "--model-path", tiny_ds, "--batch-size", "0", "--output-len", "0"]) == 2

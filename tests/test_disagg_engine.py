@@ -239,6 +239,8 @@ def test_prefill_without_decode_times_out(tiny_ds: str) -> None:
     (dict(disaggregation_mode="both"), "--disaggregation-mode must be null, prefill or decode"),
     (dict(disaggregation_mode="prefill", disaggregation_transfer_backend="mooncake"), "mooncake is not available"),
     (dict(disaggregation_timeout_s=0), "--disaggregation-timeout-s must be > 0"),
+    (dict(disaggregation_timeout_s=float("nan")), "--disaggregation-timeout-s must be > 0 and finite, got nan"),
+    (dict(disaggregation_timeout_s=float("inf")), "--disaggregation-timeout-s must be > 0 and finite, got inf"),
 ])
 def test_flags_refuse_what_cannot_work(flags: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):

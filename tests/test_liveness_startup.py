@@ -26,6 +26,11 @@ def serve(model: str, *flags: str, timeout: float = 120) -> subprocess.Completed
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
+def generate(model: str, *flags: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "dsaserve", "generate", "--model-path", model, "--prompt", "Hi", *flags]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
 def refused(out: subprocess.CompletedProcess[str], code: int = 2) -> str:
     assert out.returncode == code, (out.returncode, out.stderr[-3000:])
     assert "Traceback" not in out.stderr and "rank0" not in out.stderr, out.stderr[-3000:]  # no rank started
@@ -91,6 +96,18 @@ def test_broken_checkpoint_files_are_named(tmp_path: Path, tiny_ds: str) -> None
     assert f"{shard} is not a readable safetensors file" in refused(serve(str(model)))
     (model / "config.json").write_text('{"model_type": "deepseek_v32",')
     assert f"{model / 'config.json'} is not valid JSON" in refused(serve(str(model)))
+
+
+def test_generate_runs_the_same_checks_before_loading(tmp_path: Path, tiny_ds: str) -> None:
+    """`dsaserve generate` loads in-process, after serve's preflight: a context the model does not accept was
+    taken, and a truncated shard ended in a traceback from the loader."""
+    assert "--context-length 100000 is longer than the model's 4096" in refused(
+        generate(tiny_ds, "--context-length", "100000"))
+    model = tmp_path / "m"
+    shutil.copytree(tiny_ds, model)
+    shard = sorted(model.glob("*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    assert f"{shard} is not a readable safetensors file" in refused(generate(str(model)))
 
 
 def test_a_rank_start_failure_names_the_rank(tmp_path: Path, tiny_ds: str) -> None:

@@ -17,6 +17,7 @@ import os
 import queue
 import random
 import statistics
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -108,6 +109,33 @@ def config_from_cli(ns: argparse.Namespace) -> BenchConfig:
     return BenchConfig(**{k: getattr(ns, k) for k in BenchConfig.__dataclass_fields__ if hasattr(ns, k)})
 
 
+def config_problems(cfg: BenchConfig) -> list[str]:
+    """Flags that could only end in a traceback, each named: checked before any connection."""
+    sizes = {"--input-len": cfg.input_len, "--output-len": cfg.output_len, "--num-prompts": cfg.num_prompts,
+             "--max-concurrency": cfg.max_concurrency, "--num-clients": cfg.num_clients,
+             "--vocab-size": cfg.vocab_size}
+    problems = [f"{flag} must be >= 1, got {value}" for flag, value in sizes.items() if value is not None and value < 1]
+    if not cfg.request_rate > 0:  # nan too; inf is valid: every request at once
+        problems.append(f"--request-rate must be > 0 requests per second (inf: all at once), got {cfg.request_rate}")
+    if not 0 <= cfg.range_ratio <= 1:
+        problems.append(f"--range-ratio must be in [0, 1], got {cfg.range_ratio}")
+    if not _is_http_url(cfg.base_url):
+        problems.append(f"--base-url must be an http:// or https:// URL, got {cfg.base_url!r}")
+    return problems
+
+
+def _is_http_url(text: str) -> bool:
+    try:
+        url = httpx.URL(text)
+    except httpx.InvalidURL:
+        return False
+    return url.scheme in ("http", "https") and bool(url.host)
+
+
+class Unreachable(Exception):
+    """No HTTP server answered at --base-url."""
+
+
 def make_requests(cfg: BenchConfig, vocab: int) -> list[tuple[list[int], int]]:
     """(prompt ids, output length) per request; the same for the same seed."""
     rng = random.Random(cfg.seed)
@@ -121,9 +149,12 @@ def make_requests(cfg: BenchConfig, vocab: int) -> list[tuple[list[int], int]]:
 
 
 async def _discover(client: httpx.AsyncClient, cfg: BenchConfig) -> tuple[str, int]:
+    try:
+        r = await client.get("/v1/models")  # asked even with --model: it shows that a server listens there
+    except httpx.TransportError as exc:
+        raise Unreachable(f"could not reach the server at {cfg.base_url}: {str(exc) or type(exc).__name__}") from None
     model = cfg.model
     if model is None:
-        r = await client.get("/v1/models")
         r.raise_for_status()
         model = r.json()["data"][0]["id"]
     vocab = cfg.vocab_size
@@ -330,7 +361,14 @@ def run(ns: argparse.Namespace) -> int:
     import logging
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would bury the bar
     cfg = config_from_cli(ns)
-    metrics = event_loop.run(benchmark(cfg))
+    problems = config_problems(cfg)
+    if problems:
+        raise ValueError("; ".join(problems))  # (cli.main prints it as one line, exit code 2)
+    try:
+        metrics = event_loop.run(benchmark(cfg))
+    except Unreachable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(format_table(metrics))
     if cfg.output_json:
         with open(cfg.output_json, "w") as f:

@@ -29,7 +29,7 @@ from dsaserve.server.app import create_app
 from dsaserve.server.frontend import Frontend, StartupError
 from dsaserve.server.messages import Endpoints
 from dsaserve.server.metrics import ServerMetrics
-from dsaserve.server.preflight import bind_listener, check_model
+from dsaserve.server.preflight import bind_listener, checked_args
 from dsaserve.server.supervisor import RankProcesses, wait_for_ranks
 from dsaserve.server_args import ServerArgs
 
@@ -104,11 +104,8 @@ def serve(args: ServerArgs) -> int:
     """Run the server until a signal: 0 after a clean shutdown, 1 if it could not start, 2 for bad
     flags or a checkpoint that cannot be served, 128 + the signal if stopped while starting."""
     stop = _StopSignal()
-    from dsaserve.model.checkpoint import default_model_path
-    if args.model_path is None:
-        args = args.replace(model_path=str(default_model_path()))  # made once here, not per rank
     try:
-        check_model(args)
+        args = checked_args(args)  # the model's folder, resolved once here, not per rank
         listener = bind_listener(args.host, args.port) if args.node_rank == 0 else None
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

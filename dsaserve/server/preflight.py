@@ -10,10 +10,19 @@ from pathlib import Path
 from safetensors import safe_open
 
 from dsaserve.config import ConfigError, ModelConfig
-from dsaserve.model.checkpoint import CheckpointError, shard_files
+from dsaserve.model.checkpoint import CheckpointError, default_model_path, shard_files
 from dsaserve.server_args import ServerArgs
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")  # one of them: AutoTokenizer
+
+
+def checked_args(args: ServerArgs) -> ServerArgs:
+    """What `serve` and `generate` run before loading: the args with the model's folder (the embedded model's
+    where none is given, resolved once here), after check_model."""
+    if args.model_path is None:
+        args = args.replace(model_path=str(default_model_path()))
+    check_model(args)
+    return args
 
 
 def check_model(args: ServerArgs) -> None:

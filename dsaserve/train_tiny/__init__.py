@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 
 from dsaserve.config import ModelConfig
-from dsaserve.tiny import SPECIALS, _save_tokenizer
+from dsaserve.tiny import SPECIALS, _save_tokenizer, checkpoint_folder
 from dsaserve.train_tiny.corpus import build_corpus, token_stream
 from dsaserve.train_tiny.evaluate import report, samples
 from dsaserve.train_tiny.export import round_to_stored, write_checkpoint
@@ -71,10 +71,11 @@ def train_tiny(out: str | Path, preset: str = "shipped", seed: int = 0, threads:
     """Train and write the checkpoint to `out`; returns (and writes) the report."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}: choose from {', '.join(PRESETS)}")
-    p, out, start, cpu = PRESETS[preset], Path(out), time.monotonic(), time.process_time()
+    if threads < 1:  # torch.set_num_threads would raise a RuntimeError
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    p, out, start, cpu = PRESETS[preset], checkpoint_folder(out), time.monotonic(), time.process_time()
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    out.mkdir(parents=True, exist_ok=True)
     tok, train_ids, held_ids = _tokenized_corpus(p, out, log)
     model = TinyDSA(ModelConfig.from_dict(p.config))
     model.init_weights(seed)
