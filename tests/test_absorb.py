@@ -11,6 +11,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 
 from dsaserve.model.rope import Rotary  # noqa: E402
+from dsaserve.ops import fp8 as fp8_ref  # noqa: E402
 from dsaserve.ops import fused  # noqa: E402
 from dsaserve.ops.triton import absorb  # noqa: E402
 
@@ -69,10 +70,28 @@ def test_absorb_output(T: int, H: int, dtype: torch.dtype):
     _, w_uv = _weights(H, gen, dtype)
     x = torch.randn(T, H, LATENT, device=DEV, generator=gen).to(dtype)
     assert absorb.output_applies(x, w_uv, torch.empty(T, H, V, dtype=dtype, device=DEV)) == absorb.decode_shape(T, H)
-    got = fused.absorb_output(x, w_uv)
+    got, none = fused.absorb_output(x, w_uv)
+    assert none is None
     want = torch.einsum("thc,hvc->thv", x.double(), w_uv.double())
     magnitude = torch.einsum("thc,hvc->thv", x.double().abs(), w_uv.double().abs())
     assert got.shape == (T, H, V) and _within_one_rounding(got, want, magnitude, LATENT)
     if absorb.decode_shape(T, H):  # the kernel writes every value of a poisoned output, the same ones
         poisoned = torch.full((T, H, V), float("nan"), dtype=dtype, device=DEV)
-        assert torch.equal(absorb.absorb_output(x, w_uv, poisoned), got)
+        assert torch.equal(absorb.absorb_output(x, w_uv, poisoned)[0], got)
+
+
+@pytest.mark.parametrize("T,H,group", [(1, 16, 128), (9, 16, 128), (32, 16, 64), (4, 32, 128)])
+def test_absorb_output_writes_its_rows_quantized(T: int, H: int, group: int):
+    """Asked for (the o_proj FP8 GEMM reads them), the launch also writes the [T, H * v] rows quantized: bit for
+    bit act_quant of the values it stored, which are within one rounding of the exact product."""
+    gen = torch.Generator(DEV).manual_seed(T * 100 + H + group)
+    _, w_uv = _weights(H, gen, BF16)
+    x = torch.randn(T, H, LATENT, device=DEV, generator=gen).to(BF16)
+    got, fp8 = fused.absorb_output(x, w_uv, quant_group=group)
+    want = torch.einsum("thc,hvc->thv", x.double(), w_uv.double())
+    magnitude = torch.einsum("thc,hvc->thv", x.double().abs(), w_uv.double().abs())
+    assert _within_one_rounding(got, want, magnitude, LATENT)
+    assert fp8 is not None and fp8.group == group
+    want_q, want_s = fp8_ref.act_quant(got.view(T, H * V), group)
+    assert torch.equal(fp8.values.view(torch.uint8), want_q.view(torch.uint8))
+    assert torch.equal(fp8.scales, want_s)

@@ -176,8 +176,8 @@ class MLAttention(nn.Module):
         assert topk is not None, "a shared-indexer layer needs the previous layer's top-k"
         o_lat = ctx.ops.sparse_mla(q_full, ctx.pools.latent(self.layer_id), topk, cfg.softmax_scale,
                                    cfg.kv_lora_rank, ctx.layout)
-        o = absorb_output(o_lat.to(x.dtype), self._absorbed()[1])  # W_UV applied after attention
-        return ctx.par.all_reduce_attn(self.o_proj(o.view(T, H * cfg.v_head_dim))), topk
+        o, oq = absorb_output(o_lat.to(x.dtype), self._absorbed()[1], self.o_proj.input_group(T))  # W_UV after
+        return ctx.par.all_reduce_attn(self.o_proj(o.view(T, H * cfg.v_head_dim), oq)), topk
 
     def _absorbed(self) -> tuple[Tensor, Tensor]:
         """(W_UK [H, nope, latent], W_UV [H, v, latent]): kv_b_proj's two parts."""

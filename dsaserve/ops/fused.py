@@ -97,14 +97,16 @@ def absorb_query(q: Tensor, w_uk: Tensor, cos: Tensor, sin: Tensor, out: Tensor)
     return out
 
 
-def absorb_output(x: Tensor, w_uv: Tensor) -> Tensor:
-    """x [T, H, latent] times each head's W_UV [H, v, latent] transposed -> [T, H, v]: one launch on CUDA for
-    decode rows, a batched GEMM writing the [T, H, v] rows directly otherwise."""
+def absorb_output(x: Tensor, w_uv: Tensor, quant_group: int = 0) -> tuple[Tensor, QuantizedRows | None]:
+    """(x [T, H, latent] times each head's W_UV [H, v, latent] transposed -> [T, H, v], fp8): one launch on CUDA for
+    decode rows, a batched GEMM writing the [T, H, v] rows directly otherwise. quant_group > 0 asks for the rows
+    [T, H * v] quantized as act_quant quantizes them (as add_rms_norm does): from the launch, else None."""
     out = x.new_empty(x.shape[0], x.shape[1], w_uv.shape[1])
     if x.is_cuda and _absorb().output_applies(x, w_uv, out):
-        return _absorb().absorb_output(x, w_uv, out)
+        group = quant_group if quant_group and _absorb().quantizes_output(w_uv, quant_group) else 0
+        return _absorb().absorb_output(x, w_uv, out, group)
     torch.bmm(x.transpose(0, 1), w_uv.transpose(1, 2), out=out.transpose(0, 1))
-    return out
+    return out, None
 
 
 def linear_fp32(x: Tensor, weight: Tensor, scale: float = 1.0) -> Tensor:

@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dsaserve.ops.triton._common import dot_precision, next_pow2, pdl, pdl_start, rotate
+from dsaserve.ops.fp8 import FP8, QuantizedRows
+from dsaserve.ops.triton._common import dot_precision, new_empty, next_pow2, pdl, pdl_start, quantize_rows, rotate
 
 Tensor = torch.Tensor
 # Where these launches beat cuBLAS's batched GEMM (+ the rotary kernel) in a graph of back-to-back calls (H200,
@@ -30,6 +31,7 @@ MAX_HEADS = 32
 MAX_ROW_HEADS = 512
 QUERY_COLUMNS = 64  # output columns per program of absorb_query (512 latent columns: 8 programs per head)
 OUTPUT_COLUMNS = 16  # output columns per program of absorb_output (128 value columns: 8 programs per head)
+QUANT_CHUNK = 64  # latent values per dot when a program owns a whole quantization group (128 columns)
 
 
 def decode_shape(T: int, H: int) -> bool:
@@ -66,20 +68,29 @@ def _absorb_query_kernel(Q, W, COS, SIN, OUT, T, stride_qt, stride_qh, stride_wh
 
 
 @triton.jit
-def _absorb_output_kernel(X, W, OUT, T, stride_xt, stride_xh, stride_wh, stride_wv, stride_ot, stride_oh,
-                          LATENT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, PRECISION: tl.constexpr,
-                          PDL: tl.constexpr):
+def _absorb_output_kernel(X, W, OUT, Q, QS, T, stride_xt, stride_xh, stride_wh, stride_wv, stride_ot, stride_oh,
+                          stride_qt, stride_qst, LATENT: tl.constexpr, CHUNK: tl.constexpr, BLOCK_T: tl.constexpr,
+                          BLOCK_V: tl.constexpr, QUANT: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
+    """The reduction in LATENT / CHUNK dots. QUANT: the program's BLOCK_V columns are one quantization group of the
+    [T, H * v] rows, written quantized into Q / QS too (act_quant of the stored values)."""
     pdl_start(PDL)
     h = tl.program_id(0).to(tl.int64)
     v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     t = tl.arange(0, BLOCK_T)
     rows = (t < T)[:, None]
-    c = tl.arange(0, LATENT)
-    x = tl.load(X + t.to(tl.int64)[:, None] * stride_xt + h * stride_xh + c[None, :], mask=rows, other=0.0)
-    w = tl.load(W + h * stride_wh + v[:, None] * stride_wv + c[None, :])
-    out = tl.dot(x, tl.trans(w), input_precision=PRECISION)
-    tl.store(OUT + t.to(tl.int64)[:, None] * stride_ot + h * stride_oh + v[None, :], out.to(OUT.dtype.element_ty),
-             mask=rows)
+    out = tl.zeros([BLOCK_T, BLOCK_V], tl.float32)
+    for start in tl.range(0, LATENT, CHUNK):
+        c = start + tl.arange(0, CHUNK)
+        x = tl.load(X + t.to(tl.int64)[:, None] * stride_xt + h * stride_xh + c[None, :], mask=rows, other=0.0)
+        w = tl.load(W + h * stride_wh + v[:, None] * stride_wv + c[None, :])
+        out += tl.dot(x, tl.trans(w), input_precision=PRECISION)
+    stored = out.to(OUT.dtype.element_ty)
+    tl.store(OUT + t.to(tl.int64)[:, None] * stride_ot + h * stride_oh + v[None, :], stored, mask=rows)
+    if QUANT:
+        q, scale = quantize_rows(stored.to(tl.float32))
+        column = h * tl.num_programs(1) * BLOCK_V + v  # the value's column in the [T, H * v] rows o_proj reads
+        tl.store(Q + t.to(tl.int64)[:, None] * stride_qt + column[None, :], q, mask=rows)
+        tl.store(QS + t.to(tl.int64) * stride_qst + h * tl.num_programs(1) + tl.program_id(1), scale, mask=t < T)
 
 
 def _dot_dim(n: int) -> bool:
@@ -119,15 +130,30 @@ def output_applies(x: Tensor, w_uv: Tensor, out: Tensor) -> bool:
             and out.shape == (T, H, w_uv.shape[1]) and x.stride(2) == w_uv.stride(2) == out.stride(2) == 1)
 
 
-def absorb_output(x: Tensor, w_uv: Tensor, out: Tensor) -> Tensor:
-    """See dsaserve.ops.fused.absorb_output (output_applies holds)."""
+def quantizes_output(w_uv: Tensor, group: int) -> bool:
+    """Whether absorb_output can also write its rows quantized in groups of `group`: whole groups per head."""
+    return group >= 16 and group & (group - 1) == 0 and w_uv.shape[1] % group == 0
+
+
+def absorb_output(x: Tensor, w_uv: Tensor, out: Tensor, quant_group: int = 0) -> tuple[Tensor, QuantizedRows | None]:
+    """See dsaserve.ops.fused.absorb_output (output_applies holds; out contiguous when quant_group > 0, which
+    quantizes_output allows). Quantizing, a program owns a whole group of a head's columns (128: 8x the columns,
+    so the reduction runs in chunks of QUANT_CHUNK latent values, over 8 warps: 4 spill on sm_90)."""
     T, H, latent = x.shape
-    _absorb_output_kernel[(H, w_uv.shape[1] // OUTPUT_COLUMNS)](
-        x, w_uv, out, T, x.stride(0), x.stride(1), w_uv.stride(0), w_uv.stride(1), out.stride(0), out.stride(1),
-        LATENT=latent, BLOCK_T=next_pow2(T), BLOCK_V=OUTPUT_COLUMNS, PRECISION=dot_precision(x.dtype), num_warps=4,
-        **pdl(x))
-    return out
+    v = w_uv.shape[1]
+    fp8 = None
+    q = qs = out
+    block_v, chunk = OUTPUT_COLUMNS, latent
+    if quant_group:
+        fp8 = QuantizedRows(new_empty((T, H * v), FP8, x.device),
+                            new_empty((T, H * v // quant_group), torch.float32, x.device), quant_group)
+        q, qs, block_v, chunk = fp8.values, fp8.scales, quant_group, min(QUANT_CHUNK, latent)
+    _absorb_output_kernel[(H, v // block_v)](
+        x, w_uv, out, q, qs, T, x.stride(0), x.stride(1), w_uv.stride(0), w_uv.stride(1), out.stride(0), out.stride(1),
+        q.stride(0), qs.stride(0), LATENT=latent, CHUNK=chunk, BLOCK_T=next_pow2(T), BLOCK_V=block_v,
+        QUANT=fp8 is not None, PRECISION=dot_precision(x.dtype), num_warps=8 if fp8 else 4, **pdl(x))
+    return out, fp8
 
 
 __all__ = ["MAX_HEADS", "MAX_ROWS", "MAX_ROW_HEADS", "absorb_output", "absorb_query", "decode_shape", "output_applies",
-           "query_applies"]
+           "query_applies", "quantizes_output"]
