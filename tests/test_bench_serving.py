@@ -96,6 +96,35 @@ def test_no_server_is_one_line(flags: list[str], capsys: pytest.CaptureFixture[s
     assert "Serving Benchmark Result" not in captured.out
 
 
+def test_a_server_that_refuses_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """A server that answers /v1/models with an error (a wrong --api-key: 401) ends the benchmark with its status,
+    before any request (each would fail the same way)."""
+    import http.server
+    import threading
+    from dsaserve.cli import main
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(401)
+            self.end_headers()
+            self.wfile.write(b'{"error": "bad key"}')
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}"
+        for flags in ([], ["--model", "m", "--vocab-size", "100"]):
+            assert main(["bench", "serving", "--base-url", url, "--num-prompts", "2", "--disable-tqdm", *flags]) == 1
+            err = capsys.readouterr().err
+            assert f"error: the server at {url} answered GET /v1/models with 401" in err and "Traceback" not in err
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_client_processes_never_exceed_the_streams() -> None:
     """Each client process runs at least one stream: more would raise the concurrency asked for."""
     assert client_processes(BenchConfig(num_prompts=24, max_concurrency=4, num_clients=8)) == 4

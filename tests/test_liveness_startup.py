@@ -86,6 +86,11 @@ def test_taken_port_fails_before_the_model_loads(tiny_ds: str) -> None:
         port = taken.getsockname()[1]
         err = refused(serve(tiny_ds, "--port", str(port)))
     assert f"cannot listen on 127.0.0.1:{port} (--host / --port)" in err
+    with socket.create_server(("127.0.0.1", 0)) as taken:  # a prefill server's bootstrap port, likewise
+        port = taken.getsockname()[1]
+        err = refused(serve(tiny_ds, "--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port", str(port),
+                            "--port", str(free_port())))
+    assert f"cannot listen on 127.0.0.1:{port} (--disaggregation-bootstrap-port)" in err
 
 
 def test_broken_checkpoint_files_are_named(tmp_path: Path, tiny_ds: str) -> None:

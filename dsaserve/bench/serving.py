@@ -132,8 +132,8 @@ def _is_http_url(text: str) -> bool:
     return url.scheme in ("http", "https") and bool(url.host)
 
 
-class Unreachable(Exception):
-    """No HTTP server answered at --base-url."""
+class NoServer(Exception):
+    """No server at --base-url that the benchmark could use (none answered, or it refused to list its models)."""
 
 
 def make_requests(cfg: BenchConfig, vocab: int) -> list[tuple[list[int], int]]:
@@ -150,13 +150,17 @@ def make_requests(cfg: BenchConfig, vocab: int) -> list[tuple[list[int], int]]:
 
 async def _discover(client: httpx.AsyncClient, cfg: BenchConfig) -> tuple[str, int]:
     try:
-        r = await client.get("/v1/models")  # asked even with --model: it shows that a server listens there
+        r = await client.get("/v1/models")  # asked even with --model: it shows that a usable server listens there
     except httpx.TransportError as exc:
-        raise Unreachable(f"could not reach the server at {cfg.base_url}: {str(exc) or type(exc).__name__}") from None
+        raise NoServer(f"could not reach the server at {cfg.base_url}: {str(exc) or type(exc).__name__}") from None
+    if not r.is_success:  # e.g. 401 for a wrong --api-key: every request would fail the same way
+        raise NoServer(f"the server at {cfg.base_url} answered GET /v1/models with {r.status_code}: {r.text[:200]}")
     model = cfg.model
     if model is None:
-        r.raise_for_status()
-        model = r.json()["data"][0]["id"]
+        try:
+            model = r.json()["data"][0]["id"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise NoServer(f"the server at {cfg.base_url} lists no model at /v1/models: {r.text[:200]}") from None
     vocab = cfg.vocab_size
     if vocab is None:
         try:
@@ -252,7 +256,8 @@ def _client(cfg: BenchConfig) -> httpx.AsyncClient:
     base = cfg.base_url.rstrip("/").removesuffix("/v1")
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
     limits = httpx.Limits(max_connections=cfg.max_concurrency or 1000)
-    return httpx.AsyncClient(base_url=base, headers=headers, timeout=httpx.Timeout(600.0), limits=limits)
+    # (a connection that cannot be made fails in 10 s, not after the 600 s a long request may take)
+    return httpx.AsyncClient(base_url=base, headers=headers, timeout=httpx.Timeout(600.0, connect=10.0), limits=limits)
 
 
 async def _drive(cfg: BenchConfig, client: httpx.AsyncClient, model: str, reqs: list[tuple[list[int], int]],
@@ -366,7 +371,7 @@ def run(ns: argparse.Namespace) -> int:
         raise ValueError("; ".join(problems))  # (cli.main prints it as one line, exit code 2)
     try:
         metrics = event_loop.run(benchmark(cfg))
-    except Unreachable as exc:
+    except NoServer as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(format_table(metrics))

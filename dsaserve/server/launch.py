@@ -29,7 +29,7 @@ from dsaserve.server.app import create_app
 from dsaserve.server.frontend import Frontend, StartupError
 from dsaserve.server.messages import Endpoints
 from dsaserve.server.metrics import ServerMetrics
-from dsaserve.server.preflight import bind_listener, checked_args
+from dsaserve.server.preflight import bind_listener, check_bootstrap_port, checked_args
 from dsaserve.server.supervisor import RankProcesses, wait_for_ranks
 from dsaserve.server_args import ServerArgs
 
@@ -106,6 +106,8 @@ def serve(args: ServerArgs) -> int:
     stop = _StopSignal()
     try:
         args = checked_args(args)  # the model's folder, resolved once here, not per rank
+        if args.node_rank == 0:
+            check_bootstrap_port(args)
         listener = bind_listener(args.host, args.port) if args.node_rank == 0 else None
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -57,10 +57,17 @@ def check_model(args: ServerArgs) -> None:
             raise CheckpointError(f"{file} is not a readable safetensors file (truncated?): {exc}") from None
 
 
-def bind_listener(host: str, port: int) -> socket.socket:
+def bind_listener(host: str, port: int, flags: str = "--host / --port") -> socket.socket:
     """The HTTP socket, bound before the model loads so that a taken port fails at once."""
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         return socket.create_server((host, port), family=family, backlog=2048)
     except OSError as exc:
-        raise ValueError(f"cannot listen on {host}:{port} (--host / --port): {exc.strerror or exc}") from None
+        raise ValueError(f"cannot listen on {host}:{port} ({flags}): {exc.strerror or exc}") from None
+
+
+def check_bootstrap_port(args: ServerArgs) -> None:
+    """A prefill server's bootstrap port, tried before the model loads (the bootstrap server binds it once the
+    ranks are up, minutes later on a real model): a taken port fails at once, naming the flag."""
+    if args.disaggregation_mode == "prefill":
+        bind_listener(args.host, args.disaggregation_bootstrap_port, "--disaggregation-bootstrap-port").close()
