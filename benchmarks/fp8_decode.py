@@ -1,5 +1,6 @@
 """FP8 GEMM at decode rows, timed the way the engine runs it: one CUDA graph of back-to-back calls over
-distinct weight copies (more bytes than L2 holds, so every call reads its weight from HBM), time per call.
+distinct weight copies (more bytes than L2 holds, so every call reads its weight from HBM), time per call;
+up to fp8_gemm.QUANTIZED_INPUT_MAX_M rows x comes quantized (xq), as the engine's norms hand it over.
 
     python benchmarks/fp8_decode.py [--sweep] [--out fp8_decode.json]
 
@@ -113,7 +114,8 @@ def decode_main(doc: str, cases: list[str], case_form: str, sweep: list[dict], s
 
 
 def sweep_configs(M: int, N: int, K: int, sms: int) -> list[dict[str, int]]:
-    """Strips of 64 / 128 / 256 columns, 3 or 4 stages, and every distinct split-K count (at least 2 K groups
+    """Strips of 64 / 128 / 256 columns, 3 or 4 stages (up to 16 rows, with x handed over quantized, also 5), and
+    every distinct split-K count (at least 2 K groups
     per split, at most 6 programs per SM): what default_config's decode rules were read from. Above 16 rows
     also row tiles of 16 (each re-reads the weight strip from L2) or the whole batch, quantizing x inside the
     GEMM or in a launch before it, and 8 warps, with split counts that give 1-3 programs per SM."""
@@ -121,14 +123,15 @@ def sweep_configs(M: int, N: int, K: int, sms: int) -> list[dict[str, int]]:
     tiles_m = (16,) if M <= 16 else (16, next_pow2(M))
     quant = (1,) if M <= 16 else (0, 1)
     out = []
-    for block_n, stages, block_m, a_quant in itertools.product((64, 128, 256), (3, 4), tiles_m, quant):
+    stages = (3, 4, 5) if M <= 16 else (3, 4)
+    for block_n, num_stages, block_m, a_quant in itertools.product((64, 128, 256), stages, tiles_m, quant):
         tiles = triton.cdiv(N, block_n) * triton.cdiv(M, block_m)
         warps = (8,) if block_n == 256 else (4, 8) if block_m >= 64 and block_n == 128 else (4,)
         for per in sorted({triton.cdiv(groups, s) for s in range(1, groups + 1)}, reverse=True):
             splits = triton.cdiv(groups, per)
             few = M <= 16 or sms <= tiles * splits <= 3 * sms or splits == 1
             if (per >= 2 or groups == 1) and tiles * splits <= 6 * sms and few:
-                out += [dict(block_n=block_n, block_m=block_m, a_quant=a_quant, num_warps=w, num_stages=stages,
+                out += [dict(block_n=block_n, block_m=block_m, a_quant=a_quant, num_warps=w, num_stages=num_stages,
                              splits=splits) for w in warps]
     return out
 
@@ -152,15 +155,18 @@ def main() -> None:
         bf16 = [(torch.randn(N, K, device="cuda") * K ** -0.5).to(torch.bfloat16) for _ in range(max(4, copies // 2))]
         for M in args.rows:
             x = torch.randn(M, K, device="cuda").to(torch.bfloat16)
+            xq = (ref.QuantizedRows(*fp8_gemm.act_quant(x, BLOCK[1]), BLOCK[1])
+                  if M <= fp8_gemm.QUANTIZED_INPUT_MAX_M else None)
             want = ref.linear(x, weights[0]).float()
             cublas = chain_us([lambda w=w: F.linear(x, w) for w in bf16])
             timed: list[tuple[float, dict | None]] = []
             for cfg in [None] + (sweep_configs(M, N, K, sms) if args.sweep else []):
                 try:
-                    got = fp8_gemm.fp8_linear(x, weights[0], config=cfg).float()
+                    got = fp8_gemm.fp8_linear(x, weights[0], config=cfg, xq=xq).float()
                     err = ((got - want).norm() / want.norm()).item()
                     assert err < 5e-3, f"{name} M={M} {cfg}: relative error {err:.1e} against the reference"
-                    timed.append((chain_us([lambda w=w: fp8_gemm.fp8_linear(x, w, config=cfg) for w in weights]), cfg))
+                    timed.append((chain_us([lambda w=w: fp8_gemm.fp8_linear(x, w, config=cfg, xq=xq) for w in weights]),
+                                   cfg))
                 except triton.runtime.errors.OutOfResources as exc:  # a sweep tile that does not fit
                     print(f"  {name} M={M} {cfg}: {exc}")
             default_us = timed[0][0]
