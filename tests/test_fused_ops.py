@@ -131,7 +131,9 @@ def test_rms_norm_writes_its_rows_quantized(shape: tuple[int, int], group: int, 
     if group & (group - 1):
         assert fp8 is None
         return
-    assert torch.equal(normed, fused.add_rms_norm(x, delta, weight, 1e-6)[0])  # the same normed rows
+    plain = fused.add_rms_norm(x, delta, weight, 1e-6)[0]  # its tiles sum the squares in another order
+    torch.testing.assert_close(normed, plain, rtol=2 ** -7, atol=0)
+    assert (normed != plain).float().mean() < 0.01
     want_q, want_s = fp8_ref.act_quant(normed, group)
     assert fp8 is not None and fp8.group == group
     assert torch.equal(fp8.values.view(torch.uint8), want_q.view(torch.uint8))

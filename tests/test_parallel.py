@@ -141,7 +141,7 @@ def test_a_prefill_splits_the_indexer_rows_over_the_attention_group(tp: int) -> 
     from types import SimpleNamespace
 
     from dsaserve.engine.layout import StepMode
-    from dsaserve.model.dsa import INDEXER_SPLIT_ROWS, Indexer
+    from dsaserve.model.indexer import INDEXER_SPLIT_ROWS, Indexer
     from dsaserve.parallel.groups import Parallel, ParallelConfig
 
     def share(rank: int, rows: int, mode: StepMode) -> slice | None:

@@ -30,7 +30,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from dsaserve.model.dsa import INDEXER_SPLIT_ROWS, DSAModel, MLAttention, Router
+from dsaserve.model.dsa import DSAModel, MLAttention, Router
+from dsaserve.model.indexer import INDEXER_SPLIT_ROWS
 from dsaserve.model.quant import Experts, Linear
 
 QUERY_SIDE = (".indexer.wq_b", ".indexer.weights_proj")  # indexer products that run only past index_topk keys

@@ -13,7 +13,7 @@ A scale is the power of two 2^ceil(log2(amax / 448)) of its block: dividing by i
 rounding is the only error, and the dequantized values are exact in bf16 as well as in fp32.
 
 FP8 index keys are stored rotated by the normalized Hadamard matrix H, and the indexer's queries are rotated by
-the same H before they meet them (model.dsa.Indexer, ops.fused.rope_hadamard_), as the official indexer does
+the same H before they meet them (model.indexer.Indexer, ops.fused.rope_hadamard_), as the official indexer does
 (its rotate_activation before FP8 quantization): H is orthogonal, so q H . k H = q . k, while an outlier channel
 is spread over the block before e4m3 rounding. Plain (bf16 / fp32) index keys are not rotated: there it would
 change nothing.

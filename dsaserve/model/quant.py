@@ -72,7 +72,7 @@ class Linear(nn.Module):
     def input_group(self, rows: int) -> int:
         """The group in which this module's FP8 GEMM would quantize `rows` input rows when their producer can
         hand them over quantized (forward's xq); 0 when it would not use them."""
-        return self.block[1] if self.block is not None and 0 < rows <= self.quantized_rows else 0
+        return _input_group(self.block, rows, self.quantized_rows)
 
     def forward(self, x: Tensor, xq: QuantizedRows | None = None) -> Tensor:
         """xq: x's rows quantized by their producer (asked for through input_group), else None."""
@@ -80,7 +80,7 @@ class Linear(nn.Module):
             return F.linear(x, self.weight)
         if self.gemm is not None:
             assert self._gemm_weight is not None
-            if xq is not None and xq.group == self.input_group(x.shape[0]):
+            if _takes(xq, x, self.input_group):
                 return self.gemm(x, self._gemm_weight, xq=xq)
             return self.gemm(x, self._gemm_weight)
         assert self._dequantized is not None, "FP8 Linear used before prepare()"
@@ -89,6 +89,22 @@ class Linear(nn.Module):
     def extra_repr(self) -> str:
         fmt = f"fp8 blocks {self.block}" if self.block else str(self.weight.dtype)
         return f"in_features={self.in_features}, out_features={self.out_features}, {fmt}"
+
+
+def _input_group(block: tuple[int, int] | None, rows: int, quantized_rows: int) -> int:
+    return block[1] if block is not None and 0 < rows <= quantized_rows else 0
+
+
+def _takes(xq: QuantizedRows | None, x: Tensor, input_group: Callable[[int], int]) -> bool:
+    """Whether a module whose input_group is given reads xq for x: asked for at x's row count, and xq is x's
+    (shapes checked on the host, so a producer's rows handed to the wrong input fail loudly, not silently)."""
+    if xq is None:
+        return False
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    group = input_group(rows)
+    if group:
+        xq.check("quantized input rows", rows, x.shape[-1], group)
+    return group > 0
 
 
 def concat_rows(parts: list[tuple[str, Linear]]) -> Linear | None:
@@ -201,7 +217,7 @@ class Experts(nn.Module):
 
     def input_group(self, rows: int) -> int:
         """As Linear.input_group: the FP8 MoE's activation group for `rows` tokens handed over quantized, or 0."""
-        return self.block[1] if self.block is not None and 0 < rows <= self.quantized_rows else 0
+        return _input_group(self.block, rows, self.quantized_rows)
 
     @property
     def fp8(self) -> tuple[BlockFP8, BlockFP8]:
@@ -211,7 +227,7 @@ class Experts(nn.Module):
 
     def forward(self, x: Tensor, topk_ids: Tensor, topk_weights: Tensor, ops: DSAOps,
                 xq: QuantizedRows | None = None) -> Tensor:
-        if xq is not None and xq.group != self.input_group(x.shape[0]):
+        if not _takes(xq, x, self.input_group):
             xq = None
         if self.block is None:
             w13, w2 = self.w13, self.w2
@@ -242,7 +258,7 @@ def prepare(model: nn.Module, mode: Mode, dtype: torch.dtype, checks: bool = Fal
 
     * "kernels": the Triton FP8 GEMM; experts hand their e4m3 weights to the MoE op (Triton's fused
       FP8 MoE, or the torch backend's emulation of it); up to QUANTIZED_INPUT_MAX_M rows both take their
-      input quantized by the RMSNorm that writes it (input_group, forward's xq);
+      input quantized by the kernel that writes it (an RMSNorm, the absorbed W_UV product: input_group, xq);
     * "emulate": the kernels' function in plain PyTorch (ops/fp8.py), for tests against the kernels;
     * "dequantized": the weight dequantized once into `dtype` (CPU: the oracle's function).
     """

@@ -56,10 +56,10 @@ class BlockFP8:
 
 @dataclass(frozen=True)
 class QuantizedRows:
-    """act_quant(x, group) of activation rows x, written by the kernel that wrote x (an RMSNorm): the FP8 GEMM
-    that reads x then loads e4m3 rows instead of quantizing a tile of x at every K step (decode rows: 30-40%
-    of its loop on an H200) or launching act_quant. Bit for bit act_quant's values, so using them or not
-    changes no result."""
+    """act_quant(x, group) of activation rows x, written by the kernel that wrote x (an RMSNorm, the absorbed
+    W_UV product): the FP8 GEMM that reads x then loads e4m3 rows instead of quantizing a tile of x at every K
+    step (decode rows: 30-40% of its loop on an H200) or launching act_quant. Bit for bit act_quant's values of
+    x, so using them or not changes no GEMM result."""
     values: Tensor  # e4m3 [M, K]
     scales: Tensor  # fp32 [M, ceil(K / group)]
     group: int

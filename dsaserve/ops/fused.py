@@ -46,7 +46,7 @@ def add_rms_norm(x: Tensor, delta: Tensor | None, weight: Tensor, eps: float,
     quant_group > 0 asks for the normed rows quantized as act_quant(rows, quant_group) quantizes them, for the FP8
     GEMM that reads them: written by the same kernel on CUDA; None where it cannot (the GEMM quantizes itself)."""
     if x.is_cuda and (delta is None or (delta.dtype == x.dtype and delta.shape == x.shape)):
-        group = quant_group if quant_group and _kernels().quantizes_rows_of(quant_group) else 0
+        group = quant_group if _kernels().pow2_tile(quant_group) else 0
         return _kernels().rms_norm(x, weight, eps, delta, group)
     total = x if delta is None else x + delta
     return rms_norm_reference(total, weight, eps), total, None

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from dsaserve.cache.kv_format import read_rows
 from dsaserve.ops import fp8
-from dsaserve.ops.fp8 import BlockFP8
+from dsaserve.ops.fp8 import BlockFP8, QuantizedRows
 
 Tensor = torch.Tensor
 

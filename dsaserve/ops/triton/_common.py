@@ -99,6 +99,12 @@ def next_pow2(n: int, minimum: int = 16) -> int:
     return max(minimum, 1 << max(0, n - 1).bit_length())
 
 
+def pow2_tile(n: int) -> bool:
+    """A power of two of at least 16: a tl.dot dimension loaded whole, and a group width that a power-of-two row
+    block splits into (the quantization groups the norm and absorbed-product kernels write)."""
+    return n >= 16 and n & (n - 1) == 0
+
+
 def norm_warps(block: int) -> int:
     """Warps of a one-row-per-program kernel that norms a row of `block` values: every kernel that RMS-norms
     takes this count, so their fp32 sums reduce in the same order (bit-identical rows)."""

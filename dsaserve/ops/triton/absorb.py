@@ -19,7 +19,8 @@ import triton
 import triton.language as tl
 
 from dsaserve.ops.fp8 import FP8, QuantizedRows
-from dsaserve.ops.triton._common import dot_precision, new_empty, next_pow2, pdl, pdl_start, quantize_rows, rotate
+from dsaserve.ops.triton._common import (dot_precision, new_empty, next_pow2, pdl, pdl_start, pow2_tile, quantize_rows,
+                                         rotate)
 
 Tensor = torch.Tensor
 # Where these launches beat cuBLAS's batched GEMM (+ the rotary kernel) in a graph of back-to-back calls (H200,
@@ -93,18 +94,13 @@ def _absorb_output_kernel(X, W, OUT, Q, QS, T, stride_xt, stride_xh, stride_wh, 
         tl.store(QS + t.to(tl.int64) * stride_qst + h * tl.num_programs(1) + tl.program_id(1), scale, mask=t < T)
 
 
-def _dot_dim(n: int) -> bool:
-    """A power of two of at least 16 (a tl.dot dimension, loaded whole)."""
-    return n >= 16 and n & (n - 1) == 0
-
-
 def query_applies(q: Tensor, w_uk: Tensor, cos: Tensor, sin: Tensor, out: Tensor) -> bool:
     """q [T, H, nope + rope] (rows of unit stride), w_uk [H, nope, latent] (unit column stride), cos / sin
     [T, rope / 2], out [T, H, latent + rope] of q's dtype; nope and latent powers of two, a decode_shape."""
     T, H, D = q.shape
     nope, latent = w_uk.shape[1:]
     rope = D - nope
-    return (decode_shape(T, H) and _dot_dim(nope) and _dot_dim(latent) and latent % QUERY_COLUMNS == 0 and rope >= 2
+    return (decode_shape(T, H) and pow2_tile(nope) and pow2_tile(latent) and latent % QUERY_COLUMNS == 0 and rope >= 2
             and rope & (rope - 1) == 0 and w_uk.shape[0] == H and q.dtype == w_uk.dtype == cos.dtype == out.dtype
             and sin.dtype == q.dtype and out.shape == (T, H, latent + rope) and cos.shape == sin.shape == (T, rope // 2)
             and q.stride(2) == 1 and w_uk.stride(2) == 1 and out.stride(2) == 1 and cos.stride(1) == sin.stride(1) == 1)
@@ -125,19 +121,19 @@ def output_applies(x: Tensor, w_uv: Tensor, out: Tensor) -> bool:
     """x [T, H, latent], w_uv [H, v, latent] (unit column strides), out [T, H, v] of x's dtype; latent a power of
     two, v a multiple of OUTPUT_COLUMNS, a decode_shape."""
     T, H, latent = x.shape
-    return (decode_shape(T, H) and _dot_dim(latent) and w_uv.shape[0] == H and w_uv.shape[2] == latent
+    return (decode_shape(T, H) and pow2_tile(latent) and w_uv.shape[0] == H and w_uv.shape[2] == latent
             and w_uv.shape[1] % OUTPUT_COLUMNS == 0 and x.dtype == w_uv.dtype == out.dtype
             and out.shape == (T, H, w_uv.shape[1]) and x.stride(2) == w_uv.stride(2) == out.stride(2) == 1)
 
 
 def quantizes_output(w_uv: Tensor, group: int) -> bool:
     """Whether absorb_output can also write its rows quantized in groups of `group`: whole groups per head."""
-    return group >= 16 and group & (group - 1) == 0 and w_uv.shape[1] % group == 0
+    return pow2_tile(group) and w_uv.shape[1] % group == 0
 
 
 def absorb_output(x: Tensor, w_uv: Tensor, out: Tensor, quant_group: int = 0) -> tuple[Tensor, QuantizedRows | None]:
-    """See dsaserve.ops.fused.absorb_output (output_applies holds; out contiguous when quant_group > 0, which
-    quantizes_output allows). Quantizing, a program owns a whole group of a head's columns (128: 8x the columns,
+    """See dsaserve.ops.fused.absorb_output (output_applies holds; quant_group > 0 where quantizes_output allows).
+    Quantizing, a program owns a whole group of a head's columns (128: 8x the columns,
     so the reduction runs in chunks of QUANT_CHUNK latent values, over 8 warps: 4 spill on sm_90)."""
     T, H, latent = x.shape
     v = w_uv.shape[1]

@@ -15,25 +15,24 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from dsaserve.ops.fp8 import FP8, QuantizedRows
-from dsaserve.ops.triton._common import (hadamard_rows, new_empty, next_pow2, norm_warps, pdl, pdl_start, quantize_rows,
-                                         rms_normed, rotate, round_as)
+from dsaserve.ops.triton._common import (hadamard_rows, new_empty, next_pow2, norm_warps, pdl, pdl_start, pow2_tile,
+                                         quantize_rows, rms_normed, rotate, round_as)
 
 Tensor = torch.Tensor
 
 
-NORM_CHUNK = 128  # the norm kernel's rows are [BLOCK / 128, 128] tiles: the checkpoints' quantization groups
-
-
 @triton.jit
 def _rms_norm_kernel(X, DELTA, SUM, W, OUT, Q, QS, stride_x, stride_d, stride_s, stride_o, stride_q, stride_qs, N, eps,
-                     BLOCK: tl.constexpr, CHUNK: tl.constexpr, ADD: tl.constexpr, GROUP: tl.constexpr,
-                     PDL: tl.constexpr):
-    """The row as [BLOCK / CHUNK, CHUNK] (NORM_CHUNK) whether or not it is quantized (the same sum of squares, so the
-    same values); GROUP > 0: also act_quant of the stored row per GROUP values into Q / QS, without a layout
-    change for GROUP = CHUNK (a 1-D row reshaped into groups cost 8 us per 7168-wide row on an H200)."""
+                     BLOCK: tl.constexpr, ADD: tl.constexpr, GROUP: tl.constexpr, PDL: tl.constexpr):
+    """GROUP > 0: the row held as [BLOCK / GROUP, GROUP] tiles (a 1-D row reshaped into groups cost 8 us per
+    7168-wide row on an H200), also written as act_quant of the stored values per group into Q / QS. Its sum of
+    squares then adds in another order than the 1-D row's, which every other RMSNorm kernel shares (norm_warps)."""
     pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
-    d = tl.arange(0, BLOCK // CHUNK)[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]
+    if GROUP > 0:
+        d = tl.arange(0, BLOCK // GROUP)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+    else:
+        d = tl.arange(0, BLOCK)
     mask = d < N
     x = tl.load(X + row * stride_x + d, mask=mask, other=0.0).to(tl.float32)
     if ADD:  # the residual sum first, rounded to x's dtype as torch's add rounds, then normed
@@ -43,9 +42,8 @@ def _rms_norm_kernel(X, DELTA, SUM, W, OUT, Q, QS, stride_x, stride_d, stride_s,
                      OUT.dtype.element_ty)
     tl.store(OUT + row * stride_o + d, out.to(OUT.dtype.element_ty), mask=mask)
     if GROUP > 0:  # masked lanes are 0, as act_quant pads a last partial group
-        shape: tl.constexpr = (BLOCK // GROUP, GROUP)
-        q, scale = quantize_rows(tl.reshape(out.to(OUT.dtype.element_ty).to(tl.float32), shape))
-        tl.store(Q + row * stride_q + tl.reshape(d, shape), q, mask=tl.reshape(mask, shape))
+        q, scale = quantize_rows(out.to(OUT.dtype.element_ty).to(tl.float32))
+        tl.store(Q + row * stride_q + d, q, mask=mask)
         groups = tl.arange(0, BLOCK // GROUP)
         tl.store(QS + row * stride_qs + groups, scale, mask=groups * GROUP < N)
 
@@ -55,16 +53,10 @@ def _rows(x: Tensor) -> Tensor:
     return x.reshape(-1, n) if x.stride(-1) == 1 else x.contiguous().reshape(-1, n)
 
 
-def quantizes_rows_of(group: int) -> bool:
-    """Whether rms_norm can also quantize its rows in groups of `group` (the last may be partial): a power of two
-    of at least 16 (the row's power-of-two block splits into whole groups)."""
-    return group >= 16 and group & (group - 1) == 0
-
-
 def rms_norm(x: Tensor, weight: Tensor, eps: float, delta: Tensor | None = None,
              quant_group: int = 0) -> tuple[Tensor, Tensor, QuantizedRows | None]:
     """(weight * (s / rms(s)), s, fp8) over the last dim with s = x, or x + delta (rounded to x's dtype) when delta
-    is given, in fp32 statistics: dsaserve.ops.fused.add_rms_norm. quant_group > 0 (quantizes_rows_of holds):
+    is given, in fp32 statistics: dsaserve.ops.fused.add_rms_norm. quant_group > 0 (_common.pow2_tile holds):
     fp8 is act_quant of the stored rows [rows, n] in that group, else None."""
     n = x.shape[-1]
     rows = _rows(x)
@@ -81,10 +73,10 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, delta: Tensor | None = None,
                             quant_group)
         q, qs = fp8.values, fp8.scales
     if rows.shape[0]:
-        block = max(next_pow2(n), quant_group, NORM_CHUNK)
+        block = max(next_pow2(n), quant_group)
         _rms_norm_kernel[(rows.shape[0],)](rows, deltas, total, weight.contiguous(), out, q, qs, rows.stride(0),
                                            deltas.stride(0), n, n, q.stride(0), qs.stride(0), n, eps, BLOCK=block,
-                                           CHUNK=NORM_CHUNK, ADD=delta is not None, GROUP=quant_group, num_warps=norm_warps(block),
+                                           ADD=delta is not None, GROUP=quant_group, num_warps=norm_warps(block),
                                            **pdl(rows))
     return out, total, fp8
 
@@ -366,5 +358,5 @@ def argmax(x: Tensor) -> Tensor:
     return out
 
 
-__all__ = ["argmax", "embed", "linear_fp32", "linear_fp32_applies", "quantizes_rows_of", "rms_norm", "rope",
+__all__ = ["argmax", "embed", "linear_fp32", "linear_fp32_applies", "pow2_tile", "rms_norm", "rope",
            "rope_applies", "route", "route_applies", "silu_mul", "silu_mul_applies"]
