@@ -51,12 +51,20 @@ def _bench_serving(ns: argparse.Namespace) -> int:
 
 
 def _router(ns: argparse.Namespace) -> int:
-    """sglang-router, with the arguments as given (its --help lists them): exec, so signals reach it."""
+    """sglang-router, with the arguments as given (its --help lists them; router_flags checks some, and makes
+    it listen on loopback unless --host says otherwise): exec, so signals reach it."""
     import importlib.util
+
+    from dsaserve import router_flags
     if importlib.util.find_spec("sglang_router") is None:
         print("error: dsaserve router needs sglang-router: pip install sglang-router", file=sys.stderr)
         return 2
-    os.execv(sys.executable, [sys.executable, "-m", "sglang_router.launch_router", *ns.router_args])
+    wrong = [] if "--help" in ns.router_args or "-h" in ns.router_args else router_flags.problems(ns.router_args)
+    if wrong:
+        print(f"error: {'; '.join(wrong)}", file=sys.stderr)
+        return 2
+    os.execv(sys.executable, [sys.executable, "-m", "sglang_router.launch_router",
+                              *router_flags.with_loopback_defaults(ns.router_args)])
     return 0  # not reached
 
 

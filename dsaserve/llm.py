@@ -17,6 +17,8 @@ class Completion:
     finish_reason: FinishReason
     prompt_tokens: int
     logprobs: list[tuple[float, list[tuple[int, float]]]]
+    # SamplingParams.prompt_logprobs: each prompt token's after the first (None when not asked for)
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
 
 
 class LLM:
@@ -26,6 +28,9 @@ class LLM:
         args = ServerArgs(model_path=model_path, **kwargs)
         if args.tp != 1:
             raise ValueError("LLM runs in-process with tp == 1; use `dsaserve serve --tp N` for parallel ranks")
+        if args.disaggregation_mode != "null":
+            raise ValueError("LLM runs whole requests: disaggregation_mode must be 'null' (PD disaggregation is "
+                             "`dsaserve serve --disaggregation-mode prefill|decode`)")
         self.engine = Engine(args, progress=progress)
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
@@ -33,10 +38,14 @@ class LLM:
     def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
                  params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Completion]:
         """Prompts as text or token-id lists; one SamplingParams for all or one per prompt."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
-        params = params or SamplingParams()
+        prompts = _prompt_list(prompts)
+        params = SamplingParams() if params is None else params
         per_prompt = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(per_prompt) != len(prompts):
+            raise ValueError(f"{len(per_prompt)} SamplingParams for {len(prompts)} prompts: give one, or one each")
+        wrong = [p for p in per_prompt if not isinstance(p, SamplingParams)]
+        if wrong:
+            raise TypeError(f"params must be SamplingParams (or a list of them), got {type(wrong[0]).__name__}")
         rids = []
         try:
             for prompt, p in zip(prompts, per_prompt):
@@ -51,15 +60,30 @@ class LLM:
             raise
         tokens: dict[str, list[int]] = {rid: [] for rid in rids}
         logprobs: dict[str, list] = {rid: [] for rid in rids}
+        scored: dict[str, list | None] = {rid: None for rid in rids}
         results: dict[str, Any] = {}
         for out in self.engine.run_until_idle():
             tokens[out.rid] += out.new_token_ids
             logprobs[out.rid] += out.new_logprobs
+            if out.prompt_logprobs is not None:
+                scored[out.rid] = out.prompt_logprobs
             if out.finished:
                 results[out.rid] = out
         completions = []
         for rid in rids:
             out = results[rid]
             text = out.stop_text if out.stop_text is not None else self.tokenizer.decode(tokens[rid])
-            completions.append(Completion(text, tokens[rid], out.finish, out.prompt_tokens, logprobs[rid]))
+            completions.append(Completion(text, tokens[rid], out.finish, out.prompt_tokens, logprobs[rid],
+                                          scored[rid]))
         return completions
+
+
+def _prompt_list(prompts: Any) -> list[str | list[int]]:
+    """One prompt (text, or token ids) or a list of them, as a list; anything else is a TypeError naming it."""
+    if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int)):
+        prompts = [prompts]
+    if not isinstance(prompts, (list, tuple)) or not all(
+            isinstance(p, str) or (isinstance(p, (list, tuple)) and all(type(t) is int for t in p)) for p in prompts):
+        raise TypeError("prompts must be a string, a list of token ids, or a list of either (bytes are not "
+                        f"prompts), got {type(prompts).__name__}")
+    return list(prompts)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -32,6 +33,9 @@ def llm(tiny_ds: str) -> LLM:
     ([7, 8], SamplingParams(top_p=0.0), "top_p"),
     ([7, 8], SamplingParams(temperature=-1.0), "temperature"),
     ([7, 99999], OK, "token id 99999 is outside the vocabulary"),
+    ([7, 8], SamplingParams(max_tokens=2.5), "max_tokens must be an integer or None, got 2.5"),
+    ([7, 8], SamplingParams(temperature="0.5"), "temperature must be a number, got '0.5'"),
+    ([7, 8], SamplingParams(top_k=True), "top_k must be an integer, got True"),
 ])
 def test_bad_request_is_rejected_and_engine_keeps_serving(llm: LLM, prompt, params, message: str) -> None:
     with pytest.raises(RequestError) as err:
@@ -40,6 +44,28 @@ def test_bad_request_is_rejected_and_engine_keeps_serving(llm: LLM, prompt, para
     stats = llm.engine.stats()
     assert stats.free_pages == stats.total_pages and stats.running == stats.waiting == 0
     assert len(llm.generate([[5, 6, 7]], OK)[0].token_ids) == 4
+
+
+@pytest.mark.parametrize("prompts,params,error,message", [
+    (["a", "b", "c"], [OK, OK], ValueError, "2 SamplingParams for 3 prompts"),
+    ("a", {"max_tokens": 2}, TypeError, "params must be SamplingParams (or a list of them), got dict"),
+    (None, OK, TypeError, "prompts must be a string, a list of token ids, or a list of either"),
+    (b"hello", OK, TypeError, "bytes are not prompts"),
+])
+def test_the_python_api_names_what_it_was_given(llm: LLM, prompts, params, error: type, message: str) -> None:
+    """(A params list of the wrong length used to drop prompts silently; the others were bare Python errors.)"""
+    with pytest.raises(error, match=re.escape(message)):
+        llm.generate(prompts, params)
+    assert len(llm.generate([[5, 6, 7]], OK)[0].token_ids) == 4
+
+
+def test_the_python_api_returns_prompt_logprobs_and_takes_none_lists(llm: LLM, tiny_ds: str) -> None:
+    c = llm.generate("hello there", SamplingParams(max_tokens=1, prompt_logprobs=1, stop=None, stop_token_ids=None))[0]
+    assert c.prompt_logprobs is not None and len(c.prompt_logprobs) == c.prompt_tokens - 1
+    assert all(len(top) == 1 for _, top in c.prompt_logprobs)
+    assert llm.generate("hello", OK)[0].prompt_logprobs is None
+    with pytest.raises(ValueError, match="disaggregation_mode must be 'null'"):
+        LLM(tiny_ds, disaggregation_mode="prefill")
 
 
 def test_pool_too_small_for_one_request(tiny_ds: str) -> None:

@@ -241,3 +241,33 @@ def test_attention_backend_flashmla_is_chosen_and_checked(monkeypatch: pytest.Mo
     assert [whole_pages(n, size, 64) for n, size in ((1217, 64), (100, 1), (101, 48), (30, 1))] == [1217, 64, 100, 0]
     with pytest.raises(ValueError, match="--attention-backend must be auto, torch, triton or flashmla"):
         ServerArgs(model_path="x", attention_backend="flashinfer")
+
+
+@pytest.mark.parametrize("flags,says", [
+    (["--worker-urls", "http://127.0.0.1:1", "--port", "99999"], "--port must be a TCP port (1-65535), got '99999'"),
+    (["--worker-urls", "notaurl"], "--worker-urls takes http(s)://host:port URLs, got 'notaurl'"),
+    (["--pd-disaggregation", "--prefill", "http://127.0.0.1:1", "notaport", "--decode", "http://127.0.0.1:2"],
+     "--prefill's bootstrap port must be a TCP port (1-65535), got 'notaport'"),
+    (["--pd-disaggregation", "--decode", "http://127.0.0.1:2"],
+     "--pd-disaggregation needs at least one --prefill and one --decode server"),
+    (["--pd-disaggregation", "--worker-urls", "http://127.0.0.1:3", "--prefill", "http://127.0.0.1:1",
+      "--decode", "http://127.0.0.1:2"], "--worker-urls is for plain servers"),
+    (["--worker-urls", "http://127.0.0.1:1", "--request-timeout-secs", "-5"],
+     "--request-timeout-secs must be a positive number, got '-5'"),
+])
+def test_router_flags_that_would_fail_in_sglang_router(flags: list[str], says: str,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    """Each of these ended in a traceback from sglang-router (or a router with no workers): one line here."""
+    pytest.importorskip("sglang_router")
+    from dsaserve.cli import main
+    assert main(["router", *flags]) == 2
+    assert f"error: {says}" in capsys.readouterr().err
+
+
+def test_the_router_listens_on_loopback_unless_told() -> None:
+    from dsaserve.router_flags import problems, with_loopback_defaults
+    plain = ["--worker-urls", "http://127.0.0.1:1"]
+    assert problems(plain) == []
+    assert with_loopback_defaults(plain) == plain + ["--host", "127.0.0.1", "--prometheus-host", "127.0.0.1"]
+    assert with_loopback_defaults(["--host=0.0.0.0", *plain]) == ["--host=0.0.0.0", *plain, "--prometheus-host",
+                                                                   "127.0.0.1"]

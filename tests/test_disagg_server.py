@@ -138,6 +138,28 @@ class TestMixedTP:
             await via.close()
             await ref.close()
 
+    def test_bad_bootstrap_fields_and_prompt_logprobs(self, mixed_tp: tuple, model: str) -> None:
+        """The decode server names a bad bootstrap host or port (a 400, not a 500 with a traceback) and refuses
+        echo with logprobs (it never runs the prompt: the prefill server does); through the router, /generate reports
+        no prompt log-probabilities (it used to report a wrong list) and the completion's equal the aggregated run's."""
+        p, d, router = mixed_tp
+        bootstrap = int(p.cmd[p.cmd.index("--disaggregation-bootstrap-port") + 1])
+        room = dict(bootstrap_room=7, bootstrap_host="127.0.0.1", bootstrap_port=bootstrap)
+        for field, value, says in (("bootstrap_host", "not a host!!", "cannot connect to the bootstrap server"),
+                                   ("bootstrap_port", 70000, "bootstrap_port must be a TCP port")):
+            r = generate(d.url, PROMPTS_64[3], **{**room, field: value})
+            assert r.status_code == 400 and says in r.text, r.text
+        body = dict(model=model, prompt=PROMPTS_64[3], max_tokens=1, logprobs=1, echo=True, **room)
+        r = httpx.post(f"{d.url}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 400 and "echo with logprobs" in r.text, r.text
+        fields = dict(return_logprob=True, logprob_start_len=0, top_logprobs_num=1)
+        alone = generate(d.url, PROMPTS_64[3], **fields).json()["meta_info"]
+        via = generate(router.url, PROMPTS_64[3], **fields).json()["meta_info"]
+        assert "input_token_logprobs" in alone and "input_token_logprobs" not in via  # none rather than wrong ones
+        assert [[pytest.approx(lp, rel=1e-6), t] for lp, t in via["output_token_logprobs"]] == \
+            alone["output_token_logprobs"]  # (the first token's crosses from the prefill server)
+        wait_pools_whole(d.url, 30)
+
     def test_decode_killed_prefill_frees_pages(self, mixed_tp: tuple) -> None:
         p, d, router = mixed_tp
 

@@ -207,8 +207,14 @@ def test_native_generate_and_info(server: ServerProcess, llm: LLM) -> None:
     assert httpx.get(f"{server.url}/health").status_code == 200
     assert httpx.get(f"{server.url}/health_generate", timeout=60).status_code == 200
     assert httpx.get(f"{server.url}/get_model_info").json()["vocab_size"] == llm.engine.cfg.vocab_size
-    models = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x").models.list()
-    assert [m.id for m in models.data] == [Path(llm.engine.model_path).name]
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x")
+    name = Path(llm.engine.model_path).name
+    assert [m.id for m in client.models.list().data] == [name]
+    assert client.models.retrieve(name).id == name
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.models.retrieve("other")
+    r = httpx.post(f"{server.url}/detokenize", json={"tokens": [True, 2.0]})  # not token ids
+    assert r.status_code == 400 and "tokens" in r.text, r.text
     metrics = httpx.get(f"{server.url}/metrics").text
     for name in ("dsaserve_num_running_reqs", "dsaserve_num_queue_reqs", "dsaserve_token_usage",
                  "dsaserve_prompt_tokens_total", "dsaserve_generation_tokens_total",

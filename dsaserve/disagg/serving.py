@@ -71,6 +71,11 @@ class PDRouting:
         self.ctx = zmq.asyncio.Context()
         self._cache: dict[tuple[str, int], tuple[BootstrapInfo, float]] = {}
 
+    @staticmethod
+    def decodes(route: DisaggRoute | None) -> bool:
+        """Whether a request with this route is the decode half of a PD pair (its prompt is not run here)."""
+        return route is not None and route.prefill_control is not None
+
     async def route(self, body: Any) -> tuple[DisaggRoute | None, int | None]:
         """(route, DP rank) of a request body (protocol.Bootstrap fields and routed_dp_rank); no route for
         a request without a room or on a null-mode server."""
@@ -84,6 +89,8 @@ class PDRouting:
         if host is None or port is None:
             raise ApiError(400, "a request with bootstrap_room needs bootstrap_host and bootstrap_port on a "
                                 "decode server", param="bootstrap_host")
+        if not 0 < port < 65536:
+            raise ApiError(400, f"bootstrap_port must be a TCP port, got {port}", param="bootstrap_port")
         info = await self._info(host, port)
         problem = info.mismatch(self.mine)
         if problem is not None:
@@ -98,7 +105,11 @@ class PDRouting:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         try:
-            sock.connect(f"tcp://{_bracket(host)}:{port}")
+            try:
+                sock.connect(f"tcp://{_bracket(host)}:{port}")
+            except zmq.ZMQError as exc:  # not a host name or address
+                raise ApiError(400, f"cannot connect to the bootstrap server at {host}:{port}: {exc}",
+                               param="bootstrap_host") from None
             await sock.send_multipart([b"", b"info"])
             if not await sock.poll(int(BOOTSTRAP_TIMEOUT_S * 1000)):
                 raise ApiError(503, f"the prefill bootstrap server at {host}:{port} did not answer within "

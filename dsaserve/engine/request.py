@@ -4,6 +4,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -59,8 +60,8 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
-        object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        object.__setattr__(self, "stop", tuple(self.stop or ()))  # None: none
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
         object.__setattr__(self, "logit_bias", logit_bias_pairs(self.logit_bias))
 
     @property
@@ -68,6 +69,7 @@ class SamplingParams:
         return self.temperature <= 0.0 or self.top_k == 1
 
     def validate(self) -> None:
+        self._check_types()
         bad_bias = [(t, b) for t, b in self.logit_bias if t < 0 or not -100.0 <= b <= 100.0]
         checks = [
             (self.max_tokens is None or self.max_tokens > 0, f"max_tokens must be > 0, got {self.max_tokens}"),
@@ -93,6 +95,23 @@ class SamplingParams:
         for ok, message in checks:
             if not ok:
                 raise RequestError(message)
+
+
+    _INTS = ("top_k", "min_tokens")
+    _OPTIONAL_INTS = ("max_tokens", "seed", "logprobs", "prompt_logprobs")  # None: see each field
+    _FLOATS = ("temperature", "top_p", "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty")
+
+    def _check_types(self) -> None:
+        """Numbers of the right kind (the Python API takes anything): 2.5 tokens or a temperature of "0.5" is a
+        RequestError naming the field, not a TypeError from deep inside the sampler."""
+        for names, kinds, what in ((self._INTS, (Integral,), "an integer"), (self._OPTIONAL_INTS,
+                                   (Integral, type(None)), "an integer or None"), (self._FLOATS, (Real,), "a number")):
+            for name in names:
+                value = getattr(self, name)
+                if isinstance(value, bool) or not isinstance(value, kinds):
+                    raise RequestError(f"{name} must be {what}, got {value!r}")
+        if not all(isinstance(t, Integral) and not isinstance(t, bool) for t in self.stop_token_ids):
+            raise RequestError(f"stop_token_ids must be integers, got {list(self.stop_token_ids)}")
 
 
 def check_token_ids(prompt_ids: list[int], params: SamplingParams, vocab_size: int) -> None:

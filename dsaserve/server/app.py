@@ -122,8 +122,10 @@ def _native_routes(args: ServerArgs, fe: Frontend, served_name: str, pd: PDRouti
             raise bad_request("give exactly one of text and input_ids", param="text")
         ids = await fe.encode(body.text) if body.text is not None else body.input_ids
         logprobs = body.top_logprobs_num if body.return_logprob else None
-        params = _native_params(body.sampling_params, logprobs, logprobs if body.logprob_start_len >= 0 else None)
         route, dp_rank = await pd.route(body)
+        # the prompt's log-probabilities: not on a PD decode server (the prefill server's answer carries them)
+        scored = logprobs if body.logprob_start_len >= 0 and not PDRouting.decodes(route) else None
+        params = _native_params(body.sampling_params, logprobs, scored)
         handle = await fe.submit(ids, params, body.rid, dp_rank, route=route)
         if body.stream:
             return AbortingStream(_generate_stream(handle, body, ids), aborter(fe, [handle]))

@@ -70,6 +70,8 @@ class Frontend:
         self._outbox: list[list[m.Command]] = [[] for _ in self.links]
         self._flush_pending = False
         self._tokenize_pool = ThreadPoolExecutor(2, thread_name_prefix="tokenize")
+        # /tokenize and /detokenize: their own thread, so megabytes of text there never delay a request's prompt
+        self._endpoint_pool = ThreadPoolExecutor(1, thread_name_prefix="tokenize-endpoints")
         self._detokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="detokenize")
         self._receivers: list[asyncio.Task[None]] = []  # one per leader
         self._watcher: asyncio.Task[None] | None = None  # the supervisor
@@ -151,8 +153,8 @@ class Frontend:
         for link in self.links:
             link.push.close(linger=0)  # made from a shadow of self.ctx: destroy() does not know them
         self.ctx.destroy(linger=0)
-        self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
-        self._detokenize_pool.shutdown(wait=False, cancel_futures=True)
+        for pool in (self._tokenize_pool, self._endpoint_pool, self._detokenize_pool):
+            pool.shutdown(wait=False, cancel_futures=True)
 
     # -- failure -----------------------------------------------------------------------------
 
@@ -175,9 +177,11 @@ class Frontend:
 
     # -- requests ----------------------------------------------------------------------------
 
-    async def tokenize(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run a tokenizer call (encode, a chat template) in the tokenizer threads."""
-        return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, fn, *args)
+    async def tokenize(self, fn: Callable[..., T], *args: Any, endpoint: bool = False) -> T:
+        """Run a tokenizer call (encode, a chat template) in the tokenizer threads; endpoint: a /tokenize or
+        /detokenize call, in a thread of its own."""
+        pool = self._endpoint_pool if endpoint else self._tokenize_pool
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
     async def encode(self, text: str) -> list[int]:
         self.check_prompt_chars(len(text))
@@ -224,7 +228,9 @@ class Frontend:
         """All or nothing: if one is rejected, the accepted ones are aborted. `base_rid` (the
         response id) names them all for /abort_request."""
         if route is not None and len(prompts) > 1:
-            raise ApiError(400, "a request with bootstrap_room must have one prompt and n = 1", param="n")
+            raise ApiError(400, "PD disaggregation serves one completion per request: n > 1 and several prompts "
+                                "are not supported (the router pairs one prefill with one decode per request)",
+                           param="n")
         rids = [f"{base_rid}-{i}" for i in range(len(prompts))]
         self.groups[base_rid] = rids
         jobs = [self.submit(p, sp, rid, dp_rank, base_rid, route) for p, sp, rid in zip(prompts, params, rids)]

@@ -107,10 +107,14 @@ class OpenAIServing:
         """`echo`: each prompt's text, returned before its completion (with its tokens' log-probabilities
         when logprobs are asked for)."""
         scored = logprobs if echo is not None else None
+        route, dp_rank = await self.pd.route(body)
+        if scored is not None and PDRouting.decodes(route):
+            raise bad_request("echo with logprobs asks for the prompt's log-probabilities, which the prefill server "
+                              "computes and a PD decode server does not: send it to a server without "
+                              "disaggregation", param="echo")
         params = [self.params(body, max_tokens, logprobs, i, grammar, scored) for _ in prompts for i in range(body.n)]
         flat = [ids for ids in prompts for _ in range(body.n)]
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
-        route, dp_rank = await self.pd.route(body)
         handles = await self.fe.submit_many(flat, params, rid, dp_rank, route)
         prompt_tokens = sum(len(ids) for ids in prompts)  # each prompt once, however many choices
         if body.stream:
@@ -366,11 +370,18 @@ def _cached(per_choice: list[int], n: int) -> int:
 def openai_router(serving: OpenAIServing) -> APIRouter:
     router = APIRouter()
 
+    def card() -> p.ModelCard:
+        info = serving.fe.info
+        return p.ModelCard(id=serving.served_name, root=info["model_path"], max_model_len=info["context_length"])
+
     @router.get("/v1/models")
     async def models() -> p.ModelList:
-        info = serving.fe.info
-        return p.ModelList(data=[p.ModelCard(id=serving.served_name, root=info["model_path"],
-                                             max_model_len=info["context_length"])])
+        return p.ModelList(data=[card()])
+
+    @router.get("/v1/models/{model:path}")  # (a served name may hold slashes: org/model)
+    async def model(model: str) -> p.ModelCard:
+        serving.check_model(model)
+        return card()
 
     @router.post("/v1/completions", response_model=None)
     async def completions(body: p.CompletionRequest, request: Request) -> Any:
@@ -393,12 +404,12 @@ def openai_router(serving: OpenAIServing) -> APIRouter:
     @router.post("/tokenize")
     @router.post("/v1/tokenize")
     async def tokenize(body: p.TokenizeRequest) -> p.TokenizeResponse:
-        return await serving.fe.tokenize(serving.tokenize, body)
+        return await serving.fe.tokenize(serving.tokenize, body, endpoint=True)
 
     @router.post("/detokenize")
     @router.post("/v1/detokenize")
     async def detokenize(body: p.DetokenizeRequest) -> p.DetokenizeResponse:
-        return await serving.fe.tokenize(serving.detokenize, body)
+        return await serving.fe.tokenize(serving.detokenize, body, endpoint=True)
 
     return router
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_serializer, model_validator
+
+TokenIds = list[StrictInt]  # token ids in requests: JSON integers only (true or 2.0 is not a token id)
 
 
 class _In(BaseModel):
@@ -40,7 +42,7 @@ class SamplingFields(Bootstrap):
     logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
     stop: str | list[str] | None = None
     include_stop_str_in_output: bool = False  # vLLM's extension
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: TokenIds | None = None
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -54,7 +56,7 @@ class SamplingFields(Bootstrap):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: str | TokenIds | list[str] | list[TokenIds]
     max_tokens: int | None = 16
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
@@ -158,7 +160,7 @@ class TokenizeResponse(BaseModel):
 
 class DetokenizeRequest(_In):
     model: str | None = None
-    tokens: list[int]
+    tokens: TokenIds
 
 
 class DetokenizeResponse(BaseModel):
@@ -180,13 +182,13 @@ class NativeSamplingParams(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     no_stop_trim: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: TokenIds | None = None
     ignore_eos: bool = False
 
 
 class GenerateRequest(Bootstrap):
     text: str | None = None
-    input_ids: list[int] | None = None
+    input_ids: TokenIds | None = None
     sampling_params: NativeSamplingParams = Field(default_factory=NativeSamplingParams)
     stream: bool = False
     rid: str | None = None
