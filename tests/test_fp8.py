@@ -286,3 +286,31 @@ def test_projections_fuse_where_blocks_allow(fp8_models: dict[str, tuple[Path, P
     assert attn.input_proj.weight.dtype == FP8 and not hasattr(attn, "q_a_proj")
     wide = build_model(fp8_models["deepseek_v32"][0], CPU, torch.float32, progress=False)
     assert wide.cfg.q_lora_rank % 128 and wide.layers[0].self_attn.input_proj is None  # would straddle a block
+
+
+def test_a_linear_reads_only_quantized_rows_that_are_its_inputs() -> None:
+    """The wiring of rows handed over quantized (GPU: from the RMSNorm kernels), run on CPU with a GEMM that
+    records what it is given: rows up to quantized_rows reach the GEMM with their QuantizedRows, more rows or no
+    FP8 kernels never do, and rows of another shape are refused loudly instead of computing a wrong product."""
+    from dsaserve.model.quant import Linear
+    from dsaserve.ops.fp8 import QuantizedRows
+    seen = []
+
+    def gemm(x: torch.Tensor, w: BlockFP8, xq: QuantizedRows | None = None) -> torch.Tensor:
+        seen.append(xq)
+        return linear(x, w).to(x.dtype)
+
+    lin = Linear(256, 64)
+    lin.to_fp8((128, 128))
+    lin.weight.data, lin.weight_scale_inv.data = quantize_weight(torch.randn(64, 256), (128, 128))
+    lin.prepare(gemm, torch.float32, quantized_rows=4)
+    x = torch.randn(2, 3, 256)  # leading dims: 6 rows
+    xq = QuantizedRows(*act_quant(x.reshape(6, 256), 128), 128)
+    assert lin.input_group(4) == 128 and lin.input_group(5) == 0
+    lin(x[:, :1], QuantizedRows(xq.values[:2], xq.scales[:2], 128))  # 2 rows: read
+    lin(x, xq)  # 6 rows, above quantized_rows: not read
+    assert seen[0] is not None and seen[1] is None
+    with pytest.raises(ValueError, match="quantized input rows"):
+        lin(x[:, :1], QuantizedRows(xq.values[:3], xq.scales[:3], 128))  # 3 rows for 2
+    lin.prepare(gemm, torch.float32)  # no rows handed over
+    assert lin.input_group(1) == 0
