@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from numbers import Integral
 from typing import Any, Sequence
 
 from dsaserve.engine.engine import Engine
@@ -80,10 +81,12 @@ class LLM:
 
 def _prompt_list(prompts: Any) -> list[str | list[int]]:
     """One prompt (text, or token ids) or a list of them, as a list; anything else is a TypeError naming it."""
-    if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int)):
+    def token_ids(p: Any) -> bool:
+        return isinstance(p, (list, tuple)) and all(isinstance(t, Integral) and not isinstance(t, bool) for t in p)
+
+    if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], Integral)):
         prompts = [prompts]
-    if not isinstance(prompts, (list, tuple)) or not all(
-            isinstance(p, str) or (isinstance(p, (list, tuple)) and all(type(t) is int for t in p)) for p in prompts):
+    if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) or token_ids(p) for p in prompts):
         raise TypeError("prompts must be a string, a list of token ids, or a list of either (bytes are not "
                         f"prompts), got {type(prompts).__name__}")
     return list(prompts)
