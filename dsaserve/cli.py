@@ -63,6 +63,8 @@ def _router(ns: argparse.Namespace) -> int:
     if wrong:
         print(f"error: {'; '.join(wrong)}", file=sys.stderr)
         return 2
+    for notice in router_flags.notices(ns.router_args):
+        print(f"warning: {notice}", file=sys.stderr)
     os.execv(sys.executable, [sys.executable, "-m", "sglang_router.launch_router",
                               *router_flags.with_loopback_defaults(ns.router_args)])
     return 0  # not reached

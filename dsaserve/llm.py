@@ -80,13 +80,21 @@ class LLM:
 
 
 def _prompt_list(prompts: Any) -> list[str | list[int]]:
-    """One prompt (text, or token ids) or a list of them, as a list; anything else is a TypeError naming it."""
-    def token_ids(p: Any) -> bool:
-        return isinstance(p, (list, tuple)) and all(isinstance(t, Integral) and not isinstance(t, bool) for t in p)
+    """One prompt (text, or a sequence of token ids: a list, a tuple, a numpy array, a range) or a sequence of
+    them, as a list; anything else is a TypeError naming it."""
+    def many(p: Any) -> bool:  # a sequence other than text and bytes
+        return not isinstance(p, (str, bytes, bytearray)) and hasattr(p, "__len__") and hasattr(p, "__iter__")
 
-    if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], Integral)):
+    def token_ids(p: Any) -> bool:
+        return many(p) and all(isinstance(t, Integral) and not isinstance(t, bool) for t in p)
+
+    if isinstance(prompts, str) or (many(prompts) and len(prompts) and isinstance(next(iter(prompts)), Integral)):
         prompts = [prompts]
-    if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) or token_ids(p) for p in prompts):
-        raise TypeError("prompts must be a string, a list of token ids, or a list of either (bytes are not "
-                        f"prompts), got {type(prompts).__name__}")
-    return list(prompts)
+    if not many(prompts):
+        raise TypeError(f"prompts must be a string, token ids, or a list of either, got {type(prompts).__name__}"
+                        + (" (bytes are not prompts)" if isinstance(prompts, (bytes, bytearray)) else ""))
+    bad = [p for p in prompts if not (isinstance(p, str) or token_ids(p))]
+    if bad:
+        raise TypeError(f"a prompt must be a string or a sequence of token ids (ints), got {type(bad[0]).__name__}"
+                        + (" (bytes are not prompts)" if isinstance(bad[0], (bytes, bytearray)) else ""))
+    return [p if isinstance(p, str) else [int(t) for t in p] for p in prompts]

@@ -1,31 +1,46 @@
-"""`dsaserve router`'s checks of the flags it hands to sglang-router: what would end in a traceback from it or
-start a router without workers is refused here in one line, and it listens on loopback unless told otherwise
-(as `dsaserve serve` does; sglang-router's own default is every interface)."""
+"""`dsaserve router`'s checks of the flags it hands to sglang-router: what would end in a traceback from it is
+refused here in one line, a router started without workers is pointed out, and it listens on loopback unless
+told otherwise (as `dsaserve serve` does; sglang-router's own default is every interface)."""
 from __future__ import annotations
 
 import argparse
 import math
+from typing import NoReturn
 from urllib.parse import urlsplit
 
 LOOPBACK_DEFAULTS = (("--host", "127.0.0.1"), ("--prometheus-host", "127.0.0.1"))
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--port", type=str)
-    p.add_argument("--prometheus-port", type=str)
-    p.add_argument("--request-timeout-secs", type=str)
+class _Unparsable(Exception):
+    """argv that this parser cannot read: sglang-router reports it in its own words."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise _Unparsable(message)
+
+
+def _parse(argv: list[str]) -> argparse.Namespace | None:
+    p = _Parser(add_help=False)
+    for flag in ("--host", "--prometheus-host", "--port", "--prometheus-port", "--request-timeout-secs"):
+        p.add_argument(flag)
     p.add_argument("--worker-urls", nargs="*", default=[])
     p.add_argument("--prefill", nargs="+", action="append", default=[])
     p.add_argument("--decode", action="append", default=[])
-    p.add_argument("--pd-disaggregation", action="store_true")
-    p.add_argument("--service-discovery", action="store_true")
-    return p
+    for flag in ("--pd-disaggregation", "--service-discovery", "--enable-igw"):
+        p.add_argument(flag, action="store_true")
+    try:
+        return p.parse_known_args(argv)[0]
+    except _Unparsable:
+        return None
 
 
 def _port_problem(flag: str, value: str | None) -> str | None:
-    if value is None or (value.isdigit() and 0 < int(value) < 65536):
-        return None
+    try:
+        if value is None or 0 < int(value) < 65536:
+            return None
+    except ValueError:
+        pass
     return f"{flag} must be a TCP port (1-65535), got {value!r}"
 
 
@@ -35,12 +50,14 @@ def _url_problem(flag: str, url: str) -> str | None:
         ok = parts.scheme in ("http", "https") and bool(parts.hostname) and (parts.port is None or parts.port > 0)
     except ValueError:  # a port that is not a number or out of range
         ok = False
-    return None if ok else f"{flag} takes http(s)://host:port URLs, got {url!r}"
+    return None if ok else f"{flag} takes http(s)://host:port URLs (dsaserve servers speak HTTP), got {url!r}"
 
 
 def problems(argv: list[str]) -> list[str]:
-    """What is wrong with sglang-router arguments `argv` (only the flags checked here; the rest it checks)."""
-    ns, _ = _parser().parse_known_args(argv)
+    """What is wrong with sglang-router arguments `argv` (only the flags read here; the rest it checks)."""
+    ns = _parse(argv)
+    if ns is None:
+        return []
     found = [_port_problem("--port", ns.port), _port_problem("--prometheus-port", ns.prometheus_port)]
     if ns.request_timeout_secs is not None:
         try:
@@ -54,21 +71,28 @@ def problems(argv: list[str]) -> list[str]:
         found.append(_url_problem("--prefill", prefill[0]))
         if len(prefill) > 2:
             found.append(f"--prefill takes a URL and at most a bootstrap port, got {' '.join(prefill)!r}")
-        elif len(prefill) == 2 and prefill[1] != "none":
+        elif len(prefill) == 2 and prefill[1].lower() != "none":
             found.append(_port_problem("--prefill's bootstrap port", prefill[1]))
     found += [_url_problem("--decode", u) for u in ns.decode]
-    if ns.pd_disaggregation and not ns.service_discovery:
-        if not ns.prefill or not ns.decode:
-            found.append("--pd-disaggregation needs at least one --prefill and one --decode server")
-        if ns.worker_urls:
-            found.append("--worker-urls is for plain servers; with --pd-disaggregation give --prefill and --decode")
+    if ns.pd_disaggregation and ns.worker_urls:
+        found.append("--worker-urls is for plain servers; with --pd-disaggregation give --prefill and --decode")
     return [f for f in found if f is not None]
 
 
+def notices(argv: list[str]) -> list[str]:
+    """What is legal but likely not meant: a PD router that starts without its prefill or decode servers."""
+    ns = _parse(argv)
+    if ns is None or not ns.pd_disaggregation or ns.service_discovery or ns.enable_igw or (ns.prefill and ns.decode):
+        return []
+    return ["--pd-disaggregation without a --prefill or a --decode server: the router starts without it (add "
+            "servers through its /workers API)"]
+
+
 def with_loopback_defaults(argv: list[str]) -> list[str]:
-    """argv plus --host / --prometheus-host 127.0.0.1 where not given."""
-    given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
-    return argv + [item for flag, value in LOOPBACK_DEFAULTS if flag not in given for item in (flag, value)]
+    """--host / --prometheus-host 127.0.0.1 where argv gives none (in front: a flag in argv still wins)."""
+    ns = _parse(argv)
+    given = {"--host": ns.host, "--prometheus-host": ns.prometheus_host} if ns is not None else {}
+    return [item for flag, value in LOOPBACK_DEFAULTS if given.get(flag) is None for item in (flag, value)] + argv
 
 
-__all__ = ["problems", "with_loopback_defaults"]
+__all__ = ["notices", "problems", "with_loopback_defaults"]

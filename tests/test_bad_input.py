@@ -49,8 +49,9 @@ def test_bad_request_is_rejected_and_engine_keeps_serving(llm: LLM, prompt, para
 @pytest.mark.parametrize("prompts,params,error,message", [
     (["a", "b", "c"], [OK, OK], ValueError, "2 SamplingParams for 3 prompts"),
     ("a", {"max_tokens": 2}, TypeError, "params must be SamplingParams (or a list of them), got dict"),
-    (None, OK, TypeError, "prompts must be a string, a list of token ids, or a list of either"),
-    (b"hello", OK, TypeError, "bytes are not prompts"),
+    (None, OK, TypeError, "prompts must be a string, token ids, or a list of either, got NoneType"),
+    (b"hello", OK, TypeError, "got bytes (bytes are not prompts)"),
+    (["a", [1, 2.5]], OK, TypeError, "a prompt must be a string or a sequence of token ids (ints), got list"),
 ])
 def test_the_python_api_names_what_it_was_given(llm: LLM, prompts, params, error: type, message: str) -> None:
     """(A params list of the wrong length used to drop prompts silently; the others were bare Python errors.)"""

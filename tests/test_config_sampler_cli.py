@@ -245,11 +245,10 @@ def test_attention_backend_flashmla_is_chosen_and_checked(monkeypatch: pytest.Mo
 
 @pytest.mark.parametrize("flags,says", [
     (["--worker-urls", "http://127.0.0.1:1", "--port", "99999"], "--port must be a TCP port (1-65535), got '99999'"),
-    (["--worker-urls", "notaurl"], "--worker-urls takes http(s)://host:port URLs, got 'notaurl'"),
+    (["--worker-urls", "notaurl"],
+     "--worker-urls takes http(s)://host:port URLs (dsaserve servers speak HTTP), got 'notaurl'"),
     (["--pd-disaggregation", "--prefill", "http://127.0.0.1:1", "notaport", "--decode", "http://127.0.0.1:2"],
      "--prefill's bootstrap port must be a TCP port (1-65535), got 'notaport'"),
-    (["--pd-disaggregation", "--decode", "http://127.0.0.1:2"],
-     "--pd-disaggregation needs at least one --prefill and one --decode server"),
     (["--pd-disaggregation", "--worker-urls", "http://127.0.0.1:3", "--prefill", "http://127.0.0.1:1",
       "--decode", "http://127.0.0.1:2"], "--worker-urls is for plain servers"),
     (["--worker-urls", "http://127.0.0.1:1", "--request-timeout-secs", "-5"],
@@ -265,9 +264,15 @@ def test_router_flags_that_would_fail_in_sglang_router(flags: list[str], says: s
 
 
 def test_the_router_listens_on_loopback_unless_told() -> None:
-    from dsaserve.router_flags import problems, with_loopback_defaults
+    from dsaserve.router_flags import notices, problems, with_loopback_defaults
     plain = ["--worker-urls", "http://127.0.0.1:1"]
-    assert problems(plain) == []
-    assert with_loopback_defaults(plain) == plain + ["--host", "127.0.0.1", "--prometheus-host", "127.0.0.1"]
-    assert with_loopback_defaults(["--host=0.0.0.0", *plain]) == ["--host=0.0.0.0", *plain, "--prometheus-host",
-                                                                   "127.0.0.1"]
+    assert problems(plain) == [] and notices(plain) == []
+    assert with_loopback_defaults(plain) == ["--host", "127.0.0.1", "--prometheus-host", "127.0.0.1", *plain]
+    assert with_loopback_defaults(["--ho=0.0.0.0", *plain]) == ["--prometheus-host", "127.0.0.1", "--ho=0.0.0.0",
+                                                                 *plain]  # (argparse's abbreviations too)
+    valid = [["--pd-disaggregation", "--prefill", "http://[::1]:8000", "None", "--decode", "http://[::1]:8001"],
+             ["--port=30000", "--worker-urls"], ["--port", " 8080", "--unknown-flag", "x"], ["--port"]]
+    assert [problems(argv) for argv in valid] == [[]] * len(valid)  # (a bare --port: sglang-router's to say)
+    assert notices(["--pd-disaggregation", "--decode", "http://127.0.0.1:2"]) == [
+        "--pd-disaggregation without a --prefill or a --decode server: the router starts without it (add servers "
+        "through its /workers API)"]

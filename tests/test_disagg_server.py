@@ -140,8 +140,9 @@ class TestMixedTP:
 
     def test_bad_bootstrap_fields_and_prompt_logprobs(self, mixed_tp: tuple, model: str) -> None:
         """The decode server names a bad bootstrap host or port (a 400, not a 500 with a traceback) and refuses
-        echo with logprobs (it never runs the prompt: the prefill server does); through the router, /generate reports
-        no prompt log-probabilities (it used to report a wrong list) and the completion's equal the aggregated run's."""
+        echo with logprobs (it never runs the prompt: the prefill server does); through the router, /generate's prompt
+        log-probabilities are the aggregated run's (the decode server reports an empty list, which the router fills
+        with the prefill server's; it used to report a wrong one) and so are the completion's."""
         p, d, router = mixed_tp
         bootstrap = int(p.cmd[p.cmd.index("--disaggregation-bootstrap-port") + 1])
         room = dict(bootstrap_room=7, bootstrap_host="127.0.0.1", bootstrap_port=bootstrap)
@@ -155,7 +156,7 @@ class TestMixedTP:
         fields = dict(return_logprob=True, logprob_start_len=0, top_logprobs_num=1)
         alone = generate(d.url, PROMPTS_64[3], **fields).json()["meta_info"]
         via = generate(router.url, PROMPTS_64[3], **fields).json()["meta_info"]
-        assert "input_token_logprobs" in alone and "input_token_logprobs" not in via  # none rather than wrong ones
+        assert [[pytest.approx(lp), t] for lp, t in via["input_token_logprobs"]] == alone["input_token_logprobs"]
         assert [[pytest.approx(lp, rel=1e-6), t] for lp, t in via["output_token_logprobs"]] == \
             alone["output_token_logprobs"]  # (the first token's crosses from the prefill server)
         wait_pools_whole(d.url, 30)

@@ -153,7 +153,8 @@ async def _discover(client: httpx.AsyncClient, cfg: BenchConfig) -> tuple[str, i
         r = await client.get("/v1/models")  # asked even with --model: it shows that a usable server listens there
     except httpx.TransportError as exc:
         raise NoServer(f"could not reach the server at {cfg.base_url}: {str(exc) or type(exc).__name__}") from None
-    if not r.is_success:  # e.g. 401 for a wrong --api-key: every request would fail the same way
+    # refused (401 for a wrong --api-key: every request would fail the same way), or no model list to pick from
+    if r.status_code in (401, 403) or (not r.is_success and cfg.model is None):
         raise NoServer(f"the server at {cfg.base_url} answered GET /v1/models with {r.status_code}: {r.text[:200]}")
     model = cfg.model
     if model is None:

@@ -58,10 +58,8 @@ class SamplingParams:
     grammar: GrammarSpec | None = None  # constrained decoding (structured output, forced tool calls)
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        object.__setattr__(self, "stop", tuple(self.stop or ()))  # None: none
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        object.__setattr__(self, "stop", _as_tuple(self.stop, "stop"))
+        object.__setattr__(self, "stop_token_ids", _as_tuple(self.stop_token_ids, "stop_token_ids"))
         object.__setattr__(self, "logit_bias", logit_bias_pairs(self.logit_bias))
 
     @property
@@ -96,22 +94,34 @@ class SamplingParams:
             if not ok:
                 raise RequestError(message)
 
-
-    _INTS = ("top_k", "min_tokens")
-    _OPTIONAL_INTS = ("max_tokens", "seed", "logprobs", "prompt_logprobs")  # None: see each field
-    _FLOATS = ("temperature", "top_p", "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty")
-
     def _check_types(self) -> None:
         """Numbers of the right kind (the Python API takes anything): 2.5 tokens or a temperature of "0.5" is a
         RequestError naming the field, not a TypeError from deep inside the sampler."""
-        for names, kinds, what in ((self._INTS, (Integral,), "an integer"), (self._OPTIONAL_INTS,
-                                   (Integral, type(None)), "an integer or None"), (self._FLOATS, (Real,), "a number")):
+        for names, kinds, what in ((_INT_FIELDS, (Integral,), "an integer"), (_OPTIONAL_INT_FIELDS,
+                                   (Integral, type(None)), "an integer or None"), (_FLOAT_FIELDS, (Real,), "a number")):
             for name in names:
                 value = getattr(self, name)
                 if isinstance(value, bool) or not isinstance(value, kinds):
                     raise RequestError(f"{name} must be {what}, got {value!r}")
         if not all(isinstance(t, Integral) and not isinstance(t, bool) for t in self.stop_token_ids):
             raise RequestError(f"stop_token_ids must be integers, got {list(self.stop_token_ids)}")
+
+
+_INT_FIELDS = ("top_k", "min_tokens")
+_OPTIONAL_INT_FIELDS = ("max_tokens", "seed", "logprobs", "prompt_logprobs")  # None: see each field
+_FLOAT_FIELDS = ("temperature", "top_p", "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty")
+
+
+def _as_tuple(value: Any, name: str) -> tuple:
+    """A SamplingParams list field as a tuple: None is empty, one string is a list of one (stop)."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    try:
+        return tuple(value)
+    except TypeError:
+        raise RequestError(f"{name} must be a list, got {value!r}") from None
 
 
 def check_token_ids(prompt_ids: list[int], params: SamplingParams, vocab_size: int) -> None:

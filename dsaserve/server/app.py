@@ -91,7 +91,10 @@ def _native_params(sp: p.NativeSamplingParams, logprobs: int | None, prompt_logp
         ignore_eos=sp.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs))
 
 
-def _meta(handle: RequestHandle, res: Result, body: p.GenerateRequest, ids: list[int]) -> dict[str, Any]:
+def _meta(handle: RequestHandle, res: Result, body: p.GenerateRequest, ids: list[int],
+          decodes: bool = False) -> dict[str, Any]:
+    """decodes: the decode half of a PD pair, which never runs the prompt: its prompt log-probabilities are an
+    empty list, which sglang-router fills with the prefill server's (their top log-probabilities it drops)."""
     finish = None
     if res.finish is not None:
         finish = {"type": res.finish.kind}
@@ -105,7 +108,9 @@ def _meta(handle: RequestHandle, res: Result, body: p.GenerateRequest, ids: list
     if body.return_logprob:
         meta["output_token_logprobs"] = [[lp, t] for t, (lp, _) in zip(res.token_ids, res.logprobs)]
         meta["output_top_logprobs"] = [[[v, t] for t, v in top] for _, top in res.logprobs]
-        if res.prompt_logprobs is not None:  # logprob_start_len >= 0: the prompt's, from that position
+        if decodes and body.logprob_start_len >= 0:
+            meta["input_token_logprobs"] = meta["input_top_logprobs"] = []
+        elif res.prompt_logprobs is not None:  # logprob_start_len >= 0: the prompt's, from that position
             scored = prompt_token_logprobs(res.prompt_logprobs, len(ids))
             start = max(body.logprob_start_len, 0)
             meta["input_token_logprobs"] = [[lp, t] for t, (lp, _) in zip(ids[start:], scored[start:])]
@@ -123,23 +128,25 @@ def _native_routes(args: ServerArgs, fe: Frontend, served_name: str, pd: PDRouti
         ids = await fe.encode(body.text) if body.text is not None else body.input_ids
         logprobs = body.top_logprobs_num if body.return_logprob else None
         route, dp_rank = await pd.route(body)
-        # the prompt's log-probabilities: not on a PD decode server (the prefill server's answer carries them)
-        scored = logprobs if body.logprob_start_len >= 0 and not PDRouting.decodes(route) else None
-        params = _native_params(body.sampling_params, logprobs, scored)
+        decodes = PDRouting.decodes(route)  # the prompt's log-probabilities: the prefill server's answer has them
+        params = _native_params(body.sampling_params, logprobs,
+                                logprobs if body.logprob_start_len >= 0 and not decodes else None)
         handle = await fe.submit(ids, params, body.rid, dp_rank, route=route)
         if body.stream:
-            return AbortingStream(_generate_stream(handle, body, ids), aborter(fe, [handle]))
+            return AbortingStream(_generate_stream(handle, body, ids, decodes), aborter(fe, [handle]))
         res = await until_disconnect(request, collect(handle), aborter(fe, [handle]))
-        return {"text": res.text, "output_ids": res.token_ids, "meta_info": _meta(handle, res, body, ids)}
+        return {"text": res.text, "output_ids": res.token_ids, "meta_info": _meta(handle, res, body, ids, decodes)}
 
-    async def _generate_stream(handle: RequestHandle, body: p.GenerateRequest, ids: list[int]) -> AsyncIterator[str]:
+    async def _generate_stream(handle: RequestHandle, body: p.GenerateRequest, ids: list[int],
+                               decodes: bool) -> AsyncIterator[str]:
         res = Result()  # sglang's shape: every chunk carries the text and ids so far
         try:
             async for d in handle.deltas():
                 res.absorb(d)
                 if d.finish is not None and d.finish.kind == "error":
                     raise finish_error(d.finish)
-                yield p.sse({"text": res.text, "output_ids": res.token_ids, "meta_info": _meta(handle, res, body, ids)})
+                yield p.sse({"text": res.text, "output_ids": res.token_ids,
+                             "meta_info": _meta(handle, res, body, ids, decodes)})
         except Exception as exc:
             yield error_event(exc)
         yield DONE
