@@ -44,7 +44,8 @@ def _port_problem(flag: str, value: str | None) -> str | None:
     return f"{flag} must be a TCP port (1-65535), got {value!r}"
 
 
-def _url_problem(flag: str, url: str) -> str | None:
+def http_url_problem(flag: str, url: str) -> str | None:
+    """None for an http(s)://host[:port] URL, else a line naming the flag (dsaserve servers speak HTTP)."""
     try:
         parts = urlsplit(url)
         ok = parts.scheme in ("http", "https") and bool(parts.hostname) and (parts.port is None or parts.port > 0)
@@ -66,14 +67,14 @@ def problems(argv: list[str]) -> list[str]:
             ok = False
         if not ok:
             found.append(f"--request-timeout-secs must be a positive number, got {ns.request_timeout_secs!r}")
-    found += [_url_problem("--worker-urls", u) for u in ns.worker_urls]
+    found += [http_url_problem("--worker-urls", u) for u in ns.worker_urls]
     for prefill in ns.prefill:
-        found.append(_url_problem("--prefill", prefill[0]))
+        found.append(http_url_problem("--prefill", prefill[0]))
         if len(prefill) > 2:
             found.append(f"--prefill takes a URL and at most a bootstrap port, got {' '.join(prefill)!r}")
         elif len(prefill) == 2 and prefill[1].lower() != "none":
             found.append(_port_problem("--prefill's bootstrap port", prefill[1]))
-    found += [_url_problem("--decode", u) for u in ns.decode]
+    found += [http_url_problem("--decode", u) for u in ns.decode]
     if ns.pd_disaggregation and ns.worker_urls:
         found.append("--worker-urls is for plain servers; with --pd-disaggregation give --prefill and --decode")
     return [f for f in found if f is not None]
@@ -95,4 +96,4 @@ def with_loopback_defaults(argv: list[str]) -> list[str]:
     return [item for flag, value in LOOPBACK_DEFAULTS if given.get(flag) is None for item in (flag, value)] + argv
 
 
-__all__ = ["notices", "problems", "with_loopback_defaults"]
+__all__ = ["http_url_problem", "notices", "problems", "with_loopback_defaults"]

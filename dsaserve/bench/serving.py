@@ -27,6 +27,7 @@ import httpx
 from tqdm import tqdm
 
 from dsaserve import event_loop
+from dsaserve.router_flags import http_url_problem
 
 FALLBACK_VOCAB = 1000  # when the server does not say (only dsaserve / sglang expose it)
 
@@ -119,17 +120,8 @@ def config_problems(cfg: BenchConfig) -> list[str]:
         problems.append(f"--request-rate must be > 0 requests per second (inf: all at once), got {cfg.request_rate}")
     if not 0 <= cfg.range_ratio <= 1:
         problems.append(f"--range-ratio must be in [0, 1], got {cfg.range_ratio}")
-    if not _is_http_url(cfg.base_url):
-        problems.append(f"--base-url must be an http:// or https:// URL, got {cfg.base_url!r}")
-    return problems
-
-
-def _is_http_url(text: str) -> bool:
-    try:
-        url = httpx.URL(text)
-    except httpx.InvalidURL:
-        return False
-    return url.scheme in ("http", "https") and bool(url.host)
+    url = http_url_problem("--base-url", cfg.base_url)
+    return problems + ([url] if url else [])
 
 
 class NoServer(Exception):

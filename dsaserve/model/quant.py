@@ -213,7 +213,7 @@ class Experts(nn.Module):
     def prepare(self, kernels: bool, dtype: torch.dtype, quantized_rows: int = 0) -> None:
         self.kernels = kernels
         self._dequantized = None if kernels else tuple(w.dequantize(dtype) for w in self.fp8)  # type: ignore
-        self.quantized_rows = quantized_rows if kernels else 0
+        self.quantized_rows = quantized_rows
 
     def input_group(self, rows: int) -> int:
         """As Linear.input_group: the FP8 MoE's activation group for `rows` tokens handed over quantized, or 0."""

@@ -103,7 +103,7 @@ def absorb_output(x: Tensor, w_uv: Tensor, quant_group: int = 0) -> tuple[Tensor
     [T, H * v] quantized as act_quant quantizes them (as add_rms_norm does): from the launch, else None."""
     out = x.new_empty(x.shape[0], x.shape[1], w_uv.shape[1])
     if x.is_cuda and _absorb().output_applies(x, w_uv, out):
-        group = quant_group if quant_group and _absorb().quantizes_output(w_uv, quant_group) else 0
+        group = quant_group if _absorb().quantizes_output(w_uv, quant_group) else 0
         return _absorb().absorb_output(x, w_uv, out, group)
     torch.bmm(x.transpose(0, 1), w_uv.transpose(1, 2), out=out.transpose(0, 1))
     return out, None
