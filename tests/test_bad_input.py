@@ -173,3 +173,7 @@ def test_max_tokens_omitted_fits_the_pool(tiny_ds: str) -> None:
     llm = LLM(tiny_ds, page_size=4, max_total_tokens=64)  # the pool is far below the context length
     out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=None, temperature=0.0, ignore_eos=True))[0]
     assert out.finish_reason.kind == "length" and len(out.token_ids) == 64 - 3
+    # A prompt the pool cannot hold with one new token is refused by name (it was queued and never ended)
+    with pytest.raises(RequestError, match=r"the prompt \(100 tokens\) and one new token need more cache"):
+        llm.engine.add_request("long", list(range(5, 105)), SamplingParams(max_tokens=None))
+    assert "long" not in llm.engine.requests and llm.engine.stats().waiting == 0

@@ -78,6 +78,60 @@ def test_eviction_under_pressure_keeps_outputs(tiny_ds: str) -> None:
     assert stats.free_pages == stats.total_pages
 
 
+def _run_bounded(llm: LLM, steps: int = 400) -> dict[str, list[int]]:
+    engine, tokens = llm.engine, {}
+    for _ in range(steps):
+        if not engine.has_work():
+            return tokens
+        for out in engine.step():
+            tokens.setdefault(out.rid, []).extend(out.new_token_ids)
+    raise AssertionError(f"requests still unfinished after {steps} steps: {list(engine.requests)}")
+
+
+@pytest.mark.parametrize("retracted", [False, True])
+def test_a_cached_prefix_that_nearly_fills_the_pool_still_admits(retracted: bool, tiny_ds: str) -> None:
+    """Pages of 64 tokens, a pool of 3: a request whose cached prefix holds 2 of them still runs (admission held a
+    whole page for its first decode beyond its prompt's pages, none was left, and it waited forever), also when
+    the prefix is its own, cached by a retraction. Outputs equal the run without the cache."""
+    long, short = prompts_ids(2, [140, 5], seed=63)
+    greedy = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+
+    def run(llm: LLM) -> dict[str, list[int]]:
+        if retracted:  # B's decode pages squeeze A out once A has prefilled: A is retracted, then readmitted
+            llm.engine.add_request("B", short, SamplingParams(max_tokens=59, temperature=0.0, ignore_eos=True))
+            llm.engine.step()
+            llm.engine.add_request("A", long[:120], SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True))
+        else:
+            llm.generate([long[:130]], greedy)  # caches two full pages of the next prompt
+            llm.engine.add_request("A", long, greedy)
+        tokens = _run_bounded(llm)
+        stats = llm.engine.stats()
+        assert stats.free_pages == stats.total_pages and stats.running == stats.waiting == 0
+        return tokens
+
+    common = dict(page_size=64, max_total_tokens=192)
+    cached = LLM(tiny_ds, **common)
+    assert run(cached) == run(LLM(tiny_ds, disable_radix_cache=True, **common))
+    assert cached.engine.stats().prefix_hit_tokens > 0
+    assert cached.engine.scheduler.num_retractions == (1 if retracted else 0)
+
+
+def test_hit_statistics_count_each_admission_once(tiny_ds: str) -> None:
+    """A request that waits for room tries admission every step (matching, then giving its prefix back): the
+    statistics count it once, when it is admitted (they counted every try: 880 queried tokens for these 80)."""
+    llm = LLM(tiny_ds, page_size=4, max_total_tokens=64, chunked_prefill_size=64)
+    first, second = prompts_ids(2, [40, 40], seed=64)
+    llm.generate([second[:20]], GREEDY)  # caches a prefix of the second prompt
+    engine = llm.engine
+    engine.reset_counters()
+    engine.add_request("a", first, SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))
+    engine.step()
+    engine.add_request("b", second, SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))  # waits
+    _run_bounded(llm)
+    stats = engine.prefix_cache.stats
+    assert stats.queried_tokens == 80 and stats.hit_tokens <= 20, stats
+
+
 def test_abort_of_a_request_holding_shared_pages(tiny_ds: str) -> None:
     llm = LLM(tiny_ds, page_size=4, max_total_tokens=4096)
     expected = llm.generate([BASE[0]], GREEDY)[0].token_ids  # caches BASE[0]'s pages

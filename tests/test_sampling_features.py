@@ -133,3 +133,24 @@ def test_min_tokens_never_breaks_a_grammar(tiny_ds: str) -> None:
         out = llm.generate(prompts_ids(1, [6], seed=8)[0], SamplingParams(
             max_tokens=40, temperature=temperature, seed=2, min_tokens=40, grammar=grammar))[0]
         assert isinstance(json.loads(out.text)["n"], bool) and out.finish_reason.kind == "stop"
+
+
+def test_a_stop_string_of_multibyte_characters_is_found(tiny_ds: str) -> None:
+    """The tokens that spell a stop string can outnumber its characters (the tiny model's byte-level tokens spell
+    an emoji in four): fed token by token, the output stops at the string, not past it. (The window searched was
+    counted in characters and never held the whole string.)"""
+    from dsaserve.engine.request import stop_reason
+    from dsaserve.engine.tokenizer import Tokenizer
+
+    tok = Tokenizer(tiny_ds)
+    ids = tok.hf.encode("ab \U0001F600\U0001F600\U0001F600 cd and more text", add_special_tokens=False)
+    stop = "\U0001F600\U0001F600\U0001F600"
+    assert len(tok.hf.encode(stop, add_special_tokens=False)) > len(stop) + 8  # the case the old window missed
+    req = _req(SamplingParams(max_tokens=100, stop=(stop,)), [5], [])
+    for n, token in enumerate(ids, 1):
+        req.output_ids.append(token)
+        finish = stop_reason(req, token, tok, frozenset(), 4096)
+        if finish is not None:
+            break
+    assert finish is not None and finish.kind == "stop" and finish.matched == stop
+    assert req.stop_text == "ab " and tok.hf.decode(ids[:n]).endswith(stop)

@@ -120,7 +120,12 @@ class Engine:
         params.validate()
         check_token_ids(prompt_ids, params, self.cfg.vocab_size)
         room = min(self.context_length, self.scheduler.capacity_tokens - self.scheduler.cfg.decode_lookahead + 1)
-        max_new = params.max_tokens if params.max_tokens is not None else room - len(prompt_ids)
+        max_new = params.max_tokens
+        if max_new is None:  # as many as fit: the context, or the pool when it is smaller
+            if 0 < len(prompt_ids) < self.context_length and len(prompt_ids) >= room:
+                raise RequestError(f"the prompt ({len(prompt_ids)} tokens) and one new token need more cache than "
+                                   f"the whole KV pool holds ({self.scheduler.capacity_tokens} tokens)")
+            max_new = room - len(prompt_ids)
         req = Request(rid=rid, prompt_ids=list(prompt_ids), params=params, max_new_tokens=max_new,
                       arrival=next(self._arrivals),
                       seed=params.seed if params.seed is not None else self._seeds.getrandbits(63),

@@ -239,7 +239,7 @@ def stop_reason(req: Request, token: int, tokenizer: Tokenizer, eos_ids: frozens
     if token in p.stop_token_ids or (not p.ignore_eos and token in eos_ids):
         return FinishReason("stop", matched=token)
     if p.stop and len(req.output_ids) >= p.min_tokens:
-        window = max(len(s) for s in p.stop) + 8  # tokens: each decodes to >= 1 char or a byte piece
+        window = max(len(s.encode()) for s in p.stop) + 8  # tokens: each decodes to >= 1 byte (byte-level BPE)
         tail = tokenizer.decode(req.output_ids[-window:])
         matched = [s for s in p.stop if s in tail]
         if matched:

@@ -170,13 +170,14 @@ class Scheduler:
             self.cache.evict(wanted - self.allocator.num_free)
         return self.allocator.num_free
 
-    def _reuse_prefix(self, req: Request) -> None:
+    def _reuse_prefix(self, req: Request) -> int | None:
         """An admitted request starts from the longest cached prefix of its tokens (at least its last
-        token is computed, to sample from)."""
+        token is computed, to sample from). Returns the pages it found, None when it did not look."""
         if self.cache is None or req.pages or req.params.prompt_logprobs is not None:
-            return
-        req.pages = self.cache.match(req.token_slice(0, req.num_tokens), limit=req.num_tokens - 1)
+            return None
+        req.pages = self.cache.match(req.token_slice(0, req.num_tokens), limit=req.num_tokens - 1, record_hits=False)
         req.num_cached = req.cached_tokens = len(req.pages) * self.cfg.page_size
+        return len(req.pages)
 
     def _release(self, req: Request) -> None:
         """The request's pages go back; its full pages stay in the prefix cache for later requests."""
@@ -184,6 +185,14 @@ class Scheduler:
             self.cache.insert(req.token_slice(0, req.num_cached), req.pages)
         self.allocator.free(req.pages)
         req.pages, req.num_cached = [], 0
+
+    def _first_decode_pages(self, req: Request, drafts: int) -> int:
+        """Pages the first decode of a request takes beyond those its prompt's last chunk takes (held when it is
+        admitted). Not a whole lookahead's pages: with pages of many tokens the prompt's last page usually has
+        the room, and a prefix the cache hands over could otherwise leave a pool that fits the request no room
+        to admit it, forever."""
+        end = req.num_cached + req.pending
+        return max(self._pages_for(end + self.cfg.decode_lookahead) - self._pages_for(end + drafts), 0)
 
     def _prefill_chunks(self, budget: int, after_decode: bool) -> list[tuple[Request, int]]:
         chosen: list[tuple[Request, int]] = []
@@ -193,7 +202,6 @@ class Scheduler:
         # prefill never takes pages a decode needs (no thrash).
         reserve = 0 if after_decode else sum(self._pages_missing(r, r.num_cached + self.cfg.decode_lookahead)
                                              for r in self.running if not self._prefilling(r))
-        first_decode = self._pages_for(self.cfg.decode_lookahead)
         for req in [r for r in self.running if self._prefilling(r)] + list(self.waiting):
             if budget <= 0:
                 break
@@ -203,9 +211,8 @@ class Scheduler:
             if admitting and (len(self.running) >= self.cfg.max_running_requests
                               or (self._hold_admission and self.running)):
                 break
-            if admitting:
-                self._reuse_prefix(req)
-            held = reserve + (first_decode if admitting else 0)
+            hit = self._reuse_prefix(req) if admitting else None
+            held = reserve + (self._first_decode_pages(req, drafts) if admitting else 0)
             want = held + self._pages_missing(req, req.num_cached + min(req.pending, budget) + drafts)
             free = self._free_pages(want)
             room = (len(req.pages) + max(free - held, 0)) * self.cfg.page_size - req.num_cached
@@ -219,6 +226,8 @@ class Scheduler:
             new_pages = self._pages_missing(req, req.num_cached + chunk + (drafts if chunk == req.pending else 0))
             req.pages += self.allocator.alloc(new_pages)
             if admitting:
+                if hit is not None:  # counted once admitted, not at each try
+                    self.cache.count(req.num_tokens, hit)
                 self.waiting.remove(req)
                 req.state = RequestState.RUNNING
                 bisect.insort(self.running, req, key=lambda r: r.arrival)
