@@ -117,6 +117,28 @@ def test_abort_request_takes_the_response_id(server: ServerProcess, model: str, 
     assert_serves(server, model)
 
 
+def test_a_clients_rid_names_its_request_and_abort_all_ends_every_one(server: ServerProcess, model: str) -> None:
+    """SGLang's `rid` on the OpenAI routes: the response carries it, /abort_request takes it, a second request
+    may not reuse it while the first runs; `abort_all` ends every running request."""
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=60)
+    long = {"max_tokens": 1000, "stream": True}
+    chat = iter(client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}],
+                                               extra_body={"ignore_eos": True, "rid": "my-chat-1"}, **long))
+    assert next(chat).id == "my-chat-1"
+    other = iter(client.completions.create(model=model, prompt=[5, 6, 7], extra_body={"ignore_eos": True,
+                                                                                      "rid": "my-cmpl-2"}, **long))
+    assert next(other).id == "my-cmpl-2"
+    with pytest.raises(openai.BadRequestError, match="request id 'my-chat-1' is already in use"):
+        client.completions.create(model=model, prompt=[5, 6], max_tokens=2, extra_body={"rid": "my-chat-1"})
+    assert httpx.post(f"{server.url}/abort_request", json={"rid": "my-chat-1"}, timeout=10).status_code == 200
+    assert [c.finish_reason for chunk in chat for c in chunk.choices if c.finish_reason] == ["abort"]
+    r = httpx.post(f"{server.url}/abort_request", json={"abort_all": True}, timeout=10)
+    assert r.status_code == 200 and r.json()["aborted"] == 1, r.text
+    assert [c.finish_reason for chunk in other for c in chunk.choices if c.finish_reason] == ["abort"]
+    assert httpx.post(f"{server.url}/abort_request", json={}, timeout=10).status_code == 400  # neither
+    assert_serves(server, model)
+
+
 def test_requests_just_after_the_rank_died_get_503_at_once(server: ServerProcess, model: str) -> None:
     """Last in this module: it takes the server's only rank down."""
     [rank] = [pid for pid in descendants(server.proc.pid) if b"spawn_main" in open(f"/proc/{pid}/cmdline", "rb").read()]

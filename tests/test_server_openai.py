@@ -221,3 +221,40 @@ def test_native_generate_and_info(server: ServerProcess, llm: LLM) -> None:
                  "dsaserve_time_to_first_token_seconds_bucket", "dsaserve_inter_token_latency_seconds_bucket",
                  "dsaserve_e2e_request_latency_seconds_bucket"):
         assert name in metrics
+
+
+def test_logprob_bytes_and_text_offsets_follow_multibyte_characters(server: ServerProcess, client: openai.OpenAI,
+                                                                    model: str) -> None:
+    """Byte-level tokens split characters: a chat logprob's `bytes` are its token's own (they join into the
+    content's UTF-8, where each token alone decodes to U+FFFD), and completions' `text_offset` counts characters
+    of the text (a token starts where its character does), streamed or not."""
+    r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}], max_tokens=20,
+                                       temperature=0, logprobs=True, top_logprobs=1, extra_body={"regex": "日本"})
+    content, tokens = r.choices[0].message.content, r.choices[0].logprobs.content
+    assert content == "日本" and len(tokens) > 2 and "\ufffd" in tokens[0].token
+    assert r.choices[0].finish_reason == "stop"  # its last token is the EOS, which the content leaves out
+    assert b"".join(bytes(t.bytes) for t in tokens[:-1]) == content.encode()
+    prompt = "café au lait, 日本 😀 ok"
+    kw = dict(model=model, prompt=prompt, max_tokens=4, temperature=0, echo=True, logprobs=0,
+              extra_body={"ignore_eos": True})
+    c = client.completions.create(**kw).choices[0]
+    offsets, text = c.logprobs.text_offset, c.text
+    assert text.startswith(prompt) and offsets == sorted(offsets) and len(offsets) == len(c.logprobs.tokens)
+    for token, start in zip(c.logprobs.tokens, offsets):
+        if "\ufffd" in token:  # a piece of a character: it starts there
+            assert ord(text[start]) > 127, (token, start)
+        else:
+            assert text[start:start + len(token)] == token, (token, start, text)
+    streamed = client.completions.create(stream=True, **kw)
+    assert [o for chunk in streamed for ch in chunk.choices if ch.logprobs for o in ch.logprobs.text_offset] == offsets
+
+
+def test_null_means_the_default(client: openai.OpenAI, model: str) -> None:
+    """The openai client sends a None argument as null, which OpenAI's API takes for its optional fields."""
+    messages = [{"role": "user", "content": "hi"}]
+    chat = client.chat.completions.create(model=model, messages=messages, max_tokens=3, temperature=0, n=None,
+                                          logprobs=None, stream=None)
+    assert len(chat.choices) == 1 and chat.choices[0].logprobs is None
+    done = client.completions.create(model=model, prompt="hi", max_tokens=3, temperature=0, n=None, echo=None,
+                                     stream=None)
+    assert len(done.choices) == 1 and not done.choices[0].text.startswith("hi")

@@ -1,6 +1,7 @@
 """HF tokenizer wrapper: encode, chat template, and incremental detokenization for streaming."""
 from __future__ import annotations
 
+import codecs
 import functools
 import json
 from pathlib import Path
@@ -27,6 +28,31 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    @functools.cached_property
+    def special_ids(self) -> frozenset[int]:
+        return frozenset(self.hf.all_special_ids)
+
+    @functools.cached_property
+    def _byte_alphabet(self) -> dict[str, int] | None:
+        """Vocabulary character -> byte for byte-level BPE (GPT-2's alphabet: DeepSeek-V3.2, GLM-5 and the tiny
+        models; printable bytes stand for themselves, the others for code points from 256 on, in byte order);
+        None for other tokenizers."""
+        backend = getattr(self.hf, "backend_tokenizer", None)
+        if backend is None or '"ByteLevel"' not in json.dumps(json.loads(backend.to_str()).get("decoder")):
+            return None
+        printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+        others = [b for b in range(256) if b not in set(printable)]
+        return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes one token stands for: a byte-level token may hold part of a character, which its own
+        decoding shows as U+FFFD (OpenAI's logprobs `bytes`); special tokens and other tokenizers: the UTF-8 of
+        its decoding."""
+        alphabet, piece = self._byte_alphabet, self.hf.convert_ids_to_tokens(token)
+        if alphabet is not None and token not in self.special_ids and piece and all(c in alphabet for c in piece):
+            return bytes(alphabet[c] for c in piece)
+        return self.decode([token], skip_special_tokens=False).encode()
 
     def chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of a conversation in the model's chat format (see dsaserve.chat.render)."""
@@ -66,3 +92,21 @@ class IncrementalDetokenizer:
         full = self.tok.decode(self.ids[self.prefix_offset:], self.skip)
         self.prefix_offset = self.read_offset = len(self.ids)
         return full[len(prefix):]
+
+
+class CharOffsets:
+    """Where each token starts in the text (OpenAI's completions `text_offset`, in characters), fed tokens in
+    order across a stream's chunks: a token that continues a character starts where that character does;
+    special tokens, which the text leaves out, take no room."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tok, self.chars = tokenizer, 0
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def take(self, ids: list[int]) -> list[int]:
+        starts = []
+        for token in ids:
+            starts.append(self.chars)
+            if token not in self.tok.special_ids:
+                self.chars += len(self._utf8.decode(self.tok.token_bytes(token)))
+        return starts

@@ -153,6 +153,8 @@ def _native_routes(args: ServerArgs, fe: Frontend, served_name: str, pd: PDRouti
 
     @router.post("/abort_request")
     async def abort_request(body: p.AbortRequest) -> dict[str, Any]:  # rid: /generate's, or an OpenAI response id
+        if body.abort_all:
+            return {"abort_all": True, "aborted": fe.abort_all("aborted by /abort_request (abort_all)")}
         if not fe.abort(body.rid, "aborted by /abort_request"):
             raise ApiError(404, f"no running request with id {body.rid!r}", param="rid")
         return {"rid": body.rid, "aborted": True}

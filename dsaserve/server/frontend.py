@@ -231,6 +231,8 @@ class Frontend:
             raise ApiError(400, "PD disaggregation serves one completion per request: n > 1 and several prompts "
                                 "are not supported (the router pairs one prefill with one decode per request)",
                            param="n")
+        if base_rid in self.groups or base_rid in self.handles:  # (a client's own rid, reused while it runs)
+            raise ApiError(400, f"request id {base_rid!r} is already in use", param="rid")
         rids = [f"{base_rid}-{i}" for i in range(len(prompts))]
         self.groups[base_rid] = rids
         jobs = [self.submit(p, sp, rid, dp_rank, base_rid, route) for p, sp, rid in zip(prompts, params, rids)]
@@ -251,6 +253,11 @@ class Frontend:
             if not handle.finished:
                 self._send(handle.rank, m.AbortRequest(handle.rid, message))  # the final output arrives as usual
         return any(not h.finished for h in live)
+
+    def abort_all(self, message: str) -> int:
+        """Abort every running request; returns how many."""
+        live = [h.rid for h in self.handles.values() if not h.finished]
+        return sum(self.abort(rid, message) for rid in live)
 
     def stats(self) -> list[dict[str, Any]]:
         """Internal state per DP rank, as last pushed by its leader (never waits on an engine)."""

@@ -16,6 +16,7 @@ from dsaserve.chat.render import ChatFormat, ChatFormatError, RenderedChat
 from dsaserve.chat.tools import ToolPlan, plan_tools
 from dsaserve.disagg.serving import PDRouting
 from dsaserve.engine.request import SamplingParams
+from dsaserve.engine.tokenizer import CharOffsets
 from dsaserve.server import protocol as p
 from dsaserve.server.errors import ApiError, bad_request
 from dsaserve.server.frontend import Delta, Frontend, RequestHandle
@@ -100,6 +101,10 @@ class OpenAIServing:
     def token_str(self, token: int, as_ids: bool) -> str:
         return f"token_id:{token}" if as_ids else self.fe.tokenizer.decode([token], skip_special_tokens=False)
 
+    def _bytes(self, token: int) -> list[int]:
+        """A logprob's `bytes`: the token's own (part of a character, where a character takes several tokens)."""
+        return list(self.fe.tokenizer.token_bytes(token))
+
     async def respond(self, request: Request, body: p.SamplingFields, prompts: list[list[int]],
                       max_tokens: int | None, logprobs: int | None, kind: str,
                       parser: ParserFactory | None = None, grammar: GrammarSpec | None = None,
@@ -114,7 +119,7 @@ class OpenAIServing:
                               "disaggregation", param="echo")
         params = [self.params(body, max_tokens, logprobs, i, grammar, scored) for _ in prompts for i in range(body.n)]
         flat = [ids for ids in prompts for _ in range(body.n)]
-        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        rid = body.rid or f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         handles = await self.fe.submit_many(flat, params, rid, dp_rank, route)
         prompt_tokens = sum(len(ids) for ids in prompts)  # each prompt once, however many choices
         if body.stream:
@@ -134,7 +139,7 @@ class OpenAIServing:
     async def _stream(self, handles: list[RequestHandle], rid: str, body: p.SamplingFields, prompts: list[list[int]],
                       include_usage: bool, kind: str, parsers: list[OutputParser | None],
                       echo: list[str] | None) -> AsyncIterator[str]:
-        offsets = [0] * len(handles)
+        offsets = [CharOffsets(self.fe.tokenizer) for _ in handles]  # text_offset runs on across chunks
         completion_tokens, cached = [0] * len(handles), [0] * len(handles)
         calls = [0] * len(handles)  # tool calls streamed so far, per choice
         if kind == "chat":
@@ -183,16 +188,13 @@ class OpenAIServing:
             events.append(p.sse(p.ChatCompletionChunk(id=rid, model=self.served_name, choices=[choice])))
         return "".join(events)
 
-    def _completion_chunk(self, rid: str, body: p.SamplingFields, i: int, d: Delta, offsets: list[int],
+    def _completion_chunk(self, rid: str, body: p.SamplingFields, i: int, d: Delta, offsets: list[CharOffsets],
                           prompts: list[list[int]], echo: list[str] | None) -> str:
         finish = d.finish.kind if d.finish is not None else None
         ids, lps, text = d.token_ids, d.logprobs, d.text
         if echo is not None:  # the first delta of the choice starts with its prompt
             ids, lps, text = *self._with_prompt(prompts[i // body.n], d.prompt_logprobs, ids, lps), echo[i // body.n] + text
-        clp = None
-        if body.logprobs is not None:  # text_offset runs on across chunks
-            clp = self._completion_logprobs(ids, lps, body, offsets[i])
-            offsets[i] = clp.text_offset[-1] + len(clp.tokens[-1]) if clp.tokens else offsets[i]
+        clp = self._completion_logprobs(ids, lps, body, offsets[i]) if body.logprobs is not None else None
         choice = p.CompletionChoice(index=i, text=text, logprobs=clp, finish_reason=finish)
         return p.sse(p.CompletionResponse(id=rid, model=self.served_name, choices=[choice]))
 
@@ -222,16 +224,14 @@ class OpenAIServing:
                 for x, t in zip(items, ids)]
 
     def _completion_logprobs(self, ids: list[int], lps: LogprobList, body: p.SamplingFields,
-                             offset: int) -> p.CompletionLogprobs:
-        out = p.CompletionLogprobs()
+                             offsets: CharOffsets) -> p.CompletionLogprobs:
+        """`offsets`: where the text so far ends (each token's text_offset is its start in the text)."""
+        out = p.CompletionLogprobs(text_offset=offsets.take(ids))
         as_ids = body.return_tokens_as_token_ids
         for token, (chosen, top) in zip(ids, lps):
-            s = self.token_str(token, as_ids)
-            out.tokens.append(s)
+            out.tokens.append(self.token_str(token, as_ids))
             out.token_logprobs.append(chosen)
             out.top_logprobs.append({self.token_str(t, as_ids): lp for t, lp in top} if chosen is not None else None)
-            out.text_offset.append(offset)
-            offset += len(s)
         return out
 
     @staticmethod
@@ -248,7 +248,8 @@ class OpenAIServing:
             if echo is not None:
                 ids, lps = self._with_prompt(prompts[i // body.n], r.prompt_logprobs, ids, lps)
                 text = echo[i // body.n] + text
-            lp = self._completion_logprobs(ids, lps, body, 0) if getattr(body, "logprobs", None) is not None else None
+            lp = (self._completion_logprobs(ids, lps, body, CharOffsets(self.fe.tokenizer))
+                  if getattr(body, "logprobs", None) is not None else None)
             choices.append(p.CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=r.finish.kind))
         use = p.usage(sum(len(ids) for ids in prompts), sum(r.completion_tokens for r in results),
                       _cached([r.cached_tokens for r in results], body.n))
@@ -295,9 +296,9 @@ class OpenAIServing:
         content = []
         for token, (chosen, top) in zip(ids, lps):
             s = self.token_str(token, as_ids)
-            tops = [p.TopLogprob(token=(t := self.token_str(tid, as_ids)), logprob=lp, bytes=list(t.encode()))
+            tops = [p.TopLogprob(token=self.token_str(tid, as_ids), logprob=lp, bytes=self._bytes(tid))
                     for tid, lp in top]
-            content.append(p.TokenLogprob(token=s, logprob=chosen, bytes=list(s.encode()), top_logprobs=tops))
+            content.append(p.TokenLogprob(token=s, logprob=chosen, bytes=self._bytes(token), top_logprobs=tops))
         return p.ChatLogprobs(content=content)
 
     def _chat(self, rid: str, body: p.SamplingFields, results: list[Result], prompt_tokens: int,

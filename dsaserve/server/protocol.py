@@ -2,16 +2,32 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_serializer, model_validator
+from pydantic.fields import FieldInfo
 
 TokenIds = list[StrictInt]  # token ids in requests: JSON integers only (true or 2.0 is not a token id)
+
+
+def _takes_null(field: FieldInfo) -> bool:
+    return field.annotation is None or type(None) in get_args(field.annotation)
 
 
 class _In(BaseModel):
     # OpenAI clients send fields we do not use (user, ...): accept and ignore them.
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        """OpenAI's API takes null for its optional fields ("integer or null, defaults to 1": n, stream, echo,
+        logprobs), and its Python client sends a None argument as null: where a field takes no null, null is its
+        default (a field that takes null keeps it)."""
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {k: v for k, v in data.items() if v is not None or k not in fields or _takes_null(fields[k])}
 
 
 class StreamOptions(_In):
@@ -28,6 +44,7 @@ class Bootstrap(_In):
 class SamplingFields(Bootstrap):
     """Fields shared by completions and chat completions."""
     model: str
+    rid: str | None = Field(None, min_length=1)  # SGLang's: the request's id (/abort_request takes it); else made
     n: int = Field(1, ge=1, le=128)
     max_tokens: int | None = None
     temperature: float | None = None
@@ -199,7 +216,14 @@ class GenerateRequest(Bootstrap):
 
 
 class AbortRequest(_In):
-    rid: str
+    rid: str | None = None
+    abort_all: bool = False  # SGLang's: every request the server runs
+
+    @model_validator(mode="after")
+    def _one_of(self) -> AbortRequest:
+        if (self.rid is None) == (not self.abort_all):
+            raise ValueError("give either rid or abort_all: true")
+        return self
 
 
 # -- responses ---------------------------------------------------------------------------------
