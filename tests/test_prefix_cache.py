@@ -132,6 +132,26 @@ def test_hit_statistics_count_each_admission_once(tiny_ds: str) -> None:
     assert stats.queried_tokens == 80 and stats.hit_tokens <= 20, stats
 
 
+def test_mtp_drafts_after_a_page_another_request_continued_differently(tiny_ds: str) -> None:
+    """With MTP a page's last entry depends on the token after it. r2 (A + B...) adds B under r1's page A (A +
+    C...), keeping r1's A; r3 (A + B + D) must not reuse that A (its last entry was made for C's first token):
+    r3's drafts, not only its tokens, equal a run without the cache."""
+    a, c1, b, d = list(range(10, 14)), list(range(20, 28)), list(range(30, 34)), list(range(40, 45))
+    runs = [("r1", a + c1), ("r2", a + b + [50, 51, 52, 53, 54]), ("r3", a + b + d)]
+
+    def drafts(llm: LLM, requests: list[tuple[str, list[int]]]) -> tuple[list[list[int]], list[int]]:
+        seen: dict[str, list[list[int]]] = {}
+        llm.engine.draft_override = lambda req, ids: seen.setdefault(req.rid, []).append(list(ids)) or ids
+        tokens: list[int] = []
+        for rid, prompt in requests:
+            llm.engine.add_request(rid, prompt, GREEDY)
+            tokens = [t for out in llm.engine.run_until_idle() if out.rid == rid for t in out.new_token_ids]
+        return seen["r3"], tokens
+
+    common = dict(page_size=4, max_total_tokens=4096, speculative_algorithm="NEXTN", speculative_num_steps=2)
+    assert drafts(LLM(tiny_ds, **common), runs) == drafts(LLM(tiny_ds, **common), runs[2:])
+
+
 def test_abort_of_a_request_holding_shared_pages(tiny_ds: str) -> None:
     llm = LLM(tiny_ds, page_size=4, max_total_tokens=4096)
     expected = llm.generate([BASE[0]], GREEDY)[0].token_ids  # caches BASE[0]'s pages
