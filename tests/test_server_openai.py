@@ -3,6 +3,7 @@ not, sync and async; n / seed, stop strings, usage, 64 concurrent streams, nativ
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import httpx
@@ -221,6 +222,28 @@ def test_native_generate_and_info(server: ServerProcess, llm: LLM) -> None:
                  "dsaserve_time_to_first_token_seconds_bucket", "dsaserve_inter_token_latency_seconds_bucket",
                  "dsaserve_e2e_request_latency_seconds_bucket"):
         assert name in metrics
+
+
+def test_native_generate_takes_a_batch(server: ServerProcess, llm: LLM) -> None:
+    """SGLang's batch on /generate (a list of texts or of token-id lists, optional rid per prompt): a list of
+    results equal to each prompt alone, or one stream whose chunks carry their prompt's index."""
+    prompts = [[5, 6, 7], [9, 10, 11, 12]]
+    exp = greedy(llm, prompts)
+    sampling = {"max_new_tokens": MAX, "temperature": 0, "ignore_eos": True}
+    r = httpx.post(f"{server.url}/generate", timeout=60,
+                   json={"input_ids": prompts, "rid": ["b-0", "b-1"], "sampling_params": sampling})
+    assert r.status_code == 200, r.text
+    assert [x["output_ids"] for x in r.json()] == [e.token_ids for e in exp]
+    assert [x["meta_info"]["id"] for x in r.json()] == ["b-0", "b-1"]
+    texts = httpx.post(f"{server.url}/generate", timeout=60, json={"text": PROMPTS[:2], "sampling_params": sampling})
+    assert [x["output_ids"] for x in texts.json()] == [e.token_ids for e in greedy(llm, PROMPTS[:2])]
+    with httpx.stream("POST", f"{server.url}/generate", timeout=60,
+                      json={"input_ids": prompts, "stream": True, "sampling_params": sampling}) as stream:
+        events = [json.loads(line[6:]) for line in stream.iter_lines() if line.startswith("data: {")]
+    last = {e["index"]: e["output_ids"] for e in events}
+    assert last == {0: exp[0].token_ids, 1: exp[1].token_ids}
+    bad = httpx.post(f"{server.url}/generate", timeout=60, json={"input_ids": prompts, "rid": ["only-one"]})
+    assert bad.status_code == 400 and "1 rid for 2 prompts" in bad.text
 
 
 def test_logprob_bytes_and_text_offsets_follow_multibyte_characters(server: ServerProcess, client: openai.OpenAI,

@@ -21,7 +21,7 @@ from dsaserve.server.guard import RequestGuard
 from dsaserve.server.metrics import ServerMetrics
 from dsaserve.server.openai_api import OpenAIServing, openai_router
 from dsaserve.server.streaming import (DONE, AbortingStream, Result, aborter, bias_pairs, checked, collect,
-                                       error_event, finish_error, prompt_token_logprobs, until_disconnect)
+                                       error_event, finish_error, merged, prompt_token_logprobs, until_disconnect)
 from dsaserve.server_args import ServerArgs
 
 HEALTH_GENERATE_TIMEOUT_S = 60.0
@@ -123,30 +123,53 @@ def _native_routes(args: ServerArgs, fe: Frontend, served_name: str, pd: PDRouti
 
     @router.post("/generate", response_model=None)
     async def generate(body: p.GenerateRequest, request: Request) -> Any:
+        """One prompt (text or input_ids), or SGLang's batch (a list of either): then a list of results, or
+        one stream whose chunks carry their prompt's `index`."""
         if (body.text is None) == (body.input_ids is None):
             raise bad_request("give exactly one of text and input_ids", param="text")
-        ids = await fe.encode(body.text) if body.text is not None else body.input_ids
+        batch = isinstance(body.text, list) or bool(body.input_ids and isinstance(body.input_ids[0], list))
+        if isinstance(body.rid, list) and not batch:
+            raise bad_request("rid is a list: that needs a batch of prompts (text or input_ids a list)", param="rid")
+        texts = (body.text if batch else [body.text]) if body.text is not None else None
+        prompts = [await fe.encode(t) for t in texts] if texts is not None else (
+            body.input_ids if batch else [body.input_ids])
+        if not prompts:
+            raise bad_request("the batch of prompts is empty", param="text" if texts is not None else "input_ids")
+        rids = body.rid if isinstance(body.rid, list) else None
+        if rids is not None and len(rids) != len(prompts):
+            raise bad_request(f"{len(rids)} rid for {len(prompts)} prompts", param="rid")
         logprobs = body.top_logprobs_num if body.return_logprob else None
         route, dp_rank = await pd.route(body)
         decodes = PDRouting.decodes(route)  # the prompt's log-probabilities: the prefill server's answer has them
         params = _native_params(body.sampling_params, logprobs,
                                 logprobs if body.logprob_start_len >= 0 and not decodes else None)
-        handle = await fe.submit(ids, params, body.rid, dp_rank, route=route)
+        if batch:
+            base = body.rid if isinstance(body.rid, str) else secrets.token_hex(16)
+            handles = await fe.submit_many(prompts, [params] * len(prompts), base, dp_rank, route, rids)
+        else:
+            handles = [await fe.submit(prompts[0], params, body.rid, dp_rank, route=route)]
         if body.stream:
-            return AbortingStream(_generate_stream(handle, body, ids, decodes), aborter(fe, [handle]))
-        res = await until_disconnect(request, collect(handle), aborter(fe, [handle]))
-        return {"text": res.text, "output_ids": res.token_ids, "meta_info": _meta(handle, res, body, ids, decodes)}
+            return AbortingStream(_generate_stream(handles, body, prompts, decodes, batch), aborter(fe, handles))
 
-    async def _generate_stream(handle: RequestHandle, body: p.GenerateRequest, ids: list[int],
-                               decodes: bool) -> AsyncIterator[str]:
-        res = Result()  # sglang's shape: every chunk carries the text and ids so far
+        async def gather() -> list[Result]:
+            return [await collect(h) for h in handles]
+        results = await until_disconnect(request, gather(), aborter(fe, handles))
+        out = [{"text": res.text, "output_ids": res.token_ids, "meta_info": _meta(h, res, body, ids, decodes)}
+               for h, res, ids in zip(handles, results, prompts)]
+        return out if batch else out[0]
+
+    async def _generate_stream(handles: list[RequestHandle], body: p.GenerateRequest, prompts: list[list[int]],
+                               decodes: bool, batch: bool) -> AsyncIterator[str]:
+        results = [Result() for _ in handles]  # sglang's shape: every chunk carries the text and ids so far
         try:
-            async for d in handle.deltas():
+            async for i, d in merged(handles):
+                res = results[i]
                 res.absorb(d)
                 if d.finish is not None and d.finish.kind == "error":
                     raise finish_error(d.finish)
-                yield p.sse({"text": res.text, "output_ids": res.token_ids,
-                             "meta_info": _meta(handle, res, body, ids, decodes)})
+                chunk = {"text": res.text, "output_ids": res.token_ids,
+                         "meta_info": _meta(handles[i], res, body, prompts[i], decodes)}
+                yield p.sse({**chunk, "index": i} if batch else chunk)
         except Exception as exc:
             yield error_event(exc)
         yield DONE

@@ -224,16 +224,17 @@ class Frontend:
         return handle
 
     async def submit_many(self, prompts: list[list[int]], params: list[SamplingParams], base_rid: str,
-                          dp_rank: int | None, route: DisaggRoute | None = None) -> list[RequestHandle]:
+                          dp_rank: int | None, route: DisaggRoute | None = None,
+                          rids: list[str] | None = None) -> list[RequestHandle]:
         """All or nothing: if one is rejected, the accepted ones are aborted. `base_rid` (the
-        response id) names them all for /abort_request."""
+        response id) names them all for /abort_request; each is `base_rid`-i, or rids[i] when given."""
         if route is not None and len(prompts) > 1:
             raise ApiError(400, "PD disaggregation serves one completion per request: n > 1 and several prompts "
                                 "are not supported (the router pairs one prefill with one decode per request)",
                            param="n")
         if base_rid in self.groups or base_rid in self.handles:  # (a client's own rid, reused while it runs)
             raise ApiError(400, f"request id {base_rid!r} is already in use", param="rid")
-        rids = [f"{base_rid}-{i}" for i in range(len(prompts))]
+        rids = rids or [f"{base_rid}-{i}" for i in range(len(prompts))]
         self.groups[base_rid] = rids
         jobs = [self.submit(p, sp, rid, dp_rank, base_rid, route) for p, sp, rid in zip(prompts, params, rids)]
         results = await asyncio.gather(*jobs, return_exceptions=True)

@@ -204,11 +204,11 @@ class NativeSamplingParams(BaseModel):
 
 
 class GenerateRequest(Bootstrap):
-    text: str | None = None
-    input_ids: TokenIds | None = None
+    text: str | list[str] | None = None  # a list: SGLang's batch (so input_ids too)
+    input_ids: TokenIds | list[TokenIds] | None = None
     sampling_params: NativeSamplingParams = Field(default_factory=NativeSamplingParams)
     stream: bool = False
-    rid: str | None = None
+    rid: str | list[str] | None = None  # a list: one per prompt of a batch
     routed_dp_rank: int | None = None
     return_logprob: bool = False
     top_logprobs_num: int = Field(0, ge=0, le=20)
