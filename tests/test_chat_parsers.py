@@ -141,3 +141,17 @@ def test_tool_choice(choice, expected) -> None:
 def test_bad_tools_name_the_problem(tools, choice, problem: str) -> None:
     with pytest.raises(ValueError, match=problem):
         plan_tools(tools, choice)
+
+
+def test_glm_arguments_of_a_boolean_property_schema() -> None:
+    """JSON Schema allows `true` (any value) as a property's schema, and the tools check accepts it: the GLM
+    parser reads such an argument as JSON (it raised on the schema's missing dict)."""
+    from dsaserve.chat.tools import plan_tools
+
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
+                                                                           "properties": {"x": True, "y": True}}}}]
+    parser = OutputParser(None, GlmToolParser(plan_tools(tools, "auto").tools))
+    done = parser.feed("<tool_call>f<arg_key>x</arg_key><arg_value>1</arg_value><arg_key>y</arg_key>"
+                       "<arg_value>hi</arg_value></tool_call>")
+    done.add(parser.finish())
+    assert [(c.name, json.loads(c.arguments)) for c in done.calls] == [("f", {"x": 1, "y": "hi"})]

@@ -65,3 +65,16 @@ def test_rollback_restores_the_mask(tiny: dict[str, str]) -> None:
     st.rollback(len(ids))
     assert torch.equal(st.allowed(), first)
     assert feed(st, hf.encode('{"a": 42}', add_special_tokens=False)) and st.is_terminated
+
+
+@pytest.mark.parametrize("regex", ["a/b", r"a\/b", r"[/]b?", r"a\\/?"])
+def test_regex_slashes_escaped_or_not(tiny: dict[str, str], regex: str) -> None:
+    """A slash in a client's regex, escaped by the client (\\/) or not, means a slash: Lark's /.../ delimiters
+    get each unescaped one escaped, and an escaped one is left alone (it was escaped twice: a lexer error)."""
+    import re
+
+    path = tiny["deepseek_v32"]
+    hf = Tokenizer(path).hf
+    text = next(t for t in ("a/b", "/b", "/", "a\\/", "a\\") if re.fullmatch(regex, t))
+    st = state(path, Constraint(regex=regex), None, False)
+    assert feed(st, hf.encode(text, add_special_tokens=False)) and st.is_terminated

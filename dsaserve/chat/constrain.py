@@ -133,9 +133,18 @@ def build_grammar(c: Constraint, tool_format: str | None, markup: Markup, opens_
     elif schema is not None:
         rules, body = [f"answer: {json_rule(schema)}"], "answer"
     else:
-        rules, body = [], "/" + (c.regex or "").replace("/", "\\/") + "/"
+        rules, body = [], "/" + _slashes_escaped(c.regex or "") + "/"
     prefix = ""
     if opens_reasoning:  # let the reasoning run up to </think>
         prefix = "/(?s:.*)/ " if THINK_END in markup.special else "/[^<]*/ "
         prefix += markup.lit(THINK_END) + " "
     return LLMatcher.grammar_from_lark("\n".join([f"start: {prefix}{body}", *rules]))
+
+
+def _slashes_escaped(regex: str) -> str:
+    """The regex inside Lark's /.../: each unescaped slash escaped (a client's own \\/ stays as it is)."""
+    out, escaped = [], False
+    for ch in regex:
+        out.append("\\/" if ch == "/" and not escaped else ch)
+        escaped = ch == "\\" and not escaped
+    return "".join(out)

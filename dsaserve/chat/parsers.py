@@ -225,7 +225,9 @@ class GlmToolParser(ToolCallParser):
             key, value = m.group(1).strip(), m.group(2)
             if key in args:
                 return None
-            args[key] = value if (props.get(key) or {}).get("type") == "string" else _json_or_text(value)
+            schema = props.get(key)  # (a property's schema may be true / false: any value / none)
+            is_string = isinstance(schema, dict) and schema.get("type") == "string"
+            args[key] = value if is_string else _json_or_text(value)
             pos = m.end()
         return args if not text[pos:].strip() else None
 
