@@ -20,9 +20,10 @@ a decode step for tens to hundreds of milliseconds.
 With MTP speculation the MTP layer's entry at position p depends on the token at p + 1, which may
 differ between two requests that share the page holding p: a match then gives back one page less,
 so the last shared position always has the same next token (the first token of the next matched
-page). A page whose child another request added (its own copy of the page was dropped for the tree's) has
-its last entry made for another next token: a match stops before such a child (`_grafted`), and then
-gives back that page too. One DP group has one cache (its own scheduler and pool).
+page). A node also records the token that followed its page in the request that wrote it (`_next`): a
+child another request added under it (keeping the tree's copy of the page) may start with another token,
+and a match stops before it, then gives back that page too. One DP group has one cache (its own scheduler
+and pool).
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ class PrefixCache:
         # Node i: its page, parent, tokens, last use (-1: evicted, the id is spare) and number of children.
         self._page, self._parent, self._tokens = [0], [-1], [()]
         self._used, self._kids = [0], [0]
-        self._grafted = [False]  # MTP: added under a page another request wrote (see the module docstring)
+        self._next = [-1]  # MTP: the token after the node's page in the request that wrote it (-1: unknown)
         self._child: dict[tuple[int, tuple[int, ...]], int] = {}  # (parent, tokens) -> node
         self._spare: list[int] = []  # ids of evicted nodes, for reuse
         self.stats = PrefixStats()
@@ -69,7 +70,7 @@ class PrefixCache:
         node, path, now = ROOT, [], next(self._clock)
         for chunk in self._chunks(tokens, limit // self.page_size):
             child = self._child.get((node, chunk))
-            if child is None or self._grafted[child]:
+            if child is None or (self.drop_last_page and node != ROOT and self._next[node] != chunk[0]):
                 break
             node = child
             self._used[node] = now
@@ -90,28 +91,28 @@ class PrefixCache:
     def insert(self, tokens: list[int], pages: list[int]) -> None:
         """Cache the full pages of `tokens` (held in `pages`): new nodes take a reference on the caller's
         page; where the tree already has the same tokens it keeps its own page."""
-        node, now, ours = ROOT, next(self._clock), True  # ours: the tree's page at `node` is the caller's
+        node, now = ROOT, next(self._clock)
         full = min(len(tokens) // self.page_size, len(pages))
-        for chunk, page in zip(self._chunks(tokens, full), pages):
+        for i, (chunk, page) in enumerate(zip(self._chunks(tokens, full), pages)):
             child = self._child.get((node, chunk))
             if child is None:
-                child = self._add(node, chunk, page, self.drop_last_page and not ours)
+                after = (i + 1) * self.page_size
+                child = self._add(node, chunk, page, tokens[after] if after < len(tokens) else -1)
                 self.allocator.share_cached(page)
-            ours = self._page[child] == page
             self._used[child] = now
             node = child
         if node != ROOT and not self._kids[node]:
             self._push(node)
 
-    def _add(self, parent: int, tokens: tuple[int, ...], page: int, grafted: bool) -> int:
+    def _add(self, parent: int, tokens: tuple[int, ...], page: int, next_token: int) -> int:
         if self._spare:
             node = self._spare.pop()
             self._page[node], self._parent[node], self._tokens[node], self._kids[node] = page, parent, tokens, 0
-            self._grafted[node] = grafted
+            self._next[node] = next_token
         else:
             node = len(self._page)
             for column, value in ((self._page, page), (self._parent, parent), (self._tokens, tokens),
-                                  (self._used, 0), (self._kids, 0), (self._grafted, grafted)):
+                                  (self._used, 0), (self._kids, 0), (self._next, next_token)):
                 column.append(value)
         self._child[(parent, tokens)] = node
         self._kids[parent] += 1
