@@ -220,6 +220,41 @@ def test_decode_abort_while_waiting_frees_both_sides(tiny_ds: str) -> None:
         assert_pools_whole(pre, dec)
 
 
+def test_prefill_abort_during_the_write_ends_the_decode_side_too(tiny_ds: str, monkeypatch) -> None:
+    """A client's abort on the prefill server while the KV write is in flight (every write here takes one more
+    poll) ends the request on the decode server as an earlier abort does: it was handed over and ran on."""
+    with pd_pair(tiny_ds, backend="fake", page_size=4) as (pre, dec):
+        transport, polled = pre.disagg.transport, set()
+        real_poll = transport.poll
+
+        def slow_poll(handle: object) -> bool:
+            if handle in polled:
+                return real_poll(handle)
+            polled.add(handle)
+            return False
+        monkeypatch.setattr(transport, "poll", slow_poll)
+        peer = f"tcp://127.0.0.1:{pre.disagg.port}"
+        ids = prompts_ids(1, [9], seed=3)[0]
+        pre.add_request("p", ids, GREEDY, DisaggRoute(7))
+        dec.add_request("d", ids, GREEDY, DisaggRoute(7, peer))
+        deadline = time.monotonic() + 30
+        while not (7 in pre.disagg.out and pre.disagg.out[7].handle is not None) and time.monotonic() < deadline:
+            pre.step()
+            dec.step()
+            time.sleep(0.002)
+        assert pre.disagg.out[7].handle is not None  # the write is in flight
+        assert pre.abort("p")
+        finals: dict[str, RequestOutput] = {}
+        while (pre.requests or dec.requests or pre.disagg.out) and time.monotonic() < deadline:
+            for out in pre.step() + pre.take_finished() + dec.step() + dec.take_finished():
+                if out.finished:
+                    finals[out.rid] = out
+            time.sleep(0.002)
+        assert finals["p"].finish.kind == "abort"
+        assert finals["d"].finish.kind != "length" and "aborted on the prefill server" in finals["d"].finish.message
+        assert_pools_whole(pre, dec)
+
+
 def test_prefill_without_decode_times_out(tiny_ds: str) -> None:
     pre = Engine(ServerArgs(model_path=tiny_ds, max_total_tokens=512, disaggregation_mode="prefill",
                             disaggregation_transfer_backend="fake", disaggregation_timeout_s=0.5), progress=False)

@@ -41,6 +41,7 @@ class Outgoing:
     handle: Any = None  # the write in flight
     dest: Dest | None = None
     pages: list[int] = field(default_factory=list)  # pages of an aborted request, held until its write ends
+    aborted: bool = False  # by the client while its write was in flight: `failed`, not `done`, once it ends
 
 
 @dataclass
@@ -92,7 +93,7 @@ class PrefillSide(SideBase):
             self._ended(room, "the request was aborted on the prefill server")
             return
         if o.handle is not None:
-            o.pages, req.pages = req.pages, []
+            o.pages, req.pages, o.aborted = req.pages, [], True
             return
         del self.out[room]
         self._ended(room, "the request was aborted on the prefill server")
@@ -165,6 +166,10 @@ class PrefillSide(SideBase):
         except TransferFailed as exc:
             return self._fail(room, o, str(exc))
         del self.out[room]
+        if o.aborted:  # the decode server must not continue a request its client aborted
+            message = "the request was aborted on the prefill server"
+            wire.send(self.sock, {"kind": "failed", "room": room, "message": message}, to=o.dest.peer)
+            return self._end(o, FinishReason("abort", message=message))
         token, lp = o.first
         wire.send(self.sock, {"kind": "done", "room": room, "agent": self.transport.agent, "token": token,
                               "logprob": lp, "drafts": list(o.req.draft_ids)}, to=o.dest.peer)
