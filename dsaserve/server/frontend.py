@@ -38,6 +38,9 @@ from dsaserve.server_args import ServerArgs
 __all__ = ["Delta", "EngineFailure", "Frontend", "RequestHandle", "StartupError"]
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# A leader's failure often follows a peer rank's death by milliseconds (its collective broke), before that rank is
+# reaped: the frontend waits this long for it, so the reason names the cause (the killed rank), not the effect.
+FATAL_CAUSE_WAIT_S = 0.5
 
 
 class StartupError(RuntimeError):
@@ -76,6 +79,7 @@ class Frontend:
         self._receivers: list[asyncio.Task[None]] = []  # one per leader
         self._watcher: asyncio.Task[None] | None = None  # the supervisor
         self._reaper: asyncio.Future[None] | None = None
+        self._fatal: asyncio.Future[None] | None = None  # a leader's Fatal, waiting for its cause
 
     def _bind(self, rank: int, ep: m.Endpoints) -> RankLink:
         push = zmq.Context.shadow(self.ctx.underlying).socket(zmq.PUSH)
@@ -320,6 +324,12 @@ class Frontend:
                 except Exception:  # one bad event must not stop this leader's outputs for everyone
                     log.exception("could not deliver an event from DP rank %d", link.rank)
 
+    async def _fail_after_fatal(self, message: str) -> None:
+        deadline = time.monotonic() + FATAL_CAUSE_WAIT_S
+        while self.ranks.killed() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        self.fail_all(self.ranks.killed() or message)
+
     def _dispatch(self, link: RankLink, ev: m.Event, delta: Delta | None) -> None:
         if isinstance(ev, m.Stats):
             self.engine_stats[link.rank] = ev.stats
@@ -328,7 +338,8 @@ class Frontend:
             self._schedule_flush()
             return
         if isinstance(ev, m.Fatal):  # a rank killed before it is the cause, the leader's failure the effect
-            self.fail_all(self.ranks.killed() or ev.message)
+            if self._fatal is None:
+                self._fatal = asyncio.ensure_future(self._fail_after_fatal(ev.message))
             return
         handle = self.handles.get(ev.rid)
         if handle is None:
