@@ -155,3 +155,30 @@ def test_glm_arguments_of_a_boolean_property_schema() -> None:
                        "<arg_value>hi</arg_value></tool_call>")
     done.add(parser.finish())
     assert [(c.name, json.loads(c.arguments)) for c in done.calls] == [("f", {"x": 1, "y": "hi"})]
+
+
+SCRIPT_TOOL = [{"type": "function", "function": {"name": "run", "parameters": {
+    "type": "object", "properties": {"spec": {"type": "object"}, "lines": {"type": "array"}}}}}]
+# JSON arguments whose strings hold each format's closing tags as text (a tool that writes markup)
+SPEC = {"html": f"</{D}parameter></{D}invoke></{D}function_calls></arg_value></tool_call>", "n": [1, "]}"]}
+LINES = ["a\\\"</arg_value>", "{"]
+
+
+@pytest.mark.parametrize("fmt", ["dsml", "glm"])
+def test_closing_tags_inside_a_json_argument(fmt: str) -> None:
+    """The value of a JSON argument ends where its JSON ends, not at the first closing tag in its text
+    (such a call came back as content, though the forced-call grammar allows it)."""
+    spec, lines = json.dumps(SPEC, ensure_ascii=False), json.dumps(LINES)
+    if fmt == "dsml":
+        raw = (f'Go.\n\n<{D}function_calls>\n<{D}invoke name="run">\n<{D}parameter name="spec" string="false">'
+               f'{spec}</{D}parameter>\n<{D}parameter name="lines" string="false">{lines}</{D}parameter>\n'
+               f'</{D}invoke>\n</{D}function_calls> done')
+        make = lambda: OutputParser(None, DsmlToolParser(SCRIPT_TOOL))  # noqa: E731
+    else:
+        raw = (f"Go.<tool_call>run<arg_key>spec</arg_key><arg_value>{spec}</arg_value>"
+               f"<arg_key>lines</arg_key><arg_value>{lines}</arg_value></tool_call> done")
+        make = lambda: OutputParser(None, GlmToolParser(SCRIPT_TOOL))  # noqa: E731
+    for a in range(0, len(raw) + 1, 3):
+        out = parse(make, raw, (a,))
+        assert (out.content, [(c.name, json.loads(c.arguments)) for c in out.calls]) == \
+            ("Go. done", [("run", {"spec": SPEC, "lines": LINES})]), a

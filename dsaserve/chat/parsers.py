@@ -143,15 +143,104 @@ class ToolCallParser:
         raise NotImplementedError
 
 
-_INVOKE = re.compile(rf'<{dsv32.DSML}invoke name="([^"]*)">(.*?){re.escape(dsv32.INVOKE_END)}', re.S)
-_PARAM = re.compile(rf'\s*<{dsv32.DSML}parameter name="([^"]*)" string="(true|false)">(.*?)'
-                    rf'{re.escape(dsv32.PARAM_END)}', re.S)
+class _NeedMore(Exception):
+    """The text ends inside the element: wait for more."""
+
+
+class _Malformed(Exception):
+    """The element is not a valid call."""
+
+
+def _skip_ws(text: str, pos: int) -> int:
+    return len(text) - len(text[pos:].lstrip()) if pos < len(text) else pos
+
+
+def _literal(text: str, pos: int, *literals: str) -> tuple[str, int]:
+    """Which of `literals` follows `pos` (after whitespace), and the position past it."""
+    i = _skip_ws(text, pos)
+    for lit in literals:
+        if text.startswith(lit, i):
+            return lit, i + len(lit)
+    if any(lit.startswith(text[i:]) for lit in literals):
+        raise _NeedMore
+    raise _Malformed
+
+
+def _json_value_end(text: str, start: int, close: str) -> int | None:
+    """Where `close` begins after the JSON object / array / string that opens at `start` (after
+    whitespace); None when no such value is there or `close` does not follow it. The scan knows JSON
+    strings, so markup written inside one (a closing tag as text) does not end the value."""
+    i = _skip_ws(text, start)
+    if i == len(text):
+        raise _NeedMore
+    if text[i] not in '{["':
+        return None
+    depth, in_string, escaped = 0, False, False
+    for j in range(i, len(text)):
+        ch = text[j]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "{[":
+            depth += 1
+        elif ch in "}]":
+            depth -= 1
+        if depth == 0 and not in_string:
+            k = _skip_ws(text, j + 1)
+            if text.startswith(close, k):
+                return k
+            if close.startswith(text[k:]):
+                raise _NeedMore
+            return None
+    raise _NeedMore
+
+
+def _head(pattern: re.Pattern[str], text: str, pos: int, opener: str) -> re.Match[str] | None:
+    """The tag `pattern` at `pos` (after whitespace); None when another tag is there."""
+    i = _skip_ws(text, pos)
+    if (m := pattern.match(text, i)) is not None:
+        return m
+    tail = text[i:]
+    if opener.startswith(tail) or (tail.startswith(opener) and ">" not in tail):
+        raise _NeedMore
+    return None
+
+
+_INVOKE_HEAD = re.compile(rf'<{dsv32.DSML}invoke name="([^"]*)">')
+_PARAM_HEAD = re.compile(rf'<{dsv32.DSML}parameter name="([^"]*)" string="(true|false)">')
+
+
+def _dsml_invoke(text: str) -> tuple[int, str, dict[str, Any]]:
+    """The invoke element at the start of `text`: its end, the tool's name and its arguments."""
+    m = _head(_INVOKE_HEAD, text, 0, f"<{dsv32.DSML}invoke")
+    if m is None:
+        raise _Malformed
+    name, pos, args = m.group(1), m.end(), {}
+    while (p := _head(_PARAM_HEAD, text, pos, f"<{dsv32.DSML}parameter")) is not None:
+        key, value_at = p.group(1), p.end()
+        if key in args:
+            raise _Malformed
+        end = None if p.group(2) == "true" else _json_value_end(text, value_at, dsv32.PARAM_END)
+        if end is None and (end := text.find(dsv32.PARAM_END, value_at)) < 0:
+            raise _NeedMore
+        value = text[value_at:end]
+        try:
+            args[key] = value if p.group(2) == "true" else json.loads(value)
+        except json.JSONDecodeError:
+            raise _Malformed from None
+        pos = end + len(dsv32.PARAM_END)
+    return _literal(text, pos, dsv32.INVOKE_END)[1], name, args
 
 
 class DsmlToolParser(ToolCallParser):
     """DeepSeek-V3.2: `\\n\\n<｜DSML｜function_calls>` then `invoke` elements, then the closing tag."""
     starts = ("\n\n" + dsv32.CALLS_START, dsv32.CALLS_START)
-    invoke_open = f"<{dsv32.DSML}invoke"
 
     def _block(self, out: Parsed) -> bool:
         if self.failed:
@@ -161,41 +250,16 @@ class DsmlToolParser(ToolCallParser):
         if rest.startswith(dsv32.CALLS_END):
             self.buf, self.raw, self.in_block = rest[len(dsv32.CALLS_END):], "", False
             return True
-        if rest.startswith(self.invoke_open):
-            close = rest.find(dsv32.INVOKE_END)
-            if close < 0:
-                return False
-            self._take(lead)
-            element = self._take(close + len(dsv32.INVOKE_END))
-            args = _dsml_arguments(element)
-            return (args is not None and self._call(args[0], args[1], out)) or self._fail_until(dsv32.CALLS_END, out)
-        if not rest or any(m.startswith(rest) for m in (dsv32.CALLS_END, self.invoke_open)):
+        if not rest or dsv32.CALLS_END.startswith(rest):
             return False
-        return self._fail_until(dsv32.CALLS_END, out)
-
-
-def _dsml_arguments(element: str) -> tuple[str, dict[str, Any]] | None:
-    m = _INVOKE.fullmatch(element)
-    if m is None:
-        return None
-    args: dict[str, Any] = {}
-    pos, body = 0, m.group(2)
-    while (p := _PARAM.match(body, pos)) is not None:
-        key, is_str, value = p.groups()
-        if key in args:
-            return None
-        if is_str == "true":
-            args[key] = value
-        else:
-            try:
-                args[key] = json.loads(value)
-            except json.JSONDecodeError:
-                return None
-        pos = p.end()
-    return (m.group(1), args) if not body[pos:].strip() else None
-
-
-_ARG = re.compile(r"\s*<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", re.S)
+        try:
+            end, name, args = _dsml_invoke(rest)
+        except _NeedMore:
+            return False
+        except _Malformed:
+            return self._fail_until(dsv32.CALLS_END, out)
+        self._take(lead + end)
+        return self._call(name, args, out) or self._fail_until(dsv32.CALLS_END, out)
 
 
 class GlmToolParser(ToolCallParser):
@@ -205,31 +269,42 @@ class GlmToolParser(ToolCallParser):
     end = "</tool_call>"
 
     def _block(self, out: Parsed) -> bool:
-        close = self.buf.find(self.end)
-        if close < 0:
+        try:
+            end, name, args = self._element(self.buf)
+        except _NeedMore:
             return False
-        body = self._take(close)
-        name, _, _ = body.partition("<arg_key>")
-        name = name.strip()
-        args = self._arguments(name, body[body.find("<arg_key>"):] if "<arg_key>" in body else "")
-        if name and args is not None and self._call(name, args, out):
-            self.buf, self.in_block = self.buf[len(self.end):], False
-            return True
-        return self._fail_until(self.end, out)
+        except _Malformed:
+            return self._fail_until(self.end, out)
+        self._take(end)
+        if not (name and self._call(name, args, out)):
+            out.content += self.raw  # an unknown tool: the element stays text
+        self.raw, self.in_block = "", False
+        return True
 
-    def _arguments(self, name: str, text: str) -> dict[str, Any] | None:
+    def _element(self, text: str) -> tuple[int, str, dict[str, Any]]:
+        """The call after `<tool_call>`: its end, name and arguments."""
+        ends = [i for i in (text.find("<arg_key>"), text.find(self.end)) if i >= 0]
+        if not ends:
+            raise _NeedMore
+        name, pos = text[:min(ends)].strip(), min(ends)
         props = (self.schemas.get(name) or {}).get("properties") or {}
         args: dict[str, Any] = {}
-        pos = 0
-        while (m := _ARG.match(text, pos)) is not None:
-            key, value = m.group(1).strip(), m.group(2)
-            if key in args:
-                return None
+        while (tag := _literal(text, pos, "<arg_key>", self.end))[0] == "<arg_key>":
+            if (key_end := text.find("</arg_key>", tag[1])) < 0:
+                raise _NeedMore
+            key = text[tag[1]:key_end].strip()
+            value_at = _literal(text, key_end + len("</arg_key>"), "<arg_value>")[1]
             schema = props.get(key)  # (a property's schema may be true / false: any value / none)
             is_string = isinstance(schema, dict) and schema.get("type") == "string"
+            end = None if is_string else _json_value_end(text, value_at, "</arg_value>")
+            if end is None and (end := text.find("</arg_value>", value_at)) < 0:
+                raise _NeedMore
+            if key in args:
+                raise _Malformed
+            value = text[value_at:end]
             args[key] = value if is_string else _json_or_text(value)
-            pos = m.end()
-        return args if not text[pos:].strip() else None
+            pos = end + len("</arg_value>")
+        return tag[1], name, args
 
 
 def _json_or_text(value: str) -> Any:
