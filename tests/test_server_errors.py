@@ -74,6 +74,8 @@ BAD = [  # (path, body changes, status, words in the message)
     ("/v1/chat/completions", {"messages": []}, 400, "messages"),
     ("/v1/completions", {"model": "gpt-17"}, 404, "'gpt-17' does not exist"),
     ("/generate", {"model": None, "sampling_params": {"max_new_tokens": 2, "temprature": 0.5}}, 400, "temprature"),
+    ("/generate", {"model": None, "input_ids": [5], "sampling_params": {"max_new_tokens": 0, "min_new_tokens": 1}},
+     400, "min_new_tokens must be 0"),
     ("/generate", {"model": None, "sampling_params": {"max_new_tokens": 2}}, 400, "exactly one of text and input_ids"),
 ]
 

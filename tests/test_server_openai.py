@@ -246,6 +246,29 @@ def test_native_generate_takes_a_batch(server: ServerProcess, llm: LLM) -> None:
     assert bad.status_code == 400 and "1 rid for 2 prompts" in bad.text
 
 
+def test_native_generate_with_no_new_tokens_scores_the_prompt(server: ServerProcess) -> None:
+    """SGLang's `max_new_tokens: 0`: no output, finish `length`, the prompt's log-probabilities those of a run that
+    generates (it was refused with a 400)."""
+    def generate(n: int, stream: bool = False) -> dict:
+        body = {"input_ids": [5, 6, 7, 8], "return_logprob": True, "logprob_start_len": 0, "stream": stream,
+                "sampling_params": {"max_new_tokens": n, "temperature": 0}}
+        if not stream:
+            r = httpx.post(f"{server.url}/generate", timeout=60, json=body)
+            assert r.status_code == 200, r.text
+            return r.json()
+        with httpx.stream("POST", f"{server.url}/generate", timeout=60, json=body) as s:
+            events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+        assert len(events) == 1
+        return events[0]
+    generating = generate(2)
+    for scored in (generate(0), generate(0, stream=True)):
+        meta = scored["meta_info"]
+        assert (scored["text"], scored["output_ids"], meta["completion_tokens"]) == ("", [], 0)
+        assert meta["finish_reason"]["type"] == "length" and meta["output_token_logprobs"] == []
+        assert meta["input_token_logprobs"] == generating["meta_info"]["input_token_logprobs"]
+        assert len(meta["input_token_logprobs"]) == 4
+
+
 def test_logprob_bytes_and_text_offsets_follow_multibyte_characters(server: ServerProcess, client: openai.OpenAI,
                                                                     model: str) -> None:
     """Byte-level tokens split characters: a chat logprob's `bytes` are its token's own (they join into the
