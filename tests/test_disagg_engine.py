@@ -33,7 +33,7 @@ def pd_pair(model: str, backend: str = "nixl", prefill: dict | None = None, deco
     """A prefill and a decode engine (`prefill` / `decode`: flags of one side only); their transfer agents and
     sockets are closed afterwards (a NIXL agent or a ZMQ context left to the garbage collector can block it)."""
     common = dict(model_path=model, max_total_tokens=2048, disaggregation_transfer_backend=backend, **kw)
-    engines = [Engine(ServerArgs(disaggregation_mode=mode, **common, **(own or {})), progress=False)
+    engines = [Engine(ServerArgs(disaggregation_mode=mode, **{**common, **(own or {})}), progress=False)
                for mode, own in (("prefill", prefill), ("decode", decode))]
     try:
         yield engines[0], engines[1]

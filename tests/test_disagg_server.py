@@ -248,15 +248,19 @@ class TestFailures:
     def test_abort_while_waiting_for_the_cache(self, failing: tuple) -> None:
         p, d, _, port = failing
         ids = prompts_ids(1, [9], seed=4)[0]
-        for server, room in ((d, 77001), (p, 77002)):  # decode: pre-allocated; prefill: prefilled, no decode asks
+        for server, room in ((d, 77001), (p, 77002)):  # decode: pre-allocated; prefill: waits for a decode server
+            def held() -> bool:  # decode: the request holds its pages; prefill: it waits (holding none)
+                states = httpx.get(f"{server.url}/get_server_info", timeout=30).json()["internal_states"]
+                return any(s["free_pages"] < s["total_pages"] if server is d else s["waiting"] for s in states)
+
             async def run() -> tuple[httpx.Response, httpx.Response]:
                 async with httpx.AsyncClient(timeout=60) as client:
                     job = asyncio.create_task(client.post(f"{server.url}/generate", json={
                         "input_ids": ids, "rid": f"abort-{room}", "bootstrap_host": "127.0.0.1",
                         "bootstrap_port": port, "bootstrap_room": room, "sampling_params": {"max_new_tokens": 4}}))
                     deadline = time.monotonic() + 30
-                    while all(f == t for f, t in pools(server.url)) and time.monotonic() < deadline:
-                        await asyncio.sleep(0.05)  # until the request holds its pages
+                    while not await asyncio.to_thread(held) and time.monotonic() < deadline:
+                        await asyncio.sleep(0.05)
                     abort = await client.post(f"{server.url}/abort_request", json={"rid": f"abort-{room}"})
                     return await job, abort
 
@@ -264,6 +268,15 @@ class TestFailures:
             assert abort.status_code == 200
             assert answer.status_code == 200 and answer.json()["meta_info"]["finish_reason"]["type"] == "abort"
             wait_pools_whole(server.url, 2 * TIMEOUT_S)
+
+    def test_routed_dp_rank_must_be_the_rooms_group(self, failing: tuple) -> None:
+        """A room belongs to prefill DP group room % dp, where the decode server asks for it: a routed_dp_rank
+        that names another group is refused at once (it ran there and waited out the timeout)."""
+        p, _, port = failing[0], failing[1], failing[3]
+        r = httpx.post(f"{p.url}/generate", timeout=60, json={
+            "input_ids": [5, 6, 7], "bootstrap_host": "127.0.0.1", "bootstrap_port": port, "bootstrap_room": 99001,
+            "routed_dp_rank": 0, "sampling_params": {"max_new_tokens": 2}})
+        assert r.status_code == 400 and "DP group 1" in r.text and "routed_dp_rank" in r.text, r.text
 
     def test_prefill_killed_decode_requests_fail(self, failing: tuple) -> None:
         """Decode requests whose KV cache never comes end within the timeout with a clear error, the

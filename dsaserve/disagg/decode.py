@@ -42,6 +42,10 @@ class DecodeSide(SideBase):
     def sockets(self) -> list[zmq.Socket]:
         return list(self.peers.values())
 
+    def queued(self) -> int:
+        """Requests waiting for free pages, before their page ids go out (the server's `waiting` counts them)."""
+        return sum(not inc.sent for inc in self.rooms.values())
+
     def wait_ms(self) -> int | None:
         """How long the leader may block (the control sockets wake it too): None with nothing incoming."""
         if any(i.sent for i in self.rooms.values()):
@@ -62,16 +66,18 @@ class DecodeSide(SideBase):
     def after_step(self, accepted: dict[str, tuple]) -> None:
         pass
 
-    def release(self, req: Request) -> None:
-        """The client aborted: the prefill server is told; pages it may be writing are held until it answers."""
+    def release(self, req: Request, reason: FinishReason) -> None:
+        """The request ended before its cache came (aborted): the prefill server is told, also when it has
+        no page ids yet (it holds the request until they come); pages it may be writing are held until it
+        answers."""
         room = req.disagg.room
         inc = self.rooms.get(room)
         if inc is None or inc.req is not req:
             return
+        self._send(inc.peer, {"kind": "cancel", "room": room, "reason": reason.message or reason.kind})
         if not inc.sent:
             del self.rooms[room]
             return
-        self._send(inc.peer, {"kind": "cancel", "room": room, "reason": "aborted on the decode server"})
         inc.pages, req.pages = req.pages, []
 
     # -- the loop ----------------------------------------------------------------------------
@@ -114,10 +120,10 @@ class DecodeSide(SideBase):
             logprob = (lp[0], [tuple(x) for x in lp[1]]) if lp else None
             return self.engine.resume_prefilled(inc.req, int(d["token"]), logprob, [int(t) for t in d["drafts"]])
         if self.deadlines.passed(inc.deadline):
-            if inc.sent and inc.done is None:
+            if inc.done is None:
                 self._send(inc.peer, {"kind": "cancel", "room": room, "reason": "timed out on the decode server"})
             where = "no KV cache from the prefill server" if inc.sent else "no free pages for the prompt"
-            return self._close(room, inc, f"{where} within {self.deadlines.timeout_s:.0f} s")
+            return self._close(room, inc, f"{where} within {self.deadlines.timeout_s:g} s")
         return None
 
     def _try_send(self, room: int, inc: Incoming) -> None:
@@ -132,6 +138,9 @@ class DecodeSide(SideBase):
                               "page_size": self.page_size, "spec_steps": self.engine.spec_steps,
                               "transport": header}, blob)
         inc.sent = True
+        # The prefill server starts writing within half the timeout of the page ids' arrival and gives a write
+        # a quarter: counted from now, these pages outlive any write into them.
+        inc.deadline = self.deadlines.after()
 
     def _close(self, room: int, inc: Incoming, message: str) -> RequestOutput | None:
         del self.rooms[room]

@@ -2,10 +2,12 @@
 pages into the pages a decode server pre-allocated, and tell it the token.
 
 A room's two halves arrive in any order: the request (through this server's HTTP API) and the decode
-server's `dest` (its pages, on the control socket). The prefill starts at once; after its first token the
-request is parked (its pages kept, out of the running batch) until the dest is there, the write is done
-and the decode server has the token. Every wait is bounded; a request that cannot be handed over ends
-with an error and its pages return to the pool.
+server's `dest` (its pages, on the control socket). The request waits outside the scheduler, holding no
+pages, until its dest is there (so the two servers can never each hold pages for a request the other cannot
+start: the decode server has its pages before the prefill takes any); then it is prefilled, parked after
+its first token (its pages kept, out of the running batch) while the write runs, and ends once the decode
+server has the token. Every wait is bounded; a request that cannot be handed over ends with an error, its
+pages return to the pool and the decode server is told.
 """
 from __future__ import annotations
 
@@ -34,19 +36,28 @@ class Dest:
 
 
 @dataclass
+class Pending:
+    """A request waiting for its decode server's pages (not in the scheduler yet)."""
+    req: Request
+    deadline: float
+
+
+@dataclass
 class Outgoing:
     req: Request
     first: tuple[int, Any]  # the first token and its logprob entry (None when not asked for)
-    deadline: float  # for the dest to arrive, then for the write to finish
+    dest: Dest
+    deadline: float = float("inf")  # for the write to finish
     handle: Any = None  # the write in flight
-    dest: Dest | None = None
-    pages: list[int] = field(default_factory=list)  # pages of an aborted request, held until its write ends
-    aborted: bool = False  # by the client while its write was in flight: `failed`, not `done`, once it ends
+    pages: list[int] = field(default_factory=list)  # pages of an ended request, held until its write ends
+    aborted: str | None = None  # why it ended while its write was in flight: `failed`, not `done`, once it ends
 
 
 @dataclass
 class PrefillSide(SideBase):
-    dests: dict[int, Dest] = field(default_factory=dict)
+    dests: dict[int, Dest] = field(default_factory=dict)  # not claimed by a request yet
+    pending: dict[int, Pending] = field(default_factory=dict)
+    admitted: dict[int, Dest] = field(default_factory=dict)  # the dests of requests being prefilled
     out: dict[int, Outgoing] = field(default_factory=dict)
     ended: dict[int, tuple[str, float]] = field(default_factory=dict)  # rooms that ended before their dest came
 
@@ -61,19 +72,30 @@ class PrefillSide(SideBase):
     def sockets(self) -> list[zmq.Socket]:
         return [self.sock]
 
+    def queued(self) -> int:
+        """Requests waiting for their decode server's pages (the server's `waiting` counts them)."""
+        return len(self.pending)
+
     def wait_ms(self) -> int | None:
         """How long the leader may block (its control socket wakes it too): None with nothing outgoing."""
-        if any(o.handle is not None or room in self.dests or room in self.ended for room, o in self.out.items()):
-            return 1  # a write in flight (NIXL progresses without a socket) or one ready to start
-        return self.deadlines.ms_until(min((o.deadline for o in self.out.values()), default=None))
+        if self.out or any(room in self.dests for room in self.pending):
+            return 1  # a write in flight (NIXL progresses without a socket) or ready to start; one to admit
+        return self.deadlines.ms_until(min((p.deadline for p in self.pending.values()), default=None))
 
     def add(self, req: Request) -> None:
-        room = req.disagg.room
+        """Checked now (the client learns at once); admitted to the scheduler when its dest comes."""
+        room, sched = req.disagg.room, self.engine.scheduler
         if room in self.out or any(r.disagg and r.disagg.room == room for r in self.engine.requests.values()):
             raise RequestError(f"bootstrap_room {room} is already in use on this prefill server")
         if room in self.ended:
             raise RequestError(f"bootstrap room {room} has ended on this prefill server: {self.ended[room][0]}")
-        self.engine.scheduler.add(req)
+        try:
+            sched.check_fits(len(req.prompt_ids), req.max_new_tokens)
+            sched.check_queue(len(self.pending))
+        except RequestError as exc:
+            self._ended(room, f"the prefill server refused it: {exc}")
+            raise
+        self.pending[room] = Pending(req, self.deadlines.after())
 
     def after_step(self, accepted: dict[str, tuple]) -> None:
         """Requests that sampled their first token (and made their drafts) leave the batch to be sent."""
@@ -83,20 +105,27 @@ class PrefillSide(SideBase):
                 continue
             self.engine.scheduler.park(req)
             lp = lps[0] if lps else None
-            self.out[req.disagg.room] = Outgoing(req, (req.output_ids[0], lp), self.deadlines.after())
+            room = req.disagg.room
+            self.out[room] = Outgoing(req, (req.output_ids[0], lp), self.admitted.pop(room))
 
-    def release(self, req: Request) -> None:
-        """The client aborted: nothing more is sent; pages under a write in flight wait for it to end."""
+    def release(self, req: Request, reason: FinishReason) -> None:
+        """The request ended here (aborted, or its step failed): the decode server is told why; pages under
+        a write in flight wait for it to end."""
         room = req.disagg.room
-        o = self.out.get(room)
-        if o is None:
-            self._ended(room, "the request was aborted on the prefill server")
+        message = ("the request was aborted on the prefill server" if reason.kind == "abort"
+                   else f"the prefill server failed it: {reason.message}")
+        self.pending.pop(room, None)
+        dest, o = self.admitted.pop(room, None), self.out.get(room)
+        if o is not None and o.handle is not None:
+            o.pages, req.pages, o.aborted = req.pages, [], message
             return
-        if o.handle is not None:
-            o.pages, req.pages, o.aborted = req.pages, [], True
-            return
-        del self.out[room]
-        self._ended(room, "the request was aborted on the prefill server")
+        if o is not None:
+            del self.out[room]
+            dest = o.dest
+        if dest is not None:
+            wire.send(self.sock, {"kind": "failed", "room": room, "message": message}, to=dest.peer)
+        else:
+            self._ended(room, message)
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -106,6 +135,7 @@ class PrefillSide(SideBase):
             out = self._on_message(ident, msg, blob)
             if out is not None:
                 outputs.append(out)
+        outputs += self._admit()
         for room, o in list(self.out.items()):
             out = self._advance(room, o)
             if out is not None:
@@ -127,32 +157,46 @@ class PrefillSide(SideBase):
             else:
                 self.dests[room] = Dest(ident, msg, blob, self.deadlines.after())
         elif kind == "cancel":
-            self.dests.pop(room, None)
-            o = self.out.get(room)
-            if o is not None and o.handle is not None:
-                return None  # writing: the decode server frees its pages when `done` or `failed` comes
-            # nothing is written into the decode server's pages: it may free them now
-            wire.send(self.sock, {"kind": "failed", "room": room, "message": "cancelled"}, to=ident)
-            if o is None:
-                self.ended[room] = ("cancelled by the decode server", self.deadlines.after())
-                return None
-            del self.out[room]
-            return self._end(o, FinishReason("abort", message=f"the decode server cancelled it: {msg.get('reason')}"))
+            return self._cancel(ident, room, f"the decode server cancelled it: {msg.get('reason')}")
         return None
 
+    def _cancel(self, ident: bytes, room: int, message: str) -> RequestOutput | None:
+        self.dests.pop(room, None)
+        o = self.out.get(room)
+        if o is not None and o.handle is not None:
+            return None  # writing: the decode server frees its pages when `done` or `failed` comes
+        # nothing is written into the decode server's pages: it may free them now
+        wire.send(self.sock, {"kind": "failed", "room": room, "message": "cancelled"}, to=ident)
+        self.admitted.pop(room, None)
+        req = o.req if o is not None else (self.pending.pop(room).req if room in self.pending else None)
+        if req is None:
+            req = next((r for r in self.engine.requests.values() if r.disagg and r.disagg.room == room), None)
+        if req is None:  # not here yet: refused when it comes
+            self.ended[room] = ("cancelled by the decode server", self.deadlines.after())
+            return None
+        reason = FinishReason("abort", message=message)
+        if o is not None:
+            del self.out[room]
+            return self._end(o, reason)
+        return self.engine.end_request(req, reason) if req.rid in self.engine.requests else None
+
+    def _admit(self) -> list[RequestOutput]:
+        """Pending requests whose dest came join the scheduler; those whose dest never came end."""
+        outputs = []
+        for room, p in list(self.pending.items()):
+            if room in self.dests:
+                del self.pending[room]
+                self.admitted[room] = self.dests.pop(room)
+                self.engine.scheduler.add(p.req, checked=True)
+            elif self.deadlines.passed(p.deadline):
+                del self.pending[room]
+                outputs.append(self.engine.end_request(p.req, FinishReason("error", message=(
+                    f"no decode server asked for bootstrap room {room} within {self.deadlines.timeout_s:g} s "
+                    f"(is the decode server up?)"))))
+        return outputs
+
     def _advance(self, room: int, o: Outgoing) -> RequestOutput | None:
-        if o.dest is None:
-            o.dest = self.dests.pop(room, None)
-            if o.dest is None and room in self.ended:  # the decode server cancelled before it was prefilled
-                del self.out[room]
-                return self._end(o, FinishReason("abort", message=self.ended.pop(room)[0]))
-            if o.dest is None:
-                if self.deadlines.passed(o.deadline):
-                    del self.out[room]
-                    return self._end(o, FinishReason("error", message=(
-                        f"no decode server asked for bootstrap room {room} within "
-                        f"{self.deadlines.timeout_s:.0f} s (is the decode server up?)")))
-                return None
+        if o.handle is None:
             try:
                 self._start(room, o)
             except (TransferFailed, PageCountMismatch) as exc:
@@ -161,15 +205,14 @@ class PrefillSide(SideBase):
             if not self.transport.poll(o.handle):
                 if self.deadlines.passed(o.deadline):
                     self.transport.cancel(o.handle)
-                    return self._fail(room, o, f"the KV write did not finish within {self.deadlines.timeout_s / 4:.0f} s")
+                    return self._fail(room, o, f"the KV write did not finish within {self.deadlines.timeout_s / 4:g} s")
                 return None
         except TransferFailed as exc:
             return self._fail(room, o, str(exc))
         del self.out[room]
-        if o.aborted:  # the decode server must not continue a request its client aborted
-            message = "the request was aborted on the prefill server"
-            wire.send(self.sock, {"kind": "failed", "room": room, "message": message}, to=o.dest.peer)
-            return self._end(o, FinishReason("abort", message=message))
+        if o.aborted is not None:  # the decode server must not continue a request that ended here
+            wire.send(self.sock, {"kind": "failed", "room": room, "message": o.aborted}, to=o.dest.peer)
+            return self._end(o, FinishReason("abort", message=o.aborted))
         token, lp = o.first
         wire.send(self.sock, {"kind": "done", "room": room, "agent": self.transport.agent, "token": token,
                               "logprob": lp, "drafts": list(o.req.draft_ids)}, to=o.dest.peer)
@@ -203,8 +246,7 @@ class PrefillSide(SideBase):
     def _fail(self, room: int, o: Outgoing, message: str) -> RequestOutput | None:
         log.warning("bootstrap room %d: %s", room, message)
         self.out.pop(room, None)
-        if o.dest is not None:
-            wire.send(self.sock, {"kind": "failed", "room": room, "message": message}, to=o.dest.peer)
+        wire.send(self.sock, {"kind": "failed", "room": room, "message": message}, to=o.dest.peer)
         return self._end(o, FinishReason("error", message=f"KV transfer to the decode server failed: {message}"))
 
     def _end(self, o: Outgoing, reason: FinishReason) -> RequestOutput | None:

@@ -85,7 +85,11 @@ class PDRouting:
         if not 0 <= room < 2**63:
             raise ApiError(400, f"bootstrap_room must be in [0, 2^63), got {room}", param="bootstrap_room")
         if self.args.disaggregation_mode == "prefill":
-            return DisaggRoute(room), room % self.dp if dp_rank is None else dp_rank
+            if dp_rank is not None and dp_rank != room % self.dp:
+                raise ApiError(400, f"bootstrap_room {room} belongs to this prefill server's DP group {room % self.dp} "
+                                    f"(room % {self.dp}), where the decode server asks for it; routed_dp_rank "
+                                    f"{dp_rank} differs", param="routed_dp_rank")
+            return DisaggRoute(room), room % self.dp
         if host is None or port is None:
             raise ApiError(400, "a request with bootstrap_room needs bootstrap_host and bootstrap_port on a "
                                 "decode server", param="bootstrap_host")

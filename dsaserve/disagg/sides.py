@@ -3,8 +3,8 @@ decode side, with its transfer backend over the leader's KV pools and its ZMQ co
 
 The engine calls (leader only): add(req) for a request that carries a route, after_step(accepted) after a
 step's tokens are committed, poll() before every step (and from the server's loop between steps),
-release(req) when a request holding pages in a transfer is aborted; the server's loop waits on
-sockets() for at most wait_ms(); info() goes to the frontend.
+release(req, reason) when a PD request ends outside the side's hand-over (aborted, a failed step); the
+server's loop waits on sockets() for at most wait_ms(); info() goes to the frontend.
 """
 from __future__ import annotations
 

@@ -143,8 +143,6 @@ class Engine:
         req = self.requests.get(rid)
         if req is None:
             return False
-        if req.disagg is not None:
-            self.disagg.release(req)  # the other server learns; pages a write may still reach wait for it
         self._finish(req, FinishReason("abort", message=message))
         self._finished_outside_step.append(self._output(req, [], []))
         return True
@@ -177,8 +175,11 @@ class Engine:
     def activity(self) -> tuple[int, int, int, int]:
         """Cheap counters that change when stats() would report other requests or pages (a request that
         frees pages the prefix cache shares changes no free count, only the allocator's change counter)."""
-        return (len(self.scheduler.running), len(self.scheduler.waiting), self.allocator.changes,
-                self.scheduler.num_retractions)
+        return (len(self.scheduler.running), self._waiting(), self.allocator.changes, self.scheduler.num_retractions)
+
+    def _waiting(self) -> int:
+        """Queued requests: the scheduler's and a PD side's (waiting for the other server before they hold pages)."""
+        return len(self.scheduler.waiting) + (self.disagg.queued() if self.disagg is not None else 0)
 
     def stats(self) -> EngineStats:
         cache = self.prefix_cache
@@ -186,7 +187,7 @@ class Engine:
         hits = (cache.num_pages, cache.stats.hit_tokens, cache.stats.queried_tokens) if cache is not None else (0, 0, 0)
         graphs = self.runner.graphs
         graph = (len(graphs.graphs), graphs.stats.captured, graphs.stats.eager_misses) if graphs else (0, 0, 0)
-        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting),
+        return EngineStats(len(self.scheduler.running), self._waiting(),
                            self.allocator.num_free + reclaimable, self.allocator.capacity,
                            self.scheduler.num_retractions, self.steps, *self._spec, *hits, *graph,
                            compiles.kernel_compiles())
@@ -383,11 +384,18 @@ class Engine:
         return pages
 
     def end_request(self, req: Request, reason: FinishReason) -> RequestOutput:
-        """Finish a request outside a step (PD transfers) and return its final output."""
-        self._finish(req, reason)
+        """Finish a request outside a step (by the PD side, which has dealt with its room) and return its final
+        output."""
+        self._drop(req, reason)
         return self._output(req, [], [])
 
     def _finish(self, req: Request, reason: FinishReason) -> None:
+        """End a request: a PD request's other server learns why (pages a write may still reach wait for it)."""
+        if req.disagg is not None and self.disagg is not None:
+            self.disagg.release(req, reason)
+        self._drop(req, reason)
+
+    def _drop(self, req: Request, reason: FinishReason) -> None:
         req.finish = reason
         self.scheduler.remove(req)
         del self.requests[req.rid]

@@ -75,10 +75,16 @@ class Scheduler:
             raise RequestError(f"prompt ({prompt_len}) + max_tokens ({max_new_tokens}) needs more cache than "
                                f"the whole KV pool holds ({self.capacity_tokens} tokens)")
 
-    def add(self, req: Request) -> None:
-        if len(self.waiting) >= self.cfg.max_queued_requests:
+    def check_queue(self, held_elsewhere: int = 0) -> None:
+        """QueueFull when the waiting requests (and `held_elsewhere`, about to join them) fill the queue."""
+        if len(self.waiting) + held_elsewhere >= self.cfg.max_queued_requests:
             raise QueueFull(f"the queue is full ({self.cfg.max_queued_requests} requests waiting)")
-        self.check_fits(len(req.prompt_ids), req.max_new_tokens)
+
+    def add(self, req: Request, checked: bool = False) -> None:
+        """`checked`: check_fits and check_queue passed when the request came (it waited elsewhere since)."""
+        if not checked:
+            self.check_queue()
+            self.check_fits(len(req.prompt_ids), req.max_new_tokens)
         self._enqueue(req)
 
     def remove(self, req: Request) -> None:

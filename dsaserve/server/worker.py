@@ -169,10 +169,13 @@ class WorkerLoop:
         poller.poll(disagg.wait_ms())
 
     def _transfers(self) -> list[m.Event]:
-        """PD transfers advance without a step. A request whose KV cache arrived must decode: under DP
-        attention every leader steps together, so the frontend is asked to wake them all first."""
-        outputs = self.engine.poll_transfers()
-        if self.engine.args.dp > 1 and any(out.new_token_ids for out in outputs):
+        """PD transfers advance without a step. A request whose KV cache arrived must decode, one whose page ids
+        came must prefill: under DP attention every leader steps together, so the frontend is asked to wake
+        them all first."""
+        idle = not self.engine.has_work()
+        outputs = self.engine.poll_transfers()  # (a prefill server admits requests whose page ids came)
+        woke = idle and self.engine.has_work()
+        if self.engine.args.dp > 1 and (woke or any(out.new_token_ids for out in outputs)):
             self.push.send_pyobj([*outputs, m.Wake()])
             return []
         return outputs

@@ -1,0 +1,120 @@
+"""PD disaggregation: the two servers never wait on each other longer than they must, and never write into
+pages the other has given away. A prefill engine and a decode engine in one process (real ZMQ control
+sockets, the `fake` transfer backend), stepped in turn; small decode pools make the waits happen."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from conftest import prompts_ids
+from dsaserve import SamplingParams
+from dsaserve.engine.engine import Engine
+from dsaserve.engine.request import DisaggRoute, RequestOutput
+from test_disagg_engine import assert_pools_whole, pd_pair
+
+pytestmark = pytest.mark.timeout(300)
+GREEDY = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+SMALL = dict(max_total_tokens=128)  # a decode pool that holds one of the prompts below at a time
+
+
+def two_prompts(dec: Engine, n: int = 2) -> list[list[int]]:
+    """Prompts of which the decode pool holds only one at a time."""
+    length = 4 * (dec.stats().total_pages // 2 + 1) - 2
+    return prompts_ids(n, [length] * n, seed=4)
+
+
+def step_until(engines: tuple[Engine, ...], done, limit_s: float) -> dict[str, RequestOutput]:
+    """Step every engine in turn until `done(finals)`; the final outputs by request id."""
+    finals: dict[str, RequestOutput] = {}
+    deadline = time.monotonic() + limit_s
+    while not done(finals) and time.monotonic() < deadline:
+        for e in engines:
+            for out in e.step() + e.take_finished():
+                if out.finished:
+                    finals[out.rid] = out
+        time.sleep(0.005)
+    return finals
+
+
+def test_opposite_arrival_orders_do_not_deadlock(tiny_ds: str) -> None:
+    """The router posts to both servers at once, so they may see two requests in opposite orders. The prefill
+    server prefilled (and held pages for) a request the decode server had no pages for, while the decode server
+    held its pool for the other one, which the prefill server could not start: both waited out the timeout.
+    Now a prefill starts only once the decode server's pages are there."""
+    with pd_pair(tiny_ds, backend="fake", page_size=4, disaggregation_timeout_s=20,
+                 prefill=SMALL, decode=SMALL) as (pre, dec):
+        a, b = two_prompts(dec)
+        peer = f"tcp://127.0.0.1:{pre.disagg.port}"
+        pre.add_request("pb", b, GREEDY, DisaggRoute(2))
+        pre.add_request("pa", a, GREEDY, DisaggRoute(1))
+        dec.add_request("a", a, GREEDY, DisaggRoute(1, peer))
+        dec.add_request("b", b, GREEDY, DisaggRoute(2, peer))
+        finals = step_until((pre, dec), lambda f: {"a", "b"} <= set(f) and not pre.requests, 15)
+        assert {r: finals[r].finish.kind for r in "ab"} == {"a": "length", "b": "length"}, \
+            {r: o.finish.message for r, o in finals.items()}
+        assert_pools_whole(pre, dec)
+
+
+def test_decode_never_reuses_pages_under_a_write(tiny_ds: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Page ids that went out late (the pool was full) get the whole timeout from then on: the decode server
+    used to count from the request's arrival, free the pages at that deadline and hand them to the next request
+    while the prefill server's write (which may start half a timeout after the ids came) was still running."""
+    with pd_pair(tiny_ds, backend="fake", page_size=4, disaggregation_timeout_s=2, decode=SMALL) as (pre, dec):
+        a, b, c = two_prompts(dec, 3)
+        peer = f"tcp://127.0.0.1:{pre.disagg.port}"
+        monkeypatch.setattr(pre.disagg.transport, "poll", lambda handle: False)  # every write runs to its limit
+        dec.add_request("a", a, GREEDY, DisaggRoute(1, peer))  # never prefilled: holds the pool until it times out
+        time.sleep(0.4)
+        pre.add_request("pb", b, GREEDY, DisaggRoute(2))
+        dec.add_request("b", b, GREEDY, DisaggRoute(2, peer))  # its page ids go out when "a" gives up
+        assert not dec.disagg.rooms[2].sent
+        written, reused = None, None
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not ("pb" not in pre.requests and "c" in dec.requests):
+            pre.step()
+            finished = [o.rid for o in dec.step() if o.finished]
+            o = pre.disagg.out.get(2)
+            writing = o is not None and o.handle is not None
+            if writing and written is None:
+                written = set(o.dest.msg["pages"])
+            if "b" in finished and "c" not in dec.requests:
+                dec.add_request("c", c, GREEDY, DisaggRoute(3, peer))  # takes whatever pages are free
+                reused = written & set(dec.requests["c"].pages) if writing else set()
+            time.sleep(0.005)
+        assert written is not None, "the prefill server never started the write"
+        assert reused is not None and not reused, f"pages {sorted(reused or ())} went to a new request mid-write"
+
+
+def test_a_failed_prefill_step_reaches_the_decode_server(tiny_ds: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prefill step that fails ends the request there with an error and tells the decode server why (it held
+    its pages for the whole timeout, then reported a missing cache)."""
+    with pd_pair(tiny_ds, backend="fake", page_size=4, disaggregation_timeout_s=20) as (pre, dec):
+        ids = prompts_ids(1, [9], seed=3)[0]
+        dec.add_request("d", ids, GREEDY, DisaggRoute(5, f"tcp://127.0.0.1:{pre.disagg.port}"))
+
+        def failing_forward(*args: object, **kwargs: object) -> None:
+            raise RuntimeError("injected step failure")
+        monkeypatch.setattr(pre.runner, "target", failing_forward)
+        pre.add_request("p", ids, GREEDY, DisaggRoute(5))
+        finals = step_until((pre, dec), lambda f: {"p", "d"} <= set(f), 8)  # well within the timeout
+        assert finals["p"].finish.kind == "error"
+        assert "d" in finals and "injected step failure" in finals["d"].finish.message
+        assert_pools_whole(pre, dec)
+
+
+def test_decode_abort_before_its_page_ids_went_out_tells_the_prefill_server(tiny_ds: str) -> None:
+    """A decode request aborted while it waited for pages still tells the prefill server, which ends its half
+    at once (it waited the whole timeout for page ids that could not come)."""
+    with pd_pair(tiny_ds, backend="fake", page_size=4, disaggregation_timeout_s=20, decode=SMALL) as (pre, dec):
+        a, b = two_prompts(dec)
+        peer = f"tcp://127.0.0.1:{pre.disagg.port}"
+        dec.add_request("a", a, GREEDY, DisaggRoute(1, peer))  # holds the decode pool
+        pre.add_request("pb", b, GREEDY, DisaggRoute(2))
+        dec.add_request("b", b, GREEDY, DisaggRoute(2, peer))
+        assert not dec.disagg.rooms[2].sent
+        assert dec.abort("b")
+        finals = step_until((pre, dec), lambda f: "pb" in f, 8)  # well within the 20 s timeout
+        assert finals["b"].finish.kind == "abort" and finals["pb"].finish.kind == "abort"
+        assert "cancelled" in finals["pb"].finish.message
+        assert pre.stats().free_pages == pre.stats().total_pages and not pre.requests
