@@ -78,3 +78,38 @@ def test_regex_slashes_escaped_or_not(tiny: dict[str, str], regex: str) -> None:
     text = next(t for t in ("a/b", "/b", "/", "a\\/", "a\\") if re.fullmatch(regex, t))
     st = state(path, Constraint(regex=regex), None, False)
     assert feed(st, hf.encode(text, add_special_tokens=False)) and st.is_terminated
+
+
+SCHEMA_TOOL = [{"type": "function", "function": {"name": "f", "parameters": {
+    "type": "object", "$defs": {"Unit": {"type": "string", "enum": ["c", "f"]}},
+    "properties": {"unit": {"$ref": "#/$defs/Unit"}, "code": {"type": "string", "pattern": "^[0-9]{3}$"},
+                   "kind": {"type": "string", "const": "abc"}, "tag": {"type": "string", "pattern": "x[0-9]"}},
+    "required": ["unit", "code", "kind", "tag"]}}}]
+GOOD = {"unit": '"c"', "code": "123", "kind": "abc", "tag": "zz x7 y"}
+BAD = [("unit", '"k"'), ("code", "1234"), ("code", "12a"), ("kind", "abd"), ("tag", "zz y")]
+
+
+def schema_call(tool_format: str, values: dict[str, str]) -> str:
+    if tool_format == "deepseekv32":
+        params = "".join(f'<{D}parameter name="{k}" string="{"false" if k == "unit" else "true"}">{v}</{D}parameter>\n'
+                         for k, v in values.items())
+        return f'\n\n<{D}function_calls>\n<{D}invoke name="f">\n{params}</{D}invoke>\n</{D}function_calls>'
+    args = "".join(f"<arg_key>{k}</arg_key><arg_value>{v}</arg_value>" for k, v in values.items())
+    return f"<tool_call>f{args}</tool_call>"
+
+
+@pytest.mark.parametrize("fmt,tool_format", [("deepseek_v32", "deepseekv32"), ("glm5", "glm47")])
+def test_forced_call_arguments_follow_refs_patterns_and_consts(tiny: dict[str, str], fmt: str,
+                                                               tool_format: str) -> None:
+    """A parameter schema's `$ref` to the root's `$defs` compiles (it was a 400: each argument's schema was
+    compiled without them), and a string argument keeps its `pattern` (anywhere in the value unless anchored)
+    and `const` (both were dropped: any text passed)."""
+    hf = Tokenizer(tiny[fmt]).hf
+    make = lambda: state(tiny[fmt], Constraint(forced_tools=SCHEMA_TOOL, several_calls=False), tool_format,  # noqa: E731
+                         False)
+    st = make()
+    assert feed(st, hf.encode(schema_call(tool_format, GOOD), add_special_tokens=False)) and st.is_terminated
+    for key, value in BAD:
+        st = make()
+        accepted = feed(st, hf.encode(schema_call(tool_format, {**GOOD, key: value}), add_special_tokens=False))
+        assert not (accepted and st.is_terminated), (key, value)

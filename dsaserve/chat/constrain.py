@@ -42,25 +42,50 @@ def json_rule(schema: dict[str, Any]) -> str:
     return "%json " + json.dumps({**schema, "x-guidance": JSON_STYLE}, ensure_ascii=False)
 
 
-def _text_value(schema: dict[str, Any], markup: Markup) -> str:
-    """A raw (unquoted) string argument: one of its enum values, else text without '<' (markup follows)."""
+def _text_value(schema: dict[str, Any], markup: Markup, name: str, rules: list[str]) -> str:
+    """A raw (unquoted) string argument: its const or one of its enum values, else text without '<' (markup
+    follows) of its length that matches its pattern (a terminal `name`: the regexes' intersection)."""
+    if isinstance(schema.get("const"), str):
+        return markup.lit(schema["const"])
     if isinstance(schema.get("enum"), list) and all(isinstance(v, str) for v in schema["enum"]):
         return "(" + " | ".join(markup.lit(v) for v in schema["enum"]) + ")"
     lo, hi = int(schema.get("minLength", 0)), schema.get("maxLength")
-    return f"/[^<]{{{lo},{int(hi)}}}/" if hi is not None else (f"/[^<]{{{lo},}}/" if lo else "/[^<]*/")
+    text = f"/[^<]{{{lo},{int(hi)}}}/" if hi is not None else (f"/[^<]{{{lo},}}/" if lo else "/[^<]*/")
+    if not isinstance(schema.get("pattern"), str):
+        return text
+    rules.append(f"{name.upper()}: {text} & /{_slashes_escaped(_whole_value_regex(schema['pattern']))}/")
+    return name.upper()
+
+
+def _whole_value_regex(pattern: str) -> str:
+    """A JSON-schema pattern (which may match anywhere in the value) as a regex of the whole value."""
+    starts = pattern.startswith("^")
+    core = pattern[1:] if starts else pattern
+    ends = core.endswith("$") and not core.endswith("\\$")
+    core = core[:-1] if ends else core
+    return ("" if starts else "[^<]*") + f"(?:{core})" + ("" if ends else "[^<]*")
+
+
+def _is_text(schema: dict[str, Any], tool_format: str) -> bool:
+    """A string argument written as raw text. DSML writes one with a `format` as JSON (string="false"), which
+    the JSON grammar checks; GLM's format has no JSON strings (its format is not enforced there)."""
+    return schema.get("type") == "string" and not (tool_format == "deepseekv32" and "format" in schema)
 
 
 def _params(params: dict[str, Any]) -> list[tuple[str, dict[str, Any], bool]]:
+    """(name, schema, required) of each parameter; each schema carries the root's definitions, which its
+    `$ref`s may name (each is compiled alone)."""
     props = params.get("properties") or {}
     required = set(params.get("required") or [])
-    return [(k, v if isinstance(v, dict) else {}, k in required) for k, v in props.items()]
+    defs = {k: params[k] for k in ("$defs", "definitions") if k in params}
+    return [(k, {**defs, **v} if isinstance(v, dict) else {}, k in required) for k, v in props.items()]
 
 
 def _dsml_call(i: int, fn: dict[str, Any], markup: Markup, rules: list[str]) -> str:
     parts = []
     for j, (key, schema, required) in enumerate(_params(fn.get("parameters") or {})):
-        is_str = schema.get("type") == "string"
-        value = _text_value(schema, markup) if is_str else f"v{i}_{j}"
+        is_str = _is_text(schema, "deepseekv32")
+        value = _text_value(schema, markup, f"t{i}_{j}", rules) if is_str else f"v{i}_{j}"
         if not is_str:
             rules.append(f"v{i}_{j}: {json_rule(schema)}")
         head = f'<{dsv32.DSML}parameter name="{key}" string="{"true" if is_str else "false"}">'
@@ -74,8 +99,8 @@ def _dsml_call(i: int, fn: dict[str, Any], markup: Markup, rules: list[str]) -> 
 def _glm_call(i: int, fn: dict[str, Any], markup: Markup, rules: list[str]) -> str:
     parts = []
     for j, (key, schema, required) in enumerate(_params(fn.get("parameters") or {})):
-        if schema.get("type") == "string":
-            value = _text_value(schema, markup)
+        if _is_text(schema, "glm"):
+            value = _text_value(schema, markup, f"t{i}_{j}", rules)
         else:
             value = f"v{i}_{j}"
             rules.append(f"v{i}_{j}: {json_rule(schema)}")
