@@ -67,6 +67,17 @@ def test_completions_match_llm(client: openai.OpenAI, llm: LLM, model: str) -> N
         assert chunks[-1].usage.completion_tokens == MAX and chunks[-1].usage.prompt_tokens == exp.prompt_tokens
 
 
+def test_completion_top_logprobs_hold_the_chosen_token(client: openai.OpenAI, model: str) -> None:
+    """OpenAI's completions: each top_logprobs entry holds the chosen token's log-probability too (echoed prompt
+    tokens, which are rarely the model's top choice, and logprobs=0); it was left out."""
+    r = client.completions.create(model=model, prompt="The quick brown fox", max_tokens=3, temperature=0, echo=True,
+                                  logprobs=0, extra_body=AS_IDS)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) > 4 and lp.top_logprobs[0] is None
+    for token, chosen, top in zip(lp.tokens[1:], lp.token_logprobs[1:], lp.top_logprobs[1:]):
+        assert top == {token: chosen}
+
+
 def test_token_id_prompts_and_prompt_lists(client: openai.OpenAI, llm: LLM, model: str) -> None:
     prompts = [[5, 6, 7, 8, 9], [40, 41, 42]]
     expected = greedy(llm, prompts)

@@ -229,9 +229,12 @@ class OpenAIServing:
         out = p.CompletionLogprobs(text_offset=offsets.take(ids))
         as_ids = body.return_tokens_as_token_ids
         for token, (chosen, top) in zip(ids, lps):
-            out.tokens.append(self.token_str(token, as_ids))
+            name = self.token_str(token, as_ids)
+            out.tokens.append(name)
             out.token_logprobs.append(chosen)
-            out.top_logprobs.append({self.token_str(t, as_ids): lp for t, lp in top} if chosen is not None else None)
+            # OpenAI's: the chosen token's log-probability is always there (up to logprobs + 1 entries)
+            out.top_logprobs.append({**{self.token_str(t, as_ids): lp for t, lp in top}, name: chosen}
+                                    if chosen is not None else None)
         return out
 
     @staticmethod
