@@ -111,3 +111,8 @@ def check_streamed_named_call(client: openai.OpenAI, model: str, extra: dict) ->
     calls = "".join(d.function.arguments or "" for d in deltas if not d.function.name)
     jsonschema.validate(json.loads(calls), WEATHER_TOOL["function"]["parameters"])
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+    # no empty chunks while the markup is held back (there were one per token): the role chunk opens the stream
+    empty = [c for c in chunks[1:] if c.choices and not (c.choices[0].delta.content or c.choices[0].delta.tool_calls
+                                                          or getattr(c.choices[0].delta, "reasoning_content", None)
+                                                          or c.choices[0].finish_reason)]
+    assert chunks[0].choices[0].delta.role == "assistant" and not empty, len(empty)

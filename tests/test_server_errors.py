@@ -68,6 +68,7 @@ BAD = [  # (path, body changes, status, words in the message)
     ("/v1/completions", {"prompt": [[5, 6], [7]]}, 400, "asks for 2 completions (2 prompt(s) x n = 1)"),
     ("/v1/chat/completions", {"n": 2}, 400, "asks for 2 completions"),
     ("/v1/chat/completions", {"top_logprobs": 2}, 400, "top_logprobs needs logprobs: true"),
+    ("/v1/completions", {"stream_options": {"include_usage": True}}, 400, "stream_options needs stream: true"),
     ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "role must be one of"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
      400, "content parts of type 'image_url' are not supported"),

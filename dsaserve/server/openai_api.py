@@ -152,7 +152,8 @@ class OpenAIServing:
                     raise finish_error(d.finish)
                 completion_tokens[i], cached[i] = d.completion_tokens, d.cached_tokens
                 if kind == "chat":
-                    yield self._chat_chunks(rid, body, i, d, parsers[i], calls)
+                    if chunks := self._chat_chunks(rid, body, i, d, parsers[i], calls):
+                        yield chunks
                 else:
                     first = echo is not None and d.completion_tokens == len(d.token_ids)  # its first delta
                     yield self._completion_chunk(rid, body, i, d, offsets, prompts, echo if first else None)
@@ -168,7 +169,8 @@ class OpenAIServing:
 
     def _chat_chunks(self, rid: str, body: p.SamplingFields, i: int, d: Delta, parser: OutputParser | None,
                      calls: list[int]) -> str:
-        """One chunk of text (and logprobs), then two per completed tool call (name, then arguments)."""
+        """One chunk of text (and logprobs), then two per completed tool call (name, then arguments); none
+        while the text is held back (a marker or stop string that may be forming) and nothing else is new."""
         part = Parsed(content=d.text) if parser is None else parser.feed(d.text)
         if parser is not None and d.finish is not None:
             part.add(parser.finish())
@@ -180,6 +182,9 @@ class OpenAIServing:
             args = p.ToolCallDelta(index=calls[i], function=p.FunctionCall(arguments=call.arguments))
             deltas += [p.ChatDelta(tool_calls=[head]), p.ChatDelta(tool_calls=[args])]
             calls[i] += 1
+        if len(deltas) > 1 or (d.finish is None and lp is None):
+            if not deltas[0].content and deltas[0].reasoning_content is None and lp is None:
+                deltas = deltas[1:]
         events = []
         for k, delta in enumerate(deltas):
             last = k == len(deltas) - 1

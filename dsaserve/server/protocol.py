@@ -71,6 +71,12 @@ class SamplingFields(Bootstrap):
     regex: str | None = None
     ebnf: str | None = None
 
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> SamplingFields:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options needs stream: true (OpenAI's rule)")
+        return self
+
 
 class CompletionRequest(SamplingFields):
     prompt: str | TokenIds | list[str] | list[TokenIds]
