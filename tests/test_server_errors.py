@@ -44,7 +44,7 @@ BAD = [  # (path, body changes, status, words in the message)
     ("/v1/completions", {"prompt": [], "max_tokens": 2}, 400, "prompt is empty"),
     ("/v1/completions", {"temperature": -1}, 400, "temperature must be >= 0"),
     ("/v1/completions", {"top_p": 0}, 400, "top_p must be in (0, 1]"),
-    ("/v1/completions", {"max_tokens": 0}, 400, "max_tokens must be > 0"),
+    ("/v1/chat/completions", {"max_tokens": 0}, 400, "max_tokens must be > 0"),
     ("/v1/completions", {"n": 0}, 400, "n"),
     ("/v1/completions", {"logprobs": 50}, 400, "logprobs"),
     ("/v1/completions", {"temperature": "hot"}, 400, "temperature"),
@@ -76,7 +76,7 @@ BAD = [  # (path, body changes, status, words in the message)
     ("/v1/completions", {"model": "gpt-17"}, 404, "'gpt-17' does not exist"),
     ("/generate", {"model": None, "sampling_params": {"max_new_tokens": 2, "temprature": 0.5}}, 400, "temprature"),
     ("/generate", {"model": None, "input_ids": [5], "sampling_params": {"max_new_tokens": 0, "min_new_tokens": 1}},
-     400, "min_new_tokens must be 0"),
+     400, "max_new_tokens 0 scores the prompt only: min tokens must be 0"),
     ("/generate", {"model": None, "sampling_params": {"max_new_tokens": 2}}, 400, "exactly one of text and input_ids"),
 ]
 

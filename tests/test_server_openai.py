@@ -67,6 +67,20 @@ def test_completions_match_llm(client: openai.OpenAI, llm: LLM, model: str) -> N
         assert chunks[-1].usage.completion_tokens == MAX and chunks[-1].usage.prompt_tokens == exp.prompt_tokens
 
 
+def test_completion_with_no_new_tokens_scores_the_prompt(client: openai.OpenAI, model: str) -> None:
+    """Legacy OpenAI completions: max_tokens 0 with echo and logprobs returns the prompt and its log-probabilities
+    only (what evaluation harnesses ask for), equal to a generating run's; it was a 400."""
+    kw = dict(model=model, prompt="The quick brown fox", temperature=0, echo=True, logprobs=1, extra_body=AS_IDS)
+    generating = client.completions.create(max_tokens=2, **kw)
+    scored = client.completions.create(max_tokens=0, **kw)
+    n = scored.usage.prompt_tokens
+    assert (scored.choices[0].text, scored.usage.completion_tokens) == ("The quick brown fox", 0)
+    assert scored.choices[0].finish_reason == "length" and len(scored.choices[0].logprobs.tokens) == n
+    assert scored.choices[0].logprobs.token_logprobs == generating.choices[0].logprobs.token_logprobs[:n]
+    streamed = list(client.completions.create(max_tokens=0, stream=True, **kw))
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == "The quick brown fox"
+
+
 def test_completion_top_logprobs_hold_the_chosen_token(client: openai.OpenAI, model: str) -> None:
     """OpenAI's completions: each top_logprobs entry holds the chosen token's log-probability too (echoed prompt
     tokens, which are rarely the model's top choice, and logprobs=0); it was left out."""

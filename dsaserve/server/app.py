@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 import dsaserve
 from dsaserve.disagg.serving import PDRouting
-from dsaserve.engine.request import FinishReason, SamplingParams
+from dsaserve.engine.request import SamplingParams
 from dsaserve.server import protocol as p
 from dsaserve.server.errors import ApiError, bad_request, install_error_handlers
 from dsaserve.server.frontend import Frontend, RequestHandle
@@ -21,7 +21,8 @@ from dsaserve.server.guard import RequestGuard
 from dsaserve.server.metrics import ServerMetrics
 from dsaserve.server.openai_api import OpenAIServing, openai_router
 from dsaserve.server.streaming import (DONE, AbortingStream, Result, aborter, bias_pairs, checked, collect,
-                                       error_event, finish_error, merged, prompt_token_logprobs, until_disconnect)
+                                       error_event, finish_error, merged, prompt_token_logprobs, scores_only,
+                                       until_disconnect)
 from dsaserve.server_args import ServerArgs
 
 HEALTH_GENERATE_TIMEOUT_S = 60.0
@@ -83,23 +84,12 @@ def _health_routes(router: APIRouter, fe: Frontend, metrics: ServerMetrics) -> N
 
 def _native_params(sp: p.NativeSamplingParams, logprobs: int | None, prompt_logprobs: int | None) -> SamplingParams:
     stop = (sp.stop,) if isinstance(sp.stop, str) else tuple(sp.stop or ())
-    if sp.max_new_tokens == 0 and sp.min_new_tokens:
-        raise bad_request("max_new_tokens 0 scores the prompt only: min_new_tokens must be 0", param="min_new_tokens")
     return checked(SamplingParams(
-        max_tokens=1 if sp.max_new_tokens == 0 else sp.max_new_tokens, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k,
+        max_tokens=max(sp.max_new_tokens, 1) if sp.max_new_tokens is not None else None, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k,
         min_p=sp.min_p, frequency_penalty=sp.frequency_penalty, presence_penalty=sp.presence_penalty,
         repetition_penalty=sp.repetition_penalty, min_tokens=sp.min_new_tokens, logit_bias=bias_pairs(sp.logit_bias),
         seed=sp.seed, stop=stop, include_stop_str=sp.no_stop_trim, stop_token_ids=tuple(sp.stop_token_ids or ()),
         ignore_eos=sp.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs))
-
-
-def _scored_only(res: Result) -> Result:
-    """SGLang's `max_new_tokens: 0` scores the prompt only: the engine ran it for one token (whose log-probs come
-    with the prompt's), which the answer leaves out."""
-    if res.finish is None or res.finish.kind not in ("stop", "length"):
-        return res
-    return dataclasses.replace(res, text="", token_ids=[], logprobs=[], completion_tokens=0,
-                               finish=FinishReason("length"))
 
 
 def _meta(handle: RequestHandle, res: Result, body: p.GenerateRequest, ids: list[int],
@@ -152,21 +142,21 @@ def _native_routes(args: ServerArgs, fe: Frontend, served_name: str, pd: PDRouti
         logprobs = body.top_logprobs_num if body.return_logprob else None
         route, dp_rank = await pd.route(body)
         decodes = PDRouting.decodes(route)  # the prompt's log-probabilities: the prefill server's answer has them
+        prompt_only = scores_only(body.sampling_params.max_new_tokens, body.sampling_params.min_new_tokens,
+                                  "max_new_tokens")
         params = _native_params(body.sampling_params, logprobs,
                                 logprobs if body.logprob_start_len >= 0 and not decodes else None)
         if batch:
             base = body.rid if isinstance(body.rid, str) else secrets.token_hex(16)
-            handles = await fe.submit_many(prompts, [params] * len(prompts), base, dp_rank, route, rids)
+            handles = await fe.submit_many(prompts, [params] * len(prompts), base, dp_rank, route, rids, prompt_only)
         else:
-            handles = [await fe.submit(prompts[0], params, body.rid, dp_rank, route=route)]
+            handles = [await fe.submit(prompts[0], params, body.rid, dp_rank, route=route, scores_only=prompt_only)]
         if body.stream:
             return AbortingStream(_generate_stream(handles, body, prompts, decodes, batch), aborter(fe, handles))
 
         async def gather() -> list[Result]:
             return [await collect(h) for h in handles]
         results = await until_disconnect(request, gather(), aborter(fe, handles))
-        if body.sampling_params.max_new_tokens == 0:
-            results = [_scored_only(res) for res in results]
         out = [{"text": res.text, "output_ids": res.token_ids, "meta_info": _meta(h, res, body, ids, decodes)}
                for h, res, ids in zip(handles, results, prompts)]
         return out if batch else out[0]
@@ -180,10 +170,6 @@ def _native_routes(args: ServerArgs, fe: Frontend, served_name: str, pd: PDRouti
                 res.absorb(d)
                 if d.finish is not None and d.finish.kind == "error":
                     raise finish_error(d.finish)
-                if body.sampling_params.max_new_tokens == 0:
-                    if d.finish is None:
-                        continue
-                    res = results[i] = _scored_only(res)
                 chunk = {"text": res.text, "output_ids": res.token_ids,
                          "meta_info": _meta(handles[i], res, body, prompts[i], decodes)}
                 yield p.sse({**chunk, "index": i} if batch else chunk)

@@ -209,15 +209,16 @@ class Frontend:
 
     async def submit(self, prompt_ids: list[int], params: SamplingParams, rid: str | None = None,
                      dp_rank: int | None = None, group: str | None = None,
-                     route: DisaggRoute | None = None) -> RequestHandle:
-        """Queue one request on a leader; raises ApiError if it is rejected or the deployment fails."""
+                     route: DisaggRoute | None = None, scores_only: bool = False) -> RequestHandle:
+        """Queue one request on a leader; raises ApiError if it is rejected or the deployment fails.
+        `scores_only`: its answer leaves out the tokens (streaming.scores_only)."""
         if self.problem is not None:
             raise ApiError(503, self.problem)
         rank = self.route(dp_rank)
         rid = rid or uuid.uuid4().hex
         if rid in self.handles:
             raise ApiError(400, f"request id {rid!r} is already in use", param="rid")
-        handle = RequestHandle(rid, rank, self.tokenizer, params.stop, group)
+        handle = RequestHandle(rid, rank, self.tokenizer, params.stop, group, scores_only)
         self.handles[rid] = handle
         self._send(rank, m.AddRequest(rid, list(prompt_ids), params, route))
         try:
@@ -229,7 +230,7 @@ class Frontend:
 
     async def submit_many(self, prompts: list[list[int]], params: list[SamplingParams], base_rid: str,
                           dp_rank: int | None, route: DisaggRoute | None = None,
-                          rids: list[str] | None = None) -> list[RequestHandle]:
+                          rids: list[str] | None = None, scores_only: bool = False) -> list[RequestHandle]:
         """All or nothing: if one is rejected, the accepted ones are aborted. `base_rid` (the
         response id) names them all for /abort_request; each is `base_rid`-i, or rids[i] when given."""
         if route is not None and len(prompts) > 1:
@@ -240,7 +241,8 @@ class Frontend:
             raise ApiError(400, f"request id {base_rid!r} is already in use", param="rid")
         rids = rids or [f"{base_rid}-{i}" for i in range(len(prompts))]
         self.groups[base_rid] = rids
-        jobs = [self.submit(p, sp, rid, dp_rank, base_rid, route) for p, sp, rid in zip(prompts, params, rids)]
+        jobs = [self.submit(p, sp, rid, dp_rank, base_rid, route, scores_only)
+                for p, sp, rid in zip(prompts, params, rids)]
         results = await asyncio.gather(*jobs, return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:

@@ -52,8 +52,10 @@ class Delta:
 
 
 class RequestHandle:
-    def __init__(self, rid: str, rank: int, tokenizer: Tokenizer, stop: tuple[str, ...], group: str | None = None):
+    def __init__(self, rid: str, rank: int, tokenizer: Tokenizer, stop: tuple[str, ...], group: str | None = None,
+                 scores_only: bool = False):
         self.rid, self.rank, self.group = rid, rank, group  # group: the response id of an n > 1 / batch call
+        self.scores_only = scores_only  # the prompt only (max_tokens 0): the one token it ran for is left out
         self.accepted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.queue: asyncio.Queue[Delta | EngineFailure] = asyncio.Queue()
         self.finished = False
@@ -66,6 +68,10 @@ class RequestHandle:
 
     def detokenize(self, out: RequestOutput) -> Delta:
         """The output as a text delta (called in the detokenizer thread, in output order)."""
+        if self.scores_only:
+            ended = out.finish is not None and out.finish.kind in ("stop", "length")
+            return Delta(finish=FinishReason("length") if ended else out.finish, prompt_tokens=out.prompt_tokens,
+                         cached_tokens=out.cached_tokens, prompt_logprobs=out.prompt_logprobs)
         return Delta.of(out, self._text_delta(out))
 
     def on_output(self, delta: Delta, metrics: ServerMetrics) -> None:

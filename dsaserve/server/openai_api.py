@@ -21,7 +21,8 @@ from dsaserve.server import protocol as p
 from dsaserve.server.errors import ApiError, bad_request
 from dsaserve.server.frontend import Delta, Frontend, RequestHandle
 from dsaserve.server.streaming import (DONE, AbortingStream, Result, aborter, bias_pairs, checked, collect,
-                                       error_event, finish_error, merged, prompt_token_logprobs, until_disconnect)
+                                       error_event, finish_error, merged, prompt_token_logprobs, scores_only,
+                                       until_disconnect)
 
 LogprobList = list[tuple[float, list[tuple[int, float]]]]
 ParserFactory = Callable[[], OutputParser]
@@ -117,10 +118,12 @@ class OpenAIServing:
             raise bad_request("echo with logprobs asks for the prompt's log-probabilities, which the prefill server "
                               "computes and a PD decode server does not: send it to a server without "
                               "disaggregation", param="echo")
-        params = [self.params(body, max_tokens, logprobs, i, grammar, scored) for _ in prompts for i in range(body.n)]
+        prompt_only = kind == "completion" and scores_only(max_tokens, body.min_tokens or 0, "max_tokens")
+        params = [self.params(body, 1 if prompt_only else max_tokens, logprobs, i, grammar, scored)
+                  for _ in prompts for i in range(body.n)]
         flat = [ids for ids in prompts for _ in range(body.n)]
         rid = body.rid or f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
-        handles = await self.fe.submit_many(flat, params, rid, dp_rank, route)
+        handles = await self.fe.submit_many(flat, params, rid, dp_rank, route, scores_only=prompt_only)
         prompt_tokens = sum(len(ids) for ids in prompts)  # each prompt once, however many choices
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
