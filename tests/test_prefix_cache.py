@@ -132,6 +132,21 @@ def test_hit_statistics_count_each_admission_once(tiny_ds: str) -> None:
     assert stats.queried_tokens == 80 and stats.hit_tokens <= 20, stats
 
 
+def test_a_retracted_request_keeps_its_prompts_cached_tokens(tiny_ds: str) -> None:
+    """Re-admitted after a retraction, a request matches the cache over its prompt and output; what it reports
+    as cached prompt tokens (usage's cached_tokens) stays that of its first admission (a 6-token prompt reported
+    16 cached tokens). The hit statistics count the re-admission's reuse: computing it was saved."""
+    llm = LLM(tiny_ds, page_size=4, max_total_tokens=64, skip_server_warmup=True)
+    engine = llm.engine
+    engine.reset_counters()
+    prompts = prompts_ids(3, [6, 6, 6], seed=1)
+    for i, (ids, n) in enumerate(zip(prompts, [12, 40, 40])):
+        engine.add_request(f"r{i}", ids, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+    final = [o for o in engine.run_until_idle() if o.finished]
+    assert engine.scheduler.num_retractions > 0 and len(final) == 3
+    assert all(o.cached_tokens <= o.prompt_tokens for o in final), [(o.rid, o.cached_tokens) for o in final]
+
+
 def test_mtp_drafts_after_a_page_another_request_continued_differently(tiny_ds: str) -> None:
     """With MTP a page's last entry depends on the token after it. r2 (A + B...) adds B under r1's page A (A +
     C...), keeping r1's A; r3 (A + B + D) must not reuse that A (its last entry was made for C's first token):

@@ -170,7 +170,8 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     pages: list[int] = field(default_factory=list)
     num_cached: int = 0  # tokens whose latent and index key are in the pool
-    cached_tokens: int = 0  # of the prompt, served from the prefix cache at admission
+    cached_tokens: int = 0  # of the prompt, served from the prefix cache at its first admission
+    admitted: bool = False  # once (a retracted request is admitted again: its cached_tokens stand)
     state: RequestState = RequestState.WAITING
     finish: FinishReason | None = None
     stop_text: str | None = None  # the completion text truncated before (or after) a matched stop string

@@ -182,7 +182,9 @@ class Scheduler:
         if self.cache is None or req.pages or req.params.prompt_logprobs is not None:
             return None
         req.pages = self.cache.match(req.token_slice(0, req.num_tokens), limit=req.num_tokens - 1, record_hits=False)
-        req.num_cached = req.cached_tokens = len(req.pages) * self.cfg.page_size
+        req.num_cached = len(req.pages) * self.cfg.page_size
+        if not req.admitted:  # (again after a retraction: the match covers its output too, not the prompt's hit)
+            req.cached_tokens = req.num_cached
         return len(req.pages)
 
     def _release(self, req: Request) -> None:
@@ -232,8 +234,9 @@ class Scheduler:
             new_pages = self._pages_missing(req, req.num_cached + chunk + (drafts if chunk == req.pending else 0))
             req.pages += self.allocator.alloc(new_pages)
             if admitting:
-                if hit is not None:  # counted once admitted, not at each try
+                if hit is not None:  # counted once admitted, not at each try (a re-admission's reuse counts too)
                     self.cache.count(req.num_tokens, hit)
+                req.admitted = True
                 self.waiting.remove(req)
                 req.state = RequestState.RUNNING
                 bisect.insort(self.running, req, key=lambda r: r.arrival)
