@@ -11,7 +11,7 @@ from conftest import prompts_ids
 from dsaserve import SamplingParams
 from dsaserve.engine.engine import Engine
 from dsaserve.engine.request import DisaggRoute, RequestOutput
-from test_disagg_engine import assert_pools_whole, pd_pair
+from test_disagg_engine import assert_pools_whole, pd_pair, run_pd
 
 pytestmark = pytest.mark.timeout(300)
 GREEDY = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
@@ -118,3 +118,28 @@ def test_decode_abort_before_its_page_ids_went_out_tells_the_prefill_server(tiny
         assert finals["b"].finish.kind == "abort" and finals["pb"].finish.kind == "abort"
         assert "cancelled" in finals["pb"].finish.message
         assert pre.stats().free_pages == pre.stats().total_pages and not pre.requests
+
+
+def test_malformed_page_ids_end_the_request_not_the_server(tiny_ds: str) -> None:
+    """A `dest` message without its page list (a broken or foreign peer) ends its request with a message naming
+    the problem; the prefill leader goes on serving (its KeyError escaped the step)."""
+    import zmq
+
+    from dsaserve.disagg import protocol as wire
+    with pd_pair(tiny_ds, backend="fake", page_size=4) as (pre, dec):
+        ids = prompts_ids(1, [9], seed=5)[0]
+        header, blob = dec.disagg.transport.descriptor()
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(f"tcp://127.0.0.1:{pre.disagg.port}")
+        wire.send(sock, {"kind": "dest", "room": 11, "prompt_len": len(ids), "prompt_crc": wire.prompt_crc(ids),
+                         "page_size": 4, "spec_steps": 0, "transport": header}, blob)  # no "pages"
+        pre.add_request("p", ids, GREEDY, DisaggRoute(11))
+        finals = step_until((pre,), lambda f: "p" in f, 30)
+        sock.close()
+        ctx.destroy(linger=0)
+        assert finals["p"].finish.kind == "error" and "page ids are malformed" in finals["p"].finish.message
+        final, tokens = run_pd(pre, dec, [ids], GREEDY)  # and the pair goes on serving
+        assert final["r0"].finish.kind == "length" and len(tokens["r0"]) == GREEDY.max_tokens
+        assert_pools_whole(pre, dec)
