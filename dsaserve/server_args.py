@@ -38,8 +38,8 @@ class ServerArgs:
     kv_cache_dtype: str = _opt("auto", "latent and index-key cache dtype: auto (the --dtype), bf16 (alias bfloat16), "
                                        "fp8_e4m3 (FlashMLA's 656-byte latent rows: e4m3 + fp32 scales per 128 "
                                        "values + bf16 rope; index keys e4m3 + one fp32 scale per 128)")
-    tp: int = _opt(1, "tensor-parallel size (ranks on this machine x nnodes)")
-    dp: int = _opt(1, "data-parallel size (with --enable-dp-attention: DP attention groups)")
+    tp: int = _opt(1, "tensor-parallel size (ranks on this machine x nnodes)", aliases=("--tp-size",))
+    dp: int = _opt(1, "data-parallel size (with --enable-dp-attention: DP attention groups)", aliases=("--dp-size",))
     enable_dp_attention: bool = _opt(False, "attention runs data-parallel in --dp groups, MoE over all ranks")
     nnodes: int = _opt(1, "number of machines")
     node_rank: int = _opt(0, "rank of this machine")
@@ -51,7 +51,8 @@ class ServerArgs:
     page_size: int = _opt(64, "tokens per KV cache page (1 or 64 are tested)")
     max_total_tokens: int | None = _opt(None, "KV cache capacity in tokens (default: from --mem-fraction)")
     mem_fraction: float = _opt(0.85, "share of the device memory still free after loading the weights that "
-                                       "the KV pool takes (CPU: of available RAM, at most 1 GiB)")
+                                       "the KV pool takes (CPU: of available RAM, at most 1 GiB)",
+                               aliases=("--mem-fraction-static",))
     max_running_requests: int = _opt(256, "most requests decoding at once")
     max_queued_requests: int = _opt(4096, "most requests waiting; more get 503")
     chunked_prefill_size: int = _opt(8192, "most tokens in one step (prompt chunks and, mixed, decode rows)")
@@ -220,20 +221,23 @@ class ServerArgs:
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
         hints = get_type_hints(cls)
+        # SGLang's launch lines carry it; dsaserve runs no code from a checkpoint, so it changes nothing
+        parser.add_argument("--trust-remote-code", action="store_true", help="accepted for SGLang's launch lines "
+                            "(dsaserve runs no code from a checkpoint)")
         for f in dataclasses.fields(cls):
             if f.name in skip:
                 continue
-            flag = "--" + f.name.replace("_", "-")
+            flag = ("--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ()))  # SGLang's other names too
             kind = hints[f.name]
             if kind is bool:
                 action = argparse.BooleanOptionalAction if f.default else "store_true"
-                parser.add_argument(flag, action=action, default=f.default, help=f.metadata["help"])
+                parser.add_argument(*flag, action=action, default=f.default, help=f.metadata["help"])
                 continue
             kinds = getattr(kind, "__args__", (kind,))
             many = any(getattr(k, "__origin__", None) is tuple for k in kinds)  # tuple[int, ...]: a list flag
             base = int if many else next(t for t in (int, float, str) if t in kinds)
             suffix = "" if f.default is None else f" (default: {f.default})"
-            parser.add_argument(flag, type=base, default=f.default, help=f.metadata["help"] + suffix,
+            parser.add_argument(*flag, type=base, default=f.default, help=f.metadata["help"] + suffix,
                                 **({"nargs": "+"} if many else {}))
 
     @classmethod

@@ -76,11 +76,12 @@ def test_pool_too_small_for_one_request(tiny_ds: str) -> None:
     assert len(llm.generate([[5] * 4], SamplingParams(max_tokens=4))[0].token_ids) == 4
 
 
-def test_a_pool_of_one_page_refuses_requests_instead_of_waiting(tiny_ds: str) -> None:
-    """Admission holds a page for the first decode beside the first chunk's: one page can start nothing."""
-    llm = LLM(tiny_ds, page_size=4, max_total_tokens=4)
-    with pytest.raises(RequestError, match=r"holds 1 page\(s\) of 4 tokens and a request needs 2 free to start"):
-        llm.generate([[5, 6]], SamplingParams(max_tokens=1))
+def test_a_pool_of_one_page_is_refused_at_start(tiny_ds: str) -> None:
+    """Admission holds a page for the first decode beside the first chunk's: one page can start nothing, so the
+    engine does not start (a server said ready, then refused every request)."""
+    with pytest.raises(ValueError, match=r"holds 1 page\(s\) of 4 tokens and a request needs 2 free to start: "
+                                         r"raise --max-total-tokens or --mem-fraction"):
+        LLM(tiny_ds, page_size=4, max_total_tokens=4)
 
 
 def test_wrong_model_type(tmp_path: Path, tiny_ds: str) -> None:

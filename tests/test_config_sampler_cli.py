@@ -150,6 +150,20 @@ def test_a_checkpoint_folder_that_is_a_file_is_refused(tmp_path: Path, capsys: p
     assert file.read_text() == "x"
 
 
+def test_sglang_launch_line_flags() -> None:
+    """SGLang's names for the same settings (--tp-size, --dp-size, --mem-fraction-static) and its
+    --trust-remote-code parse (they stopped a copied launch line with exit code 2)."""
+    import argparse
+
+    from dsaserve.server_args import ServerArgs
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    ns = parser.parse_args(["--tp-size", "2", "--dp-size", "2", "--enable-dp-attention", "--mem-fraction-static",
+                            "0.8", "--trust-remote-code"])
+    args = ServerArgs.from_cli(ns)
+    assert (args.tp, args.dp, args.enable_dp_attention, args.mem_fraction) == (2, 2, True, 0.8)
+
+
 def test_bench_one_batch_sizes_are_checked_first(tiny_ds: str, capsys: pytest.CaptureFixture) -> None:
     from dsaserve.cli import main
     assert main(["bench", "one-batch", "--model-path", tiny_ds, "--batch-size", "0", "--output-len", "0"]) == 2

@@ -79,6 +79,8 @@ class Engine:
             context_length=self.context_length, spec_steps=self.spec_steps, mixed_chunk=args.enable_mixed_chunk,
             max_logit_rows=max(1, _PROMPT_LOGITS_BYTES // (4 * self.cfg.vocab_size))), self.allocator,
             self.prefix_cache)
+        if (problem := self.scheduler.capacity_problem()) is not None:  # not a server that refuses every request
+            raise ValueError(problem)
         eos = set(self.cfg.eos_token_ids)
         if self.tokenizer.hf.eos_token_id is not None:
             eos.add(self.tokenizer.hf.eos_token_id)

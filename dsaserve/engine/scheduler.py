@@ -56,6 +56,13 @@ class Scheduler:
         """Free pages admitting a request takes: its first chunk's, and the pages held for its first decode."""
         return 1 + self._pages_for(self.cfg.decode_lookahead)
 
+    def capacity_problem(self) -> str | None:
+        """Why no request could ever start in this pool (the engine refuses to start with it), or None."""
+        if self.allocator.capacity >= self.pages_to_admit:
+            return None
+        return (f"the KV pool holds {self.allocator.capacity} page(s) of {self.cfg.page_size} tokens and a request "
+                f"needs {self.pages_to_admit} free to start: raise --max-total-tokens or --mem-fraction")
+
     def check_fits(self, prompt_len: int, max_new_tokens: int) -> None:
         """Reject what can never run: the message names both numbers."""
         limit = self.cfg.context_length
@@ -66,10 +73,6 @@ class Scheduler:
         if prompt_len + max_new_tokens > limit:
             raise RequestError(f"prompt ({prompt_len} tokens) + max_tokens ({max_new_tokens}) = "
                                f"{prompt_len + max_new_tokens} exceeds the context length {limit}")
-        if self.allocator.capacity < self.pages_to_admit:  # no request could ever start: not a silent wait
-            raise RequestError(f"the KV pool holds {self.allocator.capacity} page(s) of {self.cfg.page_size} tokens "
-                               f"and a request needs {self.pages_to_admit} free to start (raise --max-total-tokens "
-                               f"or --mem-fraction-static)")
         slack = self.cfg.decode_lookahead - 1  # speculative steps write a few slots past the last token
         if prompt_len + max_new_tokens + slack > self.capacity_tokens:
             raise RequestError(f"prompt ({prompt_len}) + max_tokens ({max_new_tokens}) needs more cache than "

@@ -37,9 +37,6 @@ def warm_up(engine: Engine) -> None:
     sched = engine.scheduler
     longest = min(engine.context_length, sched.capacity_tokens - sched.cfg.decode_lookahead) - 1
     lengths = warmup_lengths(engine.runner.device.type == "cuda", sched.cfg.chunked_prefill_size, longest)
-    if sched.allocator.capacity < sched.pages_to_admit:
-        compiles.warmed_up()  # no request can start (each is refused, saying why)
-        return
     start = time.perf_counter()
     params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, seed=0)
     for i, n in enumerate(lengths):
