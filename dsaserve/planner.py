@@ -31,7 +31,7 @@ class MemoryPlan:
     weights: dict[str, int]  # bytes per component, on one rank
     kv_bytes_per_token: int
     device_bytes: int
-    kv_tokens: int  # tokens the KV pool holds (0 when the weights do not fit)
+    kv_tokens: int  # tokens the KV pool holds (0 when the weights, or then one page, do not fit)
 
     @property
     def weight_bytes(self) -> int:
@@ -67,9 +67,14 @@ def cache_layers(cfg: ModelConfig, spec_steps: int) -> int:
     return cfg.num_hidden_layers + (1 if spec_steps else 0)
 
 
-def kv_pool_tokens(free_bytes: int, mem_fraction: float, bytes_per_token: int) -> int:
-    """The KV pool takes `mem_fraction` of the memory still free after the weights."""
-    return max(int(free_bytes * mem_fraction), 0) // bytes_per_token
+def kv_pool_tokens(args: ServerArgs, free_bytes: int, bytes_per_token: int, context_length: int) -> int:
+    """The KV pool's tokens, as the engine sizes it at start-up: --max-total-tokens when given, else
+    --mem-fraction of the memory still free after the weights, at most what --max-running-requests requests
+    of the whole context length can use."""
+    if args.max_total_tokens is not None:
+        return args.max_total_tokens
+    tokens = max(int(free_bytes * args.mem_fraction), 0) // bytes_per_token
+    return min(tokens, args.max_running_requests * context_length)
 
 
 def plan(cfg: ModelConfig, args: ServerArgs, device_bytes: int, rank: int = 0) -> MemoryPlan:
@@ -83,7 +88,8 @@ def plan(cfg: ModelConfig, args: ServerArgs, device_bytes: int, rank: int = 0) -
     per_token = KVPools.bytes_per_token(cfg, resolve_kv_cache_dtype(args.kv_cache_dtype, dtype),
                                         cache_layers(cfg, args.spec_steps))
     free = device_bytes - sum(weights.values())
-    return MemoryPlan(weights, per_token, device_bytes, kv_pool_tokens(free, args.mem_fraction, per_token))
+    tokens = kv_pool_tokens(args, free, per_token, args.context_length or cfg.context_length) if free > 0 else 0
+    return MemoryPlan(weights, per_token, device_bytes, tokens if tokens >= args.page_size else 0)
 
 
 def describe(p: MemoryPlan) -> str:

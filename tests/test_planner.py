@@ -76,3 +76,8 @@ def test_planner_counts_what_the_engine_allocates(tmp_path: Path) -> None:
     pools = engine.runner.pools  # what the pool really allocated per slot
     assert planned.kv_bytes_per_token == (pools._latent.nbytes + pools._index.nbytes) // pools.num_slots
     assert planned.weights["mtp"] > 0 and sum(planned.weights.values()) > 0
+    # the pool's size by the same rules: --max-total-tokens, else the memory share capped at
+    # --max-running-requests requests of the whole context (the plan ignored both)
+    assert planned.kv_tokens == 256 == (engine.runner.num_pages - 1) * args.page_size
+    capped = ServerArgs(model_path=str(ckpt), context_length=128, max_running_requests=2)
+    assert plan(engine.cfg, capped, int(1e9)).kv_tokens == 256

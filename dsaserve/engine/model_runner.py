@@ -166,17 +166,12 @@ class ModelRunner:
             self.device.index or 0) else "Triton's kernel")
 
     def _pool_pages(self, args: ServerArgs) -> int:
-        if args.max_total_tokens is not None:
-            tokens = args.max_total_tokens
+        if self.device.type == "cuda":  # the memory still free after the weights (as dsaserve plan counts)
+            free, _ = torch.cuda.mem_get_info(self.device)
         else:
-            if self.device.type == "cuda":  # the memory still free after the weights (as dsaserve plan counts)
-                free, _ = torch.cuda.mem_get_info(self.device)
-                tokens = kv_pool_tokens(free, args.mem_fraction, self.bytes_per_token)
-            else:
-                avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-                tokens = kv_pool_tokens(min(avail, int(_CPU_POOL_CAP_BYTES / args.mem_fraction)), args.mem_fraction,
-                                        self.bytes_per_token)
-            tokens = min(tokens, args.max_running_requests * self.context_length)
+            free = min(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"),
+                       int(_CPU_POOL_CAP_BYTES / args.mem_fraction))
+        tokens = kv_pool_tokens(args, free, self.bytes_per_token, self.context_length)
         pages = tokens // args.page_size + 1  # + the reserved page 0
         whole = ""
         if self.ops.attention_backend == "flashmla":  # its FP8 kernel sees the cache as pages of 64 slots
