@@ -178,3 +178,12 @@ def test_max_tokens_omitted_fits_the_pool(tiny_ds: str) -> None:
     with pytest.raises(RequestError, match=r"the prompt \(100 tokens\) and one new token need more cache"):
         llm.engine.add_request("long", list(range(5, 105)), SamplingParams(max_tokens=None))
     assert "long" not in llm.engine.requests and llm.engine.stats().waiting == 0
+
+
+def test_a_broken_tokenizer_is_named_before_the_weights_load(tmp_path: Path, tiny_ds: str) -> None:
+    """A corrupt tokenizer.json fails at once with the folder in the message (transformers' own error named
+    neither, and came after every weight had loaded)."""
+    shutil.copytree(tiny_ds, tmp_path / "m")
+    (tmp_path / "m" / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match=f"cannot load the tokenizer in {tmp_path / 'm'}"):
+        LLM(str(tmp_path / "m"))

@@ -58,9 +58,9 @@ class Engine:
         self.model_path = args.model_path or str(default_model_path())
         self.args, self.par = args, par or Parallel()
         compiles.starting()  # counted from the start (EngineStats.kernel_compiles)
+        self.tokenizer = Tokenizer(self.model_path)  # before the weights: a broken tokenizer fails in seconds
         self.runner = ModelRunner(args, self.model_path, progress=progress, par=self.par)
         self.cfg = self.runner.cfg
-        self.tokenizer = Tokenizer(self.model_path)
         if self.par.cfg.rank == 0 and not self.tokenizer.chat_format(args.tokenizer_mode).available:
             log.warning("the tokenizer has no chat template: /v1/chat/completions will answer 400; "
                         "use /v1/completions with your own prompt format")

@@ -15,7 +15,10 @@ class Tokenizer:
     def __init__(self, model_path: str | Path):
         from transformers import AutoTokenizer
         self.path = str(model_path)
-        self.hf = AutoTokenizer.from_pretrained(self.path)
+        try:
+            self.hf = AutoTokenizer.from_pretrained(self.path)
+        except Exception as exc:  # transformers' messages rarely name the folder or the file
+            raise ValueError(f"cannot load the tokenizer in {self.path}: {type(exc).__name__}: {exc}") from None
 
     def encode(self, text: str) -> list[int]:
         return list(self.hf.encode(text, add_special_tokens=True))
