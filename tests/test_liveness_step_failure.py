@@ -123,3 +123,32 @@ def test_ranks_see_the_callers_environment_of_each_launch(tiny_ds: str, monkeypa
         job = Job({"model_path": tiny_ds, "page_size": 4}, [OfflineRequest(PROMPTS[0], GREEDY)])
         [got] = run_jobs(args, [job], setup=functools.partial(_expect_env, value=value))
         assert got == _single_device(tiny_ds)[:1]
+
+
+def _fail_group0_chunk(rank: int) -> None:
+    """In a rank process: DP group 0's step of a 16-row prompt chunk raises on rank 0 before its forward."""
+    original = ModelRunner.target
+
+    def target(self: ModelRunner, input_ids, layout, graphed=False):  # type: ignore[no-untyped-def]
+        stand_in = layout.row_pos.numel() > 0 and not bool(layout.page_table.any())
+        if rank == 0 and not stand_in and layout.dp_sizes[0] == 16:
+            raise RuntimeError("injected failure in DP group 0, before the step's collectives")
+        return original(self, input_ids, layout, graphed)
+
+    ModelRunner.target = target  # type: ignore[method-assign]
+
+
+def test_mtp_stand_in_for_a_chunk_that_drafts_nothing(tiny_ds: str) -> None:
+    """MTP + DP attention: group 0's failed step was a prompt chunk that is not the prompt's last (it announced no
+    drafting request) while group 1 drafts. Its stand-in made a dummy that drafted anyway, one draft row where
+    the step's shape said none, and raised: every rank stopped. Now the poisoned request ends with an error and
+    the other group's request gives the single-device tokens."""
+    other, poison = prompts_ids(1, [6], seed=11)[0], prompts_ids(1, [40], seed=5)[0]  # poison: chunks of 16
+    args = ServerArgs(tp=2, dp=2, enable_dp_attention=True, max_total_tokens=2048, dist_timeout=30)
+    job = Job({"model_path": tiny_ds, "page_size": 4, "chunked_prefill_size": 16,
+               "speculative_algorithm": "NEXTN", "speculative_num_steps": 2},
+              [OfflineRequest(other, GREEDY, dp_rank=1, arrive_at_step=0),
+               OfflineRequest(poison, GREEDY, dp_rank=0, arrive_at_step=2)])
+    [got] = run_jobs(args, [job], timeout_s=180, setup=_fail_group0_chunk)
+    assert got[1] == [], "the poisoned request should have ended with an error"
+    assert got[0] == LLM(tiny_ds, page_size=4, max_total_tokens=2048).generate([other], GREEDY)[0].token_ids

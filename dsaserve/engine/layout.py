@@ -63,11 +63,13 @@ class StepPlan:
     def stand_in(rows: int, requests: int, page_size: int, lookahead: int) -> StepPlan:
         """Dummy requests with `rows` rows in all, standing in for a DP group's plan that failed before the
         step's shared collectives (Engine.fail_step): `requests` of them (at least 1; the last takes the
-        remaining rows), each sampling its last row, on the reserved page 0 with `lookahead` more positions."""
+        remaining rows), each sampling its last row (none samples, or drafts, when the group announced no
+        drafting request: a prompt chunk that is not its last), on the reserved page 0 with `lookahead` more
+        positions."""
         n = max(1, min(requests, rows))
         q_lens = (1,) * (n - 1) + (rows - n + 1,)
         pages = tuple((0,) * -(-(q + lookahead) // page_size) for q in q_lens)
-        return StepPlan(StepMode.EXTEND, (DUMMY_RID,) * n, pages, (0,) * n, q_lens, (1,) * n, (True,) * n,
+        return StepPlan(StepMode.EXTEND, (DUMMY_RID,) * n, pages, (0,) * n, q_lens, (1,) * n, (requests > 0,) * n,
                         (0,) * rows, (0,) * n)
 
     def padded(self, batch: int, rows_per_req: int, page_size: int, mode: StepMode) -> StepPlan:

@@ -43,9 +43,9 @@ def draft_input(requests: dict[str, Request], plan: StepPlan, real: int, accepte
     ids: list[int] = []
     last_rows: list[int] = []
     for b, (rid, prefix, q) in enumerate(zip(plan.rids, plan.prefix_lens, plan.q_lens)):
-        if b >= real:  # a dummy request
+        if b >= real:  # a dummy request: drafts when it samples (as many as its group announced)
             ids += [0] * q
-            last_rows.append(0)
+            last_rows.append(0 if plan.samples[b] else -1)
         elif plan.num_drafts[b]:  # a verify request: rows past the accepted run are overwritten later
             new = accepted[rid][0]
             ids += new + [0] * (q - len(new))
