@@ -74,3 +74,19 @@ def test_asymmetric_dp_routing(tiny_ds: str, expected: list[list[int]], tmp_path
 def test_pure_tp_server(tiny_ds: str, expected: list[list[int]], tmp_path: Path) -> None:
     with ServerProcess(tiny_ds, tmp_path / "server.log", tp=2, page_size=1, max_total_tokens=2048) as server:
         assert asyncio.run(_routed(server.url, Path(tiny_ds).name, [0, 0, 0, 0])) == expected
+
+
+def test_an_idle_dp_group_reports_the_steps_it_joined(tiny_ds: str, tmp_path: Path) -> None:
+    """Under DP attention an idle group joins every step of the others; its statistics say so once it is idle.
+    (Its step count stayed stale for good: progress-only statistics wait out an interval for a next step.)"""
+    flags = dict(tp=2, dp=2, enable_dp_attention=True, page_size=4, max_total_tokens=2048)
+    with ServerProcess(tiny_ds, tmp_path / "server.log", **flags) as server:
+        r = httpx.post(f"{server.url}/v1/completions", timeout=60, json={
+            "model": Path(tiny_ds).name, "prompt": [5, 9, 14, 3, 77, 21], "max_tokens": 12, "temperature": 0,
+            "ignore_eos": True, "routed_dp_rank": 1})
+        assert r.status_code == 200, r.text
+        deadline = time.monotonic() + 20  # a bound: the old code never agreed
+        while len({s["steps"] for s in server.server_info()["internal_states"]}) > 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        steps = [s["steps"] for s in server.server_info()["internal_states"]]
+        assert steps[0] == steps[1] > 0, steps

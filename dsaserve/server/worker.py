@@ -132,7 +132,7 @@ class WorkerLoop:
                 if self.engine.last_sync.any_stop:  # another leader is shutting every rank down
                     events += self._abort_all("the server is shutting down")
                     self.stopping = True
-            events += self._stats()
+            events += self._stats(idle=not self._should_step())
             if events:
                 self.push.send_pyobj(events)
 
@@ -216,9 +216,11 @@ class _StatsPush:
         self.engine = engine
         self.key, self.steps, self.at = engine.activity(), -1, 0.0
 
-    def __call__(self) -> list[m.Event]:
+    def __call__(self, idle: bool = False) -> list[m.Event]:
+        """`idle`: the loop is about to block; progress held back by the interval goes out now (it would
+        stay stale until the next step: an idle DP group's step count, for one)."""
         now, key, steps = time.monotonic(), self.engine.activity(), self.engine.steps
-        if key == self.key and (steps == self.steps or now - self.at < STATS_INTERVAL_S):
+        if key == self.key and (steps == self.steps or (now - self.at < STATS_INTERVAL_S and not idle)):
             return []
         self.key, self.steps, self.at = key, steps, now
         return [m.Stats(self.engine.stats())]
