@@ -15,9 +15,9 @@ from safetensors.torch import load_file, save_file
 
 from conftest import ARCHS, prompts_ids
 from dsaserve import LLM, SamplingParams
-from dsaserve.engine.tokenizer import Tokenizer
 from dsaserve.engine.layout import IN_FLIGHT
 from dsaserve.engine.request import Request
+from dsaserve.engine.tokenizer import Tokenizer
 
 PROMPTS = prompts_ids(4, [5, 40, 17, 3], seed=51)  # below and above index_topk (16)
 GREEDY = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
