@@ -85,7 +85,7 @@ def _health_routes(router: APIRouter, fe: Frontend, metrics: ServerMetrics) -> N
 def _native_params(sp: p.NativeSamplingParams, logprobs: int | None, prompt_logprobs: int | None) -> SamplingParams:
     stop = (sp.stop,) if isinstance(sp.stop, str) else tuple(sp.stop or ())
     return checked(SamplingParams(
-        max_tokens=max(sp.max_new_tokens, 1) if sp.max_new_tokens is not None else None, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k,
+        max_tokens=1 if sp.max_new_tokens == 0 else sp.max_new_tokens, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k,
         min_p=sp.min_p, frequency_penalty=sp.frequency_penalty, presence_penalty=sp.presence_penalty,
         repetition_penalty=sp.repetition_penalty, min_tokens=sp.min_new_tokens, logit_bias=bias_pairs(sp.logit_bias),
         seed=sp.seed, stop=stop, include_stop_str=sp.no_stop_trim, stop_token_ids=tuple(sp.stop_token_ids or ()),
