@@ -21,7 +21,7 @@ from dsaserve.server.guard import RequestGuard
 from dsaserve.server.metrics import ServerMetrics
 from dsaserve.server.openai_api import OpenAIServing, openai_router
 from dsaserve.server.streaming import (DONE, AbortingStream, Result, aborter, bias_pairs, checked, collect,
-                                       error_event, finish_error, merged, prompt_token_logprobs, scores_only,
+                                       error_event, finish_error, merged, prompt_token_logprobs, prompt_scoring,
                                        until_disconnect)
 from dsaserve.server_args import ServerArgs
 
@@ -82,10 +82,11 @@ def _health_routes(router: APIRouter, fe: Frontend, metrics: ServerMetrics) -> N
         return Response(metrics.render(fe.stats()), media_type=CONTENT_TYPE_LATEST)
 
 
-def _native_params(sp: p.NativeSamplingParams, logprobs: int | None, prompt_logprobs: int | None) -> SamplingParams:
+def _native_params(sp: p.NativeSamplingParams, max_tokens: int | None, logprobs: int | None,
+                   prompt_logprobs: int | None) -> SamplingParams:
     stop = (sp.stop,) if isinstance(sp.stop, str) else tuple(sp.stop or ())
     return checked(SamplingParams(
-        max_tokens=1 if sp.max_new_tokens == 0 else sp.max_new_tokens, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k,
+        max_tokens=max_tokens, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k,
         min_p=sp.min_p, frequency_penalty=sp.frequency_penalty, presence_penalty=sp.presence_penalty,
         repetition_penalty=sp.repetition_penalty, min_tokens=sp.min_new_tokens, logit_bias=bias_pairs(sp.logit_bias),
         seed=sp.seed, stop=stop, include_stop_str=sp.no_stop_trim, stop_token_ids=tuple(sp.stop_token_ids or ()),
@@ -142,9 +143,9 @@ def _native_routes(args: ServerArgs, fe: Frontend, served_name: str, pd: PDRouti
         logprobs = body.top_logprobs_num if body.return_logprob else None
         route, dp_rank = await pd.route(body)
         decodes = PDRouting.decodes(route)  # the prompt's log-probabilities: the prefill server's answer has them
-        prompt_only = scores_only(body.sampling_params.max_new_tokens, body.sampling_params.min_new_tokens,
-                                  "max_new_tokens")
-        params = _native_params(body.sampling_params, logprobs,
+        max_tokens, prompt_only = prompt_scoring(body.sampling_params.max_new_tokens,
+                                                 body.sampling_params.min_new_tokens, "max_new_tokens")
+        params = _native_params(body.sampling_params, max_tokens, logprobs,
                                 logprobs if body.logprob_start_len >= 0 and not decodes else None)
         if batch:
             base = body.rid if isinstance(body.rid, str) else secrets.token_hex(16)

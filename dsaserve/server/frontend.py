@@ -211,7 +211,7 @@ class Frontend:
                      dp_rank: int | None = None, group: str | None = None,
                      route: DisaggRoute | None = None, scores_only: bool = False) -> RequestHandle:
         """Queue one request on a leader; raises ApiError if it is rejected or the deployment fails.
-        `scores_only`: its answer leaves out the tokens (streaming.scores_only)."""
+        `scores_only`: its answer leaves out the tokens (streaming.prompt_scoring)."""
         if self.problem is not None:
             raise ApiError(503, self.problem)
         rank = self.route(dp_rank)

@@ -21,7 +21,7 @@ from dsaserve.server import protocol as p
 from dsaserve.server.errors import ApiError, bad_request
 from dsaserve.server.frontend import Delta, Frontend, RequestHandle
 from dsaserve.server.streaming import (DONE, AbortingStream, Result, aborter, bias_pairs, checked, collect,
-                                       error_event, finish_error, merged, prompt_token_logprobs, scores_only,
+                                       error_event, finish_error, merged, prompt_token_logprobs, prompt_scoring,
                                        until_disconnect)
 
 LogprobList = list[tuple[float, list[tuple[int, float]]]]
@@ -118,9 +118,10 @@ class OpenAIServing:
             raise bad_request("echo with logprobs asks for the prompt's log-probabilities, which the prefill server "
                               "computes and a PD decode server does not: send it to a server without "
                               "disaggregation", param="echo")
-        prompt_only = kind == "completion" and scores_only(max_tokens, body.min_tokens or 0, "max_tokens")
-        params = [self.params(body, 1 if prompt_only else max_tokens, logprobs, i, grammar, scored)
-                  for _ in prompts for i in range(body.n)]
+        prompt_only = False  # (chat: max_tokens 0 stays a 400)
+        if kind == "completion":
+            max_tokens, prompt_only = prompt_scoring(max_tokens, body.min_tokens or 0, "max_tokens")
+        params = [self.params(body, max_tokens, logprobs, i, grammar, scored) for _ in prompts for i in range(body.n)]
         flat = [ids for ids in prompts for _ in range(body.n)]
         rid = body.rid or f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         handles = await self.fe.submit_many(flat, params, rid, dp_rank, route, scores_only=prompt_only)

@@ -36,12 +36,13 @@ def bias_pairs(logit_bias: dict[str, float] | None) -> tuple[tuple[int, float], 
         raise bad_request(str(exc), param="logit_bias") from None
 
 
-def scores_only(max_tokens: int | None, min_tokens: int, param: str) -> bool:
-    """max_tokens 0 (SGLang's max_new_tokens, legacy OpenAI completions') scores the prompt only: the engine
-    runs it for one token (ask it for max(max_tokens, 1)), which the answer leaves out (RequestHandle)."""
+def prompt_scoring(max_tokens: int | None, min_tokens: int, param: str) -> tuple[int | None, bool]:
+    """(the engine's max_tokens, whether the answer scores the prompt only). max_tokens 0 (SGLang's
+    max_new_tokens, legacy OpenAI completions') scores the prompt: the engine runs it for one token, which the
+    answer leaves out (RequestHandle.scores_only)."""
     if max_tokens == 0 and min_tokens:
         raise bad_request(f"{param} 0 scores the prompt only: min tokens must be 0, got {min_tokens}", param=param)
-    return max_tokens == 0
+    return (1, True) if max_tokens == 0 else (max_tokens, False)
 
 
 def checked(params: SamplingParams) -> SamplingParams:
