@@ -17,6 +17,7 @@ import torch
 
 from dsaserve.cache.pools import KVPools, resolve_kv_cache_dtype
 from dsaserve.config import ModelConfig
+from dsaserve.model.checkpoint import CheckpointError
 from dsaserve.parallel.groups import Parallel, ParallelConfig
 from dsaserve.server_args import ServerArgs
 
@@ -114,7 +115,11 @@ def run(ns: argparse.Namespace) -> int:
         print(f"error: --gpu-memory-gb must be a positive number of GB, got {ns.gpu_memory_gb}")
         return 2
     cfg = ModelConfig.from_path(Path(args.model_path))
-    result = plan(cfg, args, int(ns.gpu_memory_gb * 1e9))
+    try:
+        result = plan(cfg, args, int(ns.gpu_memory_gb * 1e9))
+    except CheckpointError as exc:  # a split the FP8 weights cannot take (loader.check_fp8_splits)
+        print(f"error: {exc}")
+        return 1
     print(f"{args.model_path}: --tp {args.tp} --dp {args.dp}"
           f"{' --enable-dp-attention' if args.enable_dp_attention else ''}, kv {args.kv_cache_dtype}")
     print(describe(result))

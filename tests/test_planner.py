@@ -42,6 +42,16 @@ def test_v32_does_not_fit_4x80gb(tmp_path: Path, capsys) -> None:
     assert need * 1e9 >= experts > 80e9
 
 
+def test_a_tp_split_inside_an_fp8_block_is_refused_from_the_config(tmp_path: Path, capsys) -> None:
+    """At --tp 32 a rank's dense MLP would hold 576 of 18432 rows, 4.5 blocks of 128: refused before any weight
+    exists, with the loader's own message (tensor, this rank's rows, block)."""
+    assert main(["plan", "--model-path", _model(tmp_path, "deepseek_v32"), "--tp", "32"]) == 1
+    out = capsys.readouterr().out
+    assert ("error: tensor model.layers.0.mlp.gate_proj.weight: this rank's rows [0, 576) of 18432 split a 128x128 "
+            "FP8 scale block") in out, out
+    assert "weights per rank" not in out
+
+
 @pytest.mark.parametrize("gb", ["0", "-5", "nan", "inf"])
 def test_gpu_memory_must_be_a_positive_number(gb: str, tmp_path: Path, capsys) -> None:
     assert main(["plan", "--model-path", _model(tmp_path, "deepseek_v32"), "--gpu-memory-gb", gb]) == 2

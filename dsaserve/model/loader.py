@@ -265,6 +265,7 @@ def meta_model(cfg: ModelConfig, par: Parallel | None, dtype: torch.dtype, load_
     with torch.device("meta"):
         model = DSAModel(cfg, par, load_mtp=load_mtp)
     select_formats(model, is_fp8)
+    check_fp8_splits(model)
     fp32 = model.fp32_parameter_names()
     for name, param in model.named_parameters():  # on meta: dtype changes cost nothing
         param.requires_grad_(False)
@@ -273,6 +274,31 @@ def meta_model(cfg: ModelConfig, par: Parallel | None, dtype: torch.dtype, load_
     with torch.device("meta"):
         fuse_projections(model)
     return model
+
+
+def check_fp8_splits(model: DSAModel) -> None:
+    """Refuse, before anything is allocated or read, a TP split that cuts a scale block of a weight that
+    stays FP8: the loader's own rule (`_block_part`) on this rank's slice of every such tensor, so that
+    `dsaserve plan` and every rank at start-up say so from config.json alone."""
+    par = model.par.cfg
+    for path, module in model.named_modules():
+        if isinstance(module, quant.Linear) and module.block is not None:
+            local = {f"{path}.weight": tuple(module.weight.shape)}
+        elif isinstance(module, quant.Experts) and module.block is not None:
+            local = {f"{path}.0.gate_proj.weight": (module.inter, module.hidden),
+                     f"{path}.0.down_proj.weight": (module.hidden, module.inter)}
+        else:
+            continue
+        for key, shape in local.items():
+            rule = shard_rule(key)
+            if rule is None:
+                continue
+            dim, group = rule
+            ranks, index = (par.attn_tp, par.attn_rank) if group == "attn" else (par.tp, par.rank)
+            full, part = list(shape), [slice(None)] * len(shape)
+            full[dim] *= ranks
+            part[dim] = slice(index * shape[dim], (index + 1) * shape[dim])
+            _block_part(checkpoint_name(key, model.cfg), tuple(part), tuple(full), module.block, exact=True)
 
 
 def fused_sources(model: torch.nn.Module) -> dict[str, tuple[str, quant.Linear, int, int]]:
