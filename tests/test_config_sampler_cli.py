@@ -258,6 +258,20 @@ def test_attention_backend_flashmla_is_chosen_and_checked(monkeypatch: pytest.Mo
 
 
 @pytest.mark.parametrize("flags,says", [
+    (dict(attention_backend="flashmla"), "--attention-backend flashmla cannot run here: it needs --device cuda"),
+    (dict(moe_backend="triton"), "the triton backends need --device cuda"),
+])
+def test_backends_that_cannot_run_are_refused_before_the_weights_load(flags: dict, says: str, tiny_ds: str,
+                                                                      tmp_path: Path) -> None:
+    """A folder with config.json and no weights: the flag's refusal comes first (it used to wait for the load)."""
+    from dsaserve.engine.model_runner import ModelRunner
+    from dsaserve.server_args import ServerArgs
+    (tmp_path / "config.json").write_bytes((Path(tiny_ds) / "config.json").read_bytes())
+    with pytest.raises(ValueError, match=says):
+        ModelRunner(ServerArgs(model_path=str(tmp_path), device="cpu", **flags), str(tmp_path), progress=False)
+
+
+@pytest.mark.parametrize("flags,says", [
     (["--worker-urls", "http://127.0.0.1:1", "--port", "99999"], "--port must be a TCP port (1-65535), got '99999'"),
     (["--worker-urls", "notaurl"],
      "--worker-urls takes http(s)://host:port URLs (dsaserve servers speak HTTP), got 'notaurl'"),

@@ -105,17 +105,19 @@ class ModelRunner:
         self.dtype = resolve_dtype(args.dtype, self.device)
         self.kv_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, self.dtype)
         self.spec_steps = args.spec_steps
-        self.model = build_model(model_path, self.device, self.dtype, self.par, load_mtp=self.spec_steps > 0,
-                                 progress=progress, load_format=args.load_format)
-        self.cfg = self.model.cfg
-        if self.spec_steps and self.model.mtp is None:
+        self.cfg = ModelConfig.from_path(model_path)
+        # What config.json and the device can refuse is refused before the weights load (minutes at full size).
+        if self.spec_steps and not self.cfg.num_nextn_predict_layers:
             raise ValueError(f"--speculative-algorithm {args.speculative_algorithm} needs the checkpoint's MTP "
                              f"layer, but config.json has num_nextn_predict_layers="
                              f"{self.cfg.num_nextn_predict_layers}")
+        attention = resolve_attention_backend(args.attention_backend, self.device, self.cfg, self.dtype, self.kv_dtype)
+        moe = resolve_backend(args.moe_backend, self.device)
+        self.model = build_model(model_path, self.device, self.dtype, self.par, load_mtp=self.spec_steps > 0,
+                                 progress=progress, load_format=args.load_format)
         self.page_size = args.page_size
         self.context_length = args.context_length or self.cfg.context_length
-        attention = resolve_attention_backend(args.attention_backend, self.device, self.cfg, self.dtype, self.kv_dtype)
-        self.ops = DSAOps(attention_backend=attention, moe_backend=resolve_backend(args.moe_backend, self.device),
+        self.ops = DSAOps(attention_backend=attention, moe_backend=moe,
                           max_logits_bytes=args.indexer_max_logits_mb << 20,
                           side_stream=torch.cuda.Stream(self.device) if attention in ("triton", "flashmla") else None)
         self._log_sparse_mla_kernel()
