@@ -48,3 +48,25 @@ def test_a_failure_ends_the_stream_after_the_deltas_before_it() -> None:
                 seen.append(d.text)
         return seen
     assert asyncio.run(go()) == ["t0 t1 "]
+
+
+def test_a_failed_part_of_a_call_aborts_the_others_at_once() -> None:
+    """n > 1 / batch calls: the second part's error is the answer as soon as it comes, while the first still runs
+    (it used to be read only after the first ended), and the parts still running are aborted."""
+    from dsaserve.server.errors import ApiError
+    from dsaserve.server.metrics import ServerMetrics
+    from dsaserve.server.streaming import collect_all
+
+    async def go() -> tuple[list[str], bool]:
+        handles = [RequestHandle(f"r{i}", 0, None, stop=()) for i in range(3)]  # type: ignore[arg-type]
+        metrics = ServerMetrics()
+        handles[0].on_output(_delta(0), metrics)  # running: no finish yet
+        handles[1].on_output(_delta(0, FinishReason("error", message="the output constraint failed: x",
+                                                    client_error=True)), metrics)
+        aborted: list[str] = []
+        with pytest.raises(ApiError, match="the output constraint failed") as err:
+            await asyncio.wait_for(collect_all(handles, lambda: aborted.extend(
+                h.rid for h in handles if not h.finished)), 5)
+        return aborted, err.value.status == 400
+    aborted, client_error = asyncio.run(go())
+    assert aborted == ["r0", "r2"] and client_error

@@ -20,8 +20,8 @@ from dsaserve.server.frontend import Frontend, RequestHandle
 from dsaserve.server.guard import RequestGuard
 from dsaserve.server.metrics import ServerMetrics
 from dsaserve.server.openai_api import OpenAIServing, openai_router
-from dsaserve.server.streaming import (DONE, AbortingStream, Result, aborter, bias_pairs, checked, collect,
-                                       error_event, finish_error, merged, prompt_token_logprobs, prompt_scoring,
+from dsaserve.server.streaming import (DONE, FAILED_PART, AbortingStream, Result, aborter, bias_pairs, checked,
+                                       collect_all, error_event, finish_error, merged, prompt_token_logprobs, prompt_scoring,
                                        until_disconnect)
 from dsaserve.server_args import ServerArgs
 
@@ -64,15 +64,17 @@ def _health_routes(router: APIRouter, fe: Frontend, metrics: ServerMetrics) -> N
         ids = await fe.encode("Hello")
         params = SamplingParams(max_tokens=1, temperature=0.0)
 
-        async def one(rank: int) -> Result:
-            handle = await fe.submit(ids, params, f"health-{rank}-{time.monotonic_ns()}", rank)
-            return await collect(handle)
-
+        handles: list[RequestHandle] = []
+        abort = aborter(fe, handles, "the health check ended")  # (a timeout leaves nothing running)
         try:
-            results = await asyncio.wait_for(asyncio.gather(*(one(link.rank) for link in fe.links)),
-                                             HEALTH_GENERATE_TIMEOUT_S)
+            for link in fe.links:
+                handles.append(await fe.submit(ids, params, f"health-{link.rank}-{time.monotonic_ns()}", link.rank))
+            results = await asyncio.wait_for(collect_all(handles, abort), HEALTH_GENERATE_TIMEOUT_S)
         except asyncio.TimeoutError:
             raise ApiError(503, f"no token within {HEALTH_GENERATE_TIMEOUT_S:.0f} s") from None
+        except BaseException:
+            abort()
+            raise
         if any(len(r.token_ids) != 1 for r in results):
             raise ApiError(503, "a health generation ended without a token")
         return Response(status_code=200)
@@ -155,9 +157,8 @@ def _native_routes(args: ServerArgs, fe: Frontend, served_name: str, pd: PDRouti
         if body.stream:
             return AbortingStream(_generate_stream(handles, body, prompts, decodes, batch), aborter(fe, handles))
 
-        async def gather() -> list[Result]:
-            return [await collect(h) for h in handles]
-        results = await until_disconnect(request, gather(), aborter(fe, handles))
+        results = await until_disconnect(request, collect_all(handles, aborter(fe, handles, FAILED_PART)),
+                                         aborter(fe, handles))
         out = [{"text": res.text, "output_ids": res.token_ids, "meta_info": _meta(h, res, body, ids, decodes)}
                for h, res, ids in zip(handles, results, prompts)]
         return out if batch else out[0]

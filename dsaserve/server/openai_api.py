@@ -20,8 +20,8 @@ from dsaserve.engine.tokenizer import CharOffsets
 from dsaserve.server import protocol as p
 from dsaserve.server.errors import ApiError, bad_request
 from dsaserve.server.frontend import Delta, Frontend, RequestHandle
-from dsaserve.server.streaming import (DONE, AbortingStream, Result, aborter, bias_pairs, checked, collect,
-                                       error_event, finish_error, merged, prompt_token_logprobs, prompt_scoring,
+from dsaserve.server.streaming import (DONE, FAILED_PART, AbortingStream, Result, aborter, bias_pairs, checked,
+                                       collect_all, error_event, finish_error, merged, prompt_token_logprobs, prompt_scoring,
                                        until_disconnect)
 
 LogprobList = list[tuple[float, list[tuple[int, float]]]]
@@ -132,10 +132,8 @@ class OpenAIServing:
             gen = self._stream(handles, rid, body, prompts, include_usage, kind, parsers, echo)
             return AbortingStream(gen, aborter(self.fe, handles))
 
-        async def gather() -> list[Result]:
-            return [await collect(h) for h in handles]
-
-        results = await until_disconnect(request, gather(), aborter(self.fe, handles))
+        results = await until_disconnect(request, collect_all(handles, aborter(self.fe, handles, FAILED_PART)),
+                                         aborter(self.fe, handles))
         if kind == "chat":
             return self._chat(rid, body, results, prompt_tokens, parser)
         return self._completion(rid, body, results, prompts, echo)

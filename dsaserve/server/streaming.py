@@ -17,6 +17,7 @@ from dsaserve.server.protocol import sse
 
 T = TypeVar("T")
 DONE = "data: [DONE]\n\n"
+FAILED_PART = "another part of the same call failed"  # why collect_all aborts the rest of an n > 1 / batch call
 
 
 Result = Delta  # a request's whole output: its deltas absorbed in order
@@ -66,6 +67,19 @@ async def collect(handle: RequestHandle) -> Result:
     return res
 
 
+async def collect_all(handles: list[RequestHandle], abort_rest: Callable[[], None]) -> list[Result]:
+    """Every request's result, in order. The first failure (or a cancellation: a timeout, a disconnect) ends the
+    call: the others are aborted, so their pages return now rather than after they run to the end."""
+    tasks = [asyncio.ensure_future(collect(h)) for h in handles]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        abort_rest()
+        raise
+
+
 async def merged(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, Delta]]:
     """Deltas of several requests as they arrive, tagged with the request's index."""
     if len(handles) == 1:  # the common case: no pump task and second queue per token
@@ -108,11 +122,12 @@ def error_event(exc: Exception) -> str:
     return sse(err.body())
 
 
-def aborter(frontend: Frontend, handles: list[RequestHandle]) -> Callable[[], None]:
+def aborter(frontend: Frontend, handles: list[RequestHandle],
+            reason: str = "the client disconnected") -> Callable[[], None]:
     def abort() -> None:
         for h in handles:
             if not h.finished:
-                frontend.abort(h.rid, "the client disconnected")
+                frontend.abort(h.rid, reason)
     return abort
 
 
