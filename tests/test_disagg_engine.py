@@ -220,10 +220,12 @@ def test_decode_abort_while_waiting_frees_both_sides(tiny_ds: str) -> None:
         assert_pools_whole(pre, dec)
 
 
-def test_prefill_abort_during_the_write_ends_the_decode_side_too(tiny_ds: str, monkeypatch) -> None:
+@pytest.mark.parametrize("backend", ["fake", "nixl"])
+def test_prefill_abort_during_the_write_ends_the_decode_side_too(backend: str, tiny_ds: str, monkeypatch) -> None:
     """A client's abort on the prefill server while the KV write is in flight (every write here takes one more
-    poll) ends the request on the decode server as an earlier abort does: it was handed over and ran on."""
-    with pd_pair(tiny_ds, backend="fake", page_size=4) as (pre, dec):
+    poll) ends the request on the decode server as an earlier abort does: it was handed over and ran on. The
+    write's arrival, which the decode server no longer looks up, is not kept (NIXL kept it for good)."""
+    with pd_pair(tiny_ds, backend=backend, page_size=4) as (pre, dec):
         transport, polled = pre.disagg.transport, set()
         real_poll = transport.poll
 
@@ -253,6 +255,10 @@ def test_prefill_abort_during_the_write_ends_the_decode_side_too(tiny_ds: str, m
         assert finals["p"].finish.kind == "abort"
         assert finals["d"].finish.kind != "length" and "aborted on the prefill server" in finals["d"].finish.message
         assert_pools_whole(pre, dec)
+        final, _ = run_pd(pre, dec, [ids], GREEDY)  # the next request's wait takes in what arrived since
+        assert final["r0"].finish.kind == "length"
+        if backend == "nixl":
+            assert not dec.disagg.transport.nixl.notifs, dec.disagg.transport.nixl.notifs
 
 
 def test_prefill_without_decode_times_out(tiny_ds: str) -> None:

@@ -143,3 +143,43 @@ def test_malformed_page_ids_end_the_request_not_the_server(tiny_ds: str) -> None
         final, tokens = run_pd(pre, dec, [ids], GREEDY)  # and the pair goes on serving
         assert final["r0"].finish.kind == "length" and len(tokens["r0"]) == GREEDY.max_tokens
         assert_pools_whole(pre, dec)
+
+
+def test_a_second_dest_for_a_room_is_refused_and_the_first_served(tiny_ds: str) -> None:
+    """Two decode requests naming one bootstrap room (a router reusing rooms): the second's page ids used to
+    replace the first's, so the prefill wrote into the stranger's pages and the first decode request waited out
+    its timeout. Now the second gets `failed` at once and the first pair completes."""
+    import zmq
+
+    from dsaserve.disagg import protocol as wire
+    with pd_pair(tiny_ds, backend="fake", page_size=4, disaggregation_timeout_s=20) as (pre, dec):
+        ids = prompts_ids(1, [9], seed=6)[0]
+        dec.add_request("d", ids, GREEDY, DisaggRoute(12, f"tcp://127.0.0.1:{pre.disagg.port}"))
+        deadline = time.monotonic() + 10
+        while not dec.disagg.rooms[12].sent and time.monotonic() < deadline:
+            dec.step()
+        while 12 not in pre.disagg.dests and time.monotonic() < deadline:
+            pre.step()
+            time.sleep(0.005)
+        assert 12 in pre.disagg.dests
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(f"tcp://127.0.0.1:{pre.disagg.port}")
+        header, blob = dec.disagg.transport.descriptor()
+        wire.send(sock, {"kind": "dest", "room": 12, "prompt_len": len(ids), "prompt_crc": wire.prompt_crc(ids),
+                         "pages": [0, 1, 2], "skip_pages": 0, "page_size": 4, "spec_steps": 0, "transport": header},
+                  blob)
+        reply = None
+        while reply is None and time.monotonic() < deadline:
+            pre.step()
+            if sock.poll(5):
+                reply = sock.recv_multipart()
+        sock.close()
+        ctx.destroy(linger=0)
+        assert reply is not None and b'"failed"' in reply[0] and b"already has a decode request" in reply[0], reply
+        pre.add_request("p", ids, GREEDY, DisaggRoute(12))
+        finals = step_until((pre, dec), lambda f: {"p", "d"} <= set(f), 15)  # well within the 20 s timeout
+        assert finals["d"].finish.kind == "length" and finals["d"].completion_tokens == GREEDY.max_tokens, \
+            finals["d"].finish
+        assert_pools_whole(pre, dec)

@@ -88,11 +88,14 @@ class DecodeSide(SideBase):
                 self._on_message(msg)
         if any(inc.sent and inc.done is None for inc in self.rooms.values()):
             self.transport.progress()
+        receiving = any(inc.sent for inc in self.rooms.values())  # (progress() and arrived() take arrivals in)
         outputs = []
         for room, inc in list(self.rooms.items()):
             out = self._advance(room, inc)
             if out is not None:
                 outputs.append(out)
+        if receiving:  # arrivals of rooms that ended (or end now) are never looked up: dropped
+            self.transport.keep_arrivals({wire.room_tag(room) for room, inc in self.rooms.items() if inc.sent})
         return outputs
 
     def _on_message(self, msg: dict[str, Any]) -> None:

@@ -154,6 +154,10 @@ class PrefillSide(SideBase):
         if kind == "dest":
             if room in self.ended:
                 wire.send(self.sock, {"kind": "failed", "room": room, "message": self.ended.pop(room)[0]}, to=ident)
+            elif room in self.dests or room in self.admitted or room in self.out:  # the first one keeps the room
+                wire.send(self.sock, {"kind": "failed", "room": room, "message": (
+                    f"bootstrap room {room} already has a decode request on this prefill server: a room names one "
+                    f"request (is the router reusing rooms?)")}, to=ident)
             else:
                 self.dests[room] = Dest(ident, msg, blob, self.deadlines.after())
         elif kind == "cancel":

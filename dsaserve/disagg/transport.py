@@ -71,6 +71,10 @@ class KVTransport(ABC):
     def progress(self) -> None:
         """Receiver side, while writes may be coming: let them advance (the backend runs no thread of its own)."""
 
+    def keep_arrivals(self, tags: set[bytes]) -> None:
+        """Receiver side: forget the arrivals of writes tagged otherwise (their requests ended: aborted, failed or
+        timed out after the data landed), which would otherwise be kept for an arrived() that never comes."""
+
     @property
     def agent(self) -> str:
         return ""
@@ -170,6 +174,13 @@ class NixlTransport(KVTransport):
 
     def progress(self) -> None:
         self.nixl.update_notifs()  # progresses the UCX worker (and keeps the notifications for arrived())
+
+    def keep_arrivals(self, tags: set[bytes]) -> None:
+        notifs = self.nixl.notifs  # agent -> notification messages, each a room tag (kept until looked up)
+        for agent in list(notifs):
+            notifs[agent] = [m for m in notifs[agent] if m[:m.find(b";") + 1] in tags]
+            if not notifs[agent]:
+                del notifs[agent]
 
     def close(self) -> None:
         try:
