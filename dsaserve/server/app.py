@@ -66,11 +66,17 @@ def _health_routes(router: APIRouter, fe: Frontend, metrics: ServerMetrics) -> N
 
         handles: list[RequestHandle] = []
         abort = aborter(fe, handles, "the health check ended")  # (a timeout leaves nothing running)
+
+        async def submit(rank: int) -> None:
+            handles.append(await fe.submit(ids, params, f"health-{rank}-{time.monotonic_ns()}", rank))
+
+        async def generate() -> list[Result]:  # the submits too: a leader stuck in a step never accepts
+            await asyncio.gather(*(submit(link.rank) for link in fe.links))
+            return await collect_all(handles, abort)
         try:
-            for link in fe.links:
-                handles.append(await fe.submit(ids, params, f"health-{link.rank}-{time.monotonic_ns()}", link.rank))
-            results = await asyncio.wait_for(collect_all(handles, abort), HEALTH_GENERATE_TIMEOUT_S)
+            results = await asyncio.wait_for(generate(), HEALTH_GENERATE_TIMEOUT_S)
         except asyncio.TimeoutError:
+            abort()
             raise ApiError(503, f"no token within {HEALTH_GENERATE_TIMEOUT_S:.0f} s") from None
         except BaseException:
             abort()
