@@ -148,7 +148,8 @@ def test_malformed_page_ids_end_the_request_not_the_server(tiny_ds: str) -> None
 def test_a_second_dest_for_a_room_is_refused_and_the_first_served(tiny_ds: str) -> None:
     """Two decode requests naming one bootstrap room (a router reusing rooms): the second's page ids used to
     replace the first's, so the prefill wrote into the stranger's pages and the first decode request waited out
-    its timeout. Now the second gets `failed` at once and the first pair completes."""
+    its timeout. Now the second gets `failed` at once, its cancel (its client aborted before the refusal came)
+    does not end the room, and the first pair completes."""
     import zmq
 
     from dsaserve.disagg import protocol as wire
@@ -170,6 +171,7 @@ def test_a_second_dest_for_a_room_is_refused_and_the_first_served(tiny_ds: str) 
         wire.send(sock, {"kind": "dest", "room": 12, "prompt_len": len(ids), "prompt_crc": wire.prompt_crc(ids),
                          "pages": [0, 1, 2], "skip_pages": 0, "page_size": 4, "spec_steps": 0, "transport": header},
                   blob)
+        wire.send(sock, {"kind": "cancel", "room": 12, "reason": "aborted by the client"})
         reply = None
         while reply is None and time.monotonic() < deadline:
             pre.step()

@@ -154,7 +154,7 @@ class PrefillSide(SideBase):
         if kind == "dest":
             if room in self.ended:
                 wire.send(self.sock, {"kind": "failed", "room": room, "message": self.ended.pop(room)[0]}, to=ident)
-            elif room in self.dests or room in self.admitted or room in self.out:  # the first one keeps the room
+            elif self._holder(room) is not None:  # the first one keeps the room
                 wire.send(self.sock, {"kind": "failed", "room": room, "message": (
                     f"bootstrap room {room} already has a decode request on this prefill server: a room names one "
                     f"request (is the router reusing rooms?)")}, to=ident)
@@ -164,7 +164,16 @@ class PrefillSide(SideBase):
             return self._cancel(ident, room, f"the decode server cancelled it: {msg.get('reason')}")
         return None
 
+    def _holder(self, room: int) -> bytes | None:
+        """The decode server whose page ids this room holds (None: none yet)."""
+        o = self.out.get(room)
+        dest = self.dests.get(room) or self.admitted.get(room) or (o.dest if o is not None else None)
+        return dest.peer if dest is not None else None
+
     def _cancel(self, ident: bytes, room: int, message: str) -> RequestOutput | None:
+        holder = self._holder(room)
+        if holder is not None and holder != ident:
+            return None  # from a requester this room refused (another decode request holds it): not its to end
         self.dests.pop(room, None)
         o = self.out.get(room)
         if o is not None and o.handle is not None:
