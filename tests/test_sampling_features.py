@@ -154,3 +154,23 @@ def test_a_stop_string_of_multibyte_characters_is_found(tiny_ds: str) -> None:
             break
     assert finish is not None and finish.kind == "stop" and finish.matched == stop
     assert req.stop_text == "ab " and tok.hf.decode(ids[:n]).endswith(stop)
+
+
+def test_a_stop_string_split_by_special_tokens_is_found(tiny_ds: str) -> None:
+    """Special tokens decode to nothing: a stop string with a run of them inside (longer than the window of tokens
+    searched) still stops the output. The window counted every token and missed it."""
+    from dsaserve.engine.request import stop_reason
+    from dsaserve.engine.tokenizer import Tokenizer
+
+    tok = Tokenizer(tiny_ds)
+    special = sorted(tok.special_ids)[0]
+    ids = tok.hf.encode("xy", add_special_tokens=False) + [special] * 30 + tok.hf.encode("z tail", add_special_tokens=False)
+    req = _req(SamplingParams(max_tokens=100, stop=("yz",)), [5], [])
+    req.max_new_tokens = 100
+    finish = None
+    for token in ids:
+        req.output_ids.append(token)
+        finish = stop_reason(req, token, tok, frozenset(), 4096)
+        if finish is not None:
+            break
+    assert finish is not None and finish.matched == "yz" and req.stop_text == "x", (finish, req.stop_text)

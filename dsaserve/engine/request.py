@@ -232,6 +232,16 @@ class RequestOutput:
         return self.finish is not None
 
 
+def _shown_tail(ids: list[int], count: int, special: frozenset[int]) -> list[int]:
+    """The shortest tail of `ids` holding `count` tokens the text shows (special tokens decode to nothing, so a
+    run of them inside a stop string must not push its start out of the window)."""
+    start, shown = len(ids), 0
+    while start > 0 and shown < count:
+        start -= 1
+        shown += ids[start] not in special
+    return ids[start:]
+
+
 def stop_reason(req: Request, token: int, tokenizer: Tokenizer, eos_ids: frozenset[int],
                 context_length: int) -> FinishReason | None:
     """Why `req` stops after its newest token `token` (already in output_ids), or None: a stop token or EOS, a
@@ -241,7 +251,7 @@ def stop_reason(req: Request, token: int, tokenizer: Tokenizer, eos_ids: frozens
         return FinishReason("stop", matched=token)
     if p.stop and len(req.output_ids) >= p.min_tokens:
         window = max(len(s.encode()) for s in p.stop) + 8  # tokens: each decodes to >= 1 byte (byte-level BPE)
-        tail = tokenizer.decode(req.output_ids[-window:])
+        tail = tokenizer.decode(_shown_tail(req.output_ids, window, tokenizer.special_ids))
         matched = [s for s in p.stop if s in tail]
         if matched:
             text = tokenizer.decode(req.output_ids)
