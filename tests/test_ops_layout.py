@@ -12,7 +12,7 @@ from dsaserve.ops import reference
 from dsaserve.ops.dispatch import DSAOps
 
 
-def _layout(prefix: list[int], q: list[int], page_size: int) -> BatchLayout:
+def _layout(prefix: list[int], q: list[int], page_size: int, key_width: int | None = None) -> BatchLayout:
     pages, next_page = [], 1
     for p, n in zip(prefix, q):
         count = -(-(p + n) // page_size)
@@ -20,7 +20,7 @@ def _layout(prefix: list[int], q: list[int], page_size: int) -> BatchLayout:
         next_page += count
     plan = StepPlan(StepMode.EXTEND, tuple(f"r{i}" for i in range(len(q))), tuple(pages), tuple(prefix), tuple(q),
                     tuple(1 for _ in q), tuple(True for _ in q), tuple([1] * sum(q)), tuple(0 for _ in q))
-    return BatchLayout.build(plan, page_size, torch.device("cpu"))
+    return BatchLayout.build(plan, page_size, torch.device("cpu"), key_width=key_width)
 
 
 def _indexer_inputs(layout: BatchLayout, slots: int, heads: int = 8, dim: int = 16):
@@ -42,12 +42,16 @@ def test_topk_rows_hold_min_kvlen_topk_valid_then_minus_one(page_size: int) -> N
         assert len(set(out[t, :valid].tolist())) == valid
 
 
-def test_indexer_chunking_matches_unchunked() -> None:
+@pytest.mark.parametrize("topk", [8, 20])
+def test_indexer_chunking_matches_unchunked(topk: int) -> None:
+    """Chunks of rows, each scored only as wide as its rows see (at topk 20 the first chunk's rows see at most
+    16 keys and select without logits), select what one whole-width chunk does."""
     layout = _layout([0, 50, 7], [40, 1, 9], 4)
     q, w, k = _indexer_inputs(layout, 4 * 64)
-    whole = DSAOps().indexer_topk(q, w, k, layout, topk=8)
+    whole = DSAOps().indexer_topk(q, w, k, layout, topk=topk)
     # a 3-row budget: chunks of 16 rows (the least, so that chunk starts stay 16-byte aligned): 16, 16, 16, 2
-    chunked = DSAOps(max_logits_bytes=3 * layout.key_width * 4).indexer_topk(q, w, k, layout, topk=8)
+    assert [layout.keys_of_rows(s, s + 16) for s in (0, 16, 32, 48)] == [16, 32, 51, 16]
+    chunked = DSAOps(max_logits_bytes=3 * layout.key_width * 4).indexer_topk(q, w, k, layout, topk=topk)
     assert torch.equal(whole.sort(-1).values, chunked.sort(-1).values)
 
 
@@ -151,8 +155,8 @@ def test_request_token_slice_equals_concatenation() -> None:
 def test_packed_layout_views_one_buffer_and_copies_in_one() -> None:
     """build() packs every tensor field into one buffer (one upload per step); a graph's static copy
     (cloned) takes a layout of the same shape in one copy and then equals it field by field; a layout
-    whose logit rows were replaced is copied field by field."""
-    a, b = _layout([0, 30, 3], [5, 1, 12], 4), _layout([2, 30, 1], [5, 1, 12], 4)
+    whose logit rows were replaced is copied field by field. (Graphs' layouts: a bucketed key width.)"""
+    a, b = _layout([0, 30, 3], [5, 1, 12], 4, 32), _layout([2, 30, 1], [5, 1, 12], 4, 32)
     assert a.static_key() == b.static_key()
     base, end = a.storage.data_ptr(), a.storage.data_ptr() + a.storage.numel() * 4
     assert all(base <= getattr(a, n).data_ptr() < end for n in a.tensor_fields() if getattr(a, n).numel())
@@ -161,7 +165,7 @@ def test_packed_layout_views_one_buffer_and_copies_in_one() -> None:
     static = a.cloned()
     assert static.storage.data_ptr() != a.storage.data_ptr()
     static.copy_from(b)
-    fresh = _layout([0, 30, 3], [5, 1, 12], 4)
+    fresh = _layout([0, 30, 3], [5, 1, 12], 4, 32)
     for name in b.tensor_fields():
         assert torch.equal(getattr(static, name), getattr(b, name)), name
         assert torch.equal(getattr(a, name), getattr(fresh, name)), name  # the clone shares no memory with a
@@ -194,3 +198,14 @@ def test_build_matches_the_per_row_definition() -> None:
     short = dataclasses.replace(plan, pages=((3, 4), (7, 1), (2, 8, 5), (0,)))
     with pytest.raises(LayoutError, match="request 'b' has 10 tokens but 2 pages of 4"):
         BatchLayout.build(short, page_size, torch.device("cpu"))
+
+
+def test_keys_of_rows_is_the_most_any_row_of_a_chunk_sees() -> None:
+    """A prefill's indexer scores each chunk of rows only as wide as its rows see: checked against the rows'
+    own kv lengths for every chunk of a ragged batch; a graph's layout answers its bucketed key width."""
+    layout = _layout([0, 30, 3, 7], [5, 1, 12, 9], 4)
+    kv = layout.row_kv_len.flatten().tolist()
+    for start in range(layout.num_tokens):
+        for stop in range(start + 1, layout.num_tokens + 1):
+            assert layout.keys_of_rows(start, stop) == max(kv[start:stop]), (start, stop)
+    assert _layout([0, 30], [5, 1], 4, 64).keys_of_rows(0, 1) == 64

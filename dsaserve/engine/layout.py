@@ -105,6 +105,9 @@ class BatchLayout:
     num_tokens: int  # query rows (T)
     key_width: int  # key positions the indexer scores per row (>= max(seq_lens); a bucket under graphs)
     dp_sizes: tuple[int, ...]  # rows of every DP group this step (the MLP sees all of them)
+    # Eager steps only (None in a graph's layout, whose key width is a bucket): each request's (end row, seq
+    # len) on the host, so that a prefill's indexer scores each chunk of rows only as wide as it sees (keys_of_rows).
+    req_rows: tuple[tuple[int, int], ...] | None = None
     # One int32 buffer every tensor field above is a view of (build() uploads it in one copy; a graph fills
     # its static copy in one copy); None once a field was replaced by another tensor (with_logit_rows).
     storage: Tensor | None = None
@@ -158,10 +161,26 @@ class BatchLayout:
             flat = storage[start:start + size]
             views[name] = flat if len(shape) == 1 else flat.view(shape)  # a view call costs ~4 us of host time
             start += span
+        eager = key_width is None
         return BatchLayout(
             mode=plan.mode, page_size=page_size, num_tokens=T,
-            key_width=max(seq_lens, default=0) if key_width is None else key_width,
-            dp_sizes=(T,) if dp_sizes is None else tuple(dp_sizes), storage=storage, **views)
+            key_width=max(seq_lens, default=0) if eager else key_width,
+            dp_sizes=(T,) if dp_sizes is None else tuple(dp_sizes), storage=storage,
+            req_rows=tuple(zip(itertools.accumulate(plan.q_lens), seq_lens)) if eager else None, **views)
+
+    def keys_of_rows(self, start: int, stop: int) -> int:
+        """The most keys a query row in [start, stop) sees (a graph's layout: its key width). Rows are grouped by
+        request, each request's last row sees all of its keys."""
+        if self.req_rows is None:
+            return self.key_width
+        most, begin = 0, 0
+        for end, seq_len in self.req_rows:
+            if begin >= stop:
+                break
+            if end > start:  # its rows [begin, end) meet [start, stop): the last one inside sees the most
+                most = max(most, seq_len - (end - min(end, stop)))
+            begin = end
+        return most
 
     def with_logit_rows(self, rows: Tensor) -> BatchLayout:
         """The same step reading out other rows (the MTP pass samples the last accepted row)."""

@@ -120,14 +120,19 @@ class DSAOps:
         if layout.key_width <= topk:  # every row sees <= topk keys: select them all, skip the logits
             slots = self.all_slots(layout, topk)
             return slots if rows is None else slots[rows]
-        num_keys = layout.key_width
         # Whole multiples of 16 rows: every chunk's row slices start 16-byte aligned, as the warm-up's did
         # (Triton specializes kernels on pointer alignment: an odd chunk start compiled new variants).
-        rows_per_chunk = max(16, self.max_logits_bytes // (num_keys * 4) // 16 * 16)
+        rows_per_chunk = max(16, self.max_logits_bytes // (layout.key_width * 4) // 16 * 16)
         parts = []
         for start in range(0, T, rows_per_chunk):
             part = slice(start, min(start + rows_per_chunk, T))
             kv_len, req = row_kv_len[part], row_req[part]
+            # A prefill chunk's rows are scored only as wide as they see (its first rows see few keys): half the
+            # logits and the selection's work on a long prompt. Strided rows (a slice of the layout's) take it all.
+            num_keys = layout.keys_of_rows(part.start, part.stop) if rows is None else layout.key_width
+            if num_keys <= topk:
+                parts.append(reference.first_positions_slots(kv_len, layout.page_table, req, layout.page_size, topk))
+                continue
             logits = backend.indexer_logits(q[part], weights[part], k_cache, layout.page_table, req, kv_len,
                                             layout.page_size, num_keys)
             parts.append(backend.topk_slots(logits, kv_len, layout.page_table, req, layout.page_size, topk))
