@@ -152,3 +152,26 @@ def test_mtp_stand_in_for_a_chunk_that_drafts_nothing(tiny_ds: str) -> None:
     [got] = run_jobs(args, [job], timeout_s=180, setup=_fail_group0_chunk)
     assert got[1] == [], "the poisoned request should have ended with an error"
     assert got[0] == LLM(tiny_ds, page_size=4, max_total_tokens=2048).generate([other], GREEDY)[0].token_ids
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_a_request_whose_tokens_cannot_be_committed_ends_alone(tiny_ds: str, overlap: bool,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Committing one request's tokens raises (its stop rules, injected into the engine's real ones): that request
+    ends with the error and the others in its steps run on to the single-device tokens. The whole step used to
+    fail (without overlap), or the exception left the engine's step altogether (with it)."""
+    from dsaserve.engine import engine as engine_module
+    llm = LLM(tiny_ds, page_size=4, max_total_tokens=2048, disable_overlap_schedule=not overlap)
+    want = _single_device(tiny_ds)
+    real = engine_module.stop_reason
+
+    def stop_reason(req, *args):  # type: ignore[no-untyped-def]
+        if "never seen" in req.params.stop:
+            raise RuntimeError("injected decode failure")
+        return real(req, *args)
+    monkeypatch.setattr(engine_module, "stop_reason", stop_reason)
+    stopping = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, stop=("never seen",))
+    out = llm.generate(PROMPTS + [PROMPTS[0]], [GREEDY] * len(PROMPTS) + [stopping])
+    assert [c.token_ids for c in out[:-1]] == want
+    assert out[-1].finish_reason.kind == "error" and "injected decode failure" in out[-1].finish_reason.message
+    assert llm.engine.stats().free_pages == llm.engine.stats().total_pages

@@ -348,7 +348,18 @@ class Engine:
 
     def commit_new_tokens(self, req: Request, tokens: list[int], lps: list | None) -> RequestOutput:
         """Append tokens up to the first that stops the request. A prefill server's PD request never stops
-        here: the decode server applies the stop rules to the token it hands over."""
+        here: the decode server applies the stop rules to the token it hands over. If that fails for this
+        request (its stop rules or grammar raised), it alone ends with the error: the step's other requests
+        and the ranks (which never run this) go on."""
+        try:
+            return self._append_tokens(req, tokens, lps)
+        except Exception as exc:  # noqa: BLE001 - reported to the request's client
+            log.exception("request %s: its new tokens could not be committed", req.rid)
+            if self.requests.get(req.rid) is req:
+                self._finish(req, FinishReason("error", message=f"committing its tokens failed: {exc}"))
+            return self._output(req, [], [])
+
+    def _append_tokens(self, req: Request, tokens: list[int], lps: list | None) -> RequestOutput:
         hands_over = req.disagg is not None and self.args.disaggregation_mode == "prefill"
         new, reason = [], None
         for token in tokens:
