@@ -129,7 +129,8 @@ class DSAOps:
             kv_len, req = row_kv_len[part], row_req[part]
             # A prefill chunk's rows are scored only as wide as they see (its first rows see few keys): half the
             # logits and the selection's work on a long prompt. Strided rows (a slice of the layout's) take it all.
-            num_keys = layout.keys_of_rows(part.start, part.stop) if rows is None else layout.key_width
+            whole = rows is not None or rows_per_chunk >= T  # one chunk (every decode step): the layout's width
+            num_keys = layout.key_width if whole else layout.keys_of_rows(part.start, part.stop)
             if num_keys <= topk:
                 parts.append(reference.first_positions_slots(kv_len, layout.page_table, req, layout.page_size, topk))
                 continue

@@ -71,7 +71,11 @@ def _health_routes(router: APIRouter, fe: Frontend, metrics: ServerMetrics) -> N
             handles.append(await fe.submit(ids, params, f"health-{rank}-{time.monotonic_ns()}", rank))
 
         async def generate() -> list[Result]:  # the submits too: a leader stuck in a step never accepts
-            await asyncio.gather(*(submit(link.rank) for link in fe.links))
+            # every submit ends before any failure is raised, so that the abort below finds all the handles
+            submitted = await asyncio.gather(*(submit(link.rank) for link in fe.links), return_exceptions=True)
+            failed = [r for r in submitted if isinstance(r, BaseException)]
+            if failed:
+                raise failed[0]
             return await collect_all(handles, abort)
         try:
             results = await asyncio.wait_for(generate(), HEALTH_GENERATE_TIMEOUT_S)
