@@ -1,7 +1,7 @@
 """Memory planning: one rank's weight bytes by component, KV bytes per token, and the KV tokens that fit.
 
-`dsaserve plan` reads only config.json; the engine uses the same functions at start-up on the model it
-actually built (`weight_bytes` of the loaded model, `kv_pool_tokens` for the pool), and logs the same
+`dsaserve plan` reads config.json (and, where the weights are in the folder, only their shards' headers); the
+engine uses the same functions at start-up on the model it actually built (`weight_bytes` of the loaded model, `kv_pool_tokens` for the pool), and logs the same
 numbers. FP8 checkpoints keep their block-quantized linear and expert weights in e4m3 plus fp32 scales
 (the official checkpoints quantize every such weight; the model keeps the matrices it reads directly,
 `quant.DEQUANTIZED_AT_LOAD`, in the compute dtype).
@@ -17,7 +17,7 @@ import torch
 
 from dsaserve.cache.pools import KVPools, resolve_kv_cache_dtype
 from dsaserve.config import ModelConfig
-from dsaserve.model.checkpoint import CheckpointError
+from dsaserve.model.checkpoint import Checkpoint, CheckpointError
 from dsaserve.parallel.groups import Parallel, ParallelConfig
 from dsaserve.server_args import ServerArgs
 
@@ -78,13 +78,23 @@ def kv_pool_tokens(args: ServerArgs, free_bytes: int, bytes_per_token: int, cont
     return min(tokens, args.max_running_requests * context_length)
 
 
+def shards_here(args: ServerArgs) -> Checkpoint | None:
+    """The checkpoint's shard headers where its weights are in the folder and will load (else None: config.json
+    alone says which weights are FP8, loader.weight_formats)."""
+    folder = Path(args.model_path) if args.model_path else None
+    if args.load_format != "dummy" and folder is not None and any(folder.glob("*.safetensors")):
+        return Checkpoint(folder)
+    return None
+
+
 def plan(cfg: ModelConfig, args: ServerArgs, device_bytes: int, rank: int = 0) -> MemoryPlan:
-    """One rank of the deployment `args` on a device of `device_bytes`, from the config alone."""
+    """One rank of the deployment `args` on a device of `device_bytes`, from config.json (and the shards'
+    headers where the weights are there: loader.weight_formats)."""
     from dsaserve.engine.model_runner import resolve_dtype
-    from dsaserve.model.loader import fp8_by_config, meta_model
+    from dsaserve.model.loader import meta_model, weight_formats
     dtype = resolve_dtype(args.dtype, torch.device("cuda"))  # the GPU's compute dtype
     par = Parallel.without_groups(ParallelConfig(args.tp, args.dp, rank))
-    model = meta_model(cfg, par, dtype, args.spec_steps > 0, fp8_by_config(cfg))
+    model = meta_model(cfg, par, dtype, args.spec_steps > 0, weight_formats(cfg, shards_here(args)))
     weights = weight_bytes(model)
     per_token = KVPools.bytes_per_token(cfg, resolve_kv_cache_dtype(args.kv_cache_dtype, dtype),
                                         cache_layers(cfg, args.spec_steps))

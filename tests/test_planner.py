@@ -91,3 +91,35 @@ def test_planner_counts_what_the_engine_allocates(tmp_path: Path) -> None:
     assert planned.kv_tokens == 256 == (engine.runner.num_pages - 1) * args.page_size
     capped = ServerArgs(model_path=str(ckpt), context_length=128, max_running_requests=2)
     assert plan(engine.cfg, capped, int(1e9)).kv_tokens == 256
+
+
+def test_a_dequantized_copy_that_kept_its_quantization_config_is_planned_as_loaded(tmp_path: Path) -> None:
+    """A bf16 copy of an FP8 checkpoint whose config.json still names the FP8 quantization: the engine loads what
+    the shards hold (bf16), so the plan reads their headers and counts that, not the config's FP8 (it promised
+    the smaller FP8 size, a deployment that then ran out of memory)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from dsaserve.engine.engine import Engine
+    from dsaserve.ops.fp8 import dequantize
+    from dsaserve.tiny import make_tiny_model
+    fp8 = make_tiny_model(tmp_path / "fp8", "deepseek_v32", fp8=True)
+    copy = tmp_path / "bf16-copy"
+    copy.mkdir()
+    block = tuple(json.loads((fp8 / "config.json").read_text())["quantization_config"]["weight_block_size"])
+    shards = {f: load_file(f) for f in fp8.glob("*.safetensors")}
+    scales = {n: t for tensors in shards.values() for n, t in tensors.items() if n.endswith("_scale_inv")}
+    for f in fp8.iterdir():
+        if f.suffix != ".safetensors":
+            (copy / f.name).write_bytes(f.read_bytes())
+            continue
+        save_file({n: dequantize(t, scales[n + "_scale_inv"], block).bfloat16() if n + "_scale_inv" in scales else t
+                   for n, t in shards[f].items() if not n.endswith("_scale_inv")}, copy / f.name)
+    assert "quantization_config" in json.loads((copy / "config.json").read_text())
+    args = ServerArgs(model_path=str(copy), dtype="float32", max_total_tokens=256)
+    engine = Engine(args, progress=False)
+    planned = plan(engine.cfg, args, int(1e9))
+    assert planned.weights == weight_bytes(engine.runner.model)
+    by_config = plan(engine.cfg, ServerArgs(model_path=str(copy), dtype="float32", load_format="dummy"), int(1e9))
+    assert by_config.weight_bytes < planned.weight_bytes  # the config alone says FP8

@@ -319,6 +319,13 @@ def fp8_by_config(cfg: ModelConfig) -> Callable[[str], bool]:
     return lambda name: cfg.fp8_block is not None
 
 
+def weight_formats(cfg: ModelConfig, ckpt: Checkpoint | None) -> Callable[[str], bool]:
+    """Which checkpoint tensors load as FP8: the shards' own dtypes (a dequantized copy may keep config.json's
+    quantization_config), or config.json's without shards (`--load-format dummy`; the planner on a folder with
+    config.json only)."""
+    return ckpt.is_fp8 if ckpt is not None else fp8_by_config(cfg)
+
+
 def build_model(model_path: str | Path, device: torch.device, dtype: torch.dtype, par: Parallel | None = None,
                 load_mtp: bool = True, progress: bool = True, load_format: str = "auto") -> DSAModel:
     """Allocate this rank's shard of the model uninitialised on `device` and fill it from the checkpoint
@@ -326,7 +333,7 @@ def build_model(model_path: str | Path, device: torch.device, dtype: torch.dtype
     other parameters take `dtype` (or fp32 where the model says)."""
     cfg = ModelConfig.from_path(model_path)
     ckpt = Checkpoint(model_path) if load_format != "dummy" else None
-    model = meta_model(cfg, par, dtype, load_mtp, ckpt.is_fp8 if ckpt is not None else fp8_by_config(cfg))
+    model = meta_model(cfg, par, dtype, load_mtp, weight_formats(cfg, ckpt))
     _check_fits(model, device, dtype)
     # Module.to_empty's empty_like on meta tensors imports sympy (0.7 s per process): dense tensors by shape instead
     model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
