@@ -174,4 +174,9 @@ def test_a_request_whose_tokens_cannot_be_committed_ends_alone(tiny_ds: str, ove
     out = llm.generate(PROMPTS + [PROMPTS[0]], [GREEDY] * len(PROMPTS) + [stopping])
     assert [c.token_ids for c in out[:-1]] == want
     assert out[-1].finish_reason.kind == "error" and "injected decode failure" in out[-1].finish_reason.message
-    assert llm.engine.stats().free_pages == llm.engine.stats().total_pages
+    engine = llm.engine  # its usage counts only the tokens its client got (none here: its first commit failed)
+    engine.add_request("alone", PROMPTS[1], stopping)
+    outputs = [o for o in engine.run_until_idle() + engine.take_finished() if o.rid == "alone"]
+    assert outputs[-1].finish.kind == "error"
+    assert outputs[-1].completion_tokens == sum(len(o.new_token_ids) for o in outputs) == 0
+    assert engine.stats().free_pages == engine.stats().total_pages

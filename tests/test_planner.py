@@ -123,3 +123,21 @@ def test_a_dequantized_copy_that_kept_its_quantization_config_is_planned_as_load
     assert planned.weights == weight_bytes(engine.runner.model)
     by_config = plan(engine.cfg, ServerArgs(model_path=str(copy), dtype="float32", load_format="dummy"), int(1e9))
     assert by_config.weight_bytes < planned.weight_bytes  # the config alone says FP8
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_a_partial_download_is_named_not_a_traceback(damage: str, tmp_path: Path, capsys) -> None:
+    """A folder whose index names a shard that is not there yet, or a shard still being written: `plan` (which
+    reads the shards' headers) says which file, in one error line, as `serve` does before it starts."""
+    from dsaserve.tiny import make_tiny_model
+    folder = make_tiny_model(tmp_path / "m", "deepseek_v32", fp8=True)
+    shard = sorted(folder.glob("*.safetensors"))[1]
+    if damage == "missing":
+        shard.unlink()
+    else:
+        shard.write_bytes(shard.read_bytes()[:20])
+    assert main(["plan", "--model-path", str(folder)]) == 1
+    out = capsys.readouterr().out
+    words = "is listed in the shard index but does not exist" if damage == "missing" else \
+        "is not a readable safetensors file"
+    assert f"error: {shard} {words}" in out, out

@@ -351,10 +351,12 @@ class Engine:
         here: the decode server applies the stop rules to the token it hands over. If that fails for this
         request (its stop rules or grammar raised), it alone ends with the error: the step's other requests
         and the ranks (which never run this) go on."""
+        delivered = len(req.output_ids)
         try:
             return self._append_tokens(req, tokens, lps)
         except Exception as exc:  # noqa: BLE001 - reported to the request's client
             log.exception("request %s: its new tokens could not be committed", req.rid)
+            del req.output_ids[delivered:]  # the client gets none of them: its usage counts what it got
             if self.requests.get(req.rid) is req:
                 self._finish(req, FinishReason("error", message=f"committing its tokens failed: {exc}"))
             return self._output(req, [], [])

@@ -38,21 +38,34 @@ class Checkpoint:
         self.path = Path(model_path)
         self.files = shard_files(self.path)
         self.tensors: dict[str, TensorInfo] = {}
-        for file in self.files:  # headers only, through the numpy binding: no torch in the front process
-            with safe_open(file, framework="numpy") as f:
-                for name in f.keys():
-                    part = f.get_slice(name)
-                    self.tensors[name] = TensorInfo(file, part.get_dtype(), tuple(part.get_shape()))
+        for file in self.files:
+            self.tensors.update(_headers(file))
 
     def is_fp8(self, name: str) -> bool:
         info = self.tensors.get(name)
         return info is not None and info.dtype == "F8_E4M3"
 
 
+def _headers(file: Path) -> dict[str, TensorInfo]:
+    """A shard's tensors from its header only (the numpy binding: no torch in the front process); a missing or
+    unreadable shard (a partial download, a file still being written) is a CheckpointError naming it."""
+    if not file.is_file():
+        raise CheckpointError(f"{file} is listed in the shard index but does not exist")
+    try:
+        with safe_open(file, framework="numpy") as f:  # reads and checks the header against the file size
+            return {name: TensorInfo(file, (part := f.get_slice(name)).get_dtype(), tuple(part.get_shape()))
+                    for name in f.keys()}
+    except Exception as exc:  # safetensors raises its own error type for a damaged header
+        raise CheckpointError(f"{file} is not a readable safetensors file (truncated?): {exc}") from None
+
+
 def shard_files(model_path: Path) -> list[Path]:
     index = model_path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index} is not a valid shard index: {exc}") from None
         return [model_path / f for f in sorted(set(weight_map.values()))]
     files = sorted(model_path.glob("*.safetensors"))
     if not files:

@@ -7,10 +7,8 @@ import json
 import socket
 from pathlib import Path
 
-from safetensors import safe_open
-
 from dsaserve.config import ConfigError, ModelConfig
-from dsaserve.model.checkpoint import CheckpointError, default_model_path, shard_files
+from dsaserve.model.checkpoint import Checkpoint, default_model_path
 from dsaserve.server_args import ServerArgs
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")  # one of them: AutoTokenizer
@@ -43,18 +41,7 @@ def check_model(args: ServerArgs) -> None:
         raise ValueError(f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
     if args.load_format == "dummy":  # random weights of this config: no shards to check
         return
-    try:
-        files = shard_files(path)
-    except (json.JSONDecodeError, KeyError) as exc:
-        raise CheckpointError(f"{path / 'model.safetensors.index.json'} is not a valid shard index: {exc}") from None
-    for file in files:
-        if not file.is_file():
-            raise CheckpointError(f"{file} is listed in the shard index but does not exist")
-        try:
-            with safe_open(file, framework="numpy"):  # reads and checks the header against the file size
-                pass
-        except Exception as exc:
-            raise CheckpointError(f"{file} is not a readable safetensors file (truncated?): {exc}") from None
+    Checkpoint(path)  # every shard the index names is there and its header reads (CheckpointError names it)
 
 
 def bind_listener(host: str, port: int, flags: str = "--host / --port") -> socket.socket:
