@@ -255,16 +255,20 @@ class Engine:
                 self._fill_drafts()
             return outputs + self.fail_step(plan, exc, issued, shared)
 
-    def fail_step(self, plan: StepPlan, exc: Exception, issued: int, shared: int | None = None) -> list[RequestOutput]:
+    def fail_step(self, plan: StepPlan, exc: Exception, issued: int, shared: int | None = None,
+                  local: bool = False) -> list[RequestOutput]:
         """End the plan's requests with the step's error (if it failed on every rank alike: the next
         exchange tells). `issued` / `shared`: the rank's collective counts when the step began (shared
         None: the failure came after the step's forward). A DP group that failed before any collective the
-        other groups join stands in for its rows first (_stand_in), so that they lose nothing."""
+        other groups join stands in for its rows first (_stand_in), so that they lose nothing. `local`: the
+        leader's own work after every rank's collectives of the step failed (sampling): the ranks still
+        agree, so they are not told and go on."""
         if isinstance(exc, CollectiveFailed):
             raise exc  # the groups' state is unknown: this rank must go (the supervisor names it)
         log.exception("step failed", exc_info=exc)
-        self._failed_at = 1 + self.par.issued - issued
-        if self.par.cfg.dp > 1 and shared == self.par.shared:
+        if not local:
+            self._failed_at = 1 + self.par.issued - issued
+        if not local and self.par.cfg.dp > 1 and shared == self.par.shared:
             self._stand_in(self.last_sync)  # if this raises too, the rank goes (as above)
             self._failed_at = -self._failed_at
         outputs = []
@@ -347,10 +351,8 @@ class Engine:
         return outputs
 
     def commit_new_tokens(self, req: Request, tokens: list[int], lps: list | None) -> RequestOutput:
-        """Append tokens up to the first that stops the request. A prefill server's PD request never stops
-        here: the decode server applies the stop rules to the token it hands over. If that fails for this
-        request (its stop rules or grammar raised), it alone ends with the error: the step's other requests
-        and the ranks (which never run this) go on."""
+        """Append tokens up to the first that stops the request (_append_tokens). If that raises (its stop rules
+        or grammar), this request alone ends with the error: the step's others and the ranks go on."""
         delivered = len(req.output_ids)
         try:
             return self._append_tokens(req, tokens, lps)
@@ -362,6 +364,8 @@ class Engine:
             return self._output(req, [], [])
 
     def _append_tokens(self, req: Request, tokens: list[int], lps: list | None) -> RequestOutput:
+        """A prefill server's PD request never stops here: the decode server applies the stop rules to the token
+        it hands over."""
         hands_over = req.disagg is not None and self.args.disaggregation_mode == "prefill"
         new, reason = [], None
         for token in tokens:

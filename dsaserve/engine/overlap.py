@@ -116,8 +116,8 @@ class Overlap:
                 tokens, logprobs = sample(rows, reqs, pending)
                 return InFlight.of(reqs, torch.tensor(tokens).to(logits.device), logprobs), []
             return InFlight.of(reqs, sample_tokens(rows, reqs, pending)), []
-        except Exception as exc:  # noqa: BLE001 - the plan's requests end with the error
-            return None, engine.fail_step(plan, exc, issued)
+        except Exception as exc:  # noqa: BLE001 - the plan's requests end with the error; the ranks go on
+            return None, engine.fail_step(plan, exc, issued, local=engine.par.issued == issued)
 
     def _commit(self, prev: InFlight, tokens: list[int]) -> list[RequestOutput]:
         engine = self.engine
