@@ -184,22 +184,31 @@ def test_a_request_whose_tokens_cannot_be_committed_ends_alone(tiny_ds: str, ove
 
 def _inject_sampling_failure(rank: int) -> None:
     """In the leader's process: sampling a batch that holds the 37-token poison prompt raises (after the step's
-    forward, whose collectives every rank completed; the other ranks never sample)."""
-    from dsaserve.engine import overlap
-    real = overlap.sample_tokens
+    forward, whose collectives every rank completed; the other ranks never sample), overlapped or not."""
+    from dsaserve.engine import engine, overlap
+    real_tokens, real_accept = overlap.sample_tokens, engine.accept
 
-    def sample_tokens(rows, reqs, pending):  # type: ignore[no-untyped-def]
+    def poisoned(reqs) -> None:  # type: ignore[no-untyped-def]
         if any(len(r.prompt_ids) == 37 for r in reqs):
             raise RuntimeError(f"injected sampling failure on rank {rank}")
-        return real(rows, reqs, pending)
-    overlap.sample_tokens = sample_tokens
+
+    def sample_tokens(rows, reqs, pending):  # type: ignore[no-untyped-def]
+        poisoned(reqs)
+        return real_tokens(rows, reqs, pending)
+
+    def accept(requests, plan, real, logits):  # type: ignore[no-untyped-def]
+        poisoned([requests[rid] for rid in plan.rids[:real]])
+        return real_accept(requests, plan, real, logits)
+    overlap.sample_tokens, engine.accept = sample_tokens, accept
 
 
-def test_sampling_failing_on_the_leader_ends_its_requests_and_ranks_go_on(tiny_ds: str) -> None:
+@pytest.mark.parametrize("overlap", [True, False])
+def test_sampling_failing_on_the_leader_ends_its_requests_and_ranks_go_on(tiny_ds: str, overlap: bool) -> None:
     """Sampling is the leader's alone: its failure ends that step's requests and the ranks, which all finished the
     step's collectives, go on to the single-device tokens. The leader used to report the failure in the next
-    exchange as its own, and every rank stopped (StepFailedOnSomeRanks)."""
+    exchange as its own, and every rank stopped (StepFailedOnSomeRanks). (Without overlap: as a PD server runs.)"""
     args = ServerArgs(tp=2, max_total_tokens=2048, dist_timeout=60)
-    [got] = run_jobs(args, [_job(tiny_ds, 1)], timeout_s=120, setup=_inject_sampling_failure)
+    job = _job(tiny_ds, 1, disable_overlap_schedule=not overlap)
+    [got] = run_jobs(args, [job], timeout_s=120, setup=_inject_sampling_failure)
     assert got[0] == [], "the poisoned request should have ended with an error, without tokens"
     assert got[1:] == _single_device(tiny_ds)

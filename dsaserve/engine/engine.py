@@ -296,7 +296,13 @@ class Engine:
         self._fill_drafts()
         self.steps += 1
         leader = self.par.cfg.is_leader
-        accepted = accept(self.requests, plan, real, logits) if leader and real else {}
+        issued = self.par.issued
+        try:
+            accepted = accept(self.requests, plan, real, logits) if leader and real else {}
+        except Exception as exc:  # noqa: BLE001 - the leader's own work: local unless the drafter's collectives follow
+            if self.drafter is not None:
+                raise
+            return self.fail_step(plan, exc, issued, local=self.par.issued == issued)
         drafts = None
         if self.drafter is not None:
             given = draft_input(self.requests, plan, real, accepted) if leader else None
