@@ -1,10 +1,10 @@
 """Memory planning: one rank's weight bytes by component, KV bytes per token, and the KV tokens that fit.
 
 `dsaserve plan` reads config.json (and, where the weights are in the folder, only their shards' headers); the
-engine uses the same functions at start-up on the model it actually built (`weight_bytes` of the loaded model, `kv_pool_tokens` for the pool), and logs the same
-numbers. FP8 checkpoints keep their block-quantized linear and expert weights in e4m3 plus fp32 scales
-(the official checkpoints quantize every such weight; the model keeps the matrices it reads directly,
-`quant.DEQUANTIZED_AT_LOAD`, in the compute dtype).
+engine uses the same functions at start-up on the model it actually built (`weight_bytes` of the loaded model,
+`kv_pool_tokens` for the pool), and logs the same numbers. FP8 checkpoints keep their block-quantized linear and
+expert weights in e4m3 plus fp32 scales (the official checkpoints quantize every such weight; the model keeps the
+matrices it reads directly, `quant.DEQUANTIZED_AT_LOAD`, in the compute dtype).
 """
 from __future__ import annotations
 

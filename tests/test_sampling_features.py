@@ -164,7 +164,8 @@ def test_a_stop_string_split_by_special_tokens_is_found(tiny_ds: str) -> None:
 
     tok = Tokenizer(tiny_ds)
     special = sorted(tok.special_ids)[0]
-    ids = tok.hf.encode("xy", add_special_tokens=False) + [special] * 30 + tok.hf.encode("z tail", add_special_tokens=False)
+    text = [tok.hf.encode(part, add_special_tokens=False) for part in ("xy", "z tail")]
+    ids = text[0] + [special] * 30 + text[1]
     req = _req(SamplingParams(max_tokens=100, stop=("yz",)), [5], [])
     req.max_new_tokens = 100
     finish = None

@@ -20,9 +20,9 @@ from dsaserve.server.frontend import Frontend, RequestHandle
 from dsaserve.server.guard import RequestGuard
 from dsaserve.server.metrics import ServerMetrics
 from dsaserve.server.openai_api import OpenAIServing, openai_router
-from dsaserve.server.streaming import (DONE, FAILED_PART, AbortingStream, Result, aborter, bias_pairs, checked,
-                                       collect_all, error_event, finish_error, merged, prompt_token_logprobs, prompt_scoring,
-                                       until_disconnect)
+from dsaserve.server.streaming import (DONE, AbortingStream, Result, aborter, bias_pairs, checked, collect_all,
+                                       collect_call, error_event, finish_error, merged, prompt_token_logprobs,
+                                       prompt_scoring)
 from dsaserve.server_args import ServerArgs
 
 HEALTH_GENERATE_TIMEOUT_S = 60.0
@@ -167,8 +167,7 @@ def _native_routes(args: ServerArgs, fe: Frontend, served_name: str, pd: PDRouti
         if body.stream:
             return AbortingStream(_generate_stream(handles, body, prompts, decodes, batch), aborter(fe, handles))
 
-        results = await until_disconnect(request, collect_all(handles, aborter(fe, handles, FAILED_PART)),
-                                         aborter(fe, handles))
+        results = await collect_call(request, fe, handles)
         out = [{"text": res.text, "output_ids": res.token_ids, "meta_info": _meta(h, res, body, ids, decodes)}
                for h, res, ids in zip(handles, results, prompts)]
         return out if batch else out[0]

@@ -20,9 +20,8 @@ from dsaserve.engine.tokenizer import CharOffsets
 from dsaserve.server import protocol as p
 from dsaserve.server.errors import ApiError, bad_request
 from dsaserve.server.frontend import Delta, Frontend, RequestHandle
-from dsaserve.server.streaming import (DONE, FAILED_PART, AbortingStream, Result, aborter, bias_pairs, checked,
-                                       collect_all, error_event, finish_error, merged, prompt_token_logprobs, prompt_scoring,
-                                       until_disconnect)
+from dsaserve.server.streaming import (DONE, AbortingStream, Result, aborter, bias_pairs, checked, collect_call,
+                                       error_event, finish_error, merged, prompt_token_logprobs, prompt_scoring)
 
 LogprobList = list[tuple[float, list[tuple[int, float]]]]
 ParserFactory = Callable[[], OutputParser]
@@ -132,8 +131,7 @@ class OpenAIServing:
             gen = self._stream(handles, rid, body, prompts, include_usage, kind, parsers, echo)
             return AbortingStream(gen, aborter(self.fe, handles))
 
-        results = await until_disconnect(request, collect_all(handles, aborter(self.fe, handles, FAILED_PART)),
-                                         aborter(self.fe, handles))
+        results = await collect_call(request, self.fe, handles)
         if kind == "chat":
             return self._chat(rid, body, results, prompt_tokens, parser)
         return self._completion(rid, body, results, prompts, echo)

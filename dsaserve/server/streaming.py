@@ -17,7 +17,6 @@ from dsaserve.server.protocol import sse
 
 T = TypeVar("T")
 DONE = "data: [DONE]\n\n"
-FAILED_PART = "another part of the same call failed"  # why collect_all aborts the rest of an n > 1 / batch call
 
 
 Result = Delta  # a request's whole output: its deltas absorbed in order
@@ -65,6 +64,13 @@ async def collect(handle: RequestHandle) -> Result:
     if res.finish is not None and res.finish.kind == "error":
         raise finish_error(res.finish)
     return res
+
+
+async def collect_call(request: Request, frontend: Frontend, handles: list[RequestHandle]) -> list[Result]:
+    """A non-streaming call's results, one per part in order: a failed part aborts the others (collect_all), a
+    client that disconnects aborts them all."""
+    failed_part = aborter(frontend, handles, "another part of the same call failed")
+    return await until_disconnect(request, collect_all(handles, failed_part), aborter(frontend, handles))
 
 
 async def collect_all(handles: list[RequestHandle], abort_rest: Callable[[], None]) -> list[Result]:
