@@ -202,13 +202,16 @@ def _inject_sampling_failure(rank: int) -> None:
     overlap.sample_tokens, engine.accept = sample_tokens, accept
 
 
-@pytest.mark.parametrize("overlap", [True, False])
-def test_sampling_failing_on_the_leader_ends_its_requests_and_ranks_go_on(tiny_ds: str, overlap: bool) -> None:
+@pytest.mark.parametrize("mode", ["overlap", "plain", "mtp"])
+def test_sampling_failing_on_the_leader_ends_its_requests_and_ranks_go_on(tiny_ds: str, mode: str) -> None:
     """Sampling is the leader's alone: its failure ends that step's requests and the ranks, which all finished the
-    step's collectives, go on to the single-device tokens. The leader used to report the failure in the next
-    exchange as its own, and every rank stopped (StepFailedOnSomeRanks). (Without overlap: as a PD server runs.)"""
+    step's forward, go on to the single-device tokens (with MTP the leader joins the draft steps' collectives on
+    dummy rows). The leader used to report the failure in the next exchange as its own, and every rank stopped
+    (StepFailedOnSomeRanks). (Without overlap: as a PD server runs; MTP runs without it.)"""
     args = ServerArgs(tp=2, max_total_tokens=2048, dist_timeout=60)
-    job = _job(tiny_ds, 1, disable_overlap_schedule=not overlap)
+    flags = {"plain": dict(disable_overlap_schedule=True),
+             "mtp": dict(speculative_algorithm="NEXTN", speculative_num_steps=2)}.get(mode, {})
+    job = _job(tiny_ds, 1, **flags)
     [got] = run_jobs(args, [job], timeout_s=120, setup=_inject_sampling_failure)
     assert got[0] == [], "the poisoned request should have ended with an error, without tokens"
     assert got[1:] == _single_device(tiny_ds)

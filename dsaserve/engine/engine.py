@@ -299,10 +299,11 @@ class Engine:
         issued = self.par.issued
         try:
             accepted = accept(self.requests, plan, real, logits) if leader and real else {}
-        except Exception as exc:  # noqa: BLE001 - the leader's own work: local unless the drafter's collectives follow
-            if self.drafter is not None:
-                raise
-            return self.fail_step(plan, exc, issued, local=self.par.issued == issued)
+        except Exception as exc:  # noqa: BLE001 - the leader's own work, after every rank's forward: local
+            outputs = self.fail_step(plan, exc, issued, local=self.par.issued == issued)
+            if self.drafter is not None:  # the other ranks run the draft steps' collectives: join them on dummies
+                self.drafter.run(plan, layout, hidden, draft_input(self.requests, plan, 0, {}), shape)
+            return outputs
         drafts = None
         if self.drafter is not None:
             given = draft_input(self.requests, plan, real, accepted) if leader else None
