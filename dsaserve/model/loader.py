@@ -24,7 +24,7 @@ from dsaserve.model import quant
 from dsaserve.model.checkpoint import Checkpoint, CheckpointError
 from dsaserve.model.dsa import DSAModel, fuse_projections
 from dsaserve.ops.fp8 import FP8, dequantize
-from dsaserve.parallel.groups import Parallel
+from dsaserve.parallel.groups import Parallel, ParallelConfig
 
 Tensor = torch.Tensor
 log = logging.getLogger(__name__)
@@ -50,6 +50,19 @@ def shard_rule(param: str) -> tuple[int, str] | None:
     if param.endswith("down_proj.weight"):
         return 1, "world"
     return None
+
+
+def rank_part(key: str, local: tuple[int, ...], par: ParallelConfig) -> tuple[list[int], tuple[slice, ...]]:
+    """The full shape of a parameter whose shard on rank `par` is `local`-shaped, and that rank's slice of it
+    (shard_rule: split over the attention-TP group or over all TP ranks; replicated otherwise)."""
+    full, part = list(local), [slice(None)] * len(local)
+    rule = shard_rule(key)
+    if rule is not None:
+        dim, group = rule
+        ranks, index = (par.attn_tp, par.attn_rank) if group == "attn" else (par.tp, par.rank)
+        full[dim] *= ranks
+        part[dim] = slice(index * local[dim], (index + 1) * local[dim])
+    return full, tuple(part)
 
 
 def map_name(cfg: ModelConfig, name: str, has_mtp: bool) -> str | None:
@@ -196,18 +209,10 @@ class _Placer:
 
     def _part(self, name: str, key: str, shape: tuple[int, ...], dest: torch.Size) -> tuple[slice, ...]:
         """This rank's slice of a tensor of full `shape` whose shard is `dest`-shaped."""
-        rule = shard_rule(key)
-        expected = list(dest)
-        part = [slice(None)] * len(shape)
-        if rule is not None:
-            dim, group = rule
-            ranks, index = ((self.par.cfg.attn_tp, self.par.cfg.attn_rank) if group == "attn"
-                            else (self.par.tp, self.par.cfg.rank))
-            expected[dim] *= ranks
-            part[dim] = slice(index * dest[dim], (index + 1) * dest[dim])
+        expected, part = rank_part(key, tuple(dest), self.par.cfg)
         if list(shape) != expected:
             raise CheckpointError(f"tensor {name} has shape {list(shape)}, expected {expected}")
-        return tuple(part)
+        return part
 
     def _scale(self, name: str, shape: tuple[int, ...], block: tuple[int, int]) -> Any:
         scale_name = name + _SCALE
@@ -290,15 +295,8 @@ def check_fp8_splits(model: DSAModel) -> None:
         else:
             continue
         for key, shape in local.items():
-            rule = shard_rule(key)
-            if rule is None:
-                continue
-            dim, group = rule
-            ranks, index = (par.attn_tp, par.attn_rank) if group == "attn" else (par.tp, par.rank)
-            full, part = list(shape), [slice(None)] * len(shape)
-            full[dim] *= ranks
-            part[dim] = slice(index * shape[dim], (index + 1) * shape[dim])
-            _block_part(checkpoint_name(key, model.cfg), tuple(part), tuple(full), module.block, exact=True)
+            full, part = rank_part(key, shape, par)
+            _block_part(checkpoint_name(key, model.cfg), part, tuple(full), module.block, exact=True)
 
 
 def fused_sources(model: torch.nn.Module) -> dict[str, tuple[str, quant.Linear, int, int]]:

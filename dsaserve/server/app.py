@@ -79,11 +79,10 @@ def _health_routes(router: APIRouter, fe: Frontend, metrics: ServerMetrics) -> N
             return await collect_all(handles, abort)
         try:
             results = await asyncio.wait_for(generate(), HEALTH_GENERATE_TIMEOUT_S)
-        except asyncio.TimeoutError:
+        except BaseException as exc:
             abort()
-            raise ApiError(503, f"no token within {HEALTH_GENERATE_TIMEOUT_S:.0f} s") from None
-        except BaseException:
-            abort()
+            if isinstance(exc, asyncio.TimeoutError):
+                raise ApiError(503, f"no token within {HEALTH_GENERATE_TIMEOUT_S:.0f} s") from None
             raise
         if any(len(r.token_ids) != 1 for r in results):
             raise ApiError(503, "a health generation ended without a token")
