@@ -53,6 +53,8 @@ def test_device_gaps_sums_idle_time_by_the_kernels_around_it():
 def test_bench_one_batch_profile_on_cpu(tiny_ds: str, capsys: pytest.CaptureFixture) -> None:
     from dsaserve.cli import main
     assert main(["bench", "one-batch", "--model-path", tiny_ds, "--batch-size", "1", "--input-len", "12",
-                 "--output-len", "2", "--page-size", "4", "--profile", "2"]) == 0
+                 "--output-len", "2", "--page-size", "4", "--profile", "2", "--profile-prefill", "3"]) == 0
     out = capsys.readouterr().out
     assert "operators of 8 decode steps at batch 2" in out and "Self CPU" in out
+    prefill = out[out.index("operators of the prefill of 3 x 12 tokens"):]
+    assert "Self CPU" in prefill

@@ -167,6 +167,7 @@ INDEXER_CASES = [  # seq_lens, q_lens, Hi, Di, page_size
     ([5000, 40, 2100, 777], [1, 1, 1, 1], 64, 128, 64),  # decode, one row shorter than topk
     ([3000, 600, 9], [2, 300, 9], 64, 128, 64),  # prefill mix: > 256 rows, blocks straddle requests
     ([1500, 1200], [4, 3], 32, 128, 16),  # GLM head count, verify-like rows
+    ([2000, 700, 64], [203, 150, 64], 32, 128, 64),  # GLM head count, prefill: 8-row blocks straddle requests
     ([300, 90, 260], [100, 30, 200], 4, 32, 16),  # tiny model dims
 ]
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from dsaserve.bench.flops import prefill_flops
-from dsaserve.bench.profile import print_decode_profile
+from dsaserve.bench.profile import print_decode_profile, print_prefill_profile
 from dsaserve.engine.compiles import kernel_compiles
 from dsaserve.engine.engine import Engine
 from dsaserve.engine.request import SamplingParams
@@ -60,6 +60,9 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", type=int, nargs="+", default=[], metavar="BATCH",
                    help="then profile decode steps at these batch sizes (the first --input-len): kernels per step, "
                         "idle gaps and one layer's kernels in order (operators on CPU)")
+    p.add_argument("--profile-prefill", type=int, nargs="+", default=[], metavar="BATCH",
+                   help="then profile the prefill of this many prompts of the first --input-len: its kernels, "
+                        "widest first (operators on CPU)")
 
 
 def median_seconds(work: Callable[[], object], runs: int = 10, warmup: int = 3) -> float:
@@ -164,7 +167,7 @@ def run(ns: argparse.Namespace) -> int:
     bad = [f"{flag} must be >= 1, got {value}" for flag, value in sizes.items() if value < 1]
     if bad:
         raise ValueError("; ".join(bad))  # (cli.main prints it as one line, exit code 2)
-    batch, chunk = max(ns.batch_size + ns.profile), max(args.chunked_prefill_size, max(ns.input_len))
+    batch, chunk = max(ns.batch_size + ns.profile + ns.profile_prefill), max(args.chunked_prefill_size, max(ns.input_len))
     longest = max(ns.input_len) + ns.output_len + decode_lead(batch, max(ns.input_len), chunk)
     args = args.replace(max_running_requests=max(batch, args.max_running_requests), chunked_prefill_size=chunk,
                         max_total_tokens=args.max_total_tokens or batch * (longest + args.page_size) + 4096)
@@ -211,4 +214,6 @@ def _run(ns: argparse.Namespace, engine: Engine, startup_s: float) -> int:
                                                     "rows": [asdict(r) for r in rows]}, indent=1))
     for batch in ns.profile:
         print_decode_profile(engine, batch, ns.input_len[0])
+    for batch in ns.profile_prefill:
+        print_prefill_profile(engine, batch, ns.input_len[0])
     return 0

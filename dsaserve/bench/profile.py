@@ -79,6 +79,8 @@ def _start_batch(engine: Engine, batch: int, input_len: int) -> list[str]:
     started: set[str] = set()
     while len(started) < batch and engine.has_work():
         started.update(o.rid for o in engine.step() if o.new_token_ids)
+    if len(started) < batch:
+        raise RuntimeError(f"only {len(started)} of {batch} requests produced a token")
     return rids
 
 
@@ -105,7 +107,7 @@ def print_decode_profile(engine: Engine, batch: int, input_len: int) -> None:
         print(f"\noperators of {STEPS} decode steps at batch {batch} (CPU, by their own time):")
         print(steps.key_averages().table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60))
         return
-    _print_kernels(steps, batch)
+    _print_kernels(steps, STEPS, f"decode at batch {batch}")
     spans = [Span(e.time_range.start, e.time_range.end, e.name) for e in single.events()
              if e.device_type == torch.autograd.DeviceType.CUDA]
     layers = engine.cfg.num_hidden_layers
@@ -120,26 +122,45 @@ def print_decode_profile(engine: Engine, batch: int, input_len: int) -> None:
         print(f"{adds:8.2f} {s.end - s.start:8.2f}  {s.name[:100]}")
 
 
-def _print_kernels(prof, batch: int) -> None:
-    """Kernels per step, widest first, then the device's idle gaps by the kernels around them."""
+def print_prefill_profile(engine: Engine, batch: int, input_len: int) -> None:
+    """Print where the prefill of `batch` prompts of `input_len` tokens spends its time: every step until each
+    request has its first token, its kernels widest first (`bench one-batch --profile-prefill B`)."""
+    from torch.profiler import ProfilerActivity, profile
+    engine.evict_prefix_cache()
+    cuda = engine.runner.device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+        _start_batch(engine, batch, input_len)
+        if cuda:
+            torch.cuda.synchronize()
+    engine.run_until_idle()
+    if not cuda:
+        print(f"\noperators of the prefill of {batch} x {input_len} tokens (CPU, by their own time):")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60))
+        return
+    _print_kernels(prof, 1, f"the prefill of {batch} x {input_len} tokens", "prefill")
+
+
+def _print_kernels(prof, steps: int, what: str, unit: str = "step") -> None:
+    """Kernels per `unit` (the profile holds `steps` of them), widest first, then the device's idle gaps by
+    the kernels around them."""
     kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     kernels.sort(key=lambda e: -e.self_device_time_total)
-    total = sum(e.self_device_time_total for e in kernels) / STEPS
-    count = sum(e.count for e in kernels) / STEPS
-    print(f"\ndevice kernels per decode step at batch {batch}: {count:.0f} launches, {total:.0f} us of kernel time "
+    total = sum(e.self_device_time_total for e in kernels) / steps
+    count = sum(e.count for e in kernels) / steps
+    print(f"\ndevice kernels per {unit} of {what}: {count:.0f} launches, {total:.0f} us of kernel time "
           "(durations overlap under programmatic dependent launch)")
-    print(f"{'us/step':>8} {'share':>6} {'n/step':>6} {'us each':>8}  kernel")
+    print(f"{'us/' + unit:>10} {'share':>6} {'n/' + unit:>9} {'us each':>9}  kernel")
     for e in kernels[:40]:
-        us = e.self_device_time_total / STEPS
-        print(f"{us:8.1f} {100 * us / total:5.1f}% {e.count / STEPS:6.1f} {us * STEPS / e.count:8.2f}  {e.key[:90]}")
+        us = e.self_device_time_total / steps
+        print(f"{us:10.1f} {100 * us / total:5.1f}% {e.count / steps:9.1f} {us * steps / e.count:9.2f}  {e.key[:90]}")
     spans = [Span(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
              if e.device_type == torch.autograd.DeviceType.CUDA]
     if spans:
         busy, wall, gaps = device_gaps(spans)
-        print(f"device busy {busy / STEPS:.0f} us of {wall / STEPS:.0f} us per step; idle between kernels, by "
-              f"the kernels around it (us per step, times per step):")
+        print(f"device busy {busy / steps:.0f} us of {wall / steps:.0f} us per {unit}; idle between kernels, by "
+              f"the kernels around it (us per {unit}, times per {unit}):")
         for (before, after), (us, n) in gaps[:8]:
-            print(f"{us / STEPS:8.1f} {n / STEPS:6.1f}  after {before[:50]}  before {after[:50]}")
+            print(f"{us / steps:8.1f} {n / steps:6.1f}  after {before[:50]}  before {after[:50]}")
 
 
-__all__ = ["Span", "device_gaps", "one_layer", "print_decode_profile"]
+__all__ = ["Span", "device_gaps", "one_layer", "print_decode_profile", "print_prefill_profile"]
