@@ -276,6 +276,7 @@ def _moe_inputs(N: int, hidden: int, inter: int, E: int, k: int, seed: int, dtyp
     (1, 1, 512, 256, 16, 4),  # decode
     (33, 30, 512, 256, 16, 8),  # padding rows
     (700, 700, 256, 128, 8, 4),  # ~350 pairs per expert: prefill tiles
+    (4100, 4097, 384, 128, 8, 4),  # >= WIDE_DOWN_MIN_PAIRS pairs: 256-column down tiles over a ragged hidden
     (200, 200, 256, 192, 8, 2),  # mid tiles
     (50, 47, 96, 48, 5, 3),  # tiny dims, not multiples of the K block
     (8, 0, 128, 64, 4, 2),  # no real token

@@ -54,6 +54,10 @@ A_QUANT_MAX_PAIRS = 32
 # one launch fewer (1-6% faster at 1-4 tokens on an H200; token-major down GEMMs without the reduce were slower).
 DIRECT_MAX_PAIRS = 32
 WGMMA_MIN_ROWS = 64  # rows per expert on average from which FP8 experts run the pipelined wgmma GEMM (Hopper)
+# (token, expert) pairs from which the bf16 down projection takes 256-column tiles (3 stages): 4-16% faster
+# at 4096-16384 tokens on 17 experts of 2048 and 257 of 256 or 2048, 8% slower at 1024 tokens on 17 experts
+# (H200 sweep, docs/benchmarks.md).
+WIDE_DOWN_MIN_PAIRS = 16384
 
 
 @triton.jit(do_not_specialize=["num_pairs", "num_m_blocks", "groups_per_split", "stride_split"])
@@ -221,8 +225,9 @@ def _config(num_pairs: int, num_experts: int, fp8_block: tuple[int, int] | None,
         return {**base, **(CONFIG or {}), "block_n": fp8_block[1], "block_k": fp8_block[1],
                 "down_block_k": fp8_block[1]}
     if per_expert >= 96:  # prefill: compute-bound tiles
-        base = dict(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3,
-                    down_block_n=128, down_block_k=64, down_num_warps=8, down_num_stages=4, group_m=8)
+        wide = num_pairs >= WIDE_DOWN_MIN_PAIRS
+        base = dict(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3, down_block_n=256 if wide else 128,
+                    down_block_k=64, down_num_warps=8, down_num_stages=3 if wide else 4, group_m=8)
     elif per_expert >= 24:
         base = dict(block_m=64, block_n=64, block_k=64, num_warps=4, num_stages=4,
                     down_block_n=128, down_block_k=64, down_num_warps=4, down_num_stages=4, group_m=8)
