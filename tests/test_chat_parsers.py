@@ -182,3 +182,25 @@ def test_closing_tags_inside_a_json_argument(fmt: str) -> None:
         out = parse(make, raw, (a,))
         assert (out.content, [(c.name, json.loads(c.arguments)) for c in out.calls]) == \
             ("Go. done", [("run", {"spec": SPEC, "lines": LINES})]), a
+
+
+@pytest.mark.parametrize("fmt", ["dsml", "glm"])
+def test_an_unclosed_json_argument_does_not_swallow_the_rest(fmt: str) -> None:
+    """A non-string argument that opens a JSON array / object and never closes it, then the closing tag: the
+    value ends at that tag (markup outside a JSON string is not JSON), so what follows (text, a later valid
+    call) is parsed as usual instead of being held back until the end and returned as content."""
+    if fmt == "dsml":
+        bad = (f'\n\n<{D}function_calls>\n<{D}invoke name="get_weather">\n<{D}parameter name="days" string="false">'
+               f'[1,</{D}parameter>\n</{D}invoke>\n</{D}function_calls>')
+        good = f'\n\n<{D}function_calls>\n<{D}invoke name="get_time">\n</{D}invoke>\n</{D}function_calls>'
+        expected = Parsed("", "a" + bad + "b", [ToolCall("get_time", "{}")])  # the malformed block stays text
+        make = dsml
+    else:
+        bad = "<tool_call>get_weather<arg_key>days</arg_key><arg_value>[1,</arg_value></tool_call>"
+        good = "<tool_call>get_time</tool_call>"
+        # GLM: a value that is not JSON is text (as for any other non-JSON value)
+        expected = Parsed("", "ab", [ToolCall("get_weather", '{"days": "[1,"}'), ToolCall("get_time", "{}")])
+        make = glm
+    raw = "a" + bad + "b" + good
+    for a in range(0, len(raw) + 1, 7):
+        assert parse(lambda: make(False), raw, (a,)) == expected, a

@@ -329,3 +329,15 @@ def test_null_means_the_default(client: openai.OpenAI, model: str) -> None:
     done = client.completions.create(model=model, prompt="hi", max_tokens=3, temperature=0, n=None, echo=None,
                                      stream=None)
     assert len(done.choices) == 1 and not done.choices[0].text.startswith("hi")
+
+
+def test_text_offsets_leave_out_every_token_the_text_skips(tiny_ds: str) -> None:
+    """An added token marked special in tokenizer.json (the tiny models' <|system|>, DeepSeek's placeholders)
+    is left out of the text by decode(skip_special_tokens=True) although all_special_ids does not list it:
+    it must take no room in text_offset either."""
+    from dsaserve.engine.tokenizer import CharOffsets, Tokenizer
+    tok = Tokenizer(tiny_ds)
+    a, b = tok.hf.encode("a", add_special_tokens=False), tok.hf.encode("b", add_special_tokens=False)
+    ids = [*a, tok.hf.convert_tokens_to_ids("<|system|>"), *b]
+    assert tok.decode(ids) == "ab"
+    assert CharOffsets(tok).take(ids) == [0, 1, 1]

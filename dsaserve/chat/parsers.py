@@ -187,6 +187,8 @@ def _json_value_end(text: str, start: int, close: str) -> int | None:
                 in_string = False
         elif ch == '"':
             in_string = True
+        elif text.startswith(close, j) or close.startswith(text[j:]):
+            return None  # the closing tag outside a JSON string: the value is not JSON (or waits for the tag)
         elif ch in "{[":
             depth += 1
         elif ch in "}]":

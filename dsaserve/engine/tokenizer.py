@@ -34,7 +34,10 @@ class Tokenizer:
 
     @functools.cached_property
     def special_ids(self) -> frozenset[int]:
-        return frozenset(self.hf.all_special_ids)
+        """The ids decode(skip_special_tokens=True) leaves out: the named special tokens, and every added token
+        that tokenizer.json marks special (all_special_ids lists only the named ones)."""
+        added = getattr(self.hf, "added_tokens_decoder", {}) or {}
+        return frozenset(self.hf.all_special_ids) | {i for i, t in added.items() if getattr(t, "special", False)}
 
     @functools.cached_property
     def _byte_alphabet(self) -> dict[str, int] | None:
