@@ -10,7 +10,7 @@ import pytest
 from conftest import prompts_ids
 from dsaserve import SamplingParams
 from dsaserve.engine.engine import Engine
-from dsaserve.engine.request import DisaggRoute, RequestOutput
+from dsaserve.engine.request import DisaggRoute, QueueFull, RequestError, RequestOutput
 from test_disagg_engine import assert_pools_whole, pd_pair, run_pd
 
 pytestmark = pytest.mark.timeout(300)
@@ -185,3 +185,116 @@ def test_a_second_dest_for_a_room_is_refused_and_the_first_served(tiny_ds: str) 
         assert finals["d"].finish.kind == "length" and finals["d"].completion_tokens == GREEDY.max_tokens, \
             finals["d"].finish
         assert_pools_whole(pre, dec)
+
+
+def test_decode_refusal_ends_the_prefill_half_at_once(tiny_ds: str) -> None:
+    with pd_pair(tiny_ds, backend="fake", page_size=4, disaggregation_timeout_s=20,
+                 decode=dict(max_total_tokens=128)) as (pre, dec):
+        ids = prompts_ids(1, [200], seed=3)[0]
+        peer = f"tcp://127.0.0.1:{pre.disagg.port}"
+        pre.add_request("p", ids, GREEDY, DisaggRoute(3))
+        with pytest.raises(RequestError):
+            dec.add_request("d", ids, GREEDY, DisaggRoute(3, peer))
+        finals = step_until((pre, dec), lambda f: "p" in f, 5)
+        assert "p" in finals, "the prefill server still holds the request the decode server refused"
+        assert_pools_whole(pre, dec)
+
+
+def test_prefill_refusal_before_its_side_ends_the_decode_half_at_once(tiny_ds: str) -> None:
+    """A prompt too long for the prefill server's pool with max_tokens unset is refused in add_request before the
+    prefill side sees the room: the decode server's page ids were left unanswered for its whole timeout."""
+    params = SamplingParams(max_tokens=None, temperature=0.0, ignore_eos=True)
+    with pd_pair(tiny_ds, backend="fake", page_size=4, disaggregation_timeout_s=20,
+                 prefill=dict(max_total_tokens=128)) as (pre, dec):
+        ids = prompts_ids(1, [200], seed=3)[0]
+        with pytest.raises(RequestError):
+            pre.add_request("p", ids, params, DisaggRoute(6))
+        dec.add_request("d", ids, params, DisaggRoute(6, f"tcp://127.0.0.1:{pre.disagg.port}"))
+        finals = step_until((pre, dec), lambda f: "d" in f, 5)
+        assert "d" in finals and finals["d"].finish.kind == "error", "the decode server waits for its timeout"
+        assert "refused" in finals["d"].finish.message
+        assert_pools_whole(pre, dec)
+
+
+def test_prefill_checks_only_what_it_holds(tiny_ds: str) -> None:
+    params = SamplingParams(max_tokens=300, temperature=0.0, ignore_eos=True)
+    with pd_pair(tiny_ds, backend="fake", page_size=4, prefill=dict(max_total_tokens=128),
+                 decode=dict(max_total_tokens=2048)) as (pre, dec):
+        ids = prompts_ids(1, [20], seed=3)[0]
+        final, tokens = run_pd(pre, dec, [ids], params)
+        assert final["r0"].finish.kind == "length" and len(tokens["r0"]) == 300
+
+
+def test_prefill_with_a_longer_timeout_never_writes_into_pages_the_decode_server_gave_up(
+        tiny_ds: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The two servers' --disaggregation-timeout-s may differ. The prefill server's write window (start within
+    half its timeout of the page ids, run a quarter) is safe only against a decode server with the same timeout:
+    with a longer one it writes into pages the decode server has freed (and may have handed to another request)."""
+    with pd_pair(tiny_ds, backend="fake", page_size=4, prefill=dict(disaggregation_timeout_s=20),
+                 decode=dict(disaggregation_timeout_s=2)) as (pre, dec):
+        ids = prompts_ids(1, [9], seed=3)[0]
+        peer = f"tcp://127.0.0.1:{pre.disagg.port}"
+        monkeypatch.setattr(pre.disagg.transport, "poll", lambda handle: False)  # a slow write
+        dec.add_request("d", ids, GREEDY, DisaggRoute(4, peer))
+        pre.add_request("p", ids, GREEDY, DisaggRoute(4))
+        deadline = time.monotonic() + 15
+        while 4 not in pre.disagg.admitted and time.monotonic() < deadline:
+            pre.disagg.poll()  # the page ids came
+            time.sleep(0.005)
+        time.sleep(1.5)  # the prefill server is busy for a while (long prompts ahead of this one)
+        while not (4 in pre.disagg.out and pre.disagg.out[4].handle is not None) and "p" in pre.requests \
+                and time.monotonic() < deadline:
+            pre.step()
+        finals: dict[str, RequestOutput] = {}
+        while "d" not in finals and time.monotonic() < deadline:
+            for out in dec.step():
+                if out.finished:
+                    finals[out.rid] = out
+            time.sleep(0.005)
+        assert finals["d"].finish.kind == "error"  # the decode server gave up: its pages are free for others
+        pre.step()  # the decode server's cancel arrives
+        o = pre.disagg.out.get(4)
+        assert o is None or o.handle is None, "a write into the freed pages is still running"
+
+
+def test_decode_server_queue_is_bounded(tiny_ds: str) -> None:
+    with pd_pair(tiny_ds, backend="fake", page_size=4, decode=dict(max_total_tokens=128, max_queued_requests=2)
+                 ) as (pre, dec):
+        peer = f"tcp://127.0.0.1:{pre.disagg.port}"
+        ids = prompts_ids(1, [100], seed=3)[0]
+        with pytest.raises(QueueFull):
+            for i in range(5):
+                dec.add_request(f"d{i}", ids, GREEDY, DisaggRoute(20 + i, peer))
+
+
+def test_pd_arrivals_wait_behind_a_retracted_request(tiny_ds: str) -> None:
+    """After a retraction the decode pool is over-committed: the aggregated scheduler admits nothing new until a
+    request finishes, and the retracted (earlier) request goes first. Pre-allocation for PD arrivals ignored both:
+    a later request took the pages the retracted one waited for (under a steady PD load it never got back in)."""
+    params = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
+    with pd_pair(tiny_ds, backend="fake", page_size=4, disaggregation_timeout_s=60,
+                 decode=dict(max_total_tokens=160)) as (pre, dec):
+        peer = f"tcp://127.0.0.1:{pre.disagg.port}"
+        a, b, c = prompts_ids(3, [30, 30, 30], seed=13)
+        for i, ids in enumerate((a, b)):
+            pre.add_request(f"p{i}", ids, params, DisaggRoute(40 + i))
+            dec.add_request(f"d{i}", ids, params, DisaggRoute(40 + i, peer))
+        deadline = time.monotonic() + 60
+        while not dec.scheduler.num_retractions and time.monotonic() < deadline:
+            pre.step()
+            dec.step()
+            time.sleep(0.002)
+        assert dec.scheduler.num_retractions == 1 and dec.scheduler.waiting
+        retracted = dec.scheduler.waiting[0]
+        pre.add_request("p2", c, params, DisaggRoute(42))
+        dec.add_request("d2", c, params, DisaggRoute(42, peer))
+        overtaken = False
+        while dec.requests and time.monotonic() < deadline:
+            pre.step()
+            dec.step()
+            if dec.scheduler.waiting and dec.scheduler.waiting[0] is retracted and 42 in dec.disagg.rooms \
+                    and dec.disagg.rooms[42].sent:
+                overtaken = True
+            time.sleep(0.002)
+        assert not overtaken, "a later PD arrival took pages while the retracted request waited"
+        assert dec.scheduler.num_retractions == 1, dec.scheduler.num_retractions

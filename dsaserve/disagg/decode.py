@@ -60,11 +60,21 @@ class DecodeSide(SideBase):
         if room in self.rooms:
             raise RequestError(f"bootstrap_room {room} is already in use on this decode server")
         self.engine.scheduler.check_fits(len(req.prompt_ids), req.max_new_tokens)
+        self.engine.scheduler.check_queue(self.queued())
         self.rooms[room] = Incoming(req, req.disagg.prefill_control, self.deadlines.after())
         self._try_send(room, self.rooms[room])
 
     def after_step(self, accepted: dict[str, tuple]) -> None:
         pass
+
+    def refused(self, route: Any, message: str) -> None:
+        """This server refused a request (too long for its pool, queue full, bad input): the prefill server,
+        which holds the room's other half until page ids come, ends it now instead of at its timeout. Not when
+        another request here holds the room (the refusal is that one; its half is not ours to end)."""
+        if route.prefill_control is None or route.room in self.rooms:
+            return
+        self._send(route.prefill_control, {"kind": "cancel", "room": route.room,
+                                           "reason": f"the decode server refused it: {message}"})
 
     def release(self, req: Request, reason: FinishReason) -> None:
         """The request ended before its cache came (aborted): the prefill server is told, also when it has
@@ -139,7 +149,7 @@ class DecodeSide(SideBase):
         self._send(inc.peer, {"kind": "dest", "room": room, "prompt_len": len(req.prompt_ids),
                               "prompt_crc": wire.prompt_crc(req.prompt_ids), "pages": pages, "skip_pages": skip,
                               "page_size": self.page_size, "spec_steps": self.engine.spec_steps,
-                              "transport": header}, blob)
+                              "timeout_s": self.deadlines.timeout_s, "transport": header}, blob)
         inc.sent = True
         # The prefill server starts writing within half the timeout of the page ids' arrival and gives a write
         # a quarter: counted from now, these pages outlive any write into them.

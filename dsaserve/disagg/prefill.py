@@ -33,6 +33,9 @@ class Dest:
     msg: dict[str, Any]
     blob: bytes
     expires: float
+    received: float = 0.0  # when the page ids came
+    window: float = float("inf")  # the shorter of the two servers' timeouts: the decode server frees the pages
+    # after its own, counted from when it sent them, so writes start within half of it and run a quarter
 
 
 @dataclass
@@ -89,12 +92,9 @@ class PrefillSide(SideBase):
             raise RequestError(f"bootstrap_room {room} is already in use on this prefill server")
         if room in self.ended:
             raise RequestError(f"bootstrap room {room} has ended on this prefill server: {self.ended[room][0]}")
-        try:
-            sched.check_fits(len(req.prompt_ids), req.max_new_tokens)
-            sched.check_queue(len(self.pending))
-        except RequestError as exc:
-            self._ended(room, f"the prefill server refused it: {exc}")
-            raise
+        # This server holds the prompt and its first token (and drafts) only: the decode server checks the rest.
+        sched.check_fits(len(req.prompt_ids), req.max_new_tokens, cache_tokens=1)
+        sched.check_queue(len(self.pending))
         self.pending[room] = Pending(req, self.deadlines.after())
 
     def after_step(self, accepted: dict[str, tuple]) -> None:
@@ -107,6 +107,15 @@ class PrefillSide(SideBase):
             lp = lps[0] if lps else None
             room = req.disagg.room
             self.out[room] = Outgoing(req, (req.output_ids[0], lp), self.admitted.pop(room))
+
+    def refused(self, route: Any, message: str) -> None:
+        """This server refused a request: the decode server's page ids for its room (now or when they come) are
+        answered `failed`. Not when another request here holds the room."""
+        room = route.room
+        if room in self.out or room in self.ended or any(r.disagg and r.disagg.room == room
+                                                         for r in self.engine.requests.values()):
+            return
+        self._ended(room, f"the prefill server refused it: {message}")
 
     def release(self, req: Request, reason: FinishReason) -> None:
         """The request ended here (aborted, or its step failed): the decode server is told why; pages under
@@ -159,7 +168,10 @@ class PrefillSide(SideBase):
                     f"bootstrap room {room} already has a decode request on this prefill server: a room names one "
                     f"request (is the router reusing rooms?)")}, to=ident)
             else:
-                self.dests[room] = Dest(ident, msg, blob, self.deadlines.after())
+                mine = self.deadlines.timeout_s
+                theirs = msg.get("timeout_s", mine)
+                window = min(mine, float(theirs)) if isinstance(theirs, (int, float)) and theirs > 0 else mine
+                self.dests[room] = Dest(ident, msg, blob, self.deadlines.after(), self.deadlines.clock(), window)
         elif kind == "cancel":
             return self._cancel(ident, room, f"the decode server cancelled it: {msg.get('reason')}")
         return None
@@ -220,7 +232,7 @@ class PrefillSide(SideBase):
             if not self.transport.poll(o.handle):
                 if self.deadlines.passed(o.deadline):
                     self.transport.cancel(o.handle)
-                    return self._fail(room, o, f"the KV write did not finish within {self.deadlines.timeout_s / 4:g} s")
+                    return self._fail(room, o, f"the KV write did not finish within {o.dest.window / 4:g} s")
                 return None
         except TransferFailed as exc:
             return self._fail(room, o, str(exc))
@@ -238,14 +250,14 @@ class PrefillSide(SideBase):
         problem = self._mismatch(msg, req)
         if problem is not None:
             raise TransferFailed(problem)
-        if self.deadlines.passed(o.dest.expires - self.deadlines.timeout_s / 2):
+        if self.deadlines.passed(o.dest.received + o.dest.window / 2):
             raise TransferFailed("the decode server's pages are too old to write safely (it may have given up)")
         if self.failure_prob and self.rng.random() < self.failure_prob:
             raise TransferFailed(f"injected transfer failure ({FAILURE_PROB_ENV}={self.failure_prob})")
         src = transfer_pages(req, self.page_size, int(msg.get("skip_pages", 0)))
         runs = page_runs(src, msg["pages"])
         o.handle = self.transport.write(msg["transport"], o.dest.blob, runs, wire.room_tag(room))
-        o.deadline = self.deadlines.after(0.25)
+        o.deadline = self.deadlines.clock() + o.dest.window / 4
 
     def _mismatch(self, msg: dict[str, Any], req: Request) -> str | None:
         spec = self.engine.spec_steps

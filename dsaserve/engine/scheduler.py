@@ -63,8 +63,9 @@ class Scheduler:
         return (f"the KV pool holds {self.allocator.capacity} page(s) of {self.cfg.page_size} tokens and a request "
                 f"needs {self.pages_to_admit} free to start: raise --max-total-tokens or --mem-fraction")
 
-    def check_fits(self, prompt_len: int, max_new_tokens: int) -> None:
-        """Reject what can never run: the message names both numbers."""
+    def check_fits(self, prompt_len: int, max_new_tokens: int, cache_tokens: int | None = None) -> None:
+        """Reject what can never run: the message names both numbers. `cache_tokens`: the new tokens this
+        server's cache must hold (a PD prefill server holds only the first; default max_new_tokens)."""
         limit = self.cfg.context_length
         if prompt_len == 0:
             raise RequestError("the prompt is empty")
@@ -74,8 +75,10 @@ class Scheduler:
             raise RequestError(f"prompt ({prompt_len} tokens) + max_tokens ({max_new_tokens}) = "
                                f"{prompt_len + max_new_tokens} exceeds the context length {limit}")
         slack = self.cfg.decode_lookahead - 1  # speculative steps write a few slots past the last token
-        if prompt_len + max_new_tokens + slack > self.capacity_tokens:
-            raise RequestError(f"prompt ({prompt_len}) + max_tokens ({max_new_tokens}) needs more cache than "
+        held = max_new_tokens if cache_tokens is None else min(cache_tokens, max_new_tokens)
+        if prompt_len + held + slack > self.capacity_tokens:
+            what = f"max_tokens ({max_new_tokens})" if held == max_new_tokens else f"{held} new token(s)"
+            raise RequestError(f"prompt ({prompt_len}) + {what} needs more cache than "
                                f"the whole KV pool holds ({self.capacity_tokens} tokens)")
 
     def check_queue(self, held_elsewhere: int = 0) -> None:
@@ -109,7 +112,11 @@ class Scheduler:
         """Decode side: give a request pages for `tokens` (its prompt) that a prefill server will fill,
         leaving what the running requests' next decode step needs. False when they do not fit now.
         Full pages of the prompt that this server's prefix cache holds are shared, not sent again:
-        req.cached_tokens says how many tokens the transfer skips."""
+        req.cached_tokens says how many tokens the transfer skips. Requests that wait here already (retracted,
+        earlier arrivals) go first, and after a retraction nothing new starts until one finishes, as in
+        admission."""
+        if self.waiting and (self._hold_admission or self.waiting[0].arrival < req.arrival):
+            return False
         cached = self.cache.match(req.prompt_ids, limit=tokens - 1, record_hits=False) if self.cache is not None else []
         need = self._pages_for(tokens) - len(cached)
         reserve = sum(self._pages_missing(r, r.num_cached + self.cfg.decode_lookahead)
