@@ -16,7 +16,7 @@ from dsaserve.cache.pages import PageAllocator
 from dsaserve.cache.prefix import PrefixCache, PrefixStats
 from dsaserve.chat.grammar import commit_tokens, grammar_state
 from dsaserve.disagg.pages import transfer_pages
-from dsaserve.engine import compiles
+from dsaserve.engine import compiles, lockstep
 from dsaserve.engine.acceptance import accept
 from dsaserve.engine.layout import IN_FLIGHT, StepMode, StepPlan
 from dsaserve.engine.model_runner import ModelRunner, StepShape
@@ -33,10 +33,6 @@ from dsaserve.server_args import ServerArgs
 
 log = logging.getLogger(__name__)
 _PROMPT_LOGITS_BYTES = 256 << 20  # fp32 logits of one chunk that scores its prompt (echo / prompt_logprobs)
-
-
-class StepFailedOnSomeRanks(RuntimeError):
-    """A step raised on some ranks only (or at different points): their states differ, every rank stops."""
 
 
 class Engine:
@@ -94,9 +90,9 @@ class Engine:
         self._spec = [0, 0, 0]  # verify steps, drafts proposed, drafts accepted
         self.last_sync = StepShape((0,), (0,), None, StepMode.DECODE, 1)
         # 0, or 1 + the collectives this rank entered in its last step before it raised: told to every
-        # rank in the next exchange; the ranks go on only if every one failed at the same point.
-        self._failed_at = 0
-        self._arrived_pages: list[int] = []  # PD decode leader: pages written here, not yet on the group's ranks
+        # rank in the next exchange (lockstep.sync); the ranks go on only if every one failed at the same point.
+        self.failed_at = 0
+        self.arrived_pages: list[int] = []  # PD decode leader: pages written here, not yet on the group's ranks
         self.runner.capture_graphs(self.par.cfg.dp, progress=progress and self.par.cfg.rank == 0)
         # PD disaggregation (dsaserve/disagg): the leader's side of the KV transfer, None when serving whole requests
         self.disagg = None
@@ -205,43 +201,6 @@ class Engine:
 
     # -- the step --------------------------------------------------------------------------
 
-    def sync(self, plan: StepPlan | None, keep_alive: bool = False, stop: bool = False,
-             epoch: int = 0) -> tuple[StepPlan | None, StepShape]:
-        """Leader's plan to its group; every rank's (rows, drafting requests, graph vote, has work,
-        stop, where its last step failed, wake-up epoch) to every rank, so all ranks agree on the
-        step's shape before any kernel runs. Raises StepFailedOnSomeRanks, on every rank, unless the
-        last step failed on no rank or on every rank at the same point."""
-        plan, arrived = self.par.broadcast_from_leader((plan, self._take_arrived_pages()))
-        if arrived:  # a prefill server wrote these into the group leader's pool only
-            self.runner.pools.copy_pages_from_leader(arrived, self.par.broadcast_attn)
-        graph_mode = StepMode.VERIFY if self.spec_steps else StepMode.DECODE
-        drafting = sum(plan.samples) if plan is not None and self.spec_steps else 0  # requests that draft
-        mine = [plan.num_tokens if plan else 0, drafting, self.runner.graph_batch_of(plan, graph_mode),
-                int(keep_alive or self.has_work()), int(stop), self._failed_at, epoch]
-        everyone = self.par.exchange(mine)
-        self._check_failures([r[5] for r in everyone])
-        leaders = everyone[:: self.par.cfg.attn_tp]  # one row per DP group
-        rows = tuple(r[0] for r in leaders)
-        votes = [r[2] for r in leaders]
-        graph_batch = None
-        if min(votes) >= 0 and sum(rows) > 0:
-            graph_batch = self.runner.graphs.batch_bucket(max(votes))
-        return plan, StepShape(rows, tuple(r[1] for r in leaders), graph_batch, graph_mode, 1 + self.spec_steps,
-                               any(r[3] for r in leaders), any(r[4] for r in leaders), min(r[6] for r in leaders))
-
-    def _check_failures(self, failed_at: list[int]) -> None:
-        """failed_at per rank: 0, or 1 + the collectives it entered before its last step raised, negative when
-        its group then stood in for its rows. The ranks of a group must agree, and the groups that did not
-        stand in too."""
-        tp = self.par.cfg.attn_tp
-        groups = [failed_at[g:g + tp] for g in range(0, len(failed_at), tp)]
-        if any(len(set(g)) > 1 for g in groups) or len({g[0] for g in groups if g[0] >= 0}) > 1:
-            failed = [rank for rank, at in enumerate(failed_at) if at]
-            how = "only" if 0 in failed_at else f"after different collectives {[abs(at) - 1 for at in failed_at]}"
-            raise StepFailedOnSomeRanks(f"step {self.steps} failed on rank(s) {failed} {how}; the ranks no longer "
-                                        f"agree, so every rank stops (see the failing rank's log)")
-        self._failed_at = 0
-
     def step(self, keep_alive: bool = False, stop: bool = False, epoch: int = 0) -> list[RequestOutput]:
         """One step of the whole deployment. `keep_alive`: the caller has requests still to add
         (keeps the other ranks stepping); `stop`: ask every rank to leave its loop; `epoch`: the
@@ -251,7 +210,7 @@ class Engine:
         outputs = self.take_finished()
         outputs += self.poll_transfers()  # decode requests whose KV cache arrived run in this step
         plan = self.scheduler.schedule() if self.par.cfg.is_leader else None
-        plan, self.last_sync = self.sync(plan, keep_alive, stop, epoch)
+        plan, self.last_sync = lockstep.sync(self, plan, keep_alive, stop, epoch)
         if sum(self.last_sync.dp_sizes) == 0:
             self._fill_drafts()
             return outputs
@@ -276,10 +235,10 @@ class Engine:
             raise exc  # the groups' state is unknown: this rank must go (the supervisor names it)
         log.exception("step failed", exc_info=exc)
         if not local:
-            self._failed_at = 1 + self.par.issued - issued
+            self.failed_at = 1 + self.par.issued - issued
         if not local and self.par.cfg.dp > 1 and shared == self.par.shared:
             self._stand_in(self.last_sync)  # if this raises too, the rank goes (as above)
-            self._failed_at = -self._failed_at
+            self.failed_at = -self.failed_at
         outputs = []
         for rid in plan.rids:
             req = self.requests.get(rid)
@@ -408,15 +367,11 @@ class Engine:
         req.draft_ids = list(drafts)
         if self.par.cfg.attn_tp > 1:  # the rest of the group copies them before the request's first step
             page_size = self.scheduler.cfg.page_size
-            self._arrived_pages += transfer_pages(req, page_size, req.cached_tokens // page_size)
+            self.arrived_pages += transfer_pages(req, page_size, req.cached_tokens // page_size)
         self.scheduler.resume(req, len(req.prompt_ids))
         if req.params.grammar is not None:
             grammar_state(req, self.cfg.vocab_size)
         return self.commit_new_tokens(req, [token], [logprob] if logprob is not None else None)
-
-    def _take_arrived_pages(self) -> list[int]:
-        pages, self._arrived_pages = self._arrived_pages, []
-        return pages
 
     def end_request(self, req: Request, reason: FinishReason) -> RequestOutput:
         """Finish a request outside a step (by the PD side, which has dealt with its room) and return its final

@@ -28,7 +28,7 @@ _CPU_POOL_CAP_BYTES = 1 << 30  # on CPU the pool shares RAM with everything else
 
 @dataclass(frozen=True)
 class StepShape:
-    """What every rank agreed on before a step (Engine.sync)."""
+    """What every rank agreed on before a step (lockstep.sync)."""
     dp_sizes: tuple[int, ...]  # real query rows of every DP group
     draft_sizes: tuple[int, ...]  # requests of every DP group that draft after this step (spec)
     graph_batch: int | None  # the batch bucket every group pads to, when this step replays graphs

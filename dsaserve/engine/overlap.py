@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from dsaserve.engine import lockstep
 from dsaserve.engine.acceptance import sampled_rows
 from dsaserve.engine.layout import IN_FLIGHT, StepPlan
 from dsaserve.engine.request import Request, RequestOutput
@@ -76,7 +77,7 @@ class Overlap:
         outputs = engine.take_finished()
         plan = engine.scheduler.schedule()  # the device may still run the previous step
         prev, self.inflight = self.inflight, None
-        plan, engine.last_sync = engine.sync(plan, keep_alive, stop, epoch)
+        plan, engine.last_sync = lockstep.sync(engine, plan, keep_alive, stop, epoch)
         logits, error, issued, shared = None, None, engine.par.issued, engine.par.shared
         if sum(engine.last_sync.dp_sizes) > 0:
             try:

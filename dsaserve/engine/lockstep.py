@@ -1,0 +1,54 @@
+"""How the ranks agree on every step before any kernel runs (Engine.step, and Overlap.step on a leader that
+overlaps): the leader's plan to its group, every rank's counts to every rank, and where each rank's last step
+failed, so that a step that failed on some ranks only stops them all instead of leaving them out of step."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from dsaserve.engine.layout import StepMode, StepPlan
+from dsaserve.engine.model_runner import StepShape
+
+if TYPE_CHECKING:
+    from dsaserve.engine.engine import Engine
+
+
+class StepFailedOnSomeRanks(RuntimeError):
+    """A step raised on some ranks only (or at different points): their states differ, every rank stops."""
+
+
+def sync(engine: Engine, plan: StepPlan | None, keep_alive: bool = False, stop: bool = False,
+         epoch: int = 0) -> tuple[StepPlan | None, StepShape]:
+    """Leader's plan to its group; every rank's (rows, drafting requests, graph vote, has work, stop, where its
+    last step failed, wake-up epoch) to every rank, so all ranks agree on the step's shape before any kernel
+    runs. Raises StepFailedOnSomeRanks, on every rank, unless the last step failed on no rank or on every rank
+    at the same point."""
+    par, runner, spec = engine.par, engine.runner, engine.spec_steps
+    arrived, engine.arrived_pages = engine.arrived_pages, []
+    plan, arrived = par.broadcast_from_leader((plan, arrived))
+    if arrived:  # a prefill server wrote these into the group leader's pool only
+        runner.pools.copy_pages_from_leader(arrived, par.broadcast_attn)
+    graph_mode = StepMode.VERIFY if spec else StepMode.DECODE
+    drafting = sum(plan.samples) if plan is not None and spec else 0  # requests that draft
+    mine = [plan.num_tokens if plan else 0, drafting, runner.graph_batch_of(plan, graph_mode),
+            int(keep_alive or engine.has_work()), int(stop), engine.failed_at, epoch]
+    everyone = par.exchange(mine)
+    check_failures([r[5] for r in everyone], par.cfg.attn_tp, engine.steps)
+    engine.failed_at = 0
+    leaders = everyone[:: par.cfg.attn_tp]  # one row per DP group
+    rows = tuple(r[0] for r in leaders)
+    votes = [r[2] for r in leaders]
+    graph_batch = runner.graphs.batch_bucket(max(votes)) if min(votes) >= 0 and sum(rows) > 0 else None
+    return plan, StepShape(rows, tuple(r[1] for r in leaders), graph_batch, graph_mode, 1 + spec,
+                           any(r[3] for r in leaders), any(r[4] for r in leaders), min(r[6] for r in leaders))
+
+
+def check_failures(failed_at: list[int], attn_tp: int, step: int) -> None:
+    """failed_at per rank: 0, or 1 + the collectives it entered before its last step raised, negative when its
+    group then stood in for its rows. The ranks of a group must agree, and the groups that did not stand in
+    too."""
+    groups = [failed_at[g:g + attn_tp] for g in range(0, len(failed_at), attn_tp)]
+    if any(len(set(g)) > 1 for g in groups) or len({g[0] for g in groups if g[0] >= 0}) > 1:
+        failed = [rank for rank, at in enumerate(failed_at) if at]
+        how = "only" if 0 in failed_at else f"after different collectives {[abs(at) - 1 for at in failed_at]}"
+        raise StepFailedOnSomeRanks(f"step {step} failed on rank(s) {failed} {how}; the ranks no longer agree, "
+                                    f"so every rank stops (see the failing rank's log)")
