@@ -161,6 +161,28 @@ class TestMixedTP:
             alone["output_token_logprobs"]  # (the first token's crosses from the prefill server)
         wait_pools_whole(d.url, 30)
 
+    def test_a_decode_refusal_ends_the_prefill_half(self, mixed_tp: tuple, model: str) -> None:
+        """A request the decode server refuses before its engine takes it (echo with logprobs) also ends the
+        prefill server's half of the room, which waited for page ids until its timeout; it names the refusal."""
+        p, d, _ = mixed_tp
+        bootstrap = int(p.cmd[p.cmd.index("--disaggregation-bootstrap-port") + 1])
+        room = dict(bootstrap_room=77, bootstrap_host="127.0.0.1", bootstrap_port=bootstrap)
+
+        async def run() -> tuple[httpx.Response, httpx.Response]:
+            async with httpx.AsyncClient(timeout=120) as client:
+                half = asyncio.create_task(client.post(f"{p.url}/generate", json={
+                    "input_ids": PROMPTS_64[3], "bootstrap_room": 77, "sampling_params": {"max_new_tokens": 1}}))
+                await asyncio.sleep(0.5)  # (either order ends it: a refusal first ends the room for its request,
+                # and the prefill server's refusal of it names the decode server's)
+                refused = await client.post(f"{d.url}/v1/completions", json=dict(
+                    model=model, prompt=PROMPTS_64[3], max_tokens=1, logprobs=1, echo=True, **room))
+                return refused, await half
+
+        refused, half = asyncio.run(run())
+        assert refused.status_code == 400 and "echo with logprobs" in refused.text, refused.text
+        assert "the decode server" in half.text and "echo with logprobs" in half.text, half.text
+        wait_pools_whole(p.url, 30)
+
     def test_decode_killed_prefill_frees_pages(self, mixed_tp: tuple) -> None:
         p, d, router = mixed_tp
 
@@ -271,12 +293,28 @@ class TestFailures:
 
     def test_routed_dp_rank_must_be_the_rooms_group(self, failing: tuple) -> None:
         """A room belongs to prefill DP group room % dp, where the decode server asks for it: a routed_dp_rank
-        that names another group is refused at once (it ran there and waited out the timeout)."""
-        p, _, port = failing[0], failing[1], failing[3]
-        r = httpx.post(f"{p.url}/generate", timeout=60, json={
-            "input_ids": [5, 6, 7], "bootstrap_host": "127.0.0.1", "bootstrap_port": port, "bootstrap_room": 99001,
-            "routed_dp_rank": 0, "sampling_params": {"max_new_tokens": 2}})
-        assert r.status_code == 400 and "DP group 1" in r.text and "routed_dp_rank" in r.text, r.text
+        that names another group is refused at once (it ran there and waited out the timeout), and the decode
+        half of the room, holding its pages, ends with that refusal (it waited out its own timeout)."""
+        p, d, port = failing[0], failing[1], failing[3]
+        room = {"bootstrap_host": "127.0.0.1", "bootstrap_port": port, "bootstrap_room": 99001}
+
+        async def run() -> tuple[httpx.Response, httpx.Response]:
+            async with httpx.AsyncClient(timeout=120) as client:
+                half = asyncio.create_task(client.post(f"{d.url}/generate", json={
+                    "input_ids": [5, 6, 7], **room, "sampling_params": {"max_new_tokens": 2}}))
+                deadline = time.monotonic() + 30  # the decode half holds its pages (and sent their ids)
+                while all(f == t for f, t in pools(d.url)) and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+                refused = await client.post(f"{p.url}/generate", json={
+                    "input_ids": [5, 6, 7], **room, "routed_dp_rank": 0, "sampling_params": {"max_new_tokens": 2}})
+                return refused, await half
+
+        refused, half = asyncio.run(run())
+        assert refused.status_code == 400 and "DP group 1" in refused.text and "routed_dp_rank" in refused.text, \
+            refused.text
+        assert half.status_code == 500 and "the prefill server refused it" in half.text \
+            and "routed_dp_rank" in half.text, half.text
+        wait_pools_whole(d.url, 2 * TIMEOUT_S)
 
     def test_prefill_killed_decode_requests_fail(self, failing: tuple) -> None:
         """Decode requests whose KV cache never comes end within the timeout with a clear error, the

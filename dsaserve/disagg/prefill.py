@@ -197,7 +197,7 @@ class PrefillSide(SideBase):
         if req is None:
             req = next((r for r in self.engine.requests.values() if r.disagg and r.disagg.room == room), None)
         if req is None:  # not here yet: refused when it comes
-            self.ended[room] = ("cancelled by the decode server", self.deadlines.after())
+            self.ended[room] = (message, self.deadlines.after())
             return None
         reason = FinishReason("abort", message=message)
         if o is not None:

@@ -84,11 +84,7 @@ class PDRouting:
             return None, dp_rank
         if not 0 <= room < 2**63:
             raise ApiError(400, f"bootstrap_room must be in [0, 2^63), got {room}", param="bootstrap_room")
-        if self.args.disaggregation_mode == "prefill":
-            if dp_rank is not None and dp_rank != room % self.dp:
-                raise ApiError(400, f"bootstrap_room {room} belongs to this prefill server's DP group {room % self.dp} "
-                                    f"(room % {self.dp}), where the decode server asks for it; routed_dp_rank "
-                                    f"{dp_rank} differs", param="routed_dp_rank")
+        if self.args.disaggregation_mode == "prefill":  # (check_rank refuses a routed_dp_rank of another group)
             return DisaggRoute(room), room % self.dp
         if host is None or port is None:
             raise ApiError(400, "a request with bootstrap_room needs bootstrap_host and bootstrap_port on a "
@@ -101,6 +97,16 @@ class PDRouting:
             raise ApiError(500, f"cannot decode for the prefill server at {host}:{port}: {problem}")
         ports = info.control_ports
         return DisaggRoute(room, f"tcp://{_bracket(host)}:{ports[room % len(ports)]}"), dp_rank
+
+    def check_rank(self, body: Any, route: DisaggRoute | None) -> None:
+        """A prefill server runs a room on DP group room % dp, where the decode server sends its page ids: a
+        routed_dp_rank naming another group is refused (inside Frontend.refusing: the decode half ends too)."""
+        dp_rank = body.routed_dp_rank
+        if route is None or self.decodes(route) or dp_rank is None or dp_rank == route.room % self.dp:
+            return
+        raise ApiError(400, f"bootstrap_room {route.room} belongs to this prefill server's DP group "
+                            f"{route.room % self.dp} (room % {self.dp}), where the decode server asks for it; "
+                            f"routed_dp_rank {dp_rank} differs", param="routed_dp_rank")
 
     async def _info(self, host: str, port: int) -> BootstrapInfo:
         cached = self._cache.get((host, port))

@@ -154,15 +154,19 @@ def _native_routes(args: ServerArgs, fe: Frontend, served_name: str, pd: PDRouti
         logprobs = body.top_logprobs_num if body.return_logprob else None
         route, dp_rank = await pd.route(body)
         decodes = PDRouting.decodes(route)  # the prompt's log-probabilities: the prefill server's answer has them
-        max_tokens, prompt_only = prompt_scoring(body.sampling_params.max_new_tokens,
-                                                 body.sampling_params.min_new_tokens, "max_new_tokens")
-        params = _native_params(body.sampling_params, max_tokens, logprobs,
-                                logprobs if body.logprob_start_len >= 0 and not decodes else None)
-        if batch:
-            base = body.rid if isinstance(body.rid, str) else secrets.token_hex(16)
-            handles = await fe.submit_many(prompts, [params] * len(prompts), base, dp_rank, route, rids, prompt_only)
-        else:
-            handles = [await fe.submit(prompts[0], params, body.rid, dp_rank, route=route, scores_only=prompt_only)]
+        with fe.refusing(route, dp_rank):
+            pd.check_rank(body, route)
+            max_tokens, prompt_only = prompt_scoring(body.sampling_params.max_new_tokens,
+                                                     body.sampling_params.min_new_tokens, "max_new_tokens")
+            params = _native_params(body.sampling_params, max_tokens, logprobs,
+                                    logprobs if body.logprob_start_len >= 0 and not decodes else None)
+            if batch:
+                base = body.rid if isinstance(body.rid, str) else secrets.token_hex(16)
+                handles = await fe.submit_many(prompts, [params] * len(prompts), base, dp_rank, route, rids,
+                                               prompt_only)
+            else:
+                handles = [await fe.submit(prompts[0], params, body.rid, dp_rank, route=route,
+                                           scores_only=prompt_only)]
         if body.stream:
             return AbortingStream(_generate_stream(handles, body, prompts, decodes, batch), aborter(fe, handles))
 

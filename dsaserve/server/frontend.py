@@ -13,11 +13,13 @@ process; when one dies or hangs, the whole deployment is down: every request end
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import logging
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
@@ -206,6 +208,19 @@ class Frontend:
                 raise ApiError(400, f"routed_dp_rank must be in [0, {n}), got {dp_rank}", param="routed_dp_rank")
             return dp_rank
         return next(self._rr) % n
+
+    @contextlib.contextmanager
+    def refusing(self, route: DisaggRoute | None, dp_rank: int | None) -> Iterator[None]:
+        """PD: an ApiError inside (this server refusing the request, here or in its engine) also ends the other
+        server's half of the room, which would otherwise hold it (a decode server: its pages) until its timeout.
+        A prefill server's room belongs to leader room % dp (route's dp_rank), where the page ids come."""
+        try:
+            yield
+        except ApiError as exc:
+            if route is not None:
+                n = len(self.links)
+                self._send(dp_rank if dp_rank is not None and 0 <= dp_rank < n else 0, m.RefuseRoom(route, exc.message))
+            raise
 
     async def submit(self, prompt_ids: list[int], params: SamplingParams, rid: str | None = None,
                      dp_rank: int | None = None, group: str | None = None,

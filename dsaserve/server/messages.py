@@ -37,11 +37,19 @@ class AbortRequest:
 
 
 @dataclass(frozen=True)
+class RefuseRoom:
+    """PD: this server refused a request before its engine took it: the other server's half of the room ends
+    now (the leader's side tells it) instead of at its timeout."""
+    route: DisaggRoute
+    message: str
+
+
+@dataclass(frozen=True)
 class Shutdown:
     message: str = "the server is shutting down"
 
 
-Command = AddRequest | AbortRequest | Shutdown
+Command = AddRequest | AbortRequest | RefuseRoom | Shutdown
 
 
 @dataclass(frozen=True)

@@ -113,17 +113,20 @@ class OpenAIServing:
         when logprobs are asked for)."""
         scored = logprobs if echo is not None else None
         route, dp_rank = await self.pd.route(body)
-        if scored is not None and PDRouting.decodes(route):
-            raise bad_request("echo with logprobs asks for the prompt's log-probabilities, which the prefill server "
-                              "computes and a PD decode server does not: send it to a server without "
-                              "disaggregation", param="echo")
-        prompt_only = False  # (chat: max_tokens 0 stays a 400)
-        if kind == "completion":
-            max_tokens, prompt_only = prompt_scoring(max_tokens, body.min_tokens or 0, "max_tokens")
-        params = [self.params(body, max_tokens, logprobs, i, grammar, scored) for _ in prompts for i in range(body.n)]
-        flat = [ids for ids in prompts for _ in range(body.n)]
-        rid = body.rid or f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
-        handles = await self.fe.submit_many(flat, params, rid, dp_rank, route, scores_only=prompt_only)
+        with self.fe.refusing(route, dp_rank):
+            self.pd.check_rank(body, route)
+            if scored is not None and PDRouting.decodes(route):
+                raise bad_request("echo with logprobs asks for the prompt's log-probabilities, which the prefill "
+                                  "server computes and a PD decode server does not: send it to a server without "
+                                  "disaggregation", param="echo")
+            prompt_only = False  # (chat: max_tokens 0 stays a 400)
+            if kind == "completion":
+                max_tokens, prompt_only = prompt_scoring(max_tokens, body.min_tokens or 0, "max_tokens")
+            params = [self.params(body, max_tokens, logprobs, i, grammar, scored)
+                      for _ in prompts for i in range(body.n)]
+            flat = [ids for ids in prompts for _ in range(body.n)]
+            rid = body.rid or f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+            handles = await self.fe.submit_many(flat, params, rid, dp_rank, route, scores_only=prompt_only)
         prompt_tokens = sum(len(ids) for ids in prompts)  # each prompt once, however many choices
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -186,6 +186,10 @@ class WorkerLoop:
         if isinstance(msg, m.AbortRequest):
             self.engine.abort(msg.rid, msg.message)  # its final output comes from the next step
             return []
+        if isinstance(msg, m.RefuseRoom):
+            if self.engine.disagg is not None:
+                self.engine.disagg.refused(msg.route, msg.message)
+            return []
         if isinstance(msg, m.Shutdown):
             self.stopping = True
             events = self._abort_all(msg.message)  # the abort outputs, so no stream is left hanging
