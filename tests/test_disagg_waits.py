@@ -270,7 +270,8 @@ def test_decode_server_queue_is_bounded(tiny_ds: str) -> None:
 def test_pd_arrivals_wait_behind_a_retracted_request(tiny_ds: str) -> None:
     """After a retraction the decode pool is over-committed: the aggregated scheduler admits nothing new until a
     request finishes, and the retracted (earlier) request goes first. Pre-allocation for PD arrivals ignored both:
-    a later request took the pages the retracted one waited for (under a steady PD load it never got back in)."""
+    a later request took the pages the retracted one waited for (under a steady PD load it never got back in).
+    Its usage's cached_tokens stay its first admission's (it counted its own retracted pages)."""
     params = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
     with pd_pair(tiny_ds, backend="fake", page_size=4, disaggregation_timeout_s=60,
                  decode=dict(max_total_tokens=160)) as (pre, dec):
@@ -288,13 +289,17 @@ def test_pd_arrivals_wait_behind_a_retracted_request(tiny_ds: str) -> None:
         retracted = dec.scheduler.waiting[0]
         pre.add_request("p2", c, params, DisaggRoute(42))
         dec.add_request("d2", c, params, DisaggRoute(42, peer))
-        overtaken = False
+        overtaken, finals = False, {}
         while dec.requests and time.monotonic() < deadline:
             pre.step()
-            dec.step()
+            finals.update((o.rid, o) for o in dec.step() if o.finished)
             if dec.scheduler.waiting and dec.scheduler.waiting[0] is retracted and 42 in dec.disagg.rooms \
                     and dec.disagg.rooms[42].sent:
                 overtaken = True
             time.sleep(0.002)
         assert not overtaken, "a later PD arrival took pages while the retracted request waited"
         assert dec.scheduler.num_retractions == 1, dec.scheduler.num_retractions
+        # usage: the prompt's cache hit when it was first admitted (none), as the aggregated engine reports it, not
+        # the re-admission's match of its own retracted pages
+        assert [finals[f"d{i}"].cached_tokens for i in range(3)] == [0, 0, 0]
+        assert finals[retracted.rid].completion_tokens == 60

@@ -128,6 +128,7 @@ class Scheduler:
             self.cache.count(tokens, len(cached))
         req.pages = cached + self.allocator.alloc(need)
         req.cached_tokens = len(cached) * self.cfg.page_size
+        req.admitted = True  # (a retraction's re-admission keeps this cached_tokens, as in admission)
         req.state = RequestState.TRANSFERRING
         return True
 
