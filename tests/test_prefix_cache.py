@@ -28,10 +28,15 @@ def test_radix_tree_shares_counts_and_evicts() -> None:
     assert cache.evict(5) == 0  # both pages are in use by the first match
     alloc.free(hit)
     assert cache.evict(5) == 2 and alloc.num_free == 19 and cache.num_pages == 0
-    drop = PrefixCache(alloc, page_size=4, drop_last_page=True)  # MTP: one page less
+    drop = PrefixCache(alloc, page_size=4, mtp=True)  # MTP: the last page only where the next token is known equal
     more = alloc.alloc(2)
     drop.insert(tokens[:8], more)
     assert drop.match(tokens, limit=10) == more[:1]
+    known = PrefixCache(alloc, page_size=4, mtp=True)
+    fresh = alloc.alloc(2)
+    known.insert(tokens[:9], fresh, written=8)  # the writer's token after its cache: tokens[8]
+    assert known.match(tokens, limit=10) == fresh
+    assert known.match(tokens[:8] + [1, 2, 3], limit=10) == fresh[:1]  # another next token: one page less
 
 
 def _multi_turn(llm: LLM) -> list[list[int]]:
@@ -54,12 +59,12 @@ def test_cached_outputs_equal_uncached(page_size: int, steps: int, kv: str, tiny
     assert _multi_turn(llm) == expected
     stats = llm.engine.stats()
     # Turn 1 cached its prompt and all but its last answer token (never fed back); a match leaves at
-    # least the last prompt token to compute, in full pages, one page less with MTP.
+    # least the last prompt token to compute, in full pages. With MTP as many: each page records the token
+    # that followed it (the last one's is that answer token), which these prompts repeat.
     cached = [len(p) + 12 - 1 for p in BASE]
     usable = [min(c, len(p) + 12 + 3 - 1) for c, p in zip(cached, BASE)]  # turn 2
     usable += [min(c, len(p) - 1) for c, p in zip(cached, BASE)]  # the repeated prompts
-    drop = page_size if steps else 0
-    expected_hits = sum(max(n // page_size * page_size - drop, 0) for n in usable)
+    expected_hits = sum(n // page_size * page_size for n in usable)
     assert stats.prefix_hit_tokens == expected_hits
     assert stats.free_pages == stats.total_pages and stats.running == 0
 
@@ -165,6 +170,35 @@ def test_mtp_drafts_after_a_page_another_request_continued_differently(tiny_ds: 
 
     common = dict(page_size=4, max_total_tokens=4096, speculative_algorithm="NEXTN", speculative_num_steps=2)
     assert drafts(LLM(tiny_ds, **common), runs) == drafts(LLM(tiny_ds, **common), runs[2:])
+
+
+def test_mtp_reuses_every_turn_and_drafts_as_without_the_cache(tiny_ds: str) -> None:
+    """Three turns, each repeating the last one's prompt and answer. Turn 1's cache ends on a page boundary
+    (25 + 11 tokens), so its last page's next token is its answer's last token, known only as the token after
+    the cache: recorded, turn 2 reuses all 9 pages (not 8), and turn 3 walks on through that page into turn 2's
+    (it used to stop there for good: an unknown next token). Turn 3's drafts, not only its tokens, equal a run
+    without the cache (the pages' MTP entries are the ones a fresh prefill writes)."""
+    common = dict(page_size=4, max_total_tokens=4096, speculative_algorithm="NEXTN", speculative_num_steps=2)
+    plain = LLM(tiny_ds, disable_radix_cache=True, **common)
+    prompts = [BASE[0][:25]]
+    for _ in range(2):
+        answer = plain.generate([prompts[-1]], GREEDY)[0].token_ids
+        prompts.append(prompts[-1] + answer + [7, 8, 9])
+
+    def run(llm: LLM, turns: list[list[int]]) -> tuple[list[int], list[list[int]], list[int]]:
+        seen: dict[str, list[list[int]]] = {}
+        llm.engine.draft_override = lambda req, ids: seen.setdefault(req.rid, []).append(list(ids)) or ids
+        hits, tokens = [], []
+        for i, prompt in enumerate(turns):
+            before = llm.engine.stats().prefix_hit_tokens
+            llm.engine.add_request(f"t{i}", prompt, GREEDY)
+            tokens = [t for out in llm.engine.run_until_idle() if out.rid == f"t{i}" for t in out.new_token_ids]
+            hits.append(llm.engine.stats().prefix_hit_tokens - before)
+        return hits, seen[f"t{len(turns) - 1}"], tokens
+
+    hits, drafts, tokens = run(LLM(tiny_ds, **common), prompts)
+    assert hits == [0, 36, 48]  # turn 2: 25 + 11 cached; turn 3: turn 2's 40 + 11, in whole pages
+    assert (drafts, tokens) == run(plain, prompts[2:])[1:]
 
 
 def test_abort_of_a_request_holding_shared_pages(tiny_ds: str) -> None:

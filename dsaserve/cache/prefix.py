@@ -18,11 +18,11 @@ pool held hundreds of thousands of tracked objects, and each full collection wal
 a decode step for tens to hundreds of milliseconds.
 
 With MTP speculation the MTP layer's entry at position p depends on the token at p + 1, which may
-differ between two requests that share the page holding p: a match then gives back one page less,
-so the last shared position always has the same next token (the first token of the next matched
-page). A node also records the token that followed its page in the request that wrote it (`_next`): a
+differ between two requests that share the page holding p. A node records the token that followed its
+page in the request that wrote it (`_next`; a request's cache is inserted with the token after it): a
 child another request added under it (keeping the tree's copy of the page) may start with another token,
-and a match stops before it, then gives back that page too. One DP group has one cache (its own scheduler
+so a match walks on only where the next page starts with that token, and gives back its last page
+unless the request's own next token is that one too. One DP group has one cache (its own scheduler
 and pool).
 """
 from __future__ import annotations
@@ -45,8 +45,9 @@ ROOT = 0  # node id of the root (no tokens, no page)
 
 
 class PrefixCache:
-    def __init__(self, allocator: PageAllocator, page_size: int, drop_last_page: bool = False):
-        self.allocator, self.page_size, self.drop_last_page = allocator, page_size, drop_last_page
+    def __init__(self, allocator: PageAllocator, page_size: int, mtp: bool = False):
+        """mtp: the pages hold the MTP layer's entries too (the next-token rule of the module doc)."""
+        self.allocator, self.page_size, self.mtp = allocator, page_size, mtp
         # Node i: its page, parent, tokens, last use (-1: evicted, the id is spare) and number of children.
         self._page, self._parent, self._tokens = [0], [-1], [()]
         self._used, self._kids = [0], [0]
@@ -70,15 +71,17 @@ class PrefixCache:
         node, path, now = ROOT, [], next(self._clock)
         for chunk in self._chunks(tokens, limit // self.page_size):
             child = self._child.get((node, chunk))
-            if child is None or (self.drop_last_page and node != ROOT and self._next[node] != chunk[0]):
+            if child is None or (self.mtp and node != ROOT and self._next[node] != chunk[0]):
                 break
             node = child
             self._used[node] = now
             path.append(self._page[node])
         if path and not self._kids[node]:  # only a path's last node can be a leaf
             self._push(node)
-        if self.drop_last_page and path:
-            path.pop()
+        if self.mtp and path:  # the last page's entries fit only the token its writer had after it
+            after = len(path) * self.page_size
+            if after >= len(tokens) or self._next[node] != tokens[after]:
+                path.pop()
         self.allocator.share(path)
         if record_hits:
             self.count(len(tokens), len(path))
@@ -88,11 +91,12 @@ class PrefixCache:
         self.stats.queried_tokens += queried_tokens
         self.stats.hit_tokens += hit_pages * self.page_size
 
-    def insert(self, tokens: list[int], pages: list[int]) -> None:
-        """Cache the full pages of `tokens` (held in `pages`): new nodes take a reference on the caller's
-        page; where the tree already has the same tokens it keeps its own page."""
+    def insert(self, tokens: list[int], pages: list[int], written: int | None = None) -> None:
+        """Cache the full pages of the first `written` tokens (default all; held in `pages`): new nodes take a
+        reference on the caller's page; where the tree already has the same tokens it keeps its own page. A
+        token of `tokens` past `written` is the one that followed them (a node's `_next`)."""
         node, now = ROOT, next(self._clock)
-        full = min(len(tokens) // self.page_size, len(pages))
+        full = min((len(tokens) if written is None else written) // self.page_size, len(pages))
         for i, (chunk, page) in enumerate(zip(self._chunks(tokens, full), pages)):
             child = self._child.get((node, chunk))
             if child is None:

@@ -68,7 +68,7 @@ class Engine:
         self._drafts: InFlight | None = None  # the last step's drafts, on the device until the next launch
         self.allocator = PageAllocator(self.runner.num_pages)
         self.prefix_cache = None if args.disable_radix_cache else PrefixCache(
-            self.allocator, args.page_size, drop_last_page=self.spec_steps > 0)
+            self.allocator, args.page_size, mtp=self.spec_steps > 0)
         self.scheduler = Scheduler(SchedulerConfig(
             page_size=args.page_size, chunked_prefill_size=args.chunked_prefill_size,
             max_running_requests=args.max_running_requests, max_queued_requests=args.max_queued_requests,

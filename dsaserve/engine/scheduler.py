@@ -200,8 +200,8 @@ class Scheduler:
 
     def _release(self, req: Request) -> None:
         """The request's pages go back; its full pages stay in the prefix cache for later requests."""
-        if self.cache is not None and req.num_cached:
-            self.cache.insert(req.token_slice(0, req.num_cached), req.pages)
+        if self.cache is not None and req.num_cached:  # (with the token after them: MTP's entries depend on it)
+            self.cache.insert(req.token_slice(0, min(req.num_cached + 1, req.num_tokens)), req.pages, req.num_cached)
         self.allocator.free(req.pages)
         req.pages, req.num_cached = [], 0
 
