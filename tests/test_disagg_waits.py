@@ -303,3 +303,40 @@ def test_pd_arrivals_wait_behind_a_retracted_request(tiny_ds: str) -> None:
         # the re-admission's match of its own retracted pages
         assert [finals[f"d{i}"].cached_tokens for i in range(3)] == [0, 0, 0]
         assert finals[retracted.rid].completion_tokens == 60
+
+
+def test_page_ids_for_a_room_a_refusal_ended_are_answered_at_once(tiny_ds: str) -> None:
+    """A refusal's cancel (here from decode leader 0, Frontend.refusing's default) ends a room whose prefill
+    request waits; page ids for that room from another requester (leader 1, under DP attention) must be answered
+    `failed` at once: they sat unclaimed and leader 1 held its pages for its whole timeout."""
+    from dsaserve.server_args import ServerArgs
+    with pd_pair(tiny_ds, backend="fake", page_size=4, disaggregation_timeout_s=20) as (pre, dec0):
+        dec1 = Engine(ServerArgs(disaggregation_mode="decode", model_path=tiny_ds, max_total_tokens=2048,
+                                 disaggregation_transfer_backend="fake", page_size=4, disaggregation_timeout_s=20),
+                      progress=False)
+        try:
+            peer = f"tcp://127.0.0.1:{pre.disagg.port}"
+            ids = prompts_ids(1, [20], seed=3)[0]
+            pre.add_request("p", ids, GREEDY, DisaggRoute(5))
+            dec0.disagg.refused(DisaggRoute(5, peer), "echo with logprobs ...")  # the worker's RefuseRoom
+            step_until((pre,), lambda f: "p" in f, 5)
+            dec1.add_request("d", ids, GREEDY, DisaggRoute(5, peer))
+            finals = step_until((pre, dec1), lambda f: "d" in f, 5)
+            assert "d" in finals, "leader 1 still waits (its pages held) for page ids nobody will answer"
+            assert finals["d"].finish.kind == "error" and "refused" in finals["d"].finish.message
+            assert_pools_whole(pre, dec1)
+        finally:
+            dec1.disagg.close()
+
+
+def test_a_refusal_is_sent_only_for_a_room_no_live_request_holds() -> None:
+    """Frontend.refusing's choice: a refused duplicate of a room a live request holds (on any DP leader of this
+    server: the leaders do not see each other's rooms) ends nothing; otherwise the routed leader (a prefill
+    server's room % dp) or leader 0 tells the other server."""
+    from dsaserve.server.frontend import refusal_leader
+    route = DisaggRoute(5, "tcp://127.0.0.1:1")
+    assert refusal_leader(route, None, {5, None}, leaders=2) is None  # leader 1's live request holds room 5
+    assert refusal_leader(route, None, {6, None}, leaders=2) == 0
+    assert refusal_leader(route, 1, set(), leaders=2) == 1
+    assert refusal_leader(route, 7, set(), leaders=2) == 0  # (an invalid routed_dp_rank: refused, any leader)
+    assert refusal_leader(None, 1, set(), leaders=2) is None  # not a PD request

@@ -196,8 +196,9 @@ class PrefillSide(SideBase):
         req = o.req if o is not None else (self.pending.pop(room).req if room in self.pending else None)
         if req is None:
             req = next((r for r in self.engine.requests.values() if r.disagg and r.disagg.room == room), None)
-        if req is None:  # not here yet: refused when it comes
-            self.ended[room] = (message, self.deadlines.after())
+        if req is None or holder is None:  # not here yet: refused when it comes; page ids from any other
+            self.ended[room] = (message, self.deadlines.after())  # requester (another DP leader) answered at once
+        if req is None:
             return None
         reason = FinishReason("abort", message=message)
         if o is not None:

@@ -116,7 +116,10 @@ class Engine:
         try:
             self._add_request(rid, prompt_ids, params, route)
         except RequestError as exc:
-            if route is not None and self.disagg is not None:  # the other server must not wait for its half
+            # The other server must not wait for its half. A decode server's leaders under DP attention do not see
+            # each other's rooms: there the frontend, which does, ends it (Frontend.refusing).
+            local = self.args.disaggregation_mode == "prefill" or self.par.cfg.dp == 1
+            if route is not None and self.disagg is not None and local:
                 self.disagg.refused(route, str(exc))
             raise
 

@@ -57,6 +57,15 @@ class RankLink:
     info: dict[str, Any] = field(default_factory=dict)  # the leader's Ready info
 
 
+def refusal_leader(route: DisaggRoute | None, dp_rank: int | None, live_rooms: set[int | None],
+                   leaders: int) -> int | None:
+    """The DP leader that ends the other server's half of a PD request this server refused (Frontend.refusing):
+    None without a route, or while a live request holds its room. A prefill server's room % dp is dp_rank."""
+    if route is None or route.room in live_rooms:
+        return None
+    return dp_rank if dp_rank is not None and 0 <= dp_rank < leaders else 0
+
+
 class Frontend:
     def __init__(self, args: ServerArgs, endpoints: list[m.Endpoints], ranks: RankProcesses,
                  metrics: ServerMetrics):
@@ -213,13 +222,16 @@ class Frontend:
     def refusing(self, route: DisaggRoute | None, dp_rank: int | None) -> Iterator[None]:
         """PD: an ApiError inside (this server refusing the request, here or in its engine) also ends the other
         server's half of the room, which would otherwise hold it (a decode server: its pages) until its timeout.
-        A prefill server's room belongs to leader room % dp (route's dp_rank), where the page ids come."""
+        Not while a live request of this server holds the room (a refused duplicate: the room is that one's; a
+        decode server's DP leaders do not see each other's rooms, the frontend does). A prefill server's room
+        belongs to leader room % dp (route's dp_rank), where the page ids come."""
         try:
             yield
         except ApiError as exc:
-            if route is not None:
-                n = len(self.links)
-                self._send(dp_rank if dp_rank is not None and 0 <= dp_rank < n else 0, m.RefuseRoom(route, exc.message))
+            live = {h.room for h in self.handles.values() if not h.finished}
+            leader = refusal_leader(route, dp_rank, live, len(self.links))
+            if leader is not None:
+                self._send(leader, m.RefuseRoom(route, exc.message))
             raise
 
     async def submit(self, prompt_ids: list[int], params: SamplingParams, rid: str | None = None,
@@ -233,7 +245,8 @@ class Frontend:
         rid = rid or uuid.uuid4().hex
         if rid in self.handles:
             raise ApiError(400, f"request id {rid!r} is already in use", param="rid")
-        handle = RequestHandle(rid, rank, self.tokenizer, params.stop, group, scores_only)
+        handle = RequestHandle(rid, rank, self.tokenizer, params.stop, group, scores_only,
+                               route.room if route is not None else None)
         self.handles[rid] = handle
         self._send(rank, m.AddRequest(rid, list(prompt_ids), params, route))
         try:

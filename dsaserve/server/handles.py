@@ -53,8 +53,9 @@ class Delta:
 
 class RequestHandle:
     def __init__(self, rid: str, rank: int, tokenizer: Tokenizer, stop: tuple[str, ...], group: str | None = None,
-                 scores_only: bool = False):
+                 scores_only: bool = False, room: int | None = None):
         self.rid, self.rank, self.group = rid, rank, group  # group: the response id of an n > 1 / batch call
+        self.room = room  # PD: its bootstrap room
         self.scores_only = scores_only  # the prompt only (max_tokens 0): the one token it ran for is left out
         self.accepted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.queue: asyncio.Queue[Delta | EngineFailure] = asyncio.Queue()
