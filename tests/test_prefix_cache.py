@@ -201,6 +201,26 @@ def test_mtp_reuses_every_turn_and_drafts_as_without_the_cache(tiny_ds: str) -> 
     assert (drafts, tokens) == run(plain, prompts[2:])[1:]
 
 
+@pytest.mark.parametrize("page_size", [4, 1])
+def test_a_stop_inside_an_accepted_run_caches_only_full_pages_of_its_tokens(tiny_ds: str, page_size: int) -> None:
+    """Drafts that are the true continuation are all accepted (3 tokens at S = 2) and the request stops at the
+    second token (max_tokens 2): its cache holds prompt + 3 positions but it has prompt + 2 tokens. The tree must
+    take only full pages of its tokens (it took a short page, or at page size 1 an empty one: never matched,
+    holding a page until evicted)."""
+    common = dict(page_size=page_size, max_total_tokens=4096, speculative_algorithm="NEXTN", speculative_num_steps=2)
+    prompt = BASE[0][:25]
+    answer = LLM(tiny_ds, disable_radix_cache=True, **common).generate(
+        [prompt], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))[0].token_ids
+    llm = LLM(tiny_ds, **common)
+    llm.engine.draft_override = lambda req, ids: (answer[len(req.output_ids):] + list(ids))[:len(ids)]
+    llm.engine.add_request("a", prompt, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+    assert [t for out in llm.engine.run_until_idle() for t in out.new_token_ids] == answer[:2]
+    assert llm.engine.stats().spec_accepted_tokens == 2  # the stop came inside an accepted run
+    cache = llm.engine.prefix_cache
+    assert all(len(cache._tokens[n]) == page_size for n in range(1, len(cache._tokens)) if cache._used[n] > 0)
+    assert cache.num_pages == (len(prompt) + 2) // page_size
+
+
 def test_abort_of_a_request_holding_shared_pages(tiny_ds: str) -> None:
     llm = LLM(tiny_ds, page_size=4, max_total_tokens=4096)
     expected = llm.generate([BASE[0]], GREEDY)[0].token_ids  # caches BASE[0]'s pages

@@ -96,7 +96,7 @@ class PrefixCache:
         reference on the caller's page; where the tree already has the same tokens it keeps its own page. A
         token of `tokens` past `written` is the one that followed them (a node's `_next`)."""
         node, now = ROOT, next(self._clock)
-        full = min((len(tokens) if written is None else written) // self.page_size, len(pages))
+        full = min(min(len(tokens), len(tokens) if written is None else written) // self.page_size, len(pages))
         for i, (chunk, page) in enumerate(zip(self._chunks(tokens, full), pages)):
             child = self._child.get((node, chunk))
             if child is None:

@@ -201,7 +201,10 @@ class Scheduler:
     def _release(self, req: Request) -> None:
         """The request's pages go back; its full pages stay in the prefix cache for later requests."""
         if self.cache is not None and req.num_cached:  # (with the token after them: MTP's entries depend on it)
-            self.cache.insert(req.token_slice(0, min(req.num_cached + 1, req.num_tokens)), req.pages, req.num_cached)
+            # A stop inside an accepted run leaves num_cached past its tokens (the run's later tokens are in the
+            # cache, not in the request): only its own tokens are cached, the last one's next token unknown.
+            written = min(req.num_cached, req.num_tokens)
+            self.cache.insert(req.token_slice(0, written + 1), req.pages, written)
         self.allocator.free(req.pages)
         req.pages, req.num_cached = [], 0
 
