@@ -167,7 +167,8 @@ def run(ns: argparse.Namespace) -> int:
     bad = [f"{flag} must be >= 1, got {value}" for flag, value in sizes.items() if value < 1]
     if bad:
         raise ValueError("; ".join(bad))  # (cli.main prints it as one line, exit code 2)
-    batch, chunk = max(ns.batch_size + ns.profile + ns.profile_prefill), max(args.chunked_prefill_size, max(ns.input_len))
+    batch = max(ns.batch_size + ns.profile + ns.profile_prefill)
+    chunk = max(args.chunked_prefill_size, max(ns.input_len))
     longest = max(ns.input_len) + ns.output_len + decode_lead(batch, max(ns.input_len), chunk)
     args = args.replace(max_running_requests=max(batch, args.max_running_requests), chunked_prefill_size=chunk,
                         max_total_tokens=args.max_total_tokens or batch * (longest + args.page_size) + 4096)

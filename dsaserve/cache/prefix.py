@@ -96,7 +96,8 @@ class PrefixCache:
         reference on the caller's page; where the tree already has the same tokens it keeps its own page. A
         token of `tokens` past `written` is the one that followed them (a node's `_next`)."""
         node, now = ROOT, next(self._clock)
-        full = min(min(len(tokens), len(tokens) if written is None else written) // self.page_size, len(pages))
+        written = len(tokens) if written is None else min(written, len(tokens))
+        full = min(written // self.page_size, len(pages))
         for i, (chunk, page) in enumerate(zip(self._chunks(tokens, full), pages)):
             child = self._child.get((node, chunk))
             if child is None:

@@ -88,7 +88,7 @@ class PrefillSide(SideBase):
     def add(self, req: Request) -> None:
         """Checked now (the client learns at once); admitted to the scheduler when its dest comes."""
         room, sched = req.disagg.room, self.engine.scheduler
-        if room in self.out or any(r.disagg and r.disagg.room == room for r in self.engine.requests.values()):
+        if room in self.out or self._request_of(room) is not None:
             raise RequestError(f"bootstrap_room {room} is already in use on this prefill server")
         if room in self.ended:
             raise RequestError(f"bootstrap room {room} has ended on this prefill server: {self.ended[room][0]}")
@@ -112,8 +112,7 @@ class PrefillSide(SideBase):
         """This server refused a request: the decode server's page ids for its room (now or when they come) are
         answered `failed`. Not when another request here holds the room."""
         room = route.room
-        if room in self.out or room in self.ended or any(r.disagg and r.disagg.room == room
-                                                         for r in self.engine.requests.values()):
+        if room in self.out or room in self.ended or self._request_of(room) is not None:
             return
         self._ended(room, f"the prefill server refused it: {message}")
 
@@ -176,6 +175,10 @@ class PrefillSide(SideBase):
             return self._cancel(ident, room, f"the decode server cancelled it: {msg.get('reason')}")
         return None
 
+    def _request_of(self, room: int) -> Request | None:
+        """The live request of this room on this leader (pending, prefilling or parked), if any."""
+        return next((r for r in self.engine.requests.values() if r.disagg and r.disagg.room == room), None)
+
     def _holder(self, room: int) -> bytes | None:
         """The decode server whose page ids this room holds (None: none yet)."""
         o = self.out.get(room)
@@ -195,7 +198,7 @@ class PrefillSide(SideBase):
         self.admitted.pop(room, None)
         req = o.req if o is not None else (self.pending.pop(room).req if room in self.pending else None)
         if req is None:
-            req = next((r for r in self.engine.requests.values() if r.disagg and r.disagg.room == room), None)
+            req = self._request_of(room)
         if req is None or holder is None:  # not here yet: refused when it comes; page ids from any other
             self.ended[room] = (message, self.deadlines.after())  # requester (another DP leader) answered at once
         if req is None:
