@@ -162,8 +162,9 @@ class TestMixedTP:
         wait_pools_whole(d.url, 30)
 
     def test_a_decode_refusal_ends_the_prefill_half(self, mixed_tp: tuple, model: str) -> None:
-        """A request the decode server refuses before its engine takes it (echo with logprobs) also ends the
-        prefill server's half of the room, which waited for page ids until its timeout; it names the refusal."""
+        """A request the decode server refuses, before its engine takes it (echo with logprobs) or in its engine
+        (too long for its pool), also ends the prefill server's half of the room, which waited for page ids until
+        its timeout; it names the refusal."""
         p, d, _ = mixed_tp
         bootstrap = int(p.cmd[p.cmd.index("--disaggregation-bootstrap-port") + 1])
         room = dict(bootstrap_room=77, bootstrap_host="127.0.0.1", bootstrap_port=bootstrap)
@@ -181,6 +182,23 @@ class TestMixedTP:
         refused, half = asyncio.run(run())
         assert refused.status_code == 400 and "echo with logprobs" in refused.text, refused.text
         assert "the decode server" in half.text and "echo with logprobs" in half.text, half.text
+        # refused by the decode server's engine: prompt + max_new_tokens fit the context (4096), not its pool
+        # (2048); the prefill server, which holds only the prompt and the first token, accepts the same request
+        room["bootstrap_room"] = 78
+        sampling = {"max_new_tokens": 3000, "ignore_eos": True}
+
+        async def run_long() -> tuple[httpx.Response, httpx.Response]:
+            async with httpx.AsyncClient(timeout=120) as client:
+                half = asyncio.create_task(client.post(f"{p.url}/generate", json={
+                    "input_ids": PROMPTS_64[3], "bootstrap_room": 78, "sampling_params": sampling}))
+                await asyncio.sleep(0.5)
+                refused = await client.post(f"{d.url}/generate", json={
+                    "input_ids": PROMPTS_64[3], **room, "sampling_params": sampling})
+                return refused, await half
+
+        refused, half = asyncio.run(run_long())
+        assert refused.status_code == 400 and "KV pool" in refused.text, refused.text
+        assert "the decode server" in half.text and "KV pool" in half.text, half.text
         wait_pools_whole(p.url, 30)
 
     def test_decode_killed_prefill_frees_pages(self, mixed_tp: tuple) -> None:

@@ -188,13 +188,17 @@ def test_a_second_dest_for_a_room_is_refused_and_the_first_served(tiny_ds: str) 
 
 
 def test_decode_refusal_ends_the_prefill_half_at_once(tiny_ds: str) -> None:
+    """A request the decode server refuses (here: too long for its pool) ends the prefill server's half through
+    the decode side's `refused`, which the server's frontend calls for every refusal (Frontend.refusing ->
+    RefuseRoom; tests/test_disagg_server.py runs that path): the prefill server held the room until its timeout."""
     with pd_pair(tiny_ds, backend="fake", page_size=4, disaggregation_timeout_s=20,
                  decode=dict(max_total_tokens=128)) as (pre, dec):
         ids = prompts_ids(1, [200], seed=3)[0]
-        peer = f"tcp://127.0.0.1:{pre.disagg.port}"
+        route = DisaggRoute(3, f"tcp://127.0.0.1:{pre.disagg.port}")
         pre.add_request("p", ids, GREEDY, DisaggRoute(3))
-        with pytest.raises(RequestError):
-            dec.add_request("d", ids, GREEDY, DisaggRoute(3, peer))
+        with pytest.raises(RequestError) as refusal:
+            dec.add_request("d", ids, GREEDY, route)
+        dec.disagg.refused(route, str(refusal.value))
         finals = step_until((pre, dec), lambda f: "p" in f, 5)
         assert "p" in finals, "the prefill server still holds the request the decode server refused"
         assert_pools_whole(pre, dec)
@@ -202,13 +206,15 @@ def test_decode_refusal_ends_the_prefill_half_at_once(tiny_ds: str) -> None:
 
 def test_prefill_refusal_before_its_side_ends_the_decode_half_at_once(tiny_ds: str) -> None:
     """A prompt too long for the prefill server's pool with max_tokens unset is refused in add_request before the
-    prefill side sees the room: the decode server's page ids were left unanswered for its whole timeout."""
+    prefill side sees the room; its `refused` (the frontend's RefuseRoom) answers the decode server's page ids,
+    which were left unanswered for its whole timeout."""
     params = SamplingParams(max_tokens=None, temperature=0.0, ignore_eos=True)
     with pd_pair(tiny_ds, backend="fake", page_size=4, disaggregation_timeout_s=20,
                  prefill=dict(max_total_tokens=128)) as (pre, dec):
         ids = prompts_ids(1, [200], seed=3)[0]
-        with pytest.raises(RequestError):
+        with pytest.raises(RequestError) as refusal:
             pre.add_request("p", ids, params, DisaggRoute(6))
+        pre.disagg.refused(DisaggRoute(6), str(refusal.value))
         dec.add_request("d", ids, params, DisaggRoute(6, f"tcp://127.0.0.1:{pre.disagg.port}"))
         finals = step_until((pre, dec), lambda f: "d" in f, 5)
         assert "d" in finals and finals["d"].finish.kind == "error", "the decode server waits for its timeout"

@@ -113,18 +113,6 @@ class Engine:
         """Queue a request; bad input raises RequestError naming the problem (nothing is queued). With a
         PD `route` a prefill server hands the request over after its first token, and a decode server
         waits for its KV cache instead of prefilling it."""
-        try:
-            self._add_request(rid, prompt_ids, params, route)
-        except RequestError as exc:
-            # The other server must not wait for its half. A decode server's leaders under DP attention do not see
-            # each other's rooms: there the frontend, which does, ends it (Frontend.refusing).
-            local = self.args.disaggregation_mode == "prefill" or self.par.cfg.dp == 1
-            if route is not None and self.disagg is not None and local:
-                self.disagg.refused(route, str(exc))
-            raise
-
-    def _add_request(self, rid: str, prompt_ids: list[int], params: SamplingParams,
-                     route: DisaggRoute | None) -> None:
         if rid in self.requests:
             raise RequestError(f"request id {rid!r} is already in use")
         params.validate()
