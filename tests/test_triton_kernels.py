@@ -214,7 +214,7 @@ def _selected_values(slots: torch.Tensor, logits: torch.Tensor, page_table: torc
                                             (0, 8192, False), (0, 2048, True), (1, 512, True), (3, 16, True),
                                             (2, 100, False), (3, 37, True)])  # k not a power of two
 def test_topk_slots(case, topk, ties, method):
-    """auto: rows up to topk.ROW_LIMIT keys select in one launch, wider ones through torch.topk; ties: logits
+    """auto: indexer.selection_path's kernel (split, row or sampled; torch.topk only for the reference); ties: logits
     of a few distinct values, so the kernel's choice among equal values may differ from torch's."""
     seq_lens, q_lens, Hi, Di, page_size = INDEXER_CASES[case]
     gen = torch.Generator(DEV).manual_seed(100 + case)
@@ -244,15 +244,16 @@ def test_topk_slots(case, topk, ties, method):
 @pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("width", [tops.topk.ROW_LIMIT, tops.topk.ROW_LIMIT + 1])
 def test_topk_slots_at_the_row_limit(width, ties):
-    """The widest row the one-launch kernel takes (its counts at their largest), and one key more (torch.topk),
-    select the same set, or with ties the same values."""
+    """The widest row the one-launch kernel takes (its counts at their largest), and one key more (through
+    topk_slots: the split path at these 3 rows), select the same set, or with ties the same values."""
     gen = torch.Generator(DEV).manual_seed(width)
     page_table, row_req, row_len, _ = _layout([width, width - 3000, 2000], [1, 1, 1], 64, gen)
     logits = torch.randn(3, width, device=DEV, generator=gen)
     if ties:
         logits = logits.mul(2).round()
     logits = logits.masked_fill(torch.arange(width, device=DEV)[None, :] >= row_len, float("-inf"))
-    got = tops.topk_slots(logits, row_len, page_table, row_req, 64, 2048)
+    select = tops.topk.row_topk_slots if width <= tops.topk.ROW_LIMIT else tops.topk_slots
+    got = select(logits, row_len, page_table, row_req, 64, 2048)
     want = ref.topk_slots(logits, row_len, page_table, row_req, 64, 2048)
     if ties:
         assert torch.equal(_selected_values(got, logits, page_table, row_req, 64),

@@ -10,12 +10,12 @@ FP8 index keys (uint8 rows: 128 e4m3 values + one fp32 scale, cache/kv_format.py
 query's dtype after the gather (exact) and the key's scale multiplies its logit after the head sum: the
 scale is positive, so relu(s * q.k) = s * relu(q.k).
 
-topk_slots: few long rows (decode at long context) spread each row over many programs in four launches
-(topk_split.py; `topk_split.fits` says where); other rows of at most topk.ROW_LIMIT keys select in one launch
-(topk.py: the row in registers, positions straight to slots; `topk.fits` says where that wins); the rest
-through torch.topk (unsorted) and one small kernel that maps positions to cache slots. Rows that see <= topk
-keys skip the selection and take their first kv_len positions, so the valid slots come first and the selected
-set equals the reference's.
+topk_slots (selection_path): few long rows (decode at long context) spread each row over many programs in four
+launches (topk_split.py); other rows of at most 4K keys, and up to 64 rows of 8K, select in one launch with the
+row in registers (topk.py); the rest, many wide rows (prefill chunks, large decode batches at long context), one
+program per row that reads the row twice (topk_sampled.py). All map positions straight to cache slots. Rows
+that see <= topk keys skip the selection and take their first kv_len positions, so the valid slots come first
+and the selected set equals the reference's.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from dsaserve.cache.kv_format import fp8_views
-from dsaserve.ops.triton import topk as row_topk, topk_split
+from dsaserve.ops.triton import topk as row_topk, topk_sampled, topk_split
 from dsaserve.ops.triton._common import dot_precision, new_empty, next_pow2, pdl, pdl_start, sm_count
 
 Tensor = torch.Tensor
@@ -192,30 +192,45 @@ def indexer_logits(q: Tensor, weights: Tensor, k_cache: Tensor, page_table: Tens
 def topk_slots(logits: Tensor, row_kv_len: Tensor, page_table: Tensor, row_req: Tensor, page_size: int,
                topk: int) -> Tensor:
     """See reference.topk_slots (valid slots first, then -1; order among the valid ones unspecified)."""
-    if logits.shape[1] > topk and topk_split.fits(*logits.shape):
-        return topk_split.split_topk_slots(logits, row_kv_len, page_table, row_req, page_size, topk)
-    if logits.shape[1] > topk and row_topk.fits(*logits.shape):
-        return row_topk.row_topk_slots(logits, row_kv_len, page_table, row_req, page_size, topk)
-    return torch_topk_slots(logits, row_kv_len, page_table, row_req, page_size, topk)
+    path = selection_path(*logits.shape, topk)
+    select = {"split": topk_split.split_topk_slots, "row kernel": row_topk.row_topk_slots,
+              "sampled": topk_sampled.sampled_topk_slots, "torch.topk": torch_topk_slots}[path]
+    return select(logits, row_kv_len, page_table, row_req, page_size, topk)
+
+
+def selection_path(rows: int, num_keys: int, topk: int) -> str:
+    """Which kernel selects `rows` rows of `num_keys` logits: the fastest measured there (H200,
+    docs/benchmarks.md): few long rows the split path, narrow ones the row kernel, other wide ones the sampled
+    kernel."""
+    if num_keys <= topk:
+        return "torch.topk"  # every row keeps its first positions: the slot kernel alone
+    if topk_split.fits(rows, num_keys):
+        return "split"
+    if row_topk.fits(rows, num_keys):
+        return "row kernel"
+    return "sampled"
 
 
 def selection_widths(topk: int, max_keys: int) -> list[int]:
     """Key widths whose rows select on every width variant topk_slots compiles for rows of up to max_keys keys:
-    each power of two past topk up to the row kernel's widest tier (its variants are per power of two; the split
-    path has none; past ROW_LIMIT torch.topk compiles nothing but the slot kernel). Eager steps are as wide as
-    their longest row, so without graphs these widths are what a warm-up must run."""
+    each power of two past topk up to twice the row kernel's widest tier (its variants are per power of two; the
+    split path has none), and one past the sampled kernel's WIDE_ROWS (its wider sample) when max_keys is. Eager
+    steps are as wide as their longest row, so without graphs these widths are what a warm-up must run."""
     widths, width = [], 1 << topk.bit_length()  # the first power of two above topk
     while width <= min(2 * row_topk.ROW_LIMIT, next_pow2(max_keys)):
         widths.append(width)
         width *= 2
+    if max_keys > topk_sampled.WIDE_ROWS and topk_sampled.WIDE_ROWS > topk:
+        widths.append(topk_sampled.WIDE_ROWS + 1)
     return widths
 
 
 def selection_shapes(topk: int, max_keys: int) -> list[tuple[int, int]]:
     """(rows, key width) pairs whose selections compile every kernel variant topk_slots uses for rows of up to
     max_keys keys: each of selection_widths at one row and where the path or the split path's rank block
-    changes with the row count (the widest width's many rows reach torch.topk's slot kernel)."""
-    rows = sorted({1, topk_split.FEW_ROWS + 1, max(topk_split.MOST_ROWS.values()) + 1})
+    changes with the row count."""
+    most_row_kernel_rows = max(n for n in row_topk.MOST_ROWS.values() if n is not None)
+    rows = sorted({1, topk_split.FEW_ROWS + 1, max(topk_split.MOST_ROWS.values()) + 1, most_row_kernel_rows + 1})
     return [(r, width) for width in selection_widths(topk, max_keys) for r in rows]
 
 

@@ -1,14 +1,13 @@
 """Exact top-k cache slots per indexer row in one launch: one program per row, the row held in registers.
 
-A row of at most ROW_LIMIT logits (every decode step up to 8-16K context, and prefill rows there) is loaded
+A row of at most ROW_LIMIT logits (decode steps up to 4-8K context, and prefill rows there) is loaded
 once as order-preserving uint32 keys. The k-th largest key is found two bits per pass: three candidate
 thresholds are counted at once in two int32 sums (16 passes for 32 bits). The keys above
 it, and its ties lowest position first, are compacted in position order with one packed prefix sum, and
 their positions mapped to cache slots through the page table. The selected set is torch.topk's, up to the
 choice among equal values (-0.0 ranks below +0.0; NaN above everything, as in torch). Rows that see at
-most k keys keep their first kv_len positions, as the reference does. Wider rows no longer fit a program's
-registers, and many rows of 8K+ keys select faster in torch.topk (`fits`, MOST_ROWS; indexer.topk_slots
-takes torch there).
+most k keys keep their first kv_len positions, as the reference does. Many rows of 8K+ keys select faster in
+topk_sampled.py, few in topk_split.py (`fits`, MOST_ROWS; indexer.selection_path).
 """
 from __future__ import annotations
 
@@ -20,11 +19,11 @@ from dsaserve.ops.triton._common import new_empty, next_pow2, pdl, pdl_start
 
 Tensor = torch.Tensor
 
-# The most rows per call at which this kernel was measured faster than torch.topk, by key width (a power of
-# two under CUDA graphs); None: any. H200, docs/benchmarks.md: 1.8x at 4096 x 4096 keys; at 8K 1.07x at
-# 1024 rows, 0.96x at 4096; at 16K 1.2-1.9x at 8-256 rows (more not measured). Wider rows do not fit a
-# program's registers.
-MOST_ROWS: dict[int, int | None] = {4096: None, 8192: 1024, 16384: 256}
+# The most rows per call at which this kernel was measured the fastest selection, by key width (a power of two
+# under CUDA graphs); None: any. H200, docs/benchmarks.md: 1.8x torch.topk at 4096 x 4096 keys; at 8K it ties
+# the sampled kernel at 64 rows (23.9 / 23.6 us) and loses from 256 (42.9 / 31.7); at 16K the split path wins
+# up to 32 rows and the sampled kernel from 64 (28.0 against 43.0).
+MOST_ROWS: dict[int, int | None] = {4096: None, 8192: 64}
 ROW_LIMIT = max(MOST_ROWS)
 
 
@@ -39,13 +38,14 @@ def _order_keys(x):
 
 
 @triton.jit
-def _kth_largest(key, K):
+def _kth_largest(key, K, BITS: tl.constexpr = 32):
     """The K-th largest of `key` (uint32; padding holds 0, below every real key), two bits per pass. The
     counts of keys >= c1 and >= c2 share one int32 sum (16-bit fields; fewer than 2**15 keys keep it
-    positive); int32 instead of one packed int64 sum made the kernel 2-10% faster (H200)."""
+    positive); int32 instead of one packed int64 sum made the kernel 2-10% faster (H200). BITS < 32: only
+    the top BITS bits (the rest 0), a lower bound at a fraction of the passes."""
     tl.static_assert(key.shape[0] < 32768)
     v = tl.zeros([], tl.uint32)
-    for s in tl.static_range(15, -1, -1):
+    for s in tl.static_range(15, 15 - BITS // 2, -1):
         step = tl.full([], 1, tl.uint32) << (2 * s)
         c1, c2, c3 = v | step, v | (2 * step), v | (3 * step)
         n12 = tl.sum(tl.where(key >= c1, 1, 0) + tl.where(key >= c2, 65536, 0), 0)
@@ -63,6 +63,22 @@ def position_slots(pt_row, pos, page_size, mask):
     return tl.where(mask, page * page_size + pos % page_size, -1)
 
 
+@triton.jit
+def store_largest(key, pos, K, out_row, pt_row, page_size):
+    """The slots of the K largest of `key` (uint32 order keys, padding 0; at least K real ones) at positions
+    `pos` (ascending), stored in position order; equal keys at the threshold go lowest position first."""
+    v = _kth_largest(key, K)
+    gt = (key > v).to(tl.int32)
+    eq = (key == v).to(tl.int32)  # v > 0: padding is never a tie
+    need = K - tl.sum(gt, 0)
+    both = gt + (eq << 16)  # one scan counts both (fewer than 2**15 keys keep the int32 positive)
+    before = tl.cumsum(both, 0) - both
+    eq_before = before >> 16
+    sel = (gt != 0) | ((eq != 0) & (eq_before < need))
+    dest = (before & 0xFFFF) + tl.minimum(eq_before, need)
+    tl.store(out_row + dest, position_slots(pt_row, pos, page_size, sel), mask=sel)
+
+
 @triton.jit(do_not_specialize=["stride_x", "stride_len", "stride_pt", "stride_o", "L"])
 def _row_topk_slots_kernel(X, LEN, PT, REQ, OUT, stride_x, stride_len, stride_pt, stride_o, L, page_size,
                            K: tl.constexpr, KB: tl.constexpr, W: tl.constexpr, PDL: tl.constexpr):
@@ -75,24 +91,14 @@ def _row_topk_slots_kernel(X, LEN, PT, REQ, OUT, stride_x, stride_len, stride_pt
         offs = tl.arange(0, W)
         live = offs < kv_len
         key = _order_keys(tl.load(X + t * stride_x + offs, mask=live, other=0.0))
-        key = tl.where(live, key, tl.zeros_like(key))
-        v = _kth_largest(key, K)
-        gt = (key > v).to(tl.int32)
-        eq = (key == v).to(tl.int32)  # v > 0: padding is never a tie
-        need = K - tl.sum(gt, 0)
-        both = gt + (eq << 16)  # one scan counts both (W <= 2**15 keeps the int32 positive)
-        before = tl.cumsum(both, 0) - both
-        eq_before = before >> 16
-        sel = (gt != 0) | ((eq != 0) & (eq_before < need))
-        dest = (before & 0xFFFF) + tl.minimum(eq_before, need)
-        tl.store(out_row + dest, position_slots(pt_row, offs, page_size, sel), mask=sel)
+        store_largest(tl.where(live, key, tl.zeros_like(key)), offs, K, out_row, pt_row, page_size)
     else:  # at most K keys: all of them, first to last, then -1
         j = tl.arange(0, KB)
         tl.store(out_row + j, position_slots(pt_row, j, page_size, j < kv_len), mask=j < K)
 
 
 def fits(rows: int, num_keys: int) -> bool:
-    """Whether this kernel selects faster than torch.topk for `rows` rows of `num_keys` logits."""
+    """Whether this kernel is the fastest selection for `rows` rows of `num_keys` logits."""
     if num_keys > ROW_LIMIT:
         return False
     most = MOST_ROWS[max(next_pow2(num_keys), min(MOST_ROWS))]
@@ -135,4 +141,5 @@ def row_topk_slots(logits: Tensor, row_kv_len: Tensor, page_table: Tensor, row_r
     return out
 
 
-__all__ = ["MOST_ROWS", "ROW_LIMIT", "fits", "position_slots", "row_topk_slots", "selection_inputs", "slot_inputs"]
+__all__ = ["MOST_ROWS", "ROW_LIMIT", "fits", "position_slots", "row_topk_slots", "selection_inputs", "slot_inputs",
+           "store_largest"]
