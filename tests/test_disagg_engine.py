@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
+import shutil
 import time
 from typing import Iterator
 
@@ -15,7 +17,9 @@ from conftest import ARCHS, prompts_ids, sampling_features
 from dsaserve import LLM, SamplingParams
 from dsaserve.engine.engine import Engine
 from dsaserve.engine.request import DisaggRoute, RequestOutput
+from dsaserve.model.checkpoint import weights_fingerprint
 from dsaserve.server_args import ServerArgs
+from dsaserve.tiny import make_tiny_model
 
 pytestmark = pytest.mark.timeout(300)
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
@@ -187,6 +191,24 @@ def test_mismatched_servers_end_requests_with_the_reason(prefill: dict, decode: 
         final, tokens = run_pd(pre, dec, prompts_ids(2, [5, 9], seed=1), GREEDY)
         for rid, out in final.items():
             assert out.finish.kind == "error" and words in out.finish.message and not tokens[rid]
+        assert len(final) == 2
+        assert_pools_whole(pre, dec)
+
+
+def test_servers_that_loaded_different_weights_end_requests_with_the_reason(tiny_ds: str, tmp_path) -> None:
+    """The same config with other weights (a fine-tune: another seed) on the prefill server: pages of the same
+    layout, but its KV would be wrong for the decode server's model. Every request ends with an error naming
+    the difference, both pools are whole; the fingerprints also tell a copy of the checkpoint from it."""
+    other = make_tiny_model(tmp_path / "other", "deepseek_v32", seed=1)
+    copy = shutil.copytree(tiny_ds, tmp_path / "copy")
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "_name_or_path": "elsewhere"}))
+    assert weights_fingerprint(copy) == weights_fingerprint(tiny_ds) != weights_fingerprint(other)
+    with pd_pair(tiny_ds, prefill={"model_path": str(other)}) as (pre, dec):
+        final, tokens = run_pd(pre, dec, prompts_ids(2, [5, 9], seed=1), GREEDY)
+        for rid, out in final.items():
+            assert out.finish.kind == "error" and "loaded different models" in out.finish.message, out.finish
+            assert not tokens[rid]
         assert len(final) == 2
         assert_pools_whole(pre, dec)
 

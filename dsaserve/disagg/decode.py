@@ -149,7 +149,8 @@ class DecodeSide(SideBase):
         self._send(inc.peer, {"kind": "dest", "room": room, "prompt_len": len(req.prompt_ids),
                               "prompt_crc": wire.prompt_crc(req.prompt_ids), "pages": pages, "skip_pages": skip,
                               "page_size": self.page_size, "spec_steps": self.engine.spec_steps,
-                              "timeout_s": self.deadlines.timeout_s, "transport": header}, blob)
+                              "weights": self.weights_id, "timeout_s": self.deadlines.timeout_s, "transport": header},
+                   blob)
         inc.sent = True
         # The prefill server starts writing within half the timeout of the page ids' arrival and gives a write
         # a quarter: counted from now, these pages outlive any write into them.

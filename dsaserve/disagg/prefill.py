@@ -269,6 +269,9 @@ class PrefillSide(SideBase):
             return f"page sizes differ: decode {msg.get('page_size')}, prefill {self.page_size}"
         if msg.get("spec_steps") != spec:
             return f"speculative draft steps differ: decode {msg.get('spec_steps')}, prefill {spec}"
+        if msg.get("weights") != self.weights_id:
+            return (f"the servers loaded different models (weights or config.json; fingerprints: decode "
+                    f"{msg.get('weights')}, prefill {self.weights_id}): both must load the same checkpoint")
         if msg.get("prompt_len") != len(req.prompt_ids) or msg.get("prompt_crc") != wire.prompt_crc(req.prompt_ids):
             return (f"the decode server has another prompt for this room ({msg.get('prompt_len')} tokens, "
                     f"prefill {len(req.prompt_ids)}): both servers must get the same request")

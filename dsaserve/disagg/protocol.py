@@ -2,7 +2,8 @@
 message (no pickle between servers).
 
 decode leader -> prefill leader (DEALER -> ROUTER):
-  dest    {room, prompt_len, prompt_crc, pages, skip_pages, page_size, spec_steps, timeout_s, transport}
+  dest    {room, prompt_len, prompt_crc, pages, skip_pages, page_size, spec_steps, weights, timeout_s,
+           transport}
           + transport blob
   cancel  {room, reason}
 prefill leader -> decode leader:

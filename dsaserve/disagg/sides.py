@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from dsaserve.disagg.transport import KVTransport, create_transport
+from dsaserve.model.checkpoint import weights_fingerprint
 
 if TYPE_CHECKING:
     from dsaserve.engine.engine import Engine
@@ -46,6 +47,7 @@ class SideBase:
     transport: KVTransport
     ctx: zmq.Context
     deadlines: Deadlines
+    weights_id: str = ""  # checkpoint.weights_fingerprint: both halves of a room must have loaded the same model
     failure_prob: float = 0.0
     rng: random.Random = field(default_factory=random.Random)  # draws the injected failures
 
@@ -79,5 +81,6 @@ def create_side(engine: Engine) -> Any:
                                  args.disaggregation_ib_device)
     base = dict(engine=engine, transport=transport, ctx=zmq.Context(),
                 deadlines=Deadlines(args.disaggregation_timeout_s), failure_prob=prob,
+                weights_id=weights_fingerprint(engine.model_path, args.load_format),
                 rng=random.Random(args.seed * 1009 + engine.par.cfg.dp_rank))  # injected failures repeat with --seed
     return PrefillSide(**base) if args.disaggregation_mode == "prefill" else DecodeSide(**base)

@@ -3,6 +3,7 @@ process checks before it starts its ranks, kept free of torch (headers are read 
 numpy binding; no tensor data is read)."""
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ class TensorInfo:
     file: Path
     dtype: str  # safetensors' name: "BF16", "F32", "F8_E4M3", ...
     shape: tuple[int, ...]
+    data: tuple[int, int]  # its bytes' [start, end) in the file
 
 
 class Checkpoint:
@@ -53,10 +55,40 @@ def _headers(file: Path) -> dict[str, TensorInfo]:
         raise CheckpointError(f"{file} is listed in the shard index but does not exist")
     try:
         with safe_open(file, framework="numpy") as f:  # reads and checks the header against the file size
-            return {name: TensorInfo(file, (part := f.get_slice(name)).get_dtype(), tuple(part.get_shape()))
-                    for name in f.keys()}
+            names = list(f.keys())
+        with open(file, "rb") as raw:  # the byte ranges, which safe_open does not expose: after the JSON header
+            size = int.from_bytes(raw.read(8), "little")
+            header = json.loads(raw.read(size))
+        return {name: TensorInfo(file, header[name]["dtype"], tuple(header[name]["shape"]),
+                                 tuple(8 + size + o for o in header[name]["data_offsets"])) for name in names}
     except Exception as exc:  # safetensors raises its own error type for a damaged header
         raise CheckpointError(f"{file} is not a readable safetensors file (truncated?): {exc}") from None
+
+
+FINGERPRINT_TENSORS = 64  # tensors sampled, spread over the sorted names
+FINGERPRINT_BYTES = 256  # of each, from its start
+
+
+def weights_fingerprint(model_path: str | Path, load_format: str = "auto") -> str:
+    """A short id of the model a server loads, so that PD servers which loaded different ones refuse to pair:
+    a hash of config.json's settings and of FINGERPRINT_TENSORS tensors' names, dtypes, shapes and first bytes.
+    The same for a copy elsewhere or another sharding; a fine-tune differs in every tensor. load_format
+    "dummy" (seeded random weights): the config alone."""
+    path = Path(model_path)
+    config = {k: v for k, v in json.loads((path / "config.json").read_text()).items()
+              if not k.startswith("_") and k != "transformers_version"}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    if load_format == "dummy":
+        return "dummy-" + digest.hexdigest()[:16]
+    tensors = Checkpoint(path).tensors
+    names = sorted(tensors)
+    for name in names[:: -(-len(names) // FINGERPRINT_TENSORS)]:
+        info = tensors[name]
+        with open(info.file, "rb") as f:
+            f.seek(info.data[0])
+            head = f.read(min(FINGERPRINT_BYTES, info.data[1] - info.data[0]))
+        digest.update(f"{name}:{info.dtype}:{info.shape}:".encode() + head)
+    return digest.hexdigest()[:16]
 
 
 def shard_files(model_path: Path) -> list[Path]:
