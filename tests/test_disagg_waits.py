@@ -134,7 +134,8 @@ def test_malformed_page_ids_end_the_request_not_the_server(tiny_ds: str) -> None
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(f"tcp://127.0.0.1:{pre.disagg.port}")
         wire.send(sock, {"kind": "dest", "room": 11, "prompt_len": len(ids), "prompt_crc": wire.prompt_crc(ids),
-                         "page_size": 4, "spec_steps": 0, "transport": header}, blob)  # no "pages"
+                         "page_size": 4, "spec_steps": 0, "weights": dec.disagg.weights_id, "transport": header},
+                  blob)  # no "pages"
         pre.add_request("p", ids, GREEDY, DisaggRoute(11))
         finals = step_until((pre,), lambda f: "p" in f, 30)
         sock.close()
@@ -169,8 +170,8 @@ def test_a_second_dest_for_a_room_is_refused_and_the_first_served(tiny_ds: str) 
         sock.connect(f"tcp://127.0.0.1:{pre.disagg.port}")
         header, blob = dec.disagg.transport.descriptor()
         wire.send(sock, {"kind": "dest", "room": 12, "prompt_len": len(ids), "prompt_crc": wire.prompt_crc(ids),
-                         "pages": [0, 1, 2], "skip_pages": 0, "page_size": 4, "spec_steps": 0, "transport": header},
-                  blob)
+                         "pages": [0, 1, 2], "skip_pages": 0, "page_size": 4, "spec_steps": 0,
+                         "weights": dec.disagg.weights_id, "transport": header}, blob)
         wire.send(sock, {"kind": "cancel", "room": 12, "reason": "aborted by the client"})
         reply = None
         while reply is None and time.monotonic() < deadline:
@@ -261,6 +262,33 @@ def test_prefill_with_a_longer_timeout_never_writes_into_pages_the_decode_server
         pre.step()  # the decode server's cancel arrives
         o = pre.disagg.out.get(4)
         assert o is None or o.handle is None, "a write into the freed pages is still running"
+
+
+def test_a_write_that_cannot_be_cancelled_keeps_the_decode_pages_until_it_lands(
+        tiny_ds: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write past its time that the transport cannot cancel (NIXL refuses to release an active transfer) may
+    still land. The prefill server used to report it failed at once, and the decode server freed the pages under
+    it (also at its own timeout). Now the prefill server polls it until it ends (at most its timeout) and the
+    decode server, whose request times out meanwhile, holds those pages until the prefill server answers."""
+    landed = False
+    with pd_pair(tiny_ds, backend="fake", page_size=4, prefill=dict(disaggregation_timeout_s=30),
+                 decode=dict(disaggregation_timeout_s=1)) as (pre, dec):
+        monkeypatch.setattr(pre.disagg.transport, "poll", lambda handle: landed)
+        monkeypatch.setattr(pre.disagg.transport, "cancel", lambda handle: False)
+        ids = prompts_ids(1, [9], seed=5)[0]
+        pre.add_request("p", ids, GREEDY, DisaggRoute(6))
+        dec.add_request("d", ids, GREEDY, DisaggRoute(6, f"tcp://127.0.0.1:{pre.disagg.port}"))
+        total = dec.stats().total_pages
+        finals = step_until((pre, dec), lambda f: "d" in f, 15)
+        assert finals["d"].finish.kind == "error" and "within 1 s" in finals["d"].finish.message
+        o = pre.disagg.out.get(6)
+        assert o is not None and o.handle is not None and o.draining is not None, "the write is not drained"
+        step_until((pre, dec), lambda f: False, 0.3)  # the prefill server has the decode server's cancel
+        assert dec.stats().free_pages < total, "the decode server freed pages a write could still reach"
+        landed = True
+        finals.update(step_until((pre, dec), lambda f: "p" in f and dec.stats().free_pages == total, 15))
+        assert "p" in finals
+        assert_pools_whole(pre, dec)
 
 
 def test_decode_server_queue_is_bounded(tiny_ds: str) -> None:

@@ -3,7 +3,8 @@ room, and wait (bounded) for its `done`: the first token, its drafts, and the pa
 then joins the running batch with its prompt cached, exactly as if it had been prefilled here.
 
 Pages that a prefill server may still write are never reused early: a request aborted or timed out
-while its pages are out keeps them until the prefill server answers or the timeout has passed.
+while its pages are out keeps them until the prefill server answers (a write it could not cancel ends in
+`done` or `failed`), at most one more timeout.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ class Incoming:
     sent: bool = False  # the prefill server has this request's page ids
     done: dict[str, Any] | None = None  # its `done`, until the data is seen to have landed
     pages: list[int] = field(default_factory=list)  # an ended request's pages, held until no write can come
+    expired: bool = False  # its timeout passed with its page ids out and no answer: held one more timeout
 
 
 @dataclass
@@ -133,10 +135,22 @@ class DecodeSide(SideBase):
             logprob = (lp[0], [tuple(x) for x in lp[1]]) if lp else None
             return self.engine.resume_prefilled(inc.req, int(d["token"]), logprob, [int(t) for t in d["drafts"]])
         if self.deadlines.passed(inc.deadline):
-            if inc.done is None:
+            if inc.done is None and not inc.expired:
                 self._send(inc.peer, {"kind": "cancel", "room": room, "reason": "timed out on the decode server"})
             where = "no KV cache from the prefill server" if inc.sent else "no free pages for the prompt"
-            return self._close(room, inc, f"{where} within {self.deadlines.timeout_s:g} s")
+            message = f"{where} within {self.deadlines.timeout_s:g} s"
+            if inc.sent and inc.done is None and not inc.expired:
+                # A write the prefill server could not cancel may still land: the pages wait for its answer to
+                # the cancel (a write ends in `done` or `failed`), at most one more timeout.
+                inc.expired, inc.deadline = True, self.deadlines.after()
+                if ended:
+                    return None
+                inc.pages, inc.req.pages = inc.req.pages, []
+                log.warning("bootstrap room %d: %s", room, message)
+                return self.engine.end_request(inc.req, FinishReason("error", message=message))
+            if inc.expired:
+                log.warning("bootstrap room %d: no answer from the prefill server; its pages are freed", room)
+            return self._close(room, inc, message)
         return None
 
     def _try_send(self, room: int, inc: Incoming) -> None:

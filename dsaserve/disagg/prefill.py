@@ -54,6 +54,7 @@ class Outgoing:
     handle: Any = None  # the write in flight
     pages: list[int] = field(default_factory=list)  # pages of an ended request, held until its write ends
     aborted: str | None = None  # why it ended while its write was in flight: `failed`, not `done`, once it ends
+    draining: float | None = None  # past its time and not cancellable: polled until it ends, up to this deadline
 
 
 @dataclass
@@ -234,10 +235,15 @@ class PrefillSide(SideBase):
                 return self._fail(room, o, f"the decode server's page ids are malformed: {type(exc).__name__}: {exc}")
         try:
             if not self.transport.poll(o.handle):
-                if self.deadlines.passed(o.deadline):
-                    self.transport.cancel(o.handle)
-                    return self._fail(room, o, f"the KV write did not finish within {o.dest.window / 4:g} s")
-                return None
+                if not self.deadlines.passed(o.deadline):
+                    return None
+                if o.draining is None and not self.transport.cancel(o.handle):
+                    # it may still land: the decode server holds its pages until this side answers
+                    log.warning("bootstrap room %d: the KV write could not be cancelled; waiting for it to end", room)
+                    o.draining = self.deadlines.after()
+                if o.draining is not None and not self.deadlines.passed(o.draining):
+                    return None
+                return self._fail(room, o, f"the KV write did not finish within {o.dest.window / 4:g} s")
         except TransferFailed as exc:
             return self._fail(room, o, str(exc))
         del self.out[room]

@@ -61,8 +61,10 @@ class KVTransport(ABC):
     def poll(self, handle: Any) -> bool:
         """True once the write is complete at the receiver; raises TransferFailed."""
 
-    def cancel(self, handle: Any) -> None:
-        """Stop a write that is no longer wanted (best effort)."""
+    def cancel(self, handle: Any) -> bool:
+        """Stop a write that is no longer wanted: True once it is stopped, False when it may still run (and land);
+        poll() then tells when it ends."""
+        return True
 
     def arrived(self, sender: str, tag: bytes) -> bool:
         """Receiver side: the write tagged `tag` by agent `sender` has landed."""
@@ -160,14 +162,16 @@ class NixlTransport(KVTransport):
             raise TransferFailed(f"NIXL transfer ended in state {state}")
         return True
 
-    def cancel(self, handle: Any) -> None:
-        self._release(handle)
+    def cancel(self, handle: Any) -> bool:
+        return self._release(handle)
 
-    def _release(self, handle: Any) -> None:
+    def _release(self, handle: Any) -> bool:
         try:
             self.nixl.release_xfer_handle(handle)
+            return True
         except Exception:  # an active transfer that cannot be cancelled: NIXL keeps the handle
             log.warning("NIXL could not release a transfer handle", exc_info=True)
+            return False
 
     def arrived(self, sender: str, tag: bytes) -> bool:
         return self.nixl.check_remote_xfer_done(sender, tag)  # tags end with ';': a prefix names one room
