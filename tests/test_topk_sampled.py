@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 
 from dsaserve.ops import reference as ref  # noqa: E402
 from dsaserve.ops.triton import topk, topk_sampled  # noqa: E402
-from test_topk_split import _rows, _rule_slots, poison  # noqa: E402,F401 (poison: the autouse fixture)
+from test_topk_split import _rows, _rule_slots, poison  # noqa: E402, F401 (poison: the autouse fixture)
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -31,7 +31,20 @@ CASES = [  # lens, width, k, page, kind
     ([30000, 25000, 12000], 32768, 2048, 64, "trend"),
     ([5000, 3000, 2500], 8192, 100, 16, "normal"),  # k not a power of two
     ([900, 700, 65], 1024, 16, 1, "ties"),  # a tiny model's k
+    ([40000, 9000], 40000, 8192, 64, "normal"),  # the widest k: 16,384 candidates
+    ([30000, 6000], 32768, 2048, 64, "zeros"),  # +0.0 / -0.0 at the threshold: +0.0 ranks above
 ]
+
+
+def test_the_sample_that_finds_too_few_keys_takes_the_passes():
+    """A row whose sampled positions hold its largest values (every CAP-th position in a row of equal values
+    below): the threshold keeps fewer than k keys, so the row selects by the passes over it."""
+    k, width = 2048, 32768
+    size = topk_sampled.sample_size(k, width)
+    x, kv, page_table, row_req = _rows([width], width, 64, 7, "equal")
+    x[0, (torch.arange(size, device=DEV) * width) // size] = 1.0
+    got = topk_sampled.sampled_topk_slots(x, kv, page_table, row_req, 64, k)
+    assert got[0].tolist() == _rule_slots(x, kv, page_table, 64, k)[0]
 
 
 @pytest.mark.parametrize("case", range(len(CASES)))

@@ -38,6 +38,9 @@ def _rows(lens: list[int], width: int, page: int, seed: int, kind: str):
         x = x.mul(2).round()
     elif kind == "equal":
         x = torch.zeros_like(x)
+    elif kind == "zeros":  # zeros of both signs above negative integers: the threshold falls among the zeros
+        x = -x.mul(2).round().abs()
+        x = torch.where(x == 0, torch.where(torch.rand(x.shape, device=DEV, generator=gen) < 0.5, -0.0, 0.0), x)
     elif kind == "nan":
         x[:, 7] = float("nan")
     pos = torch.arange(width, device=DEV)[None, :]
@@ -50,13 +53,15 @@ def _rows(lens: list[int], width: int, page: int, seed: int, kind: str):
 
 
 def _rule_slots(x: torch.Tensor, kv: torch.Tensor, page_table: torch.Tensor, page: int, k: int) -> list[list[int]]:
-    """Each row's slots by the stated rule (largest first, NaN above all, equal values lowest position first),
-    listed in position order."""
+    """Each row's slots by the stated rule (largest first, NaN above all, +0.0 above -0.0, equal values lowest
+    position first), listed in position order."""
+    bits = x.view(torch.int32).long()
+    order = torch.where(bits < 0, ~bits & 0xFFFFFFFF, bits | 0x80000000)  # topk._order_keys, as int64
+    order = order.masked_fill(x.isnan(), 1 << 32)
     out = []
     for r in range(x.shape[0]):
         n = int(kv[r])
-        vals = x[r, :n].double().nan_to_num(nan=float("inf")).cpu()
-        chosen = torch.sort(-vals, stable=True).indices[:k].sort().values.to(DEV)  # stable: ties in position order
+        chosen = torch.sort(-order[r, :n].cpu(), stable=True).indices[:k].sort().values.to(DEV)  # ties: by position
         out.append((page_table[r].long()[chosen // page] * page + chosen % page).tolist())
     return out
 

@@ -203,12 +203,12 @@ def selection_path(rows: int, num_keys: int, topk: int) -> str:
     docs/benchmarks.md): few long rows the split path, narrow ones the row kernel, other wide ones the sampled
     kernel."""
     if num_keys <= topk:
-        return "torch.topk"  # every row keeps its first positions: the slot kernel alone
+        return "torch.topk"  # every row keeps its first positions: torch_topk_slots runs the slot kernel alone
     if topk_split.fits(rows, num_keys):
         return "split"
     if row_topk.fits(rows, num_keys):
         return "row kernel"
-    return "sampled"
+    return "sampled" if topk_sampled.fits(topk) else "torch.topk"  # k > 8192: no model has that many
 
 
 def selection_widths(topk: int, max_keys: int) -> list[int]:

@@ -124,8 +124,8 @@ def selection_inputs(name: str, logits: Tensor, row_kv_len: Tensor, page_table: 
 def row_topk_slots(logits: Tensor, row_kv_len: Tensor, page_table: Tensor, row_req: Tensor, page_size: int,
                    topk: int, num_warps: int | None = None) -> Tensor:
     """See reference.topk_slots; logits [T, L] fp32 with L <= ROW_LIMIT (positions >= kv_len are ignored).
-    num_warps: a benchmark's override of the rule (one warp per 512 keys, 4 to 32: the fastest of 4-32 at
-    4K, 8K and 16K keys on an H200)."""
+    num_warps: a benchmark's override of the rule (one warp per 512 keys, at least 4: 16 at the widest, 8K;
+    the fastest of 4-32 at 4K, 8K and 16K keys on an H200)."""
     T, L = logits.shape
     if L > ROW_LIMIT:
         raise ValueError(f"row_topk_slots takes rows of at most {ROW_LIMIT} logits, got {L}")

@@ -30,13 +30,19 @@ KEYS_PER_THREAD = 8  # in a step of a pass over the row
 # hide the passes' latency. H200, docs/benchmarks.md: 7-12% faster than 128 (two programs) at 1-4K rows.
 MAXNREG = 80
 # Sampled keys per row: the count at or above the sample's r-th largest (r ~ (k + CAP) / 2 * SAMPLE / kv_len)
-# varies by about 1 / sqrt(r); r >= 64 keeps it within [k, CAP] past 3 sigma. Wider rows take the wider sample.
+# varies by about 1 / sqrt(r); r >= 64 keeps it within [k, CAP] past 3 sigma. Wider rows take the wider sample
+# (at k = 2048, r >= 64 up to 196K keys: past that more rows miss and take the passes).
 SAMPLE, WIDE_SAMPLE, WIDE_ROWS = 1024, 4096, 32768
 
 
 def cap(topk: int) -> int:
-    """Candidates a row may keep (and the sample's size): twice k, rounded up to a power of two."""
+    """Candidates a row may keep: twice k, rounded up to a power of two."""
     return 2 * next_pow2(topk)
+
+
+def fits(topk: int) -> bool:
+    """Whether this kernel selects k of a row: its candidates' counts take 16-bit fields (k <= 8192)."""
+    return cap(topk) < 1 << 15
 
 
 def sample_size(topk: int, num_keys: int) -> int:
@@ -83,6 +89,7 @@ def _chunk_keys(x_row, start, kv_len, CHUNK: tl.constexpr):
 def _select_by_passes(x_row, out_row, pt_row, kv_len, page_size, K: tl.constexpr, CHUNK: tl.constexpr):
     """topk.store_largest over a row in memory: the K-th largest by two bits per pass, then the keys above it
     and its ties lowest position first, in position order."""
+    tl.static_assert(CHUNK < 32768)  # the packed scan's 16-bit fields
     v = tl.zeros([], tl.uint32)
     for s in tl.static_range(15, -1, -1):
         step = tl.full([], 1, tl.uint32) << (2 * s)
@@ -155,6 +162,8 @@ def sampled_topk_slots(logits: Tensor, row_kv_len: Tensor, page_table: Tensor, r
     """See reference.topk_slots; logits [T, L] fp32, unit stride (positions >= kv_len ignored). num_warps, chunk,
     maxnreg: a benchmark's overrides (one warp per 512 candidates, 4 to 8, 8 keys per thread in a step of a
     pass, MAXNREG)."""
+    if not fits(topk):
+        raise ValueError(f"sampled_topk_slots selects at most 8192 keys per row, got k = {topk}")
     out, row_kv_len, page_table, row_req = selection_inputs("sampled_topk_slots", logits, row_kv_len, page_table,
                                                             row_req, topk)
     T, L = logits.shape
@@ -171,4 +180,4 @@ def sampled_topk_slots(logits: Tensor, row_kv_len: Tensor, page_table: Tensor, r
     return out
 
 
-__all__ = ["KEYS_PER_THREAD", "MAXNREG", "WIDE_ROWS", "cap", "sample_size", "sampled_topk_slots"]
+__all__ = ["KEYS_PER_THREAD", "MAXNREG", "WIDE_ROWS", "cap", "fits", "sample_size", "sampled_topk_slots"]
