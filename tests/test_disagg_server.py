@@ -8,6 +8,7 @@ import asyncio
 import json
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -243,10 +244,15 @@ class TestSpecDPAttention:
             assert [stream_ids(generate(router.url, ids, stream=True)) for ids in prompts[:2]] == want[:2]
             spec_mismatch = ServerProcess(model, tmp_path / "nospec.log", disaggregation_mode="decode", page_size=1,
                                           max_total_tokens=2048)
-            with spec_mismatch:  # a decode server without speculation refuses to pair, naming the setting
+            with spec_mismatch, ThreadPoolExecutor(1) as pool:
+                # a decode server without speculation refuses to pair, naming the setting, and the prefill
+                # server's half of the room ends with that refusal (it used to wait out its timeout)
+                prefill_half = pool.submit(generate, p.url, prompts[0], bootstrap_room=12345)
                 r = generate(spec_mismatch.url, prompts[0], bootstrap_host="127.0.0.1", bootstrap_port=port,
                              bootstrap_room=12345)
                 assert r.status_code == 500 and "speculative draft steps" in r.text, r.text
+                half = prefill_half.result(timeout=100)
+                assert "the decode server refused it" in half.text and "speculative" in half.text, half.text
 
 
 # -- failures end requests, not servers ---------------------------------------------------------------

@@ -84,25 +84,29 @@ class PDRouting:
             return None, dp_rank
         if not 0 <= room < 2**63:
             raise ApiError(400, f"bootstrap_room must be in [0, 2^63), got {room}", param="bootstrap_room")
-        if self.args.disaggregation_mode == "prefill":  # (check_rank refuses a routed_dp_rank of another group)
+        if self.args.disaggregation_mode == "prefill":  # (check refuses a routed_dp_rank of another group)
             return DisaggRoute(room), room % self.dp
         if host is None or port is None:
             raise ApiError(400, "a request with bootstrap_room needs bootstrap_host and bootstrap_port on a "
                                 "decode server", param="bootstrap_host")
         if not 0 < port < 65536:
             raise ApiError(400, f"bootstrap_port must be a TCP port, got {port}", param="bootstrap_port")
-        info = await self._info(host, port)
-        problem = info.mismatch(self.mine)
-        if problem is not None:
-            raise ApiError(500, f"cannot decode for the prefill server at {host}:{port}: {problem}")
-        ports = info.control_ports
+        ports = (await self._info(host, port)).control_ports
         return DisaggRoute(room, f"tcp://{_bracket(host)}:{ports[room % len(ports)]}"), dp_rank
 
-    def check_rank(self, body: Any, route: DisaggRoute | None) -> None:
-        """A prefill server runs a room on DP group room % dp, where the decode server sends its page ids: a
-        routed_dp_rank naming another group is refused (inside Frontend.refusing: the decode half ends too)."""
+    def check(self, body: Any, route: DisaggRoute | None) -> None:
+        """Refusals that need the route, inside Frontend.refusing (the other server's half ends too): a decode
+        server refuses a prefill server whose settings differ; a prefill server runs a room on DP group
+        room % dp, where the decode server sends its page ids, so a routed_dp_rank naming another group is
+        refused."""
+        if self.decodes(route):
+            host, port = body.bootstrap_host, body.bootstrap_port
+            problem = self._cache[(host, port)][0].mismatch(self.mine)  # route() just looked it up
+            if problem is not None:
+                raise ApiError(500, f"cannot decode for the prefill server at {host}:{port}: {problem}")
+            return
         dp_rank = body.routed_dp_rank
-        if route is None or self.decodes(route) or dp_rank is None or dp_rank == route.room % self.dp:
+        if route is None or dp_rank is None or dp_rank == route.room % self.dp:
             return
         raise ApiError(400, f"bootstrap_room {route.room} belongs to this prefill server's DP group "
                             f"{route.room % self.dp} (room % {self.dp}), where the decode server asks for it; "

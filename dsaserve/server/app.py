@@ -155,7 +155,7 @@ def _native_routes(args: ServerArgs, fe: Frontend, served_name: str, pd: PDRouti
         route, dp_rank = await pd.route(body)
         decodes = PDRouting.decodes(route)  # the prompt's log-probabilities: the prefill server's answer has them
         with fe.refusing(route, dp_rank):
-            pd.check_rank(body, route)
+            pd.check(body, route)
             max_tokens, prompt_only = prompt_scoring(body.sampling_params.max_new_tokens,
                                                      body.sampling_params.min_new_tokens, "max_new_tokens")
             params = _native_params(body.sampling_params, max_tokens, logprobs,

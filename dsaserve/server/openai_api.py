@@ -114,7 +114,7 @@ class OpenAIServing:
         scored = logprobs if echo is not None else None
         route, dp_rank = await self.pd.route(body)
         with self.fe.refusing(route, dp_rank):
-            self.pd.check_rank(body, route)
+            self.pd.check(body, route)
             if scored is not None and PDRouting.decodes(route):
                 raise bad_request("echo with logprobs asks for the prompt's log-probabilities, which the prefill "
                                   "server computes and a PD decode server does not: send it to a server without "
