@@ -268,26 +268,36 @@ def test_a_write_that_cannot_be_cancelled_keeps_the_decode_pages_until_it_lands(
         tiny_ds: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A write past its time that the transport cannot cancel (NIXL refuses to release an active transfer) may
     still land. The prefill server used to report it failed at once, and the decode server freed the pages under
-    it (also at its own timeout). Now the prefill server polls it until it ends (at most its timeout) and the
-    decode server, whose request times out meanwhile, holds those pages until the prefill server answers."""
-    landed = False
+    it (also at its own timeout). Now the prefill server polls it until it ends (at most a window) and the decode
+    server, whose request times out meanwhile, holds those pages until the prefill server answers; the late
+    write then ends as failed (the decode request is over) and never resumes a new request of the same id. The
+    waits run on a clock the test moves (both servers' deadlines), so nothing depends on the machine's speed."""
+    now, landed = [0.0], [False]
     with pd_pair(tiny_ds, backend="fake", page_size=4, prefill=dict(disaggregation_timeout_s=30),
-                 decode=dict(disaggregation_timeout_s=1)) as (pre, dec):
-        monkeypatch.setattr(pre.disagg.transport, "poll", lambda handle: landed)
+                 decode=dict(disaggregation_timeout_s=4)) as (pre, dec):
+        for side in (pre.disagg, dec.disagg):
+            monkeypatch.setattr(side.deadlines, "clock", lambda: now[0])
+        monkeypatch.setattr(pre.disagg.transport, "poll", lambda handle: landed[0])
         monkeypatch.setattr(pre.disagg.transport, "cancel", lambda handle: False)
-        ids = prompts_ids(1, [9], seed=5)[0]
+        ids, peer = prompts_ids(1, [9], seed=5)[0], f"tcp://127.0.0.1:{pre.disagg.port}"
         pre.add_request("p", ids, GREEDY, DisaggRoute(6))
-        dec.add_request("d", ids, GREEDY, DisaggRoute(6, f"tcp://127.0.0.1:{pre.disagg.port}"))
+        dec.add_request("d", ids, GREEDY, DisaggRoute(6, peer))
         total = dec.stats().total_pages
-        finals = step_until((pre, dec), lambda f: "d" in f, 15)
-        assert finals["d"].finish.kind == "error" and "within 1 s" in finals["d"].finish.message
-        o = pre.disagg.out.get(6)
-        assert o is not None and o.handle is not None and o.draining is not None, "the write is not drained"
-        step_until((pre, dec), lambda f: False, 0.3)  # the prefill server has the decode server's cancel
-        assert dec.stats().free_pages < total, "the decode server freed pages a write could still reach"
-        landed = True
-        finals.update(step_until((pre, dec), lambda f: "p" in f and dec.stats().free_pages == total, 15))
-        assert "p" in finals
+        step_until((pre, dec), lambda f: 6 in pre.disagg.out and pre.disagg.out[6].handle is not None, 15)
+        now[0] = 1.1  # past the write's quarter of the 4 s window: its cancel fails, so it is drained
+        step_until((pre, dec), lambda f: pre.disagg.out[6].draining is not None, 15)
+        now[0] = 4.5  # past the decode server's timeout, within the drain
+        finals = step_until((pre, dec), lambda f: "d" in f and pre.disagg.out[6].aborted is not None, 15)
+        assert finals["d"].finish.kind == "error" and "within 4 s" in finals["d"].finish.message
+        assert 6 in dec.disagg.rooms and dec.stats().free_pages < total, "pages a write could reach were freed"
+        dec.add_request("d", ids, GREEDY, DisaggRoute(7, peer))  # a client reusing the request id
+        reused = dec.requests["d"]
+        landed[0] = True
+        finals = step_until((pre, dec), lambda f: "p" in f and 6 not in dec.disagg.rooms, 15)
+        assert finals["p"].finish.kind == "abort" and "timed out on the decode server" in finals["p"].finish.message
+        assert dec.requests.get("d") is reused and not reused.output_ids, "the late write resumed another request"
+        assert dec.abort("d")
+        step_until((pre, dec), lambda f: dec.stats().free_pages == total and not dec.disagg.rooms, 15)
         assert_pools_whole(pre, dec)
 
 

@@ -119,8 +119,13 @@ class DecodeSide(SideBase):
         elif msg.get("kind") == "failed":
             inc.done = {"failed": msg.get("message") or "the prefill server gave no reason"}
 
+    def _live(self, inc: Incoming) -> bool:
+        """Whether the room's request still runs here (not aborted, not timed out; a new request may have taken
+        its id since)."""
+        return not inc.expired and self.engine.requests.get(inc.req.rid) is inc.req
+
     def _advance(self, room: int, inc: Incoming) -> RequestOutput | None:
-        ended = inc.req.rid not in self.engine.requests  # aborted by the client: only its pages are left
+        ended = not self._live(inc)  # aborted by the client or timed out: only its pages are left
         if not inc.sent and not ended:
             self._try_send(room, inc)
         if inc.done is not None and "failed" in inc.done:
@@ -173,7 +178,7 @@ class DecodeSide(SideBase):
     def _close(self, room: int, inc: Incoming, message: str) -> RequestOutput | None:
         del self.rooms[room]
         self._free(inc)
-        if inc.req.rid not in self.engine.requests:
+        if not self._live(inc):
             return None
         log.warning("bootstrap room %d: %s", room, message)
         return self.engine.end_request(inc.req, FinishReason("error", message=message))

@@ -192,8 +192,9 @@ class PrefillSide(SideBase):
             return None  # from a requester this room refused (another decode request holds it): not its to end
         self.dests.pop(room, None)
         o = self.out.get(room)
-        if o is not None and o.handle is not None:
-            return None  # writing: the decode server frees its pages when `done` or `failed` comes
+        if o is not None and o.handle is not None:  # writing: the decode server frees its pages when `done` or
+            o.aborted = o.aborted or message  # `failed` comes; it has ended its request, so `failed` it will be
+            return None
         # nothing is written into the decode server's pages: it may free them now
         wire.send(self.sock, {"kind": "failed", "room": room, "message": "cancelled"}, to=ident)
         self.admitted.pop(room, None)
@@ -238,11 +239,15 @@ class PrefillSide(SideBase):
                 if not self.deadlines.passed(o.deadline):
                     return None
                 if o.draining is None and not self.transport.cancel(o.handle):
-                    # it may still land: the decode server holds its pages until this side answers
+                    # It may still land: the decode server holds its pages until this side answers, for at most
+                    # two of its timeouts from sending them; this wait ends by 1.75 windows after they came.
                     log.warning("bootstrap room %d: the KV write could not be cancelled; waiting for it to end", room)
-                    o.draining = self.deadlines.after()
+                    o.draining = self.deadlines.clock() + o.dest.window
                 if o.draining is not None and not self.deadlines.passed(o.draining):
                     return None
+                if o.draining is not None and not self.transport.cancel(o.handle):
+                    log.error("bootstrap room %d: a KV write still running is given up: it may land in pages the "
+                              "decode server reuses", room)
                 return self._fail(room, o, f"the KV write did not finish within {o.dest.window / 4:g} s")
         except TransferFailed as exc:
             return self._fail(room, o, str(exc))
@@ -275,6 +280,8 @@ class PrefillSide(SideBase):
             return f"page sizes differ: decode {msg.get('page_size')}, prefill {self.page_size}"
         if msg.get("spec_steps") != spec:
             return f"speculative draft steps differ: decode {msg.get('spec_steps')}, prefill {spec}"
+        if msg.get("weights") is None:
+            return "the decode server sent no fingerprint of its weights: both servers must run the same dsaserve"
         if msg.get("weights") != self.weights_id:
             return (f"the servers loaded different models (weights or config.json; fingerprints: decode "
                     f"{msg.get('weights')}, prefill {self.weights_id}): both must load the same checkpoint")

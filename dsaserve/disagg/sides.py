@@ -76,11 +76,12 @@ def create_side(engine: Engine) -> Any:
     from dsaserve.disagg.prefill import PrefillSide
     args = engine.args
     prob = failure_prob()  # before anything that would need closing
+    weights_id = weights_fingerprint(engine.model_path, args.load_format)
     pools = engine.runner.pools
     transport = create_transport(args.disaggregation_transfer_backend, pools.page_buffers(), pools.row_format,
                                  args.disaggregation_ib_device)
     base = dict(engine=engine, transport=transport, ctx=zmq.Context(),
                 deadlines=Deadlines(args.disaggregation_timeout_s), failure_prob=prob,
-                weights_id=weights_fingerprint(engine.model_path, args.load_format),
+                weights_id=weights_id,
                 rng=random.Random(args.seed * 1009 + engine.par.cfg.dp_rank))  # injected failures repeat with --seed
     return PrefillSide(**base) if args.disaggregation_mode == "prefill" else DecodeSide(**base)

@@ -72,8 +72,9 @@ FINGERPRINT_BYTES = 256  # of each, from its start
 def weights_fingerprint(model_path: str | Path, load_format: str = "auto") -> str:
     """A short id of the model a server loads, so that PD servers which loaded different ones refuse to pair:
     a hash of config.json's settings and of FINGERPRINT_TENSORS tensors' names, dtypes, shapes and first bytes.
-    The same for a copy elsewhere or another sharding; a fine-tune differs in every tensor. load_format
-    "dummy" (seeded random weights): the config alone."""
+    The same for a copy elsewhere or another sharding; a full fine-tune differs in every tensor (one that changed
+    a few tensors may escape the sample). load_format "dummy": the config alone (each rank seeds its shard
+    alike, so servers of other TP layouts hold other random weights under the same id: benchmarks only)."""
     path = Path(model_path)
     config = {k: v for k, v in json.loads((path / "config.json").read_text()).items()
               if not k.startswith("_") and k != "transformers_version"}
