@@ -60,18 +60,22 @@ def test_decode_never_reuses_pages_under_a_write(tiny_ds: str, monkeypatch: pyte
     """Page ids that went out late (the pool was full) get the whole timeout from then on: the decode server
     used to count from the request's arrival, free the pages at that deadline and hand them to the next request
     while the prefill server's write (which may start half a timeout after the ids came) was still running."""
+    now = [0.0]  # both servers' deadlines run on this clock: 10 ms a round below, whatever the machine's speed
     with pd_pair(tiny_ds, backend="fake", page_size=4, disaggregation_timeout_s=2, decode=SMALL) as (pre, dec):
+        for side in (pre.disagg, dec.disagg):
+            monkeypatch.setattr(side.deadlines, "clock", lambda: now[0])
         a, b, c = two_prompts(dec, 3)
         peer = f"tcp://127.0.0.1:{pre.disagg.port}"
         monkeypatch.setattr(pre.disagg.transport, "poll", lambda handle: False)  # every write runs to its limit
         dec.add_request("a", a, GREEDY, DisaggRoute(1, peer))  # never prefilled: holds the pool until it times out
-        time.sleep(0.4)
+        now[0] = 0.4
         pre.add_request("pb", b, GREEDY, DisaggRoute(2))
         dec.add_request("b", b, GREEDY, DisaggRoute(2, peer))  # its page ids go out when "a" gives up
         assert not dec.disagg.rooms[2].sent
         written, reused = None, None
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not ("pb" not in pre.requests and "c" in dec.requests):
+        for _ in range(1000):
+            if "pb" not in pre.requests and "c" in dec.requests:
+                break
             pre.step()
             finished = [o.rid for o in dec.step() if o.finished]
             o = pre.disagg.out.get(2)
@@ -81,7 +85,8 @@ def test_decode_never_reuses_pages_under_a_write(tiny_ds: str, monkeypatch: pyte
             if "b" in finished and "c" not in dec.requests:
                 dec.add_request("c", c, GREEDY, DisaggRoute(3, peer))  # takes whatever pages are free
                 reused = written & set(dec.requests["c"].pages) if writing else set()
-            time.sleep(0.005)
+            now[0] += 0.01
+            time.sleep(0.002)  # the control messages' real time
         assert written is not None, "the prefill server never started the write"
         assert reused is not None and not reused, f"pages {sorted(reused or ())} went to a new request mid-write"
 
