@@ -1,6 +1,6 @@
 """A checkpoint's files and tensor headers, and the embedded default model's folder: what the server's front
 process checks before it starts its ranks, kept free of torch (headers are read through safetensors'
-numpy binding; no tensor data is read)."""
+numpy binding; no tensor data is read, but for weights_fingerprint's few bytes)."""
 from __future__ import annotations
 
 import hashlib
