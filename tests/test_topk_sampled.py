@@ -12,9 +12,8 @@ pytest.importorskip("triton")
 if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 
-from dsaserve.ops import reference as ref  # noqa: E402
 from dsaserve.ops.triton import topk, topk_sampled  # noqa: E402
-from test_topk_split import _rows, _rule_slots, poison  # noqa: E402, F401 (poison: the autouse fixture)
+from test_topk_split import _rows, _rule_slots, check_against_the_rule, poison  # noqa: E402, F401 (poison: autouse)
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -52,14 +51,7 @@ def test_sampled_topk_slots(case):
     lens, width, k, page, kind = CASES[case]
     x, kv, page_table, row_req = _rows(lens, width, page, case, kind)
     got = topk_sampled.sampled_topk_slots(x, kv, page_table, row_req, page, k)
-    n_valid = kv[:, 0].clamp(max=k)
-    assert ((got >= 0) == (torch.arange(k, device=DEV)[None, :] < n_valid[:, None])).all(), "valid slots, then -1"
-    want = _rule_slots(x, kv, page_table, page, k)
-    for r in range(len(lens)):  # rows of at most k keys: their first positions, first to last
-        assert got[r, : int(n_valid[r])].tolist() == want[r], f"row {r}: not the rule's slots in position order"
-    if kind == "normal":  # distinct values: the reference's set too
-        ref_slots = ref.topk_slots(x, kv, page_table, row_req, page, k)
-        assert torch.equal(got.sort(dim=1).values, ref_slots.sort(dim=1).values)
+    check_against_the_rule(got, x, kv, page_table, row_req, page, k, kind, in_position_order=True)
 
 
 def test_sampled_equals_the_row_kernel_in_a_cuda_graph():

@@ -83,13 +83,24 @@ def test_split_topk_slots(case):
     lens, width, k, page, kind = CASES[case]
     x, kv, page_table, row_req = _rows(lens, width, page, case, kind)
     got = topk_split.split_topk_slots(x, kv, page_table, row_req, page, k)
+    check_against_the_rule(got, x, kv, page_table, row_req, page, k, kind, in_position_order=False)
+    assert not topk_split._histograms(x.device).any(), "the histograms are not cleared for the next call"
+
+
+def check_against_the_rule(got: torch.Tensor, x: torch.Tensor, kv: torch.Tensor, page_table: torch.Tensor,
+                           row_req: torch.Tensor, page: int, k: int, kind: str, in_position_order: bool) -> None:
+    """Valid slots first, then -1; each row's the rule's (_rule_slots: as a set, or in position order); with
+    distinct values ("normal") the reference's set too."""
     n_valid = kv[:, 0].clamp(max=k)
     assert ((got >= 0) == (torch.arange(k, device=DEV)[None, :] < n_valid[:, None])).all(), "valid slots, then -1"
     want = _rule_slots(x, kv, page_table, page, k)
-    for r in range(len(lens)):
-        assert set(got[r, : int(n_valid[r])].tolist()) == set(want[r]), f"row {r}: selected set differs from the rule"
-    assert not topk_split._histograms(x.device).any(), "the histograms are not cleared for the next call"
-    if kind == "normal":  # distinct values: the reference's set too
+    for r in range(got.shape[0]):
+        chosen = got[r, : int(n_valid[r])].tolist()
+        if in_position_order:
+            assert chosen == want[r], f"row {r}: not the rule's slots in position order"
+        else:
+            assert set(chosen) == set(want[r]), f"row {r}: selected set differs from the rule"
+    if kind == "normal":
         ref_slots = ref.topk_slots(x, kv, page_table, row_req, page, k)
         assert torch.equal(got.sort(dim=1).values, ref_slots.sort(dim=1).values)
 

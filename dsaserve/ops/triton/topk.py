@@ -64,19 +64,28 @@ def position_slots(pt_row, pos, page_size, mask):
 
 
 @triton.jit
+def store_selected(key, pos, v, need, gt_before, eq_before, out_row, pt_row, page_size):
+    """The slots of the keys above v and of the first `need` keys equal to v, lowest positions first, at
+    positions `pos` (ascending), stored in position order after gt_before keys above v and eq_before equal ones
+    of earlier pieces of the row (a row taken in pieces); this piece's counts of both."""
+    gt = (key > v).to(tl.int32)
+    eq = (key == v).to(tl.int32)  # v > 0: padding is never a tie
+    both = gt + (eq << 16)  # one scan counts both (fewer than 2**15 keys keep the int32 positive)
+    before = tl.cumsum(both, 0) - both
+    eq_rank = eq_before + (before >> 16)
+    sel = (gt != 0) | ((eq != 0) & (eq_rank < need))
+    dest = gt_before + (before & 0xFFFF) + tl.minimum(eq_rank, need)
+    tl.store(out_row + dest, position_slots(pt_row, pos, page_size, sel), mask=sel)
+    return tl.sum(gt, 0), tl.sum(eq, 0)
+
+
+@triton.jit
 def store_largest(key, pos, K, out_row, pt_row, page_size):
     """The slots of the K largest of `key` (uint32 order keys, padding 0; at least K real ones) at positions
     `pos` (ascending), stored in position order; equal keys at the threshold go lowest position first."""
     v = _kth_largest(key, K)
-    gt = (key > v).to(tl.int32)
-    eq = (key == v).to(tl.int32)  # v > 0: padding is never a tie
-    need = K - tl.sum(gt, 0)
-    both = gt + (eq << 16)  # one scan counts both (fewer than 2**15 keys keep the int32 positive)
-    before = tl.cumsum(both, 0) - both
-    eq_before = before >> 16
-    sel = (gt != 0) | ((eq != 0) & (eq_before < need))
-    dest = (before & 0xFFFF) + tl.minimum(eq_before, need)
-    tl.store(out_row + dest, position_slots(pt_row, pos, page_size, sel), mask=sel)
+    none = tl.zeros([], tl.int32)
+    store_selected(key, pos, v, K - tl.sum((key > v).to(tl.int32), 0), none, none, out_row, pt_row, page_size)
 
 
 @triton.jit(do_not_specialize=["stride_x", "stride_len", "stride_pt", "stride_o", "L"])
@@ -142,4 +151,4 @@ def row_topk_slots(logits: Tensor, row_kv_len: Tensor, page_table: Tensor, row_r
 
 
 __all__ = ["MOST_ROWS", "ROW_LIMIT", "fits", "position_slots", "row_topk_slots", "selection_inputs", "slot_inputs",
-           "store_largest"]
+           "store_largest", "store_selected"]

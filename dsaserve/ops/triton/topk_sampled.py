@@ -21,7 +21,8 @@ import triton
 import triton.language as tl
 
 from dsaserve.ops.triton._common import new_empty, next_pow2, pdl, pdl_start
-from dsaserve.ops.triton.topk import _kth_largest, _order_keys, position_slots, selection_inputs, store_largest
+from dsaserve.ops.triton.topk import (_kth_largest, _order_keys, position_slots, selection_inputs, store_largest,
+                                       store_selected)
 
 Tensor = torch.Tensor
 
@@ -67,9 +68,8 @@ def _gather_candidates(x_row, cand_row, kv_len, threshold, CAP: tl.constexpr, CH
     n = tl.zeros([], tl.int32)
     start = tl.zeros([], tl.int32)
     while (start < kv_len) & (n <= CAP):
-        pos = start + tl.arange(0, CHUNK)
-        live = pos < kv_len
-        hit = (live & (_order_keys(tl.load(x_row + pos, mask=live, other=0.0)) >= threshold)).to(tl.int32)
+        key, pos = _chunk_keys(x_row, start, kv_len, CHUNK)
+        hit = ((pos < kv_len) & (key >= threshold)).to(tl.int32)  # (a threshold of 0 is no padding's)
         dest = n + tl.cumsum(hit, 0) - hit
         tl.store(cand_row + dest, pos, mask=(hit != 0) & (dest < CAP))
         n += tl.sum(hit, 0)
@@ -112,16 +112,9 @@ def _select_by_passes(x_row, out_row, pt_row, kv_len, page_size, K: tl.constexpr
     eq_run = tl.zeros([], tl.int32)
     for start in range(0, kv_len, CHUNK):
         key, pos = _chunk_keys(x_row, start, kv_len, CHUNK)
-        gt = (key > v).to(tl.int32)
-        eq = (key == v).to(tl.int32)
-        both = gt + (eq << 16)  # CHUNK < 2**15
-        before = tl.cumsum(both, 0) - both
-        eq_before = eq_run + (before >> 16)
-        sel = (gt != 0) | ((eq != 0) & (eq_before < need))
-        dest = gt_run + (before & 0xFFFF) + tl.minimum(eq_before, need)
-        tl.store(out_row + dest, position_slots(pt_row, pos, page_size, sel), mask=sel)
-        gt_run += tl.sum(gt, 0)
-        eq_run += tl.sum(eq, 0)
+        gt, eq = store_selected(key, pos, v, need, gt_run, eq_run, out_row, pt_row, page_size)
+        gt_run += gt
+        eq_run += eq
 
 
 @triton.jit(do_not_specialize=["stride_x", "stride_len", "stride_pt", "stride_o", "stride_c", "L"])
