@@ -69,6 +69,36 @@ def test_decode_rows_progress_during_a_chunked_prefill(tiny_ds: str, steps: int)
     assert mixed_steps >= 3  # 40 prompt tokens in chunks of 8 (minus the decode rows): several mixed steps
 
 
+@pytest.mark.parametrize("steps", [0, 2])
+def test_a_prompt_starts_while_decode_rows_fill_the_budget(tiny_ds: str, steps: int) -> None:
+    """Mixed chunks with more decode rows than --chunked-prefill-size: a prompt that arrives while four
+    requests decode gets its first token long before any of them finishes (it used to wait for one to end);
+    every request's tokens equal a run where a step either prefills or decodes."""
+    spec = dict(speculative_algorithm="NEXTN", speculative_num_steps=steps) if steps else {}
+    early, late = prompts_ids(4, [3, 5, 2, 4], seed=11), prompts_ids(1, [9], seed=12)[0]
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    common = dict(page_size=4, chunked_prefill_size=4, max_total_tokens=4096, **spec)
+    expected = [o.token_ids for o in LLM(tiny_ds, enable_mixed_chunk=False, **common).generate(early + [late], params)]
+    engine = LLM(tiny_ds, **common).engine
+    tokens: dict[str, list[int]] = {f"e{i}": [] for i in range(4)} | {"late": []}
+    for i, ids in enumerate(early):
+        engine.add_request(f"e{i}", ids, params)
+    for _ in range(50):  # until every early request decodes
+        for out in engine.step():
+            tokens[out.rid] += out.new_token_ids
+        if all(tokens[f"e{i}"] for i in range(4)):
+            break
+    engine.add_request("late", late, params)
+    late_started_while_all_decode = None
+    while engine.has_work():
+        for out in engine.step():
+            tokens[out.rid] += out.new_token_ids
+        if late_started_while_all_decode is None and tokens["late"]:
+            late_started_while_all_decode = all(len(tokens[f"e{i}"]) < params.max_tokens for i in range(4))
+    assert late_started_while_all_decode, "the late prompt waited for a decoder to finish"
+    assert [tokens[f"e{i}"] for i in range(4)] + [tokens["late"]] == expected
+
+
 @pytest.mark.parametrize("spec_steps", [0, 2])
 def test_warm_up_leaves_a_fresh_engine(tiny_ds: str, spec_steps: int, caplog: pytest.LogCaptureFixture) -> None:
     """The start-up warm-up runs its prompts through the whole engine (logged), then the engine is as new:

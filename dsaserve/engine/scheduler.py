@@ -1,10 +1,13 @@
 """Scheduler: admission, chunked prefill, decode and retraction under memory pressure -> StepPlan.
 
-Policy: prefill first (as SGLang does by default). A step either prefills chunks of requests, at
-most `chunked_prefill_size` tokens, or decodes every running request: by one token, or with
-speculative decoding (S draft steps) by verifying its last token and S drafts (q_len S + 1). When
-the pool cannot hold the next decode step, the newest running request is retracted: its pages are
-freed and it waits again with the tokens it already produced, to be prefilled again later.
+Policy: a step has a budget of `chunked_prefill_size` tokens. Mixed (the default): every running
+request's decode rows, then prompt chunks in the rest of the budget; when the decode rows fill it,
+every other step prefills instead, so a prompt never waits for decoders to finish. Without mixed
+chunks, prefill first (as SGLang does by default): a step either prefills chunks of requests or
+decodes every running request. A decode row is one token, or with speculative decoding (S draft
+steps) the last token and S drafts to verify (q_len S + 1). When the pool cannot hold the next
+decode step, the newest running request is retracted: its pages are freed and it waits again with
+the tokens it already produced, to be prefilled again later.
 
 Pages cover every slot a step writes: a verify step writes S + 1 rows from num_cached and its
 chained draft steps reach S - 1 positions past the accepted run, so a decoding request holds pages
@@ -46,6 +49,7 @@ class Scheduler:
         self.running: list[Request] = []  # by arrival
         self.num_retractions = 0
         self._hold_admission = False  # after a retraction: the pool is over-committed until one finishes
+        self._prompts_turn = False  # mixed: the last step's decode rows filled the budget, no prompt ran
 
     @property
     def capacity_tokens(self) -> int:
@@ -149,9 +153,7 @@ class Scheduler:
         for _ in range(len(self.running) + 1):
             budget = self.cfg.chunked_prefill_size
             if self.cfg.mixed_chunk:
-                decode = self._decode_rows()
-                prefill = [] if decode is None else self._prefill_chunks(budget - sum(q for _, q in decode),
-                                                                         after_decode=True)
+                decode, prefill = self._mixed_rows(budget)
             else:
                 prefill = self._prefill_chunks(budget, after_decode=False)
                 decode = [] if prefill else self._decode_rows()
@@ -257,6 +259,23 @@ class Scheduler:
             chosen.append((req, chunk))
             budget -= chunk
         return chosen
+
+    def _mixed_rows(self, budget: int) -> tuple[list[tuple[Request, int]] | None, list[tuple[Request, int]]]:
+        """Decode rows first, prompt chunks in the rest of the budget. When the decode rows fill it, every other
+        step is the prompts' (a prefill step of the whole budget, as without mixed chunks): a prompt never
+        waits for a decoder to finish."""
+        decode = self._decode_rows()
+        if decode is None:
+            return None, []
+        rest = budget - sum(q for _, q in decode)
+        prefill = []
+        if rest <= 0 and self._prompts_turn:  # (the decode rows' pages stay with them for their next step)
+            prefill = self._prefill_chunks(budget, after_decode=False)
+            decode = decode if not prefill else []
+        elif rest > 0:
+            prefill = self._prefill_chunks(rest, after_decode=True)
+        self._prompts_turn = rest <= 0 and not prefill
+        return decode, prefill
 
     def _decode_rows(self) -> list[tuple[Request, int]] | None:
         """Every decoding request's rows (its last token, and its drafts with speculation), with the pages
