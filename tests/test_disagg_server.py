@@ -163,44 +163,39 @@ class TestMixedTP:
         wait_pools_whole(d.url, 30)
 
     def test_a_decode_refusal_ends_the_prefill_half(self, mixed_tp: tuple, model: str) -> None:
-        """A request the decode server refuses, before its engine takes it (echo with logprobs) or in its engine
-        (too long for its pool), also ends the prefill server's half of the room, which waited for page ids until
-        its timeout; it names the refusal."""
+        """A request the decode server refuses, before its route is known (a model it does not serve), before its
+        engine takes it (echo with logprobs) or in its engine (too long for its pool), also ends the prefill
+        server's half of the room, which waited for page ids until its timeout; it names the refusal."""
         p, d, _ = mixed_tp
         bootstrap = int(p.cmd[p.cmd.index("--disaggregation-bootstrap-port") + 1])
-        room = dict(bootstrap_room=77, bootstrap_host="127.0.0.1", bootstrap_port=bootstrap)
-
-        async def run() -> tuple[httpx.Response, httpx.Response]:
-            async with httpx.AsyncClient(timeout=120) as client:
-                half = asyncio.create_task(client.post(f"{p.url}/generate", json={
-                    "input_ids": PROMPTS_64[3], "bootstrap_room": 77, "sampling_params": {"max_new_tokens": 1}}))
-                await asyncio.sleep(0.5)  # (either order ends it: a refusal first ends the room for its request,
-                # and the prefill server's refusal of it names the decode server's)
-                refused = await client.post(f"{d.url}/v1/completions", json=dict(
-                    model=model, prompt=PROMPTS_64[3], max_tokens=1, logprobs=1, echo=True, **room))
-                return refused, await half
-
-        refused, half = asyncio.run(run())
-        assert refused.status_code == 400 and "echo with logprobs" in refused.text, refused.text
-        assert "the decode server" in half.text and "echo with logprobs" in half.text, half.text
-        # refused by the decode server's engine: prompt + max_new_tokens fit the context (4096), not its pool
-        # (2048); the prefill server, which holds only the prompt and the first token, accepts the same request
-        room["bootstrap_room"] = 78
-        sampling = {"max_new_tokens": 3000, "ignore_eos": True}
-
-        async def run_long() -> tuple[httpx.Response, httpx.Response]:
-            async with httpx.AsyncClient(timeout=120) as client:
-                half = asyncio.create_task(client.post(f"{p.url}/generate", json={
-                    "input_ids": PROMPTS_64[3], "bootstrap_room": 78, "sampling_params": sampling}))
-                await asyncio.sleep(0.5)
-                refused = await client.post(f"{d.url}/generate", json={
-                    "input_ids": PROMPTS_64[3], **room, "sampling_params": sampling})
-                return refused, await half
-
-        refused, half = asyncio.run(run_long())
-        assert refused.status_code == 400 and "KV pool" in refused.text, refused.text
-        assert "the decode server" in half.text and "KV pool" in half.text, half.text
+        cases = (  # (room, path on the decode server, its body, its status, what both answers name)
+            (76, "/v1/completions", dict(model="no-such-model", prompt=PROMPTS_64[3], max_tokens=1), 404,
+             "does not exist"),
+            (77, "/v1/completions", dict(model=model, prompt=PROMPTS_64[3], max_tokens=1, logprobs=1, echo=True),
+             400, "echo with logprobs"),
+            # prompt + max_new_tokens fit the context (4096), not the decode server's pool (2048); the prefill
+            # server, which holds only the prompt and the first token, accepts the same request
+            (78, "/generate", dict(input_ids=PROMPTS_64[3], sampling_params={"max_new_tokens": 3000,
+                                                                              "ignore_eos": True}), 400, "KV pool"))
+        for room, path, body, status, says in cases:
+            half_body = {"input_ids": PROMPTS_64[3], "bootstrap_room": room,
+                         "sampling_params": body.get("sampling_params", {"max_new_tokens": 1})}
+            refused, half = asyncio.run(self._refused_pair(
+                p.url, half_body, f"{d.url}{path}",
+                {**body, "bootstrap_room": room, "bootstrap_host": "127.0.0.1", "bootstrap_port": bootstrap}))
+            assert refused.status_code == status and says in refused.text, refused.text
+            assert "the decode server" in half.text and says in half.text, half.text
         wait_pools_whole(p.url, 30)
+
+    @staticmethod
+    async def _refused_pair(prefill: str, half_body: dict, refused_url: str,
+                            refused_body: dict) -> tuple[httpx.Response, httpx.Response]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            half = asyncio.create_task(client.post(f"{prefill}/generate", json=half_body))
+            await asyncio.sleep(0.5)  # (either order ends it: a refusal first ends the room for its request,
+            # and the prefill server's refusal of it names the decode server's)
+            refused = await client.post(refused_url, json=refused_body)
+            return refused, await half
 
     def test_decode_killed_prefill_frees_pages(self, mixed_tp: tuple) -> None:
         p, d, router = mixed_tp

@@ -19,7 +19,8 @@ from dsaserve.server.errors import ApiError, bad_request, install_error_handlers
 from dsaserve.server.frontend import Frontend, RequestHandle
 from dsaserve.server.guard import RequestGuard
 from dsaserve.server.metrics import ServerMetrics
-from dsaserve.server.openai_api import OpenAIServing, openai_router
+from dsaserve.server.openai_api import OpenAIServing
+from dsaserve.server.openai_routes import openai_router
 from dsaserve.server.streaming import (DONE, AbortingStream, Result, aborter, bias_pairs, checked, collect_all,
                                        collect_call, error_event, finish_error, merged, prompt_token_logprobs,
                                        prompt_scoring)
@@ -131,6 +132,24 @@ def _meta(handle: RequestHandle, res: Result, body: p.GenerateRequest, ids: list
     return meta
 
 
+async def _generate_prompts(fe: Frontend, body: p.GenerateRequest,
+                            batch: bool) -> tuple[list[list[int]], list[str] | None]:
+    """/generate's prompts (tokenized) and per-prompt rids, or a 400 naming what is wrong."""
+    if (body.text is None) == (body.input_ids is None):
+        raise bad_request("give exactly one of text and input_ids", param="text")
+    if isinstance(body.rid, list) and not batch:
+        raise bad_request("rid is a list: that needs a batch of prompts (text or input_ids a list)", param="rid")
+    texts = (body.text if batch else [body.text]) if body.text is not None else None
+    prompts = [await fe.encode(t) for t in texts] if texts is not None else (
+        body.input_ids if batch else [body.input_ids])
+    if not prompts:
+        raise bad_request("the batch of prompts is empty", param="text" if texts is not None else "input_ids")
+    rids = body.rid if isinstance(body.rid, list) else None
+    if rids is not None and len(rids) != len(prompts):
+        raise bad_request(f"{len(rids)} rid for {len(prompts)} prompts", param="rid")
+    return prompts, rids
+
+
 def _native_routes(args: ServerArgs, fe: Frontend, served_name: str, pd: PDRouting) -> APIRouter:
     router = APIRouter()
 
@@ -138,23 +157,12 @@ def _native_routes(args: ServerArgs, fe: Frontend, served_name: str, pd: PDRouti
     async def generate(body: p.GenerateRequest, request: Request) -> Any:
         """One prompt (text or input_ids), or SGLang's batch (a list of either): then a list of results, or
         one stream whose chunks carry their prompt's `index`."""
-        if (body.text is None) == (body.input_ids is None):
-            raise bad_request("give exactly one of text and input_ids", param="text")
         batch = isinstance(body.text, list) or bool(body.input_ids and isinstance(body.input_ids[0], list))
-        if isinstance(body.rid, list) and not batch:
-            raise bad_request("rid is a list: that needs a batch of prompts (text or input_ids a list)", param="rid")
-        texts = (body.text if batch else [body.text]) if body.text is not None else None
-        prompts = [await fe.encode(t) for t in texts] if texts is not None else (
-            body.input_ids if batch else [body.input_ids])
-        if not prompts:
-            raise bad_request("the batch of prompts is empty", param="text" if texts is not None else "input_ids")
-        rids = body.rid if isinstance(body.rid, list) else None
-        if rids is not None and len(rids) != len(prompts):
-            raise bad_request(f"{len(rids)} rid for {len(prompts)} prompts", param="rid")
         logprobs = body.top_logprobs_num if body.return_logprob else None
         route, dp_rank = await pd.route(body)
         decodes = PDRouting.decodes(route)  # the prompt's log-probabilities: the prefill server's answer has them
-        with fe.refusing(route, dp_rank):
+        with fe.refusing(route, dp_rank):  # (PD: any refusal also ends the other server's half)
+            prompts, rids = await _generate_prompts(fe, body, batch)
             pd.check(body, route)
             max_tokens, prompt_only = prompt_scoring(body.sampling_params.max_new_tokens,
                                                      body.sampling_params.min_new_tokens, "max_new_tokens")

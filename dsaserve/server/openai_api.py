@@ -1,4 +1,4 @@
-"""OpenAI-compatible routes: /v1/completions, /v1/chat/completions, /v1/models, /tokenize, /detokenize."""
+"""OpenAI-compatible serving: the completions and chat calls, their answers and streams, tokenizer endpoints."""
 from __future__ import annotations
 
 import functools
@@ -6,7 +6,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 
 from dsaserve.chat.constrain import MARKUP_TEXTS, Constraint, Markup, build_grammar, markup_for
 from dsaserve.chat.grammar import GrammarError, GrammarSpec, checked_spec, ll_tokenizer
@@ -15,7 +15,7 @@ from dsaserve.chat.parsers import (DEFAULT_TOOL_PARSER, OutputParser, Parsed, Re
 from dsaserve.chat.render import ChatFormat, ChatFormatError, RenderedChat
 from dsaserve.chat.tools import ToolPlan, plan_tools
 from dsaserve.disagg.serving import PDRouting
-from dsaserve.engine.request import SamplingParams
+from dsaserve.engine.request import DisaggRoute, SamplingParams
 from dsaserve.engine.tokenizer import CharOffsets
 from dsaserve.server import protocol as p
 from dsaserve.server.errors import ApiError, bad_request
@@ -25,6 +25,18 @@ from dsaserve.server.streaming import (DONE, AbortingStream, Result, aborter, bi
 
 LogprobList = list[tuple[float, list[tuple[int, float]]]]
 ParserFactory = Callable[[], OutputParser]
+
+
+@dataclass(frozen=True)
+class Call:
+    """A call's queued completions (n per prompt) and what its answer needs."""
+    rid: str
+    body: p.SamplingFields
+    prompts: list[list[int]]
+    handles: list[RequestHandle]
+    kind: str  # "completion" or "chat"
+    parser: ParserFactory | None
+    echo: list[str] | None  # each prompt's text, returned before its completion
 
 
 @dataclass(frozen=True)
@@ -105,28 +117,32 @@ class OpenAIServing:
         """A logprob's `bytes`: the token's own (part of a character, where a character takes several tokens)."""
         return list(self.fe.tokenizer.token_bytes(token))
 
-    async def respond(self, request: Request, body: p.SamplingFields, prompts: list[list[int]],
-                      max_tokens: int | None, logprobs: int | None, kind: str,
-                      parser: ParserFactory | None = None, grammar: GrammarSpec | None = None,
-                      echo: list[str] | None = None) -> Any:
-        """`echo`: each prompt's text, returned before its completion (with its tokens' log-probabilities
-        when logprobs are asked for)."""
+    async def submit(self, body: p.SamplingFields, route: DisaggRoute | None, dp_rank: int | None,
+                     prompts: list[list[int]], max_tokens: int | None, logprobs: int | None, kind: str,
+                     parser: ParserFactory | None = None, grammar: GrammarSpec | None = None,
+                     echo: list[str] | None = None) -> Call:
+        """Queue a call's completions (inside Frontend.refusing). `echo`: each prompt's text, returned before
+        its completion (with its tokens' log-probabilities when logprobs are asked for)."""
         scored = logprobs if echo is not None else None
-        route, dp_rank = await self.pd.route(body)
-        with self.fe.refusing(route, dp_rank):
-            self.pd.check(body, route)
-            if scored is not None and PDRouting.decodes(route):
-                raise bad_request("echo with logprobs asks for the prompt's log-probabilities, which the prefill "
-                                  "server computes and a PD decode server does not: send it to a server without "
-                                  "disaggregation", param="echo")
-            prompt_only = False  # (chat: max_tokens 0 stays a 400)
-            if kind == "completion":
-                max_tokens, prompt_only = prompt_scoring(max_tokens, body.min_tokens or 0, "max_tokens")
-            params = [self.params(body, max_tokens, logprobs, i, grammar, scored)
-                      for _ in prompts for i in range(body.n)]
-            flat = [ids for ids in prompts for _ in range(body.n)]
-            rid = body.rid or f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
-            handles = await self.fe.submit_many(flat, params, rid, dp_rank, route, scores_only=prompt_only)
+        self.pd.check(body, route)
+        if scored is not None and PDRouting.decodes(route):
+            raise bad_request("echo with logprobs asks for the prompt's log-probabilities, which the prefill "
+                              "server computes and a PD decode server does not: send it to a server without "
+                              "disaggregation", param="echo")
+        prompt_only = False  # (chat: max_tokens 0 stays a 400)
+        if kind == "completion":
+            max_tokens, prompt_only = prompt_scoring(max_tokens, body.min_tokens or 0, "max_tokens")
+        params = [self.params(body, max_tokens, logprobs, i, grammar, scored)
+                  for _ in prompts for i in range(body.n)]
+        flat = [ids for ids in prompts for _ in range(body.n)]
+        rid = body.rid or f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        handles = await self.fe.submit_many(flat, params, rid, dp_rank, route, scores_only=prompt_only)
+        return Call(rid, body, prompts, handles, kind, parser, echo)
+
+    async def respond(self, request: Request, call: Call) -> Any:
+        """The call's answer, or its stream."""
+        rid, body, prompts, handles, kind, parser, echo = (call.rid, call.body, call.prompts, call.handles,
+                                                           call.kind, call.parser, call.echo)
         prompt_tokens = sum(len(ids) for ids in prompts)  # each prompt once, however many choices
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -377,51 +393,3 @@ def finish_reason(kind: str, called: bool) -> str:
 def _cached(per_choice: list[int], n: int) -> int:
     """Prompt tokens served from the prefix cache, each prompt counted once (its best of n choices)."""
     return sum(max(per_choice[i:i + n]) for i in range(0, len(per_choice), n))
-
-
-def openai_router(serving: OpenAIServing) -> APIRouter:
-    router = APIRouter()
-
-    def card() -> p.ModelCard:
-        info = serving.fe.info
-        return p.ModelCard(id=serving.served_name, root=info["model_path"], max_model_len=info["context_length"])
-
-    @router.get("/v1/models")
-    async def models() -> p.ModelList:
-        return p.ModelList(data=[card()])
-
-    @router.get("/v1/models/{model:path}")  # (a served name may hold slashes: org/model)
-    async def model(model: str) -> p.ModelCard:
-        serving.check_model(model)
-        return card()
-
-    @router.post("/v1/completions", response_model=None)
-    async def completions(body: p.CompletionRequest, request: Request) -> Any:
-        serving.check_model(body.model)
-        serving.check_choices(body.prompt_count, body)
-        prompts, grammar, echo = await serving.fe.tokenize(serving.prepare_completion, body)  # off the event loop
-        return await serving.respond(request, body, prompts, body.max_tokens, body.logprobs, "completion",
-                                     grammar=grammar, echo=echo)
-
-    @router.post("/v1/chat/completions", response_model=None)
-    async def chat(body: p.ChatCompletionRequest, request: Request) -> Any:
-        serving.check_model(body.model)
-        serving.check_choices(1, body)
-        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        plan = await serving.fe.tokenize(serving.plan_chat, body)  # off the event loop
-        return await serving.respond(request, body, [plan.prompt.ids], max_tokens, logprobs, "chat", plan.parser,
-                                     plan.grammar)
-
-    @router.post("/tokenize")
-    @router.post("/v1/tokenize")
-    async def tokenize(body: p.TokenizeRequest) -> p.TokenizeResponse:
-        return await serving.fe.tokenize(serving.tokenize, body, endpoint=True)
-
-    @router.post("/detokenize")
-    @router.post("/v1/detokenize")
-    async def detokenize(body: p.DetokenizeRequest) -> p.DetokenizeResponse:
-        return await serving.fe.tokenize(serving.detokenize, body, endpoint=True)
-
-    return router
-

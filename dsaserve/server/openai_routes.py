@@ -1,0 +1,63 @@
+"""The OpenAI-compatible HTTP routes over OpenAIServing: /v1/models, /v1/completions, /v1/chat/completions,
+/tokenize, /detokenize."""
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from dsaserve.server import protocol as p
+from dsaserve.server.openai_api import OpenAIServing
+
+
+def openai_router(serving: OpenAIServing) -> APIRouter:
+    router = APIRouter()
+
+    def card() -> p.ModelCard:
+        info = serving.fe.info
+        return p.ModelCard(id=serving.served_name, root=info["model_path"], max_model_len=info["context_length"])
+
+    @router.get("/v1/models")
+    async def models() -> p.ModelList:
+        return p.ModelList(data=[card()])
+
+    @router.get("/v1/models/{model:path}")  # (a served name may hold slashes: org/model)
+    async def model(model: str) -> p.ModelCard:
+        serving.check_model(model)
+        return card()
+
+    @router.post("/v1/completions", response_model=None)
+    async def completions(body: p.CompletionRequest, request: Request) -> Any:
+        route, dp_rank = await serving.pd.route(body)
+        with serving.fe.refusing(route, dp_rank):  # (PD: any refusal also ends the other server's half)
+            serving.check_model(body.model)
+            serving.check_choices(body.prompt_count, body)
+            prompts, grammar, echo = await serving.fe.tokenize(serving.prepare_completion, body)  # off the loop
+            call = await serving.submit(body, route, dp_rank, prompts, body.max_tokens, body.logprobs,
+                                        "completion", grammar=grammar, echo=echo)
+        return await serving.respond(request, call)
+
+    @router.post("/v1/chat/completions", response_model=None)
+    async def chat(body: p.ChatCompletionRequest, request: Request) -> Any:
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        route, dp_rank = await serving.pd.route(body)
+        with serving.fe.refusing(route, dp_rank):  # (PD: any refusal also ends the other server's half)
+            serving.check_model(body.model)
+            serving.check_choices(1, body)
+            plan = await serving.fe.tokenize(serving.plan_chat, body)  # off the event loop
+            call = await serving.submit(body, route, dp_rank, [plan.prompt.ids], max_tokens, logprobs, "chat",
+                                        plan.parser, plan.grammar)
+        return await serving.respond(request, call)
+
+    @router.post("/tokenize")
+    @router.post("/v1/tokenize")
+    async def tokenize(body: p.TokenizeRequest) -> p.TokenizeResponse:
+        return await serving.fe.tokenize(serving.tokenize, body, endpoint=True)
+
+    @router.post("/detokenize")
+    @router.post("/v1/detokenize")
+    async def detokenize(body: p.DetokenizeRequest) -> p.DetokenizeResponse:
+        return await serving.fe.tokenize(serving.detokenize, body, endpoint=True)
+
+    return router
