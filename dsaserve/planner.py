@@ -71,11 +71,14 @@ def cache_layers(cfg: ModelConfig, spec_steps: int) -> int:
 def kv_pool_tokens(args: ServerArgs, free_bytes: int, bytes_per_token: int, context_length: int) -> int:
     """The KV pool's tokens, as the engine sizes it at start-up: --max-total-tokens when given, else
     --mem-fraction of the memory still free after the weights, at most what --max-running-requests requests
-    of the whole context length can use."""
+    of the whole context length can use: each in whole pages, with the slots MTP's steps write past its last
+    token (2S - 1, Scheduler.check_fits)."""
     if args.max_total_tokens is not None:
         return args.max_total_tokens
     tokens = max(int(free_bytes * args.mem_fraction), 0) // bytes_per_token
-    return min(tokens, args.max_running_requests * context_length)
+    lookahead = 2 * args.spec_steps - 1 if args.spec_steps else 0
+    per_request = -(-(context_length + lookahead) // args.page_size) * args.page_size
+    return min(tokens, args.max_running_requests * per_request)
 
 
 def shards_here(args: ServerArgs) -> Checkpoint | None:

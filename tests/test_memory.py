@@ -71,3 +71,19 @@ def test_retraction_does_not_thrash() -> None:
                     sched.remove(reqs[rid])
     assert not sched.has_work() and sched.allocator.num_free == sched.allocator.capacity
     assert sched.num_retractions <= 2 and forwarded <= 2 * (10 + 25 + 25 + 5), (sched.num_retractions, forwarded)
+
+
+@pytest.mark.parametrize("steps,page_size,context", [(3, 4, 96), (0, 64, 100)])
+def test_the_default_pool_holds_a_whole_context_per_running_request(tiny_ds: str, steps: int, page_size: int,
+                                                                    context: int) -> None:
+    """Without --max-total-tokens the pool is at most --max-running-requests whole contexts: in whole pages,
+    with MTP's slots past the last token. One request that fills the context is served in full, max_tokens
+    given or left to the context (it used to be refused, or cut short, by a pool of exactly one context)."""
+    spec = dict(speculative_algorithm="NEXTN", speculative_num_steps=steps) if steps else {}
+    llm = LLM(tiny_ds, page_size=page_size, max_running_requests=1, context_length=context, **spec)
+    prompt = prompts_ids(1, [context - 56], seed=8)[0]
+    for max_tokens in (56, None):
+        out = llm.generate([prompt], SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))[0]
+        assert len(out.token_ids) == 56 and out.finish_reason.kind == "length"
+    stats = llm.engine.stats()
+    assert stats.free_pages == stats.total_pages
