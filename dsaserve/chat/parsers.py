@@ -175,6 +175,9 @@ def _json_value_end(text: str, start: int, close: str) -> int | None:
         raise _NeedMore
     if text[i] not in '{["':
         return None
+    if text.find(close, i) < 0:  # no closing tag yet: the value cannot be complete (C-speed check)
+        raise _NeedMore
+    near_end = len(text) - len(close)
     depth, in_string, escaped = 0, False, False
     for j in range(i, len(text)):
         ch = text[j]
@@ -187,7 +190,7 @@ def _json_value_end(text: str, start: int, close: str) -> int | None:
                 in_string = False
         elif ch == '"':
             in_string = True
-        elif text.startswith(close, j) or close.startswith(text[j:]):
+        elif text.startswith(close, j) or (j > near_end and close.startswith(text[j:])):
             return None  # the closing tag outside a JSON string: the value is not JSON (or waits for the tag)
         elif ch in "{[":
             depth += 1
@@ -254,6 +257,8 @@ class DsmlToolParser(ToolCallParser):
             return True
         if not rest or dsv32.CALLS_END.startswith(rest):
             return False
+        if dsv32.INVOKE_END not in rest and dsv32.CALLS_END not in rest:
+            return False  # a call is emitted only once complete: parse when an end tag is there
         try:
             end, name, args = _dsml_invoke(rest)
         except _NeedMore:
@@ -271,6 +276,8 @@ class GlmToolParser(ToolCallParser):
     end = "</tool_call>"
 
     def _block(self, out: Parsed) -> bool:
+        if self.end not in self.buf:
+            return False  # a call is emitted only once complete: parse when its end tag is there
         try:
             end, name, args = self._element(self.buf)
         except _NeedMore:
