@@ -107,6 +107,13 @@ def _tool(name: str, **parameters) -> dict:
     ({"tools": [_tool('say"hi')]}, "which the model's tool-call markup cannot carry"),
     ({"ebnf": ""}, "ebnf: "),
     ({"tools": [_tool("f", properties={"<a>": {"type": "string"}})]}, "which the model's tool-call markup cannot"),
+    ({"chat_template_kwargs": {"thinking": "false"}}, "thinking must be true or false, got 'false'"),
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [
+        {"id": "a", "type": "function", "function": {"arguments": "{}"}}]}, {"role": "tool", "content": "r"}]},
+     "tool call has no function name"),
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [
+        {"id": "a", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "b", "content": "r"}]}, "tool_call_id 'b' names none of the calls"),
 ])
 def test_bad_chat_input_is_a_400(client: openai.OpenAI, server: ServerProcess, body: dict, problem: str) -> None:
     model = client.models.list().data[0].id
@@ -114,6 +121,26 @@ def test_bad_chat_input_is_a_400(client: openai.OpenAI, server: ServerProcess, b
     r = httpx.post(f"{server.url}/v1/chat/completions", json=payload, timeout=30)
     assert r.status_code == 400 and problem in r.json()["error"]["message"], r.text
     assert httpx.post(f"{server.url}/tokenize", json={"prompt": "still serving"}, timeout=30).status_code == 200
+
+
+def test_tool_results_pair_with_calls_by_tool_call_id(server: ServerProcess) -> None:
+    """The published encoding pairs results with calls by position; OpenAI clients pair them by tool_call_id
+    and may send them in another order: the prompt is the one of the results in the calls' order."""
+    def call(i: str, city: str) -> dict:
+        return {"id": i, "type": "function", "function": {"name": "get_weather", "arguments": f'{{"city": "{city}"}}'}}
+    head = [{"role": "user", "content": "Paris and Oslo?"},
+            {"role": "assistant", "content": None, "tool_calls": [call("c_paris", "Paris"), call("c_oslo", "Oslo")]}]
+    paris = {"role": "tool", "tool_call_id": "c_paris", "content": "Paris: sun"}
+    oslo = {"role": "tool", "tool_call_id": "c_oslo", "content": "Oslo: snow"}
+
+    def tokens(messages: list) -> list[int]:
+        body = {"messages": messages, "tools": [WEATHER], "chat_template_kwargs": {"thinking": False}}
+        return httpx.post(f"{server.url}/tokenize", json=body, timeout=30).json()["tokens"]
+
+    in_order = tokens(head + [paris, oslo])
+    assert tokens(head + [oslo, paris]) == in_order
+    no_ids = [{k: v for k, v in m.items() if k != "tool_call_id"} for m in (oslo, paris)]
+    assert tokens(head + no_ids) != in_order  # without ids, the order sent is the order given
 
 
 def test_tokenize_prompt_and_bad_requests(server: ServerProcess, hf) -> None:

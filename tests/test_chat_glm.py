@@ -40,6 +40,16 @@ CASES = [
      "[gMASK]<sop><|system|>Be brief.<|user|>Weather?<|assistant|></think><tool_call>get_weather<arg_key>city"
      "</arg_key><arg_value>Paris</arg_value><arg_key>days</arg_key><arg_value>3</arg_value></tool_call>"
      "<|user|>More?<|assistant|><think>"),
+    ("developer is the system message", [{"role": "developer", "content": "Be brief."}] + HI, None, None,
+     "[gMASK]<sop><|system|>Be brief.<|user|>Hi<|assistant|><think>"),
+    ("results in the calls' order by tool_call_id", AGENT[:2] + [{**AGENT[2], "tool_calls": AGENT[2]["tool_calls"] + [
+        {"id": "2", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "2", "content": "Noon"}, {"role": "tool", "tool_call_id": "1", "content": "Sunny"}],
+     None, None,
+     "[gMASK]<sop><|system|>Be brief.<|user|>Weather?<|assistant|><think>r</think><tool_call>get_weather<arg_key>city"
+     "</arg_key><arg_value>Paris</arg_value><arg_key>days</arg_key><arg_value>3</arg_value></tool_call>"
+     "<tool_call>get_time</tool_call><|observation|><tool_response>Sunny</tool_response><tool_response>Noon"
+     "</tool_response><|assistant|><think>"),
     ("clear_thinking false keeps it", AGENT[:3] + [{"role": "user", "content": "More?"}], None,
      {"clear_thinking": False},
      "[gMASK]<sop><|system|>Be brief.<|user|>Weather?<|assistant|><think>r</think><tool_call>get_weather<arg_key>"

@@ -234,3 +234,14 @@ def test_a_streamed_call_is_parsed_once_its_end_tag_arrives(fmt: str, monkeypatc
     assert (out.content, [(c.name, json.loads(c.arguments)) for c in out.calls]) == \
         ("Go.", [("run", {"lines": json.loads(lines)})])
     assert attempts[0] <= 2, f"the call was parsed {attempts[0]} times over {len(raw) // 4} pieces"
+
+
+@pytest.mark.parametrize("make,raw,content,calls", [(m, r, c, k) for m, r, _, c, k in KNOWN[:2]])
+def test_parallel_tool_calls_false_returns_the_first_call(make, raw: str, content: str, calls: list) -> None:
+    """parallel_tool_calls false (OpenAI: at most one call): a reply of two calls gives the first, whole or
+    streamed, and the second is dropped, not returned as content."""
+    parser_class = DsmlToolParser if make is dsml else GlmToolParser
+    one = lambda: OutputParser(ReasoningSplitter(starts_inside=True), parser_class(TOOLS, max_calls=1))  # noqa: E731
+    for cuts in ((), tuple(range(1, len(raw)))):
+        out = parse(one, raw, cuts)
+        assert (out.content, out.calls) == (content, calls[:1])

@@ -86,8 +86,10 @@ class ToolCallParser:
     """Content with tool-call blocks in it. Subclasses give the markers and parse one complete element."""
     starts: tuple[str, ...] = ()
 
-    def __init__(self, tools: list[dict[str, Any]]):
+    def __init__(self, tools: list[dict[str, Any]], max_calls: int | None = None):
+        """max_calls: the calls returned (parallel_tool_calls false: 1); later ones are dropped, not content."""
         self.schemas = {t["function"]["name"]: t["function"].get("parameters") or {} for t in tools}
+        self.max_calls, self.num_calls = max_calls, 0
         self.buf, self.raw = "", ""  # raw: this block's text not yet turned into calls
         self.in_block = self.failed = False
 
@@ -134,7 +136,9 @@ class ToolCallParser:
     def _call(self, name: str, args: dict[str, Any], out: Parsed) -> bool:
         if self.schemas and name not in self.schemas:
             return False
-        out.calls.append(ToolCall(name, json.dumps(args, ensure_ascii=False)))
+        if self.max_calls is None or self.num_calls < self.max_calls:
+            out.calls.append(ToolCall(name, json.dumps(args, ensure_ascii=False)))
+        self.num_calls += 1
         self.raw = ""
         return True
 
@@ -342,9 +346,9 @@ class OutputParser:
         return out.add(self.tools.finish()) if final else out
 
 
-def tool_parser(name: str, tools: list[dict[str, Any]]) -> ToolCallParser:
-    parsers: dict[str, Callable[[list[dict[str, Any]]], ToolCallParser]] = {
+def tool_parser(name: str, tools: list[dict[str, Any]], max_calls: int | None = None) -> ToolCallParser:
+    parsers: dict[str, Callable[..., ToolCallParser]] = {
         "deepseekv32": DsmlToolParser, "glm45": GlmToolParser, "glm47": GlmToolParser}
     if name not in parsers:
         raise ValueError(f"unknown tool-call parser {name!r}: choose from {', '.join(TOOL_CALL_PARSERS)}")
-    return parsers[name](tools)
+    return parsers[name](tools, max_calls)

@@ -20,6 +20,7 @@ THINK_START, THINK_END = dsv32.THINK_START, dsv32.THINK_END
 # Variables the renderer sets itself: a chat_template_kwargs key may not replace them.
 RESERVED_KWARGS = frozenset({"messages", "tools", "add_generation_prompt", "tokenize", "documents",
                              "continue_final_message", "return_dict", "chat_template"})
+THINKING_SWITCHES = frozenset({"thinking", "enable_thinking"})  # chat_template_kwargs that must be booleans
 
 
 class ChatFormatError(ValueError):
@@ -54,8 +55,12 @@ class ChatFormat:
         bad = sorted(RESERVED_KWARGS & kwargs.keys())
         if bad:
             raise ChatFormatError(f"chat_template_kwargs may not set {', '.join(bad)}")
+        for key in THINKING_SWITCHES & kwargs.keys():  # ("false" is true to Python and to a Jinja template)
+            if not isinstance(kwargs[key], bool):
+                raise ChatFormatError(f"chat_template_kwargs {key} must be true or false, got {kwargs[key]!r}")
         try:
-            text = self._text([normalize(m) for m in messages], tools or None, kwargs, add_generation_prompt)
+            text = self._text(results_in_call_order([normalize(m) for m in messages]), tools or None, kwargs,
+                              add_generation_prompt)
         except ChatFormatError:
             raise
         except Exception as exc:  # a template or encoding that rejects the conversation: the client's problem
@@ -72,6 +77,8 @@ class ChatFormat:
             raise ChatFormatError("the model's tokenizer has no chat template (use /v1/completions, or "
                                   "--tokenizer-mode deepseek_v32 for a DeepSeek-V3.2 checkpoint)")
         for m in messages:  # templates iterate a tool call's arguments as a mapping
+            if m["role"] == "developer":  # OpenAI's successor of system, which chat templates do not know
+                m["role"] = "system"
             for call in m.get("tool_calls") or []:
                 fn = call.get("function", {})
                 if isinstance(fn.get("arguments"), str):
@@ -89,6 +96,31 @@ def normalize(msg: dict[str, Any]) -> dict[str, Any]:
     out["content"] = content or ""
     if msg.get("tool_calls"):
         out["tool_calls"] = [{**c, "function": dict(c.get("function") or {})} for c in msg["tool_calls"]]
+        if any(not isinstance(c["function"].get("name"), str) for c in out["tool_calls"]):
+            raise ChatFormatError("an assistant message's tool call has no function name")
+    return out
+
+
+def results_in_call_order(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Both encodings pair tool results with the calls before them by position; OpenAI pairs them by
+    tool_call_id. Where every result after a turn of calls names one of its calls (once), they are put in the
+    calls' order; a tool_call_id that names none of them is an error. Results without ids stay as sent."""
+    out = list(messages)
+    for i, m in enumerate(out):
+        calls = [c.get("id") for c in m.get("tool_calls") or []] if m["role"] == "assistant" else []
+        if not calls:
+            continue
+        end = i + 1
+        while end < len(out) and out[end]["role"] == "tool":
+            end += 1
+        ids = [r.get("tool_call_id") for r in out[i + 1:end]]
+        if not ids or None in ids or None in calls or len(set(ids)) < len(ids):
+            continue
+        unknown = [r for r in ids if r not in calls]
+        if unknown:
+            raise ChatFormatError(f"a tool message's tool_call_id {unknown[0]!r} names none of the calls of the "
+                                  f"assistant message before it ({', '.join(map(repr, calls))})")
+        out[i + 1:end] = sorted(out[i + 1:end], key=lambda r: calls.index(r["tool_call_id"]))
     return out
 
 

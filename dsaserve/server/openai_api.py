@@ -315,7 +315,8 @@ class OpenAIServing:
 
         def parser() -> OutputParser:
             return OutputParser(ReasoningSplitter(prompt.opens_reasoning) if reasoning else None,
-                                tool_parser(tool_parser_name, tools.tools) if tool_parser_name else None)
+                                tool_parser(tool_parser_name, tools.tools, 1 if body.parallel_tool_calls is False
+                                            else None) if tool_parser_name else None)
         return ChatPlan(prompt, tools, parser, grammar)
 
     def _chat_logprobs(self, ids: list[int], lps: LogprobList, body: p.SamplingFields) -> p.ChatLogprobs:

@@ -153,7 +153,7 @@ class ChatCompletionRequest(ChatInput, SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None  # accepted; several calls are always allowed
+    parallel_tool_calls: bool | None = None  # false: at most one call (the grammar, or the first parsed)
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
