@@ -182,7 +182,9 @@ def test_decode_side_prefix_cache_skips_cached_pages(spec_steps: int, tiny_ds: s
     ({"kv_cache_dtype": "fp8_e4m3"}, {}, "the KV cache layouts differ"),
     ({"page_size": 64}, {"page_size": 1}, "page sizes differ: decode 1, prefill 64"),
     ({"dtype": "float16"}, {"dtype": "bfloat16"},  # rows of equal bytes that mean different numbers
-     "the KV cache formats differ: the decode server holds bfloat16 rows, this server float16 rows")])
+     "the KV cache formats differ: the decode server holds bfloat16 rows, this server float16 rows"),
+    ({"dtype": "float16", "kv_cache_dtype": "fp8_e4m3"}, {"dtype": "bfloat16", "kv_cache_dtype": "fp8_e4m3"},
+     "--dtype differs: decode bfloat16, prefill float16")])  # (FP8 rows alike: the transport cannot tell)
 def test_mismatched_servers_end_requests_with_the_reason(prefill: dict, decode: dict, words: str,
                                                          tiny_ds: str) -> None:
     """A prefill and a decode server whose caches cannot exchange pages (cache dtype, page size, row format):

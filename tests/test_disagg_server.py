@@ -363,6 +363,27 @@ class TestFailures:
         assert httpx.get(f"{d.url}/health_generate", timeout=60).status_code == 200
 
 
+def test_a_restarted_prefill_server_pairs_at_once(tiny_ds: str, tmp_path: Path) -> None:
+    """A prefill server restarted on the same bootstrap port binds new control ports: the decode server looks them
+    up for every request. (It cached them for 10 s: requests right after a restart sent their page ids to the dead
+    ports, and both halves failed at their timeouts.)"""
+    flags = dict(page_size=4, disaggregation_timeout_s=TIMEOUT_S)
+    p, d, port = pd_servers(tiny_ds, tmp_path, flags, flags)
+    ids = PROMPTS_64[3]
+    want = expected(tiny_ds, [ids], page_size=4)[0]
+    with ThreadPoolExecutor(1) as pool, started(p, d):
+        for room in (900, 901):
+            if room == 901:
+                p.stop()
+                p.start()
+            start = time.monotonic()
+            prefill_half = pool.submit(generate, p.url, ids, bootstrap_room=room)
+            r = generate(d.url, ids, bootstrap_host="127.0.0.1", bootstrap_port=port, bootstrap_room=room)
+            assert r.status_code == 200 and r.json()["output_ids"] == want, r.text
+            assert prefill_half.result(timeout=60).status_code == 200
+            assert time.monotonic() - start < TIMEOUT_S  # (not after a timeout)
+
+
 def test_worker_urls_routing(tiny_ds: str, tmp_path: Path) -> None:
     """Plain sglang-router load balancing over two aggregated dsaserve servers."""
     prompts = prompts_ids(4, [5, 9, 13, 17], seed=12)

@@ -139,7 +139,8 @@ def test_malformed_page_ids_end_the_request_not_the_server(tiny_ds: str) -> None
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(f"tcp://127.0.0.1:{pre.disagg.port}")
         wire.send(sock, {"kind": "dest", "room": 11, "prompt_len": len(ids), "prompt_crc": wire.prompt_crc(ids),
-                         "page_size": 4, "spec_steps": 0, "weights": dec.disagg.weights_id, "transport": header},
+                         "page_size": 4, "spec_steps": 0, "dtype": str(dec.runner.dtype).removeprefix("torch."),
+                         "weights": dec.disagg.weights_id, "transport": header},
                   blob)  # no "pages"
         pre.add_request("p", ids, GREEDY, DisaggRoute(11))
         finals = step_until((pre,), lambda f: "p" in f, 30)
@@ -389,3 +390,63 @@ def test_a_refusal_is_sent_only_for_a_room_no_live_request_holds() -> None:
     assert refusal_leader(route, 1, set(), leaders=2) == 1
     assert refusal_leader(route, 7, set(), leaders=2) == 0  # (an invalid routed_dp_rank: refused, any leader)
     assert refusal_leader(None, 1, set(), leaders=2) is None  # not a PD request
+
+
+def test_page_ids_after_the_prefill_half_timed_out_are_answered_at_once(tiny_ds: str) -> None:
+    """The decode server's page ids come after the prefill server gave the room up (its pool was busy, or its
+    timeout is longer): they are answered `failed` at once, naming the reason, so the decode request ends and
+    frees its pages now instead of holding them for its own timeout."""
+    with pd_pair(tiny_ds, backend="fake", page_size=4, prefill=dict(disaggregation_timeout_s=1),
+                 decode=dict(disaggregation_timeout_s=60)) as (pre, dec):
+        ids = prompts_ids(1, [9], seed=5)[0]
+        pre.add_request("p", ids, GREEDY, DisaggRoute(6))
+        gave_up = step_until((pre,), lambda f: "p" in f, 20)
+        assert "no decode server asked" in gave_up["p"].finish.message
+        dec.add_request("d", ids, GREEDY, DisaggRoute(6, f"tcp://127.0.0.1:{pre.disagg.port}"))
+        finals = step_until((pre, dec), lambda f: "d" in f, 20)  # (a third of the decode server's timeout)
+        assert finals["d"].finish.kind == "error" and "no decode server asked" in finals["d"].finish.message
+        assert_pools_whole(pre, dec)
+
+
+def test_pd_arrivals_take_pages_in_arrival_order_and_within_max_running(tiny_ds: str) -> None:
+    """A decode server gives pages to PD requests in arrival order, as admission does: a small request that
+    fits does not take the pages a larger, earlier one waits for (under a steady load of small ones the large
+    one waited out its timeout). And --max-running-requests bounds the running requests with those whose cache
+    is on its way (PD requests ran past it)."""
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    with pd_pair(tiny_ds, backend="fake", page_size=4, disaggregation_timeout_s=60,
+                 decode=dict(max_total_tokens=160)) as (pre, dec):
+        peer = f"tcp://127.0.0.1:{pre.disagg.port}"
+        first, big, small = prompts_ids(3, [100, 100, 20], seed=17)
+        for rid, ids, room in (("first", first, 50), ("big", big, 51), ("small", small, 52)):
+            dec.add_request(rid, ids, params, DisaggRoute(room, peer))  # the prefill server has not run yet
+            dec.disagg.poll()
+        rooms = dec.disagg.rooms
+        assert rooms[50].sent and not rooms[51].sent  # the pool holds one long prompt at a time
+        assert not rooms[52].sent, "the small request took pages before the earlier one that waits for them"
+        order = []
+        for rid, ids, room in (("first", first, 50), ("big", big, 51), ("small", small, 52)):
+            pre.add_request(rid, ids, params, DisaggRoute(room))
+        deadline = time.monotonic() + 120
+        finals: dict[str, RequestOutput] = {}
+        while len(finals) < 3 and time.monotonic() < deadline:
+            pre.step()
+            finals.update((o.rid, o) for o in dec.step() if o.finished)
+            order += [r for r in (51, 52) if r in rooms and rooms[r].sent and r not in order]
+            time.sleep(0.002)
+        assert order == [51, 52] and all(finals[r].completion_tokens == 8 for r in ("first", "big", "small"))
+        assert_pools_whole(pre, dec)
+
+    with pd_pair(tiny_ds, backend="fake", page_size=4, decode=dict(max_running_requests=2)) as (pre, dec):
+        peer, most = f"tcp://127.0.0.1:{pre.disagg.port}", 0
+        for i, ids in enumerate(prompts_ids(5, [9, 12, 7, 10, 8], seed=18)):
+            pre.add_request(f"p{i}", ids, params, DisaggRoute(60 + i))
+            dec.add_request(f"d{i}", ids, params, DisaggRoute(60 + i, peer))
+        finals, deadline = {}, time.monotonic() + 120
+        while len(finals) < 5 and time.monotonic() < deadline:
+            pre.step()
+            finals.update((o.rid, o) for o in dec.step() if o.finished)
+            most = max(most, len(dec.scheduler.running))
+            time.sleep(0.002)
+        assert len(finals) == 5 and most == 2, (len(finals), most)
+        assert_pools_whole(pre, dec)

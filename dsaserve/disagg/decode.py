@@ -63,8 +63,10 @@ class DecodeSide(SideBase):
             raise RequestError(f"bootstrap_room {room} is already in use on this decode server")
         self.engine.scheduler.check_fits(len(req.prompt_ids), req.max_new_tokens)
         self.engine.scheduler.check_queue(self.queued())
+        waiting = any(not i.sent and self._live(i) for i in self.rooms.values())
         self.rooms[room] = Incoming(req, req.disagg.prefill_control, self.deadlines.after())
-        self._try_send(room, self.rooms[room])
+        if not waiting:  # arrival order: a request does not take pages before one that waits for them
+            self._try_send(room, self.rooms[room])
 
     def after_step(self, accepted: dict[str, tuple]) -> None:
         pass
@@ -102,7 +104,11 @@ class DecodeSide(SideBase):
             self.transport.progress()
         receiving = any(inc.sent for inc in self.rooms.values())  # (progress() and arrived() take arrivals in)
         outputs = []
+        blocked = False  # an earlier request waits for pages: later ones wait behind it (as admission does)
         for room, inc in list(self.rooms.items()):
+            if not inc.sent and self._live(inc) and not blocked:
+                self._try_send(room, inc)
+                blocked = not inc.sent
             out = self._advance(room, inc)
             if out is not None:
                 outputs.append(out)
@@ -126,8 +132,6 @@ class DecodeSide(SideBase):
 
     def _advance(self, room: int, inc: Incoming) -> RequestOutput | None:
         ended = not self._live(inc)  # aborted by the client or timed out: only its pages are left
-        if not inc.sent and not ended:
-            self._try_send(room, inc)
         if inc.done is not None and "failed" in inc.done:
             return self._close(room, inc, f"KV transfer from the prefill server failed: {inc.done['failed']}")
         if inc.done is not None and self.transport.arrived(inc.done.get("agent", ""), wire.room_tag(room)):
@@ -160,7 +164,8 @@ class DecodeSide(SideBase):
 
     def _try_send(self, room: int, inc: Incoming) -> None:
         req = inc.req
-        if not self.engine.scheduler.preallocate(req, len(req.prompt_ids)):
+        in_transit = sum(i.sent and self._live(i) for i in self.rooms.values())
+        if not self.engine.scheduler.preallocate(req, len(req.prompt_ids), in_transit):
             return
         header, blob = self.transport.descriptor()
         skip = req.cached_tokens // self.page_size  # pages this server's prefix cache already holds
@@ -168,6 +173,7 @@ class DecodeSide(SideBase):
         self._send(inc.peer, {"kind": "dest", "room": room, "prompt_len": len(req.prompt_ids),
                               "prompt_crc": wire.prompt_crc(req.prompt_ids), "pages": pages, "skip_pages": skip,
                               "page_size": self.page_size, "spec_steps": self.engine.spec_steps,
+                              "dtype": str(self.engine.runner.dtype).removeprefix("torch."),
                               "weights": self.weights_id, "timeout_s": self.deadlines.timeout_s, "transport": header},
                    blob)
         inc.sent = True

@@ -221,9 +221,10 @@ class PrefillSide(SideBase):
                 self.engine.scheduler.add(p.req, checked=True)
             elif self.deadlines.passed(p.deadline):
                 del self.pending[room]
-                outputs.append(self.engine.end_request(p.req, FinishReason("error", message=(
-                    f"no decode server asked for bootstrap room {room} within {self.deadlines.timeout_s:g} s "
-                    f"(is the decode server up?)"))))
+                message = (f"no decode server asked for bootstrap room {room} within {self.deadlines.timeout_s:g} s "
+                           f"(is the decode server up?)")
+                self._ended(room, message)  # page ids that come later (a busy decode pool) are answered at once
+                outputs.append(self.engine.end_request(p.req, FinishReason("error", message=message)))
         return outputs
 
     def _advance(self, room: int, o: Outgoing) -> RequestOutput | None:
@@ -288,7 +289,11 @@ class PrefillSide(SideBase):
         if msg.get("prompt_len") != len(req.prompt_ids) or msg.get("prompt_crc") != wire.prompt_crc(req.prompt_ids):
             return (f"the decode server has another prompt for this room ({msg.get('prompt_len')} tokens, "
                     f"prefill {len(req.prompt_ids)}): both servers must get the same request")
-        return self.transport.check_peer(msg.get("transport") or {})
+        problem = self.transport.check_peer(msg.get("transport") or {})
+        mine = str(self.engine.runner.dtype).removeprefix("torch.")
+        if problem is None and msg.get("dtype") != mine:  # (FP8 rows are alike, whatever dtype computed them)
+            problem = f"--dtype differs: decode {msg.get('dtype')}, prefill {mine}"
+        return problem
 
     def _fail(self, room: int, o: Outgoing, message: str) -> RequestOutput | None:
         log.warning("bootstrap room %d: %s", room, message)

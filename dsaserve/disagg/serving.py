@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from typing import Any
 
 import zmq
@@ -24,7 +23,6 @@ from dsaserve.server_args import ServerArgs
 
 log = logging.getLogger(__name__)
 BOOTSTRAP_TIMEOUT_S = 5.0
-INFO_TTL_S = 10.0  # a restarted prefill server has new control ports: look them up again after this
 
 
 def local_info(args: ServerArgs, info: dict[str, Any], control_ports: list[int]) -> BootstrapInfo:
@@ -69,7 +67,8 @@ class PDRouting:
         self.args, self.dp = args, dp
         self.mine = local_info(args, info, []) if args.disaggregation_mode == "decode" else None
         self.ctx = zmq.asyncio.Context()
-        self._cache: dict[tuple[str, int], tuple[BootstrapInfo, float]] = {}
+        self._cache: dict[tuple[str, int], BootstrapInfo] = {}  # each prefill server's latest answer
+        self._lookups: dict[tuple[str, int], asyncio.Future[BootstrapInfo]] = {}  # in flight
 
     @staticmethod
     def decodes(route: DisaggRoute | None) -> bool:
@@ -101,7 +100,7 @@ class PDRouting:
         refused."""
         if self.decodes(route):
             host, port = body.bootstrap_host, body.bootstrap_port
-            problem = self._cache[(host, port)][0].mismatch(self.mine)  # route() just looked it up
+            problem = self._cache[(host, port)].mismatch(self.mine)  # route() just looked it up
             if problem is not None:
                 raise ApiError(500, f"cannot decode for the prefill server at {host}:{port}: {problem}")
             return
@@ -113,9 +112,17 @@ class PDRouting:
                             f"routed_dp_rank {dp_rank} differs", param="routed_dp_rank")
 
     async def _info(self, host: str, port: int) -> BootstrapInfo:
-        cached = self._cache.get((host, port))
-        if cached is not None and time.monotonic() - cached[1] < INFO_TTL_S:
-            return cached[0]
+        """The prefill server's settings and control ports, looked up for every request: a prefill server
+        restarted on the same bootstrap port has new control ports, and page ids sent to the old ones were lost
+        (both halves failed at their timeouts). Requests that come while a lookup is in flight share it."""
+        key = (host, port)
+        lookup = self._lookups.get(key)
+        if lookup is None:
+            lookup = self._lookups[key] = asyncio.ensure_future(self._lookup(host, port))
+            lookup.add_done_callback(lambda f: (self._lookups.pop(key, None), f.cancelled() or f.exception()))
+        return await asyncio.shield(lookup)  # (a client that leaves does not cancel the others' lookup)
+
+    async def _lookup(self, host: str, port: int) -> BootstrapInfo:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         try:
@@ -134,7 +141,7 @@ class PDRouting:
             raise ApiError(503, f"the bootstrap server at {host}:{port} sent a bad answer: {exc}") from None
         finally:
             sock.close()
-        self._cache[(host, port)] = (info, time.monotonic())
+        self._cache[(host, port)] = info
         return info
 
     def close(self) -> None:

@@ -112,14 +112,18 @@ class Scheduler:
 
     # -- PD disaggregation: requests whose KV cache moves between servers ----------------------
 
-    def preallocate(self, req: Request, tokens: int) -> bool:
+    def preallocate(self, req: Request, tokens: int, in_transit: int = 0) -> bool:
         """Decode side: give a request pages for `tokens` (its prompt) that a prefill server will fill,
-        leaving what the running requests' next decode step needs. False when they do not fit now.
+        leaving what the running requests' next decode step needs. False when they do not fit now, or when
+        the running requests and the `in_transit` ones (pages given, cache on its way) reach
+        --max-running-requests.
         Full pages of the prompt that this server's prefix cache holds are shared, not sent again:
         req.cached_tokens says how many tokens the transfer skips. Requests that wait here already (retracted,
         earlier arrivals) go first, and after a retraction nothing new starts until one finishes, as in
         admission."""
         if self.waiting and (self._hold_admission or self.waiting[0].arrival < req.arrival):
+            return False
+        if len(self.running) + in_transit >= self.cfg.max_running_requests:
             return False
         cached = self.cache.match(req.prompt_ids, limit=tokens - 1, record_hits=False) if self.cache is not None else []
         need = self._pages_for(tokens) - len(cached)
