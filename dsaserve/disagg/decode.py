@@ -164,8 +164,7 @@ class DecodeSide(SideBase):
 
     def _try_send(self, room: int, inc: Incoming) -> None:
         req = inc.req
-        in_transit = sum(i.sent and self._live(i) for i in self.rooms.values())
-        if not self.engine.scheduler.preallocate(req, len(req.prompt_ids), in_transit):
+        if not self.engine.scheduler.preallocate(req, len(req.prompt_ids)):
             return
         header, blob = self.transport.descriptor()
         skip = req.cached_tokens // self.page_size  # pages this server's prefix cache already holds

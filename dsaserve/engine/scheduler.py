@@ -47,6 +47,7 @@ class Scheduler:
         self.cfg, self.allocator, self.cache = cfg, allocator, cache
         self.waiting: list[Request] = []  # by arrival
         self.running: list[Request] = []  # by arrival
+        self.in_transit: dict[str, Request] = {}  # PD decode side: pages given, the prompt's cache on its way
         self.num_retractions = 0
         self._hold_admission = False  # after a retraction: the pool is over-committed until one finishes
         self._prompts_turn = False  # mixed: the last step's decode rows filled the budget, no prompt ran
@@ -103,6 +104,7 @@ class Scheduler:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
+        self.in_transit.pop(req.rid, None)
         self._release(req)
         req.state = RequestState.FINISHED
         self._hold_admission = False
@@ -112,18 +114,17 @@ class Scheduler:
 
     # -- PD disaggregation: requests whose KV cache moves between servers ----------------------
 
-    def preallocate(self, req: Request, tokens: int, in_transit: int = 0) -> bool:
+    def preallocate(self, req: Request, tokens: int) -> bool:
         """Decode side: give a request pages for `tokens` (its prompt) that a prefill server will fill,
         leaving what the running requests' next decode step needs. False when they do not fit now, or when
-        the running requests and the `in_transit` ones (pages given, cache on its way) reach
-        --max-running-requests.
+        the running requests and those in transit reach --max-running-requests.
         Full pages of the prompt that this server's prefix cache holds are shared, not sent again:
         req.cached_tokens says how many tokens the transfer skips. Requests that wait here already (retracted,
         earlier arrivals) go first, and after a retraction nothing new starts until one finishes, as in
         admission."""
         if self.waiting and (self._hold_admission or self.waiting[0].arrival < req.arrival):
             return False
-        if len(self.running) + in_transit >= self.cfg.max_running_requests:
+        if self._at_max_running():
             return False
         cached = self.cache.match(req.prompt_ids, limit=tokens - 1, record_hits=False) if self.cache is not None else []
         need = self._pages_for(tokens) - len(cached)
@@ -138,12 +139,14 @@ class Scheduler:
         req.cached_tokens = len(cached) * self.cfg.page_size
         req.admitted = True  # (a retraction's re-admission keeps this cached_tokens, as in admission)
         req.state = RequestState.TRANSFERRING
+        self.in_transit[req.rid] = req
         return True
 
     def resume(self, req: Request, num_cached: int) -> None:
         """Decode side: the request's KV cache arrived; it decodes from num_cached on."""
         req.num_cached = num_cached
         req.state = RequestState.RUNNING
+        self.in_transit.pop(req.rid, None)
         bisect.insort(self.running, req, key=lambda r: r.arrival)
 
     def park(self, req: Request) -> None:
@@ -176,6 +179,9 @@ class Scheduler:
                 requests[rid].num_cached = prefix + (q if rows_kept is None else rows_kept[b])
 
     # -- internals ---------------------------------------------------------------------------
+
+    def _at_max_running(self) -> bool:
+        return len(self.running) + len(self.in_transit) >= self.cfg.max_running_requests
 
     def _pages_for(self, tokens: int) -> int:
         return -(-tokens // self.cfg.page_size)
@@ -236,8 +242,7 @@ class Scheduler:
             if req.inflight:  # retracted with a token in flight: it is fed again once that is committed
                 continue
             admitting = req.state is RequestState.WAITING
-            if admitting and (len(self.running) >= self.cfg.max_running_requests
-                              or (self._hold_admission and self.running)):
+            if admitting and (self._at_max_running() or (self._hold_admission and self.running)):
                 break
             hit = self._reuse_prefix(req) if admitting else None
             held = reserve + (self._first_decode_pages(req, drafts) if admitting else 0)
