@@ -119,8 +119,13 @@ class PDRouting:
         lookup = self._lookups.get(key)
         if lookup is None:
             lookup = self._lookups[key] = asyncio.ensure_future(self._lookup(host, port))
-            lookup.add_done_callback(lambda f: (self._lookups.pop(key, None), f.cancelled() or f.exception()))
+            lookup.add_done_callback(lambda f: self._lookup_done(key, f))
         return await asyncio.shield(lookup)  # (a client that leaves does not cancel the others' lookup)
+
+    def _lookup_done(self, key: tuple[str, int], lookup: asyncio.Future[BootstrapInfo]) -> None:
+        self._lookups.pop(key, None)
+        if not lookup.cancelled():
+            lookup.exception()  # marked retrieved: its requests may all have left (their error is theirs)
 
     async def _lookup(self, host: str, port: int) -> BootstrapInfo:
         sock = self.ctx.socket(zmq.DEALER)
