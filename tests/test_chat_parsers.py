@@ -74,6 +74,7 @@ MALFORMED_DSML = [
     f'<{D}function_calls>\n<{D}invoke name="launch_rockets">\n</{D}invoke>\n</{D}function_calls>',  # unknown tool
     f'<{D}function_calls>\ngarbage</{D}function_calls>',
     f'<{D}function_calls>\n<{D}invoke name="get_time">\n',  # cut short
+    f'\n\n<{D}function_calls>\n</{D}function_calls>',  # no call in it (it vanished)
 ]
 
 
@@ -137,6 +138,10 @@ def test_tool_choice(choice, expected) -> None:
     (None, "required", "needs tools"),
     ([{"type": "function", "function": {}}], None, r"tools\[0\].function.name"),
     (TOOLS + TOOLS[:1], None, "given twice"),
+    ([{"type": "function", "function": {"name": "f", "parameters": {"$ref": "#/$defs/A"}}}], None,
+     r"\$ref '#/\$defs/A' must name one of its own"),
+    ([{"type": "function", "function": {"name": "f", "parameters": {"$ref": "#/$defs/A", "$defs": {
+        "A": {"type": "array"}}}}}], None, "of type object"),
 ])
 def test_bad_tools_name_the_problem(tools, choice, problem: str) -> None:
     with pytest.raises(ValueError, match=problem):
@@ -155,6 +160,17 @@ def test_glm_arguments_of_a_boolean_property_schema() -> None:
                        "<arg_value>hi</arg_value></tool_call>")
     done.add(parser.finish())
     assert [(c.name, json.loads(c.arguments)) for c in done.calls] == [("f", {"x": 1, "y": "hi"})]
+
+
+def test_glm_arguments_under_a_root_ref() -> None:
+    """Parameters given as a `$ref` at the root (zod-to-json-schema writes them so) are read through it: a
+    string property's value stays text (it was parsed as JSON: "42" became 42)."""
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"$ref": "#/definitions/Args",
+        "definitions": {"Args": {"type": "object", "properties": {"code": {"type": "string"}}}}}}}]
+    parser = OutputParser(None, GlmToolParser(plan_tools(tools, "auto").tools))
+    done = parser.feed("<tool_call>f<arg_key>code</arg_key><arg_value>42</arg_value></tool_call>")
+    done.add(parser.finish())
+    assert [(c.name, json.loads(c.arguments)) for c in done.calls] == [("f", {"code": "42"})]
 
 
 SCRIPT_TOOL = [{"type": "function", "function": {"name": "run", "parameters": {

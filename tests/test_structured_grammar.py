@@ -7,7 +7,7 @@ import torch
 
 from chat_cases import TOOLS
 from dsaserve.chat.constrain import MARKUP_TEXTS, Constraint, build_grammar, markup_for
-from dsaserve.chat.grammar import GrammarSpec, GrammarState, json_grammar, ll_tokenizer
+from dsaserve.chat.grammar import GrammarError, GrammarSpec, GrammarState, json_grammar, ll_tokenizer
 from dsaserve.engine.tokenizer import Tokenizer
 from dsaserve.tiny import make_tiny_model, save_tokenizer
 
@@ -113,3 +113,35 @@ def test_forced_call_arguments_follow_refs_patterns_and_consts(tiny: dict[str, s
         st = make()
         accepted = feed(st, hf.encode(schema_call(tool_format, {**GOOD, key: value}), add_special_tokens=False))
         assert not (accepted and st.is_terminated), (key, value)
+
+
+REF_TOOL = [{"type": "function", "function": {"name": "f", "parameters": {"$ref": "#/definitions/Args", "definitions": {
+    "Args": {"type": "object", "properties": {"html": {"type": "string", "pattern": "^<[a-z]+>$"},
+                                              "n": {"type": "integer"}}, "required": ["html", "n"]}}}}}]
+
+
+@pytest.mark.parametrize("fmt,tool_format,reasoning", [
+    ("deepseek_v32", "deepseekv32", ""), ("glm5", "glm47", ""), ("generic", "deepseekv32", "if a<b: </b>.</think>"),
+    ("generic", "glm47", "if a<b: </b>.</think>")])
+def test_forced_call_through_a_root_ref_with_angle_brackets(tiny: dict[str, str], tmp_path, fmt: str,
+                                                            tool_format: str, reasoning: str) -> None:
+    """Parameters behind a root `$ref` are followed (the call was forced to have none), and a raw string
+    argument or the reasoning before the call may hold '<' (a pattern that needs one had an empty language:
+    values and reasoning stopped at the first '<'). The generic tokenizer spells every tag as plain text."""
+    path = tiny[fmt] if fmt in tiny else str(save_tokenizer(make_tiny_model(tmp_path / fmt), fmt))
+    hf = Tokenizer(path).hf
+    make = lambda: state(path, Constraint(forced_tools=REF_TOOL, several_calls=False), tool_format,  # noqa: E731
+                         bool(reasoning))
+    for values, valid in (({"html": "<em>", "n": "3"}, True), ({"html": "em", "n": "3"}, False),
+                          ({"html": "<em>"}, False)):
+        call = schema_call(tool_format, values).replace('name="n" string="true"', 'name="n" string="false"')
+        st = make()
+        accepted = feed(st, hf.encode(reasoning + call, add_special_tokens=False)) and st.is_terminated
+        assert accepted == valid, (values, reasoning)
+
+
+def test_a_root_that_combines_schemas_is_refused_for_a_forced_call(tiny: dict[str, str]) -> None:
+    tool = [{"type": "function", "function": {"name": "f", "parameters": {
+        "anyOf": [{"type": "object", "properties": {"a": {"type": "string"}}}]}}}]
+    with pytest.raises(GrammarError, match="cannot follow its parameters' 'anyOf'"):
+        state(tiny["deepseek_v32"], Constraint(forced_tools=tool), "deepseekv32", False)

@@ -14,6 +14,7 @@ from typing import Any
 
 from dsaserve.chat import dsv32
 from dsaserve.chat.grammar import JSON_STYLE, GrammarError, ebnf_grammar, schema_of
+from dsaserve.chat.tools import parameters_of
 
 THINK_END = "</think>"
 # Fixed markup that a tokenizer may hold as single special tokens.
@@ -42,19 +43,23 @@ def json_rule(schema: dict[str, Any]) -> str:
     return "%json " + json.dumps({**schema, "x-guidance": JSON_STYLE}, ensure_ascii=False)
 
 
-def _text_value(schema: dict[str, Any], markup: Markup, name: str, rules: list[str]) -> str:
-    """A raw (unquoted) string argument: its const or one of its enum values, else text without '<' (markup
-    follows) of its length that matches its pattern (a terminal `name`: the regexes' intersection)."""
+def _text_value(schema: dict[str, Any], markup: Markup, name: str, end: str, rules: list[str]) -> str:
+    """A raw (unquoted) string argument and its closing markup `end`: its const or one of its enum values, else
+    text of its length that matches its pattern (the regexes' intersection), ending at the first `end`, as the
+    parser reads it (an llguidance `suffix` lexeme; a special-token `end` cannot occur in text at all)."""
     if isinstance(schema.get("const"), str):
-        return markup.lit(schema["const"])
+        return f"{markup.lit(schema['const'])} {markup.lit(end)}"
     if isinstance(schema.get("enum"), list) and all(isinstance(v, str) for v in schema["enum"]):
-        return "(" + " | ".join(markup.lit(v) for v in schema["enum"]) + ")"
+        return "(" + " | ".join(markup.lit(v) for v in schema["enum"]) + f") {markup.lit(end)}"
     lo, hi = int(schema.get("minLength", 0)), schema.get("maxLength")
-    text = f"/[^<]{{{lo},{int(hi)}}}/" if hi is not None else (f"/[^<]{{{lo},}}/" if lo else "/[^<]*/")
-    if not isinstance(schema.get("pattern"), str):
-        return text
-    rules.append(f"{name.upper()}: {text} & /{_slashes_escaped(_whole_value_regex(schema['pattern']))}/")
-    return name.upper()
+    text = f"/(?s:.{{{lo},{int(hi)}}})/" if hi is not None else (f"/(?s:.{{{lo},}})/" if lo else "/(?s:.*)/")
+    if isinstance(schema.get("pattern"), str):
+        text += f" & /{_slashes_escaped(_whole_value_regex(schema['pattern']))}/"
+    if end in markup.special:
+        rules.append(f"{name.upper()}: {text}")  # (a terminal: & joins terminals only)
+        return f"{name.upper()} {markup.lit(end)}"
+    rules.append(f"{name}[suffix={json.dumps(end, ensure_ascii=False)}]: {text}")
+    return name
 
 
 def _whole_value_regex(pattern: str) -> str:
@@ -63,7 +68,7 @@ def _whole_value_regex(pattern: str) -> str:
     core = pattern[1:] if starts else pattern
     ends = core.endswith("$") and not core.endswith("\\$")
     core = core[:-1] if ends else core
-    return ("" if starts else "[^<]*") + f"(?:{core})" + ("" if ends else "[^<]*")
+    return ("" if starts else "(?s:.*)") + f"(?:{core})" + ("" if ends else "(?s:.*)")
 
 
 def _is_text(schema: dict[str, Any], tool_format: str) -> bool:
@@ -72,9 +77,15 @@ def _is_text(schema: dict[str, Any], tool_format: str) -> bool:
     return schema.get("type") == "string" and not (tool_format == "deepseekv32" and "format" in schema)
 
 
-def _params(params: dict[str, Any]) -> list[tuple[str, dict[str, Any], bool]]:
+def _params(fn: dict[str, Any]) -> list[tuple[str, dict[str, Any], bool]]:
     """(name, schema, required) of each parameter; each schema carries the root's definitions, which its
-    `$ref`s may name (each is compiled alone)."""
+    `$ref`s may name (each is compiled alone). A call is written parameter by parameter, so a root that
+    combines schemas cannot be followed."""
+    params = parameters_of(fn)
+    combined = [k for k in ("anyOf", "oneOf", "allOf", "not", "if") if k in params]
+    if combined:
+        raise GrammarError(f"a forced call of {fn['name']!r} cannot follow its parameters' {combined[0]!r} at the "
+                           "schema's root (give properties)")
     props = params.get("properties") or {}
     required = set(params.get("required") or [])
     defs = {k: params[k] for k in ("$defs", "definitions") if k in params}
@@ -83,13 +94,15 @@ def _params(params: dict[str, Any]) -> list[tuple[str, dict[str, Any], bool]]:
 
 def _dsml_call(i: int, fn: dict[str, Any], markup: Markup, rules: list[str]) -> str:
     parts = []
-    for j, (key, schema, required) in enumerate(_params(fn.get("parameters") or {})):
+    for j, (key, schema, required) in enumerate(_params(fn)):
         is_str = _is_text(schema, "deepseekv32")
-        value = _text_value(schema, markup, f"t{i}_{j}", rules) if is_str else f"v{i}_{j}"
-        if not is_str:
+        if is_str:
+            value = _text_value(schema, markup, f"t{i}_{j}", dsv32.PARAM_END, rules)
+        else:
+            value = f"v{i}_{j} {markup.lit(dsv32.PARAM_END)}"
             rules.append(f"v{i}_{j}: {json_rule(schema)}")
         head = f'<{dsv32.DSML}parameter name="{key}" string="{"true" if is_str else "false"}">'
-        rules.append(f"p{i}_{j}: {markup.lit(head)} {value} {markup.lit(dsv32.PARAM_END + chr(10))}")
+        rules.append(f"p{i}_{j}: {markup.lit(head)} {value} {markup.lit(chr(10))}")
         parts.append(f"p{i}_{j}" + ("" if required else "?"))
     body = " ".join(parts) if parts else markup.lit("\n")
     invoke = f'<{dsv32.DSML}invoke name="{fn["name"]}">\n'  # as the prompt writes it (checked: no '"' in it)
@@ -98,14 +111,14 @@ def _dsml_call(i: int, fn: dict[str, Any], markup: Markup, rules: list[str]) -> 
 
 def _glm_call(i: int, fn: dict[str, Any], markup: Markup, rules: list[str]) -> str:
     parts = []
-    for j, (key, schema, required) in enumerate(_params(fn.get("parameters") or {})):
+    for j, (key, schema, required) in enumerate(_params(fn)):
         if _is_text(schema, "glm"):
-            value = _text_value(schema, markup, f"t{i}_{j}", rules)
+            value = _text_value(schema, markup, f"t{i}_{j}", "</arg_value>", rules)
         else:
-            value = f"v{i}_{j}"
+            value = f"v{i}_{j} {markup.lit('</arg_value>')}"
             rules.append(f"v{i}_{j}: {json_rule(schema)}")
         rules.append(f"p{i}_{j}: {markup.lit('<arg_key>')} {markup.lit(key)} {markup.lit('</arg_key>')} "
-                     f"{markup.lit('<arg_value>')} {value} {markup.lit('</arg_value>')}")
+                     f"{markup.lit('<arg_value>')} {value}")
         parts.append(f"p{i}_{j}" + ("" if required else "?"))
     return f"{markup.lit('<tool_call>')} {markup.lit(fn['name'])} {' '.join(parts)} {markup.lit('</tool_call>')}"
 
@@ -159,11 +172,9 @@ def build_grammar(c: Constraint, tool_format: str | None, markup: Markup, opens_
         rules, body = [f"answer: {json_rule(schema)}"], "answer"
     else:
         rules, body = [], "/" + _slashes_escaped(c.regex or "") + "/"
-    prefix = ""
-    if opens_reasoning:  # let the reasoning run up to </think>
-        prefix = "/(?s:.*)/ " if THINK_END in markup.special else "/[^<]*/ "
-        prefix += markup.lit(THINK_END) + " "
-    return LLMatcher.grammar_from_lark("\n".join([f"start: {prefix}{body}", *rules]))
+    if opens_reasoning:  # let the reasoning run up to its first </think>
+        body = f"{_text_value({}, markup, 'reasoning', THINK_END, rules)} {body}"
+    return LLMatcher.grammar_from_lark("\n".join([f"start: {body}", *rules]))
 
 
 def _slashes_escaped(regex: str) -> str:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from dsaserve.chat import dsv32
+from dsaserve.chat.tools import parameters_of
 
 REASONING_PARSERS = ("deepseek-v3", "glm45")
 TOOL_CALL_PARSERS = ("deepseekv32", "glm45", "glm47")
@@ -88,8 +89,9 @@ class ToolCallParser:
 
     def __init__(self, tools: list[dict[str, Any]], max_calls: int | None = None):
         """max_calls: the calls returned (parallel_tool_calls false: 1); later ones are dropped, not content."""
-        self.schemas = {t["function"]["name"]: t["function"].get("parameters") or {} for t in tools}
+        self.schemas = {t["function"]["name"]: parameters_of(t["function"]) for t in tools}
         self.max_calls, self.num_calls = max_calls, 0
+        self.calls_before_block = 0  # num_calls when the current block opened
         self.buf, self.raw = "", ""  # raw: this block's text not yet turned into calls
         self.in_block = self.failed = False
 
@@ -107,7 +109,7 @@ class ToolCallParser:
                 at, marker = min(hits, key=lambda h: (h[0], -len(h[1])))
                 out.content += self.buf[:at]
                 self.raw, self.buf = marker, self.buf[at + len(marker):]
-                self.in_block, self.failed = True, False
+                self.in_block, self.failed, self.calls_before_block = True, False, self.num_calls
             elif not self._block(out):
                 return out
 
@@ -257,6 +259,8 @@ class DsmlToolParser(ToolCallParser):
         lead = len(self.buf) - len(self.buf.lstrip())
         rest = self.buf[lead:]
         if rest.startswith(dsv32.CALLS_END):
+            if self.num_calls == self.calls_before_block:  # an empty block is no call: it stays text
+                out.content += self.raw + self.buf[:lead + len(dsv32.CALLS_END)]
             self.buf, self.raw, self.in_block = rest[len(dsv32.CALLS_END):], "", False
             return True
         if not rest or dsv32.CALLS_END.startswith(rest):

@@ -43,11 +43,31 @@ def check_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
             raise ValueError(f"tools[{i}]: the function name {name!r} is given twice")
         _check_markup_text(name, f"tools[{i}].function.name")
         params = fn.get("parameters")
-        if params is not None and (not isinstance(params, dict) or params.get("type", "object") != "object"):
+        if params is not None and not isinstance(params, dict):
             raise ValueError(f"tools[{i}].function.parameters must be a JSON schema of type object")
-        _check_parameters(params or {}, f"tools[{i}].function.parameters")
+        params = parameters_of(fn, f"tools[{i}].function.parameters")
+        if params.get("type", "object") != "object":
+            raise ValueError(f"tools[{i}].function.parameters must be a JSON schema of type object")
+        _check_parameters(params, f"tools[{i}].function.parameters")
         seen.add(name)
     return list(tools or [])
+
+
+def parameters_of(fn: dict[str, Any], where: str = "parameters") -> dict[str, Any]:
+    """A function's parameter schema, a `$ref` at its root (zod-to-json-schema writes one) resolved to the local
+    definition it names; the root's definitions stay, for `$ref`s further in. ValueError if it names none."""
+    params = fn.get("parameters") or {}
+    defs = {k: params[k] for k in ("$defs", "definitions") if isinstance(params.get(k), dict)}
+    for _ in range(8):  # a ref may name a definition that is itself a ref
+        ref = params.get("$ref")
+        if ref is None:
+            return params
+        kind, _, name = ref[2:].partition("/") if isinstance(ref, str) and ref.startswith("#/") else ("", "", "")
+        target = defs.get(kind, {}).get(name)
+        if not isinstance(target, dict):
+            raise ValueError(f"{where}.$ref {ref!r} must name one of its own $defs or definitions")
+        params = {**defs, **target}
+    raise ValueError(f"{where}.$ref: a chain of more than 8 references")
 
 
 def _check_markup_text(text: str, where: str) -> None:
