@@ -157,8 +157,8 @@ class TestMixedTP:
         fields = dict(return_logprob=True, logprob_start_len=0, top_logprobs_num=1)
         alone = generate(d.url, PROMPTS_64[3], **fields).json()["meta_info"]
         via = generate(router.url, PROMPTS_64[3], **fields).json()["meta_info"]
-        assert [[pytest.approx(lp), t] for lp, t in via["input_token_logprobs"]] == alone["input_token_logprobs"]
-        assert [[pytest.approx(lp, rel=1e-6), t] for lp, t in via["output_token_logprobs"]] == \
+        assert [[pytest.approx(lp), t, x] for lp, t, x in via["input_token_logprobs"]] == alone["input_token_logprobs"]
+        assert [[pytest.approx(lp, rel=1e-6), t, x] for lp, t, x in via["output_token_logprobs"]] == \
             alone["output_token_logprobs"]  # (the first token's crosses from the prefill server)
         wait_pools_whole(d.url, 30)
 

@@ -46,7 +46,7 @@ BAD = [  # (path, body changes, status, words in the message)
     ("/v1/completions", {"top_p": 0}, 400, "top_p must be in (0, 1]"),
     ("/v1/chat/completions", {"max_tokens": 0}, 400, "max_tokens must be > 0"),
     ("/generate", {"model": None, "input_ids": [5], "sampling_params": {"max_new_tokens": -1}}, 400,
-     "max_tokens must be > 0"),
+     "max_new_tokens must be > 0"),
     ("/v1/completions", {"max_tokens": -1}, 400, "max_tokens must be > 0"),
     ("/v1/completions", {"n": 0}, 400, "n"),
     ("/v1/completions", {"logprobs": 50}, 400, "logprobs"),
@@ -59,7 +59,7 @@ BAD = [  # (path, body changes, status, words in the message)
      "suffix: Value error, fill-in-the-middle (a suffix) is not supported"),
     ("/v1/completions", {"best_of": 3}, 400, "best_of must equal n (1): candidates are not ranked, got 3"),
     ("/generate", {"model": None, "input_ids": [5, 6], "sampling_params": {"max_new_tokens": 2, "min_new_tokens": 5}},
-     400, "min_tokens must be in [0, max_tokens]"),
+     400, "min_new_tokens must be in [0, max_tokens]"),
     ("/v1/completions", {"routed_dp_rank": 3}, 400, "routed_dp_rank must be in [0, 1)"),
     ("/v1/completions", {"stop": [""]}, 400, "stop strings must be non-empty"),
     ("/v1/completions", {"temperature": "inf"}, 400, "temperature must be >= 0 and finite"),
@@ -74,7 +74,14 @@ BAD = [  # (path, body changes, status, words in the message)
     ("/v1/completions", {"stream_options": {"include_usage": True}}, 400, "stream_options needs stream: true"),
     ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "role must be one of"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
-     400, "content parts of type 'image_url' are not supported"),
+     400, "content[0]: parts of type 'image_url' are not supported"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text"}]}]}, 400,
+     "content[0]: a text part needs its text"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": None}]}, 400, "a user message needs content"),
+    ("/generate", {"model": None, "text": ["a", "b"]}, 400, "asks for 2 completions (2 prompt(s) x n = 1)"),
+    ("/generate", {"model": None, "text": "a", "sampling_params": {"n": 2}}, 400, "asks for 2 completions"),
+    ("/generate", {"model": None, "text": "a", "sampling_params": {"json_schema": "{"}}, 400,
+     "json_schema is not valid JSON"),
     ("/v1/chat/completions", {"messages": []}, 400, "messages"),
     ("/v1/completions", {"model": "gpt-17"}, 404, "'gpt-17' does not exist"),
     ("/generate", {"model": None, "sampling_params": {"max_new_tokens": 2, "temprature": 0.5}}, 400, "temprature"),
@@ -170,3 +177,33 @@ def test_queue_full_is_503(server: ServerProcess, client: openai.OpenAI, model: 
     while server.server_info(KEY)["internal_states"][0]["running"] and time.monotonic() < deadline:
         time.sleep(0.1)
     assert_serves(client, model)
+
+
+@pytest.mark.parametrize("path,changes,param,words", [
+    ("/v1/completions", {"temperature": -1}, "temperature", "temperature must be >= 0"),
+    ("/v1/completions", {"top_p": 1.5}, "top_p", "top_p must be in (0, 1]"),
+    ("/v1/chat/completions", {"max_completion_tokens": -1}, "max_completion_tokens", "max_completion_tokens must be > 0"),
+    ("/generate", {"model": None, "text": "a", "sampling_params": {"max_new_tokens": -1}}, "max_new_tokens",
+     "max_new_tokens must be > 0"),
+])
+def test_sampling_errors_name_the_field_the_client_sent(server: ServerProcess, model: str, path: str, changes: dict,
+                                                       param: str, words: str) -> None:
+    """`param` names the field (it was null), as the client spelt it (max_completion_tokens was called max_tokens)."""
+    body = {"model": model, "max_tokens": 4}
+    body.update({"messages": [{"role": "user", "content": "hi"}]} if "chat" in path else {"prompt": [5, 6]})
+    body.update(changes)
+    err = post(server, path, {k: v for k, v in body.items() if v is not None}).json()["error"]
+    assert (err["param"], err["message"].startswith(words)) == (param, True), err
+
+
+def test_a_body_without_a_json_content_type_is_named_so(server: ServerProcess) -> None:
+    """curl -d sends a form's content type, which FastAPI does not parse as JSON: the 400 says what to send."""
+    r = httpx.post(f"{server.url}/generate", content=b'{"text": "a"}', timeout=60,
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 400 and "Content-Type: application/json" in r.json()["error"]["message"], r.text
+
+
+def test_the_bearer_scheme_is_case_insensitive(server: ServerProcess) -> None:
+    r = httpx.post(f"{server.url}/v1/completions", json={"prompt": [5], "max_tokens": 1}, timeout=60,
+                   headers={"Authorization": f"bearer {KEY}"})
+    assert r.status_code == 200, r.text

@@ -341,3 +341,57 @@ def test_text_offsets_leave_out_every_token_the_text_skips(tiny_ds: str) -> None
     ids = [*a, tok.hf.convert_tokens_to_ids("<|system|>"), *b]
     assert tok.decode(ids) == "ab"
     assert CharOffsets(tok).take(ids) == [0, 1, 1]
+
+
+def test_sglang_generate_options(server: ServerProcess, llm: LLM, tiny_ds: str) -> None:
+    """SGLang's /generate: log-probability entries are [logprob, token id, text or None] (they were pairs) and top
+    lists come only when asked for; sampling_params n, regex and json_schema work (they were 400s), and
+    skip_special_tokens false keeps special tokens in the text."""
+    from dsaserve.engine.tokenizer import Tokenizer
+    tok = Tokenizer(tiny_ds)
+
+    def generate(**body) -> dict | list:
+        r = httpx.post(f"{server.url}/generate", timeout=60, json=body)
+        assert r.status_code == 200, r.text
+        return r.json()
+    exp = greedy(llm, [[5, 6, 7]])[0]
+    sampling = {"max_new_tokens": MAX, "temperature": 0, "ignore_eos": True}
+    for with_text in (False, True):
+        meta = generate(input_ids=[5, 6, 7], return_logprob=True, return_text_in_logprobs=with_text,
+                        sampling_params=sampling)["meta_info"]
+        assert [t for _, t, _ in meta["output_token_logprobs"]] == exp.token_ids
+        assert [x for _, _, x in meta["output_token_logprobs"]] == [
+            tok.decode([t], skip_special_tokens=False) if with_text else None for t in exp.token_ids]
+        assert "output_top_logprobs" not in meta
+    outs = generate(text="Hello", sampling_params={"n": 3, "regex": "[ab]{3}", "max_new_tokens": 8, "seed": 5})
+    assert len(outs) == 3 and all(len(o["text"]) == 3 and set(o["text"]) <= {"a", "b"} for o in outs), outs
+    schema = {"type": "object", "properties": {"x": {"enum": ["a", "b"]}}, "required": ["x"],
+              "additionalProperties": False}
+    out = generate(text="Hello", sampling_params={"json_schema": json.dumps(schema), "max_new_tokens": 40,
+                                                  "temperature": 0})
+    assert json.loads(out["text"])["x"] in ("a", "b"), out
+    eos = min(llm.engine.eos_ids)
+    forced = {"max_new_tokens": 3, "temperature": 0, "ignore_eos": True, "logit_bias": {str(eos): 100}}
+    assert generate(input_ids=[5, 6], sampling_params=forced)["text"] == ""
+    kept = generate(input_ids=[5, 6], sampling_params={**forced, "skip_special_tokens": False})
+    assert kept["output_ids"] == [eos] * 3 and kept["text"] == tok.decode([eos] * 3, skip_special_tokens=False) != ""
+
+
+def test_openai_extras(server: ServerProcess, client: openai.OpenAI, model: str) -> None:
+    """The model may be left out or be "default" (SGLang's examples send it; both were refused), streams carry
+    the running usage with stream_options.continuous_usage_stats (it was ignored), and a browser's preflight is
+    allowed (there was no CORS)."""
+    for name in (None, "default"):
+        body = {"prompt": [5, 6], "max_tokens": 2, **({"model": name} if name else {})}
+        r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200 and r.json()["model"] == model, r.text
+    chunks = list(client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=5, temperature=0, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True}, extra_body={"ignore_eos": True}))
+    used = [c.usage.completion_tokens for c in chunks if c.choices and c.choices[0].delta.content]
+    assert used and used == sorted(used) and used[-1] == 5 == chunks[-1].usage.completion_tokens, chunks
+    assert len({c.created for c in chunks}) == 1
+    pre = httpx.options(f"{server.url}/v1/chat/completions", timeout=10, headers={
+        "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type"})
+    assert pre.status_code == 200 and pre.headers.get("access-control-allow-origin") in ("*", "http://localhost:3000")

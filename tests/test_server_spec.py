@@ -86,4 +86,4 @@ def test_native_input_logprobs_and_cached_tokens(server, client: openai.OpenAI) 
         "sampling_params": {"max_new_tokens": 2, "temperature": 0}}).json()
     inputs = r["meta_info"]["input_token_logprobs"]
     assert inputs[0][0] is None and len(inputs) == r["meta_info"]["prompt_tokens"]
-    assert all(isinstance(lp, float) and lp <= 0 for lp, _ in inputs[1:])
+    assert all(isinstance(lp, float) and lp <= 0 for lp, _, _ in inputs[1:])

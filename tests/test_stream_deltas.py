@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from dsaserve.engine.request import FinishReason
+from dsaserve.engine.request import FinishReason, SamplingParams
 from dsaserve.server.handles import Delta, EngineFailure, RequestHandle
 
 
@@ -28,7 +28,7 @@ async def _read(handle: RequestHandle, feed: list[Delta | EngineFailure], then: 
 
 def test_waiting_deltas_come_merged_in_order() -> None:
     async def go() -> list[Delta]:
-        handle = RequestHandle("r", 0, None, stop=())  # type: ignore[arg-type]  (no detokenization here)
+        handle = RequestHandle("r", 0, None, SamplingParams())  # type: ignore[arg-type]  (no detokenization here)
         return await _read(handle, [_delta(0), _delta(1), _delta(2)], [_delta(3), _delta(4, FinishReason("length"))])
     got = asyncio.run(go())
     assert [d.text for d in got] == ["t0 t1 t2 ", "t3 ", "t4 "]
@@ -39,7 +39,7 @@ def test_waiting_deltas_come_merged_in_order() -> None:
 
 def test_a_failure_ends_the_stream_after_the_deltas_before_it() -> None:
     async def go() -> list[str]:
-        handle = RequestHandle("r", 0, None, stop=())  # type: ignore[arg-type]
+        handle = RequestHandle("r", 0, None, SamplingParams())  # type: ignore[arg-type]
         for item in (_delta(0), _delta(1), EngineFailure("rank 1 died")):
             handle.queue.put_nowait(item)
         seen: list[str] = []
@@ -58,7 +58,7 @@ def test_a_failed_part_of_a_call_aborts_the_others_at_once() -> None:
     from dsaserve.server.streaming import collect_all
 
     async def go() -> tuple[list[str], bool]:
-        handles = [RequestHandle(f"r{i}", 0, None, stop=()) for i in range(3)]  # type: ignore[arg-type]
+        handles = [RequestHandle(f"r{i}", 0, None, SamplingParams()) for i in range(3)]  # type: ignore[arg-type]
         metrics = ServerMetrics()
         handles[0].on_output(_delta(0), metrics)  # running: no finish yet
         handles[1].on_output(_delta(0, FinishReason("error", message="the output constraint failed: x",

@@ -56,6 +56,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; 0: the chosen token's; n: plus the n best
     prompt_logprobs: int | None = None  # the same for every prompt token after the first (echo)
     grammar: GrammarSpec | None = None  # constrained decoding (structured output, forced tool calls)
+    skip_special_tokens: bool = True  # the frontend's detokenizing: False keeps special tokens in the text
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", _as_tuple(self.stop, "stop"))

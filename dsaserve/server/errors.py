@@ -14,7 +14,7 @@ from dsaserve.server.protocol import ErrorInfo, ErrorResponse
 
 log = logging.getLogger(__name__)
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-          413: "invalid_request_error", 500: "internal_error", 503: "service_unavailable"}
+          405: "invalid_request_error", 413: "invalid_request_error", 500: "internal_error", 503: "service_unavailable"}
 
 
 class ApiError(Exception):
@@ -55,7 +55,11 @@ def install_error_handlers(app: FastAPI) -> None:
         return exc.response()
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        kind = request.headers.get("content-type", "")
+        if request.method == "POST" and "json" not in kind.lower():  # (curl -d sends a form's type)
+            return ApiError(400, "send the body as JSON, with the header Content-Type: application/json (got "
+                                 f"{kind or 'no Content-Type'})", code="invalid_value").response()
         message, param = _validation_message(exc)
         return ApiError(400, message, param=param, code="invalid_value").response()
 

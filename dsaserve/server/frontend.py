@@ -245,7 +245,7 @@ class Frontend:
         rid = rid or uuid.uuid4().hex
         if rid in self.handles:
             raise ApiError(400, f"request id {rid!r} is already in use", param="rid")
-        handle = RequestHandle(rid, rank, self.tokenizer, params.stop, group, scores_only,
+        handle = RequestHandle(rid, rank, self.tokenizer, params, group, scores_only,
                                route.room if route is not None else None)
         self.handles[rid] = handle
         self._send(rank, m.AddRequest(rid, list(prompt_ids), params, route))

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
-from dsaserve.engine.request import FinishReason, RequestOutput
+from dsaserve.engine.request import FinishReason, RequestOutput, SamplingParams
 from dsaserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from dsaserve.server.errors import ApiError
 from dsaserve.server.metrics import ServerMetrics
@@ -52,7 +52,7 @@ class Delta:
 
 
 class RequestHandle:
-    def __init__(self, rid: str, rank: int, tokenizer: Tokenizer, stop: tuple[str, ...], group: str | None = None,
+    def __init__(self, rid: str, rank: int, tokenizer: Tokenizer, params: SamplingParams, group: str | None = None,
                  scores_only: bool = False, room: int | None = None):
         self.rid, self.rank, self.group = rid, rank, group  # group: the response id of an n > 1 / batch call
         self.room = room  # PD: its bootstrap room
@@ -62,10 +62,10 @@ class RequestHandle:
         self.finished = False
         self.created = self._last = time.monotonic()
         self._got_token = False
-        self._detok = IncrementalDetokenizer(tokenizer)
+        self._detok = IncrementalDetokenizer(tokenizer, params.skip_special_tokens)
         self._text, self._emitted = "", 0
         # Text that might be the start of a stop string is held back until it cannot be.
-        self._hold = max((len(s) for s in stop), default=1) - 1
+        self._hold = max((len(s) for s in params.stop), default=1) - 1
 
     def detokenize(self, out: RequestOutput) -> Delta:
         """The output as a text delta (called in the detokenizer thread, in output order)."""

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import functools
+import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import Request
@@ -37,6 +38,7 @@ class Call:
     kind: str  # "completion" or "chat"
     parser: ParserFactory | None
     echo: list[str] | None  # each prompt's text, returned before its completion
+    created: int = field(default_factory=lambda: int(time.time()))  # one time for the answer and all its chunks
 
 
 @dataclass(frozen=True)
@@ -62,11 +64,11 @@ class OpenAIServing:
     def _vocab(self) -> tuple[str, tuple[int, ...]]:
         return self.fe.info["model_path"], tuple(self.fe.info["eos_token_ids"])
 
-    def grammar(self, c: Constraint, tool_format: str | None = None,
-                opens_reasoning: bool = False) -> GrammarSpec | None:
-        """The checked grammar of a request's constraint; a 400 naming the problem if it is invalid."""
-        param = "tool_choice" if c.forced_tools else (
-            "regex" if c.regex is not None else "ebnf" if c.ebnf is not None else "response_format")
+    def grammar(self, c: Constraint, tool_format: str | None = None, opens_reasoning: bool = False,
+                param: str | None = None) -> GrammarSpec | None:
+        """The checked grammar of a request's constraint; a 400 naming the problem (and `param`) if it is invalid."""
+        param = param or ("tool_choice" if c.forced_tools else
+                          "regex" if c.regex is not None else "ebnf" if c.ebnf is not None else "response_format")
         try:
             if c.empty:
                 return None
@@ -78,25 +80,27 @@ class OpenAIServing:
 
     # -- shared ------------------------------------------------------------------------------
 
-    def check_model(self, name: str) -> None:
-        if name != self.served_name:
+    def check_model(self, name: str | None) -> None:
+        """None (vLLM's optional model) and "default" (SGLang's examples) name the served model."""
+        if name not in (None, "default", self.served_name):
             raise ApiError(404, f"the model {name!r} does not exist (this server serves {self.served_name!r})",
                            param="model", code="model_not_found")
 
-    def check_choices(self, prompts: int, body: p.SamplingFields) -> None:
+    def check_choices(self, prompts: int, n: int, routed_dp_rank: int | None, prompt_param: str = "prompt") -> None:
         """A request's completions are queued all at once (round robin over the DP groups unless routed to
         one): more than the queues hold is never admitted (a 400 before any tokenizing, not a 503 that
         retrying cannot cure)."""
-        queues = 1 if body.routed_dp_rank is not None else len(self.fe.links)
+        queues = 1 if routed_dp_rank is not None else len(self.fe.links)
         limit = self.fe.args.max_queued_requests * queues
-        if prompts * body.n > limit:  # (--max-queued-requests >= 1)
-            raise bad_request(f"the request asks for {prompts * body.n} completions ({prompts} prompt(s) x n = "
-                              f"{body.n}) and the server queues at most {limit} (--max-queued-requests x "
-                              f"{queues} DP group(s))", param="n" if prompts == 1 else "prompt")
+        if prompts * n > limit:  # (--max-queued-requests >= 1)
+            raise bad_request(f"the request asks for {prompts * n} completions ({prompts} prompt(s) x n = "
+                              f"{n}) and the server queues at most {limit} (--max-queued-requests x "
+                              f"{queues} DP group(s))", param="n" if prompts == 1 else prompt_param)
 
     @staticmethod
     def params(body: p.SamplingFields, max_tokens: int | None, logprobs: int | None, index: int,
                grammar: GrammarSpec | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
+        max_name = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) is not None else "max_tokens"
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
         seed = None if body.seed is None else body.seed + index  # n > 1: seeds s, s+1, ...
         return checked(SamplingParams(
@@ -108,7 +112,8 @@ class OpenAIServing:
             min_tokens=body.min_tokens or 0, logit_bias=bias_pairs(body.logit_bias), seed=seed, stop=stop,
             include_stop_str=body.include_stop_str_in_output,
             stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos, logprobs=logprobs,
-            grammar=grammar, prompt_logprobs=prompt_logprobs))
+            grammar=grammar, prompt_logprobs=prompt_logprobs, skip_special_tokens=body.skip_special_tokens),
+            {"max_tokens": max_name, "include_stop_str": "include_stop_str_in_output"})
 
     def token_str(self, token: int, as_ids: bool) -> str:
         return f"token_id:{token}" if as_ids else self.fe.tokenizer.decode([token], skip_special_tokens=False)
@@ -141,55 +146,54 @@ class OpenAIServing:
 
     async def respond(self, request: Request, call: Call) -> Any:
         """The call's answer, or its stream."""
-        rid, body, prompts, handles, kind, parser, echo = (call.rid, call.body, call.prompts, call.handles,
-                                                           call.kind, call.parser, call.echo)
-        prompt_tokens = sum(len(ids) for ids in prompts)  # each prompt once, however many choices
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            parsers = [parser() if parser else None for _ in handles]
-            gen = self._stream(handles, rid, body, prompts, include_usage, kind, parsers, echo)
-            return AbortingStream(gen, aborter(self.fe, handles))
+        if call.body.stream:
+            parsers = [call.parser() if call.parser else None for _ in call.handles]
+            return AbortingStream(self._stream(call, parsers), aborter(self.fe, call.handles))
+        results = await collect_call(request, self.fe, call.handles)
+        return self._chat(call, results) if call.kind == "chat" else self._completion(call, results)
 
-        results = await collect_call(request, self.fe, handles)
-        if kind == "chat":
-            return self._chat(rid, body, results, prompt_tokens, parser)
-        return self._completion(rid, body, results, prompts, echo)
-
-    async def _stream(self, handles: list[RequestHandle], rid: str, body: p.SamplingFields, prompts: list[list[int]],
-                      include_usage: bool, kind: str, parsers: list[OutputParser | None],
-                      echo: list[str] | None) -> AsyncIterator[str]:
+    async def _stream(self, call: Call, parsers: list[OutputParser | None]) -> AsyncIterator[str]:
+        handles, body, prompts, echo = call.handles, call.body, call.prompts, call.echo
+        options = body.stream_options or p.StreamOptions()
+        chunk_cls = p.ChatCompletionChunk if call.kind == "chat" else p.CompletionResponse
         offsets = [CharOffsets(self.fe.tokenizer) for _ in handles]  # text_offset runs on across chunks
         completion_tokens, cached = [0] * len(handles), [0] * len(handles)
         calls = [0] * len(handles)  # tool calls streamed so far, per choice
-        if kind == "chat":
+
+        def usage() -> p.UsageInfo:
+            return p.usage(sum(len(ids) for ids in prompts), sum(completion_tokens), _cached(cached, body.n))
+
+        def chunk(choices: list[Any], usage: p.UsageInfo | None = None) -> str:
+            return p.sse(chunk_cls(id=call.rid, created=call.created, model=self.served_name, choices=choices,
+                                   usage=usage))
+        if call.kind == "chat":
             for i in range(len(handles)):
-                choice = p.ChatStreamChoice(index=i, delta=p.ChatDelta(role="assistant", content=""))
-                yield p.sse(p.ChatCompletionChunk(id=rid, model=self.served_name, choices=[choice]))
+                yield chunk([p.ChatStreamChoice(index=i, delta=p.ChatDelta(role="assistant", content=""))])
         try:
             async for i, d in merged(handles):
                 if d.finish is not None and d.finish.kind == "error":
                     raise finish_error(d.finish)
                 completion_tokens[i], cached[i] = d.completion_tokens, d.cached_tokens
-                if kind == "chat":
-                    if chunks := self._chat_chunks(rid, body, i, d, parsers[i], calls):
-                        yield chunks
+                running = usage() if options.continuous_usage_stats else None
+                if call.kind == "chat":
+                    choices = self._chat_choices(body, i, d, parsers[i], calls)
                 else:
                     first = echo is not None and d.completion_tokens == len(d.token_ids)  # its first delta
-                    yield self._completion_chunk(rid, body, i, d, offsets, prompts, echo if first else None)
+                    choices = [self._completion_choice(body, i, d, offsets, prompts, echo if first else None)]
+                if choices:
+                    yield "".join(chunk([c], running) for c in choices)
         except Exception as exc:  # an error mid-stream: the client gets it as an event, then [DONE]
             yield error_event(exc)
             yield DONE
             return
-        if include_usage:
-            use = p.usage(sum(len(ids) for ids in prompts), sum(completion_tokens), _cached(cached, body.n))
-            chunk_cls = p.ChatCompletionChunk if kind == "chat" else p.CompletionResponse
-            yield p.sse(chunk_cls(id=rid, model=self.served_name, choices=[], usage=use))
+        if options.include_usage:
+            yield chunk([], usage())
         yield DONE
 
-    def _chat_chunks(self, rid: str, body: p.SamplingFields, i: int, d: Delta, parser: OutputParser | None,
-                     calls: list[int]) -> str:
-        """One chunk of text (and logprobs), then two per completed tool call (name, then arguments); none
-        while the text is held back (a marker or stop string that may be forming) and nothing else is new."""
+    def _chat_choices(self, body: p.SamplingFields, i: int, d: Delta, parser: OutputParser | None,
+                      calls: list[int]) -> list[p.ChatStreamChoice]:
+        """One chunk's choice of text (and logprobs), then two per completed tool call (name, then arguments);
+        none while the text is held back (a marker or stop string that may be forming) and nothing else is new."""
         part = Parsed(content=d.text) if parser is None else parser.feed(d.text)
         if parser is not None and d.finish is not None:
             part.add(parser.finish())
@@ -204,23 +208,22 @@ class OpenAIServing:
         if len(deltas) > 1 or (d.finish is None and lp is None):
             if not deltas[0].content and deltas[0].reasoning_content is None and lp is None:
                 deltas = deltas[1:]
-        events = []
+        choices = []
         for k, delta in enumerate(deltas):
             last = k == len(deltas) - 1
             finish = finish_reason(d.finish.kind, calls[i] > 0) if last and d.finish is not None else None
-            choice = p.ChatStreamChoice(index=i, delta=delta, logprobs=lp if k == 0 else None, finish_reason=finish)
-            events.append(p.sse(p.ChatCompletionChunk(id=rid, model=self.served_name, choices=[choice])))
-        return "".join(events)
+            choices.append(p.ChatStreamChoice(index=i, delta=delta, logprobs=lp if k == 0 else None,
+                                              finish_reason=finish))
+        return choices
 
-    def _completion_chunk(self, rid: str, body: p.SamplingFields, i: int, d: Delta, offsets: list[CharOffsets],
-                          prompts: list[list[int]], echo: list[str] | None) -> str:
+    def _completion_choice(self, body: p.SamplingFields, i: int, d: Delta, offsets: list[CharOffsets],
+                           prompts: list[list[int]], echo: list[str] | None) -> p.CompletionChoice:
         finish = d.finish.kind if d.finish is not None else None
         ids, lps, text = d.token_ids, d.logprobs, d.text
         if echo is not None:  # the first delta of the choice starts with its prompt
             ids, lps, text = *self._with_prompt(prompts[i // body.n], d.prompt_logprobs, ids, lps), echo[i // body.n] + text
         clp = self._completion_logprobs(ids, lps, body, offsets[i]) if body.logprobs is not None else None
-        choice = p.CompletionChoice(index=i, text=text, logprobs=clp, finish_reason=finish)
-        return p.sse(p.CompletionResponse(id=rid, model=self.served_name, choices=[choice]))
+        return p.CompletionChoice(index=i, text=text, logprobs=clp, finish_reason=finish)
 
     # -- completions -------------------------------------------------------------------------
 
@@ -267,8 +270,8 @@ class OpenAIServing:
         """Echo: the prompt's tokens before the completion's; the first prompt token has no log-probability."""
         return prompt + ids, prompt_token_logprobs(scored, len(prompt)) + list(lps)
 
-    def _completion(self, rid: str, body: p.SamplingFields, results: list[Result], prompts: list[list[int]],
-                    echo: list[str] | None) -> p.CompletionResponse:
+    def _completion(self, call: Call, results: list[Result]) -> p.CompletionResponse:
+        body, prompts, echo = call.body, call.prompts, call.echo
         choices = []
         for i, r in enumerate(results):
             ids, lps, text = r.token_ids, r.logprobs, r.text
@@ -280,7 +283,8 @@ class OpenAIServing:
             choices.append(p.CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=r.finish.kind))
         use = p.usage(sum(len(ids) for ids in prompts), sum(r.completion_tokens for r in results),
                       _cached([r.cached_tokens for r in results], body.n))
-        return p.CompletionResponse(id=rid, model=self.served_name, choices=choices, usage=use)
+        return p.CompletionResponse(id=call.rid, created=call.created, model=self.served_name, choices=choices,
+                                    usage=use)
 
     # -- chat --------------------------------------------------------------------------------
 
@@ -329,9 +333,9 @@ class OpenAIServing:
             content.append(p.TokenLogprob(token=s, logprob=chosen, bytes=self._bytes(token), top_logprobs=tops))
         return p.ChatLogprobs(content=content)
 
-    def _chat(self, rid: str, body: p.SamplingFields, results: list[Result], prompt_tokens: int,
-              parser: ParserFactory | None) -> p.ChatCompletionResponse:
-        choices = []
+    def _chat(self, call: Call, results: list[Result]) -> p.ChatCompletionResponse:
+        body, parser, choices = call.body, call.parser, []
+        prompt_tokens = sum(len(ids) for ids in call.prompts)  # each prompt once, however many choices
         for i, r in enumerate(results):
             lp = self._chat_logprobs(r.token_ids, r.logprobs, body) if getattr(body, "logprobs", False) else None
             part = Parsed(content=r.text)
@@ -343,7 +347,7 @@ class OpenAIServing:
                                        tool_calls=[tool_call_out(c) for c in part.calls] or None)
             choices.append(p.ChatChoice(index=i, message=message, logprobs=lp,
                                         finish_reason=finish_reason(r.finish.kind, bool(part.calls))))
-        return p.ChatCompletionResponse(id=rid, model=self.served_name, choices=choices,
+        return p.ChatCompletionResponse(id=call.rid, created=call.created, model=self.served_name, choices=choices,
                                         usage=p.usage(prompt_tokens, sum(r.completion_tokens for r in results),
                                                       _cached([r.cached_tokens for r in results], body.n)))
 

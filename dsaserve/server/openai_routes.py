@@ -31,7 +31,7 @@ def openai_router(serving: OpenAIServing) -> APIRouter:
         route, dp_rank = await serving.pd.route(body)
         with serving.fe.refusing(route, dp_rank):  # (PD: any refusal also ends the other server's half)
             serving.check_model(body.model)
-            serving.check_choices(body.prompt_count, body)
+            serving.check_choices(body.prompt_count, body.n, body.routed_dp_rank)
             prompts, grammar, echo = await serving.fe.tokenize(serving.prepare_completion, body)  # off the loop
             call = await serving.submit(body, route, dp_rank, prompts, body.max_tokens, body.logprobs,
                                         "completion", grammar=grammar, echo=echo)
@@ -44,7 +44,7 @@ def openai_router(serving: OpenAIServing) -> APIRouter:
         route, dp_rank = await serving.pd.route(body)
         with serving.fe.refusing(route, dp_rank):  # (PD: any refusal also ends the other server's half)
             serving.check_model(body.model)
-            serving.check_choices(1, body)
+            serving.check_choices(1, body.n, body.routed_dp_rank)
             plan = await serving.fe.tokenize(serving.plan_chat, body)  # off the event loop
             call = await serving.submit(body, route, dp_rank, [plan.prompt.ids], max_tokens, logprobs, "chat",
                                         plan.parser, plan.grammar)

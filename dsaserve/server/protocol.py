@@ -32,6 +32,7 @@ class _In(BaseModel):
 
 class StreamOptions(_In):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's and SGLang's: every chunk carries the usage so far
 
 
 class Bootstrap(_In):
@@ -43,7 +44,7 @@ class Bootstrap(_In):
 
 class SamplingFields(Bootstrap):
     """Fields shared by completions and chat completions."""
-    model: str
+    model: str | None = None  # None or "default" (SGLang's examples): the served model
     rid: str | None = Field(None, min_length=1)  # SGLang's: the request's id (/abort_request takes it); else made
     n: int = Field(1, ge=1, le=128)
     max_tokens: int | None = None
@@ -66,6 +67,7 @@ class SamplingFields(Bootstrap):
     routed_dp_rank: int | None = None
     # vLLM's extension: logprob tokens as "token_id:N", so that clients get exact ids.
     return_tokens_as_token_ids: bool = False
+    skip_special_tokens: bool = True  # vLLM's and SGLang's: false keeps special tokens in the text
     # Structured output: OpenAI's response_format, and SGLang's regex / ebnf (extra_body).
     response_format: dict[str, Any] | None = None
     regex: str | None = None
@@ -110,15 +112,8 @@ ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 class ContentPart(_In):
-    type: str
-    text: str | None = None
-
-    @field_validator("type")
-    @classmethod
-    def _text_only(cls, kind: str) -> str:
-        if kind != "text":  # dropping an image or audio part would answer a different question
-            raise ValueError(f"content parts of type {kind!r} are not supported: this model reads text")
-        return kind
+    type: Literal["text"]
+    text: str
 
 
 class ChatMessage(_In):
@@ -128,6 +123,24 @@ class ChatMessage(_In):
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
     reasoning_content: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts(cls, content: Any) -> Any:
+        """One readable error for a part that is not text (pydantic's names each member of the union)."""
+        for j, part in enumerate(content if isinstance(content, list) else []):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text":  # dropping an image or audio part would answer a different question
+                raise ValueError(f"content[{j}]: parts of type {kind!r} are not supported: this model reads text")
+            if not isinstance(part.get("text"), str):
+                raise ValueError(f"content[{j}]: a text part needs its text (a string)")
+        return content
+
+    @model_validator(mode="after")
+    def _content_given(self) -> ChatMessage:
+        if self.content is None and self.role != "assistant":  # (an assistant's may be tool calls only)
+            raise ValueError(f"a {self.role} message needs content")
+        return self
 
     @field_validator("role")
     @classmethod
@@ -207,6 +220,12 @@ class NativeSamplingParams(BaseModel):
     no_stop_trim: bool = False
     stop_token_ids: TokenIds | None = None
     ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True  # (fast tokenizers, all this server loads, ignore it)
+    n: int = Field(1, ge=1, le=128)  # completions per prompt: the answer lists them prompt by prompt
+    regex: str | None = None
+    json_schema: str | None = None  # a JSON schema, as a JSON string
+    ebnf: str | None = None
 
 
 class GenerateRequest(Bootstrap):
@@ -219,6 +238,7 @@ class GenerateRequest(Bootstrap):
     return_logprob: bool = False
     top_logprobs_num: int = Field(0, ge=0, le=20)
     logprob_start_len: int = -1  # >= 0 with return_logprob: also the prompt's token log-probabilities
+    return_text_in_logprobs: bool = False  # each (logprob, token id, text) entry carries its token's text
 
 
 class AbortRequest(_In):

@@ -45,12 +45,18 @@ def prompt_scoring(max_tokens: int | None, min_tokens: int, param: str) -> tuple
     return (1, True) if max_tokens == 0 else (max_tokens, False)
 
 
-def checked(params: SamplingParams) -> SamplingParams:
-    """Bad sampling values are a 400 before anything is queued."""
+def checked(params: SamplingParams, names: dict[str, str] | None = None) -> SamplingParams:
+    """Bad sampling values are a 400 before anything is queued, naming the field (`param`) as the client spelt it:
+    `names` maps SamplingParams' names to the request's (max_tokens -> max_new_tokens)."""
     try:
         params.validate()
     except RequestError as exc:
-        raise bad_request(str(exc)) from None
+        message = str(exc)
+        field = message.split(" ", 1)[0]
+        if field not in SamplingParams.__dataclass_fields__:
+            raise bad_request(message) from None
+        name = (names or {}).get(field, field)
+        raise bad_request(name + message[len(field):], param=name) from None
     return params
 
 
