@@ -395,3 +395,15 @@ def test_openai_extras(server: ServerProcess, client: openai.OpenAI, model: str)
         "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
         "Access-Control-Request-Headers": "authorization, content-type"})
     assert pre.status_code == 200 and pre.headers.get("access-control-allow-origin") in ("*", "http://localhost:3000")
+
+
+def test_flush_cache_empties_the_prefix_cache(server: ServerProcess) -> None:
+    """SGLang's /flush_cache (it was a 404): a repeated prompt hits the prefix cache, and after a flush it does not."""
+    def cached() -> int:
+        r = httpx.post(f"{server.url}/generate", timeout=60, json={"input_ids": list(range(40, 53)),
+                                                                   "sampling_params": {"max_new_tokens": 1}})
+        return r.json()["meta_info"]["cached_tokens"]
+    cached()
+    assert cached() == 12  # three whole pages of four
+    assert httpx.post(f"{server.url}/flush_cache", timeout=60).status_code == 200
+    assert cached() == 0

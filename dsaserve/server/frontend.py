@@ -289,6 +289,11 @@ class Frontend:
                 self._send(handle.rank, m.AbortRequest(handle.rid, message))  # the final output arrives as usual
         return any(not h.finished for h in live)
 
+    def flush_cache(self) -> None:
+        """Every leader drops the cached prefixes no request holds, before any request sent after this call."""
+        for link in self.links:
+            self._send(link.rank, m.FlushCache())
+
     def abort_all(self, message: str) -> int:
         """Abort every running request; returns how many."""
         live = [h.rid for h in self.handles.values() if not h.finished]

@@ -45,11 +45,16 @@ class RefuseRoom:
 
 
 @dataclass(frozen=True)
+class FlushCache:
+    """Drop every cached prefix that no request holds (/flush_cache)."""
+
+
+@dataclass(frozen=True)
 class Shutdown:
     message: str = "the server is shutting down"
 
 
-Command = AddRequest | AbortRequest | RefuseRoom | Shutdown
+Command = AddRequest | AbortRequest | RefuseRoom | FlushCache | Shutdown
 
 
 @dataclass(frozen=True)

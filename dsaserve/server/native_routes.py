@@ -9,7 +9,7 @@ import time
 from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 import dsaserve
 from dsaserve.chat.constrain import Constraint
@@ -176,6 +176,15 @@ def native_router(serving: OpenAIServing) -> APIRouter:
         if not fe.abort(body.rid, "aborted by /abort_request"):
             raise ApiError(404, f"no running request with id {body.rid!r}", param="rid")
         return {"rid": body.rid, "aborted": True}
+
+    @router.api_route("/flush_cache", methods=["GET", "POST"])
+    async def flush_cache() -> PlainTextResponse:
+        """SGLang's: the prefix cache starts empty (a cold benchmark run). Prefixes that running requests hold
+        stay; requests sent after this answer never match what was dropped."""
+        if fe.problem is not None:
+            raise ApiError(503, fe.problem)
+        fe.flush_cache()
+        return PlainTextResponse("Cache flushed.\n")
 
     @router.get("/get_model_info")
     @router.get("/model_info")  # sglang-router asks here

@@ -190,6 +190,9 @@ class WorkerLoop:
             if self.engine.disagg is not None:
                 self.engine.disagg.refused(msg.route, msg.message)
             return []
+        if isinstance(msg, m.FlushCache):
+            self.engine.evict_prefix_cache()  # (the leader's: the other ranks of its group run its plans)
+            return []
         if isinstance(msg, m.Shutdown):
             self.stopping = True
             events = self._abort_all(msg.message)  # the abort outputs, so no stream is left hanging
