@@ -145,3 +145,26 @@ def test_a_root_that_combines_schemas_is_refused_for_a_forced_call(tiny: dict[st
         "anyOf": [{"type": "object", "properties": {"a": {"type": "string"}}}]}}}]
     with pytest.raises(GrammarError, match="cannot follow its parameters' 'anyOf'"):
         state(tiny["deepseek_v32"], Constraint(forced_tools=tool), "deepseekv32", False)
+
+
+def test_a_draft_past_the_tokenizer_is_only_a_rejected_draft(tiny: dict[str, str]) -> None:
+    """A model's vocabulary may be padded past its tokenizer (DeepSeek-V3.2: 129,280 against about 128.8K ids):
+    an MTP draft there (drafts are unconstrained) put the matcher into its error state, and the request ended
+    with "the output constraint failed" over a token the model never sampled."""
+    path = tiny["deepseek_v32"]
+    hf = Tokenizer(path).hf
+    st = GrammarState(GrammarSpec(json_grammar({"type": "object"}), path, (1,)), len(hf) + 128)
+    brace = hf.encode("{", add_special_tokens=False)
+    after_brace = st.allowed_after(brace)
+    assert torch.equal(st.allowed_after(brace + [len(hf) + 10]), after_brace)
+    assert torch.equal(st.allowed_after([len(hf) + 10]), st.allowed())
+    assert st.error is None and feed(st, hf.encode('{"a": 1}', add_special_tokens=False)) and st.is_terminated
+
+
+@pytest.mark.parametrize("grammar,text", [('start: "a::=b" | "c"', "a::=b"), ('root ::= "x" | "y"', "y"),
+                                          ('# rules\n  root ::= [0-9]+ "::="', "42::=")])
+def test_ebnf_is_gbnf_only_where_a_line_defines_a_rule(tiny: dict[str, str], grammar: str, text: str) -> None:
+    """A Lark grammar whose string holds "::=" was taken for GBNF (a 400); GBNF rules still convert."""
+    path = tiny["deepseek_v32"]
+    st = state(path, Constraint(ebnf=grammar), None, False)
+    assert feed(st, Tokenizer(path).hf.encode(text, add_special_tokens=False)) and st.is_terminated

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 # Fixed separators: a JSON answer has one spelling, so a model cannot pad it with whitespace forever.
 JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+_GBNF_RULE = re.compile(r"(?m)^\s*[\w-]+\s*::=")  # a line that defines a GBNF rule
 
 
 class GrammarError(ValueError):
@@ -73,7 +77,7 @@ def ebnf_grammar(ebnf: str) -> str:
     from llguidance import LLMatcher
     from llguidance.gbnf_to_lark import gbnf_to_lark
     try:
-        lark = gbnf_to_lark(ebnf) if "::=" in ebnf else ebnf
+        lark = gbnf_to_lark(ebnf) if _GBNF_RULE.search(ebnf) else ebnf  # ("::=" inside a Lark string is text)
     except Exception as exc:  # the converter raises plain exceptions on syntax errors
         raise GrammarError(f"invalid EBNF grammar: {exc}") from None
     return LLMatcher.grammar_from_lark(lark)
@@ -86,7 +90,9 @@ class GrammarState:
         from llguidance import LLMatcher
         self.vocab_size = vocab_size
         self.eos_ids = spec.eos_ids
-        self.matcher = LLMatcher(ll_tokenizer(spec.tokenizer_path, spec.eos_ids), spec.grammar)
+        tokenizer = ll_tokenizer(spec.tokenizer_path, spec.eos_ids)
+        self.known = tokenizer.vocab_size  # ids the tokenizer has (a model's vocabulary may be padded past it)
+        self.matcher = LLMatcher(tokenizer, spec.grammar)
         if self.matcher.is_error():
             log.error("grammar rejected in the engine: %s", self.matcher.get_error())
 
@@ -104,7 +110,10 @@ class GrammarState:
 
     def allowed_after(self, pending: list[int]) -> torch.Tensor:
         """The mask after the tokens `pending` (speculative drafts), leaving the state as it was. Drafts
-        past the first one the grammar rejects are ignored: the verify row before it rejects it anyway."""
+        past the first one the grammar rejects are ignored: the verify row before it rejects it anyway. So are drafts
+        from an id the tokenizer lacks (unconstrained drafts reach the padded ids; llguidance would take one as
+        the request's error, not as a rejected draft)."""
+        pending = pending[:next((i for i, t in enumerate(pending) if not 0 <= t < self.known), len(pending))]
         n = self.matcher.validate_tokens(pending) if pending else 0
         if n:
             self.matcher.consume_tokens(pending[:n])
