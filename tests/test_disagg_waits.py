@@ -412,7 +412,7 @@ def test_pd_arrivals_take_pages_in_arrival_order_and_within_max_running(tiny_ds:
     """A decode server gives pages to PD requests in arrival order, as admission does: a small request that
     fits does not take the pages a larger, earlier one waits for (under a steady load of small ones the large
     one waited out its timeout). And --max-running-requests bounds the running requests with those whose cache
-    is on its way (PD requests ran past it)."""
+    is on its way (PD requests ran past it), and the statistics count those as transferring."""
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     with pd_pair(tiny_ds, backend="fake", page_size=4, disaggregation_timeout_s=60,
                  decode=dict(max_total_tokens=160)) as (pre, dec):
@@ -424,6 +424,8 @@ def test_pd_arrivals_take_pages_in_arrival_order_and_within_max_running(tiny_ds:
         rooms = dec.disagg.rooms
         assert rooms[50].sent and not rooms[51].sent  # the pool holds one long prompt at a time
         assert not rooms[52].sent, "the small request took pages before the earlier one that waits for them"
+        stats = dec.stats()  # the first holds pages, its cache on its way: counted (stats showed an idle server)
+        assert (stats.running, stats.transferring, stats.waiting) == (0, 1, 2), stats
         order = []
         for rid, ids, room in (("first", first, 50), ("big", big, 51), ("small", small, 52)):
             pre.add_request(rid, ids, params, DisaggRoute(room))

@@ -173,7 +173,8 @@ class Engine:
     def activity(self) -> tuple[int, int, int, int]:
         """Cheap counters that change when stats() would report other requests or pages (a request that
         frees pages the prefix cache shares changes no free count, only the allocator's change counter)."""
-        return (len(self.scheduler.running), self._waiting(), self.allocator.changes, self.scheduler.num_retractions)
+        return (len(self.scheduler.running), self._waiting(), len(self.scheduler.in_transit), self.allocator.changes,
+                self.scheduler.num_retractions)
 
     def _waiting(self) -> int:
         """Queued requests: the scheduler's and a PD side's (waiting for the other server before they hold pages)."""
@@ -188,7 +189,7 @@ class Engine:
         return EngineStats(len(self.scheduler.running), self._waiting(),
                            self.allocator.num_free + reclaimable, self.allocator.capacity,
                            self.scheduler.num_retractions, self.steps, *self._spec, *hits, *graph,
-                           compiles.kernel_compiles())
+                           compiles.kernel_compiles(), len(self.scheduler.in_transit))
 
     # -- the step --------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ class EngineStats:
     graph_captures: int = 0  # CUDA graph captures; one after the server is ready is a stall
     graph_eager_misses: int = 0  # steps that ran eagerly because no graph had their shape
     kernel_compiles: int = 0  # Triton compilations in this process; constant once the server is ready
+    transferring: int = 0  # PD decode side: requests holding pages while their KV cache is on its way
 
     @property
     def avg_spec_accept_length(self) -> float | None:

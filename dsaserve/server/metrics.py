@@ -15,6 +15,8 @@ class ServerMetrics:
         r = self.registry
         self.running = Gauge("dsaserve_num_running_reqs", "requests decoding", ["dp_rank"], registry=r)
         self.queued = Gauge("dsaserve_num_queue_reqs", "requests waiting", ["dp_rank"], registry=r)
+        self.transferring = Gauge("dsaserve_num_transfer_queue_reqs", "PD decode side: requests holding pages "
+                                  "while their KV cache is on its way", ["dp_rank"], registry=r)
         self.token_usage = Gauge("dsaserve_token_usage", "fraction of KV pages in use", ["dp_rank"], registry=r)
         # Engine totals since start (gauges: the engine counts, this process only reports them)
         self.totals = {name: Gauge(f"dsaserve_{name}", doc, ["dp_rank"], registry=r) for name, doc in (
@@ -51,7 +53,8 @@ class ServerMetrics:
         for s in states:
             rank = str(s["dp_rank"])
             if "running" not in s:  # a dead rank: drop its series rather than report stale values
-                for gauge in (self.running, self.queued, self.token_usage, self.accept_length, *self.totals.values()):
+                for gauge in (self.running, self.queued, self.transferring, self.token_usage, self.accept_length,
+                              *self.totals.values()):
                     try:
                         gauge.remove(rank)
                     except KeyError:
@@ -59,6 +62,7 @@ class ServerMetrics:
                 continue
             self.running.labels(dp_rank=rank).set(s["running"])
             self.queued.labels(dp_rank=rank).set(s["waiting"])
+            self.transferring.labels(dp_rank=rank).set(s["transferring"])
             self.token_usage.labels(dp_rank=rank).set(1.0 - s["free_pages"] / max(s["total_pages"], 1))
             for name, gauge in self.totals.items():
                 gauge.labels(dp_rank=rank).set(s.get(name, 0))
