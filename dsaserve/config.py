@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,7 +119,10 @@ class ModelConfig:
     def from_path(cls, model_path: str | Path) -> ModelConfig:
         path = Path(model_path) / "config.json"
         if not path.is_file():
-            raise ConfigError(f"no config.json in {model_path}")
+            hub = not Path(model_path).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", str(model_path))
+            raise ConfigError(f"no config.json in {model_path}" + (
+                " (a Hugging Face repo id? dsaserve reads a local folder: `huggingface-cli download "
+                f"{model_path} --local-dir DIR`, then --model-path DIR)" if hub else ""))
         return cls.from_dict(json.loads(path.read_text()))
 
     @classmethod

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import torch
 
 from dsaserve.cache.pools import KVPools, resolve_kv_cache_dtype
 from dsaserve.config import ModelConfig
-from dsaserve.model.checkpoint import Checkpoint, CheckpointError
+from dsaserve.model.checkpoint import Checkpoint
 from dsaserve.parallel.groups import Parallel, ParallelConfig
 from dsaserve.server_args import ServerArgs
 
@@ -120,24 +121,30 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run(ns: argparse.Namespace) -> int:
+    """0: it fits; 1: it does not (both sizes named); 2: a flag or the checkpoint cannot be served. Errors go to
+    stderr."""
+    from dsaserve.server.preflight import check_flags_for
     args = ServerArgs.from_cli(ns)
-    if args.model_path is None:
-        print("error: dsaserve plan needs --model-path (a folder with config.json)")
-        return 2
-    if not 0 < ns.gpu_memory_gb < math.inf:
-        print(f"error: --gpu-memory-gb must be a positive number of GB, got {ns.gpu_memory_gb}")
-        return 2
-    cfg = ModelConfig.from_path(Path(args.model_path))
     try:
-        result = plan(cfg, args, int(ns.gpu_memory_gb * 1e9))
-    except CheckpointError as exc:  # a split the FP8 weights cannot take (loader.check_fp8_splits)
-        print(f"error: {exc}")
-        return 1
+        if args.model_path is None:
+            raise ValueError("dsaserve plan needs --model-path (a folder with config.json)")
+        if not 0 < ns.gpu_memory_gb < math.inf:
+            raise ValueError(f"--gpu-memory-gb must be a positive number of GB, got {ns.gpu_memory_gb}")
+        cfg = ModelConfig.from_path(Path(args.model_path))
+        check_flags_for(cfg, args, Path(args.model_path) / "config.json")
+        result = plan(cfg, args, int(ns.gpu_memory_gb * 1e9))  # (CheckpointError: a split FP8 cannot take)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"{args.model_path}: --tp {args.tp} --dp {args.dp}"
           f"{' --enable-dp-attention' if args.enable_dp_attention else ''}, kv {args.kv_cache_dtype}")
     print(describe(result))
-    if not result.fits:
+    if result.fits:
+        return 0
+    if result.weight_bytes < result.device_bytes:
+        print(f"error: the KV pool holds less than one page of {args.page_size} tokens (--page-size): raise "
+              "--max-total-tokens or --mem-fraction", file=sys.stderr)
+    else:
         print(f"error: this rank's weights need {result.weight_bytes / 1e9:.1f} GB but a GPU has "
-              f"{result.device_bytes / 1e9:.1f} GB (with room for no KV cache): use more GPUs (--tp)")
-        return 1
-    return 0
+              f"{result.device_bytes / 1e9:.1f} GB (with room for no KV cache): use more GPUs (--tp)", file=sys.stderr)
+    return 1

@@ -11,6 +11,11 @@ from typing import Any, get_type_hints
 KV_CACHE_DTYPE_NAMES = ("auto", "bf16", "bfloat16", "fp8_e4m3")
 
 
+class SettingError(ValueError):
+    """A flag this deployment cannot serve (the message names it), found where the engine starts: the server
+    reports it in one line and exits 2, as it does for the flags it checks before starting."""
+
+
 def split_host_port(addr: str) -> tuple[str, int] | None:
     """'host:port' or '[v6]:port' -> (host, port); None if it is not one."""
     host, sep, port = addr.rpartition(":")
@@ -46,8 +51,8 @@ class ServerArgs:
     dist_init_addr: str | None = _opt(None, "host:port of node 0 for torch.distributed; its store listens on this "
                                             "host only (default: 127.0.0.1 and a free port, one node)")
     dist_timeout: int | None = _opt(None, "seconds a collective inside a step (or start-up) may wait for the other "
-                                          "ranks before the deployment fails (default: torch's, 30 min); ranks "
-                                          "waiting for work wait without a deadline")
+                                          "ranks before the deployment fails (default 1800, for NCCL too, whose "
+                                          "own is 10 min); ranks waiting for work wait without a deadline")
     page_size: int = _opt(64, "tokens per KV cache page (1 or 64 are tested)")
     max_total_tokens: int | None = _opt(None, "KV cache capacity in tokens (default: from --mem-fraction)")
     mem_fraction: float = _opt(0.85, "share of the device memory still free after loading the weights that "
@@ -129,6 +134,8 @@ class ServerArgs:
         if self.cuda_graph_bs is not None and (not self.cuda_graph_bs or min(self.cuda_graph_bs) < 1):
             problems.append(f"--cuda-graph-bs must list batch sizes >= 1, got {list(self.cuda_graph_bs)}")
         problems += self._speculative_problems()
+        if self.served_model_name is not None and not self.served_model_name.strip():
+            problems.append("--served-model-name must not be empty (leave it out for the folder's name)")
         if self.max_running_requests < 1:
             problems.append(f"--max-running-requests must be >= 1, got {self.max_running_requests}")
         if self.device not in ("auto", "cpu", "cuda"):

@@ -85,7 +85,9 @@ class ServerProcess:
     """`with ServerProcess(model_path, page_size=4) as srv: srv.url ...`; output goes to a log file."""
 
     def __init__(self, model_path: str, log_path: str | Path, startup_timeout: float = 120.0,
-                 env: dict[str, str] | None = None, **flags: object):
+                 env: dict[str, str] | None = None, own_group: bool = False, **flags: object):
+        """own_group: the server leads a process group of its own (a test may signal the whole group)."""
+        self.own_group = own_group
         self.port = flags.pop("port", None) or free_port()
         self.env = {**os.environ, **(env or {})}
         self.url = f"http://127.0.0.1:{self.port}"
@@ -111,7 +113,8 @@ class ServerProcess:
     def launch(self) -> None:
         """Start the process without waiting for it to be ready."""
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                         start_new_session=self.own_group)
 
     def wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout

@@ -47,6 +47,16 @@ def _req(params: SamplingParams, outputs: list[int] | None = None) -> Request:
     return Request("r", [1], params, 8, 0, seed=3 if params.seed is None else params.seed, output_ids=outputs or [])
 
 
+def test_a_hub_repo_id_is_named_as_one(tmp_path: Path) -> None:
+    """SGLang takes a Hugging Face repo id for --model-path; dsaserve reads a folder and says how to get one."""
+    from dsaserve.config import ConfigError
+    with pytest.raises(ConfigError, match="a Hugging Face repo id.*huggingface-cli download deepseek-ai/DeepSeek-V3.2"):
+        ModelConfig.from_path("deepseek-ai/DeepSeek-V3.2")
+    with pytest.raises(ConfigError) as err:
+        ModelConfig.from_path(tmp_path)  # a folder without one: not a repo id
+    assert "repo id" not in str(err.value)
+
+
 def test_filters() -> None:
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     assert (filter_probs(logits, [_req(SamplingParams(top_k=2))])[0, 2:] == 0).all()

@@ -58,9 +58,10 @@ def test_flags_are_checked_before_anything_loads(tiny_ds: str) -> None:
     assert "--dist-init-addr must be HOST:PORT" in err
     err = refused(serve(tiny_ds, "--context-length", "100000", "--port", str(free_port())))
     assert "--context-length 100000 is longer than the model's 4096" in err
-    err = refused(serve(tiny_ds, "--tp", "0", "--max-queued-requests", "0", "--api-key", " "))
+    err = refused(serve(tiny_ds, "--tp", "0", "--max-queued-requests", "0", "--api-key", " ",
+                        "--served-model-name", ""))
     assert "--tp and --dp must be >= 1, got 0 and 1" in err and "--max-queued-requests must be >= 1, got 0" in err
-    assert "--api-key must not be empty" in err
+    assert "--api-key must not be empty" in err and "--served-model-name must not be empty" in err
     assert "--log-level must be debug, info, warning or error, got 'bogus'" in refused(serve(tiny_ds, "--log-level",
                                                                                             "bogus"))
 
@@ -115,7 +116,7 @@ def test_generate_runs_the_same_checks_before_loading(tmp_path: Path, tiny_ds: s
     assert f"{shard} is not a readable safetensors file" in refused(generate(str(model)))
 
 
-def test_a_rank_start_failure_names_the_rank(tmp_path: Path, tiny_ds: str) -> None:
+def test_a_rank_start_failure_names_the_rank_in_one_line(tmp_path: Path, tiny_ds: str) -> None:
     model = tmp_path / "m"
     shutil.copytree(tiny_ds, model)
     name = "model.layers.1.mlp.experts.3.up_proj.weight"  # readable files, a tensor missing: the loader finds it
@@ -124,8 +125,14 @@ def test_a_rank_start_failure_names_the_rank(tmp_path: Path, tiny_ds: str) -> No
     del tensors[name]
     save_file(tensors, str(shard))
     out = serve(str(model), "--port", str(free_port()), "--tp", "2", "--page-size", "4")
-    assert out.returncode == 1, out.stderr[-3000:]
-    assert "error: rank 0 (DP group 0): CheckpointError:" in out.stderr and "mlp.experts.3.up_proj" in out.stderr
+    assert out.returncode == 2, out.stderr[-3000:]  # a checkpoint that cannot be served, as preflight's refusals
+    assert "error: rank 0 (DP group 0): " in out.stderr and "mlp.experts.3.up_proj" in out.stderr
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    # A flag only the engine can check (the pool's size comes from the memory it finds): one line naming it,
+    # exit 2 (it was a traceback and exit 1)
+    out = serve(tiny_ds, "--port", str(free_port()), "--page-size", "64", "--max-total-tokens", "10")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert "the KV pool holds 10 tokens (--max-total-tokens" in out.stderr.splitlines()[-1], out.stderr[-3000:]
 
 
 @pytest.mark.parametrize("moment", ["temporary folder made", "rank loading", "rank loaded"])

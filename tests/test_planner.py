@@ -35,7 +35,7 @@ def test_fp8_models_fit_one_8x141gb_node(name: str, flags: list[str], tmp_path: 
 def test_v32_does_not_fit_4x80gb(tmp_path: Path, capsys) -> None:
     """At --tp 4 the routed experts alone (by hand, as below) are over 80 GB; the refusal names both sizes."""
     assert main(["plan", "--model-path", _model(tmp_path, "deepseek_v32"), "--tp", "4", "--gpu-memory-gb", "80"]) == 1
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     need = float(re.search(r"need ([0-9.]+) GB but a GPU has 80.0 GB", out).group(1))
     inter, hidden = 2048 // 4, 7168
     experts = (61 - 3) * 256 * (3 * inter * hidden + 4 * 3 * (inter // 128) * (hidden // 128))  # + fp32 scales
@@ -45,17 +45,27 @@ def test_v32_does_not_fit_4x80gb(tmp_path: Path, capsys) -> None:
 def test_a_tp_split_inside_an_fp8_block_is_refused_from_the_config(tmp_path: Path, capsys) -> None:
     """At --tp 32 a rank's dense MLP would hold 576 of 18432 rows, 4.5 blocks of 128: refused before any weight
     exists, with the loader's own message (tensor, this rank's rows, block)."""
-    assert main(["plan", "--model-path", _model(tmp_path, "deepseek_v32"), "--tp", "32"]) == 1
-    out = capsys.readouterr().out
+    assert main(["plan", "--model-path", _model(tmp_path, "deepseek_v32"), "--tp", "32"]) == 2
+    out = capsys.readouterr().err
     assert ("error: tensor model.layers.0.mlp.gate_proj.weight: this rank's rows [0, 576) of 18432 split a 128x128 "
             "FP8 scale block") in out, out
     assert "weights per rank" not in out
 
 
+def test_flags_that_cannot_be_served_are_named(tmp_path: Path, capsys) -> None:
+    """A pool under one page blamed the weights ("use more GPUs"); a --context-length over the model's was
+    taken (serve refuses it); errors go to stderr."""
+    model = _model(tmp_path, "deepseek_v32")
+    assert main(["plan", "--model-path", model, "--tp", "8", "--max-total-tokens", "10"]) == 1
+    assert "less than one page of 64 tokens (--page-size): raise --max-total-tokens" in capsys.readouterr().err
+    assert main(["plan", "--model-path", model, "--tp", "8", "--context-length", "999999999"]) == 2
+    assert "--context-length 999999999 is longer than the model's" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("gb", ["0", "-5", "nan", "inf"])
 def test_gpu_memory_must_be_a_positive_number(gb: str, tmp_path: Path, capsys) -> None:
     assert main(["plan", "--model-path", _model(tmp_path, "deepseek_v32"), "--gpu-memory-gb", gb]) == 2
-    assert f"--gpu-memory-gb must be a positive number of GB, got {float(gb)}" in capsys.readouterr().out
+    assert f"--gpu-memory-gb must be a positive number of GB, got {float(gb)}" in capsys.readouterr().err
 
 
 def test_v32_routed_experts_by_hand() -> None:
@@ -136,8 +146,8 @@ def test_a_partial_download_is_named_not_a_traceback(damage: str, tmp_path: Path
         shard.unlink()
     else:
         shard.write_bytes(shard.read_bytes()[:20])
-    assert main(["plan", "--model-path", str(folder)]) == 1
-    out = capsys.readouterr().out
+    assert main(["plan", "--model-path", str(folder)]) == 2
+    out = capsys.readouterr().err
     words = "is listed in the shard index but does not exist" if damage == "missing" else \
         "is not a readable safetensors file"
     assert f"error: {shard} {words}" in out, out

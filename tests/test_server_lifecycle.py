@@ -24,7 +24,7 @@ CLIENT_LONG = {"max_tokens": 3000, "temperature": 0, "extra_body": {"ignore_eos"
 
 @pytest.fixture(scope="module")
 def server(tiny_ds: str, tmp_path_factory: pytest.TempPathFactory):
-    yield from module_server(tiny_ds, tmp_path_factory, **FLAGS)
+    yield from module_server(tiny_ds, tmp_path_factory, own_group=True, **FLAGS)
 
 
 def wait_idle(server: ServerProcess, timeout: float = 20.0) -> dict:
@@ -105,6 +105,8 @@ def test_abort_request(server: ServerProcess) -> None:
 
 
 def test_sigterm_under_load_ends_streams_and_leaves_no_process(server: ServerProcess, model: str) -> None:
+    """SIGTERM to the server's whole process group, as systemd and `kill -- -PGID` send it: the streams end
+    with `abort` (the ranks died of it at once, and the streams ended with a 503 naming a rank)."""
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=60)
     finishes: list[str] = []
     started = threading.Semaphore(0)
@@ -128,7 +130,7 @@ def test_sigterm_under_load_ends_streams_and_leaves_no_process(server: ServerPro
     tree = descendants(server.proc.pid)
     assert tree, "the engine process should be a child of the server"
     t0 = time.monotonic()
-    server.proc.send_signal(signal.SIGTERM)
+    os.killpg(server.proc.pid, signal.SIGTERM)
     assert server.proc.wait(10) == 0
     assert time.monotonic() - t0 < 10
     for t in threads:

@@ -29,7 +29,7 @@ from dsaserve.spec.drafter import DraftInput, MTPDrafter, draft_input, drafts_in
 from dsaserve.engine.tokenizer import Tokenizer
 from dsaserve.engine.warmup import warm_up
 from dsaserve.parallel.groups import CollectiveFailed, Parallel
-from dsaserve.server_args import ServerArgs
+from dsaserve.server_args import ServerArgs, SettingError
 
 log = logging.getLogger(__name__)
 _PROMPT_LOGITS_BYTES = 256 << 20  # fp32 logits of one chunk that scores its prompt (echo / prompt_logprobs)
@@ -76,7 +76,7 @@ class Engine:
             max_logit_rows=max(1, _PROMPT_LOGITS_BYTES // (4 * self.cfg.vocab_size))), self.allocator,
             self.prefix_cache)
         if (problem := self.scheduler.capacity_problem()) is not None:  # not a server that refuses every request
-            raise ValueError(problem)
+            raise SettingError(problem)
         eos = set(self.cfg.eos_token_ids)
         if self.tokenizer.hf.eos_token_id is not None:
             eos.add(self.tokenizer.hf.eos_token_id)

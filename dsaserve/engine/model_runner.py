@@ -19,7 +19,7 @@ from dsaserve.model.loader import build_model
 from dsaserve.ops.dispatch import DSAOps
 from dsaserve.parallel.groups import Parallel
 from dsaserve.planner import cache_layers, kv_pool_tokens, weight_bytes
-from dsaserve.server_args import ServerArgs
+from dsaserve.server_args import ServerArgs, SettingError
 
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
@@ -46,7 +46,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but CUDA is not available")
+        raise SettingError("--device cuda was asked for but CUDA is not available")
     return torch.device("cuda", local_rank % torch.cuda.device_count()) if name == "cuda" else torch.device(name)
 
 
@@ -60,7 +60,7 @@ def resolve_backend(name: str, device: torch.device) -> str:
     if name == "auto":
         return "triton" if device.type == "cuda" else "torch"
     if name == "triton" and device.type != "cuda":
-        raise ValueError("the triton backends need --device cuda")
+        raise SettingError("the triton backends need --device cuda")
     return name
 
 
@@ -93,7 +93,7 @@ def resolve_attention_backend(name: str, device: torch.device, cfg: ModelConfig,
         return resolve_backend(name, device)
     why = flashmla_blocker(device, cfg, dtype)
     if why is not None:
-        raise ValueError(f"--attention-backend flashmla cannot run here: {why}")
+        raise SettingError(f"--attention-backend flashmla cannot run here: {why}")
     return "flashmla"
 
 
@@ -108,7 +108,7 @@ class ModelRunner:
         self.cfg = ModelConfig.from_path(model_path)
         # What config.json and the device can refuse is refused before the weights load (minutes at full size).
         if self.spec_steps and not self.cfg.num_nextn_predict_layers:
-            raise ValueError(f"--speculative-algorithm {args.speculative_algorithm} needs the checkpoint's MTP "
+            raise SettingError(f"--speculative-algorithm {args.speculative_algorithm} needs the checkpoint's MTP "
                              f"layer, but config.json has num_nextn_predict_layers="
                              f"{self.cfg.num_nextn_predict_layers}")
         attention = resolve_attention_backend(args.attention_backend, self.device, self.cfg, self.dtype, self.kv_dtype)
@@ -152,7 +152,7 @@ class ModelRunner:
         if max_bs is None:  # default: on where graphs can replay (CUDA, Triton ops)
             max_bs = 64 if self.device.type == "cuda" and capturable else 0
         if max_bs and self.device.type == "cuda" and not capturable:
-            raise ValueError("--cuda-graph-max-bs needs --attention-backend triton and --moe-backend triton on cuda")
+            raise SettingError("--cuda-graph-max-bs needs --attention-backend triton and --moe-backend triton on cuda")
         if not max_bs:
             return None
         buckets = batch_buckets(min(max_bs, args.max_running_requests), args.cuda_graph_bs)
@@ -183,7 +183,8 @@ class ModelRunner:
         # Every rank must hold every page id its leader hands out: take the smallest pool of all ranks.
         pages = min(row[0] for row in self.par.exchange([pages]))
         if pages < 2:
-            raise ValueError(f"the KV pool holds {tokens} tokens: less than one page of {args.page_size}{whole}")
+            raise SettingError(f"the KV pool holds {tokens} tokens (--max-total-tokens, or --mem-fraction of the "
+                               f"free memory): less than one page of {args.page_size} (--page-size){whole}")
         return pages
 
     # -- plans -> layouts --------------------------------------------------------------------

@@ -25,6 +25,7 @@ from dsaserve.model.checkpoint import Checkpoint, CheckpointError
 from dsaserve.model.dsa import DSAModel, fuse_projections
 from dsaserve.ops.fp8 import FP8, dequantize
 from dsaserve.parallel.groups import Parallel, ParallelConfig
+from dsaserve.server_args import SettingError
 
 Tensor = torch.Tensor
 log = logging.getLogger(__name__)
@@ -355,7 +356,7 @@ def _check_fits(model: DSAModel, device: torch.device, dtype: torch.dtype) -> No
         free, _ = torch.cuda.mem_get_info(device)
         if need > free:
             fp8 = sum(p.numel() for p in model.parameters() if p.dtype == FP8)
-            raise ValueError(
+            raise SettingError(
                 f"this rank's weights need {need / 2**30:.1f} GiB ({fp8 / 2**30:.1f} GiB of it FP8, the rest in "
                 f"{dtype} / fp32) but {device} has {free / 2**30:.1f} GiB free: use more ranks (--tp) or GPUs "
                 f"with more memory")

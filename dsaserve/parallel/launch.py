@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 # launches dozens of rank groups. The forkserver never touches CUDA, so its children may. (A server starts its
 # ranks once, by spawn: dsaserve/server/supervisor.py.)
 RANK_PRELOAD = ("dsaserve.engine.engine", "transformers.models.auto.tokenization_auto")
+DEFAULT_DIST_TIMEOUT_S = 1800  # --dist-timeout's default
 
 
 def init_distributed(args: ServerArgs, rank: int, init_addr: str) -> Parallel:
@@ -56,8 +57,9 @@ def init_distributed(args: ServerArgs, rank: int, init_addr: str) -> Parallel:
     if ifname is not None:
         for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
             os.environ.setdefault(var, ifname)
-    timeout = timedelta(seconds=args.dist_timeout) if args.dist_timeout else None
-    store = _store(host, port, rank, args.tp, timeout or timedelta(minutes=30))
+    # explicit for both backends: torch's default is 30 min for gloo but 10 for NCCL
+    timeout = timedelta(seconds=args.dist_timeout or DEFAULT_DIST_TIMEOUT_S)
+    store = _store(host, port, rank, args.tp, timeout)
     dist.init_process_group("nccl" if use_cuda else "gloo", store=store, world_size=args.tp, rank=rank,
                             timeout=timeout)
     return Parallel(cfg, timeout)

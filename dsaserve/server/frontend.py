@@ -46,7 +46,10 @@ FATAL_CAUSE_WAIT_S = 0.5
 
 
 class StartupError(RuntimeError):
-    pass
+    def __init__(self, message: str, setting: bool = False):
+        """setting: a flag or the checkpoint cannot be served (the server exits 2, not 1)."""
+        super().__init__(message)
+        self.setting = setting
 
 
 @dataclass
@@ -136,7 +139,7 @@ class Frontend:
         info = None
         for ev in await link.pull.recv_pyobj():
             if isinstance(ev, m.StartupFailed):
-                raise StartupError(f"{self.ranks.name(link.rank * self.ranks.attn_tp)}: {ev.message}")
+                raise StartupError(f"{self.ranks.name(link.rank * self.ranks.attn_tp)}: {ev.message}", ev.setting)
             if isinstance(ev, m.Stats):
                 self.engine_stats[link.rank] = ev.stats
             if isinstance(ev, m.Ready):

@@ -155,7 +155,8 @@ async def _serve(args: ServerArgs, listener: socket.socket, stop: _StopSignal) -
 
 
 async def _start(frontend: Frontend, stop: _StopSignal) -> int | None:
-    """None once every leader is ready; else the exit code (1: it failed, 128 + signal: stopped)."""
+    """None once every leader is ready; else the exit code (1: it failed, 2: a flag or the checkpoint cannot be
+    served, 128 + signal: stopped)."""
     starting = asyncio.ensure_future(frontend.start())
     signalled = asyncio.ensure_future(stop.attach().wait())
     await asyncio.wait({starting, signalled}, return_when=asyncio.FIRST_COMPLETED)
@@ -163,9 +164,9 @@ async def _start(frontend: Frontend, stop: _StopSignal) -> int | None:
     if not starting.done():
         starting.cancel()
         await asyncio.gather(starting, return_exceptions=True)
-    elif isinstance(starting.exception(), StartupError):
-        print(f"error: {starting.exception()}", file=sys.stderr)
-        return 1
+    elif isinstance(exc := starting.exception(), StartupError):
+        print(f"error: {exc}", file=sys.stderr)
+        return 2 if exc.setting else 1
     else:
         starting.result()  # anything else is a bug: raise it
     return stop.exit_code if stop.signum is not None else None

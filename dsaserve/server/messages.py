@@ -73,6 +73,7 @@ class Ready:
 @dataclass(frozen=True)
 class StartupFailed:
     message: str
+    setting: bool = False  # a flag or the checkpoint cannot be served (not a bug): exit 2, no traceback
 
 
 @dataclass(frozen=True)

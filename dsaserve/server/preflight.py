@@ -30,18 +30,23 @@ def check_model(args: ServerArgs) -> None:
         cfg = ModelConfig.from_path(path)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path / 'config.json'} is not valid JSON: {exc}") from None
-    if args.context_length is not None and args.context_length > cfg.context_length:
-        raise ValueError(f"--context-length {args.context_length} is longer than the model's "
-                         f"{cfg.context_length} (max_position_embeddings in {path / 'config.json'})")
-    cfg.check_parallel(args.tp, args.tp // args.dp)
-    if args.speculative_algorithm is not None and cfg.num_nextn_predict_layers < 1:
-        raise ValueError(f"--speculative-algorithm {args.speculative_algorithm} drafts with the checkpoint's MTP "
-                         f"layer, and {path / 'config.json'} has num_nextn_predict_layers=0")
+    check_flags_for(cfg, args, path / "config.json")
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise ValueError(f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
     if args.load_format == "dummy":  # random weights of this config: no shards to check
         return
     Checkpoint(path)  # every shard the index names is there and its header reads (CheckpointError names it)
+
+
+def check_flags_for(cfg: ModelConfig, args: ServerArgs, config_file: Path) -> None:
+    """The flags that depend on config.json alone (serve, generate and plan): ValueError naming the flag."""
+    if args.context_length is not None and args.context_length > cfg.context_length:
+        raise ValueError(f"--context-length {args.context_length} is longer than the model's "
+                         f"{cfg.context_length} (max_position_embeddings in {config_file})")
+    cfg.check_parallel(args.tp, args.tp // args.dp)
+    if args.speculative_algorithm is not None and cfg.num_nextn_predict_layers < 1:
+        raise ValueError(f"--speculative-algorithm {args.speculative_algorithm} drafts with the checkpoint's MTP "
+                         f"layer, and {config_file} has num_nextn_predict_layers=0")
 
 
 def bind_listener(host: str, port: int, flags: str = "--host / --port") -> socket.socket:

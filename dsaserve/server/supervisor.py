@@ -75,17 +75,14 @@ class RankProcesses:
         return any(p.pid is not None and p.exitcode is None for p in self.procs)
 
     def stop(self, timeout: float = 3.0) -> None:
-        """Terminate every rank still running (then kill), and reap them all: no zombies, no orphans."""
+        """Kill every rank still running (ranks ignore SIGTERM: see worker.run_rank; the server told them to
+        stop before this), and reap them all: no zombies, no orphans."""
         started = [p for p in self.procs if p.pid is not None]
         for proc in started:
             if proc.exitcode is None:
-                proc.terminate()
-        deadline = time.monotonic() + timeout
-        for proc in started:
-            proc.join(max(0.0, deadline - time.monotonic()))
-            if proc.exitcode is None:
                 proc.kill()
-                proc.join(timeout)
+        for proc in started:
+            proc.join(timeout)
 
 
 async def watch(ranks: RankProcesses, on_problem: Callable[[str], None]) -> None:

@@ -23,7 +23,9 @@ import zmq
 from dsaserve.engine.request import QueueFull, RequestError
 from dsaserve.engine.warmup import freeze_startup_heap
 from dsaserve.server import messages as m
-from dsaserve.server_args import ServerArgs
+from dsaserve.config import ConfigError
+from dsaserve.model.checkpoint import CheckpointError
+from dsaserve.server_args import ServerArgs, SettingError
 
 log = logging.getLogger(__name__)
 HEARTBEAT_S = 0.5
@@ -34,7 +36,10 @@ def run_rank(args: ServerArgs, rank: int, endpoints: list[m.Endpoints], parent_p
              beats: Any, slot: int) -> None:
     """Process entry point (multiprocessing spawn) of one rank."""
     from dsaserve.parallel.launch import init_distributed
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
+    # Ctrl-C, and a SIGTERM sent to the whole group (systemd, kill -- -PGID), reach every rank too: the server
+    # decides (it ends the running requests, then stops the ranks); a rank leaves when told or when it is gone
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=args.log_level.upper(),
                         format=f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s")
     threading.Thread(target=_heartbeat, args=(beats, slot, parent_pid), daemon=True, name="heartbeat").start()
@@ -60,7 +65,11 @@ def _heartbeat(beats: Any, slot: int, parent_pid: int) -> None:
 def _follow(args: ServerArgs, par: Any) -> bool:
     """A non-leader rank: run the leader's plans until any rank asks every rank to stop."""
     from dsaserve.engine.engine import Engine
-    engine = Engine(args, progress=False, par=par)
+    try:
+        engine = Engine(args, progress=False, par=par)
+    except (SettingError, ConfigError, CheckpointError) as exc:  # its leader reports it to the frontend
+        log.error("engine start failed: %s", exc)
+        raise SystemExit(1) from None
     freeze_startup_heap()
     while not engine.last_sync.any_stop:
         engine.step()
@@ -97,6 +106,10 @@ def _build_engine(args: ServerArgs, par: Any, push: zmq.Socket) -> Any:
     from dsaserve.engine.engine import Engine
     try:
         engine = Engine(args, progress=par.cfg.rank == 0, par=par)  # rank 0 shows the load progress
+    except (SettingError, ConfigError, CheckpointError) as exc:  # names the flag or tensor: no traceback
+        log.error("engine start failed: %s", exc)
+        push.send_pyobj([m.StartupFailed(str(exc), setting=True)])
+        return None
     except Exception as exc:  # reported to the frontend, which prints it and exits
         log.exception("engine start failed")
         push.send_pyobj([m.StartupFailed(f"{type(exc).__name__}: {exc}")])
