@@ -71,9 +71,10 @@ class LLM:
             if out.finished:
                 results[out.rid] = out
         completions = []
-        for rid in rids:
+        for rid, p in zip(rids, per_prompt):
             out = results[rid]
-            text = out.stop_text if out.stop_text is not None else self.tokenizer.decode(tokens[rid])
+            text = out.stop_text if out.stop_text is not None else self.tokenizer.decode(
+                tokens[rid], p.skip_special_tokens)
             completions.append(Completion(text, tokens[rid], out.finish, out.prompt_tokens, logprobs[rid],
                                           scored[rid]))
         return completions

@@ -383,7 +383,7 @@ def test_a_refusal_is_sent_only_for_a_room_no_live_request_holds() -> None:
     """Frontend.refusing's choice: a refused duplicate of a room a live request holds (on any DP leader of this
     server: the leaders do not see each other's rooms) ends nothing; otherwise the routed leader (a prefill
     server's room % dp) or leader 0 tells the other server."""
-    from dsaserve.server.frontend import refusal_leader
+    from dsaserve.disagg.serving import refusal_leader
     route = DisaggRoute(5, "tcp://127.0.0.1:1")
     assert refusal_leader(route, None, {5, None}, leaders=2) is None  # leader 1's live request holds room 5
     assert refusal_leader(route, None, {6, None}, leaders=2) == 0

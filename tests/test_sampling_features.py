@@ -175,3 +175,24 @@ def test_a_stop_string_split_by_special_tokens_is_found(tiny_ds: str) -> None:
         if finish is not None:
             break
     assert finish is not None and finish.matched == "yz" and req.stop_text == "x", (finish, req.stop_text)
+
+
+def test_stop_strings_match_the_text_the_client_sees(tiny_ds: str) -> None:
+    """With skip_special_tokens false the text keeps special tokens: a stop string cuts that text (the engine
+    cut the text without them, and the answer lost as many characters at its end) and may name one."""
+    from dsaserve.engine.request import stop_reason
+    from dsaserve.engine.tokenizer import Tokenizer
+
+    tok = Tokenizer(tiny_ds)
+    special = sorted(tok.special_ids)[0]
+    mark = tok.decode([special], skip_special_tokens=False)
+    ids = tok.hf.encode("Hello", add_special_tokens=False) + [special] + tok.hf.encode(" quick fox STOP tail",
+                                                                                    add_special_tokens=False)
+    for stop, shown in (("STOP", "Hello" + mark + " quick fox "), (mark, "Hello")):
+        req = _req(SamplingParams(max_tokens=100, stop=(stop,), skip_special_tokens=False), [5], [])
+        req.max_new_tokens = 100
+        for token in ids:
+            req.output_ids.append(token)
+            if (finish := stop_reason(req, token, tok, frozenset(), 4096)) is not None:
+                break
+        assert (finish.matched, req.stop_text) == (stop, shown), (finish, req.stop_text)

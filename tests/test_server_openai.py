@@ -379,8 +379,8 @@ def test_sglang_generate_options(server: ServerProcess, llm: LLM, tiny_ds: str) 
 
 def test_openai_extras(server: ServerProcess, client: openai.OpenAI, model: str) -> None:
     """The model may be left out or be "default" (SGLang's examples send it; both were refused), streams carry
-    the running usage with stream_options.continuous_usage_stats (it was ignored), and a browser's preflight is
-    allowed (there was no CORS)."""
+    each choice's running usage with stream_options.continuous_usage_stats and include_usage (it was ignored),
+    and a browser's preflight is allowed (there was no CORS)."""
     for name in (None, "default"):
         body = {"prompt": [5, 6], "max_tokens": 2, **({"model": name} if name else {})}
         r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
@@ -391,6 +391,14 @@ def test_openai_extras(server: ServerProcess, client: openai.OpenAI, model: str)
     used = [c.usage.completion_tokens for c in chunks if c.choices and c.choices[0].delta.content]
     assert used and used == sorted(used) and used[-1] == 5 == chunks[-1].usage.completion_tokens, chunks
     assert len({c.created for c in chunks}) == 1
+    two = list(client.completions.create(
+        model=model, prompt=[5, 6], max_tokens=3, n=2, temperature=0, stream=True, extra_body={"ignore_eos": True},
+        stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    per_choice = {c.choices[0].index: c.usage.completion_tokens for c in two if c.choices}
+    assert per_choice == {0: 3, 1: 3} and two[-1].usage.completion_tokens == 6  # each choice's own count
+    alone = client.completions.create(model=model, prompt=[5, 6], max_tokens=3, stream=True,
+                                      stream_options={"continuous_usage_stats": True})
+    assert all(c.usage is None for c in alone)  # (vLLM's rule: only with include_usage)
     pre = httpx.options(f"{server.url}/v1/chat/completions", timeout=10, headers={
         "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
         "Access-Control-Request-Headers": "authorization, content-type"})

@@ -168,3 +168,15 @@ def test_ebnf_is_gbnf_only_where_a_line_defines_a_rule(tiny: dict[str, str], gra
     path = tiny["deepseek_v32"]
     st = state(path, Constraint(ebnf=grammar), None, False)
     assert feed(st, Tokenizer(path).hf.encode(text, add_special_tokens=False)) and st.is_terminated
+
+
+@pytest.mark.parametrize("schema", [{"type": "string", "pattern": "x[0-9]"}, {"type": "string", "minLength": 8}])
+def test_a_raw_value_never_holds_its_closing_tag(tmp_path, schema: dict) -> None:
+    """A value whose pattern or length was not met at its closing tag ran on through the tag: the grammar took a
+    call that the parser, which ends the value at its first closing tag, reads as no call."""
+    path = str(save_tokenizer(make_tiny_model(tmp_path / "g"), "generic"))
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": schema}, "required": ["a"]}}}]
+    st = state(path, Constraint(forced_tools=tools, several_calls=False), "glm47", False)
+    call = "<tool_call>f<arg_key>a</arg_key><arg_value>zz</arg_value> x7 abcdef</arg_value></tool_call>"
+    assert not (feed(st, Tokenizer(path).hf.encode(call, add_special_tokens=False)) and st.is_terminated)

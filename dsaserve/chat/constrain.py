@@ -9,6 +9,7 @@ prompt opens a reasoning block, the grammar first lets the reasoning run to `</t
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +59,9 @@ def _text_value(schema: dict[str, Any], markup: Markup, name: str, end: str, rul
     if end in markup.special:
         rules.append(f"{name.upper()}: {text}")  # (a terminal: & joins terminals only)
         return f"{name.upper()} {markup.lit(end)}"
+    # the value may not hold `end` (the lexeme runs past an `end` where its pattern or length is not met yet; the
+    # parser would cut it there)
+    text += f" & ~/(?s:.*){_slashes_escaped(re.escape(end))}(?s:.*)/"
     rules.append(f"{name}[suffix={json.dumps(end, ensure_ascii=False)}]: {text}")
     return name
 

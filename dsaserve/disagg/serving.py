@@ -60,6 +60,15 @@ class BootstrapServer:
         self.ctx.destroy(linger=0)
 
 
+def refusal_leader(route: DisaggRoute | None, dp_rank: int | None, live_rooms: set[int | None],
+                   leaders: int) -> int | None:
+    """The DP leader that ends the other server's half of a PD request this server refused (Frontend.refusing):
+    None without a route, or while a live request holds its room. A prefill server's room % dp is dp_rank."""
+    if route is None or route.room in live_rooms:
+        return None
+    return dp_rank if dp_rank is not None and 0 <= dp_rank < leaders else 0
+
+
 class PDRouting:
     """Turns a request's bootstrap fields into its DisaggRoute (and prefill DP group)."""
 

@@ -251,14 +251,16 @@ def stop_reason(req: Request, token: int, tokenizer: Tokenizer, eos_ids: frozens
     if token in p.stop_token_ids or (not p.ignore_eos and token in eos_ids):
         return FinishReason("stop", matched=token)
     if p.stop and len(req.output_ids) >= p.min_tokens:
+        skip = p.skip_special_tokens  # the text the client sees: stop strings match it, stop_text cuts it
         window = max(len(s.encode()) for s in p.stop) + 8  # tokens: each decodes to >= 1 byte (byte-level BPE)
-        tail = tokenizer.decode(_shown_tail(req.output_ids, window, tokenizer.special_ids))
+        tail = tokenizer.decode(_shown_tail(req.output_ids, window, tokenizer.special_ids if skip else frozenset()),
+                                skip)
         matched = [s for s in p.stop if s in tail]
         if matched:
-            text = tokenizer.decode(req.output_ids)
+            text = tokenizer.decode(req.output_ids, skip)
             # with min_tokens (vLLM's rule) only a match that ends after the first min_tokens tokens counts
             if p.min_tokens and req.min_tokens_chars is None:  # those tokens never change: decode them once
-                req.min_tokens_chars = len(tokenizer.decode(req.output_ids[:p.min_tokens]))
+                req.min_tokens_chars = len(tokenizer.decode(req.output_ids[:p.min_tokens], skip))
             floor = req.min_tokens_chars or 0
             hits = {s: text.find(s, max(0, floor - len(s) + 1)) for s in matched}
             hits = {s: i for s, i in hits.items() if i >= 0}

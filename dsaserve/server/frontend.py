@@ -27,12 +27,13 @@ from typing import Any, Callable, TypeVar
 import zmq
 import zmq.asyncio
 
+from dsaserve.disagg.serving import refusal_leader
 from dsaserve.engine.stats import EngineStats
 from dsaserve.engine.request import DisaggRoute, RequestOutput, SamplingParams
 from dsaserve.engine.tokenizer import Tokenizer
 from dsaserve.server import messages as m
 from dsaserve.server.errors import ApiError, bad_request
-from dsaserve.server.handles import Delta, EngineFailure, RequestHandle
+from dsaserve.server.handles import Delta, EngineFailure, RequestHandle, detokenize_outputs
 from dsaserve.server.metrics import ServerMetrics
 from dsaserve.server.supervisor import RankProcesses, watch
 from dsaserve.server_args import ServerArgs
@@ -58,15 +59,6 @@ class RankLink:
     push: zmq.Socket  # plain socket: sends never wait
     pull: zmq.asyncio.Socket
     info: dict[str, Any] = field(default_factory=dict)  # the leader's Ready info
-
-
-def refusal_leader(route: DisaggRoute | None, dp_rank: int | None, live_rooms: set[int | None],
-                   leaders: int) -> int | None:
-    """The DP leader that ends the other server's half of a PD request this server refused (Frontend.refusing):
-    None without a route, or while a live request holds its room. A prefill server's room % dp is dp_rank."""
-    if route is None or route.room in live_rooms:
-        return None
-    return dp_rank if dp_rank is not None and 0 <= dp_rank < leaders else 0
 
 
 class Frontend:
@@ -130,7 +122,8 @@ class Frontend:
             if problem is not None:  # a leader's own report says more than an exit code: wait for it briefly
                 for other in self.links:
                     await self._startup_events(other, 500)
-                raise StartupError(f"{problem} while starting")
+                setting = any(code == m.SETTING_EXIT for _, code in self.ranks.exited())  # (its log line says what)
+                raise StartupError(f"{problem} while starting", setting)
 
     async def _startup_events(self, link: RankLink, timeout_ms: int) -> dict[str, Any] | None:
         """Ready's info, or None; raises StartupError with the leader's message if its start failed."""
@@ -354,7 +347,7 @@ class Frontend:
             events = await link.pull.recv_pyobj()
             outputs = [(ev, self.handles.get(ev.rid)) for ev in events if isinstance(ev, RequestOutput)]
             outputs = [(ev, h) for ev, h in outputs if h is not None]
-            deltas = await loop.run_in_executor(self._detokenize_pool, _detokenize, outputs) if outputs else []
+            deltas = await loop.run_in_executor(self._detokenize_pool, detokenize_outputs, outputs) if outputs else []
             delta_of = {id(ev): d for (ev, _), d in zip(outputs, deltas)}
             for ev in events:
                 try:
@@ -401,15 +394,3 @@ class Frontend:
         if handle is not None and handle.group is not None:
             if not any(r in self.handles for r in self.groups.get(handle.group, ())):
                 self.groups.pop(handle.group, None)
-
-
-def _detokenize(outputs: list[tuple[RequestOutput, RequestHandle]]) -> list[Delta]:
-    """In the detokenizer thread: each output's text delta (a failure costs that text, not the loop)."""
-    deltas = []
-    for out, handle in outputs:
-        try:
-            deltas.append(handle.detokenize(out))
-        except Exception:
-            log.exception("could not detokenize the output of %s", out.rid)
-            deltas.append(Delta.of(out, ""))
-    return deltas

@@ -6,6 +6,7 @@ only that thread touches a handle's detokenizer state.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
@@ -14,6 +15,8 @@ from dsaserve.engine.request import FinishReason, RequestOutput, SamplingParams
 from dsaserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from dsaserve.server.errors import ApiError
 from dsaserve.server.metrics import ServerMetrics
+
+log = logging.getLogger(__name__)
 
 
 class EngineFailure(Exception):
@@ -120,3 +123,15 @@ class RequestHandle:
         upto = max(self._emitted, len(self._text) - self._hold)
         piece, self._emitted = self._text[self._emitted:upto], upto
         return piece
+
+
+def detokenize_outputs(outputs: list[tuple[RequestOutput, RequestHandle]]) -> list[Delta]:
+    """In the detokenizer thread: each output's text delta (a failure costs that text, not the loop)."""
+    deltas = []
+    for out, handle in outputs:
+        try:
+            deltas.append(handle.detokenize(out))
+        except Exception:
+            log.exception("could not detokenize the output of %s", out.rid)
+            deltas.append(Delta.of(out, ""))
+    return deltas

@@ -70,6 +70,9 @@ class Ready:
     info: dict[str, Any]  # model_path, context_length, vocab_size, model_type, total_pages, page_size
 
 
+SETTING_EXIT = 2  # a rank's exit code when a flag or the checkpoint cannot be served (a follower's report)
+
+
 @dataclass(frozen=True)
 class StartupFailed:
     message: str

@@ -16,10 +16,10 @@ from dsaserve.chat.constrain import Constraint
 from dsaserve.chat.grammar import GrammarSpec
 from dsaserve.disagg.serving import PDRouting
 from dsaserve.engine.request import SamplingParams
-from dsaserve.engine.tokenizer import Tokenizer
+from dsaserve.server import native_protocol as native
 from dsaserve.server import protocol as p
 from dsaserve.server.errors import ApiError, bad_request
-from dsaserve.server.frontend import Frontend, RequestHandle
+from dsaserve.server.frontend import RequestHandle
 from dsaserve.server.openai_api import OpenAIServing
 from dsaserve.server.streaming import (DONE, AbortingStream, Result, aborter, bias_pairs, checked, collect_call,
                                        error_event, finish_error, merged, prompt_token_logprobs, prompt_scoring)
@@ -28,7 +28,7 @@ from dsaserve.server.streaming import (DONE, AbortingStream, Result, aborter, bi
 _NATIVE_NAMES = {"max_tokens": "max_new_tokens", "min_tokens": "min_new_tokens", "include_stop_str": "no_stop_trim"}
 
 
-def _native_params(sp: p.NativeSamplingParams, max_tokens: int | None, logprobs: int | None,
+def _native_params(sp: native.NativeSamplingParams, max_tokens: int | None, logprobs: int | None,
                    prompt_logprobs: int | None, grammar: GrammarSpec | None, index: int) -> SamplingParams:
     """`index`: the completion's place among its prompt's n (seeds s, s+1, ..., as OpenAI's n)."""
     stop = (sp.stop,) if isinstance(sp.stop, str) else tuple(sp.stop or ())
@@ -42,23 +42,27 @@ def _native_params(sp: p.NativeSamplingParams, max_tokens: int | None, logprobs:
         _NATIVE_NAMES)
 
 
-def _constraint(sp: p.NativeSamplingParams) -> Constraint:
+def _constraint(sp: native.NativeSamplingParams) -> Constraint:
     """SGLang's regex / json_schema (a JSON string) / ebnf, as the OpenAI routes' constraint."""
+    if sum(x is not None for x in (sp.regex, sp.json_schema, sp.ebnf)) > 1:
+        raise bad_request("give at most one of regex, json_schema and ebnf", param="sampling_params")
     if sp.json_schema is None:
         return Constraint(regex=sp.regex, ebnf=sp.ebnf)
     try:
         schema = json.loads(sp.json_schema)
     except json.JSONDecodeError as exc:
         raise bad_request(f"json_schema is not valid JSON: {exc}", param="json_schema") from None
-    return Constraint({"type": "json_schema", "json_schema": {"schema": schema}}, sp.regex, sp.ebnf)
+    if not isinstance(schema, dict):
+        raise bad_request("json_schema must be a JSON schema: an object, as a JSON string", param="json_schema")
+    return Constraint({"type": "json_schema", "json_schema": {"schema": schema}})
 
 
-def _entries(tokenizer: Tokenizer, pairs: list[tuple[float, int]], with_text: bool) -> list[list[Any]]:
+def _entries(serving: OpenAIServing, pairs: list[tuple[float, int]], with_text: bool) -> list[list[Any]]:
     """SGLang's log-probability entries: [logprob, token id, its text or None]."""
-    return [[lp, t, tokenizer.decode([t], skip_special_tokens=False) if with_text else None] for lp, t in pairs]
+    return [[lp, t, serving.token_str(t, False) if with_text else None] for lp, t in pairs]
 
 
-def _meta(tokenizer: Tokenizer, handle: RequestHandle, res: Result, body: p.GenerateRequest, ids: list[int],
+def _meta(serving: OpenAIServing, handle: RequestHandle, res: Result, body: native.GenerateRequest, ids: list[int],
           decodes: bool = False) -> dict[str, Any]:
     """decodes: the decode half of a PD pair, which never runs the prompt: its prompt log-probabilities are an
     empty list, which sglang-router fills with the prefill server's (their top log-probabilities it drops)."""
@@ -75,32 +79,36 @@ def _meta(tokenizer: Tokenizer, handle: RequestHandle, res: Result, body: p.Gene
     if not body.return_logprob:
         return meta
     text, tops = body.return_text_in_logprobs, body.top_logprobs_num > 0  # (SGLang's: top lists only if asked)
-    meta["output_token_logprobs"] = _entries(tokenizer, [(lp, t) for t, (lp, _) in zip(res.token_ids, res.logprobs)],
+    meta["output_token_logprobs"] = _entries(serving, [(lp, t) for t, (lp, _) in zip(res.token_ids, res.logprobs)],
                                              text)
     if tops:
-        meta["output_top_logprobs"] = [_entries(tokenizer, [(v, t) for t, v in top], text) for _, top in res.logprobs]
+        meta["output_top_logprobs"] = [_entries(serving, [(v, t) for t, v in top], text) for _, top in res.logprobs]
     if decodes and body.logprob_start_len >= 0:
         meta["input_token_logprobs"] = []
         if tops:
             meta["input_top_logprobs"] = []
     elif res.prompt_logprobs is not None:  # logprob_start_len >= 0: the prompt's, from that position
-        scored = prompt_token_logprobs(res.prompt_logprobs, len(ids))[max(body.logprob_start_len, 0):]
         start = max(body.logprob_start_len, 0)
-        meta["input_token_logprobs"] = _entries(tokenizer, [(lp, t) for t, (lp, _) in zip(ids[start:], scored)],
+        scored = prompt_token_logprobs(res.prompt_logprobs, len(ids))[start:]
+        meta["input_token_logprobs"] = _entries(serving, [(lp, t) for t, (lp, _) in zip(ids[start:], scored)],
                                                 text)
         if tops:
-            meta["input_top_logprobs"] = [_entries(tokenizer, [(v, t) for t, v in top], text) or None
+            meta["input_top_logprobs"] = [_entries(serving, [(v, t) for t, v in top], text) or None
                                           for _, top in scored]
     return meta
 
 
-async def _generate_prompts(fe: Frontend, body: p.GenerateRequest,
+async def _generate_prompts(serving: OpenAIServing, body: native.GenerateRequest,
                             batch: bool) -> tuple[list[list[int]], list[str] | None]:
     """/generate's prompts (tokenized) and per-prompt rids, or a 400 naming what is wrong."""
+    fe, n = serving.fe, body.sampling_params.n
     if (body.text is None) == (body.input_ids is None):
         raise bad_request("give exactly one of text and input_ids", param="text")
-    if isinstance(body.rid, list) and not batch:
-        raise bad_request("rid is a list: that needs a batch of prompts (text or input_ids a list)", param="rid")
+    if isinstance(body.rid, list) and (not batch or n > 1):
+        raise bad_request("rid is a list: one rid per prompt of a batch (text or input_ids a list), and n 1 (with "
+                          "n > 1 a single rid names the whole call)", param="rid")
+    count = len(body.text if body.text is not None else body.input_ids) if batch else 1
+    serving.check_choices(count, n, body.routed_dp_rank, "text" if body.text is not None else "input_ids")
     texts = (body.text if batch else [body.text]) if body.text is not None else None
     prompts = [await fe.encode(t) for t in texts] if texts is not None else (
         body.input_ids if batch else [body.input_ids])
@@ -116,7 +124,7 @@ def native_router(serving: OpenAIServing) -> APIRouter:
     router, fe, pd = APIRouter(), serving.fe, serving.pd
 
     @router.post("/generate", response_model=None)
-    async def generate(body: p.GenerateRequest, request: Request) -> Any:
+    async def generate(body: native.GenerateRequest, request: Request) -> Any:
         """One prompt (text or input_ids), or SGLang's batch (a list of either): then a list of results, or
         one stream whose chunks carry their `index`. n > 1 answers a list too, each prompt's n in a row."""
         sp, n = body.sampling_params, body.sampling_params.n
@@ -125,9 +133,7 @@ def native_router(serving: OpenAIServing) -> APIRouter:
         route, dp_rank = await pd.route(body)
         decodes = PDRouting.decodes(route)  # the prompt's log-probabilities: the prefill server's answer has them
         with fe.refusing(route, dp_rank):  # (PD: any refusal also ends the other server's half)
-            prompts, rids = await _generate_prompts(fe, body, batch)
-            serving.check_choices(len(prompts), n, body.routed_dp_rank, "text" if body.text is not None else
-                                  "input_ids")
+            prompts, rids = await _generate_prompts(serving, body, batch)
             grammar = await fe.tokenize(serving.grammar, _constraint(sp), None, False,
                                         "json_schema" if sp.json_schema is not None else None)
             pd.check(body, route)
@@ -135,8 +141,6 @@ def native_router(serving: OpenAIServing) -> APIRouter:
             prompt_lp = logprobs if body.logprob_start_len >= 0 and not decodes else None
             params = [_native_params(sp, max_tokens, logprobs, prompt_lp, grammar, j) for j in range(n)]
             prompts = [ids for ids in prompts for _ in range(n)]
-            if rids is not None and n > 1:
-                rids = [f"{rid}-{j}" for rid in rids for j in range(n)]
             if batch or n > 1:
                 base = body.rid if isinstance(body.rid, str) else secrets.token_hex(16)
                 handles = await fe.submit_many(prompts, params * (len(prompts) // n), base, dp_rank, route, rids,
@@ -149,11 +153,11 @@ def native_router(serving: OpenAIServing) -> APIRouter:
             return AbortingStream(_generate_stream(handles, body, prompts, decodes, many), aborter(fe, handles))
         results = await collect_call(request, fe, handles)
         out = [{"text": res.text, "output_ids": res.token_ids,
-                "meta_info": _meta(fe.tokenizer, h, res, body, ids, decodes)}
+                "meta_info": _meta(serving, h, res, body, ids, decodes)}
                for h, res, ids in zip(handles, results, prompts)]
         return out if many else out[0]
 
-    async def _generate_stream(handles: list[RequestHandle], body: p.GenerateRequest, prompts: list[list[int]],
+    async def _generate_stream(handles: list[RequestHandle], body: native.GenerateRequest, prompts: list[list[int]],
                                decodes: bool, many: bool) -> AsyncIterator[str]:
         results = [Result() for _ in handles]  # sglang's shape: every chunk carries the text and ids so far
         try:
@@ -163,14 +167,14 @@ def native_router(serving: OpenAIServing) -> APIRouter:
                 if d.finish is not None and d.finish.kind == "error":
                     raise finish_error(d.finish)
                 chunk = {"text": res.text, "output_ids": res.token_ids,
-                         "meta_info": _meta(fe.tokenizer, handles[i], res, body, prompts[i], decodes)}
+                         "meta_info": _meta(serving, handles[i], res, body, prompts[i], decodes)}
                 yield p.sse({**chunk, "index": i} if many else chunk)
         except Exception as exc:
             yield error_event(exc)
         yield DONE
 
     @router.post("/abort_request")
-    async def abort_request(body: p.AbortRequest) -> dict[str, Any]:  # rid: /generate's, or an OpenAI response id
+    async def abort_request(body: native.AbortRequest) -> dict[str, Any]:  # rid: /generate's, or an OpenAI response id
         if body.abort_all:
             return {"abort_all": True, "aborted": fe.abort_all("aborted by /abort_request (abort_all)")}
         if not fe.abort(body.rid, "aborted by /abort_request"):

@@ -155,6 +155,7 @@ class OpenAIServing:
     async def _stream(self, call: Call, parsers: list[OutputParser | None]) -> AsyncIterator[str]:
         handles, body, prompts, echo = call.handles, call.body, call.prompts, call.echo
         options = body.stream_options or p.StreamOptions()
+        running = options.include_usage and options.continuous_usage_stats  # (vLLM's rule: both)
         chunk_cls = p.ChatCompletionChunk if call.kind == "chat" else p.CompletionResponse
         offsets = [CharOffsets(self.fe.tokenizer) for _ in handles]  # text_offset runs on across chunks
         completion_tokens, cached = [0] * len(handles), [0] * len(handles)
@@ -163,25 +164,28 @@ class OpenAIServing:
         def usage() -> p.UsageInfo:
             return p.usage(sum(len(ids) for ids in prompts), sum(completion_tokens), _cached(cached, body.n))
 
+        def choice_usage(i: int) -> p.UsageInfo | None:  # continuous_usage_stats: choice i's so far
+            return p.usage(len(prompts[i // body.n]), completion_tokens[i], cached[i]) if running else None
+
         def chunk(choices: list[Any], usage: p.UsageInfo | None = None) -> str:
             return p.sse(chunk_cls(id=call.rid, created=call.created, model=self.served_name, choices=choices,
                                    usage=usage))
         if call.kind == "chat":
             for i in range(len(handles)):
-                yield chunk([p.ChatStreamChoice(index=i, delta=p.ChatDelta(role="assistant", content=""))])
+                yield chunk([p.ChatStreamChoice(index=i, delta=p.ChatDelta(role="assistant", content=""))],
+                            choice_usage(i))
         try:
             async for i, d in merged(handles):
                 if d.finish is not None and d.finish.kind == "error":
                     raise finish_error(d.finish)
                 completion_tokens[i], cached[i] = d.completion_tokens, d.cached_tokens
-                running = usage() if options.continuous_usage_stats else None
                 if call.kind == "chat":
                     choices = self._chat_choices(body, i, d, parsers[i], calls)
                 else:
                     first = echo is not None and d.completion_tokens == len(d.token_ids)  # its first delta
                     choices = [self._completion_choice(body, i, d, offsets, prompts, echo if first else None)]
                 if choices:
-                    yield "".join(chunk([c], running) for c in choices)
+                    yield "".join(chunk([c], choice_usage(i)) for c in choices)
         except Exception as exc:  # an error mid-stream: the client gets it as an event, then [DONE]
             yield error_event(exc)
             yield DONE
@@ -354,8 +358,7 @@ class OpenAIServing:
     # -- tokenizer endpoints -----------------------------------------------------------------
 
     def tokenize(self, body: p.TokenizeRequest) -> p.TokenizeResponse:
-        if body.model is not None:
-            self.check_model(body.model)
+        self.check_model(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise bad_request("give exactly one of prompt and messages", param="prompt")
         if body.prompt is not None:
@@ -373,8 +376,7 @@ class OpenAIServing:
                                   token_strs=strs)
 
     def detokenize(self, body: p.DetokenizeRequest) -> p.DetokenizeResponse:
-        if body.model is not None:
-            self.check_model(body.model)
+        self.check_model(body.model)
         vocab = self.fe.info["vocab_size"]
         bad = [t for t in body.tokens if not 0 <= t < vocab]
         if bad:

@@ -14,7 +14,7 @@ def _takes_null(field: FieldInfo) -> bool:
     return field.annotation is None or type(None) in get_args(field.annotation)
 
 
-class _In(BaseModel):
+class ClientBody(BaseModel):
     # OpenAI clients send fields we do not use (user, ...): accept and ignore them.
     model_config = ConfigDict(extra="ignore")
 
@@ -30,12 +30,12 @@ class _In(BaseModel):
         return {k: v for k, v in data.items() if v is not None or k not in fields or _takes_null(fields[k])}
 
 
-class StreamOptions(_In):
+class StreamOptions(ClientBody):
     include_usage: bool = False
     continuous_usage_stats: bool = False  # vLLM's and SGLang's: every chunk carries the usage so far
 
 
-class Bootstrap(_In):
+class Bootstrap(ClientBody):
     """PD disaggregation: sglang-router adds these to a request it sends to a prefill and a decode server."""
     bootstrap_host: str | None = None
     bootstrap_port: int | None = None
@@ -111,12 +111,12 @@ class CompletionRequest(SamplingFields):
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
-class ContentPart(_In):
+class ContentPart(ClientBody):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(_In):
+class ChatMessage(ClientBody):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
@@ -153,7 +153,7 @@ class ChatMessage(_In):
         return self.model_dump(exclude_none=True)
 
 
-class ChatInput(_In):
+class ChatInput(ClientBody):
     """What a chat prompt is made of (chat completions and /tokenize). Tools stay plain dicts: the
     DeepSeek-V3.2 encoding writes them out with their keys in the client's order."""
     messages: list[ChatMessage] = Field(min_length=1)
@@ -175,7 +175,7 @@ class ChatCompletionRequest(ChatInput, SamplingFields):
         return self
 
 
-class TokenizeRequest(_In):
+class TokenizeRequest(ClientBody):
     """vLLM's /tokenize: a prompt, or a conversation rendered as chat completions would render it."""
     model: str | None = None
     prompt: str | None = None
@@ -194,62 +194,13 @@ class TokenizeResponse(BaseModel):
     token_strs: list[str] | None = None
 
 
-class DetokenizeRequest(_In):
+class DetokenizeRequest(ClientBody):
     model: str | None = None
     tokens: TokenIds
 
 
 class DetokenizeResponse(BaseModel):
     prompt: str
-
-
-class NativeSamplingParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not a silent default
-    max_new_tokens: int | None = 128
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    min_p: float = 0.0
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    min_new_tokens: int = 0
-    logit_bias: dict[str, float] | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    no_stop_trim: bool = False
-    stop_token_ids: TokenIds | None = None
-    ignore_eos: bool = False
-    skip_special_tokens: bool = True
-    spaces_between_special_tokens: bool = True  # (fast tokenizers, all this server loads, ignore it)
-    n: int = Field(1, ge=1, le=128)  # completions per prompt: the answer lists them prompt by prompt
-    regex: str | None = None
-    json_schema: str | None = None  # a JSON schema, as a JSON string
-    ebnf: str | None = None
-
-
-class GenerateRequest(Bootstrap):
-    text: str | list[str] | None = None  # a list: SGLang's batch (so input_ids too)
-    input_ids: TokenIds | list[TokenIds] | None = None
-    sampling_params: NativeSamplingParams = Field(default_factory=NativeSamplingParams)
-    stream: bool = False
-    rid: str | list[str] | None = None  # a list: one per prompt of a batch
-    routed_dp_rank: int | None = None
-    return_logprob: bool = False
-    top_logprobs_num: int = Field(0, ge=0, le=20)
-    logprob_start_len: int = -1  # >= 0 with return_logprob: also the prompt's token log-probabilities
-    return_text_in_logprobs: bool = False  # each (logprob, token id, text) entry carries its token's text
-
-
-class AbortRequest(_In):
-    rid: str | None = None
-    abort_all: bool = False  # SGLang's: every request the server runs
-
-    @model_validator(mode="after")
-    def _one_of(self) -> AbortRequest:
-        if (self.rid is None) == (not self.abort_all):
-            raise ValueError("give either rid or abort_all: true")
-        return self
 
 
 # -- responses ---------------------------------------------------------------------------------

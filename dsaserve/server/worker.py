@@ -67,9 +67,9 @@ def _follow(args: ServerArgs, par: Any) -> bool:
     from dsaserve.engine.engine import Engine
     try:
         engine = Engine(args, progress=False, par=par)
-    except (SettingError, ConfigError, CheckpointError) as exc:  # its leader reports it to the frontend
+    except (SettingError, ConfigError, CheckpointError) as exc:  # its leader (if it fails too) reports it
         log.error("engine start failed: %s", exc)
-        raise SystemExit(1) from None
+        raise SystemExit(m.SETTING_EXIT) from None
     freeze_startup_heap()
     while not engine.last_sync.any_stop:
         engine.step()
