@@ -3,6 +3,7 @@ processor), OpenAI's logit_bias, min_tokens; their checks, and their effect thro
 without MTP). PD and DP attention run them in tests/test_disagg_engine.py and tests/test_parallel.py."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -64,6 +65,8 @@ def test_logit_bias_and_min_tokens_shape_the_logits() -> None:
     (SamplingParams(max_tokens=3, min_tokens=5), "min_tokens must be in [0, max_tokens]"),
     (SamplingParams(logit_bias={"3": 150.0}), "logit_bias maps token ids >= 0 to biases in [-100, 100]"),
     (SamplingParams(logit_bias={"-2": 1.0}), "logit_bias maps token ids >= 0"),
+    (SamplingParams(ignore_eos="no"), "ignore_eos must be True or False, got 'no'"),  # ("no" counted as true)
+    (SamplingParams(grammar='{"type": "object"}'), "grammar must be a GrammarSpec"),  # (it failed the whole batch)
 ])
 def test_bad_values_are_named(params: SamplingParams, words: str) -> None:
     with pytest.raises(RequestError, match=words.replace("(", r"\(").replace("[", r"\[").replace("]", r"\]")):
@@ -196,3 +199,40 @@ def test_stop_strings_match_the_text_the_client_sees(tiny_ds: str) -> None:
             if (finish := stop_reason(req, token, tok, frozenset(), 4096)) is not None:
                 break
         assert (finish.matched, req.stop_text) == (stop, shown), (finish, req.stop_text)
+
+
+def test_a_stop_tokens_text_is_left_out(tiny_ds: str) -> None:
+    """A matched stop token that the text would show (a plain token in stop_token_ids, or EOS with
+    skip_special_tokens false) is left out of the text unless include_stop_str, as vLLM and SGLang do (it stayed)."""
+    from dsaserve.engine.request import stop_reason
+    from dsaserve.engine.tokenizer import Tokenizer
+
+    tok = Tokenizer(tiny_ds)
+    ids = tok.hf.encode("Hello world", add_special_tokens=False)
+    eos = sorted(tok.special_ids)[0]
+    cases = [(SamplingParams(stop_token_ids=(ids[-1],)), ids, tok.decode(ids[:-1])),
+             (SamplingParams(stop_token_ids=(ids[-1],), include_stop_str=True), ids, None),
+             (SamplingParams(stop_token_ids=(eos,), skip_special_tokens=False), ids[:-1] + [eos],
+              tok.decode(ids[:-1])),
+             (SamplingParams(stop_token_ids=(eos,)), ids[:-1] + [eos], None)]  # (shows nothing: no cut needed)
+    for params, output, text in cases:
+        req = _req(dataclasses.replace(params, max_tokens=100), [5], output)
+        finish = stop_reason(req, output[-1], tok, frozenset(), 4096)
+        assert (finish.kind, req.stop_text) == ("stop", text), (params, req.stop_text)
+
+
+
+def test_a_character_still_arriving_matches_no_stop_string(tiny_ds: str) -> None:
+    """A stop string of U+FFFD matched the replacement that a multi-byte character decodes to while its bytes
+    still arrive (the text never holds one)."""
+    from dsaserve.engine.request import stop_reason
+    from dsaserve.engine.tokenizer import Tokenizer
+
+    tok = Tokenizer(tiny_ds)
+    ids = tok.hf.encode("\u65e5\u672c ok", add_special_tokens=False)
+    assert tok.decode(ids[:1]).endswith("\ufffd")  # the first token holds part of a character
+    req = _req(SamplingParams(max_tokens=100, stop=("\ufffd",)), [5], [])
+    req.max_new_tokens = 100
+    for token in ids:
+        req.output_ids.append(token)
+        assert stop_reason(req, token, tok, frozenset(), 4096) is None, req.output_ids

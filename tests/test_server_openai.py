@@ -415,3 +415,20 @@ def test_flush_cache_empties_the_prefix_cache(server: ServerProcess) -> None:
     assert cached() == 12  # three whole pages of four
     assert httpx.post(f"{server.url}/flush_cache", timeout=60).status_code == 200
     assert cached() == 0
+
+
+def test_text_offsets_count_the_special_tokens_the_text_shows(client: openai.OpenAI, llm: LLM, model: str,
+                                                              tiny_ds: str) -> None:
+    """An echoed token-id prompt shows its special tokens (a BOS), and so does the output with skip_special_tokens
+    false: each takes its room in text_offset (they took none, and every later offset was that much early)."""
+    from dsaserve.engine.tokenizer import Tokenizer
+    tok = Tokenizer(tiny_ds)
+    special, eos = sorted(tok.special_ids)[0], min(llm.engine.eos_ids)
+    prompt = [special, 76, 77]
+    r = client.completions.create(model=model, prompt=prompt, max_tokens=0, echo=True, logprobs=0)
+    widths = [len(tok.decode([t], skip_special_tokens=False)) for t in prompt]
+    assert r.choices[0].logprobs.text_offset == [0, widths[0], widths[0] + widths[1]], r.choices[0].logprobs
+    r = client.completions.create(model=model, prompt=[5, 6], max_tokens=2, logprobs=0, temperature=0, extra_body={
+        "ignore_eos": True, "logit_bias": {str(eos): 100}, "skip_special_tokens": False})
+    shown = tok.decode([eos], skip_special_tokens=False)
+    assert r.choices[0].text == shown * 2 and r.choices[0].logprobs.text_offset == [0, len(shown)], r.choices[0]

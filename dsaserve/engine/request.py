@@ -106,6 +106,13 @@ class SamplingParams:
                     raise RequestError(f"{name} must be {what}, got {value!r}")
         if not all(isinstance(t, Integral) and not isinstance(t, bool) for t in self.stop_token_ids):
             raise RequestError(f"stop_token_ids must be integers, got {list(self.stop_token_ids)}")
+        for name in ("ignore_eos", "include_stop_str", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise RequestError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        from dsaserve.chat.grammar import GrammarSpec  # (no torch, no cycle: only its type hints name Request)
+        if self.grammar is not None and not isinstance(self.grammar, GrammarSpec):
+            raise RequestError(f"grammar must be a GrammarSpec (dsaserve.chat.grammar.checked_spec), got "
+                               f"{type(self.grammar).__name__}")
 
 
 _INT_FIELDS = ("top_k", "min_tokens")
@@ -246,18 +253,21 @@ def _shown_tail(ids: list[int], count: int, special: frozenset[int]) -> list[int
 def stop_reason(req: Request, token: int, tokenizer: Tokenizer, eos_ids: frozenset[int],
                 context_length: int) -> FinishReason | None:
     """Why `req` stops after its newest token `token` (already in output_ids), or None: a stop token or EOS, a
-    stop string (req.stop_text: the text up to it, or through it with include_stop_str), its length."""
+    stop string (req.stop_text: the text up to it, or through it with include_stop_str; a stop token's text is
+    left out too, as vLLM and SGLang do), its length."""
     p = req.params
     if token in p.stop_token_ids or (not p.ignore_eos and token in eos_ids):
+        if not p.include_stop_str and (not p.skip_special_tokens or token not in tokenizer.special_ids):
+            req.stop_text = tokenizer.decode(req.output_ids[:-1], p.skip_special_tokens)  # its text shows: cut it
         return FinishReason("stop", matched=token)
     if p.stop and len(req.output_ids) >= p.min_tokens:
         skip = p.skip_special_tokens  # the text the client sees: stop strings match it, stop_text cuts it
         window = max(len(s.encode()) for s in p.stop) + 8  # tokens: each decodes to >= 1 byte (byte-level BPE)
         tail = tokenizer.decode(_shown_tail(req.output_ids, window, tokenizer.special_ids if skip else frozenset()),
-                                skip)
+                                skip).rstrip("\ufffd")  # (a character still arriving byte by byte matches nothing)
         matched = [s for s in p.stop if s in tail]
         if matched:
-            text = tokenizer.decode(req.output_ids, skip)
+            text = tokenizer.decode(req.output_ids, skip).rstrip("\ufffd")
             # with min_tokens (vLLM's rule) only a match that ends after the first min_tokens tokens counts
             if p.min_tokens and req.min_tokens_chars is None:  # those tokens never change: decode them once
                 req.min_tokens_chars = len(tokenizer.decode(req.output_ids[:p.min_tokens], skip))

@@ -102,17 +102,23 @@ class IncrementalDetokenizer:
 
 class CharOffsets:
     """Where each token starts in the text (OpenAI's completions `text_offset`, in characters), fed tokens in
-    order across a stream's chunks: a token that continues a character starts where that character does;
-    special tokens, which the text leaves out, take no room."""
+    order across a stream's chunks: a token that continues a character starts where that character does; a
+    special token takes room where the text shows it (`show_special`: skip_special_tokens false)."""
 
-    def __init__(self, tokenizer: Tokenizer):
-        self.tok, self.chars = tokenizer, 0
+    def __init__(self, tokenizer: Tokenizer, show_special: bool = False):
+        self.tok, self.chars, self.show_special = tokenizer, 0, show_special
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
-    def take(self, ids: list[int]) -> list[int]:
-        starts = []
+    def take(self, ids: list[int], echo: str | None = None) -> list[int]:
+        """`echo`: the text the first of `ids` spell (an echoed prompt): a special token inside it takes room
+        where that text shows it (a token-id prompt's BOS does; the BOS a tokenizer adds to a text does not)."""
+        starts, base = [], self.chars
         for token in ids:
             starts.append(self.chars)
             if token not in self.tok.special_ids:
                 self.chars += len(self._utf8.decode(self.tok.token_bytes(token)))
+                continue
+            piece, at = self.tok.decode([token], skip_special_tokens=False), self.chars - base
+            shown = echo[at:].startswith(piece) if echo is not None and at < len(echo) else self.show_special
+            self.chars += len(piece) if shown else 0
         return starts

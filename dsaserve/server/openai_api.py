@@ -157,7 +157,7 @@ class OpenAIServing:
         options = body.stream_options or p.StreamOptions()
         running = options.include_usage and options.continuous_usage_stats  # (vLLM's rule: both)
         chunk_cls = p.ChatCompletionChunk if call.kind == "chat" else p.CompletionResponse
-        offsets = [CharOffsets(self.fe.tokenizer) for _ in handles]  # text_offset runs on across chunks
+        offsets = [CharOffsets(self.fe.tokenizer, not body.skip_special_tokens) for _ in handles]  # across chunks
         completion_tokens, cached = [0] * len(handles), [0] * len(handles)
         calls = [0] * len(handles)  # tool calls streamed so far, per choice
 
@@ -223,10 +223,9 @@ class OpenAIServing:
     def _completion_choice(self, body: p.SamplingFields, i: int, d: Delta, offsets: list[CharOffsets],
                            prompts: list[list[int]], echo: list[str] | None) -> p.CompletionChoice:
         finish = d.finish.kind if d.finish is not None else None
-        ids, lps, text = d.token_ids, d.logprobs, d.text
-        if echo is not None:  # the first delta of the choice starts with its prompt
-            ids, lps, text = *self._with_prompt(prompts[i // body.n], d.prompt_logprobs, ids, lps), echo[i // body.n] + text
-        clp = self._completion_logprobs(ids, lps, body, offsets[i]) if body.logprobs is not None else None
+        echoed = echo[i // body.n] if echo is not None else None  # the choice's first delta starts with its prompt
+        ids, lps, text = _with_prompt(prompts[i // body.n], echoed, d.prompt_logprobs, d.token_ids, d.logprobs, d.text)
+        clp = self._completion_logprobs(ids, lps, body, offsets[i], echoed) if body.logprobs is not None else None
         return p.CompletionChoice(index=i, text=text, logprobs=clp, finish_reason=finish)
 
     # -- completions -------------------------------------------------------------------------
@@ -255,9 +254,10 @@ class OpenAIServing:
                 for x, t in zip(items, ids)]
 
     def _completion_logprobs(self, ids: list[int], lps: LogprobList, body: p.SamplingFields,
-                             offsets: CharOffsets) -> p.CompletionLogprobs:
-        """`offsets`: where the text so far ends (each token's text_offset is its start in the text)."""
-        out = p.CompletionLogprobs(text_offset=offsets.take(ids))
+                             offsets: CharOffsets, echoed: str | None = None) -> p.CompletionLogprobs:
+        """`offsets`: where the text so far ends (each token's text_offset is its start in the text); `echoed`: the
+        prompt's text, which the ids start with."""
+        out = p.CompletionLogprobs(text_offset=offsets.take(ids, echoed))
         as_ids = body.return_tokens_as_token_ids
         for token, (chosen, top) in zip(ids, lps):
             name = self.token_str(token, as_ids)
@@ -268,21 +268,15 @@ class OpenAIServing:
                                     if chosen is not None else None)
         return out
 
-    @staticmethod
-    def _with_prompt(prompt: list[int], scored: LogprobList | None, ids: list[int],
-                     lps: LogprobList) -> tuple[list[int], list]:
-        """Echo: the prompt's tokens before the completion's; the first prompt token has no log-probability."""
-        return prompt + ids, prompt_token_logprobs(scored, len(prompt)) + list(lps)
-
     def _completion(self, call: Call, results: list[Result]) -> p.CompletionResponse:
         body, prompts, echo = call.body, call.prompts, call.echo
         choices = []
         for i, r in enumerate(results):
-            ids, lps, text = r.token_ids, r.logprobs, r.text
-            if echo is not None:
-                ids, lps = self._with_prompt(prompts[i // body.n], r.prompt_logprobs, ids, lps)
-                text = echo[i // body.n] + text
-            lp = (self._completion_logprobs(ids, lps, body, CharOffsets(self.fe.tokenizer))
+            echoed = echo[i // body.n] if echo is not None else None
+            ids, lps, text = _with_prompt(prompts[i // body.n], echoed, r.prompt_logprobs, r.token_ids, r.logprobs,
+                                          r.text)
+            offsets = CharOffsets(self.fe.tokenizer, not body.skip_special_tokens)
+            lp = (self._completion_logprobs(ids, lps, body, offsets, echoed)
                   if getattr(body, "logprobs", None) is not None else None)
             choices.append(p.CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=r.finish.kind))
         use = p.usage(sum(len(ids) for ids in prompts), sum(r.completion_tokens for r in results),
@@ -382,6 +376,15 @@ class OpenAIServing:
         if bad:
             raise bad_request(f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param="tokens")
         return p.DetokenizeResponse(prompt=self.fe.tokenizer.decode(body.tokens, skip_special_tokens=False))
+
+
+def _with_prompt(prompt: list[int], echoed: str | None, scored: LogprobList | None, ids: list[int],
+                 lps: LogprobList, text: str) -> tuple[list[int], LogprobList, str]:
+    """Echo (`echoed`: the prompt's text): the prompt's tokens before the completion's (the first has no
+    log-probability), its text before the completion's; else the completion's as they are."""
+    if echoed is None:
+        return ids, lps, text
+    return prompt + ids, prompt_token_logprobs(scored, len(prompt)) + list(lps), echoed + text
 
 
 def call_id() -> str:
