@@ -139,7 +139,7 @@ def test_tool_choice(choice, expected) -> None:
     ([{"type": "function", "function": {}}], None, r"tools\[0\].function.name"),
     (TOOLS + TOOLS[:1], None, "given twice"),
     ([{"type": "function", "function": {"name": "f", "parameters": {"$ref": "#/$defs/A"}}}], None,
-     r"\$ref '#/\$defs/A' must name one of its own"),
+     r"\$ref '#/\$defs/A' must name a schema inside these parameters"),
     ([{"type": "function", "function": {"name": "f", "parameters": {"$ref": "#/$defs/A", "$defs": {
         "A": {"type": "array"}}}}}], None, "of type object"),
 ])
@@ -160,6 +160,15 @@ def test_glm_arguments_of_a_boolean_property_schema() -> None:
                        "<arg_value>hi</arg_value></tool_call>")
     done.add(parser.finish())
     assert [(c.name, json.loads(c.arguments)) for c in done.calls] == [("f", {"x": 1, "y": "hi"})]
+
+
+@pytest.mark.parametrize("ref,defs", [("#/$defs/A~1B", {"$defs": {"A/B": {"type": "object", "properties": {
+    "code": {"type": "string"}}}}}), ("#/$defs/Outer/$defs/Args", {"$defs": {"Outer": {"$defs": {"Args": {
+        "type": "object", "properties": {"code": {"type": "string"}}}}}}})])
+def test_a_root_ref_is_a_json_pointer(ref: str, defs: dict) -> None:
+    """`~1` stands for '/' and a pointer may go deeper than one definition (both were refused)."""
+    from dsaserve.chat.tools import parameters_of
+    assert parameters_of({"parameters": {"$ref": ref, **defs}})["properties"] == {"code": {"type": "string"}}
 
 
 def test_glm_arguments_under_a_root_ref() -> None:

@@ -55,17 +55,20 @@ def check_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
 
 def parameters_of(fn: dict[str, Any], where: str = "parameters") -> dict[str, Any]:
     """A function's parameter schema, a `$ref` at its root (zod-to-json-schema writes one) resolved to the local
-    definition it names; the root's definitions stay, for `$ref`s further in. ValueError if it names none."""
-    params = fn.get("parameters") or {}
-    defs = {k: params[k] for k in ("$defs", "definitions") if isinstance(params.get(k), dict)}
+    JSON pointer it names (`#/$defs/Args`, `~1` / `~0` escapes, deeper paths); the root's definitions stay, for
+    `$ref`s further in. ValueError if it names nothing."""
+    root = fn.get("parameters") or {}
+    defs = {k: root[k] for k in ("$defs", "definitions") if isinstance(root.get(k), dict)}
+    params = root
     for _ in range(8):  # a ref may name a definition that is itself a ref
         ref = params.get("$ref")
         if ref is None:
             return params
-        kind, _, name = ref[2:].partition("/") if isinstance(ref, str) and ref.startswith("#/") else ("", "", "")
-        target = defs.get(kind, {}).get(name)
+        target: Any = root if isinstance(ref, str) and ref.startswith("#/") else None
+        for part in ref[2:].split("/") if target is not None else ():
+            target = target.get(part.replace("~1", "/").replace("~0", "~")) if isinstance(target, dict) else None
         if not isinstance(target, dict):
-            raise ValueError(f"{where}.$ref {ref!r} must name one of its own $defs or definitions")
+            raise ValueError(f"{where}.$ref {ref!r} must name a schema inside these parameters (#/$defs/NAME)")
         params = {**defs, **target}
     raise ValueError(f"{where}.$ref: a chain of more than 8 references")
 
