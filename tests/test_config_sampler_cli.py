@@ -184,7 +184,8 @@ def test_bench_one_batch_sizes_are_checked_first(tiny_ds: str, capsys: pytest.Ca
 def test_bench_one_batch(tiny_ds: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`dsaserve bench one-batch` runs a static batch (here sampled: the flags reach every request) and writes its
     table; the decode step's byte count grows with the context by exactly what each row must read per layer
-    (latent top-k rows, all index keys)."""
+    (latent top-k rows, and all index keys once the indexer runs: past index_topk keys; they were counted below
+    it too)."""
     import json
 
     from dsaserve.bench.one_batch import decode_step_bytes
@@ -212,13 +213,30 @@ def test_bench_one_batch(tiny_ds: str, tmp_path: Path, monkeypatch: pytest.Monke
     engine = Engine(ServerArgs(model_path=tiny_ds, max_total_tokens=512), progress=False)
     elem = engine.runner.pools.latent(0).element_size()  # fp32 on CPU, bf16 on CUDA
     index_layers = cfg.indexer_types.count("full")
-    def grow(short: int, long: int) -> int:  # per row: top-k latent rows in every layer, every index key
+    def keys(n: int) -> int:  # the index keys a row reads: none while every key is selected anyway
+        return n if n > cfg.index_topk else 0
+
+    def grow(short: int, long: int) -> int:  # per row: top-k latent rows in every layer, the index keys read
         return cfg.num_hidden_layers * (min(long, cfg.index_topk) - min(short, cfg.index_topk)) \
             * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * elem \
-            + index_layers * (long - short) * cfg.index_head_dim * elem
+            + index_layers * (keys(long) - keys(short)) * cfg.index_head_dim * elem
     assert cfg.index_topk == 16  # 4 -> 12 keys grow the latent rows read; 50 -> 100 only the index keys
     for short, long in ((4, 12), (50, 100)):
         assert decode_step_bytes(engine, 3, long) - decode_step_bytes(engine, 3, short) == 3 * grow(short, long)
+
+
+def test_bench_one_batch_with_mtp(tmp_path: Path) -> None:
+    """Under MTP a step commits up to S + 1 tokens per request: the batch's requests no longer end inside the
+    decode window (it raised), and decode tok/s counts the tokens committed (the trained model's drafts are
+    accepted), not one per request per step."""
+    from dsaserve.bench.one_batch import run_one
+    from dsaserve.engine.engine import Engine
+    from dsaserve.model.checkpoint import default_model_path
+    from dsaserve.server_args import ServerArgs
+    engine = Engine(ServerArgs(model_path=str(default_model_path()), max_total_tokens=1024, page_size=4,
+                               speculative_algorithm="NEXTN", speculative_num_steps=2), progress=False)
+    row = run_one(engine, 2, 16, 6, None)
+    assert row.decode_tok_s > 1.2 * 2 / (row.decode_step_ms / 1e3), row
 
 
 def test_bench_runs_prefill_uncached(tiny_ds: str) -> None:

@@ -50,7 +50,17 @@ def test_accept_length_is_reported_everywhere(server, tmp_path: Path) -> None:
                           "--num-prompts", "8", "--input-len", "16", "--output-len", "16", "--max-concurrency", "4",
                           "--output-json", str(out)], capture_output=True, text=True, timeout=200)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert "Accept length (MTP)" in run.stdout and json.loads(out.read_text())["accept_length"] > 1.0
+    bench = json.loads(out.read_text())
+    assert "Accept length (MTP)" in run.stdout and bench["accept_length"] > 1.0
+    # ITL per token, as SGLang counts it (a chunk of n verified tokens is n gaps): with every request 16 tokens
+    # long, its mean is the mean TPOT but for each stream's tail after its last token; per chunk, it was about
+    # accept-length times larger (the bound: half way)
+    assert bench["mean_itl_ms"] < bench["mean_tpot_ms"] * (1 + bench["accept_length"]) / 2
+    lines = httpx.get(f"{server.url}/metrics", timeout=30).text.splitlines()
+    itl_count, tokens, requests = (float(next(x.split()[-1] for x in lines if x.startswith(name + " "))) for name in (
+        "dsaserve_inter_token_latency_seconds_count", "dsaserve_generation_tokens_total",
+        'dsaserve_requests_total{finish_reason="length"}'))
+    assert itl_count == tokens - requests  # the server's histogram too: every token but each request's first
 
 
 def test_echo_returns_the_prompt_with_its_logprobs(client: openai.OpenAI) -> None:

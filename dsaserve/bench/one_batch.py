@@ -96,8 +96,9 @@ def matmul_rate(device: torch.device, n: int = 8192) -> float:
 def decode_step_bytes(engine: Engine, batch: int, context: int) -> float:
     """Weights a decode step of `batch` rows reads (planner.weight_bytes without the embedding table, the
     routed experts scaled to the share the rows are expected to hit, the indexer's query side only when it
-    runs: past index_topk keys) plus the cache it attends: each row
-    reads every index key of its context and its top-k latent rows, in every layer with caches."""
+    runs: past index_topk keys) plus the cache it attends: each row reads its top-k latent rows in every layer
+    with caches, and every index key of its context where the indexer runs (past index_topk keys). An MTP step's
+    drafting is not counted."""
     cfg, weights = engine.cfg, weight_bytes(engine.runner.model)
     hit = 1 - (1 - cfg.num_experts_per_tok / cfg.n_routed_experts) ** batch  # expected share of experts hit
     total = sum(weights.values()) - weights.get("embedding", 0) - weights.get("routed experts", 0) * (1 - hit)
@@ -108,8 +109,8 @@ def decode_step_bytes(engine: Engine, batch: int, context: int) -> float:
     latent_row = pools.latent(0).shape[-1] * pools.latent(0).element_size()
     index_layers = [i for i in range(engine.runner.cache_layers) if pools.has_index_keys(i)]
     index_row = pools.index_keys(index_layers[0]).shape[-1] * pools.index_keys(index_layers[0]).element_size()
-    kv = engine.runner.cache_layers * min(context, cfg.index_topk) * latent_row + len(index_layers) * context * index_row
-    return total + batch * kv
+    keys = len(index_layers) * context * index_row if context > cfg.index_topk else 0  # (else: no selection)
+    return total + batch * (engine.runner.cache_layers * min(context, cfg.index_topk) * latent_row + keys)
 
 
 def decode_lead(batch: int, input_len: int, chunk: int) -> int:
@@ -126,8 +127,10 @@ def run_one(engine: Engine, batch: int, input_len: int, output_len: int, bandwid
     # warm-up of the same shape does, at output_len 4).
     engine.evict_prefix_cache()
     gen = torch.Generator().manual_seed(batch * 7919 + input_len * 31 + output_len)
-    lead = decode_lead(batch, input_len, engine.scheduler.cfg.chunked_prefill_size)
-    params = SamplingParams(max_tokens=output_len + lead, ignore_eos=True, **{"temperature": 0.0, **(sampling or {})})
+    per_step = engine.spec_steps + 1  # tokens a step may commit per request (MTP: up to S + 1)
+    lead = decode_lead(batch, input_len, engine.scheduler.cfg.chunked_prefill_size) * per_step
+    params = SamplingParams(max_tokens=(output_len + lead) * per_step, ignore_eos=True,
+                            **{"temperature": 0.0, **(sampling or {})})
     rids = [f"b{batch}-{input_len}-{i}-{time.monotonic_ns()}" for i in range(batch)]
     for rid in rids:
         engine.add_request(rid, torch.randint(10, engine.cfg.vocab_size, (input_len,), generator=gen).tolist(),
@@ -145,18 +148,23 @@ def run_one(engine: Engine, batch: int, input_len: int, output_len: int, bandwid
     # Decode: output_len steps while every request runs (none can reach max_tokens: the early ones are at
     # most `lead` tokens ahead), timed as the engine runs them (overlapped scheduling: no sync per step).
     context = sum(engine.requests[rid].num_tokens for rid in rids) / batch + output_len / 2
-    first, start = engine.steps, time.perf_counter()
+    first, start, committed, returned = engine.steps, time.perf_counter(), 0, 0
     for _ in range(output_len):
-        if any(o.finish is not None for o in engine.step()):
+        outs = engine.step()
+        if any(o.finish is not None for o in outs):
             raise RuntimeError(f"a request ended inside the decode window (more than {lead} tokens ahead)")
+        committed += sum(len(o.new_token_ids) for o in outs)
+        returned += any(o.new_token_ids for o in outs)
     sync()
     launched, elapsed = engine.steps - first, time.perf_counter() - start
+    tokens_per_row = committed / (batch * returned) if returned else 1.0  # per request per step: 1, or MTP's
     engine.run_until_idle()
     step = elapsed / launched if launched else float("nan")
     nbytes = decode_step_bytes(engine, batch, round(context))
     flops = batch * prefill_flops(engine.runner.model, input_len, engine.spec_steps)
     return Row(batch, input_len, output_len, prefill_s, batch * input_len / prefill_s, flops,
-               flops / prefill_s / matmul if matmul else None, launched, 1e3 * step, batch / step, nbytes,
+               flops / prefill_s / matmul if matmul else None, launched, 1e3 * step, batch * tokens_per_row / step,
+               nbytes,
                nbytes / step / bandwidth if bandwidth else None, kernel_compiles() - compiles0,
                engine.scheduler.num_retractions - retractions0)
 

@@ -166,10 +166,15 @@ async def _discover(client: httpx.AsyncClient, cfg: BenchConfig) -> tuple[str, i
 
 async def _one(client: httpx.AsyncClient, model: str, prompt: list[int], out_len: int,
                extra: dict[str, Any]) -> RequestResult:
+    """One streamed request. Each chunk's running usage (continuous_usage_stats) says how many tokens it holds:
+    a gap before a chunk of n tokens (MTP verifies several per step) counts as n gaps of gap / n, as SGLang's
+    bench_serving counts them, so ITL is per token like TPOT. A request counts only if it ends with stop or
+    length and reports its usage."""
     res = RequestResult(prompt_len=len(prompt))
     body = {"model": model, "prompt": prompt, "max_tokens": out_len, "temperature": 0.0, "ignore_eos": True,
-            **extra, "stream": True, "stream_options": {"include_usage": True}}
+            **extra, "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
     start = last = time.perf_counter()
+    seen, finish = 0, None  # tokens in the chunks so far; the finish reason
     try:
         async with client.stream("POST", "/v1/completions", json=body) as r:
             if r.status_code != 200:
@@ -183,16 +188,22 @@ async def _one(client: httpx.AsyncClient, model: str, prompt: list[int], out_len
                     res.error = chunk["error"].get("message", "error")
                     return res
                 now = time.perf_counter()
+                usage = chunk.get("usage")
                 if chunk.get("choices"):
-                    if res.ttft == 0.0:
+                    finish = chunk["choices"][0].get("finish_reason") or finish
+                    tokens = usage["completion_tokens"] - seen if usage else 1
+                    if tokens > 0 and res.ttft == 0.0:
                         res.ttft = now - start
-                    else:
-                        res.itl.append(now - last)
-                    last = now
-                if chunk.get("usage"):
-                    res.output_tokens = chunk["usage"]["completion_tokens"]
-                    res.prompt_len = chunk["usage"]["prompt_tokens"]
+                    elif tokens > 0:
+                        res.itl += [(now - last) / tokens] * tokens
+                    seen, last = (seen + tokens, now) if tokens > 0 else (seen, last)
+                if usage:
+                    res.output_tokens, res.prompt_len = usage["completion_tokens"], usage["prompt_tokens"]
         res.latency = time.perf_counter() - start
+        if finish not in ("stop", "length") or not res.output_tokens:
+            res.error = f"the stream ended with finish_reason {finish!r}" if finish not in ("stop", "length") \
+                else "the stream reported no usage (completion_tokens)"
+            return res
         res.ok = True
     except (httpx.HTTPError, json.JSONDecodeError) as exc:
         res.error = f"{type(exc).__name__}: {exc}"

@@ -26,7 +26,8 @@ class EngineStats:
 
     @property
     def avg_spec_accept_length(self) -> float | None:
-        """Tokens a verify step yields per request: accepted drafts + the target's own token."""
+        """Tokens a verify step yields per request: accepted drafts + the target's own token (the drafts' quality:
+        counted before max_tokens or a stop cuts the output)."""
         if not self.spec_verify_steps:
             return None
         return (self.spec_accepted_tokens + self.spec_verify_steps) / self.spec_verify_steps

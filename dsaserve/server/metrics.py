@@ -41,8 +41,15 @@ class ServerMetrics:
                              buckets=_LATENCY_BUCKETS, registry=r)
 
     def observe_tokens(self, n: int, since_last: float, first: bool) -> None:
+        """n tokens arrived `since_last` seconds after the previous ones: the first ones' time is TTFT; later, n
+        gaps of since_last / n (MTP commits several tokens a step: inter-token latency is per token, as SGLang
+        counts it)."""
         self.generation_tokens.inc(n)
-        (self.ttft if first else self.itl).observe(since_last)
+        if first:
+            self.ttft.observe(since_last)
+            return
+        for _ in range(n):
+            self.itl.observe(since_last / max(n, 1))
 
     def observe_finish(self, reason: str, prompt_tokens: int, latency: float) -> None:
         self.prompt_tokens.inc(prompt_tokens)
