@@ -21,7 +21,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import httpx
 from tqdm import tqdm
@@ -220,18 +220,20 @@ def client_processes(cfg: BenchConfig) -> int:
 
 def _drive_in_processes(cfg: BenchConfig, model: str, reqs: list[tuple[list[int], int]],
                         n: int) -> tuple[list[RequestResult], float]:
-    """The requests dealt round-robin to n client processes, each with its share of the concurrency and of
-    the request rate (merged Poisson arrivals stay Poisson). They start together after their imports (a
-    barrier); perf_counter is CLOCK_MONOTONIC, one clock for every process on the machine, so the duration
-    runs from the first start to the last end. Progress is counted here, from their completions."""
+    """n client processes, each with its share of the concurrency and of the request rate (merged Poisson
+    arrivals stay Poisson), take the requests from one shared queue as their slots free (dealt out in advance, a
+    client whose requests ended early left its slots idle). They start together after their imports (a barrier);
+    perf_counter is CLOCK_MONOTONIC, one clock for every process on the machine, so the duration runs from the
+    first start to the last end. Progress is counted here, from their completions."""
     conc = cfg.max_concurrency
-    parts = [(replace(cfg, max_concurrency=None if conc is None else conc // n + (i < conc % n),
-                      request_rate=cfg.request_rate / n, seed=cfg.seed + 1000 * i, disable_tqdm=True),
-              reqs[i::n]) for i in range(n)]
+    parts = [replace(cfg, max_concurrency=None if conc is None else conc // n + (i < conc % n),
+                     request_rate=cfg.request_rate / n, seed=cfg.seed + 1000 * i, disable_tqdm=True) for i in range(n)]
     ctx = multiprocessing.get_context("spawn")
     with ctx.Manager() as manager, ProcessPoolExecutor(n, mp_context=ctx) as pool:
-        start, finished = manager.Barrier(n), manager.Queue()
-        futures = [pool.submit(_client_process, c, model, r, start, finished) for c, r in parts]
+        start, finished, todo = manager.Barrier(n), manager.Queue(), manager.Queue()
+        for i in range(len(reqs)):
+            todo.put(i)
+        futures = [pool.submit(_client_process, c, model, reqs, todo, start, finished) for c in parts]
         with tqdm(total=len(reqs), disable=cfg.disable_tqdm, desc="requests") as bar:
             while not all(f.done() for f in futures) or not finished.empty():
                 try:
@@ -240,17 +242,27 @@ def _drive_in_processes(cfg: BenchConfig, model: str, reqs: list[tuple[list[int]
                     pass
         done = [f.result() for f in futures]  # a client that failed (not a request) raises here
     results: list[RequestResult] = [RequestResult()] * len(reqs)
-    for i in range(n):  # back to the requests' order
-        results[i::n] = done[i][0]
+    for taken, _, _ in done:  # back to the requests' order
+        for i, result in taken:
+            results[i] = result
     return results, max(end for _, _, end in done) - min(begin for _, begin, _ in done)
 
 
-def _client_process(cfg: BenchConfig, model: str, reqs: list[tuple[list[int], int]], start: Any,
-                    finished: Any) -> tuple[list[RequestResult], float, float]:
-    async def go() -> tuple[list[RequestResult], float, float]:
+def _client_process(cfg: BenchConfig, model: str, reqs: list[tuple[list[int], int]], todo: Any, start: Any,
+                    finished: Any) -> tuple[list[tuple[int, RequestResult]], float, float]:
+    def pull() -> int | None:
+        try:
+            return todo.get_nowait()
+        except queue.Empty:
+            return None
+
+    async def take() -> int | None:
+        return await asyncio.to_thread(pull)
+
+    async def go() -> tuple[list[tuple[int, RequestResult]], float, float]:
         async with _client(cfg) as client:
             start.wait(300)  # every client imported and connected-ready: begin together
-            results, duration = await _drive(cfg, client, model, reqs, on_done=lambda: finished.put(1))
+            results, duration = await _drive(cfg, client, model, reqs, take, on_done=lambda: finished.put(1))
         end = time.perf_counter()
         return results, end - duration, end
     return event_loop.run(go())
@@ -265,23 +277,31 @@ def _client(cfg: BenchConfig) -> httpx.AsyncClient:
 
 
 async def _drive(cfg: BenchConfig, client: httpx.AsyncClient, model: str, reqs: list[tuple[list[int], int]],
-                 on_done: Callable[[], object] | None = None) -> tuple[list[RequestResult], float]:
+                 take: Callable[[], Awaitable[int | None]], on_done: Callable[[], object] | None = None,
+                 ) -> tuple[list[tuple[int, RequestResult]], float]:
+    """Run the requests `take` hands out (their indices; None: no more), each once a concurrency slot is free,
+    at Poisson arrivals when a request rate is set. Returns (index, result) pairs and the duration."""
     rng = random.Random(cfg.seed + 1)
     limit = asyncio.Semaphore(cfg.max_concurrency or len(reqs) or 1)
     bar = tqdm(total=len(reqs), disable=cfg.disable_tqdm, desc="requests")
 
-    async def limited(prompt: list[int], out_len: int) -> RequestResult:
-        async with limit:
-            result = await _one(client, model, prompt, out_len, cfg.extra_request_body)
+    async def run(i: int) -> tuple[int, RequestResult]:
+        try:
+            result = await _one(client, model, *reqs[i], cfg.extra_request_body)
+        finally:
+            limit.release()
         bar.update(1)
         if on_done is not None:
             on_done()
-        return result
+        return i, result
 
     start = time.perf_counter()
     tasks = []
-    for prompt, out_len in reqs:
-        tasks.append(asyncio.create_task(limited(prompt, out_len)))
+    while True:
+        await limit.acquire()  # a free slot first: a request is taken only when it can start
+        if (i := await take()) is None:
+            break
+        tasks.append(asyncio.create_task(run(i)))
         if math.isfinite(cfg.request_rate):
             await asyncio.sleep(rng.expovariate(cfg.request_rate))  # Poisson arrivals
     results = list(await asyncio.gather(*tasks))
@@ -342,7 +362,12 @@ async def benchmark(cfg: BenchConfig) -> dict[str, Any]:
         before = await _server_totals(client)
         reqs = make_requests(cfg, vocab)
         if n == 1:
-            results, duration = await _drive(cfg, client, model, reqs)
+            order = iter(range(len(reqs)))
+
+            async def take() -> int | None:
+                return next(order, None)
+            taken, duration = await _drive(cfg, client, model, reqs, take)
+            results = [result for _, result in sorted(taken, key=lambda pair: pair[0])]
         else:
             results, duration = await asyncio.to_thread(_drive_in_processes, cfg, model, reqs, n)
         after = await _server_totals(client)
