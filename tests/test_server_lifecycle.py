@@ -104,6 +104,26 @@ def test_abort_request(server: ServerProcess) -> None:
     wait_idle(server)
 
 
+def test_bench_counts_an_aborted_stream_as_failed(server: ServerProcess) -> None:
+    """`bench serving` reads each stream's finish reason: one that ends with `abort` is a failed request (it counted
+    as a success, its few tokens in the totals)."""
+    import asyncio
+
+    from dsaserve.bench.serving import _one
+
+    async def go():
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            run = asyncio.create_task(_one(client, "default", [5, 6, 7], 3000, {"rid": "bench-abort"}))
+            for _ in range(200):  # until the request runs (then it has thousands of tokens to go)
+                if (await client.post("/abort_request", json={"rid": "bench-abort"})).status_code == 200:
+                    break
+                await asyncio.sleep(0.05)
+            return await run
+    result = asyncio.run(go())
+    assert not result.ok and "finish_reason 'abort'" in result.error, result
+    wait_idle(server)
+
+
 def test_sigterm_under_load_ends_streams_and_leaves_no_process(server: ServerProcess, model: str) -> None:
     """SIGTERM to the server's whole process group, as systemd and `kill -- -PGID` send it: the streams end
     with `abort` (the ranks died of it at once, and the streams ended with a 503 naming a rank)."""
@@ -184,22 +204,3 @@ def test_startup_failure_is_reported(tmp_path: Path) -> None:
     assert "error: no config.json in" in str(err.value) and "no-such-model" in str(err.value)
     assert "Traceback" not in str(err.value)
 
-
-def test_bench_counts_an_aborted_stream_as_failed(server: ServerProcess) -> None:
-    """`bench serving` reads each stream's finish reason: one that ends with `abort` is a failed request (it counted
-    as a success, its few tokens in the totals)."""
-    import asyncio
-
-    from dsaserve.bench.serving import _one
-
-    async def go():
-        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
-            run = asyncio.create_task(_one(client, "default", [5, 6, 7], 3000, {"rid": "bench-abort"}))
-            for _ in range(200):  # until the request runs (then it has thousands of tokens to go)
-                if (await client.post("/abort_request", json={"rid": "bench-abort"})).status_code == 200:
-                    break
-                await asyncio.sleep(0.05)
-            return await run
-    result = asyncio.run(go())
-    assert not result.ok and "finish_reason 'abort'" in result.error, result
-    wait_idle(server)
