@@ -113,10 +113,11 @@ def decode_step_bytes(engine: Engine, batch: int, context: int) -> float:
     return total + batch * (engine.runner.cache_layers * min(context, cfg.index_topk) * latent_row + keys)
 
 
-def decode_lead(batch: int, input_len: int, chunk: int) -> int:
+def decode_lead(batch: int, input_len: int, chunk: int, spec_steps: int = 0) -> int:
     """Most tokens a request decodes before the batch's last prompt is prefilled: with mixed steps each
-    early request has a decode row in every later prefill step (rows that share the step's token budget)."""
-    return -(-batch * input_len // max(chunk - batch, 1)) + 1
+    early request has a decode row in every later prefill step (rows that share the step's token budget), each
+    committing up to S + 1 tokens under MTP."""
+    return (-(-batch * input_len // max(chunk - batch, 1)) + 1) * (spec_steps + 1)
 
 
 def run_one(engine: Engine, batch: int, input_len: int, output_len: int, bandwidth: float | None,
@@ -127,9 +128,8 @@ def run_one(engine: Engine, batch: int, input_len: int, output_len: int, bandwid
     # warm-up of the same shape does, at output_len 4).
     engine.evict_prefix_cache()
     gen = torch.Generator().manual_seed(batch * 7919 + input_len * 31 + output_len)
-    per_step = engine.spec_steps + 1  # tokens a step may commit per request (MTP: up to S + 1)
-    lead = decode_lead(batch, input_len, engine.scheduler.cfg.chunked_prefill_size) * per_step
-    params = SamplingParams(max_tokens=(output_len + lead) * per_step, ignore_eos=True,
+    lead = decode_lead(batch, input_len, engine.scheduler.cfg.chunked_prefill_size, engine.spec_steps)
+    params = SamplingParams(max_tokens=output_len * (engine.spec_steps + 1) + lead, ignore_eos=True,
                             **{"temperature": 0.0, **(sampling or {})})
     rids = [f"b{batch}-{input_len}-{i}-{time.monotonic_ns()}" for i in range(batch)]
     for rid in rids:
@@ -177,7 +177,8 @@ def run(ns: argparse.Namespace) -> int:
         raise ValueError("; ".join(bad))  # (cli.main prints it as one line, exit code 2)
     batch = max(ns.batch_size + ns.profile + ns.profile_prefill)
     chunk = max(args.chunked_prefill_size, max(ns.input_len))
-    longest = max(ns.input_len) + ns.output_len + decode_lead(batch, max(ns.input_len), chunk)
+    steps = args.spec_steps  # MTP: a step commits up to S + 1 tokens per request
+    longest = max(ns.input_len) + ns.output_len * (steps + 1) + decode_lead(batch, max(ns.input_len), chunk, steps)
     args = args.replace(max_running_requests=max(batch, args.max_running_requests), chunked_prefill_size=chunk,
                         max_total_tokens=args.max_total_tokens or batch * (longest + args.page_size) + 4096)
     t = time.perf_counter()

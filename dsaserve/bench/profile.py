@@ -71,11 +71,12 @@ def _start_batch(engine: Engine, batch: int, input_len: int) -> list[str]:
     up to decode_lead tokens ahead), and long enough to stay through the profiled steps."""
     from dsaserve.bench.one_batch import decode_lead
     gen = torch.Generator().manual_seed(0)
-    lead = decode_lead(batch, input_len, engine.scheduler.cfg.chunked_prefill_size)
+    lead = decode_lead(batch, input_len, engine.scheduler.cfg.chunked_prefill_size, engine.spec_steps)
     rids = [f"profile-{i}" for i in range(batch)]
     for rid in rids:
         engine.add_request(rid, torch.randint(10, engine.cfg.vocab_size, (input_len,), generator=gen).tolist(),
-                           SamplingParams(max_tokens=STEPS + 4 + lead, temperature=0.0, ignore_eos=True))
+                           SamplingParams(max_tokens=(STEPS + 4) * (engine.spec_steps + 1) + lead, temperature=0.0,
+                                          ignore_eos=True))
     started: set[str] = set()
     while len(started) < batch and engine.has_work():
         started.update(o.rid for o in engine.step() if o.new_token_ids)

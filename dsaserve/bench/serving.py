@@ -295,15 +295,16 @@ async def _drive(cfg: BenchConfig, client: httpx.AsyncClient, model: str, reqs: 
             on_done()
         return i, result
 
-    start = time.perf_counter()
+    start = arrival = time.perf_counter()
     tasks = []
     while True:
-        await limit.acquire()  # a free slot first: a request is taken only when it can start
+        await asyncio.sleep(max(0.0, arrival - time.perf_counter()))  # Poisson arrivals, kept however slots wait
+        await limit.acquire()  # then a free slot: a request is taken only when it can start
         if (i := await take()) is None:
             break
         tasks.append(asyncio.create_task(run(i)))
         if math.isfinite(cfg.request_rate):
-            await asyncio.sleep(rng.expovariate(cfg.request_rate))  # Poisson arrivals
+            arrival += rng.expovariate(cfg.request_rate)
     results = list(await asyncio.gather(*tasks))
     bar.close()
     return results, time.perf_counter() - start
