@@ -147,7 +147,7 @@ def run_one(engine: Engine, batch: int, input_len: int, output_len: int, bandwid
     prefill_s = time.perf_counter() - start
     # Decode: output_len steps while every request runs (none can reach max_tokens: the early ones are at
     # most `lead` tokens ahead), timed as the engine runs them (overlapped scheduling: no sync per step).
-    context = sum(engine.requests[rid].num_tokens for rid in rids) / batch + output_len / 2
+    context = sum(engine.requests[rid].num_tokens for rid in rids) / batch  # at the window's start
     first, start, committed, returned = engine.steps, time.perf_counter(), 0, 0
     for _ in range(output_len):
         outs = engine.step()
@@ -160,7 +160,7 @@ def run_one(engine: Engine, batch: int, input_len: int, output_len: int, bandwid
     tokens_per_row = committed / (batch * returned) if returned else 1.0  # per request per step: 1, or MTP's
     engine.run_until_idle()
     step = elapsed / launched if launched else float("nan")
-    nbytes = decode_step_bytes(engine, batch, round(context))
+    nbytes = decode_step_bytes(engine, batch, round(context + output_len * tokens_per_row / 2))  # its middle
     flops = batch * prefill_flops(engine.runner.model, input_len, engine.spec_steps)
     return Row(batch, input_len, output_len, prefill_s, batch * input_len / prefill_s, flops,
                flops / prefill_s / matmul if matmul else None, launched, 1e3 * step, batch * tokens_per_row / step,
