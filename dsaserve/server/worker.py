@@ -28,6 +28,8 @@ from dsaserve.model.checkpoint import CheckpointError
 from dsaserve.server_args import ServerArgs, SettingError
 
 log = logging.getLogger(__name__)
+# A flag or the checkpoint cannot be served: one line naming it (no traceback), exit 2 (m.SETTING_EXIT)
+SETTING_ERRORS = (SettingError, ConfigError, CheckpointError)
 HEARTBEAT_S = 0.5
 STATS_INTERVAL_S = 1.0  # statistics whose only change is a progress counter go out at most this often
 
@@ -67,7 +69,7 @@ def _follow(args: ServerArgs, par: Any) -> bool:
     from dsaserve.engine.engine import Engine
     try:
         engine = Engine(args, progress=False, par=par)
-    except (SettingError, ConfigError, CheckpointError) as exc:  # its leader (if it fails too) reports it
+    except SETTING_ERRORS as exc:  # its leader (if it fails too) reports it
         log.error("engine start failed: %s", exc)
         raise SystemExit(m.SETTING_EXIT) from None
     freeze_startup_heap()
@@ -106,7 +108,7 @@ def _build_engine(args: ServerArgs, par: Any, push: zmq.Socket) -> Any:
     from dsaserve.engine.engine import Engine
     try:
         engine = Engine(args, progress=par.cfg.rank == 0, par=par)  # rank 0 shows the load progress
-    except (SettingError, ConfigError, CheckpointError) as exc:  # names the flag or tensor: no traceback
+    except SETTING_ERRORS as exc:  # names the flag or tensor: no traceback
         log.error("engine start failed: %s", exc)
         push.send_pyobj([m.StartupFailed(str(exc), setting=True)])
         return None
