@@ -192,11 +192,12 @@ async def _one(client: httpx.AsyncClient, model: str, prompt: list[int], out_len
                 if chunk.get("choices"):
                     finish = chunk["choices"][0].get("finish_reason") or finish
                     tokens = usage["completion_tokens"] - seen if usage else 1
-                    if tokens > 0 and res.ttft == 0.0:
-                        res.ttft = now - start
-                    elif tokens > 0:
-                        res.itl += [(now - last) / tokens] * tokens
-                    seen, last = (seen + tokens, now) if tokens > 0 else (seen, last)
+                    if tokens > 0:
+                        if res.ttft == 0.0:
+                            res.ttft = now - start
+                        else:
+                            res.itl += [(now - last) / tokens] * tokens
+                        seen, last = seen + tokens, now
                 if usage:
                     res.output_tokens, res.prompt_len = usage["completion_tokens"], usage["prompt_tokens"]
         res.latency = time.perf_counter() - start
