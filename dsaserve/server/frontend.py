@@ -232,9 +232,11 @@ class Frontend:
 
     async def submit(self, prompt_ids: list[int], params: SamplingParams, rid: str | None = None,
                      dp_rank: int | None = None, group: str | None = None,
-                     route: DisaggRoute | None = None, scores_only: bool = False) -> RequestHandle:
+                     route: DisaggRoute | None = None, scores_only: bool = False,
+                     arrived: float | None = None) -> RequestHandle:
         """Queue one request on a leader; raises ApiError if it is rejected or the deployment fails.
-        `scores_only`: its answer leaves out the tokens (streaming.prompt_scoring)."""
+        `scores_only`: its answer leaves out the tokens (streaming.prompt_scoring); `arrived`: when its HTTP
+        request arrived (the latency metrics' start)."""
         if self.problem is not None:
             raise ApiError(503, self.problem)
         rank = self.route(dp_rank)
@@ -242,7 +244,7 @@ class Frontend:
         if rid in self.handles:
             raise ApiError(400, f"request id {rid!r} is already in use", param="rid")
         handle = RequestHandle(rid, rank, self.tokenizer, params, group, scores_only,
-                               route.room if route is not None else None)
+                               route.room if route is not None else None, arrived)
         self.handles[rid] = handle
         self._send(rank, m.AddRequest(rid, list(prompt_ids), params, route))
         try:
@@ -254,7 +256,8 @@ class Frontend:
 
     async def submit_many(self, prompts: list[list[int]], params: list[SamplingParams], base_rid: str,
                           dp_rank: int | None, route: DisaggRoute | None = None,
-                          rids: list[str] | None = None, scores_only: bool = False) -> list[RequestHandle]:
+                          rids: list[str] | None = None, scores_only: bool = False,
+                          arrived: float | None = None) -> list[RequestHandle]:
         """All or nothing: if one is rejected, the accepted ones are aborted. `base_rid` (the
         response id) names them all for /abort_request; each is `base_rid`-i, or rids[i] when given."""
         if route is not None and len(prompts) > 1:
@@ -265,7 +268,7 @@ class Frontend:
             raise ApiError(400, f"request id {base_rid!r} is already in use", param="rid")
         rids = rids or [f"{base_rid}-{i}" for i in range(len(prompts))]
         self.groups[base_rid] = rids
-        jobs = [self.submit(p, sp, rid, dp_rank, base_rid, route, scores_only)
+        jobs = [self.submit(p, sp, rid, dp_rank, base_rid, route, scores_only, arrived)
                 for p, sp, rid in zip(prompts, params, rids)]
         results = await asyncio.gather(*jobs, return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]

@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 from typing import Any
 
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dsaserve.server.errors import ApiError
@@ -28,6 +30,8 @@ class RequestGuard:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        # Latency metrics count from here, as a client sees them: parsing, templating and tokenizing included
+        scope.setdefault("state", {})["arrived"] = time.monotonic()
         length = dict(scope["headers"]).get(b"content-length", b"")
         too_large = ApiError(413, f"the request body is larger than {self.limit} bytes (--max-request-bytes)",
                              code="request_too_large")
@@ -87,3 +91,8 @@ def _find(value: Any, path: str) -> ApiError | None:
         if found is not None:
             return found
     return None
+
+
+def arrival(request: Request) -> float | None:
+    """When the request's body began to arrive (time.monotonic), as RequestGuard stamped it."""
+    return getattr(request.state, "arrived", None)

@@ -56,14 +56,15 @@ class Delta:
 
 class RequestHandle:
     def __init__(self, rid: str, rank: int, tokenizer: Tokenizer, params: SamplingParams, group: str | None = None,
-                 scores_only: bool = False, room: int | None = None):
+                 scores_only: bool = False, room: int | None = None, arrived: float | None = None):
         self.rid, self.rank, self.group = rid, rank, group  # group: the response id of an n > 1 / batch call
         self.room = room  # PD: its bootstrap room
         self.scores_only = scores_only  # the prompt only (max_tokens 0): the one token it ran for is left out
         self.accepted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.queue: asyncio.Queue[Delta | EngineFailure] = asyncio.Queue()
         self.finished = False
-        self.created = self._last = time.monotonic()
+        # TTFT and e2e latency count from the HTTP request's arrival when the route knows it (guard.arrival)
+        self.created = self._last = arrived if arrived is not None else time.monotonic()
         self._got_token = False
         self._detok = IncrementalDetokenizer(tokenizer, params.skip_special_tokens)
         self._text, self._emitted = "", 0

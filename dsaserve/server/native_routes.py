@@ -20,6 +20,7 @@ from dsaserve.server import native_protocol as native
 from dsaserve.server import protocol as p
 from dsaserve.server.errors import ApiError, bad_request
 from dsaserve.server.frontend import RequestHandle
+from dsaserve.server.guard import arrival
 from dsaserve.server.openai_api import OpenAIServing
 from dsaserve.server.streaming import (DONE, AbortingStream, Result, aborter, bias_pairs, checked, collect_call,
                                        error_event, finish_error, merged, prompt_token_logprobs, prompt_scoring)
@@ -144,10 +145,10 @@ def native_router(serving: OpenAIServing) -> APIRouter:
             if batch or n > 1:
                 base = body.rid if isinstance(body.rid, str) else secrets.token_hex(16)
                 handles = await fe.submit_many(prompts, params * (len(prompts) // n), base, dp_rank, route, rids,
-                                               prompt_only)
+                                               prompt_only, arrival(request))
             else:
                 handles = [await fe.submit(prompts[0], params[0], body.rid, dp_rank, route=route,
-                                           scores_only=prompt_only)]
+                                           scores_only=prompt_only, arrived=arrival(request))]
         many = batch or n > 1
         if body.stream:
             return AbortingStream(_generate_stream(handles, body, prompts, decodes, many), aborter(fe, handles))

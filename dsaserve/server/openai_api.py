@@ -125,7 +125,7 @@ class OpenAIServing:
     async def submit(self, body: p.SamplingFields, route: DisaggRoute | None, dp_rank: int | None,
                      prompts: list[list[int]], max_tokens: int | None, logprobs: int | None, kind: str,
                      parser: ParserFactory | None = None, grammar: GrammarSpec | None = None,
-                     echo: list[str] | None = None) -> Call:
+                     echo: list[str] | None = None, arrived: float | None = None) -> Call:
         """Queue a call's completions (inside Frontend.refusing). `echo`: each prompt's text, returned before
         its completion (with its tokens' log-probabilities when logprobs are asked for)."""
         scored = logprobs if echo is not None else None
@@ -141,7 +141,8 @@ class OpenAIServing:
                   for _ in prompts for i in range(body.n)]
         flat = [ids for ids in prompts for _ in range(body.n)]
         rid = body.rid or f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
-        handles = await self.fe.submit_many(flat, params, rid, dp_rank, route, scores_only=prompt_only)
+        handles = await self.fe.submit_many(flat, params, rid, dp_rank, route, scores_only=prompt_only,
+                                            arrived=arrived)
         return Call(rid, body, prompts, handles, kind, parser, echo)
 
     async def respond(self, request: Request, call: Call) -> Any:

@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from dsaserve.server import protocol as p
+from dsaserve.server.guard import arrival
 from dsaserve.server.openai_api import OpenAIServing
 
 
@@ -34,7 +35,7 @@ def openai_router(serving: OpenAIServing) -> APIRouter:
             serving.check_choices(body.prompt_count, body.n, body.routed_dp_rank)
             prompts, grammar, echo = await serving.fe.tokenize(serving.prepare_completion, body)  # off the loop
             call = await serving.submit(body, route, dp_rank, prompts, body.max_tokens, body.logprobs,
-                                        "completion", grammar=grammar, echo=echo)
+                                        "completion", grammar=grammar, echo=echo, arrived=arrival(request))
         return await serving.respond(request, call)
 
     @router.post("/v1/chat/completions", response_model=None)
@@ -47,7 +48,7 @@ def openai_router(serving: OpenAIServing) -> APIRouter:
             serving.check_choices(1, body.n, body.routed_dp_rank)
             plan = await serving.fe.tokenize(serving.plan_chat, body)  # off the event loop
             call = await serving.submit(body, route, dp_rank, [plan.prompt.ids], max_tokens, logprobs, "chat",
-                                        plan.parser, plan.grammar)
+                                        plan.parser, plan.grammar, arrived=arrival(request))
         return await serving.respond(request, call)
 
     @router.post("/tokenize")
