@@ -3,6 +3,7 @@ that fell behind catches up at once), in order, and a deployment failure ends th
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 
@@ -70,3 +71,42 @@ def test_a_failed_part_of_a_call_aborts_the_others_at_once() -> None:
         return aborted, err.value.status == 400
     aborted, client_error = asyncio.run(go())
     assert aborted == ["r0", "r2"] and client_error
+
+
+@pytest.mark.parametrize("route", ["completion", "chat", "generate"])
+def test_the_tokens_merged_before_an_error_reach_the_client(route: str) -> None:
+    """A consumer that fell behind reads the steps before an error finish merged into its delta: their text is sent
+    (it was dropped with the error), then the error event and [DONE]."""
+    from types import SimpleNamespace
+
+    from dsaserve.server import native_protocol as native
+    from dsaserve.server import protocol as p
+    from dsaserve.server.native_routes import generate_stream
+    from dsaserve.server.openai_api import Call, OpenAIServing
+
+    error = FinishReason("error", message="the output constraint failed: x", client_error=True)
+    serving = OpenAIServing(SimpleNamespace(tokenizer=None), "m", None)  # type: ignore[arg-type]
+
+    async def go() -> list[str]:
+        handle = RequestHandle("r", 0, None, SamplingParams())  # type: ignore[arg-type]
+        for d in (_delta(0), _delta(1), _delta(2, error)):  # all waiting: one merged delta
+            handle.queue.put_nowait(d)
+        if route == "generate":
+            stream = generate_stream(serving, [handle], native.GenerateRequest(input_ids=[5], stream=True), [[5]],
+                                     False, False)
+        else:
+            body = (p.CompletionRequest(prompt=[5], stream=True) if route == "completion" else
+                    p.ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], stream=True))
+            stream = serving._stream(Call("c", body, [[5]], [handle], route, None, None), [None])
+        return [chunk async for chunk in stream]
+
+    events = [e[6:] for e in "".join(asyncio.run(go())).split("\n\n") if e]
+    assert events[-1] == "[DONE]" and "the output constraint failed" in json.loads(events[-2])["error"]["message"]
+    chunks = [json.loads(e) for e in events[:-2]]
+    if route == "generate":
+        assert chunks[-1]["text"] == "t0 t1 t2 " and chunks[-1]["output_ids"] == [0, 1, 2]
+        assert chunks[-1]["meta_info"]["finish_reason"] is None
+    else:
+        text = "".join(c["choices"][0]["text"] if route == "completion" else c["choices"][0]["delta"]["content"] or ""
+                       for c in chunks)
+        assert text == "t0 t1 t2 " and all(c["choices"][0]["finish_reason"] is None for c in chunks)

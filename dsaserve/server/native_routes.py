@@ -23,7 +23,8 @@ from dsaserve.server.frontend import RequestHandle
 from dsaserve.server.guard import arrival
 from dsaserve.server.openai_api import OpenAIServing
 from dsaserve.server.streaming import (DONE, AbortingStream, Result, aborter, bias_pairs, checked, collect_call,
-                                       error_event, finish_error, merged, prompt_token_logprobs, prompt_scoring)
+                                       error_event, finish_error, merged, prompt_token_logprobs, prompt_scoring,
+                                       split_error)
 
 # SamplingParams' names as /generate's sampling_params spell them (errors name the client's field)
 _NATIVE_NAMES = {"max_tokens": "max_new_tokens", "min_tokens": "min_new_tokens", "include_stop_str": "no_stop_trim"}
@@ -121,6 +122,26 @@ async def _generate_prompts(serving: OpenAIServing, body: native.GenerateRequest
     return prompts, rids
 
 
+async def generate_stream(serving: OpenAIServing, handles: list[RequestHandle], body: native.GenerateRequest,
+                          prompts: list[list[int]], decodes: bool, many: bool) -> AsyncIterator[str]:
+    """/generate's stream: sglang's shape, every chunk carries the text and ids so far."""
+    results = [Result() for _ in handles]
+    try:
+        async for i, d in merged(handles):
+            d, error = split_error(d)  # (the tokens before an error are sent, then the error)
+            res = results[i]
+            res.absorb(d)
+            if error is None or d.token_ids or d.text:
+                chunk = {"text": res.text, "output_ids": res.token_ids,
+                         "meta_info": _meta(serving, handles[i], res, body, prompts[i], decodes)}
+                yield p.sse({**chunk, "index": i} if many else chunk)
+            if error is not None:
+                raise finish_error(error)
+    except Exception as exc:
+        yield error_event(exc)
+    yield DONE
+
+
 def native_router(serving: OpenAIServing) -> APIRouter:
     router, fe, pd = APIRouter(), serving.fe, serving.pd
 
@@ -151,28 +172,13 @@ def native_router(serving: OpenAIServing) -> APIRouter:
                                            scores_only=prompt_only, arrived=arrival(request))]
         many = batch or n > 1
         if body.stream:
-            return AbortingStream(_generate_stream(handles, body, prompts, decodes, many), aborter(fe, handles))
+            return AbortingStream(generate_stream(serving, handles, body, prompts, decodes, many),
+                                  aborter(fe, handles))
         results = await collect_call(request, fe, handles)
         out = [{"text": res.text, "output_ids": res.token_ids,
                 "meta_info": _meta(serving, h, res, body, ids, decodes)}
                for h, res, ids in zip(handles, results, prompts)]
         return out if many else out[0]
-
-    async def _generate_stream(handles: list[RequestHandle], body: native.GenerateRequest, prompts: list[list[int]],
-                               decodes: bool, many: bool) -> AsyncIterator[str]:
-        results = [Result() for _ in handles]  # sglang's shape: every chunk carries the text and ids so far
-        try:
-            async for i, d in merged(handles):
-                res = results[i]
-                res.absorb(d)
-                if d.finish is not None and d.finish.kind == "error":
-                    raise finish_error(d.finish)
-                chunk = {"text": res.text, "output_ids": res.token_ids,
-                         "meta_info": _meta(serving, handles[i], res, body, prompts[i], decodes)}
-                yield p.sse({**chunk, "index": i} if many else chunk)
-        except Exception as exc:
-            yield error_event(exc)
-        yield DONE
 
     @router.post("/abort_request")
     async def abort_request(body: native.AbortRequest) -> dict[str, Any]:  # rid: /generate's, or an OpenAI response id

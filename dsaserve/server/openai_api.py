@@ -22,7 +22,8 @@ from dsaserve.server import protocol as p
 from dsaserve.server.errors import ApiError, bad_request
 from dsaserve.server.frontend import Delta, Frontend, RequestHandle
 from dsaserve.server.streaming import (DONE, AbortingStream, Result, aborter, bias_pairs, checked, collect_call,
-                                       error_event, finish_error, merged, prompt_token_logprobs, prompt_scoring)
+                                       error_event, finish_error, merged, prompt_token_logprobs, prompt_scoring,
+                                       split_error)
 
 LogprobList = list[tuple[float, list[tuple[int, float]]]]
 ParserFactory = Callable[[], OutputParser]
@@ -177,16 +178,17 @@ class OpenAIServing:
                             choice_usage(i))
         try:
             async for i, d in merged(handles):
-                if d.finish is not None and d.finish.kind == "error":
-                    raise finish_error(d.finish)
+                d, error = split_error(d)  # (the tokens before an error are sent, then the error)
                 completion_tokens[i], cached[i] = d.completion_tokens, d.cached_tokens
                 if call.kind == "chat":
                     choices = self._chat_choices(body, i, d, parsers[i], calls)
                 else:
                     first = echo is not None and d.completion_tokens == len(d.token_ids)  # its first delta
                     choices = [self._completion_choice(body, i, d, offsets, prompts, echo if first else None)]
-                if choices:
+                if choices and (error is None or d.token_ids or d.text):
                     yield "".join(chunk([c], choice_usage(i)) for c in choices)
+                if error is not None:
+                    raise finish_error(error)
         except Exception as exc:  # an error mid-stream: the client gets it as an event, then [DONE]
             yield error_event(exc)
             yield DONE

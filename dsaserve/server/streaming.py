@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
 import anyio
@@ -122,6 +123,15 @@ async def merged(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, Delta
     finally:
         for t in tasks:
             t.cancel()
+
+
+def split_error(d: Delta) -> tuple[Delta, FinishReason | None]:
+    """A delta that ends its request in an error: (its tokens without the finish, the error), which a stream sends
+    in that order; a merged delta holds the steps before the error, the client's as they would have been one event
+    each. Any other delta: (it, None)."""
+    if d.finish is None or d.finish.kind != "error":
+        return d, None
+    return dataclasses.replace(d, finish=None), d.finish
 
 
 def finish_error(finish: FinishReason) -> ApiError:
