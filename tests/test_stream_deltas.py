@@ -110,3 +110,18 @@ def test_the_tokens_merged_before_an_error_reach_the_client(route: str) -> None:
         text = "".join(c["choices"][0]["text"] if route == "completion" else c["choices"][0]["delta"]["content"] or ""
                        for c in chunks)
         assert text == "t0 t1 t2 " and all(c["choices"][0]["finish_reason"] is None for c in chunks)
+
+
+def test_several_requests_deltas_come_merged_per_request() -> None:
+    """n > 1 and batch calls: a consumer that fell behind gets one event per request with all its waiting deltas,
+    as a single request's stream does (it got one event per engine step of each request)."""
+    from dsaserve.server.streaming import merged
+
+    async def go() -> list[tuple[int, list[int], bool]]:
+        handles = [RequestHandle(f"r{i}", 0, None, SamplingParams()) for i in range(2)]  # type: ignore[arg-type]
+        for step in range(3):
+            for h in handles:
+                h.queue.put_nowait(_delta(step, FinishReason("length") if step == 2 else None))
+        return [(i, d.token_ids, d.finish is not None) async for i, d in merged(handles)]
+    got = asyncio.run(go())
+    assert sorted(got) == [(0, [0, 1, 2], True), (1, [0, 1, 2], True)]

@@ -94,7 +94,8 @@ async def collect_all(handles: list[RequestHandle], abort_rest: Callable[[], Non
 
 
 async def merged(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, Delta]]:
-    """Deltas of several requests as they arrive, tagged with the request's index."""
+    """Deltas of several requests as they arrive, tagged with the request's index; a consumer that fell behind
+    gets each request's waiting deltas merged into one (RequestHandle.deltas)."""
     if len(handles) == 1:  # the common case: no pump task and second queue per token
         async for d in handles[0].deltas():
             yield 0, d
@@ -113,13 +114,25 @@ async def merged(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, Delta
     try:
         remaining = len(tasks)
         while remaining:
-            i, item = await queue.get()
-            if item is None:
-                remaining -= 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
-                yield i, item
+            waiting = [await queue.get()]
+            while not queue.empty():  # what queued meanwhile comes merged per request, as a single request's does
+                waiting.append(queue.get_nowait())
+            caught_up: dict[int, Delta] = {}
+            failure: Exception | None = None
+            for i, item in waiting:
+                if item is None:
+                    remaining -= 1
+                elif isinstance(item, Exception):
+                    failure = item  # (after the deltas that came before it)
+                    break
+                elif i in caught_up:
+                    caught_up[i].absorb(item)  # (a request's finish is its last delta)
+                else:
+                    caught_up[i] = item
+            for i, d in caught_up.items():
+                yield i, d
+            if failure is not None:
+                raise failure
     finally:
         for t in tasks:
             t.cancel()
