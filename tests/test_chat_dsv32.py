@@ -143,6 +143,23 @@ def test_tool_results_pair_with_calls_by_tool_call_id(server: ServerProcess) -> 
     assert tokens(head + no_ids) != in_order  # without ids, the order sent is the order given
 
 
+def test_tokenize_follows_tool_choice(server: ServerProcess, hf) -> None:
+    """tool_choice "none" leaves the tools out of the chat prompt: /tokenize gives the same ids, and refuses a
+    tool_choice that chat completions refuses, naming it."""
+    _, messages, _, tools, expected = next(c for c in CASES if c[0] == "tools on the system message")
+    no_tools = "<｜begin▁of▁sentence｜>Be brief.<｜User｜>Weather in Paris?<｜Assistant｜></think>"
+    for tool_choice, prompt in (("auto", expected), ("required", expected), ("none", no_tools)):
+        body = {"messages": messages, "tools": tools, "tool_choice": tool_choice}
+        r = httpx.post(f"{server.url}/tokenize", json=body, timeout=30).json()
+        assert r["tokens"] == hf.encode(prompt, add_special_tokens=False), tool_choice
+    for tool_choice, problem in (("sometimes", "tool_choice must be none, auto, required"),
+                                 ({"type": "function", "function": {"name": "nope"}}, "not in tools")):
+        body = {"messages": messages, "tools": tools, "tool_choice": tool_choice}
+        r = httpx.post(f"{server.url}/tokenize", json=body, timeout=30)
+        assert r.status_code == 400 and problem in r.json()["error"]["message"], r.text
+        assert r.json()["error"]["param"] == "tool_choice"
+
+
 def test_tokenize_prompt_and_bad_requests(server: ServerProcess, hf) -> None:
     r = httpx.post(f"{server.url}/tokenize", json={"prompt": "Hello world", "return_token_strs": True}).json()
     assert r["tokens"] == hf.encode("Hello world") and r["token_strs"] == hf.convert_ids_to_tokens(r["tokens"])

@@ -300,10 +300,7 @@ class OpenAIServing:
     def plan_chat(self, body: p.ChatCompletionRequest) -> ChatPlan:
         self.fe.check_prompt_chars(sum(len(m.content) if isinstance(m.content, str) else
                                        sum(len(part.text or "") for part in m.content or []) for m in body.messages))
-        try:
-            tools = plan_tools(body.tools, body.tool_choice)
-        except ValueError as exc:
-            raise bad_request(str(exc), param="tools" if "tools[" in str(exc) else "tool_choice") from None
+        tools = checked_tools(body.tools, body.tool_choice)
         prompt = self.render(body, tools.tools)
         reasoning, tool_parser_name = self.fe.args.reasoning_parser, None
         if tools.parse:
@@ -361,10 +358,7 @@ class OpenAIServing:
         if body.prompt is not None:
             ids = list(self.fe.tokenizer.hf.encode(body.prompt, add_special_tokens=body.add_special_tokens))
         else:
-            try:
-                tools = plan_tools(body.tools, None).tools
-            except ValueError as exc:
-                raise bad_request(str(exc), param="tools") from None
+            tools = checked_tools(body.tools, body.tool_choice).tools  # ("none": left out, as chat leaves them)
             chat = p.ChatInput(messages=body.messages, tools=body.tools,
                                chat_template_kwargs=body.chat_template_kwargs)
             ids = self.render(chat, tools, body.add_generation_prompt).ids
@@ -388,6 +382,14 @@ def _with_prompt(prompt: list[int], echoed: str | None, scored: LogprobList | No
     if echoed is None:
         return ids, lps, text
     return prompt + ids, prompt_token_logprobs(scored, len(prompt)) + list(lps), echoed + text
+
+
+def checked_tools(tools: list[dict[str, Any]] | None, tool_choice: str | dict[str, Any] | None) -> ToolPlan:
+    """The tools the prompt shows and the choice among them, or a 400 naming the field at fault."""
+    try:
+        return plan_tools(tools, tool_choice)
+    except ValueError as exc:
+        raise bad_request(str(exc), param="tools" if "tools[" in str(exc) else "tool_choice") from None
 
 
 def call_id() -> str:

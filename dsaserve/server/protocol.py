@@ -181,6 +181,7 @@ class TokenizeRequest(ClientBody):
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None  # "none" leaves the tools out, as chat completions does
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
     add_special_tokens: bool = True  # prompts only: a rendered conversation carries its own
