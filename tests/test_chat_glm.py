@@ -86,9 +86,35 @@ def test_template_and_kwargs_reach_the_prompt(server: ServerProcess, hf, name: s
     assert r["tokens"] == hf.encode(expected, add_special_tokens=False)
 
 
-def test_add_generation_prompt_false(server: ServerProcess, hf) -> None:
-    r = httpx.post(f"{server.url}/tokenize", json={"messages": HI, "add_generation_prompt": False}).json()
-    assert r["tokens"] == hf.encode("[gMASK]<sop><|user|>Hi", add_special_tokens=False)
+AS_IDS = {"return_tokens_as_token_ids": True, "ignore_eos": True}
+
+
+@pytest.mark.parametrize("messages,fields,expected", [
+    (HI, {"add_generation_prompt": False}, "[gMASK]<sop><|user|>Hi"),
+    (HI + [{"role": "assistant", "content": "It is"}], {"add_generation_prompt": False, "continue_final_message": True},
+     "[gMASK]<sop><|user|>Hi<|assistant|></think>It is"),
+], ids=["add_generation_prompt false", "continue_final_message"])
+def test_generation_prompt_fields_on_tokenize_and_chat(server: ServerProcess, client: openai.OpenAI, hf,
+                                                       messages: list, fields: dict, expected: str) -> None:
+    """vLLM's add_generation_prompt / continue_final_message: /tokenize and chat completions render the same prompt
+    (chat used to ignore both, and /tokenize the second)."""
+    ids = hf.encode(expected, add_special_tokens=False)
+    assert httpx.post(f"{server.url}/tokenize", json={"messages": messages, **fields}).json()["tokens"] == ids
+    model = client.models.list().data[0].id
+    chat = client.chat.completions.create(model=model, messages=messages, max_tokens=4, temperature=0, logprobs=True,
+                                          extra_body={**fields, **AS_IDS})
+    plain = client.completions.create(model=model, prompt=ids, max_tokens=4, temperature=0, logprobs=0,
+                                      extra_body=AS_IDS)
+    assert chat.usage.prompt_tokens == len(ids)
+    assert [t.token for t in chat.choices[0].logprobs.content] == plain.choices[0].logprobs.tokens
+
+
+def test_continue_final_message_needs_add_generation_prompt_false(server: ServerProcess) -> None:
+    body = {"messages": HI + [{"role": "assistant", "content": "It is"}], "continue_final_message": True}
+    for path in ("/tokenize", "/v1/chat/completions"):
+        r = httpx.post(f"{server.url}{path}", json=body, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "continue_final_message", r.text
+        assert "needs add_generation_prompt: false" in r.json()["error"]["message"]
 
 
 @pytest.mark.parametrize("enable_thinking", [True, False])

@@ -50,7 +50,9 @@ class ChatFormat:
         self.available = mode == "deepseek_v32" or has_template
 
     def render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
-               kwargs: dict[str, Any] | None = None, add_generation_prompt: bool = True) -> RenderedChat:
+               kwargs: dict[str, Any] | None = None, add_generation_prompt: bool = True,
+               continue_final_message: bool = False) -> RenderedChat:
+        """continue_final_message: the prompt ends inside the last message, which the reply continues."""
         kwargs = dict(kwargs or {})
         bad = sorted(RESERVED_KWARGS & kwargs.keys())
         if bad:
@@ -60,7 +62,7 @@ class ChatFormat:
                 raise ChatFormatError(f"chat_template_kwargs {key} must be true or false, got {kwargs[key]!r}")
         try:
             text = self._text(results_in_call_order([normalize(m) for m in messages]), tools or None, kwargs,
-                              add_generation_prompt)
+                              add_generation_prompt, continue_final_message)
         except ChatFormatError:
             raise
         except Exception as exc:  # a template or encoding that rejects the conversation: the client's problem
@@ -68,11 +70,15 @@ class ChatFormat:
         return RenderedChat(text, list(self.tok.hf.encode(text, add_special_tokens=False)))
 
     def _text(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, kwargs: dict[str, Any],
-              add_generation_prompt: bool) -> str:
+              add_generation_prompt: bool, continue_final_message: bool = False) -> str:
         if self.encoding == "deepseek_v32":
             # The published encoding has no generation-prompt switch: a user turn always opens the reply.
             thinking = bool(kwargs.get("thinking", kwargs.get("enable_thinking", False)))
-            return dsv32.encode_messages(messages, thinking=thinking, tools=tools)
+            if continue_final_message and (not messages or messages[-1]["role"] != "assistant"):
+                raise ChatFormatError("continue_final_message needs an assistant message last (the DeepSeek-V3.2 "
+                                      "encoding continues an assistant turn)")
+            text = dsv32.encode_messages(messages, thinking=thinking, tools=tools)
+            return text.removesuffix(dsv32.EOS) if continue_final_message else text  # the turn left open
         if not self.available:
             raise ChatFormatError("the model's tokenizer has no chat template (use /v1/completions, or "
                                   "--tokenizer-mode deepseek_v32 for a DeepSeek-V3.2 checkpoint)")
@@ -84,7 +90,8 @@ class ChatFormat:
                 if isinstance(fn.get("arguments"), str):
                     fn["arguments"] = _json_object(fn["arguments"], fn.get("name"))
         return self.tok.hf.apply_chat_template(messages, tools=tools, add_generation_prompt=add_generation_prompt,
-                                               tokenize=False, **kwargs)
+                                               continue_final_message=continue_final_message, tokenize=False,
+                                               **kwargs)
 
 
 def normalize(msg: dict[str, Any]) -> dict[str, Any]:

@@ -289,11 +289,13 @@ class OpenAIServing:
 
     # -- chat --------------------------------------------------------------------------------
 
-    def render(self, body: p.ChatInput, tools: list[dict[str, Any]] | None,
-               add_generation_prompt: bool = True) -> RenderedChat:
+    def render(self, body: p.ChatInput, tools: list[dict[str, Any]] | None) -> RenderedChat:
+        if body.continue_final_message and body.add_generation_prompt:  # (vLLM's rule, and transformers')
+            raise bad_request("continue_final_message needs add_generation_prompt: false (the reply continues the "
+                              "last message instead of opening a new one)", param="continue_final_message")
         try:
             return self.chat_format.render([m.plain() for m in body.messages], tools, body.chat_template_kwargs,
-                                           add_generation_prompt)
+                                           body.add_generation_prompt, body.continue_final_message)
         except ChatFormatError as exc:
             raise bad_request(str(exc), param="messages") from None
 
@@ -359,9 +361,10 @@ class OpenAIServing:
             ids = list(self.fe.tokenizer.hf.encode(body.prompt, add_special_tokens=body.add_special_tokens))
         else:
             tools = checked_tools(body.tools, body.tool_choice).tools  # ("none": left out, as chat leaves them)
-            chat = p.ChatInput(messages=body.messages, tools=body.tools,
-                               chat_template_kwargs=body.chat_template_kwargs)
-            ids = self.render(chat, tools, body.add_generation_prompt).ids
+            chat = p.ChatInput(messages=body.messages, tools=body.tools, chat_template_kwargs=body.chat_template_kwargs,
+                               add_generation_prompt=body.add_generation_prompt,
+                               continue_final_message=body.continue_final_message)
+            ids = self.render(chat, tools).ids
         strs = self.fe.tokenizer.hf.convert_ids_to_tokens(ids) if body.return_token_strs else None
         return p.TokenizeResponse(count=len(ids), max_model_len=self.fe.info["context_length"], tokens=ids,
                                   token_strs=strs)

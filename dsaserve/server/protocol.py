@@ -159,6 +159,8 @@ class ChatInput(ClientBody):
     messages: list[ChatMessage] = Field(min_length=1)
     tools: list[dict[str, Any]] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool = True  # vLLM's: false ends the prompt after the last message
+    continue_final_message: bool = False  # vLLM's: the reply continues the last message (no end-of-turn after it)
 
 
 class ChatCompletionRequest(ChatInput, SamplingFields):
@@ -184,6 +186,7 @@ class TokenizeRequest(ClientBody):
     tool_choice: str | dict[str, Any] | None = None  # "none" leaves the tools out, as chat completions does
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
     add_special_tokens: bool = True  # prompts only: a rendered conversation carries its own
     return_token_strs: bool = False
 
