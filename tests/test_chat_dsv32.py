@@ -114,6 +114,14 @@ def _tool(name: str, **parameters) -> dict:
     ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [
         {"id": "a", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
         {"role": "tool", "tool_call_id": "b", "content": "r"}]}, "tool_call_id 'b' names none of the calls"),
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [
+        {"id": "a", "type": "function", "function": "f"}]}]}, "tool call needs its function: {'name'"),
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [
+        {"id": "a", "type": "function", "function": {"name": "f", "arguments": "{x"}}]}]},
+     "tool call 'f': arguments are not valid JSON"),
+    # the implied system message that carries the tools is not counted: message 1 is the client's second
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "a"}], "tools": [WEATHER],
+      "chat_template_kwargs": {"thinking": True}}, "message 1: in thinking mode an assistant message"),
 ])
 def test_bad_chat_input_is_a_400(client: openai.OpenAI, server: ServerProcess, body: dict, problem: str) -> None:
     model = client.models.list().data[0].id

@@ -109,6 +109,18 @@ def test_generation_prompt_fields_on_tokenize_and_chat(server: ServerProcess, cl
     assert [t.token for t in chat.choices[0].logprobs.content] == plain.choices[0].logprobs.tokens
 
 
+@pytest.mark.parametrize("call,problem", [
+    ({"id": "a", "type": "function", "function": "f"}, "tool call needs its function: {'name'"),
+    ({"id": "a", "type": "function", "function": {"name": "f", "arguments": 5}}, "tool call 'f': arguments must be"),
+    ({"id": "a", "type": "function", "function": {"name": "f", "arguments": "{x"}}, "tool call 'f': arguments are not"),
+])
+def test_a_malformed_tool_call_in_history_is_a_400_naming_it(server: ServerProcess, call: dict, problem: str) -> None:
+    messages = HI + [{"role": "assistant", "tool_calls": [call]}]
+    for path in ("/tokenize", "/v1/chat/completions"):
+        r = httpx.post(f"{server.url}{path}", json={"messages": messages, "max_tokens": 2}, timeout=30)
+        assert r.status_code == 400 and problem in r.json()["error"]["message"], r.text
+
+
 def test_continue_final_message_needs_add_generation_prompt_false(server: ServerProcess) -> None:
     body = {"messages": HI + [{"role": "assistant", "content": "It is"}], "continue_final_message": True}
     for path in ("/tokenize", "/v1/chat/completions"):

@@ -75,7 +75,10 @@ def render_invoke(call: dict[str, Any]) -> str:
     fn = call.get("function", call)
     args = fn.get("arguments") or {}
     if isinstance(args, str):
-        args = json.loads(args or "{}")
+        try:
+            args = json.loads(args or "{}")
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"tool call {fn.get('name')!r}: arguments are not valid JSON ({exc})") from None
     if not isinstance(args, dict):
         raise ValueError(f"tool call {fn.get('name')!r}: arguments must be a JSON object")
     params = [f'<{DSML}parameter name="{k}" string="{"true" if isinstance(v, str) else "false"}">'
@@ -83,16 +86,28 @@ def render_invoke(call: dict[str, Any]) -> str:
     return f'<{DSML}invoke name="{fn.get("name")}">\n' + "\n".join(params) + f"\n{INVOKE_END}"
 
 
+class _MessageError(ValueError):
+    """A problem with the message at `index` of the list the encoding renders."""
+
+    def __init__(self, index: int, problem: str):
+        super().__init__(f"message {index}: {problem}")
+        self.index, self.problem = index, problem
+
+
 def encode_messages(messages: list[dict[str, Any]], thinking: bool = False,
                     tools: list[dict[str, Any]] | None = None) -> str:
     """The prompt text for `messages` (OpenAI shape); it ends where the assistant's reply begins."""
-    messages = [dict(m) for m in messages]
+    messages, implied = [dict(m) for m in messages], 0
     if tools:
         if not messages or messages[0].get("role") != "system":
             messages.insert(0, {"role": "system", "content": ""})
+            implied = 1
         messages[0]["tools"] = tools
     last_user = max((i for i, m in enumerate(messages) if m.get("role") in ("user", "developer")), default=-1)
-    return BOS + "".join(_render(i, messages, thinking, last_user) for i in range(len(messages)))
+    try:
+        return BOS + "".join(_render(i, messages, thinking, last_user) for i in range(len(messages)))
+    except _MessageError as exc:  # errors name the client's message (not counting an implied system message)
+        raise ValueError(f"message {exc.index - implied}: {exc.problem}") from None
 
 
 def _render(i: int, messages: list[dict[str, Any]], thinking: bool, last_user: int) -> str:
@@ -103,7 +118,7 @@ def _render(i: int, messages: list[dict[str, Any]], thinking: bool, last_user: i
     if role in ("user", "developer"):
         if role == "developer":
             if not content:
-                raise ValueError(f"message {i}: a developer message needs content")
+                raise _MessageError(i, "a developer message needs content")
             content = f"\n\n# The user's message is: {content}"
         opened = THINK_START if (i == last_user and thinking) else THINK_END
         return f"{USER}{content}{ASSISTANT}{opened}"
@@ -116,11 +131,11 @@ def _render(i: int, messages: list[dict[str, Any]], thinking: bool, last_user: i
         reasoning = ""
         if thinking and i > last_user:
             if not (msg.get("reasoning_content") or calls):
-                raise ValueError(f"message {i}: in thinking mode an assistant message after the last user message "
-                                 "needs reasoning_content or tool_calls")
+                raise _MessageError(i, "in thinking mode an assistant message after the last user message needs "
+                                        "reasoning_content or tool_calls")
             reasoning = (msg.get("reasoning_content") or "") + THINK_END
         return reasoning + content + calls_text + EOS
-    raise ValueError(f"message {i}: unknown role {role!r} (system, developer, user, assistant or tool)")
+    raise _MessageError(i, f"unknown role {role!r} (system, developer, user, assistant or tool)")
 
 
 def _render_tool(i: int, messages: list[dict[str, Any]], thinking: bool, last_user: int) -> str:
@@ -130,7 +145,7 @@ def _render_tool(i: int, messages: list[dict[str, Any]], thinking: bool, last_us
     calls = messages[prev].get("tool_calls") if prev >= 0 and messages[prev].get("role") == "assistant" else None
     order = i - prev  # 1 for the first result of that assistant turn
     if not calls or len(calls) < order:
-        raise ValueError(f"message {i}: a tool result needs an earlier assistant message with that many tool_calls")
+        raise _MessageError(i, "a tool result needs an earlier assistant message with that many tool_calls")
     out = ("\n\n<function_results>" if order == 1 else "") + f"\n<result>{messages[i].get('content') or ''}</result>"
     if order == len(calls):
         out += "\n</function_results>\n\n" + (THINK_START if (i >= last_user and thinking) else THINK_END)

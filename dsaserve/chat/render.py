@@ -86,9 +86,12 @@ class ChatFormat:
             if m["role"] == "developer":  # OpenAI's successor of system, which chat templates do not know
                 m["role"] = "system"
             for call in m.get("tool_calls") or []:
-                fn = call.get("function", {})
-                if isinstance(fn.get("arguments"), str):
-                    fn["arguments"] = _json_object(fn["arguments"], fn.get("name"))
+                fn = call["function"]  # (normalize: a dict)
+                args = fn.get("arguments")
+                if args is None or isinstance(args, str):
+                    fn["arguments"] = _json_object(args or "", fn.get("name"))
+                elif not isinstance(args, dict):
+                    raise ChatFormatError(f"tool call {fn.get('name')!r}: arguments must be a JSON object")
         return self.tok.hf.apply_chat_template(messages, tools=tools, add_generation_prompt=add_generation_prompt,
                                                continue_final_message=continue_final_message, tokenize=False,
                                                **kwargs)
@@ -102,7 +105,10 @@ def normalize(msg: dict[str, Any]) -> dict[str, Any]:
         content = "".join(p.get("text") or "" for p in content if p.get("type") == "text")
     out["content"] = content or ""
     if msg.get("tool_calls"):
-        out["tool_calls"] = [{**c, "function": dict(c.get("function") or {})} for c in msg["tool_calls"]]
+        if any(not isinstance(c.get("function"), dict) for c in msg["tool_calls"]):
+            raise ChatFormatError("an assistant message's tool call needs its function: {'name': ..., 'arguments': "
+                                  "...}")
+        out["tool_calls"] = [{**c, "function": dict(c["function"])} for c in msg["tool_calls"]]
         if any(not isinstance(c["function"].get("name"), str) for c in out["tool_calls"]):
             raise ChatFormatError("an assistant message's tool call has no function name")
     return out
