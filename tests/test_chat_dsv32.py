@@ -131,6 +131,17 @@ def test_bad_chat_input_is_a_400(client: openai.OpenAI, server: ServerProcess, b
     assert httpx.post(f"{server.url}/tokenize", json={"prompt": "still serving"}, timeout=30).status_code == 200
 
 
+@pytest.mark.parametrize("kwargs,problem", [({"tools": []}, "may not set tools"),
+                                            ({"thinking": "false"}, "thinking must be true or false")])
+def test_bad_chat_template_kwargs_are_named(server: ServerProcess, kwargs: dict, problem: str) -> None:
+    """The same 400 on chat completions and /tokenize, its param the field at fault (it said messages)."""
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "chat_template_kwargs": kwargs}
+    for path in ("/tokenize", "/v1/chat/completions"):
+        r = httpx.post(f"{server.url}{path}", json=body, timeout=30)
+        assert r.status_code == 400 and problem in r.json()["error"]["message"], r.text
+        assert r.json()["error"]["param"] == "chat_template_kwargs", r.text
+
+
 def test_tool_results_pair_with_calls_by_tool_call_id(server: ServerProcess) -> None:
     """The published encoding pairs results with calls by position; OpenAI clients pair them by tool_call_id
     and may send them in another order: the prompt is the one of the results in the calls' order."""

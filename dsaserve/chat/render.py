@@ -24,7 +24,11 @@ THINKING_SWITCHES = frozenset({"thinking", "enable_thinking"})  # chat_template_
 
 
 class ChatFormatError(ValueError):
-    """The conversation cannot be rendered (the message names what is wrong)."""
+    """The conversation cannot be rendered (the message names what is wrong; `param`: the request field)."""
+
+    def __init__(self, message: str, param: str = "messages"):
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass(frozen=True)
@@ -56,10 +60,11 @@ class ChatFormat:
         kwargs = dict(kwargs or {})
         bad = sorted(RESERVED_KWARGS & kwargs.keys())
         if bad:
-            raise ChatFormatError(f"chat_template_kwargs may not set {', '.join(bad)}")
+            raise ChatFormatError(f"chat_template_kwargs may not set {', '.join(bad)}", "chat_template_kwargs")
         for key in THINKING_SWITCHES & kwargs.keys():  # ("false" is true to Python and to a Jinja template)
             if not isinstance(kwargs[key], bool):
-                raise ChatFormatError(f"chat_template_kwargs {key} must be true or false, got {kwargs[key]!r}")
+                raise ChatFormatError(f"chat_template_kwargs {key} must be true or false, got {kwargs[key]!r}",
+                                      "chat_template_kwargs")
         try:
             text = self._text(results_in_call_order([normalize(m) for m in messages]), tools or None, kwargs,
                               add_generation_prompt, continue_final_message)

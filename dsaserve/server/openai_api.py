@@ -297,7 +297,7 @@ class OpenAIServing:
             return self.chat_format.render([m.plain() for m in body.messages], tools, body.chat_template_kwargs,
                                            body.add_generation_prompt, body.continue_final_message)
         except ChatFormatError as exc:
-            raise bad_request(str(exc), param="messages") from None
+            raise bad_request(str(exc), param=exc.param) from None
 
     def plan_chat(self, body: p.ChatCompletionRequest) -> ChatPlan:
         self.fe.check_prompt_chars(sum(len(m.content) if isinstance(m.content, str) else
