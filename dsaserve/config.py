@@ -86,6 +86,8 @@ class ModelConfig:
     bos_token_id: int | None
     tie_word_embeddings: bool
     fp8_block: tuple[int, int] | None  # weight_scale_inv block shape when the checkpoint is FP8
+    # quantization_config's modules_to_not_convert (vLLM: ignored_layers): modules an FP8 checkpoint keeps unquantized
+    fp8_unquantized: tuple[str, ...] = ()
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -187,6 +189,7 @@ class ModelConfig:
             bos_token_id=raw.get("bos_token_id"),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             fp8_block=_fp8_block(raw.get("quantization_config")),
+            fp8_unquantized=_fp8_unquantized(raw.get("quantization_config")),
             raw=raw,
         )
 
@@ -250,3 +253,28 @@ def _fp8_block(qcfg: dict[str, Any] | None) -> tuple[int, int] | None:
         raise ConfigError(f"quantization {qcfg.get('quant_method')!r} is not supported (only block fp8)")
     block = qcfg.get("weight_block_size") or [128, 128]
     return int(block[0]), int(block[1])
+
+
+def _fp8_unquantized(qcfg: dict[str, Any] | None) -> tuple[str, ...]:
+    names = (qcfg or {}).get("modules_to_not_convert") or (qcfg or {}).get("ignored_layers") or []
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"quantization_config's modules_to_not_convert / ignored_layers must be a list of module "
+                          f"names, got {names!r}")
+    return tuple(names)
+
+
+def names_module(module: str, patterns: tuple[str, ...]) -> bool:
+    """Whether `module` (a checkpoint name without `.weight`) is one of `patterns` as transformers matches
+    modules_to_not_convert: a prefix ending on a module boundary ("model.layers.3" names "model.layers.3.mlp",
+    not "model.layers.31"), the same as a regular expression ("model.layers.*.indexer"), or a suffix ("eh_proj")."""
+    boundary = r"(?:(?<=\.)|(?=\.|$))"
+    for key in patterns:
+        try:
+            if re.match(rf"(?:{key}){boundary}", module):
+                return True
+        except re.error:  # not a regular expression: the name as written
+            if module == key or module.startswith(key + "."):
+                return True
+        if module.endswith(key):
+            return True
+    return False

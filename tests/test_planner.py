@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from dsaserve.cli import main
 from dsaserve.config import ModelConfig
@@ -151,3 +152,41 @@ def test_a_partial_download_is_named_not_a_traceback(damage: str, tmp_path: Path
     words = "is listed in the shard index but does not exist" if damage == "missing" else \
         "is not a readable safetensors file"
     assert f"error: {shard} {words}" in out, out
+
+
+@pytest.mark.parametrize("key", ["modules_to_not_convert", "ignored_layers"])
+def test_modules_the_config_leaves_unquantized_are_planned_and_dummied_as_loaded(key: str, tmp_path: Path) -> None:
+    """An FP8 checkpoint whose MTP layer is bf16, as its quantization_config says (modules_to_not_convert, vLLM's
+    ignored_layers): `plan` on config.json alone and `--load-format dummy` counted that layer in FP8 (half the
+    bytes the engine then allocated); they count what the engine loads from the shards."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from dsaserve.model.loader import build_model
+    from dsaserve.ops.fp8 import dequantize
+    from dsaserve.tiny import make_tiny_model
+    ckpt = make_tiny_model(tmp_path / "m", "deepseek_v32", fp8=True)
+    mtp = f"model.layers.{json.loads((ckpt / 'config.json').read_text())['num_hidden_layers']}."
+    tensors = {n: t for f in ckpt.glob("*.safetensors") for n, t in load_file(f).items()}
+    for f in ckpt.glob("*.safetensors"):
+        save_file({n: dequantize(t, tensors[n + "_scale_inv"], (128, 128)).bfloat16()
+                   if n.startswith(mtp) and n + "_scale_inv" in tensors else t
+                   for n, t in load_file(f).items() if not (n.startswith(mtp) and n.endswith("_scale_inv"))}, f)
+    weight_map = {n: f.name for f in ckpt.glob("*.safetensors") for n in load_file(f)}
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config = json.loads((ckpt / "config.json").read_text())
+    config["quantization_config"][key] = ["lm_head", mtp.rstrip(".")]
+    (ckpt / "config.json").write_text(json.dumps(config))
+    only = tmp_path / "config-only"
+    only.mkdir()
+    shutil.copy(ckpt / "config.json", only / "config.json")
+    cfg = ModelConfig.from_path(ckpt)
+    loaded = weight_bytes(build_model(ckpt, torch.device("cpu"), torch.float32, progress=False))
+    assert loaded["mtp"] > 0
+    args = dict(dtype="float32", max_total_tokens=256, speculative_algorithm="NEXTN", speculative_num_steps=1)
+    assert plan(cfg, ServerArgs(model_path=str(ckpt), **args), int(1e9)).weights == loaded
+    assert plan(cfg, ServerArgs(model_path=str(only), **args), int(1e9)).weights == loaded
+    dummy = build_model(ckpt, torch.device("cpu"), torch.float32, progress=False, load_format="dummy")
+    assert weight_bytes(dummy) == loaded
+    assert dummy.layers[0].self_attn.o_proj.weight.dtype == torch.float8_e4m3fn  # the other layers stay FP8

@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from dsaserve.config import ModelConfig
+from dsaserve.config import ModelConfig, names_module
 from dsaserve.engine.layout import checks_enabled
 from dsaserve.model import quant
 from dsaserve.model.checkpoint import Checkpoint, CheckpointError
@@ -314,8 +314,11 @@ def fused_sources(model: torch.nn.Module) -> dict[str, tuple[str, quant.Linear, 
 
 def fp8_by_config(cfg: ModelConfig) -> Callable[[str], bool]:
     """Which tensors a checkpoint of this config has in FP8, from config.json alone (the planner, and
-    `--load-format dummy`): every linear layer the loader may keep in FP8, when the config quantizes."""
-    return lambda name: cfg.fp8_block is not None
+    `--load-format dummy`): every linear layer the loader may keep in FP8, when the config quantizes, but for the
+    modules its quantization_config leaves unquantized (modules_to_not_convert / ignored_layers)."""
+    if cfg.fp8_block is None:
+        return lambda name: False
+    return lambda name: not names_module(name.removesuffix(".weight"), cfg.fp8_unquantized)
 
 
 def weight_formats(cfg: ModelConfig, ckpt: Checkpoint | None) -> Callable[[str], bool]:
