@@ -3,6 +3,7 @@ an independently dequantized copy, and every rank loads exactly its slice of wei
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -209,6 +210,19 @@ def test_fp8_checkpoint_errors_name_the_tensor(drop: str, message: str, tmp_path
     shutil.copytree(fp8_models["deepseek_v32"][0], tmp_path / "m")
     _rewrite_tensor(tmp_path / "m", drop)
     with pytest.raises(CheckpointError, match=message):
+        build_model(tmp_path / "m", CPU, torch.float32, progress=False)
+
+
+def test_an_fp8_format_other_than_e4m3_is_refused(tmp_path: Path, fp8_models: dict[str, tuple[Path, Path]]) -> None:
+    """An e5m2 weight with its weight_scale_inv loaded as plain values, its scales left out (off by up to 700x,
+    no error); it is refused, naming the tensor and its dtype."""
+    name = "model.layers.1.self_attn.q_b_proj.weight"
+    shutil.copytree(fp8_models["deepseek_v32"][0], tmp_path / "m")
+    shard = json.loads((tmp_path / "m" / "model.safetensors.index.json").read_text())["weight_map"][name]
+    e4m3 = load_file(tmp_path / "m" / shard)[name]
+    _rewrite_tensor(tmp_path / "m", name, e4m3.float().to(torch.float8_e5m2))
+    with pytest.raises(CheckpointError, match=rf"tensor {re.escape(name)} is F8_E5M2: dsaserve loads block FP8 in "
+                                              r"e4m3 \(F8_E4M3\) only"):
         build_model(tmp_path / "m", CPU, torch.float32, progress=False)
 
 
