@@ -29,7 +29,7 @@ from dsaserve.server.app import create_app
 from dsaserve.server.frontend import Frontend, StartupError
 from dsaserve.server.messages import Endpoints
 from dsaserve.server.metrics import ServerMetrics
-from dsaserve.server.preflight import bind_listener, check_bootstrap_port, checked_args
+from dsaserve.server.preflight import bind_listener, check_node0_ports, checked_args
 from dsaserve.server.supervisor import RankProcesses, wait_for_ranks
 from dsaserve.server_args import ServerArgs
 
@@ -104,12 +104,15 @@ def serve(args: ServerArgs) -> int:
     """Run the server until a signal: 0 after a clean shutdown, 1 if it could not start, 2 for bad
     flags or a checkpoint that cannot be served, 128 + the signal if stopped while starting."""
     stop = _StopSignal()
+    listener = None
     try:
         args = checked_args(args)  # the model's folder, resolved once here, not per rank
         if args.node_rank == 0:
-            check_bootstrap_port(args)
-        listener = bind_listener(args.host, args.port) if args.node_rank == 0 else None
+            listener = bind_listener(args.host, args.port)
+            check_node0_ports(args)
     except ValueError as exc:
+        if listener is not None:
+            listener.close()
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if listener is None:

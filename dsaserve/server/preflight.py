@@ -9,7 +9,7 @@ from pathlib import Path
 
 from dsaserve.config import ConfigError, ModelConfig
 from dsaserve.model.checkpoint import Checkpoint, default_model_path
-from dsaserve.server_args import ServerArgs
+from dsaserve.server_args import ServerArgs, split_host_port
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")  # one of them: AutoTokenizer
 
@@ -58,8 +58,19 @@ def bind_listener(host: str, port: int, flags: str = "--host / --port") -> socke
         raise ValueError(f"cannot listen on {host}:{port} ({flags}): {exc.strerror or exc}") from None
 
 
-def check_bootstrap_port(args: ServerArgs) -> None:
-    """A prefill server's bootstrap port, tried before the model loads (the bootstrap server binds it once the
-    ranks are up, minutes later on a real model): a taken port fails at once, naming the flag."""
-    if args.disaggregation_mode == "prefill":
-        bind_listener(args.host, args.disaggregation_bootstrap_port, "--disaggregation-bootstrap-port").close()
+def check_node0_ports(args: ServerArgs) -> None:
+    """Node 0's other listening ports, tried before the model loads (call it while the HTTP socket is held): a
+    prefill server's bootstrap port (its server binds it once the ranks are up, minutes later on a real model)
+    and the torch.distributed store's --dist-init-addr (rank 0 binds it: a taken port or an address of another
+    machine ended in a rank's traceback and exit 1). Each is held while the next is tried, so two of them that
+    collide fail too; a failure names the flag."""
+    held = []
+    try:
+        if args.disaggregation_mode == "prefill":
+            held.append(bind_listener(args.host, args.disaggregation_bootstrap_port, "--disaggregation-bootstrap-port"))
+        addr = split_host_port(args.dist_init_addr) if args.tp > 1 and args.dist_init_addr is not None else None
+        if addr is not None:
+            held.append(bind_listener(*addr, "--dist-init-addr"))
+    finally:
+        for sock in held:
+            sock.close()
