@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+import threading
+from datetime import timedelta
 from pathlib import Path
 
 import openai
@@ -10,6 +14,8 @@ import pytest
 
 from conftest import prompts_ids
 from dsaserve import LLM, SamplingParams
+from dsaserve.parallel.launch import check_nodes_agree
+from dsaserve.server_args import ServerArgs, SettingError
 from server_process import ServerProcess, free_port
 
 pytestmark = pytest.mark.timeout(300)
@@ -46,3 +52,64 @@ def test_two_nodes_match_the_single_device(tiny_ds: str, tmp_path: Path) -> None
         assert "dsaserve node 1 running ranks [1]" in other.log()
     finally:
         other.stop()
+
+
+def _handshake(node_args: list[tuple[ServerArgs, int]]) -> list[str | None]:
+    """check_nodes_agree on one thread per (args, rank) over a real TCPStore: None where it passed, else the error."""
+    import torch.distributed as dist
+    timeout = timedelta(seconds=20)
+    master = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, timeout=timeout, wait_for_workers=False)
+    out: list[str | None] = [None] * len(node_args)
+
+    def one(i: int, args: ServerArgs, rank: int) -> None:
+        store = master if rank == 0 else dist.TCPStore("127.0.0.1", master.port, 1, is_master=False, timeout=timeout)
+        try:
+            check_nodes_agree(store, args, rank, "gloo", timeout)
+        except SettingError as exc:
+            out[i] = str(exc)
+
+    threads = [threading.Thread(target=one, args=(i, a, r)) for i, (a, r) in enumerate(node_args)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads)
+    return out
+
+
+def test_nodes_started_with_other_flags_are_refused_on_every_node() -> None:
+    """Node 0 --tp 2 and node 1 --tp 4 (or another page size, or two nodes given one --node-rank) used to wait in
+    the process group's start until --dist-timeout (30 min) on both nodes; now each names the difference."""
+    node = dict(nnodes=2, dist_init_addr="127.0.0.1:1")
+    a0, a1 = ServerArgs(tp=2, node_rank=0, **node), ServerArgs(tp=2, node_rank=1, **node)
+    assert _handshake([(a0, 0), (a1, 1)]) == [None, None]
+    said = "every node must be started with the same flags, but --tp 4 on node 1, 2 on node 0"
+    assert _handshake([(a0, 0), (a1.replace(tp=4), 2), (a1.replace(tp=4), 3)]) == [said] * 3
+    said = "every node must be started with the same flags, but --page-size 4 on node 1, 64 on node 0"
+    assert _handshake([(a0, 0), (a1.replace(page_size=4), 1)]) == [said] * 2
+    b0, b1 = a0.replace(tp=4), a1.replace(tp=4)
+    got = _handshake([(b0, 0), (b0, 1), (b1, 2), (b1, 3), (b1, 2)])
+    assert got.count("rank 2 was started twice: two nodes were given --node-rank 1") == 1
+    assert got[0] in (None, "rank 2 was started twice: two nodes were given --node-rank 1")
+
+
+def test_a_node_with_other_flags_fails_both_nodes_in_one_line(tiny_ds: str, tmp_path: Path) -> None:
+    """Two `dsaserve serve` processes whose --tp differ: both exit 2 within seconds, naming the flag."""
+    def serve(*flags: str) -> subprocess.Popen[str]:
+        return subprocess.Popen([sys.executable, "-m", "dsaserve", "serve", "--model-path", tiny_ds, "--nnodes", "2",
+                                 "--dist-init-addr", addr, "--page-size", "4", *flags],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    addr = f"127.0.0.1:{free_port()}"
+    node1 = serve("--node-rank", "1", "--tp", "4")
+    node0 = serve("--node-rank", "0", "--tp", "2", "--port", str(free_port()))
+    try:
+        err0, err1 = node0.communicate(timeout=120)[1], node1.communicate(timeout=60)[1]
+    finally:
+        for proc in (node0, node1):
+            proc.kill()
+            proc.wait()
+    said = "every node must be started with the same flags, but --tp 4 on node 1, 2 on node 0"
+    assert node0.returncode == 2 and f"error: rank 0 (DP group 0): {said}" in err0, err0[-3000:]
+    assert node1.returncode == 2 and said in err1, err1[-3000:]
+    assert "Traceback" not in err0 + err1, (err0 + err1)[-3000:]

@@ -3,6 +3,7 @@ an offline runner that drives every DP group leader with its own requests (tests
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import multiprocessing as mp
 import os
@@ -21,7 +22,7 @@ import torch.distributed as dist
 from dsaserve.engine.request import SamplingParams
 from dsaserve.parallel.groups import Parallel, ParallelConfig
 from dsaserve.parallel.nodes import describe_exit, free_port, ranks_on_this_node
-from dsaserve.server_args import ServerArgs, split_host_port
+from dsaserve.server_args import ServerArgs, SettingError, split_host_port
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,10 @@ log = logging.getLogger(__name__)
 # ranks once, by spawn: dsaserve/server/supervisor.py.)
 RANK_PRELOAD = ("dsaserve.engine.engine", "transformers.models.auto.tokenization_auto")
 DEFAULT_DIST_TIMEOUT_S = 1800  # --dist-timeout's default
+# Flags (and spec_steps, from them) that every node must give alike: they decide the world, its groups and the
+# shapes of every step. (The KV pool's size may differ: the ranks agree on the smallest.)
+SAME_ON_EVERY_NODE = ("tp", "dp", "enable_dp_attention", "nnodes", "page_size", "dtype", "kv_cache_dtype",
+                      "spec_steps", "disaggregation_mode")
 
 
 def init_distributed(args: ServerArgs, rank: int, init_addr: str) -> Parallel:
@@ -60,6 +65,7 @@ def init_distributed(args: ServerArgs, rank: int, init_addr: str) -> Parallel:
     # explicit for both backends: torch's default is 30 min for gloo but 10 for NCCL
     timeout = timedelta(seconds=args.dist_timeout or DEFAULT_DIST_TIMEOUT_S)
     store = _store(host, port, rank, args.tp, timeout)
+    check_nodes_agree(store, args, rank, "nccl" if use_cuda else "gloo", timeout)
     dist.init_process_group("nccl" if use_cuda else "gloo", store=store, world_size=args.tp, rank=rank,
                             timeout=timeout)
     return Parallel(cfg, timeout)
@@ -74,6 +80,48 @@ def _store(host: str, port: int, rank: int, world: int, timeout: timedelta) -> d
         raise ValueError(f"the torch.distributed store cannot listen on {host}:{port} (--dist-init-addr): "
                          f"{exc.strerror}") from None
     return dist.TCPStore(host, port, world, is_master=True, timeout=timeout, master_listen_fd=listener.detach())
+
+
+def _node_flags(args: ServerArgs, backend: str) -> dict[str, Any]:
+    return {**{name: getattr(args, name) for name in SAME_ON_EVERY_NODE}, "backend": backend}
+
+
+def _flag(name: str) -> str:
+    return {"spec_steps": "--speculative-num-steps", "backend": "--device (the backend)"}.get(
+        name, "--" + name.replace("_", "-"))
+
+
+def check_nodes_agree(store: Any, args: ServerArgs, rank: int, backend: str, timeout: timedelta) -> None:
+    """Before the process group forms: every rank of every node compares the flags that shape the world and the
+    steps (SAME_ON_EVERY_NODE) with node 0's, and claims its rank once. A node started with other flags (or a
+    --node-rank another node has) refuses them with SettingError naming them, and so does rank 0, which waits
+    for every rank's answer: before, both nodes waited in the process group's start until --dist-timeout."""
+    if args.nnodes == 1:  # one server process started every rank, with one ServerArgs
+        return
+    mine = _node_flags(args, backend)
+    if rank == 0:
+        store.set("dsaserve/flags", json.dumps(mine))
+        deadline = time.monotonic() + timeout.total_seconds()
+        while store.add("dsaserve/agreed", 0) < args.tp - 1:
+            if store.check(["dsaserve/refused"]):
+                raise SettingError(store.get("dsaserve/refused").decode())
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the ranks of the other nodes did not join within {timeout.total_seconds():.0f} s "
+                                   f"(--dist-timeout)")
+            time.sleep(0.05)
+        return
+    node0 = json.loads(store.get("dsaserve/flags"))  # waits for node 0 (as long as the store's timeout)
+    differ = [f"{_flag(n)} {mine[n]!r} on node {args.node_rank}, {node0.get(n)!r} on node 0" for n in mine
+              if mine[n] != node0.get(n)]
+    problem = None
+    if differ:
+        problem = f"every node must be started with the same flags, but {'; '.join(differ)}"
+    elif store.add(f"dsaserve/rank/{rank}", 1) > 1:
+        problem = f"rank {rank} was started twice: two nodes were given --node-rank {args.node_rank}"
+    if problem is not None:
+        store.set("dsaserve/refused", problem)
+        raise SettingError(problem)
+    store.add("dsaserve/agreed", 1)
 
 
 def _family(host: str) -> socket.AddressFamily:

@@ -16,7 +16,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 import zmq
 
@@ -45,13 +45,30 @@ def run_rank(args: ServerArgs, rank: int, endpoints: list[m.Endpoints], parent_p
     logging.basicConfig(level=args.log_level.upper(),
                         format=f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s")
     threading.Thread(target=_heartbeat, args=(beats, slot, parent_pid), daemon=True, name="heartbeat").start()
-    par = init_distributed(args, rank, init_addr)
+    try:
+        par = init_distributed(args, rank, init_addr)
+    except SETTING_ERRORS as exc:  # the nodes' flags disagree: one line, as an engine's refusal
+        _refused_at_start(str(exc), rank, args.tp // args.dp, endpoints)
     if par.cfg.is_leader:
         stopped = run_worker(args, par, endpoints[par.cfg.dp_rank])
     else:
         stopped = _follow(args, par)
     if stopped:  # every rank left its loop in the same step
         par.close()
+
+
+def _refused_at_start(message: str, rank: int, attn_tp: int, endpoints: list[m.Endpoints]) -> NoReturn:
+    """Log the refusal; a DP group leader (node 0's) also tells the frontend, which prints it. Exit 2."""
+    log.error("engine start failed: %s", message)
+    if rank % attn_tp == 0 and rank // attn_tp < len(endpoints):
+        ctx = zmq.Context()
+        push = ctx.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 2000)
+        push.connect(endpoints[rank // attn_tp].outputs)
+        push.send_pyobj([m.StartupFailed(message, setting=True)])
+        push.close()
+        ctx.term()
+    raise SystemExit(m.SETTING_EXIT)
 
 
 def _heartbeat(beats: Any, slot: int, parent_pid: int) -> None:
