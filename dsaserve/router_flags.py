@@ -77,13 +77,21 @@ def problems(argv: list[str]) -> list[str]:
     found += [http_url_problem("--decode", u) for u in ns.decode]
     if ns.pd_disaggregation and ns.worker_urls:
         found.append("--worker-urls is for plain servers; with --pd-disaggregation give --prefill and --decode")
+    if not ns.pd_disaggregation and (ns.prefill or ns.decode):  # sglang-router drops them: a router of no workers
+        found.append("--prefill and --decode need --pd-disaggregation (without it sglang-router ignores them)")
     return [f for f in found if f is not None]
 
 
 def notices(argv: list[str]) -> list[str]:
-    """What is legal but likely not meant: a PD router that starts without its prefill or decode servers."""
+    """What is legal but likely not meant: a router that starts without its servers (a PD router without its
+    prefill or decode servers, a plain one without --worker-urls)."""
     ns = _parse(argv)
-    if ns is None or not ns.pd_disaggregation or ns.service_discovery or ns.enable_igw or (ns.prefill and ns.decode):
+    if ns is None or ns.service_discovery or ns.enable_igw:
+        return []
+    if not ns.pd_disaggregation:
+        return [] if ns.worker_urls or ns.prefill or ns.decode else [
+            "no --worker-urls: the router starts without workers (add servers through its /workers API)"]
+    if ns.prefill and ns.decode:
         return []
     return ["--pd-disaggregation without a --prefill or a --decode server: the router starts without it (add "
             "servers through its /workers API)"]

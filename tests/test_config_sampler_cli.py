@@ -1,6 +1,7 @@
 """Config parsing of the official fields, the sampler's filters, and the two CLI entry points."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -309,12 +310,19 @@ def test_backends_that_cannot_run_are_refused_before_the_weights_load(flags: dic
       "--decode", "http://127.0.0.1:2"], "--worker-urls is for plain servers"),
     (["--worker-urls", "http://127.0.0.1:1", "--request-timeout-secs", "-5"],
      "--request-timeout-secs must be a positive number, got '-5'"),
+    # without --pd-disaggregation sglang-router dropped these silently: a router of no workers, every request 503
+    (["--prefill", "http://127.0.0.1:1", "8998", "--decode", "http://127.0.0.1:2"],
+     "--prefill and --decode need --pd-disaggregation (without it sglang-router ignores them)"),
 ])
-def test_router_flags_that_would_fail_in_sglang_router(flags: list[str], says: str,
-                                                       capsys: pytest.CaptureFixture) -> None:
+def test_router_flags_that_would_fail_in_sglang_router(flags: list[str], says: str, capsys: pytest.CaptureFixture,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Each of these ended in a traceback from sglang-router (or a router with no workers): one line here."""
     pytest.importorskip("sglang_router")
     from dsaserve.cli import main
+
+    def started(*args: object) -> None:  # (not this test process turned into a router)
+        raise AssertionError("sglang-router was started")
+    monkeypatch.setattr(os, "execv", started)
     assert main(["router", *flags]) == 2
     assert f"error: {says}" in capsys.readouterr().err
 
@@ -329,6 +337,9 @@ def test_the_router_listens_on_loopback_unless_told() -> None:
     valid = [["--pd-disaggregation", "--prefill", "http://[::1]:8000", "None", "--decode", "http://[::1]:8001"],
              ["--port=30000", "--worker-urls"], ["--port", " 8080", "--unknown-flag", "x"], ["--port"]]
     assert [problems(argv) for argv in valid] == [[]] * len(valid)  # (a bare --port: sglang-router's to say)
+    assert notices(["--port", "1"]) == [
+        "no --worker-urls: the router starts without workers (add servers through its /workers API)"]
+    assert notices(["--service-discovery"]) == []
     assert notices(["--pd-disaggregation", "--decode", "http://127.0.0.1:2"]) == [
         "--pd-disaggregation without a --prefill or a --decode server: the router starts without it (add servers "
         "through its /workers API)"]
