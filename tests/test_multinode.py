@@ -14,7 +14,7 @@ import pytest
 
 from conftest import prompts_ids
 from dsaserve import LLM, SamplingParams
-from dsaserve.parallel.launch import check_nodes_agree
+from dsaserve.parallel.launch import _store, check_nodes_agree
 from dsaserve.server_args import ServerArgs, SettingError
 from server_process import ServerProcess, free_port
 
@@ -55,18 +55,25 @@ def test_two_nodes_match_the_single_device(tiny_ds: str, tmp_path: Path) -> None
 
 
 def _handshake(node_args: list[tuple[ServerArgs, int]]) -> list[str | None]:
-    """check_nodes_agree on one thread per (args, rank) over a real TCPStore: None where it passed, else the error."""
+    """Rank 0's store (as init_distributed makes it) and check_nodes_agree on one thread per (args, rank): None
+    where it passed, else the error."""
     import torch.distributed as dist
-    timeout = timedelta(seconds=20)
-    master = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, timeout=timeout, wait_for_workers=False)
+    timeout, port = timedelta(seconds=10), free_port()
     out: list[str | None] = [None] * len(node_args)
+    stores = []  # rank 0's lives until every thread is done (it would go with its thread, before a late client)
 
     def one(i: int, args: ServerArgs, rank: int) -> None:
-        store = master if rank == 0 else dist.TCPStore("127.0.0.1", master.port, 1, is_master=False, timeout=timeout)
         try:
+            if rank == 0:
+                store = _store("127.0.0.1", port, 0, args.tp, timeout)
+            else:
+                store = dist.TCPStore("127.0.0.1", port, args.tp, is_master=False, timeout=timeout)
+            stores.append(store)
             check_nodes_agree(store, args, rank, "gloo", timeout)
         except SettingError as exc:
             out[i] = str(exc)
+        except Exception as exc:  # (a store's timeout: what a refusal replaces)
+            out[i] = f"{type(exc).__name__}: {exc}"
 
     threads = [threading.Thread(target=one, args=(i, a, r)) for i, (a, r) in enumerate(node_args)]
     for t in threads:
@@ -85,6 +92,8 @@ def test_nodes_started_with_other_flags_are_refused_on_every_node() -> None:
     assert _handshake([(a0, 0), (a1, 1)]) == [None, None]
     said = "every node must be started with the same flags, but --tp 4 on node 1, 2 on node 0"
     assert _handshake([(a0, 0), (a1.replace(tp=4), 2), (a1.replace(tp=4), 3)]) == [said] * 3
+    said = "every node must be started with the same flags, but --tp 2 on node 1, 4 on node 0"
+    assert _handshake([(a0.replace(tp=4), 0), (a0.replace(tp=4), 1), (a1, 1)]) == [said, None, said]  # fewer
     said = "every node must be started with the same flags, but --page-size 4 on node 1, 64 on node 0"
     assert _handshake([(a0, 0), (a1.replace(page_size=4), 1)]) == [said] * 2
     b0, b1 = a0.replace(tp=4), a1.replace(tp=4)

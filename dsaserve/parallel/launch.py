@@ -79,7 +79,10 @@ def _store(host: str, port: int, rank: int, world: int, timeout: timedelta) -> d
     except OSError as exc:
         raise ValueError(f"the torch.distributed store cannot listen on {host}:{port} (--dist-init-addr): "
                          f"{exc.strerror}") from None
-    return dist.TCPStore(host, port, world, is_master=True, timeout=timeout, master_listen_fd=listener.detach())
+    # not waiting here for `world` clients: a node started with a smaller --tp never brings them all, and
+    # check_nodes_agree must run to say so (init_process_group waits for every rank itself)
+    return dist.TCPStore(host, port, world, is_master=True, timeout=timeout, wait_for_workers=False,
+                         master_listen_fd=listener.detach())
 
 
 def _node_flags(args: ServerArgs, backend: str) -> dict[str, Any]:
