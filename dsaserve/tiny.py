@@ -196,7 +196,7 @@ def save_tokenizer(out: str | Path, chat_format: str = "generic") -> Path:
 def _save_tokenizer(out: Path, vocab_size: int, chat_format: str = "generic", texts: Iterable[str] | None = None,
                     max_length: int = 4096) -> None:
     """A byte-level BPE tokenizer trained on `texts` (default: a short sample) with a chat format's specials."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     if chat_format not in CHAT_FORMATS:
         raise ValueError(f"unknown chat format {chat_format!r}: choose from {', '.join(CHAT_FORMATS)}")
     special, markers = {"generic": (SPECIALS, []), "deepseek_v32": (_DS_SPECIAL, _DS_MARKERS),
@@ -208,6 +208,9 @@ def _save_tokenizer(out: Path, vocab_size: int, chat_format: str = "generic", te
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator([CORPUS] * 4 if texts is None else texts, trainer=trainer)
     tok.add_tokens([AddedToken(m, special=False, normalized=False) for m in markers])
+    if chat_format == "deepseek_v32":  # as the official tokenizer: a plain encode starts with BOS
+        tok.post_processor = processors.TemplateProcessing(single=f"{special[0]} $A", pair=f"{special[0]} $A $B",
+                                                           special_tokens=[(special[0], tok.token_to_id(special[0]))])
     tok.save(str(out / "tokenizer.json"))
     config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": special[0],
                               "eos_token": special[1], "pad_token": special[1], "model_max_length": max_length,

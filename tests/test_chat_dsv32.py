@@ -202,6 +202,13 @@ def test_continue_final_message_leaves_the_turn_open(server: ServerProcess, clie
 def test_tokenize_prompt_and_bad_requests(server: ServerProcess, hf) -> None:
     r = httpx.post(f"{server.url}/tokenize", json={"prompt": "Hello world", "return_token_strs": True}).json()
     assert r["tokens"] == hf.encode("Hello world") and r["token_strs"] == hf.convert_ids_to_tokens(r["tokens"])
+    bare = hf.encode("Hello world", add_special_tokens=False)
+    assert len(bare) < len(r["tokens"])  # (the tokenizer's BOS)
+    for add in (True, False):  # a completion's text prompt as /tokenize encodes it, BOS or not (vLLM's field)
+        done = httpx.post(f"{server.url}/v1/completions", timeout=60,
+                          json={"prompt": "Hello world", "max_tokens": 1, "add_special_tokens": add}).json()
+        echoed = httpx.post(f"{server.url}/tokenize", json={"prompt": "Hello world", "add_special_tokens": add}).json()
+        assert done["usage"]["prompt_tokens"] == len(echoed["tokens"]) == len(bare) + add, done
     for body, code in (({}, 400), ({"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, 400),
                        ({"prompt": "a", "model": "other"}, 404), ({"messages": []}, 400)):
         assert httpx.post(f"{server.url}/tokenize", json=body).status_code == code

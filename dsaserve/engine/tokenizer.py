@@ -20,8 +20,9 @@ class Tokenizer:
         except Exception as exc:  # transformers' messages rarely name the folder or the file
             raise ValueError(f"cannot load the tokenizer in {self.path}: {type(exc).__name__}: {exc}") from None
 
-    def encode(self, text: str) -> list[int]:
-        return list(self.hf.encode(text, add_special_tokens=True))
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """add_special_tokens: the tokenizer's own around the text (a BOS token on DeepSeek-V3.2's)."""
+        return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
 
     @functools.cached_property
     def max_token_chars(self) -> int:

@@ -233,7 +233,8 @@ class OpenAIServing:
 
     # -- completions -------------------------------------------------------------------------
 
-    def prompt_ids(self, prompt: str | list[int] | list[str] | list[list[int]]) -> list[list[int]]:
+    def prompt_ids(self, prompt: str | list[int] | list[str] | list[list[int]],
+                   add_special_tokens: bool = True) -> list[list[int]]:
         if isinstance(prompt, str):
             prompt = [prompt]
         elif not prompt or isinstance(prompt[0], int):
@@ -241,12 +242,12 @@ class OpenAIServing:
         for text in prompt:
             if isinstance(text, str):
                 self.fe.check_prompt_chars(len(text))
-        return [self.fe.tokenizer.encode(x) if isinstance(x, str) else list(x) for x in prompt]
+        return [self.fe.tokenizer.encode(x, add_special_tokens) if isinstance(x, str) else list(x) for x in prompt]
 
     def prepare_completion(self, body: p.CompletionRequest) -> tuple[list[list[int]], GrammarSpec | None,
                                                                       list[str] | None]:
         """Token ids, grammar and echoed texts of a completion request (tokenizer work: off the event loop)."""
-        prompts = self.prompt_ids(body.prompt)
+        prompts = self.prompt_ids(body.prompt, body.add_special_tokens)
         grammar = self.grammar(Constraint(body.response_format, body.regex, body.ebnf))
         return prompts, grammar, self.prompt_texts(body.prompt, prompts) if body.echo else None
 
@@ -358,7 +359,7 @@ class OpenAIServing:
         if (body.prompt is None) == (body.messages is None):
             raise bad_request("give exactly one of prompt and messages", param="prompt")
         if body.prompt is not None:
-            ids = list(self.fe.tokenizer.hf.encode(body.prompt, add_special_tokens=body.add_special_tokens))
+            ids = self.fe.tokenizer.encode(body.prompt, body.add_special_tokens)
         else:
             tools = checked_tools(body.tools, body.tool_choice).tools  # ("none": left out, as chat leaves them)
             chat = p.ChatInput(messages=body.messages, tools=body.tools, chat_template_kwargs=body.chat_template_kwargs,

@@ -87,6 +87,7 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     suffix: str | None = None  # refused when given: ignoring it would answer a different question
     best_of: int | None = None
+    add_special_tokens: bool = True  # vLLM's: false encodes text prompts without the tokenizer's BOS
 
     @field_validator("suffix")
     @classmethod
