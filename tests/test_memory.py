@@ -73,6 +73,38 @@ def test_retraction_does_not_thrash() -> None:
     assert sched.num_retractions <= 2 and forwarded <= 2 * (10 + 25 + 25 + 5), (sched.num_retractions, forwarded)
 
 
+def test_aborting_queued_requests_does_not_readmit_a_retracted_one() -> None:
+    """Scheduler alone: after a retraction nothing new starts until a request frees pages. Clients that give up
+    on queued requests (which hold no pages) made room for nothing, yet each such abort let the retracted
+    request in again, and the pool thrashed: prefill, retract, prefill."""
+    from dsaserve.cache.pages import PageAllocator
+    from dsaserve.engine.request import Request, SamplingParams
+    from dsaserve.engine.scheduler import Scheduler, SchedulerConfig
+    sched = Scheduler(SchedulerConfig(page_size=1, chunked_prefill_size=8, max_running_requests=16,
+                                      max_queued_requests=100, context_length=1000), PageAllocator(41))
+    reqs = {r.rid: r for r in [Request("a", [1] * 10, SamplingParams(), 25, 0, 0),
+                               Request("b", [1] * 25, SamplingParams(), 5, 1, 0)]
+            + [Request(f"c{i}", [1] * 3, SamplingParams(), 1, 2 + i, 0) for i in range(20)]}
+    for r in reqs.values():
+        sched.add(r)
+    for step in range(1000):
+        if not sched.has_work():
+            break
+        queued = [r for r in sched.waiting if not r.admitted]
+        if queued and step % 2:  # a client gives up on a request still in the queue
+            sched.remove(queued[-1])
+            del reqs[queued[-1].rid]
+        plan = sched.schedule()
+        sched.advance(plan, reqs)
+        for rid, samples in zip(plan.rids, plan.samples):
+            if samples:
+                reqs[rid].output_ids.append(1)
+                if len(reqs[rid].output_ids) == reqs[rid].max_new_tokens:
+                    sched.remove(reqs.pop(rid))
+    assert not sched.has_work() and sched.allocator.num_free == sched.allocator.capacity
+    assert sched.num_retractions == 1, sched.num_retractions
+
+
 @pytest.mark.parametrize("steps,page_size,context", [(3, 4, 96), (0, 64, 100)])
 def test_the_default_pool_holds_a_whole_context_per_running_request(tiny_ds: str, steps: int, page_size: int,
                                                                     context: int) -> None:

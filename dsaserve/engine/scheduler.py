@@ -105,9 +105,11 @@ class Scheduler:
         elif req in self.waiting:
             self.waiting.remove(req)
         self.in_transit.pop(req.rid, None)
+        freed = bool(req.pages)  # (a queued request holds none: its end makes no room for a retracted one)
         self._release(req)
         req.state = RequestState.FINISHED
-        self._hold_admission = False
+        if freed:
+            self._hold_admission = False
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
