@@ -114,14 +114,22 @@ def test_the_tokens_merged_before_an_error_reach_the_client(route: str) -> None:
 
 def test_several_requests_deltas_come_merged_per_request() -> None:
     """n > 1 and batch calls: a consumer that fell behind gets one event per request with all its waiting deltas,
-    as a single request's stream does (it got one event per engine step of each request)."""
+    as a single request's stream does (it got one event per engine step of each request). The steps arrive while
+    the consumer is behind, one at a time, so each request's own queue never holds two of them: only merged()
+    can merge them."""
     from dsaserve.server.streaming import merged
 
     async def go() -> list[tuple[int, list[int], bool]]:
         handles = [RequestHandle(f"r{i}", 0, None, SamplingParams()) for i in range(2)]  # type: ignore[arg-type]
-        for step in range(3):
+        stream = merged(handles)
+        for h in handles:
+            h.queue.put_nowait(_delta(0))
+        got = [await stream.__anext__()]  # the consumer then falls behind: the pumps forward each step alone
+        for step in (1, 2):
             for h in handles:
                 h.queue.put_nowait(_delta(step, FinishReason("length") if step == 2 else None))
-        return [(i, d.token_ids, d.finish is not None) async for i, d in merged(handles)]
-    got = asyncio.run(go())
-    assert sorted(got) == [(0, [0, 1, 2], True), (1, [0, 1, 2], True)]
+                for _ in range(3):
+                    await asyncio.sleep(0)
+        got += [x async for x in stream]
+        return [(i, d.token_ids, d.finish is not None) for i, d in got]
+    assert asyncio.run(go()) == [(0, [0], False), (1, [0], False), (0, [1, 2], True), (1, [1, 2], True)]
