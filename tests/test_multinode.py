@@ -54,28 +54,28 @@ def test_two_nodes_match_the_single_device(tiny_ds: str, tmp_path: Path) -> None
         other.stop()
 
 
-def _handshake(node_args: list[tuple[ServerArgs, int]]) -> list[str | None]:
-    """Rank 0's store (as init_distributed makes it) and check_nodes_agree on one thread per (args, rank): None
-    where it passed, else the error."""
+def _handshake(node_args: list[tuple[ServerArgs, int] | tuple[ServerArgs, int, str]]) -> list[str | None]:
+    """Rank 0's store (as init_distributed makes it) and check_nodes_agree on one thread per (args, rank) or
+    (args, rank, node id; default: one node per --node-rank): None where it passed, else the error."""
     import torch.distributed as dist
     timeout, port = timedelta(seconds=10), free_port()
     out: list[str | None] = [None] * len(node_args)
     stores = []  # rank 0's lives until every thread is done (it would go with its thread, before a late client)
 
-    def one(i: int, args: ServerArgs, rank: int) -> None:
+    def one(i: int, args: ServerArgs, rank: int, node_id: str | None = None) -> None:
         try:
             if rank == 0:
                 store = _store("127.0.0.1", port, 0, args.tp, timeout)
             else:
                 store = dist.TCPStore("127.0.0.1", port, args.tp, is_master=False, timeout=timeout)
             stores.append(store)
-            check_nodes_agree(store, args, rank, "gloo", timeout)
+            check_nodes_agree(store, args, rank, "gloo", timeout, node_id or f"node {args.node_rank}")
         except SettingError as exc:
             out[i] = str(exc)
         except Exception as exc:  # (a store's timeout: what a refusal replaces)
             out[i] = f"{type(exc).__name__}: {exc}"
 
-    threads = [threading.Thread(target=one, args=(i, a, r)) for i, (a, r) in enumerate(node_args)]
+    threads = [threading.Thread(target=one, args=(i, *entry)) for i, entry in enumerate(node_args)]
     for t in threads:
         t.start()
     for t in threads:
@@ -97,9 +97,43 @@ def test_nodes_started_with_other_flags_are_refused_on_every_node() -> None:
     said = "every node must be started with the same flags, but --page-size 4 on node 1, 64 on node 0"
     assert _handshake([(a0, 0), (a1.replace(page_size=4), 1)]) == [said] * 2
     b0, b1 = a0.replace(tp=4), a1.replace(tp=4)
-    got = _handshake([(b0, 0), (b0, 1), (b1, 2), (b1, 3), (b1, 2)])
-    assert got.count("rank 2 was started twice: two nodes were given --node-rank 1") == 1
-    assert got[0] in (None, "rank 2 was started twice: two nodes were given --node-rank 1")
+    got = _handshake([(b0, 0), (b0, 1), (b1, 2, "A"), (b1, 3, "A"), (b1, 2, "B"), (b1, 3, "B")])
+    losers = {i for i in range(2, 6) if got[i] is not None}
+    assert losers in ({2, 3}, {4, 5}) and got[1] is None, got  # the ranks of one of them, all of them
+    assert all("two nodes were given --node-rank 1" in got[i] for i in losers), got
+    assert got[0] is None or "two nodes were given --node-rank 1" in got[0], got
+
+
+def test_two_nodes_given_one_node_rank_cannot_split_its_ranks() -> None:
+    """Node A and node B both started as --node-rank 1 (tp 4: ranks 2 and 3 each), their ranks arriving
+    interleaved: A's rank 2, B's rank 3, then A's rank 3 and B's rank 2. Claiming ranks one by one, A won rank 2
+    and B rank 3, rank 0 went on into the process group, and each node lost a rank and exited: node 0 waited
+    there until --dist-timeout. The node claims its --node-rank: B's ranks are refused, A's pass (rank 0 passes,
+    or refuses too when it sees B's refusal before A's last rank: either way no rank of the world is missing)."""
+    import torch.distributed as dist
+    timeout, port = timedelta(seconds=10), free_port()
+    a0, a1 = (ServerArgs(tp=4, nnodes=2, node_rank=n, dist_init_addr="127.0.0.1:1") for n in (0, 1))
+    master = _store("127.0.0.1", port, 0, 4, timeout)
+    passed: dict[str, str | None] = {}
+
+    def check(name: str, store: object, args: ServerArgs, rank: int, node_id: str) -> None:
+        try:
+            check_nodes_agree(store, args, rank, "gloo", timeout, node_id)
+            passed[name] = None
+        except SettingError as exc:
+            passed[name] = str(exc)
+
+    rank0 = threading.Thread(target=check, args=("rank 0", master, a0, 0, "node 0"))
+    rank0.start()
+    for name, args, rank, node_id in (("rank 1", a0, 1, "node 0"), ("A 2", a1, 2, "A"), ("B 3", a1, 3, "B"),
+                                      ("A 3", a1, 3, "A"), ("B 2", a1, 2, "B")):
+        check(name, dist.TCPStore("127.0.0.1", port, 4, is_master=False, timeout=timeout), args, rank, node_id)
+    rank0.join(15)
+    assert not rank0.is_alive()
+    said = "two nodes were given --node-rank 1"
+    assert [passed[name] for name in ("rank 1", "A 2", "A 3")] == [None] * 3, passed
+    assert said in passed["B 3"] and said in passed["B 2"], passed
+    assert passed["rank 0"] is None or said in passed["rank 0"], passed
 
 
 def test_a_node_with_other_flags_fails_both_nodes_in_one_line(tiny_ds: str, tmp_path: Path) -> None:

@@ -65,7 +65,8 @@ def init_distributed(args: ServerArgs, rank: int, init_addr: str) -> Parallel:
     # explicit for both backends: torch's default is 30 min for gloo but 10 for NCCL
     timeout = timedelta(seconds=args.dist_timeout or DEFAULT_DIST_TIMEOUT_S)
     store = _store(host, port, rank, args.tp, timeout)
-    check_nodes_agree(store, args, rank, "nccl" if use_cuda else "gloo", timeout)
+    node_id = f"{socket.gethostname()}/{os.getppid()}"  # this node's server process (it spawned the ranks)
+    check_nodes_agree(store, args, rank, "nccl" if use_cuda else "gloo", timeout, node_id)
     dist.init_process_group("nccl" if use_cuda else "gloo", store=store, world_size=args.tp, rank=rank,
                             timeout=timeout)
     return Parallel(cfg, timeout)
@@ -94,11 +95,14 @@ def _flag(name: str) -> str:
         name, "--" + name.replace("_", "-"))
 
 
-def check_nodes_agree(store: Any, args: ServerArgs, rank: int, backend: str, timeout: timedelta) -> None:
+def check_nodes_agree(store: Any, args: ServerArgs, rank: int, backend: str, timeout: timedelta,
+                      node_id: str) -> None:
     """Before the process group forms: every rank of every node compares the flags that shape the world and the
-    steps (SAME_ON_EVERY_NODE) with node 0's, and claims its rank once. A node started with other flags (or a
-    --node-rank another node has) refuses them with SettingError naming them, and so does rank 0, which waits
-    for every rank's answer: before, both nodes waited in the process group's start until --dist-timeout."""
+    steps (SAME_ON_EVERY_NODE) with node 0's, and claims its --node-rank for its node (`node_id`: the server
+    process that started it): the ranks of one node all pass or all fail, so two nodes given one --node-rank cannot
+    each win some of its ranks. A node started with other flags (or a --node-rank another node has) refuses them
+    with SettingError naming them, and so does rank 0, which waits for every rank's answer: before, both nodes
+    waited in the process group's start until --dist-timeout."""
     if args.nnodes == 1:  # one server process started every rank, with one ServerArgs
         return
     mine = _node_flags(args, backend)
@@ -119,7 +123,7 @@ def check_nodes_agree(store: Any, args: ServerArgs, rank: int, backend: str, tim
     problem = None
     if differ:
         problem = f"every node must be started with the same flags, but {'; '.join(differ)}"
-    elif store.add(f"dsaserve/rank/{rank}", 1) > 1:
+    elif store.compare_set(f"dsaserve/node/{args.node_rank}", "", node_id).decode() != node_id:
         problem = f"rank {rank} was started twice: two nodes were given --node-rank {args.node_rank}"
     if problem is not None:
         store.set("dsaserve/refused", problem)
