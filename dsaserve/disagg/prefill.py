@@ -84,7 +84,8 @@ class PrefillSide(SideBase):
         """How long the leader may block (its control socket wakes it too): None with nothing outgoing."""
         if self.out or any(room in self.dests for room in self.pending):
             return 1  # a write in flight (NIXL progresses without a socket) or ready to start; one to admit
-        return self.deadlines.ms_until(min((p.deadline for p in self.pending.values()), default=None))
+        waits = [p.deadline for p in self.pending.values()] + [d.expires for d in self.dests.values()]
+        return self.deadlines.ms_until(min(waits, default=None))
 
     def add(self, req: Request) -> None:
         """Checked now (the client learns at once); admitted to the scheduler when its dest comes."""
@@ -151,7 +152,12 @@ class PrefillSide(SideBase):
                 outputs.append(out)
         now = self.deadlines.clock()
         for room in [r for r, d in self.dests.items() if d.expires <= now]:
-            del self.dests[room]
+            # Unclaimed: the request never came, or it ended before these page ids did and its `ended` entry went
+            # (a busy decode pool, a longer decode timeout). Nothing was written: the decode server frees them now.
+            message = (f"no request on the prefill server claimed the page ids for bootstrap room {room} within "
+                       f"{self.deadlines.timeout_s:g} s (it never came, or it ended before they did)")
+            wire.send(self.sock, {"kind": "failed", "room": room, "message": message}, to=self.dests.pop(room).peer)
+            self.ended[room] = (message, self.deadlines.after())  # its request, if it comes now, is refused at once
         for room in [r for r, (_, t) in self.ended.items() if t <= now]:
             del self.ended[room]
         return outputs
