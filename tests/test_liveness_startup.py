@@ -94,7 +94,6 @@ def test_taken_port_fails_before_the_model_loads(tiny_ds: str) -> None:
     assert f"cannot listen on 127.0.0.1:{port} (--disaggregation-bootstrap-port)" in err
 
 
-
 def test_a_store_address_node_0_cannot_listen_on_fails_before_the_ranks_start(tiny_ds: str) -> None:
     """--dist-init-addr on node 0 (rank 0's torch.distributed store binds it): a taken port, the HTTP port itself,
     or an address of another machine. Each ended in rank 0's traceback and exit 1; now one line and exit 2."""
@@ -109,6 +108,7 @@ def test_a_store_address_node_0_cannot_listen_on_fails_before_the_ranks_start(ti
     err = refused(serve(tiny_ds, *two, "--nnodes", "2", "--port", str(free_port()), "--dist-init-addr",
                         "192.0.2.1:29500"))  # (TEST-NET-1: never a local address)
     assert "cannot listen on 192.0.2.1:29500 (--dist-init-addr)" in err
+
 
 def test_broken_checkpoint_files_are_named(tmp_path: Path, tiny_ds: str) -> None:
     model = tmp_path / "m"
