@@ -96,6 +96,10 @@ def test_nodes_started_with_other_flags_are_refused_on_every_node() -> None:
     assert _handshake([(a0.replace(tp=4), 0), (a0.replace(tp=4), 1), (a1, 1)]) == [said, None, said]  # fewer
     said = "every node must be started with the same flags, but --page-size 4 on node 1, 64 on node 0"
     assert _handshake([(a0, 0), (a1.replace(page_size=4), 1)]) == [said] * 2
+    graphs = dict(cuda_graph_bs=(1, 2, 4))  # (a tuple: node 0's comes back from the store as a list)
+    assert _handshake([(a0.replace(**graphs), 0), (a1.replace(**graphs), 1)]) == [None, None]
+    said = "every node must be started with the same flags, but --cuda-graph-bs [1, 2] on node 1, [1, 2, 4] on node 0"
+    assert _handshake([(a0.replace(**graphs), 0), (a1.replace(cuda_graph_bs=(1, 2)), 1)]) == [said] * 2
     b0, b1 = a0.replace(tp=4), a1.replace(tp=4)
     got = _handshake([(b0, 0), (b0, 1), (b1, 2, "A"), (b1, 3, "A"), (b1, 2, "B"), (b1, 3, "B")])
     losers = {i for i in range(2, 6) if got[i] is not None}

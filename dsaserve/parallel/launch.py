@@ -32,10 +32,13 @@ log = logging.getLogger(__name__)
 # ranks once, by spawn: dsaserve/server/supervisor.py.)
 RANK_PRELOAD = ("dsaserve.engine.engine", "transformers.models.auto.tokenization_auto")
 DEFAULT_DIST_TIMEOUT_S = 1800  # --dist-timeout's default
-# Flags (and spec_steps, from them) that every node must give alike: they decide the world, its groups and the
-# shapes of every step. (The KV pool's size may differ: the ranks agree on the smallest.)
+# Flags (and spec_steps, from them) that every node must give alike: they decide the world, its groups, the
+# shapes and buffers of every step, the graphs captured (each capture runs collectives) and the weights. (The KV
+# pool's size may differ: the ranks agree on the smallest; scheduling flags are read by the leaders, all on node 0.)
 SAME_ON_EVERY_NODE = ("tp", "dp", "enable_dp_attention", "nnodes", "page_size", "dtype", "kv_cache_dtype",
-                      "spec_steps", "disaggregation_mode")
+                      "spec_steps", "disaggregation_mode", "context_length", "max_running_requests",
+                      "chunked_prefill_size", "cuda_graph_max_bs", "cuda_graph_bs", "attention_backend", "moe_backend",
+                      "load_format")
 
 
 def init_distributed(args: ServerArgs, rank: int, init_addr: str) -> Parallel:
@@ -87,7 +90,8 @@ def _store(host: str, port: int, rank: int, world: int, timeout: timedelta) -> d
 
 
 def _node_flags(args: ServerArgs, backend: str) -> dict[str, Any]:
-    return {**{name: getattr(args, name) for name in SAME_ON_EVERY_NODE}, "backend": backend}
+    """As node 0 publishes them (through JSON: a tuple of batch sizes compares as the list it becomes)."""
+    return json.loads(json.dumps({**{name: getattr(args, name) for name in SAME_ON_EVERY_NODE}, "backend": backend}))
 
 
 def _flag(name: str) -> str:
