@@ -105,6 +105,32 @@ def test_aborting_queued_requests_does_not_readmit_a_retracted_one() -> None:
     assert sched.num_retractions == 1, sched.num_retractions
 
 
+def test_a_transfer_is_held_after_a_retraction_as_admission_is() -> None:
+    """PD decode side: after a retraction, while requests run and none has freed pages, no request starts, by
+    admission or by pages given to a transfer. Preallocation was held only while a request waited, so once the
+    retracted one left the queue (re-admitted, or aborted) transfers took pages that admission would not."""
+    from dsaserve.cache.pages import PageAllocator
+    from dsaserve.engine.request import Request, SamplingParams
+    from dsaserve.engine.scheduler import Scheduler, SchedulerConfig
+    sched = Scheduler(SchedulerConfig(page_size=1, chunked_prefill_size=64, max_running_requests=16,
+                                      max_queued_requests=100, context_length=1000), PageAllocator(30))
+    reqs = {r.rid: r for r in [Request("a", [1] * 10, SamplingParams(), 15, 0, 0),
+                               Request("b", [1] * 10, SamplingParams(), 15, 1, 0)]}
+    for r in reqs.values():
+        sched.add(r)
+    while not sched.num_retractions:
+        plan = sched.schedule()
+        sched.advance(plan, reqs)
+        for rid, samples in zip(plan.rids, plan.samples):
+            reqs[rid].output_ids += [1] if samples else []
+    assert [r.rid for r in sched.waiting] == ["b"] and [r.rid for r in sched.running] == ["a"]
+    sched.remove(sched.waiting[0])  # the client gives up on the retracted request (it holds no pages)
+    assert sched.allocator.num_free > 4
+    assert not sched.preallocate(Request("t", [2] * 2, SamplingParams(), 1, 2, 0), 2)
+    sched.remove(sched.running[0])  # a request frees pages: transfers start again
+    assert sched.preallocate(Request("t", [2] * 2, SamplingParams(), 1, 2, 0), 2)
+
+
 @pytest.mark.parametrize("steps,page_size,context", [(3, 4, 96), (0, 64, 100)])
 def test_the_default_pool_holds_a_whole_context_per_running_request(tiny_ds: str, steps: int, page_size: int,
                                                                     context: int) -> None:

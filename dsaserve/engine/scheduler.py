@@ -122,11 +122,9 @@ class Scheduler:
         the running requests and those in transit reach --max-running-requests.
         Full pages of the prompt that this server's prefix cache holds are shared, not sent again:
         req.cached_tokens says how many tokens the transfer skips. Requests that wait here already (retracted,
-        earlier arrivals) go first, and after a retraction nothing new starts until one finishes, as in
-        admission."""
-        if self.waiting and (self._hold_admission or self.waiting[0].arrival < req.arrival):
-            return False
-        if self._at_max_running():
+        earlier arrivals) go first, and after a retraction nothing new starts until one frees pages: the rule of
+        admission (_admission_held)."""
+        if self._admission_held() or (self.waiting and self.waiting[0].arrival < req.arrival):
             return False
         cached = self.cache.match(req.prompt_ids, limit=tokens - 1, record_hits=False) if self.cache is not None else []
         need = self._pages_for(tokens) - len(cached)
@@ -244,7 +242,7 @@ class Scheduler:
             if req.inflight:  # retracted with a token in flight: it is fed again once that is committed
                 continue
             admitting = req.state is RequestState.WAITING
-            if admitting and (self._at_max_running() or (self._hold_admission and self.running)):
+            if admitting and self._admission_held():
                 break
             hit = self._reuse_prefix(req) if admitting else None
             held = reserve + (self._first_decode_pages(req, drafts) if admitting else 0)
@@ -328,6 +326,11 @@ class Scheduler:
     def _scores_prompt(req: Request) -> bool:
         """Prompt log-probabilities asked for and not all computed yet: every prefill row yields logits."""
         return req.params.prompt_logprobs is not None and len(req.prompt_logprobs) < len(req.prompt_ids) - 1
+
+    def _admission_held(self) -> bool:
+        """No new request starts (admitted, or given pages for a transfer): at --max-running-requests, or after a
+        retraction while requests run and none has freed pages since (the pool is over-committed)."""
+        return self._at_max_running() or (self._hold_admission and bool(self.running))
 
     def _retract(self, req: Request) -> None:
         self.running.remove(req)
