@@ -273,6 +273,7 @@ class Frontend:
         results = await asyncio.gather(*jobs, return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
+            self._uncount(base_rid)
             for r in results:
                 if isinstance(r, RequestHandle):
                     self.abort(r.rid, "another prompt of the same call was rejected")
@@ -382,6 +383,7 @@ class Frontend:
             if not handle.accepted.done():  # cancelled when the client left before the answer
                 handle.accepted.set_result(None)
         elif isinstance(ev, m.Rejected):
+            self._uncount(handle.group)  # at once: its accepted parts' outputs may come before their abort
             self._forget(ev.rid)
             error = bad_request(ev.message) if ev.status == 400 else ApiError(  # (400: OpenAI's codes)
                 ev.status, ev.message, code="queue_full" if ev.status == 503 else None)
@@ -391,6 +393,11 @@ class Frontend:
             handle.on_output(delta, self.metrics)
             if ev.finished:
                 self._forget(ev.rid)
+
+    def _uncount(self, group: str | None) -> None:
+        """A part of call `group` was refused: the call answers that error, none of its parts counts in the metrics."""
+        for handle in (self.handles[r] for r in self.groups.get(group or "", ()) if r in self.handles):
+            handle.counted = False
 
     def _forget(self, rid: str) -> None:
         handle = self.handles.pop(rid, None)

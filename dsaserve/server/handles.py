@@ -63,6 +63,9 @@ class RequestHandle:
         self.accepted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.queue: asyncio.Queue[Delta | EngineFailure] = asyncio.Queue()
         self.finished = False
+        # False once another part of its call was refused: the call's answer is that error, so this part (aborted)
+        # is no finished generation of the metrics
+        self.counted = True
         # TTFT and e2e latency count from the HTTP request's arrival when the route knows it (guard.arrival)
         self.created = self._last = arrived if arrived is not None else time.monotonic()
         self._got_token = False
@@ -81,12 +84,13 @@ class RequestHandle:
 
     def on_output(self, delta: Delta, metrics: ServerMetrics) -> None:
         now = time.monotonic()
-        if delta.token_ids:
+        if delta.token_ids and self.counted:
             metrics.observe_tokens(len(delta.token_ids), now - self._last, first=not self._got_token)
             self._got_token, self._last = True, now
         if delta.finish is not None:
             self.finished = True
-            metrics.observe_finish(delta.finish.kind, delta.prompt_tokens, now - self.created)
+            if self.counted:
+                metrics.observe_finish(delta.finish.kind, delta.prompt_tokens, now - self.created)
         self.queue.put_nowait(delta)
 
     def fail(self, message: str) -> None:
