@@ -37,6 +37,24 @@ def assert_serves(client: openai.OpenAI, model: str) -> None:
     assert r.usage.completion_tokens == 3
 
 
+
+
+def ref_chain(n: int) -> dict:
+    """A JSON schema whose $ref chain is n schemas deep."""
+    defs = {f"d{i}": {"type": "object", "properties": {"a": {"$ref": f"#/$defs/d{i + 1}"}}} for i in range(n)}
+    return {"$ref": "#/$defs/d0", "$defs": {**defs, f"d{n}": {"type": "string"}}}
+
+
+# llguidance compiles these recursively: before their limits, each overflowed the stack and killed the server (SIGSEGV)
+CHAIN_TOOL = {"type": "function", "function": {"name": "f", "parameters": {
+    "type": "object", "properties": {"p": {"$ref": "#/$defs/d0"}}, "$defs": ref_chain(3000)["$defs"]}}}
+DEEP = [
+    ("/v1/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": ref_chain(
+        3000)}}}, 400, "the JSON schema nests more than 1024 levels deep (counting through $ref)"),
+    ("/v1/completions", {"ebnf": "root ::= r0\n" + "".join(f'r{i} ::= "x" r{i + 1} | "y"\n' for i in range(3000))},
+     400, "the grammar defines 3001 rules, more than the 1000 this server compiles"),
+    ("/v1/chat/completions", {"tools": [CHAIN_TOOL], "tool_choice": "required"}, 400, "nests more than 1024 levels"),
+]
 BAD = [  # (path, body changes, status, words in the message)
     ("/v1/completions", {"prompt": [7] * 200}, 400, "200 tokens but the context length is 128"),
     ("/v1/completions", {"prompt": [7] * 100, "max_tokens": 40}, 400, "prompt (100 tokens) + max_tokens (40)"),
@@ -97,7 +115,7 @@ BAD = [  # (path, body changes, status, words in the message)
 ]
 
 
-@pytest.mark.parametrize("path,changes,status,words", BAD)
+@pytest.mark.parametrize("path,changes,status,words", BAD + DEEP)
 def test_bad_request(server: ServerProcess, client: openai.OpenAI, model: str, path: str, changes: dict,
                      status: int, words: str) -> None:
     body = {"model": model, "max_tokens": 4}

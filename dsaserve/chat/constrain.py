@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dsaserve.chat import dsv32
-from dsaserve.chat.grammar import JSON_STYLE, GrammarError, ebnf_grammar, schema_of
+from dsaserve.chat.grammar import JSON_STYLE, GrammarError, check_schema_depth, ebnf_grammar, schema_of
 from dsaserve.chat.tools import parameters_of
 
 THINK_END = "</think>"
@@ -41,6 +41,7 @@ def markup_for(hf: Any, ll_tok: Any, texts: tuple[str, ...]) -> Markup:
 
 
 def json_rule(schema: dict[str, Any]) -> str:
+    check_schema_depth(schema)
     return "%json " + json.dumps({**schema, "x-guidance": JSON_STYLE}, ensure_ascii=False)
 
 

@@ -30,6 +30,12 @@ JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separat
 
 
 _GBNF_RULE = re.compile(r"(?m)^\s*[\w-]+\s*::=")  # a line that defines a GBNF rule
+_LARK_RULE = re.compile(r"(?m)^\s*[?!]?\w+(\.-?\d+)?\s*:")  # a line that defines a Lark rule or terminal
+# llguidance compiles grammars recursively on the thread's stack: a chain of ~2,500 rules, or of ~700 schemas
+# through $ref, overflows 8 MB and kills the process (SIGSEGV, no exception). These limits stay well below.
+MAX_GRAMMAR_RULES = 1000
+MAX_SCHEMA_DEPTH = 1024  # nested objects and lists of a JSON schema, counted along its $ref chains
+_SCHEMA_DATA = ("enum", "const", "default", "examples")  # values, not schemas
 
 
 class GrammarError(ValueError):
@@ -65,6 +71,7 @@ def json_grammar(schema: dict[str, Any]) -> str:
     from llguidance import LLMatcher
     if not isinstance(schema, dict):
         raise GrammarError("a JSON schema must be an object")
+    check_schema_depth(schema)
     try:
         return LLMatcher.grammar_from_json_schema(schema, overrides=JSON_STYLE)
     except ValueError as exc:
@@ -72,10 +79,61 @@ def json_grammar(schema: dict[str, Any]) -> str:
 
 
 
+def check_schema_depth(schema: dict[str, Any]) -> None:
+    """GrammarError for a schema nested deeper than MAX_SCHEMA_DEPTH levels (a local $ref continues the path into
+    its target; a cycle ends it, as a recursive schema is compiled once)."""
+    heights: dict[int, int] = {}  # node id -> levels below it, for nodes already measured
+
+    def resolve(ref: str) -> Any:
+        node: Any = schema
+        for part in ref[1:].split("/")[1:] if ref.startswith("#") else [None]:
+            part = None if part is None else part.replace("~1", "/").replace("~0", "~")
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            elif isinstance(node, list) and part is not None and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            else:
+                return None  # (not local, or not there: llguidance names the problem)
+        return node
+
+    def children(node: Any) -> list[Any]:
+        kids = node if isinstance(node, list) else [v for k, v in node.items() if k not in _SCHEMA_DATA]
+        if isinstance(node, dict) and isinstance(node.get("$ref"), str):
+            kids = [*kids, resolve(node["$ref"])]
+        return [k for k in kids if isinstance(k, (dict, list))]
+
+    # an iterative walk (a recursive one would meet Python's own recursion limit first)
+    stack: list[tuple[Any, list[Any], int]] = [(schema, children(schema), 0)]  # node, children left, levels below
+    active = {id(schema)}  # the nodes on the path (a $ref back to one of them is a cycle)
+    while stack:
+        node, todo, below = stack[-1]
+        if not todo:
+            stack.pop()
+            active.discard(id(node))
+            heights[id(node)] = below + 1
+            if stack:
+                stack[-1] = (*stack[-1][:2], max(stack[-1][2], below + 1))
+            continue
+        child = todo.pop()
+        if id(child) in active:
+            continue
+        if len(stack) + heights.get(id(child), 1) > MAX_SCHEMA_DEPTH:
+            raise GrammarError(f"the JSON schema nests more than {MAX_SCHEMA_DEPTH} levels deep (counting through "
+                               "$ref), more than this server compiles")
+        if id(child) in heights:
+            stack[-1] = (node, todo, max(below, heights[id(child)]))
+        else:
+            active.add(id(child))
+            stack.append((child, children(child), 0))
+
+
 def ebnf_grammar(ebnf: str) -> str:
     """SGLang's `ebnf` (GBNF: `root ::= ...`); a grammar in Lark syntax (`start: ...`) is taken as it is."""
     from llguidance import LLMatcher
     from llguidance.gbnf_to_lark import gbnf_to_lark
+    rules = len((_GBNF_RULE if _GBNF_RULE.search(ebnf) else _LARK_RULE).findall(ebnf))
+    if rules > MAX_GRAMMAR_RULES:  # (before converting: GBNF's converter takes seconds on thousands of rules)
+        raise GrammarError(f"the grammar defines {rules} rules, more than the {MAX_GRAMMAR_RULES} this server compiles")
     try:
         lark = gbnf_to_lark(ebnf) if _GBNF_RULE.search(ebnf) else ebnf  # ("::=" inside a Lark string is text)
     except Exception as exc:  # the converter raises plain exceptions on syntax errors
