@@ -180,3 +180,20 @@ def test_a_raw_value_never_holds_its_closing_tag(tmp_path, schema: dict) -> None
     st = state(path, Constraint(forced_tools=tools, several_calls=False), "glm47", False)
     call = "<tool_call>f<arg_key>a</arg_key><arg_value>zz</arg_value> x7 abcdef</arg_value></tool_call>"
     assert not (feed(st, Tokenizer(path).hf.encode(call, add_special_tokens=False)) and st.is_terminated)
+
+
+def test_equal_grammars_compile_once_and_each_state_moves_alone(tiny: dict[str, str], monkeypatch) -> None:
+    """Each request's state compiled its grammar anew on the leader, inside its step loop: a 10,000-property schema
+    takes about a second there, so one request with n = 16 stalled every other stream for 16 seconds. Equal specs
+    (as each request unpickles its own) now share one compiled matcher, of which each state advances a copy."""
+    import llguidance
+    path = tiny["deepseek_v32"]
+    hf = Tokenizer(path).hf
+    grammar = json_grammar({"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]})
+    made, real = [], llguidance.LLMatcher
+    monkeypatch.setattr(llguidance, "LLMatcher", lambda *args, **kw: made.append(1) or real(*args, **kw))
+    states = [GrammarState(GrammarSpec(grammar, path, (1,)), len(hf)) for _ in range(4)]
+    assert len(made) <= 1
+    assert feed(states[0], hf.encode('{"n": 1}', add_special_tokens=False)) and states[0].is_terminated
+    assert not states[1].is_terminated and feed(states[1], hf.encode('{"n": 23}', add_special_tokens=False))
+    assert states[1].is_terminated and not states[2].is_terminated

@@ -141,16 +141,23 @@ def ebnf_grammar(ebnf: str) -> str:
     return LLMatcher.grammar_from_lark(lark)
 
 
+@functools.lru_cache(maxsize=8)
+def compiled(spec: GrammarSpec) -> Any:
+    """The grammar's matcher at its start, compiled once per process (the leader compiles in its step loop: a
+    large schema takes about a second, so n choices or repeated requests compiling it each time stalled every
+    stream for n seconds). Never advanced: each request takes a deep copy."""
+    from llguidance import LLMatcher
+    return LLMatcher(ll_tokenizer(spec.tokenizer_path, spec.eos_ids), spec.grammar)
+
+
 class GrammarState:
     """One request's position in its grammar (leader process only)."""
 
     def __init__(self, spec: GrammarSpec, vocab_size: int):
-        from llguidance import LLMatcher
         self.vocab_size = vocab_size
         self.eos_ids = spec.eos_ids
-        tokenizer = ll_tokenizer(spec.tokenizer_path, spec.eos_ids)
-        self.known = tokenizer.vocab_size  # ids the tokenizer has (a model's vocabulary may be padded past it)
-        self.matcher = LLMatcher(tokenizer, spec.grammar)
+        self.known = ll_tokenizer(spec.tokenizer_path, spec.eos_ids).vocab_size  # (a vocabulary may be padded past)
+        self.matcher = compiled(spec).deep_copy()  # (a copy costs microseconds, a compile up to seconds)
         if self.matcher.is_error():
             log.error("grammar rejected in the engine: %s", self.matcher.get_error())
 
