@@ -100,6 +100,8 @@ BAD = [  # (path, body changes, status, words in the message)
     ("/generate", {"model": None, "text": "a", "sampling_params": {"n": 2}}, 400, "asks for 2 completions"),
     ("/generate", {"model": None, "text": "a", "sampling_params": {"json_schema": "{"}}, 400,
      "json_schema is not valid JSON"),
+    ("/generate", {"model": None, "text": "a", "sampling_params": {"json_schema": "[" * 10_000 + "]" * 10_000}}, 400,
+     "json_schema nests too deeply to parse"),
     ("/generate", {"model": None, "text": "a", "sampling_params": {"json_schema": "5"}}, 400,
      "json_schema must be a JSON schema: an object"),
     ("/generate", {"model": None, "text": "a", "sampling_params": {"json_schema": "{}", "regex": "a"}}, 400,

@@ -54,6 +54,8 @@ def _constraint(sp: native.NativeSamplingParams) -> Constraint:
         schema = json.loads(sp.json_schema)
     except json.JSONDecodeError as exc:
         raise bad_request(f"json_schema is not valid JSON: {exc}", param="json_schema") from None
+    except RecursionError:  # (Python's parser recurses per level: deep nesting was a 500)
+        raise bad_request("json_schema nests too deeply to parse", param="json_schema") from None
     if not isinstance(schema, dict):
         raise bad_request("json_schema must be a JSON schema: an object, as a JSON string", param="json_schema")
     return Constraint({"type": "json_schema", "json_schema": {"schema": schema}})
