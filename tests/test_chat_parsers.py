@@ -270,3 +270,16 @@ def test_parallel_tool_calls_false_returns_the_first_call(make, raw: str, conten
     for cuts in ((), tuple(range(1, len(raw)))):
         out = parse(one, raw, cuts)
         assert (out.content, out.calls) == (content, calls[:1])
+
+
+def test_an_argument_nested_past_the_recursion_limit_does_not_fail_the_stream() -> None:
+    """Model output is not bounded: JSON nested deeper than Python's parser recurses raised RecursionError out of
+    the parser (the request failed mid-stream). DSML keeps such a call as content (a malformed call); GLM keeps the
+    value as text, as it does for any argument that is not JSON."""
+    deep = "[" * 5000 + "]" * 5000
+    raw = (f'<{D}function_calls>\n<{D}invoke name="get_weather">\n<{D}parameter name="city" string="false">{deep}'
+           f'</{D}parameter>\n</{D}invoke>\n</{D}function_calls>')
+    assert parse(lambda: dsml(False), raw) == Parsed("", raw, [])
+    got = parse(lambda: glm(False), f"<tool_call>get_weather<arg_key>city</arg_key><arg_value>{deep}</arg_value>"
+                                    "</tool_call>")
+    assert [(c.name, json.loads(c.arguments)) for c in got.calls] == [("get_weather", {"city": deep})]

@@ -243,7 +243,7 @@ def _dsml_invoke(text: str) -> tuple[int, str, dict[str, Any]]:
         value = text[value_at:end]
         try:
             args[key] = value if p.group(2) == "true" else json.loads(value)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # (model output: nested past Python's parser too)
             raise _Malformed from None
         pos = end + len(dsv32.PARAM_END)
     return _literal(text, pos, dsv32.INVOKE_END)[1], name, args
@@ -327,7 +327,7 @@ class GlmToolParser(ToolCallParser):
 def _json_or_text(value: str) -> Any:
     try:
         return json.loads(value)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # (model output: nested past Python's parser too)
         return value
 
 
