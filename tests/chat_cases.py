@@ -36,6 +36,20 @@ def chat_checkpoint(tmp_path_factory: pytest.TempPathFactory, arch: str, chat_fo
                               chat_format))
 
 
+def check_rendered_as(server: ServerProcess, client: openai.OpenAI, messages: list, fields: dict,
+                      ids: list[int]) -> None:
+    """/tokenize renders `messages` with the request `fields` to `ids`, and a greedy chat completion of the same
+    request is the plain completion of those ids (token for token, and its prompt that long)."""
+    assert httpx.post(f"{server.url}/tokenize", json={"messages": messages, **fields}).json()["tokens"] == ids
+    model, as_ids = client.models.list().data[0].id, {"return_tokens_as_token_ids": True, "ignore_eos": True}
+    chat = client.chat.completions.create(model=model, messages=messages, max_tokens=4, temperature=0, logprobs=True,
+                                          extra_body={**fields, **as_ids})
+    plain = client.completions.create(model=model, prompt=ids, max_tokens=4, temperature=0, logprobs=0,
+                                      extra_body=as_ids)
+    assert chat.usage.prompt_tokens == len(ids)
+    assert [t.token for t in chat.choices[0].logprobs.content] == plain.choices[0].logprobs.tokens
+
+
 def openai_client(server: ServerProcess) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
 

@@ -186,14 +186,7 @@ def test_continue_final_message_leaves_the_turn_open(server: ServerProcess, clie
     fields = {"add_generation_prompt": False, "continue_final_message": True}
     ids = hf.encode("<｜begin▁of▁sentence｜><｜User｜>Weather in Paris?<｜Assistant｜></think>It is",
                     add_special_tokens=False)
-    assert httpx.post(f"{server.url}/tokenize", json={"messages": messages, **fields}).json()["tokens"] == ids
-    model = client.models.list().data[0].id
-    chat = client.chat.completions.create(model=model, messages=messages, max_tokens=4, temperature=0, logprobs=True,
-                                          extra_body={**fields, **AS_IDS})
-    plain = client.completions.create(model=model, prompt=ids, max_tokens=4, temperature=0, logprobs=0,
-                                      extra_body=AS_IDS)
-    assert chat.usage.prompt_tokens == len(ids)
-    assert ids_of([t.token for t in chat.choices[0].logprobs.content]) == ids_of(plain.choices[0].logprobs.tokens)
+    chat_cases.check_rendered_as(server, client, messages, fields, ids)
     for path in ("/tokenize", "/v1/chat/completions"):
         r = httpx.post(f"{server.url}{path}", json={"messages": messages[:1], **fields}, timeout=30)
         assert r.status_code == 400 and "needs an assistant message last" in r.json()["error"]["message"], r.text

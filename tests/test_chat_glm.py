@@ -86,9 +86,6 @@ def test_template_and_kwargs_reach_the_prompt(server: ServerProcess, hf, name: s
     assert r["tokens"] == hf.encode(expected, add_special_tokens=False)
 
 
-AS_IDS = {"return_tokens_as_token_ids": True, "ignore_eos": True}
-
-
 @pytest.mark.parametrize("messages,fields,expected", [
     (HI, {"add_generation_prompt": False}, "[gMASK]<sop><|user|>Hi"),
     (HI + [{"role": "assistant", "content": "It is"}], {"add_generation_prompt": False, "continue_final_message": True},
@@ -99,14 +96,7 @@ def test_generation_prompt_fields_on_tokenize_and_chat(server: ServerProcess, cl
     """vLLM's add_generation_prompt / continue_final_message: /tokenize and chat completions render the same prompt
     (chat used to ignore both, and /tokenize the second)."""
     ids = hf.encode(expected, add_special_tokens=False)
-    assert httpx.post(f"{server.url}/tokenize", json={"messages": messages, **fields}).json()["tokens"] == ids
-    model = client.models.list().data[0].id
-    chat = client.chat.completions.create(model=model, messages=messages, max_tokens=4, temperature=0, logprobs=True,
-                                          extra_body={**fields, **AS_IDS})
-    plain = client.completions.create(model=model, prompt=ids, max_tokens=4, temperature=0, logprobs=0,
-                                      extra_body=AS_IDS)
-    assert chat.usage.prompt_tokens == len(ids)
-    assert [t.token for t in chat.choices[0].logprobs.content] == plain.choices[0].logprobs.tokens
+    chat_cases.check_rendered_as(server, client, messages, fields, ids)
 
 
 @pytest.mark.parametrize("call,problem", [
