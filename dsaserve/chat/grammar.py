@@ -78,7 +78,6 @@ def json_grammar(schema: dict[str, Any]) -> str:
         raise GrammarError(f"invalid JSON schema: {exc}") from None
 
 
-
 def check_schema_depth(schema: dict[str, Any]) -> None:
     """GrammarError for a schema nested deeper than MAX_SCHEMA_DEPTH levels (a local $ref continues the path into
     its target; a cycle ends it, as a recursive schema is compiled once)."""
