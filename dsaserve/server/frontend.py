@@ -122,8 +122,7 @@ class Frontend:
             if problem is not None:  # a leader's own report says more than an exit code: wait for it briefly
                 for other in self.links:
                     await self._startup_events(other, 500)
-                setting = any(code == m.SETTING_EXIT for _, code in self.ranks.exited())  # (its log line says what)
-                raise StartupError(f"{problem} while starting", setting)
+                raise StartupError(f"{problem} while starting", self.ranks.refused_a_setting())
 
     async def _startup_events(self, link: RankLink, timeout_ms: int) -> dict[str, Any] | None:
         """Ready's info, or None; raises StartupError with the leader's message if its start failed."""

@@ -27,7 +27,7 @@ from dsaserve.disagg.serving import PDRouting, start_bootstrap
 from dsaserve.engine.warmup import freeze_startup_heap
 from dsaserve.server.app import create_app
 from dsaserve.server.frontend import Frontend, StartupError
-from dsaserve.server.messages import SETTING_EXIT, Endpoints
+from dsaserve.server.messages import Endpoints
 from dsaserve.server.metrics import ServerMetrics
 from dsaserve.server.preflight import bind_listener, check_node0_ports, checked_args
 from dsaserve.server.supervisor import RankProcesses, wait_for_ranks
@@ -141,7 +141,7 @@ def _serve_other_node(args: ServerArgs, stop: _StopSignal) -> int:
     print(f"error: {problem}", file=sys.stderr)
     if stop.signum is not None:
         return stop.exit_code
-    return 2 if any(code == SETTING_EXIT for _, code in ranks.exited()) else 1  # (the rank's log line says what)
+    return 2 if ranks.refused_a_setting() else 1
 
 
 async def _serve(args: ServerArgs, listener: socket.socket, stop: _StopSignal) -> int:

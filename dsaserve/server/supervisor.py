@@ -14,7 +14,7 @@ import time
 from typing import Callable
 
 from dsaserve.parallel.nodes import describe_exit, free_port, ranks_on_this_node
-from dsaserve.server.messages import Endpoints
+from dsaserve.server.messages import SETTING_EXIT, Endpoints
 from dsaserve.server.worker import run_rank
 from dsaserve.server_args import ServerArgs
 
@@ -48,6 +48,10 @@ class RankProcesses:
     def exited(self) -> list[tuple[int, int]]:
         """(rank, exit code) of every started rank process that has exited (and is reaped)."""
         return [(r, p.exitcode) for r, p in zip(self.ranks, self.procs) if p.pid is not None and p.exitcode is not None]
+
+    def refused_a_setting(self) -> bool:
+        """Whether a rank exited refusing a setting (exit 2; its log line says which)."""
+        return any(code == SETTING_EXIT for _, code in self.exited())
 
     def killed(self) -> str | None:
         """The first rank killed by a signal, in words (the usual first cause: others fail after it)."""
