@@ -5,6 +5,7 @@ healthy and exits cleanly."""
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
 from pathlib import Path
@@ -44,6 +45,18 @@ async def _routed(url: str, model: str, ranks: list[int]) -> list[list[int]]:
         await client.close()
 
 
+def _json_on_each_rank(url: str, model: str) -> list[dict]:
+    """A grammar request to an idle server, on DP rank 1, then 0: the rank whose compile ended wakes every rank
+    (under DP attention they step together), so each request ends instead of waiting forever."""
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "enum": [0]}}, "required": ["n"],
+              "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}
+    replies = [client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=20, temperature=0,
+                                         extra_body={"response_format": fmt, "routed_dp_rank": rank}) for rank in (1, 0)]
+    return [json.loads(r.choices[0].text) for r in replies]
+
+
 def test_asymmetric_dp_routing(tiny_ds: str, expected: list[list[int]], tmp_path: Path) -> None:
     flags = dict(tp=4, dp=2, enable_dp_attention=True, page_size=1, max_total_tokens=2048, cuda_graph_max_bs=2,
                  speculative_algorithm="NEXTN", speculative_num_steps=3, speculative_eagle_topk=1,
@@ -53,6 +66,7 @@ def test_asymmetric_dp_routing(tiny_ds: str, expected: list[list[int]], tmp_path
         model = Path(tiny_ds).name
         for ranks in ([0, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]):  # 1 vs 3, 3 vs 1, 0 vs 4, 4 vs 0
             assert asyncio.run(_routed(server.url, model, ranks)) == expected, f"routed to {ranks}"
+        assert _json_on_each_rank(server.url, model) == [{"n": 0}] * 2  # (compiled beside rank 1's loop, then 0's)
         assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
         info = server.server_info()
         ranks_info = info["internal_states"]  # one entry per DP rank

@@ -142,9 +142,9 @@ def ebnf_grammar(ebnf: str) -> str:
 
 @functools.lru_cache(maxsize=8)
 def compiled(spec: GrammarSpec) -> Any:
-    """The grammar's matcher at its start, compiled once per process (the leader compiles in its step loop: a
-    large schema takes about a second, so n choices or repeated requests compiling it each time stalled every
-    stream for n seconds). Never advanced: each request takes a deep copy."""
+    """The grammar's matcher at its start, compiled once per process (a large schema takes about a second: n choices
+    or repeated requests compiling it each time kept their requests waiting for n seconds). Never advanced: each
+    request takes a deep copy."""
     from llguidance import LLMatcher
     return LLMatcher(ll_tokenizer(spec.tokenizer_path, spec.eos_ids), spec.grammar)
 
@@ -203,9 +203,11 @@ class GrammarState:
 
 
 def grammar_state(req: Request, vocab_size: int) -> GrammarState:
-    """The request's grammar state, made on first use (so only the process that samples holds one)."""
+    """The request's grammar state: the leader's background compile (waited for: a PD request may be sampled before
+    it ends), else made now."""
     if req.grammar is None:
-        req.grammar = GrammarState(req.params.grammar, vocab_size)
+        compiling = req.grammar_compile
+        req.grammar = compiling.result() if compiling is not None else GrammarState(req.params.grammar, vocab_size)
     return req.grammar
 
 

@@ -18,6 +18,7 @@ from dsaserve.chat.grammar import commit_tokens, grammar_state
 from dsaserve.disagg.pages import transfer_pages
 from dsaserve.engine import compiles, lockstep
 from dsaserve.engine.acceptance import accept
+from dsaserve.engine.grammar_compile import GrammarCompiler
 from dsaserve.engine.layout import IN_FLIGHT, StepMode, StepPlan
 from dsaserve.engine.model_runner import ModelRunner, StepShape
 from dsaserve.engine.overlap import InFlight, Overlap, input_ids
@@ -82,6 +83,7 @@ class Engine:
             eos.add(self.tokenizer.hf.eos_token_id)
         self.eos_ids = frozenset(eos)
         self.requests: dict[str, Request] = {}
+        self.grammars = GrammarCompiler(self.cfg.vocab_size)  # the leader's compiles, beside the step loop
         self._arrivals = itertools.count()
         # Seeds for requests that carry none: distinct per DP group (round-robin must not pair them).
         self._seeds = random.Random(f"{args.seed}/{self.par.cfg.dp_rank}")
@@ -132,9 +134,16 @@ class Engine:
             ends = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_ids))
             req.min_tokens_banned = tuple(sorted(t for t in ends if 0 <= t < self.cfg.vocab_size))
         if req.disagg is not None:
-            self.disagg.add(req)
-        else:
-            self.scheduler.add(req)
+            self.disagg.add(req)  # (its wait for the other server covers most of a compile: see grammar_state)
+        else:  # a request with a grammar joins the scheduler once that compiled (admit_compiled)
+            self.scheduler.check_queue(len(self.grammars.held))
+            self.scheduler.check_fits(len(req.prompt_ids), req.max_new_tokens)
+            if params.grammar is not None:
+                self.grammars.hold(req)
+            else:
+                self.scheduler.add(req, checked=True)
+        if params.grammar is not None:  # (add_request runs on DP leaders only: they sample)
+            self.grammars.start(req)
         self.requests[rid] = req
 
     def abort(self, rid: str, message: str = "aborted by the client") -> bool:
@@ -161,9 +170,21 @@ class Engine:
         if self.prefix_cache is not None:
             self.prefix_cache.stats = PrefixStats()
 
-    def has_work(self) -> bool:
+    def has_work(self, compiling: bool = True) -> bool:
+        """`compiling`: count requests that wait only for their grammar (a server waits on grammars.wake_fd)."""
         return (self.scheduler.has_work() or bool(self._finished_outside_step)
-                or (self.overlap is not None and self.overlap.busy))
+                or (self.overlap is not None and self.overlap.busy) or (compiling and bool(self.grammars.held)))
+
+    def admit_compiled(self) -> list[RequestOutput]:
+        """Requests whose grammar compiled join the scheduler's queue (by arrival); a failed compile ends its own."""
+        outputs = []
+        for req, exc in self.grammars.ready():
+            if exc is None:
+                self.scheduler.add(req, checked=True)
+            else:
+                self._finish(req, FinishReason("error", message=f"the output constraint did not compile: {exc}"))
+                outputs.append(self._output(req, [], []))
+        return outputs
 
     def poll_transfers(self) -> list[RequestOutput]:
         """PD (leader): advance this leader's KV transfers without a forward step; decode requests whose
@@ -177,8 +198,10 @@ class Engine:
                 self.scheduler.num_retractions)
 
     def _waiting(self) -> int:
-        """Queued requests: the scheduler's and a PD side's (waiting for the other server before they hold pages)."""
-        return len(self.scheduler.waiting) + (self.disagg.queued() if self.disagg is not None else 0)
+        """Queued requests: the scheduler's, those whose grammar compiles and a PD side's (waiting for the other
+        server before they hold pages)."""
+        queued = len(self.scheduler.waiting) + len(self.grammars.held)
+        return queued + (self.disagg.queued() if self.disagg is not None else 0)
 
     def stats(self) -> EngineStats:
         cache = self.prefix_cache
@@ -197,9 +220,10 @@ class Engine:
         """One step of the whole deployment. `keep_alive`: the caller has requests still to add
         (keeps the other ranks stepping); `stop`: ask every rank to leave its loop; `epoch`: the
         caller's wake-up counter (server.worker)."""
+        admitted = self.admit_compiled()
         if self.overlap is not None:
-            return self.overlap.step(keep_alive, stop, epoch)
-        outputs = self.take_finished()
+            return admitted + self.overlap.step(keep_alive, stop, epoch)
+        outputs = admitted + self.take_finished()
         outputs += self.poll_transfers()  # decode requests whose KV cache arrived run in this step
         plan = self.scheduler.schedule() if self.par.cfg.is_leader else None
         plan, self.last_sync = lockstep.sync(self, plan, keep_alive, stop, epoch)
@@ -380,6 +404,7 @@ class Engine:
     def _drop(self, req: Request, reason: FinishReason) -> None:
         req.finish = reason
         self.scheduler.remove(req)
+        self.grammars.discard(req)
         del self.requests[req.rid]
 
     def _output(self, req: Request, new_ids: list[int], new_lps: list) -> RequestOutput:
@@ -394,6 +419,8 @@ class Engine:
         for _ in range(max_steps):
             if not self.has_work():
                 break
+            if not self.has_work(compiling=False):
+                self.grammars.wait()
             outputs += self.step()
         log.debug("ran %d steps in %.2fs", self.steps, time.monotonic() - start)
         return outputs

@@ -30,7 +30,7 @@ def sync(engine: Engine, plan: StepPlan | None, keep_alive: bool = False, stop: 
     graph_mode = StepMode.VERIFY if spec else StepMode.DECODE
     drafting = sum(plan.samples) if plan is not None and spec else 0  # requests that draft
     mine = [plan.num_tokens if plan else 0, drafting, runner.graph_batch_of(plan, graph_mode),
-            int(keep_alive or engine.has_work()), int(stop), engine.failed_at, epoch]
+            int(keep_alive or engine.has_work(compiling=False)), int(stop), engine.failed_at, epoch]
     everyone = par.exchange(mine)
     check_failures([r[5] for r in everyone], par.cfg.attn_tp, engine.steps)
     engine.failed_at = 0

@@ -188,6 +188,7 @@ class Request:
     spec_verify_ct: int = 0  # verify steps this request took part in
     spec_accepted: int = 0  # draft tokens accepted over those steps
     grammar: Any = None  # GrammarState of params.grammar, made by the sampler on the leader
+    grammar_compile: Any = None  # the Future of that state, compiling beside the step loop (engine/grammar_compile)
     min_tokens_banned: tuple[int, ...] = ()  # EOS and stop token ids, masked before params.min_tokens
     min_tokens_chars: int | None = None  # characters of the first params.min_tokens output tokens, once known
     sampling_tensors: dict[str, Any] = field(default_factory=dict)  # the sampler's fixed per-request tensors

@@ -184,7 +184,7 @@ def _run_job(args: ServerArgs, par: Parallel, job: Job) -> dict[int, list[int]]:
         for i, r in [(i, r) for i, r in mine if r.arrive_at_step == step]:
             rid_to_index[f"job-{i}"] = i
             engine.add_request(f"job-{i}", r.prompt_ids, r.params)
-        later = any(r.arrive_at_step > step for _, r in mine)
+        later = any(r.arrive_at_step > step for _, r in mine) or bool(engine.grammars.held)  # (still compiling)
         for out in engine.step(keep_alive=later):
             tokens[rid_to_index[out.rid]] += out.new_token_ids
         step += 1

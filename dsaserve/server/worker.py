@@ -153,12 +153,12 @@ class WorkerLoop:
 
     def _should_step(self) -> bool:
         agreed = self.engine.last_sync
-        return self.engine.has_work() or agreed.any_work or self.seen > agreed.epoch
+        return self.engine.has_work(compiling=False) or agreed.any_work or self.seen > agreed.epoch
 
     def run(self) -> None:
         while not self.stopping:
             events = self._receive(block=not self._should_step())
-            events += self._transfers()
+            events += self._background()
             if not self.stopping and self._should_step():
                 events += self.engine.step(epoch=self.seen)
                 if self.engine.last_sync.any_stop:  # another leader is shutting every rank down
@@ -189,24 +189,22 @@ class WorkerLoop:
         return events
 
     def _wait(self) -> None:
-        """Block until an envelope comes; with PD transfers pending, also until a control message from the
-        other server or the transfers' next deadline (a write in flight: soon)."""
+        """Block until an envelope comes or a grammar compile ends; with PD transfers pending, also until a control
+        message from the other server or the transfers' next deadline (a write in flight: soon)."""
         disagg = self.engine.disagg
-        if disagg is None:
-            self.pull.poll()
-            return
         poller = zmq.Poller()
-        for sock in [self.pull, *disagg.sockets()]:
+        for sock in [self.pull, self.engine.grammars.wake_fd, *(disagg.sockets() if disagg is not None else [])]:
             poller.register(sock, zmq.POLLIN)
-        poller.poll(disagg.wait_ms())
+        poller.poll(disagg.wait_ms() if disagg is not None else None)
 
-    def _transfers(self) -> list[m.Event]:
-        """PD transfers advance without a step. A request whose KV cache arrived must decode, one whose page ids
-        came must prefill: under DP attention every leader steps together, so the frontend is asked to wake
-        them all first."""
-        idle = not self.engine.has_work()
+    def _background(self) -> list[m.Event]:
+        """PD transfers and grammar compiles advance without a step. A request whose KV cache arrived must decode,
+        one whose page ids came must prefill, one whose grammar compiled must be scheduled: under DP attention every
+        leader steps together, so the frontend is asked to wake them all first."""
+        idle = not self.engine.has_work(compiling=False)
         outputs = self.engine.poll_transfers()  # (a prefill server admits requests whose page ids came)
-        woke = idle and self.engine.has_work()
+        outputs += self.engine.admit_compiled()
+        woke = idle and self.engine.has_work(compiling=False)
         if self.engine.args.dp > 1 and (woke or any(out.new_token_ids for out in outputs)):
             self.push.send_pyobj([*outputs, m.Wake()])
             return []

@@ -1,0 +1,93 @@
+"""Grammars compile beside the step loop (engine/grammar_compile.py): running requests keep decoding while a
+request's grammar compiles; the request joins the scheduler once it is ready and then decodes as if it had been
+compiled at once; an abort or a failed compile ends that request alone. A gate holds the real compile until the
+test opens it, so what happens during a compile does not depend on how long one takes."""
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from conftest import prompts_ids
+from dsaserve import LLM, SamplingParams
+from dsaserve.chat.grammar import GrammarSpec, GrammarState, checked_spec, json_grammar
+from dsaserve.engine import grammar_compile
+
+SCHEMA = {"type": "object", "properties": {"n": {"type": "integer"}, "ok": {"type": "boolean"}},
+          "required": ["n", "ok"], "additionalProperties": False}
+PROMPT = prompts_ids(1, [9], seed=4)[0]
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_ds: str) -> LLM:
+    return LLM(tiny_ds, max_total_tokens=2048)
+
+
+@pytest.fixture()
+def gate(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Compiles wait for this event (set at the end of the test at the latest)."""
+    opened = threading.Event()
+
+    def gated(spec: GrammarSpec, vocab_size: int) -> GrammarState:
+        assert opened.wait(60), "the test never opened the gate"
+        return GrammarState(spec, vocab_size)
+
+    monkeypatch.setattr(grammar_compile, "GrammarState", gated)
+    yield opened
+    opened.set()
+
+
+def _constrained(path: str) -> SamplingParams:
+    return SamplingParams(max_tokens=40, temperature=0.0, grammar=checked_spec(json_grammar(SCHEMA), path, (1,)))
+
+
+def test_running_requests_decode_while_a_grammar_compiles(llm: LLM, tiny_ds: str, gate: threading.Event) -> None:
+    engine = llm.engine
+    gate.set()
+    expected = llm.generate(PROMPT, _constrained(tiny_ds))[0]  # alone, its grammar compiled at once
+    gate.clear()
+    engine.add_request("plain", prompts_ids(1, [7], seed=5)[0], SamplingParams(max_tokens=6, ignore_eos=True))
+    engine.add_request("json", PROMPT, _constrained(tiny_ds))
+    tokens: dict[str, list[int]] = {"plain": [], "json": []}
+    for _ in range(50):
+        for out in engine.step():
+            tokens[out.rid] += out.new_token_ids
+        if "plain" not in engine.requests:
+            break
+    assert len(tokens["plain"]) == 6 and "plain" not in engine.requests  # it ran to its end meanwhile
+    assert tokens["json"] == [] and engine.stats().waiting == 1  # still waiting for its grammar, counted queued
+    assert engine.has_work() and not engine.has_work(compiling=False)
+    gate.set()
+    for out in engine.run_until_idle():
+        tokens[out.rid] += out.new_token_ids
+    assert tokens["json"] == expected.token_ids  # as if its grammar had compiled at once
+    assert json.loads(expected.text).keys() == {"n", "ok"}
+    assert engine.allocator.num_free + engine.prefix_cache.reclaimable() == engine.allocator.capacity
+
+
+def test_an_abort_during_the_compile_ends_the_request(llm: LLM, tiny_ds: str, gate: threading.Event) -> None:
+    engine = llm.engine
+    engine.add_request("json", PROMPT, _constrained(tiny_ds))
+    assert engine.has_work() and engine.stats().waiting == 1
+    assert engine.abort("json")
+    (out,) = engine.take_finished()
+    assert out.finish.kind == "abort" and not engine.has_work() and engine.grammars.held == []
+    gate.set()  # the compile ends unused
+    assert engine.run_until_idle() == [] and "json" not in engine.requests
+
+
+def test_a_failed_compile_ends_its_request_alone(llm: LLM, tiny_ds: str) -> None:
+    """A grammar whose tokenizer cannot be loaded (a spec that skipped checked_spec): that request ends with the
+    error; a request beside it completes."""
+    engine = llm.engine
+    broken = SamplingParams(max_tokens=4, grammar=GrammarSpec(json_grammar(SCHEMA), "/nonexistent/tokenizer", (1,)))
+    engine.add_request("broken", PROMPT, broken)
+    engine.add_request("plain", PROMPT, SamplingParams(max_tokens=4, ignore_eos=True))
+    outs = {}
+    for out in engine.run_until_idle():
+        outs.setdefault(out.rid, []).append(out)
+    failed = outs["broken"][-1].finish
+    assert failed.kind == "error" and "did not compile" in failed.message and outs["broken"][-1].new_token_ids == []
+    assert outs["plain"][-1].finish is not None and outs["plain"][-1].completion_tokens == 4
+    assert not engine.has_work()
