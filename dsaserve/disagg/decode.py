@@ -5,6 +5,9 @@ then joins the running batch with its prompt cached, exactly as if it had been p
 Pages that a prefill server may still write are never reused early: a request aborted or timed out
 while its pages are out keeps them until the prefill server answers (a write it could not cancel ends in
 `done` or `failed`), at most one more timeout.
+
+A control socket per prefill leader address is kept while requests use it and closed a timeout after the last:
+a restarted prefill server binds new ports, so sockets to the old ones would otherwise pile up.
 """
 from __future__ import annotations
 
@@ -36,7 +39,8 @@ class Incoming:
 @dataclass
 class DecodeSide(SideBase):
     rooms: dict[int, Incoming] = field(default_factory=dict)  # by arrival
-    peers: dict[str, zmq.Socket] = field(default_factory=dict)
+    peers: dict[str, zmq.Socket] = field(default_factory=dict)  # by the prefill leader's control endpoint
+    peer_used: dict[str, float] = field(default_factory=dict)  # when a message last went there or a room needed it
 
     def info(self) -> dict[str, Any]:
         return {}
@@ -97,6 +101,9 @@ class DecodeSide(SideBase):
     # -- the loop ----------------------------------------------------------------------------
 
     def poll(self) -> list[RequestOutput]:
+        now = self.deadlines.clock()
+        for inc in self.rooms.values():  # (before rooms end below: a peer is idle from its last room's end on)
+            self.peer_used[inc.peer] = now
         for sock in self.peers.values():
             for _, msg, _ in wire.recv_all(sock, routed=False):
                 self._on_message(msg)
@@ -114,7 +121,20 @@ class DecodeSide(SideBase):
                 outputs.append(out)
         if receiving:  # arrivals of rooms that ended (or end now) are never looked up: dropped
             self.transport.keep_arrivals({wire.room_tag(room) for room, inc in self.rooms.items() if inc.sent})
+        self._close_idle_peers(now)
         return outputs
+
+    def _close_idle_peers(self, now: float) -> None:
+        """Close the sockets no request has needed for a timeout: every room refreshes its peer's use while it
+        lives (answers for ended rooms are ignored anyway), and our last message there (a cancel) has had a timeout
+        to go out before LINGER 0 drops it. A dead or replaced prefill server is not told apart from an idle one,
+        and need not be: a live one idle that long costs one reconnect, on a socket that queues what is sent until
+        it connects. (A bound on the count instead could close a socket that a request still waits on.)"""
+        for peer in [p for p, t in self.peer_used.items() if now - t >= self.deadlines.timeout_s]:
+            del self.peer_used[peer]
+            sock = self.peers.pop(peer, None)
+            if sock is not None:
+                sock.close(linger=0)
 
     def _on_message(self, msg: dict[str, Any]) -> None:
         inc = self.rooms.get(msg.get("room"))
@@ -199,4 +219,5 @@ class DecodeSide(SideBase):
             sock = self.peers[peer] = self.ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.connect(peer)
+        self.peer_used[peer] = self.deadlines.clock()
         wire.send(sock, msg, blob)
