@@ -6,6 +6,7 @@ the test moves."""
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Iterator
 
 import pytest
@@ -84,3 +85,82 @@ def test_decode_keeps_the_socket_of_a_prefill_server_a_request_waits_on(
             assert_pools_whole(dec)
     finally:
         ctx.destroy(linger=0)
+
+
+def test_prefill_removes_the_nixl_agents_of_restarted_decode_servers(
+        tiny_ds: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decode server restarted comes with a new NIXL agent: the prefill server used to keep every agent it ever
+    added (N restarts, N agents with their connections). One it has not written to for a timeout is removed now."""
+    now = [0.0]
+    ids = prompts_ids(1, [9], seed=13)[0]
+    agents: list[str] = []
+    with engine(tiny_ds, "prefill", "nixl") as pre:
+        monkeypatch.setattr(pre.disagg.deadlines, "clock", lambda: now[0])
+        nixl = pre.disagg.transport.nixl
+        for _ in range(RESTARTS):
+            with engine(tiny_ds, "decode", "nixl") as dec:  # (re)started: a new agent
+                final, _ = run_pd(pre, dec, [ids], GREEDY)
+                assert final["r0"].finish.kind == "length", final["r0"].finish
+                agents.append(dec.disagg.transport.agent)
+            known = [a for a in agents if nixl.check_remote_metadata(a)]
+            assert known == agents[-1:], f"the prefill server's NIXL still knows {len(known)} decode agents"
+            now[0] += TIMEOUT_S + 1  # nothing written to that server for a timeout
+        pre.step()
+        assert not any(nixl.check_remote_metadata(a) for a in agents)
+        assert not pre.disagg.transport.remote_agents()
+        assert_pools_whole(pre)
+
+
+def test_prefill_keeps_the_nixl_agent_of_a_write_not_ended(tiny_ds: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An agent is removed (which disconnects it) only once no write to it can still run: not during a write, nor
+    while a write given up on (past its time and not cancellable) still runs in NIXL."""
+    now = [0.0]
+    ids = prompts_ids(1, [9], seed=14)[0]
+    with engine(tiny_ds, "prefill", "nixl") as pre, engine(tiny_ds, "decode", "nixl") as dec:
+        side, transport = pre.disagg, pre.disagg.transport
+        monkeypatch.setattr(side.deadlines, "clock", lambda: now[0])
+        monkeypatch.setattr(transport, "poll", lambda handle: False)  # the write never seems to end ...
+        monkeypatch.setattr(transport, "cancel", lambda handle: False)  # ... nor to stop
+        pre.add_request("p", ids, GREEDY, DisaggRoute(41))
+        dec.add_request("d", ids, GREEDY, DisaggRoute(41, f"tcp://127.0.0.1:{side.port}"))
+        step_until((pre, dec), lambda f: 41 in side.out and side.out[41].handle is not None, 30)
+        agent = dec.disagg.transport.agent
+        now[0] = TIMEOUT_S + 1  # past the write's time: drained for one more window
+        pre.step()
+        assert side.out[41].draining is not None and transport.nixl.check_remote_metadata(agent)
+        now[0] = 2 * TIMEOUT_S + 2  # past the drain: given up on, and still running as far as NIXL says
+        real_state = transport.nixl.check_xfer_state
+        monkeypatch.setattr(transport.nixl, "check_xfer_state", lambda handle: "PROC")
+        finals = step_until((pre,), lambda f: "p" in f, 15)
+        assert finals["p"].finish.kind == "error" and 41 not in side.out
+        now[0] = 4 * TIMEOUT_S  # idle long enough, but a write to it may still land
+        pre.step()
+        assert transport.nixl.check_remote_metadata(agent)
+        monkeypatch.setattr(transport.nixl, "check_xfer_state", real_state)  # it ends: released, then removed
+        deadline = time.monotonic() + 15
+        while transport.nixl.check_remote_metadata(agent) and time.monotonic() < deadline:
+            dec.disagg.transport.progress()  # UCX over TCP needs the receiver's progress (its room is over: none)
+            pre.step()
+            time.sleep(0.005)
+        assert not transport.nixl.check_remote_metadata(agent) and not transport.remote_agents()
+        assert_pools_whole(pre)
+
+
+def test_prefill_removes_the_nixl_agent_of_a_write_that_failed_to_start(
+        tiny_ds: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write that fails after its receiver was added (NIXL refuses the descriptors) leaves the agent added too:
+    it goes as an idle one does."""
+    now = [0.0]
+    with engine(tiny_ds, "prefill", "nixl") as pre, engine(tiny_ds, "decode", "nixl") as dec:
+        monkeypatch.setattr(pre.disagg.deadlines, "clock", lambda: now[0])
+        header, blob = dec.disagg.transport.descriptor()
+        bad = dict(header, bases=[b + (1 << 40) for b in header["bases"]])  # memory the decode agent never registered
+        monkeypatch.setattr(dec.disagg.transport, "descriptor", lambda: (bad, blob))
+        final, _ = run_pd(pre, dec, prompts_ids(1, [9], seed=15), GREEDY)
+        assert final["r0"].finish.kind == "error" and "NIXL" in final["r0"].finish.message, final["r0"].finish
+        agent = dec.disagg.transport.agent
+        assert pre.disagg.transport.nixl.check_remote_metadata(agent)
+        now[0] = TIMEOUT_S + 1
+        pre.step()
+        assert not pre.disagg.transport.nixl.check_remote_metadata(agent)
+        assert_pools_whole(pre, dec)

@@ -8,6 +8,9 @@ start: the decode server has its pages before the prefill takes any); then it is
 its first token (its pages kept, out of the running batch) while the write runs, and ends once the decode
 server has the token. Every wait is bounded; a request that cannot be handed over ends with an error, its
 pages return to the pool and the decode server is told.
+
+The transport's metadata and connection per receiver (a decode leader's NIXL agent) go a timeout after the last
+write to it ended: a restarted decode server comes with a new agent, so the old ones would otherwise pile up.
 """
 from __future__ import annotations
 
@@ -64,6 +67,7 @@ class PrefillSide(SideBase):
     admitted: dict[int, Dest] = field(default_factory=dict)  # the dests of requests being prefilled
     out: dict[int, Outgoing] = field(default_factory=dict)
     ended: dict[int, tuple[str, float]] = field(default_factory=dict)  # rooms that ended before their dest came
+    receivers: dict[str, float] = field(default_factory=dict)  # transport agent -> when a write to it last ran
 
     def __post_init__(self) -> None:
         self.sock = self.ctx.socket(zmq.ROUTER)
@@ -140,6 +144,10 @@ class PrefillSide(SideBase):
     # -- the loop ----------------------------------------------------------------------------
 
     def poll(self) -> list[RequestOutput]:
+        now = self.deadlines.clock()
+        for o in self.out.values():  # (before writes end below: a receiver is idle from its last write's end on)
+            if o.handle is not None:
+                self._used(o, now)
         outputs: list[RequestOutput] = []
         for ident, msg, blob in wire.recv_all(self.sock, routed=True):
             out = self._on_message(ident, msg, blob)
@@ -160,7 +168,20 @@ class PrefillSide(SideBase):
             self.ended[room] = (message, self.deadlines.after())  # its request, if it comes now, is refused at once
         for room in [r for r, (_, t) in self.ended.items() if t <= now]:
             del self.ended[room]
+        self._remove_idle_receivers(now)
         return outputs
+
+    def _remove_idle_receivers(self, now: float) -> None:
+        """Remove the receivers not written to for a timeout. By then their last write's arrival notice has long
+        reached them; a write given up on that still runs keeps its receiver (the transport refuses) until it
+        ends. The sender cannot tell a restarted decode server from another one (a new agent name, a new control
+        socket identity, nothing else to match), so replaced and dead receivers go as idle ones do: a live one
+        idle that long is added again, from the page ids' blob, by its next write (one connection setup)."""
+        for agent in self.transport.remote_agents():  # (also those added by a write that then failed to start)
+            self.receivers.setdefault(agent, now)
+        for agent in [a for a, t in self.receivers.items() if now - t >= self.deadlines.timeout_s]:
+            if self.transport.remove_remote(agent):
+                del self.receivers[agent]
 
     def _on_message(self, ident: bytes, msg: dict[str, Any], blob: bytes) -> RequestOutput | None:
         kind, room = msg.get("kind"), msg.get("room")
@@ -279,7 +300,13 @@ class PrefillSide(SideBase):
         src = transfer_pages(req, self.page_size, int(msg.get("skip_pages", 0)))
         runs = page_runs(src, msg["pages"])
         o.handle = self.transport.write(msg["transport"], o.dest.blob, runs, wire.room_tag(room))
+        self._used(o, self.deadlines.clock())
         o.deadline = self.deadlines.clock() + o.dest.window / 4
+
+    def _used(self, o: Outgoing, now: float) -> None:
+        agent = o.dest.msg["transport"].get("agent")  # (the fake transport names none)
+        if agent is not None:
+            self.receivers[agent] = now
 
     def _mismatch(self, msg: dict[str, Any], req: Request) -> str | None:
         spec = self.engine.spec_steps

@@ -77,6 +77,15 @@ class KVTransport(ABC):
         """Receiver side: forget the arrivals of writes tagged otherwise (their requests ended: aborted, failed or
         timed out after the data landed), which would otherwise be kept for an arrived() that never comes."""
 
+    def remote_agents(self) -> set[str]:
+        """Sender side: the receivers this side holds metadata and connections for (write() adds them)."""
+        return set()
+
+    def remove_remote(self, agent: str) -> bool:
+        """Sender side: forget a receiver (its next write adds it again from the page ids' blob). False while a
+        write to it may still run: also one the caller gave up on, released here once it has ended."""
+        return True
+
     @property
     def agent(self) -> str:
         return ""
@@ -114,6 +123,7 @@ class NixlTransport(KVTransport):
         regions = [(b.data_ptr(), b.numel(), self.dev, "") for b in buffers]
         self._registered = self.nixl.register_memory(regions, self.mem)
         self._remotes: set[str] = set()
+        self._writes: dict[Any, str] = {}  # handles NIXL holds (not released yet) -> their receiver
         self._descriptor: tuple[dict[str, Any], bytes] | None = None
 
     @property
@@ -143,6 +153,7 @@ class NixlTransport(KVTransport):
             if self.nixl.transfer(handle) == "ERR":
                 self._release(handle)
                 raise TransferFailed(f"NIXL could not start the write to {peer}")
+            self._writes[handle] = peer
             return handle
         except TransferFailed:
             raise
@@ -168,6 +179,7 @@ class NixlTransport(KVTransport):
     def _release(self, handle: Any) -> bool:
         try:
             self.nixl.release_xfer_handle(handle)
+            self._writes.pop(handle, None)
             return True
         except Exception:  # an active transfer that cannot be cancelled: NIXL keeps the handle
             log.warning("NIXL could not release a transfer handle", exc_info=True)
@@ -185,6 +197,29 @@ class NixlTransport(KVTransport):
             notifs[agent] = [m for m in notifs[agent] if m[:m.find(b";") + 1] in tags]
             if not notifs[agent]:
                 del notifs[agent]
+
+    def remote_agents(self) -> set[str]:
+        return set(self._remotes)
+
+    def remove_remote(self, agent: str) -> bool:
+        # Removing disconnects: first every write to it must have ended (a running one could not finish, nor
+        # its arrival notice reach the receiver). Handles left here are writes the caller gave up on: released
+        # once NIXL says they ended (trying to release a running one would only warn each poll).
+        for handle in [h for h, a in self._writes.items() if a == agent]:
+            try:
+                running = self.nixl.check_xfer_state(handle) == "PROC"
+            except Exception:  # it failed: ended
+                running = False
+            if running or not self._release(handle):
+                return False
+        if agent in self._remotes:
+            try:
+                self.nixl.remove_remote_agent(agent)
+            except Exception:  # still known to NIXL: kept, so a later write does not add it twice
+                log.warning("NIXL could not remove remote agent %s", agent, exc_info=True)
+                return True
+            self._remotes.discard(agent)
+        return True
 
     def close(self) -> None:
         try:
