@@ -211,6 +211,13 @@ def test_queue_full_is_503(server: ServerProcess, client: openai.OpenAI, model: 
     ("/v1/chat/completions", {"max_completion_tokens": -1}, "max_completion_tokens", "max_completion_tokens must be > 0"),
     ("/generate", {"model": None, "text": "a", "sampling_params": {"max_new_tokens": -1}}, "max_new_tokens",
      "max_new_tokens must be > 0"),
+    # /tokenize and /detokenize take the completions' size limit (a 9 MB prompt held a tokenizer thread 9 s)
+    ("/tokenize", {"prompt": "x" * 200_000}, "prompt", "the prompt has 200000 characters, more than the context"),
+    ("/v1/tokenize", {"prompt": None, "messages": [{"role": "user", "content": "x" * 200_000}]}, "messages",
+     "the prompt has 200000 characters"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 200_000}]}, "messages",
+     "the prompt has 200000 characters"),
+    ("/detokenize", {"prompt": None, "tokens": [5] * 200}, "tokens", "tokens holds 200 ids, more than the context"),
 ])
 def test_sampling_errors_name_the_field_the_client_sent(server: ServerProcess, model: str, path: str, changes: dict,
                                                        param: str, words: str) -> None:

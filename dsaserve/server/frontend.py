@@ -197,13 +197,13 @@ class Frontend:
         self.check_prompt_chars(len(text))
         return await self.tokenize(self.tokenizer.encode, text)
 
-    def check_prompt_chars(self, chars: int) -> None:
+    def check_prompt_chars(self, chars: int, param: str = "prompt") -> None:
         """A prompt longer than the context length could hold, at the most characters one token spells, is too
-        long for certain: a 400 before a tokenizer thread spends seconds on megabytes of text."""
+        long for certain: a 400 before a tokenizer thread spends seconds on megabytes of text (/tokenize too)."""
         context, per_token = self.info["context_length"], self.tokenizer.max_token_chars
         if chars > context * per_token:
             raise bad_request(f"the prompt has {chars} characters, more than the context length ({context} tokens) "
-                              f"can hold at {per_token} characters per token at most", param="prompt")
+                              f"can hold at {per_token} characters per token at most", param=param)
 
     def route(self, dp_rank: int | None) -> int:
         n = len(self.links)

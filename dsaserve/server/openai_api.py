@@ -301,8 +301,7 @@ class OpenAIServing:
             raise bad_request(str(exc), param=exc.param) from None
 
     def plan_chat(self, body: p.ChatCompletionRequest) -> ChatPlan:
-        self.fe.check_prompt_chars(sum(len(m.content) if isinstance(m.content, str) else
-                                       sum(len(part.text or "") for part in m.content or []) for m in body.messages))
+        self.fe.check_prompt_chars(_message_chars(body.messages), "messages")
         tools = checked_tools(body.tools, body.tool_choice)
         prompt = self.render(body, tools.tools)
         reasoning, tool_parser_name = self.fe.args.reasoning_parser, None
@@ -359,8 +358,10 @@ class OpenAIServing:
         if (body.prompt is None) == (body.messages is None):
             raise bad_request("give exactly one of prompt and messages", param="prompt")
         if body.prompt is not None:
+            self.fe.check_prompt_chars(len(body.prompt))  # (chat completions' limits: the same text, the same cost)
             ids = self.fe.tokenizer.encode(body.prompt, body.add_special_tokens)
         else:
+            self.fe.check_prompt_chars(_message_chars(body.messages), "messages")
             tools = checked_tools(body.tools, body.tool_choice).tools  # ("none": left out, as chat leaves them)
             chat = p.ChatInput(messages=body.messages, tools=body.tools, chat_template_kwargs=body.chat_template_kwargs,
                                add_generation_prompt=body.add_generation_prompt,
@@ -372,7 +373,10 @@ class OpenAIServing:
 
     def detokenize(self, body: p.DetokenizeRequest) -> p.DetokenizeResponse:
         self.check_model(body.model)
-        vocab = self.fe.info["vocab_size"]
+        vocab, context = self.fe.info["vocab_size"], self.fe.info["context_length"]
+        if len(body.tokens) > context:  # (no sequence of this model is longer; 16 MiB of ids decode for a second)
+            raise bad_request(f"tokens holds {len(body.tokens)} ids, more than the context length ({context})",
+                              param="tokens")
         bad = [t for t in body.tokens if not 0 <= t < vocab]
         if bad:
             raise bad_request(f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param="tokens")
@@ -386,6 +390,12 @@ def _with_prompt(prompt: list[int], echoed: str | None, scored: LogprobList | No
     if echoed is None:
         return ids, lps, text
     return prompt + ids, prompt_token_logprobs(scored, len(prompt)) + list(lps), echoed + text
+
+
+def _message_chars(messages: list[p.ChatMessage]) -> int:
+    """The characters of a conversation's contents (what check_prompt_chars bounds before templating)."""
+    return sum(len(m.content) if isinstance(m.content, str) else sum(len(x.text) for x in m.content or [])
+               for m in messages)
 
 
 def checked_tools(tools: list[dict[str, Any]] | None, tool_choice: str | dict[str, Any] | None) -> ToolPlan:
