@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dsaserve.config import ModelConfig
-from dsaserve.engine.request import Request, SamplingParams
+from dsaserve.engine.request import SEED_MAX, SEED_MIN, Request, RequestError, SamplingParams, choice_seed
 from dsaserve.engine.sampler import draw, filter_probs, row_uniform, sample
 
 # Field values of the published DeepSeek-V3.2-Exp and GLM-5 config.json files (the math-relevant ones).
@@ -105,6 +105,19 @@ def test_draw_is_exact_at_the_boundaries() -> None:
     assert draw(probs, [0.49, 0.51]).tolist() == [1, 2]
     assert row_uniform(1, 0) != row_uniform(1, 1) != row_uniform(2, 1)
     assert all(0.0 <= row_uniform(s, i) < 1.0 for s in range(50) for i in range(50))
+
+
+def test_seeds_are_the_64_bit_range_and_n_wraps_within_it() -> None:
+    """The sampler hashes seeds mod 2^64: a seed outside [-2^63, 2^63) would silently repeat another (it was taken),
+    and the n choices' seeds s + i wrap inside the range to the value that draws the same tokens."""
+    assert row_uniform(2 ** 64 + 5, 3) == row_uniform(5, 3)  # (why a wider seed is refused)
+    for seed in (SEED_MAX + 1, SEED_MIN - 1, 2 ** 64):
+        with pytest.raises(RequestError, match=r"seed must be a signed 64-bit integer, in \[-9223372036854775808, "
+                                               r"9223372036854775807\]"):
+            SamplingParams(seed=seed).validate()
+    assert choice_seed(SEED_MAX, 1) == SEED_MIN and choice_seed(-1, 2) == 1 and choice_seed(None, 3) is None
+    assert row_uniform(choice_seed(SEED_MAX, 1), 7) == row_uniform(SEED_MAX + 1, 7)
+    assert choice_seed(SEED_MAX + 1, 0) == SEED_MAX + 1  # (left for validate() to refuse, not wrapped in)
 
 
 def test_penalties_change_choice() -> None:

@@ -218,6 +218,10 @@ def test_queue_full_is_503(server: ServerProcess, client: openai.OpenAI, model: 
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 200_000}]}, "messages",
      "the prompt has 200000 characters"),
     ("/detokenize", {"prompt": None, "tokens": [5] * 200}, "tokens", "tokens holds 200 ids, more than the context"),
+    # the sampler hashes seeds mod 2^64: a wider one was taken and silently drew another seed's tokens
+    ("/v1/completions", {"seed": 2 ** 64 + 5}, "seed", "seed must be a signed 64-bit integer, in [-922337203685477580"),
+    ("/v1/chat/completions", {"seed": -2 ** 63 - 1}, "seed", "seed must be a signed 64-bit integer"),
+    ("/generate", {"model": None, "text": "a", "sampling_params": {"seed": 2 ** 63}}, "seed", "seed must be a signed"),
 ])
 def test_sampling_errors_name_the_field_the_client_sent(server: ServerProcess, model: str, path: str, changes: dict,
                                                        param: str, words: str) -> None:

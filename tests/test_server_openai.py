@@ -147,12 +147,13 @@ def test_async_streaming_matches_llm(server: ServerProcess, llm: LLM, model: str
 
 
 def test_n_with_seed_and_stop(server: ServerProcess, client: openai.OpenAI, llm: LLM, model: str) -> None:
-    sampled = [llm.generate([[5, 6, 7]], SamplingParams(max_tokens=MAX, temperature=1.0, seed=s, ignore_eos=True))[0]
-               for s in (100, 101)]
-    r = client.completions.create(model=model, prompt=[5, 6, 7], n=2, seed=100, max_tokens=MAX, temperature=1.0,
-                                  logprobs=0, extra_body=AS_IDS)
-    got = [ids_of(c.logprobs.tokens) for c in sorted(r.choices, key=lambda c: c.index)]
-    assert got == [s.token_ids for s in sampled]
+    for seed, seeds in ((100, (100, 101)), (2 ** 63 - 1, (2 ** 63 - 1, -2 ** 63))):  # (n wraps in the 64-bit range)
+        sampled = [llm.generate([[5, 6, 7]], SamplingParams(max_tokens=MAX, temperature=1.0, seed=s,
+                                                             ignore_eos=True))[0] for s in seeds]
+        r = client.completions.create(model=model, prompt=[5, 6, 7], n=2, seed=seed, max_tokens=MAX,
+                                      temperature=1.0, logprobs=0, extra_body=AS_IDS)
+        got = [ids_of(c.logprobs.tokens) for c in sorted(r.choices, key=lambda c: c.index)]
+        assert got == [s.token_ids for s in sampled]
     assert r.usage.prompt_tokens == 3 and r.usage.completion_tokens == 2 * MAX
 
     full = greedy(llm, ["Hello world"])[0].text

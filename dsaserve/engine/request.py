@@ -36,6 +36,19 @@ def logit_bias_pairs(bias: Any) -> tuple[tuple[int, float], ...]:
     return tuple(sorted(merged.items()))
 
 
+# Seeds the sampler tells apart: it hashes a seed mod 2^64 (sampler.step_seed), so these 2^64 (vLLM's range, a
+# signed 64-bit integer) each draw their own tokens, and a seed outside would repeat one of them.
+SEED_MIN, SEED_MAX = -2 ** 63, 2 ** 63 - 1
+
+
+def choice_seed(seed: int | None, index: int) -> int | None:
+    """The seed of completion `index` of n (s, s + 1, ...), wrapped into [SEED_MIN, SEED_MAX]: the same value mod
+    2^64, so the same tokens as s + index. A seed outside the range stays as it is, for validate() to refuse."""
+    if seed is None or isinstance(seed, bool) or not isinstance(seed, Integral) or not SEED_MIN <= seed <= SEED_MAX:
+        return seed
+    return (seed + index - SEED_MIN) % 2 ** 64 + SEED_MIN
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int | None = 16  # None: up to the context length
@@ -86,6 +99,8 @@ class SamplingParams:
              f"{self.min_tokens} with max_tokens {self.max_tokens}"),
             (not bad_bias, "logit_bias maps token ids >= 0 to biases in [-100, 100] (keys naming one token add "
                            f"up), got {bad_bias[0][0]}: {bad_bias[0][1]}" if bad_bias else ""),
+            (self.seed is None or SEED_MIN <= self.seed <= SEED_MAX, f"seed must be a signed 64-bit integer, in "
+             f"[{SEED_MIN}, {SEED_MAX}] (the sampler tells 2^64 seeds apart), got {self.seed}"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs must be in [0, 20], got {self.logprobs}"),
             (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
              f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}"),

@@ -15,7 +15,7 @@ import dsaserve
 from dsaserve.chat.constrain import Constraint
 from dsaserve.chat.grammar import GrammarSpec
 from dsaserve.disagg.serving import PDRouting
-from dsaserve.engine.request import SamplingParams
+from dsaserve.engine.request import SamplingParams, choice_seed
 from dsaserve.server import native_protocol as native
 from dsaserve.server import protocol as p
 from dsaserve.server.errors import ApiError, bad_request
@@ -38,7 +38,7 @@ def _native_params(sp: native.NativeSamplingParams, max_tokens: int | None, logp
         max_tokens=max_tokens, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k,
         min_p=sp.min_p, frequency_penalty=sp.frequency_penalty, presence_penalty=sp.presence_penalty,
         repetition_penalty=sp.repetition_penalty, min_tokens=sp.min_new_tokens, logit_bias=bias_pairs(sp.logit_bias),
-        seed=None if sp.seed is None else sp.seed + index, stop=stop, include_stop_str=sp.no_stop_trim,
+        seed=choice_seed(sp.seed, index), stop=stop, include_stop_str=sp.no_stop_trim,
         stop_token_ids=tuple(sp.stop_token_ids or ()), ignore_eos=sp.ignore_eos, logprobs=logprobs,
         prompt_logprobs=prompt_logprobs, grammar=grammar, skip_special_tokens=sp.skip_special_tokens),
         _NATIVE_NAMES)

@@ -16,7 +16,7 @@ from dsaserve.chat.parsers import (DEFAULT_TOOL_PARSER, OutputParser, Parsed, Re
 from dsaserve.chat.render import ChatFormat, ChatFormatError, RenderedChat
 from dsaserve.chat.tools import ToolPlan, plan_tools
 from dsaserve.disagg.serving import PDRouting
-from dsaserve.engine.request import DisaggRoute, SamplingParams
+from dsaserve.engine.request import DisaggRoute, SamplingParams, choice_seed
 from dsaserve.engine.tokenizer import CharOffsets
 from dsaserve.server import protocol as p
 from dsaserve.server.errors import ApiError, bad_request
@@ -103,14 +103,14 @@ class OpenAIServing:
                grammar: GrammarSpec | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
         max_name = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) is not None else "max_tokens"
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-        seed = None if body.seed is None else body.seed + index  # n > 1: seeds s, s+1, ...
         return checked(SamplingParams(
             max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p, top_k=-1 if body.top_k is None else body.top_k,
             min_p=body.min_p or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
             presence_penalty=body.presence_penalty or 0.0,
             repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
-            min_tokens=body.min_tokens or 0, logit_bias=bias_pairs(body.logit_bias), seed=seed, stop=stop,
+            min_tokens=body.min_tokens or 0, logit_bias=bias_pairs(body.logit_bias),
+            seed=choice_seed(body.seed, index), stop=stop,
             include_stop_str=body.include_stop_str_in_output,
             stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos, logprobs=logprobs,
             grammar=grammar, prompt_logprobs=prompt_logprobs, skip_special_tokens=body.skip_special_tokens),
