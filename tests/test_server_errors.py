@@ -222,6 +222,9 @@ def test_queue_full_is_503(server: ServerProcess, client: openai.OpenAI, model: 
     ("/v1/completions", {"seed": 2 ** 64 + 5}, "seed", "seed must be a signed 64-bit integer, in [-922337203685477580"),
     ("/v1/chat/completions", {"seed": -2 ** 63 - 1}, "seed", "seed must be a signed 64-bit integer"),
     ("/generate", {"model": None, "text": "a", "sampling_params": {"seed": 2 ** 63}}, "seed", "seed must be a signed"),
+    ("/generate", {"model": None, "text": "a", "sampling_params": {"max_new_tokens": 2}, "return_logprob": True,
+                   "logprob_start_len": -2}, "logprob_start_len", "logprob_start_len: Input should be greater than or "
+                                                                   "equal to -1"),
 ])
 def test_sampling_errors_name_the_field_the_client_sent(server: ServerProcess, model: str, path: str, changes: dict,
                                                        param: str, words: str) -> None:
