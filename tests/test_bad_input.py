@@ -27,7 +27,7 @@ def llm(tiny_ds: str) -> LLM:
     ([], OK, "prompt is empty"),
     ("", OK, "prompt is empty"),
     ([7] * 200, OK, "200 tokens but the context length is 128"),
-    ([7] * 100, SamplingParams(max_tokens=40), "prompt (100 tokens) + max_tokens (40)"),
+    ([7] * 100, SamplingParams(max_tokens=40), "max_tokens (40) + the prompt (100 tokens) = 140 exceeds the context"),
     ([7, 8], SamplingParams(max_tokens=0), "max_tokens must be > 0"),
     ([7, 8], SamplingParams(max_tokens=-3), "max_tokens must be > 0"),
     ([7, 8], SamplingParams(top_p=0.0), "top_p"),

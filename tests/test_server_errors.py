@@ -57,7 +57,7 @@ DEEP = [
 ]
 BAD = [  # (path, body changes, status, words in the message)
     ("/v1/completions", {"prompt": [7] * 200}, 400, "200 tokens but the context length is 128"),
-    ("/v1/completions", {"prompt": [7] * 100, "max_tokens": 40}, 400, "prompt (100 tokens) + max_tokens (40)"),
+    ("/v1/completions", {"prompt": [7] * 100, "max_tokens": 40}, 400, "max_tokens (40) + the prompt (100 tokens)"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi " * 150}]}, 400, "context length"),
     ("/v1/completions", {"prompt": [], "max_tokens": 2}, 400, "prompt is empty"),
     ("/v1/completions", {"temperature": -1}, 400, "temperature must be >= 0"),
@@ -222,6 +222,14 @@ def test_queue_full_is_503(server: ServerProcess, client: openai.OpenAI, model: 
     ("/v1/completions", {"seed": 2 ** 64 + 5}, "seed", "seed must be a signed 64-bit integer, in [-922337203685477580"),
     ("/v1/chat/completions", {"seed": -2 ** 63 - 1}, "seed", "seed must be a signed 64-bit integer"),
     ("/generate", {"model": None, "text": "a", "sampling_params": {"seed": 2 ** 63}}, "seed", "seed must be a signed"),
+    # the engine's refusal of prompt + max tokens past the context names the field sent (max_tokens, no param, was)
+    ("/v1/chat/completions", {"max_completion_tokens": 500}, "max_completion_tokens",
+     "max_completion_tokens (500) + the prompt ("),
+    ("/v1/chat/completions", {"max_tokens": 500}, "max_tokens", "max_tokens (500) + the prompt ("),
+    ("/v1/completions", {"prompt": [7] * 100, "max_tokens": 40}, "max_tokens", "max_tokens (40) + the prompt (100 "),
+    ("/generate", {"model": None, "text": "a", "sampling_params": {"max_new_tokens": 500}}, "max_new_tokens",
+     "max_new_tokens (500) + the prompt ("),
+    ("/v1/completions", {"logit_bias": {"99999": 1}}, "logit_bias", "logit_bias token id 99999 is outside the vocab"),
     ("/generate", {"model": None, "text": "a", "sampling_params": {"max_new_tokens": 2}, "return_logprob": True,
                    "logprob_start_len": -2}, "logprob_start_len", "logprob_start_len: Input should be greater than or "
                                                                    "equal to -1"),

@@ -69,7 +69,8 @@ class Scheduler:
                 f"needs {self.pages_to_admit} free to start: raise --max-total-tokens or --mem-fraction")
 
     def check_fits(self, prompt_len: int, max_new_tokens: int, cache_tokens: int | None = None) -> None:
-        """Reject what can never run: the message names both numbers. `cache_tokens`: the new tokens this
+        """Reject what can never run: the message names both numbers, max_tokens first (the server names the field
+        the client sent from a message's first word, streaming.checked). `cache_tokens`: the new tokens this
         server's cache must hold (a PD prefill server holds only the first; default max_new_tokens)."""
         limit = self.cfg.context_length
         if prompt_len == 0:
@@ -77,14 +78,14 @@ class Scheduler:
         if prompt_len >= limit:
             raise RequestError(f"the prompt has {prompt_len} tokens but the context length is {limit}")
         if prompt_len + max_new_tokens > limit:
-            raise RequestError(f"prompt ({prompt_len} tokens) + max_tokens ({max_new_tokens}) = "
+            raise RequestError(f"max_tokens ({max_new_tokens}) + the prompt ({prompt_len} tokens) = "
                                f"{prompt_len + max_new_tokens} exceeds the context length {limit}")
         slack = self.cfg.decode_lookahead - 1  # speculative steps write a few slots past the last token
         held = max_new_tokens if cache_tokens is None else min(cache_tokens, max_new_tokens)
         if prompt_len + held + slack > self.capacity_tokens:
-            what = f"max_tokens ({max_new_tokens})" if held == max_new_tokens else f"{held} new token(s)"
-            raise RequestError(f"prompt ({prompt_len}) + {what} needs more cache than "
-                               f"the whole KV pool holds ({self.capacity_tokens} tokens)")
+            what = (f"max_tokens ({max_new_tokens}) + the prompt ({prompt_len} tokens)" if held == max_new_tokens
+                    else f"the prompt ({prompt_len} tokens) + {held} new token(s)")
+            raise RequestError(f"{what} need more cache than the whole KV pool holds ({self.capacity_tokens} tokens)")
 
     def check_queue(self, held_elsewhere: int = 0) -> None:
         """QueueFull when the waiting requests (and `held_elsewhere`, about to join them) fill the queue."""

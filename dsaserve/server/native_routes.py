@@ -23,8 +23,8 @@ from dsaserve.server.frontend import RequestHandle
 from dsaserve.server.guard import arrival
 from dsaserve.server.openai_api import OpenAIServing
 from dsaserve.server.streaming import (DONE, AbortingStream, Result, aborter, bias_pairs, checked, collect_call,
-                                       error_event, finish_error, merged, prompt_token_logprobs, prompt_scoring,
-                                       split_error)
+                                       engine_refusals_named, error_event, finish_error, merged, prompt_token_logprobs,
+                                       prompt_scoring, split_error)
 
 # SamplingParams' names as /generate's sampling_params spell them (errors name the client's field)
 _NATIVE_NAMES = {"max_tokens": "max_new_tokens", "min_tokens": "min_new_tokens", "include_stop_str": "no_stop_trim"}
@@ -165,13 +165,14 @@ def native_router(serving: OpenAIServing) -> APIRouter:
             prompt_lp = logprobs if body.logprob_start_len >= 0 and not decodes else None
             params = [_native_params(sp, max_tokens, logprobs, prompt_lp, grammar, j) for j in range(n)]
             prompts = [ids for ids in prompts for _ in range(n)]
-            if batch or n > 1:
-                base = body.rid if isinstance(body.rid, str) else secrets.token_hex(16)
-                handles = await fe.submit_many(prompts, params * (len(prompts) // n), base, dp_rank, route, rids,
-                                               prompt_only, arrival(request))
-            else:
-                handles = [await fe.submit(prompts[0], params[0], body.rid, dp_rank, route=route,
-                                           scores_only=prompt_only, arrived=arrival(request))]
+            with engine_refusals_named(_NATIVE_NAMES):
+                if batch or n > 1:
+                    base = body.rid if isinstance(body.rid, str) else secrets.token_hex(16)
+                    handles = await fe.submit_many(prompts, params * (len(prompts) // n), base, dp_rank, route, rids,
+                                                   prompt_only, arrival(request))
+                else:
+                    handles = [await fe.submit(prompts[0], params[0], body.rid, dp_rank, route=route,
+                                               scores_only=prompt_only, arrived=arrival(request))]
         many = batch or n > 1
         if body.stream:
             return AbortingStream(generate_stream(serving, handles, body, prompts, decodes, many),

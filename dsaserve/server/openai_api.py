@@ -22,8 +22,8 @@ from dsaserve.server import protocol as p
 from dsaserve.server.errors import ApiError, bad_request
 from dsaserve.server.frontend import Delta, Frontend, RequestHandle
 from dsaserve.server.streaming import (DONE, AbortingStream, Result, aborter, bias_pairs, checked, collect_call,
-                                       error_event, finish_error, merged, prompt_token_logprobs, prompt_scoring,
-                                       split_error)
+                                       engine_refusals_named, error_event, finish_error, merged, prompt_token_logprobs,
+                                       prompt_scoring, split_error)
 
 LogprobList = list[tuple[float, list[tuple[int, float]]]]
 ParserFactory = Callable[[], OutputParser]
@@ -99,9 +99,14 @@ class OpenAIServing:
                               f"{queues} DP group(s))", param="n" if prompts == 1 else prompt_param)
 
     @staticmethod
+    def names(body: p.SamplingFields) -> dict[str, str]:
+        """SamplingParams' names as the request spells them (errors name the field the client sent)."""
+        max_name = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) is not None else "max_tokens"
+        return {"max_tokens": max_name, "include_stop_str": "include_stop_str_in_output"}
+
+    @staticmethod
     def params(body: p.SamplingFields, max_tokens: int | None, logprobs: int | None, index: int,
                grammar: GrammarSpec | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
-        max_name = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) is not None else "max_tokens"
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
         return checked(SamplingParams(
             max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
@@ -114,7 +119,7 @@ class OpenAIServing:
             include_stop_str=body.include_stop_str_in_output,
             stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos, logprobs=logprobs,
             grammar=grammar, prompt_logprobs=prompt_logprobs, skip_special_tokens=body.skip_special_tokens),
-            {"max_tokens": max_name, "include_stop_str": "include_stop_str_in_output"})
+            OpenAIServing.names(body))
 
     def token_str(self, token: int, as_ids: bool) -> str:
         return f"token_id:{token}" if as_ids else self.fe.tokenizer.decode([token], skip_special_tokens=False)
@@ -142,8 +147,9 @@ class OpenAIServing:
                   for _ in prompts for i in range(body.n)]
         flat = [ids for ids in prompts for _ in range(body.n)]
         rid = body.rid or f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
-        handles = await self.fe.submit_many(flat, params, rid, dp_rank, route, scores_only=prompt_only,
-                                            arrived=arrived)
+        with engine_refusals_named(self.names(body)):
+            handles = await self.fe.submit_many(flat, params, rid, dp_rank, route, scores_only=prompt_only,
+                                                arrived=arrived)
         return Call(rid, body, prompts, handles, kind, parser, echo)
 
     async def respond(self, request: Request, call: Call) -> Any:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from typing import AsyncIterator, Awaitable, Callable, TypeVar
+from typing import AsyncIterator, Awaitable, Callable, Iterator, TypeVar
 
 import anyio
 from fastapi import Request
@@ -52,13 +52,30 @@ def checked(params: SamplingParams, names: dict[str, str] | None = None) -> Samp
     try:
         params.validate()
     except RequestError as exc:
-        message = str(exc)
-        field = message.split(" ", 1)[0]
-        if field not in SamplingParams.__dataclass_fields__:
-            raise bad_request(message) from None
-        name = (names or {}).get(field, field)
-        raise bad_request(name + message[len(field):], param=name) from None
+        raise field_error(str(exc), names) from None
     return params
+
+
+def field_error(message: str, names: dict[str, str] | None = None) -> ApiError:
+    """A 400 for a bad-input message of the engine; one whose first word is a SamplingParams field names it
+    (`param`, and in the message) as the client spelt it (`names`, as checked)."""
+    field = message.split(" ", 1)[0]
+    if field not in SamplingParams.__dataclass_fields__:
+        return bad_request(message)
+    name = (names or {}).get(field, field)
+    return bad_request(name + message[len(field):], param=name)
+
+
+@contextlib.contextmanager
+def engine_refusals_named(names: dict[str, str] | None = None) -> Iterator[None]:
+    """Around submitting: the engine's refusal of a field (the prompt + max_tokens past the context length) names
+    the field the client sent (max_completion_tokens, /generate's max_new_tokens), as checked() does."""
+    try:
+        yield
+    except ApiError as exc:
+        if exc.status != 400 or exc.param is not None:
+            raise
+        raise field_error(exc.message, names) from None
 
 
 async def collect(handle: RequestHandle) -> Result:
