@@ -230,6 +230,9 @@ def test_queue_full_is_503(server: ServerProcess, client: openai.OpenAI, model: 
     ("/generate", {"model": None, "text": "a", "sampling_params": {"max_new_tokens": 500}}, "max_new_tokens",
      "max_new_tokens (500) + the prompt ("),
     ("/v1/completions", {"logit_bias": {"99999": 1}}, "logit_bias", "logit_bias token id 99999 is outside the vocab"),
+    # llguidance fails a forced call among more than 2000 tools mid-reply: refused before anything is queued
+    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": f"f{i}"}} for i in range(3000)],
+                              "tool_choice": "required"}, "tools", "tools holds 3000 functions and tool_choice "),
     ("/generate", {"model": None, "text": "a", "sampling_params": {"max_new_tokens": 2}, "return_logprob": True,
                    "logprob_start_len": -2}, "logprob_start_len", "logprob_start_len: Input should be greater than or "
                                                                    "equal to -1"),

@@ -8,6 +8,7 @@ import torch
 from chat_cases import TOOLS
 from dsaserve.chat.constrain import MARKUP_TEXTS, Constraint, build_grammar, markup_for
 from dsaserve.chat.grammar import GrammarError, GrammarSpec, GrammarState, json_grammar, ll_tokenizer
+from dsaserve.chat.tools import MAX_FORCED_CHOICES, check_forced, plan_tools
 from dsaserve.engine.tokenizer import Tokenizer
 from dsaserve.tiny import make_tiny_model, save_tokenizer
 
@@ -113,6 +114,38 @@ def test_forced_call_arguments_follow_refs_patterns_and_consts(tiny: dict[str, s
         st = make()
         accepted = feed(st, hf.encode(schema_call(tool_format, {**GOOD, key: value}), add_special_tokens=False))
         assert not (accepted and st.is_terminated), (key, value)
+
+
+def wide_tools(shape: str, choices: int) -> list[dict]:
+    """Forced tools whose grammar offers `choices` alternatives at one position; the call to make is f(a=...)."""
+    def fn(name: str, props: dict, required: list[str]) -> dict:
+        return {"type": "function", "function": {"name": name, "parameters": {"type": "object", "properties": props,
+                                                                              "required": required}}}
+    a = {"a": {"type": "string", "maxLength": 8}}
+    if shape == "tools":
+        return [fn(f"g{i}", a, ["a"]) for i in range(choices - 1)] + [fn("f", a, ["a"])]
+    if shape == "optional":
+        return [fn("f", {**a, **{f"o{i}": {"type": "integer"} for i in range(choices // 2)}}, ["a"])]
+    return [fn("f", {"a": {"type": "string", "enum": [f"v{i}" for i in range(choices)]}}, ["a"])]
+
+
+@pytest.mark.parametrize("shape", ["tools", "optional", "enum"])
+@pytest.mark.parametrize("fmt,tool_format", [("deepseek_v32", "deepseekv32"), ("glm5", "glm47")])
+def test_forced_calls_are_refused_up_front_past_what_the_grammar_follows(tiny: dict[str, str], fmt: str,
+                                                                          tool_format: str, shape: str) -> None:
+    """llguidance fails a request mid-reply when one position offers over 2000 choices (3,000 forced tools did, after
+    the server accepted them): at MAX_FORCED_CHOICES a call parses, the next one or more calls still open; past it
+    the tools check refuses the request, naming the field."""
+    hf = Tokenizer(tiny[fmt]).hf
+    forced = wide_tools(shape, MAX_FORCED_CHOICES)
+    st = state(tiny[fmt], Constraint(forced_tools=forced, several_calls=True), tool_format, False)
+    call = schema_call(tool_format, {"a": f"v{MAX_FORCED_CHOICES - 1}" if shape == "enum" else "Oslo"})
+    assert feed(st, hf.encode(call * (2 if tool_format == "glm47" else 1), add_special_tokens=False)), shape
+    assert st.error is None and (st.is_terminated or bool(st.allowed()[1]))
+    choice = "required" if shape == "tools" else {"type": "function", "function": {"name": "f"}}
+    check_forced(plan_tools(forced, choice))
+    with pytest.raises(ValueError, match=r"^tools\S* (holds 1002 functions|has 501 optional|has 1002 values)"):
+        check_forced(plan_tools(wide_tools(shape, MAX_FORCED_CHOICES + 2), choice))
 
 
 REF_TOOL = [{"type": "function", "function": {"name": "f", "parameters": {"$ref": "#/definitions/Args", "definitions": {

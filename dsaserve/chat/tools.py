@@ -6,6 +6,11 @@ from typing import Any
 
 # tool_choice after resolution: "none", "auto", "required", or the name of the one function to call.
 ToolChoice = str
+# A forced call's grammar (chat.constrain) offers each choice as an alternative at one position: the tools (for
+# "required"), a function's optional parameters (two items each), a raw string argument's enum values. llguidance's
+# parser holds at most 2000 items per position and fails the request mid-reply past that (3,000 tools did), so
+# forced calls are refused up front above half of it.
+MAX_FORCED_CHOICES = 1000
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,32 @@ def _check_parameters(params: dict[str, Any], where: str) -> None:
             raise ValueError(f"{where}.properties.{key}: minLength and maxLength must be non-negative integers")
         if None not in lengths and lengths[0] > lengths[1]:
             raise ValueError(f"{where}.properties.{key}: minLength {lengths[0]} is above maxLength {lengths[1]}")
+
+
+def check_forced(plan: ToolPlan) -> None:
+    """ValueError when the grammar of the plan's forced call would offer more than MAX_FORCED_CHOICES choices at
+    one position (nothing to check when no call is forced)."""
+    forced = plan.forced or []
+    if plan.choice == "required" and len(forced) > MAX_FORCED_CHOICES:
+        raise ValueError(f"tools holds {len(forced)} functions and tool_choice 'required' forces a call of one of "
+                         f"them: a forced call chooses among at most {MAX_FORCED_CHOICES} (send fewer tools, name the "
+                         "one to call, or use tool_choice 'auto')")
+    names = {name_of(t) for t in forced}
+    for i, tool in enumerate(plan.tools):
+        if name_of(tool) not in names:
+            continue
+        where = f"tools[{i}].function.parameters"
+        params = parameters_of(tool["function"], where)
+        props, required = params.get("properties") or {}, set(params.get("required") or [])
+        optional = len([k for k in props if k not in required])
+        if 2 * optional > MAX_FORCED_CHOICES:
+            raise ValueError(f"{where} has {optional} optional properties: a forced call leaves at most "
+                             f"{MAX_FORCED_CHOICES // 2} open (make some required, or use tool_choice 'auto')")
+        for key, schema in props.items():
+            values = schema.get("enum") if isinstance(schema, dict) and schema.get("type") == "string" else None
+            if isinstance(values, list) and len(values) > MAX_FORCED_CHOICES:
+                raise ValueError(f"{where}.properties.{key}.enum has {len(values)} values: a forced call chooses "
+                                 f"among at most {MAX_FORCED_CHOICES} (or use tool_choice 'auto')")
 
 
 def plan_tools(tools: list[dict[str, Any]] | None, tool_choice: str | dict[str, Any] | None) -> ToolPlan:

@@ -14,7 +14,7 @@ from dsaserve.chat.grammar import GrammarError, GrammarSpec, checked_spec, ll_to
 from dsaserve.chat.parsers import (DEFAULT_TOOL_PARSER, OutputParser, Parsed, ReasoningSplitter, ToolCall,
                                    tool_parser)
 from dsaserve.chat.render import ChatFormat, ChatFormatError, RenderedChat
-from dsaserve.chat.tools import ToolPlan, plan_tools
+from dsaserve.chat.tools import ToolPlan, check_forced, plan_tools
 from dsaserve.disagg.serving import PDRouting
 from dsaserve.engine.request import DisaggRoute, SamplingParams, choice_seed
 from dsaserve.engine.tokenizer import CharOffsets
@@ -308,7 +308,7 @@ class OpenAIServing:
 
     def plan_chat(self, body: p.ChatCompletionRequest) -> ChatPlan:
         self.fe.check_prompt_chars(_message_chars(body.messages), "messages")
-        tools = checked_tools(body.tools, body.tool_choice)
+        tools = checked_tools(body.tools, body.tool_choice, forcing=True)
         prompt = self.render(body, tools.tools)
         reasoning, tool_parser_name = self.fe.args.reasoning_parser, None
         if tools.parse:
@@ -404,12 +404,17 @@ def _message_chars(messages: list[p.ChatMessage]) -> int:
                for m in messages)
 
 
-def checked_tools(tools: list[dict[str, Any]] | None, tool_choice: str | dict[str, Any] | None) -> ToolPlan:
-    """The tools the prompt shows and the choice among them, or a 400 naming the field at fault."""
+def checked_tools(tools: list[dict[str, Any]] | None, tool_choice: str | dict[str, Any] | None,
+                  forcing: bool = False) -> ToolPlan:
+    """The tools the prompt shows and the choice among them, or a 400 naming the field at fault. `forcing`: the
+    reply will be constrained to a forced call, whose grammar must be one the engine can follow (check_forced)."""
     try:
-        return plan_tools(tools, tool_choice)
-    except ValueError as exc:
-        raise bad_request(str(exc), param="tools" if "tools[" in str(exc) else "tool_choice") from None
+        plan = plan_tools(tools, tool_choice)
+        if forcing:
+            check_forced(plan)
+        return plan
+    except ValueError as exc:  # (the messages start with the field at fault: tools or tool_choice)
+        raise bad_request(str(exc), param="tools" if str(exc).startswith("tools") else "tool_choice") from None
 
 
 def call_id() -> str:
