@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from dsaserve.config import ModelConfig
-from dsaserve.engine.request import SEED_MAX, SEED_MIN, Request, RequestError, SamplingParams, choice_seed
+from dsaserve.engine.request import (SEED_MAX, SEED_MIN, Request, RequestError, SamplingParams, choice_seed,
+                                     logit_bias_pairs)
 from dsaserve.engine.sampler import draw, filter_probs, row_uniform, sample
 
 # Field values of the published DeepSeek-V3.2-Exp and GLM-5 config.json files (the math-relevant ones).
@@ -118,6 +119,14 @@ def test_seeds_are_the_64_bit_range_and_n_wraps_within_it() -> None:
     assert choice_seed(SEED_MAX, 1) == SEED_MIN and choice_seed(-1, 2) == 1 and choice_seed(None, 3) is None
     assert row_uniform(choice_seed(SEED_MAX, 1), 7) == row_uniform(SEED_MAX + 1, 7)
     assert choice_seed(SEED_MAX + 1, 0) == SEED_MAX + 1  # (left for validate() to refuse, not wrapped in)
+
+
+def test_logit_bias_keys_are_ids_or_plain_decimal_strings() -> None:
+    """int() reads "1_0", " 7", "+7", non-ASCII digits, 2.9 and True as ids: each was a bias on some token."""
+    assert logit_bias_pairs({"5": 1, "05": 2, 7: 1.5}) == ((5, 3.0), (7, 1.5)) == logit_bias_pairs([(5, 3), (7, 1.5)])
+    for key in ("1_0", " 7", "7 ", "+7", "-1", "", "\u0663", "0x1", 2.9, True, "9" * 5000):
+        with pytest.raises(RequestError, match="logit_bias keys must be token ids, got .* plain decimal digits"):
+            logit_bias_pairs({key: 1.0})
 
 
 def test_penalties_change_choice() -> None:

@@ -230,6 +230,11 @@ def test_queue_full_is_503(server: ServerProcess, client: openai.OpenAI, model: 
     ("/generate", {"model": None, "text": "a", "sampling_params": {"max_new_tokens": 500}}, "max_new_tokens",
      "max_new_tokens (500) + the prompt ("),
     ("/v1/completions", {"logit_bias": {"99999": 1}}, "logit_bias", "logit_bias token id 99999 is outside the vocab"),
+    # int() read these as token ids (1_0 as 10); a key is the id in plain decimal digits
+    *[("/v1/completions", {"logit_bias": {key: 5}}, "logit_bias", f"logit_bias keys must be token ids, got {key!r}")
+      for key in ("1_0", " 7", "+7", "\u0663", "7\n")],
+    ("/generate", {"model": None, "text": "a", "sampling_params": {"logit_bias": {"1_0": 5}}}, "logit_bias",
+     "logit_bias keys must be token ids, got '1_0' (an id in plain decimal digits)"),
     # llguidance fails a forced call among more than 2000 tools mid-reply: refused before anything is queued
     ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": f"f{i}"}} for i in range(3000)],
                               "tool_choice": "required"}, "tools", "tools holds 3000 functions and tool_choice "),

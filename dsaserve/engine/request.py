@@ -25,10 +25,15 @@ def logit_bias_pairs(bias: Any) -> tuple[tuple[int, float], ...]:
     keys naming the same token ("5", "05") add up."""
     merged: dict[int, float] = {}
     for key, value in (bias.items() if isinstance(bias, dict) else bias):
+        # int() also reads "1_0", " 7", "+7" and non-ASCII digits: a key is an int or the id in ASCII digits
+        plain = isinstance(key, str) and key.isascii() and key.isdigit()
         try:
+            if not plain and (isinstance(key, bool) or not isinstance(key, Integral)):
+                raise ValueError
             token = int(key)
-        except (TypeError, ValueError):
-            raise RequestError(f"logit_bias keys must be token ids, got {key!r}") from None
+        except ValueError:  # (also a string of more digits than Python converts)
+            message = f"logit_bias keys must be token ids, got {key!r} (an id in plain decimal digits)"
+            raise RequestError(message) from None
         try:
             merged[token] = merged.get(token, 0.0) + float(value)
         except (TypeError, ValueError):
