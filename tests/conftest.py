@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import threading
+from typing import Any, Iterator
 
 os.environ["DSASERVE_CHECKS"] = "1"  # invariant 8: layouts and kernel inputs are validated in tests
 
@@ -23,6 +25,37 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def tiny_ds(tiny_models: dict[str, str]) -> str:
     return tiny_models["deepseek_v32"]
+
+
+class CompileGate(threading.Event):
+    """Grammar compiles (engine/grammar_compile) wait until set(): every one, or those of the GrammarSpec objects
+    given to only() (by identity: a copy of an equal spec is another object). The real compile runs after."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.specs: list[Any] | None = None
+
+    def only(self, *specs: Any) -> None:
+        self.specs = list(specs)
+
+    def holds(self, spec: Any) -> bool:
+        return self.specs is None or any(spec is s for s in self.specs)
+
+
+@pytest.fixture()
+def compile_gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[CompileGate]:
+    from dsaserve.chat.grammar import GrammarState
+    from dsaserve.engine import grammar_compile
+    gate = CompileGate()
+
+    def gated(spec: Any, vocab_size: int) -> GrammarState:
+        if gate.holds(spec):
+            assert gate.wait(60), "the test never opened the compile gate"
+        return GrammarState(spec, vocab_size)
+
+    monkeypatch.setattr(grammar_compile, "GrammarState", gated)
+    yield gate
+    gate.set()
 
 
 @pytest.fixture(scope="session")

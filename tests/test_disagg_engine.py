@@ -5,6 +5,7 @@ for prompts ending one token before, exactly at and one token after a page bound
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import shutil
@@ -13,7 +14,7 @@ from typing import Iterator
 
 import pytest
 
-from conftest import ARCHS, prompts_ids, sampling_features
+from conftest import ARCHS, CompileGate, prompts_ids, sampling_features
 from dsaserve import LLM, SamplingParams
 from dsaserve.engine.engine import Engine
 from dsaserve.engine.request import DisaggRoute, RequestOutput
@@ -153,6 +154,46 @@ def test_pd_sampling_features_equal_aggregated(spec_steps: int, tiny_ds: str) ->
                 assert len(got) == len(w.logprobs)
                 for (lp, top), (want_lp, want_top) in zip(got, w.logprobs):
                     assert abs(lp - want_lp) < 1e-5 and [t for t, _ in top] == [t for t, _ in want_top]
+        assert_pools_whole(pre, dec)
+
+
+@pytest.mark.parametrize("side", ["prefill", "decode"])
+def test_pd_sides_sample_a_request_only_once_its_grammar_compiled(side: str, tiny_ds: str,
+                                                                   compile_gate: CompileGate) -> None:
+    """While one side's compile of a request's grammar is held, the request beside it runs to its end and that
+    request gets no token (the prefill side does not admit it; the decode side, its KV cache arrived, does not
+    resume it): sampling it would wait in the step loop for the compile. Once compiled it gives the aggregated
+    engine's tokens."""
+    from dsaserve.chat.grammar import checked_spec, json_grammar
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    spec = checked_spec(json_grammar(schema), tiny_ds, (1,))
+    params = [GREEDY, SamplingParams(max_tokens=12, temperature=0.0, grammar=spec)]
+    prompts = prompts_ids(2, [7, 9], seed=3)
+    mine = dataclasses.replace(spec)  # an equal spec, another object: only this side's compile waits
+    compile_gate.only(mine)
+    want = [c.token_ids for c in LLM(tiny_ds, max_total_tokens=2048, page_size=4).generate(prompts, params)]
+    with pd_pair(tiny_ds, page_size=4) as (pre, dec):
+        peer = f"tcp://127.0.0.1:{pre.disagg.port}"
+        for i, (ids, p) in enumerate(zip(prompts, params)):
+            room, own = next(_rooms), dataclasses.replace(p, grammar=mine) if p.grammar is not None else p
+            pre.add_request(f"r{i}", ids, own if side == "prefill" else p, DisaggRoute(room))
+            dec.add_request(f"r{i}", ids, own if side == "decode" else p, DisaggRoute(room, peer))
+        tokens: dict[str, list[int]] = {"r0": [], "r1": []}
+        deadline = time.monotonic() + 120
+        while ("r0" in dec.requests or (side == "decode" and "r1" in pre.requests)) and time.monotonic() < deadline:
+            pre.step()
+            for out in dec.step():
+                tokens[out.rid] += out.new_token_ids
+            time.sleep(0.002)
+        assert tokens["r0"] == want[0] and "r0" not in dec.requests  # the other request ran to its end
+        assert tokens["r1"] == [] and "r1" in dec.requests  # (decode side: its KV cache came, r1 left the prefill)
+        assert ("r1" in pre.requests and pre.requests["r1"].output_ids == []) == (side == "prefill")
+        compile_gate.set()
+        while ("r1" in dec.requests or pre.has_work() or dec.has_work()) and time.monotonic() < deadline:
+            pre.step()
+            for out in dec.step():
+                tokens[out.rid] += out.new_token_ids
+        assert tokens["r1"] == want[1]
         assert_pools_whole(pre, dec)
 
 

@@ -1,18 +1,16 @@
 """Grammars compile beside the step loop (engine/grammar_compile.py): running requests keep decoding while a
 request's grammar compiles; the request joins the scheduler once it is ready and then decodes as if it had been
-compiled at once; an abort or a failed compile ends that request alone. A gate holds the real compile until the
-test opens it, so what happens during a compile does not depend on how long one takes."""
+compiled at once; an abort or a failed compile ends that request alone. A gate (conftest.compile_gate) holds the
+real compile until the test opens it, so what happens during a compile does not depend on how long one takes.
+PD: tests/test_disagg_engine.py; the DP wake-up: tests/test_server_parallel.py."""
 from __future__ import annotations
 
 import json
-import threading
-
 import pytest
 
-from conftest import prompts_ids
+from conftest import CompileGate, prompts_ids
 from dsaserve import LLM, SamplingParams
-from dsaserve.chat.grammar import GrammarSpec, GrammarState, checked_spec, json_grammar
-from dsaserve.engine import grammar_compile
+from dsaserve.chat.grammar import GrammarSpec, checked_spec, json_grammar
 
 SCHEMA = {"type": "object", "properties": {"n": {"type": "integer"}, "ok": {"type": "boolean"}},
           "required": ["n", "ok"], "additionalProperties": False}
@@ -24,29 +22,16 @@ def llm(tiny_ds: str) -> LLM:
     return LLM(tiny_ds, max_total_tokens=2048)
 
 
-@pytest.fixture()
-def gate(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
-    """Compiles wait for this event (set at the end of the test at the latest)."""
-    opened = threading.Event()
-
-    def gated(spec: GrammarSpec, vocab_size: int) -> GrammarState:
-        assert opened.wait(60), "the test never opened the gate"
-        return GrammarState(spec, vocab_size)
-
-    monkeypatch.setattr(grammar_compile, "GrammarState", gated)
-    yield opened
-    opened.set()
-
-
 def _constrained(path: str) -> SamplingParams:
     return SamplingParams(max_tokens=40, temperature=0.0, grammar=checked_spec(json_grammar(SCHEMA), path, (1,)))
 
 
-def test_running_requests_decode_while_a_grammar_compiles(llm: LLM, tiny_ds: str, gate: threading.Event) -> None:
+def test_running_requests_decode_while_a_grammar_compiles(llm: LLM, tiny_ds: str,
+                                                          compile_gate: CompileGate) -> None:
     engine = llm.engine
-    gate.set()
+    compile_gate.set()
     expected = llm.generate(PROMPT, _constrained(tiny_ds))[0]  # alone, its grammar compiled at once
-    gate.clear()
+    compile_gate.clear()
     engine.add_request("plain", prompts_ids(1, [7], seed=5)[0], SamplingParams(max_tokens=6, ignore_eos=True))
     engine.add_request("json", PROMPT, _constrained(tiny_ds))
     tokens: dict[str, list[int]] = {"plain": [], "json": []}
@@ -58,7 +43,7 @@ def test_running_requests_decode_while_a_grammar_compiles(llm: LLM, tiny_ds: str
     assert len(tokens["plain"]) == 6 and "plain" not in engine.requests  # it ran to its end meanwhile
     assert tokens["json"] == [] and engine.stats().waiting == 1  # still waiting for its grammar, counted queued
     assert engine.has_work() and not engine.has_work(compiling=False)
-    gate.set()
+    compile_gate.set()
     for out in engine.run_until_idle():
         tokens[out.rid] += out.new_token_ids
     assert tokens["json"] == expected.token_ids  # as if its grammar had compiled at once
@@ -66,14 +51,14 @@ def test_running_requests_decode_while_a_grammar_compiles(llm: LLM, tiny_ds: str
     assert engine.allocator.num_free + engine.prefix_cache.reclaimable() == engine.allocator.capacity
 
 
-def test_an_abort_during_the_compile_ends_the_request(llm: LLM, tiny_ds: str, gate: threading.Event) -> None:
+def test_an_abort_during_the_compile_ends_the_request(llm: LLM, tiny_ds: str, compile_gate: CompileGate) -> None:
     engine = llm.engine
     engine.add_request("json", PROMPT, _constrained(tiny_ds))
     assert engine.has_work() and engine.stats().waiting == 1
     assert engine.abort("json")
     (out,) = engine.take_finished()
     assert out.finish.kind == "abort" and not engine.has_work() and engine.grammars.held == []
-    gate.set()  # the compile ends unused
+    compile_gate.set()  # the compile ends unused
     assert engine.run_until_idle() == [] and "json" not in engine.requests
 
 

@@ -203,8 +203,8 @@ class GrammarState:
 
 
 def grammar_state(req: Request, vocab_size: int) -> GrammarState:
-    """The request's grammar state: the leader's background compile (waited for: a PD request may be sampled before
-    it ends), else made now."""
+    """The request's grammar state: from the leader's background compile (the engine samples a request only once
+    that ended), else made now."""
     if req.grammar is None:
         compiling = req.grammar_compile
         req.grammar = compiling.result() if compiling is not None else GrammarState(req.params.grammar, vocab_size)

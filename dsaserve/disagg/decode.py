@@ -20,6 +20,7 @@ import zmq
 from dsaserve.disagg import protocol as wire
 from dsaserve.disagg.pages import transfer_pages
 from dsaserve.disagg.sides import SideBase
+from dsaserve.engine.grammar_compile import compiling
 from dsaserve.engine.request import FinishReason, Request, RequestError, RequestOutput
 
 log = logging.getLogger(__name__)
@@ -154,7 +155,8 @@ class DecodeSide(SideBase):
         ended = not self._live(inc)  # aborted by the client or timed out: only its pages are left
         if inc.done is not None and "failed" in inc.done:
             return self._close(room, inc, f"KV transfer from the prefill server failed: {inc.done['failed']}")
-        if inc.done is not None and self.transport.arrived(inc.done.get("agent", ""), wire.room_tag(room)):
+        ready = inc.done is not None and not compiling(inc.req)  # (its grammar's compile ends before it decodes)
+        if ready and self.transport.arrived(inc.done.get("agent", ""), wire.room_tag(room)):
             del self.rooms[room]
             if ended:
                 self._free(inc)

@@ -24,6 +24,7 @@ from dsaserve.disagg import protocol as wire
 from dsaserve.disagg.pages import PageCountMismatch, page_runs, transfer_pages
 from dsaserve.disagg.sides import FAILURE_PROB_ENV, SideBase
 from dsaserve.disagg.transport import TransferFailed
+from dsaserve.engine.grammar_compile import compiling
 from dsaserve.engine.request import FinishReason, Request, RequestError, RequestOutput, RequestState
 
 log = logging.getLogger(__name__)
@@ -242,7 +243,7 @@ class PrefillSide(SideBase):
         """Pending requests whose dest came join the scheduler; those whose dest never came end."""
         outputs = []
         for room, p in list(self.pending.items()):
-            if room in self.dests:
+            if room in self.dests and not compiling(p.req):  # (the worker wakes when a compile ends)
                 del self.pending[room]
                 self.admitted[room] = self.dests.pop(room)
                 self.engine.scheduler.add(p.req, checked=True)

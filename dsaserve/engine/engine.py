@@ -134,7 +134,7 @@ class Engine:
             ends = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_ids))
             req.min_tokens_banned = tuple(sorted(t for t in ends if 0 <= t < self.cfg.vocab_size))
         if req.disagg is not None:
-            self.disagg.add(req)  # (its wait for the other server covers most of a compile: see grammar_state)
+            self.disagg.add(req)  # (its side keeps it from sampling until its grammar compiled)
         else:  # a request with a grammar joins the scheduler once that compiled (admit_compiled)
             self.scheduler.check_queue(len(self.grammars.held))
             self.scheduler.check_fits(len(req.prompt_ids), req.max_new_tokens)

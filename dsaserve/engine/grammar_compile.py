@@ -13,6 +13,11 @@ from dsaserve.chat.grammar import GrammarState
 from dsaserve.engine.request import Request
 
 
+def compiling(req: Request) -> bool:
+    """Whether the request's grammar is still compiling: a PD side keeps it from its first sampling until then."""
+    return req.grammar_compile is not None and not req.grammar_compile.done()
+
+
 class GrammarCompiler:
     def __init__(self, vocab_size: int):
         self.vocab_size = vocab_size
