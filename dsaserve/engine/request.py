@@ -25,8 +25,9 @@ def logit_bias_pairs(bias: Any) -> tuple[tuple[int, float], ...]:
     keys naming the same token ("5", "05") add up."""
     merged: dict[int, float] = {}
     for key, value in (bias.items() if isinstance(bias, dict) else bias):
-        # int() also reads "1_0", " 7", "+7" and non-ASCII digits: a key is an int or the id in ASCII digits
-        plain = isinstance(key, str) and key.isascii() and key.isdigit()
+        # int() also reads "1_0", " 7", "+7" and non-ASCII digits: a key is an int or the id in ASCII digits (a
+        # leading "-" is read too, so that validate() names a negative id as such)
+        plain = isinstance(key, str) and key.isascii() and key.removeprefix("-").isdigit()
         try:
             if not plain and (isinstance(key, bool) or not isinstance(key, Integral)):
                 raise ValueError
