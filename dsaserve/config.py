@@ -176,7 +176,7 @@ class ModelConfig:
             routed_scaling_factor=float(raw.get("routed_scaling_factor", 1.0)),
             norm_topk_prob=bool(raw.get("norm_topk_prob", True)),
             mlp_layer_types=_mlp_layer_types(raw, layers),
-            indexer_types=_indexer_types(raw, layers),
+            indexer_types=indexer_types(raw, layers),
             index_n_heads=int(need("index_n_heads")),
             index_head_dim=int(need("index_head_dim")),
             index_topk=int(need("index_topk")),
@@ -210,7 +210,7 @@ def _mlp_layer_types(raw: dict[str, Any], layers: int) -> tuple[str, ...]:
     return tuple(types)
 
 
-def _indexer_types(raw: dict[str, Any], layers: int) -> tuple[str, ...]:
+def indexer_types(raw: dict[str, Any], layers: int) -> tuple[str, ...]:
     """Which layers run their own indexer ("full") or reuse the previous one's top-k ("shared")."""
     types = raw.get("indexer_types")
     if types is None and raw.get("index_topk_pattern") is not None:

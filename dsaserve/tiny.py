@@ -103,6 +103,7 @@ def _random_weights(c: dict[str, Any], gen: torch.Generator) -> dict[str, torch.
     qk = c["qk_nope_head_dim"] + c["qk_rope_head_dim"]
     t: dict[str, torch.Tensor] = {"model.embed_tokens.weight": w(c["vocab_size"], H, std=1.0),
                                   "model.norm.weight": norm(H), "lm_head.weight": w(c["vocab_size"], H)}
+    own_indexer = _indexer_types(c)
     for i in range(L + c["num_nextn_predict_layers"]):
         p = f"model.layers.{i}."
         t |= {p + "input_layernorm.weight": norm(H), p + "post_attention_layernorm.weight": norm(H),
@@ -114,7 +115,7 @@ def _random_weights(c: dict[str, Any], gen: torch.Generator) -> dict[str, torch.
               p + "self_attn.kv_b_proj.weight": w(heads * (c["qk_nope_head_dim"] + c["v_head_dim"]),
                                                   c["kv_lora_rank"]),
               p + "self_attn.o_proj.weight": w(H, heads * c["v_head_dim"])}
-        if i >= L or _indexer_types(c)[i] == "full":
+        if i >= L or own_indexer[i] == "full":
             t |= {p + "self_attn.indexer.wq_b.weight": w(c["index_n_heads"] * c["index_head_dim"], c["q_lora_rank"]),
                   p + "self_attn.indexer.wk.weight": w(c["index_head_dim"], H),
                   p + "self_attn.indexer.k_norm.weight": norm(c["index_head_dim"]),
@@ -140,9 +141,11 @@ def _mlp(prefix: str, hidden: int, inter: int, w: Any) -> dict[str, torch.Tensor
             prefix + "down_proj.weight": w(hidden, inter)}
 
 
-def _indexer_types(c: dict[str, Any]) -> list[str]:
-    freq, offset = max(int(c.get("index_topk_freq", 1)), 1), int(c.get("index_skip_topk_offset", 2))
-    return ["full" if max(i - offset + 1, 0) % freq == 0 else "shared" for i in range(c["num_hidden_layers"])]
+def _indexer_types(c: dict[str, Any]) -> tuple[str, ...]:
+    """As the engine reads config.json (indexer_types, index_topk_pattern or the freq / offset rule): an override
+    of any of them gives indexer weights exactly to the layers that run their own indexer."""
+    from dsaserve.config import indexer_types
+    return indexer_types(c, c["num_hidden_layers"])
 
 
 def _quantize(tensors: dict[str, torch.Tensor], block: int) -> dict[str, torch.Tensor]:
