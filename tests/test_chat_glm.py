@@ -150,3 +150,14 @@ def test_tool_calling_loop(client: openai.OpenAI) -> None:
 def test_streamed_named_tool_call(client: openai.OpenAI) -> None:
     chat_cases.check_streamed_named_call(client, client.models.list().data[0].id, NO_THINK)
 
+
+
+def test_clear_thinking_must_be_a_boolean(server: ServerProcess) -> None:
+    """The string "false" is true to the template, which would clear the earlier reasoning the client asked to keep:
+    a 400 naming the kwarg, as for enable_thinking (it used to render the prompt without that reasoning)."""
+    body = {"messages": AGENT[:3] + [{"role": "user", "content": "More?"}],
+            "chat_template_kwargs": {"clear_thinking": "false"}, "max_tokens": 2}
+    for path in ("/tokenize", "/v1/chat/completions"):
+        r = httpx.post(f"{server.url}{path}", json=body, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template_kwargs", r.text
+        assert "clear_thinking must be true or false, got 'false'" in r.json()["error"]["message"]

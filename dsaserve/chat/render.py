@@ -20,7 +20,9 @@ THINK_START, THINK_END = dsv32.THINK_START, dsv32.THINK_END
 # Variables the renderer sets itself: a chat_template_kwargs key may not replace them.
 RESERVED_KWARGS = frozenset({"messages", "tools", "add_generation_prompt", "tokenize", "documents",
                              "continue_final_message", "return_dict", "chat_template"})
-THINKING_SWITCHES = frozenset({"thinking", "enable_thinking"})  # chat_template_kwargs that must be booleans
+# chat_template_kwargs that must be booleans (GLM's clear_thinking: the string "false" would clear the reasoning the
+# client asked to keep)
+THINKING_SWITCHES = frozenset({"thinking", "enable_thinking", "clear_thinking"})
 
 
 class ChatFormatError(ValueError):
