@@ -5,6 +5,7 @@ Prompts are shorter and longer than index_topk (16), so sparse selection is acti
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -130,5 +131,20 @@ def test_glm_indexer_sharing_given_as_a_pattern_matches_transformers(sharing: di
                                                     attn_implementation="eager").eval()
     llm = LLM(str(path), page_size=1, max_total_tokens=4096)
     assert llm.engine.runner.model.cfg.indexer_types == tuple(oracle.config.indexer_types)
+    diff = _prefill_logit_diff(llm, oracle, prompts_ids(1, [45], seed=1)[0], 1)
+    assert diff < LOGIT_TOL, f"max logit diff {diff:.2e} >= {LOGIT_TOL}"
+
+
+def test_indexer_weights_of_layers_the_config_makes_shared_are_not_loaded(tmp_path: Path) -> None:
+    """IndexCache applied by config.json alone (index_topk_freq set on a checkpoint whose every layer has an indexer,
+    as vLLM's --hf-overrides does): the shared layers' indexer tensors are left unused, as transformers leaves them
+    (the load used to fail on the first one as an unexpected tensor)."""
+    path = make_tiny_model(tmp_path / "glm", "glm_moe_dsa", layers=4, index_topk_freq=1)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "index_topk_freq": 2}))
+    oracle = ORACLES["glm_moe_dsa"].from_pretrained(str(path), dtype=torch.float32,
+                                                    attn_implementation="eager").eval()
+    llm = LLM(str(path), page_size=1, max_total_tokens=4096)
+    assert llm.engine.runner.model.cfg.indexer_types == ("full", "full", "shared", "full")
     diff = _prefill_logit_diff(llm, oracle, prompts_ids(1, [45], seed=1)[0], 1)
     assert diff < LOGIT_TOL, f"max logit diff {diff:.2e} >= {LOGIT_TOL}"

@@ -79,6 +79,9 @@ def map_name(cfg: ModelConfig, name: str, has_mtp: bool) -> str | None:
         layer, rest = int(match.group(1)), match.group(2)
         if layer > cfg.num_hidden_layers or (layer == cfg.num_hidden_layers and not has_mtp):
             return None
+        shared = layer < cfg.num_hidden_layers and cfg.indexer_types[layer] == "shared"
+        if shared and rest.startswith("self_attn.indexer."):
+            return None  # config.json shares this layer's top-k (IndexCache on any checkpoint): unused
         if layer == cfg.num_hidden_layers:
             if rest in _MTP_SHARED:
                 return None
