@@ -176,7 +176,7 @@ class ModelConfig:
             topk_group=topk_group,
             routed_scaling_factor=float(raw.get("routed_scaling_factor", 1.0)),
             norm_topk_prob=bool(raw.get("norm_topk_prob", True)),
-            mlp_layer_types=_mlp_layer_types(raw, layers),
+            mlp_layer_types=mlp_layer_types(raw, layers),
             indexer_types=indexer_types(raw, layers),
             index_n_heads=int(need("index_n_heads")),
             index_head_dim=int(need("index_head_dim")),
@@ -201,7 +201,7 @@ def _token_ids(value: Any) -> tuple[int, ...]:
     return tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else (int(value),)
 
 
-def _mlp_layer_types(raw: dict[str, Any], layers: int) -> tuple[str, ...]:
+def mlp_layer_types(raw: dict[str, Any], layers: int) -> tuple[str, ...]:
     types = raw.get("mlp_layer_types")
     if types is None:
         n_dense = min(int(raw.get("first_k_dense_replace", 3)), layers)

@@ -103,7 +103,7 @@ def _random_weights(c: dict[str, Any], gen: torch.Generator) -> dict[str, torch.
     qk = c["qk_nope_head_dim"] + c["qk_rope_head_dim"]
     t: dict[str, torch.Tensor] = {"model.embed_tokens.weight": w(c["vocab_size"], H, std=1.0),
                                   "model.norm.weight": norm(H), "lm_head.weight": w(c["vocab_size"], H)}
-    own_indexer = _indexer_types(c)
+    own_indexer, mlp_types = _layer_types(c)
     for i in range(L + c["num_nextn_predict_layers"]):
         p = f"model.layers.{i}."
         t |= {p + "input_layernorm.weight": norm(H), p + "post_attention_layernorm.weight": norm(H),
@@ -121,7 +121,7 @@ def _random_weights(c: dict[str, Any], gen: torch.Generator) -> dict[str, torch.
                   p + "self_attn.indexer.k_norm.weight": norm(c["index_head_dim"]),
                   p + "self_attn.indexer.k_norm.bias": 0.1 * torch.randn(c["index_head_dim"], generator=gen),
                   p + "self_attn.indexer.weights_proj.weight": w(c["index_n_heads"], H)}
-        if i < c["first_k_dense_replace"] and i < L:
+        if i < L and mlp_types[i] == "dense":
             t |= _mlp(p + "mlp.", H, c["intermediate_size"], w)
         else:
             E, inter = c["n_routed_experts"], c["moe_intermediate_size"]
@@ -141,11 +141,11 @@ def _mlp(prefix: str, hidden: int, inter: int, w: Any) -> dict[str, torch.Tensor
             prefix + "down_proj.weight": w(hidden, inter)}
 
 
-def _indexer_types(c: dict[str, Any]) -> tuple[str, ...]:
-    """As the engine reads config.json (indexer_types, index_topk_pattern or the freq / offset rule): an override
-    of any of them gives indexer weights exactly to the layers that run their own indexer."""
-    from dsaserve.config import indexer_types
-    return indexer_types(c, c["num_hidden_layers"])
+def _layer_types(c: dict[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(indexer types, MLP types) as the engine reads config.json (lists, index_topk_pattern, or the freq / offset
+    and first_k_dense_replace rules): an override of any of them gives weights exactly to the layers it names."""
+    from dsaserve.config import indexer_types, mlp_layer_types
+    return indexer_types(c, c["num_hidden_layers"]), mlp_layer_types(c, c["num_hidden_layers"])
 
 
 def _quantize(tensors: dict[str, torch.Tensor], block: int) -> dict[str, torch.Tensor]:

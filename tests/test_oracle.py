@@ -121,16 +121,19 @@ def test_prompt_logprobs_match_transformers(arch: str, tiny_models: dict[str, st
             assert [t for t, _ in top] == row.topk(2).indices.tolist()
 
 
-@pytest.mark.parametrize("sharing", [{"index_topk_pattern": "FSFSSF"}, {"indexer_types": ["full", "shared"] * 3}])
-def test_glm_indexer_sharing_given_as_a_pattern_matches_transformers(sharing: dict, tmp_path: Path) -> None:
-    """make_tiny_model gives indexer weights to the layers config.json's pattern or list makes "full" (it followed
-    index_topk_freq alone, so such a checkpoint did not load), and shared layers after shared layers reuse the last
-    full layer's top-k as transformers does."""
-    path = make_tiny_model(tmp_path / "glm", "glm_moe_dsa", layers=6, **sharing)
+@pytest.mark.parametrize("pattern", [{"index_topk_pattern": "FSFSSF"}, {"indexer_types": ["full", "shared"] * 3},
+                                     {"mlp_layer_types": ["dense", "sparse", "dense"] + ["sparse"] * 3}])
+def test_glm_layer_patterns_given_in_the_config_match_transformers(pattern: dict, tmp_path: Path) -> None:
+    """make_tiny_model gives indexer and MLP weights to the layers config.json's pattern or list names (it followed
+    index_topk_freq and first_k_dense_replace alone, so such a checkpoint did not load), and shared layers after
+    shared layers reuse the last full layer's top-k as transformers does."""
+    path = make_tiny_model(tmp_path / "glm", "glm_moe_dsa", layers=6, **pattern)
     oracle = ORACLES["glm_moe_dsa"].from_pretrained(str(path), dtype=torch.float32,
                                                     attn_implementation="eager").eval()
     llm = LLM(str(path), page_size=1, max_total_tokens=4096)
-    assert llm.engine.runner.model.cfg.indexer_types == tuple(oracle.config.indexer_types)
+    cfg = llm.engine.runner.model.cfg
+    assert (cfg.indexer_types, cfg.mlp_layer_types) == (tuple(oracle.config.indexer_types),
+                                                         tuple(oracle.config.mlp_layer_types))
     diff = _prefill_logit_diff(llm, oracle, prompts_ids(1, [45], seed=1)[0], 1)
     assert diff < LOGIT_TOL, f"max logit diff {diff:.2e} >= {LOGIT_TOL}"
 
