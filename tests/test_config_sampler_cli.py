@@ -124,9 +124,11 @@ def test_seeds_are_the_64_bit_range_and_n_wraps_within_it() -> None:
 def test_logit_bias_keys_are_ids_or_plain_decimal_strings() -> None:
     """int() reads "1_0", " 7", "+7", non-ASCII digits, 2.9 and True as ids: each was a bias on some token."""
     assert logit_bias_pairs({"5": 1, "05": 2, 7: 1.5}) == ((5, 3.0), (7, 1.5)) == logit_bias_pairs([(5, 3), (7, 1.5)])
-    for key in ("1_0", " 7", "7 ", "+7", "-1", "", "\u0663", "0x1", 2.9, True, "9" * 5000):
+    for key in ("1_0", " 7", "7 ", "+7", "--1", "-", "", "\u0663", "0x1", 2.9, True, "9" * 5000):
         with pytest.raises(RequestError, match="logit_bias keys must be token ids, got .* plain decimal digits"):
             logit_bias_pairs({key: 1.0})
+    with pytest.raises(RequestError, match="logit_bias maps token ids >= 0"):  # a negative id is read, then named
+        SamplingParams(logit_bias={"-1": 1.0}).validate()
 
 
 def test_penalties_change_choice() -> None:
