@@ -197,6 +197,33 @@ def test_pd_sides_sample_a_request_only_once_its_grammar_compiled(side: str, tin
         assert_pools_whole(pre, dec)
 
 
+def test_prefill_leader_blocks_while_a_grammar_compiles(tiny_ds: str, compile_gate: CompileGate) -> None:
+    """Page ids came for a request whose grammar still compiles: the prefill leader may block (the compiler's wake
+    fd wakes it) instead of polling every millisecond for the whole compile; once it ended the request runs."""
+    import select
+    from dsaserve.chat.grammar import checked_spec, json_grammar
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    params = SamplingParams(max_tokens=8, temperature=0.0, grammar=checked_spec(json_grammar(schema), tiny_ds, (1,)))
+    ids = prompts_ids(1, [9], seed=3)[0]
+    with pd_pair(tiny_ds, page_size=4) as (pre, dec):
+        room, deadline = next(_rooms), time.monotonic() + 120
+        pre.add_request("r", ids, params, DisaggRoute(room))
+        dec.add_request("r", ids, params, DisaggRoute(room, f"tcp://127.0.0.1:{pre.disagg.port}"))
+        while room not in pre.disagg.dests and time.monotonic() < deadline:
+            dec.step()
+            pre.step()
+        assert room in pre.disagg.dests and room in pre.disagg.pending  # (held for its compile)
+        assert pre.disagg.wait_ms() > 1000  # a pending request's deadline, not a 1-ms poll
+        compile_gate.set()
+        assert select.select([pre.grammars.wake_fd], [], [], 60)[0]  # what the worker's wait wakes on
+        pre.grammars.ready()  # (the worker drains the fd before the sides look: see WorkerLoop._background)
+        assert pre.disagg.wait_ms() == 1  # now one to admit
+        while "r" in dec.requests and time.monotonic() < deadline:
+            pre.step()
+            dec.step()
+        assert "r" not in dec.requests and "r" not in pre.requests
+
+
 @pytest.mark.parametrize("spec_steps", [0, 2])
 def test_decode_side_prefix_cache_skips_cached_pages(spec_steps: int, tiny_ds: str) -> None:
     """A prompt that shares full pages with one the decode server served before takes them from its prefix

@@ -87,7 +87,8 @@ class PrefillSide(SideBase):
 
     def wait_ms(self) -> int | None:
         """How long the leader may block (its control socket wakes it too): None with nothing outgoing."""
-        if self.out or any(room in self.dests for room in self.pending):
+        # (a request whose grammar still compiles is none to admit: the compiler's wake fd wakes the leader)
+        if self.out or any(room in self.dests and not compiling(p.req) for room, p in self.pending.items()):
             return 1  # a write in flight (NIXL progresses without a socket) or ready to start; one to admit
         waits = [p.deadline for p in self.pending.values()] + [d.expires for d in self.dests.values()]
         return self.deadlines.ms_until(min(waits, default=None))

@@ -202,8 +202,10 @@ class WorkerLoop:
         one whose page ids came must prefill, one whose grammar compiled must be scheduled: under DP attention every
         leader steps together, so the frontend is asked to wake them all first."""
         idle = not self.engine.has_work(compiling=False)
-        outputs = self.engine.poll_transfers()  # (a prefill server admits requests whose page ids came)
-        outputs += self.engine.admit_compiled()
+        # Compiles first: that drains the wake fd, so a compile ending after the PD sides' checks below (which keep
+        # a request until its compile ended) still wakes the next _wait.
+        outputs = self.engine.admit_compiled()
+        outputs += self.engine.poll_transfers()  # (a prefill server admits requests whose page ids came)
         woke = idle and self.engine.has_work(compiling=False)
         if self.engine.args.dp > 1 and (woke or any(out.new_token_ids for out in outputs)):
             self.push.send_pyobj([*outputs, m.Wake()])
