@@ -76,3 +76,17 @@ def test_a_failed_compile_ends_its_request_alone(llm: LLM, tiny_ds: str) -> None
     assert failed.kind == "error" and "did not compile" in failed.message and outs["broken"][-1].new_token_ids == []
     assert outs["plain"][-1].finish is not None and outs["plain"][-1].completion_tokens == 4
     assert not engine.has_work()
+
+
+def test_an_aborted_requests_queued_compile_never_runs(llm: LLM, tiny_ds: str, compile_gate: CompileGate) -> None:
+    """One thread compiles: the compile of a request aborted while queued behind another is cancelled, so it delays
+    neither later compiles nor the process's exit; the request ahead of it completes."""
+    engine = llm.engine
+    engine.add_request("first", PROMPT, _constrained(tiny_ds))  # its compile holds the thread (the gate)
+    engine.add_request("second", PROMPT, _constrained(tiny_ds))
+    second = engine.requests["second"]
+    assert engine.abort("second") and second.grammar_compile.cancelled()
+    compile_gate.set()
+    outs = {out.rid: out for out in engine.run_until_idle()}
+    assert outs["second"].finish.kind == "abort" and outs["first"].finish.kind != "error"
+    assert not engine.has_work() and engine.grammars.held == []

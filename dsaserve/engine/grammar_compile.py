@@ -61,9 +61,11 @@ class GrammarCompiler:
                                     return_when=concurrent.futures.FIRST_COMPLETED)
 
     def discard(self, req: Request) -> None:
-        """An aborted request: forget it (its compile, if running, ends unused)."""
+        """A request that ended: forget it (its compile, if running, ends unused)."""
         if req in self.held:
             self.held.remove(req)
+        if req.grammar_compile is not None:  # one not started never runs: on the one thread it would delay the
+            req.grammar_compile.cancel()  # compiles queued after it (and this process's exit, which waits for them)
 
     def _wake(self, _: Future) -> None:
         try:
