@@ -155,7 +155,7 @@ class DecodeSide(SideBase):
         ended = not self._live(inc)  # aborted by the client or timed out: only its pages are left
         if inc.done is not None and "failed" in inc.done:
             return self._close(room, inc, f"KV transfer from the prefill server failed: {inc.done['failed']}")
-        ready = inc.done is not None and not compiling(inc.req)  # (its grammar's compile ends before it decodes)
+        ready = inc.done is not None and (ended or not compiling(inc.req))  # (a compile ends before it decodes)
         if ready and self.transport.arrived(inc.done.get("agent", ""), wire.room_tag(room)):
             del self.rooms[room]
             if ended:

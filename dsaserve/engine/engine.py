@@ -386,7 +386,12 @@ class Engine:
             self.arrived_pages += transfer_pages(req, page_size, req.cached_tokens // page_size)
         self.scheduler.resume(req, len(req.prompt_ids))
         if req.params.grammar is not None:
-            grammar_state(req, self.cfg.vocab_size)
+            try:
+                grammar_state(req, self.cfg.vocab_size)
+            except Exception as exc:  # noqa: BLE001 - this request alone (raised here, it would end the rank)
+                log.exception("request %s: its grammar did not compile", req.rid)
+                return self.end_request(req, FinishReason("error", message=f"the output constraint did not "
+                                                                          f"compile: {exc}"))
         return self.commit_new_tokens(req, [token], [logprob] if logprob is not None else None)
 
     def end_request(self, req: Request, reason: FinishReason) -> RequestOutput:
