@@ -17,6 +17,7 @@ from typing import Any
 
 import zmq
 
+from dsaserve.chat.grammar import grammar_state
 from dsaserve.disagg import protocol as wire
 from dsaserve.disagg.pages import transfer_pages
 from dsaserve.disagg.sides import SideBase
@@ -164,7 +165,7 @@ class DecodeSide(SideBase):
             d = inc.done
             lp = d.get("logprob")
             logprob = (lp[0], [tuple(x) for x in lp[1]]) if lp else None
-            return self.engine.resume_prefilled(inc.req, int(d["token"]), logprob, [int(t) for t in d["drafts"]])
+            return self._resume(inc.req, int(d["token"]), logprob, [int(t) for t in d["drafts"]])
         if self.deadlines.passed(inc.deadline):
             if inc.done is None and not inc.expired:
                 self._send(inc.peer, {"kind": "cancel", "room": room, "reason": "timed out on the decode server"})
@@ -183,6 +184,23 @@ class DecodeSide(SideBase):
                 log.warning("bootstrap room %d: no answer from the prefill server; its pages are freed", room)
             return self._close(room, inc, message)
         return None
+
+    def _resume(self, req: Request, token: int, logprob: tuple | None, drafts: list[int]) -> RequestOutput:
+        """The prompt's KV cache arrived with the prefill server's first token (and its MTP drafts): the request
+        decodes on as if it had been prefilled here."""
+        engine = self.engine
+        req.draft_ids = list(drafts)
+        if engine.par.cfg.attn_tp > 1:  # the rest of the group copies them before the request's first step
+            engine.arrived_pages += transfer_pages(req, self.page_size, req.cached_tokens // self.page_size)
+        engine.scheduler.resume(req, len(req.prompt_ids))
+        if req.params.grammar is not None:
+            try:
+                grammar_state(req, engine.cfg.vocab_size)
+            except Exception as exc:  # noqa: BLE001 - this request alone (raised here, it would end the rank)
+                log.exception("request %s: its grammar did not compile", req.rid)
+                return engine.end_request(req, FinishReason("error", message=f"the output constraint did not "
+                                                                            f"compile: {exc}"))
+        return engine.commit_new_tokens(req, [token], [logprob] if logprob is not None else None)
 
     def _try_send(self, room: int, inc: Incoming) -> None:
         req = inc.req

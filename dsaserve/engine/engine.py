@@ -14,8 +14,7 @@ from torch import Tensor
 
 from dsaserve.cache.pages import PageAllocator
 from dsaserve.cache.prefix import PrefixCache, PrefixStats
-from dsaserve.chat.grammar import commit_tokens, grammar_state
-from dsaserve.disagg.pages import transfer_pages
+from dsaserve.chat.grammar import commit_tokens
 from dsaserve.engine import compiles, lockstep
 from dsaserve.engine.acceptance import accept
 from dsaserve.engine.grammar_compile import GrammarCompiler
@@ -376,23 +375,6 @@ class Engine:
         if len(req.output_ids) == len(new) and req.params.prompt_logprobs is not None:  # its first tokens
             out = dataclasses.replace(out, prompt_logprobs=req.prompt_logprobs)
         return out
-
-    def resume_prefilled(self, req: Request, token: int, logprob: tuple | None, drafts: list[int]) -> RequestOutput:
-        """Decode side: the prompt's KV cache arrived with the prefill server's first token (and its MTP
-        drafts): the request decodes on as if it had been prefilled here."""
-        req.draft_ids = list(drafts)
-        if self.par.cfg.attn_tp > 1:  # the rest of the group copies them before the request's first step
-            page_size = self.scheduler.cfg.page_size
-            self.arrived_pages += transfer_pages(req, page_size, req.cached_tokens // page_size)
-        self.scheduler.resume(req, len(req.prompt_ids))
-        if req.params.grammar is not None:
-            try:
-                grammar_state(req, self.cfg.vocab_size)
-            except Exception as exc:  # noqa: BLE001 - this request alone (raised here, it would end the rank)
-                log.exception("request %s: its grammar did not compile", req.rid)
-                return self.end_request(req, FinishReason("error", message=f"the output constraint did not "
-                                                                          f"compile: {exc}"))
-        return self.commit_new_tokens(req, [token], [logprob] if logprob is not None else None)
 
     def end_request(self, req: Request, reason: FinishReason) -> RequestOutput:
         """Finish a request outside a step (by the PD side, which has dealt with its room) and return its final
