@@ -224,10 +224,12 @@ def test_prefill_leader_blocks_while_a_grammar_compiles(tiny_ds: str, compile_ga
         assert "r" not in dec.requests and "r" not in pre.requests
 
 
-def test_a_grammar_that_fails_to_compile_on_the_decode_side_ends_that_request(tiny_ds: str) -> None:
-    """A spec whose compile fails on the decode server (one that skipped checked_spec: its tokenizer cannot be
-    loaded) ends that request with the error once its KV cache arrived; the request beside it completes, both
-    pools are whole, and the decode server goes on (it raised out of its transfer poll before)."""
+@pytest.mark.parametrize("side", ["prefill", "decode"])
+def test_a_grammar_that_fails_to_compile_on_one_side_ends_that_request(side: str, tiny_ds: str) -> None:
+    """A spec whose compile fails on one server (one that skipped checked_spec: its tokenizer cannot be loaded)
+    ends that request with the compile's error (the prefill side failed the request's whole batch with it when
+    sampling; the decode side raised out of its transfer poll, ending the rank); the request beside it completes
+    and both pools are whole."""
     from dsaserve.chat.grammar import GrammarSpec, checked_spec, json_grammar
     grammar = json_grammar({"type": "object"})
     good = SamplingParams(max_tokens=4, temperature=0.0, grammar=checked_spec(grammar, tiny_ds, (1,)))
@@ -235,22 +237,18 @@ def test_a_grammar_that_fails_to_compile_on_the_decode_side_ends_that_request(ti
     prompts = prompts_ids(2, [7, 9], seed=3)
     with pd_pair(tiny_ds, page_size=4) as (pre, dec):
         peer = f"tcp://127.0.0.1:{pre.disagg.port}"
-        for i, (ids, own) in enumerate(zip(prompts, [GREEDY, broken])):
+        for i, (ids, params) in enumerate(zip(prompts, [GREEDY, good])):
             room = next(_rooms)
-            pre.add_request(f"r{i}", ids, good if own is broken else own, DisaggRoute(room))
-            dec.add_request(f"r{i}", ids, own, DisaggRoute(room, peer))
+            pre.add_request(f"r{i}", ids, broken if i and side == "prefill" else params, DisaggRoute(room))
+            dec.add_request(f"r{i}", ids, broken if i and side == "decode" else params, DisaggRoute(room, peer))
         final: dict[str, RequestOutput] = {}
         deadline = time.monotonic() + 120
-        while len(final) < 2 and time.monotonic() < deadline:
+        while (len(final) < 2 or pre.requests or dec.requests) and time.monotonic() < deadline:
             pre.step()
             final |= {out.rid: out for out in dec.step() if out.finished}
             time.sleep(0.002)
         assert final["r1"].finish.kind == "error" and "did not compile" in final["r1"].finish.message
         assert final["r0"].finish.kind == "length" and final["r0"].completion_tokens == GREEDY.max_tokens
-        while (pre.requests or dec.requests) and time.monotonic() < deadline:  # the prefill side hears it arrived
-            pre.step()
-            dec.step()
-            time.sleep(0.002)
         assert_pools_whole(pre, dec)
 
 

@@ -24,7 +24,7 @@ from dsaserve.disagg import protocol as wire
 from dsaserve.disagg.pages import PageCountMismatch, page_runs, transfer_pages
 from dsaserve.disagg.sides import FAILURE_PROB_ENV, SideBase
 from dsaserve.disagg.transport import TransferFailed
-from dsaserve.engine.grammar_compile import compiling
+from dsaserve.engine.grammar_compile import compile_error, compiling
 from dsaserve.engine.request import FinishReason, Request, RequestError, RequestOutput, RequestState
 
 log = logging.getLogger(__name__)
@@ -247,7 +247,10 @@ class PrefillSide(SideBase):
             if room in self.dests and not compiling(p.req):  # (the worker wakes when a compile ends)
                 del self.pending[room]
                 self.admitted[room] = self.dests.pop(room)
-                self.engine.scheduler.add(p.req, checked=True)
+                if (problem := compile_error(p.req)) is not None:  # (the decode server hears it: release)
+                    outputs.append(self.engine.fail_request(p.req, f"the output constraint did not compile: {problem}"))
+                else:
+                    self.engine.scheduler.add(p.req, checked=True)
             elif self.deadlines.passed(p.deadline):
                 del self.pending[room]
                 message = (f"no decode server asked for bootstrap room {room} within {self.deadlines.timeout_s:g} s "

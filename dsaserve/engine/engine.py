@@ -181,9 +181,13 @@ class Engine:
             if exc is None:
                 self.scheduler.add(req, checked=True)
             else:
-                self._finish(req, FinishReason("error", message=f"the output constraint did not compile: {exc}"))
-                outputs.append(self._output(req, [], []))
+                outputs.append(self.fail_request(req, f"the output constraint did not compile: {exc}"))
         return outputs
+
+    def fail_request(self, req: Request, message: str) -> RequestOutput:
+        """End a request with an error outside a step (a PD request's other server is told); its final output."""
+        self._finish(req, FinishReason("error", message=message))
+        return self._output(req, [], [])
 
     def poll_transfers(self) -> list[RequestOutput]:
         """PD (leader): advance this leader's KV transfers without a forward step; decode requests whose

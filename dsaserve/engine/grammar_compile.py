@@ -18,6 +18,12 @@ def compiling(req: Request) -> bool:
     return req.grammar_compile is not None and not req.grammar_compile.done()
 
 
+def compile_error(req: Request) -> BaseException | None:
+    """Why the request's ended compile failed, or None."""
+    done = req.grammar_compile is not None and req.grammar_compile.done() and not req.grammar_compile.cancelled()
+    return req.grammar_compile.exception() if done else None
+
+
 class GrammarCompiler:
     def __init__(self, vocab_size: int):
         self.vocab_size = vocab_size
