@@ -260,10 +260,8 @@ class Engine:
             self.failed_at = -self.failed_at
         outputs = []
         for rid in plan.rids:
-            req = self.requests.get(rid)
-            if req is not None:
-                self._finish(req, FinishReason("error", message=f"the batch failed: {exc}"))
-                outputs.append(self._output(req, [], []))
+            if rid in self.requests:  # (looked up as it goes, as ending one removes it)
+                outputs.append(self.fail_request(self.requests[rid], f"the batch failed: {exc}"))
         return outputs
 
     def _stand_in(self, shape: StepShape) -> None:
