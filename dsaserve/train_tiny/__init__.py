@@ -66,8 +66,13 @@ PRESETS = {
 }
 
 
+def print_now(line: str) -> None:
+    """print, flushed: stdout to a file or pipe (nohup, `| tee`) is block-buffered, and a run takes half an hour."""
+    print(line, flush=True)
+
+
 def train_tiny(out: str | Path, preset: str = "shipped", seed: int = 0, threads: int = 2,
-               log: Callable[[str], None] = print) -> dict[str, Any]:
+               log: Callable[[str], None] = print_now) -> dict[str, Any]:
     """Train and write the checkpoint to `out`; returns (and writes) the report."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}: choose from {', '.join(PRESETS)}")
@@ -81,6 +86,7 @@ def train_tiny(out: str | Path, preset: str = "shipped", seed: int = 0, threads:
     model.init_weights(seed)
     history = train(model, train_ids, p.stages, p.optim, seed, p.log_every, log)
     round_to_stored(model)  # measure exactly what ships
+    log(f"evaluating on {held_ids.numel()} held-out tokens (contexts {', '.join(map(str, p.eval_contexts))})")
     size = write_checkpoint(model, p.config, out)
     result = {"preset": preset, "seed": seed, "threads": threads, "python": platform.python_version(),
               "torch": torch.__version__, "train_tokens": train_ids.numel(), "held_out_tokens": held_ids.numel(),
