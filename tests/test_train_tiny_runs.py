@@ -1,16 +1,19 @@
-"""`dsaserve train-tiny` as a command: what a long run shows while it runs.
+"""`dsaserve train-tiny` as a command: what a long run shows while it runs, and what a stopped run leaves.
 
 Each test stops the toy-scale preset (`--preset test`) at its first line of output, so it takes seconds.
 """
 from __future__ import annotations
 
 import io
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
 
 from dsaserve.cli import main
+from dsaserve.model.checkpoint import default_model_path
+from dsaserve.train_tiny import train_tiny
 
 
 class _Stop(Exception):
@@ -43,3 +46,18 @@ def test_progress_reaches_a_redirected_stdout_while_the_run_goes_on(tmp_path: Pa
     with pytest.raises(_Stop, match="^corpus: "):
         main(["train-tiny", str(tmp_path / "out"), "--preset", "test"])
 
+
+def test_a_stopped_run_leaves_the_folder_as_it_was(tmp_path: Path) -> None:
+    """Retraining into an existing checkpoint (the README's command writes the shipped folder) and stopping it
+    midway must not leave the new run's tokenizer beside the old weights: that folder loads and serves garbage."""
+    shipped, out = default_model_path(), tmp_path / "tiny-dsa"
+    shutil.copytree(shipped, out)
+
+    def stop_at_training(line: str) -> None:
+        if " step " in line:
+            raise _Stop(line)
+
+    with pytest.raises(_Stop):
+        train_tiny(out, preset="test", log=stop_at_training)
+    for file in sorted(shipped.iterdir()):
+        assert (out / file.name).read_bytes() == file.read_bytes(), f"{file.name} was changed by the stopped run"

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +38,7 @@ SHIPPED_CONFIG: dict[str, Any] = dict(
                   "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
     bos_token_id=0, eos_token_id=1, tie_word_embeddings=False, attention_bias=False, initializer_range=0.02)
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # what dsaserve.tiny._save_tokenizer writes
 SAMPLE_PROMPTS = ("Return the", "This module provides", "Open a file and",
                   "<|bos|><|user|>What does os.path.join do?<|assistant|>",
                   "<|bos|><|user|>What does json.dumps do?<|assistant|>")
@@ -73,7 +76,7 @@ def print_now(line: str) -> None:
 
 def train_tiny(out: str | Path, preset: str = "shipped", seed: int = 0, threads: int = 2,
                log: Callable[[str], None] = print_now) -> dict[str, Any]:
-    """Train and write the checkpoint to `out`; returns (and writes) the report."""
+    """Train, then write the checkpoint and its report to `out` (untouched until then); returns the report."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}: choose from {', '.join(PRESETS)}")
     if threads < 1:  # torch.set_num_threads would raise a RuntimeError
@@ -81,18 +84,24 @@ def train_tiny(out: str | Path, preset: str = "shipped", seed: int = 0, threads:
     p, out, start, cpu = PRESETS[preset], checkpoint_folder(out), time.monotonic(), time.process_time()
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    tok, train_ids, held_ids = _tokenized_corpus(p, out, log)
-    model = TinyDSA(ModelConfig.from_dict(p.config))
-    model.init_weights(seed)
-    history = train(model, train_ids, p.stages, p.optim, seed, p.log_every, log)
-    round_to_stored(model)  # measure exactly what ships
-    log(f"evaluating on {held_ids.numel()} held-out tokens (contexts {', '.join(map(str, p.eval_contexts))})")
-    size = write_checkpoint(model, p.config, out)
+    # `out` is written only once the run is done: a run stopped midway (Ctrl-C while retraining the shipped
+    # folder) must not leave a new tokenizer beside the old weights, a folder that loads and serves garbage.
+    with tempfile.TemporaryDirectory(prefix="train-tiny-") as scratch:
+        tok, train_ids, held_ids = _tokenized_corpus(p, Path(scratch), log)
+        model = TinyDSA(ModelConfig.from_dict(p.config))
+        model.init_weights(seed)
+        history = train(model, train_ids, p.stages, p.optim, seed, p.log_every, log)
+        round_to_stored(model)  # measure exactly what ships
+        log(f"evaluating on {held_ids.numel()} held-out tokens (contexts {', '.join(map(str, p.eval_contexts))})")
+        measured = {**report(model, held_ids, p.eval_contexts, p.eval_windows),
+                    "samples": samples(model, tok, SAMPLE_PROMPTS)}
+        size = write_checkpoint(model, p.config, out)
+        for name in TOKENIZER_FILES:
+            shutil.copyfile(Path(scratch) / name, out / name)
     result = {"preset": preset, "seed": seed, "threads": threads, "python": platform.python_version(),
               "torch": torch.__version__, "train_tokens": train_ids.numel(), "held_out_tokens": held_ids.numel(),
               "parameters": sum(t.numel() for t in model.parameters()), "checkpoint_bytes": size,
-              "history": history.rows, **report(model, held_ids, p.eval_contexts, p.eval_windows),
-              "samples": samples(model, tok, SAMPLE_PROMPTS),
+              "history": history.rows, **measured,
               "seconds": round(time.monotonic() - start, 1), "cpu_seconds": round(time.process_time() - cpu, 1)}
     (out / "training_report.json").write_text(json.dumps(result, indent=1) + "\n")
     _log_summary(result, out, log)
@@ -100,7 +109,7 @@ def train_tiny(out: str | Path, preset: str = "shipped", seed: int = 0, threads:
 
 
 def _tokenized_corpus(p: Preset, out: Path, log: Callable[[str], None]) -> tuple[Any, torch.Tensor, torch.Tensor]:
-    """Train the tokenizer on the training documents (written to `out`); encode both splits."""
+    """Train the tokenizer on the training documents (its TOKENIZER_FILES written to `out`); encode both splits."""
     from tokenizers import Tokenizer
     corpus = build_corpus(p.limit_files)
     plain = [_strip_specials(d) for d in corpus.train]
