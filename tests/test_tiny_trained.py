@@ -12,7 +12,10 @@
 """
 from __future__ import annotations
 
+import json
 import math
+import platform
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +25,7 @@ from dsaserve import LLM, SamplingParams
 from dsaserve.config import ModelConfig
 from dsaserve.engine.layout import BatchLayout, StepMode, StepPlan
 from dsaserve.model.checkpoint import default_model_path
-from dsaserve.train_tiny import train_tiny
+from dsaserve.train_tiny import PRESETS, TOKENIZER_FILES, _tokenized_corpus, train_tiny
 from dsaserve.train_tiny.corpus import build_corpus, token_stream, windows
 from dsaserve.train_tiny.evaluate import mtp_accuracy, selector
 from dsaserve.train_tiny.export import load_checkpoint
@@ -78,6 +81,16 @@ def test_training_script_runs_end_to_end_learns_and_reproduces(tmp_path) -> None
         got = _oracle(str(tmp_path / "model"))(ids).logits
     assert (got - expected).abs().max().item() < LOGIT_TOL
 
+
+def test_shipped_tokenizer_is_what_the_recipe_writes(shipped: str, tmp_path: Path) -> None:
+    """The shipped tokenizer files are byte for byte the recipe's (on the Python that trained it: the corpus is
+    its standard library), so rerunning the documented command leaves them unchanged."""
+    trained_on = json.loads((Path(shipped) / "training_report.json").read_text())["python"]
+    if platform.python_version() != trained_on:
+        pytest.skip(f"the shipped corpus is Python {trained_on}'s standard library")
+    _tokenized_corpus(PRESETS["shipped"], tmp_path, lambda line: None)
+    for name in TOKENIZER_FILES:
+        assert (tmp_path / name).read_bytes() == (Path(shipped) / name).read_bytes(), name
 
 def test_default_model_is_the_shipped_trained_model(shipped: str) -> None:
     cfg = ModelConfig.from_path(shipped)
