@@ -3,7 +3,7 @@
 Every module, class and function docstring becomes a document, in file order (so a long window holds
 one module's related docstrings: context that sparse attention must pick from). Short first
 paragraphs also become chat turns ("What does json.dumps do?" -> the summary), so the chat template
-is trained too. Files are split into train / held-out by a hash of their path: the same files are
+is trained too. Files are split into train / held-out by a CRC of their module name: the same files are
 held out on every Python version.
 """
 from __future__ import annotations
