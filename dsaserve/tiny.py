@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from dsaserve.ops.fp8 import quantize_weight
 
@@ -168,7 +168,8 @@ def _save_sharded(out: Path, tensors: dict[str, torch.Tensor], shards: int) -> N
         if not part:
             continue
         file = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
-        save_file({n: tensors[n].contiguous() for n in part}, str(out / file), metadata={"format": "pt"})
+        # Written as bytes: safetensors' own file writer makes 0600 files, unreadable to a server run as another user.
+        (out / file).write_bytes(save({n: tensors[n].contiguous() for n in part}, metadata={"format": "pt"}))
         for n in part:
             weight_map[n] = file
             total += tensors[n].numel() * tensors[n].element_size()

@@ -1,4 +1,5 @@
-"""`dsaserve train-tiny` as a command: what a long run shows while it runs, and what a stopped run leaves.
+"""`dsaserve train-tiny` as a command: what a long run shows while it runs, what a stopped run leaves, and who
+can read what it writes.
 
 Each test stops the toy-scale preset (`--preset test`) at its first line of output, so it takes seconds.
 """
@@ -6,13 +7,16 @@ from __future__ import annotations
 
 import io
 import shutil
+import stat
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from dsaserve.cli import main
 from dsaserve.model.checkpoint import default_model_path
+from dsaserve.tiny import _save_sharded
 from dsaserve.train_tiny import train_tiny
 
 
@@ -61,3 +65,12 @@ def test_a_stopped_run_leaves_the_folder_as_it_was(tmp_path: Path) -> None:
         train_tiny(out, preset="test", log=stop_at_training)
     for file in sorted(shipped.iterdir()):
         assert (out / file.name).read_bytes() == file.read_bytes(), f"{file.name} was changed by the stopped run"
+
+
+def test_shards_are_as_readable_as_the_rest_of_the_checkpoint(tmp_path: Path) -> None:
+    """safetensors writes its files 0600: a checkpoint trained as one user (root, CI) and served as another
+    could read its config and tokenizer but not its weights. Shards follow the umask like the other files."""
+    _save_sharded(tmp_path, {"a": torch.zeros(2), "b": torch.ones(2)}, shards=2)
+    index_mode = stat.S_IMODE((tmp_path / "model.safetensors.index.json").stat().st_mode)
+    for shard in sorted(tmp_path.glob("*.safetensors")):
+        assert stat.S_IMODE(shard.stat().st_mode) == index_mode, f"{shard.name}: {oct(shard.stat().st_mode)}"
