@@ -92,6 +92,7 @@ def test_shipped_tokenizer_is_what_the_recipe_writes(shipped: str, tmp_path: Pat
     for name in TOKENIZER_FILES:
         assert (tmp_path / name).read_bytes() == (Path(shipped) / name).read_bytes(), name
 
+
 def test_default_model_is_the_shipped_trained_model(shipped: str) -> None:
     cfg = ModelConfig.from_path(shipped)
     assert cfg.index_topk == 64 and cfg.index_n_heads >= 4 and cfg.num_nextn_predict_layers == 1
