@@ -50,11 +50,13 @@ class GrammarCompiler:
 
     def ready(self) -> list[tuple[Request, BaseException | None]]:
         """The held requests whose compile ended, with its exception or None (their grammar is then set)."""
+        if self._pool is None:  # (no grammar yet: nothing to drain, every step of most servers)
+            return []
         self._drain()
         out: list[tuple[Request, BaseException | None]] = []
         for req in [r for r in self.held if r.grammar_compile.done()]:  # (one look: a compile may end meanwhile)
             self.held.remove(req)
-            exc = req.grammar_compile.exception()
+            exc = compile_error(req)
             if exc is None:
                 req.grammar = req.grammar_compile.result()
             out.append((req, exc))
