@@ -25,7 +25,7 @@ from dsaserve.engine.request import (DisaggRoute, FinishReason, Request, Request
                                      SamplingParams, check_token_ids, stop_reason)
 from dsaserve.engine.scheduler import Scheduler, SchedulerConfig
 from dsaserve.engine.stats import EngineStats
-from dsaserve.spec.drafter import DraftInput, MTPDrafter, draft_input, drafts_in_flight
+from dsaserve.spec.drafter import DraftInput, MTPDrafter, draft_input, drafts_in_flight, settle_drafts
 from dsaserve.engine.tokenizer import Tokenizer
 from dsaserve.engine.warmup import warm_up
 from dsaserve.parallel.groups import CollectiveFailed, Parallel
@@ -311,21 +311,10 @@ class Engine:
             self._fill_drafts(self.draft_override)
 
     def _fill_drafts(self, override: Callable[[Request, list[int]], list[int]] | None = None) -> None:
-        """The last step's drafts into their requests (waits for the drafter, not for a step launched since).
-        If that fails, the requests drop their drafts (and draft again, as after a retraction)."""
+        """The last step's drafts into their requests (waits for the drafter, not for a step launched since)."""
         drafts, self._drafts = self._drafts, None
-        if drafts is None:
-            return
-        owners = [r for r in drafts.requests
-                  if r is not None and self.requests.get(r.rid) is r and r.draft_ids[:1] == [IN_FLIGHT]]
-        try:
-            rows = dict(zip((id(r) for r in drafts.requests), drafts.read()))
-            for req in owners:
-                req.draft_ids = rows[id(req)] if override is None else override(req, rows[id(req)])
-        finally:
-            for req in owners:
-                if req.draft_ids[:1] == [IN_FLIGHT]:
-                    req.draft_ids = []
+        if drafts is not None:
+            settle_drafts(self.requests, drafts, override)
 
     def _commit(self, plan: StepPlan, real: int, accepted: dict[str, tuple]) -> list[RequestOutput]:
         """Cache lengths, tokens and stop rules after the whole step; finished requests free their pages."""

@@ -14,7 +14,7 @@ at position p + j with the previous draft token and the previous MTP output as i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -69,6 +69,22 @@ def drafts_in_flight(requests: dict[str, Request], plan: StepPlan, real: int, gi
                 req.draft_ids = [IN_FLIGHT] * drafts.shape[1]
             owners.append(req)
     return InFlight.of(owners, drafts)
+
+
+def settle_drafts(requests: dict[str, Request], drafts: InFlight,
+                  override: Callable[[Request, list[int]], list[int]] | None = None) -> None:
+    """Read a step's drafts into the requests that still wait for them (`override`: tests and benchmarks
+    replace them). If reading fails, those requests drop their drafts (and draft again, as after a retraction)."""
+    owners = [r for r in drafts.requests
+              if r is not None and requests.get(r.rid) is r and r.draft_ids[:1] == [IN_FLIGHT]]
+    try:
+        rows = dict(zip((id(r) for r in drafts.requests), drafts.read()))
+        for req in owners:
+            req.draft_ids = rows[id(req)] if override is None else override(req, rows[id(req)])
+    finally:
+        for req in owners:
+            if req.draft_ids[:1] == [IN_FLIGHT]:
+                req.draft_ids = []
 
 
 def draft_plan(plan: StepPlan, last_rows: tuple[int, ...], step: int) -> StepPlan:
