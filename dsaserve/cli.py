@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 
+from dsaserve import sglang_flags
 from dsaserve.server_args import ServerArgs
 
 
@@ -142,7 +143,14 @@ def main(argv: list[str] | None = None) -> int:
 
     if argv[:1] == ["router"]:  # every argument is sglang-router's (argparse would take --help and the like)
         return _router(argparse.Namespace(router_args=argv[1:]))
-    ns = parser.parse_args(argv)
+    ns, unknown = parser.parse_known_args(argv)
+    if unknown:  # SGLang launch lines: say what to use instead of its flags that dsaserve does not take
+        lines, all_sglang = sglang_flags.guidance(unknown)
+        for line in lines:
+            print(f"error: {line}", file=sys.stderr)
+        if not all_sglang:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        return 2
     level = getattr(ns, "log_level", "info").upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):  # before logging is set up with it
         print(f"error: --log-level must be debug, info, warning or error, got {ns.log_level!r}", file=sys.stderr)

@@ -231,6 +231,10 @@ class ServerArgs:
         # SGLang's launch lines carry it; dsaserve runs no code from a checkpoint, so it changes nothing
         parser.add_argument("--trust-remote-code", action="store_true", help="accepted for SGLang's launch lines "
                             "(dsaserve runs no code from a checkpoint)")
+        parser.add_argument("--enable-metrics", action="store_true", help="accepted for SGLang's launch lines "
+                            "(/metrics is always served)")
+        parser.add_argument("--disable-cuda-graph", action="store_true", help="SGLang's name for "
+                            "--cuda-graph-max-bs 0")
         for f in dataclasses.fields(cls):
             if f.name in skip:
                 continue
@@ -250,7 +254,12 @@ class ServerArgs:
     @classmethod
     def from_cli(cls, ns: argparse.Namespace) -> ServerArgs:
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(ns).items() if k in names})
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(ns).items() if k in names}
+        if getattr(ns, "disable_cuda_graph", False):
+            if values.get("cuda_graph_max_bs") not in (None, 0) or values.get("cuda_graph_bs") is not None:
+                raise ValueError("--disable-cuda-graph contradicts --cuda-graph-max-bs / --cuda-graph-bs: give one")
+            values["cuda_graph_max_bs"] = 0
+        return cls(**values)
 
 
 def _chat_problems(args: ServerArgs) -> list[str]:

@@ -199,6 +199,35 @@ def test_sglang_launch_line_flags() -> None:
     assert (args.tp, args.dp, args.enable_dp_attention, args.mem_fraction) == (2, 2, True, 0.8)
 
 
+def test_sglang_flags_with_another_meaning_here(capsys: pytest.CaptureFixture) -> None:
+    """--disable-cuda-graph is --cuda-graph-max-bs 0 (and contradicts a graph size), --enable-metrics is accepted;
+    SGLang flags dsaserve does not take each get a line naming what to use instead (exit 2, nothing started),
+    and any other unknown flag still gets argparse's own error."""
+    import argparse
+
+    from dsaserve.cli import main
+    from dsaserve.server_args import ServerArgs
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    assert ServerArgs.from_cli(parser.parse_args(["--disable-cuda-graph", "--enable-metrics"])).cuda_graph_max_bs == 0
+    assert ServerArgs.from_cli(parser.parse_args([])).cuda_graph_max_bs is None
+    for extra in (["--cuda-graph-max-bs", "8"], ["--cuda-graph-bs", "1", "2"]):
+        with pytest.raises(ValueError, match="--disable-cuda-graph contradicts"):
+            ServerArgs.from_cli(parser.parse_args(["--disable-cuda-graph", *extra]))
+    assert main(["serve", "--tp", "8", "--ep", "8", "--nsa-decode-backend=flashmla_kv", "--dp", "8"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["error: --ep is an SGLang flag that dsaserve does not take: dsaserve splits every routed expert "
+                   "over all ranks (tensor-parallel MoE); leave it out",
+                   "error: --nsa-decode-backend is an SGLang flag that dsaserve does not take: dsaserve uses one "
+                   "sparse-attention backend for prefill and decode: --attention-backend auto|triton|flashmla|torch"]
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--max-prefill-tokens", "16384", "--no-such-flag"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "--max-prefill-tokens is an SGLang flag" in err and "--chunked-prefill-size" in err
+    assert "unrecognized arguments: --max-prefill-tokens 16384 --no-such-flag" in err
+
+
 def test_bench_one_batch_sizes_are_checked_first(tiny_ds: str, capsys: pytest.CaptureFixture) -> None:
     from dsaserve.cli import main
     assert main(["bench", "one-batch", "--model-path", tiny_ds, "--batch-size", "0", "--output-len", "0"]) == 2

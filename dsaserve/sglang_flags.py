@@ -1,0 +1,39 @@
+"""SGLang launch flags that dsaserve does not take, each with what to use instead: a launch line copied from
+SGLang's DeepSeek-V3.2 / GLM-5 pages then fails with sentences that say what to change, not with argparse's
+bare "unrecognized arguments". (The flags dsaserve shares with SGLang, under either of its names, are
+ServerArgs fields; --trust-remote-code and --enable-metrics are accepted and change nothing here.)"""
+from __future__ import annotations
+
+_NO_EXPERT_PARALLEL = "dsaserve splits every routed expert over all ranks (tensor-parallel MoE); leave it out"
+_ONE_ATTENTION_BACKEND = ("dsaserve uses one sparse-attention backend for prefill and decode: "
+                          "--attention-backend auto|triton|flashmla|torch")
+
+NOT_TAKEN: dict[str, str] = {
+    "--ep-size": _NO_EXPERT_PARALLEL,
+    "--ep": _NO_EXPERT_PARALLEL,
+    "--expert-parallel-size": _NO_EXPERT_PARALLEL,
+    "--moe-a2a-backend": _NO_EXPERT_PARALLEL,
+    "--enable-deepep-moe": _NO_EXPERT_PARALLEL,
+    "--nsa-prefill-backend": _ONE_ATTENTION_BACKEND,
+    "--nsa-decode-backend": _ONE_ATTENTION_BACKEND,
+    "--max-prefill-tokens": "use --chunked-prefill-size: it bounds the tokens of one step (prompt chunks and the "
+                            "decode rows beside them)",
+    "--watchdog-timeout": "use --dist-timeout (how long a step's collectives may wait); GET /health_generate "
+                          "answers 503 when no step completes",
+    "--enable-torch-compile": "dsaserve runs Triton kernels under CUDA graphs; it has no torch.compile path",
+    "--schedule-policy": "dsaserve admits requests first come, first served (the prefix cache needs no policy)",
+    "--quantization": "FP8 checkpoints are served in FP8 from their config.json's quantization_config; leave it out",
+    "--tokenizer-path": "dsaserve reads the tokenizer from --model-path",
+    "--speculative-draft-model-path": "MTP drafts with the checkpoint's own MTP layer (--speculative-algorithm "
+                                      "NEXTN); leave it out",
+    "--stream-interval": "dsaserve streams every step's tokens; leave it out",
+}
+
+
+def guidance(unknown: list[str]) -> tuple[list[str], bool]:
+    """For argparse's leftovers: one line per SGLang flag listed above, and whether that is every flag there
+    (otherwise argparse reports the leftovers in its own words too)."""
+    flags = list(dict.fromkeys(a.split("=", 1)[0] for a in unknown if a.startswith("-")))
+    known = [f for f in flags if f in NOT_TAKEN]
+    lines = [f"{f} is an SGLang flag that dsaserve does not take: {NOT_TAKEN[f]}" for f in known]
+    return lines, bool(flags) and len(known) == len(flags)
