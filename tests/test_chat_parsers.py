@@ -44,7 +44,7 @@ GLM_TWO = ("Checking two.</think>Let me look.<tool_call>get_weather<arg_key>city
 KNOWN = [
     (dsml, DSML_TWO, "Checking two.", "Let me look.",
      [ToolCall("get_weather", '{"city": "Paris", "days": 3}'), ToolCall("get_time", "{}")]),
-    (glm, GLM_TWO, "Checking two.", "Let me look.\n",
+    (glm, GLM_TWO, "Checking two.", "Let me look.",  # (the newline between the calls is no content)
      [ToolCall("get_weather", '{"city": "Paris", "days": 3, "code": "007"}'), ToolCall("get_time", "{}")]),
     (dsml, "No tools.</think>Just <think> text <｜DSML｜ and \n\n done", "No tools.",
      "Just <think> text <｜DSML｜ and \n\n done", []),
@@ -270,6 +270,15 @@ def test_parallel_tool_calls_false_returns_the_first_call(make, raw: str, conten
     for cuts in ((), tuple(range(1, len(raw)))):
         out = parse(one, raw, cuts)
         assert (out.content, out.calls) == (content, calls[:1])
+
+
+@pytest.mark.parametrize("make,raw,calls", [(m, r, k) for m, r, _, _, k in KNOWN[:2]])
+def test_whitespace_around_calls_is_no_content(make, raw: str, calls: list) -> None:
+    """A reply of calls alone, with the newlines models write around them: content empty (null in the message;
+    both formats render an assistant turn's calls without them), whole or streamed."""
+    reply = "Checking two.</think>\n" + raw.split("Let me look.")[1] + "\n\n"
+    for cuts in ((), tuple(range(1, len(reply)))):
+        assert parse(lambda: make(True), reply, cuts) == Parsed("Checking two.", "", calls)
 
 
 def test_an_argument_nested_past_the_recursion_limit_does_not_fail_the_stream() -> None:

@@ -4,7 +4,9 @@ Every parser is one state machine fed text pieces as they stream (`feed`) and cl
 whole answer is parsed by feeding it at once, so a stream's pieces always add up to the whole answer
 however the text was cut. Text that might be the start of a marker is held back until it is not.
 A tool call is emitted only once it is complete and valid; malformed markup goes to the content as
-it was written, never dropped.
+it was written, never dropped. Whitespace that is all the text between two calls, or between a call and
+the start or end of the reply, separates calls and is not content (the chat templates render an
+assistant turn's calls without it), so a reply of calls alone has empty content.
 """
 from __future__ import annotations
 
@@ -94,6 +96,7 @@ class ToolCallParser:
         self.calls_before_block = 0  # num_calls when the current block opened
         self.buf, self.raw = "", ""  # raw: this block's text not yet turned into calls
         self.in_block = self.failed = False
+        self.gap, self.gap_has_text = "", False  # the text since the last call (held while all whitespace)
 
     def feed(self, text: str) -> Parsed:
         self.buf += text
@@ -103,11 +106,11 @@ class ToolCallParser:
                 hits = [(i, m) for m in self.starts if (i := self.buf.find(m)) >= 0]
                 if not hits:
                     keep = held_back(self.buf, self.starts)
-                    out.content += self.buf[:len(self.buf) - keep]
+                    self._text(self.buf[:len(self.buf) - keep], out)
                     self.buf = self.buf[len(self.buf) - keep:]
                     return out
                 at, marker = min(hits, key=lambda h: (h[0], -len(h[1])))
-                out.content += self.buf[:at]
+                self._text(self.buf[:at], out)
                 self.raw, self.buf = marker, self.buf[at + len(marker):]
                 self.in_block, self.failed, self.calls_before_block = True, False, self.num_calls
             elif not self._block(out):
@@ -115,10 +118,23 @@ class ToolCallParser:
 
     def finish(self) -> Parsed:
         out = self.feed("")
-        out.content += self.raw + self.buf  # an unterminated block stays text
-        self.buf = self.raw = ""
+        self._text(self.raw + self.buf, out)  # an unterminated block stays text
+        if self.num_calls == 0:  # a reply without calls keeps its whitespace
+            out.content += self.gap
+        self.buf = self.raw = self.gap = ""
         self.in_block = False
         return out
+
+    def _text(self, text: str, out: Parsed) -> None:
+        """Content outside calls. Whitespace is held while it is all the gap since the last call (or the reply's
+        start) holds: the next call drops it, other text releases it."""
+        if self.gap_has_text:
+            out.content += text
+            return
+        self.gap += text
+        if self.gap.strip():
+            out.content += self.gap
+            self.gap, self.gap_has_text = "", True
 
     def _fail_until(self, end: str, out: Parsed) -> bool:
         """Malformed: everything up to and including `end` is content. False: wait for more text."""
@@ -126,7 +142,7 @@ class ToolCallParser:
         at = self.buf.find(end)
         if at < 0:
             return False
-        out.content += self.raw + self.buf[:at + len(end)]
+        self._text(self.raw + self.buf[:at + len(end)], out)
         self.buf, self.raw, self.in_block = self.buf[at + len(end):], "", False
         return True
 
@@ -141,7 +157,8 @@ class ToolCallParser:
         if self.max_calls is None or self.num_calls < self.max_calls:
             out.calls.append(ToolCall(name, json.dumps(args, ensure_ascii=False)))
         self.num_calls += 1
-        self.raw = ""
+        self.raw = self.gap = ""  # the whitespace before the call separated it
+        self.gap_has_text = False
         return True
 
     def _block(self, out: Parsed) -> bool:
@@ -260,7 +277,7 @@ class DsmlToolParser(ToolCallParser):
         rest = self.buf[lead:]
         if rest.startswith(dsv32.CALLS_END):
             if self.num_calls == self.calls_before_block:  # an empty block is no call: it stays text
-                out.content += self.raw + self.buf[:lead + len(dsv32.CALLS_END)]
+                self._text(self.raw + self.buf[:lead + len(dsv32.CALLS_END)], out)
             self.buf, self.raw, self.in_block = rest[len(dsv32.CALLS_END):], "", False
             return True
         if not rest or dsv32.CALLS_END.startswith(rest):
@@ -294,7 +311,7 @@ class GlmToolParser(ToolCallParser):
             return self._fail_until(self.end, out)
         self._take(end)
         if not (name and self._call(name, args, out)):
-            out.content += self.raw  # an unknown tool: the element stays text
+            self._text(self.raw, out)  # an unknown tool: the element stays text
         self.raw, self.in_block = "", False
         return True
 
