@@ -21,6 +21,7 @@ from dsaserve.server import protocol as p
 from dsaserve.server.errors import ApiError, bad_request
 from dsaserve.server.frontend import RequestHandle
 from dsaserve.server.guard import arrival
+from dsaserve.server.openai_answers import token_str
 from dsaserve.server.openai_api import OpenAIServing
 from dsaserve.server.streaming import (DONE, AbortingStream, Result, aborter, bias_pairs, checked, collect_call,
                                        engine_refusals_named, error_event, finish_error, merged, prompt_token_logprobs,
@@ -63,7 +64,7 @@ def _constraint(sp: native.NativeSamplingParams) -> Constraint:
 
 def _entries(serving: OpenAIServing, pairs: list[tuple[float, int]], with_text: bool) -> list[list[Any]]:
     """SGLang's log-probability entries: [logprob, token id, its text or None]."""
-    return [[lp, t, serving.token_str(t, False) if with_text else None] for lp, t in pairs]
+    return [[lp, t, token_str(serving.fe.tokenizer, t, False) if with_text else None] for lp, t in pairs]
 
 
 def _meta(serving: OpenAIServing, handle: RequestHandle, res: Result, body: native.GenerateRequest, ids: list[int],

@@ -1,18 +1,17 @@
-"""OpenAI-compatible serving: the completions and chat calls, their answers and streams, tokenizer endpoints."""
+"""OpenAI-compatible serving: the completions and chat calls (checked, queued, answered or streamed), tokenizer
+endpoints. The answers' shapes are openai_answers'."""
 from __future__ import annotations
 
 import functools
-import time
 import uuid
-from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
 
 from fastapi import Request
 
 from dsaserve.chat.constrain import MARKUP_TEXTS, Constraint, Markup, build_grammar, markup_for
 from dsaserve.chat.grammar import GrammarError, GrammarSpec, checked_spec, ll_tokenizer
-from dsaserve.chat.parsers import (DEFAULT_TOOL_PARSER, OutputParser, Parsed, ReasoningSplitter, ToolCall,
-                                   tool_parser)
+from dsaserve.chat.parsers import DEFAULT_TOOL_PARSER, OutputParser, ReasoningSplitter, tool_parser
 from dsaserve.chat.render import ChatFormat, ChatFormatError, RenderedChat
 from dsaserve.chat.tools import ToolPlan, check_forced, plan_tools
 from dsaserve.disagg.serving import PDRouting
@@ -20,26 +19,12 @@ from dsaserve.engine.request import DisaggRoute, SamplingParams, choice_seed
 from dsaserve.engine.tokenizer import CharOffsets
 from dsaserve.server import protocol as p
 from dsaserve.server.errors import ApiError, bad_request
-from dsaserve.server.frontend import Delta, Frontend, RequestHandle
-from dsaserve.server.streaming import (DONE, AbortingStream, Result, aborter, bias_pairs, checked, collect_call,
-                                       engine_refusals_named, error_event, finish_error, merged, prompt_token_logprobs,
-                                       prompt_scoring, split_error)
-
-LogprobList = list[tuple[float, list[tuple[int, float]]]]
-ParserFactory = Callable[[], OutputParser]
-
-
-@dataclass(frozen=True)
-class Call:
-    """A call's queued completions (n per prompt) and what its answer needs."""
-    rid: str
-    body: p.SamplingFields
-    prompts: list[list[int]]
-    handles: list[RequestHandle]
-    kind: str  # "completion" or "chat"
-    parser: ParserFactory | None
-    echo: list[str] | None  # each prompt's text, returned before its completion
-    created: int = field(default_factory=lambda: int(time.time()))  # one time for the answer and all its chunks
+from dsaserve.server.frontend import Frontend
+from dsaserve.server.openai_answers import (Call, ParserFactory, cached_tokens, chat_answer, chat_stream_choices,
+                                            completion_answer, completion_stream_choice)
+from dsaserve.server.streaming import (DONE, AbortingStream, aborter, bias_pairs, checked, collect_call,
+                                       engine_refusals_named, error_event, finish_error, merged, prompt_scoring,
+                                       split_error)
 
 
 @dataclass(frozen=True)
@@ -121,13 +106,6 @@ class OpenAIServing:
             grammar=grammar, prompt_logprobs=prompt_logprobs, skip_special_tokens=body.skip_special_tokens),
             OpenAIServing.names(body))
 
-    def token_str(self, token: int, as_ids: bool) -> str:
-        return f"token_id:{token}" if as_ids else self.fe.tokenizer.decode([token], skip_special_tokens=False)
-
-    def _bytes(self, token: int) -> list[int]:
-        """A logprob's `bytes`: the token's own (part of a character, where a character takes several tokens)."""
-        return list(self.fe.tokenizer.token_bytes(token))
-
     async def submit(self, body: p.SamplingFields, route: DisaggRoute | None, dp_rank: int | None,
                      prompts: list[list[int]], max_tokens: int | None, logprobs: int | None, kind: str,
                      parser: ParserFactory | None = None, grammar: GrammarSpec | None = None,
@@ -158,7 +136,8 @@ class OpenAIServing:
             parsers = [call.parser() if call.parser else None for _ in call.handles]
             return AbortingStream(self._stream(call, parsers), aborter(self.fe, call.handles))
         results = await collect_call(request, self.fe, call.handles)
-        return self._chat(call, results) if call.kind == "chat" else self._completion(call, results)
+        answer = chat_answer if call.kind == "chat" else completion_answer
+        return answer(self.fe.tokenizer, self.served_name, call, results)
 
     async def _stream(self, call: Call, parsers: list[OutputParser | None]) -> AsyncIterator[str]:
         handles, body, prompts, echo = call.handles, call.body, call.prompts, call.echo
@@ -170,7 +149,7 @@ class OpenAIServing:
         calls = [0] * len(handles)  # tool calls streamed so far, per choice
 
         def usage() -> p.UsageInfo:
-            return p.usage(sum(len(ids) for ids in prompts), sum(completion_tokens), _cached(cached, body.n))
+            return p.usage(sum(len(ids) for ids in prompts), sum(completion_tokens), cached_tokens(cached, body.n))
 
         def choice_usage(i: int) -> p.UsageInfo | None:  # continuous_usage_stats: choice i's so far
             return p.usage(len(prompts[i // body.n]), completion_tokens[i], cached[i]) if running else None
@@ -187,10 +166,11 @@ class OpenAIServing:
                 d, error = split_error(d)  # (the tokens before an error are sent, then the error)
                 completion_tokens[i], cached[i] = d.completion_tokens, d.cached_tokens
                 if call.kind == "chat":
-                    choices = self._chat_choices(body, i, d, parsers[i], calls)
+                    choices = chat_stream_choices(self.fe.tokenizer, body, i, d, parsers[i], calls)
                 else:
                     first = echo is not None and d.completion_tokens == len(d.token_ids)  # its first delta
-                    choices = [self._completion_choice(body, i, d, offsets, prompts, echo if first else None)]
+                    choices = [completion_stream_choice(self.fe.tokenizer, body, i, d, offsets, prompts,
+                                                        echo if first else None)]
                 if choices and (error is None or d.token_ids or d.text):
                     yield "".join(chunk([c], choice_usage(i)) for c in choices)
                 if error is not None:
@@ -202,40 +182,6 @@ class OpenAIServing:
         if options.include_usage:
             yield chunk([], usage())
         yield DONE
-
-    def _chat_choices(self, body: p.SamplingFields, i: int, d: Delta, parser: OutputParser | None,
-                      calls: list[int]) -> list[p.ChatStreamChoice]:
-        """One chunk's choice of text (and logprobs), then two per completed tool call (name, then arguments);
-        none while the text is held back (a marker or stop string that may be forming) and nothing else is new."""
-        part = Parsed(content=d.text) if parser is None else parser.feed(d.text)
-        if parser is not None and d.finish is not None:
-            part.add(parser.finish())
-        lp = self._chat_logprobs(d.token_ids, d.logprobs, body) if body.logprobs else None
-        deltas = [p.ChatDelta(content=part.content, reasoning_content=part.reasoning or None)]
-        for call in part.calls:
-            head = p.ToolCallDelta(index=calls[i], id=call_id(), type="function",
-                                   function=p.FunctionCall(name=call.name, arguments=""))
-            args = p.ToolCallDelta(index=calls[i], function=p.FunctionCall(arguments=call.arguments))
-            deltas += [p.ChatDelta(tool_calls=[head]), p.ChatDelta(tool_calls=[args])]
-            calls[i] += 1
-        if len(deltas) > 1 or (d.finish is None and lp is None):
-            if not deltas[0].content and deltas[0].reasoning_content is None and lp is None:
-                deltas = deltas[1:]
-        choices = []
-        for k, delta in enumerate(deltas):
-            last = k == len(deltas) - 1
-            finish = finish_reason(d.finish.kind, calls[i] > 0) if last and d.finish is not None else None
-            choices.append(p.ChatStreamChoice(index=i, delta=delta, logprobs=lp if k == 0 else None,
-                                              finish_reason=finish))
-        return choices
-
-    def _completion_choice(self, body: p.SamplingFields, i: int, d: Delta, offsets: list[CharOffsets],
-                           prompts: list[list[int]], echo: list[str] | None) -> p.CompletionChoice:
-        finish = d.finish.kind if d.finish is not None else None
-        echoed = echo[i // body.n] if echo is not None else None  # the choice's first delta starts with its prompt
-        ids, lps, text = _with_prompt(prompts[i // body.n], echoed, d.prompt_logprobs, d.token_ids, d.logprobs, d.text)
-        clp = self._completion_logprobs(ids, lps, body, offsets[i], echoed) if body.logprobs is not None else None
-        return p.CompletionChoice(index=i, text=text, logprobs=clp, finish_reason=finish)
 
     # -- completions -------------------------------------------------------------------------
 
@@ -262,37 +208,6 @@ class OpenAIServing:
         items = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else list(prompt)
         return [x if isinstance(x, str) else self.fe.tokenizer.decode(t, skip_special_tokens=False)
                 for x, t in zip(items, ids)]
-
-    def _completion_logprobs(self, ids: list[int], lps: LogprobList, body: p.SamplingFields,
-                             offsets: CharOffsets, echoed: str | None = None) -> p.CompletionLogprobs:
-        """`offsets`: where the text so far ends (each token's text_offset is its start in the text); `echoed`: the
-        prompt's text, which the ids start with."""
-        out = p.CompletionLogprobs(text_offset=offsets.take(ids, echoed))
-        as_ids = body.return_tokens_as_token_ids
-        for token, (chosen, top) in zip(ids, lps):
-            name = self.token_str(token, as_ids)
-            out.tokens.append(name)
-            out.token_logprobs.append(chosen)
-            # OpenAI's: the chosen token's log-probability is always there (up to logprobs + 1 entries)
-            out.top_logprobs.append({**{self.token_str(t, as_ids): lp for t, lp in top}, name: chosen}
-                                    if chosen is not None else None)
-        return out
-
-    def _completion(self, call: Call, results: list[Result]) -> p.CompletionResponse:
-        body, prompts, echo = call.body, call.prompts, call.echo
-        choices = []
-        for i, r in enumerate(results):
-            echoed = echo[i // body.n] if echo is not None else None
-            ids, lps, text = _with_prompt(prompts[i // body.n], echoed, r.prompt_logprobs, r.token_ids, r.logprobs,
-                                          r.text)
-            offsets = CharOffsets(self.fe.tokenizer, not body.skip_special_tokens)
-            lp = (self._completion_logprobs(ids, lps, body, offsets, echoed)
-                  if getattr(body, "logprobs", None) is not None else None)
-            choices.append(p.CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=r.finish.kind))
-        use = p.usage(sum(len(ids) for ids in prompts), sum(r.completion_tokens for r in results),
-                      _cached([r.cached_tokens for r in results], body.n))
-        return p.CompletionResponse(id=call.rid, created=call.created, model=self.served_name, choices=choices,
-                                    usage=use)
 
     # -- chat --------------------------------------------------------------------------------
 
@@ -329,34 +244,6 @@ class OpenAIServing:
                                             else None) if tool_parser_name else None)
         return ChatPlan(prompt, tools, parser, grammar)
 
-    def _chat_logprobs(self, ids: list[int], lps: LogprobList, body: p.SamplingFields) -> p.ChatLogprobs:
-        as_ids = body.return_tokens_as_token_ids
-        content = []
-        for token, (chosen, top) in zip(ids, lps):
-            s = self.token_str(token, as_ids)
-            tops = [p.TopLogprob(token=self.token_str(tid, as_ids), logprob=lp, bytes=self._bytes(tid))
-                    for tid, lp in top]
-            content.append(p.TokenLogprob(token=s, logprob=chosen, bytes=self._bytes(token), top_logprobs=tops))
-        return p.ChatLogprobs(content=content)
-
-    def _chat(self, call: Call, results: list[Result]) -> p.ChatCompletionResponse:
-        body, parser, choices = call.body, call.parser, []
-        prompt_tokens = sum(len(ids) for ids in call.prompts)  # each prompt once, however many choices
-        for i, r in enumerate(results):
-            lp = self._chat_logprobs(r.token_ids, r.logprobs, body) if getattr(body, "logprobs", False) else None
-            part = Parsed(content=r.text)
-            if parser is not None:
-                out = parser()
-                part = out.feed(r.text).add(out.finish())
-            message = p.ChatMessageOut(content=part.content if (part.content or not part.calls) else None,
-                                       reasoning_content=part.reasoning or None,
-                                       tool_calls=[tool_call_out(c) for c in part.calls] or None)
-            choices.append(p.ChatChoice(index=i, message=message, logprobs=lp,
-                                        finish_reason=finish_reason(r.finish.kind, bool(part.calls))))
-        return p.ChatCompletionResponse(id=call.rid, created=call.created, model=self.served_name, choices=choices,
-                                        usage=p.usage(prompt_tokens, sum(r.completion_tokens for r in results),
-                                                      _cached([r.cached_tokens for r in results], body.n)))
-
     # -- tokenizer endpoints -----------------------------------------------------------------
 
     def tokenize(self, body: p.TokenizeRequest) -> p.TokenizeResponse:
@@ -389,15 +276,6 @@ class OpenAIServing:
         return p.DetokenizeResponse(prompt=self.fe.tokenizer.decode(body.tokens, skip_special_tokens=False))
 
 
-def _with_prompt(prompt: list[int], echoed: str | None, scored: LogprobList | None, ids: list[int],
-                 lps: LogprobList, text: str) -> tuple[list[int], LogprobList, str]:
-    """Echo (`echoed`: the prompt's text): the prompt's tokens before the completion's (the first has no
-    log-probability), its text before the completion's; else the completion's as they are."""
-    if echoed is None:
-        return ids, lps, text
-    return prompt + ids, prompt_token_logprobs(scored, len(prompt)) + list(lps), echoed + text
-
-
 def _message_chars(messages: list[p.ChatMessage]) -> int:
     """The characters of a conversation's contents (what check_prompt_chars bounds before templating)."""
     return sum(len(m.content) if isinstance(m.content, str) else sum(len(x.text) for x in m.content or [])
@@ -415,21 +293,3 @@ def checked_tools(tools: list[dict[str, Any]] | None, tool_choice: str | dict[st
         return plan
     except ValueError as exc:  # (the messages start with the field at fault: tools or tool_choice)
         raise bad_request(str(exc), param="tools" if str(exc).startswith("tools") else "tool_choice") from None
-
-
-def call_id() -> str:
-    return f"call_{uuid.uuid4().hex[:24]}"
-
-
-def tool_call_out(call: ToolCall) -> p.ToolCallOut:
-    return p.ToolCallOut(id=call_id(), function=p.FunctionCall(name=call.name, arguments=call.arguments))
-
-
-def finish_reason(kind: str, called: bool) -> str:
-    """OpenAI's `tool_calls` when the model stopped after calling tools."""
-    return "tool_calls" if called and kind == "stop" else kind
-
-
-def _cached(per_choice: list[int], n: int) -> int:
-    """Prompt tokens served from the prefix cache, each prompt counted once (its best of n choices)."""
-    return sum(max(per_choice[i:i + n]) for i in range(0, len(per_choice), n))

@@ -1,0 +1,160 @@
+"""Engine results in OpenAI's answer shapes: the choices of an answer and of each stream chunk, their
+log-probabilities, tool calls and usage. OpenAIServing (openai_api) queues a call; these shape what comes back."""
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable
+
+from dsaserve.chat.parsers import OutputParser, Parsed, ToolCall
+from dsaserve.engine.tokenizer import CharOffsets, Tokenizer
+from dsaserve.server import protocol as p
+from dsaserve.server.frontend import Delta, RequestHandle
+from dsaserve.server.streaming import Result, prompt_token_logprobs
+
+LogprobList = list[tuple[float, list[tuple[int, float]]]]
+ParserFactory = Callable[[], OutputParser]
+
+
+@dataclass(frozen=True)
+class Call:
+    """A call's queued completions (n per prompt) and what its answer needs."""
+    rid: str
+    body: p.SamplingFields
+    prompts: list[list[int]]
+    handles: list[RequestHandle]
+    kind: str  # "completion" or "chat"
+    parser: ParserFactory | None
+    echo: list[str] | None  # each prompt's text, returned before its completion
+    created: int = field(default_factory=lambda: int(time.time()))  # one time for the answer and all its chunks
+
+
+def token_str(tok: Tokenizer, token: int, as_ids: bool) -> str:
+    return f"token_id:{token}" if as_ids else tok.decode([token], skip_special_tokens=False)
+
+
+def completion_logprobs(tok: Tokenizer, ids: list[int], lps: LogprobList, body: p.SamplingFields,
+                        offsets: CharOffsets, echoed: str | None = None) -> p.CompletionLogprobs:
+    """`offsets`: where the text so far ends (each token's text_offset is its start in the text); `echoed`: the
+    prompt's text, which the ids start with."""
+    out = p.CompletionLogprobs(text_offset=offsets.take(ids, echoed))
+    as_ids = body.return_tokens_as_token_ids
+    for token, (chosen, top) in zip(ids, lps):
+        name = token_str(tok, token, as_ids)
+        out.tokens.append(name)
+        out.token_logprobs.append(chosen)
+        # OpenAI's: the chosen token's log-probability is always there (up to logprobs + 1 entries)
+        out.top_logprobs.append({**{token_str(tok, t, as_ids): lp for t, lp in top}, name: chosen}
+                                if chosen is not None else None)
+    return out
+
+
+def chat_logprobs(tok: Tokenizer, ids: list[int], lps: LogprobList, body: p.SamplingFields) -> p.ChatLogprobs:
+    """Each token's `bytes` are its own (part of a character, where a character takes several tokens)."""
+    as_ids = body.return_tokens_as_token_ids
+    content = []
+    for token, (chosen, top) in zip(ids, lps):
+        tops = [p.TopLogprob(token=token_str(tok, tid, as_ids), logprob=lp, bytes=list(tok.token_bytes(tid)))
+                for tid, lp in top]
+        content.append(p.TokenLogprob(token=token_str(tok, token, as_ids), logprob=chosen,
+                                      bytes=list(tok.token_bytes(token)), top_logprobs=tops))
+    return p.ChatLogprobs(content=content)
+
+
+def chat_stream_choices(tok: Tokenizer, body: p.SamplingFields, i: int, d: Delta, parser: OutputParser | None,
+                        calls: list[int]) -> list[p.ChatStreamChoice]:
+    """One chunk's choice of text (and logprobs), then two per completed tool call (name, then arguments);
+    none while the text is held back (a marker or stop string that may be forming) and nothing else is new.
+    `calls`: the tool calls streamed so far, per choice."""
+    part = Parsed(content=d.text) if parser is None else parser.feed(d.text)
+    if parser is not None and d.finish is not None:
+        part.add(parser.finish())
+    lp = chat_logprobs(tok, d.token_ids, d.logprobs, body) if body.logprobs else None
+    deltas = [p.ChatDelta(content=part.content, reasoning_content=part.reasoning or None)]
+    for call in part.calls:
+        head = p.ToolCallDelta(index=calls[i], id=call_id(), type="function",
+                               function=p.FunctionCall(name=call.name, arguments=""))
+        args = p.ToolCallDelta(index=calls[i], function=p.FunctionCall(arguments=call.arguments))
+        deltas += [p.ChatDelta(tool_calls=[head]), p.ChatDelta(tool_calls=[args])]
+        calls[i] += 1
+    if len(deltas) > 1 or (d.finish is None and lp is None):
+        if not deltas[0].content and deltas[0].reasoning_content is None and lp is None:
+            deltas = deltas[1:]
+    choices = []
+    for k, delta in enumerate(deltas):
+        last = k == len(deltas) - 1
+        finish = finish_reason(d.finish.kind, calls[i] > 0) if last and d.finish is not None else None
+        choices.append(p.ChatStreamChoice(index=i, delta=delta, logprobs=lp if k == 0 else None,
+                                          finish_reason=finish))
+    return choices
+
+
+def completion_stream_choice(tok: Tokenizer, body: p.SamplingFields, i: int, d: Delta, offsets: list[CharOffsets],
+                             prompts: list[list[int]], echo: list[str] | None) -> p.CompletionChoice:
+    finish = d.finish.kind if d.finish is not None else None
+    echoed = echo[i // body.n] if echo is not None else None  # the choice's first delta starts with its prompt
+    ids, lps, text = with_prompt(prompts[i // body.n], echoed, d.prompt_logprobs, d.token_ids, d.logprobs, d.text)
+    clp = completion_logprobs(tok, ids, lps, body, offsets[i], echoed) if body.logprobs is not None else None
+    return p.CompletionChoice(index=i, text=text, logprobs=clp, finish_reason=finish)
+
+
+def completion_answer(tok: Tokenizer, model: str, call: Call, results: list[Result]) -> p.CompletionResponse:
+    body, prompts, echo = call.body, call.prompts, call.echo
+    choices = []
+    for i, r in enumerate(results):
+        echoed = echo[i // body.n] if echo is not None else None
+        ids, lps, text = with_prompt(prompts[i // body.n], echoed, r.prompt_logprobs, r.token_ids, r.logprobs, r.text)
+        offsets = CharOffsets(tok, not body.skip_special_tokens)
+        lp = (completion_logprobs(tok, ids, lps, body, offsets, echoed)
+              if getattr(body, "logprobs", None) is not None else None)
+        choices.append(p.CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=r.finish.kind))
+    use = p.usage(sum(len(ids) for ids in prompts), sum(r.completion_tokens for r in results),
+                  cached_tokens([r.cached_tokens for r in results], body.n))
+    return p.CompletionResponse(id=call.rid, created=call.created, model=model, choices=choices, usage=use)
+
+
+def chat_answer(tok: Tokenizer, model: str, call: Call, results: list[Result]) -> p.ChatCompletionResponse:
+    body, parser, choices = call.body, call.parser, []
+    prompt_tokens = sum(len(ids) for ids in call.prompts)  # each prompt once, however many choices
+    for i, r in enumerate(results):
+        lp = chat_logprobs(tok, r.token_ids, r.logprobs, body) if getattr(body, "logprobs", False) else None
+        part = Parsed(content=r.text)
+        if parser is not None:
+            out = parser()
+            part = out.feed(r.text).add(out.finish())
+        message = p.ChatMessageOut(content=part.content if (part.content or not part.calls) else None,
+                                   reasoning_content=part.reasoning or None,
+                                   tool_calls=[tool_call_out(c) for c in part.calls] or None)
+        choices.append(p.ChatChoice(index=i, message=message, logprobs=lp,
+                                    finish_reason=finish_reason(r.finish.kind, bool(part.calls))))
+    return p.ChatCompletionResponse(id=call.rid, created=call.created, model=model, choices=choices,
+                                    usage=p.usage(prompt_tokens, sum(r.completion_tokens for r in results),
+                                                  cached_tokens([r.cached_tokens for r in results], body.n)))
+
+
+def with_prompt(prompt: list[int], echoed: str | None, scored: LogprobList | None, ids: list[int],
+                lps: LogprobList, text: str) -> tuple[list[int], LogprobList, str]:
+    """Echo (`echoed`: the prompt's text): the prompt's tokens before the completion's (the first has no
+    log-probability), its text before the completion's; else the completion's as they are."""
+    if echoed is None:
+        return ids, lps, text
+    return prompt + ids, prompt_token_logprobs(scored, len(prompt)) + list(lps), echoed + text
+
+
+def call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def tool_call_out(call: ToolCall) -> p.ToolCallOut:
+    return p.ToolCallOut(id=call_id(), function=p.FunctionCall(name=call.name, arguments=call.arguments))
+
+
+def finish_reason(kind: str, called: bool) -> str:
+    """OpenAI's `tool_calls` when the model stopped after calling tools."""
+    return "tool_calls" if called and kind == "stop" else kind
+
+
+def cached_tokens(per_choice: list[int], n: int) -> int:
+    """Prompt tokens served from the prefix cache, each prompt counted once (its best of n choices)."""
+    return sum(max(per_choice[i:i + n]) for i in range(0, len(per_choice), n))
