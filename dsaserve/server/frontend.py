@@ -6,7 +6,7 @@ starts), and hands outputs, detokenized in a thread, to the routes as `Delta`s. 
 in a thread too, so the event loop (health checks, streams) never waits on it.
 
 Sends never block: commands collect in an outbox and go out once per event-loop turn as one
-envelope per leader (see server.messages). The supervisor (server.supervisor) watches every rank
+envelope per leader (server.outbox). The supervisor (server.supervisor) watches every rank
 process; when one dies or hangs, the whole deployment is down: every request ends at once with a
 503 that names the rank, and so does every new one.
 """
@@ -35,6 +35,7 @@ from dsaserve.server import messages as m
 from dsaserve.server.errors import ApiError, bad_request
 from dsaserve.server.handles import Delta, EngineFailure, RequestHandle, detokenize_outputs
 from dsaserve.server.metrics import ServerMetrics
+from dsaserve.server.outbox import Outbox
 from dsaserve.server.supervisor import RankProcesses, watch
 from dsaserve.server_args import ServerArgs
 
@@ -75,9 +76,7 @@ class Frontend:
         self.shutting_down = False
         self.down: str | None = None  # why the deployment is gone
         self._rr = itertools.count()
-        self._epoch = 0
-        self._outbox: list[list[m.Command]] = [[] for _ in self.links]
-        self._flush_pending = False
+        self.outbox = Outbox([link.push for link in self.links], self._unreachable)
         self._tokenize_pool = ThreadPoolExecutor(2, thread_name_prefix="tokenize")
         # /tokenize and /detokenize: their own thread, so megabytes of text there never delay a request's prompt
         self._endpoint_pool = ThreadPoolExecutor(1, thread_name_prefix="tokenize-endpoints")
@@ -148,10 +147,7 @@ class Frontend:
         """Stop every rank (Shutdown first: they leave their loops in one step), reap them, close."""
         if self._watcher is not None:
             self._watcher.cancel()  # ranks exiting now is expected
-        if self.down is None:
-            for link in self.links:
-                self._outbox[link.rank].append(m.Shutdown())
-            self._flush(closing=True)
+        self.outbox.put_last(m.Shutdown())  # (none once the deployment is down)
         deadline = time.monotonic() + timeout
         while self.ranks.any_alive() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -178,6 +174,7 @@ class Frontend:
         if self.down is not None:
             return
         self.down = reason
+        self.outbox.stopped = True
         log.error("%s; the deployment is down, failing its %d requests", reason, len(self.handles))
         for handle in self.handles.values():
             handle.fail(reason)
@@ -310,37 +307,11 @@ class Frontend:
                 states.append({**base, **dataclasses.asdict(st), "avg_spec_accept_length": st.avg_spec_accept_length})
         return states
 
-    # -- sending -----------------------------------------------------------------------------
+    def _send(self, rank: int, command: m.Command) -> None:  # (every command to a leader passes here)
+        self.outbox.put(rank, command)
 
-    def _send(self, rank: int, command: m.Command) -> None:
-        if self.down is not None:
-            return
-        self._outbox[rank].append(command)
-        self._schedule_flush()
-
-    def _schedule_flush(self) -> None:
-        if not self._flush_pending:
-            self._flush_pending = True
-            asyncio.get_running_loop().call_soon(self._flush)
-
-    def _flush(self, closing: bool = False) -> None:
-        """One envelope per leader (to every leader under DP attention: idle leaders wake together).
-        A leader without a peer socket is gone (or, when `closing`, maybe not started: no failure)."""
-        self._flush_pending = False
-        if self.down is not None:
-            return
-        self._epoch += 1
-        for link in self.links:
-            commands, self._outbox[link.rank] = self._outbox[link.rank], []
-            if not commands and len(self.links) == 1:
-                continue
-            try:
-                link.push.send_pyobj(m.Envelope(self._epoch, commands), zmq.NOBLOCK)
-            except zmq.Again:
-                if closing:
-                    continue
-                self.fail_all(self.ranks.problem() or f"the engine process of DP group {link.rank} is not reachable")
-                return
+    def _unreachable(self, rank: int) -> None:
+        self.fail_all(self.ranks.problem() or f"the engine process of DP group {rank} is not reachable")
 
     # -- receiving ---------------------------------------------------------------------------
 
@@ -369,7 +340,7 @@ class Frontend:
             self.engine_stats[link.rank] = ev.stats
             return
         if isinstance(ev, m.Wake):  # PD: a leader's KV arrived; under DP attention every leader steps with it
-            self._schedule_flush()
+            self.outbox.schedule()
             return
         if isinstance(ev, m.Fatal):  # a rank killed before it is the cause, the leader's failure the effect
             if self._fatal is None:
