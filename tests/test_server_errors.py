@@ -159,6 +159,19 @@ def test_openai_client_raises_typed_errors(client: openai.OpenAI, model: str) ->
     assert_serves(client, model)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_prompt_past_the_context_names_the_field_that_held_it(client: openai.OpenAI, model: str,
+                                                                stream: bool) -> None:
+    """The engine's refusal of the prompt itself named no field (param null): now the one the client sent."""
+    with pytest.raises(openai.BadRequestError, match="the prompt has 130 tokens but the context length is 128") as err:
+        client.completions.create(model=model, prompt=[7] * 130, max_tokens=2, stream=stream)
+    assert (err.value.param, err.value.code) == ("prompt", "context_length_exceeded")
+    with pytest.raises(openai.BadRequestError, match=r"the prompt has \d+ tokens but the context length") as err:
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi " * 150}],
+                                       max_tokens=2, stream=stream)
+    assert (err.value.param, err.value.code) == ("messages", "context_length_exceeded")
+
+
 def test_api_key(server: ServerProcess, client: openai.OpenAI, model: str) -> None:
     for key in (None, "wrong"):
         r = post(server, "/v1/completions", {"model": model, "prompt": "hi"}, key=key)
@@ -229,6 +242,9 @@ def test_queue_full_is_503(server: ServerProcess, client: openai.OpenAI, model: 
     ("/v1/completions", {"prompt": [7] * 100, "max_tokens": 40}, "max_tokens", "max_tokens (40) + the prompt (100 "),
     ("/generate", {"model": None, "text": "a", "sampling_params": {"max_new_tokens": 500}}, "max_new_tokens",
      "max_new_tokens (500) + the prompt ("),
+    # the engine's refusal of the prompt itself names the field that held it (no param, was)
+    ("/generate", {"model": None, "input_ids": [7] * 130}, "input_ids", "the prompt has 130 tokens but the context"),
+    ("/generate", {"model": None, "text": "hi " * 150}, "text", "the prompt has "),
     ("/v1/completions", {"logit_bias": {"99999": 1}}, "logit_bias", "logit_bias token id 99999 is outside the vocab"),
     # int() read these as token ids (1_0 as 10); a key is the id in plain decimal digits
     *[("/v1/completions", {"logit_bias": {key: 5}}, "logit_bias", f"logit_bias keys must be token ids, got {key!r}")

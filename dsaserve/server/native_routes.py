@@ -166,7 +166,7 @@ def native_router(serving: OpenAIServing) -> APIRouter:
             prompt_lp = logprobs if body.logprob_start_len >= 0 and not decodes else None
             params = [_native_params(sp, max_tokens, logprobs, prompt_lp, grammar, j) for j in range(n)]
             prompts = [ids for ids in prompts for _ in range(n)]
-            with engine_refusals_named(_NATIVE_NAMES):
+            with engine_refusals_named({**_NATIVE_NAMES, "prompt": "text" if body.text is not None else "input_ids"}):
                 if batch or n > 1:
                     base = body.rid if isinstance(body.rid, str) else secrets.token_hex(16)
                     handles = await fe.submit_many(prompts, params * (len(prompts) // n), base, dp_rank, route, rids,

@@ -85,9 +85,11 @@ class OpenAIServing:
 
     @staticmethod
     def names(body: p.SamplingFields) -> dict[str, str]:
-        """SamplingParams' names as the request spells them (errors name the field the client sent)."""
+        """SamplingParams' names (and the prompt's) as the request spells them (errors name the field the client
+        sent)."""
         max_name = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) is not None else "max_tokens"
-        return {"max_tokens": max_name, "include_stop_str": "include_stop_str_in_output"}
+        return {"max_tokens": max_name, "include_stop_str": "include_stop_str_in_output",
+                "prompt": "messages" if isinstance(body, p.ChatInput) else "prompt"}
 
     @staticmethod
     def params(body: p.SamplingFields, max_tokens: int | None, logprobs: int | None, index: int,

@@ -58,18 +58,24 @@ def checked(params: SamplingParams, names: dict[str, str] | None = None) -> Samp
 
 def field_error(message: str, names: dict[str, str] | None = None) -> ApiError:
     """A 400 for a bad-input message of the engine; one whose first word is a SamplingParams field names it
-    (`param`, and in the message) as the client spelt it (`names`, as checked)."""
+    (`param`, and in the message) as the client spelt it (`names`, as checked). One about the prompt itself
+    (empty, past the context length: "the prompt ...") names the field that held it (`names["prompt"]`: messages,
+    text, input_ids)."""
+    names = names or {}
+    if message.startswith("the prompt "):
+        return bad_request(message, param=names.get("prompt", "prompt"))
     field = message.split(" ", 1)[0]
     if field not in SamplingParams.__dataclass_fields__:
         return bad_request(message)
-    name = (names or {}).get(field, field)
+    name = names.get(field, field)
     return bad_request(name + message[len(field):], param=name)
 
 
 @contextlib.contextmanager
 def engine_refusals_named(names: dict[str, str] | None = None) -> Iterator[None]:
-    """Around submitting: the engine's refusal of a field (the prompt + max_tokens past the context length) names
-    the field the client sent (max_completion_tokens, /generate's max_new_tokens), as checked() does."""
+    """Around submitting: the engine's refusal of a field (the prompt + max_tokens past the context length, the
+    prompt alone) names the field the client sent (max_completion_tokens, /generate's max_new_tokens, messages), as
+    checked() does."""
     try:
         yield
     except ApiError as exc:
