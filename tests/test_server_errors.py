@@ -257,6 +257,9 @@ def test_queue_full_is_503(server: ServerProcess, client: openai.OpenAI, model: 
     ("/generate", {"model": None, "text": "a", "sampling_params": {"max_new_tokens": 2}, "return_logprob": True,
                    "logprob_start_len": -2}, "logprob_start_len", "logprob_start_len: Input should be greater than or "
                                                                    "equal to -1"),
+    # past the prompt's end it answered an empty list (SGLang's: a 400)
+    ("/generate", {"model": None, "input_ids": [5, 6, 7], "return_logprob": True, "logprob_start_len": 4},
+     "logprob_start_len", "logprob_start_len (4) is past the end of the prompt (3 tokens): it can be at most 3"),
 ])
 def test_sampling_errors_name_the_field_the_client_sent(server: ServerProcess, model: str, path: str, changes: dict,
                                                        param: str, words: str) -> None:
@@ -266,6 +269,18 @@ def test_sampling_errors_name_the_field_the_client_sent(server: ServerProcess, m
     body.update(changes)
     err = post(server, path, {k: v for k, v in body.items() if v is not None}).json()["error"]
     assert (err["param"], err["message"].startswith(words)) == (param, True), err
+
+
+def test_logprob_start_len_at_the_prompts_end_scores_none_of_it(server: ServerProcess) -> None:
+    """SGLang's: a start at the prompt's end asks for none of its log-probabilities (clients scoring only the output
+    send it), a start before it for those from there on."""
+    def prompt_logprobs(start: int) -> list:
+        body = {"input_ids": [5, 6, 7], "return_logprob": True, "logprob_start_len": start,
+                "sampling_params": {"max_new_tokens": 2, "temperature": 0}}
+        r = post(server, "/generate", body)
+        assert r.status_code == 200 and len(r.json()["meta_info"]["output_token_logprobs"]) == 2, r.text
+        return r.json()["meta_info"]["input_token_logprobs"]
+    assert prompt_logprobs(3) == [] and [e[1] for e in prompt_logprobs(2)] == [7]
 
 
 def test_a_body_without_a_json_content_type_is_named_so(server: ServerProcess) -> None:

@@ -40,7 +40,8 @@ class GenerateRequest(Bootstrap):
     routed_dp_rank: int | None = None
     return_logprob: bool = False
     top_logprobs_num: int = Field(0, ge=0, le=20)
-    # >= 0 with return_logprob: also the prompt's token log-probabilities from there; -1 (SGLang's default): none
+    # >= 0 with return_logprob: also the prompt's token log-probabilities from there (its length: none of them,
+    # past it: a 400); -1 (SGLang's default): none
     logprob_start_len: int = Field(-1, ge=-1)
     return_text_in_logprobs: bool = False  # each (logprob, token id, text) entry carries its token's text
 

@@ -122,7 +122,21 @@ async def _generate_prompts(serving: OpenAIServing, body: native.GenerateRequest
     rids = body.rid if isinstance(body.rid, list) else None
     if rids is not None and len(rids) != len(prompts):
         raise bad_request(f"{len(rids)} rid for {len(prompts)} prompts", param="rid")
+    _check_logprob_start(body, prompts)
     return prompts, rids
+
+
+def _check_logprob_start(body: native.GenerateRequest, prompts: list[list[int]]) -> None:
+    """The prompt's log-probabilities start at a position it has, or at its end: none of them (an empty
+    input_token_logprobs, what clients scoring only the output send: SGLang's rule). Past the end is a 400, as
+    SGLang's (it was an empty list, silently)."""
+    if not body.return_logprob:
+        return
+    for i, ids in enumerate(prompts):
+        if body.logprob_start_len > len(ids):
+            which = f"prompt {i} of the batch" if len(prompts) > 1 else "the prompt"
+            raise bad_request(f"logprob_start_len ({body.logprob_start_len}) is past the end of {which} ({len(ids)} "
+                              f"tokens): it can be at most {len(ids)}", param="logprob_start_len")
 
 
 async def generate_stream(serving: OpenAIServing, handles: list[RequestHandle], body: native.GenerateRequest,
