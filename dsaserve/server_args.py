@@ -90,6 +90,8 @@ class ServerArgs:
     speculative_eagle_topk: int | None = _opt(None, "drafts per draft step (only 1 is supported)")
     speculative_num_draft_tokens: int | None = _opt(None, "tokens per verify step, S + 1 (the only value "
                                                           "supported with topk 1)")
+    chat_template: str | None = _opt(None, "a Jinja chat template file that replaces the tokenizer's own (its chat "
+                                           "format is then that template's, as --tokenizer-mode hf)")
     tokenizer_mode: str = _opt("auto", "chat encoding: auto (the tokenizer's chat template; DeepSeek-V3.2's "
                                        "published encoding for a deepseek_v32 model without one), hf, deepseek_v32")
     reasoning_parser: str | None = _opt(None, "split reasoning into reasoning_content: deepseek-v3 or glm45 "
@@ -267,9 +269,13 @@ def _chat_problems(args: ServerArgs) -> list[str]:
     from dsaserve.chat.render import TOKENIZER_MODES
     choices = [("tokenizer_mode", TOKENIZER_MODES, False), ("reasoning_parser", REASONING_PARSERS, True),
                ("tool_call_parser", TOOL_CALL_PARSERS, True), ("grammar_backend", ("llguidance", "none"), False)]
-    return [f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(args, name)!r}"
-            for name, allowed, optional in choices
-            if getattr(args, name) not in allowed and not (optional and getattr(args, name) is None)]
+    problems = [f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(args, name)!r}"
+                for name, allowed, optional in choices
+                if getattr(args, name) not in allowed and not (optional and getattr(args, name) is None)]
+    if args.chat_template is not None and args.tokenizer_mode == "deepseek_v32":
+        problems.append("--chat-template replaces the tokenizer's template, and --tokenizer-mode deepseek_v32 uses "
+                        "DeepSeek-V3.2's published encoding instead of any template: give one of them")
+    return problems
 
 
 def _disaggregation_problems(args: ServerArgs) -> list[str]:

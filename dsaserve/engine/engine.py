@@ -18,7 +18,7 @@ from dsaserve.chat.grammar import commit_tokens
 from dsaserve.engine import compiles, lockstep
 from dsaserve.engine.acceptance import accept
 from dsaserve.engine.grammar_compile import GrammarCompiler
-from dsaserve.engine.layout import IN_FLIGHT, StepMode, StepPlan
+from dsaserve.engine.layout import StepMode, StepPlan
 from dsaserve.engine.model_runner import ModelRunner, StepShape
 from dsaserve.engine.overlap import InFlight, Overlap, input_ids
 from dsaserve.engine.request import (DisaggRoute, FinishReason, Request, RequestError, RequestOutput,
@@ -54,7 +54,7 @@ class Engine:
         self.model_path = args.model_path or str(default_model_path())
         self.args, self.par = args, par or Parallel()
         compiles.starting()  # counted from the start (EngineStats.kernel_compiles)
-        self.tokenizer = Tokenizer(self.model_path)  # before the weights: a broken tokenizer fails in seconds
+        self.tokenizer = Tokenizer(self.model_path, args.chat_template)  # before the weights: fails in seconds
         self.runner = ModelRunner(args, self.model_path, progress=progress, par=self.par)
         self.cfg = self.runner.cfg
         if self.par.cfg.rank == 0 and not self.tokenizer.chat_format(args.tokenizer_mode).available:

@@ -11,14 +11,32 @@ if TYPE_CHECKING:
     from dsaserve.chat.render import ChatFormat
 
 
+def read_chat_template(path: str | Path) -> str:
+    """The text of a --chat-template file, checked to be a Jinja template (ValueError naming the file)."""
+    import jinja2
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"--chat-template {path}: cannot read it as a UTF-8 text file: {exc}") from None
+    try:
+        jinja2.Environment().parse(text)
+    except jinja2.TemplateSyntaxError as exc:
+        raise ValueError(f"--chat-template {path}: not a valid Jinja template: {exc.message} "
+                         f"(line {exc.lineno})") from None
+    return text
+
+
 class Tokenizer:
-    def __init__(self, model_path: str | Path):
+    def __init__(self, model_path: str | Path, chat_template: str | Path | None = None):
+        """chat_template: a --chat-template file, which replaces the tokenizer's template."""
         from transformers import AutoTokenizer
         self.path = str(model_path)
         try:
             self.hf = AutoTokenizer.from_pretrained(self.path)
         except Exception as exc:  # transformers' messages rarely name the folder or the file
             raise ValueError(f"cannot load the tokenizer in {self.path}: {type(exc).__name__}: {exc}") from None
+        if chat_template is not None:
+            self.hf.chat_template = read_chat_template(chat_template)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """add_special_tokens: the tokenizer's own around the text (a BOS token on DeepSeek-V3.2's)."""

@@ -101,7 +101,8 @@ class Frontend:
         """Start the ranks and wait until every leader has loaded its engine (StartupError if not)."""
         self.ranks.start()
         # The tokenizer loads while the ranks load their engines (seconds each; the model path is resolved).
-        tokenizer = asyncio.get_running_loop().run_in_executor(self._tokenize_pool, Tokenizer, self.args.model_path)
+        tokenizer = asyncio.get_running_loop().run_in_executor(self._tokenize_pool, Tokenizer, self.args.model_path,
+                                                                  self.args.chat_template)
         try:
             for link in self.links:
                 self.info = link.info = await self._wait_ready(link)

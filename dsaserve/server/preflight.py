@@ -8,6 +8,7 @@ import socket
 from pathlib import Path
 
 from dsaserve.config import ConfigError, ModelConfig
+from dsaserve.engine.tokenizer import read_chat_template
 from dsaserve.model.checkpoint import Checkpoint, default_model_path
 from dsaserve.server_args import ServerArgs, split_host_port
 
@@ -19,6 +20,9 @@ def checked_args(args: ServerArgs) -> ServerArgs:
     where none is given, resolved once here), after check_model."""
     if args.model_path is None:
         args = args.replace(model_path=str(default_model_path()))
+    if args.chat_template is not None:  # read by every process that renders chats: one absolute path
+        read_chat_template(args.chat_template)
+        args = args.replace(chat_template=str(Path(args.chat_template).resolve()))
     check_model(args)
     return args
 
