@@ -32,7 +32,7 @@ def llm(tiny_ds: str) -> LLM:
     ([7, 8], SamplingParams(max_tokens=-3), "max_tokens must be > 0"),
     ([7, 8], SamplingParams(top_p=0.0), "top_p"),
     ([7, 8], SamplingParams(temperature=-1.0), "temperature"),
-    ([7, 99999], OK, "token id 99999 is outside the vocabulary"),
+    ([7, 99999], OK, "the prompt has token id 99999, outside the vocabulary"),
     ([7, 8], SamplingParams(max_tokens=2.5), "max_tokens must be an integer or None, got 2.5"),
     ([7, 8], SamplingParams(temperature="0.5"), "temperature must be a number, got '0.5'"),
     ([7, 8], SamplingParams(top_k=True), "top_k must be an integer, got True"),

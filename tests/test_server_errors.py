@@ -69,7 +69,7 @@ BAD = [  # (path, body changes, status, words in the message)
     ("/v1/completions", {"n": 0}, 400, "n"),
     ("/v1/completions", {"logprobs": 50}, 400, "logprobs"),
     ("/v1/completions", {"temperature": "hot"}, 400, "temperature"),
-    ("/v1/completions", {"prompt": [5, 99999]}, 400, "token id 99999 is outside the vocabulary"),
+    ("/v1/completions", {"prompt": [5, 99999]}, 400, "token id 99999, outside the vocabulary"),
     ("/v1/completions", {"logit_bias": {"99999": 1}}, 400, "token id 99999 is outside the vocabulary"),
     ("/v1/completions", {"logit_bias": {"the": 1}}, 400, "logit_bias keys must be token ids, got 'the'"),
     ("/v1/completions", {"repetition_penalty": 0}, 400, "repetition_penalty must be in (0, 2]"),
@@ -246,6 +246,8 @@ def test_queue_full_is_503(server: ServerProcess, client: openai.OpenAI, model: 
     ("/generate", {"model": None, "input_ids": [7] * 130}, "input_ids", "the prompt has 130 tokens but the context"),
     ("/generate", {"model": None, "text": "hi " * 150}, "text", "the prompt has "),
     ("/v1/completions", {"logit_bias": {"99999": 1}}, "logit_bias", "logit_bias token id 99999 is outside the vocab"),
+    ("/v1/completions", {"prompt": [5, 99999]}, "prompt", "the prompt has token id 99999, outside the vocabulary"),
+    ("/generate", {"model": None, "input_ids": [5, 99999]}, "input_ids", "the prompt has token id 99999, outside the"),
     # int() read these as token ids (1_0 as 10); a key is the id in plain decimal digits
     *[("/v1/completions", {"logit_bias": {key: 5}}, "logit_bias", f"logit_bias keys must be token ids, got {key!r}")
       for key in ("1_0", " 7", "+7", "\u0663", "7\n")],
