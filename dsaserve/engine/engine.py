@@ -54,7 +54,8 @@ class Engine:
         self.model_path = args.model_path or str(default_model_path())
         self.args, self.par = args, par or Parallel()
         compiles.starting()  # counted from the start (EngineStats.kernel_compiles)
-        self.tokenizer = Tokenizer(self.model_path, args.chat_template)  # before the weights: fails in seconds
+        # Before the weights (fails in seconds). Chats render on rank 0 only: other nodes need no --chat-template file.
+        self.tokenizer = Tokenizer(self.model_path, args.chat_template if self.par.cfg.rank == 0 else None)
         self.runner = ModelRunner(args, self.model_path, progress=progress, par=self.par)
         self.cfg = self.runner.cfg
         if self.par.cfg.rank == 0 and not self.tokenizer.chat_format(args.tokenizer_mode).available:
