@@ -74,3 +74,20 @@ def test_shards_are_as_readable_as_the_rest_of_the_checkpoint(tmp_path: Path) ->
     index_mode = stat.S_IMODE((tmp_path / "model.safetensors.index.json").stat().st_mode)
     for shard in sorted(tmp_path.glob("*.safetensors")):
         assert stat.S_IMODE(shard.stat().st_mode) == index_mode, f"{shard.name}: {oct(shard.stat().st_mode)}"
+
+
+def test_the_callers_thread_count_is_restored(tmp_path: Path) -> None:
+    """train-tiny sets torch's thread count for reproducibility; run in-process (a test, a library call), it must
+    hand the caller's back, whether the run ends or is stopped."""
+    caller = torch.get_num_threads()
+    torch.set_num_threads(3)  # not the run's 1, nor a machine's default
+    try:
+        with pytest.raises(_Stop):
+            train_tiny(tmp_path / "out", preset="test", threads=1, log=_stop_at_first_line)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(caller)
+
+
+def _stop_at_first_line(line: str) -> None:
+    raise _Stop(line)

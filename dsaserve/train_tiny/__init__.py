@@ -81,8 +81,17 @@ def train_tiny(out: str | Path, preset: str = "shipped", seed: int = 0, threads:
         raise ValueError(f"unknown preset {preset!r}: choose from {', '.join(PRESETS)}")
     if threads < 1:  # torch.set_num_threads would raise a RuntimeError
         raise ValueError(f"--threads must be >= 1, got {threads}")
-    p, out, start, cpu = PRESETS[preset], checkpoint_folder(out), time.monotonic(), time.process_time()
+    p, out = PRESETS[preset], checkpoint_folder(out)
+    caller_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
+    try:
+        return _run(p, preset, out, seed, threads, log)
+    finally:
+        torch.set_num_threads(caller_threads)  # an in-process caller (a test, a library call) keeps its own
+
+
+def _run(p: Preset, preset: str, out: Path, seed: int, threads: int, log: Callable[[str], None]) -> dict[str, Any]:
+    start, cpu = time.monotonic(), time.process_time()
     torch.manual_seed(seed)
     # `out` is written only once the run is done: a run stopped midway (Ctrl-C while retraining the shipped
     # folder) must not leave a new tokenizer beside the old weights, a folder that loads and serves garbage.
