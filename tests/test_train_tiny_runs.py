@@ -1,12 +1,15 @@
 """`dsaserve train-tiny` as a command: what a long run shows while it runs, what a stopped run leaves, and who
 can read what it writes.
 
-Each test stops the toy-scale preset (`--preset test`) at its first line of output, so it takes seconds.
+Each test stops the toy-scale preset (`--preset test`) early, or runs it cut to one step a stage (`quick`), so
+it takes seconds.
 """
 from __future__ import annotations
 
 import io
 import shutil
+import dataclasses
+import json
 import stat
 import sys
 from pathlib import Path
@@ -17,7 +20,8 @@ import torch
 from dsaserve.cli import main
 from dsaserve.model.checkpoint import default_model_path
 from dsaserve.tiny import _save_sharded
-from dsaserve.train_tiny import train_tiny
+from dsaserve.train_tiny import PRESETS, train_tiny
+from dsaserve.train_tiny.recipe import Stage
 
 
 class _Stop(Exception):
@@ -91,3 +95,71 @@ def test_the_callers_thread_count_is_restored(tmp_path: Path) -> None:
 
 def _stop_at_first_line(line: str) -> None:
     raise _Stop(line)
+
+
+@pytest.fixture
+def quick(monkeypatch: pytest.MonkeyPatch) -> str:
+    """The test preset cut to one step a stage and one evaluation window: a whole run, export included, in ~4 s."""
+    p = PRESETS["test"]
+    monkeypatch.setitem(PRESETS, "test", dataclasses.replace(
+        p, stages=tuple(Stage(s.mode, 1, 1, s.seq_len) for s in p.stages), eval_windows=1))
+    return "test"
+
+
+def test_a_run_stopped_while_writing_leaves_the_folder_as_it_was(tmp_path: Path, quick: str,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stopped (a crash, Ctrl-C) after the new shards and config.json are written but before the rest: the folder
+    must still be the old checkpoint, not new weights beside the old tokenizer, and no partial folder is left."""
+    shipped, out = default_model_path(), tmp_path / "tiny-dsa"
+    shutil.copytree(shipped, out)
+    write_text = Path.write_text
+
+    def stop_at_generation_config(self: Path, data: str, *args: object, **kwargs: object) -> int:
+        if self.name == "generation_config.json":
+            raise _Stop(str(self))
+        return write_text(self, data, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "write_text", stop_at_generation_config)
+    with pytest.raises(_Stop):
+        train_tiny(out, preset=quick, log=lambda line: None)
+    for file in sorted(shipped.iterdir()):
+        assert (out / file.name).read_bytes() == file.read_bytes(), f"{file.name} was changed by the stopped run"
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]
+
+
+def test_a_finished_run_replaces_the_whole_folder(tmp_path: Path, quick: str) -> None:
+    """An old checkpoint's files the new one does not write (a special_tokens_map.json, which transformers' tokenizer
+    reads) go with it; the folder keeps its mode; nothing is left beside it."""
+    out = tmp_path / "tiny-dsa"
+    shutil.copytree(default_model_path(), out)
+    (out / "special_tokens_map.json").write_text("{}")
+    out.chmod(0o750)
+    train_tiny(out, preset=quick, log=lambda line: None)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in default_model_path().iterdir())
+    assert json.loads((out / "config.json").read_text()) == PRESETS[quick].config
+    assert stat.S_IMODE(out.stat().st_mode) == 0o750
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]
+
+
+def test_a_new_folder_follows_the_umask(tmp_path: Path, quick: str) -> None:
+    """The new folder is written under another name, then renamed: it must not keep a temporary folder's 0700."""
+    (tmp_path / "plain").mkdir()
+    train_tiny(tmp_path / "out", preset=quick, log=lambda line: None)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == stat.S_IMODE((tmp_path / "plain").stat().st_mode)
+
+
+def test_a_folder_holding_other_files_is_refused_before_training(tmp_path: Path) -> None:
+    """The folder is replaced as a whole: one holding anything but checkpoint files (a README, a home folder given
+    by mistake) is refused, before half an hour of training, and left as it was."""
+    (tmp_path / "README.md").write_text("mine")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="README.md, not checkpoint files"):
+        train_tiny(tmp_path, preset="test", log=_stop_at_first_line)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "config.json"]
+
+
+def test_the_working_folder_is_refused_before_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`train-tiny .` would replace the folder the shell is in, leaving it in a deleted one."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="run train-tiny from outside"):
+        train_tiny(".", preset="test", log=_stop_at_first_line)

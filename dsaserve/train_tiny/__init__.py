@@ -24,6 +24,7 @@ from dsaserve.train_tiny.corpus import build_corpus, token_stream
 from dsaserve.train_tiny.evaluate import report, samples
 from dsaserve.train_tiny.export import round_to_stored, write_checkpoint
 from dsaserve.train_tiny.model import TinyDSA
+from dsaserve.train_tiny.output import check_replaceable, replacing
 from dsaserve.train_tiny.recipe import Optim, Stage, train
 
 SHIPPED_CONFIG: dict[str, Any] = dict(
@@ -76,12 +77,15 @@ def print_now(line: str) -> None:
 
 def train_tiny(out: str | Path, preset: str = "shipped", seed: int = 0, threads: int = 2,
                log: Callable[[str], None] = print_now) -> dict[str, Any]:
-    """Train, then write the checkpoint and its report to `out` (untouched until then); returns the report."""
+    """Train, then replace the folder `out` by the checkpoint and its report (untouched until then); returns the
+    report. ValueError before training where `out` holds anything but checkpoint files (output.py)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}: choose from {', '.join(PRESETS)}")
     if threads < 1:  # torch.set_num_threads would raise a RuntimeError
         raise ValueError(f"--threads must be >= 1, got {threads}")
-    p, out = PRESETS[preset], checkpoint_folder(out)
+    # Resolved: a symlink's target is replaced rather than the link, and "." is seen to be the working folder.
+    p, out = PRESETS[preset], checkpoint_folder(out).resolve()
+    check_replaceable(out)
     caller_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -93,8 +97,9 @@ def train_tiny(out: str | Path, preset: str = "shipped", seed: int = 0, threads:
 def _run(p: Preset, preset: str, out: Path, seed: int, threads: int, log: Callable[[str], None]) -> dict[str, Any]:
     start, cpu = time.monotonic(), time.process_time()
     torch.manual_seed(seed)
-    # `out` is written only once the run is done: a run stopped midway (Ctrl-C while retraining the shipped
-    # folder) must not leave a new tokenizer beside the old weights, a folder that loads and serves garbage.
+    # `out` is replaced only once the run is done, as a whole (output.py): a run stopped midway or while writing
+    # (Ctrl-C while retraining the shipped folder) must not leave new weights beside an old tokenizer, a folder
+    # that loads and serves garbage.
     with tempfile.TemporaryDirectory(prefix="train-tiny-") as scratch:
         tok, train_ids, held_ids = _tokenized_corpus(p, Path(scratch), log)
         model = TinyDSA(ModelConfig.from_dict(p.config))
@@ -104,15 +109,17 @@ def _run(p: Preset, preset: str, out: Path, seed: int, threads: int, log: Callab
         log(f"evaluating on {held_ids.numel()} held-out tokens (contexts {', '.join(map(str, p.eval_contexts))})")
         measured = {**report(model, held_ids, p.eval_contexts, p.eval_windows),
                     "samples": samples(model, tok, SAMPLE_PROMPTS)}
-        size = write_checkpoint(model, p.config, out)
-        for name in TOKENIZER_FILES:
-            shutil.copyfile(Path(scratch) / name, out / name)
-    result = {"preset": preset, "seed": seed, "threads": threads, "python": platform.python_version(),
-              "torch": torch.__version__, "train_tokens": train_ids.numel(), "held_out_tokens": held_ids.numel(),
-              "parameters": sum(t.numel() for t in model.parameters()), "checkpoint_bytes": size,
-              "history": history.rows, **measured,
-              "seconds": round(time.monotonic() - start, 1), "cpu_seconds": round(time.process_time() - cpu, 1)}
-    (out / "training_report.json").write_text(json.dumps(result, indent=1) + "\n")
+        with replacing(out) as folder:
+            size = write_checkpoint(model, p.config, folder)
+            for name in TOKENIZER_FILES:
+                shutil.copyfile(Path(scratch) / name, folder / name)
+            result = {"preset": preset, "seed": seed, "threads": threads, "python": platform.python_version(),
+                      "torch": torch.__version__, "train_tokens": train_ids.numel(),
+                      "held_out_tokens": held_ids.numel(), "parameters": sum(t.numel() for t in model.parameters()),
+                      "checkpoint_bytes": size, "history": history.rows, **measured,
+                      "seconds": round(time.monotonic() - start, 1),
+                      "cpu_seconds": round(time.process_time() - cpu, 1)}
+            (folder / "training_report.json").write_text(json.dumps(result, indent=1) + "\n")
     _log_summary(result, out, log)
     return result
 

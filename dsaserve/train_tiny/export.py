@@ -77,8 +77,6 @@ def write_checkpoint(model: TinyDSA, config: dict[str, Any], out: Path, shards: 
     """config.json, generation_config.json and sharded safetensors; returns the bytes of tensors written."""
     out.mkdir(parents=True, exist_ok=True)
     tensors = official_tensors(model)
-    for old in out.glob("model-*.safetensors"):
-        old.unlink()  # a rerun with another shard count must not leave stale shards behind
     _save_sharded(out, tensors, shards=shards)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps(
