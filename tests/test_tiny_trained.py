@@ -1,6 +1,7 @@
 """The embedded default model (dsaserve/assets/tiny-dsa), trained by `dsaserve train-tiny`.
 
-* The training script runs end to end at toy scale (every stage, export, report) and learns.
+* The training script runs end to end at toy scale (every stage, export, report) and learns; transformers
+  loads each preset's config without a rope warning.
 * The shipped checkpoint equals transformers' DeepseekV32ForCausalLM like any other checkpoint
   (fp32 logits within LOGIT_TOL at prompts below and far above index_topk; greedy tokens equal).
 * MTP speculative decoding with one draft step accepts more than MTP_ACCEPT_FLOOR tokens per verify
@@ -13,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import platform
 from pathlib import Path
@@ -80,6 +82,31 @@ def test_training_script_runs_end_to_end_learns_and_reproduces(tmp_path) -> None
         expected = load_checkpoint(tmp_path / "model")(ids, "sparse").logits
         got = _oracle(str(tmp_path / "model"))(ids).logits
     assert (got - expected).abs().max().item() < LOGIT_TOL
+
+
+class _Warnings(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_transformers_loads_each_presets_config_without_a_rope_warning(preset: str, tmp_path: Path) -> None:
+    """transformers warns on every load of a YaRN config whose factor is not max_position_embeddings /
+    original_max_position_embeddings (the test preset's was 256 / 512 against a factor of 4)."""
+    (tmp_path / "config.json").write_text(json.dumps(PRESETS[preset].config))
+    logger, warnings, verbosity = logging.getLogger("transformers"), _Warnings(), transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_warning()  # _oracle silences transformers for the rest of the session
+    logger.addHandler(warnings)
+    try:
+        transformers.AutoConfig.from_pretrained(tmp_path)
+    finally:
+        logger.removeHandler(warnings)
+        transformers.logging.set_verbosity(verbosity)
+    assert not [m for m in warnings.messages if "rope" in m.lower()], warnings.messages
 
 
 def test_shipped_tokenizer_is_what_the_recipe_writes(shipped: str, tmp_path: Path) -> None:

@@ -61,10 +61,14 @@ PRESETS = {
                                        Stage("sparse", 140, 4, 512)),
                       Optim(), None, (128, 256, 512), 48, 25),
     # Seconds, for the test suite: every stage, the export and the report, at toy scale.
+    # YaRN's factor stays max_position_embeddings / original_max_position_embeddings, as transformers checks (it
+    # warns on every load of a config where they disagree).
     "test": Preset({**SHIPPED_CONFIG, "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
                     "moe_intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-                    "num_key_value_heads": 2, "q_lora_rank": 32, "kv_lora_rank": 32, "qk_nope_head_dim": 16, "v_head_dim": 16,
-                    "index_n_heads": 4, "index_head_dim": 32, "index_topk": 16, "max_position_embeddings": 256},
+                    "num_key_value_heads": 2, "q_lora_rank": 32, "kv_lora_rank": 32, "qk_nope_head_dim": 16,
+                    "v_head_dim": 16, "index_n_heads": 4, "index_head_dim": 32, "index_topk": 16,
+                    "max_position_embeddings": 256,
+                    "rope_scaling": {**SHIPPED_CONFIG["rope_scaling"], "original_max_position_embeddings": 64}},
                    (Stage("dense", 40, 8, 64), Stage("warmup", 15, 4, 64), Stage("sparse", 15, 4, 64)),
                    Optim(warmup_steps=5), 40, (64,), 8, 10),
 }
