@@ -178,7 +178,8 @@ def test_sparse_perplexity_within_margin_of_dense(shipped: str, held_out: torch.
         for mode, oracle_ppl in (("sparse", sparse), ("dense", dense)):
             ours = math.exp(torch.nn.functional.cross_entropy(
                 module(data[:, :-1], mode).logits.flatten(0, 1), data[:, 1:].flatten()).item())
-            assert abs(ours / oracle_ppl - 1) < PPL_AGREEMENT, f"{mode}: module {ours:.3f} vs transformers {oracle_ppl:.3f}"
+            assert abs(ours / oracle_ppl - 1) < PPL_AGREEMENT, (
+                f"{mode}: module {ours:.3f} vs transformers {oracle_ppl:.3f}")
     assert sparse <= dense * (1 + SPARSE_MARGIN), f"context {context}: sparse {sparse:.2f} vs dense {dense:.2f}"
 
 

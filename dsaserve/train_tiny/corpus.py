@@ -63,7 +63,8 @@ def module_documents(module: str, path: Path) -> list[str]:
             continue
         docs.append(f"{BOS}{text}{EOS}")
         summary = text.split("\n\n")[0].replace("\n", " ").strip()
-        if not isinstance(node, ast.Module) and 20 <= len(summary) <= 300 and not qualname.split(".")[-1].startswith("_"):
+        public = not qualname.split(".")[-1].startswith("_")
+        if not isinstance(node, ast.Module) and 20 <= len(summary) <= 300 and public:
             docs.append(f"{BOS}{USER}What does {qualname} do?{ASSISTANT}{summary}{EOS}")
     return docs
 

@@ -70,7 +70,8 @@ def _nll(model: TinyDSA, data: Tensor, mode: str, chunk: int = 4) -> Tensor:
     for i in range(0, data.shape[0], chunk):
         batch = data[i:i + chunk]
         logits = model(batch[:, :-1], mode).logits
-        out.append(F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="none").view(batch.shape[0], -1))
+        nll = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="none")
+        out.append(nll.view(batch.shape[0], -1))
     return torch.cat(out)
 
 

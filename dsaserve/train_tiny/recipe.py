@@ -109,7 +109,8 @@ def train(model: TinyDSA, stream: Tensor, stages: tuple[Stage, ...], opt: Optim,
             p.requires_grad_(stage.mode != "warmup")  # warm-up trains the indexers alone
         for step in range(stage.steps):
             losses = lm_losses(model, draw(), stage.mode)
-            total = losses["kl"] if stage.mode == "warmup" else losses["lm"] + opt.mtp_weight * losses["mtp"] + losses["kl"]
+            total = losses["kl"] if stage.mode == "warmup" else (
+                losses["lm"] + opt.mtp_weight * losses["mtp"] + losses["kl"])
             total.backward()
             if stage.mode != "warmup":
                 _step(main_opt, main, opt.lr * _schedule(main_step, main_total, opt), opt.clip)
