@@ -32,6 +32,7 @@ class Incoming:
     req: Request
     peer: str  # the prefill DP leader's control endpoint
     deadline: float
+    since: float  # when it came
     sent: bool = False  # the prefill server has this request's page ids
     done: dict[str, Any] | None = None  # its `done`, until the data is seen to have landed
     pages: list[int] = field(default_factory=list)  # an ended request's pages, held until no write can come
@@ -70,7 +71,7 @@ class DecodeSide(SideBase):
         self.engine.scheduler.check_fits(len(req.prompt_ids), req.max_new_tokens)
         self.engine.scheduler.check_queue(self.queued())
         waiting = any(not i.sent and self._live(i) for i in self.rooms.values())
-        self.rooms[room] = Incoming(req, req.disagg.prefill_control, self.deadlines.after())
+        self.rooms[room] = Incoming(req, req.disagg.prefill_control, self.deadlines.after(), self.deadlines.clock())
         if not waiting:  # arrival order: a request does not take pages before one that waits for them
             self._try_send(room, self.rooms[room])
 
@@ -171,6 +172,9 @@ class DecodeSide(SideBase):
                 self._send(inc.peer, {"kind": "cancel", "room": room, "reason": "timed out on the decode server"})
             where = "no KV cache from the prefill server" if inc.sent else "no free pages for the prompt"
             message = f"{where} within {self.deadlines.timeout_s:g} s"
+            if inc.done is not None and not ended and compiling(inc.req):  # (the cache came: not what it waited on)
+                message = (f"its output grammar was still compiling on the decode server after "
+                           f"{self.deadlines.clock() - inc.since:.1f} s")
             if inc.sent and inc.done is None and not inc.expired:
                 # A write the prefill server could not cancel may still land: the pages wait for its answer to
                 # the cancel (a write ends in `done` or `failed`), at most one more timeout.

@@ -44,9 +44,10 @@ class Dest:
 
 @dataclass
 class Pending:
-    """A request waiting for its decode server's pages (not in the scheduler yet)."""
+    """A request waiting for its decode server's pages (not in the scheduler yet), and for its grammar's compile."""
     req: Request
     deadline: float
+    since: float  # when it came
 
 
 @dataclass
@@ -91,6 +92,7 @@ class PrefillSide(SideBase):
         if self.out or any(room in self.dests and not compiling(p.req) for room, p in self.pending.items()):
             return 1  # a write in flight (NIXL progresses without a socket) or ready to start; one to admit
         waits = [p.deadline for p in self.pending.values()] + [d.expires for d in self.dests.values()]
+        waits += [d.received + d.window / 2 for room, d in self.dests.items() if room in self.pending]  # (compiling)
         return self.deadlines.ms_until(min(waits, default=None))
 
     def add(self, req: Request) -> None:
@@ -103,7 +105,7 @@ class PrefillSide(SideBase):
         # This server holds the prompt and its first token (and drafts) only: the decode server checks the rest.
         sched.check_fits(len(req.prompt_ids), req.max_new_tokens, cache_tokens=1)
         sched.check_queue(len(self.pending))
-        self.pending[room] = Pending(req, self.deadlines.after())
+        self.pending[room] = Pending(req, self.deadlines.after(), self.deadlines.clock())
 
     def after_step(self, accepted: dict[str, tuple]) -> None:
         """Requests that sampled their first token (and made their drafts) leave the batch to be sent."""
@@ -241,23 +243,37 @@ class PrefillSide(SideBase):
         return self.engine.end_request(req, reason) if req.rid in self.engine.requests else None
 
     def _admit(self) -> list[RequestOutput]:
-        """Pending requests whose dest came join the scheduler; those whose dest never came end."""
+        """Pending requests whose dest came join the scheduler once their grammar compiled; those whose dest never
+        came, or whose compile outlasts the time the dest's pages may be written in, end."""
         outputs = []
         for room, p in list(self.pending.items()):
-            if room in self.dests and not compiling(p.req):  # (the worker wakes when a compile ends)
+            dest = self.dests.get(room)
+            if dest is not None and not compiling(p.req):  # (the worker wakes when a compile ends)
                 del self.pending[room]
                 self.admitted[room] = self.dests.pop(room)
                 if (problem := compile_error(p.req)) is not None:  # (the decode server hears it: release)
                     outputs.append(self.engine.fail_request(p.req, f"the output constraint did not compile: {problem}"))
                 else:
                     self.engine.scheduler.add(p.req, checked=True)
+            elif dest is not None and (self.deadlines.passed(dest.received + dest.window / 2)
+                                       or self.deadlines.passed(p.deadline)):
+                # Still compiling: no write could start in time now (_start would refuse the pages as too old).
+                outputs.append(self._give_up(room, p, (
+                    f"its output grammar was still compiling on the prefill server after "
+                    f"{self.deadlines.clock() - p.since:.1f} s (the decode server's pages must be written within "
+                    f"{dest.window / 2:g} s of their arrival)")))
             elif self.deadlines.passed(p.deadline):
-                del self.pending[room]
-                message = (f"no decode server asked for bootstrap room {room} within {self.deadlines.timeout_s:g} s "
-                           f"(is the decode server up?)")
-                self._ended(room, message)  # page ids that come later (a busy decode pool) are answered at once
-                outputs.append(self.engine.end_request(p.req, FinishReason("error", message=message)))
+                outputs.append(self._give_up(room, p, (
+                    f"no decode server asked for bootstrap room {room} within {self.deadlines.timeout_s:g} s "
+                    f"(is the decode server up?)")))
         return outputs
+
+    def _give_up(self, room: int, p: Pending, message: str) -> RequestOutput:
+        """End a pending request; the decode server is told (page ids that come later, e.g. from a busy decode pool,
+        are answered at once)."""
+        del self.pending[room]
+        self._ended(room, message)
+        return self.engine.end_request(p.req, FinishReason("error", message=message))
 
     def _advance(self, room: int, o: Outgoing) -> RequestOutput | None:
         if o.handle is None:
