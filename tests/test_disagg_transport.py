@@ -1,0 +1,64 @@
+"""PD disaggregation's NIXL transport on its own: two real agents in one process (UCX over loopback, DRAM), each
+progressed only when the test says, as the engine's loop does (NIXL runs without its progress thread)."""
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Iterator
+
+import pytest
+import torch
+
+from dsaserve.disagg.pages import PageRun
+from dsaserve.disagg.transport import NixlTransport
+
+pytestmark = pytest.mark.timeout(120)
+PAGES, PAGE_BYTES = 8, 4096
+
+
+@contextlib.contextmanager
+def transport(fill: int) -> Iterator[NixlTransport]:
+    t = NixlTransport([torch.full((PAGES, PAGE_BYTES), fill, dtype=torch.uint8)], "test-rows")
+    try:
+        yield t
+    finally:
+        t.close()
+
+
+def test_nixl_cannot_stop_a_write_its_receiver_has_not_taken() -> None:
+    """A write to a receiver that makes no progress calls does not end; releasing its handle (what cancel() did,
+    returning True: stopped) succeeds, yet the data lands once the receiver progresses. So cancel() says it could
+    not stop the write, and the prefill side polls it until it ends instead of letting the decode server reuse the
+    pages under it."""
+    with transport(0xAB) as sender, transport(0) as receiver:
+        header, blob = receiver.descriptor()
+        handle = sender.write(header, blob, [PageRun(src=0, dst=2, length=3)], b"room-7;")
+        for _ in range(50):  # the receiver is idle: UCX connects and moves data only with its progress
+            assert not sender.poll(handle)
+        assert sender.cancel(handle) is False, "a write NIXL cannot stop was reported stopped"
+        deadline = time.monotonic() + 30  # (a liveness bound: it lands in milliseconds)
+        done = False
+        while not done and time.monotonic() < deadline:
+            receiver.progress()
+            done = sender.poll(handle)
+        assert done and receiver.arrived(sender.agent, b"room-7;")
+        rows = receiver.buffers[0]
+        assert bool((rows[2:5] == 0xAB).all()) and not rows[:2].any() and not rows[5:].any()
+
+
+def test_a_released_nixl_write_still_lands() -> None:
+    """Why cancel() cannot say stopped (NIXL 1.5.1): releasing a running write's handle succeeds, and the write
+    lands all the same once both agents progress. A NIXL that truly cancelled would fail this test: cancel() could
+    then release and return True again."""
+    with transport(0xCD) as sender, transport(0) as receiver:
+        header, blob = receiver.descriptor()
+        handle = sender.write(header, blob, [PageRun(src=1, dst=4, length=2)], b"room-8;")
+        assert not sender.poll(handle)
+        sender.nixl.release_xfer_handle(handle)  # no error: NIXL forgets the write
+        sender._writes.pop(handle)
+        rows = receiver.buffers[0]
+        deadline = time.monotonic() + 30  # (a liveness bound: it lands in milliseconds)
+        while not bool((rows[4:6] == 0xCD).all()) and time.monotonic() < deadline:
+            receiver.progress()
+            sender.progress()  # (progresses the sender's UCX worker too)
+        assert bool((rows[4:6] == 0xCD).all()) and not rows[:4].any() and not rows[6:].any()
