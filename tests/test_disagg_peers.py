@@ -164,3 +164,34 @@ def test_prefill_removes_the_nixl_agent_of_a_write_that_failed_to_start(
         pre.step()
         assert not pre.disagg.transport.nixl.check_remote_metadata(agent)
         assert_pools_whole(pre, dec)
+
+
+def test_prefill_removes_the_agent_of_a_write_its_idle_receiver_never_takes(
+        tiny_ds: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write runs until its receiver progresses, which a decode server that stopped stepping never does (real
+    NIXL, nothing patched but the clock). Past its time it is polled one more window (NIXL cannot stop it), then
+    given up on; its agent stays while it runs, and goes two timeouts after it was given up on, running or not
+    (it was kept for ever)."""
+    now = [0.0]
+    ids = prompts_ids(1, [9], seed=16)[0]
+    with engine(tiny_ds, "prefill", "nixl") as pre, engine(tiny_ds, "decode", "nixl") as dec:
+        side, nixl = pre.disagg, pre.disagg.transport.nixl
+        monkeypatch.setattr(side.deadlines, "clock", lambda: now[0])
+        pre.add_request("p", ids, GREEDY, DisaggRoute(42))
+        dec.add_request("d", ids, GREEDY, DisaggRoute(42, f"tcp://127.0.0.1:{side.port}"))  # its page ids go out
+        step_until((pre,), lambda f: 42 in side.out and side.out[42].handle is not None, 30)  # (dec: never again)
+        agent = dec.disagg.transport.agent
+        now[0] = TIMEOUT_S / 4 + 1  # past the write's time
+        pre.step()
+        assert 42 in side.out and side.out[42].draining is not None, "a write NIXL cannot stop was taken as stopped"
+        now[0] = 2 * TIMEOUT_S  # past the drain: given up on
+        finals = step_until((pre,), lambda f: "p" in f, 15)
+        assert finals["p"].finish.kind == "error" and 42 not in side.out
+        given_up = now[0]
+        now[0] = given_up + TIMEOUT_S + 1  # idle a timeout, but the write still runs
+        pre.step()
+        assert nixl.check_remote_metadata(agent) and agent in side.receivers
+        now[0] = given_up + 2 * TIMEOUT_S  # it still runs: removed all the same
+        pre.step()
+        assert not nixl.check_remote_metadata(agent) and not side.transport.remote_agents() and not side.receivers
+        assert_pools_whole(pre)

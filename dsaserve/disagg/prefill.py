@@ -10,7 +10,8 @@ server has the token. Every wait is bounded; a request that cannot be handed ove
 pages return to the pool and the decode server is told.
 
 The transport's metadata and connection per receiver (a decode leader's NIXL agent) go a timeout after the last
-write to it ended: a restarted decode server comes with a new agent, so the old ones would otherwise pile up.
+write to it ended (two after a write given up on that still runs): a restarted decode server comes with a new agent,
+so the old ones would otherwise pile up.
 """
 from __future__ import annotations
 
@@ -184,7 +185,9 @@ class PrefillSide(SideBase):
         for agent in self.transport.remote_agents():  # (also those added by a write that then failed to start)
             self.receivers.setdefault(agent, now)
         for agent in [a for a, t in self.receivers.items() if now - t >= self.deadlines.timeout_s]:
-            if self.transport.remove_remote(agent):
+            # A write given up on runs until its receiver progresses, which an idle or hung decode server never does:
+            # its agent goes a timeout later still (NIXL forgets the write; it may land either way, see cancel()).
+            if self.transport.remove_remote(agent, force=now - self.receivers[agent] >= 2 * self.deadlines.timeout_s):
                 del self.receivers[agent]
 
     def _on_message(self, ident: bytes, msg: dict[str, Any], blob: bytes) -> RequestOutput | None:

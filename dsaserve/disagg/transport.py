@@ -81,9 +81,10 @@ class KVTransport(ABC):
         """Sender side: the receivers this side holds metadata and connections for (write() adds them)."""
         return set()
 
-    def remove_remote(self, agent: str) -> bool:
+    def remove_remote(self, agent: str, force: bool = False) -> bool:
         """Sender side: forget a receiver (its next write adds it again from the page ids' blob). False while a
-        write to it may still run: also one the caller gave up on, released here once it has ended."""
+        write to it may still run: also one the caller gave up on, released here once it has ended; with `force`,
+        released and forgotten running (it may land all the same)."""
         return True
 
     @property
@@ -205,17 +206,22 @@ class NixlTransport(KVTransport):
     def remote_agents(self) -> set[str]:
         return set(self._remotes)
 
-    def remove_remote(self, agent: str) -> bool:
-        # Removing disconnects: first every write to it must have ended (a running one could not finish, nor
-        # its arrival notice reach the receiver). Handles left here are writes the caller gave up on: released
-        # once NIXL says they ended (trying to release a running one would only warn each poll).
+    def remove_remote(self, agent: str, force: bool = False) -> bool:
+        # Removing disconnects: every write to it must have ended first (a live one's arrival notice would be lost).
+        # Handles left here are writes the caller gave up on (no request waits for them), released once NIXL says
+        # they ended. One runs until its receiver progresses, which an idle or stopped receiver may never do: `force`
+        # releases it anyway (NIXL forgets it; as measured in cancel(), it may land all the same).
+        running = 0
         for handle in [h for h, a in self._writes.items() if a == agent]:
             try:
-                running = self.nixl.check_xfer_state(handle) == "PROC"
+                runs = self.nixl.check_xfer_state(handle) == "PROC"
             except Exception:  # it failed: ended
-                running = False
-            if running or not self._release(handle):
+                runs = False
+            if (runs and not force) or not self._release(handle):
                 return False
+            running += runs
+        if running:
+            log.warning("NIXL remote agent %s removed under %d write(s) given up on and still running", agent, running)
         if agent in self._remotes:
             try:
                 self.nixl.remove_remote_agent(agent)
