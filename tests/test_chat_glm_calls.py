@@ -16,7 +16,8 @@ from dsaserve.chat.parsers import GlmToolParser, OutputParser, Parsed, Reasoning
 from dsaserve.engine.request import FinishReason, SamplingParams
 from dsaserve.server import protocol as p
 from dsaserve.server.handles import Delta, RequestHandle
-from dsaserve.server.openai_api import Call, OpenAIServing
+from dsaserve.server.openai_answers import Call, chat_answer
+from dsaserve.server.openai_api import OpenAIServing
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}},
@@ -94,8 +95,9 @@ def _serving_call(handles: list[RequestHandle]) -> tuple[OpenAIServing, Call]:
 
 
 def test_only_calls_give_null_content() -> None:
-    serving, call = _serving_call([])
-    out = serving._chat(call, [Delta(REPLY, [1], finish=FinishReason("stop"), completion_tokens=1)])
+    _, call = _serving_call([])
+    done = Delta(REPLY, [1], finish=FinishReason("stop"), completion_tokens=1)
+    out = chat_answer(None, "m", call, [done])  # type: ignore[arg-type]  (no log-probabilities: no tokenizer)
     message = out.choices[0].message
     assert message.content is None and out.choices[0].finish_reason == "tool_calls"
     assert [c.function.name for c in message.tool_calls or []] == ["get_weather", "get_time"]
