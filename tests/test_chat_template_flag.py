@@ -72,3 +72,15 @@ def test_bad_template_files_stop_the_launch(tiny_ds: str, tmp_path: Path, capsys
     monkeypatch.chdir(tmp_path)  # a relative path reaches the ranks as an absolute one
     args = checked_args(ServerArgs(model_path=tiny_ds, chat_template="good.jinja"))
     assert args.chat_template == str(good.resolve())
+
+
+def test_other_nodes_start_without_the_template_file(tiny_ds: str, tmp_path: Path) -> None:
+    """Chats render on rank 0 (node 0) only: a node of a multi-node launch whose machine lacks the file, or holds
+    it at another path, still passes the launch checks (they read the file on node 0 only)."""
+    from dsaserve.server.preflight import checked_args
+    from dsaserve.server_args import ServerArgs
+    missing = str(tmp_path / "only-on-node-0.jinja")
+    nodes = dict(model_path=tiny_ds, chat_template=missing, tp=2, nnodes=2, dist_init_addr="127.0.0.1:29999")
+    assert checked_args(ServerArgs(node_rank=1, **nodes)).chat_template == missing
+    with pytest.raises(ValueError, match="cannot read it as a UTF-8 text file"):
+        checked_args(ServerArgs(node_rank=0, **nodes))

@@ -20,7 +20,8 @@ def checked_args(args: ServerArgs) -> ServerArgs:
     where none is given, resolved once here), after check_model."""
     if args.model_path is None:
         args = args.replace(model_path=str(default_model_path()))
-    if args.chat_template is not None:  # read by every process that renders chats: one absolute path
+    # Chats render on rank 0 only (node 0's frontend or offline engine): other nodes never open the file.
+    if args.chat_template is not None and args.node_rank == 0:  # one absolute path for the processes that read it
         read_chat_template(args.chat_template)
         args = args.replace(chat_template=str(Path(args.chat_template).resolve()))
     check_model(args)
