@@ -6,10 +6,10 @@ it takes seconds.
 """
 from __future__ import annotations
 
-import io
-import shutil
 import dataclasses
+import io
 import json
+import shutil
 import stat
 import sys
 from pathlib import Path
@@ -156,6 +156,15 @@ def test_a_folder_holding_other_files_is_refused_before_training(tmp_path: Path)
     with pytest.raises(ValueError, match="README.md, not checkpoint files"):
         train_tiny(tmp_path, preset="test", log=_stop_at_first_line)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "config.json"]
+
+
+def test_a_folder_that_is_no_train_tiny_output_is_refused_before_training(tmp_path: Path) -> None:
+    """JSON files of one's own (or a downloaded checkpoint) pass the file-name check, but the folder is deleted as a
+    whole: without train-tiny's report it is refused, and left as it was."""
+    (tmp_path / "notes.json").write_text("{}")
+    with pytest.raises(ValueError, match="is not a train-tiny output"):
+        train_tiny(tmp_path, preset="test", log=_stop_at_first_line)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.json"]
 
 
 def test_the_working_folder_is_refused_before_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -24,7 +24,7 @@ from dsaserve.train_tiny.corpus import build_corpus, token_stream
 from dsaserve.train_tiny.evaluate import report, samples
 from dsaserve.train_tiny.export import round_to_stored, write_checkpoint
 from dsaserve.train_tiny.model import TinyDSA
-from dsaserve.train_tiny.output import check_replaceable, replacing
+from dsaserve.train_tiny.output import REPORT, check_replaceable, replacing
 from dsaserve.train_tiny.recipe import Optim, Stage, train
 
 SHIPPED_CONFIG: dict[str, Any] = dict(
@@ -123,7 +123,7 @@ def _run(p: Preset, preset: str, out: Path, seed: int, threads: int, log: Callab
                       "checkpoint_bytes": size, "history": history.rows, **measured,
                       "seconds": round(time.monotonic() - start, 1),
                       "cpu_seconds": round(time.process_time() - cpu, 1)}
-            (folder / "training_report.json").write_text(json.dumps(result, indent=1) + "\n")
+            (folder / REPORT).write_text(json.dumps(result, indent=1) + "\n")
     _log_summary(result, out, log)
     return result
 

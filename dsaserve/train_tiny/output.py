@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterator
 
 CHECKPOINT_SUFFIXES = (".json", ".safetensors")  # config, tokenizer, index, report; shards
+REPORT = "training_report.json"  # every train-tiny output has it (the shipped folder too)
 
 
 def check_replaceable(out: Path) -> None:
@@ -22,10 +23,14 @@ def check_replaceable(out: Path) -> None:
     is deleted with them: a README beside them, or a home folder given by mistake, must not be), is not the working
     folder or above it, and its parent is writable (the new folder is made there). Checked before training too, so
     a bad folder costs seconds, not half an hour."""
-    others = sorted(e.name for e in out.iterdir() if not (e.is_file() and e.name.endswith(CHECKPOINT_SUFFIXES)))
+    entries = list(out.iterdir())
+    others = sorted(e.name for e in entries if not (e.is_file() and e.name.endswith(CHECKPOINT_SUFFIXES)))
     if others:
         raise ValueError(f"{out} holds {', '.join(others[:5])}{', ...' if len(others) > 5 else ''}, not "
                          f"checkpoint files: train-tiny replaces the whole folder; move them or choose another")
+    if entries and not (out / REPORT).is_file():  # JSON files of one's own, or a downloaded checkpoint, stay
+        raise ValueError(f"{out} is not a train-tiny output (no {REPORT}): train-tiny replaces the whole folder; "
+                         f"give an empty or new folder, or a train-tiny output")
     if out == Path.cwd() or out in Path.cwd().parents:  # the shell would be left in the old, deleted folder
         raise ValueError(f"run train-tiny from outside {out}: it replaces that folder")
     if not os.access(out.parent, os.W_OK | os.X_OK):
