@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         return _router(argparse.Namespace(router_args=argv[1:]))
     ns, unknown = parser.parse_known_args(argv)
     if unknown:  # SGLang launch lines: say what to use instead of its flags that dsaserve does not take
-        lines, all_sglang = sglang_flags.guidance(unknown)
+        takes_server_flags = ns.command in ("serve", "generate", "plan") or getattr(ns, "bench", "") == "one-batch"
+        lines, all_sglang = sglang_flags.guidance(unknown) if takes_server_flags else ([], False)
         for line in lines:
             print(f"error: {line}", file=sys.stderr)
         if not all_sglang:

@@ -226,6 +226,10 @@ def test_sglang_flags_with_another_meaning_here(capsys: pytest.CaptureFixture) -
     err = capsys.readouterr().err
     assert "--max-prefill-tokens is an SGLang flag" in err and "--chunked-prefill-size" in err
     assert "unrecognized arguments: --max-prefill-tokens 16384 --no-such-flag" in err
+    with pytest.raises(SystemExit):  # not a server's command line: argparse's own words only
+        main(["make-tiny-model", "out", "--quantization", "fp8"])
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --quantization fp8" in err and "SGLang" not in err
 
 
 def test_bench_one_batch_sizes_are_checked_first(tiny_ds: str, capsys: pytest.CaptureFixture) -> None:
