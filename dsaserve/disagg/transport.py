@@ -186,7 +186,7 @@ class NixlTransport(KVTransport):
             self.nixl.release_xfer_handle(handle)
             self._writes.pop(handle, None)
             return True
-        except Exception:  # an active transfer that cannot be cancelled: NIXL keeps the handle
+        except Exception:  # (NIXL 1.5.1's UCX backend always releases, see cancel(); another may refuse and keep it)
             log.warning("NIXL could not release a transfer handle", exc_info=True)
             return False
 
