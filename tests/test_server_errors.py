@@ -262,6 +262,11 @@ def test_queue_full_is_503(server: ServerProcess, client: openai.OpenAI, model: 
     # past the prompt's end it answered an empty list (SGLang's: a 400)
     ("/generate", {"model": None, "input_ids": [5, 6, 7], "return_logprob": True, "logprob_start_len": 4},
      "logprob_start_len", "logprob_start_len (4) is past the end of the prompt (3 tokens): it can be at most 3"),
+    # rules between two fields name the one that breaks them (param was null: the rule was the body's)
+    ("/v1/completions", {"best_of": 3}, "best_of", "best_of: Value error, best_of must equal n (1)"),
+    ("/v1/completions", {"stream_options": {"include_usage": True}}, "stream_options",
+     "stream_options: Value error, stream_options needs stream: true"),
+    ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs", "top_logprobs: Value error, top_logprobs needs"),
 ])
 def test_sampling_errors_name_the_field_the_client_sent(server: ServerProcess, model: str, path: str, changes: dict,
                                                        param: str, words: str) -> None:

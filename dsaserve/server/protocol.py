@@ -4,7 +4,8 @@ from __future__ import annotations
 import time
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_serializer, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, field_validator, model_serializer,
+                      model_validator)
 from pydantic.fields import FieldInfo
 
 TokenIds = list[StrictInt]  # token ids in requests: JSON integers only (true or 2.0 is not a token id)
@@ -73,11 +74,14 @@ class SamplingFields(Bootstrap):
     regex: str | None = None
     ebnf: str | None = None
 
-    @model_validator(mode="after")
-    def _stream_options_need_stream(self) -> SamplingFields:
-        if self.stream_options is not None and not self.stream:
+    # Rules between two fields are field validators of the later one (it sees the earlier in info.data), so that
+    # an error's param names the field that breaks the rule instead of the body.
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options_need_stream(cls, options: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if options is not None and not info.data.get("stream", False):
             raise ValueError("stream_options needs stream: true (OpenAI's rule)")
-        return self
+        return options
 
 
 class CompletionRequest(SamplingFields):
@@ -102,11 +106,13 @@ class CompletionRequest(SamplingFields):
         one = isinstance(self.prompt, str) or not self.prompt or isinstance(self.prompt[0], int)
         return 1 if one else len(self.prompt)
 
-    @model_validator(mode="after")
-    def _best_of_is_n(self) -> CompletionRequest:
-        if self.best_of is not None and self.best_of != self.n:
-            raise ValueError(f"best_of must equal n ({self.n}): candidates are not ranked, got {self.best_of}")
-        return self
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_is_n(cls, best_of: int | None, info: ValidationInfo) -> int | None:
+        n = info.data.get("n")  # (absent when n itself was refused)
+        if best_of is not None and n is not None and best_of != n:
+            raise ValueError(f"best_of must equal n ({n}): candidates are not ranked, got {best_of}")
+        return best_of
 
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -171,11 +177,12 @@ class ChatCompletionRequest(ChatInput, SamplingFields):
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None  # false: at most one call (the grammar, or the first parsed)
 
-    @model_validator(mode="after")
-    def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
-        if self.top_logprobs and not self.logprobs:  # silently no log-probabilities would surprise
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, top_logprobs: int | None, info: ValidationInfo) -> int | None:
+        if top_logprobs and not info.data.get("logprobs", False):  # silently no log-probabilities would surprise
             raise ValueError("top_logprobs needs logprobs: true")
-        return self
+        return top_logprobs
 
 
 class TokenizeRequest(ClientBody):
