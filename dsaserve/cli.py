@@ -60,7 +60,7 @@ def _router(ns: argparse.Namespace) -> int:
     if importlib.util.find_spec("sglang_router") is None:
         print("error: dsaserve router needs sglang-router: pip install sglang-router", file=sys.stderr)
         return 2
-    wrong = [] if "--help" in ns.router_args or "-h" in ns.router_args else router_flags.problems(ns.router_args)
+    wrong = router_flags.problems(ns.router_args)
     if wrong:
         print(f"error: {'; '.join(wrong)}", file=sys.stderr)
         return 2

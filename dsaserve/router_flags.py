@@ -54,9 +54,14 @@ def http_url_problem(flag: str, url: str) -> str | None:
     return None if ok else f"{flag} takes http(s)://host:port URLs (dsaserve servers speak HTTP), got {url!r}"
 
 
+def _asks_for_help(argv: list[str]) -> bool:
+    """--help / -h: sglang-router prints its usage and starts nothing, so there is nothing to check or warn about."""
+    return "--help" in argv or "-h" in argv
+
+
 def problems(argv: list[str]) -> list[str]:
     """What is wrong with sglang-router arguments `argv` (only the flags read here; the rest it checks)."""
-    ns = _parse(argv)
+    ns = None if _asks_for_help(argv) else _parse(argv)
     if ns is None:
         return []
     found = [_port_problem("--port", ns.port), _port_problem("--prometheus-port", ns.prometheus_port)]
@@ -85,7 +90,7 @@ def problems(argv: list[str]) -> list[str]:
 def notices(argv: list[str]) -> list[str]:
     """What is legal but likely not meant: a router that starts without its servers (a PD router without its
     prefill or decode servers, a plain one without --worker-urls)."""
-    ns = _parse(argv)
+    ns = None if _asks_for_help(argv) else _parse(argv)
     if ns is None or ns.service_discovery or ns.enable_igw:
         return []
     if not ns.pd_disaggregation:

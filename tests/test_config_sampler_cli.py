@@ -396,7 +396,7 @@ def test_the_router_listens_on_loopback_unless_told() -> None:
     assert [problems(argv) for argv in valid] == [[]] * len(valid)  # (a bare --port: sglang-router's to say)
     assert notices(["--port", "1"]) == [
         "no --worker-urls: the router starts without workers (add servers through its /workers API)"]
-    assert notices(["--service-discovery"]) == []
+    assert notices(["--service-discovery"]) == [] and notices(["--help"]) == [] == problems(["-h", "--port", "0"])
     assert notices(["--pd-disaggregation", "--decode", "http://127.0.0.1:2"]) == [
         "--pd-disaggregation without a --prefill or a --decode server: the router starts without it (add servers "
         "through its /workers API)"]
