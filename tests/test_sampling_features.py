@@ -138,6 +138,25 @@ def test_min_tokens_never_breaks_a_grammar(tiny_ds: str) -> None:
         assert isinstance(json.loads(out.text)["n"], bool) and out.finish_reason.kind == "stop"
 
 
+@pytest.mark.parametrize("steps", [0, 2])
+def test_a_complete_grammar_ends_the_request_despite_ignore_eos(steps: int, tiny_ds: str) -> None:
+    """ignore_eos with a grammar: once the grammar is complete it allows only EOS, and that EOS ends the request
+    (SGLang's rule); it went on with EOS after EOS up to max_tokens (their text kept with special tokens shown,
+    so no longer the JSON asked for). With and without MTP (a run of accepted drafts)."""
+    from dsaserve.chat.grammar import checked_spec, json_grammar
+    schema = {"type": "object", "properties": {"n": {"type": "boolean"}}, "required": ["n"],
+              "additionalProperties": False}
+    grammar = checked_spec(json_grammar(schema), tiny_ds, (1,))
+    spec = dict(speculative_algorithm="NEXTN", speculative_num_steps=steps) if steps else {}
+    llm = LLM(tiny_ds, max_total_tokens=2048, **spec)
+    for temperature, skip in ((0.0, True), (0.9, False)):
+        out = llm.generate(prompts_ids(1, [6], seed=8)[0], SamplingParams(
+            max_tokens=40, temperature=temperature, seed=2, ignore_eos=True, grammar=grammar,
+            skip_special_tokens=skip))[0]
+        assert out.finish_reason.kind == "stop" and out.token_ids.count(1) == 1 and out.token_ids[-1] == 1
+        assert isinstance(json.loads(out.text)["n"], bool)
+
+
 def test_a_stop_string_of_multibyte_characters_is_found(tiny_ds: str) -> None:
     """The tokens that spell a stop string can outnumber its characters (the tiny model's byte-level tokens spell
     an emoji in four): fed token by token, the output stops at the string, not past it. (The window searched was

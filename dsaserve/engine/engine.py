@@ -351,12 +351,15 @@ class Engine:
         hands_over = req.disagg is not None and self.args.disaggregation_mode == "prefill"
         new, reason = [], None
         for token in tokens:
+            # a complete grammar allows only EOS: that token ends the request even with ignore_eos (as SGLang)
+            done = req.grammar is not None and req.grammar.is_terminated
             req.output_ids.append(token)
             new.append(token)
-            reason = None if hands_over else stop_reason(req, token, self.tokenizer, self.eos_ids, self.context_length)
+            commit_tokens(req, [token])
+            reason = None if hands_over else stop_reason(req, token, self.tokenizer, self.eos_ids, self.context_length,
+                                                         grammar_done=done)
             if reason is not None:
                 break
-        commit_tokens(req, new)
         if reason is None and req.grammar is not None and req.grammar.error is not None:
             reason = FinishReason("error", message=f"the output constraint failed: {req.grammar.error}",
                                   client_error=True)  # (llguidance gave up, e.g. a lexer limit: not a silent stop)

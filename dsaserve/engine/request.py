@@ -275,12 +275,13 @@ def _shown_tail(ids: list[int], count: int, special: frozenset[int]) -> list[int
 
 
 def stop_reason(req: Request, token: int, tokenizer: Tokenizer, eos_ids: frozenset[int],
-                context_length: int) -> FinishReason | None:
+                context_length: int, grammar_done: bool = False) -> FinishReason | None:
     """Why `req` stops after its newest token `token` (already in output_ids), or None: a stop token or EOS, a
     stop string (req.stop_text: the text up to it, or through it with include_stop_str; a stop token's text is
-    left out too, as vLLM and SGLang do), its length."""
+    left out too, as vLLM and SGLang do), its length. `grammar_done`: the request's grammar was complete before
+    `token` (it allows only EOS then): the token ends it as EOS does, ignore_eos or not."""
     p = req.params
-    if token in p.stop_token_ids or (not p.ignore_eos and token in eos_ids):
+    if grammar_done or token in p.stop_token_ids or (not p.ignore_eos and token in eos_ids):
         if not p.include_stop_str and (not p.skip_special_tokens or token not in tokenizer.special_ids):
             req.stop_text = tokenizer.decode(req.output_ids[:-1], p.skip_special_tokens)  # its text shows: cut it
         return FinishReason("stop", matched=token)
