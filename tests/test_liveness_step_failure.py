@@ -165,10 +165,10 @@ def test_a_request_whose_tokens_cannot_be_committed_ends_alone(tiny_ds: str, ove
     want = _single_device(tiny_ds)
     real = engine_module.stop_reason
 
-    def stop_reason(req, *args):  # type: ignore[no-untyped-def]
+    def stop_reason(req, *args, **kwargs):  # type: ignore[no-untyped-def]
         if "never seen" in req.params.stop:
             raise RuntimeError("injected decode failure")
-        return real(req, *args)
+        return real(req, *args, **kwargs)
     monkeypatch.setattr(engine_module, "stop_reason", stop_reason)
     stopping = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, stop=("never seen",))
     out = llm.generate(PROMPTS + [PROMPTS[0]], [GREEDY] * len(PROMPTS) + [stopping])
