@@ -42,6 +42,11 @@ class Dest:
     window: float = float("inf")  # the shorter of the two servers' timeouts: the decode server frees the pages
     # after its own, counted from when it sent them, so writes start within half of it and run a quarter
 
+    @property
+    def start_by(self) -> float:
+        """The last moment a write into these pages may start."""
+        return self.received + self.window / 2
+
 
 @dataclass
 class Pending:
@@ -93,7 +98,7 @@ class PrefillSide(SideBase):
         if self.out or any(room in self.dests and not compiling(p.req) for room, p in self.pending.items()):
             return 1  # a write in flight (NIXL progresses without a socket) or ready to start; one to admit
         waits = [p.deadline for p in self.pending.values()] + [d.expires for d in self.dests.values()]
-        waits += [d.received + d.window / 2 for room, d in self.dests.items() if room in self.pending]  # (compiling)
+        waits += [d.start_by for room, d in self.dests.items() if room in self.pending]  # (compiling)
         return self.deadlines.ms_until(min(waits, default=None))
 
     def add(self, req: Request) -> None:
@@ -258,7 +263,7 @@ class PrefillSide(SideBase):
                     outputs.append(self.engine.fail_request(p.req, f"the output constraint did not compile: {problem}"))
                 else:
                     self.engine.scheduler.add(p.req, checked=True)
-            elif dest is not None and (self.deadlines.passed(dest.received + dest.window / 2)
+            elif dest is not None and (self.deadlines.passed(dest.start_by)
                                        or self.deadlines.passed(p.deadline)):
                 # Still compiling: no write could start in time now (_start would refuse the pages as too old).
                 outputs.append(self._give_up(room, p, (
@@ -317,7 +322,7 @@ class PrefillSide(SideBase):
         problem = self._mismatch(msg, req)
         if problem is not None:
             raise TransferFailed(problem)
-        if self.deadlines.passed(o.dest.received + o.dest.window / 2):
+        if self.deadlines.passed(o.dest.start_by):
             raise TransferFailed("the decode server's pages are too old to write safely (it may have given up)")
         if self.failure_prob and self.rng.random() < self.failure_prob:
             raise TransferFailed(f"injected transfer failure ({FAILURE_PROB_ENV}={self.failure_prob})")

@@ -157,12 +157,12 @@ def check_token_ids(prompt_ids: list[int], params: SamplingParams, vocab_size: i
     """Every token id a request names (prompt, logit_bias, stop_token_ids) is in [0, vocab_size): an id
     outside it is a client's mistake (another tokenizer's ids), said by name."""
     # (each message opens with what names the field: "the prompt ..." or a SamplingParams field, streaming.field_error)
-    for where, ids in (("the prompt has", prompt_ids), ("logit_bias", [t for t, _ in params.logit_bias]),
-                       ("stop_token_ids", params.stop_token_ids)):
+    for message, ids in (("the prompt has token id {}, outside", prompt_ids),
+                         ("logit_bias token id {} is outside", [t for t, _ in params.logit_bias]),
+                         ("stop_token_ids token id {} is outside", params.stop_token_ids)):
         bad = [t for t in ids if not 0 <= t < vocab_size]
         if bad:
-            raise RequestError(f"{where} token id {bad[0]}{',' if ids is prompt_ids else ' is'} outside the "
-                               f"vocabulary [0, {vocab_size})")
+            raise RequestError(f"{message.format(bad[0])} the vocabulary [0, {vocab_size})")
 
 
 @dataclass(frozen=True)
