@@ -1,8 +1,11 @@
 """The MoE layer as the model runs it (router, routed experts, shared expert) on DeepSeek-V3.2's shapes at a
 tensor-parallel rank's width, two ways: the shared expert stacked after the routed ones (the default,
 MoE.fuse_shared_expert) and as a dense MLP beside them. Same weights, outputs checked against each other.
+With --ep, also every rank of `--tp N --ep N` (expert parallelism: 1/N of the routed experts, whole, the shared
+expert a dense MLP split N ways; one router shared by the ranks, random experts of their own) on the same rows:
+the slowest rank's time is the layer's, as the all-reduce after it waits for that rank.
 
-    python benchmarks/moe_layer.py [--tp 8 1] [--tokens 1 2 4 8 16 32 64 4096] [--bf16] [--out moe_layer.json]
+    python benchmarks/moe_layer.py [--tp 8 1] [--tokens 1 2 4 8 16 32 64 4096] [--bf16] [--ep] [--out moe_layer.json]
 
 Times are medians of CUDA-graph replays (eager calls above 256 tokens, as the engine prefills) with L2 flushed
 before each (benchmarks/kernels.py `bench`). Bytes:
@@ -29,14 +32,15 @@ from dsaserve.model.dsa import MoE  # noqa: E402
 from dsaserve.model.dummy import init_dummy_weights  # noqa: E402
 from dsaserve.ops.dispatch import DSAOps  # noqa: E402
 from dsaserve.ops.fp8 import FP8  # noqa: E402
+from dsaserve.parallel.groups import ParallelConfig  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "tests" / "configs" / "deepseek_v32.json"
 
 
-def build(cfg: ModelConfig, tp: int, fp8: bool, stacked: bool, device: str = "cuda") -> MoE:
+def build(cfg: ModelConfig, par: ParallelConfig, fp8: bool, stacked: bool, device: str = "cuda") -> MoE:
     """One rank's MoE layer in the engine's formats (fp32 router, e4m3 or bf16 weights), random weights."""
     with torch.device("meta"):
-        layer = MoE(cfg, tp)
+        layer = MoE(cfg, par)
         if fp8:
             for m in layer.modules():
                 if isinstance(m, (quant.Linear, quant.Experts)):
@@ -71,12 +75,16 @@ def copy_weights(dense: MoE, stacked: MoE) -> None:
 
 
 def layer_bytes(layer: MoE, x: torch.Tensor) -> float:
-    """Bytes a call must read: the distinct experts its rows hit, the shared expert, the router's weight."""
+    """Bytes a call must read: the distinct experts of this rank its rows hit, the shared expert, the router's
+    weight."""
     ids, _ = layer.gate(x)
     experts = layer.experts
     per_expert = sum(p[0].numel() * p.element_size() for p in experts.parameters())
-    routed = ids[:, : layer.gate.cfg.num_experts_per_tok].unique().numel()
-    return (routed + 1) * per_expert + layer.gate.weight.numel() * 4
+    hit = ids[:, : layer.gate.cfg.num_experts_per_tok]
+    routed = hit[hit >= 0].unique().numel()  # (-1: another rank's expert)
+    mlp = layer.shared_experts
+    shared = per_expert if mlp is None else sum(p.numel() * p.element_size() for p in mlp.parameters())
+    return routed * per_expert + shared + layer.gate.weight.numel() * 4
 
 
 def main() -> None:
@@ -84,6 +92,7 @@ def main() -> None:
     ap.add_argument("--tp", type=int, nargs="+", default=[8, 1])
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 4096])
     ap.add_argument("--bf16", action="store_true", help="bf16 weights instead of FP8")
+    ap.add_argument("--ep", action="store_true", help="also time rank 0 of --tp N --ep N")
     ap.add_argument("--out", default=None, help="write the rows as JSON")
     ap.add_argument("--profile", action="store_true", help="print each way's kernels (eager) at every size")
     args = ap.parse_args()
@@ -92,10 +101,14 @@ def main() -> None:
     ops = DSAOps(attention_backend="triton", moe_backend="triton")
     rows = []
     for tp in args.tp:
-        dense = build(cfg, tp, not args.bf16, stacked=False)
-        stacked = build(cfg, tp, not args.bf16, stacked=True)
+        dense = build(cfg, ParallelConfig(tp), not args.bf16, stacked=False)
+        stacked = build(cfg, ParallelConfig(tp), not args.bf16, stacked=True)
         copy_weights(dense, stacked)
-        for layer in (dense, stacked):
+        ranks = [build(cfg, ParallelConfig(tp, rank=r, ep=tp), not args.bf16, stacked=False)
+                 for r in range(tp if args.ep else 0)]
+        for layer in ranks[1:]:  # one router for the deployment
+            layer.gate.load_state_dict(ranks[0].gate.state_dict())
+        for layer in (dense, stacked, *ranks):
             quant.prepare(layer, "kernels", torch.bfloat16)
         gen = torch.Generator("cuda").manual_seed(tp)
         for n in args.tokens:
@@ -109,19 +122,30 @@ def main() -> None:
                 nbytes = layer_bytes(dense, x)
                 for name, layer in (("dense", dense), ("stacked", stacked)) if args.profile else ():
                     profile(f"tp {tp}, {n} tokens, {name}", lambda layer=layer: layer(x, ops))
+                per_rank = [(1e3 * bench(lambda layer=layer: layer(x, ops), graph=n <= 256), layer_bytes(layer, x))
+                            for layer in ranks]
+                if per_rank:
+                    us["ep"], ep_bytes = max(per_rank)
             row = dict(tp=tp, tokens=n, dense_us=us["dense"], stacked_us=us["stacked"], bytes=nbytes, rel_err=err,
                        dense_of_copy=nbytes / (us["dense"] * 1e-6) / peaks["copy_GBps"] / 1e9,
                        stacked_of_copy=nbytes / (us["stacked"] * 1e-6) / peaks["copy_GBps"] / 1e9)
+            if per_rank:
+                row.update(ep_mean_us=sum(t for t, _ in per_rank) / len(per_rank), ep_us=us["ep"], ep_bytes=ep_bytes,
+                           ep_of_copy=ep_bytes / (us["ep"] * 1e-6) / peaks["copy_GBps"] / 1e9)
             rows.append(row)
             print(row, flush=True)
-        del dense, stacked
+        del dense, stacked, ranks
         torch.cuda.empty_cache()
     print(f"\n{torch.cuda.get_device_name()}, {'bf16' if args.bf16 else 'FP8'} weights, copy {peaks['copy_GBps']:.0f} GB/s")
-    print("| TP | tokens | MB read | shared as dense MLP | stacked | change |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| TP | tokens | MB read | shared as dense MLP | stacked | change | EP: slowest rank's MB | slowest rank "
+          "| mean rank |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
+        ep = (f"{r['ep_bytes'] / 1e6:.1f} | {r['ep_us']:.1f} us ({r['ep_of_copy']:.0%}) | {r['ep_mean_us']:.1f} us"
+              if "ep_us" in r else "- | - | -")
         print(f"| {r['tp']} | {r['tokens']} | {r['bytes'] / 1e6:.1f} | {r['dense_us']:.1f} us ({r['dense_of_copy']:.0%}) "
-              f"| {r['stacked_us']:.1f} us ({r['stacked_of_copy']:.0%}) | {r['stacked_us'] / r['dense_us'] - 1:+.1%} |")
+              f"| {r['stacked_us']:.1f} us ({r['stacked_of_copy']:.0%}) | {r['stacked_us'] / r['dense_us'] - 1:+.1%} "
+              f"| {ep} |")
     if args.out:
         Path(args.out).write_text(json.dumps(dict(device=torch.cuda.get_device_name(), peaks=peaks, rows=rows), indent=1))
 

@@ -108,12 +108,15 @@ class ModelConfig:
     def context_length(self) -> int:
         return self.max_position_embeddings
 
-    def check_parallel(self, tp: int, attn_tp: int) -> None:
+    def check_parallel(self, tp: int, attn_tp: int, ep: int = 1) -> None:
         """The shards each rank holds must be whole: ConfigError naming the field and the flags."""
         rules = [(self.num_attention_heads, attn_tp, "num_attention_heads", "attention-TP size (--tp / --dp)"),
                  (self.vocab_size, attn_tp, "vocab_size", "attention-TP size (--tp / --dp)"),
                  (self.intermediate_size, tp, "intermediate_size", "--tp"),
-                 (self.moe_intermediate_size, tp, "moe_intermediate_size", "--tp")]
+                 (self.moe_intermediate_size, tp // ep, "moe_intermediate_size", "routed experts' split (--tp / --ep)"),
+                 (self.moe_intermediate_size * self.n_shared_experts, tp,
+                  "moe_intermediate_size x n_shared_experts (the shared experts' width)", "--tp"),
+                 (self.n_routed_experts, ep, "n_routed_experts", "--ep")]
         for value, size, name, what in rules:
             if value % size:
                 raise ConfigError(f"{name}={value} is not divisible by the {what} {size}")

@@ -97,7 +97,7 @@ def plan(cfg: ModelConfig, args: ServerArgs, device_bytes: int, rank: int = 0) -
     from dsaserve.engine.model_runner import resolve_dtype
     from dsaserve.model.loader import meta_model, weight_formats
     dtype = resolve_dtype(args.dtype, torch.device("cuda"))  # the GPU's compute dtype
-    par = Parallel.without_groups(ParallelConfig(args.tp, args.dp, rank))
+    par = Parallel.without_groups(ParallelConfig(args.tp, args.dp, rank, args.ep))
     model = meta_model(cfg, par, dtype, args.spec_steps > 0, weight_formats(cfg, shards_here(args)))
     weights = weight_bytes(model)
     per_token = KVPools.bytes_per_token(cfg, resolve_kv_cache_dtype(args.kv_cache_dtype, dtype),

@@ -46,6 +46,10 @@ class ServerArgs:
     tp: int = _opt(1, "tensor-parallel size (ranks on this machine x nnodes)", aliases=("--tp-size",))
     dp: int = _opt(1, "data-parallel size (with --enable-dp-attention: DP attention groups)", aliases=("--dp-size",))
     enable_dp_attention: bool = _opt(False, "attention runs data-parallel in --dp groups, MoE over all ranks")
+    ep: int = _opt(1, "expert-parallel size: the routed experts are divided among --ep groups of --tp / --ep ranks "
+                      "(--ep --tp: each rank holds n_routed_experts / tp whole experts; 1: every expert is split "
+                      "over all ranks); the MoE still combines by all-reduce (no all-to-all)",
+                   aliases=("--ep-size", "--expert-parallel-size"))
     nnodes: int = _opt(1, "number of machines")
     node_rank: int = _opt(0, "rank of this machine")
     dist_init_addr: str | None = _opt(None, "host:port of node 0 for torch.distributed; its store listens on this "
@@ -127,6 +131,10 @@ class ServerArgs:
             problems.append(f"--tp and --dp must be >= 1, got {self.tp} and {self.dp}")
         elif self.tp % self.dp:
             problems.append(f"--dp ({self.dp}) must divide --tp ({self.tp})")
+        if self.ep < 1:
+            problems.append(f"--ep must be >= 1, got {self.ep}")
+        elif self.tp >= 1 and self.tp % self.ep:
+            problems.append(f"--ep ({self.ep}) must divide --tp ({self.tp})")
         if self.dp > 1 and not self.enable_dp_attention:
             problems.append("--dp > 1 needs --enable-dp-attention")
         if self.chunked_prefill_size < 1:

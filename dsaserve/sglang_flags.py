@@ -4,16 +4,14 @@ bare "unrecognized arguments". (The flags dsaserve shares with SGLang, under eit
 ServerArgs fields; --trust-remote-code and --enable-metrics are accepted and change nothing here.)"""
 from __future__ import annotations
 
-_NO_EXPERT_PARALLEL = "dsaserve splits every routed expert over all ranks (tensor-parallel MoE); leave it out"
+_NO_ALL_TO_ALL = ("dsaserve's expert parallelism (--ep) combines the experts' outputs by the same all-reduce as "
+                  "tensor parallelism, with no all-to-all backend; leave it out")
 _ONE_ATTENTION_BACKEND = ("dsaserve uses one sparse-attention backend for prefill and decode: "
                           "--attention-backend auto|triton|flashmla|torch")
 
 NOT_TAKEN: dict[str, str] = {
-    "--ep-size": _NO_EXPERT_PARALLEL,
-    "--ep": _NO_EXPERT_PARALLEL,
-    "--expert-parallel-size": _NO_EXPERT_PARALLEL,
-    "--moe-a2a-backend": _NO_EXPERT_PARALLEL,
-    "--enable-deepep-moe": _NO_EXPERT_PARALLEL,
+    "--moe-a2a-backend": _NO_ALL_TO_ALL,
+    "--enable-deepep-moe": _NO_ALL_TO_ALL,
     "--nsa-prefill-backend": _ONE_ATTENTION_BACKEND,
     "--nsa-decode-backend": _ONE_ATTENTION_BACKEND,
     "--max-prefill-tokens": "use --chunked-prefill-size: it bounds the tokens of one step (prompt chunks and the "

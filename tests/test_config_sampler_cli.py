@@ -214,10 +214,12 @@ def test_sglang_flags_with_another_meaning_here(capsys: pytest.CaptureFixture) -
     for extra in (["--cuda-graph-max-bs", "8"], ["--cuda-graph-bs", "1", "2"]):
         with pytest.raises(ValueError, match="--disable-cuda-graph contradicts"):
             ServerArgs.from_cli(parser.parse_args(["--disable-cuda-graph", *extra]))
-    assert main(["serve", "--tp", "8", "--ep", "8", "--nsa-decode-backend=flashmla_kv", "--dp", "8"]) == 2
+    assert main(["serve", "--tp", "8", "--ep", "8", "--moe-a2a-backend", "deepep", "--nsa-decode-backend=flashmla_kv",
+                 "--dp", "8"]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert err == ["error: --ep is an SGLang flag that dsaserve does not take: dsaserve splits every routed expert "
-                   "over all ranks (tensor-parallel MoE); leave it out",
+    assert err == ["error: --moe-a2a-backend is an SGLang flag that dsaserve does not take: dsaserve's expert "
+                   "parallelism (--ep) combines the experts' outputs by the same all-reduce as tensor parallelism, "
+                   "with no all-to-all backend; leave it out",
                    "error: --nsa-decode-backend is an SGLang flag that dsaserve does not take: dsaserve uses one "
                    "sparse-attention backend for prefill and decode: --attention-backend auto|triton|flashmla|torch"]
     with pytest.raises(SystemExit) as exit_:

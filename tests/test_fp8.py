@@ -125,10 +125,19 @@ SPLITS = [("q_b_proj.weight", 0, "attn"), ("kv_b_proj.weight", 0, "attn"), ("o_p
           ("gate_proj.weight", 0, "world"), ("up_proj.weight", 0, "world"), ("down_proj.weight", 1, "world")]
 
 
-def _expected_slice(name: str, full: torch.Tensor, cfg: ParallelConfig) -> torch.Tensor:
+def _expected_slice(name: str, full: torch.Tensor, cfg: ParallelConfig, experts: int) -> torch.Tensor | None:
+    """This rank's part of checkpoint tensor `name` (None: another rank's routed expert). Routed experts (of
+    `experts`) are divided among cfg.ep groups of consecutive ranks, each expert split over its group's ranks."""
+    expert = re.search(r"\.mlp\.experts\.(\d+)\.", name)
     for suffix, dim, group in SPLITS:
         if name.endswith(suffix):
-            parts, index = (cfg.attn_tp, cfg.attn_rank) if group == "attn" else (cfg.tp, cfg.rank)
+            if expert is not None:
+                ranks = cfg.tp // cfg.ep  # the ranks of one expert group
+                if int(expert.group(1)) // (experts // cfg.ep) != cfg.rank // ranks:
+                    return None
+                parts, index = ranks, cfg.rank % ranks
+            else:
+                parts, index = (cfg.attn_tp, cfg.attn_rank) if group == "attn" else (cfg.tp, cfg.rank)
             return full.chunk(parts, dim=dim)[index]
     return full
 
@@ -141,10 +150,16 @@ def _rank_tensor(model: DSAModel, name: str) -> torch.Tensor:
     name = shared.get(name, name)  # the MTP layer reads the target's embedding and head (equal in the checkpoint)
     key = name if name == "lm_head.weight" else name[len("model."):].replace(f"layers.{n}.", "mtp.")
     parts = key.split(".")
-    if "shared_experts" in parts:  # stacked after the routed experts (MoE.fuse_shared_expert)
+    if "experts" in parts and parts[parts.index("experts") + 1].isdigit():  # a routed expert
+        i, par = parts.index("experts"), model.par.cfg
+        first = (par.rank // (par.tp // par.ep)) * (model.cfg.n_routed_experts // par.ep)  # this rank's first (--ep)
+        parts[i + 1] = str(int(parts[i + 1]) - first)
+    if "shared_experts" in parts:  # stacked after the routed experts (MoE.fuse_shared_expert), unless --ep
         i = parts.index("shared_experts")
         slot = model.get_submodule(".".join(parts[:i] + ["experts"])).shared_slot
-        parts = parts[:i] + ["experts", str(slot)] + parts[i + 1:]
+        if slot is not None:
+            parts = parts[:i] + ["experts", str(slot)] + parts[i + 1:]
+            key = ".".join(parts)
     if "experts" in parts and parts[parts.index("experts") + 1].isdigit():
         i = parts.index("experts")
         experts, e, proj = model.get_submodule(".".join(parts[:i + 1])), int(parts[i + 1]), parts[i + 2]
@@ -162,20 +177,31 @@ def _rank_tensor(model: DSAModel, name: str) -> torch.Tensor:
     return getattr(module, parts[-1]).float()
 
 
-@pytest.mark.parametrize("tp,dp", [(2, 1), (4, 1), (8, 1), (4, 2)])
+@pytest.mark.parametrize("tp,dp,ep", [(2, 1, 1), (4, 1, 1), (8, 1, 1), (4, 2, 1), (2, 1, 2), (4, 1, 2), (8, 8, 8)])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_rank_slices_equal_dequantized_slices(arch: str, tp: int, dp: int,
+def test_rank_slices_equal_dequantized_slices(arch: str, tp: int, dp: int, ep: int,
                                               small_block_models: dict[str, tuple[Path, Path]]) -> None:
+    """Every rank's weights are its slices of the dequantized checkpoint; with --ep a rank holds its group's
+    routed experts (whole at --ep --tp) and no other's."""
     fp8, deq = small_block_models[arch]
     full = {n: t for f in deq.glob("*.safetensors") for n, t in load_file(f).items()}
+    held: dict[str, int] = {}
     for rank in range(tp):
-        cfg = ParallelConfig(tp, dp, rank)
+        cfg = ParallelConfig(tp, dp, rank, ep)
         model = build_model(fp8, CPU, torch.float32, Parallel.without_groups(cfg), progress=False)
         assert model.layers[0].self_attn.o_proj.weight.dtype == FP8
+        experts = model.cfg.n_routed_experts
+        moe = next(layer.mlp.experts for layer in model.layers if hasattr(layer.mlp, "experts"))
+        assert moe.num_experts == experts // ep
         for name, tensor in full.items():
-            want = _expected_slice(name, tensor.float(), cfg)
+            want = _expected_slice(name, tensor.float(), cfg, experts)
+            if want is None:
+                continue
+            held[name] = held.get(name, 0) + 1
             got = _rank_tensor(model, name)
-            assert torch.equal(got, want), f"tp={tp} dp={dp} rank={rank}: {name} differs from its slice"
+            assert torch.equal(got, want), f"tp={tp} dp={dp} ep={ep} rank={rank}: {name} differs from its slice"
+    assert set(held) == set(full) and all(n == tp // ep for n in
+                                          (held[k] for k in full if re.search(r"\.mlp\.experts\.\d+\.", k)))
 
 
 def test_split_inside_a_block_is_refused(fp8_models: dict[str, tuple[Path, Path]]) -> None:
@@ -196,7 +222,7 @@ def test_split_inside_a_block_of_a_dequantized_weight_is_exact(tmp_path: Path,
         model = build_model(tmp_path / "mixed", CPU, torch.float32, Parallel.without_groups(cfg), progress=False)
         for name, tensor in full.items():
             if "kv_b_proj" in name:
-                assert torch.equal(_rank_tensor(model, name), _expected_slice(name, tensor, cfg)), name
+                assert torch.equal(_rank_tensor(model, name), _expected_slice(name, tensor, cfg, 0)), name
 
 
 @pytest.mark.parametrize("drop,message", [

@@ -53,9 +53,10 @@ def test_the_main_process_starts_ranks_before_torch_loads(tiny_ds: str) -> None:
 
 
 def test_flags_are_checked_before_anything_loads(tiny_ds: str) -> None:
-    err = refused(serve(tiny_ds, "--mem-fraction", "5", "--port", "99999", "--dist-init-addr", "nohost"))
+    err = refused(serve(tiny_ds, "--mem-fraction", "5", "--port", "99999", "--dist-init-addr", "nohost", "--tp", "2",
+                        "--ep", "4"))
     assert "--mem-fraction must be in (0, 1], got 5.0" in err and "--port must be in [1, 65535], got 99999" in err
-    assert "--dist-init-addr must be HOST:PORT" in err
+    assert "--dist-init-addr must be HOST:PORT" in err and "--ep (4) must divide --tp (2)" in err
     err = refused(serve(tiny_ds, "--context-length", "100000", "--port", str(free_port())))
     assert "--context-length 100000 is longer than the model's 4096" in err
     err = refused(serve(tiny_ds, "--tp", "0", "--max-queued-requests", "0", "--api-key", " ",

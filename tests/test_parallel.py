@@ -49,18 +49,20 @@ def _jobs(models: dict[str, str], dp: int, steps: int) -> list[tuple[str, int, J
     return jobs
 
 
-@pytest.mark.parametrize("tp,dp,steps", [(2, 1, 1), (4, 1, 2), (2, 2, 3), (4, 2, 1), (4, 4, 2)])
-def test_parallel_matches_single_device(tp: int, dp: int, steps: int, tiny_models: dict[str, str], tiny_ds: str,
-                                        head_models: dict[int, str]) -> None:
+@pytest.mark.parametrize("tp,dp,steps,ep", [(2, 1, 1, 1), (4, 1, 2, 1), (2, 2, 3, 2), (4, 2, 1, 1), (4, 4, 2, 2)])
+def test_parallel_matches_single_device(tp: int, dp: int, steps: int, ep: int, tiny_models: dict[str, str],
+                                        tiny_ds: str, head_models: dict[int, str]) -> None:
     """Both archs in four configurations each; the --tp 2 launch also serves 1, 8 and 16 heads per rank and
-    the --tp 4 --dp 2 launch the uneven DP timings (one launch each: rank processes cost seconds to start)."""
+    the --tp 4 --dp 2 launch the uneven DP timings (one launch each: rank processes cost seconds to start).
+    Expert parallelism: --tp 2 --dp 2 --ep 2 (whole experts: SGLang's DeepSeek-V3.2 line at two ranks) and
+    --tp 4 --dp 4 --ep 2 (two ranks per expert)."""
     jobs = [j for _, _, j in _jobs(tiny_models, dp, steps)]
     extra, check_extra = {(2, 1): _heads_per_rank, (4, 2): _uneven_timing}.get((tp, dp), _nothing)(
         tiny_ds, head_models)
-    args = ServerArgs(tp=tp, dp=dp, enable_dp_attention=dp > 1, max_total_tokens=2048)
+    args = ServerArgs(tp=tp, dp=dp, ep=ep, enable_dp_attention=dp > 1, max_total_tokens=2048)
     results = run_jobs(args, jobs + extra)
     for (model, page_size, job), got in zip(_jobs(tiny_models, dp, steps), results):
-        assert got == single_device(model, page_size), f"tp={tp} dp={dp} {job.overrides}"
+        assert got == single_device(model, page_size), f"tp={tp} dp={dp} ep={ep} {job.overrides}"
     check_extra(results[len(jobs):])
 
 

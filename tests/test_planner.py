@@ -25,7 +25,8 @@ def _model(tmp_path: Path, name: str) -> str:
 
 
 @pytest.mark.parametrize("flags", [["--tp", "8"], ["--tp", "8", "--dp", "8", "--enable-dp-attention"],
-                                   ["--tp", "8", "--speculative-algorithm", "NEXTN", "--kv-cache-dtype", "fp8_e4m3"]])
+                                   ["--tp", "8", "--speculative-algorithm", "NEXTN", "--kv-cache-dtype", "fp8_e4m3"],
+                                   ["--tp", "8", "--ep", "8", "--dp", "8", "--enable-dp-attention"]])
 @pytest.mark.parametrize("name", ["deepseek_v32", "glm_moe_dsa"])
 def test_fp8_models_fit_one_8x141gb_node(name: str, flags: list[str], tmp_path: Path, capsys) -> None:
     assert main(["plan", "--model-path", _model(tmp_path, name), "--gpu-memory-gb", "141", *flags]) == 0
@@ -81,6 +82,20 @@ def test_v32_routed_experts_by_hand() -> None:
     assert p.weights["shared experts"] == (61 - 3) * (w13 + w2)  # one more stacked expert of the same width
     latent, index = 512 + 64, 128  # bf16 cache: 2 bytes a value, every layer has its own indexer
     assert p.kv_bytes_per_token == 61 * 2 * (latent + index)
+
+
+def test_v32_routed_experts_by_hand_with_expert_parallelism() -> None:
+    """At --tp 8 --ep 8 a rank holds 32 whole experts of every MoE layer (the same bytes as 1/8 of all 256: the
+    scale blocks of 128 x 128 divide both ways), and the shared expert split 8 ways as a dense MLP."""
+    cfg = ModelConfig.from_dict(__import__("json").loads((CONFIGS / "deepseek_v32.json").read_text()))
+    inter, hidden = 2048, 7168
+    w13 = 2 * inter * hidden + 4 * (2 * inter // 128) * (hidden // 128)
+    w2 = hidden * inter + 4 * (hidden // 128) * (inter // 128)
+    p = plan(cfg, ServerArgs(tp=8, ep=8), int(141e9))
+    assert p.weights["routed experts"] == (61 - 3) * 32 * (w13 + w2)
+    assert p.weights["shared experts"] == (61 - 3) * (w13 + w2) // 8
+    with pytest.raises(ValueError, match=r"n_routed_experts=96 is not divisible by the --ep 64"):
+        __import__("dataclasses").replace(cfg, n_routed_experts=96).check_parallel(64, 64, 64)
 
 
 def test_planner_counts_what_the_engine_allocates(tmp_path: Path) -> None:

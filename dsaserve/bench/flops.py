@@ -48,7 +48,8 @@ def _row_macs(model: DSAModel) -> Counter[tuple[bool, bool]]:
             n = m.weight.shape[0] * m.weight.shape[1]
         elif isinstance(m, Experts):
             shared = m.slots - m.num_experts  # a stacked shared expert runs for every row too
-            n = (k + shared) * 3 * m.inter * m.hidden  # gate, up, down of each selected expert, logical width
+            routed = k * m.num_experts / model.cfg.n_routed_experts  # with --ep: this rank's expected share
+            n = (routed + shared) * 3 * m.inter * m.hidden  # gate, up, down of each selected expert, logical width
         else:
             continue
         macs[name.startswith("mtp."), name.endswith(QUERY_SIDE)] += n

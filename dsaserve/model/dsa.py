@@ -20,7 +20,7 @@ from dsaserve.model.rope import Rotary
 from dsaserve.ops.dispatch import DSAOps
 from dsaserve.ops.fp8 import QuantizedRows
 from dsaserve.ops.fused import absorb_output, absorb_query, add_rms_norm, embed, linear_fp32, rms_norm, route, silu_mul
-from dsaserve.parallel.groups import Parallel
+from dsaserve.parallel.groups import Parallel, ParallelConfig
 
 Tensor = torch.Tensor
 
@@ -206,23 +206,27 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
         self.e_score_correction_bias = nn.Parameter(torch.empty(cfg.n_routed_experts))  # kept in fp32
         self.shared = False  # every row also picks expert n_routed_experts, weight 1 (MoE.fuse_shared_expert)
+        self.local: tuple[int, int] | None = None  # expert parallelism: (first, count) of this rank's experts
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         cfg = self.cfg
         logits = linear_fp32(x, self.weight)  # the product in fp32 (the weight in the checkpoint's bf16)
         return route(logits, self.e_score_correction_bias.float(), cfg.n_group, cfg.topk_group,
-                     cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.routed_scaling_factor, self.shared)
+                     cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.routed_scaling_factor, self.shared, self.local)
 
 
 class MoE(nn.Module):
-    """Routed experts and shared experts, each split along the intermediate dim over all TP ranks:
-    the output is this rank's partial sum."""
+    """Routed experts and shared experts, each split along the intermediate dim over all TP ranks (with --ep the
+    routed experts divided among the ranks instead, quant.Experts): the output is this rank's partial sum."""
 
-    def __init__(self, cfg: ModelConfig, tp: int):
+    def __init__(self, cfg: ModelConfig, par: ParallelConfig):
         super().__init__()
         self.gate = Router(cfg)
-        self.experts = Experts(cfg, tp)
-        shared = cfg.moe_intermediate_size * cfg.n_shared_experts // tp
+        self.experts = Experts(cfg, par)
+        self.expert_parallel = par.ep > 1
+        if self.expert_parallel:
+            self.gate.local = (self.experts.first_expert, self.experts.num_experts)
+        shared = cfg.moe_intermediate_size * cfg.n_shared_experts // par.tp
         self.shared_experts = DenseMLP(cfg.hidden_size, shared) if shared else None
 
     def fuse_shared_expert(self) -> None:
@@ -230,7 +234,7 @@ class MoE(nn.Module):
         E, which every row picks with weight 1, it runs inside the fused MoE (no dense MLP's three launches
         and add). Kept apart when there are several (wider than one expert) or the formats differ."""
         mlp = self.shared_experts
-        if mlp is None or not self.experts.can_stack(mlp.gate_proj):
+        if mlp is None or not self.experts.can_stack(mlp.gate_proj, self.expert_parallel):
             return
         self.experts.add_shared_slot()
         self.gate.shared = True
@@ -250,7 +254,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = MLAttention(cfg, layer_id, par.cfg.attn_tp)
         dense = layer_id < cfg.num_hidden_layers and cfg.mlp_layer_types[layer_id] == "dense"
-        self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size // par.tp) if dense else MoE(cfg, par.tp)
+        self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size // par.tp) if dense else MoE(cfg, par.cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -319,7 +323,7 @@ class DSAModel(nn.Module):
     def __init__(self, cfg: ModelConfig, par: Parallel | None = None, load_mtp: bool = True):
         super().__init__()
         self.cfg, self.par = cfg, par or Parallel()
-        cfg.check_parallel(self.par.tp, self.par.cfg.attn_tp)
+        cfg.check_parallel(self.par.tp, self.par.cfg.attn_tp, self.par.cfg.ep)
         self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, self.par)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, self.par) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

@@ -38,9 +38,12 @@ _MTP_SHARED = ("embed_tokens.weight", "shared_head.head.weight")  # the MTP laye
 def shard_rule(param: str) -> tuple[int, str] | None:
     """(dim, group) along which a parameter is split over ranks; None when replicated.
 
-    MLA heads and the vocabulary split over the attention-TP group; dense MLPs, shared and routed
-    experts split their intermediate dim over all TP ranks. The indexer is replicated.
+    MLA heads and the vocabulary split over the attention-TP group; dense MLPs and shared experts split their
+    intermediate dim over all TP ranks, routed experts over the ranks that hold them (all of them without --ep:
+    group "experts"). The indexer is replicated.
     """
+    if _EXPERT.match(param):
+        return (1 if param.endswith("down_proj.weight") else 0), "experts"
     if param.endswith(("q_b_proj.weight", "kv_b_proj.weight", "embed_tokens.weight", "lm_head.weight",
                        "shared_head.head.weight")):
         return 0, "attn"
@@ -55,12 +58,14 @@ def shard_rule(param: str) -> tuple[int, str] | None:
 
 def rank_part(key: str, local: tuple[int, ...], par: ParallelConfig) -> tuple[list[int], tuple[slice, ...]]:
     """The full shape of a parameter whose shard on rank `par` is `local`-shaped, and that rank's slice of it
-    (shard_rule: split over the attention-TP group or over all TP ranks; replicated otherwise)."""
+    (shard_rule: split over the attention-TP group, over all TP ranks or over an expert's ranks; replicated
+    otherwise)."""
     full, part = list(local), [slice(None)] * len(local)
     rule = shard_rule(key)
     if rule is not None:
         dim, group = rule
-        ranks, index = (par.attn_tp, par.attn_rank) if group == "attn" else (par.tp, par.rank)
+        ranks, index = {"attn": (par.attn_tp, par.attn_rank), "world": (par.tp, par.rank),
+                        "experts": (par.moe_tp, par.moe_rank)}[group]
         full[dim] *= ranks
         part[dim] = slice(index * local[dim], (index + 1) * local[dim])
     return full, tuple(part)
@@ -159,7 +164,11 @@ class _Placer:
         if key is None:
             log.debug("ignoring checkpoint tensor %s", name)
             return
-        dest, dest_scale = self._destination(name, key)
+        destination = self._destination(name, key)
+        if destination is None:
+            log.debug("%s: another rank's expert (--ep)", name)
+            return
+        dest, dest_scale = destination
         info = self.ckpt.tensors[name]
         part = self._part(name, key, info.shape, dest.shape)
         source = self.handle(info.file).get_slice(name)
@@ -187,14 +196,16 @@ class _Placer:
                 dest.copy_(dequantize(source[part], scale[blocks], block, offset))
         loaded.add(key)
 
-    def _destination(self, name: str, key: str) -> tuple[Tensor, Tensor | None]:
+    def _destination(self, name: str, key: str) -> tuple[Tensor, Tensor | None] | None:
+        """Where this rank keeps the tensor (weight, and its scale blocks in FP8); None: another rank's expert."""
         expert = _EXPERT.match(key)
         if expert is not None:
             module, index = self.modules.get(expert.group(1)), int(expert.group(2))
-            if not isinstance(module, quant.Experts) or index >= module.num_experts:
+            if not isinstance(module, quant.Experts) or index >= self.cfg.n_routed_experts:
                 raise CheckpointError(f"unexpected tensor {name}: the model has no routed expert {index} there "
                                       f"({self.cfg.n_routed_experts} experts, MoE layers per mlp_layer_types)")
-            return module.slot(expert.group(3), index)
+            local = module.local_index(index)
+            return None if local is None else module.slot(expert.group(3), local)
         shared = _SHARED_EXPERT.match(key)
         module = self.modules.get(f"{shared.group(1)}.experts") if shared is not None else None
         if isinstance(module, quant.Experts) and module.shared_slot is not None:  # stacked after the routed ones
@@ -260,9 +271,10 @@ def _expected_keys(model: DSAModel, params: dict[str, torch.nn.Parameter]) -> se
             continue
         if name.endswith(".experts.w13"):
             prefix = name[: -len(".w13")]
-            keys |= {f"{prefix}.{e}.{proj}.weight" for e in range(model.cfg.n_routed_experts)
-                     for proj in ("gate_proj", "up_proj", "down_proj")}
-            if model.get_submodule(prefix).shared_slot is not None:  # the shared expert, stacked
+            experts = model.get_submodule(prefix)
+            mine = range(experts.first_expert, experts.first_expert + experts.num_experts)  # all but with --ep
+            keys |= {f"{prefix}.{e}.{proj}.weight" for e in mine for proj in ("gate_proj", "up_proj", "down_proj")}
+            if experts.shared_slot is not None:  # the shared expert, stacked
                 keys |= {f"{prefix[: -len('.experts')]}.shared_experts.{proj}.weight"
                          for proj in ("gate_proj", "up_proj", "down_proj")}
         elif not name.endswith((".experts.w2", _SCALE)):

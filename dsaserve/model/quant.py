@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsaserve.config import ModelConfig
+from dsaserve.parallel.groups import ParallelConfig
 from dsaserve.ops import fp8
 from dsaserve.ops.dispatch import DSAOps
 from dsaserve.ops.fp8 import FP8, BlockFP8, QuantizedRows
@@ -136,11 +137,17 @@ class Experts(nn.Module):
     up each start a block (zero rows fill the gap; their outputs are silu(0) * 0 = 0): real
     checkpoints split experts on block boundaries and have I' = I. A shared expert of the same width
     may follow as expert E (`shared_slot`, add_shared_slot): the router then gives every row that one too.
+
+    Expert parallelism (--ep): E is this rank's share of the routed experts, those from `first_expert` on (the
+    router numbers them from there: ops.fused.route's `local`), each split over the tp / ep ranks that hold it.
     """
 
-    def __init__(self, cfg: ModelConfig, tp: int):
+    def __init__(self, cfg: ModelConfig, par: ParallelConfig):
         super().__init__()
-        self.num_experts, self.inter, self.hidden = cfg.n_routed_experts, cfg.moe_intermediate_size // tp, cfg.hidden_size
+        self.num_experts, self.hidden = cfg.n_routed_experts // par.ep, cfg.hidden_size
+        self.first_expert = par.ep_rank * self.num_experts
+        self.local_share = 1 / par.ep  # of the router's pairs, expected on these experts
+        self.inter = cfg.moe_intermediate_size // par.moe_tp
         self.slots = self.num_experts  # stacked experts: the routed ones, then the shared one if added
         self.padded_inter = self.inter
         self.block: tuple[int, int] | None = None
@@ -172,11 +179,17 @@ class Experts(nn.Module):
         """The shared expert's index (after the routed experts), None when it runs as a dense MLP."""
         return self.num_experts if self.slots > self.num_experts else None
 
-    def can_stack(self, shared_gate: Linear) -> bool:
+    def can_stack(self, shared_gate: Linear, expert_parallel: bool) -> bool:
         """Whether a shared expert whose gate_proj is `shared_gate` can join as one more expert: same width
-        on this rank, same format."""
-        return (shared_gate.out_features == self.inter and shared_gate.block == self.block
+        on this rank, same format, and every rank runs it (not under expert parallelism, where it is split over
+        all ranks as a dense MLP while the routed experts are divided among them)."""
+        return (not expert_parallel and shared_gate.out_features == self.inter and shared_gate.block == self.block
                 and shared_gate.weight.dtype == self.w13.dtype)
+
+    def local_index(self, expert: int) -> int | None:
+        """A checkpoint's routed expert number -> its index among this rank's experts, None if another rank's."""
+        index = expert - self.first_expert
+        return index if 0 <= index < self.num_experts else None
 
     def add_shared_slot(self) -> None:
         """One more stacked expert, the shared one (call on the meta device, before loading)."""
@@ -236,7 +249,7 @@ class Experts(nn.Module):
         else:
             assert self._dequantized is not None, "FP8 Experts used before prepare()"
             w13, w2 = self._dequantized
-        return ops.moe(x, w13, w2, topk_ids, topk_weights, x.shape[0], xq)
+        return ops.moe(x, w13, w2, topk_ids, topk_weights, x.shape[0], xq, self.local_share)
 
 
 def fp8_kernels_available(device: torch.device) -> bool:

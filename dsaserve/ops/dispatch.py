@@ -145,7 +145,9 @@ class DSAOps:
                                                layout.page_size, topk)
 
     def moe(self, x: Tensor, w13: Tensor | BlockFP8, w2: Tensor | BlockFP8, topk_ids: Tensor, topk_weights: Tensor,
-            num_tokens: int, xq: QuantizedRows | None = None) -> Tensor:
+            num_tokens: int, xq: QuantizedRows | None = None, local_share: float = 1.0) -> Tensor:
         """Routed experts; block-FP8 weights run the FP8 kernel (triton) or its emulation (torch). xq: x's rows
-        quantized by the norm that wrote them (fp8.QuantizedRows), or None."""
-        return _backend(self.moe_backend).moe_experts(x, w13, w2, topk_ids, topk_weights, num_tokens, xq)
+        quantized by the norm that wrote them (fp8.QuantizedRows), or None. local_share: the share of the pairs
+        expected to be these experts' (expert parallelism; the others carry id -1): the kernels' tiles follow it."""
+        return _backend(self.moe_backend).moe_experts(x, w13, w2, topk_ids, topk_weights, num_tokens, xq,
+                                                      local_share)

@@ -119,7 +119,7 @@ def linear_fp32(x: Tensor, weight: Tensor, scale: float = 1.0) -> Tensor:
 
 
 def route_reference(logits: Tensor, bias: Tensor, n_group: int, topk_group: int, k: int, normalize: bool,
-                    scale: float, shared: bool = False) -> tuple[Tensor, Tensor]:
+                    scale: float, shared: bool = False, local: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
     N, E = logits.shape
     scores = logits.sigmoid()
     choice = scores + bias
@@ -135,18 +135,23 @@ def route_reference(logits: Tensor, bias: Tensor, n_group: int, topk_group: int,
     if shared:
         ids = torch.cat([ids, ids.new_full((N, 1), E)], dim=1)
         weights = torch.cat([weights, weights.new_ones(N, 1)], dim=1)
+    if local is not None:
+        ids = ids - local[0]
+        ids = torch.where((ids >= 0) & (ids < local[1]), ids, -1)
     return ids, weights
 
 
 def route(logits: Tensor, bias: Tensor, n_group: int, topk_group: int, k: int, normalize: bool,
-          scale: float, shared: bool = False) -> tuple[Tensor, Tensor]:
+          scale: float, shared: bool = False, local: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
     """Sigmoid scores of fp32 router logits [N, E]; experts are chosen by score + bias among the
     `topk_group` best groups (a group's value: its two best choices) -> (ids [N, k] int64, weights [N, k]
     fp32: the chosen scores, normalized to sum 1 if `normalize`, times `scale`). shared: one more column,
-    expert E with weight 1 (the shared expert stacked after the routed ones: quant.Experts.shared_slot)."""
+    expert E with weight 1 (the shared expert stacked after the routed ones: quant.Experts.shared_slot).
+    local (first, count): this rank's experts under expert parallelism; ids come out relative to `first`, and
+    -1 for experts outside them (the MoE skips those pairs; weights are unchanged)."""
     if logits.is_cuda and _kernels().route_applies(logits, bias, n_group, k):
-        return _kernels().route(logits, bias, n_group, topk_group, k, normalize, scale, shared)
-    return route_reference(logits, bias, n_group, topk_group, k, normalize, scale, shared)
+        return _kernels().route(logits, bias, n_group, topk_group, k, normalize, scale, shared, local)
+    return route_reference(logits, bias, n_group, topk_group, k, normalize, scale, shared, local)
 
 
 def silu_mul(gate: Tensor, up: Tensor) -> Tensor:

@@ -112,13 +112,15 @@ def _positions_to_slots(positions: Tensor, row_kv_len: Tensor, page_table: Tenso
 
 
 def moe_experts(x: Tensor, w13: Tensor | BlockFP8, w2: Tensor | BlockFP8, topk_ids: Tensor, topk_weights: Tensor,
-                num_tokens: int, xq: QuantizedRows | None = None) -> Tensor:
+                num_tokens: int, xq: QuantizedRows | None = None, local_share: float = 1.0) -> Tensor:
     """Routed experts: sum_k weight_k * down_e(silu(gate_e x) * up_e x) for the first num_tokens rows.
 
     x [N, hidden], w13 [E, 2I, hidden] (gate rows then up rows), w2 [E, hidden, I], topk_ids [N, k],
-    topk_weights [N, k] fp32. Rows >= num_tokens (padding for DP sync) are skipped and come out 0.
+    topk_weights [N, k] fp32. Rows >= num_tokens (padding for DP sync) are skipped and come out 0, and so are
+    pairs whose id is -1 (expert parallelism: another rank's expert, ops.fused.route's `local`).
     Block-FP8 experts run the FP8 kernel's function (fp8.linear: activations quantized per group; x's rows
-    quantized by their producer, xq, are act_quant's values and so ignored here).
+    quantized by their producer, xq, are act_quant's values and so ignored here, as is the kernels' tiling hint
+    local_share).
     Each pair's output is rounded to x's dtype and the k pairs of a token are summed in fp32.
     """
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
@@ -126,8 +128,9 @@ def moe_experts(x: Tensor, w13: Tensor | BlockFP8, w2: Tensor | BlockFP8, topk_i
     if num_tokens == 0:
         return out.to(x.dtype)
     flat = ids.flatten()
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()
+    order = torch.argsort(flat, stable=True)  # pairs of id -1 sort first: skipped
+    counts = torch.bincount(flat[flat >= 0], minlength=w13.shape[0]).tolist()
+    order = order[int((flat < 0).sum()):]
     token_of = order // ids.shape[1]
     weight_of = topk_weights[:num_tokens].flatten()[order]
     start = 0

@@ -2,8 +2,11 @@
 
 With `--tp N --dp D --enable-dp-attention`, rank r belongs to DP group r // (N / D); heads of MLA
 are split over the N / D ranks of its group, the MLP and MoE over all N ranks. Without DP
-attention D = 1 and both groups are the world. A single device is the same object with size 1,
-where every collective is a no-op.
+attention D = 1 and both groups are the world. With `--ep P` the routed experts are divided among P
+expert groups of N / P ranks (rank r holds experts of group r // (N / P), each split over that group's
+ranks): the MoE's output is still every rank's partial sum, added by the same all-reduce, so expert
+parallelism changes which weights a rank holds, not the collectives. A single device is the same object
+with size 1, where every collective is a no-op.
 """
 from __future__ import annotations
 
@@ -24,10 +27,27 @@ class ParallelConfig:
     tp: int = 1
     dp: int = 1
     rank: int = 0
+    ep: int = 1
 
     def __post_init__(self) -> None:
         if self.tp % self.dp:
             raise ValueError(f"--dp ({self.dp}) must divide --tp ({self.tp})")
+        if self.ep < 1 or self.tp % self.ep:
+            raise ValueError(f"--ep ({self.ep}) must divide --tp ({self.tp})")
+
+    @property
+    def moe_tp(self) -> int:
+        """Ranks that split each routed expert (its intermediate dim): all of them without expert parallelism."""
+        return self.tp // self.ep
+
+    @property
+    def moe_rank(self) -> int:
+        return self.rank % self.moe_tp
+
+    @property
+    def ep_rank(self) -> int:
+        """The expert group this rank belongs to: it holds experts [ep_rank * E / ep, (ep_rank + 1) * E / ep)."""
+        return self.rank // self.moe_tp
 
     @property
     def attn_tp(self) -> int:

@@ -35,7 +35,7 @@ DEFAULT_DIST_TIMEOUT_S = 1800  # --dist-timeout's default
 # Flags (and spec_steps, from them) that every node must give alike: they decide the world, its groups, the
 # shapes and buffers of every step, the graphs captured (each capture runs collectives) and the weights. (The KV
 # pool's size may differ: the ranks agree on the smallest; scheduling flags are read by the leaders, all on node 0.)
-SAME_ON_EVERY_NODE = ("tp", "dp", "enable_dp_attention", "nnodes", "page_size", "dtype", "kv_cache_dtype",
+SAME_ON_EVERY_NODE = ("tp", "dp", "ep", "enable_dp_attention", "nnodes", "page_size", "dtype", "kv_cache_dtype",
                       "spec_steps", "disaggregation_mode", "context_length", "max_running_requests",
                       "chunked_prefill_size", "cuda_graph_max_bs", "cuda_graph_bs", "attention_backend", "moe_backend",
                       "load_format")
@@ -48,7 +48,7 @@ def init_distributed(args: ServerArgs, rank: int, init_addr: str) -> Parallel:
     interface that reaches it (loopback on one node), unless GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME
     say otherwise.
     """
-    cfg = ParallelConfig(args.tp, args.dp, rank)
+    cfg = ParallelConfig(args.tp, args.dp, rank, args.ep)
     if args.tp == 1:
         return Parallel(cfg)
     local = ranks_on_this_node(args)

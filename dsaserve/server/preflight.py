@@ -48,7 +48,7 @@ def check_flags_for(cfg: ModelConfig, args: ServerArgs, config_file: Path) -> No
     if args.context_length is not None and args.context_length > cfg.context_length:
         raise ValueError(f"--context-length {args.context_length} is longer than the model's "
                          f"{cfg.context_length} (max_position_embeddings in {config_file})")
-    cfg.check_parallel(args.tp, args.tp // args.dp)
+    cfg.check_parallel(args.tp, args.tp // args.dp, args.ep)
     if args.speculative_algorithm is not None and cfg.num_nextn_predict_layers < 1:
         raise ValueError(f"--speculative-algorithm {args.speculative_algorithm} drafts with the checkpoint's MTP "
                          f"layer, and {config_file} has num_nextn_predict_layers=0")

@@ -239,9 +239,11 @@ def _config(num_pairs: int, num_experts: int, fp8_block: tuple[int, int] | None,
 
 
 def moe_experts(x: Tensor, w13: Tensor | BlockFP8, w2: Tensor | BlockFP8, topk_ids: Tensor, topk_weights: Tensor,
-                num_tokens: int, xq: QuantizedRows | None = None) -> Tensor:
+                num_tokens: int, xq: QuantizedRows | None = None, local_share: float = 1.0) -> Tensor:
     """See reference.moe_experts: weights in x's dtype, or block FP8 (e4m3 + fp32 block scales). xq: x's rows
-    already quantized (act_quant's values): FP8 gate/up reads them (the wgmma path quantizes x itself)."""
+    already quantized (act_quant's values): FP8 gate/up reads them (the wgmma path quantizes x itself).
+    local_share: under expert parallelism the share of the pairs expected on these experts (the others are -1):
+    tiles, split-K and the wgmma choice follow that many pairs, not all of them."""
     N, hidden = x.shape
     E, I2, _ = w13.shape
     I = I2 // 2
@@ -253,6 +255,7 @@ def moe_experts(x: Tensor, w13: Tensor | BlockFP8, w2: Tensor | BlockFP8, topk_i
     if P == 0:
         out.zero_()
         return out
+    expected = max(1, round(P * local_share))  # the pairs these experts are expected to take
     x = x.contiguous()
     topk_weights = topk_weights.float().contiguous()
     fp8 = isinstance(w13, BlockFP8)
@@ -260,10 +263,10 @@ def moe_experts(x: Tensor, w13: Tensor | BlockFP8, w2: Tensor | BlockFP8, topk_i
         raise ValueError("moe: w13 and w2 must both be block FP8 or both plain tensors")
     if fp8:
         _check_fp8(w13, w2, hidden)
-        if _wgmma_applies(x, w13, w2, P, E):
+        if _wgmma_applies(x, w13, w2, expected, E):
             return moe_fp8_wgmma(x, w13, w2, topk_ids, topk_weights, num_tokens, out,
                                  _override("wgmma_block_m", 64), _override("wgmma_stages", 3))
-    cfg = _config(P, E, w13.block if fp8 else None, I, hidden, sm_count(x))
+    cfg = _config(expected, E, w13.block if fp8 else None, I, hidden, sm_count(x))
     bm = cfg["block_m"]
     # decode rows: both GEMMs take one M block per pair in pair order (block m's expert is the flat top-k ids'
     # entry m), so no routing layout is built; the same products and reduce, bit for bit
@@ -294,7 +297,7 @@ def moe_experts(x: Tensor, w13: Tensor | BlockFP8, w2: Tensor | BlockFP8, topk_i
     ybuf = new_empty((P, hidden), x.dtype, x.device)
     _down(inter, inter_s, w2_w, w2_s, ybuf, sorted_ids, block_expert, topk_weights, max_blocks, P, k, cfg, fp8, scale_n,
           dot_precision(x.dtype), by_pair)
-    reduce_pairs(ybuf, None, out, num_tokens, k)
+    reduce_pairs(ybuf, None, topk_ids.contiguous(), out, num_tokens, k)
     return out
 
 

@@ -6,7 +6,8 @@ searchsorted, ...), which at decode cost more than the routing itself. Above SMA
 counters, count pairs per expert (and fill every row with the pad id), then place each pair at its expert's
 run start plus an atomic ticket; within a run the order is whatever the atomics give (the one-program path's
 is pair order). Every row of the expert GEMMs is computed on its own and results go back by pair id, so the
-order does not change any output bit.
+order does not change any output bit. Pairs of expert -1 (another rank's, under expert parallelism) are left
+out: no row holds them.
 """
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ SMALL_PAIRS = 256  # up to this many pairs (32 tokens at top-8) one launch build
 def _count_kernel(IDS, COUNTS, SORTED, P, rows, BLOCK: tl.constexpr, PDL: tl.constexpr):
     pdl_start(PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    expert = tl.load(IDS + offs, mask=offs < P, other=0)
-    tl.atomic_add(COUNTS + expert, 1, mask=offs < P)
+    expert = tl.load(IDS + offs, mask=offs < P, other=-1)
+    tl.atomic_add(COUNTS + expert, 1, mask=expert >= 0)
     tl.store(SORTED + offs, tl.zeros([BLOCK], tl.int32) + P, mask=offs < rows)  # pad rows point past the pairs
 
 
@@ -41,8 +42,9 @@ def _place_kernel(IDS, COUNTS, TICKETS, SORTED, BLOCK_EXPERT, P, num_blocks, E, 
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     ends = tl.cumsum(padded, 0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < P
-    expert = tl.load(IDS + offs, mask=mask, other=0)
+    expert = tl.load(IDS + offs, mask=offs < P, other=-1)
+    mask = expert >= 0
+    expert = tl.maximum(expert, 0)
     ticket = tl.atomic_add(TICKETS + expert, 1, mask=mask)
     run_start = tl.gather(ends - padded, expert.to(tl.int32), 0)
     tl.store(SORTED + run_start + ticket, offs.to(tl.int32), mask=mask)
@@ -61,8 +63,9 @@ def _align_small_kernel(IDS, SORTED, BLOCK_EXPERT, P, num_blocks, BLOCK_M, PB: t
     row tier takes depends on P, and the warm-up compiles each path once, not once per tier."""
     pdl_start(PDL)
     offs = tl.arange(0, PB)
-    valid = offs < P
-    expert = tl.load(IDS + offs, mask=valid, other=0).to(tl.int32)
+    expert = tl.load(IDS + offs, mask=offs < P, other=-1).to(tl.int32)
+    valid = expert >= 0
+    expert = tl.maximum(expert, 0)
     counts = tl.histogram(expert, E_POW2, mask=valid)
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     starts = tl.cumsum(padded, 0) - padded  # each run's first row
@@ -76,15 +79,15 @@ def _align_small_kernel(IDS, SORTED, BLOCK_EXPERT, P, num_blocks, BLOCK_M, PB: t
     keys = tl.sort(tl.where(valid, expert * PB + offs, E_POW2 * PB + offs))  # invalid lanes sort last
     run = tl.minimum(keys // PB, E_POW2 - 1)
     row = tl.gather(starts, run, 0) + offs - tl.gather(firsts, run, 0)
-    tl.store(SORTED + row, keys % PB, mask=valid)
+    tl.store(SORTED + row, keys % PB, mask=offs < tl.sum(valid.to(tl.int32), 0))  # the sorted valid keys
     experts = tl.arange(0, E_POW2)
     for t in range(0, tl.cdiv(P, BLOCK_M)):  # a run has at most cdiv(P, BLOCK_M) blocks
         tl.store(BLOCK_EXPERT + starts // BLOCK_M + t, experts, mask=t * BLOCK_M < padded)
 
 
 def align(ids: Tensor, num_experts: int, block_m: int) -> tuple[Tensor, Tensor, int]:
-    """ids: [P] expert of each pair -> (sorted_ids [max_blocks * block_m] int32: pair ids run by run, each
-    run padded to block_m with P; block_expert [max_blocks] int32, -1 past the last run; max_blocks)."""
+    """ids: [P] expert of each pair (-1: none of these) -> (sorted_ids [max_blocks * block_m] int32: pair ids run
+    by run, each run padded to block_m with P; block_expert [max_blocks] int32, -1 past the last run; max_blocks)."""
     P = ids.numel()
     max_blocks = triton.cdiv(P, block_m) + min(num_experts, P)  # each used expert pads < one block
     rows = max_blocks * block_m

@@ -37,9 +37,10 @@ def _silu_mul_quant_kernel(GU, Q, S, BLOCK_EXPERT, R, I, stride_gu, stride_q, st
 
 
 @triton.jit(do_not_specialize=["num_tokens"])
-def _reduce_kernel(YBUF, POS, OUT, stride_y, stride_o, num_tokens, topk, HIDDEN, BLOCK: tl.constexpr,
+def _reduce_kernel(YBUF, POS, IDS, OUT, stride_y, stride_o, num_tokens, topk, HIDDEN, BLOCK: tl.constexpr,
                    INDEXED: tl.constexpr, PDL: tl.constexpr):
-    """INDEXED: pair p's row of YBUF is POS[p] (YBUF in sorted order), else p."""
+    """INDEXED: pair p's row of YBUF is POS[p] (YBUF in sorted order), else p. Pairs whose IDS entry is -1 (another
+    rank's expert) have no row and add nothing."""
     pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -47,8 +48,9 @@ def _reduce_kernel(YBUF, POS, OUT, stride_y, stride_o, num_tokens, topk, HIDDEN,
     acc = tl.zeros([BLOCK], tl.float32)
     if row < num_tokens:
         for j in range(topk):
-            y_row = tl.load(POS + row * topk + j).to(tl.int64) if INDEXED else row * topk + j
-            acc += tl.load(YBUF + y_row * stride_y + cols, mask=c_mask, other=0.0).to(tl.float32)
+            if tl.load(IDS + row * topk + j) >= 0:
+                y_row = tl.load(POS + row * topk + j).to(tl.int64) if INDEXED else row * topk + j
+                acc += tl.load(YBUF + y_row * stride_y + cols, mask=c_mask, other=0.0).to(tl.float32)
     tl.store(OUT + row * stride_o + cols, acc.to(OUT.dtype.element_ty), mask=c_mask)
 
 
@@ -67,11 +69,12 @@ def silu_mul_quant(gate_up: Tensor, inter: Tensor, inter_s: Tensor, stride_sg: i
         num_warps=4, **pdl(gate_up))
 
 
-def reduce_pairs(ybuf: Tensor, pos: Tensor | None, out: Tensor, num_tokens: int, topk: int) -> None:
+def reduce_pairs(ybuf: Tensor, pos: Tensor | None, ids: Tensor, out: Tensor, num_tokens: int, topk: int) -> None:
+    """out[t] = the sum of token t's pair rows of ybuf (ids: the pairs' experts [>= num_tokens, topk], contiguous)."""
     hidden = out.shape[1]
     block = min(1024, next_pow2(hidden))
     _reduce_kernel[(out.shape[0], triton.cdiv(hidden, block))](
-        ybuf, ybuf if pos is None else pos, out, ybuf.stride(0), out.stride(0), num_tokens, topk, hidden,
+        ybuf, ybuf if pos is None else pos, ids, out, ybuf.stride(0), out.stride(0), num_tokens, topk, hidden,
         BLOCK=block, INDEXED=pos is not None, num_warps=4, **pdl(ybuf))
 
 

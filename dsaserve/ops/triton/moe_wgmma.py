@@ -44,9 +44,9 @@ def moe_fp8_wgmma(x: Tensor, w13: BlockFP8, w2: BlockFP8, topk_ids: Tensor, topk
     fp8_wgmma.block_scaled_mm(inter, inter_s, w2, y, block_m=bm, block_expert=block_expert, row_weight=row_weight,
                               stages=stages)
     # slot P takes the padding rows' writes and is never read: every other slot is written once
-    pos = torch.empty(P + 1, dtype=torch.int32, device=x.device)
+    pos = torch.empty(P + 1, dtype=torch.int32, device=x.device)  # (pairs of expert -1: no row, never read)
     pos.scatter_(0, sorted_ids.long(), torch.arange(R, dtype=torch.int32, device=x.device))
-    reduce_pairs(y, pos, out, num_tokens, k)
+    reduce_pairs(y, pos, topk_ids.contiguous(), out, num_tokens, k)
     return out
 
 
