@@ -106,6 +106,14 @@ def quick(monkeypatch: pytest.MonkeyPatch) -> str:
     return "test"
 
 
+def test_the_callers_global_rng_is_restored(tmp_path: Path, quick: str) -> None:
+    """train-tiny seeds torch's global RNG for reproducibility; run in-process, it must leave the caller's RNG state
+    as it was (a test or notebook drawing random numbers after it would otherwise draw the run's seeded ones)."""
+    before = torch.random.get_rng_state()
+    train_tiny(tmp_path / "out", preset=quick, log=lambda line: None)
+    assert torch.equal(torch.random.get_rng_state(), before)
+
+
 def test_a_run_stopped_while_writing_leaves_the_folder_as_it_was(tmp_path: Path, quick: str,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Stopped (a crash, Ctrl-C) after the new shards and config.json are written but before the rest: the folder

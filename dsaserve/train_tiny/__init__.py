@@ -93,7 +93,10 @@ def train_tiny(out: str | Path, preset: str = "shipped", seed: int = 0, threads:
     caller_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _run(p, preset, out, seed, threads, log)
+        # The run seeds and draws from torch's global RNG (nn modules' default init, which init_weights then
+        # overwrites): an in-process caller gets its own RNG state back, as its thread count.
+        with torch.random.fork_rng(devices=[]):
+            return _run(p, preset, out, seed, threads, log)
     finally:
         torch.set_num_threads(caller_threads)  # an in-process caller (a test, a library call) keeps its own
 
