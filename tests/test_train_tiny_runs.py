@@ -21,6 +21,7 @@ from dsaserve.cli import main
 from dsaserve.model.checkpoint import default_model_path
 from dsaserve.tiny import _save_sharded
 from dsaserve.train_tiny import PRESETS, train_tiny
+from dsaserve.train_tiny.output import REPORT
 from dsaserve.train_tiny.recipe import Stage
 
 
@@ -112,6 +113,19 @@ def test_the_callers_global_rng_is_restored(tmp_path: Path, quick: str) -> None:
     before = torch.random.get_rng_state()
     train_tiny(tmp_path / "out", preset=quick, log=lambda line: None)
     assert torch.equal(torch.random.get_rng_state(), before)
+
+
+def test_a_one_window_report_is_strict_json(tmp_path: Path, quick: str) -> None:
+    """On one evaluation window the barely trained model is right at no position, so the MTP accept rate counts no
+    cases: NaN, which json.dumps wrote as `NaN`, not JSON (jq, JSON.parse and other strict parsers refuse the
+    report). A rate over no cases is null."""
+    train_tiny(tmp_path / "out", preset=quick, log=lambda line: None)
+    report = json.loads((tmp_path / "out" / REPORT).read_text(), parse_constant=_not_json)
+    assert report["mtp_accept_teacher_forced"] is None  # the case this test is about: nothing to count
+
+
+def _not_json(constant: str) -> None:
+    raise ValueError(f"{constant} is not JSON")
 
 
 def test_a_run_stopped_while_writing_leaves_the_folder_as_it_was(tmp_path: Path, quick: str,

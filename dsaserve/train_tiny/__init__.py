@@ -151,12 +151,16 @@ def _log_summary(result: dict[str, Any], out: Path, log: Callable[[str], None]) 
     for i, r in enumerate(result["attention_recall"]):
         log(f"layer {i}: dense attention on the indexer's top-k {r['indexer']:.3f}, on the last k keys "
             f"{r['recent']:.3f}, best possible {r['best']:.3f}")
-    log(f"MTP next-next-token top-1 {result['mtp_top1']:.3f}; one-step accept rate "
-        f"{result['mtp_accept_teacher_forced']:.3f} (held-out), {result['mtp_accept_greedy']:.3f} (own greedy output)")
+    top1, forced, greedy = (_rate(result[k]) for k in ("mtp_top1", "mtp_accept_teacher_forced", "mtp_accept_greedy"))
+    log(f"MTP next-next-token top-1 {top1}; one-step accept rate {forced} (held-out), {greedy} (own greedy output)")
     for prompt, text in result["samples"].items():
         log(f"sample: {prompt!r} -> {text!r}")
     log(f"wrote {out} ({result['checkpoint_bytes'] / 2**20:.1f} MiB of tensors) in {result['seconds']:.0f}s "
         f"({result['cpu_seconds']:.0f} CPU seconds)")
+
+
+def _rate(value: float | None) -> str:
+    return "n/a (no cases)" if value is None else f"{value:.3f}"  # evaluate.rate: None where nothing was counted
 
 
 def _strip_specials(text: str) -> str:

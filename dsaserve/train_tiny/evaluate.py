@@ -114,19 +114,24 @@ def attention_recall(model: TinyDSA, data: Tensor) -> list[dict[str, float]]:
     return out
 
 
+def rate(hits: Tensor) -> float | None:
+    """The share of True in `hits`; None where it is empty. The mean of nothing is NaN, which json.dumps writes as
+    `NaN`, not JSON (strict parsers refuse the report): None is written `null`."""
+    return hits.float().mean().item() if hits.numel() else None
+
+
 @torch.no_grad()
-def mtp_accuracy(model: TinyDSA, data: Tensor) -> dict[str, float]:
+def mtp_accuracy(model: TinyDSA, data: Tensor) -> dict[str, float | None]:
     """Teacher-forced on held-out windows [N, S + 1] (sparse mode, as served):
     * top1: the MTP argmax at i equals the true token i+2;
     * accept: where the main model's argmax at i is the true token i+1 (so the text is what greedy
-      decoding would have fed), the MTP argmax at i equals the main model's argmax at i+1."""
+      decoding would have fed), the MTP argmax at i equals the main model's argmax at i+1. None where there is
+      no such position (a barely trained model on one window): a rate over no cases (`rate`)."""
     outs = [model(data[i:i + 4, :-1], "sparse") for i in range(0, data.shape[0], 4)]
     main = torch.cat([o.logits.argmax(-1) for o in outs])  # [N, S]
     draft = torch.cat([o.mtp_logits.argmax(-1) for o in outs])  # [N, S - 1]
-    top1 = (draft == data[:, 2:]).float().mean().item()
     fed = main[:, :-1] == data[:, 1:-1]
-    accept = (draft == main[:, 1:])[fed].float().mean().item()
-    return {"mtp_top1": top1, "mtp_accept_teacher_forced": accept}
+    return {"mtp_top1": rate(draft == data[:, 2:]), "mtp_accept_teacher_forced": rate((draft == main[:, 1:])[fed])}
 
 
 @torch.no_grad()
@@ -139,12 +144,12 @@ def greedy(model: TinyDSA, prompts: Tensor, new_tokens: int) -> Tensor:
 
 
 @torch.no_grad()
-def mtp_accept_on_greedy(model: TinyDSA, prompts: Tensor, new_tokens: int) -> float:
-    """The one-step accept rate on the model's own greedy output: MTP(h_i, t_{i+1}) == t_{i+2}."""
+def mtp_accept_on_greedy(model: TinyDSA, prompts: Tensor, new_tokens: int) -> float | None:
+    """The one-step accept rate on the model's own greedy output: MTP(h_i, t_{i+1}) == t_{i+2} (None: no cases)."""
     seq = greedy(model, prompts, new_tokens)
     draft = model(seq, "sparse").mtp_logits.argmax(-1)  # [B, S - 1], row i drafts token i + 2
     P = prompts.shape[1]
-    return (draft[:, P - 1:-1] == seq[:, P + 1:]).float().mean().item()
+    return rate(draft[:, P - 1:-1] == seq[:, P + 1:])
 
 
 def samples(model: TinyDSA, tokenizer: Any, prompts: tuple[str, ...], new_tokens: int = 40) -> dict[str, str]:
@@ -159,7 +164,8 @@ def samples(model: TinyDSA, tokenizer: Any, prompts: tuple[str, ...], new_tokens
 
 
 def report(model: TinyDSA, held_out: Tensor, contexts: tuple[int, ...], max_windows: int) -> dict[str, Any]:
-    """Every context is measured on the same held-out tokens (max_windows windows of the longest)."""
+    """Every context is measured on the same held-out tokens (max_windows windows of the longest). A rate with no
+    cases to count (`rate`) is None, written `null` in training_report.json, where NaN would not be JSON."""
     span = held_out[:max_windows * (max(contexts) + 1)]
     longest = windows(span, max(contexts) + 1)
     return {"perplexity": [asdict(perplexity(model, span, c)) for c in contexts],
