@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -15,6 +16,7 @@ import torch
 from safetensors.torch import save
 
 from dsaserve.ops.fp8 import quantize_weight
+from dsaserve.replace_folder import Writer, check_replaceable, replacing
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
@@ -51,16 +53,33 @@ ARCHS: dict[str, dict[str, Any]] = {
 _NOT_FP8 = ("embed_tokens", "lm_head", "norm", "mlp.gate.weight", "weights_proj", "shared_head.head")
 
 
+# The files make-tiny-model writes (shards are named by their count): a folder holding only these is one it made.
+_OWN_FILES = re.compile(r"(config|generation_config|tokenizer|tokenizer_config|model\.safetensors\.index)\.json"
+                        r"|model-\d{5}-of-\d{5}\.safetensors")
+
+
+def _not_made_here(names: list[str]) -> str | None:
+    strange = sorted(n for n in names if not _OWN_FILES.fullmatch(n))
+    return f"it does not write {', '.join(strange[:5])}{', ...' if len(strange) > 5 else ''}" if strange else None
+
+
+MAKE_TINY = Writer("make-tiny-model", _not_made_here)  # its output folder is replaced as a whole (replace_folder.py)
+
+
 def make_tiny_model(out: str | Path, arch: str = "deepseek_v32", fp8: bool = False, layers: int | None = None,
                     seed: int = 0, fp8_block: int = 128, dtype: torch.dtype = torch.float32,
                     **overrides: Any) -> Path:
     """`overrides` replace config.json fields (e.g. real DeepSeek dims for benchmarks); `dtype` is the
-    storage dtype of the high-precision tensors."""
+    storage dtype of the high-precision tensors. The folder `out` is replaced as a whole once the checkpoint is
+    written (an interrupted run leaves it as it was); ValueError where it holds other files than make-tiny-model
+    writes (replace_folder.py)."""
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}: choose from {', '.join(ARCHS)}")
     if layers is not None and layers < 1:
         raise ValueError(f"--layers must be >= 1, got {layers}")
     out = checkpoint_folder(out)
+    target = out.resolve()  # as train-tiny: a symlink's target is replaced rather than the link
+    check_replaceable(target, MAKE_TINY)
     config = {**BASE, **ARCHS[arch], **overrides}
     if layers is not None:
         config["num_hidden_layers"] = layers
@@ -71,11 +90,12 @@ def make_tiny_model(out: str | Path, arch: str = "deepseek_v32", fp8: bool = Fal
     tensors = {n: t.to(dtype) if n.endswith("weight") and "weights_proj" not in n else t for n, t in tensors.items()}
     if fp8:
         tensors = _quantize(tensors, fp8_block)
-    _save_sharded(out, tensors, shards=config["num_hidden_layers"] + 2)
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    (out / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}))
-    _save_tokenizer(out, config["vocab_size"])
+    with replacing(target, MAKE_TINY) as folder:
+        _save_sharded(folder, tensors, shards=config["num_hidden_layers"] + 2)
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
+        (folder / "generation_config.json").write_text(json.dumps(
+            {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}))
+        _save_tokenizer(folder, config["vocab_size"])
     return out
 
 

@@ -20,8 +20,7 @@ import torch
 from dsaserve.cli import main
 from dsaserve.model.checkpoint import default_model_path
 from dsaserve.tiny import _save_sharded
-from dsaserve.train_tiny import PRESETS, train_tiny
-from dsaserve.train_tiny.output import REPORT
+from dsaserve.train_tiny import PRESETS, REPORT, train_tiny
 from dsaserve.train_tiny.recipe import Stage
 
 

@@ -19,12 +19,12 @@ from typing import Any, Callable
 import torch
 
 from dsaserve.config import ModelConfig
+from dsaserve.replace_folder import Writer, check_replaceable, replacing
 from dsaserve.tiny import SPECIALS, _save_tokenizer, checkpoint_folder
 from dsaserve.train_tiny.corpus import build_corpus, token_stream
 from dsaserve.train_tiny.evaluate import report, samples
 from dsaserve.train_tiny.export import round_to_stored, write_checkpoint
 from dsaserve.train_tiny.model import TinyDSA
-from dsaserve.train_tiny.output import REPORT, check_replaceable, replacing
 from dsaserve.train_tiny.recipe import Optim, Stage, train
 
 SHIPPED_CONFIG: dict[str, Any] = dict(
@@ -40,6 +40,7 @@ SHIPPED_CONFIG: dict[str, Any] = dict(
     bos_token_id=0, eos_token_id=1, tie_word_embeddings=False, attention_bias=False, initializer_range=0.02)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # what dsaserve.tiny._save_tokenizer writes
+REPORT = "training_report.json"  # every train-tiny output has it (the shipped folder too)
 SAMPLE_PROMPTS = ("Return the", "This module provides", "Open a file and",
                   "<|bos|><|user|>What does os.path.join do?<|assistant|>",
                   "<|bos|><|user|>What does json.dumps do?<|assistant|>")
@@ -74,6 +75,13 @@ PRESETS = {
 }
 
 
+def _no_report(names: list[str]) -> str | None:
+    return None if REPORT in names else f"no {REPORT}"
+
+
+TRAIN_TINY = Writer("train-tiny", _no_report)  # its output folder is replaced as a whole (replace_folder.py)
+
+
 def print_now(line: str) -> None:
     """print, flushed: stdout to a file or pipe (nohup, `| tee`) is block-buffered, and a run takes half an hour."""
     print(line, flush=True)
@@ -82,14 +90,15 @@ def print_now(line: str) -> None:
 def train_tiny(out: str | Path, preset: str = "shipped", seed: int = 0, threads: int = 2,
                log: Callable[[str], None] = print_now) -> dict[str, Any]:
     """Train, then replace the folder `out` by the checkpoint and its report (untouched until then); returns the
-    report. ValueError before training where `out` holds anything but checkpoint files (output.py)."""
+    report. ValueError before training where `out` holds anything but train-tiny's checkpoint files
+    (replace_folder.py)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}: choose from {', '.join(PRESETS)}")
     if threads < 1:  # torch.set_num_threads would raise a RuntimeError
         raise ValueError(f"--threads must be >= 1, got {threads}")
     # Resolved: a symlink's target is replaced rather than the link, and "." is seen to be the working folder.
     p, out = PRESETS[preset], checkpoint_folder(out).resolve()
-    check_replaceable(out)
+    check_replaceable(out, TRAIN_TINY)
     caller_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -104,9 +113,9 @@ def train_tiny(out: str | Path, preset: str = "shipped", seed: int = 0, threads:
 def _run(p: Preset, preset: str, out: Path, seed: int, threads: int, log: Callable[[str], None]) -> dict[str, Any]:
     start, cpu = time.monotonic(), time.process_time()
     torch.manual_seed(seed)
-    # `out` is replaced only once the run is done, as a whole (output.py): a run stopped midway or while writing
-    # (Ctrl-C while retraining the shipped folder) must not leave new weights beside an old tokenizer, a folder
-    # that loads and serves garbage.
+    # `out` is replaced only once the run is done, as a whole (replace_folder.py): a run stopped midway or while
+    # writing (Ctrl-C while retraining the shipped folder) must not leave new weights beside an old tokenizer, a
+    # folder that loads and serves garbage.
     with tempfile.TemporaryDirectory(prefix="train-tiny-") as scratch:
         tok, train_ids, held_ids = _tokenized_corpus(p, Path(scratch), log)
         model = TinyDSA(ModelConfig.from_dict(p.config))
@@ -116,7 +125,7 @@ def _run(p: Preset, preset: str, out: Path, seed: int, threads: int, log: Callab
         log(f"evaluating on {held_ids.numel()} held-out tokens (contexts {', '.join(map(str, p.eval_contexts))})")
         measured = {**report(model, held_ids, p.eval_contexts, p.eval_windows),
                     "samples": samples(model, tok, SAMPLE_PROMPTS)}
-        with replacing(out) as folder:
+        with replacing(out, TRAIN_TINY) as folder:
             size = write_checkpoint(model, p.config, folder)
             for name in TOKENIZER_FILES:
                 shutil.copyfile(Path(scratch) / name, folder / name)
