@@ -112,7 +112,7 @@ BAD = [  # (path, body changes, status, words in the message)
     ("/v1/completions", {"model": "gpt-17"}, 404, "'gpt-17' does not exist"),
     ("/generate", {"model": None, "sampling_params": {"max_new_tokens": 2, "temprature": 0.5}}, 400, "temprature"),
     ("/generate", {"model": None, "input_ids": [5], "sampling_params": {"max_new_tokens": 0, "min_new_tokens": 1}},
-     400, "max_new_tokens 0 scores the prompt only: min tokens must be 0"),
+     400, "max_new_tokens 0 scores the prompt only: min_new_tokens must be 0"),
     ("/generate", {"model": None, "sampling_params": {"max_new_tokens": 2}}, 400, "exactly one of text and input_ids"),
 ]
 
@@ -262,6 +262,11 @@ def test_queue_full_is_503(server: ServerProcess, client: openai.OpenAI, model: 
     # past the prompt's end it answered an empty list (SGLang's: a 400)
     ("/generate", {"model": None, "input_ids": [5, 6, 7], "return_logprob": True, "logprob_start_len": 4},
      "logprob_start_len", "logprob_start_len (4) is past the end of the prompt (3 tokens): it can be at most 3"),
+    # max tokens 0 scores the prompt only: both fields as sent (the message said "min tokens")
+    ("/generate", {"model": None, "input_ids": [5], "sampling_params": {"max_new_tokens": 0, "min_new_tokens": 3}},
+     "max_new_tokens", "max_new_tokens 0 scores the prompt only: min_new_tokens must be 0, got 3"),
+    ("/v1/completions", {"max_tokens": 0, "min_tokens": 3}, "max_tokens",
+     "max_tokens 0 scores the prompt only: min_tokens must be 0, got 3"),
     # rules between two fields name the one that breaks them (param was null: the rule was the body's)
     ("/v1/completions", {"best_of": 3}, "best_of", "best_of: Value error, best_of must equal n (1)"),
     ("/v1/completions", {"stream_options": {"include_usage": True}}, "stream_options",

@@ -176,7 +176,7 @@ def native_router(serving: OpenAIServing) -> APIRouter:
             grammar = await fe.tokenize(serving.grammar, _constraint(sp), None, False,
                                         "json_schema" if sp.json_schema is not None else None)
             pd.check(body, route)
-            max_tokens, prompt_only = prompt_scoring(sp.max_new_tokens, sp.min_new_tokens, "max_new_tokens")
+            max_tokens, prompt_only = prompt_scoring(sp.max_new_tokens, sp.min_new_tokens, _NATIVE_NAMES)
             prompt_lp = logprobs if body.logprob_start_len >= 0 and not decodes else None
             params = [_native_params(sp, max_tokens, logprobs, prompt_lp, grammar, j) for j in range(n)]
             prompts = [ids for ids in prompts for _ in range(n)]

@@ -122,7 +122,7 @@ class OpenAIServing:
                               "disaggregation", param="echo")
         prompt_only = False  # (chat: max_tokens 0 stays a 400)
         if kind == "completion":
-            max_tokens, prompt_only = prompt_scoring(max_tokens, body.min_tokens or 0, "max_tokens")
+            max_tokens, prompt_only = prompt_scoring(max_tokens, body.min_tokens or 0, self.names(body))
         params = [self.params(body, max_tokens, logprobs, i, grammar, scored)
                   for _ in prompts for i in range(body.n)]
         flat = [ids for ids in prompts for _ in range(body.n)]

@@ -37,12 +37,16 @@ def bias_pairs(logit_bias: dict[str, float] | None) -> tuple[tuple[int, float], 
         raise bad_request(str(exc), param="logit_bias") from None
 
 
-def prompt_scoring(max_tokens: int | None, min_tokens: int, param: str) -> tuple[int | None, bool]:
+def prompt_scoring(max_tokens: int | None, min_tokens: int,
+                   names: dict[str, str]) -> tuple[int | None, bool]:
     """(the engine's max_tokens, whether the answer scores the prompt only). max_tokens 0 (SGLang's
     max_new_tokens, legacy OpenAI completions') scores the prompt: the engine runs it for one token, which the
-    answer leaves out (RequestHandle.scores_only)."""
+    answer leaves out (RequestHandle.scores_only). A refusal names both fields as the client spelt them (`names`,
+    as `checked` takes: max_tokens -> max_new_tokens, min_tokens -> min_new_tokens)."""
     if max_tokens == 0 and min_tokens:
-        raise bad_request(f"{param} 0 scores the prompt only: min tokens must be 0, got {min_tokens}", param=param)
+        max_name, min_name = names.get("max_tokens", "max_tokens"), names.get("min_tokens", "min_tokens")
+        raise bad_request(f"{max_name} 0 scores the prompt only: {min_name} must be 0, got {min_tokens}",
+                          param=max_name)
     return (1, True) if max_tokens == 0 else (max_tokens, False)
 
 
