@@ -136,7 +136,7 @@ def run(ns: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"{args.model_path}: --tp {args.tp} --dp {args.dp}"
+    print(f"{args.model_path}: --tp {args.tp} --dp {args.dp}{f' --ep {args.ep}' if args.ep > 1 else ''}"
           f"{' --enable-dp-attention' if args.enable_dp_attention else ''}, kv {args.kv_cache_dtype}")
     print(describe(result))
     if result.fits:

@@ -32,6 +32,7 @@ def test_fp8_models_fit_one_8x141gb_node(name: str, flags: list[str], tmp_path: 
     assert main(["plan", "--model-path", _model(tmp_path, name), "--gpu-memory-gb", "141", *flags]) == 0
     out = capsys.readouterr().out
     assert "weights per rank" in out and "tokens fit" in out
+    assert ("--ep 8" in out.splitlines()[0]) == ("--ep" in flags)
 
 
 def test_v32_does_not_fit_4x80gb(tmp_path: Path, capsys) -> None:
