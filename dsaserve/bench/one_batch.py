@@ -173,6 +173,10 @@ def run(ns: argparse.Namespace) -> int:
     args = ServerArgs.from_cli(ns)
     sizes = {"--batch-size": min(ns.batch_size), "--input-len": min(ns.input_len), "--output-len": ns.output_len}
     bad = [f"{flag} must be >= 1, got {value}" for flag, value in sizes.items() if value < 1]
+    if (args.tp, args.dp, args.ep, args.nnodes) != (1, 1, 1, 1):  # it was ignored: the whole model on one device
+        bad.append("bench one-batch runs one process on one device: leave out --tp / --dp / --ep / --nnodes (for one "
+                   "rank of a --tp N deployment, make its shapes with benchmarks/rank_slice.py DIR --tp N and "
+                   "give DIR as --model-path)")
     if bad:
         raise ValueError("; ".join(bad))  # (cli.main prints it as one line, exit code 2)
     batch = max(ns.batch_size + ns.profile + ns.profile_prefill)
