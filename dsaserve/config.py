@@ -122,14 +122,15 @@ class ModelConfig:
                 raise ConfigError(f"{name}={value} is not divisible by the {what} {size}")
 
     @classmethod
-    def from_path(cls, model_path: str | Path) -> ModelConfig:
+    def from_path(cls, model_path: str | Path, overrides: dict[str, Any] | None = None) -> ModelConfig:
+        """config.json of the folder, its fields replaced by `overrides` (--json-model-override-args) if given."""
         path = Path(model_path) / "config.json"
         if not path.is_file():
             hub = not Path(model_path).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", str(model_path))
             raise ConfigError(f"no config.json in {model_path}" + (
                 " (a Hugging Face repo id? dsaserve reads a local folder: `huggingface-cli download "
                 f"{model_path} --local-dir DIR`, then --model-path DIR)" if hub else ""))
-        return cls.from_dict(json.loads(path.read_text()))
+        return cls.from_dict({**json.loads(path.read_text()), **(overrides or {})})
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:

@@ -130,7 +130,7 @@ def run(ns: argparse.Namespace) -> int:
             raise ValueError("dsaserve plan needs --model-path (a folder with config.json)")
         if not 0 < ns.gpu_memory_gb < math.inf:
             raise ValueError(f"--gpu-memory-gb must be a positive number of GB, got {ns.gpu_memory_gb}")
-        cfg = ModelConfig.from_path(Path(args.model_path))
+        cfg = ModelConfig.from_path(Path(args.model_path), args.model_overrides)
         check_flags_for(cfg, args, Path(args.model_path) / "config.json")
         result = plan(cfg, args, int(ns.gpu_memory_gb * 1e9))  # (CheckpointError: a split FP8 cannot take)
     except ValueError as exc:

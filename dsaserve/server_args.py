@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
@@ -72,6 +73,9 @@ class ServerArgs:
                                                  "or PD: the host schedules and commits while the GPU runs)")
     context_length: int | None = _opt(None, "longest prompt + completion (default: the model's)")
     disable_radix_cache: bool = _opt(False, "do not reuse the cache of repeated prompt prefixes")
+    json_model_override_args: str | None = _opt(None, "a JSON object whose fields replace config.json's (SGLang's "
+                                                      "flag), e.g. '{\"max_position_embeddings\": 32768}'; "
+                                                      "model_type excepted")
     load_format: str = _opt("auto", "auto (the checkpoint's safetensors) or dummy (random weights in the formats the "
                                     "config.json implies, FP8 included: benchmark a real config without its weights)")
     attention_backend: str = _opt("auto", "torch, triton or flashmla (FlashMLA's sparse MLA kernels where its module "
@@ -190,7 +194,26 @@ class ServerArgs:
         if self.dist_init_addr is not None and split_host_port(self.dist_init_addr) is None:
             problems.append(f"--dist-init-addr must be HOST:PORT with a port in [1, 65535], got "
                             f"{self.dist_init_addr!r}")
-        return problems + self._multi_node_problems()
+        return problems + self._override_problems() + self._multi_node_problems()
+
+    def _override_problems(self) -> list[str]:
+        if self.json_model_override_args is None:
+            return []
+        try:
+            overrides = json.loads(self.json_model_override_args)
+        except json.JSONDecodeError as exc:
+            return [f"--json-model-override-args is not valid JSON: {exc}"]
+        if not isinstance(overrides, dict):
+            return [f"--json-model-override-args must be a JSON object of config.json fields, got "
+                    f"{self.json_model_override_args!r}"]
+        if "model_type" in overrides:  # the tokenizer's chat format and parsers follow the folder's
+            return ["--json-model-override-args cannot change model_type"]
+        return []
+
+    @property
+    def model_overrides(self) -> dict[str, Any]:
+        """--json-model-override-args as a dict (checked in __post_init__): config.json's fields it replaces."""
+        return json.loads(self.json_model_override_args) if self.json_model_override_args else {}
 
     def _multi_node_problems(self) -> list[str]:
         if self.nnodes == 1:

@@ -76,7 +76,7 @@ def create_side(engine: Engine) -> Any:
     from dsaserve.disagg.prefill import PrefillSide
     args = engine.args
     prob = failure_prob()  # before anything that would need closing
-    weights_id = weights_fingerprint(engine.model_path, args.load_format)
+    weights_id = weights_fingerprint(engine.model_path, args.load_format, args.model_overrides)
     pools = engine.runner.pools
     transport = create_transport(args.disaggregation_transfer_backend, pools.page_buffers(), pools.row_format,
                                  args.disaggregation_ib_device)

@@ -105,7 +105,7 @@ class ModelRunner:
         self.dtype = resolve_dtype(args.dtype, self.device)
         self.kv_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, self.dtype)
         self.spec_steps = args.spec_steps
-        self.cfg = ModelConfig.from_path(model_path)
+        self.cfg = ModelConfig.from_path(model_path, args.model_overrides)
         # What config.json and the device can refuse is refused before the weights load (minutes at full size).
         if self.spec_steps and not self.cfg.num_nextn_predict_layers:
             raise SettingError(f"--speculative-algorithm {args.speculative_algorithm} needs the checkpoint's MTP "
@@ -114,7 +114,7 @@ class ModelRunner:
         attention = resolve_attention_backend(args.attention_backend, self.device, self.cfg, self.dtype, self.kv_dtype)
         moe = resolve_backend(args.moe_backend, self.device)
         self.model = build_model(model_path, self.device, self.dtype, self.par, load_mtp=self.spec_steps > 0,
-                                 progress=progress, load_format=args.load_format)
+                                 progress=progress, load_format=args.load_format, overrides=args.model_overrides)
         self.page_size = args.page_size
         self.context_length = args.context_length or self.cfg.context_length
         self.ops = DSAOps(attention_backend=attention, moe_backend=moe,

@@ -7,6 +7,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from safetensors import safe_open
 
@@ -69,15 +70,16 @@ FINGERPRINT_TENSORS = 64  # tensors sampled, spread over the sorted names
 FINGERPRINT_BYTES = 256  # of each, from its start
 
 
-def weights_fingerprint(model_path: str | Path, load_format: str = "auto") -> str:
+def weights_fingerprint(model_path: str | Path, load_format: str = "auto",
+                        overrides: dict[str, Any] | None = None) -> str:
     """A short id of the model a server loads, so that PD servers which loaded different ones refuse to pair:
     a hash of config.json's settings and of FINGERPRINT_TENSORS tensors' names, dtypes, shapes and first bytes.
     The same for a copy elsewhere or another sharding; a full fine-tune differs in every tensor (one that changed
     a few tensors may escape the sample). load_format "dummy": the config alone (each rank seeds its shard
     alike, so servers of other TP layouts hold other random weights under the same id: benchmarks only)."""
     path = Path(model_path)
-    config = {k: v for k, v in json.loads((path / "config.json").read_text()).items()
-              if not k.startswith("_") and k != "transformers_version"}
+    config = {k: v for k, v in {**json.loads((path / "config.json").read_text()), **(overrides or {})}.items()
+              if not k.startswith("_") and k != "transformers_version"}  # (as served: --json-model-override-args)
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     if load_format == "dummy":
         return "dummy-" + digest.hexdigest()[:16]

@@ -38,7 +38,7 @@ DEFAULT_DIST_TIMEOUT_S = 1800  # --dist-timeout's default
 SAME_ON_EVERY_NODE = ("tp", "dp", "ep", "enable_dp_attention", "nnodes", "page_size", "dtype", "kv_cache_dtype",
                       "spec_steps", "disaggregation_mode", "context_length", "max_running_requests",
                       "chunked_prefill_size", "cuda_graph_max_bs", "cuda_graph_bs", "attention_backend", "moe_backend",
-                      "load_format")
+                      "load_format", "json_model_override_args")
 
 
 def init_distributed(args: ServerArgs, rank: int, init_addr: str) -> Parallel:

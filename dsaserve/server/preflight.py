@@ -32,7 +32,7 @@ def check_model(args: ServerArgs) -> None:
     """Raise ConfigError / CheckpointError / ValueError naming the file or flag that cannot be served."""
     path = Path(args.model_path)
     try:
-        cfg = ModelConfig.from_path(path)
+        cfg = ModelConfig.from_path(path, args.model_overrides)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path / 'config.json'} is not valid JSON: {exc}") from None
     check_flags_for(cfg, args, path / "config.json")
