@@ -92,7 +92,8 @@ def main() -> None:
     ap.add_argument("--tp", type=int, nargs="+", default=[8, 1])
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 4096])
     ap.add_argument("--bf16", action="store_true", help="bf16 weights instead of FP8")
-    ap.add_argument("--ep", action="store_true", help="also time rank 0 of --tp N --ep N")
+    ap.add_argument("--ep", action="store_true", help="also time every rank of --tp N --ep N (the slowest is the "
+                                                      "layer's time)")
     ap.add_argument("--out", default=None, help="write the rows as JSON")
     ap.add_argument("--profile", action="store_true", help="print each way's kernels (eager) at every size")
     args = ap.parse_args()

@@ -48,7 +48,7 @@ class ServerArgs:
     dp: int = _opt(1, "data-parallel size (with --enable-dp-attention: DP attention groups)", aliases=("--dp-size",))
     enable_dp_attention: bool = _opt(False, "attention runs data-parallel in --dp groups, MoE over all ranks")
     ep: int = _opt(1, "expert-parallel size: the routed experts are divided among --ep groups of --tp / --ep ranks "
-                      "(--ep --tp: each rank holds n_routed_experts / tp whole experts; 1: every expert is split "
+                      "(--ep = --tp: each rank holds n_routed_experts / tp whole experts; 1: every expert is split "
                       "over all ranks); the MoE still combines by all-reduce (no all-to-all)",
                    aliases=("--ep-size", "--expert-parallel-size"))
     nnodes: int = _opt(1, "number of machines")

@@ -12,6 +12,10 @@ _ONE_ATTENTION_BACKEND = ("dsaserve uses one sparse-attention backend for prefil
 NOT_TAKEN: dict[str, str] = {
     "--moe-a2a-backend": _NO_ALL_TO_ALL,
     "--enable-deepep-moe": _NO_ALL_TO_ALL,
+    "--deepep-mode": _NO_ALL_TO_ALL,
+    "--enable-ep-moe": "SGLang's older spelling of --ep = --tp: give --ep N",
+    "--enable-eplb": "dsaserve has no expert-load balancer (no redundant experts); leave it out",
+    "--ep-num-redundant-experts": "dsaserve has no expert-load balancer (no redundant experts); leave it out",
     "--nsa-prefill-backend": _ONE_ATTENTION_BACKEND,
     "--nsa-decode-backend": _ONE_ATTENTION_BACKEND,
     "--max-prefill-tokens": "use --chunked-prefill-size: it bounds the tokens of one step (prompt chunks and the "

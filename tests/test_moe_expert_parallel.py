@@ -60,6 +60,24 @@ def test_reference_skips_other_ranks_pairs(ep: int) -> None:
     torch.testing.assert_close(total, whole, rtol=1e-5, atol=1e-6)
 
 
+def test_long_moe_calls_run_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past max_moe_bytes of transient rows a call runs its tokens in chunks: the same output (each token's rows are
+    its own), padding rows 0, other ranks' pairs still skipped."""
+    from dsaserve.ops.dispatch import DSAOps
+    N, E, k, hidden, inter = 23, 8, 3, 64, 32
+    x, w13, w2, ids, weights = _inputs(N, hidden, inter, E, k, "cpu", seed=7)
+    local = _shard_ids(ids, 2, 4)
+    whole = DSAOps().moe(x, w13, w2, local, weights, N - 2, local_share=0.5)
+    calls = []
+    real = reference.moe_experts
+    monkeypatch.setattr(reference, "moe_experts", lambda *a, **kw: calls.append(a[5]) or real(*a, **kw))
+    per_token = k * (hidden * 4 + 2 * inter * 4)
+    chunked = DSAOps(max_moe_bytes=5 * per_token).moe(x, w13, w2, local, weights, N - 2, local_share=0.5)
+    assert calls == [5, 5, 5, 5, 1]
+    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
+    assert (chunked[N - 2:] == 0).all()
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_route_numbers_this_ranks_experts(device: str) -> None:
     """route(local=(first, count)) picks the experts route() picks, numbered from `first`, -1 for the others,
@@ -76,8 +94,9 @@ def test_route_numbers_this_ranks_experts(device: str) -> None:
 
 
 GPU_CASES = [  # (tokens, hidden, inter, experts, top-k): the paths each takes, whole and per rank
-    (1, 512, 256, 16, 8),  # decode: no routing layout (a block per pair)
+    (1, 512, 256, 16, 8),  # decode: no routing layout (a block per pair); ranks without a pair
     (6, 1152, 256, 16, 8),  # 48 pairs: the one-program layout, split-K gate/up
+    (32, 512, 256, 16, 8),  # 256 pairs, SMALL_PAIRS exactly: the one-program layout's limit
     (300, 512, 256, 16, 4),  # 1,200 pairs: the three-launch layout
 ]
 
@@ -103,7 +122,7 @@ def test_triton_moe_skips_other_ranks_pairs(case: tuple[int, int, int, int, int]
         for rank in range(ep):
             local = _shard_ids(ids, rank * count, count)
             rank_w13, rank_w2 = _experts(w13, rank * count, count), _experts(w2, rank * count, count)
-            got = tops.moe_experts(x, rank_w13, rank_w2, local, weights, N)
+            got = tops.moe_experts(x, rank_w13, rank_w2, local, weights, N, local_share=1 / ep)
             want = reference.moe_experts(x.float(), _float(rank_w13), _float(rank_w2), local, weights, N)
             assert not torch.isnan(got).any(), f"rank {rank}: NaN (a skipped pair's row was read)"
             err = ((got.double() - want.double()).norm() / want.double().norm().clamp(min=1e-30)).item()
@@ -128,12 +147,14 @@ def test_wgmma_moe_skips_other_ranks_pairs() -> None:
     rank_w13, rank_w2 = _experts(w13, 4, 4), _experts(w2, 4, 4)
     tops.moe.CONFIG = {"wgmma": 1}
     try:
-        got = tops.moe_experts(x, rank_w13, rank_w2, local, weights, 512)
+        got = tops.moe_experts(x, rank_w13, rank_w2, local, weights, 512, local_share=0.25)
+        none = tops.moe_experts(x, rank_w13, rank_w2, torch.full_like(ids, -1), weights, 512, local_share=0.25)
     finally:
         tops.moe.CONFIG = None
     want = reference.moe_experts(x.float(), _float(rank_w13), _float(rank_w2), local, weights, 512)
     err = ((got.double() - want.double()).norm() / want.double().norm()).item()
     assert not torch.isnan(got).any() and err < 1e-2, f"rel err {err:.2e}"
+    assert (none == 0).all(), "a rank none of whose experts was picked adds nothing"
 
 
 def _float(w: torch.Tensor | fp8.BlockFP8) -> torch.Tensor | fp8.BlockFP8:

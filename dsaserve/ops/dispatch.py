@@ -47,6 +47,10 @@ class DSAOps:
     attention_backend: str = "torch"
     moe_backend: str = "torch"
     max_logits_bytes: int = 512 << 20
+    # Transient bytes one MoE call may take (its pairs' rows: fp32 gate/up, the outputs before the sum); more
+    # tokens run in chunks. A DP-attention prefill gathers up to dp x --chunked-prefill-size tokens, and at whole
+    # expert width (--ep) their gate/up rows alone would be 8.6 GB for V3.2 at --dp 8.
+    max_moe_bytes: int = 2 << 30
     head_multiple: int | None = None  # overrides the attention kernel's own requirement (tests)
     max_query_rows: int | None = None  # overrides the attention kernel's rows per call (tests)
     # A second CUDA stream on which a layer's indexer runs beside its query path (model/dsa.py MLAttention);
@@ -148,6 +152,16 @@ class DSAOps:
             num_tokens: int, xq: QuantizedRows | None = None, local_share: float = 1.0) -> Tensor:
         """Routed experts; block-FP8 weights run the FP8 kernel (triton) or its emulation (torch). xq: x's rows
         quantized by the norm that wrote them (fp8.QuantizedRows), or None. local_share: the share of the pairs
-        expected to be these experts' (expert parallelism; the others carry id -1): the kernels' tiles follow it."""
-        return _backend(self.moe_backend).moe_experts(x, w13, w2, topk_ids, topk_weights, num_tokens, xq,
-                                                      local_share)
+        expected to be these experts' (expert parallelism; the others carry id -1): the kernels' tiles follow it.
+        Tokens run in chunks of at most max_moe_bytes of transient rows (each token's rows are its own)."""
+        backend = _backend(self.moe_backend)
+        per_token = topk_ids.shape[1] * (x.shape[1] * x.element_size() + w13.shape[1] * 4)
+        chunk = max(1, self.max_moe_bytes // per_token)
+        if num_tokens <= chunk:
+            return backend.moe_experts(x, w13, w2, topk_ids, topk_weights, num_tokens, xq, local_share)
+        out = torch.zeros_like(x)  # (rows past num_tokens, DP padding, are 0 as in one call)
+        for start in range(0, num_tokens, chunk):  # prefill-sized: xq (decode rows only) is not handed over
+            end = min(start + chunk, num_tokens)
+            out[start:end] = backend.moe_experts(x[start:end], w13, w2, topk_ids[start:end], topk_weights[start:end],
+                                                 end - start, None, local_share)
+        return out
