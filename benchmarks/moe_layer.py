@@ -142,10 +142,11 @@ def main() -> None:
           "| mean rank |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
-        ep = (f"{r['ep_bytes'] / 1e6:.1f} | {r['ep_us']:.1f} us ({r['ep_of_copy']:.0%}) | {r['ep_mean_us']:.1f} us"
-              if "ep_us" in r else "- | - | -")
-        print(f"| {r['tp']} | {r['tokens']} | {r['bytes'] / 1e6:.1f} | {r['dense_us']:.1f} us ({r['dense_of_copy']:.0%}) "
-              f"| {r['stacked_us']:.1f} us ({r['stacked_of_copy']:.0%}) | {r['stacked_us'] / r['dense_us'] - 1:+.1%} "
+        ep = (f"{r['ep_bytes'] / 1e6:.1f} | {r['ep_us']:.1f} us ({r['ep_of_copy']:.0%}) | "
+              f"{r['ep_mean_us']:.1f} us" if "ep_us" in r else "- | - | -")
+        print(f"| {r['tp']} | {r['tokens']} | {r['bytes'] / 1e6:.1f} | {r['dense_us']:.1f} us "
+              f"({r['dense_of_copy']:.0%}) | {r['stacked_us']:.1f} us ({r['stacked_of_copy']:.0%}) | "
+              f"{r['stacked_us'] / r['dense_us'] - 1:+.1%} "
               f"| {ep} |")
     if args.out:
         Path(args.out).write_text(json.dumps(dict(device=torch.cuda.get_device_name(), peaks=peaks, rows=rows), indent=1))

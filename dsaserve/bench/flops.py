@@ -4,8 +4,9 @@ engine computes them: the yardstick for prefill against the measured bf16 matmul
 * Weight products, from the built model's modules (so both architectures, FP8 and tensor-parallel shards
   come out right): every `Linear` once per row by its logical [out, in] shape (FP8 weights included; fused
   projections are one Linear), the router's [E, H] product, and `num_experts_per_tok` routed experts (with
-  --ep this rank's expected share of them, k x local / all experts) and a stacked shared expert (3 x intermediate x hidden each, padding of FP8 expert blocks left out: it multiplies
-  zeros). The absorbed MLA's W_UK / W_UV products per head together have exactly kv_b_proj's shape, so it
+  --ep this rank's expected share of them, k x local / all experts) and a stacked shared expert (3 x
+  intermediate x hidden each, padding of FP8 expert blocks left out: it multiplies zeros).
+  The absorbed MLA's W_UK / W_UV products per head together have exactly kv_b_proj's shape, so it
   counts as a Linear.
   The indexer's query side (wq_b, weights_proj) runs for every row of a step whose key width is past
   index_topk (Indexer.forward); its wk always runs (fused with q_a and kv_a).
