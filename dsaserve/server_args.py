@@ -123,7 +123,7 @@ class ServerArgs:
                                                "they are parsed")
     skip_server_warmup: bool = _opt(False, "serve at once, without first running a few prompts through the engine "
                                            "(they compile the prefill-shaped kernels on a GPU)")
-    seed: int = _opt(0, "seed for requests that carry none")
+    seed: int = _opt(0, "seed for requests that carry none", aliases=("--random-seed",))
     log_level: str = _opt("info", "debug, info, warning, error")
     checks: bool = _opt(False, "validate every BatchLayout and kernel input (also DSASERVE_CHECKS=1)")
 
