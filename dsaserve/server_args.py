@@ -44,8 +44,10 @@ class ServerArgs:
     kv_cache_dtype: str = _opt("auto", "latent and index-key cache dtype: auto (the --dtype), bf16 (alias bfloat16), "
                                        "fp8_e4m3 (FlashMLA's 656-byte latent rows: e4m3 + fp32 scales per 128 "
                                        "values + bf16 rope; index keys e4m3 + one fp32 scale per 128)")
-    tp: int = _opt(1, "tensor-parallel size (ranks on this machine x nnodes)", aliases=("--tp-size",))
-    dp: int = _opt(1, "data-parallel size (with --enable-dp-attention: DP attention groups)", aliases=("--dp-size",))
+    tp: int = _opt(1, "tensor-parallel size (ranks on this machine x nnodes)",
+                   aliases=("--tp-size", "--tensor-parallel-size"))
+    dp: int = _opt(1, "data-parallel size (with --enable-dp-attention: DP attention groups)",
+                  aliases=("--dp-size", "--data-parallel-size"))
     enable_dp_attention: bool = _opt(False, "attention runs data-parallel in --dp groups, MoE over all ranks")
     ep: int = _opt(1, "expert-parallel size: the routed experts are divided among --ep groups of --tp / --ep ranks "
                       "(--ep = --tp: each rank holds n_routed_experts / tp whole experts; 1: every expert is split "
