@@ -252,17 +252,19 @@ def test_an_fp8_format_other_than_e4m3_is_refused(tmp_path: Path, fp8_models: di
         build_model(tmp_path / "m", CPU, torch.float32, progress=False)
 
 
-def test_parallel_fp8_matches_single_device(small_block_models: dict[str, tuple[Path, Path]]) -> None:
-    """Real rank processes (TP 4 with DP attention 2) on FP8 checkpoints equal the single-device run; also with
-    the FP8 KV cache, at page size 64 and at page size 1 with MTP (S = 2) and graph buckets of 2 (padded
-    layouts, idle groups replaying dummies), against the single-device run over the FP8 cache."""
+@pytest.mark.parametrize("ep", [1, 4])
+def test_parallel_fp8_matches_single_device(ep: int, small_block_models: dict[str, tuple[Path, Path]]) -> None:
+    """Real rank processes (TP 4 with DP attention 2; and with --ep 4, whole FP8 experts per rank) on FP8
+    checkpoints equal the single-device run; also with the FP8 KV cache, at page size 64 and at page size 1 with
+    MTP (S = 2) and graph buckets of 2 (padded layouts, idle groups replaying dummies), against the single-device
+    run over the FP8 cache."""
     fp8_cache = [({"page_size": 64}, None), ({"page_size": 64, "kv_cache_dtype": "fp8_e4m3"}, 64),
                  ({"page_size": 1, "kv_cache_dtype": "fp8_e4m3", "speculative_algorithm": "NEXTN",
                    "speculative_num_steps": 2, "cuda_graph_max_bs": 2}, 1)]
     cases = [(a, flags, page) for a in ARCHS for flags, page in fp8_cache]
     jobs = [Job({"model_path": str(small_block_models[a][0]), **flags},
                 [OfflineRequest(p, GREEDY, dp_rank=i % 2) for i, p in enumerate(PROMPTS)]) for a, flags, _ in cases]
-    results = run_jobs(ServerArgs(tp=4, dp=2, enable_dp_attention=True, max_total_tokens=2048), jobs)
+    results = run_jobs(ServerArgs(tp=4, dp=2, ep=ep, enable_dp_attention=True, max_total_tokens=2048), jobs)
     for (arch, flags, page), got in zip(cases, results):
         model = str(small_block_models[arch][0])
         if page is None:
@@ -270,7 +272,7 @@ def test_parallel_fp8_matches_single_device(small_block_models: dict[str, tuple[
         else:
             llm = LLM(model, page_size=page, kv_cache_dtype="fp8_e4m3", max_total_tokens=2048)
             want = [list(c.token_ids) for c in llm.generate(PROMPTS, GREEDY)]
-        assert got == want, f"{arch} {flags}"
+        assert got == want, f"ep={ep} {arch} {flags}"
 
 
 def test_dequantize_partial_blocks() -> None:
