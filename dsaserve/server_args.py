@@ -127,6 +127,10 @@ class ServerArgs:
                                            "(they compile the prefill-shaped kernels on a GPU)")
     seed: int = _opt(0, "seed for requests that carry none", aliases=("--random-seed",))
     log_level: str = _opt("info", "debug, info, warning, error")
+    log_requests: bool = _opt(False, "log each request when accepted and when it ends (SGLang's flag; "
+                                     "--log-requests-level says how much)")
+    log_requests_level: int = _opt(2, "0: ids, token counts, finish and latency; 1: and the sampling parameters; "
+                                      "2: and the first and last 256 characters of prompt and output; 3: all of them")
     checks: bool = _opt(False, "validate every BatchLayout and kernel input (also DSASERVE_CHECKS=1)")
 
     def __post_init__(self) -> None:
@@ -188,6 +192,8 @@ class ServerArgs:
             problems.append("--api-key must not be empty (leave it out to serve without a key)")
         if self.max_request_bytes < 1:
             problems.append(f"--max-request-bytes must be >= 1, got {self.max_request_bytes}")
+        if not 0 <= self.log_requests_level <= 3:
+            problems.append(f"--log-requests-level must be 0, 1, 2 or 3, got {self.log_requests_level}")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             problems.append(f"--log-level must be debug, info, warning or error, got {self.log_level!r}")
         if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:

@@ -5,6 +5,7 @@ test module has)."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import httpx
@@ -22,7 +23,7 @@ MAX = 10
 
 @pytest.fixture(scope="module")
 def server(tiny_ds: str, tmp_path_factory: pytest.TempPathFactory):
-    yield from module_server(tiny_ds, tmp_path_factory, **FLAGS)
+    yield from module_server(tiny_ds, tmp_path_factory, **FLAGS, log_requests=True, log_requests_level=3)
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +146,48 @@ def test_sglang_generate_options(server: ServerProcess, llm: LLM, tiny_ds: str) 
     assert generate(input_ids=[5, 6], sampling_params=forced)["text"] == ""
     kept = generate(input_ids=[5, 6], sampling_params={**forced, "skip_special_tokens": False})
     assert kept["output_ids"] == [eos] * 3 and kept["text"] == tok.decode([eos] * 3, skip_special_tokens=False) != ""
+
+
+def test_log_requests(server: ServerProcess) -> None:
+    """--log-requests (level 3): a line when the request is accepted (DP rank, prompt tokens, the sampling fields
+    sent, the prompt) and one when it ends (reason, tokens, the whole output); a refused request's reason."""
+    r = httpx.post(f"{server.url}/generate", json={"text": "Hello there", "rid": "logged-1", "sampling_params": {
+        "max_new_tokens": 4, "temperature": 0, "ignore_eos": True}}, timeout=60).json()
+    bad = httpx.post(f"{server.url}/generate", json={"input_ids": [10 ** 6], "rid": "logged-2"}, timeout=60)
+    assert bad.status_code == 400
+    lines: list[str] = []
+    for _ in range(100):  # the lines are written as the requests end: at most 10 s after
+        lines = [line for line in server.log().splitlines() if "request logged-" in line]
+        if len(lines) >= 3:
+            break
+        time.sleep(0.1)
+    accepted, finished, refused = (next(line for line in lines if key in line) for key in (
+        "request logged-1 accepted", "request logged-1 finished", "request logged-2 failed"))
+    assert "on DP rank 0: " in accepted and f"{r['meta_info']['prompt_tokens']} prompt tokens" in accepted
+    assert "'max_tokens': 4" in accepted and "'temperature': 0.0" in accepted and "Hello there" in accepted
+    assert "finished: length after" in finished and "4 completion tokens" in finished
+    assert f"output {r['text']!r}" in finished
+    assert "refused (400)" in refused and "vocabulary" in refused
+
+
+def test_log_request_levels(llm: LLM, caplog: pytest.LogCaptureFixture) -> None:
+    """Level 0 holds no sampling fields and no text; 1 adds the fields; 2 clips prompt and output to their ends
+    (CLIP characters each), decoding only the prompt's end tokens."""
+    from dsaserve.engine.request import FinishReason
+    from dsaserve.server.request_log import CLIP, RequestLog
+    tok, params = llm.tokenizer, SamplingParams(max_tokens=7, top_p=0.5)
+    prompt = tok.encode("word " * 3 * CLIP)
+    caplog.set_level("INFO", logger="dsaserve.requests")
+    for level in (0, 1, 2):
+        RequestLog(level).accepted(f"r{level}", 1, prompt, params, tok)
+        RequestLog(level).finished(f"r{level}", FinishReason("stop"), len(prompt), 7, 2, time.monotonic(), "x" * 900)
+    logged = {r.getMessage().split()[1] + r.getMessage().split()[2]: r.getMessage() for r in caplog.records}
+    assert logged["r0accepted"] == f"request r0 accepted on DP rank 1: {len(prompt)} prompt tokens"
+    assert "sampling" not in logged["r0accepted"] and "output" not in logged["r0finished:"]
+    assert logged["r1accepted"].endswith("sampling {'max_tokens': 7, 'top_p': 0.5}")
+    assert f"...[{len(prompt) - 2 * CLIP} tokens]..." in logged["r2accepted"]
+    assert f"output '{'x' * CLIP} ...[{900 - 2 * CLIP} characters]... {'x' * CLIP}'" in logged["r2finished:"]
+    assert "(2 cached)" in logged["r2finished:"]
 
 
 def test_flush_cache_empties_the_prefix_cache(server: ServerProcess) -> None:

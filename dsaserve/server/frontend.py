@@ -36,6 +36,7 @@ from dsaserve.server.errors import ApiError, bad_request
 from dsaserve.server.handles import Delta, EngineFailure, RequestHandle, detokenize_outputs
 from dsaserve.server.metrics import ServerMetrics
 from dsaserve.server.outbox import Outbox
+from dsaserve.server.request_log import RequestLog
 from dsaserve.server.supervisor import RankProcesses, watch
 from dsaserve.server_args import ServerArgs
 
@@ -77,6 +78,7 @@ class Frontend:
         self.down: str | None = None  # why the deployment is gone
         self._rr = itertools.count()
         self.outbox = Outbox([link.push for link in self.links], self._unreachable)
+        self.request_log = RequestLog(args.log_requests_level) if args.log_requests else None
         self._tokenize_pool = ThreadPoolExecutor(2, thread_name_prefix="tokenize")
         # /tokenize and /detokenize: their own thread, so megabytes of text there never delay a request's prompt
         self._endpoint_pool = ThreadPoolExecutor(1, thread_name_prefix="tokenize-endpoints")
@@ -242,12 +244,18 @@ class Frontend:
             raise ApiError(400, f"request id {rid!r} is already in use", param="rid")
         handle = RequestHandle(rid, rank, self.tokenizer, params, group, scores_only,
                                route.room if route is not None else None, arrived)
+        if self.request_log is not None:
+            handle.log_to(self.request_log, prompt_ids)
         self.handles[rid] = handle
         self._send(rank, m.AddRequest(rid, list(prompt_ids), params, route))
         try:
             await handle.accepted
         except asyncio.CancelledError:  # the client left before the leader answered: nobody will read it
             self.abort(rid, "the client disconnected")
+            raise
+        except ApiError as exc:
+            if self.request_log is not None:
+                self.request_log.failed(rid, f"refused ({exc.status}): {exc.message}")
             raise
         return handle
 
@@ -351,8 +359,7 @@ class Frontend:
         if handle is None:
             return
         if isinstance(ev, m.Accepted):
-            if not handle.accepted.done():  # cancelled when the client left before the answer
-                handle.accepted.set_result(None)
+            handle.accept()
         elif isinstance(ev, m.Rejected):
             self._uncount(handle.group)  # at once: its accepted parts' outputs may come before their abort
             self._forget(ev.rid)

@@ -15,6 +15,7 @@ from dsaserve.engine.request import FinishReason, RequestOutput, SamplingParams
 from dsaserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from dsaserve.server.errors import ApiError
 from dsaserve.server.metrics import ServerMetrics
+from dsaserve.server.request_log import RequestLog
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,21 @@ class RequestHandle:
         self._text, self._emitted = "", 0
         # Text that might be the start of a stop string is held back until it cannot be.
         self._hold = max((len(s) for s in params.stop), default=1) - 1
+        self.params, self._tokenizer = params, tokenizer
+        self.request_log: RequestLog | None = None  # --log-requests (log_to)
+        self._prompt_ids: list[int] = []
+        self._logged_text = ""  # the output so far, for the log's level 2 and 3
+
+    def log_to(self, request_log: RequestLog, prompt_ids: list[int]) -> None:
+        self.request_log, self._prompt_ids = request_log, list(prompt_ids)
+
+    def accept(self) -> None:
+        """The leader took the request (in the frontend's loop, before any of its outputs)."""
+        if self.accepted.done():  # cancelled when the client left before the answer
+            return
+        self.accepted.set_result(None)
+        if self.request_log is not None:
+            self.request_log.accepted(self.rid, self.rank, self._prompt_ids, self.params, self._tokenizer)
 
     def detokenize(self, out: RequestOutput) -> Delta:
         """The output as a text delta (called in the detokenizer thread, in output order)."""
@@ -91,9 +107,21 @@ class RequestHandle:
             self.finished = True
             if self.counted:
                 metrics.observe_finish(delta.finish.kind, delta.prompt_tokens, now - self.created)
+        self._log(delta)
         self.queue.put_nowait(delta)
 
+    def _log(self, delta: Delta) -> None:
+        if self.request_log is None:
+            return
+        if self.request_log.keeps_text:
+            self._logged_text += delta.text
+        if delta.finish is not None:
+            self.request_log.finished(self.rid, delta.finish, delta.prompt_tokens, delta.completion_tokens,
+                                      delta.cached_tokens, self.created, self._logged_text)
+
     def fail(self, message: str) -> None:
+        if self.request_log is not None and not self.finished:
+            self.request_log.failed(self.rid, message)
         self.finished = True
         if not self.accepted.done():
             self.accepted.set_exception(ApiError(503, message))
