@@ -62,3 +62,32 @@ def test_a_released_nixl_write_still_lands() -> None:
             receiver.progress()
             sender.progress()  # (progresses the sender's UCX worker too)
         assert bool((rows[4:6] == 0xCD).all()) and not rows[:4].any() and not rows[6:].any()
+
+
+def test_a_write_moves_every_run_of_every_buffer() -> None:
+    """Buffers of other page sizes (latent and index-key pools) and runs of other lengths, out of order: each
+    destination page receives its source page, and no other page changes (the descriptors are built as arrays,
+    buffer by buffer, one row per run)."""
+    sizes = (4096, 1024, 3072)
+    sources = [torch.arange(16 * pb, dtype=torch.int64).remainder(251).to(torch.uint8).view(16, pb) + i
+               for i, pb in enumerate(sizes)]
+    runs = [PageRun(src=9, dst=0, length=3), PageRun(src=1, dst=7, length=1), PageRun(src=4, dst=12, length=2)]
+    sender = NixlTransport(sources, "test-rows")
+    receiver = NixlTransport([torch.zeros(16, pb, dtype=torch.uint8) for pb in sizes], "test-rows")
+    try:
+        header, blob = receiver.descriptor()
+        handle = sender.write(header, blob, runs, b"room-9;")
+        deadline = time.monotonic() + 30  # (a liveness bound: it lands in milliseconds)
+        done = False
+        while not done and time.monotonic() < deadline:
+            receiver.progress()
+            done = sender.poll(handle)
+        assert done
+        for src, dst in zip(sources, receiver.buffers):
+            want = torch.zeros_like(dst)
+            for run in runs:
+                want[run.dst:run.dst + run.length] = src[run.src:run.src + run.length]
+            assert torch.equal(dst, want)
+    finally:
+        sender.close()
+        receiver.close()

@@ -13,6 +13,7 @@ import uuid
 from abc import ABC, abstractmethod
 from typing import Any
 
+import numpy as np
 import torch
 
 from dsaserve.disagg.pages import PageRun
@@ -123,6 +124,7 @@ class NixlTransport(KVTransport):
         self.dev = (buffers[0].device.index or 0) if cuda else 0
         regions = [(b.data_ptr(), b.numel(), self.dev, "") for b in buffers]
         self._registered = self.nixl.register_memory(regions, self.mem)
+        self._bases = np.array([b.data_ptr() for b in buffers], dtype=np.int64)
         self._remotes: set[str] = set()
         self._writes: dict[Any, str] = {}  # handles NIXL holds (not released yet) -> their receiver
         self._descriptor: tuple[dict[str, Any], bytes] | None = None
@@ -144,11 +146,11 @@ class NixlTransport(KVTransport):
             if peer not in self._remotes:
                 self.nixl.add_remote_agent(blob)
                 self._remotes.add(peer)
-            local, remote = [], []
-            for buf, pb, base in zip(self.buffers, self.page_bytes, header["bases"]):
-                for run in runs:
-                    local.append((buf.data_ptr() + run.src * pb, run.length * pb, self.dev))
-                    remote.append((base + run.dst * pb, run.length * pb, header["dev"]))
+            src, dst, length = (np.array(field, dtype=np.int64) for field in zip(*((r.src, r.dst, r.length)
+                                                                                    for r in runs)))
+            page_bytes = np.array(self.page_bytes, dtype=np.int64)
+            local = _descriptors(self._bases, page_bytes, src, length, self.dev)
+            remote = _descriptors(np.array(header["bases"], dtype=np.int64), page_bytes, dst, length, header["dev"])
             handle = self.nixl.initialize_xfer("WRITE", self.nixl.get_xfer_descs(local, self.mem),
                                                self.nixl.get_xfer_descs(remote, header["mem"]), peer, tag)
             if self.nixl.transfer(handle) == "ERR":
@@ -236,6 +238,18 @@ class NixlTransport(KVTransport):
             self.nixl.deregister_memory(self._registered)
         except Exception:
             log.warning("NIXL could not deregister the KV pools", exc_info=True)
+
+
+def _descriptors(bases: np.ndarray, page_bytes: np.ndarray, first: np.ndarray, pages: np.ndarray,
+                 dev: int) -> np.ndarray:
+    """NIXL's [n, 3] (address, bytes, device) rows of every run of every buffer, buffer by buffer: built as arrays,
+    since a Python tuple per row cost ~4 us, 33-55 ms for a prompt scattered over 64 page runs of 124 buffers
+    (NIXL's own part of a write, from the arrays, is under a millisecond there)."""
+    out = np.empty((bases.size * first.size, 3), dtype=np.int64)
+    out[:, 0] = (bases[:, None] + first[None, :] * page_bytes[:, None]).reshape(-1)
+    out[:, 1] = (pages[None, :] * page_bytes[:, None]).reshape(-1)
+    out[:, 2] = dev
+    return out
 
 
 def _nixl_api() -> Any:
