@@ -85,8 +85,10 @@ def test_asymmetric_dp_routing(tiny_ds: str, expected: list[list[int]], tmp_path
     assert "Traceback" not in server.log(), server.log()[-3000:]  # every rank left its loop cleanly
 
 
-def test_pure_tp_server(tiny_ds: str, expected: list[list[int]], tmp_path: Path) -> None:
-    with ServerProcess(tiny_ds, tmp_path / "server.log", tp=2, page_size=1, max_total_tokens=2048) as server:
+@pytest.mark.parametrize("ep", [1, 2])
+def test_pure_tp_server(ep: int, tiny_ds: str, expected: list[list[int]], tmp_path: Path) -> None:
+    """--tp 2, and --tp 2 --ep 2 (each rank holds half of the routed experts, whole): the single device's tokens."""
+    with ServerProcess(tiny_ds, tmp_path / "server.log", tp=2, ep=ep, page_size=1, max_total_tokens=2048) as server:
         assert asyncio.run(_routed(server.url, Path(tiny_ds).name, [0, 0, 0, 0])) == expected
 
 
