@@ -33,7 +33,7 @@ def _opt(default: Any, help: str, **extra: Any) -> Any:
 @dataclass(frozen=True)
 class ServerArgs:
     model_path: str | None = _opt(None, "checkpoint folder (config.json, safetensors, tokenizer); "
-                                        "omitted: the embedded tiny model")
+                                        "omitted: the embedded tiny model", aliases=("--model",))
     served_model_name: str | None = _opt(None, "model name reported by the API (default: the folder name)")
     host: str = _opt("127.0.0.1", "address to listen on")
     port: int = _opt(30000, "port to listen on")

@@ -212,6 +212,7 @@ def test_sglang_flags_with_another_meaning_here(capsys: pytest.CaptureFixture) -
     assert ServerArgs.from_cli(parser.parse_args(["--disable-cuda-graph", "--enable-metrics"])).cuda_graph_max_bs == 0
     assert ServerArgs.from_cli(parser.parse_args([])).cuda_graph_max_bs is None
     assert ServerArgs.from_cli(parser.parse_args(["--random-seed", "7"])).seed == 7  # SGLang's names
+    assert ServerArgs.from_cli(parser.parse_args(["--model", "some/dir"])).model_path == "some/dir"
     long_names = ServerArgs.from_cli(parser.parse_args(["--tensor-parallel-size", "4", "--data-parallel-size", "2",
                                                                  "--enable-dp-attention"]))
     assert (long_names.tp, long_names.dp) == (4, 2)
