@@ -111,6 +111,10 @@ class ModelRunner:
             raise SettingError(f"--speculative-algorithm {args.speculative_algorithm} needs the checkpoint's MTP "
                              f"layer, but config.json has num_nextn_predict_layers="
                              f"{self.cfg.num_nextn_predict_layers}")
+        if self.spec_steps > 1 and self.cfg.raw.get("index_share_for_mtp_iteration") and self.par.cfg.rank == 0:
+            log.warning("config.json sets index_share_for_mtp_iteration (draft steps after the first reuse its "
+                        "top-k): dsaserve runs the MTP layer's indexer at every draft step instead; the tokens are "
+                        "the target's either way, the accept rate may differ from the model's training")
         attention = resolve_attention_backend(args.attention_backend, self.device, self.cfg, self.dtype, self.kv_dtype)
         moe = resolve_backend(args.moe_backend, self.device)
         self.model = build_model(model_path, self.device, self.dtype, self.par, load_mtp=self.spec_steps > 0,
