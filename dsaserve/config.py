@@ -157,6 +157,8 @@ class ModelConfig:
         if n_group > 1 and n_routed // n_group < 2:  # a group's score is the sum of its two best experts
             raise ConfigError(f"n_routed_experts={n_routed} over n_group={n_group} leaves fewer than 2 experts "
                               f"per group (group-limited routing scores a group by its top 2)")
+        if int(need("index_topk")) < 1:  # a top-k of 0 attends to nothing; a negative one fails every batch
+            raise ConfigError(f"index_topk must be >= 1, got {raw['index_topk']}")
         topk_group = int(raw.get("topk_group") or 1)
         if topk_group > n_group:
             raise ConfigError(f"topk_group={topk_group} exceeds n_group={n_group}")

@@ -50,6 +50,16 @@ def test_bad_overrides_are_named(flag: str, message: str) -> None:
         ServerArgs(json_model_override_args=flag)
 
 
+@pytest.mark.parametrize("topk", [0, -1])
+def test_an_index_topk_below_one_is_refused_at_start_up(tiny_ds: str, topk: int,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    """-1 used to start and then fail every batch (a [rows, -1] tensor: 500s); 0 served text that ignores the
+    prompt (no key selected)."""
+    override = ["--json-model-override-args", json.dumps({"index_topk": topk})]
+    assert main(["plan", "--model-path", tiny_ds, *override]) == 2
+    assert f"index_topk must be >= 1, got {topk}" in capsys.readouterr().err
+
+
 def test_launch_checks_read_the_overridden_config(tiny_ds: str, capsys: pytest.CaptureFixture) -> None:
     override = ["--json-model-override-args", '{"max_position_embeddings": 64}']
     assert main(["plan", "--model-path", tiny_ds, "--context-length", "100", *override]) == 2
