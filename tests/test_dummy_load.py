@@ -1,6 +1,6 @@
 """`--load-format dummy`: a model folder with config.json and tokenizer files but no weights serves with
 random weights in the formats a checkpoint of that config would have (FP8 included), counted exactly as
-the planner counts them; `dsaserve bench one-batch` runs on it, over two ranks too."""
+the planner counts them; `dsaserve bench one-batch` runs on it."""
 from __future__ import annotations
 
 import shutil
@@ -50,10 +50,11 @@ def test_dummy_weights_without_a_checkpoint(fp8: bool, tmp_path: Path) -> None:
     assert planned == weight_bytes(model)  # one accounting: what the planner counts is what dummy made
 
 
-def test_bench_one_batch_on_dummy_weights_two_ranks(tmp_path: Path) -> None:
+def test_bench_one_batch_on_dummy_weights(tmp_path: Path) -> None:
+    """(It passed --tp 2, which one-batch ignored: one process ran the whole model. --tp is now refused there.)"""
     path = _without_weights(default_model_path(), tmp_path / "bare")
     run = subprocess.run([sys.executable, "-m", "dsaserve", "bench", "one-batch", "--model-path", path,
-                          "--load-format", "dummy", "--tp", "2", "--batch-size", "2", "--input-len", "20",
+                          "--load-format", "dummy", "--batch-size", "2", "--input-len", "20",
                           "--output-len", "4", "--page-size", "4", "--max-total-tokens", "2048"],
                          capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -28,6 +28,7 @@ class OneLeaderFrontend(Frontend):
     def __init__(self) -> None:  # noqa: D107 - (the real one binds sockets and starts ranks)
         self.metrics, self.handles, self.groups = ServerMetrics(), {}, {}
         self.links, self.tokenizer, self.down, self.shutting_down = [LINK], None, None, False
+        self.request_log = None  # (--log-requests off)
         self._rr = iter(range(1 << 30))
         self.sent: list[Any] = []
 
@@ -44,6 +45,8 @@ async def _call(fe: OneLeaderFrontend, refused: bool) -> None:
     """A call of two prompts: the second is rejected (`refused`) or accepted; the first yields a token and ends."""
     job = asyncio.ensure_future(fe.submit_many([[5, 6], [7]], [SamplingParams(), SamplingParams()], "call", None))
     while len([c for c in fe.sent if isinstance(c, m.AddRequest)]) < 2:
+        if job.done():  # it failed before sending both (raises here rather than waiting for ever)
+            job.result()
         await asyncio.sleep(0)
     fe._dispatch(LINK, m.Accepted("call-0"), None)
     fe._dispatch(LINK, m.Rejected("call-1", "token id 99999 is outside the vocabulary", 400) if refused else
