@@ -84,9 +84,8 @@ class RequestHandle:
 
     def accept(self) -> None:
         """The leader took the request (in the frontend's loop, before any of its outputs)."""
-        if self.accepted.done():  # cancelled when the client left before the answer
-            return
-        self.accepted.set_result(None)
+        if not self.accepted.done():  # (cancelled when the client left before the answer: its abort follows)
+            self.accepted.set_result(None)
         if self.request_log is not None:
             self.request_log.accepted(self.rid, self.rank, self._prompt_ids, self.params, self._tokenizer)
 
