@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import threading
+from pathlib import Path
 from typing import Any, Iterator
 
 os.environ["DSASERVE_CHECKS"] = "1"  # invariant 8: layouts and kernel inputs are validated in tests
@@ -71,6 +72,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+class WriteStopped(Exception):
+    """Raised by stop_writing_at: a run interrupted while it writes its output folder (a crash, Ctrl-C)."""
+
+
+def stop_writing_at(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """Path.write_text raises WriteStopped when it is about to write a file called `name`."""
+    write_text = Path.write_text
+
+    def stopping(self: Path, data: str, *args: object, **kwargs: object) -> int:
+        if self.name == name:
+            raise WriteStopped(str(self))
+        return write_text(self, data, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "write_text", stopping)
 
 
 def prompts_ids(n: int, lengths: list[int], seed: int = 0, vocab: int = 500) -> list[list[int]]:

@@ -7,12 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import WriteStopped, stop_writing_at
 from dsaserve.cli import main
 from dsaserve.tiny import make_tiny_model
-
-
-class _Stop(Exception):
-    """Raised while the checkpoint is written: the run ends there, as a crash or Ctrl-C would."""
 
 
 def _contents(folder: Path) -> dict[str, bytes]:
@@ -26,15 +23,8 @@ def test_a_run_stopped_while_writing_leaves_the_folder_as_it_was(tmp_path: Path,
     is left beside it."""
     out = make_tiny_model(tmp_path / "tiny")
     before = _contents(out)
-    write_text = Path.write_text
-
-    def stop_at_generation_config(self: Path, data: str, *args: object, **kwargs: object) -> int:
-        if self.name == "generation_config.json":
-            raise _Stop(str(self))
-        return write_text(self, data, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(Path, "write_text", stop_at_generation_config)
-    with pytest.raises(_Stop):
+    stop_writing_at(monkeypatch, "generation_config.json")
+    with pytest.raises(WriteStopped):
         make_tiny_model(out, seed=1, layers=2)
     assert _contents(out) == before
     assert [p.name for p in tmp_path.iterdir()] == [out.name]

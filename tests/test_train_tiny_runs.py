@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import WriteStopped, stop_writing_at
 from dsaserve.cli import main
 from dsaserve.model.checkpoint import default_model_path
 from dsaserve.tiny import _save_sharded
@@ -133,15 +134,8 @@ def test_a_run_stopped_while_writing_leaves_the_folder_as_it_was(tmp_path: Path,
     must still be the old checkpoint, not new weights beside the old tokenizer, and no partial folder is left."""
     shipped, out = default_model_path(), tmp_path / "tiny-dsa"
     shutil.copytree(shipped, out)
-    write_text = Path.write_text
-
-    def stop_at_generation_config(self: Path, data: str, *args: object, **kwargs: object) -> int:
-        if self.name == "generation_config.json":
-            raise _Stop(str(self))
-        return write_text(self, data, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(Path, "write_text", stop_at_generation_config)
-    with pytest.raises(_Stop):
+    stop_writing_at(monkeypatch, "generation_config.json")
+    with pytest.raises(WriteStopped):
         train_tiny(out, preset=quick, log=lambda line: None)
     for file in sorted(shipped.iterdir()):
         assert (out / file.name).read_bytes() == file.read_bytes(), f"{file.name} was changed by the stopped run"
