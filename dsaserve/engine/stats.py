@@ -18,7 +18,8 @@ class EngineStats:
     cached_pages: int = 0  # pages the prefix cache holds (free_pages counts those no request uses)
     prefix_hit_tokens: int = 0  # prompt tokens served from the prefix cache
     prefix_queried_tokens: int = 0
-    graph_shapes: int = 0  # static layouts (CUDA graphs on a GPU) made so far: constant once warmed up
+    graph_shapes: int = 0  # static layouts (CUDA graphs on a GPU) made so far: constant once warmed up on a GPU,
+    # made as steps need them on CPU (nothing is captured there)
     graph_captures: int = 0  # CUDA graph captures; one after the server is ready is a stall
     graph_eager_misses: int = 0  # steps that ran eagerly because no graph had their shape
     kernel_compiles: int = 0  # Triton compilations in this process; constant once the server is ready
