@@ -244,9 +244,9 @@ def test_bench_one_batch_sizes_are_checked_first(tiny_ds: str, capsys: pytest.Ca
     assert main(["bench", "one-batch", "--model-path", tiny_ds, "--batch-size", "0", "--output-len", "0"]) == 2
     err = capsys.readouterr().err
     assert "--batch-size must be >= 1, got 0" in err and "--output-len must be >= 1, got 0" in err
-    # one process: --tp was ignored (the whole model on one device), it is refused with the way to a rank's shapes
-    assert main(["bench", "one-batch", "--model-path", tiny_ds, "--tp", "2", "--ep", "2"]) == 2
-    assert "leave out --tp / --dp / --ep / --nnodes" in capsys.readouterr().err
+    # one DP group on this machine (--tp N runs N ranks: tests/test_dummy_load.py)
+    assert main(["bench", "one-batch", "--model-path", tiny_ds, "--tp", "2", "--dp", "2", "--enable-dp-attention"]) == 2
+    assert "bench one-batch runs one DP group on this machine: leave out --dp / --nnodes" in capsys.readouterr().err
 
 
 def test_bench_one_batch(tiny_ds: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

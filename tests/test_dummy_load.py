@@ -50,15 +50,21 @@ def test_dummy_weights_without_a_checkpoint(fp8: bool, tmp_path: Path) -> None:
     assert planned == weight_bytes(model)  # one accounting: what the planner counts is what dummy made
 
 
-def test_bench_one_batch_on_dummy_weights(tmp_path: Path) -> None:
-    """(It passed --tp 2, which one-batch ignored: one process ran the whole model. --tp is now refused there.)"""
+def test_bench_one_batch_on_dummy_weights_two_ranks(tmp_path: Path) -> None:
+    """One process, then --tp 2 --ep 2 (two rank processes; it used to run the whole model in one, ignoring --tp):
+    a rank's decode step reads fewer weight bytes than the whole model's (its heads, half the experts)."""
     path = _without_weights(default_model_path(), tmp_path / "bare")
-    run = subprocess.run([sys.executable, "-m", "dsaserve", "bench", "one-batch", "--model-path", path,
-                          "--load-format", "dummy", "--batch-size", "2", "--input-len", "20",
-                          "--output-len", "4", "--page-size", "4", "--max-total-tokens", "2048"],
-                         capture_output=True, text=True, timeout=240)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "decode tok/s" in run.stdout
+    step_mb = []
+    for ranks in ([], ["--tp", "2", "--ep", "2"]):
+        run = subprocess.run([sys.executable, "-m", "dsaserve", "bench", "one-batch", "--model-path", path,
+                              "--load-format", "dummy", "--batch-size", "2", "--input-len", "20",
+                              "--output-len", "4", "--page-size", "4", "--max-total-tokens", "2048", *ranks],
+                             capture_output=True, text=True, timeout=240)
+        assert run.returncode == 0, run.stderr[-3000:]
+        lines = run.stdout.splitlines()
+        row = lines[next(i for i, line in enumerate(lines) if "decode tok/s" in line) + 1].split()
+        step_mb.append(float(row[-4]))  # (step MB, roofline, compiles, retracted end the row)
+    assert step_mb[1] < 0.75 * step_mb[0], step_mb
 
 
 def test_load_format_is_checked() -> None:

@@ -6,12 +6,15 @@ needs, one rank's share) and on CUDA their fraction of the bf16 GEMM rate measur
 time is the mean of --output-len steps while every request of the batch decodes (mixed steps decode
 the first requests while later prompts prefill: they run on past the window, untimed), as the engine
 runs them (overlapped scheduling, no sync per step). The engine runs with its defaults (CUDA graphs,
-mixed chunks) unless the ServerArgs flags say otherwise. Prints a table and writes JSON (`--output-json`)."""
+mixed chunks) unless the ServerArgs flags say otherwise. Prints a table and writes JSON (`--output-json`).
+With `--tp N` (and `--ep`) it runs N rank processes, as `dsaserve serve` does, and times the leader's steps,
+collectives included; rank 0's device gives the ceilings and its weights the roofline's bytes."""
 from __future__ import annotations
 
 import argparse
 import gc
 import json
+import multiprocessing as mp
 import statistics
 import time
 from collections.abc import Callable
@@ -173,10 +176,9 @@ def run(ns: argparse.Namespace) -> int:
     args = ServerArgs.from_cli(ns)
     sizes = {"--batch-size": min(ns.batch_size), "--input-len": min(ns.input_len), "--output-len": ns.output_len}
     bad = [f"{flag} must be >= 1, got {value}" for flag, value in sizes.items() if value < 1]
-    if (args.tp, args.dp, args.ep, args.nnodes) != (1, 1, 1, 1):  # it was ignored: the whole model on one device
-        bad.append("bench one-batch runs one process on one device: leave out --tp / --dp / --ep / --nnodes (for one "
-                   "rank of a --tp N deployment, make its shapes with benchmarks/rank_slice.py DIR --tp N and "
-                   "give DIR as --model-path)")
+    if (args.dp, args.nnodes) != (1, 1):
+        bad.append("bench one-batch runs one DP group on this machine: leave out --dp / --nnodes (--tp N and --ep "
+                   "run N ranks here)")
     if bad:
         raise ValueError("; ".join(bad))  # (cli.main prints it as one line, exit code 2)
     batch = max(ns.batch_size + ns.profile + ns.profile_prefill)
@@ -185,6 +187,8 @@ def run(ns: argparse.Namespace) -> int:
     longest = max(ns.input_len) + ns.output_len * (steps + 1) + decode_lead(batch, max(ns.input_len), chunk, steps)
     args = args.replace(max_running_requests=max(batch, args.max_running_requests), chunked_prefill_size=chunk,
                         max_total_tokens=args.max_total_tokens or batch * (longest + args.page_size) + 4096)
+    if args.tp > 1:
+        return _run_ranks(ns, args)
     t = time.perf_counter()
     engine = Engine(args, progress=True)
     freeze_startup_heap()  # as the server does
@@ -192,6 +196,43 @@ def run(ns: argparse.Namespace) -> int:
         return _run(ns, engine, time.perf_counter() - t)
     finally:
         gc.unfreeze()  # (a caller's process: its objects collect as before)
+
+
+def _run_ranks(ns: argparse.Namespace, args: ServerArgs) -> int:
+    """--tp N: N rank processes (spawned, as the server's); rank 0 leads and reports. Its exit code is the run's;
+    the others leave with the leader's stop, or are ended if it failed before sending it."""
+    from dsaserve.parallel.nodes import free_port
+    ctx = mp.get_context("spawn")
+    addr = f"127.0.0.1:{free_port()}"
+    procs = [ctx.Process(target=_rank_main, args=(ns, args, rank, addr), daemon=True) for rank in range(args.tp)]
+    for p in procs:
+        p.start()
+    procs[0].join()
+    for p in procs[1:]:
+        p.join(timeout=30 if procs[0].exitcode == 0 else 2)
+        if p.is_alive():
+            p.kill()
+    return procs[0].exitcode or 0
+
+
+def _rank_main(ns: argparse.Namespace, args: ServerArgs, rank: int, addr: str) -> None:
+    import sys
+    from dsaserve.parallel.launch import init_distributed
+    par = init_distributed(args, rank, addr)
+    t = time.perf_counter()
+    engine = Engine(args, progress=rank == 0, par=par)
+    freeze_startup_heap()
+    if not par.cfg.is_leader:
+        while not engine.last_sync.any_stop:  # the leader's steps, until it stops every rank
+            engine.step()
+        par.close()
+        return
+    try:
+        code = _run(ns, engine, time.perf_counter() - t)
+    finally:
+        engine.step(stop=True)
+    par.close()
+    sys.exit(code)
 
 
 def _run(ns: argparse.Namespace, engine: Engine, startup_s: float) -> int:
