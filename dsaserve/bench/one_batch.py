@@ -217,14 +217,15 @@ def _run_ranks(ns: argparse.Namespace, args: ServerArgs) -> int:
 
 def _rank_main(ns: argparse.Namespace, args: ServerArgs, rank: int, addr: str) -> None:
     import sys
+
+    from dsaserve.engine.lockstep import follow
     from dsaserve.parallel.launch import init_distributed
     par = init_distributed(args, rank, addr)
     t = time.perf_counter()
     engine = Engine(args, progress=rank == 0, par=par)
     freeze_startup_heap()
     if not par.cfg.is_leader:
-        while not engine.last_sync.any_stop:  # the leader's steps, until it stops every rank
-            engine.step()
+        follow(engine)  # the leader's steps, until it stops every rank
         par.close()
         return
     try:

@@ -52,3 +52,10 @@ def check_failures(failed_at: list[int], attn_tp: int, step: int) -> None:
         how = "only" if 0 in failed_at else f"after different collectives {[abs(at) - 1 for at in failed_at]}"
         raise StepFailedOnSomeRanks(f"step {step} failed on rank(s) {failed} {how}; the ranks no longer agree, "
                                     f"so every rank stops (see the failing rank's log)")
+
+
+def follow(engine: Engine) -> None:
+    """A rank that is not its group's leader (the server's ranks, bench one-batch's): run the leader's plans until
+    any rank asks every rank to stop."""
+    while not engine.last_sync.any_stop:
+        engine.step()

@@ -90,8 +90,8 @@ def _follow(args: ServerArgs, par: Any) -> bool:
         log.error("engine start failed: %s", exc)
         raise SystemExit(m.SETTING_EXIT) from None
     freeze_startup_heap()
-    while not engine.last_sync.any_stop:
-        engine.step()
+    from dsaserve.engine.lockstep import follow  # (the engine's modules load in rank processes only)
+    follow(engine)
     return True
 
 
