@@ -7,6 +7,8 @@ import pytest
 
 from conftest import prompts_ids
 from dsaserve import LLM, SamplingParams
+from dsaserve.engine.warmup import warmup_lengths
+from dsaserve.ops.fp8 import gemm_tier
 
 LENGTHS = [3, 40, 9, 17, 1, 26, 12, 33]  # below and above index_topk (16)
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
@@ -97,6 +99,16 @@ def test_a_prompt_starts_while_decode_rows_fill_the_budget(tiny_ds: str, steps: 
             late_started_while_all_decode = all(len(tokens[f"e{i}"]) < params.max_tokens for i in range(4))
     assert late_started_while_all_decode, "the late prompt waited for a decoder to finish"
     assert [tokens[f"e{i}"] for i in range(4)] + [tokens["late"]] == expected
+
+
+def test_gpu_warm_up_prompts_reach_every_fp8_gemm_tier() -> None:
+    """Eager steps of any row count (mixed steps, decode batches past the graph sizes) run the FP8 GEMM in the
+    tile family of their rows (ops/fp8.gemm_tier, which fp8_gemm.default_config dispatches on): the GPU warm-up
+    has a prompt in each, at the default chunk size and at a small one, so no tile compiles after ready (65-95
+    rows had none: three compilations after ready on an H100, docs/benchmarks.md)."""
+    for chunk in (8192, 1088, 128):
+        lengths = warmup_lengths(on_gpu=True, chunk=chunk, longest=100_000)
+        assert {gemm_tier(n) for n in lengths} == {gemm_tier(rows) for rows in range(1, chunk + 1)}, chunk
 
 
 @pytest.mark.parametrize("spec_steps", [0, 2])

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from dsaserve.ops.fp8 import FP8, BlockFP8, QuantizedRows
+from dsaserve.ops.fp8 import CUBLAS_MIN_M, FP8, BlockFP8, QuantizedRows, gemm_tier
 from dsaserve.ops.triton import fp8_wgmma
 from dsaserve.ops.triton._common import (agrees_with_reference, new_empty, next_pow2, pdl, pdl_start, quantize_rows,
                                          sm_count, stream_scratch, tile_ids)
@@ -35,7 +35,6 @@ from dsaserve.ops.triton._common import (agrees_with_reference, new_empty, next_
 Tensor = torch.Tensor
 K_BLOCKS = (32, 64, 128, 256)  # weight K blocks the kernel takes: one K step each (e4m3 dots need K >= 32)
 QUANTIZED_INPUT_MAX_M = 64  # rows up to which producers hand fp8_linear / the MoE their rows quantized (xq)
-CUBLAS_MIN_M = 96  # rows from which cuBLAS's block-scaled GEMM runs where it applies (1.2-2x faster from 96 on, H200)
 
 
 @triton.jit(do_not_specialize=["M", "stride_sg"])
@@ -234,16 +233,17 @@ def default_config(M: int, N: int, K: int, block_k: int, sms: int) -> dict[str, 
     # spreads the programs most evenly (o_proj 7168 x 16384: 7 splits, 392 programs, 58% -> 67% of
     # copy bandwidth). From 17 rows: ~2 programs per SM through split-K, and no split when the tiles alone
     # fill a wave and each program's K range is short (partials of 64 rows cost bytes).
-    if M <= 16:
+    tier = gemm_tier(M)
+    if tier == 0:
         block_n = 128 if N >= 4096 else 64
         cfg = dict(block_m=16, block_n=block_n, num_warps=4, num_stages=3, group_m=1, a_quant=1,
                    splits=balanced_splits(triton.cdiv(N, block_n), groups, sms, 6 * sms))
-    elif M <= 64:
-        cfg = dict(block_m=next_pow2(M), block_n=64, num_warps=4, num_stages=4, group_m=1, a_quant=0)
+    elif tier <= 2:
+        cfg = dict(block_m=32 if tier == 1 else 64, block_n=64, num_warps=4, num_stages=4, group_m=1, a_quant=0)
         tiles = triton.cdiv(N, 64)
         one_wave = 4 * tiles >= 3 * sms and groups <= 16
         cfg["splits"] = 1 if one_wave else max(1, min(groups, round(2 * sms / tiles)))
-    elif M <= 512:
+    elif tier <= 4:
         cfg = dict(block_m=64, block_n=128, num_warps=4, num_stages=4, group_m=8, a_quant=0, splits=1)
     else:
         cfg = dict(block_m=128, block_n=128, num_warps=8, num_stages=3, group_m=8, a_quant=0, splits=1)
@@ -251,8 +251,8 @@ def default_config(M: int, N: int, K: int, block_k: int, sms: int) -> dict[str, 
     # the pipelined Gluon kernel where it applies (H200, 4096 rows: 51-62% of the FP8 rate, kv_a 30%;
     # Triton 20-47%; 64-row tiles and 3 stages, three CTAs per SM, fastest on the shapes cuBLAS refuses),
     # else Triton. 0 turns a path off.
-    wgmma = M >= CUBLAS_MIN_M and 2.0 * M * N * K >= fp8_wgmma.MIN_FLOP
-    cfg.update(cublas=int(M >= CUBLAS_MIN_M), wgmma=int(wgmma), wgmma_block_m=64, wgmma_stages=3)
+    wgmma = tier >= 4 and 2.0 * M * N * K >= fp8_wgmma.MIN_FLOP
+    cfg.update(cublas=int(tier >= 4), wgmma=int(wgmma), wgmma_block_m=64, wgmma_stages=3)
     return cfg
 
 
