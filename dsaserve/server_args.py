@@ -8,6 +8,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
+from dsaserve.sglang_flags import ALWAYS_ON
+
 # --kv-cache-dtype names (SGLang's / vLLM's): auto (the compute dtype), bf16 / bfloat16, fp8_e4m3 (cache/pools.py)
 KV_CACHE_DTYPE_NAMES = ("auto", "bf16", "bfloat16", "fp8_e4m3")
 
@@ -147,7 +149,10 @@ class ServerArgs:
             problems.append(f"--ep ({self.ep}) must divide --tp ({self.tp})")
         if self.dp > 1 and not self.enable_dp_attention:
             problems.append("--dp > 1 needs --enable-dp-attention")
-        if self.chunked_prefill_size < 1:
+        if self.chunked_prefill_size == -1:  # SGLang's "no chunking"
+            problems.append("--chunked-prefill-size -1 (SGLang: no chunked prefill) is not taken: give the most "
+                            "tokens one step may carry (prompt chunks and decode rows; default 8192)")
+        elif self.chunked_prefill_size < 1:
             problems.append(f"--chunked-prefill-size must be >= 1, got {self.chunked_prefill_size}")
         if self.cuda_graph_max_bs is not None and self.cuda_graph_max_bs < 0:
             problems.append(f"--cuda-graph-max-bs must be >= 0, got {self.cuda_graph_max_bs}")
@@ -269,11 +274,8 @@ class ServerArgs:
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
         hints = get_type_hints(cls)
-        # SGLang's launch lines carry it; dsaserve runs no code from a checkpoint, so it changes nothing
-        parser.add_argument("--trust-remote-code", action="store_true", help="accepted for SGLang's launch lines "
-                            "(dsaserve runs no code from a checkpoint)")
-        parser.add_argument("--enable-metrics", action="store_true", help="accepted for SGLang's launch lines "
-                            "(/metrics is always served)")
+        for flag, why in ALWAYS_ON.items():  # SGLang's launch lines carry them; here they change nothing
+            parser.add_argument(flag, action="store_true", help=f"accepted for SGLang's launch lines ({why})")
         parser.add_argument("--disable-cuda-graph", action="store_true", help="SGLang's name for "
                             "--cuda-graph-max-bs 0")
         for f in dataclasses.fields(cls):

@@ -1,7 +1,7 @@
 """SGLang launch flags that dsaserve does not take, each with what to use instead: a launch line copied from
 SGLang's DeepSeek-V3.2 / GLM-5 pages then fails with sentences that say what to change, not with argparse's
 bare "unrecognized arguments". (The flags dsaserve shares with SGLang, under either of its names, are
-ServerArgs fields; --trust-remote-code and --enable-metrics are accepted and change nothing here.)"""
+ServerArgs fields; those of ALWAYS_ON name what dsaserve always does: accepted, they change nothing.)"""
 from __future__ import annotations
 
 _NO_ALL_TO_ALL = ("dsaserve's expert parallelism (--ep) combines the experts' outputs by the same all-reduce as "
@@ -29,6 +29,24 @@ NOT_TAKEN: dict[str, str] = {
     "--speculative-draft-model-path": "MTP drafts with the checkpoint's own MTP layer (--speculative-algorithm "
                                       "NEXTN); leave it out",
     "--stream-interval": "dsaserve streams every step's tokens; leave it out",
+    "--enable-two-batch-overlap": "dsaserve has no two-batch overlap (it hides an all-to-all that dsaserve's "
+                                  "expert parallelism does not use); leave it out",
+    "--moe-dense-tp-size": "dsaserve splits the dense layers' MLP over every --tp rank; leave it out",
+    "--disable-shared-experts-fusion": "dsaserve stacks the shared expert beside the routed ones where it can and "
+                                       "has no switch for it; leave it out",
+    "--dsa-topk-backend": "dsaserve has one indexer top-k (its Triton kernels on CUDA); leave it out",
+    "--enable-custom-logit-processor": "dsaserve takes no custom logit processors (it has logit_bias, penalties, "
+                                       "min_tokens and structured output); leave it out",
+    "--decode-log-interval": "dsaserve logs no per-interval decode lines: GET /metrics or /get_server_info",
+    "--tokenizer-worker-num": "dsaserve tokenizes on two threads of the HTTP server's process; leave it out",
+}
+# SGLang flags whose behaviour is dsaserve's only one: accepted, changing nothing (ServerArgs.add_cli_args)
+ALWAYS_ON = {
+    "--trust-remote-code": "dsaserve runs no code from a checkpoint",
+    "--enable-metrics": "/metrics is always served",
+    "--enable-cache-report": "usage always carries prompt_tokens_details.cached_tokens",
+    "--disable-custom-all-reduce": "the collectives are NCCL's (gloo on CPU); there is no custom all-reduce",
+    "--enable-dp-lm-head": "the LM head is split over each DP group's attention ranks, never gathered across groups",
 }
 
 

@@ -210,6 +210,11 @@ def test_sglang_flags_with_another_meaning_here(capsys: pytest.CaptureFixture) -
     parser = argparse.ArgumentParser()
     ServerArgs.add_cli_args(parser)
     assert ServerArgs.from_cli(parser.parse_args(["--disable-cuda-graph", "--enable-metrics"])).cuda_graph_max_bs == 0
+    # what dsaserve always does: accepted, the same arguments as without them
+    always = ["--enable-cache-report", "--disable-custom-all-reduce", "--enable-dp-lm-head", "--trust-remote-code"]
+    assert ServerArgs.from_cli(parser.parse_args(always)) == ServerArgs.from_cli(parser.parse_args([]))
+    with pytest.raises(ValueError, match="-1 \\(SGLang: no chunked prefill\\) is not taken"):
+        ServerArgs.from_cli(parser.parse_args(["--chunked-prefill-size", "-1"]))
     assert ServerArgs.from_cli(parser.parse_args([])).cuda_graph_max_bs is None
     assert ServerArgs.from_cli(parser.parse_args(["--random-seed", "7"])).seed == 7  # SGLang's names
     assert ServerArgs.from_cli(parser.parse_args(["--model", "some/dir"])).model_path == "some/dir"
@@ -233,6 +238,15 @@ def test_sglang_flags_with_another_meaning_here(capsys: pytest.CaptureFixture) -
     err = capsys.readouterr().err
     assert "--max-prefill-tokens is an SGLang flag" in err and "--chunked-prefill-size" in err
     assert "unrecognized arguments: --max-prefill-tokens 16384 --no-such-flag" in err
+    # SGLang's DeepSeek / GLM deployment lines: one line each, nothing started
+    assert main(["serve", "--enable-two-batch-overlap", "--moe-dense-tp-size", "1", "--disable-shared-experts-fusion",
+                 "--dsa-topk-backend", "sgl-kernel", "--enable-custom-logit-processor", "--decode-log-interval", "40",
+                 "--tokenizer-worker-num", "4"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(" is an SGLang flag")[0] for line in err] == [
+        "error: --enable-two-batch-overlap", "error: --moe-dense-tp-size", "error: --disable-shared-experts-fusion",
+        "error: --dsa-topk-backend", "error: --enable-custom-logit-processor", "error: --decode-log-interval",
+        "error: --tokenizer-worker-num"]
     with pytest.raises(SystemExit):  # not a server's command line: argparse's own words only
         main(["make-tiny-model", "out", "--quantization", "fp8"])
     err = capsys.readouterr().err
