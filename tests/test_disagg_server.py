@@ -197,6 +197,27 @@ class TestMixedTP:
             refused = await client.post(refused_url, json=refused_body)
             return refused, await half
 
+    def test_seeded_generate_through_the_router_equals_aggregated(self, mixed_tp: tuple) -> None:
+        """sglang-router forwards SGLang's sampling_params.sampling_seed and drops `seed`: /generate takes
+        sampling_seed, and a seeded request through the router samples the aggregated run's tokens. (sampling_seed
+        was a 400, and `seed` through the router sampled unseeded: a PD soak's seeded /generate requests differed
+        from the aggregated server's from their first token.)"""
+        p, d, router = mixed_tp
+        ids = PROMPTS_64[3]
+
+        def sampled(url: str, **seed: int) -> list[int]:
+            r = httpx.post(f"{url}/generate", timeout=120, json={"input_ids": ids, "sampling_params": {
+                "max_new_tokens": MAX, "temperature": 0.9, "top_p": 0.9, "ignore_eos": True, **seed}})
+            assert r.status_code == 200, r.text
+            return r.json()["output_ids"]
+
+        alone = sampled(d.url, seed=1234)
+        assert sampled(d.url, sampling_seed=1234) == alone
+        assert [sampled(router.url, sampling_seed=1234) for _ in range(2)] == [alone, alone]
+        r = httpx.post(f"{d.url}/generate", timeout=60, json={"input_ids": ids, "sampling_params": {
+            "max_new_tokens": 1, "seed": 1, "sampling_seed": 2}})
+        assert r.status_code == 400 and "sampling_seed" in r.text, r.text
+
     def test_decode_killed_prefill_frees_pages(self, mixed_tp: tuple) -> None:
         p, d, router = mixed_tp
 

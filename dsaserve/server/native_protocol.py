@@ -19,6 +19,9 @@ class NativeSamplingParams(BaseModel):
     min_new_tokens: int = 0
     logit_bias: dict[str, float] | None = None
     seed: int | None = None
+    # SGLang's name for the seed: sglang-router forwards it and drops `seed` (a seeded /generate through the router
+    # was sampled unseeded)
+    sampling_seed: int | None = None
     stop: str | list[str] | None = None
     no_stop_trim: bool = False
     stop_token_ids: TokenIds | None = None
@@ -29,6 +32,15 @@ class NativeSamplingParams(BaseModel):
     regex: str | None = None
     json_schema: str | None = None  # a JSON schema, as a JSON string
     ebnf: str | None = None
+
+    @model_validator(mode="after")
+    def _one_seed(self) -> NativeSamplingParams:
+        if self.sampling_seed is not None:
+            if self.seed is not None and self.seed != self.sampling_seed:
+                raise ValueError(f"seed ({self.seed}) and sampling_seed ({self.sampling_seed}) name the same seed: "
+                                 "give one of them")
+            self.seed = self.sampling_seed
+        return self
 
 
 class GenerateRequest(Bootstrap):
