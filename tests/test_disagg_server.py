@@ -218,6 +218,20 @@ class TestMixedTP:
             "max_new_tokens": 1, "seed": 1, "sampling_seed": 2}})
         assert r.status_code == 400 and "sampling_seed" in r.text, r.text
 
+    def test_chat_with_n_above_1_is_refused_by_name(self, mixed_tp: tuple, model: str) -> None:
+        """sglang-router sends a chat request with n > 1 with one bootstrap room per choice (lists): both servers
+        answer the 400 that names n, as for completions (it was a 400 about the bootstrap fields' types)."""
+        p, d, router = mixed_tp
+        client = openai.OpenAI(base_url=f"{router.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        chat = dict(model=model, messages=[{"role": "user", "content": "Say hello"}], max_tokens=2, n=3)
+        with pytest.raises(openai.BadRequestError, match="n > 1"):
+            client.chat.completions.create(**chat)
+        # (streamed, the router passes the error on as one event the openai client cannot parse)
+        r = httpx.post(f"{router.url}/v1/chat/completions", json={**chat, "stream": True}, timeout=60)
+        assert r.status_code == 400 and "n > 1" in r.text and "bootstrap" not in r.text, r.text
+        wait_pools_whole(p.url, 30)
+        wait_pools_whole(d.url, 30)
+
     def test_decode_killed_prefill_frees_pages(self, mixed_tp: tuple) -> None:
         p, d, router = mixed_tp
 

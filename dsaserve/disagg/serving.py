@@ -23,6 +23,8 @@ from dsaserve.server_args import ServerArgs
 
 log = logging.getLogger(__name__)
 BOOTSTRAP_TIMEOUT_S = 5.0
+ONE_COMPLETION = ("PD disaggregation serves one completion per request: n > 1 and several prompts are not supported "
+                  "(the router pairs one prefill with one decode per request)")
 
 
 def local_info(args: ServerArgs, info: dict[str, Any], control_ports: list[int]) -> BootstrapInfo:
@@ -90,6 +92,8 @@ class PDRouting:
         host, port, room, dp_rank = body.bootstrap_host, body.bootstrap_port, body.bootstrap_room, body.routed_dp_rank
         if room is None or self.args.disaggregation_mode == "null":
             return None, dp_rank
+        if any(isinstance(v, list) for v in (host, port, room)):  # sglang-router's chat with n > 1
+            raise ApiError(400, ONE_COMPLETION, param="n")
         if not 0 <= room < 2**63:
             raise ApiError(400, f"bootstrap_room must be in [0, 2^63), got {room}", param="bootstrap_room")
         if self.args.disaggregation_mode == "prefill":  # (check refuses a routed_dp_rank of another group)

@@ -27,7 +27,7 @@ from typing import Any, Callable, TypeVar
 import zmq
 import zmq.asyncio
 
-from dsaserve.disagg.serving import refusal_leader
+from dsaserve.disagg.serving import ONE_COMPLETION, refusal_leader
 from dsaserve.engine.stats import EngineStats
 from dsaserve.engine.request import DisaggRoute, RequestOutput, SamplingParams
 from dsaserve.engine.tokenizer import Tokenizer
@@ -266,9 +266,7 @@ class Frontend:
         """All or nothing: if one is rejected, the accepted ones are aborted. `base_rid` (the
         response id) names them all for /abort_request; each is `base_rid`-i, or rids[i] when given."""
         if route is not None and len(prompts) > 1:
-            raise ApiError(400, "PD disaggregation serves one completion per request: n > 1 and several prompts "
-                                "are not supported (the router pairs one prefill with one decode per request)",
-                           param="n")
+            raise ApiError(400, ONE_COMPLETION, param="n")
         if base_rid in self.groups or base_rid in self.handles:  # (a client's own rid, reused while it runs)
             raise ApiError(400, f"request id {base_rid!r} is already in use", param="rid")
         rids = rids or [f"{base_rid}-{i}" for i in range(len(prompts))]

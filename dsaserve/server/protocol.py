@@ -37,10 +37,11 @@ class StreamOptions(ClientBody):
 
 
 class Bootstrap(ClientBody):
-    """PD disaggregation: sglang-router adds these to a request it sends to a prefill and a decode server."""
-    bootstrap_host: str | None = None
-    bootstrap_port: int | None = None
-    bootstrap_room: int | None = None
+    """PD disaggregation: sglang-router adds these to a request it sends to a prefill and a decode server (lists,
+    one room per completion, for a chat request with n > 1: PDRouting.route refuses those by name)."""
+    bootstrap_host: str | list[str] | None = None
+    bootstrap_port: int | list[int] | None = None
+    bootstrap_room: int | list[int] | None = None
 
 
 class SamplingFields(Bootstrap):
