@@ -133,6 +133,10 @@ class ServerArgs:
                                      "--log-requests-level says how much)")
     log_requests_level: int = _opt(2, "0: ids, token counts, finish and latency; 1: and the sampling parameters; "
                                       "2: and the first and last 256 characters of prompt and output; 3: all of them")
+    enable_deterministic_inference: bool = _opt(False, "batch-invariant inference: a request's tokens and "
+                                                       "log-probabilities are bitwise the same whatever else runs "
+                                                       "beside it, however its prompt is chunked, with or without "
+                                                       "speculation or a cached prefix (CPU only, slower)")
     checks: bool = _opt(False, "validate every BatchLayout and kernel input (also DSASERVE_CHECKS=1)")
 
     def __post_init__(self) -> None:

@@ -117,13 +117,20 @@ class ModelRunner:
                         "the target's either way, the accept rate may differ from the model's training")
         attention = resolve_attention_backend(args.attention_backend, self.device, self.cfg, self.dtype, self.kv_dtype)
         moe = resolve_backend(args.moe_backend, self.device)
+        deterministic = args.enable_deterministic_inference
+        if deterministic and (self.device.type != "cpu" or (attention, moe) != ("torch", "torch")):
+            raise SettingError("--enable-deterministic-inference runs on CPU with the torch backends only, got device "
+                               f"{self.device.type}, attention {attention}, MoE {moe}: the GPU kernels choose tiles "
+                               "and splits by the batch's size")
         self.model = build_model(model_path, self.device, self.dtype, self.par, load_mtp=self.spec_steps > 0,
-                                 progress=progress, load_format=args.load_format, overrides=args.model_overrides)
+                                 progress=progress, load_format=args.load_format, overrides=args.model_overrides,
+                                 row_invariant=deterministic)
         self.page_size = args.page_size
         self.context_length = args.context_length or self.cfg.context_length
         self.ops = DSAOps(attention_backend=attention, moe_backend=moe,
                           max_logits_bytes=args.indexer_max_logits_mb << 20,
-                          side_stream=torch.cuda.Stream(self.device) if attention in ("triton", "flashmla") else None)
+                          side_stream=torch.cuda.Stream(self.device) if attention in ("triton", "flashmla") else None,
+                          batch_invariant=deterministic)
         self._log_sparse_mla_kernel()
         self.cache_layers = cache_layers(self.cfg, self.spec_steps)
         if self.par.cfg.rank == 0:

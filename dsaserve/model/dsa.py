@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dsaserve.cache.pools import KVPools, LatentPrologue
@@ -122,8 +121,10 @@ class MLAttention(nn.Module):
         assert topk is not None, "a shared-indexer layer needs the previous layer's top-k"
         o_lat = ctx.ops.sparse_mla(q_full, ctx.pools.latent(self.layer_id), topk, cfg.softmax_scale,
                                    cfg.kv_lora_rank, ctx.layout)
-        o, oq = absorb_output(o_lat.to(x.dtype), self._absorbed()[1], self.o_proj.input_group(T))  # W_UV after
-        return ctx.par.all_reduce_attn(self.o_proj(o.view(T, H * cfg.v_head_dim), oq)), topk
+        o, oq = absorb_output(o_lat.to(x.dtype), self._absorbed()[1], self.o_proj.input_group(T),  # W_UV after
+                              ctx.ops.batch_invariant)
+        out = self.o_proj(o.view(T, H * cfg.v_head_dim), oq)
+        return ctx.par.all_reduce_attn(out, ordered=ctx.ops.batch_invariant), topk
 
     def _absorbed(self) -> tuple[Tensor, Tensor]:
         """(W_UK [H, nope, latent], W_UV [H, v, latent]): kv_b_proj's two parts."""
@@ -143,7 +144,7 @@ class MLAttention(nn.Module):
         ctx.pools.write_latent(self.layer_id, ctx.layout.out_slots, latent, k_pe,
                                LatentPrologue(norm.weight, norm.eps, ctx.cos, ctx.sin))
         q_full = absorb_query(q, self._absorbed()[0], ctx.cos, ctx.sin,
-                              x.new_empty(T, H, cfg.kv_lora_rank + cfg.qk_rope_head_dim))
+                              x.new_empty(T, H, cfg.kv_lora_rank + cfg.qk_rope_head_dim), ctx.ops.batch_invariant)
         return q_full.to(ctx.pools.query_dtype(x.dtype))
 
     def _side_stream(self, ctx: StepContext, T: int) -> torch.cuda.Stream | None:
@@ -208,9 +209,9 @@ class Router(nn.Module):
         self.shared = False  # every row also picks expert n_routed_experts, weight 1 (MoE.fuse_shared_expert)
         self.local: tuple[int, int] | None = None  # expert parallelism: (first, count) of this rank's experts
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, row_invariant: bool = False) -> tuple[Tensor, Tensor]:
         cfg = self.cfg
-        logits = linear_fp32(x, self.weight)  # the product in fp32 (the weight in the checkpoint's bf16)
+        logits = linear_fp32(x, self.weight, row_invariant=row_invariant)  # in fp32 (the weight in the model dtype)
         return route(logits, self.e_score_correction_bias.float(), cfg.n_group, cfg.topk_group,
                      cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.routed_scaling_factor, self.shared, self.local)
 
@@ -244,7 +245,7 @@ class MoE(nn.Module):
         return self.experts.input_group(rows)
 
     def forward(self, x: Tensor, ops: DSAOps, xq: QuantizedRows | None = None) -> Tensor:
-        ids, weights = self.gate(x)
+        ids, weights = self.gate(x, ops.batch_invariant)
         out = self.experts(x, ids, weights, ops, xq)
         return out + self.shared_experts(x, xq) if self.shared_experts is not None else out
 
@@ -270,7 +271,8 @@ class DecoderLayer(nn.Module):
         # DP attention: the MLP sees every group's rows; each group takes exactly its rows back.
         x = ctx.par.gather_dp_rows(x, ctx.layout.dp_sizes)
         mlp = self.mlp(x, xq) if isinstance(self.mlp, DenseMLP) else self.mlp(x, ctx.ops, xq)
-        return h, ctx.par.own_dp_rows(ctx.par.all_reduce_world(mlp), ctx.layout.dp_sizes), topk
+        mlp = ctx.par.all_reduce_world(mlp, ordered=ctx.ops.batch_invariant)
+        return h, ctx.par.own_dp_rows(mlp, ctx.layout.dp_sizes), topk
 
 
 class VocabEmbedding(nn.Module):
@@ -361,4 +363,4 @@ class DSAModel(nn.Module):
     def logits(self, hidden: Tensor) -> Tensor:
         """Full-vocabulary fp32 logits (vocab shards gathered over the attention-TP group); the MTP layer's
         states take the same head."""
-        return self.par.all_gather_attn(F.linear(hidden, self.lm_head.weight).float())
+        return self.par.all_gather_attn(self.lm_head(hidden).float())

@@ -53,7 +53,8 @@ class Indexer(nn.Module):
         q = rope_index_(q, cfg.qk_rope_head_dim, mine(ctx.cos), mine(ctx.sin), cfg.indexer_rope_interleave,
                         ctx.pools.rotates_index_keys)  # (over an FP8 cache also its keys' Hadamard basis)
         cache = ctx.pools.index_keys(self.layer_id)
-        weights = linear_fp32(mine(x), self.weights_proj.weight, self.weight_scale)  # kept in fp32
+        weights = linear_fp32(mine(x), self.weights_proj.weight, self.weight_scale,  # kept in fp32
+                              row_invariant=ctx.ops.batch_invariant)
         topk = ctx.ops.indexer_topk(q, weights, cache, ctx.layout, cfg.index_topk, own)
         if own is not None:
             topk = ctx.par.all_gather_attn_rows(topk, T)

@@ -6,6 +6,7 @@ import math
 import torch
 
 from dsaserve.config import RopeConfig
+from dsaserve.ops import rows
 
 Tensor = torch.Tensor
 
@@ -38,8 +39,9 @@ class Rotary:
         self.scale = rope.cos_sin_scale
 
     def cos_sin(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        angles = positions.float()[:, None] * self.inv_freq[None, :]
-        return (angles.cos() * self.scale).to(dtype), (angles.sin() * self.scale).to(dtype)
+        angles = positions.float()[:, None] * self.inv_freq[None, :]  # (cos / sin alike wherever a row is)
+        cos, sin = rows.pointwise(torch.cos, angles), rows.pointwise(torch.sin, angles)
+        return (cos * self.scale).to(dtype), (sin * self.scale).to(dtype)
 
     @staticmethod
     def apply(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> Tensor:

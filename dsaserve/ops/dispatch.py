@@ -3,6 +3,7 @@ checked-mode validation live here, so callers never know about them (invariants 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from types import ModuleType
 
 import torch
@@ -56,6 +57,15 @@ class DSAOps:
     # A second CUDA stream on which a layer's indexer runs beside its query path (model/dsa.py MLAttention);
     # None: every op on the caller's stream.
     side_stream: torch.cuda.Stream | None = None
+    # Deterministic inference: each row's values are computed alike whatever the other rows (ops/rows.py), the
+    # indexer's ties go to the earlier position and its selection is handed over in position order. The torch
+    # backends only: the Triton kernels choose tiles and splits by the batch's size.
+    batch_invariant: bool = False
+
+    def __post_init__(self) -> None:
+        if self.batch_invariant and (self.attention_backend, self.moe_backend) != ("torch", "torch"):
+            raise ValueError(f"batch-invariant ops need the torch backends, not attention {self.attention_backend!r}"
+                             f" and MoE {self.moe_backend!r}")
 
     @property
     def checks(self) -> bool:
@@ -138,9 +148,11 @@ class DSAOps:
             if num_keys <= topk:
                 parts.append(reference.first_positions_slots(kv_len, layout.page_table, req, layout.page_size, topk))
                 continue
+            invariant = {"row_invariant": True} if self.batch_invariant else {}  # (torch backend: __post_init__)
             logits = backend.indexer_logits(q[part], weights[part], k_cache, layout.page_table, req, kv_len,
-                                            layout.page_size, num_keys)
-            parts.append(backend.topk_slots(logits, kv_len, layout.page_table, req, layout.page_size, topk))
+                                            layout.page_size, num_keys, **invariant)
+            parts.append(backend.topk_slots(logits, kv_len, layout.page_table, req, layout.page_size, topk,
+                                            **invariant))
         return parts[0] if len(parts) == 1 else torch.cat(parts)  # one chunk (every decode step): no copy
 
     def all_slots(self, layout: BatchLayout, topk: int) -> Tensor:
@@ -154,14 +166,16 @@ class DSAOps:
         quantized by the norm that wrote them (fp8.QuantizedRows), or None. local_share: the share of the pairs
         expected to be these experts' (expert parallelism; the others carry id -1): the kernels' tiles follow it.
         Tokens run in chunks of at most max_moe_bytes of transient rows (each token's rows are its own)."""
-        backend = _backend(self.moe_backend)
+        experts = _backend(self.moe_backend).moe_experts
+        if self.batch_invariant:  # (the torch backend: __post_init__)
+            experts = partial(experts, row_invariant=True)
         per_token = topk_ids.shape[1] * (x.shape[1] * x.element_size() + w13.shape[1] * 4)
         chunk = max(1, self.max_moe_bytes // per_token)
         if num_tokens <= chunk:
-            return backend.moe_experts(x, w13, w2, topk_ids, topk_weights, num_tokens, xq, local_share)
+            return experts(x, w13, w2, topk_ids, topk_weights, num_tokens, xq, local_share)
         out = torch.zeros_like(x)  # (rows past num_tokens, DP padding, are 0 as in one call)
         for start in range(0, num_tokens, chunk):  # prefill-sized: xq (decode rows only) is not handed over
             end = min(start + chunk, num_tokens)
-            out[start:end] = backend.moe_experts(x[start:end], w13, w2, topk_ids[start:end], topk_weights[start:end],
+            out[start:end] = experts(x[start:end], w13, w2, topk_ids[start:end], topk_weights[start:end],
                                                  end - start, None, local_share)
         return out

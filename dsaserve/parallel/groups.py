@@ -17,6 +17,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from dsaserve.ops import rows
+
 Tensor = torch.Tensor
 # The group a rank waits in for its leader's next plan: idle time has no deadline (gloo needs a finite one).
 WAIT_FOREVER = timedelta(days=3650)
@@ -131,15 +133,27 @@ class Parallel:
         except Exception as exc:
             raise CollectiveFailed(f"{op.__name__} failed on rank {self.cfg.rank}: {exc}") from exc
 
-    def all_reduce_world(self, x: Tensor) -> Tensor:
+    def all_reduce_world(self, x: Tensor, ordered: bool = False) -> Tensor:
+        """Sum x over every rank, in place. ordered: the ranks' parts added in rank order (deterministic
+        inference: a ring's order for an element follows the buffer's size, and so the batch)."""
         if self.cfg.tp > 1:
+            if ordered:
+                return self._ordered_sum(x, self.world, self.cfg.tp, across_groups=True)
             self._collective(dist.all_reduce, x, group=self.world, across_groups=True)
         return x
 
-    def all_reduce_attn(self, x: Tensor) -> Tensor:
+    def all_reduce_attn(self, x: Tensor, ordered: bool = False) -> Tensor:
+        """Sum x over the attention-TP group, in place (ordered: as all_reduce_world)."""
         if self.cfg.attn_tp > 1:
+            if ordered:
+                return self._ordered_sum(x, self.attn, self.cfg.attn_tp)
             self._collective(dist.all_reduce, x, group=self.attn)
         return x
+
+    def _ordered_sum(self, x: Tensor, group: Any, size: int, across_groups: bool = False) -> Tensor:
+        parts = [torch.empty_like(x) for _ in range(size)]
+        self._collective(dist.all_gather, parts, x.contiguous(), group=group, across_groups=across_groups)
+        return x.copy_(rows.ordered_sum(parts))
 
     def broadcast_attn(self, x: Tensor) -> Tensor:
         """The attention-group leader's `x` on every rank of the group (in place)."""

@@ -168,16 +168,19 @@ class OfflineRequest:
 
 @dataclass(frozen=True)
 class Job:
-    """One engine run: ServerArgs overrides (model_path, page_size, ...) and its requests."""
+    """One engine run: ServerArgs overrides (model_path, page_size, ...) and its requests; scored: results are
+    (token id, log-probability) pairs (requests must ask for logprobs)."""
     overrides: dict[str, Any]
     requests: list[OfflineRequest] = field(default_factory=list)
+    scored: bool = False
 
 
-def _run_job(args: ServerArgs, par: Parallel, job: Job) -> dict[int, list[int]]:
+def _run_job(args: ServerArgs, par: Parallel, job: Job) -> dict[int, list]:
+    """Token ids per request, or (token id, log-probability) pairs (Job.scored)."""
     from dsaserve.engine.engine import Engine
     engine = Engine(args.replace(**job.overrides), progress=False, par=par)
     mine = [(i, r) for i, r in enumerate(job.requests) if r.dp_rank == par.cfg.dp_rank] if par.cfg.is_leader else []
-    tokens: dict[int, list[int]] = {i: [] for i, _ in mine}
+    tokens: dict[int, list] = {i: [] for i, _ in mine}
     rid_to_index = {}
     step = 0
     while True:
@@ -186,7 +189,9 @@ def _run_job(args: ServerArgs, par: Parallel, job: Job) -> dict[int, list[int]]:
             engine.add_request(f"job-{i}", r.prompt_ids, r.params)
         later = any(r.arrive_at_step > step for _, r in mine) or bool(engine.grammars.held)  # (still compiling)
         for out in engine.step(keep_alive=later):
-            tokens[rid_to_index[out.rid]] += out.new_token_ids
+            i = rid_to_index[out.rid]
+            new = out.new_token_ids
+            tokens[i] += zip(new, [lp for lp, _ in out.new_logprobs]) if job.scored else new
         step += 1
         if not engine.last_sync.any_work:
             return tokens
@@ -213,8 +218,9 @@ def _rank_main(args: ServerArgs, rank: int, init_addr: str, jobs: list[Job], res
 
 
 def run_jobs(args: ServerArgs, jobs: list[Job], timeout_s: float = 300.0,
-             setup: Callable[[int], None] | None = None) -> list[list[list[int]]]:
-    """Run the jobs on `args.tp` local rank processes; greedy/sampled token ids per request, per job.
+             setup: Callable[[int], None] | None = None) -> list[list[list]]:
+    """Run the jobs on `args.tp` local rank processes; greedy/sampled token ids per request, per job ((token id,
+    log-probability) pairs for a Job.scored).
     `setup(rank)` (picklable) runs first in each rank process: fault injection in tests."""
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(list(RANK_PRELOAD))  # no effect once this process's forkserver runs
@@ -225,7 +231,7 @@ def run_jobs(args: ServerArgs, jobs: list[Job], timeout_s: float = 300.0,
              for r in range(args.tp)]
     for p in procs:
         p.start()
-    merged: list[dict[int, list[int]]] = [{} for _ in jobs]
+    merged: list[dict[int, list]] = [{} for _ in jobs]
     done = False
     try:
         for _ in range(len(jobs) * args.dp):

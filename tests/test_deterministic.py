@@ -1,0 +1,148 @@
+"""--enable-deterministic-inference: a request's tokens and log-probabilities are bitwise those of its solo run,
+whatever runs beside it, however its prompt is chunked, on every page size, with MTP speculation, padded static
+layouts, retractions (a re-prefill) or a cached prefix, and on TP / DP-attention ranks (ops/rows.py)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import ARCHS, prompts_ids
+from dsaserve import LLM, SamplingParams
+from dsaserve.ops import reference, rows
+from dsaserve.ops.dispatch import DSAOps
+from dsaserve.parallel.launch import Job, OfflineRequest, run_jobs
+from dsaserve.server_args import ServerArgs
+from dsaserve.tiny import make_tiny_model
+
+TARGET = prompts_ids(1, [150], seed=99)[0]  # well past index_topk (16): the indexer selects
+OTHERS = prompts_ids(7, [40, 7, 90, 23, 3, 61, 12], seed=3)
+GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=0)
+SEEDED = SamplingParams(max_tokens=24, temperature=0.8, top_p=0.9, top_k=50, seed=17, ignore_eos=True, logprobs=0)
+BESIDE = [SamplingParams(max_tokens=m, temperature=t, seed=s, ignore_eos=True) for s, (m, t) in enumerate(
+    ((5, 1.0), (30, 0.0), (9, 1.0), (17, 1.0), (28, 0.0), (3, 1.0), (12, 1.0)))]
+BASE = dict(page_size=4, max_total_tokens=8192, chunked_prefill_size=32)
+# Engines that differ from the solo run's in everything that may change a row's neighbours or its steps.
+VARIANTS = {"MTP S=3": dict(speculative_algorithm="NEXTN", speculative_num_steps=3), "page 1": dict(page_size=1),
+            "page 64": dict(page_size=64), "chunks of 8": dict(chunked_prefill_size=8),
+            "unmixed steps": dict(enable_mixed_chunk=False), "padded static layouts": dict(cuda_graph_max_bs=16),
+            "retractions": dict(max_total_tokens=260)}  # (the target re-prefills: prefill rows for decoded ones)
+
+
+def scored(c) -> list[tuple[int, float]]:
+    return list(zip(c.token_ids, [lp for lp, _ in c.logprobs]))
+
+
+def beside(llm: LLM, params: SamplingParams, at: int = 3):
+    """The target request as the at-th of 8, the others of various lengths and outputs around it."""
+    prompts = OTHERS[:at] + [TARGET] + OTHERS[at:]
+    return llm.generate(prompts, BESIDE[:at] + [params] + BESIDE[at:])[at]
+
+
+@pytest.fixture(scope="module")
+def fp8_glm(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(make_tiny_model(Path(tmp_path_factory.mktemp("det")) / "glm_fp8", "glm_moe_dsa", fp8=True,
+                               fp8_block=16))
+
+
+@pytest.mark.parametrize("model", [*ARCHS, "glm_moe_dsa FP8"])
+def test_a_request_is_bitwise_its_solo_run(model: str, tiny_models: dict[str, str], fp8_glm: str) -> None:
+    path = fp8_glm if model.endswith("FP8") else tiny_models[model]
+    solo = LLM(path, **BASE, enable_deterministic_inference=True, disable_radix_cache=True)
+    want = {p.seed: scored(solo.generate([TARGET], p)[0]) for p in (GREEDY, SEEDED)}
+    for name, flags in VARIANTS.items():
+        llm = LLM(path, **(BASE | flags), enable_deterministic_inference=True)
+        for at, params in ((3, GREEDY), (5, SEEDED)):
+            assert scored(beside(llm, params, at)) == want[params.seed], f"{model}, {name}, seed {params.seed}"
+        assert (llm.engine.scheduler.num_retractions > 0) == (name == "retractions")
+        llm.generate([TARGET[:40] + [7, 8]], SamplingParams(max_tokens=2))  # caches the target's first 40 tokens
+        assert scored(llm.generate([TARGET], GREEDY)[0]) == want[None], f"{model}, {name}, after a cached prefix"
+
+
+def test_without_the_mode_the_batch_shows_in_the_last_bits(tiny_ds: str) -> None:
+    """The scenario above is one where the batch does change the values when the mode is off (CPU BLAS takes
+    another kernel for one row than for several): the equalities above are not vacuous."""
+    llm = LLM(tiny_ds, **BASE)
+    alone, among = scored(llm.generate([TARGET], GREEDY)[0]), scored(beside(llm, GREEDY))
+    assert [t for t, _ in alone] == [t for t, _ in among]
+    assert [lp for _, lp in alone] != [lp for _, lp in among]
+
+
+def test_ranks_give_a_request_its_solo_values(tiny_models: dict[str, str]) -> None:
+    """--tp 4 --dp 2 --enable-dp-attention (attention TP 2 with its row-split indexer, MoE partial sums added in
+    rank order over 4 ranks, DP groups' rows gathered and padded): the target alone, beside others on both DP
+    groups, with MTP and at page size 1 in chunks of 8, for both archs; seeded alone and beside others."""
+    def requests(params: SamplingParams, crowd: bool) -> list[OfflineRequest]:
+        mine = [OfflineRequest(TARGET, params, dp_rank=0)]
+        if not crowd:
+            return mine
+        return mine + [OfflineRequest(p, k, dp_rank=i % 2) for i, (p, k) in enumerate(zip(OTHERS, BESIDE))]
+    cases = [(arch, GREEDY, flags, crowd) for arch in ARCHS for flags, crowd in (
+        ({}, False), ({}, True), (VARIANTS["MTP S=3"], True), (dict(page_size=1, chunked_prefill_size=8), True))]
+    cases += [(ARCHS[0], SEEDED, {}, False), (ARCHS[0], SEEDED, {}, True)]
+    jobs = [Job({"model_path": tiny_models[arch], **BASE, **flags}, requests(params, crowd), scored=True)
+            for arch, params, flags, crowd in cases]
+    args = ServerArgs(tp=4, dp=2, enable_dp_attention=True, enable_deterministic_inference=True,
+                      max_total_tokens=8192)
+    results = [r[0] for r in run_jobs(args, jobs)]
+    for first, last in ((0, 4), (4, 8), (8, 10)):  # the solo run, then the crowded ones
+        assert len(results[first]) == 24, cases[first]
+        for case, got in zip(cases[first + 1:last], results[first + 1:last]):
+            assert got == results[first], case
+
+
+def test_row_products_follow_no_other_row() -> None:
+    """ops.rows: a row's product is its own [1, K] one at every batch size and offset (the plain GEMM's is not:
+    checked, so the shapes do exercise BLAS's row-count kernels); scores are the same at every key width."""
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(80, 256, generator=gen), torch.randn(512, 256, generator=gen)
+    own = torch.cat([rows.linear(x[i:i + 1].clone(), w) for i in range(80)])
+    assert any(not torch.equal(F.linear(x[:m], w), own[:m]) for m in range(2, 80))
+    for start, stop in ((0, 1), (0, 2), (0, 16), (0, 80), (3, 40), (7, 8), (13, 80)):
+        assert torch.equal(rows.linear(x[start:stop], w), own[start:stop]), (start, stop)
+    keys = torch.randn(700, 64, generator=gen)
+    q = torch.randn(5, 64, generator=gen)
+    full = rows.scores(q, keys)
+    for width in (1, 255, 256, 257, 600):
+        assert torch.equal(rows.scores(q[1:4], keys[:width]), full[1:4, :width]), width
+    torch.testing.assert_close(full, q @ keys.T, rtol=1e-5, atol=1e-5)
+    heads = torch.randn(9, 3, 32, generator=gen)
+    w_heads = torch.randn(3, 32, 24, generator=gen)
+    torch.testing.assert_close(rows.per_head(heads, w_heads), torch.einsum("tha,hab->thb", heads, w_heads))
+    assert torch.equal(rows.per_head(heads[4:], w_heads), rows.per_head(heads, w_heads)[4:])
+
+
+def test_pointwise_values_do_not_follow_their_offset() -> None:
+    """The vector loop and its scalar tail round sigmoid and silu apart: plain, a value may change with the
+    number of values before it; through rows.pointwise it does not."""
+    x = torch.randn(40000, 3, generator=torch.Generator().manual_seed(1)) * 4
+    for fn in (torch.sigmoid, F.silu, torch.exp, torch.cos, torch.sin, torch.log):
+        arg = x.abs() if fn is torch.log else x
+        whole = rows.pointwise(fn, arg)
+        assert torch.equal(rows.pointwise(fn, arg[7:]), whole[7:]) and torch.equal(rows.pointwise(fn, arg[:1]),
+                                                                                   whole[:1]), fn
+        torch.testing.assert_close(whole, fn(arg), rtol=1e-6, atol=1e-6)
+    flat = x.flatten()[:3000]
+    plain = torch.sigmoid(flat)  # one value alone takes another path than inside the vector loop: they differ
+    assert any(not torch.equal(torch.sigmoid(flat[i:i + 1]), plain[i:i + 1]) for i in range(3000))
+
+
+def test_the_indexer_selection_is_canonical() -> None:
+    """Equal scores go to the earlier position and the selection comes in position order, as the all-keys
+    selection gives it (the attention adds its keys in that order); rows of different widths agree."""
+    logits = torch.tensor([[0.0, 3.0, 0.0, 5.0, 0.0, 0.0, float("-inf")],
+                           [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
+    kv_len = torch.tensor([[6], [7]])
+    table = torch.arange(8, dtype=torch.int32).view(1, 8)
+    req = torch.zeros(2, dtype=torch.int32)
+    got = reference.topk_slots(logits, kv_len, table, req, 1, 4, row_invariant=True)
+    assert got.tolist() == [[0, 1, 2, 3], [0, 1, 2, 3]]
+    short = reference.topk_slots(logits[:1, :6], kv_len[:1], table, req[:1], 1, 8, row_invariant=True)
+    assert short.tolist() == [[0, 1, 2, 3, 4, 5, -1, -1]]
+
+
+def test_the_mode_needs_the_torch_backends() -> None:
+    with pytest.raises(ValueError, match="torch backends"):
+        DSAOps(attention_backend="triton", moe_backend="torch", batch_invariant=True)
