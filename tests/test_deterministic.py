@@ -3,8 +3,10 @@ whatever runs beside it, however its prompt is chunked, on every page size, with
 layouts, retractions (a re-prefill) or a cached prefix, and on TP / DP-attention ranks (ops/rows.py)."""
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import openai
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,6 +18,7 @@ from dsaserve.ops.dispatch import DSAOps
 from dsaserve.parallel.launch import Job, OfflineRequest, run_jobs
 from dsaserve.server_args import ServerArgs
 from dsaserve.tiny import make_tiny_model
+from server_process import ServerProcess
 
 TARGET = prompts_ids(1, [150], seed=99)[0]  # well past index_topk (16): the indexer selects
 OTHERS = prompts_ids(7, [40, 7, 90, 23, 3, 61, 12], seed=3)
@@ -91,6 +94,26 @@ def test_ranks_give_a_request_its_solo_values(tiny_models: dict[str, str]) -> No
         assert len(results[first]) == 24, cases[first]
         for case, got in zip(cases[first + 1:last], results[first + 1:last]):
             assert got == results[first], case
+
+
+def test_a_server_gives_a_seeded_request_its_solo_values(tiny_ds: str, tmp_path: Path) -> None:
+    """The reported case, through `dsaserve serve` and the openai client: a seeded top-p request (MTP, page 1)
+    alone, then sent at once with 7 others (whatever steps they share), has the same tokens and log-probs."""
+    with ServerProcess(tiny_ds, tmp_path / "server.log", page_size=1, max_total_tokens=4096,
+                       speculative_algorithm="NEXTN", enable_deterministic_inference=True) as srv:
+        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="none", max_retries=0, timeout=120)
+        model = client.models.list().data[0].id
+
+        def complete(prompt: list[int], seed: int, max_tokens: int = 24) -> tuple[list[str], list[float]]:
+            c = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0.8,
+                                          top_p=0.9, seed=seed, logprobs=0, extra_body={"ignore_eos": True})
+            return c.choices[0].logprobs.tokens, c.choices[0].logprobs.token_logprobs
+        alone = complete(TARGET, 17)
+        with ThreadPoolExecutor(8) as pool:
+            others = [pool.submit(complete, p, i, k.max_tokens) for i, (p, k) in enumerate(zip(OTHERS, BESIDE))]
+            among = pool.submit(complete, TARGET, 17).result()
+            assert all(len(o.result()[0]) == k.max_tokens for o, k in zip(others, BESIDE))
+    assert len(alone[0]) == 24 and among == alone
 
 
 def test_row_products_follow_no_other_row() -> None:
