@@ -28,6 +28,7 @@ from dsaserve.engine.stats import EngineStats
 from dsaserve.spec.drafter import DraftInput, MTPDrafter, draft_input, drafts_in_flight, settle_drafts
 from dsaserve.engine.tokenizer import Tokenizer
 from dsaserve.engine.warmup import warm_up
+from dsaserve.ops import invariant
 from dsaserve.parallel.groups import CollectiveFailed, Parallel
 from dsaserve.server_args import ServerArgs, SettingError
 
@@ -223,7 +224,13 @@ class Engine:
     def step(self, keep_alive: bool = False, stop: bool = False, epoch: int = 0) -> list[RequestOutput]:
         """One step of the whole deployment. `keep_alive`: the caller has requests still to add
         (keeps the other ranks stepping); `stop`: ask every rank to leave its loop; `epoch`: the
-        caller's wake-up counter (server.worker)."""
+        caller's wake-up counter (server.worker). Deterministic inference steps on one thread (ops/invariant.py)."""
+        if not self.runner.ops.batch_invariant:
+            return self._step(keep_alive, stop, epoch)
+        with invariant.one_thread():
+            return self._step(keep_alive, stop, epoch)
+
+    def _step(self, keep_alive: bool, stop: bool, epoch: int) -> list[RequestOutput]:
         admitted = self.admit_compiled()
         if self.overlap is not None:
             return admitted + self.overlap.step(keep_alive, stop, epoch)

@@ -118,13 +118,14 @@ class ModelRunner:
         attention = resolve_attention_backend(args.attention_backend, self.device, self.cfg, self.dtype, self.kv_dtype)
         moe = resolve_backend(args.moe_backend, self.device)
         deterministic = args.enable_deterministic_inference
-        if deterministic and (self.device.type != "cpu" or (attention, moe) != ("torch", "torch")):
-            raise SettingError("--enable-deterministic-inference runs on CPU with the torch backends only, got device "
-                               f"{self.device.type}, attention {attention}, MoE {moe}: the GPU kernels choose tiles "
-                               "and splits by the batch's size")
+        if deterministic and (self.device.type, self.dtype, attention, moe) != ("cpu", torch.float32, "torch", "torch"):
+            raise SettingError("--enable-deterministic-inference runs on CPU in float32 with the torch backends only, "
+                               f"got device {self.device.type}, dtype {str(self.dtype).removeprefix('torch.')}, "
+                               f"attention {attention}, MoE {moe}: the GPU kernels choose tiles and splits by the "
+                               "batch's size, and CPU matmuls in bf16 / fp16 switch libraries by it")
         self.model = build_model(model_path, self.device, self.dtype, self.par, load_mtp=self.spec_steps > 0,
                                  progress=progress, load_format=args.load_format, overrides=args.model_overrides,
-                                 row_invariant=deterministic)
+                                 batch_invariant=deterministic)
         self.page_size = args.page_size
         self.context_length = args.context_length or self.cfg.context_length
         self.ops = DSAOps(attention_backend=attention, moe_backend=moe,

@@ -175,7 +175,9 @@ def _top_filtered(probs: Tensor, reqs: list[Request]) -> Tensor:
     by_p = torch.where(top_p < 1, sorted_p.gather(1, reach[:, None])[:, 0], zero)
     threshold = torch.maximum(torch.maximum(by_k, by_p), min_p * sorted_p[:, 0])
     filtered = torch.where(probs >= threshold[:, None], probs, 0.0)
-    return filtered / filtered.sum(-1, keepdim=True)
+    # The total from a scan, which runs each row on one thread: sum() splits a 32K+ row over threads when it is
+    # the only row, so one filtered row would round apart from the same row beside others.
+    return (filtered / filtered.double().cumsum(-1)[:, -1:]).to(filtered.dtype)
 
 
 def sample_tokens(logits: Tensor, reqs: list[Request], pending: list[list[int]] | None = None) -> Tensor:

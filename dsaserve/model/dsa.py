@@ -176,12 +176,12 @@ class DenseMLP(nn.Module):
     def input_group(self, rows: int) -> int:
         return (self.gate_up_proj or self.gate_proj).input_group(rows)
 
-    def forward(self, x: Tensor, xq: QuantizedRows | None = None) -> Tensor:
+    def forward(self, x: Tensor, xq: QuantizedRows | None = None, batch_invariant: bool = False) -> Tensor:
         if self.gate_up_proj is None:
             gate, up = self.gate_proj(x, xq), self.up_proj(x, xq)
         else:
             gate, up = self.gate_up_proj(x, xq).chunk(2, dim=-1)
-        return self.down_proj(silu_mul(gate, up))
+        return self.down_proj(silu_mul(gate, up, batch_invariant))
 
 
 def fuse_projections(model: nn.Module) -> None:
@@ -209,11 +209,12 @@ class Router(nn.Module):
         self.shared = False  # every row also picks expert n_routed_experts, weight 1 (MoE.fuse_shared_expert)
         self.local: tuple[int, int] | None = None  # expert parallelism: (first, count) of this rank's experts
 
-    def forward(self, x: Tensor, row_invariant: bool = False) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, batch_invariant: bool = False) -> tuple[Tensor, Tensor]:
         cfg = self.cfg
-        logits = linear_fp32(x, self.weight, row_invariant=row_invariant)  # in fp32 (the weight in the model dtype)
+        logits = linear_fp32(x, self.weight, batch_invariant=batch_invariant)  # in fp32 (the weight in the model dtype)
         return route(logits, self.e_score_correction_bias.float(), cfg.n_group, cfg.topk_group,
-                     cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.routed_scaling_factor, self.shared, self.local)
+                     cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.routed_scaling_factor, self.shared, self.local,
+                     batch_invariant)
 
 
 class MoE(nn.Module):
@@ -247,7 +248,7 @@ class MoE(nn.Module):
     def forward(self, x: Tensor, ops: DSAOps, xq: QuantizedRows | None = None) -> Tensor:
         ids, weights = self.gate(x, ops.batch_invariant)
         out = self.experts(x, ids, weights, ops, xq)
-        return out + self.shared_experts(x, xq) if self.shared_experts is not None else out
+        return out + self.shared_experts(x, xq, ops.batch_invariant) if self.shared_experts is not None else out
 
 
 class DecoderLayer(nn.Module):
@@ -270,7 +271,7 @@ class DecoderLayer(nn.Module):
         x, h, xq = self.post_attention_layernorm.add_forward(h, attn, group)
         # DP attention: the MLP sees every group's rows; each group takes exactly its rows back.
         x = ctx.par.gather_dp_rows(x, ctx.layout.dp_sizes)
-        mlp = self.mlp(x, xq) if isinstance(self.mlp, DenseMLP) else self.mlp(x, ctx.ops, xq)
+        mlp = self.mlp(x, xq, ctx.ops.batch_invariant) if isinstance(self.mlp, DenseMLP) else self.mlp(x, ctx.ops, xq)
         mlp = ctx.par.all_reduce_world(mlp, ordered=ctx.ops.batch_invariant)
         return h, ctx.par.own_dp_rows(mlp, ctx.layout.dp_sizes), topk
 
@@ -343,7 +344,7 @@ class DSAModel(nn.Module):
     def context(self, layout: BatchLayout, pools: KVPools, ops: DSAOps, dtype: torch.dtype) -> StepContext:
         if self.rotary is None:
             self.rotary = Rotary(self.cfg.rope, self.cfg.qk_rope_head_dim, layout.row_pos.device)
-        cos, sin = self.rotary.cos_sin(layout.row_pos, dtype)
+        cos, sin = self.rotary.cos_sin(layout.row_pos, dtype, ops.batch_invariant)
         return StepContext(layout, pools, ops, self.par, cos, sin)
 
     def forward(self, input_ids: Tensor, layout: BatchLayout, pools: KVPools, ops: DSAOps) -> Tensor:

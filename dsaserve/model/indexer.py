@@ -54,7 +54,7 @@ class Indexer(nn.Module):
                         ctx.pools.rotates_index_keys)  # (over an FP8 cache also its keys' Hadamard basis)
         cache = ctx.pools.index_keys(self.layer_id)
         weights = linear_fp32(mine(x), self.weights_proj.weight, self.weight_scale,  # kept in fp32
-                              row_invariant=ctx.ops.batch_invariant)
+                              batch_invariant=ctx.ops.batch_invariant)
         topk = ctx.ops.indexer_topk(q, weights, cache, ctx.layout, cfg.index_topk, own)
         if own is not None:
             topk = ctx.par.all_gather_attn_rows(topk, T)

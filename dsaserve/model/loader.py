@@ -348,11 +348,11 @@ def weight_formats(cfg: ModelConfig, ckpt: Checkpoint | None) -> Callable[[str],
 
 def build_model(model_path: str | Path, device: torch.device, dtype: torch.dtype, par: Parallel | None = None,
                 load_mtp: bool = True, progress: bool = True, load_format: str = "auto",
-                overrides: dict[str, Any] | None = None, row_invariant: bool = False) -> DSAModel:
+                overrides: dict[str, Any] | None = None, batch_invariant: bool = False) -> DSAModel:
     """Allocate this rank's shard of the model uninitialised on `device` and fill it from the checkpoint
     (load_format "dummy": with random weights, config.json only). FP8 weights stay e4m3 (+ fp32 scales);
     other parameters take `dtype` (or fp32 where the model says). overrides: config.json fields replaced.
-    row_invariant: every Linear takes each row's product by ops.rows (deterministic inference)."""
+    batch_invariant: every Linear takes each row's product by ops.invariant (deterministic inference)."""
     cfg = ModelConfig.from_path(model_path, overrides)
     ckpt = Checkpoint(model_path) if load_format != "dummy" else None
     model = meta_model(cfg, par, dtype, load_mtp, weight_formats(cfg, ckpt))
@@ -367,7 +367,7 @@ def build_model(model_path: str | Path, device: torch.device, dtype: torch.dtype
             if isinstance(module, quant.Experts):
                 module.zero_padding()
         load_weights(model, ckpt, progress=progress)
-    quant.prepare(model, quant.default_mode(device), dtype, checks=checks_enabled(), row_invariant=row_invariant)
+    quant.prepare(model, quant.default_mode(device), dtype, checks=checks_enabled(), batch_invariant=batch_invariant)
     return model.eval()
 
 

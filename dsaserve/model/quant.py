@@ -23,7 +23,7 @@ from torch import nn
 
 from dsaserve.config import ModelConfig
 from dsaserve.parallel.groups import ParallelConfig
-from dsaserve.ops import fp8, rows
+from dsaserve.ops import fp8, invariant
 from dsaserve.ops.dispatch import DSAOps
 from dsaserve.ops.fp8 import FP8, BlockFP8, QuantizedRows
 
@@ -49,7 +49,7 @@ class Linear(nn.Module):
         self._gemm_weight: BlockFP8 | None = None  # made once by prepare(), not per forward
         self._dequantized: Tensor | None = None
         self.quantized_rows = 0  # set by prepare(): up to how many rows forward() uses x quantized by its producer
-        self.row_invariant = False  # set by quant.prepare(): each row's product by ops.rows (deterministic mode)
+        self.batch_invariant = False  # set by quant.prepare(): each row's product by ops.invariant (deterministic mode)
         # A fused module (concat_rows): (checkpoint name relative to the owner, first row, rows) per part.
         self.sources: tuple[tuple[str, int, int], ...] = ()
 
@@ -79,14 +79,14 @@ class Linear(nn.Module):
     def forward(self, x: Tensor, xq: QuantizedRows | None = None) -> Tensor:
         """xq: x's rows quantized by their producer (asked for through input_group), else None."""
         if self.block is None:
-            return rows.linear(x, self.weight) if self.row_invariant else F.linear(x, self.weight)
+            return invariant.linear(x, self.weight) if self.batch_invariant else F.linear(x, self.weight)
         if self.gemm is not None:
             assert self._gemm_weight is not None
             if _takes(xq, x, self.input_group):
                 return self.gemm(x, self._gemm_weight, xq=xq)
             return self.gemm(x, self._gemm_weight)
         assert self._dequantized is not None, "FP8 Linear used before prepare()"
-        return rows.linear(x, self._dequantized) if self.row_invariant else F.linear(x, self._dequantized)
+        return invariant.linear(x, self._dequantized) if self.batch_invariant else F.linear(x, self._dequantized)
 
     def extra_repr(self) -> str:
         fmt = f"fp8 blocks {self.block}" if self.block else str(self.weight.dtype)
@@ -268,9 +268,9 @@ def _emulated_gemm(x: Tensor, w: BlockFP8, xq: QuantizedRows | None = None) -> T
 
 
 def prepare(model: nn.Module, mode: Mode, dtype: torch.dtype, checks: bool = False,
-            row_invariant: bool = False) -> None:
-    """Fix how every FP8 module computes, once, after loading (and with row_invariant every Linear in the compute
-    dtype or dequantized takes each row's product by ops.rows: deterministic inference, CPU):
+            batch_invariant: bool = False) -> None:
+    """Fix how every FP8 module computes, once, after loading (and with batch_invariant every Linear in the compute
+    dtype or dequantized takes each row's product by ops.invariant: deterministic inference, CPU):
 
     * "kernels": the Triton FP8 GEMM; experts hand their e4m3 weights to the MoE op (Triton's fused
       FP8 MoE, or the torch backend's emulation of it); up to QUANTIZED_INPUT_MAX_M rows both take their
@@ -296,11 +296,9 @@ def prepare(model: nn.Module, mode: Mode, dtype: torch.dtype, checks: bool = Fal
                      "the Gluon wgmma kernel" if fp8_wgmma.works(index) else "Triton (no Gluon wgmma here)")
     elif mode == "emulate":
         gemm = _emulated_gemm
-    if row_invariant and gemm is not None:
-        raise ValueError("row-invariant products need FP8 weights dequantized (the FP8 GEMMs tile by row count)")
     for m in model.modules():
         if isinstance(m, Linear):
-            m.row_invariant = row_invariant
+            m.batch_invariant = batch_invariant
     for m in modules:
         if isinstance(m, Linear):
             m.prepare(gemm, dtype, quantized_rows)

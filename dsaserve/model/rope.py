@@ -6,7 +6,7 @@ import math
 import torch
 
 from dsaserve.config import RopeConfig
-from dsaserve.ops import rows
+from dsaserve.ops import invariant
 
 Tensor = torch.Tensor
 
@@ -38,9 +38,13 @@ class Rotary:
         self.inv_freq = inv_frequencies(rope, dim).to(device)
         self.scale = rope.cos_sin_scale
 
-    def cos_sin(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        angles = positions.float()[:, None] * self.inv_freq[None, :]  # (cos / sin alike wherever a row is)
-        cos, sin = rows.pointwise(torch.cos, angles), rows.pointwise(torch.sin, angles)
+    def cos_sin(self, positions: Tensor, dtype: torch.dtype, batch_invariant: bool = False) -> tuple[Tensor, Tensor]:
+        """batch_invariant: cos / sin by ops.invariant.pointwise (alike wherever a row is)."""
+        angles = positions.float()[:, None] * self.inv_freq[None, :]
+        if batch_invariant:
+            cos, sin = invariant.pointwise(torch.cos, angles), invariant.pointwise(torch.sin, angles)
+        else:
+            cos, sin = angles.cos(), angles.sin()
         return (cos * self.scale).to(dtype), (sin * self.scale).to(dtype)
 
     @staticmethod

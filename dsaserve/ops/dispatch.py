@@ -57,7 +57,7 @@ class DSAOps:
     # A second CUDA stream on which a layer's indexer runs beside its query path (model/dsa.py MLAttention);
     # None: every op on the caller's stream.
     side_stream: torch.cuda.Stream | None = None
-    # Deterministic inference: each row's values are computed alike whatever the other rows (ops/rows.py), the
+    # Deterministic inference: each row's values are computed alike whatever the other rows (ops/invariant.py), the
     # indexer's ties go to the earlier position and its selection is handed over in position order. The torch
     # backends only: the Triton kernels choose tiles and splits by the batch's size.
     batch_invariant: bool = False
@@ -66,6 +66,11 @@ class DSAOps:
         if self.batch_invariant and (self.attention_backend, self.moe_backend) != ("torch", "torch"):
             raise ValueError(f"batch-invariant ops need the torch backends, not attention {self.attention_backend!r}"
                              f" and MoE {self.moe_backend!r}")
+
+    @property
+    def _mode(self) -> dict[str, bool]:
+        """The keyword that puts a reference op in batch-invariant mode (__post_init__: the torch backends)."""
+        return {"batch_invariant": True} if self.batch_invariant else {}
 
     @property
     def checks(self) -> bool:
@@ -102,13 +107,13 @@ class DSAOps:
             q = F.pad(q, (0, 0, 0, padded))
         limit = self.max_query_rows or getattr(backend, "max_query_rows", lambda cache: None)(kv_cache)
         if limit is None or T <= limit:
-            out, _ = backend.sparse_mla(q, kv_cache, indices, sm_scale, v_dim, lengths)
+            out, _ = backend.sparse_mla(q, kv_cache, indices, sm_scale, v_dim, lengths, **self._mode)
             return out[:, :heads] if padded else out
         out = q.new_empty(T, heads, v_dim)  # the kernel takes at most `limit` rows per call: in pieces
         for start in range(0, T, limit):
             rows = slice(start, start + limit)
             part, _ = backend.sparse_mla(q[rows], kv_cache, indices[rows], sm_scale, v_dim,
-                                         None if lengths is None else lengths[rows])
+                                         None if lengths is None else lengths[rows], **self._mode)
             out[rows] = part[:, :heads]
         return out
 
@@ -148,11 +153,10 @@ class DSAOps:
             if num_keys <= topk:
                 parts.append(reference.first_positions_slots(kv_len, layout.page_table, req, layout.page_size, topk))
                 continue
-            invariant = {"row_invariant": True} if self.batch_invariant else {}  # (torch backend: __post_init__)
             logits = backend.indexer_logits(q[part], weights[part], k_cache, layout.page_table, req, kv_len,
-                                            layout.page_size, num_keys, **invariant)
+                                            layout.page_size, num_keys, **self._mode)
             parts.append(backend.topk_slots(logits, kv_len, layout.page_table, req, layout.page_size, topk,
-                                            **invariant))
+                                            **self._mode))
         return parts[0] if len(parts) == 1 else torch.cat(parts)  # one chunk (every decode step): no copy
 
     def all_slots(self, layout: BatchLayout, topk: int) -> Tensor:
@@ -166,9 +170,7 @@ class DSAOps:
         quantized by the norm that wrote them (fp8.QuantizedRows), or None. local_share: the share of the pairs
         expected to be these experts' (expert parallelism; the others carry id -1): the kernels' tiles follow it.
         Tokens run in chunks of at most max_moe_bytes of transient rows (each token's rows are its own)."""
-        experts = _backend(self.moe_backend).moe_experts
-        if self.batch_invariant:  # (the torch backend: __post_init__)
-            experts = partial(experts, row_invariant=True)
+        experts = partial(_backend(self.moe_backend).moe_experts, **self._mode)
         per_token = topk_ids.shape[1] * (x.shape[1] * x.element_size() + w13.shape[1] * 4)
         chunk = max(1, self.max_moe_bytes // per_token)
         if num_tokens <= chunk:
@@ -177,5 +179,5 @@ class DSAOps:
         for start in range(0, num_tokens, chunk):  # prefill-sized: xq (decode rows only) is not handed over
             end = min(start + chunk, num_tokens)
             out[start:end] = experts(x[start:end], w13, w2, topk_ids[start:end], topk_weights[start:end],
-                                                 end - start, None, local_share)
+                                     end - start, None, local_share)
         return out

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dsaserve.ops import rows
+from dsaserve.ops import invariant
 
 Tensor = torch.Tensor
 FP8 = torch.float8_e4m3fn
@@ -129,13 +129,13 @@ def act_dequant(q: Tensor, scale: Tensor, group: int) -> Tensor:
     return q.float() * scale.index_select(-1, cols)
 
 
-def linear(x: Tensor, w: BlockFP8, row_invariant: bool = False) -> Tensor:
-    """The FP8 GEMM's function in fp32: quantized activations times the dequantized weight -> fp32 (row_invariant:
-    each row's product by ops.rows)."""
+def linear(x: Tensor, w: BlockFP8, batch_invariant: bool = False) -> Tensor:
+    """The FP8 GEMM's function in fp32: quantized activations times the dequantized weight -> fp32 (batch_invariant:
+    each row's product by ops.invariant)."""
     group = w.block[1]
     xq = act_dequant(*act_quant(x, group), group)
-    if row_invariant:
-        return rows.linear(xq, w.dequantize())
+    if batch_invariant:
+        return invariant.linear(xq, w.dequantize())
     return xq @ w.dequantize().transpose(-1, -2)
 
 

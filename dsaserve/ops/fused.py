@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from dsaserve.model.rope import Rotary
-from dsaserve.ops import rows
+from dsaserve.ops import invariant
 from dsaserve.ops.fp8 import QuantizedRows
 
 Tensor = torch.Tensor
@@ -29,7 +29,7 @@ def _absorb():
 
 def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """1 / sqrt rather than rsqrt: each correctly rounded, so a row's value does not follow its offset in the
-    batch (CPU's vectorized rsqrt rounds apart from its scalar tail; ops.rows.pointwise)."""
+    batch (CPU's vectorized rsqrt rounds apart from its scalar tail; ops/invariant.py)."""
     xf = x.float()
     return weight * (xf / torch.sqrt((xf * xf).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
@@ -89,14 +89,14 @@ def rope_(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, out: Tensor | 
 
 
 def absorb_query(q: Tensor, w_uk: Tensor, cos: Tensor, sin: Tensor, out: Tensor,
-                 row_invariant: bool = False) -> Tensor:
+                 batch_invariant: bool = False) -> Tensor:
     """The absorbed MLA's query into out [T, H, latent + rope]: q [T, H, nope + rope]'s nope part times each
     head's W_UK [H, nope, latent], then its rope part rotated (interleaved pairs, as q_pe is). One launch on CUDA
     for decode rows; otherwise a batched GEMM and the rotary kernel, each into its slice (no concatenation).
-    row_invariant: each row's product by ops.rows (deterministic inference)."""
+    batch_invariant: each row's product by ops.invariant (deterministic inference)."""
     nope, latent = w_uk.shape[1:]
-    if row_invariant:
-        rows.per_head(q[..., :nope], w_uk, out=out[..., :latent])
+    if batch_invariant:
+        invariant.per_head(q[..., :nope], w_uk, out=out[..., :latent])
     elif q.is_cuda and _absorb().query_applies(q, w_uk, cos, sin, out):
         return _absorb().absorb_query(q, w_uk, cos, sin, out)
     else:
@@ -106,13 +106,13 @@ def absorb_query(q: Tensor, w_uk: Tensor, cos: Tensor, sin: Tensor, out: Tensor,
 
 
 def absorb_output(x: Tensor, w_uv: Tensor, quant_group: int = 0,
-                  row_invariant: bool = False) -> tuple[Tensor, QuantizedRows | None]:
+                  batch_invariant: bool = False) -> tuple[Tensor, QuantizedRows | None]:
     """(x [T, H, latent] times each head's W_UV [H, v, latent] transposed -> [T, H, v], fp8): one launch on CUDA for
     decode rows, a batched GEMM writing the [T, H, v] rows directly otherwise. quant_group > 0 asks for the rows
     [T, H * v] quantized as act_quant quantizes them (as add_rms_norm does): from the launch, else None.
-    row_invariant: each row's product by ops.rows (deterministic inference)."""
-    if row_invariant:
-        return rows.per_head(x, w_uv.transpose(1, 2)), None
+    batch_invariant: each row's product by ops.invariant (deterministic inference)."""
+    if batch_invariant:
+        return invariant.per_head(x, w_uv.transpose(1, 2)), None
     out = x.new_empty(x.shape[0], x.shape[1], w_uv.shape[1])
     if x.is_cuda and _absorb().output_applies(x, w_uv, out):
         group = quant_group if _absorb().quantizes_output(w_uv, quant_group) else 0
@@ -121,12 +121,12 @@ def absorb_output(x: Tensor, w_uv: Tensor, quant_group: int = 0,
     return out, None
 
 
-def linear_fp32(x: Tensor, weight: Tensor, scale: float = 1.0, row_invariant: bool = False) -> Tensor:
+def linear_fp32(x: Tensor, weight: Tensor, scale: float = 1.0, batch_invariant: bool = False) -> Tensor:
     """F.linear(x.float(), weight) * scale with an fp32 weight [N, K] (the router's logits, the indexer's head
     weights); on CUDA for a few rows one launch (the same fp32 products, summed in another order).
-    row_invariant: each row's product by ops.rows (deterministic inference)."""
-    if row_invariant:
-        out = rows.linear(x.float(), weight.float())
+    batch_invariant: each row's product by ops.invariant (deterministic inference)."""
+    if batch_invariant:
+        out = invariant.linear(x.float(), weight.float())
         return out * scale if scale != 1.0 else out
     if x.is_cuda and _kernels().linear_fp32_applies(x, weight):
         return _kernels().linear_fp32(x, weight, scale)
@@ -135,9 +135,10 @@ def linear_fp32(x: Tensor, weight: Tensor, scale: float = 1.0, row_invariant: bo
 
 
 def route_reference(logits: Tensor, bias: Tensor, n_group: int, topk_group: int, k: int, normalize: bool,
-                    scale: float, shared: bool = False, local: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
+                    scale: float, shared: bool = False, local: tuple[int, int] | None = None,
+                    batch_invariant: bool = False) -> tuple[Tensor, Tensor]:
     N, E = logits.shape
-    scores = rows.pointwise(torch.sigmoid, logits)
+    scores = invariant.pointwise(torch.sigmoid, logits) if batch_invariant else logits.sigmoid()
     choice = scores + bias
     if n_group > 1:
         groups = choice.view(N, n_group, -1).topk(2, dim=-1).values.sum(-1)
@@ -158,23 +159,28 @@ def route_reference(logits: Tensor, bias: Tensor, n_group: int, topk_group: int,
 
 
 def route(logits: Tensor, bias: Tensor, n_group: int, topk_group: int, k: int, normalize: bool,
-          scale: float, shared: bool = False, local: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
+          scale: float, shared: bool = False, local: tuple[int, int] | None = None,
+          batch_invariant: bool = False) -> tuple[Tensor, Tensor]:
     """Sigmoid scores of fp32 router logits [N, E]; experts are chosen by score + bias among the
     `topk_group` best groups (a group's value: its two best choices) -> (ids [N, k] int64, weights [N, k]
     fp32: the chosen scores, normalized to sum 1 if `normalize`, times `scale`). shared: one more column,
     expert E with weight 1 (the shared expert stacked after the routed ones: quant.Experts.shared_slot).
     local (first, count): this rank's experts under expert parallelism; ids come out relative to `first`, and
-    -1 for experts outside them (the MoE skips those pairs; weights are unchanged)."""
+    -1 for experts outside them (the MoE skips those pairs; weights are unchanged). batch_invariant: the sigmoid
+    by ops.invariant.pointwise (the reference math only: the mode runs on CPU)."""
     if logits.is_cuda and _kernels().route_applies(logits, bias, n_group, k):
         return _kernels().route(logits, bias, n_group, topk_group, k, normalize, scale, shared, local)
-    return route_reference(logits, bias, n_group, topk_group, k, normalize, scale, shared, local)
+    return route_reference(logits, bias, n_group, topk_group, k, normalize, scale, shared, local, batch_invariant)
 
 
-def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
-    """F.silu(gate) * up, each op rounding to gate's dtype as torch's do; one launch on CUDA instead of two."""
+def silu_mul(gate: Tensor, up: Tensor, batch_invariant: bool = False) -> Tensor:
+    """F.silu(gate) * up, each op rounding to gate's dtype as torch's do; one launch on CUDA instead of two.
+    batch_invariant: the silu by ops.invariant.pointwise."""
+    if batch_invariant:
+        return invariant.pointwise(F.silu, gate) * up
     if gate.is_cuda and _kernels().silu_mul_applies(gate, up):
         return _kernels().silu_mul(gate, up)
-    return rows.pointwise(F.silu, gate) * up
+    return F.silu(gate) * up
 
 
 def embed(ids: Tensor, weight: Tensor, start: int) -> Tensor:

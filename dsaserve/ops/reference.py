@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from dsaserve.cache.kv_format import read_rows
-from dsaserve.ops import fp8
-from dsaserve.ops import rows as row_products
+from dsaserve.ops import fp8, invariant
 from dsaserve.ops.fp8 import BlockFP8, QuantizedRows
 
 Tensor = torch.Tensor
@@ -25,7 +24,8 @@ def position_slots(page_table_rows: Tensor, positions: Tensor, page_size: int) -
 
 
 def sparse_mla(q: Tensor, kv_cache: Tensor, indices: Tensor, sm_scale: float, v_dim: int,
-               lengths: Tensor | None = None, max_rows: int = 256) -> tuple[Tensor, Tensor]:
+               lengths: Tensor | None = None, max_rows: int = 256,
+               batch_invariant: bool = False) -> tuple[Tensor, Tensor]:
     """Absorbed-form sparse MLA.
 
     q [T, H, D] (D = v_dim latent dims + rope dims), kv_cache [S, D] (or uint8 FP8 rows, see
@@ -34,11 +34,13 @@ def sparse_mla(q: Tensor, kv_cache: Tensor, indices: Tensor, sm_scale: float, v_
     lengths [T] (or [T, 1]), optional: row t reads only its first lengths[t] indices (a bound for the
     kernels: the engine's rows keep their valid slots first and at most row_kv_len of them).
     Returns out [T, H, v_dim] in q's dtype and lse [T, H] fp32 (natural log; rows with no key: out 0,
-    lse -inf).
+    lse -inf). batch_invariant: exp and log by ops.invariant.pointwise (each row's products already take
+    entries of their own).
     """
     T, H, _ = q.shape
     out = q.new_empty(T, H, v_dim)
     lse = torch.empty(T, H, dtype=torch.float32, device=q.device)
+    pointwise = invariant.pointwise if batch_invariant else _plain
     for start in range(0, T, max_rows):
         rows = slice(start, min(start + max_rows, T))
         idx = indices[rows].long()
@@ -50,22 +52,26 @@ def sparse_mla(q: Tensor, kv_cache: Tensor, indices: Tensor, sm_scale: float, v_
         scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
         top = scores.amax(dim=-1, keepdim=True)
         top = torch.where(top.isfinite(), top, torch.zeros_like(top))  # a row without keys: exp(-inf) = 0
-        weights = row_products.pointwise(torch.exp, scores - top)  # (each value alike wherever its row is)
+        weights = pointwise(torch.exp, scores - top)
         total = weights.sum(dim=-1, keepdim=True)
         probs = (weights / total).nan_to_num(0.0)
         out[rows] = torch.einsum("thk,tkd->thd", probs, kv[..., :v_dim]).to(q.dtype)
-        lse[rows] = (top + row_products.pointwise(torch.log, total)).squeeze(-1)
+        lse[rows] = (top + pointwise(torch.log, total)).squeeze(-1)
     return out, lse
 
 
+def _plain(fn, x: Tensor) -> Tensor:
+    return fn(x)
+
+
 def indexer_logits(q: Tensor, weights: Tensor, k_cache: Tensor, page_table: Tensor, row_req: Tensor,
-                   row_kv_len: Tensor, page_size: int, num_keys: int, row_invariant: bool = False) -> Tensor:
+                   row_kv_len: Tensor, page_size: int, num_keys: int, batch_invariant: bool = False) -> Tensor:
     """Indexer scores of every query row against the first `num_keys` positions of its request.
 
     q [T, Hi, Di], weights [T, Hi] fp32 (already scaled by Hi^-0.5 and Di^-0.5), k_cache [S, Di] (or uint8 FP8),
     page_table [B, P], row_req [T], row_kv_len [T, 1]. Returns fp32 [T, num_keys]:
-    sum_h weights[t, h] * relu(q[t, h] . k[pos]) for pos < kv_len, -inf after. row_invariant: each dot product
-    by ops.rows.scores, alike whatever the rows and num_keys (deterministic inference).
+    sum_h weights[t, h] * relu(q[t, h] . k[pos]) for pos < kv_len, -inf after. batch_invariant: each dot product
+    by ops.invariant.scores, alike whatever the rows and num_keys (deterministic inference).
     """
     T = q.shape[0]
     logits = torch.full((T, num_keys), float("-inf"), dtype=torch.float32, device=q.device)
@@ -80,8 +86,9 @@ def indexer_logits(q: Tensor, weights: Tensor, k_cache: Tensor, page_table: Tens
         keys = read_rows(k_cache, position_slots(page_table[req], positions, page_size), q.shape[-1], 0)  # [L, Di]
         qf = q[rows].float()
         scores = torch.zeros(count, num_keys, dtype=torch.float32, device=q.device)
+        blocks = invariant.key_blocks(keys) if batch_invariant else keys
         for h in range(q.shape[1]):  # one head at a time keeps the intermediate output-sized
-            dots = row_products.scores(qf[:, h], keys) if row_invariant else qf[:, h] @ keys.T
+            dots = invariant.scores(qf[:, h], blocks, num_keys) if batch_invariant else qf[:, h] @ keys.T
             scores += weights[rows, h, None] * F.relu(dots)
         causal = positions[None, :] < row_kv_len[rows]
         logits[rows] = scores.masked_fill(~causal, float("-inf"))
@@ -89,15 +96,15 @@ def indexer_logits(q: Tensor, weights: Tensor, k_cache: Tensor, page_table: Tens
 
 
 def topk_slots(logits: Tensor, row_kv_len: Tensor, page_table: Tensor, row_req: Tensor, page_size: int,
-               topk: int, row_invariant: bool = False) -> Tensor:
+               topk: int, batch_invariant: bool = False) -> Tensor:
     """Slot ids of the `topk` best positions per row: min(kv_len, topk) valid, then -1. [T, topk] int32.
-    row_invariant: of equal scores the earlier positions, and the selection in position order, as
+    batch_invariant: of equal scores the earlier positions, and the selection in position order, as
     first_positions_slots gives it (the attention sums its keys in that order; deterministic inference)."""
     T, L = logits.shape
     k = min(topk, L)
     if k == 0:
         positions = logits.new_zeros(T, 0, dtype=torch.long)
-    elif row_invariant:  # (a row's -inf positions, past its keys, sort after the valid ones)
+    elif batch_invariant:  # (a row's -inf positions, past its keys, sort after the valid ones)
         positions = logits.sort(dim=-1, descending=True, stable=True).indices[:, :k].sort(dim=-1).values
     else:
         positions = logits.topk(k, dim=-1).indices
@@ -126,7 +133,7 @@ def _positions_to_slots(positions: Tensor, row_kv_len: Tensor, page_table: Tenso
 
 def moe_experts(x: Tensor, w13: Tensor | BlockFP8, w2: Tensor | BlockFP8, topk_ids: Tensor, topk_weights: Tensor,
                 num_tokens: int, xq: QuantizedRows | None = None, local_share: float = 1.0,
-                row_invariant: bool = False) -> Tensor:
+                batch_invariant: bool = False) -> Tensor:
     """Routed experts: sum_k weight_k * down_e(silu(gate_e x) * up_e x) for the first num_tokens rows.
 
     x [N, hidden], w13 [E, 2I, hidden] (gate rows then up rows), w2 [E, hidden, I], topk_ids [N, k],
@@ -136,7 +143,7 @@ def moe_experts(x: Tensor, w13: Tensor | BlockFP8, w2: Tensor | BlockFP8, topk_i
     quantized by their producer, xq, are act_quant's values and so ignored here, as is the kernels' tiling hint
     local_share).
     Each pair's output is rounded to x's dtype and the k pairs of a token are summed in fp32 (in expert order).
-    row_invariant: each pair's products by ops.rows, alike whatever the expert's other tokens (deterministic).
+    batch_invariant: each pair's products by ops.invariant, alike whatever the expert's other tokens (deterministic).
     """
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     ids = topk_ids[:num_tokens]
@@ -153,14 +160,15 @@ def moe_experts(x: Tensor, w13: Tensor | BlockFP8, w2: Tensor | BlockFP8, topk_i
         if count == 0:
             continue
         tokens = token_of[start:start + count]
-        gate, up = _matmul_t(x[tokens], w13[expert], row_invariant).chunk(2, dim=-1)
-        y = _matmul_t(row_products.pointwise(F.silu, gate) * up, w2[expert], row_invariant)
+        gate, up = _matmul_t(x[tokens], w13[expert], batch_invariant).chunk(2, dim=-1)
+        act = invariant.pointwise(F.silu, gate) if batch_invariant else F.silu(gate)
+        y = _matmul_t(act * up, w2[expert], batch_invariant)
         out.index_add_(0, tokens, (y * weight_of[start:start + count, None]).to(x.dtype).float())
         start += count
     return out.to(x.dtype)
 
 
-def _matmul_t(a: Tensor, w: Tensor | BlockFP8, row_invariant: bool = False) -> Tensor:
+def _matmul_t(a: Tensor, w: Tensor | BlockFP8, batch_invariant: bool = False) -> Tensor:
     if isinstance(w, BlockFP8):
-        return fp8.linear(a, w, row_invariant)
-    return row_products.linear(a, w) if row_invariant else a @ w.T
+        return fp8.linear(a, w, batch_invariant)
+    return invariant.linear(a, w) if batch_invariant else a @ w.T

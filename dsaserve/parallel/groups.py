@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from dsaserve.ops import rows
+from dsaserve.ops import invariant
 
 Tensor = torch.Tensor
 # The group a rank waits in for its leader's next plan: idle time has no deadline (gloo needs a finite one).
@@ -153,7 +153,7 @@ class Parallel:
     def _ordered_sum(self, x: Tensor, group: Any, size: int, across_groups: bool = False) -> Tensor:
         parts = [torch.empty_like(x) for _ in range(size)]
         self._collective(dist.all_gather, parts, x.contiguous(), group=group, across_groups=across_groups)
-        return x.copy_(rows.ordered_sum(parts))
+        return x.copy_(invariant.ordered_sum(parts))
 
     def broadcast_attn(self, x: Tensor) -> Tensor:
         """The attention-group leader's `x` on every rank of the group (in place)."""

@@ -174,6 +174,10 @@ class Job:
     requests: list[OfflineRequest] = field(default_factory=list)
     scored: bool = False
 
+    def __post_init__(self) -> None:
+        if self.scored and any(r.params.logprobs is None for r in self.requests):
+            raise ValueError("a scored Job's requests must ask for logprobs (SamplingParams(logprobs=0))")
+
 
 def _run_job(args: ServerArgs, par: Parallel, job: Job) -> dict[int, list]:
     """Token ids per request, or (token id, log-probability) pairs (Job.scored)."""
