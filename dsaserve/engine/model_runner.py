@@ -122,7 +122,8 @@ class ModelRunner:
             raise SettingError("--enable-deterministic-inference runs on CPU in float32 with the torch backends only, "
                                f"got device {self.device.type}, dtype {str(self.dtype).removeprefix('torch.')}, "
                                f"attention {attention}, MoE {moe}: the GPU kernels choose tiles and splits by the "
-                               "batch's size, and CPU matmuls in bf16 / fp16 switch libraries by it")
+                               "batch's size, and CPU matmuls in bf16 / fp16 switch libraries by it (--device cpu "
+                               "--dtype float32 runs it)")
         self.model = build_model(model_path, self.device, self.dtype, self.par, load_mtp=self.spec_steps > 0,
                                  progress=progress, load_format=args.load_format, overrides=args.model_overrides,
                                  batch_invariant=deterministic)
