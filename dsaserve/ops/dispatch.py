@@ -3,7 +3,6 @@ checked-mode validation live here, so callers never know about them (invariants 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 from types import ModuleType
 
 import torch
@@ -170,14 +169,14 @@ class DSAOps:
         quantized by the norm that wrote them (fp8.QuantizedRows), or None. local_share: the share of the pairs
         expected to be these experts' (expert parallelism; the others carry id -1): the kernels' tiles follow it.
         Tokens run in chunks of at most max_moe_bytes of transient rows (each token's rows are its own)."""
-        experts = partial(_backend(self.moe_backend).moe_experts, **self._mode)
+        experts = _backend(self.moe_backend).moe_experts
         per_token = topk_ids.shape[1] * (x.shape[1] * x.element_size() + w13.shape[1] * 4)
         chunk = max(1, self.max_moe_bytes // per_token)
         if num_tokens <= chunk:
-            return experts(x, w13, w2, topk_ids, topk_weights, num_tokens, xq, local_share)
+            return experts(x, w13, w2, topk_ids, topk_weights, num_tokens, xq, local_share, **self._mode)
         out = torch.zeros_like(x)  # (rows past num_tokens, DP padding, are 0 as in one call)
         for start in range(0, num_tokens, chunk):  # prefill-sized: xq (decode rows only) is not handed over
             end = min(start + chunk, num_tokens)
             out[start:end] = experts(x[start:end], w13, w2, topk_ids[start:end], topk_weights[start:end],
-                                     end - start, None, local_share)
+                                     end - start, None, local_share, **self._mode)
         return out

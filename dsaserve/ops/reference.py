@@ -7,6 +7,8 @@ Conventions
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -60,7 +62,7 @@ def sparse_mla(q: Tensor, kv_cache: Tensor, indices: Tensor, sm_scale: float, v_
     return out, lse
 
 
-def _plain(fn, x: Tensor) -> Tensor:
+def _plain(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
     return fn(x)
 
 
