@@ -142,9 +142,10 @@ class ModelRunner:
         self.num_pages = self._pool_pages(args)
         self.pools = KVPools(self.cfg, self.num_pages, args.page_size, self.kv_dtype, self.device, self.cache_layers)
         self.graphs = self._graph_runner(args)
-        log.info("KV pool: %d pages x %d tokens (%.1f MiB) on %s, %s; attention %s, MoE %s", self.num_pages,
+        log.info("KV pool: %d pages x %d tokens (%.1f MiB) on %s, %s; attention %s, MoE %s%s", self.num_pages,
                  args.page_size, self.num_pages * args.page_size * self.bytes_per_token / 2**20, self.device,
-                 self.kv_dtype, self.ops.attention_backend, self.ops.moe_backend)
+                 self.kv_dtype, self.ops.attention_backend, self.ops.moe_backend,
+                 "; deterministic inference (batch-invariant ops, steps on one thread)" if deterministic else "")
 
     @property
     def bytes_per_token(self) -> int:
