@@ -3,13 +3,16 @@ whatever runs beside it, however its prompt is chunked, on every page size, with
 layouts, retractions (a re-prefill) or a cached prefix, and on TP / DP-attention ranks (ops/invariant.py)."""
 from __future__ import annotations
 
+import multiprocessing as mp
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import openai
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from conftest import ARCHS, prompts_ids
@@ -18,7 +21,7 @@ from dsaserve.llm import Completion
 from dsaserve.engine import sampler
 from dsaserve.ops import invariant, reference
 from dsaserve.ops.dispatch import DSAOps
-from dsaserve.parallel.launch import Job, OfflineRequest, run_jobs
+from dsaserve.parallel.launch import Job, OfflineRequest, free_port, init_distributed, run_jobs
 from dsaserve.server_args import ServerArgs, SettingError
 from dsaserve.tiny import make_tiny_model
 from server_process import ServerProcess
@@ -202,3 +205,42 @@ def test_a_filtered_row_alone_is_the_row_among_others() -> None:
     reqs = [SimpleNamespace(params=SamplingParams(top_p=0.9)) for _ in range(6)]
     together = sampler._top_filtered(probs, reqs)
     assert all(torch.equal(sampler._top_filtered(probs[i:i + 1], reqs[:1]), together[i:i + 1]) for i in range(6))
+
+
+def _ordered_sums(rank: int, addr: str, out: Any) -> None:
+    """One of 3 gloo ranks: all_reduce_world(ordered=True) of buffers of several sizes."""
+    par = init_distributed(ServerArgs(tp=3, device="cpu"), rank, addr)
+    try:
+        out.put((rank, [par.all_reduce_world(_part(rank, n), ordered=True) for n in ORDERED_SIZES]))
+    finally:
+        dist.destroy_process_group()
+
+
+ORDERED_SIZES = (1, 5, 64, 1000, 4099)
+
+
+def _part(rank: int, n: int) -> torch.Tensor:
+    """Rank r's part: values whose sum depends on the order of the adds ((1e8 - 1e8) + 1 = 1, 1e8 + (-1e8 + 1) = 0
+    in fp32)."""
+    base = torch.tensor([1e8, -1e8, 1.0])
+    i = torch.arange(n)
+    return base[(i + rank) % 3] * (1 + i % 7 / 8)
+
+
+def test_the_ordered_sum_adds_the_ranks_in_rank_order() -> None:
+    """Parallel.all_reduce_world(ordered=True) on 3 gloo ranks is (p0 + p1) + p2 at every buffer size, for values
+    where another order gives another result."""
+    ctx = mp.get_context("spawn")
+    out, addr = ctx.Queue(), f"127.0.0.1:{free_port()}"
+    procs = [ctx.Process(target=_ordered_sums, args=(r, addr, out), daemon=True) for r in range(3)]
+    for p in procs:
+        p.start()
+    try:
+        got = dict(out.get(timeout=120) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+    for i, n in enumerate(ORDERED_SIZES):
+        want = (_part(0, n) + _part(1, n)) + _part(2, n)
+        assert not torch.equal(want, _part(0, n) + (_part(1, n) + _part(2, n)))  # the order matters here
+        assert all(torch.equal(got[r][i], want) for r in range(3)), n
