@@ -413,3 +413,20 @@ def test_failure_probability_must_be_a_probability(tiny_ds: str, monkeypatch: py
     with pytest.raises(ValueError, match=r"DSASERVE_DISAGG_TEST_FAILURE_PROB must be in \[0, 1\], got 1.5"):
         Engine(ServerArgs(model_path=tiny_ds, max_total_tokens=256, disaggregation_mode="prefill",
                           disaggregation_transfer_backend="fake"), progress=False)
+
+
+def test_pd_with_deterministic_inference_is_the_aggregated_solo_run(tiny_ds: str) -> None:
+    """--enable-deterministic-inference on both sides (MTP, page 1, prompts in chunks of 7, beside 7 others): the
+    request's tokens and log-probabilities are bitwise its solo aggregated run's, the prefill server's first token
+    included (tests/test_deterministic.py holds the aggregated cases)."""
+    from test_deterministic import BASE, BESIDE, GREEDY, OTHERS, SEEDED, TARGET, scored
+    solo = LLM(tiny_ds, **BASE, enable_deterministic_inference=True, disable_radix_cache=True)
+    spec = dict(speculative_algorithm="NEXTN", speculative_num_steps=2)
+    flags = dict(page_size=1, chunked_prefill_size=7, enable_deterministic_inference=True, **spec)
+    with pd_pair(tiny_ds, **flags) as (pre, dec):
+        for params in (GREEDY, SEEDED):
+            logprobs: dict[str, list] = {}
+            _, tokens = run_pd(pre, dec, [TARGET] + OTHERS, [params] + BESIDE, logprobs=logprobs)
+            got = list(zip(tokens["r0"], [lp for lp, _ in logprobs["r0"]]))
+            assert got == scored(solo.generate([TARGET], params)[0]), params
+        assert_pools_whole(pre, dec)
