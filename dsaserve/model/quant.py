@@ -79,14 +79,18 @@ class Linear(nn.Module):
     def forward(self, x: Tensor, xq: QuantizedRows | None = None) -> Tensor:
         """xq: x's rows quantized by their producer (asked for through input_group), else None."""
         if self.block is None:
-            return invariant.linear(x, self.weight) if self.batch_invariant else F.linear(x, self.weight)
+            return self._product(x, self.weight)
         if self.gemm is not None:
             assert self._gemm_weight is not None
             if _takes(xq, x, self.input_group):
                 return self.gemm(x, self._gemm_weight, xq=xq)
             return self.gemm(x, self._gemm_weight)
         assert self._dequantized is not None, "FP8 Linear used before prepare()"
-        return invariant.linear(x, self._dequantized) if self.batch_invariant else F.linear(x, self._dequantized)
+        return self._product(x, self._dequantized)
+
+    def _product(self, x: Tensor, weight: Tensor) -> Tensor:
+        """x W^T with a weight in the compute dtype: row by row in deterministic mode (ops/invariant.py)."""
+        return invariant.linear(x, weight) if self.batch_invariant else F.linear(x, weight)
 
     def extra_repr(self) -> str:
         fmt = f"fp8 blocks {self.block}" if self.block else str(self.weight.dtype)
