@@ -8,8 +8,8 @@ keys, the row statistics meet through shared memory, P reaches both, and each wa
 256 of the 512 value columns. bf16 rows are gathered by cp.async into a two-slot ring (slots of -1 read as
 zeros) while the previous block is multiplied, and one block's PV runs while the next block's QK^T queues
 behind it (_bf16_loop); FP8 rows (kv_format) load the next block's e4m3 values and
-scales into registers during the products and store them dequantized (exact: power-of-two scales) into the
-other slot, their bf16 rope by cp.async. H200: 1.42-1.49x the Triton kernel at 64-4096 rows x 128 heads,
+scales into registers during QK^T and store them dequantized (exact: power-of-two scales) into the other slot
+while the PV runs, their bf16 rope by cp.async. H200: 1.42-1.49x the Triton kernel at 64-4096 rows x 128 heads,
 1.07-1.29x at 1-16 rows, with either cache (docs/benchmarks.md). In fp32, at other head dims or 32 heads
 and fewer, Triton's kernel runs.
 """
@@ -170,8 +170,10 @@ if gluon is not None:
     def _fp8_loop(q_lat, q_rope, k_lat, k_rope, KV, KS, KR, IDX, t, stride_it, stride_kv, stride_ks, stride_kr8,
                   start, end, blocks, scale_log2, m_i, l_i, acc, s_zero, BLOCK_N: gl.constexpr,
                   V_DIM: gl.constexpr, R_DIM: gl.constexpr, s_l: gl.constexpr, o_l: gl.constexpr):
-        """The next block's e4m3 values load into registers while this one multiplies, then are stored
-        dequantized into the other slot (its rope by cp.async)."""
+        """The next block's e4m3 values load into registers during this block's QK^T and softmax and are
+        stored dequantized into the other slot while its PV runs (its rope by cp.async): 3-5% faster from 16
+        rows than storing after the PV. Issued one block earlier, or converted by integer bit moves instead of
+        through f32, it was no faster or spilled (docs/benchmarks.md)."""
         dtype: gl.constexpr = q_lat.dtype
         if blocks > 0:
             _gather(KV, KR, IDX, t, stride_it, stride_kv, stride_kr8, start, end, k_lat.index(0), k_rope.index(0),
@@ -197,9 +199,9 @@ if gluon is not None:
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
             p_op, rescale, m_i, l_i = _softmax_step(s, valid, m_i, l_i, scale_log2, dtype, o_l)
             acc = warpgroup_mma(p_op, k_lat.index(slot), acc * rescale, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-            # the other slot's readers finished before this iteration's first barrier
+            # while the PV runs: the other slot's readers finished before this iteration's first barrier
             _store_fp8(k_lat.index(1 - slot), values, scales, BLOCK_N, V_DIM)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         return acc, m_i, l_i
 
     @gluon.jit(do_not_specialize=["stride_lt", "stride_lh", "num_splits"])  # H x splits change per step
