@@ -9,9 +9,10 @@ keys, the row statistics meet through shared memory, P reaches both, and each wa
 zeros) while the previous block is multiplied, and one block's PV runs while the next block's QK^T queues
 behind it (_bf16_loop); FP8 rows (kv_format) load the next block's e4m3 values and
 scales into registers during QK^T and store them dequantized (exact: power-of-two scales) into the other slot
-while the PV runs, their bf16 rope by cp.async. H200: 1.42-1.49x the Triton kernel at 64-4096 rows x 128 heads,
-1.07-1.29x at 1-16 rows, with either cache (docs/benchmarks.md). In fp32, at other head dims or 32 heads
-and fewer, Triton's kernel runs.
+while the PV runs, their bf16 rope by cp.async. Every block's cache slots are read one block before its rows
+move (_block_slots), so a move waits one memory latency, not an index load and then the rows. H200: 62-112% of
+FlashMLA's speed at 64 and 128 heads, decode- and prefill-shaped (docs/benchmarks.md). In fp32, at other head
+dims or 32 heads and fewer, Triton's kernel runs.
 """
 from __future__ import annotations
 
@@ -44,34 +45,45 @@ if gluon is not None:
     _ROPE = gl.constexpr(gl.BlockedLayout([1, 8], [4, 8], [8, 1], [1, 0]))
 
     @gluon.jit
-    def _gather_part(KV, IDX, t, stride_it, stride_kv, n0, end, dest, col0: gl.constexpr, width: gl.constexpr,
-                     rows: gl.constexpr, layout: gl.constexpr):
-        offs = n0 + gl.arange(0, rows, layout=gl.SliceLayout(1, layout))
-        slot = gl.load(IDX + t * stride_it + offs, mask=offs < end, other=-1)
-        cols = col0 + gl.arange(0, width, layout=gl.SliceLayout(0, layout))
+    def _gather_part(KV, slot, stride_kv, dest, width: gl.constexpr, layout: gl.constexpr):
+        cols = gl.arange(0, width, layout=gl.SliceLayout(0, layout))
         ptrs = gl.expand_dims(KV + slot.to(gl.int64) * stride_kv, 1) + gl.expand_dims(cols, 0)
         cp.async_copy_global_to_shared(dest, ptrs, mask=gl.expand_dims(slot >= 0, 1))
 
     @gluon.jit
-    def _gather(KV, KR, IDX, t, stride_it, stride_kv, stride_kr8, n0, end, dest_lat, dest_rope,
-                BLOCK_N: gl.constexpr, V_DIM: gl.constexpr, R_DIM: gl.constexpr, FP8: gl.constexpr):
-        """cp.async the selected rows n0 .. n0 + BLOCK_N (below `end`, slot >= 0; others zero-filled); of an
-        FP8 cache only the bf16 rope part (its values go through registers, _load_fp8)."""
+    def _gather(KV, KR, lat_slots, rope_slots, stride_kv, stride_kr8, dest_lat, dest_rope, V_DIM: gl.constexpr,
+                R_DIM: gl.constexpr, FP8: gl.constexpr):
+        """cp.async one block's rows (_block_slots; slots of -1 zero-filled); of an FP8 cache only the bf16
+        rope part (its values go through registers, _load_fp8)."""
         if not FP8:
-            _gather_part(KV, IDX, t, stride_it, stride_kv, n0, end, dest_lat, 0, V_DIM, BLOCK_N, _LAT)
+            _gather_part(KV, lat_slots, stride_kv, dest_lat, V_DIM, _LAT)
         # the rope rows' stride comes in units of 8 (16 bytes), so that cp.async may copy 16-byte vectors
-        _gather_part(KR, IDX, t, stride_it, stride_kr8 * 8, n0, end, dest_rope, 0, R_DIM, BLOCK_N, _ROPE)
+        _gather_part(KR, rope_slots, stride_kr8 * 8, dest_rope, R_DIM, _ROPE)
         cp.commit_group()
 
     # [keys, 4, 128] e4m3 values of an FP8 row, 16 bytes per thread; the scales [keys, 4] in its dim-2 slice
     _FP8_VALUES = gl.constexpr(gl.BlockedLayout([1, 1, 16], [1, 4, 8], [8, 1, 1], [2, 1, 0]))
 
     @gluon.jit
-    def _load_fp8(KV, KS, IDX, t, stride_it, stride_kv, stride_ks, n0, end, BLOCK_N: gl.constexpr):
-        """The e4m3 latent values and their 4 fp32 scales of rows n0 .. n0 + BLOCK_N (others: zeros)."""
+    def _slots(IDX, t, stride_it, n0, end, BLOCK_N: gl.constexpr, layout: gl.constexpr):
+        offs = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout))
+        return gl.load(IDX + t * stride_it + offs, mask=offs < end, other=-1)
+
+    @gluon.jit
+    def _block_slots(IDX, t, stride_it, n0, end, BLOCK_N: gl.constexpr, FP8: gl.constexpr):
+        """The cache slots of rows n0 .. n0 + BLOCK_N (-1 past `end`) in the layouts that move them: the
+        latent rows' (cp.async, or _load_fp8's registers) and the rope rows'. The loops read them one block
+        before the block is moved, so that its move waits one memory latency, not two."""
+        if FP8:
+            lat = _slots(IDX, t, stride_it, n0, end, BLOCK_N, gl.SliceLayout(2, _FP8_VALUES))
+        else:
+            lat = _slots(IDX, t, stride_it, n0, end, BLOCK_N, _LAT)
+        return lat, _slots(IDX, t, stride_it, n0, end, BLOCK_N, _ROPE)
+
+    @gluon.jit
+    def _load_fp8(KV, KS, slot, stride_kv, stride_ks):
+        """The e4m3 latent values and their 4 fp32 scales of the rows in `slot` (slots of -1: zeros)."""
         scales_l: gl.constexpr = gl.SliceLayout(2, _FP8_VALUES)
-        offs = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, scales_l))
-        slot = gl.load(IDX + t * stride_it + offs, mask=offs < end, other=-1)
         valid = gl.expand_dims(slot >= 0, 1)
         slot = slot.to(gl.int64)
         group = gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, scales_l)), 0)
@@ -131,15 +143,17 @@ if gluon is not None:
         dtype: gl.constexpr = q_lat.dtype
         s = s_zero
         valid = gl.zeros([BLOCK_N], gl.int1, gl.SliceLayout(0, s_l))
+        lat, rope = _block_slots(IDX, t, stride_it, start, end, BLOCK_N, False)
         if blocks > 0:  # block 0's scores before the loop, block 1 gathered meanwhile
-            _gather(KV, KR, IDX, t, stride_it, stride_kv, stride_kr8, start, end, k_lat.index(0), k_rope.index(0),
-                    BLOCK_N, V_DIM, R_DIM, False)
+            _gather(KV, KR, lat, rope, stride_kv, stride_kr8, k_lat.index(0), k_rope.index(0), V_DIM, R_DIM, False)
+            lat, rope = _block_slots(IDX, t, stride_it, start + BLOCK_N, end, BLOCK_N, False)
             if blocks > 1:
-                _gather(KV, KR, IDX, t, stride_it, stride_kv, stride_kr8, start + BLOCK_N, end, k_lat.index(1),
-                        k_rope.index(1), BLOCK_N, V_DIM, R_DIM, False)
+                _gather(KV, KR, lat, rope, stride_kv, stride_kr8, k_lat.index(1), k_rope.index(1), V_DIM, R_DIM,
+                        False)
                 cp.wait_group(1)
             else:
                 cp.wait_group(0)
+            lat, rope = _block_slots(IDX, t, stride_it, start + 2 * BLOCK_N, end, BLOCK_N, False)
             fence_async_shared()
             gl.thread_barrier()
             s = _scores(q_lat, q_rope, k_lat.index(0), k_rope.index(0), s_zero)
@@ -158,9 +172,10 @@ if gluon is not None:
                 valid = _valid(IDX, t, stride_it, n0 + BLOCK_N, end, BLOCK_N, s_l)
                 acc = warpgroup_mma_wait(num_outstanding=2, deps=(pv,))  # this PV: its slot is free
                 gl.thread_barrier()  # in both warpgroups
-                if i + 2 < blocks:
-                    _gather(KV, KR, IDX, t, stride_it, stride_kv, stride_kr8, n0 + 2 * BLOCK_N, end,
-                            k_lat.index(slot), k_rope.index(slot), BLOCK_N, V_DIM, R_DIM, False)
+                if i + 2 < blocks:  # block i + 2, its slots read an iteration ago
+                    _gather(KV, KR, lat, rope, stride_kv, stride_kr8, k_lat.index(slot), k_rope.index(slot), V_DIM,
+                            R_DIM, False)
+                lat, rope = _block_slots(IDX, t, stride_it, n0 + 3 * BLOCK_N, end, BLOCK_N, False)
                 s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
             else:
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(pv,))
@@ -171,27 +186,29 @@ if gluon is not None:
                   start, end, blocks, scale_log2, m_i, l_i, acc, s_zero, BLOCK_N: gl.constexpr,
                   V_DIM: gl.constexpr, R_DIM: gl.constexpr, s_l: gl.constexpr, o_l: gl.constexpr):
         """The next block's e4m3 values load into registers during this block's QK^T and softmax and are
-        stored dequantized into the other slot while its PV runs (its rope by cp.async): 3-5% faster from 16
-        rows than storing after the PV. Issued one block earlier, or converted by integer bit moves instead of
-        through f32, it was no faster or spilled (docs/benchmarks.md)."""
+        stored dequantized into the other slot while its PV runs (its rope by cp.async). Loaded one block
+        earlier they spill; converted by integer bit moves instead of through f32 they are no faster
+        (docs/benchmarks.md)."""
         dtype: gl.constexpr = q_lat.dtype
+        lat, rope = _block_slots(IDX, t, stride_it, start, end, BLOCK_N, True)
         if blocks > 0:
-            _gather(KV, KR, IDX, t, stride_it, stride_kv, stride_kr8, start, end, k_lat.index(0), k_rope.index(0),
-                    BLOCK_N, V_DIM, R_DIM, True)
-            values, scales = _load_fp8(KV, KS, IDX, t, stride_it, stride_kv, stride_ks, start, end, BLOCK_N)
+            _gather(KV, KR, lat, rope, stride_kv, stride_kr8, k_lat.index(0), k_rope.index(0), V_DIM, R_DIM, True)
+            values, scales = _load_fp8(KV, KS, lat, stride_kv, stride_ks)
             _store_fp8(k_lat.index(0), values, scales, BLOCK_N, V_DIM)
+        lat, rope = _block_slots(IDX, t, stride_it, start + BLOCK_N, end, BLOCK_N, True)
         for i in range(blocks):
             slot = i % 2
             n0 = start + i * BLOCK_N
             gl.thread_barrier()  # every warp is done with the slot the next gather overwrites
             # the next block's values load while this one multiplies (past the end: no traffic)
-            values, scales = _load_fp8(KV, KS, IDX, t, stride_it, stride_kv, stride_ks, n0 + BLOCK_N, end, BLOCK_N)
+            values, scales = _load_fp8(KV, KS, lat, stride_kv, stride_ks)
             if i + 1 < blocks:
-                _gather(KV, KR, IDX, t, stride_it, stride_kv, stride_kr8, n0 + BLOCK_N, end, k_lat.index(1 - slot),
-                        k_rope.index(1 - slot), BLOCK_N, V_DIM, R_DIM, True)
+                _gather(KV, KR, lat, rope, stride_kv, stride_kr8, k_lat.index(1 - slot), k_rope.index(1 - slot),
+                        V_DIM, R_DIM, True)
                 cp.wait_group(1)
             else:
                 cp.wait_group(0)
+            lat, rope = _block_slots(IDX, t, stride_it, n0 + 2 * BLOCK_N, end, BLOCK_N, True)
             fence_async_shared()  # the stores and cp.async's writes before the wgmma's reads, in every warp
             gl.thread_barrier()
             s = _scores(q_lat, q_rope, k_lat.index(slot), k_rope.index(slot), s_zero)
