@@ -54,8 +54,8 @@ def _cache(kv: torch.Tensor, fp8: bool, gen: torch.Generator) -> torch.Tensor:
 def test_gluon_sparse_mla_matches_the_reference(launches, fp8: bool, T: int, H: int, K: int, splits: int | None,
                                                  bounded: bool) -> None:
     """Ragged rows, a row of no key, holes inside the valid prefix (from _mla_inputs), head counts that are
-    not a multiple of 64, forced and automatic splits, 1-4 key blocks per program (the FP8 loop's prologue and
-    its two-blocks-ahead stores): as accurate as Triton's kernel on the same inputs."""
+    not a multiple of 64, forced and automatic splits, 1-4 key blocks per program (each loop's prologue, and
+    its slots read a block ahead): as accurate as Triton's kernel on the same inputs."""
     gen = torch.Generator(DEV).manual_seed(T * 7 + H)
     q, kv, idx = _mla_inputs(T, H, 512, 64, K, 20000, gen)
     kv = _cache(kv, fp8, gen)

@@ -10,8 +10,8 @@ zeros) while the previous block is multiplied, and one block's PV runs while the
 behind it (_bf16_loop); FP8 rows (kv_format) load the next block's e4m3 values and
 scales into registers during QK^T and store them dequantized (exact: power-of-two scales) into the other slot
 while the PV runs, their bf16 rope by cp.async. Every block's cache slots are read one block before its rows
-move (_block_slots), so a move waits one memory latency, not an index load and then the rows. H200: 62-112% of
-FlashMLA's speed at 64 and 128 heads, decode- and prefill-shaped (docs/benchmarks.md). In fp32, at other head
+move (_block_slots), so a move waits one memory latency, not an index load and then the rows. H200: at least
+62% of FlashMLA's speed at 64 and 128 heads, decode- and prefill-shaped (docs/benchmarks.md). In fp32, at other head
 dims or 32 heads and fewer, Triton's kernel runs.
 """
 from __future__ import annotations
