@@ -26,9 +26,55 @@ from dsaserve.ops.triton._common import dot_precision, is_hopper, new_empty, nex
 Tensor = torch.Tensor
 LOG2E = 1.4426950408889634
 
-# Tuning override for benchmarks: dict with any of block_h, block_n, num_warps, num_stages, splits,
+# Tuning override for benchmarks: dict with any of block_h, block_n, num_warps, num_stages, splits, prefetch,
 # combine_block_v (the combine's columns per program) and gluon (0: Triton's kernel even where mla_gluon applies).
 CONFIG: dict[str, int] | None = None
+
+
+@triton.jit
+def _attend(q_lat, q_rope, kv, kr, valid, m_i, l_i, acc, scale_log2, PRECISION: tl.constexpr):
+    """One key block of the online softmax: scores, the running max and sum, the accumulator."""
+    s = tl.dot(q_lat, tl.trans(kv), input_precision=PRECISION)
+    s = tl.dot(q_rope, tl.trans(kr), s, input_precision=PRECISION)
+    s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no valid key yet: avoid -inf - -inf
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(kv.dtype), kv, acc * alpha[:, None], input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _rows(KV, KR, KS, slot, stride_kv, stride_kr, stride_ks, dv, dr, sb, vmask, rmask, smask, FP8: tl.constexpr):
+    """The latent and rope values of a block's slots, and of an FP8 cache the latent's scales (else a
+    placeholder); masked-off (-1) slots issue no memory traffic."""
+    valid = (slot >= 0)[:, None]
+    slot64 = slot.to(tl.int64)[:, None]
+    kv = tl.load(KV + slot64 * stride_kv + dv[None, :], mask=valid & vmask[None, :], other=0.0)
+    kr = tl.load(KR + slot64 * stride_kr + dr[None, :], mask=valid & rmask[None, :], other=0.0)
+    sc = 0.0
+    if FP8:
+        sc = tl.load(KS + slot64 * stride_ks + sb[None, :], mask=valid & smask[None, :], other=0.0)
+    return kv, kr, sc
+
+
+@triton.jit
+def _dequantize(kv, kr, sc, dtype: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                SCALE_BLOCKS: tl.constexpr, FP8: tl.constexpr):
+    """An FP8 block in the dot dtype: e4m3 x power-of-two scale is exact in bf16."""
+    if FP8:
+        kv = tl.reshape(kv.to(dtype), [BLOCK_N, SCALE_BLOCKS, BLOCK_V // SCALE_BLOCKS]) * sc.to(dtype)[:, :, None]
+        kv = tl.reshape(kv, [BLOCK_N, BLOCK_V])
+        kr = kr.to(dtype)
+    return kv, kr
+
+
+@triton.jit
+def _block_slots(IDX, t, stride_it, n0, end, BLOCK_N: tl.constexpr):
+    offs = n0 + tl.arange(0, BLOCK_N)
+    return tl.load(IDX + t * stride_it + offs, mask=offs < end, other=-1)
 
 
 @triton.jit(do_not_specialize=["stride_lt", "stride_lh", "num_splits"])  # H x splits; o strides: v_dim multiples
@@ -38,7 +84,8 @@ def _sparse_mla_kernel(Q, KV, KR, KS, IDX, LEN, O, LSE,
                        H, K, V_DIM, R_DIM, num_splits, scale_log2,
                        BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                        BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, FP8: tl.constexpr,
-                       SCALE_BLOCKS: tl.constexpr, HAS_LEN: tl.constexpr, PDL: tl.constexpr):
+                       SCALE_BLOCKS: tl.constexpr, HAS_LEN: tl.constexpr, PREFETCH: tl.constexpr,
+                       PDL: tl.constexpr):
     pdl_start(PDL)
     pid_h = tl.program_id(0)
     t = tl.program_id(1).to(tl.int64)
@@ -65,31 +112,28 @@ def _sparse_mla_kernel(Q, KV, KR, KS, IDX, LEN, O, LSE,
     per_split = tl.cdiv(tl.cdiv(row_end, num_splits), BLOCK_N) * BLOCK_N
     start = split * per_split
     end = tl.minimum(start + per_split, row_end)
-    for n0 in range(start, end, BLOCK_N):
-        offs = n0 + tl.arange(0, BLOCK_N)
-        slot = tl.load(IDX + t * stride_it + offs, mask=offs < end, other=-1)
-        valid = slot >= 0
-        slot64 = slot.to(tl.int64)[:, None]
-        # Masked-off (-1) slots issue no memory traffic; their scores become -inf below.
-        kv = tl.load(KV + slot64 * stride_kv + dv[None, :], mask=valid[:, None] & vmask[None, :], other=0.0)
-        kr = tl.load(KR + slot64 * stride_kr + dr[None, :], mask=valid[:, None] & rmask[None, :], other=0.0)
-        if FP8:  # dequantize after the gather: e4m3 x power-of-two scale is exact in bf16
-            sb = tl.arange(0, SCALE_BLOCKS)
-            sc = tl.load(KS + slot64 * stride_ks + sb[None, :], mask=valid[:, None] & (sb[None, :] * 128 < V_DIM),
-                         other=0.0).to(dtype)
-            kv = tl.reshape(kv.to(dtype), [BLOCK_N, SCALE_BLOCKS, BLOCK_V // SCALE_BLOCKS]) * sc[:, :, None]
-            kv = tl.reshape(kv, [BLOCK_N, BLOCK_V])
-            kr = kr.to(dtype)
-        s = tl.dot(q_lat, tl.trans(kv), input_precision=PRECISION)
-        s = tl.dot(q_rope, tl.trans(kr), s, input_precision=PRECISION)
-        s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no valid key yet: avoid -inf - -inf
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(dtype), kv, acc * alpha[:, None], input_precision=PRECISION)
-        m_i = m_new
+    sb = tl.arange(0, SCALE_BLOCKS)
+    smask = sb * 128 < V_DIM
+    if PREFETCH:
+        # Triton's pipeliner leaves the FP8 gathers in the loop (the e4m3 tile is converted before its dot; the
+        # rope rows' stride is not a multiple of 16 bytes), so this loop prefetches by hand: the next block's
+        # rows load into registers while this one is attended, from slots read one block earlier still.
+        slot = _block_slots(IDX, t, stride_it, start, end, BLOCK_N)
+        kv, kr, sc = _rows(KV, KR, KS, slot, stride_kv, stride_kr, stride_ks, dv, dr, sb, vmask, rmask, smask, FP8)
+        nxt = _block_slots(IDX, t, stride_it, start + BLOCK_N, end, BLOCK_N)
+        for n0 in range(start, end, BLOCK_N):
+            kv_n, kr_n, sc_n = _rows(KV, KR, KS, nxt, stride_kv, stride_kr, stride_ks, dv, dr, sb, vmask, rmask,
+                                     smask, FP8)
+            nxt_n = _block_slots(IDX, t, stride_it, n0 + 2 * BLOCK_N, end, BLOCK_N)
+            kv, kr = _dequantize(kv, kr, sc, dtype, BLOCK_N, BLOCK_V, SCALE_BLOCKS, FP8)
+            m_i, l_i, acc = _attend(q_lat, q_rope, kv, kr, slot >= 0, m_i, l_i, acc, scale_log2, PRECISION)
+            slot, kv, kr, sc, nxt = nxt, kv_n, kr_n, sc_n, nxt_n
+    else:
+        for n0 in range(start, end, BLOCK_N):
+            slot = _block_slots(IDX, t, stride_it, n0, end, BLOCK_N)
+            kv, kr, sc = _rows(KV, KR, KS, slot, stride_kv, stride_kr, stride_ks, dv, dr, sb, vmask, rmask, smask, FP8)
+            kv, kr = _dequantize(kv, kr, sc, dtype, BLOCK_N, BLOCK_V, SCALE_BLOCKS, FP8)
+            m_i, l_i, acc = _attend(q_lat, q_rope, kv, kr, slot >= 0, m_i, l_i, acc, scale_log2, PRECISION)
 
     has = l_i > 0.0
     out = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None], 0.0)
@@ -166,10 +210,13 @@ def _config(T: int, H: int, K: int, block_v: int, row_bytes: int, sms: int, fp8:
     """row_bytes: one gathered key row in the dot dtype (576 bf16 values: 1152; fp32 twice that)."""
     cfg = dict(CONFIG or {})
     block_h = cfg.get("block_h") or (16 if H <= 16 else 32 if H <= 32 else 64)
-    # 16-head programs (a --tp 8 rank of 128 heads) over an FP8 cache: 32 keys and 4 warps 1.0-1.25x faster than
-    # 64 keys and 8 warps at 1-64 rows (H200, 2026-12-03, docs/benchmarks.md; a bf16 cache was not measured)
+    # 16-head programs (a --tp 8 rank of 128 heads) over an FP8 cache: 32 keys (and 4 warps, before the prefetch
+    # below) 1.0-1.25x faster than 64 keys and 8 warps at 1-64 rows (H200, 2026-12-03, docs/benchmarks.md)
     narrow = fp8 and block_h <= 16
-    warps = cfg.get("num_warps") or (4 if narrow else 8)
+    # Their gathers prefetched a block ahead by hand (the kernel's PREFETCH), 8 warps (4 spill): 4-28% faster
+    # over rows of 2,048 keys at 1-64 rows, -16% to +18% over 1,040 (H100, 2026-12-05, docs/benchmarks.md)
+    prefetch = bool(cfg.get("prefetch", narrow))
+    warps = cfg.get("num_warps") or (4 if narrow and not prefetch else 8)
     block_n = cfg.get("block_n") or (32 if narrow else 64)
     three = block_v < 512 or (hopper and block_h == 64 and not fp8 and 3 * block_n * row_bytes <= BF16_THREE_STAGES)
     unpipelined = hopper and fp8 and block_h == 64 and T >= FP8_UNPIPELINED_MIN_ROWS  # measured on an H200 only
@@ -182,11 +229,14 @@ def _config(T: int, H: int, K: int, block_v: int, row_bytes: int, sms: int, fp8:
         programs = T * triton.cdiv(H, block_h)
         blocks = max(1, triton.cdiv(K, block_n))
         # Up to one key block per split (of K's blocks); the kernel divides each row's own keys among them.
-        if block_h <= 32:  # memory-bound: several programs per SM keep more gathered rows in flight
-            splits = min(triton.cdiv(3 * sms, programs), blocks)
+        if block_h <= 32:  # memory-bound: several programs per SM keep more gathered rows in flight; a
+            # prefetching program keeps its own in flight, and up to 16 of them ran fastest one per SM
+            per_sm = cfg.get("programs_per_sm") or (1 if prefetch and programs <= 16 else 3)
+            splits = min(triton.cdiv(per_sm * sms, programs), blocks)
         else:  # matrix-bound: split only when rows x head-blocks leave SMs idle, aiming at one full wave
             splits = 1 if programs * 4 >= sms * 3 else min(sms // programs, blocks)
-    return dict(block_h=block_h, block_n=block_n, num_warps=warps, num_stages=stages, splits=max(1, splits))
+    return dict(block_h=block_h, block_n=block_n, num_warps=warps, num_stages=stages, splits=max(1, splits),
+                prefetch=prefetch and fp8)
 
 
 def sparse_mla(q: Tensor, kv_cache: Tensor, indices: Tensor, sm_scale: float, v_dim: int,
@@ -236,7 +286,8 @@ def sparse_mla(q: Tensor, kv_cache: Tensor, indices: Tensor, sm_scale: float, v_
             H, K, v_dim, rope_dim, splits, scale_log2,
             BLOCK_H=cfg["block_h"], BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_R=block_r,
             PRECISION=dot_precision(dot_dtype), FP8=fp8, SCALE_BLOCKS=max(1, block_v // 128),
-            HAS_LEN=lengths is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl(q))
+            HAS_LEN=lengths is not None, PREFETCH=cfg["prefetch"], num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"], **pdl(q))
     if splits > 1:
         block_c = (CONFIG or {}).get("combine_block_v") or (min(COMBINE_FEW_COLUMNS, block_v)
                                                              if T * H <= COMBINE_FEW_ROW_HEADS else block_v)
