@@ -1,8 +1,8 @@
-"""The Gluon kernels' (and the decode FP8 GEMM's) machine code for Hopper: compiled for sm_90a and assembled
-by Triton's own ptxas (no GPU needed), then checked for what silently costs speed: ptxas serializing the
-asynchronous wgmma (warning C7514: the FP8 GEMM's loop until 2026-12-01 lost 2-20% to it,
-docs/benchmarks.md), register spills, and for the FP8 GEMMs more than 168 registers per thread (three CTAs of
-128 threads per SM need it)."""
+"""The Gluon kernels' (and the decode FP8 GEMM's, the Triton sparse MLA's) machine code for Hopper: compiled
+for sm_90a and assembled by Triton's own ptxas (no GPU needed), then checked for what silently costs speed:
+ptxas serializing the asynchronous wgmma (warning C7514: the FP8 GEMM's loop until 2026-12-01 lost 2-20% to
+it, docs/benchmarks.md), register spills, and for the FP8 GEMMs more than 168 registers per thread (three
+CTAs of 128 threads per SM need it)."""
 from __future__ import annotations
 
 import re
@@ -120,3 +120,24 @@ def test_split_topk_ranking_keeps_its_registers(rank_block: int, tmp_path) -> No
                         PDL=True)
     report = _ptxas_report(topk_split._count_kernel, count_args, count_consts, 4, tmp_path)
     assert int(re.search(r"Used (\d+) registers", report).group(1)) <= 128, report
+
+
+@pytest.mark.parametrize("T", [1, 16, 64])
+def test_triton_sparse_mla_prefetch_does_not_spill(T: int, tmp_path) -> None:
+    """The Triton sparse MLA of a `--tp 8` rank (16 heads, FP8 cache, bf16 queries) as mla._config launches it:
+    its FP8 gathers prefetched by hand a block ahead, at the warps that hold them without spilling (at 4 warps
+    it spilled 580 bytes and ran 25-50% slower, docs/benchmarks.md). The strides carry the divisibility the
+    launch's do: the FP8 rows' 656 bytes are a multiple of 16, the rope rows' 328 bf16 values are not."""
+    from dsaserve.ops.triton import mla
+
+    cfg = mla._config(T, 16, 2048, 512, 1152, 132, fp8=True, hopper=True)
+    assert cfg["prefetch"] and cfg["block_h"] == 16
+    ints = dict(stride_qt="i32:16", stride_qh="i32:16", stride_kv="i32:16", stride_kr="i32", stride_ks="i32",
+                stride_it="i32:16", stride_len="i32", stride_ot="i32:16", stride_oh="i32:16", stride_os="i32",
+                stride_lt="i32", stride_lh="i32", stride_ls="i32", H="i32", K="i32:16", V_DIM="i32:16",
+                R_DIM="i32:16", num_splits="i32", scale_log2="fp32")
+    args = dict(Q="*bf16", KV="*fp8e4nv", KR="*bf16", KS="*fp32", IDX="*i32", LEN="*i32", O="*bf16", LSE="*fp32",
+                **ints)
+    constexprs = dict(BLOCK_H=16, BLOCK_N=cfg["block_n"], BLOCK_V=512, BLOCK_R=64, PRECISION="tf32", FP8=True,
+                      SCALE_BLOCKS=4, HAS_LEN=True, PREFETCH=True, PDL=True)
+    _ptxas_report(mla._sparse_mla_kernel, args, constexprs, cfg["num_warps"], tmp_path, num_stages=cfg["num_stages"])

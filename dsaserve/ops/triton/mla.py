@@ -27,7 +27,8 @@ Tensor = torch.Tensor
 LOG2E = 1.4426950408889634
 
 # Tuning override for benchmarks: dict with any of block_h, block_n, num_warps, num_stages, splits, prefetch,
-# combine_block_v (the combine's columns per program) and gluon (0: Triton's kernel even where mla_gluon applies).
+# programs_per_sm (the split rule's target below 33 heads), combine_block_v (the combine's columns per program)
+# and gluon (0: Triton's kernel even where mla_gluon applies).
 CONFIG: dict[str, int] | None = None
 
 
