@@ -8,7 +8,8 @@ BLOCK_N selected indices, in the exp2 domain, with fp32 accumulators.
 
 FP8 caches (uint8 rows, cache/kv_format.py) are read in place: the gathered e4m3 latent block is converted to
 the query's dtype and multiplied by its per-128 power-of-two scales (exact), the rope part is bf16; the dots
-then run as for a bf16 cache (FlashMLA's scheme).
+then run as for a bf16 cache (FlashMLA's scheme). Triton does not pipeline those gathers, so the 16-head
+programs of a `--tp 8` rank prefetch them by hand, a block ahead (PREFETCH).
 
 When rows x head-blocks cannot fill the GPU (decode), the selected indices are split across programs
 (flash-decoding) and a second kernel merges the normalized partial outputs by their log-sum-exp.
