@@ -28,8 +28,8 @@ from fp8_decode import decode_main, time_configs  # noqa: E402  (each config: a 
 V_DIM, ROPE, WIDTH, LAYERS = 512, 64, 2048, 61
 # decode at batch 1 / 4 / 16 and MTP verify (S = 3) at batch 1 / 2 / 4 on a --tp 8 rank; 64 heads: a --tp 2 rank;
 # 128 heads: one device
-DEFAULT_CASES = ["1x16x1040", "4x16x1040", "8x16x1040", "16x16x1040", "64x16x1040", "2x64x1040", "1x128x1040",
-                 "4x128x1040"]
+DEFAULT_CASES = ["1x16x1040", "4x16x1040", "8x16x1040", "16x16x1040", "64x16x1040", "4x16x4096", "16x16x4096",
+                 "2x64x1040", "1x128x1040", "4x128x1040"]
 ROW_BYTES = kv_format.row_bytes(V_DIM, ROPE, kv_format.FP8)
 
 # The table's columns before the timings: result key, header, format.
@@ -72,14 +72,16 @@ def run_case(rows: int, heads: int, context: int, configs: list[dict | None], co
     return {"rows": rows, "heads": heads, "context": context, "latent_MB": latent_bytes / 1e6, **timed}
 
 
-# --sweep: the combine over 64 / 128 / 512 columns at the default split count and at 16 / 32 / 64 splits
+# --sweep: the combine over 64 / 128 / 512 columns at the default split count and at 16 / 32 / 64 splits; the
+# 16-head FP8 loop with and without its hand prefetch, at 1 / 2 / 3 programs per SM
 SWEEP = [{k: v for k, v in dict(combine_block_v=c, splits=s).items() if v is not None}
          for c, s in itertools.product((64, 128, 512), (None, 16, 32, 64))]
+SWEEP += [dict(prefetch=0, num_warps=4)] + [dict(prefetch=1, programs_per_sm=n) for n in (1, 2, 3)]
 
 
 def main() -> None:
     decode_main(__doc__, DEFAULT_CASES, "ROWSxHEADSxCONTEXT", SWEEP, "also time the combine over 64 / 128 / 512 "
-                "columns at the default and at 16 / 32 / 64 splits", run_case,
+                "columns at the default and at 16 / 32 / 64 splits, and the 16-head FP8 loop's prefetch rule", run_case,
                 f"FP8 latent cache; us per call (a graph of {LAYERS} calls, median)", COLUMNS)
 
 
