@@ -26,8 +26,8 @@ from dsaserve.ops.triton import mla  # noqa: E402
 from fp8_decode import decode_main, time_configs  # noqa: E402  (each config: a graph of the calls, us per call)
 
 V_DIM, ROPE, WIDTH, LAYERS = 512, 64, 2048, 61
-# decode at batch 1 / 4 / 16 and MTP verify (S = 3) at batch 1 / 2 / 4 on a --tp 8 rank; 64 heads: a --tp 2 rank;
-# 128 heads: one device
+# decode at batch 1 / 4 / 16 and MTP verify (S = 3) at batch 1 / 2 / 4 on a --tp 8 rank, at 1K context and at 4K
+# (every row 2,048 selected keys); 64 heads: a --tp 2 rank; 128 heads: one device
 DEFAULT_CASES = ["1x16x1040", "4x16x1040", "8x16x1040", "16x16x1040", "64x16x1040", "4x16x4096", "16x16x4096",
                  "2x64x1040", "1x128x1040", "4x128x1040"]
 ROW_BYTES = kv_format.row_bytes(V_DIM, ROPE, kv_format.FP8)

@@ -50,7 +50,7 @@ def _cache(kv: torch.Tensor, fp8: bool, gen: torch.Generator) -> torch.Tensor:
 @pytest.mark.parametrize("T,H,K,splits,bounded", [
     (1, 128, 2048, None, False), (7, 128, 2048, None, True), (64, 128, 2048, None, True),
     (150, 64, 2048, None, False), (9, 48, 300, 3, True), (64, 128, 2048, 1, False), (300, 128, 1000, None, True),
-    (5, 64, 64, 1, False), (5, 64, 128, 1, False), (5, 64, 130, 1, True), (3, 64, 256, 1, False)])
+    (5, 64, 64, 1, False), (5, 64, 128, 1, False), (5, 64, 130, 1, False), (3, 64, 256, 1, False)])
 def test_gluon_sparse_mla_matches_the_reference(launches, fp8: bool, T: int, H: int, K: int, splits: int | None,
                                                  bounded: bool) -> None:
     """Ragged rows, a row of no key, holes inside the valid prefix (from _mla_inputs), head counts that are

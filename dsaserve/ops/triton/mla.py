@@ -215,9 +215,9 @@ def _config(T: int, H: int, K: int, block_v: int, row_bytes: int, sms: int, fp8:
     # 16-head programs (a --tp 8 rank of 128 heads) over an FP8 cache: 32 keys (and 4 warps, before the prefetch
     # below) 1.0-1.25x faster than 64 keys and 8 warps at 1-64 rows (H200, 2026-12-03, docs/benchmarks.md)
     narrow = fp8 and block_h <= 16
-    # Their gathers prefetched a block ahead by hand (the kernel's PREFETCH), 8 warps (4 spill): 4-28% faster
+    # Their gathers prefetched a block ahead by hand (the kernel's PREFETCH), 8 warps (4 spill): 1-28% faster
     # over rows of 2,048 keys at 1-64 rows, -16% to +18% over 1,040 (H100, 2026-12-05, docs/benchmarks.md)
-    prefetch = bool(cfg.get("prefetch", narrow))
+    prefetch = bool(cfg.get("prefetch", narrow)) and fp8
     warps = cfg.get("num_warps") or (4 if narrow and not prefetch else 8)
     block_n = cfg.get("block_n") or (32 if narrow else 64)
     three = block_v < 512 or (hopper and block_h == 64 and not fp8 and 3 * block_n * row_bytes <= BF16_THREE_STAGES)
@@ -231,14 +231,15 @@ def _config(T: int, H: int, K: int, block_v: int, row_bytes: int, sms: int, fp8:
         programs = T * triton.cdiv(H, block_h)
         blocks = max(1, triton.cdiv(K, block_n))
         # Up to one key block per split (of K's blocks); the kernel divides each row's own keys among them.
-        if block_h <= 32:  # memory-bound: several programs per SM keep more gathered rows in flight; a
-            # prefetching program keeps its own in flight, and up to 16 of them ran fastest one per SM
+        if block_h <= 32:  # memory-bound: three programs per SM (4-warp ones fit together) keep more gathered
+            # rows in flight; a prefetching program (8 warps, one per SM) keeps its own in flight, and up to 16
+            # of them ran fastest in one wave, more of them in three
             per_sm = cfg.get("programs_per_sm") or (1 if prefetch and programs <= 16 else 3)
             splits = min(triton.cdiv(per_sm * sms, programs), blocks)
         else:  # matrix-bound: split only when rows x head-blocks leave SMs idle, aiming at one full wave
             splits = 1 if programs * 4 >= sms * 3 else min(sms // programs, blocks)
     return dict(block_h=block_h, block_n=block_n, num_warps=warps, num_stages=stages, splits=max(1, splits),
-                prefetch=prefetch and fp8)
+                prefetch=prefetch)
 
 
 def sparse_mla(q: Tensor, kv_cache: Tensor, indices: Tensor, sm_scale: float, v_dim: int,
