@@ -95,3 +95,24 @@ def test_gluon_sparse_mla_replays_in_a_cuda_graph(launches, fp8: bool) -> None:
     assert len(launches) == 3
     assert torch.equal(out, want) and torch.equal(lse, want_lse)
     assert rel_err(out, ref.sparse_mla(q.float(), kv if fp8 else kv.float(), idx, SCALE, 512)[0]) < 1e-2
+
+
+@pytest.mark.parametrize("fp8,T,H,gluon", [
+    (True, 4, 16, True), (True, 300, 16, True), (True, 16, 8, True), (True, 1, 32, True), (True, 9, 20, True),
+    (False, 64, 32, True), (False, 300, 24, True), (True, 1, 16, False), (True, 3, 8, False), (False, 300, 16, False),
+    (False, 16, 32, False)])
+def test_narrow_heads_take_the_gluon_kernel_where_the_rule_says(launches, fp8: bool, T: int, H: int,
+                                                                 gluon: bool) -> None:
+    """A --tp 4 / 8 rank's 8-32 heads in the Gluon kernel's 64-row tiles (mla._gluon): the heads past H are
+    masked off, so every stored head matches the reference (poisoned outputs: a head left unwritten is NaN) and
+    no row's store reaches the next row's heads."""
+    gen = torch.Generator(DEV).manual_seed(T * 13 + H)
+    q, kv, idx = _mla_inputs(T, H, 512, 64, 2048, 20000, gen)
+    kv = _cache(kv, fp8, gen)
+    lengths = _bound(idx)
+    out, lse = tops.sparse_mla(q, kv, idx, SCALE, 512, lengths)
+    assert len(launches) == int(gluon)
+    want, want_lse = ref.sparse_mla(q.float(), kv if fp8 else kv.float(), idx, SCALE, 512)
+    assert rel_err(out, want) < 1e-2
+    empty = torch.isinf(want_lse)
+    assert torch.equal(torch.isneginf(lse), empty) and (lse[~empty] - want_lse[~empty]).abs().max().item() < 1e-3

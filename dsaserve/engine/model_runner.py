@@ -174,7 +174,7 @@ class ModelRunner:
 
     def _log_sparse_mla_kernel(self) -> None:
         """Which kernel runs sparse MLA on CUDA (attention backend triton): probed now, never inside a graph
-        capture (the model's dims and head count decide per call, mla_gluon.applies)."""
+        capture (the model's dims, head count and rows decide per call, mla._gluon)."""
         if self.ops.attention_backend != "triton" or self.device.type != "cuda":
             return
         from dsaserve.ops.triton import mla_gluon

@@ -9,7 +9,8 @@ BLOCK_N selected indices, in the exp2 domain, with fp32 accumulators.
 FP8 caches (uint8 rows, cache/kv_format.py) are read in place: the gathered e4m3 latent block is converted to
 the query's dtype and multiplied by its per-128 power-of-two scales (exact), the rope part is bf16; the dots
 then run as for a bf16 cache (FlashMLA's scheme). Triton does not pipeline those gathers, so the 16-head
-programs of a `--tp 8` rank prefetch them by hand, a block ahead (PREFETCH).
+programs of a `--tp 8` rank prefetch them by hand, a block ahead (PREFETCH). On Hopper the Gluon kernel
+(mla_gluon) runs instead for more than 32 heads, and for fewer at the row counts _gluon names.
 
 When rows x head-blocks cannot fill the GPU (decode), the selected indices are split across programs
 (flash-decoding) and a second kernel merges the normalized partial outputs by their log-sum-exp.
@@ -29,7 +30,7 @@ LOG2E = 1.4426950408889634
 
 # Tuning override for benchmarks: dict with any of block_h, block_n, num_warps, num_stages, splits, prefetch,
 # programs_per_sm (the split rule's target below 33 heads), combine_block_v (the combine's columns per program)
-# and gluon (0: Triton's kernel even where mla_gluon applies).
+# and gluon (0: Triton's kernel even where mla_gluon applies; 2: the Gluon kernel wherever it applies).
 CONFIG: dict[str, int] | None = None
 
 
@@ -205,6 +206,8 @@ SMEM_TILE_BUDGET = 160 << 10  # bytes of pipelined key tiles; Hopper has 227 KiB
 # 8 rows on: 3-6% faster at 8-1024 rows, 1-5% slower at one row and for 16-head programs (H200, 2026-12-01).
 BF16_THREE_STAGES = 3 * 64 * 1152
 FP8_UNPIPELINED_MIN_ROWS = 8
+GLUON_NARROW_FP8_MIN_ROWS = 4  # rows from which 16 heads and fewer take the Gluon kernel (_gluon)
+GLUON_NARROW_BF16_MIN_ROWS = 64
 
 
 def _config(T: int, H: int, K: int, block_v: int, row_bytes: int, sms: int, fp8: bool,
@@ -242,6 +245,23 @@ def _config(T: int, H: int, K: int, block_v: int, row_bytes: int, sms: int, fp8:
                 prefetch=prefetch)
 
 
+def _gluon(T: int, H: int, fp8: bool, q: Tensor, kv_cache: Tensor, v_dim: int) -> bool:
+    """Whether the Gluon kernel runs (mla_gluon's docstring): for more than 32 heads, and for fewer (a --tp 4 / 8
+    rank) where its 64-row wgmma tiles, the heads past H masked off, beat Triton's 16- and 32-row programs in
+    spite of the padding. H100, 2026-12-05 (docs/benchmarks.md): over an FP8 cache 32-head programs took
+    0.33-0.80x Triton's time at 1-4,096 rows, 8- and 16-head ones 0.53-0.92x from 4 rows (1.07x at 8 heads x 4
+    rows over 1,040 keys) and 1.06-1.11x at one row; over a bf16 cache 32 heads 0.72-0.96x from 64 rows, 8 and
+    16 heads 0.89-1.07x."""
+    mode = (CONFIG or {}).get("gluon", 1)
+    if not mode or not mla_gluon.applies(q, kv_cache, v_dim):
+        return False
+    if mode == 2 or H > 32:
+        return True
+    if fp8:
+        return H > 16 or T >= GLUON_NARROW_FP8_MIN_ROWS
+    return H > 16 and T >= GLUON_NARROW_BF16_MIN_ROWS
+
+
 def sparse_mla(q: Tensor, kv_cache: Tensor, indices: Tensor, sm_scale: float, v_dim: int,
                lengths: Tensor | None = None, max_rows: int = 256) -> tuple[Tensor, Tensor]:
     """See reference.sparse_mla (kv_cache: [S, D] rows or uint8 FP8 rows). `max_rows` is accepted and ignored."""
@@ -267,7 +287,7 @@ def sparse_mla(q: Tensor, kv_cache: Tensor, indices: Tensor, sm_scale: float, v_
     if fp8 and dot_dtype.itemsize == 4:  # H200: the e4m3 tile staged beside fp32 ones needs 238 KB at 32 keys
         row_bytes += row_bytes // 4
     cfg = _config(T, H, K, block_v, row_bytes, sm_count(q), fp8, is_hopper(q))
-    gluon = (CONFIG or {}).get("gluon", 1) and mla_gluon.applies(q, kv_cache, v_dim)
+    gluon = _gluon(T, H, fp8, q, kv_cache, v_dim)
     block_n = mla_gluon.BLOCK_N if gluon else cfg["block_n"]
     splits = max(1, min(cfg["splits"], triton.cdiv(K, block_n)))
     scale_log2 = float(sm_scale) * LOG2E
