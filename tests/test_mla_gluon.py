@@ -115,4 +115,23 @@ def test_narrow_heads_take_the_gluon_kernel_where_the_rule_says(launches, fp8: b
     want, want_lse = ref.sparse_mla(q.float(), kv if fp8 else kv.float(), idx, SCALE, 512)
     assert rel_err(out, want) < 1e-2
     empty = torch.isinf(want_lse)
-    assert torch.equal(torch.isneginf(lse), empty) and (lse[~empty] - want_lse[~empty]).abs().max().item() < 1e-3
+    assert torch.equal(torch.isneginf(lse), empty) and (out.float()[empty] == 0).all()
+    assert (lse[~empty] - want_lse[~empty]).abs().max().item() < 1e-3
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("H,splits", [(16, 1), (20, 4), (8, 2)])
+def test_gluon_kernel_stores_no_head_past_h(launches, fp8: bool, H: int, splits: int) -> None:
+    """The kernel's outputs and LSE (partials too) as H-head views of 64-head buffers: the 64 - H heads past H,
+    which the kernel multiplies as zero rows, stay NaN; the first H are written."""
+    gen = torch.Generator(DEV).manual_seed(H + splits)
+    q, kv, idx = _mla_inputs(6, H, 512, 64, 300, 5000, gen)
+    kv = _cache(kv, fp8, gen)
+    o_full = torch.full((6, 64, splits, 512), float("nan"), dtype=torch.bfloat16, device=DEV)
+    l_full = torch.full((6, 64, splits), float("nan"), device=DEV)
+    o_buf, l_buf = o_full[:, :H], l_full[:, :H]
+    mla_gluon.launch(q, *kv_format.row_views(kv, 512, 64), fp8, idx, idx, False, o_buf, l_buf, o_buf.stride(2),
+                     l_buf.stride(2), splits, 1.4426950408889634 * SCALE)
+    assert len(launches) == 1
+    assert torch.isnan(o_full[:, H:]).all() and torch.isnan(l_full[:, H:]).all()
+    assert not torch.isnan(o_buf).any() and not torch.isnan(l_buf).any()

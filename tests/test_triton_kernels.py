@@ -63,7 +63,7 @@ MLA_CASES = [
     (4, 1, 64, 32, 200, 700, None),
     (70, 128, 512, 64, 2048, 20000, None),
     (3, 10, 64, 32, 300, 900, {"block_n": 16, "splits": 2}),
-    (16, 16, 512, 64, 2048, 9000, {"gluon": 0}),  # Triton's narrow programs where Hopper takes the Gluon kernel
+    (16, 16, 512, 64, 2048, 9000, {"gluon": 0}),  # Triton's narrow programs where Hopper's FP8 path takes Gluon
     (64, 32, 512, 64, 2048, 9000, {"gluon": 0}),
 ]
 

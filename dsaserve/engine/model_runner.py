@@ -178,8 +178,13 @@ class ModelRunner:
         if self.ops.attention_backend != "triton" or self.device.type != "cuda":
             return
         from dsaserve.ops.triton import mla_gluon
-        log.info("sparse MLA: %s", "the Gluon kernel (Hopper)" if mla_gluon.works(
-            self.device.index or 0) else "Triton's kernel")
+        if not mla_gluon.works(self.device.index or 0):
+            kernel = "Triton's kernel"
+        elif self.cfg.num_attention_heads // self.par.cfg.attn_tp > 32:
+            kernel = "the Gluon kernel (Hopper)"
+        else:  # a --tp 4 / 8 rank's heads: by rows and cache dtype
+            kernel = "the Gluon kernel (Hopper) where mla._gluon takes this rank's heads, else Triton's"
+        log.info("sparse MLA: %s", kernel)
 
     def _pool_pages(self, args: ServerArgs) -> int:
         if self.device.type == "cuda":  # the memory still free after the weights (as dsaserve plan counts)

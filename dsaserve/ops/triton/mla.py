@@ -206,8 +206,6 @@ SMEM_TILE_BUDGET = 160 << 10  # bytes of pipelined key tiles; Hopper has 227 KiB
 # 8 rows on: 3-6% faster at 8-1024 rows, 1-5% slower at one row and for 16-head programs (H200, 2026-12-01).
 BF16_THREE_STAGES = 3 * 64 * 1152
 FP8_UNPIPELINED_MIN_ROWS = 8
-GLUON_NARROW_FP8_MIN_ROWS = 4  # rows from which 16 heads and fewer take the Gluon kernel (_gluon)
-GLUON_NARROW_BF16_MIN_ROWS = 64
 
 
 def _config(T: int, H: int, K: int, block_v: int, row_bytes: int, sms: int, fp8: bool,
@@ -245,21 +243,23 @@ def _config(T: int, H: int, K: int, block_v: int, row_bytes: int, sms: int, fp8:
                 prefetch=prefetch)
 
 
+GLUON_NARROW_FP8_MIN_ROWS = 4  # over an FP8 cache, rows from which 16 heads and fewer take the Gluon kernel
+GLUON_NARROW_BF16_MIN_ROWS = 64  # over a bf16 cache, rows from which 17-32 heads do (16 and fewer never)
+
+
 def _gluon(T: int, H: int, fp8: bool, q: Tensor, kv_cache: Tensor, v_dim: int) -> bool:
     """Whether the Gluon kernel runs (mla_gluon's docstring): for more than 32 heads, and for fewer (a --tp 4 / 8
     rank) where its 64-row wgmma tiles, the heads past H masked off, beat Triton's 16- and 32-row programs in
     spite of the padding. H100, 2026-12-05 (docs/benchmarks.md): over an FP8 cache 32-head programs took
     0.33-0.80x Triton's time at 1-4,096 rows, 8- and 16-head ones 0.53-0.92x from 4 rows (1.07x at 8 heads x 4
     rows over 1,040 keys) and 1.06-1.11x at one row; over a bf16 cache 32 heads 0.72-0.96x from 64 rows, 8 and
-    16 heads 0.89-1.07x."""
+    16 heads 0.89-1.07x. Not measured: 2-3 rows, 17-31 heads, fewer than 8, an H200."""
     mode = (CONFIG or {}).get("gluon", 1)
-    if not mode or not mla_gluon.applies(q, kv_cache, v_dim):
-        return False
-    if mode == 2 or H > 32:
-        return True
     if fp8:
-        return H > 16 or T >= GLUON_NARROW_FP8_MIN_ROWS
-    return H > 16 and T >= GLUON_NARROW_BF16_MIN_ROWS
+        wins = H > 16 or T >= GLUON_NARROW_FP8_MIN_ROWS
+    else:
+        wins = H > 32 or (H > 16 and T >= GLUON_NARROW_BF16_MIN_ROWS)
+    return bool(mode) and (wins or mode == 2) and mla_gluon.applies(q, kv_cache, v_dim)
 
 
 def sparse_mla(q: Tensor, kv_cache: Tensor, indices: Tensor, sm_scale: float, v_dim: int,

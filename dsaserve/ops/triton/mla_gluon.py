@@ -12,9 +12,9 @@ scales into registers during QK^T and store them dequantized (exact: power-of-tw
 while the PV runs, their bf16 rope by cp.async. Every block's cache slots are read one block before its rows
 move (_block_slots), so a move waits one memory latency, not an index load and then the rows. H200: at least
 62% of FlashMLA's speed at 64 and 128 heads, decode- and prefill-shaped (docs/benchmarks.md). Fewer heads (a
---tp 4 / 8 rank) run in the same 64-row tiles, the rows past H zero and never stored: over an FP8 cache from 4 rows
-1.1-1.9x faster than Triton's 8- and 16-head programs and 1.3-3x at 32 heads (mla._gluon has the rule). In fp32 or at other head dims
-Triton's kernel runs.
+--tp 4 / 8 rank) run in the same 64-row tiles, the rows past H zero and never stored: over an FP8 cache from 4
+rows 1.1-1.9x faster than Triton's 8- and 16-head programs (but 8 heads x 4 rows over 1,040 keys 7% slower),
+1.3-3x at 32 heads (mla._gluon has the rule). In fp32 or at other head dims Triton's kernel runs.
 """
 from __future__ import annotations
 
