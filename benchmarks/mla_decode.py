@@ -26,10 +26,10 @@ from dsaserve.ops.triton import mla  # noqa: E402
 from fp8_decode import decode_main, time_configs  # noqa: E402  (each config: a graph of the calls, us per call)
 
 V_DIM, ROPE, WIDTH, LAYERS = 512, 64, 2048, 61
-# decode at batch 1 / 4 / 16 and MTP verify (S = 3) at batch 1 / 2 / 4 on a --tp 8 rank, at 1K context and at 4K
-# (every row 2,048 selected keys); 64 heads: a --tp 2 rank; 128 heads: one device
+# decode at batch 1 / 4 / 16 / 32 / 64 and MTP verify (S = 3) at batch 1 / 2 / 4 on a --tp 8 rank, at 1K context and
+# at 4K (every row 2,048 selected keys); 64 heads: a --tp 2 rank; 128 heads: one device
 DEFAULT_CASES = ["1x16x1040", "4x16x1040", "8x16x1040", "16x16x1040", "64x16x1040", "4x16x4096", "16x16x4096",
-                 "2x64x1040", "1x128x1040", "4x128x1040"]
+                 "32x16x4096", "64x16x4096", "2x64x1040", "1x128x1040", "4x128x1040"]
 ROW_BYTES = kv_format.row_bytes(V_DIM, ROPE, kv_format.FP8)
 
 # The table's columns before the timings: result key, header, format.
@@ -72,11 +72,13 @@ def run_case(rows: int, heads: int, context: int, configs: list[dict | None], co
     return {"rows": rows, "heads": heads, "context": context, "latent_MB": latent_bytes / 1e6, **timed}
 
 
-# --sweep: the combine over 64 / 128 / 512 columns at the default split count and at 16 / 32 / 64 splits; Triton's
-# 16-head FP8 loop (which Hopper runs below mla.GLUON_NARROW_FP8_MIN_ROWS rows only, so forced here) with and
-# without its hand prefetch, at 1 / 2 / 3 programs per SM
+# --sweep: the combine over 64 / 128 / 512 columns at the default split count and at 16 / 32 / 64 splits, and 2 / 4 /
+# 8 splits (Hopper's Gluon kernel runs one program per SM, where the narrow rule aims at three: from 17 rows of 16
+# heads the default gives it about three waves, one wave needs fewer splits); Triton's 16-head FP8 loop (which Hopper
+# runs below mla.GLUON_NARROW_FP8_MIN_ROWS rows only, so forced here) with and without its hand prefetch, at 1 / 2 / 3
+# programs per SM
 SWEEP = [{k: v for k, v in dict(combine_block_v=c, splits=s).items() if v is not None}
-         for c, s in itertools.product((64, 128, 512), (None, 16, 32, 64))]
+         for c, s in itertools.product((64, 128, 512), (None, 16, 32, 64))] + [dict(splits=s) for s in (2, 4, 8)]
 SWEEP += [dict(gluon=0, prefetch=0, num_warps=4)] + [dict(gluon=0, prefetch=1, programs_per_sm=n) for n in (1, 2, 3)]
 
 
