@@ -74,7 +74,7 @@ def run_case(rows: int, heads: int, context: int, configs: list[dict | None], co
 
 # --sweep: the combine over 64 / 128 / 512 columns at the default split count and at 16 / 32 / 64 splits, and 2 / 4 /
 # 8 splits (Hopper's Gluon kernel runs one program per SM, where the narrow rule aims at three: from 17 rows of 16
-# heads the default gives it about three waves, one wave needs fewer splits); Triton's 16-head FP8 loop (which Hopper
+# heads the default gives it two to four waves, one needs fewer splits); Triton's 16-head FP8 loop (which Hopper
 # runs below mla.GLUON_NARROW_FP8_MIN_ROWS rows only, so forced here) with and without its hand prefetch, at 1 / 2 / 3
 # programs per SM
 SWEEP = [{k: v for k, v in dict(combine_block_v=c, splits=s).items() if v is not None}
