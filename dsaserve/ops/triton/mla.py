@@ -250,10 +250,10 @@ GLUON_NARROW_BF16_MIN_ROWS = 64  # over a bf16 cache, rows from which 17-32 head
 def _gluon(T: int, H: int, fp8: bool, q: Tensor, kv_cache: Tensor, v_dim: int) -> bool:
     """Whether the Gluon kernel runs (mla_gluon's docstring): for more than 32 heads, and for fewer (a --tp 4 / 8
     rank) where its 64-row wgmma tiles, the heads past H masked off, beat Triton's 16- and 32-row programs in
-    spite of the padding. H100, 2026-12-05 (docs/benchmarks.md): over an FP8 cache 32-head programs took
-    0.33-0.80x Triton's time at 1-4,096 rows, 8- and 16-head ones 0.53-0.92x from 4 rows (1.07x at 8 heads x 4
-    rows over 1,040 keys) and 1.06-1.11x at one row; over a bf16 cache 32 heads 0.72-0.96x from 64 rows, 8 and
-    16 heads 0.89-1.07x. Not measured: 2-3 rows, 17-31 heads, fewer than 8, an H200."""
+    spite of the padding. H100, 2026-12-05 (benchmarks/mla_narrow.py, docs/benchmarks.md): over an FP8 cache
+    32-head programs took 0.33-0.80x Triton's time at 1-4,096 rows, 8- and 16-head ones 0.53-0.92x from 4 rows
+    (1.07x at 8 heads x 4 rows over 1,040 keys) and 1.06-1.11x at one row; over a bf16 cache 32 heads 0.72-0.96x
+    from 64 rows, 8 and 16 heads 0.89-1.07x. Not measured: 2-3 rows, 17-31 heads, fewer than 8, an H200."""
     mode = (CONFIG or {}).get("gluon", 1)
     if fp8:
         wins = H > 16 or T >= GLUON_NARROW_FP8_MIN_ROWS
