@@ -7,14 +7,17 @@ top-k compared across the attention-TP ranks every layer).
 from __future__ import annotations
 
 import functools
+import multiprocessing as mp
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import pytest
+import torch
+import torch.distributed as dist
 
 from conftest import ARCHS, prompts_ids, sampling_features
 from dsaserve import LLM, SamplingParams
-from dsaserve.parallel.launch import Job, OfflineRequest, run_jobs
+from dsaserve.parallel.launch import Job, OfflineRequest, free_port, init_distributed, run_jobs
 from dsaserve.server_args import ServerArgs
 from dsaserve.tiny import make_tiny_model
 
@@ -160,3 +163,57 @@ def test_a_prefill_splits_the_indexer_rows_over_the_attention_group(tp: int) -> 
         assert share(0, rows, StepMode.DECODE) is None and share(0, rows, StepMode.VERIFY) is None
     assert share(0, least - 1, StepMode.EXTEND) is None
     assert tp != 2 or share(1, 68, StepMode.EXTEND) == slice(1, 68, 2)
+
+
+def _exchanges(rank: int, addr: str, tp: int, out: Any) -> None:
+    """One of `tp` gloo ranks: its heads of every row to its rows of every head and back (MLAttention._attend)."""
+    par = init_distributed(ServerArgs(tp=tp, device="cpu"), rank, addr)
+    try:
+        results = []
+        for rows, dtype in ((1, torch.float32), (tp, torch.bfloat16), (2 * tp + 1, torch.float32), (37, torch.float32)):
+            group = torch.arange(rows * 3 * tp * 2).view(rows, 3 * tp, 2).to(dtype)  # every rank's 3 heads
+            mine = group[:, rank * 3:(rank + 1) * 3]
+            q_rows = par.attn_heads_to_rows(mine)
+            back = par.attn_rows_to_heads(q_rows * 2, rows)  # (an "attention" each row's heads go through)
+            results.append((torch.equal(q_rows, group[par.attn_row_share(rows)]), torch.equal(back, mine * 2)))
+        out.put((rank, results))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("tp", [2, 3])
+def test_the_attention_row_exchange_turns_the_head_split_into_the_row_split(tp: int) -> None:
+    """Parallel.attn_heads_to_rows on real gloo ranks: each rank gets its attn_row_share of the rows with every
+    rank's heads in rank order (row counts below, at and not a multiple of tp); attn_rows_to_heads sends each
+    rank's heads of every row back."""
+    ctx = mp.get_context("spawn")
+    out, addr = ctx.Queue(), f"127.0.0.1:{free_port()}"
+    procs = [ctx.Process(target=_exchanges, args=(r, addr, tp, out), daemon=True) for r in range(tp)]
+    for p in procs:
+        p.start()
+    try:
+        got = dict(out.get(timeout=120) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+    assert all(all(ok for pair in got[r] for ok in pair) for r in range(tp)), got
+
+
+def test_a_prefill_splits_the_attention_rows_only_for_narrow_heads() -> None:
+    """MLAttention._row_share: the indexer's row split (above) where a rank holds fewer than ROW_SPLIT_HEADS
+    heads (the equality tests above take it: the tiny models hold fewer), never from ROW_SPLIT_HEADS heads or in
+    deterministic mode."""
+    from types import SimpleNamespace
+
+    from dsaserve.engine.layout import StepMode
+    from dsaserve.model.dsa import ROW_SPLIT_HEADS, MLAttention
+    from dsaserve.parallel.groups import Parallel, ParallelConfig
+
+    def share(heads: int, rows: int, mode: StepMode, invariant: bool = False) -> slice | None:
+        ctx = SimpleNamespace(par=Parallel.without_groups(ParallelConfig(tp=4, rank=1)), layout=SimpleNamespace(
+            mode=mode), ops=SimpleNamespace(batch_invariant=invariant))
+        return MLAttention._row_share(SimpleNamespace(num_heads=heads), ctx, rows)
+
+    assert share(16, 68, StepMode.EXTEND) == share(ROW_SPLIT_HEADS - 1, 68, StepMode.MIXED) == slice(1, 68, 4)
+    assert share(ROW_SPLIT_HEADS, 68, StepMode.EXTEND) is None and share(16, 68, StepMode.EXTEND, True) is None
+    assert share(16, 68, StepMode.DECODE) is None and share(16, 63, StepMode.EXTEND) is None

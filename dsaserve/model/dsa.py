@@ -56,6 +56,7 @@ def linear(in_features: int, out_features: int) -> Linear:
     return Linear(in_features, out_features)  # compute dtype; the loader switches it to FP8 per checkpoint
 
 
+ROW_SPLIT_HEADS = 64  # heads per rank from which a prefill's attention keeps the head split (a wgmma tile's rows)
 SIDE_STREAM_ROWS = 256  # steps of at most this many rows run the indexer on DSAOps.side_stream
 
 
@@ -119,12 +120,33 @@ class MLAttention(nn.Module):
             finally:
                 main.wait_stream(side)
         assert topk is not None, "a shared-indexer layer needs the previous layer's top-k"
-        o_lat = ctx.ops.sparse_mla(q_full, ctx.pools.latent(self.layer_id), topk, cfg.softmax_scale,
-                                   cfg.kv_lora_rank, ctx.layout)
+        o_lat = self._attend(q_full, topk, ctx)
         o, oq = absorb_output(o_lat.to(x.dtype), self._absorbed()[1], self.o_proj.input_group(T),  # W_UV after
                               ctx.ops.batch_invariant)
         out = self.o_proj(o.view(T, H * cfg.v_head_dim), oq)
         return ctx.par.all_reduce_attn(out, ordered=ctx.ops.batch_invariant), topk
+
+    def _attend(self, q_full: Tensor, topk: Tensor, ctx: StepContext) -> Tensor:
+        """Sparse MLA of this rank's heads over every row, or, where the attention group splits a prefill's rows
+        (_row_share), of every head of the group over this rank's rows: its queries and outputs exchanged by
+        all-to-all. Fewer heads than a 64-row tile (a --tp 4 / 8 rank) pad the Hopper kernels' tiles; the whole
+        group's heads fill them, and each rank attends 1 / attn_tp of the rows."""
+        cfg, cache = self.cfg, ctx.pools.latent(self.layer_id)
+        own = self._row_share(ctx, q_full.shape[0])
+        if own is None:
+            return ctx.ops.sparse_mla(q_full, cache, topk, cfg.softmax_scale, cfg.kv_lora_rank, ctx.layout)
+        q_rows = ctx.par.attn_heads_to_rows(q_full)
+        o_rows = ctx.ops.sparse_mla(q_rows, cache, topk[own].contiguous(), cfg.softmax_scale, cfg.kv_lora_rank,
+                                    ctx.layout, rows=own)
+        return ctx.par.attn_rows_to_heads(o_rows, q_full.shape[0])
+
+    def _row_share(self, ctx: StepContext, T: int) -> slice | None:
+        """The rows this rank attends to with the group's heads: where the indexer splits a prefill's rows
+        (Indexer._row_share) and this rank holds fewer than ROW_SPLIT_HEADS heads; not in deterministic mode,
+        where a row's products keep one shape whatever the step (ops/invariant.py)."""
+        if self.num_heads >= ROW_SPLIT_HEADS or ctx.ops.batch_invariant:
+            return None
+        return Indexer._row_share(ctx, T)
 
     def _absorbed(self) -> tuple[Tensor, Tensor]:
         """(W_UK [H, nope, latent], W_UV [H, v, latent]): kv_b_proj's two parts."""
