@@ -127,3 +127,22 @@ def sampling_features(model: str, prompts: list[list[int]]) -> list[tuple[list[i
              SamplingParams(max_tokens=12, temperature=0.0, min_tokens=4, stop_token_ids=(g0,)),
              SamplingParams(max_tokens=12, temperature=0.0, stop=(stop,), ignore_eos=True)]
     return [(p, k) for k in kinds for p in prompts]
+
+
+def gloo_ranks(target: Any, world: int, *args: Any) -> dict[int, Any]:
+    """Run target(rank, addr, *args, out) in `world` spawned processes that join one gloo group at addr (each puts
+    (rank, result) on `out`); returns their results by rank."""
+    import multiprocessing as mp
+
+    from dsaserve.parallel.nodes import free_port
+
+    ctx = mp.get_context("spawn")
+    out, addr = ctx.Queue(), f"127.0.0.1:{free_port()}"
+    procs = [ctx.Process(target=target, args=(r, addr, *args, out), daemon=True) for r in range(world)]
+    for p in procs:
+        p.start()
+    try:
+        return dict(out.get(timeout=120) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=10)

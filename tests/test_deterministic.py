@@ -3,7 +3,6 @@ whatever runs beside it, however its prompt is chunked, on every page size, with
 layouts, retractions (a re-prefill) or a cached prefix, and on TP / DP-attention ranks (ops/invariant.py)."""
 from __future__ import annotations
 
-import multiprocessing as mp
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,13 +14,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from conftest import ARCHS, prompts_ids
+from conftest import ARCHS, gloo_ranks, prompts_ids
 from dsaserve import LLM, SamplingParams
 from dsaserve.llm import Completion
 from dsaserve.engine import sampler
 from dsaserve.ops import invariant, reference
 from dsaserve.ops.dispatch import DSAOps
-from dsaserve.parallel.launch import Job, OfflineRequest, free_port, init_distributed, run_jobs
+from dsaserve.parallel.launch import Job, OfflineRequest, init_distributed, run_jobs
 from dsaserve.server_args import ServerArgs, SettingError
 from dsaserve.tiny import make_tiny_model
 from server_process import ServerProcess
@@ -230,16 +229,7 @@ def _part(rank: int, n: int) -> torch.Tensor:
 def test_the_ordered_sum_adds_the_ranks_in_rank_order() -> None:
     """Parallel.all_reduce_world(ordered=True) on 3 gloo ranks is (p0 + p1) + p2 at every buffer size, for values
     where another order gives another result."""
-    ctx = mp.get_context("spawn")
-    out, addr = ctx.Queue(), f"127.0.0.1:{free_port()}"
-    procs = [ctx.Process(target=_ordered_sums, args=(r, addr, out), daemon=True) for r in range(3)]
-    for p in procs:
-        p.start()
-    try:
-        got = dict(out.get(timeout=120) for _ in procs)
-    finally:
-        for p in procs:
-            p.join(timeout=10)
+    got = gloo_ranks(_ordered_sums, 3)
     for i, n in enumerate(ORDERED_SIZES):
         want = (_part(0, n) + _part(1, n)) + _part(2, n)
         assert not torch.equal(want, _part(0, n) + (_part(1, n) + _part(2, n)))  # the order matters here

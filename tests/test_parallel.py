@@ -7,7 +7,6 @@ top-k compared across the attention-TP ranks every layer).
 from __future__ import annotations
 
 import functools
-import multiprocessing as mp
 from pathlib import Path
 from typing import Any, Callable
 
@@ -15,9 +14,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import ARCHS, prompts_ids, sampling_features
+from conftest import ARCHS, gloo_ranks, prompts_ids, sampling_features
 from dsaserve import LLM, SamplingParams
-from dsaserve.parallel.launch import Job, OfflineRequest, free_port, init_distributed, run_jobs
+from dsaserve.parallel.launch import Job, OfflineRequest, init_distributed, run_jobs
 from dsaserve.server_args import ServerArgs
 from dsaserve.tiny import make_tiny_model
 
@@ -165,7 +164,7 @@ def test_a_prefill_splits_the_indexer_rows_over_the_attention_group(tp: int) -> 
     assert tp != 2 or share(1, 68, StepMode.EXTEND) == slice(1, 68, 2)
 
 
-def _exchanges(rank: int, addr: str, tp: int, out: Any) -> None:
+def _exchanges(rank: int, addr: str, tp: int, out: Any) -> None:  # (conftest.gloo_ranks)
     """One of `tp` gloo ranks: its heads of every row to its rows of every head and back (MLAttention._attend)."""
     par = init_distributed(ServerArgs(tp=tp, device="cpu"), rank, addr)
     try:
@@ -186,16 +185,7 @@ def test_the_attention_row_exchange_turns_the_head_split_into_the_row_split(tp: 
     """Parallel.attn_heads_to_rows on real gloo ranks: each rank gets its attn_row_share of the rows with every
     rank's heads in rank order (row counts below, at and not a multiple of tp); attn_rows_to_heads sends each
     rank's heads of every row back."""
-    ctx = mp.get_context("spawn")
-    out, addr = ctx.Queue(), f"127.0.0.1:{free_port()}"
-    procs = [ctx.Process(target=_exchanges, args=(r, addr, tp, out), daemon=True) for r in range(tp)]
-    for p in procs:
-        p.start()
-    try:
-        got = dict(out.get(timeout=120) for _ in procs)
-    finally:
-        for p in procs:
-            p.join(timeout=10)
+    got = gloo_ranks(_exchanges, tp, tp)
     assert all(all(ok for pair in got[r] for ok in pair) for r in range(tp)), got
 
 
