@@ -215,3 +215,16 @@ def test_sampling_failing_on_the_leader_ends_its_requests_and_ranks_go_on(tiny_d
     [got] = run_jobs(args, [job], timeout_s=120, setup=_inject_sampling_failure)
     assert got[0] == [], "the poisoned request should have ended with an error, without tokens"
     assert got[1:] == _single_device(tiny_ds)
+
+
+def test_partial_dp_step_failing_on_every_rank_ends_its_requests(tiny_ds: str) -> None:
+    """--tp 4 --dp 2 (two attention groups of two ranks): the 37-row step raises on every rank after its forward,
+    where group 0 split its rows over its ranks (the indexer's and the attention's group-local collectives) and
+    group 1, with no rows, did not. The groups agree on the collectives they share, which is what they must:
+    the poisoned request ends with an error and the ranks go on (comparing all their collectives, every rank
+    stopped)."""
+    args = ServerArgs(tp=4, dp=2, enable_dp_attention=True, max_total_tokens=2048, dist_timeout=60)
+    [got] = run_jobs(args, [_job(tiny_ds, 2, 37)], timeout_s=180,
+                     setup=functools.partial(_inject, fail_ranks=(0, 1, 2, 3)))
+    assert got[0] == [], "the poisoned request should have ended with an error, without tokens"
+    assert got[1:] == _single_device(tiny_ds)

@@ -137,7 +137,7 @@ def _check_uneven(tiny_ds: str, features: list, results: list) -> None:
 
 @pytest.mark.parametrize("tp", [2, 3, 4, 8])
 def test_a_prefill_splits_the_indexer_rows_over_the_attention_group(tp: int) -> None:
-    """Indexer._row_share: extend and mixed steps of at least INDEXER_SPLIT_ROWS rows per rank give every rank
+    """indexer.prefill_row_share: extend and mixed steps of at least INDEXER_SPLIT_ROWS rows per rank give every rank
     every attn_tp-th row from its rank (causal rows load the ranks evenly), together each row once, in the
     order all_gather_attn_rows interleaves them back; decode, verify and shorter steps score every row on every
     rank. The equality tests above take the split: their first prefill step has 68 rows (51 in one DP group
@@ -145,12 +145,12 @@ def test_a_prefill_splits_the_indexer_rows_over_the_attention_group(tp: int) -> 
     from types import SimpleNamespace
 
     from dsaserve.engine.layout import StepMode
-    from dsaserve.model.indexer import INDEXER_SPLIT_ROWS, Indexer
+    from dsaserve.model.indexer import INDEXER_SPLIT_ROWS, prefill_row_share
     from dsaserve.parallel.groups import Parallel, ParallelConfig
 
     def share(rank: int, rows: int, mode: StepMode) -> slice | None:
         par = Parallel.without_groups(ParallelConfig(tp=tp, rank=rank))
-        return Indexer._row_share(SimpleNamespace(par=par, layout=SimpleNamespace(mode=mode)), rows)
+        return prefill_row_share(SimpleNamespace(par=par, layout=SimpleNamespace(mode=mode)), rows)
 
     least = INDEXER_SPLIT_ROWS * tp
     for rows in (least, least + 1, least + tp - 1, 3 * least + 7, 8192 + 3):

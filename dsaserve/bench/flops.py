@@ -90,7 +90,7 @@ def prefill_flop_parts(model: DSAModel, prompt_len: int, spec_steps: int = 0) ->
     for mtp, first, end in passes:
         scores = end > topk  # the layout's key width is `end`: past index_topk the indexer scores keys
         # The indexer's rows: every row, or under attention TP in a prompt's step of enough rows rank 0's
-        # share, every tp-th row from the first (Indexer._row_share; chained draft rows are single-row steps).
+        # share, every tp-th row from the first (indexer.prefill_row_share; chained draft rows are single-row steps).
         step = tp if tp > 1 and end - first >= INDEXER_SPLIT_ROWS * tp else 1
         scored = range(first, end, step)
         macs["linear"] += (end - first) * rows[mtp, False] + scores * len(scored) * rows[mtp, True]

@@ -92,9 +92,10 @@ class Engine:
         self.steps = 0
         self._spec = [0, 0, 0]  # verify steps, drafts proposed, drafts accepted
         self.last_sync = StepShape((0,), (0,), None, StepMode.DECODE, 1)
-        # 0, or 1 + the collectives this rank entered in its last step before it raised: told to every
-        # rank in the next exchange (lockstep.sync); the ranks go on only if every one failed at the same point.
-        self.failed_at = 0
+        # 0, or 1 + the collectives this rank entered in its last step before it raised, and then 1 + the ones every
+        # DP group joins that it had entered in all (the same count on every rank in step): told to every rank in
+        # the next exchange (lockstep.sync); the ranks go on only if every one failed at the same point.
+        self.failed_at = self.failed_shared = 0
         self.arrived_pages: list[int] = []  # PD decode leader: pages written here, not yet on the group's ranks
         self.runner.capture_graphs(self.par.cfg.dp, progress=progress and self.par.cfg.rank == 0)
         # PD disaggregation (dsaserve/disagg): the leader's side of the KV transfer, None when serving whole requests
@@ -262,7 +263,7 @@ class Engine:
             raise exc  # the groups' state is unknown: this rank must go (the supervisor names it)
         log.exception("step failed", exc_info=exc)
         if not local:
-            self.failed_at = 1 + self.par.issued - issued
+            self.failed_at, self.failed_shared = 1 + self.par.issued - issued, 1 + self.par.shared
         if not local and self.par.cfg.dp > 1 and shared == self.par.shared:
             self._stand_in(self.last_sync)  # if this raises too, the rank goes (as above)
             self.failed_at = -self.failed_at

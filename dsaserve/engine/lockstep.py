@@ -19,9 +19,9 @@ class StepFailedOnSomeRanks(RuntimeError):
 def sync(engine: Engine, plan: StepPlan | None, keep_alive: bool = False, stop: bool = False,
          epoch: int = 0) -> tuple[StepPlan | None, StepShape]:
     """Leader's plan to its group; every rank's (rows, drafting requests, graph vote, has work, stop, where its
-    last step failed, wake-up epoch) to every rank, so all ranks agree on the step's shape before any kernel
-    runs. Raises StepFailedOnSomeRanks, on every rank, unless the last step failed on no rank or on every rank
-    at the same point."""
+    last step failed, wake-up epoch, where it failed among the shared collectives) to every rank, so all ranks
+    agree on the step's shape before any kernel runs. Raises StepFailedOnSomeRanks, on every rank, unless the
+    last step failed on no rank or on every rank at the same point."""
     par, runner, spec = engine.par, engine.runner, engine.spec_steps
     arrived, engine.arrived_pages = engine.arrived_pages, []
     plan, arrived = par.broadcast_from_leader((plan, arrived))
@@ -30,10 +30,11 @@ def sync(engine: Engine, plan: StepPlan | None, keep_alive: bool = False, stop: 
     graph_mode = StepMode.VERIFY if spec else StepMode.DECODE
     drafting = sum(plan.samples) if plan is not None and spec else 0  # requests that draft
     mine = [plan.num_tokens if plan else 0, drafting, runner.graph_batch_of(plan, graph_mode),
-            int(keep_alive or engine.has_work(compiling=False)), int(stop), engine.failed_at, epoch]
+            int(keep_alive or engine.has_work(compiling=False)), int(stop), engine.failed_at, epoch,
+            engine.failed_shared]
     everyone = par.exchange(mine)
-    check_failures([r[5] for r in everyone], par.cfg.attn_tp, engine.steps)
-    engine.failed_at = 0
+    check_failures([r[5] for r in everyone], [r[7] for r in everyone], par.cfg.attn_tp, engine.steps)
+    engine.failed_at = engine.failed_shared = 0
     leaders = everyone[:: par.cfg.attn_tp]  # one row per DP group
     rows = tuple(r[0] for r in leaders)
     votes = [r[2] for r in leaders]
@@ -42,12 +43,16 @@ def sync(engine: Engine, plan: StepPlan | None, keep_alive: bool = False, stop: 
                            any(r[3] for r in leaders), any(r[4] for r in leaders), min(r[6] for r in leaders))
 
 
-def check_failures(failed_at: list[int], attn_tp: int, step: int) -> None:
+def check_failures(failed_at: list[int], failed_shared: list[int], attn_tp: int, step: int) -> None:
     """failed_at per rank: 0, or 1 + the collectives it entered before its last step raised, negative when its
-    group then stood in for its rows. The ranks of a group must agree, and the groups that did not stand in
-    too."""
-    groups = [failed_at[g:g + attn_tp] for g in range(0, len(failed_at), attn_tp)]
-    if any(len(set(g)) > 1 for g in groups) or len({g[0] for g in groups if g[0] >= 0}) > 1:
+    group then stood in for its rows; failed_shared: where it stood then among the collectives every group joins.
+    The ranks of a group must agree on all their collectives; the groups that did not stand in, on whether they
+    failed and at which of the shared ones (a group's own collectives follow its rows: a prefill may split them
+    over its ranks where another group's rows do not)."""
+    starts = range(0, len(failed_at), attn_tp)
+    within = any(len(set(failed_at[g:g + attn_tp])) > 1 for g in starts)
+    across = {failed_shared[g] if failed_at[g] else 0 for g in starts if failed_at[g] >= 0}
+    if within or len(across) > 1:
         failed = [rank for rank, at in enumerate(failed_at) if at]
         how = "only" if 0 in failed_at else f"after different collectives {[abs(at) - 1 for at in failed_at]}"
         raise StepFailedOnSomeRanks(f"step {step} failed on rank(s) {failed} {how}; the ranks no longer agree, "

@@ -182,8 +182,8 @@ class ModelRunner:
             kernel = "Triton's kernel"
         elif self.cfg.num_attention_heads // self.par.cfg.attn_tp > 32:
             kernel = "the Gluon kernel (Hopper)"
-        else:  # a --tp 4 / 8 rank's heads: by rows and cache dtype
-            kernel = "the Gluon kernel (Hopper) where mla._gluon takes this rank's heads, else Triton's"
+        else:  # a --tp 4 / 8 rank's heads, or a prefill split by rows (the group's heads): mla._gluon
+            kernel = "the Gluon kernel (Hopper) where mla._gluon takes the heads it gets, else Triton's"
         log.info("sparse MLA: %s", kernel)
 
     def _pool_pages(self, args: ServerArgs) -> int:

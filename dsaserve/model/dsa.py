@@ -13,7 +13,7 @@ from torch import nn
 from dsaserve.cache.pools import KVPools, LatentPrologue
 from dsaserve.config import ModelConfig
 from dsaserve.engine.layout import BatchLayout
-from dsaserve.model.indexer import Indexer
+from dsaserve.model.indexer import Indexer, prefill_row_share
 from dsaserve.model.quant import Experts, Linear, concat_rows
 from dsaserve.model.rope import Rotary
 from dsaserve.ops.dispatch import DSAOps
@@ -135,18 +135,19 @@ class MLAttention(nn.Module):
         own = self._row_share(ctx, q_full.shape[0])
         if own is None:
             return ctx.ops.sparse_mla(q_full, cache, topk, cfg.softmax_scale, cfg.kv_lora_rank, ctx.layout)
+        ctx.ops.check_sparse_mla(q_full, cache, topk, cfg.kv_lora_rank, ctx.layout)  # every row, on every rank
         q_rows = ctx.par.attn_heads_to_rows(q_full)
         o_rows = ctx.ops.sparse_mla(q_rows, cache, topk[own].contiguous(), cfg.softmax_scale, cfg.kv_lora_rank,
                                     ctx.layout, rows=own)
         return ctx.par.attn_rows_to_heads(o_rows, q_full.shape[0])
 
     def _row_share(self, ctx: StepContext, T: int) -> slice | None:
-        """The rows this rank attends to with the group's heads: where the indexer splits a prefill's rows
-        (Indexer._row_share) and this rank holds fewer than ROW_SPLIT_HEADS heads; not in deterministic mode,
-        where a row's products keep one shape whatever the step (ops/invariant.py)."""
+        """The rows this rank attends to with the group's heads: in the prefill steps whose rows the indexer
+        splits when it scores them (prefill_row_share) and where this rank holds fewer than ROW_SPLIT_HEADS heads;
+        not in deterministic mode, where a row's products keep one shape whatever the step (ops/invariant.py)."""
         if self.num_heads >= ROW_SPLIT_HEADS or ctx.ops.batch_invariant:
             return None
-        return Indexer._row_share(ctx, T)
+        return prefill_row_share(ctx, T)
 
     def _absorbed(self) -> tuple[Tensor, Tensor]:
         """(W_UK [H, nope, latent], W_UV [H, v, latent]): kv_b_proj's two parts."""
@@ -177,7 +178,7 @@ class MLAttention(nn.Module):
         too: a graph's eager warm-up call and its capture must take the same streams (per-stream scratch)."""
         side = ctx.ops.side_stream
         if (side is None or self.indexer is None or T > SIDE_STREAM_ROWS
-                or ctx.layout.key_width <= self.cfg.index_topk or Indexer._row_share(ctx, T) is not None):
+                or ctx.layout.key_width <= self.cfg.index_topk or prefill_row_share(ctx, T) is not None):
             return None
         return side
 

@@ -44,7 +44,7 @@ class Indexer(nn.Module):
         if ctx.layout.key_width <= cfg.index_topk:  # every row selects all its keys: no scores needed, and
             # the previous layer's selection (same layout) is this one's
             return prev_topk if prev_topk is not None else ctx.ops.all_slots(ctx.layout, cfg.index_topk)
-        own = self._row_share(ctx, T)
+        own = prefill_row_share(ctx, T)
 
         def mine(t: Tensor) -> Tensor:  # this rank's rows of a per-row tensor
             return t if own is None else t[own].contiguous()
@@ -62,14 +62,14 @@ class Indexer(nn.Module):
             ctx.par.check_same_in_attn_group(f"layer {self.layer_id} top-k", topk)
         return topk
 
-    @staticmethod
-    def _row_share(ctx: StepContext, T: int) -> slice | None:
-        """The rows this rank scores when the attention group splits a prefill's rows (each rank selects for its
-        share, every attn_tp-th row, then the group gathers the slot ids: under TP the 64 index heads are not
-        sharded, and at long prompts they are about half a rank's prefill FLOPs); None: every rank scores every
-        row (decode and verify steps, whose few rows a gather would only delay, and steps of fewer than
-        INDEXER_SPLIT_ROWS rows per rank)."""
-        tp = ctx.par.cfg.attn_tp
-        if tp == 1 or ctx.layout.mode not in (StepMode.EXTEND, StepMode.MIXED) or T < INDEXER_SPLIT_ROWS * tp:
-            return None
-        return ctx.par.attn_row_share(T)
+
+def prefill_row_share(ctx: StepContext, T: int) -> slice | None:
+    """The rows this rank scores when the attention group splits a prefill's rows (each rank selects for its
+    share, every attn_tp-th row, then the group gathers the slot ids: under TP the 64 index heads are not
+    sharded, and at long prompts they are about half a rank's prefill FLOPs; MLAttention._attend splits its rows
+    the same way); None: every rank scores every row (decode and verify steps, whose few rows a gather would only
+    delay, and steps of fewer than INDEXER_SPLIT_ROWS rows per rank)."""
+    tp = ctx.par.cfg.attn_tp
+    if tp == 1 or ctx.layout.mode not in (StepMode.EXTEND, StepMode.MIXED) or T < INDEXER_SPLIT_ROWS * tp:
+        return None
+    return ctx.par.attn_row_share(T)

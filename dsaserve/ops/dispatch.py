@@ -80,24 +80,30 @@ class DSAOps:
                    layout: BatchLayout | None = None, rows: slice | None = None) -> Tensor:
         """[T, H, D] queries over their own selected slots -> [T, H, v_dim]. kv_cache: [S, D] rows, or the
         uint8 FP8 rows of cache/kv_format.py. rows: the layout's rows that q and indices hold (a slice that may
-        stride), or None for all of them."""
+        stride; the caller ran check_sparse_mla over every row), or None for all of them."""
+        if rows is None:
+            self.check_sparse_mla(q, kv_cache, indices, v_dim, layout)
         lengths = None if layout is None else layout.row_kv_len if rows is None else layout.row_kv_len[rows]
-        if self.checks:
-            if layout is not None and rows is None:
-                layout.check_rows("query", q)
-                layout.check_rows("top-k indices", indices)
-            elif layout is not None and not q.shape[0] == lengths.shape[0]:
-                raise LayoutError(f"query rows {rows} of {layout.num_tokens} ({lengths.shape[0]}): {tuple(q.shape)}")
-            if indices.shape[0] != q.shape[0]:
-                raise LayoutError(f"top-k indices have {indices.shape[0]} rows, query has {q.shape[0]}")
-            _check_cache("latent cache", kv_cache, v_dim, q.shape[2] - v_dim)
-            if indices.numel() and int(indices.max()) >= kv_cache.shape[0]:
-                raise LayoutError(f"top-k slot {int(indices.max())} >= cache slots {kv_cache.shape[0]}")
-            if layout is not None:
-                _check_slots_within_lengths(indices, lengths)
         # A row's selected slots come first and number at most its keys: the kernels stop there.
         return self.sparse_mla_rows(q, kv_cache, indices, sm_scale, v_dim,
                                     None if lengths is None else lengths.contiguous())
+
+    def check_sparse_mla(self, q: Tensor, kv_cache: Tensor, indices: Tensor, v_dim: int,
+                         layout: BatchLayout | None) -> None:
+        """Checked mode: sparse_mla's inputs over the layout's rows (a caller that splits the rows over ranks runs
+        it on every row before its exchange, so that every rank of the group raises alike)."""
+        if not self.checks:
+            return
+        if layout is not None:
+            layout.check_rows("query", q)
+            layout.check_rows("top-k indices", indices)
+        if indices.shape[0] != q.shape[0]:
+            raise LayoutError(f"top-k indices have {indices.shape[0]} rows, query has {q.shape[0]}")
+        _check_cache("latent cache", kv_cache, v_dim, q.shape[2] - v_dim)
+        if indices.numel() and int(indices.max()) >= kv_cache.shape[0]:
+            raise LayoutError(f"top-k slot {int(indices.max())} >= cache slots {kv_cache.shape[0]}")
+        if layout is not None:
+            _check_slots_within_lengths(indices, layout.row_kv_len)
 
     def sparse_mla_rows(self, q: Tensor, kv_cache: Tensor, indices: Tensor, sm_scale: float, v_dim: int,
                         lengths: Tensor | None) -> Tensor:

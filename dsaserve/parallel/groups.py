@@ -187,24 +187,26 @@ class Parallel:
         """[rows, this rank's heads, ...] on every rank of the attention group -> [this rank's attn_row_share of the
         rows, the group's heads (rank 0's first), ...]: one all-to-all turns the head split into a row split."""
         tp, rows = self.cfg.attn_tp, x.shape[0]
-        share = -(-rows // tp)  # (the last ranks' shares may be a row shorter: zero rows fill them)
-        send = x.new_zeros(tp * share, *x.shape[1:])  # rank r's block: rows r, r + tp, ...
+        share = -(-rows // tp)  # (the last ranks' shares may be a row shorter: rows never read fill them)
+        send = x.new_empty(tp * share, *x.shape[1:])  # rank r's block: rows r, r + tp, ...
         row = torch.arange(rows, device=x.device)
         send.index_copy_(0, row % tp * share + row // tp, x)
         recv = torch.empty_like(send)  # source rank s's block: my rows, s's heads
         self._collective(dist.all_to_all_single, recv, send, group=self.attn)
-        mine = len(range(self.cfg.attn_rank, rows, tp))
-        return recv.view(tp, share, *x.shape[1:]).transpose(0, 1).flatten(1, 2)[:mine]
+        del send
+        mine = len(range(rows)[self.attn_row_share(rows)])
+        return recv.view(tp, share, *x.shape[1:])[:, :mine].transpose(0, 1).flatten(1, 2)
 
     def attn_rows_to_heads(self, x: Tensor, rows: int) -> Tensor:
         """The inverse of attn_heads_to_rows: [this rank's share of `rows`, the group's heads, ...] -> [rows, this
         rank's heads, ...]."""
         tp, mine = self.cfg.attn_tp, x.shape[0]
         share, heads = -(-rows // tp), x.shape[1] // tp
-        send = x.new_zeros(tp, share, heads, *x.shape[2:])  # rank r's block: its heads of my rows
+        send = x.new_empty(tp, share, heads, *x.shape[2:])  # rank r's block: its heads of my rows
         send[:, :mine] = x.reshape(mine, tp, heads, *x.shape[2:]).transpose(0, 1)
         recv = torch.empty_like(send)  # source rank s's block: s's rows, my heads
         self._collective(dist.all_to_all_single, recv, send, group=self.attn)
+        del send
         return recv.transpose(0, 1).flatten(0, 1)[:rows]  # row j * tp + s is rank s's j-th
 
     def gather_dp_rows(self, x: Tensor, dp_sizes: tuple[int, ...]) -> Tensor:
