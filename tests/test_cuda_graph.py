@@ -90,16 +90,18 @@ def test_graph_counters_in_stats(tiny_ds: str) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("arch,graphs", [(ARCHS[0], None), (ARCHS[1], None), (ARCHS[0], 0)])
-def test_nothing_compiles_or_captures_after_the_warm_up(arch: str, graphs: int | None,
+@pytest.mark.parametrize("arch,graphs,kv", [(ARCHS[0], None, "auto"), (ARCHS[1], None, "auto"), (ARCHS[0], 0, "auto"),
+                                             (ARCHS[0], None, "fp8_e4m3")])
+def test_nothing_compiles_or_captures_after_the_warm_up(arch: str, graphs: int | None, kv: str,
                                                          tiny_models: dict[str, str]) -> None:
     """The start-up warm-up leaves no Triton kernel variant and no graph to the served requests: under
     staggered arrivals (mixed steps: running requests decode beside prompt chunks of many lengths, decode
     batches of every size) the counters /get_server_info reports stay where they were when it was ready.
     Without CUDA graphs (`--cuda-graph-max-bs 0`) the warm-up's own decode batches compile the decode shapes,
-    and dummy steps the indexer's selection widths."""
+    and dummy steps the indexer's selection widths. Over an FP8 cache the tiny model's 8 heads take the Gluon
+    sparse MLA from 4 rows on Hopper (mla._gluon) and Triton's narrow programs below."""
     llm = LLM(tiny_models[arch], page_size=64, max_total_tokens=40_000, chunked_prefill_size=2048,
-              cuda_graph_max_bs=graphs)
+              cuda_graph_max_bs=graphs, kv_cache_dtype=kv)
     engine = llm.engine
     ready = engine.stats()
     assert ready.kernel_compiles > 0 and (ready.graph_captures > 0) == (graphs is None)  # the counters count

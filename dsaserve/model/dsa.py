@@ -106,39 +106,41 @@ class MLAttention(nn.Module):
         cfg, T, H = self.cfg, x.shape[0], self.num_heads
         q_a, k_proj, kv_a = self._project_input(x, xq)
         q_lat, _, q_lat_fp8 = self.q_a_layernorm.add_forward(q_a, None, self.q_b_proj.input_group(T))
+        own = self._row_share(ctx, T)  # the rows this rank attends, or None: every row
         side = self._side_stream(ctx, T)
         if side is None:
             q_full = self._query(x, q_lat, q_lat_fp8, kv_a, ctx)
-            topk = self.indexer(x, q_lat, k_proj, ctx, prev_topk, q_lat_fp8) if self.indexer is not None else prev_topk
+            topk = (self.indexer(x, q_lat, k_proj, ctx, prev_topk, q_lat_fp8, own) if self.indexer is not None
+                    else prev_topk)
         else:  # the indexer's chain beside the query path, joined before the attention even when one raises
             main = torch.cuda.current_stream()  # (the failed step's pages go back to the pool)
             side.wait_stream(main)
             try:
                 with torch.cuda.stream(side):
-                    topk = self.indexer(x, q_lat, k_proj, ctx, prev_topk, q_lat_fp8)
+                    topk = self.indexer(x, q_lat, k_proj, ctx, prev_topk, q_lat_fp8, own)
                 q_full = self._query(x, q_lat, q_lat_fp8, kv_a, ctx)
             finally:
                 main.wait_stream(side)
         assert topk is not None, "a shared-indexer layer needs the previous layer's top-k"
-        o_lat = self._attend(q_full, topk, ctx)
+        o_lat = self._attend(q_full, topk, ctx, own)
         o, oq = absorb_output(o_lat.to(x.dtype), self._absorbed()[1], self.o_proj.input_group(T),  # W_UV after
                               ctx.ops.batch_invariant)
         out = self.o_proj(o.view(T, H * cfg.v_head_dim), oq)
         return ctx.par.all_reduce_attn(out, ordered=ctx.ops.batch_invariant), topk
 
-    def _attend(self, q_full: Tensor, topk: Tensor, ctx: StepContext) -> Tensor:
+    def _attend(self, q_full: Tensor, topk: Tensor, ctx: StepContext, own: slice | None) -> Tensor:
         """Sparse MLA of this rank's heads over every row, or, where the attention group splits a prefill's rows
-        (_row_share), of every head of the group over this rank's rows: its queries and outputs exchanged by
-        all-to-all. Fewer heads than a 64-row tile (a --tp 4 / 8 rank) pad the Hopper kernels' tiles; the whole
-        group's heads fill them, and each rank attends 1 / attn_tp of the rows."""
+        (own: _row_share; topk then holds those rows only), of every head of the group over this rank's rows: its
+        queries and outputs exchanged by all-to-all. Fewer heads than a 64-row tile (a --tp 4 / 8 rank) pad the
+        Hopper kernels' tiles; the whole group's heads fill them, and each rank attends 1 / attn_tp of the rows."""
         cfg, cache = self.cfg, ctx.pools.latent(self.layer_id)
-        own = self._row_share(ctx, q_full.shape[0])
         if own is None:
             return ctx.ops.sparse_mla(q_full, cache, topk, cfg.softmax_scale, cfg.kv_lora_rank, ctx.layout)
-        ctx.ops.check_sparse_mla(q_full, cache, topk, cfg.kv_lora_rank, ctx.layout)  # every row, on every rank
+        if ctx.ops.checks:  # every rank checks every row's inputs, so that all raise alike
+            every = ctx.par.all_gather_attn_rows(topk, q_full.shape[0])
+            ctx.ops.check_sparse_mla(q_full, cache, every, cfg.kv_lora_rank, ctx.layout)
         q_rows = ctx.par.attn_heads_to_rows(q_full)
-        o_rows = ctx.ops.sparse_mla(q_rows, cache, topk[own].contiguous(), cfg.softmax_scale, cfg.kv_lora_rank,
-                                    ctx.layout, rows=own)
+        o_rows = ctx.ops.sparse_mla(q_rows, cache, topk, cfg.softmax_scale, cfg.kv_lora_rank, ctx.layout, rows=own)
         return ctx.par.attn_rows_to_heads(o_rows, q_full.shape[0])
 
     def _row_share(self, ctx: StepContext, T: int) -> slice | None:
@@ -174,7 +176,7 @@ class MLAttention(nn.Module):
         """The stream this layer's indexer runs on, or None (in order on the caller's). In decode-sized steps
         whose keys outnumber index_topk the indexer's chain of small kernels (its query GEMM, scores, top-k)
         is the longest part of the layer and does not read the query path's results (q_b, the latent write,
-        W_UK): on two streams the two chains overlap. Not in a prefill's row split (its gather). In checked mode
+        W_UK): on two streams the two chains overlap. Not in a prefill's row split (its collectives). In checked mode
         too: a graph's eager warm-up call and its capture must take the same streams (per-stream scratch)."""
         side = ctx.ops.side_stream
         if (side is None or self.indexer is None or T > SIDE_STREAM_ROWS

@@ -34,17 +34,23 @@ class Indexer(nn.Module):
         self.weight_scale = cfg.index_n_heads ** -0.5 * cfg.index_head_dim ** -0.5
 
     def forward(self, x: Tensor, q_lat: Tensor, k_proj: Tensor, ctx: StepContext, prev_topk: Tensor | None,
-                q_lat_fp8: QuantizedRows | None = None) -> Tensor:
-        """k_proj: wk(x), made by the attention's input projection (fused with q_a and kv_a); q_lat_fp8: q_lat's rows
-        quantized by its norm, for wq_b."""
+                q_lat_fp8: QuantizedRows | None = None, attended: slice | None = None) -> Tensor:
+        """The selection of the rows `attended` (every row where None; else this rank's prefill_row_share, which
+        its attention alone reads: MLAttention._row_share). k_proj: wk(x), made by the attention's input
+        projection (fused with q_a and kv_a); q_lat_fp8: q_lat's rows quantized by its norm, for wq_b;
+        prev_topk: the previous layer's selection of the same rows."""
         cfg, T = self.cfg, x.shape[0]
         norm = self.k_norm  # applied by the write with the rotary (one launch on CUDA; k_proj its scratch)
         ctx.pools.write_index_keys(self.layer_id, ctx.layout.out_slots, k_proj, IndexKeyPrologue(
             norm.weight, norm.bias, norm.eps, ctx.cos, ctx.sin, cfg.qk_rope_head_dim, cfg.indexer_rope_interleave))
         if ctx.layout.key_width <= cfg.index_topk:  # every row selects all its keys: no scores needed, and
             # the previous layer's selection (same layout) is this one's
-            return prev_topk if prev_topk is not None else ctx.ops.all_slots(ctx.layout, cfg.index_topk)
+            if prev_topk is not None:
+                return prev_topk
+            every = ctx.ops.all_slots(ctx.layout, cfg.index_topk)
+            return every if attended is None else every[attended].contiguous()
         own = prefill_row_share(ctx, T)
+        assert attended is None or attended == own, "the attention attends the rows the indexer scores"
 
         def mine(t: Tensor) -> Tensor:  # this rank's rows of a per-row tensor
             return t if own is None else t[own].contiguous()
@@ -56,9 +62,11 @@ class Indexer(nn.Module):
         weights = linear_fp32(mine(x), self.weights_proj.weight, self.weight_scale,  # kept in fp32
                               batch_invariant=ctx.ops.batch_invariant)
         topk = ctx.ops.indexer_topk(q, weights, cache, ctx.layout, cfg.index_topk, own)
+        if attended is not None:  # each rank's own rows, which its attention alone reads: nothing to gather
+            return topk
         if own is not None:
             topk = ctx.par.all_gather_attn_rows(topk, T)
-        if ctx.ops.checks:  # the indexer is replicated: every rank of the group must select the same
+        if ctx.ops.checks and own is None:  # the indexer is replicated: every rank of the group must select the same
             ctx.par.check_same_in_attn_group(f"layer {self.layer_id} top-k", topk)
         return topk
 
