@@ -7,8 +7,10 @@ without its collectives:
     dsaserve bench one-batch --model-path /tmp/v32-tp8 --load-format dummy --kv-cache-dtype fp8_e4m3 \\
         --cuda-graph-bs 1 16 64 --batch-size 1 16 64 --input-len 1024 --output-len 32 --output-json r.json
 
-(FP8 as the official checkpoint: 84 GiB of weights at --tp 8, 61 layers. The folder holds config.json and
-the embedded model's tokenizer files, which a dummy load reads.)
+(FP8 as the official checkpoint: 84 GiB of weights at --tp 8, 61 layers; `--bf16` drops config.json's
+quantization_config, so the same shapes load as bf16 weights, about twice the bytes: with `--layers` to fit one
+GPU, the FP8 step next to the bf16 one. The folder holds config.json and the embedded model's tokenizer files,
+which a dummy load reads.)
 """
 from __future__ import annotations
 
@@ -23,8 +25,10 @@ CONFIGS = Path(__file__).resolve().parents[1] / "tests" / "configs"
 SPLIT = ("num_attention_heads", "num_key_value_heads", "moe_intermediate_size", "intermediate_size", "vocab_size")
 
 
-def write_rank_slice(out: Path, arch: str, tp: int, layers: int | None) -> dict:
+def write_rank_slice(out: Path, arch: str, tp: int, layers: int | None, bf16: bool = False) -> dict:
     cfg = json.loads((CONFIGS / f"{arch}.json").read_text())
+    if bf16:
+        del cfg["quantization_config"]
     for key in SPLIT:
         if cfg[key] % tp:
             raise ValueError(f"{key}={cfg[key]} is not divisible by --tp {tp}")
@@ -45,10 +49,11 @@ def main() -> None:
     ap.add_argument("--arch", choices=["deepseek_v32", "glm_moe_dsa"], default="deepseek_v32")
     ap.add_argument("--tp", type=int, default=8)
     ap.add_argument("--layers", type=int, default=None, help="default: the model's own")
+    ap.add_argument("--bf16", action="store_true", help="bf16 weights (no quantization_config)")
     ns = ap.parse_args()
-    cfg = write_rank_slice(Path(ns.out), ns.arch, ns.tp, ns.layers)
+    cfg = write_rank_slice(Path(ns.out), ns.arch, ns.tp, ns.layers, ns.bf16)
     print(f"{ns.out}: one rank of --tp {ns.tp}: " + ", ".join(f"{k} {cfg[k]}" for k in SPLIT)
-          + f", {cfg['num_hidden_layers']} layers")
+          + f", {cfg['num_hidden_layers']} layers, {'bf16' if ns.bf16 else 'FP8'} weights")
 
 
 if __name__ == "__main__":

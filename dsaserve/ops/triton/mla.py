@@ -209,8 +209,9 @@ FP8_UNPIPELINED_MIN_ROWS = 8
 
 
 def _config(T: int, H: int, K: int, block_v: int, row_bytes: int, sms: int, fp8: bool,
-            hopper: bool) -> dict[str, int]:
-    """row_bytes: one gathered key row in the dot dtype (576 bf16 values: 1152; fp32 twice that)."""
+            hopper: bool, gluon: bool = False) -> dict[str, int]:
+    """row_bytes: one gathered key row in the dot dtype (576 bf16 values: 1152; fp32 twice that); gluon: the
+    Gluon kernel runs (its programs are 64 head rows whatever H: the wide split rule)."""
     cfg = dict(CONFIG or {})
     block_h = cfg.get("block_h") or (16 if H <= 16 else 32 if H <= 32 else 64)
     # 16-head programs (a --tp 8 rank of 128 heads) over an FP8 cache: 32 keys (and 4 warps, before the prefetch
@@ -229,10 +230,13 @@ def _config(T: int, H: int, K: int, block_v: int, row_bytes: int, sms: int, fp8:
         block_n //= 2  # fp32 rows are twice as wide: halve the key block rather than exceed shared memory
     splits = cfg.get("splits")
     if splits is None:
-        programs = T * triton.cdiv(H, block_h)
+        programs = T * triton.cdiv(H, 64 if gluon else block_h)
         blocks = max(1, triton.cdiv(K, block_n))
         # Up to one key block per split (of K's blocks); the kernel divides each row's own keys among them.
-        if block_h <= 32:  # memory-bound: three programs per SM (4-warp ones fit together) keep more gathered
+        # A Gluon program fills an SM (216 KiB of shared memory) at any head count: one wave, as 64 heads. At 16
+        # heads over FP8 rows that took 0.83x / 0.79x the time of the narrow rule's three programs per SM at 64 /
+        # 32 rows of 4,096 keys, 0.88-0.98x at 16 (H100, 2026-12-05, benchmarks/mla_decode.py --sweep).
+        if block_h <= 32 and not gluon:  # memory-bound: three programs per SM (4-warp ones fit together) keep more gathered
             # rows in flight; a prefetching program (8 warps, one per SM) keeps its own in flight, and up to 16
             # of them ran fastest in one wave, more of them in three
             per_sm = cfg.get("programs_per_sm") or (1 if prefetch and programs <= 16 else 3)
@@ -286,8 +290,8 @@ def sparse_mla(q: Tensor, kv_cache: Tensor, indices: Tensor, sm_scale: float, v_
     row_bytes = (block_v + block_r) * dot_dtype.itemsize
     if fp8 and dot_dtype.itemsize == 4:  # H200: the e4m3 tile staged beside fp32 ones needs 238 KB at 32 keys
         row_bytes += row_bytes // 4
-    cfg = _config(T, H, K, block_v, row_bytes, sm_count(q), fp8, is_hopper(q))
     gluon = _gluon(T, H, fp8, q, kv_cache, v_dim)
+    cfg = _config(T, H, K, block_v, row_bytes, sm_count(q), fp8, is_hopper(q), gluon)
     block_n = mla_gluon.BLOCK_N if gluon else cfg["block_n"]
     splits = max(1, min(cfg["splits"], triton.cdiv(K, block_n)))
     scale_log2 = float(sm_scale) * LOG2E
