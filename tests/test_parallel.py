@@ -207,3 +207,22 @@ def test_a_prefill_splits_the_attention_rows_only_for_narrow_heads() -> None:
     assert share(16, 68, StepMode.EXTEND) == share(ROW_SPLIT_HEADS - 1, 68, StepMode.MIXED) == slice(1, 68, 4)
     assert share(ROW_SPLIT_HEADS, 68, StepMode.EXTEND) is None and share(16, 68, StepMode.EXTEND, True) is None
     assert share(16, 68, StepMode.DECODE) is None and share(16, 63, StepMode.EXTEND) is None
+
+
+def test_the_row_split_without_checked_mode_matches_single_device(monkeypatch: pytest.MonkeyPatch,
+                                                                  tiny_models: dict[str, str]) -> None:
+    """The attention's row split as a deployment runs it, checked mode off (every other test here checks, which
+    gathers the selection to validate it; off, no rank sees another's top-k): --tp 2, both archs. A first step of
+    69 rows that each see at most index_topk keys (every rank's share of the all-keys selection, reused by the
+    layers after; 69 rows: off a multiple of tp), and the usual prompts with MTP: the single-device tokens."""
+    monkeypatch.setenv("DSASERVE_CHECKS", "0")  # (inherited by the rank processes)
+    short = prompts_ids(6, [15, 13, 11, 9, 14, 7], seed=12)  # each within the tiny models' index_topk (16)
+    jobs = [Job({"model_path": tiny_models[arch], "page_size": 1}, [OfflineRequest(p, GREEDY) for p in short])
+            for arch in ARCHS]
+    jobs += [Job({"model_path": tiny_models[arch], "page_size": 64, **spec(2)},
+                 [OfflineRequest(p, GREEDY) for p in PROMPTS]) for arch in ARCHS]
+    results = run_jobs(ServerArgs(tp=2, max_total_tokens=2048), jobs)
+    for arch, got in zip(ARCHS, results):
+        assert got == single_device(tiny_models[arch], 1, short), arch
+    for arch, got in zip(ARCHS, results[len(ARCHS):]):
+        assert got == single_device(tiny_models[arch], 64), arch

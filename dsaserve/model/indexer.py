@@ -45,10 +45,7 @@ class Indexer(nn.Module):
             norm.weight, norm.bias, norm.eps, ctx.cos, ctx.sin, cfg.qk_rope_head_dim, cfg.indexer_rope_interleave))
         if ctx.layout.key_width <= cfg.index_topk:  # every row selects all its keys: no scores needed, and
             # the previous layer's selection (same layout) is this one's
-            if prev_topk is not None:
-                return prev_topk
-            every = ctx.ops.all_slots(ctx.layout, cfg.index_topk)
-            return every if attended is None else every[attended].contiguous()
+            return prev_topk if prev_topk is not None else ctx.ops.all_slots(ctx.layout, cfg.index_topk, attended)
         own = prefill_row_share(ctx, T)
         assert attended is None or attended == own, "the attention attends the rows the indexer scores"
 

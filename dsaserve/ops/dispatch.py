@@ -168,10 +168,12 @@ class DSAOps:
                                             **self._mode))
         return parts[0] if len(parts) == 1 else torch.cat(parts)  # one chunk (every decode step): no copy
 
-    def all_slots(self, layout: BatchLayout, topk: int) -> Tensor:
-        """The selection when every row sees at most `topk` keys: all of them, first to last, then -1."""
-        return reference.first_positions_slots(layout.row_kv_len, layout.page_table, layout.row_req,
-                                               layout.page_size, topk)
+    def all_slots(self, layout: BatchLayout, topk: int, rows: slice | None = None) -> Tensor:
+        """The selection when every row sees at most `topk` keys: all of them, first to last, then -1; of the
+        layout's `rows` (a slice that may stride) or of every row."""
+        lengths, reqs = (layout.row_kv_len, layout.row_req) if rows is None else (layout.row_kv_len[rows],
+                                                                                 layout.row_req[rows])
+        return reference.first_positions_slots(lengths, layout.page_table, reqs, layout.page_size, topk)
 
     def moe(self, x: Tensor, w13: Tensor | BlockFP8, w2: Tensor | BlockFP8, topk_ids: Tensor, topk_weights: Tensor,
             num_tokens: int, xq: QuantizedRows | None = None, local_share: float = 1.0) -> Tensor:
