@@ -236,9 +236,9 @@ def _config(T: int, H: int, K: int, block_v: int, row_bytes: int, sms: int, fp8:
         # A Gluon program fills an SM (216 KiB of shared memory) at any head count: one wave, as 64 heads. At 16
         # heads over FP8 rows that took 0.83x / 0.79x the time of the narrow rule's three programs per SM at 64 /
         # 32 rows of 4,096 keys, 0.88-0.98x at 16 (H100, 2026-12-05, benchmarks/mla_decode.py --sweep).
-        if block_h <= 32 and not gluon:  # memory-bound: three programs per SM (4-warp ones fit together) keep more gathered
-            # rows in flight; a prefetching program (8 warps, one per SM) keeps its own in flight, and up to 16
-            # of them ran fastest in one wave, more of them in three
+        if block_h <= 32 and not gluon:  # memory-bound: three programs per SM (4-warp ones fit together) keep
+            # more gathered rows in flight; a prefetching program (8 warps, one per SM) keeps its own in flight,
+            # and up to 16 of them ran fastest in one wave, more of them in three
             per_sm = cfg.get("programs_per_sm") or (1 if prefetch and programs <= 16 else 3)
             splits = min(triton.cdiv(per_sm * sms, programs), blocks)
         else:  # matrix-bound: split only when rows x head-blocks leave SMs idle, aiming at one full wave
