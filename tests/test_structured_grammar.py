@@ -81,6 +81,27 @@ def test_regex_slashes_escaped_or_not(tiny: dict[str, str], regex: str) -> None:
     assert feed(st, hf.encode(text, add_special_tokens=False)) and st.is_terminated
 
 
+@pytest.mark.parametrize("constraint", [
+    Constraint(regex="a <tool_call> b</think>"), Constraint(ebnf='start: "a " "<tool_call>" " b" "</think>"'),
+    Constraint(response_format={"type": "json_schema", "json_schema": {"name": "t", "schema": {
+        "type": "object", "properties": {"s": {"const": "a <tool_call> b</think>"}}, "required": ["s"]}}})])
+def test_a_user_grammar_may_spell_glm_markup_as_text(tiny: dict[str, str], constraint: Constraint) -> None:
+    """GLM's markup (`<tool_call>`, `</think>`) are added tokens that its tokenizer treats as text: a user grammar
+    that spells them takes the tokens the tokenizer makes of that text, which are not special to the grammar
+    (llguidance's own conversion marked every added token special: the mask offered the token, then the grammar
+    refused it); the special tokens stay special (EOS, refused inside the text)."""
+    path = tiny["glm5"]
+    hf = Tokenizer(path).hf
+    text = "a <tool_call> b</think>"
+    text = text if constraint.response_format is None else '{"s": "' + text + '"}'
+    ids = hf.encode(text, add_special_tokens=False)
+    assert hf.convert_tokens_to_ids("<tool_call>") in ids  # (the markup is one token here)
+    st = state(path, constraint, None, False)
+    assert feed(st, ids) and st.is_terminated and st.allowed().nonzero().flatten().tolist() == [1]
+    special = next(i for i, t in hf.added_tokens_decoder.items() if t.special and i != 1)
+    assert not bool(state(path, constraint, None, False).allowed()[special])
+
+
 SCHEMA_TOOL = [{"type": "function", "function": {"name": "f", "parameters": {
     "type": "object", "$defs": {"Unit": {"type": "string", "enum": ["c", "f"]}},
     "properties": {"unit": {"$ref": "#/$defs/Unit"}, "code": {"type": "string", "pattern": "^[0-9]{3}$"},

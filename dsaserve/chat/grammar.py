@@ -53,10 +53,55 @@ class GrammarSpec:
 
 @functools.lru_cache(maxsize=4)
 def ll_tokenizer(path: str, eos_ids: tuple[int, ...]) -> Any:
-    """The llguidance view of a tokenizer (~1 s for a 128K vocabulary): built once per process."""
-    import llguidance.hf
+    """The llguidance view of a tokenizer (about 1 s for a 150K vocabulary): built once per process.
+
+    Given as the tokens' bytes, not as the tokenizer's JSON: llguidance's own conversion (1.9) marks every added
+    token special, also those the tokenizer treats as text (`"special": false`: GLM-5's `<tool_call>`,
+    `<arg_key>`, `</think>`). A grammar spelling that text then offered the token the tokenizer makes of it
+    (its forced bytes are tokenized by the tokenizer) and refused it (its bytes in the trie carry the special
+    marker). Here an added token is special only where the tokenizer says so; the others are their text."""
+    from llguidance import LLTokenizer, TokenizerWrapper
     from transformers import AutoTokenizer
-    return llguidance.hf.from_tokenizer(AutoTokenizer.from_pretrained(path), eos_token=list(eos_ids))
+    return LLTokenizer(TokenizerWrapper(_Vocabulary(AutoTokenizer.from_pretrained(path), eos_ids[0])),
+                       eos_token=list(eos_ids))
+
+
+class _Vocabulary:
+    """What llguidance's TokenizerWrapper reads from a byte-level BPE tokenizer (DeepSeek's and GLM's): each
+    token's bytes, the special ids, and the tokenizer's own encoding of a text (it keeps added tokens whole)."""
+
+    def __init__(self, hf: Any, eos_id: int):
+        char_bytes = _byte_level_chars()
+        added = hf.added_tokens_decoder
+        self.tokens: list[bytes] = []
+        for i, piece in enumerate(hf.convert_ids_to_tokens(list(range(len(hf))))):
+            if i in added:
+                self.tokens.append(added[i].content.encode())
+            elif piece is None or any(c not in char_bytes for c in piece):
+                raise GrammarError(f"token {i} ({piece!r}) of this tokenizer is not byte-level BPE, which "
+                                   "structured output needs here")
+            else:
+                self.tokens.append(bytes(char_bytes[c] for c in piece))
+        self.special_token_ids = [i for i, t in added.items() if t.special]
+        self.eos_token_id, self.bos_token_id = eos_id, hf.bos_token_id
+        from tokenizers import Tokenizer
+        self._encoder = Tokenizer.from_str(hf.backend_tokenizer.to_str())  # its own copy: called from any thread
+        self._encoder.no_padding()
+        self._encoder.no_truncation()
+
+    def __call__(self, text: str | bytes) -> list[int]:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", errors="replace")
+        return self._encoder.encode(text, add_special_tokens=False).ids
+
+
+@functools.cache
+def _byte_level_chars() -> dict[str, int]:
+    """Byte-level BPE's alphabet: the printable Latin-1 bytes stand for themselves, the other bytes for the
+    characters from U+0100 on, in byte order."""
+    kept = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    moved = [b for b in range(256) if b not in kept]
+    return {**{chr(b): b for b in kept}, **{chr(0x100 + n): b for n, b in enumerate(moved)}}
 
 
 def checked_spec(grammar: str, tokenizer_path: str, eos_ids: tuple[int, ...]) -> GrammarSpec:
