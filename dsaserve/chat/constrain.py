@@ -2,9 +2,11 @@
 own tool-call format (DSML for DeepSeek-V3.2, <tool_call> markup for GLM), so that even a random-weight
 model emits a call that parses and whose arguments fit the tool's parameter schema.
 
-Grammars are Lark text for llguidance. Fixed markup that the tokenizer holds as one special token (GLM's
-`<arg_key>`, `</think>`) is written `<[id]>`, which is how llguidance matches special tokens. When the
-prompt opens a reasoning block, the grammar first lets the reasoning run to `</think>`.
+Grammars are Lark text for llguidance. Fixed markup that the tokenizer holds as one special token is written
+`<[id]>`, which is how llguidance matches special tokens; markup it holds as an added token that is text (GLM-5's
+`<arg_key>`, `</think>`: `"special": false`) is written as text, whose forced bytes llguidance has the tokenizer
+turn into that one token (grammar.ll_tokenizer). When the prompt opens a reasoning block, the grammar first lets
+the reasoning run to `</think>`.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from dsaserve.chat.grammar import JSON_STYLE, GrammarError, check_schema_depth, 
 from dsaserve.chat.tools import parameters_of
 
 THINK_END = "</think>"
-# Fixed markup that a tokenizer may hold as single special tokens.
+# Fixed markup that a tokenizer may hold as single (special or text) added tokens.
 MARKUP_TEXTS = (THINK_END, "<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>")
 
 
