@@ -102,6 +102,19 @@ def test_a_user_grammar_may_spell_glm_markup_as_text(tiny: dict[str, str], const
     assert not bool(state(path, constraint, None, False).allowed()[special])
 
 
+def test_a_user_grammar_may_spell_a_special_tokens_text(tiny: dict[str, str]) -> None:
+    """A special token's text (GLM's `<|user|>`) in a user grammar is text: spelled in pieces, never the special
+    token (it was offered, then refused: "the output constraint failed")."""
+    path = tiny["glm5"]
+    hf = Tokenizer(path).hf
+    special = hf.convert_tokens_to_ids("<|user|>")
+    assert hf.added_tokens_decoder[special].special
+    st = state(path, Constraint(regex="x <\\|user\\|> y"), None, False)
+    assert feed(st, hf.encode("x ", add_special_tokens=False)) and not bool(st.allowed()[special])
+    pieces = hf.encode("<|user|> y", add_special_tokens=False, split_special_tokens=True)
+    assert special not in pieces and feed(st, pieces) and st.is_terminated
+
+
 SCHEMA_TOOL = [{"type": "function", "function": {"name": "f", "parameters": {
     "type": "object", "$defs": {"Unit": {"type": "string", "enum": ["c", "f"]}},
     "properties": {"unit": {"$ref": "#/$defs/Unit"}, "code": {"type": "string", "pattern": "^[0-9]{3}$"},

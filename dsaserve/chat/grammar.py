@@ -53,13 +53,14 @@ class GrammarSpec:
 
 @functools.lru_cache(maxsize=4)
 def ll_tokenizer(path: str, eos_ids: tuple[int, ...]) -> Any:
-    """The llguidance view of a tokenizer (about 1 s for a 150K vocabulary): built once per process.
+    """The llguidance view of a tokenizer (1-3 s for a 150K vocabulary): built once per process.
 
     Given as the tokens' bytes, not as the tokenizer's JSON: llguidance's own conversion (1.9) marks every added
     token special, also those the tokenizer treats as text (`"special": false`: GLM-5's `<tool_call>`,
     `<arg_key>`, `</think>`). A grammar spelling that text then offered the token the tokenizer makes of it
     (its forced bytes are tokenized by the tokenizer) and refused it (its bytes in the trie carry the special
-    marker). Here an added token is special only where the tokenizer says so; the others are their text."""
+    marker). Here an added token is special only where the tokenizer says so; the others are their text. A
+    special token's text in a grammar is spelled in pieces (it was refused the same way)."""
     from llguidance import LLTokenizer, TokenizerWrapper
     from transformers import AutoTokenizer
     return LLTokenizer(TokenizerWrapper(_Vocabulary(AutoTokenizer.from_pretrained(path), eos_ids[0])),
@@ -88,6 +89,7 @@ class _Vocabulary:
         self._encoder = Tokenizer.from_str(hf.backend_tokenizer.to_str())  # its own copy: called from any thread
         self._encoder.no_padding()
         self._encoder.no_truncation()
+        self._encoder.encode_special_tokens = True  # a special token's text in a grammar is text: its pieces
 
     def __call__(self, text: str | bytes) -> list[int]:
         if isinstance(text, bytes):
