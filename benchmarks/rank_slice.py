@@ -28,7 +28,7 @@ SPLIT = ("num_attention_heads", "num_key_value_heads", "moe_intermediate_size", 
 def write_rank_slice(out: Path, arch: str, tp: int, layers: int | None, bf16: bool = False) -> dict:
     cfg = json.loads((CONFIGS / f"{arch}.json").read_text())
     if bf16:
-        del cfg["quantization_config"]
+        cfg.pop("quantization_config", None)
     for key in SPLIT:
         if cfg[key] % tp:
             raise ValueError(f"{key}={cfg[key]} is not divisible by --tp {tp}")
