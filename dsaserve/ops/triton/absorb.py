@@ -32,7 +32,10 @@ MAX_HEADS = 32
 MAX_ROW_HEADS = 512
 QUERY_COLUMNS = 64  # output columns per program of absorb_query (512 latent columns: 8 programs per head)
 OUTPUT_COLUMNS = 16  # output columns per program of absorb_output (128 value columns: 8 programs per head)
-QUANT_CHUNK = 64  # latent values per dot when a program owns a whole quantization group (128 columns)
+# Latent values per dot when a program owns a whole quantization group (128 columns: 16 programs at 16 heads),
+# pipelined by the launch's default 3 stages: 128 took 0.82-0.89x the time of 64 at 1-32 rows of 16 and 32 heads
+# (H100; 0.81x at 16 heads on an H200; 2026-12-06, docs/benchmarks.md)
+QUANT_CHUNK = 128
 
 
 def decode_shape(T: int, H: int) -> bool:
@@ -134,7 +137,7 @@ def quantizes_output(w_uv: Tensor, group: int) -> bool:
 def absorb_output(x: Tensor, w_uv: Tensor, out: Tensor, quant_group: int = 0) -> tuple[Tensor, QuantizedRows | None]:
     """See dsaserve.ops.fused.absorb_output (output_applies holds; quant_group > 0 where quantizes_output allows).
     Quantizing, a program owns a whole group of a head's columns (128: 8x the columns,
-    so the reduction runs in chunks of QUANT_CHUNK latent values, over 8 warps: 4 spill on sm_90)."""
+    so the reduction runs in chunks of QUANT_CHUNK latent values, over 8 warps)."""
     T, H, latent = x.shape
     v = w_uv.shape[1]
     fp8 = None

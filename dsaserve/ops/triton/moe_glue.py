@@ -37,20 +37,22 @@ def _silu_mul_quant_kernel(GU, Q, S, BLOCK_EXPERT, R, I, stride_gu, stride_q, st
 
 
 @triton.jit(do_not_specialize=["num_tokens"])
-def _reduce_kernel(YBUF, POS, IDS, OUT, stride_y, stride_o, num_tokens, topk, HIDDEN, BLOCK: tl.constexpr,
-                   INDEXED: tl.constexpr, PDL: tl.constexpr):
+def _reduce_kernel(YBUF, POS, IDS, OUT, stride_y, stride_o, num_tokens, HIDDEN, TOPK: tl.constexpr,
+                   BLOCK: tl.constexpr, INDEXED: tl.constexpr, PDL: tl.constexpr):
     """INDEXED: pair p's row of YBUF is POS[p] (YBUF in sorted order), else p. Pairs whose IDS entry is -1 (another
-    rank's expert) have no row and add nothing."""
+    rank's expert) have no row and add nothing. The pairs are unrolled, so their loads do not wait on each other's
+    (a loop over them chained TOPK x 3 dependent loads); the rows still add in pair order."""
     pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     c_mask = cols < HIDDEN
+    live = row < num_tokens
     acc = tl.zeros([BLOCK], tl.float32)
-    if row < num_tokens:
-        for j in range(topk):
-            if tl.load(IDS + row * topk + j) >= 0:
-                y_row = tl.load(POS + row * topk + j).to(tl.int64) if INDEXED else row * topk + j
-                acc += tl.load(YBUF + y_row * stride_y + cols, mask=c_mask, other=0.0).to(tl.float32)
+    for j in tl.static_range(TOPK):
+        has_row = live & (tl.load(IDS + row * TOPK + j, mask=live, other=-1) >= 0)
+        y_row = tl.load(POS + row * TOPK + j, mask=has_row, other=0).to(tl.int64) if INDEXED else row * TOPK + j
+        # -0.0 where there is no row: adding it leaves every sum as it was, -0.0 included
+        acc += tl.load(YBUF + y_row * stride_y + cols, mask=c_mask & has_row, other=-0.0).to(tl.float32)
     tl.store(OUT + row * stride_o + cols, acc.to(OUT.dtype.element_ty), mask=c_mask)
 
 
@@ -74,7 +76,7 @@ def reduce_pairs(ybuf: Tensor, pos: Tensor | None, ids: Tensor, out: Tensor, num
     hidden = out.shape[1]
     block = min(1024, next_pow2(hidden))
     _reduce_kernel[(out.shape[0], triton.cdiv(hidden, block))](
-        ybuf, ybuf if pos is None else pos, ids, out, ybuf.stride(0), out.stride(0), num_tokens, topk, hidden,
+        ybuf, ybuf if pos is None else pos, ids, out, ybuf.stride(0), out.stride(0), num_tokens, hidden, TOPK=topk,
         BLOCK=block, INDEXED=pos is not None, num_warps=4, **pdl(ybuf))
 
 
