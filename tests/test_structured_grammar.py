@@ -173,7 +173,7 @@ def test_forced_calls_are_refused_up_front_past_what_the_grammar_follows(tiny: d
     st = state(tiny[fmt], Constraint(forced_tools=forced, several_calls=True), tool_format, False)
     call = schema_call(tool_format, {"a": f"v{MAX_FORCED_CHOICES - 1}" if shape == "enum" else "Oslo"})
     assert feed(st, hf.encode(call * (2 if tool_format == "glm47" else 1), add_special_tokens=False)), shape
-    assert st.error is None and (st.is_terminated or bool(st.allowed()[1]))
+    assert st.failure() is None and (st.is_terminated or bool(st.allowed()[1]))
     choice = "required" if shape == "tools" else {"type": "function", "function": {"name": "f"}}
     check_forced(plan_tools(forced, choice))
     with pytest.raises(ValueError, match=r"^tools\S* (holds 1002 functions|has 501 optional|has 1002 values)"):
@@ -223,7 +223,7 @@ def test_a_draft_past_the_tokenizer_is_only_a_rejected_draft(tiny: dict[str, str
     after_brace = st.allowed_after(brace)
     assert torch.equal(st.allowed_after(brace + [len(hf) + 10]), after_brace)
     assert torch.equal(st.allowed_after([len(hf) + 10]), st.allowed())
-    assert st.error is None and feed(st, hf.encode('{"a": 1}', add_special_tokens=False)) and st.is_terminated
+    assert st.failure() is None and feed(st, hf.encode('{"a": 1}', add_special_tokens=False)) and st.is_terminated
 
 
 @pytest.mark.parametrize("grammar,text", [('start: "a::=b" | "c"', "a::=b"), ('root ::= "x" | "y"', "y"),

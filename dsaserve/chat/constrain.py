@@ -55,7 +55,7 @@ def _text_value(schema: dict[str, Any], markup: Markup, name: str, end: str, rul
         return f"{markup.lit(schema['const'])} {markup.lit(end)}"
     if isinstance(schema.get("enum"), list) and all(isinstance(v, str) for v in schema["enum"]):
         return "(" + " | ".join(markup.lit(v) for v in schema["enum"]) + f") {markup.lit(end)}"
-    lo, hi = int(schema.get("minLength", 0)), schema.get("maxLength")
+    lo, hi = int(schema.get("minLength") or 0), schema.get("maxLength")  # (null: absent, as tools.py reads it)
     text = f"/(?s:.{{{lo},{int(hi)}}})/" if hi is not None else (f"/(?s:.{{{lo},}})/" if lo else "/(?s:.*)/")
     if isinstance(schema.get("pattern"), str):
         text += f" & /{_slashes_escaped(_whole_value_regex(schema['pattern']))}/"

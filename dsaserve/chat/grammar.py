@@ -243,10 +243,14 @@ class GrammarState:
     def is_terminated(self) -> bool:
         return self.matcher.is_stopped()
 
-    @property
-    def error(self) -> str | None:
-        """Why the matcher stopped following the grammar (a limit it hit), or None."""
-        return self.matcher.get_error().strip().splitlines()[0] if self.matcher.is_error() else None
+    def failure(self) -> str | None:
+        """Why the matcher stopped following the grammar (a limit it hit), or None. Its lexer's limits are shared
+        by every copy of the compiled grammar, which this request may have spent: the compiled grammars are
+        dropped, so the requests after it compile theirs afresh."""
+        if not self.matcher.is_error():
+            return None
+        compiled.cache_clear()
+        return self.matcher.get_error().strip().splitlines()[0]
 
 
 def grammar_state(req: Request, vocab_size: int) -> GrammarState:

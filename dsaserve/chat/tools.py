@@ -129,6 +129,9 @@ def check_forced(plan: ToolPlan) -> None:
                              f"{MAX_FORCED_CHOICES // 2} open (make some required, or use tool_choice 'auto')")
         for key, schema in props.items():
             values = schema.get("enum") if isinstance(schema, dict) and schema.get("type") == "string" else None
+            if values == []:  # (the grammar's choice among none would take the empty string)
+                raise ValueError(f"{where}.properties.{key}.enum is empty: no value satisfies it, so no call of "
+                                 f"{name_of(tool)!r} can be forced")
             if isinstance(values, list) and len(values) > MAX_FORCED_CHOICES:
                 raise ValueError(f"{where}.properties.{key}.enum has {len(values)} values: a forced call chooses "
                                  f"among at most {MAX_FORCED_CHOICES} (or use tool_choice 'auto')")

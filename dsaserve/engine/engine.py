@@ -368,9 +368,9 @@ class Engine:
                                                          grammar_done=done)
             if reason is not None:
                 break
-        if reason is None and req.grammar is not None and req.grammar.error is not None:
-            reason = FinishReason("error", message=f"the output constraint failed: {req.grammar.error}",
-                                  client_error=True)  # (llguidance gave up, e.g. a lexer limit: not a silent stop)
+        failure = req.grammar.failure() if req.grammar is not None else None
+        if failure is not None:  # llguidance gave up (a lexer limit): not a stop, whatever the last token was
+            reason = FinishReason("error", message=f"the output constraint failed: {failure}", client_error=True)
         if reason is not None:
             self._finish(req, reason)
         chosen = lps[:len(new)] if lps is not None and req.params.logprobs is not None else []

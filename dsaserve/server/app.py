@@ -29,8 +29,8 @@ HEALTH_GENERATE_TIMEOUT_S = 60.0
 def create_app(args: ServerArgs, frontend: Frontend, metrics: ServerMetrics, served_name: str,
                pd: PDRouting) -> FastAPI:
     app = FastAPI(title="dsaserve", version=getattr(dsaserve, "__version__", "0"))
-    install_error_handlers(app)
     app.add_middleware(RequestGuard, limit=args.max_request_bytes)
+    install_error_handlers(app)  # (its middleware around the guard's: a bug there is a JSON 500 too)
     # Browsers' cross-origin calls (a web UI on another port), as SGLang and vLLM allow by default
     app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"],
                        allow_credentials=True)

@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dsaserve.server.protocol import ErrorInfo, ErrorResponse
 
@@ -50,6 +51,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    """The handlers of the expected errors, and InternalErrors around the middlewares added before this call."""
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         return exc.response()
@@ -67,7 +69,32 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return ApiError(exc.status_code, str(exc.detail)).response()
 
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:  # a bug: still a JSON answer
-        log.error("unexpected error: %s: %s", type(exc).__name__, exc)
-        return ApiError(500, f"internal error: {type(exc).__name__}: {exc}").response()
+    app.add_middleware(InternalErrors)
+
+
+class InternalErrors:
+    """ASGI middleware: an unexpected exception (a bug) before the response starts is answered as a JSON 500, and
+    the connection stays open. (Starlette's handler for Exception answers too, but then re-raises, and uvicorn
+    closes the client's keep-alive connection: its next request on it failed.) After the response has started,
+    a stream cannot be answered again: the exception goes on and the connection closes."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def sending(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except Exception as exc:
+            if started:
+                raise
+            log.error("unexpected error: %s: %s", type(exc).__name__, exc, exc_info=exc)
+            await ApiError(500, f"internal error: {type(exc).__name__}: {exc}").response()(scope, receive, send)
