@@ -210,21 +210,26 @@ def test_closing_tags_inside_a_json_argument(fmt: str) -> None:
 
 
 @pytest.mark.parametrize("fmt", ["dsml", "glm"])
-def test_an_unclosed_json_argument_does_not_swallow_the_rest(fmt: str) -> None:
+@pytest.mark.parametrize("opened", ["[1,", '"3'])
+def test_an_unclosed_json_argument_does_not_swallow_the_rest(fmt: str, opened: str) -> None:
     """A non-string argument that opens a JSON array / object and never closes it, then the closing tag: the
     value ends at that tag (markup outside a JSON string is not JSON), so what follows (text, a later valid
-    call) is parsed as usual instead of being held back until the end and returned as content."""
+    call) is parsed as usual instead of being held back until the end and returned as content. An unclosed JSON
+    string puts every later tag inside it, so the whole reply came back as content, calls and all: once the reply
+    has ended the string will not close, and the value ends at its first closing tag too (until then the string
+    may still close, with the tags inside it: the block waits for the reply's end)."""
     if fmt == "dsml":
         bad = (f'\n\n<{D}function_calls>\n<{D}invoke name="get_weather">\n<{D}parameter name="days" string="false">'
-               f'[1,</{D}parameter>\n</{D}invoke>\n</{D}function_calls>')
+               f'{opened}</{D}parameter>\n</{D}invoke>\n</{D}function_calls>')
         good = f'\n\n<{D}function_calls>\n<{D}invoke name="get_time">\n</{D}invoke>\n</{D}function_calls>'
         expected = Parsed("", "a" + bad + "b", [ToolCall("get_time", "{}")])  # the malformed block stays text
         make = dsml
     else:
-        bad = "<tool_call>get_weather<arg_key>days</arg_key><arg_value>[1,</arg_value></tool_call>"
+        bad = f"<tool_call>get_weather<arg_key>days</arg_key><arg_value>{opened}</arg_value></tool_call>"
         good = "<tool_call>get_time</tool_call>"
         # GLM: a value that is not JSON is text (as for any other non-JSON value)
-        expected = Parsed("", "ab", [ToolCall("get_weather", '{"days": "[1,"}'), ToolCall("get_time", "{}")])
+        value = json.dumps({"days": opened}, ensure_ascii=False)
+        expected = Parsed("", "ab", [ToolCall("get_weather", value), ToolCall("get_time", "{}")])
         make = glm
     raw = "a" + bad + "b" + good
     for a in range(0, len(raw) + 1, 7):
@@ -232,12 +237,16 @@ def test_an_unclosed_json_argument_does_not_swallow_the_rest(fmt: str) -> None:
 
 
 @pytest.mark.parametrize("fmt", ["dsml", "glm"])
-def test_a_streamed_call_is_parsed_once_its_end_tag_arrives(fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("tags_in_a_string", [False, True])
+def test_a_streamed_call_is_parsed_once_its_end_tag_arrives(fmt: str, tags_in_a_string: bool,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """A call streamed in small pieces is parsed when its closing tag is there, not again from its start at
     every piece (a 23K-character argument in 4-character pieces took 113 s of the server's event loop); the
-    result equals the call parsed whole."""
+    result equals the call parsed whole. So too when the argument's first JSON string holds the closing tags as
+    text: they end nothing, so they must not make every later piece parse the call again (6,230 parses)."""
     import dsaserve.chat.parsers as parsers
-    lines = json.dumps([f"line {i}" for i in range(2000)])
+    markup = f"</{D}parameter></{D}invoke></{D}function_calls>" if fmt == "dsml" else "</arg_value></tool_call>"
+    lines = json.dumps([markup] * tags_in_a_string + [f"line {i}" for i in range(2000)], ensure_ascii=False)
     attempts = [0]
 
     def counted(parse_element):
@@ -258,7 +267,7 @@ def test_a_streamed_call_is_parsed_once_its_end_tag_arrives(fmt: str, monkeypatc
     out = parse(make, raw, tuple(range(4, len(raw), 4)))
     assert (out.content, [(c.name, json.loads(c.arguments)) for c in out.calls]) == \
         ("Go.", [("run", {"lines": json.loads(lines)})])
-    assert attempts[0] <= 2, f"the call was parsed {attempts[0]} times over {len(raw) // 4} pieces"
+    assert attempts[0] <= 3, f"the call was parsed {attempts[0]} times over {len(raw) // 4} pieces"
 
 
 @pytest.mark.parametrize("make,raw,content,calls", [(m, r, c, k) for m, r, _, c, k in KNOWN[:2]])

@@ -97,6 +97,8 @@ class ToolCallParser:
         self.buf, self.raw = "", ""  # raw: this block's text not yet turned into calls
         self.in_block = self.failed = False
         self.gap, self.gap_has_text = "", False  # the text since the last call (held while all whitespace)
+        self.final = False  # finish(): no more text comes (a JSON string still open never closes)
+        self.tried_to = 0  # buf's length when the current element last needed more text (0: not tried)
 
     def feed(self, text: str) -> Parsed:
         self.buf += text
@@ -113,10 +115,12 @@ class ToolCallParser:
                 self._text(self.buf[:at], out)
                 self.raw, self.buf = marker, self.buf[at + len(marker):]
                 self.in_block, self.failed, self.calls_before_block = True, False, self.num_calls
+                self.tried_to = 0
             elif not self._block(out):
                 return out
 
     def finish(self) -> Parsed:
+        self.final = True
         out = self.feed("")
         self._text(self.raw + self.buf, out)  # an unterminated block stays text
         if self.num_calls == 0:  # a reply without calls keeps its whitespace
@@ -146,7 +150,20 @@ class ToolCallParser:
         self.buf, self.raw, self.in_block = self.buf[at + len(end):], "", False
         return True
 
+    def _may_be_complete(self, *ends: str) -> bool:
+        """Whether the element may be whole: an end tag ends in text the last attempt had not read (a tag written
+        inside a JSON string ends nothing, and scanning the value again at every piece was quadratic), or one is
+        anywhere once the reply has ended."""
+        return any(self.buf.find(end, 0 if self.final else max(0, self.tried_to - len(end) + 1)) >= 0
+                   for end in ends)
+
+    def _ran_out(self) -> bool:
+        """The element needs more text: an end tag that completes it ends past the text there is now."""
+        self.tried_to = len(self.buf)
+        return False
+
     def _take(self, n: int) -> str:
+        self.tried_to = 0
         piece, self.buf = self.buf[:n], self.buf[n:]
         self.raw += piece
         return piece
@@ -189,10 +206,20 @@ def _literal(text: str, pos: int, *literals: str) -> tuple[str, int]:
     raise _Malformed
 
 
-def _json_value_end(text: str, start: int, close: str) -> int | None:
+def _json_value_end(text: str, start: int, close: str, final: bool = False) -> int | None:
     """Where `close` begins after the JSON object / array / string that opens at `start` (after
     whitespace); None when no such value is there or `close` does not follow it. The scan knows JSON
-    strings, so markup written inside one (a closing tag as text) does not end the value."""
+    strings, so markup written inside one (a closing tag as text) does not end the value. `final`: the text
+    is all there will be, so a value that would need more (a string never closed) is not JSON."""
+    try:
+        return _scan_json_value(text, start, close)
+    except _NeedMore:
+        if final:
+            return None
+        raise
+
+
+def _scan_json_value(text: str, start: int, close: str) -> int | None:
     i = _skip_ws(text, start)
     if i == len(text):
         raise _NeedMore
@@ -211,6 +238,8 @@ def _json_value_end(text: str, start: int, close: str) -> int | None:
                 escaped = True
             elif ch == '"':
                 in_string = False
+            elif ch < " ":  # a raw control character: no JSON string holds one
+                return None
         elif ch == '"':
             in_string = True
         elif text.startswith(close, j) or (j > near_end and close.startswith(text[j:])):
@@ -244,8 +273,9 @@ _INVOKE_HEAD = re.compile(rf'<{dsv32.DSML}invoke name="([^"]*)">')
 _PARAM_HEAD = re.compile(rf'<{dsv32.DSML}parameter name="([^"]*)" string="(true|false)">')
 
 
-def _dsml_invoke(text: str) -> tuple[int, str, dict[str, Any]]:
-    """The invoke element at the start of `text`: its end, the tool's name and its arguments."""
+def _dsml_invoke(text: str, final: bool = False) -> tuple[int, str, dict[str, Any]]:
+    """The invoke element at the start of `text`: its end, the tool's name and its arguments (`final`: see
+    _json_value_end)."""
     m = _head(_INVOKE_HEAD, text, 0, f"<{dsv32.DSML}invoke")
     if m is None:
         raise _Malformed
@@ -254,7 +284,7 @@ def _dsml_invoke(text: str) -> tuple[int, str, dict[str, Any]]:
         key, value_at = p.group(1), p.end()
         if key in args:
             raise _Malformed
-        end = None if p.group(2) == "true" else _json_value_end(text, value_at, dsv32.PARAM_END)
+        end = None if p.group(2) == "true" else _json_value_end(text, value_at, dsv32.PARAM_END, final)
         if end is None and (end := text.find(dsv32.PARAM_END, value_at)) < 0:
             raise _NeedMore
         value = text[value_at:end]
@@ -282,12 +312,12 @@ class DsmlToolParser(ToolCallParser):
             return True
         if not rest or dsv32.CALLS_END.startswith(rest):
             return False
-        if dsv32.INVOKE_END not in rest and dsv32.CALLS_END not in rest:
+        if not self._may_be_complete(dsv32.INVOKE_END, dsv32.CALLS_END):
             return False  # a call is emitted only once complete: parse when an end tag is there
         try:
-            end, name, args = _dsml_invoke(rest)
+            end, name, args = _dsml_invoke(rest, self.final)
         except _NeedMore:
-            return False
+            return self._ran_out()
         except _Malformed:
             return self._fail_until(dsv32.CALLS_END, out)
         self._take(lead + end)
@@ -301,12 +331,12 @@ class GlmToolParser(ToolCallParser):
     end = "</tool_call>"
 
     def _block(self, out: Parsed) -> bool:
-        if self.end not in self.buf:
+        if not self._may_be_complete(self.end):
             return False  # a call is emitted only once complete: parse when its end tag is there
         try:
             end, name, args = self._element(self.buf)
         except _NeedMore:
-            return False
+            return self._ran_out()
         except _Malformed:
             return self._fail_until(self.end, out)
         self._take(end)
@@ -330,7 +360,7 @@ class GlmToolParser(ToolCallParser):
             value_at = _literal(text, key_end + len("</arg_key>"), "<arg_value>")[1]
             schema = props.get(key)  # (a property's schema may be true / false: any value / none)
             is_string = isinstance(schema, dict) and schema.get("type") == "string"
-            end = None if is_string else _json_value_end(text, value_at, "</arg_value>")
+            end = None if is_string else _json_value_end(text, value_at, "</arg_value>", self.final)
             if end is None and (end := text.find("</arg_value>", value_at)) < 0:
                 raise _NeedMore
             if key in args:
