@@ -236,6 +236,13 @@ def test_an_unclosed_json_argument_does_not_swallow_the_rest(fmt: str, opened: s
         assert parse(lambda: make(False), raw, (a,)) == expected, a
 
 
+def test_a_raw_newline_ends_a_would_be_json_string_at_once() -> None:
+    """No JSON string holds a raw control character: an argument's "string" that meets one is not JSON, so the
+    call is returned as soon as its closing tag arrives, not held until the reply's end."""
+    raw = '<tool_call>get_weather<arg_key>days</arg_key><arg_value>"a\nb</arg_value></tool_call>'
+    assert glm(False).feed(raw).calls == [ToolCall("get_weather", json.dumps({"days": '"a\nb'}))]
+
+
 @pytest.mark.parametrize("fmt", ["dsml", "glm"])
 @pytest.mark.parametrize("tags_in_a_string", [False, True])
 def test_a_streamed_call_is_parsed_once_its_end_tag_arrives(fmt: str, tags_in_a_string: bool,
