@@ -13,11 +13,17 @@ from dsaserve.server_args import ServerArgs
 def _generate(ns: argparse.Namespace) -> int:
     from dsaserve.engine.request import RequestError, SamplingParams
     from dsaserve.llm import LLM
-    from dsaserve.server.preflight import checked_args
-    args = checked_args(ServerArgs.from_cli(ns))  # serve's checks: no traceback from the engine's load
-    llm = LLM(progress=True, **{k: v for k, v in vars(args).items()})
     params = SamplingParams(max_tokens=ns.max_tokens, temperature=ns.temperature, top_p=ns.top_p,
                             top_k=ns.top_k, seed=ns.sampling_seed)
+    try:
+        params.validate()  # before the model loads
+    except RequestError as exc:
+        flags = {"max_tokens": "--max-tokens", "temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k",
+                 "seed": "--sampling-seed"}
+        field = str(exc).split(" ", 1)[0]
+        print(f"error: {flags.get(field, field)}{str(exc)[len(field):]}", file=sys.stderr)
+        return 2
+    llm = LLM(progress=True, **vars(ServerArgs.from_cli(ns)))  # (serve's checks first: no traceback from a load)
     try:
         out = llm.generate(ns.prompt, params)[0]
     except RequestError as exc:

@@ -134,10 +134,24 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
+        """ConfigError naming the field for anything it cannot serve, a field of the wrong type included."""
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config.json must hold a JSON object, got {type(raw).__name__}")
         model_type = raw.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
                 f"unsupported model_type {model_type!r}: dsaserve serves {', '.join(SUPPORTED_MODEL_TYPES)}")
+        _check_field_types(raw)
+        try:
+            return cls._parse(raw, model_type)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:  # a field these checks let by
+            raise ConfigError(f"config.json ({model_type}) cannot be read: {type(exc).__name__}: {exc} (a field of "
+                              "the wrong type or shape, in the file or in --json-model-override-args)") from None
+
+    @classmethod
+    def _parse(cls, raw: dict[str, Any], model_type: str) -> ModelConfig:
 
         def need(name: str) -> Any:
             if raw.get(name) is None:
@@ -230,6 +244,27 @@ def indexer_types(raw: dict[str, Any], layers: int) -> tuple[str, ...]:
     if len(types) != layers or set(types) - {"full", "shared"} or (layers and types[0] != "full"):
         raise ConfigError(f"indexer_types must list 'full'/'shared' for {layers} layers, starting 'full': {types}")
     return tuple(types)
+
+
+_NUMBER_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+                  "num_attention_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                  "v_head_dim", "n_routed_experts", "n_shared_experts", "num_experts_per_tok", "n_group", "topk_group",
+                  "routed_scaling_factor", "index_n_heads", "index_head_dim", "index_topk", "rms_norm_eps",
+                  "max_position_embeddings", "num_nextn_predict_layers", "rope_theta", "index_topk_freq",
+                  "index_skip_topk_offset")
+_OBJECT_FIELDS = ("rope_scaling", "rope_parameters", "quantization_config")
+
+
+def _check_field_types(raw: dict[str, Any]) -> None:
+    """ConfigError naming the first field that is not of its type (null counts as absent)."""
+    for name in _NUMBER_FIELDS:
+        value = raw.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ConfigError(f"config.json field {name!r} must be a number, got {value!r}")
+    for name in _OBJECT_FIELDS:
+        value = raw.get(name)
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"config.json field {name!r} must be an object, got {value!r}")
 
 
 def _rope_config(raw: dict[str, Any]) -> RopeConfig:

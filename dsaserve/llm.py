@@ -32,7 +32,8 @@ class LLM:
         if args.disaggregation_mode != "null":
             raise ValueError("LLM runs whole requests: disaggregation_mode must be 'null' (PD disaggregation is "
                              "`dsaserve serve --disaggregation-mode prefill|decode`)")
-        self.engine = Engine(args, progress=progress)
+        from dsaserve.server.preflight import checked_args
+        self.engine = Engine(checked_args(args), progress=progress)  # serve's checks (--context-length ...) first
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
 

@@ -182,8 +182,17 @@ def test_max_tokens_omitted_fits_the_pool(tiny_ds: str) -> None:
 
 def test_a_broken_tokenizer_is_named_before_the_weights_load(tmp_path: Path, tiny_ds: str) -> None:
     """A corrupt tokenizer.json fails at once with the folder in the message (transformers' own error named
-    neither, and came after every weight had loaded)."""
+    neither, and came after every weight had loaded), as a checkpoint error: the server's ranks report those as
+    one line and exit 2 (a plain ValueError was a rank's traceback and exit 1)."""
+    from dsaserve.server.worker import SETTING_ERRORS
     shutil.copytree(tiny_ds, tmp_path / "m")
     (tmp_path / "m" / "tokenizer.json").write_text("{not json")
-    with pytest.raises(ValueError, match=f"cannot load the tokenizer in {tmp_path / 'm'}"):
+    with pytest.raises(SETTING_ERRORS, match=f"cannot load the tokenizer in {tmp_path / 'm'}"):
         LLM(str(tmp_path / "m"))
+
+
+def test_the_offline_engine_checks_what_serve_checks(tmp_path: Path) -> None:
+    """LLM (and bench one-batch) run serve's checks before loading: a --context-length past the model's was
+    taken, and served prompts past max_position_embeddings."""
+    with pytest.raises(ValueError, match="--context-length 100000 is longer than the model's"):
+        LLM(None, context_length=100000)

@@ -60,6 +60,21 @@ def test_an_index_topk_below_one_is_refused_at_start_up(tiny_ds: str, topk: int,
     assert f"index_topk must be >= 1, got {topk}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("override,message", [
+    ({"rope_scaling": 5}, "config.json field 'rope_scaling' must be an object, got 5"),
+    ({"vocab_size": [1]}, "config.json field 'vocab_size' must be a number, got [1]"),
+    ({"quantization_config": "fp8"}, "config.json field 'quantization_config' must be an object, got 'fp8'"),
+    ({"max_position_embeddings": "abc"}, "config.json field 'max_position_embeddings' must be a number, got 'abc'"),
+    ({"mlp_layer_types": 5}, "cannot be read: "),
+])
+def test_a_config_field_of_the_wrong_type_is_named(tiny_ds: str, override: dict, message: str,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    """One line and exit 2, as for any config.json the server cannot serve (these were tracebacks and exit 1)."""
+    assert main(["plan", "--model-path", tiny_ds, "--json-model-override-args", json.dumps(override)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+
+
 def test_launch_checks_read_the_overridden_config(tiny_ds: str, capsys: pytest.CaptureFixture) -> None:
     override = ["--json-model-override-args", '{"max_position_embeddings": 64}']
     assert main(["plan", "--model-path", tiny_ds, "--context-length", "100", *override]) == 2

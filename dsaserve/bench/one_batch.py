@@ -30,6 +30,7 @@ from dsaserve.engine.engine import Engine
 from dsaserve.engine.request import SamplingParams
 from dsaserve.engine.warmup import freeze_startup_heap
 from dsaserve.planner import weight_bytes
+from dsaserve.server.preflight import checked_args
 from dsaserve.server_args import ServerArgs
 
 
@@ -181,6 +182,8 @@ def run(ns: argparse.Namespace) -> int:
                    "run N ranks here)")
     if bad:
         raise ValueError("; ".join(bad))  # (cli.main prints it as one line, exit code 2)
+    SamplingParams(temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k).validate()  # before the load
+    args = checked_args(args)  # serve's checks of the model and the flags that depend on it (--context-length)
     batch = max(ns.batch_size + ns.profile + ns.profile_prefill)
     chunk = max(args.chunked_prefill_size, max(ns.input_len))
     steps = args.spec_steps  # MTP: a step commits up to S + 1 tokens per request

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dsaserve.model.checkpoint import CheckpointError
+
 if TYPE_CHECKING:
     from dsaserve.chat.render import ChatFormat
 
@@ -34,7 +36,7 @@ class Tokenizer:
         try:
             self.hf = AutoTokenizer.from_pretrained(self.path)
         except Exception as exc:  # transformers' messages rarely name the folder or the file
-            raise ValueError(f"cannot load the tokenizer in {self.path}: {type(exc).__name__}: {exc}") from None
+            raise CheckpointError(f"cannot load the tokenizer in {self.path}: {type(exc).__name__}: {exc}") from None
         if chat_template is not None:
             self.hf.chat_template = read_chat_template(chat_template)
 
