@@ -192,7 +192,7 @@ def test_a_broken_tokenizer_is_named_before_the_weights_load(tmp_path: Path, tin
 
 
 def test_the_offline_engine_checks_what_serve_checks(tmp_path: Path) -> None:
-    """LLM (and bench one-batch) run serve's checks before loading: a --context-length past the model's was
-    taken, and served prompts past max_position_embeddings."""
+    """LLM runs serve's checks before loading (as bench one-batch now does): a --context-length past the model's
+    was taken, and served prompts past max_position_embeddings."""
     with pytest.raises(ValueError, match="--context-length 100000 is longer than the model's"):
         LLM(None, context_length=100000)
