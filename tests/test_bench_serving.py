@@ -96,6 +96,23 @@ def test_no_server_is_one_line(flags: list[str], capsys: pytest.CaptureFixture[s
     assert "Serving Benchmark Result" not in captured.out
 
 
+@pytest.mark.timeout(60)
+def test_a_server_that_answers_nothing_is_one_line(monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """A port that accepts connections and never answers: the probe gives up at its own timeout (it waited for
+    the requests' 600 s)."""
+    import socket
+
+    from dsaserve.bench import serving
+    from dsaserve.cli import main
+    monkeypatch.setattr(serving, "PROBE_TIMEOUT_S", 1.0)
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # the kernel completes the handshakes: nobody reads
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        assert main(["bench", "serving", "--base-url", url, "--num-prompts", "2", "--disable-tqdm"]) == 1
+    err = capsys.readouterr().err
+    assert f"error: could not reach the server at {url}: ReadTimeout" in err and "Traceback" not in err, err
+
+
 def test_a_server_that_refuses_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     """A server that answers /v1/models with an error (a wrong --api-key: 401) ends the benchmark with its status,
     before any request (each would fail the same way)."""

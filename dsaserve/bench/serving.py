@@ -30,6 +30,7 @@ from dsaserve.bench.serving_report import compute_metrics, format_table
 from dsaserve.router_flags import http_url_problem
 
 FALLBACK_VOCAB = 1000  # when the server does not say (only dsaserve / sglang expose it)
+PROBE_TIMEOUT_S = 30.0  # the first GET of a server: one that accepts and never answers is no server
 
 
 @dataclass
@@ -141,8 +142,9 @@ def make_requests(cfg: BenchConfig, vocab: int) -> list[tuple[list[int], int]]:
 
 
 async def _discover(client: httpx.AsyncClient, cfg: BenchConfig) -> tuple[str, int]:
-    try:
-        r = await client.get("/v1/models")  # asked even with --model: it shows that a usable server listens there
+    try:  # asked even with --model: it shows that a usable server listens there (one that answers nothing fails
+        # at the probe's timeout, not at the requests' 600 s)
+        r = await client.get("/v1/models", timeout=PROBE_TIMEOUT_S)
     except httpx.TransportError as exc:
         raise NoServer(f"could not reach the server at {cfg.base_url}: {str(exc) or type(exc).__name__}") from None
     # refused (401 for a wrong --api-key: every request would fail the same way), or no model list to pick from
