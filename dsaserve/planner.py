@@ -20,7 +20,7 @@ from dsaserve.cache.pools import KVPools, resolve_kv_cache_dtype
 from dsaserve.config import ModelConfig
 from dsaserve.model.checkpoint import Checkpoint
 from dsaserve.parallel.groups import Parallel, ParallelConfig
-from dsaserve.server_args import ServerArgs
+from dsaserve.server_args import ServerArgs, SettingError
 
 # Components, matched in order against parameter names (the first match wins).
 COMPONENTS = (("mtp", "mtp."), ("routed experts", ".experts."), ("shared experts", ".shared_experts."),
@@ -73,8 +73,14 @@ def kv_pool_tokens(args: ServerArgs, free_bytes: int, bytes_per_token: int, cont
     """The KV pool's tokens, as the engine sizes it at start-up: --max-total-tokens when given, else
     --mem-fraction of the memory still free after the weights, at most what --max-running-requests requests
     of the whole context length can use: each in whole pages, with the slots MTP's steps write past its last
-    token (2S - 1, Scheduler.check_fits)."""
+    token (2S - 1, Scheduler.check_fits). A --max-total-tokens whose cache is larger than the free memory is a
+    SettingError naming both sizes (the allocation failed, after the weights had loaded)."""
     if args.max_total_tokens is not None:
+        need = args.max_total_tokens * bytes_per_token
+        if need > free_bytes:
+            raise SettingError(f"--max-total-tokens {args.max_total_tokens} needs {need / 2**30:.2f} GiB of KV cache "
+                               f"({bytes_per_token} bytes per token), and {max(free_bytes, 0) / 2**30:.2f} GiB is "
+                               "free after the weights")
         return args.max_total_tokens
     tokens = max(int(free_bytes * args.mem_fraction), 0) // bytes_per_token
     lookahead = 2 * args.spec_steps - 1 if args.spec_steps else 0

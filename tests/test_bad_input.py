@@ -196,3 +196,9 @@ def test_the_offline_engine_checks_what_serve_checks(tmp_path: Path) -> None:
     was taken, and served prompts past max_position_embeddings."""
     with pytest.raises(ValueError, match="--context-length 100000 is longer than the model's"):
         LLM(None, context_length=100000)
+
+
+def test_a_pool_larger_than_memory_is_named(tiny_ds: str) -> None:
+    """An explicit --max-total-tokens past the free memory names both sizes (the allocator's error came instead)."""
+    with pytest.raises(ValueError, match=r"--max-total-tokens 10000000000000 needs [0-9.]+ GiB of KV cache"):
+        LLM(tiny_ds, max_total_tokens=10**13)

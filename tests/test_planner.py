@@ -63,6 +63,13 @@ def test_flags_that_cannot_be_served_are_named(tmp_path: Path, capsys) -> None:
     assert "less than one page of 64 tokens (--page-size): raise --max-total-tokens" in capsys.readouterr().err
     assert main(["plan", "--model-path", model, "--tp", "8", "--context-length", "999999999"]) == 2
     assert "--context-length 999999999 is longer than the model's" in capsys.readouterr().err
+    # a pool larger than the memory left: said to fit, and serve failed in the allocator after loading the weights
+    assert main(["plan", "--model-path", model, "--tp", "8"]) == 0
+    per_token = int(re.search(r"KV cache: (\d+) bytes per token", capsys.readouterr().out).group(1))
+    assert main(["plan", "--model-path", model, "--tp", "8", "--max-total-tokens", "100000000"]) == 2
+    err = capsys.readouterr().err
+    assert (f"--max-total-tokens 100000000 needs {1e8 * per_token / 2**30:.2f} GiB of KV cache ({per_token} bytes "
+            "per token), and ") in err and " GiB is free after the weights" in err, err
 
 
 @pytest.mark.parametrize("gb", ["0", "-5", "nan", "inf"])

@@ -190,8 +190,9 @@ class ModelRunner:
         if self.device.type == "cuda":  # the memory still free after the weights (as dsaserve plan counts)
             free, _ = torch.cuda.mem_get_info(self.device)
         else:
-            free = min(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"),
-                       int(_CPU_POOL_CAP_BYTES / args.mem_fraction))
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            if args.max_total_tokens is None:  # the default pool is capped: RAM is shared with everything else
+                free = min(free, int(_CPU_POOL_CAP_BYTES / args.mem_fraction))
         tokens = kv_pool_tokens(args, free, self.bytes_per_token, self.context_length)
         pages = tokens // args.page_size + 1  # + the reserved page 0
         whole = ""
