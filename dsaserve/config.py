@@ -141,7 +141,6 @@ class ModelConfig:
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
                 f"unsupported model_type {model_type!r}: dsaserve serves {', '.join(SUPPORTED_MODEL_TYPES)}")
-        _check_field_types(raw)
         try:
             return cls._parse(raw, model_type)
         except ConfigError:
@@ -152,64 +151,61 @@ class ModelConfig:
 
     @classmethod
     def _parse(cls, raw: dict[str, Any], model_type: str) -> ModelConfig:
+        def need(name: str) -> int:
+            return _number(raw, name)
 
-        def need(name: str) -> Any:
-            if raw.get(name) is None:
-                raise ConfigError(f"config.json ({model_type}) is missing required field {name!r}")
-            return raw[name]
-
-        layers = int(need("num_hidden_layers"))
+        layers = need("num_hidden_layers")
         if layers < 1:
             raise ConfigError(f"config.json ({model_type}) has num_hidden_layers={layers}: a model needs at least 1")
         act = raw.get("hidden_act", "silu")
         if act != "silu":
             raise ConfigError(f"hidden_act {act!r} is not supported (DSA models use 'silu')")
-        n_routed = int(need("n_routed_experts"))
-        n_group = int(raw.get("n_group") or 1)
+        n_routed = need("n_routed_experts")
+        n_group = _number(raw, "n_group", 1) or 1
         if n_routed % n_group:
             raise ConfigError(f"n_routed_experts={n_routed} is not divisible by n_group={n_group}")
         if n_group > 1 and n_routed // n_group < 2:  # a group's score is the sum of its two best experts
             raise ConfigError(f"n_routed_experts={n_routed} over n_group={n_group} leaves fewer than 2 experts "
                               f"per group (group-limited routing scores a group by its top 2)")
-        if int(need("index_topk")) < 1:  # a top-k of 0 attends to nothing; a negative one fails every batch
+        if need("index_topk") < 1:  # a top-k of 0 attends to nothing; a negative one fails every batch
             raise ConfigError(f"index_topk must be >= 1, got {raw['index_topk']}")
-        topk_group = int(raw.get("topk_group") or 1)
+        topk_group = _number(raw, "topk_group", 1) or 1
         if topk_group > n_group:
             raise ConfigError(f"topk_group={topk_group} exceeds n_group={n_group}")
         return cls(
             model_type=model_type,
-            vocab_size=int(need("vocab_size")),
-            hidden_size=int(need("hidden_size")),
-            intermediate_size=int(need("intermediate_size")),
-            moe_intermediate_size=int(need("moe_intermediate_size")),
+            vocab_size=need("vocab_size"),
+            hidden_size=need("hidden_size"),
+            intermediate_size=need("intermediate_size"),
+            moe_intermediate_size=need("moe_intermediate_size"),
             num_hidden_layers=layers,
-            num_attention_heads=int(need("num_attention_heads")),
-            q_lora_rank=int(need("q_lora_rank")),
-            kv_lora_rank=int(need("kv_lora_rank")),
-            qk_nope_head_dim=int(need("qk_nope_head_dim")),
-            qk_rope_head_dim=int(need("qk_rope_head_dim")),
-            v_head_dim=int(need("v_head_dim")),
+            num_attention_heads=need("num_attention_heads"),
+            q_lora_rank=need("q_lora_rank"),
+            kv_lora_rank=need("kv_lora_rank"),
+            qk_nope_head_dim=need("qk_nope_head_dim"),
+            qk_rope_head_dim=need("qk_rope_head_dim"),
+            v_head_dim=need("v_head_dim"),
             n_routed_experts=n_routed,
-            n_shared_experts=int(raw.get("n_shared_experts") or 0),
-            num_experts_per_tok=int(need("num_experts_per_tok")),
+            n_shared_experts=_number(raw, "n_shared_experts", 0),
+            num_experts_per_tok=need("num_experts_per_tok"),
             n_group=n_group,
             topk_group=topk_group,
-            routed_scaling_factor=float(raw.get("routed_scaling_factor", 1.0)),
+            routed_scaling_factor=_number(raw, "routed_scaling_factor", 1.0, float),
             norm_topk_prob=bool(raw.get("norm_topk_prob", True)),
             mlp_layer_types=mlp_layer_types(raw, layers),
             indexer_types=indexer_types(raw, layers),
-            index_n_heads=int(need("index_n_heads")),
-            index_head_dim=int(need("index_head_dim")),
-            index_topk=int(need("index_topk")),
+            index_n_heads=need("index_n_heads"),
+            index_head_dim=need("index_head_dim"),
+            index_topk=need("index_topk"),
             indexer_rope_interleave=bool(raw.get("indexer_rope_interleave", model_type == "glm_moe_dsa")),
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            rms_norm_eps=_number(raw, "rms_norm_eps", 1e-6, float),
             rope=_rope_config(raw),
-            max_position_embeddings=int(need("max_position_embeddings")),
-            num_nextn_predict_layers=int(raw.get("num_nextn_predict_layers") or 0),
+            max_position_embeddings=need("max_position_embeddings"),
+            num_nextn_predict_layers=_number(raw, "num_nextn_predict_layers", 0),
             eos_token_ids=_token_ids(raw.get("eos_token_id")),
             bos_token_id=raw.get("bos_token_id"),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            fp8_block=_fp8_block(raw.get("quantization_config")),
+            fp8_block=_fp8_block(_object(raw, "quantization_config")),
             fp8_unquantized=_fp8_unquantized(raw.get("quantization_config")),
             raw=raw,
         )
@@ -224,7 +220,7 @@ def _token_ids(value: Any) -> tuple[int, ...]:
 def mlp_layer_types(raw: dict[str, Any], layers: int) -> tuple[str, ...]:
     types = raw.get("mlp_layer_types")
     if types is None:
-        n_dense = min(int(raw.get("first_k_dense_replace", 3)), layers)
+        n_dense = min(_number(raw, "first_k_dense_replace", 3), layers)
         types = ["dense"] * n_dense + ["sparse"] * (layers - n_dense)
     if len(types) != layers or set(types) - {"dense", "sparse"}:
         raise ConfigError(f"mlp_layer_types must list 'dense'/'sparse' for {layers} layers, got {types}")
@@ -238,37 +234,40 @@ def indexer_types(raw: dict[str, Any], layers: int) -> tuple[str, ...]:
         pattern = raw["index_topk_pattern"]
         types = [{"F": "full", "S": "shared"}[c] for c in pattern] if isinstance(pattern, str) else pattern
     if types is None:
-        freq = max(int(raw.get("index_topk_freq", 1)), 1)
-        offset = int(raw.get("index_skip_topk_offset", 2))
+        freq = max(_number(raw, "index_topk_freq", 1), 1)
+        offset = _number(raw, "index_skip_topk_offset", 2)
         types = ["full" if max(i - offset + 1, 0) % freq == 0 else "shared" for i in range(layers)]
     if len(types) != layers or set(types) - {"full", "shared"} or (layers and types[0] != "full"):
         raise ConfigError(f"indexer_types must list 'full'/'shared' for {layers} layers, starting 'full': {types}")
     return tuple(types)
 
 
-_NUMBER_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
-                  "num_attention_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
-                  "v_head_dim", "n_routed_experts", "n_shared_experts", "num_experts_per_tok", "n_group", "topk_group",
-                  "routed_scaling_factor", "index_n_heads", "index_head_dim", "index_topk", "rms_norm_eps",
-                  "max_position_embeddings", "num_nextn_predict_layers", "rope_theta", "index_topk_freq",
-                  "index_skip_topk_offset")
-_OBJECT_FIELDS = ("rope_scaling", "rope_parameters", "quantization_config")
+_REQUIRED = object()
 
 
-def _check_field_types(raw: dict[str, Any]) -> None:
-    """ConfigError naming the first field that is not of its type (null counts as absent)."""
-    for name in _NUMBER_FIELDS:
-        value = raw.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise ConfigError(f"config.json field {name!r} must be a number, got {value!r}")
-    for name in _OBJECT_FIELDS:
-        value = raw.get(name)
-        if value is not None and not isinstance(value, dict):
-            raise ConfigError(f"config.json field {name!r} must be an object, got {value!r}")
+def _number(raw: dict[str, Any], name: str, default: Any = _REQUIRED, kind: type = int) -> Any:
+    """config.json's field `name` as `kind`, or `default` where it is absent or null (ConfigError naming the field
+    when it is required, or not a number)."""
+    value = raw.get(name)
+    if value is None:
+        if default is _REQUIRED:
+            raise ConfigError(f"config.json ({raw.get('model_type')}) is missing required field {name!r}")
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"config.json field {name!r} must be a number, got {value!r}")
+    return kind(value)
+
+
+def _object(raw: dict[str, Any], name: str) -> dict[str, Any] | None:
+    """config.json's field `name`, a JSON object or absent (ConfigError naming the field otherwise)."""
+    value = raw.get(name)
+    if value is not None and not isinstance(value, dict):
+        raise ConfigError(f"config.json field {name!r} must be an object, got {value!r}")
+    return value
 
 
 def _rope_config(raw: dict[str, Any]) -> RopeConfig:
-    params = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
+    params = dict(_object(raw, "rope_parameters") or _object(raw, "rope_scaling") or {})
     theta = params.get("rope_theta", raw.get("rope_theta"))
     if theta is None:
         raise ConfigError("config.json is missing 'rope_theta'")
