@@ -18,6 +18,7 @@ import torch
 
 from dsaserve.cache.pools import KVPools, resolve_kv_cache_dtype
 from dsaserve.config import ModelConfig
+from dsaserve.engine.scheduler import pages_to_admit
 from dsaserve.model.checkpoint import Checkpoint
 from dsaserve.parallel.groups import Parallel, ParallelConfig
 from dsaserve.server_args import ServerArgs, SettingError
@@ -33,7 +34,7 @@ class MemoryPlan:
     weights: dict[str, int]  # bytes per component, on one rank
     kv_bytes_per_token: int
     device_bytes: int
-    kv_tokens: int  # tokens the KV pool holds (0 when the weights, or then one page, do not fit)
+    kv_tokens: int  # tokens the KV pool holds (0 when the weights, or then the pages a request starts with, do not fit)
 
     @property
     def weight_bytes(self) -> int:
@@ -110,7 +111,8 @@ def plan(cfg: ModelConfig, args: ServerArgs, device_bytes: int, rank: int = 0) -
                                         cache_layers(cfg, args.spec_steps))
     free = device_bytes - sum(weights.values())
     tokens = kv_pool_tokens(args, free, per_token, args.context_length or cfg.context_length) if free > 0 else 0
-    return MemoryPlan(weights, per_token, device_bytes, tokens if tokens >= args.page_size else 0)
+    starts = tokens // args.page_size >= pages_to_admit(args.page_size, args.spec_steps)
+    return MemoryPlan(weights, per_token, device_bytes, tokens if starts else 0)
 
 
 def describe(p: MemoryPlan) -> str:
@@ -148,8 +150,9 @@ def run(ns: argparse.Namespace) -> int:
     if result.fits:
         return 0
     if result.weight_bytes < result.device_bytes:
-        print(f"error: the KV pool holds less than one page of {args.page_size} tokens (--page-size): raise "
-              "--max-total-tokens or --mem-fraction", file=sys.stderr)
+        need = pages_to_admit(args.page_size, args.spec_steps)
+        print(f"error: the KV pool holds fewer than the {need} pages of {args.page_size} tokens (--page-size) a "
+              "request needs to start: raise --max-total-tokens or --mem-fraction", file=sys.stderr)
     else:
         print(f"error: this rank's weights need {result.weight_bytes / 1e9:.1f} GB but a GPU has "
               f"{result.device_bytes / 1e9:.1f} GB (with room for no KV cache): use more GPUs (--tp)", file=sys.stderr)

@@ -78,9 +78,10 @@ def test_pool_too_small_for_one_request(tiny_ds: str) -> None:
 
 def test_a_pool_of_one_page_is_refused_at_start(tiny_ds: str) -> None:
     """Admission holds a page for the first decode beside the first chunk's: one page can start nothing, so the
-    engine does not start (a server said ready, then refused every request)."""
-    with pytest.raises(ValueError, match=r"holds 1 page\(s\) of 4 tokens and a request needs 2 free to start: "
-                                         r"raise --max-total-tokens or --mem-fraction"):
+    engine does not start (a server said ready, then refused every request); the pool's flag is checked before
+    the weights load."""
+    with pytest.raises(ValueError, match=r"--max-total-tokens 4 holds 1 page\(s\) of 4 tokens \(--page-size\), and "
+                                         r"a request needs 2 free to start: give at least 8"):
         LLM(tiny_ds, page_size=4, max_total_tokens=4)
 
 

@@ -56,11 +56,20 @@ def test_a_tp_split_inside_an_fp8_block_is_refused_from_the_config(tmp_path: Pat
 
 
 def test_flags_that_cannot_be_served_are_named(tmp_path: Path, capsys) -> None:
-    """A pool under one page blamed the weights ("use more GPUs"); a --context-length over the model's was
-    taken (serve refuses it); errors go to stderr."""
+    """A pool under one page blamed the weights ("use more GPUs"), and one too small to start a request (two
+    pages; with MTP's lookahead more) was said to fit; a --context-length over the model's was taken (serve
+    refuses it); errors go to stderr."""
     model = _model(tmp_path, "deepseek_v32")
-    assert main(["plan", "--model-path", model, "--tp", "8", "--max-total-tokens", "10"]) == 1
-    assert "less than one page of 64 tokens (--page-size): raise --max-total-tokens" in capsys.readouterr().err
+    assert main(["plan", "--model-path", model, "--tp", "8", "--max-total-tokens", "10"]) == 2
+    assert ("--max-total-tokens 10 holds 0 page(s) of 64 tokens (--page-size), and a request needs 2 free to start: "
+            "give at least 128") in capsys.readouterr().err
+    assert main(["plan", "--model-path", model, "--tp", "8", "--max-total-tokens", "64"]) == 2
+    assert main(["plan", "--model-path", model, "--tp", "8", "--max-total-tokens", "128"]) == 0
+    mtp = ["--page-size", "1", "--speculative-algorithm", "EAGLE", "--speculative-num-steps", "3"]
+    assert main(["plan", "--model-path", model, "--tp", "8", "--max-total-tokens", "7", *mtp]) == 0
+    assert main(["plan", "--model-path", model, "--tp", "8", "--max-total-tokens", "6", *mtp]) == 2
+    assert ("holds 6 page(s) of 1 tokens (--page-size), and a request needs 7 free to start with 3 speculative "
+            "steps: give at least 7") in capsys.readouterr().err
     assert main(["plan", "--model-path", model, "--tp", "8", "--context-length", "999999999"]) == 2
     assert "--context-length 999999999 is longer than the model's" in capsys.readouterr().err
     # a pool larger than the memory left: said to fit, and serve failed in the allocator after loading the weights

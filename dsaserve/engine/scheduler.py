@@ -25,6 +25,18 @@ from dsaserve.engine.layout import DUMMY_RID, IN_FLIGHT, StepMode, StepPlan
 from dsaserve.engine.request import QueueFull, Request, RequestError, RequestState
 
 
+def decode_lookahead(spec_steps: int) -> int:
+    """Tokens past num_cached that one decode step may write (verify rows and chained drafts)."""
+    return 2 * spec_steps if spec_steps else 1
+
+
+def pages_to_admit(page_size: int, spec_steps: int) -> int:
+    """Free pages admitting a request takes: its first chunk's, and the pages held for its first decode. A pool
+    of fewer could never start one (the engine refuses it; serve / plan check an explicit --max-total-tokens
+    before loading)."""
+    return 1 + -(-decode_lookahead(spec_steps) // page_size)
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     page_size: int
@@ -38,8 +50,7 @@ class SchedulerConfig:
 
     @property
     def decode_lookahead(self) -> int:
-        """Tokens past num_cached that one decode step may write (verify rows and chained drafts)."""
-        return 2 * self.spec_steps if self.spec_steps else 1
+        return decode_lookahead(self.spec_steps)
 
 
 class Scheduler:
@@ -58,8 +69,7 @@ class Scheduler:
 
     @property
     def pages_to_admit(self) -> int:
-        """Free pages admitting a request takes: its first chunk's, and the pages held for its first decode."""
-        return 1 + self._pages_for(self.cfg.decode_lookahead)
+        return pages_to_admit(self.cfg.page_size, self.cfg.spec_steps)
 
     def capacity_problem(self) -> str | None:
         """Why no request could ever start in this pool (the engine refuses to start with it), or None."""

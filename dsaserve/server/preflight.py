@@ -49,9 +49,22 @@ def check_flags_for(cfg: ModelConfig, args: ServerArgs, config_file: Path) -> No
         raise ValueError(f"--context-length {args.context_length} is longer than the model's "
                          f"{cfg.context_length} (max_position_embeddings in {config_file})")
     cfg.check_parallel(args.tp, args.tp // args.dp, args.ep)
+    check_pool_flag(args)
     if args.speculative_algorithm is not None and cfg.num_nextn_predict_layers < 1:
         raise ValueError(f"--speculative-algorithm {args.speculative_algorithm} drafts with the checkpoint's MTP "
                          f"layer, and {config_file} has num_nextn_predict_layers=0")
+
+
+def check_pool_flag(args: ServerArgs) -> None:
+    """An explicit --max-total-tokens too small to start any request, refused before the weights load (the
+    engine's own check, Scheduler.capacity_problem, comes after)."""
+    from dsaserve.engine.scheduler import pages_to_admit
+    need = pages_to_admit(args.page_size, args.spec_steps)
+    if args.max_total_tokens is not None and args.max_total_tokens // args.page_size < need:
+        spec = f" with {args.spec_steps} speculative steps" if args.spec_steps else ""
+        raise ValueError(f"--max-total-tokens {args.max_total_tokens} holds {args.max_total_tokens // args.page_size} "
+                         f"page(s) of {args.page_size} tokens (--page-size), and a request needs {need} free to "
+                         f"start{spec}: give at least {need * args.page_size}")
 
 
 def bind_listener(host: str, port: int, flags: str = "--host / --port") -> socket.socket:
