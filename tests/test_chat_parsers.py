@@ -308,3 +308,17 @@ def test_an_argument_nested_past_the_recursion_limit_does_not_fail_the_stream() 
     got = parse(lambda: glm(False), f"<tool_call>get_weather<arg_key>city</arg_key><arg_value>{deep}</arg_value>"
                                     "</tool_call>")
     assert [(c.name, json.loads(c.arguments)) for c in got.calls] == [("get_weather", {"city": deep})]
+
+
+def test_calls_cut_inside_the_closing_tag_are_calls_without_the_half_tag() -> None:
+    """max_tokens can end a DSML reply after its complete calls, inside `</｜DSML｜function_calls>`: the calls
+    stand, and the half tag was returned as content; a cut inside a call still leaves the block as text."""
+    calls = KNOWN[0][4]
+    end = f"</{D}function_calls>"
+    for keep in range(len(end)):
+        reply = DSML_TWO[:len(DSML_TWO) - len(end) + keep]
+        for cuts in ((), tuple(range(1, len(reply), 7))):
+            assert parse(lambda: dsml(True), reply, cuts) == Parsed("Checking two.", "Let me look.", calls)
+    inside = DSML_TWO[:DSML_TWO.index("get_time") + 5]
+    out = parse(lambda: dsml(True), inside)
+    assert out.calls == calls[:1] and out.content.startswith("Let me look.") and out.content.endswith("get_t")

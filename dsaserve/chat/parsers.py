@@ -88,6 +88,7 @@ class ReasoningSplitter:
 class ToolCallParser:
     """Content with tool-call blocks in it. Subclasses give the markers and parse one complete element."""
     starts: tuple[str, ...] = ()
+    block_end = ""  # the tag closing a block of several calls (DSML), if the format has one
 
     def __init__(self, tools: list[dict[str, Any]], max_calls: int | None = None):
         """max_calls: the calls returned (parallel_tool_calls false: 1); later ones are dropped, not content."""
@@ -122,12 +123,19 @@ class ToolCallParser:
     def finish(self) -> Parsed:
         self.final = True
         out = self.feed("")
+        if self._cut_in_block_end():  # (max_tokens) the block's calls stand; its half closing tag is no content
+            self.buf = ""
         self._text(self.raw + self.buf, out)  # an unterminated block stays text
         if self.num_calls == 0:  # a reply without calls keeps its whitespace
             out.content += self.gap
         self.buf = self.raw = self.gap = ""
         self.in_block = False
         return out
+
+    def _cut_in_block_end(self) -> bool:
+        """The reply ended after a block's complete calls, at most part of its closing tag after them."""
+        return (self.in_block and not self.failed and not self.raw and self.num_calls > self.calls_before_block
+                and bool(self.block_end) and self.block_end.startswith(self.buf.strip()))
 
     def _text(self, text: str, out: Parsed) -> None:
         """Content outside calls. Whitespace is held while it is all the gap since the last call (or the reply's
@@ -299,6 +307,7 @@ def _dsml_invoke(text: str, final: bool = False) -> tuple[int, str, dict[str, An
 class DsmlToolParser(ToolCallParser):
     """DeepSeek-V3.2: `\\n\\n<｜DSML｜function_calls>` then `invoke` elements, then the closing tag."""
     starts = ("\n\n" + dsv32.CALLS_START, dsv32.CALLS_START)
+    block_end = dsv32.CALLS_END
 
     def _block(self, out: Parsed) -> bool:
         if self.failed:
