@@ -232,6 +232,27 @@ class TestMixedTP:
         wait_pools_whole(p.url, 30)
         wait_pools_whole(d.url, 30)
 
+    def test_a_decode_server_with_another_kv_cache_dtype_is_refused_at_connect(self, mixed_tp: tuple, tiny_ds: str,
+                                                                             tmp_path: Path) -> None:
+        """A decode server whose KV cache rows differ (--kv-cache-dtype) refuses the prefill server when it looks it
+        up, naming the flag, and the prefill server's half ends with that refusal without running the prompt. (It
+        preallocated pages, the prefill server ran the prompt, and the write failed on 'the KV cache layouts
+        differ ... (same model, dtype and page size on both sides?)', which does not name the flag.)"""
+        p, _, _ = mixed_tp
+        bootstrap = int(p.cmd[p.cmd.index("--disaggregation-bootstrap-port") + 1])
+        fp8 = ServerProcess(tiny_ds, tmp_path / "fp8.log", disaggregation_mode="decode", page_size=64,
+                            kv_cache_dtype="fp8_e4m3", max_total_tokens=2048)
+        with fp8, ThreadPoolExecutor(1) as pool:
+            before = steps(p.url)
+            prefill_half = pool.submit(generate, p.url, PROMPTS_64[3], bootstrap_room=12346)
+            r = generate(fp8.url, PROMPTS_64[3], bootstrap_host="127.0.0.1", bootstrap_port=bootstrap,
+                         bootstrap_room=12346)
+            assert r.status_code == 500 and "--kv-cache-dtype" in r.text, r.text
+            half = prefill_half.result(timeout=100)
+            assert "the decode server refused it" in half.text and "--kv-cache-dtype" in half.text, half.text
+            assert steps(p.url) == before  # refused before the prefill server ran the prompt
+        wait_pools_whole(p.url, 30)
+
     def test_decode_killed_prefill_frees_pages(self, mixed_tp: tuple) -> None:
         p, d, router = mixed_tp
 

@@ -45,9 +45,6 @@ class DecodeSide(SideBase):
     peers: dict[str, zmq.Socket] = field(default_factory=dict)  # by the prefill leader's control endpoint
     peer_used: dict[str, float] = field(default_factory=dict)  # when a message last went there or a room needed it
 
-    def info(self) -> dict[str, Any]:
-        return {}
-
     def sockets(self) -> list[zmq.Socket]:
         return list(self.peers.values())
 

@@ -83,7 +83,7 @@ class PrefillSide(SideBase):
         self.port = self.sock.bind_to_random_port(f"tcp://{self.engine.args.host}")
 
     def info(self) -> dict[str, Any]:
-        return {"control_port": self.port}
+        return {**super().info(), "control_port": self.port}
 
     def sockets(self) -> list[zmq.Socket]:
         return [self.sock]

@@ -31,13 +31,18 @@ class BootstrapInfo:
     page_size: int
     spec_steps: int
     backend: str
+    weights: str  # checkpoint.weights_fingerprint: config.json's settings and a sample of the tensors
+    dtype: str  # the computed dtype (FP8 rows look alike whatever computed them)
+    cache_format: str  # KVPools.row_format: what a page's bytes mean (--kv-cache-dtype)
     control_ports: tuple[int, ...]  # one per prefill DP group leader; a room goes to room % len
 
     def mismatch(self, mine: BootstrapInfo) -> str | None:
         """Why a decode server with `mine` cannot take this prefill server's KV cache (None: it can)."""
         names = {"model_type": "model type", "num_hidden_layers": "layers", "vocab_size": "vocabulary size",
                  "page_size": "--page-size", "spec_steps": "speculative draft steps (--speculative-num-steps; "
-                 "0: speculative decoding off)", "backend": "--disaggregation-transfer-backend"}
+                 "0: speculative decoding off)", "backend": "--disaggregation-transfer-backend",
+                 "weights": "weights fingerprint (both must load the same checkpoint)", "dtype": "--dtype",
+                 "cache_format": "KV cache (--kv-cache-dtype)"}
         for field, label in names.items():
             theirs, ours = getattr(self, field), getattr(mine, field)
             if theirs != ours:

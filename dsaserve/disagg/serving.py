@@ -28,9 +28,13 @@ ONE_COMPLETION = ("PD disaggregation serves one completion per request: n > 1 an
 
 
 def local_info(args: ServerArgs, info: dict[str, Any], control_ports: list[int]) -> BootstrapInfo:
+    """This server's settings that a PD peer must share; `info` is a leader's (its PD side's under "disagg")."""
+    side = info["disagg"]
     return BootstrapInfo(model_type=str(info.get("model_type")), num_hidden_layers=int(info["num_hidden_layers"]),
                          vocab_size=int(info["vocab_size"]), page_size=args.page_size, spec_steps=args.spec_steps,
-                         backend=args.disaggregation_transfer_backend, control_ports=tuple(control_ports))
+                         backend=args.disaggregation_transfer_backend, weights=str(side["weights"]),
+                         dtype=str(side["dtype"]), cache_format=str(side["cache_format"]),
+                         control_ports=tuple(control_ports))
 
 
 class BootstrapServer:

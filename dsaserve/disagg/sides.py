@@ -55,6 +55,12 @@ class SideBase:
     def page_size(self) -> int:
         return self.engine.args.page_size
 
+    def info(self) -> dict[str, Any]:
+        """For the frontend: the settings a PD peer must share (protocol.BootstrapInfo), checked when a decode
+        server looks its prefill server up, before either holds pages or runs the prompt for a request."""
+        return {"weights": self.weights_id, "dtype": str(self.engine.runner.dtype).removeprefix("torch."),
+                "cache_format": self.transport.cache_format}
+
     def close(self) -> None:
         self.transport.close()
         self.ctx.destroy(linger=0)

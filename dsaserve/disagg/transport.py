@@ -48,7 +48,8 @@ class KVTransport(ABC):
             theirs = header.get("page_bytes") or []
             return (f"the KV cache layouts differ: the decode server has {len(theirs)} page buffers of "
                     f"{sorted(set(theirs))} bytes per page, this server {len(self.page_bytes)} of "
-                    f"{sorted(set(self.page_bytes))} (same model, dtype and page size on both sides?)")
+                    f"{sorted(set(self.page_bytes))} (same model, --dtype, --kv-cache-dtype and --page-size on both "
+                    f"sides?)")
         if header.get("cache_format") != self.cache_format:
             return (f"the KV cache formats differ: the decode server holds {header.get('cache_format')}, this server "
                     f"{self.cache_format} (same --dtype and --kv-cache-dtype on both sides?)")
