@@ -121,3 +121,28 @@ def test_only_calls_stream_no_content() -> None:
     assert [d.get("content") for d in deltas[1:] if d.get("content") is not None] == []
     names = [c["function"]["name"] for d in deltas for c in d.get("tool_calls") or [] if c["function"].get("name")]
     assert names == ["get_weather", "get_time"] and events[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+# Parameters that allow a string beside other types, or say string through a $ref or an enum of strings:
+# GLM's template writes a string value raw (`10001`, `true`), as it writes the JSON of a non-string one.
+MAYBE = [{"type": "function", "function": {"name": "find", "parameters": {
+    "type": "object", "$defs": {"Code": {"type": "string"}}, "properties": {
+        "zip": {"anyOf": [{"type": "string"}, {"type": "null"}]}, "tag": {"type": ["string", "null"]},
+        "code": {"$ref": "#/$defs/Code"}, "version": {"enum": ["1", "2"]}, "n": {"type": ["number", "string"]},
+        "limit": {"anyOf": [{"type": "integer"}, {"type": "null"}]}}}}}]
+
+
+@pytest.mark.parametrize("arguments", [
+    {"zip": "10001", "tag": "true", "code": "123", "version": "2", "n": 7, "limit": 5},
+    {"zip": None, "tag": None, "limit": None},
+], ids=["strings that read as JSON", "nulls"])
+def test_a_string_the_schema_allows_parses_back_as_a_string(arguments: dict) -> None:
+    """The template renders {"zip": "10001"} as <arg_value>10001</arg_value>; a parameter whose schema allows a
+    string but not a number is the string back (it came back as the integer 10001, which the schema forbids)."""
+    messages = [{"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"type": "function", "function": {"name": "find", "arguments": arguments}}]}]
+    text = render_jinja_template([messages], tools=MAYBE, chat_template=GLM_CHAT_TEMPLATE)[0][0]
+    out = OutputParser(ReasoningSplitter(starts_inside=True), GlmToolParser(MAYBE))
+    got = out.feed(text.split("<|assistant|>")[-1]).add(out.finish())
+    assert [(c.name, json.loads(c.arguments)) for c in got.calls] == [("find", arguments)]

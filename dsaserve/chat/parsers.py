@@ -335,7 +335,8 @@ class DsmlToolParser(ToolCallParser):
 
 class GlmToolParser(ToolCallParser):
     """GLM-4.5 / 4.7 / 5: `<tool_call>name<arg_key>k</arg_key><arg_value>v</arg_value>...</tool_call>`;
-    a value is text where the tool's schema says string, else JSON (text if it does not parse)."""
+    a value is text where the tool's schema says string, else JSON (text if it does not parse, or if its JSON is of a
+    type the schema does not allow where it allows a string)."""
     starts = ("<tool_call>",)
     end = "</tool_call>"
 
@@ -375,16 +376,50 @@ class GlmToolParser(ToolCallParser):
             if key in args:
                 raise _Malformed
             value = text[value_at:end]
-            args[key] = value if is_string else _json_or_text(value)
+            args[key] = value if is_string else _json_or_text(value, _allowed_types(schema, self.schemas.get(name)))
             pos = end + len("</arg_value>")
         return tag[1], name, args
 
 
-def _json_or_text(value: str) -> Any:
+_JSON_TYPE = {type(None): "null", bool: "boolean", int: "integer", float: "number", str: "string", list: "array",
+              dict: "object"}
+
+
+def _json_or_text(value: str, allowed: set[str] | None = None) -> Any:
+    """The value's JSON, or the text as written where it is no JSON or where the schema allows a string and not the
+    JSON's type: GLM's template writes a string raw, so the string "10001" of a string-or-null parameter is `10001`."""
     try:
-        return json.loads(value)
+        parsed = json.loads(value)
     except (json.JSONDecodeError, RecursionError):  # (model output: nested past Python's parser too)
         return value
+    if allowed is not None and "string" in allowed and _JSON_TYPE[type(parsed)] not in allowed:
+        return value
+    return parsed
+
+
+def _allowed_types(schema: Any, root: dict[str, Any] | None, depth: int = 0) -> set[str] | None:
+    """The JSON types a parameter's schema allows, through local $refs: its type, its const / enum values' types,
+    or the union of its anyOf / oneOf branches; None where it says none of these (any type)."""
+    if not isinstance(schema, dict) or depth > 8:
+        return None
+    if "$ref" in schema:
+        defs = {k: v for k, v in (root or {}).items() if k in ("$defs", "definitions")}
+        try:
+            schema = parameters_of({"parameters": {**defs, **schema}})
+        except ValueError:
+            return None
+    types = schema.get("type")
+    if isinstance(types, (str, list)):
+        found = {types} if isinstance(types, str) else {t for t in types if isinstance(t, str)}
+        return found | {"integer"} if "number" in found else found
+    values = [schema["const"]] if "const" in schema else schema.get("enum")
+    if isinstance(values, list):
+        return {_JSON_TYPE.get(type(v), "object") for v in values}
+    branches = schema.get("anyOf", schema.get("oneOf"))
+    if isinstance(branches, list):
+        found_each = [_allowed_types(b, root, depth + 1) for b in branches]
+        return None if None in found_each else set().union(*found_each)
+    return None
 
 
 class OutputParser:
