@@ -262,3 +262,17 @@ def test_equal_grammars_compile_once_and_each_state_moves_alone(tiny: dict[str, 
     assert feed(states[0], hf.encode('{"n": 1}', add_special_tokens=False)) and states[0].is_terminated
     assert not states[1].is_terminated and feed(states[1], hf.encode('{"n": 23}', add_special_tokens=False))
     assert states[1].is_terminated and not states[2].is_terminated
+
+
+def test_a_forced_dsml_call_without_arguments_is_written_as_the_encoding_writes_it(tiny: dict[str, str]) -> None:
+    """DeepSeek's encoding writes a call's parameters between newlines after the invoke tag (`invoke name="f">\\n` +
+    parameters + `\\n</invoke>`), so a call that gives none of its optional parameters has an empty line there; the
+    grammar closed the invoke right after the first newline."""
+    tool = {"type": "function", "function": {"name": "ls", "parameters": {
+        "type": "object", "properties": {"path": {"type": "string"}, "depth": {"type": "integer"}}}}}
+    hf = Tokenizer(tiny["deepseek_v32"]).hf
+    depth = f'<{D}parameter name="depth" string="false">2</{D}parameter>\n'
+    for params, valid in (("\n", True), (depth, True), ("", False)):
+        st = state(tiny["deepseek_v32"], Constraint(forced_tools=[tool], several_calls=False), "deepseekv32", False)
+        call = f'\n\n<{D}function_calls>\n<{D}invoke name="ls">\n{params}</{D}invoke>\n</{D}function_calls>'
+        assert (feed(st, hf.encode(call, add_special_tokens=False)) and st.is_terminated) == valid, params

@@ -112,8 +112,19 @@ def _dsml_call(i: int, fn: dict[str, Any], markup: Markup, rules: list[str]) -> 
         rules.append(f"p{i}_{j}: {markup.lit(head)} {value} {markup.lit(chr(10))}")
         parts.append(f"p{i}_{j}" + ("" if required else "?"))
     body = " ".join(parts) if parts else markup.lit("\n")
+    if parts and all(part.endswith("?") for part in parts):  # none given: an empty line, as without parameters
+        body = f"({_some_of(f'a{i}', [part[:-1] for part in parts], rules)} | {markup.lit(chr(10))})"
     invoke = f'<{dsv32.DSML}invoke name="{fn["name"]}">\n'  # as the prompt writes it (checked: no '"' in it)
     return f"{markup.lit(invoke)} {body} {markup.lit(dsv32.INVOKE_END)}"
+
+
+def _some_of(name: str, items: list[str], rules: list[str]) -> str:
+    """A rule for one or more of `items`, in their order, in one rule per item (`name_j`: item j then maybe some of
+    the later ones, or some of the later ones), where all the subsets written out would be quadratic."""
+    for j in reversed(range(len(items))):
+        later = f"{name}_{j + 1}" if j + 1 < len(items) else ""
+        rules.append(f"{name}_{j}: {items[j]} {later}? | {later}" if later else f"{name}_{j}: {items[j]}")
+    return f"{name}_0"
 
 
 def _glm_call(i: int, fn: dict[str, Any], markup: Markup, rules: list[str]) -> str:
