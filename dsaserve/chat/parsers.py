@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from dsaserve.chat import dsv32
-from dsaserve.chat.tools import parameters_of
+from dsaserve.chat.markup_scan import Malformed, NeedMore, head, json_value_end, literal
+from dsaserve.chat.tools import JSON_TYPE, allowed_types, parameters_of
 
 REASONING_PARSERS = ("deepseek-v3", "glm45")
 TOOL_CALL_PARSERS = ("deepseekv32", "glm45", "glm47")
@@ -191,117 +192,31 @@ class ToolCallParser:
         raise NotImplementedError
 
 
-class _NeedMore(Exception):
-    """The text ends inside the element: wait for more."""
-
-
-class _Malformed(Exception):
-    """The element is not a valid call."""
-
-
-def _skip_ws(text: str, pos: int) -> int:
-    return len(text) - len(text[pos:].lstrip()) if pos < len(text) else pos
-
-
-def _literal(text: str, pos: int, *literals: str) -> tuple[str, int]:
-    """Which of `literals` follows `pos` (after whitespace), and the position past it."""
-    i = _skip_ws(text, pos)
-    for lit in literals:
-        if text.startswith(lit, i):
-            return lit, i + len(lit)
-    if any(lit.startswith(text[i:]) for lit in literals):
-        raise _NeedMore
-    raise _Malformed
-
-
-def _json_value_end(text: str, start: int, close: str, final: bool = False) -> int | None:
-    """Where `close` begins after the JSON object / array / string that opens at `start` (after
-    whitespace); None when no such value is there or `close` does not follow it. The scan knows JSON
-    strings, so markup written inside one (a closing tag as text) does not end the value. `final`: the text
-    is all there will be, so a value that would need more (a string never closed) is not JSON."""
-    try:
-        return _scan_json_value(text, start, close)
-    except _NeedMore:
-        if final:
-            return None
-        raise
-
-
-def _scan_json_value(text: str, start: int, close: str) -> int | None:
-    i = _skip_ws(text, start)
-    if i == len(text):
-        raise _NeedMore
-    if text[i] not in '{["':
-        return None
-    if text.find(close, i) < 0:  # no closing tag yet: the value cannot be complete (C-speed check)
-        raise _NeedMore
-    near_end = len(text) - len(close)
-    depth, in_string, escaped = 0, False, False
-    for j in range(i, len(text)):
-        ch = text[j]
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-            elif ch < " ":  # a raw control character: no JSON string holds one
-                return None
-        elif ch == '"':
-            in_string = True
-        elif text.startswith(close, j) or (j > near_end and close.startswith(text[j:])):
-            return None  # the closing tag outside a JSON string: the value is not JSON (or waits for the tag)
-        elif ch in "{[":
-            depth += 1
-        elif ch in "}]":
-            depth -= 1
-        if depth == 0 and not in_string:
-            k = _skip_ws(text, j + 1)
-            if text.startswith(close, k):
-                return k
-            if close.startswith(text[k:]):
-                raise _NeedMore
-            return None
-    raise _NeedMore
-
-
-def _head(pattern: re.Pattern[str], text: str, pos: int, opener: str) -> re.Match[str] | None:
-    """The tag `pattern` at `pos` (after whitespace); None when another tag is there."""
-    i = _skip_ws(text, pos)
-    if (m := pattern.match(text, i)) is not None:
-        return m
-    tail = text[i:]
-    if opener.startswith(tail) or (tail.startswith(opener) and ">" not in tail):
-        raise _NeedMore
-    return None
-
-
 _INVOKE_HEAD = re.compile(rf'<{dsv32.DSML}invoke name="([^"]*)">')
 _PARAM_HEAD = re.compile(rf'<{dsv32.DSML}parameter name="([^"]*)" string="(true|false)">')
 
 
 def _dsml_invoke(text: str, final: bool = False) -> tuple[int, str, dict[str, Any]]:
     """The invoke element at the start of `text`: its end, the tool's name and its arguments (`final`: see
-    _json_value_end)."""
-    m = _head(_INVOKE_HEAD, text, 0, f"<{dsv32.DSML}invoke")
+    json_value_end)."""
+    m = head(_INVOKE_HEAD, text, 0, f"<{dsv32.DSML}invoke")
     if m is None:
-        raise _Malformed
+        raise Malformed
     name, pos, args = m.group(1), m.end(), {}
-    while (p := _head(_PARAM_HEAD, text, pos, f"<{dsv32.DSML}parameter")) is not None:
+    while (p := head(_PARAM_HEAD, text, pos, f"<{dsv32.DSML}parameter")) is not None:
         key, value_at = p.group(1), p.end()
         if key in args:
-            raise _Malformed
-        end = None if p.group(2) == "true" else _json_value_end(text, value_at, dsv32.PARAM_END, final)
+            raise Malformed
+        end = None if p.group(2) == "true" else json_value_end(text, value_at, dsv32.PARAM_END, final)
         if end is None and (end := text.find(dsv32.PARAM_END, value_at)) < 0:
-            raise _NeedMore
+            raise NeedMore
         value = text[value_at:end]
         try:
             args[key] = value if p.group(2) == "true" else json.loads(value)
         except (json.JSONDecodeError, RecursionError):  # (model output: nested past Python's parser too)
-            raise _Malformed from None
+            raise Malformed from None
         pos = end + len(dsv32.PARAM_END)
-    return _literal(text, pos, dsv32.INVOKE_END)[1], name, args
+    return literal(text, pos, dsv32.INVOKE_END)[1], name, args
 
 
 class DsmlToolParser(ToolCallParser):
@@ -325,9 +240,9 @@ class DsmlToolParser(ToolCallParser):
             return False  # a call is emitted only once complete: parse when an end tag is there
         try:
             end, name, args = _dsml_invoke(rest, self.final)
-        except _NeedMore:
+        except NeedMore:
             return self._ran_out()
-        except _Malformed:
+        except Malformed:
             return self._fail_until(dsv32.CALLS_END, out)
         self._take(lead + end)
         return self._call(name, args, out) or self._fail_until(dsv32.CALLS_END, out)
@@ -345,9 +260,9 @@ class GlmToolParser(ToolCallParser):
             return False  # a call is emitted only once complete: parse when its end tag is there
         try:
             end, name, args = self._element(self.buf)
-        except _NeedMore:
+        except NeedMore:
             return self._ran_out()
-        except _Malformed:
+        except Malformed:
             return self._fail_until(self.end, out)
         self._take(end)
         if not (name and self._call(name, args, out)):
@@ -359,30 +274,26 @@ class GlmToolParser(ToolCallParser):
         """The call after `<tool_call>`: its end, name and arguments."""
         ends = [i for i in (text.find("<arg_key>"), text.find(self.end)) if i >= 0]
         if not ends:
-            raise _NeedMore
+            raise NeedMore
         name, pos = text[:min(ends)].strip(), min(ends)
         props = (self.schemas.get(name) or {}).get("properties") or {}
         args: dict[str, Any] = {}
-        while (tag := _literal(text, pos, "<arg_key>", self.end))[0] == "<arg_key>":
+        while (tag := literal(text, pos, "<arg_key>", self.end))[0] == "<arg_key>":
             if (key_end := text.find("</arg_key>", tag[1])) < 0:
-                raise _NeedMore
+                raise NeedMore
             key = text[tag[1]:key_end].strip()
-            value_at = _literal(text, key_end + len("</arg_key>"), "<arg_value>")[1]
+            value_at = literal(text, key_end + len("</arg_key>"), "<arg_value>")[1]
             schema = props.get(key)  # (a property's schema may be true / false: any value / none)
             is_string = isinstance(schema, dict) and schema.get("type") == "string"
-            end = None if is_string else _json_value_end(text, value_at, "</arg_value>", self.final)
+            end = None if is_string else json_value_end(text, value_at, "</arg_value>", self.final)
             if end is None and (end := text.find("</arg_value>", value_at)) < 0:
-                raise _NeedMore
+                raise NeedMore
             if key in args:
-                raise _Malformed
+                raise Malformed
             value = text[value_at:end]
-            args[key] = value if is_string else _json_or_text(value, _allowed_types(schema, self.schemas.get(name)))
+            args[key] = value if is_string else _json_or_text(value, allowed_types(schema, self.schemas.get(name)))
             pos = end + len("</arg_value>")
         return tag[1], name, args
-
-
-_JSON_TYPE = {type(None): "null", bool: "boolean", int: "integer", float: "number", str: "string", list: "array",
-              dict: "object"}
 
 
 def _json_or_text(value: str, allowed: set[str] | None = None) -> Any:
@@ -392,34 +303,9 @@ def _json_or_text(value: str, allowed: set[str] | None = None) -> Any:
         parsed = json.loads(value)
     except (json.JSONDecodeError, RecursionError):  # (model output: nested past Python's parser too)
         return value
-    if allowed is not None and "string" in allowed and _JSON_TYPE[type(parsed)] not in allowed:
+    if allowed is not None and "string" in allowed and JSON_TYPE[type(parsed)] not in allowed:
         return value
     return parsed
-
-
-def _allowed_types(schema: Any, root: dict[str, Any] | None, depth: int = 0) -> set[str] | None:
-    """The JSON types a parameter's schema allows, through local $refs: its type, its const / enum values' types,
-    or the union of its anyOf / oneOf branches; None where it says none of these (any type)."""
-    if not isinstance(schema, dict) or depth > 8:
-        return None
-    if "$ref" in schema:
-        defs = {k: v for k, v in (root or {}).items() if k in ("$defs", "definitions")}
-        try:
-            schema = parameters_of({"parameters": {**defs, **schema}})
-        except ValueError:
-            return None
-    types = schema.get("type")
-    if isinstance(types, (str, list)):
-        found = {types} if isinstance(types, str) else {t for t in types if isinstance(t, str)}
-        return found | {"integer"} if "number" in found else found
-    values = [schema["const"]] if "const" in schema else schema.get("enum")
-    if isinstance(values, list):
-        return {_JSON_TYPE.get(type(v), "object") for v in values}
-    branches = schema.get("anyOf", schema.get("oneOf"))
-    if isinstance(branches, list):
-        found_each = [_allowed_types(b, root, depth + 1) for b in branches]
-        return None if None in found_each else set().union(*found_each)
-    return None
 
 
 class OutputParser:

@@ -159,3 +159,32 @@ def _choice(tool_choice: str | dict[str, Any] | None, tools: list[dict[str, Any]
     if name not in {name_of(t) for t in tools}:
         raise ValueError(f"tool_choice names the function {name!r}, which is not in tools")
     return name
+
+
+JSON_TYPE = {type(None): "null", bool: "boolean", int: "integer", float: "number", str: "string", list: "array",
+             dict: "object"}
+
+
+def allowed_types(schema: Any, root: dict[str, Any] | None, depth: int = 0) -> set[str] | None:
+    """The JSON types a parameter's schema allows, through local $refs: its type, its const / enum values' types,
+    or the union of its anyOf / oneOf branches; None where it says none of these (any type)."""
+    if not isinstance(schema, dict) or depth > 8:
+        return None
+    if "$ref" in schema:
+        defs = {k: v for k, v in (root or {}).items() if k in ("$defs", "definitions")}
+        try:
+            schema = parameters_of({"parameters": {**defs, **schema}})
+        except ValueError:
+            return None
+    types = schema.get("type")
+    if isinstance(types, (str, list)):
+        found = {types} if isinstance(types, str) else {t for t in types if isinstance(t, str)}
+        return found | {"integer"} if "number" in found else found
+    values = [schema["const"]] if "const" in schema else schema.get("enum")
+    if isinstance(values, list):
+        return {JSON_TYPE.get(type(v), "object") for v in values}
+    branches = schema.get("anyOf", schema.get("oneOf"))
+    if isinstance(branches, list):
+        found_each = [allowed_types(b, root, depth + 1) for b in branches]
+        return None if None in found_each else set().union(*found_each)
+    return None
