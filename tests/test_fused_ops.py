@@ -227,21 +227,34 @@ def test_route_kernel_equals_reference(case: tuple[int, int, int, int, int], nor
 
 
 @gpu
-@pytest.mark.parametrize("rows,n,k", [(1, 256, 7168), (4, 64, 7168), (3, 17, 6144), (2, 8, 100)])
+@pytest.mark.parametrize("rows,n,k", [(1, 256, 7168), (4, 64, 7168), (3, 17, 6144), (2, 8, 100), (8, 256, 7168),
+                                      (9, 256, 7168), (17, 256, 7168), (64, 256, 7168), (300, 64, 7168),
+                                      (33, 17, 6144)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("w_dtype", [torch.bfloat16, torch.float32])
 def test_linear_fp32_kernel_equals_float64(rows: int, n: int, k: int, dtype: torch.dtype, w_dtype: torch.dtype):
     """The router's logits (bf16 weight) and the indexer's head weights (fp32 weight): fp32 products of the rows,
-    times a scale, against float64; each row's value does not depend on the rows beside it (batch-invariant)."""
-    from dsaserve.ops.triton import fused as kernels
+    times a scale, against float64 (the tensor cores from 9 rows of bf16 times bf16; torch past 16 rows of
+    anything else); a row's value does not depend on the rows beside it (batch-invariant) in either kernel."""
+    from dsaserve.ops.triton import linear
     gen = torch.Generator("cuda").manual_seed(rows * n)
     x = torch.randn(rows, k, device="cuda", generator=gen).to(dtype)
     w = torch.randn(n, k, device="cuda", generator=gen).to(w_dtype)
-    assert kernels.linear_fp32_applies(x, w) and not kernels.linear_fp32_applies(x.repeat(17, 1), w)
+    tensor_cores = dtype == w_dtype == torch.bfloat16 and rows >= linear.DOT_MIN_ROWS
+    assert linear.linear_fp32_applies(x, w) == (rows <= linear.FP32_LINEAR_MAX_ROWS or tensor_cores)
     got = fused.linear_fp32(x, w, 0.125)
-    torch.testing.assert_close(got.double(), (x.double() @ w.double().T) * 0.125, rtol=1e-5, atol=1e-4)
-    alone = torch.cat([kernels.linear_fp32(x[r:r + 1], w, 0.125) for r in range(rows)])
-    assert torch.equal(got, alone)
+    want = (x.double() @ w.double().T) * 0.125
+    if tensor_cores:  # (fp32 accumulation in the tensor cores: a few ulps more)
+        assert (got.double() - want).abs().max() <= 4e-6 * want.abs().max()
+    else:
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+    if tensor_cores:  # the same rows at other offsets of the kernel's row tile, with other rows beside them
+        size = linear.DOT_MIN_ROWS
+        for first in {0, min(5, rows - size), rows - size}:
+            assert torch.equal(linear.linear_fp32(x[first:first + size], w, 0.125), got[first:first + size])
+    elif rows <= linear.FP32_LINEAR_MAX_ROWS:
+        alone = torch.cat([linear.linear_fp32(x[r:r + 1], w, 0.125) for r in range(rows)])
+        assert torch.equal(got, alone)
 
 
 def _align_reference(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:

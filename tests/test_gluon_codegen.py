@@ -141,3 +141,20 @@ def test_triton_sparse_mla_prefetch_does_not_spill(tmp_path) -> None:
     constexprs = dict(BLOCK_H=16, BLOCK_N=cfg["block_n"], BLOCK_V=512, BLOCK_R=64, PRECISION="tf32", FP8=True,
                       SCALE_BLOCKS=4, HAS_LEN=True, PREFETCH=True, PDL=True)
     _ptxas_report(mla._sparse_mla_kernel, args, constexprs, cfg["num_warps"], tmp_path, num_stages=cfg["num_stages"])
+
+
+def test_router_product_tile_pipelines_without_spills(tmp_path) -> None:
+    """linear_fp32's tensor-core tile (the router's logits past 16 rows) at DeepSeek-V3.2's K: its loads are
+    asynchronous copies (a K mask on every load turned them into register loads, no pipelining) and nothing
+    spills."""
+    from dsaserve.ops.triton import linear
+    bm, bn, bk, warps, stages, split = linear.DOT_TILE
+    per_split = -(-7168 // bk // split) * bk
+    args = {"X": "*bf16", "W": "*bf16", "OUT": "*fp32", "T": "i32", "N": "i32", "K": "i32", "stride_x": "i32:16",
+            "stride_w": "i32:16", "stride_o": "i32:16", "stride_split": "i32", "scale": "fp32"}
+    constexprs = {"BM": bm, "BN": bn, "BK": bk, "PER_SPLIT": per_split, "EVEN_K": per_split * split == 7168,
+                  "PDL": True}
+    _ptxas_report(linear._linear_dot_kernel, args, constexprs, warps, tmp_path, stages)
+    ptx = (tmp_path / "kernel.ptx").read_text()
+    assert "cp.async" in ptx
+    assert ("wgmma.mma_async" if bm >= 64 else "mma.sync") in ptx

@@ -22,6 +22,11 @@ def _kernels():  # imported lazily: needs CUDA + Triton
     return fused
 
 
+def _linear():
+    from dsaserve.ops.triton import linear
+    return linear
+
+
 def _absorb():
     from dsaserve.ops.triton import absorb
     return absorb
@@ -122,14 +127,15 @@ def absorb_output(x: Tensor, w_uv: Tensor, quant_group: int = 0,
 
 
 def linear_fp32(x: Tensor, weight: Tensor, scale: float = 1.0, batch_invariant: bool = False) -> Tensor:
-    """F.linear(x.float(), weight) * scale with an fp32 weight [N, K] (the router's logits, the indexer's head
-    weights); on CUDA for a few rows one launch (the same fp32 products, summed in another order).
+    """F.linear(x.float(), weight.float()) * scale (the router's logits from a bf16 weight [N, K], the indexer's
+    head weights from an fp32 one); on CUDA one launch where ops.triton.linear applies (the same fp32 products,
+    summed in another order).
     batch_invariant: each row's product by ops.invariant (deterministic inference)."""
     if batch_invariant:
         out = invariant.linear(x.float(), weight.float())
         return out * scale if scale != 1.0 else out
-    if x.is_cuda and _kernels().linear_fp32_applies(x, weight):
-        return _kernels().linear_fp32(x, weight, scale)
+    if x.is_cuda and _linear().linear_fp32_applies(x, weight):
+        return _linear().linear_fp32(x, weight, scale)
     out = F.linear(x.float(), weight.float())
     return out * scale if scale != 1.0 else out
 

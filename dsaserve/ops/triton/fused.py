@@ -218,46 +218,6 @@ def route_applies(logits: Tensor, bias: Tensor, n_group: int, k: int) -> bool:
             and per_group & (per_group - 1) == 0 and k <= E)
 
 
-# linear_fp32 takes up to this many rows (1.3-3.3x faster than torch there on an H200), cuBLAS's GEMM beyond,
-# and weight rows up to this length (one row in one program's registers)
-FP32_LINEAR_MAX_ROWS = 16
-FP32_LINEAR_MAX_IN = 8192
-
-
-@triton.jit
-def _linear_fp32_kernel(X, W, OUT, stride_x, stride_w, stride_o, K, scale, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-    """One program per (output column, row): the fp32 product of the row and the column's weight row (any
-    float dtypes, converted exactly), times scale; the whole weight row is loaded at once (in registers)."""
-    pdl_start(PDL)
-    n = tl.program_id(0).to(tl.int64)
-    row = tl.program_id(1).to(tl.int64)
-    k = tl.arange(0, BLOCK_K)
-    mask = k < K
-    x = tl.load(X + row * stride_x + k, mask=mask, other=0.0).to(tl.float32)
-    w = tl.load(W + n * stride_w + k, mask=mask, other=0.0).to(tl.float32)
-    tl.store(OUT + row * stride_o + n, tl.sum(w * x, 0) * scale)
-
-
-def linear_fp32(x: Tensor, weight: Tensor, scale: float = 1.0) -> Tensor:
-    """x [T, K] . weight [N, K]^T in fp32, times scale, for a few rows: the router's logits (bf16 weight) and the
-    indexer's head weights. Through torch that is a conversion of x, a cuBLAS GEMV reading the weight at a
-    fraction of copy bandwidth (and a multiply): 14.2 us against 7.8 for the router at one row of V3.2 on an
-    H200 (CUDA graph, L2 flushed; 8.2 with the weight in fp32), 24.1 -> 15.4 us at 16 rows."""
-    T, K = x.shape
-    N = weight.shape[0]
-    out = torch.empty(T, N, dtype=torch.float32, device=x.device)
-    if T:
-        _linear_fp32_kernel[(N, T)](x, weight, out, x.stride(0), weight.stride(0), out.stride(0), K, scale,
-                                    BLOCK_K=next_pow2(K), num_warps=8, **pdl(x))
-    return out
-
-
-def linear_fp32_applies(x: Tensor, weight: Tensor) -> bool:
-    return (x.dim() == 2 and 0 < x.shape[0] <= FP32_LINEAR_MAX_ROWS and x.shape[1] <= FP32_LINEAR_MAX_IN
-            and x.is_floating_point() and weight.dtype in (torch.float32, torch.bfloat16)
-            and x.stride(1) == weight.stride(1) == 1)
-
-
 @triton.jit
 def _silu_mul_kernel(G, U, OUT, stride_g, stride_u, stride_o, N, BLOCK: tl.constexpr, PDL: tl.constexpr):
     pdl_start(PDL)
@@ -361,5 +321,5 @@ def argmax(x: Tensor) -> Tensor:
     return out
 
 
-__all__ = ["argmax", "embed", "linear_fp32", "linear_fp32_applies", "pow2_tile", "rms_norm", "rope",
+__all__ = ["argmax", "embed", "pow2_tile", "rms_norm", "rope",
            "rope_applies", "route", "route_applies", "silu_mul", "silu_mul_applies"]
