@@ -18,7 +18,7 @@ import torch
 
 from dsaserve.cache.pools import KVPools, resolve_kv_cache_dtype
 from dsaserve.config import ModelConfig
-from dsaserve.engine.scheduler import pages_to_admit
+from dsaserve.engine.admission import pages_to_admit
 from dsaserve.model.checkpoint import Checkpoint
 from dsaserve.parallel.groups import Parallel, ParallelConfig
 from dsaserve.server_args import ServerArgs, SettingError

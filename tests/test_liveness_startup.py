@@ -145,11 +145,11 @@ def test_a_rank_start_failure_names_the_rank_in_one_line(tmp_path: Path, tiny_ds
     assert out.returncode == 2, out.stderr[-3000:]  # a checkpoint that cannot be served, as preflight's refusals
     assert "error: rank 0 (DP group 0): " in out.stderr and "mlp.experts.3.up_proj" in out.stderr
     assert "Traceback" not in out.stderr, out.stderr[-3000:]
-    # A flag only the engine can check (the pool's size comes from the memory it finds): one line naming it,
-    # exit 2 (it was a traceback and exit 1)
-    out = serve(tiny_ds, "--port", str(free_port()), "--page-size", "64", "--max-total-tokens", "10")
+    # A flag only the engine can check (whether the pool fits the memory it finds): one line naming it, exit 2 (it
+    # was a traceback and exit 1)
+    out = serve(tiny_ds, "--port", str(free_port()), "--max-total-tokens", str(10**13))
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
-    assert "the KV pool holds 10 tokens (--max-total-tokens" in out.stderr.splitlines()[-1], out.stderr[-3000:]
+    assert f"--max-total-tokens {10**13} needs " in out.stderr.splitlines()[-1], out.stderr[-3000:]
 
 
 @pytest.mark.parametrize("moment", ["temporary folder made", "rank loading", "rank loaded"])

@@ -21,20 +21,9 @@ from dataclasses import dataclass
 
 from dsaserve.cache.pages import PageAllocator
 from dsaserve.cache.prefix import PrefixCache
+from dsaserve.engine.admission import decode_lookahead, pages_to_admit
 from dsaserve.engine.layout import DUMMY_RID, IN_FLIGHT, StepMode, StepPlan
 from dsaserve.engine.request import QueueFull, Request, RequestError, RequestState
-
-
-def decode_lookahead(spec_steps: int) -> int:
-    """Tokens past num_cached that one decode step may write (verify rows and chained drafts)."""
-    return 2 * spec_steps if spec_steps else 1
-
-
-def pages_to_admit(page_size: int, spec_steps: int) -> int:
-    """Free pages admitting a request takes: its first chunk's, and the pages held for its first decode. A pool
-    of fewer could never start one (the engine refuses it; serve / plan check an explicit --max-total-tokens
-    before loading)."""
-    return 1 + -(-decode_lookahead(spec_steps) // page_size)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ import socket
 from pathlib import Path
 
 from dsaserve.config import ConfigError, ModelConfig
+from dsaserve.engine.admission import pages_to_admit
 from dsaserve.engine.tokenizer import read_chat_template
 from dsaserve.model.checkpoint import Checkpoint, default_model_path
 from dsaserve.server_args import ServerArgs, split_host_port
@@ -58,7 +59,6 @@ def check_flags_for(cfg: ModelConfig, args: ServerArgs, config_file: Path) -> No
 def check_pool_flag(args: ServerArgs) -> None:
     """An explicit --max-total-tokens too small to start any request, refused before the weights load (the
     engine's own check, Scheduler.capacity_problem, comes after)."""
-    from dsaserve.engine.scheduler import pages_to_admit
     need = pages_to_admit(args.page_size, args.spec_steps)
     if args.max_total_tokens is not None and args.max_total_tokens // args.page_size < need:
         spec = f" with {args.spec_steps} speculative steps" if args.spec_steps else ""
