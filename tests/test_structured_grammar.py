@@ -276,3 +276,32 @@ def test_a_forced_dsml_call_without_arguments_is_written_as_the_encoding_writes_
         st = state(tiny["deepseek_v32"], Constraint(forced_tools=[tool], several_calls=False), "deepseekv32", False)
         call = f'\n\n<{D}function_calls>\n<{D}invoke name="ls">\n{params}</{D}invoke>\n</{D}function_calls>'
         assert (feed(st, hf.encode(call, add_special_tokens=False)) and st.is_terminated) == valid, params
+
+
+MIXED = {"type": "function", "function": {"name": "find", "parameters": {"type": "object", "properties": {
+    "zip": {"anyOf": [{"type": "string", "maxLength": 5}, {"type": "null"}]}, "tag": {"type": ["string", "null"]},
+    "limit": {"anyOf": [{"type": "integer"}, {"type": "null"}]}}, "required": ["zip", "tag"]}}}
+
+
+@pytest.mark.parametrize("arguments,valid", [({"zip": "10001", "tag": "true", "limit": 3}, True),
+                                             ({"zip": None, "tag": None}, True),
+                                             ({"zip": "100011", "tag": "x"}, False)])  # over the string's maxLength
+def test_a_forced_call_may_write_a_string_raw_where_the_schema_also_allows_other_types(
+        tiny: dict[str, str], arguments: dict, valid: bool) -> None:
+    """Both formats write a string argument raw (GLM's template: `<arg_value>10001</arg_value>`; DSML: string="true")
+    and anything else as JSON, whatever else the parameter's schema allows: a forced call of a string-or-null
+    parameter refused the raw string, the form the prompts' own calls have (it allowed only a quoted JSON string).
+    The string keeps its branch's constraints; null still goes as JSON."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from dsaserve.chat import dsv32
+    from dsaserve.chat.glm_template import GLM_CHAT_TEMPLATE
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "find", "arguments": arguments}}]}]
+    rendered = render_jinja_template([messages], tools=[MIXED], chat_template=GLM_CHAT_TEMPLATE)[0][0]
+    glm_call = rendered[rendered.index("<tool_call>find"):rendered.rindex("</tool_call>") + len("</tool_call>")]
+    dsml_call = f"\n\n{dsv32.CALLS_START}\n{dsv32.render_invoke(messages[1]['tool_calls'][0])}\n{dsv32.CALLS_END}"
+    for fmt, tool_format, call in (("glm5", "glm47", glm_call), ("deepseek_v32", "deepseekv32", dsml_call)):
+        hf = Tokenizer(tiny[fmt]).hf
+        st = state(tiny[fmt], Constraint(forced_tools=[MIXED], several_calls=False), tool_format, False)
+        assert (feed(st, hf.encode(call, add_special_tokens=False)) and st.is_terminated) == valid, (fmt, call)

@@ -102,20 +102,25 @@ def _params(fn: dict[str, Any]) -> list[tuple[str, dict[str, Any], bool]]:
 def _dsml_call(i: int, fn: dict[str, Any], markup: Markup, rules: list[str]) -> str:
     parts = []
     for j, (key, schema, required) in enumerate(_params(fn)):
-        is_str = _is_text(schema, "deepseekv32")
-        if is_str:
-            value = _text_value(schema, markup, f"t{i}_{j}", dsv32.PARAM_END, rules)
-        else:
-            value = f"v{i}_{j} {markup.lit(dsv32.PARAM_END)}"
+        forms = []  # (head, value) of each way the encoding may write it: a string raw, anything else as JSON
+        text = schema if _is_text(schema, "deepseekv32") else _string_branch(schema, "deepseekv32")
+        if text is not None:
+            forms.append((_param_head(key, "true"), _text_value(text, markup, f"t{i}_{j}", dsv32.PARAM_END, rules)))
+        if text is not schema:
             rules.append(f"v{i}_{j}: {json_rule(schema)}")
-        head = f'<{dsv32.DSML}parameter name="{key}" string="{"true" if is_str else "false"}">'
-        rules.append(f"p{i}_{j}: {markup.lit(head)} {value} {markup.lit(chr(10))}")
+            forms.append((_param_head(key, "false"), f"v{i}_{j} {markup.lit(dsv32.PARAM_END)}"))
+        written = " | ".join(f"{markup.lit(h)} {value}" for h, value in forms)
+        rules.append(f"p{i}_{j}: ({written}) {markup.lit(chr(10))}")
         parts.append(f"p{i}_{j}" + ("" if required else "?"))
     body = " ".join(parts) if parts else markup.lit("\n")
     if parts and all(part.endswith("?") for part in parts):  # none given: an empty line, as without parameters
         body = f"({_some_of(f'a{i}', [part[:-1] for part in parts], rules)} | {markup.lit(chr(10))})"
     invoke = f'<{dsv32.DSML}invoke name="{fn["name"]}">\n'  # as the prompt writes it (checked: no '"' in it)
     return f"{markup.lit(invoke)} {body} {markup.lit(dsv32.INVOKE_END)}"
+
+
+def _param_head(key: str, string: str) -> str:
+    return f'<{dsv32.DSML}parameter name="{key}" string="{string}">'
 
 
 def _some_of(name: str, items: list[str], rules: list[str]) -> str:
@@ -130,15 +135,35 @@ def _some_of(name: str, items: list[str], rules: list[str]) -> str:
 def _glm_call(i: int, fn: dict[str, Any], markup: Markup, rules: list[str]) -> str:
     parts = []
     for j, (key, schema, required) in enumerate(_params(fn)):
-        if _is_text(schema, "glm"):
-            value = _text_value(schema, markup, f"t{i}_{j}", "</arg_value>", rules)
-        else:
-            value = f"v{i}_{j} {markup.lit('</arg_value>')}"
+        values = []  # a string raw (as the template writes one), anything else as JSON
+        text = schema if _is_text(schema, "glm") else _string_branch(schema, "glm")
+        if text is not None:
+            values.append(_text_value(text, markup, f"t{i}_{j}", "</arg_value>", rules))
+        if text is not schema:
             rules.append(f"v{i}_{j}: {json_rule(schema)}")
+            values.append(f"v{i}_{j} {markup.lit('</arg_value>')}")
         rules.append(f"p{i}_{j}: {markup.lit('<arg_key>')} {markup.lit(key)} {markup.lit('</arg_key>')} "
-                     f"{markup.lit('<arg_value>')} {value}")
+                     f"{markup.lit('<arg_value>')} ({' | '.join(values)})")
         parts.append(f"p{i}_{j}" + ("" if required else "?"))
     return f"{markup.lit('<tool_call>')} {markup.lit(fn['name'])} {' '.join(parts)} {markup.lit('</tool_call>')}"
+
+
+def _string_branch(schema: dict[str, Any], tool_format: str) -> dict[str, Any] | None:
+    """The string alternative of a parameter that allows a string beside other types (`type: [string, null]`, an
+    anyOf / oneOf branch of type string), which both formats write raw as their templates do; None if it has
+    none."""
+    types = schema.get("type")
+    branch = None
+    if isinstance(types, list) and "string" in types and len(types) > 1:
+        branch = {**schema, "type": "string"}
+        if isinstance(schema.get("enum"), list):
+            branch["enum"] = [v for v in schema["enum"] if isinstance(v, str)]
+            if not branch["enum"]:
+                return None
+    else:
+        alternatives = schema.get("anyOf") or schema.get("oneOf") or []
+        branch = next((b for b in alternatives if isinstance(b, dict) and b.get("type") == "string"), None)
+    return branch if branch is not None and _is_text(branch, tool_format) else None
 
 
 def tool_call_grammar(tools: list[dict[str, Any]], tool_format: str, markup: Markup, several: bool) -> list[str]:
