@@ -278,20 +278,24 @@ def test_a_forced_dsml_call_without_arguments_is_written_as_the_encoding_writes_
         assert (feed(st, hf.encode(call, add_special_tokens=False)) and st.is_terminated) == valid, params
 
 
-MIXED = {"type": "function", "function": {"name": "find", "parameters": {"type": "object", "properties": {
-    "zip": {"anyOf": [{"type": "string", "maxLength": 5}, {"type": "null"}]}, "tag": {"type": ["string", "null"]},
-    "limit": {"anyOf": [{"type": "integer"}, {"type": "null"}]}}, "required": ["zip", "tag"]}}}
+MIXED = {"type": "function", "function": {"name": "find", "parameters": {
+    "type": "object", "$defs": {"Code": {"type": "string"}}, "properties": {
+        "zip": {"anyOf": [{"type": "string", "maxLength": 5}, {"type": "null"}]}, "tag": {"type": ["string", "null"]},
+        "limit": {"anyOf": [{"type": "integer"}, {"type": "null"}]}, "code": {"$ref": "#/$defs/Code"},
+        "version": {"enum": ["1", "2", 3]}}, "required": ["zip", "tag"]}}}
 
 
 @pytest.mark.parametrize("arguments,valid", [({"zip": "10001", "tag": "true", "limit": 3}, True),
-                                             ({"zip": None, "tag": None}, True),
-                                             ({"zip": "100011", "tag": "x"}, False)])  # over the string's maxLength
+                                             ({"zip": None, "tag": None, "code": "123", "version": "2"}, True),
+                                             ({"zip": "1", "tag": "1", "version": 3}, True),
+                                             ({"zip": "100011", "tag": "x"}, False),  # over the string's maxLength
+                                             ({"zip": "1", "tag": "1", "version": "4"}, False)])  # not in the enum
 def test_a_forced_call_may_write_a_string_raw_where_the_schema_also_allows_other_types(
         tiny: dict[str, str], arguments: dict, valid: bool) -> None:
     """Both formats write a string argument raw (GLM's template: `<arg_value>10001</arg_value>`; DSML: string="true")
     and anything else as JSON, whatever else the parameter's schema allows: a forced call of a string-or-null
-    parameter refused the raw string, the form the prompts' own calls have (it allowed only a quoted JSON string).
-    The string keeps its branch's constraints; null still goes as JSON."""
+    parameter (an enum of strings, a $ref to a string) refused the raw string, the form the prompts' own calls have
+    (it allowed only a quoted JSON string). The string keeps its branch's constraints; null still goes as JSON."""
     from transformers.utils.chat_template_utils import render_jinja_template
 
     from dsaserve.chat import dsv32

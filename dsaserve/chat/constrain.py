@@ -149,17 +149,22 @@ def _glm_call(i: int, fn: dict[str, Any], markup: Markup, rules: list[str]) -> s
 
 
 def _string_branch(schema: dict[str, Any], tool_format: str) -> dict[str, Any] | None:
-    """The string alternative of a parameter that allows a string beside other types (`type: [string, null]`, an
-    anyOf / oneOf branch of type string), which both formats write raw as their templates do; None if it has
-    none."""
+    """The string alternative of a parameter whose schema allows a string without saying `type: string` (`type:
+    [string, null]`, an anyOf / oneOf branch of type string, string values of an enum or const, a local `$ref` to
+    any of these), which both formats write raw as their templates do; None if it allows no string."""
+    if "$ref" in schema:
+        try:
+            schema = parameters_of({"parameters": schema})
+        except ValueError:  # (the JSON rule reports it)
+            return None
     types = schema.get("type")
-    branch = None
-    if isinstance(types, list) and "string" in types and len(types) > 1:
+    values = [schema["const"]] if "const" in schema else schema.get("enum")
+    if isinstance(values, list) and (types is None or isinstance(types, list) and "string" in types):
+        strings = [v for v in values if isinstance(v, str)]
+        rest = {k: v for k, v in schema.items() if k not in ("const", "enum", "type")}
+        branch = {**rest, "type": "string", "enum": strings} if strings else None
+    elif types == "string" or isinstance(types, list) and "string" in types:
         branch = {**schema, "type": "string"}
-        if isinstance(schema.get("enum"), list):
-            branch["enum"] = [v for v in schema["enum"] if isinstance(v, str)]
-            if not branch["enum"]:
-                return None
     else:
         alternatives = schema.get("anyOf") or schema.get("oneOf") or []
         branch = next((b for b in alternatives if isinstance(b, dict) and b.get("type") == "string"), None)
