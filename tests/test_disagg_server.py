@@ -61,6 +61,18 @@ def steps(url: str) -> int:
     return sum(s["steps"] for s in httpx.get(f"{url}/get_server_info", timeout=30).json()["internal_states"])
 
 
+def assert_pairing_refused(prefill_url: str, bootstrap_port: int, decode: ServerProcess, ids: list[int], room: int,
+                           named: str, half_named: str) -> None:
+    """`decode` (started here) refuses to pair with the prefill server, its 500 naming `named`, and the prefill
+    server's half of the room ends with that refusal (naming `half_named`)."""
+    with decode, ThreadPoolExecutor(1) as pool:
+        prefill_half = pool.submit(generate, prefill_url, ids, bootstrap_room=room)
+        r = generate(decode.url, ids, bootstrap_host="127.0.0.1", bootstrap_port=bootstrap_port, bootstrap_room=room)
+        assert r.status_code == 500 and named in r.text, r.text
+        half = prefill_half.result(timeout=100)
+        assert "the decode server refused it" in half.text and half_named in half.text, half.text
+
+
 def pd_servers(model: str, tmp: Path, prefill: dict[str, Any], decode: dict[str, Any],
                prefill_env: dict[str, str] | None = None) -> tuple[ServerProcess, ServerProcess, int]:
     port = free_port()
@@ -242,15 +254,9 @@ class TestMixedTP:
         bootstrap = int(p.cmd[p.cmd.index("--disaggregation-bootstrap-port") + 1])
         fp8 = ServerProcess(tiny_ds, tmp_path / "fp8.log", disaggregation_mode="decode", page_size=64,
                             kv_cache_dtype="fp8_e4m3", max_total_tokens=2048)
-        with fp8, ThreadPoolExecutor(1) as pool:
-            before = steps(p.url)
-            prefill_half = pool.submit(generate, p.url, PROMPTS_64[3], bootstrap_room=12346)
-            r = generate(fp8.url, PROMPTS_64[3], bootstrap_host="127.0.0.1", bootstrap_port=bootstrap,
-                         bootstrap_room=12346)
-            assert r.status_code == 500 and "--kv-cache-dtype" in r.text, r.text
-            half = prefill_half.result(timeout=100)
-            assert "the decode server refused it" in half.text and "--kv-cache-dtype" in half.text, half.text
-            assert steps(p.url) == before  # refused before the prefill server ran the prompt
+        before = steps(p.url)
+        assert_pairing_refused(p.url, bootstrap, fp8, PROMPTS_64[3], 12346, "--kv-cache-dtype", "--kv-cache-dtype")
+        assert steps(p.url) == before  # refused before the prefill server ran the prompt
         wait_pools_whole(p.url, 30)
 
     def test_decode_killed_prefill_frees_pages(self, mixed_tp: tuple) -> None:
@@ -293,17 +299,12 @@ class TestSpecDPAttention:
             assert [generate(router.url, ids).json()["output_ids"] for ids in prompts] == want
             assert steps(p.url) - before == len(prompts)  # prompts only: the decode server decoded them
             assert [stream_ids(generate(router.url, ids, stream=True)) for ids in prompts[:2]] == want[:2]
+            # a decode server without speculation refuses to pair, naming the setting, and the prefill server's
+            # half of the room ends with that refusal (it used to wait out its timeout)
             spec_mismatch = ServerProcess(model, tmp_path / "nospec.log", disaggregation_mode="decode", page_size=1,
                                           max_total_tokens=2048)
-            with spec_mismatch, ThreadPoolExecutor(1) as pool:
-                # a decode server without speculation refuses to pair, naming the setting, and the prefill
-                # server's half of the room ends with that refusal (it used to wait out its timeout)
-                prefill_half = pool.submit(generate, p.url, prompts[0], bootstrap_room=12345)
-                r = generate(spec_mismatch.url, prompts[0], bootstrap_host="127.0.0.1", bootstrap_port=port,
-                             bootstrap_room=12345)
-                assert r.status_code == 500 and "speculative draft steps" in r.text, r.text
-                half = prefill_half.result(timeout=100)
-                assert "the decode server refused it" in half.text and "speculative" in half.text, half.text
+            assert_pairing_refused(p.url, port, spec_mismatch, prompts[0], 12345, "speculative draft steps",
+                                   "speculative")
 
 
 # -- failures end requests, not servers ---------------------------------------------------------------
