@@ -17,7 +17,7 @@ from typing import Any
 
 from dsaserve.chat import dsv32
 from dsaserve.chat.grammar import JSON_STYLE, GrammarError, check_schema_depth, ebnf_grammar, schema_of
-from dsaserve.chat.tools import parameters_of
+from dsaserve.chat.tools import parameters_of, resolve_ref
 
 THINK_END = "</think>"
 # Fixed markup that a tokenizer may hold as single (special or text) added tokens.
@@ -152,11 +152,8 @@ def _string_branch(schema: dict[str, Any], tool_format: str) -> dict[str, Any] |
     """The string alternative of a parameter whose schema allows a string without saying `type: string` (`type:
     [string, null]`, an anyOf / oneOf branch of type string, string values of an enum or const, a local `$ref` to
     any of these), which both formats write raw as their templates do; None if it allows no string."""
-    if "$ref" in schema:
-        try:
-            schema = parameters_of({"parameters": schema})
-        except ValueError:  # (the JSON rule reports it)
-            return None
+    if (schema := resolve_ref(schema)) is None:  # (the JSON rule reports it)
+        return None
     types = schema.get("type")
     values = [schema["const"]] if "const" in schema else schema.get("enum")
     if isinstance(values, list) and (types is None or isinstance(types, list) and "string" in types):

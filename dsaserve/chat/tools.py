@@ -165,17 +165,23 @@ JSON_TYPE = {type(None): "null", bool: "boolean", int: "integer", float: "number
              dict: "object"}
 
 
+def resolve_ref(schema: dict[str, Any], root: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """A parameter's schema with a local `$ref` followed, to the definitions of `root` (the tool's parameters) or
+    those the schema carries; None if it names nothing."""
+    if "$ref" not in schema:
+        return schema
+    defs = {k: v for k, v in (root or {}).items() if k in ("$defs", "definitions")}
+    try:
+        return parameters_of({"parameters": {**defs, **schema}})
+    except ValueError:
+        return None
+
+
 def allowed_types(schema: Any, root: dict[str, Any] | None, depth: int = 0) -> set[str] | None:
     """The JSON types a parameter's schema allows, through local $refs: its type, its const / enum values' types,
     or the union of its anyOf / oneOf branches; None where it says none of these (any type)."""
-    if not isinstance(schema, dict) or depth > 8:
+    if not isinstance(schema, dict) or depth > 8 or (schema := resolve_ref(schema, root)) is None:
         return None
-    if "$ref" in schema:
-        defs = {k: v for k, v in (root or {}).items() if k in ("$defs", "definitions")}
-        try:
-            schema = parameters_of({"parameters": {**defs, **schema}})
-        except ValueError:
-            return None
     types = schema.get("type")
     if isinstance(types, (str, list)):
         found = {types} if isinstance(types, str) else {t for t in types if isinstance(t, str)}
