@@ -59,12 +59,14 @@ def check_flags_for(cfg: ModelConfig, args: ServerArgs, config_file: Path) -> No
 def check_pool_flag(args: ServerArgs) -> None:
     """An explicit --max-total-tokens too small to start any request, refused before the weights load (the
     engine's own check, Scheduler.capacity_problem, comes after)."""
-    need = pages_to_admit(args.page_size, args.spec_steps)
-    if args.max_total_tokens is not None and args.max_total_tokens // args.page_size < need:
+    if args.max_total_tokens is None:
+        return
+    pages, need = args.max_total_tokens // args.page_size, pages_to_admit(args.page_size, args.spec_steps)
+    if pages < need:
         spec = f" with {args.spec_steps} speculative steps" if args.spec_steps else ""
-        raise ValueError(f"--max-total-tokens {args.max_total_tokens} holds {args.max_total_tokens // args.page_size} "
-                         f"page(s) of {args.page_size} tokens (--page-size), and a request needs {need} free to "
-                         f"start{spec}: give at least {need * args.page_size}")
+        raise ValueError(f"--max-total-tokens {args.max_total_tokens} holds {pages} page(s) of {args.page_size} "
+                         f"tokens (--page-size), and a request needs {need} free to start{spec}: give at least "
+                         f"{need * args.page_size}")
 
 
 def bind_listener(host: str, port: int, flags: str = "--host / --port") -> socket.socket:
