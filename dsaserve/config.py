@@ -89,6 +89,8 @@ class ModelConfig:
     fp8_block: tuple[int, int] | None  # weight_scale_inv block shape when the checkpoint is FP8
     # quantization_config's modules_to_not_convert (vLLM: ignored_layers): modules an FP8 checkpoint keeps unquantized
     fp8_unquantized: tuple[str, ...] = ()
+    # GLM-5.2: MTP draft steps after the first reuse the first's top-k instead of running the MTP layer's indexer
+    index_share_for_mtp_iteration: bool = False
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -207,6 +209,7 @@ class ModelConfig:
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             fp8_block=_fp8_block(_object(raw, "quantization_config")),
             fp8_unquantized=_fp8_unquantized(raw.get("quantization_config")),
+            index_share_for_mtp_iteration=bool(raw.get("index_share_for_mtp_iteration", False)),
             raw=raw,
         )
 

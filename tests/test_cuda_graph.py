@@ -148,12 +148,15 @@ def test_reused_bucket_turns_stale_rows_into_dummies(tiny_ds: str) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("spec", [0, 3])
-def test_cuda_graph_replay_matches_eager(arch: str, spec: int, tiny_models: dict[str, str]) -> None:
+@pytest.mark.parametrize("spec,shared", [(0, False), (3, False), (3, True)])
+def test_cuda_graph_replay_matches_eager(arch: str, spec: int, shared: bool, tiny_models: dict[str, str]) -> None:
+    """shared: GLM-5.2's index sharing (the draft steps' graphs take the MTP pass's selection as an input)."""
     common = dict(device="cuda", dtype="float32", attention_backend="triton", moe_backend="triton",
                   page_size=64, max_total_tokens=8192)
     if spec:
         common |= dict(speculative_algorithm="NEXTN", speculative_num_steps=spec)
+    if shared:
+        common |= dict(json_model_override_args='{"index_share_for_mtp_iteration": true}')
     eager = LLM(tiny_models[arch], cuda_graph_max_bs=0, **common).generate(PROMPTS, GREEDY)
     llm = LLM(tiny_models[arch], cuda_graph_max_bs=8, **common)
     replayed = llm.generate(PROMPTS, GREEDY)

@@ -80,15 +80,3 @@ def test_launch_checks_read_the_overridden_config(tiny_ds: str, capsys: pytest.C
     assert main(["plan", "--model-path", tiny_ds, "--context-length", "100", *override]) == 2
     assert "--context-length 100 is longer than the model's 64" in capsys.readouterr().err
     assert main(["plan", "--model-path", tiny_ds, "--context-length", "100"]) == 0
-
-
-def test_a_config_sharing_the_mtp_top_k_is_named(tiny_models: dict[str, str], caplog: pytest.LogCaptureFixture) -> None:
-    """GLM-5.2's index_share_for_mtp_iteration (not implemented: every draft step runs the MTP layer's indexer)
-    is said at start-up when MTP drafts more than one step, and only then."""
-    caplog.set_level("WARNING", logger="dsaserve.engine.model_runner")
-    shared = json.dumps({"index_share_for_mtp_iteration": True})
-    for steps, flag, said in ((2, shared, True), (1, shared, False), (2, None, False)):
-        caplog.clear()
-        LLM(tiny_models["glm_moe_dsa"], max_total_tokens=512, speculative_algorithm="NEXTN",
-            speculative_num_steps=steps, json_model_override_args=flag)
-        assert ("index_share_for_mtp_iteration" in caplog.text) == said, (steps, flag)

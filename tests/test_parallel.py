@@ -214,15 +214,19 @@ def test_the_row_split_without_checked_mode_matches_single_device(monkeypatch: p
     """The attention's row split as a deployment runs it, checked mode off (every other test here checks, which
     gathers the selection to validate it; off, no rank sees another's top-k): --tp 2, both archs. A first step of
     69 rows that each see at most index_topk keys (every rank's share of the all-keys selection, reused by the
-    layers after; 69 rows: off a multiple of tp), and the usual prompts with MTP: the single-device tokens."""
+    layers after; 69 rows: off a multiple of tp), and the usual prompts with MTP, also with GLM-5.2's index sharing
+    (the draft steps attend the MTP pass's selection, gathered from the ranks' row shares): the single-device
+    tokens."""
     monkeypatch.setenv("DSASERVE_CHECKS", "0")  # (inherited by the rank processes)
     short = prompts_ids(6, [15, 13, 11, 9, 14, 7], seed=12)  # each within the tiny models' index_topk (16)
     jobs = [Job({"model_path": tiny_models[arch], "page_size": 1}, [OfflineRequest(p, GREEDY) for p in short])
             for arch in ARCHS]
-    jobs += [Job({"model_path": tiny_models[arch], "page_size": 64, **spec(2)},
-                 [OfflineRequest(p, GREEDY) for p in PROMPTS]) for arch in ARCHS]
+    shared = {"json_model_override_args": '{"index_share_for_mtp_iteration": true}'}
+    spec_archs = [(arch, {}) for arch in ARCHS] + [("glm_moe_dsa", shared)]
+    jobs += [Job({"model_path": tiny_models[arch], "page_size": 64, **spec(2), **extra},
+                 [OfflineRequest(p, GREEDY) for p in PROMPTS]) for arch, extra in spec_archs]
     results = run_jobs(ServerArgs(tp=2, max_total_tokens=2048), jobs)
     for arch, got in zip(ARCHS, results):
         assert got == single_device(tiny_models[arch], 1, short), arch
-    for arch, got in zip(ARCHS, results[len(ARCHS):]):
-        assert got == single_device(tiny_models[arch], 64), arch
+    for (arch, extra), got in zip(spec_archs, results[len(ARCHS):]):
+        assert got == single_device(tiny_models[arch], 64), (arch, extra)

@@ -84,19 +84,47 @@ class ReferenceMTP:
         self.main = ORACLES[arch].from_pretrained(model, dtype=torch.float32, attn_implementation="eager").eval()
 
     @torch.no_grad()
-    def drafts(self, tokens: list[int], steps: int) -> list[int]:
+    def drafts(self, tokens: list[int], steps: int, share_topk: bool = False) -> list[int]:
         """Drafts after `tokens` (the last one not yet cached): the MTP row at the last cached position
-        reads the target's final hidden state, then each chained step reads the previous MTP output."""
+        reads the target's final hidden state, then each chained step reads the previous MTP output.
+        share_topk: each chained step's last row attends the keys the first step's indexer chose for its last
+        row (index_share_for_mtp_iteration)."""
         h = self.main.model(torch.tensor([tokens[:-1]])).last_hidden_state[0]
         nxt, out = list(tokens[1:]), []
-        for _ in range(steps):
-            e = _rms(self.embed[torch.tensor(nxt)], self.enorm, self.eps)
-            x = torch.cat([e, _rms(h, self.hnorm, self.eps)], -1) @ self.eh.T
-            res = self.layer(inputs_embeds=x[None], output_hidden_states=True)
-            out.append(int(res.logits[0, -1].argmax()))
-            h = torch.cat([h, res.hidden_states[-1][0, -1:]])  # the MTP output after shared_head.norm
-            nxt.append(out[-1])
+        indexer = self.layer.model.layers[0].self_attn.indexer
+        chosen = self._first_choice(indexer) if share_topk else None
+        try:
+            for _ in range(steps):
+                e = _rms(self.embed[torch.tensor(nxt)], self.enorm, self.eps)
+                x = torch.cat([e, _rms(h, self.hnorm, self.eps)], -1) @ self.eh.T
+                res = self.layer(inputs_embeds=x[None], output_hidden_states=True)
+                out.append(int(res.logits[0, -1].argmax()))
+                h = torch.cat([h, res.hidden_states[-1][0, -1:]])  # the MTP output after shared_head.norm
+                nxt.append(out[-1])
+        finally:
+            if chosen is not None:
+                del indexer.forward
         return out
+
+    @staticmethod
+    def _first_choice(indexer: torch.nn.Module) -> list[torch.Tensor]:
+        """Makes `indexer` keep its first call's choice for the last row [w0] and give it to the last row of every
+        later call (padded by repeating its first key, which adds none; w0 <= the later width)."""
+        chosen: list[torch.Tensor] = []
+        compute = indexer.forward
+
+        def forward(*args: object, **kw: object) -> torch.Tensor:
+            topk = compute(*args, **kw)  # [1, S, w]
+            if not chosen:
+                chosen.append(topk[0, -1].clone())
+                return topk
+            first = chosen[0]
+            topk = topk.clone()
+            topk[0, -1] = torch.cat([first, first[:1].expand(topk.shape[-1] - first.numel())])
+            return topk
+
+        indexer.forward = forward
+        return chosen
 
 
 def test_mtp_layer_shares_the_targets_embedding_and_head(tiny_ds: str) -> None:
@@ -109,32 +137,56 @@ def test_mtp_layer_shares_the_targets_embedding_and_head(tiny_ds: str) -> None:
                                                                                       "lm_head.weight"]
 
 
+def _drafts_seen(model: str, steps: int, accept_all: bool, **kw: object) -> list[tuple[list[int], list[int]]]:
+    """(tokens so far, the MTP's drafts) at every step of PROMPTS[:2], when the verify steps are given each
+    request's greedy continuation (every draft accepted) or tokens that are never it (none accepted)."""
+    prompts = PROMPTS[:2]
+    continuation = plain(model, prompts, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
+    llm = LLM(model, page_size=4, chunked_prefill_size=16, max_total_tokens=4096, **spec(steps), **kw)
+    seen: list[tuple[list[int], list[int]]] = []
+    conts = {}
+
+    def override(req: Request, drafts: list[int]) -> list[int]:
+        seen.append((req.prompt_ids + req.output_ids, list(drafts)))
+        cont, n = conts[req.rid], len(req.output_ids)
+        return cont[n:n + steps] if accept_all else [(t + 1) % 512 for t in cont[n:n + steps]]
+
+    llm.engine.draft_override = override
+    for i, (p, c) in enumerate(zip(prompts, continuation)):
+        llm.engine.add_request(f"r{i}", p, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))
+        conts[f"r{i}"] = c
+    llm.engine.run_until_idle()
+    assert len(seen) >= 4
+    return seen
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_mtp_drafts_match_reference(arch: str, tiny_models: dict[str, str], tmp_path: Path) -> None:
     """Every step's drafts (after a prefill, and after verify steps that accepted all or none) equal the
     reference MTP run over the whole sequence: the MTP caches stay consistent across steps."""
     model, steps = tiny_models[arch], 3
     ref = ReferenceMTP(model, arch, tmp_path)
-    prompts = PROMPTS[:2]
-    continuation = plain(model, prompts, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
     for accept_all in (True, False):
-        llm = LLM(model, page_size=4, chunked_prefill_size=16, max_total_tokens=4096, **spec(steps))
-        seen: list[tuple[list[int], list[int]]] = []
-        conts = {}
-
-        def override(req: Request, drafts: list[int]) -> list[int]:
-            seen.append((req.prompt_ids + req.output_ids, list(drafts)))
-            cont, n = conts[req.rid], len(req.output_ids)
-            return cont[n:n + steps] if accept_all else [(t + 1) % 512 for t in cont[n:n + steps]]
-
-        llm.engine.draft_override = override
-        for i, (p, c) in enumerate(zip(prompts, continuation)):
-            llm.engine.add_request(f"r{i}", p, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))
-            conts[f"r{i}"] = c
-        llm.engine.run_until_idle()
-        assert len(seen) >= 4
-        for tokens, drafts in seen:
+        for tokens, drafts in _drafts_seen(model, steps, accept_all):
             assert drafts == ref.drafts(tokens, steps), f"after {len(tokens)} tokens (accept_all={accept_all})"
+
+
+def test_shared_mtp_top_k_drafts_match_reference(tiny_models: dict[str, str], tmp_path: Path) -> None:
+    """GLM-5.2's index_share_for_mtp_iteration: the chained draft steps attend the keys the MTP layer's indexer
+    chose for the first draft's row, as the reference forced to that choice gives, on graph buffers (CPU: static
+    layouts run eagerly) and with the 40-token prompt selecting 16 of its keys. The reference without the sharing
+    gives other drafts at some steps (the test sees the feature), and the greedy tokens stay the plain run's."""
+    model, steps = tiny_models["glm_moe_dsa"], 3
+    ref = ReferenceMTP(model, "glm_moe_dsa", tmp_path)
+    shared = dict(json_model_override_args=json.dumps({"index_share_for_mtp_iteration": True}), cuda_graph_max_bs=4)
+    differs = 0
+    for accept_all in (True, False):
+        for tokens, drafts in _drafts_seen(model, steps, accept_all, **shared):
+            assert drafts == ref.drafts(tokens, steps, share_topk=True), f"after {len(tokens)} tokens"
+            differs += drafts != ref.drafts(tokens, steps)
+    assert differs > 0
+    llm = LLM(model, page_size=4, chunked_prefill_size=7, max_total_tokens=4096, **spec(steps), **shared)
+    assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == plain(model, PROMPTS, GREEDY, page_size=4)
 
 
 # -- acceptance ------------------------------------------------------------------------------------

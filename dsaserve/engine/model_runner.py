@@ -111,10 +111,8 @@ class ModelRunner:
             raise SettingError(f"--speculative-algorithm {args.speculative_algorithm} needs the checkpoint's MTP "
                              f"layer, but config.json has num_nextn_predict_layers="
                              f"{self.cfg.num_nextn_predict_layers}")
-        if self.spec_steps > 1 and self.cfg.raw.get("index_share_for_mtp_iteration") and self.par.cfg.rank == 0:
-            log.warning("config.json sets index_share_for_mtp_iteration (draft steps after the first reuse its "
-                        "top-k): dsaserve runs the MTP layer's indexer at every draft step instead; the tokens are "
-                        "the target's either way, the accept rate may differ from the model's training")
+        # GLM-5.2: draft steps after the first attend the first's selection (MTPDrafter.run)
+        self.share_draft_topk = self.spec_steps > 1 and self.cfg.index_share_for_mtp_iteration
         attention = resolve_attention_backend(args.attention_backend, self.device, self.cfg, self.dtype, self.kv_dtype)
         moe = resolve_backend(args.moe_backend, self.device)
         deterministic = args.enable_deterministic_inference
@@ -276,9 +274,9 @@ class ModelRunner:
         states, _ = self.target(ids, layout, graphed=graphed)
         if spec:
             firsts = torch.arange(batch, dtype=torch.int32, device=self.device) * rows
-            self.draft(ids, states, layout.with_logit_rows(firsts), graphed=graphed)
+            first = self.draft(ids, states, layout.with_logit_rows(firsts), graphed=graphed)
             _, one = self._padded(StepPlan.idle(), shape.for_drafts(), keys)
-            self.draft(ids[:batch], states[:batch], one, graphed=graphed)
+            self.draft(ids[:batch], states[:batch], one, graphed, *first[2:])
 
     # -- forwards ----------------------------------------------------------------------------
 
@@ -288,10 +286,14 @@ class ModelRunner:
         return self._run("target", self._target, {"input_ids": input_ids}, layout, graphed)
 
     @torch.inference_mode()
-    def draft(self, input_ids: Tensor, hidden: Tensor, layout: BatchLayout,
-              graphed: bool = False) -> tuple[Tensor, Tensor]:
-        """The MTP layer: (its hidden states at the logit rows, fp32 logits there)."""
-        return self._run("draft", self._draft, {"input_ids": input_ids, "hidden": hidden}, layout, graphed)
+    def draft(self, input_ids: Tensor, hidden: Tensor, layout: BatchLayout, graphed: bool = False,
+              reused_topk: Tensor | None = None) -> tuple[Tensor, ...]:
+        """The MTP layer: (its hidden states at the logit rows, fp32 logits there), and the MTP layer's selection
+        at those rows when a later draft step will reuse it (share_draft_topk and no reused_topk given)."""
+        inputs = {"input_ids": input_ids, "hidden": hidden}
+        if reused_topk is not None:
+            inputs["reused_topk"] = reused_topk
+        return self._run("draft", self._draft, inputs, layout, graphed)
 
     def _run(self, name: str, fn, inputs: dict[str, Tensor], layout: BatchLayout,
              graphed: bool) -> tuple[Tensor, Tensor]:
@@ -304,7 +306,11 @@ class ModelRunner:
         hidden = self.model(inputs["input_ids"], layout, self.pools, self.ops)
         return hidden, self.model.logits(hidden[layout.logit_rows.long()])
 
-    def _draft(self, inputs: dict[str, Tensor], layout: BatchLayout) -> tuple[Tensor, Tensor]:
-        hidden = self.model.draft(inputs["input_ids"], inputs["hidden"], layout, self.pools, self.ops)
-        rows = hidden[layout.logit_rows.long()]
-        return rows, self.model.logits(rows)
+    def _draft(self, inputs: dict[str, Tensor], layout: BatchLayout) -> tuple[Tensor, ...]:
+        reused = inputs.get("reused_topk")
+        hidden, topk = self.model.draft(inputs["input_ids"], inputs["hidden"], layout, self.pools, self.ops, reused,
+                                        keep_topk=self.share_draft_topk and reused is None)
+        logit_rows = layout.logit_rows.long()
+        rows = hidden[logit_rows]
+        out = (rows, self.model.logits(rows))
+        return out if topk is None else out + (topk[logit_rows],)

@@ -101,23 +101,24 @@ class MLAttention(nn.Module):
         return parts[0], parts[1] if self.indexer is not None else None, parts[-1]
 
     def forward(self, x: Tensor, ctx: StepContext, prev_topk: Tensor | None,
-                xq: QuantizedRows | None = None) -> tuple[Tensor, Tensor]:
-        """xq: x's rows quantized by the input norm (input_group), or None."""
+                xq: QuantizedRows | None = None, reuse_prev: bool = False) -> tuple[Tensor, Tensor]:
+        """xq: x's rows quantized by the input norm (input_group), or None. reuse_prev: attend prev_topk without
+        running this layer's own indexer (the MTP layer's later draft steps under index_share_for_mtp_iteration)."""
         cfg, T, H = self.cfg, x.shape[0], self.num_heads
         q_a, k_proj, kv_a = self._project_input(x, xq)
         q_lat, _, q_lat_fp8 = self.q_a_layernorm.add_forward(q_a, None, self.q_b_proj.input_group(T))
         own = self._row_share(ctx, T)  # the rows this rank attends, or None: every row
-        side = self._side_stream(ctx, T)
+        indexer = None if reuse_prev else self.indexer
+        side = self._side_stream(ctx, T) if indexer is not None else None
         if side is None:
             q_full = self._query(x, q_lat, q_lat_fp8, kv_a, ctx)
-            topk = (self.indexer(x, q_lat, k_proj, ctx, prev_topk, q_lat_fp8, own) if self.indexer is not None
-                    else prev_topk)
+            topk = indexer(x, q_lat, k_proj, ctx, prev_topk, q_lat_fp8, own) if indexer is not None else prev_topk
         else:  # the indexer's chain beside the query path, joined before the attention even when one raises
             main = torch.cuda.current_stream()  # (the failed step's pages go back to the pool)
             side.wait_stream(main)
             try:
                 with torch.cuda.stream(side):
-                    topk = self.indexer(x, q_lat, k_proj, ctx, prev_topk, q_lat_fp8, own)
+                    topk = indexer(x, q_lat, k_proj, ctx, prev_topk, q_lat_fp8, own)
                 q_full = self._query(x, q_lat, q_lat_fp8, kv_a, ctx)
             finally:
                 main.wait_stream(side)
@@ -285,13 +286,13 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, h: Tensor, delta: Tensor | None, ctx: StepContext,
-                prev_topk: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, h: Tensor, delta: Tensor | None, ctx: StepContext, prev_topk: Tensor | None,
+                reuse_prev: bool = False) -> tuple[Tensor, Tensor, Tensor]:
         """The layer's input is h + delta (delta: the previous layer's MLP output, or None) -> (h, this layer's
         MLP output, top-k). Each residual add happens inside the next norm (one launch for both)."""
         T = h.shape[0]
         x, h, xq = self.input_layernorm.add_forward(h, delta, self.self_attn.input_group(T))
-        attn, topk = self.self_attn(x, ctx, prev_topk, xq)
+        attn, topk = self.self_attn(x, ctx, prev_topk, xq, reuse_prev)
         group = self.mlp.input_group(T) if ctx.par.cfg.dp == 1 else 0  # DP: gathered rows come unquantized
         x, h, xq = self.post_attention_layernorm.add_forward(h, attn, group)
         # DP attention: the MLP sees every group's rows; each group takes exactly its rows back.
@@ -338,13 +339,17 @@ class MTPLayer(DecoderLayer):
         self.eh_proj = linear(2 * cfg.hidden_size, cfg.hidden_size)
         self.shared_head = SharedHead(cfg)
 
-    def draft(self, input_ids: Tensor, hidden: Tensor, ctx: StepContext, embed: VocabEmbedding) -> Tensor:
-        """Row t: the next token after position t and h_t -> the normed hidden state that predicts the
-        token after that (and feeds the next chained draft step)."""
+    def draft(self, input_ids: Tensor, hidden: Tensor, ctx: StepContext, embed: VocabEmbedding,
+              reused_topk: Tensor | None, keep_topk: bool) -> tuple[Tensor, Tensor | None]:
+        """Row t: the next token after position t and h_t -> (the normed hidden state that predicts the
+        token after that and feeds the next chained draft step, the selection of every row if keep_topk).
+        reused_topk: the selection each row attends instead of running the indexer (index sharing)."""
         e = self.enorm(embed(input_ids, ctx.par))
         h = self.eh_proj(torch.cat([e, self.hnorm(hidden.to(e.dtype))], dim=-1))
-        h, delta, _ = self(h, None, ctx, None)
-        return self.shared_head.norm.add_forward(h, delta)[0]
+        h, delta, topk = self(h, None, ctx, reused_topk, reuse_prev=reused_topk is not None)
+        if keep_topk and topk.shape[0] != h.shape[0]:  # a prefill's rows split over the group (_row_share)
+            topk = ctx.par.all_gather_attn_rows(topk, h.shape[0])
+        return self.shared_head.norm.add_forward(h, delta)[0], topk if keep_topk else None
 
 
 class DSAModel(nn.Module):
@@ -381,10 +386,13 @@ class DSAModel(nn.Module):
             h, delta, topk = layer(h, delta, ctx, topk)
         return self.norm.add_forward(h, delta)[0]
 
-    def draft(self, input_ids: Tensor, hidden: Tensor, layout: BatchLayout, pools: KVPools, ops: DSAOps) -> Tensor:
-        """The MTP layer over the layout's rows: [T, hidden] normed states (see MTPLayer.draft)."""
+    def draft(self, input_ids: Tensor, hidden: Tensor, layout: BatchLayout, pools: KVPools, ops: DSAOps,
+              reused_topk: Tensor | None = None, keep_topk: bool = False) -> tuple[Tensor, Tensor | None]:
+        """The MTP layer over the layout's rows: ([T, hidden] normed states, [T, index_topk] selection if
+        keep_topk) (see MTPLayer.draft)."""
         assert self.mtp is not None, "the model was built without its MTP layer"
-        return self.mtp.draft(input_ids, hidden, self.context(layout, pools, ops, hidden.dtype), self.embed_tokens)
+        ctx = self.context(layout, pools, ops, hidden.dtype)
+        return self.mtp.draft(input_ids, hidden, ctx, self.embed_tokens, reused_topk, keep_topk)
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Full-vocabulary fp32 logits (vocab shards gathered over the attention-TP group); the MTP layer's

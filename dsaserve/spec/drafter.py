@@ -10,6 +10,11 @@ gathers them on the device (overlap.input_ids), and the leader reads them once t
 Positions: an MTP row at position p reads (h_p, the token at p + 1) and predicts the token at p + 2.
 If the last accepted row of a request is at p, the first draft is read there, and draft step j runs
 at position p + j with the previous draft token and the previous MTP output as its hidden state.
+
+Index sharing (GLM-5.2's config.json `index_share_for_mtp_iteration`): the MTP pass also returns the MTP layer's
+top-k at the rows that draft, and every later draft step attends those slots without running the indexer, as
+SGLang, vLLM and TensorRT-LLM do for that model (the slots of positions p + 1 on are not among them). The
+`{"index_share_for_mtp_iteration": false}` model override turns it off.
 """
 from __future__ import annotations
 
@@ -116,11 +121,12 @@ class MTPDrafter:
         dev = hidden.device
         rows = torch.tensor(mtp_rows(plan, given.last_rows), dtype=torch.int32).to(dev, non_blocking=True)
         ids = torch.tensor(given.input_ids, dtype=torch.long).to(dev, non_blocking=True)
-        h, logits = runner.draft(ids, hidden, layout.with_logit_rows(rows), shape.graph_batch is not None)
+        graphed = shape.graph_batch is not None
+        h, logits, *first_topk = runner.draft(ids, hidden, layout.with_logit_rows(rows), graphed)
         drafts = [logits.argmax(-1)]
         if self.steps > 1 and sum(shape.draft_sizes) > 0:
             for step in range(1, self.steps):
                 _, draft_layout = runner.prepare(draft_plan(plan, given.last_rows, step), shape.for_drafts())
-                h, logits = runner.draft(drafts[-1], h, draft_layout, shape.graph_batch is not None)
+                h, logits = runner.draft(drafts[-1], h, draft_layout, graphed, *first_topk)
                 drafts.append(logits.argmax(-1))
         return torch.stack(drafts, dim=1)
