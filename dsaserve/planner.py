@@ -25,7 +25,7 @@ from dsaserve.server_args import ServerArgs, SettingError
 
 # Components, matched in order against parameter names (the first match wins).
 COMPONENTS = (("mtp", "mtp."), ("routed experts", ".experts."), ("shared experts", ".shared_experts."),
-              ("indexer", ".indexer."), ("attention", ".self_attn."), ("dense MLP", ".mlp."),
+              ("indexer", ".indexer."), ("attention", ".self_attn."), ("router", ".mlp.gate."), ("dense MLP", ".mlp."),
               ("embedding", "embed_tokens"), ("lm_head", "lm_head"), ("norms", "norm"))
 
 

@@ -27,7 +27,7 @@ def _model(tmp_path: Path, name: str) -> str:
 @pytest.mark.parametrize("flags", [["--tp", "8"], ["--tp", "8", "--dp", "8", "--enable-dp-attention"],
                                    ["--tp", "8", "--speculative-algorithm", "NEXTN", "--kv-cache-dtype", "fp8_e4m3"],
                                    ["--tp", "8", "--ep", "8", "--dp", "8", "--enable-dp-attention"]])
-@pytest.mark.parametrize("name", ["deepseek_v32", "glm_moe_dsa"])
+@pytest.mark.parametrize("name", ["deepseek_v32", "glm_moe_dsa", "glm_5_2"])
 def test_fp8_models_fit_one_8x141gb_node(name: str, flags: list[str], tmp_path: Path, capsys) -> None:
     assert main(["plan", "--model-path", _model(tmp_path, name), "--gpu-memory-gb", "141", *flags]) == 0
     out = capsys.readouterr().out
@@ -43,6 +43,26 @@ def test_v32_does_not_fit_4x80gb(tmp_path: Path, capsys) -> None:
     inter, hidden = 2048 // 4, 7168
     experts = (61 - 3) * 256 * (3 * inter * hidden + 4 * 3 * (inter // 128) * (hidden // 128))  # + fp32 scales
     assert need * 1e9 >= experts > 80e9
+
+
+def test_glm52_fp8_is_planned_as_its_checkpoint_holds_it(tmp_path: Path, capsys) -> None:
+    """GLM-5.2-FP8's config.json (tests/configs/glm_5_2.json: IndexShare, an indexer on 21 of 78 layers; its
+    modules_to_not_convert names `indexers_proj`, a module the checkpoint lacks). At --tp 1 the planner's weights
+    are the bytes the zai-org/GLM-5.2-FP8 shards' headers hold, 745.585 GB for the target model and 755.617 GB with
+    its MTP layer (GB = 1e9, to the MB), plus what dsaserve holds wider: kv_b_proj dequantized to bf16 (it is read
+    as a matrix) and the indexer's weights_proj in fp32. At --tp 8 a rank's share does not fit an 80 GB GPU."""
+    cfg = ModelConfig.from_dict(__import__("json").loads((CONFIGS / "glm_5_2.json").read_text()))
+    kv_b_wider = 28672 * 512 - 4 * 224 * 4  # bf16 (2 bytes) instead of e4m3 (1) and its fp32 128 x 128 scales
+    weights_proj_wider = 32 * 6144 * 2  # fp32 instead of bf16
+    for spec, on_disk, layers, indexers in ((None, 745.585e9, 78, 21), ("NEXTN", 755.617e9, 79, 22)):
+        p = plan(cfg, ServerArgs(tp=1, speculative_algorithm=spec), int(2e12))
+        assert abs(p.weight_bytes - (on_disk + layers * kv_b_wider + indexers * weights_proj_wider)) < 1e6, spec
+    assert p.weights["routed experts"] == 75 * 256 * 3 * (2048 * 6144 + 4 * 16 * 48)
+    assert p.weights["router"] == 75 * 256 * (6144 * 2 + 4)  # bf16 weight, fp32 correction bias
+    derived = ModelConfig.from_dict({k: v for k, v in cfg.raw.items() if k != "indexer_types"})
+    assert derived.indexer_types == cfg.indexer_types and cfg.index_share_for_mtp_iteration  # freq 4, offset 3
+    assert main(["plan", "--model-path", _model(tmp_path, "glm_5_2"), "--tp", "8", "--gpu-memory-gb", "80"]) == 1
+    assert re.search(r"need 9[0-9.]+ GB but a GPU has 80.0 GB", capsys.readouterr().err)
 
 
 def test_a_tp_split_inside_an_fp8_block_is_refused_from_the_config(tmp_path: Path, capsys) -> None:
