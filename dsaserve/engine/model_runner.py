@@ -296,7 +296,7 @@ class ModelRunner:
         return self._run("draft", self._draft, inputs, layout, graphed)
 
     def _run(self, name: str, fn, inputs: dict[str, Tensor], layout: BatchLayout,
-             graphed: bool) -> tuple[Tensor, Tensor]:
+             graphed: bool) -> tuple[Tensor, ...]:
         if graphed:
             assert self.graphs is not None
             return self.graphs.run(name, fn, inputs, layout)  # type: ignore[return-value]
