@@ -7,11 +7,17 @@ without speculation (fp32: exact). Accept length = tokens a verify step yields p
 speculation (on CPU only the ratio means anything). Prints a table; CPU or GPU:
 
     python benchmarks/tiny_mtp_accept.py [--prompts 16] [--prompt-len 128] [--output-len 64] [--device cpu]
+                                         [--index-share] [--out accept.json]
+
+--index-share adds the runs of two steps and more with GLM-5.2's index_share_for_mtp_iteration switched on (the
+draft steps after the first attend the first's top-k): what that costs a drafter not trained with it.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 from tokenizers import Tokenizer
 
@@ -43,6 +49,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--index-share", action="store_true", help="also run S >= 2 with index_share_for_mtp_iteration")
+    ap.add_argument("--out", help="write the table's rows as JSON here")
     args = ap.parse_args()
     path = str(default_model_path())
     held = token_stream(build_corpus().held_out, Tokenizer.from_file(f"{path}/tokenizer.json"))
@@ -50,16 +58,24 @@ def main() -> None:
     common = dict(device=args.device, dtype=args.dtype, page_size=64, max_total_tokens=65536)
     reference, _, base_rate = run(LLM(path, **common), prompts, args.output_len)
     rows = []
-    for s in args.steps:
-        llm = LLM(path, speculative_algorithm="NEXTN", speculative_num_steps=s, **common)
+    shared = '{"index_share_for_mtp_iteration": true}'
+    runs = [(s, None) for s in args.steps] + [(s, shared) for s in args.steps if s > 1 and args.index_share]
+    for s, override in runs:
+        llm = LLM(path, speculative_algorithm="NEXTN", speculative_num_steps=s, json_model_override_args=override,
+                  **common)
         tokens, accept, rate = run(llm, prompts, args.output_len)
-        rows.append((s, accept, sum(t == r for t, r in zip(tokens, reference)), rate))
+        rows.append((f"{s}{' shared' if override else ''}", accept, sum(t == r for t, r in zip(tokens, reference)),
+                     rate))
     print(f"\nembedded tiny-dsa, {args.prompts} held-out prompts of {args.prompt_len} tokens, {args.output_len} "
           f"greedy tokens each, {args.device} {args.dtype}")
-    print(f"{'steps':>5} {'accept length':>14} {'same tokens as no speculation':>30} {'tok/s':>8} {'speed-up':>9}")
-    print(f"{0:>5} {1.0:>14.3f} {'':>30} {base_rate:>8.0f} {1.0:>8.2f}x")
+    print(f"{'steps':>8} {'accept length':>14} {'same tokens as no speculation':>30} {'tok/s':>8} {'speed-up':>9}")
+    print(f"{0:>8} {1.0:>14.3f} {'':>30} {base_rate:>8.0f} {1.0:>8.2f}x")
     for s, accept, same, rate in rows:
-        print(f"{s:>5} {accept:>14.3f} {f'{same}/{len(prompts)}':>30} {rate:>8.0f} {rate / base_rate:>8.2f}x")
+        print(f"{s:>8} {accept:>14.3f} {f'{same}/{len(prompts)}':>30} {rate:>8.0f} {rate / base_rate:>8.2f}x")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"args": vars(args), "base_tok_s": base_rate, "rows": [
+            dict(steps=s, accept_length=a, same_tokens=same, prompts=len(prompts), tok_s=r) for s, a, same, r in rows]},
+            indent=1))
 
 
 if __name__ == "__main__":
