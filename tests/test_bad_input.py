@@ -76,6 +76,19 @@ def test_pool_too_small_for_one_request(tiny_ds: str) -> None:
     assert len(llm.generate([[5] * 4], SamplingParams(max_tokens=4))[0].token_ids) == 4
 
 
+def test_a_refusal_counts_the_slots_mtp_drafts_write_ahead(tiny_ds: str) -> None:
+    """With S = 3 a request holds 2S - 1 = 5 slots past its last token: a 39-token prompt and one new token (40 of a
+    44-token pool) do not fit, and the message adds them up (it named 40 tokens against 44). Served beside it,
+    a prompt that fits with them runs."""
+    llm = LLM(tiny_ds, page_size=4, max_total_tokens=44, speculative_algorithm="NEXTN", speculative_num_steps=3)
+    for max_tokens, what in ((1, r"max_tokens \(1\) \+ the prompt \(39 tokens\)"),
+                             (None, r"the prompt \(39 tokens\) \+ one new token")):
+        with pytest.raises(RequestError, match=what + r" \+ the 5 slots MTP drafts write past them need more cache "
+                                                      r"than the whole KV pool holds \(44 tokens\)"):
+            llm.generate([[5] * 39], SamplingParams(max_tokens=max_tokens))
+    assert len(llm.generate([[5] * 38], SamplingParams(max_tokens=1))[0].token_ids) == 1
+
+
 def test_a_pool_of_one_page_is_refused_at_start(tiny_ds: str) -> None:
     """Admission holds a page for the first decode beside the first chunk's: one page can start nothing, so the
     engine does not start (a server said ready, then refused every request); the pool's flag is checked before
@@ -176,7 +189,7 @@ def test_max_tokens_omitted_fits_the_pool(tiny_ds: str) -> None:
     out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=None, temperature=0.0, ignore_eos=True))[0]
     assert out.finish_reason.kind == "length" and len(out.token_ids) == 64 - 3
     # A prompt the pool cannot hold with one new token is refused by name (it was queued and never ended)
-    with pytest.raises(RequestError, match=r"the prompt \(100 tokens\) and one new token need more cache"):
+    with pytest.raises(RequestError, match=r"the prompt \(100 tokens\) \+ one new token need more cache"):
         llm.engine.add_request("long", list(range(5, 105)), SamplingParams(max_tokens=None))
     assert "long" not in llm.engine.requests and llm.engine.stats().waiting == 0
 

@@ -125,8 +125,9 @@ class Engine:
         max_new = params.max_tokens
         if max_new is None:  # as many as fit: the context, or the pool when it is smaller
             if 0 < len(prompt_ids) < self.context_length and len(prompt_ids) >= room:
-                raise RequestError(f"the prompt ({len(prompt_ids)} tokens) and one new token need more cache than "
-                                   f"the whole KV pool holds ({self.scheduler.capacity_tokens} tokens)")
+                ahead = self.scheduler.lookahead_note()
+                raise RequestError(f"the prompt ({len(prompt_ids)} tokens) + one new token{ahead} need more cache "
+                                   f"than the whole KV pool holds ({self.scheduler.capacity_tokens} tokens)")
             max_new = room - len(prompt_ids)
         req = Request(rid=rid, prompt_ids=list(prompt_ids), params=params, max_new_tokens=max_new,
                       arrival=next(self._arrivals),

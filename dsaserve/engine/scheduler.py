@@ -79,12 +79,17 @@ class Scheduler:
         if prompt_len + max_new_tokens > limit:
             raise RequestError(f"max_tokens ({max_new_tokens}) + the prompt ({prompt_len} tokens) = "
                                f"{prompt_len + max_new_tokens} exceeds the context length {limit}")
-        slack = self.cfg.decode_lookahead - 1  # speculative steps write a few slots past the last token
         held = max_new_tokens if cache_tokens is None else min(cache_tokens, max_new_tokens)
-        if prompt_len + held + slack > self.capacity_tokens:
+        if prompt_len + held + self.cfg.decode_lookahead - 1 > self.capacity_tokens:
             what = (f"max_tokens ({max_new_tokens}) + the prompt ({prompt_len} tokens)" if held == max_new_tokens
                     else f"the prompt ({prompt_len} tokens) + {held} new token(s)")
-            raise RequestError(f"{what} need more cache than the whole KV pool holds ({self.capacity_tokens} tokens)")
+            raise RequestError(f"{what}{self.lookahead_note()} need more cache than the whole KV pool holds "
+                               f"({self.capacity_tokens} tokens)")
+
+    def lookahead_note(self) -> str:
+        """What a refusal adds to the request's tokens: the slots speculative steps write past the last token."""
+        slack = self.cfg.decode_lookahead - 1
+        return f" + the {slack} slots MTP drafts write past them" if slack else ""
 
     def check_queue(self, held_elsewhere: int = 0) -> None:
         """QueueFull when the waiting requests (and `held_elsewhere`, about to join them) fill the queue."""
