@@ -131,6 +131,23 @@ def test_a_transfer_is_held_after_a_retraction_as_admission_is() -> None:
     assert sched.preallocate(Request("t", [2] * 2, SamplingParams(), 1, 2, 0), 2)
 
 
+def test_a_transfer_waits_for_its_first_decodes_pages_as_admission_does() -> None:
+    """PD decode side under MTP (S = 3: a decode writes up to 6 slots past the last token): an 8-token prompt takes
+    2 pages of 4 and its first decode 2 more. With 3 free pages preallocation took the 2 and the transferred
+    request was retracted at its first decode (and prefilled again here); it now waits, as admission holds a
+    request's first decode pages, and goes once a 4th page is free."""
+    from dsaserve.cache.pages import PageAllocator
+    from dsaserve.engine.request import Request, SamplingParams
+    from dsaserve.engine.scheduler import Scheduler, SchedulerConfig
+    sched = Scheduler(SchedulerConfig(page_size=4, chunked_prefill_size=64, max_running_requests=16,
+                                      max_queued_requests=100, context_length=1000, spec_steps=3), PageAllocator(5))
+    other = sched.allocator.alloc(1)  # held elsewhere (a prefix, a transfer): 3 of the 4 pages free
+    req = Request("t", [2] * 8, SamplingParams(), 4, 0, 0)
+    assert not sched.preallocate(req, 8) and req.pages == [] and sched.allocator.num_free == 3
+    sched.allocator.free(other)
+    assert sched.preallocate(req, 8) and len(req.pages) == 2
+
+
 @pytest.mark.parametrize("steps,page_size,context", [(3, 4, 96), (0, 64, 100)])
 def test_the_default_pool_holds_a_whole_context_per_running_request(tiny_ds: str, steps: int, page_size: int,
                                                                     context: int) -> None:

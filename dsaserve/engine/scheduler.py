@@ -122,9 +122,9 @@ class Scheduler:
     # -- PD disaggregation: requests whose KV cache moves between servers ----------------------
 
     def preallocate(self, req: Request, tokens: int) -> bool:
-        """Decode side: give a request pages for `tokens` (its prompt) that a prefill server will fill,
-        leaving what the running requests' next decode step needs. False when they do not fit now, or when
-        the running requests and those in transit reach --max-running-requests.
+        """Decode side: give a request pages for `tokens` (its prompt) that a prefill server will fill, leaving
+        what the running requests' next decode step and its own first one need. False when they do not fit now, or
+        when the running requests and those in transit reach --max-running-requests.
         Full pages of the prompt that this server's prefix cache holds are shared, not sent again:
         req.cached_tokens says how many tokens the transfer skips. Requests that wait here already (retracted,
         earlier arrivals) go first, and after a retraction nothing new starts until one frees pages: the rule of
@@ -135,6 +135,8 @@ class Scheduler:
         need = self._pages_for(tokens) - len(cached)
         reserve = sum(self._pages_missing(r, r.num_cached + self.cfg.decode_lookahead)
                       for r in self.running if not self._prefilling(r))
+        # and its own first decode's, which admission holds too (else it is retracted once its cache arrives)
+        reserve += self._pages_for(tokens + self.cfg.decode_lookahead) - self._pages_for(tokens)
         if self._free_pages(need + reserve) - reserve < need:  # evicts cached prefixes no request uses
             self.allocator.free(cached)
             return False
