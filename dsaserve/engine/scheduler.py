@@ -135,8 +135,7 @@ class Scheduler:
         need = self._pages_for(tokens) - len(cached)
         reserve = sum(self._pages_missing(r, r.num_cached + self.cfg.decode_lookahead)
                       for r in self.running if not self._prefilling(r))
-        # and its own first decode's, which admission holds too (else it is retracted once its cache arrives)
-        reserve += self._pages_for(tokens + self.cfg.decode_lookahead) - self._pages_for(tokens)
+        reserve += self._first_decode_pages(tokens, 0)  # held as admission holds it (else retracted on arrival)
         if self._free_pages(need + reserve) - reserve < need:  # evicts cached prefixes no request uses
             self.allocator.free(cached)
             return False
@@ -227,12 +226,11 @@ class Scheduler:
         self.allocator.free(req.pages)
         req.pages, req.num_cached = [], 0
 
-    def _first_decode_pages(self, req: Request, drafts: int) -> int:
-        """Pages the first decode of a request takes beyond those its prompt's last chunk takes (held when it is
-        admitted). Not a whole lookahead's pages: with pages of many tokens the prompt's last page usually has
-        the room, and a prefix the cache hands over could otherwise leave a pool that fits the request no room
-        to admit it, forever."""
-        end = req.num_cached + req.pending
+    def _first_decode_pages(self, end: int, drafts: int) -> int:
+        """Pages the first decode of a request whose prompt ends at `end` takes beyond those its prompt's last chunk
+        (with `drafts` slots) takes: held when it is admitted, or given pages for a transfer. Not a whole
+        lookahead's pages: with pages of many tokens the prompt's last page usually has the room, and a prefix the
+        cache hands over could otherwise leave a pool that fits the request no room to admit it, forever."""
         return max(self._pages_for(end + self.cfg.decode_lookahead) - self._pages_for(end + drafts), 0)
 
     def _prefill_chunks(self, budget: int, after_decode: bool) -> list[tuple[Request, int]]:
@@ -252,7 +250,7 @@ class Scheduler:
             if admitting and self._admission_held():
                 break
             hit = self._reuse_prefix(req) if admitting else None
-            held = reserve + (self._first_decode_pages(req, drafts) if admitting else 0)
+            held = reserve + (self._first_decode_pages(req.num_cached + req.pending, drafts) if admitting else 0)
             want = held + self._pages_missing(req, req.num_cached + min(req.pending, budget) + drafts)
             free = self._free_pages(want)
             room = (len(req.pages) + max(free - held, 0)) * self.cfg.page_size - req.num_cached
