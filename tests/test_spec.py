@@ -137,26 +137,27 @@ def test_mtp_layer_shares_the_targets_embedding_and_head(tiny_ds: str) -> None:
                                                                                       "lm_head.weight"]
 
 
-def _drafts_seen(model: str, steps: int, accept_all: bool, **kw: object) -> list[tuple[list[int], list[int]]]:
-    """(tokens so far, the MTP's drafts) at every step of PROMPTS[:2], when the verify steps are given each
-    request's greedy continuation (every draft accepted) or tokens that are never it (none accepted)."""
+def _drafts_seen(model: str, steps: int, **kw: object) -> list[tuple[list[int], list[int]]]:
+    """(tokens so far, the MTP's drafts) at every step of PROMPTS[:2], in a run whose verify steps are given each
+    request's greedy continuation (every draft accepted) and in one given tokens that are never it (none)."""
     prompts = PROMPTS[:2]
     continuation = plain(model, prompts, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
-    llm = LLM(model, page_size=4, chunked_prefill_size=16, max_total_tokens=4096, **spec(steps), **kw)
     seen: list[tuple[list[int], list[int]]] = []
-    conts = {}
+    for accept_all in (True, False):
+        llm = LLM(model, page_size=4, chunked_prefill_size=16, max_total_tokens=4096, **spec(steps), **kw)
+        conts = {f"r{i}": c for i, c in enumerate(continuation)}
 
-    def override(req: Request, drafts: list[int]) -> list[int]:
-        seen.append((req.prompt_ids + req.output_ids, list(drafts)))
-        cont, n = conts[req.rid], len(req.output_ids)
-        return cont[n:n + steps] if accept_all else [(t + 1) % 512 for t in cont[n:n + steps]]
+        def override(req: Request, drafts: list[int], accept_all: bool = accept_all) -> list[int]:
+            seen.append((req.prompt_ids + req.output_ids, list(drafts)))
+            cont, n = conts[req.rid], len(req.output_ids)
+            return cont[n:n + steps] if accept_all else [(t + 1) % 512 for t in cont[n:n + steps]]
 
-    llm.engine.draft_override = override
-    for i, (p, c) in enumerate(zip(prompts, continuation)):
-        llm.engine.add_request(f"r{i}", p, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))
-        conts[f"r{i}"] = c
-    llm.engine.run_until_idle()
-    assert len(seen) >= 4
+        llm.engine.draft_override = override
+        before = len(seen)
+        for i, p in enumerate(prompts):
+            llm.engine.add_request(f"r{i}", p, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))
+        llm.engine.run_until_idle()
+        assert len(seen) - before >= 4
     return seen
 
 
@@ -166,9 +167,8 @@ def test_mtp_drafts_match_reference(arch: str, tiny_models: dict[str, str], tmp_
     reference MTP run over the whole sequence: the MTP caches stay consistent across steps."""
     model, steps = tiny_models[arch], 3
     ref = ReferenceMTP(model, arch, tmp_path)
-    for accept_all in (True, False):
-        for tokens, drafts in _drafts_seen(model, steps, accept_all):
-            assert drafts == ref.drafts(tokens, steps), f"after {len(tokens)} tokens (accept_all={accept_all})"
+    for tokens, drafts in _drafts_seen(model, steps):
+        assert drafts == ref.drafts(tokens, steps), f"after {len(tokens)} tokens"
 
 
 def test_shared_mtp_top_k_drafts_match_reference(tiny_models: dict[str, str], tmp_path: Path) -> None:
@@ -180,10 +180,9 @@ def test_shared_mtp_top_k_drafts_match_reference(tiny_models: dict[str, str], tm
     ref = ReferenceMTP(model, "glm_moe_dsa", tmp_path)
     shared = dict(json_model_override_args=json.dumps({"index_share_for_mtp_iteration": True}), cuda_graph_max_bs=4)
     differs = 0
-    for accept_all in (True, False):
-        for tokens, drafts in _drafts_seen(model, steps, accept_all, **shared):
-            assert drafts == ref.drafts(tokens, steps, share_topk=True), f"after {len(tokens)} tokens"
-            differs += drafts != ref.drafts(tokens, steps)
+    for tokens, drafts in _drafts_seen(model, steps, **shared):
+        assert drafts == ref.drafts(tokens, steps, share_topk=True), f"after {len(tokens)} tokens"
+        differs += drafts != ref.drafts(tokens, steps)
     assert differs > 0
     llm = LLM(model, page_size=4, chunked_prefill_size=7, max_total_tokens=4096, **spec(steps), **shared)
     assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == plain(model, PROMPTS, GREEDY, page_size=4)
