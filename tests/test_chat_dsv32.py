@@ -263,3 +263,17 @@ def test_a_constraint_the_matcher_gives_up_on_is_a_400(client: openai.OpenAI, se
     text = client.completions.create(model=model, prompt="Numbers:", max_tokens=8, temperature=0,
                                      extra_body={"regex": "[0-9]{4}"}).choices[0].text
     assert re.fullmatch("[0-9]{4}", text), text
+
+
+def test_an_ebnf_answer_follows_the_reasoning(client: openai.OpenAI, hf) -> None:
+    """Thinking on, the prompt opens <think>: an ebnf grammar constrains the answer after </think>, as regex and
+    response_format do (and SGLang does). It constrained the reply from its first token, so the answer was read as
+    reasoning: content '' and reasoning_content 'answer: up'. The bias makes the reasoning end at once."""
+    think_end = hf.convert_tokens_to_ids("</think>")
+    r = client.chat.completions.create(
+        model=client.models.list().data[0].id, messages=chat_cases.ASK, max_tokens=20, temperature=0,
+        logit_bias={str(think_end): 100},
+        extra_body={"ebnf": 'root ::= "answer: " ("up" | "down")', "chat_template_kwargs": {"thinking": True}})
+    message = r.choices[0].message
+    assert message.content in ("answer: up", "answer: down") and not message.reasoning_content, message
+    assert r.choices[0].finish_reason == "stop"

@@ -207,7 +207,15 @@ def build_grammar(c: Constraint, tool_format: str | None, markup: Markup, opens_
     if sum(x is not None for x in (schema, c.regex, c.ebnf)) > 1:
         raise GrammarError("give at most one of response_format, regex and ebnf")
     if c.ebnf is not None and not c.forced_tools:
-        return ebnf_grammar(c.ebnf)  # the whole reply, as the client wrote it
+        answer = ebnf_grammar(c.ebnf)  # the answer, as the client wrote it
+        if not opens_reasoning:
+            return answer
+        # the reasoning runs to </think> first (as below): the client's grammar is a nested one, so its rule names
+        # cannot clash with ours
+        rules: list[str] = []
+        start = f"start: {_text_value({}, markup, 'reasoning', THINK_END, rules)} @answer"
+        return json.dumps({"grammars": [{"lark_grammar": "\n".join([start, *rules])},
+                                        {"name": "answer", "lark_grammar": answer}]})
     if c.forced_tools:
         if tool_format is None:
             raise GrammarError("a forced tool_choice needs a tool-call parser")
