@@ -33,8 +33,9 @@ def write_rank_slice(out: Path, arch: str, tp: int, layers: int | None, bf16: bo
         if cfg[key] % tp:
             raise ValueError(f"{key}={cfg[key]} is not divisible by --tp {tp}")
         cfg[key] //= tp
-    if layers is not None:
-        cfg["num_hidden_layers"] = layers
+    if layers is not None:  # per-layer lists (GLM-5.2's indexer_types, mlp_layer_types) keep their first layers
+        per_layer = [k for k, v in cfg.items() if isinstance(v, list) and len(v) == cfg["num_hidden_layers"]]
+        cfg.update({k: cfg[k][:layers] for k in per_layer}, num_hidden_layers=layers)
     out.mkdir(parents=True, exist_ok=True)
     for f in default_model_path().glob("*.json"):  # the tokenizer files (token ids past its vocabulary decode to "")
         if "safetensors" not in f.name and f.name not in ("config.json", "training_report.json"):
@@ -46,7 +47,7 @@ def write_rank_slice(out: Path, arch: str, tp: int, layers: int | None, bf16: bo
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out")
-    ap.add_argument("--arch", choices=["deepseek_v32", "glm_moe_dsa"], default="deepseek_v32")
+    ap.add_argument("--arch", choices=["deepseek_v32", "glm_moe_dsa", "glm_5_2"], default="deepseek_v32")
     ap.add_argument("--tp", type=int, default=8)
     ap.add_argument("--layers", type=int, default=None, help="default: the model's own")
     ap.add_argument("--bf16", action="store_true", help="bf16 weights (no quantization_config)")

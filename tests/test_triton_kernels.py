@@ -165,19 +165,23 @@ def _layout(seq_lens: list[int], q_lens: list[int], page_size: int, gen: torch.G
     return page_table, row_req_t, row_len_t, len(seq_lens) * P * page_size
 
 
-INDEXER_CASES = [  # seq_lens, q_lens, Hi, Di, page_size
-    ([5000, 40, 2100, 777], [1, 1, 1, 1], 64, 128, 64),  # decode, one row shorter than topk
-    ([3000, 600, 9], [2, 300, 9], 64, 128, 64),  # prefill mix: > 256 rows, blocks straddle requests
-    ([1500, 1200], [4, 3], 32, 128, 16),  # GLM head count, verify-like rows
-    ([2000, 700, 64], [203, 150, 64], 32, 128, 64),  # GLM head count, prefill: 8-row blocks straddle requests
-    ([300, 90, 260], [100, 30, 200], 4, 32, 16),  # tiny model dims
+INDEXER_CASES = [  # seq_lens, q_lens, Hi, Di, page_size, rows_per_request (the tiling hint)
+    ([5000, 40, 2100, 777], [1, 1, 1, 1], 64, 128, 64, 1),  # decode, one row shorter than topk
+    ([3000, 600, 9], [2, 300, 9], 64, 128, 64, 1),  # prefill mix: > 256 rows, blocks straddle requests
+    ([1500, 1200], [4, 3], 32, 128, 16, 1),  # GLM head count, verify-like rows
+    ([2000, 700, 64], [203, 150, 64], 32, 128, 64, 1),  # GLM head count, prefill: 8-row blocks straddle requests
+    ([300, 90, 260], [100, 30, 200], 4, 32, 16, 1),  # tiny model dims
+    ([5000, 2100, 3000, 2600], [4, 4, 4, 4], 64, 128, 64, 4),  # MTP verify, S = 3: a request's rows per program
+    ([3000, 2500, 2049], [3, 3, 3], 32, 128, 64, 3),  # S = 2, GLM heads: 3 rows in a 4-row tile
+    ([3000, 2500, 2049], [4, 3, 4], 32, 128, 16, 4),  # a hint the rows do not follow: programs straddle requests
+    ([300, 90], [2, 2], 4, 32, 16, 2),  # tiny heads: more rows per program than the hint
 ]
 
 
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("case", range(len(INDEXER_CASES)))
 def test_indexer_logits(case, fp8):
-    seq_lens, q_lens, Hi, Di, page_size = INDEXER_CASES[case]
+    seq_lens, q_lens, Hi, Di, page_size, per_request = INDEXER_CASES[case]
     gen = torch.Generator(DEV).manual_seed(case)
     page_table, row_req, row_len, S = _layout(seq_lens, q_lens, page_size, gen)
     T = row_req.numel()
@@ -188,7 +192,7 @@ def test_indexer_logits(case, fp8):
         k_cache = kv_format.quantize_fp8(k_cache.float() * torch.exp2(torch.randint(
             -6, 7, (S, 1), device=DEV, generator=gen).float()))
     num_keys = max(seq_lens) + 5  # columns past every kv_len too
-    got = tops.indexer_logits(q, w, k_cache, page_table, row_req, row_len, page_size, num_keys)
+    got = tops.indexer_logits(q, w, k_cache, page_table, row_req, row_len, page_size, num_keys, per_request)
     want = ref.indexer_logits(q.float(), w, k_cache if fp8 else k_cache.float(), page_table, row_req, row_len,
                               page_size, num_keys)
     assert got.shape == (T, num_keys) and got.dtype == torch.float32
@@ -218,7 +222,7 @@ def _selected_values(slots: torch.Tensor, logits: torch.Tensor, page_table: torc
 def test_topk_slots(case, topk, ties, method):
     """auto: indexer.selection_path's kernel (split, row or sampled; torch.topk only for the reference); ties: logits
     of a few distinct values, so the kernel's choice among equal values may differ from torch's."""
-    seq_lens, q_lens, Hi, Di, page_size = INDEXER_CASES[case]
+    seq_lens, q_lens, Hi, Di, page_size, _ = INDEXER_CASES[case]
     gen = torch.Generator(DEV).manual_seed(100 + case)
     page_table, row_req, row_len, _ = _layout(seq_lens, q_lens, page_size, gen)
     T = row_req.numel()

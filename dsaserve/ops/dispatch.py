@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from dsaserve.cache.kv_format import check_cache
-from dsaserve.engine.layout import BatchLayout, LayoutError, checks_enabled
+from dsaserve.engine.layout import BatchLayout, LayoutError, StepMode, checks_enabled
 from dsaserve.ops import reference
 from dsaserve.ops.fp8 import BlockFP8, QuantizedRows
 
@@ -151,6 +151,8 @@ class DSAOps:
         # Whole multiples of 16 rows: every chunk's row slices start 16-byte aligned, as the warm-up's did
         # (Triton specializes kernels on pointer alignment: an odd chunk start compiled new variants).
         rows_per_chunk = max(16, self.max_logits_bytes // (layout.key_width * 4) // 16 * 16)
+        # A verify step's requests have S + 1 rows each: the kernel reads a request's keys once for all of them.
+        group = T // layout.batch_size if layout.mode is StepMode.VERIFY and rows is None else 1
         parts = []
         for start in range(0, T, rows_per_chunk):
             part = slice(start, min(start + rows_per_chunk, T))
@@ -163,7 +165,7 @@ class DSAOps:
                 parts.append(reference.first_positions_slots(kv_len, layout.page_table, req, layout.page_size, topk))
                 continue
             logits = backend.indexer_logits(q[part], weights[part], k_cache, layout.page_table, req, kv_len,
-                                            layout.page_size, num_keys, **self._mode)
+                                            layout.page_size, num_keys, group, **self._mode)
             parts.append(backend.topk_slots(logits, kv_len, layout.page_table, req, layout.page_size, topk,
                                             **self._mode))
         return parts[0] if len(parts) == 1 else torch.cat(parts)  # one chunk (every decode step): no copy

@@ -67,8 +67,10 @@ def _plain(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
 
 
 def indexer_logits(q: Tensor, weights: Tensor, k_cache: Tensor, page_table: Tensor, row_req: Tensor,
-                   row_kv_len: Tensor, page_size: int, num_keys: int, batch_invariant: bool = False) -> Tensor:
-    """Indexer scores of every query row against the first `num_keys` positions of its request.
+                   row_kv_len: Tensor, page_size: int, num_keys: int, rows_per_request: int = 1,
+                   batch_invariant: bool = False) -> Tensor:
+    """Indexer scores of every query row against the first `num_keys` positions of its request (rows_per_request:
+    the Triton kernel's tiling hint, which changes no value).
 
     q [T, Hi, Di], weights [T, Hi] fp32 (already scaled by Hi^-0.5 and Di^-0.5), k_cache [S, Di] (or uint8 FP8),
     page_table [B, P], row_req [T], row_kv_len [T, 1]. Returns fp32 [T, num_keys]:

@@ -1,11 +1,12 @@
 """Lightning-indexer logits and top-k slot selection.
 
-indexer_logits: a program owns BLOCK_T consecutive query rows and a chunk of `iters` key blocks. Each key
+indexer_logits: a program owns ROWS consecutive query rows and a chunk of `iters` key blocks. Each key
 block (BLOCK_N keys, gathered through the page table) is loaded once and multiplied against every head of
 every row in the program at once (M = keys, N = rows x heads), then relu, head weights and the head sum are
 applied in registers, so no [T, H, L] intermediate ever reaches memory. Rows are grouped by request
 (row_req non-decreasing), so in prefill a block of rows shares its keys; a block that straddles requests
-runs one pass per request, storing only that request's rows. Decode uses BLOCK_T = 1.
+runs one pass per request, storing only that request's rows. Decode uses one row per program, an MTP verify
+step a request's S + 1 rows (its keys read once for them all).
 FP8 index keys (uint8 rows: 128 e4m3 values + one fp32 scale, cache/kv_format.py) are converted to the
 query's dtype after the gather (exact) and the key's scale multiplies its logit after the head sum: the
 scale is positive, so relu(s * q.k) = s * relu(q.k).
@@ -37,19 +38,19 @@ CONFIG: dict[str, int] | None = None
 def _indexer_kernel(Q, W, KC, KS, PT, REQ, LEN, OUT,
                     stride_qt, stride_qh, stride_wt, stride_kc, stride_ks, stride_pt, stride_len, stride_ot,
                     T, HI, DI, num_keys, page_size, iters,
-                    BLOCK_T: tl.constexpr, HP: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                    PRECISION: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr):
+                    ROWS: tl.constexpr, BLOCK_T: tl.constexpr, HP: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr):
     pdl_start(PDL)
     dtype = Q.dtype.element_ty if FP8 else KC.dtype.element_ty
-    t0 = tl.program_id(0) * BLOCK_T
+    t0 = tl.program_id(0) * ROWS  # a program's ROWS rows in a tile of BLOCK_T (a power of two >= ROWS)
     chunk = tl.program_id(1)
     # Queries as the N operand [BLOCK_D, BLOCK_T * HP], column j = (row j // HP, head j % HP).
     j = tl.arange(0, BLOCK_T * HP)
     j_row = t0 + j // HP
     j_head = j % HP
-    j_mask = (j_row < T) & (j_head < HI)
+    j_mask = (j // HP < ROWS) & (j_row < T) & (j_head < HI)
     rows = t0 + tl.arange(0, BLOCK_T)
-    r_mask = rows < T
+    r_mask = (tl.arange(0, BLOCK_T) < ROWS) & (rows < T)
     reqs = tl.load(REQ + rows, mask=r_mask, other=-1)
     lens = tl.minimum(tl.load(LEN + rows * stride_len, mask=r_mask, other=0), num_keys)
     out_rows = OUT + rows.to(tl.int64)[None, :] * stride_ot
@@ -65,7 +66,7 @@ def _indexer_kernel(Q, W, KC, KS, PT, REQ, LEN, OUT,
                   mask=j_mask[None, :] & d_mask[:, None] & live, other=0.0).to(dtype)
     w = tl.load(W + j_row.to(tl.int64) * stride_wt + j_head, mask=j_mask & live, other=0.0)  # 0 for padded heads
 
-    for i in tl.static_range(BLOCK_T):
+    for i in tl.static_range(ROWS):
         row_i = tl.minimum(t0 + i, T - 1)
         req_i = tl.load(REQ + row_i)
         if i == 0:
@@ -122,35 +123,44 @@ def _slots_kernel(POS, LEN, PT, REQ, OUT, stride_pos, stride_len, stride_pt, str
     tl.store(OUT + t * stride_ot + j, slot.to(tl.int32), mask=j_mask)
 
 
-def _config(T: int, num_keys: int, hp: int, sms: int) -> dict[str, int]:
+def _config(T: int, num_keys: int, hp: int, sms: int, group: int = 1) -> dict[str, int]:
+    """rows: query rows per program, which share each key block they read; group: the rows of one request
+    that sit together (an MTP verify step's S + 1), a hint for decode-sized steps."""
     cfg = dict(CONFIG or {})
     decode = T <= 256  # one row per program (16 / hp when heads are few); prefill rows share key blocks
     # Prefill: 256 (row, head) columns per key block (at most 8 rows: the pass per request is unrolled by row).
     # Each key block read from L2 serves that many rows; with 2 rows per block the key reads, not the tensor
     # cores, set the pace (H200 sweep, docs/benchmarks.md: 4 rows of 64 heads, 4 warps, 2 stages was 22-28%
     # faster than 2 rows, 4 stages over bf16 keys and 21-62% over FP8 keys, 512 to 32K keys).
-    block_t = cfg.get("block_t") or (1 if decode else max(1, min(8, 256 // hp)))
-    block_n = cfg.get("block_n") or 64
+    # Decode: a verify step's S + 1 rows of a request in one program read its keys once, not S + 1 times.
+    rows = cfg.get("block_t") or (min(group, max(1, 256 // hp)) if decode else max(1, min(8, 256 // hp)))
+    if next_pow2(rows, 1) * hp < 16:  # the dot needs N >= 16: few heads take more rows
+        rows = triton.cdiv(16, hp)
+    # A verify step's rows: 128-key blocks (H100, 1-16 requests x 2-4 rows x 32K keys: 5-32% less time than one
+    # row per program; with 64-key blocks one request's 4 rows took 19% more, docs/benchmarks.md).
+    block_n = cfg.get("block_n") or (128 if decode and rows > 1 and hp * rows >= 128 else 64)
     if decode:
         # Under graphs the key width is a power-of-two bucket: the longest row ends in (num_keys / 2,
         # num_keys], and programs past a row's end only write -inf. Taking half the width as live, the
         # longest key range per program that leaves ~3.5 working programs per SM, 2 stages: in an H200
         # sweep of 1-64 rows over 4K and 32K keys (docs/benchmarks.md) 787 us over 20 cases against 845
         # for 15-16 blocks per program and 767 for each case's best config.
-        working = T * num_keys / 2 / block_n
+        working = triton.cdiv(T, rows) * num_keys / 2 / block_n
         iters = next((i for i in (16, 8, 4, 2) if working / i >= 3.5 * sms), 1)
         stages = 2
     else:
-        blocks = triton.cdiv(T, block_t) * triton.cdiv(num_keys, block_n)
+        blocks = triton.cdiv(T, rows) * triton.cdiv(num_keys, block_n)
         iters = max(1, min(16, blocks // (4 * sms)))  # reuse q over keys, keep SMs full
         stages = 2
-    return dict(block_t=block_t, block_n=block_n, iters=cfg.get("iters") or iters,
+    return dict(rows=rows, block_n=block_n, iters=cfg.get("iters") or iters,
                 num_warps=cfg.get("num_warps") or 4, num_stages=cfg.get("num_stages") or stages)
 
 
 def indexer_logits(q: Tensor, weights: Tensor, k_cache: Tensor, page_table: Tensor, row_req: Tensor,
-                   row_kv_len: Tensor, page_size: int, num_keys: int) -> Tensor:
-    """See reference.indexer_logits (k_cache: [S, Di] rows, or uint8 FP8 rows with Di <= 128: one scale)."""
+                   row_kv_len: Tensor, page_size: int, num_keys: int, rows_per_request: int = 1) -> Tensor:
+    """See reference.indexer_logits (k_cache: [S, Di] rows, or uint8 FP8 rows with Di <= 128: one scale).
+    rows_per_request: how many consecutive rows each request has where a step gives them all the same count
+    (MTP verify: S + 1), a tiling hint; any value gives the same logits."""
     T, HI, DI = q.shape
     logits = new_empty((T, num_keys), torch.float32, q.device)
     if T == 0 or num_keys == 0:
@@ -173,17 +183,14 @@ def indexer_logits(q: Tensor, weights: Tensor, k_cache: Tensor, page_table: Tens
     row_kv_len = row_kv_len.to(torch.int32).reshape(T, -1)
     hp = next_pow2(HI, 1)
     block_d = next_pow2(DI)
-    cfg = _config(T, num_keys, hp, sm_count(q))
-    block_t = cfg["block_t"]
-    if block_t * hp < 16:  # the dot needs N >= 16
-        block_t = triton.cdiv(16, hp)
-    grid = (triton.cdiv(T, block_t), triton.cdiv(num_keys, cfg["block_n"] * cfg["iters"]))
+    cfg = _config(T, num_keys, hp, sm_count(q), rows_per_request)
+    grid = (triton.cdiv(T, cfg["rows"]), triton.cdiv(num_keys, cfg["block_n"] * cfg["iters"]))
     _indexer_kernel[grid](
         q, weights, keys, scales, page_table, row_req, row_kv_len, logits,
         q.stride(0), q.stride(1), weights.stride(0), keys.stride(0), scales.stride(0), page_table.stride(0),
         row_kv_len.stride(0), logits.stride(0),
         T, HI, DI, num_keys, page_size, cfg["iters"],
-        BLOCK_T=block_t, HP=hp, BLOCK_D=block_d, BLOCK_N=cfg["block_n"],
+        ROWS=cfg["rows"], BLOCK_T=next_pow2(cfg["rows"], 1), HP=hp, BLOCK_D=block_d, BLOCK_N=cfg["block_n"],
         PRECISION=dot_precision(q.dtype if fp8 else keys.dtype), FP8=fp8,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl(q))
     return logits
