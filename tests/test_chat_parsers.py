@@ -310,15 +310,20 @@ def test_an_argument_nested_past_the_recursion_limit_does_not_fail_the_stream() 
     assert [(c.name, json.loads(c.arguments)) for c in got.calls] == [("get_weather", {"city": deep})]
 
 
-def test_calls_cut_inside_the_closing_tag_are_calls_without_the_half_tag() -> None:
-    """max_tokens can end a DSML reply after its complete calls, inside `</｜DSML｜function_calls>`: the calls
-    stand, and the half tag was returned as content; a cut inside a call still leaves the block as text."""
-    calls = KNOWN[0][4]
-    end = f"</{D}function_calls>"
-    for keep in range(len(end)):
-        reply = DSML_TWO[:len(DSML_TWO) - len(end) + keep]
-        for cuts in ((), tuple(range(1, len(reply), 7))):
-            assert parse(lambda: dsml(True), reply, cuts) == Parsed("Checking two.", "Let me look.", calls)
-    inside = DSML_TWO[:DSML_TWO.index("get_time") + 5]
-    out = parse(lambda: dsml(True), inside)
-    assert out.calls == calls[:1] and out.content.startswith("Let me look.") and out.content.endswith("get_t")
+@pytest.mark.parametrize("make,raw,reasoning,content,calls", KNOWN[:2])
+def test_a_cut_after_complete_calls_drops_the_cut_call(make, raw: str, reasoning: str, content: str,
+                                                       calls: list[ToolCall]) -> None:
+    """max_tokens or a stop string can end a reply after a complete call, inside the next one, the marker opening
+    it or DSML's closing tag: the complete calls stand and what was written of the cut call is no content, whole or
+    streamed (a cut inside DSML's second invoke left e.g. '\\n<｜DSML｜invok' in content; SGLang and vLLM drop the
+    unfinished call). A reply cut inside its first call keeps the markup as text, and text after calls keeps its
+    trailing whitespace."""
+    end = "</tool_call>" if make is glm else f"</{D}invoke>"
+    first_end, last_end = raw.index(end) + len(end), raw.rindex(end) + len(end)
+    for keep in range(first_end, len(raw)):
+        expected = Parsed(reasoning, content, calls[:1] if keep < last_end else calls)
+        for cuts in ((), (keep // 2,), tuple(range(first_end - 3, keep, 5))):
+            assert parse(lambda: make(True), raw[:keep], cuts) == expected, (keep, cuts)
+    inside = raw[:raw.index("Paris")]
+    assert parse(lambda: make(True), inside) == Parsed(reasoning, inside.split("</think>")[1], [])
+    assert parse(lambda: make(True), raw + " Done.\n") == Parsed(reasoning, content + " Done.\n", calls)

@@ -133,3 +133,52 @@ def test_several_requests_deltas_come_merged_per_request() -> None:
         got += [x async for x in stream]
         return [(i, d.token_ids, d.finish is not None) for i, d in got]
     assert asyncio.run(go()) == [(0, [0], False), (1, [0], False), (0, [1, 2], True), (1, [1, 2], True)]
+
+
+@pytest.mark.parametrize("fmt", ["dsml", "glm"])
+@pytest.mark.parametrize("kind,reason", [("length", "length"), ("stop", "tool_calls")])
+def test_a_call_cut_after_complete_ones_is_dropped_streamed_as_whole(fmt: str, kind: str, reason: str) -> None:
+    """max_tokens (length) or a stop string (stop) ends a reply inside its second call: the message and the streamed
+    deltas carry the first call alone and no content (the cut call's markup was content), and the same finish_reason:
+    length for max_tokens; tool_calls for a stop string, which ends the reply as the model's own stop does (OpenAI's
+    stop), after a complete call the client is to run."""
+    from types import SimpleNamespace
+
+    from dsaserve.chat.parsers import DsmlToolParser, GlmToolParser, OutputParser
+    from dsaserve.server import protocol as p
+    from dsaserve.server.openai_answers import chat_answer
+    from dsaserve.server.openai_api import Call, OpenAIServing
+    from test_chat_parsers import D, DSML_TWO, GLM_TWO, TOOLS
+
+    raw = (DSML_TWO if fmt == "dsml" else GLM_TWO).split("</think>")[1]
+    reply = raw[:raw.rindex("get_time") + 5]  # cut inside the second call's name
+    make = DsmlToolParser if fmt == "dsml" else GlmToolParser
+    assert (f"<{D}invoke" if fmt == "dsml" else "<tool_call>") in reply[reply.index("Paris"):]
+
+    def call(handles: list[RequestHandle]) -> Call:
+        body = p.ChatCompletionRequest(messages=[{"role": "user", "content": "Hi"}], tools=TOOLS, stream=bool(handles))
+        return Call("c", body, [[5]], handles, "chat", lambda: OutputParser(None, make(TOOLS)), None)
+
+    done = Delta(reply, [1], finish=FinishReason(kind), completion_tokens=1)
+    whole = chat_answer(None, "m", call([]), [done])  # type: ignore[arg-type]  (no log-probabilities: no tokenizer)
+    message = whole.choices[0].message
+    assert (message.content, [c.function.name for c in message.tool_calls or []]) == ("Let me look.", ["get_weather"])
+    assert whole.choices[0].finish_reason == reason
+
+    async def go() -> list[str]:
+        handle = RequestHandle("r", 0, None, SamplingParams())  # type: ignore[arg-type]
+        pieces = [reply[i:i + 3] for i in range(0, len(reply), 3)]
+        for k, text in enumerate(pieces):
+            handle.queue.put_nowait(Delta(text, [k], finish=FinishReason(kind) if k == len(pieces) - 1 else None,
+                                          completion_tokens=k + 1))
+        serving, streamed = OpenAIServing(SimpleNamespace(tokenizer=None), "m", None), call([handle])  # type: ignore
+        return [chunk async for chunk in serving._stream(streamed, [streamed.parser()])]
+
+    events = [json.loads(e[6:]) for e in "".join(asyncio.run(go())).split("\n\n") if e and e != "data: [DONE]"]
+    deltas = [e["choices"][0]["delta"] for e in events]
+    assert "".join(d.get("content") or "" for d in deltas) == message.content
+    heads = [c for d in deltas for c in d.get("tool_calls") or [] if c.get("id")]
+    args = "".join(c["function"].get("arguments", "") for d in deltas for c in d.get("tool_calls") or [])
+    assert [c["function"]["name"] for c in heads] == ["get_weather"]
+    assert args == message.tool_calls[0].function.arguments  # type: ignore[index]
+    assert events[-1]["choices"][0]["finish_reason"] == reason

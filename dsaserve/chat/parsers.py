@@ -4,7 +4,7 @@ Every parser is one state machine fed text pieces as they stream (`feed`) and cl
 whole answer is parsed by feeding it at once, so a stream's pieces always add up to the whole answer
 however the text was cut. Text that might be the start of a marker is held back until it is not.
 A tool call is emitted only once it is complete and valid; malformed markup goes to the content as
-it was written, never dropped. Whitespace that is all the text between two calls, or between a call and
+it was written, never dropped (a call the reply's end cuts short after complete calls is dropped). Whitespace that is all the text between two calls, or between a call and
 the start or end of the reply, separates calls and is not content (the chat templates render an
 assistant turn's calls without it), so a reply of calls alone has empty content.
 """
@@ -89,7 +89,6 @@ class ReasoningSplitter:
 class ToolCallParser:
     """Content with tool-call blocks in it. Subclasses give the markers and parse one complete element."""
     starts: tuple[str, ...] = ()
-    block_end = ""  # the tag closing a block of several calls (DSML), if the format has one
 
     def __init__(self, tools: list[dict[str, Any]], max_calls: int | None = None):
         """max_calls: the calls returned (parallel_tool_calls false: 1); later ones are dropped, not content."""
@@ -124,8 +123,8 @@ class ToolCallParser:
     def finish(self) -> Parsed:
         self.final = True
         out = self.feed("")
-        if self._cut_in_block_end():  # (max_tokens) the block's calls stand; its half closing tag is no content
-            self.buf = ""
+        if self._cut_after_calls():  # (max_tokens, a stop string) the complete calls stand; the cut one is dropped
+            self.buf = self.raw = ""
         self._text(self.raw + self.buf, out)  # an unterminated block stays text
         if self.num_calls == 0:  # a reply without calls keeps its whitespace
             out.content += self.gap
@@ -133,10 +132,19 @@ class ToolCallParser:
         self.in_block = False
         return out
 
-    def _cut_in_block_end(self) -> bool:
-        """The reply ended after a block's complete calls, at most part of its closing tag after them."""
-        return (self.in_block and not self.failed and not self.raw and self.num_calls > self.calls_before_block
-                and bool(self.block_end) and self.block_end.startswith(self.buf.strip()))
+    def _cut_after_calls(self) -> bool:
+        """The reply ended inside a call, or inside the marker that opens one (held back outside a block), after
+        complete calls. A reply whose first call is cut keeps it as text: no call came, the text is all there is."""
+        if not self.num_calls:
+            return False
+        if not self.in_block:
+            return bool(self.buf.strip())  # (whitespace held back is the reply's own: the gap's rule applies)
+        return not self.failed and self._cut_short()
+
+    def _cut_short(self) -> bool:
+        """The reply ended inside the current element: what is left of it (buf) begins a call (or the block's
+        closing tag) that more text would have completed, not malformed markup."""
+        raise NotImplementedError
 
     def _text(self, text: str, out: Parsed) -> None:
         """Content outside calls. Whitespace is held while it is all the gap since the last call (or the reply's
@@ -222,7 +230,6 @@ def _dsml_invoke(text: str, final: bool = False) -> tuple[int, str, dict[str, An
 class DsmlToolParser(ToolCallParser):
     """DeepSeek-V3.2: `\\n\\n<｜DSML｜function_calls>` then `invoke` elements, then the closing tag."""
     starts = ("\n\n" + dsv32.CALLS_START, dsv32.CALLS_START)
-    block_end = dsv32.CALLS_END
 
     def _block(self, out: Parsed) -> bool:
         if self.failed:
@@ -247,6 +254,17 @@ class DsmlToolParser(ToolCallParser):
         self._take(lead + end)
         return self._call(name, args, out) or self._fail_until(dsv32.CALLS_END, out)
 
+    def _cut_short(self) -> bool:
+        if dsv32.CALLS_END.startswith(self.buf.strip()):
+            return True
+        try:
+            _dsml_invoke(self.buf, final=True)
+        except NeedMore:
+            return True
+        except Malformed:
+            return False
+        return False  # (a complete invoke was parsed when fed)
+
 
 class GlmToolParser(ToolCallParser):
     """GLM-4.5 / 4.7 / 5: `<tool_call>name<arg_key>k</arg_key><arg_value>v</arg_value>...</tool_call>`;
@@ -269,6 +287,15 @@ class GlmToolParser(ToolCallParser):
             self._text(self.raw, out)  # an unknown tool: the element stays text
         self.raw, self.in_block = "", False
         return True
+
+    def _cut_short(self) -> bool:
+        try:
+            self._element(self.buf)
+        except NeedMore:
+            return True
+        except Malformed:
+            return False
+        return False  # (a complete call was parsed when fed)
 
     def _element(self, text: str) -> tuple[int, str, dict[str, Any]]:
         """The call after `<tool_call>`: its end, name and arguments."""
