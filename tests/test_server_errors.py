@@ -114,6 +114,13 @@ BAD = [  # (path, body changes, status, words in the message)
     ("/generate", {"model": None, "input_ids": [5], "sampling_params": {"max_new_tokens": 0, "min_new_tokens": 1}},
      400, "max_new_tokens 0 scores the prompt only: min_new_tokens must be 0"),
     ("/generate", {"model": None, "sampling_params": {"max_new_tokens": 2}}, 400, "exactly one of text and input_ids"),
+    # booleans are strict, as OpenAI's API is: lax pydantic read "no" as false and 1 as true
+    ("/v1/chat/completions", {"parallel_tool_calls": "no"}, 400,
+     "parallel_tool_calls: Input should be a valid boolean"),
+    ("/v1/chat/completions", {"stream": "false"}, 400, "stream: Input should be a valid boolean"),
+    ("/v1/chat/completions", {"logprobs": 1}, 400, "logprobs: Input should be a valid boolean"),
+    ("/v1/completions", {"echo": "yes"}, 400, "echo: Input should be a valid boolean"),
+    ("/generate", {"model": None, "text": "a", "stream": "no"}, 400, "stream: Input should be a valid boolean"),
 ]
 
 
@@ -127,6 +134,8 @@ def test_bad_request(server: ServerProcess, client: openai.OpenAI, model: str, p
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert words in err["message"] and err["type"] and "code" in err and "param" in err
+    if "valid boolean" in words:
+        assert err["param"] == words.split(":")[0], err
     assert_serves(client, model)
 
 

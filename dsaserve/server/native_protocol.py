@@ -1,13 +1,14 @@
 """pydantic models of SGLang's native routes (/generate, /abort_request); the OpenAI ones are in protocol.py."""
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 from dsaserve.server.protocol import Bootstrap, TokenIds, ClientBody
 
 
 class NativeSamplingParams(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not a silent default
+    # (booleans strict, as protocol.ClientBody says)
     max_new_tokens: int | None = 128
     temperature: float = 1.0
     top_p: float = 1.0
@@ -23,11 +24,11 @@ class NativeSamplingParams(BaseModel):
     # was sampled unseeded)
     sampling_seed: int | None = None
     stop: str | list[str] | None = None
-    no_stop_trim: bool = False
+    no_stop_trim: StrictBool = False
     stop_token_ids: TokenIds | None = None
-    ignore_eos: bool = False
-    skip_special_tokens: bool = True
-    spaces_between_special_tokens: bool = True  # (fast tokenizers, all this server loads, ignore it)
+    ignore_eos: StrictBool = False
+    skip_special_tokens: StrictBool = True
+    spaces_between_special_tokens: StrictBool = True  # (fast tokenizers, all this server loads, ignore it)
     n: int = Field(1, ge=1, le=128)  # completions per prompt: the answer lists them prompt by prompt
     regex: str | None = None
     json_schema: str | None = None  # a JSON schema, as a JSON string
@@ -47,20 +48,20 @@ class GenerateRequest(Bootstrap):
     text: str | list[str] | None = None  # a list: SGLang's batch (so input_ids too)
     input_ids: TokenIds | list[TokenIds] | None = None
     sampling_params: NativeSamplingParams = Field(default_factory=NativeSamplingParams)
-    stream: bool = False
+    stream: StrictBool = False
     rid: str | list[str] | None = None  # a list: one per prompt of a batch
     routed_dp_rank: int | None = None
-    return_logprob: bool = False
+    return_logprob: StrictBool = False
     top_logprobs_num: int = Field(0, ge=0, le=20)
     # >= 0 with return_logprob: also the prompt's token log-probabilities from there (its length: none of them,
     # past it: a 400); -1 (SGLang's default): none
     logprob_start_len: int = Field(-1, ge=-1)
-    return_text_in_logprobs: bool = False  # each (logprob, token id, text) entry carries its token's text
+    return_text_in_logprobs: StrictBool = False  # each (logprob, token id, text) entry carries its token's text
 
 
 class AbortRequest(ClientBody):
     rid: str | None = None
-    abort_all: bool = False  # SGLang's: every request the server runs
+    abort_all: StrictBool = False  # SGLang's: every request the server runs
 
     @model_validator(mode="after")
     def _one_of(self) -> AbortRequest:

@@ -4,8 +4,8 @@ from __future__ import annotations
 import time
 from typing import Any, Literal, get_args
 
-from pydantic import (BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, field_validator, model_serializer,
-                      model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationInfo, field_validator,
+                      model_serializer, model_validator)
 from pydantic.fields import FieldInfo
 
 TokenIds = list[StrictInt]  # token ids in requests: JSON integers only (true or 2.0 is not a token id)
@@ -17,6 +17,8 @@ def _takes_null(field: FieldInfo) -> bool:
 
 class ClientBody(BaseModel):
     # OpenAI clients send fields we do not use (user, ...): accept and ignore them.
+    # Booleans of request bodies are StrictBool: lax pydantic reads "no", "off" or 0 as false, where OpenAI's API
+    # answers 400 for a non-boolean (and SGLang's native API takes any non-empty string as true).
     model_config = ConfigDict(extra="ignore")
 
     @model_validator(mode="before")
@@ -32,8 +34,8 @@ class ClientBody(BaseModel):
 
 
 class StreamOptions(ClientBody):
-    include_usage: bool = False
-    continuous_usage_stats: bool = False  # vLLM's and SGLang's: every chunk carries the usage so far
+    include_usage: StrictBool = False
+    continuous_usage_stats: StrictBool = False  # vLLM's and SGLang's: every chunk carries the usage so far
 
 
 class Bootstrap(ClientBody):
@@ -61,15 +63,15 @@ class SamplingFields(Bootstrap):
     min_tokens: int | None = None  # vLLM's extension (SGLang's native min_new_tokens)
     logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
     stop: str | list[str] | None = None
-    include_stop_str_in_output: bool = False  # vLLM's extension
+    include_stop_str_in_output: StrictBool = False  # vLLM's extension
     stop_token_ids: TokenIds | None = None
-    ignore_eos: bool = False
-    stream: bool = False
+    ignore_eos: StrictBool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     routed_dp_rank: int | None = None
     # vLLM's extension: logprob tokens as "token_id:N", so that clients get exact ids.
-    return_tokens_as_token_ids: bool = False
-    skip_special_tokens: bool = True  # vLLM's and SGLang's: false keeps special tokens in the text
+    return_tokens_as_token_ids: StrictBool = False
+    skip_special_tokens: StrictBool = True  # vLLM's and SGLang's: false keeps special tokens in the text
     # Structured output: OpenAI's response_format, and SGLang's regex / ebnf (extra_body).
     response_format: dict[str, Any] | None = None
     regex: str | None = None
@@ -89,10 +91,10 @@ class CompletionRequest(SamplingFields):
     prompt: str | TokenIds | list[str] | list[TokenIds]
     max_tokens: int | None = 16
     logprobs: int | None = Field(None, ge=0, le=20)
-    echo: bool = False
+    echo: StrictBool = False
     suffix: str | None = None  # refused when given: ignoring it would answer a different question
     best_of: int | None = None
-    add_special_tokens: bool = True  # vLLM's: false encodes text prompts without the tokenizer's BOS
+    add_special_tokens: StrictBool = True  # vLLM's: false encodes text prompts without the tokenizer's BOS
 
     @field_validator("suffix")
     @classmethod
@@ -167,16 +169,16 @@ class ChatInput(ClientBody):
     messages: list[ChatMessage] = Field(min_length=1)
     tools: list[dict[str, Any]] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
-    add_generation_prompt: bool = True  # vLLM's: false ends the prompt after the last message
-    continue_final_message: bool = False  # vLLM's: the reply continues the last message (no end-of-turn after it)
+    add_generation_prompt: StrictBool = True  # vLLM's: false ends the prompt after the last message
+    continue_final_message: StrictBool = False  # vLLM's: the reply continues the last message (no end of turn)
 
 
 class ChatCompletionRequest(ChatInput, SamplingFields):
     max_completion_tokens: int | None = None
-    logprobs: bool = False
+    logprobs: StrictBool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None  # false: at most one call (the grammar, or the first parsed)
+    parallel_tool_calls: StrictBool | None = None  # false: at most one call (the grammar, or the first parsed)
 
     @field_validator("top_logprobs")
     @classmethod
@@ -194,10 +196,10 @@ class TokenizeRequest(ClientBody):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None  # "none" leaves the tools out, as chat completions does
     chat_template_kwargs: dict[str, Any] | None = None
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
-    add_special_tokens: bool = True  # prompts only: a rendered conversation carries its own
-    return_token_strs: bool = False
+    add_generation_prompt: StrictBool = True
+    continue_final_message: StrictBool = False
+    add_special_tokens: StrictBool = True  # prompts only: a rendered conversation carries its own
+    return_token_strs: StrictBool = False
 
 
 class TokenizeResponse(BaseModel):
