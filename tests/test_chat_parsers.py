@@ -142,6 +142,14 @@ def test_tool_choice(choice, expected) -> None:
      r"\$ref '#/\$defs/A' must name a schema inside these parameters"),
     ([{"type": "function", "function": {"name": "f", "parameters": {"$ref": "#/$defs/A", "$defs": {
         "A": {"type": "array"}}}}}], None, "of type object"),
+    # a parameter schema no validator reads is refused whatever tool_choice is (auto took it; required dumped the
+    # grammar); keywords llguidance cannot enforce are valid (uniqueItems)
+    *[([{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "a": {"type": "foo"}, "b": {"type": "array", "uniqueItems": True}}}}}], choice,
+       r"tools\[0\].function.parameters of 'f' is not a valid JSON schema: Invalid type: foo")
+      for choice in (None, "auto", "none", "required")],
+    ([{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "a": {"$ref": "#/$defs/B"}}}}}], "auto", "Pointer '/\\$defs/B' does not exist"),
 ])
 def test_bad_tools_name_the_problem(tools, choice, problem: str) -> None:
     with pytest.raises(ValueError, match=problem):

@@ -125,6 +125,16 @@ def json_grammar(schema: dict[str, Any]) -> str:
         raise GrammarError(f"invalid JSON schema: {exc}") from None
 
 
+def check_json_schema(schema: dict[str, Any]) -> None:
+    """GrammarError naming what makes `schema` no valid JSON schema (a bad type, $ref, pattern or bound), found as
+    llguidance reads it, without a vocabulary (a fraction of a millisecond for a tool's parameters). Keywords it cannot
+    enforce are ignored (`lenient`): they are valid, and only a forced call's grammar has to enforce them."""
+    from llguidance import LLMatcher
+    problem = LLMatcher.validate_grammar(json_grammar({**schema, "x-guidance": {"lenient": True}}), None)
+    if problem:
+        raise GrammarError(" ".join(line.strip() for line in problem.strip().splitlines())[:1000])
+
+
 def check_schema_depth(schema: dict[str, Any]) -> None:
     """GrammarError for a schema nested deeper than MAX_SCHEMA_DEPTH levels (a local $ref continues the path into
     its target; a cycle ends it, as a recursive schema is compiled once)."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from dsaserve.chat.grammar import GrammarError, check_json_schema
+
 # tool_choice after resolution: "none", "auto", "required", or the name of the one function to call.
 ToolChoice = str
 # A forced call's grammar (chat.constrain) offers each choice as an alternative at one position: the tools (for
@@ -11,6 +13,7 @@ ToolChoice = str
 # parser holds at most 2000 items per position and fails the request mid-reply past that (3,000 tools did), so
 # forced calls are refused up front above half of it.
 MAX_FORCED_CHOICES = 1000
+_LENGTHS = ("minLength", "maxLength")  # a string property's bounds, which the forced grammar reads (null: absent)
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,10 @@ def check_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
         if params.get("type", "object") != "object":
             raise ValueError(f"tools[{i}].function.parameters must be a JSON schema of type object")
         _check_parameters(params, f"tools[{i}].function.parameters")
+        try:  # whatever tool_choice is: the model is shown the schema, and a forced call's grammar is built from it
+            check_json_schema(_null_lengths_dropped(params))
+        except GrammarError as exc:
+            raise ValueError(f"tools[{i}].function.parameters of {name!r} is not a valid JSON schema: {exc}") from None
         seen.add(name)
     return list(tools or [])
 
@@ -101,11 +108,19 @@ def _check_parameters(params: dict[str, Any], where: str) -> None:
             continue
         if not isinstance(schema, dict):
             raise ValueError(f"{where}.properties.{key} must be a JSON schema (an object or a boolean)")
-        lengths = [schema.get(k) for k in ("minLength", "maxLength")]
+        lengths = [schema.get(k) for k in _LENGTHS]
         if any(v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0) for v in lengths):
             raise ValueError(f"{where}.properties.{key}: minLength and maxLength must be non-negative integers")
         if None not in lengths and lengths[0] > lengths[1]:
             raise ValueError(f"{where}.properties.{key}: minLength {lengths[0]} is above maxLength {lengths[1]}")
+
+
+def _null_lengths_dropped(params: dict[str, Any]) -> dict[str, Any]:
+    """The parameters with each property's null minLength / maxLength left out: null reads as absent here and in the
+    forced call's grammar (clients' schema generators write unset bounds so), and llguidance refuses it."""
+    props = {k: {key: v for key, v in schema.items() if not (key in _LENGTHS and v is None)}
+             if isinstance(schema, dict) else schema for k, schema in (params.get("properties") or {}).items()}
+    return {**params, "properties": props} if props else params
 
 
 def check_forced(plan: ToolPlan) -> None:
