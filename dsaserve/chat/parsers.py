@@ -4,9 +4,10 @@ Every parser is one state machine fed text pieces as they stream (`feed`) and cl
 whole answer is parsed by feeding it at once, so a stream's pieces always add up to the whole answer
 however the text was cut. Text that might be the start of a marker is held back until it is not.
 A tool call is emitted only once it is complete and valid; malformed markup goes to the content as
-it was written, never dropped (a call the reply's end cuts short after complete calls is dropped). Whitespace that is all the text between two calls, or between a call and
-the start or end of the reply, separates calls and is not content (the chat templates render an
-assistant turn's calls without it), so a reply of calls alone has empty content.
+it was written, never dropped (a call the reply's end cuts short after complete calls is dropped).
+Whitespace that is all the text between two calls, or between a call and the start or end of the reply,
+separates calls and is not content (the chat templates render an assistant turn's calls without it), so a
+reply of calls alone has empty content.
 """
 from __future__ import annotations
 
