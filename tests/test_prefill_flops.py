@@ -58,9 +58,10 @@ def measured(monkeypatch: pytest.MonkeyPatch) -> Iterator[Measured]:
         return counted(mla, q, cache, indices, scale, v_dim, lengths)
 
     def indexer_logits(q: torch.Tensor, weights: torch.Tensor, cache: torch.Tensor, table: torch.Tensor,
-                       row_req: torch.Tensor, row_kv_len: torch.Tensor, page_size: int, num_keys: int) -> object:
+                       row_req: torch.Tensor, row_kv_len: torch.Tensor, page_size: int, num_keys: int,
+                       rows_per_request: int = 1) -> object:
         m.indexer += 2 * int(row_kv_len.sum()) * q.shape[1] * q.shape[2]
-        return counted(logits, q, weights, cache, table, row_req, row_kv_len, page_size, num_keys)
+        return counted(logits, q, weights, cache, table, row_req, row_kv_len, page_size, num_keys, rows_per_request)
 
     monkeypatch.setattr(reference, "sparse_mla", sparse_mla)
     monkeypatch.setattr(reference, "indexer_logits", indexer_logits)
