@@ -193,12 +193,43 @@ def aborter(frontend: Frontend, handles: list[RequestHandle],
     return abort
 
 
+KEEPALIVE = ": keep-alive\n\n"  # an SSE comment: clients skip it (the openai client among them)
+
+
+async def with_keepalive(events: AsyncIterator[str], every_s: float) -> AsyncIterator[str]:
+    """`events`, with a KEEPALIVE comment after every `every_s` seconds in which none came. A tool call is sent
+    only once complete (chat/parsers.py), so a long one streams nothing while it is generated; proxies that close
+    idle streams (nginx after 60 s by default) would cut it. Closing this closes `events`."""
+    it = events.__aiter__()
+    pending = asyncio.ensure_future(it.__anext__())
+    try:
+        while True:
+            done, _ = await asyncio.wait({pending}, timeout=every_s)
+            if not done:
+                yield KEEPALIVE
+                continue
+            try:
+                event = pending.result()
+            except StopAsyncIteration:
+                return
+            yield event
+            pending = asyncio.ensure_future(it.__anext__())
+    finally:
+        if not pending.done():
+            pending.cancel()
+            with contextlib.suppress(BaseException):
+                await pending
+        with contextlib.suppress(Exception):
+            await events.aclose()  # type: ignore[attr-defined]
+
+
 class AbortingStream(StreamingResponse):
     """An SSE response that watches for the client going away (even while no token flows) and
-    then aborts its requests, so their pages return to the pool."""
+    then aborts its requests, so their pages return to the pool; a comment keeps it from looking idle."""
+    keepalive_s = 15.0
 
     def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]):
-        super().__init__(content, media_type="text/event-stream")
+        super().__init__(with_keepalive(content, self.keepalive_s), media_type="text/event-stream")
         self.on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

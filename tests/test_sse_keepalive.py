@@ -1,0 +1,51 @@
+"""The SSE keep-alive: a comment while a stream has nothing to send, the stream's own events unchanged."""
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterator
+
+from dsaserve.server.streaming import KEEPALIVE, with_keepalive
+
+
+async def _events(delays: list[float], closed: list[str]) -> AsyncIterator[str]:
+    try:
+        for i, delay in enumerate(delays):
+            await asyncio.sleep(delay)
+            yield f"data: {i}\n\n"
+    finally:
+        closed.append("closed")
+
+
+async def _collect(delays: list[float], every_s: float, limit: int | None = None) -> tuple[list[str], list[str]]:
+    closed: list[str] = []
+    out: list[str] = []
+    stream = with_keepalive(_events(delays, closed), every_s)
+    async for event in stream:
+        out.append(event)
+        if limit is not None and len(out) == limit:
+            break
+    await stream.aclose()
+    return out, closed
+
+
+def test_a_silent_stream_sends_comments_then_its_events() -> None:
+    out, closed = asyncio.run(_collect([0.4, 0.0], every_s=0.05))
+    events = [e for e in out if e != KEEPALIVE]
+    assert events == ["data: 0\n\n", "data: 1\n\n"], out
+    assert out[0] == KEEPALIVE and out.index("data: 0\n\n") >= 2, out  # 0.4 s of silence: several comments first
+    assert out[-1] == "data: 1\n\n" and closed == ["closed"]
+
+
+def test_events_that_keep_coming_get_no_comment() -> None:
+    out, closed = asyncio.run(_collect([0.0] * 5, every_s=30.0))
+    assert out == [f"data: {i}\n\n" for i in range(5)] and closed == ["closed"]
+
+
+def test_closing_the_stream_while_it_waits_closes_its_source() -> None:
+    """A client gone during a silence: the wrapper is closed while its source waits; the source's cleanup runs
+    and no task is left behind."""
+    async def run() -> tuple[list[str], list[str], int]:
+        out, closed = await _collect([30.0], every_s=0.05, limit=2)
+        return out, closed, len(asyncio.all_tasks()) - 1  # (this task)
+    out, closed, tasks = asyncio.run(run())
+    assert out == [KEEPALIVE, KEEPALIVE] and closed == ["closed"] and tasks == 0
