@@ -121,3 +121,30 @@ def test_kernel_rows_do_not_depend_on_the_batch() -> None:
     greedy_mixed = [Request("g", [1], SamplingParams(temperature=0.0), 8, 0, seed=0)] + reqs
     mixed = sample_tokens(torch.cat([logits[:1], logits]), greedy_mixed)[1:]
     assert torch.equal(batch, alone) and torch.equal(batch, mixed)
+
+
+@gpu
+def test_shaping_and_sampling_never_wait_for_the_device() -> None:
+    """Penalties, logit bias, min_tokens and seeded top-p rows are enqueued without a host sync (a blocking copy
+    waits for the forward overlapped scheduling launched; bincount read its largest id back), and greedy rows
+    with penalties pick the CPU computation's tokens."""
+    vocab = 5000
+    logits = _logits(6, vocab, 5)
+    params = [SamplingParams(temperature=0.0, frequency_penalty=0.5, presence_penalty=0.3),
+              SamplingParams(temperature=0.0, repetition_penalty=1.3, logit_bias={"7": 5.0}),
+              SamplingParams(temperature=0.0, min_tokens=4),
+              SamplingParams(temperature=0.8, top_p=0.9, frequency_penalty=0.2, seed=4),
+              SamplingParams(temperature=0.0, frequency_penalty=1.0), SamplingParams(temperature=0.7, seed=5)]
+    reqs = [Request(f"s{i}", [1, 2, 3], p, 8, 0, seed=i, output_ids=[3, 9, 9, int(logits[i].argmax())])
+            for i, p in enumerate(params)]
+    reqs[2].min_tokens_banned = (int(logits[2].argmax()),)
+    pending = [[], [11], [], [9], [int(logits[4].argmax())], []]
+    want = sample_tokens(logits, reqs, pending)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = sample_tokens(logits.cuda(), reqs, pending)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    greedy = [i for i, p in enumerate(params) if p.temperature == 0.0]
+    assert got[greedy].tolist() == want[greedy].tolist()

@@ -40,10 +40,16 @@ def draw(probs: Tensor, uniforms: list[float]) -> Tensor:
     u x (the row's total). Cumulated in fp64, so the small tail of a 129K vocabulary keeps its mass;
     a token of probability 0 is never drawn."""
     cdf = probs.double().cumsum(-1)
-    u = torch.tensor(uniforms, dtype=torch.float64, device=probs.device)
+    u = upload(uniforms, torch.float64, probs.device)
     picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
     last_positive = probs.shape[1] - 1 - (probs.flip(-1) > 0).to(torch.int8).argmax(-1)
     return torch.minimum(picked, last_positive)  # u x total can round up to the total itself
+
+
+def upload(values: list, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Host values as a device tensor without a host sync: a blocking copy waits for the stream, i.e. for the
+    forward that overlapped scheduling launched before this step's sampling is enqueued."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
 def shape_logits(logits: Tensor, reqs: list[Request], pending: list[list[int]]) -> Tensor:
@@ -76,8 +82,8 @@ def _apply_grammars(shaped: _Shaped, reqs: list[Request], pending: list[list[int
         return
     logits = shaped.writable()
     mask = torch.stack([grammar_state(reqs[i], logits.shape[1]).allowed_after(pending[i]) for i in rows])
-    idx = torch.tensor(rows, device=logits.device)
-    logits[idx] = logits[idx].masked_fill(~mask.to(logits.device), float("-inf"))
+    idx = upload(rows, torch.long, logits.device)
+    logits[idx] = logits[idx].masked_fill(~mask.to(logits.device, non_blocking=True), float("-inf"))
 
 
 def _apply_logit_bias(shaped: _Shaped, reqs: list[Request], pending: list[list[int]]) -> None:
@@ -106,7 +112,7 @@ def _fixed(req: Request, name: str, device: torch.device, make: Callable[[], Ten
     copied to the device once, not every step."""
     t = req.sampling_tensors.get(name)
     if t is None or t.device != device:
-        t = req.sampling_tensors[name] = make().to(device)
+        t = req.sampling_tensors[name] = make().to(device, non_blocking=True)
     return t
 
 
@@ -122,7 +128,7 @@ def _apply_penalties(shaped: _Shaped, reqs: list[Request], pending: list[list[in
     for i in rows:
         req, p = reqs[i], reqs[i].params
         ids = req.output_ids + pending[i]
-        history = torch.tensor(ids, dtype=torch.long, device=dev) if ids else None  # one copy for both uses
+        history = upload(ids, torch.long, dev) if ids else None  # one copy for both uses
         if p.repetition_penalty != 1.0:  # a [V] mask of the tokens seen: no host sync (no unique / nonzero)
             seen = _fixed(req, "prompt_vocab", dev, lambda: _vocab_mask(req.prompt_ids, V)).clone()
             if history is not None:
@@ -132,7 +138,8 @@ def _apply_penalties(shaped: _Shaped, reqs: list[Request], pending: list[list[in
             logits[i] = torch.where(seen, penalized, score)
         if history is None or not (p.frequency_penalty or p.presence_penalty):
             continue
-        counts = torch.bincount(history, minlength=V)[:V].float()
+        # (not bincount: on CUDA it reads the largest id back to size its output, a host sync)
+        counts = torch.zeros(V, device=dev).index_add_(0, history, torch.ones(len(ids), device=dev))
         logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
 
 
@@ -153,20 +160,20 @@ def filter_probs(logits: Tensor, reqs: list[Request]) -> Tensor:
     stays, ties included; the best token always does). Rows without filters are a softmax; only the others
     pay for sorting the vocabulary (on CUDA sample_tokens runs dsaserve.ops.triton.sampling instead)."""
     dev = logits.device
-    temp = torch.tensor([max(r.params.temperature, MIN_TEMPERATURE) for r in reqs], device=dev)[:, None]
+    temp = upload([max(r.params.temperature, MIN_TEMPERATURE) for r in reqs], torch.float32, dev)[:, None]
     probs = torch.softmax(logits / temp, dim=-1)
     rows = [i for i, r in enumerate(reqs) if not filters_off(r.params)]
     if rows:
-        idx = torch.tensor(rows, device=dev)
+        idx = upload(rows, torch.long, dev)
         probs[idx] = _top_filtered(probs[idx], [reqs[i] for i in rows])
     return probs
 
 
 def _top_filtered(probs: Tensor, reqs: list[Request]) -> Tensor:
     dev, V = probs.device, probs.shape[1]
-    top_k = torch.tensor([min(r.params.top_k, V) if r.params.top_k > 0 else 0 for r in reqs], device=dev)
-    top_p = torch.tensor([r.params.top_p for r in reqs], dtype=torch.float64, device=dev)
-    min_p = torch.tensor([r.params.min_p for r in reqs], device=dev)
+    top_k = upload([min(r.params.top_k, V) if r.params.top_k > 0 else 0 for r in reqs], torch.long, dev)
+    top_p = upload([r.params.top_p for r in reqs], torch.float64, dev)
+    min_p = upload([r.params.min_p for r in reqs], torch.float32, dev)
     sorted_p = probs.sort(dim=-1, descending=True).values
     zero = torch.zeros_like(sorted_p[:, 0])
     by_k = torch.where(top_k > 0, sorted_p.gather(1, (top_k - 1).clamp(min=0)[:, None])[:, 0], zero)
@@ -195,7 +202,7 @@ def sample_tokens(logits: Tensor, reqs: list[Request], pending: list[list[int]] 
             _sample_on_device(shaped, [reqs[i].params for i in random_rows], random_rows, uniforms, tokens)
         else:
             probs = filter_probs(shaped[random_rows], [reqs[i] for i in random_rows])
-            tokens[torch.tensor(random_rows, device=logits.device)] = draw(probs, uniforms)
+            tokens[upload(random_rows, torch.long, logits.device)] = draw(probs, uniforms)
     return tokens
 
 
