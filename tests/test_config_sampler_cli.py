@@ -321,6 +321,8 @@ def test_bench_one_batch_with_mtp(tmp_path: Path) -> None:
                                speculative_algorithm="NEXTN", speculative_num_steps=2), progress=False)
     row = run_one(engine, 2, 16, 6, None)
     assert row.decode_tok_s > 1.2 * 2 / (row.decode_step_ms / 1e3), row
+    assert 1.2 < row.tokens_per_step <= 3 and row.decode_tok_s == pytest.approx(
+        2 * row.tokens_per_step / (row.decode_step_ms / 1e3)), row  # the accept length, as the table prints it
 
 
 def test_bench_runs_prefill_uncached(tiny_ds: str) -> None:

@@ -45,6 +45,7 @@ class Row:
     prefill_matmul_fraction: float | None  # prefill FLOP/s over the measured bf16 GEMM rate (CUDA only)
     decode_steps: int  # steps timed, every request of the batch decoding in each
     decode_step_ms: float
+    tokens_per_step: float  # tokens a request commits per decode step: 1, or under MTP the accept length
     decode_tok_s: float
     step_bytes: float  # the fewest bytes a decode step reads (weights it touches + KV it attends)
     roofline: float | None  # step_bytes / step time / copy bandwidth (CUDA only)
@@ -167,7 +168,8 @@ def run_one(engine: Engine, batch: int, input_len: int, output_len: int, bandwid
     nbytes = decode_step_bytes(engine, batch, round(context + output_len * tokens_per_row / 2))  # its middle
     flops = batch * prefill_flops(engine.runner.model, input_len, engine.spec_steps)
     return Row(batch, input_len, output_len, prefill_s, batch * input_len / prefill_s, flops,
-               flops / prefill_s / matmul if matmul else None, launched, 1e3 * step, batch * tokens_per_row / step,
+               flops / prefill_s / matmul if matmul else None, launched, 1e3 * step, tokens_per_row,
+               batch * tokens_per_row / step,
                nbytes,
                nbytes / step / bandwidth if bandwidth else None, kernel_compiles() - compiles0,
                engine.scheduler.num_retractions - retractions0)
@@ -257,13 +259,14 @@ def _run(ns: argparse.Namespace, engine: Engine, startup_s: float) -> int:
           + (f", bf16 matmul {matmul / 1e12:.0f} TFLOP/s" if matmul else "")
           + (", greedy" if not ns.temperature else f", sampled ({', '.join(f'{k} {v}' for k, v in sampling.items())})"))
     print(f"{'batch':>5} {'in':>6} {'out':>5} {'prefill s':>10} {'prefill tok/s':>14} {'prefill TF/s':>13} "
-          f"{'of matmul':>10} {'decode ms':>10} "
+          f"{'of matmul':>10} {'decode ms':>10} {'tok/step':>9} "
           f"{'decode tok/s':>13} {'step MB':>8} {'roofline':>9} {'compiles':>9} {'retracted':>10}")
     for r in rows:
         roof = f"{100 * r.roofline:.1f}%" if r.roofline is not None else "-"
         mm = f"{100 * r.prefill_matmul_fraction:.1f}%" if r.prefill_matmul_fraction is not None else "-"
         print(f"{r.batch:>5} {r.input_len:>6} {r.output_len:>5} {r.prefill_s:>10.3f} {r.prefill_tok_s:>14.0f} "
               f"{r.prefill_flops / r.prefill_s / 1e12:>13.2f} {mm:>10} {r.decode_step_ms:>10.2f} "
+              f"{r.tokens_per_step:>9.2f} "
               f"{r.decode_tok_s:>13.0f} {r.step_bytes / 1e6:>8.1f} {roof:>9} "
               f"{r.compiles:>9} {r.retractions:>10}")
     if ns.output_json:
