@@ -49,3 +49,31 @@ def test_closing_the_stream_while_it_waits_closes_its_source() -> None:
         return out, closed, len(asyncio.all_tasks()) - 1  # (this task)
     out, closed, tasks = asyncio.run(run())
     assert out == [KEEPALIVE, KEEPALIVE] and closed == ["closed"] and tasks == 0
+
+
+def test_a_slow_reader_holds_the_source_back_and_errors_reach_it() -> None:
+    """A client that reads slowly leaves the source's deltas where they merge (its request's queue): the source
+    runs at most two events past what was read. The source's error is raised to the reader."""
+    produced: list[int] = []
+
+    async def source() -> AsyncIterator[str]:
+        for i in range(10):
+            produced.append(i)
+            yield f"data: {i}\n\n"
+        raise ValueError("the source failed")
+
+    async def run() -> tuple[int, list[str], str]:
+        stream = with_keepalive(source(), 30.0)
+        first = await stream.__anext__()
+        await asyncio.sleep(0.05)
+        ahead = len(produced)
+        rest = []
+        try:
+            async for event in stream:
+                rest.append(event)
+        except ValueError as exc:
+            return ahead, [first] + rest, str(exc)
+        return ahead, [first] + rest, ""
+
+    ahead, events, error = asyncio.run(run())
+    assert ahead <= 3 and events == [f"data: {i}\n\n" for i in range(10)] and error == "the source failed"
