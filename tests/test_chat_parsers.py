@@ -8,7 +8,7 @@ import pytest
 
 from dsaserve.chat.parsers import (DsmlToolParser, GlmToolParser, OutputParser, Parsed, ReasoningSplitter,
                                    ToolCall)
-from dsaserve.chat.tools import plan_tools
+from dsaserve.chat.tools import check_forced, plan_tools
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"},
@@ -25,12 +25,13 @@ def glm(reasoning: bool) -> OutputParser:
     return OutputParser(ReasoningSplitter(starts_inside=True) if reasoning else None, GlmToolParser(TOOLS))
 
 
-def parse(make, text: str, cuts: tuple[int, ...] = ()) -> Parsed:
+def parse(make, text: str, cuts: tuple[int, ...] = (), cut_off: bool = False) -> Parsed:
+    """cut_off: max_tokens or a stop string ended the text (else the model's own end)."""
     parser, out, prev = make(), Parsed(), 0
     for cut in (*cuts, len(text)):
         out.add(parser.feed(text[prev:cut]))
         prev = cut
-    return out.add(parser.finish())
+    return out.add(parser.finish(cut_off))
 
 
 DSML_TWO = (f'Checking two.</think>Let me look.\n\n<{D}function_calls>\n<{D}invoke name="get_weather">\n'
@@ -142,18 +143,30 @@ def test_tool_choice(choice, expected) -> None:
      r"\$ref '#/\$defs/A' must name a schema inside these parameters"),
     ([{"type": "function", "function": {"name": "f", "parameters": {"$ref": "#/$defs/A", "$defs": {
         "A": {"type": "array"}}}}}], None, "of type object"),
-    # a parameter schema no validator reads is refused whatever tool_choice is (auto took it; required dumped the
-    # grammar); keywords llguidance cannot enforce are valid (uniqueItems)
-    *[([{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
-        "a": {"type": "foo"}, "b": {"type": "array", "uniqueItems": True}}}}}], choice,
-       r"tools\[0\].function.parameters of 'f' is not a valid JSON schema: Invalid type: foo")
-      for choice in (None, "auto", "none", "required")],
+    # a forced call's schema its grammar cannot be built from is named (required dumped the grammar); keywords
+    # llguidance cannot enforce are valid (uniqueItems)
     ([{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
-        "a": {"$ref": "#/$defs/B"}}}}}], "auto", "Pointer '/\\$defs/B' does not exist"),
+        "a": {"type": "foo"}, "b": {"type": "array", "uniqueItems": True}}}}}], "required",
+     r"tools\[0\].function.parameters of 'f' is not a valid JSON schema for a forced call: Invalid type: foo"),
+    ([{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "a": {"$ref": "#/$defs/B"}}}}}], {"type": "function", "function": {"name": "f"}},
+     "Pointer '/\\$defs/B' does not exist"),
 ])
 def test_bad_tools_name_the_problem(tools, choice, problem: str) -> None:
     with pytest.raises(ValueError, match=problem):
-        plan_tools(tools, choice)
+        check_forced(plan_tools(tools, choice))
+
+
+def test_schemas_a_grammar_cannot_enforce_are_welcome_unless_a_call_is_forced() -> None:
+    """Valid JSON schemas llguidance does not read (a look-around pattern, as zod writes for emails; a null bound
+    inside an anyOf) are shown to the model under auto and none; forcing a call of such a tool is a 400 naming it."""
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "email": {"type": "string", "pattern": "^(?!\\.)[^@]+@[^@]+$"},
+        "note": {"anyOf": [{"type": "string", "maxLength": None}, {"type": "null"}]}}}}}]
+    for choice in (None, "auto", "none"):
+        check_forced(plan_tools(tools, choice))
+    with pytest.raises(ValueError, match="is not a valid JSON schema for a forced call"):
+        check_forced(plan_tools(tools, "required"))
 
 
 def test_glm_arguments_of_a_boolean_property_schema() -> None:
@@ -331,7 +344,19 @@ def test_a_cut_after_complete_calls_drops_the_cut_call(make, raw: str, reasoning
     for keep in range(first_end, len(raw)):
         expected = Parsed(reasoning, content, calls[:1] if keep < last_end else calls)
         for cuts in ((), (keep // 2,), tuple(range(first_end - 3, keep, 5))):
-            assert parse(lambda: make(True), raw[:keep], cuts) == expected, (keep, cuts)
+            assert parse(lambda: make(True), raw[:keep], cuts, cut_off=True) == expected, (keep, cuts)
     inside = raw[:raw.index("Paris")]
-    assert parse(lambda: make(True), inside) == Parsed(reasoning, inside.split("</think>")[1], [])
+    assert parse(lambda: make(True), inside, cut_off=True) == Parsed(reasoning, inside.split("</think>")[1], [])
     assert parse(lambda: make(True), raw + " Done.\n") == Parsed(reasoning, content + " Done.\n", calls)
+
+
+@pytest.mark.parametrize("make,raw,reasoning,content,calls", KNOWN[:2])
+def test_text_after_calls_that_could_open_a_marker_stays_at_the_models_own_end(make, raw: str, reasoning: str,
+                                                                               content: str,
+                                                                               calls: list[ToolCall]) -> None:
+    """Text after the calls that ends like the start of a marker ("x <") is held back while it may be one; where the
+    model ended the reply itself it is content, where max_tokens or a stop string cut it, a cut marker."""
+    for tail in (" Is x <", " the tag <tool" if make is glm else f" a <{D[:3]}"):
+        assert parse(lambda: make(True), raw + tail) == Parsed(reasoning, content + tail, calls), tail
+        assert parse(lambda: make(True), raw + tail, cut_off=True) == Parsed(
+            reasoning, content + tail[:tail.index("<")], calls), tail

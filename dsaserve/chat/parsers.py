@@ -121,10 +121,11 @@ class ToolCallParser:
             elif not self._block(out):
                 return out
 
-    def finish(self) -> Parsed:
+    def finish(self, cut: bool = False) -> Parsed:
+        """cut: max_tokens or a stop string ended the reply (not the model's own end)."""
         self.final = True
         out = self.feed("")
-        if self._cut_after_calls():  # (max_tokens, a stop string) the complete calls stand; the cut one is dropped
+        if self._cut_after_calls(cut):  # the complete calls stand; the cut one is dropped
             self.buf = self.raw = ""
         self._text(self.raw + self.buf, out)  # an unterminated block stays text
         if self.num_calls == 0:  # a reply without calls keeps its whitespace
@@ -133,13 +134,14 @@ class ToolCallParser:
         self.in_block = False
         return out
 
-    def _cut_after_calls(self) -> bool:
-        """The reply ended inside a call, or inside the marker that opens one (held back outside a block), after
-        complete calls. A reply whose first call is cut keeps it as text: no call came, the text is all there is."""
+    def _cut_after_calls(self, cut: bool) -> bool:
+        """The reply ended inside a call after complete calls, or was cut (`cut`) inside the marker that opens one
+        (held back outside a block: at the model's own end such text, "x <", is content). A reply whose first call
+        is cut keeps it as text: no call came, the text is all there is."""
         if not self.num_calls:
             return False
         if not self.in_block:
-            return bool(self.buf.strip())  # (whitespace held back is the reply's own: the gap's rule applies)
+            return cut and bool(self.buf.strip())  # (held whitespace is the reply's own: the gap's rule applies)
         return not self.failed and self._cut_short()
 
     def _cut_short(self) -> bool:
@@ -345,14 +347,16 @@ class OutputParser:
     def feed(self, text: str) -> Parsed:
         return self._route(self.reasoning.feed(text) if self.reasoning else Parsed(content=text), final=False)
 
-    def finish(self) -> Parsed:
-        return self._route(self.reasoning.finish() if self.reasoning else Parsed(), final=True)
+    def finish(self, cut: bool = False) -> Parsed:
+        """cut: max_tokens or a stop string ended the reply (server.openai_answers.cut_off)."""
+        return self._route(self.reasoning.finish() if self.reasoning else Parsed(), final=True, cut=cut)
 
-    def _route(self, part: Parsed, final: bool) -> Parsed:
+    def _route(self, part: Parsed, final: bool, cut: bool = False) -> Parsed:
         if self.tools is None:
             return part
         out = Parsed(reasoning=part.reasoning).add(self.tools.feed(part.content))
-        return out.add(self.tools.finish()) if final else out
+        return out.add(self.tools.finish(cut)) if final else out
+
 
 
 def tool_parser(name: str, tools: list[dict[str, Any]], max_calls: int | None = None) -> ToolCallParser:

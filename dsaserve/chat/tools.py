@@ -57,10 +57,6 @@ def check_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
         if params.get("type", "object") != "object":
             raise ValueError(f"tools[{i}].function.parameters must be a JSON schema of type object")
         _check_parameters(params, f"tools[{i}].function.parameters")
-        try:  # whatever tool_choice is: the model is shown the schema, and a forced call's grammar is built from it
-            check_json_schema(_null_lengths_dropped(params))
-        except GrammarError as exc:
-            raise ValueError(f"tools[{i}].function.parameters of {name!r} is not a valid JSON schema: {exc}") from None
         seen.add(name)
     return list(tools or [])
 
@@ -125,7 +121,9 @@ def _null_lengths_dropped(params: dict[str, Any]) -> dict[str, Any]:
 
 def check_forced(plan: ToolPlan) -> None:
     """ValueError when the grammar of the plan's forced call would offer more than MAX_FORCED_CHOICES choices at
-    one position (nothing to check when no call is forced)."""
+    one position, or cannot be built from a forced tool's schema (nothing to check when no call is forced: under
+    auto a tool's schema is only shown to the model, and valid JSON schemas llguidance cannot enforce, look-around
+    patterns, stay welcome there)."""
     forced = plan.forced or []
     if plan.choice == "required" and len(forced) > MAX_FORCED_CHOICES:
         raise ValueError(f"tools holds {len(forced)} functions and tool_choice 'required' forces a call of one of "
@@ -150,6 +148,11 @@ def check_forced(plan: ToolPlan) -> None:
             if isinstance(values, list) and len(values) > MAX_FORCED_CHOICES:
                 raise ValueError(f"{where}.properties.{key}.enum has {len(values)} values: a forced call chooses "
                                  f"among at most {MAX_FORCED_CHOICES} (or use tool_choice 'auto')")
+        try:  # the grammar is built from it: a schema it cannot read is named here, not by a grammar dump
+            check_json_schema(_null_lengths_dropped(params))
+        except GrammarError as exc:
+            raise ValueError(f"{where} of {name_of(tool)!r} is not a valid JSON schema for a forced call: {exc}") \
+                from None
 
 
 def plan_tools(tools: list[dict[str, Any]] | None, tool_choice: str | dict[str, Any] | None) -> ToolPlan:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from dsaserve.chat.parsers import OutputParser, Parsed, ToolCall
+from dsaserve.engine.request import FinishReason
 from dsaserve.engine.tokenizer import CharOffsets, Tokenizer
 from dsaserve.server import protocol as p
 from dsaserve.server.frontend import Delta, RequestHandle
@@ -62,6 +63,12 @@ def chat_logprobs(tok: Tokenizer, ids: list[int], lps: LogprobList, body: p.Samp
     return p.ChatLogprobs(content=content)
 
 
+def cut_off(finish: FinishReason) -> bool:
+    """The reply was cut (max_tokens, a stop string), not ended by the model (EOS, a stop token): the parsers drop
+    a tool call's opening marker cut short after complete calls."""
+    return finish.kind == "length" or (finish.kind == "stop" and isinstance(finish.matched, str))
+
+
 def chat_stream_choices(tok: Tokenizer, body: p.SamplingFields, i: int, d: Delta, parser: OutputParser | None,
                         calls: list[int]) -> list[p.ChatStreamChoice]:
     """One chunk's choice of text (and logprobs), then two per completed tool call (name, then arguments);
@@ -69,7 +76,7 @@ def chat_stream_choices(tok: Tokenizer, body: p.SamplingFields, i: int, d: Delta
     `calls`: the tool calls streamed so far, per choice."""
     part = Parsed(content=d.text) if parser is None else parser.feed(d.text)
     if parser is not None and d.finish is not None:
-        part.add(parser.finish())
+        part.add(parser.finish(cut_off(d.finish)))
     lp = chat_logprobs(tok, d.token_ids, d.logprobs, body) if body.logprobs else None
     deltas = [p.ChatDelta(content=part.content, reasoning_content=part.reasoning or None)]
     for call in part.calls:
@@ -122,7 +129,7 @@ def chat_answer(tok: Tokenizer, model: str, call: Call, results: list[Result]) -
         part = Parsed(content=r.text)
         if parser is not None:
             out = parser()
-            part = out.feed(r.text).add(out.finish())
+            part = out.feed(r.text).add(out.finish(cut_off(r.finish)))
         message = p.ChatMessageOut(content=part.content if (part.content or not part.calls) else None,
                                    reasoning_content=part.reasoning or None,
                                    tool_calls=[tool_call_out(c) for c in part.calls] or None)
