@@ -46,10 +46,12 @@ def draw(probs: Tensor, uniforms: list[float]) -> Tensor:
     return torch.minimum(picked, last_positive)  # u x total can round up to the total itself
 
 
-def upload(values: list, dtype: torch.dtype, device: torch.device) -> Tensor:
+def upload(values: list | Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
     """Host values as a device tensor without a host sync: a blocking copy waits for the stream, i.e. for the
-    forward that overlapped scheduling launched before this step's sampling is enqueued."""
-    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+    forward that overlapped scheduling launched before this step's sampling is enqueued. From pinned memory (a
+    pageable copy of more than a few KB may wait for the stream too; the pinned block is kept until it ran)."""
+    host = values.to(dtype) if isinstance(values, Tensor) else torch.tensor(values, dtype=dtype)
+    return (host.pin_memory() if device.type == "cuda" else host).to(device, non_blocking=True)
 
 
 def shape_logits(logits: Tensor, reqs: list[Request], pending: list[list[int]]) -> Tensor:
@@ -83,7 +85,7 @@ def _apply_grammars(shaped: _Shaped, reqs: list[Request], pending: list[list[int
     logits = shaped.writable()
     mask = torch.stack([grammar_state(reqs[i], logits.shape[1]).allowed_after(pending[i]) for i in rows])
     idx = upload(rows, torch.long, logits.device)
-    logits[idx] = logits[idx].masked_fill(~mask.to(logits.device, non_blocking=True), float("-inf"))
+    logits[idx] = logits[idx].masked_fill(~upload(mask, torch.bool, logits.device), float("-inf"))
 
 
 def _apply_logit_bias(shaped: _Shaped, reqs: list[Request], pending: list[list[int]]) -> None:
@@ -112,7 +114,8 @@ def _fixed(req: Request, name: str, device: torch.device, make: Callable[[], Ten
     copied to the device once, not every step."""
     t = req.sampling_tensors.get(name)
     if t is None or t.device != device:
-        t = req.sampling_tensors[name] = make().to(device, non_blocking=True)
+        made = make()
+        t = req.sampling_tensors[name] = upload(made, made.dtype, device)
     return t
 
 
