@@ -211,8 +211,13 @@ async def with_keepalive(events: AsyncIterator[str], every_s: float) -> AsyncIte
     async def pump() -> None:
         error: BaseException | None = None
         try:
-            async for event in events:
-                await room.acquire()
+            source = events.__aiter__()
+            while True:
+                await room.acquire()  # before pulling: the source runs one event past the reader, no more
+                try:
+                    event = await source.__anext__()
+                except StopAsyncIteration:
+                    break
                 queue.put_nowait((event, None))
                 last[0] = loop.time()
         except BaseException as exc:  # noqa: BLE001 - the stream's own error, raised where it is read
