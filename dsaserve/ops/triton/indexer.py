@@ -160,7 +160,8 @@ def indexer_logits(q: Tensor, weights: Tensor, k_cache: Tensor, page_table: Tens
                    row_kv_len: Tensor, page_size: int, num_keys: int, rows_per_request: int = 1) -> Tensor:
     """See reference.indexer_logits (k_cache: [S, Di] rows, or uint8 FP8 rows with Di <= 128: one scale).
     rows_per_request: how many consecutive rows each request has where a step gives them all the same count
-    (MTP verify: S + 1), a tiling hint; any value gives the same logits."""
+    (MTP verify: S + 1), a tiling hint: any value gives right logits (equal within rounding: the head sum is
+    tiled differently)."""
     T, HI, DI = q.shape
     logits = new_empty((T, num_keys), torch.float32, q.device)
     if T == 0 or num_keys == 0:
