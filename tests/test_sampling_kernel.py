@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dsaserve.engine.request import Request, SamplingParams
-from dsaserve.engine.sampler import draw, filter_probs, row_uniform, sample_tokens
+from dsaserve.engine.sampler import draw, filter_probs, logprob_rows, row_uniform, sample_tokens
 
 gpu = pytest.mark.gpu
 
@@ -125,9 +125,9 @@ def test_kernel_rows_do_not_depend_on_the_batch() -> None:
 
 @gpu
 def test_shaping_and_sampling_never_wait_for_the_device() -> None:
-    """Penalties, logit bias, min_tokens and seeded top-p rows are enqueued without a host sync (a blocking copy
-    waits for the forward overlapped scheduling launched; bincount read its largest id back), and greedy rows
-    with penalties pick the CPU computation's tokens."""
+    """Penalties, logit bias, min_tokens and seeded top-p rows, and the log-probabilities of the tokens, are
+    enqueued without a host sync (a blocking copy waits for the forward overlapped scheduling launched;
+    bincount read its largest id back), and greedy rows with penalties pick the CPU computation's tokens."""
     vocab = 5000
     logits = _logits(6, vocab, 5)
     params = [SamplingParams(temperature=0.0, frequency_penalty=0.5, presence_penalty=0.3),
@@ -144,7 +144,11 @@ def test_shaping_and_sampling_never_wait_for_the_device() -> None:
     torch.cuda.set_sync_debug_mode("error")
     try:
         got = sample_tokens(logits.cuda(), reqs, pending)
+        scored = logprob_rows(logits.cuda(), got, [2, 0, 5, 1, 0, 3])  # (overlapped scheduling's logprobs)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     greedy = [i for i, p in enumerate(params) if p.temperature == 0.0]
     assert got[greedy].tolist() == want[greedy].tolist()
+    on_cpu = logprob_rows(logits, got.cpu(), [2, 0, 5, 1, 0, 3]).lists()
+    for (chosen, top), (chosen_cpu, top_cpu) in zip(scored.lists(), on_cpu):
+        assert chosen == pytest.approx(chosen_cpu, abs=1e-5) and [t for t, _ in top] == [t for t, _ in top_cpu]

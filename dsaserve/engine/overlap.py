@@ -6,7 +6,8 @@ A step's sampled tokens stay on the device. The scheduler plans the next step wi
 request whose token is in flight (`Request.inflight`, input id IN_FLIGHT); the launch gathers those ids
 on the device from the previous step's tokens (the group leader's; its group receives the filled ids by
 broadcast), so nothing waits for them. Then the host waits for the previous step's tokens (an event on
-their copy to pinned memory, the one host sync per step: it does not wait for the step just launched)
+their copy to pinned memory, with their log-probabilities where asked: the one host sync per step; it does
+not wait for the step just launched)
 and commits them (stop rules, outputs, freed pages) while the new step runs. The new step's sampling is
 enqueued after that commit, so grammars, penalties and seeded uniforms see every earlier token, and the
 tokens are those of the engine without overlap.
@@ -26,7 +27,7 @@ from dsaserve.engine import lockstep
 from dsaserve.engine.acceptance import sampled_rows
 from dsaserve.engine.layout import IN_FLIGHT, StepPlan
 from dsaserve.engine.request import Request, RequestOutput
-from dsaserve.engine.sampler import sample, sample_tokens
+from dsaserve.engine.sampler import LogprobRows, logprob_rows, sample_tokens
 
 if TYPE_CHECKING:
     from dsaserve.engine.engine import Engine
@@ -42,14 +43,15 @@ class InFlight:
     tokens: torch.Tensor
     host: torch.Tensor
     ready: torch.cuda.Event | None
-    logprobs: list | None = None
+    logprobs: LogprobRows | None = None  # (on their way to the host with the tokens)
 
     @staticmethod
-    def of(requests: list[Request | None], tokens: torch.Tensor, logprobs: list | None = None) -> InFlight:
+    def of(requests: list[Request | None], tokens: torch.Tensor, logprobs: LogprobRows | None = None) -> InFlight:
         if not tokens.is_cuda:
             return InFlight(requests, tokens, tokens, None, logprobs)
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
         host.copy_(tokens, non_blocking=True)
+        logprobs = logprobs.pinned_copy() if logprobs is not None else None
         ready = torch.cuda.Event()
         ready.record(torch.cuda.current_stream(tokens.device))  # the stream the copy was queued on
         return InFlight(requests, tokens, host, ready, logprobs)
@@ -113,20 +115,21 @@ class Overlap:
             rows, reqs, pending, _ = sampled_rows(engine.requests, plan, len(plan.rids), logits)
             if not reqs:
                 return None, []
-            if any(r.params.logprobs is not None for r in reqs):  # the logits are read now
-                tokens, logprobs = sample(rows, reqs, pending)
-                return InFlight.of(reqs, torch.tensor(tokens).to(logits.device), logprobs), []
-            return InFlight.of(reqs, sample_tokens(rows, reqs, pending)), []
+            tokens = sample_tokens(rows, reqs, pending)
+            logprobs = (logprob_rows(rows, tokens, [r.params.logprobs or 0 for r in reqs])
+                        if any(r.params.logprobs is not None for r in reqs) else None)  # read with the tokens
+            return InFlight.of(reqs, tokens, logprobs), []
         except Exception as exc:  # noqa: BLE001 - the plan's requests end with the error; the ranks go on
             return None, engine.fail_step(plan, exc, issued, local=engine.par.issued == issued)
 
     def _commit(self, prev: InFlight, tokens: list[int]) -> list[RequestOutput]:
         engine = self.engine
         outputs = []
+        logprobs = prev.logprobs.lists() if prev.logprobs is not None else None  # (read: the tokens' event passed)
         for i, req in enumerate(prev.requests):  # every entry a request here (None only among MTP drafts)
             req.inflight -= 1
             if engine.requests.get(req.rid) is req:  # not aborted or failed meanwhile
-                lps = [prev.logprobs[i]] if prev.logprobs is not None else None
+                lps = [logprobs[i]] if logprobs is not None else None
                 outputs.append(engine.commit_new_tokens(req, [tokens[i]], lps))
         return outputs
 

@@ -9,6 +9,7 @@ threshold); elsewhere the reference here sorts the rows that ask for top-k / top
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -228,19 +229,40 @@ def sample(logits: Tensor, reqs: list[Request], pending: list[list[int]] | None 
     non-speculative step at that output index would have sampled. Sampling commits nothing: the
     engine advances grammars by the tokens it keeps (dsaserve.chat.grammar.commit_tokens).
     """
-    token_list = sample_tokens(logits, reqs, pending).tolist()
+    tokens = sample_tokens(logits, reqs, pending)
     if all(r.params.logprobs is None for r in reqs):
-        return token_list, None
-    return token_list, token_logprobs(logits, token_list, [r.params.logprobs or 0 for r in reqs])
+        return tokens.tolist(), None
+    return tokens.tolist(), logprob_rows(logits, tokens, [r.params.logprobs or 0 for r in reqs]).lists()
 
 
 def token_logprobs(logits: Tensor, tokens: list[int], tops: list[int]) -> list[tuple[float, list[tuple[int, float]]]]:
     """Per row: the log-probability of `tokens[i]` under the raw logits and the `tops[i]` best
     (token, log-probability) pairs. Sampled tokens and prompt tokens (echo) are scored alike."""
+    return logprob_rows(logits, upload(tokens, torch.long, logits.device), tops).lists()
+
+
+@dataclass(frozen=True)
+class LogprobRows:
+    """Log-probabilities of a step's tokens, on the device until read: the chosen token's [R] and the best
+    `tops[i]` (token, log-probability) pairs of row i (ids and values [R, max(tops)], best first)."""
+    chosen: Tensor
+    top_ids: Tensor
+    top_values: Tensor
+    tops: tuple[int, ...]
+
+    def pinned_copy(self) -> LogprobRows:
+        """The same on their way to pinned host memory (overlapped scheduling reads them with the tokens)."""
+        def copy(t: Tensor) -> Tensor:
+            return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+        return LogprobRows(copy(self.chosen), copy(self.top_ids), copy(self.top_values), self.tops)
+
+    def lists(self) -> list[tuple[float, list[tuple[int, float]]]]:
+        chosen, ids, values = self.chosen.tolist(), self.top_ids.tolist(), self.top_values.tolist()
+        return [(c, list(zip(ids[i][:n], values[i][:n]))) for i, (c, n) in enumerate(zip(chosen, self.tops))]
+
+
+def logprob_rows(logits: Tensor, tokens: Tensor, tops: list[int]) -> LogprobRows:
+    """The log-probabilities of `tokens` (one per row, on the device) and the rows' best, without a host sync."""
     logprobs = torch.log_softmax(logits, dim=-1)
-    chosen = logprobs.gather(1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0].tolist()
-    out = []
-    for i, n in enumerate(tops):
-        top = logprobs[i].topk(n) if n else None
-        out.append((chosen[i], list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []))
-    return out
+    top = logprobs.topk(max(tops, default=0), dim=-1)
+    return LogprobRows(logprobs.gather(1, tokens[:, None])[:, 0], top.indices, top.values, tuple(tops))
