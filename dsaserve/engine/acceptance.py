@@ -6,7 +6,7 @@ import torch
 
 from dsaserve.engine.layout import StepPlan
 from dsaserve.engine.request import Request
-from dsaserve.engine.sampler import sample, token_logprobs
+from dsaserve.engine.sampler import sample, token_logprobs, upload
 
 Tensor = torch.Tensor
 
@@ -49,7 +49,8 @@ def sampled_rows(requests: dict[str, Request], plan: StepPlan, real: int, logits
                 chains.append((req, chain))
         row += n
     leading = rows == list(range(len(rows)))  # decode (graph padding after): a view, no index upload
-    return (logits[:len(rows)] if leading else logits[rows]), row_reqs, pending, chains
+    picked = logits[:len(rows)] if leading else logits[upload(rows, torch.long, logits.device)]  # (no host sync)
+    return picked, row_reqs, pending, chains
 
 
 def score_prompt(req: Request, logits: Tensor, first_pos: int) -> None:
