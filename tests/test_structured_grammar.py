@@ -7,7 +7,8 @@ import torch
 
 from chat_cases import TOOLS
 from dsaserve.chat.constrain import MARKUP_TEXTS, Constraint, build_grammar, markup_for
-from dsaserve.chat.grammar import GrammarError, GrammarSpec, GrammarState, json_grammar, ll_tokenizer
+from dsaserve.chat.grammar import (MAX_OPEN_PROPERTIES, GrammarError, GrammarSpec, GrammarState, json_grammar,
+                                   ll_tokenizer)
 from dsaserve.chat.tools import MAX_FORCED_CHOICES, check_forced, plan_tools
 from dsaserve.engine.tokenizer import Tokenizer
 from dsaserve.tiny import make_tiny_model, save_tokenizer
@@ -178,6 +179,24 @@ def test_forced_calls_are_refused_up_front_past_what_the_grammar_follows(tiny: d
     check_forced(plan_tools(forced, choice))
     with pytest.raises(ValueError, match=r"^tools\S* (holds 1002 functions|has 501 optional|has 1002 values)"):
         check_forced(plan_tools(wide_tools(shape, MAX_FORCED_CHOICES + 2), choice))
+
+
+def test_a_json_object_with_more_open_properties_than_the_parser_follows_is_refused(tiny: dict[str, str]) -> None:
+    """llguidance's parser holds about 4 items per optional property in the row after an object's `{`, 2000 at most:
+    a response_format object of 499 optional properties failed at its first token, after the server took it. At
+    MAX_OPEN_PROPERTIES the object parses; one more is refused when the grammar is built (a 400), nested too."""
+    def schema(n: int) -> dict:
+        return {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(n)}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "s", "schema": schema(MAX_OPEN_PROPERTIES)}}
+    st = state(tiny["deepseek_v32"], Constraint(response_format=fmt), None, False)
+    hf = Tokenizer(tiny["deepseek_v32"]).hf
+    assert feed(st, hf.encode('{"p0": 1, "p7": 2}', add_special_tokens=False)) and st.failure() is None
+    markup = markup_for(hf, ll_tokenizer(tiny["deepseek_v32"], (1,)), MARKUP_TEXTS)
+    for wide in (schema(MAX_OPEN_PROPERTIES + 1), {"type": "object", "properties": {
+            "inner": {"anyOf": [schema(MAX_OPEN_PROPERTIES + 1), {"type": "null"}]}}}):
+        fmt = {"type": "json_schema", "json_schema": {"name": "s", "schema": wide}}
+        with pytest.raises(GrammarError, match=f"leaves {MAX_OPEN_PROPERTIES + 1} properties optional"):
+            build_grammar(Constraint(response_format=fmt), None, markup, False)
 
 
 REF_TOOL = [{"type": "function", "function": {"name": "f", "parameters": {"$ref": "#/definitions/Args", "definitions": {

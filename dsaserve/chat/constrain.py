@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from dsaserve.chat import dsv32
-from dsaserve.chat.grammar import JSON_STYLE, GrammarError, check_schema_depth, ebnf_grammar, schema_of
+from dsaserve.chat.grammar import (JSON_STYLE, GrammarError, check_open_properties, check_schema_depth,
+                                   ebnf_grammar, schema_of)
 from dsaserve.chat.tools import parameters_of, resolve_ref
 
 THINK_END = "</think>"
@@ -44,6 +45,7 @@ def markup_for(hf: Any, ll_tok: Any, texts: tuple[str, ...]) -> Markup:
 
 def json_rule(schema: dict[str, Any]) -> str:
     check_schema_depth(schema)
+    check_open_properties(schema)
     return "%json " + json.dumps({**schema, "x-guidance": JSON_STYLE}, ensure_ascii=False)
 
 

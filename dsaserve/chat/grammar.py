@@ -36,6 +36,7 @@ _LARK_RULE = re.compile(r"(?m)^\s*[?!]?\w+(\.-?\d+)?\s*:")  # a line that define
 MAX_GRAMMAR_RULES = 1000
 MAX_SCHEMA_DEPTH = 1024  # nested objects and lists of a JSON schema, counted along its $ref chains
 _SCHEMA_DATA = ("enum", "const", "default", "examples")  # values, not schemas
+MAX_OPEN_PROPERTIES = 450  # optional properties of one JSON object (check_open_properties)
 
 
 class GrammarError(ValueError):
@@ -133,6 +134,28 @@ def check_json_schema(schema: dict[str, Any]) -> None:
     problem = LLMatcher.validate_grammar(json_grammar({**schema, "x-guidance": {"lenient": True}}), None)
     if problem:
         raise GrammarError(" ".join(line.strip() for line in problem.strip().splitlines())[:1000])
+
+
+def check_open_properties(schema: dict[str, Any]) -> None:
+    """GrammarError for a JSON object schema that leaves more than MAX_OPEN_PROPERTIES properties optional: after
+    its `{` llguidance's parser holds about 4 items per optional property in one row, and past its 2000 (499 of
+    them) the request would fail at its first token, after the server took it."""
+    stack: list[Any] = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack += node
+            continue
+        if not isinstance(node, dict):
+            continue
+        props = node.get("properties")
+        if isinstance(props, dict):
+            required = node.get("required") if isinstance(node.get("required"), list) else []
+            optional = len([k for k in props if k not in required])
+            if optional > MAX_OPEN_PROPERTIES:
+                raise GrammarError(f"a JSON schema object leaves {optional} properties optional: structured output "
+                                   f"follows at most {MAX_OPEN_PROPERTIES} (make some required)")
+        stack += [v for k, v in node.items() if k not in _SCHEMA_DATA]
 
 
 def check_schema_depth(schema: dict[str, Any]) -> None:
