@@ -143,19 +143,20 @@ def check_open_properties(schema: dict[str, Any]) -> None:
     stack: list[Any] = [schema]
     while stack:
         node = stack.pop()
-        if isinstance(node, list):
-            stack += node
-            continue
-        if not isinstance(node, dict):
-            continue
-        props = node.get("properties")
+        props = node.get("properties") if isinstance(node, dict) else None
         if isinstance(props, dict):
             required = node.get("required") if isinstance(node.get("required"), list) else []
             optional = len([k for k in props if k not in required])
             if optional > MAX_OPEN_PROPERTIES:
                 raise GrammarError(f"a JSON schema object leaves {optional} properties optional: structured output "
                                    f"follows at most {MAX_OPEN_PROPERTIES} (make some required)")
-        stack += [v for k, v in node.items() if k not in _SCHEMA_DATA]
+        stack += _subschemas(node)
+
+
+def _subschemas(node: dict | list) -> list[Any]:
+    """The dicts and lists below a schema node (its data keywords' values left out; a $ref not followed)."""
+    kids = node if isinstance(node, list) else [v for k, v in node.items() if k not in _SCHEMA_DATA]
+    return [k for k in kids if isinstance(k, (dict, list))]
 
 
 def check_schema_depth(schema: dict[str, Any]) -> None:
@@ -176,10 +177,10 @@ def check_schema_depth(schema: dict[str, Any]) -> None:
         return node
 
     def children(node: Any) -> list[Any]:
-        kids = node if isinstance(node, list) else [v for k, v in node.items() if k not in _SCHEMA_DATA]
         if isinstance(node, dict) and isinstance(node.get("$ref"), str):
-            kids = [*kids, resolve(node["$ref"])]
-        return [k for k in kids if isinstance(k, (dict, list))]
+            target = resolve(node["$ref"])
+            return _subschemas(node) + ([target] if isinstance(target, (dict, list)) else [])
+        return _subschemas(node)
 
     # an iterative walk (a recursive one would meet Python's own recursion limit first)
     stack: list[tuple[Any, list[Any], int]] = [(schema, children(schema), 0)]  # node, children left, levels below
