@@ -206,9 +206,10 @@ async def with_keepalive(events: AsyncIterator[str], every_s: float) -> AsyncIte
     queue: asyncio.Queue[tuple[str | None, BaseException | None]] = asyncio.Queue()  # (the end always fits)
     # One event ahead: a stream that falls behind leaves its deltas in its request's queue, where they merge.
     room = asyncio.Semaphore(1)
-    last = [loop.time()]  # when the pump last queued an event
+    last = loop.time()  # when the pump last queued an event (or the timer a comment)
 
     async def pump() -> None:
+        nonlocal last
         error: BaseException | None = None
         try:
             source = events.__aiter__()
@@ -219,17 +220,17 @@ async def with_keepalive(events: AsyncIterator[str], every_s: float) -> AsyncIte
                 except StopAsyncIteration:
                     break
                 queue.put_nowait((event, None))
-                last[0] = loop.time()
+                last = loop.time()
         except BaseException as exc:  # noqa: BLE001 - the stream's own error, raised where it is read
             error = exc
         finally:
             queue.put_nowait((None, error))
 
     def watch() -> None:
-        nonlocal timer
-        idle = loop.time() - last[0]
+        nonlocal timer, last
+        idle = loop.time() - last
         if idle >= every_s and queue.empty():  # (not empty: an event waits for the consumer)
-            last[0], idle = loop.time(), 0.0
+            last, idle = loop.time(), 0.0
             queue.put_nowait((KEEPALIVE, None))
         timer = loop.call_later(max(every_s - idle, every_s / 10), watch)
 
