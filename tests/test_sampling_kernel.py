@@ -140,11 +140,12 @@ def test_shaping_and_sampling_never_wait_for_the_device() -> None:
     reqs[2].min_tokens_banned = (int(logits[2].argmax()),)
     pending = [[], [11], [], [9], [int(logits[4].argmax())], []]
     want = sample_tokens(logits, reqs, pending)
+    on_device = logits.cuda()  # (a copy from pageable memory syncs: the forward's logits are on the device)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        got = sample_tokens(logits.cuda(), reqs, pending)
-        scored = logprob_rows(logits.cuda(), got, [2, 0, 5, 1, 0, 3])  # (overlapped scheduling's logprobs)
+        got = sample_tokens(on_device, reqs, pending)
+        scored = logprob_rows(on_device, got, [2, 0, 5, 1, 0, 3])  # (overlapped scheduling's logprobs)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     greedy = [i for i, p in enumerate(params) if p.temperature == 0.0]

@@ -135,8 +135,8 @@ def _apply_penalties(shaped: _Shaped, reqs: list[Request], pending: list[list[in
         history = upload(ids, torch.long, dev) if ids else None  # one copy for both uses
         if p.repetition_penalty != 1.0:  # a [V] mask of the tokens seen: no host sync (no unique / nonzero)
             seen = _fixed(req, "prompt_vocab", dev, lambda: _vocab_mask(req.prompt_ids, V)).clone()
-            if history is not None:
-                seen[history] = True
+            if history is not None:  # (index_fill_: `seen[history] = True` synced on CUDA, per the sync test)
+                seen.index_fill_(0, history, True)
             score = logits[i]
             penalized = torch.where(score > 0, score / p.repetition_penalty, score * p.repetition_penalty)
             logits[i] = torch.where(seen, penalized, score)
