@@ -186,7 +186,7 @@ def _inject_sampling_failure(rank: int) -> None:
     """In the leader's process: sampling a batch that holds the 37-token poison prompt raises (after the step's
     forward, whose collectives every rank completed; the other ranks never sample), overlapped or not."""
     from dsaserve.engine import engine, overlap
-    real_tokens, real_accept = overlap.sample_tokens, engine.accept
+    real_tokens, real_accept = overlap.sample_tokens, engine.launch_accept
 
     def poisoned(reqs) -> None:  # type: ignore[no-untyped-def]
         if any(len(r.prompt_ids) == 37 for r in reqs):
@@ -199,7 +199,7 @@ def _inject_sampling_failure(rank: int) -> None:
     def accept(requests, plan, real, logits):  # type: ignore[no-untyped-def]
         poisoned([requests[rid] for rid in plan.rids[:real]])
         return real_accept(requests, plan, real, logits)
-    overlap.sample_tokens, engine.accept = sample_tokens, accept
+    overlap.sample_tokens, engine.launch_accept = sample_tokens, accept
 
 
 @pytest.mark.parametrize("mode", ["overlap", "plain", "mtp"])

@@ -209,3 +209,27 @@ def test_keys_of_rows_is_the_most_any_row_of_a_chunk_sees() -> None:
         for stop in range(start + 1, layout.num_tokens + 1):
             assert layout.keys_of_rows(start, stop) == max(kv[start:stop]), (start, stop)
     assert _layout([0, 30], [5, 1], 4, 64).keys_of_rows(0, 1) == 64
+
+
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_shifted_layout_equals_the_layout_built_at_the_shifted_positions(page_size: int) -> None:
+    """A draft step is planned at the most a request can have accepted and moved back on the device once
+    acceptance is known: every tensor field equals build() of the plan at the moved positions (a graph's padding
+    request, shift 0, included); packed as before, so a graph takes it in one copy."""
+    prefix, shift = [9, 2, 20, 0], [-3, 0, -1, 0]
+    pages = tuple(tuple(range(1 + 8 * b, 1 + 8 * b + -(-(p + 2) // page_size))) for b, p in enumerate(prefix))
+    pages = pages[:3] + ((0,),)
+
+    def plan(first: list[int]) -> StepPlan:
+        return StepPlan(StepMode.DRAFT, ("a", "b", "c", ""), pages, tuple(first), (1,) * 4, (1,) * 4,
+                        (True,) * 4, (), (0,) * 4)
+
+    planned = BatchLayout.build(plan(prefix), page_size, torch.device("cpu"), key_width=32, page_width=24)
+    moved = planned.shifted(torch.tensor(shift, dtype=torch.int32))
+    want = BatchLayout.build(plan([p + s for p, s in zip(prefix, shift)]), page_size, torch.device("cpu"),
+                             key_width=32, page_width=24)
+    assert any(not torch.equal(getattr(planned, n), getattr(want, n)) for n in want.tensor_fields())
+    for name in want.tensor_fields():
+        assert torch.equal(getattr(moved, name), getattr(want, name)), name
+    assert moved.static_key() == want.static_key() and moved.storage is not None
+    assert torch.equal(planned.row_pos, torch.tensor(prefix, dtype=torch.int32))  # the planned layout is kept

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import random
 from pathlib import Path
 
 import pytest
@@ -394,3 +395,53 @@ def test_structured_output_with_spec(tiny_ds: str) -> None:
         for o in outs:
             value = json.loads(o.text)
             assert isinstance(value["n"], bool) and value["w"] in ("ab", "cd") and o.finish_reason.kind == "stop"
+
+
+def test_accepted_drafts_count_each_chains_leading_matches() -> None:
+    """Acceptance on the device: per chain, the leading rows whose sample equals the draft the next row verified
+    (at most n - 1), against the rule written as a loop; a chain of one row (a prompt's last chunk) accepts none,
+    and a request whose drafts were lost matches none."""
+    from dsaserve.engine.acceptance import accepted_drafts
+    rng = random.Random(3)
+    for _ in range(50):
+        chains, tokens = [], []
+        for i in range(rng.randint(1, 6)):
+            n = rng.choice([1, 2, 4])
+            req = Request(f"r{i}", [1], GREEDY, 8, 0, seed=i)
+            req.draft_ids = [rng.randint(0, 2) for _ in range(n - 1)] if rng.random() > 0.1 else []
+            chains.append((req, n))
+            tokens += [rng.randint(0, 2) for _ in range(n)]
+        want, row = [], 0
+        for req, n in chains:
+            k = 0
+            while k < n - 1 and k < len(req.draft_ids) and tokens[row + k] == req.draft_ids[k]:
+                k += 1
+            want.append(k)
+            row += n
+        assert accepted_drafts(torch.tensor(tokens), chains).tolist() == want
+
+
+def test_draft_steps_launch_before_the_host_reads_the_tokens(tiny_ds: str) -> None:
+    """Acceptance is decided on the device: every step launches its MTP pass and its draft steps before the host
+    reads the step's sampled tokens (which it used to read first, leaving the device idle while it decided),
+    and the tokens are the plain run's."""
+    from dsaserve.engine.acceptance import Verdict
+    expected = plain(tiny_ds, PROMPTS, GREEDY)
+    llm = LLM(tiny_ds, max_total_tokens=4096, **spec(3))
+    events: list[str] = []
+    draft, read = llm.engine.runner.draft, Verdict.read
+
+    def spy_draft(*args: object, **kw: object) -> object:
+        events.append("draft")
+        return draft(*args, **kw)
+
+    def spy_read(self: Verdict) -> dict:
+        events.append("read")
+        return read(self)
+
+    llm.engine.runner.draft = spy_draft
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Verdict, "read", spy_read)
+        assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == expected
+    steps = "".join("d" if e == "draft" else "r" for e in events).split("r")
+    assert len(steps) > 5 and steps[-1] == "" and set(steps[:-1]) == {"ddd"}, steps

@@ -16,16 +16,16 @@ from dsaserve.cache.pages import PageAllocator
 from dsaserve.cache.prefix import PrefixCache, PrefixStats
 from dsaserve.chat.grammar import commit_tokens
 from dsaserve.engine import compiles, lockstep
-from dsaserve.engine.acceptance import accept
+from dsaserve.engine.acceptance import InFlight, launch_accept
 from dsaserve.engine.grammar_compile import GrammarCompiler
 from dsaserve.engine.layout import StepMode, StepPlan
 from dsaserve.engine.model_runner import ModelRunner, StepShape
-from dsaserve.engine.overlap import InFlight, Overlap, input_ids
+from dsaserve.engine.overlap import Overlap, input_ids
 from dsaserve.engine.request import (DisaggRoute, FinishReason, Request, RequestError, RequestOutput,
                                      SamplingParams, check_token_ids, stop_reason)
 from dsaserve.engine.scheduler import Scheduler, SchedulerConfig
 from dsaserve.engine.stats import EngineStats
-from dsaserve.spec.drafter import DraftInput, MTPDrafter, draft_input, drafts_in_flight, settle_drafts
+from dsaserve.spec.drafter import MTPDrafter, draft_input, drafts_in_flight, settle_drafts
 from dsaserve.engine.tokenizer import Tokenizer
 from dsaserve.engine.warmup import warm_up
 from dsaserve.ops import invariant
@@ -41,9 +41,10 @@ class Engine:
     ranks of the group it runs the leader's plans. Every rank calls step() in lockstep.
 
     With speculative decoding a step is: the target over the plan's rows (a prompt chunk, or each
-    request's last token and its S drafts), the leader's sampling and acceptance, then the MTP drafter
-    (spec/drafter.py) over the same rows and S - 1 chained draft steps. Requests finish only after
-    the whole step, so no page is freed while a sub-step of the step still writes it.
+    request's last token and its S drafts), the leader's sampling and acceptance on the device, then the MTP
+    drafter (spec/drafter.py) over the same rows and S - 1 chained draft steps, launched before the host reads
+    the step's tokens. Requests finish only after the whole step, so no page is freed while a sub-step of the
+    step still writes it.
     """
 
     def __init__(self, args: ServerArgs, progress: bool = True, par: Parallel | None = None):
@@ -292,31 +293,35 @@ class Engine:
         self.steps += 1
         leader = self.par.cfg.is_leader
         issued = self.par.issued
-        try:
-            accepted = accept(self.requests, plan, real, logits) if leader and real else {}
-        except Exception as exc:  # noqa: BLE001 - the leader's own work, after every rank's forward: local
-            outputs = self.fail_step(plan, exc, issued, local=self.par.issued == issued)
-            if self.drafter is not None:  # the other ranks run the draft steps' collectives: join them on dummies
-                self.drafter.run(plan, layout, hidden, draft_input(self.requests, plan, 0, {}), shape)
-            return outputs
+        verdict, given, failure = None, None, None
+        if leader and real:
+            try:  # on the device: the MTP pass below launches before the host reads a token
+                verdict = launch_accept(self.requests, plan, real, logits)
+                given = draft_input(self.requests, plan, real, verdict) if self.drafter is not None else None
+            except Exception as exc:  # noqa: BLE001 - the leader's own work, after every rank's forward: local
+                failure, local = exc, self.par.issued == issued
         drafts = None
-        if self.drafter is not None:
-            given = draft_input(self.requests, plan, real, accepted) if leader else None
+        if self.drafter is not None:  # (after a failure: dummy input, so that the other ranks' draft steps run)
+            if leader and given is None:
+                given = draft_input(self.requests, plan, 0, None)
             drafts = self.drafter.run(plan, layout, hidden, given, shape)
-        if not (leader and real):
+        if failure is not None:
+            return self.fail_step(plan, failure, issued, local=local)
+        if verdict is None:
             return []
+        accepted = verdict.read()  # waits for the sampling, not for the draft steps queued after it
         outputs = self._commit(plan, real, accepted)
         if drafts is not None:
-            self._keep_drafts(plan, real, given, drafts)
+            self._keep_drafts(plan, real, drafts)
         if self.disagg is not None:  # prefill side: requests with their first token (and drafts) go out
             self.disagg.after_step(accepted)
         return outputs
 
-    def _keep_drafts(self, plan: StepPlan, real: int, given: DraftInput, drafts: Tensor) -> None:
+    def _keep_drafts(self, plan: StepPlan, real: int, drafts: Tensor) -> None:
         """The drafts stay on the device until the next step has launched (its verify rows gather them there):
         the host schedules and lays out that step while the device drafts. Read at once where the host needs
         them after this step (a prefill server hands them over; tests and benchmarks override them)."""
-        self._drafts = drafts_in_flight(self.requests, plan, real, given, drafts)
+        self._drafts = drafts_in_flight(self.requests, plan, real, drafts)
         if self.draft_override is not None or self.args.disaggregation_mode == "prefill":
             self._fill_drafts(self.draft_override)
 

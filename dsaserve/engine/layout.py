@@ -186,6 +186,20 @@ class BatchLayout:
         """The same step reading out other rows (the MTP pass samples the last accepted row)."""
         return dataclasses.replace(self, logit_rows=rows, storage=None)
 
+    def shifted(self, shift: Tensor) -> BatchLayout:
+        """The same rows, request b's `shift[b]` positions later (or earlier), on the device: a draft step planned
+        before the host knows how many drafts each request accepted (spec/drafter.py). The host fields
+        (key_width, req_rows) are the plan's: they must bound the shifted lengths (it is planned at the most)."""
+        out, shift = self.cloned(), shift.to(torch.int32)
+        by_row = shift[out.row_req.long()]
+        out.prefix_lens.add_(shift)
+        out.seq_lens.add_(shift)
+        out.row_pos.add_(by_row)
+        out.row_kv_len.add_(by_row[:, None])
+        page = out.page_table[out.row_req.long(), (out.row_pos // self.page_size).long()]
+        out.out_slots.copy_(page * self.page_size + out.row_pos % self.page_size)
+        return out
+
     def tensor_fields(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self)
                 if f.name != "storage" and isinstance(getattr(self, f.name), Tensor)]

@@ -219,7 +219,7 @@ class ModelRunner:
     def prepare(self, plan: StepPlan, shape: StepShape, min_keys: int = 0) -> tuple[StepPlan, BatchLayout]:
         """The step's plan (padded with dummy requests when it replays a graph) and its layout."""
         if shape.graph_batch is None:
-            return plan, self._checked(BatchLayout.build(plan, self.page_size, self.device, dp_sizes=shape.dp_sizes))
+            return plan, self.checked(BatchLayout.build(plan, self.page_size, self.device, dp_sizes=shape.dp_sizes))
         assert self.graphs is not None
         seq = max([p + q for p, q in zip(plan.prefix_lens, plan.q_lens)] + [min_keys])
         return self._padded(plan, shape, self.graphs.key_width(seq))
@@ -229,11 +229,12 @@ class ModelRunner:
         assert shape.graph_batch is not None
         plan = plan.padded(shape.graph_batch, shape.rows_per_req, self.page_size, shape.mode)
         rows = shape.graph_batch * shape.rows_per_req
-        return plan, self._checked(BatchLayout.build(plan, self.page_size, self.device, key_width=keys,
+        return plan, self.checked(BatchLayout.build(plan, self.page_size, self.device, key_width=keys,
                                                      dp_sizes=(rows,) * len(shape.dp_sizes),
                                                      page_width=-(-keys // self.page_size)))
 
-    def _checked(self, layout: BatchLayout) -> BatchLayout:
+    def checked(self, layout: BatchLayout) -> BatchLayout:
+        """The layout, its invariants asserted in checked mode."""
         if self.ops.checks:
             layout.validate(num_slots=self.pools.num_slots)
         return layout

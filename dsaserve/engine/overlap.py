@@ -18,49 +18,19 @@ that row may still be written: every later step runs after it on the same stream
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
 from dsaserve.engine import lockstep
-from dsaserve.engine.acceptance import sampled_rows
+from dsaserve.engine.acceptance import InFlight, sampled_rows
 from dsaserve.engine.layout import IN_FLIGHT, StepPlan
-from dsaserve.engine.request import Request, RequestOutput
-from dsaserve.engine.sampler import LogprobRows, logprob_rows, sample_tokens
+from dsaserve.engine.request import RequestOutput
+from dsaserve.engine.sampler import logprob_rows, sample_tokens
 
 if TYPE_CHECKING:
     from dsaserve.engine.engine import Engine
     from dsaserve.parallel.groups import Parallel
-
-
-@dataclass
-class InFlight:
-    """The tokens of one launched step, one per request that samples (or a row of MTP drafts per drafting
-    request; None: a dummy's): on the device (the next step's input ids are gathered from them) and on their
-    way to pinned host memory (`ready` marks the copy)."""
-    requests: list[Request | None]
-    tokens: torch.Tensor
-    host: torch.Tensor
-    ready: torch.cuda.Event | None
-    logprobs: LogprobRows | None = None  # (on their way to the host with the tokens)
-
-    @staticmethod
-    def of(requests: list[Request | None], tokens: torch.Tensor, logprobs: LogprobRows | None = None) -> InFlight:
-        if not tokens.is_cuda:
-            return InFlight(requests, tokens, tokens, None, logprobs)
-        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-        host.copy_(tokens, non_blocking=True)
-        logprobs = logprobs.pinned_copy() if logprobs is not None else None
-        ready = torch.cuda.Event()
-        ready.record(torch.cuda.current_stream(tokens.device))  # the stream the copy was queued on
-        return InFlight(requests, tokens, host, ready, logprobs)
-
-    def read(self) -> list[int]:
-        """Waits for this step's sampling only, not for any step launched after it."""
-        if self.ready is not None:
-            self.ready.synchronize()
-        return self.host.tolist()
 
 
 class Overlap:
