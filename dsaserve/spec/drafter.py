@@ -138,7 +138,8 @@ class MTPDrafter:
         dev = hidden.device
         T, D = layout.num_tokens, len(drafting(plan))
         packed = given.to(dev) if given is not None else torch.empty(T + D, dtype=torch.long, device=dev)
-        runner.par.broadcast_attn(packed)
+        if T + D:  # (an idle DP group without graphs has no rows: every rank of the group skips alike)
+            runner.par.broadcast_attn(packed)
         ids, shift = packed[:T], packed[T:].to(torch.int32)
         rows = upload(mtp_rows(plan), torch.int32, dev) + shift
         graphed = shape.graph_batch is not None
