@@ -445,3 +445,45 @@ def test_draft_steps_launch_before_the_host_reads_the_tokens(tiny_ds: str) -> No
         assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == expected
     steps = "".join("d" if e == "draft" else "r" for e in events).split("r")
     assert len(steps) > 5 and steps[-1] == "" and set(steps[:-1]) == {"ddd"}, steps
+
+
+@pytest.mark.gpu
+def test_an_mtp_steps_launch_path_never_waits_for_the_device() -> None:
+    """Sampling with a penalty and logprobs, acceptance, the MTP input, its logit rows and both draft layouts of a
+    mixed step (verify rows, a prompt chunk that is not its last, a last chunk), and the dummy input of a failed
+    or idle leader, are enqueued without a host sync; the verdict then reads the tokens."""
+    from dsaserve.engine.acceptance import launch_accept
+    from dsaserve.engine.layout import BatchLayout, StepMode, StepPlan
+    from dsaserve.engine.sampler import upload
+    from dsaserve.spec.drafter import _padded, draft_input, draft_plan, mtp_rows
+    dev, page = torch.device("cuda"), 4
+    sampled = SamplingParams(max_tokens=50, temperature=0.8, top_p=0.9, ignore_eos=True, logprobs=2,
+                             repetition_penalty=1.1)
+    requests = {rid: Request(rid, list(range(n)), p, 50, i, seed=i)
+                for i, (rid, n, p) in enumerate([("a", 9, GREEDY), ("b", 9, sampled), ("c", 30, GREEDY),
+                                                 ("e", 13, sampled)])}
+    for rid in "ab":
+        requests[rid].output_ids, requests[rid].draft_ids = [7, 8], [1, 2, 3]
+    pages = tuple(tuple(range(1 + 50 * b, 1 + 50 * b + -(-n // page))) for b, n in enumerate([16, 16, 20, 15]))
+    plan = StepPlan(StepMode.MIXED, ("a", "b", "c", "e"), pages, (10, 10, 8, 5), (4, 4, 10, 8), (4, 4, 0, 1),
+                    (True, True, False, True), (), (3, 3, 0, 0))
+    logits = torch.randn(9, 1000, device=dev)
+
+    def launch() -> object:
+        verdict = launch_accept(requests, plan, 4, logits)
+        shift = draft_input(requests, plan, 4, verdict, dev)[plan.num_tokens:].to(torch.int32)
+        upload(mtp_rows(plan), torch.int32, dev) + shift
+        for step in (1, 2):
+            layout = BatchLayout.build(draft_plan(plan, step), page, dev)
+            layout.shifted(_padded(shift, layout.batch_size))
+        draft_input(requests, plan, 0, None, dev)
+        return verdict
+
+    launch()  # (kernels compiled, pinned blocks cached)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        verdict = launch()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert set(verdict.read()) == {"a", "b", "e"}

@@ -66,7 +66,8 @@ class Verdict:
 
 
 def launch_accept(requests: dict[str, Request], plan: StepPlan, real: int, logits: Tensor) -> Verdict:
-    """Sample each real request's rows and decide acceptance on the device (no host sync). A verify request
+    """Sample each real request's rows and decide acceptance on the device (no host sync, except where a request
+    scores its prompt: echo / prompt_logprobs, score_prompt). A verify request
     keeps the drafts up to the first row whose own sample differs, then that row's sample (the bonus token).
     Each row samples with the (seed, output index) uniform of a non-speculative step, so the tokens are
     exactly the non-speculative ones; for top-1 drafts this is speculative rejection sampling, coupled

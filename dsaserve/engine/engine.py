@@ -297,19 +297,23 @@ class Engine:
         if leader and real:
             try:  # on the device: the MTP pass below launches before the host reads a token
                 verdict = launch_accept(self.requests, plan, real, logits)
-                given = draft_input(self.requests, plan, real, verdict) if self.drafter is not None else None
+                given = (draft_input(self.requests, plan, real, verdict, self.runner.device)
+                         if self.drafter is not None else None)
             except Exception as exc:  # noqa: BLE001 - the leader's own work, after every rank's forward: local
                 failure, local = exc, self.par.issued == issued
         drafts = None
         if self.drafter is not None:  # (after a failure: dummy input, so that the other ranks' draft steps run)
             if leader and given is None:
-                given = draft_input(self.requests, plan, 0, None)
+                given = draft_input(self.requests, plan, 0, None, self.runner.device)
             drafts = self.drafter.run(plan, layout, hidden, given, shape)
         if failure is not None:
             return self.fail_step(plan, failure, issued, local=local)
         if verdict is None:
             return []
-        accepted = verdict.read()  # waits for the sampling, not for the draft steps queued after it
+        try:  # waits for the sampling, not for the draft steps queued after it
+            accepted = verdict.read()
+        except Exception as exc:  # noqa: BLE001 - after every rank's collectives of the step: local
+            return self.fail_step(plan, exc, issued, local=True)
         outputs = self._commit(plan, real, accepted)
         if drafts is not None:
             self._keep_drafts(plan, real, drafts)

@@ -46,7 +46,8 @@ def drafting(plan: StepPlan) -> list[int]:
     return [b for b, samples in enumerate(plan.samples) if samples]
 
 
-def draft_input(requests: dict[str, Request], plan: StepPlan, real: int, verdict: Verdict | None) -> Tensor:
+def draft_input(requests: dict[str, Request], plan: StepPlan, real: int, verdict: Verdict | None,
+                device: torch.device) -> Tensor:
     """The leader's MTP input for its group, on the device, without a host sync: [T + D] int64, the MTP pass's
     input id of every row (the token at the row's position + 1: a prompt chunk's next prompt token, else the row's
     sample; rows past a verify request's accepted run get its later samples, overwritten later), then per
@@ -60,14 +61,14 @@ def draft_input(requests: dict[str, Request], plan: StepPlan, real: int, verdict
         known += ahead + [0] * (q - len(ahead))
     chosen = drafting(plan)
     if verdict is None:
-        return torch.zeros(len(known) + len(chosen), dtype=torch.long)
+        return torch.zeros(len(known) + len(chosen), dtype=torch.long, device=device)  # (made there: no copy)
     place = {plan.rids[b]: i for i, b in enumerate(chosen) if b < real}
     ends = dict(zip(plan.rids[:real], itertools.accumulate(plan.q_lens)))
     rows: list[int] = []  # each chain's rows: its request's last n
     for req, n in verdict.chains:
         rows += range(ends[req.rid] - n, ends[req.rid])
     slots = [place[req.rid] for req, _ in verdict.chains]
-    host = upload(known + rows + slots + [1 - n for _, n in verdict.chains], torch.long, verdict.tokens.device)
+    host = upload(known + rows + slots + [1 - n for _, n in verdict.chains], torch.long, device)
     T, R, C = len(known), len(rows), len(slots)
     ids = host[:T].index_copy(0, host[T:T + R], verdict.tokens)
     shift = torch.zeros(len(chosen), dtype=torch.long, device=ids.device)
@@ -137,7 +138,7 @@ class MTPDrafter:
         runner = self.runner
         dev = hidden.device
         T, D = layout.num_tokens, len(drafting(plan))
-        packed = given.to(dev) if given is not None else torch.empty(T + D, dtype=torch.long, device=dev)
+        packed = given if given is not None else torch.empty(T + D, dtype=torch.long, device=dev)
         if T + D:  # (an idle DP group without graphs has no rows: every rank of the group skips alike)
             runner.par.broadcast_attn(packed)
         ids, shift = packed[:T], packed[T:].to(torch.int32)
