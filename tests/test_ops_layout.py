@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -233,3 +234,20 @@ def test_shifted_layout_equals_the_layout_built_at_the_shifted_positions(page_si
         assert torch.equal(getattr(moved, name), getattr(want, name)), name
     assert moved.static_key() == want.static_key() and moved.storage is not None
     assert torch.equal(planned.row_pos, torch.tensor(prefix, dtype=torch.int32))  # the planned layout is kept
+
+
+def test_page_ids_follow_the_list_and_a_plans_view_never_changes() -> None:
+    """A request's int32 page ids (what a plan holds) equal its page list after every extension, growth past the
+    buffer and replacement (a release, a hand-over); every view taken earlier still holds the pages of its time."""
+    from dsaserve.engine.request import Request, SamplingParams
+    req = Request("r", [1], SamplingParams(), 8, 0, seed=0)
+    taken: list[tuple[object, list[int]]] = []
+    for step in range(40):
+        if step % 13 == 12:
+            req.pages = [900 + step]  # replaced, as a release and re-admission do
+        else:
+            req.pages += list(range(100 * step, 100 * step + step % 5 + 1))
+        view = req.page_ids()
+        assert view.dtype == np.int32 and view.tolist() == req.pages
+        taken.append((view, list(req.pages)))
+    assert all(view.tolist() == pages for view, pages in taken)

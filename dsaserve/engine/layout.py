@@ -7,6 +7,7 @@ import enum
 import itertools
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,7 +43,7 @@ class StepPlan:
     (rid DUMMY_RID, pages all 0) may follow the real ones."""
     mode: StepMode
     rids: tuple[str, ...]
-    pages: tuple[tuple[int, ...], ...]  # page ids of each request, covering at least seq_len tokens
+    pages: tuple[Sequence[int], ...]  # page ids of each request (int32 arrays from the scheduler), covering seq_len
     prefix_lens: tuple[int, ...]
     q_lens: tuple[int, ...]
     logit_counts: tuple[int, ...]  # how many trailing rows of each request yield logits (0: none)
@@ -135,32 +136,31 @@ class BatchLayout:
                 raise LayoutError(f"a request has {max(seq_lens)} tokens, past the page table's {width} pages of "
                                   f"{page_size}")
             pages = tuple(p[:width] for p in pages)
-        table = np.zeros((B, width), dtype=np.int32)
-        _fill_table(table, pages)
         row_req, row_pos, logit_rows = _rows(plan)
         T = len(row_req)
-        slots = table[row_req, row_pos // page_size].astype(np.int64) * page_size + row_pos % page_size
-        fields = {"prefix_lens": (plan.prefix_lens, (B,)), "q_lens": (plan.q_lens, (B,)), "seq_lens": (seq_lens, (B,)),
-                  "row_req": (row_req, (T,)), "row_pos": (row_pos, (T,)),
-                  "row_kv_len": (row_pos + 1, (T, 1)), "out_slots": (slots, (T,)),
-                  "page_table": (table, (B, width)), "logit_rows": (logit_rows, (len(logit_rows),))}
-        sizes = [math.prod(shape) for _, shape in fields.values()]
+        shapes = {"prefix_lens": (B,), "q_lens": (B,), "seq_lens": (B,), "row_req": (T,), "row_pos": (T,),
+                  "row_kv_len": (T, 1), "out_slots": (T,), "page_table": (B, width), "logit_rows": (len(logit_rows),)}
+        sizes = [math.prod(shape) for shape in shapes.values()]
         # Every field starts 16-byte aligned (Triton specializes kernels on pointer alignment: a field's
         # alignment must not depend on the batch). Filled by numpy in one buffer: a graph's page table is
         # its key-width bucket wide (64 x 128 entries at 4K context), too many to pass one by one.
         spans = [-(-n // _ALIGN) * _ALIGN for n in sizes]
-        starts = np.cumsum([0] + spans[:-1])
+        starts = dict(zip(shapes, np.cumsum([0] + spans[:-1]).tolist()))
         host_np = np.zeros(sum(spans), dtype=np.int32)
-        for (values, _), start, n in zip(fields.values(), starts, sizes):
-            if n:
-                host_np[start:start + n] = np.asarray(values).reshape(-1)
+        table = host_np[starts["page_table"]:starts["page_table"] + B * width].reshape(B, width)
+        _fill_table(table, pages)  # (in place: at page size 1 a graph's table holds a page per key position)
+        slots = table[row_req, row_pos // page_size].astype(np.int64) * page_size + row_pos % page_size
+        values = {"prefix_lens": plan.prefix_lens, "q_lens": plan.q_lens, "seq_lens": seq_lens, "row_req": row_req,
+                  "row_pos": row_pos, "row_kv_len": row_pos + 1, "out_slots": slots, "logit_rows": logit_rows}
+        for name, field_values in values.items():
+            if len(field_values):
+                host_np[starts[name]:starts[name] + len(field_values)] = field_values
         host = torch.from_numpy(host_np)
         storage = host.to(device, non_blocking=True)  # one upload per step (it was one per field)
-        views, start = {}, 0
-        for (name, (_, shape)), size, span in zip(fields.items(), sizes, spans):
-            flat = storage[start:start + size]
+        views = {}
+        for (name, shape), size in zip(shapes.items(), sizes):
+            flat = storage[starts[name]:starts[name] + size]
             views[name] = flat if len(shape) == 1 else flat.view(shape)  # a view call costs ~4 us of host time
-            start += span
         eager = key_width is None
         return BatchLayout(
             mode=plan.mode, page_size=page_size, num_tokens=T,
@@ -289,13 +289,9 @@ def _rows(plan: StepPlan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return row_req, row_pos, ranks + np.repeat(ends - counts, counts)
 
 
-def _fill_table(table: np.ndarray, pages: tuple[tuple[int, ...], ...]) -> None:
-    """Row b's first len(pages[b]) entries are its pages (the rest stay 0), in one vectorized scatter."""
-    counts = np.fromiter((len(p) for p in pages), dtype=np.int64, count=len(pages))
-    total = int(counts.sum())
-    if total:
-        flat = np.fromiter(itertools.chain.from_iterable(pages), dtype=np.int32, count=total)
-        rows = np.repeat(np.arange(len(pages)), counts)
-        cols = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
-        table[rows, cols] = flat
-
+def _fill_table(table: np.ndarray, pages: tuple[Sequence[int], ...]) -> None:
+    """Row b's first len(pages[b]) entries are its pages (the rest stay 0): one copy per request, from the
+    requests' int32 page arrays (Request.page_ids; converting every page id each step cost milliseconds at page
+    size 1 and long contexts)."""
+    for row, ids in zip(table, pages):
+        row[:len(ids)] = ids

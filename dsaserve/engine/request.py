@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from numbers import Integral, Real
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 if TYPE_CHECKING:
     from dsaserve.chat.grammar import GrammarSpec
     from dsaserve.engine.tokenizer import Tokenizer
@@ -191,6 +193,30 @@ class DisaggRoute:
 
 
 @dataclass
+class PageMirror:
+    """A request's page list as int32, appended to as the list grows: a step copies these into its page table
+    instead of converting the whole list again (at page size 1 a request holds a page per token: 16 x 32K
+    contexts took 12 ms a step). A plan keeps a view: appending writes past it and growing or replacing the list
+    starts a new buffer, so the view never changes. The list is only ever extended or replaced, never edited."""
+    source: list[int] | None = None
+    buffer: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
+    size: int = 0
+
+    def view(self, pages: list[int]) -> np.ndarray:
+        n = len(pages)
+        if self.source is not pages or n < self.size:  # a new list (released, re-admitted, handed over)
+            self.source, self.size, self.buffer = pages, 0, np.zeros(max(n, 16), dtype=np.int32)
+        if n > len(self.buffer):
+            grown = np.zeros(max(n, 2 * len(self.buffer)), dtype=np.int32)
+            grown[:self.size] = self.buffer[:self.size]
+            self.buffer = grown
+        if n > self.size:
+            self.buffer[self.size:n] = pages[self.size:n]
+            self.size = n
+        return self.buffer[:n]
+
+
+@dataclass
 class Request:
     rid: str
     prompt_ids: list[int]
@@ -217,6 +243,11 @@ class Request:
     sampling_tensors: dict[str, Any] = field(default_factory=dict)  # the sampler's fixed per-request tensors
     disagg: DisaggRoute | None = None  # PD: the request's KV cache moves between servers
     inflight: int = 0  # overlapped scheduling: tokens sampled on the device, not committed yet
+    page_mirror: PageMirror = field(default_factory=PageMirror, repr=False)
+
+    def page_ids(self) -> np.ndarray:
+        """`pages` as int32, for a step's plan (PageMirror)."""
+        return self.page_mirror.view(self.pages)
 
     def token_slice(self, start: int, end: int) -> list[int]:
         """Tokens [start, end) of prompt + output, without building the concatenation (hot path)."""

@@ -322,7 +322,7 @@ class Scheduler:
             else StepMode.EXTEND
         chosen = decode + prefill
         return StepPlan(
-            mode=mode, rids=tuple(r.rid for r, _ in chosen), pages=tuple(tuple(r.pages) for r, _ in chosen),
+            mode=mode, rids=tuple(r.rid for r, _ in chosen), pages=tuple(r.page_ids() for r, _ in chosen),
             prefix_lens=tuple(r.num_cached for r, _ in chosen), q_lens=tuple(q for _, q in chosen),
             logit_counts=tuple(logits), samples=tuple(samples), input_ids=tuple(input_ids),
             num_drafts=(spec,) * len(decode) + (0,) * len(prefill))
