@@ -251,3 +251,40 @@ def test_page_ids_follow_the_list_and_a_plans_view_never_changes() -> None:
         assert view.dtype == np.int32 and view.tolist() == req.pages
         taken.append((view, list(req.pages)))
     assert all(view.tolist() == pages for view, pages in taken)
+
+
+def test_a_plans_pages_reach_the_group_as_what_changed() -> None:
+    """lockstep sends a plan's page ids as each request's pages past those sent before (engine/page_sync.py): over
+    steps where requests grow, are replaced (released and re-admitted), skip a step or end, the other rank's pages
+    equal the leader's every step, through a pickle; a request seen before sends only its new pages, and a rank
+    out of step is refused by name."""
+    import pickle
+    import random
+
+    from dsaserve.engine.page_sync import PageReceiver, PageSender
+    from dsaserve.engine.request import Request, SamplingParams
+    rng = random.Random(7)
+    requests = {f"r{i}": Request(f"r{i}", [1], SamplingParams(), 8, i, seed=i) for i in range(6)}
+    sender, receiver, resent = PageSender(), PageReceiver(), []
+    for step in range(60):
+        for req in requests.values():
+            if rng.random() < 0.05:
+                req.pages = [rng.randrange(1, 999)]
+            else:
+                req.pages += [rng.randrange(1, 999) for _ in range(rng.randrange(3))]
+        rids = tuple(rid for rid in requests if rng.random() < 0.8)
+        plan = StepPlan(StepMode.DECODE, rids, tuple(requests[r].page_ids() for r in rids), (0,) * len(rids),
+                        (1,) * len(rids), (1,) * len(rids), (True,) * len(rids), (), (0,) * len(rids))
+        plain, deltas = sender.encode(plan, requests)
+        got = receiver.decode(*pickle.loads(pickle.dumps((plain, deltas))))
+        assert [p.tolist() for p in got.pages] == [requests[r].pages for r in rids]
+        resent += [start for start in deltas.starts]
+    assert sum(1 for s in resent if s > 0) > len(resent) // 2  # most requests sent only their new pages
+    stale = StepPlan(StepMode.DECODE, ("r0",), (requests["r0"].page_ids(),), (0,), (1,), (1,), (True,), (), (0,))
+    leader = PageSender()
+    leader.encode(stale, requests)  # a step this receiver never got
+    requests["r0"].pages += [5]
+    plain, later = leader.encode(dataclasses.replace(stale, pages=(requests["r0"].page_ids(),)), requests)
+    assert later.starts[0] > 0
+    with pytest.raises(RuntimeError, match="'r0': the leader sent pages from"):
+        PageReceiver().decode(plain, later)

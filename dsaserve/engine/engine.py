@@ -21,6 +21,7 @@ from dsaserve.engine.grammar_compile import GrammarCompiler
 from dsaserve.engine.layout import StepMode, StepPlan
 from dsaserve.engine.model_runner import ModelRunner, StepShape
 from dsaserve.engine.overlap import Overlap, input_ids
+from dsaserve.engine.page_sync import PageReceiver, PageSender
 from dsaserve.engine.request import (DisaggRoute, FinishReason, Request, RequestError, RequestOutput,
                                      SamplingParams, check_token_ids, stop_reason)
 from dsaserve.engine.scheduler import Scheduler, SchedulerConfig
@@ -98,6 +99,7 @@ class Engine:
         # the next exchange (lockstep.sync); the ranks go on only if every one failed at the same point.
         self.failed_at = self.failed_shared = 0
         self.arrived_pages: list[int] = []  # PD decode leader: pages written here, not yet on the group's ranks
+        self.page_sender, self.page_receiver = PageSender(), PageReceiver()  # a plan's pages to the group (lockstep)
         self.runner.capture_graphs(self.par.cfg.dp, progress=progress and self.par.cfg.rank == 0)
         # PD disaggregation (dsaserve/disagg): the leader's side of the KV transfer, None when serving whole requests
         self.disagg = None

@@ -24,7 +24,7 @@ def sync(engine: Engine, plan: StepPlan | None, keep_alive: bool = False, stop: 
     last step failed on no rank or on every rank at the same point."""
     par, runner, spec = engine.par, engine.runner, engine.spec_steps
     arrived, engine.arrived_pages = engine.arrived_pages, []
-    plan, arrived = par.broadcast_from_leader((plan, arrived))
+    plan, arrived = _share_plan(engine, plan, arrived)
     if arrived:  # a prefill server wrote these into the group leader's pool only
         runner.pools.copy_pages_from_leader(arrived, par.broadcast_attn)
     graph_mode = StepMode.VERIFY if spec else StepMode.DECODE
@@ -41,6 +41,20 @@ def sync(engine: Engine, plan: StepPlan | None, keep_alive: bool = False, stop: 
     graph_batch = runner.graphs.batch_bucket(max(votes)) if min(votes) >= 0 and sum(rows) > 0 else None
     return plan, StepShape(rows, tuple(r[1] for r in leaders), graph_batch, graph_mode, 1 + spec,
                            any(r[3] for r in leaders), any(r[4] for r in leaders), min(r[6] for r in leaders))
+
+
+def _share_plan(engine: Engine, plan: StepPlan | None, arrived: list[int]) -> tuple[StepPlan | None, list[int]]:
+    """The leader's plan, and the pages a prefill server wrote into its pool, on every rank of its group; the plan's
+    page ids travel as what changed since the last step (engine/page_sync.py)."""
+    par = engine.par
+    if par.cfg.attn_tp == 1:
+        return plan, arrived
+    leader = par.cfg.is_leader
+    plain, deltas = engine.page_sender.encode(plan, engine.requests) if leader and plan else (plan, None)
+    got, deltas, arrived = par.broadcast_from_leader((plain, deltas, arrived))
+    if leader:
+        return plan, arrived
+    return (engine.page_receiver.decode(got, deltas) if got is not None else None), arrived
 
 
 def check_failures(failed_at: list[int], failed_shared: list[int], attn_tp: int, step: int) -> None:

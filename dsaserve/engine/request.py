@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from dsaserve.cache.pages import PageMirror
+
 if TYPE_CHECKING:
     from dsaserve.chat.grammar import GrammarSpec
     from dsaserve.engine.tokenizer import Tokenizer
@@ -190,30 +192,6 @@ class DisaggRoute:
     control endpoint of the prefill DP leader that holds it (None on the prefill side)."""
     room: int
     prefill_control: str | None = None
-
-
-@dataclass
-class PageMirror:
-    """A request's page list as int32, appended to as the list grows: a step copies these into its page table
-    instead of converting the whole list again (at page size 1 a request holds a page per token: 16 x 32K
-    contexts took 12 ms a step). A plan keeps a view: appending writes past it and growing or replacing the list
-    starts a new buffer, so the view never changes. The list is only ever extended or replaced, never edited."""
-    source: list[int] | None = None
-    buffer: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
-    size: int = 0
-
-    def view(self, pages: list[int]) -> np.ndarray:
-        n = len(pages)
-        if self.source is not pages or n < self.size:  # a new list (released, re-admitted, handed over)
-            self.source, self.size, self.buffer = pages, 0, np.zeros(max(n, 16), dtype=np.int32)
-        if n > len(self.buffer):
-            grown = np.zeros(max(n, 2 * len(self.buffer)), dtype=np.int32)
-            grown[:self.size] = self.buffer[:self.size]
-            self.buffer = grown
-        if n > self.size:
-            self.buffer[self.size:n] = pages[self.size:n]
-            self.size = n
-        return self.buffer[:n]
 
 
 @dataclass
