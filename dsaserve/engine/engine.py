@@ -295,7 +295,7 @@ class Engine:
         self.steps += 1
         leader = self.par.cfg.is_leader
         issued = self.par.issued
-        verdict, given, failure = None, None, None
+        verdict, given, failure, local = None, None, None, False
         if leader and real:
             try:  # on the device: the MTP pass below launches before the host reads a token
                 verdict = launch_accept(self.requests, plan, real, logits)

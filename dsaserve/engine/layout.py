@@ -39,8 +39,8 @@ def checks_enabled() -> bool:
 
 @dataclass(frozen=True)
 class StepPlan:
-    """What the scheduler decided, in Python lists: one entry per request in the step. Dummy requests
-    (rid DUMMY_RID, pages all 0) may follow the real ones."""
+    """What the scheduler decided, in tuples (page ids: int32 arrays): one entry per request in the step.
+    Dummy requests (rid DUMMY_RID, pages all 0) may follow the real ones."""
     mode: StepMode
     rids: tuple[str, ...]
     pages: tuple[Sequence[int], ...]  # page ids of each request (int32 arrays from the scheduler), covering seq_len
@@ -191,12 +191,13 @@ class BatchLayout:
         before the host knows how many drafts each request accepted (spec/drafter.py). The host fields
         (key_width, req_rows) are the plan's: they must bound the shifted lengths (it is planned at the most)."""
         out, shift = self.cloned(), shift.to(torch.int32)
-        by_row = shift[out.row_req.long()]
+        rows = out.row_req.long()
+        by_row = shift[rows]
         out.prefix_lens.add_(shift)
         out.seq_lens.add_(shift)
         out.row_pos.add_(by_row)
         out.row_kv_len.add_(by_row[:, None])
-        page = out.page_table[out.row_req.long(), (out.row_pos // self.page_size).long()]
+        page = out.page_table[rows, (out.row_pos // self.page_size).long()]
         out.out_slots.copy_(page * self.page_size + out.row_pos % self.page_size)
         return out
 
