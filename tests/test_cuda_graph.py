@@ -7,14 +7,19 @@ and replay real graphs.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from conftest import ARCHS, prompts_ids
 from dsaserve import LLM, SamplingParams
 from dsaserve.engine.cuda_graph import batch_buckets
+from dsaserve.engine.engine import Engine
 from dsaserve.engine.layout import StepMode, StepPlan
 from dsaserve.engine.model_runner import StepShape
+from dsaserve.engine.stats import EngineStats
+from dsaserve.tiny import make_tiny_model
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
 PROMPTS = prompts_ids(5, [3, 40, 9, 17, 26], seed=41)  # rows cross index_topk (16) while decoding
@@ -113,6 +118,30 @@ def test_nothing_compiles_or_captures_after_the_warm_up(arch: str, graphs: int |
         engine.add_request(f"load-{i}", ids, SamplingParams(max_tokens=20 + 7 * i, temperature=0.0, ignore_eos=True))
         for _ in range(i % 4):
             engine.step()
+    _served_without_compiling(engine, ready)
+
+
+@pytest.mark.gpu
+def test_eager_mtp_steps_of_any_size_compile_nothing_after_the_warm_up(tmp_path: Path) -> None:
+    """FP8 weights, MTP and graphs only up to 4 requests: verify steps past 4 requests and the draft steps of
+    mixed steps run eagerly at every size up to 40 rows, where o_proj takes the absorbed attention product
+    quantized (decode-sized rows; v_head_dim 128 as the real models, whole 128-column groups per head); no prompt
+    of the warm-up makes such a step, so the warm-up runs every FP8 GEMM tier itself (quant.warm_up_gemms). The
+    counters stay where they were when the engine was ready."""
+    model = make_tiny_model(tmp_path / "fp8", ARCHS[0], fp8=True, v_head_dim=128)
+    llm = LLM(str(model), page_size=64, max_total_tokens=60_000, chunked_prefill_size=512, cuda_graph_bs=(1, 2, 4),
+              speculative_algorithm="NEXTN", speculative_num_steps=3)
+    engine = llm.engine
+    ready = engine.stats()
+    for i, ids in enumerate(prompts_ids(40, [5 + 13 * (i % 9) for i in range(40)], seed=45)):
+        engine.add_request(f"load-{i}", ids, SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))
+        engine.step()
+    _served_without_compiling(engine, ready)
+
+
+def _served_without_compiling(engine: Engine, ready: EngineStats) -> None:
+    """Runs the engine's requests to the end: they took steps and gave their pages back, and the compile and
+    capture counters stayed where they were at `ready` (the engine's stats when it was ready)."""
     engine.run_until_idle()
     after = engine.stats()
     assert after.steps > ready.steps and after.free_pages == after.total_pages

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+import dsaserve
 from dsaserve.bench.flops import prefill_flops
 from dsaserve.bench.profile import print_decode_profile, print_prefill_profile
 from dsaserve.engine.compiles import kernel_compiles
@@ -242,7 +243,8 @@ def _rank_main(ns: argparse.Namespace, args: ServerArgs, rank: int, addr: str) -
 
 
 def _run(ns: argparse.Namespace, engine: Engine, startup_s: float) -> int:
-    print(f"engine ready in {startup_s:.1f}s")
+    # the package's folder: an A/B of two trees shows which one ran (`python -m` puts the current folder first)
+    print(f"engine ready in {startup_s:.1f}s, dsaserve from {Path(dsaserve.__file__).parent}")
     device = engine.runner.device
     bandwidth = copy_bandwidth(device) if device.type == "cuda" else None
     matmul = matmul_rate(device) if device.type == "cuda" else None

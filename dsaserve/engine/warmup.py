@@ -2,7 +2,9 @@
 the prefill-shaped Triton kernels compiled (kernels specialize on row-count buckets and on whether
 counts are multiples of 16; CUDA graphs cover only decode, verify and draft steps). Without graphs on a
 GPU the decode-shaped variants are warmed too: requests that end one decode step apart take the batch
-through every size from DECODE_BATCHES down to 1. The statistics and the prefix cache are reset afterwards, so
+through every size from DECODE_BATCHES down to 1. On a GPU every FP8 GEMM runs once in each of its row tiers, also
+with its rows handed over quantized (quant.warm_up_gemms): eager decode-sized steps of any size (MTP draft steps
+beside prompt chunks) reach tiles no prompt does. The statistics and the prefix cache are reset afterwards, so
 the served requests see a fresh engine."""
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ from typing import TYPE_CHECKING
 
 from dsaserve.engine import compiles
 from dsaserve.engine.request import SamplingParams
+from dsaserve.model import quant
+from dsaserve.ops.fp8 import GEMM_TIER_TOPS
 
 if TYPE_CHECKING:
     from dsaserve.engine.engine import Engine
@@ -44,6 +48,8 @@ def warm_up(engine: Engine) -> None:
     params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, seed=0)
     for i, n in enumerate(lengths):
         _run(engine, [(f"dsaserve-warm-up-{i}", _prompt(engine, i, n), params)])
+    if engine.runner.device.type == "cuda":  # each FP8 GEMM tier, also with rows handed over quantized
+        quant.warm_up_gemms(engine.runner.model, GEMM_TIER_TOPS, engine.runner.dtype)
     batches, lead = _decode_batches(engine, longest)
     if batches:  # request b ends one decode step after request b - 1, once all of them decode
         _run(engine, [(f"dsaserve-warm-up-decode-{b}", _prompt(engine, len(lengths) + b, DECODE_PROMPT),

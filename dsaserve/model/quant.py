@@ -314,3 +314,28 @@ def prepare(model: nn.Module, mode: Mode, dtype: torch.dtype, checks: bool = Fal
 
 def default_mode(device: torch.device) -> Mode:
     return "kernels" if fp8_kernels_available(device) else "dequantized"
+
+
+def warm_up_gemms(model: nn.Module, rows: tuple[int, ...], dtype: torch.dtype) -> int:
+    """Run every distinct FP8 Linear's GEMM once at each count in `rows`, with x as it is and, where the module
+    takes its rows quantized by their producer (input_group), as act_quant hands them: each tile variant the
+    kernel has for decode-sized rows is compiled, whichever step shape reaches it later. Prompts cannot reach
+    them all: only decode-sized steps hand the absorbed attention product to o_proj quantized, and eager ones
+    (MTP draft steps beside prompt chunks, verify batches past the graph sizes) come at any size.
+    Returns the number of products run."""
+    runs, seen = 0, set()
+    for m in model.modules():
+        if not isinstance(m, Linear) or m.gemm is None:
+            continue
+        key = (m.in_features, m.out_features, m.block, m.quantized_rows, m.weight.device)
+        if key in seen:
+            continue
+        seen.add(key)
+        for n in rows:
+            x = torch.randn(n, m.in_features, device=m.weight.device, dtype=dtype)
+            m(x)
+            group = m.input_group(n)
+            if group:
+                m(x, QuantizedRows(*fp8.act_quant(x, group), group))
+            runs += 1 + bool(group)
+    return runs
