@@ -2,8 +2,11 @@
 the CPU (operators by their own time)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+import dsaserve
 from dsaserve.bench.profile import Span, device_gaps, one_layer
 
 
@@ -56,5 +59,8 @@ def test_bench_one_batch_profile_on_cpu(tiny_ds: str, capsys: pytest.CaptureFixt
                  "--output-len", "2", "--page-size", "4", "--profile", "2", "--profile-prefill", "3"]) == 0
     out = capsys.readouterr().out
     assert "operators of 8 decode steps at batch 2" in out and "Self CPU" in out
+    # the package's folder (an A/B shows which tree ran) and the compilations after ready (none on CPU)
+    assert f"dsaserve from {Path(dsaserve.__file__).parent}\n" in out
+    assert "Triton compilations since the engine was ready (untimed first runs included): 0\n" in out
     prefill = out[out.index("operators of the prefill of 3 x 12 tokens"):]
     assert "Self CPU" in prefill

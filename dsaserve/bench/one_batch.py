@@ -245,6 +245,7 @@ def _rank_main(ns: argparse.Namespace, args: ServerArgs, rank: int, addr: str) -
 def _run(ns: argparse.Namespace, engine: Engine, startup_s: float) -> int:
     # the package's folder: an A/B of two trees shows which one ran (`python -m` puts the current folder first)
     print(f"engine ready in {startup_s:.1f}s, dsaserve from {Path(dsaserve.__file__).parent}")
+    compiles_at_ready = kernel_compiles()
     device = engine.runner.device
     bandwidth = copy_bandwidth(device) if device.type == "cuda" else None
     matmul = matmul_rate(device) if device.type == "cuda" else None
@@ -271,10 +272,13 @@ def _run(ns: argparse.Namespace, engine: Engine, startup_s: float) -> int:
               f"{r.tokens_per_step:>9.2f} "
               f"{r.decode_tok_s:>13.0f} {r.step_bytes / 1e6:>8.1f} {roof:>9} "
               f"{r.compiles:>9} {r.retractions:>10}")
+    # the rows count their timed runs only; a compile in a shape's untimed first run would have stalled a request
+    after_ready = kernel_compiles() - compiles_at_ready
+    print(f"Triton compilations since the engine was ready (untimed first runs included): {after_ready}")
     if ns.output_json:
         Path(ns.output_json).write_text(json.dumps({"device": name, "model": engine.model_path,
                                                     "copy_bytes_per_s": bandwidth, "matmul_flop_per_s": matmul,
-                                                    "sampling": sampling,
+                                                    "sampling": sampling, "compiles_after_ready": after_ready,
                                                     "rows": [asdict(r) for r in rows]}, indent=1))
     for batch in ns.profile:
         print_decode_profile(engine, batch, ns.input_len[0])
