@@ -196,7 +196,8 @@ def test_api_key(server: ServerProcess, client: openai.OpenAI, model: str) -> No
 
 
 def test_queue_full_is_503(server: ServerProcess, client: openai.OpenAI, model: str) -> None:
-    """One running (max_running_requests=1), one waiting (max_queued_requests=1): the third gets 503."""
+    """One running (max_running_requests=1), one waiting (max_queued_requests=1): the third gets 503, but a
+    request that could never run gets its 400 (context_length_exceeded), not a 503 a client would retry."""
     started = [threading.Event(), threading.Event()]
     stop = threading.Event()
 
@@ -217,6 +218,8 @@ def test_queue_full_is_503(server: ServerProcess, client: openai.OpenAI, model: 
     try:
         r = post(server, "/v1/completions", {"model": model, "prompt": [5, 6], "max_tokens": 2})
         assert r.status_code == 503 and "queue is full" in r.json()["error"]["message"]
+        never = post(server, "/v1/completions", {"model": model, "prompt": [7] * 200, "max_tokens": 2})
+        assert never.status_code == 400 and never.json()["error"]["code"] == "context_length_exceeded", never.text
     finally:
         stop.set()
         for t in threads:

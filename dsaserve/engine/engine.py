@@ -142,8 +142,8 @@ class Engine:
         if req.disagg is not None:
             self.disagg.add(req)  # (its side keeps it from sampling until its grammar compiled)
         else:  # a request with a grammar joins the scheduler once that compiled (admit_compiled)
+            self.scheduler.check_fits(len(req.prompt_ids), req.max_new_tokens)  # (before the queue, as add's)
             self.scheduler.check_queue(len(self.grammars.held))
-            self.scheduler.check_fits(len(req.prompt_ids), req.max_new_tokens)
             if params.grammar is not None:
                 self.grammars.hold(req)
             else:

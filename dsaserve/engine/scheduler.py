@@ -97,10 +97,11 @@ class Scheduler:
             raise QueueFull(f"the queue is full ({self.cfg.max_queued_requests} requests waiting)")
 
     def add(self, req: Request, checked: bool = False) -> None:
-        """`checked`: check_fits and check_queue passed when the request came (it waited elsewhere since)."""
+        """`checked`: check_fits and check_queue passed when the request came (it waited elsewhere since). What can
+        never run is refused as such before a full queue is (a 503 would tell the client to retry it)."""
         if not checked:
-            self.check_queue()
             self.check_fits(len(req.prompt_ids), req.max_new_tokens)
+            self.check_queue()
         self._enqueue(req)
 
     def remove(self, req: Request) -> None:
