@@ -124,11 +124,12 @@ def test_nothing_compiles_or_captures_after_the_warm_up(arch: str, graphs: int |
 @pytest.mark.gpu
 def test_eager_mtp_steps_of_any_size_compile_nothing_after_the_warm_up(tmp_path: Path) -> None:
     """FP8 weights, MTP and graphs only up to 4 requests: verify steps past 4 requests and the draft steps of
-    mixed steps run eagerly at every size up to 40 rows, where o_proj takes the absorbed attention product
-    quantized (decode-sized rows; v_head_dim 128 as the real models, whole 128-column groups per head); no prompt
-    of the warm-up makes such a step, so the warm-up runs every FP8 GEMM tier itself (quant.warm_up_gemms). The
-    counters stay where they were when the engine was ready."""
-    model = make_tiny_model(tmp_path / "fp8", ARCHS[0], fp8=True, v_head_dim=128)
+    mixed steps run eagerly at every size up to 40 rows. Past index_topk keys (64 here) their indexer computes
+    wq_b's product, its rows handed over quantized by q_a's norm (decode-sized rows), at 17-32 rows: no warm-up
+    prompt does (up to 64 keys the indexer selects without that product, past them a prompt has more rows), so
+    the warm-up runs every FP8 GEMM tier itself (quant.warm_up_gemms). The counters stay where they were when
+    the engine was ready."""
+    model = make_tiny_model(tmp_path / "fp8", ARCHS[0], fp8=True, index_topk=64)
     llm = LLM(str(model), page_size=64, max_total_tokens=60_000, chunked_prefill_size=512, cuda_graph_bs=(1, 2, 4),
               speculative_algorithm="NEXTN", speculative_num_steps=3)
     engine = llm.engine

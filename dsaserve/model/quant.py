@@ -320,8 +320,9 @@ def warm_up_gemms(model: nn.Module, rows: tuple[int, ...], dtype: torch.dtype) -
     """Run every distinct FP8 Linear's GEMM once at each count in `rows`, with x as it is and, where the module
     takes its rows quantized by their producer (input_group), as act_quant hands them: each tile variant the
     kernel has for decode-sized rows is compiled, whichever step shape reaches it later. Prompts cannot reach
-    them all: only decode-sized steps hand the absorbed attention product to o_proj quantized, and eager ones
-    (MTP draft steps beside prompt chunks, verify batches past the graph sizes) come at any size.
+    them all: a prompt up to index_topk keys never runs the indexer's wq_b, a longer one has more rows than a
+    decode-sized step, and eager decode-sized steps (MTP draft steps beside prompt chunks, verify batches past
+    the graph sizes) come at any size.
     Returns the number of products run."""
     runs, seen = 0, set()
     for m in model.modules():
