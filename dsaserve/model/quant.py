@@ -316,6 +316,7 @@ def default_mode(device: torch.device) -> Mode:
     return "kernels" if fp8_kernels_available(device) else "dequantized"
 
 
+@torch.inference_mode()
 def warm_up_gemms(model: nn.Module, rows: tuple[int, ...], dtype: torch.dtype) -> int:
     """Run every distinct FP8 Linear's GEMM once at each count in `rows`, with x as it is and, where the module
     takes its rows quantized by their producer (input_group), as act_quant hands them: each tile variant the
@@ -336,7 +337,8 @@ def warm_up_gemms(model: nn.Module, rows: tuple[int, ...], dtype: torch.dtype) -
             x = torch.randn(n, m.in_features, device=m.weight.device, dtype=dtype)
             m(x)
             group = m.input_group(n)
-            if group:
-                m(x, QuantizedRows(*fp8.act_quant(x, group), group))
+            if group:  # contiguous rows, as the producing kernels write them (act_quant's are a padded view)
+                values, scales = fp8.act_quant(x, group)
+                m(x, QuantizedRows(values.contiguous(), scales, group))
             runs += 1 + bool(group)
     return runs
