@@ -15,8 +15,6 @@ from typing import TYPE_CHECKING
 
 from dsaserve.engine import compiles
 from dsaserve.engine.request import SamplingParams
-from dsaserve.model import quant
-from dsaserve.ops.fp8 import GEMM_TIER_TOPS
 
 if TYPE_CHECKING:
     from dsaserve.engine.engine import Engine
@@ -49,6 +47,8 @@ def warm_up(engine: Engine) -> None:
     for i, n in enumerate(lengths):
         _run(engine, [(f"dsaserve-warm-up-{i}", _prompt(engine, i, n), params)])
     if engine.runner.device.type == "cuda":  # each FP8 GEMM tier, also with rows handed over quantized
+        from dsaserve.model import quant  # (torch: the server's main process imports this module without it)
+        from dsaserve.ops.fp8 import GEMM_TIER_TOPS
         quant.warm_up_gemms(engine.runner.model, GEMM_TIER_TOPS, engine.runner.dtype)
     batches, lead = _decode_batches(engine, longest)
     if batches:  # request b ends one decode step after request b - 1, once all of them decode
