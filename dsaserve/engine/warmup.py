@@ -46,10 +46,11 @@ def warm_up(engine: Engine) -> None:
     params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, seed=0)
     for i, n in enumerate(lengths):
         _run(engine, [(f"dsaserve-warm-up-{i}", _prompt(engine, i, n), params)])
+    gemms = 0
     if engine.runner.device.type == "cuda":  # each FP8 GEMM tier, also with rows handed over quantized
         from dsaserve.model import quant  # (torch: the server's main process imports this module without it)
         from dsaserve.ops.fp8 import GEMM_TIER_TOPS
-        quant.warm_up_gemms(engine.runner.model, GEMM_TIER_TOPS, engine.runner.dtype)
+        gemms = quant.warm_up_gemms(engine.runner.model, GEMM_TIER_TOPS, engine.runner.dtype)
     batches, lead = _decode_batches(engine, longest)
     if batches:  # request b ends one decode step after request b - 1, once all of them decode
         _run(engine, [(f"dsaserve-warm-up-decode-{b}", _prompt(engine, len(lengths) + b, DECODE_PROMPT),
@@ -59,7 +60,8 @@ def warm_up(engine: Engine) -> None:
     compiles.warmed_up()
     if lengths and engine.par.cfg.rank == 0:
         decode = f", decode batches of {batches} down to 1" if batches > 0 else ""
-        log.info("warm-up: prompts of %s tokens%s in %.1f s (%d kernel compilations so far)", lengths, decode,
+        tiers = f", {gemms} FP8 GEMMs over their row tiers" if gemms else ""
+        log.info("warm-up: prompts of %s tokens%s%s in %.1f s (%d kernel compilations so far)", lengths, decode, tiers,
                  time.perf_counter() - start, compiles.kernel_compiles())
 
 
