@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 
 import zmq
 
-from dsaserve.engine.request import QueueFull, RequestError
+from dsaserve.engine.request import QueueFull, RequestError, RequestOutput
 from dsaserve.engine.warmup import freeze_startup_heap
 from dsaserve.server import messages as m
 from dsaserve.config import ConfigError
@@ -158,7 +158,11 @@ class WorkerLoop:
     def run(self) -> None:
         while not self.stopping:
             events = self._receive(block=not self._should_step())
-            events += self._background()
+            outputs, wake = self._background()
+            events += outputs
+            if wake:  # with what happened before, in order: a request's Accepted must precede its final output
+                self.push.send_pyobj([*events, m.Wake()])
+                events = []
             if not self.stopping and self._should_step():
                 events += self.engine.step(epoch=self.seen)
                 if self.engine.last_sync.any_stop:  # another leader is shutting every rank down
@@ -197,20 +201,18 @@ class WorkerLoop:
             poller.register(sock, zmq.POLLIN)
         poller.poll(disagg.wait_ms() if disagg is not None else None)
 
-    def _background(self) -> list[m.Event]:
-        """PD transfers and grammar compiles advance without a step. A request whose KV cache arrived must decode,
-        one whose page ids came must prefill, one whose grammar compiled must be scheduled: under DP attention every
-        leader steps together, so the frontend is asked to wake them all first."""
+    def _background(self) -> tuple[list[RequestOutput], bool]:
+        """PD transfers and grammar compiles advance without a step: (their outputs, whether the frontend must wake
+        every leader now). A request whose KV cache arrived must decode, one whose page ids came must prefill, one
+        whose grammar compiled must be scheduled: under DP attention every leader steps together, so the frontend
+        is asked to wake them all first."""
         idle = not self.engine.has_work(compiling=False)
         # Compiles first: that drains the wake fd, so a compile ending after the PD sides' checks below (which keep
         # a request until its compile ended) still wakes the next _wait.
         outputs = self.engine.admit_compiled()
         outputs += self.engine.poll_transfers()  # (a prefill server admits requests whose page ids came)
         woke = idle and self.engine.has_work(compiling=False)
-        if self.engine.args.dp > 1 and (woke or any(out.new_token_ids for out in outputs)):
-            self.push.send_pyobj([*outputs, m.Wake()])
-            return []
-        return outputs
+        return outputs, self.engine.args.dp > 1 and (woke or any(out.new_token_ids for out in outputs))
 
     def _handle(self, msg: m.Command) -> list[m.Event]:
         if isinstance(msg, m.AddRequest):
