@@ -364,23 +364,24 @@ def test_the_gemm_warm_up_runs_each_shape_at_each_row_count_also_quantized() -> 
     act_quant's rows as well where the module reads its rows quantized, and never a dequantized module."""
     from torch import nn
     from dsaserve.model import quant
+    from dsaserve.ops.fp8 import QuantizedRows
     seen = []
 
-    def gemm(x: torch.Tensor, w: BlockFP8, xq=None) -> torch.Tensor:
+    def gemm(x: torch.Tensor, w: BlockFP8, xq: QuantizedRows | None = None) -> torch.Tensor:
         if xq is not None:
             assert torch.equal(xq.values.float(), act_quant(x, 128)[0].float())
         seen.append((tuple(w.weight.shape), x.shape[0], xq is not None))
         return linear(x, w).to(x.dtype)
 
-    def fp8_linear(k: int, n: int, quantized_rows: int, kernels: bool = True) -> quant.Linear:
+    def fp8_module(k: int, n: int, quantized_rows: int, kernels: bool = True) -> quant.Linear:
         lin = quant.Linear(k, n)
         lin.to_fp8((128, 128))
         lin.weight.data, lin.weight_scale_inv.data = quantize_weight(torch.randn(n, k), (128, 128))
         lin.prepare(gemm if kernels else None, torch.float32, quantized_rows)
         return lin
 
-    model = nn.ModuleList([fp8_linear(256, 64, 16), fp8_linear(256, 64, 16), fp8_linear(128, 256, 0),
-                           fp8_linear(384, 128, 16, kernels=False), quant.Linear(128, 128)])
+    model = nn.ModuleList([fp8_module(256, 64, 16), fp8_module(256, 64, 16), fp8_module(128, 256, 0),
+                           fp8_module(384, 128, 16, kernels=False), quant.Linear(128, 128)])
     assert quant.warm_up_gemms(model, (16, 32), torch.float32) == len(seen) == 5
     assert sorted(seen) == [((64, 256), 16, False), ((64, 256), 16, True), ((64, 256), 32, False),
                             ((256, 128), 16, False), ((256, 128), 32, False)]
