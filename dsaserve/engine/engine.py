@@ -14,7 +14,6 @@ from torch import Tensor
 
 from dsaserve.cache.pages import PageAllocator
 from dsaserve.cache.prefix import PrefixCache, PrefixStats
-from dsaserve.chat.grammar import commit_tokens
 from dsaserve.engine import compiles, lockstep
 from dsaserve.engine.acceptance import InFlight, launch_accept
 from dsaserve.engine.grammar_compile import GrammarCompiler
@@ -23,7 +22,7 @@ from dsaserve.engine.model_runner import ModelRunner, StepShape
 from dsaserve.engine.overlap import Overlap, input_ids
 from dsaserve.engine.page_sync import PageReceiver, PageSender
 from dsaserve.engine.request import (DisaggRoute, FinishReason, Request, RequestError, RequestOutput,
-                                     SamplingParams, check_token_ids, stop_reason)
+                                     SamplingParams, append_until_stop, check_token_ids)
 from dsaserve.engine.scheduler import Scheduler, SchedulerConfig
 from dsaserve.engine.stats import EngineStats
 from dsaserve.spec.drafter import MTPDrafter, draft_input, drafts_in_flight, settle_drafts
@@ -369,20 +368,8 @@ class Engine:
         """A prefill server's PD request never stops here: the decode server applies the stop rules to the token
         it hands over."""
         hands_over = req.disagg is not None and self.args.disaggregation_mode == "prefill"
-        new, reason = [], None
-        for token in tokens:
-            # a complete grammar allows only EOS: that token ends the request even with ignore_eos (as SGLang)
-            done = req.grammar is not None and req.grammar.is_terminated
-            req.output_ids.append(token)
-            new.append(token)
-            commit_tokens(req, [token])
-            reason = None if hands_over else stop_reason(req, token, self.tokenizer, self.eos_ids, self.context_length,
-                                                         grammar_done=done)
-            if reason is not None:
-                break
-        failure = req.grammar.failure() if req.grammar is not None else None
-        if failure is not None:  # llguidance gave up (a lexer limit): not a stop, whatever the last token was
-            reason = FinishReason("error", message=f"the output constraint failed: {failure}", client_error=True)
+        new, reason = append_until_stop(req, tokens, self.tokenizer, self.eos_ids, self.context_length,
+                                        stops=not hands_over)
         if reason is not None:
             self._finish(req, reason)
         chosen = lps[:len(new)] if lps is not None and req.params.logprobs is not None else []

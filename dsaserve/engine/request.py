@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dsaserve.cache.pages import PageMirror
+from dsaserve.chat.grammar import commit_tokens
 
 if TYPE_CHECKING:
     from dsaserve.chat.grammar import GrammarSpec
@@ -318,3 +319,24 @@ def stop_reason(req: Request, token: int, tokenizer: Tokenizer, eos_ids: frozens
     if len(req.output_ids) >= req.max_new_tokens or req.num_tokens >= context_length:
         return FinishReason("length")
     return None
+
+
+def append_until_stop(req: Request, tokens: list[int], tokenizer: Tokenizer, eos_ids: frozenset[int],
+                      context_length: int, stops: bool = True) -> tuple[list[int], FinishReason | None]:
+    """Append `tokens` to the request (and its grammar) up to the first that stops it (stop_reason); returns the
+    tokens appended and why it ends, or None. `stops` False: no stop rule applies (a prefill server's PD request:
+    the decode server applies them to the token it hands over). A grammar that failed ends it with an error."""
+    new, reason = [], None
+    for token in tokens:
+        # a complete grammar allows only EOS: that token ends the request even with ignore_eos (as SGLang)
+        done = req.grammar is not None and req.grammar.is_terminated
+        req.output_ids.append(token)
+        new.append(token)
+        commit_tokens(req, [token])
+        reason = stop_reason(req, token, tokenizer, eos_ids, context_length, grammar_done=done) if stops else None
+        if reason is not None:
+            break
+    failure = req.grammar.failure() if req.grammar is not None else None
+    if failure is not None:  # llguidance gave up (a lexer limit): not a stop, whatever the last token was
+        reason = FinishReason("error", message=f"the output constraint failed: {failure}", client_error=True)
+    return new, reason
