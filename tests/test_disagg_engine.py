@@ -340,38 +340,45 @@ def test_decode_abort_while_waiting_frees_both_sides(tiny_ds: str) -> None:
         assert_pools_whole(pre, dec)
 
 
+def _write_in_flight(pre: Engine, dec: Engine, monkeypatch: pytest.MonkeyPatch, ids: list[int]) -> None:
+    """Request "p" / "d" (room 7) stepped until its KV write is in flight (every write takes one more poll)."""
+    transport, polled = pre.disagg.transport, set()
+    real_poll = transport.poll
+
+    def slow_poll(handle: object) -> bool:
+        if handle in polled:
+            return real_poll(handle)
+        polled.add(handle)
+        return False
+    monkeypatch.setattr(transport, "poll", slow_poll)
+    pre.add_request("p", ids, GREEDY, DisaggRoute(7))
+    dec.add_request("d", ids, GREEDY, DisaggRoute(7, f"tcp://127.0.0.1:{pre.disagg.port}"))
+    deadline = time.monotonic() + 30
+    while not (7 in pre.disagg.out and pre.disagg.out[7].handle is not None) and time.monotonic() < deadline:
+        pre.step()
+        dec.step()
+        time.sleep(0.002)
+    assert pre.disagg.out[7].handle is not None  # the write is in flight
+
+
+def _finals_until_idle(pre: Engine, dec: Engine) -> list[RequestOutput]:
+    finals, deadline = [], time.monotonic() + 30
+    while (pre.requests or dec.requests or pre.disagg.out) and time.monotonic() < deadline:
+        finals += [out for out in pre.step() + pre.take_finished() + dec.step() + dec.take_finished() if out.finished]
+        time.sleep(0.002)
+    return finals
+
+
 @pytest.mark.parametrize("backend", ["fake", "nixl"])
 def test_prefill_abort_during_the_write_ends_the_decode_side_too(backend: str, tiny_ds: str, monkeypatch) -> None:
-    """A client's abort on the prefill server while the KV write is in flight (every write here takes one more
-    poll) ends the request on the decode server as an earlier abort does: it was handed over and ran on. The
-    write's arrival, which the decode server no longer looks up, is not kept (NIXL kept it for good)."""
+    """A client's abort on the prefill server while the KV write is in flight ends the request on the decode
+    server as an earlier abort does: it was handed over and ran on. The write's arrival, which the decode server
+    no longer looks up, is not kept (NIXL kept it for good)."""
     with pd_pair(tiny_ds, backend=backend, page_size=4) as (pre, dec):
-        transport, polled = pre.disagg.transport, set()
-        real_poll = transport.poll
-
-        def slow_poll(handle: object) -> bool:
-            if handle in polled:
-                return real_poll(handle)
-            polled.add(handle)
-            return False
-        monkeypatch.setattr(transport, "poll", slow_poll)
-        peer = f"tcp://127.0.0.1:{pre.disagg.port}"
         ids = prompts_ids(1, [9], seed=3)[0]
-        pre.add_request("p", ids, GREEDY, DisaggRoute(7))
-        dec.add_request("d", ids, GREEDY, DisaggRoute(7, peer))
-        deadline = time.monotonic() + 30
-        while not (7 in pre.disagg.out and pre.disagg.out[7].handle is not None) and time.monotonic() < deadline:
-            pre.step()
-            dec.step()
-            time.sleep(0.002)
-        assert pre.disagg.out[7].handle is not None  # the write is in flight
+        _write_in_flight(pre, dec, monkeypatch, ids)
         assert pre.abort("p")
-        finals: dict[str, RequestOutput] = {}
-        while (pre.requests or dec.requests or pre.disagg.out) and time.monotonic() < deadline:
-            for out in pre.step() + pre.take_finished() + dec.step() + dec.take_finished():
-                if out.finished:
-                    finals[out.rid] = out
-            time.sleep(0.002)
+        finals = {out.rid: out for out in _finals_until_idle(pre, dec)}
         assert finals["p"].finish.kind == "abort"
         assert finals["d"].finish.kind != "length" and "aborted on the prefill server" in finals["d"].finish.message
         assert_pools_whole(pre, dec)
@@ -379,6 +386,23 @@ def test_prefill_abort_during_the_write_ends_the_decode_side_too(backend: str, t
         assert final["r0"].finish.kind == "length"
         if backend == "nixl":
             assert not dec.disagg.transport.nixl.notifs, dec.disagg.transport.nixl.notifs
+
+
+def test_a_write_ending_after_its_abort_leaves_a_new_request_of_that_rid_alone(tiny_ds: str, monkeypatch) -> None:
+    """Once an aborted request's final output went out, its client may reuse the rid. The aborted request's
+    write, landing later, ended the new one: the prefill side looked the request up by rid (its client got an
+    abort it never asked for, and the new request, gone from the engine but still scheduled, failed every batch
+    it was in and never gave its pages back)."""
+    with pd_pair(tiny_ds, backend="fake", page_size=4) as (pre, dec):
+        ids, again = prompts_ids(2, [9, 11], seed=3)
+        _write_in_flight(pre, dec, monkeypatch, ids)
+        assert pre.abort("p")
+        pre.add_request("p", again, GREEDY, DisaggRoute(8))
+        dec.add_request("d2", again, GREEDY, DisaggRoute(8, f"tcp://127.0.0.1:{pre.disagg.port}"))
+        finals = _finals_until_idle(pre, dec)
+        assert [out.finish.kind for out in finals if out.rid == "p"] == ["abort", "length"]
+        assert [out.finish.kind for out in finals if out.rid == "d2"] == ["length"]
+        assert_pools_whole(pre, dec)
 
 
 def test_prefill_without_decode_times_out(tiny_ds: str) -> None:

@@ -248,7 +248,7 @@ class PrefillSide(SideBase):
         if o is not None:
             del self.out[room]
             return self._end(o, reason)
-        return self.engine.end_request(req, reason) if req.rid in self.engine.requests else None
+        return self._end_live(req, reason)
 
     def _admit(self) -> list[RequestOutput]:
         """Pending requests whose dest came join the scheduler once their grammar compiled; those whose dest never
@@ -368,9 +368,12 @@ class PrefillSide(SideBase):
         if o.pages:
             self.engine.allocator.free(o.pages)
             o.pages = []
-        if o.req.rid not in self.engine.requests:  # aborted already: its final output went out then
-            return None
-        return self.engine.end_request(o.req, reason)
+        return self._end_live(o.req, reason)
+
+    def _end_live(self, req: Request, reason: FinishReason) -> RequestOutput | None:
+        """Its final output, unless it ended already (aborted: that output went out then). By identity: once that
+        output went out, the client may reuse the rid for a new request, which this must leave alone."""
+        return self.engine.end_request(req, reason) if self.engine.requests.get(req.rid) is req else None
 
     def _ended(self, room: int, message: str) -> None:
         dest = self.dests.pop(room, None)
