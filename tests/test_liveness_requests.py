@@ -121,7 +121,8 @@ def test_abort_request_takes_the_response_id(server: ServerProcess, model: str, 
 
 def test_a_clients_rid_names_its_request_and_abort_all_ends_every_one(server: ServerProcess, model: str) -> None:
     """SGLang's `rid` on the OpenAI routes: the response carries it, /abort_request takes it, a second request
-    may not reuse it while the first runs; `abort_all` ends every running request."""
+    may not reuse it while the first runs (nor a /generate request: a disconnect of that one would abort the call);
+    `abort_all` ends every running request."""
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=60)
     long = {"max_tokens": 1000, "stream": True}
     chat = iter(client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}],
@@ -132,6 +133,10 @@ def test_a_clients_rid_names_its_request_and_abort_all_ends_every_one(server: Se
     assert next(other).id == "my-cmpl-2"
     with pytest.raises(openai.BadRequestError, match="request id 'my-chat-1' is already in use"):
         client.completions.create(model=model, prompt=[5, 6], max_tokens=2, extra_body={"rid": "my-chat-1"})
+    # nor /generate: the call's one request runs as my-chat-1-0, but /abort_request and a disconnect name the call
+    r = httpx.post(f"{server.url}/generate", json={"rid": "my-chat-1", "input_ids": [5, 6],
+                                                  "sampling_params": {"max_new_tokens": 2}}, timeout=10)
+    assert r.status_code == 400 and "request id 'my-chat-1' is already in use" in r.text, r.text
     assert httpx.post(f"{server.url}/abort_request", json={"rid": "my-chat-1"}, timeout=10).status_code == 200
     assert [c.finish_reason for chunk in chat for c in chunk.choices if c.finish_reason] == ["abort"]
     r = httpx.post(f"{server.url}/abort_request", json={"abort_all": True}, timeout=10)

@@ -240,7 +240,7 @@ class Frontend:
             raise ApiError(503, self.problem)
         rank = self.route(dp_rank)
         rid = rid or uuid.uuid4().hex
-        if rid in self.handles:
+        if rid in self.handles or rid in self.groups:  # one namespace: abort(rid) looks rid up as a call first
             raise ApiError(400, f"request id {rid!r} is already in use", param="rid")
         handle = RequestHandle(rid, rank, self.tokenizer, params, group, scores_only,
                                route.room if route is not None else None, arrived)
