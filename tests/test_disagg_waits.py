@@ -452,3 +452,32 @@ def test_pd_arrivals_take_pages_in_arrival_order_and_within_max_running(tiny_ds:
             time.sleep(0.002)
         assert len(finals) == 5 and most == 2, (len(finals), most)
         assert_pools_whole(pre, dec)
+
+
+def test_page_ids_that_cannot_be_sent_end_their_request_and_return_its_pages(tiny_ds: str, monkeypatch) -> None:
+    """A failure between the decode side's giving a request pages and its page ids' going out (the transfer
+    agent's descriptor here, or the socket) returns those pages and frees the room: on arrival the request is
+    refused, and one that waited for pages ends with the error when they come. Both held pages and room for good."""
+    with pd_pair(tiny_ds, backend="fake", page_size=4, decode=SMALL) as (pre, dec):
+        peer, total = f"tcp://127.0.0.1:{pre.disagg.port}", dec.stats().total_pages
+        first, second = two_prompts(dec)
+        working = dec.disagg.transport.descriptor
+
+        def broken() -> tuple:
+            raise RuntimeError("the transfer agent is gone")
+        monkeypatch.setattr(dec.disagg.transport, "descriptor", broken)
+        with pytest.raises(RuntimeError, match="agent is gone"):
+            dec.add_request("refused", first, GREEDY, DisaggRoute(1, peer))
+        assert not dec.disagg.rooms and not dec.scheduler.in_transit and dec.stats().free_pages == total
+        monkeypatch.setattr(dec.disagg.transport, "descriptor", working)
+        pre.add_request("a", first, GREEDY, DisaggRoute(2))
+        dec.add_request("a", first, GREEDY, DisaggRoute(2, peer))
+        dec.add_request("b", second, GREEDY, DisaggRoute(3, peer))  # waits: the pool holds one prompt
+        assert dec.disagg.rooms[2].sent and not dec.disagg.rooms[3].sent
+        monkeypatch.setattr(dec.disagg.transport, "descriptor", broken)  # for b's page ids, once a's pages return
+        finals = step_until((pre, dec), lambda f: "b" in f and "a" in f, 120)
+        assert finals["a"].finish.kind == "length"
+        assert finals["b"].finish.kind == "error" and "agent is gone" in finals["b"].finish.message, finals["b"]
+        assert not dec.disagg.rooms
+        monkeypatch.setattr(dec.disagg.transport, "descriptor", working)
+        assert_pools_whole(pre, dec)

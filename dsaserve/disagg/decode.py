@@ -70,7 +70,11 @@ class DecodeSide(SideBase):
         waiting = any(not i.sent and self._live(i) for i in self.rooms.values())
         self.rooms[room] = Incoming(req, req.disagg.prefill_control, self.deadlines.after(), self.deadlines.clock())
         if not waiting:  # arrival order: a request does not take pages before one that waits for them
-            self._try_send(room, self.rooms[room])
+            try:
+                self._try_send(room, self.rooms[room])
+            except Exception:  # refused (the worker's answer): its room free again, the prefill half told
+                del self.rooms[room]
+                raise
 
     def after_step(self, accepted: dict[str, tuple]) -> None:
         pass
@@ -114,7 +118,12 @@ class DecodeSide(SideBase):
         blocked = False  # an earlier request waits for pages: later ones wait behind it (as admission does)
         for room, inc in list(self.rooms.items()):
             if not inc.sent and self._live(inc) and not blocked:
-                self._try_send(room, inc)
+                try:
+                    self._try_send(room, inc)
+                except Exception as exc:  # noqa: BLE001 - this request's failure, not the server's
+                    log.exception("bootstrap room %d: its page ids could not be sent", room)
+                    outputs.append(self._close(room, inc, f"its page ids could not be sent: {exc}"))
+                    continue
                 blocked = not inc.sent
             out = self._advance(room, inc)
             if out is not None:
@@ -207,15 +216,19 @@ class DecodeSide(SideBase):
         req = inc.req
         if not self.engine.scheduler.preallocate(req, len(req.prompt_ids)):
             return
-        header, blob = self.transport.descriptor()
-        skip = req.cached_tokens // self.page_size  # pages this server's prefix cache already holds
-        pages = transfer_pages(req, self.page_size, skip)
-        self._send(inc.peer, {"kind": "dest", "room": room, "prompt_len": len(req.prompt_ids),
-                              "prompt_crc": wire.prompt_crc(req.prompt_ids), "pages": pages, "skip_pages": skip,
-                              "page_size": self.page_size, "spec_steps": self.engine.spec_steps,
-                              "dtype": str(self.engine.runner.dtype).removeprefix("torch."),
-                              "weights": self.weights_id, "timeout_s": self.deadlines.timeout_s, "transport": header},
-                   blob)
+        try:
+            header, blob = self.transport.descriptor()
+            skip = req.cached_tokens // self.page_size  # pages this server's prefix cache already holds
+            pages = transfer_pages(req, self.page_size, skip)
+            self._send(inc.peer, {"kind": "dest", "room": room, "prompt_len": len(req.prompt_ids),
+                                  "prompt_crc": wire.prompt_crc(req.prompt_ids), "pages": pages, "skip_pages": skip,
+                                  "page_size": self.page_size, "spec_steps": self.engine.spec_steps,
+                                  "dtype": str(self.engine.runner.dtype).removeprefix("torch."),
+                                  "weights": self.weights_id, "timeout_s": self.deadlines.timeout_s,
+                                  "transport": header}, blob)
+        except Exception:  # (the transfer agent's or the socket's): nothing went out, its pages go back
+            self.engine.scheduler.remove(req)
+            raise
         inc.sent = True
         # The prefill server starts writing within half the timeout of the page ids' arrival and gives a write
         # a quarter: counted from now, these pages outlive any write into them.
