@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dsaserve.chat import dsv32
+from dsaserve.chat.formats import format_regex
 from dsaserve.chat.grammar import (JSON_STYLE, GrammarError, check_open_properties, check_schema_depth,
                                    ebnf_grammar, schema_of)
 from dsaserve.chat.tools import parameters_of, resolve_ref
@@ -51,8 +52,8 @@ def json_rule(schema: dict[str, Any]) -> str:
 
 def _text_value(schema: dict[str, Any], markup: Markup, name: str, end: str, rules: list[str]) -> str:
     """A raw (unquoted) string argument and its closing markup `end`: its const or one of its enum values, else
-    text of its length that matches its pattern (the regexes' intersection), ending at the first `end`, as the
-    parser reads it (an llguidance `suffix` lexeme; a special-token `end` cannot occur in text at all)."""
+    text of its length that matches its pattern and format (the regexes' intersection), ending at the first `end`,
+    as the parser reads it (an llguidance `suffix` lexeme; a special-token `end` cannot occur in text at all)."""
     if isinstance(schema.get("const"), str):
         return f"{markup.lit(schema['const'])} {markup.lit(end)}"
     if isinstance(schema.get("enum"), list) and all(isinstance(v, str) for v in schema["enum"]):
@@ -61,6 +62,8 @@ def _text_value(schema: dict[str, Any], markup: Markup, name: str, end: str, rul
     text = f"/(?s:.{{{lo},{int(hi)}}})/" if hi is not None else (f"/(?s:.{{{lo},}})/" if lo else "/(?s:.*)/")
     if isinstance(schema.get("pattern"), str):
         text += f" & /{_slashes_escaped(_whole_value_regex(schema['pattern']))}/"
+    if isinstance(schema.get("format"), str):
+        text += f" & /{_slashes_escaped(format_regex(schema['format']))}/"
     if end in markup.special:
         rules.append(f"{name.upper()}: {text}")  # (a terminal: & joins terminals only)
         return f"{name.upper()} {markup.lit(end)}"
@@ -82,7 +85,7 @@ def _whole_value_regex(pattern: str) -> str:
 
 def _is_text(schema: dict[str, Any], tool_format: str) -> bool:
     """A string argument written as raw text. DSML writes one with a `format` as JSON (string="false"), which
-    the JSON grammar checks; GLM's format has no JSON strings (its format is not enforced there)."""
+    the JSON grammar checks; GLM's format has no JSON strings: its raw text is held to the format's regex."""
     return schema.get("type") == "string" and not (tool_format == "deepseekv32" and "format" in schema)
 
 
