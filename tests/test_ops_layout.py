@@ -288,3 +288,13 @@ def test_a_plans_pages_reach_the_group_as_what_changed() -> None:
     assert later.starts[0] > 0
     with pytest.raises(RuntimeError, match="'r0': the leader sent pages from"):
         PageReceiver().decode(plain, later)
+    # A new request reusing an ended one's id (its client may, once the final output came), its pages as many or
+    # more and its generation the same (generations count per request): all its pages go (the other ranks
+    # prepended the ended request's pages: its KV went to pages the prefix cache or other requests held).
+    sender, receiver = PageSender(), PageReceiver()
+    for pages in ([11, 12, 13], [21, 22, 23, 24, 25]):
+        req = Request("same", [1], SamplingParams(), 8, 9, seed=9)
+        req.pages = pages
+        plan = StepPlan(StepMode.DECODE, ("same",), (req.page_ids(),), (0,), (1,), (1,), (True,), (), (0,))
+        assert req.page_mirror.generation == 1
+        assert receiver.decode(*sender.encode(plan, {"same": req})).pages[0].tolist() == pages

@@ -2,8 +2,9 @@
 every page of every request: at page size 1 a request holds a page per token, and pickling a 64 x 32K batch's
 pages to each rank took 9 ms a step (benchmarks/plan_host.py).
 
-The leader remembers, per request of its last plan, the page generation (PageMirror) and how many pages it sent;
-a request of the new plan with the same generation sends only the pages past those, any other sends them all.
+The leader remembers, per request of its last plan, the request, its page generation (PageMirror) and how many
+pages it sent; the same request with the same generation in the new plan sends only the pages past those, any
+other sends them all (a new request may reuse an ended one's id, and generations count per request).
 Each other rank keeps the same requests' pages as PageArrays and extends them. Both sides keep only the
 requests of the latest plan, so they always agree on what the other holds (a request absent for a step sends
 all its pages when it comes back)."""
@@ -31,18 +32,19 @@ class PageDeltas:
 @dataclass
 class PageSender:
     """The group leader's side."""
-    sent: dict[str, tuple[int, int]] = field(default_factory=dict)  # rid -> (generation, pages sent)
+    sent: dict[str, tuple[Request, int, int]] = field(default_factory=dict)  # rid -> (request, generation, pages)
 
     def encode(self, plan: StepPlan, requests: dict[str, Request]) -> tuple[StepPlan, PageDeltas]:
         generations, starts, tails, sent = [], [], [], {}
         for rid, pages in zip(plan.rids, plan.pages):
-            generation = requests[rid].page_mirror.generation
-            held = self.sent.get(rid, (-1, 0))
-            start = held[1] if held[0] == generation and held[1] <= len(pages) else 0
+            req = requests[rid]
+            generation = req.page_mirror.generation
+            before, held_generation, held = self.sent.get(rid, (None, -1, 0))
+            start = held if before is req and held_generation == generation and held <= len(pages) else 0
             generations.append(generation)
             starts.append(start)
             tails.append(pages[start:])
-            sent[rid] = (generation, len(pages))
+            sent[rid] = (req, generation, len(pages))
         self.sent = sent
         flat = np.concatenate(tails).astype(np.int32, copy=False) if tails else np.zeros(0, dtype=np.int32)
         return dataclasses.replace(plan, pages=()), PageDeltas(tuple(generations), tuple(starts),
