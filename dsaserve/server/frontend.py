@@ -143,8 +143,7 @@ class Frontend:
     def begin_shutdown(self, message: str = "the server is shutting down") -> None:
         """Refuse new requests and abort the running ones (they end with finish reason abort)."""
         self.shutting_down = True
-        for rid in list(self.handles):
-            self.abort(rid, message)
+        self.abort_handles(list(self.handles.values()), message)
 
     async def close(self, timeout: float = 5.0) -> None:
         """Stop every rank (Shutdown first: they leave their loops in one step), reap them, close."""
@@ -251,7 +250,7 @@ class Frontend:
         try:
             await handle.accepted
         except asyncio.CancelledError:  # the client left before the leader answered: nobody will read it
-            self.abort(rid, "the client disconnected")
+            self.abort_handles([handle], "the client disconnected")
             raise
         except ApiError as exc:
             if self.request_log is not None:
@@ -267,9 +266,10 @@ class Frontend:
         response id) names them all for /abort_request; each is `base_rid`-i, or rids[i] when given."""
         if route is not None and len(prompts) > 1:
             raise ApiError(400, ONE_COMPLETION, param="n")
-        if base_rid in self.groups or base_rid in self.handles:  # (a client's own rid, reused while it runs)
-            raise ApiError(400, f"request id {base_rid!r} is already in use", param="rid")
         rids = rids or [f"{base_rid}-{i}" for i in range(len(prompts))]
+        for rid in (base_rid, *rids):  # (a client's own rid, reused while it runs; a part id another request holds)
+            if rid in self.groups or rid in self.handles:
+                raise ApiError(400, f"request id {rid!r} is already in use", param="rid")
         self.groups[base_rid] = rids
         jobs = [self.submit(p, sp, rid, dp_rank, base_rid, route, scores_only, arrived)
                 for p, sp, rid in zip(prompts, params, rids)]
@@ -277,20 +277,28 @@ class Frontend:
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             self._uncount(base_rid)
-            for r in results:
-                if isinstance(r, RequestHandle):
-                    self.abort(r.rid, "another prompt of the same call was rejected")
+            self.abort_handles([r for r in results if isinstance(r, RequestHandle)],
+                               "another prompt of the same call was rejected")
             self.groups.pop(base_rid, None)
             raise errors[0]
         return list(results)  # type: ignore[arg-type]
 
     def abort(self, rid: str, message: str = "aborted by the client") -> bool:
         """Abort a request by its engine id or by the response id the client saw."""
-        live = [self.handles[r] for r in self.groups.get(rid, [rid]) if r in self.handles]
+        return self.abort_handles(self._parts(rid) if rid in self.groups else
+                                  [h for h in (self.handles.get(rid),) if h is not None], message) > 0
+
+    def abort_handles(self, handles: list[RequestHandle], message: str) -> int:
+        """Abort these requests, those still running (by identity: an ended one's id may name another's now);
+        returns how many."""
+        live = [h for h in handles if self.handles.get(h.rid) is h and not h.finished]
         for handle in live:
-            if not handle.finished:
-                self._send(handle.rank, m.AbortRequest(handle.rid, message))  # the final output arrives as usual
-        return any(not h.finished for h in live)
+            self._send(handle.rank, m.AbortRequest(handle.rid, message))  # the final output arrives as usual
+        return len(live)
+
+    def _parts(self, group: str) -> list[RequestHandle]:
+        """The running parts of call `group` (a part's id, once it ended, may name another client's request)."""
+        return [h for r in self.groups.get(group, ()) if (h := self.handles.get(r)) is not None and h.group == group]
 
     def flush_cache(self) -> None:
         """Every leader drops the cached prefixes no request holds, before any request sent after this call."""
@@ -299,8 +307,7 @@ class Frontend:
 
     def abort_all(self, message: str) -> int:
         """Abort every running request; returns how many."""
-        live = [h.rid for h in self.handles.values() if not h.finished]
-        return sum(self.abort(rid, message) for rid in live)
+        return self.abort_handles(list(self.handles.values()), message)
 
     def stats(self) -> list[dict[str, Any]]:
         """Internal state per DP rank, as last pushed by its leader (never waits on an engine)."""
@@ -372,11 +379,10 @@ class Frontend:
 
     def _uncount(self, group: str | None) -> None:
         """A part of call `group` was refused: the call answers that error, none of its parts counts in the metrics."""
-        for handle in (self.handles[r] for r in self.groups.get(group or "", ()) if r in self.handles):
+        for handle in self._parts(group or ""):
             handle.counted = False
 
     def _forget(self, rid: str) -> None:
         handle = self.handles.pop(rid, None)
-        if handle is not None and handle.group is not None:
-            if not any(r in self.handles for r in self.groups.get(handle.group, ())):
-                self.groups.pop(handle.group, None)
+        if handle is not None and handle.group is not None and not self._parts(handle.group):
+            self.groups.pop(handle.group, None)

@@ -187,9 +187,7 @@ def error_event(exc: Exception) -> str:
 def aborter(frontend: Frontend, handles: list[RequestHandle],
             reason: str = "the client disconnected") -> Callable[[], None]:
     def abort() -> None:
-        for h in handles:
-            if not h.finished:
-                frontend.abort(h.rid, reason)
+        frontend.abort_handles(handles, reason)
     return abort
 
 

@@ -1,0 +1,94 @@
+"""A call's parts (n > 1 or a batch: ids base-0, base-1, ...) and another client's request that runs under one of
+those ids once that part ended (a client's own rid may reuse it): aborting, refusing or counting the call touches
+its own parts only, and the call's id is free again once its parts ended. The frontend's bookkeeping with the
+leader stand-in of test_metrics_refused (events in the order a real leader sends them)."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from dsaserve.engine.request import FinishReason, RequestOutput, SamplingParams
+from dsaserve.server import messages as m
+from dsaserve.server.errors import ApiError
+from dsaserve.server.handles import Delta
+from test_metrics_refused import LINK, OneLeaderFrontend, _samples
+
+TWO = [[5, 6], [7, 8]]
+
+
+async def _sent(fe: OneLeaderFrontend, rids: list[str]) -> None:
+    """Until the frontend sent these requests to the leader (bounded: a job that failed raises in the test)."""
+    for _ in range(1000):
+        if all(any(isinstance(c, m.AddRequest) and c.rid == r for c in fe.sent) for r in rids):
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"never sent {rids}")
+
+
+async def _accept(fe: OneLeaderFrontend, job: asyncio.Future, rids: list[str]) -> object:
+    await _sent(fe, rids)
+    fe.sent = [c for c in fe.sent if not isinstance(c, m.AddRequest)]  # (a later request may reuse these ids)
+    for rid in rids:
+        fe._dispatch(LINK, m.Accepted(rid), None)
+    return await asyncio.wait_for(job, 10)
+
+
+def _finish(fe: OneLeaderFrontend, rid: str, kind: str = "length") -> None:
+    finish = FinishReason(kind)
+    fe._dispatch(LINK, RequestOutput(rid, [9], [], 2, 1, finish=finish),
+                 Delta("x", [9], finish=finish, prompt_tokens=2, completion_tokens=1))
+
+
+def _aborted(fe: OneLeaderFrontend) -> list[str]:
+    return [c.rid for c in fe.sent if isinstance(c, m.AbortRequest)]
+
+
+def test_a_calls_abort_leaves_a_request_that_took_an_ended_parts_id_alone() -> None:
+    async def run() -> None:
+        fe = OneLeaderFrontend()
+        await _accept(fe, asyncio.ensure_future(fe.submit_many(TWO, [SamplingParams()] * 2, "x", None)),
+                      ["x-0", "x-1"])
+        _finish(fe, "x-0")
+        await _accept(fe, asyncio.ensure_future(fe.submit([1, 2], SamplingParams(), "x-0", None)), ["x-0"])
+        fe.sent.clear()
+        assert fe.abort("x", "aborted by /abort_request") and _aborted(fe) == ["x-1"]
+        _finish(fe, "x-1", "abort")
+        assert fe.groups == {}  # the call's id is free again (it stayed taken while x-0 ran)
+        _finish(fe, "x-0")
+        assert fe.handles == {}
+    asyncio.run(run())
+
+
+def test_a_call_with_a_part_id_in_use_is_refused_before_it_starts() -> None:
+    """Its parts went to the leader, the taken one was refused and the call's refusal uncounted the other client's
+    request (its tokens and finish never reached /metrics)."""
+    async def run() -> None:
+        fe = OneLeaderFrontend()
+        other = await _accept(fe, asyncio.ensure_future(fe.submit([1, 2], SamplingParams(), "x-1", None)), ["x-1"])
+        fe.sent.clear()
+        with pytest.raises(ApiError, match="request id 'x-1' is already in use") as err:
+            await asyncio.wait_for(fe.submit_many(TWO, [SamplingParams()] * 2, "x", None), 10)
+        assert err.value.status == 400 and fe.sent == [] and fe.groups == {} and other.counted
+        _finish(fe, "x-1")
+        assert _samples(fe.metrics)['dsaserve_requests_total{finish_reason="length"}'] == 1
+    asyncio.run(run())
+
+
+def test_a_refused_calls_rollback_leaves_a_request_that_took_an_ended_parts_id_alone() -> None:
+    """x-0 accepted and ended at once, another client's request took its id, then x-1 was refused: the call's
+    rollback aborted and uncounted that request by the id."""
+    async def run() -> None:
+        fe = OneLeaderFrontend()
+        call = asyncio.ensure_future(fe.submit_many(TWO, [SamplingParams()] * 2, "x", None))
+        await _sent(fe, ["x-0", "x-1"])
+        fe.sent.clear()
+        fe._dispatch(LINK, m.Accepted("x-0"), None)
+        _finish(fe, "x-0")
+        other = await _accept(fe, asyncio.ensure_future(fe.submit([1, 2], SamplingParams(), "x-0", None)), ["x-0"])
+        fe.sent.clear()
+        fe._dispatch(LINK, m.Rejected("x-1", "the queue is full", 503), None)
+        with pytest.raises(ApiError, match="queue is full"):
+            await asyncio.wait_for(call, 10)
+        assert _aborted(fe) == [] and other.counted and fe.groups == {}
+    asyncio.run(run())
