@@ -192,6 +192,8 @@ def test_api_key(server: ServerProcess, client: openai.OpenAI, model: str) -> No
     assert httpx.get(f"{server.url}/get_server_info").status_code == 401
     info = httpx.get(f"{server.url}/get_server_info", headers={"Authorization": f"Bearer {KEY}"}).json()
     assert info["api_key"] == "<redacted>"
+    for path in ("/docs", "/redoc", "/openapi.json"):  # the API's schema is not published without a key (200 before)
+        assert httpx.get(f"{server.url}{path}").status_code == 404, path
     assert_serves(client, model)
 
 

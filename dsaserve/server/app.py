@@ -28,7 +28,9 @@ HEALTH_GENERATE_TIMEOUT_S = 60.0
 
 def create_app(args: ServerArgs, frontend: Frontend, metrics: ServerMetrics, served_name: str,
                pd: PDRouting) -> FastAPI:
-    app = FastAPI(title="dsaserve", version=getattr(dsaserve, "__version__", "0"))
+    # With a key, no API docs: FastAPI's /docs, /redoc and /openapi.json would publish the schema to anyone
+    app = FastAPI(title="dsaserve", version=getattr(dsaserve, "__version__", "0"),
+                  openapi_url=None if args.api_key is not None else "/openapi.json")
     app.add_middleware(RequestGuard, limit=args.max_request_bytes)
     install_error_handlers(app)  # (its middleware around the guard's: a bug there is a JSON 500 too)
     # Browsers' cross-origin calls (a web UI on another port), as SGLang and vLLM allow by default
