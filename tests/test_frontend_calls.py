@@ -92,3 +92,18 @@ def test_a_refused_calls_rollback_leaves_a_request_that_took_an_ended_parts_id_a
             await asyncio.wait_for(call, 10)
         assert _aborted(fe) == [] and other.counted and fe.groups == {}
     asyncio.run(run())
+
+
+def test_a_call_whose_client_left_before_every_part_was_accepted_aborts_them_all() -> None:
+    """The parts accepted already ran to their end (the route, cancelled, never got their handles to abort)."""
+    async def run() -> None:
+        fe = OneLeaderFrontend()
+        call = asyncio.ensure_future(fe.submit_many(TWO, [SamplingParams()] * 2, "x", None))
+        await _sent(fe, ["x-0", "x-1"])
+        fe._dispatch(LINK, m.Accepted("x-0"), None)
+        await asyncio.sleep(0)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        assert sorted(_aborted(fe)) == ["x-0", "x-1"]
+    asyncio.run(run())

@@ -273,7 +273,12 @@ class Frontend:
         self.groups[base_rid] = rids
         jobs = [self.submit(p, sp, rid, dp_rank, base_rid, route, scores_only, arrived)
                 for p, sp, rid in zip(prompts, params, rids)]
-        results = await asyncio.gather(*jobs, return_exceptions=True)
+        try:
+            results = await asyncio.gather(*jobs, return_exceptions=True)
+        except asyncio.CancelledError:  # the client left: the parts accepted already are nobody's (the others
+            accepted = [h for h in self._parts(base_rid) if h.accepted.done() and not h.accepted.cancelled()]
+            self.abort_handles(accepted, "the client disconnected")  # abort themselves: submit)
+            raise
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             self._uncount(base_rid)
