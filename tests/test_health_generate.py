@@ -26,8 +26,8 @@ class StuckFrontend:
     async def submit(self, ids: list[int], params: object, rid: str, rank: int) -> None:
         await asyncio.get_running_loop().create_future()  # Accepted never comes
 
-    def abort(self, rid: str, message: str = "") -> bool:
-        return True
+    def abort_handles(self, handles: list, message: str) -> int:
+        return len(handles)
 
 
 def test_health_generate_times_out_when_a_leader_never_accepts(monkeypatch) -> None:

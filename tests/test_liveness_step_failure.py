@@ -160,16 +160,16 @@ def test_a_request_whose_tokens_cannot_be_committed_ends_alone(tiny_ds: str, ove
     """Committing one request's tokens raises (its stop rules, injected into the engine's real ones): that request
     ends with the error and the others in its steps run on to the single-device tokens. The whole step used to
     fail (without overlap), or the exception left the engine's step altogether (with it)."""
-    from dsaserve.engine import engine as engine_module
+    from dsaserve.engine import request as request_module
     llm = LLM(tiny_ds, page_size=4, max_total_tokens=2048, disable_overlap_schedule=not overlap)
     want = _single_device(tiny_ds)
-    real = engine_module.stop_reason
+    real = request_module.stop_reason
 
     def stop_reason(req, *args, **kwargs):  # type: ignore[no-untyped-def]
         if "never seen" in req.params.stop:
             raise RuntimeError("injected decode failure")
         return real(req, *args, **kwargs)
-    monkeypatch.setattr(engine_module, "stop_reason", stop_reason)
+    monkeypatch.setattr(request_module, "stop_reason", stop_reason)
     stopping = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, stop=("never seen",))
     out = llm.generate(PROMPTS + [PROMPTS[0]], [GREEDY] * len(PROMPTS) + [stopping])
     assert [c.token_ids for c in out[:-1]] == want
