@@ -397,6 +397,27 @@ def test_structured_output_with_spec(tiny_ds: str) -> None:
             assert isinstance(value["n"], bool) and value["w"] in ("ab", "cd") and o.finish_reason.kind == "stop"
 
 
+def test_a_grammar_that_cannot_roll_back_fails_no_other_request(tiny_ds: str) -> None:
+    """A client's Lark with a max_tokens lexeme, its drafts letters it allows: masking the verify rows raised
+    (llguidance refuses to roll such a grammar back) and failed every request of the step, another client's
+    too. Now the other request gets its tokens and the grammar's request ends."""
+    from dsaserve.chat.grammar import GrammarSpec, ebnf_grammar
+    llm = LLM(tiny_ds, page_size=4, max_total_tokens=2048, **spec(2))
+    engine = llm.engine
+    letters = engine.tokenizer.hf.encode("bc", add_special_tokens=False)
+    engine.draft_override = lambda req, ids: letters if req.rid == "g" else ids
+    grammar = GrammarSpec(ebnf_grammar("start: foo\nfoo[max_tokens=2]: /[a-z]+/"), tiny_ds, (1,))
+    a, b = prompts_ids(2, [9, 11], seed=3)
+    other = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    engine.add_request("other", a, other)
+    engine.add_request("g", b, SamplingParams(max_tokens=8, temperature=0.0, grammar=grammar))
+    outputs = engine.run_until_idle()
+    finals = {o.rid: o.finish for o in outputs if o.finished}
+    assert finals["other"].kind == "length" and finals["g"] is not None, finals
+    assert [t for o in outputs if o.rid == "other" for t in o.new_token_ids] == plain(tiny_ds, [a], other)[0]
+    assert engine.stats().free_pages == engine.stats().total_pages
+
+
 def test_accepted_drafts_count_each_chains_leading_matches() -> None:
     """Acceptance on the device: per chain, the leading rows whose sample equals the draft the next row verified
     (at most n - 1), against the rule written as a loop; a chain of one row (a prompt's last chunk) accepts none,

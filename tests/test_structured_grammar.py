@@ -1,5 +1,5 @@
 """Grammar state without a server: the forced-call grammar in each model's format accepts a valid call
-(after reasoning when the prompt opens it) and rejects a wrong one; rollback undoes accepted tokens."""
+(after reasoning when the prompt opens it) and rejects a wrong one; the mask after drafts leaves the state as it was."""
 from __future__ import annotations
 
 import pytest
@@ -7,8 +7,8 @@ import torch
 
 from chat_cases import TOOLS
 from dsaserve.chat.constrain import MARKUP_TEXTS, Constraint, build_grammar, markup_for
-from dsaserve.chat.grammar import (MAX_OPEN_PROPERTIES, GrammarError, GrammarSpec, GrammarState, json_grammar,
-                                   ll_tokenizer)
+from dsaserve.chat.grammar import (MAX_OPEN_PROPERTIES, GrammarError, GrammarSpec, GrammarState, ebnf_grammar,
+                                   json_grammar, ll_tokenizer)
 from dsaserve.chat.tools import MAX_FORCED_CHOICES, check_forced, plan_tools
 from dsaserve.engine.tokenizer import Tokenizer
 from dsaserve.tiny import make_tiny_model, save_tokenizer
@@ -56,17 +56,30 @@ def test_forced_call_grammar(tiny: dict[str, str], fmt: str, tool_format: str, c
     assert not feed(wrong, hf.encode(reasoning + call.replace("Oslo", "Rome"), add_special_tokens=False))
 
 
-def test_rollback_restores_the_mask(tiny: dict[str, str]) -> None:
+def test_the_mask_after_drafts_leaves_the_state_where_it_was(tiny: dict[str, str]) -> None:
+    """allowed_after(drafts) is the mask of a state that took them; the state itself goes on from where it was."""
     path = tiny["deepseek_v32"]
     hf = Tokenizer(path).hf
-    st = GrammarState(GrammarSpec(json_grammar({"type": "object", "properties": {"a": {"type": "integer"}},
-                                                "required": ["a"]}), path, (1,)), len(hf))
+    spec = GrammarSpec(json_grammar({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}),
+                       path, (1,))
+    st, took = GrammarState(spec, len(hf)), GrammarState(spec, len(hf))
     first = st.allowed().clone()
     ids = hf.encode('{"a": 4', add_special_tokens=False)
-    assert feed(st, ids) and not st.is_terminated
-    st.rollback(len(ids))
+    assert feed(took, ids) and torch.equal(st.allowed_after(ids), took.allowed())
     assert torch.equal(st.allowed(), first)
     assert feed(st, hf.encode('{"a": 42}', add_special_tokens=False)) and st.is_terminated
+
+
+def test_drafts_in_a_grammar_that_cannot_roll_back(tiny: dict[str, str]) -> None:
+    """A client's Lark with a max_tokens lexeme: llguidance refuses to roll such a grammar back, and the mask after
+    MTP drafts was made by consuming and rolling back (a RuntimeError that failed every request of the step)."""
+    path = tiny["deepseek_v32"]
+    hf = Tokenizer(path).hf
+    st = GrammarState(GrammarSpec(ebnf_grammar("start: foo\nfoo[max_tokens=2]: /[a-z]+/"), path, (1,)), len(hf))
+    first = st.allowed().clone()
+    ids = hf.encode("bc", add_special_tokens=False)
+    st.allowed_after(ids)
+    assert torch.equal(st.allowed(), first) and st.failure() is None
 
 
 @pytest.mark.parametrize("regex", ["a/b", r"a\/b", r"[/]b?", r"a\\/?"])

@@ -243,9 +243,12 @@ class GrammarState:
 
     def allowed(self) -> torch.Tensor:
         """bool [vocab_size]: the tokens the grammar allows next; EOS alone if it allows nothing."""
+        return self._mask(self.matcher)
+
+    def _mask(self, matcher: Any) -> torch.Tensor:
         import numpy as np
         import torch  # here: the HTTP process builds specs without torch (it starts faster)
-        bits = np.unpackbits(np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
+        bits = np.unpackbits(np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
         mask = torch.zeros(self.vocab_size, dtype=torch.bool)
         n = min(len(bits), self.vocab_size)
         mask[:n] = torch.from_numpy(bits[:n].astype(bool))
@@ -257,21 +260,20 @@ class GrammarState:
         """The mask after the tokens `pending` (speculative drafts), leaving the state as it was. Drafts
         past the first one the grammar rejects are ignored: the verify row before it rejects it anyway. So are drafts
         from an id the tokenizer lacks (unconstrained drafts reach the padded ids; llguidance would take one as
-        the request's error, not as a rejected draft)."""
+        the request's error, not as a rejected draft). The drafts go into a copy of the matcher: llguidance
+        refuses to roll back a grammar with `max_tokens` or `stop` lexemes (which a client's Lark may hold), and
+        its validate_tokens passes drafts that consuming then refuses there (the copy's mask is EOS alone then:
+        that row's request meets the same refusal when it commits, and ends alone)."""
         pending = pending[:next((i for i, t in enumerate(pending) if not 0 <= t < self.known), len(pending))]
         n = self.matcher.validate_tokens(pending) if pending else 0
-        if n:
-            self.matcher.consume_tokens(pending[:n])
-        mask = self.allowed()
-        self.rollback(n)
-        return mask
+        if not n:
+            return self.allowed()
+        ahead = self.matcher.deep_copy()
+        ahead.consume_tokens(pending[:n])
+        return self._mask(ahead)
 
     def accept(self, token: int) -> bool:
         return self.matcher.consume_token(token)
-
-    def rollback(self, n: int) -> None:
-        if n > 0 and not self.matcher.rollback(n):
-            raise RuntimeError(f"grammar rollback of {n} tokens failed: {self.matcher.get_error()}")
 
     @property
     def is_terminated(self) -> bool:
