@@ -21,6 +21,7 @@ from dsaserve.chat.grammar import grammar_state
 from dsaserve.disagg import protocol as wire
 from dsaserve.disagg.pages import transfer_pages
 from dsaserve.disagg.sides import SideBase
+from dsaserve.disagg.transport import TransferFailed
 from dsaserve.engine.grammar_compile import compiling
 from dsaserve.engine.request import FinishReason, Request, RequestError, RequestOutput
 
@@ -112,7 +113,10 @@ class DecodeSide(SideBase):
             for _, msg, _ in wire.recv_all(sock, routed=False):
                 self._on_message(msg)
         if any(inc.sent and inc.done is None for inc in self.rooms.values()):
-            self.transport.progress()
+            try:
+                self.transport.progress()
+            except TransferFailed:  # the rooms waiting on it end by their timeouts, as with a silent peer
+                log.exception("the transfer agent could not progress")
         receiving = any(inc.sent for inc in self.rooms.values())  # (progress() and arrived() take arrivals in)
         outputs = []
         blocked = False  # an earlier request waits for pages: later ones wait behind it (as admission does)
@@ -150,7 +154,10 @@ class DecodeSide(SideBase):
         if inc is None or not inc.sent:
             return
         if msg.get("kind") == "done":
-            inc.done = msg
+            try:  # checked here: a malformed one fails its room as a failed transfer does
+                inc.done = {"agent": str(msg["agent"]), "first": _first_token(msg)}
+            except (KeyError, TypeError, ValueError, IndexError) as exc:
+                inc.done = {"failed": f"the prefill server's answer is malformed: {type(exc).__name__}: {exc}"}
         elif msg.get("kind") == "failed":
             inc.done = {"failed": msg.get("message") or "the prefill server gave no reason"}
 
@@ -164,15 +171,16 @@ class DecodeSide(SideBase):
         if inc.done is not None and "failed" in inc.done:
             return self._close(room, inc, f"KV transfer from the prefill server failed: {inc.done['failed']}")
         ready = inc.done is not None and (ended or not compiling(inc.req))  # (a compile ends before it decodes)
-        if ready and self.transport.arrived(inc.done.get("agent", ""), wire.room_tag(room)):
+        try:
+            arrived = ready and self.transport.arrived(inc.done["agent"], wire.room_tag(room))
+        except TransferFailed as exc:  # (the write ended at the sender: its pages are free of it)
+            return self._close(room, inc, str(exc))
+        if arrived:
             del self.rooms[room]
             if ended:
                 self._free(inc)
                 return None
-            d = inc.done
-            lp = d.get("logprob")
-            logprob = (lp[0], [tuple(x) for x in lp[1]]) if lp else None
-            return self._resume(inc.req, int(d["token"]), logprob, [int(t) for t in d["drafts"]])
+            return self._resume(inc.req, *inc.done["first"])
         if self.deadlines.passed(inc.deadline):
             if inc.done is None and not inc.expired:
                 self._send(inc.peer, {"kind": "cancel", "room": room, "reason": "timed out on the decode server"})
@@ -255,3 +263,11 @@ class DecodeSide(SideBase):
             sock.connect(peer)
         self.peer_used[peer] = self.deadlines.clock()
         wire.send(sock, msg, blob)
+
+
+def _first_token(done: dict[str, Any]) -> tuple[int, tuple | None, list[int]]:
+    """(token, logprob, drafts) of a prefill server's `done`: its first token, that token's log-probability
+    (chosen, [top...]) if asked for, its MTP drafts."""
+    lp = done.get("logprob")
+    logprob = (lp[0], [tuple(x) for x in lp[1]]) if lp else None
+    return int(done["token"]), logprob, [int(t) for t in done["drafts"]]

@@ -289,7 +289,7 @@ class PrefillSide(SideBase):
                 self._start(room, o)
             except (TransferFailed, PageCountMismatch) as exc:
                 return self._fail(room, o, str(exc))
-            except (KeyError, TypeError, ValueError) as exc:  # a malformed dest ends its request, not the server
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a malformed dest ends its request
                 return self._fail(room, o, f"the decode server's page ids are malformed: {type(exc).__name__}: {exc}")
         try:
             if not self.transport.poll(o.handle):

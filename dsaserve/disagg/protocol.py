@@ -76,7 +76,8 @@ def send(sock: zmq.Socket, msg: dict[str, Any], blob: bytes = b"", to: bytes | N
 
 
 def recv_all(sock: zmq.Socket, routed: bool) -> list[tuple[bytes | None, dict[str, Any], bytes]]:
-    """Every message waiting on `sock`: (sender identity for a ROUTER, header, blob)."""
+    """Every message waiting on `sock`: (sender identity for a ROUTER, header, blob). What is not a JSON object
+    naming an integer room is not ours (a stray client, another version): dropped."""
     out = []
     while True:
         try:
@@ -86,6 +87,8 @@ def recv_all(sock: zmq.Socket, routed: bool) -> list[tuple[bytes | None, dict[st
         ident = frames[0] if routed else None
         body = frames[1:] if routed else frames
         try:
-            out.append((ident, json.loads(body[0]), body[1] if len(body) > 1 else b""))
-        except (ValueError, IndexError):
-            continue  # not ours: ignore
+            msg = json.loads(body[0])
+        except (ValueError, IndexError, RecursionError):
+            continue  # not ours: ignored
+        if isinstance(msg, dict) and type(msg.get("room")) is int:  # (every message names its room)
+            out.append((ident, msg, body[1] if len(body) > 1 else b""))

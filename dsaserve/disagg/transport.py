@@ -69,11 +69,12 @@ class KVTransport(ABC):
         return True
 
     def arrived(self, sender: str, tag: bytes) -> bool:
-        """Receiver side: the write tagged `tag` by agent `sender` has landed."""
+        """Receiver side: the write tagged `tag` by agent `sender` has landed; raises TransferFailed."""
         return True
 
     def progress(self) -> None:
-        """Receiver side, while writes may be coming: let them advance (the backend runs no thread of its own)."""
+        """Receiver side, while writes may be coming: let them advance (the backend runs no thread of its own);
+        raises TransferFailed."""
 
     def keep_arrivals(self, tags: set[bytes]) -> None:
         """Receiver side: forget the arrivals of writes tagged otherwise (their requests ended: aborted, failed or
@@ -194,10 +195,16 @@ class NixlTransport(KVTransport):
             return False
 
     def arrived(self, sender: str, tag: bytes) -> bool:
-        return self.nixl.check_remote_xfer_done(sender, tag)  # tags end with ';': a prefix names one room
+        try:
+            return self.nixl.check_remote_xfer_done(sender, tag)  # tags end with ';': a prefix names one room
+        except Exception as exc:
+            raise TransferFailed(f"NIXL could not tell the write's arrival: {type(exc).__name__}: {exc}") from exc
 
     def progress(self) -> None:
-        self.nixl.update_notifs()  # progresses the UCX worker (and keeps the notifications for arrived())
+        try:
+            self.nixl.update_notifs()  # progresses the UCX worker (and keeps the notifications for arrived())
+        except Exception as exc:
+            raise TransferFailed(f"NIXL could not progress: {type(exc).__name__}: {exc}") from exc
 
     def keep_arrivals(self, tags: set[bytes]) -> None:
         notifs = self.nixl.notifs  # agent -> notification messages, each a room tag (kept until looked up)
