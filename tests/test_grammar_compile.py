@@ -90,3 +90,28 @@ def test_an_aborted_requests_queued_compile_never_runs(llm: LLM, tiny_ds: str, c
     outs = {out.rid: out for out in engine.run_until_idle()}
     assert outs["second"].finish.kind == "abort" and outs["first"].finish.kind != "error"
     assert not engine.has_work() and engine.grammars.held == []
+
+
+def test_a_compile_that_cannot_start_leaves_nothing_behind(tiny_ds: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compile thread cannot start (a process at its thread limit): the request is refused and nothing of it
+    stays. It started after the request was queued: held with no compile (every later step raised), or on a PD
+    decode server holding its room and pages for good."""
+    import concurrent.futures
+
+    from dsaserve.engine.request import DisaggRoute
+    from test_disagg_engine import assert_pools_whole, pd_pair
+
+    def no_thread(self: object, *args: object, **kwargs: object) -> None:
+        raise RuntimeError("can't start new thread")
+    engine = LLM(tiny_ds, page_size=4, max_total_tokens=2048).engine
+    with pd_pair(tiny_ds, backend="fake", page_size=4) as (pre, dec):
+        monkeypatch.setattr(concurrent.futures.ThreadPoolExecutor, "submit", no_thread)
+        for e, route in ((engine, None), (dec, DisaggRoute(9, f"tcp://127.0.0.1:{pre.disagg.port}"))):
+            with pytest.raises(RuntimeError, match="new thread"):  # (the worker answers 500)
+                e.add_request("g", PROMPT, _constrained(tiny_ds), route)
+            assert not e.grammars.held and not e.scheduler.in_transit and not e.scheduler.waiting
+        assert not dec.disagg.rooms
+        monkeypatch.undo()
+        assert_pools_whole(engine, dec)
+        engine.add_request("after", PROMPT, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+        assert [o.finish.kind for o in engine.run_until_idle() if o.finished] == ["length"]

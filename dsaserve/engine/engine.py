@@ -138,17 +138,21 @@ class Engine:
         if params.min_tokens:
             ends = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_ids))
             req.min_tokens_banned = tuple(sorted(t for t in ends if 0 <= t < self.cfg.vocab_size))
-        if req.disagg is not None:
-            self.disagg.add(req)  # (its side keeps it from sampling until its grammar compiled)
-        else:  # a request with a grammar joins the scheduler once that compiled (admit_compiled)
-            self.scheduler.check_fits(len(req.prompt_ids), req.max_new_tokens)  # (before the queue, as add's)
-            self.scheduler.check_queue(len(self.grammars.held))
-            if params.grammar is not None:
-                self.grammars.hold(req)
-            else:
-                self.scheduler.add(req, checked=True)
-        if params.grammar is not None:  # (add_request runs on DP leaders only: they sample)
+        if params.grammar is not None:  # first: where it queues below, its compile runs (DP leaders only: they sample)
             self.grammars.start(req)
+        try:
+            if req.disagg is not None:
+                self.disagg.add(req)  # (its side keeps it from sampling until its grammar compiled)
+            else:  # a request with a grammar joins the scheduler once that compiled (admit_compiled)
+                self.scheduler.check_fits(len(req.prompt_ids), req.max_new_tokens)  # (before the queue, as add's)
+                self.scheduler.check_queue(len(self.grammars.held))
+                if params.grammar is not None:
+                    self.grammars.hold(req)
+                else:
+                    self.scheduler.add(req, checked=True)
+        except BaseException:
+            self.grammars.discard(req)  # refused: its compile is not wanted
+            raise
         self.requests[rid] = req
 
     def abort(self, rid: str, message: str = "aborted by the client") -> bool:
