@@ -124,11 +124,10 @@ def test_nothing_compiles_or_captures_after_the_warm_up(arch: str, graphs: int |
 @pytest.mark.gpu
 def test_eager_mtp_steps_of_any_size_compile_nothing_after_the_warm_up(tmp_path: Path) -> None:
     """FP8 weights, MTP and graphs only up to 4 requests: verify steps past 4 requests and the draft steps of
-    mixed steps run eagerly at every size up to 40 rows. Past index_topk keys (64 here) their indexer computes
-    wq_b's product, its rows handed over quantized by q_a's norm (decode-sized rows), at 17-32 rows: no warm-up
-    prompt does (up to 64 keys the indexer selects without that product, past them a prompt has more rows), so
-    the warm-up runs every FP8 GEMM tier itself (quant.warm_up_gemms). The counters stay where they were when
-    the engine was ready."""
+    mixed steps run eagerly at every size up to 40 rows, past index_topk keys (64 here) too. The counters stay
+    where they were when the engine was ready. (On an H100, 2026-12-06, it passed with and without
+    quant.warm_up_gemms: the tiny model's shapes do not reach the tile a V3.2 rank slice compiled after ready;
+    test_fp8_kernels.py::test_the_gemm_warm_up_leaves_no_decode_row_count_to_compile checks that warm-up.)"""
     model = make_tiny_model(tmp_path / "fp8", ARCHS[0], fp8=True, index_topk=64)
     llm = LLM(str(model), page_size=64, max_total_tokens=60_000, chunked_prefill_size=512, cuda_graph_bs=(1, 2, 4),
               speculative_algorithm="NEXTN", speculative_num_steps=3)

@@ -381,3 +381,49 @@ def test_prefill_paths_replay_in_cuda_graphs() -> None:
     graph.replay()
     for got, want in zip(outs, step()):
         assert torch.equal(got, want), "a replay differs from the eager run"
+
+
+@pytest.mark.parametrize("warm", [True, False])
+def test_the_gemm_warm_up_leaves_no_decode_row_count_to_compile(warm: bool) -> None:
+    """quant.warm_up_gemms (the start-up's) on DeepSeek-V3.2's decode-time FP8 projections at one `--tp 8` rank
+    (the indexer's wq_b, the fused q_a / wk / kv_a, q_b, o_proj), prepared as the engine prepares them; then
+    calls at every row count 1-64, with the rows handed over quantized where the module takes them so: nothing
+    compiles after the warm-up, and without it those calls compile (the check can tell). Each case in a fresh
+    process: Triton keeps what this one compiled. (Written 2026-12-06 after the H100 run of test_cuda_graph's
+    eager-MTP test passed with and without the warm-up: the tiny model does not reach the tile a V3.2 rank
+    slice compiled after ready.)"""
+    import multiprocessing as mp
+    with mp.get_context("spawn").Pool(1) as pool:
+        compiled = pool.apply(_compiles_during_decode_calls, (warm,))
+    assert (compiled == 0) == warm, compiled
+
+
+def _compiles_during_decode_calls(warm: bool) -> int:
+    from torch import nn
+
+    from dsaserve.engine import compiles
+    from dsaserve.model import quant
+    from dsaserve.ops.fp8 import GEMM_TIER_TOPS, QuantizedRows
+    modules = []
+    for k, n in ((1536, 8192), (7168, 2240), (1536, 3072), (2048, 7168)):
+        lin = quant.Linear(k, n)
+        lin.to_fp8((128, 128))
+        lin.weight.data, lin.weight_scale_inv.data = ref.quantize_weight(torch.randn(n, k), (128, 128))
+        modules.append(lin)
+    model = nn.ModuleList(modules).to(DEV)
+    quant.prepare(model, "kernels", BF16)
+    compiles.starting()
+    with torch.inference_mode():
+        if warm:
+            assert quant.warm_up_gemms(model, GEMM_TIER_TOPS, BF16) > 0
+        torch.cuda.synchronize()
+        before = compiles.kernel_compiles()
+        for m in model:
+            for rows in range(1, 65):
+                x = torch.randn(rows, m.in_features, device=DEV, dtype=BF16)
+                m(x)
+                if group := m.input_group(rows):
+                    values, scales = ref.act_quant(x, group)
+                    m(x, QuantizedRows(values.contiguous(), scales, group))
+        torch.cuda.synchronize()
+    return compiles.kernel_compiles() - before
