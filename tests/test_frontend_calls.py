@@ -107,3 +107,54 @@ def test_a_call_whose_client_left_before_every_part_was_accepted_aborts_them_all
             await call
         assert sorted(_aborted(fe)) == ["x-0", "x-1"]
     asyncio.run(run())
+
+
+def test_a_leader_whose_events_are_read_no_more_fails_the_deployment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The task reading a leader's events ends on an error past its handlers (a Rust panic in the tokenizer is a
+    BaseException, stood in for here): that leader's requests waited for ever and new ones were taken. Now the
+    deployment fails as when a rank dies: its requests end with the reason and new ones get 503. Real ZMQ."""
+    import concurrent.futures
+    from types import SimpleNamespace
+
+    import zmq
+    import zmq.asyncio
+
+    from dsaserve.server import frontend as frontend_module
+
+    class Panic(BaseException):
+        pass
+
+    def panicking(outputs: list) -> list:
+        raise Panic("tokenizer panicked")
+    monkeypatch.setattr(frontend_module, "detokenize_outputs", panicking)
+
+    async def run() -> None:
+        ctx = zmq.asyncio.Context()
+        pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+        pull.bind("inproc://leader-0")
+        push.connect("inproc://leader-0")
+        fe = OneLeaderFrontend()
+        fe.links = [SimpleNamespace(rank=0, pull=pull)]
+        fe.outbox, fe.ranks = SimpleNamespace(stopped=False), SimpleNamespace(stop=lambda: None)
+        fe._detokenize_pool = concurrent.futures.ThreadPoolExecutor(1)
+        try:
+            fe._start_receiving()
+            handle = await _accept(fe, asyncio.ensure_future(fe.submit([1, 2], SamplingParams(), "r", None)), ["r"])
+            await push.send_pyobj([RequestOutput("r", [9], [], 2, 1)])
+            for _ in range(500):
+                if fe.down is not None:
+                    break
+                await asyncio.sleep(0.01)
+            assert fe.down is not None and "stopped reading DP rank 0's events: Panic" in fe.down, fe.down
+            assert handle.finished and fe.handles == {}
+            with pytest.raises(ApiError) as err:
+                await fe.submit([1, 2], SamplingParams(), "later", None)
+            assert err.value.status == 503
+        finally:
+            for task in fe._receivers:
+                task.cancel()
+            fe._detokenize_pool.shutdown()
+            pull.close(0)
+            push.close(0)
+            ctx.term()
+    asyncio.run(asyncio.wait_for(run(), 30))

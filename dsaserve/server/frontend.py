@@ -112,8 +112,22 @@ class Frontend:
             tokenizer.add_done_callback(lambda f: f.cancelled() or f.exception())
             raise
         self.tokenizer = await tokenizer
-        self._receivers = [asyncio.create_task(self._receive(link)) for link in self.links]
+        self._start_receiving()
         self._watcher = asyncio.create_task(watch(self.ranks, self.fail_all))
+
+    def _start_receiving(self) -> None:
+        """One task per leader reads its events; one that ends on its own fails the deployment (_receiver_ended)."""
+        self._receivers = [asyncio.create_task(self._receive(link)) for link in self.links]
+        for link, task in zip(self.links, self._receivers):
+            task.add_done_callback(lambda t, rank=link.rank: self._receiver_ended(rank, t))
+
+    def _receiver_ended(self, rank: int, task: asyncio.Task[None]) -> None:
+        """A leader's events are read no more (an error past _receive's handlers: a Rust panic in a tokenizer is
+        no Exception): its requests would wait for ever, so the deployment fails, as when a rank dies."""
+        if task.cancelled():  # (closing)
+            return
+        exc = task.exception()
+        self.fail_all(f"the frontend stopped reading DP rank {rank}'s events: {type(exc).__name__}: {exc}")
 
     async def _wait_ready(self, link: RankLink) -> dict[str, Any]:
         while True:
