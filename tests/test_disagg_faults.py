@@ -5,8 +5,10 @@ errors (real NIXL, its calls made to raise once), stray messages on the prefill 
 a decode engine in one process, stepped in turn."""
 from __future__ import annotations
 
+import itertools
 import json
 import time
+from typing import Any, Callable
 
 import pytest
 import zmq
@@ -23,17 +25,15 @@ pytestmark = pytest.mark.timeout(300)
 GREEDY = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
 
 
-def _once(error: str):  # noqa: ANN202 - a NIXL method that raises on its first call, then works
-    def wrap(real):  # noqa: ANN001, ANN202
-        calls = []
+def _raising_once(real: Callable[..., Any], error: str) -> Callable[..., Any]:
+    """`real`, except that its first call raises (as NIXL raises its own errors)."""
+    calls = itertools.count()
 
-        def method(*args: object):  # noqa: ANN202
-            calls.append(args)
-            if len(calls) == 1:
-                raise RuntimeError(error)
-            return real(*args)
-        return method
-    return wrap
+    def method(*args: Any) -> Any:
+        if next(calls) == 0:
+            raise RuntimeError(error)
+        return real(*args)
+    return method
 
 
 @pytest.mark.parametrize("call,ends", [("update_notifs", "length"), ("check_remote_xfer_done", "error")])
@@ -44,7 +44,7 @@ def test_nixl_errors_on_the_decode_side_end_at_most_their_room(tiny_ds: str, mon
     left the step, with the room's pages held."""
     with pd_pair(tiny_ds, backend="nixl", page_size=4) as (pre, dec):
         nixl = dec.disagg.transport.nixl
-        monkeypatch.setattr(nixl, call, _once(f"nixlBackendError from {call}")(getattr(nixl, call)))
+        monkeypatch.setattr(nixl, call, _raising_once(getattr(nixl, call), f"nixlBackendError from {call}"))
         ids = prompts_ids(1, [9], seed=3)[0]
         pre.add_request("p", ids, GREEDY, DisaggRoute(5))
         dec.add_request("d", ids, GREEDY, DisaggRoute(5, f"tcp://127.0.0.1:{pre.disagg.port}"))
