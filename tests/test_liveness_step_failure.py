@@ -228,3 +228,28 @@ def test_partial_dp_step_failing_on_every_rank_ends_its_requests(tiny_ds: str) -
                      setup=functools.partial(_inject, fail_ranks=(0, 1, 2, 3)))
     assert got[0] == [], "the poisoned request should have ended with an error, without tokens"
     assert got[1:] == _single_device(tiny_ds)
+
+
+def _inject_keep_drafts_failure(rank: int) -> None:
+    """In the leader's process: keeping the drafts of a step that holds the 37-token poison prompt raises (after
+    its commit and after every rank's draft steps; the leader's own host work)."""
+    from dsaserve.engine import engine
+    real = engine.drafts_in_flight
+
+    def drafts_in_flight(requests, plan, real_rows, drafts):  # type: ignore[no-untyped-def]
+        if any(len(requests[rid].prompt_ids) == 37 for rid in plan.rids[:real_rows] if rid in requests):
+            raise RuntimeError(f"injected failure keeping the drafts on rank {rank}")
+        return real(requests, plan, real_rows, drafts)
+    engine.drafts_in_flight = drafts_in_flight
+
+
+def test_mtp_leader_failing_after_the_commit_ends_its_requests_and_ranks_go_on(tiny_ds: str) -> None:
+    """With MTP the leader's work after a step's commit (keeping the drafts; on a prefill server handing requests
+    over) follows every rank's collectives of the step: its failure ends that step's requests and the ranks go
+    on. It used to be reported as the leader's alone in the next exchange, and every rank stopped."""
+    args = ServerArgs(tp=2, max_total_tokens=2048, dist_timeout=60)
+    job = _job(tiny_ds, 1, speculative_algorithm="NEXTN", speculative_num_steps=2)
+    [got] = run_jobs(args, [job], timeout_s=120, setup=_inject_keep_drafts_failure)
+    # its first token, committed before the failure, went out; then it ended with the error, short of max_tokens
+    assert len(got[0]) < GREEDY.max_tokens, "the poisoned request should have ended with an error"
+    assert got[1:] == _single_device(tiny_ds)

@@ -264,8 +264,8 @@ class Engine:
         exchange tells). `issued` / `shared`: the rank's collective counts when the step began (shared
         None: the failure came after the step's forward). A DP group that failed before any collective the
         other groups join stands in for its rows first (_stand_in), so that they lose nothing. `local`: the
-        leader's own work after every rank's collectives of the step failed (sampling): the ranks still
-        agree, so they are not told and go on."""
+        leader's own work after every rank's collectives of the step failed (sampling, committing, keeping the
+        drafts, a prefill server's hand-over): the ranks still agree, so they are not told and go on."""
         if isinstance(exc, CollectiveFailed):
             raise exc  # the groups' state is unknown: this rank must go (the supervisor names it)
         log.exception("step failed", exc_info=exc)
@@ -319,11 +319,15 @@ class Engine:
             accepted = verdict.read()
         except Exception as exc:  # noqa: BLE001 - after every rank's collectives of the step: local
             return self.fail_step(plan, exc, issued, local=True)
-        outputs = self._commit(plan, real, accepted)
-        if drafts is not None:
-            self._keep_drafts(plan, real, drafts)
-        if self.disagg is not None:  # prefill side: requests with their first token (and drafts) go out
-            self.disagg.after_step(accepted)
+        outputs: list[RequestOutput] = []
+        try:  # the leader's host work, after every rank's collectives of the step: a failure is local
+            outputs = self._commit(plan, real, accepted)
+            if drafts is not None:
+                self._keep_drafts(plan, real, drafts)
+            if self.disagg is not None:  # prefill side: requests with their first token (and drafts) go out
+                self.disagg.after_step(accepted)
+        except Exception as exc:  # noqa: BLE001 - (the outputs already committed still go out)
+            return outputs + self.fail_step(plan, exc, issued, local=True)
         return outputs
 
     def _keep_drafts(self, plan: StepPlan, real: int, drafts: Tensor) -> None:
