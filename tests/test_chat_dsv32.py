@@ -86,6 +86,20 @@ def test_reasoning_content_by_thinking_mode(client: openai.OpenAI, thinking: boo
     assert (msg.content or "", msg.reasoning_content) == (("", text) if thinking else (text, None))
 
 
+def test_separate_and_stream_reasoning_false(client: openai.OpenAI) -> None:
+    """SGLang's per-request switches, thinking on (the reply is all reasoning, never closed): separate_reasoning
+    false leaves it in content; stream_reasoning false streams it in one piece, once the reply has ended."""
+    model = client.models.list().data[0].id
+    kw = dict(model=model, messages=[{"role": "user", "content": "2+2?"}], max_tokens=8, temperature=0)
+    extra = {"chat_template_kwargs": {"thinking": True}, "ignore_eos": True}
+    text = client.chat.completions.create(**kw, extra_body=extra).choices[0].message.reasoning_content
+    together = client.chat.completions.create(**kw, extra_body={**extra, "separate_reasoning": False})
+    assert (together.choices[0].message.content, together.choices[0].message.reasoning_content) == (text, None)
+    chunks = list(client.chat.completions.create(stream=True, **kw, extra_body={**extra, "stream_reasoning": False}))
+    pieces = [c.choices[0].delta.reasoning_content for c in chunks if c.choices]
+    assert [piece for piece in pieces if piece] == [text]
+
+
 def _tool(name: str, **parameters) -> dict:
     return {"type": "function", "function": {"name": name, "parameters": {"type": "object", **parameters}}}
 

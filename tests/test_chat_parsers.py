@@ -47,6 +47,9 @@ KNOWN = [
      [ToolCall("get_weather", '{"city": "Paris", "days": 3}'), ToolCall("get_time", "{}")]),
     (glm, GLM_TWO, "Checking two.", "Let me look.",  # (the newline between the calls is no content)
      [ToolCall("get_weather", '{"city": "Paris", "days": 3, "code": "007"}'), ToolCall("get_time", "{}")]),
+    (dsml, f'Odd.</think><{D}function_calls>\n<{D}invoke name="get_weather">\n<{D}parameter name="days" '
+     f'string="false">three</{D}parameter>\n</{D}invoke>\n</{D}function_calls>', "Odd.", "",
+     [ToolCall("get_weather", '{"days": "three"}')]),  # string="false" but no JSON: its text (as SGLang takes it)
     (dsml, "No tools.</think>Just <think> text <｜DSML｜ and \n\n done", "No tools.",
      "Just <think> text <｜DSML｜ and \n\n done", []),
     (glm, "Unclosed reasoning <tool_call>get_time</tool_call>", "Unclosed reasoning <tool_call>get_time</tool_call>",
@@ -65,13 +68,26 @@ def test_every_split_point_gives_the_same_message(make, raw: str, reasoning: str
             assert parse(lambda: make(True), raw, (a, b)) == expected, (a, b)
 
 
+@pytest.mark.parametrize("inside", [True, False])
+@pytest.mark.parametrize("raw", ["Checking two.</think>Let me look.", "<think>Never closed", "Plain", "<thi"])
+def test_whole_reasoning_comes_in_one_piece_at_every_split(raw: str, inside: bool) -> None:
+    """stream_reasoning false: at every two split points the reasoning comes out as one piece, and the message
+    equals the piecewise splitter's."""
+    expected = parse(lambda: OutputParser(ReasoningSplitter(inside), None), raw)
+    for a in range(len(raw) + 1):
+        for b in range(a, len(raw) + 1):
+            parser = OutputParser(ReasoningSplitter(inside, whole=True), None)
+            parts = [parser.feed(raw[:a]), parser.feed(raw[a:b]), parser.feed(raw[b:]), parser.finish()]
+            pieces = [part.reasoning for part in parts if part.reasoning]
+            assert pieces == ([expected.reasoning] if expected.reasoning else []), (a, b)
+            assert "".join(part.content for part in parts) == expected.content, (a, b)
+
+
 def test_one_character_pieces() -> None:
     assert parse(lambda: dsml(True), DSML_TWO, tuple(range(len(DSML_TWO)))) == parse(lambda: dsml(True), DSML_TWO)
 
 
 MALFORMED_DSML = [
-    f'<{D}function_calls>\n<{D}invoke name="get_weather">\n<{D}parameter name="days" string="false">three'
-    f'</{D}parameter>\n</{D}invoke>\n</{D}function_calls>',  # a non-string value that is not JSON
     f'<{D}function_calls>\n<{D}invoke name="launch_rockets">\n</{D}invoke>\n</{D}function_calls>',  # unknown tool
     f'<{D}function_calls>\ngarbage</{D}function_calls>',
     f'<{D}function_calls>\n<{D}invoke name="get_time">\n',  # cut short
@@ -243,15 +259,14 @@ def test_an_unclosed_json_argument_does_not_swallow_the_rest(fmt: str, opened: s
         bad = (f'\n\n<{D}function_calls>\n<{D}invoke name="get_weather">\n<{D}parameter name="days" string="false">'
                f'{opened}</{D}parameter>\n</{D}invoke>\n</{D}function_calls>')
         good = f'\n\n<{D}function_calls>\n<{D}invoke name="get_time">\n</{D}invoke>\n</{D}function_calls>'
-        expected = Parsed("", "a" + bad + "b", [ToolCall("get_time", "{}")])  # the malformed block stays text
         make = dsml
     else:
         bad = f"<tool_call>get_weather<arg_key>days</arg_key><arg_value>{opened}</arg_value></tool_call>"
         good = "<tool_call>get_time</tool_call>"
-        # GLM: a value that is not JSON is text (as for any other non-JSON value)
-        value = json.dumps({"days": opened}, ensure_ascii=False)
-        expected = Parsed("", "ab", [ToolCall("get_weather", value), ToolCall("get_time", "{}")])
         make = glm
+    # a value that is not JSON is text (as for any other non-JSON value)
+    value = json.dumps({"days": opened}, ensure_ascii=False)
+    expected = Parsed("", "ab", [ToolCall("get_weather", value), ToolCall("get_time", "{}")])
     raw = "a" + bad + "b" + good
     for a in range(0, len(raw) + 1, 7):
         assert parse(lambda: make(False), raw, (a,)) == expected, a
@@ -320,15 +335,14 @@ def test_whitespace_around_calls_is_no_content(make, raw: str, calls: list) -> N
 
 def test_an_argument_nested_past_the_recursion_limit_does_not_fail_the_stream() -> None:
     """Model output is not bounded: JSON nested deeper than Python's parser recurses raised RecursionError out of
-    the parser (the request failed mid-stream). DSML keeps such a call as content (a malformed call); GLM keeps the
-    value as text, as it does for any argument that is not JSON."""
+    the parser (the request failed mid-stream). Both formats keep the value as text, as they do for any argument
+    that is not JSON."""
     deep = "[" * 5000 + "]" * 5000
-    raw = (f'<{D}function_calls>\n<{D}invoke name="get_weather">\n<{D}parameter name="city" string="false">{deep}'
-           f'</{D}parameter>\n</{D}invoke>\n</{D}function_calls>')
-    assert parse(lambda: dsml(False), raw) == Parsed("", raw, [])
-    got = parse(lambda: glm(False), f"<tool_call>get_weather<arg_key>city</arg_key><arg_value>{deep}</arg_value>"
-                                    "</tool_call>")
-    assert [(c.name, json.loads(c.arguments)) for c in got.calls] == [("get_weather", {"city": deep})]
+    for got in (parse(lambda: dsml(False), f'<{D}function_calls>\n<{D}invoke name="get_weather">\n<{D}parameter '
+                      f'name="city" string="false">{deep}</{D}parameter>\n</{D}invoke>\n</{D}function_calls>'),
+                parse(lambda: glm(False), f"<tool_call>get_weather<arg_key>city</arg_key><arg_value>{deep}"
+                      "</arg_value></tool_call>")):
+        assert [(c.name, json.loads(c.arguments)) for c in got.calls] == [("get_weather", {"city": deep})]
 
 
 @pytest.mark.parametrize("make,raw,reasoning,content,calls", KNOWN[:2])

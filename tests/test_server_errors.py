@@ -1,6 +1,7 @@
 """Every error case gets its status and a message naming the problem; the server serves the next request."""
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -27,8 +28,10 @@ def client(server: ServerProcess) -> openai.OpenAI:
 
 
 def post(server: ServerProcess, path: str, body: dict, key: str | None = KEY) -> httpx.Response:
+    """(Python's JSON, which writes an infinity as `Infinity`, as Python's parser reads it; httpx refuses one.)"""
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return httpx.post(f"{server.url}{path}", json=body, headers=headers, timeout=60)
+    headers["Content-Type"] = "application/json"
+    return httpx.post(f"{server.url}{path}", content=json.dumps(body), headers=headers, timeout=60)
 
 
 def assert_serves(client: openai.OpenAI, model: str) -> None:
@@ -80,7 +83,13 @@ BAD = [  # (path, body changes, status, words in the message)
      400, "min_new_tokens must be in [0, max_tokens]"),
     ("/v1/completions", {"routed_dp_rank": 3}, 400, "routed_dp_rank must be in [0, 1)"),
     ("/v1/completions", {"stop": [""]}, 400, "stop strings must be non-empty"),
-    ("/v1/completions", {"temperature": "inf"}, 400, "temperature must be >= 0 and finite"),
+    ("/v1/completions", {"temperature": float("inf")}, 400, "temperature must be >= 0 and finite"),
+    # JSON numbers only, as OpenAI's API (lax pydantic took "0.5", true as 1 and 2.0 as 2)
+    ("/v1/completions", {"temperature": "0.5"}, 400, "temperature: Input should be a valid number"),
+    ("/v1/chat/completions", {"max_tokens": True}, 400, "max_tokens: Input should be a valid integer"),
+    ("/v1/chat/completions", {"n": 2.0}, 400, "n: Input should be a valid integer"),
+    ("/v1/completions", {"logprobs": True}, 400, "logprobs: Input should be a valid integer"),
+    ("/v1/completions", {"logit_bias": {"5": "1"}}, 400, "logit_bias.5: Input should be a valid number"),
     ("/v1/completions", {"prompt": "x" * 200_000}, 400, "the prompt has 200000 characters, more than the context length"),
     ("/v1/completions", {"prompt": ["x" * 200_000]}, 400, "200000 characters"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 200_000}]}, 400, "200000 characters"),

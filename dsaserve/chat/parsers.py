@@ -56,10 +56,11 @@ class ReasoningSplitter:
     """Reasoning until `</think>`, then content. The reply starts inside reasoning when the prompt
     opened it (`starts_inside`), or when the reply itself begins with `<think>`."""
 
-    def __init__(self, starts_inside: bool, start: str = "<think>", end: str = "</think>"):
-        self.start, self.end = start, end
+    def __init__(self, starts_inside: bool, start: str = "<think>", end: str = "</think>", whole: bool = False):
+        """whole: the reasoning comes out in one piece once it ends (SGLang's stream_reasoning false)."""
+        self.start, self.end, self.whole = start, end, whole
         self.state = "reasoning" if starts_inside else "begin"
-        self.buf = ""
+        self.buf = self.held = ""
 
     def feed(self, text: str) -> Parsed:
         self.buf += text
@@ -75,15 +76,25 @@ class ReasoningSplitter:
             at = self.buf.find(self.end)
             if at < 0:
                 keep = held_back(self.buf, [self.end])
-                out.reasoning, self.buf = self.buf[:len(self.buf) - keep], self.buf[len(self.buf) - keep:]
-                return out
-            out.reasoning, self.buf, self.state = self.buf[:at], self.buf[at + len(self.end):], "content"
+                self.held += self.buf[:len(self.buf) - keep]
+                self.buf = self.buf[len(self.buf) - keep:]
+                return self._reasoning(out, done=False)
+            self.held += self.buf[:at]
+            self.buf, self.state = self.buf[at + len(self.end):], "content"
+            self._reasoning(out, done=True)
         out.content, self.buf = self.buf, ""
         return out
 
     def finish(self) -> Parsed:
-        out = Parsed(reasoning=self.buf) if self.state == "reasoning" else Parsed(content=self.buf)
-        self.buf = ""
+        if self.state == "reasoning":
+            self.held, self.buf = self.held + self.buf, ""
+        out = self._reasoning(Parsed(), done=True)
+        out.content, self.buf = self.buf, ""
+        return out
+
+    def _reasoning(self, out: Parsed, done: bool) -> Parsed:
+        if done or not self.whole:
+            out.reasoning, self.held = self.held, ""
         return out
 
 
@@ -221,11 +232,8 @@ def _dsml_invoke(text: str, final: bool = False) -> tuple[int, str, dict[str, An
         end = None if p.group(2) == "true" else json_value_end(text, value_at, dsv32.PARAM_END, final)
         if end is None and (end := text.find(dsv32.PARAM_END, value_at)) < 0:
             raise NeedMore
-        value = text[value_at:end]
-        try:
-            args[key] = value if p.group(2) == "true" else json.loads(value)
-        except (json.JSONDecodeError, RecursionError):  # (model output: nested past Python's parser too)
-            raise Malformed from None
+        value = text[value_at:end]  # string="false" that is no JSON: its text, as GLM's parser and SGLang take it
+        args[key] = value if p.group(2) == "true" else _json_or_text(value)
         pos = end + len(dsv32.PARAM_END)
     return literal(text, pos, dsv32.INVOKE_END)[1], name, args
 

@@ -74,6 +74,8 @@ def _meta(serving: OpenAIServing, handle: RequestHandle, res: Result, body: nati
     finish = None
     if res.finish is not None:
         finish = {"type": res.finish.kind}
+        if res.finish.kind == "length":  # SGLang's: the token limit that ended it
+            finish["length"] = res.completion_tokens
         if res.finish.matched is not None:
             finish["matched"] = res.finish.matched
         if res.finish.message:

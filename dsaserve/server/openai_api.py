@@ -227,7 +227,8 @@ class OpenAIServing:
         self.fe.check_prompt_chars(_message_chars(body.messages), "messages")
         tools = checked_tools(body.tools, body.tool_choice, forcing=True)
         prompt = self.render(body, tools.tools)
-        reasoning, tool_parser_name = self.fe.args.reasoning_parser, None
+        reasoning = self.fe.args.reasoning_parser if body.separate_reasoning else None
+        tool_parser_name = None
         if tools.parse:
             model_type = self.fe.info.get("model_type")
             tool_parser_name = self.fe.args.tool_call_parser or DEFAULT_TOOL_PARSER.get(model_type or "")
@@ -241,7 +242,8 @@ class OpenAIServing:
             return ChatPlan(prompt, tools, None, grammar)
 
         def parser() -> OutputParser:
-            return OutputParser(ReasoningSplitter(prompt.opens_reasoning) if reasoning else None,
+            splitter = ReasoningSplitter(prompt.opens_reasoning, whole=not body.stream_reasoning)
+            return OutputParser(splitter if reasoning else None,
                                 tool_parser(tool_parser_name, tools.tools, 1 if body.parallel_tool_calls is False
                                             else None) if tool_parser_name else None)
         return ChatPlan(prompt, tools, parser, grammar)

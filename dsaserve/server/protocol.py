@@ -4,11 +4,13 @@ from __future__ import annotations
 import time
 from typing import Any, Literal, get_args
 
-from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationInfo, field_validator,
-                      model_serializer, model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationInfo,
+                      field_validator, model_serializer, model_validator)
 from pydantic.fields import FieldInfo
 
 TokenIds = list[StrictInt]  # token ids in requests: JSON integers only (true or 2.0 is not a token id)
+# The OpenAI routes' numbers are JSON numbers only, as OpenAI's API has them (400 for "0.5", true or, for an
+# integer, 2.0): lax pydantic read true as 1 and "0.5" as 0.5.
 
 
 def _takes_null(field: FieldInfo) -> bool:
@@ -50,25 +52,25 @@ class SamplingFields(Bootstrap):
     """Fields shared by completions and chat completions."""
     model: str | None = None  # None or "default" (SGLang's examples): the served model
     rid: str | None = Field(None, min_length=1)  # SGLang's: the request's id (/abort_request takes it); else made
-    n: int = Field(1, ge=1, le=128)
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    seed: int | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    repetition_penalty: float | None = None  # vLLM's and SGLang's extension
-    min_tokens: int | None = None  # vLLM's extension (SGLang's native min_new_tokens)
-    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
+    n: StrictInt = Field(1, ge=1, le=128)
+    max_tokens: StrictInt | None = None
+    temperature: StrictFloat | None = None
+    top_p: StrictFloat | None = None
+    top_k: StrictInt | None = None
+    min_p: StrictFloat | None = None
+    seed: StrictInt | None = None
+    frequency_penalty: StrictFloat | None = None
+    presence_penalty: StrictFloat | None = None
+    repetition_penalty: StrictFloat | None = None  # vLLM's and SGLang's extension
+    min_tokens: StrictInt | None = None  # vLLM's extension (SGLang's native min_new_tokens)
+    logit_bias: dict[str, StrictFloat] | None = None  # token id (as a string) -> bias in [-100, 100]
     stop: str | list[str] | None = None
     include_stop_str_in_output: StrictBool = False  # vLLM's extension
     stop_token_ids: TokenIds | None = None
     ignore_eos: StrictBool = False
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    routed_dp_rank: int | None = None
+    routed_dp_rank: StrictInt | None = None
     # vLLM's extension: logprob tokens as "token_id:N", so that clients get exact ids.
     return_tokens_as_token_ids: StrictBool = False
     skip_special_tokens: StrictBool = True  # vLLM's and SGLang's: false keeps special tokens in the text
@@ -89,11 +91,11 @@ class SamplingFields(Bootstrap):
 
 class CompletionRequest(SamplingFields):
     prompt: str | TokenIds | list[str] | list[TokenIds]
-    max_tokens: int | None = 16
-    logprobs: int | None = Field(None, ge=0, le=20)
+    max_tokens: StrictInt | None = 16
+    logprobs: StrictInt | None = Field(None, ge=0, le=20)
     echo: StrictBool = False
     suffix: str | None = None  # refused when given: ignoring it would answer a different question
-    best_of: int | None = None
+    best_of: StrictInt | None = None
     add_special_tokens: StrictBool = True  # vLLM's: false encodes text prompts without the tokenizer's BOS
 
     @field_validator("suffix")
@@ -174,11 +176,13 @@ class ChatInput(ClientBody):
 
 
 class ChatCompletionRequest(ChatInput, SamplingFields):
-    max_completion_tokens: int | None = None
+    max_completion_tokens: StrictInt | None = None
     logprobs: StrictBool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: StrictBool | None = None  # false: at most one call (the grammar, or the first parsed)
+    separate_reasoning: StrictBool = True  # SGLang's: false leaves the reasoning in content (no reasoning parser)
+    stream_reasoning: StrictBool = True  # SGLang's: false streams the reasoning in one piece once it has ended
 
     @field_validator("top_logprobs")
     @classmethod
