@@ -36,7 +36,7 @@ def _generate(ns: argparse.Namespace) -> int:
 
 def _make_tiny(ns: argparse.Namespace) -> int:
     from dsaserve.tiny import make_tiny_model
-    path = make_tiny_model(ns.out, ns.arch, fp8=ns.fp8, layers=ns.layers, seed=ns.seed)
+    path = make_tiny_model(ns.out, ns.arch, fp8=ns.fp8, layers=ns.layers, seed=ns.seed, fp8_block=ns.fp8_block)
     print(f"wrote a tiny {ns.arch} checkpoint to {path}")
     return 0
 
@@ -121,7 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     tiny = sub.add_parser("make-tiny-model", help="write a tiny random checkpoint in the official format")
     tiny.add_argument("out")
     tiny.add_argument("--arch", choices=["deepseek_v32", "glm_moe_dsa"], default="deepseek_v32")
-    tiny.add_argument("--fp8", action="store_true", help="store linear weights as e4m3 with 128x128 block scales")
+    tiny.add_argument("--fp8", action="store_true", help="store linear weights as e4m3 with block scales")
+    tiny.add_argument("--fp8-block", type=int, default=128,
+                      help="the scale blocks' side (the official 128; 8 lets --tp 2-8 split the tiny widths on whole "
+                           "blocks, which 128 cannot)")
     tiny.add_argument("--layers", type=int, default=None)
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=_make_tiny)

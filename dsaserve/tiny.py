@@ -77,6 +77,8 @@ def make_tiny_model(out: str | Path, arch: str = "deepseek_v32", fp8: bool = Fal
         raise ValueError(f"unknown arch {arch!r}: choose from {', '.join(ARCHS)}")
     if layers is not None and layers < 1:
         raise ValueError(f"--layers must be >= 1, got {layers}")
+    if fp8_block < 1:
+        raise ValueError(f"--fp8-block must be >= 1, got {fp8_block}")
     out = checkpoint_folder(out)
     target = out.resolve()  # as train-tiny: a symlink's target is replaced rather than the link
     check_replaceable(target, MAKE_TINY)

@@ -3,6 +3,7 @@ an interrupted run leaves the old checkpoint, a finished one leaves nothing of i
 does not write is refused and left as it was."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -55,3 +56,12 @@ def test_a_folder_holding_files_it_does_not_write_is_refused(tmp_path: Path, fil
     assert main(["make-tiny-model", str(tmp_path)]) == 2
     assert words in capsys.readouterr().err
     assert _contents(tmp_path) == {name: b"mine" for name in files}
+
+
+def test_the_fp8_block_flag_reaches_the_checkpoint(tmp_path: Path) -> None:
+    """`--fp8-block 8`: a tiny FP8 checkpoint whose widths split on whole blocks at --tp 2-8 (the official 128 x 128
+    blocks cannot split them: the engine refuses, naming the tensor)."""
+    assert main(["make-tiny-model", str(tmp_path / "m"), "--fp8", "--fp8-block", "8"]) == 0
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["quantization_config"]["weight_block_size"] == [8, 8]
+    assert main(["make-tiny-model", str(tmp_path / "n"), "--fp8", "--fp8-block", "0"]) == 2
