@@ -59,7 +59,7 @@ def test_a_folder_holding_files_it_does_not_write_is_refused(tmp_path: Path, fil
 
 
 def test_the_fp8_block_flag_reaches_the_checkpoint(tmp_path: Path) -> None:
-    """`--fp8-block 8`: a tiny FP8 checkpoint whose widths split on whole blocks at --tp 2-8 (the official 128 x 128
+    """`--fp8-block 8`: a tiny FP8 checkpoint whose widths split on whole blocks at --tp 2 and 4 (the official 128 x 128
     blocks cannot split them: the engine refuses, naming the tensor)."""
     assert main(["make-tiny-model", str(tmp_path / "m"), "--fp8", "--fp8-block", "8"]) == 0
     config = json.loads((tmp_path / "m" / "config.json").read_text())
