@@ -123,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     tiny.add_argument("--arch", choices=["deepseek_v32", "glm_moe_dsa"], default="deepseek_v32")
     tiny.add_argument("--fp8", action="store_true", help="store linear weights as e4m3 with block scales")
     tiny.add_argument("--fp8-block", type=int, default=128,
-                      help="the scale blocks' side (the official 128; 8 lets --tp 2 and 4 split the tiny widths on whole "
-                           "blocks, which 128 cannot)")
+                      help="the scale blocks' side (the official 128; 8 lets --tp 2 and 4 split the tiny widths on "
+                           "whole blocks, which 128 cannot)")
     tiny.add_argument("--layers", type=int, default=None)
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=_make_tiny)
