@@ -153,23 +153,26 @@ def test_a_retracted_request_keeps_its_prompts_cached_tokens(tiny_ds: str) -> No
 
 
 def test_mtp_drafts_after_a_page_another_request_continued_differently(tiny_ds: str) -> None:
-    """With MTP a page's last entry depends on the token after it. r2 (A + B...) adds B under r1's page A (A +
-    C...), keeping r1's A; r3 (A + B + D) must not reuse that A (its last entry was made for C's first token):
-    r3's drafts, not only its tokens, equal a run without the cache."""
+    """With MTP a page's last entry depends on the token after it. r1 caches page A followed by C, r2 caches A
+    followed by B: r3 (A + B + ...) must not reuse r1's A (its last entry was made for C's first token) but reuses
+    r2's A and B: 8 tokens (r2's pages used to hang under r1's A, where no match reached them: 0), and its
+    drafts, not only its tokens, equal a run without the cache."""
     a, c1, b, d = list(range(10, 14)), list(range(20, 28)), list(range(30, 34)), list(range(40, 45))
-    runs = [("r1", a + c1), ("r2", a + b + [50, 51, 52, 53, 54]), ("r3", a + b + d)]
+    runs = [("r1", a + c1), ("r2", a + b + [50, 51, 52, 53, 54]), ("r3", a + b + [50, 51] + d)]
 
-    def drafts(llm: LLM, requests: list[tuple[str, list[int]]]) -> tuple[list[list[int]], list[int]]:
+    def drafts(llm: LLM, requests: list[tuple[str, list[int]]]) -> tuple[list[list[int]], list[int], int]:
         seen: dict[str, list[list[int]]] = {}
         llm.engine.draft_override = lambda req, ids: seen.setdefault(req.rid, []).append(list(ids)) or ids
         tokens: list[int] = []
         for rid, prompt in requests:
+            before = llm.engine.stats().prefix_hit_tokens
             llm.engine.add_request(rid, prompt, GREEDY)
             tokens = [t for out in llm.engine.run_until_idle() if out.rid == rid for t in out.new_token_ids]
-        return seen["r3"], tokens
+        return seen["r3"], tokens, llm.engine.stats().prefix_hit_tokens - before
 
     common = dict(page_size=4, max_total_tokens=4096, speculative_algorithm="NEXTN", speculative_num_steps=2)
-    assert drafts(LLM(tiny_ds, **common), runs) == drafts(LLM(tiny_ds, **common), runs[2:])
+    cached, alone = drafts(LLM(tiny_ds, **common), runs), drafts(LLM(tiny_ds, **common), runs[2:])
+    assert cached[:2] == alone[:2] and (cached[2], alone[2]) == (8, 0)
 
 
 def test_mtp_reuses_every_turn_and_drafts_as_without_the_cache(tiny_ds: str) -> None:
@@ -206,7 +209,7 @@ def test_a_stop_inside_an_accepted_run_caches_only_full_pages_of_its_tokens(tiny
     """Drafts that are the true continuation are all accepted (3 tokens at S = 2) and the request stops at the
     second token (max_tokens 2): its cache holds prompt + 3 positions but it has prompt + 2 tokens. The tree must
     take only full pages of its tokens (it took a short page, or at page size 1 an empty one: never matched,
-    holding a page until evicted)."""
+    holding a page until evicted), and of those only pages whose next token is known."""
     common = dict(page_size=page_size, max_total_tokens=4096, speculative_algorithm="NEXTN", speculative_num_steps=2)
     prompt = BASE[0][:25]
     answer = LLM(tiny_ds, disable_radix_cache=True, **common).generate(
@@ -218,7 +221,8 @@ def test_a_stop_inside_an_accepted_run_caches_only_full_pages_of_its_tokens(tiny
     assert llm.engine.stats().spec_accepted_tokens == 2  # the stop came inside an accepted run
     cache = llm.engine.prefix_cache
     assert all(len(cache._tokens[n]) == page_size for n in range(1, len(cache._tokens)) if cache._used[n] > 0)
-    assert cache.num_pages == (len(prompt) + 2) // page_size
+    # full pages of its tokens whose next token is known (the last one's is not: no MTP match could use it)
+    assert cache.num_pages == (len(prompt) + 2 - 1) // page_size
 
 
 def test_abort_of_a_request_holding_shared_pages(tiny_ds: str) -> None:
@@ -256,7 +260,7 @@ def test_deep_tree_at_page_size_one() -> None:
 def _tree(cache: PrefixCache) -> dict[int, tuple[int | None, int, int]]:
     """page -> (parent page or None, children, last use), by walking the tree from the root."""
     children: dict[int, list[int]] = {}
-    for (parent, _), node in cache._child.items():
+    for (parent, *_), node in cache._child.items():
         children.setdefault(parent, []).append(node)
     out, todo = {}, [(n, None) for n in children.get(ROOT, [])]
     while todo:

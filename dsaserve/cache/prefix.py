@@ -17,12 +17,13 @@ the cyclic garbage collector tracks no object per cached page. With an object (a
 pool held hundreds of thousands of tracked objects, and each full collection walked them all, stalling
 a decode step for tens to hundreds of milliseconds.
 
-With MTP speculation the MTP layer's entry at position p depends on the token at p + 1, which may
-differ between two requests that share the page holding p. A node records the token that followed its
-page in the request that wrote it (`_next`; a request's cache is inserted with the token after it): a
-child another request added under it (keeping the tree's copy of the page) may start with another token,
-so a match walks on only where the next page starts with that token, and gives back its last page
-unless the request's own next token is that one too. One DP group has one cache (its own scheduler
+With MTP speculation the MTP layer's entry at position p depends on the token at p + 1, so a page's
+entries fit only the token that followed it in the request that wrote it: with MTP a node is keyed by its
+tokens and that next token (`_next`; a request's cache is inserted with the token after it, and a page whose
+next token is not known yet is not cached). Two requests that go on differently right after the same page
+each cache their own copy of it, and a match walks only through pages whose next token is the request's own.
+(Keyed by tokens alone, the second writer's pages hung under the first's copy, where no match could reach
+them: with page size 1 every divergence falls on a page boundary.) One DP group has one cache (its own scheduler
 and pool).
 """
 from __future__ import annotations
@@ -51,8 +52,8 @@ class PrefixCache:
         # Node i: its page, parent, tokens, last use (-1: evicted, the id is spare) and number of children.
         self._page, self._parent, self._tokens = [0], [-1], [()]
         self._used, self._kids = [0], [0]
-        self._next = [-1]  # MTP: the token after the node's page in the request that wrote it (-1: unknown)
-        self._child: dict[tuple[int, tuple[int, ...]], int] = {}  # (parent, tokens) -> node
+        self._next = [-1]  # MTP: the token after the node's page in the request that wrote it (else -1)
+        self._child: dict[tuple[int, tuple[int, ...], int], int] = {}  # (parent, tokens, next) -> node
         self._spare: list[int] = []  # ids of evicted nodes, for reuse
         self.stats = PrefixStats()
         self._clock = itertools.count(1)
@@ -69,19 +70,16 @@ class PrefixCache:
         reference for the caller (it must free them); [] on a miss. record_hits=False leaves the hit
         statistics to the caller (`count`), for a match it may still give back."""
         node, path, now = ROOT, [], next(self._clock)
-        for chunk in self._chunks(tokens, limit // self.page_size):
-            child = self._child.get((node, chunk))
-            if child is None or (self.mtp and node != ROOT and self._next[node] != chunk[0]):
+        for i, chunk in enumerate(self._chunks(tokens, limit // self.page_size)):
+            key = self._key(node, chunk, tokens, i)
+            child = self._child.get(key) if key is not None else None
+            if child is None:
                 break
             node = child
             self._used[node] = now
             path.append(self._page[node])
         if path and not self._kids[node]:  # only a path's last node can be a leaf
             self._push(node)
-        if self.mtp and path:  # the last page's entries fit only the token its writer had after it
-            after = len(path) * self.page_size
-            if after >= len(tokens) or self._next[node] != tokens[after]:
-                path.pop()
         self.allocator.share(path)
         if record_hits:
             self.count(len(tokens), len(path))
@@ -99,17 +97,28 @@ class PrefixCache:
         written = len(tokens) if written is None else min(written, len(tokens))
         full = min(written // self.page_size, len(pages))
         for i, (chunk, page) in enumerate(zip(self._chunks(tokens, full), pages)):
-            child = self._child.get((node, chunk))
+            if (key := self._key(node, chunk, tokens, i)) is None:
+                break  # MTP: the token after this page is not known yet
+            child = self._child.get(key)
             if child is None:
-                after = (i + 1) * self.page_size
-                child = self._add(node, chunk, page, tokens[after] if after < len(tokens) else -1)
+                child = self._add(key, page)
                 self.allocator.share_cached(page)
             self._used[child] = now
             node = child
         if node != ROOT and not self._kids[node]:
             self._push(node)
 
-    def _add(self, parent: int, tokens: tuple[int, ...], page: int, next_token: int) -> int:
+    def _key(self, parent: int, chunk: tuple[int, ...], tokens: list[int],
+             i: int) -> tuple[int, tuple[int, ...], int] | None:
+        """The child key of `chunk`, the i-th page of `tokens`: with MTP it holds the token after the page (None
+        where `tokens` ends with the page: no such node can be matched)."""
+        if not self.mtp:
+            return parent, chunk, -1
+        after = (i + 1) * self.page_size
+        return (parent, chunk, tokens[after]) if after < len(tokens) else None
+
+    def _add(self, key: tuple[int, tuple[int, ...], int], page: int) -> int:
+        parent, tokens, next_token = key
         if self._spare:
             node = self._spare.pop()
             self._page[node], self._parent[node], self._tokens[node], self._kids[node] = page, parent, tokens, 0
@@ -119,7 +128,7 @@ class PrefixCache:
             for column, value in ((self._page, page), (self._parent, parent), (self._tokens, tokens),
                                   (self._used, 0), (self._kids, 0), (self._next, next_token)):
                 column.append(value)
-        self._child[(parent, tokens)] = node
+        self._child[key] = node
         self._kids[parent] += 1
         self.num_pages += 1
         return node
@@ -136,7 +145,7 @@ class PrefixCache:
                 held.append(leaf)  # a request holds it: a candidate again once it lets go
                 continue
             parent = self._parent[leaf]
-            del self._child[(parent, self._tokens[leaf])]
+            del self._child[(parent, self._tokens[leaf], self._next[leaf])]
             self._kids[parent] -= 1
             self._used[leaf], self._tokens[leaf] = -1, ()
             self._spare.append(leaf)
