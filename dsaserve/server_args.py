@@ -112,6 +112,10 @@ class ServerArgs:
                                               "model type, deepseekv32 for deepseek_v32, glm47 for glm_moe_dsa)")
     grammar_backend: str = _opt("llguidance", "constrained decoding for response_format / regex / ebnf and "
                                               "forced tool calls: llguidance or none")
+    sampling_defaults: str = _opt("model", "the sampling fields (temperature, top_p, top_k, min_p, "
+                                           "repetition_penalty) an OpenAI request leaves out: model (from the "
+                                           "checkpoint's generation_config.json, else openai's) or openai (1, 1, "
+                                           "off, 0, 1)")
     disaggregation_mode: str = _opt("null", "prefill/decode disaggregation role: null (serve whole requests), "
                                             "prefill or decode (requests that carry bootstrap_room move their KV "
                                             "cache from the prefill server to the decode server)")
@@ -312,8 +316,10 @@ class ServerArgs:
 def _chat_problems(args: ServerArgs) -> list[str]:
     from dsaserve.chat.parsers import REASONING_PARSERS, TOOL_CALL_PARSERS
     from dsaserve.chat.render import TOKENIZER_MODES
+    from dsaserve.generation_config import SAMPLING_DEFAULTS
     choices = [("tokenizer_mode", TOKENIZER_MODES, False), ("reasoning_parser", REASONING_PARSERS, True),
-               ("tool_call_parser", TOOL_CALL_PARSERS, True), ("grammar_backend", ("llguidance", "none"), False)]
+               ("tool_call_parser", TOOL_CALL_PARSERS, True), ("grammar_backend", ("llguidance", "none"), False),
+               ("sampling_defaults", SAMPLING_DEFAULTS, False)]
     problems = [f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(args, name)!r}"
                 for name, allowed, optional in choices
                 if getattr(args, name) not in allowed and not (optional and getattr(args, name) is None)]

@@ -69,6 +69,15 @@ def test_filters() -> None:
     assert set(tokens) == {0, 1}
 
 
+def test_a_temperature_under_1e_5_is_greedy() -> None:
+    """vLLM's rule: such a row is the argmax. It was sampled at the 1e-5 floor, and a near tie (logits 1e-5 apart)
+    split between the two tokens over seeds."""
+    logits = torch.tensor([[1.0, 1.00001, -3.0]]).repeat(200, 1)
+    tokens, _ = sample(logits, [_req(SamplingParams(temperature=5e-7, seed=s)) for s in range(200)])
+    assert set(tokens) == {1}
+    assert SamplingParams(temperature=1e-5).greedy is False
+
+
 def _chi_square_fit_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
     """p-value of a chi-square goodness-of-fit test of `counts` against `probs` (zero-probability
     cells must be empty and are left out)."""

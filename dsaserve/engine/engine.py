@@ -28,6 +28,7 @@ from dsaserve.engine.stats import EngineStats
 from dsaserve.spec.drafter import MTPDrafter, draft_input, drafts_in_flight, settle_drafts
 from dsaserve.engine.tokenizer import Tokenizer
 from dsaserve.engine.warmup import warm_up
+from dsaserve.generation_config import read_generation_config
 from dsaserve.ops import invariant
 from dsaserve.parallel.groups import CollectiveFailed, Parallel
 from dsaserve.server_args import ServerArgs, SettingError
@@ -80,7 +81,7 @@ class Engine:
             self.prefix_cache)
         if (problem := self.scheduler.capacity_problem()) is not None:  # not a server that refuses every request
             raise SettingError(problem)
-        eos = set(self.cfg.eos_token_ids)
+        eos = set(self.cfg.eos_token_ids) | set(read_generation_config(args.model_path).eos_token_ids)
         if self.tokenizer.hf.eos_token_id is not None:
             eos.add(self.tokenizer.hf.eos_token_id)
         self.eos_ids = frozenset(eos)

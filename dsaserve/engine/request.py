@@ -60,6 +60,9 @@ def choice_seed(seed: int | None, index: int) -> int | None:
     return (seed + index - SEED_MIN) % 2 ** 64 + SEED_MIN
 
 
+GREEDY_BELOW = 1e-5  # a temperature under this is greedy (vLLM's rule; it was sampled at 1e-5, near ties split)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int | None = 16  # None: up to the context length
@@ -89,7 +92,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0.0 or self.top_k == 1
+        return self.temperature < GREEDY_BELOW or self.top_k == 1
 
     def validate(self) -> None:
         self._check_types()

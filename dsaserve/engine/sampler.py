@@ -15,12 +15,12 @@ from typing import Callable
 import torch
 
 from dsaserve.chat.grammar import grammar_state
-from dsaserve.engine.request import Request, SamplingParams
+from dsaserve.engine.request import GREEDY_BELOW, Request, SamplingParams
 from dsaserve.ops.fused import argmax
 
 Tensor = torch.Tensor
 _MASK64 = (1 << 63) - 1
-MIN_TEMPERATURE = 1e-5  # a sampled row's temperature floor (temperature 0 is greedy: argmax)
+MIN_TEMPERATURE = GREEDY_BELOW  # a sampled row's temperature floor (below it a row is greedy: argmax)
 
 
 def step_seed(seed: int, step: int) -> int:

@@ -17,6 +17,7 @@ from dsaserve.chat.tools import ToolPlan, check_forced, plan_tools
 from dsaserve.disagg.serving import PDRouting
 from dsaserve.engine.request import DisaggRoute, SamplingParams, choice_seed
 from dsaserve.engine.tokenizer import CharOffsets
+from dsaserve.generation_config import GenerationConfig, read_generation_config
 from dsaserve.server import protocol as p
 from dsaserve.server.errors import ApiError, bad_request
 from dsaserve.server.frontend import Frontend
@@ -91,16 +92,24 @@ class OpenAIServing:
         return {"max_tokens": max_name, "include_stop_str": "include_stop_str_in_output",
                 "prompt": "messages" if isinstance(body, p.ChatInput) else "prompt"}
 
-    @staticmethod
-    def params(body: p.SamplingFields, max_tokens: int | None, logprobs: int | None, index: int,
+    @functools.cached_property
+    def sampling_defaults(self) -> GenerationConfig:
+        """--sampling-defaults model: the checkpoint's generation_config.json (preflight read it once already)."""
+        model = self.fe.args.sampling_defaults == "model"
+        return read_generation_config(self.fe.info["model_path"]) if model else GenerationConfig()
+
+    def params(self, body: p.SamplingFields, max_tokens: int | None, logprobs: int | None, index: int,
                grammar: GrammarSpec | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+        given = self.sampling_defaults.default
         return checked(SamplingParams(
-            max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
-            top_p=1.0 if body.top_p is None else body.top_p, top_k=-1 if body.top_k is None else body.top_k,
-            min_p=body.min_p or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
-            presence_penalty=body.presence_penalty or 0.0,
-            repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+            max_tokens=max_tokens, temperature=given("temperature", 1.0) if body.temperature is None
+            else body.temperature, top_p=given("top_p", 1.0) if body.top_p is None else body.top_p,
+            top_k=given("top_k", -1) if body.top_k is None else body.top_k,
+            min_p=given("min_p", 0.0) if body.min_p is None else body.min_p,
+            frequency_penalty=body.frequency_penalty or 0.0, presence_penalty=body.presence_penalty or 0.0,
+            repetition_penalty=given("repetition_penalty", 1.0) if body.repetition_penalty is None
+            else body.repetition_penalty,
             min_tokens=body.min_tokens or 0, logit_bias=bias_pairs(body.logit_bias),
             seed=choice_seed(body.seed, index), stop=stop,
             include_stop_str=body.include_stop_str_in_output,

@@ -10,6 +10,7 @@ from pathlib import Path
 from dsaserve.config import ConfigError, ModelConfig
 from dsaserve.engine.admission import pages_to_admit
 from dsaserve.engine.tokenizer import read_chat_template
+from dsaserve.generation_config import read_generation_config
 from dsaserve.model.checkpoint import Checkpoint, default_model_path
 from dsaserve.server_args import ServerArgs, split_host_port
 
@@ -37,6 +38,7 @@ def check_model(args: ServerArgs) -> None:
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path / 'config.json'} is not valid JSON: {exc}") from None
     check_flags_for(cfg, args, path / "config.json")
+    read_generation_config(path)  # (its end-of-sequence ids and sampling defaults: ConfigError naming a bad field)
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise ValueError(f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
     if args.load_format == "dummy":  # random weights of this config: no shards to check

@@ -1,0 +1,49 @@
+"""What a checkpoint's generation_config.json says that serving uses: its end-of-sequence ids, which stop
+generation beside config.json's (as vLLM and SGLang read them), and its sampling fields, the defaults of OpenAI
+requests that leave those fields out (SGLang's `--sampling-defaults model`, its default; `openai` keeps the API's
+own defaults). Only the fields the file sets count: transformers' GenerationConfig defaults (top_k 50) do not."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from dsaserve.config import ConfigError
+
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+SAMPLING_DEFAULTS = ("model", "openai")  # --sampling-defaults
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    eos_token_ids: tuple[int, ...] = ()
+    sampling: tuple[tuple[str, float], ...] = ()  # (field of SAMPLING_FIELDS, value) as the file sets them
+
+    def default(self, field: str, fallback: float) -> float:
+        return dict(self.sampling).get(field, fallback)
+
+
+def read_generation_config(folder: str | Path) -> GenerationConfig:
+    """The folder's generation_config.json (none: nothing); ConfigError naming the file and field it cannot use."""
+    path = Path(folder) / "generation_config.json"
+    if not path.is_file():
+        return GenerationConfig()
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path} cannot be read as JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a JSON object, got {type(raw).__name__}")
+    sampling = []
+    for field in SAMPLING_FIELDS:
+        value = raw.get(field)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: {field} must be a number, got {value!r}")
+        sampling.append((field, int(value) if field == "top_k" else float(value)))
+    eos = raw.get("eos_token_id")
+    eos_ids = (eos,) if isinstance(eos, int) and not isinstance(eos, bool) else eos or ()
+    if not isinstance(eos_ids, (list, tuple)) or not all(isinstance(t, int) and t >= 0 for t in eos_ids):
+        raise ConfigError(f"{path}: eos_token_id must be a token id or a list of them, got {eos!r}")
+    return GenerationConfig(tuple(eos_ids), tuple(sampling))
