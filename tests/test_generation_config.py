@@ -16,7 +16,7 @@ from dsaserve.config import ConfigError
 from dsaserve.generation_config import GenerationConfig, read_generation_config
 from dsaserve.server import protocol as p
 from dsaserve.server.openai_api import OpenAIServing
-from server_process import ServerProcess, module_server
+from server_process import module_server
 
 pytestmark = pytest.mark.timeout(300)
 PROMPT = [5, 6, 7, 8]
