@@ -380,6 +380,29 @@ def test_attention_backend_flashmla_is_chosen_and_checked(monkeypatch: pytest.Mo
         ServerArgs(model_path="x", attention_backend="flashinfer")
 
 
+def test_a_flash_mla_older_than_its_api_is_not_available() -> None:
+    """V3.2's release of FlashMLA took the lengths in get_mla_metadata: it imported, `auto` chose it over an FP8
+    cache, and the first step failed with a TypeError. The API is checked (modules built as the two versions lay
+    theirs out; dsaserve.ops.flashmla imports Triton, which the CPU install lacks)."""
+    pytest.importorskip("triton")
+    import types
+
+    from dsaserve.ops import flashmla
+
+    def build(names: tuple[str, ...]) -> types.ModuleType:
+        package, interface = types.ModuleType("flash_mla"), types.ModuleType("flash_mla.flash_mla_interface")
+        for name in names:
+            setattr(interface, name, object())
+            setattr(package, name, getattr(interface, name))
+        package.flash_mla_interface = interface  # type: ignore[attr-defined]
+        return package
+
+    common = ("get_mla_metadata", "flash_mla_with_kvcache", "flash_mla_sparse_fwd")
+    assert flashmla.api_problem(build(common + ("FlashMLASchedMeta",))) is None
+    assert "lacks FlashMLASchedMeta" in flashmla.api_problem(build(common))
+    assert "lacks flash_mla_sparse_fwd" in flashmla.api_problem(build(("get_mla_metadata", "flash_mla_with_kvcache")))
+
+
 @pytest.mark.parametrize("flags,says", [
     (dict(attention_backend="flashmla"), "--attention-backend flashmla cannot run here: it needs --device cuda"),
     (dict(moe_backend="triton"), "the triton backends need --device cuda"),

@@ -18,6 +18,7 @@ describes another step's rows: the stale-metadata failure of DP attention cannot
 from __future__ import annotations
 
 import functools
+from types import ModuleType
 
 import torch
 
@@ -48,9 +49,22 @@ def available(device_index: int = 0) -> str | None:
     if torch.cuda.get_device_capability(device_index)[0] != 9:
         return "FlashMLA's sparse kernels here are built for SM90 (Hopper)"
     try:
-        import flash_mla  # noqa: F401
+        import flash_mla
     except ImportError as exc:
         return f"flash_mla is not importable ({exc}); build it from FlashMLA's source (benchmarks/build_flashmla.sh)"
+    return api_problem(flash_mla)
+
+
+def api_problem(flash_mla: ModuleType) -> str | None:
+    """None where the module has the API sparse_mla calls (FlashMLA from 9241ae3 on: flash_mla_sparse_fwd, and
+    get_mla_metadata() without arguments, whose FlashMLASchedMeta the first call fills), else why not. An older
+    build (V3.2's release: get_mla_metadata takes the lengths) imported and failed at its first step."""
+    interface = getattr(flash_mla, "flash_mla_interface", None)
+    missing = [name for name, owner in (("flash_mla_sparse_fwd", flash_mla), ("flash_mla_with_kvcache", flash_mla),
+                                        ("FlashMLASchedMeta", interface)) if not hasattr(owner, name)]
+    if missing:
+        return (f"this flash_mla lacks {', '.join(missing)}: it predates the API dsaserve calls; build FlashMLA "
+                f"9241ae3 or later (benchmarks/build_flashmla.sh)")
     return None
 
 
