@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dsaserve.config import ConfigError
+from dsaserve.engine.request import RequestError, SamplingParams
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 SAMPLING_DEFAULTS = ("model", "openai")  # --sampling-defaults
@@ -41,7 +42,11 @@ def read_generation_config(folder: str | Path) -> GenerationConfig:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: {field} must be a number, got {value!r}")
-        sampling.append((field, int(value) if field == "top_k" else float(value)))
+        sampling.append((field, value))
+    try:  # a default no request could take would fail every request that leaves the field out
+        SamplingParams(**dict(sampling)).validate()
+    except RequestError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     eos = raw.get("eos_token_id")
     eos_ids = (eos,) if isinstance(eos, int) and not isinstance(eos, bool) else eos or ()
     if not isinstance(eos_ids, (list, tuple)) or not all(isinstance(t, int) and t >= 0 for t in eos_ids):

@@ -84,6 +84,8 @@ def test_the_file_is_read_as_set_and_openai_defaults_ignore_it(tmp_path: Path) -
 @pytest.mark.parametrize("content,words", [
     ({"temperature": "hot"}, "temperature must be a number, got 'hot'"),
     ({"eos_token_id": [1, "x"]}, "eos_token_id must be a token id or a list of them"),
+    ({"top_p": 0}, r"top_p must be in \(0, 1\], got 0"),
+    ({"top_k": 20.5}, "top_k must be an integer, got 20.5"),
     ([1, 2], "must hold a JSON object, got list"),
 ])
 def test_a_bad_file_is_named(tmp_path: Path, content: object, words: str) -> None:
