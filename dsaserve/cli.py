@@ -101,6 +101,10 @@ def _add_bench(sub: argparse._SubParsersAction, client_only: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # OpenMP threads that wait passively (before torch loads; the ranks inherit it; a value given wins): two CPU
+    # servers on one machine (a PD pair, a router's workers) spun on each other's cores, 16.5 s for what takes
+    # 0.2 s alone (docs/benchmarks.md); alone a server is as fast either way.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = argparse.ArgumentParser(prog="dsaserve", description="Serve DeepSeek Sparse Attention models.")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -175,6 +175,18 @@ def test_cli_make_tiny_is_deterministic_and_generate_prints(tmp_path: Path) -> N
     assert "KV pool" not in bad.stderr, bad.stderr
 
 
+def test_the_cli_makes_openmp_threads_wait_passively(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Set before torch loads, for the process and the ranks it starts (two CPU servers on one machine spun on
+    each other's cores: 16.5 s against 0.2 s for the same requests, docs/benchmarks.md); a value given wins."""
+    from dsaserve.cli import main
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert main(["make-tiny-model", str(tmp_path / "a")]) == 0
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert main(["make-tiny-model", str(tmp_path / "b")]) == 0
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
 @pytest.mark.parametrize("threads", ["0", "-2"])
 def test_train_tiny_threads_must_be_positive(threads: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from dsaserve.cli import main
