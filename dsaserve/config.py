@@ -204,7 +204,7 @@ class ModelConfig:
             rope=_rope_config(raw),
             max_position_embeddings=need("max_position_embeddings"),
             num_nextn_predict_layers=_number(raw, "num_nextn_predict_layers", 0),
-            eos_token_ids=_token_ids(raw.get("eos_token_id")),
+            eos_token_ids=token_ids(raw.get("eos_token_id"), "config.json"),
             bos_token_id=raw.get("bos_token_id"),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             fp8_block=_fp8_block(_object(raw, "quantization_config")),
@@ -214,10 +214,14 @@ class ModelConfig:
         )
 
 
-def _token_ids(value: Any) -> tuple[int, ...]:
-    if value is None:
-        return ()
-    return tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else (int(value),)
+def token_ids(value: Any, where: str) -> tuple[int, ...]:
+    """An eos_token_id field (config.json's, generation_config.json's): a token id, a list of them or null;
+    ConfigError naming `where` otherwise."""
+    ids = () if value is None else (value,) if isinstance(value, int) and not isinstance(value, bool) else value
+    if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                     for t in ids):
+        raise ConfigError(f"{where}: eos_token_id must be a token id or a list of them, got {value!r}")
+    return tuple(ids)
 
 
 def mlp_layer_types(raw: dict[str, Any], layers: int) -> tuple[str, ...]:

@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from dsaserve.config import ConfigError
+from dsaserve.config import ConfigError, token_ids
 from dsaserve.engine.request import RequestError, SamplingParams
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
@@ -47,8 +47,4 @@ def read_generation_config(folder: str | Path) -> GenerationConfig:
         SamplingParams(**dict(sampling)).validate()
     except RequestError as exc:
         raise ConfigError(f"{path}: {exc}") from None
-    eos = raw.get("eos_token_id")
-    eos_ids = (eos,) if isinstance(eos, int) and not isinstance(eos, bool) else eos or ()
-    if not isinstance(eos_ids, (list, tuple)) or not all(isinstance(t, int) and t >= 0 for t in eos_ids):
-        raise ConfigError(f"{path}: eos_token_id must be a token id or a list of them, got {eos!r}")
-    return GenerationConfig(tuple(eos_ids), tuple(sampling))
+    return GenerationConfig(token_ids(raw.get("eos_token_id"), str(path)), tuple(sampling))

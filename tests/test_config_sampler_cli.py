@@ -49,6 +49,15 @@ def _req(params: SamplingParams, outputs: list[int] | None = None) -> Request:
     return Request("r", [1], params, 8, 0, seed=3 if params.seed is None else params.seed, output_ids=outputs or [])
 
 
+@pytest.mark.parametrize("eos", ["2", [1, True], [1, -3], {"id": 1}])
+def test_an_eos_token_id_that_is_no_token_id_is_named(eos: object) -> None:
+    """config.json's field, read as generation_config.json's (config.token_ids): int() took "2" and True as ids."""
+    from dsaserve.config import ConfigError
+    with pytest.raises(ConfigError, match="config.json: eos_token_id must be a token id or a list of them"):
+        ModelConfig.from_dict(dict(DEEPSEEK_V32, eos_token_id=eos))
+    assert ModelConfig.from_dict(dict(DEEPSEEK_V32, eos_token_id=[1, 2])).eos_token_ids == (1, 2)
+
+
 def test_a_hub_repo_id_is_named_as_one(tmp_path: Path) -> None:
     """SGLang takes a Hugging Face repo id for --model-path; dsaserve reads a folder and says how to get one."""
     from dsaserve.config import ConfigError
