@@ -9,8 +9,6 @@ from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Str
 from pydantic.fields import FieldInfo
 
 TokenIds = list[StrictInt]  # token ids in requests: JSON integers only (true or 2.0 is not a token id)
-# The OpenAI routes' numbers are JSON numbers only, as OpenAI's API has them (400 for "0.5", true or, for an
-# integer, 2.0): lax pydantic read true as 1 and "0.5" as 0.5.
 
 
 def _takes_null(field: FieldInfo) -> bool:
@@ -49,7 +47,8 @@ class Bootstrap(ClientBody):
 
 
 class SamplingFields(Bootstrap):
-    """Fields shared by completions and chat completions."""
+    """Fields shared by completions and chat completions. Their numbers are JSON numbers only (Strict*), as
+    OpenAI's API has them: "0.5", true or (for an integer) 2.0 is a 400; lax pydantic read true as 1."""
     model: str | None = None  # None or "default" (SGLang's examples): the served model
     rid: str | None = Field(None, min_length=1)  # SGLang's: the request's id (/abort_request takes it); else made
     n: StrictInt = Field(1, ge=1, le=128)
