@@ -127,7 +127,7 @@ def test_reasoning_split_follows_the_template_kwarg(client: openai.OpenAI, enabl
     msg = client.chat.completions.create(**kw).choices[0].message
     text = msg.reasoning_content if enable_thinking else msg.content
     assert text and "</think>" not in text
-    assert (msg.content or "", msg.reasoning_content) == (("", text) if enable_thinking else (text, None))
+    assert (msg.content, msg.reasoning_content) == ((None, text) if enable_thinking else (text, None))
 
 
 # -- structured output and forced tool calls (thinking off: the reply is the constrained answer) ------

@@ -130,7 +130,9 @@ def chat_answer(tok: Tokenizer, model: str, call: Call, results: list[Result]) -
         if parser is not None:
             out = parser()
             part = out.feed(r.text).add(out.finish(cut_off(r.finish)))
-        message = p.ChatMessageOut(content=part.content if (part.content or not part.calls) else None,
+        # No content beside tool calls or reasoning is null, as SGLang and vLLM answer (an empty reply stays "")
+        empty = not part.content and (part.calls or part.reasoning)
+        message = p.ChatMessageOut(content=None if empty else part.content,
                                    reasoning_content=part.reasoning or None,
                                    tool_calls=[tool_call_out(c) for c in part.calls] or None)
         choices.append(p.ChatChoice(index=i, message=message, logprobs=lp,
