@@ -72,9 +72,9 @@ def cache_layers(cfg: ModelConfig, spec_steps: int) -> int:
 
 def kv_pool_tokens(args: ServerArgs, free_bytes: int, bytes_per_token: int, context_length: int) -> int:
     """The KV pool's tokens, as the engine sizes it at start-up: --max-total-tokens when given, else
-    --mem-fraction of the memory still free after the weights, at most what --max-running-requests requests
-    of the whole context length can use: each in whole pages, with the slots MTP's steps write past its last
-    token (2S - 1, Scheduler.check_fits). A --max-total-tokens whose cache is larger than the free memory is a
+    --mem-fraction of the memory still free after the weights, at most what a DP group's share of
+    --max-running-requests (ServerArgs.running_per_group) can use at the whole context length: each in whole pages,
+    with the slots MTP's steps write past its last token (2S - 1, Scheduler.check_fits). A --max-total-tokens whose cache is larger than the free memory is a
     SettingError naming both sizes (the allocation failed, after the weights had loaded)."""
     if args.max_total_tokens is not None:
         need = args.max_total_tokens * bytes_per_token
@@ -86,7 +86,7 @@ def kv_pool_tokens(args: ServerArgs, free_bytes: int, bytes_per_token: int, cont
     tokens = max(int(free_bytes * args.mem_fraction), 0) // bytes_per_token
     lookahead = 2 * args.spec_steps - 1 if args.spec_steps else 0
     per_request = -(-(context_length + lookahead) // args.page_size) * args.page_size
-    return min(tokens, args.max_running_requests * per_request)
+    return min(tokens, args.running_per_group * per_request)
 
 
 def shards_here(args: ServerArgs) -> Checkpoint | None:

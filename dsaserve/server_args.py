@@ -12,6 +12,7 @@ from dsaserve.sglang_flags import ALWAYS_ON
 
 # --kv-cache-dtype names (SGLang's / vLLM's): auto (the compute dtype), bf16 / bfloat16, fp8_e4m3 (cache/pools.py)
 KV_CACHE_DTYPE_NAMES = ("auto", "bf16", "bfloat16", "fp8_e4m3")
+RUNNING_PER_GROUP = 256  # --max-running-requests when not given: requests per DP group (per server without DP attention)
 
 
 class SettingError(ValueError):
@@ -67,9 +68,13 @@ class ServerArgs:
     mem_fraction: float = _opt(0.85, "share of the device memory still free after loading the weights that "
                                        "the KV pool takes (CPU: of available RAM, at most 1 GiB)",
                                aliases=("--mem-fraction-static",))
-    max_running_requests: int = _opt(256, "most requests decoding at once")
+    max_running_requests: int | None = _opt(None, "most requests decoding at once; under DP attention the total "
+                                                  "over the DP groups, each taking its share (SGLang's rule; "
+                                                  f"default {RUNNING_PER_GROUP} per DP group)")
     max_queued_requests: int = _opt(4096, "most requests waiting; more get 503")
-    chunked_prefill_size: int = _opt(8192, "most tokens in one step (prompt chunks and, mixed, decode rows)")
+    chunked_prefill_size: int = _opt(8192, "most tokens in one step (prompt chunks and, mixed, decode rows); "
+                                           "under DP attention the total over the DP groups, each taking its share "
+                                           "(SGLang's rule)")
     enable_mixed_chunk: bool = _opt(True, "decode rows of running requests share steps with prefill chunks "
                                           "(--no-enable-mixed-chunk: a step prefills or decodes)")
     disable_overlap_schedule: bool = _opt(False, "schedule each step after the previous one's tokens are "
@@ -160,8 +165,9 @@ class ServerArgs:
         if self.chunked_prefill_size == -1:  # SGLang's "no chunking"
             problems.append("--chunked-prefill-size -1 (SGLang: no chunked prefill) is not taken: give the most "
                             "tokens one step may carry (prompt chunks and decode rows; default 8192)")
-        elif self.chunked_prefill_size < 1:
-            problems.append(f"--chunked-prefill-size must be >= 1, got {self.chunked_prefill_size}")
+        elif self.chunked_prefill_size < self.dp_groups:
+            problems.append(f"--chunked-prefill-size must be >= 1 per DP group ({self.dp_groups}), got "
+                            f"{self.chunked_prefill_size}")
         if self.cuda_graph_max_bs is not None and self.cuda_graph_max_bs < 0:
             problems.append(f"--cuda-graph-max-bs must be >= 0, got {self.cuda_graph_max_bs}")
         if self.cuda_graph_bs is not None and (not self.cuda_graph_bs or min(self.cuda_graph_bs) < 1):
@@ -169,8 +175,9 @@ class ServerArgs:
         problems += self._speculative_problems()
         if self.served_model_name is not None and not self.served_model_name.strip():
             problems.append("--served-model-name must not be empty (leave it out for the folder's name)")
-        if self.max_running_requests < 1:
-            problems.append(f"--max-running-requests must be >= 1, got {self.max_running_requests}")
+        if self.max_running_requests is not None and self.max_running_requests < self.dp_groups:
+            problems.append(f"--max-running-requests must be >= 1 per DP group ({self.dp_groups}), got "
+                            f"{self.max_running_requests}")
         if self.device not in ("auto", "cpu", "cuda"):
             problems.append(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
@@ -275,6 +282,24 @@ class ServerArgs:
         if self.speculative_algorithm is None:
             return 0
         return 3 if self.speculative_num_steps is None else self.speculative_num_steps
+
+    @property
+    def dp_groups(self) -> int:
+        """DP attention groups, each with its own scheduler and requests (1 without DP attention)."""
+        return self.dp if self.enable_dp_attention and self.dp >= 1 else 1
+
+    @property
+    def running_per_group(self) -> int:
+        """One DP group's --max-running-requests: its share of the total, as SGLang divides it."""
+        if self.max_running_requests is None:
+            return RUNNING_PER_GROUP
+        return self.max_running_requests // self.dp_groups
+
+    @property
+    def tokens_per_group(self) -> int:
+        """One DP group's step budget: its share of --chunked-prefill-size (SGLang divides it by the DP size, so
+        the MoE, which takes every group's rows, sees at most the total)."""
+        return self.chunked_prefill_size // self.dp_groups
 
     def replace(self, **changes: Any) -> ServerArgs:
         return dataclasses.replace(self, **changes)

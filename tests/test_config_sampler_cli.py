@@ -231,6 +231,22 @@ def test_sglang_launch_line_flags() -> None:
     assert (args.tp, args.dp, args.enable_dp_attention, args.mem_fraction) == (2, 2, True, 0.8)
 
 
+def test_dp_attention_divides_running_requests_and_step_tokens_as_sglang() -> None:
+    """Under DP attention --max-running-requests and --chunked-prefill-size are totals over the DP groups, each
+    group taking its share (SGLang divides both by the DP size); left out, 256 requests per group. A total that
+    leaves a group nothing is refused naming the flag."""
+    from dsaserve.server_args import RUNNING_PER_GROUP, ServerArgs
+    dp = ServerArgs(tp=4, dp=2, enable_dp_attention=True, max_running_requests=10, chunked_prefill_size=4096)
+    assert (dp.dp_groups, dp.running_per_group, dp.tokens_per_group) == (2, 5, 2048)
+    plain = ServerArgs(tp=4, max_running_requests=10, chunked_prefill_size=4096)
+    assert (plain.dp_groups, plain.running_per_group, plain.tokens_per_group) == (1, 10, 4096)
+    assert ServerArgs(tp=4, dp=4, enable_dp_attention=True).running_per_group == RUNNING_PER_GROUP == 256
+    with pytest.raises(ValueError, match=r"--max-running-requests must be >= 1 per DP group \(4\), got 3"):
+        ServerArgs(tp=4, dp=4, enable_dp_attention=True, max_running_requests=3)
+    with pytest.raises(ValueError, match=r"--chunked-prefill-size must be >= 1 per DP group \(2\), got 1"):
+        ServerArgs(tp=2, dp=2, enable_dp_attention=True, chunked_prefill_size=1)
+
+
 def test_sglang_flags_with_another_meaning_here(capsys: pytest.CaptureFixture) -> None:
     """--disable-cuda-graph is --cuda-graph-max-bs 0 (and contradicts a graph size), --enable-metrics is accepted;
     SGLang flags dsaserve does not take each get a line naming what to use instead (exit 2, nothing started),

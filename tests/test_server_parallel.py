@@ -93,10 +93,16 @@ def test_pure_tp_server(ep: int, tiny_ds: str, expected: list[list[int]], tmp_pa
 
 
 def test_an_idle_dp_group_reports_the_steps_it_joined(tiny_ds: str, tmp_path: Path) -> None:
-    """Under DP attention an idle group joins every step of the others; its statistics say so once it is idle.
+    """Under DP attention an idle group joins every step of the others; its statistics say so once it is idle. Each
+    group reports its share of --max-running-requests and --chunked-prefill-size.
     (Its step count stayed stale for good: progress-only statistics wait out an interval for a next step.)"""
-    flags = dict(tp=2, dp=2, enable_dp_attention=True, page_size=4, max_total_tokens=2048)
+    flags = dict(tp=2, dp=2, enable_dp_attention=True, page_size=4, max_total_tokens=2048, max_running_requests=6,
+                 chunked_prefill_size=1024)
     with ServerProcess(tiny_ds, tmp_path / "server.log", **flags) as server:
+        # each group's scheduler takes its share of the totals (SGLang's rule)
+        states = server.server_info()["internal_states"]
+        limits = [(s["max_running_requests"], s["chunked_prefill_size"]) for s in states]
+        assert limits == [(3, 512)] * 2, limits
         r = httpx.post(f"{server.url}/v1/completions", timeout=60, json={
             "model": Path(tiny_ds).name, "prompt": [5, 9, 14, 3, 77, 21], "max_tokens": 12, "temperature": 0,
             "ignore_eos": True, "routed_dp_rank": 1})

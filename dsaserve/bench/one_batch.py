@@ -191,7 +191,7 @@ def run(ns: argparse.Namespace) -> int:
     chunk = max(args.chunked_prefill_size, max(ns.input_len))
     steps = args.spec_steps  # MTP: a step commits up to S + 1 tokens per request
     longest = max(ns.input_len) + ns.output_len * (steps + 1) + decode_lead(batch, max(ns.input_len), chunk, steps)
-    args = args.replace(max_running_requests=max(batch, args.max_running_requests), chunked_prefill_size=chunk,
+    args = args.replace(max_running_requests=max(batch, args.running_per_group), chunked_prefill_size=chunk,
                         max_total_tokens=args.max_total_tokens or batch * (longest + args.page_size) + 4096)
     if args.tp > 1:
         return _run_ranks(ns, args)

@@ -74,13 +74,17 @@ class Engine:
         self.prefix_cache = None if args.disable_radix_cache else PrefixCache(
             self.allocator, args.page_size, mtp=self.spec_steps > 0)
         self.scheduler = Scheduler(SchedulerConfig(
-            page_size=args.page_size, chunked_prefill_size=args.chunked_prefill_size,
-            max_running_requests=args.max_running_requests, max_queued_requests=args.max_queued_requests,
+            page_size=args.page_size, chunked_prefill_size=args.tokens_per_group,
+            max_running_requests=args.running_per_group, max_queued_requests=args.max_queued_requests,
             context_length=self.context_length, spec_steps=self.spec_steps, mixed_chunk=args.enable_mixed_chunk,
             max_logit_rows=max(1, _PROMPT_LOGITS_BYTES // (4 * self.cfg.vocab_size))), self.allocator,
             self.prefix_cache)
         if (problem := self.scheduler.capacity_problem()) is not None:  # not a server that refuses every request
             raise SettingError(problem)
+        if args.dp_groups > 1 and self.par.cfg.rank == 0:
+            log.info("DP attention: each of the %d groups runs up to %d requests and %d tokens per step "
+                     "(--max-running-requests and --chunked-prefill-size are totals over the groups, as in SGLang)",
+                     args.dp_groups, args.running_per_group, args.tokens_per_group)
         eos = set(self.cfg.eos_token_ids) | set(read_generation_config(args.model_path).eos_token_ids)
         if self.tokenizer.hf.eos_token_id is not None:
             eos.add(self.tokenizer.hf.eos_token_id)
@@ -226,7 +230,8 @@ class Engine:
         return EngineStats(len(self.scheduler.running), self._waiting(),
                            self.allocator.num_free + reclaimable, self.allocator.capacity,
                            self.scheduler.num_retractions, self.steps, *self._spec, *hits, *graph,
-                           compiles.kernel_compiles(), len(self.scheduler.in_transit))
+                           compiles.kernel_compiles(), len(self.scheduler.in_transit),
+                           self.scheduler.cfg.max_running_requests, self.scheduler.cfg.chunked_prefill_size)
 
     # -- the step --------------------------------------------------------------------------
 

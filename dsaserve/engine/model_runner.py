@@ -167,7 +167,7 @@ class ModelRunner:
             raise SettingError("--cuda-graph-max-bs needs --attention-backend triton and --moe-backend triton on cuda")
         if not max_bs:
             return None
-        buckets = batch_buckets(min(max_bs, args.max_running_requests), args.cuda_graph_bs)
+        buckets = batch_buckets(min(max_bs, args.running_per_group), args.cuda_graph_bs)
         return GraphRunner(self.device, buckets, self.page_size, self.cfg.index_topk, self.most_keys, capture=True)
 
     def _log_sparse_mla_kernel(self) -> None:

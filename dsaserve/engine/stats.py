@@ -24,6 +24,8 @@ class EngineStats:
     graph_eager_misses: int = 0  # steps that ran eagerly because no graph had their shape
     kernel_compiles: int = 0  # Triton compilations in this process; constant once the server is ready
     transferring: int = 0  # PD decode side: requests holding pages while their KV cache is on its way
+    max_running_requests: int = 0  # this group's share of --max-running-requests (ServerArgs.running_per_group)
+    chunked_prefill_size: int = 0  # this group's share of --chunked-prefill-size: tokens per step
 
     @property
     def avg_spec_accept_length(self) -> float | None:
