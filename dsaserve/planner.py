@@ -70,12 +70,29 @@ def cache_layers(cfg: ModelConfig, spec_steps: int) -> int:
     return cfg.num_hidden_layers + (1 if spec_steps else 0)
 
 
-def kv_pool_tokens(args: ServerArgs, free_bytes: int, bytes_per_token: int, context_length: int) -> int:
-    """The KV pool's tokens, as the engine sizes it at start-up: --max-total-tokens when given, else
-    --mem-fraction of the memory still free after the weights, at most what a DP group's share of
-    --max-running-requests (ServerArgs.running_per_group) can use at the whole context length: each in whole pages,
-    with the slots MTP's steps write past its last token (2S - 1, Scheduler.check_fits). A --max-total-tokens whose cache is larger than the free memory is a
-    SettingError naming both sizes (the allocation failed, after the weights had loaded)."""
+def kv_budget(args: ServerArgs, free_before_weights: int, free_after_weights: int) -> int:
+    """The bytes --mem-fraction (SGLang's --mem-fraction-static, its rule) leaves the KV pool: the weights and the
+    pool take that share of the memory free before the weights load, the rest stays free for activations, CUDA
+    graphs and communication buffers. Negative where the weights alone take more."""
+    return free_after_weights - int((1 - args.mem_fraction) * free_before_weights)
+
+
+def pool_source(args: ServerArgs, free_before_weights: int) -> str:
+    """What sized the pool, for a message that says it is too small."""
+    if args.max_total_tokens is not None:
+        return "raise --max-total-tokens"
+    return (f"the weights and the pool may take --mem-fraction {args.mem_fraction} of the "
+            f"{free_before_weights / 2**30:.2f} GiB free before the weights loaded: raise it, or use more GPUs (--tp)")
+
+
+def kv_pool_tokens(args: ServerArgs, free_bytes: int, bytes_per_token: int, context_length: int,
+                   budget_bytes: int) -> int:
+    """The KV pool's tokens, as the engine sizes it at start-up: --max-total-tokens when given, else the
+    budget_bytes kv_budget leaves, at most what a DP group's share of --max-running-requests
+    (ServerArgs.running_per_group) can use at the whole context length: each in whole pages, with the slots MTP's
+    steps write past its last token (2S - 1, Scheduler.check_fits). A --max-total-tokens whose cache is larger
+    than the memory free after the weights (free_bytes) is a SettingError naming both sizes (the allocation
+    failed, after the weights had loaded)."""
     if args.max_total_tokens is not None:
         need = args.max_total_tokens * bytes_per_token
         if need > free_bytes:
@@ -83,7 +100,7 @@ def kv_pool_tokens(args: ServerArgs, free_bytes: int, bytes_per_token: int, cont
                                f"({bytes_per_token} bytes per token), and {max(free_bytes, 0) / 2**30:.2f} GiB is "
                                "free after the weights")
         return args.max_total_tokens
-    tokens = max(int(free_bytes * args.mem_fraction), 0) // bytes_per_token
+    tokens = max(budget_bytes, 0) // bytes_per_token
     lookahead = 2 * args.spec_steps - 1 if args.spec_steps else 0
     per_request = -(-(context_length + lookahead) // args.page_size) * args.page_size
     return min(tokens, args.running_per_group * per_request)
@@ -110,7 +127,9 @@ def plan(cfg: ModelConfig, args: ServerArgs, device_bytes: int, rank: int = 0) -
     per_token = KVPools.bytes_per_token(cfg, resolve_kv_cache_dtype(args.kv_cache_dtype, dtype),
                                         cache_layers(cfg, args.spec_steps))
     free = device_bytes - sum(weights.values())
-    tokens = kv_pool_tokens(args, free, per_token, args.context_length or cfg.context_length) if free > 0 else 0
+    budget = kv_budget(args, device_bytes, free)
+    context = args.context_length or cfg.context_length
+    tokens = kv_pool_tokens(args, free, per_token, context, budget) if free > 0 else 0
     starts = tokens // args.page_size >= pages_to_admit(args.page_size, args.spec_steps)
     return MemoryPlan(weights, per_token, device_bytes, tokens if starts else 0)
 
@@ -152,7 +171,7 @@ def run(ns: argparse.Namespace) -> int:
     if result.weight_bytes < result.device_bytes:
         need = pages_to_admit(args.page_size, args.spec_steps)
         print(f"error: the KV pool holds fewer than the {need} pages of {args.page_size} tokens (--page-size) a "
-              "request needs to start: raise --max-total-tokens or --mem-fraction", file=sys.stderr)
+              f"request needs to start; {pool_source(args, result.device_bytes)}", file=sys.stderr)
     else:
         print(f"error: this rank's weights need {result.weight_bytes / 1e9:.1f} GB but a GPU has "
               f"{result.device_bytes / 1e9:.1f} GB (with room for no KV cache): use more GPUs (--tp)", file=sys.stderr)

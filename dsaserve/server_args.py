@@ -12,7 +12,7 @@ from dsaserve.sglang_flags import ALWAYS_ON
 
 # --kv-cache-dtype names (SGLang's / vLLM's): auto (the compute dtype), bf16 / bfloat16, fp8_e4m3 (cache/pools.py)
 KV_CACHE_DTYPE_NAMES = ("auto", "bf16", "bfloat16", "fp8_e4m3")
-RUNNING_PER_GROUP = 256  # --max-running-requests when not given: requests per DP group (per server without DP attention)
+RUNNING_PER_GROUP = 256  # --max-running-requests when not given: per DP group (per server without DP attention)
 
 
 class SettingError(ValueError):
@@ -65,8 +65,10 @@ class ServerArgs:
                                           "own is 10 min); ranks waiting for work wait without a deadline")
     page_size: int = _opt(64, "tokens per KV cache page (1 or 64 are tested)")
     max_total_tokens: int | None = _opt(None, "KV cache capacity in tokens (default: from --mem-fraction)")
-    mem_fraction: float = _opt(0.85, "share of the device memory still free after loading the weights that "
-                                       "the KV pool takes (CPU: of available RAM, at most 1 GiB)",
+    mem_fraction: float = _opt(0.88, "share of the device memory (free before the weights load) that the weights "
+                                       "and the KV pool take together, SGLang's --mem-fraction-static: the rest "
+                                       "is left to activations, CUDA graphs and communication buffers (CPU: of "
+                                       "available RAM, the pool at most 1 GiB)",
                                aliases=("--mem-fraction-static",))
     max_running_requests: int | None = _opt(None, "most requests decoding at once; under DP attention the total "
                                                   "over the DP groups, each taking its share (SGLang's rule; "

@@ -45,6 +45,22 @@ def test_v32_does_not_fit_4x80gb(tmp_path: Path, capsys) -> None:
     assert need * 1e9 >= experts > 80e9
 
 
+@pytest.mark.parametrize("fraction", [0.8, 0.88, 0.92])
+def test_mem_fraction_is_sglangs_share_of_weights_and_pool(fraction: float, tmp_path: Path) -> None:
+    """--mem-fraction(-static) is SGLang's: the weights and the KV pool together take that share of the device
+    (its model runner leaves (1 - f) x the memory free before loading to activations and graphs), not a share of
+    what the weights leave: V3.2 FP8 at --tp 8 on 141 GB. Below the weights' own share nothing fits, named."""
+    model = _model(tmp_path, "deepseek_v32")
+    args = ServerArgs(model_path=model, tp=8, mem_fraction=fraction, max_running_requests=100_000)
+    cfg = ModelConfig.from_path(Path(model))
+    device = int(141e9)
+    p = plan(cfg, args, device)
+    pool = p.kv_tokens * p.kv_bytes_per_token
+    assert p.kv_tokens > 0 and p.weight_bytes + pool <= fraction * device < p.weight_bytes + pool + p.kv_bytes_per_token
+    too_small = plan(cfg, args.replace(mem_fraction=0.95 * p.weight_bytes / device), device)
+    assert too_small.kv_tokens == 0 and not too_small.fits
+
+
 def test_glm52_fp8_is_planned_as_its_checkpoint_holds_it(tmp_path: Path, capsys) -> None:
     """GLM-5.2-FP8's config.json (tests/configs/glm_5_2.json: IndexShare, an indexer on 21 of 78 layers; its
     modules_to_not_convert names `indexers_proj`, a module the checkpoint lacks). At --tp 1 the planner's weights

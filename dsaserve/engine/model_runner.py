@@ -18,7 +18,7 @@ from dsaserve.engine.layout import BatchLayout, StepMode, StepPlan
 from dsaserve.model.loader import build_model
 from dsaserve.ops.dispatch import DSAOps
 from dsaserve.parallel.groups import Parallel
-from dsaserve.planner import cache_layers, kv_pool_tokens, weight_bytes
+from dsaserve.planner import cache_layers, kv_budget, kv_pool_tokens, pool_source, weight_bytes
 from dsaserve.server_args import ServerArgs, SettingError
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,13 @@ class StepShape:
 
     def for_drafts(self) -> StepShape:
         return dataclasses.replace(self, dp_sizes=self.draft_sizes, mode=StepMode.DRAFT, rows_per_req=1)
+
+
+def _free_bytes(device: torch.device) -> int:
+    """Memory free on the device now (CPU: available RAM)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -122,6 +129,7 @@ class ModelRunner:
                                f"attention {attention}, MoE {moe}: the GPU kernels choose tiles and splits by the "
                                "batch's size, and CPU matmuls in bf16 / fp16 switch libraries by it (--device cpu "
                                "--dtype float32 runs it)")
+        free_before_weights = _free_bytes(self.device)  # --mem-fraction's whole (SGLang's rule)
         self.model = build_model(model_path, self.device, self.dtype, self.par, load_mtp=self.spec_steps > 0,
                                  progress=progress, load_format=args.load_format, overrides=args.model_overrides,
                                  batch_invariant=deterministic)
@@ -137,7 +145,7 @@ class ModelRunner:
             parts = sorted(weight_bytes(self.model).items(), key=lambda kv: -kv[1])
             log.info("weights on this rank: %.2f GiB (%s)", sum(b for _, b in parts) / 2**30,
                      ", ".join(f"{name} {b / 2**30:.2f}" for name, b in parts))
-        self.num_pages = self._pool_pages(args)
+        self.num_pages = self._pool_pages(args, free_before_weights)
         self.pools = KVPools(self.cfg, self.num_pages, args.page_size, self.kv_dtype, self.device, self.cache_layers)
         self.graphs = self._graph_runner(args)
         log.info("KV pool: %d pages x %d tokens (%.1f MiB) on %s, %s; attention %s, MoE %s%s", self.num_pages,
@@ -184,14 +192,12 @@ class ModelRunner:
             kernel = "the Gluon kernel (Hopper) where mla._gluon takes the heads it gets, else Triton's"
         log.info("sparse MLA: %s", kernel)
 
-    def _pool_pages(self, args: ServerArgs) -> int:
-        if self.device.type == "cuda":  # the memory still free after the weights (as dsaserve plan counts)
-            free, _ = torch.cuda.mem_get_info(self.device)
-        else:
-            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-            if args.max_total_tokens is None:  # the default pool is capped: RAM is shared with everything else
-                free = min(free, int(_CPU_POOL_CAP_BYTES / args.mem_fraction))
-        tokens = kv_pool_tokens(args, free, self.bytes_per_token, self.context_length)
+    def _pool_pages(self, args: ServerArgs, free_before_weights: int) -> int:
+        free = _free_bytes(self.device)  # the memory still free after the weights (as dsaserve plan counts)
+        budget = kv_budget(args, free_before_weights, free)
+        if self.device.type == "cpu":
+            budget = min(budget, _CPU_POOL_CAP_BYTES)  # the default pool is capped: RAM is shared with everything else
+        tokens = kv_pool_tokens(args, free, self.bytes_per_token, self.context_length, budget)
         pages = tokens // args.page_size + 1  # + the reserved page 0
         whole = ""
         if self.ops.attention_backend == "flashmla":  # its FP8 kernel sees the cache as pages of 64 slots
@@ -201,8 +207,8 @@ class ModelRunner:
         # Every rank must hold every page id its leader hands out: take the smallest pool of all ranks.
         pages = min(row[0] for row in self.par.exchange([pages]))
         if pages < 2:
-            raise SettingError(f"the KV pool holds {tokens} tokens (--max-total-tokens, or --mem-fraction of the "
-                               f"free memory): less than one page of {args.page_size} (--page-size){whole}")
+            raise SettingError(f"the KV pool holds {tokens} tokens: less than one page of {args.page_size} "
+                               f"(--page-size){whole}; {pool_source(args, free_before_weights)}")
         return pages
 
     # -- plans -> layouts --------------------------------------------------------------------
