@@ -178,6 +178,26 @@ def test_a_stop_string_of_multibyte_characters_is_found(tiny_ds: str) -> None:
     assert req.stop_text == "ab " and tok.hf.decode(ids[:n]).endswith(stop)
 
 
+def test_min_tokens_ending_inside_a_character_leaves_that_character_to_the_stop_check(tiny_ds: str) -> None:
+    """min_tokens (vLLM's rule: a stop string counts where it ends after the text of the first min_tokens tokens)
+    ending inside a character spelled in bytes: that character is not text yet, so a stop string it completes
+    after min_tokens stops the output (vLLM's detokenizer holds partial characters back). The partial character
+    counted as one character of the floor, and the emoji was passed over."""
+    from dsaserve.engine.request import stop_reason
+    from dsaserve.engine.tokenizer import Tokenizer
+
+    tok = Tokenizer(tiny_ds)
+    emoji = "\U0001F600"
+    ids = tok.hf.encode(emoji * 2 + " x", add_special_tokens=False)
+    assert len(tok.hf.encode(emoji, add_special_tokens=False)) == 4  # four byte tokens: min_tokens 3 ends inside
+    req = _req(SamplingParams(max_tokens=100, stop=(emoji,), min_tokens=3), [5], [])
+    for n, token in enumerate(ids, 1):
+        req.output_ids.append(token)
+        if (finish := stop_reason(req, token, tok, frozenset(), 4096)) is not None:
+            break
+    assert (n, finish.matched, req.stop_text) == (4, emoji, "")
+
+
 def test_a_stop_string_split_by_special_tokens_is_found(tiny_ds: str) -> None:
     """Special tokens decode to nothing: a stop string with a run of them inside (longer than the window of tokens
     searched) still stops the output. The window counted every token and missed it."""

@@ -168,6 +168,15 @@ def test_n_with_seed_and_stop(server: ServerProcess, client: openai.OpenAI, llm:
         text = "".join(c.choices[0].text for c in chunks if c.choices)
         assert text == (kept.text if keep else exp.text) and (stop in text) == keep
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+        assert [c.choices[0].matched_stop for c in chunks if c.choices][-1] == stop  # SGLang's field
+    messages = [{"role": "user", "content": "Hello world"}]
+    reply = client.chat.completions.create(model=model, messages=messages, max_tokens=MAX, temperature=0)
+    chat_stop = reply.choices[0].message.content[2:4]
+    for stream in (False, True):
+        r = client.chat.completions.create(model=model, messages=messages, max_tokens=MAX, temperature=0,
+                                           stop=[chat_stop], stream=stream)
+        last = [c.choices[0] for c in r if c.choices][-1] if stream else r.choices[0]
+        assert (last.finish_reason, last.matched_stop) == ("stop", chat_stop)
     native = httpx.post(f"{server.url}/generate", timeout=60, json={"text": "Hello world", "sampling_params": {
         "max_new_tokens": MAX, "temperature": 0, "stop": [stop], "no_stop_trim": True}}).json()
     assert native["text"] == kept.text

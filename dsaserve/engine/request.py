@@ -308,7 +308,8 @@ def stop_reason(req: Request, token: int, tokenizer: Tokenizer, eos_ids: frozens
             text = tokenizer.decode(req.output_ids, skip).rstrip("\ufffd")
             # with min_tokens (vLLM's rule) only a match that ends after the first min_tokens tokens counts
             if p.min_tokens and req.min_tokens_chars is None:  # those tokens never change: decode them once
-                req.min_tokens_chars = len(tokenizer.decode(req.output_ids[:p.min_tokens], skip))
+                # (a character those tokens leave half spelled is not text yet: vLLM holds it back too)
+                req.min_tokens_chars = len(tokenizer.decode(req.output_ids[:p.min_tokens], skip).rstrip("\ufffd"))
             floor = req.min_tokens_chars or 0
             hits = {s: text.find(s, max(0, floor - len(s) + 1)) for s in matched}
             hits = {s: i for s, i in hits.items() if i >= 0}

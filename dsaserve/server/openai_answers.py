@@ -63,6 +63,11 @@ def chat_logprobs(tok: Tokenizer, ids: list[int], lps: LogprobList, body: p.Samp
     return p.ChatLogprobs(content=content)
 
 
+def matched_stop(finish: FinishReason | None) -> int | str | None:
+    """SGLang's matched_stop: the stop string, stop token or EOS id that ended the choice (None for other ends)."""
+    return finish.matched if finish is not None and finish.kind == "stop" else None
+
+
 def cut_off(finish: FinishReason) -> bool:
     """The reply was cut (max_tokens, a stop string), not ended by the model (EOS, a stop token): the parsers drop
     a tool call's opening marker cut short after complete calls."""
@@ -92,8 +97,8 @@ def chat_stream_choices(tok: Tokenizer, body: p.SamplingFields, i: int, d: Delta
     for k, delta in enumerate(deltas):
         last = k == len(deltas) - 1
         finish = finish_reason(d.finish.kind, calls[i] > 0) if last and d.finish is not None else None
-        choices.append(p.ChatStreamChoice(index=i, delta=delta, logprobs=lp if k == 0 else None,
-                                          finish_reason=finish))
+        choices.append(p.ChatStreamChoice(index=i, delta=delta, logprobs=lp if k == 0 else None, finish_reason=finish,
+                                          matched_stop=matched_stop(d.finish) if finish else None))
     return choices
 
 
@@ -103,7 +108,8 @@ def completion_stream_choice(tok: Tokenizer, body: p.SamplingFields, i: int, d: 
     echoed = echo[i // body.n] if echo is not None else None  # the choice's first delta starts with its prompt
     ids, lps, text = with_prompt(prompts[i // body.n], echoed, d.prompt_logprobs, d.token_ids, d.logprobs, d.text)
     clp = completion_logprobs(tok, ids, lps, body, offsets[i], echoed) if body.logprobs is not None else None
-    return p.CompletionChoice(index=i, text=text, logprobs=clp, finish_reason=finish)
+    return p.CompletionChoice(index=i, text=text, logprobs=clp, finish_reason=finish,
+                              matched_stop=matched_stop(d.finish))
 
 
 def completion_answer(tok: Tokenizer, model: str, call: Call, results: list[Result]) -> p.CompletionResponse:
@@ -115,7 +121,8 @@ def completion_answer(tok: Tokenizer, model: str, call: Call, results: list[Resu
         offsets = CharOffsets(tok, not body.skip_special_tokens)
         lp = (completion_logprobs(tok, ids, lps, body, offsets, echoed)
               if getattr(body, "logprobs", None) is not None else None)
-        choices.append(p.CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=r.finish.kind))
+        choices.append(p.CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=r.finish.kind,
+                                          matched_stop=matched_stop(r.finish)))
     use = p.usage(sum(len(ids) for ids in prompts), sum(r.completion_tokens for r in results),
                   cached_tokens([r.cached_tokens for r in results], body.n))
     return p.CompletionResponse(id=call.rid, created=call.created, model=model, choices=choices, usage=use)
@@ -136,7 +143,8 @@ def chat_answer(tok: Tokenizer, model: str, call: Call, results: list[Result]) -
                                    reasoning_content=part.reasoning or None,
                                    tool_calls=[tool_call_out(c) for c in part.calls] or None)
         choices.append(p.ChatChoice(index=i, message=message, logprobs=lp,
-                                    finish_reason=finish_reason(r.finish.kind, bool(part.calls))))
+                                    finish_reason=finish_reason(r.finish.kind, bool(part.calls)),
+                                    matched_stop=matched_stop(r.finish)))
     return p.ChatCompletionResponse(id=call.rid, created=call.created, model=model, choices=choices,
                                     usage=p.usage(prompt_tokens, sum(r.completion_tokens for r in results),
                                                   cached_tokens([r.cached_tokens for r in results], body.n)))

@@ -246,6 +246,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    matched_stop: int | str | None = None  # SGLang's: the stop string or token id that ended it
 
 
 class CompletionResponse(BaseModel):
@@ -308,6 +309,7 @@ class ChatChoice(BaseModel):
     message: ChatMessageOut
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    matched_stop: int | str | None = None  # SGLang's: the stop string or token id that ended it
 
 
 class ChatCompletionResponse(BaseModel):
@@ -331,6 +333,7 @@ class ChatStreamChoice(BaseModel):
     delta: ChatDelta
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    matched_stop: int | str | None = None  # SGLang's: the stop string or token id that ended it
 
 
 class ChatCompletionChunk(BaseModel):
