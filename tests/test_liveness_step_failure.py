@@ -145,7 +145,7 @@ def test_mtp_stand_in_for_a_chunk_that_drafts_nothing(tiny_ds: str) -> None:
     the other group's request gives the single-device tokens."""
     other, poison = prompts_ids(1, [6], seed=11)[0], prompts_ids(1, [40], seed=5)[0]  # poison: chunks of 16
     args = ServerArgs(tp=2, dp=2, enable_dp_attention=True, max_total_tokens=2048, dist_timeout=30)
-    job = Job({"model_path": tiny_ds, "page_size": 4, "chunked_prefill_size": 16,
+    job = Job({"model_path": tiny_ds, "page_size": 4, "chunked_prefill_size": 32,  # 16 per DP group
                "speculative_algorithm": "NEXTN", "speculative_num_steps": 2},
               [OfflineRequest(other, GREEDY, dp_rank=1, arrive_at_step=0),
                OfflineRequest(poison, GREEDY, dp_rank=0, arrive_at_step=2)])

@@ -162,3 +162,28 @@ def test_the_default_pool_holds_a_whole_context_per_running_request(tiny_ds: str
         assert len(out.token_ids) == 56 and out.finish_reason.kind == "length"
     stats = llm.engine.stats()
     assert stats.free_pages == stats.total_pages
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fraction", [0.3, 0.88])
+def test_the_gpu_pool_is_mem_fraction_of_the_device_less_the_weights(fraction: float, tiny_ds: str) -> None:
+    """On a GPU --mem-fraction is SGLang's: the weights and the KV pool take that share of the memory free before
+    the weights load; the rest stays free for activations and graphs (the engine's own measure, within 1%)."""
+    import gc
+
+    import torch
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from dsaserve.planner import weight_bytes
+    torch.cuda.init()
+    free_before = torch.cuda.mem_get_info()[0]
+    llm = LLM(tiny_ds, device="cuda", mem_fraction=fraction, max_running_requests=100_000, cuda_graph_max_bs=0)
+    runner = llm.engine.runner
+    weights = sum(weight_bytes(runner.model).values())
+    pool = (runner.num_pages - 1) * runner.page_size * runner.bytes_per_token
+    want = fraction * free_before - weights
+    print(f"free before {free_before / 2**30:.2f} GiB, weights {weights / 2**20:.1f} MiB, pool {pool / 2**30:.2f} GiB")
+    assert abs(pool - want) <= 0.01 * free_before, (pool, want)
+    del llm, runner
+    gc.collect()
+    torch.cuda.empty_cache()
