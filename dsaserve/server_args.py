@@ -131,7 +131,8 @@ class ServerArgs:
     disaggregation_bootstrap_port: int = _opt(8998, "prefill side: port of the bootstrap server that decode "
                                                     "servers ask where a request's KV cache lives")
     disaggregation_ib_device: str | None = _opt(None, "network devices the transfer backend uses (UCX_NET_DEVICES "
-                                                      "for nixl), e.g. mlx5_0:1")
+                                                      "for nixl), e.g. mlx5_0,mlx5_1 (SGLang's form: port 1 each) "
+                                                      "or mlx5_0:1")
     disaggregation_timeout_s: float = _opt(120.0, "a request waiting on the other server (its KV cache, or the "
                                                   "decode server's pages) fails after this many seconds")
     max_request_bytes: int = _opt(16 * 2**20, "largest HTTP request body accepted; larger ones get 413 before "
@@ -365,6 +366,10 @@ def _disaggregation_problems(args: ServerArgs) -> list[str]:
                         f"{args.disaggregation_transfer_backend!r}")
     elif args.disaggregation_transfer_backend == "mooncake" and args.disaggregation_mode != "null":
         problems.append("--disaggregation-transfer-backend mooncake is not available in dsaserve yet: use nixl")
+    ib = args.disaggregation_ib_device
+    if ib is not None and (ib.lstrip().startswith("{") or "/" in ib or ib.endswith(".json")):
+        problems.append(f"--disaggregation-ib-device takes device names (mlx5_0,mlx5_1 or mlx5_0:1), got {ib!r}: "
+                        "a per-GPU JSON map or file (SGLang's Mooncake form) is not taken")
     if not 0 < args.disaggregation_bootstrap_port < 65536:
         problems.append(f"--disaggregation-bootstrap-port must be a TCP port, got {args.disaggregation_bootstrap_port}")
     if not 0 < args.disaggregation_timeout_s < math.inf:  # nan passes `<= 0`; inf breaks the deadlines' waits

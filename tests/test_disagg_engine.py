@@ -426,10 +426,21 @@ def test_prefill_without_decode_times_out(tiny_ds: str) -> None:
     (dict(disaggregation_timeout_s=0), "--disaggregation-timeout-s must be > 0"),
     (dict(disaggregation_timeout_s=float("nan")), "--disaggregation-timeout-s must be > 0 and finite, got nan"),
     (dict(disaggregation_timeout_s=float("inf")), "--disaggregation-timeout-s must be > 0 and finite, got inf"),
+    (dict(disaggregation_ib_device='{"0": "mlx5_0"}'), "a per-GPU JSON map or file .SGLang's Mooncake form"),
+    (dict(disaggregation_ib_device="/etc/ib.json"), "--disaggregation-ib-device takes device names"),
 ])
 def test_flags_refuse_what_cannot_work(flags: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         ServerArgs(**flags)
+
+
+def test_sglangs_ib_device_names_become_ucx_ports() -> None:
+    """SGLang's --disaggregation-ib-device names RDMA devices bare (for Mooncake); UCX_NET_DEVICES names their port
+    (mlx5_0:1; an mlx5 function has one). Ports, interfaces and "all" pass as given."""
+    from dsaserve.disagg.transport import ucx_net_devices
+    assert ucx_net_devices("mlx5_0,mlx5_1") == "mlx5_0:1,mlx5_1:1"
+    assert ucx_net_devices("mlx5_0:1, mlx5_3:2,eth0") == "mlx5_0:1,mlx5_3:2,eth0"
+    assert ucx_net_devices("all") == "all"
 
 
 def test_failure_probability_must_be_a_probability(tiny_ds: str, monkeypatch: pytest.MonkeyPatch) -> None:

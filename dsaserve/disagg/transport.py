@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import uuid
 from abc import ABC, abstractmethod
 from typing import Any
@@ -108,13 +109,21 @@ class FakeTransport(KVTransport):
         return True
 
 
+def ucx_net_devices(ib_device: str) -> str:
+    """--disaggregation-ib-device as UCX_NET_DEVICES: SGLang's form names RDMA devices bare ("mlx5_0,mlx5_1", for
+    Mooncake); UCX names a device's port ("mlx5_0:1"), and an mlx5 function has one port, 1. Names with a port,
+    and others (a network interface: "eth0", "all"), pass as they are."""
+    names = [name.strip() for name in ib_device.split(",") if name.strip()]
+    return ",".join(f"{name}:1" if re.fullmatch(r"mlx\d+_\d+", name) else name for name in names)
+
+
 class NixlTransport(KVTransport):
     name = "nixl"
 
     def __init__(self, buffers: list[Tensor], cache_format: str, ib_device: str | None = None):
         super().__init__(buffers, cache_format)
         if ib_device:
-            os.environ["UCX_NET_DEVICES"] = ib_device  # read by UCX when the agent creates its backend
+            os.environ["UCX_NET_DEVICES"] = ucx_net_devices(ib_device)  # read by UCX when it creates its backend
         api = _nixl_api()
         self._name = f"dsaserve-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         # No progress thread: NIXL's spins a core per rank even when idle (its poll delay is 0). The engine
