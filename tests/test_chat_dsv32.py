@@ -124,6 +124,11 @@ def _tool(name: str, **parameters) -> dict:
     ({"tools": [_tool("f", properties={"a": {"type": "foo"}})], "tool_choice": "required"},  # (it dumped the grammar)
      "tools[0].function.parameters of 'f' is not a valid JSON schema for a forced call: Invalid type: foo"),
     ({"ebnf": ""}, "ebnf: "),
+    # a forced call and a response format cannot both hold (SGLang drops the call's constraint, this took the call)
+    ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}},
+     "tool_choice: a forced tool call (tool_choice required or a named function) and response_format"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}, "regex": "a+"},
+     "and response_format / regex / ebnf would both constrain the reply"),
     ({"tools": [_tool("f", properties={"<a>": {"type": "string"}})]}, "which the model's tool-call markup cannot"),
     ({"chat_template_kwargs": {"thinking": "false"}}, "thinking must be true or false, got 'false'"),
     ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [
