@@ -87,7 +87,7 @@ def test_ranks_give_a_request_its_solo_values(tiny_models: dict[str, str]) -> No
             return mine
         return mine + [OfflineRequest(p, k, dp_rank=i % 2) for i, (p, k) in enumerate(zip(OTHERS, BESIDE))]
     cases = [(arch, GREEDY, flags, crowd) for arch in ARCHS for flags, crowd in (
-        ({}, False), ({}, True), (VARIANTS["MTP S=3"], True), (dict(page_size=1, chunked_prefill_size=8), True))]
+        ({}, False), ({}, True), (VARIANTS["MTP S=3"], True), (dict(page_size=1, chunked_prefill_size=16), True))]  # 8 per DP group
     cases += [(ARCHS[0], SEEDED, {}, False), (ARCHS[0], SEEDED, {}, True)]
     jobs = [Job({"model_path": tiny_models[arch], **BASE, **flags}, requests(params, crowd), scored=True)
             for arch, params, flags, crowd in cases]

@@ -46,7 +46,7 @@ def test_v32_does_not_fit_4x80gb(tmp_path: Path, capsys) -> None:
 
 
 @pytest.mark.parametrize("fraction", [0.8, 0.88, 0.92])
-def test_mem_fraction_is_sglangs_share_of_weights_and_pool(fraction: float, tmp_path: Path) -> None:
+def test_mem_fraction_is_sglangs_share_of_weights_and_pool(fraction: float, tmp_path: Path, capsys) -> None:
     """--mem-fraction(-static) is SGLang's: the weights and the KV pool together take that share of the device
     (its model runner leaves (1 - f) x the memory free before loading to activations and graphs), not a share of
     what the weights leave: V3.2 FP8 at --tp 8 on 141 GB. Below the weights' own share nothing fits, named."""
@@ -59,6 +59,8 @@ def test_mem_fraction_is_sglangs_share_of_weights_and_pool(fraction: float, tmp_
     assert p.kv_tokens > 0 and p.weight_bytes + pool <= fraction * device < p.weight_bytes + pool + p.kv_bytes_per_token
     too_small = plan(cfg, args.replace(mem_fraction=0.95 * p.weight_bytes / device), device)
     assert too_small.kv_tokens == 0 and not too_small.fits
+    assert main(["plan", "--model-path", model, "--tp", "8", "--mem-fraction", "0.5"]) == 1
+    assert "the weights and the pool may take --mem-fraction 0.5 of the 131.32 GiB" in capsys.readouterr().err
 
 
 def test_glm52_fp8_is_planned_as_its_checkpoint_holds_it(tmp_path: Path, capsys) -> None:
