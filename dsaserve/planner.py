@@ -82,7 +82,8 @@ def pool_source(args: ServerArgs, free_before_weights: int) -> str:
     if args.max_total_tokens is not None:
         return "raise --max-total-tokens"
     return (f"the weights and the pool may take --mem-fraction {args.mem_fraction} of the "
-            f"{free_before_weights / 2**30:.2f} GiB free before the weights loaded: raise it, or use more GPUs (--tp)")
+            f"{free_before_weights / 2**30:.2f} GiB free before the weights loaded: raise it, or spread the weights "
+            "over more ranks (--tp)")
 
 
 def kv_pool_tokens(args: ServerArgs, free_bytes: int, bytes_per_token: int, context_length: int,

@@ -164,6 +164,16 @@ def test_the_default_pool_holds_a_whole_context_per_running_request(tiny_ds: str
     assert stats.free_pages == stats.total_pages
 
 
+def test_a_mem_fraction_below_the_weights_is_refused_on_cpu(tiny_ds: str) -> None:
+    """--mem-fraction of the RAM free before loading below the weights' own bytes: refused at start, naming it,
+    every time (on CPU the weights are counted: free RAM moves by megabytes with the rest of the machine, and the
+    server came up or not by chance)."""
+    from dsaserve.server_args import SettingError
+    with pytest.raises(SettingError, match=r"the KV pool has room for less than one page of 4 tokens .* the weights "
+                                           r"and the pool may take --mem-fraction 1e-06 of the"):
+        LLM(tiny_ds, page_size=4, mem_fraction=1e-6)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("fraction", [0.3, 0.88])
 def test_the_gpu_pool_is_mem_fraction_of_the_device_less_the_weights(fraction: float, tiny_ds: str) -> None:

@@ -193,7 +193,10 @@ class ModelRunner:
         log.info("sparse MLA: %s", kernel)
 
     def _pool_pages(self, args: ServerArgs, free_before_weights: int) -> int:
-        free = _free_bytes(self.device)  # the memory still free after the weights (as dsaserve plan counts)
+        if self.device.type == "cuda":
+            free = _free_bytes(self.device)  # the memory still free after the weights (as dsaserve plan counts)
+        else:  # free RAM moves with everything else on the machine by megabytes: count the weights instead
+            free = free_before_weights - sum(weight_bytes(self.model).values())
         budget = kv_budget(args, free_before_weights, free)
         if self.device.type == "cpu":
             budget = min(budget, _CPU_POOL_CAP_BYTES)  # the default pool is capped: RAM is shared with everything else
@@ -205,11 +208,12 @@ class ModelRunner:
             pages = whole_pages(pages, args.page_size, VIEW_PAGE)
             whole = f" (FlashMLA's kernels take the pool in whole multiples of {VIEW_PAGE} slots)"
         # Every rank must hold every page id its leader hands out: take the smallest pool of all ranks.
-        pages = min(row[0] for row in self.par.exchange([pages]))
-        if pages < 2:
-            raise SettingError(f"the KV pool holds {tokens} tokens: less than one page of {args.page_size} "
-                               f"(--page-size){whole}; {pool_source(args, free_before_weights)}")
-        return pages
+        smallest = min(row[0] for row in self.par.exchange([pages]))
+        if smallest < 2:
+            whose = "the KV pool" if smallest == pages else "another rank's KV pool"
+            raise SettingError(f"{whose} has room for less than one page of {args.page_size} tokens (--page-size)"
+                               f"{whole}; {pool_source(args, free_before_weights)}")
+        return smallest
 
     # -- plans -> layouts --------------------------------------------------------------------
 
