@@ -90,3 +90,73 @@ def test_flashmla_refuses_shapes_it_cannot_run() -> None:
     assert flashmla.unsupported(576, 512, 128, 2048) is None
     assert "576" in flashmla.unsupported(192, 128, 16, 64)
     assert "multiple of 64" in flashmla.unsupported(576, 512, 128, 100)
+
+
+# The engine with FlashMLA inside: a tiny model with FlashMLA's attention shapes (512 latent + 64 rope dims; 8 heads,
+# padded to 64) and index_topk 64, prompts shorter and longer than it.
+FLASHMLA_DIMS = dict(kv_lora_rank=512, qk_rope_head_dim=64, index_topk=64)
+ENGINE_PROMPT_LENGTHS = [5, 40, 90, 150, 23, 70]
+
+
+@pytest.fixture(scope="module")
+def flashmla_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from dsaserve.tiny import make_tiny_model
+    return str(make_tiny_model(tmp_path_factory.mktemp("fmla") / "m", "deepseek_v32", layers=2, **FLASHMLA_DIMS))
+
+
+def _engine_prompts(seed: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(5, 500, (n,), generator=gen).tolist() for n in ENGINE_PROMPT_LENGTHS]
+
+
+@pytest.mark.parametrize("kv", ["auto", "fp8_e4m3"])
+def test_flashmla_engine_as_accurate_as_triton(kv: str, flashmla_model: str) -> None:
+    """Eager steps through FlashMLA's kernels: as close to the fp32 torch run as the Triton engine's, tokens equal
+    but at near-ties (test_triton_engine.check_run); over an FP8 cache `auto` picks it."""
+    from test_triton_engine import _greedy, check_run
+    from dsaserve.engine import model_runner
+    prompts = _engine_prompts(1) + _engine_prompts(2)
+    truth = _greedy(flashmla_model, "torch", "float32", prompts, kv)
+    triton_run = _greedy(flashmla_model, "triton", "bfloat16", prompts, kv)
+    fmla_run = _greedy(flashmla_model, "flashmla", "bfloat16", prompts, kv, moe_backend="triton")
+    check_run(f"flashmla kv {kv} vs triton", truth, triton_run, fmla_run)
+    from dsaserve.config import ModelConfig
+    cfg = ModelConfig.from_path(flashmla_model)
+    fp8_rows = model_runner.resolve_kv_cache_dtype("fp8_e4m3", torch.bfloat16)
+    assert model_runner.resolve_attention_backend("auto", torch.device(DEV), cfg, torch.bfloat16, fp8_rows) \
+        == "flashmla"
+
+
+@pytest.mark.parametrize("page_size", [1, 64])
+def test_flashmla_engine_in_graphs_and_mtp_as_eager(page_size: int, flashmla_model: str) -> None:
+    """CUDA graphs padded with dummy rows, MTP verify / draft steps (4 rows per request) and both page sizes over
+    the FP8 cache with FlashMLA: tokens equal to its eager non-speculative run but at near-ties, no less accurate.
+    Rows its metadata did not describe, or stale metadata, would move whole steps."""
+    from test_triton_engine import _greedy, check_run
+    prompts = _engine_prompts(3)
+    common = dict(kv_cache_dtype="fp8_e4m3", moe_backend="triton", page_size=page_size, max_total_tokens=4096)
+    truth = _greedy(flashmla_model, "torch", "float32", prompts, "fp8_e4m3", page_size=page_size,
+                    max_total_tokens=4096)
+    eager = _greedy(flashmla_model, "flashmla", "bfloat16", prompts, cuda_graph_max_bs=0, **common)
+    graphs = _greedy(flashmla_model, "flashmla", "bfloat16", prompts, cuda_graph_max_bs=8, **common)
+    mtp = _greedy(flashmla_model, "flashmla", "bfloat16", prompts, cuda_graph_max_bs=8,
+                  speculative_algorithm="NEXTN", speculative_num_steps=3, **common)
+    check_run(f"page {page_size}: graphs vs eager", truth, eager, graphs)
+    check_run(f"page {page_size}: MTP in graphs vs eager", truth, eager, mtp)
+
+
+def test_flashmla_engine_compiles_nothing_after_the_warm_up(flashmla_model: str) -> None:
+    """`auto` over an FP8 cache (FlashMLA) with MTP, graphs up to 4 requests and staggered arrivals (mixed steps,
+    eager verify steps past 4 requests, rows past index_topk): the counters stay where they were when ready."""
+    from conftest import prompts_ids
+    from test_cuda_graph import _served_without_compiling
+    from dsaserve import LLM, SamplingParams
+    llm = LLM(flashmla_model, page_size=64, max_total_tokens=60_000, chunked_prefill_size=512, cuda_graph_bs=(1, 2, 4),
+              kv_cache_dtype="fp8_e4m3", speculative_algorithm="NEXTN", speculative_num_steps=3)
+    engine = llm.engine
+    assert engine.runner.ops.attention_backend == "flashmla"
+    ready = engine.stats()
+    for i, ids in enumerate(prompts_ids(24, [5 + 29 * (i % 9) for i in range(24)], seed=46)):
+        engine.add_request(f"load-{i}", ids, SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True))
+        engine.step()
+    _served_without_compiling(engine, ready)
