@@ -124,11 +124,6 @@ def _tool(name: str, **parameters) -> dict:
     ({"tools": [_tool("f", properties={"a": {"type": "foo"}})], "tool_choice": "required"},  # (it dumped the grammar)
      "tools[0].function.parameters of 'f' is not a valid JSON schema for a forced call: Invalid type: foo"),
     ({"ebnf": ""}, "ebnf: "),
-    # a forced call and a response format cannot both hold (SGLang drops the call's constraint, this took the call)
-    ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}},
-     "tool_choice: a forced tool call (tool_choice required or a named function) and response_format"),
-    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}, "regex": "a+"},
-     "and response_format / regex / ebnf would both constrain the reply"),
     ({"tools": [_tool("f", properties={"<a>": {"type": "string"}})]}, "which the model's tool-call markup cannot"),
     ({"chat_template_kwargs": {"thinking": "false"}}, "thinking must be true or false, got 'false'"),
     ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [
@@ -258,6 +253,19 @@ def test_a_forced_calls_null_length_bounds_are_no_bounds(client: openai.OpenAI) 
     calls = r.choices[0].message.tool_calls
     assert r.choices[0].finish_reason == "tool_calls" and [c.function.name for c in calls] == ["f"], r
     assert len(json.loads(calls[0].function.arguments)["a"]) <= 3
+
+
+def test_a_forced_call_wins_over_response_format(client: openai.OpenAI) -> None:
+    """response_format shapes a content reply; a forced turn replies with a call, so the call's grammar applies
+    (OpenAI, and vLLM; the OpenAI Agents SDK sends both for an agent with an output type and tool_choice required).
+    Not streamed, a reply of calls names no matched_stop (SGLang sets it to null when it reports tool_calls)."""
+    tool = _tool("f", properties={"a": {"type": "string", "maxLength": 3}}, required=["a"])
+    fmt = {"type": "json_schema", "json_schema": {"name": "out", "schema": {"type": "object"}}}
+    r = client.chat.completions.create(model=client.models.list().data[0].id, messages=chat_cases.ASK, tools=[tool],
+                                       tool_choice="required", response_format=fmt, max_tokens=200, temperature=0)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and [c.function.name for c in choice.message.tool_calls] == ["f"]
+    assert choice.matched_stop is None
 
 
 def test_forced_call_of_a_tool_with_a_non_ascii_name(client: openai.OpenAI) -> None:

@@ -205,16 +205,13 @@ class Constraint:
 
 
 def build_grammar(c: Constraint, tool_format: str | None, markup: Markup, opens_reasoning: bool) -> str:
-    """The llguidance grammar for `c` (not empty). regex / ebnf / response_format are exclusive, and exclude a
-    forced tool call (the reply would have to be both)."""
+    """The llguidance grammar for `c` (not empty). Forced tools win over response_format (that reply
+    must be a call); regex / ebnf / response_format are exclusive."""
     from llguidance import LLMatcher
     schema = schema_of(c.response_format) if c.response_format else None
     if sum(x is not None for x in (schema, c.regex, c.ebnf)) > 1:
         raise GrammarError("give at most one of response_format, regex and ebnf")
-    if c.forced_tools and (schema is not None or c.regex is not None or c.ebnf is not None):
-        raise GrammarError("a forced tool call (tool_choice required or a named function) and response_format / "
-                           "regex / ebnf would both constrain the reply: give one")
-    if c.ebnf is not None:
+    if c.ebnf is not None and not c.forced_tools:
         answer = ebnf_grammar(c.ebnf)  # the answer, as the client wrote it
         if not opens_reasoning:
             return answer

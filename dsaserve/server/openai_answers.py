@@ -144,7 +144,7 @@ def chat_answer(tok: Tokenizer, model: str, call: Call, results: list[Result]) -
                                    tool_calls=[tool_call_out(c) for c in part.calls] or None)
         choices.append(p.ChatChoice(index=i, message=message, logprobs=lp,
                                     finish_reason=finish_reason(r.finish.kind, bool(part.calls)),
-                                    matched_stop=matched_stop(r.finish)))
+                                    matched_stop=None if part.calls else matched_stop(r.finish)))  # (SGLang's)
     return p.ChatCompletionResponse(id=call.rid, created=call.created, model=model, choices=choices,
                                     usage=p.usage(prompt_tokens, sum(r.completion_tokens for r in results),
                                                   cached_tokens([r.cached_tokens for r in results], body.n)))
