@@ -48,8 +48,8 @@ class DSAOps:
     moe_backend: str = "torch"
     max_logits_bytes: int = 512 << 20
     # Transient bytes one MoE call may take (its pairs' rows: fp32 gate/up, the outputs before the sum); more
-    # tokens run in chunks. A DP-attention prefill gathers up to dp x --chunked-prefill-size tokens, and at whole
-    # expert width (--ep) their gate/up rows alone would be 8.6 GB for V3.2 at --dp 8.
+    # tokens run in chunks. A DP-attention prefill gathers every group's share of --chunked-prefill-size: at whole
+    # expert width (--ep) the gate/up rows of 65,536 tokens alone would be 8.6 GB for V3.2.
     max_moe_bytes: int = 2 << 30
     head_multiple: int | None = None  # overrides the attention kernel's own requirement (tests)
     max_query_rows: int | None = None  # overrides the attention kernel's rows per call (tests)
