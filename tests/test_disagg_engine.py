@@ -10,6 +10,7 @@ import itertools
 import json
 import shutil
 import time
+from pathlib import Path
 from typing import Iterator
 
 import pytest
@@ -434,13 +435,17 @@ def test_flags_refuse_what_cannot_work(flags: dict, message: str) -> None:
         ServerArgs(**flags)
 
 
-def test_sglangs_ib_device_names_become_ucx_ports() -> None:
+def test_sglangs_ib_device_names_become_ucx_ports(tmp_path: Path) -> None:
     """SGLang's --disaggregation-ib-device names RDMA devices bare (for Mooncake); UCX_NET_DEVICES names their port
-    (mlx5_0:1; an mlx5 function has one). Ports, interfaces and "all" pass as given."""
+    (mlx5_0:1; an mlx5 function has one). Other RDMA devices the machine lists (its /sys/class/infiniband: a bonded
+    mlx5, Broadcom's bnxt_re) too; ports, network interfaces and "all" pass as given."""
     from dsaserve.disagg.transport import ucx_net_devices
-    assert ucx_net_devices("mlx5_0,mlx5_1") == "mlx5_0:1,mlx5_1:1"
-    assert ucx_net_devices("mlx5_0:1, mlx5_3:2,eth0") == "mlx5_0:1,mlx5_3:2,eth0"
-    assert ucx_net_devices("all") == "all"
+    for name in ("mlx5_bond_0", "bnxt_re0"):
+        (tmp_path / name).mkdir()
+    assert ucx_net_devices("mlx5_0,mlx5_1", str(tmp_path)) == "mlx5_0:1,mlx5_1:1"
+    assert ucx_net_devices("mlx5_bond_0,bnxt_re0,eth0", str(tmp_path)) == "mlx5_bond_0:1,bnxt_re0:1,eth0"
+    assert ucx_net_devices("mlx5_0:1, mlx5_3:2,eth0", str(tmp_path)) == "mlx5_0:1,mlx5_3:2,eth0"
+    assert ucx_net_devices("all", str(tmp_path)) == "all"
 
 
 def test_failure_probability_must_be_a_probability(tiny_ds: str, monkeypatch: pytest.MonkeyPatch) -> None:

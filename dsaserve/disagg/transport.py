@@ -109,12 +109,15 @@ class FakeTransport(KVTransport):
         return True
 
 
-def ucx_net_devices(ib_device: str) -> str:
+def ucx_net_devices(ib_device: str, rdma_root: str = "/sys/class/infiniband") -> str:
     """--disaggregation-ib-device as UCX_NET_DEVICES: SGLang's form names RDMA devices bare ("mlx5_0,mlx5_1", for
-    Mooncake); UCX names a device's port ("mlx5_0:1"), and an mlx5 function has one port, 1. Names with a port,
-    and others (a network interface: "eth0", "all"), pass as they are."""
+    Mooncake); UCX names an RDMA device's port ("mlx5_0:1"; an mlx5 function has one port, 1). A bare name that is
+    an RDMA device here (rdma_root) or has mlx5's form gets port 1; names with a port, network interfaces ("eth0")
+    and "all" pass as they are."""
+    def rdma(name: str) -> bool:
+        return re.fullmatch(r"mlx\d+_\d+", name) is not None or os.path.isdir(os.path.join(rdma_root, name))
     names = [name.strip() for name in ib_device.split(",") if name.strip()]
-    return ",".join(f"{name}:1" if re.fullmatch(r"mlx\d+_\d+", name) else name for name in names)
+    return ",".join(f"{name}:1" if ":" not in name and name != "all" and rdma(name) else name for name in names)
 
 
 class NixlTransport(KVTransport):

@@ -210,7 +210,7 @@ class ModelRunner:
         # Every rank must hold every page id its leader hands out: take the smallest pool of all ranks.
         smallest = min(row[0] for row in self.par.exchange([pages]))
         if smallest < 2:
-            whose = "the KV pool" if smallest == pages else "another rank's KV pool"
+            whose = "the KV pool" if pages < 2 else "another rank's KV pool"
             raise SettingError(f"{whose} has room for less than one page of {args.page_size} tokens (--page-size)"
                                f"{whole}; {pool_source(args, free_before_weights)}")
         return smallest
