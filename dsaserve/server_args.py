@@ -169,8 +169,7 @@ class ServerArgs:
             problems.append("--chunked-prefill-size -1 (SGLang: no chunked prefill) is not taken: give the most "
                             "tokens one step may carry (prompt chunks and decode rows; default 8192)")
         elif self.chunked_prefill_size < self.dp_groups:
-            problems.append(f"--chunked-prefill-size must be >= 1 per DP group ({self.dp_groups}), got "
-                            f"{self.chunked_prefill_size}")
+            problems.append(f"--chunked-prefill-size must be >= 1{self._per_group()}, got {self.chunked_prefill_size}")
         if self.cuda_graph_max_bs is not None and self.cuda_graph_max_bs < 0:
             problems.append(f"--cuda-graph-max-bs must be >= 0, got {self.cuda_graph_max_bs}")
         if self.cuda_graph_bs is not None and (not self.cuda_graph_bs or min(self.cuda_graph_bs) < 1):
@@ -179,8 +178,7 @@ class ServerArgs:
         if self.served_model_name is not None and not self.served_model_name.strip():
             problems.append("--served-model-name must not be empty (leave it out for the folder's name)")
         if self.max_running_requests is not None and self.max_running_requests < self.dp_groups:
-            problems.append(f"--max-running-requests must be >= 1 per DP group ({self.dp_groups}), got "
-                            f"{self.max_running_requests}")
+            problems.append(f"--max-running-requests must be >= 1{self._per_group()}, got {self.max_running_requests}")
         if self.device not in ("auto", "cpu", "cuda"):
             problems.append(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
@@ -290,6 +288,9 @@ class ServerArgs:
     def dp_groups(self) -> int:
         """DP attention groups, each with its own scheduler and requests (1 without DP attention)."""
         return self.dp if self.enable_dp_attention and self.dp >= 1 else 1
+
+    def _per_group(self) -> str:
+        return f" per DP group ({self.dp_groups})" if self.dp_groups > 1 else ""
 
     @property
     def running_per_group(self) -> int:

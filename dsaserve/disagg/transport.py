@@ -117,7 +117,7 @@ def ucx_net_devices(ib_device: str, rdma_root: str = "/sys/class/infiniband") ->
     def rdma(name: str) -> bool:
         return re.fullmatch(r"mlx\d+_\d+", name) is not None or os.path.isdir(os.path.join(rdma_root, name))
     names = [name.strip() for name in ib_device.split(",") if name.strip()]
-    return ",".join(f"{name}:1" if ":" not in name and name != "all" and rdma(name) else name for name in names)
+    return ",".join(f"{name}:1" if ":" not in name and rdma(name) else name for name in names)
 
 
 class NixlTransport(KVTransport):
