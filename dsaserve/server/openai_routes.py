@@ -1,14 +1,19 @@
 """The OpenAI-compatible HTTP routes over OpenAIServing: /v1/models, /v1/completions, /v1/chat/completions,
-/tokenize, /detokenize."""
+/v1/responses, /tokenize, /detokenize."""
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from fastapi import APIRouter, Request
 
 from dsaserve.server import protocol as p
+from dsaserve.server import responses_api
+from dsaserve.server.errors import ApiError
 from dsaserve.server.guard import arrival
+from dsaserve.server.openai_answers import Call
 from dsaserve.server.openai_api import OpenAIServing
+from dsaserve.server.responses_protocol import ResponsesRequest
 
 
 def openai_router(serving: OpenAIServing) -> APIRouter:
@@ -38,8 +43,7 @@ def openai_router(serving: OpenAIServing) -> APIRouter:
                                         "completion", grammar=grammar, echo=echo, arrived=arrival(request))
         return await serving.respond(request, call)
 
-    @router.post("/v1/chat/completions", response_model=None)
-    async def chat(body: p.ChatCompletionRequest, request: Request) -> Any:
+    async def submit_chat(body: p.ChatCompletionRequest, request: Request) -> Call:
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         route, dp_rank = await serving.pd.route(body)
@@ -47,9 +51,21 @@ def openai_router(serving: OpenAIServing) -> APIRouter:
             serving.check_model(body.model)
             serving.check_choices(1, body.n, body.routed_dp_rank)
             plan = await serving.fe.tokenize(serving.plan_chat, body)  # off the event loop
-            call = await serving.submit(body, route, dp_rank, [plan.prompt.ids], max_tokens, logprobs, "chat",
+            return await serving.submit(body, route, dp_rank, [plan.prompt.ids], max_tokens, logprobs, "chat",
                                         plan.parser, plan.grammar, arrived=arrival(request))
-        return await serving.respond(request, call)
+
+    @router.post("/v1/chat/completions", response_model=None)
+    async def chat(body: p.ChatCompletionRequest, request: Request) -> Any:
+        return await serving.respond(request, await submit_chat(body, request))
+
+    @router.post("/v1/responses", response_model=None)
+    async def responses(body: ResponsesRequest, request: Request) -> Any:
+        """OpenAI's Responses API: the same chat request, answered as output items (server.responses_api)."""
+        try:
+            call = await submit_chat(body.as_chat(f"resp_{uuid.uuid4().hex}"), request)
+        except ApiError as exc:
+            raise body.renamed(exc) from None
+        return await responses_api.respond(request, serving, call, body)
 
     @router.post("/tokenize")
     @router.post("/v1/tokenize")

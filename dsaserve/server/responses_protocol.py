@@ -1,0 +1,225 @@
+"""OpenAI's Responses API request (/v1/responses) and its translation into a chat completions request: the input
+items become chat messages, so one renderer, one tool and reasoning parser and one grammar serve both APIs.
+Nothing is stored: previous_response_id and item references are refused (send the conversation as input)."""
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import Field, PrivateAttr, StrictBool, StrictFloat, StrictInt, ValidationError, field_validator
+
+from dsaserve.server import protocol as p
+from dsaserve.server.errors import ApiError, bad_request
+
+INPUT_ROLES = ("user", "assistant", "system", "developer")
+# The chat request's fields that an error may name, as this API calls them
+CHAT_NAMES = {"messages": "input", "max_completion_tokens": "max_output_tokens", "response_format": "text"}
+TEXT_PARTS = ("input_text", "output_text", "text")  # output_text: an earlier assistant turn sent back
+
+
+class ResponsesRequest(p.Bootstrap):
+    model: str | None = None
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: StrictBool | None = None
+    max_output_tokens: StrictInt | None = None
+    temperature: StrictFloat | None = None
+    top_p: StrictFloat | None = None
+    top_k: StrictInt | None = None  # vLLM's and SGLang's sampling extensions, as in chat completions
+    min_p: StrictFloat | None = None
+    repetition_penalty: StrictFloat | None = None
+    seed: StrictInt | None = None
+    stream: StrictBool = False
+    reasoning: dict[str, Any] | None = None  # {"effort": "none" | ...}: the chat template's thinking switch
+    text: dict[str, Any] | None = None  # {"format": {"type": "text" | "json_object" | "json_schema", ...}}
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM's extension: wins over `reasoning`
+    # What needs a stored response or conversation (refused: nothing is stored)
+    previous_response_id: str | None = None
+    conversation: str | dict[str, Any] | None = None
+    prompt: dict[str, Any] | None = None  # a stored prompt template
+    background: StrictBool | None = None
+    context_management: Any = None
+    truncation: Literal["auto", "disabled"] | None = None
+    max_tool_calls: StrictInt | None = None  # (built-in tools' calls: none here)
+    include: list[str] | None = None
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    routed_dp_rank: StrictInt | None = None
+    _sources: list[str] = PrivateAttr(default_factory=list)  # where each chat message came from (for errors)
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _items_are_objects(cls, value: Any) -> Any:
+        """One readable error for an item that is no object (pydantic's names each member of the union)."""
+        for j, item in enumerate(value if isinstance(value, list) else []):
+            if not isinstance(item, dict):
+                raise ValueError(f"input[{j}] must be an object (a message or another item), got {item!r}")
+        return value
+
+    def as_chat(self, rid: str) -> p.ChatCompletionRequest:
+        """The chat completions request that computes this response, or a 400 naming the field it cannot carry."""
+        self._refuse_unsupported()
+        messages, self._sources = self.messages()
+        chat: dict[str, Any] = {
+            "model": self.model, "rid": rid, "messages": messages, "tools": self.chat_tools(),
+            "tool_choice": self.chat_tool_choice(), "parallel_tool_calls": self.parallel_tool_calls,
+            "max_completion_tokens": self.max_output_tokens, "temperature": self.temperature, "top_p": self.top_p,
+            "top_k": self.top_k, "min_p": self.min_p, "repetition_penalty": self.repetition_penalty,
+            "seed": self.seed, "stream": self.stream, "response_format": self.response_format(),
+            "chat_template_kwargs": self.template_kwargs(), "routed_dp_rank": self.routed_dp_rank,
+            **self.model_dump(include={"bootstrap_host", "bootstrap_port", "bootstrap_room"})}
+        try:
+            return p.ChatCompletionRequest.model_validate(chat)
+        except ValidationError as exc:  # (fields copied as they came: their names are this request's)
+            err = exc.errors()[0]
+            where = ".".join(str(x) for x in err.get("loc", ()))
+            raise bad_request(f"{where}: {err.get('msg', 'invalid')}", param=where.split(".")[0]) from None
+
+    def _refuse_unsupported(self) -> None:
+        stored = {"previous_response_id": self.previous_response_id, "conversation": self.conversation,
+                  "prompt": self.prompt, "background": self.background or None,
+                  "context_management": self.context_management,
+                  "truncation": "auto" if self.truncation == "auto" else None}
+        for name, value in stored.items():
+            if value is not None:
+                raise bad_request(f"{name} is not supported: this server stores no responses, conversations or "
+                                  "prompts and truncates nothing; send the whole conversation as input (earlier "
+                                  "outputs included)", param=name)
+        if self.max_output_tokens is not None and self.max_output_tokens < 1:
+            raise bad_request(f"max_output_tokens must be at least 1, got {self.max_output_tokens}",
+                              param="max_output_tokens")
+        asked = [x for x in self.include or [] if x != "reasoning.encrypted_content"]
+        if asked or self.top_logprobs:  # (encrypted reasoning: none is made, and the reasoning text is sent as is)
+            raise bad_request(f"include {asked} / top_logprobs: log-probabilities and other extra output are not "
+                              "supported on /v1/responses (chat completions returns log-probabilities)",
+                              param="include" if asked else "top_logprobs")
+
+    def messages(self) -> tuple[list[dict[str, Any]], list[str]]:
+        """The conversation as chat messages, and where each came from (instructions, input[j]): instructions
+        first (a system message), a function call joining the assistant message before it (one turn with its
+        calls), reasoning items going to the assistant output right after them (a turn's reasoning and answer);
+        reasoning before no assistant output (a turn cut inside it) is left out, as the templates leave out the
+        reasoning of turns before the last user message."""
+        out: list[dict[str, Any]] = [{"role": "system", "content": self.instructions}] if self.instructions else []
+        sources = ["instructions"] * len(out)
+        items = [{"role": "user", "content": self.input}] if isinstance(self.input, str) else self.input
+        reasoning: list[str] = []
+        for j, item in enumerate(items):
+            where = f"input[{j}]"
+            kind = item.get("type", "message")
+            if kind == "reasoning":
+                reasoning.append(_text(item.get("content") or item.get("summary") or [], f"{where}.content"))
+                continue
+            if kind == "message":
+                role = item.get("role")
+                if role not in INPUT_ROLES:
+                    raise bad_request(f"{where}.role must be one of {', '.join(INPUT_ROLES)}, got {role!r}", "input")
+                out.append({"role": role, "content": _text(item.get("content"), f"{where}.content")})
+            elif kind == "function_call":
+                call = {"id": _string(item, "call_id", where), "type": "function",
+                        "function": {"name": _string(item, "name", where),
+                                     "arguments": _string(item, "arguments", where)}}
+                if not out or out[-1]["role"] != "assistant":
+                    out.append({"role": "assistant", "content": None})
+                out[-1].setdefault("tool_calls", []).append(call)
+            elif kind == "function_call_output":
+                out.append({"role": "tool", "tool_call_id": _string(item, "call_id", where),
+                            "content": _text(item.get("output"), f"{where}.output")})
+            else:
+                raise bad_request(f"{where}: items of type {kind!r} are not supported (this server stores nothing "
+                                  "and runs function tools: message, function_call, function_call_output and "
+                                  "reasoning items)", param="input")
+            sources += [where] * (len(out) - len(sources))
+            if reasoning and out[-1]["role"] == "assistant":
+                out[-1]["reasoning_content"] = out[-1].get("reasoning_content", "") + "".join(reasoning)
+            reasoning = []
+        if not out:
+            raise bad_request("input holds no message", param="input")
+        return out, sources
+
+    def chat_tools(self) -> list[dict[str, Any]] | None:
+        if self.tools is None:
+            return None
+        tools = []
+        for j, tool in enumerate(self.tools):
+            if tool.get("type") != "function":
+                raise bad_request(f"tools[{j}]: tools of type {tool.get('type')!r} are not supported: this server "
+                                  "runs function tools", param="tools")
+            tools.append({"type": "function", "function": {k: tool[k] for k in ("name", "description", "parameters",
+                                                                                "strict") if tool.get(k) is not None}})
+        return tools
+
+    def chat_tool_choice(self) -> str | dict[str, Any] | None:
+        choice = self.tool_choice
+        if choice is None or isinstance(choice, str):
+            return choice
+        if choice.get("type") == "function" and isinstance(choice.get("name"), str):
+            return {"type": "function", "function": {"name": choice["name"]}}
+        raise bad_request(f"tool_choice {choice!r} is not supported: give auto, none, required or "
+                          "{\"type\": \"function\", \"name\": ...}", param="tool_choice")
+
+    def response_format(self) -> dict[str, Any] | None:
+        fmt = (self.text or {}).get("format") or {"type": "text"}
+        kind = fmt.get("type") if isinstance(fmt, dict) else None
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return {"type": "json_object"}
+        if kind == "json_schema":
+            if not isinstance(fmt.get("schema"), dict):
+                raise bad_request("text.format of type json_schema needs its schema (an object)", param="text")
+            return {"type": "json_schema", "json_schema": {k: fmt[k] for k in ("name", "description", "schema",
+                                                                               "strict") if k in fmt}}
+        raise bad_request(f"text.format must be of type text, json_object or json_schema, got {fmt!r}", param="text")
+
+    def renamed(self, exc: ApiError) -> ApiError:
+        """A chat completions error in this API's names: input[j] for the message it made, max_output_tokens,
+        text.format, tools[i].name."""
+        sources = self._sources
+
+        def source(match: re.Match[str]) -> str:
+            i = int(match.group(1))
+            return sources[i] if i < len(sources) else match.group(0)
+        message = re.sub(r"\bmessages?[ .\[](\d+)\]?", source, exc.message)
+        message = re.sub(r"tools\[(\d+)\]\.function\.", r"tools[\1].", message)
+        message = re.sub(r"\bmax_completion_tokens\b", "max_output_tokens", message)
+        message = re.sub(r"\bresponse_format\b", "text.format", message)
+        return ApiError(exc.status, message, CHAT_NAMES.get(exc.param or "", exc.param), exc.code)
+
+    def template_kwargs(self) -> dict[str, Any] | None:
+        """reasoning.effort "none" turns the chat template's thinking off, any other effort on (DeepSeek-V3.2's
+        `thinking`, GLM's `enable_thinking`); left out, the template's default holds."""
+        kwargs = dict(self.chat_template_kwargs or {})
+        effort = (self.reasoning or {}).get("effort")
+        if effort is not None:
+            for switch in ("thinking", "enable_thinking"):
+                kwargs.setdefault(switch, effort != "none")
+        return kwargs or None
+
+
+def _string(item: dict[str, Any], key: str, where: str) -> str:
+    value = item.get(key)
+    if not isinstance(value, str):
+        raise bad_request(f"{where}.{key} must be a string, got {value!r}", param="input")
+    return value
+
+
+def _text(content: Any, where: str) -> str:
+    """A string, or the text of a list of text parts (input_text, output_text, reasoning_text, summary_text)."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise bad_request(f"{where} must be a string or a list of text parts, got {content!r}", param="input")
+    texts = []
+    for k, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in (*TEXT_PARTS, "reasoning_text", "summary_text", "refusal") or not isinstance(
+                part.get("text", part.get("refusal")), str):
+            raise bad_request(f"{where}[{k}]: parts of type {kind!r} are not supported: this model reads text",
+                              param="input")
+        texts.append(part.get("text", part.get("refusal")))
+    return "".join(texts)
+
