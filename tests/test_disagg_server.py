@@ -451,6 +451,13 @@ def test_worker_urls_routing(tiny_ds: str, tmp_path: Path) -> None:
         assert [generate(router.url, ids).json()["output_ids"] for ids in prompts] == want
         steps = [httpx.get(f"{s.url}/get_server_info", timeout=30).json()["internal_states"][0]["steps"] for s in (a, b)]
         assert min(steps) > 0  # round robin: both servers served
+        # the router reads each server's /get_load (SGLang's; its load-aware policies use it): idle, 0 (-1: unread)
+        loads = httpx.get(f"{router.url}/get_loads", timeout=30).json()["workers"]
+        assert sorted((w["worker"], w["load"]) for w in loads) == sorted([(a.url, 0), (b.url, 0)])
+        # a chat naming no model reaches the servers as model "unknown": served (it was a 404)
+        chat = httpx.post(f"{router.url}/v1/chat/completions", timeout=60,
+                          json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert chat.status_code == 200 and chat.json()["usage"]["completion_tokens"] == 2, chat.text
 
 
 @pytest.mark.gpu

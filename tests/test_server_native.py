@@ -200,3 +200,29 @@ def test_flush_cache_empties_the_prefix_cache(server: ServerProcess) -> None:
     assert cached() == 12  # three whole pages of four
     assert httpx.post(f"{server.url}/flush_cache", timeout=60).status_code == 200
     assert cached() == 0
+
+
+def test_get_load_counts_a_running_request(server: ServerProcess) -> None:
+    """SGLang's /get_load (sglang-router's load-aware policies poll it; it was a 404): an idle server holds nothing;
+    a running request counts once with the pages it holds; once aborted, nothing again."""
+    def load() -> list[dict]:
+        return httpx.get(f"{server.url}/get_load", timeout=30).json()
+
+    def until(check, what: str) -> list[dict]:
+        for _ in range(600):  # bounded: 60 s
+            got = load()
+            if check(got[0]):
+                return got
+            time.sleep(0.1)
+        raise AssertionError(f"{what}: {got}")
+    idle = {"dp_rank": 0, "num_reqs": 0, "num_waiting_reqs": 0, "num_tokens": 0}
+    until(lambda x: x == idle, "idle")
+    body = {"rid": "load-1", "input_ids": list(range(60, 73)), "stream": True,
+            "sampling_params": {"max_new_tokens": 3000, "ignore_eos": True}}
+    with httpx.stream("POST", f"{server.url}/generate", json=body, timeout=60) as r:
+        lines = r.iter_lines()  # (kept: a dropped iterator closes the stream, and the server aborts the request)
+        next(lines)  # running: its first tokens are out
+        running = until(lambda x: x["num_reqs"] == 1, "running")[0]
+        assert running["num_waiting_reqs"] == 0 and running["num_tokens"] >= 16 and running["num_tokens"] % 4 == 0
+        assert httpx.post(f"{server.url}/abort_request", json={"rid": "load-1"}, timeout=30).status_code == 200
+    until(lambda x: x == idle, "after the abort")

@@ -231,7 +231,8 @@ class Engine:
                            self.allocator.num_free + reclaimable, self.allocator.capacity,
                            self.scheduler.num_retractions, self.steps, *self._spec, *hits, *graph,
                            compiles.kernel_compiles(), len(self.scheduler.in_transit),
-                           self.scheduler.cfg.max_running_requests, self.scheduler.cfg.chunked_prefill_size)
+                           self.scheduler.cfg.max_running_requests, self.scheduler.cfg.chunked_prefill_size,
+                           sum(r.num_tokens for r in (*self.scheduler.waiting, *self.grammars.held)))
 
     # -- the step --------------------------------------------------------------------------
 

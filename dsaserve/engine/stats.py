@@ -26,6 +26,7 @@ class EngineStats:
     transferring: int = 0  # PD decode side: requests holding pages while their KV cache is on its way
     max_running_requests: int = 0  # this group's share of --max-running-requests (ServerArgs.running_per_group)
     chunked_prefill_size: int = 0  # this group's share of --chunked-prefill-size: tokens per step
+    queued_tokens: int = 0  # tokens of the queued requests (a retracted one's output too): SGLang's load counts them
 
     @property
     def avg_spec_accept_length(self) -> float | None:

@@ -19,7 +19,7 @@ from dsaserve.engine.request import SamplingParams, choice_seed
 from dsaserve.server import native_protocol as native
 from dsaserve.server import protocol as p
 from dsaserve.server.errors import ApiError, bad_request
-from dsaserve.server.frontend import RequestHandle
+from dsaserve.server.frontend import Frontend, RequestHandle
 from dsaserve.server.guard import arrival
 from dsaserve.server.openai_answers import token_str
 from dsaserve.server.openai_api import OpenAIServing
@@ -217,6 +217,12 @@ def native_router(serving: OpenAIServing) -> APIRouter:
         fe.flush_cache()
         return PlainTextResponse("Cache flushed.\n")
 
+    @router.get("/get_load")  # SGLang's; sglang-router's load-aware policies (power_of_two) poll it
+    async def get_load() -> list[dict[str, int]]:
+        if fe.problem is not None:
+            raise ApiError(503, fe.problem)
+        return loads(fe)
+
     @router.get("/get_model_info")
     @router.get("/model_info")  # sglang-router asks here
     async def model_info() -> dict[str, Any]:
@@ -236,3 +242,16 @@ def native_router(serving: OpenAIServing) -> APIRouter:
                              "version": getattr(dsaserve, "__version__", "0"), "internal_states": fe.stats()})
 
     return router
+
+
+def loads(fe: Frontend) -> list[dict[str, int]]:
+    """SGLang's /get_load per DP group, as last pushed: requests running and queued, and tokens held (KV pages in
+    use, and the queued requests' tokens); a group that has pushed nothing yet reports zeros."""
+    out = []
+    for link in fe.links:
+        st = fe.engine_stats.get(link.rank)
+        held = 0 if st is None else (st.total_pages - st.free_pages) * fe.args.page_size
+        reqs, waiting, tokens = (0, 0, 0) if st is None else (st.running + st.waiting, st.waiting,
+                                                              held + st.queued_tokens)
+        out.append({"dp_rank": link.rank, "num_reqs": reqs, "num_waiting_reqs": waiting, "num_tokens": tokens})
+    return out

@@ -68,8 +68,9 @@ class OpenAIServing:
     # -- shared ------------------------------------------------------------------------------
 
     def check_model(self, name: str | None) -> None:
-        """None (vLLM's optional model) and "default" (SGLang's examples) name the served model."""
-        if name not in (None, "default", self.served_name):
+        """None (vLLM's optional model), "default" (SGLang's examples) and "unknown" (what sglang-router sends for a
+        request that names no model) name the served model."""
+        if name not in (None, "default", "unknown", self.served_name):
             raise ApiError(404, f"the model {name!r} does not exist (this server serves {self.served_name!r})",
                            param="model", code="model_not_found")
 
