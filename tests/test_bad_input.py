@@ -26,8 +26,8 @@ def llm(tiny_ds: str) -> LLM:
 @pytest.mark.parametrize("prompt,params,message", [
     ([], OK, "prompt is empty"),
     ("", OK, "prompt is empty"),
-    ([7] * 200, OK, "200 tokens but the context length is 128"),
-    ([7] * 100, SamplingParams(max_tokens=40), "max_tokens (40) + the prompt (100 tokens) = 140 exceeds the context"),
+    ([7] * 200, OK, "200 tokens but this model's maximum context length is 128 tokens"),
+    ([7] * 100, SamplingParams(max_tokens=40), "max_tokens (40) + the prompt (100 tokens) = 140 tokens, but this model's maximum context length is 128"),
     ([7, 8], SamplingParams(max_tokens=0), "max_tokens must be > 0"),
     ([7, 8], SamplingParams(max_tokens=-3), "max_tokens must be > 0"),
     ([7, 8], SamplingParams(top_p=0.0), "top_p"),

@@ -100,6 +100,33 @@ def test_separate_and_stream_reasoning_false(client: openai.OpenAI) -> None:
     assert [piece for piece in pieces if piece] == [text]
 
 
+@pytest.mark.parametrize("effort", ["high", "none"])
+def test_reasoning_effort_is_the_thinking_switch(server: ServerProcess, client: openai.OpenAI, effort: str) -> None:
+    """OpenAI's reasoning_effort (it was dropped): "none" renders the prompt as thinking off, any other effort as on,
+    and the reply's reasoning is that of the same request with chat_template_kwargs thinking; the client's own kwargs
+    win. An earlier assistant turn's refusal part renders as its text."""
+    ask = [{"role": "user", "content": "Why?"}]
+    on = effort != "none"
+
+    def ids(**body) -> list[str]:  # the prompt's ids (/tokenize renders chat_template_kwargs only), the reply's
+        r = httpx.post(f"{server.url}/v1/chat/completions", timeout=60, json={
+            "messages": ask, "max_tokens": 6, "temperature": 0, "logprobs": True, "ignore_eos": True,
+            "return_tokens_as_token_ids": True, **body}).json()
+        return [r["usage"]["prompt_tokens"]] + [t["token"] for t in r["choices"][0]["logprobs"]["content"]]
+    assert ids(reasoning_effort=effort) == ids(chat_template_kwargs={"thinking": on})
+    assert ids(reasoning_effort=effort, chat_template_kwargs={"thinking": not on}) == \
+        ids(chat_template_kwargs={"thinking": not on})
+    kw = dict(model="default", messages=ask, max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    msg = client.chat.completions.create(**kw, reasoning_effort=effort).choices[0].message
+    assert bool(msg.reasoning_content) == on and bool(msg.content) != on
+    refusal = [{"role": "user", "content": "x"}, {"role": "assistant", "content": [{"type": "refusal",
+                                                                                   "refusal": "No."}]}, *ask]
+    said = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "No."}, *ask]
+    tokens = [httpx.post(f"{server.url}/tokenize", json={"messages": m}, timeout=30).json()["tokens"]
+              for m in (refusal, said)]
+    assert tokens[0] == tokens[1]
+
+
 def _tool(name: str, **parameters) -> dict:
     return {"type": "function", "function": {"name": name, "parameters": {"type": "object", **parameters}}}
 
@@ -137,6 +164,9 @@ def _tool(name: str, **parameters) -> dict:
     ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [
         {"id": "a", "type": "function", "function": {"name": "f", "arguments": "{x"}}]}]},
      "tool call 'f': arguments are not valid JSON"),
+    ({"functions": [{"name": "f", "parameters": {}}]}, "functions is OpenAI's deprecated form of tools"),
+    ({"function_call": "auto"}, "function_call is OpenAI's deprecated form of tool_choice"),
+    ({"reasoning_effort": "huge"}, "reasoning_effort: Input should be 'none', 'minimal'"),
     # the implied system message that carries the tools is not counted: message 1 is the client's second
     ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "a"}], "tools": [WEATHER],
       "chat_template_kwargs": {"thinking": True}}, "message 1: in thinking mode an assistant message"),

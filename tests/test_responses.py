@@ -171,6 +171,7 @@ def test_a_json_schema_text_format(server: ServerProcess, client: openai.OpenAI)
     ({"include": ["message.output_text.logprobs"]}, "include", "log-probabilities"),
     ({"background": True}, "background", "stores no responses"),
     ({"max_output_tokens": 0}, "max_output_tokens", "at least 1"),
+    ({"reasoning": {"effort": "huge"}}, "reasoning", "reasoning.effort: Input should be 'none'"),
     # the chat pipeline's refusals, in this API's names
     ({"input": "x " * 5000}, "input", "context length is 4096"),
     ({"max_output_tokens": 100_000}, "max_output_tokens", "max_output_tokens (100000) + the prompt"),

@@ -59,7 +59,7 @@ DEEP = [
     ("/v1/chat/completions", {"tools": [CHAIN_TOOL], "tool_choice": "required"}, 400, "nests more than 1024 levels"),
 ]
 BAD = [  # (path, body changes, status, words in the message)
-    ("/v1/completions", {"prompt": [7] * 200}, 400, "200 tokens but the context length is 128"),
+    ("/v1/completions", {"prompt": [7] * 200}, 400, "200 tokens but this model's maximum context length is 128"),
     ("/v1/completions", {"prompt": [7] * 100, "max_tokens": 40}, 400, "max_tokens (40) + the prompt (100 tokens)"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi " * 150}]}, 400, "context length"),
     ("/v1/completions", {"prompt": [], "max_tokens": 2}, 400, "prompt is empty"),
@@ -181,10 +181,12 @@ def test_openai_client_raises_typed_errors(client: openai.OpenAI, model: str) ->
 def test_a_prompt_past_the_context_names_the_field_that_held_it(client: openai.OpenAI, model: str,
                                                                 stream: bool) -> None:
     """The engine's refusal of the prompt itself named no field (param null): now the one the client sent."""
-    with pytest.raises(openai.BadRequestError, match="the prompt has 130 tokens but the context length is 128") as err:
+    with pytest.raises(openai.BadRequestError,
+                       match="the prompt has 130 tokens but this model's maximum context length is 128 tokens") as err:
         client.completions.create(model=model, prompt=[7] * 130, max_tokens=2, stream=stream)
     assert (err.value.param, err.value.code) == ("prompt", "context_length_exceeded")
-    with pytest.raises(openai.BadRequestError, match=r"the prompt has \d+ tokens but the context length") as err:
+    with pytest.raises(openai.BadRequestError,
+                       match=r"the prompt has \d+ tokens but this model's maximum context length") as err:
         client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi " * 150}],
                                        max_tokens=2, stream=stream)
     assert (err.value.param, err.value.code) == ("messages", "context_length_exceeded")
@@ -266,7 +268,8 @@ def test_queue_full_is_503(server: ServerProcess, client: openai.OpenAI, model: 
     ("/generate", {"model": None, "text": "a", "sampling_params": {"max_new_tokens": 500}}, "max_new_tokens",
      "max_new_tokens (500) + the prompt ("),
     # the engine's refusal of the prompt itself names the field that held it (no param, was)
-    ("/generate", {"model": None, "input_ids": [7] * 130}, "input_ids", "the prompt has 130 tokens but the context"),
+    ("/generate", {"model": None, "input_ids": [7] * 130}, "input_ids",
+     "the prompt has 130 tokens but this model's maximum context"),
     ("/generate", {"model": None, "text": "hi " * 150}, "text", "the prompt has "),
     ("/v1/completions", {"logit_bias": {"99999": 1}}, "logit_bias", "logit_bias token id 99999 is outside the vocab"),
     ("/v1/completions", {"prompt": [5, 99999]}, "prompt", "the prompt has token id 99999, outside the vocabulary"),

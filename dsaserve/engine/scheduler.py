@@ -75,10 +75,13 @@ class Scheduler:
         if prompt_len == 0:
             raise RequestError("the prompt is empty")
         if prompt_len >= limit:
-            raise RequestError(f"the prompt has {prompt_len} tokens but the context length is {limit}")
+            # (this model's maximum context length is: OpenAI's words, which clients such as litellm look for)
+            raise RequestError(f"the prompt has {prompt_len} tokens but this model's maximum context length is "
+                               f"{limit} tokens")
         if prompt_len + max_new_tokens > limit:
             raise RequestError(f"max_tokens ({max_new_tokens}) + the prompt ({prompt_len} tokens) = "
-                               f"{prompt_len + max_new_tokens} exceeds the context length {limit}")
+                               f"{prompt_len + max_new_tokens} tokens, but this model's maximum context length is "
+                               f"{limit} tokens")
         held = max_new_tokens if cache_tokens is None else min(cache_tokens, max_new_tokens)
         if prompt_len + held + self.cfg.decode_lookahead - 1 > self.capacity_tokens:
             what = (f"max_tokens ({max_new_tokens}) + the prompt ({prompt_len} tokens)" if held == max_new_tokens

@@ -228,7 +228,7 @@ class OpenAIServing:
             raise bad_request("continue_final_message needs add_generation_prompt: false (the reply continues the "
                               "last message instead of opening a new one)", param="continue_final_message")
         try:
-            return self.chat_format.render([m.plain() for m in body.messages], tools, body.chat_template_kwargs,
+            return self.chat_format.render([m.plain() for m in body.messages], tools, body.template_kwargs(),
                                            body.add_generation_prompt, body.continue_final_message)
         except ChatFormatError as exc:
             raise bad_request(str(exc), param=exc.param) from None

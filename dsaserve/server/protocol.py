@@ -120,6 +120,7 @@ class CompletionRequest(SamplingFields):
 
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
+REASONING_EFFORTS = Literal["none", "minimal", "low", "medium", "high", "xhigh"]  # OpenAI's
 
 
 class ContentPart(ClientBody):
@@ -137,8 +138,12 @@ class ChatMessage(ClientBody):
 
     @field_validator("content", mode="before")
     @classmethod
-    def _text_parts(cls, content: Any) -> Any:
-        """One readable error for a part that is not text (pydantic's names each member of the union)."""
+    def _text_parts(cls, content: Any, info: ValidationInfo) -> Any:
+        """One readable error for a part that is not text (pydantic's names each member of the union); an earlier
+        assistant turn's refusal part (OpenAI's) is its text."""
+        if isinstance(content, list) and info.data.get("role") == "assistant":
+            content = [{"type": "text", "text": part["refusal"]} if isinstance(part, dict) and part.get("type") ==
+                       "refusal" and isinstance(part.get("refusal"), str) else part for part in content]
         for j, part in enumerate(content if isinstance(content, list) else []):
             kind = part.get("type") if isinstance(part, dict) else None
             if kind != "text":  # dropping an image or audio part would answer a different question
@@ -173,6 +178,18 @@ class ChatInput(ClientBody):
     add_generation_prompt: StrictBool = True  # vLLM's: false ends the prompt after the last message
     continue_final_message: StrictBool = False  # vLLM's: the reply continues the last message (no end of turn)
 
+    def template_kwargs(self) -> dict[str, Any] | None:
+        """The chat template's variables."""
+        return self.chat_template_kwargs
+
+
+def thinking_kwargs(kwargs: dict[str, Any] | None, effort: str | None) -> dict[str, Any] | None:
+    """chat_template_kwargs with a reasoning effort as the templates' thinking switch (DeepSeek-V3.2's `thinking`,
+    GLM's `enable_thinking`): "none" off, any other effort on; the client's own kwargs win; no effort, no change."""
+    if effort is None:
+        return kwargs
+    return {"thinking": effort != "none", "enable_thinking": effort != "none", **(kwargs or {})}
+
 
 class ChatCompletionRequest(ChatInput, SamplingFields):
     max_completion_tokens: StrictInt | None = None
@@ -182,6 +199,20 @@ class ChatCompletionRequest(ChatInput, SamplingFields):
     parallel_tool_calls: StrictBool | None = None  # false: at most one call (the grammar, or the first parsed)
     separate_reasoning: StrictBool = True  # SGLang's: false leaves the reasoning in content (no reasoning parser)
     stream_reasoning: StrictBool = True  # SGLang's: false streams the reasoning in one piece once it has ended
+    reasoning_effort: REASONING_EFFORTS | None = None  # OpenAI's: the template's thinking (thinking_kwargs)
+    functions: Any = None  # OpenAI's deprecated forms of tools / tool_choice: refused by name
+    function_call: Any = None
+
+    @field_validator("functions", "function_call")
+    @classmethod
+    def _deprecated(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None:  # (answering without them would answer a different question)
+            raise ValueError(f"{info.field_name} is OpenAI's deprecated form of "
+                             f"{'tools' if info.field_name == 'functions' else 'tool_choice'}: send that instead")
+        return value
+
+    def template_kwargs(self) -> dict[str, Any] | None:
+        return thinking_kwargs(self.chat_template_kwargs, self.reasoning_effort)
 
     @field_validator("top_logprobs")
     @classmethod

@@ -13,7 +13,8 @@ from dsaserve.server.errors import ApiError, bad_request
 
 INPUT_ROLES = ("user", "assistant", "system", "developer")
 # The chat request's fields that an error may name, as this API calls them
-CHAT_NAMES = {"messages": "input", "max_completion_tokens": "max_output_tokens", "response_format": "text"}
+CHAT_NAMES = {"messages": "input", "max_completion_tokens": "max_output_tokens", "response_format": "text",
+              "reasoning_effort": "reasoning"}
 TEXT_PARTS = ("input_text", "output_text", "text")  # output_text: an earlier assistant turn sent back
 
 
@@ -32,9 +33,9 @@ class ResponsesRequest(p.Bootstrap):
     repetition_penalty: StrictFloat | None = None
     seed: StrictInt | None = None
     stream: StrictBool = False
-    reasoning: dict[str, Any] | None = None  # {"effort": "none" | ...}: the chat template's thinking switch
+    reasoning: dict[str, Any] | None = None  # {"effort": ...}: chat completions' reasoning_effort
     text: dict[str, Any] | None = None  # {"format": {"type": "text" | "json_object" | "json_schema", ...}}
-    chat_template_kwargs: dict[str, Any] | None = None  # vLLM's extension: wins over `reasoning`
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM's extension: wins over `reasoning` (thinking_kwargs)
     # What needs a stored response or conversation (refused: nothing is stored)
     previous_response_id: str | None = None
     conversation: str | dict[str, Any] | None = None
@@ -69,7 +70,8 @@ class ResponsesRequest(p.Bootstrap):
             "max_completion_tokens": self.max_output_tokens, "temperature": self.temperature, "top_p": self.top_p,
             "top_k": self.top_k, "min_p": self.min_p, "repetition_penalty": self.repetition_penalty,
             "seed": self.seed, "stream": self.stream, "response_format": self.response_format(),
-            "chat_template_kwargs": self.template_kwargs(), "routed_dp_rank": self.routed_dp_rank,
+            "chat_template_kwargs": self.chat_template_kwargs, "reasoning_effort": (self.reasoning or {}).get("effort"),
+            "routed_dp_rank": self.routed_dp_rank,
             **self.model_dump(include={"bootstrap_host", "bootstrap_port", "bootstrap_room"})}
         try:
             return p.ChatCompletionRequest.model_validate(chat)
@@ -187,17 +189,8 @@ class ResponsesRequest(p.Bootstrap):
         message = re.sub(r"tools\[(\d+)\]\.function\.", r"tools[\1].", message)
         message = re.sub(r"\bmax_completion_tokens\b", "max_output_tokens", message)
         message = re.sub(r"\bresponse_format\b", "text.format", message)
+        message = re.sub(r"\breasoning_effort\b", "reasoning.effort", message)
         return ApiError(exc.status, message, CHAT_NAMES.get(exc.param or "", exc.param), exc.code)
-
-    def template_kwargs(self) -> dict[str, Any] | None:
-        """reasoning.effort "none" turns the chat template's thinking off, any other effort on (DeepSeek-V3.2's
-        `thinking`, GLM's `enable_thinking`); left out, the template's default holds."""
-        kwargs = dict(self.chat_template_kwargs or {})
-        effort = (self.reasoning or {}).get("effort")
-        if effort is not None:
-            for switch in ("thinking", "enable_thinking"):
-                kwargs.setdefault(switch, effort != "none")
-        return kwargs or None
 
 
 def _string(item: dict[str, Any], key: str, where: str) -> str:
