@@ -395,7 +395,7 @@ def test_attention_backend_flashmla_is_chosen_and_checked(monkeypatch: pytest.Mo
 
     cfg = ModelConfig.from_dict(DEEPSEEK_V32)
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
-    assert "needs --device cuda and --dtype bfloat16" in model_runner.flashmla_blocker(cuda, cfg, torch.float32)
+    assert "needs --device cuda and --dtype bfloat16" in model_runner.flashmla_blocker(cuda, cfg, torch.float32, FP8)
     for runs_here in (True, False):  # whether flash_mla imports and takes the model (this machine may lack both)
         monkeypatch.setattr(model_runner, "flashmla_blocker",
                             lambda *a, runs=runs_here: None if runs else "flash_mla is not importable")

@@ -87,21 +87,37 @@ def test_flashmla_fp8_takes_more_rows_than_its_scheduler_holds() -> None:
 
 
 def test_flashmla_refuses_shapes_it_cannot_run() -> None:
-    assert flashmla.unsupported(576, 512, 128, 2048) is None
-    assert "576" in flashmla.unsupported(192, 128, 16, 64)
-    assert "multiple of 64" in flashmla.unsupported(576, 512, 128, 100)
+    """Refused by name, never run: the bf16 cache's sparse prefill kernel asserts top-k % 128 and took the process
+    down (a segfault) at top-k 64, which the FP8 decode kernel takes."""
+    for fp8 in (False, True):
+        assert flashmla.unsupported(576, 512, 128, 2048, fp8) is None
+        assert "576" in flashmla.unsupported(192, 128, 16, 64, fp8)
+    assert "multiple of 64 over an FP8 cache" in flashmla.unsupported(576, 512, 128, 100, True)
+    assert flashmla.unsupported(576, 512, 16, 64, True) is None
+    assert "multiple of 128 over a bf16 cache" in flashmla.unsupported(576, 512, 16, 64, False)
+    q, cache, idx, lengths = _inputs(3, 64, False, torch.Generator(DEV).manual_seed(0))
+    with pytest.raises(ValueError, match="over a bf16 cache top-k must be a multiple of 128, got 64"):
+        flashmla.sparse_mla(q, cache, idx[:, :64].contiguous(), SCALE, 512, lengths)
 
 
-# The engine with FlashMLA inside: a tiny model with FlashMLA's attention shapes (512 latent + 64 rope dims; 8 heads,
-# padded to 64) and index_topk 64, prompts shorter and longer than it.
-FLASHMLA_DIMS = dict(kv_lora_rank=512, qk_rope_head_dim=64, index_topk=64)
-ENGINE_PROMPT_LENGTHS = [5, 40, 90, 150, 23, 70]
+# The engine with FlashMLA inside: tiny models with FlashMLA's attention shapes (512 latent + 64 rope dims; 8 heads,
+# padded to 64) and the smallest index_topk each cache's kernel takes (FP8: 64; bf16: 128), prompts shorter and longer.
+FLASHMLA_DIMS = dict(kv_lora_rank=512, qk_rope_head_dim=64)
+ENGINE_PROMPT_LENGTHS = [5, 40, 90, 150, 23, 70, 200]
 
 
 @pytest.fixture(scope="module")
-def flashmla_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+def flashmla_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """kv cache dtype ("auto": bf16) -> a model with the smallest index_topk FlashMLA takes over it."""
     from dsaserve.tiny import make_tiny_model
-    return str(make_tiny_model(tmp_path_factory.mktemp("fmla") / "m", "deepseek_v32", layers=2, **FLASHMLA_DIMS))
+    return {kv: str(make_tiny_model(tmp_path_factory.mktemp("fmla") / "m", "deepseek_v32", layers=2,
+                                    index_topk=flashmla.topk_multiple(kv == "fp8_e4m3"), **FLASHMLA_DIMS))
+            for kv in ("auto", "fp8_e4m3")}
+
+
+@pytest.fixture(scope="module")
+def flashmla_model(flashmla_models: dict[str, str]) -> str:
+    return flashmla_models["fp8_e4m3"]
 
 
 def _engine_prompts(seed: int) -> list[list[int]]:
@@ -110,11 +126,12 @@ def _engine_prompts(seed: int) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("kv", ["auto", "fp8_e4m3"])
-def test_flashmla_engine_as_accurate_as_triton(kv: str, flashmla_model: str) -> None:
+def test_flashmla_engine_as_accurate_as_triton(kv: str, flashmla_models: dict[str, str]) -> None:
     """Eager steps through FlashMLA's kernels: as close to the fp32 torch run as the Triton engine's, tokens equal
     but at near-ties (test_triton_engine.check_run); over an FP8 cache `auto` picks it."""
     from test_triton_engine import _greedy, check_run
     from dsaserve.engine import model_runner
+    flashmla_model = flashmla_models[kv]
     prompts = _engine_prompts(1) + _engine_prompts(2)
     truth = _greedy(flashmla_model, "torch", "float32", prompts, kv)
     triton_run = _greedy(flashmla_model, "triton", "bfloat16", prompts, kv)

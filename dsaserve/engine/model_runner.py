@@ -77,15 +77,15 @@ def whole_pages(pages: int, page_size: int, slot_multiple: int) -> int:
     return pages - pages % step
 
 
-def flashmla_blocker(device: torch.device, cfg: ModelConfig, dtype: torch.dtype) -> str | None:
-    """None when FlashMLA's kernels can serve this model here, else why not."""
+def flashmla_blocker(device: torch.device, cfg: ModelConfig, dtype: torch.dtype, kv_dtype: torch.dtype) -> str | None:
+    """None when FlashMLA's kernels can serve this model over this cache here, else why not."""
     if device.type != "cuda" or dtype != torch.bfloat16:
         return f"it needs --device cuda and --dtype bfloat16 (got {device.type}, {dtype})"
     if not torch.cuda.is_available():
         return "no CUDA device"
     from dsaserve.ops import flashmla  # imports Triton: only where CUDA is
     return flashmla.available(device.index or 0) or flashmla.unsupported(
-        cfg.latent_dim, cfg.kv_lora_rank, cfg.num_attention_heads, cfg.index_topk)
+        cfg.latent_dim, cfg.kv_lora_rank, cfg.num_attention_heads, cfg.index_topk, kv_dtype == FP8_ROWS)
 
 
 def resolve_attention_backend(name: str, device: torch.device, cfg: ModelConfig, dtype: torch.dtype,
@@ -94,11 +94,11 @@ def resolve_attention_backend(name: str, device: torch.device, cfg: ModelConfig,
     about even at 1K context and faster from 4K on, where every selected slot is real (docs/benchmarks.md).
     Over a bf16 cache it has only its prefill kernel, slower than ours at few rows: there flashmla is the
     flag's choice. Asked for where it cannot run, flashmla says why."""
-    if name == "auto" and kv_dtype == FP8_ROWS and flashmla_blocker(device, cfg, dtype) is None:
+    if name == "auto" and kv_dtype == FP8_ROWS and flashmla_blocker(device, cfg, dtype, kv_dtype) is None:
         return "flashmla"
     if name != "flashmla":
         return resolve_backend(name, device)
-    why = flashmla_blocker(device, cfg, dtype)
+    why = flashmla_blocker(device, cfg, dtype, kv_dtype)
     if why is not None:
         raise SettingError(f"--attention-backend flashmla cannot run here: {why}")
     return "flashmla"

@@ -68,14 +68,23 @@ def api_problem(flash_mla: ModuleType) -> str | None:
     return None
 
 
-def unsupported(qk_dim: int, v_dim: int, heads: int, topk: int) -> str | None:
-    """None when a model with these attention shapes can use FlashMLA, else why not."""
+def topk_multiple(fp8_cache: bool) -> int:
+    """index_topk must be a multiple of this: its FP8 decode kernel reads 64 slots a block, its sparse prefill kernel
+    (the bf16 cache's) two blocks of 64 at a time (it asserts topk % 128 and takes the process down otherwise)."""
+    return 64 if fp8_cache else 128
+
+
+def unsupported(qk_dim: int, v_dim: int, heads: int, topk: int, fp8_cache: bool) -> str | None:
+    """None when a model with these attention shapes can use FlashMLA over this cache, else why not."""
     if (qk_dim, v_dim) != (QK_DIM, V_DIM):
         return f"FlashMLA needs query/key dims {QK_DIM} and value dims {V_DIM}, the model has {qk_dim} and {v_dim}"
     if heads > max(HEADS):
         return f"FlashMLA takes at most {max(HEADS)} query heads, the model has {heads}"
-    if topk % 64:
-        return f"FlashMLA needs index_topk to be a multiple of 64, the model has {topk}"
+    multiple = topk_multiple(fp8_cache)
+    if topk % multiple:
+        return (f"FlashMLA needs index_topk to be a multiple of {multiple} over {'an FP8' if fp8_cache else 'a bf16'} "
+                f"cache, the model has {topk}" + ("" if fp8_cache else " (--kv-cache-dtype fp8_e4m3 takes multiples "
+                                                                       "of 64)"))
     return None
 
 
@@ -111,10 +120,13 @@ def sparse_mla(q: Tensor, kv_cache: Tensor, indices: Tensor, sm_scale: float, v_
     counts = None if lengths is None else lengths.reshape(T).clamp(max=topk).to(torch.int32)
     if kv_cache.dtype != torch.bfloat16:
         raise ValueError(f"flashmla sparse_mla: the cache must be bf16 or FP8 rows, got {kv_cache.dtype}")
+    if topk % topk_multiple(fp8_cache=False):  # (its assertion would end the process)
+        raise ValueError(f"flashmla sparse_mla: over a bf16 cache top-k must be a multiple of "
+                         f"{topk_multiple(fp8_cache=False)}, got {topk}")
     out, _, lse = flash_mla.flash_mla_sparse_fwd(q.contiguous(), kv_cache.view(-1, 1, D), indices.view(T, 1, topk),
                                                  sm_scale, v_dim, topk_length=counts)
     return out, lse
 
 
-__all__ = ["HEAD_MULTIPLE", "available", "indexer_logits", "max_query_rows", "moe_experts", "sparse_mla", "topk_slots",
-           "unsupported"]
+__all__ = ["HEAD_MULTIPLE", "available", "indexer_logits", "max_query_rows", "moe_experts", "sparse_mla",
+           "topk_multiple", "topk_slots", "unsupported"]
