@@ -114,8 +114,14 @@ def test_reasoning_effort_is_the_thinking_switch(server: ServerProcess, client: 
             "return_tokens_as_token_ids": True, **body}).json()
         return [r["usage"]["prompt_tokens"]] + [t["token"] for t in r["choices"][0]["logprobs"]["content"]]
     assert ids(reasoning_effort=effort) == ids(chat_template_kwargs={"thinking": on})
-    assert ids(reasoning_effort=effort, chat_template_kwargs={"thinking": not on}) == \
-        ids(chat_template_kwargs={"thinking": not on})
+    for switch in ("thinking", "enable_thinking"):  # the client's own switch wins, by either name
+        assert ids(reasoning_effort=effort, chat_template_kwargs={switch: not on}) == \
+            ids(chat_template_kwargs={"thinking": not on})
+
+    def prompt(**body) -> list[int]:  # /tokenize renders as chat completions does
+        return httpx.post(f"{server.url}/tokenize", json={"messages": ask, **body}, timeout=30).json()["tokens"]
+    assert prompt(reasoning_effort=effort) == prompt(chat_template_kwargs={"thinking": on})
+    assert prompt(reasoning_effort="high") != prompt()  # (thinking is off by default here)
     kw = dict(model="default", messages=ask, max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
     msg = client.chat.completions.create(**kw, reasoning_effort=effort).choices[0].message
     assert bool(msg.reasoning_content) == on and bool(msg.content) != on

@@ -134,6 +134,17 @@ def test_reasoning_split_follows_the_template_kwarg(client: openai.OpenAI, enabl
 NO_THINK = {"chat_template_kwargs": {"enable_thinking": False}}
 
 
+def test_reasoning_effort_sets_enable_thinking(server: ServerProcess) -> None:
+    """OpenAI's reasoning_effort on GLM, whose template thinks unless told not to: "none" renders the prompt of
+    enable_thinking false (the default's differs), any other effort that of true; a client's own switch wins."""
+    def tokens(**body) -> list[int]:
+        return httpx.post(f"{server.url}/tokenize", timeout=30,
+                          json={"messages": [{"role": "user", "content": "Why?"}], **body}).json()["tokens"]
+    off, on = (tokens(chat_template_kwargs={"enable_thinking": switch}) for switch in (False, True))
+    assert off != tokens() and tokens(reasoning_effort="none") == off and tokens(reasoning_effort="low") == on
+    assert tokens(reasoning_effort="none", chat_template_kwargs={"enable_thinking": True}) == on
+
+
 def test_json_schema_answers_validate(client: openai.OpenAI) -> None:
     chat_cases.check_json_schema(client, client.models.list().data[0].id, NO_THINK)
 

@@ -125,6 +125,21 @@ def test_decode_abort_before_its_page_ids_went_out_tells_the_prefill_server(tiny
         assert pre.stats().free_pages == pre.stats().total_pages and not pre.requests
 
 
+def test_queued_pd_requests_count_in_the_load(tiny_ds: str) -> None:
+    """/get_load's num_tokens (EngineStats.queued_tokens) counts what each side queues, as SGLang's does: a decode
+    request waiting for pages and a prefill request waiting for the decode server's page ids (they counted 0)."""
+    with pd_pair(tiny_ds, backend="fake", page_size=4, decode=SMALL) as (pre, dec):
+        a, b = two_prompts(dec)
+        peer = f"tcp://127.0.0.1:{pre.disagg.port}"
+        dec.add_request("a", a, GREEDY, DisaggRoute(1, peer))  # holds the decode pool
+        pre.add_request("pb", b, GREEDY, DisaggRoute(2))
+        dec.add_request("b", b, GREEDY, DisaggRoute(2, peer))
+        assert not dec.disagg.rooms[2].sent and 2 in pre.disagg.pending
+        assert (dec.stats().waiting, dec.stats().queued_tokens) == (1, len(b))
+        assert (pre.stats().waiting, pre.stats().queued_tokens) == (1, len(b))
+        assert dec.abort("b") and pre.abort("pb") and dec.abort("a")
+
+
 def test_malformed_page_ids_end_the_request_not_the_server(tiny_ds: str) -> None:
     """A `dest` message without its page list (a broken or foreign peer) ends its request with a message naming
     the problem; the prefill leader goes on serving (its KeyError escaped the step)."""

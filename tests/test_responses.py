@@ -157,6 +157,8 @@ def test_a_json_schema_text_format(server: ServerProcess, client: openai.OpenAI)
     ({"truncation": "auto"}, "truncation", "truncates nothing"),
     ({"context_management": [{"type": "compaction"}]}, "context_management", "stores no responses"),
     ({"input": [{"role": "user", "content": "hi"}, 5]}, "input", "input[1] must be an object"),
+    ({"input": [{"role": "user", "content": [{"type": "input_text", "text": 5}]}]}, "input",
+     "input[0].content[0]: the input_text part needs its text (a string), got 5"),
     ({"input": [{"role": "user", "content": "hi"}, {"type": "function_call_output", "call_id": "c", "output": "x"}]},
      "input", "input[1]: a tool result needs an earlier assistant message"),
     ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text", "json_schema needs its schema"),

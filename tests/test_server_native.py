@@ -226,3 +226,15 @@ def test_get_load_counts_a_running_request(server: ServerProcess) -> None:
         assert running["num_waiting_reqs"] == 0 and running["num_tokens"] >= 16 and running["num_tokens"] % 4 == 0
         assert httpx.post(f"{server.url}/abort_request", json={"rid": "load-1"}, timeout=30).status_code == 200
     until(lambda x: x == idle, "after the abort")
+
+
+def test_queued_requests_count_their_tokens_in_the_load(tiny_ds: str) -> None:
+    """/get_load's num_tokens counts the queued requests' tokens (EngineStats.queued_tokens), as SGLang's does."""
+    llm = LLM(tiny_ds, **FLAGS, max_running_requests=1)
+    first, second = list(range(40, 53)), list(range(60, 93))
+    for rid, ids in (("a", first), ("b", second)):
+        llm.engine.add_request(rid, ids, SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True))
+    llm.engine.step()
+    stats = llm.engine.stats()
+    assert (stats.running, stats.waiting, stats.queued_tokens) == (1, 1, len(second))
+    assert llm.engine.abort("a") and llm.engine.abort("b")

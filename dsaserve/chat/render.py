@@ -25,6 +25,15 @@ RESERVED_KWARGS = frozenset({"messages", "tools", "add_generation_prompt", "toke
 THINKING_SWITCHES = frozenset({"thinking", "enable_thinking", "clear_thinking"})
 
 
+def thinking_kwargs(kwargs: dict[str, Any] | None, effort: str | None) -> dict[str, Any] | None:
+    """chat_template_kwargs with a reasoning effort (OpenAI's reasoning_effort / reasoning.effort) as the templates'
+    thinking switch (DeepSeek-V3.2's `thinking`, GLM's `enable_thinking`): "none" off, any other effort on. Kwargs
+    that set a switch themselves win whole (either name: the V3.2 encoding reads `enable_thinking` too)."""
+    if effort is None or THINKING_SWITCHES & (kwargs or {}).keys():
+        return kwargs
+    return {"thinking": effort != "none", "enable_thinking": effort != "none", **(kwargs or {})}
+
+
 class ChatFormatError(ValueError):
     """The conversation cannot be rendered (the message names what is wrong; `param`: the request field)."""
 

@@ -53,6 +53,10 @@ class DecodeSide(SideBase):
         """Requests waiting for free pages, before their page ids go out (the server's `waiting` counts them)."""
         return sum(not inc.sent for inc in self.rooms.values())
 
+    def queued_tokens(self) -> int:
+        """Those requests' tokens (SGLang's load counts them)."""
+        return sum(inc.req.num_tokens for inc in self.rooms.values() if not inc.sent)
+
     def wait_ms(self) -> int | None:
         """How long the leader may block (the control sockets wake it too): None with nothing incoming."""
         if any(i.sent for i in self.rooms.values()):

@@ -92,6 +92,10 @@ class PrefillSide(SideBase):
         """Requests waiting for their decode server's pages (the server's `waiting` counts them)."""
         return len(self.pending)
 
+    def queued_tokens(self) -> int:
+        """Those requests' tokens (SGLang's load counts them)."""
+        return sum(p.req.num_tokens for p in self.pending.values())
+
     def wait_ms(self) -> int | None:
         """How long the leader may block (its control socket wakes it too): None with nothing outgoing."""
         # (a request whose grammar still compiles is none to admit: the compiler's wake fd wakes the leader)

@@ -221,6 +221,11 @@ class Engine:
         queued = len(self.scheduler.waiting) + len(self.grammars.held)
         return queued + (self.disagg.queued() if self.disagg is not None else 0)
 
+    def _queued_tokens(self) -> int:
+        """The tokens of the requests _waiting counts."""
+        queued = sum(r.num_tokens for r in (*self.scheduler.waiting, *self.grammars.held))
+        return queued + (self.disagg.queued_tokens() if self.disagg is not None else 0)
+
     def stats(self) -> EngineStats:
         cache = self.prefix_cache
         reclaimable = cache.reclaimable() if cache is not None else 0
@@ -232,7 +237,7 @@ class Engine:
                            self.scheduler.num_retractions, self.steps, *self._spec, *hits, *graph,
                            compiles.kernel_compiles(), len(self.scheduler.in_transit),
                            self.scheduler.cfg.max_running_requests, self.scheduler.cfg.chunked_prefill_size,
-                           sum(r.num_tokens for r in (*self.scheduler.waiting, *self.grammars.held)))
+                           self._queued_tokens())
 
     # -- the step --------------------------------------------------------------------------
 

@@ -271,6 +271,7 @@ class OpenAIServing:
             self.fe.check_prompt_chars(_message_chars(body.messages), "messages")
             tools = checked_tools(body.tools, body.tool_choice).tools  # ("none": left out, as chat leaves them)
             chat = p.ChatInput(messages=body.messages, tools=body.tools, chat_template_kwargs=body.chat_template_kwargs,
+                               reasoning_effort=body.reasoning_effort,
                                add_generation_prompt=body.add_generation_prompt,
                                continue_final_message=body.continue_final_message)
             ids = self.render(chat, tools).ids

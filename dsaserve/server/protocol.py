@@ -8,6 +8,8 @@ from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Str
                       field_validator, model_serializer, model_validator)
 from pydantic.fields import FieldInfo
 
+from dsaserve.chat.render import thinking_kwargs
+
 TokenIds = list[StrictInt]  # token ids in requests: JSON integers only (true or 2.0 is not a token id)
 
 
@@ -177,18 +179,11 @@ class ChatInput(ClientBody):
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: StrictBool = True  # vLLM's: false ends the prompt after the last message
     continue_final_message: StrictBool = False  # vLLM's: the reply continues the last message (no end of turn)
+    reasoning_effort: REASONING_EFFORTS | None = None  # OpenAI's: the template's thinking switch
 
     def template_kwargs(self) -> dict[str, Any] | None:
-        """The chat template's variables."""
-        return self.chat_template_kwargs
-
-
-def thinking_kwargs(kwargs: dict[str, Any] | None, effort: str | None) -> dict[str, Any] | None:
-    """chat_template_kwargs with a reasoning effort as the templates' thinking switch (DeepSeek-V3.2's `thinking`,
-    GLM's `enable_thinking`): "none" off, any other effort on; the client's own kwargs win; no effort, no change."""
-    if effort is None:
-        return kwargs
-    return {"thinking": effort != "none", "enable_thinking": effort != "none", **(kwargs or {})}
+        """The chat template's variables (render.thinking_kwargs)."""
+        return thinking_kwargs(self.chat_template_kwargs, self.reasoning_effort)
 
 
 class ChatCompletionRequest(ChatInput, SamplingFields):
@@ -199,7 +194,6 @@ class ChatCompletionRequest(ChatInput, SamplingFields):
     parallel_tool_calls: StrictBool | None = None  # false: at most one call (the grammar, or the first parsed)
     separate_reasoning: StrictBool = True  # SGLang's: false leaves the reasoning in content (no reasoning parser)
     stream_reasoning: StrictBool = True  # SGLang's: false streams the reasoning in one piece once it has ended
-    reasoning_effort: REASONING_EFFORTS | None = None  # OpenAI's: the template's thinking (thinking_kwargs)
     functions: Any = None  # OpenAI's deprecated forms of tools / tool_choice: refused by name
     function_call: Any = None
 
@@ -210,9 +204,6 @@ class ChatCompletionRequest(ChatInput, SamplingFields):
             raise ValueError(f"{info.field_name} is OpenAI's deprecated form of "
                              f"{'tools' if info.field_name == 'functions' else 'tool_choice'}: send that instead")
         return value
-
-    def template_kwargs(self) -> dict[str, Any] | None:
-        return thinking_kwargs(self.chat_template_kwargs, self.reasoning_effort)
 
     @field_validator("top_logprobs")
     @classmethod
@@ -230,6 +221,7 @@ class TokenizeRequest(ClientBody):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None  # "none" leaves the tools out, as chat completions does
     chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_effort: REASONING_EFFORTS | None = None
     add_generation_prompt: StrictBool = True
     continue_final_message: StrictBool = False
     add_special_tokens: StrictBool = True  # prompts only: a rendered conversation carries its own

@@ -209,10 +209,13 @@ def _text(content: Any, where: str) -> str:
     texts = []
     for k, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind not in (*TEXT_PARTS, "reasoning_text", "summary_text", "refusal") or not isinstance(
-                part.get("text", part.get("refusal")), str):
+        if kind not in (*TEXT_PARTS, "reasoning_text", "summary_text", "refusal"):
             raise bad_request(f"{where}[{k}]: parts of type {kind!r} are not supported: this model reads text",
                               param="input")
-        texts.append(part.get("text", part.get("refusal")))
+        text = part.get("refusal" if kind == "refusal" else "text")
+        if not isinstance(text, str):
+            raise bad_request(f"{where}[{k}]: the {kind} part needs its {'refusal' if kind == 'refusal' else 'text'} "
+                              f"(a string), got {text!r}", param="input")
+        texts.append(text)
     return "".join(texts)
 
