@@ -281,6 +281,19 @@ def test_streamed_named_tool_call(client: openai.OpenAI) -> None:
     chat_cases.check_streamed_named_call(client, client.models.list().data[0].id, {})
 
 
+def test_a_forced_call_cut_by_max_tokens_leaves_no_markup(client: openai.OpenAI) -> None:
+    """A forced call that max_tokens cuts: finish_reason length, no call and no content (its DSML markup was the
+    content, which agent frameworks could take for the answer), streamed and not."""
+    kw = dict(model="default", messages=chat_cases.ASK, tools=chat_cases.TOOLS, max_tokens=12, temperature=0,
+              tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    r = client.chat.completions.create(**kw)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 12
+    assert not r.choices[0].message.content and not r.choices[0].message.tool_calls
+    chunks = [c for c in client.chat.completions.create(**kw, stream=True) if c.choices]
+    assert not "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert not any(c.choices[0].delta.tool_calls for c in chunks) and chunks[-1].choices[0].finish_reason == "length"
+
+
 def test_a_forced_calls_null_length_bounds_are_no_bounds(client: openai.OpenAI) -> None:
     """`minLength: null` reads as absent, as the tools' validation reads it (the grammar took int(None): a 500)."""
     tool = _tool("f", properties={"a": {"type": "string", "minLength": None, "maxLength": 3}}, required=["a"])

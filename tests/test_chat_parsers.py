@@ -365,6 +365,25 @@ def test_a_cut_after_complete_calls_drops_the_cut_call(make, raw: str, reasoning
 
 
 @pytest.mark.parametrize("make,raw,reasoning,content,calls", KNOWN[:2])
+def test_a_forced_call_cut_inside_is_no_content(make, raw: str, reasoning: str, content: str,
+                                                calls: list[ToolCall]) -> None:
+    """tool_choice required / named: the reply is calls alone (its grammar), so what max_tokens left of a first call
+    (or of its opening marker) is no content, whole or streamed; unforced, such a reply keeps its text."""
+    parser_class = DsmlToolParser if make is dsml else GlmToolParser
+    reply = raw.split("Let me look.")[1]  # calls alone, as the forced grammar writes them
+    first_end = reply.index("Paris")
+    for keep in (2, 8, first_end):
+        for forced in (True, False):
+            def one() -> OutputParser:
+                return OutputParser(None, parser_class(TOOLS, forced=forced))
+            for cuts in ((), tuple(range(1, keep))):
+                got = parse(one, reply[:keep], cuts, cut_off=True)
+                assert got == (Parsed("", "", []) if forced else Parsed("", reply[:keep], [])), (keep, forced)
+    whole = parse(lambda: OutputParser(None, parser_class(TOOLS, forced=True)), reply, cut_off=True)
+    assert whole.calls == calls and whole.content == ""
+
+
+@pytest.mark.parametrize("make,raw,reasoning,content,calls", KNOWN[:2])
 def test_text_after_calls_that_could_open_a_marker_stays_at_the_models_own_end(make, raw: str, reasoning: str,
                                                                                content: str,
                                                                                calls: list[ToolCall]) -> None:

@@ -4,7 +4,7 @@ Every parser is one state machine fed text pieces as they stream (`feed`) and cl
 whole answer is parsed by feeding it at once, so a stream's pieces always add up to the whole answer
 however the text was cut. Text that might be the start of a marker is held back until it is not.
 A tool call is emitted only once it is complete and valid; malformed markup goes to the content as
-it was written, never dropped (a call the reply's end cuts short after complete calls is dropped).
+it was written, never dropped (a call the reply's end cuts short after complete calls, or a forced one, is dropped).
 Whitespace that is all the text between two calls, or between a call and the start or end of the reply,
 separates calls and is not content (the chat templates render an assistant turn's calls without it), so a
 reply of calls alone has empty content.
@@ -102,10 +102,11 @@ class ToolCallParser:
     """Content with tool-call blocks in it. Subclasses give the markers and parse one complete element."""
     starts: tuple[str, ...] = ()
 
-    def __init__(self, tools: list[dict[str, Any]], max_calls: int | None = None):
-        """max_calls: the calls returned (parallel_tool_calls false: 1); later ones are dropped, not content."""
+    def __init__(self, tools: list[dict[str, Any]], max_calls: int | None = None, forced: bool = False):
+        """max_calls: the calls returned (parallel_tool_calls false: 1); later ones are dropped, not content.
+        forced: tool_choice required / named, the reply is calls alone (its grammar)."""
         self.schemas = {t["function"]["name"]: parameters_of(t["function"]) for t in tools}
-        self.max_calls, self.num_calls = max_calls, 0
+        self.max_calls, self.num_calls, self.forced = max_calls, 0, forced
         self.calls_before_block = 0  # num_calls when the current block opened
         self.buf, self.raw = "", ""  # raw: this block's text not yet turned into calls
         self.in_block = self.failed = False
@@ -148,7 +149,10 @@ class ToolCallParser:
     def _cut_after_calls(self, cut: bool) -> bool:
         """The reply ended inside a call after complete calls, or was cut (`cut`) inside the marker that opens one
         (held back outside a block: at the model's own end such text, "x <", is content). A reply whose first call
-        is cut keeps it as text: no call came, the text is all there is."""
+        is cut keeps it as text (no call came, the text is all there is, as SGLang and vLLM answer), unless the
+        call was forced: then the reply is calls alone and what a cut left of one is no content."""
+        if cut and self.forced:
+            return True
         if not self.num_calls:
             return False
         if not self.in_block:
@@ -367,9 +371,10 @@ class OutputParser:
 
 
 
-def tool_parser(name: str, tools: list[dict[str, Any]], max_calls: int | None = None) -> ToolCallParser:
+def tool_parser(name: str, tools: list[dict[str, Any]], max_calls: int | None = None,
+                forced: bool = False) -> ToolCallParser:
     parsers: dict[str, Callable[..., ToolCallParser]] = {
         "deepseekv32": DsmlToolParser, "glm45": GlmToolParser, "glm47": GlmToolParser}
     if name not in parsers:
         raise ValueError(f"unknown tool-call parser {name!r}: choose from {', '.join(TOOL_CALL_PARSERS)}")
-    return parsers[name](tools, max_calls)
+    return parsers[name](tools, max_calls, forced)

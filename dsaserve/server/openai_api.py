@@ -253,9 +253,10 @@ class OpenAIServing:
 
         def parser() -> OutputParser:
             splitter = ReasoningSplitter(prompt.opens_reasoning, whole=not body.stream_reasoning)
+            calls = 1 if body.parallel_tool_calls is False else None
             return OutputParser(splitter if reasoning else None,
-                                tool_parser(tool_parser_name, tools.tools, 1 if body.parallel_tool_calls is False
-                                            else None) if tool_parser_name else None)
+                                tool_parser(tool_parser_name, tools.tools, calls, bool(tools.forced))
+                                if tool_parser_name else None)
         return ChatPlan(prompt, tools, parser, grammar)
 
     # -- tokenizer endpoints -----------------------------------------------------------------
