@@ -172,7 +172,7 @@ def test_a_json_schema_text_format(server: ServerProcess, client: openai.OpenAI)
     ({"tool_choice": {"type": "file_search"}}, "tool_choice", "is not supported"),
     ({"include": ["message.output_text.logprobs"]}, "include", "log-probabilities"),
     ({"background": True}, "background", "stores no responses"),
-    ({"max_output_tokens": 0}, "max_output_tokens", "at least 1"),
+    ({"max_output_tokens": 0}, "max_output_tokens", "max_output_tokens must be > 0, got 0"),
     ({"reasoning": {"effort": "huge"}}, "reasoning", "reasoning.effort: Input should be 'none'"),
     # the chat pipeline's refusals, in this API's names
     ({"input": "x " * 5000}, "input", "context length is 4096"),

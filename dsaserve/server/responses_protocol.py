@@ -90,9 +90,6 @@ class ResponsesRequest(p.Bootstrap):
                 raise bad_request(f"{name} is not supported: this server stores no responses, conversations or "
                                   "prompts and truncates nothing; send the whole conversation as input (earlier "
                                   "outputs included)", param=name)
-        if self.max_output_tokens is not None and self.max_output_tokens < 1:
-            raise bad_request(f"max_output_tokens must be at least 1, got {self.max_output_tokens}",
-                              param="max_output_tokens")
         asked = [x for x in self.include or [] if x != "reasoning.encrypted_content"]
         if asked or self.top_logprobs:  # (encrypted reasoning: none is made, and the reasoning text is sent as is)
             raise bad_request(f"include {asked} / top_logprobs: log-probabilities and other extra output are not "
