@@ -250,8 +250,10 @@ def loads(fe: Frontend) -> list[dict[str, int]]:
     out = []
     for link in fe.links:
         st = fe.engine_stats.get(link.rank)
-        held = 0 if st is None else (st.total_pages - st.free_pages) * fe.args.page_size
-        reqs, waiting, tokens = (0, 0, 0) if st is None else (st.running + st.waiting, st.waiting,
-                                                              held + st.queued_tokens)
+        if st is None:
+            reqs = waiting = tokens = 0
+        else:
+            reqs, waiting = st.running + st.waiting, st.waiting
+            tokens = (st.total_pages - st.free_pages) * fe.args.page_size + st.queued_tokens
         out.append({"dp_rank": link.rank, "num_reqs": reqs, "num_waiting_reqs": waiting, "num_tokens": tokens})
     return out
