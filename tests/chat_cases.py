@@ -130,3 +130,27 @@ def check_streamed_named_call(client: openai.OpenAI, model: str, extra: dict) ->
                                                           or getattr(c.choices[0].delta, "reasoning_content", None)
                                                           or c.choices[0].finish_reason)]
     assert chunks[0].choices[0].delta.role == "assistant" and not empty, len(empty)
+
+
+def check_strict_tool_under_auto(client: openai.OpenAI, model: str, server_url: str, extra: dict) -> None:
+    """tool_choice auto with a strict tool: its calls follow its schema. The answer's regex matches nothing, so the
+    reply must be calls (without the strict tool's grammar the regex alone held it: no answer could end); a strict
+    tool's schema the grammar cannot follow is a 400 naming it, as a forced call's is."""
+    strict = {"type": "function", "function": {**WEATHER_TOOL["function"], "strict": True}}
+    r = client.chat.completions.create(model=model, messages=ASK, tools=[strict], tool_choice="auto", n=2, seed=5,
+                                       temperature=1.0, max_tokens=250, extra_body={**extra, "regex": "[^\\s\\S]"})
+    for choice in r.choices:
+        assert choice.finish_reason == "tool_calls" and choice.message.tool_calls and not choice.message.content, r
+        for call in choice.message.tool_calls:
+            assert call.function.name == "get_weather"
+            jsonschema.validate(json.loads(call.function.arguments), WEATHER_TOOL["function"]["parameters"])
+    params = {"type": "object", "properties": {"a": {"type": "x"}}}
+    for tool, status in (({"name": "f", "parameters": params, "strict": True}, 400),
+                         ({"name": "f", "parameters": params}, 200)):
+        r = httpx.post(f"{server_url}/v1/chat/completions", timeout=60, json={
+            "model": model, "messages": ASK, "max_tokens": 2, "tools": [{"type": "function", "function": tool}],
+            **extra})
+        assert r.status_code == status, r.text
+        if status == 400:
+            error = r.json()["error"]
+            assert error["param"] == "tools" and "tools[0].function.parameters of 'f'" in error["message"], error

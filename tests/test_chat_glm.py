@@ -162,6 +162,9 @@ def test_streamed_named_tool_call(client: openai.OpenAI) -> None:
     chat_cases.check_streamed_named_call(client, client.models.list().data[0].id, NO_THINK)
 
 
+def test_a_strict_tool_under_auto_is_held_to_its_schema(client: openai.OpenAI, server: ServerProcess) -> None:
+    chat_cases.check_strict_tool_under_auto(client, client.models.list().data[0].id, server.url, NO_THINK)
+
 
 def test_clear_thinking_must_be_a_boolean(server: ServerProcess) -> None:
     """The string "false" is true to the template, which would clear the earlier reasoning the client asked to keep:

@@ -8,7 +8,7 @@ import pytest
 
 from dsaserve.chat.parsers import (DsmlToolParser, GlmToolParser, OutputParser, Parsed, ReasoningSplitter,
                                    ToolCall)
-from dsaserve.chat.tools import check_forced, plan_tools
+from dsaserve.chat.tools import check_held_calls, plan_tools
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"},
@@ -170,7 +170,7 @@ def test_tool_choice(choice, expected) -> None:
 ])
 def test_bad_tools_name_the_problem(tools, choice, problem: str) -> None:
     with pytest.raises(ValueError, match=problem):
-        check_forced(plan_tools(tools, choice))
+        check_held_calls(plan_tools(tools, choice))
 
 
 def test_schemas_a_grammar_cannot_enforce_are_welcome_unless_a_call_is_forced() -> None:
@@ -180,9 +180,9 @@ def test_schemas_a_grammar_cannot_enforce_are_welcome_unless_a_call_is_forced() 
         "email": {"type": "string", "pattern": "^(?!\\.)[^@]+@[^@]+$"},
         "note": {"anyOf": [{"type": "string", "maxLength": None}, {"type": "null"}]}}}}}]
     for choice in (None, "auto", "none"):
-        check_forced(plan_tools(tools, choice))
+        check_held_calls(plan_tools(tools, choice))
     with pytest.raises(ValueError, match="is not a valid JSON schema for a forced call"):
-        check_forced(plan_tools(tools, "required"))
+        check_held_calls(plan_tools(tools, "required"))
 
 
 def test_glm_arguments_of_a_boolean_property_schema() -> None:

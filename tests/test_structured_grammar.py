@@ -9,7 +9,7 @@ from chat_cases import TOOLS
 from dsaserve.chat.constrain import MARKUP_TEXTS, Constraint, build_grammar, markup_for
 from dsaserve.chat.grammar import (MAX_OPEN_PROPERTIES, GrammarError, GrammarSpec, GrammarState, ebnf_grammar,
                                    json_grammar, ll_tokenizer)
-from dsaserve.chat.tools import MAX_FORCED_CHOICES, check_forced, plan_tools
+from dsaserve.chat.tools import MAX_FORCED_CHOICES, check_held_calls, plan_tools
 from dsaserve.engine.tokenizer import Tokenizer
 from dsaserve.tiny import make_tiny_model, save_tokenizer
 
@@ -189,9 +189,9 @@ def test_forced_calls_are_refused_up_front_past_what_the_grammar_follows(tiny: d
     assert feed(st, hf.encode(call * (2 if tool_format == "glm47" else 1), add_special_tokens=False)), shape
     assert st.failure() is None and (st.is_terminated or bool(st.allowed()[1]))
     choice = "required" if shape == "tools" else {"type": "function", "function": {"name": "f"}}
-    check_forced(plan_tools(forced, choice))
+    check_held_calls(plan_tools(forced, choice))
     with pytest.raises(ValueError, match=r"^tools\S* (holds 1002 functions|has 501 optional|has 1002 values)"):
-        check_forced(plan_tools(wide_tools(shape, MAX_FORCED_CHOICES + 2), choice))
+        check_held_calls(plan_tools(wide_tools(shape, MAX_FORCED_CHOICES + 2), choice))
 
 
 def test_a_json_object_with_more_open_properties_than_the_parser_follows_is_refused(tiny: dict[str, str]) -> None:

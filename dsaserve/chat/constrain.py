@@ -19,7 +19,7 @@ from dsaserve.chat import dsv32
 from dsaserve.chat.formats import format_regex
 from dsaserve.chat.grammar import (JSON_STYLE, GrammarError, check_open_properties, check_schema_depth,
                                    ebnf_grammar, schema_of)
-from dsaserve.chat.tools import parameters_of, resolve_ref
+from dsaserve.chat.tools import is_strict, parameters_of, resolve_ref
 
 THINK_END = "</think>"
 # Fixed markup that a tokenizer may hold as single (special or text) added tokens.
@@ -120,8 +120,14 @@ def _dsml_call(i: int, fn: dict[str, Any], markup: Markup, rules: list[str]) -> 
     body = " ".join(parts) if parts else markup.lit("\n")
     if parts and all(part.endswith("?") for part in parts):  # none given: an empty line, as without parameters
         body = f"({_some_of(f'a{i}', [part[:-1] for part in parts], rules)} | {markup.lit(chr(10))})"
-    invoke = f'<{dsv32.DSML}invoke name="{fn["name"]}">\n'  # as the prompt writes it (checked: no '"' in it)
-    return f"{markup.lit(invoke)} {body} {markup.lit(dsv32.INVOKE_END)}"
+    return f"{markup.lit(_invoke_head(fn))} {body} {markup.lit(dsv32.INVOKE_END)}"
+
+
+def _invoke_head(fn: dict[str, Any]) -> str:
+    """A DSML call's opening line as the prompt writes it (checked: no '"' in the name), with the newline before
+    it in one lexeme: the grammar's lexer does not backtrack, so a newline of its own, after a call, was taken
+    as the start of the block's end ("\\n</") at "\\n<" and a block's second call was refused."""
+    return f'\n<{dsv32.DSML}invoke name="{fn["name"]}">\n'
 
 
 def _param_head(key: str, string: str) -> str:
@@ -150,7 +156,7 @@ def _glm_call(i: int, fn: dict[str, Any], markup: Markup, rules: list[str]) -> s
         rules.append(f"p{i}_{j}: {markup.lit('<arg_key>')} {markup.lit(key)} {markup.lit('</arg_key>')} "
                      f"{markup.lit('<arg_value>')} ({' | '.join(values)})")
         parts.append(f"p{i}_{j}" + ("" if required else "?"))
-    return f"{markup.lit('<tool_call>')} {markup.lit(fn['name'])} {' '.join(parts)} {markup.lit('</tool_call>')}"
+    return f"{markup.lit(fn['name'])} {' '.join(parts)} {markup.lit('</tool_call>')}"  # (after <tool_call>)
 
 
 def _string_branch(schema: dict[str, Any], tool_format: str) -> dict[str, Any] | None:
@@ -173,66 +179,102 @@ def _string_branch(schema: dict[str, Any], tool_format: str) -> dict[str, Any] |
     return branch if branch is not None and _is_text(branch, tool_format) else None
 
 
-def tool_call_grammar(tools: list[dict[str, Any]], tool_format: str, markup: Markup, several: bool) -> list[str]:
-    """Lark rules, `calls` first, for one (or, if `several`, one or more) calls of the given tools."""
+def tool_call_grammar(tools: list[dict[str, Any]], tool_format: str, markup: Markup, several: bool,
+                      loose: bool = False) -> list[str]:
+    """Lark rules, `calls` first: one (or, if `several`, one or more) calls of the given tools, and `calls_rest`,
+    the calls after the marker that opens them (_opener()). loose: a tool that is not `strict` takes any arguments
+    in its call (tool_choice auto); else each call's arguments follow its tool's schema."""
     rules: list[str] = []
     write = _dsml_call if tool_format == "deepseekv32" else _glm_call
-    alternatives = [write(i, t["function"], markup, rules) for i, t in enumerate(tools)]
+    alternatives = [_loose_call(i, t["function"], tool_format, markup, rules) if loose and not is_strict(t)
+                    else write(i, t["function"], markup, rules) for i, t in enumerate(tools)]
     rules.insert(0, "call: " + "\n    | ".join(alternatives))
     if tool_format == "deepseekv32":
-        sep = markup.lit("\n")
-        more = f" ({sep} call)*" if several else ""
-        calls = f"calls: {markup.lit(chr(10) * 2 + dsv32.CALLS_START + chr(10))} call{more} " \
-                f"{markup.lit(chr(10) + dsv32.CALLS_END)}"
+        rest = f"calls_rest: call{'+' if several else ''} {markup.lit(chr(10) + dsv32.CALLS_END)}"
+        calls = f"calls: {markup.lit(chr(10) * 2 + dsv32.CALLS_START)} calls_rest"
+    else:  # (GLM's calls are not wrapped: the rest is one call's, text may come between calls)
+        rest = "calls_rest: call"
+        calls = f"calls: ({markup.lit('<tool_call>')} call)" + ("+" if several else "")
+    return [calls, rest] + rules
+
+
+def _opener(tool_format: str) -> str:
+    """The markup that opens a reply's tool calls."""
+    return dsv32.CALLS_START if tool_format == "deepseekv32" else "<tool_call>"
+
+
+def _loose_call(i: int, fn: dict[str, Any], tool_format: str, markup: Markup, rules: list[str]) -> str:
+    """A call of a tool that is not strict: its name, then any text up to the markup that ends the call."""
+    if tool_format == "deepseekv32":
+        head, end = _invoke_head(fn), dsv32.INVOKE_END
     else:
-        calls = "calls: call+" if several else "calls: call"
-    return [calls] + rules
+        head, end = fn["name"], "</tool_call>"
+    return f"{markup.lit(head)} {_text_value({}, markup, f'loose{i}', end, rules)}"
+
+
+def auto_calls_grammar(tools: list[dict[str, Any]], tool_format: str, markup: Markup, several: bool) -> list[str]:
+    """Lark rules, `auto` first, of a reply under tool_choice auto with strict tools: free text, and calls whose
+    markup is the format's and whose strict tools' arguments follow their schemas (the others' are free). The text
+    ends where the calls' opening marker begins; after the calls more text may come (and, if `several`, more
+    calls)."""
+    rules = tool_call_grammar(tools, tool_format, markup, several, loose=True)
+    start = _opener(tool_format)
+    lead = _text_value({}, markup, "lead", start, rules)  # text up to and with the opening marker
+    tail = "/(?s:.+)/" + ("" if start in markup.special else
+                          f" & ~/(?s:.*){_slashes_escaped(re.escape(start))}(?s:.*)/")
+    rules.append(f"TAIL: {tail}")
+    return [f"auto: ({lead} calls_rest){'*' if several else '?'} TAIL?"] + rules
 
 
 @dataclass(frozen=True)
 class Constraint:
-    """What one request asks to be constrained to (at most one of them)."""
+    """What one request asks to be constrained to: at most one of response_format, regex and ebnf; forced tools
+    (which win over them: that reply must be calls); strict tools under auto (beside them: the answer or calls)."""
     response_format: dict[str, Any] | None = None
     regex: str | None = None
     ebnf: str | None = None
     forced_tools: list[dict[str, Any]] | None = None  # tool_choice required / named: these tools
     several_calls: bool = True
+    strict_tools: list[dict[str, Any]] | None = None  # tool_choice auto with a strict tool among them: all the tools
 
     @property
     def empty(self) -> bool:
         schema = schema_of(self.response_format) if self.response_format else None
-        return schema is None and self.regex is None and self.ebnf is None and not self.forced_tools
+        return (schema is None and self.regex is None and self.ebnf is None and not self.forced_tools
+                and not self.strict_tools)
 
 
 def build_grammar(c: Constraint, tool_format: str | None, markup: Markup, opens_reasoning: bool) -> str:
-    """The llguidance grammar for `c` (not empty). Forced tools win over response_format (that reply
-    must be a call); regex / ebnf / response_format are exclusive."""
+    """The llguidance grammar for `c` (not empty)."""
     from llguidance import LLMatcher
     schema = schema_of(c.response_format) if c.response_format else None
     if sum(x is not None for x in (schema, c.regex, c.ebnf)) > 1:
         raise GrammarError("give at most one of response_format, regex and ebnf")
-    if c.ebnf is not None and not c.forced_tools:
-        answer = ebnf_grammar(c.ebnf)  # the answer, as the client wrote it
-        if not opens_reasoning:
-            return answer
-        # the reasoning runs to </think> first (as below): the client's grammar is a nested one, so its rule names
-        # cannot clash with ours
-        rules: list[str] = []
-        start = f"start: {_text_value({}, markup, 'reasoning', THINK_END, rules)} @answer"
-        return json.dumps({"grammars": [{"lark_grammar": "\n".join([start, *rules])},
-                                        {"name": "answer", "lark_grammar": answer}]})
+    if (c.forced_tools or c.strict_tools) and tool_format is None:
+        raise GrammarError("tool calls held to their schemas need a tool-call parser")
+    rules: list[str] = []
     if c.forced_tools:
-        if tool_format is None:
-            raise GrammarError("a forced tool_choice needs a tool-call parser")
-        rules = tool_call_grammar(c.forced_tools, tool_format, markup, c.several_calls)
-        body = "calls"
-    elif schema is not None:
-        rules, body = [f"answer: {json_rule(schema)}"], "answer"
+        rules, body = tool_call_grammar(c.forced_tools, tool_format, markup, c.several_calls), "calls"
     else:
-        rules, body = [], "/" + _slashes_escaped(c.regex or "") + "/"
+        # the client's EBNF is a nested grammar, so its rule names cannot clash with ours
+        body = "answer" if schema is not None else "@answer" if c.ebnf is not None else \
+            None if c.regex is None else "/" + _slashes_escaped(c.regex) + "/"
+        if schema is not None:
+            rules.append(f"answer: {json_rule(schema)}")
+        if c.ebnf is not None and not (opens_reasoning or c.strict_tools):
+            return ebnf_grammar(c.ebnf)  # the answer, as the client wrote it
+        if c.strict_tools and body is None:  # free text and held calls
+            rules += auto_calls_grammar(c.strict_tools, tool_format, markup, c.several_calls)
+            body = "auto"
+        elif c.strict_tools:  # the answer as asked, or calls (without text before them)
+            rules += tool_call_grammar(c.strict_tools, tool_format, markup, c.several_calls, loose=True)
+            body = f"({body} | calls)"
     if opens_reasoning:  # let the reasoning run up to its first </think>
         body = f"{_text_value({}, markup, 'reasoning', THINK_END, rules)} {body}"
-    return LLMatcher.grammar_from_lark("\n".join([f"start: {body}", *rules]))
+    lark = "\n".join([f"start: {body}", *rules])
+    if c.ebnf is None or c.forced_tools:
+        return LLMatcher.grammar_from_lark(lark)
+    return json.dumps({"grammars": [{"lark_grammar": lark}, {"name": "answer", "lark_grammar": ebnf_grammar(c.ebnf)}]})
 
 
 def _slashes_escaped(regex: str) -> str:

@@ -32,9 +32,24 @@ class ToolPlan:
             return None
         return self.tools if self.choice == "required" else [t for t in self.tools if name_of(t) == self.choice]
 
+    @property
+    def strict(self) -> list[dict[str, Any]] | None:
+        """Under auto, the tools when one of them is `strict` (its calls' arguments must follow its schema, as
+        OpenAI's and SGLang's strict mode hold them), else None."""
+        return self.tools if self.choice == "auto" and any(is_strict(t) for t in self.tools) else None
+
+    @property
+    def bound(self) -> list[dict[str, Any]]:
+        """The tools whose calls' arguments the reply's grammar holds to their schemas."""
+        return self.forced or [t for t in self.strict or () if is_strict(t)]
+
 
 def name_of(tool: dict[str, Any]) -> str:
     return tool["function"]["name"]
+
+
+def is_strict(tool: dict[str, Any]) -> bool:
+    return tool["function"].get("strict") is True
 
 
 def check_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
@@ -119,17 +134,20 @@ def _null_lengths_dropped(params: dict[str, Any]) -> dict[str, Any]:
     return {**params, "properties": props} if props else params
 
 
-def check_forced(plan: ToolPlan) -> None:
-    """ValueError when the grammar of the plan's forced call would offer more than MAX_FORCED_CHOICES choices at
-    one position, or cannot be built from a forced tool's schema (nothing to check when no call is forced: under
-    auto a tool's schema is only shown to the model, and valid JSON schemas llguidance cannot enforce, look-around
-    patterns, stay welcome there)."""
-    forced = plan.forced or []
-    if plan.choice == "required" and len(forced) > MAX_FORCED_CHOICES:
-        raise ValueError(f"tools holds {len(forced)} functions and tool_choice 'required' forces a call of one of "
-                         f"them: a forced call chooses among at most {MAX_FORCED_CHOICES} (send fewer tools, name the "
-                         "one to call, or use tool_choice 'auto')")
-    names = {name_of(t) for t in forced}
+def check_held_calls(plan: ToolPlan) -> None:
+    """ValueError when the grammar of the plan's calls (forced, or strict tools' under auto) would offer more than
+    MAX_FORCED_CHOICES choices at one position, or cannot be built from the schema of a tool it holds to its
+    schema (nothing to check for a tool the grammar does not hold: its schema is only shown to the model, and valid
+    JSON schemas llguidance cannot enforce, look-around patterns, stay welcome there)."""
+    kind = "a forced call" if plan.forced else "a strict call"
+    if plan.choice == "required" and len(plan.tools) > MAX_FORCED_CHOICES:
+        raise ValueError(f"tools holds {len(plan.tools)} functions and tool_choice 'required' forces a call of one "
+                         f"of them: a forced call chooses among at most {MAX_FORCED_CHOICES} (send fewer tools, name "
+                         "the one to call, or use tool_choice 'auto')")
+    if plan.strict and len(plan.tools) > MAX_FORCED_CHOICES:
+        raise ValueError(f"tools holds {len(plan.tools)} functions and a strict one holds every call to the tools: "
+                         f"a call chooses among at most {MAX_FORCED_CHOICES} (send fewer tools, or none strict)")
+    names = {name_of(t) for t in plan.bound}
     for i, tool in enumerate(plan.tools):
         if name_of(tool) not in names:
             continue
@@ -138,20 +156,20 @@ def check_forced(plan: ToolPlan) -> None:
         props, required = params.get("properties") or {}, set(params.get("required") or [])
         optional = len([k for k in props if k not in required])
         if 2 * optional > MAX_FORCED_CHOICES:
-            raise ValueError(f"{where} has {optional} optional properties: a forced call leaves at most "
+            raise ValueError(f"{where} has {optional} optional properties: {kind} leaves at most "
                              f"{MAX_FORCED_CHOICES // 2} open (make some required, or use tool_choice 'auto')")
         for key, schema in props.items():
             values = schema.get("enum") if isinstance(schema, dict) and schema.get("type") == "string" else None
             if values == []:  # (the grammar's choice among none would take the empty string)
                 raise ValueError(f"{where}.properties.{key}.enum is empty: no value satisfies it, so no call of "
-                                 f"{name_of(tool)!r} can be forced")
+                                 f"{name_of(tool)!r} can be {'forced' if plan.forced else 'made'}")
             if isinstance(values, list) and len(values) > MAX_FORCED_CHOICES:
-                raise ValueError(f"{where}.properties.{key}.enum has {len(values)} values: a forced call chooses "
+                raise ValueError(f"{where}.properties.{key}.enum has {len(values)} values: {kind} chooses "
                                  f"among at most {MAX_FORCED_CHOICES} (or use tool_choice 'auto')")
         try:  # the grammar is built from it: a schema it cannot read is named here, not by a grammar dump
             check_json_schema(_null_lengths_dropped(params))
         except GrammarError as exc:
-            raise ValueError(f"{where} of {name_of(tool)!r} is not a valid JSON schema for a forced call: {exc}") \
+            raise ValueError(f"{where} of {name_of(tool)!r} is not a valid JSON schema for {kind}: {exc}") \
                 from None
 
 

@@ -13,7 +13,7 @@ from dsaserve.chat.constrain import MARKUP_TEXTS, Constraint, Markup, build_gram
 from dsaserve.chat.grammar import GrammarError, GrammarSpec, checked_spec, ll_tokenizer
 from dsaserve.chat.parsers import DEFAULT_TOOL_PARSER, OutputParser, ReasoningSplitter, tool_parser
 from dsaserve.chat.render import ChatFormat, ChatFormatError, RenderedChat
-from dsaserve.chat.tools import ToolPlan, check_forced, plan_tools
+from dsaserve.chat.tools import ToolPlan, check_held_calls, plan_tools
 from dsaserve.disagg.serving import PDRouting
 from dsaserve.engine.request import DisaggRoute, SamplingParams, choice_seed
 from dsaserve.engine.tokenizer import CharOffsets
@@ -54,8 +54,9 @@ class OpenAIServing:
     def grammar(self, c: Constraint, tool_format: str | None = None, opens_reasoning: bool = False,
                 param: str | None = None) -> GrammarSpec | None:
         """The checked grammar of a request's constraint; a 400 naming the problem (and `param`) if it is invalid."""
-        param = param or ("tool_choice" if c.forced_tools else
-                          "regex" if c.regex is not None else "ebnf" if c.ebnf is not None else "response_format")
+        param = param or ("tool_choice" if c.forced_tools else "regex" if c.regex is not None else
+                          "ebnf" if c.ebnf is not None else "tools" if c.strict_tools and not c.response_format else
+                          "response_format")
         try:
             if c.empty:
                 return None
@@ -245,8 +246,8 @@ class OpenAIServing:
             if tool_parser_name is None:
                 raise bad_request(f"tools need a tool-call parser and model type {model_type!r} has no default: "
                                   "start the server with --tool-call-parser", param="tools")
-        constraint = Constraint(body.response_format, body.regex, body.ebnf, tools.forced,
-                                several_calls=tools.choice == "required" and body.parallel_tool_calls is not False)
+        several = tools.choice in ("required", "auto") and body.parallel_tool_calls is not False
+        constraint = Constraint(body.response_format, body.regex, body.ebnf, tools.forced, several, tools.strict)
         grammar = self.grammar(constraint, tool_parser_name, prompt.opens_reasoning)
         if reasoning is None and tool_parser_name is None:
             return ChatPlan(prompt, tools, None, grammar)
@@ -301,11 +302,12 @@ def _message_chars(messages: list[p.ChatMessage]) -> int:
 def checked_tools(tools: list[dict[str, Any]] | None, tool_choice: str | dict[str, Any] | None,
                   forcing: bool = False) -> ToolPlan:
     """The tools the prompt shows and the choice among them, or a 400 naming the field at fault. `forcing`: the
-    reply will be constrained to a forced call, whose grammar must be one the engine can follow (check_forced)."""
+    reply's calls will be constrained (forced, or strict tools under auto), by a grammar the engine must be able to
+    follow (check_held_calls)."""
     try:
         plan = plan_tools(tools, tool_choice)
         if forcing:
-            check_forced(plan)
+            check_held_calls(plan)
         return plan
     except ValueError as exc:  # (the messages start with the field at fault: tools or tool_choice)
         raise bad_request(str(exc), param="tools" if str(exc).startswith("tools") else "tool_choice") from None
