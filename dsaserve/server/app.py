@@ -41,8 +41,9 @@ def create_app(args: ServerArgs, frontend: Frontend, metrics: ServerMetrics, ser
         if args.api_key is None:
             return
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), args.api_key.encode()):
-            raise ApiError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
+        given = given.strip() if scheme.lower() == "bearer" else request.headers.get("x-api-key", "")  # (Anthropic's)
+        if not secrets.compare_digest(given.encode(), args.api_key.encode()):
+            raise ApiError(401, "invalid or missing API key (send 'Authorization: Bearer KEY' or 'x-api-key: KEY')",
                            code="invalid_api_key")
 
     open_routes = APIRouter()  # health checks and metrics stay reachable without a key

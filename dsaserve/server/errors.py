@@ -1,17 +1,20 @@
-"""API errors: one exception type, rendered as an OpenAI-shaped body with the right status. Every
-error the server answers has that shape: validation errors, bodies that do not decode, bodies the
-guard refuses (server.guard) and unexpected exceptions (500)."""
+"""API errors: one exception type, rendered as an OpenAI-shaped body with the right status (Anthropic's shape on
+/v1/messages). Every error the server answers has that shape: validation errors, bodies that do not decode, bodies
+the guard refuses (server.guard) and unexpected exceptions (500). Also the translation of a chat error into the
+APIs served over the chat pipeline (renamed, chat_request)."""
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from dsaserve.server.protocol import ErrorInfo, ErrorResponse
+from dsaserve.server.protocol import ChatCompletionRequest, ErrorInfo, ErrorResponse
 
 log = logging.getLogger(__name__)
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
@@ -31,9 +34,50 @@ class ApiError(Exception):
         return JSONResponse(self.body().model_dump(), status_code=self.status)
 
 
+# Anthropic's error types by status (its Messages API, /v1/messages)
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}
+ANTHROPIC_PATHS = "/v1/messages"  # the routes that answer errors in Anthropic's shape
+
+
+def anthropic_error(status: int, message: str) -> dict:
+    return {"type": "error", "error": {"type": _ANTHROPIC_TYPES.get(status, "api_error"), "message": message}}
+
+
+def _rendered(request: Request, err: ApiError) -> JSONResponse:
+    """The error in the shape of the API the request called."""
+    if request.url.path.startswith(ANTHROPIC_PATHS):
+        return JSONResponse(anthropic_error(err.status, err.message), status_code=err.status)
+    return err.response()
+
+
 def bad_request(message: str, param: str | None = None) -> ApiError:
     code = "context_length_exceeded" if "context length" in message else "invalid_value"
     return ApiError(400, message, param=param, code=code)
+
+
+def renamed(exc: ApiError, sources: list[str], words: dict[str, str], params: dict[str, str]) -> ApiError:
+    """A chat completions error in the words of an API translated into it (/v1/responses, /v1/messages): chat
+    message j named as the item that made it (sources[j]), each of `words` (regex -> replacement) replaced, the
+    param renamed by `params`."""
+    def source(match: re.Match[str]) -> str:
+        i = int(match.group(1))
+        return sources[i] if i < len(sources) else match.group(0)
+    message = re.sub(r"\bmessages?[ .\[](\d+)\]?", source, exc.message)
+    for word, replacement in words.items():
+        message = re.sub(word, replacement, message)
+    return ApiError(exc.status, message, params.get(exc.param or "", exc.param), exc.code)
+
+
+def chat_request(fields: dict) -> ChatCompletionRequest:
+    """The chat completions request another API's request translates to (its fields copied as they came, so a
+    validation error names them as sent), or a 400."""
+    try:
+        return ChatCompletionRequest.model_validate(fields)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(x) for x in err.get("loc", ()))
+        raise bad_request(f"{where}: {err.get('msg', 'invalid')}", param=where.split(".")[0]) from None
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -53,21 +97,21 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 def install_error_handlers(app: FastAPI) -> None:
     """The handlers of the expected errors, and InternalErrors around the middlewares added before this call."""
     @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return exc.response()
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return _rendered(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         kind = request.headers.get("content-type", "")
         if request.method == "POST" and "json" not in kind.lower():  # (curl -d sends a form's type)
-            return ApiError(400, "send the body as JSON, with the header Content-Type: application/json (got "
-                                 f"{kind or 'no Content-Type'})", code="invalid_value").response()
+            message = f"send the body as JSON, with the header Content-Type: application/json (got {kind or 'none'})"
+            return _rendered(request, ApiError(400, message, code="invalid_value"))
         message, param = _validation_message(exc)
-        return ApiError(400, message, param=param, code="invalid_value").response()
+        return _rendered(request, ApiError(400, message, param=param, code="invalid_value"))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return ApiError(exc.status_code, str(exc.detail)).response()
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _rendered(request, ApiError(exc.status_code, str(exc.detail)))
 
     app.add_middleware(InternalErrors)
 

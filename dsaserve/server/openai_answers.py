@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 from dsaserve.chat.parsers import OutputParser, Parsed, ToolCall
 from dsaserve.engine.request import FinishReason
@@ -175,3 +175,30 @@ def finish_reason(kind: str, called: bool) -> str:
 def cached_tokens(per_choice: list[int], n: int) -> int:
     """Prompt tokens served from the prefix cache, each prompt counted once (its best of n choices)."""
     return sum(max(per_choice[i:i + n]) for i in range(0, len(per_choice), n))
+
+
+class DeltaWriter(Protocol):
+    """What an API translated from chat completions writes a reply into (responses_api, messages_api)."""
+    def reasoning(self, text: str) -> None: ...
+    def content(self, text: str) -> None: ...
+    def call(self, call_id: str, name: str) -> None: ...
+    def arguments(self, text: str) -> None: ...
+
+
+def write_delta(writer: DeltaWriter, delta: p.ChatDelta) -> None:
+    """A chat delta (a stream's, or a whole reply as one) into the writer: reasoning, text, then each tool call's
+    name and arguments."""
+    writer.reasoning(delta.reasoning_content or "")
+    writer.content(delta.content or "")
+    for tc in delta.tool_calls or []:
+        if tc.id is not None:
+            writer.call(tc.id, tc.function.name or "")
+        if tc.function.arguments:
+            writer.arguments(tc.function.arguments)
+
+
+def whole_delta(message: p.ChatMessageOut) -> p.ChatDelta:
+    """A whole chat reply as one delta."""
+    calls = [p.ToolCallDelta(index=k, id=tc.id, type="function", function=tc.function)
+             for k, tc in enumerate(message.tool_calls or [])]
+    return p.ChatDelta(reasoning_content=message.reasoning_content, content=message.content, tool_calls=calls or None)

@@ -1,5 +1,5 @@
 """The OpenAI-compatible HTTP routes over OpenAIServing: /v1/models, /v1/completions, /v1/chat/completions,
-/v1/responses, /tokenize, /detokenize."""
+/v1/responses, Anthropic's /v1/messages, /tokenize, /detokenize."""
 from __future__ import annotations
 
 import uuid
@@ -8,9 +8,10 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from dsaserve.server import protocol as p
-from dsaserve.server import responses_api
+from dsaserve.server import messages_api, responses_api
 from dsaserve.server.errors import ApiError
 from dsaserve.server.guard import arrival
+from dsaserve.server.messages_protocol import CountTokensRequest, MessagesRequest
 from dsaserve.server.openai_answers import Call
 from dsaserve.server.openai_api import OpenAIServing
 from dsaserve.server.responses_protocol import ResponsesRequest
@@ -58,14 +59,32 @@ def openai_router(serving: OpenAIServing) -> APIRouter:
     async def chat(body: p.ChatCompletionRequest, request: Request) -> Any:
         return await serving.respond(request, await submit_chat(body, request))
 
+    async def submit_translated(body: ResponsesRequest | MessagesRequest, prefix: str, request: Request) -> Call:
+        """Another API's request as the chat request it translates to; an error in that API's field names."""
+        try:
+            return await submit_chat(body.as_chat(f"{prefix}_{uuid.uuid4().hex}"), request)
+        except ApiError as exc:
+            raise body.renamed(exc) from None
+
     @router.post("/v1/responses", response_model=None)
     async def responses(body: ResponsesRequest, request: Request) -> Any:
         """OpenAI's Responses API: the same chat request, answered as output items (server.responses_api)."""
+        return await responses_api.respond(request, serving, await submit_translated(body, "resp", request), body)
+
+    @router.post("/v1/messages", response_model=None)
+    async def messages(body: MessagesRequest, request: Request) -> Any:
+        """Anthropic's Messages API: the same chat request, answered as content blocks (server.messages_api)."""
+        return await messages_api.respond(request, serving, await submit_translated(body, "msg", request))
+
+    @router.post("/v1/messages/count_tokens")
+    async def count_tokens(body: CountTokensRequest) -> dict[str, int]:
+        """The prompt's tokens, as /v1/messages would render it."""
+        serving.check_model(body.model)
         try:
-            call = await submit_chat(body.as_chat(f"resp_{uuid.uuid4().hex}"), request)
+            plan = await serving.fe.tokenize(serving.plan_chat, body.as_chat("count"), endpoint=True)
         except ApiError as exc:
             raise body.renamed(exc) from None
-        return await responses_api.respond(request, serving, call, body)
+        return {"input_tokens": len(plan.prompt.ids)}
 
     @router.post("/tokenize")
     @router.post("/v1/tokenize")

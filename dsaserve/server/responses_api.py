@@ -13,9 +13,8 @@ from fastapi import Request
 from dsaserve.chat.parsers import OutputParser
 from dsaserve.chat.render import THINK_END
 from dsaserve.engine.tokenizer import Tokenizer
-from dsaserve.server import protocol as p
 from dsaserve.server.errors import ApiError
-from dsaserve.server.openai_answers import Call, chat_answer, chat_stream_choices
+from dsaserve.server.openai_answers import Call, chat_answer, chat_stream_choices, whole_delta, write_delta
 from dsaserve.server.openai_api import OpenAIServing
 from dsaserve.server.responses_protocol import ResponsesRequest
 from dsaserve.server.streaming import AbortingStream, aborter, collect_call, finish_error, merged, split_error
@@ -176,26 +175,11 @@ async def respond(request: Request, serving: OpenAIServing, call: Call, body: Re
     results = await collect_call(request, fe, call.handles)
     choice = chat_answer(fe.tokenizer, serving.served_name, call, results).choices[0]
     message = choice.message
-    calls = [p.ToolCallDelta(index=k, id=tc.id, type="function", function=tc.function)
-             for k, tc in enumerate(message.tool_calls or [])]
-    _write(writer, p.ChatDelta(reasoning_content=message.reasoning_content, content=message.content,
-                               tool_calls=calls or None))
+    write_delta(writer, whole_delta(message))
     r = results[0]
     thought = reasoning_tokens(r.token_ids, bool(message.reasoning_content), think_end)
     return writer.finish(choice.finish_reason, usage(len(call.prompts[0]), r.completion_tokens, r.cached_tokens,
                                                      thought))
-
-
-def _write(writer: OutputWriter, delta: p.ChatDelta) -> None:
-    """A chat delta (a stream's, or a whole reply as one) into the writer: reasoning, text, then each tool call's
-    name and arguments."""
-    writer.reasoning(delta.reasoning_content or "")
-    writer.content(delta.content or "")
-    for tc in delta.tool_calls or []:
-        if tc.id is not None:
-            writer.call(tc.id, tc.function.name or "")
-        if tc.function.arguments:
-            writer.arguments(tc.function.arguments)
 
 
 async def _stream(tok: Tokenizer, call: Call, parser: OutputParser | None, writer: OutputWriter,
@@ -208,7 +192,7 @@ async def _stream(tok: Tokenizer, call: Call, parser: OutputParser | None, write
             ids += d.token_ids
             for choice in chat_stream_choices(tok, call.body, 0, d, parser, calls):
                 reasoned = reasoned or bool(choice.delta.reasoning_content)
-                _write(writer, choice.delta)
+                write_delta(writer, choice.delta)
                 if choice.finish_reason is not None:
                     thought = reasoning_tokens(ids, reasoned, think_end)
                     writer.finish(choice.finish_reason,

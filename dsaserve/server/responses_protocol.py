@@ -3,18 +3,19 @@ items become chat messages, so one renderer, one tool and reasoning parser and o
 Nothing is stored: previous_response_id and item references are refused (send the conversation as input)."""
 from __future__ import annotations
 
-import re
 from typing import Any, Literal
 
-from pydantic import Field, PrivateAttr, StrictBool, StrictFloat, StrictInt, ValidationError, field_validator
+from pydantic import Field, PrivateAttr, StrictBool, StrictFloat, StrictInt, field_validator
 
 from dsaserve.server import protocol as p
-from dsaserve.server.errors import ApiError, bad_request
+from dsaserve.server.errors import ApiError, bad_request, chat_request, renamed
 
 INPUT_ROLES = ("user", "assistant", "system", "developer")
 # The chat request's fields that an error may name, as this API calls them
 CHAT_NAMES = {"messages": "input", "max_completion_tokens": "max_output_tokens", "response_format": "text",
               "reasoning_effort": "reasoning"}
+RENAMED_WORDS = {r"tools\[(\d+)\]\.function\.": r"tools[\1].", r"\bmax_completion_tokens\b": "max_output_tokens",
+                 r"\bresponse_format\b": "text.format", r"\breasoning_effort\b": "reasoning.effort"}
 TEXT_PARTS = ("input_text", "output_text", "text")  # output_text: an earlier assistant turn sent back
 
 
@@ -73,12 +74,7 @@ class ResponsesRequest(p.Bootstrap):
             "chat_template_kwargs": self.chat_template_kwargs, "reasoning_effort": (self.reasoning or {}).get("effort"),
             "routed_dp_rank": self.routed_dp_rank,
             **self.model_dump(include={"bootstrap_host", "bootstrap_port", "bootstrap_room"})}
-        try:
-            return p.ChatCompletionRequest.model_validate(chat)
-        except ValidationError as exc:  # (fields copied as they came: their names are this request's)
-            err = exc.errors()[0]
-            where = ".".join(str(x) for x in err.get("loc", ()))
-            raise bad_request(f"{where}: {err.get('msg', 'invalid')}", param=where.split(".")[0]) from None
+        return chat_request(chat)
 
     def _refuse_unsupported(self) -> None:
         stored = {"previous_response_id": self.previous_response_id, "conversation": self.conversation,
@@ -177,17 +173,7 @@ class ResponsesRequest(p.Bootstrap):
     def renamed(self, exc: ApiError) -> ApiError:
         """A chat completions error in this API's names: input[j] for the message it made, max_output_tokens,
         text.format, tools[i].name."""
-        sources = self._sources
-
-        def source(match: re.Match[str]) -> str:
-            i = int(match.group(1))
-            return sources[i] if i < len(sources) else match.group(0)
-        message = re.sub(r"\bmessages?[ .\[](\d+)\]?", source, exc.message)
-        message = re.sub(r"tools\[(\d+)\]\.function\.", r"tools[\1].", message)
-        message = re.sub(r"\bmax_completion_tokens\b", "max_output_tokens", message)
-        message = re.sub(r"\bresponse_format\b", "text.format", message)
-        message = re.sub(r"\breasoning_effort\b", "reasoning.effort", message)
-        return ApiError(exc.status, message, CHAT_NAMES.get(exc.param or "", exc.param), exc.code)
+        return renamed(exc, self._sources, RENAMED_WORDS, CHAT_NAMES)
 
 
 def _string(item: dict[str, Any], key: str, where: str) -> str:

@@ -1,0 +1,148 @@
+"""/v1/messages (Anthropic's Messages API) through the official `anthropic` client, against chat completions of the
+same conversation on the same live server (a tiny checkpoint in DeepSeek-V3.2's format, greedy, behind an API key
+that the Anthropic client sends as x-api-key): the same prompt tokens, text, thinking and tool calls, streamed or
+not (the client's stream accumulator checks the events' order); what it cannot carry is a 400 in Anthropic's shape."""
+from __future__ import annotations
+
+import json
+
+import anthropic
+import httpx
+import jsonschema
+import openai
+import pytest
+
+import chat_cases
+from server_process import ServerProcess, module_server
+
+pytestmark = pytest.mark.timeout(300)
+KEY = "messages-key"
+GREEDY = {"temperature": 0.0}  # (clients still send it; this SDK's create() no longer names it)
+WEATHER = {"name": "get_weather", "description": "Weather of a city",
+           "input_schema": chat_cases.WEATHER_TOOL["function"]["parameters"]}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    path = chat_cases.chat_checkpoint(tmp_path_factory, "deepseek_v32", "deepseek_v32")
+    yield from module_server(path, tmp_path_factory, page_size=4, max_total_tokens=16384,
+                             reasoning_parser="deepseek-v3", api_key=KEY)
+
+
+@pytest.fixture(scope="module")
+def claude(server: ServerProcess) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=server.url, api_key=KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def gpt(server: ServerProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def _both(claude: anthropic.Anthropic, **kw) -> tuple[anthropic.types.Message, anthropic.types.Message]:
+    """The message whole and streamed (the client accumulates the stream's events into its final message)."""
+    whole = claude.messages.create(model="default", extra_body=GREEDY, **kw)
+    with claude.messages.stream(model="default", extra_body=GREEDY, **kw) as stream:
+        streamed = stream.get_final_message()
+    return whole, streamed
+
+
+def _blocks(message: anthropic.types.Message) -> list[dict]:
+    return [{k: v for k, v in b.model_dump().items() if k != "id"} for b in message.content]
+
+
+def test_text_equals_chat_completions(claude: anthropic.Anthropic, gpt: openai.OpenAI) -> None:
+    msgs = [{"role": "user", "content": "Tell me about Oslo."}]
+    whole, streamed = _both(claude, system="Be brief.", messages=msgs, max_tokens=12)
+    chat = gpt.chat.completions.create(model="default", messages=[{"role": "system", "content": "Be brief."}, *msgs],
+                                       max_tokens=12, temperature=0)
+    assert _blocks(whole) == _blocks(streamed) == [{"type": "text", "text": chat.choices[0].message.content,
+                                                    "citations": None}]
+    assert whole.stop_reason == streamed.stop_reason == "max_tokens" and whole.stop_sequence is None
+    u = whole.usage
+    assert u.input_tokens + u.cache_read_input_tokens == chat.usage.prompt_tokens and u.output_tokens == 12
+    assert streamed.usage.output_tokens == 12 and whole.id.startswith("msg_") and whole.role == "assistant"
+
+
+def test_a_stop_sequence_is_named(claude: anthropic.Anthropic, gpt: openai.OpenAI) -> None:
+    msgs = [{"role": "user", "content": "Count."}]
+    free = gpt.chat.completions.create(model="default", messages=msgs, max_tokens=16, temperature=0)
+    stop = free.choices[0].message.content[6:8]
+    whole, streamed = _both(claude, messages=msgs, max_tokens=16, stop_sequences=[stop])
+    chat = gpt.chat.completions.create(model="default", messages=msgs, max_tokens=16, temperature=0, stop=[stop])
+    assert chat.choices[0].finish_reason == "stop" and stop not in chat.choices[0].message.content
+    for m in (whole, streamed):
+        assert (m.stop_reason, m.stop_sequence) == ("stop_sequence", stop)
+        assert [b.text for b in m.content] == [chat.choices[0].message.content]
+
+
+def test_thinking_is_the_templates_switch(claude: anthropic.Anthropic, gpt: openai.OpenAI) -> None:
+    msgs = [{"role": "user", "content": "Why is the sky blue?"}]
+    whole, streamed = _both(claude, messages=msgs, max_tokens=24,
+                            thinking={"type": "enabled", "budget_tokens": 1024})
+    chat = gpt.chat.completions.create(model="default", messages=msgs, max_tokens=24, temperature=0,
+                                       reasoning_effort="high").choices[0].message
+    assert chat.reasoning_content and _blocks(whole) == _blocks(streamed)
+    assert whole.content[0].type == "thinking" and whole.content[0].thinking == chat.reasoning_content
+    assert "".join(b.text for b in whole.content[1:]) == (chat.content or "")
+    off = claude.messages.create(model="default", messages=msgs, max_tokens=8, extra_body=GREEDY,
+                                 thinking={"type": "disabled"})
+    assert [b.type for b in off.content] == ["text"]
+
+
+def test_forced_tool_use_and_its_result(claude: anthropic.Anthropic, gpt: openai.OpenAI,
+                                        server: ServerProcess) -> None:
+    msgs = [{"role": "user", "content": "Weather in Oslo?"}]
+    kw = dict(messages=msgs, tools=[WEATHER], max_tokens=250)
+    whole, streamed = _both(claude, **kw, tool_choice={"type": "any", "disable_parallel_tool_use": True})
+    chat = gpt.chat.completions.create(model="default", messages=msgs, tools=[chat_cases.WEATHER_TOOL],
+                                       tool_choice="required", parallel_tool_calls=False, max_tokens=250,
+                                       temperature=0).choices[0].message
+    for m in (whole, streamed):
+        assert m.stop_reason == "tool_use" and [b.type for b in m.content] == ["tool_use"]
+        jsonschema.validate(m.content[0].input, WEATHER["input_schema"])
+    assert whole.content[0].input == streamed.content[0].input == json.loads(chat.tool_calls[0].function.arguments)
+    # the call and its result sent back render as the chat turn with that call and a tool message
+    use = whole.content[0]
+    turn = [*msgs, {"role": "assistant", "content": [{"type": "text", "text": "Checking."}, use.model_dump()]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "Sunny"},
+                                         {"type": "text", "text": "And tomorrow?"}]}]
+    counted = claude.messages.count_tokens(model="default", messages=turn, tools=[WEATHER]).input_tokens
+    chat_turn = [*msgs, {"role": "assistant", "content": "Checking.", "tool_calls": [
+        {"id": use.id, "type": "function", "function": {
+            "name": "get_weather", "arguments": chat.tool_calls[0].function.arguments}}]},
+        {"role": "tool", "tool_call_id": use.id, "content": "Sunny"},
+        {"role": "user", "content": "And tomorrow?"}]
+    tokens = httpx.post(f"{server.url}/tokenize", headers={"Authorization": f"Bearer {KEY}"},
+                        json={"messages": chat_turn, "tools": [chat_cases.WEATHER_TOOL]}).json()["tokens"]
+    assert counted == len(tokens)
+    answer = claude.messages.create(model="default", messages=turn, tools=[WEATHER], max_tokens=6, extra_body=GREEDY)
+    again = gpt.chat.completions.create(model="default", messages=chat_turn, tools=[chat_cases.WEATHER_TOOL],
+                                        max_tokens=6, temperature=0)
+    assert "".join(b.text for b in answer.content if b.type == "text") == (again.choices[0].message.content or "")
+
+
+@pytest.mark.parametrize("body,status,kind,words", [
+    ({"messages": [{"role": "user", "content": "x"}]}, 400, "invalid_request_error", "max_tokens"),
+    ({"max_tokens": 0, "messages": [{"role": "user", "content": "x"}]}, 400, "invalid_request_error", "max_tokens"),
+    ({"max_tokens": 4, "messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}, 400,
+     "invalid_request_error", "messages[0].content[0]"),
+    ({"max_tokens": 4, "messages": [{"role": "user", "content": "x"}],
+      "tools": [{"type": "web_search_20250305", "name": "web_search"}]}, 400, "invalid_request_error", "tools[0]"),
+    ({"max_tokens": 4, "messages": [{"role": "user", "content": "x"}], "tools": [
+        {"name": "f", "input_schema": {"type": "object", "properties": {"a": {"type": "x"}}}}],
+      "tool_choice": {"type": "any"}}, 400, "invalid_request_error", "tools[0].input_schema"),
+    ({"model": "other", "max_tokens": 4, "messages": [{"role": "user", "content": "x"}]}, 404, "not_found_error",
+     "other")])
+def test_errors_in_anthropics_shape(server: ServerProcess, body: dict, status: int, kind: str, words: str) -> None:
+    r = httpx.post(f"{server.url}/v1/messages", headers={"x-api-key": KEY}, json={"model": "default", **body})
+    assert r.status_code == status and r.json()["type"] == "error", r.text
+    assert r.json()["error"]["type"] == kind and words in r.json()["error"]["message"], r.text
+
+
+def test_the_key_is_read_from_x_api_key(server: ServerProcess) -> None:
+    body = {"model": "default", "max_tokens": 2, "messages": [{"role": "user", "content": "x"}]}
+    assert httpx.post(f"{server.url}/v1/messages", json=body).status_code == 401
+    bad = httpx.post(f"{server.url}/v1/messages", headers={"x-api-key": "wrong"}, json=body)
+    assert bad.status_code == 401 and bad.json()["error"]["type"] == "authentication_error"
+    assert httpx.post(f"{server.url}/v1/messages", headers={"x-api-key": KEY}, json=body).status_code == 200
