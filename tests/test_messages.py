@@ -11,11 +11,17 @@ import httpx
 import jsonschema
 import openai
 import pytest
+from pydantic import TypeAdapter
 
 import chat_cases
+from dsaserve.server import messages_api
+from dsaserve.server import protocol as p
+from dsaserve.server.errors import ApiError
+from dsaserve.server.messages_api import BlockWriter
 from server_process import ServerProcess, module_server
 
 pytestmark = pytest.mark.timeout(300)
+STREAM_EVENT: TypeAdapter = TypeAdapter(anthropic.types.RawMessageStreamEvent)
 KEY = "messages-key"
 GREEDY = {"temperature": 0.0}  # (clients still send it; this SDK's create() no longer names it)
 WEATHER = {"name": "get_weather", "description": "Weather of a city",
@@ -146,3 +152,45 @@ def test_the_key_is_read_from_x_api_key(server: ServerProcess) -> None:
     bad = httpx.post(f"{server.url}/v1/messages", headers={"x-api-key": "wrong"}, json=body)
     assert bad.status_code == 401 and bad.json()["error"]["type"] == "authentication_error"
     assert httpx.post(f"{server.url}/v1/messages", headers={"x-api-key": KEY}, json=body).status_code == 200
+
+
+@pytest.mark.parametrize("finish,matched,reason", [("stop", 1, "end_turn"), ("stop", "##", "stop_sequence"),
+                                                   ("length", None, "max_tokens"), ("tool_calls", None, "tool_use")])
+def test_the_writers_events_are_the_clients_types(finish: str, matched: int | str | None, reason: str) -> None:
+    """Every event of a reply with thinking, text and a call validates as the client's stream events, in the
+    order its accumulator takes them; the final message is the client's Message."""
+    writer = BlockWriter("msg_1", "m")
+    writer.start(messages_api.usage(5, 0, 2))
+    writer.reasoning("Hm")
+    writer.content("Hi ")
+    writer.content("there")
+    writer.call("call_1", "f")
+    writer.arguments('{"a": ')
+    writer.arguments("1}")
+    final = writer.finish(p.ChatStreamChoice(index=0, delta=p.ChatDelta(), finish_reason=finish, matched_stop=matched),
+                          messages_api.usage(5, 7, 2))
+    events = [STREAM_EVENT.validate_json(e.split("data: ", 1)[1]) for e in writer.events]
+    assert [e.type for e in events] == ["message_start"] + ["content_block_start", "content_block_delta",
+                                                            "content_block_stop"] + [
+        "content_block_start", "content_block_delta", "content_block_delta", "content_block_stop"] + [
+        "content_block_start", "content_block_delta", "content_block_delta", "content_block_stop",
+        "message_delta", "message_stop"]
+    message = anthropic.types.Message.model_validate(final)
+    assert [b.type for b in message.content] == ["thinking", "text", "tool_use"]
+    assert (message.content[0].thinking, message.content[1].text, message.content[2].input) == ("Hm", "Hi there",
+                                                                                                 {"a": 1})
+    assert message.stop_reason == reason and message.stop_sequence == (matched if reason == "stop_sequence" else None)
+    assert (message.usage.input_tokens, message.usage.cache_read_input_tokens, message.usage.output_tokens) == (3, 2, 7)
+
+
+def test_an_aborted_reply_is_an_error() -> None:
+    """/abort_request or a shutdown: not a stop reason the API has; streamed, the error event after what was sent."""
+    writer = BlockWriter("msg_1", "m")
+    writer.start(messages_api.usage(5, 0, 0))
+    writer.content("Hi")
+    with pytest.raises(ApiError, match="aborted") as raised:
+        writer.finish(p.ChatStreamChoice(index=0, delta=p.ChatDelta(), finish_reason="abort"), {})
+    writer.fail(raised.value)
+    assert json.loads(writer.events[-1].split("data: ", 1)[1]) == {
+        "type": "error", "error": {"type": "api_error", "message": messages_api.ABORTED}}
+    assert writer.events[-1].startswith("event: error\n")
