@@ -2,7 +2,9 @@
 reach the template, tools and tool results render as GLM writes them, reasoning splits at </think>."""
 from __future__ import annotations
 
+import json
 import httpx
+import jsonschema
 import openai
 import pytest
 
@@ -164,6 +166,27 @@ def test_streamed_named_tool_call(client: openai.OpenAI) -> None:
 
 def test_a_strict_tool_under_auto_is_held_to_its_schema(client: openai.OpenAI, server: ServerProcess) -> None:
     chat_cases.check_strict_tool_under_auto(client, client.models.list().data[0].id, server.url, NO_THINK)
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_strict_calls_alone_under_auto(client: openai.OpenAI, hf, parallel: bool) -> None:
+    """A strict tool and nothing else constraining: the grammar holds the calls (a bias toward the <tool_call> token
+    makes the model open them; without the grammar its replies were that token over and over, with no call), one
+    per reply with parallel_tool_calls false (then free text), more with it."""
+    strict = {"type": "function", "function": {**chat_cases.WEATHER_TOOL["function"], "strict": True}}
+    opener = hf.convert_tokens_to_ids("<tool_call>")
+    r = client.chat.completions.create(model="default", messages=chat_cases.ASK, tools=[strict], tool_choice="auto",
+                                       parallel_tool_calls=parallel, n=3, seed=11, temperature=1.0, max_tokens=300,
+                                       logit_bias={str(opener): 30}, extra_body=NO_THINK)
+    counts = []
+    for choice in r.choices:
+        # (the bias keeps opening calls until max_tokens, the complete ones standing; or, one call allowed, text
+        # follows it)
+        assert choice.message.tool_calls and (not parallel or not (choice.message.content or "").strip()), choice
+        for call in choice.message.tool_calls:
+            jsonschema.validate(json.loads(call.function.arguments), chat_cases.WEATHER_TOOL["function"]["parameters"])
+        counts.append(len(choice.message.tool_calls))
+    assert max(counts) > 1 if parallel else counts == [1, 1, 1], counts
 
 
 def test_clear_thinking_must_be_a_boolean(server: ServerProcess) -> None:

@@ -138,6 +138,22 @@ def test_arguments_are_json_objects() -> None:
     assert [json.loads(c.arguments) for c in out.calls] == [{"city": "Paris", "days": 3, "code": "007"}, {}]
 
 
+@pytest.mark.parametrize("value,parsed", [("1e999", "1e999"), ("-1e400", "-1e400"), ("NaN", "NaN"),
+                                          ("[1, Infinity]", "[1, Infinity]"), ("2.5e3", 2500.0),
+                                          ("12345678901234567890", 12345678901234567890)])
+def test_arguments_are_json_where_a_number_overflows(value: str, parsed: object) -> None:
+    """A JSON number past a double's range (which a JSON grammar allows) read as inf and came back as `Infinity` in
+    the arguments, which is no JSON (JavaScript's JSON.parse refused them); NaN / Infinity literals likewise. Such a
+    value is its text, as any value that is no JSON."""
+    dsml_call = (f'\n\n<{D}function_calls>\n<{D}invoke name="get_weather">\n<{D}parameter name="days" string="false">'
+                 f'{value}</{D}parameter>\n</{D}invoke>\n</{D}function_calls>')
+    glm_call = f"<tool_call>get_weather<arg_key>days</arg_key><arg_value>{value}</arg_value></tool_call>"
+    for make, text in ((lambda: dsml(False), dsml_call), (lambda: glm(False), glm_call)):
+        [call] = parse(make, text).calls
+        strict = json.loads(call.arguments, parse_constant=lambda name: pytest.fail(f"{name} in {call.arguments}"))
+        assert strict == {"days": parsed}
+
+
 @pytest.mark.parametrize("choice,expected", [
     (None, ("auto", 2)), ("none", ("none", 0)), ("auto", ("auto", 2)), ("required", ("required", 2)),
     ({"type": "function", "function": {"name": "get_time"}}, ("get_time", 2)),
@@ -167,6 +183,9 @@ def test_tool_choice(choice, expected) -> None:
     ([{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
         "a": {"$ref": "#/$defs/B"}}}}}], {"type": "function", "function": {"name": "f"}},
      "Pointer '/\\$defs/B' does not exist"),
+    # "yes" is not true: it was read as not strict, silently (OpenAI answers 400)
+    ([{"type": "function", "function": {"name": "f", "strict": "yes"}}], "auto",
+     r"tools\[0\].function.strict must be a boolean, got 'yes'"),
 ])
 def test_bad_tools_name_the_problem(tools, choice, problem: str) -> None:
     with pytest.raises(ValueError, match=problem):

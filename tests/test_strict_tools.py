@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import copy
 
+import httpx
 import pytest
 
+import chat_cases
 from chat_cases import TOOLS
 from dsaserve.chat.constrain import MARKUP_TEXTS, Constraint, build_grammar, markup_for
 from dsaserve.chat.grammar import GrammarSpec, GrammarState, ll_tokenizer
+from dsaserve.chat.parsers import OutputParser, Parsed, tool_parser
 from dsaserve.chat.tools import check_held_calls, plan_tools
 from dsaserve.engine.tokenizer import Tokenizer
 from dsaserve.tiny import make_tiny_model, save_tokenizer
+from server_process import ServerProcess
 from test_structured_grammar import DSML_CALL, GLM_CALL, feed
 
 D = "｜DSML｜"
@@ -103,3 +107,57 @@ def test_a_strict_tools_schema_is_checked_under_auto() -> None:
     bad[1]["function"]["parameters"]["properties"] = {"x": {"type": "x"}}
     bad[0]["function"]["parameters"]["properties"]["days"] = {"type": "integer"}
     check_held_calls(plan_tools(bad, "auto"))  # (the tool that is not strict is never compiled)
+
+
+def test_a_loose_call_is_the_formats_argument_markup(tokenizers: dict[str, str]) -> None:
+    """A tool that is not strict takes any names and values, in its format's markup: free text there carried a
+    whole block with a strict call past its schema, and markup the parser gives back as content. Whatever the
+    grammar takes, the parser reads as calls."""
+    bad_weather = DSML_CALL.replace("Oslo", "Rome")
+    smuggled = DSML_TIME.replace(f'<{D}parameter name="zone" string="true">UTC</{D}parameter>\n',
+                                 bad_weather.split("\n\n", 1)[1].replace(f"</{D}invoke>", "", 1))
+    cases = {"deepseekv32": ([DSML_TIME, DSML_TIME.replace("UTC", "5").replace('"true"', '"false"'),
+                              DSML_TIME.replace(f'<{D}parameter name="zone" string="true">UTC</{D}parameter>\n', "\n")],
+                             [smuggled, DSML_TIME.replace(f'<{D}parameter name="zone" string="true">UTC</{D}parameter>',
+                                                          "garbage")]),
+             "glm47": ([GLM_TIME, "<tool_call>get_time</tool_call>"],
+                       ["<tool_call>get_timeX</tool_call>", "<tool_call>get_time garbage</tool_call>",
+                        "<tool_call>get_time<arg_key>zone</tool_call>"])}
+    for tool_format, (good, bad) in cases.items():
+        path = tokenizers[tool_format]
+        for text in good:
+            assert accepts(path, tool_format, Constraint(strict_tools=STRICT), text), text
+            assert [c.name for c in parse_all(tool_format, text).calls] == ["get_time"], text
+        for text in bad:
+            assert not accepts(path, tool_format, Constraint(strict_tools=STRICT), text), text
+
+
+def parse_all(tool_format: str, text: str) -> Parsed:
+    parser = OutputParser(None, tool_parser(tool_format, STRICT))
+    return parser.feed(text).add(parser.finish())
+
+
+@pytest.mark.parametrize("tool_format", FORMATS)
+def test_no_call_hides_in_the_reasoning(tokenizers: dict[str, str], tool_format: str) -> None:
+    """Without a reasoning parser the tool parser reads the reasoning too: a call written there, past its schema,
+    was a call. The reasoning before held calls (strict or forced) may not open one."""
+    _, _, call, _ = FORMATS[tool_format]
+    inside = "Let me call " + call.replace("Oslo", "Rome") + " hmm</think>"
+    path = tokenizers[tool_format]
+    for c in (Constraint(strict_tools=STRICT), Constraint(forced_tools=STRICT)):
+        assert accepts(path, tool_format, c, "Hmm.</think>" + call, reasoning=True)
+        assert not accepts(path, tool_format, c, inside + call, reasoning=True)
+
+
+def test_without_a_grammar_backend_strict_tools_are_parsed_not_held(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """--grammar-backend none: a strict tool under auto is served (its calls parsed, not held: the Agents SDK
+    sends every function tool strict, and these requests were refused); an answer format is still a 400."""
+    path = chat_cases.chat_checkpoint(tmp_path_factory, "deepseek_v32", "deepseek_v32")
+    with ServerProcess(path, tmp_path_factory.mktemp("srv") / "server.log", grammar_backend="none",
+                       max_total_tokens=4096) as server:
+        body = {"model": "default", "messages": chat_cases.ASK, "max_tokens": 4, "tools": STRICT}
+        assert httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60).status_code == 200
+        fmt = {"type": "json_object"}
+        r = httpx.post(f"{server.url}/v1/chat/completions", json={**body, "response_format": fmt}, timeout=60)
+        assert r.status_code == 400 and "--grammar-backend none" in r.json()["error"]["message"], r.text
+        assert r.json()["error"]["param"] == "response_format"

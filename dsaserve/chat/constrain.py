@@ -50,10 +50,12 @@ def json_rule(schema: dict[str, Any]) -> str:
     return "%json " + json.dumps({**schema, "x-guidance": JSON_STYLE}, ensure_ascii=False)
 
 
-def _text_value(schema: dict[str, Any], markup: Markup, name: str, end: str, rules: list[str]) -> str:
+def _text_value(schema: dict[str, Any], markup: Markup, name: str, end: str, rules: list[str],
+                excluded: str | None = None) -> str:
     """A raw (unquoted) string argument and its closing markup `end`: its const or one of its enum values, else
     text of its length that matches its pattern and format (the regexes' intersection), ending at the first `end`,
-    as the parser reads it (an llguidance `suffix` lexeme; a special-token `end` cannot occur in text at all)."""
+    as the parser reads it (an llguidance `suffix` lexeme; a special-token `end` cannot occur in text at all).
+    excluded: text the value may not spell (the markup that opens calls, in text before them)."""
     if isinstance(schema.get("const"), str):
         return f"{markup.lit(schema['const'])} {markup.lit(end)}"
     if isinstance(schema.get("enum"), list) and all(isinstance(v, str) for v in schema["enum"]):
@@ -64,14 +66,21 @@ def _text_value(schema: dict[str, Any], markup: Markup, name: str, end: str, rul
         text += f" & /{_slashes_escaped(_whole_value_regex(schema['pattern']))}/"
     if isinstance(schema.get("format"), str):
         text += f" & /{_slashes_escaped(format_regex(schema['format']))}/"
+    if excluded is not None:
+        text += _not_holding(excluded)
     if end in markup.special:
         rules.append(f"{name.upper()}: {text}")  # (a terminal: & joins terminals only)
         return f"{name.upper()} {markup.lit(end)}"
     # the value may not hold `end` (the lexeme runs past an `end` where its pattern or length is not met yet; the
     # parser would cut it there)
-    text += f" & ~/(?s:.*){_slashes_escaped(re.escape(end))}(?s:.*)/"
+    text += _not_holding(end)
     rules.append(f"{name}[suffix={json.dumps(end, ensure_ascii=False)}]: {text}")
     return name
+
+
+def _not_holding(text: str) -> str:
+    """A regex term (joined with &) for text that does not spell `text` anywhere."""
+    return f" & ~/(?s:.*){_slashes_escaped(re.escape(text))}(?s:.*)/"
 
 
 def _whole_value_regex(pattern: str) -> str:
@@ -96,8 +105,8 @@ def _params(fn: dict[str, Any]) -> list[tuple[str, dict[str, Any], bool]]:
     params = parameters_of(fn)
     combined = [k for k in ("anyOf", "oneOf", "allOf", "not", "if") if k in params]
     if combined:
-        raise GrammarError(f"a forced call of {fn['name']!r} cannot follow its parameters' {combined[0]!r} at the "
-                           "schema's root (give properties)")
+        raise GrammarError(f"a forced or strict call of {fn['name']!r} cannot follow its parameters' "
+                           f"{combined[0]!r} at the schema's root (give properties)")
     props = params.get("properties") or {}
     required = set(params.get("required") or [])
     defs = {k: params[k] for k in ("$defs", "definitions") if k in params}
@@ -204,12 +213,20 @@ def _opener(tool_format: str) -> str:
 
 
 def _loose_call(i: int, fn: dict[str, Any], tool_format: str, markup: Markup, rules: list[str]) -> str:
-    """A call of a tool that is not strict: its name, then any text up to the markup that ends the call."""
+    """A call of a tool that is not strict, in the format's argument markup with any names and values (free text
+    there could carry a whole strict call past its schema, or markup the parser gives back as content)."""
+    key = "/[^\"<>\\n]+/"  # (a parameter name, as tools.check_tools allows one)
     if tool_format == "deepseekv32":
-        head, end = _invoke_head(fn), dsv32.INVOKE_END
-    else:
-        head, end = fn["name"], "</tool_call>"
-    return f"{markup.lit(head)} {_text_value({}, markup, f'loose{i}', end, rules)}"
+        value = _text_value({}, markup, f"loose{i}", dsv32.PARAM_END, rules)
+        opening, kinds = f'<{dsv32.DSML}parameter name="', " | ".join(markup.lit(f'"{k}">') for k in ("true", "false"))
+        head = f"{markup.lit(opening)} {key} {markup.lit(chr(34) + ' string=')} ({kinds})"
+        rules.append(f"loose{i}_p: {head} {value} {markup.lit(chr(10))}")
+        body = f"(loose{i}_p+ | {markup.lit(chr(10))})"
+        return f"{markup.lit(_invoke_head(fn))} {body} {markup.lit(dsv32.INVOKE_END)}"
+    value = _text_value({}, markup, f"loose{i}", "</arg_value>", rules)
+    rules.append(f"loose{i}_p: {markup.lit('<arg_key>')} {key} {markup.lit('</arg_key>')} {markup.lit('<arg_value>')} "
+                 f"{value}")
+    return f"{markup.lit(fn['name'])} loose{i}_p* {markup.lit('</tool_call>')}"
 
 
 def auto_calls_grammar(tools: list[dict[str, Any]], tool_format: str, markup: Markup, several: bool) -> list[str]:
@@ -219,10 +236,10 @@ def auto_calls_grammar(tools: list[dict[str, Any]], tool_format: str, markup: Ma
     calls)."""
     rules = tool_call_grammar(tools, tool_format, markup, several, loose=True)
     start = _opener(tool_format)
-    lead = _text_value({}, markup, "lead", start, rules)  # text up to and with the opening marker
-    tail = "/(?s:.+)/" + ("" if start in markup.special else
-                          f" & ~/(?s:.*){_slashes_escaped(re.escape(start))}(?s:.*)/")
-    rules.append(f"TAIL: {tail}")
+    # text up to and with the opening marker, which it may not spell before (as text, where the marker is a special
+    # token: the parser reads the text)
+    lead = _text_value({}, markup, "lead", start, rules, start if start in markup.special else None)
+    rules.append(f"TAIL: /(?s:.+)/{_not_holding(start)}")
     return [f"auto: ({lead} calls_rest){'*' if several else '?'} TAIL?"] + rules
 
 
@@ -269,8 +286,9 @@ def build_grammar(c: Constraint, tool_format: str | None, markup: Markup, opens_
         elif c.strict_tools:  # the answer as asked, or calls (without text before them)
             rules += tool_call_grammar(c.strict_tools, tool_format, markup, c.several_calls, loose=True)
             body = f"({body} | calls)"
-    if opens_reasoning:  # let the reasoning run up to its first </think>
-        body = f"{_text_value({}, markup, 'reasoning', THINK_END, rules)} {body}"
+    if opens_reasoning:  # let the reasoning run up to its first </think> (without calls: the parser reads them)
+        held = _opener(tool_format) if tool_format and (c.forced_tools or c.strict_tools) else None
+        body = f"{_text_value({}, markup, 'reasoning', THINK_END, rules, held)} {body}"
     lark = "\n".join([f"start: {body}", *rules])
     if c.ebnf is None or c.forced_tools:
         return LLMatcher.grammar_from_lark(lark)

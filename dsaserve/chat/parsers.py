@@ -12,6 +12,7 @@ reply of calls alone has empty content.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -338,12 +339,26 @@ class GlmToolParser(ToolCallParser):
         return tag[1], name, args
 
 
+def _finite_float(text: str) -> float:
+    """A JSON number as a float, or ValueError past a double's range: 1e999 would read as inf and be written back
+    into the call's arguments as `Infinity`, which is no JSON (a JSON grammar allows the number)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} overflows a double")
+    return value
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # (NaN / Infinity, which Python's json reads by default)
+
+
 def _json_or_text(value: str, allowed: set[str] | None = None) -> Any:
-    """The value's JSON, or the text as written where it is no JSON or where the schema allows a string and not the
-    JSON's type: GLM's template writes a string raw, so the string "10001" of a string-or-null parameter is `10001`."""
+    """The value's JSON, or the text as written where it is no JSON (NaN, a number past a double's range) or where
+    the schema allows a string and not the JSON's type: GLM's template writes a string raw, so the string "10001"
+    of a string-or-null parameter is `10001`."""
     try:
-        parsed = json.loads(value)
-    except (json.JSONDecodeError, RecursionError):  # (model output: nested past Python's parser too)
+        parsed = json.loads(value, parse_float=_finite_float, parse_constant=_not_json)
+    except (ValueError, RecursionError):  # (model output: nested past Python's parser too)
         return value
     if allowed is not None and "string" in allowed and JSON_TYPE[type(parsed)] not in allowed:
         return value

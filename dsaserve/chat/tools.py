@@ -65,6 +65,8 @@ def check_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
         if name in seen:
             raise ValueError(f"tools[{i}]: the function name {name!r} is given twice")
         _check_markup_text(name, f"tools[{i}].function.name")
+        if fn.get("strict") is not None and not isinstance(fn["strict"], bool):
+            raise ValueError(f"tools[{i}].function.strict must be a boolean, got {fn['strict']!r}")
         params = fn.get("parameters")
         if params is not None and not isinstance(params, dict):
             raise ValueError(f"tools[{i}].function.parameters must be a JSON schema of type object")
@@ -139,7 +141,7 @@ def check_held_calls(plan: ToolPlan) -> None:
     MAX_FORCED_CHOICES choices at one position, or cannot be built from the schema of a tool it holds to its
     schema (nothing to check for a tool the grammar does not hold: its schema is only shown to the model, and valid
     JSON schemas llguidance cannot enforce, look-around patterns, stay welcome there)."""
-    kind = "a forced call" if plan.forced else "a strict call"
+    kind, way_out = ("a forced call", "use tool_choice 'auto'") if plan.forced else ("a strict call", "drop its strict")
     if plan.choice == "required" and len(plan.tools) > MAX_FORCED_CHOICES:
         raise ValueError(f"tools holds {len(plan.tools)} functions and tool_choice 'required' forces a call of one "
                          f"of them: a forced call chooses among at most {MAX_FORCED_CHOICES} (send fewer tools, name "
@@ -157,7 +159,7 @@ def check_held_calls(plan: ToolPlan) -> None:
         optional = len([k for k in props if k not in required])
         if 2 * optional > MAX_FORCED_CHOICES:
             raise ValueError(f"{where} has {optional} optional properties: {kind} leaves at most "
-                             f"{MAX_FORCED_CHOICES // 2} open (make some required, or use tool_choice 'auto')")
+                             f"{MAX_FORCED_CHOICES // 2} open (make some required, or {way_out})")
         for key, schema in props.items():
             values = schema.get("enum") if isinstance(schema, dict) and schema.get("type") == "string" else None
             if values == []:  # (the grammar's choice among none would take the empty string)
@@ -165,7 +167,7 @@ def check_held_calls(plan: ToolPlan) -> None:
                                  f"{name_of(tool)!r} can be {'forced' if plan.forced else 'made'}")
             if isinstance(values, list) and len(values) > MAX_FORCED_CHOICES:
                 raise ValueError(f"{where}.properties.{key}.enum has {len(values)} values: {kind} chooses "
-                                 f"among at most {MAX_FORCED_CHOICES} (or use tool_choice 'auto')")
+                                 f"among at most {MAX_FORCED_CHOICES} (or {way_out})")
         try:  # the grammar is built from it: a schema it cannot read is named here, not by a grammar dump
             check_json_schema(_null_lengths_dropped(params))
         except GrammarError as exc:

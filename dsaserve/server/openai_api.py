@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, AsyncIterator
 
 from fastapi import Request
@@ -54,13 +54,15 @@ class OpenAIServing:
     def grammar(self, c: Constraint, tool_format: str | None = None, opens_reasoning: bool = False,
                 param: str | None = None) -> GrammarSpec | None:
         """The checked grammar of a request's constraint; a 400 naming the problem (and `param`) if it is invalid."""
+        formatted = bool(c.response_format) and c.response_format.get("type") != "text"
         param = param or ("tool_choice" if c.forced_tools else "regex" if c.regex is not None else
-                          "ebnf" if c.ebnf is not None else "tools" if c.strict_tools and not c.response_format else
-                          "response_format")
+                          "ebnf" if c.ebnf is not None else "response_format" if formatted else "tools")
         try:
             if c.empty:
                 return None
             if self.fe.args.grammar_backend == "none":
+                if replace(c, strict_tools=None).empty:  # strict tools under auto: their calls parsed, not held
+                    return None
                 raise GrammarError("structured output is off on this server (--grammar-backend none)")
             return checked_spec(build_grammar(c, tool_format, self.markup, opens_reasoning), *self._vocab())
         except GrammarError as exc:
