@@ -179,6 +179,9 @@ def test_a_json_schema_text_format(server: ServerProcess, client: openai.OpenAI)
     ({"max_output_tokens": 100_000}, "max_output_tokens", "max_output_tokens (100000) + the prompt"),
     ({"tools": [{"type": "function"}]}, "tools", "tools[0].name must be a non-empty string"),
     ({"text": {"format": {"type": "json_schema", "schema": {"type": "x"}}}}, "text", "text.format: "),
+    # a strict tool's schema is held, so checked (not strict: only shown to the model, a 200)
+    ({"tools": [{"type": "function", "name": "f", "strict": True, "parameters": {
+        "type": "object", "properties": {"a": {"type": "x"}}}}]}, "tools", "tools[0].parameters of 'f'"),
 ])
 def test_what_it_cannot_carry_is_a_400(server: ServerProcess, client: openai.OpenAI, body: dict, param: str,
                                        problem: str) -> None:

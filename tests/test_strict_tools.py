@@ -13,7 +13,7 @@ from chat_cases import TOOLS
 from dsaserve.chat.constrain import MARKUP_TEXTS, Constraint, build_grammar, markup_for
 from dsaserve.chat.grammar import GrammarSpec, GrammarState, ll_tokenizer
 from dsaserve.chat.parsers import OutputParser, Parsed, tool_parser
-from dsaserve.chat.tools import check_held_calls, plan_tools
+from dsaserve.chat.tools import MAX_FORCED_CHOICES, check_held_calls, plan_tools
 from dsaserve.engine.tokenizer import Tokenizer
 from dsaserve.tiny import make_tiny_model, save_tokenizer
 from server_process import ServerProcess
@@ -93,6 +93,14 @@ def test_without_a_strict_tool_auto_is_unconstrained() -> None:
     plan = plan_tools(STRICT, "auto")
     assert plan.strict == STRICT and [t["function"]["name"] for t in plan.bound] == ["get_weather"]
     assert plan_tools(STRICT, "required").strict is None  # forced: every tool is held anyway
+
+
+def test_past_the_choices_a_grammar_follows_strict_tools_are_refused() -> None:
+    """A strict tool holds every call: a call chooses among all the tools at one position (1,000 at most)."""
+    many = [{"type": "function", "function": {"name": f"g{i}"}} for i in range(MAX_FORCED_CHOICES)] + STRICT[:1]
+    with pytest.raises(ValueError, match=f"tools holds {MAX_FORCED_CHOICES + 1} functions and a strict one"):
+        check_held_calls(plan_tools(many, "auto"))
+    check_held_calls(plan_tools(many[1:], "auto"))
 
 
 def test_a_strict_tools_schema_is_checked_under_auto() -> None:
