@@ -74,6 +74,8 @@ class ServerArgs:
                                                   "over the DP groups, each taking its share (SGLang's rule; "
                                                   f"default {RUNNING_PER_GROUP} per DP group)")
     max_queued_requests: int = _opt(4096, "most requests waiting; more get 503")
+    responses_store_size: int = _opt(1000, "responses /v1/responses keeps in memory for previous_response_id and "
+                                           "GET /v1/responses/{id} (the least recently used go first; 0 keeps none)")
     chunked_prefill_size: int = _opt(8192, "most tokens in one step (prompt chunks and, mixed, decode rows); "
                                            "under DP attention the total over the DP groups, each taking its share "
                                            "(SGLang's rule)")
@@ -209,6 +211,8 @@ class ServerArgs:
                 problems.append(f"--{name.replace('_', '-')} must be >= 1, got {value}")
         if self.max_queued_requests < 1:  # 0 would refuse every request (each waits in the queue first)
             problems.append(f"--max-queued-requests must be >= 1, got {self.max_queued_requests}")
+        if self.responses_store_size < 0:
+            problems.append(f"--responses-store-size must be >= 0, got {self.responses_store_size}")
         if self.api_key is not None and not self.api_key.strip():
             problems.append("--api-key must not be empty (leave it out to serve without a key)")
         if self.max_request_bytes < 1:

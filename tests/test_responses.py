@@ -17,6 +17,7 @@ from pydantic import TypeAdapter
 import chat_cases
 from dsaserve.server.responses_api import OutputWriter
 from dsaserve.server.responses_protocol import ResponsesRequest
+from dsaserve.server.responses_store import ResponseStore, StoredResponse
 from server_process import ServerProcess, module_server
 
 pytestmark = pytest.mark.timeout(300)
@@ -135,6 +136,57 @@ def test_a_forced_function_call_and_its_result(client: openai.OpenAI) -> None:
     assert answer.output_text == (chat_answer.choices[0].message.content or "")
 
 
+def test_previous_response_id_continues_the_stored_conversation(client: openai.OpenAI) -> None:
+    """A follow-up naming the previous response is the request with the whole conversation as input (its forced
+    call, the call's result), streamed or not; the previous instructions are not carried over (OpenAI's rule).
+    GET returns a stored response; DELETE forgets it; store false keeps none."""
+    ask = [{"role": "user", "content": "What is the weather?"}]
+    first = client.responses.create(model="default", instructions="Be brief.", input=ask, tools=[WEATHER],
+                                    max_output_tokens=250, temperature=0,
+                                    tool_choice={"type": "function", "name": "get_weather"})
+    assert first.store and client.responses.retrieve(first.id).output == first.output
+    [call] = [item for item in first.output if item.type == "function_call"]
+    result = {"type": "function_call_output", "call_id": call.call_id, "output": "Sunny, 21 C"}
+    follow = client.responses.create(model="default", previous_response_id=first.id, input=[result], tools=[WEATHER],
+                                     max_output_tokens=8, temperature=0)
+    whole = client.responses.create(model="default", input=[*ask, *[o.model_dump() for o in first.output], result],
+                                    tools=[WEATHER], max_output_tokens=8, temperature=0)
+    assert follow.previous_response_id == first.id and follow.output_text == whole.output_text
+    assert follow.usage.input_tokens == whole.usage.input_tokens  # (no instructions: not carried over)
+    _, streamed = _streamed(client, previous_response_id=first.id, input=[result], tools=[WEATHER],
+                            max_output_tokens=8)
+    assert streamed.output_text == follow.output_text
+    # a stored follow-up is continued in turn: three turns deep
+    again = client.responses.create(model="default", previous_response_id=follow.id, input="And tomorrow?",
+                                    tools=[WEATHER], max_output_tokens=4, temperature=0)
+    deep = client.responses.create(model="default", input=[*ask, *[o.model_dump() for o in first.output], result,
+                                                          *[o.model_dump() for o in follow.output],
+                                                          {"role": "user", "content": "And tomorrow?"}],
+                                   tools=[WEATHER], max_output_tokens=4, temperature=0)
+    assert (again.output_text, again.usage.input_tokens) == (deep.output_text, deep.usage.input_tokens)
+    client.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(first.id)
+    with pytest.raises(openai.BadRequestError, match="not found"):
+        client.responses.create(model="default", previous_response_id=first.id, input="x", max_output_tokens=2)
+    unstored = client.responses.create(model="default", input="x", max_output_tokens=2, store=False)
+    assert not unstored.store
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(unstored.id)
+
+
+def test_the_store_keeps_the_most_recently_used() -> None:
+    store = ResponseStore(2)
+    for rid in "abc":
+        store.put(rid, StoredResponse([], {"id": rid}))
+    assert store.get("a") is None and store.get("b") is not None  # a went first; b is now the most recent
+    store.put("d", StoredResponse([], {"id": "d"}))
+    assert store.get("c") is None and store.get("b") is not None and store.delete("d") and not store.delete("d")
+    empty = ResponseStore(0)
+    empty.put("a", StoredResponse([], {}))
+    assert empty.get("a") is None
+
+
 def test_a_json_schema_text_format(server: ServerProcess, client: openai.OpenAI) -> None:
     fmt = {"format": {"type": "json_schema", "name": "person", "schema": chat_cases.PERSON, "strict": True}}
     r = _post(server, {"input": chat_cases.ASK, "text": fmt, "max_output_tokens": 60})
@@ -151,11 +203,11 @@ def test_a_json_schema_text_format(server: ServerProcess, client: openai.OpenAI)
 
 
 @pytest.mark.parametrize("body,param,problem", [
-    ({"previous_response_id": "resp_1"}, "previous_response_id", "stores no responses"),
-    ({"conversation": "conv_1"}, "conversation", "stores no responses, conversations or prompts"),
-    ({"prompt": {"id": "pmpt_1"}}, "prompt", "stores no responses"),
+    ({"previous_response_id": "resp_1"}, "previous_response_id", "Response with id 'resp_1' not found"),
+    ({"conversation": "conv_1"}, "conversation", "but no conversations or prompts"),
+    ({"prompt": {"id": "pmpt_1"}}, "prompt", "but no conversations or prompts"),
     ({"truncation": "auto"}, "truncation", "truncates nothing"),
-    ({"context_management": [{"type": "compaction"}]}, "context_management", "stores no responses"),
+    ({"context_management": [{"type": "compaction"}]}, "context_management", "truncates nothing"),
     ({"input": [{"role": "user", "content": "hi"}, 5]}, "input", "input[1] must be an object"),
     ({"input": [{"role": "user", "content": [{"type": "input_text", "text": 5}]}]}, "input",
      "input[0].content[0]: the input_text part needs its text (a string), got 5"),
@@ -171,7 +223,7 @@ def test_a_json_schema_text_format(server: ServerProcess, client: openai.OpenAI)
     ({"text": {"format": {"type": "yaml"}}}, "text", "text.format must be of type"),
     ({"tool_choice": {"type": "file_search"}}, "tool_choice", "is not supported"),
     ({"include": ["message.output_text.logprobs"]}, "include", "log-probabilities"),
-    ({"background": True}, "background", "stores no responses"),
+    ({"background": True}, "background", "truncates nothing"),
     ({"max_output_tokens": 0}, "max_output_tokens", "max_output_tokens must be > 0, got 0"),
     ({"reasoning": {"effort": "huge"}}, "reasoning", "reasoning.effort: Input should be 'none'"),
     # the chat pipeline's refusals, in this API's names

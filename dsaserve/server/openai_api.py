@@ -23,6 +23,7 @@ from dsaserve.server.errors import ApiError, bad_request
 from dsaserve.server.frontend import Frontend
 from dsaserve.server.openai_answers import (Call, ParserFactory, cached_tokens, chat_answer, chat_stream_choices,
                                             completion_answer, completion_stream_choice)
+from dsaserve.server.responses_store import ResponseStore
 from dsaserve.server.streaming import (DONE, AbortingStream, aborter, bias_pairs, checked, collect_call,
                                        engine_refusals_named, error_event, finish_error, merged, prompt_scoring,
                                        split_error)
@@ -39,6 +40,7 @@ class ChatPlan:
 class OpenAIServing:
     def __init__(self, frontend: Frontend, served_name: str, pd: PDRouting):
         self.fe, self.served_name, self.pd = frontend, served_name, pd
+        self.responses = ResponseStore(frontend.args.responses_store_size)  # (/v1/responses' stored ones)
 
     @functools.cached_property
     def chat_format(self) -> ChatFormat:  # the tokenizer exists once the frontend has started

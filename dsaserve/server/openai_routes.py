@@ -15,6 +15,7 @@ from dsaserve.server.messages_protocol import CountTokensRequest, MessagesReques
 from dsaserve.server.openai_answers import Call
 from dsaserve.server.openai_api import OpenAIServing
 from dsaserve.server.responses_protocol import ResponsesRequest
+from dsaserve.server.responses_store import StoredResponse
 
 
 def openai_router(serving: OpenAIServing) -> APIRouter:
@@ -69,7 +70,27 @@ def openai_router(serving: OpenAIServing) -> APIRouter:
     @router.post("/v1/responses", response_model=None)
     async def responses(body: ResponsesRequest, request: Request) -> Any:
         """OpenAI's Responses API: the same chat request, answered as output items (server.responses_api)."""
+        if body.previous_response_id is not None:
+            body.continuing(stored_response(body.previous_response_id, "previous_response_id").items)
         return await responses_api.respond(request, serving, await submit_translated(body, "resp", request), body)
+
+    def stored_response(rid: str, param: str | None = None) -> StoredResponse:
+        stored = serving.responses.get(rid)
+        if stored is None:  # (OpenAI: 400 for a previous_response_id, 404 for the path)
+            raise ApiError(400 if param else 404, f"Response with id {rid!r} not found (responses are kept in "
+                           "memory, the most recent --responses-store-size of them)", param=param,
+                           code="previous_response_not_found" if param else None)
+        return stored
+
+    @router.get("/v1/responses/{response_id}")
+    async def get_response(response_id: str) -> dict[str, Any]:
+        return stored_response(response_id).response
+
+    @router.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str) -> dict[str, Any]:
+        stored_response(response_id)
+        serving.responses.delete(response_id)
+        return {"id": response_id, "object": "response", "deleted": True}
 
     @router.post("/v1/messages", response_model=None)
     async def messages(body: MessagesRequest, request: Request) -> Any:

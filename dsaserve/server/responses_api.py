@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import Request
 
@@ -17,6 +17,7 @@ from dsaserve.server.errors import ApiError
 from dsaserve.server.openai_answers import Call, chat_answer, chat_stream_choices, whole_delta, write_delta
 from dsaserve.server.openai_api import OpenAIServing
 from dsaserve.server.responses_protocol import ResponsesRequest
+from dsaserve.server.responses_store import StoredResponse
 from dsaserve.server.streaming import AbortingStream, aborter, collect_call, finish_error, merged, split_error
 
 
@@ -144,15 +145,16 @@ def _output_text(text: str) -> dict[str, Any]:
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
 
-def head(body: ResponsesRequest, rid: str, model: str) -> dict[str, Any]:
+def head(body: ResponsesRequest, rid: str, model: str, store: bool) -> dict[str, Any]:
     """The response object's fields that echo the request."""
     return {"id": rid, "object": "response", "created_at": int(time.time()), "model": model,
             "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
-            "parallel_tool_calls": body.parallel_tool_calls is not False, "previous_response_id": None,
+            "parallel_tool_calls": body.parallel_tool_calls is not False,
+            "previous_response_id": body.previous_response_id,
             "reasoning": body.reasoning, "temperature": body.temperature, "top_p": body.top_p,
             "text": body.text or {"format": {"type": "text"}}, "tool_choice": body.tool_choice or "auto",
             "tools": body.tools or [], "truncation": "disabled", "metadata": body.metadata or {}, "user": body.user,
-            "store": False}
+            "store": store}
 
 
 def usage(prompt_tokens: int, output_tokens: int, cached: int, reasoning_tokens: int) -> dict[str, Any]:
@@ -168,22 +170,30 @@ def reasoning_tokens(output_ids: list[int], reasoned: bool, think_end: int | Non
 
 async def respond(request: Request, serving: OpenAIServing, call: Call, body: ResponsesRequest) -> Any:
     fe, think_end = serving.fe, serving.markup.special.get(THINK_END)
-    writer = OutputWriter(head(body, call.rid, serving.served_name))
+    store = body.store is not False and serving.responses.capacity > 0
+    writer = OutputWriter(head(body, call.rid, serving.served_name, store))
+
+    def stored(final: dict[str, Any]) -> dict[str, Any]:
+        """The final response, kept (unless the client said not to, or it was cancelled) for previous_response_id."""
+        if store and final["status"] != "cancelled":
+            serving.responses.put(call.rid, StoredResponse(body.conversation_after(final["output"]), final))
+        return final
     if body.stream:
         parser = call.parser() if call.parser else None
-        return AbortingStream(_stream(fe.tokenizer, call, parser, writer, think_end), aborter(fe, call.handles))
+        return AbortingStream(_stream(fe.tokenizer, call, parser, writer, think_end, stored),
+                              aborter(fe, call.handles))
     results = await collect_call(request, fe, call.handles)
     choice = chat_answer(fe.tokenizer, serving.served_name, call, results).choices[0]
     message = choice.message
     write_delta(writer, whole_delta(message))
     r = results[0]
     thought = reasoning_tokens(r.token_ids, bool(message.reasoning_content), think_end)
-    return writer.finish(choice.finish_reason, usage(len(call.prompts[0]), r.completion_tokens, r.cached_tokens,
-                                                     thought))
+    return stored(writer.finish(choice.finish_reason, usage(len(call.prompts[0]), r.completion_tokens,
+                                                            r.cached_tokens, thought)))
 
 
 async def _stream(tok: Tokenizer, call: Call, parser: OutputParser | None, writer: OutputWriter,
-                  think_end: int | None) -> AsyncIterator[str]:
+                  think_end: int | None, stored: Callable[[dict[str, Any]], Any]) -> AsyncIterator[str]:
     calls, reasoned, ids = [0], False, []
     writer.start()
     try:
@@ -195,8 +205,8 @@ async def _stream(tok: Tokenizer, call: Call, parser: OutputParser | None, write
                 write_delta(writer, choice.delta)
                 if choice.finish_reason is not None:
                     thought = reasoning_tokens(ids, reasoned, think_end)
-                    writer.finish(choice.finish_reason,
-                                  usage(len(call.prompts[0]), d.completion_tokens, d.cached_tokens, thought))
+                    stored(writer.finish(choice.finish_reason,
+                                         usage(len(call.prompts[0]), d.completion_tokens, d.cached_tokens, thought)))
             if error is not None:
                 raise finish_error(error)
             yield "".join(writer.events)

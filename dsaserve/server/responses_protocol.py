@@ -1,6 +1,7 @@
 """OpenAI's Responses API request (/v1/responses) and its translation into a chat completions request: the input
 items become chat messages, so one renderer, one tool and reasoning parser and one grammar serve both APIs.
-Nothing is stored: previous_response_id and item references are refused (send the conversation as input)."""
+A response is stored (responses_store.py) unless `store` is false: previous_response_id continues its conversation;
+stored conversations, prompts and item references are refused."""
 from __future__ import annotations
 
 from typing import Any, Literal
@@ -37,8 +38,9 @@ class ResponsesRequest(p.Bootstrap):
     reasoning: dict[str, Any] | None = None  # {"effort": ...}: chat completions' reasoning_effort
     text: dict[str, Any] | None = None  # {"format": {"type": "text" | "json_object" | "json_schema", ...}}
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM's extension: wins over `reasoning` (thinking_kwargs)
-    # What needs a stored response or conversation (refused: nothing is stored)
-    previous_response_id: str | None = None
+    previous_response_id: str | None = None  # a stored response whose conversation this one continues
+    store: StrictBool | None = None  # (OpenAI's default: stored)
+    # What needs a stored conversation or prompt, or work in the background (refused)
     conversation: str | dict[str, Any] | None = None
     prompt: dict[str, Any] | None = None  # a stored prompt template
     background: StrictBool | None = None
@@ -51,6 +53,7 @@ class ResponsesRequest(p.Bootstrap):
     user: str | None = None
     routed_dp_rank: StrictInt | None = None
     _sources: list[str] = PrivateAttr(default_factory=list)  # where each chat message came from (for errors)
+    _earlier: list[dict[str, Any]] = PrivateAttr(default_factory=list)  # previous_response_id's conversation
 
     @field_validator("input", mode="before")
     @classmethod
@@ -77,15 +80,13 @@ class ResponsesRequest(p.Bootstrap):
         return chat_request(chat)
 
     def _refuse_unsupported(self) -> None:
-        stored = {"previous_response_id": self.previous_response_id, "conversation": self.conversation,
-                  "prompt": self.prompt, "background": self.background or None,
+        stored = {"conversation": self.conversation, "prompt": self.prompt, "background": self.background or None,
                   "context_management": self.context_management,
                   "truncation": "auto" if self.truncation == "auto" else None}
         for name, value in stored.items():
             if value is not None:
-                raise bad_request(f"{name} is not supported: this server stores no responses, conversations or "
-                                  "prompts and truncates nothing; send the whole conversation as input (earlier "
-                                  "outputs included)", param=name)
+                raise bad_request(f"{name} is not supported: this server stores responses (previous_response_id) "
+                                  "but no conversations or prompts, and truncates nothing", param=name)
         asked = [x for x in self.include or [] if x != "reasoning.encrypted_content"]
         if asked or self.top_logprobs:  # (encrypted reasoning: none is made, and the reasoning text is sent as is)
             raise bad_request(f"include {asked} / top_logprobs: log-probabilities and other extra output are not "
@@ -100,10 +101,10 @@ class ResponsesRequest(p.Bootstrap):
         reasoning of turns before the last user message."""
         out: list[dict[str, Any]] = [{"role": "system", "content": self.instructions}] if self.instructions else []
         sources = ["instructions"] * len(out)
-        items = [{"role": "user", "content": self.input}] if isinstance(self.input, str) else self.input
+        items, earlier = self._earlier + self.input_items(), len(self._earlier)
         reasoning: list[str] = []
         for j, item in enumerate(items):
-            where = f"input[{j}]"
+            where = f"input[{j - earlier}]" if j >= earlier else f"previous_response_id's item {j}"
             kind = item.get("type", "message")
             if kind == "reasoning":
                 reasoning.append(_text(item.get("content") or item.get("summary") or [], f"{where}.content"))
@@ -134,6 +135,18 @@ class ResponsesRequest(p.Bootstrap):
         if not out:
             raise bad_request("input holds no message", param="input")
         return out, sources
+
+    def input_items(self) -> list[dict[str, Any]]:
+        return [{"role": "user", "content": self.input}] if isinstance(self.input, str) else self.input
+
+    def continuing(self, earlier: list[dict[str, Any]]) -> None:
+        """previous_response_id's conversation, before this request's input (its instructions are not carried
+        over, as OpenAI's are not)."""
+        self._earlier = earlier
+
+    def conversation_after(self, output: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The conversation up to and with this response's output items, as input items (what is stored)."""
+        return [*self._earlier, *self.input_items(), *output]
 
     def chat_tools(self) -> list[dict[str, Any]] | None:
         if self.tools is None:
