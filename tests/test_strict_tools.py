@@ -169,3 +169,21 @@ def test_without_a_grammar_backend_strict_tools_are_parsed_not_held(tmp_path_fac
         r = httpx.post(f"{server.url}/v1/chat/completions", json={**body, "response_format": fmt}, timeout=60)
         assert r.status_code == 400 and "--grammar-backend none" in r.json()["error"]["message"], r.text
         assert r.json()["error"]["param"] == "response_format"
+
+
+@pytest.mark.parametrize("tool_format", FORMATS)
+def test_markup_inside_an_answer_is_its_text(tool_format: str) -> None:
+    """Beside an answer format the reply is the answer or calls: a call written inside the answer (a regex's
+    text, a JSON string) is the answer's text, not a call its grammar never held; calls opening the reply are
+    calls. Fed whole and a character at a time."""
+    _, _, call, _ = FORMATS[tool_format]
+    bad = call.replace("Oslo", "Rome")
+    for text, calls in (("ok " + bad, []), ('{"a": "' + bad.replace('"', "'") + '"}', []), (call, ["get_weather"])):
+        for pieces in ([text], list(text)):
+            parser = OutputParser(None, tool_parser(tool_format, STRICT, calls_first=True))
+            out = Parsed()
+            for piece in pieces:
+                out.add(parser.feed(piece))
+            out.add(parser.finish())
+            assert [c.name for c in out.calls] == calls and out.content == ("" if calls else text), (text, out)
+    assert [c.name for c in parse_all(tool_format, "ok " + bad).calls] == ["get_weather"]  # (no answer format)

@@ -47,7 +47,7 @@ class Parsed:
 
 def held_back(text: str, markers: Sequence[str]) -> int:
     """Length of the longest end of `text` that is the start of a marker (and so may still become one)."""
-    for n in range(min(len(text), max(len(m) for m in markers) - 1), 0, -1):
+    for n in range(min(len(text), max((len(m) for m in markers), default=0) - 1), 0, -1):
         if any(m.startswith(text[-n:]) for m in markers):
             return n
     return 0
@@ -103,11 +103,14 @@ class ToolCallParser:
     """Content with tool-call blocks in it. Subclasses give the markers and parse one complete element."""
     starts: tuple[str, ...] = ()
 
-    def __init__(self, tools: list[dict[str, Any]], max_calls: int | None = None, forced: bool = False):
+    def __init__(self, tools: list[dict[str, Any]], max_calls: int | None = None, forced: bool = False,
+                 calls_first: bool = False):
         """max_calls: the calls returned (parallel_tool_calls false: 1); later ones are dropped, not content.
-        forced: tool_choice required / named, the reply is calls alone (its grammar)."""
+        forced: tool_choice required / named, the reply is calls alone (its grammar). calls_first: the reply is an
+        answer (response_format, regex, ebnf) or calls (strict tools beside it): once an answer begins, markup in it
+        is its text, not a call past the tools' grammar."""
         self.schemas = {t["function"]["name"]: parameters_of(t["function"]) for t in tools}
-        self.max_calls, self.num_calls, self.forced = max_calls, 0, forced
+        self.max_calls, self.num_calls, self.forced, self.calls_first = max_calls, 0, forced, calls_first
         self.calls_before_block = 0  # num_calls when the current block opened
         self.buf, self.raw = "", ""  # raw: this block's text not yet turned into calls
         self.in_block = self.failed = False
@@ -120,19 +123,27 @@ class ToolCallParser:
         out = Parsed()
         while True:
             if not self.in_block:
-                hits = [(i, m) for m in self.starts if (i := self.buf.find(m)) >= 0]
+                starts = self._markers()
+                hits = [(i, m) for m in starts if (i := self.buf.find(m)) >= 0]
                 if not hits:
-                    keep = held_back(self.buf, self.starts)
+                    keep = held_back(self.buf, starts)
                     self._text(self.buf[:len(self.buf) - keep], out)
                     self.buf = self.buf[len(self.buf) - keep:]
                     return out
                 at, marker = min(hits, key=lambda h: (h[0], -len(h[1])))
                 self._text(self.buf[:at], out)
-                self.raw, self.buf = marker, self.buf[at + len(marker):]
+                self.buf = self.buf[at:]
+                if not self._markers():  # the text before it began an answer: the marker is the answer's text
+                    continue
+                self.raw, self.buf = marker, self.buf[len(marker):]
                 self.in_block, self.failed, self.calls_before_block = True, False, self.num_calls
                 self.tried_to = 0
             elif not self._block(out):
                 return out
+
+    def _markers(self) -> tuple[str, ...]:
+        """The markers that open a call now: none once an answer began where the reply is an answer or calls."""
+        return () if self.calls_first and self.gap_has_text and not self.num_calls else self.starts
 
     def finish(self, cut: bool = False) -> Parsed:
         """cut: max_tokens or a stop string ended the reply (not the model's own end)."""
@@ -387,9 +398,9 @@ class OutputParser:
 
 
 def tool_parser(name: str, tools: list[dict[str, Any]], max_calls: int | None = None,
-                forced: bool = False) -> ToolCallParser:
+                forced: bool = False, calls_first: bool = False) -> ToolCallParser:
     parsers: dict[str, Callable[..., ToolCallParser]] = {
         "deepseekv32": DsmlToolParser, "glm45": GlmToolParser, "glm47": GlmToolParser}
     if name not in parsers:
         raise ValueError(f"unknown tool-call parser {name!r}: choose from {', '.join(TOOL_CALL_PARSERS)}")
-    return parsers[name](tools, max_calls, forced)
+    return parsers[name](tools, max_calls, forced, calls_first)

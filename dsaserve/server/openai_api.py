@@ -40,7 +40,10 @@ class ChatPlan:
 class OpenAIServing:
     def __init__(self, frontend: Frontend, served_name: str, pd: PDRouting):
         self.fe, self.served_name, self.pd = frontend, served_name, pd
-        self.responses = ResponseStore(frontend.args.responses_store_size)  # (/v1/responses' stored ones)
+
+    @functools.cached_property
+    def responses(self) -> ResponseStore:  # /v1/responses' stored ones
+        return ResponseStore(self.fe.args.responses_store_size)
 
     @functools.cached_property
     def chat_format(self) -> ChatFormat:  # the tokenizer exists once the frontend has started
@@ -253,6 +256,8 @@ class OpenAIServing:
         several = tools.choice in ("required", "auto") and body.parallel_tool_calls is not False
         constraint = Constraint(body.response_format, body.regex, body.ebnf, tools.forced, several, tools.strict)
         grammar = self.grammar(constraint, tool_parser_name, prompt.opens_reasoning)
+        # an answer format beside strict tools: the reply is that answer or calls (markup inside an answer is text)
+        calls_first = grammar is not None and bool(tools.strict) and not replace(constraint, strict_tools=None).empty
         if reasoning is None and tool_parser_name is None:
             return ChatPlan(prompt, tools, None, grammar)
 
@@ -260,7 +265,7 @@ class OpenAIServing:
             splitter = ReasoningSplitter(prompt.opens_reasoning, whole=not body.stream_reasoning)
             calls = 1 if body.parallel_tool_calls is False else None
             return OutputParser(splitter if reasoning else None,
-                                tool_parser(tool_parser_name, tools.tools, calls, bool(tools.forced))
+                                tool_parser(tool_parser_name, tools.tools, calls, bool(tools.forced), calls_first)
                                 if tool_parser_name else None)
         return ChatPlan(prompt, tools, parser, grammar)
 
