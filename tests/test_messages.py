@@ -26,6 +26,8 @@ KEY = "messages-key"
 GREEDY = {"temperature": 0.0}  # (clients still send it; this SDK's create() no longer names it)
 WEATHER = {"name": "get_weather", "description": "Weather of a city",
            "input_schema": chat_cases.WEATHER_TOOL["function"]["parameters"]}
+TIME = {"name": "get_time", "description": "Current time",
+        "input_schema": chat_cases.TIME_TOOL["function"]["parameters"]}
 
 
 @pytest.fixture(scope="module")
@@ -138,12 +140,116 @@ def test_forced_tool_use_and_its_result(claude: anthropic.Anthropic, gpt: openai
     ({"max_tokens": 4, "messages": [{"role": "user", "content": "x"}], "tools": [
         {"name": "f", "input_schema": {"type": "object", "properties": {"a": {"type": "x"}}}}],
       "tool_choice": {"type": "any"}}, 400, "invalid_request_error", "tools[0].input_schema"),
+    ({"max_tokens": 4, "messages": [{"role": "user", "content": "x"}], "tools": [  # strict: held, so checked
+        {"name": "f", "strict": True, "input_schema": {"type": "object", "properties": {"a": {"type": "x"}}}}]},
+     400, "invalid_request_error", "tools[0].input_schema of 'f'"),
+    ({"max_tokens": 4, "messages": [{"role": "user", "content": "x"}], "tools": [{"name": "f"}]}, 400,
+     "invalid_request_error", "tools[0].input_schema must be a JSON schema"),
+    ({"max_tokens": 4, "messages": [{"role": "system", "content": "x"}]}, 400, "invalid_request_error",
+     "messages[0].role must be user or assistant"),
+    ({"max_tokens": 4, "system": "s", "messages": []}, 400, "invalid_request_error", "messages holds no message"),
+    ({"max_tokens": 4, "messages": [{"role": "user", "content": "x"}], "mcp_servers": []}, 400,
+     "invalid_request_error", "mcp_servers"),
+    ({"max_tokens": 4, "messages": [{"role": "user", "content": "x"}], "tools": [WEATHER],
+      "tool_choice": {"type": "any", "disable_parallel_tool_use": "yes"}}, 400, "invalid_request_error",
+     "disable_parallel_tool_use must be a boolean"),
     ({"model": "other", "max_tokens": 4, "messages": [{"role": "user", "content": "x"}]}, 404, "not_found_error",
      "other")])
 def test_errors_in_anthropics_shape(server: ServerProcess, body: dict, status: int, kind: str, words: str) -> None:
     r = httpx.post(f"{server.url}/v1/messages", headers={"x-api-key": KEY}, json={"model": "default", **body})
     assert r.status_code == status and r.json()["type"] == "error", r.text
     assert r.json()["error"]["type"] == kind and words in r.json()["error"]["message"], r.text
+
+
+def test_errors_before_any_route_in_anthropics_shape(server: ServerProcess) -> None:
+    """The request guard's refusals (a body too large, a lone surrogate) and count_tokens' model check."""
+    url, key = f"{server.url}/v1/messages", {"x-api-key": KEY}
+    big = httpx.post(url, headers=key, content=(b"x" * 2**20 for _ in range(17)))  # past the 16 MiB default
+    surrogate = httpx.post(url, headers={**key, "Content-Type": "application/json"},
+                           content=b'{"model": "default", "max_tokens": 2, "messages": [{"role": "user", '
+                                   b'"content": "\\ud800"}]}')
+    other = httpx.post(f"{url}/count_tokens", headers=key, json={"model": "other", "messages": [
+        {"role": "user", "content": "x"}]})
+    for r, status, kind in ((big, 413, "request_too_large"), (surrogate, 400, "invalid_request_error"),
+                            (other, 404, "not_found_error")):
+        assert r.status_code == status and r.json()["error"]["type"] == kind, r.text
+
+
+def _tokens(server: ServerProcess, **body) -> int:
+    r = httpx.post(f"{server.url}/tokenize", headers={"Authorization": f"Bearer {KEY}"}, json=body)
+    assert r.status_code == 200, r.text
+    return len(r.json()["tokens"])
+
+
+def test_a_whole_turn_renders_as_chats(claude: anthropic.Anthropic, server: ServerProcess) -> None:
+    """System blocks, thinking, text and two tool_use blocks, a tool_result list and an error result, text blocks:
+    count_tokens is /tokenize's count of the chat conversation they translate to (blocks joined by newlines, an
+    error result as "Error: ..."); the thinking block is rendered (without it the count differs)."""
+    calls = [{"type": "tool_use", "id": f"t{i}", "name": "get_weather", "input": {"city": c, "days": 1}}
+             for i, c in enumerate(("Oslo", "Paris"))]
+    turn = [{"role": "user", "content": [{"type": "text", "text": "<reminder>"},
+                                         {"type": "text", "text": "Weather?"}]},
+            {"role": "assistant", "content": [{"type": "thinking", "thinking": "Two cities.", "signature": "s"},
+                                              {"type": "text", "text": "Checking."}, *calls]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t0", "content": [
+                {"type": "text", "text": "Sunny"}, {"type": "text", "text": "21 C"}]},
+                {"type": "tool_result", "tool_use_id": "t1", "content": "no data", "is_error": True}]}]
+    system = [{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}},
+              {"type": "text", "text": "Use tools."}]
+    on = {"thinking": {"type": "enabled", "budget_tokens": 512}}
+    count = lambda msgs: claude.messages.count_tokens(model="default", system=system, messages=msgs,  # noqa: E731
+                                                      tools=[WEATHER], **on).input_tokens
+    chat = [{"role": "system", "content": "Be brief.\nUse tools."},
+            {"role": "user", "content": "<reminder>\nWeather?"},
+            {"role": "assistant", "content": "Checking.", "reasoning_content": "Two cities.", "tool_calls": [
+                {"id": c["id"], "type": "function",
+                 "function": {"name": c["name"], "arguments": json.dumps(c["input"])}} for c in calls]},
+            {"role": "tool", "tool_call_id": "t0", "content": "Sunny\n21 C"},
+            {"role": "tool", "tool_call_id": "t1", "content": "Error: no data"}]
+    assert count(turn) == _tokens(server, messages=chat, tools=[chat_cases.WEATHER_TOOL], reasoning_effort="high")
+    unthought = [turn[0], {**turn[1], "content": turn[1]["content"][1:]}, turn[2]]
+    assert count(unthought) != count(turn)
+
+
+def test_an_assistant_prefill_is_continued(claude: anthropic.Anthropic, gpt: openai.OpenAI,
+                                           server: ServerProcess) -> None:
+    """A last assistant message is the reply's start (Anthropic's prefill), as chat's continue_final_message."""
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "The answer is"}]
+    cont = {"continue_final_message": True, "add_generation_prompt": False}
+    assert claude.messages.count_tokens(model="default", messages=msgs).input_tokens == _tokens(
+        server, messages=msgs, **cont)
+    r = claude.messages.create(model="default", messages=msgs, max_tokens=6, extra_body=GREEDY)
+    chat = gpt.chat.completions.create(model="default", messages=msgs, max_tokens=6, temperature=0, extra_body=cont)
+    assert r.content[0].text == chat.choices[0].message.content
+
+
+def test_tool_choice_variants_equal_chats(claude: anthropic.Anthropic, gpt: openai.OpenAI,
+                                          server: ServerProcess) -> None:
+    """any with and without parallel calls, a named tool, none (the tools left out of the prompt)."""
+    msgs = [{"role": "user", "content": "Weather and time?"}]
+    tools, chat_tools = [WEATHER, TIME], [chat_cases.WEATHER_TOOL, chat_cases.TIME_TOOL]
+    for choice, chat_choice, parallel in (({"type": "any"}, "required", None),
+                                          ({"type": "any", "disable_parallel_tool_use": True}, "required", False),
+                                          ({"type": "tool", "name": "get_time"}, {"type": "function", "function": {
+                                              "name": "get_time"}}, None)):
+        m = claude.messages.create(model="default", messages=msgs, tools=tools, tool_choice=choice, max_tokens=250,
+                                   extra_body=GREEDY)
+        extra = {} if parallel is None else {"parallel_tool_calls": parallel}
+        chat = gpt.chat.completions.create(model="default", messages=msgs, tools=chat_tools, tool_choice=chat_choice,
+                                           max_tokens=250, temperature=0, **extra).choices[0].message
+        assert [(b.name, b.input) for b in m.content if b.type == "tool_use"] == [
+            (c.function.name, json.loads(c.function.arguments)) for c in chat.tool_calls], choice
+    none = claude.messages.count_tokens(model="default", messages=msgs, tools=tools, tool_choice={"type": "none"})
+    assert none.input_tokens == _tokens(server, messages=msgs) != claude.messages.count_tokens(
+        model="default", messages=msgs, tools=tools).input_tokens
+
+
+def test_output_config_format_is_the_answers_schema(claude: anthropic.Anthropic) -> None:
+    r = claude.messages.create(model="default", messages=[{"role": "user", "content": "Who?"}], max_tokens=60,
+                               extra_body=GREEDY, output_config={"format": {"type": "json_schema",
+                                                                           "schema": chat_cases.PERSON}})
+    assert r.stop_reason == "end_turn"
+    jsonschema.validate(json.loads(r.content[0].text), chat_cases.PERSON)
 
 
 def test_the_key_is_read_from_x_api_key(server: ServerProcess) -> None:

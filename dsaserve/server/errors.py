@@ -30,25 +30,21 @@ class ApiError(Exception):
         return ErrorResponse(error=ErrorInfo(message=self.message, type=_TYPES.get(self.status, "error"),
                                              param=self.param, code=self.code))
 
-    def response(self) -> JSONResponse:
+    def response(self, path: str = "") -> JSONResponse:
+        """The error in the shape of the API the request at `path` called (Anthropic's on /v1/messages)."""
+        if path.startswith(ANTHROPIC_PATHS):
+            return JSONResponse(anthropic_error(self.status, self.message), status_code=self.status)
         return JSONResponse(self.body().model_dump(), status_code=self.status)
 
 
 # Anthropic's error types by status (its Messages API, /v1/messages)
 _ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}
+                    404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}
 ANTHROPIC_PATHS = "/v1/messages"  # the routes that answer errors in Anthropic's shape
 
 
 def anthropic_error(status: int, message: str) -> dict:
     return {"type": "error", "error": {"type": _ANTHROPIC_TYPES.get(status, "api_error"), "message": message}}
-
-
-def _rendered(request: Request, err: ApiError) -> JSONResponse:
-    """The error in the shape of the API the request called."""
-    if request.url.path.startswith(ANTHROPIC_PATHS):
-        return JSONResponse(anthropic_error(err.status, err.message), status_code=err.status)
-    return err.response()
 
 
 def bad_request(message: str, param: str | None = None) -> ApiError:
@@ -98,20 +94,20 @@ def install_error_handlers(app: FastAPI) -> None:
     """The handlers of the expected errors, and InternalErrors around the middlewares added before this call."""
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return _rendered(request, exc)
+        return exc.response(request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         kind = request.headers.get("content-type", "")
         if request.method == "POST" and "json" not in kind.lower():  # (curl -d sends a form's type)
             message = f"send the body as JSON, with the header Content-Type: application/json (got {kind or 'none'})"
-            return _rendered(request, ApiError(400, message, code="invalid_value"))
+            return ApiError(400, message, code="invalid_value").response(request.url.path)
         message, param = _validation_message(exc)
-        return _rendered(request, ApiError(400, message, param=param, code="invalid_value"))
+        return ApiError(400, message, param=param, code="invalid_value").response(request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _rendered(request, ApiError(exc.status_code, str(exc.detail)))
+        return ApiError(exc.status_code, str(exc.detail)).response(request.url.path)
 
     app.add_middleware(InternalErrors)
 
@@ -141,4 +137,5 @@ class InternalErrors:
             if started:
                 raise
             log.error("unexpected error: %s: %s", type(exc).__name__, exc, exc_info=exc)
-            await ApiError(500, f"internal error: {type(exc).__name__}: {exc}").response()(scope, receive, send)
+            error = ApiError(500, f"internal error: {type(exc).__name__}: {exc}")
+            await error.response(scope.get("path", ""))(scope, receive, send)

@@ -1,7 +1,7 @@
 """Request bodies are checked before any route parses them: a body over --max-request-bytes is a
 413 as soon as the limit is passed (Content-Length or counted as it streams in), and JSON text
 holding a lone surrogate (an escape like \\ud800 that no tokenizer can take) is a 400 naming the
-field. Both answers are OpenAI-shaped (errors.ApiError)."""
+field. Both answers are in the called API's shape (errors.ApiError.response)."""
 from __future__ import annotations
 
 import asyncio
@@ -36,7 +36,7 @@ class RequestGuard:
         too_large = ApiError(413, f"the request body is larger than {self.limit} bytes (--max-request-bytes)",
                              code="request_too_large")
         if length.isdigit() and int(length) > self.limit:
-            return await too_large.response()(scope, receive, send)
+            return await too_large.response(scope["path"])(scope, receive, send)
         chunks, size = [], 0
         while True:
             msg = await receive()
@@ -45,13 +45,13 @@ class RequestGuard:
             chunks.append(msg.get("body", b""))
             size += len(chunks[-1])
             if size > self.limit:
-                return await too_large.response()(scope, receive, send)
+                return await too_large.response(scope["path"])(scope, receive, send)
             if not msg.get("more_body", False):
                 break
         body = b"".join(chunks)
         problem = await asyncio.to_thread(lone_surrogate, body) if _LONE_SURROGATE_ESCAPE.search(body) else None
         if problem is not None:
-            return await problem.response()(scope, receive, send)
+            return await problem.response(scope["path"])(scope, receive, send)
         await self.app(scope, _replay(body, receive), send)
 
 

@@ -51,7 +51,9 @@ class MessagesRequest(p.Bootstrap):
                 raise bad_request(f"{name} is not supported: this server runs client tools only", param=name)
         messages, self._sources = self.chat_messages()
         choice = self.chat_tool_choice()
+        prefill = messages[-1]["role"] == "assistant"  # (Anthropic's prefill: the reply continues that turn)
         chat: dict[str, Any] = {
+            "add_generation_prompt": not prefill, "continue_final_message": prefill,
             "model": self.model, "rid": rid, "messages": messages, "tools": self.chat_tools(),
             "tool_choice": choice[0], "parallel_tool_calls": choice[1], "max_completion_tokens": self.max_tokens,
             "stop": self.stop_sequences, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
@@ -84,16 +86,18 @@ class MessagesRequest(p.Bootstrap):
                 raise bad_request(f"{where}.content must be a string or a list of content blocks", param="messages")
             out += (_assistant if role == "assistant" else _user)(blocks, f"{where}.content")
             sources += [where] * (len(out) - len(sources))
-        if not out:
+        if len(out) == sources.count("system"):
             raise bad_request("messages holds no message", param="messages")
         return out, sources
 
     def chat_tools(self) -> list[dict[str, Any]] | None:
         tools = []
         for j, tool in enumerate(self.tools or []):
-            if tool.get("type", "custom") != "custom" or "input_schema" not in tool:
+            if tool.get("type", "custom") != "custom":
                 raise bad_request(f"tools[{j}]: tools of type {tool.get('type')!r} are not supported: this server "
                                   "runs client tools (name, description, input_schema)", param="tools")
+            if not isinstance(tool.get("input_schema"), dict):
+                raise bad_request(f"tools[{j}].input_schema must be a JSON schema (an object)", param="tools")
             # (OpenAI's key order: the templates write the function as JSON, so the prompt is chat's for that tool)
             fn = {"name": tool.get("name"), "description": tool.get("description"), "parameters": tool["input_schema"],
                   "strict": tool.get("strict")}
@@ -106,7 +110,11 @@ class MessagesRequest(p.Bootstrap):
         if self.tool_choice is None:
             return None, None
         kind = self.tool_choice.get("type")
-        serial = False if self.tool_choice.get("disable_parallel_tool_use") is True else None
+        serial = self.tool_choice.get("disable_parallel_tool_use")
+        if serial is not None and not isinstance(serial, bool):
+            raise bad_request(f"tool_choice.disable_parallel_tool_use must be a boolean, got {serial!r}",
+                              param="tool_choice")
+        serial = False if serial else None
         if kind in CHOICES:
             return CHOICES[kind], serial
         if kind == "tool" and isinstance(self.tool_choice.get("name"), str):
@@ -146,7 +154,7 @@ def _user(blocks: list[Any], where: str) -> list[dict[str, Any]]:
         else:
             raise bad_request(f"{where}[{k}]: a user turn's blocks must be text or tool_result, got {kind!r} (this "
                               "server is text-only)", param="messages")
-    return out + ([{"role": "user", "content": "".join(text)}] if text or not out else [])
+    return out + ([{"role": "user", "content": "\n".join(text)}] if text or not out else [])
 
 
 def _assistant(blocks: list[Any], where: str) -> list[dict[str, Any]]:
@@ -157,7 +165,9 @@ def _assistant(blocks: list[Any], where: str) -> list[dict[str, Any]]:
         if kind == "text":
             text.append(_text([block], f"{where}[{k}]"))
         elif kind == "thinking":
-            reasoning.append(str(block.get("thinking") or ""))
+            if not isinstance(block.get("thinking"), str):
+                raise bad_request(f"{where}[{k}].thinking must be a string", param="messages")
+            reasoning.append(block["thinking"])
         elif kind == "redacted_thinking":
             continue  # (never made here: nothing to read back)
         elif kind == "tool_use":
@@ -170,7 +180,7 @@ def _assistant(blocks: list[Any], where: str) -> list[dict[str, Any]]:
         else:
             raise bad_request(f"{where}[{k}]: an assistant turn's blocks must be text, thinking or tool_use, got "
                               f"{kind!r}", param="messages")
-    message: dict[str, Any] = {"role": "assistant", "content": "".join(text) if text or not calls else None}
+    message: dict[str, Any] = {"role": "assistant", "content": "\n".join(text) if text or not calls else None}
     if reasoning:
         message["reasoning_content"] = "".join(reasoning)
     if calls:
@@ -179,12 +189,13 @@ def _assistant(blocks: list[Any], where: str) -> list[dict[str, Any]]:
 
 
 def _text(content: Any, where: str) -> str:
-    """A string, or text blocks joined (cache_control and citations are accepted and have no effect)."""
+    """A string, or text blocks joined by newlines, as vLLM joins them (cache_control and citations are accepted
+    and have no effect)."""
     if isinstance(content, str):
         return content
     if isinstance(content, list) and all(isinstance(b, dict) and b.get("type") == "text"
                                          and isinstance(b.get("text"), str) for b in content):
-        return "".join(b["text"] for b in content)
+        return "\n".join(b["text"] for b in content)
     raise bad_request(f"{where} must be a string or text blocks (this server is text-only)",
                       param=where.split("[")[0].split(".")[0])
 
