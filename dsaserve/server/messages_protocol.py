@@ -51,7 +51,8 @@ class MessagesRequest(p.Bootstrap):
                 raise bad_request(f"{name} is not supported: this server runs client tools only", param=name)
         messages, self._sources = self.chat_messages()
         choice = self.chat_tool_choice()
-        prefill = messages[-1]["role"] == "assistant"  # (Anthropic's prefill: the reply continues that turn)
+        # Anthropic's prefill: a last assistant turn of text is continued by the reply
+        prefill = messages[-1]["role"] == "assistant" and not messages[-1].get("tool_calls")
         chat: dict[str, Any] = {
             "add_generation_prompt": not prefill, "continue_final_message": prefill,
             "model": self.model, "rid": rid, "messages": messages, "tools": self.chat_tools(),
