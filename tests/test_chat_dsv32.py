@@ -164,7 +164,8 @@ def _tool(name: str, **parameters) -> dict:
      "tool call has no function name"),
     ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [
         {"id": "a", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
-        {"role": "tool", "tool_call_id": "b", "content": "r"}]}, "tool_call_id 'b' names none of the calls"),
+        {"role": "tool", "tool_call_id": "b", "content": "r"}]},
+     "messages[2]: the tool result's tool_call_id 'b' names none of the calls"),
     ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [
         {"id": "a", "type": "function", "function": "f"}]}]}, "tool call needs its function: {'name'"),
     ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [

@@ -145,6 +145,11 @@ def test_forced_tool_use_and_its_result(claude: anthropic.Anthropic, gpt: openai
      400, "invalid_request_error", "tools[0].input_schema of 'f'"),
     ({"max_tokens": 4, "messages": [{"role": "user", "content": "x"}], "tools": [{"name": "f"}]}, 400,
      "invalid_request_error", "tools[0].input_schema must be a JSON schema"),
+    ({"max_tokens": 4, "messages": [  # a tool_result naming no call: named by the block's message
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "get_weather", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "zz", "content": "r"}]}],
+      "tools": [WEATHER]}, 400, "invalid_request_error", "messages[2]: the tool result's tool_call_id 'zz'"),
     ({"max_tokens": 4, "messages": [{"role": "system", "content": "x"}]}, 400, "invalid_request_error",
      "messages[0].role must be user or assistant"),
     ({"max_tokens": 4, "system": "s", "messages": []}, 400, "invalid_request_error", "messages holds no message"),

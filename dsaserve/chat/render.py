@@ -146,9 +146,10 @@ def results_in_call_order(messages: list[dict[str, Any]]) -> list[dict[str, Any]
         if not ids or None in ids or None in calls or len(set(ids)) < len(ids):
             continue
         unknown = [r for r in ids if r not in calls]
-        if unknown:
-            raise ChatFormatError(f"a tool message's tool_call_id {unknown[0]!r} names none of the calls of the "
-                                  f"assistant message before it ({', '.join(map(repr, calls))})")
+        if unknown:  # (messages[j] as sent: the Responses and Messages APIs name their own item for it)
+            raise ChatFormatError(f"messages[{i + 1 + ids.index(unknown[0])}]: the tool result's tool_call_id "
+                                  f"{unknown[0]!r} names none of the calls of the assistant message before it "
+                                  f"(messages[{i}]: {', '.join(map(repr, calls))})")
         out[i + 1:end] = sorted(out[i + 1:end], key=lambda r: calls.index(r["tool_call_id"]))
     return out
 
