@@ -39,7 +39,8 @@ class ApiError(Exception):
 
 # Anthropic's error types by status (its Messages API, /v1/messages)
 _ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                    404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}
+                    404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large",
+                    429: "rate_limit_error", 503: "overloaded_error"}
 ANTHROPIC_PATHS = "/v1/messages"  # the routes that answer errors in Anthropic's shape
 
 

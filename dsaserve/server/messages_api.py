@@ -4,17 +4,15 @@ answer is the stream's blocks with the events dropped, so the two cannot disagre
 from __future__ import annotations
 
 import json
-from typing import Any, AsyncIterator
+from typing import Any
 
 from fastapi import Request
 
-from dsaserve.chat.parsers import OutputParser
-from dsaserve.engine.tokenizer import Tokenizer
 from dsaserve.server import protocol as p
 from dsaserve.server.errors import ApiError, anthropic_error
-from dsaserve.server.openai_answers import Call, chat_answer, chat_stream_choices, whole_delta, write_delta
+from dsaserve.server.openai_answers import Call, chat_answer, whole_delta, write_delta, written_stream
 from dsaserve.server.openai_api import OpenAIServing
-from dsaserve.server.streaming import AbortingStream, aborter, collect_call, finish_error, merged, split_error
+from dsaserve.server.streaming import AbortingStream, aborter, collect_call
 
 STOP_REASONS = {"length": "max_tokens", "tool_calls": "tool_use"}  # chat finish_reason -> (else end_turn)
 ABORTED = "the request was aborted before it finished (/abort_request, or the server shut down)"
@@ -105,33 +103,14 @@ def usage(prompt_tokens: int, output_tokens: int, cached: int) -> dict[str, Any]
 
 
 async def respond(request: Request, serving: OpenAIServing, call: Call) -> Any:
-    fe = serving.fe
+    fe, prompt = serving.fe, len(call.prompts[0])
     writer = BlockWriter(call.rid, serving.served_name)
     if call.body.stream:
-        parser = call.parser() if call.parser else None
-        return AbortingStream(_stream(fe.tokenizer, call, parser, writer), aborter(fe, call.handles))
+        stream = written_stream(fe.tokenizer, call, writer, lambda d: writer.start(usage(prompt, 0, d.cached_tokens)),
+                                lambda c, d: writer.finish(c, usage(prompt, d.completion_tokens, d.cached_tokens)))
+        return AbortingStream(stream, aborter(fe, call.handles))
     results = await collect_call(request, fe, call.handles)
     choice = chat_answer(fe.tokenizer, serving.served_name, call, results).choices[0]
     write_delta(writer, whole_delta(choice.message))
     r = results[0]
-    return writer.finish(choice, usage(len(call.prompts[0]), r.completion_tokens, r.cached_tokens))
-
-
-async def _stream(tok: Tokenizer, call: Call, parser: OutputParser | None,
-                  writer: BlockWriter) -> AsyncIterator[str]:
-    calls, prompt = [0], len(call.prompts[0])
-    try:
-        async for _, d in merged(call.handles):
-            d, error = split_error(d)
-            writer.start(usage(prompt, 0, d.cached_tokens))
-            for choice in chat_stream_choices(tok, call.body, 0, d, parser, calls):
-                write_delta(writer, choice.delta)
-                if choice.finish_reason is not None:
-                    writer.finish(choice, usage(prompt, d.completion_tokens, d.cached_tokens))
-            if error is not None:
-                raise finish_error(error)
-            yield "".join(writer.events)
-            writer.events.clear()
-    except Exception as exc:  # an error mid-stream: the API's error event says what was wrong
-        writer.fail(exc)
-        yield "".join(writer.events)
+    return writer.finish(choice, usage(prompt, r.completion_tokens, r.cached_tokens))

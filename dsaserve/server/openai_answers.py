@@ -5,14 +5,14 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import AsyncIterator, Callable, Protocol
 
 from dsaserve.chat.parsers import OutputParser, Parsed, ToolCall
 from dsaserve.engine.request import FinishReason
 from dsaserve.engine.tokenizer import CharOffsets, Tokenizer
 from dsaserve.server import protocol as p
 from dsaserve.server.frontend import Delta, RequestHandle
-from dsaserve.server.streaming import Result, prompt_token_logprobs
+from dsaserve.server.streaming import Result, finish_error, merged, prompt_token_logprobs, split_error
 
 LogprobList = list[tuple[float, list[tuple[int, float]]]]
 ParserFactory = Callable[[], OutputParser]
@@ -195,6 +195,35 @@ def write_delta(writer: DeltaWriter, delta: p.ChatDelta) -> None:
             writer.call(tc.id, tc.function.name or "")
         if tc.function.arguments:
             writer.arguments(tc.function.arguments)
+
+
+class StreamWriter(DeltaWriter, Protocol):
+    events: list[str]  # what the writer emitted since the last piece of the stream was sent
+
+    def fail(self, exc: Exception) -> None: ...
+
+
+async def written_stream(tok: Tokenizer, call: Call, writer: StreamWriter, seen: Callable[[Delta], None],
+                         finish: Callable[[p.ChatStreamChoice, Delta], None]) -> AsyncIterator[str]:
+    """A chat call's stream written into another API's writer (responses_api, messages_api): `seen` takes each
+    delta first, its choices go through write_delta, `finish` takes the choice that ends; the writer's events
+    are sent once per delta; an error mid-stream is the writer's failure (its message says what was wrong)."""
+    calls, parser = [0], call.parser() if call.parser else None
+    try:
+        async for _, d in merged(call.handles):
+            d, error = split_error(d)
+            seen(d)
+            for choice in chat_stream_choices(tok, call.body, 0, d, parser, calls):
+                write_delta(writer, choice.delta)
+                if choice.finish_reason is not None:
+                    finish(choice, d)
+            if error is not None:
+                raise finish_error(error)
+            yield "".join(writer.events)
+            writer.events.clear()
+    except Exception as exc:
+        writer.fail(exc)
+        yield "".join(writer.events)
 
 
 def whole_delta(message: p.ChatMessageOut) -> p.ChatDelta:

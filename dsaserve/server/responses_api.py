@@ -6,19 +6,17 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 from fastapi import Request
 
-from dsaserve.chat.parsers import OutputParser
 from dsaserve.chat.render import THINK_END
-from dsaserve.engine.tokenizer import Tokenizer
 from dsaserve.server.errors import ApiError
-from dsaserve.server.openai_answers import Call, chat_answer, chat_stream_choices, whole_delta, write_delta
+from dsaserve.server.openai_answers import Call, chat_answer, whole_delta, write_delta, written_stream
 from dsaserve.server.openai_api import OpenAIServing
 from dsaserve.server.responses_protocol import ResponsesRequest
 from dsaserve.server.responses_store import StoredResponse
-from dsaserve.server.streaming import AbortingStream, aborter, collect_call, finish_error, merged, split_error
+from dsaserve.server.streaming import AbortingStream, aborter, collect_call
 
 
 def _id(prefix: str) -> str:
@@ -101,6 +99,11 @@ class OutputWriter:
         self.pieces.append(text)
         self.emit("response.function_call_arguments.delta", **self._ref(self.open), delta=text)
 
+    @property
+    def reasoned(self) -> bool:
+        """Whether the reply wrote reasoning."""
+        return any(item["type"] == "reasoning" for item in [*self.items, *([self.open] if self.open else [])])
+
     def close(self, status: str = "completed") -> None:
         """The open item's done events; it joins the output."""
         item, self.open = self.open, None
@@ -169,48 +172,25 @@ def reasoning_tokens(output_ids: list[int], reasoned: bool, think_end: int | Non
 
 
 async def respond(request: Request, serving: OpenAIServing, call: Call, body: ResponsesRequest) -> Any:
-    fe, think_end = serving.fe, serving.markup.special.get(THINK_END)
+    fe, think_end, prompt = serving.fe, serving.markup.special.get(THINK_END), len(call.prompts[0])
     store = body.store is not False and serving.responses.capacity > 0
     writer = OutputWriter(head(body, call.rid, serving.served_name, store))
 
-    def stored(final: dict[str, Any]) -> dict[str, Any]:
+    def finish(finish_reason: str | None, output_ids: list[int], output_tokens: int, cached: int) -> dict[str, Any]:
         """The final response, kept (unless the client said not to, or it was cancelled) for previous_response_id."""
+        thought = reasoning_tokens(output_ids, writer.reasoned, think_end)
+        final = writer.finish(finish_reason, usage(prompt, output_tokens, cached, thought))
         if store and final["status"] != "cancelled":
             serving.responses.put(call.rid, StoredResponse(body.conversation_after(final["output"]), final))
         return final
     if body.stream:
-        parser = call.parser() if call.parser else None
-        return AbortingStream(_stream(fe.tokenizer, call, parser, writer, think_end, stored),
-                              aborter(fe, call.handles))
+        writer.start()
+        ids: list[int] = []
+        stream = written_stream(fe.tokenizer, call, writer, lambda d: ids.extend(d.token_ids),
+                                lambda c, d: finish(c.finish_reason, ids, d.completion_tokens, d.cached_tokens))
+        return AbortingStream(stream, aborter(fe, call.handles))
     results = await collect_call(request, fe, call.handles)
     choice = chat_answer(fe.tokenizer, serving.served_name, call, results).choices[0]
-    message = choice.message
-    write_delta(writer, whole_delta(message))
+    write_delta(writer, whole_delta(choice.message))
     r = results[0]
-    thought = reasoning_tokens(r.token_ids, bool(message.reasoning_content), think_end)
-    return stored(writer.finish(choice.finish_reason, usage(len(call.prompts[0]), r.completion_tokens,
-                                                            r.cached_tokens, thought)))
-
-
-async def _stream(tok: Tokenizer, call: Call, parser: OutputParser | None, writer: OutputWriter,
-                  think_end: int | None, stored: Callable[[dict[str, Any]], Any]) -> AsyncIterator[str]:
-    calls, reasoned, ids = [0], False, []
-    writer.start()
-    try:
-        async for _, d in merged(call.handles):
-            d, error = split_error(d)
-            ids += d.token_ids
-            for choice in chat_stream_choices(tok, call.body, 0, d, parser, calls):
-                reasoned = reasoned or bool(choice.delta.reasoning_content)
-                write_delta(writer, choice.delta)
-                if choice.finish_reason is not None:
-                    thought = reasoning_tokens(ids, reasoned, think_end)
-                    stored(writer.finish(choice.finish_reason,
-                                         usage(len(call.prompts[0]), d.completion_tokens, d.cached_tokens, thought)))
-            if error is not None:
-                raise finish_error(error)
-            yield "".join(writer.events)
-            writer.events.clear()
-    except Exception as exc:  # an error mid-stream: the response fails with it (its message says what was wrong)
-        writer.fail(exc)
-        yield "".join(writer.events)
+    return finish(choice.finish_reason, r.token_ids, r.completion_tokens, r.cached_tokens)
