@@ -108,6 +108,7 @@ def test_forced_tool_use_and_its_result(claude: anthropic.Anthropic, gpt: openai
                                        temperature=0).choices[0].message
     for m in (whole, streamed):
         assert m.stop_reason == "tool_use" and [b.type for b in m.content] == ["tool_use"]
+        assert m.content[0].id.startswith("toolu_")  # Anthropic's id shape
         jsonschema.validate(m.content[0].input, WEATHER["input_schema"])
     assert whole.content[0].input == streamed.content[0].input == json.loads(chat.tool_calls[0].function.arguments)
     # the call and its result sent back render as the chat turn with that call and a tool message

@@ -61,7 +61,7 @@ class BlockWriter:
             self._delta("text_delta", "text", text)
 
     def call(self, call_id: str, name: str) -> None:
-        self._block("tool_use", id=call_id, name=name, input={})
+        self._block("tool_use", id="toolu_" + call_id.removeprefix("call_"), name=name, input={})
 
     def arguments(self, text: str) -> None:
         assert self.open is not None and self.open["type"] == "tool_use"
