@@ -154,3 +154,39 @@ def check_strict_tool_under_auto(client: openai.OpenAI, model: str, server_url: 
         if status == 400:
             error = r.json()["error"]
             assert error["param"] == "tools" and "tools[0].function.parameters of 'f'" in error["message"], error
+
+
+def check_thinking_budget(client: openai.OpenAI, model: str, server_url: str, on: dict, off: dict) -> None:
+    """thinking_budget N (vLLM's thinking_token_budget too): the reply's first N tokens are those of the reply
+    without a budget (whose reasoning does not end by itself here), then </think> ends the reasoning and the
+    answer follows, streamed alike; a prompt that opens no reasoning is not bounded; bad budgets are 400s."""
+    end = httpx.post(f"{server_url}/tokenize", json={"prompt": "</think>", "add_special_tokens": False}).json()
+    assert end["count"] == 1
+    kw = dict(model=model, messages=ASK, max_tokens=16, temperature=0, logprobs=True)
+
+    def reply(fields: dict, **budget: int):
+        r = client.chat.completions.create(**kw, extra_body={**fields, **budget, "return_tokens_as_token_ids": True,
+                                                             "ignore_eos": True})
+        return [int(t.token.split(":")[1]) for t in r.choices[0].logprobs.content], r.choices[0].message
+
+    free, free_msg = reply(on)
+    assert end["tokens"][0] not in free[:6] and free_msg.content is None
+    capped, msg = reply(on, thinking_budget=5)
+    assert capped[:5] == free[:5] and capped[5] == end["tokens"][0] and len(capped) == 16
+    assert free_msg.reasoning_content.startswith(msg.reasoning_content) and msg.content
+    assert free_msg.reasoning_content != msg.reasoning_content
+    assert reply(on, thinking_token_budget=5)[0] == capped
+    chunks = list(client.chat.completions.create(**{**kw, "logprobs": False}, stream=True,
+                                                 extra_body={**on, "thinking_budget": 5, "ignore_eos": True}))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join(d.reasoning_content or "" for d in deltas) == msg.reasoning_content
+    assert "".join(d.content or "" for d in deltas) == msg.content
+    assert reply(off, thinking_budget=0)[0] == reply(off)[0]  # nothing to bound
+    forced = client.chat.completions.create(model=model, messages=ASK, max_tokens=300, temperature=0, tools=TOOLS,
+                                            tool_choice="required", extra_body={**on, "thinking_budget": 3})
+    message = forced.choices[0].message  # the grammar's reasoning takes the forced </think>, then the calls
+    assert message.reasoning_content and message.tool_calls and forced.choices[0].finish_reason == "tool_calls"
+    for bad in (-1, "5", 2.0):
+        r = httpx.post(f"{server_url}/v1/chat/completions", json={"model": model, "messages": ASK, "max_tokens": 2,
+                                                                  "thinking_budget": bad})
+        assert r.status_code == 400 and "thinking_budget" in r.json()["error"]["message"], r.text

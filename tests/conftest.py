@@ -103,11 +103,13 @@ def hadamard_matrix(n: int) -> torch.Tensor:
 
 def sampling_features(model: str, prompts: list[list[int]]) -> list[tuple[list[int], SamplingParams]]:
     """Every prompt under each of: seeded top-p, penalties, the repetition penalty, log-probabilities, a
-    JSON-schema grammar greedy and sampled, a logit bias (sampled), min_tokens before a stop token, and last a
+    JSON-schema grammar greedy and sampled, a logit bias (sampled), thinking budgets (the first token forced, sampled;
+    the third, greedy, where the first prompt's second token lifts it), min_tokens before a stop token, and last a
     stop string (3 characters of the first prompt's greedy text, so that it does stop it): the request
     features whose state must follow a request across ranks, groups and servers."""
     from dsaserve import LLM
     from dsaserve.chat.grammar import checked_spec, json_grammar
+    from dsaserve.engine.request import ThinkingBudget
     schema = {"type": "object", "properties": {"n": {"type": "boolean"}, "w": {"enum": ["ab", "cd"]}},
               "required": ["n", "w"], "additionalProperties": False}
     grammar = checked_spec(json_grammar(schema), model, (1,))
@@ -124,6 +126,9 @@ def sampling_features(model: str, prompts: list[list[int]]) -> list[tuple[list[i
              SamplingParams(max_tokens=24, temperature=0.9, seed=3, grammar=grammar),
              SamplingParams(max_tokens=12, temperature=0.9, seed=4, logit_bias=((g0, -100.0), (g1, 4.0)),
                             ignore_eos=True),
+             SamplingParams(max_tokens=6, temperature=0.9, seed=7, ignore_eos=True,
+                            thinking_budget=ThinkingBudget(0, g1)),
+             SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, thinking_budget=ThinkingBudget(2, g1)),
              SamplingParams(max_tokens=12, temperature=0.0, min_tokens=4, stop_token_ids=(g0,)),
              SamplingParams(max_tokens=12, temperature=0.0, stop=(stop,), ignore_eos=True)]
     return [(p, k) for k in kinds for p in prompts]

@@ -282,6 +282,11 @@ def test_streamed_named_tool_call(client: openai.OpenAI) -> None:
     chat_cases.check_streamed_named_call(client, client.models.list().data[0].id, {})
 
 
+def test_a_thinking_budget_ends_the_reasoning(client: openai.OpenAI, server: ServerProcess) -> None:
+    chat_cases.check_thinking_budget(client, client.models.list().data[0].id, server.url,
+                                     {"chat_template_kwargs": {"thinking": True}}, {})
+
+
 def test_a_strict_tool_under_auto_is_held_to_its_schema(client: openai.OpenAI, server: ServerProcess) -> None:
     chat_cases.check_strict_tool_under_auto(client, client.models.list().data[0].id, server.url, {})
 

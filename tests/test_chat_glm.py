@@ -136,6 +136,10 @@ def test_reasoning_split_follows_the_template_kwarg(client: openai.OpenAI, enabl
 NO_THINK = {"chat_template_kwargs": {"enable_thinking": False}}
 
 
+def test_a_thinking_budget_ends_the_reasoning(client: openai.OpenAI, server: ServerProcess) -> None:
+    chat_cases.check_thinking_budget(client, client.models.list().data[0].id, server.url, {}, NO_THINK)
+
+
 def test_reasoning_effort_sets_enable_thinking(server: ServerProcess) -> None:
     """OpenAI's reasoning_effort on GLM, whose template thinks unless told not to: "none" renders the prompt of
     enable_thinking false (the default's differs), any other effort that of true; a client's own switch wins."""

@@ -93,6 +93,23 @@ def test_thinking_is_the_templates_switch(claude: anthropic.Anthropic, gpt: open
     assert chat.reasoning_content and _blocks(whole) == _blocks(streamed)
     assert whole.content[0].type == "thinking" and whole.content[0].thinking == chat.reasoning_content
     assert "".join(b.text for b in whole.content[1:]) == (chat.content or "")
+
+
+def test_budget_tokens_bound_the_thinking(claude: anthropic.Anthropic, gpt: openai.OpenAI) -> None:
+    """Enabled thinking's budget_tokens is chat's thinking_budget: the thinking ends there and text follows; a budget
+    that is no integer is a 400 naming it."""
+    msgs = [{"role": "user", "content": "Why is the sky blue?"}]
+    whole, streamed = _both(claude, messages=msgs, max_tokens=24, thinking={"type": "enabled", "budget_tokens": 4})
+    chat = gpt.chat.completions.create(model="default", messages=msgs, max_tokens=24, temperature=0,
+                                       reasoning_effort="high", extra_body={"thinking_budget": 4}).choices[0].message
+    free = gpt.chat.completions.create(model="default", messages=msgs, max_tokens=24, temperature=0,
+                                       reasoning_effort="high").choices[0].message
+    assert chat.content and chat.reasoning_content != free.reasoning_content and _blocks(whole) == _blocks(streamed)
+    assert [b.type for b in whole.content] == ["thinking", "text"]
+    assert (whole.content[0].thinking, whole.content[1].text) == (chat.reasoning_content, chat.content)
+    with pytest.raises(anthropic.BadRequestError, match="thinking.budget_tokens: Input should be a valid integer"):
+        claude.messages.create(model="default", messages=msgs, max_tokens=4,
+                               thinking={"type": "enabled", "budget_tokens": "4"})
     off = claude.messages.create(model="default", messages=msgs, max_tokens=8, extra_body=GREEDY,
                                  thinking={"type": "disabled"})
     assert [b.type for b in off.content] == ["text"]

@@ -12,7 +12,7 @@ from transformers.generation.logits_process import RepetitionPenaltyLogitsProces
 
 from conftest import prompts_ids
 from dsaserve import LLM, SamplingParams
-from dsaserve.engine.request import Request, RequestError
+from dsaserve.engine.request import Request, RequestError, ThinkingBudget
 from dsaserve.engine.sampler import shape_logits
 
 V = 64
@@ -122,6 +122,36 @@ def test_through_the_engine(steps: int, tiny_ds: str) -> None:
     llm.engine.add_request("held", prompt, SamplingParams(min_tokens=2, stop_token_ids=(7,)))
     assert 7 in llm.engine.requests["held"].min_tokens_banned
     llm.engine.abort("held")
+
+
+@pytest.mark.parametrize("steps", [0, 2])
+def test_a_thinking_budget_ends_the_reasoning_at_its_index(steps: int, tiny_ds: str) -> None:
+    """At output index `tokens` the end token is the only one, greedy or sampled (under MTP a verify row counts
+    the drafts before it: the tokens are those of plain decoding); the tokens before it are plain decoding's; an
+    end token that came before lifts the budget; an end id past the vocabulary is refused by name."""
+    spec = dict(speculative_algorithm="NEXTN", speculative_num_steps=steps) if steps else {}
+    llm = LLM(tiny_ds, max_total_tokens=2048, **spec)
+    prompt = prompts_ids(1, [9], seed=5)[0]
+    greedy = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    base = llm.generate(prompt, greedy)[0].token_ids
+    end = next(t for t in range(5, 400) if t not in base)
+    for tokens in (0, 4):
+        out = llm.generate(prompt, dataclasses.replace(greedy, thinking_budget=ThinkingBudget(tokens, end)))[0]
+        assert out.token_ids[:tokens] == base[:tokens] and out.token_ids[tokens] == end and len(out.token_ids) == 10
+    seeded = SamplingParams(max_tokens=10, temperature=1.0, seed=3, ignore_eos=True,
+                            thinking_budget=ThinkingBudget(6, end))
+    drawn = llm.generate(prompt, seeded)[0].token_ids
+    assert drawn[6] == end
+    came = base[1]  # the end token at index 1: nothing is forced at index 4
+    assert base[4] != came
+    lifted = dataclasses.replace(greedy, thinking_budget=ThinkingBudget(4, came))
+    assert llm.generate(prompt, lifted)[0].token_ids == base
+    if steps:
+        assert drawn == LLM(tiny_ds, max_total_tokens=2048).generate(prompt, seeded)[0].token_ids
+    with pytest.raises(RequestError, match="thinking_budget's end token id 100000 is outside the vocabulary"):
+        llm.engine.add_request("x", prompt, dataclasses.replace(greedy, thinking_budget=ThinkingBudget(2, 100000)))
+    with pytest.raises(RequestError, match="thinking_budget must be a ThinkingBudget of tokens >= 0"):
+        dataclasses.replace(greedy, thinking_budget=ThinkingBudget(-1, end)).validate()
 
 
 def test_min_tokens_never_breaks_a_grammar(tiny_ds: str) -> None:

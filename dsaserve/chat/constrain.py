@@ -35,13 +35,15 @@ class Markup:
         return f"<[{self.special[text]}]>" if text in self.special else json.dumps(text, ensure_ascii=False)
 
 
+def single_token(hf: Any, text: str) -> int | None:
+    """The id of the one token of the tokenizer that spells `text`, or None."""
+    tid = hf.convert_tokens_to_ids(text)
+    return tid if isinstance(tid, int) and tid != hf.unk_token_id and hf.decode([tid]) == text else None
+
+
 def markup_for(hf: Any, ll_tok: Any, texts: tuple[str, ...]) -> Markup:
-    special = {}
-    for text in texts:
-        tid = hf.convert_tokens_to_ids(text)
-        if isinstance(tid, int) and tid != hf.unk_token_id and hf.decode([tid]) == text and ll_tok.is_special_token(tid):
-            special[text] = tid
-    return Markup(special)
+    ids = {text: single_token(hf, text) for text in texts}
+    return Markup({text: tid for text, tid in ids.items() if tid is not None and ll_tok.is_special_token(tid)})
 
 
 def json_rule(schema: dict[str, Any]) -> str:

@@ -83,6 +83,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; 0: the chosen token's; n: plus the n best
     prompt_logprobs: int | None = None  # the same for every prompt token after the first (echo)
     grammar: GrammarSpec | None = None  # constrained decoding (structured output, forced tool calls)
+    thinking_budget: ThinkingBudget | None = None  # the reasoning its prompt opened ends within this many tokens
     skip_special_tokens: bool = True  # the frontend's detokenizing: False keeps special tokens in the text
 
     def __post_init__(self) -> None:
@@ -119,6 +120,9 @@ class SamplingParams:
             (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
              f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
+            (self.thinking_budget is None or isinstance(self.thinking_budget, ThinkingBudget)
+             and self.thinking_budget.tokens >= 0, f"thinking_budget must be a ThinkingBudget of tokens >= 0, got "
+             f"{self.thinking_budget!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -144,6 +148,15 @@ class SamplingParams:
                                f"{type(self.grammar).__name__}")
 
 
+@dataclass(frozen=True)
+class ThinkingBudget:
+    """The reasoning a prompt opened ends within `tokens` output tokens: at output index `tokens`, unless `end_id`
+    (the one token that spells `</think>`) came already, it is the only token that can be sampled (vLLM's
+    `thinking_token_budget`, SGLang's `thinking_budget`)."""
+    tokens: int
+    end_id: int
+
+
 _INT_FIELDS = ("top_k", "min_tokens")
 _OPTIONAL_INT_FIELDS = ("max_tokens", "seed", "logprobs", "prompt_logprobs")  # None: see each field
 _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty")
@@ -167,7 +180,9 @@ def check_token_ids(prompt_ids: list[int], params: SamplingParams, vocab_size: i
     # (each message opens with what names the field: "the prompt ..." or a SamplingParams field, streaming.field_error)
     for message, ids in (("the prompt has token id {}, outside", prompt_ids),
                          ("logit_bias token id {} is outside", [t for t, _ in params.logit_bias]),
-                         ("stop_token_ids token id {} is outside", params.stop_token_ids)):
+                         ("stop_token_ids token id {} is outside", params.stop_token_ids),
+                         ("thinking_budget's end token id {} is outside",
+                          [params.thinking_budget.end_id] if params.thinking_budget else [])):
         bad = [t for t in ids if not 0 <= t < vocab_size]
         if bad:
             raise RequestError(f"{message.format(bad[0])} the vocabulary [0, {vocab_size})")

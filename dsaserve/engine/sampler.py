@@ -56,12 +56,13 @@ def upload(values: list | Tensor, dtype: torch.dtype, device: torch.device) -> T
 
 
 def shape_logits(logits: Tensor, reqs: list[Request], pending: list[list[int]]) -> Tensor:
-    """Grammar masks, then logit bias and min_tokens, then penalties, in one copy of the logits when any
-    row asks for one (the raw logits stay as they are: logprobs are read from them)."""
+    """Grammar masks, then logit bias and min_tokens, then penalties, then thinking budgets, in one copy of the
+    logits when any row asks for one (the raw logits stay as they are: logprobs are read from them)."""
     shaped = _Shaped(logits)
     _apply_grammars(shaped, reqs, pending)
     _apply_logit_bias(shaped, reqs, pending)
     _apply_penalties(shaped, reqs, pending)
+    _apply_thinking_budgets(shaped, reqs, pending)
     return shaped.logits
 
 
@@ -108,6 +109,19 @@ def _apply_logit_bias(shaped: _Shaped, reqs: list[Request], pending: list[list[i
         banned = _fixed(reqs[i], "min_tokens_banned", dev, lambda: torch.tensor(reqs[i].min_tokens_banned))
         row = logits[i].index_fill(0, banned, float("-inf"))
         logits[i] = torch.where((row > float("-inf")).any(), row, logits[i])
+
+
+def _apply_thinking_budgets(shaped: _Shaped, reqs: list[Request], pending: list[list[int]]) -> None:
+    """A reasoning still open at its budget's output index (a verify row counts the drafts before it) ends there:
+    `</think>` is the row's only token. Last, so that no bias or penalty can take it away; a grammar's reasoning
+    takes `</think>` anywhere."""
+    for i, req in enumerate(reqs):
+        budget = req.params.thinking_budget
+        if budget is not None and len(req.output_ids) + len(pending[i]) == budget.tokens \
+                and budget.end_id not in pending[i] and budget.end_id not in req.output_ids:
+            logits = shaped.writable()
+            logits[i] = float("-inf")
+            logits[i, budget.end_id] = 0.0
 
 
 def _fixed(req: Request, name: str, device: torch.device, make: Callable[[], Tensor]) -> Tensor:

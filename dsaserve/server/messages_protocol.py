@@ -14,10 +14,11 @@ from dsaserve.server.errors import ApiError, bad_request, chat_request, renamed
 
 # The chat request's fields an error may name, as this API calls them
 CHAT_NAMES = {"max_completion_tokens": "max_tokens", "stop": "stop_sequences", "response_format": "output_config",
-              "reasoning_effort": "thinking"}
+              "reasoning_effort": "thinking", "thinking_budget": "thinking"}
 RENAMED_WORDS = {r"tools\[(\d+)\]\.function\.parameters": r"tools[\1].input_schema",
                  r"tools\[(\d+)\]\.function\.": r"tools[\1].", r"\bmax_completion_tokens\b": "max_tokens",
-                 r"\bresponse_format\b": "output_config.format", r"\breasoning_effort\b": "thinking"}
+                 r"\bresponse_format\b": "output_config.format", r"\breasoning_effort\b": "thinking",
+                 r"\bthinking_budget\b": "thinking.budget_tokens"}
 THINKING = ("enabled", "adaptive", "between_tools", "disabled")
 CHOICES = {"auto": "auto", "any": "required", "none": "none"}  # tool_choice type -> OpenAI's (else a named tool)
 
@@ -59,17 +60,23 @@ class MessagesRequest(p.Bootstrap):
             "tool_choice": choice[0], "parallel_tool_calls": choice[1], "max_completion_tokens": self.max_tokens,
             "stop": self.stop_sequences, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
             "stream": self.stream, "response_format": self.response_format(), "reasoning_effort": self.effort(),
+            "thinking_budget": self.thinking_budget(),
             "chat_template_kwargs": self.chat_template_kwargs, "routed_dp_rank": self.routed_dp_rank,
             "user": (self.metadata or {}).get("user_id"),
             **self.model_dump(include={"bootstrap_host", "bootstrap_port", "bootstrap_room"})}
         return chat_request(chat)
 
     def effort(self) -> str | None:
-        """The templates' thinking switch: on for any thinking but disabled (budgets are not enforced)."""
+        """The templates' thinking switch: on for any thinking but disabled."""
         kind = (self.thinking or {}).get("type")
         if self.thinking is not None and kind not in THINKING:
             raise bad_request(f"thinking.type must be one of {', '.join(THINKING)}, got {kind!r}", param="thinking")
         return None if kind is None else "none" if kind == "disabled" else "high"
+
+    def thinking_budget(self) -> Any:
+        """Enabled thinking's budget_tokens: the most tokens the reasoning takes (Anthropic's floor of 1024 and its
+        bound below max_tokens are not enforced: a budget past max_tokens never comes into play)."""
+        return (self.thinking or {}).get("budget_tokens") if (self.thinking or {}).get("type") == "enabled" else None
 
     def chat_messages(self) -> tuple[list[dict[str, Any]], list[str]]:
         """The conversation as chat messages and where each came from (system, messages[j])."""

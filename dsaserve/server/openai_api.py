@@ -9,13 +9,13 @@ from typing import Any, AsyncIterator
 
 from fastapi import Request
 
-from dsaserve.chat.constrain import MARKUP_TEXTS, Constraint, Markup, build_grammar, markup_for
+from dsaserve.chat.constrain import MARKUP_TEXTS, THINK_END, Constraint, Markup, build_grammar, markup_for, single_token
 from dsaserve.chat.grammar import GrammarError, GrammarSpec, checked_spec, ll_tokenizer
 from dsaserve.chat.parsers import DEFAULT_TOOL_PARSER, OutputParser, ReasoningSplitter, tool_parser
 from dsaserve.chat.render import ChatFormat, ChatFormatError, RenderedChat
 from dsaserve.chat.tools import ToolPlan, check_held_calls, plan_tools
 from dsaserve.disagg.serving import PDRouting
-from dsaserve.engine.request import DisaggRoute, SamplingParams, choice_seed
+from dsaserve.engine.request import DisaggRoute, SamplingParams, ThinkingBudget, choice_seed
 from dsaserve.engine.tokenizer import CharOffsets
 from dsaserve.generation_config import GenerationConfig, read_generation_config
 from dsaserve.server import protocol as p
@@ -35,6 +35,7 @@ class ChatPlan:
     tools: ToolPlan
     parser: ParserFactory | None  # one parser per choice; None: the text is the content
     grammar: GrammarSpec | None
+    budget: ThinkingBudget | None  # the reasoning's, where the prompt opens reasoning and the request gives one
 
 
 class OpenAIServing:
@@ -52,6 +53,10 @@ class OpenAIServing:
     @functools.cached_property
     def markup(self) -> Markup:
         return markup_for(self.fe.tokenizer.hf, ll_tokenizer(*self._vocab()), MARKUP_TEXTS)
+
+    @functools.cached_property
+    def think_end_id(self) -> int | None:  # the token a thinking budget forces
+        return single_token(self.fe.tokenizer.hf, THINK_END)
 
     def _vocab(self) -> tuple[str, tuple[int, ...]]:
         return self.fe.info["model_path"], tuple(self.fe.info["eos_token_ids"])
@@ -108,7 +113,8 @@ class OpenAIServing:
         return read_generation_config(self.fe.info["model_path"]) if model else GenerationConfig()
 
     def params(self, body: p.SamplingFields, max_tokens: int | None, logprobs: int | None, index: int,
-               grammar: GrammarSpec | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
+               grammar: GrammarSpec | None = None, prompt_logprobs: int | None = None,
+               budget: ThinkingBudget | None = None) -> SamplingParams:
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
         given = self.sampling_defaults.default
         return checked(SamplingParams(
@@ -123,13 +129,15 @@ class OpenAIServing:
             seed=choice_seed(body.seed, index), stop=stop,
             include_stop_str=body.include_stop_str_in_output,
             stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos, logprobs=logprobs,
-            grammar=grammar, prompt_logprobs=prompt_logprobs, skip_special_tokens=body.skip_special_tokens),
+            grammar=grammar, prompt_logprobs=prompt_logprobs, skip_special_tokens=body.skip_special_tokens,
+            thinking_budget=budget),
             OpenAIServing.names(body))
 
     async def submit(self, body: p.SamplingFields, route: DisaggRoute | None, dp_rank: int | None,
                      prompts: list[list[int]], max_tokens: int | None, logprobs: int | None, kind: str,
                      parser: ParserFactory | None = None, grammar: GrammarSpec | None = None,
-                     echo: list[str] | None = None, arrived: float | None = None) -> Call:
+                     echo: list[str] | None = None, arrived: float | None = None,
+                     budget: ThinkingBudget | None = None) -> Call:
         """Queue a call's completions (inside Frontend.refusing). `echo`: each prompt's text, returned before
         its completion (with its tokens' log-probabilities when logprobs are asked for)."""
         scored = logprobs if echo is not None else None
@@ -141,7 +149,7 @@ class OpenAIServing:
         prompt_only = False  # (chat: max_tokens 0 stays a 400)
         if kind == "completion":
             max_tokens, prompt_only = prompt_scoring(max_tokens, body.min_tokens or 0, self.names(body))
-        params = [self.params(body, max_tokens, logprobs, i, grammar, scored)
+        params = [self.params(body, max_tokens, logprobs, i, grammar, scored, budget)
                   for _ in prompts for i in range(body.n)]
         flat = [ids for ids in prompts for _ in range(body.n)]
         rid = body.rid or f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
@@ -258,8 +266,9 @@ class OpenAIServing:
         grammar = self.grammar(constraint, tool_parser_name, prompt.opens_reasoning)
         # an answer format beside strict tools: the reply is that answer or calls (markup inside an answer is text)
         calls_first = grammar is not None and bool(tools.strict) and not replace(constraint, strict_tools=None).empty
+        budget = self.thinking_budget(body.thinking_budget, prompt.opens_reasoning)
         if reasoning is None and tool_parser_name is None:
-            return ChatPlan(prompt, tools, None, grammar)
+            return ChatPlan(prompt, tools, None, grammar, budget)
 
         def parser() -> OutputParser:
             splitter = ReasoningSplitter(prompt.opens_reasoning, whole=not body.stream_reasoning)
@@ -267,7 +276,16 @@ class OpenAIServing:
             return OutputParser(splitter if reasoning else None,
                                 tool_parser(tool_parser_name, tools.tools, calls, bool(tools.forced), calls_first)
                                 if tool_parser_name else None)
-        return ChatPlan(prompt, tools, parser, grammar)
+        return ChatPlan(prompt, tools, parser, grammar, budget)
+
+    def thinking_budget(self, tokens: int | None, opens_reasoning: bool) -> ThinkingBudget | None:
+        """The budget of the reasoning the prompt opens (a prompt that opens none has nothing to bound)."""
+        if tokens is None or not opens_reasoning:
+            return None
+        if self.think_end_id is None:
+            raise bad_request(f"thinking_budget needs a tokenizer that holds {THINK_END} as one token (it ends the "
+                              "reasoning at the budget); this model's does not", param="thinking_budget")
+        return ThinkingBudget(tokens, self.think_end_id)
 
     # -- tokenizer endpoints -----------------------------------------------------------------
 

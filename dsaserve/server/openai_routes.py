@@ -54,7 +54,7 @@ def openai_router(serving: OpenAIServing) -> APIRouter:
             serving.check_choices(1, body.n, body.routed_dp_rank)
             plan = await serving.fe.tokenize(serving.plan_chat, body)  # off the event loop
             return await serving.submit(body, route, dp_rank, [plan.prompt.ids], max_tokens, logprobs, "chat",
-                                        plan.parser, plan.grammar, arrived=arrival(request))
+                                        plan.parser, plan.grammar, arrived=arrival(request), budget=plan.budget)
 
     @router.post("/v1/chat/completions", response_model=None)
     async def chat(body: p.ChatCompletionRequest, request: Request) -> Any:

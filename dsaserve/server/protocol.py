@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal, get_args
 
-from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationInfo,
+from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationInfo,
                       field_validator, model_serializer, model_validator)
 from pydantic.fields import FieldInfo
 
@@ -194,6 +194,9 @@ class ChatCompletionRequest(ChatInput, SamplingFields):
     parallel_tool_calls: StrictBool | None = None  # false: at most one call (the grammar, or the first parsed)
     separate_reasoning: StrictBool = True  # SGLang's: false leaves the reasoning in content (no reasoning parser)
     stream_reasoning: StrictBool = True  # SGLang's: false streams the reasoning in one piece once it has ended
+    # the most tokens the reasoning takes before </think> is forced (a prompt that opens reasoning); vLLM's name too
+    thinking_budget: StrictInt | None = Field(None, ge=0, validation_alias=AliasChoices("thinking_budget",
+                                                                                        "thinking_token_budget"))
     functions: Any = None  # OpenAI's deprecated forms of tools / tool_choice: refused by name
     function_call: Any = None
 
