@@ -36,7 +36,7 @@ NOT_TAKEN: dict[str, str] = {
                                        "has no switch for it; leave it out",
     "--dsa-topk-backend": "dsaserve has one indexer top-k (its Triton kernels on CUDA); leave it out",
     "--enable-custom-logit-processor": "dsaserve takes no custom logit processors (it has logit_bias, penalties, "
-                                       "min_tokens and structured output); leave it out",
+                                       "min_tokens, thinking_budget and structured output); leave it out",
     "--decode-log-interval": "dsaserve logs no per-interval decode lines: GET /metrics or /get_server_info",
     "--tokenizer-worker-num": "dsaserve tokenizes on two threads of the HTTP server's process; leave it out",
 }
@@ -47,6 +47,7 @@ ALWAYS_ON = {
     "--enable-cache-report": "usage always carries prompt_tokens_details.cached_tokens",
     "--disable-custom-all-reduce": "the collectives are NCCL's (gloo on CPU); there is no custom all-reduce",
     "--enable-dp-lm-head": "the LM head is split over each DP group's attention ranks, never gathered across groups",
+    "--enable-strict-thinking": "a request's thinking_budget is always exact (the sampler ends the reasoning there)",
 }
 
 

@@ -259,7 +259,8 @@ def test_sglang_flags_with_another_meaning_here(capsys: pytest.CaptureFixture) -
     ServerArgs.add_cli_args(parser)
     assert ServerArgs.from_cli(parser.parse_args(["--disable-cuda-graph", "--enable-metrics"])).cuda_graph_max_bs == 0
     # what dsaserve always does: accepted, the same arguments as without them
-    always = ["--enable-cache-report", "--disable-custom-all-reduce", "--enable-dp-lm-head", "--trust-remote-code"]
+    always = ["--enable-cache-report", "--disable-custom-all-reduce", "--enable-dp-lm-head", "--trust-remote-code",
+              "--enable-strict-thinking"]
     assert ServerArgs.from_cli(parser.parse_args(always)) == ServerArgs.from_cli(parser.parse_args([]))
     with pytest.raises(ValueError, match="-1 \\(SGLang: no chunked prefill\\) is not taken"):
         ServerArgs.from_cli(parser.parse_args(["--chunked-prefill-size", "-1"]))

@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from dsaserve.engine.request import Request, SamplingParams
+from dsaserve.engine.request import Request, SamplingParams, ThinkingBudget
 from dsaserve.engine.sampler import draw, filter_probs, logprob_rows, row_uniform, sample_tokens
 
 gpu = pytest.mark.gpu
@@ -125,31 +125,32 @@ def test_kernel_rows_do_not_depend_on_the_batch() -> None:
 
 @gpu
 def test_shaping_and_sampling_never_wait_for_the_device() -> None:
-    """Penalties, logit bias, min_tokens and seeded top-p rows, and the log-probabilities of the tokens, are
-    enqueued without a host sync (a blocking copy waits for the forward overlapped scheduling launched;
+    """Penalties, logit bias, min_tokens, seeded top-p and thinking-budget rows, and the log-probabilities of the
+    tokens, are enqueued without a host sync (a blocking copy waits for the forward overlapped scheduling launched;
     bincount read its largest id back), and greedy rows with penalties pick the CPU computation's tokens."""
     vocab = 5000
-    logits = _logits(6, vocab, 5)
+    logits = _logits(7, vocab, 5)
     params = [SamplingParams(temperature=0.0, frequency_penalty=0.5, presence_penalty=0.3),
               SamplingParams(temperature=0.0, repetition_penalty=1.3, logit_bias={"7": 5.0}),
               SamplingParams(temperature=0.0, min_tokens=4),
               SamplingParams(temperature=0.8, top_p=0.9, frequency_penalty=0.2, seed=4),
-              SamplingParams(temperature=0.0, frequency_penalty=1.0), SamplingParams(temperature=0.7, seed=5)]
+              SamplingParams(temperature=0.0, frequency_penalty=1.0), SamplingParams(temperature=0.7, seed=5),
+              SamplingParams(temperature=0.8, seed=6, thinking_budget=ThinkingBudget(4, 17))]  # at its budget
     reqs = [Request(f"s{i}", [1, 2, 3], p, 8, 0, seed=i, output_ids=[3, 9, 9, int(logits[i].argmax())])
             for i, p in enumerate(params)]
     reqs[2].min_tokens_banned = (int(logits[2].argmax()),)
-    pending = [[], [11], [], [9], [int(logits[4].argmax())], []]
+    pending = [[], [11], [], [9], [int(logits[4].argmax())], [], []]
     want = sample_tokens(logits, reqs, pending)
     on_device = logits.cuda()  # (a copy from pageable memory syncs: the forward's logits are on the device)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         got = sample_tokens(on_device, reqs, pending)
-        scored = logprob_rows(on_device, got, [2, 0, 5, 1, 0, 3])  # (overlapped scheduling's logprobs)
+        scored = logprob_rows(on_device, got, [2, 0, 5, 1, 0, 3, 0])  # (overlapped scheduling's logprobs)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     greedy = [i for i, p in enumerate(params) if p.temperature == 0.0]
-    assert got[greedy].tolist() == want[greedy].tolist()
-    on_cpu = logprob_rows(logits, got.cpu(), [2, 0, 5, 1, 0, 3]).lists()
+    assert got[greedy].tolist() == want[greedy].tolist() and int(got[6]) == int(want[6]) == 17
+    on_cpu = logprob_rows(logits, got.cpu(), [2, 0, 5, 1, 0, 3, 0]).lists()
     for (chosen, top), (chosen_cpu, top_cpu) in zip(scored.lists(), on_cpu):
         assert chosen == pytest.approx(chosen_cpu, abs=1e-5) and [t for t, _ in top] == [t for t, _ in top_cpu]
