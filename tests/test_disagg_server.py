@@ -199,6 +199,31 @@ class TestMixedTP:
             assert "the decode server" in half.text and says in half.text, half.text
         wait_pools_whole(p.url, 30)
 
+    def test_a_prefill_refusal_is_the_decode_halfs_answer(self, mixed_tp: tuple, model: str) -> None:
+        """A request the prefill server refuses (a model it does not serve, a bad sampling value) ends the decode
+        server's half with the refusal's status and words, not a 500 (which sglang-router retries, and whose
+        repeats open its circuit breaker: every later request got 503 `No available prefill workers`)."""
+        p, d, _ = mixed_tp
+        bootstrap = int(p.cmd[p.cmd.index("--disaggregation-bootstrap-port") + 1])
+        cases = (  # (room, the prefill server's half, its status, what both answers name)
+            (86, ("/v1/completions", dict(model="no-such-model", prompt=PROMPTS_64[3], max_tokens=1)), 404,
+             "does not exist"),
+            (87, ("/generate", dict(input_ids=PROMPTS_64[3], sampling_params={"max_new_tokens": 1,
+                                                                              "temperature": -1.0})), 400,
+             "temperature"))
+        for room, (path, half_body), status, says in cases:
+            body = dict(model=model, prompt=PROMPTS_64[3], max_tokens=1, bootstrap_room=room,
+                        bootstrap_host="127.0.0.1", bootstrap_port=bootstrap)
+            with ThreadPoolExecutor(1) as pool:
+                half = pool.submit(httpx.post, f"{p.url}{path}", json={**half_body, "bootstrap_room": room},
+                                   timeout=120)
+                answer = httpx.post(f"{d.url}/v1/completions", json=body, timeout=120)
+                assert half.result().status_code == status and says in half.result().text, half.result().text
+            assert answer.status_code == status, answer.text
+            assert "the prefill server refused it" in answer.text and says in answer.text, answer.text
+        wait_pools_whole(d.url, 30)
+        wait_pools_whole(p.url, 30)
+
     @staticmethod
     async def _refused_pair(prefill: str, half_body: dict, refused_url: str,
                             refused_body: dict) -> tuple[httpx.Response, httpx.Response]:

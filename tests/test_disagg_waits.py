@@ -229,18 +229,20 @@ def test_decode_refusal_ends_the_prefill_half_at_once(tiny_ds: str) -> None:
 def test_prefill_refusal_before_its_side_ends_the_decode_half_at_once(tiny_ds: str) -> None:
     """A prompt too long for the prefill server's pool with max_tokens unset is refused in add_request before the
     prefill side sees the room; its `refused` (the frontend's RefuseRoom) answers the decode server's page ids,
-    which were left unanswered for its whole timeout."""
+    which were left unanswered for its whole timeout, with the refusal's status."""
     params = SamplingParams(max_tokens=None, temperature=0.0, ignore_eos=True)
     with pd_pair(tiny_ds, backend="fake", page_size=4, disaggregation_timeout_s=20,
                  prefill=dict(max_total_tokens=128)) as (pre, dec):
         ids = prompts_ids(1, [200], seed=3)[0]
         with pytest.raises(RequestError) as refusal:
             pre.add_request("p", ids, params, DisaggRoute(6))
-        pre.disagg.refused(DisaggRoute(6), str(refusal.value))
+        pre.disagg.refused(DisaggRoute(6), str(refusal.value), 400)
         dec.add_request("d", ids, params, DisaggRoute(6, f"tcp://127.0.0.1:{pre.disagg.port}"))
         finals = step_until((pre, dec), lambda f: "d" in f, 5)
         assert "d" in finals and finals["d"].finish.kind == "error", "the decode server waits for its timeout"
-        assert "refused" in finals["d"].finish.message
+        # the refusal's status and words: not a failed transfer's 500, which a router retries
+        assert finals["d"].finish.status == 400
+        assert finals["d"].finish.message == f"the prefill server refused it: {refusal.value}"
         assert_pools_whole(pre, dec)
 
 

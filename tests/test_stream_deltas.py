@@ -63,7 +63,7 @@ def test_a_failed_part_of_a_call_aborts_the_others_at_once() -> None:
         metrics = ServerMetrics()
         handles[0].on_output(_delta(0), metrics)  # running: no finish yet
         handles[1].on_output(_delta(0, FinishReason("error", message="the output constraint failed: x",
-                                                    client_error=True)), metrics)
+                                                    status=400)), metrics)
         aborted: list[str] = []
         with pytest.raises(ApiError, match="the output constraint failed") as err:
             await asyncio.wait_for(collect_all(handles, lambda: aborted.extend(
@@ -84,7 +84,7 @@ def test_the_tokens_merged_before_an_error_reach_the_client(route: str) -> None:
     from dsaserve.server.native_routes import generate_stream
     from dsaserve.server.openai_api import Call, OpenAIServing
 
-    error = FinishReason("error", message="the output constraint failed: x", client_error=True)
+    error = FinishReason("error", message="the output constraint failed: x", status=400)
     serving = OpenAIServing(SimpleNamespace(tokenizer=None), "m", None)  # type: ignore[arg-type]
 
     async def go() -> list[str]:

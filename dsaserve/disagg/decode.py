@@ -84,7 +84,7 @@ class DecodeSide(SideBase):
     def after_step(self, accepted: dict[str, tuple]) -> None:
         pass
 
-    def refused(self, route: Any, message: str) -> None:
+    def refused(self, route: Any, message: str, status: int = 400) -> None:
         """This server refused a request (too long for its pool, queue full, bad input): the prefill server,
         which holds the room's other half until page ids come, ends it now instead of at its timeout. Not when
         another request here holds the room (the refusal is that one; its half is not ours to end)."""
@@ -130,7 +130,8 @@ class DecodeSide(SideBase):
                     self._try_send(room, inc)
                 except Exception as exc:  # noqa: BLE001 - this request's failure, not the server's
                     log.exception("bootstrap room %d: its page ids could not be sent", room)
-                    outputs.append(self._close(room, inc, f"its page ids could not be sent: {exc}"))
+                    outputs.append(self._close(room, inc, FinishReason("error", message=f"its page ids could not be "
+                                                                                        f"sent: {exc}")))
                     continue
                 blocked = not inc.sent
             out = self._advance(room, inc)
@@ -161,9 +162,10 @@ class DecodeSide(SideBase):
             try:  # checked here: a malformed one fails its room as a failed transfer does
                 inc.done = {"agent": str(msg["agent"]), "first": _first_token(msg)}
             except (KeyError, TypeError, ValueError, IndexError) as exc:
-                inc.done = {"failed": f"the prefill server's answer is malformed: {type(exc).__name__}: {exc}"}
+                inc.done = {"failed": prefill_ending({"message": f"the prefill server's answer is malformed: "
+                                                                 f"{type(exc).__name__}: {exc}"})}
         elif msg.get("kind") == "failed":
-            inc.done = {"failed": msg.get("message") or "the prefill server gave no reason"}
+            inc.done = {"failed": prefill_ending(msg)}
 
     def _live(self, inc: Incoming) -> bool:
         """Whether the room's request still runs here (not aborted, not timed out; a new request may have taken
@@ -173,12 +175,12 @@ class DecodeSide(SideBase):
     def _advance(self, room: int, inc: Incoming) -> RequestOutput | None:
         ended = not self._live(inc)  # aborted by the client or timed out: only its pages are left
         if inc.done is not None and "failed" in inc.done:
-            return self._close(room, inc, f"KV transfer from the prefill server failed: {inc.done['failed']}")
+            return self._close(room, inc, inc.done["failed"])
         ready = inc.done is not None and (ended or not compiling(inc.req))  # (a compile ends before it decodes)
         try:
             arrived = ready and self.transport.arrived(inc.done["agent"], wire.room_tag(room))
         except TransferFailed as exc:  # (the write ended at the sender: its pages are free of it)
-            return self._close(room, inc, str(exc))
+            return self._close(room, inc, FinishReason("error", message=str(exc)))
         if arrived:
             del self.rooms[room]
             if ended:
@@ -204,7 +206,7 @@ class DecodeSide(SideBase):
                 return self.engine.end_request(inc.req, FinishReason("error", message=message))
             if inc.expired:
                 log.warning("bootstrap room %d: no answer from the prefill server; its pages are freed", room)
-            return self._close(room, inc, message)
+            return self._close(room, inc, FinishReason("error", message=message))
         return None
 
     def _resume(self, req: Request, token: int, logprob: tuple | None, drafts: list[int]) -> RequestOutput:
@@ -246,13 +248,13 @@ class DecodeSide(SideBase):
         # a quarter: counted from now, these pages outlive any write into them.
         inc.deadline = self.deadlines.after()
 
-    def _close(self, room: int, inc: Incoming, message: str) -> RequestOutput | None:
+    def _close(self, room: int, inc: Incoming, reason: FinishReason) -> RequestOutput | None:
         del self.rooms[room]
         self._free(inc)
         if not self._live(inc):
             return None
-        log.warning("bootstrap room %d: %s", room, message)
-        return self.engine.end_request(inc.req, FinishReason("error", message=message))
+        log.warning("bootstrap room %d: %s", room, reason.message)
+        return self.engine.end_request(inc.req, reason)
 
     def _free(self, inc: Incoming) -> None:
         if inc.pages:
@@ -275,3 +277,15 @@ def _first_token(done: dict[str, Any]) -> tuple[int, tuple | None, list[int]]:
     lp = done.get("logprob")
     logprob = (lp[0], [tuple(x) for x in lp[1]]) if lp else None
     return int(done["token"]), logprob, [int(t) for t in done["drafts"]]
+
+
+def prefill_ending(msg: dict[str, Any]) -> FinishReason:
+    """How a `failed` room ends here: as it ended on the prefill server (aborted there: an abort; refused there: an
+    error with the refusal's status, which a router must not retry as a server fault), else a failed transfer."""
+    message = msg.get("message") or "the prefill server gave no reason"
+    status = msg.get("status")
+    if msg.get("end") == "abort":
+        return FinishReason("abort", message=message)
+    if isinstance(status, int) and not isinstance(status, bool) and 400 <= status < 600 and status != 500:
+        return FinishReason("error", message=message, status=status)
+    return FinishReason("error", message=f"KV transfer from the prefill server failed: {message}")

@@ -64,7 +64,7 @@ class Outgoing:
     deadline: float = float("inf")  # for the write to finish
     handle: Any = None  # the write in flight
     pages: list[int] = field(default_factory=list)  # pages of an ended request, held until its write ends
-    aborted: str | None = None  # why it ended while its write was in flight: `failed`, not `done`, once it ends
+    aborted: FinishReason | None = None  # how it ended while its write was in flight: `failed`, not `done`, then
     draining: float | None = None  # past its time and not cancellable: polled until it ends, up to this deadline
 
 
@@ -74,7 +74,7 @@ class PrefillSide(SideBase):
     pending: dict[int, Pending] = field(default_factory=dict)
     admitted: dict[int, Dest] = field(default_factory=dict)  # the dests of requests being prefilled
     out: dict[int, Outgoing] = field(default_factory=dict)
-    ended: dict[int, tuple[str, float]] = field(default_factory=dict)  # rooms that ended before their dest came
+    ended: dict[int, tuple[FinishReason, float]] = field(default_factory=dict)  # rooms ended before their dest came
     receivers: dict[str, float] = field(default_factory=dict)  # transport agent -> when a write to it last ran
 
     def __post_init__(self) -> None:
@@ -111,7 +111,7 @@ class PrefillSide(SideBase):
         if room in self.out or self._request_of(room) is not None:
             raise RequestError(f"bootstrap_room {room} is already in use on this prefill server")
         if room in self.ended:
-            raise RequestError(f"bootstrap room {room} has ended on this prefill server: {self.ended[room][0]}")
+            raise RequestError(f"bootstrap room {room} has ended on this prefill server: {self.ended[room][0].message}")
         # This server holds the prompt and its first token (and drafts) only: the decode server checks the rest.
         sched.check_fits(len(req.prompt_ids), req.max_new_tokens, cache_tokens=1)
         sched.check_queue(len(self.pending))
@@ -128,32 +128,33 @@ class PrefillSide(SideBase):
             room = req.disagg.room
             self.out[room] = Outgoing(req, (req.output_ids[0], lp), self.admitted.pop(room))
 
-    def refused(self, route: Any, message: str) -> None:
+    def refused(self, route: Any, message: str, status: int) -> None:
         """This server refused a request: the decode server's page ids for its room (now or when they come) are
-        answered `failed`. Not when another request here holds the room."""
+        answered `failed`, with the refusal's status. Not when another request here holds the room."""
         room = route.room
         if room in self.out or room in self.ended or self._request_of(room) is not None:
             return
-        self._ended(room, f"the prefill server refused it: {message}")
+        self._ended(room, FinishReason("error", message=f"the prefill server refused it: {message}", status=status))
 
     def release(self, req: Request, reason: FinishReason) -> None:
         """The request ended here (aborted, or its step failed): the decode server is told why; pages under
         a write in flight wait for it to end."""
         room = req.disagg.room
-        message = ("the request was aborted on the prefill server" if reason.kind == "abort"
-                   else f"the prefill server failed it: {reason.message}")
+        told = (FinishReason("abort", message="the request was aborted on the prefill server") if reason.kind == "abort"
+                else FinishReason("error", message=f"the prefill server failed it: {reason.message}",
+                                  status=reason.status))
         self.pending.pop(room, None)
         dest, o = self.admitted.pop(room, None), self.out.get(room)
         if o is not None and o.handle is not None:
-            o.pages, req.pages, o.aborted = req.pages, [], message
+            o.pages, req.pages, o.aborted = req.pages, [], told
             return
         if o is not None:
             del self.out[room]
             dest = o.dest
         if dest is not None:
-            wire.send(self.sock, {"kind": "failed", "room": room, "message": message}, to=dest.peer)
+            wire.send(self.sock, failed(room, told), to=dest.peer)
         else:
-            self._ended(room, message)
+            self._ended(room, told)
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -178,8 +179,9 @@ class PrefillSide(SideBase):
             # (a busy decode pool, a longer decode timeout). Nothing was written: the decode server frees them now.
             message = (f"no request on the prefill server claimed the page ids for bootstrap room {room} within "
                        f"{self.deadlines.timeout_s:g} s (it never came, or it ended before they did)")
-            wire.send(self.sock, {"kind": "failed", "room": room, "message": message}, to=self.dests.pop(room).peer)
-            self.ended[room] = (message, self.deadlines.after())  # its request, if it comes now, is refused at once
+            wire.send(self.sock, failed(room, FinishReason("error", message=message)), to=self.dests.pop(room).peer)
+            # its request, if it comes now, is refused at once
+            self.ended[room] = (FinishReason("error", message=message), self.deadlines.after())
         for room in [r for r, (_, t) in self.ended.items() if t <= now]:
             del self.ended[room]
         self._remove_idle_receivers(now)
@@ -203,7 +205,7 @@ class PrefillSide(SideBase):
         kind, room = msg.get("kind"), msg["room"]  # (an integer: wire.recv_all drops what names none)
         if kind == "dest":
             if room in self.ended:
-                wire.send(self.sock, {"kind": "failed", "room": room, "message": self.ended.pop(room)[0]}, to=ident)
+                wire.send(self.sock, failed(room, self.ended.pop(room)[0]), to=ident)
             elif self._holder(room) is not None:  # the first one keeps the room
                 wire.send(self.sock, {"kind": "failed", "room": room, "message": (
                     f"bootstrap room {room} already has a decode request on this prefill server: a room names one "
@@ -234,7 +236,8 @@ class PrefillSide(SideBase):
         self.dests.pop(room, None)
         o = self.out.get(room)
         if o is not None and o.handle is not None:  # writing: the decode server frees its pages when `done` or
-            o.aborted = o.aborted or message  # `failed` comes; it has ended its request, so `failed` it will be
+            # `failed` comes; it has ended its request, so `failed` it will be
+            o.aborted = o.aborted or FinishReason("abort", message=message)
             return None
         # nothing is written into the decode server's pages: it may free them now
         wire.send(self.sock, {"kind": "failed", "room": room, "message": "cancelled"}, to=ident)
@@ -243,7 +246,8 @@ class PrefillSide(SideBase):
         if req is None:
             req = self._request_of(room)
         if req is None or holder is None:  # not here yet: refused when it comes; page ids from any other
-            self.ended[room] = (message, self.deadlines.after())  # requester (another DP leader) answered at once
+            # requester (another DP leader) answered at once: a failure there (that request's client did not abort)
+            self.ended[room] = (FinishReason("error", message=message), self.deadlines.after())
         if req is None:
             return None
         reason = FinishReason("abort", message=message)
@@ -282,7 +286,7 @@ class PrefillSide(SideBase):
         """End a pending request; the decode server is told (page ids that come later, e.g. from a busy decode pool,
         are answered at once)."""
         del self.pending[room]
-        self._ended(room, message)
+        self._ended(room, FinishReason("error", message=message))
         return self.engine.end_request(p.req, FinishReason("error", message=message))
 
     def _advance(self, room: int, o: Outgoing) -> RequestOutput | None:
@@ -312,8 +316,8 @@ class PrefillSide(SideBase):
             return self._fail(room, o, str(exc))
         del self.out[room]
         if o.aborted is not None:  # the decode server must not continue a request that ended here
-            wire.send(self.sock, {"kind": "failed", "room": room, "message": o.aborted}, to=o.dest.peer)
-            return self._end(o, FinishReason("abort", message=o.aborted))
+            wire.send(self.sock, failed(room, o.aborted), to=o.dest.peer)
+            return self._end(o, FinishReason("abort", message=o.aborted.message))
         token, lp = o.first
         wire.send(self.sock, {"kind": "done", "room": room, "agent": self.transport.agent, "token": token,
                               "logprob": lp, "drafts": list(o.req.draft_ids)}, to=o.dest.peer)
@@ -362,7 +366,7 @@ class PrefillSide(SideBase):
     def _fail(self, room: int, o: Outgoing, message: str) -> RequestOutput | None:
         log.warning("bootstrap room %d: %s", room, message)
         self.out.pop(room, None)
-        wire.send(self.sock, {"kind": "failed", "room": room, "message": message}, to=o.dest.peer)
+        wire.send(self.sock, failed(room, FinishReason("error", message=message)), to=o.dest.peer)
         return self._end(o, FinishReason("error", message=f"KV transfer to the decode server failed: {message}"))
 
     def _end(self, o: Outgoing, reason: FinishReason) -> RequestOutput | None:
@@ -377,9 +381,15 @@ class PrefillSide(SideBase):
         output went out, the client may reuse the rid for a new request, which this must leave alone."""
         return self.engine.end_request(req, reason) if self.engine.requests.get(req.rid) is req else None
 
-    def _ended(self, room: int, message: str) -> None:
+    def _ended(self, room: int, reason: FinishReason) -> None:
         dest = self.dests.pop(room, None)
         if dest is not None:
-            wire.send(self.sock, {"kind": "failed", "room": room, "message": message}, to=dest.peer)
+            wire.send(self.sock, failed(room, reason), to=dest.peer)
         else:
-            self.ended[room] = (message, self.deadlines.after())
+            self.ended[room] = (reason, self.deadlines.after())
+
+
+def failed(room: int, reason: FinishReason) -> dict[str, Any]:
+    """`failed`: the room's request ended here (or cannot be handed over); the decode half ends as it did, an abort
+    as an abort and a refusal with its status (decode.prefill_ending)."""
+    return {"kind": "failed", "room": room, "message": reason.message, "end": reason.kind, "status": reason.status}

@@ -8,7 +8,8 @@ decode leader -> prefill leader (DEALER -> ROUTER):
   cancel  {room, reason}
 prefill leader -> decode leader:
   done    {room, agent, token, logprob, drafts}   after the pages were written
-  failed  {room, message}
+  failed  {room, message, end, status}   the room's request ended there (end: abort | error; status: the HTTP
+          status of an error, a refusal's own), or cannot be handed over
 decode frontend -> prefill bootstrap server (DEALER -> ROUTER): info -> BootstrapInfo as JSON.
 """
 from __future__ import annotations

@@ -193,7 +193,8 @@ class FinishReason:
     kind: str  # "stop" | "length" | "abort" | "error"
     matched: int | str | None = None  # the eos / stop token id or stop string that ended it
     message: str | None = None  # why, for abort and error
-    client_error: bool = False  # an error the request caused (its constraint): a 400, not a 500
+    status: int = 500  # an error's HTTP status: 400 where the request caused it (its constraint), and in PD the
+    # other server's where it refused the request (400, 503, ...)
 
 
 
@@ -357,5 +358,5 @@ def append_until_stop(req: Request, tokens: list[int], tokenizer: Tokenizer, eos
             break
     failure = req.grammar.failure() if req.grammar is not None else None
     if failure is not None:  # llguidance gave up (a lexer limit): not a stop, whatever the last token was
-        reason = FinishReason("error", message=f"the output constraint failed: {failure}", client_error=True)
+        reason = FinishReason("error", message=f"the output constraint failed: {failure}", status=400)
     return new, reason

@@ -239,7 +239,7 @@ class Frontend:
             live = {h.room for h in self.handles.values() if not h.finished}
             leader = refusal_leader(route, dp_rank, live, len(self.links))
             if leader is not None:
-                self._send(leader, m.RefuseRoom(route, exc.message))
+                self._send(leader, m.RefuseRoom(route, exc.message, exc.status))
             raise
 
     async def submit(self, prompt_ids: list[int], params: SamplingParams, rid: str | None = None,

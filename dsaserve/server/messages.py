@@ -42,6 +42,7 @@ class RefuseRoom:
     now (the leader's side tells it) instead of at its timeout."""
     route: DisaggRoute
     message: str
+    status: int  # the refusal's HTTP status, which the other half answers with too
 
 
 @dataclass(frozen=True)

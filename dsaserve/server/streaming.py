@@ -175,8 +175,9 @@ def split_error(d: Delta) -> tuple[Delta, FinishReason | None]:
 
 
 def finish_error(finish: FinishReason) -> ApiError:
-    """The API error of a request that ended in an error: 400 where the request caused it."""
-    return ApiError(400 if finish.client_error else 500, finish.message or "the request failed in the engine")
+    """The API error of a request that ended in an error: 400 where the request caused it, a PD peer's refusal's
+    status."""
+    return ApiError(finish.status, finish.message or "the request failed in the engine")
 
 
 def error_event(exc: Exception) -> str:
