@@ -109,7 +109,7 @@ def sampling_features(model: str, prompts: list[list[int]]) -> list[tuple[list[i
     features whose state must follow a request across ranks, groups and servers."""
     from dsaserve import LLM
     from dsaserve.chat.grammar import checked_spec, json_grammar
-    from dsaserve.engine.request import ThinkingBudget
+    from dsaserve.engine.thinking import ThinkingBudget
     schema = {"type": "object", "properties": {"n": {"type": "boolean"}, "w": {"enum": ["ab", "cd"]}},
               "required": ["n", "w"], "additionalProperties": False}
     grammar = checked_spec(json_grammar(schema), model, (1,))

@@ -10,7 +10,7 @@ import pytest
 from conftest import prompts_ids
 from dsaserve import SamplingParams
 from dsaserve.engine.engine import Engine
-from dsaserve.engine.request import DisaggRoute, QueueFull, RequestError, RequestOutput
+from dsaserve.engine.request import DisaggRoute, FinishReason, QueueFull, RequestError, RequestOutput
 from test_disagg_engine import assert_pools_whole, pd_pair, run_pd
 
 pytestmark = pytest.mark.timeout(300)
@@ -246,6 +246,29 @@ def test_prefill_refusal_before_its_side_ends_the_decode_half_at_once(tiny_ds: s
         assert_pools_whole(pre, dec)
 
 
+def test_a_prefill_error_reaches_the_decode_half_with_its_status(tiny_ds: str) -> None:
+    """A request the prefill server ends with a client's error (a 400: its constraint failed on the first token)
+    ends the decode half with that status; an error of the server's own reads as a failed transfer (500), and an
+    abort there is an abort here. (All read 500 'KV transfer failed', which sglang-router retries.)"""
+    from dsaserve.disagg.decode import prefill_ending
+    from dsaserve.disagg.prefill import failed
+    message = "the output constraint failed: x"
+    with pd_pair(tiny_ds, backend="fake", page_size=4) as (pre, dec):
+        peer = f"tcp://127.0.0.1:{pre.disagg.port}"
+        for room, status in ((11, 400), (12, 500)):
+            ids = prompts_ids(1, [9], seed=room)[0]
+            dec.add_request(f"d{room}", ids, GREEDY, DisaggRoute(room, peer))
+            pre.add_request(f"p{room}", ids, GREEDY, DisaggRoute(room))
+            pre._finish(pre.requests[f"p{room}"], FinishReason("error", message=message, status=status))
+            finish = step_until((pre, dec), lambda f: f"d{room}" in f, 10)[f"d{room}"].finish
+            told = f"the prefill server failed it: {message}"
+            assert (finish.kind, finish.status) == ("error", status)
+            assert finish.message == (told if status == 400 else f"KV transfer from the prefill server failed: {told}")
+        assert_pools_whole(pre, dec)
+    assert prefill_ending(failed(3, FinishReason("abort", message="m"))) == FinishReason("abort", message="m")
+    assert prefill_ending({"message": "m", "status": "400"}).status == 500  # (what is no status is none)
+
+
 def test_prefill_checks_only_what_it_holds(tiny_ds: str) -> None:
     params = SamplingParams(max_tokens=300, temperature=0.0, ignore_eos=True)
     with pd_pair(tiny_ds, backend="fake", page_size=4, prefill=dict(max_total_tokens=128),
@@ -347,7 +370,7 @@ def test_pd_arrivals_wait_behind_a_retracted_request(tiny_ds: str) -> None:
         for i, ids in enumerate((a, b)):
             pre.add_request(f"p{i}", ids, params, DisaggRoute(40 + i))
             dec.add_request(f"d{i}", ids, params, DisaggRoute(40 + i, peer))
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 240  # (a bound: about 3 s alone, 40 s on a busy machine)
         while not dec.scheduler.num_retractions and time.monotonic() < deadline:
             pre.step()
             dec.step()

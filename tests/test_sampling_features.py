@@ -12,7 +12,8 @@ from transformers.generation.logits_process import RepetitionPenaltyLogitsProces
 
 from conftest import prompts_ids
 from dsaserve import LLM, SamplingParams
-from dsaserve.engine.request import Request, RequestError, ThinkingBudget
+from dsaserve.engine.request import Request, RequestError
+from dsaserve.engine.thinking import ThinkingBudget, ends_inside_character
 from dsaserve.engine.sampler import shape_logits
 
 V = 64
@@ -152,6 +153,52 @@ def test_a_thinking_budget_ends_the_reasoning_at_its_index(steps: int, tiny_ds: 
         llm.engine.add_request("x", prompt, dataclasses.replace(greedy, thinking_budget=ThinkingBudget(2, 100000)))
     with pytest.raises(RequestError, match="thinking_budget must be a ThinkingBudget of tokens >= 0"):
         dataclasses.replace(greedy, thinking_budget=ThinkingBudget(-1, end)).validate()
+
+
+def test_a_budget_in_a_verify_step_counts_the_drafts_before_its_row() -> None:
+    """With drafts that are right (the embedded model's drafter on its repetitive reply), verify rows cross the budget's
+    index: each reply equals plain decoding's, for an end token the reply never writes and for one it writes at
+    index 3 (among a verify row's drafts it lifts the budget, as it does once committed)."""
+    plain = LLM(max_total_tokens=2048)
+    spec = LLM(max_total_tokens=2048, speculative_algorithm="NEXTN", speculative_num_steps=3)
+    prompt = plain.tokenizer.encode('def read_file(path):\n    """')
+    greedy = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    base = plain.generate(prompt, greedy)[0].token_ids
+    came = base[3]
+    assert came not in base[:3]
+    for end in (next(t for t in range(5, 400) if t not in base), came):
+        for tokens in range(1, 10):
+            budgeted = dataclasses.replace(greedy, thinking_budget=ThinkingBudget(tokens, end))
+            want = plain.generate(prompt, budgeted)[0].token_ids
+            assert spec.generate(prompt, budgeted)[0].token_ids == want, (end, tokens)
+            assert (want == base) == (end == came and tokens >= 3)  # (at 3 the end token is its own)
+    stats = spec.engine.stats()
+    assert stats.spec_accepted_tokens > stats.spec_verify_steps // 2  # drafts were accepted: rows crossed the index
+
+
+def test_a_budget_waits_for_a_character_to_end(tiny_ds: str) -> None:
+    """Where the reply's bytes at the budget's index end inside a character (a byte-level token may hold part of
+    one), </think> comes once it has ended: right there it broke the character, and a grammar's reasoning refused
+    it (the request failed with a 400). Characters are UTF-8's: a lead byte opens 1-3 more."""
+    assert [ends_inside_character(b) for b in (b"a", "中".encode()[:1], "中".encode()[:2], "中".encode(),
+                                                   "😀".encode()[:3], b"a\x80", b"")] == \
+        [False, True, True, False, True, False, False]
+    llm = LLM(tiny_ds, max_total_tokens=2048)
+    tok = llm.tokenizer
+    greedy = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+
+    def cut(ids: list[int]) -> bool:
+        return ends_inside_character(b"".join(tok.token_bytes(t) for t in ids))
+    for prompt in prompts_ids(8, [9] * 8, seed=11):
+        base = llm.generate(prompt, greedy)[0].token_ids
+        inside = [n for n in range(1, 16) if cut(base[:n])]
+        if inside:
+            break
+    assert inside, "no greedy reply here ends inside a character"
+    n, end = inside[0], next(t for t in range(5, 400) if t not in base)
+    at = next(k for k in range(n, 24) if not cut(base[:k]))
+    out = llm.generate(prompt, dataclasses.replace(greedy, thinking_budget=ThinkingBudget(n, end)))[0].token_ids
+    assert at > n and out[:at] == base[:at] and out[at] == end
 
 
 def test_min_tokens_never_breaks_a_grammar(tiny_ds: str) -> None:

@@ -9,7 +9,8 @@ import random
 import pytest
 import torch
 
-from dsaserve.engine.request import Request, SamplingParams, ThinkingBudget
+from dsaserve.engine.request import Request, SamplingParams
+from dsaserve.engine.thinking import ThinkingBudget
 from dsaserve.engine.sampler import draw, filter_probs, logprob_rows, row_uniform, sample_tokens
 
 gpu = pytest.mark.gpu

@@ -25,6 +25,7 @@ from dsaserve.engine.request import (DisaggRoute, FinishReason, Request, Request
                                      SamplingParams, append_until_stop, check_token_ids)
 from dsaserve.engine.scheduler import Scheduler, SchedulerConfig
 from dsaserve.engine.stats import EngineStats
+from dsaserve.engine.thinking import ThinkingProgress
 from dsaserve.spec.drafter import MTPDrafter, draft_input, drafts_in_flight, settle_drafts
 from dsaserve.engine.tokenizer import Tokenizer
 from dsaserve.engine.warmup import warm_up
@@ -140,6 +141,8 @@ class Engine:
                       arrival=next(self._arrivals),
                       seed=params.seed if params.seed is not None else self._seeds.getrandbits(63),
                       disagg=route if self.disagg is not None else None)
+        if params.thinking_budget is not None:
+            req.thinking = ThinkingProgress(self.tokenizer.token_bytes)
         if params.min_tokens:
             ends = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_ids))
             req.min_tokens_banned = tuple(sorted(t for t in ends if 0 <= t < self.cfg.vocab_size))

@@ -11,6 +11,7 @@ import numpy as np
 
 from dsaserve.cache.pages import PageMirror
 from dsaserve.chat.grammar import commit_tokens
+from dsaserve.engine.thinking import ThinkingBudget, ThinkingProgress
 
 if TYPE_CHECKING:
     from dsaserve.chat.grammar import GrammarSpec
@@ -148,15 +149,6 @@ class SamplingParams:
                                f"{type(self.grammar).__name__}")
 
 
-@dataclass(frozen=True)
-class ThinkingBudget:
-    """The reasoning a prompt opened ends within `tokens` output tokens: at output index `tokens`, unless `end_id`
-    (the one token that spells `</think>`) came already, it is the only token that can be sampled (vLLM's
-    `thinking_token_budget`, SGLang's `thinking_budget`)."""
-    tokens: int
-    end_id: int
-
-
 _INT_FIELDS = ("top_k", "min_tokens")
 _OPTIONAL_INT_FIELDS = ("max_tokens", "seed", "logprobs", "prompt_logprobs")  # None: see each field
 _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty")
@@ -239,6 +231,7 @@ class Request:
     min_tokens_banned: tuple[int, ...] = ()  # EOS and stop token ids, masked before params.min_tokens
     min_tokens_chars: int | None = None  # characters of the first params.min_tokens output tokens, once known
     sampling_tensors: dict[str, Any] = field(default_factory=dict)  # the sampler's fixed per-request tensors
+    thinking: ThinkingProgress | None = None  # params.thinking_budget's progress (the sampler's)
     disagg: DisaggRoute | None = None  # PD: the request's KV cache moves between servers
     inflight: int = 0  # overlapped scheduling: tokens sampled on the device, not committed yet
     page_mirror: PageMirror = field(default_factory=PageMirror, repr=False)

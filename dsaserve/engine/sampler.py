@@ -16,6 +16,7 @@ import torch
 
 from dsaserve.chat.grammar import grammar_state
 from dsaserve.engine.request import GREEDY_BELOW, Request, SamplingParams
+from dsaserve.engine.thinking import GRACE_TOKENS, ThinkingProgress
 from dsaserve.ops.fused import argmax
 
 Tensor = torch.Tensor
@@ -112,16 +113,24 @@ def _apply_logit_bias(shaped: _Shaped, reqs: list[Request], pending: list[list[i
 
 
 def _apply_thinking_budgets(shaped: _Shaped, reqs: list[Request], pending: list[list[int]]) -> None:
-    """A reasoning still open at its budget's output index (a verify row counts the drafts before it) ends there:
+    """A reasoning still open at its budget's output index (a verify row counts the drafts before it) ends there
+    (or, where its bytes end inside a character, once the character has ended, at most GRACE_TOKENS later):
     `</think>` is the row's only token. Last, so that no bias or penalty can take it away; a grammar's reasoning
-    takes `</think>` anywhere."""
+    takes `</think>` wherever a character has ended."""
     for i, req in enumerate(reqs):
         budget = req.params.thinking_budget
-        if budget is not None and len(req.output_ids) + len(pending[i]) == budget.tokens \
-                and budget.end_id not in pending[i] and budget.end_id not in req.output_ids:
-            logits = shaped.writable()
-            logits[i] = float("-inf")
-            logits[i, budget.end_id] = 0.0
+        at = len(req.output_ids) + len(pending[i])
+        if budget is None or at < budget.tokens:
+            continue
+        if req.thinking is None:  # (made by Engine.add_request with the tokenizer's bytes)
+            req.thinking = ThinkingProgress(None)
+        if not req.thinking.open_after(req.output_ids, pending[i], budget.end_id):
+            continue
+        if at < budget.tokens + GRACE_TOKENS and req.thinking.inside_character(req.output_ids, pending[i]):
+            continue
+        logits = shaped.writable()
+        logits[i] = float("-inf")
+        logits[i, budget.end_id] = 0.0
 
 
 def _fixed(req: Request, name: str, device: torch.device, make: Callable[[], Tensor]) -> Tensor:

@@ -15,7 +15,8 @@ from dsaserve.chat.parsers import DEFAULT_TOOL_PARSER, OutputParser, ReasoningSp
 from dsaserve.chat.render import ChatFormat, ChatFormatError, RenderedChat
 from dsaserve.chat.tools import ToolPlan, check_held_calls, plan_tools
 from dsaserve.disagg.serving import PDRouting
-from dsaserve.engine.request import DisaggRoute, SamplingParams, ThinkingBudget, choice_seed
+from dsaserve.engine.request import DisaggRoute, SamplingParams, choice_seed
+from dsaserve.engine.thinking import ThinkingBudget
 from dsaserve.engine.tokenizer import CharOffsets
 from dsaserve.generation_config import GenerationConfig, read_generation_config
 from dsaserve.server import protocol as p
