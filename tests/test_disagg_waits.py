@@ -220,7 +220,7 @@ def test_decode_refusal_ends_the_prefill_half_at_once(tiny_ds: str) -> None:
         pre.add_request("p", ids, GREEDY, DisaggRoute(3))
         with pytest.raises(RequestError) as refusal:
             dec.add_request("d", ids, GREEDY, route)
-        dec.disagg.refused(route, str(refusal.value))
+        dec.disagg.refused(route, str(refusal.value), 400)
         finals = step_until((pre, dec), lambda f: "p" in f, 5)
         assert "p" in finals, "the prefill server still holds the request the decode server refused"
         assert_pools_whole(pre, dec)
@@ -408,7 +408,7 @@ def test_page_ids_for_a_room_a_refusal_ended_are_answered_at_once(tiny_ds: str) 
             peer = f"tcp://127.0.0.1:{pre.disagg.port}"
             ids = prompts_ids(1, [20], seed=3)[0]
             pre.add_request("p", ids, GREEDY, DisaggRoute(5))
-            dec0.disagg.refused(DisaggRoute(5, peer), "echo with logprobs ...")  # the worker's RefuseRoom
+            dec0.disagg.refused(DisaggRoute(5, peer), "echo with logprobs ...", 400)  # the worker's RefuseRoom
             step_until((pre,), lambda f: "p" in f, 5)
             dec1.add_request("d", ids, GREEDY, DisaggRoute(5, peer))
             finals = step_until((pre, dec1), lambda f: "d" in f, 5)

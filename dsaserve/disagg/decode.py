@@ -84,7 +84,7 @@ class DecodeSide(SideBase):
     def after_step(self, accepted: dict[str, tuple]) -> None:
         pass
 
-    def refused(self, route: Any, message: str, status: int = 400) -> None:
+    def refused(self, route: Any, message: str, status: int) -> None:
         """This server refused a request (too long for its pool, queue full, bad input): the prefill server,
         which holds the room's other half until page ids come, ends it now instead of at its timeout. Not when
         another request here holds the room (the refusal is that one; its half is not ours to end)."""

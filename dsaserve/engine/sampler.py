@@ -119,8 +119,10 @@ def _apply_thinking_budgets(shaped: _Shaped, reqs: list[Request], pending: list[
     takes `</think>` wherever a character has ended."""
     for i, req in enumerate(reqs):
         budget = req.params.thinking_budget
+        if budget is None:
+            continue
         at = len(req.output_ids) + len(pending[i])
-        if budget is None or at < budget.tokens:
+        if at < budget.tokens:
             continue
         if req.thinking is None:  # (made by Engine.add_request with the tokenizer's bytes)
             req.thinking = ThinkingProgress(None)
