@@ -395,7 +395,7 @@ class TestFailures:
     def test_routed_dp_rank_must_be_the_rooms_group(self, failing: tuple) -> None:
         """A room belongs to prefill DP group room % dp, where the decode server asks for it: a routed_dp_rank
         that names another group is refused at once (it ran there and waited out the timeout), and the decode
-        half of the room, holding its pages, ends with that refusal (it waited out its own timeout)."""
+        half of the room, holding its pages, ends with that refusal and its 400 (it waited out its own timeout)."""
         p, d, port = failing[0], failing[1], failing[3]
         room = {"bootstrap_host": "127.0.0.1", "bootstrap_port": port, "bootstrap_room": 99001}
 
@@ -413,8 +413,8 @@ class TestFailures:
         refused, half = asyncio.run(run())
         assert refused.status_code == 400 and "DP group 1" in refused.text and "routed_dp_rank" in refused.text, \
             refused.text
-        assert half.status_code == 500 and "the prefill server refused it" in half.text \
-            and "routed_dp_rank" in half.text, half.text
+        assert half.status_code == 400 and "the prefill server refused it" in half.text \
+            and "routed_dp_rank" in half.text, half.text  # (the refusal's status: a 500 the router would retry)
         wait_pools_whole(d.url, 2 * TIMEOUT_S)
 
     def test_prefill_killed_decode_requests_fail(self, failing: tuple) -> None:
