@@ -130,9 +130,9 @@ def _apply_thinking_budgets(shaped: _Shaped, reqs: list[Request], pending: list[
             continue
         if at < budget.tokens + GRACE_TOKENS and req.thinking.inside_character(req.output_ids, pending[i]):
             continue
-        logits = shaped.writable()
-        logits[i] = float("-inf")
-        logits[i, budget.end_id] = 0.0
+        row = shaped.writable()[i]  # (fills of views: `row[end] = 0.0` copied the scalar over, a host sync)
+        row.fill_(float("-inf"))
+        row[budget.end_id:budget.end_id + 1].fill_(0.0)
 
 
 def _fixed(req: Request, name: str, device: torch.device, make: Callable[[], Tensor]) -> Tensor:
