@@ -179,9 +179,9 @@ class PrefillSide(SideBase):
             # (a busy decode pool, a longer decode timeout). Nothing was written: the decode server frees them now.
             message = (f"no request on the prefill server claimed the page ids for bootstrap room {room} within "
                        f"{self.deadlines.timeout_s:g} s (it never came, or it ended before they did)")
-            wire.send(self.sock, failed(room, FinishReason("error", message=message)), to=self.dests.pop(room).peer)
-            # its request, if it comes now, is refused at once
-            self.ended[room] = (FinishReason("error", message=message), self.deadlines.after())
+            reason = FinishReason("error", message=message)
+            wire.send(self.sock, failed(room, reason), to=self.dests.pop(room).peer)
+            self.ended[room] = (reason, self.deadlines.after())  # its request, if it comes now, is refused at once
         for room in [r for r, (_, t) in self.ended.items() if t <= now]:
             del self.ended[room]
         self._remove_idle_receivers(now)
@@ -286,8 +286,9 @@ class PrefillSide(SideBase):
         """End a pending request; the decode server is told (page ids that come later, e.g. from a busy decode pool,
         are answered at once)."""
         del self.pending[room]
-        self._ended(room, FinishReason("error", message=message))
-        return self.engine.end_request(p.req, FinishReason("error", message=message))
+        reason = FinishReason("error", message=message)
+        self._ended(room, reason)
+        return self.engine.end_request(p.req, reason)
 
     def _advance(self, room: int, o: Outgoing) -> RequestOutput | None:
         if o.handle is None:
