@@ -221,6 +221,8 @@ class TestMixedTP:
                 assert half.result().status_code == status and says in half.result().text, half.result().text
             assert answer.status_code == status, answer.text
             assert "the prefill server refused it" in answer.text and says in answer.text, answer.text
+            assert answer.json()["error"]["code"] == half.result().json()["error"]["code"], answer.text
+            assert status != 404 or answer.json()["error"]["code"] == "model_not_found", answer.text
         wait_pools_whole(d.url, 30)
         wait_pools_whole(p.url, 30)
 

@@ -267,6 +267,9 @@ def test_a_prefill_error_reaches_the_decode_half_with_its_status(tiny_ds: str) -
         assert_pools_whole(pre, dec)
     assert prefill_ending(failed(3, FinishReason("abort", message="m"))) == FinishReason("abort", message="m")
     assert prefill_ending({"message": "m", "status": "400"}).status == 500  # (what is no status is none)
+    full = prefill_ending(failed(3, FinishReason("error", message="m", status=503, code="queue_full")))
+    assert (full.status, full.code) == (503, "queue_full")
+    assert prefill_ending({"message": "m", "status": 503, "code": 7}).code is None
 
 
 def test_prefill_checks_only_what_it_holds(tiny_ds: str) -> None:

@@ -84,7 +84,7 @@ class DecodeSide(SideBase):
     def after_step(self, accepted: dict[str, tuple]) -> None:
         pass
 
-    def refused(self, route: Any, message: str, status: int) -> None:
+    def refused(self, route: Any, message: str, status: int, code: str | None = None) -> None:
         """This server refused a request (too long for its pool, queue full, bad input): the prefill server,
         which holds the room's other half until page ids come, ends it now instead of at its timeout. Not when
         another request here holds the room (the refusal is that one; its half is not ours to end)."""
@@ -287,5 +287,6 @@ def prefill_ending(msg: dict[str, Any]) -> FinishReason:
     if msg.get("end") == "abort":
         return FinishReason("abort", message=message)
     if isinstance(status, int) and not isinstance(status, bool) and 400 <= status < 600 and status != 500:
-        return FinishReason("error", message=message, status=status)
+        code = msg.get("code")
+        return FinishReason("error", message=message, status=status, code=code if isinstance(code, str) else None)
     return FinishReason("error", message=f"KV transfer from the prefill server failed: {message}")

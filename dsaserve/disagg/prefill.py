@@ -128,13 +128,14 @@ class PrefillSide(SideBase):
             room = req.disagg.room
             self.out[room] = Outgoing(req, (req.output_ids[0], lp), self.admitted.pop(room))
 
-    def refused(self, route: Any, message: str, status: int) -> None:
+    def refused(self, route: Any, message: str, status: int, code: str | None = None) -> None:
         """This server refused a request: the decode server's page ids for its room (now or when they come) are
-        answered `failed`, with the refusal's status. Not when another request here holds the room."""
+        answered `failed`, with the refusal's status and code. Not when another request here holds the room."""
         room = route.room
         if room in self.out or room in self.ended or self._request_of(room) is not None:
             return
-        self._ended(room, FinishReason("error", message=f"the prefill server refused it: {message}", status=status))
+        self._ended(room, FinishReason("error", message=f"the prefill server refused it: {message}", status=status,
+                                       code=code))
 
     def release(self, req: Request, reason: FinishReason) -> None:
         """The request ended here (aborted, or its step failed): the decode server is told why; pages under
@@ -142,7 +143,7 @@ class PrefillSide(SideBase):
         room = req.disagg.room
         told = (FinishReason("abort", message="the request was aborted on the prefill server") if reason.kind == "abort"
                 else FinishReason("error", message=f"the prefill server failed it: {reason.message}",
-                                  status=reason.status))
+                                  status=reason.status, code=reason.code))
         self.pending.pop(room, None)
         dest, o = self.admitted.pop(room, None), self.out.get(room)
         if o is not None and o.handle is not None:
@@ -393,4 +394,5 @@ class PrefillSide(SideBase):
 def failed(room: int, reason: FinishReason) -> dict[str, Any]:
     """`failed`: the room's request ended here (or cannot be handed over); the decode half ends as it did, an abort
     as an abort and a refusal with its status (decode.prefill_ending)."""
-    return {"kind": "failed", "room": room, "message": reason.message, "end": reason.kind, "status": reason.status}
+    return {"kind": "failed", "room": room, "message": reason.message, "end": reason.kind, "status": reason.status,
+            "code": reason.code}

@@ -187,6 +187,7 @@ class FinishReason:
     message: str | None = None  # why, for abort and error
     status: int = 500  # an error's HTTP status: 400 where the request caused it (its constraint), and in PD the
     # other server's where it refused the request (400, 503, ...)
+    code: str | None = None  # an error's API code where one is known (a PD peer's refusal: "queue_full", ...)
 
 
 

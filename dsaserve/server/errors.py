@@ -53,6 +53,14 @@ def bad_request(message: str, param: str | None = None) -> ApiError:
     return ApiError(400, message, param=param, code=code)
 
 
+def engine_error(status: int, message: str, code: str | None = None) -> ApiError:
+    """The API error of a request the engine refused or ended in an error: `code` where the refusal had one (a PD
+    peer's), else the status's (the same answer whether this server or, in PD, the other server decided it)."""
+    if status == 400 and code is None:
+        return bad_request(message)
+    return ApiError(status, message, code=code or ("queue_full" if status == 503 else None))
+
+
 def renamed(exc: ApiError, sources: list[str], words: dict[str, str], params: dict[str, str]) -> ApiError:
     """A chat completions error in the words of an API translated into it (/v1/responses, /v1/messages): chat
     message j named as the item that made it (sources[j]), each of `words` (regex -> replacement) replaced, the

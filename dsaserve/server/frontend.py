@@ -32,7 +32,7 @@ from dsaserve.engine.stats import EngineStats
 from dsaserve.engine.request import DisaggRoute, RequestOutput, SamplingParams
 from dsaserve.engine.tokenizer import Tokenizer
 from dsaserve.server import messages as m
-from dsaserve.server.errors import ApiError, bad_request
+from dsaserve.server.errors import ApiError, bad_request, engine_error
 from dsaserve.server.handles import Delta, EngineFailure, RequestHandle, detokenize_outputs
 from dsaserve.server.metrics import ServerMetrics
 from dsaserve.server.outbox import Outbox
@@ -239,7 +239,7 @@ class Frontend:
             live = {h.room for h in self.handles.values() if not h.finished}
             leader = refusal_leader(route, dp_rank, live, len(self.links))
             if leader is not None:
-                self._send(leader, m.RefuseRoom(route, exc.message, exc.status))
+                self._send(leader, m.RefuseRoom(route, exc.message, exc.status, exc.code))
             raise
 
     async def submit(self, prompt_ids: list[int], params: SamplingParams, rid: str | None = None,
@@ -387,10 +387,8 @@ class Frontend:
         elif isinstance(ev, m.Rejected):
             self._uncount(handle.group)  # at once: its accepted parts' outputs may come before their abort
             self._forget(ev.rid)
-            error = bad_request(ev.message) if ev.status == 400 else ApiError(  # (400: OpenAI's codes)
-                ev.status, ev.message, code="queue_full" if ev.status == 503 else None)
             if not handle.accepted.done():
-                handle.accepted.set_exception(error)
+                handle.accepted.set_exception(engine_error(ev.status, ev.message))
         elif isinstance(ev, RequestOutput) and delta is not None:
             handle.on_output(delta, self.metrics)
             if ev.finished:

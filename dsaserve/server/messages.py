@@ -42,7 +42,8 @@ class RefuseRoom:
     now (the leader's side tells it) instead of at its timeout."""
     route: DisaggRoute
     message: str
-    status: int  # the refusal's HTTP status, which the other half answers with too
+    status: int  # the refusal's HTTP status and API code, which the other half answers with too
+    code: str | None = None
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from dsaserve.engine.request import FinishReason, RequestError, SamplingParams, logit_bias_pairs
-from dsaserve.server.errors import ApiError, bad_request
+from dsaserve.server.errors import ApiError, bad_request, engine_error
 from dsaserve.server.frontend import Delta, EngineFailure, Frontend, RequestHandle
 from dsaserve.server.protocol import sse
 
@@ -177,7 +177,7 @@ def split_error(d: Delta) -> tuple[Delta, FinishReason | None]:
 def finish_error(finish: FinishReason) -> ApiError:
     """The API error of a request that ended in an error: 400 where the request caused it, a PD peer's refusal's
     status."""
-    return ApiError(finish.status, finish.message or "the request failed in the engine")
+    return engine_error(finish.status, finish.message or "the request failed in the engine", finish.code)
 
 
 def error_event(exc: Exception) -> str:

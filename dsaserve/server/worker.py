@@ -222,7 +222,7 @@ class WorkerLoop:
             return []
         if isinstance(msg, m.RefuseRoom):
             if self.engine.disagg is not None:
-                self.engine.disagg.refused(msg.route, msg.message, msg.status)
+                self.engine.disagg.refused(msg.route, msg.message, msg.status, msg.code)
             return []
         if isinstance(msg, m.FlushCache):
             self.engine.evict_prefix_cache()  # (the leader's: the other ranks of its group run its plans)
