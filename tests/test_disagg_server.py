@@ -112,6 +112,12 @@ class TestMixedTP:
         used = {pid: (cpu_seconds(pid) - before[pid]) / 2.0 for pid in pids}
         assert all(u < 0.1 for u in used.values()), f"idle processes used CPU (share of a core): {used}"
 
+    def test_the_routers_grpc_probes_log_no_warning(self, mixed_tp: tuple) -> None:
+        """sglang-router probed each server for gRPC as it added it (before it was ready): uvicorn logged each
+        probe as an "Invalid HTTP request" WARNING (four per server)."""
+        p, d, _ = mixed_tp
+        assert all("Invalid HTTP request" not in server.log() for server in (p, d))
+
     def test_generate_equals_aggregated(self, mixed_tp: tuple, tiny_ds: str) -> None:
         p, d, router = mixed_tp
         want = expected(tiny_ds, PROMPTS_64, page_size=64)

@@ -42,6 +42,24 @@ def test_http_runs_on_httptools_and_uvloop(server: ServerProcess) -> None:
     assert "HTTP: HttpToolsProtocol on the uvloop event loop" in server.log()
 
 
+def test_an_http2_probe_is_closed_without_a_warning(server: ServerProcess) -> None:
+    """sglang-router probes workers for gRPC (HTTP/2's preface): the connection closes unanswered, no
+    "Invalid HTTP request" WARNING per probe, and a bad HTTP/1.1 request still gets its 400."""
+    import socket
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("000000040000000000")  # + an empty SETTINGS
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(preface)
+        assert sock.recv(1024) == b""  # closed, nothing written
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"NOT HTTP\r\n\r\n")
+        assert sock.recv(1024).startswith(b"HTTP/1.1 400")
+    assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+    deadline = time.monotonic() + 5
+    while server.log().count("Invalid HTTP request received") < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.log().count("Invalid HTTP request received") == 1  # the bad request's, not the probe's
+
+
 def test_idle_connection_outlives_client_keep_alive(server: ServerProcess) -> None:
     """A connection idle past the 5 s that httpx / the openai SDK keep theirs (uvicorn's default timeout too)
     still takes a request: no reset for a client that reuses it just then."""

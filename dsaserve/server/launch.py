@@ -27,6 +27,7 @@ from dsaserve.disagg.serving import PDRouting, start_bootstrap
 from dsaserve.engine.warmup import freeze_startup_heap
 from dsaserve.server.app import create_app
 from dsaserve.server.frontend import Frontend, StartupError
+from dsaserve.server.http_protocol import HttpProtocol
 from dsaserve.server.messages import Endpoints
 from dsaserve.server.metrics import ServerMetrics
 from dsaserve.server.preflight import bind_listener, check_node0_ports, checked_args
@@ -79,7 +80,8 @@ class _Server(uvicorn.Server):
         await super().startup(sockets)
         if self.started:
             freeze_startup_heap()
-            log.info("HTTP: %s on the %s event loop", self.config.http_protocol_class.__name__,
+            protocol = next(c for c in self.config.http_protocol_class.__mro__ if c.__module__.startswith("uvicorn"))
+            log.info("HTTP: %s on the %s event loop", protocol.__name__,
                      type(asyncio.get_running_loop()).__module__.split(".")[0])
             print(self.ready_line, flush=True)
 
@@ -190,7 +192,7 @@ async def _run_http(args: ServerArgs, frontend: Frontend, metrics: ServerMetrics
     app = create_app(args, frontend, metrics, served, pd)
     config = uvicorn.Config(app, log_level=args.log_level.lower(), access_log=args.log_level.lower() == "debug",
                             lifespan="off", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-                            timeout_keep_alive=KEEP_ALIVE_S)
+                            timeout_keep_alive=KEEP_ALIVE_S, http=HttpProtocol)
     ready = f"dsaserve ready on http://{args.host}:{args.port} (model {served})"
     server = _Server(config, ready, lambda: loop.call_soon_threadsafe(frontend.begin_shutdown), stop)
     try:
