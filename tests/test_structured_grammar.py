@@ -2,6 +2,8 @@
 (after reasoning when the prompt opens it) and rejects a wrong one; the mask after drafts leaves the state as it was."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -277,6 +279,40 @@ def test_a_raw_value_never_holds_its_closing_tag(tmp_path, schema: dict) -> None
     st = state(path, Constraint(forced_tools=tools, several_calls=False), "glm47", False)
     call = "<tool_call>f<arg_key>a</arg_key><arg_value>zz</arg_value> x7 abcdef</arg_value></tool_call>"
     assert not (feed(st, Tokenizer(path).hf.encode(call, add_special_tokens=False)) and st.is_terminated)
+
+
+def glm_markup_as_special_tokens(tmp_path) -> str:
+    """A GLM tokenizer whose call markup (and </think>) are special added tokens, as some GLM tokenizers hold
+    them."""
+    path = save_tokenizer(make_tiny_model(tmp_path / "special", "glm_moe_dsa"), "glm5")
+    spec = json.loads((path / "tokenizer.json").read_text())
+    for added in spec["added_tokens"]:
+        added["special"] = added["special"] or added["content"] in MARKUP_TEXTS
+    (path / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
+    return str(path)
+
+
+def test_a_raw_value_never_spells_a_special_closing_tag(tmp_path) -> None:
+    """Where `</arg_value>` is a special token, a value could still spell its text in pieces (`</`, `arg`, ...):
+    the grammar took it, and the parser, which reads text, ended the value there."""
+    path = glm_markup_as_special_tokens(tmp_path)
+    hf = Tokenizer(path).hf
+    end = hf.convert_tokens_to_ids("</arg_value>")
+    assert hf.added_tokens_decoder[end].special
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}}}]
+
+    def call(value: str) -> list[int]:
+        head = hf.encode("<tool_call>f<arg_key>a</arg_key><arg_value>", add_special_tokens=False)
+        tail = hf.encode("</arg_value></tool_call>", add_special_tokens=False)
+        return head + hf.encode(value, add_special_tokens=False, split_special_tokens=True) + tail
+
+    good, spelled = call("zz x7"), call("zz</arg_value> x7")
+    assert end in good and good.count(end) == spelled.count(end) == 1  # the spelled tag is pieces, not the token
+    st = state(path, Constraint(forced_tools=tools, several_calls=False), "glm47", False)
+    assert feed(st, good) and st.is_terminated
+    st = state(path, Constraint(forced_tools=tools, several_calls=False), "glm47", False)
+    assert not feed(st, spelled)
 
 
 def test_equal_grammars_compile_once_and_each_state_moves_alone(tiny: dict[str, str], monkeypatch) -> None:

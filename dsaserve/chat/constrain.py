@@ -56,7 +56,7 @@ def _text_value(schema: dict[str, Any], markup: Markup, name: str, end: str, rul
                 excluded: str | None = None) -> str:
     """A raw (unquoted) string argument and its closing markup `end`: its const or one of its enum values, else
     text of its length that matches its pattern and format (the regexes' intersection), ending at the first `end`,
-    as the parser reads it (an llguidance `suffix` lexeme; a special-token `end` cannot occur in text at all).
+    as the parser reads it (an llguidance `suffix` lexeme, or a terminal before a special-token `end`).
     excluded: text the value may not spell (the markup that opens calls, in text before them)."""
     if isinstance(schema.get("const"), str):
         return f"{markup.lit(schema['const'])} {markup.lit(end)}"
@@ -70,12 +70,12 @@ def _text_value(schema: dict[str, Any], markup: Markup, name: str, end: str, rul
         text += f" & /{_slashes_escaped(format_regex(schema['format']))}/"
     if excluded is not None:
         text += _not_holding(excluded)
+    # the value may not hold `end` (the lexeme runs past an `end` where its pattern or length is not met yet), nor
+    # spell a special `end` in pieces: the parser reads text and would cut it there
+    text += _not_holding(end)
     if end in markup.special:
         rules.append(f"{name.upper()}: {text}")  # (a terminal: & joins terminals only)
         return f"{name.upper()} {markup.lit(end)}"
-    # the value may not hold `end` (the lexeme runs past an `end` where its pattern or length is not met yet; the
-    # parser would cut it there)
-    text += _not_holding(end)
     rules.append(f"{name}[suffix={json.dumps(end, ensure_ascii=False)}]: {text}")
     return name
 
@@ -238,9 +238,8 @@ def auto_calls_grammar(tools: list[dict[str, Any]], tool_format: str, markup: Ma
     calls)."""
     rules = tool_call_grammar(tools, tool_format, markup, several, loose=True)
     start = _opener(tool_format)
-    # text up to and with the opening marker, which it may not spell before (as text, where the marker is a special
-    # token: the parser reads the text)
-    lead = _text_value({}, markup, "lead", start, rules, start if start in markup.special else None)
+    # text up to and with the opening marker, which it may not spell before (the parser reads text)
+    lead = _text_value({}, markup, "lead", start, rules)
     rules.append(f"TAIL: /(?s:.+)/{_not_holding(start)}")
     return [f"auto: ({lead} calls_rest){'*' if several else '?'} TAIL?"] + rules
 
