@@ -84,6 +84,8 @@ def test_reasoning_content_by_thinking_mode(client: openai.OpenAI, thinking: boo
     assert text and "</think>" not in text
     assert (reasoning, content) == ((text, "") if thinking else ("", text))
     assert (msg.content, msg.reasoning_content) == ((None, text) if thinking else (text, None))  # SGLang: null
+    # a chunk of reasoning alone has content null, not "" (clients read a string as the answer begun)
+    assert all(c.choices[0].delta.content is None for c in chunks if c.choices and c.choices[0].delta.reasoning_content)
 
 
 def test_separate_and_stream_reasoning_false(client: openai.OpenAI) -> None:
@@ -317,7 +319,7 @@ def test_a_forced_calls_null_length_bounds_are_no_bounds(client: openai.OpenAI) 
 def test_a_forced_call_wins_over_response_format(client: openai.OpenAI) -> None:
     """response_format shapes a content reply; a forced turn replies with a call, so the call's grammar applies
     (OpenAI, and vLLM; the OpenAI Agents SDK sends both for an agent with an output type and tool_choice required).
-    Not streamed, a reply of calls names no matched_stop (SGLang sets it to null when it reports tool_calls)."""
+    A reply of calls names no matched_stop (SGLang sets it to null when it reports tool_calls), streamed or not."""
     tool = _tool("f", properties={"a": {"type": "string", "maxLength": 3}}, required=["a"])
     fmt = {"type": "json_schema", "json_schema": {"name": "out", "schema": {"type": "object"}}}
     r = client.chat.completions.create(model=client.models.list().data[0].id, messages=chat_cases.ASK, tools=[tool],
@@ -325,6 +327,10 @@ def test_a_forced_call_wins_over_response_format(client: openai.OpenAI) -> None:
     choice = r.choices[0]
     assert choice.finish_reason == "tool_calls" and {c.function.name for c in choice.message.tool_calls} == {"f"}
     assert choice.matched_stop is None
+    last = [c for c in client.chat.completions.create(model=r.model, messages=chat_cases.ASK, tools=[tool],
+                                                      tool_choice="required", response_format=fmt, max_tokens=200,
+                                                      temperature=0, stream=True) if c.choices][-1].choices[0]
+    assert (last.finish_reason, last.matched_stop) == ("tool_calls", None)  # streamed as well (it named EOS)
 
 
 def test_forced_call_of_a_tool_with_a_non_ascii_name(client: openai.OpenAI) -> None:

@@ -105,6 +105,23 @@ def test_reasoning_effort_switches_thinking(client: openai.OpenAI, effort: str) 
     assert final.usage.output_tokens_details.reasoning_tokens == 8
 
 
+def test_a_thinking_budget_ends_the_reasoning_and_counts_its_tokens(client: openai.OpenAI) -> None:
+    """thinking_budget, as on chat completions, forces </think> after that many reasoning tokens, and
+    reasoning_tokens counts those alone, streamed and not (this tokenizer holds </think> as an added token that is
+    text, not special: its id was looked up among the special tokens, and every output token was counted)."""
+    ask, budget = [{"role": "user", "content": "Why?"}], 3
+    on = dict(input=ask, reasoning={"effort": "high"}, max_output_tokens=8, extra_body={"thinking_budget": budget})
+    r = client.responses.create(model="default", temperature=0, **on)
+    chat = _chat(client, ask, max_completion_tokens=8,
+                 extra_body={"chat_template_kwargs": {"thinking": True}, "thinking_budget": budget})
+    reasoning = chat.choices[0].message.reasoning_content
+    assert reasoning and [item.content[0].text for item in r.output if item.type == "reasoning"] == [reasoning]
+    assert r.usage.output_tokens_details.reasoning_tokens == budget < r.usage.output_tokens
+    _, final = _streamed(client, **on)
+    assert final.usage.output_tokens_details.reasoning_tokens == budget
+    assert final.usage.output_tokens == r.usage.output_tokens
+
+
 def test_a_forced_function_call_and_its_result(client: openai.OpenAI) -> None:
     """A named tool_choice gives a function_call item (arguments valid for the schema, equal to the chat reply's
     call); sent back with its output, the conversation is the chat one with a tool message (same prompt tokens,

@@ -83,7 +83,9 @@ def chat_stream_choices(tok: Tokenizer, body: p.SamplingFields, i: int, d: Delta
     if parser is not None and d.finish is not None:
         part.add(parser.finish(cut_off(d.finish)))
     lp = chat_logprobs(tok, d.token_ids, d.logprobs, body) if body.logprobs else None
-    deltas = [p.ChatDelta(content=part.content, reasoning_content=part.reasoning or None)]
+    # (content null, not "", in a chunk of reasoning alone: clients read a string as the answer begun)
+    deltas = [p.ChatDelta(content=part.content if part.content or not part.reasoning else None,
+                          reasoning_content=part.reasoning or None)]
     for call in part.calls:
         head = p.ToolCallDelta(index=calls[i], id=call_id(), type="function",
                                function=p.FunctionCall(name=call.name, arguments=""))
@@ -97,8 +99,9 @@ def chat_stream_choices(tok: Tokenizer, body: p.SamplingFields, i: int, d: Delta
     for k, delta in enumerate(deltas):
         last = k == len(deltas) - 1
         finish = finish_reason(d.finish.kind, calls[i] > 0) if last and d.finish is not None else None
+        stopped_by = matched_stop(d.finish) if finish and not calls[i] else None  # (none beside calls: chat_answer)
         choices.append(p.ChatStreamChoice(index=i, delta=delta, logprobs=lp if k == 0 else None, finish_reason=finish,
-                                          matched_stop=matched_stop(d.finish) if finish else None))
+                                          matched_stop=stopped_by))
     return choices
 
 

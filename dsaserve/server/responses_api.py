@@ -10,7 +10,6 @@ from typing import Any
 
 from fastapi import Request
 
-from dsaserve.chat.render import THINK_END
 from dsaserve.server.errors import ApiError
 from dsaserve.server.openai_answers import Call, chat_answer, whole_delta, write_delta, written_stream
 from dsaserve.server.openai_api import OpenAIServing
@@ -172,7 +171,7 @@ def reasoning_tokens(output_ids: list[int], reasoned: bool, think_end: int | Non
 
 
 async def respond(request: Request, serving: OpenAIServing, call: Call, body: ResponsesRequest) -> Any:
-    fe, think_end, prompt = serving.fe, serving.markup.special.get(THINK_END), len(call.prompts[0])
+    fe, think_end, prompt = serving.fe, serving.think_end_id, len(call.prompts[0])
     store = body.store is not False and serving.responses.capacity > 0
     writer = OutputWriter(head(body, call.rid, serving.served_name, store))
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, PrivateAttr, StrictBool, StrictFloat, StrictInt, field_validator
+from pydantic import AliasChoices, Field, PrivateAttr, StrictBool, StrictFloat, StrictInt, field_validator
 
 from dsaserve.server import protocol as p
 from dsaserve.server.errors import ApiError, bad_request, chat_request, renamed
@@ -38,6 +38,9 @@ class ResponsesRequest(p.Bootstrap):
     reasoning: dict[str, Any] | None = None  # {"effort": ...}: chat completions' reasoning_effort
     text: dict[str, Any] | None = None  # {"format": {"type": "text" | "json_object" | "json_schema", ...}}
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM's extension: wins over `reasoning` (thinking_kwargs)
+    # the most tokens the reasoning takes before </think> is forced, as on chat completions (vLLM's name too)
+    thinking_budget: StrictInt | None = Field(None, ge=0, validation_alias=AliasChoices("thinking_budget",
+                                                                                        "thinking_token_budget"))
     previous_response_id: str | None = None  # a stored response whose conversation this one continues
     store: StrictBool | None = None  # (OpenAI's default: stored)
     # What needs a stored conversation or prompt, or work in the background (refused)
@@ -75,7 +78,7 @@ class ResponsesRequest(p.Bootstrap):
             "top_k": self.top_k, "min_p": self.min_p, "repetition_penalty": self.repetition_penalty,
             "seed": self.seed, "stream": self.stream, "response_format": self.response_format(),
             "chat_template_kwargs": self.chat_template_kwargs, "reasoning_effort": (self.reasoning or {}).get("effort"),
-            "routed_dp_rank": self.routed_dp_rank,
+            "thinking_budget": self.thinking_budget, "routed_dp_rank": self.routed_dp_rank,
             **self.model_dump(include={"bootstrap_host", "bootstrap_port", "bootstrap_room"})}
         return chat_request(chat)
 
