@@ -383,21 +383,49 @@ def test_a_cut_after_complete_calls_drops_the_cut_call(make, raw: str, reasoning
     assert parse(lambda: make(True), raw + " Done.\n") == Parsed(reasoning, content + " Done.\n", calls)
 
 
+GARBLED = [  # (format, text, where the first piece ends, cut off, the call's arguments whole)
+    (glm, '<tool_call>get_weather<arg_key>days</arg_key><arg_value>["</arg_value></tool_call>", <x]</arg_value>'
+          '</tool_call>', 86, False, {"days": '["</arg_value></tool_call>", <x]'}),
+    (dsml, f'<{D}function_calls>\n<{D}invoke name="get_weather">\n<{D}parameter name="days" string="false">'
+           f'["</{D}parameter></{D}invoke>", <x]</{D}parameter>\n</{D}invoke>\n</{D}function_calls>', 140, False,
+     {"days": f'["</{D}parameter></{D}invoke>", <x]'}),
+    (dsml, f'<{D}function_calls>\n<{D}invoke name="get_weather">\n<{D}parameter name="city" string="true">see '
+           f'</{D}invoke></{D}parameter>\n<{D}parameter name="a>b" string="true">v</{D}parameter>\n</{D}invoke>\n'
+           f'</{D}function_calls>', 163, False, {"city": f"see </{D}invoke>", "a>b": "v"}),
+    (dsml, f'<{D}function_calls>\n<{D}invoke name="get_time">\n</{D}invoke>\n<{D}invoke name="x</{D}function_calls>'
+           'y">', 114, True, {}),
+]
+
+
+@pytest.mark.parametrize("make,text,piece,cut_off,arguments", GARBLED)
+def test_garbled_markup_parses_the_same_streamed(make, text: str, piece: int, cut_off: bool, arguments: dict) -> None:
+    """Markup a model may garble, where a piece ends: a `<` outside a JSON string (the value was called no JSON
+    before the rest came, and the stream ended it at a closing tag written inside an earlier string), a `>` in a
+    quoted name (the tag was malformed before its quote closed). The pieces give what the whole text gives: one
+    call, no content (found by fuzzing streams against whole replies)."""
+    whole = parse(lambda: make(False), text, (), cut_off)
+    assert whole.content == "" and [json.loads(c.arguments) for c in whole.calls] == [arguments]
+    assert text[piece - 1] in "<>" and parse(lambda: make(False), text, (piece,), cut_off) == whole
+
+
 @pytest.mark.parametrize("make,raw,reasoning,content,calls", KNOWN[:2])
 def test_a_forced_call_cut_inside_is_no_content(make, raw: str, reasoning: str, content: str,
                                                 calls: list[ToolCall]) -> None:
     """tool_choice required / named: the reply is calls alone (its grammar), so what max_tokens left of a first call
-    (or of its opening marker) is no content, whole or streamed; unforced, such a reply keeps its text."""
+    (or of its opening marker) is no content, whole or streamed, also where the cut fell inside a character of the
+    marker (the detokenizer's U+FFFD for its bytes made the held-back marker text); unforced, such a reply keeps
+    its text."""
     parser_class = DsmlToolParser if make is dsml else GlmToolParser
     reply = raw.split("Let me look.")[1]  # calls alone, as the forced grammar writes them
     first_end = reply.index("Paris")
-    for keep in (2, 8, first_end):
+    for keep, unfinished in [(2, ""), (8, ""), (first_end, ""), (3, "\ufffd"), (first_end, "\ufffd")]:
+        text = reply[:keep] + unfinished
         for forced in (True, False):
             def one() -> OutputParser:
                 return OutputParser(None, parser_class(TOOLS, forced=forced))
-            for cuts in ((), tuple(range(1, keep))):
-                got = parse(one, reply[:keep], cuts, cut_off=True)
-                assert got == (Parsed("", "", []) if forced else Parsed("", reply[:keep], [])), (keep, forced)
+            for cuts in ((), tuple(range(1, len(text)))):
+                got = parse(one, text, cuts, cut_off=True)
+                assert got == (Parsed("", "", []) if forced else Parsed("", text, [])), (keep, forced)
     whole = parse(lambda: OutputParser(None, parser_class(TOOLS, forced=True)), reply, cut_off=True)
     assert whole.calls == calls and whole.content == ""
 

@@ -65,8 +65,10 @@ def _scan_json_value(text: str, start: int, close: str) -> int | None:
                 return None
         elif ch == '"':
             in_string = True
-        elif text.startswith(close, j) or (j > near_end and close.startswith(text[j:])):
-            return None  # the closing tag outside a JSON string: the value is not JSON (or waits for the tag)
+        elif text.startswith(close, j):
+            return None  # the closing tag outside a JSON string: the value is not JSON
+        elif j > near_end and close.startswith(text[j:]):
+            raise NeedMore  # (the tag's start, or text that goes on: more text decides, as the whole text would)
         elif ch in "{[":
             depth += 1
         elif ch in "}]":
@@ -87,6 +89,17 @@ def head(pattern: re.Pattern[str], text: str, pos: int, opener: str) -> re.Match
     if (m := pattern.match(text, i)) is not None:
         return m
     tail = text[i:]
-    if opener.startswith(tail) or (tail.startswith(opener) and ">" not in tail):
+    if opener.startswith(tail) or (tail.startswith(opener) and not _closed(tail)):
         raise NeedMore
     return None
+
+
+def _closed(tag: str) -> bool:
+    """Whether a `>` outside double quotes ends the tag (one inside its quoted name="..." ends nothing)."""
+    quoted = False
+    for ch in tag:
+        if ch == '"':
+            quoted = not quoted
+        elif ch == ">" and not quoted:
+            return True
+    return False

@@ -152,7 +152,7 @@ class ToolCallParser:
         if self._cut_after_calls(cut):  # the complete calls stand; the cut one is dropped
             self.buf = self.raw = ""
         self._text(self.raw + self.buf, out)  # an unterminated block stays text
-        if self.num_calls == 0:  # a reply without calls keeps its whitespace
+        if self.num_calls == 0 and not (cut and self.forced):  # a reply without calls keeps its held text
             out.content += self.gap
         self.buf = self.raw = self.gap = ""
         self.in_block = False
@@ -178,12 +178,13 @@ class ToolCallParser:
 
     def _text(self, text: str, out: Parsed) -> None:
         """Content outside calls. Whitespace is held while it is all the gap since the last call (or the reply's
-        start) holds: the next call drops it, other text releases it."""
+        start) holds: the next call drops it, other text releases it. A forced reply's text is all held (its
+        grammar writes calls alone: text is what a cut left, even a character cut into U+FFFD) until finish()."""
         if self.gap_has_text:
             out.content += text
             return
         self.gap += text
-        if self.gap.strip():
+        if self.gap.strip() and not self.forced:
             out.content += self.gap
             self.gap, self.gap_has_text = "", True
 
