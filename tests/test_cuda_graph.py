@@ -94,6 +94,9 @@ def test_graph_counters_in_stats(tiny_ds: str) -> None:
     assert stats.graph_shapes == stats.graph_captures == stats.graph_eager_misses == 0
 
 
+SAMPLED = {"temperature": 0.8, "top_p": 0.9}  # (the sampling kernel compiled at the first sampled request)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch,graphs,kv", [(ARCHS[0], None, "auto"), (ARCHS[1], None, "auto"), (ARCHS[0], 0, "auto"),
                                              (ARCHS[0], None, "fp8_e4m3")])
@@ -101,7 +104,7 @@ def test_nothing_compiles_or_captures_after_the_warm_up(arch: str, graphs: int |
                                                          tiny_models: dict[str, str]) -> None:
     """The start-up warm-up leaves no Triton kernel variant and no graph to the served requests: under
     staggered arrivals (mixed steps: running requests decode beside prompt chunks of many lengths, decode
-    batches of every size) the counters /get_server_info reports stay where they were when it was ready.
+    batches of every size; greedy and top-p sampled) the counters /get_server_info reports stay where they were when it was ready.
     Without CUDA graphs (`--cuda-graph-max-bs 0`) the warm-up's own decode batches compile the decode shapes,
     and dummy steps the indexer's selection widths. Over an FP8 cache the tiny model's 8 heads take the Gluon
     sparse MLA from 4 rows on Hopper (mla._gluon) and Triton's narrow programs below."""
@@ -114,8 +117,9 @@ def test_nothing_compiles_or_captures_after_the_warm_up(arch: str, graphs: int |
     engine.add_request("alone", prompts_ids(1, [300], seed=44)[0], SamplingParams(max_tokens=30, temperature=0.0))
     engine.run_until_idle()
     lengths = [3, 17, 40, 64, 100, 129, 300, 517, 1000, 1500, 2500, 7, 2047, 33, 3000, 1]
-    for i, ids in enumerate(prompts_ids(len(lengths), lengths, seed=43)):
-        engine.add_request(f"load-{i}", ids, SamplingParams(max_tokens=20 + 7 * i, temperature=0.0, ignore_eos=True))
+    for i, ids in enumerate(prompts_ids(len(lengths), lengths, seed=43)):  # every third samples (top-p)
+        engine.add_request(f"load-{i}", ids, SamplingParams(max_tokens=20 + 7 * i, ignore_eos=True, seed=i,
+                                                            **SAMPLED if i % 3 == 1 else {"temperature": 0.0}))
         for _ in range(i % 4):
             engine.step()
     _served_without_compiling(engine, ready)
@@ -124,8 +128,8 @@ def test_nothing_compiles_or_captures_after_the_warm_up(arch: str, graphs: int |
 @pytest.mark.gpu
 def test_eager_mtp_steps_of_any_size_compile_nothing_after_the_warm_up(tmp_path: Path) -> None:
     """FP8 weights, MTP and graphs only up to 4 requests: verify steps past 4 requests and the draft steps of
-    mixed steps run eagerly at every size up to 40 rows, past index_topk keys (64 here) too. The counters stay
-    where they were when the engine was ready. (On an H100, 2026-12-06, it passed with and without
+    mixed steps run eagerly at every size up to 40 rows, past index_topk keys (64 here) too, greedy and sampled.
+    The counters stay where they were when the engine was ready. (On an H100, 2026-12-06, it passed with and without
     quant.warm_up_gemms: the tiny model's shapes do not reach the tile a V3.2 rank slice compiled after ready;
     test_fp8_kernels.py::test_the_gemm_warm_up_leaves_no_decode_row_count_to_compile checks that warm-up.)"""
     model = make_tiny_model(tmp_path / "fp8", ARCHS[0], fp8=True, index_topk=64)
@@ -134,7 +138,8 @@ def test_eager_mtp_steps_of_any_size_compile_nothing_after_the_warm_up(tmp_path:
     engine = llm.engine
     ready = engine.stats()
     for i, ids in enumerate(prompts_ids(40, [5 + 13 * (i % 9) for i in range(40)], seed=45)):
-        engine.add_request(f"load-{i}", ids, SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))
+        engine.add_request(f"load-{i}", ids, SamplingParams(max_tokens=40, ignore_eos=True, seed=i,
+                                                            **SAMPLED if i % 3 == 1 else {"temperature": 0.0}))
         engine.step()
     _served_without_compiling(engine, ready)
 

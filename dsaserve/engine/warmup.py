@@ -44,8 +44,10 @@ def warm_up(engine: Engine) -> None:
     lengths = warmup_lengths(engine.runner.device.type == "cuda", sched.cfg.chunked_prefill_size, longest)
     start = time.perf_counter()
     params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, seed=0)
+    # the first prompt samples (top-p): the sampling kernel compiles here, not at the first sampled request
+    sampled = SamplingParams(max_tokens=1, temperature=1.0, top_p=0.9, ignore_eos=True, seed=0)
     for i, n in enumerate(lengths):
-        _run(engine, [(f"dsaserve-warm-up-{i}", _prompt(engine, i, n), params)])
+        _run(engine, [(f"dsaserve-warm-up-{i}", _prompt(engine, i, n), sampled if i == 0 else params)])
     gemms = 0
     if engine.runner.device.type == "cuda":  # each FP8 GEMM tier, also with rows handed over quantized
         from dsaserve.model import quant  # (torch: the server's main process imports this module without it)
