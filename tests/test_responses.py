@@ -117,6 +117,14 @@ def test_a_thinking_budget_ends_the_reasoning_and_counts_its_tokens(client: open
     reasoning = chat.choices[0].message.reasoning_content
     assert reasoning and [item.content[0].text for item in r.output if item.type == "reasoning"] == [reasoning]
     assert r.usage.output_tokens_details.reasoning_tokens == budget < r.usage.output_tokens
+    # chat completions count them too (OpenAI's completion_tokens_details, as SGLang and vLLM with a reasoning parser)
+    assert chat.usage.completion_tokens_details.reasoning_tokens == budget
+    streamed = list(client.chat.completions.create(
+        model="default", messages=ask, temperature=0, max_completion_tokens=8, stream=True, n=2,
+        stream_options={"include_usage": True, "continuous_usage_stats": True},
+        extra_body={"chat_template_kwargs": {"thinking": True}, "thinking_budget": budget}))
+    assert streamed[-1].usage.completion_tokens_details.reasoning_tokens == 2 * budget  # (n = 2: both choices')
+    assert streamed[-2].usage.completion_tokens_details.reasoning_tokens == budget  # (a choice's own, so far)
     _, final = _streamed(client, **on)
     assert final.usage.output_tokens_details.reasoning_tokens == budget
     assert final.usage.output_tokens == r.usage.output_tokens

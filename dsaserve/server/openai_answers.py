@@ -29,6 +29,16 @@ class Call:
     parser: ParserFactory | None
     echo: list[str] | None  # each prompt's text, returned before its completion
     created: int = field(default_factory=lambda: int(time.time()))  # one time for the answer and all its chunks
+    # the end-of-reasoning token where a reasoning parser splits the reply: its reasoning tokens are counted
+    think_end: int | None = None
+
+    def reasoning_tokens(self, output_ids: list[int], reasoned: bool) -> int | None:
+        return None if self.think_end is None else reasoning_tokens(output_ids, reasoned, self.think_end)
+
+
+def reasoning_tokens(output_ids: list[int], reasoned: bool, think_end: int | None) -> int:
+    """The reply's tokens before its end-of-reasoning token (all of them if it never came)."""
+    return 0 if not reasoned else output_ids.index(think_end) if think_end in output_ids else len(output_ids)
 
 
 def token_str(tok: Tokenizer, token: int, as_ids: bool) -> str:
@@ -132,7 +142,7 @@ def completion_answer(tok: Tokenizer, model: str, call: Call, results: list[Resu
 
 
 def chat_answer(tok: Tokenizer, model: str, call: Call, results: list[Result]) -> p.ChatCompletionResponse:
-    body, parser, choices = call.body, call.parser, []
+    body, parser, choices, thought = call.body, call.parser, [], []
     prompt_tokens = sum(len(ids) for ids in call.prompts)  # each prompt once, however many choices
     for i, r in enumerate(results):
         lp = chat_logprobs(tok, r.token_ids, r.logprobs, body) if getattr(body, "logprobs", False) else None
@@ -148,9 +158,11 @@ def chat_answer(tok: Tokenizer, model: str, call: Call, results: list[Result]) -
         choices.append(p.ChatChoice(index=i, message=message, logprobs=lp,
                                     finish_reason=finish_reason(r.finish.kind, bool(part.calls)),
                                     matched_stop=None if part.calls else matched_stop(r.finish)))  # (SGLang's)
+        thought.append(call.reasoning_tokens(r.token_ids, bool(part.reasoning)))
     return p.ChatCompletionResponse(id=call.rid, created=call.created, model=model, choices=choices,
                                     usage=p.usage(prompt_tokens, sum(r.completion_tokens for r in results),
-                                                  cached_tokens([r.cached_tokens for r in results], body.n)))
+                                                  cached_tokens([r.cached_tokens for r in results], body.n),
+                                                  None if call.think_end is None else sum(thought)))
 
 
 def with_prompt(prompt: list[int], echoed: str | None, scored: LogprobList | None, ids: list[int],

@@ -157,7 +157,8 @@ class OpenAIServing:
         with engine_refusals_named(self.names(body)):
             handles = await self.fe.submit_many(flat, params, rid, dp_rank, route, scores_only=prompt_only,
                                                 arrived=arrived)
-        return Call(rid, body, prompts, handles, kind, parser, echo)
+        splits = parser is not None and parser().reasoning is not None  # (a reasoning parser: count its tokens)
+        return Call(rid, body, prompts, handles, kind, parser, echo, think_end=self.think_end_id if splits else None)
 
     async def respond(self, request: Request, call: Call) -> Any:
         """The call's answer, or its stream."""
@@ -176,12 +177,19 @@ class OpenAIServing:
         offsets = [CharOffsets(self.fe.tokenizer, not body.skip_special_tokens) for _ in handles]  # across chunks
         completion_tokens, cached = [0] * len(handles), [0] * len(handles)
         calls = [0] * len(handles)  # tool calls streamed so far, per choice
+        output_ids: list[list[int]] = [[] for _ in handles]
+        reasoned = [False] * len(handles)  # a choice's reply has reasoning
+
+        def thought(i: int) -> int | None:
+            return call.reasoning_tokens(output_ids[i], reasoned[i])
 
         def usage() -> p.UsageInfo:
-            return p.usage(sum(len(ids) for ids in prompts), sum(completion_tokens), cached_tokens(cached, body.n))
+            every = [thought(i) for i in range(len(handles))]
+            return p.usage(sum(len(ids) for ids in prompts), sum(completion_tokens), cached_tokens(cached, body.n),
+                           None if call.think_end is None else sum(every))
 
         def choice_usage(i: int) -> p.UsageInfo | None:  # continuous_usage_stats: choice i's so far
-            return p.usage(len(prompts[i // body.n]), completion_tokens[i], cached[i]) if running else None
+            return p.usage(len(prompts[i // body.n]), completion_tokens[i], cached[i], thought(i)) if running else None
 
         def chunk(choices: list[Any], usage: p.UsageInfo | None = None) -> str:
             return p.sse(chunk_cls(id=call.rid, created=call.created, model=self.served_name, choices=choices,
@@ -196,6 +204,8 @@ class OpenAIServing:
                 completion_tokens[i], cached[i] = d.completion_tokens, d.cached_tokens
                 if call.kind == "chat":
                     choices = chat_stream_choices(self.fe.tokenizer, body, i, d, parsers[i], calls)
+                    output_ids[i] += d.token_ids
+                    reasoned[i] = reasoned[i] or any(c.delta.reasoning_content for c in choices)
                 else:
                     first = echo is not None and d.completion_tokens == len(d.token_ids)  # its first delta
                     choices = [completion_stream_choice(self.fe.tokenizer, body, i, d, offsets, prompts,

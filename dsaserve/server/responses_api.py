@@ -11,7 +11,8 @@ from typing import Any
 from fastapi import Request
 
 from dsaserve.server.errors import ApiError
-from dsaserve.server.openai_answers import Call, chat_answer, whole_delta, write_delta, written_stream
+from dsaserve.server.openai_answers import (Call, chat_answer, reasoning_tokens, whole_delta, write_delta,
+                                            written_stream)
 from dsaserve.server.openai_api import OpenAIServing
 from dsaserve.server.responses_protocol import ResponsesRequest
 from dsaserve.server.responses_store import StoredResponse
@@ -163,11 +164,6 @@ def usage(prompt_tokens: int, output_tokens: int, cached: int, reasoning_tokens:
     return {"input_tokens": prompt_tokens, "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
             "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
             "total_tokens": prompt_tokens + output_tokens}
-
-
-def reasoning_tokens(output_ids: list[int], reasoned: bool, think_end: int | None) -> int:
-    """The reply's tokens before its end-of-reasoning token (all of them if it never came)."""
-    return 0 if not reasoned else output_ids.index(think_end) if think_end in output_ids else len(output_ids)
 
 
 async def respond(request: Request, serving: OpenAIServing, call: Call, body: ResponsesRequest) -> Any:
