@@ -91,6 +91,22 @@ def test_native_generate_takes_a_batch(server: ServerProcess, llm: LLM) -> None:
     assert bad.status_code == 400 and "1 rid for 2 prompts" in bad.text
 
 
+def test_native_generate_takes_sampling_params_per_prompt(server: ServerProcess, llm: LLM) -> None:
+    """SGLang's list of sampling_params, one per prompt of a batch (it was a 400): each prompt runs with its own;
+    a list of another length, with differing n or with a bad field is a 400 naming it."""
+    prompts = [[5, 6, 7], [9, 10, 11, 12]]
+    exp = greedy(llm, prompts)
+    per = [{"max_new_tokens": 2, "temperature": 0, "ignore_eos": True},
+           {"max_new_tokens": MAX, "temperature": 0, "ignore_eos": True}]
+    r = httpx.post(f"{server.url}/generate", timeout=60, json={"input_ids": prompts, "sampling_params": per})
+    assert r.status_code == 200, r.text
+    assert [x["output_ids"] for x in r.json()] == [exp[0].token_ids[:2], exp[1].token_ids]
+    for params, says in (([per[0]], "1 sampling_params for 2 prompts"), ([{**per[0], "n": 2}, per[1]], "n differs"),
+                         ([per[0], {"max_new_token": 3}], "sampling_params.1.max_new_token")):
+        bad = httpx.post(f"{server.url}/generate", timeout=60, json={"input_ids": prompts, "sampling_params": params})
+        assert bad.status_code == 400 and says in bad.text, bad.text
+
+
 def test_native_generate_with_no_new_tokens_scores_the_prompt(server: ServerProcess) -> None:
     """SGLang's `max_new_tokens: 0`: no output, finish `length`, the prompt's log-probabilities those of a run that
     generates (it was refused with a 400)."""

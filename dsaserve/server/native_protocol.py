@@ -1,7 +1,10 @@
 """pydantic models of SGLang's native routes (/generate, /abort_request); the OpenAI ones are in protocol.py."""
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
+from typing import Any
+
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, TypeAdapter, ValidatorFunctionWrapHandler,
+                      field_validator, model_validator)
 
 from dsaserve.server.protocol import Bootstrap, TokenIds, ClientBody
 
@@ -44,10 +47,14 @@ class NativeSamplingParams(BaseModel):
         return self
 
 
+_ONE, _PER_PROMPT = TypeAdapter(NativeSamplingParams), TypeAdapter(list[NativeSamplingParams])
+
+
 class GenerateRequest(Bootstrap):
     text: str | list[str] | None = None  # a list: SGLang's batch (so input_ids too)
     input_ids: TokenIds | list[TokenIds] | None = None
-    sampling_params: NativeSamplingParams = Field(default_factory=NativeSamplingParams)
+    # a list: one per prompt of a batch, as SGLang's
+    sampling_params: NativeSamplingParams | list[NativeSamplingParams] = Field(default_factory=NativeSamplingParams)
     stream: StrictBool = False
     rid: str | list[str] | None = None  # a list: one per prompt of a batch
     routed_dp_rank: int | None = None
@@ -57,6 +64,12 @@ class GenerateRequest(Bootstrap):
     # past it: a 400); -1 (SGLang's default): none
     logprob_start_len: int = Field(-1, ge=-1)
     return_text_in_logprobs: StrictBool = False  # each (logprob, token id, text) entry carries its token's text
+
+    @field_validator("sampling_params", mode="wrap")
+    @classmethod
+    def _one_or_per_prompt(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        """An error names the field as sent (sampling_params.x, sampling_params.1.x), not a member of the union."""
+        return _PER_PROMPT.validate_python(value) if isinstance(value, list) else _ONE.validate_python(value)
 
 
 class AbortRequest(ClientBody):

@@ -105,10 +105,32 @@ def _meta(serving: OpenAIServing, handle: RequestHandle, res: Result, body: nati
     return meta
 
 
+def _choices_per_prompt(body: native.GenerateRequest) -> int:
+    """n, the same in every sampling_params of a batch (a list of them: SGLang's, one per prompt)."""
+    sps = body.sampling_params if isinstance(body.sampling_params, list) else [body.sampling_params]
+    if not sps:
+        raise bad_request("sampling_params is an empty list: give one object, or one per prompt",
+                          param="sampling_params")
+    if len({sp.n for sp in sps}) > 1:
+        raise bad_request(f"n differs across the batch's sampling_params ({sorted({sp.n for sp in sps})}): give one "
+                          "n for every prompt", param="sampling_params")
+    return sps[0].n
+
+
+def _per_prompt(body: native.GenerateRequest, count: int) -> list[native.NativeSamplingParams]:
+    """Each prompt's sampling_params: one object for all, or a list of one per prompt."""
+    if not isinstance(body.sampling_params, list):
+        return [body.sampling_params] * count
+    if len(body.sampling_params) != count:
+        raise bad_request(f"{len(body.sampling_params)} sampling_params for {count} prompts: give one object, or "
+                          "one per prompt", param="sampling_params")
+    return body.sampling_params
+
+
 async def _generate_prompts(serving: OpenAIServing, body: native.GenerateRequest,
                             batch: bool) -> tuple[list[list[int]], list[str] | None]:
     """/generate's prompts (tokenized) and per-prompt rids, or a 400 naming what is wrong."""
-    fe, n = serving.fe, body.sampling_params.n
+    fe, n = serving.fe, _choices_per_prompt(body)
     if (body.text is None) == (body.input_ids is None):
         raise bad_request("give exactly one of text and input_ids", param="text")
     if isinstance(body.rid, list) and (not batch or n > 1):
@@ -168,25 +190,31 @@ def native_router(serving: OpenAIServing) -> APIRouter:
     async def generate(body: native.GenerateRequest, request: Request) -> Any:
         """One prompt (text or input_ids), or SGLang's batch (a list of either): then a list of results, or
         one stream whose chunks carry their `index`. n > 1 answers a list too, each prompt's n in a row."""
-        sp, n = body.sampling_params, body.sampling_params.n
+        n = _choices_per_prompt(body)
         batch = isinstance(body.text, list) or bool(body.input_ids and isinstance(body.input_ids[0], list))
         logprobs = body.top_logprobs_num if body.return_logprob else None
         route, dp_rank = await pd.route(body)
         decodes = PDRouting.decodes(route)  # the prompt's log-probabilities: the prefill server's answer has them
         with fe.refusing(route, dp_rank):  # (PD: any refusal also ends the other server's half)
             prompts, rids = await _generate_prompts(serving, body, batch)
-            grammar = await fe.tokenize(serving.grammar, _constraint(sp), None, False,
-                                        "json_schema" if sp.json_schema is not None else None)
+            sps = _per_prompt(body, len(prompts))
+            grammars = [await fe.tokenize(serving.grammar, _constraint(sp), None, False,
+                                          "json_schema" if sp.json_schema is not None else None) for sp in sps]
             pd.check(body, route)
-            max_tokens, prompt_only = prompt_scoring(sp.max_new_tokens, sp.min_new_tokens, _NATIVE_NAMES)
+            limits = [prompt_scoring(sp.max_new_tokens, sp.min_new_tokens, _NATIVE_NAMES) for sp in sps]
+            if len({only for _, only in limits}) > 1:
+                raise bad_request("max_new_tokens 0 (the prompt scored alone) in some of the batch's sampling_params "
+                                  "and not in others: send those prompts apart", param="max_new_tokens")
+            prompt_only = limits[0][1]
             prompt_lp = logprobs if body.logprob_start_len >= 0 and not decodes else None
-            params = [_native_params(sp, max_tokens, logprobs, prompt_lp, grammar, j) for j in range(n)]
+            params = [_native_params(sp, max_tokens, logprobs, prompt_lp, grammar, j)
+                      for sp, (max_tokens, _), grammar in zip(sps, limits, grammars) for j in range(n)]
             prompts = [ids for ids in prompts for _ in range(n)]
             with engine_refusals_named({**_NATIVE_NAMES, "prompt": "text" if body.text is not None else "input_ids"}):
                 if batch or n > 1:
                     base = body.rid if isinstance(body.rid, str) else secrets.token_hex(16)
-                    handles = await fe.submit_many(prompts, params * (len(prompts) // n), base, dp_rank, route, rids,
-                                                   prompt_only, arrival(request))
+                    handles = await fe.submit_many(prompts, params, base, dp_rank, route, rids, prompt_only,
+                                                   arrival(request))
                 else:
                     handles = [await fe.submit(prompts[0], params[0], body.rid, dp_rank, route=route,
                                                scores_only=prompt_only, arrived=arrival(request))]
