@@ -408,6 +408,35 @@ def test_garbled_markup_parses_the_same_streamed(make, text: str, piece: int, cu
     assert text[piece - 1] in "<>" and parse(lambda: make(False), text, (piece,), cut_off) == whole
 
 
+def test_a_head_with_an_unclosed_quote_ends_no_later_call() -> None:
+    """A garbled invoke head whose name never closes its quote is malformed where the next quote does not end it
+    (its name ends at its first quote, as the pattern reads it): its block is text and a later call parses, whole and
+    streamed (reading quotes as pairs over the rest of the reply made every later `>` quoted: no later call)."""
+    bad = f'\n\n<{D}function_calls>\n<{D}invoke name="get_weather>\n</{D}invoke>\n</{D}function_calls>'
+    good = (f'\n\n<{D}function_calls>\n<{D}invoke name="get_weather">\n<{D}parameter name="city" string="true">'
+            f'Paris</{D}parameter>\n</{D}invoke>\n</{D}function_calls>')
+    text = "Intro." + bad + "\nThen more text." + good + "\nDone."
+    whole = parse(lambda: dsml(False), text)
+    call = ToolCall("get_weather", '{"city": "Paris"}')
+    assert whole == Parsed("", "Intro." + bad + "\nThen more text.\nDone.", [call])
+    for cut in range(1, len(text), 5):
+        assert parse(lambda: dsml(False), text, (cut,)) == whole, cut
+
+
+@pytest.mark.parametrize("parser_class", [DsmlToolParser, GlmToolParser])
+def test_a_forced_reply_keeps_reasoning_no_parser_split(parser_class) -> None:
+    """Forced, with no reasoning parser (none configured, or separate_reasoning false) the reasoning the prompt
+    opened reaches the tool parser as text: it stays content before the call, whole and streamed."""
+    call = ToolCall("get_weather", '{"city": "Paris"}')
+    markup = (f'\n\n<{D}function_calls>\n<{D}invoke name="get_weather">\n<{D}parameter name="city" string="true">'
+              f'Paris</{D}parameter>\n</{D}invoke>\n</{D}function_calls>' if parser_class is DsmlToolParser else
+              "<tool_call>get_weather<arg_key>city</arg_key><arg_value>Paris</arg_value></tool_call>")
+    text = "The user wants the weather.</think>" + markup
+    for cuts in ((), tuple(range(3, len(text), 9))):
+        got = parse(lambda: OutputParser(None, parser_class(TOOLS, forced=True)), text, cuts)
+        assert got == Parsed("", "The user wants the weather.</think>", [call]), cuts
+
+
 @pytest.mark.parametrize("make,raw,reasoning,content,calls", KNOWN[:2])
 def test_a_forced_call_cut_inside_is_no_content(make, raw: str, reasoning: str, content: str,
                                                 calls: list[ToolCall]) -> None:

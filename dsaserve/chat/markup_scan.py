@@ -3,7 +3,9 @@ call, whitespace, literal tags, an opening tag by pattern, and where a JSON valu
 scan knows JSON strings, so a closing tag written inside one ends nothing)."""
 from __future__ import annotations
 
+import functools
 import re
+from dataclasses import dataclass
 
 
 class NeedMore(Exception):
@@ -83,23 +85,32 @@ def _scan_json_value(text: str, start: int, close: str) -> int | None:
     raise NeedMore
 
 
-def head(pattern: re.Pattern[str], text: str, pos: int, opener: str) -> re.Match[str] | None:
-    """The tag `pattern` at `pos` (after whitespace); None when another tag is there."""
+@dataclass(frozen=True)
+class Head:
+    """An opening tag: `left`, a name (any text without a double quote: the name ends at its first quote), then
+    one of `rights`."""
+    left: str
+    rights: tuple[str, ...]
+
+    @functools.cached_property
+    def pattern(self) -> re.Pattern[str]:
+        return re.compile(re.escape(self.left) + '([^"]*)(' + "|".join(re.escape(r) for r in self.rights) + ")")
+
+
+def head(tag: Head, text: str, pos: int) -> re.Match[str] | None:
+    """The tag at `pos` (after whitespace): its match (group 1 the name, group 2 which right side), or None when
+    another tag is there or this one is malformed; NeedMore while more text could still complete it (as the
+    pattern reads it: a `>` inside the quoted name ends nothing, the first quote ends the name)."""
     i = skip_ws(text, pos)
-    if (m := pattern.match(text, i)) is not None:
+    if (m := tag.pattern.match(text, i)) is not None:
         return m
     tail = text[i:]
-    if opener.startswith(tail) or (tail.startswith(opener) and not _closed(tail)):
+    if tag.left.startswith(tail):
+        raise NeedMore
+    if not tail.startswith(tag.left):
+        return None
+    rest = tail[len(tag.left):]
+    quote = rest.find('"')
+    if quote < 0 or any(r.startswith(rest[quote:]) for r in tag.rights):
         raise NeedMore
     return None
-
-
-def _closed(tag: str) -> bool:
-    """Whether a `>` outside double quotes ends the tag (one inside its quoted name="..." ends nothing)."""
-    quoted = False
-    for ch in tag:
-        if ch == '"':
-            quoted = not quoted
-        elif ch == ">" and not quoted:
-            return True
-    return False

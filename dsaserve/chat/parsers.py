@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from dsaserve.chat import dsv32
-from dsaserve.chat.markup_scan import Malformed, NeedMore, head, json_value_end, literal
+from dsaserve.chat.markup_scan import Head, Malformed, NeedMore, head, json_value_end, literal
 from dsaserve.chat.tools import JSON_TYPE, allowed_types, parameters_of
 
 REASONING_PARSERS = ("deepseek-v3", "glm45")
@@ -46,10 +45,13 @@ class Parsed:
 
 
 def held_back(text: str, markers: Sequence[str]) -> int:
-    """Length of the longest end of `text` that is the start of a marker (and so may still become one)."""
-    for n in range(min(len(text), max((len(m) for m in markers), default=0) - 1), 0, -1):
-        if any(m.startswith(text[-n:]) for m in markers):
-            return n
+    """Length of the longest end of `text` that is the start of a marker (and so may still become one), with the
+    U+FFFD after it of a reply cut inside a marker's character (the detokenizer's for the bytes it had: the cut
+    marker's rules apply to it, a forced call's drops it)."""
+    core = text.rstrip("\ufffd")
+    for n in range(min(len(core), max((len(m) for m in markers), default=0) - 1), 0, -1):
+        if any(m.startswith(core[-n:]) for m in markers):
+            return n + len(text) - len(core)
     return 0
 
 
@@ -152,7 +154,7 @@ class ToolCallParser:
         if self._cut_after_calls(cut):  # the complete calls stand; the cut one is dropped
             self.buf = self.raw = ""
         self._text(self.raw + self.buf, out)  # an unterminated block stays text
-        if self.num_calls == 0 and not (cut and self.forced):  # a reply without calls keeps its held text
+        if self.num_calls == 0:  # a reply without calls keeps its whitespace
             out.content += self.gap
         self.buf = self.raw = self.gap = ""
         self.in_block = False
@@ -178,13 +180,12 @@ class ToolCallParser:
 
     def _text(self, text: str, out: Parsed) -> None:
         """Content outside calls. Whitespace is held while it is all the gap since the last call (or the reply's
-        start) holds: the next call drops it, other text releases it. A forced reply's text is all held (its
-        grammar writes calls alone: text is what a cut left, even a character cut into U+FFFD) until finish()."""
+        start) holds: the next call drops it, other text releases it."""
         if self.gap_has_text:
             out.content += text
             return
         self.gap += text
-        if self.gap.strip() and not self.forced:
+        if self.gap.strip():
             out.content += self.gap
             self.gap, self.gap_has_text = "", True
 
@@ -231,26 +232,26 @@ class ToolCallParser:
         raise NotImplementedError
 
 
-_INVOKE_HEAD = re.compile(rf'<{dsv32.DSML}invoke name="([^"]*)">')
-_PARAM_HEAD = re.compile(rf'<{dsv32.DSML}parameter name="([^"]*)" string="(true|false)">')
+_INVOKE = Head(f'<{dsv32.DSML}invoke name="', ('">',))
+_PARAM = Head(f'<{dsv32.DSML}parameter name="', ('" string="true">', '" string="false">'))  # (text, JSON)
 
 
 def _dsml_invoke(text: str, final: bool = False) -> tuple[int, str, dict[str, Any]]:
     """The invoke element at the start of `text`: its end, the tool's name and its arguments (`final`: see
     json_value_end)."""
-    m = head(_INVOKE_HEAD, text, 0, f"<{dsv32.DSML}invoke")
+    m = head(_INVOKE, text, 0)
     if m is None:
         raise Malformed
     name, pos, args = m.group(1), m.end(), {}
-    while (p := head(_PARAM_HEAD, text, pos, f"<{dsv32.DSML}parameter")) is not None:
-        key, value_at = p.group(1), p.end()
+    while (p := head(_PARAM, text, pos)) is not None:
+        key, value_at, is_text = p.group(1), p.end(), p.group(2) == _PARAM.rights[0]
         if key in args:
             raise Malformed
-        end = None if p.group(2) == "true" else json_value_end(text, value_at, dsv32.PARAM_END, final)
+        end = None if is_text else json_value_end(text, value_at, dsv32.PARAM_END, final)
         if end is None and (end := text.find(dsv32.PARAM_END, value_at)) < 0:
             raise NeedMore
         value = text[value_at:end]  # string="false" that is no JSON: its text, as GLM's parser and SGLang take it
-        args[key] = value if p.group(2) == "true" else _json_or_text(value)
+        args[key] = value if is_text else _json_or_text(value)
         pos = end + len(dsv32.PARAM_END)
     return literal(text, pos, dsv32.INVOKE_END)[1], name, args
 

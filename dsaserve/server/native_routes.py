@@ -198,8 +198,10 @@ def native_router(serving: OpenAIServing) -> APIRouter:
         with fe.refusing(route, dp_rank):  # (PD: any refusal also ends the other server's half)
             prompts, rids = await _generate_prompts(serving, body, batch)
             sps = _per_prompt(body, len(prompts))
-            grammars = [await fe.tokenize(serving.grammar, _constraint(sp), None, False,
-                                          "json_schema" if sp.json_schema is not None else None) for sp in sps]
+            built = {id(sp): await fe.tokenize(serving.grammar, _constraint(sp), None, False,
+                                               "json_schema" if sp.json_schema is not None else None)
+                     for sp in {id(sp): sp for sp in sps}.values()}  # (one object for all: built once)
+            grammars = [built[id(sp)] for sp in sps]
             pd.check(body, route)
             limits = [prompt_scoring(sp.max_new_tokens, sp.min_new_tokens, _NATIVE_NAMES) for sp in sps]
             if len({only for _, only in limits}) > 1:
