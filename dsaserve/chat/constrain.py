@@ -19,7 +19,7 @@ from dsaserve.chat import dsv32
 from dsaserve.chat.formats import format_regex
 from dsaserve.chat.grammar import (JSON_STYLE, GrammarError, check_open_properties, check_schema_depth,
                                    ebnf_grammar, schema_of)
-from dsaserve.chat.tools import is_strict, parameters_of, resolve_ref
+from dsaserve.chat.tools import allowed_types, is_strict, parameters_of, resolve_ref
 
 THINK_END = "</think>"
 # Fixed markup that a tokenizer may hold as single (special or text) added tokens.
@@ -53,11 +53,12 @@ def json_rule(schema: dict[str, Any]) -> str:
 
 
 def _text_value(schema: dict[str, Any], markup: Markup, name: str, end: str, rules: list[str],
-                excluded: str | None = None) -> str:
+                excluded: str | None = None, json_read: str | None = None) -> str:
     """A raw (unquoted) string argument and its closing markup `end`: its const or one of its enum values, else
     text of its length that matches its pattern and format (the regexes' intersection), ending at the first `end`,
     as the parser reads it (an llguidance `suffix` lexeme, or a terminal before a special-token `end`).
-    excluded: text the value may not spell (the markup that opens calls, in text before them)."""
+    excluded: text the value may not spell (the markup that opens calls, in text before them). json_read: a regex
+    of the whole values the parser reads as JSON, which the raw string may not be (_json_read)."""
     if isinstance(schema.get("const"), str):
         return f"{markup.lit(schema['const'])} {markup.lit(end)}"
     if isinstance(schema.get("enum"), list) and all(isinstance(v, str) for v in schema["enum"]):
@@ -65,11 +66,13 @@ def _text_value(schema: dict[str, Any], markup: Markup, name: str, end: str, rul
     lo, hi = int(schema.get("minLength") or 0), schema.get("maxLength")  # (null: absent, as tools.py reads it)
     text = f"/(?s:.{{{lo},{int(hi)}}})/" if hi is not None else (f"/(?s:.{{{lo},}})/" if lo else "/(?s:.*)/")
     if isinstance(schema.get("pattern"), str):
-        text += f" & /{_slashes_escaped(_whole_value_regex(schema['pattern']))}/"
+        text += f" & /{_slashes_escaped(_whole_value_regex(_ascii_classes(schema['pattern'])))}/"
     if isinstance(schema.get("format"), str):
         text += f" & /{_slashes_escaped(format_regex(schema['format']))}/"
     if excluded is not None:
         text += _not_holding(excluded)
+    if json_read is not None:
+        text += f" & ~/{_slashes_escaped(json_read)}/"
     # the value may not hold `end` (the lexeme runs past an `end` where its pattern or length is not met yet), nor
     # spell a special `end` in pieces: the parser reads text and would cut it there
     text += _not_holding(end)
@@ -80,9 +83,55 @@ def _text_value(schema: dict[str, Any], markup: Markup, name: str, end: str, rul
     return name
 
 
+def _json_read(schema: dict[str, Any], root: dict[str, Any]) -> str:
+    """The raw values GLM's parser reads as JSON for a parameter whose schema allows more than a string, by how
+    they start: a JSON string, array or object (the scan reads it as JSON, past closing tags in its strings),
+    and, where the schema allows a number, a number (the string "2" of enum ["1", "2", 3] reads as the integer 2).
+    Such a string is written as JSON instead (quoted), which the parser reads back as that string. (A whole
+    raw value cannot be excluded instead: the grammar's lexer then refused the JSON branch's same text.)"""
+    ws, allowed = "[ \\t\\n\\r]*", allowed_types(schema, root) or {"number"}
+    starts = '"\\[{' + ("0-9-" if allowed & {"integer", "number"} else "")
+    return f"{ws}[{starts}](?s:.*)"
+
+
+def _unread_values(branch: dict[str, Any], json_read: str) -> dict[str, Any] | None:
+    """The raw string branch without the const / enum values that read as JSON; None if none is left."""
+    values = [branch["const"]] if "const" in branch else branch.get("enum")
+    if not isinstance(values, list):
+        return branch
+    kept = [v for v in values if not (isinstance(v, str) and re.fullmatch(json_read, v))]
+    rest = {k: v for k, v in branch.items() if k not in ("const", "enum")}
+    return {**rest, "enum": kept} if kept else None
+
+
 def _not_holding(text: str) -> str:
     """A regex term (joined with &) for text that does not spell `text` anywhere."""
     return f" & ~/(?s:.*){_slashes_escaped(re.escape(text))}(?s:.*)/"
+
+
+_ASCII = {"d": "0-9", "w": "A-Za-z0-9_"}  # JSON Schema's regexes are ECMA-262's: \d and \w are ASCII
+
+
+def _ascii_classes(pattern: str) -> str:
+    r"""A JSON-schema pattern with \d \D \w \W as the ASCII classes ECMA-262 gives them (the grammar's regexes read
+    them as Unicode classes: a raw value took digits of other scripts that the JSON path, and the schema, refuse).
+    \D and \W inside a bracket class stay as they are."""
+    out, i, in_class = [], 0, False
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "\\" and i + 1 < len(pattern):
+            nxt = pattern[i + 1]
+            if nxt.lower() in _ASCII and not (in_class and nxt.isupper()):
+                chars = _ASCII[nxt.lower()]
+                out.append(chars if in_class else f"[{'^' if nxt.isupper() else ''}{chars}]")
+            else:
+                out.append(ch + nxt)
+            i += 2
+            continue
+        in_class = True if ch == "[" else False if ch == "]" else in_class
+        out.append(ch)
+        i += 1
+    return "".join(out)
 
 
 def _whole_value_regex(pattern: str) -> str:
@@ -156,11 +205,17 @@ def _some_of(name: str, items: list[str], rules: list[str]) -> str:
 
 def _glm_call(i: int, fn: dict[str, Any], markup: Markup, rules: list[str]) -> str:
     parts = []
+    for name in [fn["name"], *(key for key, _, _ in _params(fn))]:
+        if name != name.strip():  # (the parser strips names and keys, as GLM's own parsers do)
+            raise GrammarError(f"{fn['name']!r}: a forced or strict GLM call cannot write the name {name!r}: GLM's "
+                               "call format drops the whitespace around names and keys")
     for j, (key, schema, required) in enumerate(_params(fn)):
         values = []  # a string raw (as the template writes one), anything else as JSON
         text = schema if _is_text(schema, "glm") else _string_branch(schema, "glm")
-        if text is not None:
-            values.append(_text_value(text, markup, f"t{i}_{j}", "</arg_value>", rules))
+        json_read = None if text is None or text is schema else _json_read(schema, parameters_of(fn))
+        raw = text if json_read is None else _unread_values(text, json_read)
+        if raw is not None:
+            values.append(_text_value(raw, markup, f"t{i}_{j}", "</arg_value>", rules, json_read=json_read))
         if text is not schema:
             rules.append(f"v{i}_{j}: {json_rule(schema)}")
             values.append(f"v{i}_{j} {markup.lit('</arg_value>')}")
