@@ -204,8 +204,9 @@ class OpenAIServing:
                 completion_tokens[i], cached[i] = d.completion_tokens, d.cached_tokens
                 if call.kind == "chat":
                     choices = chat_stream_choices(self.fe.tokenizer, body, i, d, parsers[i], calls)
-                    output_ids[i] += d.token_ids
-                    reasoned[i] = reasoned[i] or any(c.delta.reasoning_content for c in choices)
+                    if call.think_end is not None:  # (only where reasoning tokens are counted)
+                        output_ids[i] += d.token_ids
+                        reasoned[i] = reasoned[i] or any(c.delta.reasoning_content for c in choices)
                 else:
                     first = echo is not None and d.completion_tokens == len(d.token_ids)  # its first delta
                     choices = [completion_stream_choice(self.fe.tokenizer, body, i, d, offsets, prompts,
