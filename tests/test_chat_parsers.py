@@ -154,6 +154,23 @@ def test_arguments_are_json_where_a_number_overflows(value: str, parsed: object)
         assert strict == {"days": parsed}
 
 
+@pytest.mark.parametrize("fmt", ["dsml", "glm"])
+def test_a_key_given_twice_keeps_its_last_value(fmt: str) -> None:
+    """A call whose arguments are free (tool_choice auto, a tool not strict) may give a key twice: its last value
+    stands, in the key's first place, as json.loads reads such an object and SGLang's and vLLM's parsers read such a
+    call, streamed or whole (the call went to the content as malformed markup)."""
+    values = (("days", "false", "1"), ("city", "true", "Oslo"), ("days", "false", "2"))
+    if fmt == "dsml":
+        params = "".join(f'<{D}parameter name="{k}" string="{s}">{v}</{D}parameter>\n' for k, s, v in values)
+        text = f'\n\n<{D}function_calls>\n<{D}invoke name="get_weather">\n{params}</{D}invoke>\n</{D}function_calls>'
+    else:
+        text = "<tool_call>get_weather" + "".join(f"<arg_key>{k}</arg_key><arg_value>{v}</arg_value>"
+                                                  for k, _, v in values) + "</tool_call>"
+    expected = Parsed("", "", [ToolCall("get_weather", '{"days": 2, "city": "Oslo"}')])
+    for a in range(len(text) + 1):
+        assert parse(lambda: dsml(False) if fmt == "dsml" else glm(False), text, (a,)) == expected
+
+
 @pytest.mark.parametrize("choice,expected", [
     (None, ("auto", 2)), ("none", ("none", 0)), ("auto", ("auto", 2)), ("required", ("required", 2)),
     ({"type": "function", "function": {"name": "get_time"}}, ("get_time", 2)),

@@ -436,3 +436,44 @@ def test_a_glm_name_with_outer_whitespace_is_refused_for_a_held_call(tiny: dict[
         "type": "object", "properties": {key: {"type": "integer"}}, "required": [key]}}}]
     with pytest.raises(GrammarError, match="drops the whitespace around names and keys"):
         state(tiny["glm5"], Constraint(forced_tools=tools, several_calls=False), "glm47", False)
+
+
+@pytest.mark.parametrize("schema", [{"type": "string", "pattern": "^[a-z]{2,5}$", "maxLength": 1},
+                                    {"type": "string", "format": "date", "maxLength": 3},
+                                    {"type": "integer", "minimum": 5, "maximum": 1}])
+@pytest.mark.parametrize("fmt,tool_format", [("deepseek_v32", "deepseekv32"), ("glm5", "glm47")])
+def test_an_optional_parameter_that_no_value_fits_is_left_out(tiny: dict[str, str], fmt: str, tool_format: str,
+                                                              schema: dict) -> None:
+    """An optional parameter whose schema no value fits is left out of a held call, as llguidance's JSON grammar
+    leaves such a property out of an object: a raw string's was offered, and a model that opened it found no value it
+    could begin (NoExtensionBias); a JSON one's failed the grammar's build."""
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}, "x": schema}, "required": ["a"]}}}]
+    if tool_format == "glm47":
+        call, end = "<tool_call>f<arg_key>a</arg_key><arg_value>1</arg_value>", "</tool_call>"
+        opened = "<arg_key>x</arg_key><arg_value>"
+    else:
+        call = f'\n\n<{D}function_calls>\n<{D}invoke name="f">\n<{D}parameter name="a" string="false">1</{D}parameter>\n'
+        end, opened = f"</{D}invoke>\n</{D}function_calls>", f'<{D}parameter name="x" string="'
+    hf = Tokenizer(tiny[fmt]).hf
+    make = lambda: state(tiny[fmt], Constraint(forced_tools=tools, several_calls=False), tool_format,  # noqa: E731
+                         False)
+    st = make()
+    assert feed(st, hf.encode(call + end, add_special_tokens=False)) and st.is_terminated
+    assert not feed(make(), hf.encode(call + opened, add_special_tokens=False))
+
+
+def test_a_one_of_the_grammar_cannot_follow_names_the_tool_and_parameter(tiny: dict[str, str]) -> None:
+    """A oneOf whose branches may overlap (an integer is a number) cannot be held to exactly one of them: llguidance
+    refused it as the grammar was built, in a message naming a line of that grammar; the error names the tool and
+    the parameter. A oneOf whose branches llguidance proves disjoint is followed (as anyOf)."""
+    def tools(one_of: list[dict]) -> list[dict]:
+        return [{"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "properties": {"n": {"oneOf": one_of}}, "required": ["n"]}}}]
+    hf = Tokenizer(tiny["glm5"]).hf
+    held = lambda one_of: Constraint(forced_tools=tools(one_of), several_calls=False)  # noqa: E731
+    with pytest.raises(GrammarError, match="'f': the schema of parameter 'n' .*oneOf branches may overlap"):
+        state(tiny["glm5"], held([{"type": "integer"}, {"type": "number"}]), "glm47", False)
+    st = state(tiny["glm5"], held([{"type": "integer"}, {"type": "null"}]), "glm47", False)
+    call = "<tool_call>f<arg_key>n</arg_key><arg_value>7</arg_value></tool_call>"
+    assert feed(st, hf.encode(call, add_special_tokens=False)) and st.is_terminated

@@ -18,12 +18,13 @@ from typing import Any
 from dsaserve.chat import dsv32
 from dsaserve.chat.formats import format_regex
 from dsaserve.chat.grammar import (JSON_STYLE, GrammarError, check_open_properties, check_schema_depth,
-                                   ebnf_grammar, schema_of)
+                                   ebnf_grammar, json_schema_problem, schema_of)
 from dsaserve.chat.tools import allowed_types, is_strict, parameters_of, resolve_ref
 
 THINK_END = "</think>"
 # Fixed markup that a tokenizer may hold as single (special or text) added tokens.
 MARKUP_TEXTS = (THINK_END, "<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>")
+_RAW_KEYWORDS = ("type", "const", "enum", "minLength", "maxLength", "pattern", "format")  # what _text_value follows
 
 
 @dataclass(frozen=True)
@@ -164,11 +165,31 @@ def _params(fn: dict[str, Any]) -> list[tuple[str, dict[str, Any], bool]]:
     return [(k, {**defs, **v} if isinstance(v, dict) else {}, k in required) for k, v in props.items()]
 
 
+def _may_give(fn: dict[str, Any], key: str, schema: dict[str, Any], raw: bool, required: bool) -> bool:
+    """Whether a call may give parameter `key`, as llguidance's JSON grammar judges its schema (`raw`: the keywords a
+    raw string follows): not where no value fits an optional one (JSON leaves such a property out; the grammar
+    offered it and its value could not begin, NoExtensionBias). GrammarError naming the tool and the parameter
+    where the schema cannot be followed (llguidance's own message named a line of the grammar)."""
+    compiled = {k: v for k, v in schema.items() if k in _RAW_KEYWORDS and v is not None} if raw else schema
+    check_schema_depth(compiled)  # (before llguidance compiles it: too deep a schema overflows its stack)
+    problem = json_schema_problem(json.dumps(compiled, ensure_ascii=False))
+    unfit = problem.startswith("Unsatisfiable")
+    if unfit and not required:
+        return False
+    if not problem or raw and not unfit:  # (a raw value's other problems are named as its rule is built)
+        return True
+    if "oneOf" in problem:  # (llguidance follows a oneOf whose branches it proves disjoint, as anyOf)
+        problem = "its oneOf branches may overlap, and a grammar cannot hold a value to exactly one (use anyOf)"
+    raise GrammarError(f"{fn['name']!r}: the schema of parameter {key!r} cannot be followed: {problem}")
+
+
 def _dsml_call(i: int, fn: dict[str, Any], markup: Markup, rules: list[str]) -> str:
     parts = []
     for j, (key, schema, required) in enumerate(_params(fn)):
         forms = []  # (head, value) of each way the encoding may write it: a string raw, anything else as JSON
         text = schema if _is_text(schema, "deepseekv32") else _string_branch(schema, "deepseekv32")
+        if not _may_give(fn, key, schema, text is schema, required):
+            continue
         if text is not None:
             forms.append((_param_head(key, "true"), _text_value(text, markup, f"t{i}_{j}", dsv32.PARAM_END, rules)))
         if text is not schema:
@@ -212,6 +233,8 @@ def _glm_call(i: int, fn: dict[str, Any], markup: Markup, rules: list[str]) -> s
     for j, (key, schema, required) in enumerate(_params(fn)):
         values = []  # a string raw (as the template writes one), anything else as JSON
         text = schema if _is_text(schema, "glm") else _string_branch(schema, "glm")
+        if not _may_give(fn, key, schema, text is schema, required):
+            continue
         json_read = None if text is None or text is schema else _json_read(schema, parameters_of(fn))
         raw = text if json_read is None else _unread_values(text, json_read)
         if raw is not None:

@@ -136,6 +136,19 @@ def check_json_schema(schema: dict[str, Any]) -> None:
         raise GrammarError(" ".join(line.strip() for line in problem.strip().splitlines())[:1000])
 
 
+@functools.lru_cache(maxsize=256)
+def json_schema_problem(schema: str) -> str:
+    """What llguidance's JSON grammar, every keyword enforced, finds wrong with a schema given as JSON text (an
+    unsatisfiable one: "Unsatisfiable schema: ..."), on one line; '' if nothing. Cached: clients send the same tools
+    with each request."""
+    from llguidance import LLMatcher
+    try:
+        problem = LLMatcher.validate_grammar(LLMatcher.grammar_from_json_schema(schema), None)
+    except ValueError as exc:
+        problem = str(exc)
+    return " ".join(line.strip() for line in problem.strip().splitlines())[:1000]
+
+
 def check_open_properties(schema: dict[str, Any]) -> None:
     """GrammarError for a JSON object schema that leaves more than MAX_OPEN_PROPERTIES properties optional: after
     its `{` llguidance's parser holds about 4 items per optional property in one row, and past its 2000 (499 of

@@ -245,13 +245,11 @@ def _dsml_invoke(text: str, final: bool = False) -> tuple[int, str, dict[str, An
     name, pos, args = m.group(1), m.end(), {}
     while (p := head(_PARAM, text, pos)) is not None:
         key, value_at, is_text = p.group(1), p.end(), p.group(2) == _PARAM.rights[0]
-        if key in args:
-            raise Malformed
         end = None if is_text else json_value_end(text, value_at, dsv32.PARAM_END, final)
         if end is None and (end := text.find(dsv32.PARAM_END, value_at)) < 0:
             raise NeedMore
         value = text[value_at:end]  # string="false" that is no JSON: its text, as GLM's parser and SGLang take it
-        args[key] = value if is_text else _json_or_text(value)
+        args[key] = value if is_text else _json_or_text(value)  # (a key given twice: its last value stands)
         pos = end + len(dsv32.PARAM_END)
     return literal(text, pos, dsv32.INVOKE_END)[1], name, args
 
@@ -344,9 +342,9 @@ class GlmToolParser(ToolCallParser):
             end = None if is_string else json_value_end(text, value_at, "</arg_value>", self.final)
             if end is None and (end := text.find("</arg_value>", value_at)) < 0:
                 raise NeedMore
-            if key in args:
-                raise Malformed
             value = text[value_at:end]
+            # a key given twice keeps its last value (in its first place), as json.loads reads an object and as
+            # SGLang's and vLLM's parsers take one: the call stands (it was content, a call the client never saw)
             args[key] = value if is_string else _json_or_text(value, allowed_types(schema, self.schemas.get(name)))
             pos = end + len("</arg_value>")
         return tag[1], name, args
