@@ -125,6 +125,12 @@ def test_a_thinking_budget_ends_the_reasoning_and_counts_its_tokens(client: open
         extra_body={"chat_template_kwargs": {"thinking": True}, "thinking_budget": budget}))
     assert streamed[-1].usage.completion_tokens_details.reasoning_tokens == 2 * budget  # (n = 2: both choices')
     assert streamed[-2].usage.completion_tokens_details.reasoning_tokens == budget  # (a choice's own, so far)
+    held = [c.usage for c in client.chat.completions.create(  # reasoning held back until it ends: counted meanwhile
+        model="default", messages=ask, temperature=0, max_completion_tokens=8, stream=True, logprobs=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True},
+        extra_body={"chat_template_kwargs": {"thinking": True}, "thinking_budget": budget, "stream_reasoning": False})]
+    assert [u.completion_tokens_details.reasoning_tokens for u in held[1:-1]] == \
+        [min(u.completion_tokens, budget) for u in held[1:-1]] and held[-1].completion_tokens > budget
     _, final = _streamed(client, **on)
     assert final.usage.output_tokens_details.reasoning_tokens == budget
     assert final.usage.output_tokens == r.usage.output_tokens

@@ -95,6 +95,11 @@ class ReasoningSplitter:
         out.content, self.buf = self.buf, ""
         return out
 
+    @property
+    def reasoning_open(self) -> bool:
+        """The reply is inside its reasoning (streamed or held back until it ends)."""
+        return self.state == "reasoning"
+
     def _reasoning(self, out: Parsed, done: bool) -> Parsed:
         if done or not self.whole:
             out.reasoning, self.held = self.held, ""
@@ -381,6 +386,10 @@ class OutputParser:
 
     def __init__(self, reasoning: ReasoningSplitter | None, tools: ToolCallParser | None):
         self.reasoning, self.tools = reasoning, tools
+
+    @property
+    def reasoning_open(self) -> bool:
+        return self.reasoning is not None and self.reasoning.reasoning_open
 
     def feed(self, text: str) -> Parsed:
         return self._route(self.reasoning.feed(text) if self.reasoning else Parsed(content=text), final=False)

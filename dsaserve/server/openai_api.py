@@ -206,7 +206,9 @@ class OpenAIServing:
                     choices = chat_stream_choices(self.fe.tokenizer, body, i, d, parsers[i], calls)
                     if call.think_end is not None:  # (only where reasoning tokens are counted)
                         output_ids[i] += d.token_ids
-                        reasoned[i] = reasoned[i] or any(c.delta.reasoning_content for c in choices)
+                        # (held back under stream_reasoning false, reasoning so far counts before it is sent)
+                        reasoned[i] = reasoned[i] or any(c.delta.reasoning_content for c in choices) or \
+                            (parsers[i] is not None and parsers[i].reasoning_open)
                 else:
                     first = echo is not None and d.completion_tokens == len(d.token_ids)  # its first delta
                     choices = [completion_stream_choice(self.fe.tokenizer, body, i, d, offsets, prompts,
