@@ -9,7 +9,7 @@ ARGS  ?=
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(strip $(TORCH))"
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(foreach w,$(strip $(TORCH)),'$(w)')
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 

@@ -162,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         lines, all_sglang = sglang_flags.guidance(unknown) if takes_server_flags else ([], False)
         for line in lines:
             print(f"error: {line}", file=sys.stderr)
-        if not all_sglang:
-            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        if not all_sglang:  # (the subcommand's usage: the top level's lists only the parsers built for this line)
+            sub.choices.get(ns.command, parser).error(f"unrecognized arguments: {' '.join(unknown)}")
         return 2
     level = getattr(ns, "log_level", "info").upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):  # before logging is set up with it
