@@ -1,5 +1,5 @@
 """Top-k / top-p / min-p as a threshold: the reference filter (CPU) against a brute-force threshold, and the
-one-launch Triton sampler (GPU) against the reference: the same tokens for the same uniforms, per row
+split Triton sampler (GPU) against the reference: the same tokens for the same uniforms, per row
 whatever the batch (its distribution over many seeds: tests/test_config_sampler_cli.py)."""
 from __future__ import annotations
 
@@ -96,6 +96,25 @@ def test_kernel_draws_the_reference_tokens(vocab: int) -> None:
 
 
 @gpu
+def test_kernel_draws_the_reference_tokens_without_filters() -> None:
+    """A batch of temperature-only rows skips the candidates: the chunk is picked from the chunk sums."""
+    rows, vocab = 64, 129280
+    logits = _logits(rows, vocab, 12)
+    reqs = [Request(f"t{i}", [1], SamplingParams(temperature=[0.3, 0.7, 1.0, 1.5][i % 4], seed=i), 8, 0, seed=i)
+            for i in range(rows)]
+    _assert_reference_tokens(logits, reqs)
+
+
+@gpu
+def test_kernel_draws_the_reference_tokens_when_candidates_overflow_the_tile(monkeypatch) -> None:
+    """With a tile of 4 candidates per chunk every filtered row searches and draws through the looped path."""
+    from dsaserve.ops.triton import sampling
+    monkeypatch.setattr(sampling, "TILE", 64)
+    logits, reqs = _logits(96, 20000, 4), _requests(96, 4)
+    _assert_reference_tokens(logits, reqs)
+
+
+@gpu
 def test_kernel_edge_parameters() -> None:
     """top_k at and past the vocabulary, a tiny top_p, min_p 1, the temperature floor and a hot one, a row of
     exact ties at the top-k threshold (all stay), against the reference; a row of only -inf draws a token
@@ -112,6 +131,19 @@ def test_kernel_edge_parameters() -> None:
     masked = torch.full((1, vocab), float("-inf"))
     token = int(sample_tokens(masked.cuda(), reqs[-1:])[0])
     assert 0 <= token < vocab
+
+
+@gpu
+def test_kernel_never_draws_a_nan_logit_and_keeps_its_chunk() -> None:
+    """A NaN logit is never drawn, and the other tokens of its chunk still are (its chunk's sum was NaN, which
+    dropped the whole chunk's mass)."""
+    logits = torch.zeros(64, 20000)
+    logits[:, [0, 9]] = float("nan")
+    for extra in ({}, {"top_k": 5000}, {"top_p": 0.9}):
+        reqs = [Request(f"n{i}", [1], SamplingParams(temperature=1.0, seed=i, **extra), 8, 0, seed=i)
+                for i in range(64)]
+        got = sample_tokens(logits.cuda(), reqs).cpu()
+        assert not ((got == 0) | (got == 9)).any() and (got < 8192).any() and (got >= 8192).any(), (extra, got)
 
 
 @gpu

@@ -237,11 +237,12 @@ def sample_tokens(logits: Tensor, reqs: list[Request], pending: list[list[int]] 
 
 def _sample_on_device(logits: Tensor, params: list[SamplingParams], rows: list[int], uniforms: list[float],
                       tokens: Tensor) -> None:
-    """filter_probs + draw in one Triton launch (the same kept set; no sort, no fp64 scan)."""
+    """filter_probs + draw in Triton launches (the same kept set; no sort, no fp64 scan)."""
     from dsaserve.ops.triton.sampling import row_params, sample_rows
     temperatures = [max(p.temperature, MIN_TEMPERATURE) for p in params]
     sample_rows(logits, row_params(rows, temperatures, [p.top_k for p in params], [p.top_p for p in params],
-                                   [p.min_p for p in params], uniforms, logits.device), tokens)
+                                   [p.min_p for p in params], uniforms, logits.device), tokens,
+                filtered=not all(filters_off(p) for p in params))
 
 
 def sample(logits: Tensor, reqs: list[Request], pending: list[list[int]] | None = None,
