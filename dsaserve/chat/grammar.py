@@ -107,11 +107,16 @@ def _byte_level_chars() -> dict[str, int]:
     return {**{chr(b): b for b in kept}, **{chr(0x100 + n): b for n, b in enumerate(moved)}}
 
 
+def one_line(problem: str) -> str:
+    """llguidance's message (one line per rule it names) as one line of an error."""
+    return " ".join(line.strip() for line in problem.strip().splitlines())[:1000]
+
+
 def checked_spec(grammar: str, tokenizer_path: str, eos_ids: tuple[int, ...]) -> GrammarSpec:
     from llguidance import LLMatcher
     problem = LLMatcher.validate_grammar(grammar, ll_tokenizer(tokenizer_path, eos_ids))
     if problem:
-        raise GrammarError(" ".join(line.strip() for line in problem.strip().splitlines())[:1000])
+        raise GrammarError(one_line(problem))
     return GrammarSpec(grammar, tokenizer_path, eos_ids)
 
 
@@ -133,7 +138,7 @@ def check_json_schema(schema: dict[str, Any]) -> None:
     from llguidance import LLMatcher
     problem = LLMatcher.validate_grammar(json_grammar({**schema, "x-guidance": {"lenient": True}}), None)
     if problem:
-        raise GrammarError(" ".join(line.strip() for line in problem.strip().splitlines())[:1000])
+        raise GrammarError(one_line(problem))
 
 
 @functools.lru_cache(maxsize=256)
@@ -146,7 +151,7 @@ def json_schema_problem(schema: str) -> str:
         problem = LLMatcher.validate_grammar(LLMatcher.grammar_from_json_schema(schema), None)
     except ValueError as exc:
         problem = str(exc)
-    return " ".join(line.strip() for line in problem.strip().splitlines())[:1000]
+    return one_line(problem)
 
 
 def check_open_properties(schema: dict[str, Any]) -> None:
