@@ -232,7 +232,7 @@ def sample_rows(logits: Tensor, params: Tensor, out: Tensor, filtered: bool = Tr
     """Write the sampled token of each row described by `params` ([R, 6] float64 on the device: logits row,
     log2(e) / temperature, top_k (0: off), top_p (1: off), min_p (0: off), the row's uniform in [0, 1))
     into out[row]. logits: [B, V] fp32 with unit stride along V. filtered: some row has top-k, top-p or
-    min-p (False skips the candidates' launch and scratch)."""
+    min-p (False skips the candidates' launch and scratch; it must be True where one has)."""
     R, V = params.shape[0], logits.shape[1]
     if R == 0:
         return
