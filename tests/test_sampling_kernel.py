@@ -107,7 +107,8 @@ def test_kernel_draws_the_reference_tokens_without_filters() -> None:
 
 @gpu
 def test_kernel_draws_the_reference_tokens_when_candidates_overflow_the_tile(monkeypatch) -> None:
-    """With a tile of 4 candidates per chunk every filtered row searches and draws through the looped path."""
+    """A tile of 64 candidates (16 per chunk of this vocabulary's 3): rows with more in a chunk (the flat ones) search
+    and draw through the looped path, the others in registers."""
     from dsaserve.ops.triton import sampling
     monkeypatch.setattr(sampling, "TILE", 64)
     logits, reqs = _logits(96, 20000, 4), _requests(96, 4)
