@@ -134,6 +134,36 @@ def test_kernel_edge_parameters() -> None:
     assert 0 <= token < vocab
 
 
+def _non_finite_rows(rows: int, vocab: int) -> torch.Tensor:
+    """Random rows with NaN at 5 and +inf at 7 and at a token of another chunk (the kernel's 8K chunks)."""
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(rows))
+    logits[:, 5], logits[:, [7, vocab - 3]] = float("nan"), float("inf")
+    return logits
+
+
+NON_FINITE_FILTERS = ({}, {"top_k": 10}, {"top_p": 0.9}, {"min_p": 0.1})
+
+
+@pytest.mark.parametrize("extra", NON_FINITE_FILTERS)
+def test_reference_draws_only_the_inf_logits_and_never_a_nan(extra: dict) -> None:
+    """+inf logits take the row's whole mass, shared between them (inf - inf made the softmax NaN), and a NaN
+    logit is never drawn, at any temperature and filter."""
+    vocab = 9000
+    logits = _non_finite_rows(48, vocab)
+    reqs = [Request(f"i{i}", [1], SamplingParams(temperature=[1.0, 0.3][i % 2], seed=i, **extra), 8, 0, seed=i)
+            for i in range(48)]
+    assert set(sample_tokens(logits, reqs).tolist()) == {7, vocab - 3}
+
+
+@gpu
+@pytest.mark.parametrize("extra", NON_FINITE_FILTERS)
+def test_kernel_draws_the_reference_tokens_over_inf_and_nan_logits(extra: dict) -> None:
+    logits = _non_finite_rows(48, 9000)
+    reqs = [Request(f"i{i}", [1], SamplingParams(temperature=[1.0, 0.3][i % 2], seed=i, **extra), 8, 0, seed=i)
+            for i in range(48)]
+    assert torch.equal(sample_tokens(logits.cuda(), reqs).cpu(), sample_tokens(logits, reqs))
+
+
 @gpu
 def test_kernel_never_draws_a_nan_logit_and_keeps_its_chunk() -> None:
     """A NaN logit is never drawn, and the other tokens of its chunk still are (its chunk's sum was NaN, which

@@ -178,6 +178,12 @@ def _vocab_mask(ids: list[int], vocab: int) -> Tensor:
     return mask
 
 
+def finite_above(scaled: Tensor) -> Tensor:
+    """NaN as -inf (never drawn) and +inf as the largest float (the row's +inf tokens share its mass; inf - inf
+    made the softmax NaN), as the Triton sampler reads them."""
+    return scaled.nan_to_num(nan=float("-inf"), posinf=torch.finfo(scaled.dtype).max, neginf=float("-inf"))
+
+
 def filters_off(p: SamplingParams) -> bool:
     return p.top_k <= 0 and p.top_p >= 1.0 and p.min_p <= 0.0
 
@@ -190,7 +196,7 @@ def filter_probs(logits: Tensor, reqs: list[Request]) -> Tensor:
     pay for sorting the vocabulary (on CUDA sample_tokens runs dsaserve.ops.triton.sampling instead)."""
     dev = logits.device
     temp = upload([max(r.params.temperature, MIN_TEMPERATURE) for r in reqs], torch.float32, dev)[:, None]
-    probs = torch.softmax(logits / temp, dim=-1)
+    probs = torch.softmax(finite_above(logits / temp), dim=-1)
     rows = [i for i, r in enumerate(reqs) if not filters_off(r.params)]
     if rows:
         idx = upload(rows, torch.long, dev)

@@ -35,6 +35,7 @@ DRAW_WARPS = 8
 SELECT_STEPS = 16  # bisection steps of a chunk's top-k bound: past the exponent, 8 bits of mantissa
 STATS = 3  # per chunk: max logit, sum of weights relative to it, top-k bound (a logit)
 _LOG2E = 1.4426950408889634
+_FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)
 
 
 @triton.jit
@@ -49,7 +50,9 @@ def _row_params(PARAMS, i):
 def _chunk_logits(X, stride_x, row, c, V, CHUNK: tl.constexpr):
     offs = c * CHUNK + tl.arange(0, CHUNK)
     x = tl.load(X + row * stride_x + offs, mask=offs < V, other=float("-inf"))
-    return tl.where(x == x, x, float("-inf")), offs  # (a NaN logit is never drawn; its chunk's others still are)
+    # A NaN logit is never drawn (its chunk's others still are); +inf reads as the largest float, so the row's
+    # +inf tokens share its mass (inf - inf was NaN: the row drew token 0), as the reference's.
+    return tl.minimum(tl.where(x == x, x, float("-inf")), _FLOAT32_MAX), offs
 
 
 @triton.jit(do_not_specialize=["V", "stride_x", "C"])
