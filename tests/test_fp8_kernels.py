@@ -96,6 +96,27 @@ def test_fp8_linear_forced_configs(config: dict[str, int], M: int) -> None:
     assert err < TOL[BF16], f"{config} M={M}: rel err {err:.2e}"
 
 
+@pytest.mark.parametrize("N,K,block", [(2240, 7168, (128, 128)), (3072, 1536, (128, 128)), (257, 1000, (128, 128)),
+                                       (100, 300, (64, 64)), (33, 520, (128, 256)), (24, 64, (32, 32))])
+@pytest.mark.parametrize("config", [{}, {"gemv_block_n": 4, "gemv_k": 2048, "gemv_warps": 8},
+                                    {"gemv_block_n": 16, "gemv_k": 256}])
+def test_one_row_takes_the_gemv(N: int, K: int, block: tuple[int, int], config: dict[str, int]) -> None:
+    """A single row runs the GEMV (default_config's tier 0) at any shape, K block and chunk: the reference's product,
+    the tile kernel's within the output rounding, the same bits whether it quantizes x or reads the rows
+    quantized, and really reading them (flipped signs give minus the result)."""
+    gen = torch.Generator(DEV).manual_seed(N + K)
+    w = _weight(N, K, block, gen)
+    x = torch.randn(1, K, device=DEV, generator=gen).to(BF16)
+    assert fp8_gemm.default_config(1, N, K, block[1], 132)["gemv"] == 1
+    assert fp8_gemm.default_config(2, N, K, block[1], 132)["gemv"] == 0
+    out = fp8_gemm.fp8_linear(x, w, checks=True, config=config)
+    assert rel_err(out, ref.linear(x, w)) < TOL[BF16]
+    assert rel_err(out, fp8_gemm.fp8_linear(x, w, checks=True, config={"gemv": 0})) < TOL[BF16]
+    xq = ref.QuantizedRows(*fp8_gemm.act_quant(x, block[1]), block[1])
+    assert torch.equal(fp8_gemm.fp8_linear(x, w, checks=True, config=config, xq=xq), out)
+    assert torch.equal(fp8_gemm.fp8_linear(x, w, checks=True, config=config, xq=_flipped(xq)), -out)
+
+
 @pytest.mark.parametrize("M,N,K,splits", [(1, 7168, 16384, 7), (16, 2240, 7168, 4), (48, 700, 1100, 3),
                                           (5, 96, 1000, 8)])
 def test_fp8_linear_split_k_sums_the_partials_in_order(M: int, N: int, K: int, splits: int) -> None:

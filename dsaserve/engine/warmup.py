@@ -20,10 +20,10 @@ if TYPE_CHECKING:
     from dsaserve.engine.engine import Engine
 
 log = logging.getLogger(__name__)
-# A prompt in every row tier of the FP8 GEMM (ops/fp8.gemm_tier: 8, 17, 48, 80, 100, 600) and around the other
+# A prompt in every row tier of the FP8 GEMM (ops/fp8.gemm_tier: 1, 8, 17, 48, 80, 100, 600) and around the other
 # kernels' row buckets (16, 64, 512, ...): eager steps of any size (mixed steps, decode batches past the graph
 # sizes) find their tiles compiled. 65-95 rows had no prompt (graphs stop at 64, cuBLAS takes 96+ where it applies).
-GPU_LENGTHS = (8, 17, 32, 48, 80, 100, 128, 600, 1024, 4096)
+GPU_LENGTHS = (1, 8, 17, 32, 48, 80, 100, 128, 600, 1024, 4096)
 CPU_LENGTHS = (17, 32)  # nothing compiles on CPU: the path runs, briefly
 MAX_STEPS_PER_PROMPT = 10_000  # a bound, far above the chunks of the longest prompt
 DECODE_BATCHES = 64  # without graphs: decode batches of 64 down to 1 row (the default graph buckets' range)

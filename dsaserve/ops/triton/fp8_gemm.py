@@ -4,7 +4,11 @@ Semantics (dsaserve.ops.fp8.linear is the reference): x is quantized per row and
 channels to e4m3 with scale amax / 448; each K group's e4m3 product is accumulated in fp32 and
 scaled by (activation scale x weight block scale); the output is cast once to x's dtype.
 
-Two shapes of work, one Triton kernel (and two faster paths for prefill rows):
+Two shapes of work, one Triton kernel (and a faster path for one row, two for prefill rows):
+* one row (a batch-1 decode step): `_gemv_kernel`, no tensor cores and no split-K: each program reads a few
+  whole weight rows in wide chunks, all of K in one or a few loads, so the call costs the launch, about one
+  memory round trip and the bytes (the split-K tile kernel pays a pipeline fill and a partial-sum round trip:
+  2-2.5 us more on a `--tp 8` rank's attention projections, H100).
 * decode (M <= 64): bandwidth-bound on the weight bytes. Few rows, so each program streams a
   BLOCK_N-row strip of W over a range of K groups (split-K when N alone gives too few programs;
   the last program of each tile sums the fp32 partials: one launch). Up to 16 rows quantize x inside
@@ -50,6 +54,52 @@ def _act_quant_kernel(X, Q, S, M, K, stride_x, stride_q, stride_s, stride_sg,
     tl.store(Q + row * stride_q + cols, q, mask=mask)
     tl.store(S + row * stride_s + g * stride_sg, scale, mask=g * GROUP < K)
 
+
+@triton.jit
+def _gemv_kernel(X, XS, W, WS, C, N, K, stride_wn, stride_wsn,
+                 BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, BK: tl.constexpr, SCALE_N: tl.constexpr,
+                 A_QUANT: tl.constexpr, PDL: tl.constexpr):
+    """One row: C[n] = sum over K groups g of (xq_g . wq_ng) x_scale_g w_scale_ng, GROUPS groups of BK per
+    load. A_QUANT: X is the unquantized row and each chunk is quantized here (act_quant's bits); else X, XS
+    are its e4m3 values and scales."""
+    pdl_start(PDL)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    g = tl.arange(0, GROUPS)
+    k = g[:, None] * BK + tl.arange(0, BK)[None, :]  # [GROUPS, BK]
+    n_ok = cols < N
+    acc = tl.zeros([BLOCK_N], tl.float32)
+    for k0 in range(0, K, GROUPS * BK):
+        k_ok = k0 + k < K
+        g_ok = k0 + g * BK < K
+        if A_QUANT:
+            a, a_s = quantize_rows(tl.load(X + k0 + k, mask=k_ok, other=0.0).to(tl.float32))
+        else:
+            a = tl.load(X + k0 + k, mask=k_ok, other=0.0)
+            a_s = tl.load(XS + k0 // BK + g, mask=g_ok, other=0.0)
+        w = tl.load(W + cols.to(tl.int64)[:, None, None] * stride_wn + (k0 + k)[None, :, :],
+                    mask=n_ok[:, None, None] & k_ok[None, :, :], other=0.0)
+        w_s = tl.load(WS + (cols // SCALE_N).to(tl.int64)[:, None] * stride_wsn + k0 // BK + g[None, :],
+                      mask=n_ok[:, None] & g_ok[None, :], other=0.0)
+        part = tl.sum(w.to(tl.float32) * a.to(tl.float32)[None, :, :], 2)  # [BLOCK_N, GROUPS]
+        acc += tl.sum(part * (w_s * a_s[None, :]), 1)
+    tl.store(C + cols, acc.to(C.dtype.element_ty), mask=n_ok)
+
+
+def _gemv(x: Tensor, xq: QuantizedRows | None, w: BlockFP8, cfg: dict[str, int]) -> Tensor:
+    """x [1, K] (or its quantized row xq) times the weight -> [1, N]."""
+    N, K = w.weight.shape
+    out = new_empty((1, N), x.dtype, x.device)
+    block_k = w.block[1]
+    groups = max(1, min(cfg["gemv_k"] // block_k, next_pow2(triton.cdiv(K, block_k), 1)))
+    a, a_s = (xq.values, xq.scales) if xq is not None else (x, x)
+    _gemv_kernel[(triton.cdiv(N, cfg["gemv_block_n"]),)](
+        a, a_s, w.weight, w.scale, out, N, K, w.weight.stride(0), w.scale.stride(0),
+        BLOCK_N=cfg["gemv_block_n"], GROUPS=groups, BK=block_k, SCALE_N=w.block[0], A_QUANT=xq is None,
+        num_warps=cfg["gemv_warps"], **pdl(x))
+    return out
+
+
+GEMV_BLOCK_N, GEMV_K, GEMV_WARPS = 4, 2048, 8  # weight rows per program, K values per load, warps
 
 MAX_TILES = 16384  # output tiles a split-K launch may have: one int32 ticket each (64 KiB per stream)
 
@@ -234,6 +284,8 @@ def default_config(M: int, N: int, K: int, block_k: int, sms: int) -> dict[str, 
     # copy bandwidth). From 17 rows: ~2 programs per SM through split-K, and no split when the tiles alone
     # fill a wave and each program's K range is short (partials of 64 rows cost bytes).
     tier = gemm_tier(M)
+    gemv = tier == 0  # one row: the GEMV (its fields below); the tile fields are the 2-16 rows' (config overrides)
+    tier = max(tier - 1, 0)
     if tier == 0:
         block_n = 128 if N >= 4096 else 64
         cfg = dict(block_m=16, block_n=block_n, num_warps=4, num_stages=3, group_m=1, a_quant=1,
@@ -252,7 +304,8 @@ def default_config(M: int, N: int, K: int, block_k: int, sms: int) -> dict[str, 
     # Triton 20-47%; 64-row tiles and 3 stages, three CTAs per SM, fastest on the shapes cuBLAS refuses),
     # else Triton. 0 turns a path off.
     wgmma = tier >= 4 and 2.0 * M * N * K >= fp8_wgmma.MIN_FLOP
-    cfg.update(cublas=int(tier >= 4), wgmma=int(wgmma), wgmma_block_m=64, wgmma_stages=3)
+    cfg.update(cublas=int(tier >= 4), wgmma=int(wgmma), wgmma_block_m=64, wgmma_stages=3, gemv=int(gemv),
+               gemv_block_n=GEMV_BLOCK_N, gemv_k=GEMV_K, gemv_warps=GEMV_WARPS)
     return cfg
 
 
@@ -285,6 +338,8 @@ def fp8_linear(x: Tensor, w: BlockFP8, checks: bool = False, config: dict[str, i
         return new_empty((M, N), x.dtype, x.device).view(*lead, N)
     block_k = w.block[1]
     cfg = {**default_config(M, N, K, block_k, sm_count(x2)), **(config or {})}
+    if cfg["gemv"] and M == 1:
+        return _gemv(x2, xq, w, cfg).view(*lead, N)
     if cfg["cublas"] and cublas_applies(x2, w):
         return _cublas_linear(x2, w).view(*lead, N)
     if cfg["wgmma"] and fp8_wgmma.applies(x2, w):
