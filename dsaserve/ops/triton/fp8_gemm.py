@@ -8,7 +8,7 @@ Two shapes of work, one Triton kernel (and a faster path for one row, two for pr
 * one row (a batch-1 decode step): `_gemv_kernel`, no tensor cores and no split-K: each program reads a few
   whole weight rows in wide chunks, all of K in one or a few loads, so the call costs the launch, about one
   memory round trip and the bytes (the split-K tile kernel pays a pipeline fill and a partial-sum round trip:
-  2-2.5 us more on a `--tp 8` rank's attention projections, H100).
+  0.7-2.4 us more on a `--tp 8` rank's attention projections, H100). From two rows the tile kernel wins.
 * decode (M <= 64): bandwidth-bound on the weight bytes. Few rows, so each program streams a
   BLOCK_N-row strip of W over a range of K groups (split-K when N alone gives too few programs;
   the last program of each tile sums the fp32 partials: one launch). Up to 16 rows quantize x inside
