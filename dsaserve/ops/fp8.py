@@ -31,8 +31,8 @@ GEMM_TIER_TOPS = (1, 16, 32, 64, CUBLAS_MIN_M - 1, 512)  # the last row count of
 def gemm_tier(rows: int) -> int:
     """The tile family the FP8 GEMM (ops/triton/fp8_gemm.default_config) runs `rows` rows with: 0 the one-row GEMV,
     1-3 the decode tiles of 16, 32 and 64 rows, 4 the 64 x 128 tile below CUBLAS_MIN_M, 5 cuBLAS where it applies
-    (else that tile) up to 512 rows, 6 the 128 x 128 prefill tile. Eager steps of any size take them, so the start-up warm-up runs a
-    prompt in every tier (engine/warmup.py)."""
+    (else that tile) up to 512 rows, 6 the 128 x 128 prefill tile. Eager steps of any size take them, so the
+    start-up warm-up runs a prompt in every tier (engine/warmup.py)."""
     return next((tier for tier, top in enumerate(GEMM_TIER_TOPS) if rows <= top), len(GEMM_TIER_TOPS))
 
 
