@@ -131,8 +131,8 @@ def sweep_configs(M: int, N: int, K: int, sms: int) -> list[dict[str, int]]:
             splits = triton.cdiv(groups, per)
             few = M <= 16 or sms <= tiles * splits <= 3 * sms or splits == 1
             if (per >= 2 or groups == 1) and tiles * splits <= 6 * sms and few:
-                out += [dict(block_n=block_n, block_m=block_m, a_quant=a_quant, num_warps=w, num_stages=num_stages,
-                             splits=splits) for w in warps]
+                out += [dict(gemv=0, block_n=block_n, block_m=block_m, a_quant=a_quant, num_warps=w,
+                             num_stages=num_stages, splits=splits) for w in warps]  # (gemv 0: the tiles at 1 row too)
     return out
 
 

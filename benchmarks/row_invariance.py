@@ -16,8 +16,9 @@ import torch.nn.functional as F
 
 ROWS = (1, 2, 3, 8, 16, 17, 32, 48, 64, 65, 80, 96, 128, 256, 1024)
 SHAPES = {"q_a+wk+kv_a": (2240, 7168), "o_proj/8": (7168, 2048), "q_b": (24576, 1536)}
-# One tile config for every row count: no split-K, no cuBLAS or wgmma path (fp8_gemm.default_config's keys).
-FIXED = dict(block_m=64, block_n=128, num_warps=4, num_stages=4, group_m=8, a_quant=0, splits=1, cublas=0, wgmma=0)
+# One tile config for every row count: no split-K, no GEMV, cuBLAS or wgmma path (fp8_gemm.default_config's keys).
+FIXED = dict(block_m=64, block_n=128, num_warps=4, num_stages=4, group_m=8, a_quant=0, splits=1, cublas=0, wgmma=0,
+             gemv=0)
 
 
 def differing_rows(product: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> tuple[list[int], list[int]]:

@@ -99,7 +99,10 @@ def _gemv(x: Tensor, xq: QuantizedRows | None, w: BlockFP8, cfg: dict[str, int])
     return out
 
 
-GEMV_BLOCK_N, GEMV_K, GEMV_WARPS = 4, 2048, 8  # weight rows per program, K values per load, warps
+# The GEMV's weight rows per program, K values per load (a power of two, at least the weight's K block) and warps
+# (H100 sweep, docs/benchmarks.md; timed with x handed over quantized: quantizing x inside takes 145 registers
+# instead of 128 at these settings, one program fewer per SM, not timed).
+GEMV_BLOCK_N, GEMV_K, GEMV_WARPS = 4, 2048, 8
 
 MAX_TILES = 16384  # output tiles a split-K launch may have: one int32 ticket each (64 KiB per stream)
 
