@@ -144,23 +144,23 @@ def _non_finite_rows(rows: int, vocab: int) -> torch.Tensor:
 NON_FINITE_FILTERS = ({}, {"top_k": 10}, {"top_p": 0.9}, {"min_p": 0.1})
 
 
+def _non_finite_requests(extra: dict) -> list[Request]:
+    return [Request(f"i{i}", [1], SamplingParams(temperature=[1.0, 0.3][i % 2], seed=i, **extra), 8, 0, seed=i)
+            for i in range(48)]
+
+
 @pytest.mark.parametrize("extra", NON_FINITE_FILTERS)
 def test_reference_draws_only_the_inf_logits_and_never_a_nan(extra: dict) -> None:
     """+inf logits take the row's whole mass, shared between them (inf - inf made the softmax NaN), and a NaN
     logit is never drawn, at any temperature and filter."""
     vocab = 9000
-    logits = _non_finite_rows(48, vocab)
-    reqs = [Request(f"i{i}", [1], SamplingParams(temperature=[1.0, 0.3][i % 2], seed=i, **extra), 8, 0, seed=i)
-            for i in range(48)]
-    assert set(sample_tokens(logits, reqs).tolist()) == {7, vocab - 3}
+    assert set(sample_tokens(_non_finite_rows(48, vocab), _non_finite_requests(extra)).tolist()) == {7, vocab - 3}
 
 
 @gpu
 @pytest.mark.parametrize("extra", NON_FINITE_FILTERS)
 def test_kernel_draws_the_reference_tokens_over_inf_and_nan_logits(extra: dict) -> None:
-    logits = _non_finite_rows(48, 9000)
-    reqs = [Request(f"i{i}", [1], SamplingParams(temperature=[1.0, 0.3][i % 2], seed=i, **extra), 8, 0, seed=i)
-            for i in range(48)]
+    logits, reqs = _non_finite_rows(48, 9000), _non_finite_requests(extra)
     assert torch.equal(sample_tokens(logits.cuda(), reqs).cpu(), sample_tokens(logits, reqs))
 
 
