@@ -4,7 +4,8 @@ Semantics (dsaserve.ops.fp8.linear is the reference): x is quantized per row and
 channels to e4m3 with scale amax / 448; each K group's e4m3 product is accumulated in fp32 and
 scaled by (activation scale x weight block scale); the output is cast once to x's dtype.
 
-Two shapes of work, one Triton kernel (and a faster path for one row, two for prefill rows):
+Three shapes of work: one row (a Triton GEMV), decode and prefill rows (one tiled Triton kernel, and two faster
+paths for prefill rows):
 * one row (a batch-1 decode step): `_gemv_kernel`, no tensor cores and no split-K: each program reads a few
   whole weight rows in wide chunks, all of K in one or a few loads, so the call costs the launch, about one
   memory round trip and the bytes (the split-K tile kernel pays a pipeline fill and a partial-sum round trip:
