@@ -96,7 +96,8 @@ def test_fp8_linear_forced_configs(config: dict[str, int], M: int) -> None:
     assert err < TOL[BF16], f"{config} M={M}: rel err {err:.2e}"
 
 
-@pytest.mark.parametrize("N,K,block", [(2240, 7168, (128, 128)), (3072, 1536, (128, 128)), (257, 1000, (128, 128)),
+@pytest.mark.parametrize("N,K,block", [(2240, 7168, (128, 128)), (3072, 1536, (128, 128)), (4608, 512, (128, 128)),
+                                       (257, 1000, (128, 128)),
                                        (100, 300, (64, 64)), (33, 520, (128, 256)), (24, 64, (32, 32))])
 @pytest.mark.parametrize("config", [{}, {"gemv_block_n": 4, "gemv_k": 2048, "gemv_warps": 8},
                                     {"gemv_block_n": 16, "gemv_k": 256}])

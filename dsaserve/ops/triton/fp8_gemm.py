@@ -100,10 +100,11 @@ def _gemv(x: Tensor, xq: QuantizedRows | None, w: BlockFP8, cfg: dict[str, int])
     return out
 
 
-# The GEMV's weight rows per program, K values per load (a power of two, at least the weight's K block) and warps
-# (H100 sweep, docs/benchmarks.md; timed with x handed over quantized: quantizing x inside takes 145 registers
-# instead of 128 at these settings, one program fewer per SM, not timed).
-GEMV_BLOCK_N, GEMV_K, GEMV_WARPS = 4, 2048, 8
+# The GEMV's weight rows per program, K values per load (a power of two, at least the weight's K block) and warps:
+# 8 warps while the weight has few rows (few programs: q_b at tp 8, 3072 rows), 4 from GEMV_FEW_WARPS_N rows, where
+# programs are plentiful and more of them fit an SM (H100 sweeps, docs/benchmarks.md: o_proj 7168 x 16384
+# 50.96 -> 46.94 us, q_b 24576 x 1536 20.84 -> 18.74; q_b 3072 x 1536 3.89 us with 8, 4.04 with 4).
+GEMV_BLOCK_N, GEMV_K, GEMV_FEW_WARPS_N = 4, 2048, 4096
 
 MAX_TILES = 16384  # output tiles a split-K launch may have: one int32 ticket each (64 KiB per stream)
 
@@ -309,7 +310,7 @@ def default_config(M: int, N: int, K: int, block_k: int, sms: int) -> dict[str, 
     # else Triton. 0 turns a path off.
     wgmma = tier >= 4 and 2.0 * M * N * K >= fp8_wgmma.MIN_FLOP
     cfg.update(cublas=int(tier >= 4), wgmma=int(wgmma), wgmma_block_m=64, wgmma_stages=3, gemv=int(gemv),
-               gemv_block_n=GEMV_BLOCK_N, gemv_k=GEMV_K, gemv_warps=GEMV_WARPS)
+               gemv_block_n=GEMV_BLOCK_N, gemv_k=GEMV_K, gemv_warps=4 if N >= GEMV_FEW_WARPS_N else 8)
     return cfg
 
 
