@@ -97,8 +97,8 @@ def test_fp8_linear_forced_configs(config: dict[str, int], M: int) -> None:
 
 
 @pytest.mark.parametrize("N,K,block", [(2240, 7168, (128, 128)), (3072, 1536, (128, 128)), (4608, 512, (128, 128)),
-                                       (257, 1000, (128, 128)),
-                                       (100, 300, (64, 64)), (33, 520, (128, 256)), (24, 64, (32, 32))])
+                                       (257, 1000, (128, 128)), (100, 300, (64, 64)), (33, 520, (128, 256)),
+                                       (24, 64, (32, 32))])
 @pytest.mark.parametrize("config", [{}, {"gemv_block_n": 4, "gemv_k": 2048, "gemv_warps": 8},
                                     {"gemv_block_n": 16, "gemv_k": 256}])
 def test_one_row_takes_the_gemv(N: int, K: int, block: tuple[int, int], config: dict[str, int]) -> None:
