@@ -287,6 +287,19 @@ def test_dequantize_partial_blocks() -> None:
     assert torch.equal(sliced, got[5:30, 20:70])
 
 
+@pytest.mark.parametrize("max_values", [1, 16 * 70 * 2, 1 << 24])
+def test_a_stack_dequantized_in_row_runs_equals_the_one_piece_product(max_values: int) -> None:
+    """BlockFP8.dequantize works a run of whole row blocks at a time (its fp32 temporaries stay small): every
+    run length gives the one-piece values, over a stack of experts and a last row block that is partial."""
+    w = torch.randn(3, 40, 70).to(FP8)
+    scale = torch.rand(3, 3, 5) + 0.5
+    got = BlockFP8(w, scale, (16, 16)).dequantize(torch.bfloat16, max_values=max_values)
+    assert got.shape == (3, 40, 70) and got.dtype == torch.bfloat16
+    for e in range(3):
+        assert torch.equal(got[e], dequantize(w[e], scale[e], (16, 16)).to(torch.bfloat16))
+    assert torch.equal(BlockFP8(w[1], scale[1], (16, 16)).dequantize(max_values=max_values),
+                       dequantize(w[1], scale[1], (16, 16)))
+
 def test_quantize_weight_round_trip() -> None:
     w = torch.randn(40, 70) * torch.linspace(0.01, 10, 70)
     q, s = quantize_weight(w, (16, 32))
