@@ -367,7 +367,8 @@ def build_model(model_path: str | Path, device: torch.device, dtype: torch.dtype
             if isinstance(module, quant.Experts):
                 module.zero_padding()
         load_weights(model, ckpt, progress=progress)
-    quant.prepare(model, quant.default_mode(device), dtype, checks=checks_enabled(), batch_invariant=batch_invariant)
+    quant.prepare(model, quant.default_mode(device), dtype, checks=checks_enabled(), batch_invariant=batch_invariant,
+                  progress=progress)
     return model.eval()
 
 
