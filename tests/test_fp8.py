@@ -300,6 +300,7 @@ def test_a_stack_dequantized_in_row_runs_equals_the_one_piece_product(max_values
     assert torch.equal(BlockFP8(w[1], scale[1], (16, 16)).dequantize(max_values=max_values),
                        dequantize(w[1], scale[1], (16, 16)))
 
+
 def test_quantize_weight_round_trip() -> None:
     w = torch.randn(40, 70) * torch.linspace(0.01, 10, 70)
     q, s = quantize_weight(w, (16, 32))

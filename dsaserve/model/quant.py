@@ -282,7 +282,7 @@ def prepare(model: nn.Module, mode: Mode, dtype: torch.dtype, checks: bool = Fal
       input quantized by the kernel that writes it (an RMSNorm, the absorbed W_UV product: input_group, xq);
     * "emulate": the kernels' function in plain PyTorch (ops/fp8.py), for tests against the kernels;
     * "dequantized": the weight dequantized once into `dtype` (CPU: the oracle's function); with `progress` a bar
-      (a 4.6 GB FP8 checkpoint takes about 40 s on two cores).
+      (a 4.6 GB FP8 checkpoint takes about 45 s on two cores).
     """
     if mode not in ("kernels", "emulate", "dequantized"):
         raise ValueError(f"unknown FP8 mode {mode!r}")

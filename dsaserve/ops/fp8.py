@@ -52,9 +52,9 @@ class BlockFP8:
 
     def dequantize(self, dtype: torch.dtype = torch.float32, max_values: int = 1 << 24) -> Tensor:
         """The weight in `dtype`, computed a run of whole row blocks at a time (at most about `max_values`
-        values): in one piece a stack of experts took 12 bytes of fp32 temporaries per value (a 4 GB FP8
+        values): in one piece a stack of experts took 12 bytes of fp32 temporaries per value (a 4.6 GB FP8
         checkpoint ran a 23 GB host out of memory)."""
-        *lead, n, k = self.weight.shape
+        n, k = self.weight.shape[-2:]
         weights, scales = self.weight.reshape(-1, n, k), self.scale.reshape(-1, *self.scale.shape[-2:])
         out = torch.empty(weights.shape, dtype=dtype, device=self.weight.device)
         rows = self.block[0] * max(1, max_values // (self.block[0] * k))
@@ -67,7 +67,7 @@ class BlockFP8:
 
     def check(self, what: str) -> None:
         """Shapes and dtypes agree (cheap: no device work). Raises ValueError naming `what`."""
-        *lead, n, k = self.weight.shape
+        n, k = self.weight.shape[-2:]
         want = (*lead, math.ceil(n / self.block[0]), math.ceil(k / self.block[1]))
         if self.weight.dtype != FP8 or self.scale.dtype != torch.float32:
             raise ValueError(f"{what}: weight must be {FP8} and scale float32, got {self.weight.dtype}, "
