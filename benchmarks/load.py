@@ -33,7 +33,7 @@ def load_weights_s(path: str, device: torch.device) -> float:
     """load_weights alone: the shards into a model allocated by shape (no dequantize, no kernels)."""
     cfg, ckpt = ModelConfig.from_path(path), Checkpoint(path)
     model = loader.meta_model(cfg, None, torch.bfloat16, True, loader.weight_formats(cfg, ckpt))
-    model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
+    loader.allocate(model, device)
     start = time.perf_counter()
     loader.load_weights(model, ckpt, progress=False)
     return time.perf_counter() - start

@@ -346,6 +346,12 @@ def weight_formats(cfg: ModelConfig, ckpt: Checkpoint | None) -> Callable[[str],
     return ckpt.is_fp8 if ckpt is not None else fp8_by_config(cfg)
 
 
+def allocate(model: DSAModel, device: torch.device) -> None:
+    """Every meta parameter and buffer as an uninitialised tensor on `device`. (Module.to_empty's empty_like on
+    meta tensors imports sympy, 0.7 s per process: dense tensors by shape instead.)"""
+    model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
+
+
 def build_model(model_path: str | Path, device: torch.device, dtype: torch.dtype, par: Parallel | None = None,
                 load_mtp: bool = True, progress: bool = True, load_format: str = "auto",
                 overrides: dict[str, Any] | None = None, batch_invariant: bool = False) -> DSAModel:
@@ -357,8 +363,7 @@ def build_model(model_path: str | Path, device: torch.device, dtype: torch.dtype
     ckpt = Checkpoint(model_path) if load_format != "dummy" else None
     model = meta_model(cfg, par, dtype, load_mtp, weight_formats(cfg, ckpt))
     _check_fits(model, device, dtype)
-    # Module.to_empty's empty_like on meta tensors imports sympy (0.7 s per process): dense tensors by shape instead
-    model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
+    allocate(model, device)
     if ckpt is None:
         from dsaserve.model.dummy import init_dummy_weights
         init_dummy_weights(model)

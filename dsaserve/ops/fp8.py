@@ -67,7 +67,7 @@ class BlockFP8:
 
     def check(self, what: str) -> None:
         """Shapes and dtypes agree (cheap: no device work). Raises ValueError naming `what`."""
-        n, k = self.weight.shape[-2:]
+        *lead, n, k = self.weight.shape
         want = (*lead, math.ceil(n / self.block[0]), math.ceil(k / self.block[1]))
         if self.weight.dtype != FP8 or self.scale.dtype != torch.float32:
             raise ValueError(f"{what}: weight must be {FP8} and scale float32, got {self.weight.dtype}, "
