@@ -173,6 +173,9 @@ def _tool(name: str, **parameters) -> dict:
     ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [
         {"id": "a", "type": "function", "function": {"name": "f", "arguments": "{x"}}]}]},
      "tool call 'f': arguments are not valid JSON"),
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [  # (the JSON's escape)
+        {"id": "a", "type": "function", "function": {"name": "f", "arguments": '{"a": ["\\ud800"]}'}}]}]},
+     "arguments are not valid JSON (a.0 holds a lone surrogate '\\ud800' at character 0"),
     ({"functions": [{"name": "f", "parameters": {}}]}, "functions is OpenAI's deprecated form of tools"),
     ({"function_call": "auto"}, "function_call is OpenAI's deprecated form of tool_choice"),
     ({"reasoning_effort": "huge"}, "reasoning_effort: Input should be 'none', 'minimal'"),

@@ -140,11 +140,14 @@ def test_arguments_are_json_objects() -> None:
 
 @pytest.mark.parametrize("value,parsed", [("1e999", "1e999"), ("-1e400", "-1e400"), ("NaN", "NaN"),
                                           ("[1, Infinity]", "[1, Infinity]"), ("2.5e3", 2500.0),
-                                          ("12345678901234567890", 12345678901234567890)])
-def test_arguments_are_json_where_a_number_overflows(value: str, parsed: object) -> None:
+                                          ("12345678901234567890", 12345678901234567890),
+                                          ('"\\ud800"', '"\\ud800"'), ('["a", "\\udc00x"]', '["a", "\\udc00x"]'),
+                                          ('"\\ud83d\\ude00"', "\U0001F600")])
+def test_arguments_are_json_where_a_value_is_representable(value: str, parsed: object) -> None:
     """A JSON number past a double's range (which a JSON grammar allows) read as inf and came back as `Infinity` in
-    the arguments, which is no JSON (JavaScript's JSON.parse refused them); NaN / Infinity literals likewise. Such a
-    value is its text, as any value that is no JSON."""
+    the arguments, which is no JSON (JavaScript's JSON.parse refused them); NaN / Infinity literals likewise. A
+    lone surrogate's escape decoded to a string no UTF-8 response can carry (a 500 after the whole generation).
+    Such a value is its text, as any value that is no JSON; a surrogate pair is its character."""
     dsml_call = (f'\n\n<{D}function_calls>\n<{D}invoke name="get_weather">\n<{D}parameter name="days" string="false">'
                  f'{value}</{D}parameter>\n</{D}invoke>\n</{D}function_calls>')
     glm_call = f"<tool_call>get_weather<arg_key>days</arg_key><arg_value>{value}</arg_value></tool_call>"
@@ -152,6 +155,7 @@ def test_arguments_are_json_where_a_number_overflows(value: str, parsed: object)
         [call] = parse(make, text).calls
         strict = json.loads(call.arguments, parse_constant=lambda name: pytest.fail(f"{name} in {call.arguments}"))
         assert strict == {"days": parsed}
+        call.arguments.encode("utf-8")
 
 
 @pytest.mark.parametrize("fmt", ["dsml", "glm"])

@@ -84,6 +84,11 @@ def test_tokenizing_a_huge_prompt_leaves_the_server_responsive(server: ServerPro
     ("/v1/completions", {"prompt": "a\ud800b", "max_tokens": 2}),
     ("/generate", {"text": "a\ud800b", "sampling_params": {"max_new_tokens": 2}}),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a\ud800b"}], "max_tokens": 2}),
+    # escapes inside JSON that a string field holds: decoded a second time (each was a 500)
+    ("/generate", {"text": "x", "sampling_params": {"max_new_tokens": 2, "json_schema": '{"const": "\\ud800"}'}}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [
+        {"id": "a", "type": "function", "function": {"name": "f", "arguments": '{"a": "\\udc00"}'}}]},
+        {"role": "tool", "tool_call_id": "a", "content": "r"}], "max_tokens": 2}),
 ])
 def test_lone_surrogate_is_a_json_400(server: ServerProcess, model: str, path: str, body: dict) -> None:
     r = post(server, path, json.dumps({"model": model, **body}))  # json.dumps writes it as \ud800

@@ -477,3 +477,12 @@ def test_a_one_of_the_grammar_cannot_follow_names_the_tool_and_parameter(tiny: d
     st = state(tiny["glm5"], held([{"type": "integer"}, {"type": "null"}]), "glm47", False)
     call = "<tool_call>f<arg_key>n</arg_key><arg_value>7</arg_value></tool_call>"
     assert feed(st, hf.encode(call, add_special_tokens=False)) and st.is_terminated
+
+
+def test_a_constraint_no_text_meets_says_so(tiny: dict[str, str]) -> None:
+    """A regex of no string ([^\\s\\S]) compiles; the first step finds no token it allows, and the request ended
+    with llguidance's bare "NoExtensionBias". Its failure now says what it means."""
+    st = state(tiny["glm5"], Constraint(regex="[^\\s\\S]"), None, False)
+    assert st.allowed().nonzero().flatten().tolist() == [1]  # (EOS alone: an error state lets the request end)
+    st.accept(1)
+    assert "the constraint can never be met (" in (st.failure() or ""), st.failure()

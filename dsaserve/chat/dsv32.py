@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from dsaserve.chat import json_text
+
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
 USER, ASSISTANT = "<｜User｜>", "<｜Assistant｜>"
@@ -76,8 +78,8 @@ def render_invoke(call: dict[str, Any]) -> str:
     args = fn.get("arguments") or {}
     if isinstance(args, str):
         try:
-            args = json.loads(args or "{}")
-        except json.JSONDecodeError as exc:
+            args = json_text.loads(args or "{}")
+        except ValueError as exc:
             raise ValueError(f"tool call {fn.get('name')!r}: arguments are not valid JSON ({exc})") from None
     if not isinstance(args, dict):
         raise ValueError(f"tool call {fn.get('name')!r}: arguments must be a JSON object")

@@ -304,7 +304,10 @@ class GrammarState:
         if not self.matcher.is_error():
             return None
         compiled.cache_clear()
-        return self.matcher.get_error().strip().splitlines()[0]
+        error = self.matcher.get_error().strip().splitlines()[0]
+        if "NoExtensionBias" in error:  # (llguidance's name for an empty mask where the output is not complete)
+            return f"no text can continue the output here, so the constraint can never be met ({error})"
+        return error
 
 
 def grammar_state(req: Request, vocab_size: int) -> GrammarState:

@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from dsaserve.chat import dsv32
+from dsaserve.chat import dsv32, json_text
 from dsaserve.chat.markup_scan import Head, Malformed, NeedMore, head, json_value_end, literal
 from dsaserve.chat.tools import JSON_TYPE, allowed_types, parameters_of
 
@@ -369,12 +369,14 @@ def _not_json(name: str) -> Any:
 
 
 def _json_or_text(value: str, allowed: set[str] | None = None) -> Any:
-    """The value's JSON, or the text as written where it is no JSON (NaN, a number past a double's range) or where
-    the schema allows a string and not the JSON's type: GLM's template writes a string raw, so the string "10001"
-    of a string-or-null parameter is `10001`."""
+    """The value's JSON, or the text as written where it is no JSON (NaN, a number past a double's range, a lone
+    surrogate's escape, which no UTF-8 response can carry) or where the schema allows a string and not the JSON's
+    type: GLM's template writes a string raw, so the string "10001" of a string-or-null parameter is `10001`."""
     try:
         parsed = json.loads(value, parse_float=_finite_float, parse_constant=_not_json)
     except (ValueError, RecursionError):  # (model output: nested past Python's parser too)
+        return value
+    if json_text.lone_surrogate(parsed) is not None:
         return value
     if allowed is not None and "string" in allowed and JSON_TYPE[type(parsed)] not in allowed:
         return value

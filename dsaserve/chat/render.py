@@ -6,11 +6,10 @@ has no template, or forced with `--tokenizer-mode deepseek_v32`.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from dsaserve.chat import dsv32
+from dsaserve.chat import dsv32, json_text
 
 if TYPE_CHECKING:
     from dsaserve.engine.tokenizer import Tokenizer
@@ -156,8 +155,8 @@ def results_in_call_order(messages: list[dict[str, Any]]) -> list[dict[str, Any]
 
 def _json_object(text: str, name: str | None) -> dict[str, Any]:
     try:
-        value = json.loads(text or "{}")
-    except json.JSONDecodeError as exc:
+        value = json_text.loads(text or "{}")
+    except ValueError as exc:
         raise ChatFormatError(f"tool call {name!r}: arguments are not valid JSON ({exc})") from None
     if not isinstance(value, dict):
         raise ChatFormatError(f"tool call {name!r}: arguments must be a JSON object")

@@ -8,11 +8,11 @@ import asyncio
 import json
 import re
 import time
-from typing import Any
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from dsaserve.chat import json_text
 from dsaserve.server.errors import ApiError
 
 # A high-surrogate escape not followed by a low one, or a low one not after a high one: look closer
@@ -73,24 +73,10 @@ def lone_surrogate(body: bytes) -> ApiError | None:
         data = json.loads(body)
     except (ValueError, RecursionError):
         return None  # not JSON: the route's own parsing answers that
-    return _find(data, "")
-
-
-def _find(value: Any, path: str) -> ApiError | None:
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            return ApiError(400, f"{path or 'the body'} holds a lone surrogate {value[exc.start]!r} at character "
-                                 f"{exc.start}: it is not valid Unicode", param=path or None, code="invalid_value")
+    found = json_text.lone_surrogate(data)
+    if found is None:
         return None
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    for key, item in items:
-        found = _find(key, path) if isinstance(key, str) else None
-        found = found or _find(item, f"{path}.{key}" if path else str(key))
-        if found is not None:
-            return found
-    return None
+    return ApiError(400, json_text.describe(found, "the body"), param=found[0] or None, code="invalid_value")
 
 
 def arrival(request: Request) -> float | None:

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 import dsaserve
+from dsaserve.chat import json_text
 from dsaserve.chat.constrain import Constraint
 from dsaserve.chat.grammar import GrammarSpec
 from dsaserve.disagg.serving import PDRouting
@@ -52,9 +53,11 @@ def _constraint(sp: native.NativeSamplingParams) -> Constraint:
     if sp.json_schema is None:
         return Constraint(regex=sp.regex, ebnf=sp.ebnf)
     try:
-        schema = json.loads(sp.json_schema)
+        schema = json_text.loads(sp.json_schema, "json_schema")
     except json.JSONDecodeError as exc:
         raise bad_request(f"json_schema is not valid JSON: {exc}", param="json_schema") from None
+    except ValueError as exc:  # a lone surrogate
+        raise bad_request(str(exc), param="json_schema") from None
     except RecursionError:  # (Python's parser recurses per level: deep nesting was a 500)
         raise bad_request("json_schema nests too deeply to parse", param="json_schema") from None
     if not isinstance(schema, dict):
