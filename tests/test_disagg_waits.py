@@ -313,6 +313,16 @@ def test_prefill_with_a_longer_timeout_never_writes_into_pages_the_decode_server
         assert o is None or o.handle is None, "a write into the freed pages is still running"
 
 
+def stuck_writes(monkeypatch: pytest.MonkeyPatch, pre: Engine, dec: Engine, now: list[float],
+                 landed: list[bool]) -> None:
+    """Both servers' deadlines on the clock `now[0]`, which the test moves; the prefill side's writes land when
+    `landed[0]` and cannot be cancelled (as NIXL's posted writes)."""
+    for side in (pre.disagg, dec.disagg):
+        monkeypatch.setattr(side.deadlines, "clock", lambda: now[0])
+    monkeypatch.setattr(pre.disagg.transport, "poll", lambda handle: landed[0])
+    monkeypatch.setattr(pre.disagg.transport, "cancel", lambda handle: False)
+
+
 def test_a_write_that_cannot_be_cancelled_keeps_the_decode_pages_until_it_lands(
         tiny_ds: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A write past its time that the transport cannot cancel (NIXL refuses to release an active transfer) may
@@ -324,10 +334,7 @@ def test_a_write_that_cannot_be_cancelled_keeps_the_decode_pages_until_it_lands(
     now, landed = [0.0], [False]
     with pd_pair(tiny_ds, backend="fake", page_size=4, prefill=dict(disaggregation_timeout_s=30),
                  decode=dict(disaggregation_timeout_s=4)) as (pre, dec):
-        for side in (pre.disagg, dec.disagg):
-            monkeypatch.setattr(side.deadlines, "clock", lambda: now[0])
-        monkeypatch.setattr(pre.disagg.transport, "poll", lambda handle: landed[0])
-        monkeypatch.setattr(pre.disagg.transport, "cancel", lambda handle: False)
+        stuck_writes(monkeypatch, pre, dec, now, landed)
         ids, peer = prompts_ids(1, [9], seed=5)[0], f"tcp://127.0.0.1:{pre.disagg.port}"
         pre.add_request("p", ids, GREEDY, DisaggRoute(6))
         dec.add_request("d", ids, GREEDY, DisaggRoute(6, peer))
@@ -347,6 +354,41 @@ def test_a_write_that_cannot_be_cancelled_keeps_the_decode_pages_until_it_lands(
         assert dec.requests.get("d") is reused and not reused.output_ids, "the late write resumed another request"
         assert dec.abort("d")
         step_until((pre, dec), lambda f: dec.stats().free_pages == total and not dec.disagg.rooms, 15)
+        assert_pools_whole(pre, dec)
+
+
+def test_page_ids_read_late_keep_their_pages_until_the_drained_write_ends(
+        tiny_ds: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The prefill side counts its write windows from when it read the page ids, the decode side its two timeouts
+    from when it sent them. Ids read 3.9 s late (a stalled prefill leader; both timeouts 4 s) let a write start at
+    3.9 s, pass its quarter at 4.9 s and drain until 8.9 s, while the decode server freed the pages at 8 s: the
+    write could land in pages another request holds. The prefill side's `draining` keeps them held a timeout from
+    when the decode server hears it."""
+    now, landed = [0.0], [False]
+    with pd_pair(tiny_ds, backend="fake", page_size=4, prefill=dict(disaggregation_timeout_s=4),
+                 decode=dict(disaggregation_timeout_s=4)) as (pre, dec):
+        stuck_writes(monkeypatch, pre, dec, now, landed)
+        ids, peer = prompts_ids(1, [9], seed=6)[0], f"tcp://127.0.0.1:{pre.disagg.port}"
+        total = dec.stats().total_pages
+        dec.add_request("d", ids, GREEDY, DisaggRoute(8, peer))
+        assert dec.disagg.rooms[8].sent
+        now[0] = 3.9  # the prefill server reads them only now
+        pre.add_request("p", ids, GREEDY, DisaggRoute(8))
+        step_until((pre, dec), lambda f: 8 in pre.disagg.out and pre.disagg.out[8].handle is not None, 15)
+        now[0] = 4.0
+        finals = step_until((pre, dec), lambda f: "d" in f, 15)
+        assert finals["d"].finish.kind == "error" and "within 4 s" in finals["d"].finish.message
+        now[0] = 5.0  # past the write's quarter: its cancel fails, it drains until 8.9
+        step_until((pre, dec), lambda f: pre.disagg.out[8].draining is not None and dec.disagg.rooms[8].hold > 8, 15)
+        now[0] = 8.5  # past the decode server's two timeouts from sending, within the drain
+        for _ in range(20):
+            pre.step(), dec.step()
+            time.sleep(0.005)
+        assert 8 in dec.disagg.rooms and dec.stats().free_pages < total, "pages a write could reach were freed"
+        landed[0] = True
+        finals = step_until((pre, dec), lambda f: "p" in f and 8 not in dec.disagg.rooms, 15)
+        assert finals["p"].finish.kind == "abort"
+        step_until((pre, dec), lambda f: dec.stats().free_pages == total, 15)
         assert_pools_whole(pre, dec)
 
 
@@ -500,9 +542,12 @@ def test_pd_arrivals_take_pages_in_arrival_order_and_within_max_running(tiny_ds:
 def test_page_ids_that_cannot_be_sent_end_their_request_and_return_its_pages(tiny_ds: str, monkeypatch) -> None:
     """A failure between the decode side's giving a request pages and its page ids' going out (the transfer
     agent's descriptor here, or the socket) returns those pages and frees the room: on arrival the request is
-    refused, and one that waited for pages ends with the error when they come. Both held pages and room for good."""
+    refused, and one that waited for pages ends with the error when they come. Both held pages and room for good.
+    The prefill half of the one that waited is told (it held a queue slot until its own timeout; the prefill
+    server's clock stands still here, so only the cancel can end it)."""
     with pd_pair(tiny_ds, backend="fake", page_size=4, decode=SMALL) as (pre, dec):
         peer, total = f"tcp://127.0.0.1:{pre.disagg.port}", dec.stats().total_pages
+        monkeypatch.setattr(pre.disagg.deadlines, "clock", lambda: 0.0)
         first, second = two_prompts(dec)
         working = dec.disagg.transport.descriptor
 
@@ -516,11 +561,13 @@ def test_page_ids_that_cannot_be_sent_end_their_request_and_return_its_pages(tin
         pre.add_request("a", first, GREEDY, DisaggRoute(2))
         dec.add_request("a", first, GREEDY, DisaggRoute(2, peer))
         dec.add_request("b", second, GREEDY, DisaggRoute(3, peer))  # waits: the pool holds one prompt
+        pre.add_request("b-prefill", second, GREEDY, DisaggRoute(3))
         assert dec.disagg.rooms[2].sent and not dec.disagg.rooms[3].sent
         monkeypatch.setattr(dec.disagg.transport, "descriptor", broken)  # for b's page ids, once a's pages return
-        finals = step_until((pre, dec), lambda f: "b" in f and "a" in f, 120)
+        finals = step_until((pre, dec), lambda f: "b" in f and "a" in f and "b-prefill" in f, 120)
         assert finals["a"].finish.kind == "length"
         assert finals["b"].finish.kind == "error" and "agent is gone" in finals["b"].finish.message, finals["b"]
+        assert "the decode server cancelled it" in finals["b-prefill"].finish.message, finals["b-prefill"]
         assert not dec.disagg.rooms
         monkeypatch.setattr(dec.disagg.transport, "descriptor", working)
         assert_pools_whole(pre, dec)

@@ -38,6 +38,7 @@ class Incoming:
     done: dict[str, Any] | None = None  # its `done`, until the data is seen to have landed
     pages: list[int] = field(default_factory=list)  # an ended request's pages, held until no write can come
     expired: bool = False  # its timeout passed with its page ids out and no answer: held one more timeout
+    hold: float = float("-inf")  # a write the prefill server could not cancel may land until then (`draining`)
 
 
 @dataclass
@@ -130,6 +131,7 @@ class DecodeSide(SideBase):
                     self._try_send(room, inc)
                 except Exception as exc:  # noqa: BLE001 - this request's failure, not the server's
                     log.exception("bootstrap room %d: its page ids could not be sent", room)
+                    self._cancel_quietly(inc.peer, room, f"its page ids could not be sent: {exc}")
                     outputs.append(self._close(room, inc, FinishReason("error", message=f"its page ids could not be "
                                                                                         f"sent: {exc}")))
                     continue
@@ -166,6 +168,9 @@ class DecodeSide(SideBase):
                                                                  f"{type(exc).__name__}: {exc}"})}
         elif msg.get("kind") == "failed":
             inc.done = {"failed": prefill_ending(msg)}
+        elif msg.get("kind") == "draining":  # it waits for that write at most a window (<= our timeout) from then:
+            # the pages stay that long from now, even where they were sent long before the prefill server read them
+            inc.hold = self.deadlines.after()
 
     def _live(self, inc: Incoming) -> bool:
         """Whether the room's request still runs here (not aborted, not timed out; a new request may have taken
@@ -205,6 +210,8 @@ class DecodeSide(SideBase):
                 log.warning("bootstrap room %d: %s", room, message)
                 return self.engine.end_request(inc.req, FinishReason("error", message=message))
             if inc.expired:
+                if not self.deadlines.passed(inc.hold):
+                    return None
                 log.warning("bootstrap room %d: no answer from the prefill server; its pages are freed", room)
             return self._close(room, inc, FinishReason("error", message=message))
         return None
@@ -260,6 +267,14 @@ class DecodeSide(SideBase):
         if inc.pages:
             self.engine.allocator.free(inc.pages)
             inc.pages = []
+
+    def _cancel_quietly(self, peer: str, room: int, reason: str) -> None:
+        """Tell the prefill half its request is over (else it holds a queue slot until its timeout), where the
+        socket may be what failed."""
+        try:
+            self._send(peer, {"kind": "cancel", "room": room, "reason": reason})
+        except Exception:  # noqa: BLE001 - the prefill half then ends by its timeout
+            log.exception("bootstrap room %d: its cancel could not be sent either", room)
 
     def _send(self, peer: str, msg: dict[str, Any], blob: bytes = b"") -> None:
         sock = self.peers.get(peer)

@@ -304,10 +304,12 @@ class PrefillSide(SideBase):
                 if not self.deadlines.passed(o.deadline):
                     return None
                 if o.draining is None and not self.transport.cancel(o.handle):
-                    # It may still land: the decode server holds its pages until this side answers, for at most
-                    # two of its timeouts from sending them; this wait ends by 1.75 windows after they came.
+                    # It may still land: the decode server holds its pages until this side answers, for two of its
+                    # timeouts from sending them, and a timeout from hearing `draining` (those ids may have been
+                    # read late here); this wait ends a window from now.
                     log.warning("bootstrap room %d: the KV write could not be cancelled; waiting for it to end", room)
                     o.draining = self.deadlines.clock() + o.dest.window
+                    wire.send(self.sock, {"kind": "draining", "room": room}, to=o.dest.peer)
                 if o.draining is not None and not self.deadlines.passed(o.draining):
                     return None
                 if o.draining is not None and not self.transport.cancel(o.handle):
