@@ -5,6 +5,7 @@ without a word fails the run at once; ranks see the environment of their launch.
 real ModelRunner of each rank process."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 
@@ -251,5 +252,33 @@ def test_mtp_leader_failing_after_the_commit_ends_its_requests_and_ranks_go_on(t
     job = _job(tiny_ds, 1, speculative_algorithm="NEXTN", speculative_num_steps=2)
     [got] = run_jobs(args, [job], timeout_s=120, setup=_inject_keep_drafts_failure)
     # its first token, committed before the failure, went out; then it ended with the error, short of max_tokens
+    assert len(got[0]) < GREEDY.max_tokens, "the poisoned request should have ended with an error"
+    assert got[1:] == _single_device(tiny_ds)
+
+
+def _inject_draft_read_failure(rank: int) -> None:
+    """In the leader's process: reading the drafts of the 37-token poison prompt (in the step that verifies them,
+    after every rank's forward of it) raises."""
+    from dsaserve.engine import engine
+    real = engine.settle_drafts
+
+    def settle_drafts(requests, drafts, override=None):  # type: ignore[no-untyped-def]
+        if any(r is not None and len(r.prompt_ids) == 37 for r in drafts.requests):
+            def read() -> list[int]:
+                raise RuntimeError(f"injected failure reading the drafts on rank {rank}")
+            drafts.read = read
+        return real(requests, drafts, override)
+    engine.settle_drafts = settle_drafts
+
+
+def test_mtp_drafts_that_cannot_be_read_end_their_step_and_ranks_go_on(tiny_ds: str) -> None:
+    """The leader reads a step's drafts in the next step, after that step's forward: a failure there is its own.
+    It escaped the step before the draft steps' collectives, which the other rank then waited in until its
+    timeout (CollectiveFailed: the run died). Now the step's requests end with the error and the ranks go on. (The
+    others arrive after that step: the poison prompt's prefill drafts, the next step verifies.)"""
+    args = ServerArgs(tp=2, max_total_tokens=2048, dist_timeout=60)
+    job = _job(tiny_ds, 1, speculative_algorithm="NEXTN", speculative_num_steps=2)
+    job = Job(job.overrides, job.requests[:1] + [dataclasses.replace(r, arrive_at_step=3) for r in job.requests[1:]])
+    [got] = run_jobs(args, [job], timeout_s=120, setup=_inject_draft_read_failure)
     assert len(got[0]) < GREEDY.max_tokens, "the poisoned request should have ended with an error"
     assert got[1:] == _single_device(tiny_ds)

@@ -262,7 +262,7 @@ class Engine:
         plan = self.scheduler.schedule() if self.par.cfg.is_leader else None
         plan, self.last_sync = lockstep.sync(self, plan, keep_alive, stop, epoch)
         if sum(self.last_sync.dp_sizes) == 0:
-            self._fill_drafts()
+            self._drop_unread_drafts()
             return outputs
         plan = plan or StepPlan.idle()  # an idle DP group: zero rows (or dummies), the same collectives
         issued, shared = self.par.issued, self.par.shared
@@ -270,7 +270,7 @@ class Engine:
             return outputs + self._run(plan, self.last_sync)
         except Exception as exc:  # a failed batch ends its requests with an error; the engine goes on
             if not isinstance(exc, CollectiveFailed):  # (that one ends this rank: nothing to wait for)
-                self._fill_drafts()
+                self._drop_unread_drafts()
             return outputs + self.fail_step(plan, exc, issued, shared)
 
     def fail_step(self, plan: StepPlan, exc: Exception, issued: int, shared: int | None = None,
@@ -309,12 +309,15 @@ class Engine:
         plan, layout = self.runner.prepare(plan, shape)
         ids = input_ids(plan, self.runner.device, self.par, self._drafts)  # verify rows gather drafts in flight
         hidden, logits = self.runner.target(ids, layout, shape.graph_batch is not None)
-        self._fill_drafts()
-        self.steps += 1
-        leader = self.par.cfg.is_leader
         issued = self.par.issued
         verdict, given, failure, local = None, None, None, False
-        if leader and real:
+        try:
+            self._fill_drafts()
+        except Exception as exc:  # noqa: BLE001 - the leader's read of the last step's drafts, which this step
+            failure, local = exc, True  # verified: it fails here alone, and joins the draft steps below
+        self.steps += 1
+        leader = self.par.cfg.is_leader
+        if leader and real and failure is None:
             try:  # on the device: the MTP pass below launches before the host reads a token
                 verdict = launch_accept(self.requests, plan, real, logits)
                 given = (draft_input(self.requests, plan, real, verdict, self.runner.device)
@@ -352,6 +355,14 @@ class Engine:
         self._drafts = drafts_in_flight(self.requests, plan, real, drafts)
         if self.draft_override is not None or self.args.disaggregation_mode == "prefill":
             self._fill_drafts(self.draft_override)
+
+    def _drop_unread_drafts(self) -> None:
+        """The last step's drafts where no step verifies them (an idle or failed step): if they cannot be read,
+        their requests only draft again."""
+        try:
+            self._fill_drafts()
+        except Exception:  # noqa: BLE001 - settle_drafts dropped them
+            log.exception("the last step's drafts could not be read; their requests draft again")
 
     def _fill_drafts(self, override: Callable[[Request, list[int]], list[int]] | None = None) -> None:
         """The last step's drafts into their requests (waits for the drafter, not for a step launched since)."""

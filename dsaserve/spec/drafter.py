@@ -91,7 +91,8 @@ def drafts_in_flight(requests: dict[str, Request], plan: StepPlan, real: int, dr
 def settle_drafts(requests: dict[str, Request], drafts: InFlight,
                   override: Callable[[Request, list[int]], list[int]] | None = None) -> None:
     """Read a step's drafts into the requests that still wait for them (`override`: tests and benchmarks
-    replace them). If reading fails, those requests drop their drafts (and draft again, as after a retraction)."""
+    replace them). If reading fails, those requests drop their drafts (and draft again, as after a retraction) and
+    the error goes on to the caller: a step that verified them fails."""
     owners = [r for r in drafts.requests
               if r is not None and requests.get(r.rid) is r and r.draft_ids[:1] == [IN_FLIGHT]]
     try:
