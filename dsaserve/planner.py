@@ -35,6 +35,8 @@ class MemoryPlan:
     kv_bytes_per_token: int
     device_bytes: int
     kv_tokens: int  # tokens the KV pool holds (0 when the weights, or then the pages a request starts with, do not fit)
+    kv_pool_bytes: int = 0  # what the engine allocates for them: whole pages and the reserved page 0 (pool_pages)
+    problem: str = ""  # a pool the flags ask for that cannot fit (--max-total-tokens), named
 
     @property
     def weight_bytes(self) -> int:
@@ -65,6 +67,13 @@ def weight_bytes(model: torch.nn.Module) -> dict[str, int]:
     return out
 
 
+def dequantized_bytes(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Bytes of the `dtype` copies that quant.prepare's "dequantized" mode (the CPU, and CUDA without Triton)
+    keeps beside every FP8 weight: such a model takes more memory than a plain `dtype` load."""
+    from dsaserve.ops.fp8 import FP8
+    return sum(p.numel() for p in model.parameters() if p.dtype == FP8) * dtype.itemsize
+
+
 def cache_layers(cfg: ModelConfig, spec_steps: int) -> int:
     """Layers with KV caches: the model's, plus the MTP layer's when it drafts."""
     return cfg.num_hidden_layers + (1 if spec_steps else 0)
@@ -86,6 +95,12 @@ def pool_source(args: ServerArgs, free_before_weights: int) -> str:
             "over more ranks (--tp)")
 
 
+def pool_pages(tokens: int, page_size: int) -> int:
+    """The pages of a KV pool of `tokens` (kv_pool_tokens): its whole pages, and page 0, which is never handed out
+    (dummy rows write there)."""
+    return tokens // page_size + 1
+
+
 def kv_pool_tokens(args: ServerArgs, free_bytes: int, bytes_per_token: int, context_length: int,
                    budget_bytes: int) -> int:
     """The KV pool's tokens, as the engine sizes it at start-up: --max-total-tokens when given, else the
@@ -93,15 +108,15 @@ def kv_pool_tokens(args: ServerArgs, free_bytes: int, bytes_per_token: int, cont
     (ServerArgs.running_per_group) can use at the whole context length: each in whole pages, with the slots MTP's
     steps write past its last token (2S - 1, Scheduler.check_fits). A --max-total-tokens whose cache is larger
     than the memory free after the weights (free_bytes) is a SettingError naming both sizes (the allocation
-    failed, after the weights had loaded)."""
+    failed, after the weights had loaded). The budget leaves room for the reserved page (pool_pages)."""
     if args.max_total_tokens is not None:
-        need = args.max_total_tokens * bytes_per_token
+        need = pool_pages(args.max_total_tokens, args.page_size) * args.page_size * bytes_per_token
         if need > free_bytes:
             raise SettingError(f"--max-total-tokens {args.max_total_tokens} needs {need / 2**30:.2f} GiB of KV cache "
                                f"({bytes_per_token} bytes per token), and {max(free_bytes, 0) / 2**30:.2f} GiB is "
                                "free after the weights")
         return args.max_total_tokens
-    tokens = max(budget_bytes, 0) // bytes_per_token
+    tokens = max(budget_bytes // bytes_per_token - args.page_size, 0)
     lookahead = 2 * args.spec_steps - 1 if args.spec_steps else 0
     per_request = -(-(context_length + lookahead) // args.page_size) * args.page_size
     return min(tokens, args.running_per_group * per_request)
@@ -130,9 +145,15 @@ def plan(cfg: ModelConfig, args: ServerArgs, device_bytes: int, rank: int = 0) -
     free = device_bytes - sum(weights.values())
     budget = kv_budget(args, device_bytes, free)
     context = args.context_length or cfg.context_length
-    tokens = kv_pool_tokens(args, free, per_token, context, budget) if free > 0 else 0
-    starts = tokens // args.page_size >= pages_to_admit(args.page_size, args.spec_steps)
-    return MemoryPlan(weights, per_token, device_bytes, tokens if starts else 0)
+    try:
+        tokens = kv_pool_tokens(args, free, per_token, context, budget) if free > 0 else 0
+    except SettingError as exc:  # (--max-total-tokens past the memory the weights leave: both sizes named)
+        return MemoryPlan(weights, per_token, device_bytes, 0, problem=str(exc))
+    pages = pool_pages(tokens, args.page_size)
+    if pages - 1 < pages_to_admit(args.page_size, args.spec_steps):
+        return MemoryPlan(weights, per_token, device_bytes, 0)
+    usable = (pages - 1) * args.page_size
+    return MemoryPlan(weights, per_token, device_bytes, usable, pages * args.page_size * per_token)
 
 
 def describe(p: MemoryPlan) -> str:
@@ -140,7 +161,8 @@ def describe(p: MemoryPlan) -> str:
     rows = [f"  {name:<16} {b / gib:9.2f} GiB" for name, b in sorted(p.weights.items(), key=lambda kv: -kv[1])]
     return "\n".join([f"weights per rank: {p.weight_bytes / gib:.2f} GiB", *rows,
                       f"KV cache: {p.kv_bytes_per_token} bytes per token; {p.kv_tokens} tokens fit "
-                      f"({p.device_bytes / gib:.1f} GiB device)"])
+                      f"({p.kv_pool_bytes / gib:.2f} GiB with the reserved page; {p.device_bytes / gib:.1f} GiB "
+                      f"device)"])
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -169,10 +191,15 @@ def run(ns: argparse.Namespace) -> int:
     print(describe(result))
     if result.fits:
         return 0
-    if result.weight_bytes < result.device_bytes:
+    if result.problem:
+        print(f"error: {result.problem}", file=sys.stderr)
+    elif result.weight_bytes < result.device_bytes:
         need = pages_to_admit(args.page_size, args.spec_steps)
-        print(f"error: the KV pool holds fewer than the {need} pages of {args.page_size} tokens (--page-size) a "
-              f"request needs to start; {pool_source(args, result.device_bytes)}", file=sys.stderr)
+        need_bytes = pool_pages(need * args.page_size, args.page_size) * args.page_size * result.kv_bytes_per_token
+        print(f"error: the KV pool holds fewer than the {need} pages of {args.page_size} tokens (--page-size; "
+              f"{need_bytes / 1e9:.2f} GB with the reserved page) a request needs to start, beside this rank's "
+              f"{result.weight_bytes / 1e9:.1f} GB of weights on a {result.device_bytes / 1e9:.1f} GB GPU; "
+              f"{pool_source(args, result.device_bytes)}", file=sys.stderr)
     else:
         print(f"error: this rank's weights need {result.weight_bytes / 1e9:.1f} GB but a GPU has "
               f"{result.device_bytes / 1e9:.1f} GB (with room for no KV cache): use more GPUs (--tp)", file=sys.stderr)

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from dsaserve import LLM, SamplingParams
@@ -138,6 +139,31 @@ def test_missing_tensor_is_named(tmp_path: Path, tiny_ds: str) -> None:
     _rewrite_tensor(tmp_path / "m", "model.layers.2.mlp.experts.5.up_proj.weight")
     with pytest.raises(CheckpointError, match=r"model\.layers\.2\.mlp\.experts\.5\.up_proj\.weight"):
         LLM(str(tmp_path / "m"))
+
+
+def test_a_tensor_in_two_shards_is_the_one_the_index_names(tmp_path: Path, tiny_ds: str) -> None:
+    """A stale all-zero copy of a tensor in another shard silently replaced it (the last shard read won, whatever
+    the index said); the index's shard holds it now, and without an index the duplicate is refused, both files
+    named. An index whose weight_map is no mapping is named too (it was an AttributeError)."""
+    from dsaserve.model.checkpoint import Checkpoint
+    shutil.copytree(tiny_ds, tmp_path / "m")
+    index = json.loads((tmp_path / "m" / "model.safetensors.index.json").read_text())
+    name = "model.layers.1.self_attn.o_proj.weight"
+    holder = index["weight_map"][name]
+    other = next(f for f in sorted(set(index["weight_map"].values())) if f != holder)
+    original = load_file(tmp_path / "m" / holder)[name]
+    stale = load_file(tmp_path / "m" / other)
+    save_file({**stale, name: torch.zeros_like(original)}, str(tmp_path / "m" / other))
+    assert Checkpoint(tmp_path / "m").tensors[name].file.name == holder
+    weight = LLM(str(tmp_path / "m"), max_total_tokens=256).engine.runner.model.layers[1].self_attn.o_proj.weight
+    assert torch.equal(weight.data, original.to(weight.dtype))
+    (tmp_path / "m" / "model.safetensors.index.json").unlink()
+    with pytest.raises(CheckpointError, match=rf"tensor {re.escape(name)} is in both {holder} and {other}|"
+                                              rf"tensor {re.escape(name)} is in both {other} and {holder}"):
+        Checkpoint(tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": [holder, other]}))
+    with pytest.raises(CheckpointError, match="its weight_map must map tensor names to shard file names"):
+        Checkpoint(tmp_path / "m")
 
 
 def test_wrong_shape_is_named(tmp_path: Path, tiny_ds: str) -> None:

@@ -239,16 +239,27 @@ def test_fp8_checkpoint_errors_name_the_tensor(drop: str, message: str, tmp_path
         build_model(tmp_path / "m", CPU, torch.float32, progress=False)
 
 
-def test_an_fp8_format_other_than_e4m3_is_refused(tmp_path: Path, fp8_models: dict[str, tuple[Path, Path]]) -> None:
-    """An e5m2 weight with its weight_scale_inv loaded as plain values, its scales left out (off by up to 700x,
-    no error); it is refused, naming the tensor and its dtype."""
-    name = "model.layers.1.self_attn.q_b_proj.weight"
+Q_B = "model.layers.1.self_attn.q_b_proj.weight"
+
+
+@pytest.mark.parametrize("name,recast,message", [
+    (Q_B, lambda w: w.float().to(torch.float8_e5m2), r"is F8_E5M2: dsaserve loads block FP8 in e4m3 \(F8_E4M3\) only"),
+    (Q_B, lambda w: w.float().to(torch.bfloat16), r"is BF16 but has .*q_b_proj\.weight_scale_inv beside it"),
+    (Q_B, lambda w: w.view(torch.uint8), r"is U8 but has .*q_b_proj\.weight_scale_inv beside it"),
+    (Q_B + "_scale_inv", lambda s: s.to(torch.int32), r" is I32: block scales are floating-point"),
+    ("model.layers.1.input_layernorm.weight", lambda w: w.to(torch.int64), r"is I64: expected a floating-point"),
+    ("model.layers.1.input_layernorm.weight", lambda w: w.to(FP8), r"is F8_E4M3 of shape \[\d+\]: block FP8 "
+                                                                   r"tensors are matrices")])
+def test_a_tensor_of_the_wrong_dtype_is_refused(name: str, recast, message: str, tmp_path: Path,
+                                                fp8_models: dict[str, tuple[Path, Path]]) -> None:
+    """Tensors of a dtype the loader would copy wrongly, each named with its dtype: an e5m2 weight with its
+    weight_scale_inv loaded as plain values, its scales left out (off by up to 700x); likewise an FP8 weight cast
+    to bf16 without its scale, or its e4m3 bytes stored as U8 (older tooling: they loaded as the integers 0-255);
+    integer scales and norms became values; a 1-D FP8 tensor failed with an IndexError."""
     shutil.copytree(fp8_models["deepseek_v32"][0], tmp_path / "m")
     shard = json.loads((tmp_path / "m" / "model.safetensors.index.json").read_text())["weight_map"][name]
-    e4m3 = load_file(tmp_path / "m" / shard)[name]
-    _rewrite_tensor(tmp_path / "m", name, e4m3.float().to(torch.float8_e5m2))
-    with pytest.raises(CheckpointError, match=rf"tensor {re.escape(name)} is F8_E5M2: dsaserve loads block FP8 in "
-                                              r"e4m3 \(F8_E4M3\) only"):
+    _rewrite_tensor(tmp_path / "m", name, recast(load_file(tmp_path / "m" / shard)[name]))
+    with pytest.raises(CheckpointError, match=rf"tensor {re.escape(name)}.*{message}"):
         build_model(tmp_path / "m", CPU, torch.float32, progress=False)
 
 

@@ -55,8 +55,9 @@ def test_mem_fraction_is_sglangs_share_of_weights_and_pool(fraction: float, tmp_
     cfg = ModelConfig.from_path(Path(model))
     device = int(141e9)
     p = plan(cfg, args, device)
-    pool = p.kv_tokens * p.kv_bytes_per_token
-    assert p.kv_tokens > 0 and p.weight_bytes + pool <= fraction * device < p.weight_bytes + pool + p.kv_bytes_per_token
+    page = args.page_size * p.kv_bytes_per_token
+    assert p.kv_pool_bytes == p.kv_tokens * p.kv_bytes_per_token + page  # (whole pages and the reserved page 0)
+    assert p.kv_tokens > 0 and p.weight_bytes + p.kv_pool_bytes <= fraction * device < p.weight_bytes + p.kv_pool_bytes + page
     too_small = plan(cfg, args.replace(mem_fraction=0.95 * p.weight_bytes / device), device)
     assert too_small.kv_tokens == 0 and not too_small.fits
     assert main(["plan", "--model-path", model, "--tp", "8", "--mem-fraction", "0.5"]) == 1
@@ -110,12 +111,14 @@ def test_flags_that_cannot_be_served_are_named(tmp_path: Path, capsys) -> None:
             "steps: give at least 7") in capsys.readouterr().err
     assert main(["plan", "--model-path", model, "--tp", "8", "--context-length", "999999999"]) == 2
     assert "--context-length 999999999 is longer than the model's" in capsys.readouterr().err
-    # a pool larger than the memory left: said to fit, and serve failed in the allocator after loading the weights
+    # a pool larger than the memory left: said to fit, and serve failed in the allocator after loading the weights;
+    # it does not fit (exit 1, the plan printed), its bytes with the reserved page (as the engine allocates them)
     assert main(["plan", "--model-path", model, "--tp", "8"]) == 0
     per_token = int(re.search(r"KV cache: (\d+) bytes per token", capsys.readouterr().out).group(1))
-    assert main(["plan", "--model-path", model, "--tp", "8", "--max-total-tokens", "100000000"]) == 2
-    err = capsys.readouterr().err
-    assert (f"--max-total-tokens 100000000 needs {1e8 * per_token / 2**30:.2f} GiB of KV cache ({per_token} bytes "
+    assert main(["plan", "--model-path", model, "--tp", "8", "--max-total-tokens", "100000000"]) == 1
+    out, err = capsys.readouterr()
+    assert "weights per rank: " in out
+    assert (f"--max-total-tokens 100000000 needs {(1e8 + 64) * per_token / 2**30:.2f} GiB of KV cache ({per_token} bytes "
             "per token), and ") in err and " GiB is free after the weights" in err, err
 
 
@@ -159,7 +162,7 @@ def test_planner_counts_what_the_engine_allocates(tmp_path: Path) -> None:
     from dsaserve.engine.engine import Engine
     from dsaserve.tiny import make_tiny_model
     ckpt = make_tiny_model(tmp_path / "fp8", "deepseek_v32", fp8=True)
-    args = ServerArgs(model_path=str(ckpt), dtype="float32", max_total_tokens=256, speculative_algorithm="NEXTN",
+    args = ServerArgs(model_path=str(ckpt), dtype="float32", max_total_tokens=300, speculative_algorithm="NEXTN",
                       speculative_num_steps=2)
     engine = Engine(args, progress=False)
     planned = plan(engine.cfg, args, int(1e9))
@@ -167,9 +170,10 @@ def test_planner_counts_what_the_engine_allocates(tmp_path: Path) -> None:
     pools = engine.runner.pools  # what the pool really allocated per slot
     assert planned.kv_bytes_per_token == (pools._latent.nbytes + pools._index.nbytes) // pools.num_slots
     assert planned.weights["mtp"] > 0 and sum(planned.weights.values()) > 0
-    # the pool's size by the same rules: --max-total-tokens, else the memory share capped at
-    # --max-running-requests requests of the whole context (the plan ignored both)
+    # the pool's size by the same rules: --max-total-tokens in whole pages (300: 4 of 64; the plan said 300) and the
+    # reserved page 0, else the memory share capped at --max-running-requests requests of the whole context
     assert planned.kv_tokens == 256 == (engine.runner.num_pages - 1) * args.page_size
+    assert planned.kv_pool_bytes == pools._latent.nbytes + pools._index.nbytes
     capped = ServerArgs(model_path=str(ckpt), context_length=128, max_running_requests=2)
     assert plan(engine.cfg, capped, int(1e9)).kv_tokens == 256
 

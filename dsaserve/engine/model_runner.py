@@ -18,7 +18,8 @@ from dsaserve.engine.layout import BatchLayout, StepMode, StepPlan
 from dsaserve.model.loader import build_model
 from dsaserve.ops.dispatch import DSAOps
 from dsaserve.parallel.groups import Parallel
-from dsaserve.planner import cache_layers, kv_budget, kv_pool_tokens, pool_source, weight_bytes
+from dsaserve.planner import (cache_layers, dequantized_bytes, kv_budget, kv_pool_tokens, pool_pages, pool_source,
+                              weight_bytes)
 from dsaserve.server_args import ServerArgs, SettingError
 
 log = logging.getLogger(__name__)
@@ -196,12 +197,13 @@ class ModelRunner:
         if self.device.type == "cuda":
             free = _free_bytes(self.device)  # the memory still free after the weights (as dsaserve plan counts)
         else:  # free RAM moves with everything else on the machine by megabytes: count the weights instead
-            free = free_before_weights - sum(weight_bytes(self.model).values())
+            held = sum(weight_bytes(self.model).values()) + dequantized_bytes(self.model, self.dtype)
+            free = free_before_weights - held
         budget = kv_budget(args, free_before_weights, free)
         if self.device.type == "cpu":
             budget = min(budget, _CPU_POOL_CAP_BYTES)  # the default pool is capped: RAM is shared with everything else
         tokens = kv_pool_tokens(args, free, self.bytes_per_token, self.context_length, budget)
-        pages = tokens // args.page_size + 1  # + the reserved page 0
+        pages = pool_pages(tokens, args.page_size)
         whole = ""
         if self.ops.attention_backend == "flashmla":  # its FP8 kernel sees the cache as pages of 64 slots
             from dsaserve.ops.flashmla import VIEW_PAGE

@@ -40,9 +40,23 @@ class Checkpoint:
     def __init__(self, model_path: str | Path):
         self.path = Path(model_path)
         self.files = shard_files(self.path)
+        index = _weight_map(self.path) or {}
         self.tensors: dict[str, TensorInfo] = {}
         for file in self.files:
-            self.tensors.update(_headers(file))
+            for name, info in _headers(file).items():
+                held = self.tensors.get(name)
+                if held is not None and name not in index:  # (with an index, the shard it names holds the tensor)
+                    raise CheckpointError(f"tensor {name} is in both {held.file.name} and {file.name}: which one "
+                                          f"is the model's? (remove the stale shard)")
+                if held is None or self.path / index[name] == file:
+                    self.tensors[name] = info
+        self._by_file: dict[Path, list[str]] = {file: [] for file in self.files}
+        for name, info in self.tensors.items():
+            self._by_file[info.file].append(name)
+
+    def names_in(self, file: Path) -> list[str]:
+        """The tensors this shard holds for the model (a tensor in two shards: the one the index names)."""
+        return self._by_file[file]
 
     def is_fp8(self, name: str) -> bool:
         info = self.tensors.get(name)
@@ -94,13 +108,24 @@ def weights_fingerprint(model_path: str | Path, load_format: str = "auto",
     return digest.hexdigest()[:16]
 
 
-def shard_files(model_path: Path) -> list[Path]:
+def _weight_map(model_path: Path) -> dict[str, str] | None:
+    """model.safetensors.index.json's weight_map (tensor name -> shard file name), None without an index."""
     index = model_path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{index} is not a valid shard index: {exc}") from None
+    if not index.is_file():
+        return None
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{index} is not a valid shard index: {exc}") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise CheckpointError(f"{index} is not a valid shard index: its weight_map must map tensor names to "
+                              f"shard file names")
+    return weight_map
+
+
+def shard_files(model_path: Path) -> list[Path]:
+    weight_map = _weight_map(model_path)
+    if weight_map is not None:
         return [model_path / f for f in sorted(set(weight_map.values()))]
     files = sorted(model_path.glob("*.safetensors"))
     if not files:

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 _EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _SHARED_EXPERT = re.compile(r"^(.*\.mlp)\.shared_experts\.(gate_proj|up_proj|down_proj)\.weight$")
 _SCALE = "_scale_inv"
+_FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")  # safetensors names of what a float parameter is copied from
 _MTP_SHARED = ("embed_tokens.weight", "shared_head.head.weight")  # the MTP layer uses the target's (dsa.MTPLayer)
 
 
@@ -130,7 +131,7 @@ def load_weights(model: DSAModel, ckpt: Checkpoint, progress: bool = True) -> No
 
         place = _Placer(model, params, ckpt, handle)
         for file in tqdm(ckpt.files, desc="Loading shards", unit="shard", disable=not progress):
-            for name in handle(file).keys():
+            for name in ckpt.names_in(file):
                 if not name.endswith(_SCALE):  # scales are read with their weight
                     place(name, loaded)
     if cfg.tie_word_embeddings and "lm_head.weight" not in loaded:
@@ -176,11 +177,20 @@ class _Placer:
             if info.dtype.startswith("F8_"):  # copied as is, its scale blocks would be left out: values off by them
                 raise CheckpointError(f"tensor {name} is {info.dtype}: dsaserve loads block FP8 in e4m3 (F8_E4M3) "
                                       f"only")
+            if name + _SCALE in self.ckpt.tensors:  # an FP8 weight cast without its scale, or e4m3 bytes as U8
+                raise CheckpointError(f"tensor {name} is {info.dtype} but has {name}{_SCALE} beside it: a block "
+                                      f"FP8 weight must be F8_E4M3 (its scale would be dropped)")
+            if info.dtype not in _FLOAT_DTYPES and dest.is_floating_point():  # (copied, integers became values)
+                raise CheckpointError(f"tensor {name} is {info.dtype}: expected a floating-point dtype "
+                                      f"({', '.join(_FLOAT_DTYPES)})")
             if dest_scale is not None:
                 raise CheckpointError(f"tensor {name} is {info.dtype}, but this model keeps the module in FP8 "
                                       f"(its other weights are e4m3)")
             dest.copy_(source[part])
         else:
+            if len(info.shape) != 2:
+                raise CheckpointError(f"tensor {name} is F8_E4M3 of shape {list(info.shape)}: block FP8 tensors are "
+                                      f"matrices")
             block = _block(self.cfg, name)
             scale = self._scale(name, info.shape, block)
             exact = dest_scale is not None
@@ -237,6 +247,8 @@ class _Placer:
         info = self.ckpt.tensors.get(scale_name)
         if info is None:
             raise CheckpointError(f"fp8 tensor {name} has no {scale_name}")
+        if info.dtype not in _FLOAT_DTYPES:
+            raise CheckpointError(f"tensor {scale_name} is {info.dtype}: block scales are floating-point (F32)")
         want = [-(-n // b) for n, b in zip(shape, block)]
         if list(info.shape) != want:
             raise CheckpointError(f"tensor {scale_name} has shape {list(info.shape)}, expected {want} "
@@ -379,8 +391,10 @@ def build_model(model_path: str | Path, device: torch.device, dtype: torch.dtype
 
 def _check_fits(model: DSAModel, device: torch.device, dtype: torch.dtype) -> None:
     """Fail before loading when this rank's weights cannot fit, instead of minutes later with an OOM."""
-    from dsaserve.planner import weight_bytes
+    from dsaserve.planner import dequantized_bytes, weight_bytes
     need = sum(weight_bytes(model).values())
+    if quant.default_mode(device) == "dequantized":  # (CUDA without Triton: bf16 copies beside the FP8 weights)
+        need += dequantized_bytes(model, dtype)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         if need > free:

@@ -312,7 +312,8 @@ def prepare(model: nn.Module, mode: Mode, dtype: torch.dtype, checks: bool = Fal
         else:
             m.prepare(mode != "dequantized", dtype, quantized_rows)
     if modules and mode == "dequantized" and any(p.is_cuda for p in model.parameters()):
-        log.warning("FP8 weights on CUDA without Triton: each is dequantized once to %s (no memory saved)", dtype)
+        log.warning("FP8 weights on CUDA without Triton: each is dequantized once to %s and kept beside it "
+                    "(more memory than a checkpoint in that dtype)", dtype)
 
 
 def default_mode(device: torch.device) -> Mode:
