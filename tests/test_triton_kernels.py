@@ -93,6 +93,17 @@ def test_sparse_mla(T, H, v_dim, rope, K, S, splits):
     _check_mla(q, kv, idx, (v_dim + rope) ** -0.5, v_dim, splits)
 
 
+@pytest.mark.parametrize("splits", [None, 2])
+def test_sparse_mla_runs_rows_past_the_grid_bound_in_pieces(splits, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernels' grids hold the query rows in CUDA's second grid dimension (at most 65,535): a 64K-row prefill
+    chunk failed to launch. The wrapper runs pieces of mla.GRID_ROWS rows, here 3 of 7, each into its rows of the
+    poisoned output (a piece written to the wrong rows leaves NaN)."""
+    monkeypatch.setattr(tops.mla, "GRID_ROWS", 3)
+    gen = torch.Generator(DEV).manual_seed(5)
+    q, kv, idx = _mla_inputs(7, 20, 512, 64, 2048, 9000, gen)
+    _check_mla(q, kv, idx, 576 ** -0.5, 512, splits)
+
+
 @pytest.mark.parametrize("fp8", [False, True])
 def test_sparse_mla_fp32_full_width(fp8: bool) -> None:
     """fp32 rows are twice as wide as bf16 ones: at DeepSeek-V3.2's 128 heads x (512 + 64) the wrapper

@@ -189,6 +189,7 @@ def _combine_kernel(PO, PLSE, O, LSE,
                                                                float("-inf")))
 
 
+GRID_ROWS = 65535  # CUDA's bound on a grid's second dimension, which holds the query rows (a 64K-token chunk)
 # Splits merged per step of _combine_kernel (more splits loop): one compiled variant serves every split count.
 COMBINE_SPLITS = 32
 # Columns per combine program when rows x heads are few (one row of 16 heads: 16 programs of 512 columns
@@ -268,14 +269,25 @@ def _gluon(T: int, H: int, fp8: bool, q: Tensor, kv_cache: Tensor, v_dim: int) -
 
 def sparse_mla(q: Tensor, kv_cache: Tensor, indices: Tensor, sm_scale: float, v_dim: int,
                lengths: Tensor | None = None, max_rows: int = 256) -> tuple[Tensor, Tensor]:
-    """See reference.sparse_mla (kv_cache: [S, D] rows or uint8 FP8 rows). `max_rows` is accepted and ignored."""
+    """See reference.sparse_mla (kv_cache: [S, D] rows or uint8 FP8 rows). `max_rows` is accepted and ignored.
+    The kernels' grids hold the query rows in their second dimension, which CUDA bounds at GRID_ROWS: longer
+    prefill chunks run in pieces of that many rows."""
+    T, H, D = q.shape
+    out = new_empty((T, H, v_dim), q.dtype, q.device)
+    lse = new_empty((T, H), torch.float32, q.device)
+    for start in range(0, T if H else 0, GRID_ROWS):
+        rows = slice(start, start + GRID_ROWS)
+        _sparse_mla_rows(q[rows], kv_cache, indices[rows], sm_scale, v_dim,
+                         None if lengths is None else lengths[rows], out[rows], lse[rows])
+    return out, lse
+
+
+def _sparse_mla_rows(q: Tensor, kv_cache: Tensor, indices: Tensor, sm_scale: float, v_dim: int,
+                     lengths: Tensor | None, out: Tensor, lse: Tensor) -> None:
+    """sparse_mla of at most GRID_ROWS rows into out and lse (contiguous row ranges of sparse_mla's)."""
     T, H, D = q.shape
     K = indices.shape[1]
     rope_dim = D - v_dim
-    out = new_empty((T, H, v_dim), q.dtype, q.device)
-    lse = new_empty((T, H), torch.float32, q.device)
-    if T == 0 or H == 0:
-        return out, lse
     if q.stride(2) != 1:
         q = q.contiguous()
     fp8 = kv_cache.dtype == torch.uint8
@@ -323,7 +335,6 @@ def sparse_mla(q: Tensor, kv_cache: Tensor, indices: Tensor, sm_scale: float, v_
             o_buf.stride(0), o_buf.stride(1), o_buf.stride(2), l_buf.stride(0), l_buf.stride(1),
             out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
             H, v_dim, splits, BLOCK_S=COMBINE_SPLITS, BLOCK_V=block_c, num_warps=4, **pdl(o_buf))
-    return out, lse
 
 
 def flops(T: int, H: int, K: int, D: int, v_dim: int) -> float:
