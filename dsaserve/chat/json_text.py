@@ -10,19 +10,24 @@ from typing import Any
 
 def lone_surrogate(value: Any, path: str = "") -> tuple[str, str, int] | None:
     """(where, the surrogate, its index in that string) of the first string, key or value, holding a lone
-    surrogate; None if there is none. `where` is a dotted path from `path` (keys and list indices)."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            return path, value[exc.start], exc.start
-        return None
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    for key, item in items:
-        found = lone_surrogate(key, path) if isinstance(key, str) else None
-        found = found or lone_surrogate(item, f"{path}.{key}" if path else str(key))
-        if found is not None:
-            return found
+    surrogate; None if there is none. `where` is a dotted path from `path` (keys and list indices). A walk
+    without recursion: JSON that Python's parser took nests up to its recursion limit."""
+    stack: list[tuple[Any, str]] = [(value, path)]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                return where, item[exc.start], exc.start
+            continue
+        pairs = item.items() if isinstance(item, dict) else enumerate(item) if isinstance(item, list) else ()
+        later = []
+        for key, child in pairs:
+            if isinstance(key, str):
+                later.append((key, where))  # a key is checked before its value, at its object's path
+            later.append((child, f"{where}.{key}" if where else str(key)))
+        stack.extend(reversed(later))
     return None
 
 
