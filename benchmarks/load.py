@@ -55,7 +55,7 @@ def main() -> None:
     start = time.perf_counter()
     loader.build_model(args.model_path, device, torch.bfloat16)
     build = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # (KiB on Linux)
     print(f"\n{size / 1e9:.2f} GB of shards, device {device}")
     print(f"{'round':>5} {'read() GB/s':>12} {'load_weights GB/s':>18} {'of read()':>10}")
     for row in rows:

@@ -312,7 +312,6 @@ def test_a_stack_dequantized_in_row_runs_equals_the_one_piece_product(max_values
                        dequantize(w[1], scale[1], (16, 16)))
 
 
-
 def test_block_fp8_check_names_a_scale_of_the_wrong_shape_or_dtype() -> None:
     w = torch.randn(3, 40, 70).to(FP8)
     BlockFP8(w, torch.ones(3, 3, 5), (16, 16)).check("experts")  # ceil(40 / 16) x ceil(70 / 16) per expert
@@ -321,6 +320,7 @@ def test_block_fp8_check_names_a_scale_of_the_wrong_shape_or_dtype() -> None:
         BlockFP8(w, torch.ones(3, 3, 4), (16, 16)).check("experts")
     with pytest.raises(ValueError, match="scale float32"):
         BlockFP8(w, torch.ones(3, 3, 5, dtype=torch.bfloat16), (16, 16)).check("experts")
+
 
 def test_quantize_weight_round_trip() -> None:
     w = torch.randn(40, 70) * torch.linspace(0.01, 10, 70)

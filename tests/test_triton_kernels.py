@@ -96,12 +96,19 @@ def test_sparse_mla(T, H, v_dim, rope, K, S, splits):
 @pytest.mark.parametrize("splits", [None, 2])
 def test_sparse_mla_runs_rows_past_the_grid_bound_in_pieces(splits, monkeypatch: pytest.MonkeyPatch) -> None:
     """The kernels' grids hold the query rows in CUDA's second grid dimension (at most 65,535): a 64K-row prefill
-    chunk failed to launch. The wrapper runs pieces of mla.GRID_ROWS rows, here 3 of 7, each into its rows of the
-    poisoned output (a piece written to the wrong rows leaves NaN)."""
+    chunk failed to launch. The kernel refuses more than mla.GRID_ROWS rows, and DSAOps runs pieces of that many
+    (max_query_rows), here 3 of 7."""
+    from dsaserve.ops.dispatch import DSAOps
     monkeypatch.setattr(tops.mla, "GRID_ROWS", 3)
+    if splits is not None:
+        tops.mla.CONFIG = {"splits": splits}
     gen = torch.Generator(DEV).manual_seed(5)
     q, kv, idx = _mla_inputs(7, 20, 512, 64, 2048, 9000, gen)
-    _check_mla(q, kv, idx, 576 ** -0.5, 512, splits)
+    with pytest.raises(ValueError, match="at most 3 query rows per call"):
+        tops.sparse_mla(q, kv, idx, 576 ** -0.5, 512)
+    out = DSAOps(attention_backend="triton").sparse_mla_rows(q, kv, idx, 576 ** -0.5, 512, None)
+    want, _ = ref.sparse_mla(q.float(), kv.float(), idx, 576 ** -0.5, 512)
+    assert rel_err(out, want) < 1e-2
 
 
 @pytest.mark.parametrize("fp8", [False, True])

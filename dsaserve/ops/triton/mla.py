@@ -270,24 +270,16 @@ def _gluon(T: int, H: int, fp8: bool, q: Tensor, kv_cache: Tensor, v_dim: int) -
 def sparse_mla(q: Tensor, kv_cache: Tensor, indices: Tensor, sm_scale: float, v_dim: int,
                lengths: Tensor | None = None, max_rows: int = 256) -> tuple[Tensor, Tensor]:
     """See reference.sparse_mla (kv_cache: [S, D] rows or uint8 FP8 rows). `max_rows` is accepted and ignored.
-    The kernels' grids hold the query rows in their second dimension, which CUDA bounds at GRID_ROWS: longer
-    prefill chunks run in pieces of that many rows."""
-    T, H, D = q.shape
-    out = new_empty((T, H, v_dim), q.dtype, q.device)
-    lse = new_empty((T, H), torch.float32, q.device)
-    for start in range(0, T if H else 0, GRID_ROWS):
-        rows = slice(start, start + GRID_ROWS)
-        _sparse_mla_rows(q[rows], kv_cache, indices[rows], sm_scale, v_dim,
-                         None if lengths is None else lengths[rows], out[rows], lse[rows])
-    return out, lse
-
-
-def _sparse_mla_rows(q: Tensor, kv_cache: Tensor, indices: Tensor, sm_scale: float, v_dim: int,
-                     lengths: Tensor | None, out: Tensor, lse: Tensor) -> None:
-    """sparse_mla of at most GRID_ROWS rows into out and lse (contiguous row ranges of sparse_mla's)."""
+    At most GRID_ROWS rows per call (max_query_rows: DSAOps runs longer prefill chunks in pieces)."""
     T, H, D = q.shape
     K = indices.shape[1]
     rope_dim = D - v_dim
+    if T > GRID_ROWS:
+        raise ValueError(f"sparse_mla: at most {GRID_ROWS} query rows per call (CUDA's grid), got {T}")
+    out = new_empty((T, H, v_dim), q.dtype, q.device)
+    lse = new_empty((T, H), torch.float32, q.device)
+    if T == 0 or H == 0:
+        return out, lse
     if q.stride(2) != 1:
         q = q.contiguous()
     fp8 = kv_cache.dtype == torch.uint8
@@ -335,6 +327,13 @@ def _sparse_mla_rows(q: Tensor, kv_cache: Tensor, indices: Tensor, sm_scale: flo
             o_buf.stride(0), o_buf.stride(1), o_buf.stride(2), l_buf.stride(0), l_buf.stride(1),
             out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
             H, v_dim, splits, BLOCK_S=COMBINE_SPLITS, BLOCK_V=block_c, num_warps=4, **pdl(o_buf))
+    return out, lse
+
+
+def max_query_rows(kv_cache: Tensor) -> int:
+    """The most query rows one sparse_mla call takes: its grids hold them in their second dimension, which CUDA
+    bounds at GRID_ROWS (a 64K-row prefill chunk could not launch)."""
+    return GRID_ROWS
 
 
 def flops(T: int, H: int, K: int, D: int, v_dim: int) -> float:
